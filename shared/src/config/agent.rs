@@ -1,0 +1,156 @@
+//! The agent's configuration: `[agent]` and `[log]` in `agent.toml`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::checks::Problems;
+use super::{serialize_millis, ConfigError, LogConfig, RawConfig};
+
+/// `agent.toml` as written: every key optional, defaults filled in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAgentConfig {
+    /// Upstreams, timing and the worker's restart budget.
+    pub agent: RawAgentSection,
+    /// Log filter.
+    pub log: LogConfig,
+}
+
+/// `[agent]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawAgentSection {
+    /// Holds the journal, the agent's key, the pinned server key and the installed upstreams.
+    pub data_dir: PathBuf,
+    /// Servers or relays to connect to, in order of preference; `install` may supply them instead.
+    pub upstreams: Vec<String>,
+    /// How often the agent sends a heartbeat upstream, and the worker beats the monitor.
+    pub heartbeat_interval_ms: i64,
+    /// First reconnect delay; doubles (with jitter) on every failure.
+    pub reconnect_min_ms: i64,
+    /// Ceiling of the reconnect delay.
+    pub reconnect_max_ms: i64,
+    /// Worker restarts allowed per window before the monitor gives up and exits non-zero.
+    pub worker_restart_budget: i64,
+    /// The window the restart budget applies to.
+    pub worker_restart_window_ms: i64,
+    /// Silence after which the monitor deems the worker hung and restarts it.
+    pub worker_beat_timeout_ms: i64,
+}
+
+impl Default for RawAgentSection {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/tether/agent"),
+            upstreams: Vec::new(),
+            heartbeat_interval_ms: 5_000,
+            reconnect_min_ms: 200,
+            reconnect_max_ms: 30_000,
+            worker_restart_budget: 5,
+            worker_restart_window_ms: 60_000,
+            worker_beat_timeout_ms: 15_000,
+        }
+    }
+}
+
+/// The agent's validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentConfig {
+    /// Upstreams, timing and the worker's restart budget.
+    pub agent: AgentSection,
+    /// Log filter.
+    pub log: LogConfig,
+}
+
+/// `[agent]`, validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AgentSection {
+    /// Holds the journal, the agent's key, the pinned server key and the installed upstreams.
+    pub data_dir: PathBuf,
+    /// `https://` or `wss://` URLs, in order of preference.
+    pub upstreams: Vec<String>,
+    /// Heartbeat period upstream and worker-to-monitor.
+    #[serde(rename = "heartbeat_interval_ms", serialize_with = "serialize_millis")]
+    pub heartbeat_interval: Duration,
+    /// First reconnect delay.
+    #[serde(rename = "reconnect_min_ms", serialize_with = "serialize_millis")]
+    pub reconnect_min: Duration,
+    /// Ceiling of the reconnect delay; at least `reconnect_min`.
+    #[serde(rename = "reconnect_max_ms", serialize_with = "serialize_millis")]
+    pub reconnect_max: Duration,
+    /// Worker restarts allowed per window.
+    pub worker_restart_budget: u32,
+    /// The window the restart budget applies to.
+    #[serde(rename = "worker_restart_window_ms", serialize_with = "serialize_millis")]
+    pub worker_restart_window: Duration,
+    /// Silence after which the worker is deemed hung; longer than the heartbeat interval.
+    #[serde(rename = "worker_beat_timeout_ms", serialize_with = "serialize_millis")]
+    pub worker_beat_timeout: Duration,
+}
+
+impl RawConfig for RawAgentConfig {
+    const ROLE: &'static str = "agent";
+    const LIST_KEYS: &'static [&'static str] = &["agent.upstreams"];
+    type Valid = AgentConfig;
+
+    fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let mut p = Problems::default();
+        let a = &self.agent;
+        let data_dir = p.dir("agent.data_dir", &a.data_dir);
+        let upstreams: Vec<Option<String>> = a
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, url)| p.upstream(&format!("agent.upstreams[{i}]"), url))
+            .collect();
+        let interval = p.millis("agent.heartbeat_interval_ms", a.heartbeat_interval_ms, 100, 600_000);
+        let min = p.millis("agent.reconnect_min_ms", a.reconnect_min_ms, 1, 3_600_000);
+        let max = p.millis("agent.reconnect_max_ms", a.reconnect_max_ms, 1, 3_600_000);
+        if let (Some(min), Some(max)) = (min, max) {
+            if min > max {
+                p.push(
+                    "agent.reconnect_min_ms",
+                    format!(
+                        "must not exceed agent.reconnect_max_ms ({}), got {}",
+                        max.as_millis(),
+                        min.as_millis()
+                    ),
+                );
+            }
+        }
+        let budget = p.count("agent.worker_restart_budget", a.worker_restart_budget, 1, 1_000);
+        let window = p.millis("agent.worker_restart_window_ms", a.worker_restart_window_ms, 1_000, 86_400_000);
+        let beat = p.millis("agent.worker_beat_timeout_ms", a.worker_beat_timeout_ms, 100, 3_600_000);
+        if let (Some(i), Some(t)) = (interval, beat) {
+            if t <= i {
+                p.push(
+                    "agent.worker_beat_timeout_ms",
+                    format!(
+                        "must be greater than agent.heartbeat_interval_ms ({}), got {}",
+                        i.as_millis(),
+                        t.as_millis()
+                    ),
+                );
+            }
+        }
+        let level = p.log_level("log.level", &self.log.level);
+
+        p.finish(|| {
+            Some(AgentConfig {
+                agent: AgentSection {
+                    data_dir: data_dir?,
+                    upstreams: upstreams.into_iter().collect::<Option<_>>()?,
+                    heartbeat_interval: interval?,
+                    reconnect_min: min?,
+                    reconnect_max: max?,
+                    worker_restart_budget: u32::try_from(budget?).ok()?,
+                    worker_restart_window: window?,
+                    worker_beat_timeout: beat?,
+                },
+                log: LogConfig { level: level? },
+            })
+        })
+    }
+}

@@ -1,0 +1,163 @@
+//! The server's configuration: `[server]`, `[listen]` and `[log]` in `server.toml`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::checks::Problems;
+use super::{serialize_millis, ConfigError, LogConfig, RawConfig};
+
+/// `server.toml` as written: every key optional, defaults filled in.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServerConfig {
+    /// Storage, sessions and flow control.
+    pub server: RawServerSection,
+    /// Listening addresses.
+    pub listen: RawServerListen,
+    /// Log filter.
+    pub log: LogConfig,
+}
+
+/// `[server]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServerSection {
+    /// Holds the journal, the CA, the keys and `ports.json`.
+    pub data_dir: PathBuf,
+    /// How often the server beats each session.
+    pub heartbeat_interval_ms: i64,
+    /// Silence after which an agent is marked offline.
+    pub heartbeat_timeout_ms: i64,
+    /// Largest WebSocket frame accepted; anything bigger closes the connection.
+    pub max_frame_bytes: i64,
+    /// Handshakes in progress at once; more are answered `Busy` to spread reconnect storms.
+    pub max_handshakes_in_flight: i64,
+    /// Window of unacknowledged messages in flight per stream.
+    pub max_unacked: i64,
+}
+
+impl Default for RawServerSection {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/tether/server"),
+            heartbeat_interval_ms: 5_000,
+            heartbeat_timeout_ms: 15_000,
+            max_frame_bytes: 262_144,
+            max_handshakes_in_flight: 256,
+            max_unacked: 1_024,
+        }
+    }
+}
+
+/// `[listen]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawServerListen {
+    /// Web app, REST API, admin and the agents' bulk HTTPS.
+    pub https: String,
+    /// Agents' and relays' WebSockets.
+    pub wss: String,
+}
+
+impl Default for RawServerListen {
+    fn default() -> Self {
+        Self {
+            https: "0.0.0.0:8443".to_owned(),
+            wss: "0.0.0.0:7919".to_owned(),
+        }
+    }
+}
+
+/// The server's validated configuration.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServerConfig {
+    /// Storage, sessions and flow control.
+    pub server: ServerSection,
+    /// Listening addresses.
+    pub listen: ServerListen,
+    /// Log filter.
+    pub log: LogConfig,
+}
+
+/// `[server]`, validated.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServerSection {
+    /// Holds the journal, the CA, the keys and `ports.json`.
+    pub data_dir: PathBuf,
+    /// How often the server beats each session.
+    #[serde(rename = "heartbeat_interval_ms", serialize_with = "serialize_millis")]
+    pub heartbeat_interval: Duration,
+    /// Silence after which an agent is marked offline; longer than the interval.
+    #[serde(rename = "heartbeat_timeout_ms", serialize_with = "serialize_millis")]
+    pub heartbeat_timeout: Duration,
+    /// Largest WebSocket frame accepted.
+    pub max_frame_bytes: usize,
+    /// Handshakes in progress at once before answering `Busy`.
+    pub max_handshakes_in_flight: usize,
+    /// Window of unacknowledged messages in flight per stream.
+    pub max_unacked: u64,
+}
+
+/// `[listen]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerListen {
+    /// Web app, REST API, admin and bulk HTTPS.
+    pub https: SocketAddr,
+    /// Agents' and relays' WebSockets.
+    pub wss: SocketAddr,
+}
+
+impl RawConfig for RawServerConfig {
+    const ROLE: &'static str = "server";
+    const LIST_KEYS: &'static [&'static str] = &[];
+    type Valid = ServerConfig;
+
+    fn validate(self) -> Result<ServerConfig, ConfigError> {
+        let mut p = Problems::default();
+        let s = &self.server;
+        let data_dir = p.dir("server.data_dir", &s.data_dir);
+        let interval = p.millis("server.heartbeat_interval_ms", s.heartbeat_interval_ms, 100, 600_000);
+        let timeout = p.millis("server.heartbeat_timeout_ms", s.heartbeat_timeout_ms, 100, 3_600_000);
+        if let (Some(i), Some(t)) = (interval, timeout) {
+            if t <= i {
+                p.push(
+                    "server.heartbeat_timeout_ms",
+                    format!(
+                        "must be greater than server.heartbeat_interval_ms ({}), got {}",
+                        i.as_millis(),
+                        t.as_millis()
+                    ),
+                );
+            }
+        }
+        let frame = p.count("server.max_frame_bytes", s.max_frame_bytes, 1_024, 64 << 20);
+        let handshakes = p.count("server.max_handshakes_in_flight", s.max_handshakes_in_flight, 1, 65_536);
+        let unacked = p.count("server.max_unacked", s.max_unacked, 1, 1_000_000);
+        let https = p.addr("listen.https", &self.listen.https);
+        let wss = p.addr("listen.wss", &self.listen.wss);
+        if let (Some(h), Some(w)) = (https, wss) {
+            if h.port() != 0 && h == w {
+                p.push("listen.wss", format!("must differ from listen.https, both are {h}"));
+            }
+        }
+        let level = p.log_level("log.level", &self.log.level);
+
+        p.finish(|| {
+            Some(ServerConfig {
+                server: ServerSection {
+                    data_dir: data_dir?,
+                    heartbeat_interval: interval?,
+                    heartbeat_timeout: timeout?,
+                    max_frame_bytes: usize::try_from(frame?).ok()?,
+                    max_handshakes_in_flight: usize::try_from(handshakes?).ok()?,
+                    max_unacked: unacked?,
+                },
+                listen: ServerListen { https: https?, wss: wss? },
+                log: LogConfig { level: level? },
+            })
+        })
+    }
+}

@@ -1,0 +1,16 @@
+//! `tether-shared`: everything the server, the agent and the relay have in common.
+//!
+//! # Layout
+//! - [`protocol`]: the v1 wire frames, their limits and the decoder that never panics.
+//! - [`stream`]: the sans-IO stream core (sequence numbers, retention, acks, resync).
+//! - [`journal`]: the durable, group-committed `Journal` actor over sled.
+//! - [`config`]: layered configuration loading and validation for the three binaries.
+//! - [`tls`]: rustls server and client configurations, CA and certificate generation.
+//! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
+
+pub mod config;
+pub mod identity;
+pub mod journal;
+pub mod protocol;
+pub mod stream;
+pub mod tls;

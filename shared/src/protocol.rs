@@ -1,0 +1,620 @@
+//! The v1 wire protocol between agents (or relays) and the server.
+//!
+//! Every frame travels as one JSON text: `{"v":1,"kind":"<kind>","body":{...}}`. The envelope is
+//! read first, so a wrong version or an unknown kind is reported as such before the body is
+//! looked at; then the body is decoded into the kind's own struct with unknown fields refused.
+//!
+//! [`decode`] turns *any* byte sequence into a [`Frame`] or a typed [`DecodeError`]: the length is
+//! checked before parsing, nothing is allocated from a size the peer declares (JSON declares
+//! none), nesting is bounded by serde_json's recursion limit, and sequence numbers, directions
+//! and payload checksums are validated here so that no layer above ever sees a frame that breaks
+//! them. [`Frame::encode`] refuses to produce a frame the peer would reject for its size.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Hard limit on one encoded frame, checked before anything is parsed.
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+
+/// A position in one message stream. Streams start at 1; 0 means "nothing yet".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// "Nothing received yet": the watermark of an empty stream.
+    pub const ZERO: Seq = Seq(0);
+    /// The largest sequence number a message may carry; `u64::MAX` itself is refused so that
+    /// `+1` can never overflow anywhere.
+    pub const MAX_VALID: Seq = Seq(u64::MAX - 1);
+
+    /// The next sequence number, or `None` past [`Seq::MAX_VALID`].
+    pub fn next(self) -> Option<Seq> {
+        if self.0 >= Self::MAX_VALID.0 {
+            None
+        } else {
+            Some(Seq(self.0 + 1))
+        }
+    }
+
+    /// Big-endian bytes, so that sled orders keys by sequence.
+    pub fn to_be_bytes(self) -> [u8; 8] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl fmt::Display for Seq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Which end of a connection sent a frame (relays forward frames and keep the original sender).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Sender {
+    Server,
+    Agent,
+}
+
+impl fmt::Display for Sender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Sender::Server => "server",
+            Sender::Agent => "agent",
+        })
+    }
+}
+
+/// The two message streams of one agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamId {
+    /// Server → agent.
+    Commands,
+    /// Agent → server.
+    Events,
+}
+
+impl StreamId {
+    /// The end that sends this stream's messages (and so receives its acks).
+    pub fn producer(self) -> Sender {
+        match self {
+            StreamId::Commands => Sender::Server,
+            StreamId::Events => Sender::Agent,
+        }
+    }
+}
+
+impl fmt::Display for StreamId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StreamId::Commands => "commands",
+            StreamId::Events => "events",
+        })
+    }
+}
+
+/// First frame on a connection, from the server: the agent must sign `nonce`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Challenge {
+    /// Base64 of 32 random bytes, fresh for every connection (defeats replayed handshakes).
+    pub nonce: String,
+}
+
+/// The agent's answer to [`Challenge`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub agent_id: String,
+    /// The agent's software version, shown to operators and used for upgrades.
+    pub version: String,
+    /// Random id of the agent's journal: a new one means the agent lost its state.
+    pub incarnation: String,
+    /// The server incarnation `last_command_seq` refers to; empty before first contact.
+    /// A watermark about another server incarnation counts as 0 (streams restart).
+    pub server_incarnation: String,
+    /// Highest command the agent holds durably: the server resends from the next one.
+    pub last_command_seq: Seq,
+    /// Ed25519 signature (base64) by the agent's key over the nonce and the agent id.
+    pub proof: String,
+}
+
+/// The server's acceptance of a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Welcome {
+    /// Highest event the server holds durably: the agent resends from the next one.
+    pub last_event_seq: Seq,
+    /// Random id of the server's journal.
+    pub server_incarnation: String,
+    /// How often the agent must beat; a silence of a few intervals marks it offline.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// The server is shedding handshakes (reconnect storm): try again after the delay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Busy {
+    pub retry_after_ms: u64,
+}
+
+/// What the server asks an agent to do. Self-contained: everything needed to act is inside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CommandBody {
+    /// A numbered test message: the stream tests and benchmarks send these.
+    Probe { n: u64, data: String },
+}
+
+/// What an agent reports to the server. Self-contained, like [`CommandBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EventBody {
+    /// A numbered test message: the stream tests and benchmarks send these.
+    Probe { n: u64, data: String },
+}
+
+/// One message of the commands stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Command {
+    pub seq: Seq,
+    /// Stable id of the command, independent of its stream position (signed, unlike `seq`).
+    pub id: String,
+    /// Unix time in ms after which the agent reports the command expired instead of acting.
+    pub deadline_ms: u64,
+    pub body: CommandBody,
+    /// CRC-32 of the body's canonical encoding: a corrupted message is refused, never acked.
+    pub crc: u32,
+    /// The server's Ed25519 signature (base64) over the agent id, `id`, `deadline_ms` and body.
+    pub signature: String,
+}
+
+/// One message of the events stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub seq: Seq,
+    pub body: EventBody,
+    /// CRC-32 of the body's canonical encoding.
+    pub crc: u32,
+}
+
+/// Cumulative acknowledgement: every message of `stream` up to `upto` is durably held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    pub stream: StreamId,
+    pub upto: Seq,
+}
+
+/// A gap was seen: resend `stream` from `from` (the first missing sequence number).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nack {
+    pub stream: StreamId,
+    pub from: Seq,
+}
+
+/// One actor's health as the agent reports it in its heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorHealth {
+    pub name: String,
+    pub kind: String,
+    pub state: String,
+    pub restarts: u32,
+    pub last_beat_ms: u64,
+}
+
+/// What an agent's heartbeat says about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentStatus {
+    pub version: String,
+    pub running_jobs: u32,
+    /// One-minute load average times 1000 (integers keep the encoding exact).
+    pub load_milli: u32,
+    pub actors: Vec<ActorHealth>,
+}
+
+/// Liveness, both ways; the agent's carries its status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub sent_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<AgentStatus>,
+}
+
+/// Why a peer is about to close the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    Malformed,
+    UnsupportedVersion,
+    Unauthorized,
+    ProtocolViolation,
+    Overloaded,
+    Internal,
+}
+
+/// A fatal error report, sent just before closing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorFrame {
+    pub code: ErrorCode,
+    pub message: String,
+    /// Free-form context (e.g. the supported version range); ordered for stable encoding.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub details: BTreeMap<String, String>,
+}
+
+/// Every v1 frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Challenge(Challenge),
+    Hello(Hello),
+    Welcome(Welcome),
+    Busy(Busy),
+    Command(Command),
+    Event(Event),
+    Ack(Ack),
+    Nack(Nack),
+    Heartbeat(Heartbeat),
+    Error(ErrorFrame),
+}
+
+/// Why bytes from a peer are not a valid frame. Each maps to a WebSocket close code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("unsupported protocol version {got}, supported {min}..={max}")]
+    UnsupportedVersion { got: u64, min: u16, max: u16 },
+    #[error("unknown frame kind {0:?}")]
+    UnknownKind(String),
+    #[error("a {kind} frame may not be sent by the {sender}")]
+    WrongDirection { kind: &'static str, sender: Sender },
+    #[error("malformed {kind} body: {reason}")]
+    BadBody { kind: &'static str, reason: String },
+    #[error("sequence number {seq} out of range 1..={max}", max = Seq::MAX_VALID.0)]
+    BadSeq { seq: u64 },
+    #[error("checksum mismatch on {kind} seq {seq}: frame says {claimed:#010x}, body hashes to {actual:#010x}")]
+    Checksum { kind: &'static str, seq: u64, claimed: u32, actual: u32 },
+}
+
+impl DecodeError {
+    /// The WebSocket close code (RFC 6455) to close the connection with.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            DecodeError::TooLarge { .. } => 1009,
+            DecodeError::WrongDirection { .. } => 1008,
+            _ => 1002,
+        }
+    }
+
+    /// The error frame to send before closing.
+    pub fn to_error_frame(&self) -> ErrorFrame {
+        let code = match self {
+            DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            DecodeError::WrongDirection { .. } => ErrorCode::ProtocolViolation,
+            _ => ErrorCode::Malformed,
+        };
+        ErrorFrame { code, message: self.to_string(), details: BTreeMap::new() }
+    }
+}
+
+/// Why a frame could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("encoded {kind} frame is {len} bytes, over the {max}-byte limit")]
+    TooLarge { kind: &'static str, len: usize, max: usize },
+    #[error("cannot encode {kind} frame: {source}")]
+    Json { kind: &'static str, source: serde_json::Error },
+}
+
+#[derive(Serialize)]
+struct OutEnvelope<'a, B: Serialize> {
+    v: u16,
+    kind: &'static str,
+    body: &'a B,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InEnvelope<'a> {
+    v: u64,
+    kind: String,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+/// CRC-32 of a body's canonical (serde_json) encoding.
+pub fn body_crc<B: Serialize>(body: &B) -> Result<u32, serde_json::Error> {
+    let bytes = serde_json::to_vec(body)?;
+    Ok(crc32fast::hash(&bytes))
+}
+
+impl Frame {
+    /// The kind name on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Challenge(_) => "challenge",
+            Frame::Hello(_) => "hello",
+            Frame::Welcome(_) => "welcome",
+            Frame::Busy(_) => "busy",
+            Frame::Command(_) => "command",
+            Frame::Event(_) => "event",
+            Frame::Ack(_) => "ack",
+            Frame::Nack(_) => "nack",
+            Frame::Heartbeat(_) => "heartbeat",
+            Frame::Error(_) => "error",
+        }
+    }
+
+    /// Whether `sender` may send this frame.
+    pub fn allowed_from(&self, sender: Sender) -> bool {
+        match self {
+            Frame::Challenge(_) | Frame::Welcome(_) | Frame::Busy(_) | Frame::Command(_) => {
+                sender == Sender::Server
+            }
+            Frame::Hello(_) | Frame::Event(_) => sender == Sender::Agent,
+            // An ack or nack goes to the producer of its stream, so it comes from the other end.
+            Frame::Ack(Ack { stream, .. }) | Frame::Nack(Nack { stream, .. }) => {
+                stream.producer() != sender
+            }
+            Frame::Heartbeat(_) | Frame::Error(_) => true,
+        }
+    }
+
+    /// Encode as one JSON text, refusing anything over [`MAX_FRAME_BYTES`].
+    pub fn encode(&self) -> Result<Vec<u8>, EncodeError> {
+        let kind = self.kind();
+        let bytes = match self {
+            Frame::Challenge(b) => envelope(kind, b),
+            Frame::Hello(b) => envelope(kind, b),
+            Frame::Welcome(b) => envelope(kind, b),
+            Frame::Busy(b) => envelope(kind, b),
+            Frame::Command(b) => envelope(kind, b),
+            Frame::Event(b) => envelope(kind, b),
+            Frame::Ack(b) => envelope(kind, b),
+            Frame::Nack(b) => envelope(kind, b),
+            Frame::Heartbeat(b) => envelope(kind, b),
+            Frame::Error(b) => envelope(kind, b),
+        }
+        .map_err(|source| EncodeError::Json { kind, source })?;
+        if bytes.len() > MAX_FRAME_BYTES {
+            return Err(EncodeError::TooLarge { kind, len: bytes.len(), max: MAX_FRAME_BYTES });
+        }
+        Ok(bytes)
+    }
+}
+
+fn envelope<B: Serialize>(kind: &'static str, body: &B) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&OutEnvelope { v: PROTOCOL_VERSION, kind, body })
+}
+
+fn body<B: DeserializeOwned>(kind: &'static str, raw: &RawValue) -> Result<B, DecodeError> {
+    serde_json::from_str(raw.get()).map_err(|e| DecodeError::BadBody { kind, reason: e.to_string() })
+}
+
+fn check_seq(seq: Seq) -> Result<(), DecodeError> {
+    if seq == Seq::ZERO || seq > Seq::MAX_VALID {
+        return Err(DecodeError::BadSeq { seq: seq.0 });
+    }
+    Ok(())
+}
+
+fn check_watermark(seq: Seq) -> Result<(), DecodeError> {
+    if seq > Seq::MAX_VALID {
+        return Err(DecodeError::BadSeq { seq: seq.0 });
+    }
+    Ok(())
+}
+
+fn check_crc<B: Serialize>(kind: &'static str, seq: Seq, body: &B, claimed: u32) -> Result<(), DecodeError> {
+    let actual = body_crc(body).map_err(|e| DecodeError::BadBody { kind, reason: e.to_string() })?;
+    if actual != claimed {
+        return Err(DecodeError::Checksum { kind, seq: seq.0, claimed, actual });
+    }
+    Ok(())
+}
+
+/// Decode one frame sent by `sender`. Never panics, whatever the bytes.
+pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_BYTES });
+    }
+    let env: InEnvelope<'_> =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if env.v < u64::from(MIN_PROTOCOL_VERSION) || env.v > u64::from(PROTOCOL_VERSION) {
+        return Err(DecodeError::UnsupportedVersion {
+            got: env.v,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        });
+    }
+    let raw = env.body;
+    let frame = match env.kind.as_str() {
+        "challenge" => Frame::Challenge(body("challenge", raw)?),
+        "hello" => {
+            let h: Hello = body("hello", raw)?;
+            check_watermark(h.last_command_seq)?;
+            Frame::Hello(h)
+        }
+        "welcome" => {
+            let w: Welcome = body("welcome", raw)?;
+            check_watermark(w.last_event_seq)?;
+            Frame::Welcome(w)
+        }
+        "busy" => Frame::Busy(body("busy", raw)?),
+        "command" => {
+            let c: Command = body("command", raw)?;
+            check_seq(c.seq)?;
+            check_crc("command", c.seq, &c.body, c.crc)?;
+            Frame::Command(c)
+        }
+        "event" => {
+            let e: Event = body("event", raw)?;
+            check_seq(e.seq)?;
+            check_crc("event", e.seq, &e.body, e.crc)?;
+            Frame::Event(e)
+        }
+        "ack" => {
+            let a: Ack = body("ack", raw)?;
+            check_watermark(a.upto)?;
+            Frame::Ack(a)
+        }
+        "nack" => {
+            let n: Nack = body("nack", raw)?;
+            check_seq(n.from)?;
+            Frame::Nack(n)
+        }
+        "heartbeat" => Frame::Heartbeat(body("heartbeat", raw)?),
+        "error" => Frame::Error(body("error", raw)?),
+        other => return Err(DecodeError::UnknownKind(truncate(other, 64))),
+    };
+    if !frame.allowed_from(sender) {
+        return Err(DecodeError::WrongDirection { kind: frame.kind(), sender });
+    }
+    Ok(frame)
+}
+
+/// A peer-chosen string shortened for an error message (never echo megabytes into a log).
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((idx, _)) => format!("{}…", &s[..idx]),
+        None => s.to_owned(),
+    }
+}
+
+impl Command {
+    /// Build a command with its checksum filled in (the signature is added by the signer).
+    pub fn new(seq: Seq, id: String, deadline_ms: u64, body: CommandBody) -> Result<Self, serde_json::Error> {
+        let crc = body_crc(&body)?;
+        Ok(Command { seq, id, deadline_ms, body, crc, signature: String::new() })
+    }
+}
+
+impl Event {
+    /// Build an event with its checksum filled in.
+    pub fn new(seq: Seq, body: EventBody) -> Result<Self, serde_json::Error> {
+        let crc = body_crc(&body)?;
+        Ok(Event { seq, body, crc })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64, n: u64) -> Frame {
+        Frame::Event(Event::new(Seq(seq), EventBody::Probe { n, data: "x".into() }).unwrap())
+    }
+
+    #[test]
+    fn round_trips_an_event() {
+        let f = event(7, 7);
+        let bytes = f.encode().unwrap();
+        assert_eq!(decode(&bytes, Sender::Agent).unwrap(), f);
+    }
+
+    #[test]
+    fn refuses_oversized_before_parsing() {
+        let bytes = vec![b' '; MAX_FRAME_BYTES + 1];
+        assert_eq!(
+            decode(&bytes, Sender::Agent),
+            Err(DecodeError::TooLarge { len: MAX_FRAME_BYTES + 1, max: MAX_FRAME_BYTES })
+        );
+    }
+
+    #[test]
+    fn refuses_wrong_and_huge_versions() {
+        for v in ["0", "2", "18446744073709551615"] {
+            let text = format!(r#"{{"v":{v},"kind":"ack","body":{{"stream":"events","upto":1}}}}"#);
+            let err = decode(text.as_bytes(), Sender::Server).unwrap_err();
+            assert!(matches!(err, DecodeError::UnsupportedVersion { .. }), "{v}: {err}");
+            assert!(err.to_string().contains("supported 1..=1"));
+        }
+        let negative = br#"{"v":-1,"kind":"ack","body":{}}"#;
+        assert!(matches!(decode(negative, Sender::Server), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn refuses_unknown_kind_and_wrong_direction() {
+        let unknown = br#"{"v":1,"kind":"exec","body":{}}"#;
+        assert_eq!(decode(unknown, Sender::Agent), Err(DecodeError::UnknownKind("exec".into())));
+        let cmd = Command::new(Seq(1), "c1".into(), 0, CommandBody::Probe { n: 1, data: String::new() }).unwrap();
+        let bytes = Frame::Command(cmd).encode().unwrap();
+        assert_eq!(
+            decode(&bytes, Sender::Agent),
+            Err(DecodeError::WrongDirection { kind: "command", sender: Sender::Agent })
+        );
+        // An agent acks commands, never events.
+        let ack = br#"{"v":1,"kind":"ack","body":{"stream":"events","upto":3}}"#;
+        assert!(matches!(decode(ack, Sender::Agent), Err(DecodeError::WrongDirection { .. })));
+        assert!(decode(ack, Sender::Server).is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_sequence_numbers() {
+        for seq in [0, u64::MAX] {
+            let ev = Frame::Event(Event { seq: Seq(seq), body: EventBody::Probe { n: 1, data: String::new() }, crc: 0 });
+            let bytes = ev.encode().unwrap();
+            assert_eq!(decode(&bytes, Sender::Agent), Err(DecodeError::BadSeq { seq }));
+        }
+        let ack = format!(r#"{{"v":1,"kind":"ack","body":{{"stream":"events","upto":{}}}}}"#, u64::MAX);
+        assert!(matches!(decode(ack.as_bytes(), Sender::Server), Err(DecodeError::BadSeq { .. })));
+    }
+
+    #[test]
+    fn refuses_checksum_mismatch() {
+        let mut e = Event::new(Seq(1), EventBody::Probe { n: 1, data: "a".into() }).unwrap();
+        e.crc ^= 1;
+        let bytes = Frame::Event(e).encode().unwrap();
+        assert!(matches!(decode(&bytes, Sender::Agent), Err(DecodeError::Checksum { .. })));
+    }
+
+    #[test]
+    fn refuses_wrong_types_unknown_fields_and_deep_nesting() {
+        let cases: [&[u8]; 6] = [
+            br#"{"v":1,"kind":"ack","body":{"stream":"events","upto":"3"}}"#,
+            br#"{"v":1,"kind":"ack","body":{"stream":"events","upto":3,"extra":1}}"#,
+            br#"{"v":1,"kind":"ack","body":{"stream":"events"}}"#,
+            br#"{"v":1,"kind":"ack","body":{"stream":"events","upto":3},"x":0}"#,
+            br#"{"v":1,"kind":"ack","body":{"stream":"events","upto":3}"#,
+            b"\xff\xfe",
+        ];
+        for c in cases {
+            assert!(decode(c, Sender::Server).is_err(), "{}", String::from_utf8_lossy(c));
+        }
+        let deep = format!(r#"{{"v":1,"kind":"ack","body":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        assert!(decode(deep.as_bytes(), Sender::Server).is_err());
+    }
+
+    #[test]
+    fn unknown_kind_in_error_is_truncated() {
+        let long = "k".repeat(10_000);
+        let text = format!(r#"{{"v":1,"kind":"{long}","body":{{}}}}"#);
+        let err = decode(text.as_bytes(), Sender::Agent).unwrap_err();
+        assert!(err.to_string().len() < 200);
+    }
+
+    #[test]
+    fn encode_refuses_oversized_frames() {
+        let big = Frame::Event(Event::new(Seq(1), EventBody::Probe { n: 1, data: "a".repeat(MAX_FRAME_BYTES) }).unwrap());
+        assert!(matches!(big.encode(), Err(EncodeError::TooLarge { .. })));
+    }
+}

@@ -1,0 +1,597 @@
+//! The sans-IO stream core: reliable, ordered, exactly-once delivery of one message stream over
+//! connections that come and go, between two ends that may crash.
+//!
+//! No sockets, no actix, no clock: the edge feeds inputs (a message to send, a frame received, a
+//! journal flush done, a timer tick with the time, a reconnect) and carries out the outputs
+//! (messages and acks to transmit, records to journal).
+//!
+//! - [`Outbound`] is the producer's half: it numbers messages, retains them until the peer acks
+//!   them cumulatively, transmits only what its journal already holds (so a crash can never
+//!   reuse a number the peer has seen), bounds what is in flight, rewinds on a nack, a
+//!   retransmit timeout or a reconnect from the peer's watermark, and ignores acks from an old
+//!   connection or for messages it never sent.
+//! - [`Inbound`] is the consumer's half: it accepts exactly the next sequence number, refuses
+//!   gaps with a nack, re-acks duplicates without handing them on again (and refuses a replayed
+//!   number whose payload differs), and acks only what its journal has flushed.
+//! - [`Endpoint`] joins the two halves of one peer relationship with the incarnations of both
+//!   ends, so a peer that lost its state is detected at the handshake.
+
+use std::collections::VecDeque;
+
+use crate::protocol::Seq;
+
+/// Identifies one connection of an [`Endpoint`]; frames of an older connection are stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(pub u64);
+
+/// Violations of the stream protocol by the peer (or by a journal that lost data).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("sequence numbers exhausted")]
+    SeqExhausted,
+    #[error("{in_flight} messages retained, the limit is {limit}: the peer is not acknowledging")]
+    Backlog { in_flight: usize, limit: usize },
+    #[error("peer claims to hold up to seq {claimed}, but only {assigned} were ever sent")]
+    PeerAhead { claimed: Seq, assigned: Seq },
+    #[error("peer holds up to seq {claimed}, but already acknowledged {acked}: it lost acknowledged messages")]
+    PeerRegressed { claimed: Seq, acked: Seq },
+    #[error("seq {seq} arrived while expecting {expected}: more than the window of {window} ahead")]
+    TooFarAhead { seq: Seq, expected: Seq, window: u64 },
+    #[error("seq {seq} replayed with a different payload (crc {got:#010x}, held {held:#010x})")]
+    ReplayMismatch { seq: Seq, held: u32, got: u32 },
+    #[error("seq {seq} is not a valid message sequence number")]
+    BadSeq { seq: Seq },
+}
+
+/// A message the producer still holds, because the peer has not acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained<P> {
+    pub seq: Seq,
+    pub payload: P,
+    /// When it was enqueued (edge-supplied ms), for "age of the oldest unacked" in metrics.
+    pub enqueued_ms: u64,
+}
+
+/// What an incoming ack did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The peer now holds everything up to this: drop it from the journal.
+    Advanced(Seq),
+    /// Nothing new (already acknowledged).
+    Duplicate,
+    /// From a connection that is no longer current: ignored and counted.
+    Stale,
+    /// For a message never transmitted on this connection: ignored and counted.
+    Bogus,
+}
+
+/// Counters an edge exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboundStats {
+    pub stale_acks: u64,
+    pub bogus_acks: u64,
+    pub retransmits: u64,
+    pub nacks: u64,
+}
+
+/// The producer's half of a stream.
+#[derive(Debug, Clone)]
+pub struct Outbound<P> {
+    /// Highest sequence number handed out.
+    assigned: Seq,
+    /// Highest sequence number the local journal holds (only those may go on the wire).
+    durable: Seq,
+    /// Highest sequence number the peer acknowledged (cumulatively).
+    acked: Seq,
+    /// Highest sequence number transmitted on the current connection.
+    sent: Seq,
+    /// `acked+1 ..= assigned`, in order.
+    retained: VecDeque<Retained<P>>,
+    conn: Option<ConnId>,
+    /// At most this many messages beyond `acked` are on the wire at once.
+    window: u64,
+    /// At most this many messages are retained before `enqueue` pushes back.
+    max_retained: usize,
+    /// Without ack progress for this long, resend everything unacknowledged.
+    rto_ms: u64,
+    last_progress_ms: u64,
+    stats: OutboundStats,
+}
+
+impl<P: Clone> Outbound<P> {
+    /// A stream that has never sent anything.
+    pub fn new(window: u64, max_retained: usize, rto_ms: u64) -> Self {
+        Self::recover(Seq::ZERO, Vec::new(), window, max_retained, rto_ms)
+    }
+
+    /// Rebuild from the journal after a restart: `acked` is the last acknowledged watermark,
+    /// `retained` the messages still held (all durable, in any order).
+    pub fn recover(acked: Seq, mut retained: Vec<Retained<P>>, window: u64, max_retained: usize, rto_ms: u64) -> Self {
+        retained.sort_by_key(|r| r.seq);
+        retained.retain(|r| r.seq > acked);
+        let assigned = retained.last().map_or(acked, |r| r.seq);
+        Outbound {
+            assigned,
+            durable: assigned,
+            acked,
+            sent: acked,
+            retained: retained.into(),
+            conn: None,
+            window: window.max(1),
+            max_retained: max_retained.max(1),
+            rto_ms,
+            last_progress_ms: 0,
+            stats: OutboundStats::default(),
+        }
+    }
+
+    /// Number a new message. It is retained but not sent until [`Outbound::mark_durable`]
+    /// covers it: the caller journals `(seq, payload)` first.
+    pub fn enqueue(&mut self, payload: P, now_ms: u64) -> Result<Seq, StreamError> {
+        if self.retained.len() >= self.max_retained {
+            return Err(StreamError::Backlog { in_flight: self.retained.len(), limit: self.max_retained });
+        }
+        let seq = self.assigned.next().ok_or(StreamError::SeqExhausted)?;
+        self.assigned = seq;
+        self.retained.push_back(Retained { seq, payload, enqueued_ms: now_ms });
+        Ok(seq)
+    }
+
+    /// The local journal now holds every message up to `upto`.
+    pub fn mark_durable(&mut self, upto: Seq) {
+        self.durable = self.durable.max(upto.min(self.assigned));
+    }
+
+    /// A connection is up and the peer says it holds everything up to `peer_has`.
+    /// Transmission restarts right after that; the watermark also counts as an ack.
+    pub fn connect(&mut self, conn: ConnId, peer_has: Seq, now_ms: u64) -> Result<AckOutcome, StreamError> {
+        if peer_has > self.assigned {
+            return Err(StreamError::PeerAhead { claimed: peer_has, assigned: self.assigned });
+        }
+        if peer_has < self.acked {
+            return Err(StreamError::PeerRegressed { claimed: peer_has, acked: self.acked });
+        }
+        self.conn = Some(conn);
+        let outcome = self.advance(peer_has, now_ms);
+        self.sent = self.acked;
+        self.last_progress_ms = now_ms;
+        Ok(outcome)
+    }
+
+    /// The connection is gone; nothing is transmitted until the next [`Outbound::connect`].
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+    }
+
+    /// A cumulative ack arrived on `conn`.
+    pub fn on_ack(&mut self, conn: ConnId, upto: Seq, now_ms: u64) -> AckOutcome {
+        if self.conn != Some(conn) {
+            self.stats.stale_acks += 1;
+            return AckOutcome::Stale;
+        }
+        if upto > self.sent {
+            self.stats.bogus_acks += 1;
+            return AckOutcome::Bogus;
+        }
+        self.advance(upto, now_ms)
+    }
+
+    fn advance(&mut self, upto: Seq, now_ms: u64) -> AckOutcome {
+        if upto <= self.acked {
+            return AckOutcome::Duplicate;
+        }
+        self.acked = upto;
+        while self.retained.front().is_some_and(|r| r.seq <= upto) {
+            self.retained.pop_front();
+        }
+        self.last_progress_ms = now_ms;
+        AckOutcome::Advanced(upto)
+    }
+
+    /// The peer saw a gap and asks for everything from `from` again.
+    pub fn on_nack(&mut self, conn: ConnId, from: Seq) -> bool {
+        if self.conn != Some(conn) || from <= self.acked || from > self.sent.next().unwrap_or(self.sent) {
+            self.stats.bogus_acks += 1;
+            return false;
+        }
+        self.stats.nacks += 1;
+        self.sent = Seq(from.0 - 1);
+        true
+    }
+
+    /// Time passed: without ack progress for the retransmit timeout, resend from the last ack.
+    pub fn on_tick(&mut self, now_ms: u64) {
+        if self.conn.is_some()
+            && self.sent > self.acked
+            && now_ms.saturating_sub(self.last_progress_ms) >= self.rto_ms
+        {
+            self.stats.retransmits += 1;
+            self.sent = self.acked;
+            self.last_progress_ms = now_ms;
+        }
+    }
+
+    /// The messages to put on the wire now, in order (durable, within the window).
+    pub fn poll_transmit(&mut self, now_ms: u64) -> Vec<(Seq, P)> {
+        let mut out = Vec::new();
+        if self.conn.is_none() {
+            return out;
+        }
+        if self.sent == self.acked {
+            self.last_progress_ms = now_ms;
+        }
+        let limit = Seq(self.durable.0.min(self.acked.0.saturating_add(self.window)));
+        let skip = (self.sent.0 - self.acked.0) as usize;
+        for r in self.retained.iter().skip(skip) {
+            if r.seq > limit {
+                break;
+            }
+            out.push((r.seq, r.payload.clone()));
+            self.sent = r.seq;
+        }
+        out
+    }
+
+    /// Drop everything retained and start numbering again at 1 (the peer lost its state).
+    /// Returns the messages that will never be delivered, so the edge can fail their work.
+    pub fn reset(&mut self) -> Vec<Retained<P>> {
+        let abandoned = self.retained.drain(..).collect();
+        self.assigned = Seq::ZERO;
+        self.durable = Seq::ZERO;
+        self.acked = Seq::ZERO;
+        self.sent = Seq::ZERO;
+        abandoned
+    }
+
+    pub fn acked(&self) -> Seq {
+        self.acked
+    }
+    pub fn assigned(&self) -> Seq {
+        self.assigned
+    }
+    pub fn unacked(&self) -> usize {
+        self.retained.len()
+    }
+    pub fn oldest_unacked_ms(&self) -> Option<u64> {
+        self.retained.front().map(|r| r.enqueued_ms)
+    }
+    pub fn stats(&self) -> OutboundStats {
+        self.stats
+    }
+}
+
+/// What the consumer should do with an incoming message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataOutcome {
+    /// The next message: journal it (with the new watermark, in one batch), then call
+    /// [`Inbound::mark_durable`]; only then is it acked and handed to the application.
+    Accept,
+    /// Already held: not handed on again; it is re-acked once durable.
+    Duplicate,
+    /// A gap before it: dropped; a nack asks for the missing ones.
+    Gap { expected: Seq },
+}
+
+/// The consumer's half of a stream.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Highest contiguous sequence number accepted (its journal append may still be pending).
+    received: Seq,
+    /// Highest contiguous sequence number the local journal holds.
+    durable: Seq,
+    /// Highest ack put on the wire on the current connection.
+    ack_sent: Seq,
+    /// A duplicate arrived: repeat the ack even if it did not move.
+    reack: bool,
+    /// The first missing seq to nack, once per gap position.
+    nack_due: Option<Seq>,
+    nacked: Option<Seq>,
+    /// CRCs of the latest messages, to tell a harmless resend from a conflicting replay.
+    recent: VecDeque<(Seq, u32)>,
+    window: u64,
+    /// Counts, exported as metrics.
+    pub duplicates: u64,
+    pub gaps: u64,
+}
+
+impl Inbound {
+    pub fn new(window: u64) -> Self {
+        Self::recover(Seq::ZERO, Vec::new(), window)
+    }
+
+    /// Rebuild from the journal: the durable watermark and the CRCs of the latest messages held.
+    pub fn recover(durable: Seq, recent: Vec<(Seq, u32)>, window: u64) -> Self {
+        let window = window.max(1);
+        let mut recent: VecDeque<_> = recent.into_iter().filter(|(s, _)| *s <= durable).collect();
+        recent.make_contiguous().sort_by_key(|(s, _)| *s);
+        while recent.len() as u64 > window {
+            recent.pop_front();
+        }
+        Inbound {
+            received: durable,
+            durable,
+            ack_sent: Seq::ZERO,
+            reack: false,
+            nack_due: None,
+            nacked: None,
+            recent,
+            window,
+            duplicates: 0,
+            gaps: 0,
+        }
+    }
+
+    /// A new connection: returns the watermark to announce to the peer.
+    pub fn connect(&mut self) -> Seq {
+        self.ack_sent = self.durable;
+        self.nack_due = None;
+        self.nacked = None;
+        self.durable
+    }
+
+    /// A message arrived.
+    pub fn on_data(&mut self, seq: Seq, crc: u32) -> Result<DataOutcome, StreamError> {
+        if seq == Seq::ZERO || seq > Seq::MAX_VALID {
+            return Err(StreamError::BadSeq { seq });
+        }
+        if seq <= self.received {
+            if let Some((_, held)) = self.recent.iter().find(|(s, _)| *s == seq) {
+                if *held != crc {
+                    return Err(StreamError::ReplayMismatch { seq, held: *held, got: crc });
+                }
+            }
+            self.duplicates += 1;
+            self.reack = true;
+            return Ok(DataOutcome::Duplicate);
+        }
+        let expected = Seq(self.received.0 + 1);
+        if seq > expected {
+            if seq.0 - self.received.0 > self.window {
+                return Err(StreamError::TooFarAhead { seq, expected, window: self.window });
+            }
+            self.gaps += 1;
+            if self.nacked != Some(expected) {
+                self.nack_due = Some(expected);
+            }
+            return Ok(DataOutcome::Gap { expected });
+        }
+        self.received = seq;
+        self.recent.push_back((seq, crc));
+        if self.recent.len() as u64 > self.window {
+            self.recent.pop_front();
+        }
+        Ok(DataOutcome::Accept)
+    }
+
+    /// The journal now holds every accepted message up to `upto`.
+    pub fn mark_durable(&mut self, upto: Seq) {
+        self.durable = self.durable.max(upto.min(self.received));
+    }
+
+    /// The ack to send now, if any (coalesced: one per poll, covering all that is durable).
+    pub fn poll_ack(&mut self) -> Option<Seq> {
+        if self.durable > self.ack_sent || (self.reack && self.durable > Seq::ZERO) {
+            self.ack_sent = self.durable;
+            self.reack = false;
+            return Some(self.durable);
+        }
+        self.reack = false;
+        None
+    }
+
+    /// The nack to send now, if a gap was seen.
+    pub fn poll_nack(&mut self) -> Option<Seq> {
+        let due = self.nack_due.take()?;
+        if due <= self.received {
+            return None;
+        }
+        self.nacked = Some(due);
+        Some(due)
+    }
+
+    /// Forget the stream (the peer lost its state and starts again at 1).
+    pub fn reset(&mut self) {
+        *self = Inbound::new(self.window);
+    }
+
+    pub fn durable(&self) -> Seq {
+        self.durable
+    }
+    pub fn received(&self) -> Seq {
+        self.received
+    }
+}
+
+/// What the handshake found out about the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake<P> {
+    /// First contact with this peer: remember its incarnation (journal it) before going on.
+    FirstContact,
+    /// The same peer as before: streams resume from the watermarks.
+    Resumed,
+    /// The peer lost its state: both streams restart at 1. `abandoned` will never be
+    /// delivered (the edge fails the work they carried, with that reason).
+    PeerReset { previous: String, abandoned: Vec<Retained<P>> },
+}
+
+/// Both directions of one peer relationship, plus the peer's incarnation.
+///
+/// Sequence numbers belong to one pair of incarnations: a stream restarts at 1 whenever either
+/// end's incarnation changes. So each end tells the other which incarnation of it the peer's
+/// watermark refers to; a watermark about a previous incarnation counts as 0.
+///
+/// Handshake order: the agent calls [`Endpoint::begin`] and sends the watermark it returns with
+/// its incarnation and the server incarnation it knows; the server calls [`Endpoint::begin`],
+/// then [`Endpoint::complete`] (which may reset its inbound half), and answers with
+/// [`Inbound::durable`]; the agent calls [`Endpoint::complete`] with that answer (the server
+/// knows the agent's current incarnation by then). A first contact or a reset must be journaled
+/// before the connection goes on.
+#[derive(Debug, Clone)]
+pub struct Endpoint<P> {
+    pub outbound: Outbound<P>,
+    pub inbound: Inbound,
+    /// The peer's journal id as last seen; `None` before first contact.
+    pub peer_incarnation: Option<String>,
+    conn: Option<ConnId>,
+}
+
+impl<P: Clone> Endpoint<P> {
+    pub fn new(outbound: Outbound<P>, inbound: Inbound, peer_incarnation: Option<String>) -> Self {
+        Endpoint { outbound, inbound, peer_incarnation, conn: None }
+    }
+
+    /// A connection `conn` starts: returns our watermark of the peer's stream to announce.
+    pub fn begin(&mut self, conn: ConnId) -> Seq {
+        self.conn = Some(conn);
+        self.outbound.disconnect();
+        self.inbound.connect()
+    }
+
+    /// The peer's half of the handshake arrived: its incarnation, whether its watermark refers
+    /// to our current incarnation, and that watermark of our stream.
+    pub fn complete(
+        &mut self,
+        conn: ConnId,
+        peer_incarnation: &str,
+        peer_knows_us: bool,
+        peer_has: Seq,
+        now_ms: u64,
+    ) -> Result<Handshake<P>, StreamError> {
+        let outcome = match &self.peer_incarnation {
+            Some(known) if known == peer_incarnation => Handshake::Resumed,
+            None => {
+                self.inbound.reset();
+                Handshake::FirstContact
+            }
+            Some(known) => {
+                let previous = known.clone();
+                let abandoned = self.outbound.reset();
+                self.inbound.reset();
+                Handshake::PeerReset { previous, abandoned }
+            }
+        };
+        let peer_has = if peer_knows_us { peer_has } else { Seq::ZERO };
+        self.outbound.connect(conn, peer_has, now_ms)?;
+        self.peer_incarnation = Some(peer_incarnation.to_owned());
+        self.conn = Some(conn);
+        Ok(outcome)
+    }
+
+    /// The connection dropped.
+    pub fn disconnect(&mut self) {
+        self.conn = None;
+        self.outbound.disconnect();
+    }
+
+    pub fn conn(&self) -> Option<ConnId> {
+        self.conn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out() -> Outbound<u32> {
+        Outbound::new(4, 100, 1000)
+    }
+
+    #[test]
+    fn transmits_only_durable_messages_within_the_window() {
+        let mut o = out();
+        for i in 0..6 {
+            o.enqueue(i, 0).unwrap();
+        }
+        o.connect(ConnId(1), Seq::ZERO, 0).unwrap();
+        assert!(o.poll_transmit(0).is_empty(), "nothing is durable yet");
+        o.mark_durable(Seq(6));
+        let sent: Vec<_> = o.poll_transmit(0).into_iter().map(|(s, _)| s.0).collect();
+        assert_eq!(sent, vec![1, 2, 3, 4], "window of 4");
+        assert_eq!(o.on_ack(ConnId(1), Seq(2), 1), AckOutcome::Advanced(Seq(2)));
+        let sent: Vec<_> = o.poll_transmit(1).into_iter().map(|(s, _)| s.0).collect();
+        assert_eq!(sent, vec![5, 6]);
+        assert_eq!(o.unacked(), 4);
+    }
+
+    #[test]
+    fn ignores_stale_and_bogus_acks() {
+        let mut o = out();
+        o.enqueue(1, 0).unwrap();
+        o.mark_durable(Seq(1));
+        o.connect(ConnId(1), Seq::ZERO, 0).unwrap();
+        o.poll_transmit(0);
+        o.connect(ConnId(2), Seq::ZERO, 0).unwrap();
+        assert_eq!(o.on_ack(ConnId(1), Seq(1), 0), AckOutcome::Stale);
+        assert_eq!(o.on_ack(ConnId(2), Seq(1), 0), AckOutcome::Bogus, "not sent on conn 2 yet");
+        assert_eq!(o.on_ack(ConnId(2), Seq(9), 0), AckOutcome::Bogus);
+        assert_eq!(o.stats().stale_acks, 1);
+        assert_eq!(o.stats().bogus_acks, 2);
+        assert_eq!(o.unacked(), 1);
+    }
+
+    #[test]
+    fn refuses_a_peer_ahead_or_regressed() {
+        let mut o = out();
+        o.enqueue(1, 0).unwrap();
+        o.mark_durable(Seq(1));
+        assert!(matches!(o.connect(ConnId(1), Seq(5), 0), Err(StreamError::PeerAhead { .. })));
+        o.connect(ConnId(1), Seq(1), 0).unwrap();
+        assert!(matches!(o.connect(ConnId(2), Seq(0), 0), Err(StreamError::PeerRegressed { .. })));
+    }
+
+    #[test]
+    fn rewinds_on_nack_and_timeout() {
+        let mut o = out();
+        for i in 0..3 {
+            o.enqueue(i, 0).unwrap();
+        }
+        o.mark_durable(Seq(3));
+        o.connect(ConnId(1), Seq::ZERO, 0).unwrap();
+        assert_eq!(o.poll_transmit(0).len(), 3);
+        assert!(o.on_nack(ConnId(1), Seq(2)));
+        assert_eq!(o.poll_transmit(0).first().map(|(s, _)| *s), Some(Seq(2)));
+        o.on_tick(999);
+        assert!(o.poll_transmit(999).is_empty());
+        o.on_tick(1000);
+        assert_eq!(o.poll_transmit(1000).len(), 3);
+        assert!(!o.on_nack(ConnId(1), Seq(9)), "nack beyond what was sent");
+    }
+
+    #[test]
+    fn inbound_accepts_in_order_dedupes_and_nacks_gaps() {
+        let mut i = Inbound::new(8);
+        assert_eq!(i.on_data(Seq(1), 11), Ok(DataOutcome::Accept));
+        assert_eq!(i.poll_ack(), None, "not durable yet");
+        i.mark_durable(Seq(1));
+        assert_eq!(i.poll_ack(), Some(Seq(1)));
+        assert_eq!(i.on_data(Seq(1), 11), Ok(DataOutcome::Duplicate));
+        assert_eq!(i.poll_ack(), Some(Seq(1)), "duplicate is re-acked");
+        assert_eq!(i.on_data(Seq(3), 33), Ok(DataOutcome::Gap { expected: Seq(2) }));
+        assert_eq!(i.poll_nack(), Some(Seq(2)));
+        assert_eq!(i.on_data(Seq(4), 44), Ok(DataOutcome::Gap { expected: Seq(2) }));
+        assert_eq!(i.poll_nack(), None, "one nack per gap");
+        assert!(matches!(i.on_data(Seq(1), 99), Err(StreamError::ReplayMismatch { .. })));
+        assert!(matches!(i.on_data(Seq(100), 0), Err(StreamError::TooFarAhead { .. })));
+        assert!(matches!(i.on_data(Seq(u64::MAX), 0), Err(StreamError::BadSeq { .. })));
+        assert_eq!(i.received(), Seq(1));
+    }
+
+    #[test]
+    fn detects_a_peer_that_lost_its_state() {
+        let mut e: Endpoint<u32> = Endpoint::new(out(), Inbound::new(8), None);
+        e.begin(ConnId(1));
+        assert_eq!(e.complete(ConnId(1), "inc-a", false, Seq::ZERO, 0), Ok(Handshake::FirstContact));
+        e.outbound.enqueue(7, 0).unwrap();
+        e.outbound.mark_durable(Seq(1));
+        e.disconnect();
+        e.begin(ConnId(2));
+        match e.complete(ConnId(2), "inc-b", false, Seq(1), 0) {
+            Ok(Handshake::PeerReset { previous, abandoned }) => {
+                assert_eq!(previous, "inc-a");
+                assert_eq!(abandoned.len(), 1);
+            }
+            other => panic!("expected a reset, got {other:?}"),
+        }
+        assert_eq!(e.outbound.enqueue(8, 0), Ok(Seq(1)), "numbering restarts");
+    }
+}

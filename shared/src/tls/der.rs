@@ -1,0 +1,148 @@
+//! Just enough DER to read a certificate's subject name and public key, so that a CA saved as
+//! PEM can be loaded again for signing (rcgen 0.13 only parses certificates with its optional
+//! `x509-parser` feature, which we do not build).
+
+use rcgen::{DistinguishedName, DnType, DnValue, Ia5String, PrintableString};
+
+const SEQUENCE: u8 = 0x30;
+const SET: u8 = 0x31;
+const OID: u8 = 0x06;
+const UTF8_STRING: u8 = 0x0c;
+const PRINTABLE_STRING: u8 = 0x13;
+const IA5_STRING: u8 = 0x16;
+const VERSION_TAG: u8 = 0xa0;
+
+/// One TLV element: its tag, its content, the whole encoding, and what follows it.
+struct Element<'a> {
+    tag: u8,
+    content: &'a [u8],
+    whole: &'a [u8],
+    rest: &'a [u8],
+}
+
+fn element(input: &[u8]) -> Option<Element<'_>> {
+    let (&tag, after_tag) = input.split_first()?;
+    let (&first, after_len) = after_tag.split_first()?;
+    let (len, header) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || after_len.len() < n {
+            return None;
+        }
+        let len = after_len[..n]
+            .iter()
+            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+        (len, 2 + n)
+    };
+    let end = header.checked_add(len)?;
+    if input.len() < end {
+        return None;
+    }
+    Some(Element {
+        tag,
+        content: &input[header..end],
+        whole: &input[..end],
+        rest: &input[end..],
+    })
+}
+
+fn expect(input: &[u8], tag: u8) -> Option<Element<'_>> {
+    element(input).filter(|e| e.tag == tag)
+}
+
+/// The parts of a certificate the CA loader needs, as raw DER.
+pub(super) struct CertParts<'a> {
+    /// The subject `Name`, whole encoding.
+    pub subject: &'a [u8],
+    /// The `SubjectPublicKeyInfo`, whole encoding.
+    pub spki: &'a [u8],
+}
+
+/// Finds the subject and public key of an X.509 certificate.
+pub(super) fn cert_parts(cert_der: &[u8]) -> Option<CertParts<'_>> {
+    let cert = expect(cert_der, SEQUENCE)?;
+    let tbs = expect(cert.content, SEQUENCE)?;
+    let mut fields = tbs.content;
+    if fields.first() == Some(&VERSION_TAG) {
+        fields = element(fields)?.rest;
+    }
+    let serial = element(fields)?;
+    let signature_alg = expect(serial.rest, SEQUENCE)?;
+    let issuer = expect(signature_alg.rest, SEQUENCE)?;
+    let validity = expect(issuer.rest, SEQUENCE)?;
+    let subject = expect(validity.rest, SEQUENCE)?;
+    let spki = expect(subject.rest, SEQUENCE)?;
+    Some(CertParts {
+        subject: subject.whole,
+        spki: spki.whole,
+    })
+}
+
+/// Rebuilds an rcgen name from a DER `Name`; `None` for encodings rcgen cannot reproduce.
+pub(super) fn distinguished_name(name_der: &[u8]) -> Option<DistinguishedName> {
+    let mut dn = DistinguishedName::new();
+    let mut rdns = expect(name_der, SEQUENCE)?.content;
+    while !rdns.is_empty() {
+        let set = expect(rdns, SET)?;
+        rdns = set.rest;
+        let attribute = expect(set.content, SEQUENCE)?;
+        if !attribute.rest.is_empty() {
+            return None; // multi-valued RDN
+        }
+        let oid = expect(attribute.content, OID)?;
+        let value = element(oid.rest)?;
+        let text = std::str::from_utf8(value.content).ok()?.to_owned();
+        let value = match value.tag {
+            UTF8_STRING => DnValue::Utf8String(text),
+            PRINTABLE_STRING => DnValue::PrintableString(PrintableString::try_from(text).ok()?),
+            IA5_STRING => DnValue::Ia5String(Ia5String::try_from(text).ok()?),
+            _ => return None,
+        };
+        dn.push(DnType::from_oid(&oid_arcs(oid.content)?), value);
+    }
+    Some(dn)
+}
+
+fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
+    let mut arcs = Vec::new();
+    let mut value: u64 = 0;
+    for &byte in content {
+        value = value.checked_mul(128)? | u64::from(byte & 0x7f);
+        if byte & 0x80 == 0 {
+            if arcs.is_empty() {
+                let first = (value / 40).min(2);
+                arcs.push(first);
+                arcs.push(value - first * 40);
+            } else {
+                arcs.push(value);
+            }
+            value = 0;
+        }
+    }
+    (!arcs.is_empty()).then_some(arcs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oid_decoding() {
+        // 2.5.4.3 (commonName) and 1.2.840.113549 (rsadsi)
+        assert_eq!(oid_arcs(&[0x55, 0x04, 0x03]), Some(vec![2, 5, 4, 3]));
+        assert_eq!(
+            oid_arcs(&[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d]),
+            Some(vec![1, 2, 840, 113_549])
+        );
+        assert_eq!(oid_arcs(&[]), None);
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for input in [&[][..], &[0x30], &[0x30, 0x85, 1, 1, 1, 1, 1], &[0x30, 0x82, 0xff], &[0x30, 0x05, 0x30]] {
+            assert!(cert_parts(input).is_none());
+            assert!(distinguished_name(input).is_none());
+        }
+    }
+}

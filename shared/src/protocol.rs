@@ -25,7 +25,9 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
 
 /// A position in one message stream. Streams start at 1; 0 means "nothing yet".
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -292,7 +294,12 @@ pub enum DecodeError {
     #[error("sequence number {seq} out of range 1..={max}", max = Seq::MAX_VALID.0)]
     BadSeq { seq: u64 },
     #[error("checksum mismatch on {kind} seq {seq}: frame says {claimed:#010x}, body hashes to {actual:#010x}")]
-    Checksum { kind: &'static str, seq: u64, claimed: u32, actual: u32 },
+    Checksum {
+        kind: &'static str,
+        seq: u64,
+        claimed: u32,
+        actual: u32,
+    },
 }
 
 impl DecodeError {
@@ -312,7 +319,11 @@ impl DecodeError {
             DecodeError::WrongDirection { .. } => ErrorCode::ProtocolViolation,
             _ => ErrorCode::Malformed,
         };
-        ErrorFrame { code, message: self.to_string(), details: BTreeMap::new() }
+        ErrorFrame {
+            code,
+            message: self.to_string(),
+            details: BTreeMap::new(),
+        }
     }
 }
 
@@ -320,9 +331,16 @@ impl DecodeError {
 #[derive(Debug, thiserror::Error)]
 pub enum EncodeError {
     #[error("encoded {kind} frame is {len} bytes, over the {max}-byte limit")]
-    TooLarge { kind: &'static str, len: usize, max: usize },
+    TooLarge {
+        kind: &'static str,
+        len: usize,
+        max: usize,
+    },
     #[error("cannot encode {kind} frame: {source}")]
-    Json { kind: &'static str, source: serde_json::Error },
+    Json {
+        kind: &'static str,
+        source: serde_json::Error,
+    },
 }
 
 #[derive(Serialize)]
@@ -396,18 +414,29 @@ impl Frame {
         }
         .map_err(|source| EncodeError::Json { kind, source })?;
         if bytes.len() > MAX_FRAME_BYTES {
-            return Err(EncodeError::TooLarge { kind, len: bytes.len(), max: MAX_FRAME_BYTES });
+            return Err(EncodeError::TooLarge {
+                kind,
+                len: bytes.len(),
+                max: MAX_FRAME_BYTES,
+            });
         }
         Ok(bytes)
     }
 }
 
 fn envelope<B: Serialize>(kind: &'static str, body: &B) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&OutEnvelope { v: PROTOCOL_VERSION, kind, body })
+    serde_json::to_vec(&OutEnvelope {
+        v: PROTOCOL_VERSION,
+        kind,
+        body,
+    })
 }
 
 fn body<B: DeserializeOwned>(kind: &'static str, raw: &RawValue) -> Result<B, DecodeError> {
-    serde_json::from_str(raw.get()).map_err(|e| DecodeError::BadBody { kind, reason: e.to_string() })
+    serde_json::from_str(raw.get()).map_err(|e| DecodeError::BadBody {
+        kind,
+        reason: e.to_string(),
+    })
 }
 
 fn check_seq(seq: Seq) -> Result<(), DecodeError> {
@@ -424,10 +453,23 @@ fn check_watermark(seq: Seq) -> Result<(), DecodeError> {
     Ok(())
 }
 
-fn check_crc<B: Serialize>(kind: &'static str, seq: Seq, body: &B, claimed: u32) -> Result<(), DecodeError> {
-    let actual = body_crc(body).map_err(|e| DecodeError::BadBody { kind, reason: e.to_string() })?;
+fn check_crc<B: Serialize>(
+    kind: &'static str,
+    seq: Seq,
+    body: &B,
+    claimed: u32,
+) -> Result<(), DecodeError> {
+    let actual = body_crc(body).map_err(|e| DecodeError::BadBody {
+        kind,
+        reason: e.to_string(),
+    })?;
     if actual != claimed {
-        return Err(DecodeError::Checksum { kind, seq: seq.0, claimed, actual });
+        return Err(DecodeError::Checksum {
+            kind,
+            seq: seq.0,
+            claimed,
+            actual,
+        });
     }
     Ok(())
 }
@@ -435,7 +477,10 @@ fn check_crc<B: Serialize>(kind: &'static str, seq: Seq, body: &B, claimed: u32)
 /// Decode one frame sent by `sender`. Never panics, whatever the bytes.
 pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
     if bytes.len() > MAX_FRAME_BYTES {
-        return Err(DecodeError::TooLarge { len: bytes.len(), max: MAX_FRAME_BYTES });
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_BYTES,
+        });
     }
     let env: InEnvelope<'_> =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
@@ -487,7 +532,10 @@ pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
         other => return Err(DecodeError::UnknownKind(truncate(other, 64))),
     };
     if !frame.allowed_from(sender) {
-        return Err(DecodeError::WrongDirection { kind: frame.kind(), sender });
+        return Err(DecodeError::WrongDirection {
+            kind: frame.kind(),
+            sender,
+        });
     }
     Ok(frame)
 }
@@ -502,9 +550,21 @@ fn truncate(s: &str, max_chars: usize) -> String {
 
 impl Command {
     /// Build a command with its checksum filled in (the signature is added by the signer).
-    pub fn new(seq: Seq, id: String, deadline_ms: u64, body: CommandBody) -> Result<Self, serde_json::Error> {
+    pub fn new(
+        seq: Seq,
+        id: String,
+        deadline_ms: u64,
+        body: CommandBody,
+    ) -> Result<Self, serde_json::Error> {
         let crc = body_crc(&body)?;
-        Ok(Command { seq, id, deadline_ms, body, crc, signature: String::new() })
+        Ok(Command {
+            seq,
+            id,
+            deadline_ms,
+            body,
+            crc,
+            signature: String::new(),
+        })
     }
 }
 
@@ -521,7 +581,16 @@ mod tests {
     use super::*;
 
     fn event(seq: u64, n: u64) -> Frame {
-        Frame::Event(Event::new(Seq(seq), EventBody::Probe { n, data: "x".into() }).unwrap())
+        Frame::Event(
+            Event::new(
+                Seq(seq),
+                EventBody::Probe {
+                    n,
+                    data: "x".into(),
+                },
+            )
+            .unwrap(),
+        )
     }
 
     #[test]
@@ -536,7 +605,10 @@ mod tests {
         let bytes = vec![b' '; MAX_FRAME_BYTES + 1];
         assert_eq!(
             decode(&bytes, Sender::Agent),
-            Err(DecodeError::TooLarge { len: MAX_FRAME_BYTES + 1, max: MAX_FRAME_BYTES })
+            Err(DecodeError::TooLarge {
+                len: MAX_FRAME_BYTES + 1,
+                max: MAX_FRAME_BYTES
+            })
         );
     }
 
@@ -545,46 +617,96 @@ mod tests {
         for v in ["0", "2", "18446744073709551615"] {
             let text = format!(r#"{{"v":{v},"kind":"ack","body":{{"stream":"events","upto":1}}}}"#);
             let err = decode(text.as_bytes(), Sender::Server).unwrap_err();
-            assert!(matches!(err, DecodeError::UnsupportedVersion { .. }), "{v}: {err}");
+            assert!(
+                matches!(err, DecodeError::UnsupportedVersion { .. }),
+                "{v}: {err}"
+            );
             assert!(err.to_string().contains("supported 1..=1"));
         }
         let negative = br#"{"v":-1,"kind":"ack","body":{}}"#;
-        assert!(matches!(decode(negative, Sender::Server), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(negative, Sender::Server),
+            Err(DecodeError::Malformed(_))
+        ));
     }
 
     #[test]
     fn refuses_unknown_kind_and_wrong_direction() {
         let unknown = br#"{"v":1,"kind":"exec","body":{}}"#;
-        assert_eq!(decode(unknown, Sender::Agent), Err(DecodeError::UnknownKind("exec".into())));
-        let cmd = Command::new(Seq(1), "c1".into(), 0, CommandBody::Probe { n: 1, data: String::new() }).unwrap();
+        assert_eq!(
+            decode(unknown, Sender::Agent),
+            Err(DecodeError::UnknownKind("exec".into()))
+        );
+        let cmd = Command::new(
+            Seq(1),
+            "c1".into(),
+            0,
+            CommandBody::Probe {
+                n: 1,
+                data: String::new(),
+            },
+        )
+        .unwrap();
         let bytes = Frame::Command(cmd).encode().unwrap();
         assert_eq!(
             decode(&bytes, Sender::Agent),
-            Err(DecodeError::WrongDirection { kind: "command", sender: Sender::Agent })
+            Err(DecodeError::WrongDirection {
+                kind: "command",
+                sender: Sender::Agent
+            })
         );
         // An agent acks commands, never events.
         let ack = br#"{"v":1,"kind":"ack","body":{"stream":"events","upto":3}}"#;
-        assert!(matches!(decode(ack, Sender::Agent), Err(DecodeError::WrongDirection { .. })));
+        assert!(matches!(
+            decode(ack, Sender::Agent),
+            Err(DecodeError::WrongDirection { .. })
+        ));
         assert!(decode(ack, Sender::Server).is_ok());
     }
 
     #[test]
     fn refuses_bad_sequence_numbers() {
         for seq in [0, u64::MAX] {
-            let ev = Frame::Event(Event { seq: Seq(seq), body: EventBody::Probe { n: 1, data: String::new() }, crc: 0 });
+            let ev = Frame::Event(Event {
+                seq: Seq(seq),
+                body: EventBody::Probe {
+                    n: 1,
+                    data: String::new(),
+                },
+                crc: 0,
+            });
             let bytes = ev.encode().unwrap();
-            assert_eq!(decode(&bytes, Sender::Agent), Err(DecodeError::BadSeq { seq }));
+            assert_eq!(
+                decode(&bytes, Sender::Agent),
+                Err(DecodeError::BadSeq { seq })
+            );
         }
-        let ack = format!(r#"{{"v":1,"kind":"ack","body":{{"stream":"events","upto":{}}}}}"#, u64::MAX);
-        assert!(matches!(decode(ack.as_bytes(), Sender::Server), Err(DecodeError::BadSeq { .. })));
+        let ack = format!(
+            r#"{{"v":1,"kind":"ack","body":{{"stream":"events","upto":{}}}}}"#,
+            u64::MAX
+        );
+        assert!(matches!(
+            decode(ack.as_bytes(), Sender::Server),
+            Err(DecodeError::BadSeq { .. })
+        ));
     }
 
     #[test]
     fn refuses_checksum_mismatch() {
-        let mut e = Event::new(Seq(1), EventBody::Probe { n: 1, data: "a".into() }).unwrap();
+        let mut e = Event::new(
+            Seq(1),
+            EventBody::Probe {
+                n: 1,
+                data: "a".into(),
+            },
+        )
+        .unwrap();
         e.crc ^= 1;
         let bytes = Frame::Event(e).encode().unwrap();
-        assert!(matches!(decode(&bytes, Sender::Agent), Err(DecodeError::Checksum { .. })));
+        assert!(matches!(
+            decode(&bytes, Sender::Agent),
+            Err(DecodeError::Checksum { .. })
+        ));
     }
 
     #[test]
@@ -598,9 +720,17 @@ mod tests {
             b"\xff\xfe",
         ];
         for c in cases {
-            assert!(decode(c, Sender::Server).is_err(), "{}", String::from_utf8_lossy(c));
+            assert!(
+                decode(c, Sender::Server).is_err(),
+                "{}",
+                String::from_utf8_lossy(c)
+            );
         }
-        let deep = format!(r#"{{"v":1,"kind":"ack","body":{}{}}}"#, "[".repeat(10_000), "]".repeat(10_000));
+        let deep = format!(
+            r#"{{"v":1,"kind":"ack","body":{}{}}}"#,
+            "[".repeat(10_000),
+            "]".repeat(10_000)
+        );
         assert!(decode(deep.as_bytes(), Sender::Server).is_err());
     }
 
@@ -614,7 +744,16 @@ mod tests {
 
     #[test]
     fn encode_refuses_oversized_frames() {
-        let big = Frame::Event(Event::new(Seq(1), EventBody::Probe { n: 1, data: "a".repeat(MAX_FRAME_BYTES) }).unwrap());
+        let big = Frame::Event(
+            Event::new(
+                Seq(1),
+                EventBody::Probe {
+                    n: 1,
+                    data: "a".repeat(MAX_FRAME_BYTES),
+                },
+            )
+            .unwrap(),
+        );
         assert!(matches!(big.encode(), Err(EncodeError::TooLarge { .. })));
     }
 }

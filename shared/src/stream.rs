@@ -35,8 +35,14 @@ pub enum StreamError {
     PeerAhead { claimed: Seq, assigned: Seq },
     #[error("peer holds up to seq {claimed}, but already acknowledged {acked}: it lost acknowledged messages")]
     PeerRegressed { claimed: Seq, acked: Seq },
-    #[error("seq {seq} arrived while expecting {expected}: more than the window of {window} ahead")]
-    TooFarAhead { seq: Seq, expected: Seq, window: u64 },
+    #[error(
+        "seq {seq} arrived while expecting {expected}: more than the window of {window} ahead"
+    )]
+    TooFarAhead {
+        seq: Seq,
+        expected: Seq,
+        window: u64,
+    },
     #[error("seq {seq} replayed with a different payload (crc {got:#010x}, held {held:#010x})")]
     ReplayMismatch { seq: Seq, held: u32, got: u32 },
     #[error("seq {seq} is not a valid message sequence number")]
@@ -83,8 +89,11 @@ pub struct Outbound<P> {
     durable: Seq,
     /// Highest sequence number the peer acknowledged (cumulatively).
     acked: Seq,
-    /// Highest sequence number transmitted on the current connection.
+    /// Transmit cursor: the next message to put on the wire is the one after this.
     sent: Seq,
+    /// Highest sequence number ever transmitted on the current connection (a rewind of the
+    /// cursor does not lower it, so acks for messages already out stay valid).
+    sent_max: Seq,
     /// `acked+1 ..= assigned`, in order.
     retained: VecDeque<Retained<P>>,
     conn: Option<ConnId>,
@@ -106,7 +115,13 @@ impl<P: Clone> Outbound<P> {
 
     /// Rebuild from the journal after a restart: `acked` is the last acknowledged watermark,
     /// `retained` the messages still held (all durable, in any order).
-    pub fn recover(acked: Seq, mut retained: Vec<Retained<P>>, window: u64, max_retained: usize, rto_ms: u64) -> Self {
+    pub fn recover(
+        acked: Seq,
+        mut retained: Vec<Retained<P>>,
+        window: u64,
+        max_retained: usize,
+        rto_ms: u64,
+    ) -> Self {
         retained.sort_by_key(|r| r.seq);
         retained.retain(|r| r.seq > acked);
         let assigned = retained.last().map_or(acked, |r| r.seq);
@@ -115,6 +130,7 @@ impl<P: Clone> Outbound<P> {
             durable: assigned,
             acked,
             sent: acked,
+            sent_max: acked,
             retained: retained.into(),
             conn: None,
             window: window.max(1),
@@ -129,11 +145,18 @@ impl<P: Clone> Outbound<P> {
     /// covers it: the caller journals `(seq, payload)` first.
     pub fn enqueue(&mut self, payload: P, now_ms: u64) -> Result<Seq, StreamError> {
         if self.retained.len() >= self.max_retained {
-            return Err(StreamError::Backlog { in_flight: self.retained.len(), limit: self.max_retained });
+            return Err(StreamError::Backlog {
+                in_flight: self.retained.len(),
+                limit: self.max_retained,
+            });
         }
         let seq = self.assigned.next().ok_or(StreamError::SeqExhausted)?;
         self.assigned = seq;
-        self.retained.push_back(Retained { seq, payload, enqueued_ms: now_ms });
+        self.retained.push_back(Retained {
+            seq,
+            payload,
+            enqueued_ms: now_ms,
+        });
         Ok(seq)
     }
 
@@ -144,16 +167,28 @@ impl<P: Clone> Outbound<P> {
 
     /// A connection is up and the peer says it holds everything up to `peer_has`.
     /// Transmission restarts right after that; the watermark also counts as an ack.
-    pub fn connect(&mut self, conn: ConnId, peer_has: Seq, now_ms: u64) -> Result<AckOutcome, StreamError> {
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        peer_has: Seq,
+        now_ms: u64,
+    ) -> Result<AckOutcome, StreamError> {
         if peer_has > self.assigned {
-            return Err(StreamError::PeerAhead { claimed: peer_has, assigned: self.assigned });
+            return Err(StreamError::PeerAhead {
+                claimed: peer_has,
+                assigned: self.assigned,
+            });
         }
         if peer_has < self.acked {
-            return Err(StreamError::PeerRegressed { claimed: peer_has, acked: self.acked });
+            return Err(StreamError::PeerRegressed {
+                claimed: peer_has,
+                acked: self.acked,
+            });
         }
         self.conn = Some(conn);
         let outcome = self.advance(peer_has, now_ms);
         self.sent = self.acked;
+        self.sent_max = self.acked;
         self.last_progress_ms = now_ms;
         Ok(outcome)
     }
@@ -169,7 +204,7 @@ impl<P: Clone> Outbound<P> {
             self.stats.stale_acks += 1;
             return AckOutcome::Stale;
         }
-        if upto > self.sent {
+        if upto > self.sent_max {
             self.stats.bogus_acks += 1;
             return AckOutcome::Bogus;
         }
@@ -181,6 +216,7 @@ impl<P: Clone> Outbound<P> {
             return AckOutcome::Duplicate;
         }
         self.acked = upto;
+        self.sent = self.sent.max(upto);
         while self.retained.front().is_some_and(|r| r.seq <= upto) {
             self.retained.pop_front();
         }
@@ -190,7 +226,10 @@ impl<P: Clone> Outbound<P> {
 
     /// The peer saw a gap and asks for everything from `from` again.
     pub fn on_nack(&mut self, conn: ConnId, from: Seq) -> bool {
-        if self.conn != Some(conn) || from <= self.acked || from > self.sent.next().unwrap_or(self.sent) {
+        if self.conn != Some(conn)
+            || from <= self.acked
+            || from > self.sent_max.next().unwrap_or(self.sent_max)
+        {
             self.stats.bogus_acks += 1;
             return false;
         }
@@ -228,6 +267,7 @@ impl<P: Clone> Outbound<P> {
             }
             out.push((r.seq, r.payload.clone()));
             self.sent = r.seq;
+            self.sent_max = self.sent_max.max(r.seq);
         }
         out
     }
@@ -240,6 +280,7 @@ impl<P: Clone> Outbound<P> {
         self.durable = Seq::ZERO;
         self.acked = Seq::ZERO;
         self.sent = Seq::ZERO;
+        self.sent_max = Seq::ZERO;
         abandoned
     }
 
@@ -337,7 +378,11 @@ impl Inbound {
         if seq <= self.received {
             if let Some((_, held)) = self.recent.iter().find(|(s, _)| *s == seq) {
                 if *held != crc {
-                    return Err(StreamError::ReplayMismatch { seq, held: *held, got: crc });
+                    return Err(StreamError::ReplayMismatch {
+                        seq,
+                        held: *held,
+                        got: crc,
+                    });
                 }
             }
             self.duplicates += 1;
@@ -347,7 +392,11 @@ impl Inbound {
         let expected = Seq(self.received.0 + 1);
         if seq > expected {
             if seq.0 - self.received.0 > self.window {
-                return Err(StreamError::TooFarAhead { seq, expected, window: self.window });
+                return Err(StreamError::TooFarAhead {
+                    seq,
+                    expected,
+                    window: self.window,
+                });
             }
             self.gaps += 1;
             if self.nacked != Some(expected) {
@@ -411,7 +460,10 @@ pub enum Handshake<P> {
     Resumed,
     /// The peer lost its state: both streams restart at 1. `abandoned` will never be
     /// delivered (the edge fails the work they carried, with that reason).
-    PeerReset { previous: String, abandoned: Vec<Retained<P>> },
+    PeerReset {
+        previous: String,
+        abandoned: Vec<Retained<P>>,
+    },
 }
 
 /// Both directions of one peer relationship, plus the peer's incarnation.
@@ -437,7 +489,12 @@ pub struct Endpoint<P> {
 
 impl<P: Clone> Endpoint<P> {
     pub fn new(outbound: Outbound<P>, inbound: Inbound, peer_incarnation: Option<String>) -> Self {
-        Endpoint { outbound, inbound, peer_incarnation, conn: None }
+        Endpoint {
+            outbound,
+            inbound,
+            peer_incarnation,
+            conn: None,
+        }
     }
 
     /// A connection `conn` starts: returns our watermark of the peer's stream to announce.
@@ -467,7 +524,10 @@ impl<P: Clone> Endpoint<P> {
                 let previous = known.clone();
                 let abandoned = self.outbound.reset();
                 self.inbound.reset();
-                Handshake::PeerReset { previous, abandoned }
+                Handshake::PeerReset {
+                    previous,
+                    abandoned,
+                }
             }
         };
         let peer_has = if peer_knows_us { peer_has } else { Seq::ZERO };
@@ -522,7 +582,11 @@ mod tests {
         o.poll_transmit(0);
         o.connect(ConnId(2), Seq::ZERO, 0).unwrap();
         assert_eq!(o.on_ack(ConnId(1), Seq(1), 0), AckOutcome::Stale);
-        assert_eq!(o.on_ack(ConnId(2), Seq(1), 0), AckOutcome::Bogus, "not sent on conn 2 yet");
+        assert_eq!(
+            o.on_ack(ConnId(2), Seq(1), 0),
+            AckOutcome::Bogus,
+            "not sent on conn 2 yet"
+        );
         assert_eq!(o.on_ack(ConnId(2), Seq(9), 0), AckOutcome::Bogus);
         assert_eq!(o.stats().stale_acks, 1);
         assert_eq!(o.stats().bogus_acks, 2);
@@ -534,9 +598,15 @@ mod tests {
         let mut o = out();
         o.enqueue(1, 0).unwrap();
         o.mark_durable(Seq(1));
-        assert!(matches!(o.connect(ConnId(1), Seq(5), 0), Err(StreamError::PeerAhead { .. })));
+        assert!(matches!(
+            o.connect(ConnId(1), Seq(5), 0),
+            Err(StreamError::PeerAhead { .. })
+        ));
         o.connect(ConnId(1), Seq(1), 0).unwrap();
-        assert!(matches!(o.connect(ConnId(2), Seq(0), 0), Err(StreamError::PeerRegressed { .. })));
+        assert!(matches!(
+            o.connect(ConnId(2), Seq(0), 0),
+            Err(StreamError::PeerRegressed { .. })
+        ));
     }
 
     #[test]
@@ -566,13 +636,28 @@ mod tests {
         assert_eq!(i.poll_ack(), Some(Seq(1)));
         assert_eq!(i.on_data(Seq(1), 11), Ok(DataOutcome::Duplicate));
         assert_eq!(i.poll_ack(), Some(Seq(1)), "duplicate is re-acked");
-        assert_eq!(i.on_data(Seq(3), 33), Ok(DataOutcome::Gap { expected: Seq(2) }));
+        assert_eq!(
+            i.on_data(Seq(3), 33),
+            Ok(DataOutcome::Gap { expected: Seq(2) })
+        );
         assert_eq!(i.poll_nack(), Some(Seq(2)));
-        assert_eq!(i.on_data(Seq(4), 44), Ok(DataOutcome::Gap { expected: Seq(2) }));
+        assert_eq!(
+            i.on_data(Seq(4), 44),
+            Ok(DataOutcome::Gap { expected: Seq(2) })
+        );
         assert_eq!(i.poll_nack(), None, "one nack per gap");
-        assert!(matches!(i.on_data(Seq(1), 99), Err(StreamError::ReplayMismatch { .. })));
-        assert!(matches!(i.on_data(Seq(100), 0), Err(StreamError::TooFarAhead { .. })));
-        assert!(matches!(i.on_data(Seq(u64::MAX), 0), Err(StreamError::BadSeq { .. })));
+        assert!(matches!(
+            i.on_data(Seq(1), 99),
+            Err(StreamError::ReplayMismatch { .. })
+        ));
+        assert!(matches!(
+            i.on_data(Seq(100), 0),
+            Err(StreamError::TooFarAhead { .. })
+        ));
+        assert!(matches!(
+            i.on_data(Seq(u64::MAX), 0),
+            Err(StreamError::BadSeq { .. })
+        ));
         assert_eq!(i.received(), Seq(1));
     }
 
@@ -580,13 +665,19 @@ mod tests {
     fn detects_a_peer_that_lost_its_state() {
         let mut e: Endpoint<u32> = Endpoint::new(out(), Inbound::new(8), None);
         e.begin(ConnId(1));
-        assert_eq!(e.complete(ConnId(1), "inc-a", false, Seq::ZERO, 0), Ok(Handshake::FirstContact));
+        assert_eq!(
+            e.complete(ConnId(1), "inc-a", false, Seq::ZERO, 0),
+            Ok(Handshake::FirstContact)
+        );
         e.outbound.enqueue(7, 0).unwrap();
         e.outbound.mark_durable(Seq(1));
         e.disconnect();
         e.begin(ConnId(2));
         match e.complete(ConnId(2), "inc-b", false, Seq(1), 0) {
-            Ok(Handshake::PeerReset { previous, abandoned }) => {
+            Ok(Handshake::PeerReset {
+                previous,
+                abandoned,
+            }) => {
                 assert_eq!(previous, "inc-a");
                 assert_eq!(abandoned.len(), 1);
             }

@@ -1,0 +1,565 @@
+//! The durable journal of one process: the `Journal` actor over sled.
+//!
+//! Everything a process must not lose (messages in both streams, watermarks, peer
+//! incarnations, and on the server the job state those messages change) goes through
+//! [`Journal`] as a batch of [`Op`]s. Batches from every producer are group-committed on the
+//! journal's own thread (see [`writer`]): the reply to a [`Commit`] comes only after the flush
+//! and `fdatasync` that cover it, so an ack sent after that reply is never a lie.
+//!
+//! At [`Journal::open`] every record is read back and checked (our checksum and sequence number
+//! in each value, see [`record`]); damage is a [`JournalError::Corrupt`] naming the way out,
+//! never a silent empty start. The journal's random *incarnation* is created at first open: a
+//! new one tells peers this process lost its state.
+//!
+//! - [`record`]: key and value encodings, checksums (sans-IO).
+//! - [`store`]: the [`Store`] trait and the sled implementation.
+//! - [`writer`]: the group-commit thread.
+
+pub mod record;
+pub mod store;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+pub use record::LogName;
+pub use store::{SledOptions, SledStore, Store};
+pub use writer::Committed;
+
+use crate::protocol::Seq;
+use writer::{Request, WriterStats};
+
+/// Largest payload of one record.
+pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// Meta key holding the journal's incarnation.
+const INCARNATION_KEY: &str = "incarnation";
+
+/// One change to the journal; a [`Commit`] applies a list of them atomically.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Add a record to a log (replacing one with the same seq, which makes retries harmless).
+    Append {
+        log: LogName,
+        seq: Seq,
+        payload: Vec<u8>,
+    },
+    /// Remove every record of `log` up to and including `upto` (acknowledged messages).
+    TruncateThrough {
+        log: LogName,
+        upto: Seq,
+    },
+    /// Set a small named value (watermarks, incarnations, state).
+    PutMeta {
+        key: String,
+        value: Vec<u8>,
+    },
+    DeleteMeta {
+        key: String,
+    },
+}
+
+/// A record read back from a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: Seq,
+    pub payload: Vec<u8>,
+}
+
+/// What recovery found at open.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Recovered {
+    pub incarnation: String,
+    /// Whether the journal was created by this open (no earlier state).
+    pub created: bool,
+    pub logs: BTreeMap<String, LogSummary>,
+    pub meta_entries: usize,
+}
+
+/// The records one log holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSummary {
+    pub records: u64,
+    pub first: Seq,
+    pub last: Seq,
+}
+
+const WAY_OUT: &str =
+    "Nothing was changed. To start over, stop the process, move the directory aside \
+(keep it for analysis) and start again: this node comes back with a new incarnation, its peers \
+resend what they still hold and fail the work that was in flight here. See docs/durability.md.";
+
+/// Everything that can go wrong with the journal. Callers never see `sled::Error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error("the journal at {path} cannot be opened: {reason}. {WAY_OUT}")]
+    Open { path: PathBuf, reason: String },
+    #[error("the journal at {path} is damaged: {key}: {reason}. {WAY_OUT}")]
+    Corrupt {
+        path: PathBuf,
+        key: String,
+        reason: String,
+    },
+    #[error("journal I/O failed: {context}: {reason}")]
+    Io { context: String, reason: String },
+    #[error(
+        "the journal stopped accepting writes after a failed sync ({reason}); restart the process"
+    )]
+    Poisoned { reason: String },
+    #[error("invalid journal log name {name:?}")]
+    BadName { name: String },
+    #[error("record of {len} bytes exceeds the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
+    #[error("the journal writer has stopped")]
+    Closed,
+}
+
+impl JournalError {
+    pub(crate) fn cannot_open(path: &Path, reason: String) -> Self {
+        JournalError::Open {
+            path: path.to_owned(),
+            reason,
+        }
+    }
+}
+
+/// A snapshot of the journal's health for `/admin/health` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JournalHealth {
+    pub incarnation: String,
+    pub batches: u64,
+    pub commits: u64,
+    pub ops: u64,
+    pub syncs: u64,
+    pub queued: u64,
+    pub last_batch_commits: u64,
+    pub max_batch_commits: u64,
+    pub last_commit_unix_ms: u64,
+    pub failures: u64,
+    pub poisoned: Option<String>,
+}
+
+/// A cloneable handle on the journal, for code that is not an actor (and for the actor itself).
+#[derive(Clone)]
+pub struct JournalHandle {
+    tx: mpsc::Sender<Request>,
+    store: Arc<dyn Store>,
+    stats: Arc<WriterStats>,
+    incarnation: Arc<str>,
+    path: Arc<Path>,
+}
+
+impl JournalHandle {
+    /// Commit `ops` atomically; resolves once they are durable.
+    pub async fn commit(&self, ops: Vec<Op>) -> Result<Committed, JournalError> {
+        for op in &ops {
+            if let Op::Append { payload, .. } = op {
+                if payload.len() > MAX_RECORD_BYTES {
+                    return Err(JournalError::TooLarge {
+                        len: payload.len(),
+                        max: MAX_RECORD_BYTES,
+                    });
+                }
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Request { ops, reply }).await.is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(JournalError::Closed);
+        }
+        rx.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Records of `log` after `after`, at most `limit`, each validated.
+    pub fn read_log(
+        &self,
+        log: &LogName,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Record>, JournalError> {
+        let Some(from) = after.next() else {
+            return Ok(Vec::new());
+        };
+        let prefix = record::log_prefix(log);
+        let rows = self
+            .store
+            .scan_from(&record::record_key(log, from), &prefix, limit)?;
+        rows.iter()
+            .map(|(k, v)| {
+                record::decode_record(k, v)
+                    .map(|(seq, payload)| Record {
+                        seq,
+                        payload: payload.to_vec(),
+                    })
+                    .map_err(|reason| self.corrupt(k, reason))
+            })
+            .collect()
+    }
+
+    /// A meta value, validated.
+    pub fn get_meta(&self, key: &str) -> Result<Option<Vec<u8>>, JournalError> {
+        let k = record::meta_key(key);
+        match self.store.get(&k)? {
+            None => Ok(None),
+            Some(v) => record::decode_meta(&k, &v)
+                .map(|p| Some(p.to_vec()))
+                .map_err(|reason| self.corrupt(&k, reason)),
+        }
+    }
+
+    pub fn incarnation(&self) -> &str {
+        &self.incarnation
+    }
+
+    pub fn observe(&self) -> JournalHealth {
+        let s = &self.stats;
+        JournalHealth {
+            incarnation: self.incarnation.to_string(),
+            batches: s.batches.load(Ordering::Relaxed),
+            commits: s.requests.load(Ordering::Relaxed),
+            ops: s.ops.load(Ordering::Relaxed),
+            syncs: self.store.syncs(),
+            queued: s.queued.load(Ordering::Relaxed),
+            last_batch_commits: s.last_batch_requests.load(Ordering::Relaxed),
+            max_batch_commits: s.max_batch_requests.load(Ordering::Relaxed),
+            last_commit_unix_ms: s.last_commit_unix_ms.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            poisoned: s.poisoned(),
+        }
+    }
+
+    fn corrupt(&self, key: &[u8], reason: String) -> JournalError {
+        JournalError::Corrupt {
+            path: self.path.to_path_buf(),
+            key: printable_key(key),
+            reason,
+        }
+    }
+}
+
+fn printable_key(key: &[u8]) -> String {
+    match record::parse_record_key(key) {
+        Ok((log, seq)) => format!("record {}#{seq}", String::from_utf8_lossy(log)),
+        Err(_) => format!("entry {:?}", String::from_utf8_lossy(key)),
+    }
+}
+
+/// Read every entry back and check it: the recovery pass of [`Journal::open`].
+fn validate(
+    store: &dyn Store,
+    path: &Path,
+) -> Result<(BTreeMap<String, LogSummary>, usize), JournalError> {
+    let corrupt = |k: &[u8], reason: String| JournalError::Corrupt {
+        path: path.to_owned(),
+        key: printable_key(k),
+        reason,
+    };
+    let mut logs: BTreeMap<String, LogSummary> = BTreeMap::new();
+    for (k, v) in store.scan(&[record::RECORD_PREFIX])? {
+        let (seq, _) = record::decode_record(&k, &v).map_err(|r| corrupt(&k, r))?;
+        let (log, _) = record::parse_record_key(&k).map_err(|r| corrupt(&k, r))?;
+        let name = String::from_utf8_lossy(log).into_owned();
+        let entry = logs.entry(name).or_insert(LogSummary {
+            records: 0,
+            first: seq,
+            last: seq,
+        });
+        entry.records += 1;
+        entry.last = seq;
+    }
+    let meta = store.scan(&[record::META_PREFIX])?;
+    for (k, v) in &meta {
+        record::decode_meta(k, v).map_err(|r| corrupt(k, r))?;
+    }
+    let all = store.scan(&[])?.len();
+    let known = logs.values().map(|l| l.records as usize).sum::<usize>() + meta.len();
+    if all != known {
+        return Err(corrupt(
+            b"?",
+            format!("{} entries have an unknown key prefix", all - known),
+        ));
+    }
+    Ok((logs, meta.len()))
+}
+
+/// Tuning of a journal.
+#[derive(Debug, Clone)]
+pub struct JournalOptions {
+    pub sled: SledOptions,
+    /// Commits that may wait for the writer before producers are slowed down.
+    pub queue: usize,
+    /// Most commits one batch takes.
+    pub max_batch: usize,
+}
+
+impl Default for JournalOptions {
+    fn default() -> Self {
+        JournalOptions {
+            sled: SledOptions::default(),
+            queue: 65_536,
+            max_batch: 4_096,
+        }
+    }
+}
+
+/// The journal actor: answers [`Commit`], [`ReadLog`], [`GetMeta`] and [`Observe`].
+pub struct Journal {
+    handle: JournalHandle,
+}
+
+impl Journal {
+    /// Open the journal in `dir` (creating it if absent), validate every entry and start the
+    /// writer thread. Start the actor with `.start()`; the thread ends when the last handle goes.
+    pub fn open(dir: &Path, opts: &JournalOptions) -> Result<(Journal, Recovered), JournalError> {
+        let store = SledStore::open(dir, &opts.sled)?;
+        Self::with_store(Arc::new(store), dir, opts)
+    }
+
+    /// Open over any [`Store`].
+    pub fn with_store(
+        store: Arc<dyn Store>,
+        dir: &Path,
+        opts: &JournalOptions,
+    ) -> Result<(Journal, Recovered), JournalError> {
+        let (logs, meta_entries) = validate(store.as_ref(), dir)?;
+        let key = record::meta_key(INCARNATION_KEY);
+        let (incarnation, created) = match store.get(&key)? {
+            Some(v) => {
+                let raw =
+                    record::decode_meta(&key, &v).map_err(|reason| JournalError::Corrupt {
+                        path: dir.to_owned(),
+                        key: INCARNATION_KEY.into(),
+                        reason,
+                    })?;
+                (String::from_utf8_lossy(raw).into_owned(), false)
+            }
+            None => {
+                if !logs.is_empty() || meta_entries > 0 {
+                    return Err(JournalError::Corrupt {
+                        path: dir.to_owned(),
+                        key: INCARNATION_KEY.into(),
+                        reason: "missing while other entries exist".into(),
+                    });
+                }
+                let inc = new_incarnation();
+                store.commit(&[Op::PutMeta {
+                    key: INCARNATION_KEY.into(),
+                    value: inc.clone().into_bytes(),
+                }])?;
+                (inc, true)
+            }
+        };
+        let stats = Arc::new(WriterStats::default());
+        let tx = writer::spawn(store.clone(), stats.clone(), opts.queue, opts.max_batch)?;
+        let handle = JournalHandle {
+            tx,
+            store,
+            stats,
+            incarnation: incarnation.as_str().into(),
+            path: dir.into(),
+        };
+        tracing::info!(path = %dir.display(), incarnation = %incarnation, created, logs = logs.len(), "journal-opened");
+        Ok((
+            Journal { handle },
+            Recovered {
+                incarnation,
+                created,
+                logs,
+                meta_entries,
+            },
+        ))
+    }
+
+    pub fn handle(&self) -> JournalHandle {
+        self.handle.clone()
+    }
+}
+
+fn new_incarnation() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+impl Actor for Journal {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+/// Commit a batch of operations atomically; the reply comes once they are durable.
+#[derive(Message)]
+#[rtype(result = "Result<Committed, JournalError>")]
+pub struct Commit {
+    pub ops: Vec<Op>,
+}
+
+/// Read records of a log after a sequence number.
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Record>, JournalError>")]
+pub struct ReadLog {
+    pub log: LogName,
+    pub after: Seq,
+    pub limit: usize,
+}
+
+/// Read one meta value.
+#[derive(Message)]
+#[rtype(result = "Result<Option<Vec<u8>>, JournalError>")]
+pub struct GetMeta {
+    pub key: String,
+}
+
+/// Health snapshot.
+#[derive(Message)]
+#[rtype(result = "JournalHealth")]
+pub struct Observe;
+
+impl Handler<Commit> for Journal {
+    type Result = ResponseFuture<Result<Committed, JournalError>>;
+
+    fn handle(&mut self, msg: Commit, _: &mut Self::Context) -> Self::Result {
+        let handle = self.handle.clone();
+        Box::pin(async move { handle.commit(msg.ops).await })
+    }
+}
+
+impl Handler<ReadLog> for Journal {
+    type Result = Result<Vec<Record>, JournalError>;
+
+    fn handle(&mut self, msg: ReadLog, _: &mut Self::Context) -> Self::Result {
+        self.handle.read_log(&msg.log, msg.after, msg.limit)
+    }
+}
+
+impl Handler<GetMeta> for Journal {
+    type Result = Result<Option<Vec<u8>>, JournalError>;
+
+    fn handle(&mut self, msg: GetMeta, _: &mut Self::Context) -> Self::Result {
+        self.handle.get_meta(&msg.key)
+    }
+}
+
+impl Handler<Observe> for Journal {
+    type Result = MessageResult<Observe>;
+
+    fn handle(&mut self, _: Observe, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.handle.observe())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(name: &str) -> LogName {
+        LogName::new(name).unwrap()
+    }
+
+    #[actix::test]
+    async fn commits_reads_back_and_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, rec) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        assert!(rec.created);
+        let addr = journal.start();
+        let l = log("out/events");
+        let ops = (1..=5)
+            .map(|i| Op::Append {
+                log: l.clone(),
+                seq: Seq(i),
+                payload: vec![i as u8; 10],
+            })
+            .collect();
+        addr.send(Commit { ops }).await.unwrap().unwrap();
+        addr.send(Commit {
+            ops: vec![Op::TruncateThrough {
+                log: l.clone(),
+                upto: Seq(2),
+            }],
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let recs = addr
+            .send(ReadLog {
+                log: l.clone(),
+                after: Seq::ZERO,
+                limit: 100,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            recs.iter().map(|r| r.seq.0).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        let recs = addr
+            .send(ReadLog {
+                log: l.clone(),
+                after: Seq(3),
+                limit: 1,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(recs.iter().map(|r| r.seq.0).collect::<Vec<_>>(), vec![4]);
+        let health = addr.send(Observe).await.unwrap();
+        assert_eq!(health.commits, 2);
+        assert!(health.syncs >= health.batches, "{health:?}");
+    }
+
+    #[actix::test]
+    async fn state_and_incarnation_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let inc = {
+            let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+            let h = journal.handle();
+            h.commit(vec![Op::PutMeta {
+                key: "wm".into(),
+                value: b"7".to_vec(),
+            }])
+            .await
+            .unwrap();
+            h.incarnation().to_owned()
+        };
+        // sled releases its lock when the last handle (the writer thread's) is gone.
+        let (journal, rec) = loop {
+            match Journal::open(dir.path(), &JournalOptions::default()) {
+                Ok(j) => break j,
+                Err(JournalError::Open { .. }) => tokio::task::yield_now().await,
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(!rec.created);
+        assert_eq!(rec.incarnation, inc);
+        assert_eq!(
+            journal.handle().get_meta("wm").unwrap(),
+            Some(b"7".to_vec())
+        );
+    }
+
+    #[actix::test]
+    async fn refuses_oversized_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        let op = Op::Append {
+            log: log("x"),
+            seq: Seq(1),
+            payload: vec![0; MAX_RECORD_BYTES + 1],
+        };
+        assert!(matches!(
+            journal.handle().commit(vec![op]).await,
+            Err(JournalError::TooLarge { .. })
+        ));
+        assert_eq!(
+            journal.handle().read_log(&log("x"), Seq::ZERO, 10).unwrap(),
+            vec![]
+        );
+    }
+}

@@ -1,0 +1,244 @@
+//! The storage behind the journal: a small trait, and its sled implementation.
+//!
+//! [`Store::commit`] applies a batch atomically and returns only once it is on stable storage.
+//! That is the whole durability contract; a server backend on a distributed store implements
+//! the same trait. The sled store follows every flush with `fdatasync` on sled's data file (and
+//! `fsync` on any new blob file), because sled's own `flush` issues `sync_file_range` only.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+use crate::journal::record::{self, LogName};
+use crate::journal::{JournalError, Op};
+
+/// Durable key-value storage with atomic batches.
+pub trait Store: Send + Sync + 'static {
+    /// Apply `ops` atomically and make them durable before returning.
+    fn commit(&self, ops: &[Op]) -> Result<(), JournalError>;
+    /// Every `(key, value)` whose key starts with `prefix`, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError>;
+    /// Records of one log with a key from `from` (inclusive), at most `limit` of them.
+    fn scan_from(
+        &self,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError>;
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError>;
+    /// How many data syncs (`fdatasync`) have completed: the tests check one per batch.
+    fn syncs(&self) -> u64;
+}
+
+/// Tuning for the sled store.
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// sled's page cache; small on agents (memory target), larger on the server.
+    pub cache_capacity_bytes: u64,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_capacity_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// The sled store of one process.
+pub struct SledStore {
+    db: sled::Db,
+    dir: PathBuf,
+    /// sled's data file, opened once, synced after every flush.
+    data_file: File,
+    /// Blob files already synced (sled writes large pages to their own files).
+    synced_blobs: std::sync::Mutex<HashSet<std::ffi::OsString>>,
+    syncs: std::sync::atomic::AtomicU64,
+}
+
+fn io_err(context: &str, path: &Path, e: std::io::Error) -> JournalError {
+    JournalError::Io {
+        context: format!("{context} {}", path.display()),
+        reason: e.to_string(),
+    }
+}
+
+fn sled_err(context: &str, e: sled::Error) -> JournalError {
+    JournalError::Io {
+        context: context.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+impl SledStore {
+    /// Open (or create) the store in `dir`. A database sled cannot open is an error naming
+    /// the way out, never a silent empty start.
+    pub fn open(dir: &Path, opts: &SledOptions) -> Result<Self, JournalError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io_err("cannot create the journal directory", dir, e))?;
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(opts.cache_capacity_bytes)
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput);
+        // sled may panic on some damaged files instead of returning an error: contain it.
+        let opened = catch_unwind(AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => return Err(JournalError::cannot_open(dir, e.to_string())),
+            Err(_) => {
+                return Err(JournalError::cannot_open(
+                    dir,
+                    "sled panicked while reading it".into(),
+                ))
+            }
+        };
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path)
+            .map_err(|e| io_err("cannot open sled's data file", &data_path, e))?;
+        Ok(SledStore {
+            db,
+            dir: dir.to_owned(),
+            data_file,
+            synced_blobs: std::sync::Mutex::new(HashSet::new()),
+            syncs: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn sync_new_blobs(&self) -> Result<(), JournalError> {
+        let blobs = self.dir.join("blobs");
+        let entries = match std::fs::read_dir(&blobs) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("cannot list", &blobs, e)),
+        };
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .map_err(|_| JournalError::Poisoned {
+                reason: "blob bookkeeping lock poisoned".into(),
+            })?;
+        let mut present = HashSet::new();
+        let mut any_new = false;
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("cannot list", &blobs, e))?;
+            let name = entry.file_name();
+            if !synced.contains(&name) {
+                let path = entry.path();
+                match File::open(&path) {
+                    Ok(f) => f
+                        .sync_all()
+                        .map_err(|e| io_err("cannot fsync blob", &path, e))?,
+                    // sled removes obsolete blobs concurrently; a vanished one needs no sync.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("cannot open blob", &path, e)),
+                }
+                any_new = true;
+            }
+            present.insert(name);
+        }
+        if any_new {
+            File::open(&blobs)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| io_err("cannot fsync", &blobs, e))?;
+        }
+        *synced = present;
+        Ok(())
+    }
+
+    fn build_batch(&self, ops: &[Op]) -> Result<sled::Batch, JournalError> {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                Op::Append { log, seq, payload } => {
+                    batch.insert(
+                        record::record_key(log, *seq),
+                        record::encode_record(log, *seq, payload),
+                    );
+                }
+                Op::TruncateThrough { log, upto } => {
+                    for key in self.keys_through(log, *upto)? {
+                        batch.remove(key);
+                    }
+                }
+                Op::PutMeta { key, value } => {
+                    batch.insert(record::meta_key(key), record::encode_meta(key, value))
+                }
+                Op::DeleteMeta { key } => batch.remove(record::meta_key(key)),
+            }
+        }
+        Ok(batch)
+    }
+
+    fn keys_through(
+        &self,
+        log: &LogName,
+        upto: crate::protocol::Seq,
+    ) -> Result<Vec<sled::IVec>, JournalError> {
+        let start = record::log_prefix(log);
+        let end = record::record_key(log, upto);
+        self.db
+            .range(start..=end)
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sled_err("cannot scan for truncation", e))
+    }
+}
+
+impl Store for SledStore {
+    fn commit(&self, ops: &[Op]) -> Result<(), JournalError> {
+        let batch = self.build_batch(ops)?;
+        self.db
+            .apply_batch(batch)
+            .map_err(|e| sled_err("cannot apply batch", e))?;
+        self.db.flush().map_err(|e| sled_err("cannot flush", e))?;
+        self.sync_new_blobs()?;
+        // An fdatasync failure is not retried: the kernel may have dropped the dirty pages
+        // ("fsyncgate"), so nothing after it can be trusted until the process restarts.
+        self.data_file
+            .sync_data()
+            .map_err(|e| JournalError::Poisoned {
+                reason: format!("fdatasync of {} failed: {e}", self.dir.join("db").display()),
+            })?;
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()
+            .map_err(|e| sled_err("cannot scan", e))
+    }
+
+    fn scan_from(
+        &self,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError> {
+        let mut out = Vec::new();
+        for item in self.db.range(from.to_vec()..) {
+            let (k, v) = item.map_err(|e| sled_err("cannot read", e))?;
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError> {
+        self.db
+            .get(key)
+            .map(|o| o.map(|v| v.to_vec()))
+            .map_err(|e| sled_err("cannot read", e))
+    }
+
+    fn syncs(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

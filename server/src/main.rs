@@ -1,1 +1,118 @@
-fn main() {}
+//! `tether-server`: command line entry point. Parses arguments, installs the rustls crypto
+//! provider, loads and validates configuration, runs the subcommand and maps the outcome to an
+//! exit code: 0 clean, 1 runtime failure, 2 bad configuration or usage.
+//!
+//! # Layout
+//! - [`init`]: `tether-server init`, the data directory's CA, certificate, keys and admin token.
+
+mod init;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use tether_shared::config::{self, LoadOptions, ServerConfig};
+
+/// The Tether server: holds the plan of what to deploy where.
+#[derive(Debug, Parser)]
+#[command(name = "tether-server", version, about)]
+struct Cli {
+    /// Config file layered above <config dir>/server.toml; must exist.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory holding server.toml (a missing file there is fine).
+    #[arg(long, global = true, value_name = "DIR", env = "TETHER_CONFIG_DIR", default_value = config::DEFAULT_CONFIG_DIR)]
+    config_dir: PathBuf,
+    /// Load and validate the configuration, print the effective one and exit.
+    #[arg(long, global = true)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create the data directory: CA, server certificate, signing key and admin token.
+    Init(InitArgs),
+}
+
+#[derive(Debug, Args)]
+struct InitArgs {
+    /// Data directory [default: server.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Name or IP address the server certificate is valid for; repeatable [default: localhost, 127.0.0.1].
+    #[arg(long = "hostname", value_name = "NAME")]
+    hostnames: Vec<String>,
+    /// Replace the CA, keys and admin token of an already initialized directory.
+    #[arg(long)]
+    force: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Err means a provider is already installed, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let opts = LoadOptions {
+        config_dir: Some(cli.config_dir.clone()),
+        file: cli.config.clone(),
+        env: true,
+    };
+    let cfg = match config::load_server(&opts) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tether-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.check_config {
+        return print_config(&cfg);
+    }
+    cfg.log.init_tracing();
+
+    match cli.command {
+        Some(Command::Init(args)) => run_init(&cfg, args),
+        None => {
+            // `run` arrives with the server actors; until then a subcommand is required.
+            eprintln!("{}", Cli::command().render_help());
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
+    let hostnames = if args.hostnames.is_empty() {
+        init::DEFAULT_HOSTNAMES.map(String::from).to_vec()
+    } else {
+        args.hostnames
+    };
+    let opts = init::InitOptions {
+        data_dir: args.data.unwrap_or_else(|| cfg.server.data_dir.clone()),
+        hostnames,
+        force: args.force,
+    };
+    match init::initialize(&opts) {
+        Ok(done) => {
+            println!("admin token: {}", done.admin_token.expose());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-server init: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_config(cfg: &ServerConfig) -> ExitCode {
+    match toml::to_string(cfg) {
+        Ok(text) => {
+            println!("config ok\n{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-server: cannot print the effective config: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -83,7 +83,10 @@ pub struct AgentSection {
     /// Worker restarts allowed per window.
     pub worker_restart_budget: u32,
     /// The window the restart budget applies to.
-    #[serde(rename = "worker_restart_window_ms", serialize_with = "serialize_millis")]
+    #[serde(
+        rename = "worker_restart_window_ms",
+        serialize_with = "serialize_millis"
+    )]
     pub worker_restart_window: Duration,
     /// Silence after which the worker is deemed hung; longer than the heartbeat interval.
     #[serde(rename = "worker_beat_timeout_ms", serialize_with = "serialize_millis")]
@@ -105,7 +108,12 @@ impl RawConfig for RawAgentConfig {
             .enumerate()
             .map(|(i, url)| p.upstream(&format!("agent.upstreams[{i}]"), url))
             .collect();
-        let interval = p.millis("agent.heartbeat_interval_ms", a.heartbeat_interval_ms, 100, 600_000);
+        let interval = p.millis(
+            "agent.heartbeat_interval_ms",
+            a.heartbeat_interval_ms,
+            100,
+            600_000,
+        );
         let min = p.millis("agent.reconnect_min_ms", a.reconnect_min_ms, 1, 3_600_000);
         let max = p.millis("agent.reconnect_max_ms", a.reconnect_max_ms, 1, 3_600_000);
         if let (Some(min), Some(max)) = (min, max) {
@@ -120,9 +128,24 @@ impl RawConfig for RawAgentConfig {
                 );
             }
         }
-        let budget = p.count("agent.worker_restart_budget", a.worker_restart_budget, 1, 1_000);
-        let window = p.millis("agent.worker_restart_window_ms", a.worker_restart_window_ms, 1_000, 86_400_000);
-        let beat = p.millis("agent.worker_beat_timeout_ms", a.worker_beat_timeout_ms, 100, 3_600_000);
+        let budget = p.count(
+            "agent.worker_restart_budget",
+            a.worker_restart_budget,
+            1,
+            1_000,
+        );
+        let window = p.millis(
+            "agent.worker_restart_window_ms",
+            a.worker_restart_window_ms,
+            1_000,
+            86_400_000,
+        );
+        let beat = p.millis(
+            "agent.worker_beat_timeout_ms",
+            a.worker_beat_timeout_ms,
+            100,
+            3_600_000,
+        );
         if let (Some(i), Some(t)) = (interval, beat) {
             if t <= i {
                 p.push(

@@ -88,7 +88,9 @@ impl Problems {
         if problems.is_empty() {
             match build() {
                 Some(valid) => return Ok(valid),
-                None => problems.push("configuration: a value was rejected without a reason".into()),
+                None => {
+                    problems.push("configuration: a value was rejected without a reason".into())
+                }
             }
         }
         Err(ConfigError::Invalid { problems })
@@ -114,6 +116,7 @@ fn upstream_problem(value: &str) -> Option<&'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
 
@@ -132,6 +135,9 @@ mod tests {
     fn negative_count_is_reported_not_wrapped() {
         let mut p = Problems::default();
         assert_eq!(p.count("x.n", -5, 1, 10), None);
-        assert_eq!(p.0, vec!["x.n: must be between 1 and 10, got -5".to_owned()]);
+        assert_eq!(
+            p.0,
+            vec!["x.n: must be between 1 and 10, got -5".to_owned()]
+        );
     }
 }

@@ -161,7 +161,8 @@ fn load<R: RawConfig>(
     }
 
     if let Some(path) = &opts.file {
-        let text = read_optional(path)?.ok_or_else(|| ConfigError::Missing { path: path.clone() })?;
+        let text =
+            read_optional(path)?.ok_or_else(|| ConfigError::Missing { path: path.clone() })?;
         check_layer::<R>(path, &text)?;
         builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
     }
@@ -220,10 +221,13 @@ fn env_source<R: RawConfig>(vars: HashMap<String, String>) -> Environment {
     let mut env = Environment::with_prefix(ENV_PREFIX.trim_end_matches('_'))
         .prefix_separator("_")
         .separator(ENV_SEPARATOR)
-        .try_parsing(true)
-        .list_separator(",");
-    for key in R::LIST_KEYS {
-        env = env.with_list_parse_key(key);
+        .try_parsing(true);
+    // Without list keys, a list separator would turn every value into a list.
+    if !R::LIST_KEYS.is_empty() {
+        env = env.list_separator(",");
+        for key in R::LIST_KEYS {
+            env = env.with_list_parse_key(key);
+        }
     }
     env.source(Some(vars.into_iter().collect()))
 }
@@ -244,11 +248,27 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    /// Installs the process's `tracing` subscriber: to stderr, filtered by `level`. A second
+    /// call (a subscriber is already installed) is a no-op.
+    pub fn init_tracing(&self) {
+        let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&self.level);
+        // Err only means a subscriber is already installed, which is what we want anyway.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+}
+
 #[cfg(test)]
 mod tests;
 
 /// Serializes a validated `Duration` back under its `*_ms` key, so `--check-config` output is a
 /// valid config file.
-fn serialize_millis<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_millis<S: serde::Serializer>(
+    d: &std::time::Duration,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

@@ -114,8 +114,18 @@ impl RawConfig for RawRelayConfig {
             .enumerate()
             .map(|(i, url)| p.upstream(&format!("relay.upstreams[{i}]"), url))
             .collect();
-        let interval = p.millis("relay.heartbeat_interval_ms", r.heartbeat_interval_ms, 100, 600_000);
-        let queue = p.count("relay.max_queue_per_agent", r.max_queue_per_agent, 1, 1_000_000);
+        let interval = p.millis(
+            "relay.heartbeat_interval_ms",
+            r.heartbeat_interval_ms,
+            100,
+            600_000,
+        );
+        let queue = p.count(
+            "relay.max_queue_per_agent",
+            r.max_queue_per_agent,
+            1,
+            1_000_000,
+        );
         let downstream = p.addr("listen.downstream", &self.listen.downstream);
         let admin = p.addr("listen.admin", &self.listen.admin);
         if let Some(addr) = admin {
@@ -127,8 +137,14 @@ impl RawConfig for RawRelayConfig {
             }
         }
         if let (Some(d), Some(a)) = (downstream, admin) {
-            if a.port() != 0 && d.port() == a.port() && (d.ip().is_unspecified() || d.ip() == a.ip()) {
-                p.push("listen.admin", format!("must not share a port with listen.downstream ({d})"));
+            if a.port() != 0
+                && d.port() == a.port()
+                && (d.ip().is_unspecified() || d.ip() == a.ip())
+            {
+                p.push(
+                    "listen.admin",
+                    format!("must not share a port with listen.downstream ({d})"),
+                );
             }
         }
         let level = p.log_level("log.level", &self.log.level);

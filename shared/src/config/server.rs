@@ -119,8 +119,18 @@ impl RawConfig for RawServerConfig {
         let mut p = Problems::default();
         let s = &self.server;
         let data_dir = p.dir("server.data_dir", &s.data_dir);
-        let interval = p.millis("server.heartbeat_interval_ms", s.heartbeat_interval_ms, 100, 600_000);
-        let timeout = p.millis("server.heartbeat_timeout_ms", s.heartbeat_timeout_ms, 100, 3_600_000);
+        let interval = p.millis(
+            "server.heartbeat_interval_ms",
+            s.heartbeat_interval_ms,
+            100,
+            600_000,
+        );
+        let timeout = p.millis(
+            "server.heartbeat_timeout_ms",
+            s.heartbeat_timeout_ms,
+            100,
+            3_600_000,
+        );
         if let (Some(i), Some(t)) = (interval, timeout) {
             if t <= i {
                 p.push(
@@ -134,13 +144,21 @@ impl RawConfig for RawServerConfig {
             }
         }
         let frame = p.count("server.max_frame_bytes", s.max_frame_bytes, 1_024, 64 << 20);
-        let handshakes = p.count("server.max_handshakes_in_flight", s.max_handshakes_in_flight, 1, 65_536);
+        let handshakes = p.count(
+            "server.max_handshakes_in_flight",
+            s.max_handshakes_in_flight,
+            1,
+            65_536,
+        );
         let unacked = p.count("server.max_unacked", s.max_unacked, 1, 1_000_000);
         let https = p.addr("listen.https", &self.listen.https);
         let wss = p.addr("listen.wss", &self.listen.wss);
         if let (Some(h), Some(w)) = (https, wss) {
             if h.port() != 0 && h == w {
-                p.push("listen.wss", format!("must differ from listen.https, both are {h}"));
+                p.push(
+                    "listen.wss",
+                    format!("must differ from listen.https, both are {h}"),
+                );
             }
         }
         let level = p.log_level("log.level", &self.log.level);
@@ -155,7 +173,10 @@ impl RawConfig for RawServerConfig {
                     max_handshakes_in_flight: usize::try_from(handshakes?).ok()?,
                     max_unacked: unacked?,
                 },
-                listen: ServerListen { https: https?, wss: wss? },
+                listen: ServerListen {
+                    https: https?,
+                    wss: wss?,
+                },
                 log: LogConfig { level: level? },
             })
         })

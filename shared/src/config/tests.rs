@@ -1,4 +1,5 @@
 //! Unit tests of layering, env filtering, validation and `Secret`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -64,12 +65,25 @@ fn layers_apply_in_order_defaults_dir_file_env() {
         "override.toml",
         "[server]\nheartbeat_interval_ms = 2000\nmax_unacked = 20\n",
     );
-    let env = vars(&[("TETHER_SERVER__HEARTBEAT_INTERVAL_MS", "3000")]);
+    let env = vars(&[
+        ("TETHER_SERVER__HEARTBEAT_INTERVAL_MS", "3000"),
+        ("TETHER_SERVER__DATA_DIR", "/srv/tether"),
+        ("TETHER_LISTEN__WSS", "127.0.0.1:0"),
+    ]);
     let cfg = load::<RawServerConfig>(&opts(dir.path(), Some(file)), Some(env)).unwrap();
-    assert_eq!(cfg.server.heartbeat_interval, Duration::from_millis(3000), "env beats file");
+    assert_eq!(
+        cfg.server.heartbeat_interval,
+        Duration::from_millis(3000),
+        "env beats file"
+    );
     assert_eq!(cfg.server.max_unacked, 20, "file beats dir");
+    assert_eq!(cfg.server.data_dir, Path::new("/srv/tether"));
+    assert_eq!(cfg.listen.wss, "127.0.0.1:0".parse().unwrap());
     assert_eq!(cfg.server.max_frame_bytes, 4096, "dir beats defaults");
-    assert_eq!(cfg.server.max_handshakes_in_flight, 256, "defaults fill the rest");
+    assert_eq!(
+        cfg.server.max_handshakes_in_flight, 256,
+        "defaults fill the rest"
+    );
 }
 
 #[test]
@@ -83,9 +97,15 @@ fn env_lists_and_nested_sections() {
     assert_eq!(cfg.agent.upstreams, vec!["wss://a:7919", "https://b:8443"]);
     assert_eq!(cfg.log.level, "debug");
 
-    let env = vars(&[("TETHER_LISTEN__ADMIN", "127.0.0.1:0")]);
+    let env = vars(&[
+        ("TETHER_LISTEN__ADMIN", "127.0.0.1:0"),
+        ("TETHER_RELAY__UPSTREAMS", "wss://server:7919"),
+        ("TETHER_RELAY__DATA_DIR", "/srv/relay"),
+    ]);
     let cfg = load::<RawRelayConfig>(&opts(dir.path(), None), Some(env)).unwrap();
     assert_eq!(cfg.listen.admin.port(), 0);
+    assert_eq!(cfg.relay.upstreams, vec!["wss://server:7919"]);
+    assert_eq!(cfg.relay.data_dir, Path::new("/srv/relay"));
 }
 
 #[test]
@@ -120,25 +140,39 @@ fn explicit_file_must_exist_but_dir_file_may_not() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.toml");
     let err = load::<RawServerConfig>(&opts(dir.path(), Some(missing.clone())), None).unwrap_err();
-    assert!(matches!(&err, ConfigError::Missing { path } if *path == missing), "{err}");
+    assert!(
+        matches!(&err, ConfigError::Missing { path } if *path == missing),
+        "{err}"
+    );
     assert!(err.to_string().contains("nope.toml"));
 }
 
 #[test]
 fn unknown_key_and_type_errors_name_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), "server.toml", "[server]\nheartbeat_intervall_ms = 5\n");
+    write(
+        dir.path(),
+        "server.toml",
+        "[server]\nheartbeat_intervall_ms = 5\n",
+    );
     let text = load::<RawServerConfig>(&opts(dir.path(), None), None)
         .unwrap_err()
         .to_string();
     assert!(text.contains("server.toml"), "{text}");
     assert!(text.contains("heartbeat_intervall_ms"), "{text}");
 
-    write(dir.path(), "server.toml", "[server]\nmax_unacked = \"many\"\n");
+    write(
+        dir.path(),
+        "server.toml",
+        "[server]\nmax_unacked = \"many\"\n",
+    );
     let text = load::<RawServerConfig>(&opts(dir.path(), None), None)
         .unwrap_err()
         .to_string();
-    assert!(text.contains("server.toml") && text.contains("server.max_unacked"), "{text}");
+    assert!(
+        text.contains("server.toml") && text.contains("server.max_unacked"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -164,7 +198,10 @@ fn every_problem_is_reported_at_once() {
         "server.heartbeat_interval_ms: must be between 100 and 600000, got 0"
     );
     for key in ["server.max_unacked", "listen.https", "log.level"] {
-        assert!(found.iter().any(|p| p.starts_with(key)), "{key} in {found:#?}");
+        assert!(
+            found.iter().any(|p| p.starts_with(key)),
+            "{key} in {found:#?}"
+        );
     }
     let shown = ConfigError::Invalid { problems: found }.to_string();
     assert_eq!(shown.lines().count(), 5, "{shown}");
@@ -184,7 +221,10 @@ fn cross_field_rules() {
     let mut raw = RawServerConfig::default();
     raw.listen.wss = raw.listen.https.clone();
     let found = problems(raw.clone().validate().unwrap_err());
-    assert!(found[0].starts_with("listen.wss: must differ"), "{found:#?}");
+    assert!(
+        found[0].starts_with("listen.wss: must differ"),
+        "{found:#?}"
+    );
     raw.listen.https = "127.0.0.1:0".into();
     raw.listen.wss = "127.0.0.1:0".into();
     raw.validate().unwrap();
@@ -195,7 +235,10 @@ fn relay_admin_must_be_loopback() {
     let mut raw = RawRelayConfig::default();
     raw.listen.admin = "0.0.0.0:20081".into();
     let found = problems(raw.clone().validate().unwrap_err());
-    assert!(found[0].starts_with("listen.admin: must be a loopback address"), "{found:#?}");
+    assert!(
+        found[0].starts_with("listen.admin: must be a loopback address"),
+        "{found:#?}"
+    );
     raw.listen.admin = "[::1]:20081".into();
     raw.validate().unwrap();
 }

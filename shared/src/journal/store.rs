@@ -13,19 +13,17 @@ use std::path::{Path, PathBuf};
 use crate::journal::record::{self, LogName};
 use crate::journal::{JournalError, Op};
 
+/// Key-value pairs as read from a store, in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// Durable key-value storage with atomic batches.
 pub trait Store: Send + Sync + 'static {
     /// Apply `ops` atomically and make them durable before returning.
     fn commit(&self, ops: &[Op]) -> Result<(), JournalError>;
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError>;
+    fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError>;
     /// Records of one log with a key from `from` (inclusive), at most `limit` of them.
-    fn scan_from(
-        &self,
-        from: &[u8],
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError>;
+    fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError>;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError>;
     /// How many data syncs (`fdatasync`) have completed: the tests check one per batch.
     fn syncs(&self) -> u64;
@@ -206,7 +204,7 @@ impl Store for SledStore {
         Ok(())
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {
         self.db
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
@@ -214,12 +212,7 @@ impl Store for SledStore {
             .map_err(|e| sled_err("cannot scan", e))
     }
 
-    fn scan_from(
-        &self,
-        from: &[u8],
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, JournalError> {
+    fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError> {
         let mut out = Vec::new();
         for item in self.db.range(from.to_vec()..) {
             let (k, v) = item.map_err(|e| sled_err("cannot read", e))?;

@@ -124,6 +124,7 @@ fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
 
@@ -140,7 +141,13 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        for input in [&[][..], &[0x30], &[0x30, 0x85, 1, 1, 1, 1, 1], &[0x30, 0x82, 0xff], &[0x30, 0x05, 0x30]] {
+        for input in [
+            &[][..],
+            &[0x30],
+            &[0x30, 0x85, 1, 1, 1, 1, 1],
+            &[0x30, 0x82, 0xff],
+            &[0x30, 0x05, 0x30],
+        ] {
             assert!(cert_parts(input).is_none());
             assert!(distinguished_name(input).is_none());
         }

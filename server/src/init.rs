@@ -1,0 +1,246 @@
+//! `tether-server init`: creates a data directory holding everything a server needs before its
+//! first start: a private CA, a server certificate it signed, the Ed25519 key that signs
+//! commands, and the admin token. Everything is generated and checked in memory first (the new
+//! certificate must pass a TLS handshake against the new CA for every hostname), then written
+//! atomically file by file; secrets get mode 0600 and the directory 0700.
+
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use tether_shared::config::Secret;
+use tether_shared::identity::{write_file_atomic, write_private_file, Identity, IdentityError};
+use tether_shared::tls::{self, Ca, TlsError};
+
+/// CA certificate, public: agents and relays are installed with it.
+pub const CA_CERT: &str = "ca.pem";
+/// CA private key.
+pub const CA_KEY: &str = "ca.key";
+/// The server's TLS certificate, signed by the CA.
+pub const SERVER_CERT: &str = "server.pem";
+/// The server's TLS private key.
+pub const SERVER_KEY: &str = "server.key";
+/// Ed25519 key signing every command sent to agents.
+pub const SIGNING_KEY: &str = "signing.key";
+/// Its public half, base64: agents pin it at enrollment.
+pub const SIGNING_PUB: &str = "signing.pub";
+/// Bearer token for the REST API and admin endpoints.
+pub const ADMIN_TOKEN: &str = "admin.token";
+
+/// Every file `init` writes; the presence of any of them means "already initialized".
+pub const FILES: [&str; 7] = [
+    CA_CERT,
+    CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    SIGNING_KEY,
+    SIGNING_PUB,
+    ADMIN_TOKEN,
+];
+
+/// Hostnames the server certificate covers when none are given.
+pub const DEFAULT_HOSTNAMES: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// What to initialize.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The data directory to create or fill.
+    pub data_dir: PathBuf,
+    /// DNS names and IP addresses the server certificate is valid for.
+    pub hostnames: Vec<String>,
+    /// Replace the files of an already initialized directory.
+    pub force: bool,
+}
+
+/// Why `init` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// The directory already holds a server's files and `--force` was not given.
+    #[error("{} is already initialized (found {found}); nothing was changed. Use --force to replace its CA, keys and admin token", dir.display())]
+    AlreadyInitialized {
+        /// The data directory.
+        dir: PathBuf,
+        /// The first existing file found.
+        found: &'static str,
+    },
+    /// Generating or checking the CA or certificate failed.
+    #[error("tls: {0}")]
+    Tls(#[from] TlsError),
+    /// Writing the signing key failed.
+    #[error("signing key: {0}")]
+    Identity(#[from] IdentityError),
+    /// Creating the directory or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The directory or file concerned.
+        path: PathBuf,
+        /// The underlying failure.
+        source: io::Error,
+    },
+}
+
+/// What `init` produced that the caller must show the operator.
+#[derive(Debug)]
+pub struct Initialized {
+    /// The admin token; shown once, stored in `ADMIN_TOKEN`.
+    pub admin_token: Secret<String>,
+}
+
+/// Creates and fills `opts.data_dir`.
+pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
+    let dir = &opts.data_dir;
+    if !opts.force {
+        if let Some(found) = FILES.into_iter().find(|f| dir.join(f).exists()) {
+            return Err(InitError::AlreadyInitialized {
+                dir: dir.clone(),
+                found,
+            });
+        }
+    }
+
+    let ca = Ca::generate(&format!("Tether CA {}", hex_id()))?;
+    let (server_cert, server_key) = ca.issue_server_cert(&opts.hostnames)?;
+    check_certificate(&ca, &server_cert, &server_key, &opts.hostnames)?;
+    let signing = Identity::generate();
+    let admin_token = Secret::new(new_token());
+
+    create_private_dir(dir)?;
+    let io_err = |name: &str| {
+        let path = dir.join(name);
+        move |source| InitError::Io { path, source }
+    };
+    write_private_file(&dir.join(CA_KEY), ca.key_pem().as_bytes()).map_err(io_err(CA_KEY))?;
+    write_file_atomic(&dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)
+        .map_err(io_err(CA_CERT))?;
+    write_private_file(&dir.join(SERVER_KEY), server_key.as_bytes()).map_err(io_err(SERVER_KEY))?;
+    write_file_atomic(&dir.join(SERVER_CERT), server_cert.as_bytes(), 0o644)
+        .map_err(io_err(SERVER_CERT))?;
+    signing.save(&dir.join(SIGNING_KEY))?;
+    let public = format!("{}\n", signing.public_key_b64());
+    write_file_atomic(&dir.join(SIGNING_PUB), public.as_bytes(), 0o644)
+        .map_err(io_err(SIGNING_PUB))?;
+    write_private_file(&dir.join(ADMIN_TOKEN), admin_token.expose().as_bytes())
+        .map_err(io_err(ADMIN_TOKEN))?;
+
+    tracing::info!(data_dir = %dir.display(), hostnames = ?opts.hostnames, "server-initialized");
+    Ok(Initialized { admin_token })
+}
+
+/// Proves the new certificate works: a full TLS handshake against the new CA per hostname.
+fn check_certificate(ca: &Ca, cert: &str, key: &str, hostnames: &[String]) -> Result<(), TlsError> {
+    let client = Arc::new(tls::client_config(ca.cert_pem())?);
+    let server = Arc::new(tls::server_config(cert, key)?);
+    for name in hostnames {
+        tls::handshake_in_memory(client.clone(), server.clone(), name)?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and parents) and makes it 0700, also if it already existed.
+fn create_private_dir(dir: &Path) -> Result<(), InitError> {
+    let io_err = |source| InitError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)
+}
+
+/// 32 random bytes, base64url without padding.
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// A short random id that tells one installation's CA from another's.
+fn hex_id() -> String {
+    format!("{:08x}", rand::rngs::OsRng.next_u32())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path) -> InitOptions {
+        InitOptions {
+            data_dir: dir.join("data"),
+            hostnames: DEFAULT_HOSTNAMES.map(String::from).to_vec(),
+            force: false,
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn creates_every_file_with_the_right_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = opts(tmp.path());
+        let done = initialize(&opts).unwrap();
+        let dir = &opts.data_dir;
+        assert_eq!(mode(dir), 0o700);
+        for secret in [CA_KEY, SERVER_KEY, SIGNING_KEY, ADMIN_TOKEN] {
+            assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
+        }
+        for public in [CA_CERT, SERVER_CERT, SIGNING_PUB] {
+            assert_eq!(mode(&dir.join(public)), 0o644, "{public}");
+        }
+        let token = fs::read_to_string(dir.join(ADMIN_TOKEN)).unwrap();
+        assert_eq!(&token, done.admin_token.expose());
+        assert_eq!(URL_SAFE_NO_PAD.decode(&token).unwrap().len(), 32);
+        Identity::load(&dir.join(SIGNING_KEY)).unwrap();
+        let ca = Ca::from_pem(
+            &fs::read_to_string(dir.join(CA_CERT)).unwrap(),
+            &fs::read_to_string(dir.join(CA_KEY)).unwrap(),
+        )
+        .unwrap();
+        let cert = fs::read_to_string(dir.join(SERVER_CERT)).unwrap();
+        let key = fs::read_to_string(dir.join(SERVER_KEY)).unwrap();
+        check_certificate(&ca, &cert, &key, &opts.hostnames).unwrap();
+    }
+
+    #[test]
+    fn refuses_an_initialized_dir_unless_forced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut opts = opts(tmp.path());
+        let first = initialize(&opts).unwrap();
+        let err = initialize(&opts).unwrap_err();
+        assert!(matches!(err, InitError::AlreadyInitialized { .. }), "{err}");
+        let token_path = opts.data_dir.join(ADMIN_TOKEN);
+        assert_eq!(
+            &fs::read_to_string(&token_path).unwrap(),
+            first.admin_token.expose()
+        );
+        opts.force = true;
+        let second = initialize(&opts).unwrap();
+        assert_ne!(second.admin_token.expose(), first.admin_token.expose());
+        assert_eq!(
+            &fs::read_to_string(&token_path).unwrap(),
+            second.admin_token.expose()
+        );
+    }
+
+    #[test]
+    fn bad_hostname_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut opts = opts(tmp.path());
+        opts.hostnames = vec!["not a host".into()];
+        assert!(matches!(
+            initialize(&opts),
+            Err(InitError::Tls(TlsError::Hostname(_)))
+        ));
+        assert!(!opts.data_dir.exists());
+    }
+}

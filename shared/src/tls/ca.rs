@@ -1,0 +1,179 @@
+//! [`Ca`]: the private certificate authority created by `tether-server init`. It signs the
+//! server's certificate and, at enrollment, relays' certificates, so agents trust one CA only.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use super::{der, parse_certs, TlsError};
+
+/// Lifetime of an issued server certificate: the CA/Browser Forum's historical ceiling.
+pub const SERVER_CERT_VALIDITY_DAYS: u64 = 825;
+
+/// Lifetime of a CA certificate.
+const CA_VALIDITY_DAYS: u64 = 3_650;
+
+/// Backdating of `not_before`, to tolerate clocks that run slightly behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(3_600);
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A CA certificate with its signing key.
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+    cert_pem: String,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca")
+            .field("key", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A new self-signed CA named `common_name`, valid for ten years.
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        let mut params = ca_params(dn);
+        set_validity(&mut params, CA_VALIDITY_DAYS);
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        Ok(Self {
+            cert,
+            key,
+            cert_pem,
+        })
+    }
+
+    /// Loads a CA saved with [`Ca::cert_pem`] and [`Ca::key_pem`]; refuses a key that does not
+    /// belong to the certificate.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| TlsError::Pem {
+            what: "CA private key",
+            message: e.to_string(),
+        })?;
+        let first = parse_certs(cert_pem, "CA certificate")?
+            .into_iter()
+            .next()
+            .ok_or(TlsError::Empty {
+                what: "CA certificate",
+                expected: "CERTIFICATE",
+            })?;
+        let parts = der::cert_parts(&first).ok_or_else(|| {
+            TlsError::Ca("certificate is not a well-formed X.509 certificate".into())
+        })?;
+        if parts.spki != key.public_key_der().as_slice() {
+            return Err(TlsError::Ca(
+                "private key does not match the certificate".into(),
+            ));
+        }
+        let dn = der::distinguished_name(parts.subject).ok_or_else(|| {
+            TlsError::Ca("certificate subject uses an unsupported encoding".into())
+        })?;
+        // Re-sign the parameters to obtain an issuer for rcgen; its subject must encode exactly
+        // as the original, or issued certificates would not chain.
+        let issuer = ca_params(dn).self_signed(&key)?;
+        let same_subject =
+            der::cert_parts(issuer.der()).is_some_and(|p| p.subject == parts.subject);
+        if !same_subject {
+            return Err(TlsError::Ca(
+                "certificate subject cannot be reproduced for signing".into(),
+            ));
+        }
+        Ok(Self {
+            cert: issuer,
+            key,
+            cert_pem: cert_pem.to_owned(),
+        })
+    }
+
+    /// The CA certificate as PEM, as loaded or generated: what clients trust.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA's private key as PKCS#8 PEM; store it with mode 0600.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
+    /// Issues a server certificate for `hostnames` (DNS names or IP literals, first one also
+    /// the common name) with the serverAuth usage, valid for [`SERVER_CERT_VALIDITY_DAYS`].
+    /// Returns `(cert_pem, key_pem)` with a fresh key.
+    pub fn issue_server_cert(&self, hostnames: &[String]) -> Result<(String, String), TlsError> {
+        let first = hostnames
+            .first()
+            .ok_or_else(|| TlsError::Hostname(String::new()))?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = hostnames
+            .iter()
+            .map(|name| san(name))
+            .collect::<Result<_, _>>()?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, first.as_str());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, SERVER_CERT_VALIDITY_DAYS);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+fn ca_params(dn: DistinguishedName) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn san(name: &str) -> Result<SanType, TlsError> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let valid = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !valid {
+        return Err(TlsError::Hostname(name.to_owned()));
+    }
+    name.try_into()
+        .map(SanType::DnsName)
+        .map_err(|_| TlsError::Hostname(name.to_owned()))
+}
+
+/// Sets `params` valid from a little before now (clock skew) until `days` from now.
+fn set_validity(params: &mut CertificateParams, days: u64) {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+    params.not_before = now - CLOCK_SKEW;
+    params.not_after = now + DAY * u32::try_from(days).unwrap_or(u32::MAX);
+}

@@ -1,0 +1,191 @@
+//! TLS for every Tether link: rustls server and client configurations (ring provider, TLS 1.2
+//! and 1.3 only, no early data, ALPN `http/1.1` for HTTPS and WebSockets alike), the private CA
+//! that signs the server's and relays' certificates, and an in-memory handshake used to check a
+//! certificate against a CA without opening a socket.
+//!
+//! # Layout
+//! - [`Ca`] (`ca.rs`): generate, save as PEM, load again, issue server certificates.
+//! - `der.rs`: the few DER reads `Ca::from_pem` needs.
+
+mod ca;
+mod der;
+
+use std::io::{Cursor, Read};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::version::{TLS12, TLS13};
+use rustls::{
+    ClientConfig, ClientConnection, ProtocolVersion, RootCertStore, ServerConfig, ServerConnection,
+    SupportedProtocolVersion,
+};
+
+pub use ca::{Ca, SERVER_CERT_VALIDITY_DAYS};
+
+/// The only protocol versions Tether speaks, newest first.
+pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
+
+/// ALPN protocol offered and accepted: HTTPS and WebSocket upgrades are both HTTP/1.1.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Why a TLS configuration, certificate or handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM input could not be read.
+    #[error("{what}: not valid PEM ({message})")]
+    Pem {
+        /// Which input: "certificate chain", "private key", "CA certificate".
+        what: &'static str,
+        /// The parser's complaint.
+        message: String,
+    },
+    /// A PEM input held no item of the expected kind.
+    #[error("{what}: no {expected} found in the PEM input")]
+    Empty {
+        /// Which input.
+        what: &'static str,
+        /// What was looked for.
+        expected: &'static str,
+    },
+    /// A hostname for a certificate is neither a DNS name nor an IP address.
+    #[error("invalid hostname {0:?}: must be a DNS name or an IP address")]
+    Hostname(String),
+    /// A CA's certificate and key do not belong together, or its subject cannot be reproduced.
+    #[error("CA: {0}")]
+    Ca(String),
+    /// Certificate generation failed.
+    #[error("certificate generation: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// rustls refused a configuration or a handshake failed (e.g. `UnknownIssuer`, `NotValidForName`).
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The in-memory handshake stalled or its buffers failed.
+    #[error("handshake: {0}")]
+    Handshake(String),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Parses every certificate in a PEM input; at least one is required.
+pub fn parse_certs(
+    pem: &str,
+    what: &'static str,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            what,
+            message: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            expected: "CERTIFICATE",
+        });
+    }
+    Ok(certs)
+}
+
+fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    const WHAT: &str = "private key";
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| TlsError::Pem {
+            what: WHAT,
+            message: e.to_string(),
+        })?
+        .ok_or(TlsError::Empty {
+            what: WHAT,
+            expected: "PRIVATE KEY",
+        })
+}
+
+/// A server configuration presenting `cert_chain_pem` (leaf first) with `key_pem`.
+pub fn server_config(cert_chain_pem: &str, key_pem: &str) -> Result<ServerConfig, TlsError> {
+    let chain = parse_certs(cert_chain_pem, "certificate chain")?;
+    let key = parse_key(key_pem)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.max_early_data_size = 0;
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(config)
+}
+
+/// A client configuration trusting only the CA certificate(s) in `ca_pem`: no system roots.
+pub fn client_config(ca_pem: &str) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in parse_certs(ca_pem, "CA certificate")? {
+        roots.add(cert)?;
+    }
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.enable_early_data = false;
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(config)
+}
+
+/// Runs a complete TLS handshake between `client` and `server` in memory, as if the client had
+/// dialled `server_name`, and returns the negotiated version. Used to check that a certificate
+/// chain validates against a CA for a name before anyone relies on it.
+pub fn handshake_in_memory(
+    client: Arc<ClientConfig>,
+    server: Arc<ServerConfig>,
+    server_name: &str,
+) -> Result<ProtocolVersion, TlsError> {
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| TlsError::Hostname(server_name.to_owned()))?;
+    let mut client = ClientConnection::new(client, name)?;
+    let mut server = ServerConnection::new(server)?;
+    // A full handshake is at most a handful of flights; bound the loop so it cannot spin.
+    for _ in 0..16 {
+        if !client.is_handshaking() && !server.is_handshaking() {
+            return client
+                .protocol_version()
+                .ok_or_else(|| TlsError::Handshake("no protocol version negotiated".into()));
+        }
+        let to_server = drain(|buf| client.write_tls(buf))?;
+        feed(&to_server, |rd| server.read_tls(rd))?;
+        let server_result = server.process_new_packets();
+        let to_client = drain(|buf| server.write_tls(buf))?;
+        feed(&to_client, |rd| client.read_tls(rd))?;
+        // The client's verdict on the certificate is the more telling error; report it first.
+        client.process_new_packets()?;
+        server_result?;
+    }
+    Err(TlsError::Handshake("did not complete".into()))
+}
+
+fn drain(
+    mut write: impl FnMut(&mut Vec<u8>) -> std::io::Result<usize>,
+) -> Result<Vec<u8>, TlsError> {
+    let mut out = Vec::new();
+    loop {
+        match write(&mut out) {
+            Ok(0) => return Ok(out),
+            Ok(_) => {}
+            Err(e) => return Err(TlsError::Handshake(e.to_string())),
+        }
+    }
+}
+
+fn feed(
+    bytes: &[u8],
+    mut read: impl FnMut(&mut dyn Read) -> std::io::Result<usize>,
+) -> Result<(), TlsError> {
+    let mut cursor = Cursor::new(bytes);
+    while usize::try_from(cursor.position()).unwrap_or(usize::MAX) < bytes.len() {
+        let n = read(&mut cursor).map_err(|e| TlsError::Handshake(e.to_string()))?;
+        if n == 0 {
+            return Err(TlsError::Handshake("peer stopped reading".into()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,149 @@
+//! Real in-memory handshakes against generated CAs.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::sync::Arc;
+
+use rustls::{CertificateError, ProtocolVersion};
+
+use super::*;
+
+fn names(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+struct Pki {
+    ca: Ca,
+    server: Arc<ServerConfig>,
+}
+
+fn pki(hostnames: &[&str]) -> Pki {
+    let ca = Ca::generate("Tether test CA").unwrap();
+    let (cert, key) = ca.issue_server_cert(&names(hostnames)).unwrap();
+    let server = Arc::new(server_config(&cert, &key).unwrap());
+    Pki { ca, server }
+}
+
+fn client(ca_pem: &str) -> Arc<ClientConfig> {
+    Arc::new(client_config(ca_pem).unwrap())
+}
+
+#[test]
+fn handshake_succeeds_for_dns_and_ip_names() {
+    let p = pki(&["localhost", "127.0.0.1"]);
+    for name in ["localhost", "127.0.0.1"] {
+        let version = handshake_in_memory(client(p.ca.cert_pem()), p.server.clone(), name).unwrap();
+        assert_eq!(version, ProtocolVersion::TLSv1_3, "{name}");
+    }
+}
+
+#[test]
+fn tls12_is_accepted_and_nothing_older_is_configured() {
+    assert_eq!(PROTOCOL_VERSIONS.len(), 2);
+    assert!(PROTOCOL_VERSIONS.iter().all(|v| matches!(
+        v.version,
+        ProtocolVersion::TLSv1_2 | ProtocolVersion::TLSv1_3
+    )));
+    let p = pki(&["localhost"]);
+    let roots = {
+        let mut store = RootCertStore::empty();
+        store
+            .add(parse_certs(p.ca.cert_pem(), "ca").unwrap().remove(0))
+            .unwrap();
+        store
+    };
+    let tls12_only = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let version = handshake_in_memory(Arc::new(tls12_only), p.server, "localhost").unwrap();
+    assert_eq!(version, ProtocolVersion::TLSv1_2);
+}
+
+#[test]
+fn server_refuses_early_data_and_speaks_http11() {
+    let p = pki(&["localhost"]);
+    assert_eq!(p.server.max_early_data_size, 0);
+    assert_eq!(p.server.alpn_protocols, vec![b"http/1.1".to_vec()]);
+    let c = client(p.ca.cert_pem());
+    assert!(!c.enable_early_data);
+}
+
+#[test]
+fn certificate_from_another_ca_is_an_unknown_issuer() {
+    let p = pki(&["localhost"]);
+    let other = Ca::generate("Someone else").unwrap();
+    let err = handshake_in_memory(client(other.cert_pem()), p.server, "localhost").unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            TlsError::Rustls(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer
+            ))
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+}
+
+#[test]
+fn wrong_hostname_fails() {
+    let p = pki(&["localhost", "127.0.0.1"]);
+    for name in ["example.com", "10.0.0.1"] {
+        let err = handshake_in_memory(client(p.ca.cert_pem()), p.server.clone(), name).unwrap_err();
+        assert!(
+            matches!(&err, TlsError::Rustls(rustls::Error::InvalidCertificate(_))),
+            "{name}: {err:?}"
+        );
+    }
+}
+
+#[test]
+fn saved_ca_loads_and_issues_certificates_that_chain() {
+    let original = Ca::generate("Tether CA").unwrap();
+    let loaded = Ca::from_pem(original.cert_pem(), &original.key_pem()).unwrap();
+    let (cert, key) = loaded
+        .issue_server_cert(&names(&["server.internal"]))
+        .unwrap();
+    let server = Arc::new(server_config(&cert, &key).unwrap());
+    handshake_in_memory(client(original.cert_pem()), server, "server.internal").unwrap();
+}
+
+#[test]
+fn ca_key_must_match_its_certificate() {
+    let a = Ca::generate("A").unwrap();
+    let b = Ca::generate("B").unwrap();
+    let err = Ca::from_pem(a.cert_pem(), &b.key_pem()).unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+}
+
+#[test]
+fn garbled_inputs_are_errors() {
+    let ca = Ca::generate("A").unwrap();
+    assert!(matches!(
+        client_config("not pem"),
+        Err(TlsError::Empty { .. })
+    ));
+    assert!(server_config(ca.cert_pem(), "nothing").is_err());
+    assert!(Ca::from_pem("junk", &ca.key_pem()).is_err());
+    assert!(Ca::from_pem(ca.cert_pem(), "junk").is_err());
+    let truncated = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    assert!(Ca::from_pem(truncated, &ca.key_pem()).is_err());
+}
+
+#[test]
+fn hostnames_are_checked() {
+    let ca = Ca::generate("A").unwrap();
+    for bad in ["", "bad name", "-x.example", "a..b", "ünï.example"] {
+        assert!(
+            matches!(
+                ca.issue_server_cert(&names(&[bad])),
+                Err(TlsError::Hostname(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    assert!(ca.issue_server_cert(&[]).is_err());
+    ca.issue_server_cert(&names(&["::1", "my-host.example.org"]))
+        .unwrap();
+}

@@ -1,0 +1,45 @@
+# Tether: `make run` starts a local server, `make test` runs every check CI runs,
+# `make bench` runs the benchmarks. Both set up what they need on a fresh machine.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+RUN_DIR ?= .tether-run
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: setup build lint test bench run
+
+## setup: check the toolchain and install the system tools the tests use (as root, via apt-get).
+setup:
+	@command -v $(CARGO) >/dev/null || { echo "error: cargo is not installed; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
+	@missing=""; for tool in strace:strace ss:iproute2; do \
+	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || { echo "error: apt-get install$$missing failed" >&2; exit 1; }; \
+	  else echo "error: missing$$missing; install them (apt-get install$$missing) and retry" >&2; exit 1; fi; \
+	fi
+
+build: setup
+	$(CARGO) build --workspace --locked
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## test: formatting, lints, then every test (end-to-end tests use the binaries built first).
+test: lint build
+	$(CARGO) test --workspace --locked
+
+bench: setup
+	$(CARGO) bench --workspace --locked
+
+## run: a local server with a demo data dir in $(RUN_DIR) (created on first run).
+run: build
+	@mkdir -p $(RUN_DIR)
+	@[ -f $(RUN_DIR)/server/admin.token ] || ./target/debug/tether-server init --data $(RUN_DIR)/server
+	@echo "admin token: $$(cat $(RUN_DIR)/server/admin.token)   (also in $(RUN_DIR)/server/admin.token)"
+	@echo "try: curl --cacert $(RUN_DIR)/server/ca.pem -H \"Authorization: Bearer \$$(cat $(RUN_DIR)/server/admin.token)\" https://localhost:8443/admin/health"
+	TETHER_LISTEN__HTTPS=127.0.0.1:8443 ./target/debug/tether-server run --data $(RUN_DIR)/server

@@ -1,0 +1,147 @@
+//! [`AdminToken`]: the bearer token guarding the REST API and the admin endpoints, loaded from
+//! `DIR/admin.token`. Requests are checked in constant time and the token never prints.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use actix_web::http::header;
+use actix_web::HttpRequest;
+use tether_shared::config::Secret;
+
+use crate::api_error::ApiError;
+
+/// Why the token file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminTokenError {
+    /// The file could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The token file.
+        path: PathBuf,
+        /// The underlying failure.
+        source: io::Error,
+    },
+    /// The file holds no token (only whitespace), or something that cannot be a header value.
+    #[error("{}: does not hold a usable token; run `tether-server init --force` to issue a new one", path.display())]
+    Unusable {
+        /// The token file.
+        path: PathBuf,
+    },
+}
+
+/// The admin bearer token.
+#[derive(Debug, Clone)]
+pub struct AdminToken(Secret<String>);
+
+impl AdminToken {
+    /// Reads the token from `path`, ignoring surrounding whitespace (an editor's newline).
+    pub fn load(path: &Path) -> Result<Self, AdminTokenError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AdminTokenError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::new(text.trim()).ok_or_else(|| AdminTokenError::Unusable {
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// A token from its text; `None` if empty or not printable ASCII without spaces.
+    pub fn new(token: &str) -> Option<Self> {
+        let usable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
+        usable.then(|| AdminToken(Secret::new(token.to_owned())))
+    }
+
+    /// Accepts `req` only if it carries `Authorization: Bearer <this token>`.
+    pub fn check(&self, req: &HttpRequest) -> Result<(), ApiError> {
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|value| bearer(value.as_bytes()));
+        match presented {
+            Some(token) if constant_time_eq(token, self.0.expose().as_bytes()) => Ok(()),
+            _ => Err(ApiError::Unauthorized),
+        }
+    }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value (scheme case-insensitive).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    const SCHEME: &[u8] = b"bearer ";
+    let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
+    scheme
+        .eq_ignore_ascii_case(SCHEME)
+        .then(|| rest.trim_ascii())
+}
+
+/// Compares without an early exit, so the time taken does not tell how many leading bytes of a
+/// guess were right. The length is not secret (every token is 32 bytes in base64url).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use actix_web::test::TestRequest;
+
+    const TOKEN: &str = "s3cr3t-token_value";
+
+    fn check(authorization: Option<&str>) -> Result<(), ApiError> {
+        let mut req = TestRequest::default();
+        if let Some(value) = authorization {
+            req = req.insert_header((header::AUTHORIZATION, value));
+        }
+        AdminToken::new(TOKEN).unwrap().check(&req.to_http_request())
+    }
+
+    #[test]
+    fn accepts_only_the_exact_bearer_token() {
+        assert!(check(Some(&format!("Bearer {TOKEN}"))).is_ok());
+        assert!(check(Some(&format!("bearer  {TOKEN} "))).is_ok());
+        for bad in [
+            None,
+            Some(""),
+            Some("Bearer"),
+            Some("Bearer "),
+            Some(TOKEN),
+            Some(&format!("Basic {TOKEN}")),
+            Some(&format!("Bearer {TOKEN}x")),
+            Some(&format!("Bearer {}", &TOKEN[1..])),
+            Some("Bearer s3cr3t-token_valuf"),
+        ] {
+            assert!(
+                matches!(check(bad), Err(ApiError::Unauthorized)),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn loads_trimmed_and_refuses_empty_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
+        let token = AdminToken::load(&path).unwrap();
+        assert_eq!(token.0.expose(), TOKEN);
+        assert!(!format!("{token:?}").contains(TOKEN));
+
+        std::fs::write(&path, " \n").unwrap();
+        assert!(matches!(
+            AdminToken::load(&path),
+            Err(AdminTokenError::Unusable { .. })
+        ));
+        assert!(matches!(
+            AdminToken::load(&dir.path().join("absent")),
+            Err(AdminTokenError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn constant_time_eq_is_plain_equality() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,312 @@
+//! Health as an observation: [`JournalWatch`] asks the `Journal` actor for its snapshot under a
+//! short timeout and remembers when it last answered; [`ServerHealth`] is the `/admin/health`
+//! body of the operator contract, also rendered as Prometheus text for `/metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actix::{Actor, Addr, Handler, MailboxError};
+use serde::Serialize;
+use tether_shared::journal::{JournalHandle, JournalHealth, Observe};
+
+/// How long an actor has to answer an observation before it shows as `timeout`.
+pub const OBSERVE_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// What an observation found an actor doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActorState {
+    /// It answered in time and reports no fault.
+    Running,
+    /// It did not answer within [`OBSERVE_TIMEOUT`].
+    Timeout,
+    /// It answered, but reports a fault that stops it working (a journal after a failed sync).
+    Poisoned,
+    /// Its mailbox is closed: the actor has stopped.
+    Stopped,
+}
+
+/// One actor's line in `/admin/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ActorHealth {
+    /// Which instance: `journal`, or a session's agent name.
+    pub name: String,
+    /// The actor type.
+    pub kind: &'static str,
+    /// What the latest observation found.
+    pub state: ActorState,
+    /// How often its supervisor restarted it.
+    pub restarts: u64,
+    /// Milliseconds since it last answered an observation (or since it started, if never).
+    pub last_beat_ms: u64,
+    /// Work waiting for it (for the journal: commits queued for the writer).
+    pub backlog: u64,
+}
+
+/// An agent's actors, as reported in its heartbeats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentHealth {
+    /// The agent's actors.
+    pub actors: Vec<ActorHealth>,
+}
+
+/// The `/admin/health` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerHealth {
+    /// Every long-lived actor of this process.
+    pub actors: Vec<ActorHealth>,
+    /// Agent and relay sessions currently connected.
+    pub sessions: u64,
+    /// The journal's snapshot (from its shared counters if the actor did not answer).
+    pub journal: JournalHealth,
+    /// Per connected agent, its actors.
+    pub agents: BTreeMap<String, AgentHealth>,
+}
+
+impl ServerHealth {
+    /// Prometheus text exposition (format 0.0.4) of the counters and states.
+    pub fn to_prometheus(&self) -> String {
+        let j = &self.journal;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            // Writing to a String cannot fail.
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            );
+        };
+        metric(
+            "tether_journal_batches_total",
+            "counter",
+            "Group commits (flush + fdatasync) made by the journal.",
+            j.batches,
+        );
+        metric(
+            "tether_journal_commits_total",
+            "counter",
+            "Commit requests made durable by the journal.",
+            j.commits,
+        );
+        metric(
+            "tether_journal_ops_total",
+            "counter",
+            "Operations applied by journal commits.",
+            j.ops,
+        );
+        metric(
+            "tether_journal_syncs_total",
+            "counter",
+            "fdatasync calls on the journal's data file.",
+            j.syncs,
+        );
+        metric(
+            "tether_journal_queued",
+            "gauge",
+            "Commit requests waiting for the journal writer.",
+            j.queued,
+        );
+        metric(
+            "tether_journal_failures_total",
+            "counter",
+            "Journal batches that failed to commit.",
+            j.failures,
+        );
+        metric(
+            "tether_journal_poisoned",
+            "gauge",
+            "1 if the journal stopped accepting writes after a failed sync.",
+            u64::from(j.poisoned.is_some()),
+        );
+        metric(
+            "tether_sessions",
+            "gauge",
+            "Agent and relay sessions currently connected.",
+            self.sessions,
+        );
+        let _ = write!(
+            out,
+            "# HELP tether_actor_up 1 if the actor answered its last observation without a fault.\n\
+             # TYPE tether_actor_up gauge\n"
+        );
+        for actor in &self.actors {
+            let _ = writeln!(
+                out,
+                "tether_actor_up{{name=\"{}\",kind=\"{}\"}} {}",
+                label(&actor.name),
+                label(actor.kind),
+                u8::from(actor.state == ActorState::Running)
+            );
+        }
+        out
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Watches one journal: its actor's address for liveness, its handle for the counters.
+pub struct JournalWatch<A: Actor = tether_shared::journal::Journal> {
+    /// The actor that must answer [`Observe`].
+    addr: Addr<A>,
+    /// Lock-free counters shared with the writer thread, readable even if the actor is stuck.
+    handle: JournalHandle,
+    /// The origin of `last_answer_ms`.
+    started: Instant,
+    /// When the actor last answered, in ms since `started`.
+    last_answer_ms: AtomicU64,
+}
+
+impl<A> JournalWatch<A>
+where
+    A: Actor + Handler<Observe>,
+    A::Context: actix::dev::ToEnvelope<A, Observe>,
+{
+    /// Starts watching; the actor counts as having beaten now.
+    pub fn new(addr: Addr<A>, handle: JournalHandle) -> Self {
+        JournalWatch {
+            addr,
+            handle,
+            started: Instant::now(),
+            last_answer_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Asks the actor for its snapshot, waiting at most `timeout`.
+    pub async fn observe(&self, timeout: Duration) -> (ActorHealth, JournalHealth) {
+        let answer = self.addr.send(Observe).timeout(timeout).await;
+        let now_ms = self.elapsed_ms();
+        let (state, journal) = match answer {
+            Ok(health) => {
+                self.last_answer_ms.store(now_ms, Ordering::Relaxed);
+                let state = if health.poisoned.is_some() {
+                    ActorState::Poisoned
+                } else {
+                    ActorState::Running
+                };
+                (state, health)
+            }
+            Err(MailboxError::Timeout) => (ActorState::Timeout, self.handle.observe()),
+            Err(MailboxError::Closed) => (ActorState::Stopped, self.handle.observe()),
+        };
+        if state != ActorState::Running {
+            tracing::warn!(actor = "journal", state = ?state, "actor-unhealthy");
+        }
+        let actor = ActorHealth {
+            name: "journal".to_owned(),
+            kind: "Journal",
+            state,
+            restarts: 0,
+            last_beat_ms: now_ms.saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)),
+            backlog: journal.queued,
+        };
+        (actor, journal)
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use actix::{Context, ResponseFuture};
+    use tether_shared::journal::{Journal, JournalOptions};
+
+    /// A toy actor that takes far longer than any timeout to answer.
+    struct Stuck(JournalHandle);
+
+    impl Actor for Stuck {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Observe> for Stuck {
+        type Result = ResponseFuture<JournalHealth>;
+
+        fn handle(&mut self, _: Observe, _: &mut Self::Context) -> Self::Result {
+            let handle = self.0.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                handle.observe()
+            })
+        }
+    }
+
+    fn open(dir: &std::path::Path) -> Journal {
+        Journal::open(dir, &JournalOptions::default()).unwrap().0
+    }
+
+    #[actix::test]
+    async fn a_live_journal_is_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let journal = open(dir.path());
+        let handle = journal.handle();
+        let watch = JournalWatch::new(journal.start(), handle.clone());
+        let (actor, health) = watch.observe(OBSERVE_TIMEOUT).await;
+        assert_eq!(actor.state, ActorState::Running);
+        assert_eq!(actor.kind, "Journal");
+        assert_eq!(health.incarnation, handle.incarnation());
+    }
+
+    #[actix::test]
+    async fn a_silent_actor_shows_timeout_with_the_shared_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = open(dir.path()).handle();
+        let watch = JournalWatch::new(Stuck(handle.clone()).start(), handle.clone());
+        let (actor, health) = watch.observe(Duration::from_millis(50)).await;
+        assert_eq!(actor.state, ActorState::Timeout);
+        assert!(actor.last_beat_ms >= 50, "{actor:?}");
+        assert_eq!(health.incarnation, handle.incarnation());
+    }
+
+    #[test]
+    fn prometheus_text_has_every_counter_once() {
+        let health = ServerHealth {
+            actors: vec![ActorHealth {
+                name: "journal".into(),
+                kind: "Journal",
+                state: ActorState::Timeout,
+                restarts: 0,
+                last_beat_ms: 7,
+                backlog: 3,
+            }],
+            sessions: 2,
+            journal: JournalHealth {
+                incarnation: "i".into(),
+                batches: 11,
+                commits: 12,
+                ops: 13,
+                syncs: 14,
+                queued: 3,
+                last_batch_commits: 1,
+                max_batch_commits: 2,
+                last_commit_unix_ms: 0,
+                failures: 5,
+                poisoned: None,
+            },
+            agents: BTreeMap::new(),
+        };
+        let text = health.to_prometheus();
+        for line in [
+            "tether_journal_batches_total 11",
+            "tether_journal_commits_total 12",
+            "tether_journal_syncs_total 14",
+            "tether_journal_queued 3",
+            "tether_journal_failures_total 5",
+            "tether_journal_poisoned 0",
+            "tether_sessions 2",
+            "tether_actor_up{name=\"journal\",kind=\"Journal\"} 0",
+        ] {
+            assert_eq!(text.lines().filter(|l| *l == line).count(), 1, "{line}\n{text}");
+        }
+        assert!(text.ends_with('\n'));
+    }
+}

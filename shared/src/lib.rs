@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`protocol`]: the v1 wire frames, their limits and the decoder that never panics.
 //! - [`stream`]: the sans-IO stream core (sequence numbers, retention, acks, resync).
+//! - [`link`]: the edge's receiving half of a stream: bytes in, journal ops or a typed error out.
 //! - [`journal`]: the durable, group-committed `Journal` actor over sled.
 //! - [`config`]: layered configuration loading and validation for the three binaries.
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
@@ -11,6 +12,7 @@
 pub mod config;
 pub mod identity;
 pub mod journal;
+pub mod link;
 pub mod protocol;
 pub mod stream;
 pub mod tls;

@@ -51,19 +51,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// `GET /admin/health`.
-async fn health(
-    req: HttpRequest,
-    state: web::Data<AdminState>,
-) -> Result<HttpResponse, ApiError> {
+async fn health(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     Ok(HttpResponse::Ok().json(state.observe().await))
 }
 
 /// `GET /metrics`.
-async fn metrics(
-    req: HttpRequest,
-    state: web::Data<AdminState>,
-) -> Result<HttpResponse, ApiError> {
+async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let text = state.observe().await.to_prometheus();
     Ok(HttpResponse::Ok()

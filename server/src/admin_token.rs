@@ -92,7 +92,9 @@ mod tests {
         if let Some(value) = authorization {
             req = req.insert_header((header::AUTHORIZATION, value));
         }
-        AdminToken::new(TOKEN).unwrap().check(&req.to_http_request())
+        AdminToken::new(TOKEN)
+            .unwrap()
+            .check(&req.to_http_request())
     }
 
     #[test]
@@ -110,10 +112,7 @@ mod tests {
             Some(&format!("Bearer {}", &TOKEN[1..])),
             Some("Bearer s3cr3t-token_valuf"),
         ] {
-            assert!(
-                matches!(check(bad), Err(ApiError::Unauthorized)),
-                "{bad:?}"
-            );
+            assert!(matches!(check(bad), Err(ApiError::Unauthorized)), "{bad:?}");
         }
     }
 

@@ -305,7 +305,11 @@ mod tests {
             "tether_sessions 2",
             "tether_actor_up{name=\"journal\",kind=\"Journal\"} 0",
         ] {
-            assert_eq!(text.lines().filter(|l| *l == line).count(), 1, "{line}\n{text}");
+            assert_eq!(
+                text.lines().filter(|l| *l == line).count(),
+                1,
+                "{line}\n{text}"
+            );
         }
         assert!(text.ends_with('\n'));
     }

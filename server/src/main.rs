@@ -4,8 +4,20 @@
 //!
 //! # Layout
 //! - [`init`]: `tether-server init`, the data directory's CA, certificate, keys and admin token.
+//! - [`run`]: `tether-server run`, opening the journal and serving HTTPS until a stop signal.
+//! - [`admin`]: the `/admin/health` and `/metrics` handlers.
+//! - [`admin_token`]: the admin bearer token and its constant-time check.
+//! - [`api_error`]: `ApiError`, the JSON error responses of the HTTPS surface.
+//! - [`health`]: actor observation (`JournalWatch`) and the health report, JSON and Prometheus.
+//! - [`ports`]: `DIR/ports.json`, the bound listener addresses.
 
+mod admin;
+mod admin_token;
+mod api_error;
+mod health;
 mod init;
+mod ports;
+mod run;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +46,15 @@ struct Cli {
 enum Command {
     /// Create the data directory: CA, server certificate, signing key and admin token.
     Init(InitArgs),
+    /// Serve: open the journal and listen until SIGINT or SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Data directory made by `tether-server init` [default: server.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -73,8 +94,8 @@ fn main() -> ExitCode {
 
     match cli.command {
         Some(Command::Init(args)) => run_init(&cfg, args),
+        Some(Command::Run(args)) => run_server(&cfg, args),
         None => {
-            // `run` arrives with the server actors; until then a subcommand is required.
             eprintln!("{}", Cli::command().render_help());
             ExitCode::from(2)
         }
@@ -99,6 +120,20 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tether-server init: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
+    let opts = run::RunOptions {
+        data_dir: args.data.unwrap_or_else(|| cfg.server.data_dir.clone()),
+        listen_https: cfg.listen.https,
+    };
+    match run::run(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-server run: {e}");
             ExitCode::from(1)
         }
     }

@@ -1,9 +1,14 @@
-//! Harness for the end-to-end tests in `tests/tests/`: locating the workspace's built binaries
-//! and running them with a clean, controlled environment.
+//! Harness for the end-to-end tests in `tests/tests/`: locating the workspace's built binaries,
+//! running them with a clean, controlled environment, keeping long-running ones under a guard
+//! that kills them on drop, polling for readiness files, and a small blocking HTTPS client.
 
 use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
@@ -63,4 +68,252 @@ pub fn stdout(output: &Output) -> String {
 /// Stderr of `output` as text.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// How often the polling helpers look again.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A running child process that is killed and reaped when dropped, so that a failing test
+/// never leaves a server behind.
+pub struct ChildGuard {
+    child: Child,
+    name: String,
+}
+
+impl ChildGuard {
+    /// Spawns `cmd`; `name` labels panics.
+    pub fn spawn(name: &str, cmd: &mut Command) -> Self {
+        match cmd.spawn() {
+            Ok(child) => ChildGuard {
+                child,
+                name: name.to_owned(),
+            },
+            Err(e) => panic!("cannot start {name}: {e}"),
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends signal `name` (`TERM`, `INT`, `KILL`) with `kill(1)`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg("-s")
+            .arg(name)
+            .arg(self.id().to_string())
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("kill -s {name} {} ({}): {other:?}", self.id(), self.name),
+        }
+    }
+
+    /// The exit status if the process has exited, without waiting.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        match self.child.try_wait() {
+            Ok(status) => status,
+            Err(e) => panic!("{}: cannot poll: {e}", self.name),
+        }
+    }
+
+    /// Waits at most `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits at most `timeout` for `path` to exist and returns its contents; panics if the
+    /// process exits first or the time runs out. Only for files written atomically (complete
+    /// once visible), such as `ports.json`.
+    pub fn wait_for_file(&mut self, path: &Path, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match std::fs::read_to_string(path) {
+                Ok(text) => return text,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => panic!("{}: {e}", path.display()),
+            }
+            if let Some(status) = self.try_exit() {
+                panic!(
+                    "{} exited ({status}) before writing {}",
+                    self.name,
+                    path.display()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not write {} within {timeout:?}",
+                self.name,
+                path.display()
+            );
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // Best effort: it may exit between the check and the kill.
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP response read by [`https_request`].
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u16,
+    /// Header names (lowercased) and values, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body, decoded from chunked transfer encoding if need be.
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as JSON; panics with the body if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        match serde_json::from_str(&self.body) {
+            Ok(value) => value,
+            Err(e) => panic!("not JSON ({e}): {}", self.body),
+        }
+    }
+}
+
+/// How long the helpers wait for a peer to answer.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sends one HTTP/1.1 request over TLS to `addr`, verifying the server as `server_name` with
+/// `tls`, and reads the whole response (the request asks for `Connection: close`).
+pub fn https_request(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> io::Result<HttpReply> {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let conn = rustls::ClientConnection::new(tls, name).map_err(io::Error::other)?;
+    let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
+    tcp.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    stream.flush()?;
+
+    let mut raw = Vec::new();
+    match stream.read_to_end(&mut raw) {
+        Ok(_) => {}
+        // A peer closing without close_notify after a complete response is acceptable here.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    parse_response(&raw)
+}
+
+fn parse_response(raw: &[u8]) -> io::Result<HttpReply> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| bad("no end of response head"))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head is not UTF-8"))?;
+    let body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().ok_or_else(|| bad("empty head"))?;
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        decode_chunked(body).ok_or_else(|| bad("bad chunked body"))?
+    } else {
+        body.to_vec()
+    };
+    Ok(HttpReply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+fn decode_chunked(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&rest[..eol]).ok()?;
+        let size_text = size_text.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_text, 16).ok()?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(rest.get(..size)?);
+        rest = rest.get(size + 2..)?;
+    }
+}
+
+/// Connects to `addr` without TLS, sends `bytes` and returns whatever comes back before the
+/// peer closes the connection or stays silent for `timeout`.
+pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> io::Result<Vec<u8>> {
+    let mut tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    tcp.write_all(bytes)?;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tcp.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Ok(out)
+            }
+            // A reset after the peer gave up on us is an answer too.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(out),
+            Err(e) => return Err(e),
+        }
+    }
 }

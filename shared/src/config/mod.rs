@@ -254,9 +254,11 @@ impl LogConfig {
     pub fn init_tracing(&self) {
         let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&self.level);
         // Err only means a subscriber is already installed, which is what we want anyway.
+        use std::io::IsTerminal;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
             .try_init();
     }
 }

@@ -416,6 +416,19 @@ pub struct GetMeta {
     pub key: String,
 }
 
+/// A handle for callers that commit from outside the actor system's mailboxes.
+#[derive(Message)]
+#[rtype(result = "JournalHandle")]
+pub struct GetHandle;
+
+impl Handler<GetHandle> for Journal {
+    type Result = MessageResult<GetHandle>;
+
+    fn handle(&mut self, _: GetHandle, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.handle.clone())
+    }
+}
+
 /// Health snapshot.
 #[derive(Message)]
 #[rtype(result = "JournalHealth")]

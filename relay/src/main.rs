@@ -24,6 +24,10 @@ struct Cli {
     check_config: bool,
 }
 
+/// mimalloc: measurably faster than glibc malloc on the journal hot path (see `make bench`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Err means a provider is already installed, which is all we need.

@@ -5,6 +5,8 @@
 //! `cargo bench -p tether-shared --bench journal` (`make bench`). `TETHER_BENCH_SECONDS` sets the
 //! duration of each measurement (default 3).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,6 +17,9 @@ use tether_shared::journal::{Commit, Journal, JournalOptions, LogName, Observe, 
 use tether_shared::protocol::Seq;
 
 const VALUE_BYTES: usize = 200;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct JournalRun {
     appends_per_s: f64,
@@ -108,7 +113,13 @@ fn main() -> Result<()> {
         "producers", "journal ops/s", "avg batch", "syncs", "raw sled ops/s", "ratio"
     );
     let mut at_256 = None;
-    for producers in [1u64, 16, 256] {
+    let only: Option<u64> = std::env::var("TETHER_BENCH_PRODUCERS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    for producers in [1u64, 16, 256]
+        .into_iter()
+        .filter(|p| only.is_none_or(|o| o == *p))
+    {
         let j = journal_run(producers, secs)?;
         let batch = j.avg_batch.round().max(1.0) as usize;
         let raw = raw_sled_run(batch, secs)?;

@@ -2,6 +2,8 @@
 //! its typed error, and afterwards the journal holds exactly the good messages sent before
 //! them — nothing was journaled, nothing acknowledged for any hostile frame.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use tether_shared::journal::{Journal, JournalHandle, JournalOptions, LogName};
 use tether_shared::link::{LinkError, Received, StreamReceiver};
 use tether_shared::protocol::*;

@@ -9,6 +9,8 @@
 //!
 //! `harness = false`: `main` dispatches on `TETHER_CRASH_CHILD` (`write`, `write-n`, `verify`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

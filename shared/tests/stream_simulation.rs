@@ -10,6 +10,8 @@
 //! A failure prints the seed; `TETHER_SIM_SEED=<seed>` replays that one schedule.
 //! `TETHER_SIM_SECONDS` bounds the run (default 30 s), `TETHER_SIM_SCHEDULES` its count.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -536,7 +538,7 @@ fn every_acknowledged_message_is_delivered_once_in_order() {
         return;
     }
     let budget = Duration::from_secs(env_u64("TETHER_SIM_SECONDS").unwrap_or(30));
-    let max = env_u64("TETHER_SIM_SCHEDULES").unwrap_or(5_000);
+    let max = env_u64("TETHER_SIM_SCHEDULES").unwrap_or(20_000);
     let base: u64 = env_u64("TETHER_SIM_BASE").unwrap_or_else(|| rand::thread_rng().gen());
     let started = Instant::now();
     let mut ran = 0u64;

@@ -99,6 +99,8 @@ resend what they still hold and fail the work that was in flight here. See docs/
 pub enum JournalError {
     #[error("the journal at {path} cannot be opened: {reason}. {WAY_OUT}")]
     Open { path: PathBuf, reason: String },
+    #[error("the journal at {path} is in use by another process: is another tether process running with this data directory?")]
+    Locked { path: PathBuf },
     #[error("the journal at {path} is damaged: {key}: {reason}. {WAY_OUT}")]
     Corrupt {
         path: PathBuf,
@@ -545,7 +547,7 @@ mod tests {
         let (journal, rec) = loop {
             match Journal::open(dir.path(), &JournalOptions::default()) {
                 Ok(j) => break j,
-                Err(JournalError::Open { .. }) => tokio::task::yield_now().await,
+                Err(JournalError::Locked { .. }) => tokio::task::yield_now().await,
                 Err(e) => panic!("{e}"),
             }
         };
@@ -555,6 +557,19 @@ mod tests {
             journal.handle().get_meta("wm").unwrap(),
             Some(b"7".to_vec())
         );
+    }
+
+    #[actix::test]
+    async fn a_second_opener_is_told_the_journal_is_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        match Journal::open(dir.path(), &JournalOptions::default()) {
+            Err(e @ JournalError::Locked { .. }) => {
+                assert!(e.to_string().contains("in use by another process"))
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("opened a journal another opener holds"),
+        }
     }
 
     #[actix::test]

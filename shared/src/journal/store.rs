@@ -1,8 +1,8 @@
 //! The storage behind the journal: a small trait, and its sled implementation.
 //!
-//! [`Store::commit`] applies a batch atomically and returns only once it is on stable storage.
-//! That is the whole durability contract; a server backend on a distributed store implements
-//! the same trait. The sled store follows every flush with `fdatasync` on sled's data file (and
+//! [`Store::apply`] makes a batch visible atomically; [`Store::sync`] returns once everything
+//! applied before it began is on stable storage. That is the whole durability contract; a
+//! server backend on a distributed store implements the same trait. The sled store follows every flush with `fdatasync` on sled's data file (and
 //! `fsync` on any new blob file), because sled's own `flush` issues `sync_file_range` only.
 
 use std::collections::HashSet;
@@ -18,8 +18,15 @@ pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Durable key-value storage with atomic batches.
 pub trait Store: Send + Sync + 'static {
-    /// Apply `ops` atomically and make them durable before returning.
-    fn commit(&self, ops: &[Op]) -> Result<(), JournalError>;
+    /// Apply `ops` atomically (visible to reads, not yet durable).
+    fn apply(&self, ops: &[Op]) -> Result<(), JournalError>;
+    /// Make everything applied before this call durable.
+    fn sync(&self) -> Result<(), JournalError>;
+    /// Apply and sync.
+    fn commit(&self, ops: &[Op]) -> Result<(), JournalError> {
+        self.apply(ops)?;
+        self.sync()
+    }
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError>;
     /// Records of one log with a key from `from` (inclusive), at most `limit` of them.
@@ -84,6 +91,12 @@ impl SledStore {
         let opened = catch_unwind(AssertUnwindSafe(|| config.open()));
         let db = match opened {
             Ok(Ok(db)) => db,
+            // sled reports a lock held by another process only through its message.
+            Ok(Err(e)) if e.to_string().contains("could not acquire lock") => {
+                return Err(JournalError::Locked {
+                    path: dir.to_owned(),
+                })
+            }
             Ok(Err(e)) => return Err(JournalError::cannot_open(dir, e.to_string())),
             Err(_) => {
                 return Err(JournalError::cannot_open(
@@ -185,11 +198,14 @@ impl SledStore {
 }
 
 impl Store for SledStore {
-    fn commit(&self, ops: &[Op]) -> Result<(), JournalError> {
+    fn apply(&self, ops: &[Op]) -> Result<(), JournalError> {
         let batch = self.build_batch(ops)?;
         self.db
             .apply_batch(batch)
-            .map_err(|e| sled_err("cannot apply batch", e))?;
+            .map_err(|e| sled_err("cannot apply batch", e))
+    }
+
+    fn sync(&self) -> Result<(), JournalError> {
         self.db.flush().map_err(|e| sled_err("cannot flush", e))?;
         self.sync_new_blobs()?;
         // An fdatasync failure is not retried: the kernel may have dropped the dirty pages

@@ -1,32 +1,40 @@
-//! The group-commit writer: one thread per journal that owns every write to the store.
+//! The group-commit writer: two threads per journal that own every write to the store.
 //!
-//! It blocks for the first queued request, takes every other request already queued (up to a
-//! bound), commits them all as one atomic, synced batch, and only then answers each of them. So
-//! one flush and one `fdatasync` cover every append that arrived while the previous one ran,
-//! and no answer (and so no ack on the wire) ever precedes the sync that makes it durable.
+//! The *applier* blocks for the first queued request, takes every other request already queued
+//! (up to a bound), applies them all as one atomic batch, and hands their reply channels to the
+//! *flusher*. The flusher takes every applied batch waiting for it, makes them durable with one
+//! flush and one `fdatasync`, and only then answers each request. While one sync waits for the
+//! disk, the next batch is already being applied, so the CPU work and the disk wait overlap.
+//! No answer (and so no ack on the wire) ever precedes the sync that makes it durable: a sync
+//! only answers batches whose apply finished before it began.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Longest a sync waits for commits that are already being applied.
+const MAX_GATHER: Duration = Duration::from_millis(2);
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::journal::store::Store;
 use crate::journal::{JournalError, Op};
 
+type Reply = oneshot::Sender<Result<Committed, JournalError>>;
+
 /// A batch of operations waiting for its commit.
 pub(crate) struct Request {
     pub ops: Vec<Op>,
-    pub reply: oneshot::Sender<Result<Committed, JournalError>>,
+    pub reply: Reply,
 }
 
-/// Proof that a commit is durable: the number of the synced batch that carried it.
+/// Proof that a commit is durable: the number of the sync that covered it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Committed {
     pub batch: u64,
 }
 
-/// Counters shared between the writer thread and observers.
+/// Counters shared between the writer threads and observers.
 #[derive(Debug, Default)]
 pub(crate) struct WriterStats {
     pub batches: AtomicU64,
@@ -47,6 +55,12 @@ impl WriterStats {
             .map(|p| p.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
     }
+
+    fn poison(&self, reason: &str) {
+        if let Ok(mut p) = self.poisoned.lock() {
+            p.get_or_insert_with(|| reason.to_owned());
+        }
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -55,7 +69,26 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Start the writer thread. It ends when every sender is dropped.
+/// Applied batches waiting for the flusher.
+#[derive(Default)]
+struct Applied {
+    replies: Vec<Reply>,
+    ops: u64,
+    /// The applier holds requests it has not handed over yet.
+    applying: bool,
+    /// Counts hand-overs, so the flusher can wait for exactly one more.
+    generation: u64,
+    /// The applier has stopped: the flusher drains what is left and stops too.
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Handoff {
+    applied: Mutex<Applied>,
+    ready: Condvar,
+}
+
+/// Start the writer threads. They end when every sender is dropped.
 pub(crate) fn spawn(
     store: Arc<dyn Store>,
     stats: Arc<WriterStats>,
@@ -63,70 +96,143 @@ pub(crate) fn spawn(
     max_batch: usize,
 ) -> Result<mpsc::Sender<Request>, JournalError> {
     let (tx, rx) = mpsc::channel(queue.max(1));
+    let handoff = Arc::new(Handoff::default());
+    let thread_err = |e: std::io::Error| JournalError::Io {
+        context: "cannot start a journal writer thread".into(),
+        reason: e.to_string(),
+    };
+    {
+        let (store, stats, handoff) = (store.clone(), stats.clone(), handoff.clone());
+        std::thread::Builder::new()
+            .name("journal-flusher".into())
+            .spawn(move || flusher(store.as_ref(), &stats, &handoff))
+            .map_err(thread_err)?;
+    }
     std::thread::Builder::new()
-        .name("journal-writer".into())
-        .spawn(move || run(store, stats, rx, max_batch.max(1)))
-        .map_err(|e| JournalError::Io {
-            context: "cannot start the journal writer thread".into(),
-            reason: e.to_string(),
-        })?;
+        .name("journal-applier".into())
+        .spawn(move || applier(store.as_ref(), &stats, &handoff, rx, max_batch.max(1)))
+        .map_err(thread_err)?;
     Ok(tx)
 }
 
-fn run(
-    store: Arc<dyn Store>,
-    stats: Arc<WriterStats>,
+fn fail(stats: &WriterStats, replies: Vec<Reply>, e: JournalError) {
+    stats.failures.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(error = %e, requests = replies.len(), "journal-commit-failed");
+    for r in replies {
+        let _ = r.send(Err(e.clone()));
+    }
+}
+
+fn applier(
+    store: &dyn Store,
+    stats: &WriterStats,
+    handoff: &Handoff,
     mut rx: mpsc::Receiver<Request>,
     max_batch: usize,
 ) {
-    let mut batch: Vec<Request> = Vec::with_capacity(max_batch);
     let mut ops: Vec<Op> = Vec::new();
+    let mut replies: Vec<Reply> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(mut r) = next.take() {
+            ops.append(&mut r.ops);
+            replies.push(r.reply);
+            if replies.len() < max_batch {
+                next = rx.try_recv().ok();
             }
         }
-        let n = batch.len() as u64;
-        stats.queued.fetch_sub(n, Ordering::Relaxed);
+        stats
+            .queued
+            .fetch_sub(replies.len() as u64, Ordering::Relaxed);
+        handoff
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .applying = true;
         let result = match stats.poisoned() {
             Some(reason) => Err(JournalError::Poisoned { reason }),
-            None => {
-                ops.clear();
-                for r in &mut batch {
-                    ops.append(&mut r.ops);
-                }
-                store.commit(&ops)
-            }
+            None => store.apply(&ops),
         };
-        let reply = match result {
+        let mut applied = handoff.applied.lock().unwrap_or_else(|p| p.into_inner());
+        applied.applying = false;
+        applied.generation += 1;
+        match result {
             Ok(()) => {
+                applied.replies.append(&mut replies);
+                applied.ops += ops.len() as u64;
+            }
+            Err(e) => fail(stats, std::mem::take(&mut replies), e),
+        }
+        drop(applied);
+        handoff.ready.notify_one();
+        ops.clear();
+    }
+    let mut applied = handoff.applied.lock().unwrap_or_else(|p| p.into_inner());
+    applied.closed = true;
+    handoff.ready.notify_one();
+}
+
+fn flusher(store: &dyn Store, stats: &WriterStats, handoff: &Handoff) {
+    loop {
+        let (replies, ops) = {
+            let mut applied = handoff.applied.lock().unwrap_or_else(|p| p.into_inner());
+            while applied.replies.is_empty() && !applied.closed {
+                applied = handoff
+                    .ready
+                    .wait(applied)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            if applied.replies.is_empty() {
+                return;
+            }
+            // Group commit: if more commits are already on their way through the applier,
+            // let them ride this sync too (wait for one more hand-over, bounded in time).
+            if applied.applying || stats.queued.load(Ordering::Relaxed) > 0 {
+                let seen = applied.generation;
+                let deadline = Instant::now() + MAX_GATHER;
+                while applied.generation == seen && !applied.closed {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    applied = handoff
+                        .ready
+                        .wait_timeout(applied, left)
+                        .map(|(g, _)| g)
+                        .unwrap_or_else(|p| p.into_inner().0);
+                }
+            }
+            (
+                std::mem::take(&mut applied.replies),
+                std::mem::take(&mut applied.ops),
+            )
+        };
+        let result = match stats.poisoned() {
+            Some(reason) => Err(JournalError::Poisoned { reason }),
+            None => store.sync(),
+        };
+        match result {
+            Ok(()) => {
+                let n = replies.len() as u64;
                 let number = stats.batches.fetch_add(1, Ordering::Relaxed) + 1;
                 stats.requests.fetch_add(n, Ordering::Relaxed);
-                stats.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                stats.ops.fetch_add(ops, Ordering::Relaxed);
                 stats.last_batch_requests.store(n, Ordering::Relaxed);
                 stats.max_batch_requests.fetch_max(n, Ordering::Relaxed);
                 stats
                     .last_commit_unix_ms
                     .store(unix_ms(), Ordering::Relaxed);
-                Ok(Committed { batch: number })
+                for r in replies {
+                    // A producer that gave up waiting is no reason to stop.
+                    let _ = r.send(Ok(Committed { batch: number }));
+                }
             }
             Err(e) => {
-                stats.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, requests = n, "journal-commit-failed");
                 if let JournalError::Poisoned { reason } = &e {
-                    if let Ok(mut p) = stats.poisoned.lock() {
-                        p.get_or_insert_with(|| reason.clone());
-                    }
+                    stats.poison(reason);
                 }
-                Err(e)
+                fail(stats, replies, e);
             }
-        };
-        for r in batch.drain(..) {
-            // A producer that gave up waiting is no reason to stop.
-            let _ = r.reply.send(reply.clone());
         }
     }
 }

@@ -37,6 +37,8 @@ use writer::{Request, WriterStats};
 
 /// Largest payload of one record.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// File beside sled's that repeats the incarnation (see [`Journal::open`]).
+const MARKER_FILE: &str = "INCARNATION";
 /// Meta key holding the journal's incarnation.
 const INCARNATION_KEY: &str = "incarnation";
 
@@ -318,16 +320,41 @@ pub struct Journal {
 impl Journal {
     /// Open the journal in `dir` (creating it if absent), validate every entry and start the
     /// writer thread. Start the actor with `.start()`; the thread ends when the last handle goes.
+    ///
+    /// Beside sled's files, the file `INCARNATION` repeats the journal's incarnation: a journal
+    /// whose data files vanished or were swapped is then refused instead of starting empty.
     pub fn open(dir: &Path, opts: &JournalOptions) -> Result<(Journal, Recovered), JournalError> {
         let store = SledStore::open(dir, &opts.sled)?;
-        Self::with_store(Arc::new(store), dir, opts)
+        let marker = dir.join(MARKER_FILE);
+        let expected = match std::fs::read_to_string(&marker) {
+            Ok(text) => Some(text.trim().to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(JournalError::Io {
+                    context: format!("cannot read {}", marker.display()),
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let (journal, recovered) =
+            Self::with_store(Arc::new(store), dir, opts, expected.as_deref())?;
+        if expected.as_deref() != Some(recovered.incarnation.as_str()) {
+            crate::identity::write_file_atomic(&marker, recovered.incarnation.as_bytes(), 0o600)
+                .map_err(|e| JournalError::Io {
+                    context: format!("cannot write {}", marker.display()),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok((journal, recovered))
     }
 
-    /// Open over any [`Store`].
+    /// Open over any [`Store`]. `expected_incarnation` is what the journal is known to be (if
+    /// anything): a store without it, or with another, is refused as damaged.
     pub fn with_store(
         store: Arc<dyn Store>,
         dir: &Path,
         opts: &JournalOptions,
+        expected_incarnation: Option<&str>,
     ) -> Result<(Journal, Recovered), JournalError> {
         let (logs, meta_entries) = validate(store.as_ref(), dir)?;
         let key = record::meta_key(INCARNATION_KEY);
@@ -339,9 +366,24 @@ impl Journal {
                         key: INCARNATION_KEY.into(),
                         reason,
                     })?;
-                (String::from_utf8_lossy(raw).into_owned(), false)
+                let found = String::from_utf8_lossy(raw).into_owned();
+                if let Some(expected) = expected_incarnation.filter(|e| *e != found) {
+                    return Err(JournalError::Corrupt {
+                        path: dir.to_owned(),
+                        key: INCARNATION_KEY.into(),
+                        reason: format!("the data files hold incarnation {found}, but {MARKER_FILE} says {expected}: they belong to another journal"),
+                    });
+                }
+                (found, false)
             }
             None => {
+                if let Some(expected) = expected_incarnation {
+                    return Err(JournalError::Corrupt {
+                        path: dir.to_owned(),
+                        key: INCARNATION_KEY.into(),
+                        reason: format!("the data files are empty or gone, but {MARKER_FILE} says this journal is incarnation {expected}"),
+                    });
+                }
                 if !logs.is_empty() || meta_entries > 0 {
                     return Err(JournalError::Corrupt {
                         path: dir.to_owned(),

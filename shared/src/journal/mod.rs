@@ -217,6 +217,19 @@ impl JournalHandle {
         }
     }
 
+    /// Every meta entry whose key starts with `prefix`, validated, in key order.
+    pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let rows = self.store.scan(&record::meta_key(prefix))?;
+        rows.iter()
+            .map(|(k, v)| {
+                let payload =
+                    record::decode_meta(k, v).map_err(|reason| self.corrupt(k, reason))?;
+                let key = String::from_utf8_lossy(k.get(1..).unwrap_or_default()).into_owned();
+                Ok((key, payload.to_vec()))
+            })
+            .collect()
+    }
+
     pub fn incarnation(&self) -> &str {
         &self.incarnation
     }

@@ -1,12 +1,22 @@
 //! `tether-agent`: command line entry point. Parses arguments, installs the rustls crypto
 //! provider, loads and validates configuration and maps the outcome to an exit code: 0 clean,
-//! 1 runtime failure, 2 bad configuration or usage. Today it offers `--check-config`; the
-//! `install` and `run` subcommands arrive with the agent's actors.
+//! 1 runtime failure, 2 bad configuration or usage.
+//!
+//! # Layout
+//! - [`monitor`]: `tether-agent run`, the monitor process supervising the worker process.
+//! - [`install`]: `tether-agent install`, enrollment and the data directory it leaves.
+//! - [`state`]: `AgentState` (`DIR/agent.json`) and the data directory's file names.
+//! - [`worker`]: `tether-agent worker`, the process the monitor starts: journal, uplink, streams.
 
-use std::path::PathBuf;
+mod install;
+mod monitor;
+mod state;
+mod worker;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tether_shared::config::{self, AgentConfig, LoadOptions};
 
 /// The Tether agent: runs deployment steps on this machine, connecting out to servers or relays.
@@ -22,6 +32,45 @@ struct Cli {
     /// Load and validate the configuration, print the effective one and exit.
     #[arg(long, global = true)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The monitor: start the worker process and keep it running until SIGINT or SIGTERM.
+    Run(RunArgs),
+    /// Enroll this machine with a server or relay and prepare the data directory.
+    Install(install::InstallArgs),
+    /// The worker process (started by `run`; not for direct use).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+struct WorkerArgs {
+    /// Data directory made by `tether-agent install` [default: agent.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Data directory made by `tether-agent install` [default: agent.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Test only: run this program as the worker instead of `tether-agent worker`.
+    #[arg(long, hide = true, env = "TETHER_AGENT_WORKER", value_name = "PROGRAM")]
+    worker_program: Option<PathBuf>,
+    /// Test only: the test worker's arguments, separated by whitespace.
+    #[arg(
+        long,
+        hide = true,
+        env = "TETHER_AGENT_WORKER_ARGS",
+        value_name = "ARGS",
+        allow_hyphen_values = true
+    )]
+    worker_args: Option<String>,
 }
 
 /// mimalloc: measurably faster than glibc malloc on the journal hot path (see `make bench`).
@@ -48,8 +97,111 @@ fn main() -> ExitCode {
     if cli.check_config {
         return print_config(&cfg);
     }
-    eprintln!("{}", Cli::command().render_help());
-    ExitCode::from(2)
+    match cli.command {
+        Some(Command::Run(args)) => run_monitor(&cfg, cli.config.as_deref(), &cli.config_dir, args),
+        Some(Command::Install(args)) => run_install(&cfg, &args),
+        Some(Command::Worker(args)) => run_worker(&cfg, args),
+        None => {
+            eprintln!("{}", Cli::command().render_help());
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `tether-agent run`: the worker is this executable's `worker` subcommand with the same data
+/// and config, unless the test-only `TETHER_AGENT_WORKER` names another program.
+fn run_monitor(
+    cfg: &AgentConfig,
+    config_file: Option<&Path>,
+    config_dir: &Path,
+    args: RunArgs,
+) -> ExitCode {
+    cfg.log.init_tracing();
+    let data_dir = args.data.unwrap_or_else(|| cfg.agent.data_dir.clone());
+    let worker = match args.worker_program {
+        Some(program) => monitor::WorkerCommand {
+            program,
+            args: args
+                .worker_args
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(Into::into)
+                .collect(),
+        },
+        None => match std::env::current_exe() {
+            Ok(program) => {
+                let mut worker_args = vec!["--config-dir".into(), config_dir.into()];
+                if let Some(file) = config_file {
+                    worker_args.extend(["--config".into(), file.into()]);
+                }
+                worker_args.extend(["worker".into(), "--data".into(), data_dir.clone().into()]);
+                monitor::WorkerCommand {
+                    program,
+                    args: worker_args,
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "tether-agent run: cannot locate this executable to start the worker: {e}"
+                );
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let opts = monitor::MonitorOptions {
+        worker,
+        beat_timeout: cfg.agent.worker_beat_timeout,
+        restart_budget: cfg.agent.worker_restart_budget,
+        restart_window: cfg.agent.worker_restart_window,
+        backoff_min: monitor::RESTART_BACKOFF_MIN,
+        backoff_max: monitor::RESTART_BACKOFF_MAX,
+        stable_after: monitor::STABLE_AFTER,
+        stop_grace: monitor::STOP_GRACE,
+    };
+    match monitor::run(&data_dir, opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-agent run: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `tether-agent worker`: exits with the code the worker's system stopped with.
+fn run_worker(cfg: &AgentConfig, args: WorkerArgs) -> ExitCode {
+    cfg.log.init_tracing();
+    let data_dir = args.data.unwrap_or_else(|| cfg.agent.data_dir.clone());
+    match worker::run(cfg, &data_dir) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("tether-agent worker: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// `tether-agent install`: prints the agent id on success; errors name what failed.
+fn run_install(cfg: &AgentConfig, args: &install::InstallArgs) -> ExitCode {
+    cfg.log.init_tracing();
+    let data_dir = args
+        .data
+        .clone()
+        .unwrap_or_else(|| cfg.agent.data_dir.clone());
+    match install::install(args, &data_dir) {
+        Ok(done) => {
+            println!(
+                "enrolled as {} via {}; state in {}",
+                done.agent_id,
+                done.upstream,
+                done.data_dir.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-agent install: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
 
 fn print_config(cfg: &AgentConfig) -> ExitCode {

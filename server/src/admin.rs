@@ -9,7 +9,11 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, ApiError};
-use crate::health::{JournalWatch, ServerHealth, OBSERVE_TIMEOUT};
+use crate::health::{
+    ActorHealth, ActorState, AgentHealth, JournalWatch, ServerHealth, OBSERVE_TIMEOUT,
+};
+use crate::session::agent_link::{LinkHealth, ObserveLink};
+use crate::session::session_registry::{ListLinks, SessionRegistry};
 
 /// Prometheus text exposition format 0.0.4.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -20,20 +24,97 @@ pub struct AdminState {
     pub token: AdminToken,
     /// The journal's liveness and counters.
     pub journal: JournalWatch,
+    /// Sessions and per-agent links.
+    pub sessions: actix::Addr<SessionRegistry>,
 }
 
 impl AdminState {
     /// Observes every actor now.
     async fn observe(&self) -> ServerHealth {
         let (journal_actor, journal) = self.journal.observe(OBSERVE_TIMEOUT).await;
+        let (registry_actor, links) = observe_links(&self.sessions).await;
+        let mut actors = vec![journal_actor, registry_actor];
+        let mut sessions = 0;
+        let mut agents = BTreeMap::new();
+        for (id, link) in links {
+            match link {
+                Ok(l) => {
+                    sessions += u64::from(l.connected);
+                    actors.push(ActorHealth {
+                        name: id.clone(),
+                        kind: "AgentLink",
+                        state: ActorState::Running,
+                        restarts: 0,
+                        last_beat_ms: 0,
+                        backlog: l.unacked_commands as u64,
+                    });
+                    agents.insert(
+                        id.clone(),
+                        AgentHealth {
+                            id,
+                            connected: l.connected,
+                            unacked_commands: l.unacked_commands as u64,
+                            oldest_unacked_ms: l.oldest_unacked_ms,
+                            events_received: l.events_received,
+                            retransmits: l.retransmits,
+                            ignored_acks: l.stale_acks + l.bogus_acks,
+                            last_heard_ms: l.last_heard_ms,
+                            actors: l.status.map(|s| s.actors).unwrap_or_default(),
+                        },
+                    );
+                }
+                Err(state) => actors.push(ActorHealth {
+                    name: id,
+                    kind: "AgentLink",
+                    state,
+                    restarts: 0,
+                    last_beat_ms: OBSERVE_TIMEOUT.as_millis() as u64,
+                    backlog: 0,
+                }),
+            }
+        }
         ServerHealth {
-            actors: vec![journal_actor],
-            // Sessions arrive with the WSS listener; until then there are none.
-            sessions: 0,
+            actors,
+            sessions,
             journal,
-            agents: BTreeMap::new(),
+            agents,
         }
     }
+}
+
+type LinkObservation = (String, Result<LinkHealth, ActorState>);
+
+/// The session registry's own health, and every agent link's (concurrently, each bounded).
+async fn observe_links(
+    registry: &actix::Addr<SessionRegistry>,
+) -> (ActorHealth, Vec<LinkObservation>) {
+    let started = std::time::Instant::now();
+    let listed = tokio::time::timeout(OBSERVE_TIMEOUT, registry.send(ListLinks)).await;
+    let state = match &listed {
+        Ok(Ok(_)) => ActorState::Running,
+        Ok(Err(_)) => ActorState::Stopped,
+        Err(_) => ActorState::Timeout,
+    };
+    let actor = ActorHealth {
+        name: "sessions".into(),
+        kind: "SessionRegistry",
+        state,
+        restarts: 0,
+        last_beat_ms: started.elapsed().as_millis() as u64,
+        backlog: 0,
+    };
+    let Ok(Ok(listed)) = listed else {
+        return (actor, Vec::new());
+    };
+    let observations = listed.links.into_iter().map(|(id, link)| async move {
+        let state = match tokio::time::timeout(OBSERVE_TIMEOUT, link.send(ObserveLink)).await {
+            Ok(Ok(health)) => Ok(health),
+            Ok(Err(_)) => Err(ActorState::Stopped),
+            Err(_) => Err(ActorState::Timeout),
+        };
+        (id, state)
+    });
+    (actor, futures_util::future::join_all(observations).await)
 }
 
 /// Mounts the admin routes.

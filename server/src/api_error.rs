@@ -21,6 +21,37 @@ pub enum ApiError {
     /// The request body could not be read or decoded (too large, malformed JSON).
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// An enrollment token that is unknown, spent, expired or for another role: one answer for
+    /// all, so that nobody learns which.
+    #[error("invalid or expired enrollment token")]
+    InvalidEnrollmentToken,
+    /// The request conflicts with what exists (a name enrolled with another key).
+    #[error("{0}")]
+    Conflict(String),
+    /// Too many failed attempts from this source; retry after the given seconds.
+    #[error("too many failed attempts, retry in {retry_after_s} s")]
+    TooManyRequests {
+        /// Seconds until attempts are accepted again.
+        retry_after_s: u64,
+    },
+    /// The journal refused the change; nothing changed (details are logged, not answered).
+    #[error("storage unavailable, nothing was changed; retry later")]
+    Unavailable,
+}
+
+impl From<crate::registry::RegistryError> for ApiError {
+    fn from(e: crate::registry::RegistryError) -> Self {
+        use crate::registry::RegistryError;
+        match e {
+            RegistryError::InvalidToken => ApiError::InvalidEnrollmentToken,
+            RegistryError::Invalid(reason) => ApiError::BadRequest(reason),
+            RegistryError::NameTaken | RegistryError::KeyTaken => ApiError::Conflict(e.to_string()),
+            RegistryError::Journal(_) | RegistryError::Corrupt { .. } => {
+                tracing::error!(error = %e, "registry-change-failed");
+                ApiError::Unavailable
+            }
+        }
+    }
 }
 
 /// The JSON body of every error response.
@@ -37,6 +68,10 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidEnrollmentToken => StatusCode::UNAUTHORIZED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -44,6 +79,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if let ApiError::TooManyRequests { retry_after_s } = self {
+            response.insert_header((header::RETRY_AFTER, retry_after_s.to_string()));
         }
         response.json(ErrorBody {
             error: self.to_string(),

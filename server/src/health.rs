@@ -45,11 +45,25 @@ pub struct ActorHealth {
     pub backlog: u64,
 }
 
-/// An agent's actors, as reported in its heartbeats.
+/// One agent, seen from the server: its streams here, and its own actors as it reports them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AgentHealth {
-    /// The agent's actors.
-    pub actors: Vec<ActorHealth>,
+    pub id: String,
+    /// A session is attached now.
+    pub connected: bool,
+    /// Commands journaled for it and not yet acknowledged (the journal depth for this agent).
+    pub unacked_commands: u64,
+    /// Age of the oldest of them, in milliseconds.
+    pub oldest_unacked_ms: Option<u64>,
+    /// Events received from it (its stream position).
+    pub events_received: u64,
+    /// Commands resent after a silence, acks ignored as stale or bogus.
+    pub retransmits: u64,
+    pub ignored_acks: u64,
+    /// Milliseconds since anything arrived from it.
+    pub last_heard_ms: Option<u64>,
+    /// The agent's actors, from its last heartbeat.
+    pub actors: Vec<tether_shared::protocol::ActorHealth>,
 }
 
 /// The `/admin/health` body.
@@ -125,6 +139,34 @@ impl ServerHealth {
             "Agent and relay sessions currently connected.",
             self.sessions,
         );
+        let per_agent: [AgentGauge; 3] = [
+            (
+                "tether_agent_unacked_commands",
+                "Commands journaled for the agent and not yet acknowledged.",
+                |a| a.unacked_commands,
+            ),
+            (
+                "tether_agent_oldest_unacked_ms",
+                "Age of the oldest unacknowledged command, in milliseconds.",
+                |a| a.oldest_unacked_ms.unwrap_or(0),
+            ),
+            (
+                "tether_agent_connected",
+                "1 if a session of the agent is attached.",
+                |a| u64::from(a.connected),
+            ),
+        ];
+        for (name, help, value) in per_agent {
+            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+            for (agent, health) in &self.agents {
+                let _ = writeln!(
+                    out,
+                    "{name}{{agent=\"{}\"}} {}",
+                    label(agent),
+                    value(health)
+                );
+            }
+        }
         let _ = write!(
             out,
             "# HELP tether_actor_up 1 if the actor answered its last observation without a fault.\n\
@@ -142,6 +184,9 @@ impl ServerHealth {
         out
     }
 }
+
+/// A per-agent gauge: name, help text, and how to read it.
+type AgentGauge = (&'static str, &'static str, fn(&AgentHealth) -> u64);
 
 /// Escapes a Prometheus label value.
 fn label(value: &str) -> String {

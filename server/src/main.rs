@@ -4,7 +4,11 @@
 //!
 //! # Layout
 //! - [`init`]: `tether-server init`, the data directory's CA, certificate, keys and admin token.
-//! - [`run`]: `tether-server run`, opening the journal and serving HTTPS until a stop signal.
+//! - [`run`]: `tether-server run`, opening the journal and serving both listeners until a stop
+//!   signal.
+//! - [`registry`]: `Registry`, enrolled agents and relays, enrollment tokens, presence.
+//! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
+//! - [`agent_surface`]: the agent-facing routes under `/agent/v1` on the WSS listener.
 //! - [`admin`]: the `/admin/health` and `/metrics` handlers.
 //! - [`admin_token`]: the admin bearer token and its constant-time check.
 //! - [`api_error`]: `ApiError`, the JSON error responses of the HTTPS surface.
@@ -13,11 +17,15 @@
 
 mod admin;
 mod admin_token;
+mod agent_surface;
+mod api;
 mod api_error;
 mod health;
 mod init;
 mod ports;
+mod registry;
 mod run;
+mod session;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -133,6 +141,11 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
     let opts = run::RunOptions {
         data_dir: args.data.unwrap_or_else(|| cfg.server.data_dir.clone()),
         listen_https: cfg.listen.https,
+        listen_wss: cfg.listen.wss,
+        heartbeat_interval: cfg.server.heartbeat_interval,
+        heartbeat_timeout: cfg.server.heartbeat_timeout,
+        max_handshakes: cfg.server.max_handshakes_in_flight,
+        window: cfg.server.max_unacked,
     };
     match run::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,8 +15,10 @@ pub const PORTS_FILE: &str = "ports.json";
 /// What is listening, by listener name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Ports {
-    /// The HTTPS listener (web app, REST, admin, bulk transfers).
+    /// The HTTPS listener (web app, REST, admin).
     pub https: SocketAddr,
+    /// The agent-facing listener (agent WebSocket, enrollment, agents' bulk downloads).
+    pub wss: SocketAddr,
 }
 
 impl Ports {
@@ -48,11 +50,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ports = Ports {
             https: "127.0.0.1:4321".parse().unwrap(),
+            wss: "127.0.0.1:4322".parse().unwrap(),
         };
         let path = ports.write(dir.path()).unwrap();
         assert_eq!(
             std::fs::read_to_string(&path).unwrap(),
-            "{\"https\":\"127.0.0.1:4321\"}\n"
+            "{\"https\":\"127.0.0.1:4321\",\"wss\":\"127.0.0.1:4322\"}\n"
         );
         remove_stale(dir.path()).unwrap();
         assert!(!path.exists());

@@ -1,6 +1,8 @@
-//! `tether-server run`: checks the data directory that `init` made, opens the journal, starts the
-//! `Journal` actor and serves HTTPS (admin endpoints for now) until SIGINT or SIGTERM, then
-//! shuts down gracefully. Once the listener is bound its address goes to `DIR/ports.json`.
+//! `tether-server run`: checks the data directory that `init` made, opens the journal, loads
+//! the registry, starts the `Journal` actor and serves two TLS listeners until SIGINT or
+//! SIGTERM, then shuts both down gracefully: HTTPS (`listen.https`: REST under `/api/v1`,
+//! admin) and the agent-facing one (`listen.wss`: `/agent/v1/...`, see `agent_surface`). Once
+//! both are bound their addresses go to `DIR/ports.json`.
 //!
 //! Every limit a peer could otherwise push against is set here explicitly: request-head and TLS
 //! handshake timeouts, concurrent handshakes and connections per worker, body sizes.
@@ -9,20 +11,29 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Actor;
 use actix_rt::signal::unix::{signal, SignalKind};
 use actix_web::{web, App, HttpServer};
+use tether_shared::identity::{Identity, IdentityError};
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
 use tether_shared::tls::{self, TlsError};
 
 use crate::admin::{self, AdminState};
 use crate::admin_token::{AdminToken, AdminTokenError};
+use crate::agent_surface::{self, AgentSurface, EnrollLimiter};
+use crate::api::{self, ApiState};
 use crate::api_error::{not_found, ApiError};
 use crate::health::JournalWatch;
 use crate::init;
 use crate::ports::{self, Ports};
+use crate::registry::{Registry, RegistryError};
+use crate::session::routes::{ProbeApiState, SessionsState};
+use crate::session::session_registry::SessionRegistry;
+use crate::session::{self, SessionShared};
 
 /// The journal's directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
@@ -45,6 +56,12 @@ const LISTEN_BACKLOG: u32 = 1_024;
 const JSON_LIMIT_BYTES: usize = 1024 * 1024;
 /// Largest buffered request body of any other kind.
 const PAYLOAD_LIMIT_BYTES: usize = 1024 * 1024;
+/// Time an agent has to answer the challenge.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Commands held per agent before new ones are refused (the agent is not acknowledging).
+const MAX_RETAINED_COMMANDS: usize = 100_000;
+/// Unacknowledged commands are resent after this long without progress.
+const RETRANSMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Seconds in-flight requests get to finish after a stop signal.
 const SHUTDOWN_TIMEOUT_S: u64 = 10;
 
@@ -55,6 +72,13 @@ pub struct RunOptions {
     pub data_dir: PathBuf,
     /// Where the HTTPS listener binds (port 0: any free port).
     pub listen_https: SocketAddr,
+    /// Where the agent-facing listener binds (port 0: any free port).
+    pub listen_wss: SocketAddr,
+    /// Agent sessions: beat interval, silence before offline, handshakes at once, window.
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub max_handshakes: usize,
+    pub window: u64,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -98,9 +122,17 @@ pub enum RunError {
     /// The journal could not be opened (its message says what to do).
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// The HTTPS listener could not be bound.
-    #[error("cannot listen on {addr} (listen.https): {source}")]
+    /// The command-signing key is unusable.
+    #[error("signing key: {0}")]
+    SigningKey(#[from] IdentityError),
+    /// The registry could not be loaded from the journal.
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} (listen.{listener}): {source}")]
     Bind {
+        /// Which listener: `https` or `wss`.
+        listener: &'static str,
         /// The configured address.
         addr: SocketAddr,
         /// The underlying failure.
@@ -117,9 +149,14 @@ pub enum RunError {
     /// The SIGINT/SIGTERM handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
     Signal(io::Error),
-    /// The HTTP server stopped with an error.
-    #[error("the HTTPS server failed: {0}")]
-    Serve(io::Error),
+    /// A listener stopped with an error.
+    #[error("the {listener} listener failed: {source}")]
+    Serve {
+        /// Which listener: `https` or `wss`.
+        listener: &'static str,
+        /// The underlying failure.
+        source: io::Error,
+    },
 }
 
 /// Runs the server until a stop signal; `Ok` after a clean shutdown.
@@ -128,6 +165,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     check_initialized(dir)?;
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     let tls = load_tls(dir)?;
+    let signing = Identity::load(&dir.join(init::SIGNING_KEY))?;
+    let server_signing_key = signing.public_key_b64();
     // Blocking (sled recovery reads every entry): done before the runtime starts.
     let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &JournalOptions::default())?;
     tracing::info!(
@@ -136,11 +175,36 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         logs = recovered.logs.len(),
         "journal-recovered"
     );
+    let registry = Arc::new(Registry::load(journal.handle())?);
     ports::remove_stale(dir).map_err(|source| RunError::Ports {
         path: dir.join(ports::PORTS_FILE),
         source,
     })?;
-    actix_rt::System::new().block_on(serve(dir, opts.listen_https, token, tls, journal))
+    let loaded = Loaded {
+        token,
+        tls,
+        signing,
+        server_signing_key,
+        journal,
+        registry,
+    };
+    actix_rt::System::new().block_on(serve(dir, opts, loaded))
+}
+
+/// Everything `run` reads from the data directory before the actix system starts.
+struct Loaded {
+    /// Guards the REST API and the admin endpoints.
+    token: AdminToken,
+    /// Presented by both listeners.
+    tls: rustls::ServerConfig,
+    /// `DIR/signing.key`: signs every command.
+    signing: Identity,
+    /// Public half of `DIR/signing.key`, base64: agents pin it at enrollment.
+    server_signing_key: String,
+    /// The opened journal, not yet started as an actor.
+    journal: Journal,
+    /// Agents, relays and enrollment tokens, loaded from the journal.
+    registry: Arc<Registry>,
 }
 
 /// Refuses a directory `init` has not (completely) filled.
@@ -175,18 +239,65 @@ fn load_tls(dir: &Path) -> Result<rustls::ServerConfig, RunError> {
     tls::server_config(&cert_pem, &key_pem).map_err(|source| RunError::Tls { cert, key, source })
 }
 
-/// Starts the actors and the HTTPS server inside the actix system; returns once it stopped.
-async fn serve(
-    dir: &Path,
-    listen: SocketAddr,
-    token: AdminToken,
-    tls: rustls::ServerConfig,
-    journal: Journal,
-) -> Result<(), RunError> {
-    let handle = journal.handle();
-    let state = web::Data::new(AdminState {
-        token,
-        journal: JournalWatch::new(journal.start(), handle),
+/// Applies the limits every listener shares (see the constants above); stop signals are handled
+/// by [`serve`] for both listeners at once.
+macro_rules! with_limits {
+    ($server:expr) => {
+        $server
+            .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
+            .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
+            .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
+            .keep_alive(KEEP_ALIVE)
+            .max_connection_rate(MAX_TLS_HANDSHAKES_PER_WORKER)
+            .max_connections(MAX_CONNECTIONS_PER_WORKER)
+            .backlog(LISTEN_BACKLOG)
+            .shutdown_timeout(SHUTDOWN_TIMEOUT_S)
+            .disable_signals()
+    };
+}
+
+/// Starts the actors and both listeners inside the actix system: HTTPS (`listen.https`: REST,
+/// admin) and the agent-facing one (`listen.wss`: `/agent/v1/...`). Returns once both stopped;
+/// a stop signal stops both, and either one failing stops the other.
+async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunError> {
+    let handle = loaded.journal.handle();
+    let shared = Arc::new(SessionShared {
+        journal: handle.clone(),
+        registry: loaded.registry.clone(),
+        signing: loaded.signing,
+        incarnation: handle.incarnation().to_owned(),
+        heartbeat_interval: opts.heartbeat_interval,
+        heartbeat_timeout: opts.heartbeat_timeout,
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        handshakes: AtomicUsize::new(0),
+        max_handshakes: opts.max_handshakes,
+        next_conn: AtomicU64::new(0),
+        window: opts.window,
+        max_retained: MAX_RETAINED_COMMANDS,
+        rto: RETRANSMIT_TIMEOUT,
+    });
+    let session_registry = SessionRegistry::new(shared.clone()).start();
+    let sessions = web::Data::new(SessionsState {
+        shared,
+        registry: session_registry,
+    });
+    let probe_state = web::Data::new(ProbeApiState {
+        token: loaded.token.clone(),
+        sessions: sessions.clone(),
+    });
+    let admin_state = web::Data::new(AdminState {
+        token: loaded.token.clone(),
+        journal: JournalWatch::new(loaded.journal.start(), handle),
+        sessions: sessions.registry.clone(),
+    });
+    let api_state = web::Data::new(ApiState {
+        token: loaded.token,
+        registry: loaded.registry.clone(),
+    });
+    let surface_state = web::Data::new(AgentSurface {
+        registry: loaded.registry,
+        server_signing_key: loaded.server_signing_key,
+        limiter: EnrollLimiter::default(),
     });
     let stop = stop_signal().map_err(RunError::Signal)?;
     let json = web::JsonConfig::default()
@@ -194,54 +305,94 @@ async fn serve(
         .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into());
     let payload = web::PayloadConfig::new(PAYLOAD_LIMIT_BYTES);
 
-    let server = HttpServer::new(move || {
+    let (json_https, payload_https) = (json.clone(), payload.clone());
+    let https = with_limits!(HttpServer::new(move || {
         App::new()
-            .app_data(state.clone())
-            .app_data(json.clone())
-            .app_data(payload.clone())
+            .app_data(admin_state.clone())
+            .app_data(api_state.clone())
+            .app_data(json_https.clone())
+            .app_data(payload_https.clone())
+            .app_data(probe_state.clone())
             .configure(admin::configure)
+            .configure(api::configure)
+            .configure(session::routes::configure_api)
             .default_service(web::to(not_found))
-    })
-    .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-    .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
-    .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
-    .keep_alive(KEEP_ALIVE)
-    .max_connection_rate(MAX_TLS_HANDSHAKES_PER_WORKER)
-    .max_connections(MAX_CONNECTIONS_PER_WORKER)
-    .backlog(LISTEN_BACKLOG)
-    .shutdown_timeout(SHUTDOWN_TIMEOUT_S)
-    .shutdown_signal(stop)
-    .bind_rustls_0_23(listen, tls)
+    }))
+    .bind_rustls_0_23(opts.listen_https, loaded.tls.clone())
     .map_err(|source| RunError::Bind {
-        addr: listen,
+        listener: "https",
+        addr: opts.listen_https,
         source,
     })?;
-    let https = server
-        .addrs()
-        .first()
-        .copied()
-        .ok_or_else(|| RunError::Bind {
-            addr: listen,
+    let wss = with_limits!(HttpServer::new(move || {
+        App::new()
+            .app_data(surface_state.clone())
+            .app_data(json.clone())
+            .app_data(payload.clone())
+            .app_data(sessions.clone())
+            .configure(agent_surface::configure)
+            .configure(session::routes::configure_agent_surface)
+            .default_service(web::to(not_found))
+    }))
+    .bind_rustls_0_23(opts.listen_wss, loaded.tls)
+    .map_err(|source| RunError::Bind {
+        listener: "wss",
+        addr: opts.listen_wss,
+        source,
+    })?;
+    let bound = |addrs: Vec<SocketAddr>, listener: &'static str, addr: SocketAddr| {
+        addrs.first().copied().ok_or_else(|| RunError::Bind {
+            listener,
+            addr,
             source: io::Error::new(io::ErrorKind::AddrNotAvailable, "no address was bound"),
-        })?;
+        })
+    };
+    let ports = Ports {
+        https: bound(https.addrs(), "https", opts.listen_https)?,
+        wss: bound(wss.addrs(), "wss", opts.listen_wss)?,
+    };
 
-    let running = server.run();
+    let (https, wss) = (https.run(), wss.run());
+    let (https_handle, wss_handle) = (https.handle(), wss.handle());
     let ports_path = dir.join(ports::PORTS_FILE);
-    if let Err(source) = (Ports { https }).write(dir) {
-        running.handle().stop(false).await;
+    if let Err(source) = ports.write(dir) {
+        tokio::join!(https_handle.stop(false), wss_handle.stop(false));
         return Err(RunError::Ports {
             path: ports_path,
             source,
         });
     }
-    tracing::info!(https = %https, ports = %ports_path.display(), "server-listening");
+    tracing::info!(https = %ports.https, wss = %ports.wss, ports = %ports_path.display(), "server-listening");
 
-    let served = running.await;
+    let (https_stop, wss_stop) = (https_handle.clone(), wss_handle.clone());
+    actix_rt::spawn(async move {
+        stop.await;
+        tokio::join!(https_stop.stop(true), wss_stop.stop(true));
+    });
+    let (https_served, wss_served) = tokio::join!(
+        async {
+            let served = https.await;
+            wss_handle.stop(true).await;
+            served
+        },
+        async {
+            let served = wss.await;
+            https_handle.stop(true).await;
+            served
+        },
+    );
     // Best effort: a stale file would point scripts at a port nobody listens on.
     if let Err(e) = ports::remove_stale(dir) {
         tracing::warn!(path = %ports_path.display(), error = %e, "ports-file-not-removed");
     }
-    served.map_err(RunError::Serve)?;
+    https_served.map_err(|e| RunError::Serve {
+        listener: "https",
+        source: e,
+    })?;
+    wss_served.map_err(|e| RunError::Serve {
+        listener: "wss",
+        source: e,
+    })?;
     tracing::info!("server-stopped");
     Ok(())
 }

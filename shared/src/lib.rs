@@ -8,8 +8,12 @@
 //! - [`config`]: layered configuration loading and validation for the three binaries.
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
 //! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
+//! - [`enroll`]: the enrollment request and answer, roles, name rules, upstream URLs.
+//! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
 
 pub mod config;
+pub mod enroll;
+pub mod https;
 pub mod identity;
 pub mod journal;
 pub mod link;

@@ -1,12 +1,14 @@
 //! The receiving half of a message stream at the edge, still without I/O: bytes off the wire
 //! become either journal operations for an accepted message, or a typed error and nothing.
 //!
-//! [`StreamReceiver::on_bytes`] decodes (with the sender's direction rules), checks that the
-//! frame belongs to this stream, runs the stream core's acceptance rules (next seq only,
-//! duplicates re-acked, gaps nacked, conflicting replays refused) and, for an accepted message,
-//! returns the ops that journal it together with the new watermark. The caller commits them,
-//! then calls [`StreamReceiver::journaled`]; only then does [`StreamReceiver::poll_ack`] offer an
-//! ack. A refused frame leaves nothing to journal and nothing to acknowledge.
+//! [`StreamReceiver::on_bytes`] decodes (with the sender's direction rules), runs the caller's
+//! check (the agent verifies the server's signature here), checks that the frame belongs to
+//! this stream, applies the stream core's acceptance rules (next seq only, duplicates re-acked,
+//! gaps nacked, conflicting replays refused) and, for an accepted message, returns the ops that
+//! journal it together with the new watermark. The caller commits them (adding the ops of the
+//! message's effect to the same batch), then calls [`Inbound::mark_durable`]; only then does
+//! [`StreamReceiver::poll_ack`] offer an ack. A refused frame leaves nothing to journal and
+//! nothing to acknowledge.
 
 use crate::journal::{LogName, Op};
 use crate::protocol::{self, Ack, DecodeError, Frame, Nack, Sender, Seq, StreamId};
@@ -19,13 +21,15 @@ pub enum LinkError {
     Decode(#[from] DecodeError),
     #[error(transparent)]
     Stream(#[from] StreamError),
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl LinkError {
     pub fn close_code(&self) -> u16 {
         match self {
             LinkError::Decode(e) => e.close_code(),
-            LinkError::Stream(_) => 1008,
+            LinkError::Stream(_) | LinkError::Refused(_) => 1008,
         }
     }
 }
@@ -33,8 +37,12 @@ impl LinkError {
 /// What an incoming frame asks of the caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
-    /// A new message: commit these ops, then call [`StreamReceiver::journaled`] with `seq`.
-    Journal { seq: Seq, ops: Vec<Op> },
+    /// A new message: commit these ops (plus its effect's), then mark `seq` durable.
+    Journal {
+        seq: Seq,
+        frame: Frame,
+        ops: Vec<Op>,
+    },
     /// A duplicate or a gap: nothing to journal (poll for the re-ack or the nack).
     Nothing,
     /// Not a message of this stream (handshake, heartbeat, ack of the other stream...):
@@ -42,41 +50,51 @@ pub enum Received {
     Other(Frame),
 }
 
-/// Receives one stream (events on the server, commands on the agent) from one peer.
+/// Where one received stream (events on the server, commands on the agent) is journaled.
 #[derive(Debug, Clone)]
 pub struct StreamReceiver {
     stream: StreamId,
     log: LogName,
     watermark_key: String,
-    inbound: Inbound,
 }
 
 impl StreamReceiver {
     /// `log` holds the messages; `watermark_key` the durable watermark, written in the same batch.
-    pub fn new(stream: StreamId, log: LogName, watermark_key: String, inbound: Inbound) -> Self {
+    pub fn new(stream: StreamId, log: LogName, watermark_key: String) -> Self {
         StreamReceiver {
             stream,
             log,
             watermark_key,
-            inbound,
         }
     }
 
-    fn sender(&self) -> Sender {
-        self.stream.producer()
+    pub fn log(&self) -> &LogName {
+        &self.log
     }
 
-    /// Bytes arrived from the peer.
-    pub fn on_bytes(&mut self, bytes: &[u8]) -> Result<Received, LinkError> {
-        let frame = protocol::decode(bytes, self.sender())?;
+    pub fn watermark_key(&self) -> &str {
+        &self.watermark_key
+    }
+
+    /// Bytes arrived from the peer; `check` may refuse a decoded message of this stream
+    /// before anything about it is recorded.
+    pub fn on_bytes(
+        &self,
+        inbound: &mut Inbound,
+        bytes: &[u8],
+        check: impl FnOnce(&Frame) -> Result<(), LinkError>,
+    ) -> Result<Received, LinkError> {
+        let frame = protocol::decode(bytes, self.stream.producer())?;
         let (seq, crc) = match (&frame, self.stream) {
             (Frame::Event(e), StreamId::Events) => (e.seq, e.crc),
             (Frame::Command(c), StreamId::Commands) => (c.seq, c.crc),
             _ => return Ok(Received::Other(frame)),
         };
-        match self.inbound.on_data(seq, crc)? {
+        check(&frame)?;
+        match inbound.on_data(seq, crc)? {
             DataOutcome::Accept => Ok(Received::Journal {
                 seq,
+                frame,
                 ops: vec![
                     Op::Append {
                         log: self.log.clone(),
@@ -93,14 +111,9 @@ impl StreamReceiver {
         }
     }
 
-    /// The ops of the message `seq` (and all before it) are durable.
-    pub fn journaled(&mut self, seq: Seq) {
-        self.inbound.mark_durable(seq);
-    }
-
     /// The ack to send now, if any.
-    pub fn poll_ack(&mut self) -> Option<Frame> {
-        self.inbound.poll_ack().map(|upto| {
+    pub fn poll_ack(&self, inbound: &mut Inbound) -> Option<Frame> {
+        inbound.poll_ack().map(|upto| {
             Frame::Ack(Ack {
                 stream: self.stream,
                 upto,
@@ -109,8 +122,8 @@ impl StreamReceiver {
     }
 
     /// The nack to send now, if a gap was seen.
-    pub fn poll_nack(&mut self) -> Option<Frame> {
-        self.inbound.poll_nack().map(|from| {
+    pub fn poll_nack(&self, inbound: &mut Inbound) -> Option<Frame> {
+        inbound.poll_nack().map(|from| {
             Frame::Nack(Nack {
                 stream: self.stream,
                 from,
@@ -118,7 +131,181 @@ impl StreamReceiver {
         })
     }
 
-    pub fn inbound(&self) -> &Inbound {
-        &self.inbound
+    /// Who sends this stream.
+    pub fn sender(&self) -> Sender {
+        self.stream.producer()
+    }
+}
+
+/// Read a big-endian u64 stored by [`StreamReceiver`] (watermarks) or its siblings.
+pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+/// The journal names of one peer relationship: what we send, what we received, who the peer is.
+#[derive(Debug, Clone)]
+pub struct StreamKeys {
+    /// Our outbound messages, retained until acknowledged.
+    pub out_log: LogName,
+    /// The peer's cumulative ack of our stream.
+    pub out_acked: String,
+    /// Inbound messages (the latest ones, for replay checks).
+    pub in_log: LogName,
+    /// Our durable watermark of the peer's stream.
+    pub in_watermark: String,
+    /// The peer's incarnation as last seen.
+    pub peer: String,
+    pub inbound_stream: StreamId,
+}
+
+impl StreamKeys {
+    /// The server's names for agent `agent_id` (commands out, events in).
+    pub fn server_side(agent_id: &str) -> Result<Self, crate::journal::JournalError> {
+        Ok(StreamKeys {
+            out_log: LogName::new(format!("out/commands/{agent_id}"))?,
+            out_acked: format!("out/commands/{agent_id}/acked"),
+            in_log: LogName::new(format!("in/events/{agent_id}"))?,
+            in_watermark: format!("in/events/{agent_id}/wm"),
+            peer: format!("peer/{agent_id}"),
+            inbound_stream: StreamId::Events,
+        })
+    }
+
+    /// The agent's names for its server (events out, commands in).
+    pub fn agent_side() -> Result<Self, crate::journal::JournalError> {
+        Ok(StreamKeys {
+            out_log: LogName::new("out/events")?,
+            out_acked: "out/events/acked".into(),
+            in_log: LogName::new("in/commands")?,
+            in_watermark: "in/commands/wm".into(),
+            peer: "peer/server".into(),
+            inbound_stream: StreamId::Commands,
+        })
+    }
+
+    pub fn receiver(&self) -> StreamReceiver {
+        StreamReceiver::new(
+            self.inbound_stream,
+            self.in_log.clone(),
+            self.in_watermark.clone(),
+        )
+    }
+
+    /// Journal ops after the peer acknowledged our stream up to `upto`.
+    pub fn acked_ops(&self, upto: Seq) -> Vec<Op> {
+        vec![
+            Op::TruncateThrough {
+                log: self.out_log.clone(),
+                upto,
+            },
+            Op::PutMeta {
+                key: self.out_acked.clone(),
+                value: upto.0.to_be_bytes().to_vec(),
+            },
+        ]
+    }
+
+    /// Journal ops that keep only the latest `keep` inbound messages once `upto` is durable.
+    pub fn trim_inbound_ops(&self, upto: Seq, keep: u64) -> Vec<Op> {
+        match upto.0.checked_sub(keep) {
+            Some(through) if through > 0 => vec![Op::TruncateThrough {
+                log: self.in_log.clone(),
+                upto: Seq(through),
+            }],
+            _ => Vec::new(),
+        }
+    }
+
+    /// Journal ops after the handshake: remember the peer; after a reset, forget both streams.
+    pub fn handshake_ops<P>(
+        &self,
+        outcome: &crate::stream::Handshake<P>,
+        peer_incarnation: &str,
+    ) -> Vec<Op> {
+        use crate::stream::Handshake;
+        let remember = Op::PutMeta {
+            key: self.peer.clone(),
+            value: peer_incarnation.as_bytes().to_vec(),
+        };
+        match outcome {
+            Handshake::Resumed => Vec::new(),
+            Handshake::FirstContact => vec![
+                Op::TruncateThrough {
+                    log: self.in_log.clone(),
+                    upto: Seq::MAX_VALID,
+                },
+                Op::PutMeta {
+                    key: self.in_watermark.clone(),
+                    value: 0u64.to_be_bytes().to_vec(),
+                },
+                remember,
+            ],
+            Handshake::PeerReset { .. } => vec![
+                Op::TruncateThrough {
+                    log: self.out_log.clone(),
+                    upto: Seq::MAX_VALID,
+                },
+                Op::PutMeta {
+                    key: self.out_acked.clone(),
+                    value: 0u64.to_be_bytes().to_vec(),
+                },
+                Op::TruncateThrough {
+                    log: self.in_log.clone(),
+                    upto: Seq::MAX_VALID,
+                },
+                Op::PutMeta {
+                    key: self.in_watermark.clone(),
+                    value: 0u64.to_be_bytes().to_vec(),
+                },
+                remember,
+            ],
+        }
+    }
+
+    /// Rebuild both halves of the relationship from the journal (after a restart).
+    pub fn recover(
+        &self,
+        journal: &crate::journal::JournalHandle,
+        window: u64,
+        max_retained: usize,
+        rto_ms: u64,
+        now_ms: u64,
+    ) -> Result<crate::stream::Endpoint<Vec<u8>>, crate::journal::JournalError> {
+        use crate::stream::{Endpoint, Outbound, Retained};
+        let meta_u64 = |key: &str| -> Result<u64, crate::journal::JournalError> {
+            Ok(journal
+                .get_meta(key)?
+                .as_deref()
+                .and_then(decode_u64)
+                .unwrap_or(0))
+        };
+        let acked = Seq(meta_u64(&self.out_acked)?);
+        let retained = journal
+            .read_log(&self.out_log, acked, usize::MAX)?
+            .into_iter()
+            .map(|r| Retained {
+                seq: r.seq,
+                payload: r.payload,
+                enqueued_ms: now_ms,
+            })
+            .collect();
+        let outbound = Outbound::recover(acked, retained, window, max_retained, rto_ms);
+        let watermark = Seq(meta_u64(&self.in_watermark)?);
+        let from = Seq(watermark.0.saturating_sub(window));
+        let sender = self.inbound_stream.producer();
+        let recent = journal
+            .read_log(&self.in_log, from, usize::MAX)?
+            .into_iter()
+            .filter_map(|r| match protocol::decode(&r.payload, sender) {
+                Ok(Frame::Event(e)) => Some((r.seq, e.crc)),
+                Ok(Frame::Command(c)) => Some((r.seq, c.crc)),
+                _ => None,
+            })
+            .collect();
+        let inbound = Inbound::recover(watermark, recent, window);
+        let peer = journal
+            .get_meta(&self.peer)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
+        Ok(Endpoint::new(outbound, inbound, peer))
     }
 }

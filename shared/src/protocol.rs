@@ -153,16 +153,22 @@ pub struct Busy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CommandBody {
-    /// A numbered test message: the stream tests and benchmarks send these.
+    /// A numbered test message: the agent answers it with exactly one [`EventBody::ProbeEcho`].
     Probe { n: u64, data: String },
+    /// Ask the agent to send `count` numbered [`EventBody::Probe`] events of its own.
+    EmitProbes { count: u64 },
 }
 
 /// What an agent reports to the server. Self-contained, like [`CommandBody`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum EventBody {
-    /// A numbered test message: the stream tests and benchmarks send these.
+    /// A numbered test message from the agent (see [`CommandBody::EmitProbes`]).
     Probe { n: u64, data: String },
+    /// The agent received probe command `n` (journaled in the same batch as the command).
+    ProbeEcho { n: u64 },
+    /// A command arrived after its deadline and was not acted on.
+    CommandExpired { id: String },
 }
 
 /// One message of the commands stream.
@@ -546,6 +552,25 @@ fn truncate(s: &str, max_chars: usize) -> String {
         Some((idx, _)) => format!("{}…", &s[..idx]),
         None => s.to_owned(),
     }
+}
+
+/// The bytes the server signs for a command to `agent_id`: everything but the stream position,
+/// so a command can be renumbered on resend but never moved to another agent or altered.
+pub fn command_signing_bytes(
+    agent_id: &str,
+    id: &str,
+    deadline_ms: u64,
+    body: &CommandBody,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let mut out = format!("tether-command-v1\n{agent_id}\n{id}\n{deadline_ms}\n").into_bytes();
+    out.extend_from_slice(&serde_json::to_vec(body)?);
+    Ok(out)
+}
+
+/// The bytes an agent signs to prove its identity in [`Hello::proof`]: bound to this
+/// connection's nonce, so a captured handshake cannot be replayed.
+pub fn hello_proof_bytes(nonce: &str, agent_id: &str) -> Vec<u8> {
+    format!("tether-hello-v1\n{nonce}\n{agent_id}").into_bytes()
 }
 
 impl Command {

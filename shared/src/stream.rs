@@ -165,6 +165,16 @@ impl<P: Clone> Outbound<P> {
         self.durable = self.durable.max(upto.min(self.assigned));
     }
 
+    /// The number the next [`Outbound::enqueue`] will hand out (for payloads that carry it).
+    pub fn next_seq(&self) -> Option<Seq> {
+        self.assigned.next()
+    }
+
+    /// Whether `n` more messages fit before [`StreamError::Backlog`].
+    pub fn has_room(&self, n: usize) -> bool {
+        self.retained.len() + n <= self.max_retained
+    }
+
     /// A connection is up and the peer says it holds everything up to `peer_has`.
     /// Transmission restarts right after that; the watermark also counts as an ack.
     pub fn connect(

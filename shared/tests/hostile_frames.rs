@@ -24,17 +24,28 @@ fn event(seq: u64, data: &str) -> Vec<u8> {
     .unwrap()
 }
 
+/// The receive path under test: where the stream is journaled, and its sans-IO state.
+struct Rx {
+    receiver: StreamReceiver,
+    inbound: Inbound,
+}
+
+impl Rx {
+    fn poll_ack(&mut self) -> Option<Frame> {
+        self.receiver.poll_ack(&mut self.inbound)
+    }
+    fn poll_nack(&mut self) -> Option<Frame> {
+        self.receiver.poll_nack(&mut self.inbound)
+    }
+}
+
 /// Feed `bytes`; commit whatever it asks to journal (a correct receiver asks nothing for
 /// hostile input, and the final checks would catch it if it did).
-async fn feed(
-    rx: &mut StreamReceiver,
-    journal: &JournalHandle,
-    bytes: &[u8],
-) -> Result<Received, LinkError> {
-    let r = rx.on_bytes(bytes)?;
-    if let Received::Journal { seq, ops } = &r {
+async fn feed(rx: &mut Rx, journal: &JournalHandle, bytes: &[u8]) -> Result<Received, LinkError> {
+    let r = rx.receiver.on_bytes(&mut rx.inbound, bytes, |_| Ok(()))?;
+    if let Received::Journal { seq, ops, .. } = &r {
         journal.commit(ops.clone()).await.unwrap();
-        rx.journaled(*seq);
+        rx.inbound.mark_durable(*seq);
     }
     Ok(r)
 }
@@ -45,12 +56,10 @@ async fn hostile_frames_are_refused_with_nothing_journaled_or_acked() {
     let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
     let journal = journal.handle();
     let log = LogName::new("in/events/agent-1").unwrap();
-    let mut rx = StreamReceiver::new(
-        StreamId::Events,
-        log.clone(),
-        "wm/in/events/agent-1".into(),
-        Inbound::new(64),
-    );
+    let mut rx = Rx {
+        receiver: StreamReceiver::new(StreamId::Events, log.clone(), "wm/in/events/agent-1".into()),
+        inbound: Inbound::new(64),
+    };
 
     // Positive control: three good events are journaled and acked.
     for seq in 1..=3 {

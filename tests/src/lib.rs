@@ -10,6 +10,10 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tether_shared::https;
+
+pub mod fleet;
+
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -214,80 +218,44 @@ pub fn https_request(
     path: &str,
     headers: &[(&str, &str)],
 ) -> io::Result<HttpReply> {
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let conn = rustls::ClientConnection::new(tls, name).map_err(io::Error::other)?;
-    let tcp = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    tcp.set_read_timeout(Some(IO_TIMEOUT))?;
-    tcp.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
-
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n");
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes())?;
-    stream.flush()?;
-
-    let mut raw = Vec::new();
-    match stream.read_to_end(&mut raw) {
-        Ok(_) => {}
-        // A peer closing without close_notify after a complete response is acceptable here.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => return Err(e),
-    }
-    parse_response(&raw)
+    https_request_with_body(addr, tls, server_name, method, path, headers, None)
 }
 
-fn parse_response(raw: &[u8]) -> io::Result<HttpReply> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of response head"))?;
-    let head = std::str::from_utf8(&raw[..split]).map_err(|_| bad("head is not UTF-8"))?;
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().ok_or_else(|| bad("empty head"))?;
-    let status = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| bad("bad status line"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked {
-        decode_chunked(body).ok_or_else(|| bad("bad chunked body"))?
-    } else {
-        body.to_vec()
-    };
-    Ok(HttpReply {
-        status,
+/// [`https_request`] with an optional body (sent with `Content-Length`), through the shared
+/// client `tether_shared::https`.
+pub fn https_request_with_body(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    server_name: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> io::Result<HttpReply> {
+    let request = https::Request {
+        method,
+        host: server_name,
+        port: addr.port(),
+        addr: Some(addr),
+        path,
         headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
-}
-
-fn decode_chunked(mut rest: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&rest[..eol]).ok()?;
-        let size_text = size_text.split(';').next()?.trim();
-        let size = usize::from_str_radix(size_text, 16).ok()?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Some(out);
+        body,
+    };
+    let limits = https::Limits {
+        connect_timeout: IO_TIMEOUT,
+        total_timeout: IO_TIMEOUT,
+        max_response_bytes: 16 * 1024 * 1024,
+    };
+    match https::request(tls, &request, &limits) {
+        Ok(reply) => Ok(HttpReply {
+            status: reply.status,
+            headers: reply.headers,
+            body: String::from_utf8_lossy(&reply.body).into_owned(),
+        }),
+        Err(https::HttpsError::Connect { source, .. } | https::HttpsError::Io { source, .. }) => {
+            Err(source)
         }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
+        Err(e) => Err(io::Error::other(e.to_string())),
     }
 }
 

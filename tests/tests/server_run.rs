@@ -55,9 +55,13 @@ impl Server {
         let https: SocketAddr = ports["https"].as_str().unwrap().parse().unwrap();
         assert_eq!(https.ip().to_string(), "127.0.0.1");
         assert_ne!(https.port(), 0);
+        let wss: SocketAddr = ports["wss"].as_str().unwrap().parse().unwrap();
+        assert_eq!(wss.ip().to_string(), "127.0.0.1");
+        assert_ne!(wss.port(), 0);
+        assert_ne!(wss.port(), https.port());
         assert_eq!(
             ports.as_object().unwrap().len(),
-            1,
+            2,
             "only what listens: {ports}"
         );
 

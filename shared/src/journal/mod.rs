@@ -151,7 +151,7 @@ pub struct JournalHealth {
 /// A cloneable handle on the journal, for code that is not an actor (and for the actor itself).
 #[derive(Clone)]
 pub struct JournalHandle {
-    tx: mpsc::Sender<Request>,
+    tx: mpsc::UnboundedSender<Request>,
     store: Arc<dyn Store>,
     stats: Arc<WriterStats>,
     incarnation: Arc<str>,
@@ -160,7 +160,22 @@ pub struct JournalHandle {
 
 impl JournalHandle {
     /// Commit `ops` atomically; resolves once they are durable.
-    pub async fn commit(&self, ops: Vec<Op>) -> Result<Committed, JournalError> {
+    ///
+    /// The request is queued when this is *called*, not when the future is first polled, so
+    /// commits are applied in call order: a caller that numbers messages and commits them one
+    /// after the other knows that a later commit's durability implies every earlier one's.
+    pub fn commit(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl std::future::Future<Output = Result<Committed, JournalError>> + 'static {
+        let queued = self.enqueue(ops);
+        async move { queued?.await.map_err(|_| JournalError::Closed)? }
+    }
+
+    fn enqueue(
+        &self,
+        ops: Vec<Op>,
+    ) -> Result<oneshot::Receiver<Result<Committed, JournalError>>, JournalError> {
         for op in &ops {
             if let Op::Append { payload, .. } = op {
                 if payload.len() > MAX_RECORD_BYTES {
@@ -173,11 +188,11 @@ impl JournalHandle {
         }
         let (reply, rx) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Request { ops, reply }).await.is_err() {
+        if self.tx.send(Request { ops, reply }).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(JournalError::Closed);
         }
-        rx.await.map_err(|_| JournalError::Closed)?
+        Ok(rx)
     }
 
     /// Records of `log` after `after`, at most `limit`, each validated.
@@ -309,8 +324,6 @@ fn validate(
 #[derive(Debug, Clone)]
 pub struct JournalOptions {
     pub sled: SledOptions,
-    /// Commits that may wait for the writer before producers are slowed down.
-    pub queue: usize,
     /// Most commits one batch takes.
     pub max_batch: usize,
 }
@@ -319,7 +332,6 @@ impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             sled: SledOptions::default(),
-            queue: 65_536,
             max_batch: 4_096,
         }
     }
@@ -413,7 +425,7 @@ impl Journal {
             }
         };
         let stats = Arc::new(WriterStats::default());
-        let tx = writer::spawn(store.clone(), stats.clone(), opts.queue, opts.max_batch)?;
+        let tx = writer::spawn(store.clone(), stats.clone(), opts.max_batch)?;
         let handle = JournalHandle {
             tx,
             store,
@@ -495,8 +507,8 @@ impl Handler<Commit> for Journal {
     type Result = ResponseFuture<Result<Committed, JournalError>>;
 
     fn handle(&mut self, msg: Commit, _: &mut Self::Context) -> Self::Result {
-        let handle = self.handle.clone();
-        Box::pin(async move { handle.commit(msg.ops).await })
+        // Queued now, in mailbox order.
+        Box::pin(self.handle.commit(msg.ops))
     }
 }
 

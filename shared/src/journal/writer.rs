@@ -92,10 +92,11 @@ struct Handoff {
 pub(crate) fn spawn(
     store: Arc<dyn Store>,
     stats: Arc<WriterStats>,
-    queue: usize,
     max_batch: usize,
-) -> Result<mpsc::Sender<Request>, JournalError> {
-    let (tx, rx) = mpsc::channel(queue.max(1));
+) -> Result<mpsc::UnboundedSender<Request>, JournalError> {
+    // Unbounded, so that queueing never waits and call order is commit order; producers are
+    // bounded upstream (stream windows, mailbox capacities).
+    let (tx, rx) = mpsc::unbounded_channel();
     let handoff = Arc::new(Handoff::default());
     let thread_err = |e: std::io::Error| JournalError::Io {
         context: "cannot start a journal writer thread".into(),
@@ -127,7 +128,7 @@ fn applier(
     store: &dyn Store,
     stats: &WriterStats,
     handoff: &Handoff,
-    mut rx: mpsc::Receiver<Request>,
+    mut rx: mpsc::UnboundedReceiver<Request>,
     max_batch: usize,
 ) {
     let mut ops: Vec<Op> = Vec::new();

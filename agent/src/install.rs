@@ -1,0 +1,402 @@
+//! `tether-agent install`: enrolls this machine with a server (directly or through a relay) and
+//! leaves in the data directory everything the worker needs: `agent.key` (the Ed25519 identity,
+//! 0600), `ca.pem` (the only CA trusted) and `agent.json` (id, name, tags, upstreams, the
+//! pinned server signing key; see [`crate::state`]).
+//!
+//! Crash safety: the key is generated and saved *before* the enrollment request and reused by a
+//! retried install as long as `agent.json` does not exist, and the server answers an identical
+//! retry with the same agent id; `agent.json` is written last, so its presence means "done".
+//!
+//! The request goes to `https://host:port/agent/v1/enroll` of each `--upstream wss://host:port`
+//! in turn: an upstream that cannot be reached (connection, TLS, timeout, 5xx) is skipped, a
+//! 4xx answer stops with the server's reason.
+
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use tether_shared::enroll::{
+    name_problem, tags_problem, EnrollRequest, EnrollResponse, Role, Upstream, ENROLL_PATH,
+};
+use tether_shared::https::{self, Limits};
+use tether_shared::identity::{write_file_atomic, Identity, IdentityError, PublicKey};
+use tether_shared::tls;
+
+use crate::state::{AgentState, StateError, CA_FILE, KEY_FILE};
+
+/// `tether-agent install` arguments.
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// Agent-facing address of a server or relay, `wss://host:port`; repeatable, in order of
+    /// preference.
+    #[arg(long = "upstream", value_name = "URL", required = true)]
+    pub upstreams: Vec<String>,
+    /// PEM file of the CA that signed the upstreams' certificates; the only one trusted.
+    #[arg(long, value_name = "FILE")]
+    pub ca: PathBuf,
+    /// Enrollment token from `POST /api/v1/enrollment-tokens`.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: String,
+    /// This machine's name: 1 to 64 characters of A-Z a-z 0-9 . _ -
+    #[arg(long, value_name = "NAME")]
+    pub name: String,
+    /// A tag deployments can target (same characters as the name); repeatable.
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Data directory [default: agent.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Enroll again over an existing installation (the key is kept).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Why the install failed; [`InstallError::exit_code`] maps it to 1 or 2.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// Bad arguments: nothing was changed.
+    #[error("{0}")]
+    Usage(String),
+    /// `agent.json` exists and `--force` was not given.
+    #[error("{} exists: this machine is already installed (as {name}, id {agent_id}); nothing was changed. Use --force to enroll again", path.display())]
+    AlreadyInstalled {
+        /// The state file.
+        path: PathBuf,
+        /// The installed agent's name.
+        name: String,
+        /// The installed agent's id.
+        agent_id: String,
+    },
+    /// The existing state file is unreadable (also refused without `--force`).
+    #[error("{0}; nothing was changed. Use --force to enroll again")]
+    BadState(StateError),
+    /// The data directory or a file in it could not be written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The directory or file.
+        path: PathBuf,
+        /// The underlying failure.
+        source: io::Error,
+    },
+    /// The agent key could not be saved or loaded.
+    #[error("agent key: {0}")]
+    Key(#[from] IdentityError),
+    /// An upstream answered with a 4xx: enrollment refused.
+    #[error("enrollment refused by {upstream}: HTTP {status}: {reason}")]
+    Refused {
+        /// The upstream that answered.
+        upstream: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's reason.
+        reason: String,
+    },
+    /// No upstream could be used; one line per upstream.
+    #[error("no upstream could enroll this agent:\n  {}", failures.join("\n  "))]
+    Unreachable {
+        /// What went wrong with each upstream.
+        failures: Vec<String>,
+    },
+    /// The state file could not be written.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+impl InstallError {
+    /// 2 for bad usage, 1 for everything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            InstallError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// What a successful install did.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// The agent id the server assigned.
+    pub agent_id: String,
+    /// The upstream that enrolled it.
+    pub upstream: String,
+    /// The data directory written.
+    pub data_dir: PathBuf,
+}
+
+/// Everything checked before anything is written.
+struct Plan {
+    upstreams: Vec<Upstream>,
+    ca_pem: String,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// Runs the install into `data_dir`.
+pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, InstallError> {
+    let plan = check(args)?;
+    create_private_dir(data_dir)?;
+    let state_path = AgentState::path(data_dir);
+    if !args.force {
+        match AgentState::load(data_dir) {
+            Ok(state) => {
+                return Err(InstallError::AlreadyInstalled {
+                    path: state_path,
+                    name: state.name,
+                    agent_id: state.agent_id,
+                })
+            }
+            Err(StateError::Missing { .. }) => {}
+            Err(e) => return Err(InstallError::BadState(e)),
+        }
+    } else {
+        match fs::remove_file(&state_path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(InstallError::Io {
+                    path: state_path,
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
+    let identity = load_or_create_key(&data_dir.join(KEY_FILE))?;
+
+    let request = EnrollRequest {
+        token: args.token.clone(),
+        name: args.name.clone(),
+        public_key: identity.public_key_b64(),
+        tags: args.tags.clone(),
+        role: Role::Agent,
+    };
+    let body = serde_json::to_vec(&request).map_err(|e| InstallError::Io {
+        path: PathBuf::from(ENROLL_PATH),
+        source: io::Error::other(e),
+    })?;
+    let (upstream, answer) = enroll(&plan, &body)?;
+
+    let ca_path = data_dir.join(CA_FILE);
+    write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(|source| {
+        InstallError::Io {
+            path: ca_path,
+            source,
+        }
+    })?;
+    let state = AgentState {
+        agent_id: answer.agent_id.clone(),
+        name: args.name.clone(),
+        tags: args.tags.clone(),
+        upstreams: plan.upstreams.iter().map(Upstream::base_url).collect(),
+        server_signing_key: answer.server_signing_key,
+    };
+    state.save(data_dir)?;
+    tracing::info!(agent_id = %state.agent_id, upstream = %upstream, "agent-installed");
+    Ok(Installed {
+        agent_id: answer.agent_id,
+        upstream,
+        data_dir: data_dir.to_path_buf(),
+    })
+}
+
+/// Validates the arguments and reads the CA: usage errors, with nothing written yet.
+fn check(args: &InstallArgs) -> Result<Plan, InstallError> {
+    if args.upstreams.is_empty() {
+        return Err(InstallError::Usage(
+            "at least one --upstream wss://host:port is required".into(),
+        ));
+    }
+    let upstreams = args
+        .upstreams
+        .iter()
+        .map(|u| Upstream::parse(u).map_err(InstallError::Usage))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(problem) = name_problem("--name", &args.name).or_else(|| tags_problem(&args.tags)) {
+        return Err(InstallError::Usage(problem));
+    }
+    if args.token.trim().is_empty() {
+        return Err(InstallError::Usage("--token must not be empty".into()));
+    }
+    let ca_pem = fs::read_to_string(&args.ca)
+        .map_err(|e| InstallError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
+    let tls = tls::client_config(&ca_pem)
+        .map_err(|e| InstallError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
+    Ok(Plan {
+        upstreams,
+        ca_pem,
+        tls: Arc::new(tls),
+    })
+}
+
+/// Tries each upstream in order; returns the first successful answer.
+fn enroll(plan: &Plan, body: &[u8]) -> Result<(String, EnrollResponse), InstallError> {
+    let mut failures = Vec::new();
+    for upstream in &plan.upstreams {
+        let base = upstream.base_url();
+        let reply = https::request(
+            plan.tls.clone(),
+            &https::Request {
+                method: "POST",
+                host: &upstream.host,
+                addr: None,
+                port: upstream.port,
+                path: ENROLL_PATH,
+                headers: &[("Content-Type", "application/json")],
+                body: Some(body),
+            },
+            &Limits::default(),
+        );
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(upstream = %base, error = %e, "enroll-upstream-failed");
+                failures.push(format!("{base}: {e}"));
+                continue;
+            }
+        };
+        match reply.status {
+            200 => {
+                let answer = parse_answer(&reply.body).map_err(|reason| InstallError::Refused {
+                    upstream: base.clone(),
+                    status: reply.status,
+                    reason,
+                })?;
+                return Ok((base, answer));
+            }
+            400..=499 => {
+                return Err(InstallError::Refused {
+                    upstream: base,
+                    status: reply.status,
+                    reason: reply.reason(),
+                })
+            }
+            status => {
+                tracing::warn!(upstream = %base, status, "enroll-upstream-failed");
+                failures.push(format!("{base}: HTTP {status}: {}", reply.reason()));
+            }
+        }
+    }
+    Err(InstallError::Unreachable { failures })
+}
+
+/// Checks the server's answer: an id of the expected shape and a valid signing key.
+fn parse_answer(body: &[u8]) -> Result<EnrollResponse, String> {
+    let answer: EnrollResponse = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected answer from the server ({e})"))?;
+    if let Some(problem) = name_problem("agent id", &answer.agent_id) {
+        return Err(format!("unexpected answer from the server: {problem}"));
+    }
+    PublicKey::from_b64(&answer.server_signing_key)
+        .map_err(|e| format!("unexpected answer from the server: server signing key: {e}"))?;
+    Ok(answer)
+}
+
+/// Reuses `path` if a previous install saved it (an enrollment that may have succeeded), else
+/// generates a key and saves it before anything is sent.
+fn load_or_create_key(path: &Path) -> Result<Identity, InstallError> {
+    if path.exists() {
+        let identity = Identity::load(path)?;
+        tracing::info!(path = %path.display(), "agent-key-reused");
+        return Ok(identity);
+    }
+    let identity = Identity::generate();
+    identity.save(path)?;
+    tracing::info!(path = %path.display(), "agent-key-created");
+    Ok(identity)
+}
+
+/// Creates `dir` (and parents) with mode 0700; an existing directory keeps its mode.
+fn create_private_dir(dir: &Path) -> Result<(), InstallError> {
+    let io_err = |source| InstallError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    fn args(dir: &Path) -> InstallArgs {
+        let ca = tether_shared::tls::Ca::generate("test").unwrap();
+        let ca_path = dir.join("ca-in.pem");
+        fs::write(&ca_path, ca.cert_pem()).unwrap();
+        InstallArgs {
+            upstreams: vec!["wss://127.0.0.1:1".into()],
+            ca: ca_path,
+            token: "t".into(),
+            name: "web-1".into(),
+            tags: vec![],
+            data: None,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn usage_errors_write_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut cases = Vec::new();
+        let mut a = args(tmp.path());
+        a.upstreams = vec!["https://127.0.0.1:1".into()];
+        cases.push(a);
+        let mut a = args(tmp.path());
+        a.name = "bad name".into();
+        cases.push(a);
+        let mut a = args(tmp.path());
+        a.tags = vec!["x/y".into()];
+        cases.push(a);
+        let mut a = args(tmp.path());
+        a.ca = tmp.path().join("absent.pem");
+        cases.push(a);
+        let mut a = args(tmp.path());
+        fs::write(tmp.path().join("junk.pem"), "junk").unwrap();
+        a.ca = tmp.path().join("junk.pem");
+        cases.push(a);
+        for a in cases {
+            let err = install(&a, &data).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{err}");
+            assert!(!data.exists());
+        }
+    }
+
+    #[test]
+    fn an_unreachable_upstream_keeps_the_key_for_the_retry() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let a = args(tmp.path());
+        let err = install(&a, &data).unwrap_err();
+        assert!(matches!(err, InstallError::Unreachable { .. }), "{err}");
+        assert_eq!(err.exit_code(), 1);
+        let key = fs::read(data.join(KEY_FILE)).unwrap();
+        assert!(!AgentState::path(&data).exists());
+        install(&a, &data).unwrap_err();
+        assert_eq!(fs::read(data.join(KEY_FILE)).unwrap(), key, "key reused");
+        let mode = fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn answers_are_checked() {
+        let key = Identity::generate().public_key_b64();
+        let ok = format!(r#"{{"agent_id":"a-0011223344556677","server_signing_key":"{key}"}}"#);
+        assert!(parse_answer(ok.as_bytes()).is_ok());
+        assert!(parse_answer(b"{}").is_err());
+        assert!(parse_answer(
+            format!(r#"{{"agent_id":"../x","server_signing_key":"{key}"}}"#).as_bytes()
+        )
+        .is_err());
+        assert!(parse_answer(br#"{"agent_id":"a-1","server_signing_key":"AAAA"}"#).is_err());
+    }
+}

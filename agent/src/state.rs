@@ -1,0 +1,125 @@
+//! What `tether-agent install` leaves in the data directory for the worker: the names of its
+//! files, and [`AgentState`], the enrolled identity and upstreams kept in `DIR/agent.json`.
+//! The presence of `agent.json` means "installed"; it is written last and atomically.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tether_shared::identity::write_file_atomic;
+
+/// The enrolled identity and where to connect, `DIR/agent.json` (mode 0644, no secret).
+pub const STATE_FILE: &str = "agent.json";
+/// The agent's Ed25519 private key, `DIR/agent.key` (mode 0600).
+pub const KEY_FILE: &str = "agent.key";
+/// The CA the agent trusts (and only it), `DIR/ca.pem`, copied from `install --ca`.
+pub const CA_FILE: &str = "ca.pem";
+
+/// Why `agent.json` could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The file does not exist: the agent is not installed.
+    #[error("{}: not found; run `tether-agent install` first", path.display())]
+    Missing {
+        /// The file looked for.
+        path: PathBuf,
+    },
+    /// Reading or writing failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying failure.
+        source: io::Error,
+    },
+    /// The file is not the JSON this version writes.
+    #[error("{}: not a valid agent state file ({reason}); reinstall with `tether-agent install --force`", path.display())]
+    Garbled {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's complaint.
+        reason: String,
+    },
+}
+
+/// `DIR/agent.json`: who this agent is and where it connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    /// The id the server assigned at enrollment; the handshake presents it.
+    pub agent_id: String,
+    /// The name it enrolled under.
+    pub name: String,
+    /// The tags it enrolled with.
+    pub tags: Vec<String>,
+    /// Agent-facing base URLs (`wss://host:port`), in order of preference.
+    pub upstreams: Vec<String>,
+    /// Standard base64 of the server's command-signing key, pinned at enrollment.
+    pub server_signing_key: String,
+}
+
+impl AgentState {
+    /// `dir/agent.json`.
+    pub fn path(dir: &Path) -> PathBuf {
+        dir.join(STATE_FILE)
+    }
+
+    /// Reads `dir/agent.json`.
+    pub fn load(dir: &Path) -> Result<AgentState, StateError> {
+        let path = Self::path(dir);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StateError::Missing { path })
+            }
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Garbled {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes `dir/agent.json` atomically, mode 0644.
+    pub fn save(&self, dir: &Path) -> Result<(), StateError> {
+        let path = Self::path(dir);
+        let mut text = serde_json::to_vec_pretty(self).map_err(|e| StateError::Io {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        text.push(b'\n');
+        write_file_atomic(&path, &text, 0o644).map_err(|source| StateError::Io { path, source })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn round_trips_and_reports_missing_and_garbled_files() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            AgentState::load(dir.path()),
+            Err(StateError::Missing { .. })
+        ));
+        let state = AgentState {
+            agent_id: "a-0123456789abcdef".into(),
+            name: "web-1".into(),
+            tags: vec!["web".into()],
+            upstreams: vec!["wss://server:7919".into()],
+            server_signing_key: "key".into(),
+        };
+        state.save(dir.path()).unwrap();
+        assert_eq!(AgentState::load(dir.path()).unwrap(), state);
+        let mode = std::fs::metadata(AgentState::path(dir.path()))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
+        std::fs::write(AgentState::path(dir.path()), "{").unwrap();
+        let err = AgentState::load(dir.path()).unwrap_err();
+        assert!(matches!(err, StateError::Garbled { .. }), "{err}");
+    }
+}

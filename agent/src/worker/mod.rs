@@ -1,0 +1,222 @@
+//! `tether-agent worker`: the process that does the agent's work, started and watched by the
+//! monitor (`tether-agent run`).
+//!
+//! It opens the journal, builds the [`uplink::Uplink`] under a [`supervisor::Supervisor`], and
+//! tells the monitor it is alive by writing `beat <health json>` lines to stdout. It reads
+//! nothing from stdin, but when stdin (a pipe held by the monitor) reaches EOF the monitor is
+//! gone, and the worker exits rather than run unsupervised. It opens no listening socket.
+//!
+//! - [`supervisor`]: restarts crashed actors, reports their health.
+//! - [`uplink`]: the connection upstream and both message streams.
+
+pub mod supervisor;
+pub mod uplink;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tether_shared::config::AgentConfig;
+use tether_shared::identity::{Identity, PublicKey};
+use tether_shared::journal::{Journal, JournalOptions, SledOptions};
+use tether_shared::protocol::AgentStatus;
+
+use crate::state::{AgentState, CA_FILE, KEY_FILE};
+use supervisor::{ObserveChildren, Supervisor, WorkerHealth};
+use uplink::{Uplink, UplinkConfig};
+
+/// The journal's directory inside the data directory.
+pub const JOURNAL_DIR: &str = "journal";
+/// The agent's page cache: small, the agent must stay light.
+const AGENT_CACHE_BYTES: u64 = 4 * 1024 * 1024;
+/// The WebSocket path on an agent-facing listener.
+pub const WS_PATH: &str = "/agent/v1/ws";
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("{0}")]
+    State(#[from] crate::state::StateError),
+    #[error("agent key {}: {source}", path.display())]
+    Identity {
+        path: PathBuf,
+        source: tether_shared::identity::IdentityError,
+    },
+    #[error("CA {}: {reason}", path.display())]
+    Ca { path: PathBuf, reason: String },
+    #[error("agent.json: the pinned server signing key is unusable: {0}")]
+    ServerKey(tether_shared::identity::IdentityError),
+    #[error(transparent)]
+    Journal(#[from] tether_shared::journal::JournalError),
+    #[error("agent.json lists no upstream")]
+    NoUpstream,
+}
+
+/// The WebSocket URL of an agent-facing base URL (`wss://host:port` → `wss://host:port/agent/v1/ws`).
+pub fn ws_url(base: &str) -> String {
+    let trimmed = base.trim_end_matches('/');
+    match trimmed
+        .find("://")
+        .and_then(|i| trimmed[i + 3..].find('/').map(|j| i + 3 + j))
+    {
+        Some(path_start) => format!("{}{WS_PATH}", &trimmed[..path_start]),
+        None => format!("{trimmed}{WS_PATH}"),
+    }
+}
+
+/// The one-minute load average times 1000, if the kernel tells.
+fn load_milli() -> u32 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0, |l| (l * 1000.0) as u32)
+}
+
+/// Runs the worker until the monitor goes away or the supervisor gives up; returns the exit code.
+pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
+    let state = AgentState::load(dir)?;
+    let key_path = dir.join(KEY_FILE);
+    let identity = Identity::load(&key_path).map_err(|source| WorkerError::Identity {
+        path: key_path,
+        source,
+    })?;
+    let ca_path = dir.join(CA_FILE);
+    let ca = std::fs::read_to_string(&ca_path).map_err(|e| WorkerError::Ca {
+        path: ca_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let tls = tether_shared::tls::client_config(&ca).map_err(|e| WorkerError::Ca {
+        path: ca_path,
+        reason: e.to_string(),
+    })?;
+    let server_key =
+        PublicKey::from_b64(&state.server_signing_key).map_err(WorkerError::ServerKey)?;
+    if state.upstreams.is_empty() {
+        return Err(WorkerError::NoUpstream);
+    }
+    let opts = JournalOptions {
+        sled: SledOptions {
+            cache_capacity_bytes: AGENT_CACHE_BYTES,
+        },
+        ..JournalOptions::default()
+    };
+    let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &opts)?;
+    let journal = journal.handle();
+    tracing::info!(agent_id = %state.agent_id, incarnation = %recovered.incarnation, created = recovered.created, "worker-starting");
+
+    let status = Arc::new(Mutex::new(None::<AgentStatus>));
+    let uplink_cfg = Arc::new(UplinkConfig {
+        agent_id: state.agent_id.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        identity,
+        server_key,
+        tls: Arc::new(tls),
+        upstreams: state.upstreams.iter().map(|u| ws_url(u)).collect(),
+        journal,
+        window: 256,
+        max_retained: 16_384,
+        rto: Duration::from_secs(10),
+        reconnect_min: cfg.agent.reconnect_min,
+        reconnect_max: cfg.agent.reconnect_max,
+        heartbeat_interval: cfg.agent.heartbeat_interval,
+        status: status.clone(),
+    });
+    let beat_every = (cfg.agent.worker_beat_timeout / 3).max(Duration::from_millis(50));
+    let budget = cfg.agent.worker_restart_budget;
+    let window = cfg.agent.worker_restart_window;
+
+    let system = System::new();
+    system.block_on(async move {
+        let factory: supervisor::Factory =
+            Box::new(move || match Uplink::recover(uplink_cfg.clone()) {
+                Ok(u) => Some(u.start().recipient()),
+                Err(e) => {
+                    tracing::error!(error = %e, "uplink-recover-failed");
+                    None
+                }
+            });
+        let sup = Supervisor::new(Duration::from_millis(500), budget, window)
+            .child("uplink", "Uplink", factory)
+            .start();
+        watch_stdin();
+        actix_rt::spawn(async move {
+            let mut tick = actix_rt::time::interval(beat_every);
+            loop {
+                tick.tick().await;
+                let Ok(actors) = sup.send(ObserveChildren).await else {
+                    break;
+                };
+                if let Ok(mut s) = status.lock() {
+                    *s = Some(AgentStatus {
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        running_jobs: 0,
+                        load_milli: load_milli(),
+                        actors: actors.clone(),
+                    });
+                }
+                let line = serde_json::to_string(&WorkerHealth { actors }).unwrap_or_default();
+                let mut out = std::io::stdout().lock();
+                if writeln!(out, "beat {line}")
+                    .and_then(|_| out.flush())
+                    .is_err()
+                {
+                    // The monitor's end of the pipe is gone: so is the monitor.
+                    System::current().stop_with_code(0);
+                    break;
+                }
+            }
+        });
+    });
+    Ok(system.run_with_code().unwrap_or(1))
+}
+
+/// Stop the worker when stdin (the monitor's pipe) reaches EOF. Not when stdin is a terminal:
+/// a person running the worker by hand stops it with Ctrl-C.
+fn watch_stdin() {
+    if std::io::stdin().is_terminal() {
+        return;
+    }
+    let system = System::current();
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            let mut stdin = std::io::stdin();
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => continue,
+                }
+            }
+            tracing::warn!("monitor-gone");
+            system.stop_with_code(0);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "stdin-watch-failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_urls_are_derived_from_bases() {
+        assert_eq!(ws_url("wss://h:7919"), "wss://h:7919/agent/v1/ws");
+        assert_eq!(ws_url("wss://h:7919/"), "wss://h:7919/agent/v1/ws");
+        assert_eq!(
+            ws_url("wss://h:7919/agent/v1/ws"),
+            "wss://h:7919/agent/v1/ws"
+        );
+        assert_eq!(
+            ws_url("wss://[::1]:20080/x"),
+            "wss://[::1]:20080/agent/v1/ws"
+        );
+    }
+}

@@ -1,0 +1,697 @@
+//! `Uplink`: the worker's one connection to its upstream (a server or a relay), and both
+//! message streams over it.
+//!
+//! It dials out only (`wss://…/agent/v1/ws`, rustls trusting the installed CA alone), answers
+//! the server's challenge with a `Hello` signed by the agent's key, and on `Welcome` resumes
+//! both streams from the watermarks (the sans-IO [`Endpoint`], rebuilt from the journal when
+//! the actor starts). Commands are verified against the server's pinned signing key before
+//! anything about them is recorded; each accepted command is journaled together with its
+//! effect (the events it causes) before it is acked. Events are journaled before they are
+//! sent. On any failure it reconnects with jittered exponential backoff, trying the listed
+//! upstreams in order and starting again from the first after a connection ends.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::io::{SinkWrite, WriteHandler};
+use actix::prelude::*;
+use actix_codec::Framed;
+use awc::error::WsProtocolError;
+use awc::ws;
+use awc::BoxedSocket;
+use futures_util::stream::{SplitSink, StreamExt};
+use tether_shared::identity::{Identity, PublicKey};
+use tether_shared::journal::{JournalHandle, Op};
+use tether_shared::link::{decode_u64, LinkError, Received, StreamKeys, StreamReceiver};
+use tether_shared::protocol::{
+    self, command_signing_bytes, hello_proof_bytes, AgentStatus, CommandBody, Event, EventBody,
+    Frame, Heartbeat, Hello, Sender, Seq, StreamId, MAX_FRAME_BYTES,
+};
+use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
+
+use crate::worker::supervisor::Ping;
+
+type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
+
+/// Meta keys of the probe generator's durable state.
+const PROBE_NEXT: &str = "probe/next";
+const PROBE_TODO: &str = "probe/todo";
+/// Most probe events generated per journal batch.
+const PROBE_BATCH: u64 = 256;
+/// Inbound commands kept in the journal after processing (replay checks after a restart).
+const KEEP_INBOUND: u64 = 1024;
+/// Time the server has to send its challenge and welcome.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often unacknowledged events are checked for a retransmit.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Everything the uplink needs that does not change while the worker runs.
+pub struct UplinkConfig {
+    pub agent_id: String,
+    pub version: String,
+    pub identity: Identity,
+    /// The server's command-signing key, pinned at install.
+    pub server_key: PublicKey,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// `wss://host:port/agent/v1/ws`, in order of preference.
+    pub upstreams: Vec<String>,
+    pub journal: JournalHandle,
+    pub window: u64,
+    pub max_retained: usize,
+    pub rto: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Heartbeat interval until the server's Welcome names one.
+    pub heartbeat_interval: Duration,
+    /// The worker's status (actor health), sent in every heartbeat.
+    pub status: Arc<std::sync::Mutex<Option<AgentStatus>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Connecting,
+    AwaitChallenge,
+    AwaitWelcome,
+    Ready,
+}
+
+/// A frame, or the end of the stream, from connection `ConnId`.
+enum Incoming {
+    Frame(ConnId, Result<ws::Frame, WsProtocolError>),
+    Ended(ConnId),
+}
+
+pub struct Uplink {
+    cfg: Arc<UplinkConfig>,
+    keys: StreamKeys,
+    receiver: StreamReceiver,
+    ep: Endpoint<Vec<u8>>,
+    sink: Option<SinkWrite<ws::Message, WsSink>>,
+    stream: Option<SpawnHandle>,
+    conn: ConnId,
+    phase: Phase,
+    /// Index into the upstream list of the current or next attempt.
+    upstream: usize,
+    /// Consecutive failed attempts (drives the backoff).
+    failures: u32,
+    last_heard: Instant,
+    heartbeat: Duration,
+    /// Probe events still to emit and the next number.
+    probe_next: u64,
+    probe_todo: u64,
+    generating: bool,
+    /// Inbound commands accepted since the log was last trimmed.
+    since_trim: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Jittered exponential backoff: a random delay between `min` and `min * 2^failures` (capped).
+pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
+    let ceiling = min
+        .saturating_mul(1u32 << failures.min(16))
+        .min(max)
+        .max(min);
+    let span = ceiling.saturating_sub(min).as_millis() as u64;
+    let jitter = if span == 0 {
+        0
+    } else {
+        rand::random::<u64>() % (span + 1)
+    };
+    min + Duration::from_millis(jitter)
+}
+
+impl Uplink {
+    /// Build from the journal (the truth after any restart).
+    pub fn recover(cfg: Arc<UplinkConfig>) -> Result<Self, tether_shared::journal::JournalError> {
+        let keys = StreamKeys::agent_side()?;
+        let ep = keys.recover(
+            &cfg.journal,
+            cfg.window,
+            cfg.max_retained,
+            cfg.rto.as_millis() as u64,
+            now_ms(),
+        )?;
+        let meta = |k: &str| -> Result<u64, tether_shared::journal::JournalError> {
+            Ok(cfg
+                .journal
+                .get_meta(k)?
+                .as_deref()
+                .and_then(decode_u64)
+                .unwrap_or(0))
+        };
+        let probe_next = meta(PROBE_NEXT)?.max(1);
+        let probe_todo = meta(PROBE_TODO)?;
+        Ok(Uplink {
+            receiver: keys.receiver(),
+            keys,
+            ep,
+            sink: None,
+            stream: None,
+            conn: ConnId(0),
+            phase: Phase::Idle,
+            upstream: 0,
+            failures: 0,
+            last_heard: Instant::now(),
+            heartbeat: cfg.heartbeat_interval,
+            probe_next,
+            probe_todo,
+            generating: false,
+            since_trim: 0,
+            cfg,
+        })
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        if self.cfg.upstreams.is_empty() {
+            tracing::error!("no-upstream-configured");
+            return;
+        }
+        let url = self.cfg.upstreams[self.upstream % self.cfg.upstreams.len()].clone();
+        self.phase = Phase::Connecting;
+        let connector = awc::Connector::new()
+            .rustls_0_23(self.cfg.tls.clone())
+            .timeout(HANDSHAKE_TIMEOUT);
+        let client = awc::Client::builder()
+            .connector(connector)
+            .timeout(HANDSHAKE_TIMEOUT)
+            .finish();
+        let attempt = async move {
+            let (_, framed) = client
+                .ws(url.as_str())
+                .max_frame_size(MAX_FRAME_BYTES)
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((url, framed))
+        };
+        ctx.spawn(attempt.into_actor(self).map(|res, act, ctx| match res {
+            Ok((url, framed)) => act.on_connected(ctx, &url, framed),
+            Err(reason) => {
+                tracing::warn!(upstream = act.upstream % act.cfg.upstreams.len().max(1), reason = %reason, "connect-failed");
+                act.retry_later(ctx, None);
+            }
+        }));
+    }
+
+    fn on_connected(
+        &mut self,
+        ctx: &mut Context<Self>,
+        url: &str,
+        framed: Framed<BoxedSocket, ws::Codec>,
+    ) {
+        self.conn = ConnId(self.conn.0 + 1);
+        let conn = self.conn;
+        let (sink, stream) = framed.split();
+        self.sink = Some(SinkWrite::new(sink, ctx));
+        let frames =
+            stream
+                .map(move |item| Incoming::Frame(conn, item))
+                .chain(futures_util::stream::once(
+                    async move { Incoming::Ended(conn) },
+                ));
+        self.stream = Some(ctx.add_stream(frames));
+        self.phase = Phase::AwaitChallenge;
+        self.last_heard = Instant::now();
+        tracing::info!(upstream = %url, conn = conn.0, "uplink-connected");
+        ctx.run_later(HANDSHAKE_TIMEOUT, move |act, ctx| {
+            if act.conn == conn && act.phase != Phase::Ready && act.phase != Phase::Idle {
+                tracing::warn!(conn = conn.0, "handshake-timeout");
+                act.drop_connection(ctx, None);
+            }
+        });
+    }
+
+    /// Forget the connection and try again later (`hint`: the server's Busy delay).
+    fn drop_connection(&mut self, ctx: &mut Context<Self>, hint: Option<Duration>) {
+        let was_ready = self.phase == Phase::Ready;
+        if let Some(mut sink) = self.sink.take() {
+            let _ = sink.write(ws::Message::Close(None));
+            sink.close();
+        }
+        if let Some(h) = self.stream.take() {
+            ctx.cancel_future(h);
+        }
+        self.ep.disconnect();
+        self.phase = Phase::Idle;
+        if was_ready {
+            // Back to the first (preferred) upstream after a session that worked.
+            self.upstream = 0;
+            self.failures = 0;
+            let delay = backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, 0);
+            ctx.run_later(delay, |act, ctx| act.connect(ctx));
+        } else {
+            self.retry_later(ctx, hint);
+        }
+    }
+
+    fn retry_later(&mut self, ctx: &mut Context<Self>, hint: Option<Duration>) {
+        self.phase = Phase::Idle;
+        self.failures = self.failures.saturating_add(1);
+        self.upstream = self.upstream.wrapping_add(1);
+        let delay = match hint {
+            Some(d) => d + backoff(Duration::ZERO, self.cfg.reconnect_min, 1),
+            None => backoff(
+                self.cfg.reconnect_min,
+                self.cfg.reconnect_max,
+                self.failures,
+            ),
+        };
+        tracing::debug!(
+            delay_ms = delay.as_millis() as u64,
+            failures = self.failures,
+            "reconnect-scheduled"
+        );
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    fn send(&mut self, frame: &Frame) {
+        match frame.encode() {
+            Ok(bytes) => self.send_bytes(bytes),
+            Err(e) => tracing::error!(error = %e, "frame-encode-failed"),
+        }
+    }
+
+    fn send_bytes(&mut self, bytes: Vec<u8>) {
+        if let Some(sink) = &mut self.sink {
+            let _ = sink.write(ws::Message::Binary(bytes.into()));
+        }
+    }
+
+    /// Put on the wire everything the streams allow now.
+    fn pump(&mut self) {
+        if self.phase != Phase::Ready {
+            return;
+        }
+        for (_, bytes) in self.ep.outbound.poll_transmit(now_ms()) {
+            self.send_bytes(bytes);
+        }
+        let control: Vec<Frame> = [
+            self.receiver.poll_ack(&mut self.ep.inbound),
+            self.receiver.poll_nack(&mut self.ep.inbound),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for f in control {
+            self.send(&f);
+        }
+    }
+
+    fn commit_then(
+        &mut self,
+        ctx: &mut Context<Self>,
+        ops: Vec<Op>,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) {
+        ctx.spawn(self.cfg.journal.commit(ops).into_actor(self).map(
+            move |res, act, ctx| match res {
+                Ok(_) => then(act, ctx),
+                Err(e) => {
+                    // Nothing more can be acknowledged: die, and be rebuilt from the journal.
+                    tracing::error!(error = %e, "uplink-journal-failed");
+                    ctx.stop();
+                }
+            },
+        ));
+    }
+
+    /// Number and encode an event; returns its journal op (the caller commits it).
+    fn event_op(&mut self, body: EventBody) -> Option<(Seq, Op)> {
+        let seq = self.ep.outbound.next_seq()?;
+        let event = Event::new(seq, body).ok()?;
+        let bytes = Frame::Event(event).encode().ok()?;
+        let op = Op::Append {
+            log: self.keys.out_log.clone(),
+            seq,
+            payload: bytes.clone(),
+        };
+        self.ep.outbound.enqueue(bytes, now_ms()).ok()?;
+        Some((seq, op))
+    }
+
+    fn on_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        self.last_heard = Instant::now();
+        match self.phase {
+            Phase::AwaitChallenge => match protocol::decode(bytes, Sender::Server) {
+                Ok(Frame::Challenge(c)) => {
+                    let last_command_seq = self.ep.begin(self.conn);
+                    let hello = Hello {
+                        agent_id: self.cfg.agent_id.clone(),
+                        version: self.cfg.version.clone(),
+                        incarnation: self.cfg.journal.incarnation().to_owned(),
+                        server_incarnation: self.ep.peer_incarnation.clone().unwrap_or_default(),
+                        last_command_seq,
+                        proof: self
+                            .cfg
+                            .identity
+                            .sign(&hello_proof_bytes(&c.nonce, &self.cfg.agent_id)),
+                    };
+                    self.send(&Frame::Hello(hello));
+                    self.phase = Phase::AwaitWelcome;
+                }
+                Ok(Frame::Busy(b)) => {
+                    tracing::info!(retry_after_ms = b.retry_after_ms, "server-busy");
+                    self.drop_connection(
+                        ctx,
+                        Some(Duration::from_millis(b.retry_after_ms.min(60_000))),
+                    );
+                }
+                Ok(other) => {
+                    self.violation(ctx, &format!("expected challenge, got {}", other.kind()))
+                }
+                Err(e) => self.violation(ctx, &e.to_string()),
+            },
+            Phase::AwaitWelcome => match protocol::decode(bytes, Sender::Server) {
+                Ok(Frame::Welcome(w)) => self.on_welcome(ctx, w),
+                Ok(Frame::Error(e)) => {
+                    tracing::error!(code = ?e.code, message = %e.message, "server-refused-hello");
+                    self.drop_connection(ctx, None);
+                }
+                Ok(other) => {
+                    self.violation(ctx, &format!("expected welcome, got {}", other.kind()))
+                }
+                Err(e) => self.violation(ctx, &e.to_string()),
+            },
+            Phase::Ready => self.on_stream_frame(ctx, bytes),
+            Phase::Idle | Phase::Connecting => {}
+        }
+    }
+
+    fn on_welcome(&mut self, ctx: &mut Context<Self>, w: tether_shared::protocol::Welcome) {
+        let outcome = match self.ep.complete(
+            self.conn,
+            &w.server_incarnation,
+            true,
+            w.last_event_seq,
+            now_ms(),
+        ) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(error = %e, "resync-refused");
+                return self.drop_connection(ctx, None);
+            }
+        };
+        if let Handshake::PeerReset {
+            previous,
+            abandoned,
+        } = &outcome
+        {
+            tracing::warn!(previous = %previous, incarnation = %w.server_incarnation, abandoned = abandoned.len(), "server-lost-state");
+        }
+        let ops = self.keys.handshake_ops(&outcome, &w.server_incarnation);
+        self.heartbeat = Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 600_000));
+        // Ready at once: the server may send commands right behind its Welcome. Commits run in
+        // call order, so anything journaled from here on lands after the handshake's own ops.
+        if !ops.is_empty() {
+            self.commit_then(ctx, ops, |_, _| {});
+        }
+        self.phase = Phase::Ready;
+        self.failures = 0;
+        tracing::info!(
+            conn = self.conn.0,
+            last_event_seq = w.last_event_seq.0,
+            commands_held = self.ep.inbound.durable().0,
+            "uplink-ready"
+        );
+        self.pump();
+        self.generate(ctx);
+    }
+
+    fn violation(&mut self, ctx: &mut Context<Self>, reason: &str) {
+        tracing::warn!(reason, "server-protocol-violation");
+        self.drop_connection(ctx, None);
+    }
+
+    fn on_stream_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        let room = self.ep.outbound.has_room(1);
+        let server_key = &self.cfg.server_key;
+        let agent_id = &self.cfg.agent_id;
+        let check = |frame: &Frame| -> Result<(), LinkError> {
+            let Frame::Command(c) = frame else {
+                return Ok(());
+            };
+            let signed = command_signing_bytes(agent_id, &c.id, c.deadline_ms, &c.body)
+                .map_err(|e| LinkError::Refused(e.to_string()))?;
+            server_key.verify(&signed, &c.signature).map_err(|_| {
+                LinkError::Refused(format!("command {} is not signed by the server", c.seq))
+            })?;
+            if !room {
+                return Err(LinkError::Refused("event backlog full".into()));
+            }
+            Ok(())
+        };
+        match self.receiver.on_bytes(&mut self.ep.inbound, bytes, check) {
+            Ok(Received::Journal {
+                seq,
+                frame,
+                mut ops,
+            }) => {
+                let Frame::Command(command) = frame else {
+                    return;
+                };
+                let effect = if now_ms() > command.deadline_ms {
+                    self.event_op(EventBody::CommandExpired {
+                        id: command.id.clone(),
+                    })
+                } else {
+                    match &command.body {
+                        CommandBody::Probe { n, .. } => {
+                            self.event_op(EventBody::ProbeEcho { n: *n })
+                        }
+                        CommandBody::EmitProbes { count } => {
+                            self.probe_todo = self.probe_todo.saturating_add(*count);
+                            ops.push(Op::PutMeta {
+                                key: PROBE_TODO.into(),
+                                value: self.probe_todo.to_be_bytes().to_vec(),
+                            });
+                            None
+                        }
+                    }
+                };
+                let event_seq = effect.map(|(s, op)| {
+                    ops.push(op);
+                    s
+                });
+                self.since_trim += 1;
+                if self.since_trim >= KEEP_INBOUND {
+                    ops.extend(self.keys.trim_inbound_ops(seq, KEEP_INBOUND));
+                    self.since_trim = 0;
+                }
+                self.commit_then(ctx, ops, move |act, ctx| {
+                    act.ep.inbound.mark_durable(seq);
+                    if let Some(s) = event_seq {
+                        act.ep.outbound.mark_durable(s);
+                    }
+                    act.pump();
+                    act.generate(ctx);
+                });
+            }
+            Ok(Received::Nothing) => self.pump(),
+            Ok(Received::Other(frame)) => self.on_control(ctx, frame),
+            Err(LinkError::Refused(reason)) if reason == "event backlog full" => {
+                // Not recorded at all: the server resends it once our events are acked.
+                tracing::debug!("command-deferred");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "frame-refused");
+                self.send(&Frame::Error(protocol::ErrorFrame {
+                    code: protocol::ErrorCode::ProtocolViolation,
+                    message: e.to_string(),
+                    details: Default::default(),
+                }));
+                self.drop_connection(ctx, None);
+            }
+        }
+    }
+
+    fn on_control(&mut self, ctx: &mut Context<Self>, frame: Frame) {
+        match frame {
+            Frame::Ack(a) if a.stream == StreamId::Events => {
+                if let AckOutcome::Advanced(upto) =
+                    self.ep.outbound.on_ack(self.conn, a.upto, now_ms())
+                {
+                    let ops = self.keys.acked_ops(upto);
+                    self.commit_then(ctx, ops, |_, _| {});
+                    self.pump();
+                    self.generate(ctx);
+                }
+            }
+            Frame::Nack(n) if n.stream == StreamId::Events => {
+                if self.ep.outbound.on_nack(self.conn, n.from) {
+                    self.pump();
+                }
+            }
+            Frame::Heartbeat(_) => {}
+            Frame::Error(e) => {
+                tracing::warn!(code = ?e.code, message = %e.message, "server-reported-error")
+            }
+            other => self.violation(ctx, &format!("unexpected {} frame", other.kind())),
+        }
+    }
+
+    /// Emit pending probe events, a batch at a time, as the window allows.
+    fn generate(&mut self, ctx: &mut Context<Self>) {
+        if self.generating || self.probe_todo == 0 {
+            return;
+        }
+        let mut ops = Vec::new();
+        let mut last = None;
+        let mut made = 0;
+        while made < PROBE_BATCH.min(self.probe_todo) && self.ep.outbound.has_room(1) {
+            let n = self.probe_next + made;
+            match self.event_op(EventBody::Probe {
+                n,
+                data: format!("event {n}"),
+            }) {
+                Some((seq, op)) => {
+                    ops.push(op);
+                    last = Some(seq);
+                    made += 1;
+                }
+                None => break,
+            }
+        }
+        let Some(last) = last else { return };
+        self.probe_next += made;
+        self.probe_todo -= made;
+        ops.push(Op::PutMeta {
+            key: PROBE_NEXT.into(),
+            value: self.probe_next.to_be_bytes().to_vec(),
+        });
+        ops.push(Op::PutMeta {
+            key: PROBE_TODO.into(),
+            value: self.probe_todo.to_be_bytes().to_vec(),
+        });
+        self.generating = true;
+        self.commit_then(ctx, ops, move |act, ctx| {
+            act.generating = false;
+            act.ep.outbound.mark_durable(last);
+            act.pump();
+            act.generate(ctx);
+        });
+    }
+
+    fn beat(&mut self, ctx: &mut Context<Self>) {
+        match self.phase {
+            Phase::Ready => {
+                if self.last_heard.elapsed() > self.heartbeat * 3 {
+                    tracing::warn!(
+                        silent_ms = self.last_heard.elapsed().as_millis() as u64,
+                        "server-silent"
+                    );
+                    return self.drop_connection(ctx, None);
+                }
+                let status = self.cfg.status.lock().ok().and_then(|s| s.clone());
+                self.send(&Frame::Heartbeat(Heartbeat {
+                    sent_ms: now_ms(),
+                    status,
+                }));
+            }
+            Phase::Idle | Phase::Connecting | Phase::AwaitChallenge | Phase::AwaitWelcome => {}
+        }
+    }
+}
+
+impl Actor for Uplink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        tracing::info!(
+            events_unacked = self.ep.outbound.unacked(),
+            commands_held = self.ep.inbound.durable().0,
+            "uplink-started"
+        );
+        self.connect(ctx);
+        ctx.run_interval(TICK, |act, _| {
+            act.ep.outbound.on_tick(now_ms());
+            act.pump();
+        });
+        let hb = self.heartbeat;
+        ctx.run_interval(hb.min(Duration::from_secs(1)), |act, ctx| act.beat(ctx));
+    }
+}
+
+impl StreamHandler<Incoming> for Uplink {
+    /// Each connection's stream ends with `Incoming::Ended`; the actor lives on.
+    fn finished(&mut self, _: &mut Self::Context) {}
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
+        match msg {
+            Incoming::Frame(conn, _) | Incoming::Ended(conn) if conn != self.conn => {}
+            Incoming::Ended(_) => {
+                tracing::info!(conn = self.conn.0, "uplink-closed");
+                self.drop_connection(ctx, None);
+            }
+            Incoming::Frame(_, Ok(frame)) => match frame {
+                ws::Frame::Binary(b) => self.on_frame(ctx, &b),
+                ws::Frame::Text(t) => self.on_frame(ctx, &t),
+                ws::Frame::Ping(p) => {
+                    self.last_heard = Instant::now();
+                    if let Some(sink) = &mut self.sink {
+                        let _ = sink.write(ws::Message::Pong(p));
+                    }
+                }
+                ws::Frame::Pong(_) => self.last_heard = Instant::now(),
+                ws::Frame::Close(reason) => {
+                    tracing::info!(reason = ?reason, "server-closed");
+                    self.drop_connection(ctx, None);
+                }
+                ws::Frame::Continuation(_) => self.violation(ctx, "fragmented message"),
+            },
+            Incoming::Frame(_, Err(e)) => self.violation(ctx, &e.to_string()),
+        }
+    }
+}
+
+impl WriteHandler<WsProtocolError> for Uplink {
+    fn error(&mut self, err: WsProtocolError, _: &mut Self::Context) -> Running {
+        tracing::warn!(error = %err, "uplink-write-failed");
+        Running::Continue
+    }
+
+    /// A closed sink ends one connection, not the actor (the default would stop it).
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+impl Handler<Ping> for Uplink {
+    type Result = String;
+
+    fn handle(&mut self, _: Ping, _: &mut Self::Context) -> String {
+        match self.phase {
+            Phase::Ready => "connected",
+            Phase::Idle | Phase::Connecting => "reconnecting",
+            Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
+        }
+        .into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_stays_within_bounds_and_grows() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for failures in 0..40 {
+            let d = backoff(min, max, failures);
+            assert!(d >= min && d <= max, "{failures}: {d:?}");
+        }
+        let early: u128 = (0..200)
+            .map(|_| backoff(min, max, 1).as_millis())
+            .max()
+            .unwrap_or(0);
+        assert!(early <= 200);
+        let late: u128 = (0..200)
+            .map(|_| backoff(min, max, 10).as_millis())
+            .max()
+            .unwrap_or(0);
+        assert!(late > 1000, "jitter spans up to the cap: {late}");
+    }
+}

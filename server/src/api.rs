@@ -1,0 +1,92 @@
+//! The REST API on the HTTPS listener (`listen.https`), behind the admin bearer token:
+//! `POST /api/v1/enrollment-tokens` and `GET /api/v1/agents`. [`configure`] mounts the routes;
+//! [`ApiState`] is what they use. Bodies are parsed only after the token check, strictly
+//! (unknown fields refused), so an unauthenticated caller learns nothing from a 400.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+
+use crate::admin_token::AdminToken;
+use crate::api_error::{method_not_allowed, ApiError};
+use crate::registry::{Registry, Role};
+
+/// Shared by every worker of the HTTPS listener.
+pub struct ApiState {
+    /// Required on every request.
+    pub token: AdminToken,
+    /// Agents and enrollment tokens.
+    pub registry: Arc<Registry>,
+}
+
+/// Mounts the `/api/v1` routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/enrollment-tokens")
+            .route(web::post().to(create_token))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/agents")
+            .route(web::get().to(list_agents))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+/// The body of `POST /api/v1/enrollment-tokens`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    /// Enrollments it allows.
+    uses: u32,
+    /// Seconds it stays valid.
+    ttl_s: u64,
+    /// What it enrolls.
+    #[serde(default)]
+    role: Role,
+}
+
+/// The answer: the only time the token's text is shown.
+#[derive(Debug, Serialize)]
+struct TokenCreated<'a> {
+    token: &'a str,
+    expires_unix_ms: u64,
+    uses: u32,
+    role: Role,
+}
+
+/// Parses a JSON body strictly, with the decoder's reason in the 400.
+pub fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))
+}
+
+/// `POST /api/v1/enrollment-tokens`.
+async fn create_token(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let new: NewToken = parse_json(&body)?;
+    let issued = state
+        .registry
+        .create_token(new.uses, Duration::from_secs(new.ttl_s), new.role)
+        .await?;
+    Ok(HttpResponse::Created().json(TokenCreated {
+        token: issued.token.expose(),
+        expires_unix_ms: issued.expires_unix_ms,
+        uses: issued.uses,
+        role: issued.role,
+    }))
+}
+
+/// `GET /api/v1/agents`.
+async fn list_agents(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    Ok(HttpResponse::Ok().json(state.registry.agent_statuses()))
+}

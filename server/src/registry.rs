@@ -1,0 +1,792 @@
+//! [`Registry`]: the enrolled agents and relays, the enrollment tokens, and (in memory only)
+//! who is connected right now.
+//!
+//! Persistent state lives in the journal's meta entries as JSON: `agent/<id>` per enrolled
+//! agent or relay, `token/<sha256 hex of the token>` per enrollment token with its remaining
+//! uses, expiry and role. The plain token is shown once to whoever created it and never stored
+//! or logged. Every change is committed to the journal (and so flushed and fdatasync'ed) before
+//! the in-memory maps change and before anyone is answered; changes are serialized by one async
+//! lock, so a token's use count is decremented atomically even under concurrent enrollments.
+//!
+//! Presence (`set_online`, `set_offline`, `touch`) is not persisted: after a restart every
+//! agent is offline until it reconnects.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tether_shared::config::Secret;
+use tether_shared::enroll::{name_problem, tags_problem};
+use tether_shared::identity::PublicKey;
+use tether_shared::journal::{JournalError, JournalHandle, Op};
+
+pub use tether_shared::enroll::{EnrollRequest, Role};
+
+/// Meta key prefix of enrolled agents and relays.
+pub const AGENT_PREFIX: &str = "agent/";
+/// Meta key prefix of enrollment tokens (followed by the token's sha256, hex).
+pub const TOKEN_PREFIX: &str = "token/";
+/// Most enrollments one token may allow.
+pub const MAX_TOKEN_USES: u32 = 10_000;
+/// Longest lifetime of an enrollment token.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Longest token text looked up at all (ours are 47 characters); longer ones are simply invalid.
+const MAX_TOKEN_LEN: usize = 512;
+
+/// An enrolled agent or relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRecord {
+    /// Server-assigned id: `a-` (agents) or `r-` (relays) and 16 hex digits.
+    pub id: String,
+    /// The operator's name for the machine; unique among all enrolled peers.
+    pub name: String,
+    /// Standard base64 of its Ed25519 public key: the handshake proof is checked against it.
+    pub public_key: String,
+    /// Labels deployments target.
+    pub tags: Vec<String>,
+    /// Agent or relay.
+    pub role: Role,
+    /// When it enrolled.
+    pub enrolled_unix_ms: u64,
+}
+
+/// A token just created: the only time its text exists outside the caller's hands.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// The token to give to `install`; never stored, never logged.
+    pub token: Secret<String>,
+    /// When it stops being accepted.
+    pub expires_unix_ms: u64,
+    /// How many enrollments it allows.
+    pub uses: u32,
+    /// What it enrolls.
+    pub role: Role,
+}
+
+/// Whether an agent is connected now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// A session is open.
+    Online,
+    /// No session (never connected, disconnected, or the server restarted since).
+    Offline,
+}
+
+/// One line of `GET /api/v1/agents`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentStatus {
+    /// The agent id.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Connected or not.
+    pub status: Status,
+    /// The version it reported at its last connect; `None` until it first connects.
+    pub version: Option<String>,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Relays its session runs through, nearest the agent first; empty when direct.
+    pub path: Vec<String>,
+    /// When it was last heard from (since this server started); `None` if not yet.
+    pub last_seen_unix_ms: Option<u64>,
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Unknown, spent, expired or wrong-role token: deliberately one answer for all.
+    #[error("invalid or expired enrollment token")]
+    InvalidToken,
+    /// A field of the request breaks a rule; the message says which.
+    #[error("{0}")]
+    Invalid(String),
+    /// The name is enrolled with another key (or as another role).
+    #[error("name already enrolled with another key")]
+    NameTaken,
+    /// The key is enrolled under another name.
+    #[error("public key already enrolled under another name")]
+    KeyTaken,
+    /// The journal refused the change; nothing changed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A stored entry could not be decoded at load.
+    #[error("registry entry {key}: {reason}")]
+    Corrupt {
+        /// The meta key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A stored agent: the record and the token that enrolled it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredAgent {
+    /// The public record.
+    record: AgentRecord,
+    /// sha256 (hex) of the token it enrolled with: a retried install presenting the same
+    /// (possibly spent) token gets its record back.
+    token_sha256: String,
+}
+
+/// A stored enrollment token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredToken {
+    /// Enrollments it still allows (at least 1; the last use deletes the token).
+    uses_left: u32,
+    /// When it stops being accepted.
+    expires_unix_ms: u64,
+    /// What it enrolls.
+    role: Role,
+}
+
+impl StoredToken {
+    fn accepts(&self, role: Role, now_ms: u64) -> bool {
+        self.role == role && self.uses_left > 0 && now_ms < self.expires_unix_ms
+    }
+}
+
+/// What is known of a connection, in memory only.
+#[derive(Debug, Clone, Default)]
+struct Presence {
+    online: bool,
+    version: Option<String>,
+    path: Vec<String>,
+    last_seen_unix_ms: Option<u64>,
+}
+
+/// The registry; share it as `Arc<Registry>`.
+pub struct Registry {
+    /// Where every change is committed first.
+    journal: JournalHandle,
+    /// Enrolled agents and relays by id.
+    agents: RwLock<BTreeMap<String, StoredAgent>>,
+    /// Live tokens by the sha256 (hex) of their text.
+    tokens: RwLock<HashMap<String, StoredToken>>,
+    /// Connection state by agent id.
+    presence: RwLock<HashMap<String, Presence>>,
+    /// Serializes changes: check, commit and apply happen as one step.
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("agents", &read(&self.agents).len())
+            .field("tokens", &read(&self.tokens).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Registry {
+    /// Reads every agent and token from the journal's meta entries.
+    pub fn load(journal: JournalHandle) -> Result<Registry, RegistryError> {
+        let mut agents = BTreeMap::new();
+        for (key, value) in journal.scan_meta(AGENT_PREFIX)? {
+            let stored: StoredAgent = decode(&key, &value)?;
+            if key.strip_prefix(AGENT_PREFIX) != Some(stored.record.id.as_str()) {
+                return Err(RegistryError::Corrupt {
+                    key,
+                    reason: format!("holds agent id {:?}", stored.record.id),
+                });
+            }
+            agents.insert(stored.record.id.clone(), stored);
+        }
+        let mut tokens = HashMap::new();
+        for (key, value) in journal.scan_meta(TOKEN_PREFIX)? {
+            let token: StoredToken = decode(&key, &value)?;
+            let hash = key.get(TOKEN_PREFIX.len()..).unwrap_or_default().to_owned();
+            tokens.insert(hash, token);
+        }
+        tracing::info!(
+            agents = agents.len(),
+            tokens = tokens.len(),
+            "registry-loaded"
+        );
+        Ok(Registry {
+            journal,
+            agents: RwLock::new(agents),
+            tokens: RwLock::new(tokens),
+            presence: RwLock::new(HashMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The enrolled agent or relay with this id.
+    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
+    pub fn agent(&self, id: &str) -> Option<AgentRecord> {
+        read(&self.agents).get(id).map(|s| s.record.clone())
+    }
+
+    /// Every enrolled agent (not relays), by id.
+    pub fn agents(&self) -> Vec<AgentRecord> {
+        self.records(Role::Agent)
+    }
+
+    /// Every enrolled relay, by id.
+    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
+    pub fn relays(&self) -> Vec<AgentRecord> {
+        self.records(Role::Relay)
+    }
+
+    fn records(&self, role: Role) -> Vec<AgentRecord> {
+        read(&self.agents)
+            .values()
+            .filter(|s| s.record.role == role)
+            .map(|s| s.record.clone())
+            .collect()
+    }
+
+    /// The agents (not relays) with their connection state, by name.
+    pub fn agent_statuses(&self) -> Vec<AgentStatus> {
+        let presence = read(&self.presence);
+        let mut list: Vec<AgentStatus> = self
+            .agents()
+            .into_iter()
+            .map(|record| {
+                let p = presence.get(&record.id).cloned().unwrap_or_default();
+                AgentStatus {
+                    status: if p.online {
+                        Status::Online
+                    } else {
+                        Status::Offline
+                    },
+                    version: p.version,
+                    path: p.path,
+                    last_seen_unix_ms: p.last_seen_unix_ms,
+                    id: record.id,
+                    name: record.name,
+                    tags: record.tags,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Records that `id` connected, running `version`, through `path` (relays, nearest first).
+    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
+    pub fn set_online(&self, id: &str, version: &str, path: Vec<String>) {
+        let mut presence = write(&self.presence);
+        let p = presence.entry(id.to_owned()).or_default();
+        p.online = true;
+        p.version = Some(version.to_owned());
+        p.path = path;
+        p.last_seen_unix_ms = Some(now_unix_ms());
+    }
+
+    /// Records that `id`'s session ended.
+    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
+    pub fn set_offline(&self, id: &str) {
+        let mut presence = write(&self.presence);
+        let p = presence.entry(id.to_owned()).or_default();
+        p.online = false;
+        p.last_seen_unix_ms = Some(now_unix_ms());
+    }
+
+    /// Records that `id` was heard from now.
+    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
+    pub fn touch(&self, id: &str) {
+        if let Some(p) = write(&self.presence).get_mut(id) {
+            p.last_seen_unix_ms = Some(now_unix_ms());
+        }
+    }
+
+    /// Creates a token allowing `uses` enrollments of `role` for `ttl`.
+    pub async fn create_token(
+        &self,
+        uses: u32,
+        ttl: Duration,
+        role: Role,
+    ) -> Result<IssuedToken, RegistryError> {
+        self.create_token_at(uses, ttl, role, now_unix_ms()).await
+    }
+
+    async fn create_token_at(
+        &self,
+        uses: u32,
+        ttl: Duration,
+        role: Role,
+        now_ms: u64,
+    ) -> Result<IssuedToken, RegistryError> {
+        if !(1..=MAX_TOKEN_USES).contains(&uses) {
+            return Err(RegistryError::Invalid(format!(
+                "uses must be between 1 and {MAX_TOKEN_USES}, got {uses}"
+            )));
+        }
+        if ttl < Duration::from_secs(1) || ttl > MAX_TOKEN_TTL {
+            return Err(RegistryError::Invalid(format!(
+                "ttl_s must be between 1 and {} (30 days), got {}",
+                MAX_TOKEN_TTL.as_secs(),
+                ttl.as_secs()
+            )));
+        }
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let token = new_token();
+        let hash = token_sha256(&token);
+        let stored = StoredToken {
+            uses_left: uses,
+            expires_unix_ms: now_ms.saturating_add(ttl_ms),
+            role,
+        };
+
+        let _change = self.changes.lock().await;
+        // Expired tokens go in the same batch: they could never be used again.
+        let expired: Vec<String> = read(&self.tokens)
+            .iter()
+            .filter(|(_, t)| t.expires_unix_ms <= now_ms)
+            .map(|(h, _)| h.clone())
+            .collect();
+        let mut ops: Vec<Op> = expired
+            .iter()
+            .map(|h| Op::DeleteMeta {
+                key: format!("{TOKEN_PREFIX}{h}"),
+            })
+            .collect();
+        ops.push(Op::PutMeta {
+            key: format!("{TOKEN_PREFIX}{hash}"),
+            value: encode(&stored),
+        });
+        self.journal.commit(ops).await?;
+        {
+            let mut tokens = write(&self.tokens);
+            for h in &expired {
+                tokens.remove(h);
+            }
+            tokens.insert(hash, stored);
+        }
+        tracing::info!(
+            uses,
+            ttl_s = ttl.as_secs(),
+            role = %role,
+            purged = expired.len(),
+            "enrollment-token-created"
+        );
+        Ok(IssuedToken {
+            token: Secret::new(token),
+            expires_unix_ms: stored.expires_unix_ms,
+            uses,
+            role,
+        })
+    }
+
+    /// Enrolls the peer `req` describes, consuming one use of its token; an identical retry
+    /// (same name, key and role, with a valid token or the token it enrolled with) returns the
+    /// existing record and consumes nothing.
+    pub async fn enroll(&self, req: EnrollRequest) -> Result<AgentRecord, RegistryError> {
+        self.enroll_at(req, now_unix_ms()).await
+    }
+
+    async fn enroll_at(
+        &self,
+        req: EnrollRequest,
+        now_ms: u64,
+    ) -> Result<AgentRecord, RegistryError> {
+        if let Some(problem) = name_problem("name", &req.name).or_else(|| tags_problem(&req.tags)) {
+            return Err(RegistryError::Invalid(problem));
+        }
+        let public_key = PublicKey::from_b64(&req.public_key)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?
+            .to_b64();
+        // Hashing first means the lookup never compares the secret itself.
+        let hash = if req.token.len() <= MAX_TOKEN_LEN {
+            Some(token_sha256(&req.token))
+        } else {
+            None
+        };
+
+        let _change = self.changes.lock().await;
+        let token = hash
+            .as_ref()
+            .and_then(|h| read(&self.tokens).get(h).copied())
+            .filter(|t| t.accepts(req.role, now_ms));
+        let (same_name, same_key) = {
+            let agents = read(&self.agents);
+            let same_name = agents.values().find(|s| s.record.name == req.name).cloned();
+            let same_key = agents
+                .values()
+                .any(|s| s.record.public_key == public_key && s.record.name != req.name);
+            (same_name, same_key)
+        };
+        if let Some(existing) = &same_name {
+            let identical =
+                existing.record.public_key == public_key && existing.record.role == req.role;
+            let entitled =
+                token.is_some() || hash.as_deref() == Some(existing.token_sha256.as_str());
+            if identical && entitled {
+                tracing::info!(agent_id = %existing.record.id, name = %req.name, "agent-re-enrolled");
+                return Ok(existing.record.clone());
+            }
+        }
+        let (Some(token), Some(hash)) = (token, hash) else {
+            return Err(RegistryError::InvalidToken);
+        };
+        if same_name.is_some() {
+            return Err(RegistryError::NameTaken);
+        }
+        if same_key {
+            return Err(RegistryError::KeyTaken);
+        }
+
+        let id = self.new_id(req.role);
+        let stored = StoredAgent {
+            record: AgentRecord {
+                id: id.clone(),
+                name: req.name,
+                public_key,
+                tags: req.tags,
+                role: req.role,
+                enrolled_unix_ms: now_ms,
+            },
+            token_sha256: hash.clone(),
+        };
+        let token_key = format!("{TOKEN_PREFIX}{hash}");
+        let left = token.uses_left.saturating_sub(1);
+        let token_op = if left == 0 {
+            Op::DeleteMeta { key: token_key }
+        } else {
+            Op::PutMeta {
+                key: token_key,
+                value: encode(&StoredToken {
+                    uses_left: left,
+                    ..token
+                }),
+            }
+        };
+        self.journal
+            .commit(vec![
+                Op::PutMeta {
+                    key: format!("{AGENT_PREFIX}{id}"),
+                    value: encode(&stored),
+                },
+                token_op,
+            ])
+            .await?;
+        {
+            let mut tokens = write(&self.tokens);
+            if left == 0 {
+                tokens.remove(&hash);
+            } else if let Some(t) = tokens.get_mut(&hash) {
+                t.uses_left = left;
+            }
+        }
+        let record = stored.record.clone();
+        write(&self.agents).insert(id.clone(), stored);
+        tracing::info!(agent_id = %id, name = %record.name, role = %record.role, uses_left = left, "agent-enrolled");
+        Ok(record)
+    }
+
+    /// A fresh id for `role`, unused so far.
+    fn new_id(&self, role: Role) -> String {
+        let prefix = match role {
+            Role::Agent => "a-",
+            Role::Relay => "r-",
+        };
+        let agents = read(&self.agents);
+        loop {
+            let id = format!("{prefix}{:016x}", rand::rngs::OsRng.next_u64());
+            if !agents.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// `tte_` and 32 random bytes, base64url without padding. The prefix makes a leaked token easy
+/// to recognise (secret scanners), and keeps a token from starting with `-`, which a command
+/// line would take for an option.
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("tte_{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The key a token is stored and looked up under.
+fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail; an empty value would fail at load, loudly.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, RegistryError> {
+    serde_json::from_slice(value).map_err(|e| RegistryError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Readers never panic on a poisoned lock: no code path panics while holding one, and the maps
+/// are only ever replaced entry by entry.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use tether_shared::identity::Identity;
+    use tether_shared::journal::{Journal, JournalOptions};
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    /// Opens the journal in `dir`, polling while a previous instance's writer thread (which
+    /// ends shortly after its last handle is dropped) still holds the lock.
+    fn open(dir: &std::path::Path) -> Registry {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Journal::open(dir, &JournalOptions::default()) {
+                Ok((journal, _)) => return Registry::load(journal.handle()).unwrap(),
+                Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    fn request(token: &IssuedToken, name: &str, key: &str) -> EnrollRequest {
+        EnrollRequest {
+            token: token.token.expose().clone(),
+            name: name.to_owned(),
+            public_key: key.to_owned(),
+            tags: vec!["web".into()],
+            role: Role::Agent,
+        }
+    }
+
+    fn key() -> String {
+        Identity::generate().public_key_b64()
+    }
+
+    #[actix_rt::test]
+    async fn token_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        for (uses, ttl) in [
+            (0, HOUR),
+            (MAX_TOKEN_USES + 1, HOUR),
+            (1, Duration::ZERO),
+            (1, Duration::from_millis(999)),
+            (1, MAX_TOKEN_TTL + Duration::from_secs(1)),
+        ] {
+            let err = reg.create_token(uses, ttl, Role::Agent).await.unwrap_err();
+            assert!(matches!(err, RegistryError::Invalid(_)), "{uses} {ttl:?}");
+        }
+        let t = reg
+            .create_token(MAX_TOKEN_USES, MAX_TOKEN_TTL, Role::Relay)
+            .await
+            .unwrap();
+        assert!(t.token.expose().starts_with("tte_") && t.token.expose().len() == 47);
+        assert!(!format!("{t:?}").contains(t.token.expose().as_str()));
+        // Only the hash is stored.
+        let stored = reg.journal.scan_meta(TOKEN_PREFIX).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            stored[0].0,
+            format!("{TOKEN_PREFIX}{}", token_sha256(t.token.expose()))
+        );
+        assert!(!String::from_utf8_lossy(&stored[0].1).contains(t.token.expose().as_str()));
+    }
+
+    #[actix_rt::test]
+    async fn uses_are_counted_and_every_refusal_looks_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        let now = now_unix_ms();
+        let two = reg
+            .create_token_at(2, HOUR, Role::Agent, now)
+            .await
+            .unwrap();
+        let a = reg
+            .enroll_at(request(&two, "a", &key()), now)
+            .await
+            .unwrap();
+        assert!(a.id.starts_with("a-") && a.id.len() == 18, "{}", a.id);
+        assert_eq!(a.tags, vec!["web".to_owned()]);
+        reg.enroll_at(request(&two, "b", &key()), now)
+            .await
+            .unwrap();
+        // Spent: deleted from the journal too.
+        assert!(reg.journal.scan_meta(TOKEN_PREFIX).unwrap().is_empty());
+        let spent = reg.enroll_at(request(&two, "c", &key()), now).await;
+
+        let relay = reg
+            .create_token_at(1, HOUR, Role::Relay, now)
+            .await
+            .unwrap();
+        let wrong_role = reg.enroll_at(request(&relay, "d", &key()), now).await;
+
+        let short = reg
+            .create_token_at(1, Duration::from_secs(1), Role::Agent, now)
+            .await
+            .unwrap();
+        let expired = reg
+            .enroll_at(request(&short, "e", &key()), now + 1_000)
+            .await;
+
+        let mut unknown = request(&short, "f", &key());
+        unknown.token = "not-a-token".into();
+        let unknown = reg.enroll_at(unknown, now).await;
+        let mut huge = request(&short, "g", &key());
+        huge.token = "x".repeat(100_000);
+        let huge = reg.enroll_at(huge, now).await;
+
+        for result in [spent, wrong_role, expired, unknown, huge] {
+            let err = result.unwrap_err();
+            assert!(matches!(err, RegistryError::InvalidToken), "{err}");
+            assert_eq!(err.to_string(), "invalid or expired enrollment token");
+        }
+        assert_eq!(reg.agents().len(), 2);
+        // The relay token still enrolls a relay.
+        let mut r = request(&relay, "relay-1", &key());
+        r.role = Role::Relay;
+        let r = reg.enroll_at(r, now).await.unwrap();
+        assert!(r.id.starts_with("r-"));
+        assert_eq!(reg.relays().len(), 1);
+        assert_eq!(reg.agents().len(), 2);
+        assert_eq!(reg.agent_statuses().len(), 2);
+    }
+
+    #[actix_rt::test]
+    async fn names_tags_and_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        let t = reg.create_token(10, HOUR, Role::Agent).await.unwrap();
+        let mut bad = vec![
+            request(&t, "", &key()),
+            request(&t, &"n".repeat(65), &key()),
+            request(&t, "has space", &key()),
+            request(&t, "<script>", &key()),
+            request(&t, "ok", "not base64!"),
+            request(&t, "ok", "AAAA"),
+        ];
+        let mut tags = request(&t, "ok", &key());
+        tags.tags = vec!["t".into(); 33];
+        bad.push(tags);
+        let mut tags = request(&t, "ok", &key());
+        tags.tags = vec!["bad/tag".into()];
+        bad.push(tags);
+        for req in bad {
+            let err = reg.enroll(req.clone()).await.unwrap_err();
+            assert!(matches!(err, RegistryError::Invalid(_)), "{req:?}: {err}");
+        }
+        assert!(reg.agents().is_empty());
+        let stored = reg.journal.scan_meta(TOKEN_PREFIX).unwrap();
+        let left: StoredToken = serde_json::from_slice(&stored[0].1).unwrap();
+        assert_eq!(left.uses_left, 10, "invalid requests consume nothing");
+    }
+
+    #[actix_rt::test]
+    async fn same_name_same_key_is_idempotent_and_other_keys_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = open(dir.path());
+        let one = reg.create_token(1, HOUR, Role::Agent).await.unwrap();
+        let k = key();
+        let first = reg.enroll(request(&one, "web-1", &k)).await.unwrap();
+        // The token is spent, yet the retry with it gets the same record back.
+        let again = reg.enroll(request(&one, "web-1", &k)).await.unwrap();
+        assert_eq!(again, first);
+
+        let three = reg.create_token(3, HOUR, Role::Agent).await.unwrap();
+        let again = reg.enroll(request(&three, "web-1", &k)).await.unwrap();
+        assert_eq!(again, first);
+        let err = reg
+            .enroll(request(&three, "web-1", &key()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::NameTaken), "{err}");
+        let err = reg.enroll(request(&three, "web-2", &k)).await.unwrap_err();
+        assert!(matches!(err, RegistryError::KeyTaken), "{err}");
+        // Without a valid token, a conflict is not revealed: same answer as any bad token.
+        let mut guess = request(&three, "web-1", &key());
+        guess.token = "guess".into();
+        assert!(matches!(
+            reg.enroll(guess).await.unwrap_err(),
+            RegistryError::InvalidToken
+        ));
+        let mut guess = request(&three, "web-1", &k);
+        guess.token = "guess".into();
+        assert!(matches!(
+            reg.enroll(guess).await.unwrap_err(),
+            RegistryError::InvalidToken
+        ));
+        assert_eq!(reg.agents(), vec![first]);
+        let stored = reg.journal.scan_meta(TOKEN_PREFIX).unwrap();
+        let left: StoredToken = serde_json::from_slice(&stored[0].1).unwrap();
+        assert_eq!(left.uses_left, 3, "retries and conflicts consume nothing");
+    }
+
+    #[actix_rt::test]
+    async fn survives_a_reopen_and_presence_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (token, record) = {
+            let reg = open(dir.path());
+            let t = reg.create_token(2, HOUR, Role::Agent).await.unwrap();
+            let rec = reg.enroll(request(&t, "db-1", &key())).await.unwrap();
+            reg.set_online(&rec.id, "1.2.3", vec!["r-1".into()]);
+            let s = &reg.agent_statuses()[0];
+            assert_eq!(s.status, Status::Online);
+            assert_eq!(s.version.as_deref(), Some("1.2.3"));
+            assert_eq!(s.path, vec!["r-1".to_owned()]);
+            reg.set_offline(&rec.id);
+            assert_eq!(reg.agent_statuses()[0].status, Status::Offline);
+            (t, rec)
+        };
+        // The journal's writer thread ends when its last handle is gone.
+        let reg = open(dir.path());
+        assert_eq!(reg.agent(&record.id), Some(record.clone()));
+        let s = &reg.agent_statuses()[0];
+        assert_eq!((s.status, s.version.clone()), (Status::Offline, None));
+        reg.enroll(request(&token, "db-2", &key())).await.unwrap();
+        let err = reg
+            .enroll(request(&token, "db-3", &key()))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RegistryError::InvalidToken), "{err}");
+    }
+
+    #[actix_rt::test]
+    async fn concurrent_enrollments_never_overspend_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = std::sync::Arc::new(open(dir.path()));
+        let t = reg.create_token(3, HOUR, Role::Agent).await.unwrap();
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let reg = reg.clone();
+                let req = request(&t, &format!("n{i}"), &key());
+                actix_rt::spawn(async move { reg.enroll(req).await.is_ok() })
+            })
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            ok += usize::from(task.await.unwrap());
+        }
+        assert_eq!(ok, 3);
+        assert_eq!(reg.agents().len(), 3);
+    }
+}

@@ -1,0 +1,523 @@
+//! `AgentLink`: both message streams of one agent, on the server.
+//!
+//! It owns the sans-IO [`Endpoint`] for the agent, rebuilt from the journal when the link is
+//! created, and is the only writer of that agent's stream entries in the journal. Every event
+//! it accepts is committed (with its effect, e.g. probe counts) before it is acked; every
+//! command it queues is committed before it is sent. Sessions come and go: `Attach` runs the
+//! handshake (incarnations, watermarks) and resends what the agent lacks; frames from any
+//! connection but the current one are ignored.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde::Serialize;
+use tether_shared::journal::{JournalError, Op};
+use tether_shared::link::{LinkError as FrameError, Received, StreamKeys, StreamReceiver};
+use tether_shared::protocol::{
+    command_signing_bytes, AgentStatus, Command, CommandBody, EventBody, Frame, Hello, Seq,
+    StreamId, Welcome,
+};
+use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError};
+
+use crate::session::agent_session::{AgentSession, CloseSession, SendFrames};
+use crate::session::probes::ProbeStats;
+use crate::session::{now_ms, SessionShared};
+
+/// How often unacknowledged commands are checked for a retransmit.
+const TICK: Duration = Duration::from_secs(1);
+/// Inbound events kept in the journal after processing (replay checks after a restart).
+const KEEP_INBOUND: u64 = 1024;
+/// How long a queued command stays valid.
+const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+/// Why a link could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("cannot encode a command: {0}")]
+    Encode(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub struct AgentLink {
+    agent_id: String,
+    shared: Arc<SessionShared>,
+    keys: StreamKeys,
+    receiver: StreamReceiver,
+    ep: Endpoint<Vec<u8>>,
+    session: Option<(ConnId, Addr<AgentSession>)>,
+    probes: ProbeStats,
+    /// The agent's last reported status (heartbeats).
+    status: Option<AgentStatus>,
+    last_heard: Option<Instant>,
+    /// Events accepted since the inbound log was last trimmed.
+    since_trim: u64,
+}
+
+impl AgentLink {
+    /// Rebuild the link of `agent_id` from the journal.
+    pub fn recover(agent_id: &str, shared: Arc<SessionShared>) -> Result<Self, LinkError> {
+        let keys = StreamKeys::server_side(agent_id)?;
+        let ep = keys.recover(
+            &shared.journal,
+            shared.window,
+            shared.max_retained,
+            shared.rto.as_millis() as u64,
+            now_ms(),
+        )?;
+        let probes = shared
+            .journal
+            .get_meta(&ProbeStats::meta_key(agent_id))?
+            .and_then(|v| serde_json::from_slice(&v).ok())
+            .unwrap_or_default();
+        Ok(AgentLink {
+            agent_id: agent_id.to_owned(),
+            receiver: keys.receiver(),
+            keys,
+            ep,
+            shared,
+            session: None,
+            probes,
+            status: None,
+            last_heard: None,
+            since_trim: 0,
+        })
+    }
+
+    fn current(&self, conn: ConnId) -> bool {
+        self.session.as_ref().is_some_and(|(c, _)| *c == conn)
+    }
+
+    /// Put on the wire everything the streams allow now.
+    fn pump(&mut self) {
+        let Some((_, session)) = &self.session else {
+            return;
+        };
+        let mut frames: Vec<Vec<u8>> = self
+            .ep
+            .outbound
+            .poll_transmit(now_ms())
+            .into_iter()
+            .map(|(_, bytes)| bytes)
+            .collect();
+        for f in [
+            self.receiver.poll_ack(&mut self.ep.inbound),
+            self.receiver.poll_nack(&mut self.ep.inbound),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            match f.encode() {
+                Ok(bytes) => frames.push(bytes),
+                Err(e) => {
+                    tracing::error!(agent_id = %self.agent_id, error = %e, "frame-encode-failed")
+                }
+            }
+        }
+        if !frames.is_empty() {
+            session.do_send(SendFrames { frames });
+        }
+    }
+
+    /// A commit failed: nothing more is acknowledged; the link is rebuilt from the journal.
+    fn fail(&mut self, ctx: &mut Context<Self>, error: &JournalError) {
+        tracing::error!(agent_id = %self.agent_id, error = %error, "link-journal-failed");
+        if let Some((_, s)) = self.session.take() {
+            s.do_send(CloseSession {
+                code: 1011,
+                reason: "server journal failure".into(),
+            });
+        }
+        ctx.stop();
+    }
+
+    fn commit_then(
+        &mut self,
+        ctx: &mut Context<Self>,
+        ops: Vec<Op>,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) {
+        let journal = self.shared.journal.clone();
+        ctx.spawn(
+            async move { journal.commit(ops).await }
+                .into_actor(self)
+                .map(move |res, act, ctx| match res {
+                    Ok(_) => then(act, ctx),
+                    Err(e) => act.fail(ctx, &e),
+                }),
+        );
+    }
+
+    /// An event was accepted: its effect goes into the same batch.
+    fn effect_ops(&mut self, frame: &Frame) -> Vec<Op> {
+        let Frame::Event(event) = frame else {
+            return Vec::new();
+        };
+        let changed = match &event.body {
+            EventBody::Probe { n, .. } => {
+                self.probes.events.record(*n);
+                true
+            }
+            EventBody::ProbeEcho { n } => {
+                self.probes.echoes.record(*n);
+                true
+            }
+            EventBody::CommandExpired { id } => {
+                tracing::warn!(agent_id = %self.agent_id, command_id = %id, seq = event.seq.0, "command-expired");
+                false
+            }
+        };
+        if !changed {
+            return Vec::new();
+        }
+        match serde_json::to_vec(&self.probes) {
+            Ok(v) => vec![Op::PutMeta {
+                key: ProbeStats::meta_key(&self.agent_id),
+                value: v,
+            }],
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn on_frame(&mut self, ctx: &mut Context<Self>, conn: ConnId, bytes: &[u8]) {
+        match self
+            .receiver
+            .on_bytes(&mut self.ep.inbound, bytes, |_| Ok(()))
+        {
+            Ok(Received::Journal {
+                seq,
+                frame,
+                mut ops,
+            }) => {
+                ops.extend(self.effect_ops(&frame));
+                self.since_trim += 1;
+                if self.since_trim >= KEEP_INBOUND {
+                    ops.extend(self.keys.trim_inbound_ops(seq, KEEP_INBOUND));
+                    self.since_trim = 0;
+                }
+                self.commit_then(ctx, ops, move |act, _| {
+                    act.ep.inbound.mark_durable(seq);
+                    act.pump();
+                });
+            }
+            Ok(Received::Nothing) => self.pump(),
+            Ok(Received::Other(frame)) => self.on_control(ctx, conn, frame),
+            Err(e) => self.refuse(conn, &e),
+        }
+    }
+
+    fn on_control(&mut self, ctx: &mut Context<Self>, conn: ConnId, frame: Frame) {
+        match frame {
+            Frame::Ack(ack) if ack.stream == StreamId::Commands => {
+                match self.ep.outbound.on_ack(conn, ack.upto, now_ms()) {
+                    AckOutcome::Advanced(upto) => {
+                        let ops = self.keys.acked_ops(upto);
+                        self.commit_then(ctx, ops, |_, _| {});
+                        self.pump();
+                    }
+                    AckOutcome::Duplicate => {}
+                    AckOutcome::Stale | AckOutcome::Bogus => {
+                        tracing::warn!(agent_id = %self.agent_id, upto = ack.upto.0, "ack-ignored");
+                    }
+                }
+            }
+            Frame::Nack(nack) if nack.stream == StreamId::Commands => {
+                if self.ep.outbound.on_nack(conn, nack.from) {
+                    self.pump();
+                }
+            }
+            Frame::Heartbeat(hb) => {
+                if hb.status.is_some() {
+                    self.status = hb.status;
+                }
+            }
+            Frame::Error(e) => {
+                tracing::warn!(agent_id = %self.agent_id, code = ?e.code, message = %e.message, "agent-reported-error");
+            }
+            other => {
+                let e = FrameError::Refused(format!(
+                    "unexpected {} frame after the handshake",
+                    other.kind()
+                ));
+                self.refuse(conn, &e);
+            }
+        }
+    }
+
+    fn refuse(&mut self, conn: ConnId, e: &FrameError) {
+        tracing::warn!(agent_id = %self.agent_id, conn = conn.0, error = %e, "frame-refused");
+        if let Some((_, s)) = &self.session {
+            s.do_send(CloseSession {
+                code: e.close_code(),
+                reason: e.to_string(),
+            });
+        }
+    }
+
+    /// Number, sign and journal commands; they go out once durable.
+    fn enqueue(
+        &mut self,
+        ctx: &mut Context<Self>,
+        bodies: Vec<CommandBody>,
+    ) -> Result<Seq, LinkError> {
+        if !self.ep.outbound.has_room(bodies.len()) {
+            return Err(StreamError::Backlog {
+                in_flight: self.ep.outbound.unacked(),
+                limit: self.shared.max_retained,
+            }
+            .into());
+        }
+        let deadline = now_ms() + DEFAULT_DEADLINE.as_millis() as u64;
+        let mut ops = Vec::with_capacity(bodies.len() + 1);
+        let mut last = Seq::ZERO;
+        for body in bodies {
+            let seq = self
+                .ep
+                .outbound
+                .next_seq()
+                .ok_or(StreamError::SeqExhausted)?;
+            if let CommandBody::Probe { .. } = body {
+                self.probes.commands_sent += 1;
+            }
+            let id = hex::encode(rand::random::<[u8; 12]>());
+            let signed = command_signing_bytes(&self.agent_id, &id, deadline, &body)
+                .map_err(|e| LinkError::Encode(e.to_string()))?;
+            let mut command = Command::new(seq, id, deadline, body)
+                .map_err(|e| LinkError::Encode(e.to_string()))?;
+            command.signature = self.shared.signing.sign(&signed);
+            let bytes = Frame::Command(command)
+                .encode()
+                .map_err(|e| LinkError::Encode(e.to_string()))?;
+            ops.push(Op::Append {
+                log: self.keys.out_log.clone(),
+                seq,
+                payload: bytes.clone(),
+            });
+            last = self.ep.outbound.enqueue(bytes, now_ms())?;
+        }
+        if let Ok(v) = serde_json::to_vec(&self.probes) {
+            ops.push(Op::PutMeta {
+                key: ProbeStats::meta_key(&self.agent_id),
+                value: v,
+            });
+        }
+        self.commit_then(ctx, ops, move |act, _| {
+            act.ep.outbound.mark_durable(last);
+            act.pump();
+        });
+        Ok(last)
+    }
+}
+
+impl Actor for AgentLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+        ctx.run_interval(TICK, |act, _| {
+            act.ep.outbound.on_tick(now_ms());
+            act.pump();
+        });
+    }
+}
+
+/// A verified session of this agent starts: run the stream handshake.
+#[derive(Message)]
+#[rtype(result = "Result<Welcome, LinkError>")]
+pub struct Attach {
+    pub conn: ConnId,
+    pub hello: Hello,
+    pub session: Addr<AgentSession>,
+}
+
+impl Handler<Attach> for AgentLink {
+    type Result = ResponseActFuture<Self, Result<Welcome, LinkError>>;
+
+    fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
+        let conn = msg.conn;
+        let hello = msg.hello;
+        self.ep.begin(conn);
+        let knows_us = hello.server_incarnation == self.shared.incarnation;
+        let outcome = self.ep.complete(
+            conn,
+            &hello.incarnation,
+            knows_us,
+            hello.last_command_seq,
+            now_ms(),
+        );
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => return Box::pin(fut::ready(Err(e.into()))),
+        };
+        if let Handshake::PeerReset {
+            previous,
+            abandoned,
+        } = &outcome
+        {
+            // The job layer fails the work these carried; the stream itself starts over.
+            tracing::warn!(agent_id = %self.agent_id, previous = %previous, incarnation = %hello.incarnation, abandoned = abandoned.len(), "agent-lost-state");
+        }
+        self.session = Some((conn, msg.session));
+        self.last_heard = Some(Instant::now());
+        let ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
+        let journal = self.shared.journal.clone();
+        Box::pin(
+            async move {
+                if !ops.is_empty() {
+                    journal.commit(ops).await?;
+                }
+                Ok::<(), LinkError>(())
+            }
+            .into_actor(self)
+            .map(move |res, act, _| {
+                res?;
+                let welcome = Welcome {
+                    last_event_seq: act.ep.inbound.durable(),
+                    server_incarnation: act.shared.incarnation.clone(),
+                    heartbeat_interval_ms: act.shared.heartbeat_interval.as_millis() as u64,
+                };
+                tracing::info!(agent_id = %act.agent_id, conn = conn.0, last_event_seq = welcome.last_event_seq.0, last_command_seq = hello.last_command_seq.0, "agent-attached");
+                act.pump();
+                Ok(welcome)
+            }),
+        )
+    }
+}
+
+/// Bytes the current (or an old) session received from the agent.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromAgent {
+    pub conn: ConnId,
+    pub bytes: Vec<u8>,
+}
+
+impl Handler<FromAgent> for AgentLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromAgent, ctx: &mut Self::Context) {
+        if !self.current(msg.conn) {
+            return;
+        }
+        self.last_heard = Some(Instant::now());
+        self.on_frame(ctx, msg.conn, &msg.bytes);
+    }
+}
+
+/// The session `conn` ended.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Detach {
+    pub conn: ConnId,
+}
+
+impl Handler<Detach> for AgentLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: Detach, _: &mut Self::Context) {
+        if self.current(msg.conn) {
+            self.session = None;
+            self.ep.disconnect();
+        }
+    }
+}
+
+/// Queue commands for the agent (delivered now or when it next connects).
+#[derive(Message)]
+#[rtype(result = "Result<Seq, LinkError>")]
+pub struct QueueCommands {
+    pub bodies: Vec<CommandBody>,
+}
+
+impl Handler<QueueCommands> for AgentLink {
+    type Result = Result<Seq, LinkError>;
+
+    fn handle(&mut self, msg: QueueCommands, ctx: &mut Self::Context) -> Self::Result {
+        self.enqueue(ctx, msg.bodies)
+    }
+}
+
+/// A snapshot of the link for health, metrics and the probe check.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkHealth {
+    pub agent_id: String,
+    pub connected: bool,
+    /// Commands not yet acknowledged by the agent, and the age of the oldest.
+    pub unacked_commands: usize,
+    pub oldest_unacked_ms: Option<u64>,
+    pub commands_acked: u64,
+    pub events_received: u64,
+    pub stale_acks: u64,
+    pub bogus_acks: u64,
+    pub retransmits: u64,
+    pub duplicates: u64,
+    pub last_heard_ms: Option<u64>,
+    pub probes: ProbeStats,
+    pub status: Option<AgentStatus>,
+}
+
+#[derive(Message)]
+#[rtype(result = "LinkHealth")]
+pub struct ObserveLink;
+
+impl Handler<ObserveLink> for AgentLink {
+    type Result = MessageResult<ObserveLink>;
+
+    fn handle(&mut self, _: ObserveLink, _: &mut Self::Context) -> Self::Result {
+        let stats = self.ep.outbound.stats();
+        let now = now_ms();
+        MessageResult(LinkHealth {
+            agent_id: self.agent_id.clone(),
+            connected: self.session.is_some(),
+            unacked_commands: self.ep.outbound.unacked(),
+            oldest_unacked_ms: self
+                .ep
+                .outbound
+                .oldest_unacked_ms()
+                .map(|t| now.saturating_sub(t)),
+            commands_acked: self.ep.outbound.acked().0,
+            events_received: self.ep.inbound.durable().0,
+            stale_acks: stats.stale_acks,
+            bogus_acks: stats.bogus_acks,
+            retransmits: stats.retransmits,
+            duplicates: self.ep.inbound.duplicates,
+            last_heard_ms: self.last_heard.map(|t| t.elapsed().as_millis() as u64),
+            probes: self.probes,
+            status: self.status.clone(),
+        })
+    }
+}
+
+/// Queue `commands` numbered probe commands and ask the agent for `events` probe events.
+#[derive(Message)]
+#[rtype(result = "Result<Seq, LinkError>")]
+pub struct QueueProbes {
+    pub commands: u64,
+    pub events: u64,
+}
+
+impl Handler<QueueProbes> for AgentLink {
+    type Result = Result<Seq, LinkError>;
+
+    fn handle(&mut self, msg: QueueProbes, ctx: &mut Self::Context) -> Self::Result {
+        let base = self.probes.commands_sent;
+        let mut bodies: Vec<CommandBody> = (1..=msg.commands)
+            .map(|i| CommandBody::Probe {
+                n: base + i,
+                data: format!("probe {}", base + i),
+            })
+            .collect();
+        if msg.events > 0 {
+            bodies.push(CommandBody::EmitProbes { count: msg.events });
+        }
+        if bodies.is_empty() {
+            return Ok(self.ep.outbound.assigned());
+        }
+        self.enqueue(ctx, bodies)
+    }
+}

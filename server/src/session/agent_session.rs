@@ -1,0 +1,419 @@
+//! `AgentSession`: one agent WebSocket on the server (`GET /agent/v1/ws` on the agent-facing
+//! listener).
+//!
+//! Lifecycle, as in the actix chat example: `started` sends a `Challenge` (or `Busy` when too
+//! many handshakes are in flight) and arms the handshake timeout; the first frame must be a
+//! `Hello` whose proof is the registered agent's signature over this connection's nonce; then
+//! the session registers (replacing any older session of the agent), attaches to the agent's
+//! `AgentLink`, answers `Welcome`, and from then on only moves frames between the socket and
+//! the link. A heartbeat interval sends our beat and closes a session the agent has not been
+//! heard from for the heartbeat timeout. `stopping` always tells the registry and the link.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use actix_web_actors::ws;
+use base64::Engine as _;
+use tether_shared::identity::PublicKey;
+use tether_shared::protocol::{
+    self, hello_proof_bytes, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello,
+    Sender,
+};
+use tether_shared::stream::ConnId;
+
+use crate::registry::Role;
+use crate::session::agent_link::{AgentLink, Attach, Detach, FromAgent};
+use crate::session::session_registry::{RegisterSession, SessionEnded, SessionRegistry};
+use crate::session::{now_ms, SessionShared};
+
+/// How far along the session is.
+enum Phase {
+    /// Challenge sent; waiting for the agent's Hello.
+    Challenged,
+    /// Hello verified; waiting for the link's Welcome. Frames from the link wait here.
+    Attaching {
+        agent_id: String,
+        held: Vec<Vec<u8>>,
+    },
+    /// Streams running.
+    Ready {
+        agent_id: String,
+        link: Addr<AgentLink>,
+    },
+    /// Refused or replaced: nothing more is processed.
+    Closing,
+}
+
+pub struct AgentSession {
+    shared: Arc<SessionShared>,
+    registry: Addr<SessionRegistry>,
+    conn: ConnId,
+    nonce: String,
+    phase: Phase,
+    last_heard: Instant,
+    /// This session counts against the handshakes in flight until it is Ready or gone.
+    counted: bool,
+    peer: String,
+    /// The agent's software version, from its Hello.
+    version: String,
+}
+
+impl AgentSession {
+    pub fn new(
+        shared: Arc<SessionShared>,
+        registry: Addr<SessionRegistry>,
+        conn: ConnId,
+        peer: String,
+    ) -> Self {
+        let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+        AgentSession {
+            shared,
+            registry,
+            conn,
+            nonce,
+            phase: Phase::Challenged,
+            last_heard: Instant::now(),
+            counted: false,
+            peer,
+            version: String::new(),
+        }
+    }
+
+    fn send_frame(ctx: &mut ws::WebsocketContext<Self>, frame: &Frame) {
+        match frame.encode() {
+            Ok(bytes) => ctx.binary(bytes),
+            Err(e) => tracing::error!(error = %e, "frame-encode-failed"),
+        }
+    }
+
+    /// Refuse the peer: an error frame with the reason, then a close with `code`.
+    fn refuse(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: u16,
+        error: ErrorCode,
+        reason: &str,
+    ) {
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, code, reason, "session-refused");
+        Self::send_frame(
+            ctx,
+            &Frame::Error(ErrorFrame {
+                code: error,
+                message: reason.to_owned(),
+                details: Default::default(),
+            }),
+        );
+        self.close(ctx, code, reason);
+    }
+
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
+        self.phase = Phase::Closing;
+        let reason: String = reason.chars().take(100).collect();
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(code),
+            description: Some(reason),
+        }));
+        ctx.stop();
+    }
+
+    fn uncount(&mut self) {
+        if self.counted {
+            self.counted = false;
+            self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: Vec<u8>) {
+        self.last_heard = Instant::now();
+        match &self.phase {
+            Phase::Challenged => self.on_hello(ctx, &bytes),
+            Phase::Ready { link, .. } => link.do_send(FromAgent {
+                conn: self.conn,
+                bytes,
+            }),
+            Phase::Attaching { .. } => self.refuse(
+                ctx,
+                1008,
+                ErrorCode::ProtocolViolation,
+                "frame before the welcome",
+            ),
+            Phase::Closing => {}
+        }
+    }
+
+    fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
+        let hello = match protocol::decode(bytes, Sender::Agent) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(other) => {
+                let reason = format!("expected hello, got {}", other.kind());
+                return self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+            }
+            Err(e) => {
+                return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
+            }
+        };
+        if let Err(reason) = self.verify(&hello) {
+            return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &reason);
+        }
+        let agent_id = hello.agent_id.clone();
+        self.phase = Phase::Attaching {
+            agent_id: agent_id.clone(),
+            held: Vec::new(),
+        };
+        let register = RegisterSession {
+            agent_id: agent_id.clone(),
+            conn: self.conn,
+            session: ctx.address(),
+        };
+        let registry = self.registry.clone();
+        let session = ctx.address();
+        let conn = self.conn;
+        let attach = async move {
+            let link = registry
+                .send(register)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let welcome = link
+                .send(Attach {
+                    conn,
+                    hello,
+                    session,
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((link, welcome))
+        };
+        ctx.wait(attach.into_actor(self).map(move |res, act, ctx| {
+            let held = match std::mem::replace(&mut act.phase, Phase::Closing) {
+                Phase::Attaching { held, .. } => held,
+                _ => return,
+            };
+            match res {
+                Ok((link, welcome)) => {
+                    tracing::debug!(conn = act.conn.0, held = held.len(), "sending-welcome");
+                    Self::send_frame(ctx, &Frame::Welcome(welcome));
+                    for f in held {
+                        ctx.binary(f);
+                    }
+                    act.uncount();
+                    act.shared
+                        .registry
+                        .set_online(&agent_id, &act.version, Vec::new());
+                    act.phase = Phase::Ready { agent_id, link };
+                }
+                Err(reason) => act.refuse(
+                    ctx,
+                    1011,
+                    ErrorCode::Internal,
+                    &format!("attach failed: {reason}"),
+                ),
+            }
+        }));
+    }
+
+    /// The identity check: a registered agent, and its signature over our nonce.
+    fn verify(&mut self, hello: &Hello) -> Result<(), String> {
+        let record = self
+            .shared
+            .registry
+            .agent(&hello.agent_id)
+            .ok_or("unknown agent")?;
+        if record.role != Role::Agent {
+            return Err("not an agent identity".into());
+        }
+        let key = PublicKey::from_b64(&record.public_key).map_err(|_| "unusable registered key")?;
+        key.verify(
+            &hello_proof_bytes(&self.nonce, &hello.agent_id),
+            &hello.proof,
+        )
+        .map_err(|_| "bad proof signature")?;
+        self.version = hello.version.chars().take(64).collect();
+        Ok(())
+    }
+}
+
+impl Actor for AgentSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        self.counted = true;
+        if in_flight > self.shared.max_handshakes {
+            // Spread a reconnect storm: the agent retries after a jittered delay.
+            let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
+            Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
+            tracing::debug!(conn = self.conn.0, in_flight, "handshake-shed");
+            return self.close(ctx, 1013, "busy, retry later");
+        }
+        Self::send_frame(
+            ctx,
+            &Frame::Challenge(Challenge {
+                nonce: self.nonce.clone(),
+            }),
+        );
+        ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
+            if matches!(act.phase, Phase::Challenged | Phase::Attaching { .. }) {
+                act.refuse(ctx, 1008, ErrorCode::Unauthorized, "handshake timeout");
+            }
+        });
+        ctx.run_interval(self.shared.heartbeat_interval, |act, ctx| {
+            if act.last_heard.elapsed() > act.shared.heartbeat_timeout {
+                if let Phase::Ready { agent_id, .. } = &act.phase {
+                    tracing::info!(agent_id = %agent_id, conn = act.conn.0, "heartbeat-timeout");
+                }
+                return act.close(ctx, 1001, "heartbeat timeout");
+            }
+            if matches!(act.phase, Phase::Ready { .. }) {
+                Self::send_frame(
+                    ctx,
+                    &Frame::Heartbeat(Heartbeat {
+                        sent_ms: now_ms(),
+                        status: None,
+                    }),
+                );
+            }
+        });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.uncount();
+        match std::mem::replace(&mut self.phase, Phase::Closing) {
+            Phase::Ready { agent_id, link } => {
+                link.do_send(Detach { conn: self.conn });
+                self.registry.do_send(SessionEnded {
+                    agent_id,
+                    conn: self.conn,
+                });
+            }
+            Phase::Attaching { agent_id, .. } => {
+                self.registry.do_send(SessionEnded {
+                    agent_id,
+                    conn: self.conn,
+                });
+            }
+            Phase::Challenged | Phase::Closing => {}
+        }
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        match msg {
+            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, bytes.to_vec()),
+            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes().to_vec()),
+            Ok(ws::Message::Ping(p)) => {
+                self.last_heard = Instant::now();
+                ctx.pong(&p);
+            }
+            Ok(ws::Message::Pong(_)) => self.last_heard = Instant::now(),
+            Ok(ws::Message::Close(_)) => {
+                self.phase_closing_log();
+                ctx.stop();
+            }
+            Ok(ws::Message::Continuation(_)) => self.refuse(
+                ctx,
+                1003,
+                ErrorCode::ProtocolViolation,
+                "fragmented messages are not accepted",
+            ),
+            Ok(ws::Message::Nop) => {}
+            Err(ws::ProtocolError::Overflow) => self.refuse(
+                ctx,
+                1009,
+                ErrorCode::Malformed,
+                "frame exceeds the size limit",
+            ),
+            Err(e) => {
+                let reason = format!("websocket protocol error: {e}");
+                self.refuse(ctx, 1002, ErrorCode::Malformed, &reason)
+            }
+        }
+    }
+}
+
+impl AgentSession {
+    fn phase_name(&self) -> &'static str {
+        match self.phase {
+            Phase::Challenged => "challenged",
+            Phase::Attaching { .. } => "attaching",
+            Phase::Ready { .. } => "ready",
+            Phase::Closing => "closing",
+        }
+    }
+
+    fn phase_closing_log(&self) {
+        if let Phase::Ready { agent_id, .. } = &self.phase {
+            tracing::info!(agent_id = %agent_id, conn = self.conn.0, "agent-closed-session");
+        }
+    }
+}
+
+/// Frames from the link to put on this session's socket.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendFrames {
+    pub frames: Vec<Vec<u8>>,
+}
+
+impl Handler<SendFrames> for AgentSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: SendFrames, ctx: &mut Self::Context) {
+        tracing::debug!(
+            conn = self.conn.0,
+            frames = msg.frames.len(),
+            phase = self.phase_name(),
+            "send-frames"
+        );
+        match &mut self.phase {
+            Phase::Ready { .. } => {
+                for f in msg.frames {
+                    ctx.binary(f);
+                }
+            }
+            Phase::Attaching { held, .. } => held.extend(msg.frames),
+            Phase::Challenged | Phase::Closing => {}
+        }
+    }
+}
+
+/// The link refuses what the agent sent: close with this code.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CloseSession {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Handler<CloseSession> for AgentSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
+        let error = if msg.code == 1011 {
+            ErrorCode::Internal
+        } else {
+            ErrorCode::ProtocolViolation
+        };
+        self.refuse(ctx, msg.code, error, &msg.reason);
+    }
+}
+
+/// A newer session of the same agent took over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replaced;
+
+impl Handler<Replaced> for AgentSession {
+    type Result = ();
+
+    fn handle(&mut self, _: Replaced, ctx: &mut Self::Context) {
+        // Not Ready any more: stopping must not mark the agent offline or detach the new session.
+        self.phase = Phase::Closing;
+        self.close(ctx, 4000, "replaced by a newer session");
+    }
+}

@@ -1,0 +1,55 @@
+//! Agent sessions on the server: the WebSocket edge and the per-agent stream state behind it.
+//!
+//! - [`agent_session`]: `AgentSession`, one actor per WebSocket: challenge, signature check,
+//!   heartbeats, offline detection, frame I/O. Holds no stream state.
+//! - [`agent_link`]: `AgentLink`, one actor per known agent: both message streams (the sans-IO
+//!   core fed from the journal), commits before acks, resync at every handshake. It outlives
+//!   sessions, so a reconnect (or a replacing connection) resumes exactly where the journal is.
+//! - [`session_registry`]: `SessionRegistry`, which agent has which link and which session;
+//!   a second connection for an agent replaces the first.
+//! - [`probes`]: numbered test messages both ways, checked for exactly-once in-order delivery.
+
+pub mod agent_link;
+pub mod agent_session;
+pub mod probes;
+pub mod routes;
+pub mod session_registry;
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_shared::identity::Identity;
+use tether_shared::journal::JournalHandle;
+
+use crate::registry::Registry;
+
+/// Everything sessions and links share, built once at start.
+pub struct SessionShared {
+    pub journal: JournalHandle,
+    pub registry: Arc<Registry>,
+    /// The server's command-signing key.
+    pub signing: Identity,
+    /// The journal's incarnation, announced in every Welcome.
+    pub incarnation: String,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// Time an agent has to answer the challenge.
+    pub handshake_timeout: Duration,
+    /// Handshakes in progress now, and the most allowed (past it: `Busy`).
+    pub handshakes: AtomicUsize,
+    pub max_handshakes: usize,
+    /// Connection ids handed out so far.
+    pub next_conn: AtomicU64,
+    /// Stream tuning: in flight per direction, retained per agent, retransmit timeout.
+    pub window: u64,
+    pub max_retained: usize,
+    pub rto: Duration,
+}
+
+/// Milliseconds since the Unix epoch (the stream core takes time as an input).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

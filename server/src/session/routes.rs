@@ -1,0 +1,153 @@
+//! HTTP routes of the session layer.
+//!
+//! On the agent-facing listener: `GET /agent/v1/ws`, the agent WebSocket (one `AgentSession`).
+//! On the HTTPS listener, behind the admin token: `POST /api/v1/agents/{id}/probes`
+//! (`{"commands":N,"events":M}`: queue N numbered probe commands and ask the agent for M probe
+//! events) and `GET /api/v1/agents/{id}/probes` (what arrived: counts, duplicates, gaps) — an
+//! end-to-end check of both journaled streams that operators can run too.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use serde::Deserialize;
+use tether_shared::protocol::MAX_FRAME_BYTES;
+use tether_shared::stream::ConnId;
+
+use crate::admin_token::AdminToken;
+use crate::api::parse_json;
+use crate::api_error::{method_not_allowed, ApiError};
+use crate::session::agent_link::{ObserveLink, QueueProbes};
+use crate::session::agent_session::AgentSession;
+use crate::session::session_registry::{GetLink, SessionRegistry};
+use crate::session::SessionShared;
+
+/// What the session routes share.
+pub struct SessionsState {
+    pub shared: Arc<SessionShared>,
+    pub registry: Addr<SessionRegistry>,
+}
+
+/// The admin side: the token guards the probe routes.
+pub struct ProbeApiState {
+    pub token: AdminToken,
+    pub sessions: web::Data<SessionsState>,
+}
+
+/// Mounts `GET /agent/v1/ws` (agent-facing listener).
+pub fn configure_agent_surface(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/agent/v1/ws")
+            .route(web::get().to(agent_ws))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+/// Mounts the probe routes (HTTPS listener).
+pub fn configure_api(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/agents/{id}/probes")
+            .route(web::post().to(queue_probes))
+            .route(web::get().to(get_probes))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+async fn agent_ws(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<SessionsState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let session = AgentSession::new(state.shared.clone(), state.registry.clone(), conn, peer);
+    ws::WsResponseBuilder::new(session, &req, stream)
+        .frame_size(MAX_FRAME_BYTES)
+        .start()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProbeRequest {
+    #[serde(default)]
+    commands: u64,
+    #[serde(default)]
+    events: u64,
+}
+
+/// Most probes one request may queue.
+const MAX_PROBES: u64 = 100_000;
+
+async fn link_of(
+    state: &ProbeApiState,
+    id: &str,
+) -> Result<Addr<crate::session::agent_link::AgentLink>, ApiError> {
+    if state.sessions.shared.registry.agent(id).is_none() {
+        return Err(ApiError::NotFound);
+    }
+    state
+        .sessions
+        .registry
+        .send(GetLink {
+            agent_id: id.to_owned(),
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|e| {
+            tracing::error!(agent_id = %id, error = %e, "link-unavailable");
+            ApiError::Unavailable
+        })
+}
+
+async fn queue_probes(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<ProbeApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let probe: ProbeRequest = parse_json(&body)?;
+    if probe.commands > MAX_PROBES || probe.events > MAX_PROBES {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_PROBES} probes each way per request"
+        )));
+    }
+    let id = path.into_inner();
+    let link = link_of(&state, &id).await?;
+    match link
+        .send(QueueProbes {
+            commands: probe.commands,
+            events: probe.events,
+        })
+        .await
+    {
+        Ok(Ok(seq)) => {
+            Ok(HttpResponse::Accepted().json(serde_json::json!({"queued_through_seq": seq.0})))
+        }
+        Ok(Err(e)) => Err(ApiError::Conflict(e.to_string())),
+        Err(_) => Err(ApiError::Unavailable),
+    }
+}
+
+async fn get_probes(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<ProbeApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let id = path.into_inner();
+    let link = link_of(&state, &id).await?;
+    let health = link
+        .send(ObserveLink)
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "agent_id": health.agent_id,
+        "connected": health.connected,
+        "probes": health.probes,
+        "unacked_commands": health.unacked_commands,
+        "events_received": health.events_received,
+    })))
+}

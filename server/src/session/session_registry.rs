@@ -1,0 +1,150 @@
+//! `SessionRegistry`: which agent has which `AgentLink`, and which session is current.
+//!
+//! Links are created on first need (a connection, or a command queued for an offline agent)
+//! from the journal, and live as long as the server. A new session for an agent replaces the
+//! previous one, which is told to close: newest wins, deterministically, and the link ignores
+//! anything still arriving from the old connection (its frames carry the old `ConnId`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tether_shared::stream::ConnId;
+
+use crate::session::agent_link::{AgentLink, LinkError};
+use crate::session::agent_session::{AgentSession, Replaced};
+use crate::session::SessionShared;
+
+/// One agent's entry.
+struct Entry {
+    link: Addr<AgentLink>,
+    session: Option<(ConnId, Addr<AgentSession>)>,
+}
+
+pub struct SessionRegistry {
+    shared: Arc<SessionShared>,
+    agents: HashMap<String, Entry>,
+}
+
+impl SessionRegistry {
+    pub fn new(shared: Arc<SessionShared>) -> Self {
+        SessionRegistry {
+            shared,
+            agents: HashMap::new(),
+        }
+    }
+
+    fn entry(&mut self, agent_id: &str) -> Result<&mut Entry, LinkError> {
+        // A link that died (its journal failed) is rebuilt from the journal.
+        if self
+            .agents
+            .get(agent_id)
+            .is_some_and(|e| !e.link.connected())
+        {
+            self.agents.remove(agent_id);
+        }
+        if !self.agents.contains_key(agent_id) {
+            let link = AgentLink::recover(agent_id, self.shared.clone())?.start();
+            self.agents.insert(
+                agent_id.to_owned(),
+                Entry {
+                    link,
+                    session: None,
+                },
+            );
+        }
+        self.agents
+            .get_mut(agent_id)
+            .ok_or_else(|| LinkError::Internal("entry vanished".into()))
+    }
+}
+
+impl Actor for SessionRegistry {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(16_384);
+    }
+}
+
+/// An authenticated session takes over its agent; answers the agent's link.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<AgentLink>, LinkError>")]
+pub struct RegisterSession {
+    pub agent_id: String,
+    pub conn: ConnId,
+    pub session: Addr<AgentSession>,
+}
+
+impl Handler<RegisterSession> for SessionRegistry {
+    type Result = Result<Addr<AgentLink>, LinkError>;
+
+    fn handle(&mut self, msg: RegisterSession, _: &mut Self::Context) -> Self::Result {
+        let entry = self.entry(&msg.agent_id)?;
+        if let Some((old_conn, old)) = entry.session.replace((msg.conn, msg.session)) {
+            tracing::info!(agent_id = %msg.agent_id, old_conn = old_conn.0, conn = msg.conn.0, "session-replaced");
+            old.do_send(Replaced);
+        }
+        Ok(entry.link.clone())
+    }
+}
+
+/// A session ended; the agent is offline unless a newer session already took over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionEnded {
+    pub agent_id: String,
+    pub conn: ConnId,
+}
+
+impl Handler<SessionEnded> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionEnded, _: &mut Self::Context) {
+        if let Some(entry) = self.agents.get_mut(&msg.agent_id) {
+            if entry.session.as_ref().is_some_and(|(c, _)| *c == msg.conn) {
+                entry.session = None;
+                self.shared.registry.set_offline(&msg.agent_id);
+                tracing::info!(agent_id = %msg.agent_id, conn = msg.conn.0, "agent-offline");
+            }
+        }
+    }
+}
+
+/// The link of an agent (created if needed), e.g. to queue commands while it is offline.
+#[derive(Message)]
+#[rtype(result = "Result<Addr<AgentLink>, LinkError>")]
+pub struct GetLink {
+    pub agent_id: String,
+}
+
+impl Handler<GetLink> for SessionRegistry {
+    type Result = Result<Addr<AgentLink>, LinkError>;
+
+    fn handle(&mut self, msg: GetLink, _: &mut Self::Context) -> Self::Result {
+        Ok(self.entry(&msg.agent_id)?.link.clone())
+    }
+}
+
+/// Every link, for health and metrics.
+#[derive(Message)]
+#[rtype(result = "ListedLinks")]
+pub struct ListLinks;
+
+/// Every agent's link.
+pub struct ListedLinks {
+    pub links: Vec<(String, Addr<AgentLink>)>,
+}
+
+impl Handler<ListLinks> for SessionRegistry {
+    type Result = MessageResult<ListLinks>;
+
+    fn handle(&mut self, _: ListLinks, _: &mut Self::Context) -> Self::Result {
+        let links = self
+            .agents
+            .iter()
+            .map(|(id, e)| (id.clone(), e.link.clone()))
+            .collect();
+        MessageResult(ListedLinks { links })
+    }
+}

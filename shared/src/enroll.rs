@@ -1,0 +1,252 @@
+//! Enrollment on the wire: the JSON bodies of `POST /agent/v1/enroll` (sent by `tether-agent
+//! install` and `tether-relay install`, answered by the server), the [`Role`] an enrollment token
+//! grants, the naming rules for agent names and tags, and the paths an agent derives from its
+//! `wss://host:port` upstream.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the enrollment endpoint on the agent-facing surface (server `listen.wss`, relay).
+pub const ENROLL_PATH: &str = "/agent/v1/enroll";
+/// Path of the agent WebSocket on the same surface.
+pub const WS_PATH: &str = "/agent/v1/ws";
+/// Longest agent or relay name, and longest tag.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most tags one agent may carry.
+pub const MAX_TAGS: usize = 32;
+
+/// What an enrollment token enrolls, and what an enrolled peer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A machine that runs deployment steps.
+    #[default]
+    Agent,
+    /// A relay carrying other agents' connections upstream.
+    Relay,
+}
+
+impl Role {
+    /// The role's name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Relay => "relay",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The body of `POST /agent/v1/enroll`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The enrollment token issued by `POST /api/v1/enrollment-tokens`.
+    pub token: String,
+    /// The name the operator gave this machine (see [`name_problem`]).
+    pub name: String,
+    /// Standard base64 of the peer's Ed25519 public key.
+    pub public_key: String,
+    /// Labels deployments target (see [`name_problem`]).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// What is enrolling; must be the token's role.
+    #[serde(default)]
+    pub role: Role,
+}
+
+/// The answer to a successful enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The id the server assigned (`a-...` for agents, `r-...` for relays).
+    pub agent_id: String,
+    /// Standard base64 of the server's command-signing public key, to pin.
+    pub server_signing_key: String,
+}
+
+/// Why `what` (a name or a tag) is not acceptable, if it is not: 1 to [`MAX_NAME_LEN`]
+/// characters of `[A-Za-z0-9._-]`.
+pub fn name_problem(what: &str, value: &str) -> Option<String> {
+    if value.is_empty() {
+        return Some(format!("{what} must not be empty"));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Some(format!(
+            "{what} must be at most {MAX_NAME_LEN} characters, got {}",
+            value.len()
+        ));
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Some(format!(
+            "{what} {value:?} may only hold the characters A-Z a-z 0-9 . _ -"
+        ));
+    }
+    None
+}
+
+/// Why `tags` are not acceptable, if they are not: at most [`MAX_TAGS`], each a valid name.
+pub fn tags_problem(tags: &[String]) -> Option<String> {
+    if tags.len() > MAX_TAGS {
+        return Some(format!(
+            "at most {MAX_TAGS} tags are allowed, got {}",
+            tags.len()
+        ));
+    }
+    tags.iter().find_map(|tag| name_problem("tag", tag))
+}
+
+/// An agent-facing base URL, `wss://host:port`; any path after the authority is ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or IP address (IPv6 without brackets).
+    pub host: String,
+    /// The port (443 if the URL names none).
+    pub port: u16,
+}
+
+impl Upstream {
+    /// Parses `wss://host[:port][/path]`.
+    pub fn parse(url: &str) -> Result<Upstream, String> {
+        let rest = url.strip_prefix("wss://").ok_or_else(|| {
+            format!("upstream {url:?} must start with wss:// (the agent-facing address, e.g. wss://server:7919)")
+        })?;
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("upstream {url:?} must not contain whitespace"));
+        }
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(format!("upstream {url:?} must not contain credentials"));
+        }
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("upstream {url:?}: unclosed [ in the address"))?;
+            match after {
+                "" => (host, None),
+                p => (
+                    host,
+                    Some(p.strip_prefix(':').ok_or_else(|| {
+                        format!("upstream {url:?}: expected :port after the address")
+                    })?),
+                ),
+            }
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("upstream {url:?} must name a host"));
+        }
+        let port = match port {
+            None => 443,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("upstream {url:?}: port {p:?} is not 1..=65535"))?,
+        };
+        Ok(Upstream {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// `host:port` (IPv6 in brackets), as in URLs.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The canonical base URL, `wss://host:port`.
+    pub fn base_url(&self) -> String {
+        format!("wss://{}", self.authority())
+    }
+
+    /// The enrollment URL derived from it.
+    pub fn enroll_url(&self) -> String {
+        format!("https://{}{ENROLL_PATH}", self.authority())
+    }
+
+    /// The WebSocket URL derived from it.
+    pub fn ws_url(&self) -> String {
+        format!("wss://{}{WS_PATH}", self.authority())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_tags() {
+        assert_eq!(name_problem("name", "web-01.prod_a"), None);
+        assert_eq!(name_problem("name", &"a".repeat(64)), None);
+        assert!(name_problem("name", "").is_some());
+        assert!(name_problem("name", &"a".repeat(65)).is_some());
+        for bad in ["a b", "a/b", "ä", "a\n", "<script>", "a:b"] {
+            assert!(name_problem("name", bad).is_some(), "{bad:?}");
+        }
+        assert_eq!(tags_problem(&vec!["t".to_owned(); 32]), None);
+        assert!(tags_problem(&vec!["t".to_owned(); 33]).is_some());
+        assert!(tags_problem(&["ok".to_owned(), "not ok".to_owned()]).is_some());
+    }
+
+    #[test]
+    fn upstreams() {
+        let u = Upstream::parse("wss://server.example:7919/ignored/path").unwrap();
+        assert_eq!(u.host, "server.example");
+        assert_eq!(u.port, 7919);
+        assert_eq!(u.base_url(), "wss://server.example:7919");
+        assert_eq!(
+            u.enroll_url(),
+            "https://server.example:7919/agent/v1/enroll"
+        );
+        assert_eq!(u.ws_url(), "wss://server.example:7919/agent/v1/ws");
+        assert_eq!(Upstream::parse("wss://h").unwrap().port, 443);
+        let v6 = Upstream::parse("wss://[::1]:20080").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 20080));
+        assert_eq!(v6.base_url(), "wss://[::1]:20080");
+        for bad in [
+            "https://server:8443",
+            "ws://server:7919",
+            "wss://",
+            "wss://:7919",
+            "wss://h:0",
+            "wss://h:99999",
+            "wss://u:p@h:1",
+            "wss://a b",
+            "wss://[::1",
+        ] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_refuses_unknown_fields_and_defaults_role() {
+        let req: EnrollRequest =
+            serde_json::from_str(r#"{"token":"t","name":"n","public_key":"k"}"#).unwrap();
+        assert_eq!(req.role, Role::Agent);
+        assert!(req.tags.is_empty());
+        assert!(serde_json::from_str::<EnrollRequest>(
+            r#"{"token":"t","name":"n","public_key":"k","x":1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<EnrollRequest>(
+            r#"{"token":"t","name":"n","public_key":"k","role":"boss"}"#
+        )
+        .is_err());
+    }
+}

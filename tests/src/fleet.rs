@@ -1,0 +1,447 @@
+//! A small fleet for end-to-end tests: a real `tether-server` and real `tether-agent`s on
+//! loopback, each with its own data directory, started, killed and restarted at will.
+//!
+//! The server keeps its ports across restarts (first start on port 0, later ones on the ports
+//! it got), so agents find it again. Everything is killed when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::{bin, https_request_with_body, ChildGuard, HttpReply};
+
+/// How long start-ups may take before a test fails.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Poll `f` until it returns `Some`, at most `timeout`; panics with `what` otherwise.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn base_command(name: &str, config_dir: &Path, log: &Path) -> Command {
+    let mut cmd = Command::new(bin(name));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TETHER_") {
+            cmd.env_remove(k);
+        }
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    cmd.env("TETHER_CONFIG_DIR", config_dir)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    cmd
+}
+
+/// A running (or stopped) server.
+pub struct Server {
+    pub dir: PathBuf,
+    config_dir: PathBuf,
+    pub child: Option<ChildGuard>,
+    pub https: SocketAddr,
+    pub wss: SocketAddr,
+    pub admin_token: String,
+    tls: Arc<rustls::ClientConfig>,
+    env: Vec<(String, String)>,
+}
+
+impl Server {
+    /// Initialize `dir` and start the server on free ports.
+    pub fn start(dir: &Path) -> Server {
+        Self::start_with(dir, &[])
+    }
+
+    /// Like [`Server::start`], with extra `TETHER_...` environment.
+    pub fn start_with(dir: &Path, env: &[(&str, &str)]) -> Server {
+        let config_dir = dir.join("etc");
+        std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
+        let data = dir.join("server");
+        let out = base_command("tether-server", &config_dir, &dir.join("server-init.log"))
+            .args(["init", "--data"])
+            .arg(&data)
+            .output()
+            .unwrap_or_else(|e| panic!("init: {e}"));
+        assert!(out.status.success(), "server init failed: {out:?}");
+        let admin_token = std::fs::read_to_string(data.join("admin.token"))
+            .unwrap_or_else(|e| panic!("{e}"))
+            .trim()
+            .to_owned();
+        let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap_or_else(|e| panic!("{e}"));
+        let tls =
+            Arc::new(tether_shared::tls::client_config(&ca).unwrap_or_else(|e| panic!("{e}")));
+        let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        let mut server = Server {
+            dir: data,
+            config_dir,
+            child: None,
+            https: unbound,
+            wss: unbound,
+            admin_token,
+            tls,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        server.run();
+        server
+    }
+
+    /// Start the process (again), on the same ports once they are known.
+    pub fn run(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("ports.json"));
+        let log = self.dir.join("../server.log");
+        let mut cmd = base_command("tether-server", &self.config_dir, &log);
+        cmd.args(["run", "--data"]).arg(&self.dir);
+        cmd.env("TETHER_LISTEN__HTTPS", self.https.to_string())
+            .env("TETHER_LISTEN__WSS", self.wss.to_string());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = ChildGuard::spawn("tether-server", &mut cmd);
+        let ports_path = self.dir.join("ports.json");
+        let ports: Value = eventually(
+            "server ports.json with both listeners",
+            START_TIMEOUT,
+            || {
+                if let Some(status) = child.try_exit() {
+                    panic!(
+                        "tether-server exited early ({status}); see {}",
+                        log.display()
+                    );
+                }
+                let text = std::fs::read_to_string(&ports_path).ok()?;
+                let v: Value = serde_json::from_str(&text).ok()?;
+                (v.get("https").is_some() && v.get("wss").is_some()).then_some(v)
+            },
+        );
+        let addr = |k: &str| -> SocketAddr {
+            ports[k]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("ports.json {k}: {ports}"))
+        };
+        self.https = addr("https");
+        self.wss = addr("wss");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL the server and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.signal("KILL");
+            c.wait_exit(START_TIMEOUT);
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::id)
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The agent-facing base URL agents install with.
+    pub fn upstream(&self) -> String {
+        format!("wss://localhost:{}", self.wss.port())
+    }
+
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
+        let auth = format!("Bearer {}", self.admin_token);
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if bytes.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        https_request_with_body(
+            self.https,
+            self.tls.clone(),
+            "localhost",
+            method,
+            path,
+            &headers,
+            bytes.as_deref(),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A fresh enrollment token.
+    pub fn token(&self, uses: u32) -> String {
+        let r = self.request(
+            "POST",
+            "/api/v1/enrollment-tokens",
+            Some(&json!({"uses": uses, "ttl_s": 3600})),
+        );
+        assert_eq!(r.status, 201, "token: {}", r.body);
+        r.json()["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("token: {}", r.body))
+            .to_owned()
+    }
+
+    /// The agent list entry with `id`.
+    pub fn agent(&self, id: &str) -> Option<Value> {
+        let r = self.request("GET", "/api/v1/agents", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json().as_array()?.iter().find(|a| a["id"] == id).cloned()
+    }
+
+    pub fn agent_status(&self, id: &str) -> String {
+        self.agent(id)
+            .and_then(|a| a["status"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+/// An installed agent and, while it runs, its monitor process.
+pub struct Agent {
+    pub dir: PathBuf,
+    config_dir: PathBuf,
+    pub id: String,
+    pub name: String,
+    pub monitor: Option<ChildGuard>,
+    env: Vec<(String, String)>,
+}
+
+impl Agent {
+    /// `tether-agent install` against `server` with a one-use token.
+    pub fn install(server: &Server, root: &Path, name: &str, tags: &[&str]) -> Agent {
+        Self::install_with(server, root, name, tags, &[])
+    }
+
+    pub fn install_with(
+        server: &Server,
+        root: &Path,
+        name: &str,
+        tags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let dir = root.join(name);
+        let config_dir = root.join(format!("{name}-etc"));
+        std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
+        let token = server.token(1);
+        let mut cmd = base_command(
+            "tether-agent",
+            &config_dir,
+            &root.join(format!("{name}-install.log")),
+        );
+        cmd.args(["install", "--upstream", &server.upstream(), "--ca"])
+            .arg(server.ca_path())
+            .args(["--token", &token, "--name", name, "--data"])
+            .arg(&dir);
+        for t in tags {
+            cmd.args(["--tag", t]);
+        }
+        let out = cmd.output().unwrap_or_else(|e| panic!("install: {e}"));
+        assert!(out.status.success(), "install {name} failed: {out:?}");
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("agent.json")).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let id = state["agent_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("agent.json: {state}"))
+            .to_owned();
+        Agent {
+            dir,
+            config_dir,
+            id,
+            name: name.to_owned(),
+            monitor: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Start the monitor (which starts the worker).
+    pub fn run(&mut self) {
+        let log = self.dir.join("../").join(format!("{}.log", self.name));
+        let mut cmd = base_command("tether-agent", &self.config_dir, &log);
+        cmd.args(["run", "--data"]).arg(&self.dir);
+        // Short timers so that faults are noticed quickly in tests.
+        cmd.env("TETHER_AGENT__RECONNECT_MIN_MS", "50")
+            .env("TETHER_AGENT__RECONNECT_MAX_MS", "1000");
+        cmd.env("TETHER_AGENT__HEARTBEAT_INTERVAL_MS", "1000");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.monitor = Some(ChildGuard::spawn("tether-agent run", &mut cmd));
+    }
+
+    pub fn monitor_pid(&self) -> Option<u32> {
+        self.monitor.as_ref().map(ChildGuard::id)
+    }
+
+    /// The worker process the monitor runs now, if any.
+    pub fn worker_pid(&self) -> Option<u32> {
+        children_of(self.monitor_pid()?).into_iter().next()
+    }
+
+    /// SIGKILL the monitor (its worker follows when its stdin pipe closes).
+    pub fn kill_monitor(&mut self) {
+        let worker = self.worker_pid();
+        if let Some(mut m) = self.monitor.take() {
+            m.signal("KILL");
+            m.wait_exit(START_TIMEOUT);
+        }
+        if let Some(w) = worker {
+            eventually("the orphaned worker to exit", START_TIMEOUT, || {
+                (!alive(w)).then_some(())
+            });
+        }
+    }
+
+    /// SIGKILL the worker alone; the monitor restarts it.
+    pub fn kill_worker(&self) -> Option<u32> {
+        let pid = self.worker_pid()?;
+        let _ = Command::new("kill")
+            .args(["-s", "KILL", &pid.to_string()])
+            .status();
+        Some(pid)
+    }
+
+    /// SIGTERM the monitor and wait for it.
+    pub fn stop(&mut self) {
+        if let Some(mut m) = self.monitor.take() {
+            m.signal("TERM");
+            m.wait_exit(START_TIMEOUT);
+        }
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Live child processes of `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // Fields after the command name: state ppid ...
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let state = rest.next().unwrap_or("");
+        let ppid = rest.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) && state != "Z" {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// Listening TCP sockets (IPv4 and IPv6) held by process `pid`.
+pub fn listening_sockets(pid: u32) -> Vec<String> {
+    let mut inodes = std::collections::HashSet::new();
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                    inodes.insert(inode.to_owned());
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // st == 0A is LISTEN for TCP; any bound UDP socket counts as listening.
+            let listening = if table.starts_with("tcp") {
+                cols.get(3) == Some(&"0A")
+            } else {
+                true
+            };
+            if listening && cols.get(9).is_some_and(|inode| inodes.contains(*inode)) {
+                found.push(format!("{table} {}", cols.get(1).unwrap_or(&"?")));
+            }
+        }
+    }
+    found
+}
+
+/// A scratch directory for one test; kept (and its path printed) when `TETHER_KEEP_TEST_DIRS`
+/// is set, to read the processes' logs after a failure.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let path = dir.path().to_owned();
+        if std::env::var_os("TETHER_KEEP_TEST_DIRS").is_some() {
+            eprintln!("test dir kept: {}", path.display());
+            let _ = dir.keep();
+            return TestDir { dir: None, path };
+        }
+        TestDir {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Show where the logs are; the directory itself goes unless kept.
+            eprintln!(
+                "logs of the failed test were in {} (set TETHER_KEEP_TEST_DIRS=1 to keep them)",
+                self.path.display()
+            );
+        }
+        self.dir.take();
+    }
+}

@@ -260,11 +260,7 @@ impl AgentLink {
     }
 
     /// Number, sign and journal commands; they go out once durable.
-    fn enqueue(
-        &mut self,
-        ctx: &mut Context<Self>,
-        bodies: Vec<CommandBody>,
-    ) -> Result<Seq, LinkError> {
+    fn enqueue(&mut self, bodies: Vec<CommandBody>) -> Result<(Seq, Vec<Op>), LinkError> {
         if !self.ep.outbound.has_room(bodies.len()) {
             return Err(StreamError::Backlog {
                 in_flight: self.ep.outbound.unacked(),
@@ -306,11 +302,27 @@ impl AgentLink {
                 value: v,
             });
         }
-        self.commit_then(ctx, ops, move |act, _| {
-            act.ep.outbound.mark_durable(last);
-            act.pump();
-        });
-        Ok(last)
+        Ok((last, ops))
+    }
+
+    /// Commit queued commands; the answer (and so the REST answer) comes once they are durable.
+    fn commit_queued(
+        &mut self,
+        last: Seq,
+        ops: Vec<Op>,
+    ) -> ResponseActFuture<Self, Result<Seq, LinkError>> {
+        let commit = self.shared.journal.commit(ops);
+        Box::pin(commit.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(_) => {
+                act.ep.outbound.mark_durable(last);
+                act.pump();
+                Ok(last)
+            }
+            Err(e) => {
+                act.fail(ctx, &e);
+                Err(e.into())
+            }
+        }))
     }
 }
 
@@ -427,21 +439,6 @@ impl Handler<Detach> for AgentLink {
     }
 }
 
-/// Queue commands for the agent (delivered now or when it next connects).
-#[derive(Message)]
-#[rtype(result = "Result<Seq, LinkError>")]
-pub struct QueueCommands {
-    pub bodies: Vec<CommandBody>,
-}
-
-impl Handler<QueueCommands> for AgentLink {
-    type Result = Result<Seq, LinkError>;
-
-    fn handle(&mut self, msg: QueueCommands, ctx: &mut Self::Context) -> Self::Result {
-        self.enqueue(ctx, msg.bodies)
-    }
-}
-
 /// A snapshot of the link for health, metrics and the probe check.
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkHealth {
@@ -502,9 +499,9 @@ pub struct QueueProbes {
 }
 
 impl Handler<QueueProbes> for AgentLink {
-    type Result = Result<Seq, LinkError>;
+    type Result = ResponseActFuture<Self, Result<Seq, LinkError>>;
 
-    fn handle(&mut self, msg: QueueProbes, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: QueueProbes, _: &mut Self::Context) -> Self::Result {
         let base = self.probes.commands_sent;
         let mut bodies: Vec<CommandBody> = (1..=msg.commands)
             .map(|i| CommandBody::Probe {
@@ -516,8 +513,11 @@ impl Handler<QueueProbes> for AgentLink {
             bodies.push(CommandBody::EmitProbes { count: msg.events });
         }
         if bodies.is_empty() {
-            return Ok(self.ep.outbound.assigned());
+            return Box::pin(fut::ready(Ok(self.ep.outbound.assigned())));
         }
-        self.enqueue(ctx, bodies)
+        match self.enqueue(bodies) {
+            Ok((last, ops)) => self.commit_queued(last, ops),
+            Err(e) => Box::pin(fut::ready(Err(e))),
+        }
     }
 }

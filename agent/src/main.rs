@@ -3,11 +3,13 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 //!
 //! # Layout
+//! - [`backoff`]: retry delays with jitter and restart budgets (monitor, supervisor, uplink).
 //! - [`monitor`]: `tether-agent run`, the monitor process supervising the worker process.
 //! - [`install`]: `tether-agent install`, enrollment and the data directory it leaves.
 //! - [`state`]: `AgentState` (`DIR/agent.json`) and the data directory's file names.
 //! - [`worker`]: `tether-agent worker`, the process the monitor starts: journal, uplink, streams.
 
+mod backoff;
 mod install;
 mod monitor;
 mod state;

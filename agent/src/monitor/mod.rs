@@ -7,14 +7,12 @@
 //!
 //! # Layout
 //! - this file: [`run`], the [`Monitor`] actor, the messages it handles and [`MonitorHealth`].
-//! - [`backoff`]: [`Backoff`] and [`RestartBudget`], the restart policy without processes.
 //! - [`worker_process`]: starting a worker, the beat protocol, the stdout reader and the child's
 //!   owner task.
 //!
 //! Test-only override: `TETHER_AGENT_WORKER=<program>` (plus optional whitespace-separated
 //! `TETHER_AGENT_WORKER_ARGS`) replaces the worker command; see `main.rs`.
 
-pub mod backoff;
 pub mod worker_process;
 
 use std::collections::BTreeMap;
@@ -29,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::state::STATE_FILE;
 
-pub use backoff::{Backoff, RestartBudget};
+pub use crate::backoff::{Backoff, RestartBudget};
 use worker_process::{Stop, WorkerProcess};
 pub use worker_process::{WorkerCommand, WorkerExit};
 

@@ -13,6 +13,8 @@ use actix::prelude::*;
 use serde::Serialize;
 use tether_shared::protocol::ActorHealth;
 
+use crate::backoff::{Backoff, RestartBudget};
+
 /// Every supervised actor answers this with a one-word state (e.g. `connected`).
 #[derive(Message)]
 #[rtype(result = "String")]
@@ -35,18 +37,24 @@ struct Child {
     /// Deaths (a panic in a handler, or an unexpected stop).
     crashes: u32,
     last_beat: Instant,
-    /// Restart times within the budget window.
-    recent: Vec<Instant>,
+    /// When the current instance was built.
+    built: Instant,
+    backoff: Backoff,
+    budget: RestartBudget,
     /// Not before this instant (backoff).
     restart_at: Option<Instant>,
 }
 
+/// First restart delay ceiling, and the largest.
+const RESTART_MIN: Duration = Duration::from_millis(100);
+const RESTART_MAX: Duration = Duration::from_secs(10);
+/// A child answering for this long after it was built resets its backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
+
 impl Child {
-    /// Rebuild after a backoff that doubles with each recent restart.
-    fn schedule_restart(&mut self, now: Instant, window: Duration) {
-        self.recent.retain(|t| now.duration_since(*t) < window);
-        let delay = Duration::from_millis(100u64.saturating_mul(1 << self.recent.len().min(7)));
-        self.restart_at = Some(now + delay);
+    /// Rebuild after a jittered delay that doubles with each restart.
+    fn schedule_restart(&mut self, now: Instant) {
+        self.restart_at = Some(now + self.backoff.next_delay(&mut rand::thread_rng()));
     }
 }
 
@@ -70,6 +78,7 @@ impl Supervisor {
     /// Add a child, built now and rebuilt whenever it dies.
     pub fn child(mut self, name: &str, kind: &str, factory: Factory) -> Self {
         let addr = factory();
+        let (budget, window) = (self.budget, self.window);
         self.children.push(Child {
             name: name.into(),
             kind: kind.into(),
@@ -79,7 +88,9 @@ impl Supervisor {
             restarts: 0,
             crashes: 0,
             last_beat: Instant::now(),
-            recent: Vec::new(),
+            built: Instant::now(),
+            backoff: Backoff::new(RESTART_MIN, RESTART_MAX),
+            budget: RestartBudget::new(budget, window),
             restart_at: None,
         });
         self
@@ -96,18 +107,17 @@ impl Supervisor {
                     child.crashes += 1;
                     child.addr = None;
                     child.state = "restarting".into();
-                    child.schedule_restart(now, self.window);
+                    child.schedule_restart(now);
                     tracing::error!(actor = %child.name, crashes = child.crashes, "actor-died");
                 }
                 None if child.restart_at.is_none() => {
                     // Could not be built at all: back off as after a crash.
                     child.crashes += 1;
-                    child.schedule_restart(now, self.window);
+                    child.schedule_restart(now);
                 }
                 None => {
                     if child.restart_at.is_some_and(|t| now >= t) {
-                        child.recent.push(now);
-                        if child.recent.len() as u32 > self.budget {
+                        if !child.budget.try_restart(now) {
                             tracing::error!(actor = %child.name, restarts = child.restarts, "restart-budget-exceeded");
                             System::current().stop_with_code(EXIT_SUPERVISOR_GAVE_UP);
                             return;
@@ -115,6 +125,7 @@ impl Supervisor {
                         child.restarts += 1;
                         child.restart_at = None;
                         child.addr = (child.factory)();
+                        child.built = now;
                         child.state = "starting".into();
                         tracing::warn!(actor = %child.name, restarts = child.restarts, "actor-restarted");
                     }
@@ -134,6 +145,9 @@ impl Supervisor {
                             Ok(Ok(state)) => {
                                 child.state = state;
                                 child.last_beat = Instant::now();
+                                if child.built.elapsed() >= STABLE_AFTER {
+                                    child.backoff.reset();
+                                }
                             }
                             Ok(Err(_)) => child.state = "dead".into(),
                             Err(_) => child.state = "timeout".into(),

@@ -29,6 +29,7 @@ use tether_shared::protocol::{
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
 
+use crate::backoff::Backoff;
 use crate::worker::supervisor::Ping;
 
 type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
@@ -93,8 +94,8 @@ pub struct Uplink {
     phase: Phase,
     /// Index into the upstream list of the current or next attempt.
     upstream: usize,
-    /// Consecutive failed attempts (drives the backoff).
-    failures: u32,
+    /// Delay before the next attempt; grows with consecutive failures.
+    backoff: Backoff,
     last_heard: Instant,
     heartbeat: Duration,
     /// Probe events still to emit and the next number.
@@ -109,21 +110,6 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Jittered exponential backoff: a random delay between `min` and `min * 2^failures` (capped).
-pub fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
-    let ceiling = min
-        .saturating_mul(1u32 << failures.min(16))
-        .min(max)
-        .max(min);
-    let span = ceiling.saturating_sub(min).as_millis() as u64;
-    let jitter = if span == 0 {
-        0
-    } else {
-        rand::random::<u64>() % (span + 1)
-    };
-    min + Duration::from_millis(jitter)
 }
 
 impl Uplink {
@@ -156,7 +142,7 @@ impl Uplink {
             conn: ConnId(0),
             phase: Phase::Idle,
             upstream: 0,
-            failures: 0,
+            backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             last_heard: Instant::now(),
             heartbeat: cfg.heartbeat_interval,
             probe_next,
@@ -242,8 +228,8 @@ impl Uplink {
         if was_ready {
             // Back to the first (preferred) upstream after a session that worked.
             self.upstream = 0;
-            self.failures = 0;
-            let delay = backoff(self.cfg.reconnect_min, self.cfg.reconnect_max, 0);
+            self.backoff.reset();
+            let delay = self.backoff.next_delay(&mut rand::thread_rng());
             ctx.run_later(delay, |act, ctx| act.connect(ctx));
         } else {
             self.retry_later(ctx, hint);
@@ -252,19 +238,13 @@ impl Uplink {
 
     fn retry_later(&mut self, ctx: &mut Context<Self>, hint: Option<Duration>) {
         self.phase = Phase::Idle;
-        self.failures = self.failures.saturating_add(1);
         self.upstream = self.upstream.wrapping_add(1);
-        let delay = match hint {
-            Some(d) => d + backoff(Duration::ZERO, self.cfg.reconnect_min, 1),
-            None => backoff(
-                self.cfg.reconnect_min,
-                self.cfg.reconnect_max,
-                self.failures,
-            ),
-        };
+        let drawn = self.backoff.next_delay(&mut rand::thread_rng());
+        // The server's Busy delay is a floor: it spreads a reconnect storm.
+        let delay = hint.map_or(drawn, |d| d + drawn.min(self.cfg.reconnect_min));
         tracing::debug!(
             delay_ms = delay.as_millis() as u64,
-            failures = self.failures,
+            attempt = self.backoff.attempt(),
             "reconnect-scheduled"
         );
         ctx.run_later(delay, |act, ctx| act.connect(ctx));
@@ -412,7 +392,7 @@ impl Uplink {
             self.commit_then(ctx, ops, |_, _| {});
         }
         self.phase = Phase::Ready;
-        self.failures = 0;
+        self.backoff.reset();
         tracing::info!(
             conn = self.conn.0,
             last_event_seq = w.last_event_seq.0,
@@ -669,29 +649,5 @@ impl Handler<Ping> for Uplink {
             Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
         }
         .into()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_stays_within_bounds_and_grows() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        for failures in 0..40 {
-            let d = backoff(min, max, failures);
-            assert!(d >= min && d <= max, "{failures}: {d:?}");
-        }
-        let early: u128 = (0..200)
-            .map(|_| backoff(min, max, 1).as_millis())
-            .max()
-            .unwrap_or(0);
-        assert!(early <= 200);
-        let late: u128 = (0..200)
-            .map(|_| backoff(min, max, 10).as_millis())
-            .max()
-            .unwrap_or(0);
-        assert!(late > 1000, "jitter spans up to the cap: {late}");
     }
 }

@@ -1,6 +1,7 @@
-//! The monitor's restart policy, free of processes and clocks so it can be unit-tested:
-//! [`Backoff`] (exponential delay with full jitter) and [`RestartBudget`] (at most N restarts in a
-//! sliding window). The `Monitor` actor owns one of each and feeds them `Instant`s.
+//! Retry policy, free of processes and clocks so it can be unit-tested: [`Backoff`]
+//! (exponential delay with full jitter) and [`RestartBudget`] (at most N restarts in a sliding
+//! window). The `Monitor` (worker process restarts), the worker's `Supervisor` (actor restarts)
+//! and the `Uplink` (reconnects) each own what they need and feed them `Instant`s.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -59,6 +59,8 @@ impl AdminState {
                             retransmits: l.retransmits,
                             ignored_acks: l.stale_acks + l.bogus_acks,
                             last_heard_ms: l.last_heard_ms,
+                            peer_resets: l.peer_resets,
+                            abandoned_commands: l.abandoned_commands,
                             actors: l.status.map(|s| s.actors).unwrap_or_default(),
                         },
                     );

@@ -62,6 +62,9 @@ pub struct AgentHealth {
     pub ignored_acks: u64,
     /// Milliseconds since anything arrived from it.
     pub last_heard_ms: Option<u64>,
+    /// Handshakes that found it had lost its state (a new journal), and the commands abandoned.
+    pub peer_resets: u64,
+    pub abandoned_commands: u64,
     /// The agent's actors, from its last heartbeat.
     pub actors: Vec<tether_shared::protocol::ActorHealth>,
 }

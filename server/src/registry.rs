@@ -222,7 +222,6 @@ impl Registry {
     }
 
     /// The enrolled agent or relay with this id.
-    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
     pub fn agent(&self, id: &str) -> Option<AgentRecord> {
         read(&self.agents).get(id).map(|s| s.record.clone())
     }
@@ -230,12 +229,6 @@ impl Registry {
     /// Every enrolled agent (not relays), by id.
     pub fn agents(&self) -> Vec<AgentRecord> {
         self.records(Role::Agent)
-    }
-
-    /// Every enrolled relay, by id.
-    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
-    pub fn relays(&self) -> Vec<AgentRecord> {
-        self.records(Role::Relay)
     }
 
     fn records(&self, role: Role) -> Vec<AgentRecord> {
@@ -274,7 +267,6 @@ impl Registry {
     }
 
     /// Records that `id` connected, running `version`, through `path` (relays, nearest first).
-    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
     pub fn set_online(&self, id: &str, version: &str, path: Vec<String>) {
         let mut presence = write(&self.presence);
         let p = presence.entry(id.to_owned()).or_default();
@@ -285,7 +277,6 @@ impl Registry {
     }
 
     /// Records that `id`'s session ended.
-    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
     pub fn set_offline(&self, id: &str) {
         let mut presence = write(&self.presence);
         let p = presence.entry(id.to_owned()).or_default();
@@ -294,7 +285,6 @@ impl Registry {
     }
 
     /// Records that `id` was heard from now.
-    #[allow(dead_code)] // called by the agent sessions (server/src/session/)
     pub fn touch(&self, id: &str) {
         if let Some(p) = write(&self.presence).get_mut(id) {
             p.last_seen_unix_ms = Some(now_unix_ms());

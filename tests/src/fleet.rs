@@ -236,6 +236,18 @@ impl Agent {
         tags: &[&str],
         env: &[(&str, &str)],
     ) -> Agent {
+        Self::install_via(server, &[server.upstream()], root, name, tags, env)
+    }
+
+    /// Install with an explicit list of upstream base URLs.
+    pub fn install_via(
+        server: &Server,
+        upstreams: &[String],
+        root: &Path,
+        name: &str,
+        tags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         let dir = root.join(name);
         let config_dir = root.join(format!("{name}-etc"));
         std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
@@ -245,7 +257,11 @@ impl Agent {
             &config_dir,
             &root.join(format!("{name}-install.log")),
         );
-        cmd.args(["install", "--upstream", &server.upstream(), "--ca"])
+        cmd.arg("install");
+        for u in upstreams {
+            cmd.args(["--upstream", u]);
+        }
+        cmd.arg("--ca")
             .arg(server.ca_path())
             .args(["--token", &token, "--name", name, "--data"])
             .arg(&dir);
@@ -443,5 +459,93 @@ impl Drop for TestDir {
             );
         }
         self.dir.take();
+    }
+}
+
+/// A TCP forwarder on loopback that can be switched off (closing every connection through it)
+/// and on again on the same port: a stand-in for a path to an upstream that comes and goes.
+pub struct Forwarder {
+    pub addr: SocketAddr,
+    target: SocketAddr,
+    on: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted so far.
+    pub accepted: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Forwarder {
+    pub fn start(target: SocketAddr, on: bool) -> Forwarder {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        listener
+            .set_nonblocking(true)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let fwd = Forwarder {
+            addr,
+            target,
+            on: Arc::new(AtomicBool::new(on)),
+            accepted: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (flag, accepted, stop) = (fwd.on.clone(), fwd.accepted.clone(), fwd.stop.clone());
+        std::thread::spawn(move || {
+            let mut live: Vec<std::net::TcpStream> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                if !flag.load(Ordering::Relaxed) {
+                    for s in live.drain(..) {
+                        let _ = s.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                match listener.accept() {
+                    Ok((client, _)) if flag.load(Ordering::Relaxed) => {
+                        let Ok(server) = std::net::TcpStream::connect(target) else {
+                            continue;
+                        };
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                        let _ = client.set_nonblocking(false);
+                        for (mut from, mut to) in [
+                            (client.try_clone(), server.try_clone()),
+                            (server.try_clone(), client.try_clone()),
+                        ]
+                        .into_iter()
+                        .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                        {
+                            std::thread::spawn(move || {
+                                let _ = std::io::copy(&mut from, &mut to);
+                                let _ = to.shutdown(std::net::Shutdown::Both);
+                            });
+                        }
+                        live.push(client);
+                        live.push(server);
+                    }
+                    // Switched off: refuse by closing at once.
+                    Ok((client, _)) => drop(client),
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+            for s in live {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        });
+        fwd
+    }
+
+    pub fn set(&self, on: bool) {
+        self.on.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn target(&self) -> SocketAddr {
+        self.target
+    }
+
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -57,6 +57,9 @@ pub struct AgentLink {
     last_heard: Option<Instant>,
     /// Events accepted since the inbound log was last trimmed.
     since_trim: u64,
+    /// Handshakes that found the agent had lost its state, and the commands that died with it.
+    peer_resets: u64,
+    abandoned_commands: u64,
 }
 
 impl AgentLink {
@@ -86,6 +89,8 @@ impl AgentLink {
             status: None,
             last_heard: None,
             since_trim: 0,
+            peer_resets: 0,
+            abandoned_commands: 0,
         })
     }
 
@@ -232,6 +237,7 @@ impl AgentLink {
                 }
             }
             Frame::Heartbeat(hb) => {
+                self.shared.registry.touch(&self.agent_id);
                 if hb.status.is_some() {
                     self.status = hb.status;
                 }
@@ -373,10 +379,22 @@ impl Handler<Attach> for AgentLink {
         {
             // The job layer fails the work these carried; the stream itself starts over.
             tracing::warn!(agent_id = %self.agent_id, previous = %previous, incarnation = %hello.incarnation, abandoned = abandoned.len(), "agent-lost-state");
+            self.peer_resets += 1;
+            self.abandoned_commands += abandoned.len() as u64;
+            // Probe series are numbered per agent incarnation.
+            self.probes = ProbeStats::default();
         }
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
-        let ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
+        let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
+        if matches!(outcome, Handshake::PeerReset { .. }) {
+            if let Ok(v) = serde_json::to_vec(&self.probes) {
+                ops.push(Op::PutMeta {
+                    key: ProbeStats::meta_key(&self.agent_id),
+                    value: v,
+                });
+            }
+        }
         let journal = self.shared.journal.clone();
         Box::pin(
             async move {
@@ -456,6 +474,8 @@ pub struct LinkHealth {
     pub last_heard_ms: Option<u64>,
     pub probes: ProbeStats,
     pub status: Option<AgentStatus>,
+    pub peer_resets: u64,
+    pub abandoned_commands: u64,
 }
 
 #[derive(Message)]
@@ -486,6 +506,8 @@ impl Handler<ObserveLink> for AgentLink {
             last_heard_ms: self.last_heard.map(|t| t.elapsed().as_millis() as u64),
             probes: self.probes,
             status: self.status.clone(),
+            peer_resets: self.peer_resets,
+            abandoned_commands: self.abandoned_commands,
         })
     }
 }

@@ -657,7 +657,7 @@ mod tests {
         r.role = Role::Relay;
         let r = reg.enroll_at(r, now).await.unwrap();
         assert!(r.id.starts_with("r-"));
-        assert_eq!(reg.relays().len(), 1);
+        assert_eq!(reg.agent(&r.id).map(|a| a.role), Some(Role::Relay));
         assert_eq!(reg.agents().len(), 2);
         assert_eq!(reg.agent_statuses().len(), 2);
     }

@@ -94,7 +94,9 @@ pub struct AgentStatus {
     pub tags: Vec<String>,
     /// Relays its session runs through, nearest the agent first; empty when direct.
     pub path: Vec<String>,
-    /// When it was last heard from (since this server started); `None` if not yet.
+    /// When it was last heard from (since this server started), Unix ms; `None` if not yet.
+    /// Named `last_seen` as in the operator contract.
+    #[serde(rename = "last_seen")]
     pub last_seen_unix_ms: Option<u64>,
 }
 

@@ -33,7 +33,9 @@ lint: setup
 test: lint build
 	$(CARGO) test --workspace --locked
 
+## bench: the fleet bench runs the release tether-server, so the release binaries are built first.
 bench: setup
+	$(CARGO) build --release --workspace --bins --locked
 	$(CARGO) bench --workspace --locked
 
 ## run: a local server with a demo data dir in $(RUN_DIR) (created on first run).

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use tether_shared::https;
 
 pub mod fleet;
+pub mod loadgen;
+pub mod wire;
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
@@ -22,15 +24,23 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(".."))
 }
 
-/// Path of a workspace binary (`tether-server`, ...) in the same target profile directory as
-/// the running test, i.e. `target/debug/<name>` for `cargo test`. Panics if it is missing:
-/// the binaries must be built before the end-to-end tests run.
-pub fn bin(name: &str) -> PathBuf {
-    let profile_dir = std::env::current_exe()
+/// The directory holding the workspace's built binaries: `TETHER_BIN_DIR` if set (the fleet
+/// bench points it at `target/release`), else the same target profile directory as the running
+/// test, i.e. `target/debug` for `cargo test`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TETHER_BIN_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().and_then(Path::parent).map(Path::to_path_buf))
-        .unwrap_or_else(|| workspace_root().join("target/debug"));
-    let path = profile_dir.join(name);
+        .unwrap_or_else(|| workspace_root().join("target/debug"))
+}
+
+/// Path of a workspace binary (`tether-server`, ...) in [`bin_dir`]. Panics if it is missing:
+/// the binaries must be built before the end-to-end tests run.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
     assert!(
         path.is_file(),
         "{} not found: run `cargo build --workspace` first",

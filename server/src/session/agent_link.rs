@@ -15,8 +15,8 @@ use serde::Serialize;
 use tether_shared::journal::{JournalError, Op};
 use tether_shared::link::{LinkError as FrameError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
-    command_signing_bytes, AgentStatus, Command, CommandBody, EventBody, Frame, Hello, Seq,
-    StreamId, Welcome,
+    command_signing_bytes, AgentStatus, Command, CommandBody, ErrorCode, EventBody, Frame, Hello,
+    Seq, StreamId, Welcome,
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError};
 
@@ -98,6 +98,11 @@ impl AgentLink {
         self.session.as_ref().is_some_and(|(c, _)| *c == conn)
     }
 
+    /// A session is attached and its actor still runs.
+    fn connected(&self) -> bool {
+        self.session.as_ref().is_some_and(|(_, s)| s.connected())
+    }
+
     /// Put on the wire everything the streams allow now.
     fn pump(&mut self) {
         let Some((_, session)) = &self.session else {
@@ -135,6 +140,7 @@ impl AgentLink {
         if let Some((_, s)) = self.session.take() {
             s.do_send(CloseSession {
                 code: 1011,
+                error: ErrorCode::Internal,
                 reason: "server journal failure".into(),
             });
         }
@@ -258,8 +264,13 @@ impl AgentLink {
     fn refuse(&mut self, conn: ConnId, e: &FrameError) {
         tracing::warn!(agent_id = %self.agent_id, conn = conn.0, error = %e, "frame-refused");
         if let Some((_, s)) = &self.session {
+            let error = match e {
+                FrameError::Decode(d) => d.to_error_frame().code,
+                FrameError::Stream(_) | FrameError::Refused(_) => ErrorCode::ProtocolViolation,
+            };
             s.do_send(CloseSession {
                 code: e.close_code(),
+                error,
                 reason: e.to_string(),
             });
         }
@@ -490,7 +501,7 @@ impl Handler<ObserveLink> for AgentLink {
         let now = now_ms();
         MessageResult(LinkHealth {
             agent_id: self.agent_id.clone(),
-            connected: self.session.is_some(),
+            connected: self.connected(),
             unacked_commands: self.ep.outbound.unacked(),
             oldest_unacked_ms: self
                 .ep

@@ -58,6 +58,8 @@ pub struct AgentSession {
     peer: String,
     /// The agent's software version, from its Hello.
     version: String,
+    /// A close was sent: nothing more is processed or sent.
+    closing: bool,
 }
 
 impl AgentSession {
@@ -78,6 +80,7 @@ impl AgentSession {
             counted: false,
             peer,
             version: String::new(),
+            closing: false,
         }
     }
 
@@ -108,8 +111,9 @@ impl AgentSession {
         self.close(ctx, code, reason);
     }
 
+    /// Close the socket; `stopping` then tears the session down according to its phase.
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
-        self.phase = Phase::Closing;
+        self.closing = true;
         let reason: String = reason.chars().take(100).collect();
         ctx.close(Some(ws::CloseReason {
             code: ws::CloseCode::from(code),
@@ -126,6 +130,9 @@ impl AgentSession {
     }
 
     fn on_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: Vec<u8>) {
+        if self.closing {
+            return;
+        }
         self.last_heard = Instant::now();
         match &self.phase {
             Phase::Challenged => self.on_hello(ctx, &bytes),
@@ -188,8 +195,10 @@ impl AgentSession {
             Ok::<_, String>((link, welcome))
         };
         ctx.wait(attach.into_actor(self).map(move |res, act, ctx| {
-            let held = match std::mem::replace(&mut act.phase, Phase::Closing) {
-                Phase::Attaching { held, .. } => held,
+            // Still Attaching unless replaced meanwhile; on failure the phase stays Attaching so
+            // that `stopping` unregisters the session.
+            let held = match &mut act.phase {
+                Phase::Attaching { held, .. } => std::mem::take(held),
                 _ => return,
             };
             match res {
@@ -329,8 +338,18 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
                 "frame exceeds the size limit",
             ),
             Err(e) => {
+                let text = e.to_string();
+                // The frame guard ends the payload with "reached size limit" (a header over the
+                // limit); a text frame that is not UTF-8 fails its conversion.
+                let code = if text.contains("size limit") {
+                    1009
+                } else if text.contains("utf-8") {
+                    1007
+                } else {
+                    1002
+                };
                 let reason = format!("websocket protocol error: {e}");
-                self.refuse(ctx, 1002, ErrorCode::Malformed, &reason)
+                self.refuse(ctx, code, ErrorCode::Malformed, &reason)
             }
         }
     }
@@ -364,6 +383,9 @@ impl Handler<SendFrames> for AgentSession {
     type Result = ();
 
     fn handle(&mut self, msg: SendFrames, ctx: &mut Self::Context) {
+        if self.closing {
+            return;
+        }
         tracing::debug!(
             conn = self.conn.0,
             frames = msg.frames.len(),
@@ -387,6 +409,7 @@ impl Handler<SendFrames> for AgentSession {
 #[rtype(result = "()")]
 pub struct CloseSession {
     pub code: u16,
+    pub error: ErrorCode,
     pub reason: String,
 }
 
@@ -394,12 +417,9 @@ impl Handler<CloseSession> for AgentSession {
     type Result = ();
 
     fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
-        let error = if msg.code == 1011 {
-            ErrorCode::Internal
-        } else {
-            ErrorCode::ProtocolViolation
-        };
-        self.refuse(ctx, msg.code, error, &msg.reason);
+        if !self.closing {
+            self.refuse(ctx, msg.code, msg.error, &msg.reason);
+        }
     }
 }
 

@@ -7,10 +7,12 @@
 //!   sessions, so a reconnect (or a replacing connection) resumes exactly where the journal is.
 //! - [`session_registry`]: `SessionRegistry`, which agent has which link and which session;
 //!   a second connection for an agent replaces the first.
+//! - [`frame_guard`]: refuses an oversized WebSocket frame by its header, before buffering it.
 //! - [`probes`]: numbered test messages both ways, checked for exactly-once in-order delivery.
 
 pub mod agent_link;
 pub mod agent_session;
+pub mod frame_guard;
 pub mod probes;
 pub mod routes;
 pub mod session_registry;

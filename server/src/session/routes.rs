@@ -21,6 +21,7 @@ use crate::api::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::session::agent_link::{ObserveLink, QueueProbes};
 use crate::session::agent_session::AgentSession;
+use crate::session::frame_guard::FrameGuard;
 use crate::session::session_registry::{GetLink, SessionRegistry};
 use crate::session::SessionShared;
 
@@ -63,7 +64,8 @@ async fn agent_ws(
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = AgentSession::new(state.shared.clone(), state.registry.clone(), conn, peer);
-    ws::WsResponseBuilder::new(session, &req, stream)
+    let guarded = FrameGuard::new(stream, MAX_FRAME_BYTES as u64);
+    ws::WsResponseBuilder::new(session, &req, guarded)
         .frame_size(MAX_FRAME_BYTES)
         .start()
 }

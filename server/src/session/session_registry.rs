@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tether_shared::stream::ConnId;
 
-use crate::session::agent_link::{AgentLink, LinkError};
+use crate::session::agent_link::{AgentLink, Detach, LinkError};
 use crate::session::agent_session::{AgentSession, Replaced};
 use crate::session::SessionShared;
 
@@ -104,6 +104,8 @@ impl Handler<SessionEnded> for SessionRegistry {
         if let Some(entry) = self.agents.get_mut(&msg.agent_id) {
             if entry.session.as_ref().is_some_and(|(c, _)| *c == msg.conn) {
                 entry.session = None;
+                // Covers a session that died while attaching, before the link knew it.
+                entry.link.do_send(Detach { conn: msg.conn });
                 self.shared.registry.set_offline(&msg.agent_id);
                 tracing::info!(agent_id = %msg.agent_id, conn = msg.conn.0, "agent-offline");
             }

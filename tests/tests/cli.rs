@@ -76,7 +76,7 @@ fn env_overrides_file_which_overrides_config_dir() {
     let dir = tempfile::tempdir().unwrap();
     fs::write(
         dir.path().join("server.toml"),
-        "[server]\nmax_unacked = 10\nmax_frame_bytes = 4096\n",
+        "[server]\nmax_unacked = 10\nheartbeat_timeout_ms = 40000\n",
     )
     .unwrap();
     let file = dir.path().join("extra.toml");
@@ -96,7 +96,7 @@ fn env_overrides_file_which_overrides_config_dir() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     for line in [
-        "max_frame_bytes = 4096",
+        "heartbeat_timeout_ms = 40000",
         "max_unacked = 20",
         "max_handshakes_in_flight = 9",
         "wss = \"127.0.0.1:0\"",

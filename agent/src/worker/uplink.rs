@@ -97,6 +97,8 @@ pub struct Uplink {
     /// Delay before the next attempt; grows with consecutive failures.
     backoff: Backoff,
     last_heard: Instant,
+    /// When our last heartbeat went out, and how often the server wants one.
+    last_beat_sent: Instant,
     heartbeat: Duration,
     /// Probe events still to emit and the next number.
     probe_next: u64,
@@ -144,6 +146,7 @@ impl Uplink {
             upstream: 0,
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             last_heard: Instant::now(),
+            last_beat_sent: Instant::now(),
             heartbeat: cfg.heartbeat_interval,
             probe_next,
             probe_todo,
@@ -567,6 +570,11 @@ impl Uplink {
                     );
                     return self.drop_connection(ctx, None);
                 }
+                // The timer ticks at most every second; beat at the interval the server named.
+                if self.last_beat_sent.elapsed() < self.heartbeat {
+                    return;
+                }
+                self.last_beat_sent = Instant::now();
                 let status = self.cfg.status.lock().ok().and_then(|s| s.clone());
                 self.send(&Frame::Heartbeat(Heartbeat {
                     sent_ms: now_ms(),

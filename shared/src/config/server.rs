@@ -31,8 +31,6 @@ pub struct RawServerSection {
     pub heartbeat_interval_ms: i64,
     /// Silence after which an agent is marked offline.
     pub heartbeat_timeout_ms: i64,
-    /// Largest WebSocket frame accepted; anything bigger closes the connection.
-    pub max_frame_bytes: i64,
     /// Handshakes in progress at once; more are answered `Busy` to spread reconnect storms.
     pub max_handshakes_in_flight: i64,
     /// Window of unacknowledged messages in flight per stream.
@@ -45,8 +43,7 @@ impl Default for RawServerSection {
             data_dir: PathBuf::from("/var/lib/tether/server"),
             heartbeat_interval_ms: 5_000,
             heartbeat_timeout_ms: 15_000,
-            max_frame_bytes: 262_144,
-            max_handshakes_in_flight: 256,
+            max_handshakes_in_flight: 1_024,
             max_unacked: 1_024,
         }
     }
@@ -93,8 +90,6 @@ pub struct ServerSection {
     /// Silence after which an agent is marked offline; longer than the interval.
     #[serde(rename = "heartbeat_timeout_ms", serialize_with = "serialize_millis")]
     pub heartbeat_timeout: Duration,
-    /// Largest WebSocket frame accepted.
-    pub max_frame_bytes: usize,
     /// Handshakes in progress at once before answering `Busy`.
     pub max_handshakes_in_flight: usize,
     /// Window of unacknowledged messages in flight per stream.
@@ -143,7 +138,6 @@ impl RawConfig for RawServerConfig {
                 );
             }
         }
-        let frame = p.count("server.max_frame_bytes", s.max_frame_bytes, 1_024, 64 << 20);
         let handshakes = p.count(
             "server.max_handshakes_in_flight",
             s.max_handshakes_in_flight,
@@ -169,7 +163,6 @@ impl RawConfig for RawServerConfig {
                     data_dir: data_dir?,
                     heartbeat_interval: interval?,
                     heartbeat_timeout: timeout?,
-                    max_frame_bytes: usize::try_from(frame?).ok()?,
                     max_handshakes_in_flight: usize::try_from(handshakes?).ok()?,
                     max_unacked: unacked?,
                 },

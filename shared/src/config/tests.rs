@@ -43,7 +43,7 @@ fn defaults_validate_for_every_role() {
     assert_eq!(server.listen.wss, "0.0.0.0:7919".parse().unwrap());
     assert_eq!(server.server.heartbeat_interval, Duration::from_secs(5));
     assert_eq!(server.server.heartbeat_timeout, Duration::from_secs(15));
-    assert_eq!(server.server.max_frame_bytes, 262_144);
+    assert_eq!(server.server.max_handshakes_in_flight, 1_024);
     let agent = load::<RawAgentConfig>(&opts(dir.path(), None), None).unwrap();
     assert_eq!(agent.agent.reconnect_min, Duration::from_millis(200));
     assert!(agent.agent.upstreams.is_empty());
@@ -58,7 +58,7 @@ fn layers_apply_in_order_defaults_dir_file_env() {
     write(
         dir.path(),
         "server.toml",
-        "[server]\nheartbeat_interval_ms = 1000\nmax_unacked = 10\nmax_frame_bytes = 4096\n",
+        "[server]\nheartbeat_interval_ms = 1000\nmax_unacked = 10\nheartbeat_timeout_ms = 40000\n",
     );
     let file = write(
         dir.path(),
@@ -79,9 +79,13 @@ fn layers_apply_in_order_defaults_dir_file_env() {
     assert_eq!(cfg.server.max_unacked, 20, "file beats dir");
     assert_eq!(cfg.server.data_dir, Path::new("/srv/tether"));
     assert_eq!(cfg.listen.wss, "127.0.0.1:0".parse().unwrap());
-    assert_eq!(cfg.server.max_frame_bytes, 4096, "dir beats defaults");
     assert_eq!(
-        cfg.server.max_handshakes_in_flight, 256,
+        cfg.server.heartbeat_timeout,
+        Duration::from_secs(40),
+        "dir beats defaults"
+    );
+    assert_eq!(
+        cfg.server.max_handshakes_in_flight, 1_024,
         "defaults fill the rest"
     );
 }

@@ -36,7 +36,7 @@ impl AdminState {
         let mut actors = vec![journal_actor, registry_actor];
         let mut sessions = 0;
         let mut agents = BTreeMap::new();
-        for (id, link) in links {
+        for (id, restarts, link) in links {
             match link {
                 Ok(l) => {
                     sessions += u64::from(l.connected);
@@ -44,7 +44,7 @@ impl AdminState {
                         name: id.clone(),
                         kind: "AgentLink",
                         state: ActorState::Running,
-                        restarts: 0,
+                        restarts,
                         last_beat_ms: 0,
                         backlog: l.unacked_commands as u64,
                     });
@@ -69,7 +69,7 @@ impl AdminState {
                     name: id,
                     kind: "AgentLink",
                     state,
-                    restarts: 0,
+                    restarts,
                     last_beat_ms: OBSERVE_TIMEOUT.as_millis() as u64,
                     backlog: 0,
                 }),
@@ -84,7 +84,8 @@ impl AdminState {
     }
 }
 
-type LinkObservation = (String, Result<LinkHealth, ActorState>);
+/// An agent id, how often its link was rebuilt, and what it answered.
+type LinkObservation = (String, u64, Result<LinkHealth, ActorState>);
 
 /// The session registry's own health, and every agent link's (concurrently, each bounded).
 async fn observe_links(
@@ -108,14 +109,17 @@ async fn observe_links(
     let Ok(Ok(listed)) = listed else {
         return (actor, Vec::new());
     };
-    let observations = listed.links.into_iter().map(|(id, link)| async move {
-        let state = match tokio::time::timeout(OBSERVE_TIMEOUT, link.send(ObserveLink)).await {
-            Ok(Ok(health)) => Ok(health),
-            Ok(Err(_)) => Err(ActorState::Stopped),
-            Err(_) => Err(ActorState::Timeout),
-        };
-        (id, state)
-    });
+    let observations = listed
+        .links
+        .into_iter()
+        .map(|(id, link, restarts)| async move {
+            let state = match tokio::time::timeout(OBSERVE_TIMEOUT, link.send(ObserveLink)).await {
+                Ok(Ok(health)) => Ok(health),
+                Ok(Err(_)) => Err(ActorState::Stopped),
+                Err(_) => Err(ActorState::Timeout),
+            };
+            (id, restarts, state)
+        });
     (actor, futures_util::future::join_all(observations).await)
 }
 

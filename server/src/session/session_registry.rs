@@ -19,6 +19,8 @@ use crate::session::SessionShared;
 struct Entry {
     link: Addr<AgentLink>,
     session: Option<(ConnId, Addr<AgentSession>)>,
+    /// Times the link died (a journal failure stops it) and was rebuilt from the journal.
+    restarts: u64,
 }
 
 pub struct SessionRegistry {
@@ -36,20 +38,23 @@ impl SessionRegistry {
 
     fn entry(&mut self, agent_id: &str) -> Result<&mut Entry, LinkError> {
         // A link that died (its journal failed) is rebuilt from the journal.
-        if self
+        let dead = self
             .agents
             .get(agent_id)
-            .is_some_and(|e| !e.link.connected())
-        {
-            self.agents.remove(agent_id);
-        }
-        if !self.agents.contains_key(agent_id) {
+            .filter(|e| !e.link.connected())
+            .map(|e| e.restarts + 1);
+        if dead.is_some() || !self.agents.contains_key(agent_id) {
             let link = AgentLink::recover(agent_id, self.shared.clone())?.start();
+            let restarts = dead.unwrap_or(0);
+            if restarts > 0 {
+                tracing::warn!(agent_id = %agent_id, restarts, "link-rebuilt");
+            }
             self.agents.insert(
                 agent_id.to_owned(),
                 Entry {
                     link,
                     session: None,
+                    restarts,
                 },
             );
         }
@@ -133,9 +138,9 @@ impl Handler<GetLink> for SessionRegistry {
 #[rtype(result = "ListedLinks")]
 pub struct ListLinks;
 
-/// Every agent's link.
+/// Every agent's link, with how often it was rebuilt.
 pub struct ListedLinks {
-    pub links: Vec<(String, Addr<AgentLink>)>,
+    pub links: Vec<(String, Addr<AgentLink>, u64)>,
 }
 
 impl Handler<ListLinks> for SessionRegistry {
@@ -145,7 +150,7 @@ impl Handler<ListLinks> for SessionRegistry {
         let links = self
             .agents
             .iter()
-            .map(|(id, e)| (id.clone(), e.link.clone()))
+            .map(|(id, e)| (id.clone(), e.link.clone(), e.restarts))
             .collect();
         MessageResult(ListedLinks { links })
     }

@@ -3,13 +3,11 @@
 //! 1 runtime failure, 2 bad configuration or usage.
 //!
 //! # Layout
-//! - [`backoff`]: retry delays with jitter and restart budgets (monitor, supervisor, uplink).
 //! - [`monitor`]: `tether-agent run`, the monitor process supervising the worker process.
 //! - [`install`]: `tether-agent install`, enrollment and the data directory it leaves.
 //! - [`state`]: `AgentState` (`DIR/agent.json`) and the data directory's file names.
 //! - [`worker`]: `tether-agent worker`, the process the monitor starts: journal, uplink, streams.
 
-mod backoff;
 mod install;
 mod monitor;
 mod state;
@@ -19,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use tether_shared::config::{self, AgentConfig, LoadOptions};
+use tether_shared::config::{self, AgentConfig, LoadOptions, Startup};
 
 /// The Tether agent: runs deployment steps on this machine, connecting out to servers or relays.
 #[derive(Debug, Parser)]
@@ -81,24 +79,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
     let opts = LoadOptions {
         config_dir: Some(cli.config_dir.clone()),
         file: cli.config.clone(),
         env: true,
     };
-    let cfg = match config::load_agent(&opts) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("tether-agent: {e}");
-            return ExitCode::from(2);
-        }
+    let cfg = match config::startup("tether-agent", config::load_agent, &opts, cli.check_config) {
+        Startup::Run(cfg) => cfg,
+        Startup::Exit(code) => return code,
     };
-    if cli.check_config {
-        return print_config(&cfg);
-    }
     match cli.command {
         Some(Command::Run(args)) => run_monitor(&cfg, cli.config.as_deref(), &cli.config_dir, args),
         Some(Command::Install(args)) => run_install(&cfg, &args),
@@ -202,19 +191,6 @@ fn run_install(cfg: &AgentConfig, args: &install::InstallArgs) -> ExitCode {
         Err(e) => {
             eprintln!("tether-agent install: {e}");
             ExitCode::from(e.exit_code())
-        }
-    }
-}
-
-fn print_config(cfg: &AgentConfig) -> ExitCode {
-    match toml::to_string(cfg) {
-        Ok(text) => {
-            println!("config ok\n{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("tether-agent: cannot print the effective config: {e}");
-            ExitCode::from(1)
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
-use tether_shared::config::{self, LoadOptions, RelayConfig};
+use tether_shared::config::{self, LoadOptions, Startup};
 
 /// The Tether relay: carries agents' connections across network boundaries, connecting out to the next hop.
 #[derive(Debug, Parser)]
@@ -30,37 +30,18 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
     let opts = LoadOptions {
         config_dir: Some(cli.config_dir.clone()),
         file: cli.config.clone(),
         env: true,
     };
-    let cfg = match config::load_relay(&opts) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("tether-relay: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if cli.check_config {
-        return print_config(&cfg);
+    // The relay's subcommands (install, run) arrive with the relay work; until then a valid
+    // configuration without --check-config is a usage error.
+    if let Startup::Exit(code) =
+        config::startup("tether-relay", config::load_relay, &opts, cli.check_config)
+    {
+        return code;
     }
     eprintln!("{}", Cli::command().render_help());
     ExitCode::from(2)
-}
-
-fn print_config(cfg: &RelayConfig) -> ExitCode {
-    match toml::to_string(cfg) {
-        Ok(text) => {
-            println!("config ok\n{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("tether-relay: cannot print the effective config: {e}");
-            ExitCode::from(1)
-        }
-    }
 }

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use tether_shared::config::{self, LoadOptions, ServerConfig};
+use tether_shared::config::{self, LoadOptions, ServerConfig, Startup};
 
 /// The Tether server: holds the plan of what to deploy where.
 #[derive(Debug, Parser)]
@@ -84,24 +84,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
     let opts = LoadOptions {
         config_dir: Some(cli.config_dir.clone()),
         file: cli.config.clone(),
         env: true,
     };
-    let cfg = match config::load_server(&opts) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("tether-server: {e}");
-            return ExitCode::from(2);
-        }
+    let cfg = match config::startup(
+        "tether-server",
+        config::load_server,
+        &opts,
+        cli.check_config,
+    ) {
+        Startup::Run(cfg) => cfg,
+        Startup::Exit(code) => return code,
     };
-    if cli.check_config {
-        return print_config(&cfg);
-    }
     cfg.log.init_tracing();
 
     match cli.command {
@@ -151,19 +147,6 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tether-server run: {e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn print_config(cfg: &ServerConfig) -> ExitCode {
-    match toml::to_string(cfg) {
-        Ok(text) => {
-            println!("config ok\n{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("tether-server: cannot print the effective config: {e}");
             ExitCode::from(1)
         }
     }

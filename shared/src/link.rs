@@ -137,6 +137,24 @@ impl StreamReceiver {
     }
 }
 
+/// An agent's check of a received command: signed by the server's pinned key, for this agent.
+/// A relay in between can neither forge a command nor move one to another agent. Frames that
+/// are not commands pass.
+pub fn verify_command(
+    frame: &Frame,
+    agent_id: &str,
+    server_key: &crate::identity::PublicKey,
+) -> Result<(), LinkError> {
+    let Frame::Command(c) = frame else {
+        return Ok(());
+    };
+    let signed = protocol::command_signing_bytes(agent_id, &c.id, c.deadline_ms, &c.body)
+        .map_err(|e| LinkError::Refused(e.to_string()))?;
+    server_key
+        .verify(&signed, &c.signature)
+        .map_err(|_| LinkError::Refused(format!("command {} is not signed by the server", c.seq)))
+}
+
 /// Read a big-endian u64 stored by [`StreamReceiver`] (watermarks) or its siblings.
 pub fn decode_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
@@ -307,5 +325,51 @@ impl StreamKeys {
             .get_meta(&self.peer)?
             .map(|v| String::from_utf8_lossy(&v).into_owned());
         Ok(Endpoint::new(outbound, inbound, peer))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+    use crate::protocol::{command_signing_bytes, Command, CommandBody};
+
+    fn signed(server: &Identity, agent_id: &str, n: u64) -> Command {
+        let body = CommandBody::Probe {
+            n,
+            data: "x".into(),
+        };
+        let mut c = Command::new(Seq(1), "cmd-1".into(), 99, body.clone()).unwrap();
+        c.signature = server.sign(&command_signing_bytes(agent_id, "cmd-1", 99, &body).unwrap());
+        c
+    }
+
+    #[test]
+    fn commands_must_be_signed_by_the_server_for_this_agent() {
+        let server = Identity::generate();
+        let key = server.public_key();
+        let good = signed(&server, "a-1", 1);
+        assert_eq!(
+            verify_command(&Frame::Command(good.clone()), "a-1", &key),
+            Ok(())
+        );
+        // Meant for another agent (a relay replaying it elsewhere).
+        assert!(verify_command(&Frame::Command(good.clone()), "a-2", &key).is_err());
+        // Altered on the way (body, deadline, id).
+        let mut altered = good.clone();
+        altered.body = CommandBody::Probe {
+            n: 2,
+            data: "x".into(),
+        };
+        assert!(verify_command(&Frame::Command(altered), "a-1", &key).is_err());
+        let mut later = good.clone();
+        later.deadline_ms += 1;
+        assert!(verify_command(&Frame::Command(later), "a-1", &key).is_err());
+        // Signed by someone else, or not at all.
+        let forged = signed(&Identity::generate(), "a-1", 1);
+        assert!(verify_command(&Frame::Command(forged), "a-1", &key).is_err());
+        let mut unsigned = good;
+        unsigned.signature.clear();
+        assert!(verify_command(&Frame::Command(unsigned), "a-1", &key).is_err());
     }
 }

@@ -25,12 +25,13 @@ use actix_codec::Framed;
 use awc::ws;
 use awc::BoxedSocket;
 use futures_util::{SinkExt, StreamExt};
+use tether_shared::backoff::Backoff;
 use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH, WS_PATH};
 use tether_shared::identity::{Identity, PublicKey};
-use tether_shared::link::{LinkError, Received, StreamKeys, StreamReceiver};
+use tether_shared::link::{verify_command, LinkError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
-    self, command_signing_bytes, hello_proof_bytes, ActorHealth, AgentStatus, CommandBody, Event,
-    EventBody, Frame, Heartbeat, Hello, Sender, Seq, StreamId, Welcome, MAX_FRAME_BYTES,
+    self, hello_proof_bytes, ActorHealth, AgentStatus, CommandBody, Event, EventBody, Frame,
+    Heartbeat, Hello, Sender, Seq, StreamId, Welcome, MAX_FRAME_BYTES,
 };
 use tether_shared::stream::{ConnId, Endpoint, Handshake, Inbound, Outbound};
 use tokio::sync::watch;
@@ -279,40 +280,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The real agent's reconnect backoff (`agent/src/backoff.rs`): exponential with full jitter,
-/// the n-th delay uniform in `[0, min(max, min·2ⁿ)]`, started over after a session that worked.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max: max.max(min),
-            attempt: 0,
-        }
-    }
-
-    /// Draws the next delay and doubles the ceiling.
-    pub fn next_delay(&mut self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(31)).unwrap_or(u32::MAX);
-        let ceiling = self
-            .min
-            .checked_mul(factor)
-            .map_or(self.max, |d| d.min(self.max));
-        self.attempt = self.attempt.saturating_add(1);
-        jitter(ceiling)
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
 /// A random delay in `0..=span`.
 fn jitter(span: Duration) -> Duration {
     let span = span.as_millis() as u64;
@@ -400,13 +367,16 @@ impl SimAgent {
                 Ended::Stop => return,
                 Ended::WasReady => {
                     backoff.reset();
-                    backoff.next_delay()
+                    backoff.next_delay(&mut rand::thread_rng())
                 }
                 // As the agent: the server's delay is a floor, plus a little jitter.
                 Ended::Busy(d) => {
-                    d.min(MAX_BUSY_DELAY) + backoff.next_delay().min(self.cfg.reconnect_min)
+                    d.min(MAX_BUSY_DELAY)
+                        + backoff
+                            .next_delay(&mut rand::thread_rng())
+                            .min(self.cfg.reconnect_min)
                 }
-                Ended::Failed => backoff.next_delay(),
+                Ended::Failed => backoff.next_delay(&mut rand::thread_rng()),
             };
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
@@ -689,14 +659,7 @@ impl SimAgent {
         let (server_key, agent_id) = (&self.server_key, &self.agent_id);
         let room = self.ep.outbound.has_room(1);
         let check = |frame: &Frame| -> Result<(), LinkError> {
-            let Frame::Command(c) = frame else {
-                return Ok(());
-            };
-            let signed = command_signing_bytes(agent_id, &c.id, c.deadline_ms, &c.body)
-                .map_err(|e| LinkError::Refused(e.to_string()))?;
-            server_key.verify(&signed, &c.signature).map_err(|_| {
-                LinkError::Refused(format!("command {} is not signed by the server", c.seq))
-            })?;
+            verify_command(frame, agent_id, server_key)?;
             if !room {
                 return Err(LinkError::Refused("event backlog full".into()));
             }
@@ -951,25 +914,4 @@ fn run_thread(cfg: &SimConfig, agents: Vec<SimAgent>, mut control: watch::Receiv
         let all = futures_util::future::join_all(tasks);
         let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
     });
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_has_full_jitter_under_a_doubling_ceiling() {
-        let (min, max) = (Duration::from_millis(100), Duration::from_secs(2));
-        let mut b = Backoff::new(min, max);
-        for attempt in 0..40u32 {
-            let ceiling = min.saturating_mul(1 << attempt.min(20)).min(max);
-            assert!(b.next_delay() <= ceiling, "attempt {attempt}");
-        }
-        b.reset();
-        assert!((0..50).all(|_| {
-            let mut fresh = b.clone();
-            fresh.next_delay() <= min
-        }));
-    }
 }

@@ -27,7 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::state::STATE_FILE;
 
-pub use crate::backoff::{Backoff, RestartBudget};
+pub use tether_shared::backoff::{Backoff, RestartBudget};
 use worker_process::{Stop, WorkerProcess};
 pub use worker_process::{WorkerCommand, WorkerExit};
 

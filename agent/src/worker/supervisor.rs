@@ -13,7 +13,7 @@ use actix::prelude::*;
 use serde::Serialize;
 use tether_shared::protocol::ActorHealth;
 
-use crate::backoff::{Backoff, RestartBudget};
+use tether_shared::backoff::{Backoff, RestartBudget};
 
 /// Every supervised actor answers this with a one-word state (e.g. `connected`).
 #[derive(Message)]

@@ -22,15 +22,17 @@ use awc::BoxedSocket;
 use futures_util::stream::{SplitSink, StreamExt};
 use tether_shared::identity::{Identity, PublicKey};
 use tether_shared::journal::{JournalHandle, Op};
-use tether_shared::link::{decode_u64, LinkError, Received, StreamKeys, StreamReceiver};
+use tether_shared::link::{
+    decode_u64, verify_command, LinkError, Received, StreamKeys, StreamReceiver,
+};
 use tether_shared::protocol::{
-    self, command_signing_bytes, hello_proof_bytes, AgentStatus, CommandBody, Event, EventBody,
-    Frame, Heartbeat, Hello, Sender, Seq, StreamId, MAX_FRAME_BYTES,
+    self, hello_proof_bytes, AgentStatus, CommandBody, Event, EventBody, Frame, Heartbeat, Hello,
+    Sender, Seq, StreamId, MAX_FRAME_BYTES,
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
 
-use crate::backoff::Backoff;
 use crate::worker::supervisor::Ping;
+use tether_shared::backoff::Backoff;
 
 type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
 
@@ -416,14 +418,7 @@ impl Uplink {
         let server_key = &self.cfg.server_key;
         let agent_id = &self.cfg.agent_id;
         let check = |frame: &Frame| -> Result<(), LinkError> {
-            let Frame::Command(c) = frame else {
-                return Ok(());
-            };
-            let signed = command_signing_bytes(agent_id, &c.id, c.deadline_ms, &c.body)
-                .map_err(|e| LinkError::Refused(e.to_string()))?;
-            server_key.verify(&signed, &c.signature).map_err(|_| {
-                LinkError::Refused(format!("command {} is not signed by the server", c.seq))
-            })?;
+            verify_command(frame, agent_id, server_key)?;
             if !room {
                 return Err(LinkError::Refused("event backlog full".into()));
             }

@@ -274,3 +274,45 @@ fn serialize_millis<S: serde::Serializer>(
 ) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// What a binary does with its configuration before anything else.
+pub enum Startup<T> {
+    /// Valid: go on with it.
+    Run(T),
+    /// Done already (`--check-config` answered, or the configuration is invalid): exit so.
+    Exit(std::process::ExitCode),
+}
+
+/// Installs the rustls crypto provider, loads and validates the configuration (printing every
+/// problem and exiting 2 when invalid) and answers `--check-config` (the effective
+/// configuration as TOML, secrets masked, exit 0). `binary` names the program in messages.
+pub fn startup<T: serde::Serialize>(
+    binary: &str,
+    load: impl FnOnce(&LoadOptions) -> Result<T, ConfigError>,
+    opts: &LoadOptions,
+    check_config: bool,
+) -> Startup<T> {
+    use std::process::ExitCode;
+    // Err means a provider is already installed, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let cfg = match load(opts) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
+            return Startup::Exit(ExitCode::from(2));
+        }
+    };
+    if !check_config {
+        return Startup::Run(cfg);
+    }
+    Startup::Exit(match toml::to_string(&cfg) {
+        Ok(text) => {
+            println!("config ok\n{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{binary}: cannot print the effective config: {e}");
+            ExitCode::from(1)
+        }
+    })
+}

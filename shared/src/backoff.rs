@@ -1,7 +1,8 @@
 //! Retry policy, free of processes and clocks so it can be unit-tested: [`Backoff`]
 //! (exponential delay with full jitter) and [`RestartBudget`] (at most N restarts in a sliding
-//! window). The `Monitor` (worker process restarts), the worker's `Supervisor` (actor restarts)
-//! and the `Uplink` (reconnects) each own what they need and feed them `Instant`s.
+//! window). The agent's monitor (worker process restarts), its supervisor (actor restarts) and
+//! its uplink (reconnects), and the load generator that mimics agents, each own what they need
+//! and feed them `Instant`s.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -37,6 +37,9 @@ pub enum ApiError {
     /// The journal refused the change; nothing changed (details are logged, not answered).
     #[error("storage unavailable, nothing was changed; retry later")]
     Unavailable,
+    /// Part of the request was done and stored, the rest could not be (the message says which).
+    #[error("{0}")]
+    Incomplete(String),
 }
 
 impl From<crate::registry::RegistryError> for ApiError {
@@ -71,7 +74,7 @@ impl ResponseError for ApiError {
             ApiError::InvalidEnrollmentToken => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable | ApiError::Incomplete(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

@@ -8,6 +8,7 @@
 //!   signal.
 //! - [`registry`]: `Registry`, enrolled agents and relays, enrollment tokens, presence.
 //! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
+//! - [`deployments`]: processes, deployments and jobs: state machine, persistence, REST.
 //! - [`agent_surface`]: the agent-facing routes under `/agent/v1` on the WSS listener.
 //! - [`admin`]: the `/admin/health` and `/metrics` handlers.
 //! - [`admin_token`]: the admin bearer token and its constant-time check.
@@ -20,6 +21,7 @@ mod admin_token;
 mod agent_surface;
 mod api;
 mod api_error;
+mod deployments;
 mod health;
 mod init;
 mod ports;

@@ -27,6 +27,8 @@ use crate::admin_token::{AdminToken, AdminTokenError};
 use crate::agent_surface::{self, AgentSurface, EnrollLimiter};
 use crate::api::{self, ApiState};
 use crate::api_error::{not_found, ApiError};
+use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
+use crate::deployments::{Deployments, DeploymentsError};
 use crate::health::JournalWatch;
 use crate::init;
 use crate::ports::{self, Ports};
@@ -128,6 +130,9 @@ pub enum RunError {
     /// The registry could not be loaded from the journal.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// Processes, deployments and jobs could not be loaded from the journal.
+    #[error("deployments: {0}")]
+    Deployments(#[from] DeploymentsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (listen.{listener}): {source}")]
     Bind {
@@ -176,6 +181,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         "journal-recovered"
     );
     let registry = Arc::new(Registry::load(journal.handle())?);
+    let deployments = Arc::new(Deployments::load(journal.handle())?);
     ports::remove_stale(dir).map_err(|source| RunError::Ports {
         path: dir.join(ports::PORTS_FILE),
         source,
@@ -187,6 +193,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         server_signing_key,
         journal,
         registry,
+        deployments,
     };
     actix_rt::System::new().block_on(serve(dir, opts, loaded))
 }
@@ -205,6 +212,8 @@ struct Loaded {
     journal: Journal,
     /// Agents, relays and enrollment tokens, loaded from the journal.
     registry: Arc<Registry>,
+    /// Processes, deployments and jobs, loaded from the journal.
+    deployments: Arc<Deployments>,
 }
 
 /// Refuses a directory `init` has not (completely) filled.
@@ -264,6 +273,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let shared = Arc::new(SessionShared {
         journal: handle.clone(),
         registry: loaded.registry.clone(),
+        deployments: loaded.deployments.clone(),
         signing: loaded.signing,
         incarnation: handle.incarnation().to_owned(),
         heartbeat_interval: opts.heartbeat_interval,
@@ -277,6 +287,24 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         rto: RETRANSMIT_TIMEOUT,
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
+    // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
+    let waiting = loaded.deployments.agents_with_waiting_jobs();
+    if !waiting.is_empty() {
+        let sessions = session_registry.clone();
+        actix_rt::spawn(async move {
+            for agent_id in waiting {
+                if let Err(e) = deployments_api::dispatch(&sessions, &agent_id).await {
+                    tracing::error!(agent_id = %agent_id, error = %e, "job-dispatch-failed");
+                }
+            }
+        });
+    }
+    let deployments_state = web::Data::new(DeploymentsApiState {
+        token: loaded.token.clone(),
+        deployments: loaded.deployments.clone(),
+        registry: loaded.registry.clone(),
+        sessions: session_registry.clone(),
+    });
     let sessions = web::Data::new(SessionsState {
         shared,
         registry: session_registry,
@@ -313,8 +341,10 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .app_data(json_https.clone())
             .app_data(payload_https.clone())
             .app_data(probe_state.clone())
+            .app_data(deployments_state.clone())
             .configure(admin::configure)
             .configure(api::configure)
+            .configure(deployments_api::configure)
             .configure(session::routes::configure_api)
             .default_service(web::to(not_found))
     }))

@@ -157,6 +157,67 @@ pub enum CommandBody {
     Probe { n: u64, data: String },
     /// Ask the agent to send `count` numbered [`EventBody::Probe`] events of its own.
     EmitProbes { count: u64 },
+    /// Run a job: a deployment's process on this agent, every step fully resolved.
+    RunJob {
+        job_id: String,
+        deployment_id: String,
+        steps: Vec<StepSpec>,
+    },
+    /// Stop a job: its running step is killed (process group) and the rest skipped.
+    CancelJob { job_id: String },
+}
+
+/// What to do with a step whose start was journaled but whose end was not (the worker died).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInterrupt {
+    /// Report it failed, "interrupted by agent restart" (the default: never run twice).
+    #[default]
+    Fail,
+    /// Safe to run again from the start.
+    Rerun,
+}
+
+/// One step of a job, resolved by the server: everything the agent needs to run it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    pub name: String,
+    pub plugin: String,
+    pub step: String,
+    /// Property values, after the deployment's properties were substituted in.
+    pub properties: BTreeMap<String, String>,
+    /// Names of the properties whose values are secret (masked in every log and answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
+    #[serde(default)]
+    pub on_interrupt: OnInterrupt,
+    pub timeout_ms: u64,
+}
+
+/// How a step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    /// The worker died while it ran and the step may not run twice.
+    Interrupted,
+    /// Not run: an earlier step failed, or the job was cancelled first.
+    Skipped,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// It arrived after its deadline and was not run.
+    Expired,
 }
 
 /// What an agent reports to the server. Self-contained, like [`CommandBody`].
@@ -169,6 +230,35 @@ pub enum EventBody {
     ProbeEcho { n: u64 },
     /// A command arrived after its deadline and was not acted on.
     CommandExpired { id: String },
+    /// The job is journaled on the agent and will run.
+    JobAccepted { job_id: String },
+    /// Step `step` (index) starts, for the `attempt`-th time (a rerun after an interruption).
+    StepStarted {
+        job_id: String,
+        step: u32,
+        attempt: u32,
+    },
+    /// A numbered chunk of a step's output (secrets masked), so logs arrive complete.
+    StepOutput {
+        job_id: String,
+        step: u32,
+        chunk: u32,
+        data: String,
+    },
+    /// Step `step` ended.
+    StepFinished {
+        job_id: String,
+        step: u32,
+        status: StepStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        outputs: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message: String,
+    },
+    /// The job ended.
+    JobFinished { job_id: String, status: JobStatus },
 }
 
 /// One message of the commands stream.

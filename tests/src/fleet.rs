@@ -211,6 +211,54 @@ impl Server {
             .and_then(|a| a["status"].as_str().map(str::to_owned))
             .unwrap_or_default()
     }
+
+    /// `POST /api/v1/processes` with `body`, expecting 201.
+    pub fn put_process(&self, body: &Value) {
+        let r = self.request("POST", "/api/v1/processes", Some(body));
+        assert_eq!(r.status, 201, "process: {}", r.body);
+    }
+
+    /// `POST /api/v1/deployments` of `process` to `targets` (`{"agents":[...]}` or
+    /// `{"tags":[...]}`) with `properties`, expecting 201; answers the deployment id.
+    pub fn deploy(&self, process: &str, targets: Value, properties: Value) -> String {
+        let body = json!({"process": process, "targets": targets, "properties": properties});
+        let r = self.request("POST", "/api/v1/deployments", Some(&body));
+        assert_eq!(r.status, 201, "deploy: {}", r.body);
+        r.json()["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("deploy: {}", r.body))
+            .to_owned()
+    }
+
+    /// `GET /api/v1/deployments/{id}`, expecting 200.
+    pub fn deployment(&self, id: &str) -> Value {
+        let r = self.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        assert_eq!(r.status, 200, "deployment {id}: {}", r.body);
+        r.json()
+    }
+
+    /// Polls deployment `id` until it is final (succeeded, failed or cancelled).
+    pub fn wait_deployment(&self, id: &str, timeout: Duration) -> Value {
+        eventually(&format!("deployment {id} final"), timeout, || {
+            let d = self.deployment(id);
+            matches!(
+                d["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            )
+            .then_some(d)
+        })
+    }
+
+    /// The log of `step` (name or index) of the job of `agent` (name or id), expecting 200.
+    pub fn step_log(&self, id: &str, agent: &str, step: &str) -> String {
+        let r = self.request(
+            "GET",
+            &format!("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log"),
+            None,
+        );
+        assert_eq!(r.status, 200, "log: {}", r.body);
+        r.body
+    }
 }
 
 /// An installed agent and, while it runs, its monitor process.

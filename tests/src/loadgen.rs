@@ -678,6 +678,8 @@ impl SimAgent {
                             self.requested = self.requested.saturating_add(count);
                             self.generate(*control.borrow());
                         }
+                        // Simulated agents run no jobs; the bench sends none.
+                        CommandBody::RunJob { .. } | CommandBody::CancelJob { .. } => {}
                     }
                 }
                 Ok(())

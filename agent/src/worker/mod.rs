@@ -6,9 +6,11 @@
 //! nothing from stdin, but when stdin (a pipe held by the monitor) reaches EOF the monitor is
 //! gone, and the worker exits rather than run unsupervised. It opens no listening socket.
 //!
+//! - [`jobs`]: job records and step execution.
 //! - [`supervisor`]: restarts crashed actors, reports their health.
 //! - [`uplink`]: the connection upstream and both message streams.
 
+pub mod jobs;
 pub mod supervisor;
 pub mod uplink;
 
@@ -27,6 +29,8 @@ use crate::state::{AgentState, CA_FILE, KEY_FILE};
 use supervisor::{ObserveChildren, Supervisor, WorkerHealth};
 use uplink::{Uplink, UplinkConfig};
 
+/// Where jobs get their working directories, inside the data directory.
+pub const WORK_DIR: &str = "work";
 /// The journal's directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
 /// The agent's page cache: small, the agent must stay light.
@@ -126,6 +130,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         reconnect_max: cfg.agent.reconnect_max,
         heartbeat_interval: cfg.agent.heartbeat_interval,
         status: status.clone(),
+        work_dir: dir.join(WORK_DIR),
     });
     let beat_every = (cfg.agent.worker_beat_timeout / 3).max(Duration::from_millis(50));
     let budget = cfg.agent.worker_restart_budget;

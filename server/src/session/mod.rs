@@ -24,12 +24,15 @@ use std::time::Duration;
 use tether_shared::identity::Identity;
 use tether_shared::journal::JournalHandle;
 
+use crate::deployments::Deployments;
 use crate::registry::Registry;
 
 /// Everything sessions and links share, built once at start.
 pub struct SessionShared {
     pub journal: JournalHandle,
     pub registry: Arc<Registry>,
+    /// Processes, deployments and jobs: job events change them in the event's batch.
+    pub deployments: Arc<Deployments>,
     /// The server's command-signing key.
     pub signing: Identity,
     /// The journal's incarnation, announced in every Welcome.

@@ -6,6 +6,9 @@
 //! command it queues is committed before it is sent. Sessions come and go: `Attach` runs the
 //! handshake (incarnations, watermarks) and resends what the agent lacks; frames from any
 //! connection but the current one are ignored.
+//!
+//! Job events change deployment state through `SessionShared::deployments`, in the event's
+//! batch; [`jobs`] queues RunJob/CancelJob commands (`DispatchJobs`, `QueueCommands`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +24,12 @@ use tether_shared::protocol::{
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError};
 
 use crate::session::agent_session::{AgentSession, CloseSession, SendFrames};
+
+mod jobs;
+
 use crate::session::probes::ProbeStats;
 use crate::session::{now_ms, SessionShared};
+pub use jobs::{DispatchJobs, QueueCommands};
 
 /// How often unacknowledged commands are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
@@ -164,10 +171,12 @@ impl AgentLink {
         );
     }
 
-    /// An event was accepted: its effect goes into the same batch.
-    fn effect_ops(&mut self, frame: &Frame) -> Vec<Op> {
+    /// An event was accepted: its effect goes into the same batch. Job events change job state
+    /// (and a finished job may free a slot: the next queued job's RunJob joins the batch, and
+    /// the answered seq must be marked durable once the batch is).
+    fn effect_ops(&mut self, frame: &Frame) -> (Vec<Op>, Option<Seq>) {
         let Frame::Event(event) = frame else {
-            return Vec::new();
+            return (Vec::new(), None);
         };
         let changed = match &event.body {
             EventBody::Probe { n, .. } => {
@@ -182,16 +191,41 @@ impl AgentLink {
                 tracing::warn!(agent_id = %self.agent_id, command_id = %id, seq = event.seq.0, "command-expired");
                 false
             }
+            body @ (EventBody::JobAccepted { .. }
+            | EventBody::StepStarted { .. }
+            | EventBody::StepOutput { .. }
+            | EventBody::StepFinished { .. }
+            | EventBody::JobFinished { .. }) => {
+                let effect = self.shared.deployments.on_event(&self.agent_id, body);
+                let mut ops = effect.ops;
+                let mut last = None;
+                if effect.job_finished {
+                    match self.take_jobs() {
+                        Ok(Some((seq, more))) => {
+                            ops.extend(more);
+                            last = Some(seq);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(agent_id = %self.agent_id, error = %e, "job-dispatch-failed")
+                        }
+                    }
+                }
+                return (ops, last);
+            }
         };
         if !changed {
-            return Vec::new();
+            return (Vec::new(), None);
         }
         match serde_json::to_vec(&self.probes) {
-            Ok(v) => vec![Op::PutMeta {
-                key: ProbeStats::meta_key(&self.agent_id),
-                value: v,
-            }],
-            Err(_) => Vec::new(),
+            Ok(v) => (
+                vec![Op::PutMeta {
+                    key: ProbeStats::meta_key(&self.agent_id),
+                    value: v,
+                }],
+                None,
+            ),
+            Err(_) => (Vec::new(), None),
         }
     }
 
@@ -205,7 +239,8 @@ impl AgentLink {
                 frame,
                 mut ops,
             }) => {
-                ops.extend(self.effect_ops(&frame));
+                let (effect, commands) = self.effect_ops(&frame);
+                ops.extend(effect);
                 self.since_trim += 1;
                 if self.since_trim >= KEEP_INBOUND {
                     ops.extend(self.keys.trim_inbound_ops(seq, KEEP_INBOUND));
@@ -213,6 +248,9 @@ impl AgentLink {
                 }
                 self.commit_then(ctx, ops, move |act, _| {
                     act.ep.inbound.mark_durable(seq);
+                    if let Some(last) = commands {
+                        act.ep.outbound.mark_durable(last);
+                    }
                     act.pump();
                 });
             }
@@ -395,6 +433,10 @@ impl Handler<Attach> for AgentLink {
             // Probe series are numbered per agent incarnation.
             self.probes = ProbeStats::default();
         }
+        let reset_jobs = match outcome {
+            Handshake::PeerReset { .. } => self.shared.deployments.on_agent_reset(&self.agent_id),
+            _ => Vec::new(),
+        };
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
@@ -406,6 +448,7 @@ impl Handler<Attach> for AgentLink {
                 });
             }
         }
+        ops.extend(reset_jobs);
         let journal = self.shared.journal.clone();
         Box::pin(
             async move {
@@ -415,7 +458,7 @@ impl Handler<Attach> for AgentLink {
                 Ok::<(), LinkError>(())
             }
             .into_actor(self)
-            .map(move |res, act, _| {
+            .map(move |res, act, ctx| {
                 res?;
                 let welcome = Welcome {
                     last_event_seq: act.ep.inbound.durable(),
@@ -424,6 +467,8 @@ impl Handler<Attach> for AgentLink {
                 };
                 tracing::info!(agent_id = %act.agent_id, conn = conn.0, last_event_seq = welcome.last_event_seq.0, last_command_seq = hello.last_command_seq.0, "agent-attached");
                 act.pump();
+                // Jobs waiting for this agent (after a reset, or left from before a restart).
+                act.dispatch_jobs(ctx);
                 Ok(welcome)
             }),
         )

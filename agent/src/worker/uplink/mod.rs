@@ -32,6 +32,8 @@ use tether_shared::protocol::{
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
 
 use crate::worker::supervisor::Ping;
+
+mod jobs;
 use tether_shared::backoff::Backoff;
 
 type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
@@ -68,6 +70,8 @@ pub struct UplinkConfig {
     pub heartbeat_interval: Duration,
     /// The worker's status (actor health), sent in every heartbeat.
     pub status: Arc<std::sync::Mutex<Option<AgentStatus>>>,
+    /// Where jobs get their working directories.
+    pub work_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +112,8 @@ pub struct Uplink {
     generating: bool,
     /// Inbound commands accepted since the log was last trimmed.
     since_trim: u64,
+    /// The jobs this agent holds.
+    jobs: jobs::Jobs,
 }
 
 fn now_ms() -> u64 {
@@ -154,6 +160,7 @@ impl Uplink {
             probe_todo,
             generating: false,
             since_trim: 0,
+            jobs: jobs::Jobs::load(&cfg.journal)?,
             cfg,
         })
     }
@@ -433,27 +440,51 @@ impl Uplink {
                 let Frame::Command(command) = frame else {
                     return;
                 };
-                let effect = if now_ms() > command.deadline_ms {
-                    self.event_op(EventBody::CommandExpired {
-                        id: command.id.clone(),
-                    })
-                } else {
-                    match &command.body {
-                        CommandBody::Probe { n, .. } => {
-                            self.event_op(EventBody::ProbeEcho { n: *n })
-                        }
-                        CommandBody::EmitProbes { count } => {
-                            self.probe_todo = self.probe_todo.saturating_add(*count);
-                            ops.push(Op::PutMeta {
-                                key: PROBE_TODO.into(),
-                                value: self.probe_todo.to_be_bytes().to_vec(),
-                            });
-                            None
-                        }
+                let expired = now_ms() > command.deadline_ms;
+                let mut job_to_drive = None;
+                let effect = match &command.body {
+                    CommandBody::RunJob {
+                        job_id,
+                        deployment_id,
+                        steps,
+                    } => {
+                        let seq = if expired {
+                            self.expire_job(job_id.clone(), deployment_id.clone(), &mut ops)
+                        } else {
+                            job_to_drive = Some(job_id.clone());
+                            self.accept_job(
+                                job_id.clone(),
+                                deployment_id.clone(),
+                                steps.clone(),
+                                &mut ops,
+                            )
+                        };
+                        seq.map(|s| (s, None))
+                    }
+                    CommandBody::CancelJob { job_id } => {
+                        self.accept_cancel(job_id, &mut ops);
+                        job_to_drive = Some(job_id.clone());
+                        None
+                    }
+                    _ if expired => self
+                        .event_op(EventBody::CommandExpired {
+                            id: command.id.clone(),
+                        })
+                        .map(|(s, op)| (s, Some(op))),
+                    CommandBody::Probe { n, .. } => self
+                        .event_op(EventBody::ProbeEcho { n: *n })
+                        .map(|(s, op)| (s, Some(op))),
+                    CommandBody::EmitProbes { count } => {
+                        self.probe_todo = self.probe_todo.saturating_add(*count);
+                        ops.push(Op::PutMeta {
+                            key: PROBE_TODO.into(),
+                            value: self.probe_todo.to_be_bytes().to_vec(),
+                        });
+                        None
                     }
                 };
                 let event_seq = effect.map(|(s, op)| {
-                    ops.push(op);
+                    ops.extend(op);
                     s
                 });
                 self.since_trim += 1;
@@ -468,6 +499,9 @@ impl Uplink {
                     }
                     act.pump();
                     act.generate(ctx);
+                    if let Some(job) = job_to_drive {
+                        act.advance(ctx, &job);
+                    }
                 });
             }
             Ok(Received::Nothing) => self.pump(),
@@ -590,6 +624,7 @@ impl Actor for Uplink {
             commands_held = self.ep.inbound.durable().0,
             "uplink-started"
         );
+        self.resume_jobs(ctx);
         self.connect(ctx);
         ctx.run_interval(TICK, |act, _| {
             act.ep.outbound.on_tick(now_ms());

@@ -1,0 +1,506 @@
+//! Running one step: a child process (or a built-in file operation) with its own timeout,
+//! environment, working directory, captured and masked output, and cancellation.
+//!
+//! - `shell/run`: the script goes to a 0600 file in the job's work directory and runs as
+//!   `<interpreter> <file>`; step properties reach it as environment variables
+//!   `TETHER_PROP_<NAME>` (data, never spliced into the script); outputs of earlier steps as
+//!   `TETHER_OUTPUT_<NAME>`. The environment is cleared first (the agent's own variables never
+//!   leak in). The child leads its own process group, and a timeout or a cancel kills the whole
+//!   group. A stdout line `::output name=value` sets an output property.
+//! - `file/write`, `file/delete`, `file/copy`: done by the worker itself, refusing `..` and
+//!   symbolic links at the target, writing atomically (temp file, fsync, rename).
+//!
+//! Output is handed over in chunks (at most [`CHUNK_BYTES`], or whatever arrived within
+//! [`CHUNK_WAIT`]) with every secret value replaced by `***`, and capped at [`MAX_OUTPUT`].
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tether_shared::protocol::{StepSpec, StepStatus};
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+/// Largest output chunk.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+/// Longest a partial chunk waits before it is sent.
+pub const CHUNK_WAIT: Duration = Duration::from_millis(200);
+/// Output kept per step; past it the rest is dropped with a marker.
+pub const MAX_OUTPUT: usize = 8 * 1024 * 1024;
+/// The only PATH a step sees.
+const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How a step ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepResult {
+    pub status: StepStatus,
+    pub exit_code: Option<i32>,
+    pub outputs: BTreeMap<String, String>,
+    pub message: String,
+}
+
+impl StepResult {
+    fn failed(message: String) -> Self {
+        StepResult {
+            status: StepStatus::Failed,
+            exit_code: None,
+            outputs: BTreeMap::new(),
+            message,
+        }
+    }
+    fn ok() -> Self {
+        StepResult {
+            status: StepStatus::Succeeded,
+            exit_code: Some(0),
+            outputs: BTreeMap::new(),
+            message: String::new(),
+        }
+    }
+}
+
+/// Where and with what a step runs.
+pub struct StepContext {
+    pub job_id: String,
+    pub index: usize,
+    /// The job's work directory (created if missing).
+    pub work_dir: PathBuf,
+    /// Outputs of the steps before this one.
+    pub outputs: BTreeMap<String, String>,
+}
+
+/// Replaces every secret value in `text` by `***`.
+pub fn mask(text: &str, secrets: &[String]) -> String {
+    let mut out = text.to_owned();
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        out = out.replace(s.as_str(), "***");
+    }
+    out
+}
+
+/// The secret values of a step (what must never appear in any output).
+pub fn secret_values(spec: &StepSpec) -> Vec<String> {
+    spec.secrets
+        .iter()
+        .filter_map(|k| spec.properties.get(k).cloned())
+        .filter(|v| !v.is_empty())
+        .collect()
+}
+
+fn env_name(prefix: &str, name: &str) -> String {
+    let cleaned: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{prefix}{cleaned}")
+}
+
+/// Run `spec`; `chunk` receives masked output as it comes; `cancel` firing kills it.
+pub async fn run(
+    spec: &StepSpec,
+    ctx: &StepContext,
+    chunk: impl Fn(String),
+    cancel: oneshot::Receiver<()>,
+) -> StepResult {
+    if let Err(e) = std::fs::create_dir_all(&ctx.work_dir) {
+        return StepResult::failed(format!(
+            "cannot create the work directory {}: {e}",
+            ctx.work_dir.display()
+        ));
+    }
+    match (spec.plugin.as_str(), spec.step.as_str()) {
+        ("shell", "run") => shell(spec, ctx, chunk, cancel).await,
+        ("file", op @ ("write" | "delete" | "copy")) => {
+            let (spec, op) = (spec.clone(), op.to_owned());
+            match tokio::task::spawn_blocking(move || file_op(&spec, &op)).await {
+                Ok(Ok(())) => StepResult::ok(),
+                Ok(Err(message)) => StepResult::failed(message),
+                Err(e) => StepResult::failed(format!("file step crashed: {e}")),
+            }
+        }
+        (plugin, step) => StepResult::failed(format!("unknown step {plugin}/{step}")),
+    }
+}
+
+fn prop<'a>(spec: &'a StepSpec, name: &str) -> Result<&'a str, String> {
+    spec.properties
+        .get(name)
+        .map(String::as_str)
+        .ok_or_else(|| format!("missing property {name:?}"))
+}
+
+async fn shell(
+    spec: &StepSpec,
+    ctx: &StepContext,
+    chunk: impl Fn(String),
+    cancel: oneshot::Receiver<()>,
+) -> StepResult {
+    let script = match prop(spec, "script") {
+        Ok(s) => s,
+        Err(m) => return StepResult::failed(m),
+    };
+    let interpreter = spec
+        .properties
+        .get("interpreter")
+        .map_or("/bin/sh", String::as_str);
+    let script_path = ctx.work_dir.join(format!("step-{}.script", ctx.index));
+    if let Err(e) = tether_shared::identity::write_private_file(&script_path, script.as_bytes()) {
+        return StepResult::failed(format!("cannot write the script: {e}"));
+    }
+    let mut cmd = tokio::process::Command::new(interpreter);
+    cmd.arg(&script_path)
+        .current_dir(&ctx.work_dir)
+        .env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("HOME", &ctx.work_dir)
+        .env("LANG", "C.UTF-8")
+        .env("TETHER_JOB_ID", &ctx.job_id)
+        .env("TETHER_STEP", &spec.name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    for (k, v) in &spec.properties {
+        if k != "script" && k != "interpreter" {
+            cmd.env(env_name("TETHER_PROP_", k), v);
+        }
+    }
+    for (k, v) in &ctx.outputs {
+        cmd.env(env_name("TETHER_OUTPUT_", k), v);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return StepResult::failed(format!("cannot start {interpreter}: {e}")),
+    };
+    let group = GroupGuard(child.id().map(|p| p as i32));
+    let secrets = secret_values(spec);
+    let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return StepResult::failed("no output pipes".into());
+    };
+    let mut outputs = BTreeMap::new();
+    let mut pending = String::new();
+    let mut total = 0usize;
+    let mut capped = false;
+    let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
+    let (mut out_open, mut err_open) = (true, true);
+    let deadline = tokio::time::sleep(Duration::from_millis(spec.timeout_ms.max(1)));
+    tokio::pin!(deadline);
+    let mut cancel = cancel;
+    let mut flush_tick = tokio::time::interval(CHUNK_WAIT);
+    let emit = |text: &str, pending: &mut String, force: bool| {
+        pending.push_str(text);
+        while pending.len() >= CHUNK_BYTES || (force && !pending.is_empty()) {
+            let cut = floor_boundary(pending, CHUNK_BYTES.min(pending.len()));
+            let piece: String = pending.drain(..cut).collect();
+            chunk(mask(&piece, &secrets));
+        }
+    };
+    let mut absorb = |bytes: &[u8],
+                      is_stdout: bool,
+                      pending: &mut String,
+                      total: &mut usize,
+                      capped: &mut bool| {
+        let text = String::from_utf8_lossy(bytes);
+        if is_stdout {
+            for line in text.lines() {
+                if let Some((k, v)) = line
+                    .strip_prefix("::output ")
+                    .and_then(|r| r.split_once('='))
+                {
+                    outputs.insert(k.trim().to_owned(), v.to_owned());
+                }
+            }
+        }
+        if *capped {
+            return;
+        }
+        if *total + text.len() > MAX_OUTPUT {
+            *capped = true;
+            emit(
+                "\n[output truncated: over the step's limit]\n",
+                pending,
+                true,
+            );
+            return;
+        }
+        *total += text.len();
+        emit(&text, pending, false);
+    };
+    let ended = loop {
+        tokio::select! {
+            n = stdout.read(&mut out_buf), if out_open => match n {
+                Ok(0) | Err(_) => out_open = false,
+                Ok(n) => absorb(&out_buf[..n], true, &mut pending, &mut total, &mut capped),
+            },
+            n = stderr.read(&mut err_buf), if err_open => match n {
+                Ok(0) | Err(_) => err_open = false,
+                Ok(n) => absorb(&err_buf[..n], false, &mut pending, &mut total, &mut capped),
+            },
+            status = child.wait(), if !out_open && !err_open => break Ended::Exited(status),
+            _ = flush_tick.tick() => emit("", &mut pending, true),
+            _ = &mut deadline => break Ended::TimedOut,
+            _ = &mut cancel => break Ended::Cancelled,
+        }
+    };
+    emit("", &mut pending, true);
+    match ended {
+        Ended::Exited(Ok(status)) => {
+            // A daemonised grandchild may still hold the group: end it with the step.
+            group.kill();
+            let code = status.code();
+            let ok = status.success();
+            StepResult {
+                status: if ok {
+                    StepStatus::Succeeded
+                } else {
+                    StepStatus::Failed
+                },
+                exit_code: code,
+                outputs,
+                message: if ok {
+                    String::new()
+                } else {
+                    format!("exited with {status}")
+                },
+            }
+        }
+        Ended::Exited(Err(e)) => StepResult::failed(format!("cannot wait for the step: {e}")),
+        Ended::TimedOut => {
+            group.kill();
+            let _ = child.wait().await;
+            StepResult {
+                status: StepStatus::TimedOut,
+                exit_code: None,
+                outputs,
+                message: format!("timed out after {} ms", spec.timeout_ms),
+            }
+        }
+        Ended::Cancelled => {
+            group.kill();
+            let _ = child.wait().await;
+            StepResult {
+                status: StepStatus::Cancelled,
+                exit_code: None,
+                outputs,
+                message: "cancelled".into(),
+            }
+        }
+    }
+}
+
+enum Ended {
+    Exited(std::io::Result<std::process::ExitStatus>),
+    TimedOut,
+    Cancelled,
+}
+
+/// Kills the step's whole process group when told, and when dropped (the worker's actor died).
+struct GroupGuard(Option<i32>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    if i == 0 {
+        s.len()
+    } else {
+        i
+    }
+}
+
+/// A target path a file step may touch: absolute, no `..`, and not a symbolic link itself.
+fn checked_path(raw: &str) -> Result<PathBuf, String> {
+    let p = Path::new(raw);
+    if !p.is_absolute() {
+        return Err(format!("{raw:?} is not an absolute path"));
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(format!("{raw:?} contains '..'"));
+    }
+    if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(format!("{raw:?} is a symbolic link; refusing to follow it"));
+    }
+    Ok(p.to_owned())
+}
+
+fn file_op(spec: &StepSpec, op: &str) -> Result<(), String> {
+    match op {
+        "write" => {
+            let path = checked_path(prop(spec, "path")?)?;
+            let mode = match spec.properties.get("mode") {
+                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                    .map_err(|_| format!("mode {m:?} is not octal"))?,
+                None => 0o644,
+            };
+            tether_shared::identity::write_file_atomic(
+                &path,
+                prop(spec, "content")?.as_bytes(),
+                mode,
+            )
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))
+        }
+        "delete" => {
+            let path = checked_path(prop(spec, "path")?)?;
+            match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("cannot delete {}: {e}", path.display())),
+            }
+        }
+        "copy" => {
+            let from = checked_path(prop(spec, "from")?)?;
+            let to = checked_path(prop(spec, "to")?)?;
+            let bytes =
+                std::fs::read(&from).map_err(|e| format!("cannot read {}: {e}", from.display()))?;
+            tether_shared::identity::write_file_atomic(&to, &bytes, 0o644)
+                .map_err(|e| format!("cannot write {}: {e}", to.display()))
+        }
+        other => Err(format!("unknown file step {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tether_shared::protocol::OnInterrupt;
+
+    fn spec(
+        plugin: &str,
+        step: &str,
+        props: &[(&str, &str)],
+        secrets: &[&str],
+        timeout_ms: u64,
+    ) -> StepSpec {
+        StepSpec {
+            name: "s".into(),
+            plugin: plugin.into(),
+            step: step.into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+            on_interrupt: OnInterrupt::Fail,
+            timeout_ms,
+        }
+    }
+
+    async fn go(spec: &StepSpec, dir: &Path) -> (StepResult, String) {
+        let ctx = StepContext {
+            job_id: "j1".into(),
+            index: 0,
+            work_dir: dir.join("work"),
+            outputs: BTreeMap::new(),
+        };
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        let (_tx, rx) = oneshot::channel();
+        let r = run(spec, &ctx, move |c| l.lock().unwrap().push_str(&c), rx).await;
+        let text = log.lock().unwrap().clone();
+        (r, text)
+    }
+
+    #[actix_rt::test]
+    async fn properties_arrive_as_data_secrets_are_masked_outputs_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let canary = dir.path().join("canary");
+        let evil = format!(
+            "; touch {} $(touch {}) `touch {}`",
+            canary.display(),
+            canary.display(),
+            canary.display()
+        );
+        let s = spec(
+            "shell",
+            "run",
+            &[("script", "echo \"got:$TETHER_PROP_VALUE\"; echo \"pw=$TETHER_PROP_PASSWORD\" >&2; echo '::output answer=42'"), ("value", &evil), ("password", "hunter2")],
+            &["password"],
+            10_000,
+        );
+        let (r, log) = go(&s, dir.path()).await;
+        assert_eq!(r.status, StepStatus::Succeeded, "{r:?} {log}");
+        assert!(!canary.exists(), "a property was executed");
+        assert!(log.contains(&format!("got:{evil}")), "{log}");
+        assert!(!log.contains("hunter2") && log.contains("pw=***"), "{log}");
+        assert_eq!(r.outputs.get("answer").map(String::as_str), Some("42"));
+    }
+
+    #[actix_rt::test]
+    async fn a_timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("grandchild-survived");
+        let script = format!("(sleep 1; touch {}) & sleep 30", marker.display());
+        let s = spec("shell", "run", &[("script", &script)], &[], 300);
+        let (r, _) = go(&s, dir.path()).await;
+        assert_eq!(r.status, StepStatus::TimedOut);
+        // The grandchild was in the group: it must not get to write its marker.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!marker.exists(), "a grandchild outlived the timeout");
+    }
+
+    #[actix_rt::test]
+    async fn file_steps_refuse_links_and_dot_dot_and_write_atomically() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("out.txt");
+        let s = spec(
+            "file",
+            "write",
+            &[
+                ("path", target.to_str().unwrap()),
+                ("content", "hello"),
+                ("mode", "600"),
+            ],
+            &[],
+            1000,
+        );
+        assert_eq!(go(&s, dir.path()).await.0.status, StepStatus::Succeeded);
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "hello");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let s = spec(
+            "file",
+            "write",
+            &[("path", link.to_str().unwrap()), ("content", "pwned")],
+            &[],
+            1000,
+        );
+        assert_eq!(go(&s, dir.path()).await.0.status, StepStatus::Failed);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        let dotdot = format!("{}/../x", dir.path().display());
+        let s = spec(
+            "file",
+            "write",
+            &[("path", &dotdot), ("content", "x")],
+            &[],
+            1000,
+        );
+        assert_eq!(go(&s, dir.path()).await.0.status, StepStatus::Failed);
+    }
+}

@@ -1,0 +1,344 @@
+//! The uplink's job runner: a `RunJob` becomes a durable record (in the batch that accepts
+//! the command), then each transition — step started, output chunk, step finished, job
+//! finished — is journaled together with the event that reports it, before the next one
+//! happens. A step's process starts only once its `StepStarted` is durable, so after any crash
+//! the record tells whether it may have run; `JobRecord::recover` settles it. Jobs run whether
+//! or not the uplink is connected: their events wait in the journal for the next session.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use actix::prelude::*;
+use tether_shared::journal::{JournalError, JournalHandle, Op};
+use tether_shared::protocol::{EventBody, JobStatus, Seq, StepSpec, StepStatus};
+use tokio::sync::oneshot;
+
+use super::Uplink;
+use crate::worker::jobs::book::{record_key, JobRecord, Next, INTERRUPTED, RECORD_PREFIX};
+use crate::worker::jobs::step::{self, StepContext, StepResult};
+
+/// Every job the agent holds, and which are mid-transition.
+#[derive(Default)]
+pub(crate) struct Jobs {
+    records: BTreeMap<String, JobRecord>,
+    /// A commit for the job is in flight: its next transition waits.
+    busy: HashSet<String>,
+    /// Running steps, by job: firing the sender kills the step.
+    running: HashMap<String, oneshot::Sender<()>>,
+}
+
+impl Jobs {
+    /// Every job record in the journal.
+    pub(crate) fn load(journal: &JournalHandle) -> Result<Jobs, JournalError> {
+        let mut records = BTreeMap::new();
+        for (key, value) in journal.scan_meta(RECORD_PREFIX)? {
+            match serde_json::from_slice::<JobRecord>(&value) {
+                Ok(r) => {
+                    records.insert(r.job_id.clone(), r);
+                }
+                Err(e) => tracing::error!(key = %key, error = %e, "job-record-unreadable"),
+            }
+        }
+        Ok(Jobs {
+            records,
+            ..Jobs::default()
+        })
+    }
+}
+
+/// A chunk of a running step's output.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct StepChunk {
+    job_id: String,
+    step: usize,
+    data: String,
+}
+
+impl Handler<StepChunk> for Uplink {
+    type Result = ();
+
+    fn handle(&mut self, msg: StepChunk, ctx: &mut Self::Context) {
+        let Some(record) = self.jobs.records.get_mut(&msg.job_id) else {
+            return;
+        };
+        let Some(p) = record.progress.get_mut(msg.step) else {
+            return;
+        };
+        let chunk = p.next_chunk;
+        p.next_chunk += 1;
+        let event = EventBody::StepOutput {
+            job_id: msg.job_id.clone(),
+            step: msg.step as u32,
+            chunk,
+            data: msg.data,
+        };
+        self.emit(ctx, &msg.job_id, vec![event], false, |_, _| {});
+    }
+}
+
+impl Uplink {
+    fn record_op(&self, job_id: &str) -> Option<Op> {
+        let record = self.jobs.records.get(job_id)?;
+        let value = serde_json::to_vec(record).ok()?;
+        Some(Op::PutMeta {
+            key: record_key(job_id),
+            value,
+        })
+    }
+
+    /// A `RunJob` was accepted: its record and `JobAccepted` join the command's batch.
+    /// Returns the event's seq, or `None` for a job already known (a resent command).
+    pub(super) fn accept_job(
+        &mut self,
+        job_id: String,
+        deployment_id: String,
+        steps: Vec<StepSpec>,
+        ops: &mut Vec<Op>,
+    ) -> Option<Seq> {
+        if self.jobs.records.contains_key(&job_id) {
+            tracing::info!(job_id = %job_id, "job-already-known");
+            return None;
+        }
+        self.jobs.records.insert(
+            job_id.clone(),
+            JobRecord::new(job_id.clone(), deployment_id, steps),
+        );
+        ops.extend(self.record_op(&job_id));
+        let (seq, op) = self.event_op(EventBody::JobAccepted {
+            job_id: job_id.clone(),
+        })?;
+        ops.push(op);
+        tracing::info!(job_id = %job_id, "job-accepted");
+        Some(seq)
+    }
+
+    /// A job that arrived after its deadline: recorded as finished, reported expired.
+    pub(super) fn expire_job(
+        &mut self,
+        job_id: String,
+        deployment_id: String,
+        ops: &mut Vec<Op>,
+    ) -> Option<Seq> {
+        if self.jobs.records.contains_key(&job_id) {
+            return None;
+        }
+        let mut record = JobRecord::new(job_id.clone(), deployment_id, Vec::new());
+        record.finished = Some(JobStatus::Expired);
+        self.jobs.records.insert(job_id.clone(), record);
+        ops.extend(self.record_op(&job_id));
+        let (seq, op) = self.event_op(EventBody::JobFinished {
+            job_id,
+            status: JobStatus::Expired,
+        })?;
+        ops.push(op);
+        Some(seq)
+    }
+
+    /// A `CancelJob` was accepted: the flag joins the command's batch; the running step dies.
+    pub(super) fn accept_cancel(&mut self, job_id: &str, ops: &mut Vec<Op>) {
+        let Some(record) = self.jobs.records.get_mut(job_id) else {
+            return;
+        };
+        if record.finished.is_some() {
+            return;
+        }
+        record.cancel = true;
+        ops.extend(self.record_op(job_id));
+        if let Some(kill) = self.jobs.running.remove(job_id) {
+            let _ = kill.send(());
+        }
+    }
+
+    /// Settle jobs after a restart (interrupted steps), then drive every unfinished job.
+    pub(super) fn resume_jobs(&mut self, ctx: &mut Context<Self>) {
+        let ids: Vec<String> = self.jobs.records.keys().cloned().collect();
+        for id in ids {
+            let interrupted = match self.jobs.records.get_mut(&id) {
+                Some(r) if r.finished.is_none() => r.recover(),
+                _ => continue,
+            };
+            let events: Vec<EventBody> = interrupted
+                .into_iter()
+                .map(|i| {
+                    tracing::warn!(job_id = %id, step = i, "step-interrupted");
+                    EventBody::StepFinished {
+                        job_id: id.clone(),
+                        step: i as u32,
+                        status: StepStatus::Interrupted,
+                        exit_code: None,
+                        outputs: BTreeMap::new(),
+                        message: INTERRUPTED.into(),
+                    }
+                })
+                .collect();
+            let job = id.clone();
+            self.emit(ctx, &id, events, true, move |act, ctx| {
+                act.advance(ctx, &job)
+            });
+        }
+    }
+
+    /// Journal `events` with the job's record (one batch); then `then`. With `exclusive`, the
+    /// job is busy until the commit is durable.
+    fn emit(
+        &mut self,
+        ctx: &mut Context<Self>,
+        job_id: &str,
+        events: Vec<EventBody>,
+        exclusive: bool,
+        then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
+    ) {
+        let mut ops = Vec::new();
+        let mut last = None;
+        for e in events {
+            match self.event_op(e) {
+                Some((seq, op)) => {
+                    ops.push(op);
+                    last = Some(seq);
+                }
+                None => tracing::error!(job_id = %job_id, "event-backlog-full"),
+            }
+        }
+        ops.extend(self.record_op(job_id));
+        if exclusive {
+            self.jobs.busy.insert(job_id.to_owned());
+        }
+        let job = job_id.to_owned();
+        self.commit_then(ctx, ops, move |act, ctx| {
+            if let Some(last) = last {
+                act.ep.outbound.mark_durable(last);
+            }
+            if exclusive {
+                act.jobs.busy.remove(&job);
+            }
+            act.pump();
+            then(act, ctx);
+        });
+    }
+
+    /// Take the job's next step: start, skip, or finish it.
+    pub(super) fn advance(&mut self, ctx: &mut Context<Self>, job_id: &str) {
+        if self.jobs.busy.contains(job_id) {
+            return;
+        }
+        let Some(record) = self.jobs.records.get_mut(job_id) else {
+            return;
+        };
+        let job = job_id.to_owned();
+        match record.next() {
+            Next::Wait | Next::Done => {}
+            Next::Skip {
+                step,
+                status,
+                message,
+            } => {
+                record.end(step, status);
+                let event = EventBody::StepFinished {
+                    job_id: job.clone(),
+                    step: step as u32,
+                    status,
+                    exit_code: None,
+                    outputs: BTreeMap::new(),
+                    message: message.into(),
+                };
+                let j = job.clone();
+                self.emit(ctx, &job, vec![event], true, move |act, ctx| {
+                    act.advance(ctx, &j)
+                });
+            }
+            Next::Finish { status } => {
+                record.finished = Some(status);
+                tracing::info!(job_id = %job, status = ?status, "job-finished");
+                self.emit(
+                    ctx,
+                    &job,
+                    vec![EventBody::JobFinished {
+                        job_id: job.clone(),
+                        status,
+                    }],
+                    true,
+                    |_, _| {},
+                );
+            }
+            Next::Start { step, attempt } => {
+                record.start(step, attempt);
+                let event = EventBody::StepStarted {
+                    job_id: job.clone(),
+                    step: step as u32,
+                    attempt,
+                };
+                let j = job.clone();
+                // The process starts only once its start is durable.
+                self.emit(ctx, &job, vec![event], true, move |act, ctx| {
+                    act.run_step(ctx, &j, step)
+                });
+            }
+        }
+    }
+
+    fn run_step(&mut self, ctx: &mut Context<Self>, job_id: &str, step: usize) {
+        let Some(record) = self.jobs.records.get(job_id) else {
+            return;
+        };
+        let Some(spec) = record.steps.get(step).cloned() else {
+            return;
+        };
+        let step_ctx = StepContext {
+            job_id: job_id.to_owned(),
+            index: step,
+            work_dir: self.cfg.work_dir.join(job_id),
+            outputs: record.outputs_before(step),
+        };
+        let (kill, killed) = oneshot::channel();
+        self.jobs.running.insert(job_id.to_owned(), kill);
+        tracing::info!(job_id = %job_id, step, name = %spec.name, "step-started");
+        let addr = ctx.address();
+        let job = job_id.to_owned();
+        let for_chunks = job.clone();
+        let run = async move {
+            let chunk = move |data: String| {
+                addr.do_send(StepChunk {
+                    job_id: for_chunks.clone(),
+                    step,
+                    data,
+                })
+            };
+            step::run(&spec, &step_ctx, chunk, killed).await
+        };
+        // Tied to the actor: if it dies, the step's process group is killed with the future.
+        ctx.spawn(
+            run.into_actor(self)
+                .map(move |result, act, ctx| act.step_done(ctx, &job, step, result)),
+        );
+    }
+
+    fn step_done(
+        &mut self,
+        ctx: &mut Context<Self>,
+        job_id: &str,
+        step: usize,
+        result: StepResult,
+    ) {
+        self.jobs.running.remove(job_id);
+        let Some(record) = self.jobs.records.get_mut(job_id) else {
+            return;
+        };
+        tracing::info!(job_id = %job_id, step, status = ?result.status, exit_code = ?result.exit_code, "step-finished");
+        record.end(step, result.status);
+        if let Some(p) = record.progress.get_mut(step) {
+            p.outputs = result.outputs.clone();
+        }
+        let event = EventBody::StepFinished {
+            job_id: job_id.to_owned(),
+            step: step as u32,
+            status: result.status,
+            exit_code: result.exit_code,
+            outputs: result.outputs,
+            message: result.message,
+        };
+        let job = job_id.to_owned();
+        self.emit(ctx, job_id, vec![event], true, move |act, ctx| {
+            act.advance(ctx, &job)
+        });
+    }
+}

@@ -1,0 +1,276 @@
+//! The deployments REST routes on the HTTPS listener, behind the admin token:
+//!
+//! - `POST /api/v1/processes`, `GET /api/v1/processes`, `GET /api/v1/processes/{name}`
+//! - `POST /api/v1/deployments` (201 once every RunJob that may start now is journaled),
+//!   `GET /api/v1/deployments`, `GET /api/v1/deployments/{id}`,
+//!   `POST /api/v1/deployments/{id}/cancel` (202),
+//!   `GET /api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log` (text/plain).
+//!
+//! Commands go to agents through their `AgentLink` (`DispatchJobs`, `QueueCommands`).
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::json;
+use tether_shared::protocol::CommandBody;
+
+use super::validate::NewProcess;
+use super::{view, Deployments, DeploymentsError, NewDeployment};
+use crate::admin_token::AdminToken;
+use crate::api::parse_json;
+use crate::api_error::{method_not_allowed, ApiError};
+use crate::registry::Registry;
+use crate::session::agent_link::{DispatchJobs, QueueCommands};
+use crate::session::session_registry::{GetLink, SessionRegistry};
+
+/// What the deployments routes use.
+pub struct DeploymentsApiState {
+    pub token: AdminToken,
+    pub deployments: Arc<Deployments>,
+    /// Agent names and tags.
+    pub registry: Arc<Registry>,
+    /// The agents' links, to queue commands.
+    pub sessions: Addr<SessionRegistry>,
+}
+
+impl From<DeploymentsError> for ApiError {
+    fn from(e: DeploymentsError) -> Self {
+        match e {
+            DeploymentsError::Invalid(reason) => ApiError::BadRequest(reason),
+            DeploymentsError::NotFound => ApiError::NotFound,
+            DeploymentsError::Journal(_) | DeploymentsError::Corrupt { .. } => {
+                tracing::error!(error = %e, "deployments-change-failed");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+/// Mounts the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let resource = |path: &str| web::resource(path).default_service(web::to(method_not_allowed));
+    cfg.service(
+        resource("/api/v1/processes")
+            .route(web::post().to(put_process))
+            .route(web::get().to(list_processes)),
+    )
+    .service(resource("/api/v1/processes/{name}").route(web::get().to(get_process)))
+    .service(
+        resource("/api/v1/deployments")
+            .route(web::post().to(create_deployment))
+            .route(web::get().to(list_deployments)),
+    )
+    .service(resource("/api/v1/deployments/{id}").route(web::get().to(get_deployment)))
+    .service(resource("/api/v1/deployments/{id}/cancel").route(web::post().to(cancel)))
+    .service(
+        resource("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log")
+            .route(web::get().to(step_log)),
+    );
+}
+
+/// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.
+pub async fn dispatch(sessions: &Addr<SessionRegistry>, agent_id: &str) -> Result<(), String> {
+    let link = sessions
+        .send(GetLink {
+            agent_id: agent_id.to_owned(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    link.send(DispatchJobs)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn queue(
+    sessions: &Addr<SessionRegistry>,
+    agent_id: &str,
+    bodies: Vec<CommandBody>,
+) -> Result<(), String> {
+    let link = sessions
+        .send(GetLink {
+            agent_id: agent_id.to_owned(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    link.send(QueueCommands { bodies })
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+async fn put_process(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let new: NewProcess = parse_json(&body)?;
+    let p = state.deployments.put_process(new).await?;
+    Ok(HttpResponse::Created().json(json!({"name": p.name, "version": p.version})))
+}
+
+async fn list_processes(
+    req: HttpRequest,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let list: Vec<_> = state
+        .deployments
+        .processes()
+        .iter()
+        .map(view::process)
+        .collect();
+    Ok(HttpResponse::Ok().json(list))
+}
+
+async fn get_process(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let p = state
+        .deployments
+        .process(&path.into_inner())
+        .ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(view::process(&p)))
+}
+
+async fn create_deployment(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let new: NewDeployment = parse_json(&body)?;
+    let d = state
+        .deployments
+        .create(new, &state.registry.agents())
+        .await?;
+    let mut failed = Vec::new();
+    for agent_id in &d.agents {
+        if let Err(e) = dispatch(&state.sessions, agent_id).await {
+            tracing::error!(deployment_id = %d.id, agent_id = %agent_id, error = %e, "job-dispatch-failed");
+            failed.push(agent_id.clone());
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::Incomplete(format!(
+            "deployment {} is stored, but the jobs of {} could not be queued yet; they are sent when the server restarts or the agent reconnects",
+            d.id,
+            failed.join(", ")
+        )));
+    }
+    Ok(HttpResponse::Created().json(json!({"id": d.id, "jobs": d.agents.len()})))
+}
+
+async fn list_deployments(
+    req: HttpRequest,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let list = state.deployments.with_state(|s| {
+        s.deployments
+            .values()
+            .map(|d| {
+                json!({
+                    "id": d.id,
+                    "process": d.process,
+                    "status": super::model::deployment_status(s.jobs_of(d)),
+                    "jobs": d.agents.len(),
+                    "created_unix_ms": d.created_unix_ms,
+                })
+            })
+            .collect::<Vec<_>>()
+    });
+    Ok(HttpResponse::Ok().json(list))
+}
+
+async fn get_deployment(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let id = path.into_inner();
+    let answer = state.deployments.with_state(|s| {
+        s.deployments
+            .get(&id)
+            .map(|d| view::deployment(s, d, &state.registry))
+    });
+    Ok(HttpResponse::Ok().json(answer.ok_or(ApiError::NotFound)?))
+}
+
+async fn cancel(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let id = path.into_inner();
+    let remote = state.deployments.cancel(&id).await?;
+    let mut failed = Vec::new();
+    for (agent_id, job_id) in &remote {
+        let body = CommandBody::CancelJob {
+            job_id: job_id.clone(),
+        };
+        if let Err(e) = queue(&state.sessions, agent_id, vec![body]).await {
+            tracing::error!(deployment_id = %id, agent_id = %agent_id, error = %e, "cancel-queue-failed");
+            failed.push(agent_id.clone());
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::Incomplete(format!(
+            "the cancel could not be queued to {}; retry",
+            failed.join(", ")
+        )));
+    }
+    Ok(HttpResponse::Accepted().json(json!({"id": id, "cancel_sent": remote.len()})))
+}
+
+async fn step_log(
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let (id, agent, step) = path.into_inner();
+    let agent_id = state
+        .registry
+        .agents()
+        .into_iter()
+        .find(|a| a.id == agent || a.name == agent)
+        .map_or(agent, |a| a.id);
+    let found = state.deployments.with_state(|s| {
+        let d = s.deployments.get(&id)?;
+        let job = s.jobs.get(&format!("{id}-{agent_id}"))?;
+        let index = job
+            .steps
+            .iter()
+            .position(|st| st.name == step)
+            .or_else(|| step.parse::<usize>().ok().filter(|i| *i < job.steps.len()))?;
+        Some((
+            job.job_id.clone(),
+            u32::try_from(index).ok()?,
+            d.secret_values(),
+        ))
+    });
+    let (job_id, index, secrets) = found.ok_or(ApiError::NotFound)?;
+    let journal = state.deployments.journal().clone();
+    let text = web::block(move || view::step_log_text(&journal, &job_id, index, &secrets))
+        .await
+        .map_err(|_| ApiError::Unavailable)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "step-log-read-failed");
+            ApiError::Unavailable
+        })?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body(text))
+}

@@ -1,0 +1,341 @@
+//! Deployments on the server: processes, deployments and per-agent jobs, their state machine
+//! and their REST API.
+//!
+//! [`Deployments`] (shared as `Arc<Deployments>`, also through `SessionShared` so that every
+//! `AgentLink` reaches it) holds the [`state::State`] in memory, loaded from the journal's meta
+//! entries at start (`process/<name>`, `deployment/<id>`, `job/<job_id>`, JSON). Step output is
+//! in journal logs `joblog/<job_id>/<step>`, one record per chunk (seq = chunk + 1).
+//!
+//! Changes made by REST requests are committed before they are answered; changes made by agent
+//! events are returned as ops that the agent's link commits in the same batch as the event.
+//! RunJob commands are queued by the agent's link (`DispatchJobs`), at most
+//! [`Deployments::max_running_per_agent`] unfinished per agent; the rest wait here, journaled.
+//!
+//! - [`model`]: stored shapes, statuses, secret masking.
+//! - [`validate`]: the built-in step catalog, request checks, `${property}` substitution.
+//! - [`state`]: the job state machine (sans-IO).
+//! - [`view`]: the JSON answers (secrets masked).
+//! - [`api`]: the REST routes.
+
+pub mod api;
+pub mod model;
+pub mod state;
+pub mod validate;
+pub mod view;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use rand::RngCore;
+use serde::Deserialize;
+use tether_shared::journal::{JournalError, JournalHandle, Op};
+use tether_shared::protocol::{CommandBody, EventBody};
+
+use crate::registry::{now_unix_ms, AgentRecord};
+use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
+use state::{deployment_op, job_op, process_op, Effect, State};
+use validate::NewProcess;
+
+/// Unfinished jobs an agent runs at once, by default.
+pub const DEFAULT_MAX_RUNNING_PER_AGENT: usize = 4;
+/// Most targets of one deployment.
+const MAX_TARGETS: usize = 10_000;
+
+/// Why a deployment operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeploymentsError {
+    /// The request breaks a rule; the message lists every problem.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such process, deployment, job or step.
+    #[error("not found")]
+    NotFound,
+    /// The journal refused the change; nothing changed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A stored entry could not be decoded at load.
+    #[error("deployments entry {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// The body of `POST /api/v1/deployments`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDeployment {
+    pub process: String,
+    pub targets: Targets,
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Which agents a deployment runs on: exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Targets {
+    /// Agent names (ids are accepted too).
+    pub agents: Option<Vec<String>>,
+    /// Every agent having all of these tags.
+    pub tags: Option<Vec<String>>,
+}
+
+/// Processes, deployments and jobs; share as `Arc<Deployments>`.
+pub struct Deployments {
+    journal: JournalHandle,
+    state: RwLock<State>,
+    /// Serializes REST changes (check, commit, apply as one step).
+    changes: tokio::sync::Mutex<()>,
+    /// Unfinished dispatched jobs per agent; more wait queued on the server.
+    pub max_running_per_agent: usize,
+}
+
+impl std::fmt::Debug for Deployments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.read();
+        f.debug_struct("Deployments")
+            .field("processes", &s.processes.len())
+            .field("deployments", &s.deployments.len())
+            .field("jobs", &s.jobs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, DeploymentsError> {
+    serde_json::from_slice(value).map_err(|e| DeploymentsError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+impl Deployments {
+    /// Reads every process, deployment and job from the journal's meta entries.
+    pub fn load(journal: JournalHandle) -> Result<Deployments, DeploymentsError> {
+        let mut state = State::default();
+        for (key, value) in journal.scan_meta(PROCESS_PREFIX)? {
+            let p: Process = decode(&key, &value)?;
+            state.processes.insert(p.name.clone(), p);
+        }
+        for (key, value) in journal.scan_meta(DEPLOYMENT_PREFIX)? {
+            let d: Deployment = decode(&key, &value)?;
+            state.deployments.insert(d.id.clone(), d);
+        }
+        for (key, value) in journal.scan_meta(JOB_PREFIX)? {
+            let j: Job = decode(&key, &value)?;
+            state.jobs.insert(j.job_id.clone(), j);
+        }
+        tracing::info!(
+            processes = state.processes.len(),
+            deployments = state.deployments.len(),
+            jobs = state.jobs.len(),
+            "deployments-loaded"
+        );
+        Ok(Deployments {
+            journal,
+            state: RwLock::new(state),
+            changes: tokio::sync::Mutex::new(()),
+            max_running_per_agent: DEFAULT_MAX_RUNNING_PER_AGENT,
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The effect of an event `agent_id` sent (ops to commit in the event's batch).
+    pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Effect {
+        self.write().apply_event(agent_id, body)
+    }
+
+    /// `agent_id` came back without its state: ops failing its jobs in flight.
+    pub fn on_agent_reset(&self, agent_id: &str) -> Vec<Op> {
+        self.write().reset_agent(agent_id)
+    }
+
+    /// Jobs of `agent_id` to send now (marked dispatched): ids, RunJob commands, ops.
+    pub fn take_ready(&self, agent_id: &str) -> (Vec<String>, Vec<CommandBody>, Vec<Op>) {
+        self.write()
+            .take_ready(agent_id, self.max_running_per_agent)
+    }
+
+    /// The commands for `job_ids` could not be queued.
+    pub fn undo_dispatch(&self, job_ids: &[String]) {
+        self.write().undo_dispatch(job_ids);
+    }
+
+    /// Agents that have jobs waiting to be sent (checked at start-up).
+    pub fn agents_with_waiting_jobs(&self) -> Vec<String> {
+        let set: BTreeSet<String> = self
+            .read()
+            .jobs
+            .values()
+            .filter(|j| !j.dispatched && j.status == model::JobState::Queued)
+            .map(|j| j.agent_id.clone())
+            .collect();
+        set.into_iter().collect()
+    }
+
+    /// Creates or replaces a process.
+    pub async fn put_process(&self, new: NewProcess) -> Result<Process, DeploymentsError> {
+        let (name, steps) = validate::validate_process(new).map_err(DeploymentsError::Invalid)?;
+        let _guard = self.changes.lock().await;
+        let version = self.read().processes.get(&name).map_or(0, |p| p.version) + 1;
+        let process = Process {
+            name,
+            version,
+            steps,
+            updated_unix_ms: now_unix_ms(),
+        };
+        self.journal.commit(vec![process_op(&process)]).await?;
+        self.write()
+            .processes
+            .insert(process.name.clone(), process.clone());
+        tracing::info!(process = %process.name, version, "process-stored");
+        Ok(process)
+    }
+
+    pub fn process(&self, name: &str) -> Option<Process> {
+        self.read().processes.get(name).cloned()
+    }
+
+    pub fn processes(&self) -> Vec<Process> {
+        self.read().processes.values().cloned().collect()
+    }
+
+    /// Validates and stores a deployment with one queued job per target agent (committed
+    /// before it returns); the caller then has the agents' links dispatch them.
+    pub async fn create(
+        &self,
+        new: NewDeployment,
+        agents: &[AgentRecord],
+    ) -> Result<Deployment, DeploymentsError> {
+        let mut problems = validate::validate_properties(&new.properties);
+        let targets = match resolve_targets(&new.targets, agents) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        };
+        let steps = match self.process(&new.process) {
+            None => {
+                problems.push(format!("unknown process {:?}", new.process));
+                None
+            }
+            Some(p) => match validate::resolve_steps(&p, &new.properties) {
+                Ok(steps) => Some((p.version, steps)),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
+        };
+        let Some((process_version, steps)) = steps.filter(|_| problems.is_empty()) else {
+            return Err(DeploymentsError::Invalid(problems.join("; ")));
+        };
+        let _guard = self.changes.lock().await;
+        let id = {
+            let s = self.read();
+            loop {
+                let id = format!("d-{:016x}", rand::rngs::OsRng.next_u64());
+                if !s.deployments.contains_key(&id) {
+                    break id;
+                }
+            }
+        };
+        let deployment = Deployment {
+            id,
+            process: new.process,
+            process_version,
+            properties: new.properties,
+            steps,
+            agents: targets,
+            created_unix_ms: now_unix_ms(),
+        };
+        let jobs: Vec<Job> = deployment
+            .agents
+            .iter()
+            .map(|a| Job::new(&deployment, a))
+            .collect();
+        let mut ops = vec![deployment_op(&deployment)];
+        ops.extend(jobs.iter().map(job_op));
+        self.journal.commit(ops).await?;
+        {
+            let mut s = self.write();
+            for j in jobs {
+                s.jobs.insert(j.job_id.clone(), j);
+            }
+            s.deployments
+                .insert(deployment.id.clone(), deployment.clone());
+        }
+        tracing::info!(deployment_id = %deployment.id, process = %deployment.process, jobs = deployment.agents.len(), "deployment-created");
+        Ok(deployment)
+    }
+
+    /// Cancels a deployment: answers the (agent id, job id) of the jobs to send CancelJob to.
+    pub async fn cancel(&self, id: &str) -> Result<Vec<(String, String)>, DeploymentsError> {
+        let _guard = self.changes.lock().await;
+        if !self.read().deployments.contains_key(id) {
+            return Err(DeploymentsError::NotFound);
+        }
+        // Applied in memory first so that no link dispatches a job being cancelled here.
+        let (ops, remote) = self.write().cancel(id);
+        if !ops.is_empty() {
+            self.journal.commit(ops).await?;
+        }
+        tracing::info!(deployment_id = %id, remote = remote.len(), "deployment-cancel-requested");
+        Ok(remote)
+    }
+
+    /// Reads a consistent snapshot with `f`.
+    pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
+        f(&self.read())
+    }
+
+    pub fn journal(&self) -> &JournalHandle {
+        &self.journal
+    }
+}
+
+/// The agent ids a deployment targets: named agents (names or ids; every one must exist), or
+/// every agent having all the given tags (at least one must).
+pub fn resolve_targets(targets: &Targets, agents: &[AgentRecord]) -> Result<Vec<String>, String> {
+    let ids: Vec<String> = match (&targets.agents, &targets.tags) {
+        (Some(names), None) => {
+            let mut unknown = Vec::new();
+            let mut ids = Vec::new();
+            for n in names {
+                match agents.iter().find(|a| &a.name == n || &a.id == n) {
+                    Some(a) if !ids.contains(&a.id) => ids.push(a.id.clone()),
+                    Some(_) => {}
+                    None => unknown.push(format!("{n:?}")),
+                }
+            }
+            if !unknown.is_empty() {
+                return Err(format!("unknown agents: {}", unknown.join(", ")));
+            }
+            ids
+        }
+        (None, Some(tags)) if tags.is_empty() => {
+            return Err("targets.tags must name at least one tag".to_owned())
+        }
+        (None, Some(tags)) => agents
+            .iter()
+            .filter(|a| tags.iter().all(|t| a.tags.contains(t)))
+            .map(|a| a.id.clone())
+            .collect(),
+        _ => return Err("targets must hold exactly one of \"agents\" or \"tags\"".to_owned()),
+    };
+    if ids.is_empty() {
+        return Err("the targets match no agent".to_owned());
+    }
+    if ids.len() > MAX_TARGETS {
+        return Err(format!("at most {MAX_TARGETS} targets, got {}", ids.len()));
+    }
+    Ok(ids)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! The stored shapes of processes, deployments and jobs (journal meta values, JSON), their
+//! status enums, and the rule that derives a deployment's status from its jobs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tether_shared::protocol::{JobStatus, OnInterrupt, StepSpec, StepStatus};
+
+/// Meta key prefixes.
+pub const PROCESS_PREFIX: &str = "process/";
+pub const DEPLOYMENT_PREFIX: &str = "deployment/";
+pub const JOB_PREFIX: &str = "job/";
+
+/// What every API answer shows instead of a secret value.
+pub const MASK: &str = "***";
+
+/// One step of a stored process, as the operator wrote it (before substitution).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessStep {
+    pub name: String,
+    pub plugin: String,
+    pub step: String,
+    pub properties: BTreeMap<String, String>,
+    /// Properties whose values are secret.
+    pub secrets: Vec<String>,
+    pub on_interrupt: OnInterrupt,
+    pub timeout_s: u64,
+}
+
+/// A stored process: an ordered list of steps, replaced as a whole by a re-post.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Process {
+    pub name: String,
+    /// 1 at first creation, +1 at every replacement.
+    pub version: u64,
+    pub steps: Vec<ProcessStep>,
+    pub updated_unix_ms: u64,
+}
+
+/// A stored deployment: a process resolved with properties, for a set of agents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    pub id: String,
+    pub process: String,
+    pub process_version: u64,
+    /// As given (secret ones are masked in answers).
+    pub properties: BTreeMap<String, String>,
+    /// The steps every job runs, properties substituted (secret values included: the agent
+    /// needs them; never answered).
+    pub steps: Vec<StepSpec>,
+    /// Target agent ids, in job order.
+    pub agents: Vec<String>,
+    pub created_unix_ms: u64,
+}
+
+impl Deployment {
+    /// Secret values to mask wherever text reaches an answer: `*_secret` deployment properties
+    /// and every step property declared secret.
+    pub fn secret_values(&self) -> Vec<String> {
+        let mut values: Vec<String> = self
+            .properties
+            .iter()
+            .filter(|(k, _)| is_secret_property(k))
+            .map(|(_, v)| v.clone())
+            .chain(self.steps.iter().flat_map(|s| {
+                s.secrets
+                    .iter()
+                    .filter_map(|name| s.properties.get(name).cloned())
+            }))
+            .filter(|v| !v.is_empty())
+            .collect();
+        // Longest first, so that a secret containing another is masked whole.
+        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.dedup();
+        values
+    }
+}
+
+/// A deployment property whose name ends with `_secret` is secret.
+pub fn is_secret_property(name: &str) -> bool {
+    name.ends_with("_secret")
+}
+
+/// Replaces every occurrence of a secret value in `text`.
+pub fn mask(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), MASK))
+}
+
+/// Where a job is, on the server's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+impl From<JobStatus> for JobState {
+    fn from(s: JobStatus) -> Self {
+        match s {
+            JobStatus::Succeeded => JobState::Succeeded,
+            JobStatus::Failed => JobState::Failed,
+            JobStatus::Cancelled => JobState::Cancelled,
+            JobStatus::Expired => JobState::Expired,
+        }
+    }
+}
+
+/// Where a step is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    Interrupted,
+    Skipped,
+}
+
+impl From<StepStatus> for StepState {
+    fn from(s: StepStatus) -> Self {
+        match s {
+            StepStatus::Succeeded => StepState::Succeeded,
+            StepStatus::Failed => StepState::Failed,
+            StepStatus::TimedOut => StepState::TimedOut,
+            StepStatus::Cancelled => StepState::Cancelled,
+            StepStatus::Interrupted => StepState::Interrupted,
+            StepStatus::Skipped => StepState::Skipped,
+        }
+    }
+}
+
+/// One step of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobStep {
+    pub name: String,
+    pub status: StepState,
+    pub exit_code: Option<i32>,
+    pub outputs: BTreeMap<String, String>,
+    pub message: String,
+    /// Times it started (a rerun after an interruption counts again).
+    pub attempt: u32,
+}
+
+/// One agent's run of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// `<deployment id>-<agent id>`.
+    pub job_id: String,
+    pub deployment_id: String,
+    pub agent_id: String,
+    pub status: JobState,
+    /// Its RunJob was queued to the agent (journaled with the command); a queued job that is
+    /// not dispatched waits for a free slot of its agent.
+    pub dispatched: bool,
+    pub message: String,
+    pub steps: Vec<JobStep>,
+}
+
+impl Job {
+    pub fn new(deployment: &Deployment, agent_id: &str) -> Job {
+        Job {
+            job_id: format!("{}-{agent_id}", deployment.id),
+            deployment_id: deployment.id.clone(),
+            agent_id: agent_id.to_owned(),
+            status: JobState::Queued,
+            dispatched: false,
+            message: String::new(),
+            steps: deployment
+                .steps
+                .iter()
+                .map(|s| JobStep {
+                    name: s.name.clone(),
+                    status: StepState::Pending,
+                    exit_code: None,
+                    outputs: BTreeMap::new(),
+                    message: String::new(),
+                    attempt: 0,
+                })
+                .collect(),
+        }
+    }
+
+    /// Ends the job with `status`; unfinished steps become `running_to` (if they ran) or skipped.
+    pub fn finish(&mut self, status: JobState, running_to: StepState, message: &str) {
+        self.status = status;
+        if !message.is_empty() {
+            self.message = message.to_owned();
+        }
+        for s in &mut self.steps {
+            match s.status {
+                StepState::Running => s.status = running_to,
+                StepState::Pending => s.status = StepState::Skipped,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A deployment's status, derived from its jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeploymentStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+/// Queued until a job runs; running until every job is final; then failed if any failed or
+/// expired, else cancelled if any was cancelled, else succeeded.
+pub fn deployment_status<'a>(jobs: impl IntoIterator<Item = &'a Job>) -> DeploymentStatus {
+    let (mut any_started, mut all_final, mut failed, mut cancelled) = (false, true, false, false);
+    for j in jobs {
+        any_started |= j.status != JobState::Queued;
+        all_final &= j.status.is_final();
+        failed |= matches!(j.status, JobState::Failed | JobState::Expired);
+        cancelled |= j.status == JobState::Cancelled;
+    }
+    if !all_final {
+        return if any_started {
+            DeploymentStatus::Running
+        } else {
+            DeploymentStatus::Queued
+        };
+    }
+    if failed {
+        DeploymentStatus::Failed
+    } else if cancelled {
+        DeploymentStatus::Cancelled
+    } else {
+        DeploymentStatus::Succeeded
+    }
+}

@@ -1,0 +1,272 @@
+//! The job state machine (sans-IO): [`State`] holds processes, deployments and jobs in memory
+//! and turns agent events, agent resets, dispatches and cancels into state changes plus the
+//! journal ops that make them durable (which the caller commits in the batch of the cause).
+
+use std::collections::BTreeMap;
+
+use tether_shared::journal::{LogName, Op};
+use tether_shared::protocol::{CommandBody, EventBody, Seq};
+
+use super::model::{
+    Deployment, Job, JobState, Process, StepState, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX,
+};
+
+/// The message of jobs failed because their agent came back without its journal.
+pub const RESET_MESSAGE: &str = "agent lost its state (new incarnation)";
+
+/// Everything, in memory.
+#[derive(Debug, Default)]
+pub struct State {
+    pub processes: BTreeMap<String, Process>,
+    pub deployments: BTreeMap<String, Deployment>,
+    pub jobs: BTreeMap<String, Job>,
+}
+
+/// What an event changed.
+#[derive(Debug, Default)]
+pub struct Effect {
+    /// Ops to commit with the event.
+    pub ops: Vec<Op>,
+    /// A job of the agent became final: a slot may be free for a queued one.
+    pub job_finished: bool,
+}
+
+/// The log holding step `step` of `job_id`'s output chunks.
+pub fn step_log(job_id: &str, step: u32) -> Option<LogName> {
+    LogName::new(format!("joblog/{job_id}/{step}")).ok()
+}
+
+pub fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Plain structs of strings and numbers: serializing cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub fn job_op(job: &Job) -> Op {
+    Op::PutMeta {
+        key: format!("{JOB_PREFIX}{}", job.job_id),
+        value: json(job),
+    }
+}
+
+pub fn deployment_op(d: &Deployment) -> Op {
+    Op::PutMeta {
+        key: format!("{DEPLOYMENT_PREFIX}{}", d.id),
+        value: json(d),
+    }
+}
+
+pub fn process_op(p: &Process) -> Op {
+    Op::PutMeta {
+        key: format!("{PROCESS_PREFIX}{}", p.name),
+        value: json(p),
+    }
+}
+
+impl State {
+    /// Applies an event `agent_id` sent. Events of unknown jobs, of another agent's jobs, or
+    /// that repeat what is known change nothing (a repeated output chunk rewrites the same key).
+    pub fn apply_event(&mut self, agent_id: &str, body: &EventBody) -> Effect {
+        let job_id = match body {
+            EventBody::JobAccepted { job_id }
+            | EventBody::StepStarted { job_id, .. }
+            | EventBody::StepOutput { job_id, .. }
+            | EventBody::StepFinished { job_id, .. }
+            | EventBody::JobFinished { job_id, .. } => job_id,
+            _ => return Effect::default(),
+        };
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            tracing::warn!(agent_id = %agent_id, job_id = %job_id, "event-for-unknown-job");
+            return Effect::default();
+        };
+        if job.agent_id != agent_id {
+            tracing::warn!(agent_id = %agent_id, job_id = %job_id, owner = %job.agent_id, "event-for-another-agents-job");
+            return Effect::default();
+        }
+        let mut effect = Effect::default();
+        let step_ok = |job: &Job, step: u32| (step as usize) < job.steps.len();
+        let changed = match body {
+            EventBody::JobAccepted { .. } => {
+                let start = job.status == JobState::Queued;
+                if start {
+                    job.status = JobState::Running;
+                }
+                start
+            }
+            EventBody::StepStarted { step, attempt, .. } => {
+                if job.status.is_final() || !step_ok(job, *step) {
+                    false
+                } else {
+                    job.status = JobState::Running;
+                    let s = &mut job.steps[*step as usize];
+                    let newer = *attempt > s.attempt
+                        || (*attempt == s.attempt && s.status == StepState::Pending);
+                    if newer {
+                        s.status = StepState::Running;
+                        s.attempt = *attempt;
+                        s.exit_code = None;
+                        s.message.clear();
+                    }
+                    newer
+                }
+            }
+            EventBody::StepOutput {
+                step, chunk, data, ..
+            } => {
+                if let (true, Some(log)) = (step_ok(job, *step), step_log(job_id, *step)) {
+                    effect.ops.push(Op::Append {
+                        log,
+                        seq: Seq(u64::from(*chunk) + 1),
+                        payload: data.as_bytes().to_vec(),
+                    });
+                }
+                false
+            }
+            EventBody::StepFinished {
+                step,
+                status,
+                exit_code,
+                outputs,
+                message,
+                ..
+            } => {
+                if job.status.is_final() || !step_ok(job, *step) {
+                    false
+                } else {
+                    job.status = JobState::Running;
+                    let s = &mut job.steps[*step as usize];
+                    let new = StepState::from(*status);
+                    let changed = s.status != new
+                        || s.exit_code != *exit_code
+                        || s.outputs != *outputs
+                        || s.message != *message;
+                    s.status = new;
+                    s.exit_code = *exit_code;
+                    s.outputs = outputs.clone();
+                    s.message = message.clone();
+                    changed
+                }
+            }
+            EventBody::JobFinished { status, .. } => {
+                if job.status.is_final() {
+                    false
+                } else {
+                    let end = JobState::from(*status);
+                    let running_to = if end == JobState::Cancelled {
+                        StepState::Cancelled
+                    } else {
+                        StepState::Interrupted
+                    };
+                    job.finish(end, running_to, "");
+                    effect.job_finished = true;
+                    true
+                }
+            }
+            _ => false,
+        };
+        if changed {
+            effect.ops.push(job_op(job));
+        }
+        effect
+    }
+
+    /// The agent came back without its state: its jobs in flight there failed. Jobs still
+    /// queued on the server are untouched (the agent never had them).
+    pub fn reset_agent(&mut self, agent_id: &str) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for job in self.jobs.values_mut() {
+            if job.agent_id == agent_id && job.dispatched && !job.status.is_final() {
+                job.finish(JobState::Failed, StepState::Interrupted, RESET_MESSAGE);
+                tracing::warn!(agent_id = %agent_id, job_id = %job.job_id, "job-failed-agent-reset");
+                ops.push(job_op(job));
+            }
+        }
+        ops
+    }
+
+    /// Jobs of `agent_id` dispatched and not final.
+    pub fn running(&self, agent_id: &str) -> usize {
+        self.jobs
+            .values()
+            .filter(|j| j.agent_id == agent_id && j.dispatched && !j.status.is_final())
+            .count()
+    }
+
+    /// Marks up to the free slots of `agent_id` of its undispatched queued jobs dispatched
+    /// (oldest deployment first) and answers their RunJob commands and ops.
+    pub fn take_ready(
+        &mut self,
+        agent_id: &str,
+        limit: usize,
+    ) -> (Vec<String>, Vec<CommandBody>, Vec<Op>) {
+        let free = limit.saturating_sub(self.running(agent_id));
+        let mut ready: Vec<(u64, String)> = self
+            .jobs
+            .values()
+            .filter(|j| j.agent_id == agent_id && !j.dispatched && j.status == JobState::Queued)
+            .map(|j| {
+                let created = self
+                    .deployments
+                    .get(&j.deployment_id)
+                    .map_or(0, |d| d.created_unix_ms);
+                (created, j.job_id.clone())
+            })
+            .collect();
+        ready.sort();
+        let (mut ids, mut bodies, mut ops) = (Vec::new(), Vec::new(), Vec::new());
+        for (_, job_id) in ready.into_iter().take(free) {
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            let Some(d) = self.deployments.get(&job.deployment_id) else {
+                continue;
+            };
+            job.dispatched = true;
+            bodies.push(CommandBody::RunJob {
+                job_id: job_id.clone(),
+                deployment_id: d.id.clone(),
+                steps: d.steps.clone(),
+            });
+            ops.push(job_op(job));
+            ids.push(job_id);
+        }
+        (ids, bodies, ops)
+    }
+
+    /// The commands of `take_ready` could not be queued: the jobs wait again.
+    pub fn undo_dispatch(&mut self, job_ids: &[String]) {
+        for id in job_ids {
+            if let Some(j) = self.jobs.get_mut(id) {
+                j.dispatched = false;
+            }
+        }
+    }
+
+    /// Cancels deployment `id`: jobs still queued on the server are cancelled here (ops); the
+    /// dispatched, unfinished ones are answered as (agent id, job id) to send CancelJob to.
+    pub fn cancel(&mut self, id: &str) -> (Vec<Op>, Vec<(String, String)>) {
+        let (mut ops, mut remote) = (Vec::new(), Vec::new());
+        for job in self.jobs.values_mut() {
+            if job.deployment_id != id || job.status.is_final() {
+                continue;
+            }
+            if job.dispatched {
+                remote.push((job.agent_id.clone(), job.job_id.clone()));
+            } else {
+                job.finish(
+                    JobState::Cancelled,
+                    StepState::Cancelled,
+                    "cancelled before it was sent",
+                );
+                ops.push(job_op(job));
+            }
+        }
+        (ops, remote)
+    }
+
+    /// The jobs of a deployment, in its agent order.
+    pub fn jobs_of<'a>(&'a self, d: &'a Deployment) -> impl Iterator<Item = &'a Job> + 'a {
+        d.agents
+            .iter()
+            .filter_map(move |a| self.jobs.get(&format!("{}-{a}", d.id)))
+    }
+}

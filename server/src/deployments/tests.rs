@@ -1,0 +1,388 @@
+//! Unit tests of the deployments state machine, targets and secret masking.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::collections::BTreeMap;
+
+use tether_shared::journal::Op;
+use tether_shared::protocol::{
+    CommandBody, EventBody, JobStatus, OnInterrupt, StepSpec, StepStatus,
+};
+
+use super::model::{
+    deployment_status, mask, Deployment, DeploymentStatus, Job, JobState, StepState,
+};
+use super::state::{State, RESET_MESSAGE};
+use super::{resolve_targets, Targets};
+use crate::registry::{AgentRecord, Role};
+
+fn spec(name: &str, secrets: &[&str], props: &[(&str, &str)]) -> StepSpec {
+    StepSpec {
+        name: name.into(),
+        plugin: "shell".into(),
+        step: "run".into(),
+        properties: props
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        on_interrupt: OnInterrupt::Fail,
+        timeout_ms: 1000,
+    }
+}
+
+/// A state with deployment `d-1` of two steps on `agents`, all jobs dispatched.
+fn state(agents: &[&str]) -> State {
+    let d = Deployment {
+        id: "d-1".into(),
+        process: "p".into(),
+        process_version: 1,
+        properties: BTreeMap::from([("pw_secret".to_owned(), "hunter2".to_owned())]),
+        steps: vec![
+            spec("a", &[], &[("script", "true")]),
+            spec("b", &["script"], &[("script", "s3cr3t-script")]),
+        ],
+        agents: agents.iter().map(|a| a.to_string()).collect(),
+        created_unix_ms: 1,
+    };
+    let mut s = State::default();
+    for a in agents {
+        let mut j = Job::new(&d, a);
+        j.dispatched = true;
+        s.jobs.insert(j.job_id.clone(), j);
+    }
+    s.deployments.insert(d.id.clone(), d);
+    s
+}
+
+fn job(s: &State, agent: &str) -> Job {
+    s.jobs[&format!("d-1-{agent}")].clone()
+}
+
+fn accepted() -> EventBody {
+    EventBody::JobAccepted {
+        job_id: "d-1-a1".into(),
+    }
+}
+fn started(step: u32, attempt: u32) -> EventBody {
+    EventBody::StepStarted {
+        job_id: "d-1-a1".into(),
+        step,
+        attempt,
+    }
+}
+fn finished(step: u32, status: StepStatus, code: i32) -> EventBody {
+    EventBody::StepFinished {
+        job_id: "d-1-a1".into(),
+        step,
+        status,
+        exit_code: Some(code),
+        outputs: BTreeMap::from([("version".to_owned(), "1.2".to_owned())]),
+        message: String::new(),
+    }
+}
+fn job_finished(status: JobStatus) -> EventBody {
+    EventBody::JobFinished {
+        job_id: "d-1-a1".into(),
+        status,
+    }
+}
+
+#[test]
+fn a_job_runs_to_success_and_duplicates_change_nothing() {
+    let mut s = state(&["a1"]);
+    let d = s.deployments["d-1"].clone();
+    assert_eq!(deployment_status(s.jobs_of(&d)), DeploymentStatus::Queued);
+    let events = [
+        accepted(),
+        started(0, 1),
+        finished(0, StepStatus::Succeeded, 0),
+        started(1, 1),
+        finished(1, StepStatus::Succeeded, 0),
+        job_finished(JobStatus::Succeeded),
+    ];
+    for (i, e) in events.iter().enumerate() {
+        let effect = s.apply_event("a1", e);
+        assert_eq!(effect.ops.len(), 1, "event {i} must change the job");
+        assert_eq!(effect.job_finished, i == 5);
+        if i == 1 {
+            assert_eq!(deployment_status(s.jobs_of(&d)), DeploymentStatus::Running);
+        }
+        // The same event again (a redelivery) changes nothing.
+        let again = s.apply_event("a1", e);
+        assert!(
+            again.ops.is_empty() && !again.job_finished,
+            "event {i} twice"
+        );
+    }
+    let j = job(&s, "a1");
+    assert_eq!(j.status, JobState::Succeeded);
+    assert!(j
+        .steps
+        .iter()
+        .all(|st| st.status == StepState::Succeeded && st.attempt == 1));
+    assert_eq!(j.steps[0].outputs["version"], "1.2");
+    assert_eq!(
+        deployment_status(s.jobs_of(&d)),
+        DeploymentStatus::Succeeded
+    );
+}
+
+#[test]
+fn output_chunks_are_keyed_by_number() {
+    let mut s = state(&["a1"]);
+    let out = |chunk| EventBody::StepOutput {
+        job_id: "d-1-a1".into(),
+        step: 1,
+        chunk,
+        data: format!("line {chunk}\n"),
+    };
+    let first = s.apply_event("a1", &out(0)).ops;
+    assert_eq!(
+        first,
+        s.apply_event("a1", &out(0)).ops,
+        "a duplicate rewrites the same record"
+    );
+    match &first[..] {
+        [Op::Append { log, seq, payload }] => {
+            assert_eq!(log.as_str(), "joblog/d-1-a1/1");
+            assert_eq!(seq.0, 1);
+            assert_eq!(payload, b"line 0\n");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A step index out of range is ignored.
+    let bad = EventBody::StepOutput {
+        job_id: "d-1-a1".into(),
+        step: 9,
+        chunk: 0,
+        data: "x".into(),
+    };
+    assert!(s.apply_event("a1", &bad).ops.is_empty());
+}
+
+#[test]
+fn failure_skips_the_rest_and_fails_the_deployment() {
+    let mut s = state(&["a1", "a2"]);
+    let d = s.deployments["d-1"].clone();
+    for e in [
+        accepted(),
+        started(0, 1),
+        finished(0, StepStatus::Failed, 3),
+        job_finished(JobStatus::Failed),
+    ] {
+        s.apply_event("a1", &e);
+    }
+    let j = job(&s, "a1");
+    assert_eq!(j.steps[0].exit_code, Some(3));
+    assert_eq!(j.steps[1].status, StepState::Skipped);
+    // a2 has not finished: still running.
+    assert_eq!(deployment_status(s.jobs_of(&d)), DeploymentStatus::Running);
+    let a2 = EventBody::JobFinished {
+        job_id: "d-1-a2".into(),
+        status: JobStatus::Succeeded,
+    };
+    s.apply_event("a2", &a2);
+    assert_eq!(deployment_status(s.jobs_of(&d)), DeploymentStatus::Failed);
+}
+
+#[test]
+fn events_of_unknown_jobs_or_from_another_agent_are_ignored() {
+    let mut s = state(&["a1", "a2"]);
+    // a2 reports on a1's job.
+    for e in [
+        accepted(),
+        started(0, 1),
+        job_finished(JobStatus::Succeeded),
+    ] {
+        let effect = s.apply_event("a2", &e);
+        assert!(effect.ops.is_empty() && !effect.job_finished);
+    }
+    assert_eq!(job(&s, "a1").status, JobState::Queued);
+    let unknown = EventBody::JobAccepted {
+        job_id: "d-9-a1".into(),
+    };
+    assert!(s.apply_event("a1", &unknown).ops.is_empty());
+}
+
+#[test]
+fn a_rerun_counts_its_attempt() {
+    let mut s = state(&["a1"]);
+    s.apply_event("a1", &started(0, 1));
+    s.apply_event("a1", &finished(0, StepStatus::Interrupted, -1));
+    assert_eq!(s.apply_event("a1", &started(0, 2)).ops.len(), 1);
+    let j = job(&s, "a1");
+    assert_eq!(
+        (j.steps[0].status, j.steps[0].attempt),
+        (StepState::Running, 2)
+    );
+    assert_eq!(j.steps[0].exit_code, None);
+    // A late duplicate of the first start does not go back.
+    assert!(s.apply_event("a1", &started(0, 1)).ops.is_empty());
+}
+
+#[test]
+fn an_agent_reset_fails_its_jobs_in_flight_only() {
+    let mut s = state(&["a1", "a2"]);
+    s.apply_event("a1", &accepted());
+    s.apply_event("a1", &started(0, 1));
+    let ops = s.reset_agent("a1");
+    assert_eq!(ops.len(), 1);
+    let j = job(&s, "a1");
+    assert_eq!(j.status, JobState::Failed);
+    assert_eq!(j.message, RESET_MESSAGE);
+    assert_eq!(j.steps[0].status, StepState::Interrupted);
+    assert_eq!(j.steps[1].status, StepState::Skipped);
+    assert_eq!(job(&s, "a2").status, JobState::Queued);
+    // Final jobs are not touched again; late events of the old incarnation change nothing.
+    assert!(s.reset_agent("a1").is_empty());
+    assert!(s
+        .apply_event("a1", &finished(0, StepStatus::Succeeded, 0))
+        .ops
+        .is_empty());
+}
+
+#[test]
+fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
+    let mut s = state(&["a1"]);
+    // Three more deployments for a1, not yet dispatched.
+    for n in 2..=4 {
+        let mut d = s.deployments["d-1"].clone();
+        d.id = format!("d-{n}");
+        d.created_unix_ms = n;
+        s.jobs.insert(format!("d-{n}-a1"), Job::new(&d, "a1"));
+        s.deployments.insert(d.id.clone(), d);
+    }
+    let (ids, bodies, ops) = s.take_ready("a1", 2);
+    assert_eq!(ids, vec!["d-2-a1".to_owned()], "one slot left of 2");
+    assert!(matches!(&bodies[..], [CommandBody::RunJob { job_id, .. }] if job_id == "d-2-a1"));
+    assert_eq!(ops.len(), 1);
+    assert!(s.take_ready("a1", 2).0.is_empty());
+    s.undo_dispatch(&ids);
+    assert_eq!(s.take_ready("a1", 2).0, ids);
+
+    let (ops, remote) = s.cancel("d-3");
+    assert_eq!(ops.len(), 1);
+    assert!(remote.is_empty());
+    assert_eq!(s.jobs["d-3-a1"].status, JobState::Cancelled);
+    let (ops, remote) = s.cancel("d-2");
+    assert!(ops.is_empty());
+    assert_eq!(remote, vec![("a1".to_owned(), "d-2-a1".to_owned())]);
+    // When d-1 finishes, d-4 is next (d-3 was cancelled).
+    s.apply_event("a1", &job_finished(JobStatus::Succeeded));
+    assert_eq!(s.take_ready("a1", 2).0, vec!["d-4-a1".to_owned()]);
+}
+
+#[test]
+fn deployment_status_rules() {
+    let s = state(&["a1", "a2"]);
+    let d = s.deployments["d-1"].clone();
+    let mut jobs: Vec<Job> = s.jobs_of(&d).cloned().collect();
+    let mut set = |a: JobState, b: JobState| {
+        jobs[0].status = a;
+        jobs[1].status = b;
+        deployment_status(jobs.iter())
+    };
+    assert_eq!(
+        set(JobState::Queued, JobState::Queued),
+        DeploymentStatus::Queued
+    );
+    assert_eq!(
+        set(JobState::Cancelled, JobState::Queued),
+        DeploymentStatus::Running
+    );
+    assert_eq!(
+        set(JobState::Cancelled, JobState::Succeeded),
+        DeploymentStatus::Cancelled
+    );
+    assert_eq!(
+        set(JobState::Cancelled, JobState::Expired),
+        DeploymentStatus::Failed
+    );
+    assert_eq!(
+        set(JobState::Succeeded, JobState::Succeeded),
+        DeploymentStatus::Succeeded
+    );
+}
+
+#[test]
+fn secrets_are_masked_everywhere() {
+    let s = state(&["a1"]);
+    let d = &s.deployments["d-1"];
+    let secrets = d.secret_values();
+    assert_eq!(
+        secrets,
+        vec!["s3cr3t-script".to_owned(), "hunter2".to_owned()]
+    );
+    assert_eq!(
+        mask("pw=hunter2 run s3cr3t-script", &secrets),
+        "pw=*** run ***"
+    );
+    let registry_dir = tempfile::tempdir().unwrap();
+    let (journal, _) = tether_shared::journal::Journal::open(
+        registry_dir.path(),
+        &tether_shared::journal::JournalOptions::default(),
+    )
+    .unwrap();
+    let registry = crate::registry::Registry::load(journal.handle()).unwrap();
+    let mut s = s;
+    let j = s.jobs.get_mut("d-1-a1").unwrap();
+    j.steps[0]
+        .outputs
+        .insert("token_secret".into(), "abc".into());
+    j.steps[0]
+        .outputs
+        .insert("echo".into(), "said hunter2".into());
+    j.steps[1]
+        .outputs
+        .insert("script".into(), "visible?".into());
+    j.steps[0].message = "failed with hunter2".into();
+    let d = s.deployments["d-1"].clone();
+    let v = super::view::deployment(&s, &d, &registry);
+    let text = v.to_string();
+    for leak in ["hunter2", "s3cr3t", "abc", "visible?"] {
+        assert!(!text.contains(leak), "{leak} leaked: {text}");
+    }
+    assert_eq!(v["properties"]["pw_secret"], "***");
+    assert_eq!(v["jobs"][0]["steps"][0]["outputs"]["echo"], "said ***");
+    assert_eq!(v["jobs"][0]["agent"], "a1");
+}
+
+fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
+    AgentRecord {
+        id: id.into(),
+        name: name.into(),
+        public_key: String::new(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        role: Role::Agent,
+        enrolled_unix_ms: 0,
+    }
+}
+
+#[test]
+fn targets_resolve_by_name_or_all_tags() {
+    let agents = [
+        agent("a-1", "web-1", &["web", "eu"]),
+        agent("a-2", "web-2", &["web"]),
+    ];
+    let t = |agents: Option<&[&str]>, tags: Option<&[&str]>| Targets {
+        agents: agents.map(|v| v.iter().map(|s| s.to_string()).collect()),
+        tags: tags.map(|v| v.iter().map(|s| s.to_string()).collect()),
+    };
+    assert_eq!(
+        resolve_targets(&t(Some(&["web-2", "a-1", "web-1"]), None), &agents).unwrap(),
+        vec!["a-2", "a-1"]
+    );
+    let err = resolve_targets(&t(Some(&["web-1", "db-9"]), None), &agents).unwrap_err();
+    assert!(err.contains("\"db-9\""), "{err}");
+    assert_eq!(
+        resolve_targets(&t(None, Some(&["web", "eu"])), &agents).unwrap(),
+        vec!["a-1"]
+    );
+    assert!(resolve_targets(&t(None, Some(&["db"])), &agents)
+        .unwrap_err()
+        .contains("no agent"));
+    assert!(resolve_targets(&t(None, Some(&[])), &agents).is_err());
+    assert!(resolve_targets(&t(Some(&["web-1"]), Some(&["web"])), &agents).is_err());
+    assert!(resolve_targets(&t(Some(&[]), None), &agents).is_err());
+}

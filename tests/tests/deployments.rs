@@ -1,0 +1,296 @@
+//! Deployments end to end: real server, real agents, processes of built-in steps, statuses,
+//! logs, secrets, and SIGKILLs in the middle of a deployment (no step that may not run twice
+//! ever runs twice, and every deployment reaches a final state).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tether_tests::fleet::{alive, eventually, Agent, Forwarder, Server, TestDir};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn create_process(server: &Server, body: Value) {
+    let r = server.request("POST", "/api/v1/processes", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn deploy(server: &Server, body: Value) -> String {
+    let r = server.request("POST", "/api/v1/deployments", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+fn deployment(server: &Server, id: &str) -> Value {
+    let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+fn final_deployment(server: &Server, id: &str, timeout: Duration) -> Value {
+    eventually("a final deployment state", timeout, || {
+        let d = deployment(server, id);
+        let s = d["status"].as_str().unwrap_or("");
+        matches!(s, "succeeded" | "failed" | "cancelled").then_some(d)
+    })
+}
+
+fn log(server: &Server, id: &str, agent: &str, step: &str) -> String {
+    let r = server.request(
+        "GET",
+        &format!("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log"),
+        None,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+#[test]
+fn a_process_of_built_in_steps_runs_on_the_agents_with_a_tag() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut web1 = Agent::install(&server, tmp.path(), "web-1", &["web"]);
+    let mut web2 = Agent::install(&server, tmp.path(), "web-2", &["web"]);
+    let mut db = Agent::install(&server, tmp.path(), "db-1", &["db"]);
+    for a in [&mut web1, &mut web2, &mut db] {
+        a.run();
+    }
+    for a in [&web1, &web2, &db] {
+        eventually("online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    let out = tmp.path().join("deployed");
+    std::fs::create_dir_all(&out).unwrap();
+    let canary = tmp.path().join("canary");
+    create_process(
+        &server,
+        json!({"name": "site", "steps": [
+            {"name": "build", "plugin": "shell", "step": "run", "properties": {
+                "script": "echo \"building for $TETHER_PROP_WHO\"; echo \"pw is $TETHER_PROP_PASSWORD\"; echo '::output version=1.2.3'"
+                , "who": "${greeting}", "password": "${db_password_secret}"}, "secrets": ["password"]},
+            {"name": "config", "plugin": "file", "step": "write", "properties": {
+                "path": format!("{}/${{agent_file}}", out.display()), "content": "greeting=${greeting}\n"}},
+            {"name": "check", "plugin": "shell", "step": "run", "properties": {
+                "script": "test \"$TETHER_OUTPUT_VERSION\" = 1.2.3 && echo \"saw version $TETHER_OUTPUT_VERSION\""}}
+        ]}),
+    );
+    let evil = format!(
+        "hi; touch {} $(touch {})",
+        canary.display(),
+        canary.display()
+    );
+    let id = deploy(
+        &server,
+        json!({"process": "site", "targets": {"tags": ["web"]}, "properties": {
+            "greeting": evil, "db_password_secret": "s3cr3t-pw", "agent_file": "site.conf"}}),
+    );
+    let d = final_deployment(&server, &id, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let jobs = d["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "only the web agents: {d}");
+    for job in jobs {
+        assert_eq!(job["status"], "succeeded", "{d}");
+        let steps = job["steps"].as_array().unwrap();
+        assert_eq!(
+            steps
+                .iter()
+                .map(|s| s["status"].as_str().unwrap())
+                .collect::<Vec<_>>(),
+            ["succeeded"; 3],
+            "{d}"
+        );
+        assert_eq!(steps[0]["outputs"]["version"], "1.2.3", "{d}");
+        let agent = job["agent"].as_str().unwrap();
+        let build = log(&server, &id, agent, "build");
+        assert!(build.contains(&format!("building for {evil}")), "{build}");
+        assert!(
+            build.contains("pw is ***") && !build.contains("s3cr3t-pw"),
+            "the secret leaked: {build}"
+        );
+        assert!(log(&server, &id, agent, "check").contains("saw version 1.2.3"));
+    }
+    assert!(
+        !d.to_string().contains("s3cr3t-pw"),
+        "the secret is in the API answer"
+    );
+    assert!(!canary.exists(), "a property reached a shell as code");
+    let written = std::fs::read_to_string(out.join("site.conf")).unwrap();
+    assert_eq!(written, format!("greeting={evil}\n"));
+    for a in [&web1, &web2, &db] {
+        let text = std::fs::read_to_string(a.dir.join("../").join(format!("{}.log", a.name)))
+            .unwrap_or_default();
+        assert!(!text.contains("s3cr3t-pw"), "{} logged the secret", a.name);
+    }
+    let server_log = std::fs::read_to_string(server.dir.join("../server.log")).unwrap_or_default();
+    assert!(
+        !server_log.contains("s3cr3t-pw"),
+        "the server logged the secret"
+    );
+}
+
+#[test]
+fn sigkills_during_a_deployment_never_run_a_step_twice() {
+    let seed: u64 = std::env::var("TETHER_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("deployment fault seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tmp = TestDir::new();
+    let mut server = Server::start(tmp.path());
+    let budget_env = [("TETHER_AGENT__WORKER_RESTART_BUDGET", "1000")];
+    let mut agent = Agent::install_with(&server, tmp.path(), "marked-1", &[], &budget_env);
+    agent.run();
+    eventually("online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let marker = tmp.path().join("marker");
+    let steps: Vec<Value> = (1..=4)
+        .map(|i| {
+            json!({"name": format!("s{i}"), "plugin": "shell", "step": "run", "properties": {
+                "script": format!("echo s{i} >> {}; sleep 0.2", marker.display())}})
+        })
+        .collect();
+    create_process(&server, json!({"name": "marks", "steps": steps}));
+
+    let mut ids = Vec::new();
+    let started = Instant::now();
+    let mut kills = 0;
+    while started.elapsed() < Duration::from_secs(15) {
+        ids.push(deploy(
+            &server,
+            json!({"process": "marks", "targets": {"agents": ["marked-1"]}, "properties": {}}),
+        ));
+        // A random moment of the deployment.
+        std::thread::sleep(Duration::from_millis(rng.gen_range(100..1500)));
+        match rng.gen_range(0..3) {
+            0 => {
+                server.kill();
+                server.run();
+            }
+            1 => {
+                if let Some(old) = agent.kill_worker() {
+                    eventually("a new worker", WAIT, || {
+                        agent.worker_pid().filter(|p| *p != old && !alive(old))
+                    });
+                }
+            }
+            _ => {
+                agent.kill_monitor();
+                agent.run();
+            }
+        }
+        kills += 1;
+    }
+    let text = std::fs::read_to_string(&marker).unwrap_or_default();
+    let mut interrupted = 0;
+    for id in &ids {
+        let d = final_deployment(&server, id, Duration::from_secs(120));
+        for job in d["jobs"].as_array().unwrap() {
+            for s in job["steps"].as_array().unwrap() {
+                interrupted += usize::from(s["status"] == "interrupted");
+                assert!(
+                    s["attempt"].as_u64().unwrap_or(0) <= 1,
+                    "a non-rerunnable step started twice: {d}"
+                );
+            }
+        }
+    }
+    let text_after = std::fs::read_to_string(&marker).unwrap_or_default();
+    assert!(text_after.len() >= text.len());
+    // Every line is one start of one step; deployments ran one after another on one agent, so
+    // the count of each step's line can be checked against the jobs' own reports.
+    let mut ran = std::collections::BTreeMap::<String, usize>::new();
+    for line in text_after.lines() {
+        *ran.entry(line.to_owned()).or_default() += 1;
+    }
+    let mut reported = std::collections::BTreeMap::<String, usize>::new();
+    for id in &ids {
+        let d = deployment(&server, id);
+        for job in d["jobs"].as_array().unwrap() {
+            for s in job["steps"].as_array().unwrap() {
+                if matches!(
+                    s["status"].as_str(),
+                    Some("succeeded" | "failed" | "interrupted" | "timed_out" | "cancelled")
+                ) {
+                    *reported
+                        .entry(s["name"].as_str().unwrap().to_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
+    for (step, n) in &ran {
+        let r = reported.get(step).copied().unwrap_or(0);
+        assert!(*n <= r, "step {step} ran {n} times but only {r} runs were reported (a step ran twice): {ran:?} vs {reported:?}");
+    }
+    eprintln!(
+        "{} deployments, {kills} SIGKILLs, {interrupted} steps reported interrupted; lines {ran:?}",
+        ids.len()
+    );
+}
+
+#[test]
+fn an_agent_cut_off_finishes_its_job_and_reports_it_later() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let path = Forwarder::start(server.wss, true);
+    let mut agent = Agent::install_via(
+        &server,
+        &[format!("wss://localhost:{}", path.addr.port())],
+        tmp.path(),
+        "island-1",
+        &[],
+        &[],
+    );
+    agent.run();
+    eventually("online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let gate = tmp.path().join("gate");
+    let done = tmp.path().join("done");
+    create_process(
+        &server,
+        json!({"name": "offline-work", "steps": [
+            {"name": "wait", "plugin": "shell", "step": "run", "properties": {
+                "script": format!("echo waiting; while [ ! -e {} ]; do sleep 0.05; done; echo released", gate.display())}},
+            {"name": "finish", "plugin": "shell", "step": "run", "properties": {
+                "script": format!("for i in $(seq 1 200); do echo line $i; done; touch {}", done.display())}}
+        ]}),
+    );
+    let id = deploy(
+        &server,
+        json!({"process": "offline-work", "targets": {"agents": ["island-1"]}, "properties": {}}),
+    );
+    eventually("the first step running", WAIT, || {
+        let d = deployment(&server, &id);
+        (d["jobs"][0]["steps"][0]["status"] == "running").then_some(())
+    });
+    path.set(false);
+    eventually("agent offline", WAIT, || {
+        (server.agent_status(&agent.id) == "offline").then_some(())
+    });
+    std::fs::write(&gate, b"go").unwrap();
+    eventually("the job done on the island", WAIT, || {
+        done.exists().then_some(())
+    });
+    assert_ne!(
+        deployment(&server, &id)["status"],
+        "succeeded",
+        "the server cannot know yet"
+    );
+    path.set(true);
+    let d = final_deployment(&server, &id, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let text = log(&server, &id, "island-1", "finish");
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("line ")).count(),
+        200,
+        "the full log arrived: {text}"
+    );
+    assert!(log(&server, &id, "island-1", "wait").contains("released"));
+}

@@ -5,6 +5,7 @@
 //! - [`stream`]: the sans-IO stream core (sequence numbers, retention, acks, resync).
 //! - [`link`]: the edge's receiving half of a stream: bytes in, journal ops or a typed error out.
 //! - [`journal`]: the durable, group-committed `Journal` actor over sled.
+//! - [`agent_auth`]: agent-signed HTTPS requests (bulk downloads through any relay).
 //! - [`backoff`]: retry delays with full jitter and sliding-window restart budgets.
 //! - [`config`]: layered configuration loading and validation for the three binaries.
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
@@ -12,6 +13,7 @@
 //! - [`enroll`]: the enrollment request and answer, roles, name rules, upstream URLs.
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
 
+pub mod agent_auth;
 pub mod backoff;
 pub mod config;
 pub mod enroll;

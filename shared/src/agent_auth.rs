@@ -87,9 +87,9 @@ mod tests {
     use super::*;
     use std::collections::HashMap;
 
-    fn headers(h: &[(&'static str, String); 3]) -> impl Fn(&str) -> Option<String> + '_ {
-        let map: HashMap<&str, String> = h.iter().cloned().collect();
-        move |k| map.get(k).cloned()
+    fn headers(h: &[(&'static str, String); 3]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<&'static str, String> = h.iter().cloned().collect();
+        move |k: &str| map.get(k).cloned()
     }
 
     #[test]

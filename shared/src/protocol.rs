@@ -193,6 +193,20 @@ pub struct StepSpec {
     #[serde(default)]
     pub on_interrupt: OnInterrupt,
     pub timeout_ms: u64,
+    /// For a step of an uploaded plugin: the bundle to fetch (by its sha256) and the command
+    /// to run from it. `None` for the built-in steps, which the agent runs itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleRef>,
+}
+
+/// Where an uploaded plugin's step comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleRef {
+    /// sha256 (hex) of the bundle (a tar.gz holding `plugin.toml` and the step's files).
+    pub sha256: String,
+    /// The program and its arguments, relative paths resolved inside the unpacked bundle.
+    pub command: Vec<String>,
 }
 
 /// How a step ended.

@@ -28,6 +28,7 @@ fn spec(name: &str, secrets: &[&str], props: &[(&str, &str)]) -> StepSpec {
         secrets: secrets.iter().map(|s| s.to_string()).collect(),
         on_interrupt: OnInterrupt::Fail,
         timeout_ms: 1000,
+        bundle: None,
     }
 }
 

@@ -270,6 +270,7 @@ pub fn resolve_steps(
             secrets,
             on_interrupt: s.on_interrupt,
             timeout_ms: s.timeout_s.saturating_mul(1000),
+            bundle: None,
         });
     }
     if !problems.is_empty() {

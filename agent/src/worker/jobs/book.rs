@@ -183,6 +183,7 @@ mod tests {
             secrets: Vec::new(),
             on_interrupt,
             timeout_ms: 1000,
+            bundle: None,
         }
     }
 

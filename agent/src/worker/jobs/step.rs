@@ -407,6 +407,7 @@ mod tests {
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
             on_interrupt: OnInterrupt::Fail,
             timeout_ms,
+            bundle: None,
         }
     }
 

@@ -294,3 +294,47 @@ fn an_agent_cut_off_finishes_its_job_and_reports_it_later() {
     );
     assert!(log(&server, &id, "island-1", "wait").contains("released"));
 }
+
+#[test]
+fn cancel_stops_the_running_step_and_its_whole_process_group() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut agent = Agent::install(&server, tmp.path(), "cancel-1", &[]);
+    agent.run();
+    eventually("online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let pids = tmp.path().join("pids");
+    let after = tmp.path().join("after-cancel");
+    create_process(
+        &server,
+        json!({"name": "long", "steps": [
+            {"name": "hang", "plugin": "shell", "step": "run", "properties": {
+                // A background grandchild in the same group, and the step itself, both wait.
+                "script": format!("sleep 300 & echo $! >> {p}; echo $$ >> {p}; wait", p = pids.display())}},
+            {"name": "never", "plugin": "shell", "step": "run", "properties": {
+                "script": format!("touch {}", after.display())}}
+        ]}),
+    );
+    let id = deploy(
+        &server,
+        json!({"process": "long", "targets": {"agents": ["cancel-1"]}, "properties": {}}),
+    );
+    let running: Vec<u32> = eventually("the step's processes", WAIT, || {
+        let text = std::fs::read_to_string(&pids).ok()?;
+        let v: Vec<u32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        (v.len() == 2).then_some(v)
+    });
+    assert!(running.iter().all(|p| alive(*p)));
+    let r = server.request("POST", &format!("/api/v1/deployments/{id}/cancel"), None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let d = final_deployment(&server, &id, WAIT);
+    assert_eq!(d["status"], "cancelled", "{d}");
+    let steps = &d["jobs"][0]["steps"];
+    assert_eq!(steps[0]["status"], "cancelled", "{d}");
+    assert_eq!(steps[1]["status"], "cancelled", "{d}");
+    eventually("the step's whole process group gone", WAIT, || {
+        running.iter().all(|p| !alive(*p)).then_some(())
+    });
+    assert!(!after.exists(), "a step after the cancel ran");
+}

@@ -31,7 +31,7 @@ use tether_shared::identity::{Identity, PublicKey};
 use tether_shared::link::{verify_command, LinkError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
     self, hello_proof_bytes, ActorHealth, AgentStatus, CommandBody, Event, EventBody, Frame,
-    Heartbeat, Hello, Sender, Seq, StreamId, Welcome, MAX_FRAME_BYTES,
+    Heartbeat, Hello, JobStatus, Sender, Seq, StepStatus, StreamId, Welcome, MAX_FRAME_BYTES,
 };
 use tether_shared::stream::{ConnId, Endpoint, Handshake, Inbound, Outbound};
 use tokio::sync::watch;
@@ -228,6 +228,8 @@ pub struct Stats {
     pub events_sent: AtomicU64,
     /// Commands accepted (and acked) from the server.
     pub commands: AtomicU64,
+    /// Jobs answered (every step reported succeeded).
+    pub jobs: AtomicU64,
     /// Handshakes where the server had lost its state (streams restarted at 1).
     pub resets: AtomicU64,
     /// Failure reasons and how often each occurred.
@@ -678,8 +680,34 @@ impl SimAgent {
                             self.requested = self.requested.saturating_add(count);
                             self.generate(*control.borrow());
                         }
-                        // Simulated agents run no jobs; the bench sends none.
-                        CommandBody::RunJob { .. } | CommandBody::CancelJob { .. } => {}
+                        // A simulated agent "runs" every step at once, successfully: the
+                        // dispatch benchmark measures the server and the streams, not sh.
+                        CommandBody::RunJob { job_id, steps, .. } => {
+                            self.enqueue(EventBody::JobAccepted {
+                                job_id: job_id.clone(),
+                            })?;
+                            for step in 0..steps.len() as u32 {
+                                self.enqueue(EventBody::StepStarted {
+                                    job_id: job_id.clone(),
+                                    step,
+                                    attempt: 1,
+                                })?;
+                                self.enqueue(EventBody::StepFinished {
+                                    job_id: job_id.clone(),
+                                    step,
+                                    status: StepStatus::Succeeded,
+                                    exit_code: Some(0),
+                                    outputs: Default::default(),
+                                    message: String::new(),
+                                })?;
+                            }
+                            self.enqueue(EventBody::JobFinished {
+                                job_id,
+                                status: JobStatus::Succeeded,
+                            })?;
+                            self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+                        }
+                        CommandBody::CancelJob { .. } => {}
                     }
                 }
                 Ok(())

@@ -174,6 +174,9 @@ pub struct Job {
     pub dispatched: bool,
     pub message: String,
     pub steps: Vec<JobStep>,
+    /// When the server recorded its final state (Unix ms); `None` while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_unix_ms: Option<u64>,
 }
 
 impl Job {
@@ -184,6 +187,7 @@ impl Job {
             agent_id: agent_id.to_owned(),
             status: JobState::Queued,
             dispatched: false,
+            finished_unix_ms: None,
             message: String::new(),
             steps: deployment
                 .steps
@@ -203,6 +207,7 @@ impl Job {
     /// Ends the job with `status`; unfinished steps become `running_to` (if they ran) or skipped.
     pub fn finish(&mut self, status: JobState, running_to: StepState, message: &str) {
         self.status = status;
+        self.finished_unix_ms = Some(crate::registry::now_unix_ms());
         if !message.is_empty() {
             self.message = message.to_owned();
         }

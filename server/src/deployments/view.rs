@@ -60,6 +60,7 @@ pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
                 "job_id": j.job_id,
                 "status": j.status,
                 "message": mask(&j.message, &secrets),
+                "finished_unix_ms": j.finished_unix_ms,
                 "steps": j.steps.iter().enumerate().map(|(i, s)| {
                     let declared = d.steps.get(i).map(|spec| spec.secrets.as_slice()).unwrap_or_default();
                     let outputs: serde_json::Map<String, Value> = s.outputs.iter().map(|(k, v)| {

@@ -1,0 +1,212 @@
+//! Dispatch: a trivial one-step process deployed to N agents, timed from the REST call until
+//! the server records every result (per agent: the job's `finished_unix_ms` minus the call's
+//! start), for N = 100 and 1,000 simulated agents (`loadgen`, real protocol and TLS) and 10
+//! real agent processes; one real agent's round trip (20 deployments one after another); and
+//! an idle real agent's memory (monitor plus worker RSS).
+//!
+//! `cargo bench -p tether-tests --bench dispatch` (`make bench`). `TETHER_BENCH_DISPATCH`
+//! (default `100,1000`) sets the simulated sizes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // bench glue may unwrap
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Deploy `process` to `targets` and wait until every job is final: (total ms, per-job ms).
+fn dispatch(server: &Server, process: &str, targets: &[String]) -> Option<(u64, Vec<u64>)> {
+    let start = now_ms();
+    let t0 = Instant::now();
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": process, "targets": {"agents": targets}, "properties": {}})),
+    );
+    if r.status != 201 {
+        eprintln!("deployment refused: {} {}", r.status, r.body);
+        return None;
+    }
+    let id = r.json()["id"].as_str()?.to_owned();
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let d: Value = server
+            .request("GET", &format!("/api/v1/deployments/{id}"), None)
+            .json();
+        if d["status"] == "succeeded" {
+            let total = t0.elapsed().as_millis() as u64;
+            let mut per: Vec<u64> = d["jobs"]
+                .as_array()?
+                .iter()
+                .filter_map(|j| j["finished_unix_ms"].as_u64())
+                .map(|t| t.saturating_sub(start))
+                .collect();
+            per.sort_unstable();
+            return Some((total, per));
+        }
+        if d["status"] == "failed" || Instant::now() > deadline {
+            eprintln!("deployment {id} ended {}: {d}", d["status"]);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn trivial(server: &Server) {
+    let r = server.request("POST", "/api/v1/processes", Some(&json!({"name": "trivial", "steps": [{"name": "hello", "plugin": "shell", "step": "run", "properties": {"script": "echo hello"}}]})));
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+fn row(label: &str, n: usize, result: Option<(u64, Vec<u64>)>) -> Option<u64> {
+    match result {
+        Some((total, per)) => {
+            println!(
+                "{label:>22} {n:>6} {total:>10} {:>8} {:>8} {:>8}",
+                percentile(&per, 0.5),
+                percentile(&per, 0.99),
+                per.last().copied().unwrap_or(0)
+            );
+            Some(total)
+        }
+        None => {
+            println!("{label:>22} {n:>6}     failed");
+            None
+        }
+    }
+}
+
+fn main() {
+    let sizes: Vec<usize> = std::env::var("TETHER_BENCH_DISPATCH")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 1000]);
+    println!("dispatch bench: one-step process, from the REST call until the server records every result");
+    println!(
+        "{:>22} {:>6} {:>10} {:>8} {:>8} {:>8}",
+        "agents", "n", "total ms", "p50 ms", "p99 ms", "max ms"
+    );
+    let mut sim_1000 = None;
+    for &n in &sizes {
+        let dir = TestDir::new();
+        let server = Server::start(dir.path());
+        let ca = std::fs::read_to_string(server.ca_path()).unwrap();
+        let tls = tether_shared::tls::client_config(&ca).unwrap();
+        let token = server.token(u32::try_from(n).unwrap());
+        let agents = enroll_many(
+            server.wss,
+            Arc::new(tls.clone()),
+            "localhost",
+            &token,
+            "sim",
+            n,
+            32,
+        )
+        .unwrap();
+        let ids: Vec<String> = agents.iter().map(|a| a.agent_id.clone()).collect();
+        let fleet = Fleet::start(SimConfig::new(server.wss, "localhost", tls), agents).unwrap();
+        eventually("simulated agents online", TIMEOUT, || {
+            (fleet.stats().ready.load(Ordering::Relaxed) == n).then_some(())
+        });
+        trivial(&server);
+        // Warm-up (first contact journaling, links created), then the measured deployment.
+        dispatch(&server, "trivial", &ids);
+        let total = row("simulated", n, dispatch(&server, "trivial", &ids));
+        if n == 1000 {
+            sim_1000 = total;
+        }
+        eprintln!(
+            "simulated agents answered {} jobs",
+            fleet.stats().jobs.load(Ordering::Relaxed)
+        );
+        fleet.stop();
+    }
+
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    trivial(&server);
+    let mut real: Vec<Agent> = (0..10)
+        .map(|i| Agent::install(&server, dir.path(), &format!("real-{i}"), &["bench"]))
+        .collect();
+    for a in &mut real {
+        a.run();
+    }
+    for a in &real {
+        eventually("real agents online", TIMEOUT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    let ids: Vec<String> = real.iter().map(|a| a.id.clone()).collect();
+    dispatch(&server, "trivial", &ids);
+    row("real agents", ids.len(), dispatch(&server, "trivial", &ids));
+    let one = vec![ids[0].clone()];
+    dispatch(&server, "trivial", &one);
+    let mut trips: Vec<u64> = (0..20)
+        .filter_map(|_| dispatch(&server, "trivial", &one).map(|(t, _)| t))
+        .collect();
+    trips.sort_unstable();
+    println!(
+        "{:>22} {:>6} {:>10} {:>8} {:>8} {:>8}",
+        "one real agent x20",
+        1,
+        trips.iter().sum::<u64>(),
+        percentile(&trips, 0.5),
+        percentile(&trips, 0.99),
+        trips.last().copied().unwrap_or(0)
+    );
+
+    // Idle memory of one agent: monitor plus worker, after a quiet spell.
+    std::thread::sleep(Duration::from_secs(5));
+    let a = &real[0];
+    let (monitor, worker) = (a.monitor_pid().unwrap(), a.worker_pid().unwrap());
+    let (m, w) = (rss_kib(monitor), rss_kib(worker));
+    println!(
+        "idle agent RSS: monitor {m} KiB + worker {w} KiB = {} KiB",
+        m + w
+    );
+    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    if let Some(t) = sim_1000 {
+        println!(
+            "target 1000 simulated agents all done < 2000 ms: {t} ms ({})",
+            verdict(t < 2000)
+        );
+    }
+    let p50 = percentile(&trips, 0.5);
+    println!(
+        "target one real agent round trip < 50 ms (p50 of 20): {p50} ms ({})",
+        verdict(p50 < 50)
+    );
+    println!(
+        "target idle agent (monitor + worker) < 20 MiB: {:.1} MiB ({})",
+        (m + w) as f64 / 1024.0,
+        verdict(m + w < 20 * 1024)
+    );
+}

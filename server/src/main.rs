@@ -9,6 +9,8 @@
 //! - [`registry`]: `Registry`, enrolled agents and relays, enrollment tokens, presence.
 //! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
 //! - [`deployments`]: processes, deployments and jobs: state machine, persistence, REST.
+//! - [`plugins`]: uploaded plugin bundles and their index, `/api/v1/plugins`, agents' downloads.
+//! - [`artifacts`]: the artifact store, `/api/v1/artifacts`, agents' signed downloads by sha256.
 //! - [`agent_surface`]: the agent-facing routes under `/agent/v1` on the WSS listener.
 //! - [`admin`]: the `/admin/health` and `/metrics` handlers.
 //! - [`admin_token`]: the admin bearer token and its constant-time check.
@@ -21,9 +23,11 @@ mod admin_token;
 mod agent_surface;
 mod api;
 mod api_error;
+mod artifacts;
 mod deployments;
 mod health;
 mod init;
+mod plugins;
 mod ports;
 mod registry;
 mod run;

@@ -31,6 +31,8 @@ use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
 use crate::deployments::{Deployments, DeploymentsError};
 use crate::health::JournalWatch;
 use crate::init;
+use crate::plugins::api::{self as plugins_api, PluginsAgentState, PluginsApiState};
+use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
 use crate::session::routes::{ProbeApiState, SessionsState};
@@ -133,6 +135,9 @@ pub enum RunError {
     /// Processes, deployments and jobs could not be loaded from the journal.
     #[error("deployments: {0}")]
     Deployments(#[from] DeploymentsError),
+    /// The plugin index could not be loaded from the journal.
+    #[error("plugins: {0}")]
+    Plugins(#[from] PluginsError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (listen.{listener}): {source}")]
     Bind {
@@ -181,7 +186,18 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         "journal-recovered"
     );
     let registry = Arc::new(Registry::load(journal.handle())?);
-    let deployments = Arc::new(Deployments::load(journal.handle())?);
+    let plugins = Arc::new(Plugins::load(journal.handle(), dir)?);
+    let artifacts = crate::artifacts::ArtifactStore::open(
+        dir,
+        journal.handle(),
+        registry.clone(),
+        token.clone(),
+    )?;
+    let deployments = Arc::new(
+        Deployments::load(journal.handle())?
+            .with_catalog(plugins.clone())
+            .with_artifacts(artifacts.lookup()),
+    );
     ports::remove_stale(dir).map_err(|source| RunError::Ports {
         path: dir.join(ports::PORTS_FILE),
         source,
@@ -194,6 +210,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         journal,
         registry,
         deployments,
+        plugins,
+        artifacts,
     };
     actix_rt::System::new().block_on(serve(dir, opts, loaded))
 }
@@ -214,6 +232,10 @@ struct Loaded {
     registry: Arc<Registry>,
     /// Processes, deployments and jobs, loaded from the journal.
     deployments: Arc<Deployments>,
+    /// Uploaded plugins: the index from the journal, bundles in `DIR/plugins`.
+    plugins: Arc<Plugins>,
+    /// The artifact store (content-addressed files and their index).
+    artifacts: web::Data<crate::artifacts::ArtifactStore>,
 }
 
 /// Refuses a directory `init` has not (completely) filled.
@@ -270,6 +292,7 @@ macro_rules! with_limits {
 /// a stop signal stops both, and either one failing stops the other.
 async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunError> {
     let handle = loaded.journal.handle();
+    let (artifacts, artifacts_wss) = (loaded.artifacts.clone(), loaded.artifacts.clone());
     let shared = Arc::new(SessionShared {
         journal: handle.clone(),
         registry: loaded.registry.clone(),
@@ -318,6 +341,14 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         journal: JournalWatch::new(loaded.journal.start(), handle),
         sessions: sessions.registry.clone(),
     });
+    let plugins_state = web::Data::new(PluginsApiState {
+        token: loaded.token.clone(),
+        plugins: loaded.plugins.clone(),
+    });
+    let plugins_agent_state = web::Data::new(PluginsAgentState {
+        plugins: loaded.plugins.clone(),
+        registry: loaded.registry.clone(),
+    });
     let api_state = web::Data::new(ApiState {
         token: loaded.token,
         registry: loaded.registry.clone(),
@@ -342,9 +373,12 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .app_data(payload_https.clone())
             .app_data(probe_state.clone())
             .app_data(deployments_state.clone())
+            .app_data(plugins_state.clone())
             .configure(admin::configure)
             .configure(api::configure)
             .configure(deployments_api::configure)
+            .configure(crate::artifacts::configure_api(artifacts.clone()))
+            .configure(plugins_api::configure_api)
             .configure(session::routes::configure_api)
             .default_service(web::to(not_found))
     }))
@@ -360,7 +394,10 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .app_data(json.clone())
             .app_data(payload.clone())
             .app_data(sessions.clone())
+            .app_data(plugins_agent_state.clone())
             .configure(agent_surface::configure)
+            .configure(crate::artifacts::configure_agent(artifacts_wss.clone()))
+            .configure(plugins_api::configure_agent_surface)
             .configure(session::routes::configure_agent_surface)
             .default_service(web::to(not_found))
     }))

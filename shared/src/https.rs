@@ -2,6 +2,8 @@
 //! one-shot requests made outside an actix system (`tether-agent install`, `tether-relay
 //! install`, the end-to-end tests): one request per connection (`Connection: close`), a body
 //! with `Content-Length`, the response read under a size cap and an overall deadline.
+//! [`request_streaming`] is the same over plain HTTP or HTTPS with the body handed to a sink
+//! as it arrives (artifact downloads, the agent's `http/request` step).
 //!
 //! Failures are told apart the way an operator needs them: could not connect, TLS refused
 //! (with the certificate problem spelled out: "untrusted issuer" for a CA mismatch), or a
@@ -14,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::{CertificateError, ClientConfig};
+
+mod streaming;
+pub use streaming::{request_streaming, Head, StreamLimits};
 
 /// Bounds of one request.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +150,9 @@ pub enum HttpsError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The caller's body sink refused the data (or the caller cancelled).
+    #[error("{0}")]
+    Sink(io::Error),
 }
 
 impl HttpsError {

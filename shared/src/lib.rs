@@ -11,7 +11,9 @@
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
 //! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
 //! - [`enroll`]: the enrollment request and answer, roles, name rules, upstream URLs.
+//! - [`plugin`]: plugin manifests (`plugin.toml`) and bundle inspection (tar.gz), every problem at once.
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
+//! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
 
 pub mod agent_auth;
 pub mod backoff;
@@ -21,6 +23,8 @@ pub mod https;
 pub mod identity;
 pub mod journal;
 pub mod link;
+pub mod plugin;
 pub mod protocol;
 pub mod stream;
 pub mod tls;
+pub mod unpack;

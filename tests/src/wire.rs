@@ -377,7 +377,7 @@ fn base64_16(bytes: [u8; 16]) -> String {
             out.push(ALPHABET[((n >> (18 - 6 * i)) & 0x3F) as usize] as char);
         }
     }
-    while out.len() % 4 != 0 {
+    while !out.len().is_multiple_of(4) {
         out.push('=');
     }
     out

@@ -101,16 +101,20 @@ fn every_acknowledged_probe_arrives_once_in_order_across_sigkills() {
         "every kind of fault happened: {kills:?}"
     );
 
-    let p = eventually(
-        "every probe delivered after the faults",
-        Duration::from_secs(120),
-        || {
-            let p = probes(&server, &agent.id);
-            (p["echoes"]["received"].as_u64() >= Some(commands)
-                && p["events"]["received"].as_u64() >= Some(events))
-            .then_some(p)
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let p = loop {
+        let p = probes(&server, &agent.id);
+        if p["echoes"]["received"].as_u64() >= Some(commands)
+            && p["events"]["received"].as_u64() >= Some(events)
+        {
+            break p;
+        }
+        if Instant::now() > deadline {
+            let health = server.request("GET", "/admin/health", None).body;
+            panic!("not every probe arrived after the faults: {p}\nexpected {commands} commands and {events} events\nhealth: {health}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(p["commands_sent"], commands, "{p}");
     for (series, n) in [("echoes", commands), ("events", events)] {
         assert_eq!(p[series]["received"], n, "{series}: {p}");

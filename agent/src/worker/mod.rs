@@ -33,6 +33,8 @@ use uplink::{Uplink, UplinkConfig};
 pub const WORK_DIR: &str = "work";
 /// The journal's directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
+/// Where unpacked plugin bundles are cached, inside the data directory.
+pub const PLUGINS_DIR: &str = "plugins";
 /// The agent's page cache: small, the agent must stay light.
 const AGENT_CACHE_BYTES: u64 = 4 * 1024 * 1024;
 /// The WebSocket path on an agent-facing listener.
@@ -118,7 +120,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     let uplink_cfg = Arc::new(UplinkConfig {
         agent_id: state.agent_id.clone(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        identity,
+        identity: Arc::new(identity),
         server_key,
         tls: Arc::new(tls),
         upstreams: state.upstreams.iter().map(|u| ws_url(u)).collect(),
@@ -131,6 +133,8 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         heartbeat_interval: cfg.agent.heartbeat_interval,
         status: status.clone(),
         work_dir: dir.join(WORK_DIR),
+        plugin_dir: dir.join(PLUGINS_DIR),
+        artifact_cache: dir.join(jobs::fetch::CACHE_DIR),
     });
     let beat_every = (cfg.agent.worker_beat_timeout / 3).max(Duration::from_millis(50));
     let budget = cfg.agent.worker_restart_budget;

@@ -12,7 +12,8 @@
 //! [`Deployments::max_running_per_agent`] unfinished per agent; the rest wait here, journaled.
 //!
 //! - [`model`]: stored shapes, statuses, secret masking.
-//! - [`validate`]: the built-in step catalog, request checks, `${property}` substitution.
+//! - [`validate`]: steps checked against plugin manifests (built-in and uploaded), request
+//!   checks, `${property}` substitution, manifest defaults and bundles at deployment time.
 //! - [`state`]: the job state machine (sans-IO).
 //! - [`view`]: the JSON answers (secrets masked).
 //! - [`api`]: the REST routes.
@@ -34,7 +35,7 @@ use tether_shared::protocol::{CommandBody, EventBody};
 use crate::registry::{now_unix_ms, AgentRecord};
 use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
 use state::{deployment_op, job_op, process_op, Effect, State};
-use validate::NewProcess;
+use validate::{BuiltInsOnly, Catalog, NewProcess};
 
 /// Unfinished jobs an agent runs at once, by default.
 pub const DEFAULT_MAX_RUNNING_PER_AGENT: usize = 4;
@@ -86,6 +87,10 @@ pub struct Deployments {
     changes: tokio::sync::Mutex<()>,
     /// Unfinished dispatched jobs per agent; more wait queued on the server.
     pub max_running_per_agent: usize,
+    /// Uploaded plugins that process steps may use (besides the built-ins).
+    catalog: std::sync::Arc<dyn Catalog>,
+    /// Where `artifact/fetch` steps find their artifacts (none: such steps are refused).
+    artifacts: Option<std::sync::Arc<dyn validate::ArtifactLookup>>,
 }
 
 impl std::fmt::Debug for Deployments {
@@ -133,7 +138,23 @@ impl Deployments {
             state: RwLock::new(state),
             changes: tokio::sync::Mutex::new(()),
             max_running_per_agent: DEFAULT_MAX_RUNNING_PER_AGENT,
+            catalog: std::sync::Arc::new(BuiltInsOnly),
+            artifacts: None,
         })
+    }
+
+    /// Lets processes use the uploaded plugins of `catalog` (the server's plugin store).
+    pub fn with_artifacts(
+        mut self,
+        artifacts: std::sync::Arc<dyn validate::ArtifactLookup>,
+    ) -> Self {
+        self.artifacts = Some(artifacts);
+        self
+    }
+
+    pub fn with_catalog(mut self, catalog: std::sync::Arc<dyn Catalog>) -> Self {
+        self.catalog = catalog;
+        self
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
@@ -179,7 +200,8 @@ impl Deployments {
 
     /// Creates or replaces a process.
     pub async fn put_process(&self, new: NewProcess) -> Result<Process, DeploymentsError> {
-        let (name, steps) = validate::validate_process(new).map_err(DeploymentsError::Invalid)?;
+        let (name, steps) = validate::validate_process_in(new, self.catalog.as_ref())
+            .map_err(DeploymentsError::Invalid)?;
         let _guard = self.changes.lock().await;
         let version = self.read().processes.get(&name).map_or(0, |p| p.version) + 1;
         let process = Process {
@@ -224,7 +246,12 @@ impl Deployments {
                 problems.push(format!("unknown process {:?}", new.process));
                 None
             }
-            Some(p) => match validate::resolve_steps(&p, &new.properties) {
+            Some(p) => match validate::resolve_steps_in(
+                &p,
+                &new.properties,
+                self.catalog.as_ref(),
+                self.artifacts.as_deref(),
+            ) {
                 Ok(steps) => Some((p.version, steps)),
                 Err(e) => {
                     problems.push(e);

@@ -1,11 +1,17 @@
-//! Validation of process and deployment requests (sans-IO): the built-in step catalog, name and
-//! limit rules, and `${property}` substitution. Every problem of a request is reported at once.
+//! Validation of process and deployment requests (sans-IO): steps are checked against plugin
+//! manifests — the built-ins shipped in `config/plugins/*/plugin.toml` and the uploaded plugins
+//! of a [`Catalog`] — with name and limit rules and `${property}` substitution. Every problem
+//! of a request is reported at once. At deployment time the manifest's defaults are filled in,
+//! its secret properties marked, and an uploaded plugin's step gets its bundle reference.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::sync::{Arc, OnceLock};
+
 use serde::Deserialize;
 use tether_shared::enroll::name_problem;
-use tether_shared::protocol::{OnInterrupt, StepSpec};
+use tether_shared::plugin::{Manifest, Origin};
+use tether_shared::protocol::{BundleRef, OnInterrupt, StepSpec};
 
 use super::model::{is_secret_property, Process, ProcessStep};
 
@@ -19,51 +25,102 @@ const MAX_PROPERTIES: usize = 1000;
 /// Largest resolved step list (it travels in one RunJob frame, with room for the envelope).
 pub const MAX_STEPS_BYTES: usize = 192 * 1024;
 
-/// A built-in step type: its required and optional properties, and whether it is safe to rerun.
-struct BuiltIn {
-    plugin: &'static str,
-    step: &'static str,
-    required: &'static [&'static str],
-    optional: &'static [&'static str],
-    /// Other properties are allowed and reach the step as data (`TETHER_PROP_<NAME>`).
-    open: bool,
-    on_interrupt: OnInterrupt,
+/// The built-in plugins' manifests, shipped in `config/plugins/<name>/plugin.toml`.
+const BUILT_IN_MANIFESTS: &[(&str, &str)] = &[
+    (
+        "shell",
+        include_str!("../../../config/plugins/shell/plugin.toml"),
+    ),
+    (
+        "file",
+        include_str!("../../../config/plugins/file/plugin.toml"),
+    ),
+    (
+        "artifact",
+        include_str!("../../../config/plugins/artifact/plugin.toml"),
+    ),
+    (
+        "http",
+        include_str!("../../../config/plugins/http/plugin.toml"),
+    ),
+];
+
+/// The built-in plugins, parsed once (a unit test proves every one is valid; an invalid one
+/// is logged and left out rather than crash the server).
+pub fn built_ins() -> &'static [Arc<Manifest>] {
+    static PARSED: OnceLock<Vec<Arc<Manifest>>> = OnceLock::new();
+    PARSED.get_or_init(|| {
+        BUILT_IN_MANIFESTS
+            .iter()
+            .filter_map(
+                |(name, text)| match Manifest::parse_valid(text, Origin::BuiltIn) {
+                    Ok(m) => Some(Arc::new(m)),
+                    Err(problems) => {
+                        tracing::error!(plugin = %name, problems = %problems.join("; "), "built-in-manifest-invalid");
+                        None
+                    }
+                },
+            )
+            .collect()
+    })
 }
 
-const BUILT_INS: &[BuiltIn] = &[
-    BuiltIn {
-        plugin: "shell",
-        step: "run",
-        required: &["script"],
-        optional: &["interpreter"],
-        open: true,
-        on_interrupt: OnInterrupt::Fail,
-    },
-    BuiltIn {
-        plugin: "file",
-        step: "write",
-        required: &["path", "content"],
-        optional: &["mode"],
-        open: false,
-        on_interrupt: OnInterrupt::Rerun,
-    },
-    BuiltIn {
-        plugin: "file",
-        step: "delete",
-        required: &["path"],
-        optional: &[],
-        open: false,
-        on_interrupt: OnInterrupt::Rerun,
-    },
-    BuiltIn {
-        plugin: "file",
-        step: "copy",
-        required: &["from", "to"],
-        optional: &[],
-        open: false,
-        on_interrupt: OnInterrupt::Rerun,
-    },
-];
+/// A plugin as validation sees it: its manifest and, for an uploaded one, its bundle.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub manifest: Arc<Manifest>,
+    /// sha256 of the uploaded bundle; `None` for a built-in.
+    pub bundle_sha256: Option<String>,
+}
+
+/// Where uploaded plugins are looked up (the server's plugin store); built-ins come first.
+pub trait Catalog: Send + Sync {
+    /// The current version of the uploaded plugin `name`.
+    fn uploaded(&self, name: &str) -> Option<CatalogEntry>;
+    /// Every uploaded plugin's current manifest.
+    fn uploaded_all(&self) -> Vec<Arc<Manifest>>;
+}
+
+/// No uploaded plugins: the built-ins only.
+#[derive(Debug, Default)]
+pub struct BuiltInsOnly;
+
+impl Catalog for BuiltInsOnly {
+    fn uploaded(&self, _: &str) -> Option<CatalogEntry> {
+        None
+    }
+    fn uploaded_all(&self) -> Vec<Arc<Manifest>> {
+        Vec::new()
+    }
+}
+
+/// The plugin `name`: a built-in, else an uploaded one.
+pub fn lookup(catalog: &dyn Catalog, name: &str) -> Option<CatalogEntry> {
+    built_ins()
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| CatalogEntry {
+            manifest: m.clone(),
+            bundle_sha256: None,
+        })
+        .or_else(|| catalog.uploaded(name))
+}
+
+/// Every `plugin/step` the catalog knows, for error messages.
+fn known_steps(catalog: &dyn Catalog) -> String {
+    built_ins()
+        .iter()
+        .cloned()
+        .chain(catalog.uploaded_all())
+        .flat_map(|m| {
+            m.steps
+                .iter()
+                .map(|s| format!("{}/{}", m.name, s.name))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The body of `POST /api/v1/processes`.
 #[derive(Debug, Deserialize)]
@@ -88,8 +145,17 @@ pub struct NewStep {
     pub timeout_s: Option<u64>,
 }
 
-/// Checks a process request; `Err` lists every problem, `; `-separated.
+/// Checks a process request against the built-ins only; see [`validate_process_in`].
+#[cfg(test)]
 pub fn validate_process(new: NewProcess) -> Result<(String, Vec<ProcessStep>), String> {
+    validate_process_in(new, &BuiltInsOnly)
+}
+
+/// Checks a process request against `catalog`; `Err` lists every problem, `; `-separated.
+pub fn validate_process_in(
+    new: NewProcess,
+    catalog: &dyn Catalog,
+) -> Result<(String, Vec<ProcessStep>), String> {
     let mut problems = Vec::new();
     problems.extend(name_problem("process name", &new.name));
     if new.steps.is_empty() || new.steps.len() > MAX_STEPS {
@@ -106,30 +172,23 @@ pub fn validate_process(new: NewProcess) -> Result<(String, Vec<ProcessStep>), S
         if !names.insert(s.name.clone()) {
             problems.push(format!("{at}: step names must be unique"));
         }
-        let Some(built_in) = BUILT_INS
-            .iter()
-            .find(|b| b.plugin == s.plugin && b.step == s.step)
-        else {
+        let entry = lookup(catalog, &s.plugin);
+        let Some(def) = entry.as_ref().and_then(|e| e.manifest.step(&s.step)) else {
             problems.push(format!(
                 "{at}: unknown plugin step {}/{} (known: {})",
                 s.plugin,
                 s.step,
-                BUILT_INS
-                    .iter()
-                    .map(|b| format!("{}/{}", b.plugin, b.step))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                known_steps(catalog)
             ));
             continue;
         };
-        for r in built_in.required {
-            if !s.properties.contains_key(*r) {
-                problems.push(format!("{at}: missing required property {r:?}"));
+        for r in def.properties.iter().filter(|p| p.required) {
+            if !s.properties.contains_key(&r.name) {
+                problems.push(format!("{at}: missing required property {:?}", r.name));
             }
         }
-        let known = |p: &str| {
-            built_in.open || built_in.required.contains(&p) || built_in.optional.contains(&p)
-        };
+        let declared = |p: &str| def.properties.iter().any(|d| d.name == p);
+        let known = |p: &str| def.open || declared(p);
         for (p, value) in &s.properties {
             if !known(p) {
                 problems.push(format!("{at}: unknown property {p:?}"));
@@ -139,7 +198,7 @@ pub fn validate_process(new: NewProcess) -> Result<(String, Vec<ProcessStep>), S
             }
         }
         for p in &s.secrets {
-            if !s.properties.contains_key(p) {
+            if !s.properties.contains_key(p) && !declared(p) {
                 problems.push(format!("{at}: secret {p:?} is not a property of this step"));
             }
         }
@@ -155,7 +214,7 @@ pub fn validate_process(new: NewProcess) -> Result<(String, Vec<ProcessStep>), S
                 ));
             }
         }
-        let timeout_s = s.timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
+        let timeout_s = s.timeout_s.or(def.timeout_s).unwrap_or(DEFAULT_TIMEOUT_S);
         if timeout_s == 0 || timeout_s > MAX_TIMEOUT_S {
             problems.push(format!(
                 "{at}: timeout_s must be 1 to {MAX_TIMEOUT_S}, got {timeout_s}"
@@ -167,7 +226,7 @@ pub fn validate_process(new: NewProcess) -> Result<(String, Vec<ProcessStep>), S
             step: s.step,
             properties: s.properties,
             secrets: s.secrets,
-            on_interrupt: s.on_interrupt.unwrap_or(built_in.on_interrupt),
+            on_interrupt: s.on_interrupt.unwrap_or(def.on_interrupt),
             timeout_s,
         });
     }
@@ -236,11 +295,25 @@ pub fn validate_properties(props: &BTreeMap<String, String>) -> Vec<String> {
     problems
 }
 
-/// The steps of `process` with the deployment's properties substituted. A step property whose
-/// value took a `*_secret` property becomes secret too. `Err` lists every unknown placeholder.
+/// [`resolve_steps_in`] against the built-ins only.
+#[cfg(test)]
 pub fn resolve_steps(
     process: &Process,
     props: &BTreeMap<String, String>,
+) -> Result<Vec<StepSpec>, String> {
+    resolve_steps_in(process, props, &BuiltInsOnly, None)
+}
+
+/// The steps of `process` with the deployment's properties substituted and the manifest's
+/// defaults filled in. A step property whose value took a `*_secret` property becomes secret
+/// too, and so does every property the manifest declares secret. A step of an uploaded plugin
+/// gets the bundle of the plugin's current version. `Err` lists every problem (unknown
+/// placeholders, plugin steps gone, required properties the current version added).
+pub fn resolve_steps_in(
+    process: &Process,
+    props: &BTreeMap<String, String>,
+    catalog: &dyn Catalog,
+    artifacts: Option<&dyn ArtifactLookup>,
 ) -> Result<Vec<StepSpec>, String> {
     let mut problems = Vec::new();
     let mut steps = Vec::with_capacity(process.steps.len());
@@ -258,9 +331,38 @@ pub fn resolve_steps(
                 Err(e) => problems.push(format!("step {:?} property {k:?}: {e}", s.name)),
             }
         }
-        if s.plugin == "shell" && !properties.contains_key("interpreter") {
-            properties.insert("interpreter".into(), "/bin/sh".into());
+        let entry = lookup(catalog, &s.plugin);
+        let Some((entry, def)) = entry
+            .as_ref()
+            .and_then(|e| e.manifest.step(&s.step).map(|d| (e, d)))
+        else {
+            problems.push(format!(
+                "step {:?}: plugin step {}/{} is no longer known",
+                s.name, s.plugin, s.step
+            ));
+            continue;
+        };
+        for p in &def.properties {
+            if let (false, Some(default)) = (properties.contains_key(&p.name), &p.default) {
+                properties.insert(p.name.clone(), default.clone());
+            }
+            if p.required && !properties.contains_key(&p.name) {
+                problems.push(format!(
+                    "step {:?}: plugin {} {} requires property {:?}",
+                    s.name, entry.manifest.name, entry.manifest.version, p.name
+                ));
+            }
+            if p.secret && properties.contains_key(&p.name) && !secrets.contains(&p.name) {
+                secrets.push(p.name.clone());
+            }
         }
+        let bundle = match (&entry.bundle_sha256, &def.command) {
+            (Some(sha256), Some(command)) => Some(BundleRef {
+                sha256: sha256.clone(),
+                command: command.clone(),
+            }),
+            _ => None,
+        };
         secrets.sort();
         steps.push(StepSpec {
             name: s.name.clone(),
@@ -270,9 +372,10 @@ pub fn resolve_steps(
             secrets,
             on_interrupt: s.on_interrupt,
             timeout_ms: s.timeout_s.saturating_mul(1000),
-            bundle: None,
+            bundle,
         });
     }
+    problems.extend(resolve_built_in_values(&mut steps, artifacts));
     if !problems.is_empty() {
         return Err(problems.join("; "));
     }
@@ -285,92 +388,165 @@ pub fn resolve_steps(
     Ok(steps)
 }
 
+/// Where `artifact/fetch` steps find their artifact's sha256 and size (the server's artifact
+/// store; see `crate::artifacts`).
+pub trait ArtifactLookup: Send + Sync {
+    /// `(sha256, size)` of artifact `name` at `version`, if published.
+    fn lookup(&self, name: &str, version: &str) -> Option<(String, u64)>;
+}
+
+/// Deployment-time checks and additions for the built-in steps whose values matter to the
+/// server: an `artifact/fetch` step gets properties `sha256` and `size` of its artifact
+/// (unknown artifact: a problem naming it) and `unpack` must be "true" or "false"; an
+/// `http/request` needs an http(s) URL, a known method and a numeric expected status.
+fn resolve_built_in_values(
+    steps: &mut [StepSpec],
+    lookup: Option<&dyn ArtifactLookup>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    for s in steps.iter_mut() {
+        let prop = |k: &str| s.properties.get(k).map(String::as_str);
+        match (s.plugin.as_str(), s.step.as_str()) {
+            ("artifact", "fetch") => {
+                if let Some(u) = prop("unpack").filter(|u| !matches!(*u, "true" | "false")) {
+                    problems.push(format!(
+                        "step {:?}: unpack must be \"true\" or \"false\", got {u:?}",
+                        s.name
+                    ));
+                }
+                let (Some(name), Some(version)) = (prop("name"), prop("version")) else {
+                    continue;
+                };
+                match lookup.and_then(|l| l.lookup(name, version)) {
+                    Some((sha256, size)) => {
+                        s.properties.insert("sha256".into(), sha256);
+                        s.properties.insert("size".into(), size.to_string());
+                    }
+                    None => problems.push(format!(
+                        "step {:?}: unknown artifact {name}/{version} (upload it first)",
+                        s.name
+                    )),
+                }
+            }
+            ("http", "request") => {
+                if let Some(url) =
+                    prop("url").filter(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+                {
+                    problems.push(format!(
+                        "step {:?}: url {url:?} must start with http:// or https://",
+                        s.name
+                    ));
+                }
+                if let Some(m) =
+                    prop("method").filter(|m| !matches!(*m, "GET" | "POST" | "PUT" | "DELETE"))
+                {
+                    problems.push(format!(
+                        "step {:?}: method must be GET, POST, PUT or DELETE, got {m:?}",
+                        s.name
+                    ));
+                }
+                if let Some(e) = prop("expect_status")
+                    .filter(|e| !e.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c)))
+                {
+                    problems.push(format!(
+                        "step {:?}: expect_status must be an HTTP status 100-599, got {e:?}",
+                        s.name
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    problems
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
-mod tests {
+mod built_in_value_tests {
     use super::*;
 
-    fn parse(v: serde_json::Value) -> NewProcess {
-        serde_json::from_value(v).unwrap()
-    }
-
-    #[test]
-    fn a_good_process_gets_defaults() {
-        let (name, steps) = validate_process(parse(serde_json::json!({
-            "name": "web-app",
-            "steps": [
-                {"name": "conf", "plugin": "file", "step": "write",
-                 "properties": {"path": "/tmp/x", "content": "${greeting}", "mode": "0644"}},
-                {"name": "run", "plugin": "shell", "step": "run",
-                 "properties": {"script": "echo hi"}, "timeout_s": 5},
-            ]
-        })))
-        .unwrap();
-        assert_eq!(name, "web-app");
-        assert_eq!(steps[0].on_interrupt, OnInterrupt::Rerun);
-        assert_eq!(steps[0].timeout_s, DEFAULT_TIMEOUT_S);
-        assert_eq!(steps[1].on_interrupt, OnInterrupt::Fail);
-        assert_eq!(steps[1].timeout_s, 5);
-    }
-
-    #[test]
-    fn every_problem_is_reported_at_once() {
-        let err = validate_process(parse(serde_json::json!({
-            "name": "bad name",
-            "steps": [
-                {"name": "a", "plugin": "shell", "step": "run", "properties": {"scrip": "x"},
-                 "secrets": ["nope"], "timeout_s": 0},
-                {"name": "a", "plugin": "k8s", "step": "apply"},
-                {"name": "w", "plugin": "file", "step": "write",
-                 "properties": {"path": "p", "content": "${oops", "mode": "rw", "owner": "x"}},
-            ]
-        })))
-        .unwrap_err();
-        for needle in [
-            "process name",
-            "missing required property \"script\"",
-            "unknown property \"owner\"",
-            "secret \"nope\"",
-            "timeout_s",
-            "step names must be unique",
-            "unknown plugin step k8s/apply",
-            "unterminated",
-            "mode \"rw\"",
-        ] {
-            assert!(err.contains(needle), "{needle} not in {err}");
+    struct One;
+    impl ArtifactLookup for One {
+        fn lookup(&self, name: &str, version: &str) -> Option<(String, u64)> {
+            (name == "web" && version == "1.0").then(|| ("ab".repeat(32), 42))
         }
-        let err =
-            validate_process(parse(serde_json::json!({"name": "p", "steps": []}))).unwrap_err();
-        assert!(err.contains("1 to 100 steps"), "{err}");
+    }
+
+    fn step(plugin: &str, step: &str, props: &[(&str, &str)]) -> StepSpec {
+        StepSpec {
+            name: "s".into(),
+            plugin: plugin.into(),
+            step: step.into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            secrets: Vec::new(),
+            on_interrupt: OnInterrupt::Rerun,
+            timeout_ms: 1000,
+            bundle: None,
+        }
     }
 
     #[test]
-    fn substitution_is_literal_and_marks_secrets() {
-        let (_, steps) = validate_process(parse(serde_json::json!({
-            "name": "p",
-            "steps": [{"name": "s", "plugin": "shell", "step": "run",
-                       "properties": {"script": "echo ${who} ${pw_secret}"}}]
-        })))
-        .unwrap();
-        let process = Process {
-            name: "p".into(),
-            version: 1,
-            steps,
-            updated_unix_ms: 0,
-        };
-        let mut props = BTreeMap::new();
-        props.insert("who".to_owned(), "$(rm -rf /) ${pw_secret}".to_owned());
-        props.insert("pw_secret".to_owned(), "hunter2".to_owned());
-        let steps = resolve_steps(&process, &props).unwrap();
-        assert_eq!(
-            steps[0].properties["script"],
-            "echo $(rm -rf /) ${pw_secret} hunter2"
+    fn artifacts_are_resolved_and_values_checked() {
+        let mut steps = vec![step(
+            "artifact",
+            "fetch",
+            &[
+                ("name", "web"),
+                ("version", "1.0"),
+                ("dest", "/d"),
+                ("unpack", "true"),
+            ],
+        )];
+        assert!(resolve_built_in_values(&mut steps, Some(&One)).is_empty());
+        assert_eq!(steps[0].properties["sha256"], "ab".repeat(32));
+        assert_eq!(steps[0].properties["size"], "42");
+        let mut steps = vec![
+            step(
+                "artifact",
+                "fetch",
+                &[
+                    ("name", "web"),
+                    ("version", "2.0"),
+                    ("dest", "/d"),
+                    ("unpack", "yes"),
+                ],
+            ),
+            step(
+                "http",
+                "request",
+                &[
+                    ("url", "file:///etc/passwd"),
+                    ("method", "TRACE"),
+                    ("expect_status", "2xx"),
+                ],
+            ),
+        ];
+        let problems = resolve_built_in_values(&mut steps, Some(&One)).join("; ");
+        for needle in [
+            "unknown artifact web/2.0",
+            "unpack",
+            "http://",
+            "TRACE",
+            "2xx",
+        ] {
+            assert!(problems.contains(needle), "{needle} not in {problems}");
+        }
+        let mut steps = vec![step(
+            "artifact",
+            "fetch",
+            &[("name", "web"), ("version", "1.0")],
+        )];
+        let problems = resolve_built_in_values(&mut steps, None);
+        assert!(
+            problems[0].contains("unknown artifact web/1.0"),
+            "{problems:?}"
         );
-        assert_eq!(steps[0].properties["interpreter"], "/bin/sh");
-        assert_eq!(steps[0].secrets, vec!["script".to_owned()]);
-
-        props.remove("who");
-        let err = resolve_steps(&process, &props).unwrap_err();
-        assert!(err.contains("${who}"), "{err}");
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests;

@@ -9,6 +9,7 @@
 //!   group. A stdout line `::output name=value` sets an output property.
 //! - `file/write`, `file/delete`, `file/copy`: done by the worker itself, refusing `..` and
 //!   symbolic links at the target, writing atomically (temp file, fsync, rename).
+//! - `artifact/fetch` and `http/request`: see `super::fetch` and `super::http`.
 //!
 //! Output is handed over in chunks (at most [`CHUNK_BYTES`], or whatever arrived within
 //! [`CHUNK_WAIT`]) with every secret value replaced by `***`, and capped at [`MAX_OUTPUT`].
@@ -18,9 +19,16 @@ use std::path::{Component, Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use tether_shared::enroll::Upstream;
+use tether_shared::identity::Identity;
+use tether_shared::plugin::env_name;
 use tether_shared::protocol::{StepSpec, StepStatus};
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
+
+use super::bundle;
 
 /// Largest output chunk.
 pub const CHUNK_BYTES: usize = 16 * 1024;
@@ -41,7 +49,7 @@ pub struct StepResult {
 }
 
 impl StepResult {
-    fn failed(message: String) -> Self {
+    pub(crate) fn failed(message: String) -> Self {
         StepResult {
             status: StepStatus::Failed,
             exit_code: None,
@@ -67,6 +75,19 @@ pub struct StepContext {
     pub work_dir: PathBuf,
     /// Outputs of the steps before this one.
     pub outputs: BTreeMap<String, String>,
+    /// The agent's id: bulk downloads (plugin bundles) are signed in its name.
+    pub agent_id: String,
+    /// The agent's key, to sign those downloads.
+    pub identity: Arc<Identity>,
+    /// TLS trusting the server's CA (the agent pins it).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// The upstream the uplink uses now (or will try next): bulk downloads go to
+    /// `https://host:port` of it, through the same relays as the WebSocket.
+    pub upstream: Upstream,
+    /// Where unpacked plugin bundles are cached, one directory per sha256 (`DATA/plugins`).
+    pub plugin_dir: PathBuf,
+    /// Where `artifact/fetch` caches verified downloads by sha256 (`DATA/cache/artifacts`).
+    pub artifact_cache: PathBuf,
 }
 
 /// Replaces every secret value in `text` by `***`.
@@ -87,20 +108,6 @@ pub fn secret_values(spec: &StepSpec) -> Vec<String> {
         .collect()
 }
 
-fn env_name(prefix: &str, name: &str) -> String {
-    let cleaned: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("{prefix}{cleaned}")
-}
-
 /// Run `spec`; `chunk` receives masked output as it comes; `cancel` firing kills it.
 pub async fn run(
     spec: &StepSpec,
@@ -114,8 +121,13 @@ pub async fn run(
             ctx.work_dir.display()
         ));
     }
+    if let Some(b) = &spec.bundle {
+        return bundle::run(spec, b, ctx, chunk, cancel).await;
+    }
     match (spec.plugin.as_str(), spec.step.as_str()) {
         ("shell", "run") => shell(spec, ctx, chunk, cancel).await,
+        ("artifact", "fetch") => super::fetch::run(spec, ctx, cancel).await,
+        ("http", "request") => super::http::run(spec, cancel).await,
         ("file", op @ ("write" | "delete" | "copy")) => {
             let (spec, op) = (spec.clone(), op.to_owned());
             match tokio::task::spawn_blocking(move || file_op(&spec, &op)).await {
@@ -153,9 +165,24 @@ async fn shell(
     if let Err(e) = tether_shared::identity::write_private_file(&script_path, script.as_bytes()) {
         return StepResult::failed(format!("cannot write the script: {e}"));
     }
-    let mut cmd = tokio::process::Command::new(interpreter);
-    cmd.arg(&script_path)
-        .current_dir(&ctx.work_dir)
+    let mut cmd = child_command(interpreter, spec, ctx, &["script", "interpreter"]);
+    cmd.arg(&script_path);
+    run_child(cmd, interpreter, spec, chunk, cancel).await
+}
+
+/// A step's child process, not yet started: `program` in the job's work directory with a
+/// cleared environment (a fixed PATH, HOME, LANG, the job and step names), every property but
+/// `skip` as `TETHER_PROP_<NAME>` and the earlier steps' outputs as `TETHER_OUTPUT_<NAME>`;
+/// no stdin, piped stdout and stderr, leading its own process group. Add arguments, then
+/// [`run_child`].
+pub(crate) fn child_command(
+    program: &str,
+    spec: &StepSpec,
+    ctx: &StepContext,
+    skip: &[&str],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.current_dir(&ctx.work_dir)
         .env_clear()
         .env("PATH", SAFE_PATH)
         .env("HOME", &ctx.work_dir)
@@ -168,16 +195,29 @@ async fn shell(
         .process_group(0)
         .kill_on_drop(true);
     for (k, v) in &spec.properties {
-        if k != "script" && k != "interpreter" {
+        if !skip.contains(&k.as_str()) {
             cmd.env(env_name("TETHER_PROP_", k), v);
         }
     }
     for (k, v) in &ctx.outputs {
         cmd.env(env_name("TETHER_OUTPUT_", k), v);
     }
+    cmd
+}
+
+/// Starts `cmd` (from [`child_command`]) and runs it to its end: output captured in masked
+/// chunks and capped, `::output name=value` lines collected, the whole process group killed
+/// at the step's timeout, at `cancel`, and when it exits (no daemon outlives its step).
+pub(crate) async fn run_child(
+    mut cmd: tokio::process::Command,
+    program: &str,
+    spec: &StepSpec,
+    chunk: impl Fn(String),
+    cancel: oneshot::Receiver<()>,
+) -> StepResult {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => return StepResult::failed(format!("cannot start {interpreter}: {e}")),
+        Err(e) => return StepResult::failed(format!("cannot start {program}: {e}")),
     };
     let group = GroupGuard(child.id().map(|p| p as i32));
     let secrets = secret_values(spec);
@@ -384,10 +424,39 @@ fn file_op(spec: &StepSpec, op: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+pub(crate) mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-    use tether_shared::protocol::OnInterrupt;
+    use std::sync::Mutex;
+    use tether_shared::protocol::{BundleRef, OnInterrupt};
+
+    /// A client TLS configuration trusting nothing (the tests fetch nothing).
+    pub(crate) fn client_tls() -> Arc<rustls::ClientConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth(),
+        )
+    }
+
+    /// A context in `dir`, its upstream unreachable.
+    pub(crate) fn context(dir: &Path) -> StepContext {
+        StepContext {
+            job_id: "j1".into(),
+            index: 0,
+            work_dir: dir.join("work"),
+            outputs: BTreeMap::new(),
+            agent_id: "a-1".into(),
+            identity: Arc::new(Identity::generate()),
+            tls: client_tls(),
+            upstream: Upstream::parse("wss://127.0.0.1:9").unwrap(),
+            plugin_dir: dir.join("plugins"),
+            artifact_cache: dir.join("cache/artifacts"),
+        }
+    }
 
     fn spec(
         plugin: &str,
@@ -412,12 +481,7 @@ mod tests {
     }
 
     async fn go(spec: &StepSpec, dir: &Path) -> (StepResult, String) {
-        let ctx = StepContext {
-            job_id: "j1".into(),
-            index: 0,
-            work_dir: dir.join("work"),
-            outputs: BTreeMap::new(),
-        };
+        let ctx = context(dir);
         let log = Arc::new(Mutex::new(String::new()));
         let l = log.clone();
         let (_tx, rx) = oneshot::channel();
@@ -449,6 +513,43 @@ mod tests {
         assert!(log.contains(&format!("got:{evil}")), "{log}");
         assert!(!log.contains("hunter2") && log.contains("pw=***"), "{log}");
         assert_eq!(r.outputs.get("answer").map(String::as_str), Some("42"));
+    }
+
+    #[actix_rt::test]
+    async fn a_cached_bundle_step_runs_like_a_shell_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let sha = "ef".repeat(32);
+        let bundle_dir = dir.path().join("plugins").join(&sha);
+        std::fs::create_dir_all(bundle_dir.join("bin")).unwrap();
+        std::fs::write(
+            bundle_dir.join("bin/go.sh"),
+            "echo \"conf=$TETHER_PROP_CONFIG key=$TETHER_PROP_KEY dir=$TETHER_PLUGIN_DIR\"\necho '::output pid=7'\n",
+        )
+        .unwrap();
+        let mut s = spec(
+            "nginx",
+            "reload",
+            &[("config", "/etc/x; $(id)"), ("key", "sekrit")],
+            &["key"],
+            10_000,
+        );
+        s.bundle = Some(BundleRef {
+            sha256: sha.clone(),
+            command: vec!["/bin/sh".into(), "./bin/go.sh".into()],
+        });
+        let (r, log) = go(&s, dir.path()).await;
+        assert_eq!(r.status, StepStatus::Succeeded, "{r:?} {log}");
+        assert!(log.contains("conf=/etc/x; $(id) key=*** dir="), "{log}");
+        assert!(log.contains(&sha) && !log.contains("sekrit"), "{log}");
+        assert_eq!(r.outputs.get("pid").map(String::as_str), Some("7"));
+        // A bundle that is not cached and cannot be fetched fails the step, naming why.
+        s.bundle = Some(BundleRef {
+            sha256: "01".repeat(32),
+            command: vec!["/bin/sh".into(), "x.sh".into()],
+        });
+        let (r, _) = go(&s, dir.path()).await;
+        assert_eq!(r.status, StepStatus::Failed);
+        assert!(r.message.contains("fetching plugin bundle"), "{r:?}");
     }
 
     #[actix_rt::test]

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use actix::prelude::*;
+use tether_shared::enroll::Upstream;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 use tether_shared::protocol::{EventBody, JobStatus, Seq, StepSpec, StepStatus};
 use tokio::sync::oneshot;
@@ -283,11 +284,28 @@ impl Uplink {
         let Some(spec) = record.steps.get(step).cloned() else {
             return;
         };
+        // Bulk downloads go to the upstream in use (or tried next), by its https base.
+        // (Upstreams are validated at install: an unparsable one only fails bundle fetches.)
+        let upstream = self
+            .cfg
+            .upstreams
+            .get(self.upstream % self.cfg.upstreams.len().max(1))
+            .and_then(|u| Upstream::parse(u).ok())
+            .unwrap_or(Upstream {
+                host: String::new(),
+                port: 0,
+            });
         let step_ctx = StepContext {
             job_id: job_id.to_owned(),
             index: step,
             work_dir: self.cfg.work_dir.join(job_id),
             outputs: record.outputs_before(step),
+            agent_id: self.cfg.agent_id.clone(),
+            identity: self.cfg.identity.clone(),
+            tls: self.cfg.tls.clone(),
+            upstream,
+            plugin_dir: self.cfg.plugin_dir.clone(),
+            artifact_cache: self.cfg.artifact_cache.clone(),
         };
         let (kill, killed) = oneshot::channel();
         self.jobs.running.insert(job_id.to_owned(), kill);

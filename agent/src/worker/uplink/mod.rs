@@ -54,7 +54,8 @@ const TICK: Duration = Duration::from_secs(1);
 pub struct UplinkConfig {
     pub agent_id: String,
     pub version: String,
-    pub identity: Identity,
+    /// Shared with the step runners, which sign bulk downloads with it.
+    pub identity: Arc<Identity>,
     /// The server's command-signing key, pinned at install.
     pub server_key: PublicKey,
     pub tls: Arc<rustls::ClientConfig>,
@@ -72,6 +73,10 @@ pub struct UplinkConfig {
     pub status: Arc<std::sync::Mutex<Option<AgentStatus>>>,
     /// Where jobs get their working directories.
     pub work_dir: std::path::PathBuf,
+    /// Where unpacked plugin bundles are cached (`DATA/plugins`).
+    pub plugin_dir: std::path::PathBuf,
+    /// Where `artifact/fetch` caches verified artifacts (`DATA/cache/artifacts`).
+    pub artifact_cache: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,6 +232,11 @@ impl Uplink {
 
     /// Forget the connection and try again later (`hint`: the server's Busy delay).
     fn drop_connection(&mut self, ctx: &mut Context<Self>, hint: Option<Duration>) {
+        // Once per connection: a broken stream reports many errors, and each must not start
+        // its own reconnect (two live connections of one agent would race).
+        if self.sink.is_none() && matches!(self.phase, Phase::Idle | Phase::Connecting) {
+            return;
+        }
         let was_ready = self.phase == Phase::Ready;
         if let Some(mut sink) = self.sink.take() {
             let _ = sink.write(ws::Message::Close(None));
@@ -641,7 +651,8 @@ impl StreamHandler<Incoming> for Uplink {
 
     fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
         match msg {
-            Incoming::Frame(conn, _) | Incoming::Ended(conn) if conn != self.conn => {}
+            Incoming::Frame(conn, _) | Incoming::Ended(conn)
+                if conn != self.conn || self.sink.is_none() => {}
             Incoming::Ended(_) => {
                 tracing::info!(conn = self.conn.0, "uplink-closed");
                 self.drop_connection(ctx, None);

@@ -160,15 +160,13 @@ impl AgentLink {
         ops: Vec<Op>,
         then: impl FnOnce(&mut Self, &mut Context<Self>) + 'static,
     ) {
-        let journal = self.shared.journal.clone();
-        ctx.spawn(
-            async move { journal.commit(ops).await }
-                .into_actor(self)
-                .map(move |res, act, ctx| match res {
-                    Ok(_) => then(act, ctx),
-                    Err(e) => act.fail(ctx, &e),
-                }),
-        );
+        // Queued now (not when the future is first polled): commit order is call order, which
+        // is what makes "a later commit is durable, so every earlier one is" true.
+        let commit = self.shared.journal.commit(ops);
+        ctx.spawn(commit.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(_) => then(act, ctx),
+            Err(e) => act.fail(ctx, &e),
+        }));
     }
 
     /// An event was accepted: its effect goes into the same batch. Job events change job state
@@ -184,6 +182,9 @@ impl AgentLink {
                 true
             }
             EventBody::ProbeEcho { n } => {
+                if *n != self.probes.echoes.next.max(1) {
+                    tracing::warn!(agent_id = %self.agent_id, seq = event.seq.0, n, expected = self.probes.echoes.next, "probe-echo-out-of-order");
+                }
                 self.probes.echoes.record(*n);
                 true
             }
@@ -449,11 +450,12 @@ impl Handler<Attach> for AgentLink {
             }
         }
         ops.extend(reset_jobs);
-        let journal = self.shared.journal.clone();
+        // Queued now, before any later commit of this link.
+        let commit = (!ops.is_empty()).then(|| self.shared.journal.commit(ops));
         Box::pin(
             async move {
-                if !ops.is_empty() {
-                    journal.commit(ops).await?;
+                if let Some(commit) = commit {
+                    commit.await?;
                 }
                 Ok::<(), LinkError>(())
             }

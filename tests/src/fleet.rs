@@ -166,6 +166,34 @@ impl Server {
         format!("wss://localhost:{}", self.wss.port())
     }
 
+    /// A client configuration trusting this server's CA only.
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.clone()
+    }
+
+    /// An admin request with a raw body (uploads) and extra headers.
+    pub fn request_raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpReply {
+        let auth = format!("Bearer {}", self.admin_token);
+        let mut all = vec![("Authorization", auth.as_str())];
+        all.extend_from_slice(headers);
+        https_request_with_body(
+            self.https,
+            self.tls.clone(),
+            "localhost",
+            method,
+            path,
+            &all,
+            Some(body),
+        )
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
         let auth = format!("Bearer {}", self.admin_token);
         let bytes = body.map(|b| b.to_string().into_bytes());

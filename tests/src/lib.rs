@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tether_shared::https;
 
+pub mod fixtures;
 pub mod fleet;
 pub mod loadgen;
 pub mod wire;

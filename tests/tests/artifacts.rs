@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,9 +22,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const LIMIT: usize = 64 * 1024;
 
 fn tls(server: &Server) -> Arc<rustls::ClientConfig> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let ca = std::fs::read_to_string(server.ca_path()).unwrap();
-    Arc::new(tether_shared::tls::client_config(&ca).unwrap())
+    server.tls()
 }
 
 fn sha_hex(bytes: &[u8]) -> String {
@@ -32,22 +30,13 @@ fn sha_hex(bytes: &[u8]) -> String {
 }
 
 fn upload(server: &Server, name: &str, version: &str, body: &[u8], sum: Option<&str>) -> HttpReply {
-    let auth = format!("Bearer {}", server.admin_token);
-    let mut headers = vec![("Authorization", auth.as_str())];
-    if let Some(s) = sum {
-        headers.push(("X-Checksum-Sha256", s));
-    }
-    let path = format!("/api/v1/artifacts/{name}/{version}");
-    https_request_with_body(
-        server.https,
-        tls(server),
-        "localhost",
+    let headers: Vec<(&str, &str)> = sum.map(|s| ("X-Checksum-Sha256", s)).into_iter().collect();
+    server.request_raw(
         "PUT",
-        &path,
+        &format!("/api/v1/artifacts/{name}/{version}"),
         &headers,
-        Some(body),
+        body,
     )
-    .unwrap()
 }
 
 /// A raw TLS connection to `addr`, for requests the helpers cannot make.
@@ -83,19 +72,7 @@ fn tmp_files(server: &Server) -> usize {
 }
 
 fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    let mut b = tar::Builder::new(gz);
-    for (name, data) in entries {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        // Raw bytes: the tar crate's own set_path refuses `..`, which the hostile case needs.
-        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
-        h.set_cksum();
-        b.append(&h, *data).unwrap();
-    }
-    b.into_inner().unwrap().finish().unwrap()
+    tether_tests::fixtures::tar_gz(entries, 0o644)
 }
 
 fn started(tmp: &TestDir) -> (Server, Agent) {
@@ -321,42 +298,13 @@ fn artifact_fetch_unpacks_onto_the_agent_and_refuses_hostile_archives() {
 }
 
 /// A one-connection-at-a-time HTTP server answering every request with `status` and `body`.
-fn tiny_http(status: u16, body: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut c) = conn else { continue };
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
-                head.push(b[0]);
-            }
-            // Read the body too: closing with unread bytes would reset the connection.
-            let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-            let length: usize = text
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            let mut body_in = vec![0u8; length];
-            let _ = c.read_exact(&mut body_in);
-            let _ = write!(
-                c,
-                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    addr
-}
 
 #[test]
 fn http_request_steps_check_the_status_and_output_the_body() {
     let tmp = TestDir::new();
     let (server, _agent) = started(&tmp);
-    let ok = tiny_http(200, "hello from the service");
-    let teapot = tiny_http(418, "short and stout");
+    let ok = tether_tests::fixtures::tiny_http(200, "hello from the service");
+    let teapot = tether_tests::fixtures::tiny_http(418, "short and stout");
     let d = deploy_and_wait(
         &server,
         json!({"name": "probe", "steps": [

@@ -49,7 +49,7 @@ fn log(server: &Server, id: &str, agent: &str, step: &str) -> String {
 }
 
 #[test]
-fn a_process_of_built_in_steps_runs_on_the_agents_with_a_tag() {
+fn a_process_of_all_four_built_ins_runs_on_the_agents_with_a_tag() {
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
     let mut web1 = Agent::install(&server, tmp.path(), "web-1", &["web"]);
@@ -66,6 +66,11 @@ fn a_process_of_built_in_steps_runs_on_the_agents_with_a_tag() {
     let out = tmp.path().join("deployed");
     std::fs::create_dir_all(&out).unwrap();
     let canary = tmp.path().join("canary");
+    // An artifact to fetch and a service to call.
+    let page = b"<h1>deployed</h1>\n";
+    let r = server.request_raw("PUT", "/api/v1/artifacts/site-page/1.0", &[], page);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let service = tether_tests::fixtures::tiny_http(200, "pong");
     create_process(
         &server,
         json!({"name": "site", "steps": [
@@ -74,8 +79,12 @@ fn a_process_of_built_in_steps_runs_on_the_agents_with_a_tag() {
                 , "who": "${greeting}", "password": "${db_password_secret}"}, "secrets": ["password"]},
             {"name": "config", "plugin": "file", "step": "write", "properties": {
                 "path": format!("{}/${{agent_file}}", out.display()), "content": "greeting=${greeting}\n"}},
+            {"name": "fetch", "plugin": "artifact", "step": "fetch", "properties": {
+                "name": "site-page", "version": "1.0", "dest": format!("{}/index.html", out.display())}},
+            {"name": "ping", "plugin": "http", "step": "request", "properties": {
+                "url": format!("http://{service}/health")}},
             {"name": "check", "plugin": "shell", "step": "run", "properties": {
-                "script": "test \"$TETHER_OUTPUT_VERSION\" = 1.2.3 && echo \"saw version $TETHER_OUTPUT_VERSION\""}}
+                "script": "test \"$TETHER_OUTPUT_VERSION\" = 1.2.3 && test \"$TETHER_OUTPUT_BODY\" = pong && echo \"saw version $TETHER_OUTPUT_VERSION\""}}
         ]}),
     );
     let evil = format!(
@@ -100,7 +109,7 @@ fn a_process_of_built_in_steps_runs_on_the_agents_with_a_tag() {
                 .iter()
                 .map(|s| s["status"].as_str().unwrap())
                 .collect::<Vec<_>>(),
-            ["succeeded"; 3],
+            ["succeeded"; 5],
             "{d}"
         );
         assert_eq!(steps[0]["outputs"]["version"], "1.2.3", "{d}");
@@ -118,6 +127,11 @@ fn a_process_of_built_in_steps_runs_on_the_agents_with_a_tag() {
         "the secret is in the API answer"
     );
     assert!(!canary.exists(), "a property reached a shell as code");
+    assert_eq!(
+        std::fs::read(out.join("index.html")).unwrap(),
+        page,
+        "the artifact arrived"
+    );
     let written = std::fs::read_to_string(out.join("site.conf")).unwrap();
     assert_eq!(written, format!("greeting={evil}\n"));
     for a in [&web1, &web2, &db] {

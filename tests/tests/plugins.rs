@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,24 +37,14 @@ timeout_s = 30
 
 const SCRIPT: &str = "echo \"reloading $TETHER_PROP_CONFIG level=$TETHER_PROP_LEVEL token=$TETHER_PROP_TOKEN\"\necho '::output pid=4242'\n";
 
-/// A tar.gz of `files` (path, contents).
+/// A tar.gz of `files` (path, contents), executable.
 fn targz(files: &[(&str, &str)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (path, data) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o755);
-        h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, data.as_bytes()).unwrap();
-    }
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&b.into_inner().unwrap()).unwrap();
-    gz.finish().unwrap()
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (*p, d.as_bytes())).collect();
+    tether_tests::fixtures::tar_gz(&entries, 0o755)
 }
 
 fn client_tls(server: &Server) -> Arc<rustls::ClientConfig> {
-    let ca = std::fs::read_to_string(server.ca_path()).unwrap();
-    Arc::new(tether_shared::tls::client_config(&ca).unwrap())
+    server.tls()
 }
 
 fn upload(server: &Server, bundle: &[u8]) -> HttpReply {

@@ -354,8 +354,18 @@ impl Uplink {
             outputs: result.outputs,
             message: result.message,
         };
+        let mut events = vec![event];
+        // The job's last step: its end and the job's end go in one batch (one sync, not two).
+        if let Next::Finish { status } = record.next() {
+            record.finished = Some(status);
+            tracing::info!(job_id = %job_id, status = ?status, "job-finished");
+            events.push(EventBody::JobFinished {
+                job_id: job_id.to_owned(),
+                status,
+            });
+        }
         let job = job_id.to_owned();
-        self.emit(ctx, job_id, vec![event], true, move |act, ctx| {
+        self.emit(ctx, job_id, events, true, move |act, ctx| {
             act.advance(ctx, &job)
         });
     }

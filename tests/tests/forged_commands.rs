@@ -1,0 +1,263 @@
+//! Commands injected on the wire: a fake upstream (what a compromised relay or a
+//! man-in-the-middle holding a certificate from the right CA could do) speaks the real protocol
+//! to a real agent. A command signed by anyone but the server — or for another agent — is
+//! refused before anything about it is recorded (no job, no marker, no acceptance event); a
+//! correctly signed command past its deadline is reported expired, not run; a correctly signed
+//! current one runs (the control that proves the fake works).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpRequest, HttpServer};
+use actix_web_actors::ws;
+use tether_shared::identity::Identity;
+use tether_shared::protocol::{
+    command_signing_bytes, Challenge, Command, CommandBody, EventBody, Frame, OnInterrupt, Sender,
+    Seq, StepSpec, Welcome,
+};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// What the fake saw from the agent.
+#[derive(Default)]
+struct Seen {
+    hellos: usize,
+    events: Vec<EventBody>,
+}
+
+/// A scripted upstream session: challenge, welcome, then one command.
+struct FakeSession {
+    command: Vec<u8>,
+    seen: Arc<Mutex<Seen>>,
+}
+
+impl Actor for FakeSession {
+    type Context = ws::WebsocketContext<Self>;
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.binary(
+            Frame::Challenge(Challenge {
+                nonce: "bm9uY2U=".into(),
+            })
+            .encode()
+            .unwrap(),
+        );
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for FakeSession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        let bytes = match msg {
+            Ok(ws::Message::Binary(b)) => b.to_vec(),
+            Ok(ws::Message::Text(t)) => t.as_bytes().to_vec(),
+            _ => return,
+        };
+        let Ok(frame) = tether_shared::protocol::decode(&bytes, Sender::Agent) else {
+            return;
+        };
+        let mut seen = self.seen.lock().unwrap();
+        match frame {
+            Frame::Hello(_) => {
+                seen.hellos += 1;
+                let welcome = Welcome {
+                    last_event_seq: Seq::ZERO,
+                    server_incarnation: "fake-upstream".into(),
+                    heartbeat_interval_ms: 5000,
+                };
+                ctx.binary(Frame::Welcome(welcome).encode().unwrap());
+                ctx.binary(self.command.clone());
+            }
+            Frame::Event(e) => seen.events.push(e.body),
+            _ => {}
+        }
+    }
+}
+
+/// Serve the fake on `addr` with a certificate from the server's CA; returns what it sees.
+fn fake_upstream(
+    server: &Server,
+    addr: std::net::SocketAddr,
+    command: Vec<u8>,
+) -> Arc<Mutex<Seen>> {
+    let read = |f: &str| std::fs::read_to_string(server.dir.join(f)).unwrap();
+    let ca = tether_shared::tls::Ca::from_pem(&read("ca.pem"), &read("ca.key")).unwrap();
+    let (cert, key) = ca.issue_server_cert(&["localhost".to_string()]).unwrap();
+    let tls = tether_shared::tls::server_config(&cert, &key).unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let for_server = seen.clone();
+    std::thread::spawn(move || {
+        let system = actix_rt::System::new();
+        system.block_on(async move {
+            let srv = HttpServer::new(move || {
+                let (command, seen) = (command.clone(), for_server.clone());
+                App::new().route(
+                    "/agent/v1/ws",
+                    web::get().to(move |req: HttpRequest, stream: web::Payload| {
+                        let session = FakeSession {
+                            command: command.clone(),
+                            seen: seen.clone(),
+                        };
+                        async move { ws::start(session, &req, stream) }
+                    }),
+                )
+            })
+            .workers(1)
+            .bind_rustls_0_23(addr, tls)
+            .unwrap()
+            .run();
+            let _ = srv.await;
+        });
+    });
+    seen
+}
+
+fn run_job(
+    agent_id: &str,
+    marker: &std::path::Path,
+    signer: &Identity,
+    deadline_ms: u64,
+) -> Vec<u8> {
+    let body = CommandBody::RunJob {
+        job_id: "j-injected".into(),
+        deployment_id: "d-injected".into(),
+        steps: vec![StepSpec {
+            name: "pwn".into(),
+            plugin: "shell".into(),
+            step: "run".into(),
+            properties: BTreeMap::from([(
+                "script".to_string(),
+                format!("touch {}", marker.display()),
+            )]),
+            secrets: Vec::new(),
+            on_interrupt: OnInterrupt::Fail,
+            timeout_ms: 10_000,
+            bundle: None,
+        }],
+    };
+    let mut c = Command::new(Seq(1), "c-injected".into(), deadline_ms, body.clone()).unwrap();
+    c.signature =
+        signer.sign(&command_signing_bytes(agent_id, "c-injected", deadline_ms, &body).unwrap());
+    Frame::Command(c).encode().unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// An agent enrolled with a real server, whose upstream address is then taken by the fake.
+fn agent_behind_a_fake(
+    tmp: &TestDir,
+    name: &str,
+    command: impl FnOnce(&Server, &Agent) -> Vec<u8>,
+) -> (Agent, Arc<Mutex<Seen>>) {
+    let mut server = Server::start(tmp.path());
+    let mut agent = Agent::install(&server, tmp.path(), name, &[]);
+    let frame = command(&server, &agent);
+    let addr = server.wss;
+    server.kill();
+    let seen = fake_upstream(&server, addr, frame);
+    agent.run();
+    (agent, seen)
+}
+
+#[test]
+fn commands_not_signed_by_the_server_for_this_agent_are_refused_unrecorded() {
+    let cases: [(&str, fn(&Server, &Agent, &std::path::Path) -> Vec<u8>); 2] = [
+        ("signed by another key", |_, a, m| {
+            run_job(&a.id, m, &Identity::generate(), now_ms() + 600_000)
+        }),
+        ("signed for another agent", |s, _, m| {
+            run_job(
+                "a-someone-else",
+                m,
+                &Identity::load(&s.dir.join("signing.key")).unwrap(),
+                now_ms() + 600_000,
+            )
+        }),
+    ];
+    for (case, make) in cases {
+        let tmp = TestDir::new();
+        let marker = tmp.path().join("pwned");
+        let (agent, seen) = agent_behind_a_fake(&tmp, "target-1", |s, a| make(s, a, &marker));
+        // Refused: the agent logs why, drops the connection, and comes back for another try.
+        let log = tmp.path().join("target-1.log");
+        eventually(&format!("{case}: the agent refuses it"), WAIT, || {
+            let refused = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("not signed by the server");
+            (refused && seen.lock().unwrap().hellos >= 2).then_some(())
+        });
+        let s = seen.lock().unwrap();
+        assert!(
+            !s.events
+                .iter()
+                .any(|e| matches!(e, EventBody::JobAccepted { .. })),
+            "{case}: accepted: {:?}",
+            s.events
+        );
+        assert!(!marker.exists(), "{case}: the injected step ran");
+        let journal_has_job = std::fs::read_dir(agent.dir.join("work"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        assert!(!journal_has_job, "{case}: a job directory exists");
+    }
+}
+
+#[test]
+fn a_signed_command_past_its_deadline_is_reported_expired_and_a_current_one_runs() {
+    let tmp = TestDir::new();
+    let marker = tmp.path().join("ran");
+    let (_agent, seen) = agent_behind_a_fake(&tmp, "late-1", |s, a| {
+        run_job(
+            &a.id,
+            &marker,
+            &Identity::load(&s.dir.join("signing.key")).unwrap(),
+            now_ms() - 1,
+        )
+    });
+    eventually("the expiry reported", WAIT, || {
+        let s = seen.lock().unwrap();
+        s.events
+            .iter()
+            .any(|e| {
+                matches!(
+                    e,
+                    EventBody::JobFinished {
+                        status: tether_shared::protocol::JobStatus::Expired,
+                        ..
+                    }
+                )
+            })
+            .then_some(())
+    });
+    assert!(!marker.exists(), "an expired command ran");
+
+    // The control: the same fake with a current deadline gets the job run.
+    let tmp = TestDir::new();
+    let marker = tmp.path().join("ran");
+    let (_agent, seen) = agent_behind_a_fake(&tmp, "ok-1", |s, a| {
+        run_job(
+            &a.id,
+            &marker,
+            &Identity::load(&s.dir.join("signing.key")).unwrap(),
+            now_ms() + 600_000,
+        )
+    });
+    eventually("the job accepted and run", WAIT, || {
+        (marker.exists()
+            && seen
+                .lock()
+                .unwrap()
+                .events
+                .iter()
+                .any(|e| matches!(e, EventBody::JobAccepted { .. })))
+        .then_some(())
+    });
+}

@@ -144,6 +144,9 @@ fn run_job(
     Frame::Command(c).encode().unwrap()
 }
 
+/// Builds the command frame to inject, from the real server and the target agent.
+type MakeCommand = fn(&Server, &Agent, &std::path::Path) -> Vec<u8>;
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -169,7 +172,7 @@ fn agent_behind_a_fake(
 
 #[test]
 fn commands_not_signed_by_the_server_for_this_agent_are_refused_unrecorded() {
-    let cases: [(&str, fn(&Server, &Agent, &std::path::Path) -> Vec<u8>); 2] = [
+    let cases: [(&str, MakeCommand); 2] = [
         ("signed by another key", |_, a, m| {
             run_job(&a.id, m, &Identity::generate(), now_ms() + 600_000)
         }),

@@ -165,29 +165,39 @@ impl HttpsError {
     }
 }
 
+/// Opens the TCP connection of `req` (its fixed address, or the host resolved), within
+/// `timeout`; returns `host:port` for messages, and the stream.
+pub(crate) fn dial(
+    req: &Request<'_>,
+    timeout: Duration,
+) -> Result<(String, TcpStream), HttpsError> {
+    let target = if req.host.contains(':') {
+        format!("[{}]:{}", req.host, req.port)
+    } else {
+        format!("{}:{}", req.host, req.port)
+    };
+    let dialled = match req.addr {
+        Some(addr) => TcpStream::connect_timeout(&addr, timeout),
+        None => connect(req.host, req.port, timeout),
+    };
+    let tcp = dialled.map_err(|source| HttpsError::Connect {
+        target: target.clone(),
+        source,
+    })?;
+    Ok((target, tcp))
+}
+
 /// Sends `req` over TLS configured by `tls` and reads the whole response.
 pub fn request(
     tls: Arc<ClientConfig>,
     req: &Request<'_>,
     limits: &Limits,
 ) -> Result<Response, HttpsError> {
-    let target = if req.host.contains(':') {
-        format!("[{}]:{}", req.host, req.port)
-    } else {
-        format!("{}:{}", req.host, req.port)
-    };
     let name = ServerName::try_from(req.host.to_owned()).map_err(|_| HttpsError::Host {
         host: req.host.to_owned(),
     })?;
     let started = Instant::now();
-    let dialled = match req.addr {
-        Some(addr) => TcpStream::connect_timeout(&addr, limits.connect_timeout),
-        None => connect(req.host, req.port, limits.connect_timeout),
-    };
-    let tcp = dialled.map_err(|source| HttpsError::Connect {
-        target: target.clone(),
-        source,
-    })?;
+    let (target, tcp) = dial(req, limits.connect_timeout)?;
     let conn = rustls::ClientConnection::new(tls, name).map_err(|e| HttpsError::Tls {
         target: target.clone(),
         reason: describe_tls(&e),

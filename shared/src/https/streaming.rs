@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 
-use super::{classify, connect, describe_tls, HttpsError, Request};
+use super::{classify, describe_tls, HttpsError, Request};
 
 /// Bounds of one streamed request ([`request_streaming`]).
 #[derive(Debug, Clone, Copy)]
@@ -65,20 +65,8 @@ pub fn request_streaming(
     limits: &StreamLimits,
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Head, HttpsError> {
-    let target = if req.host.contains(':') {
-        format!("[{}]:{}", req.host, req.port)
-    } else {
-        format!("{}:{}", req.host, req.port)
-    };
     let started = Instant::now();
-    let dialled = match req.addr {
-        Some(addr) => TcpStream::connect_timeout(&addr, limits.connect_timeout),
-        None => connect(req.host, req.port, limits.connect_timeout),
-    };
-    let tcp = dialled.map_err(|source| HttpsError::Connect {
-        target: target.clone(),
-        source,
-    })?;
+    let (target, tcp) = super::dial(req, limits.connect_timeout)?;
     let control = tcp.try_clone().map_err(|source| HttpsError::Connect {
         target: target.clone(),
         source,

@@ -11,18 +11,17 @@
 //! in turn: an upstream that cannot be reached (connection, TLS, timeout, 5xx) is skipped, a
 //! 4xx answer stops with the server's reason.
 
-use std::fs::{self, DirBuilder};
+use std::fs;
 use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
-use tether_shared::enroll::{
-    name_problem, tags_problem, EnrollRequest, EnrollResponse, Role, Upstream, ENROLL_PATH,
+use tether_shared::enroll::client::{
+    create_private_dir, load_or_create_key, post_enrollment, EnrollError,
 };
-use tether_shared::https::{self, Limits};
-use tether_shared::identity::{write_file_atomic, Identity, IdentityError, PublicKey};
+use tether_shared::enroll::{name_problem, tags_problem, EnrollRequest, Role, Upstream};
+use tether_shared::identity::{write_file_atomic, IdentityError};
 use tether_shared::tls;
 
 use crate::state::{AgentState, StateError, CA_FILE, KEY_FILE};
@@ -84,22 +83,9 @@ pub enum InstallError {
     /// The agent key could not be saved or loaded.
     #[error("agent key: {0}")]
     Key(#[from] IdentityError),
-    /// An upstream answered with a 4xx: enrollment refused.
-    #[error("enrollment refused by {upstream}: HTTP {status}: {reason}")]
-    Refused {
-        /// The upstream that answered.
-        upstream: String,
-        /// The HTTP status.
-        status: u16,
-        /// The server's reason.
-        reason: String,
-    },
-    /// No upstream could be used; one line per upstream.
-    #[error("no upstream could enroll this agent:\n  {}", failures.join("\n  "))]
-    Unreachable {
-        /// What went wrong with each upstream.
-        failures: Vec<String>,
-    },
+    /// No upstream enrolled this agent (refused, or none reachable).
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
     /// The state file could not be written.
     #[error(transparent)]
     State(#[from] StateError),
@@ -136,7 +122,10 @@ struct Plan {
 /// Runs the install into `data_dir`.
 pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, InstallError> {
     let plan = check(args)?;
-    create_private_dir(data_dir)?;
+    create_private_dir(data_dir).map_err(|source| InstallError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
     let state_path = AgentState::path(data_dir);
     if !args.force {
         match AgentState::load(data_dir) {
@@ -169,12 +158,10 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, Install
         public_key: identity.public_key_b64(),
         tags: args.tags.clone(),
         role: Role::Agent,
+        tls_public_key: None,
+        hostnames: Vec::new(),
     };
-    let body = serde_json::to_vec(&request).map_err(|e| InstallError::Io {
-        path: PathBuf::from(ENROLL_PATH),
-        source: io::Error::other(e),
-    })?;
-    let (upstream, answer) = enroll(&plan, &body)?;
+    let (upstream, answer) = post_enrollment(&plan.upstreams, plan.tls.clone(), &request)?;
 
     let ca_path = data_dir.join(CA_FILE);
     write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(|source| {
@@ -228,103 +215,11 @@ fn check(args: &InstallArgs) -> Result<Plan, InstallError> {
     })
 }
 
-/// Tries each upstream in order; returns the first successful answer.
-fn enroll(plan: &Plan, body: &[u8]) -> Result<(String, EnrollResponse), InstallError> {
-    let mut failures = Vec::new();
-    for upstream in &plan.upstreams {
-        let base = upstream.base_url();
-        let reply = https::request(
-            plan.tls.clone(),
-            &https::Request {
-                method: "POST",
-                host: &upstream.host,
-                addr: None,
-                port: upstream.port,
-                path: ENROLL_PATH,
-                headers: &[("Content-Type", "application/json")],
-                body: Some(body),
-            },
-            &Limits::default(),
-        );
-        let reply = match reply {
-            Ok(reply) => reply,
-            Err(e) => {
-                tracing::warn!(upstream = %base, error = %e, "enroll-upstream-failed");
-                failures.push(format!("{base}: {e}"));
-                continue;
-            }
-        };
-        match reply.status {
-            200 => {
-                let answer = parse_answer(&reply.body).map_err(|reason| InstallError::Refused {
-                    upstream: base.clone(),
-                    status: reply.status,
-                    reason,
-                })?;
-                return Ok((base, answer));
-            }
-            400..=499 => {
-                return Err(InstallError::Refused {
-                    upstream: base,
-                    status: reply.status,
-                    reason: reply.reason(),
-                })
-            }
-            status => {
-                tracing::warn!(upstream = %base, status, "enroll-upstream-failed");
-                failures.push(format!("{base}: HTTP {status}: {}", reply.reason()));
-            }
-        }
-    }
-    Err(InstallError::Unreachable { failures })
-}
-
-/// Checks the server's answer: an id of the expected shape and a valid signing key.
-fn parse_answer(body: &[u8]) -> Result<EnrollResponse, String> {
-    let answer: EnrollResponse = serde_json::from_slice(body)
-        .map_err(|e| format!("unexpected answer from the server ({e})"))?;
-    if let Some(problem) = name_problem("agent id", &answer.agent_id) {
-        return Err(format!("unexpected answer from the server: {problem}"));
-    }
-    PublicKey::from_b64(&answer.server_signing_key)
-        .map_err(|e| format!("unexpected answer from the server: server signing key: {e}"))?;
-    Ok(answer)
-}
-
-/// Reuses `path` if a previous install saved it (an enrollment that may have succeeded), else
-/// generates a key and saves it before anything is sent.
-fn load_or_create_key(path: &Path) -> Result<Identity, InstallError> {
-    if path.exists() {
-        let identity = Identity::load(path)?;
-        tracing::info!(path = %path.display(), "agent-key-reused");
-        return Ok(identity);
-    }
-    let identity = Identity::generate();
-    identity.save(path)?;
-    tracing::info!(path = %path.display(), "agent-key-created");
-    Ok(identity)
-}
-
-/// Creates `dir` (and parents) with mode 0700; an existing directory keeps its mode.
-fn create_private_dir(dir: &Path) -> Result<(), InstallError> {
-    let io_err = |source| InstallError::Io {
-        path: dir.to_path_buf(),
-        source,
-    };
-    if dir.is_dir() {
-        return Ok(());
-    }
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_err)
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn args(dir: &Path) -> InstallArgs {
@@ -377,7 +272,10 @@ mod tests {
         let data = tmp.path().join("data");
         let a = args(tmp.path());
         let err = install(&a, &data).unwrap_err();
-        assert!(matches!(err, InstallError::Unreachable { .. }), "{err}");
+        assert!(
+            matches!(err, InstallError::Enroll(EnrollError::Unreachable { .. })),
+            "{err}"
+        );
         assert_eq!(err.exit_code(), 1);
         let key = fs::read(data.join(KEY_FILE)).unwrap();
         assert!(!AgentState::path(&data).exists());
@@ -385,18 +283,5 @@ mod tests {
         assert_eq!(fs::read(data.join(KEY_FILE)).unwrap(), key, "key reused");
         let mode = fs::metadata(&data).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
-    }
-
-    #[test]
-    fn answers_are_checked() {
-        let key = Identity::generate().public_key_b64();
-        let ok = format!(r#"{{"agent_id":"a-0011223344556677","server_signing_key":"{key}"}}"#);
-        assert!(parse_answer(ok.as_bytes()).is_ok());
-        assert!(parse_answer(b"{}").is_err());
-        assert!(parse_answer(
-            format!(r#"{{"agent_id":"../x","server_signing_key":"{key}"}}"#).as_bytes()
-        )
-        .is_err());
-        assert!(parse_answer(br#"{"agent_id":"a-1","server_signing_key":"AAAA"}"#).is_err());
     }
 }

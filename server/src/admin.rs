@@ -13,7 +13,9 @@ use crate::health::{
     ActorHealth, ActorState, AgentHealth, JournalWatch, ServerHealth, OBSERVE_TIMEOUT,
 };
 use crate::session::agent_link::{LinkHealth, ObserveLink};
+use crate::session::relay_session::ObserveRelayLink;
 use crate::session::session_registry::{ListLinks, SessionRegistry};
+use crate::session::SessionShared;
 
 /// Prometheus text exposition format 0.0.4.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -26,6 +28,8 @@ pub struct AdminState {
     pub journal: JournalWatch,
     /// Sessions and per-agent links.
     pub sessions: actix::Addr<SessionRegistry>,
+    /// Each relay's current link.
+    pub shared: std::sync::Arc<SessionShared>,
 }
 
 impl AdminState {
@@ -34,7 +38,27 @@ impl AdminState {
         let (journal_actor, journal) = self.journal.observe(OBSERVE_TIMEOUT).await;
         let (registry_actor, links) = observe_links(&self.sessions).await;
         let mut actors = vec![journal_actor, registry_actor];
-        let mut sessions = 0;
+        let mut relays = BTreeMap::new();
+        for (id, link) in self.shared.relay_links.all() {
+            let answer = tokio::time::timeout(OBSERVE_TIMEOUT, link.send(ObserveRelayLink)).await;
+            let (state, health) = match answer {
+                Ok(Ok(h)) => (ActorState::Running, Some(h)),
+                Ok(Err(_)) => (ActorState::Stopped, None),
+                Err(_) => (ActorState::Timeout, None),
+            };
+            actors.push(ActorHealth {
+                name: id.clone(),
+                kind: "RelaySession",
+                state,
+                restarts: 0,
+                last_beat_ms: 0,
+                backlog: health.as_ref().map_or(0, |h| h.handshaking),
+            });
+            if let Some(h) = health {
+                relays.insert(id, h);
+            }
+        }
+        let mut sessions = relays.len() as u64;
         let mut agents = BTreeMap::new();
         for (id, restarts, link) in links {
             match link {
@@ -80,6 +104,7 @@ impl AdminState {
             sessions,
             journal,
             agents,
+            relay_links: relays,
         }
     }
 }

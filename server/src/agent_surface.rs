@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use tether_shared::enroll::{EnrollRequest, EnrollResponse, ENROLL_PATH};
+use base64::Engine as _;
+use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH};
+use tether_shared::tls::{self, Ca};
 
 use crate::api::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
@@ -37,6 +39,8 @@ pub struct AgentSurface {
     pub server_signing_key: String,
     /// Failed enrollment attempts per source.
     pub limiter: EnrollLimiter,
+    /// Signs relays' TLS certificates at enrollment.
+    pub ca: Arc<Ca>,
 }
 
 /// Mounts the `/agent/v1` routes.
@@ -61,11 +65,29 @@ async fn enroll(
     }
     let request: EnrollRequest = parse_json(&body)?;
     let name = request.name.clone();
+    // A relay's certificate request is checked before its token is spent.
+    let tls_key = relay_tls_key(&request)?;
+    let hostnames = request.hostnames.clone();
     match state.registry.enroll(request).await {
-        Ok(record) => Ok(HttpResponse::Ok().json(EnrollResponse {
-            agent_id: record.id,
-            server_signing_key: state.server_signing_key.clone(),
-        })),
+        Ok(record) => {
+            let tls_certificate = match tls_key {
+                Some(key) => Some(
+                    state
+                        .ca
+                        .issue_cert_for_key(&hostnames, &key)
+                        .map_err(|e| ApiError::BadRequest(format!("relay certificate: {e}")))?,
+                ),
+                None => None,
+            };
+            if tls_certificate.is_some() {
+                tracing::info!(relay_id = %record.id, hostnames = ?hostnames, "relay-certificate-issued");
+            }
+            Ok(HttpResponse::Ok().json(EnrollResponse {
+                agent_id: record.id,
+                server_signing_key: state.server_signing_key.clone(),
+                tls_certificate,
+            }))
+        }
         Err(RegistryError::InvalidToken) => {
             if let Some(ip) = source {
                 state.limiter.record_failure(ip, Instant::now());
@@ -76,6 +98,36 @@ async fn enroll(
         Err(e) => {
             tracing::info!(source = ?source, name = %name.escape_debug(), reason = %e, "enrollment-rejected");
             Err(e.into())
+        }
+    }
+}
+
+/// A relay must send a TLS public key and the names it is reached at; an agent sends neither.
+fn relay_tls_key(request: &EnrollRequest) -> Result<Option<Vec<u8>>, ApiError> {
+    match (request.role, &request.tls_public_key) {
+        (Role::Agent, None) if request.hostnames.is_empty() => Ok(None),
+        (Role::Agent, _) => Err(ApiError::BadRequest(
+            "agents do not get TLS certificates: tls_public_key and hostnames are for relays"
+                .into(),
+        )),
+        (Role::Relay, None) => Err(ApiError::BadRequest(
+            "a relay must send tls_public_key (its TLS key for the certificate)".into(),
+        )),
+        (Role::Relay, Some(key)) => {
+            if request.hostnames.is_empty() || request.hostnames.len() > 16 {
+                return Err(ApiError::BadRequest(
+                    "a relay must name 1 to 16 hostnames for its certificate".into(),
+                ));
+            }
+            if let Some(bad) = request.hostnames.iter().find(|h| !tls::valid_hostname(h)) {
+                return Err(ApiError::BadRequest(format!(
+                    "invalid hostname {bad:?}: must be a DNS name or an IP address"
+                )));
+            }
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(key)
+                .map_err(|_| ApiError::BadRequest("tls_public_key is not base64".into()))?;
+            Ok(Some(raw))
         }
     }
 }

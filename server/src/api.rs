@@ -1,5 +1,5 @@
 //! The REST API on the HTTPS listener (`listen.https`), behind the admin bearer token:
-//! `POST /api/v1/enrollment-tokens` and `GET /api/v1/agents`. [`configure`] mounts the routes;
+//! `POST /api/v1/enrollment-tokens`, `GET /api/v1/agents` and `GET /api/v1/relays`. [`configure`] mounts the routes;
 //! [`ApiState`] is what they use. Bodies are parsed only after the token check, strictly
 //! (unknown fields refused), so an unauthenticated caller learns nothing from a 400.
 
@@ -31,6 +31,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/api/v1/agents")
             .route(web::get().to(list_agents))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/relays")
+            .route(web::get().to(list_relays))
             .default_service(web::to(method_not_allowed)),
     );
 }
@@ -89,4 +94,13 @@ async fn list_agents(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     Ok(HttpResponse::Ok().json(state.registry.agent_statuses()))
+}
+
+/// `GET /api/v1/relays`.
+async fn list_relays(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    Ok(HttpResponse::Ok().json(state.registry.relay_statuses()))
 }

@@ -80,6 +80,8 @@ pub struct ServerHealth {
     pub journal: JournalHealth,
     /// Per connected agent, its actors.
     pub agents: BTreeMap<String, AgentHealth>,
+    /// Per relay connected directly, what its link carries.
+    pub relay_links: BTreeMap<String, crate::session::relay_session::RelayLinkHealth>,
 }
 
 impl ServerHealth {
@@ -326,6 +328,7 @@ mod tests {
                 last_beat_ms: 7,
                 backlog: 3,
             }],
+            relay_links: BTreeMap::new(),
             sessions: 2,
             journal: JournalHealth {
                 incarnation: "i".into(),

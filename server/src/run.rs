@@ -20,7 +20,7 @@ use actix_rt::signal::unix::{signal, SignalKind};
 use actix_web::{web, App, HttpServer};
 use tether_shared::identity::{Identity, IdentityError};
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
-use tether_shared::tls::{self, TlsError};
+use tether_shared::tls::{self, Ca, TlsError};
 
 use crate::admin::{self, AdminState};
 use crate::admin_token::{AdminToken, AdminTokenError};
@@ -175,6 +175,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     check_initialized(dir)?;
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     let tls = load_tls(dir)?;
+    let ca = load_ca(dir)?;
     let signing = Identity::load(&dir.join(init::SIGNING_KEY))?;
     let server_signing_key = signing.public_key_b64();
     // Blocking (sled recovery reads every entry): done before the runtime starts.
@@ -205,6 +206,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let loaded = Loaded {
         token,
         tls,
+        ca,
         signing,
         server_signing_key,
         journal,
@@ -222,6 +224,8 @@ struct Loaded {
     token: AdminToken,
     /// Presented by both listeners.
     tls: rustls::ServerConfig,
+    /// The CA, which signs relays' certificates at enrollment.
+    ca: Arc<Ca>,
     /// `DIR/signing.key`: signs every command.
     signing: Identity,
     /// Public half of `DIR/signing.key`, base64: agents pin it at enrollment.
@@ -270,6 +274,22 @@ fn load_tls(dir: &Path) -> Result<rustls::ServerConfig, RunError> {
     tls::server_config(&cert_pem, &key_pem).map_err(|source| RunError::Tls { cert, key, source })
 }
 
+/// The CA from `DIR/ca.pem` and `DIR/ca.key`.
+fn load_ca(dir: &Path) -> Result<Arc<Ca>, RunError> {
+    let cert = dir.join(init::CA_CERT);
+    let key = dir.join(init::CA_KEY);
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| RunError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
+    Ca::from_pem(&cert_pem, &key_pem)
+        .map(Arc::new)
+        .map_err(|source| RunError::Tls { cert, key, source })
+}
+
 /// Applies the limits every listener shares (see the constants above); stop signals are handled
 /// by [`serve`] for both listeners at once.
 macro_rules! with_limits {
@@ -307,6 +327,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         handshake_timeout: HANDSHAKE_TIMEOUT,
         handshakes: AtomicUsize::new(0),
         max_handshakes: opts.max_handshakes,
+        relay_links: Default::default(),
         next_conn: AtomicU64::new(0),
         window: opts.window,
         max_retained: MAX_RETAINED_COMMANDS,
@@ -343,6 +364,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         token: loaded.token.clone(),
         journal: JournalWatch::new(loaded.journal.start(), handle),
         sessions: sessions.registry.clone(),
+        shared: sessions.shared.clone(),
     });
     let plugins_state = web::Data::new(PluginsApiState {
         token: loaded.token.clone(),
@@ -360,6 +382,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         registry: loaded.registry,
         server_signing_key: loaded.server_signing_key,
         limiter: EnrollLimiter::default(),
+        ca: loaded.ca,
     });
     let stop = stop_signal().map_err(RunError::Signal)?;
     let json = web::JsonConfig::default()

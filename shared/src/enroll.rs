@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod client;
+
 /// Path of the enrollment endpoint on the agent-facing surface (server `listen.wss`, relay).
 pub const ENROLL_PATH: &str = "/agent/v1/enroll";
 /// Path of the agent WebSocket on the same surface.
@@ -57,6 +59,13 @@ pub struct EnrollRequest {
     /// What is enrolling; must be the token's role.
     #[serde(default)]
     pub role: Role,
+    /// Relays only: standard base64 of the raw public half of the relay's P-256 TLS key, which
+    /// the server's CA certifies for `hostnames`, so agents trust one CA only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_public_key: Option<String>,
+    /// Relays only: the DNS names and IP addresses agents dial the relay at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
 }
 
 /// The answer to a successful enrollment.
@@ -66,6 +75,9 @@ pub struct EnrollResponse {
     pub agent_id: String,
     /// Standard base64 of the server's command-signing public key, to pin.
     pub server_signing_key: String,
+    /// Relays only: the relay's TLS certificate (PEM), signed by the server's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_certificate: Option<String>,
 }
 
 /// Why `what` (a name or a tag) is not acceptable, if it is not: 1 to [`MAX_NAME_LEN`]

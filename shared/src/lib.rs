@@ -12,6 +12,7 @@
 //! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
 //! - [`enroll`]: the enrollment request and answer, roles, name rules, upstream URLs.
 //! - [`plugin`]: plugin manifests (`plugin.toml`) and bundle inspection (tar.gz), every problem at once.
+//! - [`mux`]: the relay link's framing (many agents' channels over one WebSocket).
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
 //! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
 
@@ -23,6 +24,7 @@ pub mod https;
 pub mod identity;
 pub mod journal;
 pub mod link;
+pub mod mux;
 pub mod plugin;
 pub mod protocol;
 pub mod stream;

@@ -117,6 +117,8 @@ pub fn enroll(
         public_key: identity.public_key_b64(),
         tags: Vec::new(),
         role: Role::Agent,
+        tls_public_key: None,
+        hostnames: Vec::new(),
     };
     let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
     let reply = https_request_with_body(

@@ -100,6 +100,32 @@ pub struct AgentStatus {
     pub last_seen_unix_ms: Option<u64>,
 }
 
+/// One line of `GET /api/v1/relays`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayStatus {
+    pub id: String,
+    pub name: String,
+    pub status: Status,
+    /// The version it reported at its last connect.
+    pub version: Option<String>,
+    /// Relays between it and the server, nearest it first; empty when it connects directly.
+    pub path: Vec<String>,
+    #[serde(rename = "last_seen")]
+    pub last_seen_unix_ms: Option<u64>,
+    /// Agents online through it now (directly or through its child relays).
+    pub agents: u64,
+    /// Its last heartbeat's status: version, load, and its actors' health.
+    #[serde(rename = "health")]
+    pub reported: Option<ReportedStatus>,
+}
+
+/// A peer's self-reported status, as heartbeats carry it.
+pub type ReportedStatus = tether_shared::protocol::AgentStatus;
+
+fn name_of(names: &HashMap<String, String>, id: &str) -> String {
+    names.get(id).cloned().unwrap_or_else(|| id.to_owned())
+}
+
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -162,8 +188,11 @@ impl StoredToken {
 struct Presence {
     online: bool,
     version: Option<String>,
+    /// Relay ids, nearest the peer first.
     path: Vec<String>,
     last_seen_unix_ms: Option<u64>,
+    /// The peer's last reported status (relays: from their heartbeats).
+    reported: Option<ReportedStatus>,
 }
 
 /// The registry; share it as `Arc<Registry>`.
@@ -244,6 +273,7 @@ impl Registry {
     /// The agents (not relays) with their connection state, by name.
     pub fn agent_statuses(&self) -> Vec<AgentStatus> {
         let presence = read(&self.presence);
+        let names = self.relay_names();
         let mut list: Vec<AgentStatus> = self
             .agents()
             .into_iter()
@@ -256,7 +286,7 @@ impl Registry {
                         Status::Offline
                     },
                     version: p.version,
-                    path: p.path,
+                    path: p.path.iter().map(|id| name_of(&names, id)).collect(),
                     last_seen_unix_ms: p.last_seen_unix_ms,
                     id: record.id,
                     name: record.name,
@@ -276,6 +306,72 @@ impl Registry {
         p.version = Some(version.to_owned());
         p.path = path;
         p.last_seen_unix_ms = Some(now_unix_ms());
+    }
+
+    /// The relays with their connection state, by name.
+    pub fn relay_statuses(&self) -> Vec<RelayStatus> {
+        let presence = read(&self.presence);
+        let names = self.relay_names();
+        let mut carried: HashMap<&str, u64> = HashMap::new();
+        for (id, p) in presence.iter() {
+            let is_agent = read(&self.agents)
+                .get(id)
+                .is_some_and(|s| s.record.role == Role::Agent);
+            if p.online && is_agent {
+                for relay in &p.path {
+                    *carried.entry(relay.as_str()).or_default() += 1;
+                }
+            }
+        }
+        let mut list: Vec<RelayStatus> = self
+            .records(Role::Relay)
+            .into_iter()
+            .map(|record| {
+                let p = presence.get(&record.id).cloned().unwrap_or_default();
+                RelayStatus {
+                    status: if p.online {
+                        Status::Online
+                    } else {
+                        Status::Offline
+                    },
+                    version: p.version,
+                    path: p.path.iter().map(|id| name_of(&names, id)).collect(),
+                    last_seen_unix_ms: p.last_seen_unix_ms,
+                    agents: carried.get(record.id.as_str()).copied().unwrap_or(0),
+                    reported: p.reported,
+                    id: record.id,
+                    name: record.name,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    fn relay_names(&self) -> HashMap<String, String> {
+        read(&self.agents)
+            .values()
+            .filter(|s| s.record.role == Role::Relay)
+            .map(|s| (s.record.id.clone(), s.record.name.clone()))
+            .collect()
+    }
+
+    /// The path of `id` if it is connected now (relay ids, nearest it first).
+    pub fn online_path(&self, id: &str) -> Option<Vec<String>> {
+        read(&self.presence)
+            .get(id)
+            .filter(|p| p.online)
+            .map(|p| p.path.clone())
+    }
+
+    /// Records that `id` was heard from now, with the status it reported.
+    pub fn touch_with(&self, id: &str, status: Option<ReportedStatus>) {
+        if let Some(p) = write(&self.presence).get_mut(id) {
+            p.last_seen_unix_ms = Some(now_unix_ms());
+            if status.is_some() {
+                p.reported = status;
+            }
+        }
     }
 
     /// Records that `id`'s session ended.

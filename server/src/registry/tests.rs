@@ -30,6 +30,8 @@ fn request(token: &IssuedToken, name: &str, key: &str) -> EnrollRequest {
         public_key: key.to_owned(),
         tags: vec!["web".into()],
         role: Role::Agent,
+        tls_public_key: None,
+        hostnames: Vec::new(),
     }
 }
 

@@ -15,17 +15,15 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
-use base64::Engine as _;
-use tether_shared::identity::PublicKey;
+use tether_shared::enroll::Role;
 use tether_shared::protocol::{
-    self, hello_proof_bytes, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello,
-    Sender,
+    self, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender,
 };
 use tether_shared::stream::ConnId;
 
-use crate::registry::Role;
-use crate::session::agent_link::{AgentLink, Attach, Detach, FromAgent};
-use crate::session::session_registry::{RegisterSession, SessionEnded, SessionRegistry};
+use crate::session::agent_link::{AgentLink, Detach, FromAgent};
+use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
+use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::{now_ms, SessionShared};
 
 /// How far along the session is.
@@ -69,7 +67,7 @@ impl AgentSession {
         conn: ConnId,
         peer: String,
     ) -> Self {
-        let nonce = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+        let nonce = new_nonce();
         AgentSession {
             shared,
             registry,
@@ -169,31 +167,8 @@ impl AgentSession {
             agent_id: agent_id.clone(),
             held: Vec::new(),
         };
-        let register = RegisterSession {
-            agent_id: agent_id.clone(),
-            conn: self.conn,
-            session: ctx.address(),
-        };
-        let registry = self.registry.clone();
-        let session = ctx.address();
-        let conn = self.conn;
-        let attach = async move {
-            let link = registry
-                .send(register)
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            let welcome = link
-                .send(Attach {
-                    conn,
-                    hello,
-                    session,
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((link, welcome))
-        };
+        let handle = SessionHandle::Direct(ctx.address());
+        let attach = attach(self.registry.clone(), self.conn, hello, handle);
         ctx.wait(attach.into_actor(self).map(move |res, act, ctx| {
             // Still Attaching unless replaced meanwhile; on failure the phase stays Attaching so
             // that `stopping` unregisters the session.
@@ -224,23 +199,8 @@ impl AgentSession {
         }));
     }
 
-    /// The identity check: a registered agent, and its signature over our nonce.
     fn verify(&mut self, hello: &Hello) -> Result<(), String> {
-        let record = self
-            .shared
-            .registry
-            .agent(&hello.agent_id)
-            .ok_or("unknown agent")?;
-        if record.role != Role::Agent {
-            return Err("not an agent identity".into());
-        }
-        let key = PublicKey::from_b64(&record.public_key).map_err(|_| "unusable registered key")?;
-        key.verify(
-            &hello_proof_bytes(&self.nonce, &hello.agent_id),
-            &hello.proof,
-        )
-        .map_err(|_| "bad proof signature")?;
-        self.version = hello.version.chars().take(64).collect();
+        self.version = verify_hello(&self.shared, &self.nonce, hello, Role::Agent)?;
         Ok(())
     }
 }

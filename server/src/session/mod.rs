@@ -7,13 +7,18 @@
 //!   sessions, so a reconnect (or a replacing connection) resumes exactly where the journal is.
 //! - [`session_registry`]: `SessionRegistry`, which agent has which link and which session;
 //!   a second connection for an agent replaces the first.
+//! - [`relay_session`]: `RelaySession`, one actor per relay link: the relay's own handshake,
+//!   then every agent it carries as a channel, each authenticated end to end.
+//! - [`handshake`]: what both session kinds share (nonce, identity check, attach, handle).
 //! - [`frame_guard`]: refuses an oversized WebSocket frame by its header, before buffering it.
 //! - [`probes`]: numbered test messages both ways, checked for exactly-once in-order delivery.
 
 pub mod agent_link;
 pub mod agent_session;
 pub mod frame_guard;
+pub mod handshake;
 pub mod probes;
+pub mod relay_session;
 pub mod routes;
 pub mod session_registry;
 
@@ -44,6 +49,8 @@ pub struct SessionShared {
     /// Handshakes in progress now, and the most allowed (past it: `Busy`).
     pub handshakes: AtomicUsize,
     pub max_handshakes: usize,
+    /// Each relay's current link.
+    pub relay_links: relay_session::RelayLinks,
     /// Connection ids handed out so far.
     pub next_conn: AtomicU64,
     /// Stream tuning: in flight per direction, retained per agent, retransmit timeout.

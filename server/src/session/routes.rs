@@ -1,6 +1,7 @@
 //! HTTP routes of the session layer.
 //!
-//! On the agent-facing listener: `GET /agent/v1/ws`, the agent WebSocket (one `AgentSession`).
+//! On the agent-facing listener: `GET /agent/v1/ws`, the agent WebSocket (one `AgentSession`),
+//! and `GET /relay/v1/ws`, a relay's link (one `RelaySession` carrying many agents).
 //! On the HTTPS listener, behind the admin token: `POST /api/v1/agents/{id}/probes`
 //! (`{"commands":N,"events":M}`: queue N numbered probe commands and ask the agent for M probe
 //! events) and `GET /api/v1/agents/{id}/probes` (what arrived: counts, duplicates, gaps) — an
@@ -13,6 +14,7 @@ use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use serde::Deserialize;
+use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
 use tether_shared::protocol::MAX_FRAME_BYTES;
 use tether_shared::stream::ConnId;
 
@@ -21,6 +23,7 @@ use crate::api::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::session::agent_link::{ObserveLink, QueueProbes};
 use crate::session::agent_session::AgentSession;
+use crate::session::relay_session::RelaySession;
 use crate::session::frame_guard::FrameGuard;
 use crate::session::session_registry::{GetLink, SessionRegistry};
 use crate::session::SessionShared;
@@ -37,13 +40,32 @@ pub struct ProbeApiState {
     pub sessions: web::Data<SessionsState>,
 }
 
-/// Mounts `GET /agent/v1/ws` (agent-facing listener).
+/// Mounts `GET /agent/v1/ws` and `GET /relay/v1/ws` (agent-facing listener).
 pub fn configure_agent_surface(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/agent/v1/ws")
             .route(web::get().to(agent_ws))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(RELAY_WS_PATH)
+            .route(web::get().to(relay_ws))
+            .default_service(web::to(method_not_allowed)),
     );
+}
+
+async fn relay_ws(
+    req: HttpRequest,
+    stream: web::Payload,
+    state: web::Data<SessionsState>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
+    let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let session = RelaySession::new(state.shared.clone(), state.registry.clone(), conn, peer);
+    let guarded = FrameGuard::new(stream, MAX_MUX_BYTES as u64);
+    ws::WsResponseBuilder::new(session, &req, guarded)
+        .frame_size(MAX_MUX_BYTES)
+        .start()
 }
 
 /// Mounts the probe routes (HTTPS listener).

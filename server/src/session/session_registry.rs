@@ -12,13 +12,13 @@ use actix::prelude::*;
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, LinkError};
-use crate::session::agent_session::{AgentSession, Replaced};
+use crate::session::handshake::SessionHandle;
 use crate::session::SessionShared;
 
 /// One agent's entry.
 struct Entry {
     link: Addr<AgentLink>,
-    session: Option<(ConnId, Addr<AgentSession>)>,
+    session: Option<(ConnId, SessionHandle)>,
     /// Times the link died (a journal failure stops it) and was rebuilt from the journal.
     restarts: u64,
 }
@@ -78,7 +78,7 @@ impl Actor for SessionRegistry {
 pub struct RegisterSession {
     pub agent_id: String,
     pub conn: ConnId,
-    pub session: Addr<AgentSession>,
+    pub session: SessionHandle,
 }
 
 impl Handler<RegisterSession> for SessionRegistry {
@@ -88,7 +88,7 @@ impl Handler<RegisterSession> for SessionRegistry {
         let entry = self.entry(&msg.agent_id)?;
         if let Some((old_conn, old)) = entry.session.replace((msg.conn, msg.session)) {
             tracing::info!(agent_id = %msg.agent_id, old_conn = old_conn.0, conn = msg.conn.0, "session-replaced");
-            old.do_send(Replaced);
+            old.replaced();
         }
         Ok(entry.link.clone())
     }

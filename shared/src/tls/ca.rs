@@ -110,29 +110,88 @@ impl Ca {
     /// the common name) with the serverAuth usage, valid for [`SERVER_CERT_VALIDITY_DAYS`].
     /// Returns `(cert_pem, key_pem)` with a fresh key.
     pub fn issue_server_cert(&self, hostnames: &[String]) -> Result<(String, String), TlsError> {
-        let first = hostnames
-            .first()
-            .ok_or_else(|| TlsError::Hostname(String::new()))?;
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = hostnames
-            .iter()
-            .map(|name| san(name))
-            .collect::<Result<_, _>>()?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, first.as_str());
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, SERVER_CERT_VALIDITY_DAYS);
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = server_params(hostnames)?.signed_by(&key, &self.cert, &self.key)?;
         Ok((cert.pem(), key.serialize_pem()))
     }
+
+    /// Issues a server certificate for `hostnames` and a key the CA never sees: a relay sends
+    /// the raw public half of its P-256 key (see [`TlsKey`]) at enrollment.
+    pub fn issue_cert_for_key(
+        &self,
+        hostnames: &[String],
+        public_key_raw: &[u8],
+    ) -> Result<String, TlsError> {
+        // An uncompressed P-256 point: 0x04 followed by two 32-byte coordinates.
+        if public_key_raw.len() != 65 || public_key_raw[0] != 4 {
+            return Err(TlsError::Ca(
+                "the public key must be an uncompressed P-256 point (65 bytes)".into(),
+            ));
+        }
+        let key = RemotePublicKey(public_key_raw.to_vec());
+        let cert = server_params(hostnames)?.signed_by(&key, &self.cert, &self.key)?;
+        Ok(cert.pem())
+    }
+}
+
+/// A TLS key pair made where it is used (a relay), whose public half the CA certifies.
+pub struct TlsKey {
+    key: KeyPair,
+}
+
+impl TlsKey {
+    /// A fresh P-256 key.
+    pub fn generate() -> Result<TlsKey, TlsError> {
+        Ok(TlsKey {
+            key: KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+        })
+    }
+
+    /// The raw public key to send for certification.
+    pub fn public_key_raw(&self) -> Vec<u8> {
+        self.key.public_key_raw().to_vec()
+    }
+
+    /// The private key as PKCS#8 PEM; store it with mode 0600.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+}
+
+/// The public half of someone else's P-256 key.
+struct RemotePublicKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for RemotePublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+fn server_params(hostnames: &[String]) -> Result<CertificateParams, TlsError> {
+    let first = hostnames
+        .first()
+        .ok_or_else(|| TlsError::Hostname(String::new()))?;
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = hostnames
+        .iter()
+        .map(|name| san(name))
+        .collect::<Result<_, _>>()?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, first.as_str());
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, SERVER_CERT_VALIDITY_DAYS);
+    Ok(params)
 }
 
 fn ca_params(dn: DistinguishedName) -> CertificateParams {
@@ -145,6 +204,11 @@ fn ca_params(dn: DistinguishedName) -> CertificateParams {
         KeyUsagePurpose::DigitalSignature,
     ];
     params
+}
+
+/// Whether `name` can go in a certificate: an IP address or a DNS name.
+pub fn valid_hostname(name: &str) -> bool {
+    san(name).is_ok()
 }
 
 fn san(name: &str) -> Result<SanType, TlsError> {

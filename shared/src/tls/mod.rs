@@ -20,7 +20,7 @@ use rustls::{
     SupportedProtocolVersion,
 };
 
-pub use ca::{Ca, SERVER_CERT_VALIDITY_DAYS};
+pub use ca::{valid_hostname, Ca, TlsKey, SERVER_CERT_VALIDITY_DAYS};
 
 /// The only protocol versions Tether speaks, newest first.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];

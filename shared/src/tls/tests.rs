@@ -147,3 +147,26 @@ fn hostnames_are_checked() {
     ca.issue_server_cert(&names(&["::1", "my-host.example.org"]))
         .unwrap();
 }
+
+#[test]
+fn certificates_for_a_remote_key_chain_and_refuse_other_keys() {
+    let ca = Ca::generate("test CA").unwrap();
+    let key = TlsKey::generate().unwrap();
+    let cert = ca
+        .issue_cert_for_key(
+            &names(&["relay.internal", "10.0.0.7"]),
+            &key.public_key_raw(),
+        )
+        .unwrap();
+    let server = Arc::new(server_config(&cert, &key.key_pem()).unwrap());
+    for name in ["relay.internal", "10.0.0.7"] {
+        handshake_in_memory(client(ca.cert_pem()), server.clone(), name).unwrap();
+    }
+    // The certificate is for that key only: served with another key, the handshake fails.
+    let other = TlsKey::generate().unwrap();
+    let mismatched = server_config(&cert, &other.key_pem())
+        .map(Arc::new)
+        .and_then(|s| handshake_in_memory(client(ca.cert_pem()), s, "relay.internal"));
+    assert!(mismatched.is_err());
+    assert!(ca.issue_cert_for_key(&names(&["x"]), &[4; 10]).is_err());
+}

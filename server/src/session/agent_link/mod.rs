@@ -23,7 +23,7 @@ use tether_shared::protocol::{
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError};
 
-use crate::session::agent_session::{AgentSession, CloseSession, SendFrames};
+use crate::session::handshake::SessionHandle;
 
 mod jobs;
 
@@ -57,7 +57,7 @@ pub struct AgentLink {
     keys: StreamKeys,
     receiver: StreamReceiver,
     ep: Endpoint<Vec<u8>>,
-    session: Option<(ConnId, Addr<AgentSession>)>,
+    session: Option<(ConnId, SessionHandle)>,
     probes: ProbeStats,
     /// The agent's last reported status (heartbeats).
     status: Option<AgentStatus>,
@@ -137,7 +137,7 @@ impl AgentLink {
             }
         }
         if !frames.is_empty() {
-            session.do_send(SendFrames { frames });
+            session.send_frames(frames);
         }
     }
 
@@ -145,11 +145,7 @@ impl AgentLink {
     fn fail(&mut self, ctx: &mut Context<Self>, error: &JournalError) {
         tracing::error!(agent_id = %self.agent_id, error = %error, "link-journal-failed");
         if let Some((_, s)) = self.session.take() {
-            s.do_send(CloseSession {
-                code: 1011,
-                error: ErrorCode::Internal,
-                reason: "server journal failure".into(),
-            });
+            s.close(1011, ErrorCode::Internal, "server journal failure".into());
         }
         ctx.stop();
     }
@@ -307,11 +303,7 @@ impl AgentLink {
                 FrameError::Decode(d) => d.to_error_frame().code,
                 FrameError::Stream(_) | FrameError::Refused(_) => ErrorCode::ProtocolViolation,
             };
-            s.do_send(CloseSession {
-                code: e.close_code(),
-                error,
-                reason: e.to_string(),
-            });
+            s.close(e.close_code(), error, e.to_string());
         }
     }
 
@@ -400,7 +392,7 @@ impl Actor for AgentLink {
 pub struct Attach {
     pub conn: ConnId,
     pub hello: Hello,
-    pub session: Addr<AgentSession>,
+    pub session: SessionHandle,
 }
 
 impl Handler<Attach> for AgentLink {

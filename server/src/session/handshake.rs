@@ -1,0 +1,148 @@
+//! What every agent session shares, whether the agent's WebSocket ends here ([`AgentSession`])
+//! or reaches us as a channel of a relay's link ([`RelaySession`]): the challenge nonce, the
+//! identity check of a `Hello`, attaching to the agent's link, and [`SessionHandle`], the one
+//! way the link talks back to a session of either kind.
+
+use actix::prelude::*;
+use base64::Engine as _;
+use tether_shared::enroll::Role;
+use tether_shared::identity::PublicKey;
+use tether_shared::protocol::{hello_proof_bytes, ErrorCode, Hello, Welcome};
+use tether_shared::stream::ConnId;
+
+use crate::session::agent_link::{AgentLink, Attach};
+use crate::session::agent_session::{AgentSession, CloseSession, Replaced, SendFrames};
+use crate::session::relay_session::{ChannelClose, ChannelFrames, RelaySession};
+use crate::session::session_registry::{RegisterSession, SessionRegistry};
+use crate::session::SessionShared;
+
+/// A fresh challenge nonce.
+pub fn new_nonce() -> String {
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+}
+
+/// The identity check: `hello` names an enrolled peer of `role`, and carries its signature over
+/// our `nonce`. Returns the peer's software version (trimmed).
+pub fn verify_hello(
+    shared: &SessionShared,
+    nonce: &str,
+    hello: &Hello,
+    role: Role,
+) -> Result<String, String> {
+    let record = shared
+        .registry
+        .agent(&hello.agent_id)
+        .ok_or(format!("unknown {role}"))?;
+    if record.role != role {
+        return Err(format!("not {} {role} identity", article(role)));
+    }
+    let key = PublicKey::from_b64(&record.public_key).map_err(|_| "unusable registered key")?;
+    key.verify(&hello_proof_bytes(nonce, &hello.agent_id), &hello.proof)
+        .map_err(|_| "bad proof signature")?;
+    Ok(hello.version.chars().take(64).collect())
+}
+
+fn article(role: Role) -> &'static str {
+    match role {
+        Role::Agent => "an",
+        Role::Relay => "a",
+    }
+}
+
+/// Register `handle` as the agent's session (replacing any older one) and run the stream
+/// handshake on its link. Resolves to the link and the `Welcome` to send.
+pub async fn attach(
+    registry: Addr<SessionRegistry>,
+    conn: ConnId,
+    hello: Hello,
+    handle: SessionHandle,
+) -> Result<(Addr<AgentLink>, Welcome), String> {
+    let link = registry
+        .send(RegisterSession {
+            agent_id: hello.agent_id.clone(),
+            conn,
+            session: handle.clone(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let welcome = link
+        .send(Attach {
+            conn,
+            hello,
+            session: handle,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok((link, welcome))
+}
+
+/// How a link reaches the session of its agent.
+#[derive(Clone)]
+pub enum SessionHandle {
+    /// The agent's own WebSocket ends here.
+    Direct(Addr<AgentSession>),
+    /// The agent is channel `ch` of a relay's link.
+    Relayed {
+        relay: Addr<RelaySession>,
+        ch: u32,
+        conn: ConnId,
+    },
+}
+
+impl SessionHandle {
+    /// Frames for the agent.
+    pub fn send_frames(&self, frames: Vec<Vec<u8>>) {
+        match self {
+            SessionHandle::Direct(s) => s.do_send(SendFrames { frames }),
+            SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelFrames {
+                ch: *ch,
+                conn: *conn,
+                frames,
+            }),
+        }
+    }
+
+    /// Refuse what the agent sent: an error frame, then close.
+    pub fn close(&self, code: u16, error: ErrorCode, reason: String) {
+        match self {
+            SessionHandle::Direct(s) => s.do_send(CloseSession {
+                code,
+                error,
+                reason,
+            }),
+            SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelClose {
+                ch: *ch,
+                conn: *conn,
+                code,
+                error: Some(error),
+                reason,
+                replaced: false,
+            }),
+        }
+    }
+
+    /// A newer session of the agent took over.
+    pub fn replaced(&self) {
+        match self {
+            SessionHandle::Direct(s) => s.do_send(Replaced),
+            SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelClose {
+                ch: *ch,
+                conn: *conn,
+                code: 4000,
+                error: None,
+                reason: "replaced by a newer session".into(),
+                replaced: true,
+            }),
+        }
+    }
+
+    /// The session's actor still runs.
+    pub fn connected(&self) -> bool {
+        match self {
+            SessionHandle::Direct(s) => s.connected(),
+            SessionHandle::Relayed { relay, .. } => relay.connected(),
+        }
+    }
+}

@@ -1,0 +1,831 @@
+//! `RelaySession`: one relay's link on the server (`GET /relay/v1/ws` on the agent-facing
+//! listener), carrying many agents' sessions as channels (see [`tether_shared::mux`]).
+//!
+//! The relay first proves its own identity exactly as an agent does (challenge, `Hello` signed
+//! by its key, `Welcome`), but as an enrolled *relay*. From then on the link carries mux frames.
+//! Each channel is a downstream connection the relay forwards verbatim, and this actor runs its
+//! handshake itself: our nonce, the agent's (or child relay's) own signature, the agent's link.
+//! So authorization is always on the peer's identity, never the relay's, and a relay that
+//! invents frames for an agent it never saw sign our nonce gets nothing through.
+//!
+//! Channels also check their path: the `Open` must name this relay last, and every relay before
+//! it must be connected to us through exactly the rest of that path. A relay cannot claim an
+//! agent came through a relay it is not connected to.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use actix_web_actors::ws;
+use tether_shared::enroll::Role;
+use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
+use tether_shared::protocol::{
+    self, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
+};
+use tether_shared::stream::ConnId;
+
+use crate::session::agent_link::{AgentLink, Detach, FromAgent};
+use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
+use crate::session::session_registry::{SessionEnded, SessionRegistry};
+use crate::session::{now_ms, SessionShared};
+
+/// Most channels one link may hold open.
+const MAX_CHANNELS: usize = 100_000;
+
+/// One downstream connection carried by this link.
+struct Channel {
+    conn: ConnId,
+    kind: ChannelKind,
+    /// Relay ids between us and the peer, nearest the peer first.
+    path: Vec<String>,
+    nonce: String,
+    phase: ChannelPhase,
+    opened: Instant,
+    last_heard: Instant,
+    /// Counts against the handshakes in flight until Ready.
+    counted: bool,
+}
+
+enum ChannelPhase {
+    Challenged,
+    /// Hello verified; the agent's link is running the stream handshake.
+    Attaching {
+        agent_id: String,
+        held: Vec<Vec<u8>>,
+    },
+    /// An agent's streams run.
+    Agent {
+        agent_id: String,
+        link: Addr<AgentLink>,
+    },
+    /// A child relay, authenticated: its own channel carries only its heartbeats.
+    Relay { relay_id: String },
+}
+
+/// What this link counts, for health.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RelayLinkStats {
+    pub channels_opened: u64,
+    pub channels_refused: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub unknown_channel_frames: u64,
+}
+
+pub struct RelaySession {
+    shared: Arc<SessionShared>,
+    registry: Addr<SessionRegistry>,
+    conn: ConnId,
+    nonce: String,
+    peer: String,
+    /// The relay's id once its Hello checked out.
+    relay_id: Option<String>,
+    last_heard: Instant,
+    counted: bool,
+    closing: bool,
+    channels: HashMap<u32, Channel>,
+    stats: RelayLinkStats,
+}
+
+impl RelaySession {
+    pub fn new(
+        shared: Arc<SessionShared>,
+        registry: Addr<SessionRegistry>,
+        conn: ConnId,
+        peer: String,
+    ) -> Self {
+        RelaySession {
+            shared,
+            registry,
+            conn,
+            nonce: new_nonce(),
+            peer,
+            relay_id: None,
+            last_heard: Instant::now(),
+            counted: false,
+            closing: false,
+            channels: HashMap::new(),
+            stats: RelayLinkStats::default(),
+        }
+    }
+
+    fn send_frame(ctx: &mut ws::WebsocketContext<Self>, frame: &Frame) {
+        match frame.encode() {
+            Ok(bytes) => ctx.binary(bytes),
+            Err(e) => tracing::error!(error = %e, "frame-encode-failed"),
+        }
+    }
+
+    /// A v1 frame on channel `ch`.
+    fn send_on(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, frame: &Frame) {
+        match frame.encode() {
+            Ok(bytes) => {
+                self.stats.frames_out += 1;
+                ctx.binary(mux::data(ch, &bytes));
+            }
+            Err(e) => tracing::error!(ch, error = %e, "frame-encode-failed"),
+        }
+    }
+
+    /// Refuse the relay itself: an error frame, then close the link (and so every channel).
+    fn refuse(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: u16,
+        error: ErrorCode,
+        reason: &str,
+    ) {
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, relay_id = ?self.relay_id, code, reason, "relay-link-refused");
+        let frame = Frame::Error(ErrorFrame {
+            code: error,
+            message: reason.to_owned(),
+            details: Default::default(),
+        });
+        match &self.relay_id {
+            // In mux mode the link's own frames travel on channel 0.
+            Some(_) => self.send_on(ctx, LINK_CHANNEL, &frame),
+            None => Self::send_frame(ctx, &frame),
+        }
+        self.closing = true;
+        let reason: String = reason.chars().take(100).collect();
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(code),
+            description: Some(reason),
+        }));
+        ctx.stop();
+    }
+
+    fn on_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
+        if self.closing {
+            return;
+        }
+        self.last_heard = Instant::now();
+        if self.relay_id.is_none() {
+            return self.on_hello(ctx, bytes);
+        }
+        match Mux::decode(bytes) {
+            Ok(Mux::Open { ch, open }) => self.on_open(ctx, ch, open),
+            Ok(Mux::Data { ch, frame }) => self.on_data(ctx, ch, frame),
+            Ok(Mux::Close { ch, code, reason }) => {
+                if let Some(channel) = self.channels.remove(&ch) {
+                    tracing::debug!(ch, code, reason = %reason, "channel-closed-by-relay");
+                    self.end_channel(channel);
+                }
+            }
+            Err(e) => self.refuse(ctx, 1008, ErrorCode::Malformed, &e.to_string()),
+        }
+    }
+
+    /// The relay's own Hello: an enrolled relay's signature over our nonce.
+    fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
+        let hello = match protocol::decode(bytes, Sender::Agent) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(other) => {
+                let reason = format!("expected hello, got {}", other.kind());
+                return self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+            }
+            Err(e) => {
+                return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
+            }
+        };
+        let version = match verify_hello(&self.shared, &self.nonce, &hello, Role::Relay) {
+            Ok(v) => v,
+            Err(reason) => return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &reason),
+        };
+        let relay_id = hello.agent_id;
+        self.uncount();
+        if let Some(old) = self
+            .shared
+            .relay_links
+            .register(&relay_id, self.conn, ctx.address())
+        {
+            old.do_send(LinkReplaced);
+        }
+        self.shared
+            .registry
+            .set_online(&relay_id, &version, Vec::new());
+        tracing::info!(relay_id = %relay_id, conn = self.conn.0, peer = %self.peer, "relay-online");
+        self.relay_id = Some(relay_id);
+        Self::send_frame(ctx, &self.welcome());
+    }
+
+    fn welcome(&self) -> Frame {
+        Frame::Welcome(Welcome {
+            last_event_seq: Seq::ZERO,
+            server_incarnation: self.shared.incarnation.clone(),
+            heartbeat_interval_ms: self.shared.heartbeat_interval.as_millis() as u64,
+        })
+    }
+
+    fn on_open(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, open: Open) {
+        let refusal = if self.channels.contains_key(&ch) {
+            Some("channel already open".to_owned())
+        } else if self.channels.len() >= MAX_CHANNELS {
+            Some(format!("at most {MAX_CHANNELS} channels per link"))
+        } else {
+            self.path_problem(&open.path)
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(relay_id = ?self.relay_id, ch, path = ?open.path, reason = %reason, "channel-refused");
+            self.stats.channels_refused += 1;
+            return self.close_channel_wire(ctx, ch, 1008, &reason);
+        }
+        let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_flight > self.shared.max_handshakes {
+            self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+            let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
+            self.send_on(ctx, ch, &Frame::Busy(Busy { retry_after_ms }));
+            return self.close_channel_wire(ctx, ch, 1013, "busy, retry later");
+        }
+        self.stats.channels_opened += 1;
+        let conn = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
+        let channel = Channel {
+            conn,
+            kind: open.kind,
+            path: open.path,
+            nonce: new_nonce(),
+            phase: ChannelPhase::Challenged,
+            opened: Instant::now(),
+            last_heard: Instant::now(),
+            counted: true,
+        };
+        let challenge = Frame::Challenge(Challenge {
+            nonce: channel.nonce.clone(),
+        });
+        tracing::debug!(relay_id = ?self.relay_id, ch, conn = conn.0, peer = %open.peer, kind = ?channel.kind, "channel-opened");
+        self.channels.insert(ch, channel);
+        self.send_on(ctx, ch, &challenge);
+    }
+
+    /// Why `path` is not believable from this link, if it is not.
+    fn path_problem(&self, path: &[String]) -> Option<String> {
+        let me = self.relay_id.as_deref()?;
+        if path.last().map(String::as_str) != Some(me) {
+            return Some("the path must end with the relay that opens the channel".into());
+        }
+        for (i, relay) in path.iter().enumerate().take(path.len() - 1) {
+            match self.shared.registry.online_path(relay) {
+                Some(p) if p == path[i + 1..] => {}
+                _ => return Some(format!("relay {relay} is not connected through this path")),
+            }
+        }
+        None
+    }
+
+    fn on_data(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, frame: Vec<u8>) {
+        self.stats.frames_in += 1;
+        if ch == LINK_CHANNEL {
+            return self.on_link_frame(ctx, &frame);
+        }
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            // A frame that crossed our close: nothing to do.
+            self.stats.unknown_channel_frames += 1;
+            return;
+        };
+        channel.last_heard = Instant::now();
+        match &channel.phase {
+            ChannelPhase::Challenged => self.on_channel_hello(ctx, ch, &frame),
+            ChannelPhase::Agent { link, .. } => link.do_send(FromAgent {
+                conn: channel.conn,
+                bytes: frame,
+            }),
+            ChannelPhase::Attaching { .. } => self.refuse_channel(
+                ctx,
+                ch,
+                1008,
+                ErrorCode::ProtocolViolation,
+                "frame before the welcome",
+            ),
+            ChannelPhase::Relay { relay_id } => {
+                let relay_id = relay_id.clone();
+                self.on_relay_frame(ctx, ch, &relay_id, &frame);
+            }
+        }
+    }
+
+    /// The relay's own frames: heartbeats with its status.
+    fn on_link_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: &[u8]) {
+        let Some(relay_id) = self.relay_id.clone() else {
+            return;
+        };
+        match protocol::decode(frame, Sender::Agent) {
+            Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(&relay_id, hb.status),
+            Ok(Frame::Error(e)) => {
+                tracing::warn!(relay_id = %relay_id, code = ?e.code, message = %e.message, "relay-reported-error")
+            }
+            Ok(other) => {
+                let reason = format!("unexpected {} frame on the link channel", other.kind());
+                self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+            }
+            Err(e) => self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string()),
+        }
+    }
+
+    /// A child relay's own channel, after its welcome: heartbeats only.
+    fn on_relay_frame(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        relay_id: &str,
+        frame: &[u8],
+    ) {
+        match protocol::decode(frame, Sender::Agent) {
+            Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(relay_id, hb.status),
+            Ok(Frame::Error(_)) => {}
+            Ok(other) => {
+                let reason = format!("unexpected {} frame on a relay channel", other.kind());
+                self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, &reason);
+            }
+            Err(e) => {
+                self.refuse_channel(ctx, ch, e.close_code(), e.to_error_frame().code, &e.to_string())
+            }
+        }
+    }
+
+    fn on_channel_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, bytes: &[u8]) {
+        let hello = match protocol::decode(bytes, Sender::Agent) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(other) => {
+                let reason = format!("expected hello, got {}", other.kind());
+                return self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, &reason);
+            }
+            Err(e) => {
+                let (code, error) = (e.close_code(), e.to_error_frame().code);
+                return self.refuse_channel(ctx, ch, code, error, &e.to_string());
+            }
+        };
+        let Some(channel) = self.channels.get(&ch) else {
+            return;
+        };
+        let role = match channel.kind {
+            ChannelKind::Agent => Role::Agent,
+            ChannelKind::Relay => Role::Relay,
+        };
+        let version = match verify_hello(&self.shared, &channel.nonce, &hello, role) {
+            Ok(v) => v,
+            Err(reason) => {
+                return self.refuse_channel(ctx, ch, 1008, ErrorCode::Unauthorized, &reason)
+            }
+        };
+        match role {
+            Role::Relay => self.child_relay_ready(ctx, ch, hello, &version),
+            Role::Agent => self.attach_agent(ctx, ch, hello, version),
+        }
+    }
+
+    fn child_relay_ready(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        hello: Hello,
+        version: &str,
+    ) {
+        let relay_id = hello.agent_id;
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        if channel.path.contains(&relay_id) {
+            return self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, "relay loop");
+        }
+        uncount(&self.shared, channel);
+        channel.phase = ChannelPhase::Relay {
+            relay_id: relay_id.clone(),
+        };
+        let path = channel.path.clone();
+        self.shared
+            .registry
+            .set_online(&relay_id, version, path.clone());
+        tracing::info!(relay_id = %relay_id, ch, path = ?path, "relay-online");
+        let welcome = self.welcome();
+        self.send_on(ctx, ch, &welcome);
+    }
+
+    fn attach_agent(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        hello: Hello,
+        version: String,
+    ) {
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        let agent_id = hello.agent_id.clone();
+        channel.phase = ChannelPhase::Attaching {
+            agent_id: agent_id.clone(),
+            held: Vec::new(),
+        };
+        let conn = channel.conn;
+        let handle = SessionHandle::Relayed {
+            relay: ctx.address(),
+            ch,
+            conn,
+        };
+        let attach = attach(self.registry.clone(), conn, hello, handle);
+        ctx.spawn(attach.into_actor(self).map(move |res, act, ctx| {
+            let Some(channel) = act.channels.get_mut(&ch).filter(|c| c.conn == conn) else {
+                return;
+            };
+            let held = match &mut channel.phase {
+                ChannelPhase::Attaching { held, .. } => std::mem::take(held),
+                _ => return,
+            };
+            match res {
+                Ok((link, welcome)) => {
+                    uncount(&act.shared, channel);
+                    let path = channel.path.clone();
+                    channel.phase = ChannelPhase::Agent {
+                        agent_id: agent_id.clone(),
+                        link,
+                    };
+                    act.shared.registry.set_online(&agent_id, &version, path);
+                    act.send_on(ctx, ch, &Frame::Welcome(welcome));
+                    act.stats.frames_out += held.len() as u64;
+                    for f in held {
+                        ctx.binary(mux::data(ch, &f));
+                    }
+                }
+                Err(reason) => act.refuse_channel(
+                    ctx,
+                    ch,
+                    1011,
+                    ErrorCode::Internal,
+                    &format!("attach failed: {reason}"),
+                ),
+            }
+        }));
+    }
+
+    /// Refuse a channel's peer: an error frame on it, a close, and the session ends.
+    fn refuse_channel(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        code: u16,
+        error: ErrorCode,
+        reason: &str,
+    ) {
+        tracing::warn!(relay_id = ?self.relay_id, ch, code, reason, "channel-refused");
+        self.send_on(
+            ctx,
+            ch,
+            &Frame::Error(ErrorFrame {
+                code: error,
+                message: reason.to_owned(),
+                details: Default::default(),
+            }),
+        );
+        self.close_channel_wire(ctx, ch, code, reason);
+        if let Some(channel) = self.channels.remove(&ch) {
+            self.end_channel(channel);
+        }
+    }
+
+    fn close_channel_wire(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        code: u16,
+        reason: &str,
+    ) {
+        ctx.binary(
+            Mux::Close {
+                ch,
+                code,
+                reason: reason.to_owned(),
+            }
+            .encode(),
+        );
+    }
+
+    /// A channel is gone: its agent or child relay is offline unless it reconnected already.
+    fn end_channel(&mut self, mut channel: Channel) {
+        uncount(&self.shared, &mut channel);
+        match channel.phase {
+            ChannelPhase::Agent { agent_id, link } => {
+                link.do_send(Detach { conn: channel.conn });
+                self.registry.do_send(SessionEnded {
+                    agent_id,
+                    conn: channel.conn,
+                });
+            }
+            ChannelPhase::Attaching { agent_id, .. } => self.registry.do_send(SessionEnded {
+                agent_id,
+                conn: channel.conn,
+            }),
+            ChannelPhase::Relay { relay_id } => {
+                self.shared.registry.set_offline(&relay_id);
+                tracing::info!(relay_id = %relay_id, "relay-offline");
+            }
+            ChannelPhase::Challenged => {}
+        }
+    }
+
+    fn uncount(&mut self) {
+        if self.counted {
+            self.counted = false;
+            self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Heartbeats on the link and every ready channel; silent or stuck channels are closed.
+    fn beat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.last_heard.elapsed() > self.shared.heartbeat_timeout {
+            tracing::info!(relay_id = ?self.relay_id, conn = self.conn.0, "relay-heartbeat-timeout");
+            return self.refuse(ctx, 1001, ErrorCode::Unauthorized, "heartbeat timeout");
+        }
+        if self.relay_id.is_none() {
+            return;
+        }
+        let beat = Frame::Heartbeat(Heartbeat {
+            sent_ms: now_ms(),
+            status: None,
+        });
+        let Ok(beat) = beat.encode() else {
+            return;
+        };
+        ctx.binary(mux::data(LINK_CHANNEL, &beat));
+        let mut stale = Vec::new();
+        for (ch, c) in &self.channels {
+            let ready = matches!(
+                c.phase,
+                ChannelPhase::Agent { .. } | ChannelPhase::Relay { .. }
+            );
+            if ready && c.last_heard.elapsed() > self.shared.heartbeat_timeout {
+                stale.push((*ch, "heartbeat timeout"));
+            } else if !ready && c.opened.elapsed() > self.shared.handshake_timeout {
+                stale.push((*ch, "handshake timeout"));
+            } else if ready {
+                ctx.binary(mux::data(*ch, &beat));
+            }
+        }
+        for (ch, reason) in stale {
+            self.refuse_channel(ctx, ch, 1001, ErrorCode::Unauthorized, reason);
+        }
+    }
+
+    /// Channels by phase, for health.
+    fn observe(&self) -> RelayLinkHealth {
+        let mut health = RelayLinkHealth {
+            relay_id: self.relay_id.clone(),
+            conn: self.conn.0,
+            stats: self.stats,
+            ..Default::default()
+        };
+        for c in self.channels.values() {
+            match c.phase {
+                ChannelPhase::Agent { .. } => health.agents += 1,
+                ChannelPhase::Relay { .. } => health.relays += 1,
+                ChannelPhase::Challenged | ChannelPhase::Attaching { .. } => {
+                    health.handshaking += 1
+                }
+            }
+        }
+        health
+    }
+}
+
+fn uncount(shared: &SessionShared, channel: &mut Channel) {
+    if channel.counted {
+        channel.counted = false;
+        shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Actor for RelaySession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
+        self.counted = true;
+        if in_flight > self.shared.max_handshakes {
+            let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
+            Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
+            self.closing = true;
+            ctx.close(Some(ws::CloseReason {
+                code: ws::CloseCode::from(1013),
+                description: Some("busy, retry later".into()),
+            }));
+            return ctx.stop();
+        }
+        Self::send_frame(
+            ctx,
+            &Frame::Challenge(Challenge {
+                nonce: self.nonce.clone(),
+            }),
+        );
+        ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
+            if act.relay_id.is_none() && !act.closing {
+                act.refuse(ctx, 1008, ErrorCode::Unauthorized, "handshake timeout");
+            }
+        });
+        ctx.run_interval(self.shared.heartbeat_interval, |act, ctx| act.beat(ctx));
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        self.uncount();
+        for (_, channel) in std::mem::take(&mut self.channels) {
+            self.end_channel(channel);
+        }
+        if let Some(relay_id) = &self.relay_id {
+            if self.shared.relay_links.unregister(relay_id, self.conn) {
+                self.shared.registry.set_offline(relay_id);
+                tracing::info!(relay_id = %relay_id, conn = self.conn.0, "relay-offline");
+            }
+        }
+        Running::Stop
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RelaySession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        match msg {
+            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, &bytes),
+            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes()),
+            Ok(ws::Message::Ping(p)) => {
+                self.last_heard = Instant::now();
+                ctx.pong(&p);
+            }
+            Ok(ws::Message::Pong(_)) => self.last_heard = Instant::now(),
+            Ok(ws::Message::Close(_)) => ctx.stop(),
+            Ok(ws::Message::Continuation(_)) => self.refuse(
+                ctx,
+                1003,
+                ErrorCode::ProtocolViolation,
+                "fragmented messages are not accepted",
+            ),
+            Ok(ws::Message::Nop) => {}
+            Err(e) => {
+                let code = if e.to_string().contains("size limit")
+                    || matches!(e, ws::ProtocolError::Overflow)
+                {
+                    1009
+                } else {
+                    1002
+                };
+                let reason = format!("websocket protocol error: {e}");
+                self.refuse(ctx, code, ErrorCode::Malformed, &reason)
+            }
+        }
+    }
+}
+
+/// Frames from an agent's link for its channel.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChannelFrames {
+    pub ch: u32,
+    pub conn: ConnId,
+    pub frames: Vec<Vec<u8>>,
+}
+
+impl Handler<ChannelFrames> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChannelFrames, ctx: &mut Self::Context) {
+        if self.closing {
+            return;
+        }
+        let Some(channel) = self.channels.get_mut(&msg.ch).filter(|c| c.conn == msg.conn) else {
+            return;
+        };
+        match &mut channel.phase {
+            ChannelPhase::Agent { .. } => {
+                self.stats.frames_out += msg.frames.len() as u64;
+                for f in msg.frames {
+                    ctx.binary(mux::data(msg.ch, &f));
+                }
+            }
+            ChannelPhase::Attaching { held, .. } => held.extend(msg.frames),
+            ChannelPhase::Challenged | ChannelPhase::Relay { .. } => {}
+        }
+    }
+}
+
+/// Close one channel: refused by its link (`error` set), or replaced by a newer session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChannelClose {
+    pub ch: u32,
+    pub conn: ConnId,
+    pub code: u16,
+    pub error: Option<ErrorCode>,
+    pub reason: String,
+    /// A newer session took over: the agent stays online.
+    pub replaced: bool,
+}
+
+impl Handler<ChannelClose> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChannelClose, ctx: &mut Self::Context) {
+        if self.closing || !self.channels.get(&msg.ch).is_some_and(|c| c.conn == msg.conn) {
+            return;
+        }
+        if msg.replaced {
+            if let Some(mut channel) = self.channels.remove(&msg.ch) {
+                uncount(&self.shared, &mut channel);
+            }
+            return self.close_channel_wire(ctx, msg.ch, msg.code, &msg.reason);
+        }
+        let error = msg.error.unwrap_or(ErrorCode::Internal);
+        self.refuse_channel(ctx, msg.ch, msg.code, error, &msg.reason);
+    }
+}
+
+/// A newer link of the same relay took over.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct LinkReplaced;
+
+impl Handler<LinkReplaced> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, _: LinkReplaced, ctx: &mut Self::Context) {
+        // The new link owns the relay's presence now: stopping must not mark it offline.
+        if let Some(relay_id) = &self.relay_id {
+            tracing::info!(relay_id = %relay_id, conn = self.conn.0, "relay-link-replaced");
+        }
+        self.closing = true;
+        ctx.close(Some(ws::CloseReason {
+            code: ws::CloseCode::from(4000),
+            description: Some("replaced by a newer link".into()),
+        }));
+        ctx.stop();
+    }
+}
+
+/// What a link holds now.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayLinkHealth {
+    pub relay_id: Option<String>,
+    pub conn: u64,
+    pub agents: u64,
+    pub relays: u64,
+    pub handshaking: u64,
+    #[serde(flatten)]
+    pub stats: RelayLinkStats,
+}
+
+/// Ask a link what it holds.
+#[derive(Message)]
+#[rtype(result = "RelayLinkHealth")]
+pub struct ObserveRelayLink;
+
+impl Handler<ObserveRelayLink> for RelaySession {
+    type Result = MessageResult<ObserveRelayLink>;
+
+    fn handle(&mut self, _: ObserveRelayLink, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.observe())
+    }
+}
+
+/// Which link each relay has now: a newer link replaces an older one, as for agents.
+#[derive(Default)]
+pub struct RelayLinks {
+    links: std::sync::Mutex<HashMap<String, (ConnId, Addr<RelaySession>)>>,
+}
+
+impl RelayLinks {
+    /// `relay_id` is now on `link`; returns the link it replaces, if any.
+    pub fn register(
+        &self,
+        relay_id: &str,
+        conn: ConnId,
+        link: Addr<RelaySession>,
+    ) -> Option<Addr<RelaySession>> {
+        let mut links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        links
+            .insert(relay_id.to_owned(), (conn, link))
+            .filter(|(old, _)| *old != conn)
+            .map(|(_, addr)| addr)
+    }
+
+    /// The link `conn` of `relay_id` ended; true if it was the current one.
+    pub fn unregister(&self, relay_id: &str, conn: ConnId) -> bool {
+        let mut links = self
+            .links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if links.get(relay_id).is_some_and(|(c, _)| *c == conn) {
+            links.remove(relay_id);
+            return true;
+        }
+        false
+    }
+
+    /// Every current link.
+    pub fn all(&self) -> Vec<(String, Addr<RelaySession>)> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(id, (_, addr))| (id.clone(), addr.clone()))
+            .collect()
+    }
+}

@@ -1,0 +1,148 @@
+//! The installing side of enrollment, shared by `tether-agent install` and `tether-relay
+//! install`: the request goes to `https://host:port/agent/v1/enroll` of each upstream in turn;
+//! an upstream that cannot be reached (connection, TLS, timeout, 5xx) is skipped, a 4xx answer
+//! stops with the server's reason. The key is made and saved before anything is sent, and a
+//! retried install reuses it, so a lost answer costs nothing: the server answers an identical
+//! retry with the same id.
+
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::{name_problem, EnrollRequest, EnrollResponse, Upstream, ENROLL_PATH};
+use crate::https::{self, Limits};
+use crate::identity::{Identity, IdentityError, PublicKey};
+
+/// Why no upstream enrolled us.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// An upstream answered with a 4xx (or an answer that makes no sense): refused.
+    #[error("enrollment refused by {upstream}: HTTP {status}: {reason}")]
+    Refused {
+        /// The upstream that answered.
+        upstream: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's reason.
+        reason: String,
+    },
+    /// No upstream could be used; one line per upstream.
+    #[error("no upstream could enroll this machine:\n  {}", failures.join("\n  "))]
+    Unreachable {
+        /// What went wrong with each upstream.
+        failures: Vec<String>,
+    },
+}
+
+/// Sends `request` to each upstream in order; returns the base URL that answered and its answer.
+pub fn post_enrollment(
+    upstreams: &[Upstream],
+    tls: Arc<rustls::ClientConfig>,
+    request: &EnrollRequest,
+) -> Result<(String, EnrollResponse), EnrollError> {
+    // Serializing a struct of strings cannot fail.
+    let body = serde_json::to_vec(request).unwrap_or_default();
+    let mut failures = Vec::new();
+    for upstream in upstreams {
+        let base = upstream.base_url();
+        let reply = https::request(
+            tls.clone(),
+            &https::Request {
+                method: "POST",
+                host: &upstream.host,
+                addr: None,
+                port: upstream.port,
+                path: ENROLL_PATH,
+                headers: &[("Content-Type", "application/json")],
+                body: Some(&body),
+            },
+            &Limits::default(),
+        );
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::warn!(upstream = %base, error = %e, "enroll-upstream-failed");
+                failures.push(format!("{base}: {e}"));
+                continue;
+            }
+        };
+        match reply.status {
+            200 => {
+                let answer = parse_answer(&reply.body).map_err(|reason| EnrollError::Refused {
+                    upstream: base.clone(),
+                    status: reply.status,
+                    reason,
+                })?;
+                return Ok((base, answer));
+            }
+            400..=499 => {
+                return Err(EnrollError::Refused {
+                    upstream: base,
+                    status: reply.status,
+                    reason: reply.reason(),
+                })
+            }
+            status => {
+                tracing::warn!(upstream = %base, status, "enroll-upstream-failed");
+                failures.push(format!("{base}: HTTP {status}: {}", reply.reason()));
+            }
+        }
+    }
+    Err(EnrollError::Unreachable { failures })
+}
+
+/// Checks the server's answer: an id of the expected shape and a valid signing key.
+pub fn parse_answer(body: &[u8]) -> Result<EnrollResponse, String> {
+    let answer: EnrollResponse = serde_json::from_slice(body)
+        .map_err(|e| format!("unexpected answer from the server ({e})"))?;
+    if let Some(problem) = name_problem("agent id", &answer.agent_id) {
+        return Err(format!("unexpected answer from the server: {problem}"));
+    }
+    PublicKey::from_b64(&answer.server_signing_key)
+        .map_err(|e| format!("unexpected answer from the server: server signing key: {e}"))?;
+    Ok(answer)
+}
+
+/// Reuses `path` if a previous install saved it (an enrollment that may have succeeded), else
+/// generates a key and saves it before anything is sent.
+pub fn load_or_create_key(path: &Path) -> Result<Identity, IdentityError> {
+    if path.exists() {
+        let identity = Identity::load(path)?;
+        tracing::info!(path = %path.display(), "key-reused");
+        return Ok(identity);
+    }
+    let identity = Identity::generate();
+    identity.save(path)?;
+    tracing::info!(path = %path.display(), "key-created");
+    Ok(identity)
+}
+
+/// Creates `dir` (and parents) with mode 0700; an existing directory keeps its mode.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_checked() {
+        let key = Identity::generate().public_key_b64();
+        let ok = format!(r#"{{"agent_id":"a-0011223344556677","server_signing_key":"{key}"}}"#);
+        assert!(parse_answer(ok.as_bytes()).is_ok());
+        assert!(parse_answer(b"{}").is_err());
+        assert!(parse_answer(
+            format!(r#"{{"agent_id":"../x","server_signing_key":"{key}"}}"#).as_bytes()
+        )
+        .is_err());
+        assert!(parse_answer(br#"{"agent_id":"a-1","server_signing_key":"AAAA"}"#).is_err());
+    }
+}

@@ -13,7 +13,7 @@ setup:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo is not installed; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
-	@missing=""; for tool in strace:strace ss:iproute2 openssl:openssl kill:procps; do \
+	@missing=""; for tool in strace:strace ss:iproute2 openssl:openssl kill:procps nft:nftables; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

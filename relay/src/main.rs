@@ -1,12 +1,29 @@
 //! `tether-relay`: command line entry point. Parses arguments, installs the rustls crypto
 //! provider, loads and validates configuration and maps the outcome to an exit code: 0 clean,
-//! 1 runtime failure, 2 bad configuration or usage. Today it offers `--check-config`; the
-//! `install` and `run` subcommands arrive with the relay's actors.
+//! 1 runtime failure, 2 bad configuration or usage.
+//!
+//! # Layout
+//! - [`install`]: `tether-relay install`, enrollment (identity key, CA-signed TLS certificate).
+//! - [`run`]: `tether-relay run`, the listeners and the actors below.
+//! - [`upstream`]: `Upstream`, the one link to the parent, and the channel table.
+//! - [`downstream`]: `AgentDown`, one agent's WebSocket, forwarded as a channel.
+//! - [`child_relay`]: `ChildRelay`, a child relay's link, whose channels become ours.
+//! - [`bulk`], [`cache`]: agents' HTTPS forwarded upstream, with a sha256-keyed disk cache.
+//! - [`state`]: `RelayState` (`DIR/relay.json`) and the data directory's file names.
+
+mod bulk;
+mod cache;
+mod child_relay;
+mod downstream;
+mod install;
+mod run;
+mod state;
+mod upstream;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{CommandFactory, Parser};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use tether_shared::config::{self, LoadOptions, Startup};
 
 /// The Tether relay: carries agents' connections across network boundaries, connecting out to the next hop.
@@ -22,6 +39,23 @@ struct Cli {
     /// Load and validate the configuration, print the effective one and exit.
     #[arg(long, global = true)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enroll this relay with the server (directly or through a parent relay).
+    Install(install::InstallArgs),
+    /// Carry agents' connections upstream until SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Data directory [default: relay.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
 }
 
 /// mimalloc: measurably faster than glibc malloc on the journal hot path (see `make bench`).
@@ -35,13 +69,46 @@ fn main() -> ExitCode {
         file: cli.config.clone(),
         env: true,
     };
-    // The relay's subcommands (install, run) arrive with the relay work; until then a valid
-    // configuration without --check-config is a usage error.
-    if let Startup::Exit(code) =
-        config::startup("tether-relay", config::load_relay, &opts, cli.check_config)
-    {
-        return code;
+    let cfg = match config::startup("tether-relay", config::load_relay, &opts, cli.check_config) {
+        Startup::Run(cfg) => cfg,
+        Startup::Exit(code) => return code,
+    };
+    match cli.command {
+        Some(Command::Install(args)) => {
+            cfg.log.init_tracing();
+            let data = args
+                .data
+                .clone()
+                .unwrap_or_else(|| cfg.relay.data_dir.clone());
+            match install::install(&args, &data) {
+                Ok(relay_id) => {
+                    println!(
+                        "installed relay {} as {relay_id} in {}",
+                        args.name,
+                        data.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tether-relay install: {e}");
+                    ExitCode::from(e.exit_code())
+                }
+            }
+        }
+        Some(Command::Run(args)) => {
+            cfg.log.init_tracing();
+            let data = args.data.unwrap_or_else(|| cfg.relay.data_dir.clone());
+            match run::run(&cfg, &data) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tether-relay run: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        None => {
+            eprintln!("{}", Cli::command().render_help());
+            ExitCode::from(2)
+        }
     }
-    eprintln!("{}", Cli::command().render_help());
-    ExitCode::from(2)
 }

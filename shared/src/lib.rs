@@ -12,6 +12,8 @@
 //! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
 //! - [`enroll`]: the enrollment request and answer, roles, name rules, upstream URLs.
 //! - [`plugin`]: plugin manifests (`plugin.toml`) and bundle inspection (tar.gz), every problem at once.
+//! - [`frame_guard`]: refuses an oversized WebSocket frame by its header, before buffering it
+//!   (the server's and the relay's WebSocket listeners).
 //! - [`mux`]: the relay link's framing (many agents' channels over one WebSocket).
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
 //! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
@@ -20,6 +22,7 @@ pub mod agent_auth;
 pub mod backoff;
 pub mod config;
 pub mod enroll;
+pub mod frame_guard;
 pub mod https;
 pub mod identity;
 pub mod journal;

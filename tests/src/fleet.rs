@@ -32,7 +32,7 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
-fn base_command(name: &str, config_dir: &Path, log: &Path) -> Command {
+pub(crate) fn base_command(name: &str, config_dir: &Path, log: &Path) -> Command {
     let mut cmd = Command::new(bin(name));
     for (k, _) in std::env::vars() {
         if k.starts_with("TETHER_") {
@@ -286,6 +286,45 @@ impl Server {
         );
         assert_eq!(r.status, 200, "log: {}", r.body);
         r.body
+    }
+
+    /// `GET /api/v1/agents/{id}/probes`: the probe series' counters.
+    pub fn probes(&self, id: &str) -> Value {
+        let r = self.request("GET", &format!("/api/v1/agents/{id}/probes"), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["probes"].clone()
+    }
+
+    /// Queue `commands` probe commands for agent `id` and ask it for `events` probe events.
+    pub fn queue_probes(&self, id: &str, commands: u64, events: u64) {
+        let r = self.request(
+            "POST",
+            &format!("/api/v1/agents/{id}/probes"),
+            Some(&json!({"commands": commands, "events": events})),
+        );
+        assert_eq!(r.status, 202, "{}", r.body);
+    }
+
+    /// Wait until `commands` echoes and `events` probe events arrived; then check none came
+    /// twice and none was skipped.
+    pub fn wait_for_probes(
+        &self,
+        id: &str,
+        commands: u64,
+        events: u64,
+        timeout: Duration,
+    ) -> Value {
+        let p = eventually("all probes", timeout, || {
+            let p = self.probes(id);
+            (p["echoes"]["received"] == commands && p["events"]["received"] == events).then_some(p)
+        });
+        for series in ["echoes", "events"] {
+            assert_eq!(p[series]["duplicates"], 0, "{series} delivered twice: {p}");
+            assert_eq!(p[series]["gaps"], 0, "{series} skipped: {p}");
+        }
+        assert_eq!(p["echoes"]["next"], commands + 1, "{p}");
+        assert_eq!(p["events"]["next"], events + 1, "{p}");
+        p
     }
 }
 

@@ -15,6 +15,8 @@ use tether_shared::https;
 pub mod fixtures;
 pub mod fleet;
 pub mod loadgen;
+pub mod netns;
+pub mod relays;
 pub mod wire;
 
 /// The workspace root (the parent of this crate's directory).

@@ -13,16 +13,10 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::{json, Value};
+use serde_json::json;
 use tether_tests::fleet::{alive, eventually, Agent, Server, TestDir};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn probes(server: &Server, id: &str) -> Value {
-    let r = server.request("GET", &format!("/api/v1/agents/{id}/probes"), None);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["probes"].clone()
-}
 
 #[test]
 fn every_acknowledged_probe_arrives_once_in_order_across_sigkills() {
@@ -103,7 +97,7 @@ fn every_acknowledged_probe_arrives_once_in_order_across_sigkills() {
 
     let deadline = Instant::now() + Duration::from_secs(120);
     let p = loop {
-        let p = probes(&server, &agent.id);
+        let p = server.probes(&agent.id);
         if p["echoes"]["received"].as_u64() >= Some(commands)
             && p["events"]["received"].as_u64() >= Some(events)
         {

@@ -6,37 +6,10 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tether_tests::fleet::{eventually, listening_sockets, Agent, Forwarder, Server, TestDir};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn probes(server: &Server, id: &str) -> Value {
-    let r = server.request("GET", &format!("/api/v1/agents/{id}/probes"), None);
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["probes"].clone()
-}
-
-/// Wait until `commands` echoes and `events` probe events arrived; then check none twice, none skipped.
-pub fn wait_for_probes(
-    server: &Server,
-    id: &str,
-    commands: u64,
-    events: u64,
-    timeout: Duration,
-) -> Value {
-    let p = eventually("all probes", timeout, || {
-        let p = probes(server, id);
-        (p["echoes"]["received"] == commands && p["events"]["received"] == events).then_some(p)
-    });
-    for series in ["echoes", "events"] {
-        assert_eq!(p[series]["duplicates"], 0, "{series} delivered twice: {p}");
-        assert_eq!(p[series]["gaps"], 0, "{series} skipped: {p}");
-    }
-    assert_eq!(p["echoes"]["next"], commands + 1, "{p}");
-    assert_eq!(p["events"]["next"], events + 1, "{p}");
-    p
-}
 
 #[test]
 fn an_agent_comes_online_goes_offline_and_comes_back() {
@@ -96,7 +69,7 @@ fn an_agent_comes_online_goes_offline_and_comes_back() {
         Some(&json!({"commands": 200, "events": 300})),
     );
     assert_eq!(r.status, 202, "{}", r.body);
-    wait_for_probes(&server, &agent.id, 200, 300, WAIT);
+    server.wait_for_probes(&agent.id, 200, 300, WAIT);
 
     agent.stop();
     eventually("agent offline", WAIT, || {
@@ -114,7 +87,7 @@ fn an_agent_comes_online_goes_offline_and_comes_back() {
     eventually("agent online again", WAIT, || {
         (server.agent_status(&agent.id) == "online").then_some(())
     });
-    wait_for_probes(&server, &agent.id, 250, 300, WAIT);
+    server.wait_for_probes(&agent.id, 250, 300, WAIT);
 }
 
 #[test]
@@ -135,7 +108,7 @@ fn an_agent_that_lost_its_state_is_detected_and_its_pending_commands_abandoned()
         (server.agent_status(&agent.id) == "online").then_some(())
     });
     queue(10, 10);
-    wait_for_probes(&server, &agent.id, 10, 10, WAIT);
+    server.wait_for_probes(&agent.id, 10, 10, WAIT);
 
     agent.stop();
     eventually("agent offline", WAIT, || {
@@ -170,7 +143,7 @@ fn an_agent_that_lost_its_state_is_detected_and_its_pending_commands_abandoned()
         Some(&json!({"commands": 5, "events": 5})),
     );
     assert_eq!(r.status, 202, "{}", r.body);
-    let p = wait_for_probes(&server, &agent.id, 5, 5, WAIT);
+    let p = server.wait_for_probes(&agent.id, 5, 5, WAIT);
     assert_eq!(p["commands_sent"], 5, "{p}");
 }
 
@@ -212,5 +185,5 @@ fn agents_fail_over_between_upstreams_and_back() {
         Some(&json!({"commands": 10, "events": 10})),
     );
     assert_eq!(r.status, 202, "{}", r.body);
-    wait_for_probes(&server, &agent.id, 10, 10, WAIT);
+    server.wait_for_probes(&agent.id, 10, 10, WAIT);
 }

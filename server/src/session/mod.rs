@@ -10,12 +10,10 @@
 //! - [`relay_session`]: `RelaySession`, one actor per relay link: the relay's own handshake,
 //!   then every agent it carries as a channel, each authenticated end to end.
 //! - [`handshake`]: what both session kinds share (nonce, identity check, attach, handle).
-//! - [`frame_guard`]: refuses an oversized WebSocket frame by its header, before buffering it.
 //! - [`probes`]: numbered test messages both ways, checked for exactly-once in-order delivery.
 
 pub mod agent_link;
 pub mod agent_session;
-pub mod frame_guard;
 pub mod handshake;
 pub mod probes;
 pub mod relay_session;

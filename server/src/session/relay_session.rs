@@ -61,7 +61,9 @@ enum ChannelPhase {
         link: Addr<AgentLink>,
     },
     /// A child relay, authenticated: its own channel carries only its heartbeats.
-    Relay { relay_id: String },
+    Relay {
+        relay_id: String,
+    },
 }
 
 /// What this link counts, for health.
@@ -338,9 +340,13 @@ impl RelaySession {
                 let reason = format!("unexpected {} frame on a relay channel", other.kind());
                 self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, &reason);
             }
-            Err(e) => {
-                self.refuse_channel(ctx, ch, e.close_code(), e.to_error_frame().code, &e.to_string())
-            }
+            Err(e) => self.refuse_channel(
+                ctx,
+                ch,
+                e.close_code(),
+                e.to_error_frame().code,
+                &e.to_string(),
+            ),
         }
     }
 
@@ -688,7 +694,11 @@ impl Handler<ChannelFrames> for RelaySession {
         if self.closing {
             return;
         }
-        let Some(channel) = self.channels.get_mut(&msg.ch).filter(|c| c.conn == msg.conn) else {
+        let Some(channel) = self
+            .channels
+            .get_mut(&msg.ch)
+            .filter(|c| c.conn == msg.conn)
+        else {
             return;
         };
         match &mut channel.phase {
@@ -721,7 +731,11 @@ impl Handler<ChannelClose> for RelaySession {
     type Result = ();
 
     fn handle(&mut self, msg: ChannelClose, ctx: &mut Self::Context) {
-        if self.closing || !self.channels.get(&msg.ch).is_some_and(|c| c.conn == msg.conn) {
+        let current = self
+            .channels
+            .get(&msg.ch)
+            .is_some_and(|c| c.conn == msg.conn);
+        if self.closing || !current {
             return;
         }
         if msg.replaced {

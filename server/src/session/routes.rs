@@ -14,6 +14,7 @@ use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use serde::Deserialize;
+use tether_shared::frame_guard::FrameGuard;
 use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
 use tether_shared::protocol::MAX_FRAME_BYTES;
 use tether_shared::stream::ConnId;
@@ -24,7 +25,6 @@ use crate::api_error::{method_not_allowed, ApiError};
 use crate::session::agent_link::{ObserveLink, QueueProbes};
 use crate::session::agent_session::AgentSession;
 use crate::session::relay_session::RelaySession;
-use crate::session::frame_guard::FrameGuard;
 use crate::session::session_registry::{GetLink, SessionRegistry};
 use crate::session::SessionShared;
 

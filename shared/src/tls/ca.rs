@@ -147,6 +147,13 @@ impl TlsKey {
         })
     }
 
+    /// A key saved earlier with [`TlsKey::key_pem`].
+    pub fn from_pem(pem: &str) -> Result<TlsKey, TlsError> {
+        Ok(TlsKey {
+            key: KeyPair::from_pem(pem)?,
+        })
+    }
+
     /// The raw public key to send for certification.
     pub fn public_key_raw(&self) -> Vec<u8> {
         self.key.public_key_raw().to_vec()

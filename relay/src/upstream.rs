@@ -1,0 +1,767 @@
+//! `Upstream`: the relay's one WebSocket to its parent (the server or another relay), and the
+//! table of channels it carries.
+//!
+//! It connects to `/relay/v1/ws` of the first upstream that answers (failing over in order, and
+//! back to the first after a session that worked), proves the relay's identity with its own key,
+//! and then multiplexes (see [`tether_shared::mux`]): each downstream agent, each child relay's
+//! own handshake, and each channel a child relay carries, is one channel. Frames are forwarded
+//! verbatim; the relay reads only the mux header. Nothing is stored: reliability is end to end
+//! between the agents' and the server's journals, so when the link drops every downstream
+//! session is closed, and the agents reconnect and resume from their journals.
+//!
+//! One slow agent never holds up the others: frames for an agent go to its session's bounded
+//! mailbox with `try_send`, and an agent whose mailbox is full is dropped (the relay tells the
+//! server its channel closed; the agent reconnects and resumes).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::io::{SinkWrite, WriteHandler};
+use actix::prelude::*;
+use awc::error::WsProtocolError;
+use awc::ws;
+use awc::BoxedSocket;
+use futures_util::stream::{SplitSink, StreamExt};
+use tether_shared::backoff::Backoff;
+use tether_shared::identity::Identity;
+use tether_shared::mux::{
+    self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
+};
+use tether_shared::protocol::{
+    self, hello_proof_bytes, ActorHealth, AgentStatus, ErrorCode, Frame, Heartbeat, Hello, Sender,
+    Seq,
+};
+
+use crate::child_relay::{ChildFrame, ChildRelay, CloseChild};
+use crate::downstream::{AgentDown, CloseDown, ToDown};
+
+type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ws::Codec>, ws::Message>;
+
+/// Time to connect and finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the link needs, fixed at start.
+pub struct UpstreamConfig {
+    /// `wss://host:port` base URLs, in order of preference.
+    pub upstreams: Vec<String>,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub identity: Identity,
+    pub relay_id: String,
+    pub heartbeat_interval: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Connecting,
+    AwaitChallenge,
+    AwaitWelcome,
+    Ready,
+}
+
+/// Who is behind one of our channels.
+enum Down {
+    Agent(Addr<AgentDown>),
+    /// A child relay's own channel: its handshake, then its heartbeats.
+    ChildLink {
+        session: Addr<ChildRelay>,
+    },
+    /// Channel `ch` of child relay link `child`.
+    ChildChannel {
+        session: Addr<ChildRelay>,
+        child: u64,
+        ch: u32,
+    },
+}
+
+/// Counters for the admin endpoint.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct UpstreamStats {
+    pub connects: u64,
+    pub disconnects: u64,
+    pub frames_up: u64,
+    pub frames_down: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub channels_opened: u64,
+    pub shed_slow_agents: u64,
+    pub refused_not_ready: u64,
+}
+
+pub struct Upstream {
+    cfg: UpstreamConfig,
+    sink: Option<SinkWrite<ws::Message, WsSink>>,
+    stream: Option<SpawnHandle>,
+    conn: u64,
+    phase: Phase,
+    current: usize,
+    backoff: Backoff,
+    last_heard: Instant,
+    next_ch: u32,
+    channels: HashMap<u32, Down>,
+    /// (child link, child's channel) -> our channel.
+    by_child: HashMap<(u64, u32), u32>,
+    connected_to: Option<String>,
+    stats: UpstreamStats,
+}
+
+/// What the link's stream yields: frames of connection `conn`, then its end.
+enum Incoming {
+    Frame(u64, Result<ws::Frame, WsProtocolError>),
+    Ended(u64),
+}
+
+impl Upstream {
+    pub fn new(cfg: UpstreamConfig) -> Self {
+        Upstream {
+            backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
+            cfg,
+            sink: None,
+            stream: None,
+            conn: 0,
+            phase: Phase::Idle,
+            current: 0,
+            last_heard: Instant::now(),
+            next_ch: 0,
+            channels: HashMap::new(),
+            by_child: HashMap::new(),
+            connected_to: None,
+            stats: UpstreamStats::default(),
+        }
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        if self.cfg.upstreams.is_empty() {
+            tracing::error!("no-upstream-configured");
+            return;
+        }
+        let base = self.cfg.upstreams[self.current % self.cfg.upstreams.len()].clone();
+        let url = format!("{}{RELAY_WS_PATH}", base.trim_end_matches('/'));
+        self.phase = Phase::Connecting;
+        let connector = awc::Connector::new()
+            .rustls_0_23(self.cfg.tls.clone())
+            .timeout(HANDSHAKE_TIMEOUT);
+        let client = awc::Client::builder()
+            .connector(connector)
+            .timeout(HANDSHAKE_TIMEOUT)
+            .finish();
+        let attempt = async move {
+            let (_, framed) = client
+                .ws(url.as_str())
+                .max_frame_size(MAX_MUX_BYTES)
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(framed)
+        };
+        ctx.spawn(attempt.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(framed) => act.on_connected(ctx, base, framed),
+            Err(reason) => {
+                tracing::warn!(upstream = %base, reason = %reason, "upstream-connect-failed");
+                act.retry_later(ctx);
+            }
+        }));
+    }
+
+    fn on_connected(
+        &mut self,
+        ctx: &mut Context<Self>,
+        base: String,
+        framed: actix_codec::Framed<BoxedSocket, ws::Codec>,
+    ) {
+        self.conn += 1;
+        let conn = self.conn;
+        let (sink, stream) = framed.split();
+        self.sink = Some(SinkWrite::new(sink, ctx));
+        let frames =
+            stream
+                .map(move |item| Incoming::Frame(conn, item))
+                .chain(futures_util::stream::once(
+                    async move { Incoming::Ended(conn) },
+                ));
+        self.stream = Some(ctx.add_stream(frames));
+        self.phase = Phase::AwaitChallenge;
+        self.last_heard = Instant::now();
+        tracing::info!(upstream = %base, conn, "upstream-connected");
+        self.connected_to = Some(base);
+        ctx.run_later(HANDSHAKE_TIMEOUT, move |act, ctx| {
+            if act.conn == conn && !matches!(act.phase, Phase::Ready | Phase::Idle) {
+                tracing::warn!(conn, "upstream-handshake-timeout");
+                act.drop_connection(ctx);
+            }
+        });
+    }
+
+    /// Forget the link: every downstream session goes too (they reconnect and resume).
+    fn drop_connection(&mut self, ctx: &mut Context<Self>) {
+        if self.sink.is_none() && matches!(self.phase, Phase::Idle | Phase::Connecting) {
+            return;
+        }
+        let was_ready = self.phase == Phase::Ready;
+        if let Some(mut sink) = self.sink.take() {
+            let _ = sink.write(ws::Message::Close(None));
+            sink.close();
+        }
+        if let Some(h) = self.stream.take() {
+            ctx.cancel_future(h);
+        }
+        self.phase = Phase::Idle;
+        self.connected_to = None;
+        self.stats.disconnects += 1;
+        let dropped = self.channels.len();
+        for (_, down) in self.channels.drain() {
+            close_down(&down, 1012, "relay lost its upstream");
+        }
+        self.by_child.clear();
+        tracing::info!(dropped_channels = dropped, "upstream-dropped");
+        if was_ready {
+            self.current = 0;
+            self.backoff.reset();
+            let delay = self.backoff.next_delay(&mut rand::thread_rng());
+            ctx.run_later(delay, |act, ctx| act.connect(ctx));
+        } else {
+            self.retry_later(ctx);
+        }
+    }
+
+    fn retry_later(&mut self, ctx: &mut Context<Self>) {
+        self.phase = Phase::Idle;
+        self.current = self.current.wrapping_add(1);
+        let delay = self.backoff.next_delay(&mut rand::thread_rng());
+        ctx.run_later(delay, |act, ctx| act.connect(ctx));
+    }
+
+    fn write(&mut self, bytes: Vec<u8>) {
+        if let Some(sink) = &mut self.sink {
+            self.stats.frames_up += 1;
+            self.stats.bytes_up += bytes.len() as u64;
+            let _ = sink.write(ws::Message::Binary(bytes.into()));
+        }
+    }
+
+    fn send_v1(&mut self, frame: &Frame, wrapped: bool) {
+        match frame.encode() {
+            Ok(bytes) if wrapped => self.write(mux::data(LINK_CHANNEL, &bytes)),
+            Ok(bytes) => self.write(bytes),
+            Err(e) => tracing::error!(error = %e, "frame-encode-failed"),
+        }
+    }
+
+    fn on_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        self.last_heard = Instant::now();
+        self.stats.frames_down += 1;
+        self.stats.bytes_down += bytes.len() as u64;
+        match self.phase {
+            Phase::AwaitChallenge | Phase::AwaitWelcome => self.on_handshake(ctx, bytes),
+            Phase::Ready => match Mux::decode(bytes) {
+                Ok(Mux::Data { ch, frame }) => self.on_data(ctx, ch, frame),
+                Ok(Mux::Close { ch, code, reason }) => {
+                    if let Some(down) = self.channels.remove(&ch) {
+                        if let Down::ChildChannel { child, ch: c, .. } = &down {
+                            self.by_child.remove(&(*child, *c));
+                        }
+                        close_down(&down, code, &reason);
+                    }
+                }
+                Ok(Mux::Open { .. }) => {
+                    tracing::warn!("upstream-sent-open");
+                    self.drop_connection(ctx);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "upstream-sent-bad-frame");
+                    self.drop_connection(ctx);
+                }
+            },
+            Phase::Idle | Phase::Connecting => {}
+        }
+    }
+
+    /// Our own handshake, on the raw link before mux mode.
+    fn on_handshake(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        match (self.phase, protocol::decode(bytes, Sender::Server)) {
+            (Phase::AwaitChallenge, Ok(Frame::Challenge(c))) => {
+                let proof = self
+                    .cfg
+                    .identity
+                    .sign(&hello_proof_bytes(&c.nonce, &self.cfg.relay_id));
+                let hello = Frame::Hello(Hello {
+                    agent_id: self.cfg.relay_id.clone(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    incarnation: String::new(),
+                    server_incarnation: String::new(),
+                    last_command_seq: Seq::ZERO,
+                    proof,
+                });
+                self.send_v1(&hello, false);
+                self.phase = Phase::AwaitWelcome;
+            }
+            (Phase::AwaitWelcome, Ok(Frame::Welcome(_))) => {
+                self.phase = Phase::Ready;
+                self.stats.connects += 1;
+                self.backoff.reset();
+                tracing::info!(upstream = ?self.connected_to, "upstream-ready");
+            }
+            (_, Ok(Frame::Busy(b))) => {
+                tracing::info!(retry_after_ms = b.retry_after_ms, "upstream-busy");
+                self.drop_connection(ctx);
+            }
+            (_, Ok(Frame::Error(e))) => {
+                tracing::warn!(code = ?e.code, message = %e.message, "upstream-refused");
+                self.drop_connection(ctx);
+            }
+            (_, other) => {
+                tracing::warn!(frame = ?other.map(|f| f.kind()), "upstream-handshake-unexpected");
+                self.drop_connection(ctx);
+            }
+        }
+    }
+
+    fn on_data(&mut self, ctx: &mut Context<Self>, ch: u32, frame: Vec<u8>) {
+        if ch == LINK_CHANNEL {
+            // The parent's heartbeats and errors about the link itself.
+            if let Ok(Frame::Error(e)) = protocol::decode(&frame, Sender::Server) {
+                tracing::warn!(code = ?e.code, message = %e.message, "upstream-reported-error");
+            }
+            return;
+        }
+        let Some(down) = self.channels.get(&ch) else {
+            return;
+        };
+        match down {
+            Down::Agent(session) => {
+                if session.try_send(ToDown(frame)).is_err() {
+                    // Full (a slow agent) or gone: shed it; it reconnects and resumes.
+                    self.stats.shed_slow_agents += 1;
+                    tracing::warn!(ch, "agent-shed-queue-full");
+                    self.close_channel(ch, 1013, "relay queue full for this agent");
+                }
+            }
+            Down::ChildLink { session } => session.do_send(ChildFrame::Link(frame)),
+            Down::ChildChannel { session, ch: c, .. } => {
+                if session
+                    .try_send(ChildFrame::Raw(mux::data(*c, &frame)))
+                    .is_err()
+                {
+                    self.stats.shed_slow_agents += 1;
+                    tracing::warn!(ch, "child-relay-shed-queue-full");
+                    let _ = ctx;
+                    self.close_child_link_of(ch);
+                }
+            }
+        }
+    }
+
+    /// Close our channel `ch` both ways.
+    fn close_channel(&mut self, ch: u32, code: u16, reason: &str) {
+        if let Some(down) = self.channels.remove(&ch) {
+            if let Down::ChildChannel { child, ch: c, .. } = &down {
+                self.by_child.remove(&(*child, *c));
+            }
+            close_down(&down, code, reason);
+            self.write(
+                Mux::Close {
+                    ch,
+                    code,
+                    reason: reason.to_owned(),
+                }
+                .encode(),
+            );
+        }
+    }
+
+    /// A child relay that cannot keep up loses its whole link.
+    fn close_child_link_of(&mut self, ch: u32) {
+        if let Some(Down::ChildChannel { session, .. }) = self.channels.get(&ch) {
+            session.do_send(CloseChild {
+                code: 1013,
+                reason: "relay queue full".into(),
+            });
+        }
+    }
+
+    fn open(&mut self, down: Down, kind: ChannelKind, path: Vec<String>, peer: String) -> u32 {
+        self.next_ch = self.next_ch.wrapping_add(1).max(1);
+        while self.channels.contains_key(&self.next_ch) {
+            self.next_ch = self.next_ch.wrapping_add(1).max(1);
+        }
+        let ch = self.next_ch;
+        self.channels.insert(ch, down);
+        self.stats.channels_opened += 1;
+        self.write(
+            Mux::Open {
+                ch,
+                open: Open { kind, path, peer },
+            }
+            .encode(),
+        );
+        ch
+    }
+
+    fn beat(&mut self, ctx: &mut Context<Self>) {
+        if self.phase == Phase::Idle || self.phase == Phase::Connecting {
+            return;
+        }
+        if self.last_heard.elapsed() > self.cfg.heartbeat_interval * 3 + Duration::from_secs(2) {
+            tracing::warn!("upstream-silent");
+            return self.drop_connection(ctx);
+        }
+        if self.phase != Phase::Ready {
+            return;
+        }
+        let (agents, _) = self.counts();
+        let status = AgentStatus {
+            version: env!("CARGO_PKG_VERSION").into(),
+            running_jobs: agents as u32,
+            load_milli: load_milli(),
+            actors: vec![ActorHealth {
+                name: "upstream".into(),
+                kind: "Upstream".into(),
+                state: "running".into(),
+                restarts: 0,
+                last_beat_ms: 0,
+            }],
+        };
+        let frame = Frame::Heartbeat(Heartbeat {
+            sent_ms: now_ms(),
+            status: Some(status),
+        });
+        self.send_v1(&frame, true);
+    }
+
+    /// (agent channels, child relay channels).
+    fn counts(&self) -> (usize, usize) {
+        let agents = self
+            .channels
+            .values()
+            .filter(|d| matches!(d, Down::Agent(_)))
+            .count();
+        (agents, self.channels.len() - agents)
+    }
+}
+
+fn close_down(down: &Down, code: u16, reason: &str) {
+    match down {
+        Down::Agent(s) => s.do_send(CloseDown {
+            code,
+            reason: reason.to_owned(),
+        }),
+        Down::ChildLink { session } => session.do_send(CloseChild {
+            code,
+            reason: reason.to_owned(),
+        }),
+        Down::ChildChannel { session, ch, .. } => session.do_send(ChildFrame::Raw(
+            Mux::Close {
+                ch: *ch,
+                code,
+                reason: reason.to_owned(),
+            }
+            .encode(),
+        )),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One-minute load average times 1000 (0 if unknown).
+fn load_milli() -> u32 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(0, |l| (l * 1000.0) as u32)
+}
+
+impl Actor for Upstream {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(65_536);
+        self.connect(ctx);
+        let hb = self.cfg.heartbeat_interval;
+        ctx.run_interval(hb, |act, ctx| act.beat(ctx));
+    }
+}
+
+impl StreamHandler<Incoming> for Upstream {
+    fn finished(&mut self, _: &mut Self::Context) {}
+
+    fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
+        match msg {
+            Incoming::Frame(conn, _) | Incoming::Ended(conn)
+                if conn != self.conn || self.sink.is_none() => {}
+            Incoming::Ended(_) => {
+                tracing::info!(conn = self.conn, "upstream-closed");
+                self.drop_connection(ctx);
+            }
+            Incoming::Frame(_, Ok(frame)) => match frame {
+                ws::Frame::Binary(b) => self.on_frame(ctx, &b),
+                ws::Frame::Text(t) => self.on_frame(ctx, &t),
+                ws::Frame::Ping(p) => {
+                    self.last_heard = Instant::now();
+                    if let Some(sink) = &mut self.sink {
+                        let _ = sink.write(ws::Message::Pong(p));
+                    }
+                }
+                ws::Frame::Pong(_) => self.last_heard = Instant::now(),
+                ws::Frame::Close(reason) => {
+                    tracing::info!(reason = ?reason, "upstream-closed-link");
+                    self.drop_connection(ctx);
+                }
+                ws::Frame::Continuation(_) => self.drop_connection(ctx),
+            },
+            Incoming::Frame(_, Err(e)) => {
+                tracing::warn!(error = %e, "upstream-protocol-error");
+                self.drop_connection(ctx);
+            }
+        }
+    }
+}
+
+impl WriteHandler<WsProtocolError> for Upstream {
+    fn error(&mut self, err: WsProtocolError, _: &mut Self::Context) -> Running {
+        tracing::warn!(error = %err, "upstream-write-failed");
+        Running::Continue
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+/// Why a downstream connection cannot be carried now.
+#[derive(Debug, Clone, Copy)]
+pub struct NotReady;
+
+/// A downstream agent connected: open its channel.
+#[derive(Message)]
+#[rtype(result = "Result<u32, NotReady>")]
+pub struct OpenAgent {
+    pub session: Addr<AgentDown>,
+    pub peer: String,
+}
+
+impl Handler<OpenAgent> for Upstream {
+    type Result = Result<u32, NotReady>;
+
+    fn handle(&mut self, msg: OpenAgent, _: &mut Self::Context) -> Self::Result {
+        if self.phase != Phase::Ready {
+            self.stats.refused_not_ready += 1;
+            return Err(NotReady);
+        }
+        let path = vec![self.cfg.relay_id.clone()];
+        Ok(self.open(Down::Agent(msg.session), ChannelKind::Agent, path, msg.peer))
+    }
+}
+
+/// A child relay connected: open the channel its own handshake runs on.
+#[derive(Message)]
+#[rtype(result = "Result<u32, NotReady>")]
+pub struct OpenChildLink {
+    pub session: Addr<ChildRelay>,
+    pub peer: String,
+}
+
+impl Handler<OpenChildLink> for Upstream {
+    type Result = Result<u32, NotReady>;
+
+    fn handle(&mut self, msg: OpenChildLink, _: &mut Self::Context) -> Self::Result {
+        if self.phase != Phase::Ready {
+            self.stats.refused_not_ready += 1;
+            return Err(NotReady);
+        }
+        let path = vec![self.cfg.relay_id.clone()];
+        let down = Down::ChildLink {
+            session: msg.session,
+        };
+        Ok(self.open(down, ChannelKind::Relay, path, msg.peer))
+    }
+}
+
+/// A frame from a downstream peer for our channel `ch`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forward {
+    pub ch: u32,
+    pub frame: Vec<u8>,
+}
+
+impl Handler<Forward> for Upstream {
+    type Result = ();
+
+    fn handle(&mut self, msg: Forward, _: &mut Self::Context) {
+        if self.channels.contains_key(&msg.ch) {
+            self.write(mux::data(msg.ch, &msg.frame));
+        }
+    }
+}
+
+/// A downstream peer went away.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DownGone {
+    pub ch: u32,
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Handler<DownGone> for Upstream {
+    type Result = ();
+
+    fn handle(&mut self, msg: DownGone, _: &mut Self::Context) {
+        if let Some(down) = self.channels.remove(&msg.ch) {
+            if let Down::ChildChannel { child, ch, .. } = down {
+                self.by_child.remove(&(child, ch));
+            }
+            self.write(
+                Mux::Close {
+                    ch: msg.ch,
+                    code: msg.code,
+                    reason: msg.reason,
+                }
+                .encode(),
+            );
+        }
+    }
+}
+
+/// A mux frame from authenticated child relay link `child` (whose own id is `child_id`).
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct FromChild {
+    pub child: u64,
+    pub child_id: String,
+    pub session: Addr<ChildRelay>,
+    pub frame: Mux,
+}
+
+impl Handler<FromChild> for Upstream {
+    type Result = Result<(), String>;
+
+    fn handle(&mut self, msg: FromChild, _: &mut Self::Context) -> Self::Result {
+        if self.phase != Phase::Ready {
+            return Err("relay lost its upstream".into());
+        }
+        match msg.frame {
+            Mux::Open { ch, mut open } => {
+                if self.by_child.contains_key(&(msg.child, ch)) {
+                    return Err(format!("channel {ch} is already open"));
+                }
+                if open.path.last() != Some(&msg.child_id) {
+                    return Err("the path must end with the relay that opens the channel".into());
+                }
+                if open.path.len() >= mux::MAX_PATH {
+                    return Err("too many relays on the path".into());
+                }
+                open.path.push(self.cfg.relay_id.clone());
+                let down = Down::ChildChannel {
+                    session: msg.session,
+                    child: msg.child,
+                    ch,
+                };
+                let ours = self.open(down, open.kind, open.path, open.peer);
+                self.by_child.insert((msg.child, ch), ours);
+            }
+            Mux::Data { ch, frame } => {
+                if let Some(ours) = self.by_child.get(&(msg.child, ch)).copied() {
+                    self.write(mux::data(ours, &frame));
+                }
+            }
+            Mux::Close { ch, code, reason } => {
+                if let Some(ours) = self.by_child.remove(&(msg.child, ch)) {
+                    self.channels.remove(&ours);
+                    self.write(
+                        Mux::Close {
+                            ch: ours,
+                            code,
+                            reason,
+                        }
+                        .encode(),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Child relay link `child` is gone: close every channel it carried.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChildGone {
+    pub child: u64,
+}
+
+impl Handler<ChildGone> for Upstream {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChildGone, _: &mut Self::Context) {
+        let ours: Vec<u32> = self
+            .by_child
+            .iter()
+            .filter(|((c, _), _)| *c == msg.child)
+            .map(|(_, o)| *o)
+            .collect();
+        for ch in ours {
+            if let Some(Down::ChildChannel { child, ch: c, .. }) = self.channels.remove(&ch) {
+                self.by_child.remove(&(child, c));
+            }
+            self.write(
+                Mux::Close {
+                    ch,
+                    code: 1001,
+                    reason: "child relay gone".into(),
+                }
+                .encode(),
+            );
+        }
+    }
+}
+
+/// What the link is doing, for the admin endpoint.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpstreamHealth {
+    pub state: &'static str,
+    pub upstream: Option<String>,
+    pub agents: usize,
+    pub child_channels: usize,
+    #[serde(flatten)]
+    pub stats: UpstreamStats,
+}
+
+#[derive(Message)]
+#[rtype(result = "UpstreamHealth")]
+pub struct ObserveUpstream;
+
+impl Handler<ObserveUpstream> for Upstream {
+    type Result = MessageResult<ObserveUpstream>;
+
+    fn handle(&mut self, _: ObserveUpstream, _: &mut Self::Context) -> Self::Result {
+        let (agents, child_channels) = self.counts();
+        MessageResult(UpstreamHealth {
+            state: match self.phase {
+                Phase::Ready => "connected",
+                Phase::Idle | Phase::Connecting => "reconnecting",
+                Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
+            },
+            upstream: self.connected_to.clone(),
+            agents,
+            child_channels,
+            stats: self.stats,
+        })
+    }
+}
+
+/// Used by the error path of a refused peer.
+pub fn error_frame(code: ErrorCode, message: &str) -> Option<Vec<u8>> {
+    Frame::Error(protocol::ErrorFrame {
+        code,
+        message: message.to_owned(),
+        details: Default::default(),
+    })
+    .encode()
+    .ok()
+}

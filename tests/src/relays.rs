@@ -1,0 +1,168 @@
+//! Relays for end-to-end tests: a real `tether-relay`, installed against a [`Server`] (directly
+//! or through a parent relay) and run on loopback with its own data directory. Like the
+//! server, it keeps its ports across restarts. Killed when dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::fleet::{base_command, eventually, Server, START_TIMEOUT};
+use crate::ChildGuard;
+
+pub struct Relay {
+    pub dir: PathBuf,
+    config_dir: PathBuf,
+    pub id: String,
+    pub name: String,
+    pub child: Option<ChildGuard>,
+    pub downstream: SocketAddr,
+    pub admin: SocketAddr,
+    env: Vec<(String, String)>,
+}
+
+impl Relay {
+    /// `tether-relay install` with a one-use relay token, through `upstreams`; then `run`.
+    pub fn start(server: &Server, upstreams: &[String], root: &Path, name: &str) -> Relay {
+        let mut relay = Self::install(server, upstreams, root, name, &[]);
+        relay.run();
+        relay
+    }
+
+    pub fn install(
+        server: &Server,
+        upstreams: &[String],
+        root: &Path,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> Relay {
+        let dir = root.join(name);
+        let config_dir = root.join(format!("{name}-etc"));
+        std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
+        let token = relay_token(server);
+        let mut cmd = base_command(
+            "tether-relay",
+            &config_dir,
+            &root.join(format!("{name}-install.log")),
+        );
+        cmd.arg("install");
+        for u in upstreams {
+            cmd.args(["--upstream", u]);
+        }
+        cmd.arg("--ca")
+            .arg(server.ca_path())
+            .args(["--token", &token, "--name", name])
+            .args(["--hostname", "localhost", "--hostname", "127.0.0.1"])
+            .arg("--data")
+            .arg(&dir);
+        let out = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("relay install: {e}"));
+        assert!(out.status.success(), "relay install {name} failed: {out:?}");
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("relay.json")).unwrap_or_else(|e| panic!("{e}")),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        Relay {
+            id: state["relay_id"]
+                .as_str()
+                .unwrap_or_else(|| panic!("relay.json: {state}"))
+                .to_owned(),
+            dir,
+            config_dir,
+            name: name.to_owned(),
+            child: None,
+            downstream: unbound,
+            admin: unbound,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Start the process (again), on the same ports once they are known.
+    pub fn run(&mut self) {
+        let ports_path = self.dir.join("ports.json");
+        let _ = std::fs::remove_file(&ports_path);
+        let log = self.dir.join(format!("../{}.log", self.name));
+        let mut cmd = base_command("tether-relay", &self.config_dir, &log);
+        cmd.args(["run", "--data"]).arg(&self.dir);
+        cmd.env("TETHER_LISTEN__DOWNSTREAM", self.downstream.to_string())
+            .env("TETHER_LISTEN__ADMIN", self.admin.to_string())
+            .env("TETHER_RELAY__HEARTBEAT_INTERVAL_MS", "1000");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = ChildGuard::spawn("tether-relay", &mut cmd);
+        let ports: Value = eventually("relay ports.json", START_TIMEOUT, || {
+            if let Some(status) = child.try_exit() {
+                panic!(
+                    "tether-relay exited early ({status}); see {}",
+                    log.display()
+                );
+            }
+            let text = std::fs::read_to_string(&ports_path).ok()?;
+            serde_json::from_str(&text).ok()
+        });
+        let addr = |k: &str| -> SocketAddr {
+            ports[k]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("ports.json {k}: {ports}"))
+        };
+        self.downstream = addr("downstream");
+        self.admin = addr("admin");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL the relay and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.signal("KILL");
+            c.wait_exit(START_TIMEOUT);
+        }
+    }
+
+    /// The base URL agents and child relays install with.
+    pub fn upstream(&self) -> String {
+        format!("wss://localhost:{}", self.downstream.port())
+    }
+
+    /// `GET /admin/health` on the loopback admin listener (plain HTTP).
+    pub fn health(&self) -> Value {
+        let request =
+            format!("GET /admin/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let raw = crate::raw_exchange(self.admin, request.as_bytes(), START_TIMEOUT)
+            .unwrap_or_else(|e| panic!("relay health: {e}"));
+        let text = String::from_utf8_lossy(&raw);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("relay health {text}: {e}"))
+    }
+}
+
+/// A one-use enrollment token for a relay.
+pub fn relay_token(server: &Server) -> String {
+    let r = server.request(
+        "POST",
+        "/api/v1/enrollment-tokens",
+        Some(&json!({"uses": 1, "ttl_s": 3600, "role": "relay"})),
+    );
+    assert_eq!(r.status, 201, "relay token: {}", r.body);
+    r.json()["token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("token: {}", r.body))
+        .to_owned()
+}
+
+/// The relay list entry named `name`.
+pub fn relay_entry(server: &Server, name: &str) -> Option<Value> {
+    let r = server.request("GET", "/api/v1/relays", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()?
+        .iter()
+        .find(|a| a["name"] == name)
+        .cloned()
+}

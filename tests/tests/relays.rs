@@ -1,0 +1,114 @@
+//! Agents behind relays, end to end on loopback: agent → relay → server and agent → relay →
+//! relay → server. Both message streams (numbered probes, exactly once, in order) and a real
+//! deployment go through; the server shows each agent's path and each relay's status; each relay
+//! shows its own health on its loopback admin port.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::relays::{relay_entry, Relay};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn online_with_path(server: &Server, agent: &Agent, path: &[&str]) -> Value {
+    eventually(
+        &format!("{} online through {path:?}", agent.name),
+        WAIT,
+        || {
+            server
+                .agent(&agent.id)
+                .filter(|a| a["status"] == "online" && a["path"] == json!(path))
+        },
+    )
+}
+
+/// A two-step deployment (a shell step and a file written by the agent); checks it succeeded on
+/// `agent` and its log arrived.
+fn deploy_and_check(server: &Server, agent: &Agent, dir: &std::path::Path) {
+    let marker = dir.join(format!("{}-deployed.txt", agent.name));
+    server.put_process(&json!({
+        "name": format!("via-{}", agent.name),
+        "steps": [
+            {"name": "hello", "plugin": "shell", "step": "run",
+             "properties": {"script": "echo hello from $(hostname) through relays"}},
+            {"name": "mark", "plugin": "file", "step": "write",
+             "properties": {"path": marker.to_string_lossy(), "content": "deployed"}},
+        ]
+    }));
+    let id = server.deploy(
+        &format!("via-{}", agent.name),
+        json!({"agents": [agent.name]}),
+        json!({}),
+    );
+    let d = server.wait_deployment(&id, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!(d["jobs"][0]["steps"][0]["exit_code"], 0, "{d}");
+    let log = server.step_log(&id, &agent.name, "hello");
+    assert!(log.contains("through relays"), "log: {log}");
+    assert_eq!(
+        std::fs::read_to_string(&marker).unwrap_or_default(),
+        "deployed"
+    );
+}
+
+#[test]
+fn an_agent_deploys_through_one_relay() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let relay = Relay::start(&server, &[server.upstream()], dir.path(), "relay-a");
+    // The agent enrolls through the relay too: it only ever talks to the relay.
+    let mut agent = Agent::install_via(
+        &server,
+        &[relay.upstream()],
+        dir.path(),
+        "behind-1",
+        &["edge"],
+        &[],
+    );
+    agent.run();
+    online_with_path(&server, &agent, &["relay-a"]);
+    let r = eventually("relay-a online carrying one agent", WAIT, || {
+        relay_entry(&server, "relay-a").filter(|r| r["status"] == "online" && r["agents"] == 1)
+    });
+    assert_eq!(r["path"], json!([]), "{r}");
+
+    server.queue_probes(&agent.id, 300, 300);
+    server.wait_for_probes(&agent.id, 300, 300, WAIT);
+    deploy_and_check(&server, &agent, dir.path());
+
+    let health = relay.health();
+    assert_eq!(health["upstream"]["state"], "connected", "{health}");
+    assert_eq!(health["upstream"]["agents"], 1, "{health}");
+    assert_eq!(health["actors"][0]["state"], "running", "{health}");
+    assert!(
+        relay.admin.ip().is_loopback(),
+        "admin must be on loopback: {}",
+        relay.admin
+    );
+}
+
+#[test]
+fn an_agent_deploys_through_two_relays() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let outer = Relay::start(&server, &[server.upstream()], dir.path(), "relay-a");
+    // The inner relay enrolls and connects through the outer one.
+    let inner = Relay::start(&server, &[outer.upstream()], dir.path(), "relay-b");
+    let mut agent =
+        Agent::install_via(&server, &[inner.upstream()], dir.path(), "deep-1", &[], &[]);
+    agent.run();
+    online_with_path(&server, &agent, &["relay-b", "relay-a"]);
+    let b = eventually("relay-b online through relay-a", WAIT, || {
+        relay_entry(&server, "relay-b").filter(|r| r["status"] == "online" && r["agents"] == 1)
+    });
+    assert_eq!(b["path"], json!(["relay-a"]), "{b}");
+    let a = relay_entry(&server, "relay-a").unwrap_or_default();
+    assert_eq!(a["agents"], 1, "the outer relay carries it too: {a}");
+
+    server.queue_probes(&agent.id, 300, 300);
+    server.wait_for_probes(&agent.id, 300, 300, WAIT);
+    deploy_and_check(&server, &agent, dir.path());
+    assert_eq!(inner.health()["upstream"]["agents"], 1);
+    assert_eq!(outer.health()["upstream"]["child_channels"], 2);
+}

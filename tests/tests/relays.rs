@@ -112,3 +112,63 @@ fn an_agent_deploys_through_two_relays() {
     assert_eq!(inner.health()["upstream"]["agents"], 1);
     assert_eq!(outer.health()["upstream"]["child_channels"], 2);
 }
+
+#[test]
+fn artifacts_cross_the_upstream_link_once_and_stay_authorized_by_the_server() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let relay = Relay::start(&server, &[server.upstream()], dir.path(), "relay-a");
+    let mut agents: Vec<Agent> = ["cache-1", "cache-2"]
+        .iter()
+        .map(|name| Agent::install_via(&server, &[relay.upstream()], dir.path(), name, &[], &[]))
+        .collect();
+    for agent in &mut agents {
+        agent.run();
+        online_with_path(&server, agent, &["relay-a"]);
+    }
+    // 300 KiB of incompressible bytes.
+    let content: Vec<u8> = (0..300 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let r = server.request_raw("PUT", "/api/v1/artifacts/site/1.0", &[], &content);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let sha = r.json()["sha256"].as_str().unwrap_or_default().to_owned();
+
+    for agent in &agents {
+        let dest = dir.path().join(format!("{}-site.bin", agent.name));
+        let process = format!("fetch-{}", agent.name);
+        server.put_process(&json!({"name": process, "steps": [
+            {"name": "get", "plugin": "artifact", "step": "fetch", "properties": {
+                "name": "site", "version": "1.0", "dest": dest.to_string_lossy()}}]}));
+        let id = server.deploy(&process, json!({"agents": [agent.name]}), json!({}));
+        let d = server.wait_deployment(&id, WAIT);
+        assert_eq!(d["status"], "succeeded", "{d}");
+        assert_eq!(std::fs::read(&dest).unwrap_or_default(), content);
+    }
+    let cache = relay.health()["cache"].clone();
+    assert_eq!(cache["misses"], 1, "{cache}");
+    assert_eq!(
+        cache["upstream_bytes"],
+        content.len() as u64,
+        "the body crossed the upstream link once: {cache}"
+    );
+    assert_eq!(cache["cached_files"], 1, "{cache}");
+
+    // Cached or not, the server decides: a request no agent signed gets the server's 401.
+    let r = tether_tests::https_request_with_body(
+        relay.downstream,
+        server.tls(),
+        "localhost",
+        "GET",
+        &format!("/agent/v1/artifacts/{sha}"),
+        &[
+            ("x-tether-agent", agents[0].id.as_str()),
+            ("x-tether-time", "1"),
+            ("x-tether-signature", "AAAA"),
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(!r.body.contains("\u{0}"), "no content leaked");
+}

@@ -184,13 +184,23 @@ async fn download(
         return error(actix_web::http::StatusCode::NOT_FOUND, "not found".into());
     }
     let file = state.plugins.bundle_path(&sha256);
-    match web::block(move || std::fs::read(file)).await {
-        Ok(Ok(bytes)) => {
-            state.plugins.count_download(&sha256);
-            tracing::info!(agent_id = %agent_id, sha256 = %sha256, bytes = bytes.len(), "plugin-downloaded");
-            HttpResponse::Ok()
-                .content_type("application/gzip")
-                .body(bytes)
+    // NamedFile honours `Range`: an agent resumes a download, and a relay checks access with a
+    // one-byte request before serving its cached copy.
+    match web::block(move || actix_files::NamedFile::open(file)).await {
+        Ok(Ok(file)) => {
+            let ranged = req.headers().contains_key(header::RANGE);
+            if !ranged {
+                state.plugins.count_download(&sha256);
+            }
+            tracing::info!(agent_id = %agent_id, sha256 = %sha256, ranged, "plugin-downloaded");
+            file.use_last_modified(false)
+                .disable_content_disposition()
+                .set_content_type(
+                    "application/gzip"
+                        .parse()
+                        .unwrap_or(actix_web::mime::APPLICATION_OCTET_STREAM),
+                )
+                .into_response(&req)
         }
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             error(actix_web::http::StatusCode::NOT_FOUND, "not found".into())

@@ -67,6 +67,8 @@ pub struct SimConfig {
     pub beat_override: Option<Duration>,
     /// Agent tasks run on this many threads.
     pub threads: usize,
+    /// Record each event's time from first send to its ack in [`Stats::ack_latencies_us`].
+    pub record_latency: bool,
 }
 
 impl SimConfig {
@@ -87,6 +89,7 @@ impl SimConfig {
             heartbeat: Duration::from_secs(5),
             beat_override: None,
             threads: 2,
+            record_latency: false,
         }
     }
 
@@ -234,6 +237,8 @@ pub struct Stats {
     pub jobs: AtomicU64,
     /// Handshakes where the server had lost its state (streams restarted at 1).
     pub resets: AtomicU64,
+    /// Send-to-ack times of events in microseconds, when the config records them.
+    pub ack_latencies_us: Mutex<Vec<u64>>,
     /// Failure reasons and how often each occurred.
     reasons: Mutex<BTreeMap<String, u64>>,
 }
@@ -324,6 +329,8 @@ pub struct SimAgent {
     /// Probe events generated so far (the last `n`), and extra ones the server asked for.
     generated: u64,
     requested: u64,
+    /// First-send times of unacknowledged events (only when recording latency).
+    sent_at: std::collections::VecDeque<(u64, Instant)>,
 }
 
 impl SimAgent {
@@ -353,6 +360,7 @@ impl SimAgent {
             conn: 0,
             generated: 0,
             requested: 0,
+            sent_at: std::collections::VecDeque::new(),
         })
     }
 
@@ -526,6 +534,25 @@ impl SimAgent {
         self.heartbeat = Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 600_000));
         self.stats.welcomes.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn record_latency(&mut self, upto: u64) {
+        if !self.cfg.record_latency {
+            return;
+        }
+        let mut samples = Vec::new();
+        while let Some((seq, at)) = self.sent_at.front().copied() {
+            if seq > upto {
+                break;
+            }
+            self.sent_at.pop_front();
+            samples.push(at.elapsed().as_micros() as u64);
+        }
+        self.stats
+            .ack_latencies_us
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(samples);
     }
 
     fn count_acked(&self, before: Seq) {
@@ -720,6 +747,7 @@ impl SimAgent {
                     let before = self.ep.outbound.acked();
                     self.ep.outbound.on_ack(conn, a.upto, now_ms());
                     self.count_acked(before);
+                    self.record_latency(a.upto.0);
                     self.generate(*control.borrow());
                     Ok(())
                 }
@@ -812,6 +840,15 @@ impl SimAgent {
         self.stats
             .events_sent
             .fetch_add(events.len() as u64, Ordering::Relaxed);
+        if self.cfg.record_latency {
+            let now = Instant::now();
+            for (seq, _) in &events {
+                // Resends keep their first time: the latency is what the agent waited.
+                if self.sent_at.back().is_none_or(|(last, _)| seq.0 > *last) {
+                    self.sent_at.push_back((seq.0, now));
+                }
+            }
+        }
         out.extend(events.into_iter().map(|(_, bytes)| bytes));
         for f in [
             self.receiver.poll_ack(&mut self.ep.inbound),

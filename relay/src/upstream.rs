@@ -105,6 +105,11 @@ pub struct Upstream {
     /// (child link, child's channel) -> our channel.
     by_child: HashMap<(u64, u32), u32>,
     connected_to: Option<String>,
+    /// How often we beat: our configured interval, or the parent's if it asks for less.
+    beat_every: Duration,
+    /// How long the parent may stay silent: a few of its intervals.
+    silence_limit: Duration,
+    last_beat: Instant,
     stats: UpstreamStats,
 }
 
@@ -116,6 +121,7 @@ enum Incoming {
 
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Self {
+        let interval = cfg.heartbeat_interval;
         Upstream {
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             cfg,
@@ -129,6 +135,9 @@ impl Upstream {
             channels: HashMap::new(),
             by_child: HashMap::new(),
             connected_to: None,
+            beat_every: interval,
+            silence_limit: silence_limit(interval),
+            last_beat: Instant::now(),
             stats: UpstreamStats::default(),
         }
     }
@@ -298,7 +307,10 @@ impl Upstream {
                 self.send_v1(&hello, false);
                 self.phase = Phase::AwaitWelcome;
             }
-            (Phase::AwaitWelcome, Ok(Frame::Welcome(_))) => {
+            (Phase::AwaitWelcome, Ok(Frame::Welcome(w))) => {
+                let theirs = Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 600_000));
+                self.beat_every = self.cfg.heartbeat_interval.min(theirs);
+                self.silence_limit = silence_limit(theirs.max(self.cfg.heartbeat_interval));
                 self.phase = Phase::Ready;
                 self.stats.connects += 1;
                 self.backoff.reset();
@@ -404,13 +416,17 @@ impl Upstream {
         if self.phase == Phase::Idle || self.phase == Phase::Connecting {
             return;
         }
-        if self.last_heard.elapsed() > self.cfg.heartbeat_interval * 3 + Duration::from_secs(2) {
-            tracing::warn!("upstream-silent");
+        if self.last_heard.elapsed() > self.silence_limit {
+            tracing::warn!(
+                silent_ms = self.last_heard.elapsed().as_millis() as u64,
+                "upstream-silent"
+            );
             return self.drop_connection(ctx);
         }
-        if self.phase != Phase::Ready {
+        if self.phase != Phase::Ready || self.last_beat.elapsed() < self.beat_every {
             return;
         }
+        self.last_beat = Instant::now();
         let (agents, _) = self.counts();
         let status = AgentStatus {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -440,6 +456,11 @@ impl Upstream {
             .count();
         (agents, self.channels.len() - agents)
     }
+}
+
+/// Silence tolerated from a parent beating every `interval`.
+fn silence_limit(interval: Duration) -> Duration {
+    interval * 3 + Duration::from_secs(2)
 }
 
 fn close_down(down: &Down, code: u16, reason: &str) {
@@ -483,8 +504,8 @@ impl Actor for Upstream {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(65_536);
         self.connect(ctx);
-        let hb = self.cfg.heartbeat_interval;
-        ctx.run_interval(hb, |act, ctx| act.beat(ctx));
+        let tick = self.cfg.heartbeat_interval.min(Duration::from_millis(500));
+        ctx.run_interval(tick, |act, ctx| act.beat(ctx));
     }
 }
 

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tether_tests::fleet::{Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Fleet, SimConfig, Stats};
+use tether_tests::measure;
 
 /// Every phase is bounded: a missed bound is reported, never waited out.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -133,42 +134,13 @@ fn raise_nofile() -> u64 {
     }
 }
 
-/// VmRSS and VmHWM of `pid`, in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
-/// CPU time (user + system) of process `pid` (`None`: this process) so far, in seconds.
-fn cpu_s(pid: Option<u32>) -> f64 {
-    let path = pid.map_or_else(
-        || "/proc/self/stat".to_owned(),
-        |p| format!("/proc/{p}/stat"),
-    );
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    // After the command name: state is field 3, utime and stime are fields 14 and 15.
-    let rest: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // USER_HZ is 100 on Linux.
-    (ticks(11) + ticks(12)) as f64 / 100.0
+    (measure::rss_kib(pid), measure::peak_rss_kib(pid))
 }
 
 /// Stores the CPU seconds of `pid` (`None`: this process) since `since` as phase `phase`.
 fn cpu(row_cpu: &mut [f64; 3], phase: usize, pid: Option<u32>, since: f64) {
-    row_cpu[phase] = cpu_s(pid) - since;
+    row_cpu[phase] = measure::cpu_s(pid) - since;
 }
 
 /// Waits until `n` agents are ready, at most `timeout`, noting when half and 90 % were.
@@ -339,7 +311,7 @@ fn run_one(
     let mut cfg = SimConfig::new(server.wss, "localhost", tls);
     cfg.threads = threads;
     cfg.beat_override = beat;
-    let (srv0, gen0) = (cpu_s(Some(pid)), cpu_s(None));
+    let (srv0, gen0) = (measure::cpu_s(Some(pid)), measure::cpu_s(None));
     let started = Instant::now();
     let fleet = Fleet::start(cfg, agents).expect("fleet");
     let stats = || fleet.stats();
@@ -377,9 +349,9 @@ fn run_one(
     stats().clear_reasons();
 
     // Memory with N idle sessions (heartbeats only).
-    let idle0 = cpu_s(Some(pid));
+    let idle0 = measure::cpu_s(Some(pid));
     std::thread::sleep(SETTLE);
-    row.idle_cpu_pct = 100.0 * (cpu_s(Some(pid)) - idle0) / SETTLE.as_secs_f64();
+    row.idle_cpu_pct = 100.0 * (measure::cpu_s(Some(pid)) - idle0) / SETTLE.as_secs_f64();
     (row.rss_idle_kib, row.rss_peak_kib) = rss_kib(pid);
 
     // Events: agent 0 alone, then everyone.
@@ -397,7 +369,7 @@ fn run_one(
     row.events_each = each;
     let base = acked();
     let total = each * n as u64;
-    let (srv0, gen0) = (cpu_s(Some(pid)), cpu_s(None));
+    let (srv0, gen0) = (measure::cpu_s(Some(pid)), measure::cpu_s(None));
     fleet.set_events(each, BASELINE_EVENTS);
     let done = wait_until(EVENTS_TIMEOUT, || acked() >= base + total);
     cpu(&mut row.cpu_server, 1, Some(pid), srv0);
@@ -434,7 +406,7 @@ fn run_one(
             stats().ready.load(Ordering::Relaxed)
         ));
     }
-    let gen0 = cpu_s(None);
+    let gen0 = measure::cpu_s(None);
     let restarted = Instant::now();
     let ran = std::panic::catch_unwind(AssertUnwindSafe(|| server.run()));
     row.storm_restart_s = restarted.elapsed().as_secs_f64();

@@ -3,7 +3,7 @@
 //! - Latency: one simulated agent (real protocol and TLS, `loadgen`) sends events one at a time
 //!   (window 1); each sample is the time from sending an event until its ack, which the server
 //!   sends after the journal's fdatasync. Direct, through one relay, through two.
-//! - Throughput: 100 simulated agents send 50,000 durable events; events/s, direct and through
+//! - Throughput: 100 simulated agents send 200,000 durable events; events/s, direct and through
 //!   one and two relays.
 //! - Bulk: an artifact downloaded (signed by an agent) from the server directly, and from a relay
 //!   whose cache is warm.
@@ -24,30 +24,14 @@ use tether_shared::agent_auth::sign_request;
 use tether_shared::https::{request_streaming, Request, StreamLimits};
 use tether_tests::fleet::{eventually, Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Enrolled, Fleet, SimConfig};
+use tether_tests::measure::{cpu_s, percentile, rss_kib};
 use tether_tests::relays::Relay;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const LATENCY_EVENTS: u64 = 2_000;
 const THROUGHPUT_AGENTS: usize = 100;
-const THROUGHPUT_EVENTS: u64 = 50_000;
+const THROUGHPUT_EVENTS: u64 = 200_000;
 const ARTIFACT_BYTES: usize = 32 * 1024 * 1024;
-
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
 
 /// A server and `hops` relays chained in front of it; `entry` is where agents connect.
 struct Chain {
@@ -147,19 +131,37 @@ fn latency(path: &Chain) -> (u64, u64) {
     (percentile(&samples, 0.5), percentile(&samples, 0.99))
 }
 
-/// Durable events per second from [`THROUGHPUT_AGENTS`] agents.
-fn throughput(path: &Chain) -> f64 {
+/// Durable events per second from [`THROUGHPUT_AGENTS`] agents, and the CPU milliseconds per
+/// 1,000 events of the server, of all relays together, and of the load generator.
+fn throughput(path: &Chain) -> (f64, [f64; 3]) {
     let fleet = path.fleet(path.agents(THROUGHPUT_AGENTS, "tp"), None);
     let acked = || fleet.stats().events_acked.load(Ordering::Relaxed);
     let each = THROUGHPUT_EVENTS / THROUGHPUT_AGENTS as u64;
+    let server_pid = path.server.pid();
+    let relay_pids: Vec<u32> = path
+        .relays
+        .iter()
+        .filter_map(|r| r.child.as_ref().map(|c| c.id()))
+        .collect();
+    let cpu = || {
+        [
+            cpu_s(server_pid),
+            relay_pids.iter().map(|p| cpu_s(Some(*p))).sum(),
+            cpu_s(None),
+        ]
+    };
+    let before = cpu();
     let started = Instant::now();
     fleet.set_events(each, 0);
     eventually("throughput events acked", TIMEOUT, || {
         (acked() >= each * THROUGHPUT_AGENTS as u64).then_some(())
     });
-    let eps = (each * THROUGHPUT_AGENTS as u64) as f64 / started.elapsed().as_secs_f64();
+    let total = each * THROUGHPUT_AGENTS as u64;
+    let eps = total as f64 / started.elapsed().as_secs_f64();
+    let after = cpu();
     fleet.stop();
-    eps
+    let per_k = |i: usize| (after[i] - before[i]) * 1000.0 / (total as f64 / 1000.0);
+    (eps, [per_k(0), per_k(1), per_k(2)])
 }
 
 /// Milliseconds to download `sha` from `addr` as `agent` (best of 3).
@@ -253,15 +255,21 @@ fn main() {
         .unwrap_or(5000);
     println!("relay bench: loopback, release binaries; every event is durable (server fdatasync) before its ack");
     println!(
-        "{:>10} {:>12} {:>12} {:>18} {:>12} {:>10}",
-        "path", "ack p50 µs", "ack p99 µs", "added/hop p50 µs", "events/s", "vs direct"
+        "{:>10} {:>12} {:>12} {:>18} {:>12} {:>10}   {}",
+        "path",
+        "ack p50 µs",
+        "ack p99 µs",
+        "added/hop p50 µs",
+        "events/s",
+        "vs direct",
+        "CPU ms per 1000 events: server / relays / load generator"
     );
     let mut lat = Vec::new();
     let mut eps = Vec::new();
     for hops in 0..=2 {
         let path = Chain::new(hops);
         let (p50, p99) = latency(&path);
-        let tp = throughput(&path);
+        let (tp, cpu) = throughput(&path);
         lat.push(p50);
         eps.push(tp);
         let added = if hops == 0 {
@@ -275,8 +283,11 @@ fn main() {
             _ => format!("{hops} relays"),
         };
         println!(
-            "{label:>10} {p50:>12} {p99:>12} {added:>18} {tp:>12.0} {:>9.0}%",
-            tp / eps[0] * 100.0
+            "{label:>10} {p50:>12} {p99:>12} {added:>18} {tp:>12.0} {:>9.0}%   {:.1} / {:.1} / {:.1}",
+            tp / eps[0] * 100.0,
+            cpu[0],
+            cpu[1],
+            cpu[2]
         );
     }
     let (direct_ms, warm_ms, upstream_bytes) = bulk();

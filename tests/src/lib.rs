@@ -15,6 +15,7 @@ use tether_shared::https;
 pub mod fixtures;
 pub mod fleet;
 pub mod loadgen;
+pub mod measure;
 pub mod netns;
 pub mod relays;
 pub mod wire;

@@ -132,8 +132,7 @@ impl Relay {
 
     /// `GET /admin/health` on the loopback admin listener (plain HTTP).
     pub fn health(&self) -> Value {
-        let request =
-            format!("GET /admin/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        let request = "GET /admin/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
         let raw = crate::raw_exchange(self.admin, request.as_bytes(), START_TIMEOUT)
             .unwrap_or_else(|e| panic!("relay health: {e}"));
         let text = String::from_utf8_lossy(&raw);

@@ -94,6 +94,33 @@ impl WsClient {
         path: &str,
     ) -> io::Result<WsClient> {
         let tcp = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
+        Self::upgrade(tcp, addr, tls, path)
+    }
+
+    /// Like [`WsClient::connect_to`], with a receive buffer of about `bytes` set before the
+    /// connection is made: a peer that stops reading then backs up its sender quickly.
+    pub fn connect_with_recv_buffer(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        path: &str,
+        bytes: usize,
+    ) -> io::Result<WsClient> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_recv_buffer_size(bytes)?;
+        socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+        Self::upgrade(socket.into(), addr, tls, path)
+    }
+
+    fn upgrade(
+        tcp: TcpStream,
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        path: &str,
+    ) -> io::Result<WsClient> {
         tcp.set_read_timeout(Some(CONNECT_TIMEOUT))?;
         tcp.set_write_timeout(Some(CONNECT_TIMEOUT))?;
         tcp.set_nodelay(true)?;

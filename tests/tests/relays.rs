@@ -6,8 +6,10 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tether_shared::protocol::Frame;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::relays::{relay_entry, Relay};
+use tether_tests::wire::{self, WsClient};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -171,4 +173,60 @@ fn artifacts_cross_the_upstream_link_once_and_stay_authorized_by_the_server() {
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status, 401, "{}", r.body);
     assert!(!r.body.contains("\u{0}"), "no content leaked");
+}
+
+#[test]
+fn a_slow_agent_is_shed_without_holding_up_the_others() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let mut relay = Relay::install(
+        &server,
+        &[server.upstream()],
+        dir.path(),
+        "relay-a",
+        &[("TETHER_RELAY__MAX_QUEUE_PER_AGENT", "8")],
+    );
+    relay.run();
+    let mut fast = Agent::install_via(&server, &[relay.upstream()], dir.path(), "fast-1", &[], &[]);
+    fast.run();
+    online_with_path(&server, &fast, &["relay-a"]);
+
+    // The slow one is a real enrolled agent whose reader stops after the handshake, with a
+    // small receive buffer so that the relay's side backs up quickly.
+    let slow = Agent::install_via(&server, &[relay.upstream()], dir.path(), "slow-1", &[], &[]);
+    let identity = wire::agent_identity(&slow.dir);
+    let mut ws = WsClient::connect_with_recv_buffer(
+        relay.downstream,
+        server.tls(),
+        tether_shared::enroll::WS_PATH,
+        4096,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let nonce = ws.challenge(WAIT);
+    let hello = wire::hello(&identity, &slow.id, &nonce, &wire::fresh_incarnation());
+    ws.send(&Frame::Hello(hello))
+        .unwrap_or_else(|e| panic!("{e}"));
+    match ws.recv_frame("welcome", WAIT) {
+        Frame::Welcome(_) => {}
+        other => panic!("expected a welcome, got {}", other.kind()),
+    }
+    online_with_path(&server, &slow, &["relay-a"]);
+
+    // Many commands for the slow agent (it never reads them), and traffic for the fast one.
+    server.queue_probes(&slow.id, 5_000, 0);
+    server.queue_probes(&fast.id, 1_000, 1_000);
+    server.wait_for_probes(&fast.id, 1_000, 1_000, WAIT);
+    let upstream = eventually("the relay sheds the slow agent", WAIT, || {
+        let h = relay.health()["upstream"].clone();
+        (h["shed_slow_agents"].as_u64() >= Some(1)).then_some(h)
+    });
+    assert_eq!(
+        upstream["agents"], 1,
+        "only the fast agent is left: {upstream}"
+    );
+    eventually("the slow agent offline", WAIT, || {
+        (server.agent_status(&slow.id) == "offline").then_some(())
+    });
+    assert_eq!(server.agent_status(&fast.id), "online");
+    drop(ws);
 }

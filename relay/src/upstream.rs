@@ -545,9 +545,14 @@ impl StreamHandler<Incoming> for Upstream {
 }
 
 impl WriteHandler<WsProtocolError> for Upstream {
+    /// A failed write ends that connection's writer (`Stop` finishes its `SinkWrite` future and
+    /// drops the sink; `finished` below keeps the actor). `Continue` would leave the future
+    /// polled, and failing, on every wake of this actor forever, holding the socket open: one
+    /// leaked fd and a growing stream of these warnings per upstream connection that ended with
+    /// a reset. The read side of the same connection reports the failure and drops it.
     fn error(&mut self, err: WsProtocolError, _: &mut Self::Context) -> Running {
         tracing::warn!(error = %err, "upstream-write-failed");
-        Running::Continue
+        Running::Stop
     }
 
     fn finished(&mut self, _: &mut Self::Context) {}

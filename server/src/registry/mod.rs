@@ -338,7 +338,8 @@ impl Registry {
                     path: p.path.iter().map(|id| name_of(&names, id)).collect(),
                     last_seen_unix_ms: p.last_seen_unix_ms,
                     agents: carried.get(record.id.as_str()).copied().unwrap_or(0),
-                    reported: p.reported,
+                    // A relay's last heartbeat says nothing once it is gone.
+                    reported: if p.online { p.reported } else { None },
                     id: record.id,
                     name: record.name,
                 }

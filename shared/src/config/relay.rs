@@ -41,7 +41,7 @@ impl Default for RawRelaySection {
             data_dir: PathBuf::from("/var/lib/tether/relay"),
             upstreams: Vec::new(),
             heartbeat_interval_ms: 5_000,
-            max_queue_per_agent: 1_024,
+            max_queue_per_agent: 4_096,
         }
     }
 }

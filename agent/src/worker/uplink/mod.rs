@@ -679,9 +679,12 @@ impl StreamHandler<Incoming> for Uplink {
 }
 
 impl WriteHandler<WsProtocolError> for Uplink {
+    /// A failed write ends that connection's writer (its socket is then released); the read
+    /// side sees the connection end and reconnects. `Continue` would keep a dead writer retrying
+    /// its close forever, holding the socket.
     fn error(&mut self, err: WsProtocolError, _: &mut Self::Context) -> Running {
         tracing::warn!(error = %err, "uplink-write-failed");
-        Running::Continue
+        Running::Stop
     }
 
     /// A closed sink ends one connection, not the actor (the default would stop it).

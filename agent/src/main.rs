@@ -6,11 +6,14 @@
 //! - [`monitor`]: `tether-agent run`, the monitor process supervising the worker process.
 //! - [`install`]: `tether-agent install`, enrollment and the data directory it leaves.
 //! - [`state`]: `AgentState` (`DIR/agent.json`) and the data directory's file names.
+//! - [`upgrade`]: the files in `DIR/upgrade/` through which worker and monitor hand over an
+//!   upgrade, and the reserved exit code.
 //! - [`worker`]: `tether-agent worker`, the process the monitor starts: journal, uplink, streams.
 
 mod install;
 mod monitor;
 mod state;
+mod upgrade;
 mod worker;
 
 use std::path::{Path, PathBuf};
@@ -118,6 +121,7 @@ fn run_monitor(
                 .split_whitespace()
                 .map(Into::into)
                 .collect(),
+            env: Vec::new(),
         },
         None => match std::env::current_exe() {
             Ok(program) => {
@@ -129,6 +133,7 @@ fn run_monitor(
                 monitor::WorkerCommand {
                     program,
                     args: worker_args,
+                    env: Vec::new(),
                 }
             }
             Err(e) => {
@@ -148,6 +153,11 @@ fn run_monitor(
         backoff_max: monitor::RESTART_BACKOFF_MAX,
         stable_after: monitor::STABLE_AFTER,
         stop_grace: monitor::STOP_GRACE,
+        upgrade: monitor::UpgradeOptions {
+            data_dir: data_dir.clone(),
+            healthy_after: cfg.agent.upgrade_healthy_after,
+            trial_timeout: cfg.agent.upgrade_trial_timeout,
+        },
     };
     match monitor::run(&data_dir, opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 //! server or a parent relay, which serves the same surface).
 //!
 //! - `POST /agent/v1/enroll`: body and content type forwarded, the upstream's answer returned.
-//! - `GET /agent/v1/{artifacts,plugins}/{sha256}`: served from the [`Cache`] with `Range`
+//! - `GET /agent/v1/{artifacts,plugins,upgrades}/{sha256}`: served from the [`Cache`] with `Range`
 //!   honoured. The relay holds no agent secret, so the agent's `x-tether-*` headers go
 //!   upstream on every request: on a hit as a `Range: bytes=0-0` request whose 200/206 allows
 //!   serving the cached copy (anything else is passed back; no answer is 503); on a miss as
@@ -528,8 +528,9 @@ pub fn allows_hit(status: u16, len: u64) -> bool {
     matches!(status, 200 | 206) || (status == 416 && len == 0)
 }
 
-/// Mounts `POST /agent/v1/enroll`, `GET /agent/v1/artifacts/{sha256}` and
-/// `GET /agent/v1/plugins/{sha256}`; needs `web::Data<Bulk>` in app data.
+/// Mounts `POST /agent/v1/enroll`, `GET /agent/v1/artifacts/{sha256}`,
+/// `GET /agent/v1/plugins/{sha256}` and `GET /agent/v1/upgrades/{sha256}`; needs
+/// `web::Data<Bulk>` in app data.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource(ENROLL_PATH)
@@ -549,6 +550,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource(format!("/agent/v1/{}/{{sha256}}", Kind::Plugins.dir_name()))
             .route(web::get().to(plugin))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource(format!(
+            "/agent/v1/{}/{{sha256}}",
+            Kind::Upgrades.dir_name()
+        ))
+        .route(web::get().to(upgrade_package))
+        .default_service(web::to(method_not_allowed)),
     );
 }
 
@@ -588,6 +597,15 @@ async fn plugin(
     bulk: web::Data<Bulk>,
 ) -> Result<HttpResponse, BulkError> {
     download(req, Kind::Plugins, path.into_inner(), bulk).await
+}
+
+/// `GET /agent/v1/upgrades/{sha256}`.
+async fn upgrade_package(
+    req: HttpRequest,
+    path: web::Path<String>,
+    bulk: web::Data<Bulk>,
+) -> Result<HttpResponse, BulkError> {
+    download(req, Kind::Upgrades, path.into_inner(), bulk).await
 }
 
 /// A download: from the cache if upstream allows it, else fetched (once) and cached.

@@ -32,17 +32,20 @@ pub enum Kind {
     Artifacts,
     /// Plugin bundles (`/agent/v1/plugins/{sha256}`).
     Plugins,
+    /// Agent upgrade packages (`/agent/v1/upgrades/{sha256}`).
+    Upgrades,
 }
 
 impl Kind {
-    /// Both kinds, for the recovery scan.
-    pub const ALL: [Kind; 2] = [Kind::Artifacts, Kind::Plugins];
+    /// Every kind, for the recovery scan.
+    pub const ALL: [Kind; 3] = [Kind::Artifacts, Kind::Plugins, Kind::Upgrades];
 
     /// Directory name, and the path segment after `/agent/v1/`.
     pub fn dir_name(self) -> &'static str {
         match self {
             Kind::Artifacts => "artifacts",
             Kind::Plugins => "plugins",
+            Kind::Upgrades => "upgrades",
         }
     }
 }

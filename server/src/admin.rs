@@ -34,7 +34,7 @@ pub struct AdminState {
 
 impl AdminState {
     /// Observes every actor now.
-    async fn observe(&self) -> ServerHealth {
+    pub async fn observe(&self) -> ServerHealth {
         let (journal_actor, journal) = self.journal.observe(OBSERVE_TIMEOUT).await;
         let (registry_actor, links) = observe_links(&self.sessions).await;
         let mut actors = vec![journal_actor, registry_actor];

@@ -1,7 +1,9 @@
 //! The REST API on the HTTPS listener (`listen.https`), behind the admin bearer token:
-//! `POST /api/v1/enrollment-tokens`, `GET /api/v1/agents` and `GET /api/v1/relays`. [`configure`] mounts the routes;
-//! [`ApiState`] is what they use. Bodies are parsed only after the token check, strictly
-//! (unknown fields refused), so an unauthenticated caller learns nothing from a 400.
+//! `POST /api/v1/enrollment-tokens`, `GET /api/v1/agents` (with each agent's latest
+//! `upgrade`, and `"status": "upgrading"` while one is underway) and `GET /api/v1/relays`.
+//! [`configure`] mounts the routes; [`ApiState`] is what they use. Bodies are parsed only
+//! after the token check, strictly (unknown fields refused), so an unauthenticated caller
+//! learns nothing from a 400.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::{Registry, Role};
+use crate::upgrades::{UpgradeState, Upgrades};
 
 /// Shared by every worker of the HTTPS listener.
 pub struct ApiState {
@@ -19,6 +22,8 @@ pub struct ApiState {
     pub token: AdminToken,
     /// Agents and enrollment tokens.
     pub registry: Arc<Registry>,
+    /// Agents' upgrade states.
+    pub upgrades: Arc<Upgrades>,
 }
 
 /// Mounts the `/api/v1` routes.
@@ -93,7 +98,24 @@ async fn list_agents(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    Ok(HttpResponse::Ok().json(state.registry.agent_statuses()))
+    let list: Vec<serde_json::Value> = state
+        .registry
+        .agent_statuses()
+        .into_iter()
+        .map(|a| {
+            let upgrade = state.upgrades.agent(&a.id);
+            let mut v = serde_json::to_value(&a).unwrap_or_default();
+            if upgrade
+                .as_ref()
+                .is_some_and(|u| u.state == UpgradeState::Upgrading)
+            {
+                v["status"] = "upgrading".into();
+            }
+            v["upgrade"] = serde_json::to_value(&upgrade).unwrap_or_default();
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(list))
 }
 
 /// `GET /api/v1/relays`.

@@ -31,6 +31,10 @@ pub const SIGNING_KEY: &str = "signing.key";
 pub const SIGNING_PUB: &str = "signing.pub";
 /// Bearer token for the REST API and admin endpoints.
 pub const ADMIN_TOKEN: &str = "admin.token";
+/// The web application's initial `admin` password: read at `run` while no user exists yet.
+/// Not in [`FILES`]: a directory initialized before the web application existed is complete
+/// without it (`run` then writes a new one).
+pub const ADMIN_PASSWORD: &str = "admin.password";
 
 /// Every file `init` writes; the presence of any of them means "already initialized".
 pub const FILES: [&str; 7] = [
@@ -89,6 +93,8 @@ pub enum InitError {
 pub struct Initialized {
     /// The admin token; shown once, stored in `ADMIN_TOKEN`.
     pub admin_token: Secret<String>,
+    /// The web application's initial `admin` password; shown once, stored in `ADMIN_PASSWORD`.
+    pub admin_password: Secret<String>,
 }
 
 /// Creates and fills `opts.data_dir`.
@@ -108,6 +114,7 @@ pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
     check_certificate(&ca, &server_cert, &server_key, &opts.hostnames)?;
     let signing = Identity::generate();
     let admin_token = Secret::new(new_token());
+    let admin_password = crate::users::new_initial_password();
 
     create_private_dir(dir)?;
     let io_err = |name: &str| {
@@ -126,9 +133,17 @@ pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
         .map_err(io_err(SIGNING_PUB))?;
     write_private_file(&dir.join(ADMIN_TOKEN), admin_token.expose().as_bytes())
         .map_err(io_err(ADMIN_TOKEN))?;
+    write_private_file(
+        &dir.join(ADMIN_PASSWORD),
+        admin_password.expose().as_bytes(),
+    )
+    .map_err(io_err(ADMIN_PASSWORD))?;
 
     tracing::info!(data_dir = %dir.display(), hostnames = ?opts.hostnames, "server-initialized");
-    Ok(Initialized { admin_token })
+    Ok(Initialized {
+        admin_token,
+        admin_password,
+    })
 }
 
 /// Proves the new certificate works: a full TLS handshake against the new CA per hostname.
@@ -191,7 +206,7 @@ mod tests {
         let done = initialize(&opts).unwrap();
         let dir = &opts.data_dir;
         assert_eq!(mode(dir), 0o700);
-        for secret in [CA_KEY, SERVER_KEY, SIGNING_KEY, ADMIN_TOKEN] {
+        for secret in [CA_KEY, SERVER_KEY, SIGNING_KEY, ADMIN_TOKEN, ADMIN_PASSWORD] {
             assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
         }
         for public in [CA_CERT, SERVER_CERT, SIGNING_PUB] {
@@ -200,6 +215,9 @@ mod tests {
         let token = fs::read_to_string(dir.join(ADMIN_TOKEN)).unwrap();
         assert_eq!(&token, done.admin_token.expose());
         assert_eq!(URL_SAFE_NO_PAD.decode(&token).unwrap().len(), 32);
+        let password = fs::read_to_string(dir.join(ADMIN_PASSWORD)).unwrap();
+        assert_eq!(&password, done.admin_password.expose());
+        assert!(password.len() >= crate::users::MIN_PASSWORD_LEN);
         Identity::load(&dir.join(SIGNING_KEY)).unwrap();
         let ca = Ca::from_pem(
             &fs::read_to_string(dir.join(CA_CERT)).unwrap(),

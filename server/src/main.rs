@@ -8,9 +8,14 @@
 //!   signal.
 //! - [`registry`]: `Registry`, enrolled agents and relays, enrollment tokens, presence.
 //! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
+//! - [`agents_api`]: changing and deleting agents (`/api/v1/agents/{id}`), shared with the web
+//!   application.
+//! - [`web`]: the web application for people at `/` on the HTTPS listener.
+//! - [`users`]: the web application's users and their argon2id password hashes.
 //! - [`deployments`]: processes, deployments and jobs: state machine, persistence, REST.
 //! - [`plugins`]: uploaded plugin bundles and their index, `/api/v1/plugins`, agents' downloads.
 //! - [`artifacts`]: the artifact store, `/api/v1/artifacts`, agents' signed downloads by sha256.
+//! - [`upgrades`]: signed agent upgrade packages, rollouts, agents' upgrade states.
 //! - [`agent_surface`]: the agent-facing routes under `/agent/v1` on the WSS listener.
 //! - [`admin`]: the `/admin/health` and `/metrics` handlers.
 //! - [`admin_token`]: the admin bearer token and its constant-time check.
@@ -21,6 +26,7 @@
 mod admin;
 mod admin_token;
 mod agent_surface;
+mod agents_api;
 mod api;
 mod api_error;
 mod artifacts;
@@ -32,6 +38,9 @@ mod ports;
 mod registry;
 mod run;
 mod session;
+mod upgrades;
+mod users;
+mod web;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -130,6 +139,8 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
     match init::initialize(&opts) {
         Ok(done) => {
             println!("admin token: {}", done.admin_token.expose());
+            // The web application's first user; change the password after the first login.
+            println!("admin password: {}", done.admin_password.expose());
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -25,6 +25,7 @@ use tether_shared::tls::{self, Ca, TlsError};
 use crate::admin::{self, AdminState};
 use crate::admin_token::{AdminToken, AdminTokenError};
 use crate::agent_surface::{self, AgentSurface, EnrollLimiter};
+use crate::agents_api::{self, AgentAdmin, AgentsApiState};
 use crate::api::{self, ApiState};
 use crate::api_error::{not_found, ApiError};
 use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
@@ -38,6 +39,10 @@ use crate::registry::{Registry, RegistryError};
 use crate::session::routes::{ProbeApiState, SessionsState};
 use crate::session::session_registry::SessionRegistry;
 use crate::session::{self, SessionShared};
+use crate::upgrades::api::{self as upgrades_api, UpgradesAgentState, UpgradesApiState};
+use crate::upgrades::Upgrades;
+use crate::users::{Users, UsersError};
+use crate::web::WebState;
 
 /// The journal's directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
@@ -138,6 +143,9 @@ pub enum RunError {
     /// The plugin index could not be loaded from the journal.
     #[error("plugins: {0}")]
     Plugins(#[from] PluginsError),
+    /// The web application's users could not be loaded or the first one created.
+    #[error("users: {0}")]
+    Users(#[from] UsersError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (listen.{listener}): {source}")]
     Bind {
@@ -187,6 +195,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         "journal-recovered"
     );
     let registry = Arc::new(Registry::load(journal.handle())?);
+    let users = Arc::new(Users::load(journal.handle())?);
     let plugins = Arc::new(Plugins::load(journal.handle(), dir)?);
     let artifacts = crate::artifacts::ArtifactStore::open(
         dir,
@@ -194,6 +203,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         registry.clone(),
         token.clone(),
     )?;
+    let upgrades = Arc::new(Upgrades::open(journal.handle(), dir)?);
     let deployments = Arc::new(
         Deployments::load(journal.handle())?
             .with_catalog(plugins.clone())
@@ -214,6 +224,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         deployments,
         plugins,
         artifacts,
+        upgrades,
+        users,
     };
     actix_rt::System::new().block_on(serve(dir, opts, loaded))
 }
@@ -240,6 +252,10 @@ struct Loaded {
     plugins: Arc<Plugins>,
     /// The artifact store (content-addressed files and their index).
     artifacts: web::Data<crate::artifacts::ArtifactStore>,
+    /// Upgrade packages (`DIR/upgrades`) and agents' upgrade states.
+    upgrades: Arc<Upgrades>,
+    /// The web application's users, loaded from the journal.
+    users: Arc<Users>,
 }
 
 /// Refuses a directory `init` has not (completely) filled.
@@ -320,6 +336,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         journal: handle.clone(),
         registry: loaded.registry.clone(),
         deployments: loaded.deployments.clone(),
+        upgrades: loaded.upgrades.clone(),
         signing: loaded.signing,
         incarnation: handle.incarnation().to_owned(),
         heartbeat_interval: opts.heartbeat_interval,
@@ -352,6 +369,17 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         registry: loaded.registry.clone(),
         sessions: session_registry.clone(),
     });
+    let upgrades_state = web::Data::new(UpgradesApiState {
+        token: loaded.token.clone(),
+        upgrades: loaded.upgrades.clone(),
+        registry: loaded.registry.clone(),
+        sessions: session_registry.clone(),
+        shared: shared.clone(),
+    });
+    let upgrades_agent_state = web::Data::new(UpgradesAgentState {
+        upgrades: loaded.upgrades.clone(),
+        registry: loaded.registry.clone(),
+    });
     let sessions = web::Data::new(SessionsState {
         shared,
         registry: session_registry,
@@ -366,6 +394,34 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         sessions: sessions.registry.clone(),
         shared: sessions.shared.clone(),
     });
+    // The web application, and the agent changes it shares with the REST API.
+    let agent_admin = Arc::new(AgentAdmin {
+        registry: loaded.registry.clone(),
+        deployments: loaded.deployments.clone(),
+        upgrades: loaded.upgrades.clone(),
+        sessions: sessions.registry.clone(),
+    });
+    let agents_api_state = web::Data::new(AgentsApiState {
+        token: loaded.token.clone(),
+        admin: agent_admin.clone(),
+    });
+    loaded
+        .users
+        .ensure_initial_admin(&dir.join(init::ADMIN_PASSWORD))
+        .await?;
+    let web_state = web::Data::new(WebState {
+        users: loaded.users.clone(),
+        sessions: Default::default(),
+        login_limiter: Default::default(),
+        registry: loaded.registry.clone(),
+        deployments: loaded.deployments.clone(),
+        links: sessions.registry.clone(),
+        agents: agent_admin,
+        upgrades: loaded.upgrades.clone(),
+        plugins: loaded.plugins.clone(),
+        artifacts: loaded.artifacts.clone(),
+        admin: admin_state.clone(),
+    });
     let plugins_state = web::Data::new(PluginsApiState {
         token: loaded.token.clone(),
         plugins: loaded.plugins.clone(),
@@ -377,6 +433,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let api_state = web::Data::new(ApiState {
         token: loaded.token,
         registry: loaded.registry.clone(),
+        upgrades: loaded.upgrades,
     });
     let surface_state = web::Data::new(AgentSurface {
         registry: loaded.registry,
@@ -400,12 +457,18 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .app_data(probe_state.clone())
             .app_data(deployments_state.clone())
             .app_data(plugins_state.clone())
+            .app_data(upgrades_state.clone())
+            .app_data(agents_api_state.clone())
+            .app_data(web_state.clone())
             .configure(admin::configure)
             .configure(api::configure)
             .configure(deployments_api::configure)
             .configure(crate::artifacts::configure_api(artifacts.clone()))
             .configure(plugins_api::configure_api)
+            .configure(upgrades_api::configure_api)
             .configure(session::routes::configure_api)
+            .configure(agents_api::configure)
+            .configure(crate::web::configure)
             .default_service(web::to(not_found))
     }))
     .bind_rustls_0_23(opts.listen_https, loaded.tls.clone())
@@ -421,9 +484,11 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .app_data(payload.clone())
             .app_data(sessions.clone())
             .app_data(plugins_agent_state.clone())
+            .app_data(upgrades_agent_state.clone())
             .configure(agent_surface::configure)
             .configure(crate::artifacts::configure_agent(artifacts_wss.clone()))
             .configure(plugins_api::configure_agent_surface)
+            .configure(upgrades_api::configure_agent_surface)
             .configure(session::routes::configure_agent_surface)
             .default_service(web::to(not_found))
     }))

@@ -3,7 +3,8 @@
 //! install`, the end-to-end tests): one request per connection (`Connection: close`), a body
 //! with `Content-Length`, the response read under a size cap and an overall deadline.
 //! [`request_streaming`] is the same over plain HTTP or HTTPS with the body handed to a sink
-//! as it arrives (artifact downloads, the agent's `http/request` step).
+//! as it arrives (artifact downloads, the agent's `http/request` step); [`request_upload`]
+//! sends a body read from a file as it goes, reporting progress (the `tether` CLI's uploads).
 //!
 //! Failures are told apart the way an operator needs them: could not connect, TLS refused
 //! (with the certificate problem spelled out: "untrusted issuer" for a CA mismatch), or a
@@ -18,7 +19,9 @@ use rustls::pki_types::ServerName;
 use rustls::{CertificateError, ClientConfig};
 
 mod streaming;
+mod upload;
 pub use streaming::{request_streaming, Head, StreamLimits};
+pub use upload::{request_upload, Upload};
 
 /// Bounds of one request.
 #[derive(Debug, Clone, Copy)]
@@ -153,6 +156,9 @@ pub enum HttpsError {
     /// The caller's body sink refused the data (or the caller cancelled).
     #[error("{0}")]
     Sink(io::Error),
+    /// Reading the request body to send failed (an upload's file), or it ended early.
+    #[error("reading the body to send: {0}")]
+    Source(io::Error),
 }
 
 impl HttpsError {

@@ -17,6 +17,7 @@
 //! - [`mux`]: the relay link's framing (many agents' channels over one WebSocket).
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
 //! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
+//! - [`upgrade`]: agent upgrade packages: versions and the server's signature over them.
 
 pub mod agent_auth;
 pub mod backoff;
@@ -33,3 +34,4 @@ pub mod protocol;
 pub mod stream;
 pub mod tls;
 pub mod unpack;
+pub mod upgrade;

@@ -242,6 +242,19 @@ fn samples_match_their_golden_files() {
     )
     .unwrap();
     cmd.signature = "c2lnbmF0dXJl".into();
+    let mut upgrade = Command::new(
+        Seq(43),
+        "cmd-8a1b".into(),
+        1_790_000_000_000,
+        CommandBody::Upgrade {
+            version: "1.4.0".into(),
+            sha256: "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03".into(),
+            size: 18_874_368,
+            signature: "cGFja2FnZSBzaWduYXR1cmU=".into(),
+        },
+    )
+    .unwrap();
+    upgrade.signature = "c2lnbmF0dXJl".into();
     let samples: Vec<(&str, Frame)> = vec![
         (
             "server-challenge",
@@ -275,6 +288,21 @@ fn samples_match_their_golden_files() {
             }),
         ),
         ("server-command", Frame::Command(cmd)),
+        ("server-command-upgrade", Frame::Command(upgrade)),
+        (
+            "agent-event-upgrade-finished",
+            Frame::Event(
+                Event::new(
+                    Seq(19),
+                    EventBody::UpgradeFinished {
+                        version: "1.4.0".into(),
+                        outcome: UpgradeOutcome::RolledBack,
+                        reason: "the new worker exited with code 3 before it was healthy".into(),
+                    },
+                )
+                .unwrap(),
+            ),
+        ),
         (
             "agent-event",
             Frame::Event(

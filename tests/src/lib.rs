@@ -18,6 +18,7 @@ pub mod loadgen;
 pub mod measure;
 pub mod netns;
 pub mod relays;
+pub mod webdriver;
 pub mod wire;
 
 /// The workspace root (the parent of this crate's directory).

@@ -737,6 +737,13 @@ impl SimAgent {
                             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
                         }
                         CommandBody::CancelJob { .. } => {}
+                        // A simulated agent has no binary to swap.
+                        CommandBody::Upgrade { version, .. } => {
+                            self.enqueue(EventBody::UpgradeRefused {
+                                version,
+                                reason: "a simulated agent is not upgraded".into(),
+                            })?;
+                        }
                     }
                 }
                 Ok(())

@@ -205,15 +205,21 @@ fn server_init_creates_a_working_data_dir_once() {
     let out = run("tether-server", tmp.path(), args);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 
-    // The token is printed exactly once, and nowhere else.
+    // The token and the web admin password are printed exactly once, and nowhere else.
     let text = stdout(&out);
-    assert_eq!(text.lines().count(), 1, "{text}");
-    let token = text.trim().strip_prefix("admin token: ").unwrap();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    let token = text.lines().next().unwrap().strip_prefix("admin token: ").unwrap();
+    let password = text.lines().nth(1).unwrap().strip_prefix("admin password: ").unwrap();
+    assert_eq!(
+        fs::read_to_string(data.join("admin.password")).unwrap(),
+        password
+    );
     assert_eq!(token.len(), 43, "32 bytes in unpadded base64url: {token}");
     assert!(token
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
     assert!(!stderr(&out).contains(token), "token leaked to the log");
+    assert!(!stderr(&out).contains(password), "password leaked to the log");
     assert_eq!(fs::read_to_string(data.join("admin.token")).unwrap(), token);
 
     let files = snapshot(&data);
@@ -221,6 +227,7 @@ fn server_init_creates_a_working_data_dir_once() {
     assert_eq!(
         names,
         [
+            "admin.password",
             "admin.token",
             "ca.key",
             "ca.pem",
@@ -230,7 +237,13 @@ fn server_init_creates_a_working_data_dir_once() {
             "signing.pub"
         ]
     );
-    for secret in ["admin.token", "ca.key", "server.key", "signing.key"] {
+    for secret in [
+        "admin.password",
+        "admin.token",
+        "ca.key",
+        "server.key",
+        "signing.key",
+    ] {
         assert_eq!(files[secret].1, 0o600, "{secret}");
     }
     assert_eq!(
@@ -271,7 +284,9 @@ fn server_init_creates_a_working_data_dir_once() {
     );
     assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
     let new_token = stdout(&forced)
-        .trim()
+        .lines()
+        .next()
+        .unwrap_or_default()
         .strip_prefix("admin token: ")
         .unwrap()
         .to_owned();

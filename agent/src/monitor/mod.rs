@@ -5,14 +5,18 @@
 //!
 //! The monitor opens no socket of any kind: its only channel to the worker is the worker's stdio.
 //!
+//! It also swaps in upgrades the worker staged, on trial, and rolls them back (see [`upgrade`]).
+//!
 //! # Layout
 //! - this file: [`run`], the [`Monitor`] actor, the messages it handles and [`MonitorHealth`].
 //! - [`worker_process`]: starting a worker, the beat protocol, the stdout reader and the child's
 //!   owner task.
+//! - [`upgrade`]: the swap, the trial of the new worker, the rollback.
 //!
 //! Test-only override: `TETHER_AGENT_WORKER=<program>` (plus optional whitespace-separated
 //! `TETHER_AGENT_WORKER_ARGS`) replaces the worker command; see `main.rs`.
 
+mod upgrade;
 pub mod worker_process;
 
 use std::collections::BTreeMap;
@@ -31,9 +35,10 @@ pub use tether_shared::backoff::{Backoff, RestartBudget};
 use worker_process::{Stop, WorkerProcess};
 pub use worker_process::{WorkerCommand, WorkerExit};
 
-/// Exit code by which a worker says "an upgrade is staged, swap me in". Reserved: for now the
-/// monitor logs `worker-requested-upgrade` and restarts the worker like after any exit.
-pub const UPGRADE_EXIT_CODE: i32 = 75;
+use crate::upgrade::Installed;
+/// Exit code by which a worker says "an upgrade is staged, swap me in".
+pub use crate::upgrade::UPGRADE_EXIT_CODE;
+use upgrade::Trial;
 
 /// First restart delay ceiling; doubles per restart (full jitter).
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -63,6 +68,19 @@ pub struct MonitorOptions {
     pub stable_after: Duration,
     /// Time the worker gets after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
+    /// Where upgrades are handed over, and their trial.
+    pub upgrade: UpgradeOptions,
+}
+
+/// How the monitor runs an upgrade's trial.
+#[derive(Debug, Clone)]
+pub struct UpgradeOptions {
+    /// The data directory: `DATA/upgrade/` and the pinned server key in `DATA/agent.json`.
+    pub data_dir: PathBuf,
+    /// How long a swapped-in worker must beat before it counts as healthy.
+    pub healthy_after: Duration,
+    /// How long it has to become healthy before it is rolled back.
+    pub trial_timeout: Duration,
 }
 
 /// Why `run` could not start or stopped abnormally.
@@ -173,6 +191,10 @@ pub struct MonitorHealth {
     pub last_beat_age_ms: Option<u64>,
     /// The health JSON of the worker's last `beat <json>` line.
     pub worker_health: Option<serde_json::Value>,
+    /// Upgrades swapped in and kept since the monitor started.
+    pub upgrades_done: u64,
+    /// Upgrades rolled back (or staged packages refused) since the monitor started.
+    pub upgrades_rolled_back: u64,
 }
 
 /// The worker sent a beat line.
@@ -249,11 +271,26 @@ pub struct Monitor {
     stopping: bool,
     /// Tells `run` how the monitor ended.
     done: Option<oneshot::Sender<Outcome>>,
+    /// How to start the worker now: `opts.worker`, or an upgraded program.
+    current: WorkerCommand,
+    /// What `current` runs (for `active.json`).
+    installed: Installed,
+    /// A package on trial.
+    trial: Option<Trial>,
+    /// A staged package is being verified (no worker runs meanwhile).
+    verifying: bool,
 }
 
 impl Monitor {
     fn new(opts: MonitorOptions, done: oneshot::Sender<Outcome>) -> Self {
         Self {
+            current: opts.worker.clone(),
+            installed: Installed {
+                program: opts.worker.program.clone(),
+                version: None,
+            },
+            trial: None,
+            verifying: false,
             backoff: Backoff::new(opts.backoff_min, opts.backoff_max),
             budget: RestartBudget::new(opts.restart_budget, opts.restart_window),
             opts,
@@ -268,22 +305,28 @@ impl Monitor {
     }
 
     fn start_worker(&mut self, ctx: &mut Context<Self>) {
-        self.pending_restart = None;
+        if let Some(handle) = self.pending_restart.take() {
+            ctx.cancel_future(handle);
+        }
         if self.stopping {
             return;
         }
+        let command = self.current.clone();
+        if self.spawn_worker(ctx, &command).is_none() {
+            self.health.last_exit = Some(WorkerExit::Unknown);
+            self.schedule_restart(ctx, None, WorkerExit::Unknown);
+        }
+    }
+
+    /// Starts `command` as the next worker generation; `None` if it could not be spawned.
+    fn spawn_worker(&mut self, ctx: &mut Context<Self>, command: &WorkerCommand) -> Option<u64> {
         self.generation += 1;
         let generation = self.generation;
         let me = ctx.address();
-        match WorkerProcess::spawn(
-            &self.opts.worker,
-            generation,
-            me.clone().recipient(),
-            me.recipient(),
-        ) {
+        match WorkerProcess::spawn(command, generation, me.clone().recipient(), me.recipient()) {
             Ok(process) => {
                 let now = Instant::now();
-                tracing::info!(pid = process.pid, generation, "worker-started");
+                tracing::info!(pid = process.pid, generation, program = %command.program.display(), "worker-started");
                 self.health.pid = Some(process.pid);
                 self.worker = Some(RunningWorker {
                     generation,
@@ -293,12 +336,19 @@ impl Monitor {
                     has_beaten: false,
                     timed_out: false,
                 });
+                Some(generation)
             }
             Err(e) => {
-                tracing::error!(program = %self.opts.worker.program.display(), error = %e, "worker-spawn-failed");
-                self.health.last_exit = Some(WorkerExit::Unknown);
-                self.schedule_restart(ctx, None, WorkerExit::Unknown);
+                tracing::error!(program = %command.program.display(), error = %e, "worker-spawn-failed");
+                None
             }
+        }
+    }
+
+    /// Stops the monitor if it is stopping and nothing runs any more.
+    fn finish_if_idle(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping && self.worker.is_none() && !self.verifying {
+            self.finish(ctx, Outcome::Stopped);
         }
     }
 
@@ -393,6 +443,7 @@ impl Actor for Monitor {
     fn started(&mut self, ctx: &mut Self::Context) {
         let period = (self.opts.beat_timeout / 4).max(Duration::from_millis(10));
         ctx.run_interval(period, |act, _| act.check_beats());
+        self.recover_upgrade_state();
         self.start_worker(ctx);
     }
 }
@@ -428,6 +479,9 @@ impl Handler<BeatReceived> for Monitor {
         if msg.health.is_some() {
             self.health.worker_health = msg.health;
         }
+        if self.trial.is_some() {
+            self.check_trial();
+        }
     }
 }
 
@@ -441,12 +495,14 @@ impl Handler<WorkerExited> for Monitor {
         let pid = worker.process.pid;
         self.health.pid = None;
         self.health.last_exit = Some(msg.exit);
+        let mut upgrade_requested = false;
         match msg.exit {
             _ if worker.timed_out => {}
             WorkerExit::Code(code) => {
                 *self.health.exits_by_code.entry(code).or_default() += 1;
                 if code == UPGRADE_EXIT_CODE {
                     tracing::info!(pid, code, "worker-requested-upgrade");
+                    upgrade_requested = true;
                 }
             }
             WorkerExit::Signal(signal) => {
@@ -457,6 +513,15 @@ impl Handler<WorkerExited> for Monitor {
         if self.stopping {
             tracing::info!(pid, exit = ?msg.exit, "worker-stopped");
             self.finish(ctx, Outcome::Stopped);
+            return;
+        }
+        if let Some(trial) = self.trial.take_if(|t| t.generation == msg.generation) {
+            let lived = worker.started.elapsed();
+            self.trial_ended(ctx, trial, msg.exit, lived, worker.timed_out);
+            return;
+        }
+        if upgrade_requested {
+            self.on_upgrade_requested(ctx, msg.exit);
             return;
         }
         self.schedule_restart(ctx, Some(pid), msg.exit);
@@ -477,7 +542,8 @@ impl Handler<Shutdown> for Monitor {
         }
         let Some(worker) = &self.worker else {
             tracing::info!(signal = msg.signal, "monitor-stopping");
-            self.finish(ctx, Outcome::Stopped);
+            // A staged package being verified: its callback finishes.
+            self.finish_if_idle(ctx);
             return;
         };
         let generation = worker.generation;
@@ -515,6 +581,7 @@ mod tests {
             worker: WorkerCommand {
                 program: "/bin/sh".into(),
                 args: vec!["-c".into(), script.into()],
+                env: Vec::new(),
             },
             beat_timeout: Duration::from_secs(30),
             restart_budget: 100,
@@ -523,6 +590,11 @@ mod tests {
             backoff_max: Duration::from_millis(5),
             stable_after: Duration::from_secs(60),
             stop_grace: Duration::from_secs(5),
+            upgrade: UpgradeOptions {
+                data_dir: "/nonexistent/tether-agent-test".into(),
+                healthy_after: Duration::from_secs(1),
+                trial_timeout: Duration::from_secs(5),
+            },
         }
     }
 

@@ -30,13 +30,16 @@ pub const BEAT_WORD: &str = "beat";
 /// Longest stdout line the monitor reads; the rest of a longer line is skipped.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
 
-/// How to start a worker: a program and its arguments.
+/// How to start a worker: a program, its arguments and extra environment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerCommand {
     /// The executable.
     pub program: PathBuf,
     /// Its arguments.
     pub args: Vec<OsString>,
+    /// Extra environment variables (the package version of an upgraded worker). The monitor's
+    /// own `TETHER_AGENT_PACKAGE_VERSION` is never inherited.
+    pub env: Vec<(String, String)>,
 }
 
 /// How a worker process ended.
@@ -130,6 +133,8 @@ impl WorkerProcess {
     ) -> io::Result<Self> {
         let mut child = tokio::process::Command::new(&command.program)
             .args(&command.args)
+            .env_remove(crate::upgrade::PACKAGE_VERSION_ENV)
+            .envs(command.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

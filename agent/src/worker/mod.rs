@@ -9,9 +9,11 @@
 //! - [`jobs`]: job records and step execution.
 //! - [`supervisor`]: restarts crashed actors, reports their health.
 //! - [`uplink`]: the connection upstream and both message streams.
+//! - [`upgrade`]: the upgrade record and the package download (drain policy documented there).
 
 pub mod jobs;
 pub mod supervisor;
+pub mod upgrade;
 pub mod uplink;
 
 use std::io::{IsTerminal, Read, Write};
@@ -116,10 +118,12 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     let journal = journal.handle();
     tracing::info!(agent_id = %state.agent_id, incarnation = %recovered.incarnation, created = recovered.created, "worker-starting");
 
+    let version = running_version();
+    tracing::info!(agent_id = %state.agent_id, version = %version, "worker-version");
     let status = Arc::new(Mutex::new(None::<AgentStatus>));
     let uplink_cfg = Arc::new(UplinkConfig {
         agent_id: state.agent_id.clone(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: version.clone(),
         identity: Arc::new(identity),
         server_key,
         tls: Arc::new(tls),
@@ -135,6 +139,8 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         work_dir: dir.join(WORK_DIR),
         plugin_dir: dir.join(PLUGINS_DIR),
         artifact_cache: dir.join(jobs::fetch::CACHE_DIR),
+        data_dir: dir.to_owned(),
+        upgrade_drain_timeout: cfg.agent.upgrade_drain_timeout,
     });
     let beat_every = (cfg.agent.worker_beat_timeout / 3).max(Duration::from_millis(50));
     let budget = cfg.agent.worker_restart_budget;
@@ -163,7 +169,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
                 };
                 if let Ok(mut s) = status.lock() {
                     *s = Some(AgentStatus {
-                        version: env!("CARGO_PKG_VERSION").into(),
+                        version: version.clone(),
                         running_jobs: 0,
                         load_milli: load_milli(),
                         actors: actors.clone(),
@@ -183,6 +189,16 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         });
     });
     Ok(system.run_with_code().unwrap_or(1))
+}
+
+/// The version this worker reports (Hello, heartbeats) and compares upgrades against: the
+/// package version the monitor started it as (`TETHER_AGENT_PACKAGE_VERSION`, from the
+/// server-signed upgrade records), else this build's own.
+fn running_version() -> String {
+    std::env::var(crate::upgrade::PACKAGE_VERSION_ENV)
+        .ok()
+        .filter(|v| tether_shared::upgrade::Version::parse(v).is_ok())
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
 }
 
 /// Stop the worker when stdin (the monitor's pipe) reaches EOF. Not when stdin is a terminal:

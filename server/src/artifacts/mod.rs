@@ -210,7 +210,7 @@ impl ArtifactStore {
     }
 
     /// Every artifact, by name then version.
-    fn list(&self) -> Vec<serde_json::Value> {
+    pub fn list(&self) -> Vec<serde_json::Value> {
         let index = self.index.read().unwrap_or_else(PoisonError::into_inner);
         index
             .iter()

@@ -25,17 +25,18 @@ use crate::registry::now_unix_ms;
 /// Optional header: the sha256 the client expects (lowercase or uppercase hex).
 pub const CHECKSUM_HEADER: &str = "x-checksum-sha256";
 /// Bytes gathered before they go to the file.
-const WRITE_BATCH: usize = 1024 * 1024;
+pub(crate) const WRITE_BATCH: usize = 1024 * 1024;
 
-/// An upload in progress: deleted when dropped unless handed over.
-struct TempUpload {
+/// An upload in progress: deleted when dropped unless handed over. Also used by the upgrade
+/// package store (`crate::upgrades`).
+pub(crate) struct TempUpload {
     path: PathBuf,
     file: Option<std::fs::File>,
     kept: bool,
 }
 
 impl TempUpload {
-    fn create(dir: &Path) -> std::io::Result<TempUpload> {
+    pub(crate) fn create(dir: &Path) -> std::io::Result<TempUpload> {
         let path = dir.join(format!("upload-{:016x}", rand::rngs::OsRng.next_u64()));
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -50,8 +51,16 @@ impl TempUpload {
 
     /// Appends `bytes` (and with `sync`, flushes to disk) on the blocking pool.
     async fn write(&mut self, bytes: Vec<u8>, sync: bool) -> Result<(), ArtifactError> {
+        self.append(bytes, sync).await.map_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "artifact-upload-write-failed");
+            ArtifactError::Api(ApiError::Unavailable)
+        })
+    }
+
+    /// Appends `bytes` (and with `sync`, flushes to disk) on the blocking pool.
+    pub(crate) async fn append(&mut self, bytes: Vec<u8>, sync: bool) -> std::io::Result<()> {
         let Some(mut file) = self.file.take() else {
-            return Err(ApiError::Unavailable.into());
+            return Err(std::io::Error::other("the upload file is gone"));
         };
         let (file, written) = web::block(move || {
             let mut r = file.write_all(&bytes);
@@ -61,16 +70,13 @@ impl TempUpload {
             (file, r)
         })
         .await
-        .map_err(|_| ApiError::Unavailable)?;
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
         self.file = Some(file);
-        written.map_err(|e| {
-            tracing::error!(path = %self.path.display(), error = %e, "artifact-upload-write-failed");
-            ArtifactError::Api(ApiError::Unavailable)
-        })
+        written
     }
 
     /// The path, now the caller's to publish or delete.
-    fn keep(mut self) -> PathBuf {
+    pub(crate) fn keep(mut self) -> PathBuf {
         self.kept = true;
         self.file = None;
         self.path.clone()

@@ -149,13 +149,22 @@ async fn create_deployment(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let new: NewDeployment = parse_json(&body)?;
-    let d = state
-        .deployments
-        .create(new, &state.registry.agents())
-        .await?;
+    let (id, jobs) = start(&state.deployments, &state.registry, &state.sessions, new).await?;
+    Ok(HttpResponse::Created().json(json!({"id": id, "jobs": jobs})))
+}
+
+/// Validates and stores deployment `new`, then has every target's link queue its job (for
+/// the REST API and the web application). Answers the id and the number of jobs.
+pub async fn start(
+    deployments: &Deployments,
+    registry: &Registry,
+    sessions: &Addr<SessionRegistry>,
+    new: NewDeployment,
+) -> Result<(String, usize), ApiError> {
+    let d = deployments.create(new, &registry.agents()).await?;
     let mut failed = Vec::new();
     for agent_id in &d.agents {
-        if let Err(e) = dispatch(&state.sessions, agent_id).await {
+        if let Err(e) = dispatch(sessions, agent_id).await {
             tracing::error!(deployment_id = %d.id, agent_id = %agent_id, error = %e, "job-dispatch-failed");
             failed.push(agent_id.clone());
         }
@@ -167,7 +176,7 @@ async fn create_deployment(
             failed.join(", ")
         )));
     }
-    Ok(HttpResponse::Created().json(json!({"id": d.id, "jobs": d.agents.len()})))
+    Ok((d.id, d.agents.len()))
 }
 
 async fn list_deployments(
@@ -214,13 +223,24 @@ async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let id = path.into_inner();
-    let remote = state.deployments.cancel(&id).await?;
+    let sent = cancel_deployment(&state.deployments, &state.sessions, &id).await?;
+    Ok(HttpResponse::Accepted().json(json!({"id": id, "cancel_sent": sent})))
+}
+
+/// Cancels deployment `id` and queues a CancelJob to every agent running one of its jobs
+/// (for the REST API and the web application). Answers how many were queued.
+pub async fn cancel_deployment(
+    deployments: &Deployments,
+    sessions: &Addr<SessionRegistry>,
+    id: &str,
+) -> Result<usize, ApiError> {
+    let remote = deployments.cancel(id).await?;
     let mut failed = Vec::new();
     for (agent_id, job_id) in &remote {
         let body = CommandBody::CancelJob {
             job_id: job_id.clone(),
         };
-        if let Err(e) = queue(&state.sessions, agent_id, vec![body]).await {
+        if let Err(e) = queue(sessions, agent_id, vec![body]).await {
             tracing::error!(deployment_id = %id, agent_id = %agent_id, error = %e, "cancel-queue-failed");
             failed.push(agent_id.clone());
         }
@@ -231,7 +251,7 @@ async fn cancel(
             failed.join(", ")
         )));
     }
-    Ok(HttpResponse::Accepted().json(json!({"id": id, "cancel_sent": remote.len()})))
+    Ok(remote.len())
 }
 
 async fn step_log(
@@ -241,14 +261,28 @@ async fn step_log(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let (id, agent, step) = path.into_inner();
-    let agent_id = state
-        .registry
+    let text = log_text(&state.deployments, &state.registry, &id, agent, &step).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; charset=utf-8")
+        .body(text))
+}
+
+/// The whole log of `step` (name or index) of deployment `id`'s job on `agent` (name or id),
+/// secrets masked (for the REST API and the web application).
+pub async fn log_text(
+    deployments: &Deployments,
+    registry: &Registry,
+    id: &str,
+    agent: String,
+    step: &str,
+) -> Result<String, ApiError> {
+    let agent_id = registry
         .agents()
         .into_iter()
         .find(|a| a.id == agent || a.name == agent)
         .map_or(agent, |a| a.id);
-    let found = state.deployments.with_state(|s| {
-        let d = s.deployments.get(&id)?;
+    let found = deployments.with_state(|s| {
+        let d = s.deployments.get(id)?;
         let job = s.jobs.get(&format!("{id}-{agent_id}"))?;
         let index = job
             .steps
@@ -262,15 +296,12 @@ async fn step_log(
         ))
     });
     let (job_id, index, secrets) = found.ok_or(ApiError::NotFound)?;
-    let journal = state.deployments.journal().clone();
-    let text = web::block(move || view::step_log_text(&journal, &job_id, index, &secrets))
+    let journal = deployments.journal().clone();
+    web::block(move || view::step_log_text(&journal, &job_id, index, &secrets))
         .await
         .map_err(|_| ApiError::Unavailable)?
         .map_err(|e| {
             tracing::error!(error = %e, "step-log-read-failed");
             ApiError::Unavailable
-        })?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; charset=utf-8")
-        .body(text))
+        })
 }

@@ -355,6 +355,7 @@ fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
         name: name.into(),
         public_key: String::new(),
         tags: tags.iter().map(|t| t.to_string()).collect(),
+        properties: Default::default(),
         role: Role::Agent,
         enrolled_unix_ms: 0,
     }

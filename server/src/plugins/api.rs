@@ -144,7 +144,7 @@ async fn list(
 }
 
 /// The enrolled agent that signed `req`, or why not.
-fn authenticate(req: &HttpRequest, registry: &Registry) -> Result<String, String> {
+pub(crate) fn authenticate(req: &HttpRequest, registry: &Registry) -> Result<String, String> {
     let header = |name: &str| {
         req.headers()
             .get(name)

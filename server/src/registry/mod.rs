@@ -50,6 +50,11 @@ pub struct AgentRecord {
     pub public_key: String,
     /// Labels deployments target.
     pub tags: Vec<String>,
+    /// The operator's key/value notes on the machine (rack, owner, ...); set through the REST
+    /// API or the web application, never by the agent. Absent in records stored before they
+    /// existed.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
     /// Agent or relay.
     pub role: Role,
     /// When it enrolled.
@@ -92,6 +97,8 @@ pub struct AgentStatus {
     pub version: Option<String>,
     /// Its tags.
     pub tags: Vec<String>,
+    /// Its properties (operator-set key/value notes).
+    pub properties: BTreeMap<String, String>,
     /// Relays its session runs through, nearest the agent first; empty when direct.
     pub path: Vec<String>,
     /// When it was last heard from (since this server started), Unix ms; `None` if not yet.
@@ -121,6 +128,28 @@ pub struct RelayStatus {
 
 /// A peer's self-reported status, as heartbeats carry it.
 pub type ReportedStatus = tether_shared::protocol::AgentStatus;
+
+fn agent_status_of(
+    record: AgentRecord,
+    presence: &HashMap<String, Presence>,
+    names: &HashMap<String, String>,
+) -> AgentStatus {
+    let p = presence.get(&record.id).cloned().unwrap_or_default();
+    AgentStatus {
+        status: if p.online {
+            Status::Online
+        } else {
+            Status::Offline
+        },
+        version: p.version,
+        path: p.path.iter().map(|id| name_of(names, id)).collect(),
+        last_seen_unix_ms: p.last_seen_unix_ms,
+        id: record.id,
+        name: record.name,
+        tags: record.tags,
+        properties: record.properties,
+    }
+}
 
 fn name_of(names: &HashMap<String, String>, id: &str) -> String {
     names.get(id).cloned().unwrap_or_else(|| id.to_owned())
@@ -277,25 +306,17 @@ impl Registry {
         let mut list: Vec<AgentStatus> = self
             .agents()
             .into_iter()
-            .map(|record| {
-                let p = presence.get(&record.id).cloned().unwrap_or_default();
-                AgentStatus {
-                    status: if p.online {
-                        Status::Online
-                    } else {
-                        Status::Offline
-                    },
-                    version: p.version,
-                    path: p.path.iter().map(|id| name_of(&names, id)).collect(),
-                    last_seen_unix_ms: p.last_seen_unix_ms,
-                    id: record.id,
-                    name: record.name,
-                    tags: record.tags,
-                }
-            })
+            .map(|record| agent_status_of(record, &presence, &names))
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
+    }
+
+    /// One agent (not relay) with its connection state.
+    pub fn agent_status(&self, id: &str) -> Option<AgentStatus> {
+        let record = self.agent(id).filter(|r| r.role == Role::Agent)?;
+        let presence = read(&self.presence);
+        Some(agent_status_of(record, &presence, &self.relay_names()))
     }
 
     /// Records that `id` connected, running `version`, through `path` (relays, nearest first).
@@ -533,6 +554,7 @@ impl Registry {
                 name: req.name,
                 public_key,
                 tags: req.tags,
+                properties: BTreeMap::new(),
                 role: req.role,
                 enrolled_unix_ms: now_ms,
             },
@@ -574,6 +596,69 @@ impl Registry {
         Ok(record)
     }
 
+    /// Replaces the tags and/or the properties of agent `id` (validated; committed before it
+    /// answers). `None` if no agent (not relay) has that id.
+    pub async fn update_agent(
+        &self,
+        id: &str,
+        tags: Option<Vec<String>>,
+        properties: Option<BTreeMap<String, String>>,
+    ) -> Result<Option<AgentRecord>, RegistryError> {
+        let problem = tags
+            .as_deref()
+            .and_then(tags_problem)
+            .or_else(|| properties.as_ref().and_then(properties_problem));
+        if let Some(problem) = problem {
+            return Err(RegistryError::Invalid(problem));
+        }
+        let _change = self.changes.lock().await;
+        let Some(mut stored) = read(&self.agents)
+            .get(id)
+            .filter(|s| s.record.role == Role::Agent)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        if let Some(tags) = tags {
+            stored.record.tags = tags;
+        }
+        if let Some(properties) = properties {
+            stored.record.properties = properties;
+        }
+        self.journal
+            .commit(vec![Op::PutMeta {
+                key: format!("{AGENT_PREFIX}{id}"),
+                value: encode(&stored),
+            }])
+            .await?;
+        let record = stored.record.clone();
+        write(&self.agents).insert(id.to_owned(), stored);
+        tracing::info!(agent_id = %id, tags = record.tags.len(), properties = record.properties.len(), "agent-updated");
+        Ok(Some(record))
+    }
+
+    /// Forgets agent `id` (committed before it answers): its key no longer authenticates, so
+    /// its next handshake is refused. `None` if no agent (not relay) has that id.
+    pub async fn delete_agent(&self, id: &str) -> Result<Option<AgentRecord>, RegistryError> {
+        let _change = self.changes.lock().await;
+        let Some(stored) = read(&self.agents)
+            .get(id)
+            .filter(|s| s.record.role == Role::Agent)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        self.journal
+            .commit(vec![Op::DeleteMeta {
+                key: format!("{AGENT_PREFIX}{id}"),
+            }])
+            .await?;
+        write(&self.agents).remove(id);
+        write(&self.presence).remove(id);
+        tracing::info!(agent_id = %id, name = %stored.record.name, "agent-deleted");
+        Ok(Some(stored.record))
+    }
+
     /// A fresh id for `role`, unused so far.
     fn new_id(&self, role: Role) -> String {
         let prefix = match role {
@@ -588,6 +673,39 @@ impl Registry {
             }
         }
     }
+}
+
+/// Most properties one agent may carry.
+pub const MAX_PROPERTIES: usize = 64;
+/// Longest property value, in bytes.
+pub const MAX_PROPERTY_VALUE_LEN: usize = 1024;
+
+/// Why `properties` are not acceptable, if they are not: at most [`MAX_PROPERTIES`], each key a
+/// valid name, each value at most [`MAX_PROPERTY_VALUE_LEN`] bytes without control characters
+/// (no CR/LF to forge log lines or headers; the web application escapes everything else).
+pub fn properties_problem(properties: &BTreeMap<String, String>) -> Option<String> {
+    if properties.len() > MAX_PROPERTIES {
+        return Some(format!(
+            "at most {MAX_PROPERTIES} properties are allowed, got {}",
+            properties.len()
+        ));
+    }
+    properties.iter().find_map(|(key, value)| {
+        name_problem("property name", key).or_else(|| {
+            if value.len() > MAX_PROPERTY_VALUE_LEN {
+                Some(format!(
+                    "property {key}: the value must be at most {MAX_PROPERTY_VALUE_LEN} bytes, got {}",
+                    value.len()
+                ))
+            } else if value.chars().any(char::is_control) {
+                Some(format!(
+                    "property {key}: the value must not hold control characters"
+                ))
+            } else {
+                None
+            }
+        })
+    })
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

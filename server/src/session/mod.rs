@@ -29,6 +29,7 @@ use tether_shared::journal::JournalHandle;
 
 use crate::deployments::Deployments;
 use crate::registry::Registry;
+use crate::upgrades::Upgrades;
 
 /// Everything sessions and links share, built once at start.
 pub struct SessionShared {
@@ -36,6 +37,8 @@ pub struct SessionShared {
     pub registry: Arc<Registry>,
     /// Processes, deployments and jobs: job events change them in the event's batch.
     pub deployments: Arc<Deployments>,
+    /// Upgrade packages and agents' upgrade states: upgrade events change them likewise.
+    pub upgrades: Arc<Upgrades>,
     /// The server's command-signing key.
     pub signing: Identity,
     /// The journal's incarnation, announced in every Welcome.

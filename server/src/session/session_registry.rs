@@ -155,3 +155,35 @@ impl Handler<ListLinks> for SessionRegistry {
         MessageResult(ListedLinks { links })
     }
 }
+
+/// The agent was deleted: its current session (if any) is closed with a policy-violation code.
+/// Its next handshake is refused by the identity check, since its record is gone.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct DisconnectAgent {
+    pub agent_id: String,
+    /// Said in the close frame.
+    pub reason: String,
+}
+
+impl Handler<DisconnectAgent> for SessionRegistry {
+    type Result = bool;
+
+    fn handle(&mut self, msg: DisconnectAgent, _: &mut Self::Context) -> bool {
+        // The entry keeps the session: its end (`SessionEnded`) detaches it from the link.
+        let Some((conn, session)) = self
+            .agents
+            .get(&msg.agent_id)
+            .and_then(|e| e.session.as_ref())
+        else {
+            return false;
+        };
+        session.close(
+            1008,
+            tether_shared::protocol::ErrorCode::Unauthorized,
+            msg.reason,
+        );
+        tracing::info!(agent_id = %msg.agent_id, conn = conn.0, "agent-disconnected");
+        true
+    }
+}

@@ -38,6 +38,12 @@ pub struct RawAgentSection {
     pub worker_restart_window_ms: i64,
     /// Silence after which the monitor deems the worker hung and restarts it.
     pub worker_beat_timeout_ms: i64,
+    /// How long an upgrade waits for running steps to finish before it is abandoned.
+    pub upgrade_drain_timeout_ms: i64,
+    /// How long a swapped-in worker must beat before the upgrade counts as done.
+    pub upgrade_healthy_after_ms: i64,
+    /// How long a swapped-in worker has to become healthy before it is rolled back.
+    pub upgrade_trial_timeout_ms: i64,
 }
 
 impl Default for RawAgentSection {
@@ -51,6 +57,9 @@ impl Default for RawAgentSection {
             worker_restart_budget: 5,
             worker_restart_window_ms: 60_000,
             worker_beat_timeout_ms: 15_000,
+            upgrade_drain_timeout_ms: 600_000,
+            upgrade_healthy_after_ms: 10_000,
+            upgrade_trial_timeout_ms: 60_000,
         }
     }
 }
@@ -91,6 +100,24 @@ pub struct AgentSection {
     /// Silence after which the worker is deemed hung; longer than the heartbeat interval.
     #[serde(rename = "worker_beat_timeout_ms", serialize_with = "serialize_millis")]
     pub worker_beat_timeout: Duration,
+    /// How long an upgrade waits for running steps to finish before it is abandoned.
+    #[serde(
+        rename = "upgrade_drain_timeout_ms",
+        serialize_with = "serialize_millis"
+    )]
+    pub upgrade_drain_timeout: Duration,
+    /// How long a swapped-in worker must beat before the upgrade counts as done.
+    #[serde(
+        rename = "upgrade_healthy_after_ms",
+        serialize_with = "serialize_millis"
+    )]
+    pub upgrade_healthy_after: Duration,
+    /// How long a swapped-in worker has to become healthy; more than `upgrade_healthy_after`.
+    #[serde(
+        rename = "upgrade_trial_timeout_ms",
+        serialize_with = "serialize_millis"
+    )]
+    pub upgrade_trial_timeout: Duration,
 }
 
 impl RawConfig for RawAgentConfig {
@@ -158,6 +185,36 @@ impl RawConfig for RawAgentConfig {
                 );
             }
         }
+        let drain = p.millis(
+            "agent.upgrade_drain_timeout_ms",
+            a.upgrade_drain_timeout_ms,
+            1_000,
+            86_400_000,
+        );
+        let healthy = p.millis(
+            "agent.upgrade_healthy_after_ms",
+            a.upgrade_healthy_after_ms,
+            100,
+            3_600_000,
+        );
+        let trial = p.millis(
+            "agent.upgrade_trial_timeout_ms",
+            a.upgrade_trial_timeout_ms,
+            1_000,
+            3_600_000,
+        );
+        if let (Some(h), Some(t)) = (healthy, trial) {
+            if t <= h {
+                p.push(
+                    "agent.upgrade_trial_timeout_ms",
+                    format!(
+                        "must be greater than agent.upgrade_healthy_after_ms ({}), got {}",
+                        h.as_millis(),
+                        t.as_millis()
+                    ),
+                );
+            }
+        }
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -171,6 +228,9 @@ impl RawConfig for RawAgentConfig {
                     worker_restart_budget: u32::try_from(budget?).ok()?,
                     worker_restart_window: window?,
                     worker_beat_timeout: beat?,
+                    upgrade_drain_timeout: drain?,
+                    upgrade_healthy_after: healthy?,
+                    upgrade_trial_timeout: trial?,
                 },
                 log: LogConfig { level: level? },
             })

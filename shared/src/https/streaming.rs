@@ -1,6 +1,7 @@
 //! [`request_streaming`]: the client of [`super`] over plain HTTP or HTTPS, with the response
 //! body handed to a sink as it arrives instead of buffered (artifact downloads, the agent's
 //! `http/request` step), an idle timeout besides the overall one, and chunked decoding.
+//! [`exchange`] also sends a request body read from a file as it goes ([`super::upload`]).
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::ClientConfig;
 
+use super::upload::{send_body, SendError, Upload};
 use super::{classify, describe_tls, HttpsError, Request};
 
 /// Bounds of one streamed request ([`request_streaming`]).
@@ -65,6 +67,20 @@ pub fn request_streaming(
     limits: &StreamLimits,
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Head, HttpsError> {
+    exchange(tls, req, None, limits, sink)
+}
+
+/// [`request_streaming`], with the request body read from `upload` as it is sent when given
+/// (`req.body` is then ignored). If sending the body fails, the response is still read: a
+/// server may answer (401, 413) and close before taking the whole body; only when no
+/// response head arrives is the sending error returned.
+pub(super) fn exchange(
+    tls: Option<Arc<ClientConfig>>,
+    req: &Request<'_>,
+    upload: Option<Upload<'_>>,
+    limits: &StreamLimits,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> Result<Head, HttpsError> {
     let started = Instant::now();
     let (target, tcp) = super::dial(req, limits.connect_timeout)?;
     let control = tcp.try_clone().map_err(|source| HttpsError::Connect {
@@ -104,15 +120,29 @@ pub fn request_streaming(
     for (name, value) in req.headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
-    if let Some(body) = req.body {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    let length = match &upload {
+        Some(up) => Some(up.length),
+        None => req.body.map(|b| b.len() as u64),
+    };
+    if let Some(n) = length {
+        head.push_str(&format!("Content-Length: {n}\r\n"));
     }
     head.push_str("\r\n");
     timed.write_all(head.as_bytes()).map_err(fail)?;
-    if let Some(body) = req.body {
-        timed.write_all(body).map_err(fail)?;
-    }
-    timed.flush().map_err(fail)?;
+    let sent = match upload {
+        Some(up) => send_body(&mut timed, up),
+        None => req.body.map_or(Ok(()), |body| {
+            timed.write_all(body).map_err(SendError::Write)
+        }),
+    };
+    // Kept to report if no answer follows.
+    let unsent = match sent.and_then(|()| timed.flush().map_err(SendError::Write)) {
+        Ok(()) => None,
+        Err(SendError::Source(e)) => return Err(HttpsError::Source(e)),
+        // A silent peer will not answer either.
+        Err(SendError::Write(e)) if e.kind() == io::ErrorKind::TimedOut => return Err(fail(e)),
+        Err(SendError::Write(e)) => Some(fail(e)),
+    };
 
     // The head, and whatever of the body came with it.
     let mut raw = Vec::new();
@@ -129,14 +159,14 @@ pub fn request_streaming(
         }
         match timed.read(&mut buf) {
             Ok(0) => {
-                return Err(HttpsError::Malformed {
+                return Err(unsent.unwrap_or(HttpsError::Malformed {
                     target,
                     reason: "connection closed before the end of the response head",
-                })
+                }))
             }
             Ok(n) => raw.extend_from_slice(buf.get(..n).unwrap_or_default()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(e)),
+            Err(e) => return Err(unsent.unwrap_or_else(|| fail(e))),
         }
     };
     let head = parse_head(raw.get(..split).unwrap_or_default()).map_err(|reason| {

@@ -165,6 +165,25 @@ pub enum CommandBody {
     },
     /// Stop a job: its running step is killed (process group) and the rest skipped.
     CancelJob { job_id: String },
+    /// Replace the agent's worker binary with the package `sha256` (`size` bytes), published
+    /// as `version`; `signature` is the server's signature over the version and the sha256
+    /// (`tether_shared::upgrade::package_signing_bytes`), checked against the pinned key.
+    Upgrade {
+        version: String,
+        sha256: String,
+        size: u64,
+        signature: String,
+    },
+}
+
+/// How an upgrade the agent started ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeOutcome {
+    /// The new version runs and beat healthily for the trial period.
+    Done,
+    /// The new version failed its trial; the previous one runs again.
+    RolledBack,
 }
 
 /// What to do with a step whose start was journaled but whose end was not (the worker died).
@@ -273,6 +292,20 @@ pub enum EventBody {
     },
     /// The job ended.
     JobFinished { job_id: String, status: JobStatus },
+    /// An `Upgrade` was accepted: no new step starts until it ends; running steps finish.
+    UpgradeStarted { version: String },
+    /// The package is downloaded, verified and staged; the worker exits for the swap.
+    UpgradeStaged { version: String },
+    /// The upgrade was refused or abandoned before the swap; nothing changed.
+    UpgradeRefused { version: String, reason: String },
+    /// The swapped-in version passed its trial (`done`), or failed it and the previous
+    /// version runs again (`rolled_back`, with the reason).
+    UpgradeFinished {
+        version: String,
+        outcome: UpgradeOutcome,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
 }
 
 /// One message of the commands stream.

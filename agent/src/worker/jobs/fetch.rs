@@ -37,17 +37,18 @@ pub const ARTIFACT_PATH: &str = "/agent/v1/artifacts";
 /// Where the cache lives inside the agent's data directory.
 pub const CACHE_DIR: &str = "cache/artifacts";
 
-/// What the download needs, detached from the step context for the blocking task.
-struct Remote {
-    agent_id: String,
+/// What the download needs, detached from the step context for the blocking task. Also used
+/// for upgrade packages (`worker::upgrade`).
+pub(crate) struct Remote {
+    pub(crate) agent_id: String,
     /// Signs download requests.
-    identity: Arc<Identity>,
+    pub(crate) identity: Arc<Identity>,
     /// Trusts the installed CA only.
-    tls: Arc<rustls::ClientConfig>,
-    /// The agent-facing upstream in use (or tried next).
-    upstreams: Vec<Upstream>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// The agent-facing upstreams: the one in use (or tried next) first.
+    pub(crate) upstreams: Vec<Upstream>,
     /// `DATA/cache/artifacts`.
-    cache_dir: PathBuf,
+    pub(crate) cache_dir: PathBuf,
 }
 
 /// Runs `work` on the blocking pool under the step's timeout and `cancel`; `work` must stop
@@ -197,7 +198,16 @@ fn cached(
     let part = dir.join(format!("{sha256}.part"));
     let mut last = String::from("no upstream configured");
     for upstream in &remote.upstreams {
-        match download(remote, upstream, sha256, size, &part, stop, deadline) {
+        match download(
+            remote,
+            upstream,
+            ARTIFACT_PATH,
+            sha256,
+            size,
+            &part,
+            stop,
+            deadline,
+        ) {
             Ok(()) => {
                 fs::rename(&part, &entry)
                     .map_err(|e| format!("cannot publish the cache entry: {e}"))?;
@@ -216,16 +226,19 @@ fn cached(
     Err(format!("cannot download artifact {sha256}: {last}"))
 }
 
-enum Failure {
+pub(crate) enum Failure {
     /// Another upstream may do better (the partial file is kept for a resume).
     Unreachable(String),
     Fatal(String),
 }
 
-/// One download attempt from `upstream` into `part`, resuming what is there.
-fn download(
+/// One download attempt of `{route}/{sha256}` from `upstream` into `part`, resuming what is
+/// there; verified against `size` and `sha256` (a mismatch removes `part`).
+#[allow(clippy::too_many_arguments)] // one call per object kind; a struct would only rename them
+pub(crate) fn download(
     remote: &Remote,
     upstream: &Upstream,
+    route: &str,
     sha256: &str,
     size: u64,
     part: &Path,
@@ -241,7 +254,7 @@ fn download(
         .append(true)
         .open(part)
         .map_err(|e| fatal(format!("{}: {e}", part.display())))?;
-    let path = format!("{ARTIFACT_PATH}/{sha256}");
+    let path = format!("{route}/{sha256}");
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -262,7 +275,7 @@ fn download(
         }
         if have.saturating_add(bytes.len() as u64) > size {
             return Err(io::Error::other(format!(
-                "the server sent more than the artifact's {size} bytes"
+                "the server sent more than the expected {size} bytes"
             )));
         }
         file.write_all(bytes)?;
@@ -309,7 +322,7 @@ fn download(
     if have != size || got != sha256 {
         let _ = fs::remove_file(part);
         return Err(fatal(format!(
-            "artifact verification failed: got {have} bytes with sha256 {got}, expected {size} bytes with sha256 {sha256}"
+            "download verification failed: got {have} bytes with sha256 {got}, expected {size} bytes with sha256 {sha256}"
         )));
     }
     Ok(())

@@ -44,6 +44,18 @@ impl Jobs {
             ..Jobs::default()
         })
     }
+
+    /// Steps running now, or whose start is being journaled (the drain waits for them).
+    pub(crate) fn steps_running(&self) -> usize {
+        let recorded = self
+            .records
+            .values()
+            .filter(|r| r.finished.is_none())
+            .flat_map(|r| r.progress.iter())
+            .filter(|p| p.running)
+            .count();
+        recorded.max(self.running.len())
+    }
 }
 
 /// A chunk of a running step's output.
@@ -222,6 +234,8 @@ impl Uplink {
         if self.jobs.busy.contains(job_id) {
             return;
         }
+        // No step starts while an upgrade is underway (see `worker::upgrade`).
+        let steps_allowed = self.steps_allowed();
         let Some(record) = self.jobs.records.get_mut(job_id) else {
             return;
         };
@@ -261,6 +275,9 @@ impl Uplink {
                     |_, _| {},
                 );
             }
+            Next::Start { .. } if !steps_allowed => {
+                tracing::info!(job_id = %job, "step-held-for-upgrade");
+            }
             Next::Start { step, attempt } => {
                 record.start(step, attempt);
                 let event = EventBody::StepStarted {
@@ -274,6 +291,20 @@ impl Uplink {
                     act.run_step(ctx, &j, step)
                 });
             }
+        }
+    }
+
+    /// Drives every unfinished job (after an upgrade ended: their next steps may start).
+    pub(super) fn resume_held_jobs(&mut self, ctx: &mut Context<Self>) {
+        let ids: Vec<String> = self
+            .jobs
+            .records
+            .values()
+            .filter(|r| r.finished.is_none())
+            .map(|r| r.job_id.clone())
+            .collect();
+        for id in ids {
+            self.advance(ctx, &id);
         }
     }
 
@@ -366,7 +397,9 @@ impl Uplink {
         }
         let job = job_id.to_owned();
         self.emit(ctx, job_id, events, true, move |act, ctx| {
-            act.advance(ctx, &job)
+            act.advance(ctx, &job);
+            // A drain may have been waiting for this step.
+            act.drive_upgrade(ctx);
         });
     }
 }

@@ -9,7 +9,11 @@
 //! effect (the events it causes) before it is acked. Events are journaled before they are
 //! sent. On any failure it reconnects with jittered exponential backoff, trying the listed
 //! upstreams in order and starting again from the first after a connection ends.
+//!
+//! - [`jobs`]: the job runner (every transition journaled with its event).
+//! - [`upgrade`]: the upgrade driver (drain, download, stage, exit for the swap, report).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +38,9 @@ use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
 use crate::worker::supervisor::Ping;
 
 mod jobs;
+mod upgrade;
 use tether_shared::backoff::Backoff;
+use upgrade::UpgradeDriver;
 
 type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
 
@@ -77,6 +83,10 @@ pub struct UplinkConfig {
     pub plugin_dir: std::path::PathBuf,
     /// Where `artifact/fetch` caches verified artifacts (`DATA/cache/artifacts`).
     pub artifact_cache: std::path::PathBuf,
+    /// The data directory (upgrades are staged in `DATA/upgrade`).
+    pub data_dir: std::path::PathBuf,
+    /// How long an upgrade waits for running steps before it is abandoned.
+    pub upgrade_drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +129,10 @@ pub struct Uplink {
     since_trim: u64,
     /// The jobs this agent holds.
     jobs: jobs::Jobs,
+    /// The upgrade underway, if any (journaled), and its progress.
+    upgrade: UpgradeDriver,
+    /// Raised when the actor stops: a package download in flight gives up.
+    upgrade_stop: Arc<AtomicBool>,
 }
 
 fn now_ms() -> u64 {
@@ -166,6 +180,8 @@ impl Uplink {
             generating: false,
             since_trim: 0,
             jobs: jobs::Jobs::load(&cfg.journal)?,
+            upgrade: UpgradeDriver::load(&cfg.journal)?,
+            upgrade_stop: Arc::new(AtomicBool::new(false)),
             cfg,
         })
     }
@@ -452,7 +468,18 @@ impl Uplink {
                 };
                 let expired = now_ms() > command.deadline_ms;
                 let mut job_to_drive = None;
+                let mut drive_upgrade = false;
                 let effect = match &command.body {
+                    CommandBody::Upgrade {
+                        version,
+                        sha256,
+                        size,
+                        signature,
+                    } => {
+                        drive_upgrade = true;
+                        self.accept_upgrade((version, sha256, *size, signature), expired, &mut ops)
+                            .map(|s| (s, None))
+                    }
                     CommandBody::RunJob {
                         job_id,
                         deployment_id,
@@ -512,6 +539,9 @@ impl Uplink {
                     if let Some(job) = job_to_drive {
                         act.advance(ctx, &job);
                     }
+                    if drive_upgrade {
+                        act.drive_upgrade(ctx);
+                    }
                 });
             }
             Ok(Received::Nothing) => self.pump(),
@@ -542,6 +572,7 @@ impl Uplink {
                     self.commit_then(ctx, ops, |_, _| {});
                     self.pump();
                     self.generate(ctx);
+                    self.drive_upgrade(ctx);
                 }
             }
             Frame::Nack(n) if n.stream == StreamId::Events => {
@@ -634,14 +665,21 @@ impl Actor for Uplink {
             commands_held = self.ep.inbound.durable().0,
             "uplink-started"
         );
+        self.clear_stale_result();
         self.resume_jobs(ctx);
+        self.drive_upgrade(ctx);
         self.connect(ctx);
-        ctx.run_interval(TICK, |act, _| {
+        ctx.run_interval(TICK, |act, ctx| {
             act.ep.outbound.on_tick(now_ms());
             act.pump();
+            act.drive_upgrade(ctx);
         });
         let hb = self.heartbeat;
         ctx.run_interval(hb.min(Duration::from_secs(1)), |act, ctx| act.beat(ctx));
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.stop_upgrade_work();
     }
 }
 

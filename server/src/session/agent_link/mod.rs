@@ -9,6 +9,8 @@
 //!
 //! Job events change deployment state through `SessionShared::deployments`, in the event's
 //! batch; [`jobs`] queues RunJob/CancelJob commands (`DispatchJobs`, `QueueCommands`).
+//! Upgrade events change the agent's upgrade state (`SessionShared::upgrades`) the same way;
+//! [`upgrades`] queues `Upgrade` commands (`QueueUpgrade`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,10 +28,12 @@ use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError
 use crate::session::handshake::SessionHandle;
 
 mod jobs;
+mod upgrades;
 
 use crate::session::probes::ProbeStats;
 use crate::session::{now_ms, SessionShared};
 pub use jobs::{DispatchJobs, QueueCommands};
+pub use upgrades::QueueUpgrade;
 
 /// How often unacknowledged commands are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
@@ -187,6 +191,18 @@ impl AgentLink {
             EventBody::CommandExpired { id } => {
                 tracing::warn!(agent_id = %self.agent_id, command_id = %id, seq = event.seq.0, "command-expired");
                 false
+            }
+            body @ (EventBody::UpgradeStarted { .. }
+            | EventBody::UpgradeStaged { .. }
+            | EventBody::UpgradeRefused { .. }
+            | EventBody::UpgradeFinished { .. }) => {
+                let ops = self
+                    .shared
+                    .upgrades
+                    .on_event(&self.agent_id, body)
+                    .into_iter()
+                    .collect();
+                return (ops, None);
             }
             body @ (EventBody::JobAccepted { .. }
             | EventBody::StepStarted { .. }

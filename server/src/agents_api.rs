@@ -1,0 +1,229 @@
+//! Changing and deleting agents, for both the REST API and the web application.
+//!
+//! [`AgentAdmin`] holds the rules; the REST routes here (HTTPS listener, admin bearer token)
+//! and the web application's forms both call it:
+//! - `GET /api/v1/agents/{id}` → one agent as `GET /api/v1/agents` lists it (id or name).
+//! - `PATCH /api/v1/agents/{id}` with `{"tags":[..]}` and/or `{"properties":{..}}` → the agent;
+//!   each given field replaces the stored one whole (400 with the reason if invalid).
+//! - `DELETE /api/v1/agents/{id}` → `{"id","name","deleted":true}`; 409 while the agent has
+//!   unfinished (queued or running) jobs: cancel its deployments first. A deleted agent's
+//!   session is closed and its key no longer authenticates; its finished jobs stay in their
+//!   deployments (shown by id). Enrolling the same name again makes a new agent with a new id,
+//!   which inherits nothing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::admin_token::AdminToken;
+use crate::api::parse_json;
+use crate::api_error::{method_not_allowed, ApiError};
+use crate::deployments::model::JobState;
+use crate::deployments::Deployments;
+use crate::registry::{AgentRecord, AgentStatus, Registry, RegistryError, Role};
+use crate::session::session_registry::{DisconnectAgent, SessionRegistry};
+use crate::upgrades::{UpgradeState, Upgrades};
+
+/// The body of `PATCH /api/v1/agents/{id}`: what to replace.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentPatch {
+    pub tags: Option<Vec<String>>,
+    pub properties: Option<BTreeMap<String, String>>,
+}
+
+/// Why a change to an agent was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentsError {
+    #[error("no such agent")]
+    NotFound,
+    /// A field breaks a rule; the message says which.
+    #[error("{0}")]
+    Invalid(String),
+    /// The agent has unfinished jobs (delete).
+    #[error("{0}")]
+    Busy(String),
+    /// The journal refused the change; nothing changed (logged).
+    #[error("storage unavailable, nothing was changed; retry later")]
+    Unavailable,
+}
+
+impl From<RegistryError> for AgentsError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(reason) => AgentsError::Invalid(reason),
+            other => {
+                tracing::error!(error = %other, "agent-change-failed");
+                AgentsError::Unavailable
+            }
+        }
+    }
+}
+
+impl From<AgentsError> for ApiError {
+    fn from(e: AgentsError) -> Self {
+        match e {
+            AgentsError::NotFound => ApiError::NotFound,
+            AgentsError::Invalid(reason) => ApiError::BadRequest(reason),
+            AgentsError::Busy(reason) => ApiError::Conflict(reason),
+            AgentsError::Unavailable => ApiError::Unavailable,
+        }
+    }
+}
+
+/// The rules for changing agents; share as `Arc<AgentAdmin>`.
+pub struct AgentAdmin {
+    pub registry: Arc<Registry>,
+    pub deployments: Arc<Deployments>,
+    pub upgrades: Arc<Upgrades>,
+    /// To close a deleted agent's session.
+    pub sessions: Addr<SessionRegistry>,
+}
+
+impl AgentAdmin {
+    /// The agent (not relay) with this id or name.
+    pub fn resolve(&self, id_or_name: &str) -> Option<AgentRecord> {
+        self.registry
+            .agent(id_or_name)
+            .filter(|a| a.role == Role::Agent)
+            .or_else(|| {
+                self.registry
+                    .agents()
+                    .into_iter()
+                    .find(|a| a.name == id_or_name)
+            })
+    }
+
+    /// One agent's line as `GET /api/v1/agents` shows it, with its latest upgrade.
+    pub fn status(&self, id: &str) -> Option<AgentStatus> {
+        self.registry.agent_status(id)
+    }
+
+    /// The JSON of `status` with the agent's upgrade (as `GET /api/v1/agents` shows it).
+    pub fn status_json(&self, status: &AgentStatus) -> Value {
+        let upgrade = self.upgrades.agent(&status.id);
+        let mut v = serde_json::to_value(status).unwrap_or_default();
+        if upgrade
+            .as_ref()
+            .is_some_and(|u| u.state == UpgradeState::Upgrading)
+        {
+            v["status"] = "upgrading".into();
+        }
+        v["upgrade"] = serde_json::to_value(&upgrade).unwrap_or_default();
+        v
+    }
+
+    /// Applies `patch` to the agent `id_or_name`.
+    pub async fn update(
+        &self,
+        id_or_name: &str,
+        patch: AgentPatch,
+    ) -> Result<AgentRecord, AgentsError> {
+        if patch.tags.is_none() && patch.properties.is_none() {
+            return Err(AgentsError::Invalid(
+                "nothing to change: give \"tags\" and/or \"properties\"".into(),
+            ));
+        }
+        let agent = self.resolve(id_or_name).ok_or(AgentsError::NotFound)?;
+        self.registry
+            .update_agent(&agent.id, patch.tags, patch.properties)
+            .await?
+            .ok_or(AgentsError::NotFound)
+    }
+
+    /// Unfinished jobs of agent `id` (queued or running).
+    pub fn unfinished_jobs(&self, id: &str) -> usize {
+        self.deployments.with_state(|s| {
+            s.jobs
+                .values()
+                .filter(|j| {
+                    j.agent_id == id && matches!(j.status, JobState::Queued | JobState::Running)
+                })
+                .count()
+        })
+    }
+
+    /// Deletes the agent `id_or_name`, refusing while it has unfinished jobs.
+    pub async fn delete(&self, id_or_name: &str) -> Result<AgentRecord, AgentsError> {
+        let agent = self.resolve(id_or_name).ok_or(AgentsError::NotFound)?;
+        let unfinished = self.unfinished_jobs(&agent.id);
+        if unfinished > 0 {
+            return Err(AgentsError::Busy(format!(
+                "agent {} has {unfinished} unfinished job(s); cancel its deployments first",
+                agent.name
+            )));
+        }
+        let deleted = self
+            .registry
+            .delete_agent(&agent.id)
+            .await?
+            .ok_or(AgentsError::NotFound)?;
+        // Best effort: the identity check refuses its next handshake anyway.
+        let _ = self
+            .sessions
+            .send(DisconnectAgent {
+                agent_id: deleted.id.clone(),
+                reason: "agent deleted".into(),
+            })
+            .await;
+        Ok(deleted)
+    }
+}
+
+/// What the REST routes use.
+pub struct AgentsApiState {
+    pub token: AdminToken,
+    pub admin: Arc<AgentAdmin>,
+}
+
+/// Mounts `/api/v1/agents/{id}`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/agents/{id}")
+            .route(web::get().to(get_agent))
+            .route(web::patch().to(patch_agent))
+            .route(web::delete().to(delete_agent))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+async fn get_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AgentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let agent = state
+        .admin
+        .resolve(&path.into_inner())
+        .ok_or(ApiError::NotFound)?;
+    let status = state.admin.status(&agent.id).ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(state.admin.status_json(&status)))
+}
+
+async fn patch_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AgentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let patch: AgentPatch = parse_json(&body)?;
+    let agent = state.admin.update(&path.into_inner(), patch).await?;
+    let status = state.admin.status(&agent.id).ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(state.admin.status_json(&status)))
+}
+
+async fn delete_agent(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AgentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let agent = state.admin.delete(&path.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(json!({"id": agent.id, "name": agent.name, "deleted": true})))
+}

@@ -1,0 +1,113 @@
+//! `tether agents [list]` and `tether agents show NAME|ID`: `GET /api/v1/agents`, and for one
+//! agent its entry there with what `/admin/health` says about it.
+
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use super::{items, str_at, u64_at};
+use crate::client::Client;
+use crate::error::{About, CliError};
+use crate::output::{self, ago, cell, now_unix_ms, Table};
+
+/// Every agent.
+pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
+    let agents = client
+        .get_json("/api/v1/agents")
+        .about(|| "agents".to_owned())?;
+    if json {
+        output::json(&agents)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_unix_ms();
+    let mut table = Table::new(&["NAME", "STATUS", "VERSION", "TAGS", "PATH", "LAST SEEN"]);
+    for a in agents.as_array().into_iter().flatten() {
+        table.row(vec![
+            cell(&a["name"]),
+            cell(&a["status"]),
+            cell(&a["version"]),
+            cell(&a["tags"]),
+            path(a),
+            ago(u64_at(a, "last_seen"), now),
+        ]);
+    }
+    table.print()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The relays an agent's session runs through, nearest the agent first; `direct` if none.
+fn path(agent: &Value) -> String {
+    let relays: Vec<&str> = items(agent, "path")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if relays.is_empty() {
+        "direct".to_owned()
+    } else {
+        relays.join(" > ")
+    }
+}
+
+/// One agent by name or id, with `health` (its entry in `/admin/health`, if any) added.
+pub fn show(client: &Client, wanted: &str, json: bool) -> Result<ExitCode, CliError> {
+    let agents = client
+        .get_json("/api/v1/agents")
+        .about(|| "agents".to_owned())?;
+    let found = agents
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| str_at(a, "id") == wanted || str_at(a, "name") == wanted)
+        .cloned();
+    let Some(mut agent) = found else {
+        return Err(CliError::Failed(format!(
+            "no agent has the name or id {wanted:?}"
+        )));
+    };
+    let health = client
+        .get_json("/admin/health")
+        .about(|| "health".to_owned())?;
+    let own = health
+        .get("agents")
+        .and_then(|all| all.get(str_at(&agent, "id")).or_else(|| all.get(wanted)))
+        .cloned()
+        .unwrap_or(Value::Null);
+    if let Some(fields) = agent.as_object_mut() {
+        fields.insert("health".to_owned(), own.clone());
+    }
+    if json {
+        output::json(&agent)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_unix_ms();
+    let mut lines = vec![
+        ("name", cell(&agent["name"])),
+        ("id", cell(&agent["id"])),
+        ("status", cell(&agent["status"])),
+        ("version", cell(&agent["version"])),
+        ("tags", cell(&agent["tags"])),
+        ("path", path(&agent)),
+        ("last seen", ago(u64_at(&agent, "last_seen"), now)),
+    ];
+    if !own.is_null() {
+        lines.push(("connected", cell(&own["connected"])));
+        lines.push(("unacked commands", cell(&own["unacked_commands"])));
+        lines.push(("events received", cell(&own["events_received"])));
+    }
+    output::fields(&lines)?;
+    let actors = items(&own, "actors");
+    if !actors.is_empty() {
+        output::line("")?;
+        let mut table = Table::new(&["ACTOR", "KIND", "STATE", "RESTARTS"]);
+        for a in actors {
+            table.row(vec![
+                cell(&a["name"]),
+                cell(&a["kind"]),
+                cell(&a["state"]),
+                cell(&a["restarts"]),
+            ]);
+        }
+        table.print()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,116 @@
+//! `tether deploy` (`POST /api/v1/deployments`, then by default waiting while streaming the
+//! logs) and `tether deployments wait ID`. Exit codes: 0 succeeded, 1 failed, 3 cancelled.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::process::ExitCode;
+
+use serde_json::{json, Value};
+
+use super::{str_at, u64_at};
+use crate::client::Client;
+use crate::error::{About, CliError};
+use crate::follow::follow;
+use crate::output;
+
+/// What to deploy where.
+#[derive(Debug)]
+pub struct Request {
+    pub process: String,
+    /// Agent names or ids; used when not empty.
+    pub agents: Vec<String>,
+    /// Every agent with all of these tags, when `agents` is empty.
+    pub tags: Vec<String>,
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Request {
+    /// The `POST /api/v1/deployments` body.
+    fn body(&self) -> Value {
+        let targets = if self.agents.is_empty() {
+            json!({"tags": self.tags})
+        } else {
+            json!({"agents": self.agents})
+        };
+        json!({"process": self.process, "targets": targets, "properties": self.properties})
+    }
+}
+
+/// Creates the deployment; with `wait`, follows it to its end.
+pub fn deploy(
+    client: &Client,
+    request: &Request,
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let answer = client
+        .post_json("/api/v1/deployments", Some(&request.body()))
+        .about(|| format!("deploying {}", request.process))?;
+    let id = str_at(&answer, "id").to_owned();
+    if id.is_empty() {
+        return Err(CliError::Failed(format!(
+            "the server's answer holds no deployment id: {answer}"
+        )));
+    }
+    if !wait {
+        if json {
+            output::json(&answer)?;
+        } else {
+            output::line(&id)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        let jobs = u64_at(&answer, "jobs").unwrap_or(0);
+        output::line(&format!("deployment {id}: {jobs} job(s)"))?;
+    }
+    follow_to_end(client, &id, json)
+}
+
+/// Follows deployment `id` to its end.
+pub fn wait(client: &Client, id: &str, json: bool) -> Result<ExitCode, CliError> {
+    follow_to_end(client, id, json)
+}
+
+/// Streams the logs (to stdout, or stderr with `--json`), then prints the final status (or
+/// the final deployment as JSON) and returns the outcome's exit code.
+fn follow_to_end(client: &Client, id: &str, json: bool) -> Result<ExitCode, CliError> {
+    eprintln!("tether: waiting for deployment {id}; Ctrl-C stops waiting, not the deployment");
+    let (deployment, outcome) = if json {
+        follow(client, id, &mut io::stderr())?
+    } else {
+        follow(client, id, &mut io::stdout())?
+    };
+    if json {
+        output::json(&deployment)?;
+    } else {
+        output::line(&format!(
+            "deployment {id} {}",
+            str_at(&deployment, "status")
+        ))?;
+    }
+    Ok(ExitCode::from(outcome.exit_code()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_agents_or_tags() {
+        let mut request = Request {
+            process: "site".into(),
+            agents: vec!["web-1".into()],
+            tags: vec![],
+            properties: [("who".to_owned(), "me".to_owned())].into(),
+        };
+        assert_eq!(
+            request.body(),
+            json!({"process": "site", "targets": {"agents": ["web-1"]}, "properties": {"who": "me"}})
+        );
+        request.agents.clear();
+        request.tags = vec!["web".into(), "eu".into()];
+        assert_eq!(request.body()["targets"], json!({"tags": ["web", "eu"]}));
+    }
+}

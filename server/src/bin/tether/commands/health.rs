@@ -1,0 +1,136 @@
+//! `tether health`: `GET /admin/health` as tables (server actors, sessions, journal, agents,
+//! relay links), or verbatim with `--json`. Exits 1 when a server actor is not running or
+//! the journal is poisoned, so that scripts can watch it.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use super::{items, str_at, u64_at};
+use crate::client::Client;
+use crate::error::{About, CliError};
+use crate::output::{self, ago, cell, duration, now_unix_ms, Table};
+
+/// Prints the server's health.
+pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
+    let health = client
+        .get_json("/admin/health")
+        .about(|| "health".to_owned())?;
+    let troubled: Vec<String> = items(&health, "actors")
+        .iter()
+        .filter(|a| str_at(a, "state") != "running")
+        .map(|a| format!("{} {}", str_at(a, "name"), str_at(a, "state")))
+        .collect();
+    let poisoned = health
+        .get("journal")
+        .and_then(|j| j.get("poisoned"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let healthy = troubled.is_empty() && poisoned.is_none();
+    if json {
+        output::json(&health)?;
+    } else {
+        print_tables(client, &health)?;
+    }
+    if !healthy {
+        let mut problems = troubled;
+        problems.extend(poisoned.map(|p| format!("journal poisoned: {p}")));
+        eprintln!("tether: unhealthy: {}", problems.join("; "));
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_tables(client: &Client, health: &Value) -> Result<(), CliError> {
+    let now = now_unix_ms();
+    let mut actors = Table::new(&["ACTOR", "KIND", "STATE", "RESTARTS", "BACKLOG", "LAST BEAT"]);
+    for a in items(health, "actors") {
+        actors.row(vec![
+            cell(&a["name"]),
+            cell(&a["kind"]),
+            cell(&a["state"]),
+            cell(&a["restarts"]),
+            cell(&a["backlog"]),
+            u64_at(a, "last_beat_ms")
+                .map_or_else(|| "-".to_owned(), |ms| format!("{} ago", duration(ms))),
+        ]);
+    }
+    actors.print()?;
+    output::line("")?;
+    let journal = health.get("journal").unwrap_or(&Value::Null);
+    output::fields(&[
+        ("sessions", cell(&health["sessions"])),
+        (
+            "journal",
+            format!(
+                "last commit {}, {} commits, {} syncs, {} queued, {} failures{}",
+                ago(u64_at(journal, "last_commit_unix_ms"), now),
+                cell(&journal["commits"]),
+                cell(&journal["syncs"]),
+                cell(&journal["queued"]),
+                cell(&journal["failures"]),
+                journal
+                    .get("poisoned")
+                    .and_then(Value::as_str)
+                    .map(|p| format!(", POISONED: {p}"))
+                    .unwrap_or_default()
+            ),
+        ),
+    ])?;
+    let agents = health.get("agents").and_then(Value::as_object);
+    if let Some(agents) = agents.filter(|a| !a.is_empty()) {
+        // Names for the ids health is keyed by; ids alone if the list is unavailable.
+        let names: HashMap<String, String> = client
+            .get_json("/api/v1/agents")
+            .ok()
+            .and_then(|list| list.as_array().cloned())
+            .into_iter()
+            .flatten()
+            .map(|a| (str_at(&a, "id").to_owned(), str_at(&a, "name").to_owned()))
+            .collect();
+        output::line("")?;
+        let mut table = Table::new(&[
+            "AGENT",
+            "CONNECTED",
+            "UNACKED",
+            "OLDEST UNACKED",
+            "EVENTS",
+            "LAST HEARD",
+            "ACTORS RUNNING",
+        ]);
+        for (id, a) in agents {
+            let own = items(a, "actors");
+            let running = own
+                .iter()
+                .filter(|x| str_at(x, "state") == "running")
+                .count();
+            table.row(vec![
+                names.get(id).cloned().unwrap_or_else(|| id.clone()),
+                cell(&a["connected"]),
+                cell(&a["unacked_commands"]),
+                u64_at(a, "oldest_unacked_ms").map_or_else(|| "-".to_owned(), duration),
+                cell(&a["events_received"]),
+                u64_at(a, "last_heard_ms")
+                    .map_or_else(|| "-".to_owned(), |ms| format!("{} ago", duration(ms))),
+                format!("{running}/{}", own.len()),
+            ]);
+        }
+        table.print()?;
+    }
+    let links = health.get("relay_links").and_then(Value::as_object);
+    if let Some(links) = links.filter(|l| !l.is_empty()) {
+        output::line("")?;
+        let mut table = Table::new(&["RELAY LINK", "AGENTS", "RELAYS", "HANDSHAKING"]);
+        for (name, l) in links {
+            table.row(vec![
+                name.clone(),
+                cell(&l["agents"]),
+                cell(&l["relays"]),
+                cell(&l["handshaking"]),
+            ]);
+        }
+        table.print()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,40 @@
+//! `tether relays [list]`: `GET /api/v1/relays`.
+
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use super::{items, u64_at};
+use crate::client::Client;
+use crate::error::{About, CliError};
+use crate::output::{self, ago, cell, now_unix_ms, Table};
+
+/// Every relay.
+pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
+    let relays = client
+        .get_json("/api/v1/relays")
+        .about(|| "relays".to_owned())?;
+    if json {
+        output::json(&relays)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_unix_ms();
+    let mut table = Table::new(&["NAME", "STATUS", "VERSION", "PATH", "AGENTS", "LAST SEEN"]);
+    for r in relays.as_array().into_iter().flatten() {
+        let parents: Vec<&str> = items(r, "path").iter().filter_map(Value::as_str).collect();
+        table.row(vec![
+            cell(&r["name"]),
+            cell(&r["status"]),
+            cell(&r["version"]),
+            if parents.is_empty() {
+                "direct".to_owned()
+            } else {
+                parents.join(" > ")
+            },
+            cell(&r["agents"]),
+            ago(u64_at(r, "last_seen"), now),
+        ]);
+    }
+    table.print()?;
+    Ok(ExitCode::SUCCESS)
+}

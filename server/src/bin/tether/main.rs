@@ -1,0 +1,399 @@
+//! `tether`: the operators' command-line client for the server's REST API. Parses arguments,
+//! installs the rustls crypto provider, resolves the connection (login file < environment <
+//! flags), runs one command over the blocking HTTPS client of `tether-shared` (no actix
+//! runtime) and maps the outcome to an exit code: 0 ok, 1 runtime failure, 2 usage (bad
+//! arguments, not logged in), 3 a deployment that ended cancelled.
+//!
+//! # Layout
+//! - [`commands`]: one module per command group, each turning server answers into output.
+//! - [`config`]: the login file (`$XDG_CONFIG_HOME/tether/cli.json`, 0600) and the effective
+//!   connection.
+//! - [`server_url`]: `ServerUrl`, the `https://host:port` the client dials.
+//! - [`client`]: `Client`, authenticated JSON and text requests, and streamed uploads.
+//! - [`upload`]: hashing a file and uploading it with a progress bar.
+//! - [`follow`]: waiting for a deployment while streaming its step logs.
+//! - [`output`]: tables, JSON and the formatting of times and sizes.
+//! - [`error`]: `CliError` and its exit codes.
+//!
+//! Printing is this binary's job: commands write their results to stdout (tables, or JSON with
+//! `--json`), and notes, progress and errors to stderr.
+
+mod client;
+mod commands;
+mod config;
+mod error;
+mod follow;
+mod output;
+mod server_url;
+mod upload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::CliError;
+
+const EXIT_CODES: &str = "Exit codes: 0 success; 1 failure (refused by the server, unreachable, \
+a deployment that failed); 2 usage (bad arguments, not logged in); 3 a deployment that ended \
+cancelled.";
+
+const DEPLOY_EXIT_CODES: &str = "While waiting, each step's log is printed as it grows, each \
+line prefixed [agent/step]. Ctrl-C stops waiting, not the deployment (`tether deployments wait \
+ID` follows it again).\n\nExit codes: 0 the deployment succeeded (or, with --no-wait, was \
+created); 1 it failed, or it could not be created (unknown agent, no such process); 2 usage; \
+3 it was cancelled.";
+
+/// Operate a Tether server: agents, relays, enrollment tokens, plugins, artifacts, processes,
+/// deployments and health, through its REST API.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// The server's HTTPS base URL, e.g. https://tether.example.com:8443 [default: the one
+    /// `tether login` stored].
+    #[arg(long, global = true, env = "TETHER_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// The CA certificate (PEM) the server's certificate must be signed by [default: the one
+    /// `tether login` stored].
+    #[arg(long, global = true, env = "TETHER_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// Print JSON (the server's answer) instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Print the effective connection settings (token masked) and exit: 0 if complete, 2 if
+    /// not logged in.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check an admin token against the server and store server, CA and token (0600) for the
+    /// other commands. The token comes from --token, else TETHER_TOKEN, else standard input.
+    Login(LoginArgs),
+    /// Forget the stored login.
+    Logout,
+    /// Enrolled agents.
+    Agents {
+        #[command(subcommand)]
+        command: Option<AgentsCommand>,
+    },
+    /// Enrolled relays.
+    Relays {
+        #[command(subcommand)]
+        command: Option<ListCommand>,
+    },
+    /// Enrollment tokens.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+    /// Plugin bundles.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Artifacts.
+    Artifacts {
+        #[command(subcommand)]
+        command: ArtifactsCommand,
+    },
+    /// Processes (ordered steps to deploy).
+    Processes {
+        #[command(subcommand)]
+        command: ProcessesCommand,
+    },
+    /// Run a process on agents and, unless --no-wait, wait for it, streaming its logs.
+    #[command(after_help = DEPLOY_EXIT_CODES)]
+    Deploy(DeployArgs),
+    /// Deployments: list, show, cancel, wait.
+    Deployments {
+        #[command(subcommand)]
+        command: DeploymentsCommand,
+    },
+    /// The log of one step of one agent's job in a deployment.
+    Logs {
+        /// The deployment id.
+        id: String,
+        /// The agent (name or id).
+        agent: String,
+        /// The step (name or index).
+        step: String,
+    },
+    /// The server's health: actors, sessions, journal, agents. Exits 1 when a server actor
+    /// is not running or the journal is poisoned.
+    Health,
+}
+
+#[derive(Debug, Args)]
+struct LoginArgs {
+    /// The admin token (DATA/admin.token on the server); prefer TETHER_TOKEN or standard
+    /// input, which other users cannot see in the process list.
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// Every agent: name, status, version, tags, relay path, last seen (the default).
+    List,
+    /// One agent, by name or id.
+    Show {
+        /// Name or id.
+        agent: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ListCommand {
+    /// List them (the default).
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create an enrollment token and print it (the only time it is shown).
+    Create {
+        /// How many enrollments it allows.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+        /// Seconds it stays valid.
+        #[arg(long = "ttl", value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_s: u64,
+        /// What it enrolls.
+        #[arg(long, value_enum, default_value_t = Role::Agent)]
+        role: Role,
+    },
+}
+
+/// What an enrollment token enrolls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Role {
+    Agent,
+    Relay,
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsCommand {
+    /// Upload a plugin bundle (tar.gz with plugin.toml at its root).
+    Upload {
+        /// The bundle.
+        file: PathBuf,
+    },
+    /// Every uploaded plugin version.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ArtifactsCommand {
+    /// Upload FILE as artifact NAME VERSION; its sha256 is sent and checked by the server.
+    Upload {
+        /// Artifact name.
+        name: String,
+        /// Artifact version.
+        version: String,
+        /// The content.
+        file: PathBuf,
+    },
+    /// Every artifact version with its sha256 and size.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum ProcessesCommand {
+    /// Every process.
+    List,
+    /// One process and its steps.
+    Show {
+        /// The process name.
+        name: String,
+    },
+    /// Create a process, or a new version of it, from a JSON file
+    /// ({"name","steps":[{"name","plugin","step","properties":{}}]}).
+    Create {
+        /// The JSON file; `-` reads standard input.
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("targets").required(true).args(["agents", "tags"]))]
+struct DeployArgs {
+    /// The process to run.
+    process: String,
+    /// Run on this agent (name or id); repeatable.
+    #[arg(long = "agent", value_name = "NAME")]
+    agents: Vec<String>,
+    /// Run on every agent having all of these tags; repeatable.
+    #[arg(long = "tag", value_name = "TAG", conflicts_with = "agents")]
+    tags: Vec<String>,
+    /// A deployment property (`${KEY}` in step properties); repeatable. Names ending in
+    /// `_secret` are masked everywhere.
+    #[arg(long = "prop", value_name = "KEY=VALUE", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    /// Print the deployment id and return at once.
+    #[arg(long)]
+    no_wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeploymentsCommand {
+    /// Every deployment.
+    List,
+    /// One deployment: status, jobs, steps.
+    Show {
+        /// The deployment id.
+        id: String,
+    },
+    /// Cancel a deployment: running steps are killed, the rest end cancelled.
+    Cancel {
+        /// The deployment id.
+        id: String,
+    },
+    /// Wait for a deployment, streaming its logs; exit codes as for `tether deploy`.
+    Wait {
+        /// The deployment id.
+        id: String,
+    },
+}
+
+/// `KEY=VALUE`, with a non-empty key.
+fn parse_property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match run(cli) {
+        Ok(code) => code,
+        Err(CliError::Stdout(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("tether: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// Runs the command `cli` names.
+fn run(cli: Cli) -> Result<ExitCode, CliError> {
+    let settings = config::Overrides {
+        server: cli.server,
+        ca: cli.ca,
+        token: std::env::var("TETHER_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    let json = cli.json;
+    if cli.check_config {
+        return commands::login::check_config(&settings, json);
+    }
+    let Some(command) = cli.command else {
+        return Err(CliError::Usage(
+            "a command is needed; see `tether --help`".to_owned(),
+        ));
+    };
+    let connect = || -> Result<client::Client, CliError> {
+        let connection = config::resolve(&settings)?;
+        Ok(client::Client::new(&connection)?)
+    };
+    use commands::*;
+    match command {
+        Command::Login(args) => login::login(&settings, args.token, json),
+        Command::Logout => login::logout(json),
+        Command::Agents { command } => match command {
+            None | Some(AgentsCommand::List) => agents::list(&connect()?, json),
+            Some(AgentsCommand::Show { agent }) => agents::show(&connect()?, &agent, json),
+        },
+        Command::Relays { command: None }
+        | Command::Relays {
+            command: Some(ListCommand::List),
+        } => relays::list(&connect()?, json),
+        Command::Tokens {
+            command: TokensCommand::Create { uses, ttl_s, role },
+        } => {
+            let role = match role {
+                Role::Agent => "agent",
+                Role::Relay => "relay",
+            };
+            tokens::create(&connect()?, uses, ttl_s, role, json)
+        }
+        Command::Plugins { command } => match command {
+            PluginsCommand::Upload { file } => plugins::upload(&connect()?, &file, json),
+            PluginsCommand::List => plugins::list(&connect()?, json),
+        },
+        Command::Artifacts { command } => match command {
+            ArtifactsCommand::Upload {
+                name,
+                version,
+                file,
+            } => artifacts::upload(&connect()?, &name, &version, &file, json),
+            ArtifactsCommand::List => artifacts::list(&connect()?, json),
+        },
+        Command::Processes { command } => match command {
+            ProcessesCommand::List => processes::list(&connect()?, json),
+            ProcessesCommand::Show { name } => processes::show(&connect()?, &name, json),
+            ProcessesCommand::Create { file } => processes::create(&connect()?, &file, json),
+        },
+        Command::Deploy(args) => {
+            let request = deploy::Request {
+                process: args.process,
+                agents: args.agents,
+                tags: args.tags,
+                properties: args.properties.into_iter().collect(),
+            };
+            deploy::deploy(&connect()?, &request, !args.no_wait, json)
+        }
+        Command::Deployments { command } => match command {
+            DeploymentsCommand::List => deployments::list(&connect()?, json),
+            DeploymentsCommand::Show { id } => deployments::show(&connect()?, &id, json),
+            DeploymentsCommand::Cancel { id } => deployments::cancel(&connect()?, &id, json),
+            DeploymentsCommand::Wait { id } => deploy::wait(&connect()?, &id, json),
+        },
+        Command::Logs { id, agent, step } => {
+            deployments::logs(&connect()?, &id, &agent, &step, json)
+        }
+        Command::Health => health::show(&connect()?, json),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn properties_need_a_key() {
+        assert_eq!(
+            parse_property("a=b=c").unwrap(),
+            ("a".to_owned(), "b=c".to_owned())
+        );
+        assert_eq!(
+            parse_property("a=").unwrap(),
+            ("a".to_owned(), String::new())
+        );
+        assert!(parse_property("=b").is_err());
+        assert!(parse_property("ab").is_err());
+    }
+
+    #[test]
+    fn deploy_needs_exactly_one_kind_of_target() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args.iter().copied());
+        assert!(parse(&["tether", "deploy", "p", "--agent", "a", "--agent", "b"]).is_ok());
+        assert!(parse(&["tether", "deploy", "p", "--tag", "web", "--no-wait"]).is_ok());
+        assert!(parse(&["tether", "deploy", "p"]).is_err());
+        assert!(parse(&["tether", "deploy", "p", "--agent", "a", "--tag", "t"]).is_err());
+        assert!(parse(&["tether", "deploy", "p", "--agent", "a", "--prop", "x"]).is_err());
+    }
+}

@@ -1,0 +1,313 @@
+//! The upgrade routes.
+//!
+//! HTTPS listener, admin bearer token ([`configure_api`]):
+//! - `PUT /api/v1/upgrades/{version}` (raw body: the agent binary; optional
+//!   `X-Checksum-Sha256`) → 201 `{"version","sha256","size"}`, 200 if this version already
+//!   holds the same content, 409 if it holds other content, 400 for a version that is not
+//!   `MAJOR.MINOR.PATCH`, an empty body or a checksum mismatch, 413 past the size limit (before reading the
+//!   body when `Content-Length` says so). The upload streams to a temp file while it is
+//!   hashed; nothing is visible until it is complete, stored and signed.
+//! - `GET /api/v1/upgrades` → `[{"version","sha256","size","uploaded_unix_ms"}]`.
+//! - `POST /api/v1/upgrades/{version}/rollout` with `{"targets":{"agents":[..]}}` or
+//!   `{"targets":{"tags":[..]}}` → 202 `{"version","agents":[{"id","name","queued","state"}]}`
+//!   once every queued `Upgrade` command is durable. An agent whose latest upgrade to this
+//!   version is in progress or done is left alone (`"queued": false`).
+//!
+//! Agent-facing listener ([`configure_agent_surface`]): `GET /agent/v1/upgrades/{sha256}`,
+//! signed by an enrolled agent (`tether_shared::agent_auth`; 401 otherwise), 404 for content
+//! no published package has; `Range` honoured.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tether_shared::upgrade::{is_sha256, Version};
+
+use super::{UpgradeState, Upgrades, UpgradesError};
+use crate::admin_token::AdminToken;
+use crate::api::parse_json;
+use crate::api_error::{method_not_allowed, ApiError};
+use crate::artifacts::upload::{TempUpload, CHECKSUM_HEADER, WRITE_BATCH};
+use crate::deployments::{resolve_targets, Targets};
+use crate::registry::Registry;
+use crate::session::agent_link::QueueUpgrade;
+use crate::session::session_registry::{GetLink, SessionRegistry};
+use crate::session::SessionShared;
+
+/// The agents' download path prefix.
+pub const AGENT_UPGRADES_PATH: &str = "/agent/v1/upgrades";
+
+/// What the REST routes use.
+pub struct UpgradesApiState {
+    pub token: AdminToken,
+    pub upgrades: Arc<Upgrades>,
+    /// Agent names and tags, for the rollout's targets.
+    pub registry: Arc<Registry>,
+    /// The agents' links, to queue `Upgrade` commands.
+    pub sessions: Addr<SessionRegistry>,
+    /// Holds the command-signing key, which also signs packages.
+    pub shared: Arc<SessionShared>,
+}
+
+/// What the agent-facing route uses.
+pub struct UpgradesAgentState {
+    pub upgrades: Arc<Upgrades>,
+    /// Agents' public keys, to check signatures.
+    pub registry: Arc<Registry>,
+}
+
+/// Mounts the REST routes (HTTPS listener).
+pub fn configure_api(cfg: &mut web::ServiceConfig) {
+    let resource = |path: &str| web::resource(path).default_service(web::to(method_not_allowed));
+    cfg.service(resource("/api/v1/upgrades").route(web::get().to(list)))
+        .service(resource("/api/v1/upgrades/{version}").route(web::put().to(upload)))
+        .service(resource("/api/v1/upgrades/{version}/rollout").route(web::post().to(rollout)));
+}
+
+/// Mounts `/agent/v1/upgrades/{sha256}` (agent-facing listener).
+pub fn configure_agent_surface(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource(format!("{AGENT_UPGRADES_PATH}/{{sha256}}"))
+            .route(web::get().to(download))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+fn too_large(max: u64) -> HttpResponse {
+    HttpResponse::PayloadTooLarge()
+        .json(json!({"error": format!("an upgrade package may be at most {max} bytes")}))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "upgrade-store-failed");
+    ApiError::Unavailable
+}
+
+async fn upload(
+    req: HttpRequest,
+    path: web::Path<String>,
+    mut payload: web::Payload,
+    state: web::Data<UpgradesApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let version =
+        Version::parse(&path.into_inner()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let max = state.upgrades.max_bytes();
+    if let Some(declared) = req.headers().get(header::CONTENT_LENGTH) {
+        let declared = declared
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?;
+        if declared > max {
+            tracing::warn!(version = %version, declared, max, "upgrade-upload-too-large");
+            return Ok(too_large(max));
+        }
+    }
+    let expected = match req.headers().get(CHECKSUM_HEADER) {
+        None => None,
+        Some(v) => {
+            let v = v.to_str().unwrap_or_default().trim().to_ascii_lowercase();
+            if !is_sha256(&v) {
+                return Err(ApiError::BadRequest(format!(
+                    "{CHECKSUM_HEADER} must be 64 hex digits"
+                )));
+            }
+            Some(v)
+        }
+    };
+    let tmp_dir = state.upgrades.tmp_dir().to_owned();
+    let mut tmp = web::block(move || TempUpload::create(&tmp_dir))
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)?;
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload interrupted: {e}")))?;
+        size = size.saturating_add(chunk.len() as u64);
+        if size > max {
+            tracing::warn!(version = %version, max, "upgrade-upload-too-large");
+            return Ok(too_large(max));
+        }
+        hasher.update(&chunk);
+        batch.extend_from_slice(&chunk);
+        if batch.len() >= WRITE_BATCH {
+            tmp.append(std::mem::take(&mut batch), false)
+                .await
+                .map_err(unavailable)?;
+        }
+    }
+    if size == 0 {
+        return Err(ApiError::BadRequest(
+            "an upgrade package must not be empty".into(),
+        ));
+    }
+    tmp.append(batch, true).await.map_err(unavailable)?;
+    let sha256 = hex::encode(hasher.finalize());
+    if let Some(expected) = expected.filter(|e| *e != sha256) {
+        return Err(ApiError::BadRequest(format!(
+            "checksum mismatch: {CHECKSUM_HEADER} is {expected}, the body's sha256 is {sha256}"
+        )));
+    }
+    let shared = state.shared.clone();
+    let (package, created) = state
+        .upgrades
+        .publish(version, tmp.keep(), sha256, size, |bytes| {
+            shared.signing.sign(bytes)
+        })
+        .await
+        .map_err(|e| match e {
+            UpgradesError::Conflict(reason) => ApiError::Conflict(reason),
+            other => unavailable(other),
+        })?;
+    if created {
+        tracing::info!(version = %package.version, sha256 = %package.sha256, size = package.size, "upgrade-published");
+    }
+    let body = json!({"version": package.version, "sha256": package.sha256, "size": package.size});
+    Ok(if created {
+        HttpResponse::Created().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    })
+}
+
+async fn list(
+    req: HttpRequest,
+    state: web::Data<UpgradesApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let list: Vec<_> = state
+        .upgrades
+        .packages()
+        .into_iter()
+        .map(|p| {
+            json!({"version": p.version, "sha256": p.sha256, "size": p.size,
+                   "uploaded_unix_ms": p.uploaded_unix_ms})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(list))
+}
+
+/// The body of a rollout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollout {
+    targets: Targets,
+}
+
+async fn rollout(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<UpgradesApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let version = path.into_inner();
+    let rollout: Rollout = parse_json(&body)?;
+    let package = state.upgrades.package(&version).ok_or(ApiError::NotFound)?;
+    let agents = state.registry.agents();
+    let ids = resolve_targets(&rollout.targets, &agents).map_err(ApiError::BadRequest)?;
+    let mut answer = Vec::new();
+    let mut failed = Vec::new();
+    for id in ids {
+        let name = agents
+            .iter()
+            .find(|a| a.id == id)
+            .map_or_else(|| id.clone(), |a| a.name.clone());
+        let current = state.upgrades.agent(&id);
+        let settled = current.as_ref().is_some_and(|c| {
+            c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
+        });
+        if settled {
+            let s = current.map(|c| c.state);
+            tracing::info!(agent_id = %id, version = %package.version, state = ?s, "upgrade-already-underway");
+            answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
+            continue;
+        }
+        let queued = async {
+            let link = state
+                .sessions
+                .send(GetLink {
+                    agent_id: id.clone(),
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            link.send(QueueUpgrade {
+                package: package.clone(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+        }
+        .await;
+        match queued {
+            Ok(seq) => {
+                tracing::info!(agent_id = %id, version = %package.version, seq = seq.0, "upgrade-queued");
+                answer.push(json!({"id": id, "name": name, "queued": true,
+                                   "state": UpgradeState::Requested}));
+            }
+            Err(e) => {
+                tracing::error!(agent_id = %id, version = %package.version, error = %e, "upgrade-queue-failed");
+                failed.push(name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::Incomplete(format!(
+            "the upgrade could not be queued to {}; retry",
+            failed.join(", ")
+        )));
+    }
+    Ok(HttpResponse::Accepted().json(json!({"version": package.version, "agents": answer})))
+}
+
+async fn download(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<UpgradesAgentState>,
+) -> HttpResponse {
+    let error = |status: actix_web::http::StatusCode, message: &str| {
+        HttpResponse::build(status).json(json!({ "error": message }))
+    };
+    let agent_id = match crate::plugins::api::authenticate(&req, &state.registry) {
+        Ok(id) => id,
+        Err(reason) => {
+            tracing::warn!(peer = ?req.peer_addr(), reason = %reason, "upgrade-download-refused");
+            return error(
+                actix_web::http::StatusCode::UNAUTHORIZED,
+                &format!("unauthorized: {reason}"),
+            );
+        }
+    };
+    let sha256 = path.into_inner();
+    if !is_sha256(&sha256) || !state.upgrades.has_blob(&sha256) {
+        return error(actix_web::http::StatusCode::NOT_FOUND, "not found");
+    }
+    let file = state.upgrades.blob_path(&sha256);
+    match web::block(move || actix_files::NamedFile::open(file)).await {
+        Ok(Ok(file)) => {
+            let ranged = req.headers().contains_key(header::RANGE);
+            tracing::info!(agent_id = %agent_id, sha256 = %sha256, ranged, "upgrade-downloaded");
+            file.use_last_modified(false)
+                .disable_content_disposition()
+                .set_content_type(actix_web::mime::APPLICATION_OCTET_STREAM)
+                .into_response(&req)
+        }
+        Ok(Err(e)) => {
+            tracing::error!(sha256 = %sha256, error = %e, "upgrade-blob-unreadable");
+            error(
+                actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
+                "package unreadable",
+            )
+        }
+        Err(_) => error(actix_web::http::StatusCode::SERVICE_UNAVAILABLE, "busy"),
+    }
+}

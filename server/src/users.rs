@@ -1,0 +1,359 @@
+//! [`Users`]: the people who may log in to the web application, with argon2id password hashes.
+//!
+//! Users live in the journal's meta entries as JSON, `user/<name>` → [`StoredUser`]; every
+//! change is committed (flushed and fdatasync'ed) before the in-memory map changes, as the
+//! registry does for agents. A password is never stored or logged: only its PHC string
+//! (`$argon2id$v=19$m=...,t=...,p=...$<salt>$<hash>`, random 16-byte salt per hash).
+//!
+//! The first user: `tether-server init` writes a random password to `DATA/admin.password`
+//! (0600) and prints it once; at `run`, if no user exists yet, [`Users::ensure_initial_admin`]
+//! creates user `admin` with that password (a data directory initialized before the web
+//! application existed gets a new file first). The operator should change it on the account
+//! page; the file is only read while no user exists.
+//!
+//! Hashing costs tens of milliseconds of CPU on purpose: callers on an actix arbiter run
+//! [`hash_password`] and [`Users::verify`] through `web::block`.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{PoisonError, RwLock};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use tether_shared::config::Secret;
+use tether_shared::enroll::name_problem;
+use tether_shared::identity::write_private_file;
+use tether_shared::journal::{JournalError, JournalHandle, Op};
+
+use crate::registry::now_unix_ms;
+
+/// Meta key prefix of users (followed by the user name).
+pub const USER_PREFIX: &str = "user/";
+/// The first user's name.
+pub const INITIAL_ADMIN: &str = "admin";
+/// Shortest password accepted when a password is set.
+pub const MIN_PASSWORD_LEN: usize = 12;
+/// Longest password hashed at all (a 1 MB "password" would only burn CPU).
+pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// A stored user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredUser {
+    /// Login name: `[A-Za-z0-9._-]`, 1 to 64 characters.
+    pub name: String,
+    /// The argon2id PHC string of the password.
+    pub password_hash: String,
+    /// When the user was created and when its password last changed.
+    pub created_unix_ms: u64,
+    pub password_changed_unix_ms: u64,
+}
+
+/// Why a user operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    /// A field breaks a rule; the message says which (never the password itself).
+    #[error("{0}")]
+    Invalid(String),
+    /// The user exists already.
+    #[error("user {0:?} exists already")]
+    Exists(String),
+    /// No such user, or the password is wrong: one answer for both.
+    #[error("wrong user name or password")]
+    BadCredentials,
+    /// Hashing failed (argon2 parameters; does not happen with the defaults).
+    #[error("password hashing failed: {0}")]
+    Hash(String),
+    /// The journal refused the change; nothing changed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A stored entry could not be decoded at load.
+    #[error("user entry {key}: {reason}")]
+    Corrupt { key: String, reason: String },
+    /// `DATA/admin.password` could not be read or written.
+    #[error("{}: {source}", path.display())]
+    File { path: PathBuf, source: io::Error },
+}
+
+/// The users; share as `Arc<Users>`.
+pub struct Users {
+    journal: JournalHandle,
+    users: RwLock<BTreeMap<String, StoredUser>>,
+    /// Serializes changes: check, commit and apply as one step.
+    changes: tokio::sync::Mutex<()>,
+    /// Hashed against when the user does not exist, so that the answer takes as long.
+    dummy_hash: String,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users")
+            .field("users", &read(&self.users).len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Users {
+    /// Reads every user from the journal's meta entries.
+    pub fn load(journal: JournalHandle) -> Result<Users, UsersError> {
+        let mut users = BTreeMap::new();
+        for (key, value) in journal.scan_meta(USER_PREFIX)? {
+            let user: StoredUser =
+                serde_json::from_slice(&value).map_err(|e| UsersError::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            if key.strip_prefix(USER_PREFIX) != Some(user.name.as_str()) {
+                return Err(UsersError::Corrupt {
+                    key,
+                    reason: format!("holds user {:?}", user.name),
+                });
+            }
+            users.insert(user.name.clone(), user);
+        }
+        tracing::info!(users = users.len(), "users-loaded");
+        Ok(Users {
+            journal,
+            users: RwLock::new(users),
+            changes: tokio::sync::Mutex::new(()),
+            dummy_hash: hash_password(&random_password())?,
+        })
+    }
+
+    /// Whether any user exists.
+    pub fn is_empty(&self) -> bool {
+        read(&self.users).is_empty()
+    }
+
+    /// User names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        read(&self.users).keys().cloned().collect()
+    }
+
+    /// Checks `password` for `name`; blocking (argon2). Unknown users cost the same time as
+    /// known ones and get the same answer.
+    pub fn verify(&self, name: &str, password: &str) -> Result<(), UsersError> {
+        let stored = read(&self.users).get(name).map(|u| u.password_hash.clone());
+        let known = stored.is_some();
+        let hash = stored.unwrap_or_else(|| self.dummy_hash.clone());
+        let ok = password.len() <= MAX_PASSWORD_LEN && verify_password(password, &hash);
+        if ok && known {
+            Ok(())
+        } else {
+            Err(UsersError::BadCredentials)
+        }
+    }
+
+    /// Creates user `name` with the PHC string `password_hash` (from [`hash_password`]).
+    pub async fn create(&self, name: &str, password_hash: String) -> Result<(), UsersError> {
+        if let Some(problem) = name_problem("user name", name) {
+            return Err(UsersError::Invalid(problem));
+        }
+        let _change = self.changes.lock().await;
+        if read(&self.users).contains_key(name) {
+            return Err(UsersError::Exists(name.to_owned()));
+        }
+        let now = now_unix_ms();
+        let user = StoredUser {
+            name: name.to_owned(),
+            password_hash,
+            created_unix_ms: now,
+            password_changed_unix_ms: now,
+        };
+        self.store(user).await?;
+        tracing::info!(user = %name, "user-created");
+        Ok(())
+    }
+
+    /// Replaces the password of `name` with the PHC string `password_hash`.
+    pub async fn set_password(&self, name: &str, password_hash: String) -> Result<(), UsersError> {
+        let _change = self.changes.lock().await;
+        let Some(mut user) = read(&self.users).get(name).cloned() else {
+            return Err(UsersError::BadCredentials);
+        };
+        user.password_hash = password_hash;
+        user.password_changed_unix_ms = now_unix_ms();
+        self.store(user).await?;
+        tracing::info!(user = %name, "user-password-changed");
+        Ok(())
+    }
+
+    async fn store(&self, user: StoredUser) -> Result<(), UsersError> {
+        let value = serde_json::to_vec(&user).map_err(|e| UsersError::Hash(e.to_string()))?;
+        self.journal
+            .commit(vec![Op::PutMeta {
+                key: format!("{USER_PREFIX}{}", user.name),
+                value,
+            }])
+            .await?;
+        write(&self.users).insert(user.name.clone(), user);
+        Ok(())
+    }
+
+    /// At start: if no user exists, creates `admin` with the password in `password_file`
+    /// (writing a new random one there first if the file is missing, as for a data directory
+    /// initialized before the web application existed). Returns whether it created the user.
+    pub async fn ensure_initial_admin(&self, password_file: &Path) -> Result<bool, UsersError> {
+        if !self.is_empty() {
+            return Ok(false);
+        }
+        let file_err = |source| UsersError::File {
+            path: password_file.to_path_buf(),
+            source,
+        };
+        let password = match std::fs::read_to_string(password_file) {
+            Ok(text) => text.trim().to_owned(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let password = random_password();
+                write_private_file(password_file, password.as_bytes()).map_err(file_err)?;
+                tracing::warn!(path = %password_file.display(), "admin-password-generated");
+                password
+            }
+            Err(e) => return Err(file_err(e)),
+        };
+        if password.is_empty() || password.len() > MAX_PASSWORD_LEN {
+            return Err(UsersError::Invalid(format!(
+                "{} must hold a password of 1 to {MAX_PASSWORD_LEN} bytes",
+                password_file.display()
+            )));
+        }
+        let hash = hash_password(&password)?;
+        self.create(INITIAL_ADMIN, hash).await?;
+        tracing::info!(user = INITIAL_ADMIN, path = %password_file.display(), "initial-admin-created");
+        Ok(true)
+    }
+}
+
+/// Why `password` may not become a password, if it may not.
+pub fn password_problem(password: &str) -> Option<String> {
+    let chars = password.chars().count();
+    if chars < MIN_PASSWORD_LEN {
+        return Some(format!(
+            "the password must be at least {MIN_PASSWORD_LEN} characters long"
+        ));
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Some(format!(
+            "the password must be at most {MAX_PASSWORD_LEN} bytes long"
+        ));
+    }
+    None
+}
+
+/// The argon2id PHC string of `password`, with a fresh random salt. Blocking.
+pub fn hash_password(password: &str) -> Result<String, UsersError> {
+    let mut salt = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut salt);
+    let salt = SaltString::encode_b64(&salt).map_err(|e| UsersError::Hash(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| UsersError::Hash(e.to_string()))
+}
+
+/// Whether `password` matches the PHC string `hash` (argon2 compares in constant time).
+fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// 18 random bytes, base64url: 24 characters, 144 bits.
+pub fn random_password() -> String {
+    let mut bytes = [0u8; 18];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The initial admin password, as `init` hands it out.
+pub fn new_initial_password() -> Secret<String> {
+    Secret::new(random_password())
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use tether_shared::journal::{Journal, JournalOptions};
+
+    #[test]
+    fn hashes_are_salted_argon2id_and_verify() {
+        let a = hash_password("correct horse battery").unwrap();
+        let b = hash_password("correct horse battery").unwrap();
+        assert!(a.starts_with("$argon2id$"), "{a}");
+        assert_ne!(a, b, "salts differ");
+        assert!(verify_password("correct horse battery", &a));
+        assert!(!verify_password("correct horse batterx", &a));
+        assert!(!verify_password("x", "not a phc string"));
+    }
+
+    #[test]
+    fn password_rules() {
+        assert!(password_problem("short").is_some());
+        assert!(password_problem(&"x".repeat(MAX_PASSWORD_LEN + 1)).is_some());
+        assert!(password_problem("twelve chars").is_none());
+    }
+
+    #[actix_rt::test]
+    async fn initial_admin_from_file_then_persisted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("admin.password");
+        std::fs::write(&file, "first-password-123\n").unwrap();
+        {
+            let (journal, _) =
+                Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
+            let users = Users::load(journal.handle()).unwrap();
+            assert!(users.ensure_initial_admin(&file).await.unwrap());
+            assert!(!users.ensure_initial_admin(&file).await.unwrap());
+            users.verify(INITIAL_ADMIN, "first-password-123").unwrap();
+            assert!(matches!(
+                users.verify(INITIAL_ADMIN, "wrong"),
+                Err(UsersError::BadCredentials)
+            ));
+            assert!(matches!(
+                users.verify("nobody", "first-password-123"),
+                Err(UsersError::BadCredentials)
+            ));
+            let hash = hash_password("second-password-456").unwrap();
+            users.set_password(INITIAL_ADMIN, hash).await.unwrap();
+        }
+        let (journal, _) =
+            Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
+        let users = Users::load(journal.handle()).unwrap();
+        assert_eq!(users.names(), vec![INITIAL_ADMIN.to_owned()]);
+        users.verify(INITIAL_ADMIN, "second-password-456").unwrap();
+        assert!(users.verify(INITIAL_ADMIN, "first-password-123").is_err());
+    }
+
+    #[actix_rt::test]
+    async fn a_missing_password_file_is_generated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("admin.password");
+        let (journal, _) =
+            Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
+        let users = Users::load(journal.handle()).unwrap();
+        assert!(users.ensure_initial_admin(&file).await.unwrap());
+        let password = std::fs::read_to_string(&file).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        users.verify(INITIAL_ADMIN, password.trim()).unwrap();
+    }
+}

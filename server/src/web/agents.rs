@@ -1,0 +1,474 @@
+//! The agents pages.
+//!
+//! - `GET /agents?q=&status=&page=`: 100 agents per page, by name; `q` matches a substring of
+//!   the name, a tag, or a property value (case-insensitive), `status` is `online`, `offline`
+//!   or `upgrading`. Rendered from one `Registry::agent_statuses()` snapshot, so 5,000 agents
+//!   cost one pass. The page script refreshes status, version and last seen of the rows shown
+//!   from `GET /ui/agents/status.json?ids=...`.
+//! - `GET /agents/{id}`: everything known of one agent, its recent jobs, and forms to replace
+//!   its tags (`POST /agents/{id}/tags`) and properties (`POST /agents/{id}/properties`),
+//!   upgrade it (`POST /agents/{id}/upgrade`) and delete it (`POST /agents/{id}/delete`). The
+//!   changes go through `agents_api::AgentAdmin`, the same rules as the REST API.
+
+use std::collections::BTreeMap;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use maud::{html, Markup};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::layout::{self, ago, badge, csrf_field, enc, found, resource, utc};
+use super::session::CurrentUser;
+use super::{csrf, WebError, WebState};
+use crate::agents_api::AgentPatch;
+use crate::registry::{AgentStatus, Status};
+use crate::session::agent_link::QueueUpgrade;
+use crate::session::session_registry::GetLink;
+use crate::upgrades::{AgentUpgrade, UpgradeState};
+
+/// Agents per page.
+pub const PAGE_SIZE: usize = 100;
+/// Ids one status request may ask for.
+const MAX_STATUS_IDS: usize = 500;
+/// Recent jobs shown on an agent's page.
+const RECENT_JOBS: usize = 10;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/agents").route(web::get().to(list)))
+        .service(resource("/ui/agents/status.json").route(web::get().to(statuses)))
+        .service(resource("/agents/{id}").route(web::get().to(detail)))
+        .service(resource("/agents/{id}/tags").route(web::post().to(set_tags)))
+        .service(resource("/agents/{id}/properties").route(web::post().to(set_properties)))
+        .service(resource("/agents/{id}/upgrade").route(web::post().to(upgrade)))
+        .service(resource("/agents/{id}/delete").route(web::post().to(delete)));
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct ListQuery {
+    #[serde(default)]
+    q: String,
+    #[serde(default)]
+    status: String,
+    page: Option<usize>,
+    done: Option<String>,
+}
+
+/// The status shown: `upgrading` while an upgrade is underway, else online/offline.
+fn shown_status(a: &AgentStatus, upgrade: Option<&AgentUpgrade>) -> &'static str {
+    if upgrade.is_some_and(|u| u.state == UpgradeState::Upgrading) {
+        return "upgrading";
+    }
+    match a.status {
+        Status::Online => "online",
+        Status::Offline => "offline",
+    }
+}
+
+/// Whether agent `a` matches the lowercase search text `q`.
+fn matches(a: &AgentStatus, q: &str) -> bool {
+    q.is_empty()
+        || a.name.to_lowercase().contains(q)
+        || a.id == q
+        || a.tags.iter().any(|t| t.to_lowercase() == q)
+        || a.properties.values().any(|v| v.to_lowercase().contains(q))
+}
+
+async fn list(
+    user: CurrentUser,
+    query: web::Query<ListQuery>,
+    state: web::Data<WebState>,
+) -> HttpResponse {
+    let q = query.q.trim().to_lowercase();
+    let status_filter = query.status.as_str();
+    let all = state.registry.agent_statuses();
+    let total = all.len();
+    let matching: Vec<(AgentStatus, &'static str)> = all
+        .into_iter()
+        .filter(|a| matches(a, &q))
+        .map(|a| {
+            let shown = shown_status(&a, state.upgrades.agent(&a.id).as_ref());
+            (a, shown)
+        })
+        .filter(|(_, shown)| status_filter.is_empty() || *shown == status_filter)
+        .collect();
+    let pages = matching.len().div_ceil(PAGE_SIZE).max(1);
+    let page = query.page.unwrap_or(1).clamp(1, pages);
+    let shown = matching.iter().skip((page - 1) * PAGE_SIZE).take(PAGE_SIZE);
+    let page_link = |p: usize| {
+        format!(
+            "/agents?q={}&status={}&page={p}",
+            enc(&query.q),
+            enc(&query.status)
+        )
+    };
+    layout::page(
+        "Agents",
+        &user,
+        "/agents",
+        html! {
+            (layout::notice(query.done.as_deref()))
+            form.searchbar method="get" action="/agents" role="search" {
+                div {
+                    label for="q" { "Search name, tag or property" }
+                    input #q type="search" name="q" value=(query.q);
+                }
+                div {
+                    label for="status" { "Status" }
+                    select #status name="status" {
+                        @for s in ["", "online", "offline", "upgrading"] {
+                            option value=(s) selected[s == status_filter] {
+                                @if s.is_empty() { "any" } @else { (s) }
+                            }
+                        }
+                    }
+                }
+                button type="submit" { "Search" }
+            }
+            p.muted #summary {
+                (matching.len()) " of " (total) " agents"
+                @if matching.len() > PAGE_SIZE { " · page " (page) " of " (pages) }
+            }
+            table #agents {
+                thead { tr {
+                    th { "Name" } th { "Status" } th { "Version" } th { "Tags" }
+                    th { "Path" } th { "Last seen" }
+                } }
+                tbody data-agents data-poll="/ui/agents/status.json" {
+                    @for (a, status) in shown {
+                        tr data-id=(a.id) {
+                            td { a href={ "/agents/" (enc(&a.id)) } { (a.name) } }
+                            td { span data-field="status" { (badge(status)) } }
+                            td data-field="version" { (a.version.as_deref().unwrap_or("")) }
+                            td { @for t in &a.tags { span.tag { (t) } } }
+                            td { (path_text(&a.path)) }
+                            td data-field="last-seen" { (ago(a.last_seen_unix_ms)) }
+                        }
+                    }
+                }
+            }
+            @if pages > 1 {
+                nav.pager aria-label="pages" {
+                    @if page > 1 { a rel="prev" href=(page_link(page - 1)) { "← previous" } }
+                    span { "page " (page) " of " (pages) }
+                    @if page < pages { a rel="next" href=(page_link(page + 1)) { "next →" } }
+                }
+            }
+        },
+    )
+}
+
+fn path_text(path: &[String]) -> Markup {
+    html! {
+        @if path.is_empty() { span.muted { "direct" } }
+        @else { (path.join(" → ")) " → server" }
+    }
+}
+
+#[derive(Deserialize)]
+struct StatusQuery {
+    #[serde(default)]
+    ids: String,
+}
+
+/// `GET /ui/agents/status.json?ids=a-..,a-..`: what the list page refreshes.
+async fn statuses(
+    _user: CurrentUser,
+    query: web::Query<StatusQuery>,
+    state: web::Data<WebState>,
+) -> HttpResponse {
+    let list: Vec<_> = query
+        .ids
+        .split(',')
+        .filter(|id| !id.is_empty())
+        .take(MAX_STATUS_IDS)
+        .filter_map(|id| state.registry.agent_status(id))
+        .map(|a| {
+            let status = shown_status(&a, state.upgrades.agent(&a.id).as_ref());
+            json!({"id": a.id, "status": status, "version": a.version, "last_seen": a.last_seen_unix_ms})
+        })
+        .collect();
+    layout::json(&list)
+}
+
+#[derive(Deserialize)]
+struct DetailQuery {
+    done: Option<String>,
+}
+
+async fn detail(
+    user: CurrentUser,
+    path: web::Path<String>,
+    query: web::Query<DetailQuery>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let record = found(state.agents.resolve(&path.into_inner()))?;
+    let a = found(state.registry.agent_status(&record.id))?;
+    let upgrade = state.upgrades.agent(&a.id);
+    let status = shown_status(&a, upgrade.as_ref());
+    let packages = state.upgrades.packages();
+    let unfinished = state.agents.unfinished_jobs(&a.id);
+    let jobs = state.deployments.with_state(|s| {
+        let mut jobs: Vec<(u64, String, String, String)> = s
+            .jobs
+            .values()
+            .filter(|j| j.agent_id == a.id)
+            .filter_map(|j| {
+                let d = s.deployments.get(&j.deployment_id)?;
+                let status = serde_json::to_value(j.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                Some((d.created_unix_ms, d.id.clone(), d.process.clone(), status))
+            })
+            .collect();
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.0));
+        jobs.truncate(RECENT_JOBS);
+        jobs
+    });
+    let properties_text: String = a
+        .properties
+        .iter()
+        .map(|(k, v)| format!("{k}={v}\n"))
+        .collect();
+    let base = format!("/agents/{}", enc(&a.id));
+    Ok(layout::page(
+        &a.name,
+        &user,
+        "/agents",
+        html! {
+            (layout::notice(query.done.as_deref()))
+            dl.props #agent {
+                dt { "Id" } dd { code { (a.id) } }
+                dt { "Status" } dd #status { (badge(status)) }
+                dt { "Version" } dd #version { (a.version.as_deref().unwrap_or("unknown (never connected)")) }
+                dt { "Tags" } dd #tags { @for t in &a.tags { span.tag { (t) } } }
+                dt { "Properties" } dd #properties {
+                    @if a.properties.is_empty() { span.muted { "none" } }
+                    table { @for (k, v) in &a.properties { tr { th { (k) } td { (v) } } } }
+                }
+                dt { "Path" } dd { (path_text(&a.path)) }
+                dt { "Last seen" } dd { (ago(a.last_seen_unix_ms)) }
+                dt { "Enrolled" } dd { (utc(record.enrolled_unix_ms)) }
+                dt { "Upgrade" } dd #upgrade-state {
+                    @match &upgrade {
+                        None => span.muted { "none" },
+                        Some(u) => {
+                            (badge(&serde_json::to_value(u.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()))
+                            " to " (u.version)
+                            @if !u.reason.is_empty() { " · " (u.reason) }
+                        }
+                    }
+                }
+            }
+            h2 { "Recent jobs" }
+            @if jobs.is_empty() { p.muted { "No jobs yet." } } @else {
+                table { thead { tr { th { "Deployment" } th { "Process" } th { "Job" } th { "Created" } } }
+                    tbody { @for (created, id, process, status) in &jobs {
+                        tr { td { a href={ "/deployments/" (enc(id)) } { (id) } } td { (process) }
+                             td { (badge(status)) } td { (utc(*created)) } }
+                    } } }
+            }
+            div.grid2 {
+                form.card #edit-tags method="post" action={ (base) "/tags" } {
+                    (csrf_field(&user))
+                    h2 { "Tags" }
+                    label for="tags-input" { "Tags, separated by spaces or commas" }
+                    input #tags-input type="text" name="tags" value=(a.tags.join(" "));
+                    button type="submit" { "Save tags" }
+                }
+                form.card #edit-properties method="post" action={ (base) "/properties" } {
+                    (csrf_field(&user))
+                    h2 { "Properties" }
+                    label for="properties-input" { "One name=value per line" }
+                    textarea #properties-input name="properties" { (properties_text) }
+                    button type="submit" { "Save properties" }
+                }
+                form.card #upgrade method="post" action={ (base) "/upgrade" } {
+                    (csrf_field(&user))
+                    h2 { "Upgrade" }
+                    @if packages.is_empty() {
+                        p.muted #upgrade-note { "No upgrade package is stored yet: upload one with "
+                            code { "PUT /api/v1/upgrades/VERSION" } "." }
+                        button #upgrade-button type="submit" disabled { "Upgrade" }
+                    } @else {
+                        label for="version" { "To version" }
+                        select #version name="version" {
+                            @for p in packages.iter().rev() { option value=(p.version) { (p.version) } }
+                        }
+                        button #upgrade-button type="submit" { "Upgrade" }
+                    }
+                }
+                form.card #delete method="post" action={ (base) "/delete" } {
+                    (csrf_field(&user))
+                    h2 { "Delete" }
+                    @if unfinished > 0 {
+                        p.muted { "This agent has " (unfinished) " unfinished job(s); cancel its deployments before deleting it." }
+                    }
+                    p { "Its key stops authenticating and its session is closed; enrolling it again makes a new agent." }
+                    label { input type="checkbox" name="confirm" value="yes" required; " I am sure" }
+                    button.danger #delete-button type="submit" disabled[unfinished > 0] { "Delete agent" }
+                }
+            }
+        },
+    ))
+}
+
+#[derive(Deserialize)]
+struct TagsForm {
+    #[serde(default)]
+    tags: String,
+}
+
+async fn set_tags(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let form: TagsForm = csrf::protected_form(&req, &user, &body)?;
+    let tags: Vec<String> = form
+        .tags
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let patch = AgentPatch {
+        tags: Some(tags),
+        properties: None,
+    };
+    let agent = state.agents.update(&path.into_inner(), patch).await?;
+    tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-tags-set");
+    Ok(layout::redirect(&format!(
+        "/agents/{}?done=saved",
+        enc(&agent.id)
+    )))
+}
+
+#[derive(Deserialize)]
+struct PropertiesForm {
+    #[serde(default)]
+    properties: String,
+}
+
+/// `name=value` lines; blank lines are skipped.
+fn parse_properties(text: &str) -> Result<BTreeMap<String, String>, WebError> {
+    let mut out = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(WebError::BadRequest(format!(
+                "line {}: expected name=value",
+                i + 1
+            )));
+        };
+        out.insert(k.trim().to_owned(), v.to_owned());
+    }
+    Ok(out)
+}
+
+async fn set_properties(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let form: PropertiesForm = csrf::protected_form(&req, &user, &body)?;
+    let patch = AgentPatch {
+        tags: None,
+        properties: Some(parse_properties(&form.properties)?),
+    };
+    let agent = state.agents.update(&path.into_inner(), patch).await?;
+    tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-properties-set");
+    Ok(layout::redirect(&format!(
+        "/agents/{}?done=saved",
+        enc(&agent.id)
+    )))
+}
+
+#[derive(Deserialize)]
+struct UpgradeForm {
+    version: String,
+}
+
+/// Queues an upgrade of one agent to a stored package, as `POST /api/v1/upgrades/{version}/
+/// rollout` does for each target: an upgrade to this version already underway or done is
+/// left alone.
+async fn upgrade(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let form: UpgradeForm = csrf::protected_form(&req, &user, &body)?;
+    let agent = found(state.agents.resolve(&path.into_inner()))?;
+    let package = state.upgrades.package(&form.version).ok_or_else(|| {
+        WebError::BadRequest(format!("no package for version {:?}", form.version))
+    })?;
+    let back = format!("/agents/{}?done=upgrade", enc(&agent.id));
+    let settled = state.upgrades.agent(&agent.id).is_some_and(|c| {
+        c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
+    });
+    if settled {
+        return Ok(layout::redirect(&back));
+    }
+    let link = state
+        .links
+        .send(GetLink {
+            agent_id: agent.id.clone(),
+        })
+        .await
+        .map_err(|e| WebError::Unavailable(e.to_string()))?
+        .map_err(|e| WebError::Unavailable(e.to_string()))?;
+    let seq = link
+        .send(QueueUpgrade {
+            package: package.clone(),
+        })
+        .await
+        .map_err(|e| WebError::Unavailable(e.to_string()))?
+        .map_err(|e| WebError::Unavailable(e.to_string()))?;
+    tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, seq = seq.0, "web-upgrade-queued");
+    Ok(layout::redirect(&back))
+}
+
+#[derive(Deserialize)]
+struct DeleteForm {
+    confirm: Option<String>,
+}
+
+async fn delete(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
+    if form.confirm.as_deref() != Some("yes") {
+        return Err(WebError::BadRequest(
+            "tick \"I am sure\" to delete an agent".into(),
+        ));
+    }
+    let agent = state.agents.delete(&path.into_inner()).await?;
+    tracing::info!(user = %user.name, agent_id = %agent.id, name = %agent.name, "web-agent-deleted");
+    Ok(layout::redirect("/agents?done=deleted"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_parse_per_line() {
+        let p = parse_properties("rack=b2\n\n owner = ops team\nurl=a=b\n").unwrap();
+        assert_eq!(p["rack"], "b2");
+        assert_eq!(p["owner"], " ops team");
+        assert_eq!(p["url"], "a=b");
+        assert!(parse_properties("no equals sign").is_err());
+    }
+}

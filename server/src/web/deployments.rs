@@ -1,0 +1,352 @@
+//! Deployments: `GET /deployments` (newest first, paged, and the form to start one),
+//! `POST /deployments` (start: process, targets by agent names or tags, properties),
+//! `GET /deployments/{id}` (per-agent, per-step status and live logs, refreshed by the page
+//! script from `GET /ui/deployments/{id}.json` and `GET /ui/deployments/{id}/log`), and
+//! `POST /deployments/{id}/cancel`. Starting and cancelling go through the same functions as
+//! the REST API (`deployments::api::start`, `cancel_deployment`); the JSON is the REST
+//! API's `GET /api/v1/deployments/{id}` (secrets masked).
+
+use std::collections::BTreeMap;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use maud::{html, Markup};
+use serde::Deserialize;
+
+use super::layout::{self, badge, csrf_field, enc, found, resource, utc};
+use super::session::CurrentUser;
+use super::{csrf, WebError, WebState};
+use crate::deployments::api as deployments_api;
+use crate::deployments::model::{deployment_status, DeploymentStatus};
+use crate::deployments::{view, NewDeployment, Targets};
+
+/// Deployments per page of the list.
+const PAGE_SIZE: usize = 50;
+/// Jobs whose logs are shown open at first (more: opened one by one).
+const OPEN_LOGS_UP_TO: usize = 10;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        resource("/deployments")
+            .route(web::get().to(list))
+            .route(web::post().to(start)),
+    )
+    .service(resource("/deployments/{id}").route(web::get().to(detail)))
+    .service(resource("/deployments/{id}/cancel").route(web::post().to(cancel)))
+    .service(resource("/ui/deployments/{id}.json").route(web::get().to(detail_json)))
+    .service(resource("/ui/deployments/{id}/log").route(web::get().to(log)));
+}
+
+fn status_word(s: DeploymentStatus) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The form starting a deployment (of `process`, if given).
+pub fn start_form(user: &CurrentUser, state: &WebState, process: Option<&str>) -> Markup {
+    let processes = state.deployments.processes();
+    html! {
+        form.card #start-deployment method="post" action="/deployments" {
+            (csrf_field(user))
+            h2 { "Start a deployment" }
+            @if processes.is_empty() {
+                p.muted { "Create a process first." }
+            } @else {
+                label for="process" { "Process" }
+                select #process name="process" {
+                    @for p in &processes {
+                        option value=(p.name) selected[Some(p.name.as_str()) == process] { (p.name) " (v" (p.version) ")" }
+                    }
+                }
+                label for="target-kind" { "Targets" }
+                select #target-kind name="target_kind" {
+                    option value="agents" { "agents named" }
+                    option value="tags" { "every agent with all these tags" }
+                }
+                input #targets type="text" name="targets" placeholder="web-1 web-2  (or: tags)" required;
+                label for="deploy-properties" { "Properties, one name=value per line (names ending in _secret are masked)" }
+                textarea #deploy-properties name="properties" rows="4" {}
+                button #start-button type="submit" { "Start deployment" }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    page: Option<usize>,
+}
+
+async fn list(
+    user: CurrentUser,
+    query: web::Query<ListQuery>,
+    state: web::Data<WebState>,
+) -> HttpResponse {
+    let rows = state.deployments.with_state(|s| {
+        let mut rows: Vec<(u64, String, String, DeploymentStatus, usize)> = s
+            .deployments
+            .values()
+            .map(|d| {
+                (
+                    d.created_unix_ms,
+                    d.id.clone(),
+                    d.process.clone(),
+                    deployment_status(s.jobs_of(d)),
+                    d.agents.len(),
+                )
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        rows
+    });
+    let pages = rows.len().div_ceil(PAGE_SIZE).max(1);
+    let page = query.page.unwrap_or(1).clamp(1, pages);
+    layout::page(
+        "Deployments",
+        &user,
+        "/deployments",
+        html! {
+            (start_form(&user, &state, None))
+            @if rows.is_empty() { p.muted { "No deployment yet." } } @else {
+                table #deployments {
+                    thead { tr { th { "Id" } th { "Process" } th { "Status" } th { "Jobs" } th { "Created" } } }
+                    tbody { @for (created, id, process, status, jobs) in rows.iter().skip((page - 1) * PAGE_SIZE).take(PAGE_SIZE) {
+                        tr {
+                            td { a href={ "/deployments/" (enc(id)) } { (id) } }
+                            td { (process) } td { (badge(&status_word(*status))) }
+                            td { (jobs) } td { (utc(*created)) }
+                        }
+                    } }
+                }
+                @if pages > 1 {
+                    nav.pager aria-label="pages" {
+                        @if page > 1 { a rel="prev" href={ "/deployments?page=" (page - 1) } { "← newer" } }
+                        span { "page " (page) " of " (pages) }
+                        @if page < pages { a rel="next" href={ "/deployments?page=" (page + 1) } { "older →" } }
+                    }
+                }
+            }
+        },
+    )
+}
+
+#[derive(Deserialize)]
+struct StartForm {
+    process: String,
+    target_kind: String,
+    #[serde(default)]
+    targets: String,
+    #[serde(default)]
+    properties: String,
+}
+
+async fn start(
+    req: HttpRequest,
+    user: CurrentUser,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let form: StartForm = csrf::protected_form(&req, &user, &body)?;
+    let names: Vec<String> = form
+        .targets
+        .split(|c: char| c == ',' || c.is_whitespace())
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let targets = match form.target_kind.as_str() {
+        "agents" => Targets {
+            agents: Some(names),
+            tags: None,
+        },
+        "tags" => Targets {
+            agents: None,
+            tags: Some(names),
+        },
+        _ => {
+            return Err(WebError::BadRequest(
+                "targets must be agents or tags".into(),
+            ))
+        }
+    };
+    let mut properties = BTreeMap::new();
+    for (i, line) in form.properties.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (k, v) = line.split_once('=').ok_or_else(|| {
+            WebError::BadRequest(format!("properties line {}: expected name=value", i + 1))
+        })?;
+        properties.insert(k.trim().to_owned(), v.to_owned());
+    }
+    let new = NewDeployment {
+        process: form.process,
+        targets,
+        properties,
+    };
+    let (id, jobs) =
+        deployments_api::start(&state.deployments, &state.registry, &state.links, new).await?;
+    tracing::info!(user = %user.name, deployment_id = %id, jobs, "web-deployment-started");
+    Ok(layout::redirect(&format!(
+        "/deployments/{}?done=started",
+        enc(&id)
+    )))
+}
+
+#[derive(Deserialize)]
+struct DetailQuery {
+    done: Option<String>,
+}
+
+async fn detail(
+    user: CurrentUser,
+    path: web::Path<String>,
+    query: web::Query<DetailQuery>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let id = path.into_inner();
+    let d = found(state.deployments.with_state(|s| {
+        s.deployments
+            .get(&id)
+            .map(|d| view::deployment(s, d, &state.registry))
+    }))?;
+    let str_of = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+    let status = str_of(&d["status"]);
+    let final_ = matches!(status.as_str(), "succeeded" | "failed" | "cancelled");
+    let jobs = d["jobs"].as_array().cloned().unwrap_or_default();
+    let open_logs = jobs.len() <= OPEN_LOGS_UP_TO;
+    let id_enc = enc(&id);
+    Ok(layout::page(
+        &format!("Deployment {id}"),
+        &user,
+        "/deployments",
+        html! {
+            (layout::notice(query.done.as_deref()))
+            section #deployment data-deployment data-poll={ "/ui/deployments/" (id_enc) ".json" } {
+                dl.props {
+                    dt { "Status" } dd { span data-field="status" { (badge(&status)) } }
+                    dt { "Process" } dd { a href={ "/processes/" (enc(&str_of(&d["process"]))) } { (str_of(&d["process"])) }
+                        " v" (d["process_version"].as_u64().unwrap_or(0)) }
+                    dt { "Created" } dd { (utc(d["created_unix_ms"].as_u64().unwrap_or(0))) }
+                    dt { "Properties" } dd {
+                        @if let Some(props) = d["properties"].as_object() {
+                            @for (k, v) in props { div { code { (k) } " = " (str_of(v)) } }
+                        }
+                    }
+                }
+                @if !final_ {
+                    form.card #cancel data-while-running method="post" action={ "/deployments/" (id_enc) "/cancel" } {
+                        (csrf_field(&user))
+                        p { "Cancelling kills each agent's running step; the steps after it end cancelled." }
+                        button.danger #cancel-button type="submit" { "Cancel deployment" }
+                    }
+                }
+                @for (j, job) in jobs.iter().enumerate() {
+                    section.card.job data-job=(j) {
+                        h2 {
+                            a href={ "/agents/" (enc(&str_of(&job["agent_id"]))) } { (str_of(&job["agent"])) } " "
+                            span data-field="job-status" { (badge(&str_of(&job["status"]))) }
+                        }
+                        p.muted data-field="job-message" { (str_of(&job["message"])) }
+                        table.steps {
+                            thead { tr { th { "Step" } th { "Status" } th { "Exit" } th { "Outputs" } th { "Message" } } }
+                            tbody { @for (i, step) in job["steps"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+                                tr data-step=(i) {
+                                    td { (str_of(&step["name"])) }
+                                    td { span data-field="step-status" { (badge(&str_of(&step["status"]))) } }
+                                    td data-field="exit-code" { @if let Some(c) = step["exit_code"].as_i64() { (c) } }
+                                    td data-field="outputs" {
+                                        @if let Some(o) = step["outputs"].as_object() {
+                                            (o.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default())).collect::<Vec<_>>().join(", "))
+                                        }
+                                    }
+                                    td data-field="step-message" { (str_of(&step["message"])) }
+                                }
+                            } }
+                        }
+                        @for (i, step) in job["steps"].as_array().cloned().unwrap_or_default().iter().enumerate() {
+                            details.log open[open_logs] {
+                                summary { "Log of " (str_of(&step["name"])) }
+                                pre.log data-step-log=(i) data-state=(str_of(&step["status"]))
+                                    data-log={ "/ui/deployments/" (id_enc) "/log?agent=" (enc(&str_of(&job["agent_id"]))) "&step=" (i) } {}
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
+
+async fn detail_json(
+    _user: CurrentUser,
+    path: web::Path<String>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let id = path.into_inner();
+    let d = found(state.deployments.with_state(|s| {
+        s.deployments
+            .get(&id)
+            .map(|d| view::deployment(s, d, &state.registry))
+    }))?;
+    Ok(layout::json(&d))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    agent: String,
+    step: String,
+    #[serde(default)]
+    offset: usize,
+}
+
+/// The log text from byte `offset` on (the whole log if `offset` is not a place in it), with
+/// `X-Log-Offset` (where the body starts) and `X-Log-Length` (the whole log's length).
+async fn log(
+    _user: CurrentUser,
+    path: web::Path<String>,
+    query: web::Query<LogQuery>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let q = query.into_inner();
+    let text = deployments_api::log_text(
+        &state.deployments,
+        &state.registry,
+        &path.into_inner(),
+        q.agent,
+        &q.step,
+    )
+    .await?;
+    let (offset, tail) = match text.get(q.offset..) {
+        Some(tail) => (q.offset, tail.to_owned()),
+        None => (0, text.clone()),
+    };
+    let mut r = layout::text(tail);
+    let headers = r.headers_mut();
+    for (name, value) in [("x-log-offset", offset), ("x-log-length", text.len())] {
+        if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&value.to_string()) {
+            headers.insert(actix_web::http::header::HeaderName::from_static(name), v);
+        }
+    }
+    Ok(r)
+}
+
+#[derive(Deserialize)]
+struct Empty {}
+
+async fn cancel(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let _: Empty = csrf::protected_form(&req, &user, &body)?;
+    let id = path.into_inner();
+    let sent = deployments_api::cancel_deployment(&state.deployments, &state.links, &id).await?;
+    tracing::info!(user = %user.name, deployment_id = %id, sent, "web-deployment-cancelled");
+    Ok(layout::redirect(&format!(
+        "/deployments/{}?done=cancelled",
+        enc(&id)
+    )))
+}

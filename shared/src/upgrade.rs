@@ -1,0 +1,186 @@
+//! Agent upgrade packages: what the server signs and the agent (worker and monitor) checks.
+//!
+//! A package is an agent binary stored on the server under a version `MAJOR.MINOR.PATCH`. The
+//! server signs [`package_signing_bytes`] (the version and the package's sha256) with its
+//! command-signing key at upload; the `Upgrade` command carries that signature, and the agent
+//! verifies it against the key it pinned at enrollment, then the downloaded bytes against the
+//! sha256. So neither a relay nor anyone who can write to the server's blob directory can make
+//! an agent run bytes the server did not sign for that version, and a package can never be
+//! replayed under another version number.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use crate::identity::PublicKey;
+
+/// Longest version text accepted (three numbers and two dots fit many times over).
+const MAX_VERSION_LEN: usize = 64;
+
+/// A package version: `MAJOR.MINOR.PATCH`, decimal, no sign, no leading zeros (except `0`),
+/// no pre-release or build suffix. Ordered numerically, part by part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version {
+    pub major: u64,
+    pub minor: u64,
+    pub patch: u64,
+}
+
+/// Why a version text is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("version {text:?} is not MAJOR.MINOR.PATCH (decimal numbers, e.g. 1.4.2)")]
+pub struct VersionError {
+    /// The refused text, shortened.
+    pub text: String,
+}
+
+impl Version {
+    /// Parses `MAJOR.MINOR.PATCH`.
+    pub fn parse(text: &str) -> Result<Version, VersionError> {
+        let refuse = || VersionError {
+            text: text.chars().take(MAX_VERSION_LEN).collect(),
+        };
+        if text.len() > MAX_VERSION_LEN {
+            return Err(refuse());
+        }
+        let mut parts = text.split('.');
+        let mut next = || -> Result<u64, VersionError> {
+            let p = parts.next().ok_or_else(refuse)?;
+            let digits_only = !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+            if !digits_only || (p.len() > 1 && p.starts_with('0')) {
+                return Err(refuse());
+            }
+            p.parse().map_err(|_| refuse())
+        };
+        let (major, minor, patch) = (next()?, next()?, next()?);
+        if parts.next().is_some() {
+            return Err(refuse());
+        }
+        Ok(Version {
+            major,
+            minor,
+            patch,
+        })
+    }
+}
+
+impl Ord for Version {
+    fn cmp(&self, other: &Self) -> Ordering {
+        (self.major, self.minor, self.patch).cmp(&(other.major, other.minor, other.patch))
+    }
+}
+
+impl PartialOrd for Version {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// `true` for 64 lowercase hex digits.
+pub fn is_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// The bytes the server signs for package `sha256` published as `version`.
+pub fn package_signing_bytes(version: &str, sha256: &str) -> Vec<u8> {
+    format!("tether-upgrade-v1\n{version}\n{sha256}").into_bytes()
+}
+
+/// Why a package's metadata is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PackageError {
+    #[error(transparent)]
+    Version(#[from] VersionError),
+    #[error("sha256 {0:?} is not 64 lowercase hex digits")]
+    Sha256(String),
+    #[error("the package signature does not verify against the server's key")]
+    Signature,
+}
+
+/// Checks a package's metadata: a valid version, a well-formed sha256, and the server's
+/// signature over both. Answers the parsed version.
+pub fn verify_package(
+    server_key: &PublicKey,
+    version: &str,
+    sha256: &str,
+    signature: &str,
+) -> Result<Version, PackageError> {
+    let parsed = Version::parse(version)?;
+    if !is_sha256(sha256) {
+        return Err(PackageError::Sha256(sha256.chars().take(80).collect()));
+    }
+    server_key
+        .verify(&package_signing_bytes(version, sha256), signature)
+        .map_err(|_| PackageError::Signature)?;
+    Ok(parsed)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    #[test]
+    fn versions_parse_strictly_and_order_numerically() {
+        let v = |s: &str| Version::parse(s).unwrap();
+        assert!(v("0.1.0") < v("0.1.1"));
+        assert!(v("0.9.0") < v("0.10.0"));
+        assert!(v("1.0.0") > v("0.99.99"));
+        assert_eq!(v("99.0.0").to_string(), "99.0.0");
+        for bad in [
+            "",
+            "1",
+            "1.2",
+            "1.2.3.4",
+            "1.2.x",
+            "01.2.3",
+            "1.2.3-rc1",
+            "+1.2.3",
+            "1..3",
+            " 1.2.3",
+            "1.2.99999999999999999999",
+        ] {
+            assert!(Version::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(Version::parse(&"1".repeat(100)).is_err());
+    }
+
+    #[test]
+    fn a_package_verifies_only_for_its_version_and_content() {
+        let server = Identity::generate();
+        let sha = "ab".repeat(32);
+        let sig = server.sign(&package_signing_bytes("1.2.3", &sha));
+        let key = server.public_key();
+        assert_eq!(
+            verify_package(&key, "1.2.3", &sha, &sig).unwrap(),
+            Version::parse("1.2.3").unwrap()
+        );
+        assert_eq!(
+            verify_package(&key, "1.2.4", &sha, &sig),
+            Err(PackageError::Signature)
+        );
+        assert_eq!(
+            verify_package(&key, "1.2.3", &"cd".repeat(32), &sig),
+            Err(PackageError::Signature)
+        );
+        let other = Identity::generate().public_key();
+        assert_eq!(
+            verify_package(&other, "1.2.3", &sha, &sig),
+            Err(PackageError::Signature)
+        );
+        assert!(matches!(
+            verify_package(&key, "1.2.3", "../../etc", &sig),
+            Err(PackageError::Sha256(_))
+        ));
+        assert!(matches!(
+            verify_package(&key, "latest", &sha, &sig),
+            Err(PackageError::Version(_))
+        ));
+    }
+}

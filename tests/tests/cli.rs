@@ -208,8 +208,18 @@ fn server_init_creates_a_working_data_dir_once() {
     // The token and the web admin password are printed exactly once, and nowhere else.
     let text = stdout(&out);
     assert_eq!(text.lines().count(), 2, "{text}");
-    let token = text.lines().next().unwrap().strip_prefix("admin token: ").unwrap();
-    let password = text.lines().nth(1).unwrap().strip_prefix("admin password: ").unwrap();
+    let token = text
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("admin token: ")
+        .unwrap();
+    let password = text
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("admin password: ")
+        .unwrap();
     assert_eq!(
         fs::read_to_string(data.join("admin.password")).unwrap(),
         password
@@ -219,7 +229,10 @@ fn server_init_creates_a_working_data_dir_once() {
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
     assert!(!stderr(&out).contains(token), "token leaked to the log");
-    assert!(!stderr(&out).contains(password), "password leaked to the log");
+    assert!(
+        !stderr(&out).contains(password),
+        "password leaked to the log"
+    );
     assert_eq!(fs::read_to_string(data.join("admin.token")).unwrap(), token);
 
     let files = snapshot(&data);

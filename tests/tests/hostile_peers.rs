@@ -14,6 +14,7 @@
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::json;
 use tether_shared::identity::Identity;
 use tether_shared::protocol::{
@@ -150,6 +151,9 @@ fn enroll_relay(server: &Server, name: &str) -> (String, Identity) {
         "name": name,
         "public_key": key.public_key_b64(),
         "role": "relay",
+        "tls_public_key": base64::engine::general_purpose::STANDARD
+            .encode(tether_shared::tls::TlsKey::generate().unwrap().public_key_raw()),
+        "hostnames": ["localhost"],
     })
     .to_string();
     let reply = https_request_with_body(

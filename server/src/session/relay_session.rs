@@ -222,9 +222,12 @@ impl RelaySession {
     }
 
     fn on_open(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, open: Open) {
-        let refusal = if self.channels.contains_key(&ch) {
-            Some("channel already open".to_owned())
-        } else if self.channels.len() >= MAX_CHANNELS {
+        if self.channels.contains_key(&ch) {
+            // Channel ids are never reused on a link: a relay that does is broken or hostile.
+            let reason = format!("channel {ch} opened twice");
+            return self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+        }
+        let refusal = if self.channels.len() >= MAX_CHANNELS {
             Some(format!("at most {MAX_CHANNELS} channels per link"))
         } else {
             self.path_problem(&open.path)
@@ -234,8 +237,12 @@ impl RelaySession {
             self.stats.channels_refused += 1;
             return self.close_channel_wire(ctx, ch, 1008, &reason);
         }
+        // One link may hold at most half of the server's handshakes, so that a relay (broken or
+        // hostile) cannot starve everybody else's.
+        let mine = self.channels.values().filter(|c| c.counted).count();
         let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
-        if in_flight > self.shared.max_handshakes {
+        if in_flight > self.shared.max_handshakes || mine >= (self.shared.max_handshakes / 2).max(1)
+        {
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
             let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
             self.send_on(ctx, ch, &Frame::Busy(Busy { retry_after_ms }));

@@ -42,6 +42,9 @@ mod upgrade;
 use tether_shared::backoff::Backoff;
 use upgrade::UpgradeDriver;
 
+/// How long a dropped connection's last frames get to reach the wire before its socket closes.
+const CLOSE_LINGER: Duration = Duration::from_millis(50);
+
 type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
 
 /// Meta keys of the probe generator's durable state.
@@ -256,7 +259,9 @@ impl Uplink {
         let was_ready = self.phase == Phase::Ready;
         if let Some(mut sink) = self.sink.take() {
             let _ = sink.write(ws::Message::Close(None));
-            sink.close();
+            // actix-codec's close shuts the socket without writing what is still buffered, so
+            // the close (and any error frame before it) gets a moment to be flushed first.
+            ctx.run_later(CLOSE_LINGER, move |_, _| sink.close());
         }
         if let Some(h) = self.stream.take() {
             ctx.cancel_future(h);

@@ -1,0 +1,1449 @@
+//! A hostile relay (HOSTILE-INPUTS.md section 2: "Agent impersonates another agent through a
+//! relay", "Relay injects or alters commands toward agents"; section 1 for its link's framing).
+//!
+//! The attacker is a *legitimately enrolled* relay: a real `tether-relay install` whose data
+//! directory it reads (`relay.key`, its TLS certificate from the server's CA). It speaks the
+//! relay link by hand (a [`WsClient`] at `/relay/v1/ws` on the server's agent-facing listener:
+//! the relay's own v1 handshake, then mux frames), or it listens where its agents expect it and
+//! speaks the agent surface to a real agent. Against the server it tries:
+//!
+//! 1. impersonation: a channel whose `Hello` names a real agent, with a proof signed by the
+//!    relay's key, or replayed from another nonce, or with the wrong role;
+//! 2. frames for an agent on a channel that has not finished its handshake, or was never
+//!    opened, or was already refused;
+//! 3. channels with a forged relay path;
+//! 4. garbage on the link itself;
+//! 5. an agent identity opening a relay link;
+//!
+//! and against an agent that has only it as upstream:
+//!
+//! 6. commands it minted, or genuine server-signed ones it altered or replayed.
+//!
+//! Each case asserts the visible refusal (error frame, channel close or link close with its
+//! code; the agent's logged refusal and dropped connection) and that nothing happened: no journal commit on the server
+//! (`tether_journal_commits_total`), no agent online, no link created for an agent that never
+//! got through, an agent's event counters and probes unchanged, no marker file written, nothing
+//! in the agent's journal. Positive controls with the same hand-made client (a real agent key
+//! signing the server's nonce on a channel, a true relay path, a genuine command) prove the
+//! refusals are not just a broken client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::{web, App, HttpRequest, HttpServer};
+use actix_web_actors::ws;
+use serde_json::{json, Value};
+use tether_shared::identity::Identity;
+use tether_shared::journal::{Journal, JournalOptions, LogName};
+use tether_shared::mux::{
+    self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
+};
+use tether_shared::protocol::{
+    self, command_signing_bytes, Ack, Challenge, Command, CommandBody, ErrorCode, ErrorFrame,
+    Event, EventBody, Frame, Heartbeat, OnInterrupt, Sender, Seq, StepSpec, StreamId, Welcome,
+};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::relays::{relay_entry, Relay};
+use tether_tests::wire::{
+    agent_identity, frame_header, fresh_incarnation, health, hello, journal_commits, server_log,
+    tls_config, Closed, WsClient, WsEvent, OP_BINARY,
+};
+
+/// Bound on every wait for the server (a frame, a close, a state change).
+const WAIT: Duration = Duration::from_secs(10);
+/// Bound on a real agent coming online or a job running.
+const ONLINE: Duration = Duration::from_secs(30);
+/// How long "nothing came back" is watched for.
+const QUIET: Duration = Duration::from_millis(750);
+
+// ---------------------------------------------------------------------------------------------
+// The hostile relay's link to the server
+
+/// What the server sent on a relay link.
+#[derive(Debug)]
+enum LinkEvent {
+    /// A v1 frame on a channel (heartbeats are answered and skipped).
+    Frame(u32, Frame),
+    /// The server closed a channel.
+    ChannelClosed(u32, u16, String),
+    /// The link itself ended: its close code (`None`: dropped without one) and reason.
+    Ended(Option<u16>, String),
+}
+
+/// A relay link spoken by hand with an enrolled relay's key.
+struct FakeRelay {
+    ws: WsClient,
+}
+
+impl FakeRelay {
+    /// Connects to `/relay/v1/ws` and completes the relay's own handshake as `id`.
+    fn connect(server: &Server, id: &str, key: &Identity) -> FakeRelay {
+        let mut ws = WsClient::connect_to(server.wss, tls_config(server), RELAY_WS_PATH).unwrap();
+        let nonce = ws.challenge(WAIT);
+        ws.send(&Frame::Hello(hello(key, id, &nonce, ""))).unwrap();
+        match ws.recv_frame("the relay link's welcome", WAIT) {
+            Frame::Welcome(_) => {}
+            other => panic!("relay {id}: expected a welcome, got {other:?}"),
+        }
+        FakeRelay { ws }
+    }
+
+    fn send(&mut self, frame: &Mux) {
+        self.ws.send_binary(&frame.encode()).unwrap();
+    }
+
+    /// Any bytes as one binary WebSocket message.
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.ws.send_binary(bytes).unwrap();
+    }
+
+    /// A v1 frame on channel `ch`.
+    fn data(&mut self, ch: u32, frame: &Frame) {
+        self.send_bytes(&mux::data(ch, &frame.encode().unwrap()));
+    }
+
+    fn open(&mut self, ch: u32, kind: ChannelKind, path: &[&str]) {
+        self.send(&Mux::Open {
+            ch,
+            open: Open {
+                kind,
+                path: path.iter().map(|s| s.to_string()).collect(),
+                peer: "198.51.100.7:40000".into(),
+            },
+        });
+    }
+
+    /// The next event within `timeout`; heartbeats are skipped, and the link's own ones
+    /// answered like a real relay does.
+    fn next(&mut self, timeout: Duration) -> Option<LinkEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.ws.recv(left)? {
+                WsEvent::Data(bytes) => {
+                    let frame = Mux::decode(&bytes).unwrap_or_else(|e| {
+                        panic!("the server sent an undecodable mux frame ({e}): {bytes:?}")
+                    });
+                    match frame {
+                        Mux::Data { ch, frame } => {
+                            let f = protocol::decode(&frame, Sender::Server).unwrap_or_else(|e| {
+                                panic!(
+                                    "undecodable frame from the server on channel {ch} ({e}): {}",
+                                    String::from_utf8_lossy(&frame)
+                                )
+                            });
+                            if let Frame::Heartbeat(_) = f {
+                                if ch == LINK_CHANNEL {
+                                    let _ = self.ws.send_binary(&mux::data(LINK_CHANNEL, &beat()));
+                                }
+                                continue;
+                            }
+                            return Some(LinkEvent::Frame(ch, f));
+                        }
+                        Mux::Close { ch, code, reason } => {
+                            return Some(LinkEvent::ChannelClosed(ch, code, reason))
+                        }
+                        Mux::Open { .. } => panic!("the server opened a channel: {frame:?}"),
+                    }
+                }
+                WsEvent::Ping(_) | WsEvent::Pong(_) => {}
+                WsEvent::Close(code, reason) => return Some(LinkEvent::Ended(code, reason)),
+                WsEvent::Dropped(reason) => return Some(LinkEvent::Ended(None, reason)),
+            }
+        }
+    }
+
+    fn expect(&mut self, what: &str) -> LinkEvent {
+        self.next(WAIT)
+            .unwrap_or_else(|| panic!("waiting for {what}: nothing within {WAIT:?}"))
+    }
+
+    /// Opens channel `ch` and reads its challenge nonce.
+    fn open_challenged(&mut self, ch: u32, kind: ChannelKind, path: &[&str]) -> String {
+        self.open(ch, kind, path);
+        match self.expect("a channel's challenge") {
+            LinkEvent::Frame(c, Frame::Challenge(Challenge { nonce })) if c == ch => nonce,
+            other => panic!("channel {ch}: expected a challenge, got {other:?}"),
+        }
+    }
+
+    /// Channel `ch`'s peer refused: an error frame on it, then its close (the link stays).
+    fn expect_refused(&mut self, case: &str, ch: u32) -> (ErrorFrame, u16, String) {
+        let error = match self.expect(case) {
+            LinkEvent::Frame(c, Frame::Error(e)) if c == ch => e,
+            other => panic!("{case}: expected an error frame on channel {ch}, got {other:?}"),
+        };
+        match self.expect(case) {
+            LinkEvent::ChannelClosed(c, code, reason) if c == ch => (error, code, reason),
+            other => panic!("{case}: expected channel {ch} closed, got {other:?}"),
+        }
+    }
+
+    /// Channel `ch` closed without any frame on it first (an `Open` refused).
+    fn expect_channel_closed(&mut self, case: &str, ch: u32) -> (u16, String) {
+        match self.expect(case) {
+            LinkEvent::ChannelClosed(c, code, reason) if c == ch => (code, reason),
+            other => panic!("{case}: expected channel {ch} closed at once, got {other:?}"),
+        }
+    }
+
+    /// Nothing but heartbeats comes back for a while.
+    fn expect_silence(&mut self, case: &str) {
+        if let Some(e) = self.next(QUIET) {
+            panic!("{case}: expected no answer, got {e:?}");
+        }
+    }
+
+    /// The link ends: its close code, reason, and the error frames sent on channel 0 first.
+    fn expect_link_end(&mut self, case: &str) -> (Option<u16>, String, Vec<ErrorFrame>) {
+        let mut errors = Vec::new();
+        loop {
+            match self.expect(case) {
+                LinkEvent::Frame(LINK_CHANNEL, Frame::Error(e)) => errors.push(e),
+                LinkEvent::Ended(code, reason) => return (code, reason, errors),
+                other => panic!("{case}: expected the link to close, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// A relay's heartbeat, encoded.
+fn beat() -> Vec<u8> {
+    Frame::Heartbeat(Heartbeat {
+        sent_ms: now_ms(),
+        status: None,
+    })
+    .encode()
+    .unwrap()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `tether-relay install` against `server` (not run): the relay and its private key, as a
+/// compromised relay host holds them.
+fn install_relay(server: &Server, root: &Path, name: &str) -> (Relay, Identity) {
+    let relay = Relay::install(server, &[server.upstream()], root, name, &[]);
+    let key = Identity::load(&relay.dir.join("relay.key")).unwrap();
+    (relay, key)
+}
+
+/// What the server's health says relay `id`'s current link holds (`null` if it has none).
+fn link_stats(server: &Server, id: &str) -> Value {
+    health(server)["relay_links"][id].clone()
+}
+
+fn relay_status(server: &Server, name: &str) -> String {
+    relay_entry(server, name)
+        .and_then(|r| r["status"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn probe_event(seq: u64, n: u64) -> Event {
+    Event::new(
+        Seq(seq),
+        EventBody::Probe {
+            n,
+            data: format!("smuggled {n}"),
+        },
+    )
+    .unwrap()
+}
+
+/// Builds a hello from a channel's (or connection's) nonce.
+type MakeHello<'a> = dyn Fn(&str) -> protocol::Hello + 'a;
+/// Builds a message's bytes from a connection's nonce.
+type MakeBytes<'a> = dyn Fn(&str) -> Vec<u8> + 'a;
+
+/// Asserts an error frame of `code` whose message contains `needle`.
+fn assert_error(case: &str, e: &ErrorFrame, code: ErrorCode, needle: &str) {
+    assert_eq!(e.code, code, "{case}: error code; {e:?}");
+    assert!(
+        e.message.contains(needle),
+        "{case}: error message {:?} should contain {needle:?}",
+        e.message
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases 1 and 2: impersonation, and frames for an agent outside a finished handshake
+
+#[test]
+fn a_relay_cannot_impersonate_an_agent_or_speak_for_it_before_its_handshake() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let (relay, rkey) = install_relay(&server, tmp.path(), "relay-a");
+    // An agent with a history: a link on the server, events and probes received.
+    let mut known = Agent::install(&server, tmp.path(), "known-1", &[]);
+    known.run();
+    eventually("known-1 online", ONLINE, || {
+        (server.agent_status(&known.id) == "online").then_some(())
+    });
+    server.queue_probes(&known.id, 3, 3);
+    let probes = server.wait_for_probes(&known.id, 3, 3, ONLINE);
+    known.stop();
+    eventually("known-1 offline", WAIT, || {
+        (server.agent_status(&known.id) == "offline").then_some(())
+    });
+    let known_key = agent_identity(&known.dir);
+    // An agent that never connected.
+    let fresh = Agent::install(&server, tmp.path(), "fresh-1", &[]);
+    let fresh_key = agent_identity(&fresh.dir);
+
+    let mut link = FakeRelay::connect(&server, &relay.id, &rkey);
+    eventually("relay-a online", WAIT, || {
+        (relay_status(&server, "relay-a") == "online").then_some(())
+    });
+    let events_received = health(&server)["agents"][&known.id]["events_received"].clone();
+    assert!(
+        events_received.as_u64().is_some_and(|n| n >= 6),
+        "known-1's link: {}",
+        health(&server)
+    );
+    let commits = journal_commits(&server);
+    let me = [relay.id.as_str()];
+    let inc = fresh_incarnation();
+    let mut opened = 0;
+
+    // 1. Impersonation: every Hello below names a real enrolled peer; none carries that peer's
+    //    own signature over this channel's nonce.
+    let n1 = link.open_challenged(1, ChannelKind::Agent, &me);
+    opened += 1;
+    // A proof the known agent really made, but over channel 1's nonce: captured, for later.
+    let captured = hello(&known_key, &known.id, &n1, &inc);
+    link.data(1, &Frame::Hello(hello(&rkey, &fresh.id, &n1, &inc)));
+    let (e, code, reason) = link.expect_refused("relay-signed hello for fresh-1", 1);
+    assert_error(
+        "relay-signed hello",
+        &e,
+        ErrorCode::Unauthorized,
+        "bad proof signature",
+    );
+    assert_eq!((code, reason.as_str()), (1008, "bad proof signature"));
+
+    let cases: [(&str, ChannelKind, &MakeHello, &str); 5] = [
+        (
+            "relay-signed hello for known-1",
+            ChannelKind::Agent,
+            &|nonce| hello(&rkey, &known.id, nonce, &inc),
+            "bad proof signature",
+        ),
+        (
+            "known-1's genuine proof replayed from another channel's nonce",
+            ChannelKind::Agent,
+            &|_| captured.clone(),
+            "bad proof signature",
+        ),
+        (
+            "the relay's own valid proof on an agent channel",
+            ChannelKind::Agent,
+            &|nonce| hello(&rkey, &relay.id, nonce, &inc),
+            "not an agent identity",
+        ),
+        (
+            "known-1's replayed proof on a relay channel",
+            ChannelKind::Relay,
+            &|_| captured.clone(),
+            "not a relay identity",
+        ),
+        (
+            "an id nobody enrolled",
+            ChannelKind::Agent,
+            &|nonce| hello(&rkey, "a-00000000deadbeef", nonce, &inc),
+            "unknown agent",
+        ),
+    ];
+    for (i, (case, kind, make, needle)) in cases.iter().enumerate() {
+        let ch = 2 + i as u32;
+        let nonce = link.open_challenged(ch, *kind, &me);
+        opened += 1;
+        link.data(ch, &Frame::Hello(make(&nonce)));
+        let (e, code, reason) = link.expect_refused(case, ch);
+        eprintln!("{case}: {e:?} close {code} {reason:?}");
+        assert_error(case, &e, ErrorCode::Unauthorized, needle);
+        assert_eq!(code, 1008, "{case}");
+        assert!(reason.contains(needle), "{case}: close reason {reason:?}");
+    }
+
+    // 2. Frames for an agent on a channel still in the challenged phase: refused, the channel
+    //    closed; never handed to the agent's link.
+    let steps: [(&str, Vec<u8>, u16, ErrorCode, &str); 3] = [
+        (
+            "an event for known-1 before any hello",
+            Frame::Event(probe_event(7, 4)).encode().unwrap(),
+            1008,
+            ErrorCode::ProtocolViolation,
+            "expected hello, got event",
+        ),
+        (
+            "a welcome (server-only kind) before any hello",
+            Frame::Welcome(Welcome {
+                last_event_seq: Seq::ZERO,
+                server_incarnation: "x".into(),
+                heartbeat_interval_ms: 1000,
+            })
+            .encode()
+            .unwrap(),
+            1008,
+            ErrorCode::ProtocolViolation,
+            "may not be sent by the agent",
+        ),
+        (
+            "an undecodable frame before any hello",
+            b"{\"v\":1,\"kind\":\"event\",".to_vec(),
+            1002,
+            ErrorCode::Malformed,
+            "malformed",
+        ),
+    ];
+    for (i, (case, bytes, want_code, error, needle)) in steps.iter().enumerate() {
+        let ch = 10 + i as u32;
+        link.open_challenged(ch, ChannelKind::Agent, &me);
+        opened += 1;
+        link.send_bytes(&mux::data(ch, bytes));
+        let (e, code, _) = link.expect_refused(case, ch);
+        eprintln!("{case}: {e:?} close {code}");
+        assert_error(case, &e, *error, needle);
+        assert_eq!(code, *want_code, "{case}");
+    }
+
+    // Frames on channels that are not open: one never opened, and the refused ones. Ignored
+    // (counted), no answer, and in particular no welcome for the hello signed by the agent.
+    let unknown_frames: [(u32, Frame); 4] = [
+        (99, Frame::Event(probe_event(7, 5))),
+        (99, Frame::Hello(captured.clone())),
+        (1, Frame::Event(probe_event(7, 6))),
+        (3, Frame::Hello(captured.clone())),
+    ];
+    for (ch, frame) in &unknown_frames {
+        link.data(*ch, frame);
+    }
+    link.expect_silence("frames on channels that are not open");
+
+    // The link itself survived all of this, and nothing happened.
+    assert!(link.ws.answers_ping(WAIT), "the relay link was closed");
+    let stats = link_stats(&server, &relay.id);
+    eprintln!("link: {stats}");
+    assert_eq!(stats["channels_opened"], opened, "{stats}");
+    assert_eq!(stats["channels_refused"], 0, "{stats}");
+    assert_eq!(
+        stats["handshaking"], 0,
+        "a refused channel lingers: {stats}"
+    );
+    assert_eq!(stats["agents"], 0, "{stats}");
+    assert_eq!(
+        stats["unknown_channel_frames"],
+        unknown_frames.len(),
+        "{stats}"
+    );
+    assert_eq!(
+        journal_commits(&server),
+        commits,
+        "a hostile relay's channels were journaled"
+    );
+    let h = health(&server);
+    assert_eq!(h["sessions"], 1, "only the relay link is a session: {h}");
+    assert!(
+        h["agents"].get(&fresh.id).is_none(),
+        "a link was created for fresh-1: {h}"
+    );
+    assert_eq!(
+        h["agents"][&known.id]["events_received"], events_received,
+        "known-1's events: {h}"
+    );
+    assert_eq!(h["agents"][&known.id]["connected"], false, "{h}");
+    assert_eq!(server.probes(&known.id), probes, "known-1's probes changed");
+    for a in [&known, &fresh] {
+        assert_eq!(server.agent_status(&a.id), "offline", "{}", a.name);
+    }
+    assert_eq!(relay_entry(&server, "relay-a").unwrap()["agents"], 0);
+    eventually("the refusals in the server log", WAIT, || {
+        let log = server_log(&server);
+        (log.matches("channel-refused").count() >= opened).then_some(())
+    });
+
+    // The positive control, on the same link: fresh-1's own key signing the server's nonce for
+    // its channel is welcomed, and fresh-1 is online through relay-a.
+    let nonce = link.open_challenged(20, ChannelKind::Agent, &me);
+    link.data(
+        20,
+        &Frame::Hello(hello(&fresh_key, &fresh.id, &nonce, &inc)),
+    );
+    match link.expect("the welcome on channel 20") {
+        LinkEvent::Frame(20, Frame::Welcome(w)) => {
+            assert_eq!(w.last_event_seq, Seq::ZERO, "{w:?}")
+        }
+        other => panic!("control: expected a welcome on channel 20, got {other:?}"),
+    }
+    eventually("fresh-1 online through relay-a", WAIT, || {
+        server
+            .agent(&fresh.id)
+            .filter(|a| a["status"] == "online" && a["path"] == json!(["relay-a"]))
+    });
+    assert_eq!(link_stats(&server, &relay.id)["agents"], 1);
+    // The relay closes that channel: fresh-1 is offline again.
+    link.send(&Mux::Close {
+        ch: 20,
+        code: 1000,
+        reason: "agent left".into(),
+    });
+    eventually("fresh-1 offline after its channel closed", WAIT, || {
+        (server.agent_status(&fresh.id) == "offline").then_some(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 3: forged relay paths
+
+#[test]
+fn a_relay_cannot_claim_a_path_it_does_not_carry() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let (a, a_key) = install_relay(&server, tmp.path(), "relay-a");
+    let (b, b_key) = install_relay(&server, tmp.path(), "relay-b");
+    let (c, c_key) = install_relay(&server, tmp.path(), "relay-c");
+    let mut link_a = FakeRelay::connect(&server, &a.id, &a_key);
+    let mut link_c = FakeRelay::connect(&server, &c.id, &c_key);
+    eventually("relay-a and relay-c online", WAIT, || {
+        (relay_status(&server, "relay-a") == "online"
+            && relay_status(&server, "relay-c") == "online")
+            .then_some(())
+    });
+    let commits = journal_commits(&server);
+    let (a_id, b_id, c_id) = (a.id.as_str(), b.id.as_str(), c.id.as_str());
+
+    // Each refused Open gets a close on its channel, no challenge; the channel does not exist
+    // afterwards (a hello on it is ignored).
+    let not_through = "is not connected through this path";
+    let not_last = "the path must end with the relay that opens the channel";
+    let forged: [(&str, ChannelKind, Vec<&str>, String); 6] = [
+        (
+            "a relay nobody enrolled before us",
+            ChannelKind::Agent,
+            vec!["r-00000000deadbeef", a_id],
+            format!("relay r-00000000deadbeef {not_through}"),
+        ),
+        (
+            "relay-c, online on its own link, claimed behind us",
+            ChannelKind::Agent,
+            vec![c_id, a_id],
+            format!("relay {c_id} {not_through}"),
+        ),
+        (
+            "relay-b, enrolled but offline, claimed behind us",
+            ChannelKind::Agent,
+            vec![b_id, a_id],
+            format!("relay {b_id} {not_through}"),
+        ),
+        (
+            "a child relay's channel through relay-c",
+            ChannelKind::Relay,
+            vec![c_id, a_id],
+            format!("relay {c_id} {not_through}"),
+        ),
+        (
+            "a path not ending with us",
+            ChannelKind::Agent,
+            vec![a_id, c_id],
+            not_last.to_owned(),
+        ),
+        (
+            "a path naming another relay only",
+            ChannelKind::Agent,
+            vec![c_id],
+            not_last.to_owned(),
+        ),
+    ];
+    for (i, (case, kind, path, want)) in forged.iter().enumerate() {
+        let ch = 1 + i as u32;
+        link_a.open(ch, *kind, path);
+        let (code, reason) = link_a.expect_channel_closed(case, ch);
+        eprintln!("{case}: close {code} {reason:?}");
+        assert_eq!(code, 1008, "{case}");
+        assert_eq!(&reason, want, "{case}");
+        link_a.data(ch, &Frame::Hello(hello(&a_key, a_id, "no nonce", "")));
+        link_a.expect_silence(case);
+    }
+    let stats = link_stats(&server, a_id);
+    assert_eq!(stats["channels_opened"], 0, "{stats}");
+    assert_eq!(stats["channels_refused"], forged.len(), "{stats}");
+    assert_eq!(stats["handshaking"], 0, "{stats}");
+    assert_eq!(stats["unknown_channel_frames"], forged.len(), "{stats}");
+
+    // The control: relay-b really connects through relay-a (a relay channel, relay-b's own key
+    // signing the server's nonce). Then [relay-b, relay-a] is a true path and is challenged...
+    let nonce = link_a.open_challenged(10, ChannelKind::Relay, &[a_id]);
+    link_a.data(10, &Frame::Hello(hello(&b_key, b_id, &nonce, "")));
+    match link_a.expect("relay-b's welcome") {
+        LinkEvent::Frame(10, Frame::Welcome(_)) => {}
+        other => panic!("control: expected relay-b's welcome, got {other:?}"),
+    }
+    let entry = eventually("relay-b online through relay-a", WAIT, || {
+        relay_entry(&server, "relay-b").filter(|r| r["status"] == "online")
+    });
+    assert_eq!(entry["path"], json!(["relay-a"]), "{entry}");
+    link_a.open_challenged(11, ChannelKind::Agent, &[b_id, a_id]);
+    link_a.send(&Mux::Close {
+        ch: 11,
+        code: 1000,
+        reason: "control done".into(),
+    });
+
+    // ...but relay-c cannot claim relay-b, which is connected through relay-a, not through it;
+    // nor can relay-a put relay-c in front of relay-b.
+    link_c.open(1, ChannelKind::Agent, &[b_id, c_id]);
+    let (code, reason) = link_c.expect_channel_closed("relay-b claimed by relay-c", 1);
+    assert_eq!(
+        (code, reason),
+        (1008, format!("relay {b_id} {not_through}"))
+    );
+    link_a.open(12, ChannelKind::Agent, &[c_id, b_id, a_id]);
+    let (code, reason) = link_a.expect_channel_closed("relay-c claimed behind relay-b", 12);
+    assert_eq!(
+        (code, reason),
+        (1008, format!("relay {c_id} {not_through}"))
+    );
+    // A relay cannot come through itself: relay-a's own key on its own relay channel.
+    let nonce = link_a.open_challenged(13, ChannelKind::Relay, &[a_id]);
+    link_a.data(13, &Frame::Hello(hello(&a_key, a_id, &nonce, "")));
+    let (e, code, _) = link_a.expect_refused("relay loop", 13);
+    assert_error("relay loop", &e, ErrorCode::ProtocolViolation, "relay loop");
+    assert_eq!(code, 1008);
+
+    let stats = link_stats(&server, a_id);
+    assert_eq!(stats["channels_opened"], 3, "{stats}");
+    assert_eq!(stats["channels_refused"], forged.len() + 1, "{stats}");
+    assert_eq!(stats["relays"], 1, "{stats}");
+    assert_eq!(link_stats(&server, c_id)["channels_refused"], 1);
+    assert_eq!(
+        journal_commits(&server),
+        commits,
+        "forged paths were journaled"
+    );
+    assert_eq!(relay_entry(&server, "relay-a").unwrap()["path"], json!([]));
+    assert_eq!(relay_entry(&server, "relay-c").unwrap()["path"], json!([]));
+    assert!(link_a.ws.answers_ping(WAIT) && link_c.ws.answers_ping(WAIT));
+    let log = server_log(&server);
+    assert!(log.contains(not_through), "no refusal logged");
+
+    // relay-a drops relay-b's channel: relay-b is offline, and so is the path through it.
+    link_a.send(&Mux::Close {
+        ch: 10,
+        code: 1000,
+        reason: "child left".into(),
+    });
+    eventually("relay-b offline", WAIT, || {
+        (relay_status(&server, "relay-b") == "offline").then_some(())
+    });
+    link_a.open(14, ChannelKind::Agent, &[b_id, a_id]);
+    let (code, _) = link_a.expect_channel_closed("relay-b's old path", 14);
+    assert_eq!(code, 1008);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 4: garbage on the link
+
+/// A relay link carrying an agent is sent garbage: the link is closed with a close code and an
+/// error frame on channel 0, the relay and the agent it carried go offline. Then every other
+/// kind of garbage, each on a fresh link.
+#[test]
+fn garbage_on_a_relay_link_closes_it_and_the_relay_goes_offline() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let (relay, rkey) = install_relay(&server, tmp.path(), "relay-a");
+    let agent = Agent::install(&server, tmp.path(), "carried-1", &[]);
+    let agent_key = agent_identity(&agent.dir);
+    let id = relay.id.clone();
+
+    let connect = || {
+        let link = FakeRelay::connect(&server, &id, &rkey);
+        eventually("relay-a online", WAIT, || {
+            (relay_status(&server, "relay-a") == "online").then_some(())
+        });
+        link
+    };
+    let assert_gone = |case: &str| {
+        eventually(
+            &format!("{case}: relay-a offline, its link gone"),
+            WAIT,
+            || {
+                let h = health(&server);
+                (relay_status(&server, "relay-a") == "offline"
+                    && h["relay_links"].get(&id).is_none()
+                    && h["sessions"] == 0)
+                    .then_some(())
+            },
+        );
+    };
+    let check_end = |case: &str,
+                     end: &(Option<u16>, String, Vec<ErrorFrame>),
+                     want: u16,
+                     error: ErrorCode,
+                     needle: &str,
+                     drop_ok: bool| {
+        eprintln!("{case}: {end:?}");
+        let (code, _, errors) = end;
+        match code {
+            Some(c) => {
+                assert_eq!(*c, want, "{case}: close code; {end:?}");
+                let e = errors
+                    .first()
+                    .unwrap_or_else(|| panic!("{case}: no error frame on channel 0; {end:?}"));
+                assert_error(case, e, error, needle);
+            }
+            None => assert!(drop_ok, "{case}: dropped without a close frame; {end:?}"),
+        }
+    };
+
+    // First, with an agent on the link (the control of a channel that works).
+    let mut link = connect();
+    let nonce = link.open_challenged(1, ChannelKind::Agent, &[&id]);
+    link.data(
+        1,
+        &Frame::Hello(hello(&agent_key, &agent.id, &nonce, &fresh_incarnation())),
+    );
+    match link.expect("carried-1's welcome") {
+        LinkEvent::Frame(1, Frame::Welcome(_)) => {}
+        other => panic!("expected carried-1's welcome, got {other:?}"),
+    }
+    eventually("carried-1 online through relay-a", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let commits = journal_commits(&server);
+    link.send_bytes(&[9, 0, 0, 0, 1, b'x']);
+    let end = link.expect_link_end("unknown mux kind with an agent on the link");
+    check_end(
+        "unknown mux kind",
+        &end,
+        1008,
+        ErrorCode::Malformed,
+        "unknown mux frame kind 9",
+        false,
+    );
+    assert_gone("unknown mux kind");
+    eventually("carried-1 offline with its relay", WAIT, || {
+        (server.agent_status(&agent.id) == "offline").then_some(())
+    });
+
+    let open_json = |ch: u32, json: &str| {
+        let mut b = vec![1];
+        b.extend_from_slice(&ch.to_be_bytes());
+        b.extend_from_slice(json.as_bytes());
+        b
+    };
+    let long_path: Vec<String> = (0..9).map(|i| format!("r-{i:016x}")).collect();
+    let long_path = json!({"kind": "agent", "path": long_path}).to_string();
+    let v1_heartbeat = beat();
+    let event = Frame::Event(probe_event(1, 1)).encode().unwrap();
+    let relay_hello = Frame::Hello(hello(&rkey, &id, "nonce", ""))
+        .encode()
+        .unwrap();
+    let server_only = Frame::Welcome(Welcome {
+        last_event_seq: Seq::ZERO,
+        server_incarnation: "x".into(),
+        heartbeat_interval_ms: 1000,
+    })
+    .encode()
+    .unwrap();
+    let cases: Vec<(&str, Vec<u8>, u16, ErrorCode, &str)> = vec![
+        (
+            "a short frame (3 bytes)",
+            vec![2, 0, 0],
+            1008,
+            ErrorCode::Malformed,
+            "shorter than its 5-byte header",
+        ),
+        (
+            "an empty message",
+            Vec::new(),
+            1008,
+            ErrorCode::Malformed,
+            "mux frame of 0 bytes",
+        ),
+        (
+            "a bare v1 frame without the mux header",
+            v1_heartbeat,
+            1008,
+            ErrorCode::Malformed,
+            "unknown mux frame kind 123",
+        ),
+        (
+            "an Open on channel 0",
+            open_json(0, &json!({"kind": "agent", "path": [id]}).to_string()),
+            1008,
+            ErrorCode::Malformed,
+            "channel 0 is the link itself",
+        ),
+        (
+            "a Close of channel 0",
+            vec![3, 0, 0, 0, 0, 3, 232],
+            1008,
+            ErrorCode::Malformed,
+            "channel 0 is the link itself",
+        ),
+        (
+            "an Open with undecodable JSON",
+            open_json(5, "{\"kind\":"),
+            1008,
+            ErrorCode::Malformed,
+            "bad open",
+        ),
+        (
+            "an Open with 9 relays on its path",
+            open_json(5, &long_path),
+            1008,
+            ErrorCode::Malformed,
+            "path must name 1 to 8 relays, got 9",
+        ),
+        (
+            "an Open with an empty path",
+            open_json(5, r#"{"kind":"agent","path":[]}"#),
+            1008,
+            ErrorCode::Malformed,
+            "got 0",
+        ),
+        (
+            "an Open with an unknown field",
+            open_json(
+                5,
+                &json!({"kind": "agent", "path": [id], "exec": "id"}).to_string(),
+            ),
+            1008,
+            ErrorCode::Malformed,
+            "bad open",
+        ),
+        (
+            "an Open of an unknown kind",
+            open_json(5, &json!({"kind": "admin", "path": [id]}).to_string()),
+            1008,
+            ErrorCode::Malformed,
+            "bad open",
+        ),
+        (
+            "a Close whose reason is not UTF-8",
+            vec![3, 0, 0, 0, 5, 3, 232, 0xff, 0xfe],
+            1008,
+            ErrorCode::Malformed,
+            "bad close",
+        ),
+        (
+            "an agent's event on the link channel",
+            mux::data(LINK_CHANNEL, &event),
+            1008,
+            ErrorCode::ProtocolViolation,
+            "unexpected event frame on the link channel",
+        ),
+        (
+            "a second hello on the link channel",
+            mux::data(LINK_CHANNEL, &relay_hello),
+            1008,
+            ErrorCode::ProtocolViolation,
+            "unexpected hello frame on the link channel",
+        ),
+        (
+            "a server-only frame on the link channel",
+            mux::data(LINK_CHANNEL, &server_only),
+            1008,
+            ErrorCode::ProtocolViolation,
+            "may not be sent by the agent",
+        ),
+        (
+            "an undecodable v1 frame on the link channel",
+            mux::data(LINK_CHANNEL, b"\x00not json"),
+            1002,
+            ErrorCode::Malformed,
+            "malformed frame",
+        ),
+    ];
+    for (case, bytes, code, error, needle) in &cases {
+        let mut link = connect();
+        link.send_bytes(bytes);
+        let end = link.expect_link_end(case);
+        check_end(case, &end, *code, *error, needle, false);
+        assert_gone(case);
+    }
+
+    // Oversized: one byte over the largest mux frame, and a header declaring 2^62 bytes (refused
+    // from the header alone). The server may close while the payload is still being written.
+    let mut link = connect();
+    let _ = link.ws.send_binary(&vec![2u8; MAX_MUX_BYTES + 1]);
+    let end = link.expect_link_end("MAX_MUX_BYTES + 1");
+    check_end(
+        "MAX_MUX_BYTES + 1",
+        &end,
+        1009,
+        ErrorCode::Malformed,
+        "size limit",
+        true,
+    );
+    assert_gone("MAX_MUX_BYTES + 1");
+    let mut link = connect();
+    let mut raw = frame_header(OP_BINARY, true, 1 << 62);
+    raw.extend_from_slice(&[1, 2, 3, 4]);
+    link.ws.send_raw(&raw).unwrap();
+    let started = Instant::now();
+    let end = link.expect_link_end("a header declaring 2^62 bytes");
+    assert!(started.elapsed() < Duration::from_secs(5), "{end:?}");
+    check_end(
+        "2^62 bytes declared",
+        &end,
+        1009,
+        ErrorCode::Malformed,
+        "size limit",
+        true,
+    );
+    assert_gone("2^62 bytes declared");
+
+    assert_eq!(journal_commits(&server), commits, "garbage was journaled");
+    assert_eq!(server.agent_status(&agent.id), "offline");
+    eventually("the link refusals in the server log", WAIT, || {
+        let log = server_log(&server);
+        (log.matches("relay-link-refused").count() > cases.len() + 2).then_some(())
+    });
+
+    // The control: a link that behaves stays up past the server's heartbeat interval (5 s),
+    // its heartbeats answered.
+    let mut link = connect();
+    if let Some(e) = link.next(Duration::from_secs(6)) {
+        panic!("a quiet link: expected nothing but heartbeats, got {e:?}");
+    }
+    assert!(link.ws.answers_ping(WAIT));
+    assert_eq!(relay_status(&server, "relay-a"), "online");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 5: only a relay identity opens a relay link
+
+/// The mirror case, a relay identity at `/agent/v1/ws`, is covered in hostile_peers.rs
+/// (`hellos_that_do_not_prove_a_registered_agent_are_refused`: "not an agent identity").
+#[test]
+fn only_an_enrolled_relay_identity_opens_a_relay_link() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let (relay, rkey) = install_relay(&server, tmp.path(), "relay-a");
+    let agent = Agent::install(&server, tmp.path(), "agent-1", &[]);
+    let agent_key = agent_identity(&agent.dir);
+    let stranger = Identity::generate();
+    let commits = journal_commits(&server);
+
+    let connect = || {
+        let mut ws = WsClient::connect_to(server.wss, tls_config(&server), RELAY_WS_PATH).unwrap();
+        let nonce = ws.challenge(WAIT);
+        (ws, nonce)
+    };
+    // A genuine relay hello, over the nonce of a connection that is then abandoned.
+    let (abandoned, old_nonce) = connect();
+    let captured = hello(&rkey, &relay.id, &old_nonce, "");
+    drop(abandoned);
+
+    let hello_bytes = |h: protocol::Hello| Frame::Hello(h).encode().unwrap();
+    let cases: [(&str, &MakeBytes, u16, ErrorCode, &str); 6] = [
+        (
+            "an agent's own valid proof",
+            &|n| hello_bytes(hello(&agent_key, &agent.id, n, "")),
+            1008,
+            ErrorCode::Unauthorized,
+            "not a relay identity",
+        ),
+        (
+            "an id nobody enrolled",
+            &|n| hello_bytes(hello(&stranger, "r-00000000deadbeef", n, "")),
+            1008,
+            ErrorCode::Unauthorized,
+            "unknown relay",
+        ),
+        (
+            "the relay's id, another key",
+            &|n| hello_bytes(hello(&stranger, &relay.id, n, "")),
+            1008,
+            ErrorCode::Unauthorized,
+            "bad proof signature",
+        ),
+        (
+            "the relay's proof over another connection's nonce",
+            &|_| hello_bytes(captured.clone()),
+            1008,
+            ErrorCode::Unauthorized,
+            "bad proof signature",
+        ),
+        (
+            "a mux Open instead of the hello",
+            &|_| {
+                Mux::Open {
+                    ch: 1,
+                    open: Open {
+                        kind: ChannelKind::Agent,
+                        path: vec![relay.id.clone()],
+                        peer: String::new(),
+                    },
+                }
+                .encode()
+            },
+            1002,
+            ErrorCode::Malformed,
+            "malformed frame",
+        ),
+        (
+            "an event instead of the hello",
+            &|_| Frame::Event(probe_event(1, 1)).encode().unwrap(),
+            1008,
+            ErrorCode::ProtocolViolation,
+            "expected hello, got event",
+        ),
+    ];
+    for (case, make, code, error, needle) in cases {
+        let (mut ws, nonce) = connect();
+        ws.send_binary(&make(&nonce)).unwrap();
+        let closed: Closed = ws.expect_close(WAIT);
+        eprintln!("{case}: {closed:?}");
+        assert_eq!(closed.code, Some(code), "{case}: {closed:?}");
+        let e = closed
+            .error()
+            .unwrap_or_else(|| panic!("{case}: no error frame; {closed:?}"));
+        assert_error(case, e, error, needle);
+        assert!(
+            closed.frames.iter().all(|f| matches!(f, Frame::Error(_))),
+            "{case}: {closed:?}"
+        );
+    }
+
+    eventually("no session left", WAIT, || {
+        (health(&server)["sessions"] == 0).then_some(())
+    });
+    let h = health(&server);
+    assert_eq!(h["relay_links"], json!({}), "{h}");
+    assert!(h["agents"].get(&agent.id).is_none(), "{h}");
+    assert_eq!(relay_status(&server, "relay-a"), "offline");
+    assert!(
+        relay_entry(&server, "relay-a").unwrap()["last_seen"].is_null(),
+        "relay-a was seen"
+    );
+    assert_eq!(server.agent_status(&agent.id), "offline");
+    assert_eq!(journal_commits(&server), commits, "refused links journaled");
+    eventually("the refusals in the server log", WAIT, || {
+        let log = server_log(&server);
+        (log.contains("not a relay identity") && log.contains("unknown relay")).then_some(())
+    });
+
+    // The control: the relay's own key over this connection's nonce opens the link.
+    let mut link = FakeRelay::connect(&server, &relay.id, &rkey);
+    eventually("relay-a online", WAIT, || {
+        (relay_status(&server, "relay-a") == "online").then_some(())
+    });
+    assert!(link.ws.answers_ping(WAIT));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 6: commands towards an agent
+
+/// What the hostile relay saw from its agent.
+#[derive(Default)]
+struct AgentSide {
+    hellos: usize,
+    /// Sessions that ended.
+    ended: usize,
+    /// The agent's error frames (its refusals), in order.
+    errors: Vec<String>,
+    events: Vec<EventBody>,
+    /// The agent's cumulative ack of the commands stream.
+    commands_acked: u64,
+    /// The session welcomed last, while it lasts.
+    current: Option<Addr<HostileSession>>,
+}
+
+/// One downstream session of the hostile relay: challenge, welcome, then whatever the test
+/// injects.
+struct HostileSession {
+    seen: Arc<Mutex<AgentSide>>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Inject(Vec<u8>);
+
+impl Actor for HostileSession {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let nonce = hex::encode(rand::random::<[u8; 16]>());
+        ctx.binary(Frame::Challenge(Challenge { nonce }).encode().unwrap());
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        self.seen.lock().unwrap().ended += 1;
+    }
+}
+
+impl Handler<Inject> for HostileSession {
+    type Result = ();
+    fn handle(&mut self, msg: Inject, ctx: &mut Self::Context) {
+        ctx.binary(msg.0);
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for HostileSession {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        let bytes = match msg {
+            Ok(ws::Message::Binary(b)) => b.to_vec(),
+            Ok(ws::Message::Text(t)) => t.as_bytes().to_vec(),
+            Ok(ws::Message::Close(_)) | Err(_) => return ctx.stop(),
+            _ => return,
+        };
+        let Ok(frame) = protocol::decode(&bytes, Sender::Agent) else {
+            return;
+        };
+        let mut seen = self.seen.lock().unwrap();
+        match frame {
+            Frame::Hello(_) => {
+                seen.hellos += 1;
+                seen.current = Some(ctx.address());
+                let welcome = Welcome {
+                    last_event_seq: Seq::ZERO,
+                    server_incarnation: "hostile-relay".into(),
+                    heartbeat_interval_ms: 5000,
+                };
+                ctx.binary(Frame::Welcome(welcome).encode().unwrap());
+            }
+            Frame::Event(e) => seen.events.push(e.body),
+            Frame::Error(e) => seen.errors.push(e.message),
+            Frame::Ack(Ack {
+                stream: StreamId::Commands,
+                upto,
+            }) => seen.commands_acked = seen.commands_acked.max(upto.0),
+            _ => {}
+        }
+    }
+}
+
+/// Serves the agent surface at `addr` with `cert`/`key`; returns what it sees.
+fn hostile_downstream(
+    addr: std::net::SocketAddr,
+    cert: String,
+    key: String,
+) -> Arc<Mutex<AgentSide>> {
+    let tls = tether_shared::tls::server_config(&cert, &key).unwrap();
+    let seen = Arc::new(Mutex::new(AgentSide::default()));
+    let for_server = seen.clone();
+    std::thread::spawn(move || {
+        let system = actix_rt::System::new();
+        system.block_on(async move {
+            let srv = HttpServer::new(move || {
+                let seen = for_server.clone();
+                App::new().route(
+                    "/agent/v1/ws",
+                    web::get().to(move |req: HttpRequest, stream: web::Payload| {
+                        let session = HostileSession { seen: seen.clone() };
+                        async move { ws::start(session, &req, stream) }
+                    }),
+                )
+            })
+            .workers(1)
+            .bind_rustls_0_23(addr, tls)
+            .unwrap()
+            .run();
+            let _ = srv.await;
+        });
+    });
+    seen
+}
+
+/// A RunJob whose one shell step appends `line` to `file`.
+fn run_job(job_id: &str, file: &Path, line: &str) -> CommandBody {
+    CommandBody::RunJob {
+        job_id: job_id.into(),
+        deployment_id: format!("d-{job_id}"),
+        steps: vec![StepSpec {
+            name: "mark".into(),
+            plugin: "shell".into(),
+            step: "run".into(),
+            properties: BTreeMap::from([(
+                "script".to_string(),
+                format!("echo {line} >> {}", file.display()),
+            )]),
+            secrets: Vec::new(),
+            on_interrupt: OnInterrupt::Fail,
+            timeout_ms: 10_000,
+            bundle: None,
+        }],
+    }
+}
+
+/// A command frame with any signature (its checksum is right, so it decodes).
+fn command_frame(seq: u64, id: &str, deadline_ms: u64, body: CommandBody, sig: String) -> Vec<u8> {
+    let mut c = Command::new(Seq(seq), id.into(), deadline_ms, body).unwrap();
+    c.signature = sig;
+    Frame::Command(c).encode().unwrap()
+}
+
+fn sign(key: &Identity, agent_id: &str, id: &str, deadline_ms: u64, body: &CommandBody) -> String {
+    key.sign(&command_signing_bytes(agent_id, id, deadline_ms, body).unwrap())
+}
+
+/// An agent whose only upstream is a relay; the relay is then replaced by a hostile one holding
+/// its TLS certificate and key. It mints commands, alters genuine server-signed ones and replays
+/// them; each forged one is refused (the reason in the agent's log, the connection dropped; the
+/// agent's error frame does not reach the wire, see below), and nothing about it is acknowledged,
+/// reported, journaled or run. A genuine command then runs exactly once, even when replayed and
+/// renumbered (the control that proves the fake is a working upstream).
+///
+/// Overlap: forged_commands.rs already refuses a command signed by an unrelated key or for
+/// another agent from a fake *server*; here the forger is an enrolled relay with its own key and
+/// certificate, and the forgeries start from genuine server-signed commands.
+#[test]
+fn a_relay_cannot_mint_alter_or_replay_commands_for_its_agents() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
+    let mut agent =
+        Agent::install_via(&server, &[relay.upstream()], tmp.path(), "edge-1", &[], &[]);
+    let relay_key = Identity::load(&relay.dir.join("relay.key")).unwrap();
+    let server_key = Identity::load(&server.dir.join("signing.key")).unwrap();
+    let read = |f: &str| std::fs::read_to_string(relay.dir.join(f)).unwrap();
+    let (cert, key) = (read("tls.pem"), read("tls.key"));
+    let addr = relay.downstream;
+    relay.kill();
+    let seen = hostile_downstream(addr, cert, key);
+    agent.run();
+
+    let pwned = tmp.path().join("pwned");
+    let genuine_marker = tmp.path().join("genuine");
+    let aid = agent.id.clone();
+    let later = now_ms() + 600_000;
+    let forged: Vec<(&str, Vec<u8>)> = vec![
+        {
+            let body = run_job("j-relay", &pwned, "relay-signed");
+            let sig = sign(&relay_key, &aid, "c-relay", later, &body);
+            (
+                "signed by the relay's own key",
+                command_frame(1, "c-relay", later, body, sig),
+            )
+        },
+        {
+            let body = run_job("j-unsigned", &pwned, "unsigned");
+            (
+                "unsigned",
+                command_frame(1, "c-unsigned", later, body, String::new()),
+            )
+        },
+        {
+            // The server signed a harmless script; the relay swaps in its own.
+            let signed = run_job("j-altered", &pwned, "harmless");
+            let sig = sign(&server_key, &aid, "c-altered", later, &signed);
+            let altered = run_job("j-altered", &pwned, "altered-script");
+            (
+                "server-signed, script altered",
+                command_frame(1, "c-altered", later, altered, sig),
+            )
+        },
+        {
+            // A genuine command that had expired, its deadline pushed forward.
+            let body = run_job("j-expired", &pwned, "deadline-extended");
+            let past = now_ms() - 1;
+            let sig = sign(&server_key, &aid, "c-expired", past, &body);
+            (
+                "server-signed, deadline extended",
+                command_frame(1, "c-expired", later, body, sig),
+            )
+        },
+        {
+            // A genuine command under a new id (to have it taken as another command).
+            let body = run_job("j-renamed", &pwned, "id-changed");
+            let sig = sign(&server_key, &aid, "c-renamed", later, &body);
+            (
+                "server-signed, id changed",
+                command_frame(1, "c-renamed-2", later, body, sig),
+            )
+        },
+    ];
+
+    let welcomed = |hellos: usize| -> Addr<HostileSession> {
+        eventually(&format!("the agent's hello #{hellos}"), ONLINE, || {
+            let s = seen.lock().unwrap();
+            (s.hellos >= hellos).then(|| s.current.clone()).flatten()
+        })
+    };
+    let agent_log = tmp.path().join("edge-1.log");
+    let refusals = || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("frame-refused") && l.contains("not signed by the server"))
+            .count()
+    };
+    for (i, (case, frame)) in forged.iter().enumerate() {
+        let session = welcomed(i + 1);
+        let ended = seen.lock().unwrap().ended;
+        session.do_send(Inject(frame.clone()));
+        // The agent refuses it, says why in its log, and drops the connection.
+        eventually(
+            &format!("{case}: refused, connection dropped"),
+            WAIT,
+            || (refusals() > i && seen.lock().unwrap().ended > ended).then_some(()),
+        );
+        let s = seen.lock().unwrap();
+        assert_eq!(s.commands_acked, 0, "{case}: acknowledged");
+        assert!(
+            s.events.is_empty(),
+            "{case}: the agent reported {:?}",
+            s.events
+        );
+        // The agent writes an error frame (and a close frame) before dropping the connection,
+        // but neither reaches the wire: its `drop_connection` calls `SinkWrite::close()` right
+        // behind the writes, and actix-codec 0.5.4's `Framed::close` shuts the socket down
+        // without writing out its own write buffer. Whatever does arrive must be the refusal.
+        assert!(
+            s.errors
+                .iter()
+                .all(|e| e.contains("not signed by the server")),
+            "{case}: {:?}",
+            s.errors
+        );
+    }
+    eprintln!(
+        "error frames the hostile relay received from the agent: {:?}",
+        seen.lock().unwrap().errors
+    );
+
+    // The control: the genuine command runs; replayed as is, and renumbered, it runs no more.
+    let body = run_job("j-genuine", &genuine_marker, "ran");
+    let sig = sign(&server_key, &aid, "c-genuine", later, &body);
+    let session = welcomed(forged.len() + 1);
+    session.do_send(Inject(command_frame(
+        1,
+        "c-genuine",
+        later,
+        body.clone(),
+        sig.clone(),
+    )));
+    let finished = |s: &AgentSide| {
+        s.events.iter().any(|e| {
+            matches!(e, EventBody::JobFinished { job_id, status: protocol::JobStatus::Succeeded }
+                if job_id == "j-genuine")
+        })
+    };
+    eventually("the genuine job run", ONLINE, || {
+        let s = seen.lock().unwrap();
+        (finished(&s) && s.commands_acked >= 1).then_some(())
+    });
+    session.do_send(Inject(command_frame(
+        1,
+        "c-genuine",
+        later,
+        body.clone(),
+        sig.clone(),
+    )));
+    session.do_send(Inject(command_frame(2, "c-genuine", later, body, sig)));
+    eventually("the renumbered replay acknowledged", WAIT, || {
+        (seen.lock().unwrap().commands_acked >= 2).then_some(())
+    });
+    // Give a second run, if one were started, the time to write its line.
+    std::thread::sleep(Duration::from_secs(2));
+    {
+        let s = seen.lock().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&genuine_marker).unwrap(),
+            "ran\n",
+            "the genuine job ran more than once"
+        );
+        let accepted: Vec<&String> = s
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                EventBody::JobAccepted { job_id } => Some(job_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(accepted, ["j-genuine"], "events: {:?}", s.events);
+    }
+    assert!(
+        !pwned.exists(),
+        "a forged command ran: {:?}",
+        std::fs::read_to_string(&pwned)
+    );
+    // The renumbered replay reached the job book, which knew the job already.
+    let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+    assert!(log.contains("job-already-known"), "agent log:\n{log}");
+    // Exactly one refusal per forgery: the genuine command and its replays were not refused.
+    assert_eq!(refusals(), forged.len(), "refusals in the agent's log");
+    // The server never saw it: the agent's only upstream was the relay.
+    assert_eq!(server.agent_status(&agent.id), "offline");
+
+    // The agent's journal: the genuine command only (as sent, and renumbered), one job record.
+    agent.stop();
+    let (journal, _) = eventually("the agent's journal released", WAIT, || {
+        Journal::open(&agent.dir.join("journal"), &JournalOptions::default()).ok()
+    });
+    let journal = journal.handle();
+    let commands = journal
+        .read_log(&LogName::new("in/commands").unwrap(), Seq::ZERO, 100)
+        .unwrap();
+    eprintln!("commands in the agent's journal: {}", commands.len());
+    assert!(!commands.is_empty());
+    for r in &commands {
+        let text = String::from_utf8_lossy(&r.payload);
+        assert!(
+            text.contains("c-genuine"),
+            "journaled command {}: {text}",
+            r.seq.0
+        );
+    }
+    let jobs: Vec<String> = journal
+        .scan_meta("job/")
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(jobs, ["job/j-genuine"], "job records");
+}
+
+#[test]
+fn a_relay_cannot_starve_others_of_handshakes_or_reuse_a_channel() {
+    let tmp = TestDir::new();
+    // A small handshake budget: one link may take at most half of it.
+    let server = Server::start_with(
+        tmp.path(),
+        &[("TETHER_SERVER__MAX_HANDSHAKES_IN_FLIGHT", "20")],
+    );
+    let (a, a_key) = install_relay(&server, tmp.path(), "relay-a");
+    let mut link = FakeRelay::connect(&server, &a.id, &a_key);
+    // 15 channels opened and never answered: 10 are challenged, the other 5 get Busy.
+    for ch in 1..=15 {
+        link.open(ch, ChannelKind::Agent, &[a.id.as_str()]);
+    }
+    let (mut challenged, mut busy) = (0, 0);
+    while challenged + busy < 15 {
+        match link.expect("answers to 15 opens") {
+            LinkEvent::Frame(_, Frame::Challenge(_)) => challenged += 1,
+            LinkEvent::Frame(_, Frame::Busy(_)) => {}
+            LinkEvent::ChannelClosed(_, 1013, _) => busy += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((challenged, busy), (10, 5));
+    // Meanwhile an agent connecting directly still gets its handshake.
+    let mut agent = Agent::install(&server, tmp.path(), "direct-1", &[]);
+    agent.run();
+    eventually("the direct agent online", ONLINE, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    // Channel ids are never reused on a link: opening one twice closes the link.
+    link.open(3, ChannelKind::Agent, &[a.id.as_str()]);
+    let (code, reason, errors) = link.expect_link_end("a channel opened twice");
+    assert_eq!(code, Some(1008), "{reason}");
+    assert!(
+        errors.iter().any(|e| e.message.contains("opened twice")),
+        "{errors:?}"
+    );
+    eventually("relay-a offline", ONLINE, || {
+        (relay_status(&server, "relay-a") == "offline").then_some(())
+    });
+}

@@ -549,3 +549,42 @@ fn uploads_send_their_sha256_and_lists_show_it() {
         stderr(&out)
     );
 }
+
+#[test]
+fn upgrades_are_uploaded_listed_and_rolled_out_from_the_cli() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut agent = Agent::install_with(
+        &server,
+        tmp.path(),
+        "up-1",
+        &["fleet"],
+        &[
+            ("TETHER_AGENT__WORKER_BEAT_TIMEOUT_MS", "3000"),
+            ("TETHER_AGENT__UPGRADE_HEALTHY_AFTER_MS", "2000"),
+        ],
+    );
+    agent.run();
+    eventually("agent online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let cli = Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let binary = tether_tests::bin("tether-agent");
+    let uploaded = cli.json(&["upgrades", "upload", "99.0.0", binary.to_str().unwrap()]);
+    let listed = cli.json(&["upgrades", "list"]);
+    assert_eq!(listed, get(&server, "/api/v1/upgrades"));
+    assert_eq!(listed[0]["sha256"], uploaded["sha256"], "{listed}");
+    // Usage: a rollout needs targets.
+    assert_eq!(code(&cli.run(&["upgrades", "rollout", "99.0.0"])), Some(2));
+    let out = cli.run(&["upgrades", "rollout", "99.0.0", "--tag", "fleet", "--wait"]);
+    assert_eq!(code(&out), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("done"), "{}", stdout(&out));
+    let a = server.agent(&agent.id).unwrap();
+    assert_eq!(a["version"], "99.0.0", "{a}");
+    // An older package is refused by the agent: exit 1 with the reason.
+    cli.json(&["upgrades", "upload", "0.0.1", binary.to_str().unwrap()]);
+    let out = cli.run(&["upgrades", "rollout", "0.0.1", "--agent", "up-1", "--wait"]);
+    assert_eq!(code(&out), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("refused"), "{}", stdout(&out));
+}

@@ -100,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactsCommand,
     },
+    /// Agent upgrade packages and rollouts.
+    Upgrades {
+        #[command(subcommand)]
+        command: UpgradesCommand,
+    },
     /// Processes (ordered steps to deploy).
     Processes {
         #[command(subcommand)]
@@ -184,6 +189,34 @@ enum PluginsCommand {
     },
     /// Every uploaded plugin version.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum UpgradesCommand {
+    /// Upload FILE (an agent binary) as upgrade package VERSION (MAJOR.MINOR.PATCH); the
+    /// server signs it.
+    Upload {
+        /// Package version, newer than the agents' to be accepted by them.
+        version: String,
+        /// The agent binary.
+        file: PathBuf,
+    },
+    /// Every upgrade package.
+    List,
+    /// Upgrade agents (by name or tag) to VERSION; exit 1 if any rolled back or refused.
+    Rollout {
+        /// Package version.
+        version: String,
+        /// An agent name; repeatable.
+        #[arg(long = "agent", value_name = "NAME", required_unless_present = "tags")]
+        agents: Vec<String>,
+        /// A tag: every agent carrying it; repeatable.
+        #[arg(long = "tag", value_name = "TAG", conflicts_with = "agents")]
+        tags: Vec<String>,
+        /// Wait until every target is upgraded, rolled back or refused.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -333,6 +366,18 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 file,
             } => artifacts::upload(&connect()?, &name, &version, &file, json),
             ArtifactsCommand::List => artifacts::list(&connect()?, json),
+        },
+        Command::Upgrades { command } => match command {
+            UpgradesCommand::Upload { version, file } => {
+                upgrades::upload(&connect()?, &version, &file, json)
+            }
+            UpgradesCommand::List => upgrades::list(&connect()?, json),
+            UpgradesCommand::Rollout {
+                version,
+                agents,
+                tags,
+                wait,
+            } => upgrades::rollout(&connect()?, &version, &agents, &tags, wait, json),
         },
         Command::Processes { command } => match command {
             ProcessesCommand::List => processes::list(&connect()?, json),

@@ -1,0 +1,182 @@
+//! `tether upgrades upload VERSION FILE` (`PUT /api/v1/upgrades/{version}`: the server stores
+//! and signs the package), `tether upgrades list`, and `tether upgrades rollout VERSION
+//! (--agent NAME | --tag TAG)... [--wait]` (`POST /api/v1/upgrades/{version}/rollout`; with
+//! `--wait`, until every target reports done, rolled back or refused).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{items, str_at, u64_at};
+use crate::client::{segment, Client};
+use crate::error::{About, CliError};
+use crate::output::{self, ago, bytes, cell, now_unix_ms, Table};
+use crate::upload::{send_file, Destination};
+
+/// How long `--wait` waits for the targets to finish.
+const WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
+const POLL: Duration = Duration::from_millis(500);
+
+/// Uploads `file` as upgrade package `version`.
+pub fn upload(
+    client: &Client,
+    version: &str,
+    file: &Path,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let path = format!("/api/v1/upgrades/{}", segment(version));
+    let what = format!("upgrade package {version}");
+    let answer = send_file(
+        client,
+        &Destination {
+            method: "PUT",
+            path: &path,
+            content_type: "application/octet-stream",
+            what: &what,
+        },
+        file,
+    )?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!(
+            "{what} uploaded and signed: {}, sha256 {}",
+            u64_at(&answer, "size").map_or_else(|| "-".to_owned(), bytes),
+            str_at(&answer, "sha256")
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every upgrade package.
+pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
+    let packages = client
+        .get_json("/api/v1/upgrades")
+        .about(|| "upgrades".to_owned())?;
+    if json {
+        output::json(&packages)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_unix_ms();
+    let mut table = Table::new(&["VERSION", "SIZE", "UPLOADED", "SHA256"]);
+    for p in packages.as_array().into_iter().flatten() {
+        table.row(vec![
+            cell(&p["version"]),
+            u64_at(p, "size").map_or_else(|| "-".to_owned(), bytes),
+            ago(u64_at(p, "uploaded_unix_ms"), now),
+            cell(&p["sha256"]),
+        ]);
+    }
+    table.print()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The rollout's request body.
+pub fn rollout_body(agents: &[String], tags: &[String]) -> Value {
+    if agents.is_empty() {
+        json!({"targets": {"tags": tags}})
+    } else {
+        json!({"targets": {"agents": agents}})
+    }
+}
+
+/// Rolls `version` out to the targets; with `wait`, until each is final. Exit code 1 if any
+/// target rolled back or refused.
+pub fn rollout(
+    client: &Client,
+    version: &str,
+    agents: &[String],
+    tags: &[String],
+    wait: bool,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let path = format!("/api/v1/upgrades/{}/rollout", segment(version));
+    let answer = client
+        .post_json(&path, Some(&rollout_body(agents, tags)))
+        .about(|| format!("rollout of {version}"))?;
+    let targets: Vec<String> = items(&answer, "agents")
+        .iter()
+        .map(|a| str_at(a, "id").to_owned())
+        .collect();
+    if !wait {
+        if json {
+            output::json(&answer)?;
+        } else {
+            let mut table = Table::new(&["AGENT", "QUEUED", "STATE"]);
+            for a in items(&answer, "agents") {
+                table.row(vec![
+                    cell(&a["name"]),
+                    cell(&a["queued"]),
+                    cell(&a["state"]),
+                ]);
+            }
+            table.print()?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = Instant::now();
+    let finals = loop {
+        let list = client
+            .get_json("/api/v1/agents")
+            .about(|| "agents".to_owned())?;
+        let mine: Vec<Value> = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|a| targets.iter().any(|t| t == str_at(a, "id")))
+            .cloned()
+            .collect();
+        let done = mine.iter().all(|a| {
+            a["upgrade"]["version"] == version
+                && matches!(
+                    a["upgrade"]["state"].as_str(),
+                    Some("done" | "rolled_back" | "refused")
+                )
+        });
+        if done || started.elapsed() > WAIT_LIMIT {
+            break mine;
+        }
+        std::thread::sleep(POLL);
+    };
+    let failed = finals
+        .iter()
+        .any(|a| a["upgrade"]["state"] != "done" || a["upgrade"]["version"] != version);
+    if json {
+        output::json(&Value::Array(finals))?;
+    } else {
+        let mut table = Table::new(&["AGENT", "STATE", "VERSION", "REASON"]);
+        for a in &finals {
+            table.row(vec![
+                cell(&a["name"]),
+                cell(&a["upgrade"]["state"]),
+                cell(&a["version"]),
+                cell(&a["upgrade"]["reason"]),
+            ]);
+        }
+        table.print()?;
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_agents_or_tags() {
+        assert_eq!(
+            rollout_body(&["web-1".into()], &[]),
+            json!({"targets": {"agents": ["web-1"]}})
+        );
+        assert_eq!(
+            rollout_body(&[], &["web".into()]),
+            json!({"targets": {"tags": ["web"]}})
+        );
+    }
+}

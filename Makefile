@@ -8,12 +8,13 @@ export CARGO_TERM_COLOR ?= never
 
 .PHONY: setup build lint test bench run
 
-## setup: check the toolchain and install the system tools the tests use (as root, via apt-get).
+## setup: check the toolchain and install the system tools the tests use (as root, via apt-get);
+## chromium and chromium-driver run the web application's browser tests (tests/tests/web.rs).
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo is not installed; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
-	@missing=""; for tool in strace:strace ss:iproute2 openssl:openssl kill:procps nft:nftables; do \
+	@missing=""; for tool in strace:strace ss:iproute2 openssl:openssl kill:procps nft:nftables chromium:chromium chromedriver:chromium-driver; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -43,5 +44,6 @@ run: build
 	@mkdir -p $(RUN_DIR)
 	@[ -f $(RUN_DIR)/server/admin.token ] || ./target/debug/tether-server init --data $(RUN_DIR)/server
 	@echo "admin token: $$(cat $(RUN_DIR)/server/admin.token)   (also in $(RUN_DIR)/server/admin.token)"
+	@echo "web application: https://localhost:8443/  (user admin, password in $(RUN_DIR)/server/admin.password; change it)"
 	@echo "try: curl --cacert $(RUN_DIR)/server/ca.pem -H \"Authorization: Bearer \$$(cat $(RUN_DIR)/server/admin.token)\" https://localhost:8443/admin/health"
 	TETHER_LISTEN__HTTPS=127.0.0.1:8443 ./target/debug/tether-server run --data $(RUN_DIR)/server

@@ -5,9 +5,10 @@
 //! - `GET /api/v1/agents/{id}` → one agent as `GET /api/v1/agents` lists it (id or name).
 //! - `PATCH /api/v1/agents/{id}` with `{"tags":[..]}` and/or `{"properties":{..}}` → the agent;
 //!   each given field replaces the stored one whole (400 with the reason if invalid).
-//! - `DELETE /api/v1/agents/{id}` → `{"id","name","deleted":true}`; 409 while the agent has
-//!   unfinished (queued or running) jobs: cancel its deployments first. A deleted agent's
-//!   session is closed and its key no longer authenticates; its finished jobs stay in their
+//! - `DELETE /api/v1/agents/{id}` → `{"id","name","deleted":true,"failed_jobs":N}`; 409 while
+//!   the agent has unfinished (queued or running) jobs, unless `?force=true`, which first fails
+//!   them ("agent deleted"; an agent that is gone for good never finishes them). A deleted
+//!   agent's session is closed and its key no longer authenticates; its jobs stay in their
 //!   deployments (shown by id). Enrolling the same name again makes a new agent with a new id,
 //!   which inherits nothing.
 
@@ -147,16 +148,29 @@ impl AgentAdmin {
         })
     }
 
-    /// Deletes the agent `id_or_name`, refusing while it has unfinished jobs.
-    pub async fn delete(&self, id_or_name: &str) -> Result<AgentRecord, AgentsError> {
+    /// Deletes the agent `id_or_name`; while it has unfinished jobs, refuses, or with `force`
+    /// fails them first. Answers the record and how many jobs were failed.
+    pub async fn delete(
+        &self,
+        id_or_name: &str,
+        force: bool,
+    ) -> Result<(AgentRecord, usize), AgentsError> {
         let agent = self.resolve(id_or_name).ok_or(AgentsError::NotFound)?;
         let unfinished = self.unfinished_jobs(&agent.id);
-        if unfinished > 0 {
+        if unfinished > 0 && !force {
             return Err(AgentsError::Busy(format!(
-                "agent {} has {unfinished} unfinished job(s); cancel its deployments first",
+                "agent {} has {unfinished} unfinished job(s); cancel its deployments first, or force the delete to fail them",
                 agent.name
             )));
         }
+        let failed = self
+            .deployments
+            .fail_agent_jobs(&agent.id, "agent deleted")
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "agent-jobs-fail-failed");
+                AgentsError::Unavailable
+            })?;
         let deleted = self
             .registry
             .delete_agent(&agent.id)
@@ -170,7 +184,7 @@ impl AgentAdmin {
                 reason: "agent deleted".into(),
             })
             .await;
-        Ok(deleted)
+        Ok((deleted, failed))
     }
 }
 
@@ -218,12 +232,23 @@ async fn patch_agent(
     Ok(HttpResponse::Ok().json(state.admin.status_json(&status)))
 }
 
+/// The query of `DELETE /api/v1/agents/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
 async fn delete_agent(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AgentsApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    let agent = state.admin.delete(&path.into_inner()).await?;
-    Ok(HttpResponse::Ok().json(json!({"id": agent.id, "name": agent.name, "deleted": true})))
+    let query = web::Query::<DeleteQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let (agent, failed) = state.admin.delete(&path.into_inner(), query.force).await?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"id": agent.id, "name": agent.name, "deleted": true, "failed_jobs": failed})))
 }

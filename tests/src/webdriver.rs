@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::ChildGuard;
 
 /// The W3C key of an element reference.
-const ELEMENT_KEY: &str = "element-6066-11e4-a6e4-4b3e9ecc6ac4";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 /// How long one WebDriver command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -112,21 +112,7 @@ impl Driver {
         );
         tcp.write_all(request.as_bytes())
             .map_err(|e| format!("send to chromedriver: {e}"))?;
-        let mut raw = Vec::new();
-        tcp.read_to_end(&mut raw)
-            .map_err(|e| format!("read from chromedriver: {e}"))?;
-        let text = String::from_utf8_lossy(&raw);
-        let (head, rest) = text
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| format!("bad answer: {text}"))?;
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(rest)
-        } else {
-            rest.to_owned()
-        };
+        let body = read_response(&mut tcp).map_err(|e| format!("read from chromedriver: {e}"))?;
         let v: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         let value = v.get("value").cloned().unwrap_or(Value::Null);
         if let Some(error) = value.get("error").and_then(Value::as_str) {
@@ -135,6 +121,49 @@ impl Driver {
         }
         Ok(value)
     }
+}
+
+/// Reads one HTTP/1.1 response and answers its body. chromedriver keeps the connection open
+/// despite `Connection: close`, so the body is read by its `Content-Length` (or chunks).
+fn read_response(tcp: &mut TcpStream) -> std::io::Result<String> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tcp.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::other(
+                "connection closed before the head ended",
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_ascii_lowercase();
+    let length = head.lines().find_map(|l| {
+        l.strip_prefix("content-length:")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    });
+    let chunked = head.contains("transfer-encoding: chunked");
+    loop {
+        let body = &raw[head_end..];
+        let complete = match length {
+            Some(n) => body.len() >= n,
+            None if chunked => body.windows(5).any(|w| w == b"0\r\n\r\n"),
+            None => false,
+        };
+        if complete {
+            break;
+        }
+        let n = tcp.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let body = String::from_utf8_lossy(&raw[head_end..]).into_owned();
+    Ok(if chunked { dechunk(&body) } else { body })
 }
 
 fn dechunk(mut rest: &str) -> String {
@@ -293,6 +322,15 @@ impl Session<'_> {
         self.cmd("GET", "/alert/text", None)
             .ok()
             .map(|v| v.as_str().unwrap_or_default().to_owned())
+    }
+
+    /// A PNG of the viewport.
+    pub fn screenshot(&self) -> Result<Vec<u8>, String> {
+        use base64::Engine as _;
+        let v = self.cmd("GET", "/screenshot", None)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().unwrap_or_default())
+            .map_err(|e| e.to_string())
     }
 
     /// The value of cookie `name` (HttpOnly ones included: the driver sees them).

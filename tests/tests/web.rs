@@ -27,6 +27,14 @@ fn set_value(s: &Session<'_>, css: &str, value: &str) {
         .unwrap_or_else(|err| panic!("set {css}: {err}"));
 }
 
+/// With `TETHER_WEB_SCREENSHOTS=DIR`, saves the page as `DIR/<name>.png` (to look at it).
+fn screenshot(s: &Session<'_>, name: &str) {
+    if let Some(dir) = std::env::var_os("TETHER_WEB_SCREENSHOTS") {
+        let png = s.screenshot().unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(format!("{name}.png")), png).unwrap();
+    }
+}
+
 fn click(s: &Session<'_>, css: &str) {
     let e = s.wait_for(css, WAIT).unwrap();
     s.click(&e)
@@ -135,11 +143,13 @@ fn operators_surface_in_a_browser() {
     click(&s, "#edit-properties button");
     s.wait_text(".notice", WAIT, |t| t == "Saved.").unwrap();
     assert_inert(&s, "agent page");
+    screenshot(&s, "agent");
     assert_eq!(agent_json(&server, &agent.id)["properties"]["note"], XSS);
     let found = format!("{base}/agents?q=alert(1)");
     s.goto(&found).unwrap();
     s.wait_text("#summary", WAIT, |t| t.starts_with("1 of 1"))
         .unwrap();
+    screenshot(&s, "agents");
 
     // A process from the JSON form; a deployment from the start form; its log appears.
     s.goto(&format!("{base}/processes")).unwrap();
@@ -172,6 +182,7 @@ fn operators_surface_in_a_browser() {
         .unwrap();
     assert!(log.contains(XSS), "the log line shows as text: {log:?}");
     assert_inert(&s, "deployment page");
+    screenshot(&s, "deployment");
 
     // Cancel a long one while its step runs.
     s.goto(&format!("{base}/deployments")).unwrap();
@@ -191,6 +202,7 @@ fn operators_surface_in_a_browser() {
         t == "cancelled"
     })
     .unwrap();
+    screenshot(&s, "cancelled");
 
     // CSRF: the browser's own session cookie, raw HTTPS, no or a wrong token, or another
     // origin: 403 and nothing changed.
@@ -281,4 +293,70 @@ fn operators_surface_in_a_browser() {
     assert_eq!(r.status, 303);
     drop(s);
     agent.stop();
+}
+
+/// The REST side of the agent changes the web application makes (no browser needed).
+#[test]
+fn agents_can_be_patched_and_deleted_over_rest() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let agent = Agent::install(&server, dir.path(), "db-1", &["db"]);
+    let path = format!("/api/v1/agents/{}", agent.id);
+
+    let r = server.request(
+        "PATCH",
+        &path,
+        Some(&json!({"tags": ["db", "eu"], "properties": {"rack": "b2", "note": XSS}})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["tags"], json!(["db", "eu"]));
+    let by_name = server.request("GET", "/api/v1/agents/db-1", None).json();
+    assert_eq!(by_name["properties"], json!({"rack": "b2", "note": XSS}));
+    let listed = server.agent(&agent.id).unwrap();
+    assert_eq!(listed["properties"]["rack"], "b2");
+    for bad in [
+        json!({"tags": ["no spaces"]}),
+        json!({"properties": {"k": "line\r\nbreak"}}),
+        json!({"properties": {"bad key": "v"}}),
+        json!({"colour": "red"}),
+        json!({}),
+    ] {
+        let r = server.request("PATCH", &path, Some(&bad));
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    assert_eq!(
+        server.agent(&agent.id).unwrap()["tags"],
+        json!(["db", "eu"])
+    );
+    let anonymous = raw(&server, "PATCH", &path, &[], Some("{\"tags\":[]}"));
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(
+        server.request("GET", "/api/v1/agents/nobody", None).status,
+        404
+    );
+
+    // A queued job (the agent is not running) keeps it from being deleted.
+    server.put_process(
+        &json!({"name": "p", "steps": [{"name": "s", "plugin": "shell",
+        "step": "run", "properties": {"script": "true"}}]}),
+    );
+    let d = server.deploy("p", json!({"agents": ["db-1"]}), json!({}));
+    let r = server.request("DELETE", &path, None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(server.agent(&agent.id).is_some());
+    // Cancelling tells the agent, which never answers (it is not running): the job stays
+    // unfinished until a forced delete fails it.
+    let r = server.request("POST", &format!("/api/v1/deployments/{d}/cancel"), None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(server.request("DELETE", &path, None).status, 409);
+    let r = server.request("DELETE", &format!("{path}?force=true"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["name"], "db-1");
+    assert_eq!(r.json()["failed_jobs"], 1);
+    let job = &server.deployment(&d)["jobs"][0];
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["message"], "agent deleted", "{job}");
+    assert_eq!(server.request("GET", &path, None).status, 404);
+    assert!(server.agent(&agent.id).is_none());
+    assert_eq!(server.request("DELETE", &path, None).status, 404);
 }

@@ -316,6 +316,33 @@ impl Deployments {
         Ok(remote)
     }
 
+    /// Fails every unfinished job of `agent_id` (queued or running) with `message`, committed
+    /// before it answers how many (an agent being deleted). The agent is not told: it is gone.
+    pub async fn fail_agent_jobs(
+        &self,
+        agent_id: &str,
+        message: &str,
+    ) -> Result<usize, DeploymentsError> {
+        let _guard = self.changes.lock().await;
+        let ops: Vec<Op> = {
+            let mut s = self.write();
+            s.jobs
+                .values_mut()
+                .filter(|j| j.agent_id == agent_id && !j.status.is_final())
+                .map(|j| {
+                    j.finish(model::JobState::Failed, model::StepState::Interrupted, message);
+                    tracing::warn!(agent_id = %agent_id, job_id = %j.job_id, "job-failed-agent-deleted");
+                    state::job_op(j)
+                })
+                .collect()
+        };
+        let n = ops.len();
+        if n > 0 {
+            self.journal.commit(ops).await?;
+        }
+        Ok(n)
+    }
+
     /// Reads a consistent snapshot with `f`.
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.read())

@@ -245,3 +245,57 @@ async fn concurrent_enrollments_never_overspend_a_token() {
     assert_eq!(ok, 3);
     assert_eq!(reg.agents().len(), 3);
 }
+
+#[actix_rt::test]
+async fn tags_and_properties_change_persist_and_delete_forgets() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = {
+        let reg = open(dir.path());
+        let t = reg.create_token(1, HOUR, Role::Agent).await.unwrap();
+        let a = reg.enroll(request(&t, "web-1", &key())).await.unwrap();
+        assert!(a.properties.is_empty());
+        let props = BTreeMap::from([("rack".to_owned(), "<b2> & \"x\"".to_owned())]);
+        let updated = reg
+            .update_agent(&a.id, Some(vec!["db".into()]), Some(props.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(updated.tags, vec!["db".to_owned()]);
+        assert_eq!(updated.properties, props);
+        // Invalid changes are refused whole.
+        for (tags, properties) in [
+            (Some(vec!["bad tag".to_owned()]), None),
+            (None, Some(BTreeMap::from([("bad key".into(), "v".into())]))),
+            (
+                None,
+                Some(BTreeMap::from([("k".into(), "line\nbreak".into())])),
+            ),
+            (
+                None,
+                Some(BTreeMap::from([(
+                    "k".into(),
+                    "x".repeat(MAX_PROPERTY_VALUE_LEN + 1),
+                )])),
+            ),
+        ] {
+            let err = reg.update_agent(&a.id, tags, properties).await.unwrap_err();
+            assert!(matches!(err, RegistryError::Invalid(_)), "{err}");
+        }
+        assert!(reg
+            .update_agent("a-nobody", None, None)
+            .await
+            .unwrap()
+            .is_none());
+        assert_eq!(reg.agent_status(&a.id).unwrap().properties, props);
+        a.id
+    };
+    let reg = open(dir.path());
+    let a = reg.agent(&id).unwrap();
+    assert_eq!(a.tags, vec!["db".to_owned()]);
+    assert_eq!(a.properties["rack"], "<b2> & \"x\"");
+    assert_eq!(reg.delete_agent(&id).await.unwrap().unwrap().name, "web-1");
+    assert!(reg.agent(&id).is_none());
+    assert!(reg.delete_agent(&id).await.unwrap().is_none());
+    drop(reg);
+    assert!(open(dir.path()).agent(&id).is_none());
+}

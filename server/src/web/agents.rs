@@ -301,12 +301,13 @@ async fn detail(
                 form.card #delete method="post" action={ (base) "/delete" } {
                     (csrf_field(&user))
                     h2 { "Delete" }
-                    @if unfinished > 0 {
-                        p.muted { "This agent has " (unfinished) " unfinished job(s); cancel its deployments before deleting it." }
-                    }
                     p { "Its key stops authenticating and its session is closed; enrolling it again makes a new agent." }
+                    @if unfinished > 0 {
+                        p.error { "This agent has " (unfinished) " unfinished job(s). Cancel its deployments first, or:" }
+                        label { input type="checkbox" name="force" value="yes"; " fail its unfinished jobs (\"agent deleted\")" }
+                    }
                     label { input type="checkbox" name="confirm" value="yes" required; " I am sure" }
-                    button.danger #delete-button type="submit" disabled[unfinished > 0] { "Delete agent" }
+                    button.danger #delete-button type="submit" { "Delete agent" }
                 }
             }
         },
@@ -438,6 +439,7 @@ async fn upgrade(
 #[derive(Deserialize)]
 struct DeleteForm {
     confirm: Option<String>,
+    force: Option<String>,
 }
 
 async fn delete(
@@ -453,8 +455,9 @@ async fn delete(
             "tick \"I am sure\" to delete an agent".into(),
         ));
     }
-    let agent = state.agents.delete(&path.into_inner()).await?;
-    tracing::info!(user = %user.name, agent_id = %agent.id, name = %agent.name, "web-agent-deleted");
+    let force = form.force.as_deref() == Some("yes");
+    let (agent, failed) = state.agents.delete(&path.into_inner(), force).await?;
+    tracing::info!(user = %user.name, agent_id = %agent.id, name = %agent.name, failed_jobs = failed, "web-agent-deleted");
     Ok(layout::redirect("/agents?done=deleted"))
 }
 

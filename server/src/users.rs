@@ -291,6 +291,21 @@ mod tests {
     use super::*;
     use tether_shared::journal::{Journal, JournalOptions};
 
+    /// Opens the journal in `dir`, polling while a previous instance's writer thread (which
+    /// ends shortly after its last handle is dropped) still holds the lock.
+    fn open(dir: &Path) -> Users {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Journal::open(dir, &JournalOptions::default()) {
+                Ok((journal, _)) => return Users::load(journal.handle()).unwrap(),
+                Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
     #[test]
     fn hashes_are_salted_argon2id_and_verify() {
         let a = hash_password("correct horse battery").unwrap();
@@ -315,9 +330,7 @@ mod tests {
         let file = tmp.path().join("admin.password");
         std::fs::write(&file, "first-password-123\n").unwrap();
         {
-            let (journal, _) =
-                Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
-            let users = Users::load(journal.handle()).unwrap();
+            let users = open(&tmp.path().join("j"));
             assert!(users.ensure_initial_admin(&file).await.unwrap());
             assert!(!users.ensure_initial_admin(&file).await.unwrap());
             users.verify(INITIAL_ADMIN, "first-password-123").unwrap();
@@ -332,9 +345,7 @@ mod tests {
             let hash = hash_password("second-password-456").unwrap();
             users.set_password(INITIAL_ADMIN, hash).await.unwrap();
         }
-        let (journal, _) =
-            Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
-        let users = Users::load(journal.handle()).unwrap();
+        let users = open(&tmp.path().join("j"));
         assert_eq!(users.names(), vec![INITIAL_ADMIN.to_owned()]);
         users.verify(INITIAL_ADMIN, "second-password-456").unwrap();
         assert!(users.verify(INITIAL_ADMIN, "first-password-123").is_err());
@@ -344,9 +355,7 @@ mod tests {
     async fn a_missing_password_file_is_generated() {
         let tmp = tempfile::tempdir().unwrap();
         let file = tmp.path().join("admin.password");
-        let (journal, _) =
-            Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
-        let users = Users::load(journal.handle()).unwrap();
+        let users = open(&tmp.path().join("j"));
         assert!(users.ensure_initial_admin(&file).await.unwrap());
         let password = std::fs::read_to_string(&file).unwrap();
         use std::os::unix::fs::PermissionsExt;

@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests in `tests/tests/`: locating the workspace's built binaries,
 //! running them with a clean, controlled environment, keeping long-running ones under a guard
-//! that kills them on drop, polling for readiness files, and a small blocking HTTPS client.
+//! that kills them on drop, polling for readiness files, and a small blocking HTTPS client;
+//! `webdriver` drives headless Chromium for the web application's browser tests.
 
 use std::ffi::OsStr;
 use std::io::{self, Read, Write};

@@ -221,36 +221,11 @@ async fn rollout(
             .iter()
             .find(|a| a.id == id)
             .map_or_else(|| id.clone(), |a| a.name.clone());
-        let current = state.upgrades.agent(&id);
-        let settled = current.as_ref().is_some_and(|c| {
-            c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
-        });
-        if settled {
-            let s = current.map(|c| c.state);
-            tracing::info!(agent_id = %id, version = %package.version, state = ?s, "upgrade-already-underway");
-            answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
-            continue;
-        }
-        let queued = async {
-            let link = state
-                .sessions
-                .send(GetLink {
-                    agent_id: id.clone(),
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            link.send(QueueUpgrade {
-                package: package.clone(),
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
-        }
-        .await;
-        match queued {
-            Ok(seq) => {
-                tracing::info!(agent_id = %id, version = %package.version, seq = seq.0, "upgrade-queued");
+        match queue_upgrade(&state.upgrades, &state.sessions, &id, &package).await {
+            Ok(Queued::Underway(s)) => {
+                answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
+            }
+            Ok(Queued::Queued) => {
                 answer.push(json!({"id": id, "name": name, "queued": true,
                                    "state": UpgradeState::Requested}));
             }
@@ -267,6 +242,50 @@ async fn rollout(
         )));
     }
     Ok(HttpResponse::Accepted().json(json!({"version": package.version, "agents": answer})))
+}
+
+/// What [`queue_upgrade`] did.
+pub enum Queued {
+    /// The `Upgrade` command is journaled on the agent's link.
+    Queued,
+    /// An upgrade to this version is already underway or done (its state): left alone.
+    Underway(Option<UpgradeState>),
+}
+
+/// Queue an upgrade of `agent_id` to `package` on its link (journaled, so it reaches an offline
+/// agent when it returns), unless one to this version is underway or done. For the REST rollout
+/// and the web application alike.
+pub async fn queue_upgrade(
+    upgrades: &Upgrades,
+    sessions: &Addr<SessionRegistry>,
+    agent_id: &str,
+    package: &super::Package,
+) -> Result<Queued, String> {
+    let current = upgrades.agent(agent_id);
+    let settled = current.as_ref().is_some_and(|c| {
+        c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
+    });
+    if settled {
+        let state = current.map(|c| c.state);
+        tracing::info!(agent_id = %agent_id, version = %package.version, state = ?state, "upgrade-already-underway");
+        return Ok(Queued::Underway(state));
+    }
+    let link = sessions
+        .send(GetLink {
+            agent_id: agent_id.to_owned(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let seq = link
+        .send(QueueUpgrade {
+            package: package.clone(),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    tracing::info!(agent_id = %agent_id, version = %package.version, seq = seq.0, "upgrade-queued");
+    Ok(Queued::Queued)
 }
 
 async fn download(

@@ -22,8 +22,7 @@ use super::session::CurrentUser;
 use super::{csrf, WebError, WebState};
 use crate::agents_api::AgentPatch;
 use crate::registry::{AgentStatus, Status};
-use crate::session::agent_link::QueueUpgrade;
-use crate::session::session_registry::GetLink;
+use crate::upgrades::api::{queue_upgrade, Queued};
 use crate::upgrades::{AgentUpgrade, UpgradeState};
 
 /// Agents per page.
@@ -395,9 +394,7 @@ struct UpgradeForm {
     version: String,
 }
 
-/// Queues an upgrade of one agent to a stored package, as `POST /api/v1/upgrades/{version}/
-/// rollout` does for each target: an upgrade to this version already underway or done is
-/// left alone.
+/// Queues an upgrade of one agent to a stored package (as the REST rollout does).
 async fn upgrade(
     req: HttpRequest,
     user: CurrentUser,
@@ -411,28 +408,12 @@ async fn upgrade(
         WebError::BadRequest(format!("no package for version {:?}", form.version))
     })?;
     let back = format!("/agents/{}?done=upgrade", enc(&agent.id));
-    let settled = state.upgrades.agent(&agent.id).is_some_and(|c| {
-        c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
-    });
-    if settled {
-        return Ok(layout::redirect(&back));
+    let queued = queue_upgrade(&state.upgrades, &state.links, &agent.id, &package)
+        .await
+        .map_err(WebError::Unavailable)?;
+    if matches!(queued, Queued::Queued) {
+        tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, "web-upgrade-queued");
     }
-    let link = state
-        .links
-        .send(GetLink {
-            agent_id: agent.id.clone(),
-        })
-        .await
-        .map_err(|e| WebError::Unavailable(e.to_string()))?
-        .map_err(|e| WebError::Unavailable(e.to_string()))?;
-    let seq = link
-        .send(QueueUpgrade {
-            package: package.clone(),
-        })
-        .await
-        .map_err(|e| WebError::Unavailable(e.to_string()))?
-        .map_err(|e| WebError::Unavailable(e.to_string()))?;
-    tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, seq = seq.0, "web-upgrade-queued");
     Ok(layout::redirect(&back))
 }
 

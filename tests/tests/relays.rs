@@ -220,13 +220,15 @@ fn a_slow_agent_is_shed_without_holding_up_the_others() {
         let h = relay.health()["upstream"].clone();
         (h["shed_slow_agents"].as_u64() >= Some(1)).then_some(h)
     });
-    assert_eq!(
-        upstream["agents"], 1,
-        "only the fast agent is left: {upstream}"
-    );
-    eventually("the slow agent offline", WAIT, || {
-        (server.agent_status(&slow.id) == "offline").then_some(())
+    // With a queue this small even the fast agent may be shed in a burst; it reconnects and
+    // resumes (its probes above arrived exactly once). The stalled one stays gone.
+    eventually("the slow agent offline, the fast one online", WAIT, || {
+        (server.agent_status(&slow.id) == "offline" && server.agent_status(&fast.id) == "online")
+            .then_some(())
     });
-    assert_eq!(server.agent_status(&fast.id), "online");
+    assert!(
+        upstream["shed_slow_agents"].as_u64() >= Some(1),
+        "{upstream}"
+    );
     drop(ws);
 }

@@ -433,6 +433,26 @@ impl Bulk {
         }
     }
 
+    /// Blocking: the relay's own download of `key` (its upgrade package), signed by the relay
+    /// in `fwd`: the cached copy if there is one, else fetched (verified) and cached. Answers
+    /// the cache file's path.
+    pub fn fetch_own(&self, key: &CacheKey, fwd: &Forward) -> Result<PathBuf, String> {
+        if let Some(hit) = self.cache.get(key).map_err(|e| e.to_string())? {
+            return Ok(hit.path);
+        }
+        match self.download(key, fwd).map_err(|e| e.to_string())? {
+            Fetched::Cached(hit) => Ok(hit.path),
+            Fetched::Refused(answer) => Err(format!(
+                "upstream answered HTTP {}: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
+            )),
+        }
+    }
+
     /// Blocking: forwards an enrollment.
     fn enroll_upstream(
         &self,

@@ -9,6 +9,7 @@
 //! - [`downstream`]: `AgentDown`, one agent's WebSocket, forwarded as a channel.
 //! - [`child_relay`]: `ChildRelay`, a child relay's link, whose channels become ours.
 //! - [`bulk`], [`cache`]: agents' HTTPS forwarded upstream, with a sha256-keyed disk cache.
+//! - [`upgrade`]: the relay's own upgrades (staging, re-exec, trial, rollback at start).
 //! - [`state`]: `RelayState` (`DIR/relay.json`) and the data directory's file names.
 
 mod bulk;
@@ -18,6 +19,7 @@ mod downstream;
 mod install;
 mod run;
 mod state;
+mod upgrade;
 mod upstream;
 
 use std::path::PathBuf;

@@ -30,7 +30,8 @@ use crate::bulk::{self, Bulk};
 use crate::child_relay::ChildRelay;
 use crate::downstream::{AgentDown, DownConfig};
 use crate::state::{RelayState, CACHE_DIR, CA_FILE, KEY_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
-use crate::upstream::{ObserveUpstream, Upstream, UpstreamConfig};
+use crate::upgrade::{Running, Upgrader, UpgraderConfig};
+use crate::upstream::{ObserveUpstream, SetUpgrader, Upstream, UpstreamConfig};
 
 /// File name of the bound addresses inside the data directory.
 pub const PORTS_FILE: &str = "ports.json";
@@ -83,6 +84,7 @@ struct Ports {
 struct AdminState {
     relay_id: String,
     name: String,
+    version: String,
     started: Instant,
     upstream: Addr<Upstream>,
     bulk: web::Data<Bulk>,
@@ -91,6 +93,9 @@ struct AdminState {
 /// Runs the relay from `dir` until SIGTERM or SIGINT.
 pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
     let state = RelayState::load(dir)?;
+    // First of all: a pending upgrade's rollback, or the newer version to become.
+    let running = crate::upgrade::startup(dir, &state.relay_id);
+    let server_key = tether_shared::identity::PublicKey::from_b64(&state.server_signing_key)?;
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| RunError::Read { path, source })
@@ -142,12 +147,29 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
         tls: client_tls,
         identity,
         relay_id: state.relay_id.clone(),
+        version: running.version.clone(),
         heartbeat_interval: cfg.relay.heartbeat_interval,
         reconnect_min: RECONNECT_MIN,
         reconnect_max: RECONNECT_MAX,
     };
-    tracing::info!(relay_id = %state.relay_id, name = %state.name, upstreams = ?upstreams, "relay-starting");
-    actix_rt::System::new().block_on(serve(cfg, dir, state, upstream_cfg, bulk, server_tls))
+    let upgrader_cfg = UpgraderConfig {
+        dir: dir.to_owned(),
+        relay_id: state.relay_id.clone(),
+        identity: Arc::new(Identity::load(&dir.join(KEY_FILE))?),
+        server_key,
+        running: running.clone(),
+        healthy_after: cfg.relay.upgrade_healthy_after,
+    };
+    tracing::info!(relay_id = %state.relay_id, name = %state.name, version = %running.version, trial = running.trial, upstreams = ?upstreams, "relay-starting");
+    actix_rt::System::new().block_on(serve(
+        cfg,
+        dir,
+        state,
+        upstream_cfg,
+        bulk,
+        server_tls,
+        upgrader_cfg,
+    ))
 }
 
 async fn serve(
@@ -157,9 +179,13 @@ async fn serve(
     upstream_cfg: UpstreamConfig,
     bulk: Bulk,
     server_tls: rustls::ServerConfig,
+    upgrader_cfg: UpgraderConfig,
 ) -> Result<(), RunError> {
+    let Running { version, .. } = upgrader_cfg.running.clone();
     let upstream = Upstream::new(upstream_cfg).start();
     let bulk = web::Data::new(bulk);
+    let upgrader = Upgrader::new(upgrader_cfg, upstream.clone(), bulk.clone()).start();
+    upstream.do_send(SetUpgrader(upgrader.recipient()));
     let down_cfg = Arc::new(DownConfig {
         max_queue: cfg.relay.max_queue_per_agent,
     });
@@ -193,6 +219,7 @@ async fn serve(
     let admin_state = web::Data::new(AdminState {
         relay_id: state.relay_id.clone(),
         name: state.name.clone(),
+        version,
         started: Instant::now(),
         upstream: upstream.clone(),
         bulk,
@@ -297,7 +324,7 @@ async fn health(state: web::Data<AdminState>) -> HttpResponse {
     HttpResponse::Ok().json(serde_json::json!({
         "relay_id": state.relay_id,
         "name": state.name,
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": state.version,
         "uptime_s": state.started.elapsed().as_secs(),
         "actors": [{
             "name": "upstream",

@@ -29,12 +29,13 @@ use tether_shared::mux::{
     self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
 };
 use tether_shared::protocol::{
-    self, hello_proof_bytes, ActorHealth, AgentStatus, ErrorCode, Frame, Heartbeat, Hello, Sender,
-    Seq,
+    self, hello_proof_bytes, ActorHealth, AgentStatus, ErrorCode, Event, EventBody, Frame,
+    Heartbeat, Hello, Sender, Seq,
 };
 
 use crate::child_relay::{ChildFrame, ChildRelay, CloseChild};
 use crate::downstream::{AgentDown, CloseDown, ToDown};
+use crate::upgrade::LinkNews;
 
 /// How long a dropped connection's last frames get to reach the wire before its socket closes.
 const CLOSE_LINGER: Duration = Duration::from_millis(50);
@@ -51,6 +52,8 @@ pub struct UpstreamConfig {
     pub tls: Arc<rustls::ClientConfig>,
     pub identity: Identity,
     pub relay_id: String,
+    /// The version reported upstream (the package's when running an upgrade).
+    pub version: String,
     pub heartbeat_interval: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -114,6 +117,12 @@ pub struct Upstream {
     silence_limit: Duration,
     last_beat: Instant,
     stats: UpstreamStats,
+    /// Told when the link is ready or drops, and given the relay's own commands.
+    upgrader: Option<Recipient<LinkNews>>,
+    /// Sequence number of our own events on this connection.
+    own_seq: u64,
+    /// Draining for a re-exec: no link, no reconnect.
+    draining: bool,
 }
 
 /// What the link's stream yields: frames of connection `conn`, then its end.
@@ -142,12 +151,19 @@ impl Upstream {
             silence_limit: silence_limit(interval),
             last_beat: Instant::now(),
             stats: UpstreamStats::default(),
+            upgrader: None,
+            own_seq: 0,
+            draining: false,
         }
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
         if self.cfg.upstreams.is_empty() {
             tracing::error!("no-upstream-configured");
+            return;
+        }
+        if self.draining {
+            self.phase = Phase::Idle;
             return;
         }
         let base = self.cfg.upstreams[self.current % self.cfg.upstreams.len()].clone();
@@ -196,6 +212,7 @@ impl Upstream {
                 ));
         self.stream = Some(ctx.add_stream(frames));
         self.phase = Phase::AwaitChallenge;
+        self.own_seq = 0;
         self.last_heard = Instant::now();
         tracing::info!(upstream = %base, conn, "upstream-connected");
         self.connected_to = Some(base);
@@ -231,6 +248,9 @@ impl Upstream {
         }
         self.by_child.clear();
         tracing::info!(dropped_channels = dropped, "upstream-dropped");
+        if let Some(u) = &self.upgrader {
+            u.do_send(LinkNews::Down);
+        }
         if was_ready {
             self.current = 0;
             self.backoff.reset();
@@ -303,7 +323,7 @@ impl Upstream {
                     .sign(&hello_proof_bytes(&c.nonce, &self.cfg.relay_id));
                 let hello = Frame::Hello(Hello {
                     agent_id: self.cfg.relay_id.clone(),
-                    version: env!("CARGO_PKG_VERSION").into(),
+                    version: self.cfg.version.clone(),
                     incarnation: String::new(),
                     server_incarnation: String::new(),
                     last_command_seq: Seq::ZERO,
@@ -320,6 +340,9 @@ impl Upstream {
                 self.stats.connects += 1;
                 self.backoff.reset();
                 tracing::info!(upstream = ?self.connected_to, "upstream-ready");
+                if let Some(u) = &self.upgrader {
+                    u.do_send(LinkNews::Ready { conn: self.conn });
+                }
             }
             (_, Ok(Frame::Busy(b))) => {
                 tracing::info!(retry_after_ms = b.retry_after_ms, "upstream-busy");
@@ -338,9 +361,17 @@ impl Upstream {
 
     fn on_data(&mut self, ctx: &mut Context<Self>, ch: u32, frame: Vec<u8>) {
         if ch == LINK_CHANNEL {
-            // The parent's heartbeats and errors about the link itself.
-            if let Ok(Frame::Error(e)) = protocol::decode(&frame, Sender::Server) {
-                tracing::warn!(code = ?e.code, message = %e.message, "upstream-reported-error");
+            // The parent's heartbeats, errors about the link itself, and the server's commands
+            // for this relay (its upgrades).
+            match protocol::decode(&frame, Sender::Server) {
+                Ok(Frame::Error(e)) => {
+                    tracing::warn!(code = ?e.code, message = %e.message, "upstream-reported-error")
+                }
+                Ok(Frame::Command(c)) => match &self.upgrader {
+                    Some(u) => u.do_send(LinkNews::Command(c)),
+                    None => tracing::warn!("relay-command-ignored"),
+                },
+                _ => {}
             }
             return;
         }
@@ -434,7 +465,7 @@ impl Upstream {
         self.last_beat = Instant::now();
         let (agents, _) = self.counts();
         let status = AgentStatus {
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: self.cfg.version.clone(),
             running_jobs: agents as u32,
             load_milli: load_milli(),
             actors: vec![ActorHealth {
@@ -561,6 +592,63 @@ impl WriteHandler<WsProtocolError> for Upstream {
     }
 
     fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+/// Who hears about the link and gets the relay's own commands.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetUpgrader(pub Recipient<LinkNews>);
+
+impl Handler<SetUpgrader> for Upstream {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetUpgrader, _: &mut Self::Context) {
+        self.upgrader = Some(msg.0);
+    }
+}
+
+/// An event about the relay itself (its upgrades), sent on its own channel if the link is
+/// ready (numbered per connection; not journaled: the relay reports its state again).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SendOwnEvent(pub EventBody);
+
+impl Handler<SendOwnEvent> for Upstream {
+    type Result = ();
+
+    fn handle(&mut self, msg: SendOwnEvent, _: &mut Self::Context) {
+        if self.phase != Phase::Ready {
+            tracing::info!(event = ?msg.0, "relay-event-not-sent-link-down");
+            return;
+        }
+        self.own_seq += 1;
+        match Event::new(Seq(self.own_seq), msg.0) {
+            Ok(event) => self.send_v1(&Frame::Event(event), true),
+            Err(e) => tracing::error!(error = %e, "frame-encode-failed"),
+        }
+    }
+}
+
+/// Drain for a re-exec (`on`: close the link and every downstream session, and stay
+/// disconnected), or resume after a failed one.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain {
+    pub on: bool,
+}
+
+impl Handler<Drain> for Upstream {
+    type Result = ();
+
+    fn handle(&mut self, msg: Drain, ctx: &mut Self::Context) {
+        self.draining = msg.on;
+        if msg.on {
+            tracing::info!(channels = self.channels.len(), "upstream-draining");
+            self.drop_connection(ctx);
+        } else if self.phase == Phase::Idle {
+            self.connect(ctx);
+        }
+    }
 }
 
 /// Why a downstream connection cannot be carried now.

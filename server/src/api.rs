@@ -124,5 +124,22 @@ async fn list_relays(
     state: web::Data<ApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    Ok(HttpResponse::Ok().json(state.registry.relay_statuses()))
+    let list: Vec<serde_json::Value> = state
+        .registry
+        .relay_statuses()
+        .into_iter()
+        .map(|r| {
+            let upgrade = state.upgrades.relay(&r.id);
+            let mut v = serde_json::to_value(&r).unwrap_or_default();
+            if upgrade
+                .as_ref()
+                .is_some_and(|u| u.state == UpgradeState::Upgrading)
+            {
+                v["status"] = "upgrading".into();
+            }
+            v["upgrade"] = serde_json::to_value(&upgrade).unwrap_or_default();
+            v
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(list))
 }

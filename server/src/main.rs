@@ -40,6 +40,7 @@ mod run;
 mod session;
 mod upgrades;
 mod users;
+mod users_api;
 mod web;
 
 use std::path::PathBuf;

@@ -468,6 +468,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .configure(upgrades_api::configure_api)
             .configure(session::routes::configure_api)
             .configure(agents_api::configure)
+            .configure(crate::users_api::configure)
             .configure(crate::web::configure)
             .default_service(web::to(not_found))
     }))

@@ -11,6 +11,11 @@
 //! application existed gets a new file first). The operator should change it on the account
 //! page; the file is only read while no user exists.
 //!
+//! Users are created and deleted on the web application's users page, over REST
+//! (`/api/v1/users`) and with `tether users`; there is one role (every user may do
+//! everything). The last user cannot be deleted, nor a user by itself; a successful login
+//! stores `last_login_unix_ms`.
+//!
 //! Hashing costs tens of milliseconds of CPU on purpose: callers on an actix arbiter run
 //! [`hash_password`] and [`Users::verify`] through `web::block`.
 
@@ -52,6 +57,29 @@ pub struct StoredUser {
     /// When the user was created and when its password last changed.
     pub created_unix_ms: u64,
     pub password_changed_unix_ms: u64,
+    /// The last successful web login (absent until the first one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_login_unix_ms: Option<u64>,
+}
+
+/// What lists of users show: never the password hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserInfo {
+    pub name: String,
+    pub created_unix_ms: u64,
+    pub password_changed_unix_ms: u64,
+    pub last_login_unix_ms: Option<u64>,
+}
+
+impl From<&StoredUser> for UserInfo {
+    fn from(u: &StoredUser) -> Self {
+        UserInfo {
+            name: u.name.clone(),
+            created_unix_ms: u.created_unix_ms,
+            password_changed_unix_ms: u.password_changed_unix_ms,
+            last_login_unix_ms: u.last_login_unix_ms,
+        }
+    }
 }
 
 /// Why a user operation failed.
@@ -63,6 +91,12 @@ pub enum UsersError {
     /// The user exists already.
     #[error("user {0:?} exists already")]
     Exists(String),
+    /// No such user (deleting).
+    #[error("no such user")]
+    NotFound,
+    /// The change is refused as things stand (the last user, oneself); the message says why.
+    #[error("{0}")]
+    Conflict(String),
     /// No such user, or the password is wrong: one answer for both.
     #[error("wrong user name or password")]
     BadCredentials,
@@ -135,6 +169,58 @@ impl Users {
         read(&self.users).keys().cloned().collect()
     }
 
+    /// Whether user `name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        read(&self.users).contains_key(name)
+    }
+
+    /// Every user (no password hashes), sorted by name.
+    pub fn list(&self) -> Vec<UserInfo> {
+        read(&self.users).values().map(UserInfo::from).collect()
+    }
+
+    /// Deletes user `name`. Refused for the last user, and for `acting` itself (the user who
+    /// asks, when a person asks through the web application). The caller ends its sessions.
+    pub async fn delete(&self, name: &str, acting: Option<&str>) -> Result<(), UsersError> {
+        let _change = self.changes.lock().await;
+        {
+            let users = read(&self.users);
+            if !users.contains_key(name) {
+                return Err(UsersError::NotFound);
+            }
+            if acting == Some(name) {
+                return Err(UsersError::Conflict(
+                    "you cannot delete yourself; another user can".into(),
+                ));
+            }
+            if users.len() <= 1 {
+                return Err(UsersError::Conflict(
+                    "the last user cannot be deleted".into(),
+                ));
+            }
+        }
+        self.journal
+            .commit(vec![Op::DeleteMeta {
+                key: format!("{USER_PREFIX}{name}"),
+            }])
+            .await?;
+        write(&self.users).remove(name);
+        tracing::info!(user = %name, "user-deleted");
+        Ok(())
+    }
+
+    /// Notes a successful login of `name` (best effort: a failed commit is only logged).
+    pub async fn record_login(&self, name: &str) {
+        let _change = self.changes.lock().await;
+        let Some(mut user) = read(&self.users).get(name).cloned() else {
+            return;
+        };
+        user.last_login_unix_ms = Some(now_unix_ms());
+        if let Err(e) = self.store(user).await {
+            tracing::warn!(user = %name, error = %e, "user-last-login-not-stored");
+        }
+    }
+
     /// Checks `password` for `name`; blocking (argon2). Unknown users cost the same time as
     /// known ones and get the same answer.
     pub fn verify(&self, name: &str, password: &str) -> Result<(), UsersError> {
@@ -164,6 +250,7 @@ impl Users {
             password_hash,
             created_unix_ms: now,
             password_changed_unix_ms: now,
+            last_login_unix_ms: None,
         };
         self.store(user).await?;
         tracing::info!(user = %name, "user-created");
@@ -349,6 +436,49 @@ mod tests {
         assert_eq!(users.names(), vec![INITIAL_ADMIN.to_owned()]);
         users.verify(INITIAL_ADMIN, "second-password-456").unwrap();
         assert!(users.verify(INITIAL_ADMIN, "first-password-123").is_err());
+    }
+
+    #[actix_rt::test]
+    async fn users_are_created_listed_and_deleted_but_not_the_last() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("admin.password");
+        std::fs::write(&file, "first-password-123\n").unwrap();
+        {
+            let users = open(&tmp.path().join("j"));
+            users.ensure_initial_admin(&file).await.unwrap();
+            let hash = hash_password("ops-password-1234").unwrap();
+            assert!(matches!(
+                users.create("bad name", hash.clone()).await,
+                Err(UsersError::Invalid(_))
+            ));
+            users.create("ops-1", hash.clone()).await.unwrap();
+            assert!(matches!(
+                users.create("ops-1", hash).await,
+                Err(UsersError::Exists(_))
+            ));
+            users.record_login("ops-1").await;
+            let list = users.list();
+            assert_eq!(list.len(), 2);
+            assert!(list[1].last_login_unix_ms.is_some());
+            assert!(matches!(
+                users.delete("ops-1", Some("ops-1")).await,
+                Err(UsersError::Conflict(_))
+            ));
+            assert!(matches!(
+                users.delete("nobody", None).await,
+                Err(UsersError::NotFound)
+            ));
+            users.delete(INITIAL_ADMIN, Some("ops-1")).await.unwrap();
+            assert!(matches!(
+                users.delete("ops-1", None).await,
+                Err(UsersError::Conflict(_))
+            ));
+        }
+        let users = open(&tmp.path().join("j"));
+        assert_eq!(users.names(), vec!["ops-1".to_owned()]);
+        assert!(users.list()[0].last_login_unix_ms.is_some());
+        users.verify("ops-1", "ops-password-1234").unwrap();
+        assert!(!users.ensure_initial_admin(&file).await.unwrap());
     }
 
     #[actix_rt::test]

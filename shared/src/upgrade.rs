@@ -86,9 +86,73 @@ pub fn is_sha256(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-/// The bytes the server signs for package `sha256` published as `version`.
+/// The bytes the server signs for agent package `sha256` published as `version`.
 pub fn package_signing_bytes(version: &str, sha256: &str) -> Vec<u8> {
     format!("tether-upgrade-v1\n{version}\n{sha256}").into_bytes()
+}
+
+/// Which binary a package replaces. The component is part of what the server signs for relay
+/// packages (agent packages keep their original signed bytes), so an agent never runs a relay
+/// package and a relay never runs an agent package: the signature does not verify.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Component {
+    /// `tether-agent` (the worker binary the monitor swaps).
+    #[default]
+    Agent,
+    /// `tether-relay`.
+    Relay,
+}
+
+impl Component {
+    /// Parses `agent` or `relay`.
+    pub fn parse(text: &str) -> Option<Component> {
+        match text {
+            "agent" => Some(Component::Agent),
+            "relay" => Some(Component::Relay),
+            _ => None,
+        }
+    }
+
+    /// The name on the wire and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Agent => "agent",
+            Component::Relay => "relay",
+        }
+    }
+
+    /// `true` for [`Component::Agent`] (serde's `skip_serializing_if`).
+    pub fn is_agent(&self) -> bool {
+        *self == Component::Agent
+    }
+}
+
+impl fmt::Display for Component {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The bytes the server signs for a package of `component`: [`package_signing_bytes`] for
+/// agents, `tether-upgrade-v1\nrelay\n{version}\n{sha256}` for relays.
+pub fn component_signing_bytes(component: Component, version: &str, sha256: &str) -> Vec<u8> {
+    match component {
+        Component::Agent => package_signing_bytes(version, sha256),
+        Component::Relay => format!("tether-upgrade-v1\nrelay\n{version}\n{sha256}").into_bytes(),
+    }
 }
 
 /// Why a package's metadata is refused.
@@ -110,12 +174,26 @@ pub fn verify_package(
     sha256: &str,
     signature: &str,
 ) -> Result<Version, PackageError> {
+    verify_component_package(server_key, Component::Agent, version, sha256, signature)
+}
+
+/// [`verify_package`] for a package of `component`.
+pub fn verify_component_package(
+    server_key: &PublicKey,
+    component: Component,
+    version: &str,
+    sha256: &str,
+    signature: &str,
+) -> Result<Version, PackageError> {
     let parsed = Version::parse(version)?;
     if !is_sha256(sha256) {
         return Err(PackageError::Sha256(sha256.chars().take(80).collect()));
     }
     server_key
-        .verify(&package_signing_bytes(version, sha256), signature)
+        .verify(
+            &component_signing_bytes(component, version, sha256),
+            signature,
+        )
         .map_err(|_| PackageError::Signature)?;
     Ok(parsed)
 }
@@ -149,6 +227,32 @@ mod tests {
             assert!(Version::parse(bad).is_err(), "{bad:?}");
         }
         assert!(Version::parse(&"1".repeat(100)).is_err());
+    }
+
+    #[test]
+    fn a_relay_package_never_verifies_as_an_agent_package_and_back() {
+        let server = Identity::generate();
+        let key = server.public_key();
+        let sha = "ab".repeat(32);
+        let relay_sig = server.sign(&component_signing_bytes(Component::Relay, "2.0.0", &sha));
+        let agent_sig = server.sign(&component_signing_bytes(Component::Agent, "2.0.0", &sha));
+        assert_eq!(
+            agent_sig,
+            server.sign(&package_signing_bytes("2.0.0", &sha))
+        );
+        assert!(
+            verify_component_package(&key, Component::Relay, "2.0.0", &sha, &relay_sig).is_ok()
+        );
+        assert_eq!(
+            verify_package(&key, "2.0.0", &sha, &relay_sig),
+            Err(PackageError::Signature)
+        );
+        assert_eq!(
+            verify_component_package(&key, Component::Relay, "2.0.0", &sha, &agent_sig),
+            Err(PackageError::Signature)
+        );
+        assert_eq!(Component::parse("relay"), Some(Component::Relay));
+        assert_eq!(Component::parse("Relay"), None);
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! Relays for end-to-end tests: a real `tether-relay`, installed against a [`Server`] (directly
 //! or through a parent relay) and run on loopback with its own data directory. Like the
-//! server, it keeps its ports across restarts. Killed when dropped.
+//! server, it keeps its ports across restarts. Killed when dropped. [`Relay::run_supervised`]
+//! runs it under a restart loop, as systemd's `Restart=always` would.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -19,6 +24,30 @@ pub struct Relay {
     pub downstream: SocketAddr,
     pub admin: SocketAddr,
     env: Vec<(String, String)>,
+    supervisor: Option<Supervisor>,
+}
+
+/// A restart loop around `tether-relay run` (systemd's `Restart=always`, 200 ms apart).
+struct Supervisor {
+    stop: Arc<AtomicBool>,
+    /// Processes started after the first one.
+    restarts: Arc<AtomicU32>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervisor {
+    fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Relay {
@@ -79,13 +108,12 @@ impl Relay {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            supervisor: None,
         }
     }
 
-    /// Start the process (again), on the same ports once they are known.
-    pub fn run(&mut self) {
-        let ports_path = self.dir.join("ports.json");
-        let _ = std::fs::remove_file(&ports_path);
+    /// The `tether-relay run` command, on the known ports (0 = any until first run).
+    fn run_command(&self) -> Command {
         let log = self.dir.join(format!("../{}.log", self.name));
         let mut cmd = base_command("tether-relay", &self.config_dir, &log);
         cmd.args(["run", "--data"]).arg(&self.dir);
@@ -95,6 +123,68 @@ impl Relay {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        cmd
+    }
+
+    /// Runs the relay under a restart loop emulating systemd's `Restart=always`: whenever the
+    /// process exits, `tether-relay run` starts again (200 ms later) on the same ports. Waits
+    /// for the first process to listen.
+    pub fn run_supervised(&mut self) {
+        if self.downstream.port() == 0 {
+            // Learn the ports first, so that every restart reuses them.
+            self.run();
+            self.kill();
+        }
+        self.kill();
+        let ports_path = self.dir.join("ports.json");
+        let _ = std::fs::remove_file(&ports_path);
+        let stop = Arc::new(AtomicBool::new(false));
+        let restarts = Arc::new(AtomicU32::new(0));
+        let mut cmd = self.run_command();
+        let (stop_t, restarts_t) = (stop.clone(), restarts.clone());
+        let thread = std::thread::spawn(move || {
+            let mut first = true;
+            while !stop_t.load(Ordering::SeqCst) {
+                if !first {
+                    restarts_t.fetch_add(1, Ordering::SeqCst);
+                }
+                first = false;
+                let mut child = ChildGuard::spawn("tether-relay (supervised)", &mut cmd);
+                loop {
+                    if stop_t.load(Ordering::SeqCst) {
+                        return; // dropping the guard kills the process
+                    }
+                    if child.try_exit().is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        self.supervisor = Some(Supervisor {
+            stop,
+            restarts,
+            thread: Some(thread),
+        });
+        eventually("supervised relay ports.json", START_TIMEOUT, || {
+            std::fs::read_to_string(&ports_path).ok()
+        });
+    }
+
+    /// Processes the supervisor started after its first one (0 when not supervised).
+    pub fn restarts(&self) -> u32 {
+        self.supervisor
+            .as_ref()
+            .map_or(0, |s| s.restarts.load(Ordering::SeqCst))
+    }
+
+    /// Start the process (again), on the same ports once they are known.
+    pub fn run(&mut self) {
+        let ports_path = self.dir.join("ports.json");
+        let _ = std::fs::remove_file(&ports_path);
+        let log = self.dir.join(format!("../{}.log", self.name));
+        let mut cmd = self.run_command();
         let mut child = ChildGuard::spawn("tether-relay", &mut cmd);
         let ports: Value = eventually("relay ports.json", START_TIMEOUT, || {
             if let Some(status) = child.try_exit() {
@@ -117,8 +207,11 @@ impl Relay {
         self.child = Some(child);
     }
 
-    /// SIGKILL the relay and reap it.
+    /// SIGKILL the relay and reap it (and stop its supervisor, if any).
     pub fn kill(&mut self) {
+        if let Some(mut s) = self.supervisor.take() {
+            s.stop();
+        }
         if let Some(mut c) = self.child.take() {
             c.signal("KILL");
             c.wait_exit(START_TIMEOUT);

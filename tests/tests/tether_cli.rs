@@ -588,3 +588,140 @@ fn upgrades_are_uploaded_listed_and_rolled_out_from_the_cli() {
     assert_eq!(code(&out), Some(1), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("refused"), "{}", stdout(&out));
 }
+
+/// Users of the web application over REST and from the CLI: list, create (password from
+/// standard input, never echoed back), the rules (400), an existing name and the last user
+/// (409), delete; the exit codes and the `--json` answers.
+#[test]
+fn users_are_managed_over_rest_and_from_the_cli() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let cli = Tether::new(&dir.path().join("cli"));
+    cli.login(&server);
+    let password = "correct-horse-42";
+
+    // REST: the initial admin only; no hash or password in the answer.
+    let listed = get(&server, "/api/v1/users");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "admin");
+    assert!(!listed.to_string().contains("argon2"), "{listed}");
+    let anonymous = tether_tests::https_request_with_body(
+        server.https,
+        server.tls(),
+        "localhost",
+        "GET",
+        "/api/v1/users",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(anonymous.status, 401);
+    for (body, status) in [
+        (json!({"name": "bad name", "password": password}), 400),
+        (json!({"name": "ops-2", "password": "too-short"}), 400),
+        (json!({"name": "ops-2"}), 400),
+        (json!({"name": "ops-2", "password": 12}), 400),
+        (json!({"name": "admin", "password": password}), 409),
+    ] {
+        let r = server.request("POST", "/api/v1/users", Some(&body));
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(!r.body.contains(password), "{}", r.body);
+    }
+    let r = server.request(
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops-2", "password": password})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["name"], "ops-2");
+    assert!(!r.body.contains(password), "{}", r.body);
+
+    // CLI: list (--json is the REST answer), create from standard input, 409 → exit 1.
+    assert_eq!(cli.json(&["users"]), get(&server, "/api/v1/users"));
+    let out = cli.run(&["users", "list"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ops-2"), "{}", stdout(&out));
+    let out = cli.run_with(
+        &[],
+        Some(&format!("{password}\n")),
+        &["users", "create", "ops-3", "--json"],
+    );
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(created["name"], "ops-3");
+    assert!(created["created_unix_ms"].as_u64().unwrap() > 0);
+    let out = cli.run_with(
+        &[],
+        Some(&format!("{password}\n")),
+        &["users", "create", "ops-3"],
+    );
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("409"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains(password), "{}", stderr(&out));
+    let out = cli.run_with(&[], Some("short\n"), &["users", "create", "ops-4"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("12 characters"), "{}", stderr(&out));
+    assert_eq!(code(&cli.run(&["users", "create", "ops-4"])), Some(2));
+    assert_eq!(code(&cli.run(&["users", "create"])), Some(2));
+    let names = |v: Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(get(&server, "/api/v1/users")),
+        ["admin", "ops-2", "ops-3"]
+    );
+
+    // Delete: over the CLI, then REST; unknown → 404, the last user → 409.
+    let deleted = cli.json(&["users", "delete", "ops-3"]);
+    assert_eq!(deleted, json!({"name": "ops-3", "deleted": true}));
+    let out = cli.run(&["users", "delete", "ops-3"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("404"), "{}", stderr(&out));
+    assert_eq!(
+        server.request("DELETE", "/api/v1/users/admin", None).status,
+        200
+    );
+    let r = server.request("DELETE", "/api/v1/users/ops-2", None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    let out = cli.run(&["users", "delete", "ops-2"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("last user"), "{}", stderr(&out));
+    assert_eq!(names(get(&server, "/api/v1/users")), ["ops-2"]);
+}
+
+/// Relay packages from the CLI: `upgrades upload --component relay`, listed with their
+/// component, and `upgrades rollout --relay NAME --wait` (an older version: refused, exit 1).
+#[test]
+fn relay_upgrades_are_uploaded_and_rolled_out_from_the_cli() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let relay =
+        tether_tests::relays::Relay::start(&server, &[server.upstream()], tmp.path(), "edge-1");
+    eventually("relay online", WAIT, || {
+        tether_tests::relays::relay_entry(&server, &relay.name).filter(|r| r["status"] == "online")
+    });
+    let cli = Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let package = tmp.path().join("old-relay");
+    fs::write(&package, "#!/bin/sh\nexit 3\n").unwrap();
+    let file = package.to_str().unwrap();
+    let uploaded = cli.json(&["upgrades", "upload", "0.0.1", file, "--component", "relay"]);
+    assert_eq!(uploaded["component"], "relay", "{uploaded}");
+    let listed = cli.json(&["upgrades", "list"]);
+    assert_eq!(listed[0]["component"], "relay", "{listed}");
+    // Usage: relays and agents are not rolled out together.
+    let out = cli.run(&[
+        "upgrades", "rollout", "0.0.1", "--relay", "edge-1", "--agent", "x",
+    ]);
+    assert_eq!(code(&out), Some(2), "{}", stderr(&out));
+    let out = cli.run(&[
+        "upgrades", "rollout", "0.0.1", "--relay", "edge-1", "--wait",
+    ]);
+    assert_eq!(code(&out), Some(1), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("refused"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("RELAY"), "{}", stdout(&out));
+}

@@ -3,7 +3,9 @@
 //! a deployment from the forms and watch its log appear, cancel a long one, trigger an upgrade;
 //! a property value and a log line holding `<script>alert(1)</script>` render as text; and,
 //! with raw HTTPS and the browser's own session cookie, a state change without the CSRF token
-//! (or with a wrong one, or from another origin) is refused with 403 and changes nothing.
+//! (or with a wrong one, or from another origin) is refused with 403 and changes nothing. Then
+//! users: admin creates `ops-1` on the users page, logs out; a wrong password is refused;
+//! ops-1 logs in, cannot delete itself, deletes another user; deleting ops-1 ends its session.
 //!
 //! Without Chromium (`apt-get install chromium chromium-driver`; `make test` installs them) the
 //! test says why and is skipped, except under `CI=true`, where it fails.
@@ -286,13 +288,136 @@ fn operators_surface_in_a_browser() {
     });
     assert!(upgrade["upgrade"]["state"].is_string(), "{upgrade}");
 
+    // Users: creating one without the CSRF token is refused and creates nothing; from the
+    // form it works (the password typed twice).
+    let ops_password = "ops-1-password-long";
+    let users_token = csrf_of(&raw(&server, "GET", "/users", &[("Cookie", &cookie)], None).body);
+    assert_eq!(users_token, token, "one CSRF token per session");
+    let r = raw(
+        &server,
+        "POST",
+        "/users",
+        &[form[0], form[1], origin],
+        Some(&format!(
+            "name=ops-1&password={ops_password}&confirm={ops_password}"
+        )),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    let names = || -> Vec<String> {
+        let r = server.request("GET", "/api/v1/users", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(), ["admin"]);
+    click(&s, "nav a[href='/users']");
+    s.wait_text("h1", WAIT, |t| t == "Users").unwrap();
+    assert!(
+        s.find("tr[data-user='admin'] form").is_err(),
+        "no delete form for oneself"
+    );
+    s.type_text(&s.find("#new-name").unwrap(), "ops-1").unwrap();
+    s.type_text(&s.find("#new-password").unwrap(), ops_password)
+        .unwrap();
+    s.type_text(&s.find("#new-confirm").unwrap(), ops_password)
+        .unwrap();
+    click(&s, "#create-user");
+    s.wait_text(".notice", WAIT, |t| t == "User created.")
+        .unwrap();
+    s.wait_for("tr[data-user='ops-1'] form", WAIT).unwrap();
+    assert_eq!(names(), ["admin", "ops-1"]);
+    assert!(!s.source().unwrap().contains(ops_password));
+    screenshot(&s, "users");
+
     // Logging out ends the session server-side: the old cookie no longer works.
     click(&s, "nav form button");
     s.wait_text("h1", WAIT, |t| t == "Log in").unwrap();
     let r = raw(&server, "GET", &agent_page, &[("Cookie", &cookie)], None);
     assert_eq!(r.status, 303);
+
+    // ops-1: a wrong password is refused; the right one logs in.
+    s.type_text(&s.wait_for("#user", WAIT).unwrap(), "ops-1")
+        .unwrap();
+    s.type_text(&s.find("#password").unwrap(), "not-the-password")
+        .unwrap();
+    click(&s, "#login");
+    s.wait_text("p.error", WAIT, |t| {
+        t.contains("Wrong user name or password")
+    })
+    .unwrap();
+    s.type_text(&s.wait_for("#user", WAIT).unwrap(), "ops-1")
+        .unwrap();
+    s.type_text(&s.find("#password").unwrap(), ops_password)
+        .unwrap();
+    click(&s, "#login");
+    s.wait_text("h1", WAIT, |t| t == "Agents").unwrap();
+    s.goto(&format!("{base}/users")).unwrap();
+    s.wait_text("tr[data-user='ops-1'] [data-field=name]", WAIT, |t| {
+        t == "ops-1 (you)"
+    })
+    .unwrap();
+    assert!(s.find("tr[data-user='ops-1'] form").is_err());
+    let ops_cookie = format!("tether_session={}", s.cookie("tether_session").unwrap());
+    let ops_token = csrf_of(&s.source().unwrap());
+    // Deleting oneself is refused even when posted by hand; ticking nothing deletes nothing.
+    for (path, body) in [
+        (
+            "/users/ops-1/delete",
+            format!("csrf={ops_token}&confirm=yes"),
+        ),
+        ("/users/admin/delete", format!("csrf={ops_token}")),
+    ] {
+        let r = raw(
+            &server,
+            "POST",
+            path,
+            &[("Cookie", &ops_cookie), form[1], origin],
+            Some(&body),
+        );
+        assert!(matches!(r.status, 400 | 409), "{path}: {}", r.body);
+    }
+    assert_eq!(names(), ["admin", "ops-1"]);
+    let last_login = get_user(&server, "ops-1")["last_login_unix_ms"].clone();
+    assert!(last_login.as_u64().is_some(), "{last_login}");
+
+    // ops-1 deletes another user from the page (confirm ticked).
+    let r = server.request(
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops-2", "password": ops_password})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    s.goto(&format!("{base}/users")).unwrap();
+    click(&s, "tr[data-user='ops-2'] input[name=confirm]");
+    click(&s, "tr[data-user='ops-2'] button");
+    s.wait_text(".notice", WAIT, |t| t.starts_with("User deleted"))
+        .unwrap();
+    assert_eq!(names(), ["admin", "ops-1"]);
+
+    // Deleting ops-1 (over REST) ends its session at once.
+    let r = server.request("DELETE", "/api/v1/users/ops-1", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = raw(&server, "GET", "/users", &[("Cookie", &ops_cookie)], None);
+    assert_eq!(r.status, 303);
+    assert_eq!(r.header("location"), Some("/login"));
     drop(s);
     agent.stop();
+}
+
+fn get_user(server: &Server, name: &str) -> Value {
+    let r = server.request("GET", "/api/v1/users", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no user {name}"))
 }
 
 /// The REST side of the agent changes the web application makes (no browser needed).

@@ -22,9 +22,11 @@ use actix_web_actors::ws;
 use tether_shared::enroll::Role;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
-    self, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
+    self, command_signing_bytes, Busy, Challenge, Command, CommandBody, ErrorCode, ErrorFrame,
+    Event, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
 };
 use tether_shared::stream::ConnId;
+use tether_shared::upgrade::Component;
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
@@ -209,8 +211,56 @@ impl RelaySession {
             .registry
             .set_online(&relay_id, &version, Vec::new());
         tracing::info!(relay_id = %relay_id, conn = self.conn.0, peer = %self.peer, "relay-online");
-        self.relay_id = Some(relay_id);
+        self.relay_id = Some(relay_id.clone());
         Self::send_frame(ctx, &self.welcome());
+        self.push_upgrade(ctx, &relay_id);
+    }
+
+    /// Sends `relay_id` (this link's relay or a child relay on one of its channels) the
+    /// `Upgrade` command of its rollout, if one is in progress: relays keep no journal, so this
+    /// runs at every (re)connect and at rollout.
+    fn push_upgrade(&mut self, ctx: &mut ws::WebsocketContext<Self>, relay_id: &str) {
+        let Some(frame) = relay_upgrade_command(&self.shared, relay_id) else {
+            return;
+        };
+        let ch = if self.relay_id.as_deref() == Some(relay_id) {
+            Some(LINK_CHANNEL)
+        } else {
+            self.channels.iter().find_map(|(ch, c)| match &c.phase {
+                ChannelPhase::Relay { relay_id: r } if r == relay_id => Some(*ch),
+                _ => None,
+            })
+        };
+        match ch {
+            Some(ch) => {
+                tracing::info!(relay_id = %relay_id, ch, "relay-upgrade-command-sent");
+                self.send_on(ctx, ch, &frame);
+            }
+            None => tracing::debug!(relay_id = %relay_id, "relay-upgrade-command-no-channel"),
+        }
+    }
+
+    /// An event a relay reports about itself (its upgrades): its state changes in the journal.
+    fn on_relay_event(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        event: &Event,
+    ) {
+        let Some(op) = self.shared.upgrades.on_relay_event(relay_id, &event.body) else {
+            tracing::debug!(relay_id = %relay_id, seq = event.seq.0, "relay-event-ignored");
+            return;
+        };
+        let journal = self.shared.journal.clone();
+        let relay_id = relay_id.to_owned();
+        ctx.spawn(
+            async move {
+                if let Err(e) = journal.commit(vec![op]).await {
+                    tracing::error!(relay_id = %relay_id, error = %e, "relay-upgrade-state-commit-failed");
+                }
+            }
+            .into_actor(self),
+        );
     }
 
     fn welcome(&self) -> Frame {
@@ -321,6 +371,7 @@ impl RelaySession {
         };
         match protocol::decode(frame, Sender::Agent) {
             Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(&relay_id, hb.status),
+            Ok(Frame::Event(event)) => self.on_relay_event(ctx, &relay_id, &event),
             Ok(Frame::Error(e)) => {
                 tracing::warn!(relay_id = %relay_id, code = ?e.code, message = %e.message, "relay-reported-error")
             }
@@ -342,6 +393,7 @@ impl RelaySession {
     ) {
         match protocol::decode(frame, Sender::Agent) {
             Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(relay_id, hb.status),
+            Ok(Frame::Event(event)) => self.on_relay_event(ctx, relay_id, &event),
             Ok(Frame::Error(_)) => {}
             Ok(other) => {
                 let reason = format!("unexpected {} frame on a relay channel", other.kind());
@@ -413,6 +465,7 @@ impl RelaySession {
         tracing::info!(relay_id = %relay_id, ch, path = ?path, "relay-online");
         let welcome = self.welcome();
         self.send_on(ctx, ch, &welcome);
+        self.push_upgrade(ctx, &relay_id);
     }
 
     fn attach_agent(
@@ -803,6 +856,73 @@ impl Handler<ObserveRelayLink> for RelaySession {
     }
 }
 
+/// Ask a link to send relay `relay_id` (itself or a child on one of its channels) its
+/// in-progress upgrade command.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PushRelayUpgrade {
+    pub relay_id: String,
+}
+
+impl Handler<PushRelayUpgrade> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, msg: PushRelayUpgrade, ctx: &mut Self::Context) {
+        if !self.closing {
+            self.push_upgrade(ctx, &msg.relay_id);
+        }
+    }
+}
+
+/// How long a relay's `Upgrade` command stays valid (it is re-sent at every connect anyway).
+const RELAY_COMMAND_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// The signed `Upgrade` command for `relay_id`'s in-progress rollout, if it has one.
+fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame> {
+    let state = shared.upgrades.relay(relay_id)?;
+    if !state.state.in_progress() {
+        return None;
+    }
+    let Some(p) = shared
+        .upgrades
+        .component_package(Component::Relay, &state.version)
+    else {
+        tracing::warn!(relay_id = %relay_id, version = %state.version, "relay-upgrade-package-missing");
+        return None;
+    };
+    let body = CommandBody::Upgrade {
+        version: p.version,
+        sha256: p.sha256,
+        size: p.size,
+        signature: p.signature,
+    };
+    let id = hex::encode(rand::random::<[u8; 12]>());
+    let deadline = now_ms() + RELAY_COMMAND_TTL_MS;
+    let signed = command_signing_bytes(relay_id, &id, deadline, &body).ok()?;
+    let mut command = Command::new(Seq(1), id, deadline, body).ok()?;
+    command.signature = shared.signing.sign(&signed);
+    Some(Frame::Command(command))
+}
+
+/// Tells `relay_id`, if it is connected (directly or through other relays), about its
+/// in-progress upgrade. `true` if a link was asked to.
+pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &str) -> bool {
+    let Some(path) = shared.registry.online_path(relay_id) else {
+        return false;
+    };
+    // The link that carries it is the one of the relay nearest the server on its path.
+    let holder = path.last().map_or(relay_id, String::as_str);
+    match shared.relay_links.get(holder) {
+        Some(link) => {
+            link.do_send(PushRelayUpgrade {
+                relay_id: relay_id.to_owned(),
+            });
+            true
+        }
+        None => false,
+    }
+}
+
 /// Which link each relay has now: a newer link replaces an older one, as for agents.
 #[derive(Default)]
 pub struct RelayLinks {
@@ -838,6 +958,15 @@ impl RelayLinks {
             return true;
         }
         false
+    }
+
+    /// `relay_id`'s current link.
+    pub fn get(&self, relay_id: &str) -> Option<Addr<RelaySession>> {
+        self.links
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(relay_id)
+            .map(|(_, addr)| addr.clone())
     }
 
     /// Every current link.

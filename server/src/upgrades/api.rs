@@ -1,20 +1,24 @@
 //! The upgrade routes.
 //!
 //! HTTPS listener, admin bearer token ([`configure_api`]):
-//! - `PUT /api/v1/upgrades/{version}` (raw body: the agent binary; optional
-//!   `X-Checksum-Sha256`) → 201 `{"version","sha256","size"}`, 200 if this version already
+//! - `PUT /api/v1/upgrades/{version}[?component=agent|relay]` (raw body: the agent or relay
+//!   binary; default `agent`; optional `X-Checksum-Sha256`) → 201 `{"version","sha256","size"}`, 200 if this version already
 //!   holds the same content, 409 if it holds other content, 400 for a version that is not
 //!   `MAJOR.MINOR.PATCH`, an empty body or a checksum mismatch, 413 past the size limit (before reading the
 //!   body when `Content-Length` says so). The upload streams to a temp file while it is
 //!   hashed; nothing is visible until it is complete, stored and signed.
-//! - `GET /api/v1/upgrades` → `[{"version","sha256","size","uploaded_unix_ms"}]`.
+//! - `GET /api/v1/upgrades` → `[{"component","version","sha256","size","uploaded_unix_ms"}]`.
 //! - `POST /api/v1/upgrades/{version}/rollout` with `{"targets":{"agents":[..]}}` or
 //!   `{"targets":{"tags":[..]}}` → 202 `{"version","agents":[{"id","name","queued","state"}]}`
 //!   once every queued `Upgrade` command is durable. An agent whose latest upgrade to this
 //!   version is in progress or done is left alone (`"queued": false`).
+//!   `{"targets":{"relays":[names or ids]}}` rolls a relay package out to relays instead →
+//!   202 `{"version","relays":[{"id","name","queued","state"}]}` once each relay's state is
+//!   durable; a connected relay gets its signed `Upgrade` command at once, an offline one when
+//!   it reconnects.
 //!
 //! Agent-facing listener ([`configure_agent_surface`]): `GET /agent/v1/upgrades/{sha256}`,
-//! signed by an enrolled agent (`tether_shared::agent_auth`; 401 otherwise), 404 for content
+//! signed by an enrolled agent or relay (`tether_shared::agent_auth`; 401 otherwise), 404 for content
 //! no published package has; `Range` honoured.
 
 use std::sync::Arc;
@@ -26,15 +30,15 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tether_shared::upgrade::{is_sha256, Version};
+use tether_shared::upgrade::{is_sha256, Component, Version};
 
-use super::{UpgradeState, Upgrades, UpgradesError};
+use super::{AgentUpgrade, UpgradeState, Upgrades, UpgradesError};
 use crate::admin_token::AdminToken;
 use crate::api::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::artifacts::upload::{TempUpload, CHECKSUM_HEADER, WRITE_BATCH};
 use crate::deployments::{resolve_targets, Targets};
-use crate::registry::Registry;
+use crate::registry::{now_unix_ms, Registry};
 use crate::session::agent_link::QueueUpgrade;
 use crate::session::session_registry::{GetLink, SessionRegistry};
 use crate::session::SessionShared;
@@ -88,6 +92,14 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable
 }
 
+/// The query of an upload.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadQuery {
+    #[serde(default)]
+    component: Option<String>,
+}
+
 async fn upload(
     req: HttpRequest,
     path: web::Path<String>,
@@ -97,6 +109,16 @@ async fn upload(
     state.token.check(&req)?;
     let version =
         Version::parse(&path.into_inner()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let query = web::Query::<UploadQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    let component = match query.component.as_deref() {
+        None => Component::Agent,
+        Some(c) => Component::parse(c).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "component must be \"agent\" or \"relay\", not {c:?}"
+            ))
+        })?,
+    };
     let max = state.upgrades.max_bytes();
     if let Some(declared) = req.headers().get(header::CONTENT_LENGTH) {
         let declared = declared
@@ -159,7 +181,7 @@ async fn upload(
     let shared = state.shared.clone();
     let (package, created) = state
         .upgrades
-        .publish(version, tmp.keep(), sha256, size, |bytes| {
+        .publish(component, version, tmp.keep(), sha256, size, |bytes| {
             shared.signing.sign(bytes)
         })
         .await
@@ -168,9 +190,10 @@ async fn upload(
             other => unavailable(other),
         })?;
     if created {
-        tracing::info!(version = %package.version, sha256 = %package.sha256, size = package.size, "upgrade-published");
+        tracing::info!(component = %component, version = %package.version, sha256 = %package.sha256, size = package.size, "upgrade-published");
     }
-    let body = json!({"version": package.version, "sha256": package.sha256, "size": package.size});
+    let body = json!({"component": package.component, "version": package.version,
+                      "sha256": package.sha256, "size": package.size});
     Ok(if created {
         HttpResponse::Created().json(body)
     } else {
@@ -185,10 +208,10 @@ async fn list(
     state.token.check(&req)?;
     let list: Vec<_> = state
         .upgrades
-        .packages()
+        .all_packages()
         .into_iter()
         .map(|p| {
-            json!({"version": p.version, "sha256": p.sha256, "size": p.size,
+            json!({"component": p.component, "version": p.version, "sha256": p.sha256, "size": p.size,
                    "uploaded_unix_ms": p.uploaded_unix_ms})
         })
         .collect();
@@ -199,7 +222,16 @@ async fn list(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Rollout {
-    targets: Targets,
+    targets: RolloutTargets,
+}
+
+/// Agents (by name or tag, as deployments) or relays (by name or id): exactly one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RolloutTargets {
+    agents: Option<Vec<String>>,
+    tags: Option<Vec<String>>,
+    relays: Option<Vec<String>>,
 }
 
 async fn rollout(
@@ -211,9 +243,23 @@ async fn rollout(
     state.token.check(&req)?;
     let version = path.into_inner();
     let rollout: Rollout = parse_json(&body)?;
+    let RolloutTargets {
+        agents,
+        tags,
+        relays,
+    } = rollout.targets;
+    if let Some(relays) = relays {
+        if agents.is_some() || tags.is_some() {
+            return Err(ApiError::BadRequest(
+                "targets must hold exactly one of \"agents\", \"tags\" or \"relays\"".into(),
+            ));
+        }
+        return rollout_relays(&state, &version, &relays).await;
+    }
+    let targets = Targets { agents, tags };
     let package = state.upgrades.package(&version).ok_or(ApiError::NotFound)?;
     let agents = state.registry.agents();
-    let ids = resolve_targets(&rollout.targets, &agents).map_err(ApiError::BadRequest)?;
+    let ids = resolve_targets(&targets, &agents).map_err(ApiError::BadRequest)?;
     let mut answer = Vec::new();
     let mut failed = Vec::new();
     for id in ids {
@@ -242,6 +288,75 @@ async fn rollout(
         )));
     }
     Ok(HttpResponse::Accepted().json(json!({"version": package.version, "agents": answer})))
+}
+
+/// A rollout to relays: each one's state is recorded, and each connected one is told now.
+async fn rollout_relays(
+    state: &UpgradesApiState,
+    version: &str,
+    names: &[String],
+) -> Result<HttpResponse, ApiError> {
+    let package = state
+        .upgrades
+        .component_package(Component::Relay, version)
+        .ok_or(ApiError::NotFound)?;
+    let relays = state.registry.relay_statuses();
+    let mut ids: Vec<(String, String)> = Vec::new();
+    let mut unknown = Vec::new();
+    for n in names {
+        match relays.iter().find(|r| &r.name == n || &r.id == n) {
+            Some(r) if !ids.iter().any(|(id, _)| id == &r.id) => {
+                ids.push((r.id.clone(), r.name.clone()))
+            }
+            Some(_) => {}
+            None => unknown.push(format!("{n:?}")),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "unknown relays: {}",
+            unknown.join(", ")
+        )));
+    }
+    if ids.is_empty() {
+        return Err(ApiError::BadRequest(
+            "targets.relays must name at least one relay".into(),
+        ));
+    }
+    let mut answer = Vec::new();
+    for (id, name) in ids {
+        let current = state.upgrades.relay(&id);
+        let settled = current.as_ref().is_some_and(|c| {
+            c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
+        });
+        if settled {
+            let s = current.map(|c| c.state);
+            tracing::info!(relay_id = %id, version = %package.version, state = ?s, "upgrade-already-underway");
+            answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
+            continue;
+        }
+        let record = AgentUpgrade {
+            state: UpgradeState::Requested,
+            version: package.version.clone(),
+            reason: String::new(),
+            updated_unix_ms: now_unix_ms(),
+        };
+        state
+            .shared
+            .journal
+            .commit(vec![Upgrades::relay_op(&id, &record)])
+            .await
+            .map_err(|e| {
+                tracing::error!(relay_id = %id, version = %package.version, error = %e, "upgrade-queue-failed");
+                ApiError::Incomplete(format!("the upgrade could not be recorded for {name}; retry"))
+            })?;
+        state.upgrades.set_relay(&id, record);
+        let told = crate::session::relay_session::push_relay_upgrade(&state.shared, &id);
+        tracing::info!(relay_id = %id, version = %package.version, connected = told, "relay-upgrade-queued");
+        answer.push(json!({"id": id, "name": name, "queued": true,
+                           "state": UpgradeState::Requested}));
+    }
+    Ok(HttpResponse::Accepted().json(json!({"version": package.version, "relays": answer})))
 }
 
 /// What [`queue_upgrade`] did.

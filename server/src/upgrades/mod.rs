@@ -16,8 +16,17 @@
 //! Events about another version than the agent's current record are logged and ignored: the
 //! latest rollout to an agent is the one its state describes.
 //!
+//! Relay packages (`component: relay`) are indexed under `upgrade/package/relay/<version>` and
+//! signed over `tether-upgrade-v1\nrelay\n{version}\n{sha256}`
+//! (`tether_shared::upgrade::component_signing_bytes`), so neither kind of package verifies as
+//! the other. A relay has no journal: its state `upgrade/relay/<relay id>` is recorded here at
+//! rollout, and its `RelaySession` sends it a signed `Upgrade` command on its own channel each
+//! time it (re)connects while the state is in progress; the relay's upgrade events (not
+//! journaled on its side, reported again at every connect) move the state through
+//! [`Upgrades::on_relay_event`].
+//!
 //! - [`api`]: `PUT/GET /api/v1/upgrades`, `POST /api/v1/upgrades/{version}/rollout`, and the
-//!   agents' `GET /agent/v1/upgrades/{sha256}`.
+//!   agents' (and relays') `GET /agent/v1/upgrades/{sha256}`.
 
 pub mod api;
 
@@ -28,7 +37,7 @@ use std::sync::{PoisonError, RwLock};
 use serde::{Deserialize, Serialize};
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 use tether_shared::protocol::{EventBody, UpgradeOutcome};
-use tether_shared::upgrade::Version;
+use tether_shared::upgrade::{Component, Version};
 
 use crate::registry::now_unix_ms;
 
@@ -36,6 +45,8 @@ use crate::registry::now_unix_ms;
 pub const PACKAGE_PREFIX: &str = "upgrade/package/";
 /// Meta key prefix of the agents' upgrade states (followed by the agent id).
 pub const AGENT_PREFIX: &str = "upgrade/agent/";
+/// Meta key prefix of the relays' upgrade states (followed by the relay id).
+pub const RELAY_PREFIX: &str = "upgrade/relay/";
 /// Largest package accepted by default.
 pub const DEFAULT_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// Overrides [`DEFAULT_MAX_BYTES`].
@@ -53,6 +64,19 @@ pub struct Package {
     /// The server's signature over the version and the sha256 (base64).
     pub signature: String,
     pub uploaded_unix_ms: u64,
+    /// Which binary it replaces (absent: an agent package).
+    #[serde(default, skip_serializing_if = "Component::is_agent")]
+    pub component: Component,
+}
+
+impl Package {
+    /// Its index key.
+    fn meta_key(&self) -> String {
+        match self.component {
+            Component::Agent => format!("{PACKAGE_PREFIX}{}", self.version),
+            Component::Relay => format!("{PACKAGE_PREFIX}relay/{}", self.version),
+        }
+    }
 }
 
 /// Where an agent's upgrade stands.
@@ -113,10 +137,12 @@ pub struct Upgrades {
     tmp: PathBuf,
     /// Largest package.
     max_bytes: u64,
-    /// Version → package; mirrors the journal.
-    packages: RwLock<BTreeMap<Version, Package>>,
+    /// (Component, version) → package; mirrors the journal.
+    packages: RwLock<BTreeMap<(Component, Version), Package>>,
     /// Agent id → its latest upgrade; mirrors the journal.
     agents: RwLock<HashMap<String, AgentUpgrade>>,
+    /// Relay id → its latest upgrade; mirrors the journal.
+    relays: RwLock<HashMap<String, AgentUpgrade>>,
     /// Serializes publications (check, rename, commit as one step).
     publish: tokio::sync::Mutex<()>,
 }
@@ -165,13 +191,19 @@ impl Upgrades {
                 key: key.clone(),
                 reason: e.to_string(),
             })?;
-            packages.insert(v, p);
+            packages.insert((p.component, v), p);
         }
         let mut agents = HashMap::new();
         for (key, value) in journal.scan_meta(AGENT_PREFIX)? {
             let u: AgentUpgrade = decode(&key, &value)?;
             let id = key.get(AGENT_PREFIX.len()..).unwrap_or_default().to_owned();
             agents.insert(id, u);
+        }
+        let mut relays = HashMap::new();
+        for (key, value) in journal.scan_meta(RELAY_PREFIX)? {
+            let u: AgentUpgrade = decode(&key, &value)?;
+            let id = key.get(RELAY_PREFIX.len()..).unwrap_or_default().to_owned();
+            relays.insert(id, u);
         }
         let max_bytes = std::env::var(MAX_BYTES_ENV)
             .ok()
@@ -190,19 +222,33 @@ impl Upgrades {
             max_bytes,
             packages: RwLock::new(packages),
             agents: RwLock::new(agents),
+            relays: RwLock::new(relays),
             publish: tokio::sync::Mutex::new(()),
         })
     }
 
-    /// Every package, oldest version first.
+    /// Every agent package, oldest version first.
     pub fn packages(&self) -> Vec<Package> {
+        self.all_packages()
+            .into_iter()
+            .filter(|p| p.component == Component::Agent)
+            .collect()
+    }
+
+    /// Every package of both components: agent packages first, oldest version first.
+    pub fn all_packages(&self) -> Vec<Package> {
         read(&self.packages).values().cloned().collect()
     }
 
-    /// The package published as `version`.
+    /// The agent package published as `version`.
     pub fn package(&self, version: &str) -> Option<Package> {
+        self.component_package(Component::Agent, version)
+    }
+
+    /// The `component` package published as `version`.
+    pub fn component_package(&self, component: Component, version: &str) -> Option<Package> {
         let v = Version::parse(version).ok()?;
-        read(&self.packages).get(&v).cloned()
+        read(&self.packages).get(&(component, v)).cloned()
     }
 
     /// Whether a published package has this content (only those are served to agents).
@@ -231,6 +277,64 @@ impl Upgrades {
     /// Records `upgrade` in memory (once its op is durable).
     pub fn set_agent(&self, agent_id: &str, upgrade: AgentUpgrade) {
         write(&self.agents).insert(agent_id.to_owned(), upgrade);
+    }
+
+    /// `relay_id`'s latest upgrade.
+    pub fn relay(&self, relay_id: &str) -> Option<AgentUpgrade> {
+        read(&self.relays).get(relay_id).cloned()
+    }
+
+    /// The op recording `upgrade` as `relay_id`'s state (commit it, then [`Self::set_relay`]).
+    pub fn relay_op(relay_id: &str, upgrade: &AgentUpgrade) -> Op {
+        Op::PutMeta {
+            key: format!("{RELAY_PREFIX}{relay_id}"),
+            value: serde_json::to_vec(upgrade).unwrap_or_default(),
+        }
+    }
+
+    /// Records `upgrade` as `relay_id`'s state in memory (once its op is durable).
+    pub fn set_relay(&self, relay_id: &str, upgrade: AgentUpgrade) {
+        write(&self.relays).insert(relay_id.to_owned(), upgrade);
+    }
+
+    /// An upgrade event from relay `relay_id`: the op to commit (memory changes now). `None`
+    /// for other events, for another version than the relay's current record, and for a
+    /// report of the state already recorded (relays report their outcome at every connect).
+    pub fn on_relay_event(&self, relay_id: &str, body: &EventBody) -> Option<Op> {
+        let (version, state, reason) = transition(body)?;
+        let mut relays = write(&self.relays);
+        let Some(current) = relays.get(relay_id) else {
+            tracing::warn!(relay_id = %relay_id, version = %version, "relay-upgrade-event-without-rollout");
+            return None;
+        };
+        if current.version != version {
+            tracing::warn!(relay_id = %relay_id, version = %version, current = %current.version, "upgrade-event-for-another-version");
+            return None;
+        }
+        if current.state == state && current.reason == reason {
+            return None;
+        }
+        if !current.state.in_progress() && state == UpgradeState::Upgrading {
+            // A late or repeated progress report never reopens a settled upgrade.
+            return None;
+        }
+        match state {
+            UpgradeState::Refused | UpgradeState::RolledBack => {
+                tracing::warn!(relay_id = %relay_id, version = %version, state = ?state, reason = %reason, "relay-upgrade-failed")
+            }
+            _ => {
+                tracing::info!(relay_id = %relay_id, version = %version, state = ?state, reason = %reason, "relay-upgrade-progress")
+            }
+        }
+        let upgrade = AgentUpgrade {
+            state,
+            version: version.to_owned(),
+            reason: reason.to_owned(),
+            updated_unix_ms: now_unix_ms(),
+        };
+        let op = Self::relay_op(relay_id, &upgrade);
+        relays.insert(relay_id.to_owned(), upgrade);
+        Some(op)
     }
 
     /// An upgrade event from `agent_id`: the state change, as the op to commit in the event's
@@ -288,6 +392,7 @@ impl Upgrades {
     /// content was there already under this version.
     pub async fn publish(
         &self,
+        component: Component,
         version: Version,
         tmp: PathBuf,
         sha256: String,
@@ -295,13 +400,13 @@ impl Upgrades {
         sign: impl FnOnce(&[u8]) -> String,
     ) -> Result<(Package, bool), UpgradesError> {
         let _guard = self.publish.lock().await;
-        if let Some(existing) = read(&self.packages).get(&version).cloned() {
+        if let Some(existing) = read(&self.packages).get(&(component, version)).cloned() {
             let _ = std::fs::remove_file(&tmp);
             return if existing.sha256 == sha256 {
                 Ok((existing, false))
             } else {
                 Err(UpgradesError::Conflict(format!(
-                    "upgrade {version} exists with other content (sha256 {}); publish it under a new version",
+                    "{component} upgrade {version} exists with other content (sha256 {}); publish it under a new version",
                     existing.sha256
                 )))
             };
@@ -320,8 +425,8 @@ impl Upgrades {
         .map_err(|e| std::io::Error::other(e.to_string()))?;
         placed?;
         let text = version.to_string();
-        let signature = sign(&tether_shared::upgrade::package_signing_bytes(
-            &text, &sha256,
+        let signature = sign(&tether_shared::upgrade::component_signing_bytes(
+            component, &text, &sha256,
         ));
         let package = Package {
             version: text,
@@ -329,15 +434,16 @@ impl Upgrades {
             size,
             signature,
             uploaded_unix_ms: now_unix_ms(),
+            component,
         };
         let value = serde_json::to_vec(&package).map_err(std::io::Error::other)?;
         self.journal
             .commit(vec![Op::PutMeta {
-                key: format!("{PACKAGE_PREFIX}{}", package.version),
+                key: package.meta_key(),
                 value,
             }])
             .await?;
-        write(&self.packages).insert(version, package.clone());
+        write(&self.packages).insert((component, version), package.clone());
         Ok((package, true))
     }
 
@@ -350,6 +456,28 @@ impl Upgrades {
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
     }
+}
+
+/// The (version, state, reason) an upgrade event moves to; `None` for other events.
+fn transition(body: &EventBody) -> Option<(&str, UpgradeState, &str)> {
+    Some(match body {
+        EventBody::UpgradeStarted { version } => (
+            version,
+            UpgradeState::Upgrading,
+            "downloading and verifying",
+        ),
+        EventBody::UpgradeStaged { version } => (version, UpgradeState::Upgrading, "staged"),
+        EventBody::UpgradeRefused { version, reason } => (version, UpgradeState::Refused, reason),
+        EventBody::UpgradeFinished {
+            version,
+            outcome,
+            reason,
+        } => match outcome {
+            UpgradeOutcome::Done => (version, UpgradeState::Done, reason),
+            UpgradeOutcome::RolledBack => (version, UpgradeState::RolledBack, reason),
+        },
+        _ => return None,
+    })
 }
 
 impl From<UpgradesError> for crate::run::RunError {

@@ -104,7 +104,7 @@ pub fn redirect(to: &str) -> HttpResponse {
 }
 
 /// The navigation entries: path and label.
-const NAV: [(&str, &str); 7] = [
+const NAV: [(&str, &str); 8] = [
     ("/agents", "Agents"),
     ("/relays", "Relays"),
     ("/deployments", "Deployments"),
@@ -112,6 +112,7 @@ const NAV: [(&str, &str); 7] = [
     ("/plugins", "Plugins"),
     ("/artifacts", "Artifacts"),
     ("/health", "Health"),
+    ("/users", "Users"),
 ];
 
 fn head(title: &str) -> Markup {
@@ -198,6 +199,8 @@ pub fn notice(done: Option<&str>) -> Markup {
     let text = match done {
         Some("saved") => "Saved.",
         Some("deleted") => "Deleted.",
+        Some("user-created") => "User created.",
+        Some("user-deleted") => "User deleted; their sessions were logged out.",
         Some("upgrade") => "Upgrade queued.",
         Some("started") => "Deployment started.",
         Some("cancelled") => "Cancel sent.",

@@ -166,6 +166,7 @@ async fn login(
             .content_type("text/html; charset=utf-8")
             .body(login_form(Some("Wrong user name or password.")).into_string()));
     }
+    state.users.record_login(&form.user).await;
     let token = state.sessions.create(&form.user);
     tracing::info!(source = ?source, user = %form.user, "web-login");
     let mut r = layout::redirect("/agents");

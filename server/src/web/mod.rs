@@ -17,6 +17,7 @@
 //! - [`deployments`]: `/deployments` (list, start), `/deployments/{id}` (live status and logs,
 //!   cancel) and its JSON under `/ui/`.
 //! - [`health`]: `/health`, the `/admin/health` observation as a page.
+//! - [`users`]: `/users` (list, create, delete; one role: every user may do everything).
 //!
 //! Every response of these routes carries a strict Content-Security-Policy (`default-src
 //! 'self'`: no inline script or style runs), `X-Content-Type-Options: nosniff`,
@@ -33,6 +34,7 @@ pub mod login;
 pub mod processes;
 pub mod relays;
 pub mod session;
+pub mod users;
 
 use std::sync::Arc;
 
@@ -82,6 +84,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     processes::configure(cfg);
     deployments::configure(cfg);
     health::configure(cfg);
+    users::configure(cfg);
 }
 
 /// A web request that failed; rendered as a small HTML page (or a redirect to the login).
@@ -161,6 +164,8 @@ impl From<UsersError> for WebError {
     fn from(e: UsersError) -> Self {
         match e {
             UsersError::Invalid(m) => WebError::BadRequest(m),
+            UsersError::Exists(_) | UsersError::Conflict(_) => WebError::Conflict(e.to_string()),
+            UsersError::NotFound => WebError::NotFound,
             UsersError::BadCredentials => WebError::Forbidden(e.to_string()),
             other => {
                 tracing::error!(error = %other, "user-change-failed");

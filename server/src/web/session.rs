@@ -115,6 +115,11 @@ impl SessionStore {
         self.lock().retain(|k, s| s.user != user || *k == keep);
     }
 
+    /// Ends every session of `user` (the user was deleted).
+    pub fn remove_user(&self, user: &str) {
+        self.lock().retain(|_, s| s.user != user);
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -149,7 +154,9 @@ impl FromRequest for CurrentUser {
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
         let user = req.app_data::<web::Data<WebState>>().and_then(|state| {
             let token = token_of(req)?;
-            state.sessions.lookup(&token)
+            let user = state.sessions.lookup(&token)?;
+            // A deleted user's sessions are ended; this also covers a login racing the delete.
+            state.users.contains(&user.name).then_some(user)
         });
         ready(user.ok_or(WebError::LoginRequired))
     }
@@ -185,6 +192,11 @@ mod tests {
         assert!(store.lookup(&b).is_none());
         store.remove(&a);
         assert!(store.lookup(&a).is_none());
+        let c = store.create("bob");
+        let d = store.create("carol");
+        store.remove_user("bob");
+        assert!(store.lookup(&c).is_none());
+        assert!(store.lookup(&d).is_some());
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct RawRelaySection {
     pub heartbeat_interval_ms: i64,
     /// Frames queued per downstream agent before the relay sheds that session.
     pub max_queue_per_agent: i64,
+    /// How long a freshly upgraded relay's upstream link must have been ready before the
+    /// upgrade counts as done (the new binary is kept, the old one no longer comes back).
+    pub upgrade_healthy_after_ms: i64,
 }
 
 impl Default for RawRelaySection {
@@ -42,6 +45,7 @@ impl Default for RawRelaySection {
             upstreams: Vec::new(),
             heartbeat_interval_ms: 5_000,
             max_queue_per_agent: 4_096,
+            upgrade_healthy_after_ms: 10_000,
         }
     }
 }
@@ -88,6 +92,12 @@ pub struct RelaySection {
     pub heartbeat_interval: Duration,
     /// Frames queued per downstream agent before shedding its session.
     pub max_queue_per_agent: usize,
+    /// Ready upstream time after which an upgraded relay is kept.
+    #[serde(
+        rename = "upgrade_healthy_after_ms",
+        serialize_with = "serialize_millis"
+    )]
+    pub upgrade_healthy_after: Duration,
 }
 
 /// `[listen]`, validated.
@@ -126,6 +136,12 @@ impl RawConfig for RawRelayConfig {
             1,
             1_000_000,
         );
+        let healthy_after = p.millis(
+            "relay.upgrade_healthy_after_ms",
+            r.upgrade_healthy_after_ms,
+            100,
+            3_600_000,
+        );
         let downstream = p.addr("listen.downstream", &self.listen.downstream);
         let admin = p.addr("listen.admin", &self.listen.admin);
         if let Some(addr) = admin {
@@ -156,6 +172,7 @@ impl RawConfig for RawRelayConfig {
                     upstreams: upstreams.into_iter().collect::<Option<_>>()?,
                     heartbeat_interval: interval?,
                     max_queue_per_agent: usize::try_from(queue?).ok()?,
+                    upgrade_healthy_after: healthy_after?,
                 },
                 listen: RelayListen {
                     downstream: downstream?,

@@ -129,6 +129,11 @@ impl Client {
         parse_json(&self.send("POST", path, body)?)
     }
 
+    /// `DELETE path`, a JSON answer.
+    pub fn delete_json(&self, path: &str) -> Result<Value, ClientError> {
+        parse_json(&self.send("DELETE", path, None)?)
+    }
+
     /// `GET path`, a text answer (invalid UTF-8 replaced).
     pub fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let response = self.send("GET", path, None)?;

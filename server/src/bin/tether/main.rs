@@ -85,6 +85,11 @@ enum Command {
         #[command(subcommand)]
         command: Option<ListCommand>,
     },
+    /// Users of the web application (one role: every user may do everything).
+    Users {
+        #[command(subcommand)]
+        command: Option<UsersCommand>,
+    },
     /// Enrollment tokens.
     Tokens {
         #[command(subcommand)]
@@ -100,7 +105,7 @@ enum Command {
         #[command(subcommand)]
         command: ArtifactsCommand,
     },
-    /// Agent upgrade packages and rollouts.
+    /// Agent and relay upgrade packages and rollouts.
     Upgrades {
         #[command(subcommand)]
         command: UpgradesCommand,
@@ -158,6 +163,22 @@ enum ListCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum UsersCommand {
+    /// Every user: name, created, last login (the default).
+    List,
+    /// Create a user; the password (at least 12 characters) is read from standard input.
+    Create {
+        /// The user name (A-Z a-z 0-9 . _ -).
+        name: String,
+    },
+    /// Delete a user and end its web sessions (not the last user).
+    Delete {
+        /// The user name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum TokensCommand {
     /// Create an enrollment token and print it (the only time it is shown).
     Create {
@@ -193,26 +214,33 @@ enum PluginsCommand {
 
 #[derive(Debug, Subcommand)]
 enum UpgradesCommand {
-    /// Upload FILE (an agent binary) as upgrade package VERSION (MAJOR.MINOR.PATCH); the
-    /// server signs it.
+    /// Upload FILE (an agent or relay binary) as upgrade package VERSION (MAJOR.MINOR.PATCH);
+    /// the server signs it.
     Upload {
-        /// Package version, newer than the agents' to be accepted by them.
+        /// Package version, newer than the agents' (or relays') to be accepted by them.
         version: String,
-        /// The agent binary.
+        /// The agent (or relay) binary.
         file: PathBuf,
+        /// What the binary is: `agent` or `relay`.
+        #[arg(long, value_name = "COMPONENT", default_value = "agent", value_parser = ["agent", "relay"])]
+        component: String,
     },
     /// Every upgrade package.
     List,
-    /// Upgrade agents (by name or tag) to VERSION; exit 1 if any rolled back or refused.
+    /// Upgrade agents (by name or tag) or relays (by name) to VERSION; exit 1 if any rolled
+    /// back or refused.
     Rollout {
         /// Package version.
         version: String,
         /// An agent name; repeatable.
-        #[arg(long = "agent", value_name = "NAME", required_unless_present = "tags")]
+        #[arg(long = "agent", value_name = "NAME", required_unless_present_any = ["tags", "relays"])]
         agents: Vec<String>,
         /// A tag: every agent carrying it; repeatable.
         #[arg(long = "tag", value_name = "TAG", conflicts_with = "agents")]
         tags: Vec<String>,
+        /// A relay name (a relay package's rollout); repeatable.
+        #[arg(long = "relay", value_name = "NAME", conflicts_with_all = ["agents", "tags"])]
+        relays: Vec<String>,
         /// Wait until every target is upgraded, rolled back or refused.
         #[arg(long)]
         wait: bool,
@@ -346,6 +374,11 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         | Command::Relays {
             command: Some(ListCommand::List),
         } => relays::list(&connect()?, json),
+        Command::Users { command } => match command {
+            None | Some(UsersCommand::List) => users::list(&connect()?, json),
+            Some(UsersCommand::Create { name }) => users::create(&connect()?, &name, json),
+            Some(UsersCommand::Delete { name }) => users::delete(&connect()?, &name, json),
+        },
         Command::Tokens {
             command: TokensCommand::Create { uses, ttl_s, role },
         } => {
@@ -368,16 +401,26 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             ArtifactsCommand::List => artifacts::list(&connect()?, json),
         },
         Command::Upgrades { command } => match command {
-            UpgradesCommand::Upload { version, file } => {
-                upgrades::upload(&connect()?, &version, &file, json)
-            }
+            UpgradesCommand::Upload {
+                version,
+                file,
+                component,
+            } => upgrades::upload(&connect()?, &version, &file, &component, json),
             UpgradesCommand::List => upgrades::list(&connect()?, json),
             UpgradesCommand::Rollout {
                 version,
                 agents,
                 tags,
+                relays,
                 wait,
-            } => upgrades::rollout(&connect()?, &version, &agents, &tags, wait, json),
+            } => {
+                let targets = upgrades::Targets {
+                    agents: &agents,
+                    tags: &tags,
+                    relays: &relays,
+                };
+                upgrades::rollout(&connect()?, &version, &targets, wait, json)
+            }
         },
         Command::Processes { command } => match command {
             ProcessesCommand::List => processes::list(&connect()?, json),

@@ -13,6 +13,7 @@ pub mod processes;
 pub mod relays;
 pub mod tokens;
 pub mod upgrades;
+pub mod users;
 
 use serde_json::Value;
 

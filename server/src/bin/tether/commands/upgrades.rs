@@ -1,7 +1,8 @@
-//! `tether upgrades upload VERSION FILE` (`PUT /api/v1/upgrades/{version}`: the server stores
-//! and signs the package), `tether upgrades list`, and `tether upgrades rollout VERSION
-//! (--agent NAME | --tag TAG)... [--wait]` (`POST /api/v1/upgrades/{version}/rollout`; with
-//! `--wait`, until every target reports done, rolled back or refused).
+//! `tether upgrades upload VERSION FILE [--component agent|relay]` (`PUT
+//! /api/v1/upgrades/{version}?component=...`: the server stores and signs the package),
+//! `tether upgrades list`, and `tether upgrades rollout VERSION (--agent NAME | --tag TAG |
+//! --relay NAME)... [--wait]` (`POST /api/v1/upgrades/{version}/rollout`; with `--wait`, until
+//! every target reports done, rolled back or refused).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -24,10 +25,20 @@ pub fn upload(
     client: &Client,
     version: &str,
     file: &Path,
+    component: &str,
     json: bool,
 ) -> Result<ExitCode, CliError> {
-    let path = format!("/api/v1/upgrades/{}", segment(version));
-    let what = format!("upgrade package {version}");
+    let (path, what) = if component == "relay" {
+        (
+            format!("/api/v1/upgrades/{}?component=relay", segment(version)),
+            format!("relay upgrade package {version}"),
+        )
+    } else {
+        (
+            format!("/api/v1/upgrades/{}", segment(version)),
+            format!("upgrade package {version}"),
+        )
+    };
     let answer = send_file(
         client,
         &Destination {
@@ -60,9 +71,10 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     let now = now_unix_ms();
-    let mut table = Table::new(&["VERSION", "SIZE", "UPLOADED", "SHA256"]);
+    let mut table = Table::new(&["COMPONENT", "VERSION", "SIZE", "UPLOADED", "SHA256"]);
     for p in packages.as_array().into_iter().flatten() {
         table.row(vec![
+            cell(&p["component"]),
             cell(&p["version"]),
             u64_at(p, "size").map_or_else(|| "-".to_owned(), bytes),
             ago(u64_at(p, "uploaded_unix_ms"), now),
@@ -73,12 +85,32 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A rollout's targets: agents by name, agents by tag, or relays by name (one kind given).
+pub struct Targets<'a> {
+    pub agents: &'a [String],
+    pub tags: &'a [String],
+    pub relays: &'a [String],
+}
+
+impl Targets<'_> {
+    /// The kind of target: `agents` or `relays` (the answer's key and the list to poll).
+    fn kind(&self) -> &'static str {
+        if self.relays.is_empty() {
+            "agents"
+        } else {
+            "relays"
+        }
+    }
+}
+
 /// The rollout's request body.
-pub fn rollout_body(agents: &[String], tags: &[String]) -> Value {
-    if agents.is_empty() {
-        json!({"targets": {"tags": tags}})
+pub fn rollout_body(targets: &Targets<'_>) -> Value {
+    if !targets.relays.is_empty() {
+        json!({"targets": {"relays": targets.relays}})
+    } else if targets.agents.is_empty() {
+        json!({"targets": {"tags": targets.tags}})
     } else {
-        json!({"targets": {"agents": agents}})
+        json!({"targets": {"agents": targets.agents}})
     }
 }
 
@@ -87,16 +119,17 @@ pub fn rollout_body(agents: &[String], tags: &[String]) -> Value {
 pub fn rollout(
     client: &Client,
     version: &str,
-    agents: &[String],
-    tags: &[String],
+    targets: &Targets<'_>,
     wait: bool,
     json: bool,
 ) -> Result<ExitCode, CliError> {
+    let kind = targets.kind();
+    let header = if kind == "relays" { "RELAY" } else { "AGENT" };
     let path = format!("/api/v1/upgrades/{}/rollout", segment(version));
     let answer = client
-        .post_json(&path, Some(&rollout_body(agents, tags)))
+        .post_json(&path, Some(&rollout_body(targets)))
         .about(|| format!("rollout of {version}"))?;
-    let targets: Vec<String> = items(&answer, "agents")
+    let targets: Vec<String> = items(&answer, kind)
         .iter()
         .map(|a| str_at(a, "id").to_owned())
         .collect();
@@ -104,8 +137,8 @@ pub fn rollout(
         if json {
             output::json(&answer)?;
         } else {
-            let mut table = Table::new(&["AGENT", "QUEUED", "STATE"]);
-            for a in items(&answer, "agents") {
+            let mut table = Table::new(&[header, "QUEUED", "STATE"]);
+            for a in items(&answer, kind) {
                 table.row(vec![
                     cell(&a["name"]),
                     cell(&a["queued"]),
@@ -119,8 +152,8 @@ pub fn rollout(
     let started = Instant::now();
     let finals = loop {
         let list = client
-            .get_json("/api/v1/agents")
-            .about(|| "agents".to_owned())?;
+            .get_json(&format!("/api/v1/{kind}"))
+            .about(|| kind.to_owned())?;
         let mine: Vec<Value> = list
             .as_array()
             .into_iter()
@@ -146,7 +179,7 @@ pub fn rollout(
     if json {
         output::json(&Value::Array(finals))?;
     } else {
-        let mut table = Table::new(&["AGENT", "STATE", "VERSION", "REASON"]);
+        let mut table = Table::new(&[header, "STATE", "VERSION", "REASON"]);
         for a in &finals {
             table.row(vec![
                 cell(&a["name"]),
@@ -169,14 +202,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_are_agents_or_tags() {
+    fn targets_are_agents_tags_or_relays() {
+        let t = |agents: &[&str], tags: &[&str], relays: &[&str]| {
+            let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            let (agents, tags, relays) = (own(agents), own(tags), own(relays));
+            rollout_body(&Targets {
+                agents: &agents,
+                tags: &tags,
+                relays: &relays,
+            })
+        };
         assert_eq!(
-            rollout_body(&["web-1".into()], &[]),
+            t(&["web-1"], &[], &[]),
             json!({"targets": {"agents": ["web-1"]}})
         );
+        assert_eq!(t(&[], &["web"], &[]), json!({"targets": {"tags": ["web"]}}));
         assert_eq!(
-            rollout_body(&[], &["web".into()]),
-            json!({"targets": {"tags": ["web"]}})
+            t(&[], &[], &["edge"]),
+            json!({"targets": {"relays": ["edge"]}})
         );
     }
 }

@@ -1,0 +1,88 @@
+//! `tether users [list]`, `tether users create NAME`, `tether users delete NAME`: the web
+//! application's users, through `GET`, `POST /api/v1/users` and `DELETE /api/v1/users/NAME`.
+//! The password of a new user is read from standard input (its first line), never from the
+//! command line, where other users could see it in the process list.
+
+use std::io::{self, BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+
+use serde_json::json;
+use tether_shared::config::Secret;
+
+use super::u64_at;
+use crate::client::{segment, Client};
+use crate::error::{About, CliError};
+use crate::output::{self, ago, cell, now_unix_ms, Table};
+
+/// Every user.
+pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
+    let users = client
+        .get_json("/api/v1/users")
+        .about(|| "users".to_owned())?;
+    if json {
+        output::json(&users)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = now_unix_ms();
+    let mut table = Table::new(&["NAME", "CREATED", "PASSWORD CHANGED", "LAST LOGIN"]);
+    for u in users.as_array().into_iter().flatten() {
+        table.row(vec![
+            cell(&u["name"]),
+            ago(u64_at(u, "created_unix_ms"), now),
+            ago(u64_at(u, "password_changed_unix_ms"), now),
+            ago(u64_at(u, "last_login_unix_ms"), now),
+        ]);
+    }
+    table.print()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates user `name` with the password on standard input.
+pub fn create(client: &Client, name: &str, json: bool) -> Result<ExitCode, CliError> {
+    let password = read_password(name)?;
+    let body = json!({"name": name, "password": password.expose()});
+    let answer = client
+        .post_json("/api/v1/users", Some(&body))
+        .about(|| format!("creating user {name}"))?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!("user {name} created"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes user `name`.
+pub fn delete(client: &Client, name: &str, json: bool) -> Result<ExitCode, CliError> {
+    let answer = client
+        .delete_json(&format!("/api/v1/users/{}", segment(name)))
+        .about(|| format!("user {name}"))?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!("user {name} deleted; its web sessions ended"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The password from standard input (first line, without its line ending), with a prompt when
+/// it is a terminal.
+fn read_password(name: &str) -> Result<Secret<String>, CliError> {
+    let stdin = io::stdin();
+    if stdin.is_terminal() {
+        eprint!("password for {name} (at least 12 characters): ");
+        let _ = io::stderr().flush();
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Failed(format!("reading the password from standard input: {e}")))?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err(CliError::Usage(
+            "no password: write it on standard input".to_owned(),
+        ));
+    }
+    Ok(Secret::new(password))
+}

@@ -1,0 +1,122 @@
+//! The web application's users over the REST API (HTTPS listener, admin bearer token):
+//! - `GET /api/v1/users` → `[{"name","created_unix_ms","password_changed_unix_ms",
+//!   "last_login_unix_ms"}]`, sorted by name; never a password or its hash.
+//! - `POST /api/v1/users` with `{"name","password"}` → 201 and the user as listed; 400 with the
+//!   rule broken (name: the agent name rules; password: at least 12 characters), 409 if the
+//!   user exists.
+//! - `DELETE /api/v1/users/{name}` → `{"name","deleted":true}`; its web sessions end. 404 if
+//!   unknown, 409 for the last user.
+//!
+//! The handlers use the web application's state ([`WebState`]: the users and the sessions)
+//! and the API's token ([`ApiState`]).
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::api::ApiState;
+use crate::api_error::{method_not_allowed, ApiError};
+use crate::users::{hash_password, password_problem, UsersError};
+use crate::web::WebState;
+
+/// Mounts the `/api/v1/users` routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/users")
+            .route(web::get().to(list))
+            .route(web::post().to(create))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/users/{name}")
+            .route(web::delete().to(delete))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+impl From<UsersError> for ApiError {
+    fn from(e: UsersError) -> Self {
+        match e {
+            UsersError::Invalid(m) => ApiError::BadRequest(m),
+            UsersError::Exists(_) | UsersError::Conflict(_) => ApiError::Conflict(e.to_string()),
+            UsersError::NotFound | UsersError::BadCredentials => ApiError::NotFound,
+            other => {
+                tracing::error!(error = %other, "user-change-failed");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+/// The body of `POST /api/v1/users`. Not `Debug`: it holds the password.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    name: String,
+    password: String,
+}
+
+/// `GET /api/v1/users`.
+async fn list(
+    req: HttpRequest,
+    api: web::Data<ApiState>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, ApiError> {
+    api.token.check(&req)?;
+    Ok(HttpResponse::Ok().json(state.users.list()))
+}
+
+/// `POST /api/v1/users`.
+async fn create(
+    req: HttpRequest,
+    body: web::Bytes,
+    api: web::Data<ApiState>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, ApiError> {
+    api.token.check(&req)?;
+    let new: NewUser = serde_json::from_slice(&body).map_err(|e| {
+        // serde's message may quote the offending value, which could be the password.
+        ApiError::BadRequest(format!(
+            "invalid JSON (line {}, column {}): expected {{\"name\": \"...\", \"password\": \"...\"}}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    if let Some(problem) = tether_shared::enroll::name_problem("user name", &new.name) {
+        return Err(ApiError::BadRequest(problem));
+    }
+    if let Some(problem) = password_problem(&new.password) {
+        return Err(ApiError::BadRequest(problem));
+    }
+    if state.users.contains(&new.name) {
+        return Err(UsersError::Exists(new.name).into());
+    }
+    let password = new.password;
+    let hash = web::block(move || hash_password(&password))
+        .await
+        .map_err(|_| ApiError::Unavailable)??;
+    state.users.create(&new.name, hash).await?;
+    tracing::info!(user = %new.name, "api-user-created");
+    let created = state
+        .users
+        .list()
+        .into_iter()
+        .find(|u| u.name == new.name)
+        .ok_or(ApiError::Unavailable)?;
+    Ok(HttpResponse::Created().json(created))
+}
+
+/// `DELETE /api/v1/users/{name}`.
+async fn delete(
+    req: HttpRequest,
+    path: web::Path<String>,
+    api: web::Data<ApiState>,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, ApiError> {
+    api.token.check(&req)?;
+    let name = path.into_inner();
+    state.users.delete(&name, None).await?;
+    state.sessions.remove_user(&name);
+    tracing::info!(user = %name, "api-user-deleted");
+    Ok(HttpResponse::Ok().json(json!({"name": name, "deleted": true})))
+}

@@ -2,11 +2,10 @@
 //! files, and [`AgentState`], the enrolled identity and upstreams kept in `DIR/agent.json`.
 //! The presence of `agent.json` means "installed"; it is written last and atomically.
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tether_shared::identity::write_file_atomic;
+use tether_shared::state_file::{self, Advice};
 
 /// The enrolled identity and where to connect, `DIR/agent.json` (mode 0644, no secret).
 pub const STATE_FILE: &str = "agent.json";
@@ -15,32 +14,12 @@ pub const KEY_FILE: &str = "agent.key";
 /// The CA the agent trusts (and only it), `DIR/ca.pem`, copied from `install --ca`.
 pub const CA_FILE: &str = "ca.pem";
 
-/// Why `agent.json` could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    /// The file does not exist: the agent is not installed.
-    #[error("{}: not found; run `tether-agent install` first", path.display())]
-    Missing {
-        /// The file looked for.
-        path: PathBuf,
-    },
-    /// Reading or writing failed.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying failure.
-        source: io::Error,
-    },
-    /// The file is not the JSON this version writes.
-    #[error("{}: not a valid agent state file ({reason}); reinstall with `tether-agent install --force`", path.display())]
-    Garbled {
-        /// The file.
-        path: PathBuf,
-        /// The decoder's complaint.
-        reason: String,
-    },
-}
+pub use tether_shared::state_file::StateError;
+
+const ADVICE: Advice = Advice {
+    missing: "run `tether-agent install` first",
+    garbled: "reinstall with `tether-agent install --force`",
+};
 
 /// `DIR/agent.json`: who this agent is and where it connects.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,29 +44,12 @@ impl AgentState {
 
     /// Reads `dir/agent.json`.
     pub fn load(dir: &Path) -> Result<AgentState, StateError> {
-        let path = Self::path(dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StateError::Missing { path })
-            }
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Garbled {
-            path,
-            reason: e.to_string(),
-        })
+        state_file::load(&Self::path(dir), ADVICE)
     }
 
     /// Writes `dir/agent.json` atomically, mode 0644.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        let path = Self::path(dir);
-        let mut text = serde_json::to_vec_pretty(self).map_err(|e| StateError::Io {
-            path: path.clone(),
-            source: io::Error::other(e),
-        })?;
-        text.push(b'\n');
-        write_file_atomic(&path, &text, 0o644).map_err(|source| StateError::Io { path, source })
+        state_file::save(&Self::path(dir), self)
     }
 }
 

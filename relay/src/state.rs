@@ -2,11 +2,10 @@
 //! and [`RelayState`] (`DIR/relay.json`). `relay.json` is written last: its presence means
 //! "installed".
 
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tether_shared::identity::write_file_atomic;
+use tether_shared::state_file::{self, Advice};
 
 /// The enrolled identity and where to connect (mode 0644, no secret).
 pub const STATE_FILE: &str = "relay.json";
@@ -21,16 +20,12 @@ pub const TLS_KEY_FILE: &str = "tls.key";
 /// The artifact and plugin cache.
 pub const CACHE_DIR: &str = "cache";
 
-/// Why `relay.json` could not be read or written.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("{}: not found; run `tether-relay install` first", path.display())]
-    Missing { path: PathBuf },
-    #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: io::Error },
-    #[error("{}: not a valid relay state file ({reason}); reinstall with `tether-relay install --force`", path.display())]
-    Garbled { path: PathBuf, reason: String },
-}
+pub use tether_shared::state_file::StateError;
+
+const ADVICE: Advice = Advice {
+    missing: "run `tether-relay install` first",
+    garbled: "reinstall with `tether-relay install --force`",
+};
 
 /// `DIR/relay.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,28 +49,11 @@ impl RelayState {
     }
 
     pub fn load(dir: &Path) -> Result<RelayState, StateError> {
-        let path = Self::path(dir);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(StateError::Missing { path })
-            }
-            Err(source) => return Err(StateError::Io { path, source }),
-        };
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Garbled {
-            path,
-            reason: e.to_string(),
-        })
+        state_file::load(&Self::path(dir), ADVICE)
     }
 
     /// Writes `dir/relay.json` atomically, mode 0644.
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        let path = Self::path(dir);
-        let mut text = serde_json::to_vec_pretty(self).map_err(|e| StateError::Io {
-            path: path.clone(),
-            source: io::Error::other(e),
-        })?;
-        text.push(b'\n');
-        write_file_atomic(&path, &text, 0o644).map_err(|source| StateError::Io { path, source })
+        state_file::save(&Self::path(dir), self)
     }
 }

@@ -16,6 +16,7 @@
 //!   (the server's and the relay's WebSocket listeners).
 //! - [`mux`]: the relay link's framing (many agents' channels over one WebSocket).
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
+//! - [`state_file`]: the JSON state file an install writes last (`agent.json`, `relay.json`).
 //! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
 //! - [`upgrade`]: agent upgrade packages: versions and the server's signature over them.
 
@@ -31,6 +32,7 @@ pub mod link;
 pub mod mux;
 pub mod plugin;
 pub mod protocol;
+pub mod state_file;
 pub mod stream;
 pub mod tls;
 pub mod unpack;

@@ -18,27 +18,6 @@ const TIMEOUT: Duration = Duration::from_secs(600);
 /// How long a new worker must beat before it counts as healthy (the default is 10 s).
 const HEALTHY_AFTER_MS: &str = "1000";
 
-fn upload(server: &Server, version: &str, bytes: &[u8]) {
-    let auth = format!("Bearer {}", server.admin_token);
-    let path = format!("/api/v1/upgrades/{version}");
-    let request = tether_shared::https::Request {
-        method: "PUT",
-        host: "localhost",
-        port: server.https.port(),
-        addr: Some(server.https),
-        path: &path,
-        headers: &[("Authorization", auth.as_str())],
-        body: Some(bytes),
-    };
-    let limits = tether_shared::https::Limits {
-        connect_timeout: Duration::from_secs(10),
-        total_timeout: Duration::from_secs(300),
-        max_response_bytes: 1024 * 1024,
-    };
-    let r = tether_shared::https::request(server.tls(), &request, &limits).unwrap();
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-}
-
 /// Seconds until every agent of the fleet is `done` at `version`.
 fn rollout(server: &Server, version: &str, n: usize) -> f64 {
     let started = Instant::now();
@@ -120,7 +99,7 @@ fn main() {
         }
         deploy(&server);
         let baseline = deploy(&server);
-        upload(&server, "99.0.0", &package);
+        server.upload_upgrade("99.0.0", &package);
         let took = rollout(&server, "99.0.0", n);
         println!(
             "{n:>7} {took:>18.2} {baseline:>22.2} {:>7.1}x",

@@ -288,6 +288,32 @@ impl Server {
         r.body
     }
 
+    /// `PUT /api/v1/upgrades/{version}` of a package (large: a generous timeout), expecting 201;
+    /// answers `{"version","sha256","size"}`.
+    pub fn upload_upgrade(&self, version: &str, bytes: &[u8]) -> Value {
+        let auth = format!("Bearer {}", self.admin_token);
+        let path = format!("/api/v1/upgrades/{version}");
+        let request = tether_shared::https::Request {
+            method: "PUT",
+            host: "localhost",
+            port: self.https.port(),
+            addr: Some(self.https),
+            path: &path,
+            headers: &[("Authorization", auth.as_str())],
+            body: Some(bytes),
+        };
+        let limits = tether_shared::https::Limits {
+            connect_timeout: Duration::from_secs(10),
+            total_timeout: Duration::from_secs(300),
+            max_response_bytes: 1024 * 1024,
+        };
+        let r = tether_shared::https::request(self.tls(), &request, &limits)
+            .unwrap_or_else(|e| panic!("upload {version}: {e}"));
+        let body = String::from_utf8_lossy(&r.body).into_owned();
+        assert_eq!(r.status, 201, "upload {version}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("upload {version}: {e}"))
+    }
+
     /// `GET /api/v1/agents/{id}/probes`: the probe series' counters.
     pub fn probes(&self, id: &str) -> Value {
         let r = self.request("GET", &format!("/api/v1/agents/{id}/probes"), None);

@@ -46,30 +46,6 @@ fn fleet(tmp: &TestDir, name: &str) -> (Server, Agent) {
     (server, agent)
 }
 
-/// `PUT /api/v1/upgrades/{version}` with `bytes` (large: a generous timeout).
-fn upload(server: &Server, version: &str, bytes: &[u8]) -> Value {
-    let auth = format!("Bearer {}", server.admin_token);
-    let path = format!("/api/v1/upgrades/{version}");
-    let request = tether_shared::https::Request {
-        method: "PUT",
-        host: "localhost",
-        port: server.https.port(),
-        addr: Some(server.https),
-        path: &path,
-        headers: &[("Authorization", auth.as_str())],
-        body: Some(bytes),
-    };
-    let limits = tether_shared::https::Limits {
-        connect_timeout: Duration::from_secs(10),
-        total_timeout: Duration::from_secs(120),
-        max_response_bytes: 1024 * 1024,
-    };
-    let r = tether_shared::https::request(server.tls(), &request, &limits).unwrap();
-    let body = String::from_utf8_lossy(&r.body).into_owned();
-    assert_eq!(r.status, 201, "upload {version}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 fn rollout(server: &Server, version: &str, agent: &Agent) {
     let r = server.request(
         "POST",
@@ -137,7 +113,7 @@ fn the_agent_upgrades_while_a_deployment_runs_and_nothing_is_lost_or_doubled() {
     std::fs::create_dir_all(&out).unwrap();
     let m = |name: &str| out.join(name);
     let binary = std::fs::read(tether_tests::bin("tether-agent")).unwrap();
-    let package = upload(&server, "99.0.0", &binary);
+    let package = server.upload_upgrade("99.0.0", &binary);
     assert_eq!(package["sha256"], hex::encode(Sha256::digest(&binary)));
     let listed = server.request("GET", "/api/v1/upgrades", None).json();
     assert_eq!(listed[0]["version"], "99.0.0", "{listed}");
@@ -236,7 +212,7 @@ fn a_new_version_that_crashes_at_start_is_rolled_back() {
     let tmp = TestDir::new();
     let (server, agent) = fleet(&tmp, "crash-1");
     let original = worker_exe(&agent);
-    upload(&server, "99.0.1", b"#!/bin/sh\nexit 3\n");
+    server.upload_upgrade("99.0.1", b"#!/bin/sh\nexit 3\n");
     rollout(&server, "99.0.1", &agent);
     let a = wait_upgrade(&server, &agent, "99.0.1", "rolled_back");
     let reason = a["upgrade"]["reason"].as_str().unwrap();
@@ -279,7 +255,7 @@ fn a_step_that_outlasts_the_drain_timeout_is_never_killed_the_upgrade_is_abandon
     ]}));
     let id = server.deploy("slow", json!({"agents": ["busy-1"]}), json!({}));
     eventually("the step running", WAIT, || started.exists().then_some(()));
-    upload(&server, "99.0.3", b"#!/bin/sh\nexit 0\n");
+    server.upload_upgrade("99.0.3", b"#!/bin/sh\nexit 0\n");
     rollout(&server, "99.0.3", &agent);
     let a = wait_upgrade(&server, &agent, "99.0.3", "refused");
     let reason = a["upgrade"]["reason"].as_str().unwrap();
@@ -309,7 +285,7 @@ fn an_agent_behind_a_relay_gets_its_package_through_the_relay() {
         (server.agent_status(&agent.id) == "online").then_some(())
     });
     // A package that only a completed, verified download can have put on trial.
-    upload(&server, "99.0.4", b"#!/bin/sh\nexit 4\n");
+    server.upload_upgrade("99.0.4", b"#!/bin/sh\nexit 4\n");
     rollout(&server, "99.0.4", &agent);
     let a = wait_upgrade(&server, &agent, "99.0.4", "rolled_back");
     let reason = a["upgrade"]["reason"].as_str().unwrap();
@@ -325,7 +301,7 @@ fn older_and_altered_packages_are_refused_with_nothing_changed() {
     let script = b"#!/bin/sh\nexit 0\n";
 
     // Older than the running version: refused on arrival, nothing downloaded.
-    upload(&server, "0.0.1", script);
+    server.upload_upgrade("0.0.1", script);
     rollout(&server, "0.0.1", &agent);
     let a = wait_upgrade(&server, &agent, "0.0.1", "refused");
     let reason = a["upgrade"]["reason"].as_str().unwrap();
@@ -333,7 +309,7 @@ fn older_and_altered_packages_are_refused_with_nothing_changed() {
     assert!(upgrade_dir(&agent).is_empty(), "{:?}", upgrade_dir(&agent));
 
     // Altered on the server's disk after it was signed: the download does not verify.
-    let package = upload(&server, "99.0.2", script);
+    let package = server.upload_upgrade("99.0.2", script);
     let blob = server
         .dir
         .join("upgrades/sha256")

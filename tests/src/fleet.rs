@@ -10,9 +10,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::{bin, https_request_with_body, ChildGuard, HttpReply};
+pub use crate::admin_api::AdminApi;
+use crate::{bin, ChildGuard};
 
 /// How long start-ups may take before a test fails.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,11 +58,24 @@ pub struct Server {
     pub dir: PathBuf,
     config_dir: PathBuf,
     pub child: Option<ChildGuard>,
-    pub https: SocketAddr,
+    /// The REST API (`server.request(...)`, `server.deploy(...)`, ...).
+    pub api: AdminApi,
     pub wss: SocketAddr,
-    pub admin_token: String,
-    tls: Arc<rustls::ClientConfig>,
     env: Vec<(String, String)>,
+}
+
+impl std::ops::Deref for Server {
+    type Target = AdminApi;
+
+    fn deref(&self) -> &AdminApi {
+        &self.api
+    }
+}
+
+impl std::ops::DerefMut for Server {
+    fn deref_mut(&mut self) -> &mut AdminApi {
+        &mut self.api
+    }
 }
 
 impl Server {
@@ -93,10 +107,8 @@ impl Server {
             dir: data,
             config_dir,
             child: None,
-            https: unbound,
+            api: AdminApi::new(unbound, "localhost", admin_token, tls),
             wss: unbound,
-            admin_token,
-            tls,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -140,7 +152,7 @@ impl Server {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or_else(|| panic!("ports.json {k}: {ports}"))
         };
-        self.https = addr("https");
+        self.api.https = addr("https");
         self.wss = addr("wss");
         self.child = Some(child);
     }
@@ -164,193 +176,6 @@ impl Server {
     /// The agent-facing base URL agents install with.
     pub fn upstream(&self) -> String {
         format!("wss://localhost:{}", self.wss.port())
-    }
-
-    /// A client configuration trusting this server's CA only.
-    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
-        self.tls.clone()
-    }
-
-    /// An admin request with a raw body (uploads) and extra headers.
-    pub fn request_raw(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> HttpReply {
-        let auth = format!("Bearer {}", self.admin_token);
-        let mut all = vec![("Authorization", auth.as_str())];
-        all.extend_from_slice(headers);
-        https_request_with_body(
-            self.https,
-            self.tls.clone(),
-            "localhost",
-            method,
-            path,
-            &all,
-            Some(body),
-        )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-
-    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
-        let auth = format!("Bearer {}", self.admin_token);
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if bytes.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        https_request_with_body(
-            self.https,
-            self.tls.clone(),
-            "localhost",
-            method,
-            path,
-            &headers,
-            bytes.as_deref(),
-        )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-
-    /// A fresh enrollment token.
-    pub fn token(&self, uses: u32) -> String {
-        let r = self.request(
-            "POST",
-            "/api/v1/enrollment-tokens",
-            Some(&json!({"uses": uses, "ttl_s": 3600})),
-        );
-        assert_eq!(r.status, 201, "token: {}", r.body);
-        r.json()["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("token: {}", r.body))
-            .to_owned()
-    }
-
-    /// The agent list entry with `id`.
-    pub fn agent(&self, id: &str) -> Option<Value> {
-        let r = self.request("GET", "/api/v1/agents", None);
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json().as_array()?.iter().find(|a| a["id"] == id).cloned()
-    }
-
-    pub fn agent_status(&self, id: &str) -> String {
-        self.agent(id)
-            .and_then(|a| a["status"].as_str().map(str::to_owned))
-            .unwrap_or_default()
-    }
-
-    /// `POST /api/v1/processes` with `body`, expecting 201.
-    pub fn put_process(&self, body: &Value) {
-        let r = self.request("POST", "/api/v1/processes", Some(body));
-        assert_eq!(r.status, 201, "process: {}", r.body);
-    }
-
-    /// `POST /api/v1/deployments` of `process` to `targets` (`{"agents":[...]}` or
-    /// `{"tags":[...]}`) with `properties`, expecting 201; answers the deployment id.
-    pub fn deploy(&self, process: &str, targets: Value, properties: Value) -> String {
-        let body = json!({"process": process, "targets": targets, "properties": properties});
-        let r = self.request("POST", "/api/v1/deployments", Some(&body));
-        assert_eq!(r.status, 201, "deploy: {}", r.body);
-        r.json()["id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("deploy: {}", r.body))
-            .to_owned()
-    }
-
-    /// `GET /api/v1/deployments/{id}`, expecting 200.
-    pub fn deployment(&self, id: &str) -> Value {
-        let r = self.request("GET", &format!("/api/v1/deployments/{id}"), None);
-        assert_eq!(r.status, 200, "deployment {id}: {}", r.body);
-        r.json()
-    }
-
-    /// Polls deployment `id` until it is final (succeeded, failed or cancelled).
-    pub fn wait_deployment(&self, id: &str, timeout: Duration) -> Value {
-        eventually(&format!("deployment {id} final"), timeout, || {
-            let d = self.deployment(id);
-            matches!(
-                d["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
-            .then_some(d)
-        })
-    }
-
-    /// The log of `step` (name or index) of the job of `agent` (name or id), expecting 200.
-    pub fn step_log(&self, id: &str, agent: &str, step: &str) -> String {
-        let r = self.request(
-            "GET",
-            &format!("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log"),
-            None,
-        );
-        assert_eq!(r.status, 200, "log: {}", r.body);
-        r.body
-    }
-
-    /// `PUT /api/v1/upgrades/{version}` of a package (large: a generous timeout), expecting 201;
-    /// answers `{"version","sha256","size"}`.
-    pub fn upload_upgrade(&self, version: &str, bytes: &[u8]) -> Value {
-        let auth = format!("Bearer {}", self.admin_token);
-        let path = format!("/api/v1/upgrades/{version}");
-        let request = tether_shared::https::Request {
-            method: "PUT",
-            host: "localhost",
-            port: self.https.port(),
-            addr: Some(self.https),
-            path: &path,
-            headers: &[("Authorization", auth.as_str())],
-            body: Some(bytes),
-        };
-        let limits = tether_shared::https::Limits {
-            connect_timeout: Duration::from_secs(10),
-            total_timeout: Duration::from_secs(300),
-            max_response_bytes: 1024 * 1024,
-        };
-        let r = tether_shared::https::request(self.tls(), &request, &limits)
-            .unwrap_or_else(|e| panic!("upload {version}: {e}"));
-        let body = String::from_utf8_lossy(&r.body).into_owned();
-        assert_eq!(r.status, 201, "upload {version}: {body}");
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("upload {version}: {e}"))
-    }
-
-    /// `GET /api/v1/agents/{id}/probes`: the probe series' counters.
-    pub fn probes(&self, id: &str) -> Value {
-        let r = self.request("GET", &format!("/api/v1/agents/{id}/probes"), None);
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()["probes"].clone()
-    }
-
-    /// Queue `commands` probe commands for agent `id` and ask it for `events` probe events.
-    pub fn queue_probes(&self, id: &str, commands: u64, events: u64) {
-        let r = self.request(
-            "POST",
-            &format!("/api/v1/agents/{id}/probes"),
-            Some(&json!({"commands": commands, "events": events})),
-        );
-        assert_eq!(r.status, 202, "{}", r.body);
-    }
-
-    /// Wait until `commands` echoes and `events` probe events arrived; then check none came
-    /// twice and none was skipped.
-    pub fn wait_for_probes(
-        &self,
-        id: &str,
-        commands: u64,
-        events: u64,
-        timeout: Duration,
-    ) -> Value {
-        let p = eventually("all probes", timeout, || {
-            let p = self.probes(id);
-            (p["echoes"]["received"] == commands && p["events"]["received"] == events).then_some(p)
-        });
-        for series in ["echoes", "events"] {
-            assert_eq!(p[series]["duplicates"], 0, "{series} delivered twice: {p}");
-            assert_eq!(p[series]["gaps"], 0, "{series} skipped: {p}");
-        }
-        assert_eq!(p["echoes"]["next"], commands + 1, "{p}");
-        assert_eq!(p["events"]["next"], events + 1, "{p}");
-        p
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tether_shared::https;
 
+pub mod admin_api;
 pub mod fixtures;
 pub mod fleet;
 pub mod loadgen;

@@ -58,10 +58,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use crate::admin_api::AdminApi;
 use crate::fleet::{alive, eventually, START_TIMEOUT};
-use crate::{bin, https_request_with_body, ChildGuard, HttpReply};
+use crate::{bin, ChildGuard};
 
 /// The server's admin REST API port inside a topology.
 pub const HTTPS_PORT: u16 = 8443;
@@ -801,13 +802,19 @@ pub struct NsServer {
     pub child: Option<ChildGuard>,
     /// Its address inside the topology (what relays and agents dial).
     pub ip: Ipv4Addr,
-    /// The admin API as reached from the test process (host link).
-    pub https: SocketAddr,
-    /// The admin bearer token.
-    pub admin_token: String,
+    /// The admin API as reached from the test process (host link), its certificate checked
+    /// for [`NsServer::ip`].
+    pub api: AdminApi,
     /// The server's `ports.json`.
     pub ports: Value,
-    tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::ops::Deref for NsServer {
+    type Target = AdminApi;
+
+    fn deref(&self) -> &AdminApi {
+        &self.api
+    }
 }
 
 impl NsServer {
@@ -868,10 +875,13 @@ impl NsServer {
             dir,
             child: Some(child),
             ip,
-            https: SocketAddr::from((topo.host_ip(ns), HTTPS_PORT)),
-            admin_token,
+            api: AdminApi::new(
+                SocketAddr::from((topo.host_ip(ns), HTTPS_PORT)),
+                &ip.to_string(),
+                admin_token,
+                tls,
+            ),
             ports,
-            tls,
         }
     }
 
@@ -883,94 +893,6 @@ impl NsServer {
     /// The agent-facing base URL inside the topology, `wss://IP:7919`.
     pub fn upstream(&self) -> String {
         format!("wss://{}:{WSS_PORT}", self.ip)
-    }
-
-    /// An admin API request (bearer token, JSON body), verifying the server as its topology IP.
-    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
-        let auth = format!("Bearer {}", self.admin_token);
-        let bytes = body.map(|b| b.to_string().into_bytes());
-        let mut headers = vec![("Authorization", auth.as_str())];
-        if bytes.is_some() {
-            headers.push(("Content-Type", "application/json"));
-        }
-        https_request_with_body(
-            self.https,
-            self.tls.clone(),
-            &self.ip.to_string(),
-            method,
-            path,
-            &headers,
-            bytes.as_deref(),
-        )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-    }
-
-    /// A fresh one-use enrollment token, for an agent (`role` None) or e.g. `Some("relay")`.
-    pub fn enrollment_token(&self, role: Option<&str>) -> String {
-        let mut body = json!({"uses": 1, "ttl_s": 600});
-        if let Some(role) = role {
-            body["role"] = json!(role);
-        }
-        let r = self.request("POST", "/api/v1/enrollment-tokens", Some(&body));
-        assert_eq!(r.status, 201, "token: {}", r.body);
-        r.json()["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("token: {}", r.body))
-            .to_owned()
-    }
-
-    /// `GET /api/v1/agents`.
-    pub fn agents(&self) -> Vec<Value> {
-        let r = self.request("GET", "/api/v1/agents", None);
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json().as_array().cloned().unwrap_or_default()
-    }
-
-    /// The agent list entry with `id`.
-    pub fn agent(&self, id: &str) -> Option<Value> {
-        self.agents().into_iter().find(|a| a["id"] == id)
-    }
-
-    /// `POST /api/v1/processes`, expecting 201.
-    pub fn put_process(&self, body: &Value) {
-        let r = self.request("POST", "/api/v1/processes", Some(body));
-        assert_eq!(r.status, 201, "process: {}", r.body);
-    }
-
-    /// `POST /api/v1/deployments`, expecting 201; answers the deployment id.
-    pub fn deploy(&self, process: &str, targets: Value, properties: Value) -> String {
-        let body = json!({"process": process, "targets": targets, "properties": properties});
-        let r = self.request("POST", "/api/v1/deployments", Some(&body));
-        assert_eq!(r.status, 201, "deploy: {}", r.body);
-        r.json()["id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("deploy: {}", r.body))
-            .to_owned()
-    }
-
-    /// Polls deployment `id` until it is final (succeeded, failed or cancelled).
-    pub fn wait_deployment(&self, id: &str, timeout: Duration) -> Value {
-        eventually(&format!("deployment {id} final"), timeout, || {
-            let r = self.request("GET", &format!("/api/v1/deployments/{id}"), None);
-            assert_eq!(r.status, 200, "deployment {id}: {}", r.body);
-            let d = r.json();
-            matches!(
-                d["status"].as_str(),
-                Some("succeeded" | "failed" | "cancelled")
-            )
-            .then_some(d)
-        })
-    }
-
-    /// The log of `step` of the job of `agent` in deployment `id`, expecting 200.
-    pub fn step_log(&self, id: &str, agent: &str, step: &str) -> String {
-        let r = self.request(
-            "GET",
-            &format!("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log"),
-            None,
-        );
-        assert_eq!(r.status, 200, "log: {}", r.body);
-        r.body
     }
 }
 

@@ -161,7 +161,7 @@ fn firewall_blocks_direct_path() {
     );
 
     // An agent installed from the agents' namespace cannot enroll: connect error, no agent.
-    let token = server.enrollment_token(None);
+    let token = server.enrollment_token("agent");
     let out = NsAgent::install_output(
         &topo,
         "agents",
@@ -198,7 +198,7 @@ fn agents_reach_server_only_through_relay() {
     let topo = relay_topology(false);
     let server = NsServer::start(&topo, "server", tmp.path());
 
-    let token = server.enrollment_token(Some("relay"));
+    let token = server.enrollment_token("relay");
     let mut relay = NsRelay::install(
         &topo,
         "relay",
@@ -215,7 +215,7 @@ fn agents_reach_server_only_through_relay() {
         Probe::Connected
     );
 
-    let token = server.enrollment_token(None);
+    let token = server.enrollment_token("agent");
     let mut agent = NsAgent::install(
         &topo,
         "agents",

@@ -430,7 +430,7 @@ fn cut_upstream_link_with_nftables_and_restore() {
             ("TETHER_SERVER__HEARTBEAT_TIMEOUT_MS", "4000"),
         ],
     );
-    let token = server.enrollment_token(Some("relay"));
+    let token = server.enrollment_token("relay");
     let mut relay = NsRelay::install(
         &topo,
         "relay",
@@ -446,7 +446,7 @@ fn cut_upstream_link_with_nftables_and_restore() {
     let agents: Vec<NsAgent> = ["edge-1", "edge-2"]
         .iter()
         .map(|name| {
-            let token = server.enrollment_token(None);
+            let token = server.enrollment_token("agent");
             let mut a = NsAgent::install(
                 &topo,
                 "agents",

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::mux::{self, Mux, LINK_CHANNEL};
-use tether_shared::protocol::{self, Busy, ErrorCode, Frame, Sender};
+use tether_shared::protocol::{self, ErrorCode, Frame, Sender};
 
+use crate::downstream::{close_ws, refuse_busy};
 use crate::upstream::{
     error_frame, ChildGone, DownGone, Forward, FromChild, OpenChildLink, Upstream,
 };
@@ -56,12 +57,7 @@ impl ChildRelay {
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
-        let reason: String = reason.chars().take(100).collect();
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(code),
-            description: Some(reason),
-        }));
-        ctx.stop();
+        close_ws(ctx, code, reason);
     }
 
     fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
@@ -125,11 +121,7 @@ impl Actor for ChildRelay {
             }
             _ => {
                 act.quiet = true;
-                let retry_after_ms = 500 + rand::random::<u64>() % 2_500;
-                if let Ok(bytes) = Frame::Busy(Busy { retry_after_ms }).encode() {
-                    ctx.binary(bytes);
-                }
-                act.close(ctx, 1013, "relay has no upstream yet, retry later");
+                refuse_busy(ctx);
             }
         }));
     }

@@ -42,12 +42,7 @@ impl AgentDown {
     }
 
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
-        let reason: String = reason.chars().take(100).collect();
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(code),
-            description: Some(reason),
-        }));
-        ctx.stop();
+        close_ws(ctx, code, reason);
     }
 
     /// A protocol problem on the agent's socket: tell it, close, and report the channel closed.
@@ -74,11 +69,7 @@ impl Actor for AgentDown {
             Ok(Ok(ch)) => act.ch = Some(ch),
             _ => {
                 act.quiet = true;
-                let retry_after_ms = 500 + rand::random::<u64>() % 2_500;
-                if let Ok(bytes) = Frame::Busy(Busy { retry_after_ms }).encode() {
-                    ctx.binary(bytes);
-                }
-                act.close(ctx, 1013, "relay has no upstream yet, retry later");
+                refuse_busy(ctx);
             }
         }));
     }
@@ -127,6 +118,32 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentDown {
             }
         }
     }
+}
+
+/// Close a downstream socket with `code` and a reason (truncated to fit a close frame).
+pub fn close_ws<A>(ctx: &mut ws::WebsocketContext<A>, code: u16, reason: &str)
+where
+    A: Actor<Context = ws::WebsocketContext<A>>,
+{
+    let reason: String = reason.chars().take(100).collect();
+    ctx.close(Some(ws::CloseReason {
+        code: ws::CloseCode::from(code),
+        description: Some(reason),
+    }));
+    ctx.stop();
+}
+
+/// The relay cannot carry a downstream peer now (no upstream link): `Busy`, then close 1013,
+/// so the peer retries after a jittered delay.
+pub fn refuse_busy<A>(ctx: &mut ws::WebsocketContext<A>)
+where
+    A: Actor<Context = ws::WebsocketContext<A>>,
+{
+    let retry_after_ms = 500 + rand::random::<u64>() % 2_500;
+    if let Ok(bytes) = Frame::Busy(Busy { retry_after_ms }).encode() {
+        ctx.binary(bytes);
+    }
+    close_ws(ctx, 1013, "relay has no upstream yet, retry later");
 }
 
 /// A frame from upstream for this agent.

@@ -159,6 +159,7 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
         server_key,
         running: running.clone(),
         healthy_after: cfg.relay.upgrade_healthy_after,
+        trial_timeout: cfg.relay.upgrade_trial_timeout,
     };
     tracing::info!(relay_id = %state.relay_id, name = %state.name, version = %running.version, trial = running.trial, upstreams = ?upstreams, "relay-starting");
     actix_rt::System::new().block_on(serve(

@@ -65,6 +65,9 @@ pub struct Trial {
     pub path: PathBuf,
     /// The version that ran before.
     pub previous: String,
+    /// The id of the command (the server's rollout) that started it.
+    #[serde(default)]
+    pub command_id: String,
 }
 
 /// `active.json`.
@@ -81,6 +84,9 @@ pub struct Outcome {
     pub outcome: UpgradeOutcome,
     #[serde(default)]
     pub reason: String,
+    /// The id of the command (the server's rollout) it answers.
+    #[serde(default)]
+    pub command_id: String,
 }
 
 /// What runs now, as [`startup`] found it.
@@ -90,6 +96,8 @@ pub struct Running {
     pub version: String,
     /// This process is a version on trial.
     pub trial: bool,
+    /// The trial's command id (empty unless on trial).
+    pub command_id: String,
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
@@ -128,6 +136,7 @@ pub fn startup(dir: &Path, relay_id: &str) -> Running {
     let build = Running {
         version: build_version().to_owned(),
         trial: false,
+        command_id: String::new(),
     };
     if !up.is_dir() {
         return build;
@@ -145,6 +154,7 @@ pub fn startup(dir: &Path, relay_id: &str) -> Running {
             return Running {
                 version: trial.version,
                 trial: true,
+                command_id: trial.command_id,
             };
         }
         tracing::warn!(relay_id = %relay_id, version = %trial.version, previous = %trial.previous, "relay-upgrade-rolled-back");
@@ -156,6 +166,7 @@ pub fn startup(dir: &Path, relay_id: &str) -> Running {
             version: trial.version,
             outcome: UpgradeOutcome::RolledBack,
             reason: ROLLBACK_REASON.to_owned(),
+            command_id: trial.command_id,
         };
         if let Err(e) = write_json(&up.join(RESULT_FILE), &outcome) {
             tracing::error!(relay_id = %relay_id, error = %e, "relay-upgrade-result-unwritable");
@@ -170,6 +181,7 @@ pub fn startup(dir: &Path, relay_id: &str) -> Running {
         return Running {
             version: active.version,
             trial: false,
+            command_id: String::new(),
         };
     }
     let newer = match (
@@ -215,6 +227,7 @@ pub struct UpgraderConfig {
     pub server_key: PublicKey,
     pub running: Running,
     pub healthy_after: Duration,
+    pub trial_timeout: Duration,
 }
 
 /// The relay's upgrade actor.
@@ -296,6 +309,7 @@ impl Upgrader {
             version: version.clone(),
             outcome: UpgradeOutcome::Done,
             reason: String::new(),
+            command_id: self.cfg.running.command_id.clone(),
         };
         let written = write_json(&up.join(ACTIVE_FILE), &active)
             .and_then(|()| write_json(&up.join(RESULT_FILE), &outcome))
@@ -303,6 +317,7 @@ impl Upgrader {
         match written {
             Ok(()) => {
                 self.cfg.running.trial = false;
+                remove_other_packages(&up, &active.path);
                 tracing::info!(relay_id = %self.cfg.relay_id, version = %version, "relay-upgrade-done");
                 self.report_result();
             }
@@ -373,9 +388,23 @@ impl Upgrader {
             }
             return;
         }
-        if let Some(r) = read_json::<Outcome>(&self.up_dir().join(RESULT_FILE))
-            .filter(|r| r.version == version && r.outcome == UpgradeOutcome::RolledBack)
-        {
+        if running.trial {
+            return self.refuse(
+                &version,
+                format!(
+                    "version {} is still on trial; roll out again once it is done",
+                    running.version
+                ),
+            );
+        }
+        // The same rollout again (re-sent at a reconnect, maybe before our report arrived):
+        // report it again rather than trying a version that failed. A new rollout of that
+        // version (another command id) tries again.
+        if let Some(r) = read_json::<Outcome>(&self.up_dir().join(RESULT_FILE)).filter(|r| {
+            r.version == version
+                && r.outcome == UpgradeOutcome::RolledBack
+                && r.command_id == command.id
+        }) {
             tracing::info!(relay_id = %self.cfg.relay_id, version = %version, "relay-upgrade-already-rolled-back");
             return self.report(EventBody::UpgradeFinished {
                 version: r.version,
@@ -406,12 +435,14 @@ impl Upgrader {
             version: version.clone(),
             sha256,
             previous: running.version.clone(),
+            command_id: command.id.clone(),
         };
+        let command_id = command.id;
         let staging = web::block(move || job.run());
         ctx.spawn(staging.into_actor(self).map(move |res, act, ctx| {
             let res = res.map_err(|e| e.to_string()).and_then(|r| r);
             match res {
-                Ok(path) => act.switch(ctx, version, path),
+                Ok(path) => act.switch(ctx, version, path, command_id),
                 Err(reason) => {
                     act.busy = false;
                     act.refuse(&version, reason);
@@ -421,7 +452,13 @@ impl Upgrader {
     }
 
     /// The package is staged and `trial.json` written: drain, then become the new binary.
-    fn switch(&mut self, ctx: &mut Context<Self>, version: String, path: PathBuf) {
+    fn switch(
+        &mut self,
+        ctx: &mut Context<Self>,
+        version: String,
+        path: PathBuf,
+        command_id: String,
+    ) {
         tracing::info!(relay_id = %self.cfg.relay_id, version = %version, path = %path.display(), "relay-upgrade-staged");
         self.report(EventBody::UpgradeStaged {
             version: version.clone(),
@@ -439,6 +476,7 @@ impl Upgrader {
                 version,
                 outcome: UpgradeOutcome::RolledBack,
                 reason: format!("{ROLLBACK_REASON}: {e}"),
+                command_id,
             };
             if let Err(e) = write_json(&up.join(RESULT_FILE), &outcome) {
                 tracing::error!(relay_id = %act.cfg.relay_id, error = %e, "relay-upgrade-result-unwritable");
@@ -451,6 +489,20 @@ impl Upgrader {
 
 impl Actor for Upgrader {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if !self.cfg.running.trial {
+            return;
+        }
+        ctx.run_later(self.cfg.trial_timeout, |act, _| {
+            if act.cfg.running.trial {
+                // Not healthy in time: exit, so that the supervisor starts the installed
+                // binary, which finds this trial and rolls it back.
+                tracing::error!(relay_id = %act.cfg.relay_id, version = %act.cfg.running.version, "relay-upgrade-trial-timeout");
+                std::process::exit(1);
+            }
+        });
+    }
 }
 
 impl Handler<LinkNews> for Upgrader {
@@ -474,6 +526,7 @@ struct Stage {
     version: String,
     sha256: String,
     previous: String,
+    command_id: String,
 }
 
 impl Stage {
@@ -506,12 +559,30 @@ impl Stage {
             version: self.version,
             path: target.clone(),
             previous: self.previous,
+            command_id: self.command_id,
         };
         if let Err(e) = write_json(&self.up.join(TRIAL_FILE), &trial) {
             let _ = std::fs::remove_file(&target);
             return Err(format!("cannot record the trial: {e}"));
         }
         Ok(target)
+    }
+}
+
+/// Removes every relay package in `up` but `keep` (older versions, abandoned downloads).
+fn remove_other_packages(up: &Path, keep: &Path) {
+    let Ok(entries) = std::fs::read_dir(up) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_package = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with("tether-relay-"));
+        if is_package && !same_file(&path, keep) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 }
 
@@ -568,4 +639,67 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_package_is_stored_only_with_its_sha256_and_executable() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let from = tmp.path().join("cached");
+        std::fs::write(&from, b"#!/bin/sh\nexit 0\n").unwrap();
+        let sha = hex::encode(Sha256::digest(b"#!/bin/sh\nexit 0\n"));
+        let to = tmp.path().join("tether-relay-2.0.0");
+        let wrong = "00".repeat(32);
+        assert!(copy_verified(&from, &to, &wrong).is_err());
+        assert!(!to.exists());
+        assert!(!to.with_extension("tmp").exists());
+        copy_verified(&from, &to, &sha).unwrap();
+        let mode = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o755);
+        std::fs::write(tmp.path().join("tether-relay-1.0.0"), b"old").unwrap();
+        remove_other_packages(tmp.path(), &to);
+        assert!(to.exists());
+        assert!(!tmp.path().join("tether-relay-1.0.0").exists());
+        assert!(from.exists(), "only packages are removed");
+    }
+
+    #[test]
+    fn a_trial_that_is_not_this_process_is_rolled_back_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let built = startup(tmp.path(), "r-1");
+        assert_eq!(built.version, build_version());
+        assert!(!built.trial);
+        let up = tmp.path().join(UPGRADE_DIR);
+        std::fs::create_dir_all(&up).unwrap();
+        let package = up.join("tether-relay-99.0.0");
+        std::fs::write(&package, b"#!/bin/sh\nexit 3\n").unwrap();
+        let trial = Trial {
+            version: "99.0.0".into(),
+            path: package.clone(),
+            previous: build_version().into(),
+            command_id: "c-1".into(),
+        };
+        write_json(&up.join(TRIAL_FILE), &trial).unwrap();
+        // An older active record is not executed.
+        let active = Active {
+            version: "0.0.1".into(),
+            path: package.clone(),
+        };
+        write_json(&up.join(ACTIVE_FILE), &active).unwrap();
+        let running = startup(tmp.path(), "r-1");
+        assert_eq!(running.version, build_version());
+        assert!(!running.trial);
+        assert!(!up.join(TRIAL_FILE).exists());
+        assert!(!package.exists());
+        let result: Outcome = read_json(&up.join(RESULT_FILE)).unwrap();
+        assert_eq!(result.version, "99.0.0");
+        assert_eq!(result.outcome, UpgradeOutcome::RolledBack);
+        assert_eq!(result.reason, ROLLBACK_REASON);
+        assert_eq!(result.command_id, "c-1");
+    }
 }

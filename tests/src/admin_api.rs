@@ -163,8 +163,13 @@ impl AdminApi {
     /// `PUT /api/v1/upgrades/{version}` of a package (large: a generous timeout), expecting 201;
     /// answers `{"version","sha256","size"}`.
     pub fn upload_upgrade(&self, version: &str, bytes: &[u8]) -> Value {
+        self.upload_package(version, "agent", bytes)
+    }
+
+    /// Like [`AdminApi::upload_upgrade`], for a `component` ("agent" or "relay").
+    pub fn upload_package(&self, version: &str, component: &str, bytes: &[u8]) -> Value {
         let auth = format!("Bearer {}", self.admin_token);
-        let path = format!("/api/v1/upgrades/{version}");
+        let path = format!("/api/v1/upgrades/{version}?component={component}");
         let request = tether_shared::https::Request {
             method: "PUT",
             host: &self.server_name,

@@ -21,30 +21,6 @@ const BUILD_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// A short trial.
 const RELAY_ENV: &[(&str, &str)] = &[("TETHER_RELAY__UPGRADE_HEALTHY_AFTER_MS", "2000")];
 
-/// `PUT /api/v1/upgrades/{version}?component=relay` with `bytes`.
-fn upload_relay(server: &Server, version: &str, bytes: &[u8]) -> Value {
-    let auth = format!("Bearer {}", server.admin_token);
-    let path = format!("/api/v1/upgrades/{version}?component=relay");
-    let request = tether_shared::https::Request {
-        method: "PUT",
-        host: "localhost",
-        port: server.https.port(),
-        addr: Some(server.https),
-        path: &path,
-        headers: &[("Authorization", auth.as_str())],
-        body: Some(bytes),
-    };
-    let limits = tether_shared::https::Limits {
-        connect_timeout: Duration::from_secs(10),
-        total_timeout: Duration::from_secs(180),
-        max_response_bytes: 1024 * 1024,
-    };
-    let r = tether_shared::https::request(server.tls(), &request, &limits).unwrap();
-    let body = String::from_utf8_lossy(&r.body).into_owned();
-    assert_eq!(r.status, 201, "upload {version}: {body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 fn rollout(server: &Server, version: &str, relay: &Relay) {
     let r = server.request(
         "POST",
@@ -136,7 +112,7 @@ fn a_relay_upgrades_itself_while_agents_behind_it_work_and_nothing_is_lost() {
     let (server, relay, agent) = fleet(&tmp, false);
     let pid = relay.child.as_ref().unwrap().id();
     let binary = std::fs::read(tether_tests::bin("tether-relay")).unwrap();
-    let package = upload_relay(&server, "99.0.0", &binary);
+    let package = server.upload_package("99.0.0", "relay", &binary);
     assert_eq!(package["component"], "relay", "{package}");
     assert_eq!(package["sha256"], hex::encode(Sha256::digest(&binary)));
     let listed = server.request("GET", "/api/v1/upgrades", None).json();
@@ -201,7 +177,7 @@ fn a_relay_upgrades_itself_while_agents_behind_it_work_and_nothing_is_lost() {
 fn a_relay_that_does_not_start_is_rolled_back_and_the_old_one_carries_the_agents() {
     let tmp = TestDir::new();
     let (server, relay, agent) = fleet(&tmp, true);
-    upload_relay(&server, "99.0.0", b"#!/bin/sh\nexit 3\n");
+    server.upload_package("99.0.0", "relay", b"#!/bin/sh\nexit 3\n");
     rollout(&server, "99.0.0", &relay);
     let r = wait_upgrade(&server, &relay, "99.0.0", "rolled_back");
     assert_eq!(r["upgrade"]["reason"], "the new relay did not start", "{r}");
@@ -220,13 +196,22 @@ fn a_relay_that_does_not_start_is_rolled_back_and_the_old_one_carries_the_agents
     assert_eq!(relay.restarts(), restarts);
     let r = relay_entry(&server, &relay.name).unwrap();
     assert_eq!(r["upgrade"]["state"], "rolled_back", "{r}");
+
+    // A new rollout of that version is tried again (and fails the same way).
+    rollout(&server, "99.0.0", &relay);
+    let r = wait_upgrade(&server, &relay, "99.0.0", "rolled_back");
+    assert_eq!(r["upgrade"]["reason"], "the new relay did not start", "{r}");
+    assert!(relay.restarts() > restarts, "tried again");
+    online_through(&server, &agent, &relay);
+    server.queue_probes(&agent.id, 20, 20);
+    server.wait_for_probes(&agent.id, 40, 40, WAIT);
 }
 
 #[test]
 fn a_relay_refuses_an_older_version_with_nothing_written() {
     let tmp = TestDir::new();
     let (server, relay, agent) = fleet(&tmp, false);
-    upload_relay(&server, "0.0.1", b"#!/bin/sh\nexit 3\n");
+    server.upload_package("0.0.1", "relay", b"#!/bin/sh\nexit 3\n");
     rollout(&server, "0.0.1", &relay);
     let r = wait_upgrade(&server, &relay, "0.0.1", "refused");
     let reason = r["upgrade"]["reason"].as_str().unwrap();
@@ -240,4 +225,45 @@ fn a_relay_refuses_an_older_version_with_nothing_written() {
         Some(&json!({"targets": {"relays": ["no-such-relay"]}})),
     );
     assert_eq!(r.status, 400, "{}", r.body);
+}
+
+#[test]
+fn a_relay_behind_a_relay_is_upgraded_through_it() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let outer = Relay::start(&server, &[server.upstream()], tmp.path(), "outer");
+    let mut inner = Relay::install(&server, &[outer.upstream()], tmp.path(), "inner", RELAY_ENV);
+    inner.run();
+    inner.kill();
+    inner.run();
+    let mut agent = Agent::install_via(
+        &server,
+        &[inner.upstream()],
+        tmp.path(),
+        "deep",
+        &["edge"],
+        &[],
+    );
+    agent.run();
+    eventually("the agent online through both relays", WAIT, || {
+        server
+            .agent(&agent.id)
+            .filter(|a| a["status"] == "online" && a["path"] == json!(["inner", "outer"]))
+    });
+    let binary = std::fs::read(tether_tests::bin("tether-relay")).unwrap();
+    server.upload_package("99.0.0", "relay", &binary);
+    server.queue_probes(&agent.id, 30, 30);
+    rollout(&server, "99.0.0", &inner);
+    server.queue_probes(&agent.id, 30, 30);
+    let r = wait_upgrade(&server, &inner, "99.0.0", "done");
+    assert_eq!(r["path"], json!(["outer"]), "{r}");
+    eventually("inner reports 99.0.0", WAIT, || {
+        relay_entry(&server, "inner").filter(|r| r["version"] == "99.0.0")
+    });
+    // The outer relay was not touched; the package crossed it once (and is cached there).
+    let o = relay_entry(&server, "outer").unwrap();
+    assert_eq!(o["version"], BUILD_VERSION, "{o}");
+    assert!(o["upgrade"].is_null(), "{o}");
+    assert_eq!(outer.health()["cache"]["misses"], 1, "{}", outer.health());
+    server.wait_for_probes(&agent.id, 60, 60, WAIT);
 }

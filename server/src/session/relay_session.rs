@@ -23,7 +23,7 @@ use tether_shared::enroll::Role;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
     self, command_signing_bytes, Busy, Challenge, Command, CommandBody, ErrorCode, ErrorFrame,
-    Event, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
+    Event, EventBody, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
 };
 use tether_shared::stream::ConnId;
 use tether_shared::upgrade::Component;
@@ -371,7 +371,9 @@ impl RelaySession {
         };
         match protocol::decode(frame, Sender::Agent) {
             Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(&relay_id, hb.status),
-            Ok(Frame::Event(event)) => self.on_relay_event(ctx, &relay_id, &event),
+            Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
+                self.on_relay_event(ctx, &relay_id, &event)
+            }
             Ok(Frame::Error(e)) => {
                 tracing::warn!(relay_id = %relay_id, code = ?e.code, message = %e.message, "relay-reported-error")
             }
@@ -393,7 +395,9 @@ impl RelaySession {
     ) {
         match protocol::decode(frame, Sender::Agent) {
             Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(relay_id, hb.status),
-            Ok(Frame::Event(event)) => self.on_relay_event(ctx, relay_id, &event),
+            Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
+                self.on_relay_event(ctx, relay_id, &event)
+            }
             Ok(Frame::Error(_)) => {}
             Ok(other) => {
                 let reason = format!("unexpected {} frame on a relay channel", other.kind());
@@ -874,6 +878,18 @@ impl Handler<PushRelayUpgrade> for RelaySession {
     }
 }
 
+/// The only events a relay sends about itself: its upgrades' (anything else on its own channel
+/// is a protocol violation).
+fn is_upgrade_event(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::UpgradeStarted { .. }
+            | EventBody::UpgradeStaged { .. }
+            | EventBody::UpgradeRefused { .. }
+            | EventBody::UpgradeFinished { .. }
+    )
+}
+
 /// How long a relay's `Upgrade` command stays valid (it is re-sent at every connect anyway).
 const RELAY_COMMAND_TTL_MS: u64 = 60 * 60 * 1000;
 
@@ -896,7 +912,13 @@ fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame
         size: p.size,
         signature: p.signature,
     };
-    let id = hex::encode(rand::random::<[u8; 12]>());
+    // Every command of one rollout has the rollout's id: the relay re-reports a rollout it
+    // rolled back instead of trying it again, but tries a new rollout of the same version.
+    let id = if state.rollout_id.is_empty() {
+        hex::encode(rand::random::<[u8; 12]>())
+    } else {
+        state.rollout_id.clone()
+    };
     let deadline = now_ms() + RELAY_COMMAND_TTL_MS;
     let signed = command_signing_bytes(relay_id, &id, deadline, &body).ok()?;
     let mut command = Command::new(Seq(1), id, deadline, body).ok()?;

@@ -340,6 +340,7 @@ async fn rollout_relays(
             version: package.version.clone(),
             reason: String::new(),
             updated_unix_ms: now_unix_ms(),
+            rollout_id: hex::encode(rand::random::<[u8; 12]>()),
         };
         state
             .shared

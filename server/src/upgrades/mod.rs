@@ -113,6 +113,10 @@ pub struct AgentUpgrade {
     #[serde(default)]
     pub reason: String,
     pub updated_unix_ms: u64,
+    /// Relays: the rollout this state belongs to, the id of every command sent for it (so the
+    /// relay tells a re-sent command from a new rollout of a version it rolled back).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rollout_id: String,
 }
 
 /// Why an upgrade operation failed.
@@ -308,7 +312,8 @@ impl Upgrades {
             return None;
         };
         if current.version != version {
-            tracing::warn!(relay_id = %relay_id, version = %version, current = %current.version, "upgrade-event-for-another-version");
+            // Relays report their last outcome at every connect: an older one is expected.
+            tracing::debug!(relay_id = %relay_id, version = %version, current = %current.version, "upgrade-event-for-another-version");
             return None;
         }
         if current.state == state && current.reason == reason {
@@ -331,6 +336,7 @@ impl Upgrades {
             version: version.to_owned(),
             reason: reason.to_owned(),
             updated_unix_ms: now_unix_ms(),
+            rollout_id: current.rollout_id.clone(),
         };
         let op = Self::relay_op(relay_id, &upgrade);
         relays.insert(relay_id.to_owned(), upgrade);
@@ -381,6 +387,7 @@ impl Upgrades {
             version: version.clone(),
             reason: reason.to_owned(),
             updated_unix_ms: now_unix_ms(),
+            rollout_id: String::new(),
         };
         let op = Self::agent_op(agent_id, &upgrade);
         agents.insert(agent_id.to_owned(), upgrade);
@@ -507,6 +514,7 @@ mod tests {
             version: "2.0.0".into(),
             reason: String::new(),
             updated_unix_ms: 1,
+            rollout_id: String::new(),
         };
         handle
             .commit(vec![Upgrades::agent_op("a-1", &requested)])
@@ -538,5 +546,89 @@ mod tests {
         assert!(up
             .on_event("a-1", &EventBody::JobAccepted { job_id: "j".into() })
             .is_none());
+    }
+
+    #[actix::test]
+    async fn relay_packages_are_their_own_and_relay_reports_move_only_their_rollout() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (journal, _) =
+            Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
+        let handle = journal.handle();
+        let up = Upgrades::open(handle.clone(), tmp.path()).unwrap();
+        let server = tether_shared::identity::Identity::generate();
+        let sha = "ab".repeat(32);
+        for component in [Component::Agent, Component::Relay] {
+            let file = up.tmp_dir().join(format!("upload-{component}"));
+            std::fs::write(&file, b"bin").unwrap();
+            let (p, created) = up
+                .publish(
+                    component,
+                    Version::parse("2.0.0").unwrap(),
+                    file,
+                    sha.clone(),
+                    3,
+                    |b| server.sign(b),
+                )
+                .await
+                .unwrap();
+            assert!(created);
+            assert_eq!(p.component, component);
+        }
+        assert_eq!(up.packages().len(), 1, "agent packages only");
+        assert_eq!(up.all_packages().len(), 2);
+        let relay = up.component_package(Component::Relay, "2.0.0").unwrap();
+        let key = server.public_key();
+        assert!(tether_shared::upgrade::verify_component_package(
+            &key,
+            Component::Relay,
+            "2.0.0",
+            &sha,
+            &relay.signature
+        )
+        .is_ok());
+        assert!(
+            tether_shared::upgrade::verify_package(&key, "2.0.0", &sha, &relay.signature).is_err()
+        );
+
+        let started = EventBody::UpgradeStarted {
+            version: "2.0.0".into(),
+        };
+        assert!(up.on_relay_event("r-1", &started).is_none(), "no rollout");
+        let requested = AgentUpgrade {
+            state: UpgradeState::Requested,
+            version: "2.0.0".into(),
+            reason: String::new(),
+            updated_unix_ms: 1,
+            rollout_id: "rollout-1".into(),
+        };
+        handle
+            .commit(vec![Upgrades::relay_op("r-1", &requested)])
+            .await
+            .unwrap();
+        up.set_relay("r-1", requested);
+        let op = up.on_relay_event("r-1", &started).unwrap();
+        assert!(up.on_relay_event("r-1", &started).is_none(), "a repeat");
+        let done = EventBody::UpgradeFinished {
+            version: "2.0.0".into(),
+            outcome: UpgradeOutcome::Done,
+            reason: String::new(),
+        };
+        let op2 = up.on_relay_event("r-1", &done).unwrap();
+        assert!(up.on_relay_event("r-1", &started).is_none(), "settled");
+        assert!(up.on_relay_event("r-1", &done).is_none(), "reported again");
+        let other = EventBody::UpgradeFinished {
+            version: "1.0.0".into(),
+            outcome: UpgradeOutcome::RolledBack,
+            reason: "x".into(),
+        };
+        assert!(up.on_relay_event("r-1", &other).is_none());
+        handle.commit(vec![op, op2]).await.unwrap();
+        let again = Upgrades::open(handle, tmp.path()).unwrap();
+        drop(journal);
+        let r = again.relay("r-1").unwrap();
+        assert_eq!(r.state, UpgradeState::Done);
+        assert_eq!(r.rollout_id, "rollout-1");
+        assert_eq!(again.all_packages().len(), 2);
+        assert!(again.agent("r-1").is_none());
     }
 }

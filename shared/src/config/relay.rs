@@ -36,6 +36,9 @@ pub struct RawRelaySection {
     /// How long a freshly upgraded relay's upstream link must have been ready before the
     /// upgrade counts as done (the new binary is kept, the old one no longer comes back).
     pub upgrade_healthy_after_ms: i64,
+    /// A new relay not healthy this long after it started exits, so that the supervisor
+    /// (systemd) starts the installed binary again, which rolls the upgrade back.
+    pub upgrade_trial_timeout_ms: i64,
 }
 
 impl Default for RawRelaySection {
@@ -46,6 +49,7 @@ impl Default for RawRelaySection {
             heartbeat_interval_ms: 5_000,
             max_queue_per_agent: 4_096,
             upgrade_healthy_after_ms: 10_000,
+            upgrade_trial_timeout_ms: 120_000,
         }
     }
 }
@@ -98,6 +102,12 @@ pub struct RelaySection {
         serialize_with = "serialize_millis"
     )]
     pub upgrade_healthy_after: Duration,
+    /// Time a new relay has to become healthy before it exits (and is rolled back).
+    #[serde(
+        rename = "upgrade_trial_timeout_ms",
+        serialize_with = "serialize_millis"
+    )]
+    pub upgrade_trial_timeout: Duration,
 }
 
 /// `[listen]`, validated.
@@ -142,6 +152,24 @@ impl RawConfig for RawRelayConfig {
             100,
             3_600_000,
         );
+        let trial_timeout = p.millis(
+            "relay.upgrade_trial_timeout_ms",
+            r.upgrade_trial_timeout_ms,
+            1_000,
+            86_400_000,
+        );
+        if let (Some(h), Some(t)) = (healthy_after, trial_timeout) {
+            if t <= h {
+                p.push(
+                    "relay.upgrade_trial_timeout_ms",
+                    format!(
+                        "must be greater than relay.upgrade_healthy_after_ms ({}), got {}",
+                        h.as_millis(),
+                        t.as_millis()
+                    ),
+                );
+            }
+        }
         let downstream = p.addr("listen.downstream", &self.listen.downstream);
         let admin = p.addr("listen.admin", &self.listen.admin);
         if let Some(addr) = admin {
@@ -173,6 +201,7 @@ impl RawConfig for RawRelayConfig {
                     heartbeat_interval: interval?,
                     max_queue_per_agent: usize::try_from(queue?).ok()?,
                     upgrade_healthy_after: healthy_after?,
+                    upgrade_trial_timeout: trial_timeout?,
                 },
                 listen: RelayListen {
                     downstream: downstream?,

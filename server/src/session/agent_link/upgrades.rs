@@ -37,6 +37,7 @@ impl Handler<QueueUpgrade> for AgentLink {
             version: p.version,
             reason: String::new(),
             updated_unix_ms: now_unix_ms(),
+            rollout_id: String::new(),
         };
         ops.push(Upgrades::agent_op(&self.agent_id, &record));
         let commit = self.shared.journal.commit(ops);

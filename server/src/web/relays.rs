@@ -1,5 +1,6 @@
 //! `GET /relays`: every relay with its status, version, path, agents carried, last seen and
-//! the health its heartbeats report (`Registry::relay_statuses()`).
+//! its upgrade state (roll relay packages out with `tether upgrades rollout V --relay NAME`)
+//! and the health its heartbeats report (`Registry::relay_statuses()`).
 
 use actix_web::{web, HttpResponse};
 use maud::html;
@@ -26,7 +27,7 @@ async fn list(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
                 table #relays {
                     thead { tr {
                         th { "Name" } th { "Status" } th { "Version" } th { "Path" }
-                        th { "Agents online through it" } th { "Last seen" } th { "Actors" }
+                        th { "Agents online through it" } th { "Last seen" } th { "Upgrade" } th { "Actors" }
                     } }
                     tbody { @for r in &relays {
                         tr {
@@ -36,6 +37,16 @@ async fn list(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
                             td { @if r.path.is_empty() { span.muted { "direct" } } @else { (r.path.join(" → ")) " → server" } }
                             td { (r.agents) }
                             td { (ago(r.last_seen_unix_ms)) }
+                            td {
+                                @match state.upgrades.relay(&r.id) {
+                                    None => span.muted { "none" },
+                                    Some(u) => {
+                                        (badge(&serde_json::to_value(u.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()))
+                                        " to " (u.version)
+                                        @if !u.reason.is_empty() { " · " (u.reason) }
+                                    }
+                                }
+                            }
                             td {
                                 @if let Some(h) = &r.reported {
                                     @for a in &h.actors {

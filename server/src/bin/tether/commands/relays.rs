@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 
-use super::{items, u64_at};
+use super::{items, str_at, u64_at};
 use crate::client::Client;
 use crate::error::{About, CliError};
 use crate::output::{self, ago, cell, now_unix_ms, Table};
@@ -19,7 +19,15 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     let now = now_unix_ms();
-    let mut table = Table::new(&["NAME", "STATUS", "VERSION", "PATH", "AGENTS", "LAST SEEN"]);
+    let mut table = Table::new(&[
+        "NAME",
+        "STATUS",
+        "VERSION",
+        "PATH",
+        "AGENTS",
+        "LAST SEEN",
+        "UPGRADE",
+    ]);
     for r in relays.as_array().into_iter().flatten() {
         let parents: Vec<&str> = items(r, "path").iter().filter_map(Value::as_str).collect();
         table.row(vec![
@@ -33,6 +41,10 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
             },
             cell(&r["agents"]),
             ago(u64_at(r, "last_seen"), now),
+            match r["upgrade"]["state"].as_str() {
+                Some(state) => format!("{state} {}", str_at(&r["upgrade"], "version")),
+                None => "-".to_owned(),
+            },
         ]);
     }
     table.print()?;

@@ -35,6 +35,23 @@ pub fn sha256_of(file: &mut File) -> io::Result<(String, u64)> {
 }
 
 /// Uploads `path` to `to`; the server's JSON answer, once its `sha256` matches the file's.
+/// Sends `path` to `to`, then prints the server's answer (`--json`) or `summary` of it.
+pub fn upload_and_report(
+    client: &Client,
+    to: &Destination<'_>,
+    path: &Path,
+    json: bool,
+    summary: impl Fn(&Value) -> String,
+) -> Result<std::process::ExitCode, CliError> {
+    let answer = send_file(client, to, path)?;
+    if json {
+        crate::output::json(&answer)?;
+    } else {
+        crate::output::line(&summary(&answer))?;
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 pub fn send_file(client: &Client, to: &Destination<'_>, path: &Path) -> Result<Value, CliError> {
     let failed = |e: io::Error| CliError::Failed(format!("{}: {e}", path.display()));
     let mut file = File::open(path).map_err(failed)?;

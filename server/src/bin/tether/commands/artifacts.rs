@@ -8,7 +8,7 @@ use super::{str_at, u64_at};
 use crate::client::{segment, Client};
 use crate::error::{About, CliError};
 use crate::output::{self, ago, bytes, cell, now_unix_ms, Table};
-use crate::upload::{send_file, Destination};
+use crate::upload::{upload_and_report, Destination};
 
 /// Uploads `file` as artifact `name` `version`.
 pub fn upload(
@@ -20,7 +20,7 @@ pub fn upload(
 ) -> Result<ExitCode, CliError> {
     let path = format!("/api/v1/artifacts/{}/{}", segment(name), segment(version));
     let what = format!("artifact {name} {version}");
-    let answer = send_file(
+    upload_and_report(
         client,
         &Destination {
             method: "PUT",
@@ -29,17 +29,15 @@ pub fn upload(
             what: &what,
         },
         file,
-    )?;
-    if json {
-        output::json(&answer)?;
-    } else {
-        output::line(&format!(
-            "{what} uploaded: {}, sha256 {}",
-            u64_at(&answer, "size").map_or_else(|| "-".to_owned(), bytes),
-            str_at(&answer, "sha256")
-        ))?;
-    }
-    Ok(ExitCode::SUCCESS)
+        json,
+        |answer| {
+            format!(
+                "{what} uploaded: {}, sha256 {}",
+                u64_at(answer, "size").map_or_else(|| "-".to_owned(), bytes),
+                str_at(answer, "sha256")
+            )
+        },
+    )
 }
 
 /// Every artifact version.

@@ -9,12 +9,12 @@ use super::{items, str_at, u64_at};
 use crate::client::Client;
 use crate::error::{About, CliError};
 use crate::output::{self, ago, bytes, cell, now_unix_ms, Table};
-use crate::upload::{send_file, Destination};
+use crate::upload::{upload_and_report, Destination};
 
 /// Uploads a plugin bundle.
 pub fn upload(client: &Client, file: &Path, json: bool) -> Result<ExitCode, CliError> {
     let what = format!("plugin bundle {}", file.display());
-    let answer = send_file(
+    upload_and_report(
         client,
         &Destination {
             method: "POST",
@@ -23,18 +23,16 @@ pub fn upload(client: &Client, file: &Path, json: bool) -> Result<ExitCode, CliE
             what: &what,
         },
         file,
-    )?;
-    if json {
-        output::json(&answer)?;
-    } else {
-        output::line(&format!(
-            "plugin {} {} uploaded, sha256 {}",
-            str_at(&answer, "name"),
-            str_at(&answer, "version"),
-            str_at(&answer, "sha256")
-        ))?;
-    }
-    Ok(ExitCode::SUCCESS)
+        json,
+        |answer| {
+            format!(
+                "plugin {} {} uploaded, sha256 {}",
+                str_at(answer, "name"),
+                str_at(answer, "version"),
+                str_at(answer, "sha256")
+            )
+        },
+    )
 }
 
 /// Every plugin version.

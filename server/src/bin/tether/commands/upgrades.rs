@@ -14,7 +14,7 @@ use super::{items, str_at, u64_at};
 use crate::client::{segment, Client};
 use crate::error::{About, CliError};
 use crate::output::{self, ago, bytes, cell, now_unix_ms, Table};
-use crate::upload::{send_file, Destination};
+use crate::upload::{upload_and_report, Destination};
 
 /// How long `--wait` waits for the targets to finish.
 const WAIT_LIMIT: Duration = Duration::from_secs(30 * 60);
@@ -39,7 +39,7 @@ pub fn upload(
             format!("upgrade package {version}"),
         )
     };
-    let answer = send_file(
+    upload_and_report(
         client,
         &Destination {
             method: "PUT",
@@ -48,17 +48,15 @@ pub fn upload(
             what: &what,
         },
         file,
-    )?;
-    if json {
-        output::json(&answer)?;
-    } else {
-        output::line(&format!(
-            "{what} uploaded and signed: {}, sha256 {}",
-            u64_at(&answer, "size").map_or_else(|| "-".to_owned(), bytes),
-            str_at(&answer, "sha256")
-        ))?;
-    }
-    Ok(ExitCode::SUCCESS)
+        json,
+        |answer| {
+            format!(
+                "{what} uploaded and signed: {}, sha256 {}",
+                u64_at(answer, "size").map_or_else(|| "-".to_owned(), bytes),
+                str_at(answer, "sha256")
+            )
+        },
+    )
 }
 
 /// Every upgrade package.

@@ -65,20 +65,20 @@ async fn enroll(
     }
     let request: EnrollRequest = parse_json(&body)?;
     let name = request.name.clone();
-    // A relay's certificate request is checked before its token is spent.
-    let tls_key = relay_tls_key(&request)?;
+    // A relay's certificate is made before anything is enrolled or any token spent, so a bad
+    // key or hostname changes nothing; it is handed out only if the enrollment succeeds.
+    let tls_certificate = match relay_tls_key(&request)? {
+        Some(key) => Some(
+            state
+                .ca
+                .issue_cert_for_key(&request.hostnames, &key)
+                .map_err(|e| ApiError::BadRequest(format!("relay certificate: {e}")))?,
+        ),
+        None => None,
+    };
     let hostnames = request.hostnames.clone();
     match state.registry.enroll(request).await {
         Ok(record) => {
-            let tls_certificate = match tls_key {
-                Some(key) => Some(
-                    state
-                        .ca
-                        .issue_cert_for_key(&hostnames, &key)
-                        .map_err(|e| ApiError::BadRequest(format!("relay certificate: {e}")))?,
-                ),
-                None => None,
-            };
             if tls_certificate.is_some() {
                 tracing::info!(relay_id = %record.id, hostnames = ?hostnames, "relay-certificate-issued");
             }

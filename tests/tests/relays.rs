@@ -232,3 +232,187 @@ fn a_slow_agent_is_shed_without_holding_up_the_others() {
     );
     drop(ws);
 }
+
+#[test]
+fn relay_install_and_run_refuse_bad_input_and_write_nothing() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let etc = dir.path().join("etc-relay");
+    std::fs::create_dir_all(&etc).unwrap_or_else(|e| panic!("{e}"));
+    let data = dir.path().join("relay-data");
+    let ca = server.ca_path();
+    let ca = ca.to_str().unwrap_or_default();
+    let relay_token = tether_tests::relays::relay_token(&server);
+    let agent_token = server.token(1);
+    let upstream = server.upstream();
+    let install = |args: &[&str]| {
+        let mut all = vec!["install", "--data", data.to_str().unwrap_or_default()];
+        all.extend_from_slice(args);
+        tether_tests::run("tether-relay", &etc, all)
+    };
+    // (arguments, exit code, what the error must say)
+    let cases: [(Vec<&str>, i32, &str); 5] = [
+        (
+            vec![
+                "--upstream",
+                "https://x:1",
+                "--ca",
+                ca,
+                "--token",
+                &relay_token,
+                "--name",
+                "r1",
+            ],
+            2,
+            "wss://",
+        ),
+        (
+            vec![
+                "--upstream",
+                &upstream,
+                "--ca",
+                ca,
+                "--token",
+                &relay_token,
+                "--name",
+                "r1",
+                "--hostname",
+                "not a host",
+            ],
+            2,
+            "--hostname",
+        ),
+        (
+            vec![
+                "--upstream",
+                &upstream,
+                "--ca",
+                "/nonexistent.pem",
+                "--token",
+                &relay_token,
+                "--name",
+                "r1",
+            ],
+            2,
+            "--ca",
+        ),
+        (
+            vec![
+                "--upstream",
+                &upstream,
+                "--ca",
+                ca,
+                "--token",
+                &relay_token,
+                "--name",
+                "bad name",
+            ],
+            2,
+            "--name",
+        ),
+        // An agent's token does not enroll a relay.
+        (
+            vec![
+                "--upstream",
+                &upstream,
+                "--ca",
+                ca,
+                "--token",
+                &agent_token,
+                "--name",
+                "r1",
+                "--hostname",
+                "localhost",
+            ],
+            1,
+            "invalid or expired enrollment token",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let out = install(&args);
+        let err = tether_tests::stderr(&out);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            !data.join("relay.json").exists(),
+            "{args:?} wrote relay.json"
+        );
+    }
+    let r = server.request("GET", "/api/v1/relays", None);
+    assert_eq!(r.json(), json!([]), "nothing enrolled");
+    // The relay token was not spent by the refusals: it still enrolls.
+    let out = install(&[
+        "--upstream",
+        &upstream,
+        "--ca",
+        ca,
+        "--token",
+        &relay_token,
+        "--name",
+        "r1",
+        "--hostname",
+        "localhost",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
+    // `run` without an install says so.
+    let out = tether_tests::run(
+        "tether-relay",
+        &etc,
+        ["run", "--data", "/nonexistent-relay"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        tether_tests::stderr(&out).contains("tether-relay install"),
+        "{}",
+        tether_tests::stderr(&out)
+    );
+}
+
+#[test]
+fn enrollment_refuses_certificate_fields_for_the_wrong_role() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let enroll = |body: Value| {
+        tether_tests::https_request_with_body(
+            server.wss,
+            server.tls(),
+            "localhost",
+            "POST",
+            "/agent/v1/enroll",
+            &[("Content-Type", "application/json")],
+            Some(body.to_string().as_bytes()),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let key = tether_shared::identity::Identity::generate().public_key_b64();
+    let agent_token = server.token(1);
+    let r = enroll(
+        json!({"token": agent_token, "name": "a1", "public_key": key,
+        "tls_public_key": "AAAA", "hostnames": ["x"]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("agents do not get TLS certificates"),
+        "{}",
+        r.body
+    );
+    let relay_token = tether_tests::relays::relay_token(&server);
+    let r = enroll(json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay"}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("tls_public_key"), "{}", r.body);
+    let r = enroll(
+        json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay",
+        "tls_public_key": "AAAA", "hostnames": ["localhost"]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("P-256"), "{}", r.body);
+    // Nothing was enrolled and both tokens still work.
+    assert_eq!(
+        server.request("GET", "/api/v1/agents", None).json(),
+        json!([])
+    );
+    assert_eq!(
+        server.request("GET", "/api/v1/relays", None).json(),
+        json!([])
+    );
+}

@@ -87,11 +87,13 @@ impl AdminApi {
 
     /// A fresh enrollment token.
     pub fn token(&self, uses: u32) -> String {
-        let r = self.request(
-            "POST",
-            "/api/v1/enrollment-tokens",
-            Some(&json!({"uses": uses, "ttl_s": 3600})),
-        );
+        self.token_for(uses, "agent")
+    }
+
+    /// A fresh token enrolling `uses` peers of `role` ("agent" or "relay").
+    pub fn token_for(&self, uses: u32, role: &str) -> String {
+        let body = json!({"uses": uses, "ttl_s": 3600, "role": role});
+        let r = self.request("POST", "/api/v1/enrollment-tokens", Some(&body));
         assert_eq!(r.status, 201, "token: {}", r.body);
         r.json()["token"]
             .as_str()
@@ -232,13 +234,7 @@ impl AdminApi {
 
     /// A fresh one-use enrollment token for `role` ("agent" or "relay").
     pub fn enrollment_token(&self, role: &str) -> String {
-        let body = json!({"uses": 1, "ttl_s": 600, "role": role});
-        let r = self.request("POST", "/api/v1/enrollment-tokens", Some(&body));
-        assert_eq!(r.status, 201, "token: {}", r.body);
-        r.json()["token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("token: {}", r.body))
-            .to_owned()
+        self.token_for(1, role)
     }
 
     /// `GET /api/v1/agents`.

@@ -130,30 +130,9 @@ impl Server {
             cmd.env(k, v);
         }
         let mut child = ChildGuard::spawn("tether-server", &mut cmd);
-        let ports_path = self.dir.join("ports.json");
-        let ports: Value = eventually(
-            "server ports.json with both listeners",
-            START_TIMEOUT,
-            || {
-                if let Some(status) = child.try_exit() {
-                    panic!(
-                        "tether-server exited early ({status}); see {}",
-                        log.display()
-                    );
-                }
-                let text = std::fs::read_to_string(&ports_path).ok()?;
-                let v: Value = serde_json::from_str(&text).ok()?;
-                (v.get("https").is_some() && v.get("wss").is_some()).then_some(v)
-            },
-        );
-        let addr = |k: &str| -> SocketAddr {
-            ports[k]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("ports.json {k}: {ports}"))
-        };
-        self.api.https = addr("https");
-        self.wss = addr("wss");
+        let ports = child.wait_for_ports(&self.dir);
+        self.api.https = ports.addr("https");
+        self.wss = ports.addr("wss");
         self.child = Some(child);
     }
 

@@ -156,6 +156,17 @@ impl ChildGuard {
     /// Waits at most `timeout` for `path` to exist and returns its contents; panics if the
     /// process exits first or the time runs out. Only for files written atomically (complete
     /// once visible), such as `ports.json`.
+    /// Waits for `dir/ports.json`, the addresses a Tether process bound (written atomically once
+    /// it listens); panics if the process exits first.
+    pub fn wait_for_ports(&mut self, dir: &Path) -> Ports {
+        let path = dir.join("ports.json");
+        let text = self.wait_for_file(&path, fleet::START_TIMEOUT);
+        Ports(
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}: {text}", path.display())),
+        )
+    }
+
     pub fn wait_for_file(&mut self, path: &Path, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
         loop {
@@ -300,5 +311,19 @@ pub fn raw_exchange(addr: SocketAddr, bytes: &[u8], timeout: Duration) -> io::Re
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(out),
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// A process's `ports.json`: listener name to bound address.
+#[derive(Debug, Clone)]
+pub struct Ports(pub serde_json::Value);
+
+impl Ports {
+    /// The address of listener `name`; panics if it is not there.
+    pub fn addr(&self, name: &str) -> SocketAddr {
+        self.0[name]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("ports.json has no address for {name}: {}", self.0))
     }
 }

@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::admin_api::AdminApi;
-use crate::fleet::{alive, eventually, START_TIMEOUT};
+use crate::fleet::alive;
 use crate::{bin, ChildGuard};
 
 /// The server's admin REST API port inside a topology.
@@ -855,22 +855,7 @@ impl NsServer {
             cmd.env(k, v);
         }
         let mut child = ChildGuard::spawn("tether-server (netns)", &mut cmd);
-        let ports_path = dir.join("ports.json");
-        let ports = eventually(
-            "server ports.json with both listeners",
-            START_TIMEOUT,
-            || {
-                if let Some(status) = child.try_exit() {
-                    panic!(
-                        "tether-server exited early ({status}); see {}",
-                        log.display()
-                    );
-                }
-                let text = std::fs::read_to_string(&ports_path).ok()?;
-                let v: Value = serde_json::from_str(&text).ok()?;
-                (v.get("https").is_some() && v.get("wss").is_some()).then_some(v)
-            },
-        );
+        let ports = child.wait_for_ports(&dir).0;
         NsServer {
             dir,
             child: Some(child),
@@ -979,16 +964,7 @@ impl NsRelay {
             cmd.env(k, v);
         }
         let mut child = ChildGuard::spawn("tether-relay run (netns)", &mut cmd);
-        let ports = eventually("relay ports.json", START_TIMEOUT, || {
-            if let Some(status) = child.try_exit() {
-                panic!(
-                    "tether-relay exited early ({status}); see {}",
-                    log.display()
-                );
-            }
-            let text = std::fs::read_to_string(&ports_path).ok()?;
-            serde_json::from_str::<Value>(&text).ok()
-        });
+        let ports = child.wait_for_ports(&self.dir).0;
         self.child = Some(child);
         ports
     }

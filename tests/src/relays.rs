@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::fleet::{base_command, eventually, Server, START_TIMEOUT};
 use crate::ChildGuard;
@@ -68,7 +68,7 @@ impl Relay {
         let dir = root.join(name);
         let config_dir = root.join(format!("{name}-etc"));
         std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
-        let token = relay_token(server);
+        let token = server.enrollment_token("relay");
         let mut cmd = base_command(
             "tether-relay",
             &config_dir,
@@ -181,29 +181,12 @@ impl Relay {
 
     /// Start the process (again), on the same ports once they are known.
     pub fn run(&mut self) {
-        let ports_path = self.dir.join("ports.json");
-        let _ = std::fs::remove_file(&ports_path);
-        let log = self.dir.join(format!("../{}.log", self.name));
+        let _ = std::fs::remove_file(self.dir.join("ports.json"));
         let mut cmd = self.run_command();
         let mut child = ChildGuard::spawn("tether-relay", &mut cmd);
-        let ports: Value = eventually("relay ports.json", START_TIMEOUT, || {
-            if let Some(status) = child.try_exit() {
-                panic!(
-                    "tether-relay exited early ({status}); see {}",
-                    log.display()
-                );
-            }
-            let text = std::fs::read_to_string(&ports_path).ok()?;
-            serde_json::from_str(&text).ok()
-        });
-        let addr = |k: &str| -> SocketAddr {
-            ports[k]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| panic!("ports.json {k}: {ports}"))
-        };
-        self.downstream = addr("downstream");
-        self.admin = addr("admin");
+        let ports = child.wait_for_ports(&self.dir);
+        self.downstream = ports.addr("downstream");
+        self.admin = ports.addr("admin");
         self.child = Some(child);
     }
 
@@ -232,20 +215,6 @@ impl Relay {
         let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
         serde_json::from_str(body).unwrap_or_else(|e| panic!("relay health {text}: {e}"))
     }
-}
-
-/// A one-use enrollment token for a relay.
-pub fn relay_token(server: &Server) -> String {
-    let r = server.request(
-        "POST",
-        "/api/v1/enrollment-tokens",
-        Some(&json!({"uses": 1, "ttl_s": 3600, "role": "relay"})),
-    );
-    assert_eq!(r.status, 201, "relay token: {}", r.body);
-    r.json()["token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("token: {}", r.body))
-        .to_owned()
 }
 
 /// The relay list entry named `name`.

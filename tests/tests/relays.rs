@@ -242,7 +242,7 @@ fn relay_install_and_run_refuse_bad_input_and_write_nothing() {
     let data = dir.path().join("relay-data");
     let ca = server.ca_path();
     let ca = ca.to_str().unwrap_or_default();
-    let relay_token = tether_tests::relays::relay_token(&server);
+    let relay_token = server.enrollment_token("relay");
     let agent_token = server.token(1);
     let upstream = server.upstream();
     let install = |args: &[&str]| {
@@ -396,7 +396,7 @@ fn enrollment_refuses_certificate_fields_for_the_wrong_role() {
         "{}",
         r.body
     );
-    let relay_token = tether_tests::relays::relay_token(&server);
+    let relay_token = server.enrollment_token("relay");
     let r = enroll(json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay"}));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("tls_public_key"), "{}", r.body);

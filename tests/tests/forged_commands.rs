@@ -11,109 +11,14 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::prelude::*;
-use actix_web::{web, App, HttpRequest, HttpServer};
-use actix_web_actors::ws;
 use tether_shared::identity::Identity;
 use tether_shared::protocol::{
-    command_signing_bytes, Challenge, Command, CommandBody, EventBody, Frame, OnInterrupt, Sender,
-    Seq, StepSpec, Welcome,
+    command_signing_bytes, Command, CommandBody, EventBody, Frame, OnInterrupt, Seq, StepSpec,
 };
+use tether_tests::fake_upstream::{FakeUpstream, Seen};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// What the fake saw from the agent.
-#[derive(Default)]
-struct Seen {
-    hellos: usize,
-    events: Vec<EventBody>,
-}
-
-/// A scripted upstream session: challenge, welcome, then one command.
-struct FakeSession {
-    command: Vec<u8>,
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl Actor for FakeSession {
-    type Context = ws::WebsocketContext<Self>;
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.binary(
-            Frame::Challenge(Challenge {
-                nonce: "bm9uY2U=".into(),
-            })
-            .encode()
-            .unwrap(),
-        );
-    }
-}
-
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for FakeSession {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        let bytes = match msg {
-            Ok(ws::Message::Binary(b)) => b.to_vec(),
-            Ok(ws::Message::Text(t)) => t.as_bytes().to_vec(),
-            _ => return,
-        };
-        let Ok(frame) = tether_shared::protocol::decode(&bytes, Sender::Agent) else {
-            return;
-        };
-        let mut seen = self.seen.lock().unwrap();
-        match frame {
-            Frame::Hello(_) => {
-                seen.hellos += 1;
-                let welcome = Welcome {
-                    last_event_seq: Seq::ZERO,
-                    server_incarnation: "fake-upstream".into(),
-                    heartbeat_interval_ms: 5000,
-                };
-                ctx.binary(Frame::Welcome(welcome).encode().unwrap());
-                ctx.binary(self.command.clone());
-            }
-            Frame::Event(e) => seen.events.push(e.body),
-            _ => {}
-        }
-    }
-}
-
-/// Serve the fake on `addr` with a certificate from the server's CA; returns what it sees.
-fn fake_upstream(
-    server: &Server,
-    addr: std::net::SocketAddr,
-    command: Vec<u8>,
-) -> Arc<Mutex<Seen>> {
-    let read = |f: &str| std::fs::read_to_string(server.dir.join(f)).unwrap();
-    let ca = tether_shared::tls::Ca::from_pem(&read("ca.pem"), &read("ca.key")).unwrap();
-    let (cert, key) = ca.issue_server_cert(&["localhost".to_string()]).unwrap();
-    let tls = tether_shared::tls::server_config(&cert, &key).unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let for_server = seen.clone();
-    std::thread::spawn(move || {
-        let system = actix_rt::System::new();
-        system.block_on(async move {
-            let srv = HttpServer::new(move || {
-                let (command, seen) = (command.clone(), for_server.clone());
-                App::new().route(
-                    "/agent/v1/ws",
-                    web::get().to(move |req: HttpRequest, stream: web::Payload| {
-                        let session = FakeSession {
-                            command: command.clone(),
-                            seen: seen.clone(),
-                        };
-                        async move { ws::start(session, &req, stream) }
-                    }),
-                )
-            })
-            .workers(1)
-            .bind_rustls_0_23(addr, tls)
-            .unwrap()
-            .run();
-            let _ = srv.await;
-        });
-    });
-    seen
-}
 
 fn run_job(
     agent_id: &str,
@@ -165,7 +70,7 @@ fn agent_behind_a_fake(
     let frame = command(&server, &agent);
     let addr = server.wss;
     server.kill();
-    let seen = fake_upstream(&server, addr, frame);
+    let seen = FakeUpstream::start(&server, addr, frame);
     agent.run();
     (agent, seen)
 }

@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use actix_web::{web, App, HttpRequest, HttpServer};
 use actix_web_actors::ws;
 use serde_json::{json, Value};
 use tether_shared::identity::Identity;
@@ -47,6 +46,7 @@ use tether_shared::protocol::{
     self, command_signing_bytes, Ack, Challenge, Command, CommandBody, ErrorCode, ErrorFrame,
     Event, EventBody, Frame, Heartbeat, OnInterrupt, Sender, Seq, StepSpec, StreamId, Welcome,
 };
+use tether_tests::fake_upstream;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::relays::{relay_entry, Relay};
 use tether_tests::wire::{
@@ -1130,28 +1130,10 @@ fn hostile_downstream(
     cert: String,
     key: String,
 ) -> Arc<Mutex<AgentSide>> {
-    let tls = tether_shared::tls::server_config(&cert, &key).unwrap();
     let seen = Arc::new(Mutex::new(AgentSide::default()));
-    let for_server = seen.clone();
-    std::thread::spawn(move || {
-        let system = actix_rt::System::new();
-        system.block_on(async move {
-            let srv = HttpServer::new(move || {
-                let seen = for_server.clone();
-                App::new().route(
-                    "/agent/v1/ws",
-                    web::get().to(move |req: HttpRequest, stream: web::Payload| {
-                        let session = HostileSession { seen: seen.clone() };
-                        async move { ws::start(session, &req, stream) }
-                    }),
-                )
-            })
-            .workers(1)
-            .bind_rustls_0_23(addr, tls)
-            .unwrap()
-            .run();
-            let _ = srv.await;
-        });
+    let shared = seen.clone();
+    fake_upstream::serve_with(addr, &cert, &key, move || HostileSession {
+        seen: shared.clone(),
     });
     seen
 }

@@ -8,19 +8,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix::prelude::*;
-use actix_web::{web, App, HttpRequest, HttpServer};
-use actix_web_actors::ws;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tether_shared::identity::Identity;
-use tether_shared::protocol::{
-    command_signing_bytes, Challenge, Command, CommandBody, EventBody, Frame, Sender, Seq, Welcome,
-};
+use tether_shared::protocol::{command_signing_bytes, Command, CommandBody, EventBody, Frame, Seq};
 use tether_shared::upgrade::package_signing_bytes;
+use tether_tests::fake_upstream::FakeUpstream;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::relays::Relay;
 
@@ -397,91 +392,6 @@ fn the_upgrade_api_refuses_what_it_must_and_stores_nothing_for_it() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
-/// What the fake upstream saw from the agent.
-#[derive(Default)]
-struct Seen {
-    events: Vec<EventBody>,
-}
-
-/// A scripted upstream session: challenge, welcome, then one command.
-struct FakeSession {
-    command: Vec<u8>,
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl Actor for FakeSession {
-    type Context = ws::WebsocketContext<Self>;
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let challenge = Challenge {
-            nonce: "bm9uY2U=".into(),
-        };
-        ctx.binary(Frame::Challenge(challenge).encode().unwrap());
-    }
-}
-
-impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for FakeSession {
-    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        let bytes = match msg {
-            Ok(ws::Message::Binary(b)) => b.to_vec(),
-            Ok(ws::Message::Text(t)) => t.as_bytes().to_vec(),
-            _ => return,
-        };
-        let Ok(frame) = tether_shared::protocol::decode(&bytes, Sender::Agent) else {
-            return;
-        };
-        match frame {
-            Frame::Hello(_) => {
-                let welcome = Welcome {
-                    last_event_seq: Seq::ZERO,
-                    server_incarnation: "fake-upstream".into(),
-                    heartbeat_interval_ms: 5000,
-                };
-                ctx.binary(Frame::Welcome(welcome).encode().unwrap());
-                ctx.binary(self.command.clone());
-            }
-            Frame::Event(e) => self.seen.lock().unwrap().events.push(e.body),
-            _ => {}
-        }
-    }
-}
-
-/// Serves the fake on `addr` with a certificate from the server's CA.
-fn fake_upstream(
-    server: &Server,
-    addr: std::net::SocketAddr,
-    command: Vec<u8>,
-) -> Arc<Mutex<Seen>> {
-    let read = |f: &str| std::fs::read_to_string(server.dir.join(f)).unwrap();
-    let ca = tether_shared::tls::Ca::from_pem(&read("ca.pem"), &read("ca.key")).unwrap();
-    let (cert, key) = ca.issue_server_cert(&["localhost".to_string()]).unwrap();
-    let tls = tether_shared::tls::server_config(&cert, &key).unwrap();
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let for_server = seen.clone();
-    std::thread::spawn(move || {
-        actix_rt::System::new().block_on(async move {
-            let srv = HttpServer::new(move || {
-                let (command, seen) = (command.clone(), for_server.clone());
-                App::new().route(
-                    "/agent/v1/ws",
-                    web::get().to(move |req: HttpRequest, stream: web::Payload| {
-                        let session = FakeSession {
-                            command: command.clone(),
-                            seen: seen.clone(),
-                        };
-                        async move { ws::start(session, &req, stream) }
-                    }),
-                )
-            })
-            .workers(1)
-            .bind_rustls_0_23(addr, tls)
-            .unwrap()
-            .run();
-            let _ = srv.await;
-        });
-    });
-    seen
-}
-
 #[test]
 fn a_package_not_signed_by_the_server_is_refused_with_nothing_changed() {
     let tmp = TestDir::new();
@@ -509,7 +419,7 @@ fn a_package_not_signed_by_the_server_is_refused_with_nothing_changed() {
         signer.sign(&command_signing_bytes(&agent.id, "c-upgrade", deadline, &body).unwrap());
     let addr = server.wss;
     server.kill();
-    let seen = fake_upstream(&server, addr, Frame::Command(c).encode().unwrap());
+    let seen = FakeUpstream::start(&server, addr, Frame::Command(c).encode().unwrap());
     agent.run();
     let reason = eventually("the upgrade refused", WAIT, || {
         seen.lock().unwrap().events.iter().find_map(|e| match e {

@@ -90,6 +90,8 @@ pub struct RelaySession {
     counted: bool,
     closing: bool,
     channels: HashMap<u32, Channel>,
+    /// Channels of this link still handshaking (counted against the server's handshakes).
+    handshaking: usize,
     stats: RelayLinkStats,
 }
 
@@ -111,6 +113,7 @@ impl RelaySession {
             counted: false,
             closing: false,
             channels: HashMap::new(),
+            handshaking: 0,
             stats: RelayLinkStats::default(),
         }
     }
@@ -289,7 +292,7 @@ impl RelaySession {
         }
         // One link may hold at most half of the server's handshakes, so that a relay (broken or
         // hostile) cannot starve everybody else's.
-        let mine = self.channels.values().filter(|c| c.counted).count();
+        let mine = self.handshaking;
         let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
         if in_flight > self.shared.max_handshakes || mine >= (self.shared.max_handshakes / 2).max(1)
         {
@@ -299,6 +302,7 @@ impl RelaySession {
             return self.close_channel_wire(ctx, ch, 1013, "busy, retry later");
         }
         self.stats.channels_opened += 1;
+        self.handshaking += 1;
         let conn = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
         let channel = Channel {
             conn,
@@ -458,7 +462,7 @@ impl RelaySession {
         if channel.path.contains(&relay_id) {
             return self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, "relay loop");
         }
-        uncount(&self.shared, channel);
+        uncount(&self.shared, &mut self.handshaking, channel);
         channel.phase = ChannelPhase::Relay {
             relay_id: relay_id.clone(),
         };
@@ -504,7 +508,7 @@ impl RelaySession {
             };
             match res {
                 Ok((link, welcome)) => {
-                    uncount(&act.shared, channel);
+                    uncount(&act.shared, &mut act.handshaking, channel);
                     let path = channel.path.clone();
                     channel.phase = ChannelPhase::Agent {
                         agent_id: agent_id.clone(),
@@ -572,7 +576,7 @@ impl RelaySession {
 
     /// A channel is gone: its agent or child relay is offline unless it reconnected already.
     fn end_channel(&mut self, mut channel: Channel) {
-        uncount(&self.shared, &mut channel);
+        uncount(&self.shared, &mut self.handshaking, &mut channel);
         match channel.phase {
             ChannelPhase::Agent { agent_id, link } => {
                 link.do_send(Detach { conn: channel.conn });
@@ -657,9 +661,11 @@ impl RelaySession {
     }
 }
 
-fn uncount(shared: &SessionShared, channel: &mut Channel) {
+/// `channel` no longer counts as a handshake in flight (it is ready or gone).
+fn uncount(shared: &SessionShared, on_link: &mut usize, channel: &mut Channel) {
     if channel.counted {
         channel.counted = false;
+        *on_link = on_link.saturating_sub(1);
         shared.handshakes.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -804,7 +810,7 @@ impl Handler<ChannelClose> for RelaySession {
         }
         if msg.replaced {
             if let Some(mut channel) = self.channels.remove(&msg.ch) {
-                uncount(&self.shared, &mut channel);
+                uncount(&self.shared, &mut self.handshaking, &mut channel);
             }
             return self.close_channel_wire(ctx, msg.ch, msg.code, &msg.reason);
         }

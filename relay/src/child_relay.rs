@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, Mux, LINK_CHANNEL};
 use tether_shared::protocol::{self, ErrorCode, Frame, Sender};
 
@@ -153,7 +154,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChildRelay {
             Ok(ws::Message::Continuation(_)) => {
                 self.refuse(ctx, 1003, "fragmented messages are not accepted")
             }
-            Err(e) => self.refuse(ctx, 1002, &format!("websocket protocol error: {e}")),
+            Err(e) => self.refuse(
+                ctx,
+                close_code_for(&e),
+                &format!("websocket protocol error: {e}"),
+            ),
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::frame_guard::close_code_for;
 use tether_shared::protocol::{Busy, ErrorCode, Frame};
 
 use crate::upstream::{error_frame, DownGone, Forward, OpenAgent, Upstream};
@@ -106,16 +107,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentDown {
             Ok(ws::Message::Continuation(_)) => {
                 self.refuse(ctx, 1003, "fragmented messages are not accepted")
             }
-            Err(e) => {
-                let code = if matches!(e, ws::ProtocolError::Overflow)
-                    || e.to_string().contains("size limit")
-                {
-                    1009
-                } else {
-                    1002
-                };
-                self.refuse(ctx, code, &format!("websocket protocol error: {e}"))
-            }
+            Err(e) => self.refuse(
+                ctx,
+                close_code_for(&e),
+                &format!("websocket protocol error: {e}"),
+            ),
         }
     }
 }

@@ -14,6 +14,20 @@ use actix_web::error::PayloadError;
 use actix_web::web::Bytes;
 use futures_util::Stream;
 
+/// The WebSocket close code for an incoming frame that could not be read, from the error's
+/// text: 1009 for a frame over the size limit (this guard's refusal, or the codec's overflow),
+/// 1007 for a text frame that is not UTF-8, 1002 for anything else.
+pub fn close_code_for(error: &dyn std::fmt::Display) -> u16 {
+    let text = error.to_string();
+    if text.contains("size limit") {
+        1009
+    } else if text.to_ascii_lowercase().contains("utf-8") {
+        1007
+    } else {
+        1002
+    }
+}
+
 /// Where the tracker is in the byte stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -155,6 +169,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_codes_follow_the_read_error() {
+        let overflow = "Payload length is invalid or exceeds the size limit";
+        assert_eq!(close_code_for(&overflow), 1009);
+        assert_eq!(
+            close_code_for(&"frame header declares 2^62 bytes: reached size limit"),
+            1009
+        );
+        assert_eq!(close_code_for(&"invalid UTF-8 in a text frame"), 1007);
+        assert_eq!(
+            close_code_for(&"Received an unmasked frame from client"),
+            1002
+        );
+    }
 
     fn frame(len: usize, masked: bool) -> Vec<u8> {
         let mut f = vec![0x82];

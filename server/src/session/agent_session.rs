@@ -16,6 +16,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::enroll::Role;
+use tether_shared::frame_guard::close_code_for;
 use tether_shared::protocol::{
     self, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender,
 };
@@ -291,25 +292,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
                 "fragmented messages are not accepted",
             ),
             Ok(ws::Message::Nop) => {}
-            Err(ws::ProtocolError::Overflow) => self.refuse(
-                ctx,
-                1009,
-                ErrorCode::Malformed,
-                "frame exceeds the size limit",
-            ),
             Err(e) => {
-                let text = e.to_string();
-                // The frame guard ends the payload with "reached size limit" (a header over the
-                // limit); a text frame that is not UTF-8 fails its conversion.
-                let code = if text.contains("size limit") {
-                    1009
-                } else if text.contains("utf-8") {
-                    1007
-                } else {
-                    1002
-                };
                 let reason = format!("websocket protocol error: {e}");
-                self.refuse(ctx, code, ErrorCode::Malformed, &reason)
+                self.refuse(ctx, close_code_for(&e), ErrorCode::Malformed, &reason)
             }
         }
     }

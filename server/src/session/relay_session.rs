@@ -20,6 +20,7 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::enroll::Role;
+use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
     self, command_signing_bytes, Busy, Challenge, Command, CommandBody, ErrorCode, ErrorFrame,
@@ -734,15 +735,8 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RelaySession {
             ),
             Ok(ws::Message::Nop) => {}
             Err(e) => {
-                let code = if e.to_string().contains("size limit")
-                    || matches!(e, ws::ProtocolError::Overflow)
-                {
-                    1009
-                } else {
-                    1002
-                };
                 let reason = format!("websocket protocol error: {e}");
-                self.refuse(ctx, code, ErrorCode::Malformed, &reason)
+                self.refuse(ctx, close_code_for(&e), ErrorCode::Malformed, &reason)
             }
         }
     }

@@ -14,15 +14,13 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Args;
 use tether_shared::enroll::client::{
-    create_private_dir, load_or_create_key, post_enrollment, EnrollError,
+    create_private_dir, load_or_create_key, post_enrollment, EnrollError, Plan,
 };
 use tether_shared::enroll::{name_problem, tags_problem, EnrollRequest, Role, Upstream};
 use tether_shared::identity::{write_file_atomic, IdentityError};
-use tether_shared::tls;
 
 use crate::state::{AgentState, StateError, CA_FILE, KEY_FILE};
 
@@ -112,13 +110,6 @@ pub struct Installed {
     pub data_dir: PathBuf,
 }
 
-/// Everything checked before anything is written.
-struct Plan {
-    upstreams: Vec<Upstream>,
-    ca_pem: String,
-    tls: Arc<rustls::ClientConfig>,
-}
-
 /// Runs the install into `data_dir`.
 pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, InstallError> {
     let plan = check(args)?;
@@ -188,31 +179,10 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, Install
 
 /// Validates the arguments and reads the CA: usage errors, with nothing written yet.
 fn check(args: &InstallArgs) -> Result<Plan, InstallError> {
-    if args.upstreams.is_empty() {
-        return Err(InstallError::Usage(
-            "at least one --upstream wss://host:port is required".into(),
-        ));
-    }
-    let upstreams = args
-        .upstreams
-        .iter()
-        .map(|u| Upstream::parse(u).map_err(InstallError::Usage))
-        .collect::<Result<Vec<_>, _>>()?;
     if let Some(problem) = name_problem("--name", &args.name).or_else(|| tags_problem(&args.tags)) {
         return Err(InstallError::Usage(problem));
     }
-    if args.token.trim().is_empty() {
-        return Err(InstallError::Usage("--token must not be empty".into()));
-    }
-    let ca_pem = fs::read_to_string(&args.ca)
-        .map_err(|e| InstallError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
-    let tls = tls::client_config(&ca_pem)
-        .map_err(|e| InstallError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
-    Ok(Plan {
-        upstreams,
-        ca_pem,
-        tls: Arc::new(tls),
-    })
+    Plan::check(&args.upstreams, &args.ca, &args.token).map_err(InstallError::Usage)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use clap::Args;
 use tether_shared::enroll::client::{
-    create_private_dir, load_or_create_key, post_enrollment, EnrollError,
+    create_private_dir, load_or_create_key, post_enrollment, EnrollError, Plan,
 };
 use tether_shared::enroll::{name_problem, EnrollRequest, Role, Upstream};
 use tether_shared::identity::{write_file_atomic, IdentityError};
@@ -86,11 +86,6 @@ impl InstallError {
 
 /// Runs the install into `data_dir`; returns the relay id.
 pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallError> {
-    let upstreams = args
-        .upstreams
-        .iter()
-        .map(|u| Upstream::parse(u).map_err(InstallError::Usage))
-        .collect::<Result<Vec<_>, _>>()?;
     if let Some(problem) = name_problem("--name", &args.name) {
         return Err(InstallError::Usage(problem));
     }
@@ -104,13 +99,7 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
             "--hostname {bad:?}: must be a DNS name or an IP address"
         )));
     }
-    if args.token.trim().is_empty() {
-        return Err(InstallError::Usage("--token must not be empty".into()));
-    }
-    let ca_pem = std::fs::read_to_string(&args.ca)
-        .map_err(|e| InstallError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
-    let client = tls::client_config(&ca_pem)
-        .map_err(|e| InstallError::Usage(format!("--ca {}: {e}", args.ca.display())))?;
+    let plan = Plan::check(&args.upstreams, &args.ca, &args.token).map_err(InstallError::Usage)?;
 
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -144,24 +133,20 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
         ),
         hostnames: hostnames.clone(),
     };
-    let (upstream, answer) = post_enrollment(&upstreams, Arc::new(client), &request)?;
+    let (upstream, answer) = post_enrollment(&plan.upstreams, plan.tls.clone(), &request)?;
     let cert = answer.tls_certificate.ok_or(InstallError::NoCertificate)?;
     // The certificate must be for our key and chain to the CA before anything relies on it.
     let server = tls::server_config(&cert, &tls_key.key_pem())?;
-    tls::handshake_in_memory(
-        Arc::new(tls::client_config(&ca_pem)?),
-        Arc::new(server),
-        &hostnames[0],
-    )?;
+    tls::handshake_in_memory(plan.tls.clone(), Arc::new(server), &hostnames[0])?;
     let cert_path = data_dir.join(TLS_CERT_FILE);
     write_file_atomic(&cert_path, cert.as_bytes(), 0o644).map_err(io(&cert_path))?;
     let ca_path = data_dir.join(CA_FILE);
-    write_file_atomic(&ca_path, ca_pem.as_bytes(), 0o644).map_err(io(&ca_path))?;
+    write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(io(&ca_path))?;
     let state = RelayState {
         relay_id: answer.agent_id,
         name: args.name.clone(),
         hostnames,
-        upstreams: upstreams.iter().map(Upstream::base_url).collect(),
+        upstreams: plan.upstreams.iter().map(Upstream::base_url).collect(),
         server_signing_key: answer.server_signing_key,
     };
     state.save(data_dir)?;

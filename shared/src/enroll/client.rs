@@ -36,6 +36,39 @@ pub enum EnrollError {
     },
 }
 
+/// What an install checks before writing anything: the upstreams it may enroll through, the CA
+/// it trusts, and the token it presents.
+pub struct Plan {
+    pub upstreams: Vec<Upstream>,
+    pub ca_pem: String,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl Plan {
+    /// Parses `--upstream`s (at least one) and reads `--ca`; refuses an empty `--token`. The
+    /// error is a usage message naming the flag.
+    pub fn check(upstreams: &[String], ca: &Path, token: &str) -> Result<Plan, String> {
+        if upstreams.is_empty() {
+            return Err("at least one --upstream wss://host:port is required".into());
+        }
+        let upstreams = upstreams
+            .iter()
+            .map(|u| Upstream::parse(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if token.trim().is_empty() {
+            return Err("--token must not be empty".into());
+        }
+        let ca_pem = fs::read_to_string(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+        let tls = crate::tls::client_config(&ca_pem)
+            .map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+        Ok(Plan {
+            upstreams,
+            ca_pem,
+            tls: Arc::new(tls),
+        })
+    }
+}
+
 /// Sends `request` to each upstream in order; returns the base URL that answered and its answer.
 pub fn post_enrollment(
     upstreams: &[Upstream],

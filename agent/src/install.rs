@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use tether_shared::enroll::client::{
-    create_private_dir, load_or_create_key, post_enrollment, EnrollError, Plan,
+    create_private_dir, load_or_create_key, post_enrollment, read_token, EnrollError, Plan,
 };
 use tether_shared::enroll::{name_problem, tags_problem, EnrollRequest, Role, Upstream};
 use tether_shared::identity::{write_file_atomic, IdentityError};
@@ -34,9 +34,13 @@ pub struct InstallArgs {
     /// PEM file of the CA that signed the upstreams' certificates; the only one trusted.
     #[arg(long, value_name = "FILE")]
     pub ca: PathBuf,
-    /// Enrollment token from `POST /api/v1/enrollment-tokens`.
+    /// Enrollment token from `POST /api/v1/enrollment-tokens` (visible in `ps`: prefer
+    /// --token-file).
     #[arg(long, value_name = "TOKEN")]
-    pub token: String,
+    pub token: Option<String>,
+    /// File holding the enrollment token, or - for standard input.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// This machine's name: 1 to 64 characters of A-Z a-z 0-9 . _ -
     #[arg(long, value_name = "NAME")]
     pub name: String,
@@ -112,7 +116,7 @@ pub struct Installed {
 
 /// Runs the install into `data_dir`.
 pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, InstallError> {
-    let plan = check(args)?;
+    let (plan, token) = check(args)?;
     create_private_dir(data_dir).map_err(|source| InstallError::Io {
         path: data_dir.to_path_buf(),
         source,
@@ -143,15 +147,21 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, Install
     }
     let identity = load_or_create_key(&data_dir.join(KEY_FILE))?;
 
-    let request = EnrollRequest {
-        token: args.token.clone(),
+    let mut request = EnrollRequest {
+        token,
         name: args.name.clone(),
         public_key: identity.public_key_b64(),
         tags: args.tags.clone(),
         role: Role::Agent,
         tls_public_key: None,
         hostnames: Vec::new(),
+        proof: String::new(),
+        tls_proof: None,
     };
+    // An agent has no TLS key, so signing cannot fail; the error type is shared with relays.
+    request
+        .sign(&identity, None)
+        .map_err(|e| InstallError::Usage(e.to_string()))?;
     let (upstream, answer) = post_enrollment(&plan.upstreams, plan.tls.clone(), &request)?;
 
     let ca_path = data_dir.join(CA_FILE);
@@ -177,12 +187,15 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, Install
     })
 }
 
-/// Validates the arguments and reads the CA: usage errors, with nothing written yet.
-fn check(args: &InstallArgs) -> Result<Plan, InstallError> {
+/// Validates the arguments, reads the token and the CA: usage errors, with nothing written yet.
+fn check(args: &InstallArgs) -> Result<(Plan, String), InstallError> {
     if let Some(problem) = name_problem("--name", &args.name).or_else(|| tags_problem(&args.tags)) {
         return Err(InstallError::Usage(problem));
     }
-    Plan::check(&args.upstreams, &args.ca, &args.token).map_err(InstallError::Usage)
+    let token = read_token(args.token.as_deref(), args.token_file.as_deref())
+        .map_err(InstallError::Usage)?;
+    let plan = Plan::check(&args.upstreams, &args.ca, &token).map_err(InstallError::Usage)?;
+    Ok((plan, token))
 }
 
 #[cfg(test)]
@@ -199,7 +212,8 @@ mod tests {
         InstallArgs {
             upstreams: vec!["wss://127.0.0.1:1".into()],
             ca: ca_path,
-            token: "t".into(),
+            token: Some("t".into()),
+            token_file: None,
             name: "web-1".into(),
             tags: vec![],
             data: None,
@@ -223,6 +237,13 @@ mod tests {
         cases.push(a);
         let mut a = args(tmp.path());
         a.ca = tmp.path().join("absent.pem");
+        cases.push(a);
+        let mut a = args(tmp.path());
+        a.token = None;
+        cases.push(a);
+        let mut a = args(tmp.path());
+        a.token_file = Some(tmp.path().join("absent-token"));
+        a.token = None;
         cases.push(a);
         let mut a = args(tmp.path());
         fs::write(tmp.path().join("junk.pem"), "junk").unwrap();

@@ -1,7 +1,8 @@
 //! `tether-relay install`: enrolls this relay with the server (directly or through a parent
 //! relay) and leaves in the data directory what `run` needs: `relay.key` (its Ed25519 identity),
-//! `tls.key` and `tls.pem` (its downstream certificate, signed by the server's CA for the
-//! `--hostname`s, so agents trust one CA only), `ca.pem`, and `relay.json`, written last.
+//! `tls.key` and `tls.pem` (its downstream certificate, signed by the server's relay CA for the
+//! `--hostname`s), `ca.pem` (the `--ca` bundle: the server's CA and the relay CA), and
+//! `relay.json`, written last. The request is signed by both keys (proof of possession).
 //!
 //! Both keys are made and saved before the request, and a retried install reuses them; the
 //! server answers an identical retry with the same relay id.
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use clap::Args;
 use tether_shared::enroll::client::{
-    create_private_dir, load_or_create_key, post_enrollment, EnrollError, Plan,
+    create_private_dir, load_or_create_key, post_enrollment, read_token, EnrollError, Plan,
 };
 use tether_shared::enroll::{name_problem, EnrollRequest, Role, Upstream};
 use tether_shared::identity::{write_file_atomic, IdentityError};
@@ -27,12 +28,15 @@ pub struct InstallArgs {
     /// order of preference.
     #[arg(long = "upstream", value_name = "URL", required = true)]
     pub upstreams: Vec<String>,
-    /// PEM file of the server's CA: the only CA trusted upstream.
+    /// The server's `agent-ca.pem` (its CA and the relay CA): the only CAs trusted upstream.
     #[arg(long, value_name = "FILE")]
     pub ca: PathBuf,
-    /// Enrollment token with role "relay".
+    /// Enrollment token with role "relay" (visible in `ps`: prefer --token-file).
     #[arg(long, value_name = "TOKEN")]
-    pub token: String,
+    pub token: Option<String>,
+    /// File holding the enrollment token, or - for standard input.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// This relay's name: 1 to 64 characters of A-Z a-z 0-9 . _ -
     #[arg(long, value_name = "NAME")]
     pub name: String,
@@ -70,6 +74,8 @@ pub enum InstallError {
     Enroll(#[from] EnrollError),
     #[error("the server enrolled this relay but sent no TLS certificate (is the server older than the relay?)")]
     NoCertificate,
+    #[error("the relay's new certificate does not verify with {} ({reason}): give --ca the server's agent-ca.pem (its CA and the relay CA), then run the same install again; the server certifies the same keys and names again without a new token", ca.display())]
+    Untrusted { ca: PathBuf, reason: String },
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -99,7 +105,9 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
             "--hostname {bad:?}: must be a DNS name or an IP address"
         )));
     }
-    let plan = Plan::check(&args.upstreams, &args.ca, &args.token).map_err(InstallError::Usage)?;
+    let token = read_token(args.token.as_deref(), args.token_file.as_deref())
+        .map_err(InstallError::Usage)?;
+    let plan = Plan::check(&args.upstreams, &args.ca, &token).map_err(InstallError::Usage)?;
 
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -122,8 +130,8 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
     }
     let identity = load_or_create_key(&data_dir.join(KEY_FILE))?;
     let tls_key = load_or_create_tls_key(&data_dir.join(TLS_KEY_FILE))?;
-    let request = EnrollRequest {
-        token: args.token.clone(),
+    let mut request = EnrollRequest {
+        token,
         name: args.name.clone(),
         public_key: identity.public_key_b64(),
         tags: Vec::new(),
@@ -132,12 +140,21 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
             base64::engine::general_purpose::STANDARD.encode(tls_key.public_key_raw()),
         ),
         hostnames: hostnames.clone(),
+        proof: String::new(),
+        tls_proof: None,
     };
+    request.sign(&identity, Some(&tls_key))?;
     let (upstream, answer) = post_enrollment(&plan.upstreams, plan.tls.clone(), &request)?;
     let cert = answer.tls_certificate.ok_or(InstallError::NoCertificate)?;
-    // The certificate must be for our key and chain to the CA before anything relies on it.
+    // The certificate must be for our key and chain to a trusted CA before anything relies on
+    // it; with only the server's ca.pem the relay CA is missing.
     let server = tls::server_config(&cert, &tls_key.key_pem())?;
-    tls::handshake_in_memory(plan.tls.clone(), Arc::new(server), &hostnames[0])?;
+    tls::handshake_in_memory(plan.tls.clone(), Arc::new(server), &hostnames[0]).map_err(|e| {
+        InstallError::Untrusted {
+            ca: args.ca.clone(),
+            reason: e.to_string(),
+        }
+    })?;
     let cert_path = data_dir.join(TLS_CERT_FILE);
     write_file_atomic(&cert_path, cert.as_bytes(), 0o644).map_err(io(&cert_path))?;
     let ca_path = data_dir.join(CA_FILE);

@@ -4,8 +4,15 @@
 //! (`GET /agent/v1/ws`) and the agents' bulk downloads are mounted here too by [`configure`].
 //! None of these routes exist on the HTTPS listener, and `/api/...` does not exist here.
 //!
-//! Failed enrollments (bad token) are counted per source address by [`EnrollLimiter`]; past the
-//! budget the source gets 429 until its window ends.
+//! Failed enrollments (bad token, or a proof of possession that does not verify) are counted
+//! per source address by [`EnrollLimiter`]; past the budget the source gets 429 until its
+//! window ends.
+//!
+//! A relay's enrollment is checked before anything is certified or enrolled: the request must
+//! be signed by the Ed25519 key it enrolls *and* by the TLS key it wants certified (so nobody
+//! gets a certificate for a key they do not hold), its hostnames must be valid and none may be
+//! a name the server's own certificate covers, and the certificate comes from the relay CA,
+//! which operators' clients never trust. An agent's request is signed by its key too.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +22,7 @@ use std::time::{Duration, Instant};
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine as _;
 use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH};
+use tether_shared::identity::PublicKey;
 use tether_shared::tls::{self, Ca};
 
 use crate::api::parse_json;
@@ -39,8 +47,10 @@ pub struct AgentSurface {
     pub server_signing_key: String,
     /// Failed enrollment attempts per source.
     pub limiter: EnrollLimiter,
-    /// Signs relays' TLS certificates at enrollment.
-    pub ca: Arc<Ca>,
+    /// The relay CA: signs relays' TLS certificates at enrollment, and nothing else.
+    pub relay_ca: Arc<Ca>,
+    /// The server's own certificate (PEM): no relay is certified for a name it covers.
+    pub server_cert_pem: String,
 }
 
 /// Mounts the `/agent/v1` routes.
@@ -65,12 +75,22 @@ async fn enroll(
     }
     let request: EnrollRequest = parse_json(&body)?;
     let name = request.name.clone();
+    let public_key = PublicKey::from_b64(&request.public_key)
+        .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;
+    let tls_key = relay_tls_key(&request, &state.server_cert_pem)?;
+    if let Err(e) = request.verify_proofs(&public_key, tls_key.as_deref()) {
+        if let Some(ip) = source {
+            state.limiter.record_failure(ip, Instant::now());
+        }
+        tracing::warn!(source = ?source, name = %name.escape_debug(), reason = %e, "enrollment-proof-refused");
+        return Err(ApiError::BadRequest(e.to_string()));
+    }
     // A relay's certificate is made before anything is enrolled or any token spent, so a bad
     // key or hostname changes nothing; it is handed out only if the enrollment succeeds.
-    let tls_certificate = match relay_tls_key(&request)? {
+    let tls_certificate = match tls_key {
         Some(key) => Some(
             state
-                .ca
+                .relay_ca
                 .issue_cert_for_key(&request.hostnames, &key)
                 .map_err(|e| ApiError::BadRequest(format!("relay certificate: {e}")))?,
         ),
@@ -103,7 +123,11 @@ async fn enroll(
 }
 
 /// A relay must send a TLS public key and the names it is reached at; an agent sends neither.
-fn relay_tls_key(request: &EnrollRequest) -> Result<Option<Vec<u8>>, ApiError> {
+/// No name the server's certificate (`server_cert_pem`) covers may be asked for.
+fn relay_tls_key(
+    request: &EnrollRequest,
+    server_cert_pem: &str,
+) -> Result<Option<Vec<u8>>, ApiError> {
     match (request.role, &request.tls_public_key) {
         (Role::Agent, None) if request.hostnames.is_empty() => Ok(None),
         (Role::Agent, _) => Err(ApiError::BadRequest(
@@ -124,9 +148,23 @@ fn relay_tls_key(request: &EnrollRequest) -> Result<Option<Vec<u8>>, ApiError> {
                     "invalid hostname {bad:?}: must be a DNS name or an IP address"
                 )));
             }
+            for name in &request.hostnames {
+                // An unreadable server certificate refuses every name: never certify blindly.
+                if tls::certificate_covers(server_cert_pem, name).unwrap_or(true) {
+                    return Err(ApiError::BadRequest(format!(
+                        "hostname {name:?} is one of the server's own names; a relay must be reached at names of its own"
+                    )));
+                }
+            }
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(key)
                 .map_err(|_| ApiError::BadRequest("tls_public_key is not base64".into()))?;
+            // An uncompressed P-256 point: 0x04 and two 32-byte coordinates.
+            if raw.len() != 65 || raw[0] != 4 {
+                return Err(ApiError::BadRequest(
+                    "tls_public_key must be an uncompressed P-256 point (65 bytes)".into(),
+                ));
+            }
             Ok(Some(raw))
         }
     }

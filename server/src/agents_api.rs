@@ -11,6 +11,11 @@
 //!   agent's session is closed and its key no longer authenticates; its jobs stay in their
 //!   deployments (shown by id). Enrolling the same name again makes a new agent with a new id,
 //!   which inherits nothing.
+//! - `DELETE /api/v1/relays/{id}` (id or name) → `{"id","name","deleted":true,"closed":N}`:
+//!   the relay's key stops authenticating at once, its link closes (and with it every channel
+//!   it carries: its agents and child relays fail over to their next upstream), and any
+//!   channel elsewhere that names it in its path closes too. `closed` counts links and
+//!   channels closed.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +31,9 @@ use crate::api_error::{method_not_allowed, ApiError};
 use crate::deployments::model::JobState;
 use crate::deployments::Deployments;
 use crate::registry::{AgentRecord, AgentStatus, Registry, RegistryError, Role};
+use crate::session::relay_session::revoke_relay;
 use crate::session::session_registry::{DisconnectAgent, SessionRegistry};
+use crate::session::SessionShared;
 use crate::upgrades::{UpgradeState, Upgrades};
 
 /// The body of `PATCH /api/v1/agents/{id}`: what to replace.
@@ -42,6 +49,8 @@ pub struct AgentPatch {
 pub enum AgentsError {
     #[error("no such agent")]
     NotFound,
+    #[error("no such relay")]
+    RelayNotFound,
     /// A field breaks a rule; the message says which.
     #[error("{0}")]
     Invalid(String),
@@ -68,7 +77,7 @@ impl From<RegistryError> for AgentsError {
 impl From<AgentsError> for ApiError {
     fn from(e: AgentsError) -> Self {
         match e {
-            AgentsError::NotFound => ApiError::NotFound,
+            AgentsError::NotFound | AgentsError::RelayNotFound => ApiError::NotFound,
             AgentsError::Invalid(reason) => ApiError::BadRequest(reason),
             AgentsError::Busy(reason) => ApiError::Conflict(reason),
             AgentsError::Unavailable => ApiError::Unavailable,
@@ -83,6 +92,8 @@ pub struct AgentAdmin {
     pub upgrades: Arc<Upgrades>,
     /// To close a deleted agent's session.
     pub sessions: Addr<SessionRegistry>,
+    /// Relays' links, to close a deleted relay's.
+    pub shared: Arc<SessionShared>,
 }
 
 impl AgentAdmin {
@@ -97,6 +108,40 @@ impl AgentAdmin {
                     .into_iter()
                     .find(|a| a.name == id_or_name)
             })
+    }
+
+    /// The relay with this id or name.
+    pub fn resolve_relay(&self, id_or_name: &str) -> Option<AgentRecord> {
+        self.registry
+            .agent(id_or_name)
+            .filter(|a| a.role == Role::Relay)
+            .or_else(|| {
+                self.registry
+                    .relay_statuses()
+                    .into_iter()
+                    .find(|r| r.name == id_or_name)
+                    .and_then(|r| self.registry.agent(&r.id))
+            })
+    }
+
+    /// Deletes the relay `id_or_name` (committed first), then closes its link and every
+    /// channel that runs through it. Answers the record and how many links and channels were
+    /// closed.
+    pub async fn delete_relay(
+        &self,
+        id_or_name: &str,
+    ) -> Result<(AgentRecord, usize), AgentsError> {
+        let relay = self
+            .resolve_relay(id_or_name)
+            .ok_or(AgentsError::RelayNotFound)?;
+        let deleted = self
+            .registry
+            .delete_relay(&relay.id)
+            .await?
+            .ok_or(AgentsError::RelayNotFound)?;
+        let closed = revoke_relay(&self.shared, &deleted.id).await;
+        tracing::warn!(relay_id = %deleted.id, name = %deleted.name, closed, "relay-deleted");
+        Ok((deleted, closed))
     }
 
     /// One agent's line as `GET /api/v1/agents` shows it, with its latest upgrade.
@@ -202,6 +247,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::patch().to(patch_agent))
             .route(web::delete().to(delete_agent))
             .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/relays/{id}")
+            .route(web::delete().to(delete_relay))
+            .default_service(web::to(method_not_allowed)),
     );
 }
 
@@ -251,4 +301,15 @@ async fn delete_agent(
     let (agent, failed) = state.admin.delete(&path.into_inner(), query.force).await?;
     Ok(HttpResponse::Ok()
         .json(json!({"id": agent.id, "name": agent.name, "deleted": true, "failed_jobs": failed})))
+}
+
+async fn delete_relay(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AgentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let (relay, closed) = state.admin.delete_relay(&path.into_inner()).await?;
+    Ok(HttpResponse::Ok()
+        .json(json!({"id": relay.id, "name": relay.name, "deleted": true, "closed": closed})))
 }

@@ -1,5 +1,7 @@
 //! The REST API on the HTTPS listener (`listen.https`), behind the admin bearer token:
-//! `POST /api/v1/enrollment-tokens`, `GET /api/v1/agents` (with each agent's latest
+//! `POST /api/v1/enrollment-tokens` (the token's text is in this answer only),
+//! `GET /api/v1/enrollment-tokens` (live tokens by id: role, uses left, expiry; never the
+//! text), `DELETE /api/v1/enrollment-tokens/{id}` (revoked at once), `GET /api/v1/agents` (with each agent's latest
 //! `upgrade`, and `"status": "upgrading"` while one is underway) and `GET /api/v1/relays`.
 //! [`configure`] mounts the routes; [`ApiState`] is what they use. Bodies are parsed only
 //! after the token check, strictly (unknown fields refused), so an unauthenticated caller
@@ -31,6 +33,12 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/api/v1/enrollment-tokens")
             .route(web::post().to(create_token))
+            .route(web::get().to(list_tokens))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/enrollment-tokens/{id}")
+            .route(web::delete().to(revoke_token))
             .default_service(web::to(method_not_allowed)),
     )
     .service(
@@ -61,6 +69,7 @@ struct NewToken {
 /// The answer: the only time the token's text is shown.
 #[derive(Debug, Serialize)]
 struct TokenCreated<'a> {
+    id: &'a str,
     token: &'a str,
     expires_unix_ms: u64,
     uses: u32,
@@ -85,11 +94,38 @@ async fn create_token(
         .create_token(new.uses, Duration::from_secs(new.ttl_s), new.role)
         .await?;
     Ok(HttpResponse::Created().json(TokenCreated {
+        id: &issued.id,
         token: issued.token.expose(),
         expires_unix_ms: issued.expires_unix_ms,
         uses: issued.uses,
         role: issued.role,
     }))
+}
+
+/// `GET /api/v1/enrollment-tokens`.
+async fn list_tokens(
+    req: HttpRequest,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    Ok(HttpResponse::Ok().json(state.registry.tokens()))
+}
+
+/// `DELETE /api/v1/enrollment-tokens/{id}`.
+async fn revoke_token(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<ApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let revoked = state
+        .registry
+        .revoke_token(&path.into_inner())
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let mut body = serde_json::to_value(&revoked).unwrap_or_default();
+    body["revoked"] = true.into();
+    Ok(HttpResponse::Ok().json(body))
 }
 
 /// `GET /api/v1/agents`.

@@ -48,7 +48,9 @@ impl From<crate::registry::RegistryError> for ApiError {
         match e {
             RegistryError::InvalidToken => ApiError::InvalidEnrollmentToken,
             RegistryError::Invalid(reason) => ApiError::BadRequest(reason),
-            RegistryError::NameTaken | RegistryError::KeyTaken => ApiError::Conflict(e.to_string()),
+            RegistryError::NameTaken
+            | RegistryError::KeyTaken
+            | RegistryError::CertificateChange => ApiError::Conflict(e.to_string()),
             RegistryError::Journal(_) | RegistryError::Corrupt { .. } => {
                 tracing::error!(error = %e, "registry-change-failed");
                 ApiError::Unavailable

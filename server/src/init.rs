@@ -1,6 +1,10 @@
 //! `tether-server init`: creates a data directory holding everything a server needs before its
-//! first start: a private CA, a server certificate it signed, the Ed25519 key that signs
-//! commands, and the admin token. Everything is generated and checked in memory first (the new
+//! first start: a private CA, a server certificate it signed, a second CA that signs only
+//! relays' certificates, the Ed25519 key that signs commands, and the admin token.
+//!
+//! Two CAs keep the roles apart: operators (the CLI, browsers, `curl`) trust `ca.pem` alone, so
+//! no relay certificate can ever pose as the server to them; agents and relays trust
+//! `agent-ca.pem`, both CAs, because they dial relays as well as the server. Everything is generated and checked in memory first (the new
 //! certificate must pass a TLS handshake against the new CA for every hostname), then written
 //! atomically file by file; secrets get mode 0600 and the directory 0700.
 
@@ -17,7 +21,8 @@ use tether_shared::config::Secret;
 use tether_shared::identity::{write_file_atomic, write_private_file, Identity, IdentityError};
 use tether_shared::tls::{self, Ca, TlsError};
 
-/// CA certificate, public: agents and relays are installed with it.
+/// The server's CA certificate, public: what operators' clients trust. It signs only the
+/// server's certificate.
 pub const CA_CERT: &str = "ca.pem";
 /// CA private key.
 pub const CA_KEY: &str = "ca.key";
@@ -46,6 +51,16 @@ pub const FILES: [&str; 7] = [
     SIGNING_PUB,
     ADMIN_TOKEN,
 ];
+
+/// The relay CA's certificate: it signs relays' certificates at enrollment, nothing else.
+/// Operators never trust it. Not in [`FILES`]: `run` creates it in a directory initialized
+/// before it existed.
+pub const RELAY_CA_CERT: &str = "relay-ca.pem";
+/// The relay CA's private key.
+pub const RELAY_CA_KEY: &str = "relay-ca.key";
+/// `ca.pem` followed by `relay-ca.pem`: the `--ca` of `tether-agent install` and
+/// `tether-relay install`, which may dial relays as well as the server. Rewritten at each start.
+pub const AGENT_CA: &str = "agent-ca.pem";
 
 /// Hostnames the server certificate covers when none are given.
 pub const DEFAULT_HOSTNAMES: [&str; 2] = ["localhost", "127.0.0.1"];
@@ -124,6 +139,10 @@ pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
     write_private_file(&dir.join(CA_KEY), ca.key_pem().as_bytes()).map_err(io_err(CA_KEY))?;
     write_file_atomic(&dir.join(CA_CERT), ca.cert_pem().as_bytes(), 0o644)
         .map_err(io_err(CA_CERT))?;
+    write_relay_ca(
+        dir,
+        &Ca::generate(&format!("Tether relay CA {}", hex_id()))?,
+    )?;
     write_private_file(&dir.join(SERVER_KEY), server_key.as_bytes()).map_err(io_err(SERVER_KEY))?;
     write_file_atomic(&dir.join(SERVER_CERT), server_cert.as_bytes(), 0o644)
         .map_err(io_err(SERVER_CERT))?;
@@ -144,6 +163,64 @@ pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
         admin_token,
         admin_password,
     })
+}
+
+/// The relay CA of `dir`, created (with a new `agent-ca.pem`) if the directory predates it.
+/// `agent-ca.pem` is rewritten whenever it is not `ca.pem` followed by `relay-ca.pem`.
+pub fn ensure_relay_ca(dir: &Path) -> Result<Ca, InitError> {
+    let (cert, key) = (dir.join(RELAY_CA_CERT), dir.join(RELAY_CA_KEY));
+    let read = |path: &Path| {
+        fs::read_to_string(path).map_err(|source| InitError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let relay_ca = if cert.exists() || key.exists() {
+        Ca::from_pem(&read(&cert)?, &read(&key)?)?
+    } else {
+        let ca = Ca::generate(&format!("Tether relay CA {}", hex_id()))?;
+        tracing::warn!(data_dir = %dir.display(), "relay-ca-created");
+        write_relay_ca(dir, &ca)?;
+        ca
+    };
+    let bundle = agent_bundle(&read(&dir.join(CA_CERT))?, relay_ca.cert_pem());
+    if fs::read_to_string(dir.join(AGENT_CA)).ok().as_deref() != Some(bundle.as_str()) {
+        write_file_atomic(&dir.join(AGENT_CA), bundle.as_bytes(), 0o644).map_err(|source| {
+            InitError::Io {
+                path: dir.join(AGENT_CA),
+                source,
+            }
+        })?;
+    }
+    Ok(relay_ca)
+}
+
+/// Writes the relay CA's key and certificate, and the agents' bundle.
+fn write_relay_ca(dir: &Path, relay_ca: &Ca) -> Result<(), InitError> {
+    let io_err = |name: &str| {
+        let path = dir.join(name);
+        move |source| InitError::Io { path, source }
+    };
+    write_private_file(&dir.join(RELAY_CA_KEY), relay_ca.key_pem().as_bytes())
+        .map_err(io_err(RELAY_CA_KEY))?;
+    write_file_atomic(
+        &dir.join(RELAY_CA_CERT),
+        relay_ca.cert_pem().as_bytes(),
+        0o644,
+    )
+    .map_err(io_err(RELAY_CA_CERT))?;
+    let server_ca = fs::read_to_string(dir.join(CA_CERT)).map_err(io_err(CA_CERT))?;
+    let bundle = agent_bundle(&server_ca, relay_ca.cert_pem());
+    write_file_atomic(&dir.join(AGENT_CA), bundle.as_bytes(), 0o644).map_err(io_err(AGENT_CA))
+}
+
+/// The agents' trust: the server's CA, then the relay CA.
+fn agent_bundle(server_ca_pem: &str, relay_ca_pem: &str) -> String {
+    let mut bundle = server_ca_pem.trim_end().to_owned();
+    bundle.push('\n');
+    bundle.push_str(relay_ca_pem.trim_end());
+    bundle.push('\n');
+    bundle
 }
 
 /// Proves the new certificate works: a full TLS handshake against the new CA per hostname.
@@ -206,10 +283,17 @@ mod tests {
         let done = initialize(&opts).unwrap();
         let dir = &opts.data_dir;
         assert_eq!(mode(dir), 0o700);
-        for secret in [CA_KEY, SERVER_KEY, SIGNING_KEY, ADMIN_TOKEN, ADMIN_PASSWORD] {
+        for secret in [
+            CA_KEY,
+            RELAY_CA_KEY,
+            SERVER_KEY,
+            SIGNING_KEY,
+            ADMIN_TOKEN,
+            ADMIN_PASSWORD,
+        ] {
             assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
         }
-        for public in [CA_CERT, SERVER_CERT, SIGNING_PUB] {
+        for public in [CA_CERT, RELAY_CA_CERT, AGENT_CA, SERVER_CERT, SIGNING_PUB] {
             assert_eq!(mode(&dir.join(public)), 0o644, "{public}");
         }
         let token = fs::read_to_string(dir.join(ADMIN_TOKEN)).unwrap();
@@ -227,6 +311,36 @@ mod tests {
         let cert = fs::read_to_string(dir.join(SERVER_CERT)).unwrap();
         let key = fs::read_to_string(dir.join(SERVER_KEY)).unwrap();
         check_certificate(&ca, &cert, &key, &opts.hostnames).unwrap();
+
+        // Operators' CA and the relay CA are different CAs; agents trust both.
+        let relay_ca = ensure_relay_ca(dir).unwrap();
+        assert_ne!(relay_ca.cert_pem(), ca.cert_pem());
+        let bundle = fs::read_to_string(dir.join(AGENT_CA)).unwrap();
+        assert!(
+            bundle.contains(ca.cert_pem().trim()) && bundle.contains(relay_ca.cert_pem().trim())
+        );
+        // The server's certificate does not chain to the relay CA.
+        let relay_only = Arc::new(tls::client_config(relay_ca.cert_pem()).unwrap());
+        let server = Arc::new(tls::server_config(&cert, &key).unwrap());
+        assert!(tls::handshake_in_memory(relay_only, server, "localhost").is_err());
+    }
+
+    #[test]
+    fn a_directory_from_before_the_relay_ca_gets_one_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = opts(tmp.path());
+        initialize(&opts).unwrap();
+        let dir = &opts.data_dir;
+        for f in [RELAY_CA_CERT, RELAY_CA_KEY, AGENT_CA] {
+            fs::remove_file(dir.join(f)).unwrap();
+        }
+        let created = ensure_relay_ca(dir).unwrap();
+        assert_eq!(mode(&dir.join(RELAY_CA_KEY)), 0o600);
+        // Loaded again, not replaced.
+        let again = ensure_relay_ca(dir).unwrap();
+        assert_eq!(created.cert_pem(), again.cert_pem());
+        let bundle = fs::read_to_string(dir.join(AGENT_CA)).unwrap();
+        assert!(bundle.contains(again.cert_pem().trim()));
     }
 
     #[test]

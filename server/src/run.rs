@@ -125,6 +125,9 @@ pub enum RunError {
         /// What is wrong.
         source: TlsError,
     },
+    /// The relay CA could not be loaded or created.
+    #[error("relay CA: {0}")]
+    RelayCa(init::InitError),
     /// The admin token file is unusable.
     #[error("admin token: {0}")]
     AdminToken(#[from] AdminTokenError),
@@ -183,7 +186,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     check_initialized(dir)?;
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     let tls = load_tls(dir)?;
-    let ca = load_ca(dir)?;
+    let relay_ca = Arc::new(init::ensure_relay_ca(dir).map_err(RunError::RelayCa)?);
+    let server_cert_pem =
+        std::fs::read_to_string(dir.join(init::SERVER_CERT)).map_err(|source| RunError::Read {
+            path: dir.join(init::SERVER_CERT),
+            source,
+        })?;
     let signing = Identity::load(&dir.join(init::SIGNING_KEY))?;
     let server_signing_key = signing.public_key_b64();
     // Blocking (sled recovery reads every entry): done before the runtime starts.
@@ -216,7 +224,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let loaded = Loaded {
         token,
         tls,
-        ca,
+        relay_ca,
+        server_cert_pem,
         signing,
         server_signing_key,
         journal,
@@ -236,8 +245,10 @@ struct Loaded {
     token: AdminToken,
     /// Presented by both listeners.
     tls: rustls::ServerConfig,
-    /// The CA, which signs relays' certificates at enrollment.
-    ca: Arc<Ca>,
+    /// The relay CA, which signs relays' certificates at enrollment.
+    relay_ca: Arc<Ca>,
+    /// `DIR/server.pem`: no relay is certified for a name it covers.
+    server_cert_pem: String,
     /// `DIR/signing.key`: signs every command.
     signing: Identity,
     /// Public half of `DIR/signing.key`, base64: agents pin it at enrollment.
@@ -288,22 +299,6 @@ fn load_tls(dir: &Path) -> Result<rustls::ServerConfig, RunError> {
     };
     let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
     tls::server_config(&cert_pem, &key_pem).map_err(|source| RunError::Tls { cert, key, source })
-}
-
-/// The CA from `DIR/ca.pem` and `DIR/ca.key`.
-fn load_ca(dir: &Path) -> Result<Arc<Ca>, RunError> {
-    let cert = dir.join(init::CA_CERT);
-    let key = dir.join(init::CA_KEY);
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| RunError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
-    Ca::from_pem(&cert_pem, &key_pem)
-        .map(Arc::new)
-        .map_err(|source| RunError::Tls { cert, key, source })
 }
 
 /// Applies the limits every listener shares (see the constants above); stop signals are handled
@@ -400,6 +395,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         deployments: loaded.deployments.clone(),
         upgrades: loaded.upgrades.clone(),
         sessions: sessions.registry.clone(),
+        shared: sessions.shared.clone(),
     });
     let agents_api_state = web::Data::new(AgentsApiState {
         token: loaded.token.clone(),
@@ -439,7 +435,8 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         registry: loaded.registry,
         server_signing_key: loaded.server_signing_key,
         limiter: EnrollLimiter::default(),
-        ca: loaded.ca,
+        relay_ca: loaded.relay_ca,
+        server_cert_pem: loaded.server_cert_pem,
     });
     let stop = stop_signal().map_err(RunError::Signal)?;
     let json = web::JsonConfig::default()

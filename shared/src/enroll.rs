@@ -66,6 +66,107 @@ pub struct EnrollRequest {
     /// Relays only: the DNS names and IP addresses agents dial the relay at.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hostnames: Vec<String>,
+    /// Proof of possession of the Ed25519 key: standard base64 of its signature over
+    /// [`EnrollRequest::proof_message`]. Nobody can enroll a key they do not hold.
+    pub proof: String,
+    /// Relays only: proof of possession of the TLS key, standard base64 of its ECDSA P-256
+    /// signature (ASN.1 DER) over the same message. The CA certifies only a key whose holder
+    /// asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_proof: Option<String>,
+}
+
+/// Domain separation of the enrollment proof: no other signature of the same keys can pass.
+const PROOF_CONTEXT: &[u8] = b"tether-enroll-v1\n";
+
+/// What the proofs of an [`EnrollRequest`] sign: every field that matters, in a fixed order,
+/// with the token only as its sha256 (the proof binds the request to its token).
+#[derive(Serialize)]
+struct ProofFields<'a> {
+    token_sha256: String,
+    name: &'a str,
+    role: Role,
+    public_key: &'a str,
+    tags: &'a [String],
+    tls_public_key: Option<&'a str>,
+    hostnames: &'a [String],
+}
+
+/// Why an enrollment's proof of possession failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProofError {
+    /// The Ed25519 signature does not verify with `public_key`.
+    #[error(
+        "proof does not verify with public_key: the request must be signed by the key it enrolls"
+    )]
+    Identity,
+    /// A relay sent no `tls_proof`, or it does not verify with `tls_public_key`.
+    #[error("tls_proof does not verify with tls_public_key: the request must be signed by the TLS key to certify")]
+    TlsKey,
+}
+
+impl EnrollRequest {
+    /// The bytes both proofs sign.
+    pub fn proof_message(&self) -> Vec<u8> {
+        let fields = ProofFields {
+            token_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+                self.token.as_bytes(),
+            )),
+            name: &self.name,
+            role: self.role,
+            public_key: &self.public_key,
+            tags: &self.tags,
+            tls_public_key: self.tls_public_key.as_deref(),
+            hostnames: &self.hostnames,
+        };
+        let mut message = PROOF_CONTEXT.to_vec();
+        // Serializing a struct of strings cannot fail.
+        message.extend(serde_json::to_vec(&fields).unwrap_or_default());
+        message
+    }
+
+    /// Fills `proof` (and, given the relay's TLS key, `tls_proof`) for the fields as they are.
+    pub fn sign(
+        &mut self,
+        identity: &crate::identity::Identity,
+        tls_key: Option<&crate::tls::TlsKey>,
+    ) -> Result<(), crate::tls::TlsError> {
+        use base64::Engine as _;
+        let message = self.proof_message();
+        self.proof = identity.sign(&message);
+        self.tls_proof = match tls_key {
+            Some(key) => {
+                Some(base64::engine::general_purpose::STANDARD.encode(key.sign(&message)?))
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// Checks the proof of the Ed25519 key, and for a relay (a `tls_public_key`) the proof of
+    /// the TLS key. `public_key` and `tls_public_key` must already be well-formed.
+    pub fn verify_proofs(
+        &self,
+        public_key: &crate::identity::PublicKey,
+        tls_public_key_raw: Option<&[u8]>,
+    ) -> Result<(), ProofError> {
+        use base64::Engine as _;
+        let message = self.proof_message();
+        public_key
+            .verify(&message, &self.proof)
+            .map_err(|_| ProofError::Identity)?;
+        if let Some(raw) = tls_public_key_raw {
+            let signature = self
+                .tls_proof
+                .as_deref()
+                .and_then(|p| base64::engine::general_purpose::STANDARD.decode(p).ok())
+                .ok_or(ProofError::TlsKey)?;
+            if !crate::tls::verify_p256(raw, &message, &signature) {
+                return Err(ProofError::TlsKey);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The answer to a successful enrollment.
@@ -247,18 +348,85 @@ mod tests {
     }
 
     #[test]
+    fn proofs_bind_every_field_and_both_keys() {
+        use base64::Engine as _;
+        let identity = crate::identity::Identity::generate();
+        let tls_key = crate::tls::TlsKey::generate().unwrap();
+        let raw = tls_key.public_key_raw();
+        let mut req = EnrollRequest {
+            token: "tte_x".into(),
+            name: "r1".into(),
+            public_key: identity.public_key_b64(),
+            tags: Vec::new(),
+            role: Role::Relay,
+            tls_public_key: Some(base64::engine::general_purpose::STANDARD.encode(&raw)),
+            hostnames: vec!["relay.example".into()],
+            proof: String::new(),
+            tls_proof: None,
+        };
+        req.sign(&identity, Some(&tls_key)).unwrap();
+        let public = identity.public_key();
+        assert_eq!(req.verify_proofs(&public, Some(&raw)), Ok(()));
+        // Any change of a signed field breaks both proofs.
+        let mut altered = req.clone();
+        altered.hostnames.push("server.example".into());
+        assert_eq!(
+            altered.verify_proofs(&public, Some(&raw)),
+            Err(ProofError::Identity)
+        );
+        let mut altered = req.clone();
+        altered.token = "tte_y".into();
+        assert_eq!(
+            altered.verify_proofs(&public, Some(&raw)),
+            Err(ProofError::Identity)
+        );
+        // Another Ed25519 key, or another TLS key, does not verify.
+        let other = crate::identity::Identity::generate().public_key();
+        assert_eq!(
+            req.verify_proofs(&other, Some(&raw)),
+            Err(ProofError::Identity)
+        );
+        let other_tls = crate::tls::TlsKey::generate().unwrap().public_key_raw();
+        assert_eq!(
+            req.verify_proofs(&public, Some(&other_tls)),
+            Err(ProofError::TlsKey)
+        );
+        // A relay without a TLS proof fails; an agent needs none.
+        let mut unsigned = req.clone();
+        unsigned.tls_proof = None;
+        assert_eq!(
+            unsigned.verify_proofs(&public, Some(&raw)),
+            Err(ProofError::TlsKey)
+        );
+        let mut agent = EnrollRequest {
+            role: Role::Agent,
+            tls_public_key: None,
+            hostnames: Vec::new(),
+            ..req
+        };
+        agent.sign(&identity, None).unwrap();
+        assert_eq!(agent.verify_proofs(&public, None), Ok(()));
+    }
+
+    #[test]
     fn request_refuses_unknown_fields_and_defaults_role() {
         let req: EnrollRequest =
-            serde_json::from_str(r#"{"token":"t","name":"n","public_key":"k"}"#).unwrap();
+            serde_json::from_str(r#"{"token":"t","name":"n","public_key":"k","proof":"p"}"#)
+                .unwrap();
         assert_eq!(req.role, Role::Agent);
         assert!(req.tags.is_empty());
         assert!(serde_json::from_str::<EnrollRequest>(
-            r#"{"token":"t","name":"n","public_key":"k","x":1}"#
+            r#"{"token":"t","name":"n","public_key":"k","proof":"p","x":1}"#
         )
         .is_err());
         assert!(serde_json::from_str::<EnrollRequest>(
-            r#"{"token":"t","name":"n","public_key":"k","role":"boss"}"#
+            r#"{"token":"t","name":"n","public_key":"k","proof":"p","role":"boss"}"#
         )
         .is_err());
+        assert!(
+            serde_json::from_str::<EnrollRequest>(r#"{"token":"t","name":"n","public_key":"k"}"#)
+                .is_err(),
+            "the proof is required"
+        );
     }
 }

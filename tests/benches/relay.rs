@@ -67,6 +67,15 @@ impl Chain {
         self.relays.last().map_or(self.server.wss, |r| r.downstream)
     }
 
+    /// The name the entry's certificate holds.
+    fn entry_host(&self) -> &'static str {
+        if self.relays.is_empty() {
+            "localhost"
+        } else {
+            tether_tests::relays::RELAY_HOST
+        }
+    }
+
     fn tls(&self) -> rustls::ClientConfig {
         let ca = std::fs::read_to_string(self.server.ca_path()).unwrap();
         tether_shared::tls::client_config(&ca).unwrap()
@@ -77,7 +86,7 @@ impl Chain {
         enroll_many(
             self.entry(),
             Arc::new(self.tls()),
-            "localhost",
+            self.entry_host(),
             &token,
             prefix,
             n,
@@ -88,7 +97,7 @@ impl Chain {
 
     fn fleet(&self, agents: Vec<Enrolled>, window: Option<u64>) -> Fleet {
         let n = agents.len();
-        let mut cfg = SimConfig::new(self.entry(), "localhost", self.tls());
+        let mut cfg = SimConfig::new(self.entry(), self.entry_host(), self.tls());
         if let Some(w) = window {
             cfg.window = w;
             cfg.record_latency = true;
@@ -165,7 +174,13 @@ fn throughput(path: &Chain) -> (f64, [f64; 3]) {
 }
 
 /// Milliseconds to download `sha` from `addr` as `agent` (best of 3).
-fn download_ms(addr: SocketAddr, tls: &rustls::ClientConfig, agent: &Enrolled, sha: &str) -> f64 {
+fn download_ms(
+    addr: SocketAddr,
+    host: &str,
+    tls: &rustls::ClientConfig,
+    agent: &Enrolled,
+    sha: &str,
+) -> f64 {
     let path = format!("/agent/v1/artifacts/{sha}");
     let mut best = f64::MAX;
     for _ in 0..3 {
@@ -181,7 +196,7 @@ fn download_ms(addr: SocketAddr, tls: &rustls::ClientConfig, agent: &Enrolled, s
             Some(Arc::new(tls.clone())),
             &Request {
                 method: "GET",
-                host: "localhost",
+                host,
                 addr: Some(addr),
                 port: addr.port(),
                 path: &path,
@@ -214,11 +229,12 @@ fn bulk() -> (f64, f64, u64) {
     let sha = r.json()["sha256"].as_str().unwrap().to_owned();
     let agent = path.agents(1, "dl").pop().unwrap();
     let tls = path.tls();
-    let direct = download_ms(path.server.wss, &tls, &agent, &sha);
+    let direct = download_ms(path.server.wss, "localhost", &tls, &agent, &sha);
     // The first download through the relay fills its cache; the measured ones are warm.
     let relay = &path.relays[0];
-    let _cold = download_ms(relay.downstream, &tls, &agent, &sha);
-    let warm = download_ms(relay.downstream, &tls, &agent, &sha);
+    let host = tether_tests::relays::RELAY_HOST;
+    let _cold = download_ms(relay.downstream, host, &tls, &agent, &sha);
+    let warm = download_ms(relay.downstream, host, &tls, &agent, &sha);
     let upstream_bytes = relay.health()["cache"]["upstream_bytes"]
         .as_u64()
         .unwrap_or(0);

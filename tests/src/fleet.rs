@@ -99,7 +99,9 @@ impl Server {
             .unwrap_or_else(|e| panic!("{e}"))
             .trim()
             .to_owned();
-        let ca = std::fs::read_to_string(data.join("ca.pem")).unwrap_or_else(|e| panic!("{e}"));
+        // The agents' bundle: tests talk to relays as well as to the server.
+        let ca =
+            std::fs::read_to_string(data.join("agent-ca.pem")).unwrap_or_else(|e| panic!("{e}"));
         let tls =
             Arc::new(tether_shared::tls::client_config(&ca).unwrap_or_else(|e| panic!("{e}")));
         let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
@@ -148,7 +150,14 @@ impl Server {
         self.child.as_ref().map(ChildGuard::id)
     }
 
+    /// `agent-ca.pem`: what agents and relays are installed with (the server's CA and the
+    /// relay CA).
     pub fn ca_path(&self) -> PathBuf {
+        self.dir.join("agent-ca.pem")
+    }
+
+    /// `ca.pem`: the server's CA alone, what operators' clients trust.
+    pub fn operator_ca_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }
 

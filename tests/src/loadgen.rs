@@ -114,7 +114,7 @@ pub fn enroll(
     name: &str,
 ) -> Result<Enrolled, String> {
     let identity = Identity::generate();
-    let request = EnrollRequest {
+    let mut request = EnrollRequest {
         token: token.to_owned(),
         name: name.to_owned(),
         public_key: identity.public_key_b64(),
@@ -122,7 +122,10 @@ pub fn enroll(
         role: Role::Agent,
         tls_public_key: None,
         hostnames: Vec::new(),
+        proof: String::new(),
+        tls_proof: None,
     };
+    request.sign(&identity, None).map_err(|e| e.to_string())?;
     let body = serde_json::to_vec(&request).map_err(|e| e.to_string())?;
     let reply = https_request_with_body(
         wss,

@@ -842,7 +842,8 @@ impl NsServer {
             .unwrap_or_else(|e| panic!("{e}"))
             .trim()
             .to_owned();
-        let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap_or_else(|e| panic!("{e}"));
+        let ca =
+            std::fs::read_to_string(dir.join("agent-ca.pem")).unwrap_or_else(|e| panic!("{e}"));
         let tls =
             Arc::new(tether_shared::tls::client_config(&ca).unwrap_or_else(|e| panic!("{e}")));
 
@@ -871,8 +872,9 @@ impl NsServer {
     }
 
     /// The CA certificate agents and relays install with.
+    /// `agent-ca.pem`: what agents and relays are installed with.
     pub fn ca_path(&self) -> PathBuf {
-        self.dir.join("ca.pem")
+        self.dir.join("agent-ca.pem")
     }
 
     /// The agent-facing base URL inside the topology, `wss://IP:7919`.

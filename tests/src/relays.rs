@@ -15,6 +15,11 @@ use serde_json::Value;
 use crate::fleet::{base_command, eventually, Server, START_TIMEOUT};
 use crate::ChildGuard;
 
+/// The address relays listen on and the name their certificates hold in loopback tests: a
+/// relay is never certified for a name of the server (`localhost`, `127.0.0.1`), as on a real
+/// network it has an address of its own. Linux routes all of 127.0.0.0/8 to loopback.
+pub const RELAY_HOST: &str = "127.0.0.2";
+
 pub struct Relay {
     pub dir: PathBuf,
     config_dir: PathBuf,
@@ -81,7 +86,7 @@ impl Relay {
         cmd.arg("--ca")
             .arg(server.ca_path())
             .args(["--token", &token, "--name", name])
-            .args(["--hostname", "localhost", "--hostname", "127.0.0.1"])
+            .args(["--hostname", RELAY_HOST])
             .arg("--data")
             .arg(&dir);
         let out = cmd
@@ -93,6 +98,7 @@ impl Relay {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"));
+        let downstream = SocketAddr::new(RELAY_HOST.parse().unwrap_or_else(|e| panic!("{e}")), 0);
         Relay {
             id: state["relay_id"]
                 .as_str()
@@ -102,7 +108,7 @@ impl Relay {
             config_dir,
             name: name.to_owned(),
             child: None,
-            downstream: unbound,
+            downstream,
             admin: unbound,
             env: env
                 .iter()
@@ -203,7 +209,7 @@ impl Relay {
 
     /// The base URL agents and child relays install with.
     pub fn upstream(&self) -> String {
-        format!("wss://localhost:{}", self.downstream.port())
+        format!("wss://{RELAY_HOST}:{}", self.downstream.port())
     }
 
     /// `GET /admin/health` on the loopback admin listener (plain HTTP).

@@ -242,8 +242,11 @@ fn server_init_creates_a_working_data_dir_once() {
         [
             "admin.password",
             "admin.token",
+            "agent-ca.pem",
             "ca.key",
             "ca.pem",
+            "relay-ca.key",
+            "relay-ca.pem",
             "server.key",
             "server.pem",
             "signing.key",
@@ -254,6 +257,7 @@ fn server_init_creates_a_working_data_dir_once() {
         "admin.password",
         "admin.token",
         "ca.key",
+        "relay-ca.key",
         "server.key",
         "signing.key",
     ] {
@@ -273,6 +277,17 @@ fn server_init_creates_a_working_data_dir_once() {
     }
     assert!(tls::handshake_in_memory(client, server, "localhost").is_err());
     tls::Ca::from_pem(&pem("ca.pem"), &pem("ca.key")).unwrap();
+    // The relay CA is another CA; agents trust both, operators only ca.pem.
+    tls::Ca::from_pem(&pem("relay-ca.pem"), &pem("relay-ca.key")).unwrap();
+    assert_ne!(pem("relay-ca.pem"), pem("ca.pem"));
+    assert_eq!(
+        pem("agent-ca.pem"),
+        format!(
+            "{}\n{}\n",
+            pem("ca.pem").trim_end(),
+            pem("relay-ca.pem").trim_end()
+        )
+    );
     tether_shared::identity::Identity::load(&data.join("signing.key")).unwrap();
     let public = pem("signing.pub");
     tether_shared::identity::PublicKey::from_b64(public.trim()).unwrap();

@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 use tether_shared::identity::Identity;
 use tether_shared::tls;
+use tether_tests::enrollment::signed;
 use tether_tests::{command, https_request_with_body, run, stderr, stdout, ChildGuard, HttpReply};
 
 /// Bound on every wait for the server (readiness, shutdown).
@@ -280,10 +281,13 @@ fn install_enrolls_an_agent_that_is_listed_and_survives_a_restart() {
     assert_eq!(server.agents().len(), 1);
 
     // Same name, same key (a retry after a lost answer): the same id, no use consumed.
-    let key = Identity::load(&dir.join("agent.key"))
-        .unwrap()
-        .public_key_b64();
-    let retry = json!({"token": token, "name": "web-1", "public_key": key, "tags": ["web", "eu"]});
+    let identity = Identity::load(&dir.join("agent.key")).unwrap();
+    let key = identity.public_key_b64();
+    let retry = signed(
+        json!({"token": token, "name": "web-1", "public_key": key, "tags": ["web", "eu"]}),
+        &identity,
+        None,
+    );
     for _ in 0..2 {
         let reply = server.enroll(&retry);
         assert_eq!(reply.status, 200, "{}", reply.body);
@@ -440,27 +444,37 @@ fn listeners_keep_their_own_routes_and_check_their_input() {
     assert_eq!(reply.json()["role"], "agent");
     let token = reply.json()["token"].as_str().unwrap().to_owned();
 
-    let key = Identity::generate().public_key_b64();
+    let identity = Identity::generate();
+    let key = identity.public_key_b64();
+    let sign = |body: Value| signed(body, &identity, None);
+    let mut unsigned = sign(json!({"token": token, "name": "x", "public_key": key}));
+    unsigned.as_object_mut().unwrap().remove("proof");
+    let mut forged = sign(json!({"token": token, "name": "x", "public_key": key}));
+    // Signed by another key than the one enrolled: whoever sends it does not hold `key`.
+    forged["proof"] =
+        sign(json!({"token": token, "name": "y", "public_key": key}))["proof"].clone();
     for (body, needle) in [
         (json!("not an object"), "invalid JSON"),
         (
-            json!({"token": token, "name": "x", "public_key": key, "admin": true}),
+            json!({"token": token, "name": "x", "public_key": key, "proof": "", "admin": true}),
             "unknown field",
         ),
+        (unsigned, "missing field `proof`"),
+        (forged, "proof does not verify"),
         (
-            json!({"token": token, "name": "bad name", "public_key": key}),
+            sign(json!({"token": token, "name": "bad name", "public_key": key})),
             "name",
         ),
         (
-            json!({"token": token, "name": "x".repeat(65), "public_key": key}),
+            sign(json!({"token": token, "name": "x".repeat(65), "public_key": key})),
             "name",
         ),
         (
-            json!({"token": token, "name": "x", "public_key": "AAAA"}),
+            json!({"token": token, "name": "x", "public_key": "AAAA", "proof": ""}),
             "public key",
         ),
         (
-            json!({"token": token, "name": "x", "public_key": key, "tags": ["a b"]}),
+            sign(json!({"token": token, "name": "x", "public_key": key, "tags": ["a b"]})),
             "tag",
         ),
     ] {
@@ -475,7 +489,9 @@ fn listeners_keep_their_own_routes_and_check_their_input() {
     let reply = server.send(server.wss, "GET", "/agent/v1/enroll", None, None);
     assert_eq!(reply.status, 405, "{}", reply.body);
     // None of that consumed the token.
-    let reply = server.enroll(&json!({"token": token, "name": "ok", "public_key": key}));
+    let reply = server.enroll(&sign(
+        json!({"token": token, "name": "ok", "public_key": key}),
+    ));
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
 
@@ -578,8 +594,13 @@ fn install_trusts_only_the_given_ca_and_fails_over_between_upstreams() {
 #[test]
 fn repeated_failures_from_one_source_are_limited() {
     let server = Server::start();
-    let key = Identity::generate().public_key_b64();
-    let guess = json!({"token": "guess", "name": "x", "public_key": key});
+    let identity = Identity::generate();
+    let key = identity.public_key_b64();
+    let guess = signed(
+        json!({"token": "guess", "name": "x", "public_key": key}),
+        &identity,
+        None,
+    );
     for i in 0..20 {
         let reply = server.enroll(&guess);
         assert_eq!(reply.status, 401, "attempt {i}: {}", reply.body);
@@ -590,6 +611,10 @@ fn repeated_failures_from_one_source_are_limited() {
     assert!(reply.header("retry-after").is_some());
     // Even a valid token waits out the window from that source.
     let (token, _) = server.token(1, 3600, "agent");
-    let reply = server.enroll(&json!({"token": token, "name": "x", "public_key": key}));
+    let reply = server.enroll(&signed(
+        json!({"token": token, "name": "x", "public_key": key}),
+        &identity,
+        None,
+    ));
     assert_eq!(reply.status, 429, "{}", reply.body);
 }

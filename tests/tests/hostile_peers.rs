@@ -14,7 +14,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde_json::json;
 use tether_shared::identity::Identity;
 use tether_shared::protocol::{
@@ -146,15 +145,19 @@ fn enroll_relay(server: &Server, name: &str) -> (String, Identity) {
     assert_eq!(r.status, 201, "relay token: {}", r.body);
     let token = r.json()["token"].as_str().unwrap().to_owned();
     let key = Identity::generate();
-    let body = json!({
-        "token": token,
-        "name": name,
-        "public_key": key.public_key_b64(),
-        "role": "relay",
-        "tls_public_key": base64::engine::general_purpose::STANDARD
-            .encode(tether_shared::tls::TlsKey::generate().unwrap().public_key_raw()),
-        "hostnames": ["localhost"],
-    })
+    let tls_key = tether_shared::tls::TlsKey::generate().unwrap();
+    let body = tether_tests::enrollment::signed(
+        json!({
+            "token": token,
+            "name": name,
+            "public_key": key.public_key_b64(),
+            "role": "relay",
+            "tls_public_key": tether_tests::enrollment::tls_public_key(&tls_key),
+            "hostnames": ["relay.example"],
+        }),
+        &key,
+        Some(&tls_key),
+    )
     .to_string();
     let reply = https_request_with_body(
         server.wss,

@@ -160,7 +160,7 @@ fn artifacts_cross_the_upstream_link_once_and_stay_authorized_by_the_server() {
     let r = tether_tests::https_request_with_body(
         relay.downstream,
         server.tls(),
-        "localhost",
+        tether_tests::relays::RELAY_HOST,
         "GET",
         &format!("/agent/v1/artifacts/{sha}"),
         &[
@@ -322,7 +322,7 @@ fn relay_install_and_run_refuse_bad_input_and_write_nothing() {
                 "--name",
                 "r1",
                 "--hostname",
-                "localhost",
+                "relay.example",
             ],
             1,
             "invalid or expired enrollment token",
@@ -351,7 +351,7 @@ fn relay_install_and_run_refuse_bad_input_and_write_nothing() {
         "--name",
         "r1",
         "--hostname",
-        "localhost",
+        "relay.example",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
     // `run` without an install says so.
@@ -384,12 +384,19 @@ fn enrollment_refuses_certificate_fields_for_the_wrong_role() {
         )
         .unwrap_or_else(|e| panic!("{e}"))
     };
-    let key = tether_shared::identity::Identity::generate().public_key_b64();
+    let identity = tether_shared::identity::Identity::generate();
+    let key = identity.public_key_b64();
+    let tls_key = tether_shared::tls::TlsKey::generate().unwrap_or_else(|e| panic!("{e}"));
+    let tls_public = tether_tests::enrollment::tls_public_key(&tls_key);
+    let sign = |body: Value, tls: bool| {
+        tether_tests::enrollment::signed(body, &identity, tls.then_some(&tls_key))
+    };
     let agent_token = server.token(1);
-    let r = enroll(
+    let r = enroll(sign(
         json!({"token": agent_token, "name": "a1", "public_key": key,
         "tls_public_key": "AAAA", "hostnames": ["x"]}),
-    );
+        false,
+    ));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(
         r.body.contains("agents do not get TLS certificates"),
@@ -397,15 +404,58 @@ fn enrollment_refuses_certificate_fields_for_the_wrong_role() {
         r.body
     );
     let relay_token = server.enrollment_token("relay");
-    let r = enroll(json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay"}));
+    let r = enroll(sign(
+        json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay"}),
+        false,
+    ));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("tls_public_key"), "{}", r.body);
-    let r = enroll(
+    let r = enroll(sign(
         json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay",
-        "tls_public_key": "AAAA", "hostnames": ["localhost"]}),
-    );
+        "tls_public_key": "AAAA", "hostnames": ["relay.example"]}),
+        false,
+    ));
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("P-256"), "{}", r.body);
+    // A relay must prove it holds the TLS key it wants certified.
+    let other_tls = tether_shared::tls::TlsKey::generate().unwrap_or_else(|e| panic!("{e}"));
+    let mut forged = sign(
+        json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay",
+        "tls_public_key": tls_public, "hostnames": ["relay.example"]}),
+        true,
+    );
+    forged["tls_public_key"] = tether_tests::enrollment::tls_public_key(&other_tls).into();
+    forged["proof"] = sign(
+        json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay",
+        "tls_public_key": forged["tls_public_key"].clone(), "hostnames": ["relay.example"]}),
+        false,
+    )["proof"]
+        .clone();
+    let r = enroll(forged);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("tls_proof does not verify"), "{}", r.body);
+    let mut no_tls_proof = sign(
+        json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay",
+        "tls_public_key": tls_public, "hostnames": ["relay.example"]}),
+        true,
+    );
+    no_tls_proof
+        .as_object_mut()
+        .unwrap_or_else(|| panic!("object"))
+        .remove("tls_proof");
+    let r = enroll(no_tls_proof);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("tls_proof does not verify"), "{}", r.body);
+    // No certificate for a name the server's own certificate covers (localhost, 127.0.0.1).
+    for name in ["localhost", "127.0.0.1"] {
+        let r = enroll(sign(
+            json!({"token": relay_token, "name": "r1", "public_key": key, "role": "relay",
+            "tls_public_key": tls_public, "hostnames": ["relay.example", name]}),
+            true,
+        ));
+        assert_eq!(r.status, 400, "{name}: {}", r.body);
+        assert!(r.body.contains("server's own names"), "{}", r.body);
+    }
     // Nothing was enrolled and both tokens still work.
     assert_eq!(
         server.request("GET", "/api/v1/agents", None).json(),

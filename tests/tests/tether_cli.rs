@@ -89,7 +89,7 @@ impl Tether {
             "--server",
             &server_url(server),
             "--ca",
-            server.ca_path().to_str().unwrap(),
+            server.operator_ca_path().to_str().unwrap(),
             "--token",
             &server.admin_token,
         ]);
@@ -117,7 +117,7 @@ fn login_stores_the_token_privately_and_the_environment_overrides_it() {
     let server = Server::start(dir.path());
     let cli = Tether::new(&dir.path().join("cli"));
     let url = server_url(&server);
-    let ca = server.ca_path();
+    let ca = server.operator_ca_path();
     let ca = ca.to_str().unwrap();
 
     // Not logged in, and usage errors: 2.

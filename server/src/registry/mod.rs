@@ -64,6 +64,8 @@ pub struct AgentRecord {
 /// A token just created: the only time its text exists outside the caller's hands.
 #[derive(Debug, Clone)]
 pub struct IssuedToken {
+    /// The token's id (see [`TokenInfo::id`]): what lists show and revocation takes.
+    pub id: String,
     /// The token to give to `install`; never stored, never logged.
     pub token: Secret<String>,
     /// When it stops being accepted.
@@ -72,6 +74,22 @@ pub struct IssuedToken {
     pub uses: u32,
     /// What it enrolls.
     pub role: Role,
+}
+
+/// A live enrollment token as lists show it: never its text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TokenInfo {
+    /// The first 16 hex digits of the token's sha256: names it without revealing it.
+    pub id: String,
+    /// What it enrolls.
+    pub role: Role,
+    /// Enrollments it still allows.
+    pub uses_left: u32,
+    /// When it stops being accepted.
+    pub expires_unix_ms: u64,
+    /// When it was created (absent for tokens from before this was recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub created_unix_ms: Option<u64>,
 }
 
 /// Whether an agent is connected now.
@@ -170,6 +188,10 @@ pub enum RegistryError {
     /// The key is enrolled under another name.
     #[error("public key already enrolled under another name")]
     KeyTaken,
+    /// An enrolled relay asked for a certificate for another TLS key or other hostnames with
+    /// a token that is spent: a new certificate needs a token with a use left.
+    #[error("this relay is already enrolled, and its certificate was issued for another TLS key or other hostnames; a new certificate needs a relay enrollment token with a use left")]
+    CertificateChange,
     /// The journal refused the change; nothing changed.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -192,6 +214,30 @@ struct StoredAgent {
     /// sha256 (hex) of the token it enrolled with: a retried install presenting the same
     /// (possibly spent) token gets its record back.
     token_sha256: String,
+    /// Relays: the TLS key and hostnames their certificate was issued for. A retry with the
+    /// spent token is certified again only for exactly these; anything else takes a new use
+    /// of a token. Absent for agents and for relays enrolled before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certified: Option<Certified>,
+}
+
+/// What a relay's certificate is issued for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Certified {
+    /// Standard base64 of the raw P-256 public key.
+    tls_public_key: String,
+    /// The certificate's names, in the order asked.
+    hostnames: Vec<String>,
+}
+
+impl Certified {
+    fn of(req: &EnrollRequest) -> Option<Certified> {
+        req.tls_public_key.as_ref().map(|key| Certified {
+            tls_public_key: key.clone(),
+            hostnames: req.hostnames.clone(),
+        })
+    }
 }
 
 /// A stored enrollment token.
@@ -204,6 +250,9 @@ struct StoredToken {
     expires_unix_ms: u64,
     /// What it enrolls.
     role: Role,
+    /// When it was created (0 for tokens stored before this was recorded).
+    #[serde(default)]
+    created_unix_ms: u64,
 }
 
 impl StoredToken {
@@ -443,10 +492,12 @@ impl Registry {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let token = new_token();
         let hash = token_sha256(&token);
+        let id = token_id(&hash);
         let stored = StoredToken {
             uses_left: uses,
             expires_unix_ms: now_ms.saturating_add(ttl_ms),
             role,
+            created_unix_ms: now_ms,
         };
 
         let _change = self.changes.lock().await;
@@ -475,6 +526,7 @@ impl Registry {
             tokens.insert(hash, stored);
         }
         tracing::info!(
+            token_id = %id,
             uses,
             ttl_s = ttl.as_secs(),
             role = %role,
@@ -482,6 +534,7 @@ impl Registry {
             "enrollment-token-created"
         );
         Ok(IssuedToken {
+            id,
             token: Secret::new(token),
             expires_unix_ms: stored.expires_unix_ms,
             uses,
@@ -527,14 +580,30 @@ impl Registry {
                 .any(|s| s.record.public_key == public_key && s.record.name != req.name);
             (same_name, same_key)
         };
+        let certified = Certified::of(&req);
         if let Some(existing) = &same_name {
             let identical =
                 existing.record.public_key == public_key && existing.record.role == req.role;
             let entitled =
                 token.is_some() || hash.as_deref() == Some(existing.token_sha256.as_str());
             if identical && entitled {
-                tracing::info!(agent_id = %existing.record.id, name = %req.name, "agent-re-enrolled");
-                return Ok(existing.record.clone());
+                if existing.certified == certified {
+                    // A retry: nothing new is asked, so nothing is spent. A relay is certified
+                    // again only for the key and names it already holds a certificate for.
+                    tracing::info!(agent_id = %existing.record.id, name = %req.name, "agent-re-enrolled");
+                    return Ok(existing.record.clone());
+                }
+                // A relay asking for another key or other names spends a use of a live token.
+                let (Some(token), Some(hash)) = (token, hash) else {
+                    return Err(RegistryError::CertificateChange);
+                };
+                let stored = StoredAgent {
+                    certified,
+                    ..existing.clone()
+                };
+                let left = self.commit_enrollment(&stored, token, &hash).await?;
+                tracing::info!(agent_id = %stored.record.id, name = %req.name, uses_left = left, "relay-re-certified");
+                return Ok(stored.record);
             }
         }
         let (Some(token), Some(hash)) = (token, hash) else {
@@ -559,7 +628,22 @@ impl Registry {
                 enrolled_unix_ms: now_ms,
             },
             token_sha256: hash.clone(),
+            certified,
         };
+        let left = self.commit_enrollment(&stored, token, &hash).await?;
+        let record = stored.record;
+        tracing::info!(agent_id = %id, name = %record.name, role = %record.role, uses_left = left, "agent-enrolled");
+        Ok(record)
+    }
+
+    /// Commits `stored` with one use less of the token `hash`, then applies both; returns the
+    /// uses left. The caller holds the change lock.
+    async fn commit_enrollment(
+        &self,
+        stored: &StoredAgent,
+        token: StoredToken,
+        hash: &str,
+    ) -> Result<u32, RegistryError> {
         let token_key = format!("{TOKEN_PREFIX}{hash}");
         let left = token.uses_left.saturating_sub(1);
         let token_op = if left == 0 {
@@ -573,11 +657,12 @@ impl Registry {
                 }),
             }
         };
+        let id = &stored.record.id;
         self.journal
             .commit(vec![
                 Op::PutMeta {
                     key: format!("{AGENT_PREFIX}{id}"),
-                    value: encode(&stored),
+                    value: encode(stored),
                 },
                 token_op,
             ])
@@ -585,15 +670,13 @@ impl Registry {
         {
             let mut tokens = write(&self.tokens);
             if left == 0 {
-                tokens.remove(&hash);
-            } else if let Some(t) = tokens.get_mut(&hash) {
+                tokens.remove(hash);
+            } else if let Some(t) = tokens.get_mut(hash) {
                 t.uses_left = left;
             }
         }
-        let record = stored.record.clone();
-        write(&self.agents).insert(id.clone(), stored);
-        tracing::info!(agent_id = %id, name = %record.name, role = %record.role, uses_left = left, "agent-enrolled");
-        Ok(record)
+        write(&self.agents).insert(id.clone(), stored.clone());
+        Ok(left)
     }
 
     /// Replaces the tags and/or the properties of agent `id` (validated; committed before it
@@ -640,10 +723,20 @@ impl Registry {
     /// Forgets agent `id` (committed before it answers): its key no longer authenticates, so
     /// its next handshake is refused. `None` if no agent (not relay) has that id.
     pub async fn delete_agent(&self, id: &str) -> Result<Option<AgentRecord>, RegistryError> {
+        self.delete(id, Role::Agent).await
+    }
+
+    /// Forgets relay `id`, as [`Registry::delete_agent`] an agent: its key no longer
+    /// authenticates, so neither its link nor a channel naming it in a path gets through.
+    pub async fn delete_relay(&self, id: &str) -> Result<Option<AgentRecord>, RegistryError> {
+        self.delete(id, Role::Relay).await
+    }
+
+    async fn delete(&self, id: &str, role: Role) -> Result<Option<AgentRecord>, RegistryError> {
         let _change = self.changes.lock().await;
         let Some(stored) = read(&self.agents)
             .get(id)
-            .filter(|s| s.record.role == Role::Agent)
+            .filter(|s| s.record.role == role)
             .cloned()
         else {
             return Ok(None);
@@ -655,8 +748,62 @@ impl Registry {
             .await?;
         write(&self.agents).remove(id);
         write(&self.presence).remove(id);
-        tracing::info!(agent_id = %id, name = %stored.record.name, "agent-deleted");
+        tracing::info!(agent_id = %id, name = %stored.record.name, role = %role, "agent-deleted");
         Ok(Some(stored.record))
+    }
+
+    /// The enrollment tokens that can still enroll, newest first.
+    pub fn tokens(&self) -> Vec<TokenInfo> {
+        let now_ms = now_unix_ms();
+        let mut list: Vec<TokenInfo> = read(&self.tokens)
+            .iter()
+            .filter(|(_, t)| t.expires_unix_ms > now_ms && t.uses_left > 0)
+            .map(|(hash, t)| TokenInfo {
+                id: token_id(hash),
+                role: t.role,
+                uses_left: t.uses_left,
+                expires_unix_ms: t.expires_unix_ms,
+                created_unix_ms: (t.created_unix_ms > 0).then_some(t.created_unix_ms),
+            })
+            .collect();
+        list.sort_by(|a, b| {
+            b.created_unix_ms
+                .cmp(&a.created_unix_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        list
+    }
+
+    /// Revokes the token whose id is `id` (committed before it answers): it enrolls nobody
+    /// from then on. Peers it already enrolled keep their identities. `None` if no token has
+    /// that id.
+    pub async fn revoke_token(&self, id: &str) -> Result<Option<TokenInfo>, RegistryError> {
+        if id.len() != TOKEN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let _change = self.changes.lock().await;
+        let Some((hash, token)) = read(&self.tokens)
+            .iter()
+            .find(|(hash, _)| token_id(hash).eq_ignore_ascii_case(id))
+            .map(|(h, t)| (h.clone(), *t))
+        else {
+            return Ok(None);
+        };
+        self.journal
+            .commit(vec![Op::DeleteMeta {
+                key: format!("{TOKEN_PREFIX}{hash}"),
+            }])
+            .await?;
+        write(&self.tokens).remove(&hash);
+        let id = token_id(&hash);
+        tracing::info!(token_id = %id, role = %token.role, uses_left = token.uses_left, "enrollment-token-revoked");
+        Ok(Some(TokenInfo {
+            id,
+            role: token.role,
+            uses_left: token.uses_left,
+            expires_unix_ms: token.expires_unix_ms,
+            created_unix_ms: (token.created_unix_ms > 0).then_some(token.created_unix_ms),
+        }))
     }
 
     /// A fresh id for `role`, unused so far.
@@ -723,6 +870,15 @@ fn new_token() -> String {
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     format!("tte_{}", URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// Hex digits of a token's sha256 that make its id.
+const TOKEN_ID_LEN: usize = 16;
+
+/// A token's id: the first [`TOKEN_ID_LEN`] hex digits of its sha256. 64 bits name it among
+/// the live tokens; they say nothing of the token's 256 random bits.
+fn token_id(hash: &str) -> String {
+    hash.get(..TOKEN_ID_LEN).unwrap_or(hash).to_owned()
 }
 
 /// The key a token is stored and looked up under.

@@ -32,6 +32,8 @@ fn request(token: &IssuedToken, name: &str, key: &str) -> EnrollRequest {
         role: Role::Agent,
         tls_public_key: None,
         hostnames: Vec::new(),
+        proof: String::new(),
+        tls_proof: None,
     }
 }
 

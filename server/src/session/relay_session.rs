@@ -835,6 +835,43 @@ impl Handler<LinkReplaced> for RelaySession {
     }
 }
 
+/// A relay was deleted: if it is this link's relay, the link closes (and with it every
+/// channel it carries); otherwise every channel of this link that is that relay, or runs
+/// through it, closes. Sent to every link, since a relay may be carried by another. Answers
+/// how many channels (and links) were closed.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct RevokeRelay {
+    pub relay_id: String,
+}
+
+impl Handler<RevokeRelay> for RelaySession {
+    type Result = usize;
+
+    fn handle(&mut self, msg: RevokeRelay, ctx: &mut Self::Context) -> usize {
+        const REASON: &str = "relay revoked";
+        if self.relay_id.as_deref() == Some(msg.relay_id.as_str()) {
+            let carried = self.channels.len();
+            tracing::warn!(relay_id = %msg.relay_id, conn = self.conn.0, channels = carried, "relay-link-revoked");
+            self.refuse(ctx, 1008, ErrorCode::Unauthorized, REASON);
+            return carried + 1;
+        }
+        let doomed: Vec<u32> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| {
+                c.path.contains(&msg.relay_id)
+                    || matches!(&c.phase, ChannelPhase::Relay { relay_id } if *relay_id == msg.relay_id)
+            })
+            .map(|(ch, _)| *ch)
+            .collect();
+        for ch in &doomed {
+            self.refuse_channel(ctx, *ch, 1008, ErrorCode::Unauthorized, REASON);
+        }
+        doomed.len()
+    }
+}
+
 /// What a link holds now.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RelayLinkHealth {
@@ -943,6 +980,20 @@ pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &str) -> bool {
         }
         None => false,
     }
+}
+
+/// Closes relay `relay_id`'s link, or the channels carrying it or running through it on other
+/// links (a relay behind a relay); answers how many links and channels were closed.
+pub async fn revoke_relay(shared: &SessionShared, relay_id: &str) -> usize {
+    let mut closed = 0;
+    for (_, link) in shared.relay_links.all() {
+        let revoke = RevokeRelay {
+            relay_id: relay_id.to_owned(),
+        };
+        // A link that stopped meanwhile has nothing left to close.
+        closed += link.send(revoke).await.unwrap_or(0);
+    }
+    closed
 }
 
 /// Which link each relay has now: a newer link replaces an older one, as for agents.

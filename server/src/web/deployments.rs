@@ -331,9 +331,6 @@ async fn log(
     Ok(r)
 }
 
-#[derive(Deserialize)]
-struct Empty {}
-
 async fn cancel(
     req: HttpRequest,
     user: CurrentUser,
@@ -341,7 +338,7 @@ async fn cancel(
     body: web::Bytes,
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
-    let _: Empty = csrf::protected_form(&req, &user, &body)?;
+    let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     let id = path.into_inner();
     let sent = deployments_api::cancel_deployment(&state.deployments, &state.links, &id).await?;
     tracing::info!(user = %user.name, deployment_id = %id, sent, "web-deployment-cancelled");

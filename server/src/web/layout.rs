@@ -104,9 +104,10 @@ pub fn redirect(to: &str) -> HttpResponse {
 }
 
 /// The navigation entries: path and label.
-const NAV: [(&str, &str); 8] = [
+const NAV: [(&str, &str); 9] = [
     ("/agents", "Agents"),
     ("/relays", "Relays"),
+    ("/tokens", "Tokens"),
     ("/deployments", "Deployments"),
     ("/processes", "Processes"),
     ("/plugins", "Plugins"),
@@ -201,6 +202,10 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("deleted") => "Deleted.",
         Some("user-created") => "User created.",
         Some("user-deleted") => "User deleted; their sessions were logged out.",
+        Some("token-revoked") => "Token revoked: it enrolls nobody from now on.",
+        Some("relay-deleted") => {
+            "Relay deleted: its key no longer authenticates and its connections were closed."
+        }
         Some("upgrade") => "Upgrade queued.",
         Some("started") => "Deployment started.",
         Some("cancelled") => "Cancel sent.",
@@ -274,6 +279,21 @@ pub fn ago(unix_ms: Option<u64>) -> Markup {
     };
     html! { time title=(utc(ms)) { (text) } }
 }
+
+/// "45 s", "12 min", "3 h", "2 d": a span of milliseconds, roughly.
+pub fn duration_ms(ms: u64) -> String {
+    let secs = ms / 1000;
+    match secs {
+        0..=59 => format!("{secs} s"),
+        60..=3599 => format!("{} min", secs / 60),
+        3600..=86_399 => format!("{} h", secs / 3600),
+        _ => format!("{} d", secs / 86_400),
+    }
+}
+
+/// A form with no field but its CSRF token (a button that does one thing).
+#[derive(serde::Deserialize)]
+pub struct Empty {}
 
 /// Percent-encodes `s` for a path segment or query value (everything but unreserved bytes).
 pub fn enc(s: &str) -> String {

@@ -175,16 +175,13 @@ async fn login(
     Ok(r)
 }
 
-#[derive(Deserialize)]
-struct Empty {}
-
 async fn logout(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
-    let _: Empty = csrf::protected_form(&req, &user, &body)?;
+    let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     if let Some(token) = session::token_of(&req) {
         state.sessions.remove(&token);
     }

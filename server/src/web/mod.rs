@@ -11,7 +11,8 @@
 //! - [`login`]: `/login`, `/logout`, `/account` (password change); failed logins rate-limited.
 //! - [`agents`]: `/agents` (paged, searchable), `/agents/{id}` (tags, properties, upgrade,
 //!   delete).
-//! - [`relays`]: the relays page, `/relays`.
+//! - [`relays`]: the relays page, `/relays` (and delete: revoke a relay).
+//! - [`tokens`]: `/tokens` (enrollment tokens: list, create and show once, revoke).
 //! - [`bulk`]: `/plugins`, `/artifacts` (lists; uploads stay with the CLI and REST API).
 //! - [`processes`]: `/processes` (list, create from JSON), `/processes/{name}`.
 //! - [`deployments`]: `/deployments` (list, start), `/deployments/{id}` (live status and logs,
@@ -34,6 +35,7 @@ pub mod login;
 pub mod processes;
 pub mod relays;
 pub mod session;
+pub mod tokens;
 pub mod users;
 
 use std::sync::Arc;
@@ -80,6 +82,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     login::configure(cfg);
     agents::configure(cfg);
     relays::configure(cfg);
+    tokens::configure(cfg);
     bulk::configure(cfg);
     processes::configure(cfg);
     deployments::configure(cfg);

@@ -1,33 +1,47 @@
 //! `GET /relays`: every relay with its status, version, path, agents carried, last seen and
 //! its upgrade state (roll relay packages out with `tether upgrades rollout V --relay NAME`)
 //! and the health its heartbeats report (`Registry::relay_statuses()`).
+//! `POST /relays/{id}/delete` (confirm=yes): revokes the relay (`AgentAdmin::delete_relay`):
+//! its key stops authenticating and its link and everything it carries close at once.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
+use serde::Deserialize;
 
-use super::layout::{self, ago, badge, resource};
+use super::layout::{self, ago, badge, csrf_field, enc, resource};
 use super::session::CurrentUser;
-use super::WebState;
+use super::{csrf, WebError, WebState};
 use crate::registry::Status;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/relays").route(web::get().to(list)));
+    cfg.service(resource("/relays").route(web::get().to(list)))
+        .service(resource("/relays/{id}/delete").route(web::post().to(delete)));
 }
 
-async fn list(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
+#[derive(Deserialize)]
+struct Done {
+    done: Option<String>,
+}
+
+async fn list(
+    user: CurrentUser,
+    query: web::Query<Done>,
+    state: web::Data<WebState>,
+) -> HttpResponse {
     let relays = state.registry.relay_statuses();
     layout::page(
         "Relays",
         &user,
         "/relays",
         html! {
+            (layout::notice(query.done.as_deref()))
             @if relays.is_empty() {
                 p.muted { "No relay is enrolled. See “Relays” in docs/operations.md." }
             } @else {
                 table #relays {
                     thead { tr {
                         th { "Name" } th { "Status" } th { "Version" } th { "Path" }
-                        th { "Agents online through it" } th { "Last seen" } th { "Upgrade" } th { "Actors" }
+                        th { "Agents online through it" } th { "Last seen" } th { "Upgrade" } th { "Actors" } th {}
                     } }
                     tbody { @for r in &relays {
                         tr {
@@ -54,10 +68,40 @@ async fn list(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
                                     }
                                 }
                             }
+                            td {
+                                form.inline.delete-relay method="post" action={ "/relays/" (enc(&r.id)) "/delete" } {
+                                    (csrf_field(&user))
+                                    label { input type="checkbox" name="confirm" value="yes" required; " I am sure" }
+                                    button.danger type="submit" title="Revoke: its connections close and its agents fail over" { "Delete" }
+                                }
+                            }
                         }
                     } }
                 }
             }
         },
     )
+}
+
+#[derive(Deserialize)]
+struct DeleteForm {
+    confirm: Option<String>,
+}
+
+async fn delete(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<WebState>,
+) -> Result<HttpResponse, WebError> {
+    let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
+    if form.confirm.as_deref() != Some("yes") {
+        return Err(WebError::BadRequest(
+            "tick \"I am sure\" to delete a relay".into(),
+        ));
+    }
+    let (relay, closed) = state.agents.delete_relay(&path.into_inner()).await?;
+    tracing::info!(user = %user.name, relay_id = %relay.id, name = %relay.name, closed, "web-relay-deleted");
+    Ok(layout::redirect("/relays?done=relay-deleted"))
 }

@@ -56,7 +56,7 @@ impl Plan {
             .map(|u| Upstream::parse(u))
             .collect::<Result<Vec<_>, _>>()?;
         if token.trim().is_empty() {
-            return Err("--token must not be empty".into());
+            return Err("the enrollment token must not be empty".into());
         }
         let ca_pem = fs::read_to_string(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
         let tls = crate::tls::client_config(&ca_pem)
@@ -67,6 +67,43 @@ impl Plan {
             tls: Arc::new(tls),
         })
     }
+}
+
+/// The enrollment token from `--token` or `--token-file` (exactly one; `-` reads standard
+/// input), trimmed. A token in a file or on standard input stays out of `ps` and shell history.
+pub fn read_token(token: Option<&str>, token_file: Option<&Path>) -> Result<String, String> {
+    /// Longer than any token we issue (47 characters), short enough to refuse a wrong file.
+    const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+    let text = match (token, token_file) {
+        (Some(_), Some(_)) => return Err("give --token or --token-file, not both".into()),
+        (None, None) => return Err("an enrollment token is required: --token-file FILE (or - for standard input), or --token TOKEN".into()),
+        (Some(token), None) => token.to_owned(),
+        (None, Some(path)) => {
+            let mut text = String::new();
+            let read = if path == Path::new("-") {
+                io::Read::read_to_string(
+                    &mut io::Read::take(io::stdin().lock(), MAX_TOKEN_FILE_BYTES),
+                    &mut text,
+                )
+            } else {
+                fs::File::open(path).and_then(|f| {
+                    io::Read::read_to_string(&mut io::Read::take(f, MAX_TOKEN_FILE_BYTES), &mut text)
+                })
+            };
+            read.map_err(|e| format!("--token-file {}: {e}", path.display()))?;
+            text
+        }
+    };
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("the enrollment token must not be empty".into());
+    }
+    if token.len() >= 512 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(
+            "the enrollment token must be one word (as `tether tokens create` printed it)".into(),
+        );
+    }
+    Ok(token.to_owned())
 }
 
 /// Sends `request` to each upstream in order; returns the base URL that answered and its answer.
@@ -165,6 +202,22 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_come_from_one_place_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "tte_abc\n").unwrap();
+        assert_eq!(read_token(None, Some(&file)).unwrap(), "tte_abc");
+        assert_eq!(read_token(Some(" tte_x "), None).unwrap(), "tte_x");
+        assert!(read_token(Some("a"), Some(&file)).is_err());
+        assert!(read_token(None, None).is_err());
+        assert!(read_token(None, Some(&dir.path().join("missing"))).is_err());
+        std::fs::write(&file, "\n").unwrap();
+        assert!(read_token(None, Some(&file)).is_err());
+        std::fs::write(&file, "two words").unwrap();
+        assert!(read_token(None, Some(&file)).is_err());
+    }
 
     #[test]
     fn answers_are_checked() {

@@ -163,6 +163,34 @@ impl TlsKey {
     pub fn key_pem(&self) -> String {
         self.key.serialize_pem()
     }
+
+    /// An ECDSA P-256 / SHA-256 signature (ASN.1 DER) over `message`: the relay's proof, at
+    /// enrollment, that it holds the key it asks the CA to certify. Checked with
+    /// [`verify_p256`].
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, TlsError> {
+        let rng = ring::rand::SystemRandom::new();
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &self.key.serialize_der(),
+            &rng,
+        )
+        .map_err(|e| TlsError::Ca(format!("TLS key cannot sign: {e}")))?;
+        pair.sign(&rng, message)
+            .map(|sig| sig.as_ref().to_vec())
+            .map_err(|_| TlsError::Ca("TLS key signature failed".into()))
+    }
+}
+
+/// Whether `signature` (ASN.1 DER) is an ECDSA P-256 / SHA-256 signature over `message` by the
+/// key whose raw public half (an uncompressed point, as [`TlsKey::public_key_raw`]) is
+/// `public_key_raw`.
+pub fn verify_p256(public_key_raw: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    ring::signature::UnparsedPublicKey::new(
+        &ring::signature::ECDSA_P256_SHA256_ASN1,
+        public_key_raw,
+    )
+    .verify(message, signature)
+    .is_ok()
 }
 
 /// The public half of someone else's P-256 key.

@@ -20,7 +20,7 @@ use rustls::{
     SupportedProtocolVersion,
 };
 
-pub use ca::{valid_hostname, Ca, TlsKey, SERVER_CERT_VALIDITY_DAYS};
+pub use ca::{valid_hostname, verify_p256, Ca, TlsKey, SERVER_CERT_VALIDITY_DAYS};
 
 /// The only protocol versions Tether speaks, newest first.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
@@ -127,6 +127,25 @@ pub fn client_config(ca_pem: &str) -> Result<ClientConfig, TlsError> {
     config.enable_early_data = false;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(config)
+}
+
+/// Whether the first certificate in `cert_pem` is valid for `name` (a DNS name, wildcards
+/// included, or an IP address), by the rules a TLS client applies. The server refuses to have
+/// a relay certified for any name its own certificate covers.
+pub fn certificate_covers(cert_pem: &str, name: &str) -> Result<bool, TlsError> {
+    let first = parse_certs(cert_pem, "certificate")?
+        .into_iter()
+        .next()
+        .ok_or(TlsError::Empty {
+            what: "certificate",
+            expected: "CERTIFICATE",
+        })?;
+    let cert = webpki::EndEntityCert::try_from(&first)
+        .map_err(|e| TlsError::Ca(format!("certificate cannot be parsed: {e}")))?;
+    let Ok(name) = ServerName::try_from(name.to_owned()) else {
+        return Ok(false);
+    };
+    Ok(cert.verify_is_valid_for_subject_name(&name).is_ok())
 }
 
 /// Runs a complete TLS handshake between `client` and `server` in memory, as if the client had

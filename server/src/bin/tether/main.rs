@@ -83,7 +83,7 @@ enum Command {
     /// Enrolled relays.
     Relays {
         #[command(subcommand)]
-        command: Option<ListCommand>,
+        command: Option<RelaysCommand>,
     },
     /// Users of the web application (one role: every user may do everything).
     Users {
@@ -93,7 +93,7 @@ enum Command {
     /// Enrollment tokens.
     Tokens {
         #[command(subcommand)]
-        command: TokensCommand,
+        command: Option<TokensCommand>,
     },
     /// Plugin bundles.
     Plugins {
@@ -157,9 +157,15 @@ enum AgentsCommand {
 }
 
 #[derive(Debug, Subcommand)]
-enum ListCommand {
-    /// List them (the default).
+enum RelaysCommand {
+    /// Every relay: name, status, version, path, agents carried (the default).
     List,
+    /// Revoke a relay: its key stops authenticating, its link and every connection it carries
+    /// close at once (its agents fail over to their next upstream).
+    Delete {
+        /// Name or id.
+        relay: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -180,6 +186,14 @@ enum UsersCommand {
 
 #[derive(Debug, Subcommand)]
 enum TokensCommand {
+    /// The tokens that can still enroll: id, role, uses left, expiry; never the token itself
+    /// (the default).
+    List,
+    /// Revoke a token by its id: it enrolls nobody from then on (peers it enrolled stay).
+    Revoke {
+        /// The id `tether tokens list` shows.
+        id: String,
+    },
     /// Create an enrollment token and print it (the only time it is shown).
     Create {
         /// How many enrollments it allows.
@@ -370,24 +384,26 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             None | Some(AgentsCommand::List) => agents::list(&connect()?, json),
             Some(AgentsCommand::Show { agent }) => agents::show(&connect()?, &agent, json),
         },
-        Command::Relays { command: None }
-        | Command::Relays {
-            command: Some(ListCommand::List),
-        } => relays::list(&connect()?, json),
+        Command::Relays { command } => match command {
+            None | Some(RelaysCommand::List) => relays::list(&connect()?, json),
+            Some(RelaysCommand::Delete { relay }) => relays::delete(&connect()?, &relay, json),
+        },
         Command::Users { command } => match command {
             None | Some(UsersCommand::List) => users::list(&connect()?, json),
             Some(UsersCommand::Create { name }) => users::create(&connect()?, &name, json),
             Some(UsersCommand::Delete { name }) => users::delete(&connect()?, &name, json),
         },
-        Command::Tokens {
-            command: TokensCommand::Create { uses, ttl_s, role },
-        } => {
-            let role = match role {
-                Role::Agent => "agent",
-                Role::Relay => "relay",
-            };
-            tokens::create(&connect()?, uses, ttl_s, role, json)
-        }
+        Command::Tokens { command } => match command {
+            None | Some(TokensCommand::List) => tokens::list(&connect()?, json),
+            Some(TokensCommand::Revoke { id }) => tokens::revoke(&connect()?, &id, json),
+            Some(TokensCommand::Create { uses, ttl_s, role }) => {
+                let role = match role {
+                    Role::Agent => "agent",
+                    Role::Relay => "relay",
+                };
+                tokens::create(&connect()?, uses, ttl_s, role, json)
+            }
+        },
         Command::Plugins { command } => match command {
             PluginsCommand::Upload { file } => plugins::upload(&connect()?, &file, json),
             PluginsCommand::List => plugins::list(&connect()?, json),

@@ -1,11 +1,12 @@
-//! `tether relays [list]`: `GET /api/v1/relays`.
+//! `tether relays [list]`: `GET /api/v1/relays`; `tether relays delete RELAY`:
+//! `DELETE /api/v1/relays/RELAY` (revoked, its link and what it carries closed at once).
 
 use std::process::ExitCode;
 
 use serde_json::Value;
 
 use super::{items, str_at, u64_at};
-use crate::client::Client;
+use crate::client::{segment, Client};
 use crate::error::{About, CliError};
 use crate::output::{self, ago, cell, now_unix_ms, Table};
 
@@ -48,5 +49,21 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         ]);
     }
     table.print()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes (revokes) relay `relay`, by name or id.
+pub fn delete(client: &Client, relay: &str, json: bool) -> Result<ExitCode, CliError> {
+    let answer = client
+        .delete_json(&format!("/api/v1/relays/{}", segment(relay)))
+        .about(|| format!("relay {relay}"))?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!(
+            "relay {relay} deleted: its key no longer authenticates; {} link(s) and connection(s) closed",
+            cell(&answer["closed"])
+        ))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

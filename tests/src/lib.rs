@@ -22,6 +22,7 @@ pub mod loadgen;
 pub mod measure;
 pub mod netns;
 pub mod relays;
+pub mod tether_cli;
 pub mod webdriver;
 pub mod wire;
 

@@ -648,3 +648,111 @@ fn agents_fail_over_when_a_relay_dies_for_good() {
     }
     eprintln!("total {:?}", t0.elapsed());
 }
+
+#[test]
+fn deleting_a_relay_revokes_it_at_once_and_its_agents_fail_over() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let relay_a = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
+    let relay_b = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-b");
+    let mut agents: Vec<Agent> = ["edge-1", "edge-2"]
+        .iter()
+        .map(|name| {
+            Agent::install_via(
+                &server,
+                &[relay_a.upstream(), relay_b.upstream()],
+                tmp.path(),
+                name,
+                &["edge"],
+                &[],
+            )
+        })
+        .collect();
+    for a in &mut agents {
+        a.run();
+    }
+    let targets: Vec<Target> = agents.iter().map(Target::of).collect();
+    for t in &targets {
+        online_via(&server, t, &["relay-a"], WAIT);
+    }
+    let relay_a_id = relay_entry(&server, "relay-a").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A deployment whose first step is running on both agents, and probes in flight both ways.
+    put_marker_process(&server, "marks", ["3", "0.2", "0.2", "0.2"]);
+    let mut queued = vec![Queued::default(); targets.len()];
+    let id = deploy(&server, "marks", &targets);
+    eventually("the first step running on both agents", WAIT, || {
+        let d = deployment(&server, &id);
+        let jobs = d["jobs"].as_array()?;
+        (jobs.len() == 2 && jobs.iter().all(|j| j["steps"][0]["status"] == "running")).then_some(())
+    });
+    for (t, q) in targets.iter().zip(&mut queued) {
+        queue_probes(&server, t, q, 3000, 3000);
+    }
+
+    // relay-a is deleted while it runs: the server closes its link itself.
+    let t0 = Instant::now();
+    let r = server.request("DELETE", "/api/v1/relays/relay-a", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["deleted"], true);
+    assert!(
+        r.json()["closed"].as_u64() >= Some(3),
+        "its link and both agents' channels: {}",
+        r.body
+    );
+    eventually("relay-a's link closed on the server", WAIT, || {
+        let health = server.request("GET", "/admin/health", None).json();
+        health["relay_links"]
+            .get(&relay_a_id)
+            .is_none()
+            .then_some(())
+    });
+    let closed_after = t0.elapsed();
+    eprintln!("relay-a's link closed {closed_after:?} after the delete");
+    assert!(
+        closed_after < Duration::from_secs(3),
+        "closing is immediate, not a timeout: {closed_after:?}"
+    );
+    assert!(
+        relay_entry(&server, "relay-a").is_none(),
+        "no longer listed"
+    );
+
+    // Its agents move to relay-b and finish everything exactly once.
+    for t in &targets {
+        online_via(&server, t, &["relay-b"], WAIT);
+    }
+    eprintln!(
+        "agents online through relay-b {:?} after the delete",
+        t0.elapsed()
+    );
+    for (t, q) in targets.iter().zip(&mut queued) {
+        queue_probes(&server, t, q, 300, 300);
+    }
+    for (t, q) in targets.iter().zip(&queued) {
+        check_probes(&server, t, *q, WAIT);
+    }
+    let refs: Vec<&Target> = targets.iter().collect();
+    check_deployment(&server, &id, &refs, WAIT);
+    for t in &targets {
+        check_job_dirs(&server, t, std::slice::from_ref(&id));
+    }
+
+    // relay-a, still running, keeps trying and is refused every time; it never carries an
+    // agent again.
+    let relay_log = tmp.path().join("relay-a.log");
+    eventually("relay-a refused when it reconnects", WAIT, || {
+        let log = std::fs::read_to_string(&relay_log).unwrap_or_default();
+        (log.contains("relay revoked") && log.contains("upstream-refused")).then_some(())
+    });
+    let health = relay_a.health();
+    assert_ne!(health["upstream"]["state"], "connected", "{health}");
+    for t in &targets {
+        let entry = agent_entry(&server, t).unwrap();
+        assert_eq!(entry["path"], json!(["relay-b"]), "{entry}");
+    }
+    assert_eq!(relay_b.health()["upstream"]["agents"], 2);
+}

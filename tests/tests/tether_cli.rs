@@ -7,102 +7,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::tether_cli::{server_url, Tether};
 use tether_tests::{stderr, stdout, ChildGuard};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The `tether` binary with its own config home, so that nothing of the host's leaks in.
-struct Tether {
-    root: PathBuf,
-}
-
-impl Tether {
-    fn new(root: &Path) -> Tether {
-        for dir in ["etc", "home", "xdg"] {
-            fs::create_dir_all(root.join(dir)).unwrap();
-        }
-        Tether {
-            root: root.to_owned(),
-        }
-    }
-
-    fn login_file(&self) -> PathBuf {
-        self.root.join("xdg/tether/cli.json")
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = tether_tests::command("tether", &self.root.join("etc"));
-        cmd.env("XDG_CONFIG_HOME", self.root.join("xdg"))
-            .env("HOME", self.root.join("home"))
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Runs `tether args` with extra environment and standard input.
-    fn run_with(&self, env: &[(&str, &str)], input: Option<&str>, args: &[&str]) -> Output {
-        let mut cmd = self.command(args);
-        cmd.envs(env.iter().copied())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if input.is_some() {
-            cmd.stdin(Stdio::piped());
-        }
-        let mut child = cmd.spawn().unwrap();
-        if let Some(text) = input {
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(text.as_bytes())
-                .unwrap();
-        }
-        child.wait_with_output().unwrap()
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.run_with(&[], None, args)
-    }
-
-    /// `tether args --json`, which must exit 0; its stdout parsed.
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.push("--json");
-        let out = self.run(&all);
-        assert_eq!(code(&out), Some(0), "tether {all:?}: {}", stderr(&out));
-        serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("tether {all:?}: not JSON ({e}): {}", stdout(&out)))
-    }
-
-    fn login(&self, server: &Server) {
-        let out = self.run(&[
-            "login",
-            "--server",
-            &server_url(server),
-            "--ca",
-            server.operator_ca_path().to_str().unwrap(),
-            "--token",
-            &server.admin_token,
-        ]);
-        assert_eq!(code(&out), Some(0), "login: {}", stderr(&out));
-    }
-}
-
 fn code(out: &Output) -> Option<i32> {
     out.status.code()
-}
-
-fn server_url(server: &Server) -> String {
-    format!("https://localhost:{}", server.https.port())
 }
 
 fn get(server: &Server, path: &str) -> Value {

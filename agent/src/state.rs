@@ -11,7 +11,8 @@ use tether_shared::state_file::{self, Advice};
 pub const STATE_FILE: &str = "agent.json";
 /// The agent's Ed25519 private key, `DIR/agent.key` (mode 0600).
 pub const KEY_FILE: &str = "agent.key";
-/// The CA the agent trusts (and only it), `DIR/ca.pem`, copied from `install --ca`.
+/// The CAs the agent trusts (and only them), `DIR/ca.pem`, copied from `install --ca` (the
+/// server's `agent-ca.pem`: its CA and the relay CA).
 pub const CA_FILE: &str = "ca.pem";
 
 pub use tether_shared::state_file::StateError;

@@ -1,6 +1,6 @@
 //! `tether-relay run`: the relay's actor system. Two listeners:
 //! - downstream (`listen.downstream`, default 0.0.0.0:20080, TLS with the certificate the
-//!   server's CA signed at install): the same agent-facing surface as the server's 7919, so a
+//!   server's relay CA signed at install): the same agent-facing surface as the server's 7919, so a
 //!   relay and a server are interchangeable upstreams: `GET /agent/v1/ws` (agents),
 //!   `GET /relay/v1/ws` (child relays), `POST /agent/v1/enroll` and the bulk downloads;
 //! - admin (`listen.admin`, loopback only, plain HTTP): `GET /admin/health`.

@@ -11,9 +11,10 @@ use tether_shared::state_file::{self, Advice};
 pub const STATE_FILE: &str = "relay.json";
 /// The relay's Ed25519 key, which proves its identity upstream (mode 0600).
 pub const KEY_FILE: &str = "relay.key";
-/// The only CA trusted upstream; it also signed this relay's certificate.
+/// The CAs trusted upstream (the server's `agent-ca.pem`: its CA and the relay CA, which also
+/// signed this relay's certificate).
 pub const CA_FILE: &str = "ca.pem";
-/// This relay's TLS certificate for its downstream listener, signed by the server's CA.
+/// This relay's TLS certificate for its downstream listener, signed by the server's relay CA.
 pub const TLS_CERT_FILE: &str = "tls.pem";
 /// Its TLS private key (mode 0600); never leaves this machine.
 pub const TLS_KEY_FILE: &str = "tls.key";

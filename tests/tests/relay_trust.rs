@@ -183,7 +183,11 @@ fn a_relay_certificate_cannot_pose_as_the_server_to_operators() {
     // the CA's doing), and the relay, which serves no operator API, still refuses the login.
     let out = login(&impostor, &agent_ca);
     assert_ne!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(!stderr(&out).contains("untrusted issuer"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("untrusted issuer"),
+        "{}",
+        stderr(&out)
+    );
     // The admin token never reached the relay's log (nor anything the relay keeps).
     let relay_log = read(&dir.path().join("relay-a.log"));
     assert!(!relay_log.contains(&server.admin_token));

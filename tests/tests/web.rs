@@ -485,3 +485,101 @@ fn agents_can_be_patched_and_deleted_over_rest() {
     assert!(server.agent(&agent.id).is_none());
     assert_eq!(server.request("DELETE", &path, None).status, 404);
 }
+
+/// Logs `s` in as admin at `base` and waits for the agents page.
+fn log_in(s: &Session<'_>, base: &str, password: &str) {
+    s.goto(&format!("{base}/agents")).unwrap();
+    s.type_text(&s.wait_for("#user", WAIT).unwrap(), "admin")
+        .unwrap();
+    s.type_text(&s.find("#password").unwrap(), password.trim())
+        .unwrap();
+    click(s, "#login");
+    s.wait_text("h1", WAIT, |t| t == "Agents").unwrap();
+}
+
+#[test]
+fn enrollment_tokens_and_relays_are_revoked_from_the_browser() {
+    let dir = TestDir::new();
+    let Some(driver) = driver_or_skip(&dir.path().join("chromedriver.log")) else {
+        return;
+    };
+    let server = Server::start(dir.path());
+    let password = std::fs::read_to_string(server.dir.join("admin.password")).unwrap();
+    let relay =
+        tether_tests::relays::Relay::start(&server, &[server.upstream()], dir.path(), "relay-w");
+    let profile = dir.path().join("chromium-profile");
+    let s = match driver.session(&profile) {
+        Ok(s) => s,
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("headless Chromium does not start: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: headless Chromium does not start: {why}");
+            return;
+        }
+    };
+    let base = format!("https://localhost:{}", server.https.port());
+    log_in(&s, &base, &password);
+    let tokens = || {
+        server
+            .request("GET", "/api/v1/enrollment-tokens", None)
+            .json()
+    };
+
+    // A token made on the Tokens page is shown once, and only there.
+    click(&s, "nav a[href='/tokens']");
+    s.wait_text("h1", WAIT, |t| t == "Enrollment tokens")
+        .unwrap();
+    set_value(&s, "#token-uses", "2");
+    click(&s, "#create-token");
+    let shown = s.wait_for("#token-text", WAIT).unwrap();
+    let token = s.text(&shown).unwrap();
+    assert!(token.starts_with("tte_"), "{token}");
+    let listed = tokens();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed[0]["uses_left"], 2);
+    s.goto(&format!("{base}/tokens")).unwrap();
+    s.wait_for(&format!("tr[data-token='{id}']"), WAIT).unwrap();
+    assert!(!s.source().unwrap().contains(&token), "shown once only");
+
+    // Revoking without the CSRF token changes nothing; the button revokes it.
+    let cookie = format!("tether_session={}", s.cookie("tether_session").unwrap());
+    let form = [
+        ("Cookie", cookie.as_str()),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+        ("Origin", base.as_str()),
+    ];
+    let relay_id = server.request("GET", "/api/v1/relays", None).json()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for path in [
+        format!("/tokens/{id}/revoke"),
+        format!("/relays/{relay_id}/delete"),
+    ] {
+        let r = raw(&server, "POST", &path, &form, Some("confirm=yes"));
+        assert_eq!(r.status, 403, "{path}: {}", r.body);
+    }
+    assert_eq!(tokens().as_array().unwrap().len(), 1);
+    click(&s, &format!("tr[data-token='{id}'] button"));
+    s.wait_text(".notice", WAIT, |t| t.starts_with("Token revoked"))
+        .unwrap();
+    assert_eq!(tokens(), json!([]));
+
+    // The relay, deleted from the relays page: revoked and no longer listed.
+    click(&s, "nav a[href='/relays']");
+    s.wait_text("h1", WAIT, |t| t == "Relays").unwrap();
+    click(&s, "form.delete-relay input[name=confirm]");
+    click(&s, "form.delete-relay button");
+    s.wait_text(".notice", WAIT, |t| t.starts_with("Relay deleted"))
+        .unwrap();
+    assert_eq!(
+        server.request("GET", "/api/v1/relays", None).json(),
+        json!([])
+    );
+    eventually("the relay refused upstream", WAIT, || {
+        (relay.health()["upstream"]["state"] != "connected").then_some(())
+    });
+    drop(s);
+}

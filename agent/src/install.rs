@@ -162,7 +162,7 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, Install
     request
         .sign(&identity, None)
         .map_err(|e| InstallError::Usage(e.to_string()))?;
-    let (upstream, answer) = post_enrollment(&plan.upstreams, plan.tls.clone(), &request)?;
+    let (upstream, answer) = post_enrollment(&plan, &request)?;
 
     let ca_path = data_dir.join(CA_FILE);
     write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(|source| {

@@ -144,7 +144,7 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
         tls_proof: None,
     };
     request.sign(&identity, Some(&tls_key))?;
-    let (upstream, answer) = post_enrollment(&plan.upstreams, plan.tls.clone(), &request)?;
+    let (upstream, answer) = post_enrollment(&plan, &request)?;
     let cert = answer.tls_certificate.ok_or(InstallError::NoCertificate)?;
     // The certificate must be for our key and chain to a trusted CA before anything relies on
     // it; with only the server's ca.pem the relay CA is missing.

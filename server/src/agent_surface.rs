@@ -45,6 +45,8 @@ pub struct AgentSurface {
     pub registry: Arc<Registry>,
     /// Standard base64 of the server's command-signing public key, handed out at enrollment.
     pub server_signing_key: String,
+    /// `DIR/signing.pem`: the server CA's certificate of that key, handed out with it.
+    pub server_signing_certificate: String,
     /// Failed enrollment attempts per source.
     pub limiter: EnrollLimiter,
     /// The relay CA: signs relays' TLS certificates at enrollment, and nothing else.
@@ -106,6 +108,7 @@ async fn enroll(
                 agent_id: record.id,
                 server_signing_key: state.server_signing_key.clone(),
                 tls_certificate,
+                server_signing_certificate: Some(state.server_signing_certificate.clone()),
             }))
         }
         Err(RegistryError::InvalidToken) => {

@@ -34,6 +34,10 @@ pub const SERVER_KEY: &str = "server.key";
 pub const SIGNING_KEY: &str = "signing.key";
 /// Its public half, base64: agents pin it at enrollment.
 pub const SIGNING_PUB: &str = "signing.pub";
+/// The server CA's certificate of the command-signing key (code signing only): handed out at
+/// enrollment, so that an agent enrolling through a relay can check the key it pins. Not in
+/// [`FILES`]: `run` creates it in a directory initialized before it existed.
+pub const SIGNING_CERT: &str = "signing.pem";
 /// Bearer token for the REST API and admin endpoints.
 pub const ADMIN_TOKEN: &str = "admin.token";
 /// The web application's initial `admin` password: read at `run` while no user exists yet.
@@ -150,6 +154,9 @@ pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
     let public = format!("{}\n", signing.public_key_b64());
     write_file_atomic(&dir.join(SIGNING_PUB), public.as_bytes(), 0o644)
         .map_err(io_err(SIGNING_PUB))?;
+    let signing_cert = ca.issue_signing_cert(&signing.public_key().to_bytes())?;
+    write_file_atomic(&dir.join(SIGNING_CERT), signing_cert.as_bytes(), 0o644)
+        .map_err(io_err(SIGNING_CERT))?;
     write_private_file(&dir.join(ADMIN_TOKEN), admin_token.expose().as_bytes())
         .map_err(io_err(ADMIN_TOKEN))?;
     write_private_file(
@@ -193,6 +200,34 @@ pub fn ensure_relay_ca(dir: &Path) -> Result<Ca, InitError> {
         })?;
     }
     Ok(relay_ca)
+}
+
+/// `DIR/signing.pem`, the server CA's certificate of the command-signing key `signing`: read,
+/// or made (with `ca.key`) in a directory that predates it. A certificate for another key (a
+/// signing key replaced by hand) is made again.
+pub fn ensure_signing_cert(dir: &Path, signing: &Identity) -> Result<String, InitError> {
+    let path = dir.join(SIGNING_CERT);
+    let read = |path: &Path| {
+        fs::read_to_string(path).map_err(|source| InitError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let raw = signing.public_key().to_bytes();
+    let ca_pem = read(&dir.join(CA_CERT))?;
+    if let Ok(pem) = fs::read_to_string(&path) {
+        if tls::verify_signing_cert(&pem, &ca_pem, &raw).is_ok() {
+            return Ok(pem);
+        }
+    }
+    let ca = Ca::from_pem(&ca_pem, &read(&dir.join(CA_KEY))?)?;
+    let pem = ca.issue_signing_cert(&raw)?;
+    write_file_atomic(&path, pem.as_bytes(), 0o644).map_err(|source| InitError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    tracing::warn!(path = %path.display(), "signing-certificate-created");
+    Ok(pem)
 }
 
 /// Writes the relay CA's key and certificate, and the agents' bundle.
@@ -293,7 +328,14 @@ mod tests {
         ] {
             assert_eq!(mode(&dir.join(secret)), 0o600, "{secret}");
         }
-        for public in [CA_CERT, RELAY_CA_CERT, AGENT_CA, SERVER_CERT, SIGNING_PUB] {
+        for public in [
+            CA_CERT,
+            RELAY_CA_CERT,
+            AGENT_CA,
+            SERVER_CERT,
+            SIGNING_PUB,
+            SIGNING_CERT,
+        ] {
             assert_eq!(mode(&dir.join(public)), 0o644, "{public}");
         }
         let token = fs::read_to_string(dir.join(ADMIN_TOKEN)).unwrap();
@@ -302,7 +344,18 @@ mod tests {
         let password = fs::read_to_string(dir.join(ADMIN_PASSWORD)).unwrap();
         assert_eq!(&password, done.admin_password.expose());
         assert!(password.len() >= crate::users::MIN_PASSWORD_LEN);
-        Identity::load(&dir.join(SIGNING_KEY)).unwrap();
+        let signing = Identity::load(&dir.join(SIGNING_KEY)).unwrap();
+        let signing_cert = fs::read_to_string(dir.join(SIGNING_CERT)).unwrap();
+        tls::verify_signing_cert(
+            &signing_cert,
+            &fs::read_to_string(dir.join(CA_CERT)).unwrap(),
+            &signing.public_key().to_bytes(),
+        )
+        .unwrap();
+        assert_eq!(ensure_signing_cert(dir, &signing).unwrap(), signing_cert);
+        fs::remove_file(dir.join(SIGNING_CERT)).unwrap();
+        let again = ensure_signing_cert(dir, &signing).unwrap();
+        assert_eq!(fs::read_to_string(dir.join(SIGNING_CERT)).unwrap(), again);
         let ca = Ca::from_pem(
             &fs::read_to_string(dir.join(CA_CERT)).unwrap(),
             &fs::read_to_string(dir.join(CA_KEY)).unwrap(),

@@ -125,6 +125,9 @@ pub enum RunError {
         /// What is wrong.
         source: TlsError,
     },
+    /// The command-signing certificate could not be read or made.
+    #[error("signing certificate: {0}")]
+    SigningCertificate(init::InitError),
     /// The relay CA could not be loaded or created.
     #[error("relay CA: {0}")]
     RelayCa(init::InitError),
@@ -194,6 +197,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         })?;
     let signing = Identity::load(&dir.join(init::SIGNING_KEY))?;
     let server_signing_key = signing.public_key_b64();
+    let server_signing_certificate =
+        init::ensure_signing_cert(dir, &signing).map_err(RunError::SigningCertificate)?;
     // Blocking (sled recovery reads every entry): done before the runtime starts.
     let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &JournalOptions::default())?;
     tracing::info!(
@@ -228,6 +233,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         server_cert_pem,
         signing,
         server_signing_key,
+        server_signing_certificate,
         journal,
         registry,
         deployments,
@@ -253,6 +259,8 @@ struct Loaded {
     signing: Identity,
     /// Public half of `DIR/signing.key`, base64: agents pin it at enrollment.
     server_signing_key: String,
+    /// `DIR/signing.pem`: the server CA's certificate of that key.
+    server_signing_certificate: String,
     /// The opened journal, not yet started as an actor.
     journal: Journal,
     /// Agents, relays and enrollment tokens, loaded from the journal.
@@ -434,6 +442,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let surface_state = web::Data::new(AgentSurface {
         registry: loaded.registry,
         server_signing_key: loaded.server_signing_key,
+        server_signing_certificate: loaded.server_signing_certificate,
         limiter: EnrollLimiter::default(),
         relay_ca: loaded.relay_ca,
         server_cert_pem: loaded.server_cert_pem,

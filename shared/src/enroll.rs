@@ -176,9 +176,15 @@ pub struct EnrollResponse {
     pub agent_id: String,
     /// Standard base64 of the server's command-signing public key, to pin.
     pub server_signing_key: String,
-    /// Relays only: the relay's TLS certificate (PEM), signed by the server's CA.
+    /// Relays only: the relay's TLS certificate (PEM), signed by the server's relay CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_certificate: Option<String>,
+    /// The server CA's certificate (PEM) of `server_signing_key`, for code signing only: the
+    /// installer checks it against its `--ca` before pinning the key, so an answer altered on
+    /// the way (by a relay it enrolls through) is refused. Required by installers; optional
+    /// here only so that the refusal can say what is missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_signing_certificate: Option<String>,
 }
 
 /// Why `what` (a name or a tag) is not acceptable, if it is not: 1 to [`MAX_NAME_LEN`]

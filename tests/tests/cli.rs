@@ -250,6 +250,7 @@ fn server_init_creates_a_working_data_dir_once() {
             "server.key",
             "server.pem",
             "signing.key",
+            "signing.pem",
             "signing.pub"
         ]
     );

@@ -5,14 +5,18 @@
 //!   trust: the CLI refuses a relay that poses as the server, and sends it nothing;
 //! - enrollment tokens are listed by id (never their text) and revoked at once, from the REST
 //!   API and the CLI;
-//! - installs read the token from a file or standard input, so it stays out of `ps`.
+//! - installs read the token from a file or standard input, so it stays out of `ps`;
+//! - an agent enrolling through a relay that alters the answer (to make it pin another
+//!   command-signing key) refuses it and pins nothing.
 //!
 //! Deleting a relay while it carries agents is in `relay_faults.rs` (it shares the fault
 //! harness there).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -460,4 +464,157 @@ fn installs_read_the_token_from_a_file_or_standard_input() {
     // The spare token was never spent by the refusals.
     let out = install_agent(&server, dir.path(), &["--token", &spare], "spare", None);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+/// What the hostile enrollment relay does to the server's answer.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum Alter {
+    /// Passes it on unchanged (the control).
+    Nothing,
+    /// Replaces the signing key with its own, keeps the server's certificate.
+    Key,
+    /// Replaces the key and brings a certificate for it from a CA of its own.
+    KeyAndCertificate,
+    /// Replaces the key and drops the certificate.
+    KeyWithoutCertificate,
+}
+
+/// A hostile relay in front of the server's enrollment endpoint, with a real relay-CA
+/// certificate for [`RELAY_HOST`] (what a stolen relay holds): it forwards each enrollment to
+/// the server and alters the answer as `mode` says. Answers its address.
+fn altering_relay(server: &Server, mode: Arc<AtomicU8>) -> SocketAddr {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let relay_ca = tls::Ca::from_pem(
+        &read(&server.dir.join("relay-ca.pem")),
+        &read(&server.dir.join("relay-ca.key")),
+    )
+    .unwrap();
+    let key = TlsKey::generate().unwrap();
+    let cert = relay_ca
+        .issue_cert_for_key(&[RELAY_HOST.to_owned()], &key.public_key_raw())
+        .unwrap();
+    let config = tls::server_config(&cert, &key.key_pem()).unwrap();
+    let listener = TcpListener::bind((RELAY_HOST, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (wss, client) = (server.wss, server.tls());
+    let attacker = Identity::generate();
+    let attacker_ca = tls::Ca::generate("attacker").unwrap();
+    let raw = attacker.public_key().to_bytes();
+    let forged_cert = attacker_ca.issue_signing_cert(&raw).unwrap();
+    let forged_key = attacker.public_key_b64();
+    std::thread::spawn(move || {
+        actix_rt::System::new().block_on(async move {
+            let srv = HttpServer::new(move || {
+                let (client, mode) = (client.clone(), mode.clone());
+                let (forged_key, forged_cert) = (forged_key.clone(), forged_cert.clone());
+                App::new().route(
+                    "/agent/v1/enroll",
+                    web::post().to(move |body: web::Bytes| {
+                        let (client, mode) = (client.clone(), mode.clone());
+                        let (forged_key, forged_cert) = (forged_key.clone(), forged_cert.clone());
+                        async move {
+                            let reply = web::block(move || {
+                                tether_tests::https_request_with_body(
+                                    wss,
+                                    client,
+                                    "localhost",
+                                    "POST",
+                                    "/agent/v1/enroll",
+                                    &[("Content-Type", "application/json")],
+                                    Some(&body),
+                                )
+                            })
+                            .await
+                            .unwrap()
+                            .unwrap();
+                            let mut answer: Value =
+                                serde_json::from_str(&reply.body).unwrap_or(Value::Null);
+                            if reply.status == 200 {
+                                let alter = mode.load(Ordering::SeqCst);
+                                if alter != Alter::Nothing as u8 {
+                                    answer["server_signing_key"] = forged_key.into();
+                                }
+                                if alter == Alter::KeyAndCertificate as u8 {
+                                    answer["server_signing_certificate"] = forged_cert.into();
+                                }
+                                if alter == Alter::KeyWithoutCertificate as u8 {
+                                    answer
+                                        .as_object_mut()
+                                        .unwrap()
+                                        .remove("server_signing_certificate");
+                                }
+                            }
+                            HttpResponse::build(
+                                actix_web::http::StatusCode::from_u16(reply.status).unwrap(),
+                            )
+                            .json(answer)
+                        }
+                    }),
+                )
+            })
+            .workers(1)
+            .listen_rustls_0_23(listener, config)
+            .unwrap()
+            .run();
+            let _ = srv.await;
+        });
+    });
+    addr
+}
+
+#[test]
+fn an_agent_enrolling_through_a_relay_refuses_an_altered_signing_key() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let mode = Arc::new(AtomicU8::new(Alter::Nothing as u8));
+    let relay = altering_relay(&server, mode.clone());
+    let upstream = format!("wss://{RELAY_HOST}:{}", relay.port());
+    let signing_pub = read(&server.dir.join("signing.pub"));
+    let install = |name: &str| {
+        let token = server.token(1);
+        let data = dir.path().join(name);
+        let out = tether_tests::run(
+            "tether-agent",
+            dir.path(),
+            [
+                "install",
+                "--upstream",
+                &upstream,
+                "--ca",
+                server.ca_path().to_str().unwrap(),
+                "--token",
+                &token,
+                "--name",
+                name,
+                "--data",
+                data.to_str().unwrap(),
+            ],
+        );
+        (out, data)
+    };
+    for alter in [
+        Alter::Key,
+        Alter::KeyAndCertificate,
+        Alter::KeyWithoutCertificate,
+    ] {
+        mode.store(alter as u8, Ordering::SeqCst);
+        let (out, data) = install(&format!("altered-{}", alter as u8));
+        assert_eq!(out.status.code(), Some(1), "{alter:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("nothing was pinned"),
+            "{alter:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            !data.join("agent.json").exists(),
+            "{alter:?}: an altered answer was saved"
+        );
+    }
+    // The control: the same relay passing the answer on unchanged.
+    mode.store(Alter::Nothing as u8, Ordering::SeqCst);
+    let (out, data) = install("honest");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let state: Value = serde_json::from_str(&read(&data.join("agent.json"))).unwrap();
+    assert_eq!(state["server_signing_key"], signing_pub.trim());
 }

@@ -106,19 +106,21 @@ pub fn read_token(token: Option<&str>, token_file: Option<&Path>) -> Result<Stri
     Ok(token.to_owned())
 }
 
-/// Sends `request` to each upstream in order; returns the base URL that answered and its answer.
+/// Sends `request` to each upstream of `plan` in order; returns the base URL that answered and
+/// its answer. An answer whose signing key the server's CA (in `plan`'s `--ca`) does not
+/// certify was altered on the way: that upstream is skipped like an unreachable one.
 pub fn post_enrollment(
-    upstreams: &[Upstream],
-    tls: Arc<rustls::ClientConfig>,
+    plan: &Plan,
     request: &EnrollRequest,
 ) -> Result<(String, EnrollResponse), EnrollError> {
+    let (upstreams, tls) = (&plan.upstreams, &plan.tls);
     // Serializing a struct of strings cannot fail.
     let body = serde_json::to_vec(request).unwrap_or_default();
     let mut failures = Vec::new();
     for upstream in upstreams {
         let base = upstream.base_url();
         let reply = https::request(
-            tls.clone(),
+            Arc::clone(tls),
             &https::Request {
                 method: "POST",
                 host: &upstream.host,
@@ -145,7 +147,13 @@ pub fn post_enrollment(
                     status: reply.status,
                     reason,
                 })?;
-                return Ok((base, answer));
+                match check_signing_key(&answer, &plan.ca_pem) {
+                    Ok(()) => return Ok((base, answer)),
+                    Err(reason) => {
+                        tracing::error!(upstream = %base, reason = %reason, "enroll-answer-refused");
+                        failures.push(format!("{base}: {reason}"));
+                    }
+                }
             }
             400..=499 => {
                 return Err(EnrollError::Refused {
@@ -161,6 +169,19 @@ pub fn post_enrollment(
         }
     }
     Err(EnrollError::Unreachable { failures })
+}
+
+/// Checks that the server's CA, among the CAs in `ca_pem`, certifies the signing key of
+/// `answer` for code signing.
+pub fn check_signing_key(answer: &EnrollResponse, ca_pem: &str) -> Result<(), String> {
+    let cert = answer.server_signing_certificate.as_deref().ok_or(
+        "the answer holds no certificate of the server's signing key (is the server older than this installer, or was the answer altered on the way?); nothing was pinned",
+    )?;
+    let key = PublicKey::from_b64(&answer.server_signing_key)
+        .map_err(|e| format!("server signing key: {e}"))?;
+    crate::tls::verify_signing_cert(cert, ca_pem, &key.to_bytes()).map_err(|e| {
+        format!("the server's signing key is not certified by --ca ({e}): the answer was altered on the way; nothing was pinned")
+    })
 }
 
 /// Checks the server's answer: an id of the expected shape and a valid signing key.

@@ -156,6 +156,11 @@ impl PublicKey {
             .map_err(|_| IdentityError::PublicKey("not a valid Ed25519 point".into()))
     }
 
+    /// The 32 key bytes.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
     /// Standard base64 of the 32 key bytes.
     pub fn to_b64(&self) -> String {
         STANDARD.encode(self.0.as_bytes())

@@ -115,6 +115,29 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
+    /// Certifies the server's command-signing key (the raw 32 bytes of an Ed25519 public key):
+    /// a certificate with only the code-signing usage, valid as long as a CA. Agents and relays
+    /// check it at enrollment, so an answer altered on the way (a relay's) cannot make them pin
+    /// another key.
+    pub fn issue_signing_cert(&self, ed25519_public: &[u8]) -> Result<String, TlsError> {
+        if ed25519_public.len() != 32 {
+            return Err(TlsError::Ca(
+                "the command-signing key must be a 32-byte Ed25519 public key".into(),
+            ));
+        }
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, SIGNING_CERT_NAME);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, CA_VALIDITY_DAYS);
+        let key = RemoteEd25519Key(ed25519_public.to_vec());
+        Ok(params.signed_by(&key, &self.cert, &self.key)?.pem())
+    }
+
     /// Issues a server certificate for `hostnames` and a key the CA never sees: a relay sends
     /// the raw public half of its P-256 key (see [`TlsKey`]) at enrollment.
     pub fn issue_cert_for_key(
@@ -191,6 +214,22 @@ pub fn verify_p256(public_key_raw: &[u8], message: &[u8], signature: &[u8]) -> b
     )
     .verify(message, signature)
     .is_ok()
+}
+
+/// The common name of the command-signing certificate.
+pub const SIGNING_CERT_NAME: &str = "Tether command signing";
+
+/// The public half of the server's Ed25519 command-signing key, for its certificate.
+struct RemoteEd25519Key(Vec<u8>);
+
+impl rcgen::PublicKeyData for RemoteEd25519Key {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    fn algorithm(&self) -> &rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ED25519
+    }
 }
 
 /// The public half of someone else's P-256 key.

@@ -20,7 +20,9 @@ use rustls::{
     SupportedProtocolVersion,
 };
 
-pub use ca::{valid_hostname, verify_p256, Ca, TlsKey, SERVER_CERT_VALIDITY_DAYS};
+pub use ca::{
+    valid_hostname, verify_p256, Ca, TlsKey, SERVER_CERT_VALIDITY_DAYS, SIGNING_CERT_NAME,
+};
 
 /// The only protocol versions Tether speaks, newest first.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
@@ -127,6 +129,57 @@ pub fn client_config(ca_pem: &str) -> Result<ClientConfig, TlsError> {
     config.enable_early_data = false;
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(config)
+}
+
+/// The DER value of id-kp-codeSigning (1.3.6.1.5.5.7.3.3).
+const EKU_CODE_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x03];
+
+/// Checks that `cert_pem` (from [`Ca::issue_signing_cert`]) certifies the Ed25519 key
+/// `ed25519_public` (32 bytes) for code signing, chained to a CA in `trust_pem`, valid now.
+pub fn verify_signing_cert(
+    cert_pem: &str,
+    trust_pem: &str,
+    ed25519_public: &[u8],
+) -> Result<(), TlsError> {
+    let cert = parse_certs(cert_pem, "signing certificate")?
+        .into_iter()
+        .next()
+        .ok_or(TlsError::Empty {
+            what: "signing certificate",
+            expected: "CERTIFICATE",
+        })?;
+    let roots = parse_certs(trust_pem, "CA certificate")?;
+    let anchors = roots
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Ca(format!("CA certificate: {e}")))?;
+    let end_entity = webpki::EndEntityCert::try_from(&cert)
+        .map_err(|e| TlsError::Ca(format!("signing certificate: {e}")))?;
+    let now = rustls::pki_types::UnixTime::now();
+    end_entity
+        .verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &anchors,
+            &[],
+            now,
+            webpki::KeyUsage::required(EKU_CODE_SIGNING),
+            None,
+            None,
+        )
+        .map_err(|e| TlsError::Ca(format!("signing certificate does not verify: {e}")))?;
+    // SubjectPublicKeyInfo of an Ed25519 key: the algorithm 1.3.101.112, then the 32 bytes.
+    let mut expected = vec![
+        0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+    ];
+    expected.extend_from_slice(ed25519_public);
+    let certified = der::cert_parts(&cert).map(|p| p.spki);
+    if certified != Some(expected.as_slice()) {
+        return Err(TlsError::Ca(
+            "the signing certificate is for another key".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the first certificate in `cert_pem` is valid for `name` (a DNS name, wildcards

@@ -170,3 +170,28 @@ fn certificates_for_a_remote_key_chain_and_refuse_other_keys() {
     assert!(mismatched.is_err());
     assert!(ca.issue_cert_for_key(&names(&["x"]), &[4; 10]).is_err());
 }
+
+#[test]
+fn a_signing_certificate_binds_the_key_to_the_ca() {
+    let ca = Ca::generate("Tether test CA").unwrap();
+    let other_ca = Ca::generate("another CA").unwrap();
+    let key = crate::identity::Identity::generate().public_key();
+    let raw =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, key.to_b64()).unwrap();
+    let cert = ca.issue_signing_cert(&raw).unwrap();
+    verify_signing_cert(&cert, ca.cert_pem(), &raw).unwrap();
+    // In a bundle with another CA, still fine; against the other CA alone, refused.
+    let bundle = format!("{}{}", other_ca.cert_pem(), ca.cert_pem());
+    verify_signing_cert(&cert, &bundle, &raw).unwrap();
+    assert!(verify_signing_cert(&cert, other_ca.cert_pem(), &raw).is_err());
+    // Another key in the answer than the one certified: refused.
+    let mut wrong = raw.clone();
+    wrong[0] ^= 1;
+    let err = verify_signing_cert(&cert, ca.cert_pem(), &wrong).unwrap_err();
+    assert!(err.to_string().contains("another key"), "{err}");
+    // A server (TLS) certificate is not a signing certificate, even from the right CA.
+    let (tls_cert, _) = ca.issue_server_cert(&names(&["localhost"])).unwrap();
+    assert!(verify_signing_cert(&tls_cert, ca.cert_pem(), &raw).is_err());
+    // And a signing certificate does not serve TLS.
+    assert!(certificate_covers(&cert, "localhost").map_or(true, |covers| !covers));
+}

@@ -6,6 +6,8 @@
 //! Crash safety: the key is generated and saved *before* the enrollment request and reused by a
 //! retried install as long as `agent.json` does not exist, and the server answers an identical
 //! retry with the same agent id; `agent.json` is written last, so its presence means "done".
+//! An install the server refused (or whose answer cannot be used) removes what it created;
+//! one that reached no upstream for sure keeps the key, in case an answer was lost.
 //!
 //! The request goes to `https://host:port/agent/v1/enroll` of each `--upstream wss://host:port`
 //! in turn: an upstream that cannot be reached (connection, TLS, timeout, 5xx) is skipped, a
@@ -17,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use tether_shared::enroll::client::{
-    create_private_dir, load_or_create_key, post_enrollment, read_token, EnrollError, Plan,
+    keep_key_after, load_or_create_key, post_enrollment, read_token, Created, EnrollError, Plan,
 };
 use tether_shared::enroll::{name_problem, tags_problem, EnrollRequest, Role, Upstream};
 use tether_shared::identity::{write_file_atomic, IdentityError};
@@ -114,13 +116,33 @@ pub struct Installed {
     pub data_dir: PathBuf,
 }
 
-/// Runs the install into `data_dir`.
+/// Runs the install into `data_dir`. A refused install leaves nothing behind (the directory
+/// if it made it, else the files it made); one that reached no upstream for sure keeps the key
+/// for the retry (see [`keep_key_after`]).
 pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, InstallError> {
     let (plan, token) = check(args)?;
-    create_private_dir(data_dir).map_err(|source| InstallError::Io {
+    let mut created = Created::data_dir(data_dir).map_err(|source| InstallError::Io {
         path: data_dir.to_path_buf(),
         source,
     })?;
+    created.file(&data_dir.join(KEY_FILE));
+    created.file(&data_dir.join(CA_FILE));
+    let result = enroll_into(args, data_dir, &plan, token);
+    if let Err(e) = &result {
+        if !matches!(e, InstallError::Enroll(e) if keep_key_after(e)) {
+            created.remove();
+        }
+    }
+    result
+}
+
+/// The install once the data directory exists.
+fn enroll_into(
+    args: &InstallArgs,
+    data_dir: &Path,
+    plan: &Plan,
+    token: String,
+) -> Result<Installed, InstallError> {
     let state_path = AgentState::path(data_dir);
     if !args.force {
         match AgentState::load(data_dir) {
@@ -162,7 +184,7 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<Installed, Install
     request
         .sign(&identity, None)
         .map_err(|e| InstallError::Usage(e.to_string()))?;
-    let (upstream, answer) = post_enrollment(&plan, &request)?;
+    let (upstream, answer) = post_enrollment(plan, &request)?;
 
     let ca_path = data_dir.join(CA_FILE);
     write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(|source| {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use clap::Args;
 use tether_shared::enroll::client::{
-    create_private_dir, load_or_create_key, post_enrollment, read_token, EnrollError, Plan,
+    keep_key_after, load_or_create_key, post_enrollment, read_token, Created, EnrollError, Plan,
 };
 use tether_shared::enroll::{name_problem, EnrollRequest, Role, Upstream};
 use tether_shared::identity::{write_file_atomic, IdentityError};
@@ -109,11 +109,39 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
         .map_err(InstallError::Usage)?;
     let plan = Plan::check(&args.upstreams, &args.ca, &token).map_err(InstallError::Usage)?;
 
+    let mut created = Created::data_dir(data_dir).map_err(|source| InstallError::Io {
+        path: data_dir.to_path_buf(),
+        source,
+    })?;
+    for file in [KEY_FILE, TLS_KEY_FILE, TLS_CERT_FILE, CA_FILE] {
+        created.file(&data_dir.join(file));
+    }
+    let result = enroll_into(args, data_dir, &plan, token, hostnames);
+    // Refused for good: nothing stays. No upstream answered for sure, or the certificate did
+    // not verify with --ca: the keys stay, so that the same install run again is a retry.
+    let keep = match &result {
+        Ok(_) | Err(InstallError::Untrusted { .. }) => true,
+        Err(InstallError::Enroll(e)) => keep_key_after(e),
+        Err(_) => false,
+    };
+    if !keep {
+        created.remove();
+    }
+    result
+}
+
+/// The install once the data directory exists.
+fn enroll_into(
+    args: &InstallArgs,
+    data_dir: &Path,
+    plan: &Plan,
+    token: String,
+    hostnames: Vec<String>,
+) -> Result<String, InstallError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InstallError::Io { path, source }
     };
-    create_private_dir(data_dir).map_err(io(data_dir))?;
     let state_path = RelayState::path(data_dir);
     if !args.force {
         match RelayState::load(data_dir) {
@@ -144,7 +172,7 @@ pub fn install(args: &InstallArgs, data_dir: &Path) -> Result<String, InstallErr
         tls_proof: None,
     };
     request.sign(&identity, Some(&tls_key))?;
-    let (upstream, answer) = post_enrollment(&plan, &request)?;
+    let (upstream, answer) = post_enrollment(plan, &request)?;
     let cert = answer.tls_certificate.ok_or(InstallError::NoCertificate)?;
     // The certificate must be for our key and chain to a trusted CA before anything relies on
     // it; with only the server's ca.pem the relay CA is missing.

@@ -35,8 +35,6 @@ use crate::upstream::{ObserveUpstream, SetUpgrader, Upstream, UpstreamConfig};
 
 /// File name of the bound addresses inside the data directory.
 pub const PORTS_FILE: &str = "ports.json";
-/// The cache's size bound.
-const MAX_CACHE_BYTES: u64 = 10 * 1024 * 1024 * 1024;
 /// Reconnect delays towards the upstream.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
@@ -132,7 +130,7 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
         parsed,
         client_tls.clone(),
         cache_dir.clone(),
-        MAX_CACHE_BYTES,
+        cfg.relay.cache_max_bytes,
     )
     .map_err(|source| RunError::Cache {
         path: cache_dir,

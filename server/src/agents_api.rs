@@ -99,15 +99,7 @@ pub struct AgentAdmin {
 impl AgentAdmin {
     /// The agent (not relay) with this id or name.
     pub fn resolve(&self, id_or_name: &str) -> Option<AgentRecord> {
-        self.registry
-            .agent(id_or_name)
-            .filter(|a| a.role == Role::Agent)
-            .or_else(|| {
-                self.registry
-                    .agents()
-                    .into_iter()
-                    .find(|a| a.name == id_or_name)
-            })
+        self.registry.resolve_agent(id_or_name)
     }
 
     /// The relay with this id or name.

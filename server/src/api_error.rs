@@ -15,6 +15,10 @@ pub enum ApiError {
     /// No route matches the path.
     #[error("not found")]
     NotFound,
+    /// No route matches because the client dialled the other listener; the message says which
+    /// port it wants.
+    #[error("{0}")]
+    WrongPort(&'static str),
     /// The route exists but not for this method.
     #[error("method not allowed")]
     MethodNotAllowed,
@@ -50,7 +54,8 @@ impl From<crate::registry::RegistryError> for ApiError {
             RegistryError::Invalid(reason) => ApiError::BadRequest(reason),
             RegistryError::NameTaken
             | RegistryError::KeyTaken
-            | RegistryError::CertificateChange => ApiError::Conflict(e.to_string()),
+            | RegistryError::CertificateChange
+            | RegistryError::TagsChange => ApiError::Conflict(e.to_string()),
             RegistryError::Journal(_) | RegistryError::Corrupt { .. } => {
                 tracing::error!(error = %e, "registry-change-failed");
                 ApiError::Unavailable
@@ -70,7 +75,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::WrongPort(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::InvalidEnrollmentToken => StatusCode::UNAUTHORIZED,
@@ -94,8 +99,26 @@ impl ResponseError for ApiError {
     }
 }
 
-/// Default service for unknown paths.
-pub async fn not_found() -> Result<HttpResponse, ApiError> {
+/// What a client of the agent-facing surface hears on the operators' listener.
+const OPERATORS_PORT: &str = "not found: this is the server's operators' port (web application, REST API, listen.https, default 8443); agents and relays use its agent-facing port (listen.wss, default 7919): --upstream wss://HOST:7919";
+/// What an operator's client hears on the agent-facing listener.
+const AGENTS_PORT: &str = "not found: this is the server's agent-facing port (agents and relays, listen.wss, default 7919); the REST API, the CLI and the web application use its operators' port (listen.https, default 8443): https://HOST:8443";
+
+/// Default service of the operators' listener: unknown paths, and a hint for agents' paths.
+pub async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    let path = req.path();
+    if path.starts_with("/agent/") || path.starts_with("/relay/") {
+        return Err(ApiError::WrongPort(OPERATORS_PORT));
+    }
+    Err(ApiError::NotFound)
+}
+
+/// Default service of the agent-facing listener: unknown paths, and a hint for operators'.
+pub async fn not_found_for_agents(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    let path = req.path();
+    if !path.starts_with("/agent/") && !path.starts_with("/relay/") {
+        return Err(ApiError::WrongPort(AGENTS_PORT));
+    }
     Err(ApiError::NotFound)
 }
 

@@ -27,7 +27,7 @@ use crate::admin_token::{AdminToken, AdminTokenError};
 use crate::agent_surface::{self, AgentSurface, EnrollLimiter};
 use crate::agents_api::{self, AgentAdmin, AgentsApiState};
 use crate::api::{self, ApiState};
-use crate::api_error::{not_found, ApiError};
+use crate::api_error::{not_found, not_found_for_agents, ApiError};
 use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
 use crate::deployments::{Deployments, DeploymentsError};
 use crate::health::JournalWatch;
@@ -497,7 +497,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .configure(plugins_api::configure_agent_surface)
             .configure(upgrades_api::configure_agent_surface)
             .configure(session::routes::configure_agent_surface)
-            .default_service(web::to(not_found))
+            .default_service(web::to(not_found_for_agents))
     }))
     .bind_rustls_0_23(opts.listen_wss, loaded.tls)
     .map_err(|source| RunError::Bind {

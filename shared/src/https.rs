@@ -321,8 +321,19 @@ fn describe_tls(e: &rustls::Error) -> String {
             "the server certificate has an untrusted issuer: it was not signed by the given CA"
                 .to_owned()
         }
-        rustls::Error::InvalidCertificate(CertificateError::NotValidForName)
-        | rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. }) => {
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext {
+            expected,
+            presented,
+        }) => format!(
+            "the server certificate is not valid for {}: it is valid for {}. Dial one of those names, or add this one to the certificate (a server: tether-server init --hostname; a relay: tether-relay install --force --hostname, with a new relay token)",
+            expected.to_str(),
+            if presented.is_empty() {
+                "no name".to_owned()
+            } else {
+                presented.join(", ")
+            }
+        ),
+        rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
             "the server certificate is not valid for this host name".to_owned()
         }
         rustls::Error::InvalidCertificate(CertificateError::Expired)

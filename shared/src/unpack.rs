@@ -5,7 +5,9 @@
 //! parse. The policy, kept deliberately small:
 //!
 //! - entry paths are normalized and must stay inside the destination: absolute paths, `..`,
-//!   backslashes, Windows drive prefixes, NUL bytes and non-UTF-8 names are refused;
+//!   backslashes, Windows drive prefixes, NUL bytes and non-UTF-8 names are refused; `./`
+//!   prefixes are fine, and a directory entry `./` (what `tar -czf a.tar.gz -C dir .` writes
+//!   first) is the destination itself;
 //! - symbolic links and hard links are refused (naming the entry), and so are devices, FIFOs,
 //!   sockets and every other special entry;
 //! - a file entry whose name was already extracted is refused (duplicates could otherwise
@@ -179,6 +181,18 @@ pub fn safe_relative(raw: &[u8]) -> Result<PathBuf, UnpackError> {
         return Err(bad("empty path"));
     }
     Ok(out)
+}
+
+/// A directory entry's path: as [`safe_relative`], except that `./` (or `.`), the archive's
+/// root as GNU tar writes it, is the destination itself (an empty path).
+fn safe_dir_relative(raw: &[u8]) -> Result<PathBuf, UnpackError> {
+    match safe_relative(raw) {
+        Err(UnpackError::UnsafePath {
+            reason: "empty path",
+            ..
+        }) if !raw.is_empty() => Ok(PathBuf::new()),
+        other => other,
+    }
 }
 
 /// Extracts the archive at `archive` (format detected) into `dest`; see the module docs.
@@ -433,11 +447,10 @@ fn unpack_tar(reader: impl Read, sink: &mut Sink) -> Result<(), UnpackError> {
             }
         }
         sink.count_entry()?;
-        let rel = safe_relative(&raw)?;
         if kind == EntryType::Directory {
-            sink.dir(&rel, mode, &shown)?;
+            sink.dir(&safe_dir_relative(&raw)?, mode, &shown)?;
         } else {
-            sink.file(&rel, mode, &shown, entry)?;
+            sink.file(&safe_relative(&raw)?, mode, &shown, entry)?;
         }
     }
     Ok(())
@@ -476,11 +489,10 @@ fn unpack_zip(file: File, sink: &mut Sink) -> Result<(), UnpackError> {
             });
         }
         sink.count_entry()?;
-        let rel = safe_relative(&raw)?;
         if entry.is_dir() || file_type == Some(S_IFDIR) {
-            sink.dir(&rel, unix, &shown)?;
+            sink.dir(&safe_dir_relative(&raw)?, unix, &shown)?;
         } else {
-            sink.file(&rel, unix, &shown, entry)?;
+            sink.file(&safe_relative(&raw)?, unix, &shown, entry)?;
         }
     }
     Ok(())

@@ -280,3 +280,55 @@ fn a_destination_that_is_a_link_is_refused() {
     assert!(err.to_string().contains("symbolic link"), "{err}");
     assert!(tree(&elsewhere).is_empty());
 }
+
+#[test]
+fn an_archive_made_by_gnu_tar_from_a_directory_extracts() {
+    // `tar -czf site.tar.gz -C site .`: entries `./`, `./index.html`, `./css/`, `./css/a.css`.
+    let tmp = tempfile::tempdir().unwrap();
+    let site = tmp.path().join("site");
+    fs::create_dir_all(site.join("css")).unwrap();
+    fs::write(site.join("index.html"), "<h1>hi</h1>").unwrap();
+    fs::write(site.join("css/a.css"), "h1{}").unwrap();
+    let archive = tmp.path().join("site.tar.gz");
+    let status = std::process::Command::new("tar")
+        .arg("-czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&site)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let listing = std::process::Command::new("tar")
+        .arg("-tzf")
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let names = String::from_utf8(listing.stdout).unwrap();
+    assert!(
+        names.lines().any(|l| l == "./"),
+        "GNU tar writes ./ first: {names}"
+    );
+    let dest = tmp.path().join("out/site");
+    let done = unpack(&archive, &dest, &Limits::default()).unwrap();
+    assert_eq!(done.files, 2);
+    assert_eq!(tree(&dest), ["css", "css/a.css", "index.html"]);
+    assert_eq!(
+        fs::read_to_string(dest.join("index.html")).unwrap(),
+        "<h1>hi</h1>"
+    );
+    // `./` is fine for a directory entry only: a file named `./` is still refused, as are
+    // `..` and absolute paths behind a `./`.
+    refused(
+        &tar_gz(&[T::File(b"./", b"x", 0o644)]),
+        &Limits::default(),
+        "empty path",
+    );
+    refused(&tar_gz(&[T::Dir(b"./../")]), &Limits::default(), "'..'");
+    refused(
+        &tar_gz(&[T::File(b"./../x", b"x", 0o644)]),
+        &Limits::default(),
+        "'..'",
+    );
+    refused(&tar_gz(&[T::Dir(b"")]), &Limits::default(), "empty path");
+}

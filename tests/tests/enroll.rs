@@ -350,14 +350,19 @@ fn spent_expired_and_wrong_role_tokens_are_refused_alike() {
         assert!(err.contains("401"), "{err}");
         assert!(err.contains("invalid or expired enrollment token"), "{err}");
     };
-    // Spent.
+    // Spent. A refused install leaves nothing behind: not the directory it made, and in a
+    // directory that existed, not the files it made (and nothing else is touched).
     let dir = server.dir("b");
     refused(&server.install(&dir, &once, "second", &[]));
-    assert!(!dir.join("agent.json").exists());
-    assert!(
-        dir.join("agent.key").exists(),
-        "the key is kept for a retry"
-    );
+    assert!(!dir.exists(), "a refused install left {}", dir.display());
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("notes.txt"), "mine").unwrap();
+    refused(&server.install(&dir, &once, "second", &[]));
+    let left: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["notes.txt"]);
 
     // Wrong role.
     let (relay, created) = server.token(5, 3600, "relay");

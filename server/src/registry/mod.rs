@@ -183,7 +183,7 @@ pub enum RegistryError {
     #[error("{0}")]
     Invalid(String),
     /// The name is enrolled with another key (or as another role).
-    #[error("name already enrolled with another key")]
+    #[error("name already enrolled with another key: choose another --name, or delete the enrolled one first (tether agents delete NAME, tether relays delete NAME, or the web application)")]
     NameTaken,
     /// The key is enrolled under another name.
     #[error("public key already enrolled under another name")]
@@ -192,6 +192,9 @@ pub enum RegistryError {
     /// a token that is spent: a new certificate needs a token with a use left.
     #[error("this relay is already enrolled, and its certificate was issued for another TLS key or other hostnames; a new certificate needs a relay enrollment token with a use left")]
     CertificateChange,
+    /// An enrolled agent asked for other tags with a token that is spent.
+    #[error("this agent is already enrolled with other tags; new tags need an enrollment token with a use left (or set them with PATCH /api/v1/agents/{{id}} or the web application)")]
+    TagsChange,
     /// The journal refused the change; nothing changed.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -333,6 +336,17 @@ impl Registry {
     /// The enrolled agent or relay with this id.
     pub fn agent(&self, id: &str) -> Option<AgentRecord> {
         read(&self.agents).get(id).map(|s| s.record.clone())
+    }
+
+    /// The agent (not relay) whose id or name is `id_or_name`: every route that names an agent
+    /// takes either.
+    pub fn resolve_agent(&self, id_or_name: &str) -> Option<AgentRecord> {
+        let agents = read(&self.agents);
+        agents
+            .get(id_or_name)
+            .or_else(|| agents.values().find(|s| s.record.name == id_or_name))
+            .filter(|s| s.record.role == Role::Agent)
+            .map(|s| s.record.clone())
     }
 
     /// Every enrolled agent (not relays), by id.
@@ -587,22 +601,29 @@ impl Registry {
             let entitled =
                 token.is_some() || hash.as_deref() == Some(existing.token_sha256.as_str());
             if identical && entitled {
-                if existing.certified == certified {
+                if existing.certified == certified && existing.record.tags == req.tags {
                     // A retry: nothing new is asked, so nothing is spent. A relay is certified
                     // again only for the key and names it already holds a certificate for.
                     tracing::info!(agent_id = %existing.record.id, name = %req.name, "agent-re-enrolled");
                     return Ok(existing.record.clone());
                 }
-                // A relay asking for another key or other names spends a use of a live token.
+                // Other tags (which choose the work an agent gets), or for a relay another key
+                // or other names: the operator's say-so, a live token, is needed, and one use
+                // of it is spent. The key holder alone cannot change them.
                 let (Some(token), Some(hash)) = (token, hash) else {
-                    return Err(RegistryError::CertificateChange);
+                    return Err(if existing.certified != certified {
+                        RegistryError::CertificateChange
+                    } else {
+                        RegistryError::TagsChange
+                    });
                 };
-                let stored = StoredAgent {
+                let mut stored = StoredAgent {
                     certified,
                     ..existing.clone()
                 };
+                stored.record.tags = req.tags;
                 let left = self.commit_enrollment(&stored, token, &hash).await?;
-                tracing::info!(agent_id = %stored.record.id, name = %req.name, uses_left = left, "relay-re-certified");
+                tracing::info!(agent_id = %stored.record.id, name = %req.name, tags = ?stored.record.tags, uses_left = left, "agent-re-enrolled-changed");
                 return Ok(stored.record);
             }
         }

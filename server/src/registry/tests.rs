@@ -301,3 +301,48 @@ async fn tags_and_properties_change_persist_and_delete_forgets() {
     drop(reg);
     assert!(open(dir.path()).agent(&id).is_none());
 }
+
+#[actix_rt::test]
+async fn other_tags_need_a_live_token_and_spend_a_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = open(dir.path());
+    let now = now_unix_ms();
+    let first = reg
+        .create_token_at(1, HOUR, Role::Agent, now)
+        .await
+        .unwrap();
+    let key = key();
+    let a = reg
+        .enroll_at(request(&first, "a", &key), now)
+        .await
+        .unwrap();
+    assert_eq!(a.tags, ["web"]);
+    // The key holder alone (the spent token) cannot move the agent to other work.
+    let mut retag = request(&first, "a", &key);
+    retag.tags = vec!["db".into()];
+    let err = reg.enroll_at(retag.clone(), now).await.unwrap_err();
+    assert!(matches!(err, RegistryError::TagsChange), "{err}");
+    assert_eq!(reg.agent(&a.id).unwrap().tags, ["web"]);
+    // An identical retry still answers the record.
+    assert_eq!(
+        reg.enroll_at(request(&first, "a", &key), now)
+            .await
+            .unwrap(),
+        a
+    );
+    // With a live token (install --force --tag db): exactly the tags given, one use spent.
+    let second = reg
+        .create_token_at(2, HOUR, Role::Agent, now)
+        .await
+        .unwrap();
+    let mut forced = request(&second, "a", &key);
+    forced.tags = vec!["db".into()];
+    let b = reg.enroll_at(forced, now).await.unwrap();
+    assert_eq!(
+        (b.id.as_str(), b.tags.as_slice()),
+        (a.id.as_str(), &["db".to_owned()][..])
+    );
+    assert_eq!(reg.tokens()[0].uses_left, 1);
+    drop(reg);
+    assert_eq!(open(dir.path()).agent(&a.id).unwrap().tags, ["db"]);
+}

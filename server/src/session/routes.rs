@@ -2,7 +2,8 @@
 //!
 //! On the agent-facing listener: `GET /agent/v1/ws`, the agent WebSocket (one `AgentSession`),
 //! and `GET /relay/v1/ws`, a relay's link (one `RelaySession` carrying many agents).
-//! On the HTTPS listener, behind the admin token: `POST /api/v1/agents/{id}/probes`
+//! On the HTTPS listener, behind the admin token (`{id}`: an agent's id or name):
+//! `POST /api/v1/agents/{id}/probes`
 //! (`{"commands":N,"events":M}`: queue N numbered probe commands and ask the agent for M probe
 //! events) and `GET /api/v1/agents/{id}/probes` (what arrived: counts, duplicates, gaps) — an
 //! end-to-end check of both journaled streams that operators can run too.
@@ -104,13 +105,18 @@ struct ProbeRequest {
 /// Most probes one request may queue.
 const MAX_PROBES: u64 = 100_000;
 
+/// The link of the agent `id_or_name` (an id or a name, as every agent route takes).
 async fn link_of(
     state: &ProbeApiState,
-    id: &str,
+    id_or_name: &str,
 ) -> Result<Addr<crate::session::agent_link::AgentLink>, ApiError> {
-    if state.sessions.shared.registry.agent(id).is_none() {
-        return Err(ApiError::NotFound);
-    }
+    let agent = state
+        .sessions
+        .shared
+        .registry
+        .resolve_agent(id_or_name)
+        .ok_or(ApiError::NotFound)?;
+    let id = agent.id.as_str();
     state
         .sessions
         .registry

@@ -40,7 +40,7 @@ impl Problems {
             Err(_) => {
                 self.push(
                     key,
-                    format!("must be an IP address and port such as 0.0.0.0:8443, got {value:?}"),
+                    format!("must be an IP address and port such as 0.0.0.0:8443 (all interfaces) or 127.0.0.1:8443 (this host only), not a host name; got {value:?}"),
                 );
                 None
             }

@@ -39,6 +39,8 @@ pub struct RawRelaySection {
     /// A new relay not healthy this long after it started exits, so that the supervisor
     /// (systemd) starts the installed binary again, which rolls the upgrade back.
     pub upgrade_trial_timeout_ms: i64,
+    /// Bytes the artifact and plugin cache may hold before least recently used files go.
+    pub cache_max_bytes: i64,
 }
 
 impl Default for RawRelaySection {
@@ -50,6 +52,7 @@ impl Default for RawRelaySection {
             max_queue_per_agent: 4_096,
             upgrade_healthy_after_ms: 10_000,
             upgrade_trial_timeout_ms: 120_000,
+            cache_max_bytes: 10 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -108,6 +111,8 @@ pub struct RelaySection {
         serialize_with = "serialize_millis"
     )]
     pub upgrade_trial_timeout: Duration,
+    /// The cache's size bound.
+    pub cache_max_bytes: u64,
 }
 
 /// `[listen]`, validated.
@@ -170,6 +175,8 @@ impl RawConfig for RawRelayConfig {
                 );
             }
         }
+        // At least 1 MiB; at most 16 TiB (i64 holds it; a larger number is a typo).
+        let cache_max_bytes = p.count("relay.cache_max_bytes", r.cache_max_bytes, 1 << 20, 1 << 44);
         let downstream = p.addr("listen.downstream", &self.listen.downstream);
         let admin = p.addr("listen.admin", &self.listen.admin);
         if let Some(addr) = admin {
@@ -202,6 +209,7 @@ impl RawConfig for RawRelayConfig {
                     max_queue_per_agent: usize::try_from(queue?).ok()?,
                     upgrade_healthy_after: healthy_after?,
                     upgrade_trial_timeout: trial_timeout?,
+                    cache_max_bytes: cache_max_bytes?,
                 },
                 listen: RelayListen {
                     downstream: downstream?,

@@ -29,7 +29,7 @@ pub enum EnrollError {
         reason: String,
     },
     /// No upstream could be used; one line per upstream.
-    #[error("no upstream could enroll this machine:\n  {}", failures.join("\n  "))]
+    #[error("no upstream could enroll this machine:\n  {}\n(the key made for this machine is kept in the data directory, so that a retry gets the same identity if an answer was lost; delete the directory to start over)", failures.join("\n  "))]
     Unreachable {
         /// What went wrong with each upstream.
         failures: Vec<String>,
@@ -208,6 +208,57 @@ pub fn load_or_create_key(path: &Path) -> Result<Identity, IdentityError> {
     identity.save(path)?;
     tracing::info!(path = %path.display(), "key-created");
     Ok(identity)
+}
+
+/// What an install created, so that an install refused for good leaves nothing behind: the
+/// data directory if it did not exist, and the files it made in one that did.
+#[derive(Debug, Default)]
+pub struct Created {
+    dir: Option<std::path::PathBuf>,
+    files: Vec<std::path::PathBuf>,
+}
+
+impl Created {
+    /// Creates the data directory `dir` (see [`create_private_dir`]), remembering whether it
+    /// is new.
+    pub fn data_dir(dir: &Path) -> io::Result<Created> {
+        let existed = dir.exists();
+        create_private_dir(dir)?;
+        Ok(Created {
+            dir: (!existed).then(|| dir.to_path_buf()),
+            files: Vec::new(),
+        })
+    }
+
+    /// Notes that `path` is about to be made, unless it exists already.
+    pub fn file(&mut self, path: &Path) {
+        if !path.exists() {
+            self.files.push(path.to_path_buf());
+        }
+    }
+
+    /// Removes what was created (best effort: a failed install is already being reported).
+    pub fn remove(self) {
+        match self.dir {
+            Some(dir) => {
+                if let Err(e) = fs::remove_dir_all(&dir) {
+                    tracing::warn!(path = %dir.display(), error = %e, "install-cleanup-failed");
+                }
+            }
+            None => {
+                for file in self.files {
+                    let _ = fs::remove_file(file);
+                }
+            }
+        }
+    }
+}
+
+/// Whether a failed enrollment must keep the key: the request may have reached a server whose
+/// answer was lost (no upstream answered for sure), and a retry must present the same key to
+/// get the same identity. A refusal, or an answer that cannot be used, keeps nothing.
+pub fn keep_key_after(e: &EnrollError) -> bool {
+    matches!(e, EnrollError::Unreachable { .. })
 }
 
 /// Creates `dir` (and parents) with mode 0700; an existing directory keeps its mode.

@@ -98,22 +98,22 @@ enum Command {
     /// Plugin bundles.
     Plugins {
         #[command(subcommand)]
-        command: PluginsCommand,
+        command: Option<PluginsCommand>,
     },
     /// Artifacts.
     Artifacts {
         #[command(subcommand)]
-        command: ArtifactsCommand,
+        command: Option<ArtifactsCommand>,
     },
     /// Agent and relay upgrade packages and rollouts.
     Upgrades {
         #[command(subcommand)]
-        command: UpgradesCommand,
+        command: Option<UpgradesCommand>,
     },
     /// Processes (ordered steps to deploy).
     Processes {
         #[command(subcommand)]
-        command: ProcessesCommand,
+        command: Option<ProcessesCommand>,
     },
     /// Run a process on agents and, unless --no-wait, wait for it, streaming its logs.
     #[command(after_help = DEPLOY_EXIT_CODES)]
@@ -121,7 +121,7 @@ enum Command {
     /// Deployments: list, show, cancel, wait.
     Deployments {
         #[command(subcommand)]
-        command: DeploymentsCommand,
+        command: Option<DeploymentsCommand>,
     },
     /// The log of one step of one agent's job in a deployment.
     Logs {
@@ -153,6 +153,15 @@ enum AgentsCommand {
     Show {
         /// Name or id.
         agent: String,
+    },
+    /// Delete an agent: its session is closed and its key refused from then on. Refused while
+    /// it has unfinished jobs unless --force, which fails them first.
+    Delete {
+        /// Name or id.
+        agent: String,
+        /// Fail its unfinished jobs ("agent deleted") and delete it anyway.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -199,7 +208,7 @@ enum TokensCommand {
         /// How many enrollments it allows.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         uses: u32,
-        /// Seconds it stays valid.
+        /// Seconds it stays valid (at most 2592000, 30 days).
         #[arg(long = "ttl", value_name = "SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
         ttl_s: u64,
         /// What it enrolls.
@@ -222,7 +231,7 @@ enum PluginsCommand {
         /// The bundle.
         file: PathBuf,
     },
-    /// Every uploaded plugin version.
+    /// Every uploaded plugin version (the default).
     List,
 }
 
@@ -239,7 +248,7 @@ enum UpgradesCommand {
         #[arg(long, value_name = "COMPONENT", default_value = "agent", value_parser = ["agent", "relay"])]
         component: String,
     },
-    /// Every upgrade package.
+    /// Every upgrade package (the default).
     List,
     /// Upgrade agents (by name or tag) or relays (by name) to VERSION; exit 1 if any rolled
     /// back or refused.
@@ -272,13 +281,13 @@ enum ArtifactsCommand {
         /// The content.
         file: PathBuf,
     },
-    /// Every artifact version with its sha256 and size.
+    /// Every artifact version with its sha256 and size (the default).
     List,
 }
 
 #[derive(Debug, Subcommand)]
 enum ProcessesCommand {
-    /// Every process.
+    /// Every process (the default).
     List,
     /// One process and its steps.
     Show {
@@ -316,7 +325,7 @@ struct DeployArgs {
 
 #[derive(Debug, Subcommand)]
 enum DeploymentsCommand {
-    /// Every deployment.
+    /// Every deployment (the default).
     List,
     /// One deployment: status, jobs, steps.
     Show {
@@ -383,6 +392,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Agents { command } => match command {
             None | Some(AgentsCommand::List) => agents::list(&connect()?, json),
             Some(AgentsCommand::Show { agent }) => agents::show(&connect()?, &agent, json),
+            Some(AgentsCommand::Delete { agent, force }) => {
+                agents::delete(&connect()?, &agent, force, json)
+            }
         },
         Command::Relays { command } => match command {
             None | Some(RelaysCommand::List) => relays::list(&connect()?, json),
@@ -405,31 +417,31 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
         },
         Command::Plugins { command } => match command {
-            PluginsCommand::Upload { file } => plugins::upload(&connect()?, &file, json),
-            PluginsCommand::List => plugins::list(&connect()?, json),
+            Some(PluginsCommand::Upload { file }) => plugins::upload(&connect()?, &file, json),
+            None | Some(PluginsCommand::List) => plugins::list(&connect()?, json),
         },
         Command::Artifacts { command } => match command {
-            ArtifactsCommand::Upload {
+            Some(ArtifactsCommand::Upload {
                 name,
                 version,
                 file,
-            } => artifacts::upload(&connect()?, &name, &version, &file, json),
-            ArtifactsCommand::List => artifacts::list(&connect()?, json),
+            }) => artifacts::upload(&connect()?, &name, &version, &file, json),
+            None | Some(ArtifactsCommand::List) => artifacts::list(&connect()?, json),
         },
         Command::Upgrades { command } => match command {
-            UpgradesCommand::Upload {
+            Some(UpgradesCommand::Upload {
                 version,
                 file,
                 component,
-            } => upgrades::upload(&connect()?, &version, &file, &component, json),
-            UpgradesCommand::List => upgrades::list(&connect()?, json),
-            UpgradesCommand::Rollout {
+            }) => upgrades::upload(&connect()?, &version, &file, &component, json),
+            None | Some(UpgradesCommand::List) => upgrades::list(&connect()?, json),
+            Some(UpgradesCommand::Rollout {
                 version,
                 agents,
                 tags,
                 relays,
                 wait,
-            } => {
+            }) => {
                 let targets = upgrades::Targets {
                     agents: &agents,
                     tags: &tags,
@@ -439,9 +451,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             }
         },
         Command::Processes { command } => match command {
-            ProcessesCommand::List => processes::list(&connect()?, json),
-            ProcessesCommand::Show { name } => processes::show(&connect()?, &name, json),
-            ProcessesCommand::Create { file } => processes::create(&connect()?, &file, json),
+            None | Some(ProcessesCommand::List) => processes::list(&connect()?, json),
+            Some(ProcessesCommand::Show { name }) => processes::show(&connect()?, &name, json),
+            Some(ProcessesCommand::Create { file }) => processes::create(&connect()?, &file, json),
         },
         Command::Deploy(args) => {
             let request = deploy::Request {
@@ -453,10 +465,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             deploy::deploy(&connect()?, &request, !args.no_wait, json)
         }
         Command::Deployments { command } => match command {
-            DeploymentsCommand::List => deployments::list(&connect()?, json),
-            DeploymentsCommand::Show { id } => deployments::show(&connect()?, &id, json),
-            DeploymentsCommand::Cancel { id } => deployments::cancel(&connect()?, &id, json),
-            DeploymentsCommand::Wait { id } => deploy::wait(&connect()?, &id, json),
+            None | Some(DeploymentsCommand::List) => deployments::list(&connect()?, json),
+            Some(DeploymentsCommand::Show { id }) => deployments::show(&connect()?, &id, json),
+            Some(DeploymentsCommand::Cancel { id }) => deployments::cancel(&connect()?, &id, json),
+            Some(DeploymentsCommand::Wait { id }) => deploy::wait(&connect()?, &id, json),
         },
         Command::Logs { id, agent, step } => {
             deployments::logs(&connect()?, &id, &agent, &step, json)

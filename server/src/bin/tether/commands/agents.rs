@@ -1,5 +1,6 @@
 //! `tether agents [list]` and `tether agents show NAME|ID`: `GET /api/v1/agents`, and for one
-//! agent its entry there with what `/admin/health` says about it.
+//! agent its entry there with what `/admin/health` says about it; `tether agents delete
+//! NAME|ID [--force]`: `DELETE /api/v1/agents/{id}`.
 
 use std::process::ExitCode;
 
@@ -108,6 +109,27 @@ pub fn show(client: &Client, wanted: &str, json: bool) -> Result<ExitCode, CliEr
             ]);
         }
         table.print()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes agent `agent` (name or id); with `force`, its unfinished jobs are failed first.
+pub fn delete(client: &Client, agent: &str, force: bool, json: bool) -> Result<ExitCode, CliError> {
+    let path = format!(
+        "/api/v1/agents/{}{}",
+        crate::client::segment(agent),
+        if force { "?force=true" } else { "" }
+    );
+    let answer = client
+        .delete_json(&path)
+        .about(|| format!("agent {agent}"))?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!(
+            "agent {agent} deleted: its key no longer authenticates; {} unfinished job(s) failed",
+            cell(&answer["failed_jobs"])
+        ))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -74,9 +74,9 @@ pub fn create(
         )));
     }
     output::line(token)?;
-    let left = u64_at(&answer, "expires_unix_ms")
-        .map(|at| duration(at.saturating_sub(now_unix_ms())))
-        .unwrap_or_else(|| "?".to_owned());
+    // The lifetime asked for: the time left is a few milliseconds less already, which would
+    // print 86400 s as "23h".
+    let left = duration(ttl_s.saturating_mul(1000));
     eprintln!(
         "tether: {role} enrollment token {} for {uses} use(s), valid for {left}",
         str_at(&answer, "id")

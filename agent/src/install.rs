@@ -223,8 +223,6 @@ fn check(args: &InstallArgs) -> Result<(Plan, String), InstallError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     fn args(dir: &Path) -> InstallArgs {
@@ -279,22 +277,31 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_upstream_keeps_the_key_for_the_retry() {
+    fn an_upstream_that_nothing_reached_leaves_nothing_behind() {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("data");
         let a = args(tmp.path());
         let err = install(&a, &data).unwrap_err();
         assert!(
-            matches!(err, InstallError::Enroll(EnrollError::Unreachable { .. })),
+            matches!(
+                err,
+                InstallError::Enroll(EnrollError::Unreachable {
+                    maybe_delivered: false,
+                    ..
+                })
+            ),
             "{err}"
         );
         assert_eq!(err.exit_code(), 1);
-        let key = fs::read(data.join(KEY_FILE)).unwrap();
-        assert!(!AgentState::path(&data).exists());
+        // Nothing was sent (connection refused), so no identity can exist anywhere: the
+        // directory this install made is gone.
+        assert!(!data.exists());
+        // In a directory that existed, only what the install made goes.
+        fs::create_dir_all(&data).unwrap();
+        fs::write(data.join("keep.txt"), "x").unwrap();
         install(&a, &data).unwrap_err();
-        assert_eq!(fs::read(data.join(KEY_FILE)).unwrap(), key, "key reused");
-        let mode = fs::metadata(&data).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o700);
+        assert!(data.join("keep.txt").exists());
+        assert!(!data.join(KEY_FILE).exists());
     }
 }

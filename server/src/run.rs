@@ -36,8 +36,9 @@ use crate::plugins::api::{self as plugins_api, PluginsAgentState, PluginsApiStat
 use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
+use crate::session::relay_session::ServerStopping;
 use crate::session::routes::{ProbeApiState, SessionsState};
-use crate::session::session_registry::SessionRegistry;
+use crate::session::session_registry::{CloseAllSessions, SessionRegistry};
 use crate::session::{self, SessionShared};
 use crate::upgrades::api::{self as upgrades_api, UpgradesAgentState, UpgradesApiState};
 use crate::upgrades::Upgrades;
@@ -383,6 +384,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         upgrades: loaded.upgrades.clone(),
         registry: loaded.registry.clone(),
     });
+    let (closing_shared, closing_sessions) = (shared.clone(), session_registry.clone());
     let sessions = web::Data::new(SessionsState {
         shared,
         registry: session_registry,
@@ -532,6 +534,18 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let (https_stop, wss_stop) = (https_handle.clone(), wss_handle.clone());
     actix_rt::spawn(async move {
         stop.await;
+        // Sessions and relay links would hold the graceful stop until its timeout: close them
+        // first (the peers resume from their journals), then let requests in flight finish.
+        let links = closing_shared.relay_links.all();
+        for (_, link) in &links {
+            link.do_send(ServerStopping);
+        }
+        let sessions = closing_sessions.send(CloseAllSessions).await.unwrap_or(0);
+        tracing::info!(sessions, relay_links = links.len(), "sessions-closed");
+        tracing::info!(
+            timeout_s = SHUTDOWN_TIMEOUT_S,
+            "waiting-for-requests-in-flight"
+        );
         tokio::join!(https_stop.stop(true), wss_stop.stop(true));
     });
     let (https_served, wss_served) = tokio::join!(

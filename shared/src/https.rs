@@ -325,12 +325,16 @@ fn describe_tls(e: &rustls::Error) -> String {
             expected,
             presented,
         }) => format!(
-            "the server certificate is not valid for {}: it is valid for {}. Dial one of those names, or add this one to the certificate (a server: tether-server init --hostname; a relay: tether-relay install --force --hostname, with a new relay token)",
+            "the server certificate is not valid for {}: it is valid for {}. Dial one of those names, or add this one to the certificate (a server: tether-server cert renew --hostname NAME; a relay: tether-relay install --force --hostname NAME, with a new relay token)",
             expected.to_str(),
             if presented.is_empty() {
                 "no name".to_owned()
             } else {
-                presented.join(", ")
+                presented
+                    .iter()
+                    .map(|p| plain_name(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         ),
         rustls::Error::InvalidCertificate(CertificateError::NotValidForName) => {
@@ -342,6 +346,14 @@ fn describe_tls(e: &rustls::Error) -> String {
         }
         other => format!("{other}"),
     }
+}
+
+/// `localhost` for rustls's `DnsName("localhost")`, `127.0.0.1` for `IpAddress(127.0.0.1)`.
+fn plain_name(presented: &str) -> &str {
+    presented
+        .split_once('(')
+        .and_then(|(_, inner)| inner.strip_suffix(')'))
+        .map_or(presented, |inner| inner.trim_matches('"'))
 }
 
 /// Splits a raw HTTP/1.1 response into status, headers and (de-chunked) body.

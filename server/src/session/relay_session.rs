@@ -872,6 +872,19 @@ impl Handler<RevokeRelay> for RelaySession {
     }
 }
 
+/// The server is stopping: the link closes now (1001), and with it every channel it carries.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ServerStopping;
+
+impl Handler<ServerStopping> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, _: ServerStopping, ctx: &mut Self::Context) {
+        self.refuse(ctx, 1001, ErrorCode::Overloaded, "server stopping");
+    }
+}
+
 /// What a link holds now.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct RelayLinkHealth {

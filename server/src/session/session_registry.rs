@@ -187,3 +187,30 @@ impl Handler<DisconnectAgent> for SessionRegistry {
         true
     }
 }
+
+/// The server is stopping: every agent's current session is closed now (1001, "going away"),
+/// instead of the listeners waiting for them until their shutdown timeout. Agents reconnect
+/// (to another upstream, or to this server when it is back) and resume from their journals.
+/// Answers how many sessions were closed.
+#[derive(Message)]
+#[rtype(result = "usize")]
+pub struct CloseAllSessions;
+
+impl Handler<CloseAllSessions> for SessionRegistry {
+    type Result = usize;
+
+    fn handle(&mut self, _: CloseAllSessions, _: &mut Self::Context) -> usize {
+        let mut closed = 0;
+        for entry in self.agents.values() {
+            if let Some((_, session)) = &entry.session {
+                session.close(
+                    1001,
+                    tether_shared::protocol::ErrorCode::Overloaded,
+                    "server stopping".into(),
+                );
+                closed += 1;
+            }
+        }
+        closed
+    }
+}

@@ -29,10 +29,13 @@ pub enum EnrollError {
         reason: String,
     },
     /// No upstream could be used; one line per upstream.
-    #[error("no upstream could enroll this machine:\n  {}\n(the key made for this machine is kept in the data directory, so that a retry gets the same identity if an answer was lost; delete the directory to start over)", failures.join("\n  "))]
+    #[error("no upstream could enroll this machine:\n  {}{}", failures.join("\n  "), if *maybe_delivered { "\n(a request may have reached a server whose answer was lost: the key made for this machine is kept in the data directory, so that the same install run again gets the same identity; delete the directory to start over)" } else { "" })]
     Unreachable {
         /// What went wrong with each upstream.
         failures: Vec<String>,
+        /// Whether a request may have reached a server (sent, then no usable answer), so
+        /// that its key must be kept for a retry.
+        maybe_delivered: bool,
     },
 }
 
@@ -117,6 +120,7 @@ pub fn post_enrollment(
     // Serializing a struct of strings cannot fail.
     let body = serde_json::to_vec(request).unwrap_or_default();
     let mut failures = Vec::new();
+    let mut maybe_delivered = false;
     for upstream in upstreams {
         let base = upstream.base_url();
         let reply = https::request(
@@ -136,6 +140,14 @@ pub fn post_enrollment(
             Ok(reply) => reply,
             Err(e) => {
                 tracing::warn!(upstream = %base, error = %e, "enroll-upstream-failed");
+                // Refused before anything was sent: no name, no connection, no TLS.
+                let unsent = matches!(
+                    e,
+                    https::HttpsError::Host { .. }
+                        | https::HttpsError::Connect { .. }
+                        | https::HttpsError::Tls { .. }
+                );
+                maybe_delivered |= !unsent;
                 failures.push(format!("{base}: {e}"));
                 continue;
             }
@@ -151,6 +163,7 @@ pub fn post_enrollment(
                     Ok(()) => return Ok((base, answer)),
                     Err(reason) => {
                         tracing::error!(upstream = %base, reason = %reason, "enroll-answer-refused");
+                        maybe_delivered = true;
                         failures.push(format!("{base}: {reason}"));
                     }
                 }
@@ -164,11 +177,15 @@ pub fn post_enrollment(
             }
             status => {
                 tracing::warn!(upstream = %base, status, "enroll-upstream-failed");
+                maybe_delivered = true;
                 failures.push(format!("{base}: HTTP {status}: {}", reply.reason()));
             }
         }
     }
-    Err(EnrollError::Unreachable { failures })
+    Err(EnrollError::Unreachable {
+        failures,
+        maybe_delivered,
+    })
 }
 
 /// Checks that the server's CA, among the CAs in `ca_pem`, certifies the signing key of
@@ -254,11 +271,17 @@ impl Created {
     }
 }
 
-/// Whether a failed enrollment must keep the key: the request may have reached a server whose
-/// answer was lost (no upstream answered for sure), and a retry must present the same key to
-/// get the same identity. A refusal, or an answer that cannot be used, keeps nothing.
+/// Whether a failed enrollment must keep the key: a request may have reached a server whose
+/// answer was lost, and a retry must present the same key to get the same identity. A
+/// refusal, or failures before anything was sent, keep nothing.
 pub fn keep_key_after(e: &EnrollError) -> bool {
-    matches!(e, EnrollError::Unreachable { .. })
+    matches!(
+        e,
+        EnrollError::Unreachable {
+            maybe_delivered: true,
+            ..
+        }
+    )
 }
 
 /// Creates `dir` (and parents) with mode 0700; an existing directory keeps its mode.

@@ -1,0 +1,227 @@
+//! What a newcomer runs into in the first hour, each against the real binaries: the wrong port
+//! says which one to use, a certificate for other names says which names it holds, routes that
+//! name an agent take its name, every CLI group lists by default, `install --force --tag` sets
+//! exactly the tags given, and the server stops promptly with sessions connected.
+//!
+//! The documents themselves (`docs/install.md`, `docs/deployments.md`) are run as written by
+//! `docs_as_written.rs`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::tether_cli::{server_url, Tether};
+use tether_tests::{stderr, stdout};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn the_wrong_port_says_which_port_to_use() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    // An agent pointed at the operators' port.
+    let out = tether_tests::run(
+        "tether-agent",
+        dir.path(),
+        [
+            "install",
+            "--upstream",
+            &format!("wss://localhost:{}", server.https.port()),
+            "--ca",
+            server.ca_path().to_str().unwrap(),
+            "--token",
+            &server.token(1),
+            "--name",
+            "lost",
+            "--data",
+            dir.path().join("lost").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("operators' port") && stderr(&out).contains("7919"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !dir.path().join("lost").exists(),
+        "a refused install leaves nothing"
+    );
+    // An operator pointed at the agents' port.
+    let cli = Tether::new(&dir.path().join("cli"));
+    let out = cli.run(&[
+        "login",
+        "--server",
+        &format!("https://localhost:{}", server.wss.port()),
+        "--ca",
+        server.operator_ca_path().to_str().unwrap(),
+        "--token",
+        &server.admin_token,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("agent-facing port") && stderr(&out).contains("8443"),
+        "{}",
+        stderr(&out)
+    );
+    // Unknown paths on the right port stay a plain 404.
+    let r = server.request("GET", "/api/v1/nothing-here", None);
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "not found");
+}
+
+#[test]
+fn a_certificate_for_other_names_says_which_names_it_holds() {
+    let dir = TestDir::new();
+    // Listening on every loopback address, reached at one its certificate does not name.
+    let server = Server::start_with(dir.path(), &[("TETHER_LISTEN__WSS", "0.0.0.0:0")]);
+    let out = tether_tests::run(
+        "tether-agent",
+        dir.path(),
+        [
+            "install",
+            "--upstream",
+            &format!("wss://127.0.0.3:{}", server.wss.port()),
+            "--ca",
+            server.ca_path().to_str().unwrap(),
+            "--token",
+            &server.token(1),
+            "--name",
+            "misnamed",
+            "--data",
+            dir.path().join("misnamed").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("not valid for 127.0.0.3")
+            && err.contains("valid for localhost, 127.0.0.1")
+            && err.contains("--hostname"),
+        "{err}"
+    );
+}
+
+#[test]
+fn routes_take_names_lists_are_the_default_and_force_sets_the_tags() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let mut agent = Agent::install(&server, dir.path(), "web-1", &["web"]);
+    agent.run();
+    eventually("web-1 online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    // Probes by name, as every other agent route.
+    let r = server.request(
+        "POST",
+        "/api/v1/agents/web-1/probes",
+        Some(&json!({"commands": 3, "events": 0})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let probes = eventually("3 probes echoed", WAIT, || {
+        let r = server.request("GET", "/api/v1/agents/web-1/probes", None);
+        (r.status == 200 && r.json()["probes"]["echoes"]["received"] == 3).then(|| r.json())
+    });
+    assert_eq!(probes["agent_id"], agent.id.as_str());
+
+    // Every CLI group lists without a subcommand, as `list` does.
+    let cli = Tether::new(&dir.path().join("cli"));
+    cli.login(&server);
+    for (group, path) in [
+        ("agents", "/api/v1/agents"),
+        ("relays", "/api/v1/relays"),
+        ("users", "/api/v1/users"),
+        ("tokens", "/api/v1/enrollment-tokens"),
+        ("artifacts", "/api/v1/artifacts"),
+        ("plugins", "/api/v1/plugins"),
+        ("processes", "/api/v1/processes"),
+        ("deployments", "/api/v1/deployments"),
+        ("upgrades", "/api/v1/upgrades"),
+    ] {
+        let bare = cli.json(&[group]);
+        assert_eq!(bare, cli.json(&[group, "list"]), "{group}");
+        let rest: Value = server.request("GET", path, None).json();
+        assert_eq!(bare, rest, "{group} vs {path}");
+        let out = cli.run(&[group]);
+        assert_eq!(out.status.code(), Some(0), "{group}: {}", stderr(&out));
+    }
+    // `tether tokens create --ttl 86400` says 24h, not 23h.
+    let out = cli.run(&["tokens", "create", "--ttl", "86400"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stderr(&out).contains("valid for 24h"), "{}", stderr(&out));
+
+    // `install --force --tag db` with a new token: exactly the tags given.
+    agent.stop();
+    let token = server.token(1);
+    let out = tether_tests::run(
+        "tether-agent",
+        dir.path(),
+        [
+            "install",
+            "--upstream",
+            &server.upstream(),
+            "--ca",
+            server.ca_path().to_str().unwrap(),
+            "--token",
+            &token,
+            "--name",
+            "web-1",
+            "--tag",
+            "db",
+            "--force",
+            "--data",
+            agent.dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&agent.id), "{}", stdout(&out));
+    let listed = server.agent(&agent.id).unwrap();
+    assert_eq!(listed["tags"], json!(["db"]), "{listed}");
+    // And `tether agents delete` takes it away.
+    let out = cli.run(&["agents", "delete", "web-1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(server.agents().is_empty());
+    let _ = server_url(&server);
+}
+
+#[test]
+fn the_server_stops_promptly_with_sessions_connected() {
+    let dir = TestDir::new();
+    let mut server = Server::start(dir.path());
+    let mut agents: Vec<Agent> = (1..=3)
+        .map(|i| Agent::install(&server, dir.path(), &format!("a-{i}"), &[]))
+        .collect();
+    for a in &mut agents {
+        a.run();
+    }
+    for a in &agents {
+        eventually("agent online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    let mut child = server.child.take().unwrap();
+    let t0 = Instant::now();
+    child.signal("TERM");
+    let status = child
+        .wait_exit(Duration::from_secs(30))
+        .expect("the server did not stop");
+    let took = t0.elapsed();
+    assert_eq!(status.code(), Some(0));
+    eprintln!("stopped in {took:?} with 3 sessions");
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.contains("sessions-closed") && log.contains("sessions=3"),
+        "the stop says what it closed"
+    );
+    // The listeners' graceful timeout is 10 s; closing the sessions first ends well before.
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    // The agents come back when the server does, nothing lost.
+    server.run();
+    for a in &agents {
+        eventually("agent online again", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+}

@@ -51,8 +51,9 @@ pub struct AgentSurface {
     pub limiter: EnrollLimiter,
     /// The relay CA: signs relays' TLS certificates at enrollment, and nothing else.
     pub relay_ca: Arc<Ca>,
-    /// The server's own certificate (PEM): no relay is certified for a name it covers.
-    pub server_cert_pem: String,
+    /// The server's own certificate (PEM) as served now: no relay is certified for a name it
+    /// covers.
+    pub server_cert_pem: Arc<std::sync::RwLock<String>>,
 }
 
 /// Mounts the `/agent/v1` routes.
@@ -79,7 +80,12 @@ async fn enroll(
     let name = request.name.clone();
     let public_key = PublicKey::from_b64(&request.public_key)
         .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;
-    let tls_key = relay_tls_key(&request, &state.server_cert_pem)?;
+    let server_cert_pem = state
+        .server_cert_pem
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let tls_key = relay_tls_key(&request, &server_cert_pem)?;
     if let Err(e) = request.verify_proofs(&public_key, tls_key.as_deref()) {
         if let Some(ip) = source {
             state.limiter.record_failure(ip, Instant::now());

@@ -258,6 +258,49 @@ fn agent_bundle(server_ca_pem: &str, relay_ca_pem: &str) -> String {
     bundle
 }
 
+/// What `tether-server cert renew` did.
+#[derive(Debug)]
+pub struct Renewed {
+    /// The names the new certificate holds.
+    pub hostnames: Vec<String>,
+}
+
+/// `tether-server cert renew`: a new server certificate and key from the same CA, for the
+/// names the current one holds plus `add`, so nothing agents or operators trust changes. The
+/// new certificate is checked (a handshake per name against `ca.pem`) before it replaces the
+/// old one; a running server serves it from its next check of `server.pem` on.
+pub fn renew_server_cert(dir: &Path, add: &[String]) -> Result<Renewed, InitError> {
+    let read = |name: &str| {
+        fs::read_to_string(dir.join(name)).map_err(|source| InitError::Io {
+            path: dir.join(name),
+            source,
+        })
+    };
+    let ca = Ca::from_pem(&read(CA_CERT)?, &read(CA_KEY)?)?;
+    let mut hostnames = tls::certificate_names(&read(SERVER_CERT)?)?;
+    for name in add {
+        if !hostnames.contains(name) {
+            hostnames.push(name.clone());
+        }
+    }
+    let (cert, key) = ca.issue_server_cert(&hostnames)?;
+    check_certificate(&ca, &cert, &key, &hostnames)?;
+    // The key first: a server that reloads in between finds a pair that does not match, keeps
+    // what it serves, and takes the new pair at its next check.
+    write_private_file(&dir.join(SERVER_KEY), key.as_bytes()).map_err(|source| InitError::Io {
+        path: dir.join(SERVER_KEY),
+        source,
+    })?;
+    write_file_atomic(&dir.join(SERVER_CERT), cert.as_bytes(), 0o644).map_err(|source| {
+        InitError::Io {
+            path: dir.join(SERVER_CERT),
+            source,
+        }
+    })?;
+    tracing::info!(data_dir = %dir.display(), hostnames = ?hostnames, "server-certificate-renewed");
+    Ok(Renewed { hostnames })
+}
+
 /// Proves the new certificate works: a full TLS handshake against the new CA per hostname.
 fn check_certificate(ca: &Ca, cert: &str, key: &str, hostnames: &[String]) -> Result<(), TlsError> {
     let client = Arc::new(tls::client_config(ca.cert_pem())?);
@@ -415,6 +458,31 @@ mod tests {
             &fs::read_to_string(&token_path).unwrap(),
             second.admin_token.expose()
         );
+    }
+
+    #[test]
+    fn renewal_keeps_the_ca_and_the_names_and_adds_new_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = opts(tmp.path());
+        initialize(&opts).unwrap();
+        let dir = &opts.data_dir;
+        let ca_before = fs::read_to_string(dir.join(CA_CERT)).unwrap();
+        let cert_before = fs::read_to_string(dir.join(SERVER_CERT)).unwrap();
+        let renewed = renew_server_cert(dir, &["tether.example".to_owned()]).unwrap();
+        assert_eq!(
+            renewed.hostnames,
+            ["localhost", "127.0.0.1", "tether.example"]
+        );
+        assert_eq!(fs::read_to_string(dir.join(CA_CERT)).unwrap(), ca_before);
+        let cert = fs::read_to_string(dir.join(SERVER_CERT)).unwrap();
+        assert_ne!(cert, cert_before);
+        assert_eq!(mode(&dir.join(SERVER_KEY)), 0o600);
+        let ca = Ca::from_pem(&ca_before, &fs::read_to_string(dir.join(CA_KEY)).unwrap()).unwrap();
+        let key = fs::read_to_string(dir.join(SERVER_KEY)).unwrap();
+        check_certificate(&ca, &cert, &key, &renewed.hostnames).unwrap();
+        // A bad name changes nothing.
+        assert!(renew_server_cert(dir, &["not a name".to_owned()]).is_err());
+        assert_eq!(fs::read_to_string(dir.join(SERVER_CERT)).unwrap(), cert);
     }
 
     #[test]

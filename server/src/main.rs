@@ -72,6 +72,29 @@ enum Command {
     Init(InitArgs),
     /// Serve: open the journal and listen until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// The server's TLS certificate.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue a new server certificate (and key) from the same CA, for the names the current one
+    /// holds plus any --hostname: nothing agents or operators trust changes, nobody re-enrolls.
+    /// A running server serves it within seconds, without a restart.
+    Renew(RenewArgs),
+}
+
+#[derive(Debug, Args)]
+struct RenewArgs {
+    /// Data directory [default: server.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// A name or IP address to add to the certificate; repeatable.
+    #[arg(long = "hostname", value_name = "NAME")]
+    hostnames: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +142,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Init(args)) => run_init(&cfg, args),
         Some(Command::Run(args)) => run_server(&cfg, args),
+        Some(Command::Cert {
+            command: CertCommand::Renew(args),
+        }) => run_cert_renew(&cfg, args),
         None => {
             eprintln!("{}", Cli::command().render_help());
             ExitCode::from(2)
@@ -146,6 +172,25 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tether-server init: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
+    let dir = args.data.unwrap_or_else(|| cfg.server.data_dir.clone());
+    match init::renew_server_cert(&dir, &args.hostnames) {
+        Ok(done) => {
+            println!(
+                "server certificate renewed for {} (valid {} days); a running server serves it within {} s",
+                done.hostnames.join(", "),
+                tether_shared::tls::SERVER_CERT_VALIDITY_DAYS,
+                run::CERT_CHECK_INTERVAL.as_secs()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-server cert renew: {e}");
             ExitCode::from(1)
         }
     }

@@ -12,7 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix::Actor;
@@ -20,7 +20,7 @@ use actix_rt::signal::unix::{signal, SignalKind};
 use actix_web::{web, App, HttpServer};
 use tether_shared::identity::{Identity, IdentityError};
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
-use tether_shared::tls::{self, Ca, TlsError};
+use tether_shared::tls::{self, Ca, ReloadableCert, TlsError};
 
 use crate::admin::{self, AdminState};
 use crate::admin_token::{AdminToken, AdminTokenError};
@@ -191,11 +191,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     let tls = load_tls(dir)?;
     let relay_ca = Arc::new(init::ensure_relay_ca(dir).map_err(RunError::RelayCa)?);
-    let server_cert_pem =
-        std::fs::read_to_string(dir.join(init::SERVER_CERT)).map_err(|source| RunError::Read {
-            path: dir.join(init::SERVER_CERT),
-            source,
-        })?;
+    let server_cert_pem = Arc::new(RwLock::new(read_server_cert(dir)?.0));
     let signing = Identity::load(&dir.join(init::SIGNING_KEY))?;
     let server_signing_key = signing.public_key_b64();
     let server_signing_certificate =
@@ -250,12 +246,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
 struct Loaded {
     /// Guards the REST API and the admin endpoints.
     token: AdminToken,
-    /// Presented by both listeners.
-    tls: rustls::ServerConfig,
+    /// Presented by both listeners, replaced when `DIR/server.pem` changes.
+    tls: Arc<ReloadableCert>,
     /// The relay CA, which signs relays' certificates at enrollment.
     relay_ca: Arc<Ca>,
     /// `DIR/server.pem`: no relay is certified for a name it covers.
-    server_cert_pem: String,
+    server_cert_pem: Arc<RwLock<String>>,
     /// `DIR/signing.key`: signs every command.
     signing: Identity,
     /// Public half of `DIR/signing.key`, base64: agents pin it at enrollment.
@@ -296,18 +292,69 @@ fn check_initialized(dir: &Path) -> Result<(), RunError> {
     }
 }
 
-/// The rustls configuration presenting `DIR/server.pem` with `DIR/server.key`.
-fn load_tls(dir: &Path) -> Result<rustls::ServerConfig, RunError> {
-    let cert = dir.join(init::SERVER_CERT);
-    let key = dir.join(init::SERVER_KEY);
+/// How often a running server looks at `DIR/server.pem` for a renewed certificate.
+pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The certificate both listeners present: `DIR/server.pem` with `DIR/server.key`, replaced
+/// while they run when the files change ([`watch_certificate`]).
+fn load_tls(dir: &Path) -> Result<Arc<ReloadableCert>, RunError> {
+    let (cert_pem, key_pem) = read_server_cert(dir)?;
+    let (cert, key) = (dir.join(init::SERVER_CERT), dir.join(init::SERVER_KEY));
+    ReloadableCert::new(&cert_pem, &key_pem).map_err(|source| RunError::Tls { cert, key, source })
+}
+
+/// `DIR/server.pem` and `DIR/server.key`.
+fn read_server_cert(dir: &Path) -> Result<(String, String), RunError> {
     let read = |path: &Path| {
         std::fs::read_to_string(path).map_err(|source| RunError::Read {
             path: path.to_path_buf(),
             source,
         })
     };
-    let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
-    tls::server_config(&cert_pem, &key_pem).map_err(|source| RunError::Tls { cert, key, source })
+    Ok((
+        read(&dir.join(init::SERVER_CERT))?,
+        read(&dir.join(init::SERVER_KEY))?,
+    ))
+}
+
+/// Every [`CERT_CHECK_INTERVAL`], reloads the certificate if `DIR/server.pem` changed (as
+/// `tether-server cert renew` leaves it): new handshakes get it, and the relay enrollment's
+/// check of the server's names follows. A pair that does not load is logged and the current
+/// one kept.
+async fn watch_certificate(dir: PathBuf, cert: Arc<ReloadableCert>, pem: Arc<RwLock<String>>) {
+    let stamp = |dir: &Path| {
+        std::fs::metadata(dir.join(init::SERVER_CERT))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let mut seen = stamp(&dir);
+    let mut tick = tokio::time::interval(CERT_CHECK_INTERVAL);
+    loop {
+        tick.tick().await;
+        let now = stamp(&dir);
+        if now == seen {
+            continue;
+        }
+        let loaded = read_server_cert(&dir).and_then(|(cert_pem, key_pem)| {
+            cert.replace(&cert_pem, &key_pem)
+                .map(|()| cert_pem)
+                .map_err(|source| RunError::Tls {
+                    cert: dir.join(init::SERVER_CERT),
+                    key: dir.join(init::SERVER_KEY),
+                    source,
+                })
+        });
+        match loaded {
+            Ok(cert_pem) => {
+                let names = tls::certificate_names(&cert_pem).unwrap_or_default();
+                tracing::info!(hostnames = ?names, "server-certificate-reloaded");
+                *pem.write().unwrap_or_else(PoisonError::into_inner) = cert_pem;
+                seen = now;
+            }
+            // Retried at the next tick (a renewal may be half written).
+            Err(e) => tracing::warn!(error = %e, "server-certificate-not-reloaded"),
+        }
+    }
 }
 
 /// Applies the limits every listener shares (see the constants above); stop signals are handled
@@ -447,9 +494,19 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         server_signing_certificate: loaded.server_signing_certificate,
         limiter: EnrollLimiter::default(),
         relay_ca: loaded.relay_ca,
-        server_cert_pem: loaded.server_cert_pem,
+        server_cert_pem: loaded.server_cert_pem.clone(),
     });
     let stop = stop_signal().map_err(RunError::Signal)?;
+    let server_tls = loaded.tls.server_config().map_err(|source| RunError::Tls {
+        cert: dir.join(init::SERVER_CERT),
+        key: dir.join(init::SERVER_KEY),
+        source,
+    })?;
+    actix_rt::spawn(watch_certificate(
+        dir.to_path_buf(),
+        loaded.tls.clone(),
+        loaded.server_cert_pem.clone(),
+    ));
     let json = web::JsonConfig::default()
         .limit(JSON_LIMIT_BYTES)
         .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into());
@@ -480,7 +537,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .configure(crate::web::configure)
             .default_service(web::to(not_found))
     }))
-    .bind_rustls_0_23(opts.listen_https, loaded.tls.clone())
+    .bind_rustls_0_23(opts.listen_https, server_tls.clone())
     .map_err(|source| RunError::Bind {
         listener: "https",
         addr: opts.listen_https,
@@ -501,7 +558,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .configure(session::routes::configure_agent_surface)
             .default_service(web::to(not_found_for_agents))
     }))
-    .bind_rustls_0_23(opts.listen_wss, loaded.tls)
+    .bind_rustls_0_23(opts.listen_wss, server_tls)
     .map_err(|source| RunError::Bind {
         listener: "wss",
         addr: opts.listen_wss,

@@ -73,35 +73,105 @@ fn the_wrong_port_says_which_port_to_use() {
 }
 
 #[test]
-fn a_certificate_for_other_names_says_which_names_it_holds() {
+fn a_certificate_for_other_names_says_which_names_and_a_renewal_adds_one_live() {
     let dir = TestDir::new();
     // Listening on every loopback address, reached at one its certificate does not name.
-    let server = Server::start_with(dir.path(), &[("TETHER_LISTEN__WSS", "0.0.0.0:0")]);
-    let out = tether_tests::run(
-        "tether-agent",
+    let server = Server::start_with(
         dir.path(),
-        [
-            "install",
-            "--upstream",
-            &format!("wss://127.0.0.3:{}", server.wss.port()),
-            "--ca",
-            server.ca_path().to_str().unwrap(),
-            "--token",
-            &server.token(1),
-            "--name",
-            "misnamed",
-            "--data",
-            dir.path().join("misnamed").to_str().unwrap(),
+        &[
+            ("TETHER_LISTEN__WSS", "0.0.0.0:0"),
+            ("TETHER_LISTEN__HTTPS", "0.0.0.0:0"),
         ],
     );
+    let mut agent = Agent::install(&server, dir.path(), "before", &[]);
+    agent.run();
+    eventually("the agent online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let install = |name: &str| {
+        tether_tests::run(
+            "tether-agent",
+            dir.path(),
+            [
+                "install",
+                "--upstream",
+                &format!("wss://127.0.0.3:{}", server.wss.port()),
+                "--ca",
+                server.ca_path().to_str().unwrap(),
+                "--token",
+                &server.token(1),
+                "--name",
+                name,
+                "--data",
+                dir.path().join(name).to_str().unwrap(),
+            ],
+        )
+    };
+    let out = install("misnamed");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("not valid for 127.0.0.3")
-            && err.contains("valid for localhost, 127.0.0.1")
-            && err.contains("--hostname"),
+        err.contains("not valid for 127.0.0.3: it is valid for localhost, 127.0.0.1")
+            && err.contains("tether-server cert renew --hostname"),
         "{err}"
     );
+    assert!(
+        !dir.path().join("misnamed").exists(),
+        "a refused install leaves nothing"
+    );
+
+    // The operator adds the name: same CA, nothing re-enrolled, no restart.
+    let pid = server.pid();
+    let out = tether_tests::run(
+        "tether-server",
+        dir.path(),
+        [
+            "cert",
+            "renew",
+            "--hostname",
+            "127.0.0.3",
+            "--data",
+            server.dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("localhost, 127.0.0.1, 127.0.0.3"),
+        "{}",
+        stdout(&out)
+    );
+    let out = eventually("the renewed certificate served", WAIT, || {
+        let out = install("renamed");
+        out.status.success().then_some(out)
+    });
+    assert!(stdout(&out).contains("a-"), "{}", stdout(&out));
+    assert_eq!(server.pid(), pid, "no restart");
+    // The agent enrolled before is still online and was never asked to re-enroll; an
+    // operator's client trusting ca.pem reaches the new name too.
+    assert_eq!(server.agent_status(&agent.id), "online");
+    let operator = std::sync::Arc::new(
+        tether_shared::tls::client_config(
+            &std::fs::read_to_string(server.operator_ca_path()).unwrap(),
+        )
+        .unwrap(),
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 3], server.https.port()));
+    let r = tether_tests::https_request(addr, operator, "127.0.0.3", "GET", "/login", &[]).unwrap();
+    assert_eq!(r.status, 200);
+    // A renewal with a bad name changes nothing.
+    let out = tether_tests::run(
+        "tether-server",
+        dir.path(),
+        [
+            "cert",
+            "renew",
+            "--hostname",
+            "not a name",
+            "--data",
+            server.dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
 }
 
 #[test]

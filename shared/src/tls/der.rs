@@ -61,6 +61,15 @@ pub(super) struct CertParts<'a> {
 
 /// Finds the subject and public key of an X.509 certificate.
 pub(super) fn cert_parts(cert_der: &[u8]) -> Option<CertParts<'_>> {
+    let (subject, spki) = subject_and_spki(cert_der)?;
+    Some(CertParts {
+        subject: subject.whole,
+        spki: spki.whole,
+    })
+}
+
+/// The TBSCertificate's subject and subjectPublicKeyInfo elements.
+fn subject_and_spki(cert_der: &[u8]) -> Option<(Element<'_>, Element<'_>)> {
     let cert = expect(cert_der, SEQUENCE)?;
     let tbs = expect(cert.content, SEQUENCE)?;
     let mut fields = tbs.content;
@@ -73,10 +82,67 @@ pub(super) fn cert_parts(cert_der: &[u8]) -> Option<CertParts<'_>> {
     let validity = expect(issuer.rest, SEQUENCE)?;
     let subject = expect(validity.rest, SEQUENCE)?;
     let spki = expect(subject.rest, SEQUENCE)?;
-    Some(CertParts {
-        subject: subject.whole,
-        spki: spki.whole,
-    })
+    Some((subject, spki))
+}
+
+/// The TBSCertificate's fields after the public key.
+fn tbs_after_spki(cert_der: &[u8]) -> Option<&[u8]> {
+    subject_and_spki(cert_der).map(|(_, spki)| spki.rest)
+}
+
+/// The DNS names and IP addresses of a certificate's subjectAltName extension, in order.
+/// `None` if the certificate cannot be read; empty if it has no such names.
+pub(super) fn subject_alt_names(cert_der: &[u8]) -> Option<Vec<String>> {
+    const EXTENSIONS_TAG: u8 = 0xa3;
+    const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11]; // 2.5.29.17
+    const BOOLEAN: u8 = 0x01;
+    const OCTET_STRING: u8 = 0x04;
+    const DNS_NAME: u8 = 0x82; // [2] IMPLICIT IA5String
+    const IP_ADDRESS: u8 = 0x87; // [7] IMPLICIT OCTET STRING
+                                 // What follows the public key: optional unique ids ([1], [2]), then extensions ([3]).
+    let mut rest = tbs_after_spki(cert_der)?;
+    let mut names = Vec::new();
+    while !rest.is_empty() {
+        let field = element(rest)?;
+        rest = field.rest;
+        if field.tag != EXTENSIONS_TAG {
+            continue;
+        }
+        let mut extensions = expect(field.content, SEQUENCE)?.content;
+        while !extensions.is_empty() {
+            let extension = expect(extensions, SEQUENCE)?;
+            extensions = extension.rest;
+            let oid = expect(extension.content, OID)?;
+            if oid.content != SAN_OID {
+                continue;
+            }
+            let mut value = element(oid.rest)?;
+            if value.tag == BOOLEAN {
+                value = element(value.rest)?;
+            }
+            if value.tag != OCTET_STRING {
+                return None;
+            }
+            let mut general_names = expect(value.content, SEQUENCE)?.content;
+            while !general_names.is_empty() {
+                let name = element(general_names)?;
+                general_names = name.rest;
+                match (name.tag, name.content.len()) {
+                    (DNS_NAME, _) => names.push(std::str::from_utf8(name.content).ok()?.to_owned()),
+                    (IP_ADDRESS, 4) => {
+                        let octets: [u8; 4] = name.content.try_into().ok()?;
+                        names.push(std::net::Ipv4Addr::from(octets).to_string());
+                    }
+                    (IP_ADDRESS, 16) => {
+                        let octets: [u8; 16] = name.content.try_into().ok()?;
+                        names.push(std::net::Ipv6Addr::from(octets).to_string());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Some(names)
 }
 
 /// Rebuilds an rcgen name from a DER `Name`; `None` for encodings rcgen cannot reproduce.

@@ -5,10 +5,12 @@
 //!
 //! # Layout
 //! - [`Ca`] (`ca.rs`): generate, save as PEM, load again, issue server certificates.
-//! - `der.rs`: the few DER reads `Ca::from_pem` needs.
+//! - `der.rs`: the few DER reads `Ca::from_pem` needs, and certificates' names.
+//! - [`ReloadableCert`] (`reload.rs`): a server certificate replaced while listeners run.
 
 mod ca;
 mod der;
+mod reload;
 
 use std::io::{Cursor, Read};
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use rustls::{
 pub use ca::{
     valid_hostname, verify_p256, Ca, TlsKey, SERVER_CERT_VALIDITY_DAYS, SIGNING_CERT_NAME,
 };
+pub use reload::ReloadableCert;
 
 /// The only protocol versions Tether speaks, newest first.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&TLS13, &TLS12];
@@ -180,6 +183,19 @@ pub fn verify_signing_cert(
         ));
     }
     Ok(())
+}
+
+/// The DNS names and IP addresses the first certificate in `cert_pem` holds.
+pub fn certificate_names(cert_pem: &str) -> Result<Vec<String>, TlsError> {
+    let first = parse_certs(cert_pem, "certificate")?
+        .into_iter()
+        .next()
+        .ok_or(TlsError::Empty {
+            what: "certificate",
+            expected: "CERTIFICATE",
+        })?;
+    der::subject_alt_names(&first)
+        .ok_or_else(|| TlsError::Ca("certificate names cannot be read".into()))
 }
 
 /// Whether the first certificate in `cert_pem` is valid for `name` (a DNS name, wildcards

@@ -195,3 +195,40 @@ fn a_signing_certificate_binds_the_key_to_the_ca() {
     // And a signing certificate does not serve TLS.
     assert!(certificate_covers(&cert, "localhost").map_or(true, |covers| !covers));
 }
+
+#[test]
+fn certificate_names_are_read_back() {
+    let ca = Ca::generate("Tether test CA").unwrap();
+    let (cert, _) = ca
+        .issue_server_cert(&names(&["tether.example", "10.1.2.3", "::1", "localhost"]))
+        .unwrap();
+    assert_eq!(
+        certificate_names(&cert).unwrap(),
+        ["tether.example", "10.1.2.3", "::1", "localhost"]
+    );
+    assert!(certificate_names("junk").is_err());
+    assert_eq!(
+        certificate_names(ca.cert_pem()).unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_reloadable_certificate_serves_the_new_one_from_the_next_handshake() {
+    let ca = Ca::generate("Tether test CA").unwrap();
+    let (old_cert, old_key) = ca.issue_server_cert(&names(&["localhost"])).unwrap();
+    let reloadable = ReloadableCert::new(&old_cert, &old_key).unwrap();
+    let server = Arc::new(reloadable.server_config().unwrap());
+    let client = client(ca.cert_pem());
+    handshake_in_memory(client.clone(), server.clone(), "localhost").unwrap();
+    assert!(handshake_in_memory(client.clone(), server.clone(), "tether.example").is_err());
+    let (new_cert, new_key) = ca
+        .issue_server_cert(&names(&["localhost", "tether.example"]))
+        .unwrap();
+    // A certificate with another key than its own is refused, and the old one stays.
+    assert!(reloadable.replace(&new_cert, &old_key).is_err());
+    assert!(handshake_in_memory(client.clone(), server.clone(), "tether.example").is_err());
+    reloadable.replace(&new_cert, &new_key).unwrap();
+    handshake_in_memory(client.clone(), server.clone(), "tether.example").unwrap();
+    handshake_in_memory(client, server, "localhost").unwrap();
+}

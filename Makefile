@@ -6,7 +6,7 @@ CARGO ?= cargo
 RUN_DIR ?= .tether-run
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: setup build lint test bench run
+.PHONY: setup build lint test bench run dist
 
 ## setup: check the toolchain and install the system tools the tests use (as root, via apt-get);
 ## chromium and chromium-driver run the web application's browser tests (tests/tests/web.rs).
@@ -14,7 +14,7 @@ setup:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo is not installed; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
-	@missing=""; for tool in strace:strace ss:iproute2 openssl:openssl kill:procps nft:nftables chromium:chromium chromedriver:chromium-driver; do \
+	@missing=""; for tool in strace:strace ss:iproute2 openssl:openssl kill:procps nft:nftables curl:curl chromium:chromium chromedriver:chromium-driver; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -38,6 +38,19 @@ test: lint build
 bench: setup
 	$(CARGO) build --release --workspace --bins --locked
 	$(CARGO) bench --workspace --locked
+
+## dist: the release binaries (tether-server, tether, tether-agent, tether-relay), the default
+## configs, the systemd units and the docs in dist/tether-VERSION-linux-ARCH.tar.gz.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+DIST_NAME := tether-$(VERSION)-linux-$(shell uname -m)
+dist: setup
+	$(CARGO) build --release --workspace --bins --locked
+	@rm -rf dist/$(DIST_NAME) && mkdir -p dist/$(DIST_NAME)/bin dist/$(DIST_NAME)/docs
+	cp target/release/tether-server target/release/tether target/release/tether-agent target/release/tether-relay dist/$(DIST_NAME)/bin/
+	cp -r config dist/$(DIST_NAME)/config
+	cp docs/*.md README.md dist/$(DIST_NAME)/docs/
+	tar -C dist -czf dist/$(DIST_NAME).tar.gz $(DIST_NAME)
+	@echo "dist/$(DIST_NAME).tar.gz: bin/ (four binaries), config/ (defaults, systemd units), docs/"
 
 ## run: a local server with a demo data dir in $(RUN_DIR) (created on first run).
 run: build

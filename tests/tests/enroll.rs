@@ -274,7 +274,8 @@ fn install_enrolls_an_agent_that_is_listed_and_survives_a_restart() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("409")
-            && stderr(&out).contains("name already enrolled with another key"),
+            && stderr(&out).contains("name already enrolled with another key")
+            && stderr(&out).contains("tether agents delete NAME"),
         "{}",
         stderr(&out)
     );

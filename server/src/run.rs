@@ -482,7 +482,9 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let plugins_agent_state = web::Data::new(PluginsAgentState {
         plugins: loaded.plugins.clone(),
         registry: loaded.registry.clone(),
+        deployments: loaded.deployments.clone(),
     });
+    let deployments_wss = web::Data::from(loaded.deployments.clone());
     let api_state = web::Data::new(ApiState {
         token: loaded.token,
         registry: loaded.registry.clone(),
@@ -550,6 +552,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .app_data(payload.clone())
             .app_data(sessions.clone())
             .app_data(plugins_agent_state.clone())
+            .app_data(deployments_wss.clone())
             .app_data(upgrades_agent_state.clone())
             .configure(agent_surface::configure)
             .configure(crate::artifacts::configure_agent(artifacts_wss.clone()))

@@ -228,6 +228,16 @@ fn bulk() -> (f64, f64, u64) {
     assert_eq!(r.status, 201, "{}", r.body);
     let sha = r.json()["sha256"].as_str().unwrap().to_owned();
     let agent = path.agents(1, "dl").pop().unwrap();
+    // An agent downloads only what its own jobs fetch: give it one that does.
+    path.server
+        .put_process(&serde_json::json!({"name": "get-big", "steps": [
+        {"name": "get", "plugin": "artifact", "step": "fetch",
+         "properties": {"name": "big", "version": "1", "dest": "/nonexistent/big"}}]}));
+    path.server.deploy(
+        "get-big",
+        serde_json::json!({"agents": [agent.agent_id]}),
+        serde_json::json!({}),
+    );
     let tls = path.tls();
     let direct = download_ms(path.server.wss, "localhost", &tls, &agent, &sha);
     // The first download through the relay fills its cache; the measured ones are warm.

@@ -193,6 +193,19 @@ fn uploads_limits_and_the_agents_download_route() {
     assert_eq!(get(&unknown).status, 401);
     let signed = sign_request(&key, &agent.id, "GET", &path, now);
     let mut headers: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Signed by this agent, but none of its jobs fetches the artifact: it looks absent.
+    let r = get(&headers);
+    assert_eq!(r.status, 404, "{}", r.body);
+    // Unknown agent and bad signature get the same answer.
+    assert_eq!(get(&unknown).body, get(&forged).body);
+    // Once a deployment sends it one, the agent may fetch it (and only this agent).
+    let d = deploy_and_wait(
+        &server,
+        json!({"name": "get-web", "steps": [{"name": "get", "plugin": "artifact", "step": "fetch",
+            "properties": {"name": "web", "version": "1.0",
+                "dest": tmp.path().join("fetched-web.txt").to_str().unwrap()}}]}),
+    );
+    assert_eq!(d["status"], "succeeded", "{d}");
     let whole = get(&headers);
     assert_eq!(whole.status, 200);
     assert_eq!(whole.body.as_bytes(), content.as_slice());

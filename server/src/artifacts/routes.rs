@@ -9,8 +9,9 @@
 //!
 //! Agent-facing listener ([`configure_agent`]): `GET /agent/v1/artifacts/{sha256}`, signed by
 //! the agent (`tether_shared::agent_auth`): unsigned, unknown agent, stale or bad signature →
-//! 401 and nothing else; then 404 for content no published artifact has. `Range: bytes=N-`
-//! resumes (206 with `Content-Range`).
+//! 401 and nothing else; then 404 for content no published artifact has, or that no job of
+//! this agent fetches (an agent downloads only what its own deployments send it). `Range:
+//! bytes=N-` resumes (206 with `Content-Range`).
 
 use actix_files::NamedFile;
 use actix_web::http::header::{self, HeaderValue};
@@ -21,6 +22,7 @@ use tether_shared::identity::PublicKey;
 use super::upload::put_artifact;
 use super::{is_sha256_hex, ArtifactError, ArtifactStore};
 use crate::api_error::{method_not_allowed, ApiError};
+use crate::deployments::Deployments;
 use crate::registry::now_unix_ms;
 
 /// Path prefix of the agents' download route.
@@ -75,10 +77,16 @@ async fn agent_download(
     req: HttpRequest,
     path: web::Path<String>,
     store: web::Data<ArtifactStore>,
+    deployments: web::Data<Deployments>,
 ) -> Result<HttpResponse, ArtifactError> {
     let agent_id = check_agent(&req, &store)?;
     let sha256 = path.into_inner();
     if !is_sha256_hex(&sha256) || !store.has_blob(&sha256) {
+        return Err(ApiError::NotFound.into());
+    }
+    // Only what this agent's own jobs fetch; anything else looks absent.
+    if !deployments.sends_blob(&agent_id, &sha256) {
+        tracing::warn!(agent_id = %agent_id, sha256 = %sha256, "artifact-download-not-referenced");
         return Err(ApiError::NotFound.into());
     }
     tracing::info!(agent_id = %agent_id, sha256 = %sha256, range = req.headers().contains_key(header::RANGE), "artifact-download");

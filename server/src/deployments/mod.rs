@@ -343,6 +343,22 @@ impl Deployments {
         Ok(n)
     }
 
+    /// Whether a deployment sent `agent_id` a step that fetches the blob `sha256`: an artifact
+    /// (`artifact/fetch`) or an uploaded plugin's bundle. Agents download only what their own
+    /// jobs reference, so one agent's key does not open every artifact and bundle.
+    pub fn sends_blob(&self, agent_id: &str, sha256: &str) -> bool {
+        let state = self.read();
+        state.deployments.values().any(|d| {
+            let references = d.steps.iter().any(|s| {
+                s.bundle.as_ref().is_some_and(|b| b.sha256 == sha256)
+                    || (s.plugin == "artifact"
+                        && s.step == "fetch"
+                        && s.properties.get("sha256").map(String::as_str) == Some(sha256))
+            });
+            references && state.jobs.contains_key(&format!("{}-{agent_id}", d.id))
+        })
+    }
+
     /// Reads a consistent snapshot with `f`.
     pub fn with_state<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.read())

@@ -40,6 +40,8 @@ pub struct PluginsAgentState {
     pub plugins: Arc<Plugins>,
     /// Agents' public keys, to check signatures.
     pub registry: Arc<Registry>,
+    /// Which bundles each agent's jobs use: an agent downloads only those.
+    pub deployments: Arc<crate::deployments::Deployments>,
 }
 
 /// Mounts `/api/v1/plugins` (HTTPS listener).
@@ -172,15 +174,21 @@ async fn download(
     let agent_id = match authenticate(&req, &state.registry) {
         Ok(id) => id,
         Err(reason) => {
+            // The reason is logged, never answered: an unknown agent and a bad signature look
+            // the same from outside.
             tracing::warn!(peer = ?req.peer_addr(), reason = %reason, "plugin-download-refused");
             return error(
                 actix_web::http::StatusCode::UNAUTHORIZED,
-                format!("unauthorized: {reason}"),
+                "unauthorized: not signed by an enrolled agent".into(),
             );
         }
     };
     let sha256 = path.into_inner();
     if !is_sha256(&sha256) {
+        return error(actix_web::http::StatusCode::NOT_FOUND, "not found".into());
+    }
+    if !state.deployments.sends_blob(&agent_id, &sha256) {
+        tracing::warn!(agent_id = %agent_id, sha256 = %sha256, "plugin-download-not-referenced");
         return error(actix_web::http::StatusCode::NOT_FOUND, "not found".into());
     }
     let file = state.plugins.bundle_path(&sha256);

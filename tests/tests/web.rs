@@ -217,6 +217,7 @@ fn operators_surface_in_a_browser() {
         ("x-content-type-options", "nosniff"),
         ("x-frame-options", "DENY"),
         ("referrer-policy", "same-origin"),
+        ("strict-transport-security", "max-age=31536000"),
     ] {
         let got = page.header(name).unwrap_or_default();
         assert!(got.starts_with(value), "{name}: {got:?}");

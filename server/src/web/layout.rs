@@ -64,7 +64,10 @@ pub fn secure_headers(r: &mut HttpResponseBuilder) {
     r.insert_header((header::CONTENT_SECURITY_POLICY, CSP))
         .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
         .insert_header((header::X_FRAME_OPTIONS, "DENY"))
-        .insert_header((header::REFERRER_POLICY, "same-origin"));
+        .insert_header((header::REFERRER_POLICY, "same-origin"))
+        // The application is only ever served over HTTPS: browsers that saw it once refuse a
+        // downgrade for a year.
+        .insert_header((header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"));
 }
 
 /// An HTML response; never cached (pages carry CSRF tokens and live data).

@@ -1,9 +1,12 @@
 //! Logging in and out, and the account page.
 //!
 //! - `GET /login`, `POST /login` (user, password): argon2id check off the arbiter thread;
-//!   success sets the session cookie and redirects to `/agents`. Failures are counted per
-//!   source address and per user name ([`LoginLimiter`]); past the budget: 429 until the
-//!   window ends, without checking the password at all.
+//!   success sets the session cookie and redirects to `/agents`. Attempts are counted per
+//!   source address and per user name ([`LoginLimiter`]) *before* the password is checked (a
+//!   success takes its count back), so a burst of parallel attempts cannot run more checks
+//!   than the budget; past it: 429 until the window ends. At most [`CONCURRENT_CHECKS`]
+//!   argon2id checks run at once (each holds about 19 MiB and a core); a login that waits
+//!   [`CHECK_WAIT`] for one gets 429 and retries, so memory stays flat under a burst.
 //! - `POST /logout`: ends the session (CSRF-checked, so no other site can log you out).
 //! - `GET /account`, `POST /account/password`: change one's own password (the current one is
 //!   required); the user's other sessions end.
@@ -29,6 +32,10 @@ pub const FAILURES_PER_SOURCE: u32 = 10;
 pub const FAILURES_PER_USER: u32 = 30;
 /// The counting window.
 pub const WINDOW: Duration = Duration::from_secs(60);
+/// Password checks running at once, server-wide.
+pub const CONCURRENT_CHECKS: usize = 2;
+/// How long a login waits for a check slot before it is told to retry (429).
+pub const CHECK_WAIT: Duration = Duration::from_secs(2);
 /// Keys tracked at most per table; past it, expired windows are dropped, then new keys go
 /// untracked rather than letting the table grow without bound.
 const MAX_TRACKED: usize = 100_000;
@@ -50,37 +57,52 @@ impl<K: Hash + Eq + Clone> Failures<K> {
         }
     }
 
-    /// Seconds until `key` may try again, if it used up its failures.
-    pub fn blocked(&self, key: &K, now: Instant) -> Option<u64> {
-        let seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        let (started, failures) = seen.get(key)?;
-        let elapsed = now.saturating_duration_since(*started);
-        (*failures >= self.max && elapsed < self.window)
-            .then(|| self.window.saturating_sub(elapsed).as_secs().max(1))
+    /// Counts an attempt of `key` now, unless it used up its budget: then the seconds until
+    /// it may try again. Check and count are one step, so parallel attempts cannot overrun.
+    pub fn attempt(&self, key: &K, now: Instant) -> Result<(), u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((started, failures)) = seen.get(key) {
+            let elapsed = now.saturating_duration_since(*started);
+            if *failures >= self.max && elapsed < self.window {
+                return Err(self.window.saturating_sub(elapsed).as_secs().max(1));
+            }
+        }
+        Self::count(&mut seen, key, now, self.window);
+        Ok(())
     }
 
-    pub fn record(&self, key: &K, now: Instant) {
+    /// Takes back one attempt of `key` (it succeeded, or was never checked).
+    pub fn forgive(&self, key: &K) {
         let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, failures)) = seen.get_mut(key) {
+            *failures = failures.saturating_sub(1);
+        }
+    }
+
+    /// One more for `key` in its window (a new window if the last one ended); the table stays
+    /// within [`MAX_TRACKED`] keys.
+    fn count(seen: &mut HashMap<K, (Instant, u32)>, key: &K, now: Instant, window: Duration) {
         if seen.len() >= MAX_TRACKED && !seen.contains_key(key) {
-            let window = self.window;
             seen.retain(|_, (started, _)| now.saturating_duration_since(*started) < window);
             if seen.len() >= MAX_TRACKED {
                 return;
             }
         }
         let entry = seen.entry(key.clone()).or_insert((now, 0));
-        if now.saturating_duration_since(entry.0) >= self.window {
+        if now.saturating_duration_since(entry.0) >= window {
             *entry = (now, 0);
         }
         entry.1 = entry.1.saturating_add(1);
     }
 }
 
-/// Failed logins per source address and per user name.
+/// Login attempts per source address and per user name, and the password checks running.
 #[derive(Debug)]
 pub struct LoginLimiter {
     pub sources: Failures<IpAddr>,
     pub users: Failures<String>,
+    /// Slots for argon2id checks ([`CONCURRENT_CHECKS`]).
+    pub checks: tokio::sync::Semaphore,
 }
 
 impl Default for LoginLimiter {
@@ -88,6 +110,7 @@ impl Default for LoginLimiter {
         LoginLimiter {
             sources: Failures::new(FAILURES_PER_SOURCE, WINDOW),
             users: Failures::new(FAILURES_PER_USER, WINDOW),
+            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
         }
     }
 }
@@ -144,21 +167,36 @@ async fn login(
     let now = Instant::now();
     let source = req.peer_addr().map(|a| a.ip());
     let user_key = form.user.chars().take(64).collect::<String>();
-    let blocked = source
-        .and_then(|ip| state.login_limiter.sources.blocked(&ip, now))
-        .or_else(|| state.login_limiter.users.blocked(&user_key, now));
-    if let Some(retry) = blocked {
+    let limiter = &state.login_limiter;
+    // Counted before the check: a burst of parallel attempts gets no more checks than the
+    // budget. What turns out not to be a failure is taken back below.
+    let forgive = |source_counted: bool, user_counted: bool| {
+        if let (true, Some(ip)) = (source_counted, source) {
+            limiter.sources.forgive(&ip);
+        }
+        if user_counted {
+            limiter.users.forgive(&user_key);
+        }
+    };
+    if let Some(Err(retry)) = source.map(|ip| limiter.sources.attempt(&ip, now)) {
         tracing::warn!(source = ?source, "web-login-limited");
         return Err(WebError::TooManyRequests(retry));
     }
+    if let Err(retry) = limiter.users.attempt(&user_key, now) {
+        forgive(true, false);
+        tracing::warn!(source = ?source, user = %user_key.escape_debug(), "web-login-limited");
+        return Err(WebError::TooManyRequests(retry));
+    }
+    let Ok(Ok(permit)) = tokio::time::timeout(CHECK_WAIT, limiter.checks.acquire()).await else {
+        forgive(true, true);
+        tracing::warn!(source = ?source, "web-login-busy");
+        return Err(WebError::TooManyRequests(1));
+    };
     let users = state.users.clone();
     let (name, password) = (form.user.clone(), form.password);
-    let checked = web::block(move || users.verify(&name, &password)).await?;
-    if checked.is_err() {
-        if let Some(ip) = source {
-            state.login_limiter.sources.record(&ip, now);
-        }
-        state.login_limiter.users.record(&user_key, now);
+    let checked = web::block(move || users.verify(&name, &password)).await;
+    drop(permit);
+    if checked?.is_err() {
         tracing::warn!(source = ?source, user = %user_key.escape_debug(), "web-login-failed");
         let mut r = HttpResponse::Unauthorized();
         layout::secure_headers(&mut r);
@@ -166,6 +204,7 @@ async fn login(
             .content_type("text/html; charset=utf-8")
             .body(login_form(Some("Wrong user name or password.")).into_string()));
     }
+    forgive(true, true);
     state.users.record_login(&form.user).await;
     let token = state.sessions.create(&form.user);
     tracing::info!(source = ?source, user = %form.user, "web-login");
@@ -265,14 +304,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_block_per_key_and_window() {
+    fn attempts_are_counted_before_and_forgiven_after() {
         let f = Failures::new(2, Duration::from_secs(60));
         let t0 = Instant::now();
-        f.record(&"a", t0);
-        assert_eq!(f.blocked(&"a", t0), None);
-        f.record(&"a", t0);
-        assert_eq!(f.blocked(&"a", t0 + Duration::from_secs(10)), Some(50));
-        assert_eq!(f.blocked(&"b", t0), None);
-        assert_eq!(f.blocked(&"a", t0 + Duration::from_secs(61)), None);
+        assert_eq!(f.attempt(&"a", t0), Ok(()));
+        assert_eq!(f.attempt(&"a", t0), Ok(()));
+        // The budget is spent by attempts, before any of them is known to fail.
+        assert_eq!(f.attempt(&"a", t0 + Duration::from_secs(10)), Err(50));
+        assert_eq!(f.attempt(&"b", t0), Ok(()));
+        // A success takes its count back.
+        f.forgive(&"a");
+        assert_eq!(f.attempt(&"a", t0 + Duration::from_secs(10)), Ok(()));
+        assert!(f.attempt(&"a", t0 + Duration::from_secs(10)).is_err());
+        // A new window starts afresh.
+        assert_eq!(f.attempt(&"a", t0 + Duration::from_secs(61)), Ok(()));
     }
 }

@@ -111,7 +111,9 @@ fn run_monitor(
     args: RunArgs,
 ) -> ExitCode {
     cfg.log.init_tracing();
-    let data_dir = args.data.unwrap_or_else(|| cfg.agent.data_dir.clone());
+    let data_dir = config::data_dir(args.data.as_deref(), &cfg.agent.data_dir);
+    let config_dir = config::absolute(config_dir);
+    let config_file = config_file.map(config::absolute);
     let worker = match args.worker_program {
         Some(program) => monitor::WorkerCommand {
             program,
@@ -126,7 +128,7 @@ fn run_monitor(
         None => match std::env::current_exe() {
             Ok(program) => {
                 let mut worker_args = vec!["--config-dir".into(), config_dir.into()];
-                if let Some(file) = config_file {
+                if let Some(file) = &config_file {
                     worker_args.extend(["--config".into(), file.into()]);
                 }
                 worker_args.extend(["worker".into(), "--data".into(), data_dir.clone().into()]);
@@ -171,7 +173,7 @@ fn run_monitor(
 /// `tether-agent worker`: exits with the code the worker's system stopped with.
 fn run_worker(cfg: &AgentConfig, args: WorkerArgs) -> ExitCode {
     cfg.log.init_tracing();
-    let data_dir = args.data.unwrap_or_else(|| cfg.agent.data_dir.clone());
+    let data_dir = config::data_dir(args.data.as_deref(), &cfg.agent.data_dir);
     match worker::run(cfg, &data_dir) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
@@ -184,10 +186,7 @@ fn run_worker(cfg: &AgentConfig, args: WorkerArgs) -> ExitCode {
 /// `tether-agent install`: prints the agent id on success; errors name what failed.
 fn run_install(cfg: &AgentConfig, args: &install::InstallArgs) -> ExitCode {
     cfg.log.init_tracing();
-    let data_dir = args
-        .data
-        .clone()
-        .unwrap_or_else(|| cfg.agent.data_dir.clone());
+    let data_dir = config::data_dir(args.data.as_deref(), &cfg.agent.data_dir);
     match install::install(args, &data_dir) {
         Ok(done) => {
             println!(

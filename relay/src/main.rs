@@ -78,10 +78,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Install(args)) => {
             cfg.log.init_tracing();
-            let data = args
-                .data
-                .clone()
-                .unwrap_or_else(|| cfg.relay.data_dir.clone());
+            let data = config::data_dir(args.data.as_deref(), &cfg.relay.data_dir);
             match install::install(&args, &data) {
                 Ok(relay_id) => {
                     println!(
@@ -99,7 +96,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(args)) => {
             cfg.log.init_tracing();
-            let data = args.data.unwrap_or_else(|| cfg.relay.data_dir.clone());
+            let data = config::data_dir(args.data.as_deref(), &cfg.relay.data_dir);
             match run::run(&cfg, &data) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -159,7 +159,7 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
         args.hostnames
     };
     let opts = init::InitOptions {
-        data_dir: args.data.unwrap_or_else(|| cfg.server.data_dir.clone()),
+        data_dir: config::data_dir(args.data.as_deref(), &cfg.server.data_dir),
         hostnames,
         force: args.force,
     };
@@ -178,7 +178,7 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
 }
 
 fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
-    let dir = args.data.unwrap_or_else(|| cfg.server.data_dir.clone());
+    let dir = config::data_dir(args.data.as_deref(), &cfg.server.data_dir);
     match init::renew_server_cert(&dir, &args.hostnames) {
         Ok(done) => {
             println!(
@@ -198,7 +198,7 @@ fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
 
 fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
     let opts = run::RunOptions {
-        data_dir: args.data.unwrap_or_else(|| cfg.server.data_dir.clone()),
+        data_dir: config::data_dir(args.data.as_deref(), &cfg.server.data_dir),
         listen_https: cfg.listen.https,
         listen_wss: cfg.listen.wss,
         heartbeat_interval: cfg.server.heartbeat_interval,

@@ -295,3 +295,39 @@ fn the_server_stops_promptly_with_sessions_connected() {
         });
     }
 }
+
+#[test]
+fn an_agent_installed_and_run_with_a_relative_data_directory_runs_its_steps() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    // As a newcomer types it, from the directory that will hold `agent/`.
+    let out = tether_tests::command("tether-agent", dir.path())
+        .current_dir(dir.path())
+        .args(["install", "--upstream", &server.upstream(), "--ca"])
+        .arg(server.ca_path())
+        .args([
+            "--token",
+            &server.token(1),
+            "--name",
+            "rel-1",
+            "--tag",
+            "rel",
+        ])
+        .args(["--data", "agent"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut run = tether_tests::command("tether-agent", dir.path());
+    run.current_dir(dir.path())
+        .args(["run", "--data", "agent"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _agent = tether_tests::ChildGuard::spawn("tether-agent run --data agent", &mut run);
+    server.put_process(&json!({"name": "hello", "steps": [
+        {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo hello from $PWD"}}]}));
+    let id = server.deploy("hello", json!({"tags": ["rel"]}), json!({}));
+    let d = server.wait_deployment(&id, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let log = server.step_log(&id, "rel-1", "say");
+    assert!(log.contains("hello from /"), "{log}");
+}

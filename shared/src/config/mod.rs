@@ -114,6 +114,21 @@ trait RawConfig: DeserializeOwned + Serialize + Default {
 }
 
 /// Loads and validates the server's configuration.
+/// `path` made absolute against the current directory (without touching the filesystem).
+/// Every path from the command line or the config is made absolute once, at start: steps,
+/// the worker and the journal may run or be opened from another directory.
+pub fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The data directory: the command line's `given`, else the config's `configured`, absolute.
+pub fn data_dir(
+    given: Option<&std::path::Path>,
+    configured: &std::path::Path,
+) -> std::path::PathBuf {
+    absolute(given.unwrap_or(configured))
+}
+
 pub fn load_server(opts: &LoadOptions) -> Result<ServerConfig, ConfigError> {
     load::<RawServerConfig>(opts, process_env(opts))
 }

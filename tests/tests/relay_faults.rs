@@ -552,42 +552,78 @@ fn cut_upstream_link_with_nftables_and_restore() {
     eprintln!("total {:?}", started.elapsed());
 }
 
+/// Two relays on one server and two agents listing relay-a then relay-b, online through
+/// relay-a, with a deployment of the marker process whose slow first step runs on both.
+struct TwoRelays {
+    tmp: TestDir,
+    server: Server,
+    relay_a: Relay,
+    relay_b: Relay,
+    _agents: Vec<Agent>,
+    targets: Vec<Target>,
+    /// The deployment under way.
+    id: String,
+}
+
+impl TwoRelays {
+    fn start() -> TwoRelays {
+        let tmp = TestDir::new();
+        let server = Server::start(tmp.path());
+        let relay_a = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
+        let relay_b = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-b");
+        let mut agents: Vec<Agent> = ["edge-1", "edge-2"]
+            .iter()
+            .map(|name| {
+                Agent::install_via(
+                    &server,
+                    &[relay_a.upstream(), relay_b.upstream()],
+                    tmp.path(),
+                    name,
+                    &["edge"],
+                    &[],
+                )
+            })
+            .collect();
+        for a in &mut agents {
+            a.run();
+        }
+        let targets: Vec<Target> = agents.iter().map(Target::of).collect();
+        for t in &targets {
+            online_via(&server, t, &["relay-a"], WAIT);
+        }
+        // The first step is slow, so that relay-a goes while it runs on both agents.
+        put_marker_process(&server, "marks", ["3", "0.2", "0.2", "0.2"]);
+        let id = deploy(&server, "marks", &targets);
+        eventually("the first step running on both agents", WAIT, || {
+            let d = deployment(&server, &id);
+            let jobs = d["jobs"].as_array()?;
+            (jobs.len() == 2 && jobs.iter().all(|j| j["steps"][0]["status"] == "running"))
+                .then_some(())
+        });
+        TwoRelays {
+            tmp,
+            server,
+            relay_a,
+            relay_b,
+            _agents: agents,
+            targets,
+            id,
+        }
+    }
+}
+
 #[test]
 fn agents_fail_over_when_a_relay_dies_for_good() {
-    let tmp = TestDir::new();
-    let server = Server::start(tmp.path());
-    let mut relay_a = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
-    let relay_b = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-b");
-    let mut agents: Vec<Agent> = ["edge-1", "edge-2"]
-        .iter()
-        .map(|name| {
-            Agent::install_via(
-                &server,
-                &[relay_a.upstream(), relay_b.upstream()],
-                tmp.path(),
-                name,
-                &["edge"],
-                &[],
-            )
-        })
-        .collect();
-    for a in &mut agents {
-        a.run();
-    }
-    let targets: Vec<Target> = agents.iter().map(Target::of).collect();
-    for t in &targets {
-        online_via(&server, t, &["relay-a"], WAIT);
-    }
-
-    // The first step is slow, so that relay-a dies while it runs on both agents.
-    put_marker_process(&server, "marks", ["3", "0.2", "0.2", "0.2"]);
+    let TwoRelays {
+        tmp: _tmp,
+        server,
+        mut relay_a,
+        relay_b,
+        _agents,
+        targets,
+        id,
+    } = TwoRelays::start();
     let mut queued = vec![Queued::default(); targets.len()];
-    let id = deploy(&server, "marks", &targets);
-    eventually("the first step running on both agents", WAIT, || {
-        let d = deployment(&server, &id);
-        let jobs = d["jobs"].as_array()?;
-        (jobs.len() == 2 && jobs.iter().all(|j| j["steps"][0]["status"] == "running")).then_some(())
-    });
     // And relay-a dies with thousands of probes in flight both ways (they drain at a few
     // thousand a second here).
     for (t, q) in targets.iter().zip(&mut queued) {
@@ -651,44 +687,20 @@ fn agents_fail_over_when_a_relay_dies_for_good() {
 
 #[test]
 fn deleting_a_relay_revokes_it_at_once_and_its_agents_fail_over() {
-    let tmp = TestDir::new();
-    let server = Server::start(tmp.path());
-    let relay_a = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
-    let relay_b = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-b");
-    let mut agents: Vec<Agent> = ["edge-1", "edge-2"]
-        .iter()
-        .map(|name| {
-            Agent::install_via(
-                &server,
-                &[relay_a.upstream(), relay_b.upstream()],
-                tmp.path(),
-                name,
-                &["edge"],
-                &[],
-            )
-        })
-        .collect();
-    for a in &mut agents {
-        a.run();
-    }
-    let targets: Vec<Target> = agents.iter().map(Target::of).collect();
-    for t in &targets {
-        online_via(&server, t, &["relay-a"], WAIT);
-    }
+    let TwoRelays {
+        tmp,
+        server,
+        relay_a,
+        relay_b,
+        _agents,
+        targets,
+        id,
+    } = TwoRelays::start();
     let relay_a_id = relay_entry(&server, "relay-a").unwrap()["id"]
         .as_str()
         .unwrap()
         .to_owned();
-
-    // A deployment whose first step is running on both agents, and probes in flight both ways.
-    put_marker_process(&server, "marks", ["3", "0.2", "0.2", "0.2"]);
     let mut queued = vec![Queued::default(); targets.len()];
-    let id = deploy(&server, "marks", &targets);
-    eventually("the first step running on both agents", WAIT, || {
-        let d = deployment(&server, &id);
-        let jobs = d["jobs"].as_array()?;
-        (jobs.len() == 2 && jobs.iter().all(|j| j["steps"][0]["status"] == "running")).then_some(())
-    });
     for (t, q) in targets.iter().zip(&mut queued) {
         queue_probes(&server, t, q, 3000, 3000);
     }

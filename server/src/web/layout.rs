@@ -294,6 +294,12 @@ pub fn duration_ms(ms: u64) -> String {
     }
 }
 
+/// The query of a page a change redirects to: `?done=...` says what was done ([`notice`]).
+#[derive(serde::Deserialize)]
+pub struct Done {
+    pub done: Option<String>,
+}
+
 /// A form with no field but its CSRF token (a button that does one thing).
 #[derive(serde::Deserialize)]
 pub struct Empty {}

@@ -231,14 +231,9 @@ async fn logout(
     Ok(r)
 }
 
-#[derive(Deserialize)]
-struct Done {
-    done: Option<String>,
-}
-
 async fn account(
     user: CurrentUser,
-    query: web::Query<Done>,
+    query: web::Query<layout::Done>,
     state: web::Data<WebState>,
 ) -> HttpResponse {
     let users = state.users.names();

@@ -18,14 +18,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/relays/{id}/delete").route(web::post().to(delete)));
 }
 
-#[derive(Deserialize)]
-struct Done {
-    done: Option<String>,
-}
-
 async fn list(
     user: CurrentUser,
-    query: web::Query<Done>,
+    query: web::Query<layout::Done>,
     state: web::Data<WebState>,
 ) -> HttpResponse {
     let relays = state.registry.relay_statuses();

@@ -27,14 +27,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/tokens/{id}/revoke").route(web::post().to(revoke)));
 }
 
-#[derive(Deserialize)]
-struct Done {
-    done: Option<String>,
-}
-
 async fn list(
     user: CurrentUser,
-    query: web::Query<Done>,
+    query: web::Query<layout::Done>,
     state: web::Data<WebState>,
 ) -> HttpResponse {
     page(&user, &state.registry.tokens(), query.done.as_deref(), None)

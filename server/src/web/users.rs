@@ -27,14 +27,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/users/{name}/delete").route(web::post().to(delete)));
 }
 
-#[derive(Deserialize)]
-struct Done {
-    done: Option<String>,
-}
-
 async fn list(
     user: CurrentUser,
-    query: web::Query<Done>,
+    query: web::Query<layout::Done>,
     state: web::Data<WebState>,
 ) -> HttpResponse {
     let users = state.users.list();

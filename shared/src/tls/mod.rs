@@ -134,6 +134,17 @@ pub fn client_config(ca_pem: &str) -> Result<ClientConfig, TlsError> {
     Ok(config)
 }
 
+/// The first certificate of `pem` (`what` names the input in errors).
+fn first_cert(pem: &str, what: &'static str) -> Result<CertificateDer<'static>, TlsError> {
+    parse_certs(pem, what)?
+        .into_iter()
+        .next()
+        .ok_or(TlsError::Empty {
+            what,
+            expected: "CERTIFICATE",
+        })
+}
+
 /// The DER value of id-kp-codeSigning (1.3.6.1.5.5.7.3.3).
 const EKU_CODE_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x03];
 
@@ -144,13 +155,7 @@ pub fn verify_signing_cert(
     trust_pem: &str,
     ed25519_public: &[u8],
 ) -> Result<(), TlsError> {
-    let cert = parse_certs(cert_pem, "signing certificate")?
-        .into_iter()
-        .next()
-        .ok_or(TlsError::Empty {
-            what: "signing certificate",
-            expected: "CERTIFICATE",
-        })?;
+    let cert = first_cert(cert_pem, "signing certificate")?;
     let roots = parse_certs(trust_pem, "CA certificate")?;
     let anchors = roots
         .iter()
@@ -187,13 +192,7 @@ pub fn verify_signing_cert(
 
 /// The DNS names and IP addresses the first certificate in `cert_pem` holds.
 pub fn certificate_names(cert_pem: &str) -> Result<Vec<String>, TlsError> {
-    let first = parse_certs(cert_pem, "certificate")?
-        .into_iter()
-        .next()
-        .ok_or(TlsError::Empty {
-            what: "certificate",
-            expected: "CERTIFICATE",
-        })?;
+    let first = first_cert(cert_pem, "certificate")?;
     der::subject_alt_names(&first)
         .ok_or_else(|| TlsError::Ca("certificate names cannot be read".into()))
 }
@@ -202,13 +201,7 @@ pub fn certificate_names(cert_pem: &str) -> Result<Vec<String>, TlsError> {
 /// included, or an IP address), by the rules a TLS client applies. The server refuses to have
 /// a relay certified for any name its own certificate covers.
 pub fn certificate_covers(cert_pem: &str, name: &str) -> Result<bool, TlsError> {
-    let first = parse_certs(cert_pem, "certificate")?
-        .into_iter()
-        .next()
-        .ok_or(TlsError::Empty {
-            what: "certificate",
-            expected: "CERTIFICATE",
-        })?;
+    let first = first_cert(cert_pem, "certificate")?;
     let cert = webpki::EndEntityCert::try_from(&first)
         .map_err(|e| TlsError::Ca(format!("certificate cannot be parsed: {e}")))?;
     let Ok(name) = ServerName::try_from(name.to_owned()) else {

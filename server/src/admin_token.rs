@@ -79,6 +79,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+
+/// Middleware of the operators' listener: a request for `/api/...`, `/admin/...` or `/metrics`
+/// without the right bearer token is answered 401 at once, before its body is read, so an
+/// unauthenticated peer cannot make the server buffer (or wait for) a body. The handlers still
+/// check the token themselves.
+pub async fn bearer_before_body(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    let path = req.path();
+    let guarded = path.starts_with("/api/") || path.starts_with("/admin/") || path == "/metrics";
+    if guarded {
+        if let Some(token) = req.app_data::<actix_web::web::Data<AdminToken>>() {
+            if let Err(e) = token.check(req.request()) {
+                tracing::warn!(peer = ?req.peer_addr(), path = %path, "request-unauthorized");
+                return Ok(req.error_response(e).map_into_right_body());
+            }
+        }
+    }
+    next.call(req).await.map(|r| r.map_into_left_body())
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {

@@ -515,8 +515,11 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let payload = web::PayloadConfig::new(PAYLOAD_LIMIT_BYTES);
 
     let (json_https, payload_https) = (json.clone(), payload.clone());
+    let bearer = web::Data::new(api_state.token.clone());
     let https = with_limits!(HttpServer::new(move || {
         App::new()
+            .wrap(actix_web::middleware::from_fn(crate::admin_token::bearer_before_body))
+            .app_data(bearer.clone())
             .app_data(admin_state.clone())
             .app_data(api_state.clone())
             .app_data(json_https.clone())

@@ -78,3 +78,50 @@ fn a_login_burst_runs_a_bounded_number_of_password_checks_in_flat_memory() {
     // The source stays limited for the window, even with the right password.
     assert_eq!(post_login(&server, "admin", password.trim()), 429);
 }
+
+/// Sends `head` (a request head announcing a large body, none of it sent) over TLS to the
+/// operators' listener and reads the status line within `wait`; `None` if nothing came.
+fn status_without_body(server: &Server, head: &str, wait: std::time::Duration) -> Option<String> {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect(server.https).unwrap();
+    tcp.set_read_timeout(Some(wait)).unwrap();
+    let conn =
+        rustls::ClientConnection::new(server.tls(), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(head.as_bytes()).unwrap();
+    tls.flush().unwrap();
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n") {
+        match tls.read(&mut byte) {
+            Ok(1) => got.push(byte[0]),
+            _ => break,
+        }
+    }
+    (!got.is_empty()).then(|| String::from_utf8_lossy(&got).trim().to_owned())
+}
+
+#[test]
+fn the_bearer_token_is_checked_before_any_body_is_read() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let head = |auth: &str| {
+        format!(
+            "POST /api/v1/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n{auth}\r\n"
+        )
+    };
+    // No token, or a wrong one: 401 at once, though not a byte of the body was sent.
+    for auth in ["", "Authorization: Bearer wrong\r\n"] {
+        let status = status_without_body(&server, &head(auth), std::time::Duration::from_secs(10));
+        assert!(
+            status.as_deref().is_some_and(|s| s.contains(" 401 ")),
+            "{auth:?}: {status:?}"
+        );
+    }
+    // The control: with the right token the server waits for the body it was promised.
+    let right = format!("Authorization: Bearer {}\r\n", server.admin_token);
+    let status = status_without_body(&server, &head(&right), std::time::Duration::from_secs(1));
+    assert_eq!(status, None, "answered before the body arrived");
+    // Nothing was created.
+    assert_eq!(server.request("GET", "/api/v1/processes", None).json(), serde_json::json!([]));
+}

@@ -79,7 +79,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-
 /// Middleware of the operators' listener: a request for `/api/...`, `/admin/...` or `/metrics`
 /// without the right bearer token is answered 401 at once, before its body is read, so an
 /// unauthenticated peer cannot make the server buffer (or wait for) a body. The handlers still

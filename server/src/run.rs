@@ -395,6 +395,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         handshake_timeout: HANDSHAKE_TIMEOUT,
         handshakes: AtomicUsize::new(0),
         max_handshakes: opts.max_handshakes,
+        sources: session::source_slots::SourceSlots::new(opts.max_handshakes),
         relay_links: Default::default(),
         next_conn: AtomicU64::new(0),
         window: opts.window,
@@ -518,7 +519,9 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let bearer = web::Data::new(api_state.token.clone());
     let https = with_limits!(HttpServer::new(move || {
         App::new()
-            .wrap(actix_web::middleware::from_fn(crate::admin_token::bearer_before_body))
+            .wrap(actix_web::middleware::from_fn(
+                crate::admin_token::bearer_before_body,
+            ))
             .app_data(bearer.clone())
             .app_data(admin_state.clone())
             .app_data(api_state.clone())

@@ -115,6 +115,24 @@ impl WsClient {
         Self::upgrade(socket.into(), addr, tls, path)
     }
 
+    /// Like [`WsClient::connect_to`], from the local address `source` (any of 127.0.0.0/8 on
+    /// loopback): another "host" as far as the server can tell.
+    pub fn connect_from(
+        source: std::net::IpAddr,
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        path: &str,
+    ) -> io::Result<WsClient> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&addr.into(), CONNECT_TIMEOUT)?;
+        Self::upgrade(socket.into(), addr, tls, path)
+    }
+
     fn upgrade(
         tcp: TcpStream,
         addr: SocketAddr,

@@ -123,5 +123,8 @@ fn the_bearer_token_is_checked_before_any_body_is_read() {
     let status = status_without_body(&server, &head(&right), std::time::Duration::from_secs(1));
     assert_eq!(status, None, "answered before the body arrived");
     // Nothing was created.
-    assert_eq!(server.request("GET", "/api/v1/processes", None).json(), serde_json::json!([]));
+    assert_eq!(
+        server.request("GET", "/api/v1/processes", None).json(),
+        serde_json::json!([])
+    );
 }

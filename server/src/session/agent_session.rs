@@ -25,6 +25,7 @@ use tether_shared::stream::ConnId;
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
+use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, SessionShared};
 
 /// How far along the session is.
@@ -54,6 +55,8 @@ pub struct AgentSession {
     last_heard: Instant,
     /// This session counts against the handshakes in flight until it is Ready or gone.
     counted: bool,
+    /// Its place among its address's handshakes, until it is Ready or gone.
+    source_slot: Option<SourceSlot>,
     peer: String,
     /// The agent's software version, from its Hello.
     version: String,
@@ -77,6 +80,7 @@ impl AgentSession {
             phase: Phase::Challenged,
             last_heard: Instant::now(),
             counted: false,
+            source_slot: None,
             peer,
             version: String::new(),
             closing: false,
@@ -122,6 +126,7 @@ impl AgentSession {
     }
 
     fn uncount(&mut self) {
+        self.source_slot = None;
         if self.counted {
             self.counted = false;
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
@@ -212,11 +217,20 @@ impl Actor for AgentSession {
     fn started(&mut self, ctx: &mut Self::Context) {
         let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
         self.counted = true;
-        if in_flight > self.shared.max_handshakes {
+        // One address may hold at most half of the slots: before the Hello, an address is all
+        // that tells peers apart.
+        let source = self
+            .peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
+        self.source_slot = source.and_then(|ip| self.shared.sources.take(ip));
+        let source_full = source.is_some() && self.source_slot.is_none();
+        if in_flight > self.shared.max_handshakes || source_full {
             // Spread a reconnect storm: the agent retries after a jittered delay.
             let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
             Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
-            tracing::debug!(conn = self.conn.0, in_flight, "handshake-shed");
+            tracing::debug!(conn = self.conn.0, in_flight, source_full, "handshake-shed");
             return self.close(ctx, 1013, "busy, retry later");
         }
         Self::send_frame(

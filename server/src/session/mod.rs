@@ -11,6 +11,7 @@
 //!   then every agent it carries as a channel, each authenticated end to end.
 //! - [`handshake`]: what both session kinds share (nonce, identity check, attach, handle).
 //! - [`probes`]: numbered test messages both ways, checked for exactly-once in-order delivery.
+//! - [`source_slots`]: handshakes in flight per source address (one address, half at most).
 
 pub mod agent_link;
 pub mod agent_session;
@@ -19,6 +20,7 @@ pub mod probes;
 pub mod relay_session;
 pub mod routes;
 pub mod session_registry;
+pub mod source_slots;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
@@ -50,6 +52,8 @@ pub struct SessionShared {
     /// Handshakes in progress now, and the most allowed (past it: `Busy`).
     pub handshakes: AtomicUsize,
     pub max_handshakes: usize,
+    /// Handshakes in progress per source address (past half the most: `Busy` for it).
+    pub sources: Arc<source_slots::SourceSlots>,
     /// Each relay's current link.
     pub relay_links: relay_session::RelayLinks,
     /// Connection ids handed out so far.

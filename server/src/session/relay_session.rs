@@ -32,6 +32,7 @@ use tether_shared::upgrade::Component;
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
+use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, SessionShared};
 
 /// Most channels one link may hold open.
@@ -89,6 +90,8 @@ pub struct RelaySession {
     relay_id: Option<String>,
     last_heard: Instant,
     counted: bool,
+    /// Its place among its address's handshakes, until the relay is authenticated.
+    source_slot: Option<SourceSlot>,
     closing: bool,
     channels: HashMap<u32, Channel>,
     /// Channels of this link still handshaking (counted against the server's handshakes).
@@ -112,6 +115,7 @@ impl RelaySession {
             relay_id: None,
             last_heard: Instant::now(),
             counted: false,
+            source_slot: None,
             closing: false,
             channels: HashMap::new(),
             handshaking: 0,
@@ -599,6 +603,7 @@ impl RelaySession {
     }
 
     fn uncount(&mut self) {
+        self.source_slot = None;
         if self.counted {
             self.counted = false;
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
@@ -677,7 +682,15 @@ impl Actor for RelaySession {
     fn started(&mut self, ctx: &mut Self::Context) {
         let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
         self.counted = true;
-        if in_flight > self.shared.max_handshakes {
+        let source = self
+            .peer
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .map(|a| a.ip());
+        self.source_slot = source.and_then(|ip| self.shared.sources.take(ip));
+        if in_flight > self.shared.max_handshakes
+            || (source.is_some() && self.source_slot.is_none())
+        {
             let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
             Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
             self.closing = true;

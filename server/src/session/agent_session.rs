@@ -219,13 +219,9 @@ impl Actor for AgentSession {
         self.counted = true;
         // One address may hold at most half of the slots: before the Hello, an address is all
         // that tells peers apart.
-        let source = self
-            .peer
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.ip());
-        self.source_slot = source.and_then(|ip| self.shared.sources.take(ip));
-        let source_full = source.is_some() && self.source_slot.is_none();
+        let source = self.shared.sources.take_for_peer(&self.peer);
+        let source_full = source.is_err();
+        self.source_slot = source.unwrap_or(None);
         if in_flight > self.shared.max_handshakes || source_full {
             // Spread a reconnect storm: the agent retries after a jittered delay.
             let retry_after_ms = 500 + rand::random::<u64>() % 4_500;

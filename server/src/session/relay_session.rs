@@ -682,15 +682,10 @@ impl Actor for RelaySession {
     fn started(&mut self, ctx: &mut Self::Context) {
         let in_flight = self.shared.handshakes.fetch_add(1, Ordering::Relaxed) + 1;
         self.counted = true;
-        let source = self
-            .peer
-            .parse::<std::net::SocketAddr>()
-            .ok()
-            .map(|a| a.ip());
-        self.source_slot = source.and_then(|ip| self.shared.sources.take(ip));
-        if in_flight > self.shared.max_handshakes
-            || (source.is_some() && self.source_slot.is_none())
-        {
+        let source = self.shared.sources.take_for_peer(&self.peer);
+        let source_full = source.is_err();
+        self.source_slot = source.unwrap_or(None);
+        if in_flight > self.shared.max_handshakes || source_full {
             let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
             Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
             self.closing = true;

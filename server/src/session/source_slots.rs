@@ -18,6 +18,10 @@ pub struct SourceSlots {
     in_flight: Mutex<HashMap<IpAddr, usize>>,
 }
 
+/// The peer's address holds its share of the handshake slots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceFull;
+
 /// One handshake's place; given back on drop.
 #[derive(Debug)]
 pub struct SourceSlot {
@@ -50,6 +54,15 @@ impl SourceSlots {
             slots: self.clone(),
             source,
         })
+    }
+
+    /// A place for one more handshake from `peer` (an `ip:port`): `Ok(None)` when the address
+    /// is unknown (nothing to count it against), `Err(SourceFull)` when it holds its share.
+    pub fn take_for_peer(self: &Arc<Self>, peer: &str) -> Result<Option<SourceSlot>, SourceFull> {
+        match peer.parse::<std::net::SocketAddr>() {
+            Ok(addr) => self.take(addr.ip()).map(Some).ok_or(SourceFull),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Handshakes in flight from `source` now.

@@ -10,7 +10,8 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::health::{
-    ActorHealth, ActorState, AgentHealth, JournalWatch, ServerHealth, OBSERVE_TIMEOUT,
+    ActorHealth, ActorState, AgentHealth, CertificateExpiry, JournalWatch, ServerHealth,
+    OBSERVE_TIMEOUT,
 };
 use crate::session::agent_link::{LinkHealth, ObserveLink};
 use crate::session::relay_session::ObserveRelayLink;
@@ -30,6 +31,8 @@ pub struct AdminState {
     pub sessions: actix::Addr<SessionRegistry>,
     /// Each relay's current link.
     pub shared: std::sync::Arc<SessionShared>,
+    /// The data directory, whose certificates' expiry is reported.
+    pub data_dir: std::path::PathBuf,
 }
 
 impl AdminState {
@@ -105,6 +108,7 @@ impl AdminState {
             journal,
             agents,
             relay_links: relays,
+            certificates: CertificateExpiry::of_data_dir(&self.data_dir),
         }
     }
 }

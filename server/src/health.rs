@@ -82,6 +82,58 @@ pub struct ServerHealth {
     pub agents: BTreeMap<String, AgentHealth>,
     /// Per relay connected directly, what its link carries.
     pub relay_links: BTreeMap<String, crate::session::relay_session::RelayLinkHealth>,
+    /// When the server's certificates expire (server, CAs, command signing), soonest first.
+    pub certificates: Vec<CertificateExpiry>,
+}
+
+/// One certificate of the data directory and when it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CertificateExpiry {
+    /// What it is: `server`, `ca`, `relay_ca`, `signing`.
+    pub name: &'static str,
+    /// Its file in the data directory.
+    pub file: &'static str,
+    /// Its `notAfter`, seconds since the Unix epoch.
+    pub not_after_unix_s: i64,
+    /// Whole days until then (negative once expired).
+    pub days_left: i64,
+}
+
+impl CertificateExpiry {
+    /// The certificates of `dir` that can be read (one that cannot is left out and logged).
+    pub fn of_data_dir(dir: &std::path::Path) -> Vec<CertificateExpiry> {
+        use crate::init;
+        let now = i64::try_from(crate::registry::now_unix_ms() / 1000).unwrap_or(i64::MAX);
+        let mut list: Vec<CertificateExpiry> = [
+            ("server", init::SERVER_CERT),
+            ("ca", init::CA_CERT),
+            ("relay_ca", init::RELAY_CA_CERT),
+            ("signing", init::SIGNING_CERT),
+        ]
+        .into_iter()
+        .filter_map(|(name, file)| {
+            let read = std::fs::read_to_string(dir.join(file))
+                .map_err(|e| e.to_string())
+                .and_then(|pem| {
+                    tether_shared::tls::certificate_not_after(&pem).map_err(|e| e.to_string())
+                });
+            match read {
+                Ok(not_after_unix_s) => Some(CertificateExpiry {
+                    name,
+                    file,
+                    not_after_unix_s,
+                    days_left: (not_after_unix_s - now).div_euclid(86_400),
+                }),
+                Err(e) => {
+                    tracing::warn!(file, error = %e, "certificate-unreadable");
+                    None
+                }
+            }
+        })
+        .collect();
+        list.sort_by_key(|c| c.not_after_unix_s);
+        list
+    }
 }
 
 impl ServerHealth {
@@ -171,6 +223,18 @@ impl ServerHealth {
                     value(health)
                 );
             }
+        }
+        let _ = write!(
+            out,
+            "# HELP tether_certificate_expiry_timestamp_seconds When a certificate of the server's data directory expires.\n\
+             # TYPE tether_certificate_expiry_timestamp_seconds gauge\n"
+        );
+        for c in &self.certificates {
+            let _ = writeln!(
+                out,
+                "tether_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {}",
+                c.name, c.not_after_unix_s
+            );
         }
         let _ = write!(
             out,
@@ -329,6 +393,12 @@ mod tests {
                 backlog: 3,
             }],
             relay_links: BTreeMap::new(),
+            certificates: vec![CertificateExpiry {
+                name: "server",
+                file: "server.pem",
+                not_after_unix_s: 1_900_000_000,
+                days_left: 700,
+            }],
             sessions: 2,
             journal: JournalHealth {
                 incarnation: "i".into(),

@@ -446,6 +446,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         journal: JournalWatch::new(loaded.journal.start(), handle),
         sessions: sessions.registry.clone(),
         shared: sessions.shared.clone(),
+        data_dir: dir.to_path_buf(),
     });
     // The web application, and the agent changes it shares with the REST API.
     let agent_admin = Arc::new(AgentAdmin {

@@ -120,6 +120,32 @@ fn a_certificate_for_other_names_says_which_names_and_a_renewal_adds_one_live() 
         "a refused install leaves nothing"
     );
 
+    // Every certificate's expiry is in the health report and the metrics.
+    let health = server.request("GET", "/admin/health", None).json();
+    let days: std::collections::BTreeMap<String, i64> = health["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_owned(),
+                c["days_left"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        days.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["ca", "relay_ca", "server", "signing"],
+        "{health}"
+    );
+    assert!((824..=825).contains(&days["server"]), "{days:?}");
+    assert!((3649..=3650).contains(&days["ca"]), "{days:?}");
+    let metrics = server.request("GET", "/metrics", None).body;
+    assert!(
+        metrics.contains("tether_certificate_expiry_timestamp_seconds{certificate=\"server\"}"),
+        "{metrics}"
+    );
+
     // The operator adds the name: same CA, nothing re-enrolled, no restart.
     let pid = server.pid();
     let out = tether_tests::run(

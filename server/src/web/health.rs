@@ -60,6 +60,17 @@ async fn health(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
             }
             h2 { "Journal" }
             (fields(&journal))
+            h2 { "Certificates" }
+            table #certificates {
+                thead { tr { th { "Certificate" } th { "File" } th { "Expires" } th { "Days left" } } }
+                tbody { @for c in &h.certificates {
+                    tr data-certificate=(c.name) {
+                        td { (c.name) } td { code { (c.file) } }
+                        td { (layout::utc(u64::try_from(c.not_after_unix_s).unwrap_or(0).saturating_mul(1000))) }
+                        td data-field="days-left" { (c.days_left) }
+                    }
+                } }
+            }
             h2 { "Agents" }
             @if h.agents.is_empty() { p.muted { "No agent link yet." } } @else {
                 table #agent-health {

@@ -85,6 +85,51 @@ fn subject_and_spki(cert_der: &[u8]) -> Option<(Element<'_>, Element<'_>)> {
     Some((subject, spki))
 }
 
+/// A certificate's `notAfter`, in seconds since the Unix epoch.
+pub(super) fn not_after_unix_s(cert_der: &[u8]) -> Option<i64> {
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
+    let cert = expect(cert_der, SEQUENCE)?;
+    let tbs = expect(cert.content, SEQUENCE)?;
+    let mut fields = tbs.content;
+    if fields.first() == Some(&VERSION_TAG) {
+        fields = element(fields)?.rest;
+    }
+    let serial = element(fields)?;
+    let signature_alg = expect(serial.rest, SEQUENCE)?;
+    let issuer = expect(signature_alg.rest, SEQUENCE)?;
+    let validity = expect(issuer.rest, SEQUENCE)?;
+    let not_before = element(validity.content)?;
+    let not_after = element(not_before.rest)?;
+    let text = std::str::from_utf8(not_after.content).ok()?;
+    let digits = |range: std::ops::Range<usize>| -> Option<i64> { text.get(range)?.parse().ok() };
+    // UTCTime YYMMDDHHMMSSZ (years 1950..2049), GeneralizedTime YYYYMMDDHHMMSSZ.
+    let (year, rest) = match not_after.tag {
+        UTC_TIME if text.len() == 13 => {
+            let yy = digits(0..2)?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, 2)
+        }
+        GENERALIZED_TIME if text.len() == 15 => (digits(0..4)?, 4),
+        _ => return None,
+    };
+    let field = |i: usize| digits(rest + 2 * i..rest + 2 * i + 2);
+    let (month, day, hour, minute, second) =
+        (field(0)?, field(1)?, field(2)?, field(3)?, field(4)?);
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3_600 + minute * 60 + second)
+}
+
+/// Days from 1970-01-01 to the given date of the proleptic Gregorian calendar (Howard
+/// Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
 /// The TBSCertificate's fields after the public key.
 fn tbs_after_spki(cert_der: &[u8]) -> Option<&[u8]> {
     subject_and_spki(cert_der).map(|(_, spki)| spki.rest)
@@ -193,6 +238,13 @@ fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
+
+    #[test]
+    fn civil_days() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(2026, 12, 5), 20_792);
+    }
 
     #[test]
     fn oid_decoding() {

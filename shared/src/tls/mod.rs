@@ -197,6 +197,12 @@ pub fn certificate_names(cert_pem: &str) -> Result<Vec<String>, TlsError> {
         .ok_or_else(|| TlsError::Ca("certificate names cannot be read".into()))
 }
 
+/// When the first certificate in `cert_pem` expires, in seconds since the Unix epoch.
+pub fn certificate_not_after(cert_pem: &str) -> Result<i64, TlsError> {
+    der::not_after_unix_s(&first_cert(cert_pem, "certificate")?)
+        .ok_or_else(|| TlsError::Ca("certificate validity cannot be read".into()))
+}
+
 /// Whether the first certificate in `cert_pem` is valid for `name` (a DNS name, wildcards
 /// included, or an IP address), by the rules a TLS client applies. The server refuses to have
 /// a relay certified for any name its own certificate covers.

@@ -232,3 +232,21 @@ fn a_reloadable_certificate_serves_the_new_one_from_the_next_handshake() {
     handshake_in_memory(client.clone(), server.clone(), "tether.example").unwrap();
     handshake_in_memory(client, server, "localhost").unwrap();
 }
+
+#[test]
+fn expiry_is_read_from_the_certificate() {
+    let ca = Ca::generate("Tether test CA").unwrap();
+    let (cert, _) = ca.issue_server_cert(&names(&["localhost"])).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let days = |pem: &str| (certificate_not_after(pem).unwrap() - now) / 86_400;
+    assert!((824..=825).contains(&days(&cert)), "{}", days(&cert));
+    assert!(
+        (3649..=3650).contains(&days(ca.cert_pem())),
+        "{}",
+        days(ca.cert_pem())
+    );
+    assert!(certificate_not_after("junk").is_err());
+}

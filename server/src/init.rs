@@ -326,10 +326,17 @@ fn create_private_dir(dir: &Path) -> Result<(), InitError> {
 }
 
 /// 32 random bytes, base64url without padding.
+/// Never starting with `-`, which a command line (`tether login --token ...`) would take for
+/// an option: one token in 64 would otherwise.
 fn new_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    URL_SAFE_NO_PAD.encode(bytes)
+    loop {
+        let mut bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let token = URL_SAFE_NO_PAD.encode(bytes);
+        if !token.starts_with('-') {
+            return token;
+        }
+    }
 }
 
 /// A short random id that tells one installation's CA from another's.
@@ -483,6 +490,14 @@ mod tests {
         // A bad name changes nothing.
         assert!(renew_server_cert(dir, &["not a name".to_owned()]).is_err());
         assert_eq!(fs::read_to_string(dir.join(SERVER_CERT)).unwrap(), cert);
+    }
+
+    #[test]
+    fn admin_tokens_never_look_like_an_option() {
+        for _ in 0..2_000 {
+            let token = new_token();
+            assert!(!token.starts_with('-') && token.len() == 43, "{token}");
+        }
     }
 
     #[test]

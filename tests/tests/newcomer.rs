@@ -17,28 +17,42 @@ use tether_tests::{stderr, stdout};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// `tether-agent install --upstream UPSTREAM --ca <agent-ca.pem> --token <fresh one-use token>
+/// --name NAME --data DIR/NAME` plus `extra`, run in `dir`.
+fn install_agent(
+    server: &Server,
+    dir: &std::path::Path,
+    upstream: &str,
+    name: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let data = dir.join(name);
+    let ca = server.ca_path();
+    let token = server.token(1);
+    let mut args = vec![
+        "install",
+        "--upstream",
+        upstream,
+        "--ca",
+        ca.to_str().unwrap(),
+        "--token",
+        &token,
+        "--name",
+        name,
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    tether_tests::run("tether-agent", dir, args)
+}
+
 #[test]
 fn the_wrong_port_says_which_port_to_use() {
     let dir = TestDir::new();
     let server = Server::start(dir.path());
     // An agent pointed at the operators' port.
-    let out = tether_tests::run(
-        "tether-agent",
-        dir.path(),
-        [
-            "install",
-            "--upstream",
-            &format!("wss://localhost:{}", server.https.port()),
-            "--ca",
-            server.ca_path().to_str().unwrap(),
-            "--token",
-            &server.token(1),
-            "--name",
-            "lost",
-            "--data",
-            dir.path().join("lost").to_str().unwrap(),
-        ],
-    );
+    let wrong = format!("wss://localhost:{}", server.https.port());
+    let out = install_agent(&server, dir.path(), &wrong, "lost", &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("operators' port") && stderr(&out).contains("7919"),
@@ -88,25 +102,8 @@ fn a_certificate_for_other_names_says_which_names_and_a_renewal_adds_one_live() 
     eventually("the agent online", WAIT, || {
         (server.agent_status(&agent.id) == "online").then_some(())
     });
-    let install = |name: &str| {
-        tether_tests::run(
-            "tether-agent",
-            dir.path(),
-            [
-                "install",
-                "--upstream",
-                &format!("wss://127.0.0.3:{}", server.wss.port()),
-                "--ca",
-                server.ca_path().to_str().unwrap(),
-                "--token",
-                &server.token(1),
-                "--name",
-                name,
-                "--data",
-                dir.path().join(name).to_str().unwrap(),
-            ],
-        )
-    };
+    let upstream = format!("wss://127.0.0.3:{}", server.wss.port());
+    let install = |name: &str| install_agent(&server, dir.path(), &upstream, name, &[]);
     let out = install("misnamed");
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
@@ -250,26 +247,13 @@ fn routes_take_names_lists_are_the_default_and_force_sets_the_tags() {
 
     // `install --force --tag db` with a new token: exactly the tags given.
     agent.stop();
-    let token = server.token(1);
-    let out = tether_tests::run(
-        "tether-agent",
+    // Into the agent's own data directory (`dir/web-1`), as `--force` means.
+    let out = install_agent(
+        &server,
         dir.path(),
-        [
-            "install",
-            "--upstream",
-            &server.upstream(),
-            "--ca",
-            server.ca_path().to_str().unwrap(),
-            "--token",
-            &token,
-            "--name",
-            "web-1",
-            "--tag",
-            "db",
-            "--force",
-            "--data",
-            agent.dir.to_str().unwrap(),
-        ],
+        &server.upstream(),
+        "web-1",
+        &["--tag", "db", "--force"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(stdout(&out).contains(&agent.id), "{}", stdout(&out));

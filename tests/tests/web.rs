@@ -117,15 +117,7 @@ fn operators_surface_in_a_browser() {
     };
     let base = format!("https://localhost:{}", server.https.port());
 
-    // Log in.
-    s.goto(&format!("{base}/agents")).unwrap();
-    assert!(s.url().unwrap().ends_with("/login"), "{}", s.url().unwrap());
-    s.type_text(&s.wait_for("#user", WAIT).unwrap(), "admin")
-        .unwrap();
-    s.type_text(&s.find("#password").unwrap(), password.trim())
-        .unwrap();
-    click(&s, "#login");
-    s.wait_text("h1", WAIT, |t| t == "Agents").unwrap();
+    log_in(&s, &base, &password);
 
     // The agent comes online: the list refreshes itself.
     let row = format!("tr[data-id='{}']", agent.id);
@@ -487,9 +479,11 @@ fn agents_can_be_patched_and_deleted_over_rest() {
     assert_eq!(server.request("DELETE", &path, None).status, 404);
 }
 
-/// Logs `s` in as admin at `base` and waits for the agents page.
+/// Logs `s` in as admin at `base` (a page asked for first redirects to the login) and waits
+/// for the agents page.
 fn log_in(s: &Session<'_>, base: &str, password: &str) {
     s.goto(&format!("{base}/agents")).unwrap();
+    assert!(s.url().unwrap().ends_with("/login"), "{}", s.url().unwrap());
     s.type_text(&s.wait_for("#user", WAIT).unwrap(), "admin")
         .unwrap();
     s.type_text(&s.find("#password").unwrap(), password.trim())

@@ -431,11 +431,7 @@ async fn delete(
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
     let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
-    if form.confirm.as_deref() != Some("yes") {
-        return Err(WebError::BadRequest(
-            "tick \"I am sure\" to delete an agent".into(),
-        ));
-    }
+    csrf::confirmed(form.confirm.as_deref(), "an agent")?;
     let force = form.force.as_deref() == Some("yes");
     let (agent, failed) = state.agents.delete(&path.into_inner(), force).await?;
     tracing::info!(user = %user.name, agent_id = %agent.id, name = %agent.name, failed_jobs = failed, "web-agent-deleted");

@@ -69,6 +69,18 @@ pub fn check_token(
     }
 }
 
+/// The "I am sure" checkbox of a delete form (`confirm=yes`): without it, nothing is deleted
+/// and the answer says what to tick. `what` is the thing, with its article ("an agent").
+pub fn confirmed(confirm: Option<&str>, what: &str) -> Result<(), WebError> {
+    if confirm == Some("yes") {
+        Ok(())
+    } else {
+        Err(WebError::BadRequest(format!(
+            "tick \"I am sure\" to delete {what}"
+        )))
+    }
+}
+
 /// The form `body` of a state change by `user`, once origin and CSRF token are checked.
 pub fn protected_form<T: DeserializeOwned>(
     req: &HttpRequest,

@@ -91,11 +91,7 @@ async fn delete(
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
     let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
-    if form.confirm.as_deref() != Some("yes") {
-        return Err(WebError::BadRequest(
-            "tick \"I am sure\" to delete a relay".into(),
-        ));
-    }
+    csrf::confirmed(form.confirm.as_deref(), "a relay")?;
     let (relay, closed) = state.agents.delete_relay(&path.into_inner()).await?;
     tracing::info!(user = %user.name, relay_id = %relay.id, name = %relay.name, closed, "web-relay-deleted");
     Ok(layout::redirect("/relays?done=relay-deleted"))

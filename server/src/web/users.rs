@@ -127,11 +127,7 @@ async fn delete(
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
     let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
-    if form.confirm.as_deref() != Some("yes") {
-        return Err(WebError::BadRequest(
-            "tick \"I am sure\" to delete a user".into(),
-        ));
-    }
+    csrf::confirmed(form.confirm.as_deref(), "a user")?;
     let name = path.into_inner();
     state.users.delete(&name, Some(&user.name)).await?;
     state.sessions.remove_user(&name);

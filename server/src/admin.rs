@@ -109,6 +109,7 @@ impl AdminState {
             agents,
             relay_links: relays,
             certificates: CertificateExpiry::of_data_dir(&self.data_dir),
+            deployments: self.shared.deployments.health(),
         }
     }
 }

@@ -84,6 +84,17 @@ pub struct ServerHealth {
     pub relay_links: BTreeMap<String, crate::session::relay_session::RelayLinkHealth>,
     /// When the server's certificates expire (server, CAs, command signing), soonest first.
     pub certificates: Vec<CertificateExpiry>,
+    /// What agents sent that the server refused or cut, since it started.
+    pub deployments: DeploymentsHealth,
+}
+
+/// Step output the server did not keep as sent, since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DeploymentsHealth {
+    /// Output chunks for a step that was not running (finished, unknown, or not started).
+    pub output_refused: u64,
+    /// Steps whose output went over the cap and was cut with a marker.
+    pub output_truncated: u64,
 }
 
 /// One certificate of the data directory and when it expires.
@@ -189,6 +200,18 @@ impl ServerHealth {
             "gauge",
             "1 if the journal stopped accepting writes after a failed sync.",
             u64::from(j.poisoned.is_some()),
+        );
+        metric(
+            "tether_step_output_refused_total",
+            "counter",
+            "Output chunks refused because their step was not running.",
+            self.deployments.output_refused,
+        );
+        metric(
+            "tether_step_output_truncated_total",
+            "counter",
+            "Steps whose output went over the cap and was cut.",
+            self.deployments.output_truncated,
         );
         metric(
             "tether_sessions",
@@ -393,6 +416,7 @@ mod tests {
                 backlog: 3,
             }],
             relay_links: BTreeMap::new(),
+            deployments: DeploymentsHealth::default(),
             certificates: vec![CertificateExpiry {
                 name: "server",
                 file: "server.pem",

@@ -29,6 +29,7 @@ pub mod https;
 pub mod identity;
 pub mod journal;
 pub mod link;
+pub mod mask;
 pub mod mux;
 pub mod plugin;
 pub mod protocol;

@@ -99,7 +99,7 @@ impl StreamReceiver {
                     Op::Append {
                         log: self.log.clone(),
                         seq,
-                        payload: bytes.to_vec(),
+                        payload: self.record(bytes, crc),
                     },
                     Op::PutMeta {
                         key: self.watermark_key.clone(),
@@ -108,6 +108,16 @@ impl StreamReceiver {
                 ],
             }),
             DataOutcome::Duplicate | DataOutcome::Gap { .. } => Ok(Received::Nothing),
+        }
+    }
+
+    /// What the log keeps of a message: for events (on the server), only the CRC that replay
+    /// checks compare (their effects are journaled in the same batch; a 200 KB output chunk
+    /// is not stored twice); commands (on the agent) whole, as signed.
+    fn record(&self, bytes: &[u8], crc: u32) -> Vec<u8> {
+        match self.stream {
+            StreamId::Events => crc.to_be_bytes().to_vec(),
+            StreamId::Commands => bytes.to_vec(),
         }
     }
 
@@ -167,7 +177,7 @@ pub struct StreamKeys {
     pub out_log: LogName,
     /// The peer's cumulative ack of our stream.
     pub out_acked: String,
-    /// Inbound messages (the latest ones, for replay checks).
+    /// Inbound messages (the latest ones, for replay checks; of events, only their CRC).
     pub in_log: LogName,
     /// Our durable watermark of the peer's stream.
     pub in_watermark: String,
@@ -317,7 +327,10 @@ impl StreamKeys {
             .filter_map(|r| match protocol::decode(&r.payload, sender) {
                 Ok(Frame::Event(e)) => Some((r.seq, e.crc)),
                 Ok(Frame::Command(c)) => Some((r.seq, c.crc)),
-                _ => None,
+                // A CRC alone (see `StreamReceiver::record`).
+                _ => <[u8; 4]>::try_from(r.payload.as_slice())
+                    .ok()
+                    .map(|crc| (r.seq, u32::from_be_bytes(crc))),
             })
             .collect();
         let inbound = Inbound::recover(watermark, recent, window);
@@ -371,5 +384,50 @@ mod tests {
         let mut unsigned = good;
         unsigned.signature.clear();
         assert!(verify_command(&Frame::Command(unsigned), "a-1", &key).is_err());
+    }
+
+    #[actix::test]
+    #[allow(clippy::unwrap_used)]
+    async fn events_are_kept_as_their_crc_and_still_checked_after_a_restart() {
+        use crate::journal::{Journal, JournalOptions};
+        use crate::protocol::{Event, EventBody};
+        use actix::Actor;
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        let handle = journal.handle();
+        let _writer = journal.start();
+        let keys = StreamKeys::server_side("a-1").unwrap();
+        let receiver = keys.receiver();
+        let event = |data: &str| {
+            let body = EventBody::Probe {
+                n: 1,
+                data: data.into(),
+            };
+            Frame::Event(Event::new(Seq(1), body).unwrap())
+                .encode()
+                .unwrap()
+        };
+        let big = "x".repeat(100_000);
+        let mut inbound = Inbound::new(16);
+        let Received::Journal { ops, .. } = receiver
+            .on_bytes(&mut inbound, &event(&big), |_| Ok(()))
+            .unwrap()
+        else {
+            panic!("not journaled");
+        };
+        match &ops[0] {
+            Op::Append { payload, .. } => assert_eq!(payload.len(), 4, "only the CRC"),
+            other => panic!("{other:?}"),
+        }
+        handle.commit(ops).await.unwrap();
+        let mut ep = keys.recover(&handle, 16, 16, 1000, 0).unwrap();
+        // The same seq with other content is a replay mismatch, even after the restart.
+        assert!(receiver
+            .on_bytes(&mut ep.inbound, &event("other"), |_| Ok(()))
+            .is_err());
+        assert!(matches!(
+            receiver.on_bytes(&mut ep.inbound, &event(&big), |_| Ok(())),
+            Ok(Received::Nothing)
+        ));
     }
 }

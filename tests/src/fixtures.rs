@@ -24,6 +24,11 @@ pub fn tar_gz(entries: &[(&str, &[u8])], mode: u32) -> Vec<u8> {
 /// An HTTP/1.1 service on loopback answering every request with `status` and `body`, after
 /// reading the whole request (closing with unread bytes would reset the connection).
 pub fn tiny_http(status: u16, body: &'static str) -> SocketAddr {
+    tiny_http_bytes(status, body.as_bytes().to_vec())
+}
+
+/// [`tiny_http`] answering any bytes.
+pub fn tiny_http_bytes(status: u16, body: Vec<u8>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     std::thread::spawn(move || {
@@ -44,9 +49,10 @@ pub fn tiny_http(status: u16, body: &'static str) -> SocketAddr {
             let _ = c.read_exact(&mut body_in);
             let _ = write!(
                 c,
-                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                 body.len()
             );
+            let _ = c.write_all(&body);
         }
     });
     addr

@@ -69,6 +69,19 @@ pub struct SimConfig {
     pub threads: usize,
     /// Record each event's time from first send to its ack in [`Stats::ack_latencies_us`].
     pub record_latency: bool,
+    /// Output each simulated step prints (none by default).
+    pub job_output: JobOutput,
+}
+
+/// What a simulated agent prints for each step of a job it runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobOutput {
+    /// Chunks per step, sent between its start and its end.
+    pub chunks: u32,
+    /// Bytes per chunk (under a frame's 256 KiB).
+    pub chunk_bytes: usize,
+    /// More chunks sent for the job's last step after the job's end (a hostile agent).
+    pub after_finish: u32,
 }
 
 impl SimConfig {
@@ -90,6 +103,7 @@ impl SimConfig {
             beat_override: None,
             threads: 2,
             record_latency: false,
+            job_output: JobOutput::default(),
         }
     }
 
@@ -718,12 +732,26 @@ impl SimAgent {
                             self.enqueue(EventBody::JobAccepted {
                                 job_id: job_id.clone(),
                             })?;
+                            let out = self.cfg.job_output;
+                            let output = |step: u32, chunk: u32| EventBody::StepOutput {
+                                job_id: job_id.clone(),
+                                step,
+                                chunk,
+                                data: format!("{chunk:>8} ")
+                                    .repeat(out.chunk_bytes / 9 + 1)
+                                    .chars()
+                                    .take(out.chunk_bytes)
+                                    .collect(),
+                            };
                             for step in 0..steps.len() as u32 {
                                 self.enqueue(EventBody::StepStarted {
                                     job_id: job_id.clone(),
                                     step,
                                     attempt: 1,
                                 })?;
+                                for chunk in 0..out.chunks {
+                                    self.enqueue(output(step, chunk))?;
+                                }
                                 self.enqueue(EventBody::StepFinished {
                                     job_id: job_id.clone(),
                                     step,
@@ -734,9 +762,13 @@ impl SimAgent {
                                 })?;
                             }
                             self.enqueue(EventBody::JobFinished {
-                                job_id,
+                                job_id: job_id.clone(),
                                 status: JobStatus::Succeeded,
                             })?;
+                            let last = (steps.len() as u32).saturating_sub(1);
+                            for chunk in out.chunks..out.chunks + out.after_finish {
+                                self.enqueue(output(last, chunk))?;
+                            }
                             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
                         }
                         CommandBody::CancelJob { .. } => {}

@@ -2,12 +2,18 @@
 //! one peer may cost, and that it stays within a stated bound.
 //! - 40 parallel wrong logins from one address: at most the per-source budget of password
 //!   checks run (the rest get 429 without one), and the server's memory stays flat.
+//! - Step results too large for a frame (400 outputs of 1 KiB, 64 KiB of NUL bytes): the step
+//!   fails saying why, or the value is cut; nothing is lost silently, no NUL reaches a step.
+//! - An agent sending 14 MB of output for one step, and more after its job ended: the server
+//!   keeps 8 MiB and a marker, refuses and counts the late chunks, and another agent's
+//!   deployment still finishes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::sync::{Arc, Barrier};
 
-use tether_tests::fleet::{Server, TestDir};
+use serde_json::json;
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::measure::rss_kib;
 
 /// The server's per-source budget of failed logins per minute (`web::login`).
@@ -127,4 +133,161 @@ fn the_bearer_token_is_checked_before_any_body_is_read() {
         server.request("GET", "/api/v1/processes", None).json(),
         serde_json::json!([])
     );
+}
+
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn online(server: &Server, agent: &Agent) {
+    eventually("agent online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+}
+
+fn step<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    job["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no step {name} in {job}"))
+}
+
+/// Bytes of every file under `dir`.
+fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn step_results_too_large_for_a_frame_fail_visibly_and_nul_bytes_never_reach_a_step() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let mut agent = Agent::install(&server, dir.path(), "big-1", &[]);
+    agent.run();
+    online(&server, &agent);
+    let nuls = tether_tests::fixtures::tiny_http_bytes(200, vec![0u8; 64 * 1024]);
+    server.put_process(&json!({"name": "results", "steps": [
+        {"name": "fetch", "plugin": "http", "step": "request",
+         "properties": {"url": format!("http://{nuls}/")}},
+        {"name": "use", "plugin": "shell", "step": "run",
+         "properties": {"script": "printf %s \"$TETHER_OUTPUT_BODY\" | wc -c"}},
+        {"name": "many", "plugin": "shell", "step": "run", "properties": {"script":
+            "i=0; while [ $i -lt 400 ]; do printf '::output k%d=%01024d\\n' $i 0; i=$((i+1)); done"}},
+        {"name": "after", "plugin": "shell", "step": "run", "properties": {"script": "echo ran"}}
+    ]}));
+    let id = server.deploy("results", json!({"agents": ["big-1"]}), json!({}));
+    let d = server.wait_deployment(&id, WAIT);
+    let job = &d["jobs"][0];
+    // The NUL body arrives cut to what a result can carry, without a NUL, and the next step
+    // gets it in its environment.
+    let fetch = step(job, "fetch");
+    assert_eq!(fetch["status"], "succeeded", "{fetch}");
+    let body = fetch["outputs"]["body"].as_str().unwrap();
+    assert!(
+        !body.contains('\0') && body.ends_with("[truncated]"),
+        "{}",
+        body.len()
+    );
+    assert_eq!(step(job, "use")["status"], "succeeded", "{job}");
+    // 400 outputs of 1 KiB: the step fails and says why, keeping what fits.
+    let many = step(job, "many");
+    assert_eq!(many["status"], "failed", "{many}");
+    let message = many["message"].as_str().unwrap();
+    assert!(message.contains("outputs refused"), "{message}");
+    let kept = many["outputs"].as_object().unwrap().len();
+    assert!((1..=100).contains(&kept), "{kept} outputs kept");
+    // Never `succeeded` with a step that did not: the rest is skipped, the job failed.
+    assert_eq!(step(job, "after")["status"], "skipped");
+    assert_eq!(job["status"], "failed");
+    assert_eq!(d["status"], "failed");
+}
+
+#[test]
+fn an_agent_flooding_output_is_capped_and_late_output_refused_while_others_finish() {
+    use std::sync::atomic::Ordering;
+    use tether_tests::loadgen::{enroll, Fleet, JobOutput, SimConfig};
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let mut good = Agent::install(&server, dir.path(), "good-1", &[]);
+    good.run();
+    online(&server, &good);
+    let ca = std::fs::read_to_string(server.ca_path()).unwrap();
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let flooder = enroll(
+        server.wss,
+        Arc::new(tls.clone()),
+        "localhost",
+        &server.token(1),
+        "flooder",
+    )
+    .unwrap();
+    let flooder_id = flooder.agent_id.clone();
+    // 70 chunks of 200 KB (14 MB) for its step, then 10 more after its job ended.
+    let mut cfg = SimConfig::new(server.wss, "localhost", tls);
+    cfg.threads = 1;
+    cfg.job_output = JobOutput {
+        chunks: 70,
+        chunk_bytes: 200_000,
+        after_finish: 10,
+    };
+    let fleet = Fleet::start(cfg, vec![flooder]).unwrap();
+    eventually("the flooder online", WAIT, || {
+        (fleet.stats().ready.load(Ordering::Relaxed) == 1).then_some(())
+    });
+    server.put_process(&json!({"name": "one", "steps": [
+        {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo hello"}}
+    ]}));
+    // The positive control first: the good agent's deployment, timed alone.
+    let started = std::time::Instant::now();
+    let alone = server.deploy("one", json!({"agents": ["good-1"]}), json!({}));
+    assert_eq!(server.wait_deployment(&alone, WAIT)["status"], "succeeded");
+    let control = started.elapsed();
+    let journal_before = disk_bytes(&server.dir.join("journal"));
+
+    let flood = server.deploy("one", json!({"agents": ["flooder"]}), json!({}));
+    let started = std::time::Instant::now();
+    let beside = server.deploy("one", json!({"agents": ["good-1"]}), json!({}));
+    assert_eq!(server.wait_deployment(&beside, WAIT)["status"], "succeeded");
+    let during = started.elapsed();
+    let d = server.wait_deployment(&flood, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    // The late chunks reach the server and are refused, counted.
+    let refused = eventually("late output refused", WAIT, || {
+        let n = tether_tests::wire::health(&server)["deployments"]["output_refused"]
+            .as_u64()
+            .unwrap_or(0);
+        (n >= 10).then_some(n)
+    });
+    let log = server.step_log(&flood, &flooder_id, "say");
+    let journal_after = disk_bytes(&server.dir.join("journal"));
+    eprintln!(
+        "flood: log {} bytes, {refused} chunks refused, journal {journal_before} -> {journal_after} bytes; \
+         the good agent's deployment took {control:?} alone, {during:?} beside the flood",
+        log.len()
+    );
+    let max = tether_shared::protocol::MAX_STEP_OUTPUT + 100;
+    assert!(log.len() <= max, "the log kept {} bytes", log.len());
+    assert!(log.ends_with(tether_shared::protocol::OUTPUT_TRUNCATED));
+    assert_eq!(log.matches("[output truncated").count(), 1);
+    // The journal holds the capped log (events are kept as their CRC): 22 MB on sled here,
+    // 65 MB when every event was also kept whole.
+    assert!(
+        journal_after.saturating_sub(journal_before) < 32 * 1024 * 1024,
+        "journal grew from {journal_before} to {journal_after}"
+    );
+    assert!(
+        during < control * 10 + std::time::Duration::from_secs(10),
+        "the good agent waited {during:?} beside the flood ({control:?} alone)"
+    );
+    fleet.stop();
 }

@@ -15,6 +15,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 use tether_shared::protocol::CommandBody;
 
+use super::model::StepState;
 use super::validate::NewProcess;
 use super::{view, Deployments, DeploymentsError, NewDeployment};
 use crate::admin_token::AdminToken;
@@ -254,28 +255,63 @@ pub async fn cancel_deployment(
     Ok(remote.len())
 }
 
+/// `?offset=N`: the log from byte `N` of its masked text on (what a follower already has).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    #[serde(default)]
+    offset: usize,
+}
+
 async fn step_log(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
+    query: web::Query<LogQuery>,
     state: web::Data<DeploymentsApiState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let (id, agent, step) = path.into_inner();
-    let text = log_text(&state.deployments, &state.registry, &id, agent, &step).await?;
+    let reader = log_reader(&state.deployments, &state.registry, &id, agent, &step).await?;
+    // Streamed from storage a page at a time: memory stays flat whatever the log's size.
+    let pages =
+        futures_util::stream::unfold((Some(reader), query.offset), |(reader, skip)| async move {
+            let mut reader = reader?;
+            let read = web::block(move || {
+                let page = reader.next_page();
+                (reader, page)
+            })
+            .await;
+            let (reader, page) = match read {
+                Ok((reader, Ok(Some(page)))) => (reader, page),
+                Ok((_, Ok(None))) => return None,
+                Ok((_, Err(e))) => {
+                    tracing::error!(error = %e, "step-log-read-failed");
+                    let e = std::io::Error::other("the log could not be read");
+                    return Some((Err(e), (None, 0)));
+                }
+                Err(_) => return None,
+            };
+            let mut cut = skip.min(page.len());
+            while !page.is_char_boundary(cut) {
+                cut += 1;
+            }
+            let bytes = web::Bytes::copy_from_slice(&page.as_bytes()[cut..]);
+            Some((Ok(bytes), (Some(reader), skip - skip.min(page.len()))))
+        });
     Ok(HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")
-        .body(text))
+        .streaming(pages))
 }
 
-/// The whole log of `step` (name or index) of deployment `id`'s job on `agent` (name or id),
-/// secrets masked (for the REST API and the web application).
-pub async fn log_text(
+/// A reader of the log of `step` (name or index) of deployment `id`'s job on `agent` (name or
+/// id), secrets masked (for the REST API and the web application).
+pub async fn log_reader(
     deployments: &Deployments,
     registry: &Registry,
     id: &str,
     agent: String,
     step: &str,
-) -> Result<String, ApiError> {
+) -> Result<view::LogReader, ApiError> {
     let agent_id = registry
         .agents()
         .into_iter()
@@ -289,19 +325,26 @@ pub async fn log_text(
             .iter()
             .position(|st| st.name == step)
             .or_else(|| step.parse::<usize>().ok().filter(|i| *i < job.steps.len()))?;
+        let complete = job.status.is_final() || job.steps[index].status != StepState::Running;
         Some((
             job.job_id.clone(),
             u32::try_from(index).ok()?,
             d.secret_values(),
+            complete,
         ))
     });
-    let (job_id, index, secrets) = found.ok_or(ApiError::NotFound)?;
+    let (job_id, index, secrets, complete) = found.ok_or(ApiError::NotFound)?;
     let journal = deployments.journal().clone();
-    web::block(move || view::step_log_text(&journal, &job_id, index, &secrets))
-        .await
-        .map_err(|_| ApiError::Unavailable)?
-        .map_err(|e| {
-            tracing::error!(error = %e, "step-log-read-failed");
+    // A step's end is in memory as soon as its event is read; its last output is stored with
+    // it, in a commit that is queued by then. Commits are applied in order: once an empty one
+    // is through, the log is complete.
+    if complete {
+        journal.commit(Vec::new()).await.map_err(|e| {
+            tracing::error!(error = %e, "step-log-barrier-failed");
             ApiError::Unavailable
-        })
+        })?;
+    }
+    Ok(view::LogReader::new(
+        journal, &job_id, index, &secrets, complete,
+    ))
 }

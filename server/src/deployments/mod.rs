@@ -25,6 +25,7 @@ pub mod validate;
 pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rand::RngCore;
@@ -91,6 +92,9 @@ pub struct Deployments {
     catalog: std::sync::Arc<dyn Catalog>,
     /// Where `artifact/fetch` steps find their artifacts (none: such steps are refused).
     artifacts: Option<std::sync::Arc<dyn validate::ArtifactLookup>>,
+    /// Output chunks refused (step not running) and steps cut at the cap, since start.
+    output_refused: AtomicU64,
+    output_truncated: AtomicU64,
 }
 
 impl std::fmt::Debug for Deployments {
@@ -127,6 +131,14 @@ impl Deployments {
             let j: Job = decode(&key, &value)?;
             state.jobs.insert(j.job_id.clone(), j);
         }
+        for (key, value) in journal.scan_meta(state::OUTPUT_LEN_PREFIX)? {
+            let bytes =
+                <[u8; 8]>::try_from(value.as_slice()).map_err(|_| DeploymentsError::Corrupt {
+                    key: key.clone(),
+                    reason: "not a u64".into(),
+                })?;
+            state.output_bytes.insert(key, u64::from_be_bytes(bytes));
+        }
         tracing::info!(
             processes = state.processes.len(),
             deployments = state.deployments.len(),
@@ -140,6 +152,8 @@ impl Deployments {
             max_running_per_agent: DEFAULT_MAX_RUNNING_PER_AGENT,
             catalog: std::sync::Arc::new(BuiltInsOnly),
             artifacts: None,
+            output_refused: AtomicU64::new(0),
+            output_truncated: AtomicU64::new(0),
         })
     }
 
@@ -167,7 +181,22 @@ impl Deployments {
 
     /// The effect of an event `agent_id` sent (ops to commit in the event's batch).
     pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Effect {
-        self.write().apply_event(agent_id, body)
+        let effect = self.write().apply_event(agent_id, body);
+        if effect.output_refused {
+            self.output_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        if effect.output_truncated {
+            self.output_truncated.fetch_add(1, Ordering::Relaxed);
+        }
+        effect
+    }
+
+    /// Output refused or cut since start.
+    pub fn health(&self) -> crate::health::DeploymentsHealth {
+        crate::health::DeploymentsHealth {
+            output_refused: self.output_refused.load(Ordering::Relaxed),
+            output_truncated: self.output_truncated.load(Ordering::Relaxed),
+        }
     }
 
     /// `agent_id` came back without its state: ops failing its jobs in flight.

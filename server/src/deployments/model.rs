@@ -11,8 +11,7 @@ pub const PROCESS_PREFIX: &str = "process/";
 pub const DEPLOYMENT_PREFIX: &str = "deployment/";
 pub const JOB_PREFIX: &str = "job/";
 
-/// What every API answer shows instead of a secret value.
-pub const MASK: &str = "***";
+pub use tether_shared::mask::{mask, MASK};
 
 /// One step of a stored process, as the operator wrote it (before substitution).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,7 +59,7 @@ impl Deployment {
     /// Secret values to mask wherever text reaches an answer: `*_secret` deployment properties
     /// and every step property declared secret.
     pub fn secret_values(&self) -> Vec<String> {
-        let mut values: Vec<String> = self
+        let values: Vec<String> = self
             .properties
             .iter()
             .filter(|(k, _)| is_secret_property(k))
@@ -70,25 +69,14 @@ impl Deployment {
                     .iter()
                     .filter_map(|name| s.properties.get(name).cloned())
             }))
-            .filter(|v| !v.is_empty())
             .collect();
-        // Longest first, so that a secret containing another is masked whole.
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
-        values.dedup();
-        values
+        tether_shared::mask::ordered(&values)
     }
 }
 
 /// A deployment property whose name ends with `_secret` is secret.
 pub fn is_secret_property(name: &str) -> bool {
     name.ends_with("_secret")
-}
-
-/// Replaces every occurrence of a secret value in `text`.
-pub fn mask(text: &str, secrets: &[String]) -> String {
-    secrets
-        .iter()
-        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), MASK))
 }
 
 /// Where a job is, on the server's side.
@@ -132,6 +120,22 @@ pub enum StepState {
     Cancelled,
     Interrupted,
     Skipped,
+}
+
+impl StepState {
+    /// As it is written in answers (snake case).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::TimedOut => "timed_out",
+            StepState::Cancelled => "cancelled",
+            StepState::Interrupted => "interrupted",
+            StepState::Skipped => "skipped",
+        }
+    }
 }
 
 impl From<StepStatus> for StepState {

@@ -2,10 +2,10 @@
 //! and turns agent events, agent resets, dispatches and cancels into state changes plus the
 //! journal ops that make them durable (which the caller commits in the batch of the cause).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tether_shared::journal::{LogName, Op};
-use tether_shared::protocol::{CommandBody, EventBody, Seq};
+use tether_shared::protocol::{CommandBody, EventBody, Seq, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
 
 use super::model::{
     Deployment, Job, JobState, Process, StepState, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX,
@@ -14,12 +14,23 @@ use super::model::{
 /// The message of jobs failed because their agent came back without its journal.
 pub const RESET_MESSAGE: &str = "agent lost its state (new incarnation)";
 
+/// Meta key prefix of the output bytes stored so far for a running step
+/// (`outlen/<job_id>/<step>`, u64 big-endian), removed when the step ends.
+pub const OUTPUT_LEN_PREFIX: &str = "outlen/";
+
+/// Output kept per step on the server: the agent's cap and its marker. Past it, the server
+/// keeps one marker of its own and drops the rest, whatever the agent sends.
+const MAX_KEPT_OUTPUT: u64 = (MAX_STEP_OUTPUT + OUTPUT_TRUNCATED.len()) as u64;
+
 /// Everything, in memory.
 #[derive(Debug, Default)]
 pub struct State {
     pub processes: BTreeMap<String, Process>,
     pub deployments: BTreeMap<String, Deployment>,
     pub jobs: BTreeMap<String, Job>,
+    /// Output bytes stored so far, by the meta key of running steps (see
+    /// [`OUTPUT_LEN_PREFIX`]).
+    pub output_bytes: HashMap<String, u64>,
 }
 
 /// What an event changed.
@@ -29,6 +40,15 @@ pub struct Effect {
     pub ops: Vec<Op>,
     /// A job of the agent became final: a slot may be free for a queued one.
     pub job_finished: bool,
+    /// Output was refused: its step was not running (or is unknown).
+    pub output_refused: bool,
+    /// Output went over the step's cap and was cut.
+    pub output_truncated: bool,
+}
+
+/// The meta key counting the output of step `step` of `job_id`.
+pub fn output_len_key(job_id: &str, step: u32) -> String {
+    format!("{OUTPUT_LEN_PREFIX}{job_id}/{step}")
 }
 
 /// The log holding step `step` of `job_id`'s output chunks.
@@ -112,12 +132,47 @@ impl State {
             EventBody::StepOutput {
                 step, chunk, data, ..
             } => {
-                if let (true, Some(log)) = (step_ok(job, *step), step_log(job_id, *step)) {
-                    effect.ops.push(Op::Append {
-                        log,
-                        seq: Seq(u64::from(*chunk) + 1),
-                        payload: data.as_bytes().to_vec(),
-                    });
+                let running = !job.status.is_final()
+                    && job
+                        .steps
+                        .get(*step as usize)
+                        .is_some_and(|s| s.status == StepState::Running);
+                match step_log(job_id, *step) {
+                    Some(log) if running => {
+                        let key = output_len_key(job_id, *step);
+                        let stored = self.output_bytes.get(&key).copied().unwrap_or(0);
+                        let payload = if stored + data.len() as u64 <= MAX_KEPT_OUTPUT {
+                            Some(data.as_bytes().to_vec())
+                        } else if stored < MAX_KEPT_OUTPUT {
+                            effect.output_truncated = true;
+                            tracing::warn!(agent_id = %agent_id, job_id = %job_id, step, "step-output-truncated");
+                            Some(OUTPUT_TRUNCATED.as_bytes().to_vec())
+                        } else {
+                            None
+                        };
+                        // Once cut, the count stays past the cap: the rest is dropped.
+                        let now = match &payload {
+                            Some(p) if p.len() == data.len() => stored + p.len() as u64,
+                            Some(_) => MAX_KEPT_OUTPUT + 1,
+                            None => stored,
+                        };
+                        if let Some(payload) = payload {
+                            effect.ops.push(Op::Append {
+                                log,
+                                seq: Seq(u64::from(*chunk) + 1),
+                                payload,
+                            });
+                            effect.ops.push(Op::PutMeta {
+                                key: key.clone(),
+                                value: now.to_be_bytes().to_vec(),
+                            });
+                            self.output_bytes.insert(key, now);
+                        }
+                    }
+                    _ => {
+                        effect.output_refused = true;
+                        tracing::warn!(agent_id = %agent_id, job_id = %job_id, step, "step-output-refused-step-not-running");
+                    }
                 }
                 false
             }
@@ -143,6 +198,10 @@ impl State {
                     s.exit_code = *exit_code;
                     s.outputs = outputs.clone();
                     s.message = message.clone();
+                    let key = output_len_key(job_id, *step);
+                    if self.output_bytes.remove(&key).is_some() {
+                        effect.ops.push(Op::DeleteMeta { key });
+                    }
                     changed
                 }
             }
@@ -150,13 +209,33 @@ impl State {
                 if job.status.is_final() {
                     false
                 } else {
-                    let end = JobState::from(*status);
+                    let mut end = JobState::from(*status);
                     let running_to = if end == JobState::Cancelled {
                         StepState::Cancelled
                     } else {
                         StepState::Interrupted
                     };
-                    job.finish(end, running_to, "");
+                    // A job succeeds only if every step did, whatever the agent says.
+                    let mut message = String::new();
+                    if end == JobState::Succeeded {
+                        if let Some(s) = job.steps.iter().find(|s| s.status != StepState::Succeeded)
+                        {
+                            end = JobState::Failed;
+                            message = format!(
+                                "the agent reported success, but step {:?} is {}",
+                                s.name,
+                                s.status.as_str()
+                            );
+                            tracing::warn!(agent_id = %agent_id, job_id = %job_id, "job-success-refused");
+                        }
+                    }
+                    job.finish(end, running_to, &message);
+                    for step in 0..job.steps.len() as u32 {
+                        let key = output_len_key(job_id, step);
+                        if self.output_bytes.remove(&key).is_some() {
+                            effect.ops.push(Op::DeleteMeta { key });
+                        }
+                    }
                     effect.job_finished = true;
                     true
                 }

@@ -129,37 +129,85 @@ fn a_job_runs_to_success_and_duplicates_change_nothing() {
     );
 }
 
-#[test]
-fn output_chunks_are_keyed_by_number() {
-    let mut s = state(&["a1"]);
-    let out = |chunk| EventBody::StepOutput {
+fn output(step: u32, chunk: u32, data: &str) -> EventBody {
+    EventBody::StepOutput {
         job_id: "d-1-a1".into(),
-        step: 1,
+        step,
         chunk,
-        data: format!("line {chunk}\n"),
-    };
-    let first = s.apply_event("a1", &out(0)).ops;
-    assert_eq!(
-        first,
-        s.apply_event("a1", &out(0)).ops,
-        "a duplicate rewrites the same record"
-    );
-    match &first[..] {
-        [Op::Append { log, seq, payload }] => {
+        data: data.into(),
+    }
+}
+
+#[test]
+fn output_is_kept_for_a_running_step_only_keyed_by_number() {
+    let mut s = state(&["a1"]);
+    // Not started yet: refused.
+    let e = s.apply_event("a1", &output(1, 0, "early\n"));
+    assert!(e.ops.is_empty() && e.output_refused);
+    s.apply_event("a1", &accepted());
+    s.apply_event("a1", &started(1, 1));
+    let e = s.apply_event("a1", &output(1, 0, "line 0\n"));
+    assert!(!e.output_refused);
+    match &e.ops[..] {
+        [Op::Append { log, seq, payload }, Op::PutMeta { key, value }] => {
             assert_eq!(log.as_str(), "joblog/d-1-a1/1");
             assert_eq!(seq.0, 1);
             assert_eq!(payload, b"line 0\n");
+            assert_eq!(key, "outlen/d-1-a1/1");
+            assert_eq!(value, &7u64.to_be_bytes());
         }
         other => panic!("{other:?}"),
     }
-    // A step index out of range is ignored.
-    let bad = EventBody::StepOutput {
-        job_id: "d-1-a1".into(),
-        step: 9,
-        chunk: 0,
-        data: "x".into(),
-    };
-    assert!(s.apply_event("a1", &bad).ops.is_empty());
+    // A step index out of range is refused.
+    let e = s.apply_event("a1", &output(9, 0, "x"));
+    assert!(e.ops.is_empty() && e.output_refused);
+    // Once the step ended, its counter goes and later output is refused.
+    let e = s.apply_event("a1", &finished(1, StepStatus::Succeeded, 0));
+    assert!(e
+        .ops
+        .iter()
+        .any(|op| matches!(op, Op::DeleteMeta { key } if key == "outlen/d-1-a1/1")));
+    let e = s.apply_event("a1", &output(1, 1, "late\n"));
+    assert!(e.ops.is_empty() && e.output_refused);
+}
+
+#[test]
+fn output_past_the_cap_is_cut_once_with_the_marker() {
+    use tether_shared::protocol::{MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
+    let mut s = state(&["a1"]);
+    s.apply_event("a1", &accepted());
+    s.apply_event("a1", &started(0, 1));
+    let block = "x".repeat(200 * 1024);
+    let mut kept = 0usize;
+    let mut markers = 0;
+    for chunk in 0..70 {
+        let e = s.apply_event("a1", &output(0, chunk, &block));
+        assert!(!e.output_refused);
+        for op in e.ops {
+            if let Op::Append { payload, .. } = op {
+                kept += payload.len();
+                markers += usize::from(payload == OUTPUT_TRUNCATED.as_bytes());
+            }
+        }
+    }
+    assert_eq!(markers, 1);
+    assert!(kept <= MAX_STEP_OUTPUT + OUTPUT_TRUNCATED.len(), "{kept}");
+}
+
+#[test]
+fn a_job_reported_succeeded_with_a_step_that_is_not_fails() {
+    let mut s = state(&["a1"]);
+    s.apply_event("a1", &accepted());
+    s.apply_event("a1", &started(0, 1));
+    s.apply_event("a1", &finished(0, StepStatus::Succeeded, 0));
+    s.apply_event("a1", &started(1, 1));
+    // Step 1's end never came: the agent still says the job succeeded.
+    let e = s.apply_event("a1", &job_finished(JobStatus::Succeeded));
+    assert!(e.job_finished);
+    let j = job(&s, "a1");
+    assert_eq!(j.status, JobState::Failed);
+    assert_eq!(j.steps[1].status, StepState::Interrupted);
+    assert!(j.message.contains("step \"b\" is running"), "{}", j.message);
 }
 
 #[test]

@@ -4,14 +4,15 @@
 
 use serde_json::{json, Value};
 use tether_shared::journal::{JournalError, JournalHandle};
+use tether_shared::mask::StreamMask;
 use tether_shared::protocol::Seq;
 
 use super::model::{deployment_status, is_secret_property, mask, Deployment, Process, MASK};
 use super::state::{step_log, State};
 use crate::registry::Registry;
 
-/// Records read from a step log per page.
-const LOG_PAGE: usize = 1024;
+/// Records (chunks of at most 16 KiB) read from a step log per page.
+const LOG_PAGE: usize = 16;
 
 /// A process as `GET /api/v1/processes[/{name}]` shows it; properties declared secret show
 /// as `***`.
@@ -94,28 +95,84 @@ pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
     })
 }
 
-/// The whole output of step `step` of `job_id`, chunks in order, secrets masked.
-pub fn step_log_text(
-    journal: &JournalHandle,
-    job_id: &str,
-    step: u32,
-    secrets: &[String],
-) -> Result<String, JournalError> {
-    let Some(log) = step_log(job_id, step) else {
-        return Ok(String::new());
-    };
-    let mut text = Vec::new();
-    let mut after = Seq::ZERO;
-    loop {
-        let page = journal.read_log(&log, after, LOG_PAGE)?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for r in &page {
-            text.extend_from_slice(&r.payload);
-        }
-        if page.len() < LOG_PAGE {
-            break;
+/// A step's log read from storage a page at a time, secrets masked across pages: memory
+/// stays at one page whatever the log's size. Blocking (the journal reads from disk).
+pub struct LogReader {
+    journal: JournalHandle,
+    log: Option<tether_shared::journal::LogName>,
+    after: Seq,
+    mask: StreamMask,
+    /// The step ended: the held-back tail is let out at the end. While it runs, a tail that
+    /// may be the start of a secret waits, so what was read is a prefix of what comes later.
+    complete: bool,
+    done: bool,
+}
+
+impl LogReader {
+    pub fn new(
+        journal: JournalHandle,
+        job_id: &str,
+        step: u32,
+        secrets: &[String],
+        complete: bool,
+    ) -> Self {
+        LogReader {
+            journal,
+            log: step_log(job_id, step),
+            after: Seq::ZERO,
+            mask: StreamMask::new(secrets),
+            complete,
+            done: false,
         }
     }
-    Ok(mask(&String::from_utf8_lossy(&text), secrets))
+
+    /// The next piece of the log (masked), or `None` at its end.
+    pub fn next_page(&mut self) -> Result<Option<String>, JournalError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = match &self.log {
+            Some(log) => self.journal.read_log(log, self.after, LOG_PAGE)?,
+            None => Vec::new(),
+        };
+        let Some(last) = page.last() else {
+            self.done = true;
+            let tail = if self.complete {
+                self.mask.finish()
+            } else {
+                String::new()
+            };
+            return Ok(Some(tail).filter(|t| !t.is_empty()));
+        };
+        self.after = last.seq;
+        let mut text = String::new();
+        for r in &page {
+            text.push_str(&String::from_utf8_lossy(&r.payload));
+        }
+        Ok(Some(self.mask.push(&text)))
+    }
+
+    /// Reads the log from byte `offset` (moved to the next character boundary if it cuts one;
+    /// past the end, to the end): answers where the text starts and the text. Only the text
+    /// from `offset` on is held in memory.
+    pub fn read_from(mut self, offset: usize) -> Result<(usize, String), JournalError> {
+        let (mut at, mut tail, mut start) = (0usize, String::new(), None);
+        while let Some(piece) = self.next_page()? {
+            if start.is_none() {
+                if at + piece.len() <= offset {
+                    at += piece.len();
+                    continue;
+                }
+                let mut cut = offset - at;
+                while !piece.is_char_boundary(cut) {
+                    cut += 1;
+                }
+                start = Some(at + cut);
+                tail.push_str(&piece[cut..]);
+            } else {
+                tail.push_str(&piece);
+            }
+        }
+        Ok((start.unwrap_or(at), tail))
+    }
 }

@@ -309,7 +309,7 @@ async fn log(
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
     let q = query.into_inner();
-    let text = deployments_api::log_text(
+    let reader = deployments_api::log_reader(
         &state.deployments,
         &state.registry,
         &path.into_inner(),
@@ -317,13 +317,18 @@ async fn log(
         &q.step,
     )
     .await?;
-    let (offset, tail) = match text.get(q.offset..) {
-        Some(tail) => (q.offset, tail.to_owned()),
-        None => (0, text.clone()),
-    };
+    // Only the part the page does not have yet is held in memory.
+    let (offset, tail) = web::block(move || reader.read_from(q.offset))
+        .await
+        .map_err(|_| crate::api_error::ApiError::Unavailable)?
+        .map_err(|e| {
+            tracing::error!(error = %e, "step-log-read-failed");
+            crate::api_error::ApiError::Unavailable
+        })?;
+    let length = offset + tail.len();
     let mut r = layout::text(tail);
     let headers = r.headers_mut();
-    for (name, value) in [("x-log-offset", offset), ("x-log-length", text.len())] {
+    for (name, value) in [("x-log-offset", offset), ("x-log-length", length)] {
         if let Ok(v) = actix_web::http::header::HeaderValue::from_str(&value.to_string()) {
             headers.insert(actix_web::http::header::HeaderName::from_static(name), v);
         }

@@ -23,6 +23,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Hard limit on one encoded frame, checked before anything is parsed.
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+/// Most output text kept of one step (agent and server both cap at it).
+pub const MAX_STEP_OUTPUT: usize = 8 * 1024 * 1024;
+/// What a step's log ends with once its output went over [`MAX_STEP_OUTPUT`].
+pub const OUTPUT_TRUNCATED: &str = "\n[output truncated: over the step's limit]\n";
 
 /// A position in one message stream. Streams start at 1; 0 means "nothing yet".
 #[derive(

@@ -3,8 +3,8 @@
 //!
 //! Properties: `url` (`http://` or `https://` only), `method` (GET, POST, PUT or DELETE;
 //! default GET), `body` (sent with `Content-Length`), `expect_status` (default 200). Outputs:
-//! `status` and `body` (the first [`MAX_BODY_OUTPUT`] bytes, lossy UTF-8; the rest is read
-//! and dropped). HTTPS trusts the Mozilla roots of `webpki-roots` (public services), not the
+//! `status` and `body` (lossy UTF-8 with NULs as U+FFFD, cut to [`MAX_BODY_OUTPUT`] bytes
+//! once JSON-encoded, with a `[truncated]` marker; the rest is read and dropped). HTTPS trusts the Mozilla roots of `webpki-roots` (public services), not the
 //! agent's own CA. Redirects are not followed: a 3xx is a status like any other. A connection
 //! or TLS error, or an unexpected status, fails the step with the reason.
 
@@ -18,6 +18,7 @@ use tether_shared::protocol::{StepSpec, StepStatus};
 use tokio::sync::oneshot;
 
 use super::fetch::run_blocking;
+use super::outputs::truncate_encoded;
 use super::step::StepResult;
 
 /// Longest `body` output.
@@ -180,6 +181,8 @@ fn request(spec: &StepSpec, stop: &AtomicBool, deadline: Instant) -> Result<Step
     let head = https::request_streaming(tls, &req, &limits, &mut sink)
         .map_err(|e| format!("{method} {url}: {e}"))?;
     let mut text = String::from_utf8_lossy(&kept).into_owned();
+    // Binary bodies grow when encoded (a NUL takes six bytes): cut to what travels.
+    truncated |= truncate_encoded(&mut text, MAX_BODY_OUTPUT);
     if truncated {
         text.push_str("\n[truncated]");
     }

@@ -11,8 +11,9 @@
 //!   symbolic links at the target, writing atomically (temp file, fsync, rename).
 //! - `artifact/fetch` and `http/request`: see `super::fetch` and `super::http`.
 //!
-//! Output is handed over in chunks (at most [`CHUNK_BYTES`], or whatever arrived within
-//! [`CHUNK_WAIT`]) with every secret value replaced by `***`, and capped at [`MAX_OUTPUT`].
+//! Output is handed over in chunks (see `super::capture`: at most 16 KiB, or whatever arrived
+//! within [`CHUNK_WAIT`]) with every secret value replaced by `***`, and capped at 8 MiB.
+//! `::output` lines are parsed past that cap too, held to the limits of `super::outputs`.
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -29,13 +30,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
 use super::bundle;
+use super::capture::Capture;
 
-/// Largest output chunk.
-pub const CHUNK_BYTES: usize = 16 * 1024;
 /// Longest a partial chunk waits before it is sent.
 pub const CHUNK_WAIT: Duration = Duration::from_millis(200);
-/// Output kept per step; past it the rest is dropped with a marker.
-pub const MAX_OUTPUT: usize = 8 * 1024 * 1024;
 /// The only PATH a step sees.
 const SAFE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -88,15 +86,6 @@ pub struct StepContext {
     pub plugin_dir: PathBuf,
     /// Where `artifact/fetch` caches verified downloads by sha256 (`DATA/cache/artifacts`).
     pub artifact_cache: PathBuf,
-}
-
-/// Replaces every secret value in `text` by `***`.
-pub fn mask(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for s in secrets.iter().filter(|s| !s.is_empty()) {
-        out = out.replace(s.as_str(), "***");
-    }
-    out
 }
 
 /// The secret values of a step (what must never appear in any output).
@@ -220,77 +209,42 @@ pub(crate) async fn run_child(
         Err(e) => return StepResult::failed(format!("cannot start {program}: {e}")),
     };
     let group = GroupGuard(child.id().map(|p| p as i32));
-    let secrets = secret_values(spec);
     let (Some(mut stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return StepResult::failed("no output pipes".into());
     };
-    let mut outputs = BTreeMap::new();
-    let mut pending = String::new();
-    let mut total = 0usize;
-    let mut capped = false;
+    let mut capture = Capture::new(&secret_values(spec));
     let (mut out_buf, mut err_buf) = ([0u8; 8192], [0u8; 8192]);
     let (mut out_open, mut err_open) = (true, true);
     let deadline = tokio::time::sleep(Duration::from_millis(spec.timeout_ms.max(1)));
     tokio::pin!(deadline);
     let mut cancel = cancel;
     let mut flush_tick = tokio::time::interval(CHUNK_WAIT);
-    let emit = |text: &str, pending: &mut String, force: bool| {
-        pending.push_str(text);
-        while pending.len() >= CHUNK_BYTES || (force && !pending.is_empty()) {
-            let cut = floor_boundary(pending, CHUNK_BYTES.min(pending.len()));
-            let piece: String = pending.drain(..cut).collect();
-            chunk(mask(&piece, &secrets));
-        }
-    };
-    let mut absorb = |bytes: &[u8],
-                      is_stdout: bool,
-                      pending: &mut String,
-                      total: &mut usize,
-                      capped: &mut bool| {
-        let text = String::from_utf8_lossy(bytes);
-        if is_stdout {
-            for line in text.lines() {
-                if let Some((k, v)) = line
-                    .strip_prefix("::output ")
-                    .and_then(|r| r.split_once('='))
-                {
-                    outputs.insert(k.trim().to_owned(), v.to_owned());
-                }
-            }
-        }
-        if *capped {
-            return;
-        }
-        if *total + text.len() > MAX_OUTPUT {
-            *capped = true;
-            emit(
-                "\n[output truncated: over the step's limit]\n",
-                pending,
-                true,
-            );
-            return;
-        }
-        *total += text.len();
-        emit(&text, pending, false);
-    };
     let ended = loop {
-        tokio::select! {
+        let ready = tokio::select! {
             n = stdout.read(&mut out_buf), if out_open => match n {
-                Ok(0) | Err(_) => out_open = false,
-                Ok(n) => absorb(&out_buf[..n], true, &mut pending, &mut total, &mut capped),
+                Ok(0) | Err(_) => {
+                    out_open = false;
+                    Vec::new()
+                }
+                Ok(n) => capture.absorb(&out_buf[..n], true),
             },
             n = stderr.read(&mut err_buf), if err_open => match n {
-                Ok(0) | Err(_) => err_open = false,
-                Ok(n) => absorb(&err_buf[..n], false, &mut pending, &mut total, &mut capped),
+                Ok(0) | Err(_) => {
+                    err_open = false;
+                    Vec::new()
+                }
+                Ok(n) => capture.absorb(&err_buf[..n], false),
             },
             status = child.wait(), if !out_open && !err_open => break Ended::Exited(status),
-            _ = flush_tick.tick() => emit("", &mut pending, true),
+            _ = flush_tick.tick() => capture.flush(),
             _ = &mut deadline => break Ended::TimedOut,
             _ = &mut cancel => break Ended::Cancelled,
-        }
+        };
+        ready.into_iter().for_each(&chunk);
     };
-    emit("", &mut pending, true);
-    match ended {
+    let (last, outputs) = capture.finish();
+    last.into_iter().for_each(&chunk);
+    let mut result = match ended {
         Ended::Exited(Ok(status)) => {
             // A daemonised grandchild may still hold the group: end it with the step.
             group.kill();
@@ -303,7 +257,7 @@ pub(crate) async fn run_child(
                     StepStatus::Failed
                 },
                 exit_code: code,
-                outputs,
+                outputs: BTreeMap::new(),
                 message: if ok {
                     String::new()
                 } else {
@@ -318,7 +272,7 @@ pub(crate) async fn run_child(
             StepResult {
                 status: StepStatus::TimedOut,
                 exit_code: None,
-                outputs,
+                outputs: BTreeMap::new(),
                 message: format!("timed out after {} ms", spec.timeout_ms),
             }
         }
@@ -328,11 +282,13 @@ pub(crate) async fn run_child(
             StepResult {
                 status: StepStatus::Cancelled,
                 exit_code: None,
-                outputs,
+                outputs: BTreeMap::new(),
                 message: "cancelled".into(),
             }
         }
-    }
+    };
+    outputs.into_result(&mut result);
+    result
 }
 
 enum Ended {
@@ -358,17 +314,6 @@ impl GroupGuard {
 impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-fn floor_boundary(s: &str, mut i: usize) -> usize {
-    while i > 0 && !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    if i == 0 {
-        s.len()
-    } else {
-        i
     }
 }
 

@@ -15,7 +15,15 @@ use tokio::sync::oneshot;
 
 use super::Uplink;
 use crate::worker::jobs::book::{record_key, JobRecord, Next, INTERRUPTED, RECORD_PREFIX};
+use crate::worker::jobs::outputs;
 use crate::worker::jobs::step::{self, StepContext, StepResult};
+
+/// Event slots kept free of output chunks, so that every step and job end finds room.
+const CONTROL_RESERVE: usize = 1_024;
+/// A step starts only with this much room left (its end, a skip or two, the job's end).
+const START_RESERVE: usize = CONTROL_RESERVE + 64;
+/// The first chunk after some were dropped says so.
+const GAP_MARKER: &str = "[output lost: the agent's event backlog was full]\n";
 
 /// Every job the agent holds, and which are mid-transition.
 #[derive(Default)]
@@ -25,6 +33,10 @@ pub(crate) struct Jobs {
     busy: HashSet<String>,
     /// Running steps, by job: firing the sender kills the step.
     running: HashMap<String, oneshot::Sender<()>>,
+    /// A step waits for the event backlog to drain (acks resume it).
+    held_for_backlog: bool,
+    /// Output chunks were dropped for a full backlog, by (job, step): the next one says so.
+    gaps: HashSet<(String, usize)>,
 }
 
 impl Jobs {
@@ -71,6 +83,14 @@ impl Handler<StepChunk> for Uplink {
     type Result = ();
 
     fn handle(&mut self, msg: StepChunk, ctx: &mut Self::Context) {
+        // Output never takes the room that step and job ends need: past it, chunks are
+        // dropped and the next one that fits says so.
+        if !self.ep.outbound.has_room(CONTROL_RESERVE + 1) {
+            if self.jobs.gaps.insert((msg.job_id.clone(), msg.step)) {
+                tracing::warn!(job_id = %msg.job_id, step = msg.step, "output-dropped-backlog-full");
+            }
+            return;
+        }
         let Some(record) = self.jobs.records.get_mut(&msg.job_id) else {
             return;
         };
@@ -79,13 +99,36 @@ impl Handler<StepChunk> for Uplink {
         };
         let chunk = p.next_chunk;
         p.next_chunk += 1;
+        let data = if self.jobs.gaps.remove(&(msg.job_id.clone(), msg.step)) {
+            format!("{GAP_MARKER}{}", msg.data)
+        } else {
+            msg.data
+        };
         let event = EventBody::StepOutput {
             job_id: msg.job_id.clone(),
             step: msg.step as u32,
             chunk,
-            data: msg.data,
+            data,
         };
         self.emit(ctx, &msg.job_id, vec![event], false, |_, _| {});
+    }
+}
+
+/// A step ended. It comes through the mailbox after every chunk the step sent, so its
+/// `StepFinished` is numbered after all of its output.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct StepDone {
+    job_id: String,
+    step: usize,
+    result: StepResult,
+}
+
+impl Handler<StepDone> for Uplink {
+    type Result = ();
+
+    fn handle(&mut self, msg: StepDone, ctx: &mut Self::Context) {
+        self.step_done(ctx, &msg.job_id, msg.step, msg.result);
     }
 }
 
@@ -278,6 +321,12 @@ impl Uplink {
             Next::Start { .. } if !steps_allowed => {
                 tracing::info!(job_id = %job, "step-held-for-upgrade");
             }
+            Next::Start { .. } if !self.ep.outbound.has_room(START_RESERVE) => {
+                if !self.jobs.held_for_backlog {
+                    tracing::warn!(job_id = %job, "step-held-backlog-full");
+                }
+                self.jobs.held_for_backlog = true;
+            }
             Next::Start { step, attempt } => {
                 record.start(step, attempt);
                 let event = EventBody::StepStarted {
@@ -291,6 +340,14 @@ impl Uplink {
                     act.run_step(ctx, &j, step)
                 });
             }
+        }
+    }
+
+    /// Acks freed room in the event backlog: steps held for it may start.
+    pub(super) fn resume_after_acks(&mut self, ctx: &mut Context<Self>) {
+        if self.jobs.held_for_backlog && self.ep.outbound.has_room(START_RESERVE) {
+            self.jobs.held_for_backlog = false;
+            self.resume_held_jobs(ctx);
         }
     }
 
@@ -354,10 +411,19 @@ impl Uplink {
             };
             step::run(&spec, &step_ctx, chunk, killed).await
         };
+        let done = ctx.address();
         // Tied to the actor: if it dies, the step's process group is killed with the future.
+        // Its end goes through the mailbox, behind the step's last chunks.
         ctx.spawn(
-            run.into_actor(self)
-                .map(move |result, act, ctx| act.step_done(ctx, &job, step, result)),
+            async move {
+                let result = run.await;
+                done.do_send(StepDone {
+                    job_id: job,
+                    step,
+                    result,
+                });
+            }
+            .into_actor(self),
         );
     }
 
@@ -369,9 +435,12 @@ impl Uplink {
         result: StepResult,
     ) {
         self.jobs.running.remove(job_id);
+        self.jobs.gaps.remove(&(job_id.to_owned(), step));
         let Some(record) = self.jobs.records.get_mut(job_id) else {
             return;
         };
+        let mut result = result;
+        outputs::fit(&mut result);
         tracing::info!(job_id = %job_id, step, status = ?result.status, exit_code = ?result.exit_code, "step-finished");
         record.end(step, result.status);
         if let Some(p) = record.progress.get_mut(step) {

@@ -577,6 +577,7 @@ impl Uplink {
                     self.commit_then(ctx, ops, |_, _| {});
                     self.pump();
                     self.generate(ctx);
+                    self.resume_after_acks(ctx);
                     self.drive_upgrade(ctx);
                 }
             }

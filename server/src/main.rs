@@ -205,6 +205,8 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         heartbeat_timeout: cfg.server.heartbeat_timeout,
         max_handshakes: cfg.server.max_handshakes_in_flight,
         window: cfg.server.max_unacked,
+        retention: deployments::Retention::from_config(&cfg.retention),
+        prune_interval: cfg.retention.prune_interval,
     };
     match run::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -29,7 +29,7 @@ use crate::agents_api::{self, AgentAdmin, AgentsApiState};
 use crate::api::{self, ApiState};
 use crate::api_error::{not_found, not_found_for_agents, ApiError};
 use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
-use crate::deployments::{Deployments, DeploymentsError};
+use crate::deployments::{Deployments, DeploymentsError, Retention};
 use crate::health::JournalWatch;
 use crate::init;
 use crate::plugins::api::{self as plugins_api, PluginsAgentState, PluginsApiState};
@@ -89,6 +89,9 @@ pub struct RunOptions {
     pub heartbeat_timeout: Duration,
     pub max_handshakes: usize,
     pub window: u64,
+    /// How long finished deployments are kept, and how often they are pruned.
+    pub retention: Retention,
+    pub prune_interval: Duration,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -182,6 +185,18 @@ pub enum RunError {
         /// The underlying failure.
         source: io::Error,
     },
+}
+
+/// Prunes finished deployments under `policy` every `interval` (the first time at start).
+async fn prune_periodically(deployments: Arc<Deployments>, policy: Retention, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = deployments.prune(&policy).await {
+            tracing::warn!(error = %e, "deployments-prune-failed");
+        }
+    }
 }
 
 /// Runs the server until a stop signal; `Ok` after a clean shutdown.
@@ -420,7 +435,13 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         deployments: loaded.deployments.clone(),
         registry: loaded.registry.clone(),
         sessions: session_registry.clone(),
+        retention: opts.retention,
     });
+    actix_rt::spawn(prune_periodically(
+        loaded.deployments.clone(),
+        opts.retention,
+        opts.prune_interval,
+    ));
     let upgrades_state = web::Data::new(UpgradesApiState {
         token: loaded.token.clone(),
         upgrades: loaded.upgrades.clone(),

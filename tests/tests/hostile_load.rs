@@ -291,3 +291,86 @@ fn an_agent_flooding_output_is_capped_and_late_output_refused_while_others_finis
     );
     fleet.stop();
 }
+
+#[test]
+fn finished_work_is_pruned_on_both_ends_by_policy_and_on_demand() {
+    let dir = TestDir::new();
+    // The server keeps one finished deployment and prunes every second; the agent deletes a
+    // job's record and work directory as soon as the server has its end.
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            ("TETHER_RETENTION__KEEP_DEPLOYMENTS", "1"),
+            ("TETHER_RETENTION__PRUNE_INTERVAL_S", "1"),
+        ],
+    );
+    let mut agent = Agent::install_with(
+        &server,
+        dir.path(),
+        "keep-1",
+        &[],
+        &[("TETHER_AGENT__JOB_RETENTION_MS", "0")],
+    );
+    agent.run();
+    online(&server, &agent);
+    server.put_process(&json!({"name": "one", "steps": [
+        {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo kept"}}
+    ]}));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = server.deploy("one", json!({"agents": ["keep-1"]}), json!({}));
+        assert_eq!(server.wait_deployment(&id, WAIT)["status"], "succeeded");
+        // The agent's copy goes once the server acknowledged the job's end.
+        let work = agent.dir.join("work").join(format!("{id}-{}", agent.id));
+        eventually("the job's work directory pruned on the agent", WAIT, || {
+            (!work.exists()).then_some(())
+        });
+        ids.push(id);
+    }
+    // On the server, the policy leaves the newest one; the others and their logs are gone.
+    eventually("older deployments pruned", WAIT, || {
+        let list = server.request("GET", "/api/v1/deployments", None).json();
+        (list.as_array().map(Vec::len) == Some(1)).then_some(())
+    });
+    let newest = ids.last().unwrap();
+    assert_eq!(server.deployment(newest)["status"], "succeeded");
+    assert!(server.step_log(newest, "keep-1", "say").contains("kept"));
+    for old in &ids[..2] {
+        let r = server.request("GET", &format!("/api/v1/deployments/{old}"), None);
+        assert_eq!(r.status, 404, "{old}: {}", r.body);
+        let r = server.request(
+            "GET",
+            &format!("/api/v1/deployments/{old}/jobs/keep-1/steps/say/log"),
+            None,
+        );
+        assert_eq!(r.status, 404, "{old}'s log: {}", r.body);
+    }
+    // On demand, from the CLI: the last one goes too.
+    let cli = tether_tests::tether_cli::Tether::new(dir.path());
+    cli.login(&server);
+    let answer = cli.json(&["deployments", "prune", "--keep", "0"]);
+    assert_eq!(answer["kept"], 0, "{answer}");
+    assert_eq!(answer["pruned"], 1, "{answer}");
+    // A bad request changes nothing.
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments/prune",
+        Some(&json!({"keep": -1})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    // A deployment still running is never pruned, whatever the policy.
+    server.put_process(&json!({"name": "slow", "steps": [
+        {"name": "nap", "plugin": "shell", "step": "run", "properties": {"script": "sleep 3"}}
+    ]}));
+    let running = server.deploy("slow", json!({"agents": ["keep-1"]}), json!({}));
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments/prune",
+        Some(&json!({"keep": 0, "older_than_days": 0})),
+    );
+    assert_eq!(r.json()["kept"], 1, "{}", r.body);
+    assert_eq!(
+        server.wait_deployment(&running, WAIT)["status"],
+        "succeeded"
+    );
+}

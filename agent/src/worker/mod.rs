@@ -141,6 +141,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         artifact_cache: dir.join(jobs::fetch::CACHE_DIR),
         data_dir: dir.to_owned(),
         upgrade_drain_timeout: cfg.agent.upgrade_drain_timeout,
+        job_retention: cfg.agent.job_retention,
     });
     let beat_every = (cfg.agent.worker_beat_timeout / 3).max(Duration::from_millis(50));
     let budget = cfg.agent.worker_restart_budget;

@@ -33,6 +33,8 @@ pub struct DeploymentsApiState {
     pub registry: Arc<Registry>,
     /// The agents' links, to queue commands.
     pub sessions: Addr<SessionRegistry>,
+    /// The configured policy, for a prune that names none.
+    pub retention: super::Retention,
 }
 
 impl From<DeploymentsError> for ApiError {
@@ -62,6 +64,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(create_deployment))
             .route(web::get().to(list_deployments)),
     )
+    .service(resource("/api/v1/deployments/prune").route(web::post().to(prune)))
     .service(resource("/api/v1/deployments/{id}").route(web::get().to(get_deployment)))
     .service(resource("/api/v1/deployments/{id}/cancel").route(web::post().to(cancel)))
     .service(
@@ -253,6 +256,40 @@ pub async fn cancel_deployment(
         )));
     }
     Ok(remote.len())
+}
+
+/// The body of `POST /api/v1/deployments/prune`: what to keep, the configured policy for
+/// what is left out.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneRequest {
+    /// Prune deployments that ended more than this many days ago (0: any age).
+    older_than_days: Option<u64>,
+    /// Keep at most this many finished deployments.
+    keep: Option<usize>,
+}
+
+async fn prune(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<DeploymentsApiState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let ask: PruneRequest = if body.is_empty() {
+        PruneRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let mut policy = state.retention;
+    if let Some(days) = ask.older_than_days {
+        policy.max_age_ms = Some(days.saturating_mul(86_400_000));
+    }
+    if let Some(keep) = ask.keep {
+        policy.keep_deployments = keep;
+    }
+    let pruned = state.deployments.prune(&policy).await?;
+    let kept = state.deployments.with_state(|s| s.deployments.len());
+    Ok(HttpResponse::Ok().json(json!({"pruned": pruned, "kept": kept})))
 }
 
 /// `?offset=N`: the log from byte `N` of its masked text on (what a follower already has).

@@ -35,6 +35,7 @@ use tether_shared::protocol::{CommandBody, EventBody};
 
 use crate::registry::{now_unix_ms, AgentRecord};
 use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
+pub use state::Retention;
 use state::{deployment_op, job_op, process_op, Effect, State};
 use validate::{BuiltInsOnly, Catalog, NewProcess};
 
@@ -42,6 +43,8 @@ use validate::{BuiltInsOnly, Catalog, NewProcess};
 pub const DEFAULT_MAX_RUNNING_PER_AGENT: usize = 4;
 /// Most targets of one deployment.
 const MAX_TARGETS: usize = 10_000;
+/// Deployments deleted per journal commit when pruning.
+const PRUNE_BATCH: usize = 64;
 
 /// Why a deployment operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -386,6 +389,30 @@ impl Deployments {
             });
             references && state.jobs.contains_key(&format!("{}-{agent_id}", d.id))
         })
+    }
+
+    /// Prunes final deployments under `policy` (their jobs and logs with them), committed in
+    /// batches before each leaves memory; answers how many went.
+    pub async fn prune(&self, policy: &Retention) -> Result<usize, DeploymentsError> {
+        let _guard = self.changes.lock().await;
+        let ids = self.read().prunable(policy, now_unix_ms());
+        let mut pruned = 0;
+        for chunk in ids.chunks(PRUNE_BATCH) {
+            let ops: Vec<Op> = {
+                let s = self.read();
+                chunk.iter().flat_map(|id| s.prune_ops(id)).collect()
+            };
+            self.journal.commit(ops).await?;
+            let mut s = self.write();
+            for id in chunk {
+                s.forget(id);
+            }
+            pruned += chunk.len();
+        }
+        if pruned > 0 {
+            tracing::info!(pruned, "deployments-pruned");
+        }
+        Ok(pruned)
     }
 
     /// Reads a consistent snapshot with `f`.

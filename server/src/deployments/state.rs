@@ -46,6 +46,25 @@ pub struct Effect {
     pub output_truncated: bool,
 }
 
+/// How long finished deployments are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Deployments that ended longer ago than this are pruned (`None`: kept whatever their age).
+    pub max_age_ms: Option<u64>,
+    /// At most this many finished deployments are kept; the oldest go first.
+    pub keep_deployments: usize,
+}
+
+impl Retention {
+    /// The policy of the `[retention]` config section.
+    pub fn from_config(c: &tether_shared::config::Retention) -> Self {
+        Retention {
+            max_age_ms: (c.keep_days > 0).then(|| c.keep_days.saturating_mul(86_400_000)),
+            keep_deployments: usize::try_from(c.keep_deployments).unwrap_or(usize::MAX),
+        }
+    }
+}
+
 /// The meta key counting the output of step `step` of `job_id`.
 pub fn output_len_key(job_id: &str, step: u32) -> String {
     format!("{OUTPUT_LEN_PREFIX}{job_id}/{step}")
@@ -340,6 +359,79 @@ impl State {
             }
         }
         (ops, remote)
+    }
+
+    /// Final deployments to prune under `policy` at `now_ms`, oldest end first: every one that
+    /// ended before the age limit, then the oldest beyond the count limit. A deployment with
+    /// a job not final is never pruned.
+    pub fn prunable(&self, policy: &Retention, now_ms: u64) -> Vec<String> {
+        let mut ended: Vec<(u64, &str)> = self
+            .deployments
+            .values()
+            .filter_map(|d| {
+                let mut end = d.created_unix_ms;
+                for j in self.jobs_of(d) {
+                    if !j.status.is_final() {
+                        return None;
+                    }
+                    end = end.max(j.finished_unix_ms.unwrap_or(0));
+                }
+                Some((end, d.id.as_str()))
+            })
+            .collect();
+        ended.sort_unstable();
+        let over_count = ended.len().saturating_sub(policy.keep_deployments);
+        let cutoff = policy
+            .max_age_ms
+            .map_or(0, |age| now_ms.saturating_sub(age));
+        ended
+            .iter()
+            .enumerate()
+            .take_while(|(i, (end, _))| *i < over_count || *end < cutoff)
+            .map(|(_, (_, id))| (*id).to_owned())
+            .collect()
+    }
+
+    /// The ops deleting deployment `id`, its jobs and their logs (nothing changes in memory:
+    /// call [`State::forget`] once they are durable).
+    pub fn prune_ops(&self, id: &str) -> Vec<Op> {
+        let Some(d) = self.deployments.get(id) else {
+            return Vec::new();
+        };
+        let mut ops = vec![Op::DeleteMeta {
+            key: format!("{DEPLOYMENT_PREFIX}{id}"),
+        }];
+        for job in self.jobs_of(d) {
+            ops.push(Op::DeleteMeta {
+                key: format!("{JOB_PREFIX}{}", job.job_id),
+            });
+            for step in 0..job.steps.len() as u32 {
+                if let Some(log) = step_log(&job.job_id, step) {
+                    ops.push(Op::TruncateThrough {
+                        log,
+                        upto: Seq::MAX_VALID,
+                    });
+                }
+                ops.push(Op::DeleteMeta {
+                    key: output_len_key(&job.job_id, step),
+                });
+            }
+        }
+        ops
+    }
+
+    /// Drops deployment `id` and its jobs from memory (after [`State::prune_ops`] committed).
+    pub fn forget(&mut self, id: &str) {
+        if let Some(d) = self.deployments.remove(id) {
+            for a in &d.agents {
+                let job_id = format!("{}-{a}", d.id);
+                if let Some(job) = self.jobs.remove(&job_id) {
+                    for step in 0..job.steps.len() as u32 {
+                        self.output_bytes.remove(&output_len_key(&job_id, step));
+                    }
+                }
+            }
+        }
     }
 
     /// The jobs of a deployment, in its agent order.

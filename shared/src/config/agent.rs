@@ -44,6 +44,8 @@ pub struct RawAgentSection {
     pub upgrade_healthy_after_ms: i64,
     /// How long a swapped-in worker has to become healthy before it is rolled back.
     pub upgrade_trial_timeout_ms: i64,
+    /// How long a finished job's record and work directory stay once the server has its end.
+    pub job_retention_ms: i64,
 }
 
 impl Default for RawAgentSection {
@@ -60,6 +62,7 @@ impl Default for RawAgentSection {
             upgrade_drain_timeout_ms: 600_000,
             upgrade_healthy_after_ms: 10_000,
             upgrade_trial_timeout_ms: 60_000,
+            job_retention_ms: 86_400_000,
         }
     }
 }
@@ -118,6 +121,9 @@ pub struct AgentSection {
         serialize_with = "serialize_millis"
     )]
     pub upgrade_trial_timeout: Duration,
+    /// How long a finished job's record and work directory stay once the server has its end.
+    #[serde(rename = "job_retention_ms", serialize_with = "serialize_millis")]
+    pub job_retention: Duration,
 }
 
 impl RawConfig for RawAgentConfig {
@@ -215,6 +221,12 @@ impl RawConfig for RawAgentConfig {
                 );
             }
         }
+        let retention = p.millis(
+            "agent.job_retention_ms",
+            a.job_retention_ms,
+            0,
+            30 * 86_400_000,
+        );
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -231,6 +243,7 @@ impl RawConfig for RawAgentConfig {
                     upgrade_drain_timeout: drain?,
                     upgrade_healthy_after: healthy?,
                     upgrade_trial_timeout: trial?,
+                    job_retention: retention?,
                 },
                 log: LogConfig { level: level? },
             })

@@ -32,7 +32,8 @@ pub use relay::{
 };
 pub use secret::Secret;
 pub use server::{
-    RawServerConfig, RawServerListen, RawServerSection, ServerConfig, ServerListen, ServerSection,
+    RawServerConfig, RawServerListen, RawServerSection, Retention, ServerConfig, ServerListen,
+    ServerSection,
 };
 
 /// Directory searched for `<role>.toml` when neither `--config-dir` nor `TETHER_CONFIG_DIR` is set.
@@ -288,6 +289,10 @@ fn serialize_millis<S: serde::Serializer>(
     s: S,
 ) -> Result<S::Ok, S::Error> {
     s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn serialize_secs<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 /// What a binary does with its configuration before anything else.

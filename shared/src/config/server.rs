@@ -17,8 +17,43 @@ pub struct RawServerConfig {
     pub server: RawServerSection,
     /// Listening addresses.
     pub listen: RawServerListen,
+    /// How long finished deployments are kept.
+    pub retention: RawRetention,
     /// Log filter.
     pub log: LogConfig,
+}
+
+/// `[retention]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawRetention {
+    /// Finished deployments (jobs and logs with them) are pruned this many days after they
+    /// ended; 0 keeps them whatever their age.
+    pub keep_days: i64,
+    /// At most this many finished deployments are kept; the oldest are pruned first.
+    pub keep_deployments: i64,
+    /// How often the server prunes by itself.
+    pub prune_interval_s: i64,
+}
+
+impl Default for RawRetention {
+    fn default() -> Self {
+        Self {
+            keep_days: 90,
+            keep_deployments: 10_000,
+            prune_interval_s: 3_600,
+        }
+    }
+}
+
+/// `[retention]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Retention {
+    /// 0: no age limit.
+    pub keep_days: u64,
+    pub keep_deployments: u64,
+    #[serde(rename = "prune_interval_s", serialize_with = "super::serialize_secs")]
+    pub prune_interval: Duration,
 }
 
 /// `[server]` as written.
@@ -75,6 +110,8 @@ pub struct ServerConfig {
     pub server: ServerSection,
     /// Listening addresses.
     pub listen: ServerListen,
+    /// How long finished deployments are kept.
+    pub retention: Retention,
     /// Log filter.
     pub log: LogConfig,
 }
@@ -155,6 +192,15 @@ impl RawConfig for RawServerConfig {
                 );
             }
         }
+        let r = &self.retention;
+        let keep_days = p.count("retention.keep_days", r.keep_days, 0, 36_500);
+        let keep_deployments = p.count(
+            "retention.keep_deployments",
+            r.keep_deployments,
+            0,
+            10_000_000,
+        );
+        let prune_interval = p.count("retention.prune_interval_s", r.prune_interval_s, 1, 86_400);
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -169,6 +215,11 @@ impl RawConfig for RawServerConfig {
                 listen: ServerListen {
                     https: https?,
                     wss: wss?,
+                },
+                retention: Retention {
+                    keep_days: keep_days?,
+                    keep_deployments: keep_deployments?,
+                    prune_interval: Duration::from_secs(prune_interval?),
                 },
                 log: LogConfig { level: level? },
             })

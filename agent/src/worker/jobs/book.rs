@@ -50,6 +50,12 @@ pub struct JobRecord {
     pub cancel: bool,
     /// Set once `JobFinished` is journaled.
     pub finished: Option<JobStatus>,
+    /// The seq of that `JobFinished` event, and when it was journaled (Unix ms): once the
+    /// server acknowledged it and the retention passed, the record and work directory go.
+    #[serde(default)]
+    pub end_seq: u64,
+    #[serde(default)]
+    pub finished_unix_ms: u64,
 }
 
 /// What the runner does next with a job.
@@ -81,7 +87,18 @@ impl JobRecord {
             progress,
             cancel: false,
             finished: None,
+            end_seq: 0,
+            finished_unix_ms: 0,
         }
+    }
+
+    /// Whether the record may go: finished, its end acknowledged (`acked`), and ended at least
+    /// `retention_ms` before `now_ms`. (A record from before `end_seq` was kept has 0 for both,
+    /// and goes.)
+    pub fn prunable(&self, acked: u64, now_ms: u64, retention_ms: u64) -> bool {
+        self.finished.is_some()
+            && self.end_seq <= acked
+            && now_ms.saturating_sub(self.finished_unix_ms) >= retention_ms
     }
 
     pub fn next(&self) -> Next {
@@ -267,6 +284,18 @@ mod tests {
                 status: JobStatus::Failed
             }
         );
+    }
+
+    #[test]
+    fn a_record_goes_once_finished_acknowledged_and_old_enough() {
+        let mut j = JobRecord::new("j".into(), "d".into(), vec![step("a", OnInterrupt::Fail)]);
+        assert!(!j.prunable(u64::MAX, u64::MAX, 0), "not finished");
+        j.finished = Some(JobStatus::Succeeded);
+        j.end_seq = 10;
+        j.finished_unix_ms = 1_000;
+        assert!(!j.prunable(9, 5_000, 1_000), "its end not acknowledged");
+        assert!(!j.prunable(10, 1_500, 1_000), "too recent");
+        assert!(j.prunable(10, 2_000, 1_000));
     }
 
     #[test]

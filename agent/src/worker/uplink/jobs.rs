@@ -22,11 +22,13 @@ use crate::worker::jobs::step::{self, StepContext, StepResult};
 const CONTROL_RESERVE: usize = 1_024;
 /// A step starts only with this much room left (its end, a skip or two, the job's end).
 const START_RESERVE: usize = CONTROL_RESERVE + 64;
+/// How often finished jobs are looked at for pruning, and most pruned at once.
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const PRUNE_BATCH: usize = 256;
 /// The first chunk after some were dropped says so.
 const GAP_MARKER: &str = "[output lost: the agent's event backlog was full]\n";
 
 /// Every job the agent holds, and which are mid-transition.
-#[derive(Default)]
 pub(crate) struct Jobs {
     records: BTreeMap<String, JobRecord>,
     /// A commit for the job is in flight: its next transition waits.
@@ -37,6 +39,21 @@ pub(crate) struct Jobs {
     held_for_backlog: bool,
     /// Output chunks were dropped for a full backlog, by (job, step): the next one says so.
     gaps: HashSet<(String, usize)>,
+    /// When finished jobs were last looked at for pruning.
+    last_prune: std::time::Instant,
+}
+
+impl Default for Jobs {
+    fn default() -> Self {
+        Jobs {
+            records: BTreeMap::new(),
+            busy: HashSet::new(),
+            running: HashMap::new(),
+            held_for_backlog: false,
+            gaps: HashSet::new(),
+            last_prune: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Jobs {
@@ -55,6 +72,14 @@ impl Jobs {
             records,
             ..Jobs::default()
         })
+    }
+
+    /// `JobFinished` of `job_id` was numbered `seq`.
+    fn mark_end(&mut self, job_id: &str, seq: Seq) {
+        if let Some(r) = self.records.get_mut(job_id) {
+            r.end_seq = seq.0;
+            r.finished_unix_ms = crate::worker::uplink::now_ms();
+        }
     }
 
     /// Steps running now, or whose start is being journaled (the drain waits for them).
@@ -181,11 +206,12 @@ impl Uplink {
         let mut record = JobRecord::new(job_id.clone(), deployment_id, Vec::new());
         record.finished = Some(JobStatus::Expired);
         self.jobs.records.insert(job_id.clone(), record);
-        ops.extend(self.record_op(&job_id));
         let (seq, op) = self.event_op(EventBody::JobFinished {
-            job_id,
+            job_id: job_id.clone(),
             status: JobStatus::Expired,
         })?;
+        self.jobs.mark_end(&job_id, seq);
+        ops.extend(self.record_op(&job_id));
         ops.push(op);
         Some(seq)
     }
@@ -247,10 +273,14 @@ impl Uplink {
         let mut ops = Vec::new();
         let mut last = None;
         for e in events {
+            let ends_job = matches!(e, EventBody::JobFinished { .. });
             match self.event_op(e) {
                 Some((seq, op)) => {
                     ops.push(op);
                     last = Some(seq);
+                    if ends_job {
+                        self.jobs.mark_end(job_id, seq);
+                    }
                 }
                 None => tracing::error!(job_id = %job_id, "event-backlog-full"),
             }
@@ -341,6 +371,53 @@ impl Uplink {
                 });
             }
         }
+    }
+
+    /// Deletes the records and work directories of jobs whose end the server acknowledged
+    /// longer ago than the retention (checked at most every [`PRUNE_EVERY`]).
+    pub(super) fn prune_jobs(&mut self, ctx: &mut Context<Self>) {
+        if self.jobs.last_prune.elapsed() < PRUNE_EVERY {
+            return;
+        }
+        self.jobs.last_prune = std::time::Instant::now();
+        let (acked, now) = (self.ep.outbound.acked().0, super::now_ms());
+        let retention = u64::try_from(self.cfg.job_retention.as_millis()).unwrap_or(u64::MAX);
+        let gone: Vec<String> = self
+            .jobs
+            .records
+            .values()
+            .filter(|r| !self.jobs.busy.contains(&r.job_id))
+            .filter(|r| r.prunable(acked, now, retention))
+            .map(|r| r.job_id.clone())
+            .take(PRUNE_BATCH)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let ops = gone
+            .iter()
+            .map(|id| Op::DeleteMeta {
+                key: record_key(id),
+            })
+            .collect();
+        let dirs: Vec<_> = gone.iter().map(|id| self.cfg.work_dir.join(id)).collect();
+        for id in &gone {
+            self.jobs.records.remove(id);
+        }
+        tracing::info!(jobs = gone.len(), "finished-jobs-pruned");
+        // The directories go once the records are durably gone (a crash in between leaves a
+        // directory without a record, never a record without its directory).
+        self.commit_then(ctx, ops, move |_, _| {
+            std::thread::spawn(move || {
+                for dir in dirs {
+                    if let Err(e) = std::fs::remove_dir_all(&dir) {
+                        if e.kind() != std::io::ErrorKind::NotFound {
+                            tracing::warn!(dir = %dir.display(), error = %e, "work-dir-not-removed");
+                        }
+                    }
+                }
+            });
+        });
     }
 
     /// Acks freed room in the event backlog: steps held for it may start.

@@ -90,6 +90,8 @@ pub struct UplinkConfig {
     pub data_dir: std::path::PathBuf,
     /// How long an upgrade waits for running steps before it is abandoned.
     pub upgrade_drain_timeout: Duration,
+    /// How long a finished job's record and work directory stay once its end is acknowledged.
+    pub job_retention: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,7 +140,7 @@ pub struct Uplink {
     upgrade_stop: Arc<AtomicBool>,
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -679,6 +681,7 @@ impl Actor for Uplink {
             act.ep.outbound.on_tick(now_ms());
             act.pump();
             act.drive_upgrade(ctx);
+            act.prune_jobs(ctx);
         });
         let hb = self.heartbeat;
         ctx.run_interval(hb.min(Duration::from_secs(1)), |act, ctx| act.beat(ctx));

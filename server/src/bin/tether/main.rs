@@ -342,6 +342,16 @@ enum DeploymentsCommand {
         /// The deployment id.
         id: String,
     },
+    /// Delete finished deployments now (their jobs and logs with them); without options, by
+    /// the server's `[retention]` policy. Deployments still running are never pruned.
+    Prune {
+        /// Those that ended more than DAYS days ago (0: any age).
+        #[arg(long, value_name = "DAYS")]
+        older_than: Option<u64>,
+        /// Keep at most N finished deployments, the newest.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+    },
 }
 
 /// `KEY=VALUE`, with a non-empty key.
@@ -469,6 +479,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Some(DeploymentsCommand::Show { id }) => deployments::show(&connect()?, &id, json),
             Some(DeploymentsCommand::Cancel { id }) => deployments::cancel(&connect()?, &id, json),
             Some(DeploymentsCommand::Wait { id }) => deploy::wait(&connect()?, &id, json),
+            Some(DeploymentsCommand::Prune { older_than, keep }) => {
+                deployments::prune(&connect()?, older_than, keep, json)
+            }
         },
         Command::Logs { id, agent, step } => {
             deployments::logs(&connect()?, &id, &agent, &step, json)

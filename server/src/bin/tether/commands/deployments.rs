@@ -100,6 +100,35 @@ pub fn cancel(client: &Client, id: &str, json: bool) -> Result<ExitCode, CliErro
     Ok(ExitCode::SUCCESS)
 }
 
+/// Prunes finished deployments (by the server's policy where an option is left out).
+pub fn prune(
+    client: &Client,
+    older_than_days: Option<u64>,
+    keep: Option<usize>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let mut body = serde_json::Map::new();
+    if let Some(days) = older_than_days {
+        body.insert("older_than_days".into(), days.into());
+    }
+    if let Some(keep) = keep {
+        body.insert("keep".into(), keep.into());
+    }
+    let answer = client
+        .post_json("/api/v1/deployments/prune", Some(&body.into()))
+        .about(|| "prune".to_owned())?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!(
+            "pruned {} finished deployment(s); {} kept",
+            cell(&answer["pruned"]),
+            cell(&answer["kept"])
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The log of one step of one agent's job.
 pub fn logs(
     client: &Client,

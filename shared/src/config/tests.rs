@@ -194,6 +194,7 @@ fn every_problem_is_reported_at_once() {
         log: LogConfig {
             level: "info,=[".into(),
         },
+        ..RawServerConfig::default()
     };
     let found = problems(raw.validate().unwrap_err());
     assert_eq!(found.len(), 4, "{found:#?}");

@@ -20,6 +20,7 @@ use serde::Serialize;
 use tether_shared::config::RelayConfig;
 use tether_shared::enroll::{Upstream as UpstreamUrl, WS_PATH};
 use tether_shared::frame_guard::FrameGuard;
+use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::{write_file_atomic, Identity};
 use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
 use tether_shared::protocol::MAX_FRAME_BYTES;
@@ -191,30 +192,33 @@ async fn serve(
     let upstream_data = web::Data::new(upstream.clone());
     let down_data = web::Data::new(down_cfg);
     let bulk_data = bulk.clone();
-    let downstream = HttpServer::new(move || {
-        App::new()
-            .app_data(upstream_data.clone())
-            .app_data(down_data.clone())
-            .app_data(bulk_data.clone())
-            .route(WS_PATH, web::get().to(agent_ws))
-            .route(RELAY_WS_PATH, web::get().to(child_ws))
-            .configure(bulk::configure)
-    })
-    .client_request_timeout(Duration::from_secs(10))
-    .tls_handshake_timeout(Duration::from_secs(10))
-    .keep_alive(Duration::from_secs(30))
-    .max_connection_rate(256)
-    .max_connections(50_000)
-    .backlog(4096)
-    .tcp_nodelay(true)
-    .shutdown_timeout(2)
-    .disable_signals()
-    .bind_rustls_0_23(cfg.listen.downstream, server_tls)
-    .map_err(|source| RunError::Bind {
-        listener: "downstream",
-        addr: cfg.listen.downstream,
-        source,
-    })?;
+    // HTTP/1.1 only (see `tether_shared::h1_tls`).
+    let limits = Limits {
+        tls_handshake_timeout: Duration::from_secs(10),
+        client_request_timeout: Duration::from_secs(10),
+        client_disconnect_timeout: Duration::from_secs(2),
+        keep_alive: Duration::from_secs(30),
+        max_tls_handshakes_per_worker: 256,
+        max_connections_per_worker: 50_000,
+        backlog: 4096,
+        shutdown_timeout_s: 2,
+        workers: None,
+    };
+    let (downstream, downstream_addr) =
+        h1_tls::bind(cfg.listen.downstream, server_tls, &limits, move || {
+            App::new()
+                .app_data(upstream_data.clone())
+                .app_data(down_data.clone())
+                .app_data(bulk_data.clone())
+                .route(WS_PATH, web::get().to(agent_ws))
+                .route(RELAY_WS_PATH, web::get().to(child_ws))
+                .configure(bulk::configure)
+        })
+        .map_err(|source| RunError::Bind {
+            listener: "downstream",
+            addr: cfg.listen.downstream,
+            source,
+        })?;
     let admin_state = web::Data::new(AdminState {
         relay_id: state.relay_id.clone(),
         name: state.name.clone(),
@@ -240,10 +244,10 @@ async fn serve(
     let first =
         |addrs: Vec<SocketAddr>, fallback: SocketAddr| addrs.first().copied().unwrap_or(fallback);
     let ports = Ports {
-        downstream: first(downstream.addrs(), cfg.listen.downstream),
+        downstream: downstream_addr,
         admin: first(admin.addrs(), cfg.listen.admin),
     };
-    let (downstream, admin) = (downstream.run(), admin.run());
+    let admin = admin.run();
     let (down_handle, admin_handle) = (downstream.handle(), admin.handle());
     let ports_path = dir.join(PORTS_FILE);
     let text = serde_json::to_vec(&ports).unwrap_or_default();

@@ -30,6 +30,7 @@ mod agents_api;
 mod api;
 mod api_error;
 mod artifacts;
+mod body_deadline;
 mod deployments;
 mod health;
 mod init;

@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use actix::Actor;
 use actix_rt::signal::unix::{signal, SignalKind};
-use actix_web::{web, App, HttpServer};
+use actix_web::{web, App};
+use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::{Identity, IdentityError};
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
 use tether_shared::tls::{self, Ca, ReloadableCert, TlsError};
@@ -374,22 +375,19 @@ async fn watch_certificate(dir: PathBuf, cert: Arc<ReloadableCert>, pem: Arc<RwL
 
 /// Applies the limits every listener shares (see the constants above); stop signals are handled
 /// by [`serve`] for both listeners at once.
-macro_rules! with_limits {
-    ($server:expr) => {
-        $server
-            .client_request_timeout(CLIENT_REQUEST_TIMEOUT)
-            .tls_handshake_timeout(TLS_HANDSHAKE_TIMEOUT)
-            .client_disconnect_timeout(CLIENT_DISCONNECT_TIMEOUT)
-            .keep_alive(KEEP_ALIVE)
-            .max_connection_rate(MAX_TLS_HANDSHAKES_PER_WORKER)
-            .max_connections(MAX_CONNECTIONS_PER_WORKER)
-            .backlog(LISTEN_BACKLOG)
-            .shutdown_timeout(SHUTDOWN_TIMEOUT_S)
-            // Small frames (acks, events) go out at once: Nagle plus delayed ACKs would add up
-            // to 40 ms to every round trip of the message streams.
-            .tcp_nodelay(true)
-            .disable_signals()
-    };
+/// The limits of both listeners (HTTP/1.1 only: see `tether_shared::h1_tls`).
+fn listener_limits() -> Limits {
+    Limits {
+        tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+        client_request_timeout: CLIENT_REQUEST_TIMEOUT,
+        client_disconnect_timeout: CLIENT_DISCONNECT_TIMEOUT,
+        keep_alive: KEEP_ALIVE,
+        max_tls_handshakes_per_worker: MAX_TLS_HANDSHAKES_PER_WORKER,
+        max_connections_per_worker: MAX_CONNECTIONS_PER_WORKER,
+        backlog: LISTEN_BACKLOG,
+        shutdown_timeout_s: SHUTDOWN_TIMEOUT_S,
+        workers: None,
+    }
 }
 
 /// Starts the actors and both listeners inside the actix system: HTTPS (`listen.https`: REST,
@@ -539,42 +537,49 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
 
     let (json_https, payload_https) = (json.clone(), payload.clone());
     let bearer = web::Data::new(api_state.token.clone());
-    let https = with_limits!(HttpServer::new(move || {
+    let limits = listener_limits();
+    let (https, https_addr) =
+        h1_tls::bind(opts.listen_https, server_tls.clone(), &limits, move || {
+            App::new()
+                .wrap(actix_web::middleware::from_fn(
+                    crate::admin_token::bearer_before_body,
+                ))
+                .wrap(actix_web::middleware::from_fn(
+                    crate::body_deadline::body_deadline,
+                ))
+                .app_data(bearer.clone())
+                .app_data(admin_state.clone())
+                .app_data(api_state.clone())
+                .app_data(json_https.clone())
+                .app_data(payload_https.clone())
+                .app_data(probe_state.clone())
+                .app_data(deployments_state.clone())
+                .app_data(plugins_state.clone())
+                .app_data(upgrades_state.clone())
+                .app_data(agents_api_state.clone())
+                .app_data(web_state.clone())
+                .configure(admin::configure)
+                .configure(api::configure)
+                .configure(deployments_api::configure)
+                .configure(crate::artifacts::configure_api(artifacts.clone()))
+                .configure(plugins_api::configure_api)
+                .configure(upgrades_api::configure_api)
+                .configure(session::routes::configure_api)
+                .configure(agents_api::configure)
+                .configure(crate::users_api::configure)
+                .configure(crate::web::configure)
+                .default_service(web::to(not_found))
+        })
+        .map_err(|source| RunError::Bind {
+            listener: "https",
+            addr: opts.listen_https,
+            source,
+        })?;
+    let (wss, wss_addr) = h1_tls::bind(opts.listen_wss, server_tls, &limits, move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(
-                crate::admin_token::bearer_before_body,
+                crate::body_deadline::body_deadline,
             ))
-            .app_data(bearer.clone())
-            .app_data(admin_state.clone())
-            .app_data(api_state.clone())
-            .app_data(json_https.clone())
-            .app_data(payload_https.clone())
-            .app_data(probe_state.clone())
-            .app_data(deployments_state.clone())
-            .app_data(plugins_state.clone())
-            .app_data(upgrades_state.clone())
-            .app_data(agents_api_state.clone())
-            .app_data(web_state.clone())
-            .configure(admin::configure)
-            .configure(api::configure)
-            .configure(deployments_api::configure)
-            .configure(crate::artifacts::configure_api(artifacts.clone()))
-            .configure(plugins_api::configure_api)
-            .configure(upgrades_api::configure_api)
-            .configure(session::routes::configure_api)
-            .configure(agents_api::configure)
-            .configure(crate::users_api::configure)
-            .configure(crate::web::configure)
-            .default_service(web::to(not_found))
-    }))
-    .bind_rustls_0_23(opts.listen_https, server_tls.clone())
-    .map_err(|source| RunError::Bind {
-        listener: "https",
-        addr: opts.listen_https,
-        source,
-    })?;
-    let wss = with_limits!(HttpServer::new(move || {
-        App::new()
             .app_data(surface_state.clone())
             .app_data(json.clone())
             .app_data(payload.clone())
@@ -588,26 +593,16 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .configure(upgrades_api::configure_agent_surface)
             .configure(session::routes::configure_agent_surface)
             .default_service(web::to(not_found_for_agents))
-    }))
-    .bind_rustls_0_23(opts.listen_wss, server_tls)
+    })
     .map_err(|source| RunError::Bind {
         listener: "wss",
         addr: opts.listen_wss,
         source,
     })?;
-    let bound = |addrs: Vec<SocketAddr>, listener: &'static str, addr: SocketAddr| {
-        addrs.first().copied().ok_or_else(|| RunError::Bind {
-            listener,
-            addr,
-            source: io::Error::new(io::ErrorKind::AddrNotAvailable, "no address was bound"),
-        })
-    };
     let ports = Ports {
-        https: bound(https.addrs(), "https", opts.listen_https)?,
-        wss: bound(wss.addrs(), "wss", opts.listen_wss)?,
+        https: https_addr,
+        wss: wss_addr,
     };
-
-    let (https, wss) = (https.run(), wss.run());
     let (https_handle, wss_handle) = (https.handle(), wss.handle());
     let ports_path = dir.join(ports::PORTS_FILE);
     if let Err(source) = ports.write(dir) {

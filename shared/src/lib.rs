@@ -25,6 +25,7 @@ pub mod backoff;
 pub mod config;
 pub mod enroll;
 pub mod frame_guard;
+pub mod h1_tls;
 pub mod https;
 pub mod identity;
 pub mod journal;

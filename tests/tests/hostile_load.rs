@@ -374,3 +374,105 @@ fn finished_work_is_pruned_on_both_ends_by_policy_and_on_demand() {
         "succeeded"
     );
 }
+
+/// The ALPN protocol `addr` agrees to when offered `protocols`; `Err` if the handshake fails.
+fn negotiated(
+    server: &Server,
+    addr: std::net::SocketAddr,
+    protocols: &[&[u8]],
+) -> Result<Option<Vec<u8>>, String> {
+    use std::io::Write;
+    let mut config = (*server.tls()).clone();
+    config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
+        .map_err(|e| e.to_string())?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    // Writing drives the handshake to its end (or its failure).
+    tls.write_all(b"GET /admin/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .and_then(|()| tls.flush())
+        .map_err(|e| e.to_string())?;
+    Ok(tls.conn.alpn_protocol().map(<[u8]>::to_vec))
+}
+
+#[test]
+fn alpn_is_pinned_to_http_1_1_on_both_listeners() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    for (name, addr) in [("https", server.https), ("wss", server.wss)] {
+        // A browser offers both and gets HTTP/1.1 (HTTP/2 would allow unbounded streams).
+        assert_eq!(
+            negotiated(&server, addr, &[b"h2", b"http/1.1"]),
+            Ok(Some(b"http/1.1".to_vec())),
+            "{name}"
+        );
+        // A client that speaks only HTTP/2 is refused at the handshake.
+        assert!(
+            negotiated(&server, addr, &[b"h2"]).is_err(),
+            "{name}: h2 alone was accepted"
+        );
+        // The control: no ALPN at all is plain HTTP/1.1, as curl --http1.1 sends it.
+        assert_eq!(negotiated(&server, addr, &[]), Ok(None), "{name}");
+    }
+}
+
+/// Sends `head` over TLS to `addr`, then a byte of body every 2 s; answers how long until the
+/// server ended the exchange (a status line or a close), `None` if it never did within 60 s.
+fn trickle(server: &Server, addr: std::net::SocketAddr, head: &str) -> Option<std::time::Duration> {
+    use std::io::{Read, Write};
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    let conn =
+        rustls::ClientConnection::new(server.tls(), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let started = std::time::Instant::now();
+    tls.write_all(head.as_bytes()).unwrap();
+    tls.flush().unwrap();
+    let mut byte = [0u8; 1];
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        match tls.read(&mut byte) {
+            Ok(_) => return Some(started.elapsed()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return Some(started.elapsed()),
+        }
+        if tls.write_all(b"{").and_then(|()| tls.flush()).is_err() {
+            return Some(started.elapsed());
+        }
+    }
+    None
+}
+
+#[test]
+fn a_body_trickled_a_byte_at_a_time_is_cut_on_both_listeners() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let api = format!(
+        "POST /api/v1/processes HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.admin_token
+    );
+    let enroll = "POST /agent/v1/enroll HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    for (name, addr, head) in [
+        ("https", server.https, api.as_str()),
+        ("wss", server.wss, enroll),
+    ] {
+        let cut = trickle(&server, addr, head);
+        eprintln!("{name}: a trickled body was cut after {cut:?}");
+        // 10 s of grace (the floor is 16 KiB/s after it); it used to last 75 s and 45 s.
+        assert!(
+            cut.is_some_and(|d| d < std::time::Duration::from_secs(25)),
+            "{name}: {cut:?}"
+        );
+    }
+    // Nothing was created; the control: the same request, sent whole, works.
+    assert_eq!(
+        server.request("GET", "/api/v1/processes", None).json(),
+        json!([])
+    );
+    server.put_process(&json!({"name": "whole", "steps": [
+        {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo hi"}}
+    ]}));
+}

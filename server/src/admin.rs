@@ -110,6 +110,10 @@ impl AdminState {
             relay_links: relays,
             certificates: CertificateExpiry::of_data_dir(&self.data_dir),
             deployments: self.shared.deployments.health(),
+            storage: crate::health::StorageHealth {
+                free_bytes: tether_shared::storage::free_bytes(&self.data_dir).ok(),
+                failed: self.shared.journal.observe().poisoned,
+            },
         }
     }
 }

@@ -41,6 +41,10 @@ pub enum ApiError {
     /// The journal refused the change; nothing changed (details are logged, not answered).
     #[error("storage unavailable, nothing was changed; retry later")]
     Unavailable,
+    /// The server's disk is full: nothing changed, and nothing will until space is freed (the
+    /// server then starts over by itself).
+    #[error("the server's disk is full: nothing was changed; retry once space is freed (GET /admin/health says how much is free)")]
+    StorageFull,
     /// Part of the request was done and stored, the rest could not be (the message says which).
     #[error("{0}")]
     Incomplete(String),
@@ -56,6 +60,10 @@ impl From<crate::registry::RegistryError> for ApiError {
             | RegistryError::KeyTaken
             | RegistryError::CertificateChange
             | RegistryError::TagsChange => ApiError::Conflict(e.to_string()),
+            RegistryError::Journal(ref j) if j.is_disk_full() => {
+                tracing::error!(error = %e, "registry-change-failed-disk-full");
+                ApiError::StorageFull
+            }
             RegistryError::Journal(_) | RegistryError::Corrupt { .. } => {
                 tracing::error!(error = %e, "registry-change-failed");
                 ApiError::Unavailable
@@ -82,6 +90,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable | ApiError::Incomplete(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StorageFull => StatusCode::INSUFFICIENT_STORAGE,
         }
     }
 

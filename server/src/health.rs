@@ -86,6 +86,18 @@ pub struct ServerHealth {
     pub certificates: Vec<CertificateExpiry>,
     /// What agents sent that the server refused or cut, since it started.
     pub deployments: DeploymentsHealth,
+    /// The data directory's disk: free space, and why writes stopped if they did.
+    pub storage: StorageHealth,
+}
+
+/// The data directory's disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StorageHealth {
+    /// Bytes free for the server on its filesystem (`None` if it could not be read).
+    pub free_bytes: Option<u64>,
+    /// Set once a write failed (a full disk): nothing is acknowledged until the disk takes
+    /// writes again, when the server starts over by itself from what is durable.
+    pub failed: Option<String>,
 }
 
 /// Step output the server did not keep as sent, since it started.
@@ -200,6 +212,18 @@ impl ServerHealth {
             "gauge",
             "1 if the journal stopped accepting writes after a failed sync.",
             u64::from(j.poisoned.is_some()),
+        );
+        metric(
+            "tether_storage_free_bytes",
+            "gauge",
+            "Bytes free on the data directory's filesystem.",
+            self.storage.free_bytes.unwrap_or(0),
+        );
+        metric(
+            "tether_storage_failed",
+            "gauge",
+            "1 if a write failed (a full disk) and the server waits for space to start over.",
+            u64::from(self.storage.failed.is_some()),
         );
         metric(
             "tether_step_output_refused_total",
@@ -417,6 +441,7 @@ mod tests {
             }],
             relay_links: BTreeMap::new(),
             deployments: DeploymentsHealth::default(),
+            storage: StorageHealth::default(),
             certificates: vec![CertificateExpiry {
                 name: "server",
                 file: "server.pem",

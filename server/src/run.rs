@@ -188,6 +188,38 @@ pub enum RunError {
     },
 }
 
+/// How often a poisoned journal's disk is checked for space.
+const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Once a write failed (a full disk; the journal is poisoned and sled keeps its error), waits
+/// for the disk to take writes again, then starts the server over in place from what is
+/// durable: agents reconnect and resend what was not acknowledged.
+async fn recover_storage(journal: tether_shared::journal::JournalHandle, dir: PathBuf) {
+    let mut tick = tokio::time::interval(STORAGE_CHECK_INTERVAL);
+    let mut told = false;
+    loop {
+        tick.tick().await;
+        let Some(reason) = journal.observe().poisoned else {
+            continue;
+        };
+        if !told {
+            tracing::error!(reason = %reason, "storage-failed-waiting-for-space");
+            told = true;
+        }
+        let probe_dir = dir.clone();
+        match web::block(move || tether_shared::storage::takes_writes(&probe_dir)).await {
+            Ok(Ok(())) => {
+                tracing::warn!("storage-recovered-restarting");
+                let e = tether_shared::storage::restart_in_place();
+                tracing::error!(error = %e, "restart-failed");
+                return;
+            }
+            Ok(Err(why)) => tracing::debug!(why = %why, "storage-still-failed"),
+            Err(_) => {}
+        }
+    }
+}
+
 /// Prunes finished deployments under `policy` every `interval` (the first time at start).
 async fn prune_periodically(deployments: Arc<Deployments>, policy: Retention, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
@@ -435,6 +467,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         sessions: session_registry.clone(),
         retention: opts.retention,
     });
+    actix_rt::spawn(recover_storage(handle.clone(), dir.to_path_buf()));
     actix_rt::spawn(prune_periodically(
         loaded.deployments.clone(),
         opts.retention,

@@ -35,6 +35,7 @@ pub mod mux;
 pub mod plugin;
 pub mod protocol;
 pub mod state_file;
+pub mod storage;
 pub mod stream;
 pub mod tls;
 pub mod unpack;

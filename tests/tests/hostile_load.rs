@@ -476,3 +476,179 @@ fn a_body_trickled_a_byte_at_a_time_is_cut_on_both_listeners() {
         {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo hi"}}
     ]}));
 }
+
+/// A size-limited tmpfs mounted at a directory, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs at {}", at.display());
+        Tmpfs(at.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "remount {}", self.0.display());
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0u8; 256 * 1024];
+        while f.write_all(&block).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_by_itself() {
+    let dir = TestDir::new();
+    // The server's data directory on a 48 MB filesystem (mounted before `init` fills it).
+    let disk = Tmpfs::mount(&dir.path().join("server"), "48m");
+    let mut server = Server::start(dir.path());
+    // Once more, now on the ports it got: a restart in place keeps them.
+    server.kill();
+    server.run();
+    let mut agent = Agent::install(&server, dir.path(), "disk-1", &[]);
+    agent.run();
+    online(&server, &agent);
+    server.put_process(&json!({"name": "slow", "steps": [
+        {"name": "nap", "plugin": "shell", "step": "run",
+         "properties": {"script": "sleep 3; echo slept"}}
+    ]}));
+    let under_way = server.deploy("slow", json!({"agents": ["disk-1"]}), json!({}));
+    eventually("the step running", WAIT, || {
+        (server.deployment(&under_way)["jobs"][0]["steps"][0]["status"] == "running").then_some(())
+    });
+    disk.fill();
+    // Writes fail once sled's preallocated room is spent too: store processes until then.
+    let big = "x".repeat(32 * 1024);
+    let refused = eventually("a write refused for the full disk", WAIT, || {
+        let r = server.request(
+            "POST",
+            "/api/v1/processes",
+            Some(&json!({"name": "filler", "steps": [
+                {"name": "s", "plugin": "shell", "step": "run", "properties": {"script": big}}
+            ]})),
+        );
+        (r.status != 201).then_some(r)
+    });
+    assert_eq!(refused.status, 507, "{}", refused.body);
+    assert!(refused.body.contains("disk is full"), "{}", refused.body);
+    // New work is refused with the reason, and nothing is created.
+    let before = server.request("GET", "/api/v1/deployments", None).json();
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "slow", "targets": {"agents": ["disk-1"]}})),
+    );
+    assert_eq!(r.status, 507, "{}", r.body);
+    let health = tether_tests::wire::health(&server);
+    assert!(
+        health["storage"]["failed"]
+            .as_str()
+            .is_some_and(|r| r.contains("No space left")),
+        "{health}"
+    );
+    let r = server.request("GET", "/api/v1/deployments", None);
+    assert_eq!(r.status, 200, "reads are served: {}", r.body);
+    assert!(r.json() == before, "a refused deployment was created");
+
+    // Space returns: the server starts over by itself, and the deployment under way ends.
+    disk.resize("400m");
+    let auth = format!("Bearer {}", server.admin_token);
+    let health = eventually("storage recovered", WAIT, || {
+        // The server restarts in place: a request may find it between two lives.
+        let r = tether_tests::https_request_with_body(
+            server.https,
+            server.tls(),
+            "localhost",
+            "GET",
+            "/admin/health",
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .ok()
+        .filter(|r| r.status == 200)?;
+        let h = r.json();
+        h["storage"]["failed"].is_null().then_some(h)
+    });
+    eprintln!("recovered: {}", health["storage"]);
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains("storage-recovered-restarting"), "{log}");
+    let d = server.wait_deployment(&under_way, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert!(server
+        .step_log(&under_way, "disk-1", "nap")
+        .contains("slept"));
+    let again = server.deploy("slow", json!({"agents": ["disk-1"]}), json!({}));
+    assert_eq!(server.wait_deployment(&again, WAIT)["status"], "succeeded");
+    drop(agent);
+    drop(server);
+    drop(disk);
+}
+
+#[test]
+fn an_agent_on_a_full_disk_goes_offline_and_comes_back_when_space_returns() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let disk = Tmpfs::mount(&dir.path().join("full-1"), "24m");
+    let mut agent = Agent::install(&server, dir.path(), "full-1", &[]);
+    agent.run();
+    online(&server, &agent);
+    server.put_process(&json!({"name": "loud", "steps": [
+        {"name": "shout", "plugin": "shell", "step": "run",
+         "properties": {"script": "head -c 8000000 /dev/zero | tr '\\\\0' x; sleep 1"}}
+    ]}));
+    server.put_process(&json!({"name": "quiet", "steps": [
+        {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo back"}}
+    ]}));
+    disk.fill();
+    // Its output cannot be journaled: the agent stops acknowledging and goes offline.
+    let loud = server.deploy("loud", json!({"agents": ["full-1"]}), json!({}));
+    eventually("the agent offline", WAIT, || {
+        (server.agent_status(&agent.id) == "offline").then_some(())
+    });
+    let log_path = dir.path().join("full-1.log");
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(log.contains("uplink-storage-failed-offline"), "{log}");
+    // Work sent meanwhile waits in the server's journal.
+    let quiet = server.deploy("quiet", json!({"agents": ["full-1"]}), json!({}));
+    assert_eq!(server.deployment(&quiet)["status"], "queued");
+
+    // Space returns: the worker starts over from its journal and the agent comes back.
+    disk.resize("400m");
+    let _ = std::fs::remove_file(dir.path().join("full-1").join("filler"));
+    online(&server, &agent);
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(log.contains("storage-recovered-restarting"), "{log}");
+    // The step cut short by the full disk is reported, never run twice; the rest runs.
+    let d = server.wait_deployment(&loud, WAIT);
+    assert_eq!(d["status"], "failed", "{d}");
+    assert_eq!(d["jobs"][0]["steps"][0]["status"], "interrupted", "{d}");
+    assert_eq!(server.wait_deployment(&quiet, WAIT)["status"], "succeeded");
+    assert!(server.step_log(&quiet, "full-1", "say").contains("back"));
+    drop(agent);
+    drop(disk);
+}

@@ -116,6 +116,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     };
     let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &opts)?;
     let journal = journal.handle();
+    let (watched_journal, data_dir) = (journal.clone(), dir.to_owned());
     tracing::info!(agent_id = %state.agent_id, incarnation = %recovered.incarnation, created = recovered.created, "worker-starting");
 
     let version = running_version();
@@ -165,6 +166,11 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
             let mut tick = actix_rt::time::interval(beat_every);
             loop {
                 tick.tick().await;
+                if storage_recovered(&watched_journal, &data_dir).await {
+                    tracing::warn!("storage-recovered-restarting");
+                    System::current().stop_with_code(STORAGE_RECOVERED_EXIT_CODE);
+                    break;
+                }
                 let Ok(actors) = sup.send(ObserveChildren).await else {
                     break;
                 };
@@ -200,6 +206,22 @@ fn running_version() -> String {
         .ok()
         .filter(|v| tether_shared::upgrade::Version::parse(v).is_ok())
         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+}
+
+/// The worker's exit code when its journal failed a write (a full disk) and the disk takes
+/// writes again: the monitor starts it over from what is durable.
+pub const STORAGE_RECOVERED_EXIT_CODE: i32 = 76;
+
+/// Whether the journal failed a write and the disk under `dir` takes writes again.
+async fn storage_recovered(journal: &tether_shared::journal::JournalHandle, dir: &Path) -> bool {
+    if journal.observe().poisoned.is_none() {
+        return false;
+    }
+    let dir = dir.to_owned();
+    matches!(
+        tokio::task::spawn_blocking(move || tether_shared::storage::takes_writes(&dir)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// Stop the worker when stdin (the monitor's pipe) reaches EOF. Not when stdin is a terminal:

@@ -42,6 +42,10 @@ impl From<DeploymentsError> for ApiError {
         match e {
             DeploymentsError::Invalid(reason) => ApiError::BadRequest(reason),
             DeploymentsError::NotFound => ApiError::NotFound,
+            DeploymentsError::Journal(ref j) if j.is_disk_full() => {
+                tracing::error!(error = %e, "deployments-change-failed-disk-full");
+                ApiError::StorageFull
+            }
             DeploymentsError::Journal(_) | DeploymentsError::Corrupt { .. } => {
                 tracing::error!(error = %e, "deployments-change-failed");
                 ApiError::Unavailable

@@ -112,7 +112,7 @@ pub enum JournalError {
     #[error("journal I/O failed: {context}: {reason}")]
     Io { context: String, reason: String },
     #[error(
-        "the journal stopped accepting writes after a failed sync ({reason}); restart the process"
+        "the journal stopped accepting writes after a storage failure ({reason}); it resumes once the storage takes writes again"
     )]
     Poisoned { reason: String },
     #[error("invalid journal log name {name:?}")]
@@ -124,6 +124,15 @@ pub enum JournalError {
 }
 
 impl JournalError {
+    /// The storage is full (`ENOSPC`), now or when the journal was poisoned.
+    pub fn is_disk_full(&self) -> bool {
+        let reason = match self {
+            JournalError::Io { reason, .. } | JournalError::Poisoned { reason } => reason,
+            _ => return false,
+        };
+        reason.contains("os error 28") || reason.contains("No space left on device")
+    }
+
     pub(crate) fn cannot_open(path: &Path, reason: String) -> Self {
         JournalError::Open {
             path: path.to_owned(),

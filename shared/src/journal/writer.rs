@@ -162,7 +162,15 @@ fn applier(
                 applied.replies.append(&mut replies);
                 applied.ops += ops.len() as u64;
             }
-            Err(e) => fail(stats, std::mem::take(&mut replies), e),
+            Err(e) => {
+                // A store that failed a write (a full disk) is not trusted again in this
+                // process: sled keeps its I/O error. Nothing more is acknowledged until the
+                // process starts over from what is durable.
+                if let JournalError::Io { context, reason } = &e {
+                    stats.poison(&format!("{context}: {reason}"));
+                }
+                fail(stats, std::mem::take(&mut replies), e)
+            }
         }
         drop(applied);
         handoff.ready.notify_one();
@@ -229,8 +237,12 @@ fn flusher(store: &dyn Store, stats: &WriterStats, handoff: &Handoff) {
                 }
             }
             Err(e) => {
-                if let JournalError::Poisoned { reason } = &e {
-                    stats.poison(reason);
+                match &e {
+                    JournalError::Poisoned { reason } => stats.poison(reason),
+                    JournalError::Io { context, reason } => {
+                        stats.poison(&format!("{context}: {reason}"))
+                    }
+                    _ => {}
                 }
                 fail(stats, replies, e);
             }

@@ -192,6 +192,11 @@ impl Uplink {
     }
 
     fn connect(&mut self, ctx: &mut Context<Self>) {
+        if self.cfg.journal.observe().poisoned.is_some() {
+            self.phase = Phase::Idle;
+            ctx.run_later(self.cfg.reconnect_max, |act, ctx| act.connect(ctx));
+            return;
+        }
         if self.cfg.upstreams.is_empty() {
             tracing::error!("no-upstream-configured");
             return;
@@ -337,6 +342,12 @@ impl Uplink {
         ctx.spawn(self.cfg.journal.commit(ops).into_actor(self).map(
             move |res, act, ctx| match res {
                 Ok(_) => then(act, ctx),
+                // A full disk: stay offline (nothing can be acknowledged) until the worker
+                // starts over once the disk takes writes again (see `worker::run`).
+                Err(e) if act.cfg.journal.observe().poisoned.is_some() => {
+                    tracing::error!(error = %e, "uplink-storage-failed-offline");
+                    act.drop_connection(ctx, None);
+                }
                 Err(e) => {
                     // Nothing more can be acknowledged: die, and be rebuilt from the journal.
                     tracing::error!(error = %e, "uplink-journal-failed");

@@ -18,7 +18,7 @@ const PROBE_FILE: &str = ".storage-probe";
 /// Bytes available to this process on the filesystem holding `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let s = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
-    Ok(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+    Ok(s.blocks_available().saturating_mul(s.fragment_size()))
 }
 
 /// `Ok` if `dir`'s filesystem has [`MIN_FREE_BYTES`] free and a probe file can be written,

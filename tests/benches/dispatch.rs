@@ -11,59 +11,14 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
-use tether_tests::measure::{percentile, rss_kib};
+use tether_tests::measure::{dispatch, percentile, rss_kib};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// Deploy `process` to `targets` and wait until every job is final: (total ms, per-job ms).
-fn dispatch(server: &Server, process: &str, targets: &[String]) -> Option<(u64, Vec<u64>)> {
-    let start = now_ms();
-    let t0 = Instant::now();
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": process, "targets": {"agents": targets}, "properties": {}})),
-    );
-    if r.status != 201 {
-        eprintln!("deployment refused: {} {}", r.status, r.body);
-        return None;
-    }
-    let id = r.json()["id"].as_str()?.to_owned();
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let d: Value = server
-            .request("GET", &format!("/api/v1/deployments/{id}"), None)
-            .json();
-        if d["status"] == "succeeded" {
-            let total = t0.elapsed().as_millis() as u64;
-            let mut per: Vec<u64> = d["jobs"]
-                .as_array()?
-                .iter()
-                .filter_map(|j| j["finished_unix_ms"].as_u64())
-                .map(|t| t.saturating_sub(start))
-                .collect();
-            per.sort_unstable();
-            return Some((total, per));
-        }
-        if d["status"] == "failed" || Instant::now() > deadline {
-            eprintln!("deployment {id} ended {}: {d}", d["status"]);
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
 
 fn trivial(server: &Server) {
     let r = server.request("POST", "/api/v1/processes", Some(&json!({"name": "trivial", "steps": [{"name": "hello", "plugin": "shell", "step": "run", "properties": {"script": "echo hello"}}]})));

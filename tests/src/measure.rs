@@ -46,3 +46,71 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     }
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
+
+/// Bytes of every file under `dir` (0 if it cannot be read).
+pub fn disk_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Deploys `process` to `targets` and waits (at most two minutes) until every job is final:
+/// the total ms from the REST call, and per job the ms until the server recorded its end
+/// (sorted). `None` if the deployment was refused, failed or timed out (said on stderr).
+pub fn dispatch(
+    server: &crate::fleet::Server,
+    process: &str,
+    targets: &[String],
+) -> Option<(u64, Vec<u64>)> {
+    use serde_json::{json, Value};
+    use std::time::{Duration, Instant};
+    let start = now_ms();
+    let t0 = Instant::now();
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": process, "targets": {"agents": targets}, "properties": {}})),
+    );
+    if r.status != 201 {
+        eprintln!("deployment refused: {} {}", r.status, r.body);
+        return None;
+    }
+    let id = r.json()["id"].as_str()?.to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let d: Value = server
+            .request("GET", &format!("/api/v1/deployments/{id}"), None)
+            .json();
+        if d["status"] == "succeeded" {
+            let total = t0.elapsed().as_millis() as u64;
+            let mut per: Vec<u64> = d["jobs"]
+                .as_array()?
+                .iter()
+                .filter_map(|j| j["finished_unix_ms"].as_u64())
+                .map(|t| t.saturating_sub(start))
+                .collect();
+            per.sort_unstable();
+            return Some((total, per));
+        }
+        if d["status"] == "failed" || Instant::now() > deadline {
+            eprintln!("deployment {id} ended {}: {d}", d["status"]);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}

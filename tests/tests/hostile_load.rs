@@ -152,22 +152,6 @@ fn step<'a>(job: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no step {name} in {job}"))
 }
 
-/// Bytes of every file under `dir`.
-fn disk_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => disk_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn step_results_too_large_for_a_frame_fail_visibly_and_nul_bytes_never_reach_a_step() {
     let dir = TestDir::new();
@@ -252,7 +236,7 @@ fn an_agent_flooding_output_is_capped_and_late_output_refused_while_others_finis
     let alone = server.deploy("one", json!({"agents": ["good-1"]}), json!({}));
     assert_eq!(server.wait_deployment(&alone, WAIT)["status"], "succeeded");
     let control = started.elapsed();
-    let journal_before = disk_bytes(&server.dir.join("journal"));
+    let journal_before = tether_tests::measure::disk_bytes(&server.dir.join("journal"));
 
     let flood = server.deploy("one", json!({"agents": ["flooder"]}), json!({}));
     let started = std::time::Instant::now();
@@ -269,7 +253,7 @@ fn an_agent_flooding_output_is_capped_and_late_output_refused_while_others_finis
         (n >= 10).then_some(n)
     });
     let log = server.step_log(&flood, &flooder_id, "say");
-    let journal_after = disk_bytes(&server.dir.join("journal"));
+    let journal_after = tether_tests::measure::disk_bytes(&server.dir.join("journal"));
     eprintln!(
         "flood: log {} bytes, {refused} chunks refused, journal {journal_before} -> {journal_after} bytes; \
          the good agent's deployment took {control:?} alone, {during:?} beside the flood",

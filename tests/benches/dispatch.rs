@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::json;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
 use tether_tests::measure::{dispatch, percentile, rss_kib};

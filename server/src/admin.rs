@@ -88,6 +88,7 @@ impl AdminState {
                             last_heard_ms: l.last_heard_ms,
                             peer_resets: l.peer_resets,
                             abandoned_commands: l.abandoned_commands,
+                            events_deferred: l.events_deferred,
                             actors: l.status.map(|s| s.actors).unwrap_or_default(),
                         },
                     );

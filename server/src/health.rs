@@ -65,6 +65,9 @@ pub struct AgentHealth {
     /// Handshakes that found it had lost its state (a new journal), and the commands abandoned.
     pub peer_resets: u64,
     pub abandoned_commands: u64,
+    /// Events put off (and resent by the agent) because too much of its journal work was
+    /// queued: an agent sending faster than the disk takes.
+    pub events_deferred: u64,
     /// The agent's actors, from its last heartbeat.
     pub actors: Vec<tether_shared::protocol::ActorHealth>,
 }

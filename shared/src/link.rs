@@ -23,13 +23,17 @@ pub enum LinkError {
     Stream(#[from] StreamError),
     #[error("refused: {0}")]
     Refused(String),
+    /// Not taken now (the receiver's journal work for this peer is at its bound): nothing was
+    /// recorded; the peer sends it again when asked (a nack) or after its retransmit timeout.
+    #[error("deferred: too much of this peer's journal work is queued")]
+    Deferred,
 }
 
 impl LinkError {
     pub fn close_code(&self) -> u16 {
         match self {
             LinkError::Decode(e) => e.close_code(),
-            LinkError::Stream(_) | LinkError::Refused(_) => 1008,
+            LinkError::Stream(_) | LinkError::Refused(_) | LinkError::Deferred => 1008,
         }
     }
 }

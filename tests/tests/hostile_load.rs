@@ -252,6 +252,10 @@ fn an_agent_flooding_output_is_capped_and_late_output_refused_while_others_finis
             .unwrap_or(0);
         (n >= 10).then_some(n)
     });
+    let deferred = tether_tests::wire::health(&server)["agents"][&flooder_id]["events_deferred"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!("flood: {deferred} events deferred (resent by the agent when asked)");
     let log = server.step_log(&flood, &flooder_id, "say");
     let journal_after = tether_tests::measure::disk_bytes(&server.dir.join("journal"));
     eprintln!(

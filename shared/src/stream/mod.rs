@@ -438,6 +438,13 @@ impl Inbound {
         None
     }
 
+    /// Messages after the last one received were dropped unrecorded (deferred): ask the
+    /// producer to send again from there.
+    pub fn ask_resend(&mut self) {
+        self.nacked = None;
+        self.nack_due = Some(Seq(self.received.0 + 1));
+    }
+
     /// The nack to send now, if a gap was seen.
     pub fn poll_nack(&mut self) -> Option<Seq> {
         let due = self.nack_due.take()?;

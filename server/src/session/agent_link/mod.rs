@@ -39,6 +39,8 @@ pub use upgrades::QueueUpgrade;
 const TICK: Duration = Duration::from_secs(1);
 /// Inbound events kept in the journal after processing (replay checks after a restart).
 const KEEP_INBOUND: u64 = 1024;
+/// Bytes of one agent's events in the journal's queue at most (see `AgentLink::uncommitted_bytes`).
+const MAX_UNCOMMITTED_BYTES: usize = 8 * 1024 * 1024;
 /// How long a queued command stays valid.
 const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
@@ -71,6 +73,13 @@ pub struct AgentLink {
     /// Handshakes that found the agent had lost its state, and the commands that died with it.
     peer_resets: u64,
     abandoned_commands: u64,
+    /// Bytes of this agent's events taken and not yet durable: past [`MAX_UNCOMMITTED_BYTES`]
+    /// its next events are deferred (the agent resends them), so one agent's flood never
+    /// queues unbounded work in the journal every agent shares.
+    uncommitted_bytes: usize,
+    /// Events deferred since the budget was last free; a nack asks for them once it is.
+    deferred: bool,
+    deferred_events: u64,
 }
 
 impl AgentLink {
@@ -102,6 +111,9 @@ impl AgentLink {
             since_trim: 0,
             peer_resets: 0,
             abandoned_commands: 0,
+            uncommitted_bytes: 0,
+            deferred: false,
+            deferred_events: 0,
         })
     }
 
@@ -243,10 +255,15 @@ impl AgentLink {
     }
 
     fn on_frame(&mut self, ctx: &mut Context<Self>, conn: ConnId, bytes: &[u8]) {
-        match self
-            .receiver
-            .on_bytes(&mut self.ep.inbound, bytes, |_| Ok(()))
-        {
+        let over_budget = self.uncommitted_bytes >= MAX_UNCOMMITTED_BYTES;
+        let size = bytes.len();
+        match self.receiver.on_bytes(&mut self.ep.inbound, bytes, |_| {
+            if over_budget {
+                Err(FrameError::Deferred)
+            } else {
+                Ok(())
+            }
+        }) {
             Ok(Received::Journal {
                 seq,
                 frame,
@@ -259,16 +276,29 @@ impl AgentLink {
                     ops.extend(self.keys.trim_inbound_ops(seq, KEEP_INBOUND));
                     self.since_trim = 0;
                 }
+                self.uncommitted_bytes += size;
                 self.commit_then(ctx, ops, move |act, _| {
+                    act.uncommitted_bytes = act.uncommitted_bytes.saturating_sub(size);
                     act.ep.inbound.mark_durable(seq);
                     if let Some(last) = commands {
                         act.ep.outbound.mark_durable(last);
+                    }
+                    if act.deferred && act.uncommitted_bytes < MAX_UNCOMMITTED_BYTES / 2 {
+                        act.deferred = false;
+                        act.ep.inbound.ask_resend();
                     }
                     act.pump();
                 });
             }
             Ok(Received::Nothing) => self.pump(),
             Ok(Received::Other(frame)) => self.on_control(ctx, conn, frame),
+            Err(FrameError::Deferred) => {
+                if !self.deferred {
+                    tracing::debug!(agent_id = %self.agent_id, uncommitted = self.uncommitted_bytes, "events-deferred");
+                }
+                self.deferred = true;
+                self.deferred_events += 1;
+            }
             Err(e) => self.refuse(conn, &e),
         }
     }
@@ -317,7 +347,9 @@ impl AgentLink {
         if let Some((_, s)) = &self.session {
             let error = match e {
                 FrameError::Decode(d) => d.to_error_frame().code,
-                FrameError::Stream(_) | FrameError::Refused(_) => ErrorCode::ProtocolViolation,
+                FrameError::Stream(_) | FrameError::Refused(_) | FrameError::Deferred => {
+                    ErrorCode::ProtocolViolation
+                }
             };
             s.close(e.close_code(), error, e.to_string());
         }
@@ -542,6 +574,8 @@ pub struct LinkHealth {
     pub status: Option<AgentStatus>,
     pub peer_resets: u64,
     pub abandoned_commands: u64,
+    /// Events put off because too much of this agent's journal work was queued.
+    pub events_deferred: u64,
 }
 
 #[derive(Message)]
@@ -574,6 +608,7 @@ impl Handler<ObserveLink> for AgentLink {
             status: self.status.clone(),
             peer_resets: self.peer_resets,
             abandoned_commands: self.abandoned_commands,
+            events_deferred: self.deferred_events,
         })
     }
 }

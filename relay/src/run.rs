@@ -203,6 +203,8 @@ async fn serve(
         backlog: 4096,
         shutdown_timeout_s: 2,
         workers: None,
+        max_connections_per_source: 50_000,
+        max_handshakes_per_source: 128,
     };
     let (downstream, downstream_addr) =
         h1_tls::bind(cfg.listen.downstream, server_tls, &limits, move || {

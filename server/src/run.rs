@@ -419,6 +419,9 @@ fn listener_limits() -> Limits {
         backlog: LISTEN_BACKLOG,
         shutdown_timeout_s: SHUTDOWN_TIMEOUT_S,
         workers: None,
+        // One worker's worth: a source (a NAT of many agents) never takes every slot.
+        max_connections_per_source: MAX_CONNECTIONS_PER_WORKER,
+        max_handshakes_per_source: MAX_TLS_HANDSHAKES_PER_WORKER / 2,
     }
 }
 

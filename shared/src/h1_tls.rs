@@ -6,14 +6,30 @@
 //! rustls with ALPN pinned to `http/1.1` (a client that offers only `h2` fails the handshake),
 //! keeping the limits `HttpServer` had: handshake and request-head deadlines, keep-alive,
 //! handshakes and connections per worker, backlog, graceful shutdown.
+//!
+//! It adds what actix lacks: per-source bounds. One address may hold at most
+//! [`Limits::max_connections_per_source`] connections and
+//! [`Limits::max_handshakes_per_source`] TLS handshakes in progress; past them its new
+//! connections are closed at once, before any TLS work, so that one address cannot take the
+//! slots every other peer needs (many agents behind one NAT share an address: the connection
+//! bound is generous, the handshake one is what stops a slow-handshake flood).
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
+
+use actix_rt::net::{ActixStream, Ready};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use actix_http::body::MessageBody;
 use actix_http::{HttpService, Request, Response};
-use actix_service::{map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt};
+use actix_service::{
+    fn_service, map_config, IntoServiceFactory, ServiceFactory, ServiceFactoryExt,
+};
 use actix_tls::accept::rustls_0_23::{Acceptor, TlsStream};
 use actix_tls::accept::TlsError;
 use actix_web::dev::AppConfig;
@@ -42,6 +58,123 @@ pub struct Limits {
     pub shutdown_timeout_s: u64,
     /// Worker threads (`None`: one per core).
     pub workers: Option<usize>,
+    /// Connections one source address may hold at once (all workers together).
+    pub max_connections_per_source: usize,
+    /// TLS handshakes one source address may have in progress at once.
+    pub max_handshakes_per_source: usize,
+}
+
+/// Open connections and handshakes in progress, per source address.
+#[derive(Debug, Default)]
+struct Sources {
+    counts: Mutex<HashMap<IpAddr, (usize, usize)>>,
+}
+
+impl Sources {
+    /// A connection from `ip` (and its handshake) if both are under their bounds.
+    fn admit(self: &Arc<Self>, ip: IpAddr, limits: &Limits) -> Option<(Slot, Slot)> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (conns, handshakes) = counts.entry(ip).or_default();
+        if *conns >= limits.max_connections_per_source
+            || *handshakes >= limits.max_handshakes_per_source
+        {
+            return None;
+        }
+        *conns += 1;
+        *handshakes += 1;
+        let slot = |handshake| Slot {
+            sources: self.clone(),
+            ip,
+            handshake,
+        };
+        Some((slot(false), slot(true)))
+    }
+
+    fn release(&self, ip: IpAddr, handshake: bool) {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((conns, handshakes)) = counts.get_mut(&ip) {
+            if handshake {
+                *handshakes = handshakes.saturating_sub(1);
+            } else {
+                *conns = conns.saturating_sub(1);
+            }
+            if *conns == 0 && *handshakes == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+}
+
+/// One connection (or handshake) counted for its source, given back when dropped.
+#[derive(Debug)]
+struct Slot {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+    handshake: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.sources.release(self.ip, self.handshake);
+    }
+}
+
+/// A TCP stream that holds its source's slots: the connection's for its life, the
+/// handshake's until TLS is established.
+pub struct Counted {
+    io: TcpStream,
+    _connection: Slot,
+    handshake: Option<Slot>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+impl ActixStream for Counted {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
+        ActixStream::poll_read_ready(&self.io, cx)
+    }
+
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<Ready>> {
+        ActixStream::poll_write_ready(&self.io, cx)
+    }
 }
 
 /// Binds `addr` and serves the `App` that `factory` builds (once per worker) over TLS with
@@ -75,7 +208,30 @@ where
         builder = builder.workers(n);
     }
     let limits = limits.clone();
+    let sources = Arc::new(Sources::default());
     let builder = builder.listen(format!("https-{local}"), listener, move || {
+        let (sources, admit_limits) = (sources.clone(), limits.clone());
+        // Before any TLS work: a source over its bounds is closed at once.
+        let admit = fn_service(move |io: TcpStream| {
+            let admitted = io
+                .peer_addr()
+                .ok()
+                .and_then(|peer| sources.admit(peer.ip(), &admit_limits));
+            let result = match admitted {
+                Some((connection, handshake)) => Ok(Counted {
+                    io,
+                    _connection: connection,
+                    handshake: Some(handshake),
+                }),
+                None => {
+                    tracing::debug!(peer = ?io.peer_addr().ok(), "connection-refused-source-over-bounds");
+                    Err(TlsError::Tls(io::Error::other(
+                        "too many connections or handshakes from this source",
+                    )))
+                }
+            };
+            std::future::ready(result)
+        });
         let app = factory()
             .into_factory()
             .map_err(|err| err.into().error_response());
@@ -87,14 +243,16 @@ where
             .h1(map_config(app, |_| AppConfig::default()));
         let mut acceptor = Acceptor::new(tls.clone());
         acceptor.set_handshake_timeout(limits.tls_handshake_timeout);
-        acceptor
-            .map_init_err(|_| ())
+        admit
+            .and_then(acceptor.map_init_err(|_| ()))
             .map_err(TlsError::into_service_error)
-            .map(|io: TlsStream<TcpStream>| {
-                let peer = io.get_ref().0.peer_addr().ok();
+            .map(|mut io: TlsStream<Counted>| {
+                let counted = io.get_mut().0;
+                counted.handshake = None;
+                let peer = counted.io.peer_addr().ok();
                 // Small frames (acks, events) go out at once: Nagle plus delayed ACKs would
                 // add up to 40 ms to every round trip of the message streams.
-                let _ = io.get_ref().0.set_nodelay(true);
+                let _ = counted.io.set_nodelay(true);
                 (io, peer)
             })
             .and_then(h1.map_err(TlsError::Service))

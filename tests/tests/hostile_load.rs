@@ -640,3 +640,95 @@ fn an_agent_on_a_full_disk_goes_offline_and_comes_back_when_space_returns() {
     drop(agent);
     drop(disk);
 }
+
+/// A TCP connection to `addr` from `source`, sending nothing.
+fn tcp_from(source: [u8; 4], addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from((source, 0)).into())
+        .unwrap();
+    socket.connect(&addr.into()).unwrap();
+    socket.into()
+}
+
+/// Whether the server closed `tcp` within `wait` (EOF or reset), rather than waiting.
+fn closed_within(tcp: &mut std::net::TcpStream, wait: std::time::Duration) -> bool {
+    use std::io::Read;
+    tcp.set_read_timeout(Some(wait)).unwrap();
+    let mut byte = [0u8; 1];
+    match tcp.read(&mut byte) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn one_source_cannot_take_every_tls_handshake_slot() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    // 160 connections from 127.0.0.1 that never start TLS: the server holds 128 of them
+    // (its per-source handshake bound) until the handshake deadline, and closes the rest at
+    // once, before any TLS work.
+    let mut idle: Vec<_> = (0..160)
+        .map(|_| tcp_from([127, 0, 0, 1], server.https))
+        .collect();
+    let closed = idle
+        .iter_mut()
+        .rev()
+        .take(32)
+        .map(|c| closed_within(c, std::time::Duration::from_millis(500)))
+        .filter(|closed| *closed)
+        .count();
+    let held = idle
+        .iter_mut()
+        .take(8)
+        .map(|c| closed_within(c, std::time::Duration::from_millis(100)))
+        .filter(|closed| !*closed)
+        .count();
+    assert_eq!(held, 8, "the first connections, within the bound, are held");
+    assert!(
+        closed >= 30,
+        "only {closed} of the 32 over the bound were closed at once"
+    );
+    // Another address is served meanwhile.
+    let auth = format!("Bearer {}", server.admin_token);
+    let tcp = tcp_from([127, 0, 0, 3], server.https);
+    let conn =
+        rustls::ClientConnection::new(server.tls(), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    {
+        use std::io::{Read, Write};
+        write!(
+            tls,
+            "GET /admin/health HTTP/1.1\r\nHost: localhost\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = [0u8; 12];
+        tls.read_exact(&mut head).unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200", "another source was not served");
+    }
+    // Once the idle ones are gone, the first address is served again.
+    drop(idle);
+    eventually("127.0.0.1 served again", WAIT, || {
+        tether_tests::https_request_with_body(
+            server.https,
+            server.tls(),
+            "localhost",
+            "GET",
+            "/admin/health",
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .ok()
+        .filter(|r| r.status == 200)
+    });
+}

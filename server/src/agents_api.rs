@@ -28,7 +28,6 @@ use serde_json::{json, Value};
 use crate::admin_token::AdminToken;
 use crate::api::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
-use crate::deployments::model::JobState;
 use crate::deployments::Deployments;
 use crate::registry::{AgentRecord, AgentStatus, Registry, RegistryError, Role};
 use crate::session::relay_session::revoke_relay;
@@ -175,14 +174,7 @@ impl AgentAdmin {
 
     /// Unfinished jobs of agent `id` (queued or running).
     pub fn unfinished_jobs(&self, id: &str) -> usize {
-        self.deployments.with_state(|s| {
-            s.jobs
-                .values()
-                .filter(|j| {
-                    j.agent_id == id && matches!(j.status, JobState::Queued | JobState::Running)
-                })
-                .count()
-        })
+        self.deployments.with_state(|s| s.unfinished(id).count())
     }
 
     /// Deletes the agent `id_or_name`; while it has unfinished jobs, refuses, or with `force`

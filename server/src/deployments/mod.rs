@@ -24,7 +24,7 @@ pub mod state;
 pub mod validate;
 pub mod view;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -43,6 +43,8 @@ use validate::{BuiltInsOnly, Catalog, NewProcess};
 pub const DEFAULT_MAX_RUNNING_PER_AGENT: usize = 4;
 /// Most targets of one deployment.
 const MAX_TARGETS: usize = 10_000;
+/// Unknown target names quoted in an error (the rest are counted).
+const MAX_NAMED_UNKNOWN: usize = 10;
 /// Deployments deleted per journal commit when pruning.
 const PRUNE_BATCH: usize = 64;
 
@@ -132,7 +134,7 @@ impl Deployments {
         }
         for (key, value) in journal.scan_meta(JOB_PREFIX)? {
             let j: Job = decode(&key, &value)?;
-            state.jobs.insert(j.job_id.clone(), j);
+            state.insert_job(j);
         }
         for (key, value) in journal.scan_meta(state::OUTPUT_LEN_PREFIX)? {
             let bytes =
@@ -220,14 +222,7 @@ impl Deployments {
 
     /// Agents that have jobs waiting to be sent (checked at start-up).
     pub fn agents_with_waiting_jobs(&self) -> Vec<String> {
-        let set: BTreeSet<String> = self
-            .read()
-            .jobs
-            .values()
-            .filter(|j| !j.dispatched && j.status == model::JobState::Queued)
-            .map(|j| j.agent_id.clone())
-            .collect();
-        set.into_iter().collect()
+        self.read().agents_with_waiting_jobs()
     }
 
     /// Creates or replaces a process.
@@ -324,7 +319,7 @@ impl Deployments {
         {
             let mut s = self.write();
             for j in jobs {
-                s.jobs.insert(j.job_id.clone(), j);
+                s.insert_job(j);
             }
             s.deployments
                 .insert(deployment.id.clone(), deployment.clone());
@@ -356,18 +351,7 @@ impl Deployments {
         message: &str,
     ) -> Result<usize, DeploymentsError> {
         let _guard = self.changes.lock().await;
-        let ops: Vec<Op> = {
-            let mut s = self.write();
-            s.jobs
-                .values_mut()
-                .filter(|j| j.agent_id == agent_id && !j.status.is_final())
-                .map(|j| {
-                    j.finish(model::JobState::Failed, model::StepState::Interrupted, message);
-                    tracing::warn!(agent_id = %agent_id, job_id = %j.job_id, "job-failed-agent-deleted");
-                    state::job_op(j)
-                })
-                .collect()
-        };
+        let ops = self.write().fail_agent(agent_id, message);
         let n = ops.len();
         if n > 0 {
             self.journal.commit(ops).await?;
@@ -430,17 +414,45 @@ impl Deployments {
 pub fn resolve_targets(targets: &Targets, agents: &[AgentRecord]) -> Result<Vec<String>, String> {
     let ids: Vec<String> = match (&targets.agents, &targets.tags) {
         (Some(names), None) => {
-            let mut unknown = Vec::new();
-            let mut ids = Vec::new();
+            if names.len() > MAX_TARGETS {
+                return Err(format!(
+                    "at most {MAX_TARGETS} targets, got {}",
+                    names.len()
+                ));
+            }
+            // Indexes: one pass over the agents, one lookup per name.
+            let by_key: std::collections::HashMap<&str, &str> = agents
+                .iter()
+                .flat_map(|a| {
+                    [
+                        (a.id.as_str(), a.id.as_str()),
+                        (a.name.as_str(), a.id.as_str()),
+                    ]
+                })
+                .collect();
+            let mut seen = std::collections::HashSet::new();
+            let (mut ids, mut unknown, mut unknown_count) = (Vec::new(), Vec::new(), 0usize);
             for n in names {
-                match agents.iter().find(|a| &a.name == n || &a.id == n) {
-                    Some(a) if !ids.contains(&a.id) => ids.push(a.id.clone()),
+                match by_key.get(n.as_str()) {
+                    Some(id) if seen.insert(*id) => ids.push((*id).to_owned()),
                     Some(_) => {}
-                    None => unknown.push(format!("{n:?}")),
+                    None => {
+                        unknown_count += 1;
+                        if unknown.len() < MAX_NAMED_UNKNOWN {
+                            let shown: String = n.chars().take(64).collect();
+                            unknown.push(format!("{shown:?}"));
+                        }
+                    }
                 }
             }
-            if !unknown.is_empty() {
-                return Err(format!("unknown agents: {}", unknown.join(", ")));
+            if unknown_count > 0 {
+                let more = unknown_count - unknown.len();
+                let tail = if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                };
+                return Err(format!("unknown agents: {}{tail}", unknown.join(", ")));
             }
             ids
         }

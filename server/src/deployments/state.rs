@@ -2,7 +2,7 @@
 //! and turns agent events, agent resets, dispatches and cancels into state changes plus the
 //! journal ops that make them durable (which the caller commits in the batch of the cause).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use tether_shared::journal::{LogName, Op};
 use tether_shared::protocol::{CommandBody, EventBody, Seq, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
@@ -31,6 +31,10 @@ pub struct State {
     /// Output bytes stored so far, by the meta key of running steps (see
     /// [`OUTPUT_LEN_PREFIX`]).
     pub output_bytes: HashMap<String, u64>,
+    /// Each agent's jobs that are not final (queued or running), so that dispatching to one
+    /// agent looks at its own few jobs, never at every job ever created. Jobs that became
+    /// final leave it lazily (see [`State::active_jobs`]).
+    active: HashMap<String, BTreeSet<String>>,
 }
 
 /// What an event changed.
@@ -267,12 +271,63 @@ impl State {
         effect
     }
 
+    /// Adds `job` (a new one, or one loaded at start).
+    pub fn insert_job(&mut self, job: Job) {
+        if !job.status.is_final() {
+            self.active
+                .entry(job.agent_id.clone())
+                .or_default()
+                .insert(job.job_id.clone());
+        }
+        self.jobs.insert(job.job_id.clone(), job);
+    }
+
+    /// The ids of `agent_id`'s jobs that are not final, dropping from the index those that
+    /// became final since.
+    fn active_jobs(&mut self, agent_id: &str) -> Vec<String> {
+        let Some(ids) = self.active.get_mut(agent_id) else {
+            return Vec::new();
+        };
+        let jobs = &self.jobs;
+        ids.retain(|id| jobs.get(id).is_some_and(|j| !j.status.is_final()));
+        let live: Vec<String> = ids.iter().cloned().collect();
+        if live.is_empty() {
+            self.active.remove(agent_id);
+        }
+        live
+    }
+
+    /// Jobs of `agent_id` that are not final (queued or running).
+    pub fn unfinished(&self, agent_id: &str) -> impl Iterator<Item = &Job> + '_ {
+        self.active
+            .get(agent_id)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| !j.status.is_final())
+    }
+
+    /// Agents that have jobs waiting to be sent.
+    pub fn agents_with_waiting_jobs(&self) -> Vec<String> {
+        self.active
+            .keys()
+            .filter(|a| {
+                self.unfinished(a)
+                    .any(|j| !j.dispatched && j.status == JobState::Queued)
+            })
+            .cloned()
+            .collect()
+    }
+
     /// The agent came back without its state: its jobs in flight there failed. Jobs still
     /// queued on the server are untouched (the agent never had them).
     pub fn reset_agent(&mut self, agent_id: &str) -> Vec<Op> {
         let mut ops = Vec::new();
-        for job in self.jobs.values_mut() {
-            if job.agent_id == agent_id && job.dispatched && !job.status.is_final() {
+        for id in self.active_jobs(agent_id) {
+            let Some(job) = self.jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.dispatched {
                 job.finish(JobState::Failed, StepState::Interrupted, RESET_MESSAGE);
                 tracing::warn!(agent_id = %agent_id, job_id = %job.job_id, "job-failed-agent-reset");
                 ops.push(job_op(job));
@@ -281,34 +336,52 @@ impl State {
         ops
     }
 
+    /// Fails every unfinished job of `agent_id` (queued or running) with `message` (the agent
+    /// is being deleted): answers their ops.
+    pub fn fail_agent(&mut self, agent_id: &str, message: &str) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for id in self.active_jobs(agent_id) {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.finish(JobState::Failed, StepState::Interrupted, message);
+                tracing::warn!(agent_id = %agent_id, job_id = %job.job_id, "job-failed-agent-deleted");
+                ops.push(job_op(job));
+            }
+        }
+        ops
+    }
+
     /// Jobs of `agent_id` dispatched and not final.
+    #[cfg(test)]
     pub fn running(&self, agent_id: &str) -> usize {
-        self.jobs
-            .values()
-            .filter(|j| j.agent_id == agent_id && j.dispatched && !j.status.is_final())
-            .count()
+        self.unfinished(agent_id).filter(|j| j.dispatched).count()
     }
 
     /// Marks up to the free slots of `agent_id` of its undispatched queued jobs dispatched
-    /// (oldest deployment first) and answers their RunJob commands and ops.
+    /// (oldest deployment first) and answers their RunJob commands and ops. Looks at the
+    /// agent's unfinished jobs only: the cost does not grow with history or fleet size.
     pub fn take_ready(
         &mut self,
         agent_id: &str,
         limit: usize,
     ) -> (Vec<String>, Vec<CommandBody>, Vec<Op>) {
-        let free = limit.saturating_sub(self.running(agent_id));
-        let mut ready: Vec<(u64, String)> = self
-            .jobs
-            .values()
-            .filter(|j| j.agent_id == agent_id && !j.dispatched && j.status == JobState::Queued)
-            .map(|j| {
+        let active = self.active_jobs(agent_id);
+        let mut running = 0;
+        let mut ready: Vec<(u64, String)> = Vec::new();
+        for id in active {
+            let Some(j) = self.jobs.get(&id) else {
+                continue;
+            };
+            if j.dispatched {
+                running += 1;
+            } else if j.status == JobState::Queued {
                 let created = self
                     .deployments
                     .get(&j.deployment_id)
                     .map_or(0, |d| d.created_unix_ms);
-                (created, j.job_id.clone())
-            })
-            .collect();
+                ready.push((created, id));
+            }
+        }
+        let free = limit.saturating_sub(running);
         ready.sort();
         let (mut ids, mut bodies, mut ops) = (Vec::new(), Vec::new(), Vec::new());
         for (_, job_id) in ready.into_iter().take(free) {
@@ -343,8 +416,16 @@ impl State {
     /// dispatched, unfinished ones are answered as (agent id, job id) to send CancelJob to.
     pub fn cancel(&mut self, id: &str) -> (Vec<Op>, Vec<(String, String)>) {
         let (mut ops, mut remote) = (Vec::new(), Vec::new());
-        for job in self.jobs.values_mut() {
-            if job.deployment_id != id || job.status.is_final() {
+        let job_ids: Vec<String> = self
+            .deployments
+            .get(id)
+            .map(|d| d.agents.iter().map(|a| format!("{id}-{a}")).collect())
+            .unwrap_or_default();
+        for job_id in job_ids {
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            if job.status.is_final() {
                 continue;
             }
             if job.dispatched {
@@ -426,6 +507,9 @@ impl State {
             for a in &d.agents {
                 let job_id = format!("{}-{a}", d.id);
                 if let Some(job) = self.jobs.remove(&job_id) {
+                    if let Some(ids) = self.active.get_mut(&job.agent_id) {
+                        ids.remove(&job_id);
+                    }
                     for step in 0..job.steps.len() as u32 {
                         self.output_bytes.remove(&output_len_key(&job_id, step));
                     }

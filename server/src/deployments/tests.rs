@@ -50,7 +50,7 @@ fn state(agents: &[&str]) -> State {
     for a in agents {
         let mut j = Job::new(&d, a);
         j.dispatched = true;
-        s.jobs.insert(j.job_id.clone(), j);
+        s.insert_job(j);
     }
     s.deployments.insert(d.id.clone(), d);
     s
@@ -299,7 +299,7 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
         let mut d = s.deployments["d-1"].clone();
         d.id = format!("d-{n}");
         d.created_unix_ms = n;
-        s.jobs.insert(format!("d-{n}-a1"), Job::new(&d, "a1"));
+        s.insert_job(Job::new(&d, "a1"));
         s.deployments.insert(d.id.clone(), d);
     }
     let (ids, bodies, ops) = s.take_ready("a1", 2);
@@ -435,4 +435,34 @@ fn targets_resolve_by_name_or_all_tags() {
     assert!(resolve_targets(&t(None, Some(&[])), &agents).is_err());
     assert!(resolve_targets(&t(Some(&["web-1"]), Some(&["web"])), &agents).is_err());
     assert!(resolve_targets(&t(Some(&[]), None), &agents).is_err());
+    // Many unknown names: a short answer that counts the rest.
+    let many: Vec<String> = (0..10_000).map(|i| format!("nobody-{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = resolve_targets(&t(Some(&many), None), &agents).unwrap_err();
+    assert!(err.len() < 1_000 && err.ends_with("and 9990 more"), "{err}");
+}
+
+#[test]
+fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
+    let mut s = state(&["a1", "a2"]);
+    // Everything starts undispatched here.
+    for j in s.jobs.values_mut() {
+        j.dispatched = false;
+    }
+    assert_eq!(s.agents_with_waiting_jobs(), vec!["a1", "a2"]);
+    let (ids, bodies, _) = s.take_ready("a1", 4);
+    assert_eq!((ids.len(), bodies.len()), (1, 1));
+    assert_eq!(s.running("a1"), 1);
+    assert_eq!(s.unfinished("a1").count(), 1);
+    // Its end takes it out of the agent's unfinished jobs; a2's stays.
+    s.apply_event("a1", &accepted());
+    s.apply_event("a1", &job_finished(JobStatus::Failed));
+    assert_eq!(s.running("a1"), 0);
+    assert_eq!(s.unfinished("a1").count(), 0);
+    assert_eq!(s.agents_with_waiting_jobs(), vec!["a2"]);
+    assert!(s.take_ready("a1", 4).0.is_empty());
+    // Deleting an agent fails its unfinished jobs and only those.
+    assert_eq!(s.fail_agent("a2", "deleted").len(), 1);
+    assert_eq!(s.unfinished("a2").count(), 0);
+    assert!(s.fail_agent("a2", "deleted").is_empty());
 }

@@ -4,6 +4,10 @@
 //! real agent processes; one real agent's round trip (20 deployments one after another); and
 //! an idle real agent's memory (monitor plus worker RSS).
 //!
+//! With 1,000 agents it then runs deployments until the server holds `TETHER_BENCH_HISTORY`
+//! (default 100,000) finished jobs, and times the same dispatch again: the ratio shows whether
+//! dispatch cost grows with history.
+//!
 //! `cargo bench -p tether-tests --bench dispatch` (`make bench`). `TETHER_BENCH_DISPATCH`
 //! (default `100,1000`) sets the simulated sizes.
 
@@ -54,6 +58,12 @@ fn main() {
         "agents", "n", "total ms", "p50 ms", "p99 ms", "max ms"
     );
     let mut sim_1000 = None;
+    // Finished jobs to accumulate before dispatching to 1,000 agents again (0: skip).
+    let history: usize = std::env::var("TETHER_BENCH_HISTORY")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(100_000);
+    let mut history_ratio = None;
     for &n in &sizes {
         let dir = TestDir::new();
         let server = Server::start(dir.path());
@@ -81,6 +91,18 @@ fn main() {
         let total = row("simulated", n, dispatch(&server, "trivial", &ids));
         if n == 1000 {
             sim_1000 = total;
+            // History: the same dispatch once the server holds `history` finished jobs.
+            if history > 0 {
+                let rounds = history.div_ceil(n);
+                for _ in 0..rounds {
+                    dispatch(&server, "trivial", &ids);
+                }
+                let label = format!("after {} jobs", rounds * n);
+                let after = row(&label, n, dispatch(&server, "trivial", &ids));
+                if let (Some(fresh), Some(after)) = (total, after) {
+                    history_ratio = Some(after as f64 / fresh.max(1) as f64);
+                }
+            }
         }
         eprintln!(
             "simulated agents answered {} jobs",
@@ -136,6 +158,12 @@ fn main() {
         println!(
             "target 1000 simulated agents all done < 2000 ms: {t} ms ({})",
             verdict(t < 2000)
+        );
+    }
+    if let Some(r) = history_ratio {
+        println!(
+            "target 1000 agents after {history} finished jobs <= 1.2x a fresh server: {r:.2}x ({})",
+            verdict(r <= 1.2)
         );
     }
     let p50 = percentile(&trips, 0.5);

@@ -34,7 +34,7 @@ pub struct State {
     /// Each agent's jobs that are not final (queued or running), so that dispatching to one
     /// agent looks at its own few jobs, never at every job ever created. Jobs that became
     /// final leave it lazily (see [`State::active_jobs`]).
-    active: HashMap<String, BTreeSet<String>>,
+    active: BTreeMap<String, BTreeSet<String>>,
 }
 
 /// What an event changed.

@@ -681,13 +681,7 @@ fn one_source_cannot_take_every_tls_handshake_slot() {
     let mut idle: Vec<_> = (0..160)
         .map(|_| tcp_from([127, 0, 0, 1], server.https))
         .collect();
-    let closed = idle
-        .iter_mut()
-        .rev()
-        .take(32)
-        .map(|c| closed_within(c, std::time::Duration::from_millis(500)))
-        .filter(|closed| *closed)
-        .count();
+    // Looked at first and quickly: they are held only until the handshake deadline (5 s).
     let held = idle
         .iter_mut()
         .take(8)
@@ -695,6 +689,13 @@ fn one_source_cannot_take_every_tls_handshake_slot() {
         .filter(|closed| !*closed)
         .count();
     assert_eq!(held, 8, "the first connections, within the bound, are held");
+    let closed = idle
+        .iter_mut()
+        .rev()
+        .take(32)
+        .map(|c| closed_within(c, std::time::Duration::from_millis(1000)))
+        .filter(|closed| *closed)
+        .count();
     assert!(
         closed >= 30,
         "only {closed} of the 32 over the bound were closed at once"

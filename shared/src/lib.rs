@@ -40,3 +40,4 @@ pub mod stream;
 pub mod tls;
 pub mod unpack;
 pub mod upgrade;
+pub mod utf8_stream;

@@ -2,7 +2,8 @@
 //! commits records as fast as it can and prints each acknowledgement, kills it with SIGKILL at
 //! a random moment, then has another child read the journal back and checks that every
 //! acknowledged append is there (with the right content) and every acknowledged truncation
-//! took effect. At least `TETHER_CRASH_ITERATIONS` (default 100) kills, bounded in time.
+//! took effect, and that each producer's blob (appended in the same commits) holds exactly
+//! the bytes of the appends that survived. At least `TETHER_CRASH_ITERATIONS` (default 100) kills, bounded in time.
 //!
 //! A second check runs a child under `strace` and proves from the system-call trace that no
 //! acknowledgement was printed before the `fdatasync` of sled's data file that covers its batch.
@@ -36,6 +37,10 @@ fn payload(producer: u64, seq: u64) -> Vec<u8> {
 
 fn log_name(producer: u64) -> Result<LogName> {
     Ok(LogName::new(format!("p{producer}"))?)
+}
+
+fn blob_name(producer: u64) -> Result<LogName> {
+    Ok(LogName::new(format!("b{producer}"))?)
 }
 
 fn main() -> Result<()> {
@@ -74,6 +79,7 @@ fn child_write(appends_each: Option<u64>) -> Result<()> {
             let start = recovered.logs.get(&format!("p{p}")).map_or(0, |l| l.last.0);
             let addr = addr.clone();
             let log = log_name(p)?;
+            let blob = blob_name(p)?;
             tasks.push(actix::spawn(async move {
                 let mut seq = start;
                 loop {
@@ -81,12 +87,19 @@ fn child_write(appends_each: Option<u64>) -> Result<()> {
                     if appends_each.is_some_and(|n| seq > start + n) {
                         return Ok::<(), anyhow::Error>(());
                     }
-                    let op = Op::Append {
-                        log: log.clone(),
-                        seq: Seq(seq),
-                        payload: payload(p, seq),
-                    };
-                    let done = addr.send(Commit { ops: vec![op] }).await??;
+                    // The same bytes go to the producer's blob in the same commit.
+                    let ops = vec![
+                        Op::Append {
+                            log: log.clone(),
+                            seq: Seq(seq),
+                            payload: payload(p, seq),
+                        },
+                        Op::AppendBlob {
+                            name: blob.clone(),
+                            bytes: payload(p, seq),
+                        },
+                    ];
+                    let done = addr.send(Commit { ops }).await??;
                     println!("A {p} {seq} batch={}", done.batch);
                     if seq % TRUNCATE_EVERY == 0 && seq > KEEP {
                         let upto = Seq(seq - KEEP);
@@ -131,6 +144,18 @@ fn child_verify() -> Result<()> {
         for r in records {
             let ok = r.payload == payload(p, r.seq.0);
             writeln!(out, "{} {p} {}", if ok { "R" } else { "BAD" }, r.seq.0)?;
+        }
+        // The blob holds exactly the payloads of every append committed with it.
+        let expected: Vec<u8> = (1..=summary.last.0).flat_map(|s| payload(p, s)).collect();
+        let blob = handle.read_blob(&blob_name(p)?, 0, usize::MAX)?;
+        if blob != expected {
+            writeln!(
+                out,
+                "BADBLOB {p} {} (expected {} bytes, through seq {})",
+                blob.len(),
+                expected.len(),
+                summary.last.0
+            )?;
         }
     }
     Ok(())

@@ -280,6 +280,16 @@ fn an_agent_flooding_output_is_capped_and_late_output_refused_while_others_finis
     fleet.stop();
 }
 
+/// The files holding step logs in the server's journal.
+fn step_log_files(server: &Server) -> usize {
+    let blobs = server.dir.join("journal").join("files");
+    std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .map(|shard| std::fs::read_dir(shard.path()).unwrap().count())
+        .sum()
+}
+
 #[test]
 fn finished_work_is_pruned_on_both_ends_by_policy_and_on_demand() {
     let dir = TestDir::new();
@@ -320,6 +330,12 @@ fn finished_work_is_pruned_on_both_ends_by_policy_and_on_demand() {
         let list = server.request("GET", "/api/v1/deployments", None).json();
         (list.as_array().map(Vec::len) == Some(1)).then_some(())
     });
+    // Each step's log is a file of its own: the pruned ones' are gone, the disk freed.
+    assert_eq!(
+        step_log_files(&server),
+        1,
+        "only the kept deployment's log file"
+    );
     let newest = ids.last().unwrap();
     assert_eq!(server.deployment(newest)["status"], "succeeded");
     assert!(server.step_log(newest, "keep-1", "say").contains("kept"));
@@ -339,6 +355,7 @@ fn finished_work_is_pruned_on_both_ends_by_policy_and_on_demand() {
     let answer = cli.json(&["deployments", "prune", "--keep", "0"]);
     assert_eq!(answer["kept"], 0, "{answer}");
     assert_eq!(answer["pruned"], 1, "{answer}");
+    assert_eq!(step_log_files(&server), 0, "every log file is gone");
     // A bad request changes nothing.
     let r = server.request(
         "POST",

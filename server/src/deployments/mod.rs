@@ -4,7 +4,8 @@
 //! [`Deployments`] (shared as `Arc<Deployments>`, also through `SessionShared` so that every
 //! `AgentLink` reaches it) holds the [`state::State`] in memory, loaded from the journal's meta
 //! entries at start (`process/<name>`, `deployment/<id>`, `job/<job_id>`, JSON). Step output is
-//! in journal logs `joblog/<job_id>/<step>`, one record per chunk (seq = chunk + 1).
+//! in journal blobs `joblog/<job_id>/<step>`, a file each, so pruning frees the disk at once
+//! (logs written by earlier versions are journal records, one per chunk, and are read first).
 //!
 //! Changes made by REST requests are committed before they are answered; changes made by agent
 //! events are returned as ops that the agent's link commits in the same batch as the event.

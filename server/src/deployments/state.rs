@@ -152,9 +152,7 @@ impl State {
                     newer
                 }
             }
-            EventBody::StepOutput {
-                step, chunk, data, ..
-            } => {
+            EventBody::StepOutput { step, data, .. } => {
                 let running = !job.status.is_final()
                     && job
                         .steps
@@ -180,10 +178,9 @@ impl State {
                             None => stored,
                         };
                         if let Some(payload) = payload {
-                            effect.ops.push(Op::Append {
-                                log,
-                                seq: Seq(u64::from(*chunk) + 1),
-                                payload,
+                            effect.ops.push(Op::AppendBlob {
+                                name: log,
+                                bytes: payload,
                             });
                             effect.ops.push(Op::PutMeta {
                                 key: key.clone(),
@@ -488,10 +485,12 @@ impl State {
             });
             for step in 0..job.steps.len() as u32 {
                 if let Some(log) = step_log(&job.job_id, step) {
+                    // Logs written before they moved to blobs are records.
                     ops.push(Op::TruncateThrough {
-                        log,
+                        log: log.clone(),
                         upto: Seq::MAX_VALID,
                     });
+                    ops.push(Op::DeleteBlob { name: log });
                 }
                 ops.push(Op::DeleteMeta {
                     key: output_len_key(&job.job_id, step),

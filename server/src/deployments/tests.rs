@@ -139,7 +139,7 @@ fn output(step: u32, chunk: u32, data: &str) -> EventBody {
 }
 
 #[test]
-fn output_is_kept_for_a_running_step_only_keyed_by_number() {
+fn output_is_kept_for_a_running_step_only() {
     let mut s = state(&["a1"]);
     // Not started yet: refused.
     let e = s.apply_event("a1", &output(1, 0, "early\n"));
@@ -149,10 +149,9 @@ fn output_is_kept_for_a_running_step_only_keyed_by_number() {
     let e = s.apply_event("a1", &output(1, 0, "line 0\n"));
     assert!(!e.output_refused);
     match &e.ops[..] {
-        [Op::Append { log, seq, payload }, Op::PutMeta { key, value }] => {
-            assert_eq!(log.as_str(), "joblog/d-1-a1/1");
-            assert_eq!(seq.0, 1);
-            assert_eq!(payload, b"line 0\n");
+        [Op::AppendBlob { name, bytes }, Op::PutMeta { key, value }] => {
+            assert_eq!(name.as_str(), "joblog/d-1-a1/1");
+            assert_eq!(bytes, b"line 0\n");
             assert_eq!(key, "outlen/d-1-a1/1");
             assert_eq!(value, &7u64.to_be_bytes());
         }
@@ -184,9 +183,9 @@ fn output_past_the_cap_is_cut_once_with_the_marker() {
         let e = s.apply_event("a1", &output(0, chunk, &block));
         assert!(!e.output_refused);
         for op in e.ops {
-            if let Op::Append { payload, .. } = op {
-                kept += payload.len();
-                markers += usize::from(payload == OUTPUT_TRUNCATED.as_bytes());
+            if let Op::AppendBlob { bytes, .. } = op {
+                kept += bytes.len();
+                markers += usize::from(bytes == OUTPUT_TRUNCATED.as_bytes());
             }
         }
     }

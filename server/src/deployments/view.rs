@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 use tether_shared::journal::{JournalError, JournalHandle};
 use tether_shared::mask::StreamMask;
 use tether_shared::protocol::Seq;
+use tether_shared::utf8_stream::Utf8Stream;
 
 use super::model::{deployment_status, is_secret_property, mask, Deployment, Process, MASK};
 use super::state::{step_log, State};
@@ -13,6 +14,8 @@ use crate::registry::Registry;
 
 /// Records (chunks of at most 16 KiB) read from a step log per page.
 const LOG_PAGE: usize = 16;
+/// Bytes of a step's log read at once.
+const LOG_PAGE_BYTES: usize = 64 * 1024;
 
 /// A process as `GET /api/v1/processes[/{name}]` shows it; properties declared secret show
 /// as `***`.
@@ -100,7 +103,11 @@ pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
 pub struct LogReader {
     journal: JournalHandle,
     log: Option<tether_shared::journal::LogName>,
+    /// The last record read of a log written before logs moved to blobs.
     after: Seq,
+    /// Where the blob is read next, once the records (if any) are read.
+    blob_at: Option<u64>,
+    text: Utf8Stream,
     mask: StreamMask,
     /// The step ended: the held-back tail is let out at the end. While it runs, a tail that
     /// may be the start of a secret waits, so what was read is a prefix of what comes later.
@@ -120,10 +127,31 @@ impl LogReader {
             journal,
             log: step_log(job_id, step),
             after: Seq::ZERO,
+            blob_at: None,
+            text: Utf8Stream::default(),
             mask: StreamMask::new(secrets),
             complete,
             done: false,
         }
+    }
+
+    /// The next page of raw bytes: the records of an older log first, then the blob.
+    fn next_bytes(&mut self) -> Result<Vec<u8>, JournalError> {
+        let Some(log) = &self.log else {
+            return Ok(Vec::new());
+        };
+        if self.blob_at.is_none() {
+            let page = self.journal.read_log(log, self.after, LOG_PAGE)?;
+            if let Some(last) = page.last() {
+                self.after = last.seq;
+                return Ok(page.into_iter().flat_map(|r| r.payload).collect());
+            }
+            self.blob_at = Some(0);
+        }
+        let at = self.blob_at.unwrap_or(0);
+        let bytes = self.journal.read_blob(log, at, LOG_PAGE_BYTES)?;
+        self.blob_at = Some(at + bytes.len() as u64);
+        Ok(bytes)
     }
 
     /// The next piece of the log (masked), or `None` at its end.
@@ -131,24 +159,20 @@ impl LogReader {
         if self.done {
             return Ok(None);
         }
-        let page = match &self.log {
-            Some(log) => self.journal.read_log(log, self.after, LOG_PAGE)?,
-            None => Vec::new(),
-        };
-        let Some(last) = page.last() else {
+        let bytes = self.next_bytes()?;
+        if bytes.is_empty() {
             self.done = true;
             let tail = if self.complete {
-                self.mask.finish()
+                let rest = self.text.finish();
+                let mut tail = self.mask.push(&rest);
+                tail.push_str(&self.mask.finish());
+                tail
             } else {
                 String::new()
             };
             return Ok(Some(tail).filter(|t| !t.is_empty()));
-        };
-        self.after = last.seq;
-        let mut text = String::new();
-        for r in &page {
-            text.push_str(&String::from_utf8_lossy(&r.payload));
         }
+        let text = self.text.decode(&bytes);
         Ok(Some(self.mask.push(&text)))
     }
 

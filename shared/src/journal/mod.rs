@@ -12,9 +12,11 @@
 //! new one tells peers this process lost its state.
 //!
 //! - [`record`]: key and value encodings, checksums (sans-IO).
+//! - [`blobs`]: append-only blobs (step logs) in files of their own beside sled.
 //! - [`store`]: the [`Store`] trait and the sled implementation.
 //! - [`writer`]: the group-commit thread.
 
+pub mod blobs;
 pub mod record;
 pub mod store;
 pub mod writer;
@@ -63,6 +65,16 @@ pub enum Op {
     },
     DeleteMeta {
         key: String,
+    },
+    /// Add bytes at the end of a blob (a step's log), kept in a file of its own so that
+    /// deleting it frees its space at once (see [`blobs`]).
+    AppendBlob {
+        name: LogName,
+        bytes: Vec<u8>,
+    },
+    /// Delete a blob; its file goes once the deletion is durable.
+    DeleteBlob {
+        name: LogName,
     },
 }
 
@@ -186,7 +198,7 @@ impl JournalHandle {
         ops: Vec<Op>,
     ) -> Result<oneshot::Receiver<Result<Committed, JournalError>>, JournalError> {
         for op in &ops {
-            if let Op::Append { payload, .. } = op {
+            if let Op::Append { payload, .. } | Op::AppendBlob { bytes: payload, .. } = op {
                 if payload.len() > MAX_RECORD_BYTES {
                     return Err(JournalError::TooLarge {
                         len: payload.len(),
@@ -228,6 +240,17 @@ impl JournalHandle {
                     .map_err(|reason| self.corrupt(k, reason))
             })
             .collect()
+    }
+
+    /// Up to `max` bytes of blob `name` from byte `offset` (nothing past its committed
+    /// length; nothing at all for a blob never written).
+    pub fn read_blob(
+        &self,
+        name: &LogName,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, JournalError> {
+        self.store.read_blob(name, offset, max)
     }
 
     /// A meta value, validated.

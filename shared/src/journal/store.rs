@@ -10,6 +10,7 @@ use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use crate::journal::blobs::{self, BlobFiles};
 use crate::journal::record::{self, LogName};
 use crate::journal::{JournalError, Op};
 
@@ -32,6 +33,8 @@ pub trait Store: Send + Sync + 'static {
     /// Records of one log with a key from `from` (inclusive), at most `limit` of them.
     fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError>;
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError>;
+    /// Up to `max` bytes of blob `name` from `offset`, never past its committed length.
+    fn read_blob(&self, name: &LogName, offset: u64, max: usize) -> Result<Vec<u8>, JournalError>;
     /// How many data syncs (`fdatasync`) have completed: the tests check one per batch.
     fn syncs(&self) -> u64;
 }
@@ -59,8 +62,13 @@ pub struct SledStore {
     data_file: File,
     /// Blob files already synced (sled writes large pages to their own files).
     synced_blobs: std::sync::Mutex<HashSet<std::ffi::OsString>>,
+    /// Our blobs (step logs), in files of their own.
+    files: BlobFiles,
     syncs: std::sync::atomic::AtomicU64,
 }
+
+/// The directory of [`blobs`] files inside the journal's.
+pub const BLOB_DIR: &str = "files";
 
 fn io_err(context: &str, path: &Path, e: std::io::Error) -> JournalError {
     JournalError::Io {
@@ -108,13 +116,48 @@ impl SledStore {
         let data_path = dir.join("db");
         let data_file = File::open(&data_path)
             .map_err(|e| io_err("cannot open sled's data file", &data_path, e))?;
-        Ok(SledStore {
+        let store = SledStore {
             db,
             dir: dir.to_owned(),
             data_file,
             synced_blobs: std::sync::Mutex::new(HashSet::new()),
+            files: BlobFiles::open(&dir.join(BLOB_DIR))?,
             syncs: std::sync::atomic::AtomicU64::new(0),
-        })
+        };
+        let live = store.blob_names()?;
+        let orphans = store.files.remove_orphans(&live)?;
+        if orphans > 0 {
+            tracing::info!(path = %dir.display(), orphans, "journal-orphan-blob-files-removed");
+        }
+        Ok(store)
+    }
+
+    /// Every blob with a committed length.
+    fn blob_names(&self) -> Result<Vec<LogName>, JournalError> {
+        let prefix = record::meta_key(blobs::LENGTH_KEY_PREFIX);
+        let mut names = Vec::new();
+        for key in self.db.scan_prefix(&prefix).keys() {
+            let key = key.map_err(|e| sled_err("cannot scan blob lengths", e))?;
+            let name = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            names.push(LogName::new(name)?);
+        }
+        Ok(names)
+    }
+
+    /// The committed length of blob `name` (0 for none).
+    fn blob_len(&self, name: &LogName) -> Result<u64, JournalError> {
+        let key = blobs::length_key(name);
+        let k = record::meta_key(&key);
+        let Some(v) = self.db.get(&k).map_err(|e| sled_err("cannot read", e))? else {
+            return Ok(0);
+        };
+        let corrupt = |reason| JournalError::Corrupt {
+            path: self.dir.clone(),
+            key: key.clone(),
+            reason,
+        };
+        let raw = record::decode_meta(&k, &v).map_err(corrupt)?;
+        blobs::decode_length(raw).map_err(corrupt)
     }
 
     fn sync_new_blobs(&self) -> Result<(), JournalError> {
@@ -158,8 +201,13 @@ impl SledStore {
         Ok(())
     }
 
-    fn build_batch(&self, ops: &[Op]) -> Result<sled::Batch, JournalError> {
+    /// The sled batch for `ops`, and the blobs it deletes. Blob bytes are written and made
+    /// durable here, before sled sees the lengths that commit them.
+    fn build_batch(&self, ops: &[Op]) -> Result<(sled::Batch, Vec<LogName>), JournalError> {
         let mut batch = sled::Batch::default();
+        let mut appends = blobs::Appends::default();
+        let mut lengths: std::collections::HashMap<&LogName, u64> = Default::default();
+        let mut deleted = Vec::new();
         for op in ops {
             match op {
                 Op::Append { log, seq, payload } => {
@@ -177,9 +225,30 @@ impl SledStore {
                     batch.insert(record::meta_key(key), record::encode_meta(key, value))
                 }
                 Op::DeleteMeta { key } => batch.remove(record::meta_key(key)),
+                Op::AppendBlob { name, bytes } => {
+                    deleted.retain(|d| d != name);
+                    let at = match lengths.get(name) {
+                        Some(len) => *len,
+                        None => self.blob_len(name)?,
+                    };
+                    self.files.write_at(&mut appends, name, at, bytes)?;
+                    let len = at + bytes.len() as u64;
+                    lengths.insert(name, len);
+                    let key = blobs::length_key(name);
+                    batch.insert(
+                        record::meta_key(&key),
+                        record::encode_meta(&key, &blobs::encode_length(len)),
+                    );
+                }
+                Op::DeleteBlob { name } => {
+                    lengths.insert(name, 0);
+                    batch.remove(record::meta_key(&blobs::length_key(name)));
+                    deleted.push(name.clone());
+                }
             }
         }
-        Ok(batch)
+        self.files.sync_appends(appends)?;
+        Ok((batch, deleted))
     }
 
     fn keys_through(
@@ -199,13 +268,19 @@ impl SledStore {
 
 impl Store for SledStore {
     fn apply(&self, ops: &[Op]) -> Result<(), JournalError> {
-        let batch = self.build_batch(ops)?;
+        let (batch, deleted) = self.build_batch(ops)?;
         self.db
             .apply_batch(batch)
-            .map_err(|e| sled_err("cannot apply batch", e))
+            .map_err(|e| sled_err("cannot apply batch", e))?;
+        // Queued only now: a sync that takes them flushes this batch too.
+        for name in &deleted {
+            self.files.delete_after_sync(name)?;
+        }
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), JournalError> {
+        let deleted = self.files.take_deleted()?;
         self.db.flush().map_err(|e| sled_err("cannot flush", e))?;
         self.sync_new_blobs()?;
         // An fdatasync failure is not retried: the kernel may have dropped the dirty pages
@@ -217,7 +292,7 @@ impl Store for SledStore {
             })?;
         self.syncs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.files.remove_deleted(deleted)
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {
@@ -245,6 +320,11 @@ impl Store for SledStore {
             .get(key)
             .map(|o| o.map(|v| v.to_vec()))
             .map_err(|e| sled_err("cannot read", e))
+    }
+
+    fn read_blob(&self, name: &LogName, offset: u64, max: usize) -> Result<Vec<u8>, JournalError> {
+        let committed = self.blob_len(name)?;
+        self.files.read(name, committed, offset, max)
     }
 
     fn syncs(&self) -> u64 {

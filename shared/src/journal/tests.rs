@@ -58,6 +58,18 @@ async fn commits_reads_back_and_truncates() {
     assert!(health.syncs >= health.batches, "{health:?}");
 }
 
+/// Opens the journal in `dir` again once the previous opener's writer threads let it go
+/// (sled releases its lock when the last handle, the writer thread's, is gone).
+async fn reopen(dir: &Path) -> (Journal, Recovered) {
+    loop {
+        match Journal::open(dir, &JournalOptions::default()) {
+            Ok(j) => break j,
+            Err(JournalError::Locked { .. }) => tokio::task::yield_now().await,
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 #[actix::test]
 async fn state_and_incarnation_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,14 +84,7 @@ async fn state_and_incarnation_survive_reopen() {
         .unwrap();
         h.incarnation().to_owned()
     };
-    // sled releases its lock when the last handle (the writer thread's) is gone.
-    let (journal, rec) = loop {
-        match Journal::open(dir.path(), &JournalOptions::default()) {
-            Ok(j) => break j,
-            Err(JournalError::Locked { .. }) => tokio::task::yield_now().await,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let (journal, rec) = reopen(dir.path()).await;
     assert!(!rec.created);
     assert_eq!(rec.incarnation, inc);
     assert_eq!(
@@ -118,4 +123,99 @@ async fn refuses_oversized_records() {
         journal.handle().read_log(&log("x"), Seq::ZERO, 10).unwrap(),
         vec![]
     );
+}
+
+/// Files under the journal's blob directory.
+fn blob_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for shard in std::fs::read_dir(dir.join(store::BLOB_DIR)).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out
+}
+
+#[actix::test]
+async fn blobs_append_across_batches_read_by_range_and_free_their_file_on_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+    let h = journal.handle();
+    let (a, b) = (log("joblog/j1/0"), log("joblog/j1/1"));
+    let append = |name: &LogName, bytes: &[u8]| Op::AppendBlob {
+        name: name.clone(),
+        bytes: bytes.to_vec(),
+    };
+    h.commit(vec![append(&a, b"hello "), append(&b, b"other")])
+        .await
+        .unwrap();
+    h.commit(vec![append(&a, b"world"), append(&a, b"!")])
+        .await
+        .unwrap();
+    assert_eq!(h.read_blob(&a, 0, 100).unwrap(), b"hello world!");
+    assert_eq!(h.read_blob(&a, 6, 5).unwrap(), b"world");
+    assert_eq!(h.read_blob(&a, 12, 5).unwrap(), b"");
+    assert_eq!(h.read_blob(&log("joblog/none/0"), 0, 5).unwrap(), b"");
+    assert_eq!(blob_files(dir.path()).len(), 2);
+
+    h.commit(vec![Op::DeleteBlob { name: a.clone() }])
+        .await
+        .unwrap();
+    assert_eq!(h.read_blob(&a, 0, 100).unwrap(), b"");
+    assert_eq!(
+        blob_files(dir.path()).len(),
+        1,
+        "the deleted blob's file is gone"
+    );
+    assert_eq!(h.read_blob(&b, 0, 100).unwrap(), b"other");
+    // Deleted and written again in one batch: the new content stays.
+    h.commit(vec![Op::DeleteBlob { name: b.clone() }, append(&b, b"new")])
+        .await
+        .unwrap();
+    assert_eq!(h.read_blob(&b, 0, 100).unwrap(), b"new");
+    assert_eq!(blob_files(dir.path()).len(), 1);
+}
+
+#[actix::test]
+async fn bytes_past_a_blobs_committed_length_are_never_read_and_orphans_go_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = log("joblog/j1/0");
+    {
+        let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        journal
+            .handle()
+            .commit(vec![Op::AppendBlob {
+                name: a.clone(),
+                bytes: b"kept".to_vec(),
+            }])
+            .await
+            .unwrap();
+    }
+    // A crash after the bytes of a batch were written, before its commit: they trail the
+    // file. And a file whose blob was deleted without the file going.
+    let files = blob_files(dir.path());
+    assert_eq!(files.len(), 1);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&files[0])
+        .unwrap();
+    std::io::Write::write_all(&mut f, b" uncommitted").unwrap();
+    let orphan_dir = dir.path().join(store::BLOB_DIR).join("00");
+    std::fs::create_dir_all(&orphan_dir).unwrap();
+    std::fs::write(orphan_dir.join("orphan"), b"x").unwrap();
+
+    let (journal, _) = reopen(dir.path()).await;
+    let h = journal.handle();
+    assert!(
+        !orphan_dir.join("orphan").exists(),
+        "the orphan went at open"
+    );
+    assert_eq!(h.read_blob(&a, 0, 100).unwrap(), b"kept");
+    h.commit(vec![Op::AppendBlob {
+        name: a.clone(),
+        bytes: b", more".to_vec(),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(h.read_blob(&a, 0, 100).unwrap(), b"kept, more");
 }

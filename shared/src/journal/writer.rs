@@ -61,6 +61,16 @@ impl WriterStats {
             p.get_or_insert_with(|| reason.to_owned());
         }
     }
+
+    /// A store that failed a write (a full disk, a failed `fdatasync`) is not trusted again
+    /// in this process: nothing more is acknowledged until it starts over from what is durable.
+    fn poison_on(&self, e: &JournalError) {
+        match e {
+            JournalError::Io { context, reason } => self.poison(&format!("{context}: {reason}")),
+            JournalError::Poisoned { reason } => self.poison(reason),
+            _ => {}
+        }
+    }
 }
 
 fn unix_ms() -> u64 {
@@ -166,9 +176,7 @@ fn applier(
                 // A store that failed a write (a full disk) is not trusted again in this
                 // process: sled keeps its I/O error. Nothing more is acknowledged until the
                 // process starts over from what is durable.
-                if let JournalError::Io { context, reason } = &e {
-                    stats.poison(&format!("{context}: {reason}"));
-                }
+                stats.poison_on(&e);
                 fail(stats, std::mem::take(&mut replies), e)
             }
         }
@@ -237,13 +245,7 @@ fn flusher(store: &dyn Store, stats: &WriterStats, handoff: &Handoff) {
                 }
             }
             Err(e) => {
-                match &e {
-                    JournalError::Poisoned { reason } => stats.poison(reason),
-                    JournalError::Io { context, reason } => {
-                        stats.poison(&format!("{context}: {reason}"))
-                    }
-                    _ => {}
-                }
+                stats.poison_on(&e);
                 fail(stats, replies, e);
             }
         }

@@ -8,65 +8,18 @@
 
 use tether_shared::mask::StreamMask;
 use tether_shared::protocol::{MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
+use tether_shared::utf8_stream::Utf8Stream;
 
 use super::outputs::{OutputLines, Outputs};
 
 /// Largest output chunk.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
-/// Bytes of one pipe to text, joining characters cut between reads.
-#[derive(Debug, Default)]
-struct Utf8Pipe {
-    partial: Vec<u8>,
-}
-
-impl Utf8Pipe {
-    fn decode(&mut self, bytes: &[u8]) -> String {
-        self.partial.extend_from_slice(bytes);
-        let keep = match std::str::from_utf8(&self.partial) {
-            Ok(_) => 0,
-            // An incomplete character at the very end waits for the next read.
-            Err(e) if e.error_len().is_none() => self.partial.len() - e.valid_up_to(),
-            Err(_) => {
-                // Invalid in the middle: decode lossily up to a possibly incomplete tail.
-                let tail = incomplete_tail(&self.partial);
-                tail.min(self.partial.len())
-            }
-        };
-        let rest = self.partial.split_off(self.partial.len() - keep);
-        let text = String::from_utf8_lossy(&self.partial).into_owned();
-        self.partial = rest;
-        text
-    }
-
-    fn finish(&mut self) -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut self.partial)).into_owned()
-    }
-}
-
-/// Length of an incomplete UTF-8 sequence at the end of `bytes` (0 to 3).
-fn incomplete_tail(bytes: &[u8]) -> usize {
-    for back in 1..=3.min(bytes.len()) {
-        let b = bytes[bytes.len() - back];
-        if b & 0xC0 == 0x80 {
-            continue; // a continuation byte: look further back
-        }
-        let need = match b {
-            0xC0..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF7 => 4,
-            _ => return 0,
-        };
-        return if need > back { back } else { 0 };
-    }
-    0
-}
-
 /// The capture of one step's output.
 #[derive(Debug)]
 pub struct Capture {
-    stdout: Utf8Pipe,
-    stderr: Utf8Pipe,
+    stdout: Utf8Stream,
+    stderr: Utf8Stream,
     mask: StreamMask,
     /// Masked text not yet cut into a chunk.
     pending: String,
@@ -79,8 +32,8 @@ pub struct Capture {
 impl Capture {
     pub fn new(secrets: &[String]) -> Self {
         Capture {
-            stdout: Utf8Pipe::default(),
-            stderr: Utf8Pipe::default(),
+            stdout: Utf8Stream::default(),
+            stderr: Utf8Stream::default(),
             mask: StreamMask::new(secrets),
             pending: String::new(),
             total: 0,

@@ -23,6 +23,7 @@
 pub mod agent_auth;
 pub mod backoff;
 pub mod config;
+pub mod e2e;
 pub mod enroll;
 pub mod frame_guard;
 pub mod h1_tls;

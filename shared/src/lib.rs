@@ -42,3 +42,4 @@ pub mod tls;
 pub mod unpack;
 pub mod upgrade;
 pub mod utf8_stream;
+pub mod ws_dial;

@@ -203,13 +203,7 @@ impl Uplink {
         }
         let url = self.cfg.upstreams[self.upstream % self.cfg.upstreams.len()].clone();
         self.phase = Phase::Connecting;
-        let connector = awc::Connector::new()
-            .rustls_0_23(self.cfg.tls.clone())
-            .timeout(HANDSHAKE_TIMEOUT);
-        let client = awc::Client::builder()
-            .connector(connector)
-            .timeout(HANDSHAKE_TIMEOUT)
-            .finish();
+        let client = tether_shared::ws_dial::client(self.cfg.tls.clone(), HANDSHAKE_TIMEOUT);
         let attempt = async move {
             let (_, framed) = client
                 .ws(url.as_str())

@@ -18,12 +18,12 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use actix_web_actors::ws;
 use serde::Serialize;
 use tether_shared::config::RelayConfig;
+use tether_shared::e2e::MAX_SEALED_BYTES;
 use tether_shared::enroll::{Upstream as UpstreamUrl, WS_PATH};
 use tether_shared::frame_guard::FrameGuard;
 use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::{write_file_atomic, Identity};
 use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
-use tether_shared::protocol::MAX_FRAME_BYTES;
 use tether_shared::tls;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -296,9 +296,9 @@ async fn agent_ws(
 ) -> Result<HttpResponse, actix_web::Error> {
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = AgentDown::new(upstream.get_ref().clone(), cfg.get_ref().clone(), peer);
-    let guarded = FrameGuard::new(stream, MAX_FRAME_BYTES as u64);
+    let guarded = FrameGuard::new(stream, MAX_SEALED_BYTES as u64);
     ws::WsResponseBuilder::new(session, &req, guarded)
-        .frame_size(MAX_FRAME_BYTES)
+        .frame_size(MAX_SEALED_BYTES)
         .start()
 }
 

@@ -21,7 +21,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::MAX_FRAME_BYTES;
+use crate::e2e::MAX_SEALED_BYTES;
 
 /// Where relays connect (on the server's agent-facing listener and on a relay's downstream one).
 pub const RELAY_WS_PATH: &str = "/relay/v1/ws";
@@ -29,8 +29,8 @@ pub const RELAY_WS_PATH: &str = "/relay/v1/ws";
 pub const LINK_CHANNEL: u32 = 0;
 /// Header bytes before a mux frame's payload.
 pub const HEADER_BYTES: usize = 5;
-/// Largest mux frame: a full-size v1 frame plus the header.
-pub const MAX_MUX_BYTES: usize = MAX_FRAME_BYTES + HEADER_BYTES;
+/// Largest mux frame: a full-size v1 frame, sealed end to end, plus the header.
+pub const MAX_MUX_BYTES: usize = MAX_SEALED_BYTES + HEADER_BYTES;
 /// Most relays between an agent and the server.
 pub const MAX_PATH: usize = 8;
 /// Longest `Open` payload (a path of [`MAX_PATH`] ids and an address fit easily).

@@ -1,7 +1,9 @@
 //! Fake upstreams for tests of what an agent accepts: a TLS WebSocket server on the
 //! agent-facing path (`/agent/v1/ws`) with a certificate from the real server's CA, so a real
 //! agent connects to it as to its server or relay. [`serve`] runs any session actor there;
-//! [`FakeUpstream`] is the scripted one: challenge, welcome, then one given command frame.
+//! [`FakeUpstream`] is the scripted one: the end-to-end handshake (with the real server's
+//! command-signing key, so the agent's only defence left is each command's own signature),
+//! challenge, welcome, then one given command frame.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -9,7 +11,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use actix::prelude::*;
 use actix_web::{web, App, HttpRequest, HttpServer};
 use actix_web_actors::ws;
+use tether_shared::e2e::{ServerGate, ServerStep};
 use tether_shared::enroll::WS_PATH;
+use tether_shared::identity::{Identity, PublicKey};
 use tether_shared::protocol::{self, Challenge, EventBody, Frame, Sender, Seq, Welcome};
 
 use crate::fleet::Server;
@@ -70,36 +74,49 @@ pub struct Seen {
     pub events: Vec<EventBody>,
 }
 
-/// A scripted upstream session: challenge, welcome (accepting any hello), then `command`.
+/// A scripted upstream session: the end-to-end handshake with `agent` (its public key),
+/// challenge, welcome (accepting any hello), then `command`.
 pub struct FakeUpstream {
     command: Vec<u8>,
     seen: Arc<Mutex<Seen>>,
+    signing: Arc<Identity>,
+    agent: PublicKey,
+    gate: ServerGate,
 }
 
 impl FakeUpstream {
-    /// Serves the script on `addr` (see [`serve`]); answers what it sees.
-    pub fn start(server: &Server, addr: SocketAddr, command: Vec<u8>) -> Arc<Mutex<Seen>> {
+    /// Serves the script on `addr` (see [`serve`]) to the agent whose key is `agent`;
+    /// answers what it sees.
+    pub fn start(
+        server: &Server,
+        addr: SocketAddr,
+        agent: PublicKey,
+        command: Vec<u8>,
+    ) -> Arc<Mutex<Seen>> {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let shared = seen.clone();
+        let signing = Arc::new(
+            Identity::load(&server.dir.join("signing.key")).unwrap_or_else(|e| panic!("{e}")),
+        );
         serve(server, addr, move || FakeUpstream {
             command: command.clone(),
             seen: shared.clone(),
+            signing: signing.clone(),
+            agent,
+            gate: ServerGate::default(),
         });
         seen
+    }
+
+    fn send(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
+        if let Ok(sealed) = self.gate.seal(bytes) {
+            ctx.binary(sealed);
+        }
     }
 }
 
 impl Actor for FakeUpstream {
     type Context = ws::WebsocketContext<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let challenge = Challenge {
-            nonce: "bm9uY2U=".into(),
-        };
-        if let Ok(bytes) = Frame::Challenge(challenge).encode() {
-            ctx.binary(bytes);
-        }
-    }
 }
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for FakeUpstream {
@@ -108,6 +125,21 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for FakeUpstream {
             Ok(ws::Message::Binary(b)) => b.to_vec(),
             Ok(ws::Message::Text(t)) => t.as_bytes().to_vec(),
             _ => return,
+        };
+        let agent = self.agent;
+        let bytes = match self.gate.on_message(&bytes, &self.signing, |_| Some(agent)) {
+            Ok(ServerStep::Reply(answer)) => return ctx.binary(answer),
+            Ok(ServerStep::Established(_)) => {
+                let challenge = Challenge {
+                    nonce: "bm9uY2U=".into(),
+                };
+                if let Ok(bytes) = Frame::Challenge(challenge).encode() {
+                    self.send(ctx, &bytes);
+                }
+                return;
+            }
+            Ok(ServerStep::Frame(frame)) => frame,
+            Err(_) => return ctx.stop(),
         };
         let Ok(frame) = protocol::decode(&bytes, Sender::Agent) else {
             return;
@@ -121,10 +153,12 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for FakeUpstream {
                     server_incarnation: "fake-upstream".into(),
                     heartbeat_interval_ms: 5000,
                 };
+                drop(seen);
                 if let Ok(bytes) = Frame::Welcome(welcome).encode() {
-                    ctx.binary(bytes);
+                    self.send(ctx, &bytes);
                 }
-                ctx.binary(self.command.clone());
+                let command = self.command.clone();
+                self.send(ctx, &command);
             }
             Frame::Event(e) => seen.events.push(e.body),
             _ => {}

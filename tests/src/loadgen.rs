@@ -26,12 +26,13 @@ use awc::ws;
 use awc::BoxedSocket;
 use futures_util::{SinkExt, StreamExt};
 use tether_shared::backoff::Backoff;
+use tether_shared::e2e::{AgentGate, AgentStep, MAX_SEALED_BYTES};
 use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH, WS_PATH};
 use tether_shared::identity::{Identity, PublicKey};
 use tether_shared::link::{verify_command, LinkError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
     self, hello_proof_bytes, ActorHealth, AgentStatus, CommandBody, Event, EventBody, Frame,
-    Heartbeat, Hello, JobStatus, Sender, Seq, StepStatus, StreamId, Welcome, MAX_FRAME_BYTES,
+    Heartbeat, Hello, JobStatus, Sender, Seq, StepStatus, StreamId, Welcome,
 };
 use tether_shared::stream::{ConnId, Endpoint, Handshake, Inbound, Outbound};
 use tokio::sync::watch;
@@ -348,6 +349,8 @@ pub struct SimAgent {
     requested: u64,
     /// First-send times of unacknowledged events (only when recording latency).
     sent_at: std::collections::VecDeque<(u64, Instant)>,
+    /// The current connection's end-to-end protection, once its handshake is done.
+    gate: Option<AgentGate>,
 }
 
 impl SimAgent {
@@ -378,6 +381,7 @@ impl SimAgent {
             generated: 0,
             requested: 0,
             sent_at: std::collections::VecDeque::new(),
+            gate: None,
         })
     }
 
@@ -432,7 +436,7 @@ impl SimAgent {
         let connect = client
             .ws(self.cfg.url())
             .address(self.cfg.wss)
-            .max_frame_size(MAX_FRAME_BYTES)
+            .max_frame_size(MAX_SEALED_BYTES)
             .connect();
         let mut socket = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {
             Ok(Ok((_, socket))) => socket,
@@ -441,7 +445,17 @@ impl SimAgent {
         };
         self.conn += 1;
         let conn = ConnId(self.conn);
-        let ended = match self.handshake(&mut socket, conn, control).await {
+        self.gate = None;
+        let secured = match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.secure(&mut socket)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(self.failed("e2e", "timed out")),
+        };
+        let ended = match secured {
+            Err(ended) => Err(ended),
+            Ok(()) => self.handshake(&mut socket, conn, control).await,
+        };
+        let ended = match ended {
             Ok(true) => self.serve(&mut socket, conn, control).await,
             Ok(false) => Ended::Stop,
             Err(ended) => ended,
@@ -456,6 +470,62 @@ impl SimAgent {
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         self.stats.reason(what, detail);
         Ended::Failed
+    }
+
+    /// The end-to-end handshake, as the agent's uplink runs it (a `Busy` or a refusal may come
+    /// in clear instead of the server's answer).
+    async fn secure(&mut self, socket: &mut Socket) -> Result<(), Ended> {
+        let (mut gate, first) =
+            AgentGate::start().map_err(|e| self.failed("e2e", &e.to_string()))?;
+        send_bytes(socket, &mut None, vec![first])
+            .await
+            .map_err(|e| self.failed("e2e", &e))?;
+        let answer = loop {
+            match socket.next().await {
+                Some(Ok(ws::Frame::Binary(b) | ws::Frame::Text(b))) => break b,
+                Some(Ok(ws::Frame::Ping(p))) => {
+                    let _ = socket.send(ws::Message::Pong(p)).await;
+                }
+                Some(Ok(ws::Frame::Pong(_))) => {}
+                other => return Err(self.failed("e2e", &format!("{other:?}"))),
+            }
+        };
+        if answer.first() == Some(&b'{') {
+            return Err(match protocol::decode(&answer, Sender::Server) {
+                Ok(Frame::Busy(b)) => {
+                    self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                    Ended::Busy(Duration::from_millis(b.retry_after_ms))
+                }
+                Ok(Frame::Error(e)) => {
+                    self.failed("refused", &format!("{:?}: {}", e.code, e.message))
+                }
+                other => self.failed("e2e", &format!("{other:?}")),
+            });
+        }
+        let step = gate.on_message(
+            &answer,
+            std::slice::from_ref(&self.server_key),
+            &self.agent_id,
+            &self.identity,
+        );
+        match step {
+            Ok(AgentStep::Send(last)) => {
+                send_bytes(socket, &mut None, vec![last])
+                    .await
+                    .map_err(|e| self.failed("e2e", &e))?;
+                self.gate = Some(gate);
+                Ok(())
+            }
+            other => Err(self.failed("e2e", &format!("{other:?}"))),
+        }
+    }
+
+    /// A sealed frame from the server, opened.
+    fn open(&mut self, bytes: &[u8]) -> Result<Vec<u8>, String> {
+        match self.gate.as_mut() {
+            Some(gate) => gate.open_frame(bytes).map_err(|e| e.to_string()),
+            None => Err("no end-to-end session".into()),
+        }
     }
 
     /// Challenge → Hello → Welcome. `Ok(false)`: stop asked meanwhile.
@@ -496,6 +566,9 @@ impl SimAgent {
                 Some(Err(e)) => return Err(self.failed("handshake", &e.to_string())),
                 None => return Err(self.failed("handshake", "connection ended")),
             };
+            let bytes = self
+                .open(&bytes)
+                .map_err(|e| self.failed("handshake", &e))?;
             match (challenged, protocol::decode(&bytes, Sender::Server)) {
                 (false, Ok(Frame::Challenge(c))) => {
                     let last_command_seq = self.ep.begin(conn);
@@ -509,7 +582,9 @@ impl SimAgent {
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.agent_id)),
                     };
-                    if let Err(e) = send_frames(socket, &[Frame::Hello(hello)]).await {
+                    if let Err(e) =
+                        send_frames(socket, &mut self.gate, &[Frame::Hello(hello)]).await
+                    {
                         return Err(self.failed("hello", &e));
                     }
                     challenged = true;
@@ -676,10 +751,12 @@ impl SimAgent {
                     return Ended::WasReady;
                 }
             };
-            if let Err(e) = self.on_stream_bytes(&bytes, conn, control) {
+            let opened = self.open(&bytes);
+            if let Err(e) = opened.and_then(|bytes| self.on_stream_bytes(&bytes, conn, control)) {
                 self.stats.reason("session", &e);
                 let _ = send_frames(
                     socket,
+                    &mut self.gate,
                     &[Frame::Error(protocol::ErrorFrame {
                         code: protocol::ErrorCode::ProtocolViolation,
                         message: e,
@@ -901,23 +978,36 @@ impl SimAgent {
         {
             out.push(f.encode().map_err(|e| e.to_string())?);
         }
-        send_bytes(socket, out).await
+        send_bytes(socket, &mut self.gate, out).await
     }
 }
 
-async fn send_frames(socket: &mut Socket, frames: &[Frame]) -> Result<(), String> {
+async fn send_frames(
+    socket: &mut Socket,
+    gate: &mut Option<AgentGate>,
+    frames: &[Frame],
+) -> Result<(), String> {
     let mut out = Vec::with_capacity(frames.len());
     for f in frames {
         out.push(f.encode().map_err(|e| e.to_string())?);
     }
-    send_bytes(socket, out).await
+    send_bytes(socket, gate, out).await
 }
 
-async fn send_bytes(socket: &mut Socket, frames: Vec<Vec<u8>>) -> Result<(), String> {
+/// Encoded frames on the socket, sealed by `gate` (the handshake's own messages go without).
+async fn send_bytes(
+    socket: &mut Socket,
+    gate: &mut Option<AgentGate>,
+    frames: Vec<Vec<u8>>,
+) -> Result<(), String> {
     if frames.is_empty() {
         return Ok(());
     }
     for bytes in frames {
+        let bytes = match gate.as_mut() {
+            Some(g) => g.seal(&bytes).map_err(|e| e.to_string())?,
+            None => bytes,
+        };
         socket
             .feed(ws::Message::Binary(bytes.into()))
             .await

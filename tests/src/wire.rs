@@ -15,9 +15,13 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use serde_json::Value;
+use tether_shared::e2e::{AgentGate, AgentStep};
 use tether_shared::enroll::WS_PATH;
 use tether_shared::identity::Identity;
-use tether_shared::protocol::{self, hello_proof_bytes, Frame, Hello, Sender, Seq};
+use tether_shared::identity::PublicKey;
+use tether_shared::protocol::{
+    self, hello_proof_bytes, Frame, Hello, Sender, Seq, MAX_FRAME_BYTES,
+};
 
 use crate::fleet::Server;
 
@@ -72,6 +76,16 @@ pub struct WsClient {
     buf: Vec<u8>,
     /// The connection is known to have ended.
     ended: bool,
+    /// End-to-end protection, once [`WsClient::secure`] ran: frames sent with
+    /// [`WsClient::send`] and [`WsClient::send_binary`] are sealed, data received is opened.
+    gate: Option<AgentGate>,
+}
+
+/// The server's command-signing key, which agents trust (its `signing.pub`).
+pub fn server_key(server: &Server) -> PublicKey {
+    let path = server.dir.join("signing.pub");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    PublicKey::from_b64(text.trim()).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The TLS client configuration trusting the server's CA only.
@@ -191,7 +205,27 @@ impl WsClient {
             tls,
             buf: rest,
             ended: false,
+            gate: None,
         })
+    }
+
+    /// Runs the end-to-end handshake as agent `agent_id` signing with `identity`, trusting
+    /// `server`: from then on frames are sealed both ways. Panics if the server refuses.
+    pub fn secure(&mut self, agent_id: &str, identity: &Identity, server: &PublicKey) {
+        let (mut gate, first) = AgentGate::start().unwrap_or_else(|e| panic!("{e}"));
+        self.send_frame(OP_BINARY, true, &first)
+            .unwrap_or_else(|e| panic!("end-to-end handshake: {e}"));
+        let answer = match self.recv(CONNECT_TIMEOUT) {
+            Some(WsEvent::Data(bytes)) => bytes,
+            other => panic!("end-to-end handshake: expected the server's answer, got {other:?}"),
+        };
+        match gate.on_message(&answer, std::slice::from_ref(server), agent_id, identity) {
+            Ok(AgentStep::Send(last)) => self
+                .send_frame(OP_BINARY, true, &last)
+                .unwrap_or_else(|e| panic!("end-to-end handshake: {e}")),
+            other => panic!("end-to-end handshake: {other:?}"),
+        }
+        self.gate = Some(gate);
     }
 
     /// Writes `bytes` as they are (no framing): for half-sent or malformed frames.
@@ -209,9 +243,37 @@ impl WsClient {
         self.send_raw(&out)
     }
 
-    /// Sends a binary message.
+    /// Sends the end-to-end handshake's first message and reads what comes back: `None` if
+    /// the server answered it (the session is held, waiting for the rest of the handshake),
+    /// or the frame it sent in clear instead (`Busy`, or a refusal).
+    pub fn greet(&mut self, timeout: Duration) -> Option<Frame> {
+        let (_, first) = AgentGate::start().unwrap_or_else(|e| panic!("{e}"));
+        // A server that sheds us may close before this is read: its Busy is read anyway.
+        let _ = self.send_frame(OP_BINARY, true, &first);
+        match self.recv(timeout) {
+            Some(WsEvent::Data(bytes)) if bytes.first() == Some(&b'{') => Some(
+                protocol::decode(&bytes, Sender::Server)
+                    .unwrap_or_else(|e| panic!("undecodable clear frame ({e})")),
+            ),
+            Some(WsEvent::Data(_)) => None,
+            other => panic!("expected the handshake's answer or a clear frame, got {other:?}"),
+        }
+    }
+
+    /// Sends a binary message (sealed once the session is secured; a payload too large to
+    /// seal goes out as it is, for the server to refuse by its size).
     pub fn send_binary(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.send_frame(OP_BINARY, true, payload)
+        match self
+            .gate
+            .as_mut()
+            .filter(|_| payload.len() <= MAX_FRAME_BYTES)
+        {
+            Some(gate) => {
+                let sealed = gate.seal(payload).map_err(io::Error::other)?;
+                self.send_frame(OP_BINARY, true, &sealed)
+            }
+            None => self.send_frame(OP_BINARY, true, payload),
+        }
     }
 
     /// Sends a protocol frame, encoded as the peers do.
@@ -225,7 +287,15 @@ impl WsClient {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(event) = self.parse_one() {
-                return Some(event);
+                return Some(match (event, self.gate.as_mut()) {
+                    (WsEvent::Data(bytes), Some(gate)) => match gate.open_frame(&bytes) {
+                        Ok(frame) => WsEvent::Data(frame),
+                        // A refusal of the handshake's last message comes in clear.
+                        Err(_) if bytes.first() == Some(&b'{') => WsEvent::Data(bytes),
+                        Err(e) => WsEvent::Dropped(format!("a frame that does not open: {e}")),
+                    },
+                    (event, _) => event,
+                });
             }
             if self.ended {
                 return Some(WsEvent::Dropped("already ended".into()));

@@ -70,7 +70,8 @@ fn agent_behind_a_fake(
     let frame = command(&server, &agent);
     let addr = server.wss;
     server.kill();
-    let seen = FakeUpstream::start(&server, addr, frame);
+    let key = tether_tests::wire::agent_identity(&agent.dir).public_key();
+    let seen = FakeUpstream::start(&server, addr, key, frame);
     agent.run();
     (agent, seen)
 }

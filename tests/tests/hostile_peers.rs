@@ -15,17 +15,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
+use tether_shared::e2e::MAX_SEALED_BYTES;
 use tether_shared::identity::Identity;
 use tether_shared::protocol::{
     Ack, Busy, Challenge, Command as CommandFrame, CommandBody, ErrorCode, Event, EventBody, Frame,
-    Hello, Seq, StreamId, Welcome, MAX_FRAME_BYTES,
+    Hello, Seq, StreamId, Welcome,
 };
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::https_request_with_body;
 use tether_tests::wire::{
     agent_identity, frame_header, fresh_incarnation, health, hello, journal_commits,
-    plain_tcp_exchange, server_log, tcp_connections, tls_config, Closed, WsClient, OP_BINARY,
-    OP_CONTINUATION, OP_PING, OP_TEXT,
+    plain_tcp_exchange, server_key, server_log, tcp_connections, tls_config, Closed, WsClient,
+    OP_BINARY, OP_CONTINUATION, OP_PING, OP_TEXT,
 };
 
 /// Bound on every wait for the server (a frame, a close, a state change).
@@ -36,9 +37,11 @@ const ONLINE: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// Opens a connection and reads its challenge nonce.
-fn challenged(server: &Server) -> (WsClient, String) {
+/// Opens a connection protected end to end as `agent_id` (signing with `key`) and reads its
+/// challenge nonce.
+fn challenged(server: &Server, agent_id: &str, key: &Identity) -> (WsClient, String) {
     let mut ws = WsClient::connect(server).unwrap();
+    ws.secure(agent_id, key, &server_key(server));
     let nonce = ws.challenge(WAIT);
     (ws, nonce)
 }
@@ -50,7 +53,7 @@ fn welcomed(
     key: &Identity,
     incarnation: &str,
 ) -> (WsClient, Welcome) {
-    let (mut ws, nonce) = challenged(server);
+    let (mut ws, nonce) = challenged(server, agent_id, key);
     ws.send(&Frame::Hello(hello(key, agent_id, &nonce, incarnation)))
         .unwrap();
     match ws.recv_frame("the welcome", WAIT) {
@@ -314,10 +317,11 @@ fn undecodable_and_oversized_frames_before_the_hello_are_refused() {
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
     let mut agent = Agent::install(&server, tmp.path(), "target-1", &[]);
+    let key = agent_identity(&agent.dir);
     let commits = journal_commits(&server);
 
     let refuse = |case: &str, attack: &dyn Fn(&mut WsClient)| -> Closed {
-        let (mut ws, _) = challenged(&server);
+        let (mut ws, _) = challenged(&server, &agent.id, &key);
         attack(&mut ws);
         let closed = ws.expect_close(WAIT);
         eprintln!("{case}: {closed:?}");
@@ -335,14 +339,15 @@ fn undecodable_and_oversized_frames_before_the_hello_are_refused() {
         false,
     );
 
+    // Not sealed: it does not open, so it is refused before anything reads it.
     let c = refuse("garbage text", &|ws| {
         ws.send_frame(OP_TEXT, true, b"GET / HTTP/1.1").unwrap()
     });
     assert_closed(
         "garbage text",
         &c,
-        1002,
-        Some((ErrorCode::Malformed, "malformed")),
+        1008,
+        Some((ErrorCode::Unauthorized, "does not open")),
         false,
     );
 
@@ -432,12 +437,12 @@ fn undecodable_and_oversized_frames_before_the_hello_are_refused() {
         false,
     );
 
-    let c = refuse("frame of MAX_FRAME_BYTES + 1", &|ws| {
+    let c = refuse("frame of MAX_SEALED_BYTES + 1", &|ws| {
         // The server may close while this is still being written.
-        let _ = ws.send_binary(&vec![b' '; MAX_FRAME_BYTES + 1]);
+        let _ = ws.send_binary(&vec![b' '; MAX_SEALED_BYTES + 1]);
     });
     assert_closed(
-        "MAX_FRAME_BYTES + 1",
+        "MAX_SEALED_BYTES + 1",
         &c,
         1009,
         Some((ErrorCode::Malformed, "size limit")),
@@ -467,7 +472,7 @@ fn a_frame_header_declaring_2_pow_62_bytes_is_refused_before_its_payload() {
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
     let commits = journal_commits(&server);
-    let (mut ws, _) = challenged(&server);
+    let mut ws = WsClient::connect(&server).unwrap();
     let mut raw = frame_header(OP_BINARY, true, 1 << 62);
     raw.extend_from_slice(&[1, 2, 3, 4]); // the masking key; no payload follows
     ws.send_raw(&raw).unwrap();
@@ -500,7 +505,7 @@ fn hellos_that_do_not_prove_a_registered_agent_are_refused() {
     let commits = journal_commits(&server);
 
     let refuse = |case: &str, make: &dyn Fn(&str) -> Vec<u8>| -> Closed {
-        let (mut ws, nonce) = challenged(&server);
+        let (mut ws, nonce) = challenged(&server, &agent_a.id, &key_a);
         ws.send_binary(&make(&nonce)).unwrap();
         let closed = ws.expect_close(WAIT);
         eprintln!("{case}: {closed:?}");
@@ -617,9 +622,9 @@ fn a_replayed_handshake_is_refused() {
     let commits = journal_commits(&server);
 
     // A valid hello for connection 1's nonce, presented on connection 2.
-    let (mut ws1, n1) = challenged(&server);
+    let (mut ws1, n1) = challenged(&server, &agent.id, &key);
     let captured = Frame::Hello(hello(&key, &agent.id, &n1, &incarnation));
-    let (mut ws2, n2) = challenged(&server);
+    let (mut ws2, n2) = challenged(&server, &agent.id, &key);
     assert_ne!(n1, n2, "two connections got the same nonce");
     ws2.send(&captured).unwrap();
     let c = ws2.expect_close(WAIT);
@@ -654,7 +659,7 @@ fn a_replayed_handshake_is_refused() {
 
     // Replaying the hello of that finished session on a new connection fails too.
     let commits = journal_commits(&server);
-    let (mut ws3, _) = challenged(&server);
+    let (mut ws3, _) = challenged(&server, &agent.id, &key);
     ws3.send(&captured).unwrap();
     let c = ws3.expect_close(WAIT);
     assert_closed(
@@ -830,7 +835,7 @@ fn protocol_violations_after_the_welcome_close_the_session() {
 
     // (e) A second hello after the welcome (validly signed, even).
     {
-        let (mut ws, nonce) = challenged(&server);
+        let (mut ws, nonce) = challenged(&server, &agent.id, &key);
         let h = Frame::Hello(hello(&key, &agent.id, &nonce, &incarnation));
         let before = journal_commits(&server);
         ws.send(&h).unwrap();
@@ -861,8 +866,8 @@ fn protocol_violations_after_the_welcome_close_the_session() {
 
     // Oversized, after the welcome.
     violate(
-        "frame of MAX_FRAME_BYTES + 1 after the welcome",
-        vec![b' '; MAX_FRAME_BYTES + 1],
+        "frame of MAX_SEALED_BYTES + 1 after the welcome",
+        vec![b' '; MAX_SEALED_BYTES + 1],
         1009,
         Some((ErrorCode::Malformed, "size limit")),
         true,
@@ -1036,9 +1041,9 @@ fn a_handshake_flood_is_shed_with_busy() {
     let mut busy = Vec::new();
     for i in 0..FLOOD {
         let mut ws = WsClient::connect(&server).unwrap();
-        match ws.recv_frame("the first frame", WAIT) {
-            Frame::Challenge(_) => held.push(ws),
-            Frame::Busy(b) => {
+        match ws.greet(WAIT) {
+            None => held.push(ws),
+            Some(Frame::Busy(b)) => {
                 assert!(
                     (500..=5_000).contains(&b.retry_after_ms),
                     "connection {i}: retry_after_ms {}",
@@ -1048,7 +1053,7 @@ fn a_handshake_flood_is_shed_with_busy() {
                 assert_eq!(c.code, Some(1013), "connection {i}: {c:?}");
                 busy.push(b.retry_after_ms);
             }
-            other => panic!("connection {i}: {other:?}"),
+            Some(other) => panic!("connection {i}: {other:?}"),
         }
     }
     // One address holds at most half of the slots...
@@ -1069,10 +1074,10 @@ fn a_handshake_flood_is_shed_with_busy() {
             tether_shared::enroll::WS_PATH,
         )
         .unwrap();
-        match ws.recv_frame("the first frame", WAIT) {
-            Frame::Challenge(_) => others.push(ws),
-            Frame::Busy(_) => busy.push(0),
-            other => panic!("from {source}: {other:?}"),
+        match ws.greet(WAIT) {
+            None => others.push(ws),
+            Some(Frame::Busy(_)) => busy.push(0),
+            Some(other) => panic!("from {source}: {other:?}"),
         }
     }
     assert_eq!(
@@ -1090,7 +1095,7 @@ fn a_handshake_flood_is_shed_with_busy() {
     drop(held);
     eventually("a challenge for a new connection", WAIT, || {
         let mut ws = WsClient::connect(&server).ok()?;
-        matches!(ws.recv_frame("the first frame", WAIT), Frame::Challenge(_)).then_some(())
+        ws.greet(WAIT).is_none().then_some(())
     });
     real_agent_comes_online(&server, &mut agent);
 }

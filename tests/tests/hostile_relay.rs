@@ -29,7 +29,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use actix_web_actors::ws;
 use serde_json::{json, Value};
-use tether_shared::identity::Identity;
+use tether_shared::e2e::{AgentGate, AgentStep, ServerGate, ServerStep};
+use tether_shared::identity::{Identity, PublicKey};
 use tether_shared::journal::{Journal, JournalOptions, LogName};
 use tether_shared::mux::{
     self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
@@ -50,8 +51,8 @@ use tether_tests::fake_upstream;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::relays::{relay_entry, Relay};
 use tether_tests::wire::{
-    agent_identity, frame_header, fresh_incarnation, health, hello, journal_commits, server_log,
-    tls_config, Closed, WsClient, WsEvent, OP_BINARY,
+    agent_identity, frame_header, fresh_incarnation, health, hello, journal_commits, server_key,
+    server_log, tls_config, Closed, WsClient, WsEvent, OP_BINARY,
 };
 
 /// Bound on every wait for the server (a frame, a close, a state change).
@@ -73,11 +74,16 @@ enum LinkEvent {
     ChannelClosed(u32, u16, String),
     /// The link itself ended: its close code (`None`: dropped without one) and reason.
     Ended(Option<u16>, String),
+    /// The server's answer to an agent's end-to-end handshake on a channel.
+    Answer(u32, Vec<u8>),
 }
 
 /// A relay link spoken by hand with an enrolled relay's key.
 struct FakeRelay {
     ws: WsClient,
+    /// Agent channels' end-to-end protection, as the agent it carries would hold it.
+    gates: HashMap<u32, AgentGate>,
+    server_key: PublicKey,
 }
 
 impl FakeRelay {
@@ -90,7 +96,11 @@ impl FakeRelay {
             Frame::Welcome(_) => {}
             other => panic!("relay {id}: expected a welcome, got {other:?}"),
         }
-        FakeRelay { ws }
+        FakeRelay {
+            ws,
+            gates: HashMap::new(),
+            server_key: server_key(server),
+        }
     }
 
     fn send(&mut self, frame: &Mux) {
@@ -102,9 +112,13 @@ impl FakeRelay {
         self.ws.send_binary(bytes).unwrap();
     }
 
-    /// A v1 frame on channel `ch`.
+    /// A v1 frame on channel `ch` (sealed on an agent channel whose handshake is done).
     fn data(&mut self, ch: u32, frame: &Frame) {
-        self.send_bytes(&mux::data(ch, &frame.encode().unwrap()));
+        let mut bytes = frame.encode().unwrap();
+        if let Some(gate) = self.gates.get_mut(&ch).filter(|g| g.is_open()) {
+            bytes = gate.seal(&bytes).unwrap();
+        }
+        self.send_bytes(&mux::data(ch, &bytes));
     }
 
     fn open(&mut self, ch: u32, kind: ChannelKind, path: &[&str]) {
@@ -131,6 +145,18 @@ impl FakeRelay {
                     });
                     match frame {
                         Mux::Data { ch, frame } => {
+                            let frame = match self.gates.get_mut(&ch) {
+                                // A refusal of the handshake's last message comes in clear.
+                                Some(g) if g.is_open() => match g.open_frame(&frame) {
+                                    Ok(opened) => opened,
+                                    Err(_) if frame.first() == Some(&b'{') => frame,
+                                    Err(e) => panic!("a frame on channel {ch} does not open: {e}"),
+                                },
+                                Some(_) if frame.first() != Some(&b'{') => {
+                                    return Some(LinkEvent::Answer(ch, frame))
+                                }
+                                _ => frame,
+                            };
                             let f = protocol::decode(&frame, Sender::Server).unwrap_or_else(|e| {
                                 panic!(
                                     "undecodable frame from the server on channel {ch} ({e}): {}",
@@ -163,12 +189,50 @@ impl FakeRelay {
             .unwrap_or_else(|| panic!("waiting for {what}: nothing within {WAIT:?}"))
     }
 
-    /// Opens channel `ch` and reads its challenge nonce.
+    /// Opens channel `ch` and gets it accepted: a child relay's challenge nonce; for an
+    /// agent's, the server's answer to the end-to-end handshake's first message (the nonce
+    /// comes once the handshake is done, see [`FakeRelay::open_as`]).
     fn open_challenged(&mut self, ch: u32, kind: ChannelKind, path: &[&str]) -> String {
         self.open(ch, kind, path);
-        match self.expect("a channel's challenge") {
-            LinkEvent::Frame(c, Frame::Challenge(Challenge { nonce })) if c == ch => nonce,
-            other => panic!("channel {ch}: expected a challenge, got {other:?}"),
+        if kind == ChannelKind::Relay {
+            return match self.expect("a channel's challenge") {
+                LinkEvent::Frame(c, Frame::Challenge(Challenge { nonce })) if c == ch => nonce,
+                other => panic!("channel {ch}: expected a challenge, got {other:?}"),
+            };
+        }
+        let (gate, first) = AgentGate::start().unwrap();
+        self.gates.insert(ch, gate);
+        self.send_bytes(&mux::data(ch, &first));
+        match self.expect("the handshake's answer") {
+            LinkEvent::Answer(c, answer) if c == ch => hex::encode(answer),
+            other => panic!("channel {ch}: expected the handshake's answer, got {other:?}"),
+        }
+    }
+
+    /// Opens agent channel `ch` and runs its end-to-end handshake as `id` signing with `key`:
+    /// the challenge nonce, or the server's refusal.
+    fn open_as(
+        &mut self,
+        ch: u32,
+        path: &[&str],
+        id: &str,
+        key: &Identity,
+    ) -> Result<String, (ErrorFrame, u16, String)> {
+        let answer = hex::decode(self.open_challenged(ch, ChannelKind::Agent, path)).unwrap();
+        let trusted = [self.server_key];
+        let gate = self.gates.get_mut(&ch).unwrap();
+        let last = match gate.on_message(&answer, &trusted, id, key) {
+            Ok(AgentStep::Send(last)) => last,
+            other => panic!("channel {ch}: {other:?}"),
+        };
+        self.send_bytes(&mux::data(ch, &last));
+        match self.expect("the challenge or a refusal") {
+            LinkEvent::Frame(c, Frame::Challenge(Challenge { nonce })) if c == ch => Ok(nonce),
+            LinkEvent::Frame(c, Frame::Error(e)) if c == ch => match self.expect("the close") {
+                LinkEvent::ChannelClosed(c, code, reason) if c == ch => Err((e, code, reason)),
+                other => panic!("channel {ch}: expected its close, got {other:?}"),
+            },
+            other => panic!("channel {ch}: expected a challenge or a refusal, got {other:?}"),
         }
     }
 
@@ -259,8 +323,6 @@ fn probe_event(seq: u64, n: u64) -> Event {
     .unwrap()
 }
 
-/// Builds a hello from a channel's (or connection's) nonce.
-type MakeHello<'a> = dyn Fn(&str) -> protocol::Hello + 'a;
 /// Builds a message's bytes from a connection's nonce.
 type MakeBytes<'a> = dyn Fn(&str) -> Vec<u8> + 'a;
 
@@ -314,78 +376,66 @@ fn a_relay_cannot_impersonate_an_agent_or_speak_for_it_before_its_handshake() {
     let inc = fresh_incarnation();
     let mut opened = 0;
 
-    // 1. Impersonation: every Hello below names a real enrolled peer; none carries that peer's
-    //    own signature over this channel's nonce.
-    let n1 = link.open_challenged(1, ChannelKind::Agent, &me);
-    opened += 1;
-    // A proof the known agent really made, but over channel 1's nonce: captured, for later.
-    let captured = hello(&known_key, &known.id, &n1, &inc);
-    link.data(1, &Frame::Hello(hello(&rkey, &fresh.id, &n1, &inc)));
-    let (e, code, reason) = link.expect_refused("relay-signed hello for fresh-1", 1);
-    assert_error(
-        "relay-signed hello",
-        &e,
-        ErrorCode::Unauthorized,
-        "bad proof signature",
-    );
-    assert_eq!((code, reason.as_str()), (1008, "bad proof signature"));
-
-    let cases: [(&str, ChannelKind, &MakeHello, &str); 5] = [
+    // 1. Impersonation. On an agent's channel the agent speaks first, with the end-to-end
+    //    handshake signed by its own key: a relay holding only its own key is refused there,
+    //    before any Hello, whatever agent it names. (And it never sees a Hello in clear, so
+    //    it has none to replay.)
+    let cases: [(&str, &str, &str); 4] = [
         (
-            "relay-signed hello for known-1",
-            ChannelKind::Agent,
-            &|nonce| hello(&rkey, &known.id, nonce, &inc),
-            "bad proof signature",
+            "relay-signed handshake for fresh-1",
+            &fresh.id,
+            "did not sign its key",
         ),
         (
-            "known-1's genuine proof replayed from another channel's nonce",
-            ChannelKind::Agent,
-            &|_| captured.clone(),
-            "bad proof signature",
+            "relay-signed handshake for known-1",
+            &known.id,
+            "did not sign its key",
         ),
         (
-            "the relay's own valid proof on an agent channel",
-            ChannelKind::Agent,
-            &|nonce| hello(&rkey, &relay.id, nonce, &inc),
-            "not an agent identity",
-        ),
-        (
-            "known-1's replayed proof on a relay channel",
-            ChannelKind::Relay,
-            &|_| captured.clone(),
-            "not a relay identity",
+            "the relay's own identity on an agent channel",
+            &relay.id,
+            "unknown agent",
         ),
         (
             "an id nobody enrolled",
-            ChannelKind::Agent,
-            &|nonce| hello(&rkey, "a-00000000deadbeef", nonce, &inc),
+            "a-00000000deadbeef",
             "unknown agent",
         ),
     ];
-    for (i, (case, kind, make, needle)) in cases.iter().enumerate() {
-        let ch = 2 + i as u32;
-        let nonce = link.open_challenged(ch, *kind, &me);
+    for (i, (case, id, needle)) in cases.iter().enumerate() {
+        let ch = 1 + i as u32;
+        let (e, code, reason) = link
+            .open_as(ch, &me, id, &rkey)
+            .expect_err("a relay passed an agent's handshake");
         opened += 1;
-        link.data(ch, &Frame::Hello(make(&nonce)));
-        let (e, code, reason) = link.expect_refused(case, ch);
         eprintln!("{case}: {e:?} close {code} {reason:?}");
         assert_error(case, &e, ErrorCode::Unauthorized, needle);
         assert_eq!(code, 1008, "{case}");
-        assert!(reason.contains(needle), "{case}: close reason {reason:?}");
     }
+    // On a relay's channel (no end-to-end layer: a child relay speaks for itself), an agent's
+    // genuine proof is refused as not a relay's.
+    let captured = hello(&known_key, &known.id, "a nonce seen elsewhere", &inc);
+    link.open_challenged(5, ChannelKind::Relay, &me);
+    opened += 1;
+    link.data(5, &Frame::Hello(captured.clone()));
+    let (e, code, _) = link.expect_refused("known-1's proof on a relay channel", 5);
+    assert_error(
+        "proof on a relay channel",
+        &e,
+        ErrorCode::Unauthorized,
+        "not a relay identity",
+    );
+    assert_eq!(code, 1008);
 
-    // 2. Frames for an agent on a channel still in the challenged phase: refused, the channel
+    // 2. Frames for an agent in place of the handshake's last message: refused, the channel
     //    closed; never handed to the agent's link.
-    let steps: [(&str, Vec<u8>, u16, ErrorCode, &str); 3] = [
+    let steps: [(&str, Vec<u8>); 3] = [
         (
-            "an event for known-1 before any hello",
+            "an event for known-1 instead of the handshake",
             Frame::Event(probe_event(7, 4)).encode().unwrap(),
-            1008,
-            ErrorCode::ProtocolViolation,
-            "expected hello, got event",
         ),
         (
-            "a welcome (server-only kind) before any hello",
+            "a welcome (server-only kind) instead of the handshake",
             Frame::Welcome(Welcome {
                 last_event_seq: Seq::ZERO,
                 server_incarnation: "x".into(),
@@ -393,27 +443,21 @@ fn a_relay_cannot_impersonate_an_agent_or_speak_for_it_before_its_handshake() {
             })
             .encode()
             .unwrap(),
-            1008,
-            ErrorCode::ProtocolViolation,
-            "may not be sent by the agent",
         ),
         (
-            "an undecodable frame before any hello",
+            "an undecodable frame instead of the handshake",
             b"{\"v\":1,\"kind\":\"event\",".to_vec(),
-            1002,
-            ErrorCode::Malformed,
-            "malformed",
         ),
     ];
-    for (i, (case, bytes, want_code, error, needle)) in steps.iter().enumerate() {
+    for (i, (case, bytes)) in steps.iter().enumerate() {
         let ch = 10 + i as u32;
         link.open_challenged(ch, ChannelKind::Agent, &me);
         opened += 1;
         link.send_bytes(&mux::data(ch, bytes));
         let (e, code, _) = link.expect_refused(case, ch);
         eprintln!("{case}: {e:?} close {code}");
-        assert_error(case, &e, *error, needle);
-        assert_eq!(code, *want_code, "{case}");
+        assert_error(case, &e, ErrorCode::Unauthorized, "end-to-end handshake");
+        assert_eq!(code, 1008, "{case}");
     }
 
     // Frames on channels that are not open: one never opened, and the refused ones. Ignored
@@ -473,7 +517,7 @@ fn a_relay_cannot_impersonate_an_agent_or_speak_for_it_before_its_handshake() {
 
     // The positive control, on the same link: fresh-1's own key signing the server's nonce for
     // its channel is welcomed, and fresh-1 is online through relay-a.
-    let nonce = link.open_challenged(20, ChannelKind::Agent, &me);
+    let nonce = link.open_as(20, &me, &fresh.id, &fresh_key).unwrap();
     link.data(
         20,
         &Frame::Hello(hello(&fresh_key, &fresh.id, &nonce, &inc)),
@@ -706,7 +750,7 @@ fn garbage_on_a_relay_link_closes_it_and_the_relay_goes_offline() {
 
     // First, with an agent on the link (the control of a channel that works).
     let mut link = connect();
-    let nonce = link.open_challenged(1, ChannelKind::Agent, &[&id]);
+    let nonce = link.open_as(1, &[&id], &agent.id, &agent_key).unwrap();
     link.data(
         1,
         &Frame::Hello(hello(&agent_key, &agent.id, &nonce, &fresh_incarnation())),
@@ -1064,6 +1108,12 @@ struct AgentSide {
 /// injects.
 struct HostileSession {
     seen: Arc<Mutex<AgentSide>>,
+    /// The key it answers the agent's end-to-end handshake with: its own (what a hostile
+    /// relay has), or the server's (a stand-in for a relay that somehow got past that layer,
+    /// to show that commands are still checked on their own).
+    signer: Arc<Identity>,
+    agent: PublicKey,
+    gate: ServerGate,
 }
 
 #[derive(Message)]
@@ -1073,11 +1123,6 @@ struct Inject(Vec<u8>);
 impl Actor for HostileSession {
     type Context = ws::WebsocketContext<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
-        let nonce = hex::encode(rand::random::<[u8; 16]>());
-        ctx.binary(Frame::Challenge(Challenge { nonce }).encode().unwrap());
-    }
-
     fn stopped(&mut self, _: &mut Self::Context) {
         self.seen.lock().unwrap().ended += 1;
     }
@@ -1086,7 +1131,7 @@ impl Actor for HostileSession {
 impl Handler<Inject> for HostileSession {
     type Result = ();
     fn handle(&mut self, msg: Inject, ctx: &mut Self::Context) {
-        ctx.binary(msg.0);
+        ctx.binary(self.gate.seal(&msg.0).unwrap());
     }
 }
 
@@ -1097,6 +1142,17 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for HostileSession {
             Ok(ws::Message::Text(t)) => t.as_bytes().to_vec(),
             Ok(ws::Message::Close(_)) | Err(_) => return ctx.stop(),
             _ => return,
+        };
+        let agent = self.agent;
+        let bytes = match self.gate.on_message(&bytes, &self.signer, |_| Some(agent)) {
+            Ok(ServerStep::Reply(answer)) => return ctx.binary(answer),
+            Ok(ServerStep::Established(_)) => {
+                let nonce = hex::encode(rand::random::<[u8; 16]>());
+                let challenge = Frame::Challenge(Challenge { nonce }).encode().unwrap();
+                return ctx.binary(self.gate.seal(&challenge).unwrap());
+            }
+            Ok(ServerStep::Frame(frame)) => frame,
+            Err(_) => return ctx.stop(),
         };
         let Ok(frame) = protocol::decode(&bytes, Sender::Agent) else {
             return;
@@ -1111,7 +1167,9 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for HostileSession {
                     server_incarnation: "hostile-relay".into(),
                     heartbeat_interval_ms: 5000,
                 };
-                ctx.binary(Frame::Welcome(welcome).encode().unwrap());
+                drop(seen);
+                let welcome = Frame::Welcome(welcome).encode().unwrap();
+                ctx.binary(self.gate.seal(&welcome).unwrap());
             }
             Frame::Event(e) => seen.events.push(e.body),
             Frame::Error(e) => seen.errors.push(e.message),
@@ -1124,16 +1182,23 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for HostileSession {
     }
 }
 
-/// Serves the agent surface at `addr` with `cert`/`key`; returns what it sees.
+/// Serves the agent surface at `addr` with `cert`/`key` to the agent whose key is `agent`,
+/// answering its end-to-end handshake with `signer`; returns what it sees.
 fn hostile_downstream(
     addr: std::net::SocketAddr,
     cert: String,
     key: String,
+    signer: Identity,
+    agent: PublicKey,
 ) -> Arc<Mutex<AgentSide>> {
     let seen = Arc::new(Mutex::new(AgentSide::default()));
     let shared = seen.clone();
+    let signer = Arc::new(signer);
     fake_upstream::serve_with(addr, &cert, &key, move || HostileSession {
         seen: shared.clone(),
+        signer: signer.clone(),
+        agent,
+        gate: ServerGate::default(),
     });
     seen
 }
@@ -1193,7 +1258,9 @@ fn a_relay_cannot_mint_alter_or_replay_commands_for_its_agents() {
     let (cert, key) = (read("tls.pem"), read("tls.key"));
     let addr = relay.downstream;
     relay.kill();
-    let seen = hostile_downstream(addr, cert, key);
+    let agent_key = agent_identity(&agent.dir).public_key();
+    let signer = Identity::load(&server.dir.join("signing.key")).unwrap();
+    let seen = hostile_downstream(addr, cert, key, signer, agent_key);
     agent.run();
 
     let pwned = tmp.path().join("pwned");
@@ -1397,14 +1464,18 @@ fn a_relay_cannot_starve_others_of_handshakes_or_reuse_a_channel() {
     );
     let (a, a_key) = install_relay(&server, tmp.path(), "relay-a");
     let mut link = FakeRelay::connect(&server, &a.id, &a_key);
-    // 15 channels opened and never answered: 10 are challenged, the other 5 get Busy.
+    // 15 channels opened, each with an agent's first handshake message and nothing more: 10
+    // are answered (held until their handshake deadline), the other 5 get Busy.
     for ch in 1..=15 {
         link.open(ch, ChannelKind::Agent, &[a.id.as_str()]);
+        let (gate, first) = AgentGate::start().unwrap();
+        link.gates.insert(ch, gate);
+        link.send_bytes(&mux::data(ch, &first));
     }
     let (mut challenged, mut busy) = (0, 0);
     while challenged + busy < 15 {
         match link.expect("answers to 15 opens") {
-            LinkEvent::Frame(_, Frame::Challenge(_)) => challenged += 1,
+            LinkEvent::Answer(_, _) => challenged += 1,
             LinkEvent::Frame(_, Frame::Busy(_)) => {}
             LinkEvent::ChannelClosed(_, 1013, _) => busy += 1,
             other => panic!("unexpected {other:?}"),
@@ -1428,4 +1499,46 @@ fn a_relay_cannot_starve_others_of_handshakes_or_reuse_a_channel() {
     eventually("relay-a offline", ONLINE, || {
         (relay_status(&server, "relay-a") == "offline").then_some(())
     });
+}
+
+/// With only its own key, a relay cannot pass as the server to an agent: the agent refuses the
+/// end-to-end handshake, never sends a `Hello`, and nothing reaches the relay. (The control is
+/// the test above: the same fake answering with the server's key gets the agent's `Hello`.)
+#[test]
+fn a_relay_with_only_its_own_key_gets_no_session_from_an_agent() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
+    let mut agent =
+        Agent::install_via(&server, &[relay.upstream()], tmp.path(), "edge-1", &[], &[]);
+    let relay_key = Identity::load(&relay.dir.join("relay.key")).unwrap();
+    let read = |f: &str| std::fs::read_to_string(relay.dir.join(f)).unwrap();
+    let (cert, key) = (read("tls.pem"), read("tls.key"));
+    let addr = relay.downstream;
+    relay.kill();
+    let agent_key = agent_identity(&agent.dir).public_key();
+    let seen = hostile_downstream(addr, cert, key, relay_key, agent_key);
+    agent.run();
+    let agent_log = tmp.path().join("edge-1.log");
+    eventually(
+        "the agent refusing the relay's handshake twice",
+        ONLINE,
+        || {
+            let log = std::fs::read_to_string(&agent_log).unwrap_or_default();
+            (log.matches("not signed by a key this agent trusts").count() >= 2).then_some(())
+        },
+    );
+    let s = seen.lock().unwrap();
+    assert_eq!(
+        s.hellos, 0,
+        "the agent said hello to a relay posing as the server"
+    );
+    assert!(
+        s.events.is_empty(),
+        "events reached the relay: {:?}",
+        s.events
+    );
+    assert_eq!(s.commands_acked, 0);
+    drop(s);
+    drop(agent);
 }

@@ -419,7 +419,8 @@ fn a_package_not_signed_by_the_server_is_refused_with_nothing_changed() {
         signer.sign(&command_signing_bytes(&agent.id, "c-upgrade", deadline, &body).unwrap());
     let addr = server.wss;
     server.kill();
-    let seen = FakeUpstream::start(&server, addr, Frame::Command(c).encode().unwrap());
+    let key = tether_tests::wire::agent_identity(&agent.dir).public_key();
+    let seen = FakeUpstream::start(&server, addr, key, Frame::Command(c).encode().unwrap());
     agent.run();
     let reason = eventually("the upgrade refused", WAIT, || {
         seen.lock().unwrap().events.iter().find_map(|e| match e {

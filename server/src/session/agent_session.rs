@@ -1,9 +1,11 @@
 //! `AgentSession`: one agent WebSocket on the server (`GET /agent/v1/ws` on the agent-facing
 //! listener).
 //!
-//! Lifecycle, as in the actix chat example: `started` sends a `Challenge` (or `Busy` when too
-//! many handshakes are in flight) and arms the handshake timeout; the first frame must be a
-//! `Hello` whose proof is the registered agent's signature over this connection's nonce; then
+//! Lifecycle, as in the actix chat example: `started` sends `Busy` when too many handshakes are
+//! in flight, and arms the handshake timeout. The agent opens with the end-to-end handshake
+//! ([`tether_shared::e2e`]); once it is done every frame both ways is sealed, and the server
+//! sends its `Challenge`. The first frame must then be a `Hello` (naming the agent the
+//! handshake proved) whose proof is the registered agent's signature over this connection's nonce; then
 //! the session registers (replacing any older session of the agent), attaches to the agent's
 //! `AgentLink`, answers `Welcome`, and from then on only moves frames between the socket and
 //! the link. A heartbeat interval sends our beat and closes a session the agent has not been
@@ -15,6 +17,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::e2e::{ServerGate, ServerStep};
 use tether_shared::enroll::Role;
 use tether_shared::frame_guard::close_code_for;
 use tether_shared::protocol::{
@@ -23,13 +26,17 @@ use tether_shared::protocol::{
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
-use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
+use crate::session::handshake::{
+    attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
+};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, SessionShared};
 
 /// How far along the session is.
 enum Phase {
+    /// The end-to-end handshake runs.
+    Securing,
     /// Challenge sent; waiting for the agent's Hello.
     Challenged,
     /// Hello verified; waiting for the link's Welcome. Frames from the link wait here.
@@ -51,6 +58,8 @@ pub struct AgentSession {
     registry: Addr<SessionRegistry>,
     conn: ConnId,
     nonce: String,
+    /// End-to-end protection: the handshake, then every frame sealed.
+    gate: ServerGate,
     phase: Phase,
     last_heard: Instant,
     /// This session counts against the handshakes in flight until it is Ready or gone.
@@ -77,7 +86,8 @@ impl AgentSession {
             registry,
             conn,
             nonce,
-            phase: Phase::Challenged,
+            gate: ServerGate::default(),
+            phase: Phase::Securing,
             last_heard: Instant::now(),
             counted: false,
             source_slot: None,
@@ -87,10 +97,22 @@ impl AgentSession {
         }
     }
 
-    fn send_frame(ctx: &mut ws::WebsocketContext<Self>, frame: &Frame) {
+    fn send_frame(&mut self, ctx: &mut ws::WebsocketContext<Self>, frame: &Frame) {
         match frame.encode() {
-            Ok(bytes) => ctx.binary(bytes),
+            Ok(bytes) => self.send_bytes(ctx, &bytes),
             Err(e) => tracing::error!(error = %e, "frame-encode-failed"),
+        }
+    }
+
+    /// An encoded frame on the socket: sealed once the end-to-end handshake is done (before
+    /// it, only `Busy` and refusals go out, in clear).
+    fn send_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
+        if !self.gate.is_open() {
+            return ctx.binary(bytes.to_vec());
+        }
+        match self.gate.seal(bytes) {
+            Ok(sealed) => ctx.binary(sealed),
+            Err(e) => tracing::error!(conn = self.conn.0, error = %e, "frame-seal-failed"),
         }
     }
 
@@ -103,7 +125,7 @@ impl AgentSession {
         reason: &str,
     ) {
         tracing::warn!(conn = self.conn.0, peer = %self.peer, code, reason, "session-refused");
-        Self::send_frame(
+        self.send_frame(
             ctx,
             &Frame::Error(ErrorFrame {
                 code: error,
@@ -138,12 +160,30 @@ impl AgentSession {
             return;
         }
         self.last_heard = Instant::now();
+        let shared = self.shared.clone();
+        let step = self.gate.on_message(&bytes, &shared.signing, |id| {
+            enrolled_key(&shared, id, Role::Agent)
+        });
+        let bytes = match step {
+            Ok(ServerStep::Reply(answer)) => return ctx.binary(answer),
+            Ok(ServerStep::Established(agent_id)) => {
+                tracing::debug!(conn = self.conn.0, agent_id = %agent_id, "session-sealed");
+                self.phase = Phase::Challenged;
+                let challenge = Frame::Challenge(Challenge {
+                    nonce: self.nonce.clone(),
+                });
+                return self.send_frame(ctx, &challenge);
+            }
+            Ok(ServerStep::Frame(frame)) => frame,
+            Err(e) => return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &e.to_string()),
+        };
         match &self.phase {
             Phase::Challenged => self.on_hello(ctx, &bytes),
             Phase::Ready { link, .. } => link.do_send(FromAgent {
                 conn: self.conn,
                 bytes,
             }),
+            Phase::Securing => {}
             Phase::Attaching { .. } => self.refuse(
                 ctx,
                 1008,
@@ -165,7 +205,11 @@ impl AgentSession {
                 return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
             }
         };
-        if let Err(reason) = self.verify(&hello) {
+        let proved = self.gate.agent_id().map(str::to_owned);
+        if let Err(reason) = self
+            .verify(&hello)
+            .and_then(|()| hello_matches_gate(proved.as_deref(), &hello))
+        {
             return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &reason);
         }
         let agent_id = hello.agent_id.clone();
@@ -185,9 +229,9 @@ impl AgentSession {
             match res {
                 Ok((link, welcome)) => {
                     tracing::debug!(conn = act.conn.0, held = held.len(), "sending-welcome");
-                    Self::send_frame(ctx, &Frame::Welcome(welcome));
+                    act.send_frame(ctx, &Frame::Welcome(welcome));
                     for f in held {
-                        ctx.binary(f);
+                        act.send_bytes(ctx, &f);
                     }
                     act.uncount();
                     act.shared
@@ -225,18 +269,15 @@ impl Actor for AgentSession {
         if in_flight > self.shared.max_handshakes || source_full {
             // Spread a reconnect storm: the agent retries after a jittered delay.
             let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
-            Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
+            self.send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
             tracing::debug!(conn = self.conn.0, in_flight, source_full, "handshake-shed");
             return self.close(ctx, 1013, "busy, retry later");
         }
-        Self::send_frame(
-            ctx,
-            &Frame::Challenge(Challenge {
-                nonce: self.nonce.clone(),
-            }),
-        );
         ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
-            if matches!(act.phase, Phase::Challenged | Phase::Attaching { .. }) {
+            if matches!(
+                act.phase,
+                Phase::Securing | Phase::Challenged | Phase::Attaching { .. }
+            ) {
                 act.refuse(ctx, 1008, ErrorCode::Unauthorized, "handshake timeout");
             }
         });
@@ -248,7 +289,7 @@ impl Actor for AgentSession {
                 return act.close(ctx, 1001, "heartbeat timeout");
             }
             if matches!(act.phase, Phase::Ready { .. }) {
-                Self::send_frame(
+                act.send_frame(
                     ctx,
                     &Frame::Heartbeat(Heartbeat {
                         sent_ms: now_ms(),
@@ -275,7 +316,7 @@ impl Actor for AgentSession {
                     conn: self.conn,
                 });
             }
-            Phase::Challenged | Phase::Closing => {}
+            Phase::Securing | Phase::Challenged | Phase::Closing => {}
         }
         Running::Stop
     }
@@ -313,6 +354,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
 impl AgentSession {
     fn phase_name(&self) -> &'static str {
         match self.phase {
+            Phase::Securing => "securing",
             Phase::Challenged => "challenged",
             Phase::Attaching { .. } => "attaching",
             Phase::Ready { .. } => "ready",
@@ -350,11 +392,11 @@ impl Handler<SendFrames> for AgentSession {
         match &mut self.phase {
             Phase::Ready { .. } => {
                 for f in msg.frames {
-                    ctx.binary(f);
+                    self.send_bytes(ctx, &f);
                 }
             }
             Phase::Attaching { held, .. } => held.extend(msg.frames),
-            Phase::Challenged | Phase::Closing => {}
+            Phase::Securing | Phase::Challenged | Phase::Closing => {}
         }
     }
 }

@@ -42,6 +42,21 @@ pub fn verify_hello(
     Ok(hello.version.chars().take(64).collect())
 }
 
+/// The registered key of enrolled peer `id` of `role`, for the end-to-end handshake.
+pub fn enrolled_key(shared: &SessionShared, id: &str, role: Role) -> Option<PublicKey> {
+    let record = shared.registry.agent(id).filter(|r| r.role == role)?;
+    PublicKey::from_b64(&record.public_key).ok()
+}
+
+/// The `Hello` of a session protected end to end must name the agent the handshake proved:
+/// otherwise an agent could speak for another through its own protected session.
+pub fn hello_matches_gate(proved: Option<&str>, hello: &Hello) -> Result<(), String> {
+    match proved {
+        Some(id) if id == hello.agent_id => Ok(()),
+        _ => Err("the hello names another agent than the end-to-end handshake proved".into()),
+    }
+}
+
 fn article(role: Role) -> &'static str {
     match role {
         Role::Agent => "an",

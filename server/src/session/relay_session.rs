@@ -8,6 +8,10 @@
 //! So authorization is always on the peer's identity, never the relay's, and a relay that
 //! invents frames for an agent it never saw sign our nonce gets nothing through.
 //!
+//! An agent's channel opens with the end-to-end handshake ([`tether_shared::e2e`]) between the
+//! agent and this actor; from then on every frame on it is sealed, so the relays on the way see
+//! only sizes and timing, and cannot alter, replay, reorder or inject a frame unnoticed.
+//!
 //! Channels also check their path: the `Open` must name this relay last, and every relay before
 //! it must be connected to us through exactly the rest of that path. A relay cannot claim an
 //! agent came through a relay it is not connected to.
@@ -19,6 +23,7 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::e2e::{ServerGate, ServerStep};
 use tether_shared::enroll::Role;
 use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
@@ -30,7 +35,9 @@ use tether_shared::stream::ConnId;
 use tether_shared::upgrade::Component;
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
-use crate::session::handshake::{attach, new_nonce, verify_hello, SessionHandle};
+use crate::session::handshake::{
+    attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
+};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, SessionShared};
@@ -45,6 +52,8 @@ struct Channel {
     /// Relay ids between us and the peer, nearest the peer first.
     path: Vec<String>,
     nonce: String,
+    /// An agent's channel is protected end to end; a child relay's is not.
+    gate: Option<ServerGate>,
     phase: ChannelPhase,
     opened: Instant,
     last_heard: Instant,
@@ -53,6 +62,8 @@ struct Channel {
 }
 
 enum ChannelPhase {
+    /// An agent's end-to-end handshake runs.
+    Securing,
     Challenged,
     /// Hello verified; the agent's link is running the stream handshake.
     Attaching {
@@ -133,12 +144,26 @@ impl RelaySession {
     /// A v1 frame on channel `ch`.
     fn send_on(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, frame: &Frame) {
         match frame.encode() {
-            Ok(bytes) => {
-                self.stats.frames_out += 1;
-                ctx.binary(mux::data(ch, &bytes));
-            }
+            Ok(bytes) => self.put(ctx, ch, &bytes),
             Err(e) => tracing::error!(ch, error = %e, "frame-encode-failed"),
         }
+    }
+
+    /// An encoded frame on channel `ch`, sealed if the channel is an agent's whose handshake
+    /// is done (before it, only `Busy` and refusals go out, in clear).
+    fn put(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, bytes: &[u8]) {
+        let gate = self
+            .channels
+            .get_mut(&ch)
+            .and_then(|c| c.gate.as_mut())
+            .filter(|g| g.is_open());
+        let wire = match gate.map(|g| g.seal(bytes)) {
+            None => mux::data(ch, bytes),
+            Some(Ok(sealed)) => mux::data(ch, &sealed),
+            Some(Err(e)) => return tracing::error!(ch, error = %e, "frame-seal-failed"),
+        };
+        self.stats.frames_out += 1;
+        ctx.binary(wire);
     }
 
     /// Refuse the relay itself: an error frame, then close the link (and so every channel).
@@ -309,12 +334,18 @@ impl RelaySession {
         self.stats.channels_opened += 1;
         self.handshaking += 1;
         let conn = ConnId(self.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
+        let agent = open.kind == ChannelKind::Agent;
         let channel = Channel {
             conn,
             kind: open.kind,
             path: open.path,
             nonce: new_nonce(),
-            phase: ChannelPhase::Challenged,
+            gate: agent.then(ServerGate::default),
+            phase: if agent {
+                ChannelPhase::Securing
+            } else {
+                ChannelPhase::Challenged
+            },
             opened: Instant::now(),
             last_heard: Instant::now(),
             counted: true,
@@ -324,7 +355,10 @@ impl RelaySession {
         });
         tracing::debug!(relay_id = ?self.relay_id, ch, conn = conn.0, peer = %open.peer, kind = ?channel.kind, "channel-opened");
         self.channels.insert(ch, channel);
-        self.send_on(ctx, ch, &challenge);
+        // An agent speaks first, with its end-to-end handshake; a child relay is challenged.
+        if !agent {
+            self.send_on(ctx, ch, &challenge);
+        }
     }
 
     /// Why `path` is not believable from this link, if it is not.
@@ -353,7 +387,45 @@ impl RelaySession {
             return;
         };
         channel.last_heard = Instant::now();
+        let frame = match channel.gate.as_mut() {
+            None => frame,
+            Some(gate) => {
+                let shared = self.shared.clone();
+                let step = gate.on_message(&frame, &shared.signing, |id| {
+                    enrolled_key(&shared, id, Role::Agent)
+                });
+                match step {
+                    Ok(ServerStep::Frame(frame)) => frame,
+                    Ok(ServerStep::Reply(answer)) => {
+                        self.stats.frames_out += 1;
+                        return ctx.binary(mux::data(ch, &answer));
+                    }
+                    Ok(ServerStep::Established(agent_id)) => {
+                        tracing::debug!(ch, agent_id = %agent_id, "channel-sealed");
+                        channel.phase = ChannelPhase::Challenged;
+                        let challenge = Frame::Challenge(Challenge {
+                            nonce: channel.nonce.clone(),
+                        });
+                        return self.send_on(ctx, ch, &challenge);
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        return self.refuse_channel(
+                            ctx,
+                            ch,
+                            1008,
+                            ErrorCode::Unauthorized,
+                            &reason,
+                        );
+                    }
+                }
+            }
+        };
+        let Some(channel) = self.channels.get(&ch) else {
+            return;
+        };
         match &channel.phase {
+            ChannelPhase::Securing => {}
             ChannelPhase::Challenged => self.on_channel_hello(ctx, ch, &frame),
             ChannelPhase::Agent { link, .. } => link.do_send(FromAgent {
                 conn: channel.conn,
@@ -441,7 +513,13 @@ impl RelaySession {
             ChannelKind::Agent => Role::Agent,
             ChannelKind::Relay => Role::Relay,
         };
-        let version = match verify_hello(&self.shared, &channel.nonce, &hello, role) {
+        let verified = verify_hello(&self.shared, &channel.nonce, &hello, role).and_then(|v| {
+            match &channel.gate {
+                Some(gate) => hello_matches_gate(gate.agent_id(), &hello).map(|()| v),
+                None => Ok(v),
+            }
+        });
+        let version = match verified {
             Ok(v) => v,
             Err(reason) => {
                 return self.refuse_channel(ctx, ch, 1008, ErrorCode::Unauthorized, &reason)
@@ -521,9 +599,8 @@ impl RelaySession {
                     };
                     act.shared.registry.set_online(&agent_id, &version, path);
                     act.send_on(ctx, ch, &Frame::Welcome(welcome));
-                    act.stats.frames_out += held.len() as u64;
                     for f in held {
-                        ctx.binary(mux::data(ch, &f));
+                        act.put(ctx, ch, &f);
                     }
                 }
                 Err(reason) => act.refuse_channel(
@@ -598,7 +675,7 @@ impl RelaySession {
                 self.shared.registry.set_offline(&relay_id);
                 tracing::info!(relay_id = %relay_id, "relay-offline");
             }
-            ChannelPhase::Challenged => {}
+            ChannelPhase::Securing | ChannelPhase::Challenged => {}
         }
     }
 
@@ -628,6 +705,7 @@ impl RelaySession {
         };
         ctx.binary(mux::data(LINK_CHANNEL, &beat));
         let mut stale = Vec::new();
+        let mut beating = Vec::new();
         for (ch, c) in &self.channels {
             let ready = matches!(
                 c.phase,
@@ -638,8 +716,11 @@ impl RelaySession {
             } else if !ready && c.opened.elapsed() > self.shared.handshake_timeout {
                 stale.push((*ch, "handshake timeout"));
             } else if ready {
-                ctx.binary(mux::data(*ch, &beat));
+                beating.push(*ch);
             }
+        }
+        for ch in beating {
+            self.put(ctx, ch, &beat);
         }
         for (ch, reason) in stale {
             self.refuse_channel(ctx, ch, 1001, ErrorCode::Unauthorized, reason);
@@ -658,9 +739,9 @@ impl RelaySession {
             match c.phase {
                 ChannelPhase::Agent { .. } => health.agents += 1,
                 ChannelPhase::Relay { .. } => health.relays += 1,
-                ChannelPhase::Challenged | ChannelPhase::Attaching { .. } => {
-                    health.handshaking += 1
-                }
+                ChannelPhase::Securing
+                | ChannelPhase::Challenged
+                | ChannelPhase::Attaching { .. } => health.handshaking += 1,
             }
         }
         health
@@ -775,13 +856,12 @@ impl Handler<ChannelFrames> for RelaySession {
         };
         match &mut channel.phase {
             ChannelPhase::Agent { .. } => {
-                self.stats.frames_out += msg.frames.len() as u64;
                 for f in msg.frames {
-                    ctx.binary(mux::data(msg.ch, &f));
+                    self.put(ctx, msg.ch, &f);
                 }
             }
             ChannelPhase::Attaching { held, .. } => held.extend(msg.frames),
-            ChannelPhase::Challenged | ChannelPhase::Relay { .. } => {}
+            ChannelPhase::Securing | ChannelPhase::Challenged | ChannelPhase::Relay { .. } => {}
         }
     }
 }

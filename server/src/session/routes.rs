@@ -15,9 +15,9 @@ use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_web_actors::ws;
 use serde::Deserialize;
+use tether_shared::e2e::MAX_SEALED_BYTES;
 use tether_shared::frame_guard::FrameGuard;
 use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
-use tether_shared::protocol::MAX_FRAME_BYTES;
 use tether_shared::stream::ConnId;
 
 use crate::admin_token::AdminToken;
@@ -87,9 +87,9 @@ async fn agent_ws(
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = AgentSession::new(state.shared.clone(), state.registry.clone(), conn, peer);
-    let guarded = FrameGuard::new(stream, MAX_FRAME_BYTES as u64);
+    let guarded = FrameGuard::new(stream, MAX_SEALED_BYTES as u64);
     ws::WsResponseBuilder::new(session, &req, guarded)
-        .frame_size(MAX_FRAME_BYTES)
+        .frame_size(MAX_SEALED_BYTES)
         .start()
 }
 

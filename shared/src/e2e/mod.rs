@@ -27,8 +27,11 @@
 //! `u16 length ‖ ciphertext`. A flipped bit, a replayed, reordered, dropped, split or injected
 //! message, or a message of another session fails to open, and the caller ends the session.
 
+mod gate;
 #[cfg(test)]
 mod tests;
+
+pub use gate::{AgentGate, AgentStep, ServerGate, ServerStep};
 
 use serde::{Deserialize, Serialize};
 use snow::{Builder, HandshakeState, TransportState};

@@ -24,6 +24,7 @@ use awc::error::WsProtocolError;
 use awc::ws;
 use awc::BoxedSocket;
 use futures_util::stream::{SplitSink, StreamExt};
+use tether_shared::e2e::{AgentGate, AgentStep, MAX_SEALED_BYTES};
 use tether_shared::identity::{Identity, PublicKey};
 use tether_shared::journal::{JournalHandle, Op};
 use tether_shared::link::{
@@ -31,7 +32,7 @@ use tether_shared::link::{
 };
 use tether_shared::protocol::{
     self, hello_proof_bytes, AgentStatus, CommandBody, Event, EventBody, Frame, Heartbeat, Hello,
-    Sender, Seq, StreamId, MAX_FRAME_BYTES,
+    Sender, Seq, StreamId,
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
 
@@ -98,6 +99,8 @@ pub struct UplinkConfig {
 enum Phase {
     Idle,
     Connecting,
+    /// The end-to-end handshake with the server runs (through any relays).
+    Securing,
     AwaitChallenge,
     AwaitWelcome,
     Ready,
@@ -118,6 +121,8 @@ pub struct Uplink {
     stream: Option<SpawnHandle>,
     conn: ConnId,
     phase: Phase,
+    /// End-to-end protection of the current connection: the handshake, then sealed frames.
+    gate: Option<AgentGate>,
     /// Index into the upstream list of the current or next attempt.
     upstream: usize,
     /// Delay before the next attempt; grows with consecutive failures.
@@ -175,6 +180,7 @@ impl Uplink {
             stream: None,
             conn: ConnId(0),
             phase: Phase::Idle,
+            gate: None,
             upstream: 0,
             backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
             last_heard: Instant::now(),
@@ -207,7 +213,7 @@ impl Uplink {
         let attempt = async move {
             let (_, framed) = client
                 .ws(url.as_str())
-                .max_frame_size(MAX_FRAME_BYTES)
+                .max_frame_size(MAX_SEALED_BYTES)
                 .connect()
                 .await
                 .map_err(|e| e.to_string())?;
@@ -239,7 +245,15 @@ impl Uplink {
                     async move { Incoming::Ended(conn) },
                 ));
         self.stream = Some(ctx.add_stream(frames));
-        self.phase = Phase::AwaitChallenge;
+        // The agent speaks first: the end-to-end handshake's first message, in clear.
+        match AgentGate::start() {
+            Ok((gate, first)) => {
+                self.gate = Some(gate);
+                self.send_raw(first);
+            }
+            Err(e) => tracing::error!(error = %e, "e2e-start-failed"),
+        }
+        self.phase = Phase::Securing;
         self.last_heard = Instant::now();
         tracing::info!(upstream = %url, conn = conn.0, "uplink-connected");
         ctx.run_later(HANDSHAKE_TIMEOUT, move |act, ctx| {
@@ -268,6 +282,7 @@ impl Uplink {
             ctx.cancel_future(h);
         }
         self.ep.disconnect();
+        self.gate = None;
         self.phase = Phase::Idle;
         if was_ready {
             // Back to the first (preferred) upstream after a session that worked.
@@ -301,9 +316,38 @@ impl Uplink {
         }
     }
 
+    /// An encoded frame, sealed for the server (nothing goes out before the handshake).
     fn send_bytes(&mut self, bytes: Vec<u8>) {
+        match self.gate.as_mut().map(|g| g.seal(&bytes)) {
+            Some(Ok(sealed)) => self.send_raw(sealed),
+            Some(Err(e)) => tracing::error!(error = %e, "frame-seal-failed"),
+            None => {}
+        }
+    }
+
+    fn send_raw(&mut self, bytes: Vec<u8>) {
         if let Some(sink) = &mut self.sink {
             let _ = sink.write(ws::Message::Binary(bytes.into()));
+        }
+    }
+
+    /// Before the handshake is done, a relay or the server may only say it is busy or refuse
+    /// us, in clear: a JSON frame (a Noise message is binary and never starts with `{`).
+    fn on_clear_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        match protocol::decode(bytes, Sender::Server) {
+            Ok(Frame::Busy(b)) => {
+                tracing::info!(retry_after_ms = b.retry_after_ms, "server-busy");
+                self.drop_connection(
+                    ctx,
+                    Some(Duration::from_millis(b.retry_after_ms.min(60_000))),
+                );
+            }
+            Ok(Frame::Error(e)) => {
+                tracing::error!(code = ?e.code, message = %e.message, "server-refused-session");
+                self.drop_connection(ctx, None);
+            }
+            Ok(other) => self.violation(ctx, &format!("{} in clear", other.kind())),
+            Err(e) => self.violation(ctx, &e.to_string()),
         }
     }
 
@@ -367,6 +411,32 @@ impl Uplink {
 
     fn on_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
         self.last_heard = Instant::now();
+        let Some(gate) = self.gate.as_mut() else {
+            return;
+        };
+        if !gate.is_open() && bytes.first() == Some(&b'{') {
+            return self.on_clear_frame(ctx, bytes);
+        }
+        let cfg = &self.cfg;
+        let step = gate.on_message(
+            bytes,
+            std::slice::from_ref(&cfg.server_key),
+            &cfg.agent_id,
+            &cfg.identity,
+        );
+        let frame = match step {
+            Ok(AgentStep::Send(last)) => {
+                self.send_raw(last);
+                self.phase = Phase::AwaitChallenge;
+                return;
+            }
+            Ok(AgentStep::Frame(frame)) => frame,
+            // The server refuses the handshake's last message (an agent it no longer knows)
+            // before anything is sealed: its reason comes in clear.
+            Err(_) if bytes.first() == Some(&b'{') => return self.on_clear_frame(ctx, bytes),
+            Err(e) => return self.violation(ctx, &e.to_string()),
+        };
+        let bytes = frame.as_slice();
         match self.phase {
             Phase::AwaitChallenge => match protocol::decode(bytes, Sender::Server) {
                 Ok(Frame::Challenge(c)) => {
@@ -409,7 +479,7 @@ impl Uplink {
                 Err(e) => self.violation(ctx, &e.to_string()),
             },
             Phase::Ready => self.on_stream_frame(ctx, bytes),
-            Phase::Idle | Phase::Connecting => {}
+            Phase::Idle | Phase::Connecting | Phase::Securing => {}
         }
     }
 
@@ -664,7 +734,11 @@ impl Uplink {
                     status,
                 }));
             }
-            Phase::Idle | Phase::Connecting | Phase::AwaitChallenge | Phase::AwaitWelcome => {}
+            Phase::Idle
+            | Phase::Connecting
+            | Phase::Securing
+            | Phase::AwaitChallenge
+            | Phase::AwaitWelcome => {}
         }
     }
 }
@@ -750,7 +824,7 @@ impl Handler<Ping> for Uplink {
         match self.phase {
             Phase::Ready => "connected",
             Phase::Idle | Phase::Connecting => "reconnecting",
-            Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
+            Phase::Securing | Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
         }
         .into()
     }

@@ -9,7 +9,8 @@
 //! bytes 1..5  channel id, big-endian u32 (0 is the link's own peer: the relay itself)
 //! bytes 5..   Open:  JSON {"kind":"agent"|"relay","path":[relay ids, nearest the peer first],"peer":"ip:port"}
 //!             Data:  one v1 frame, untouched (the relay never rewrites what an agent or the
-//!                    server signed)
+//!                    server signed; on an agent's channel it is sealed end to end, see
+//!                    [`crate::e2e`], so the relay cannot read it either)
 //!             Close: u16 close code (big-endian), then a UTF-8 reason
 //! ```
 //!

@@ -1542,3 +1542,123 @@ fn a_relay_with_only_its_own_key_gets_no_session_from_an_agent() {
     drop(s);
     drop(agent);
 }
+
+/// On an agent's channel whose end-to-end handshake is done (here the fake relay carries a
+/// genuine agent's session: it holds the agent's key to play it), frames the relay alters,
+/// replays, reorders or makes up do not open: the server refuses the channel and records
+/// nothing; a frame sealed as the agent would seal it goes through (the control).
+#[test]
+fn frames_a_relay_alters_replays_reorders_or_injects_on_a_sealed_channel_are_refused() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let (relay, rkey) = install_relay(&server, tmp.path(), "relay-a");
+    let agent = Agent::install(&server, tmp.path(), "sealed-1", &[]);
+    let key = agent_identity(&agent.dir);
+    let mut link = FakeRelay::connect(&server, &relay.id, &rkey);
+    let me = [relay.id.as_str()];
+    let inc = fresh_incarnation();
+    // A welcomed session of sealed-1 on channel `ch`.
+    let welcomed = |link: &mut FakeRelay, ch: u32| {
+        let nonce = link.open_as(ch, &me, &agent.id, &key).unwrap();
+        link.data(ch, &Frame::Hello(hello(&key, &agent.id, &nonce, &inc)));
+        match link.expect("the welcome") {
+            LinkEvent::Frame(c, Frame::Welcome(_)) if c == ch => {}
+            other => panic!("channel {ch}: expected a welcome, got {other:?}"),
+        }
+    };
+    let sealed = |link: &mut FakeRelay, ch: u32, frame: &Frame| -> Vec<u8> {
+        let gate = link.gates.get_mut(&ch).unwrap();
+        gate.seal(&frame.encode().unwrap()).unwrap()
+    };
+    welcomed(&mut link, 1);
+    let commits = journal_commits(&server);
+    let probes = server.probes(&agent.id);
+
+    // A bit flipped.
+    let mut bad = sealed(&mut link, 1, &Frame::Event(probe_event(1, 1)));
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    link.send_bytes(&mux::data(1, &bad));
+    let (e, code, _) = link.expect_refused("a flipped bit", 1);
+    assert_error(
+        "a flipped bit",
+        &e,
+        ErrorCode::Unauthorized,
+        "does not open",
+    );
+    assert_eq!(code, 1008);
+
+    // Replayed: a frame the server already took, sent again.
+    welcomed(&mut link, 2);
+    let first = sealed(&mut link, 2, &Frame::Event(probe_event(1, 1)));
+    link.send_bytes(&mux::data(2, &first));
+    link.send_bytes(&mux::data(2, &first));
+    let (e, _, _) = link.expect_refused("a replayed frame", 2);
+    assert_error(
+        "a replayed frame",
+        &e,
+        ErrorCode::Unauthorized,
+        "does not open",
+    );
+
+    // Reordered: the second frame before the first.
+    welcomed(&mut link, 3);
+    let _first = sealed(&mut link, 3, &Frame::Event(probe_event(1, 1)));
+    let second = sealed(&mut link, 3, &Frame::Event(probe_event(2, 2)));
+    link.send_bytes(&mux::data(3, &second));
+    let (e, _, _) = link.expect_refused("a reordered frame", 3);
+    assert_error(
+        "a reordered frame",
+        &e,
+        ErrorCode::Unauthorized,
+        "does not open",
+    );
+
+    // Made up: a frame in clear, and bytes of the right shape sealed by nobody.
+    welcomed(&mut link, 4);
+    link.send_bytes(&mux::data(
+        4,
+        &Frame::Event(probe_event(1, 1)).encode().unwrap(),
+    ));
+    let (e, _, _) = link.expect_refused("an injected clear frame", 4);
+    assert_error(
+        "an injected frame",
+        &e,
+        ErrorCode::Unauthorized,
+        "does not open",
+    );
+    welcomed(&mut link, 5);
+    link.send_bytes(&mux::data(
+        5,
+        &[
+            0, 20, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,
+        ],
+    ));
+    let (e, _, _) = link.expect_refused("injected bytes", 5);
+    assert_error(
+        "injected bytes",
+        &e,
+        ErrorCode::Unauthorized,
+        "does not open",
+    );
+
+    // Nothing else was recorded: the one genuine frame before the replay, once.
+    let after = server.probes(&agent.id);
+    assert_eq!(
+        after["events"]["received"], 1,
+        "before {probes}, after {after}"
+    );
+    assert_eq!(after["events"]["duplicates"], 0, "{after}");
+    assert!(
+        journal_commits(&server) > commits,
+        "the genuine probe was not journaled"
+    );
+
+    // The control: sealed as the agent seals it, the next probe is taken.
+    welcomed(&mut link, 6);
+    let good = sealed(&mut link, 6, &Frame::Event(probe_event(2, 2)));
+    link.send_bytes(&mux::data(6, &good));
+    eventually("the control probe recorded", WAIT, || {
+        (server.probes(&agent.id)["events"]["received"] == 2).then_some(())
+    });
+}

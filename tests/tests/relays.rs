@@ -202,6 +202,7 @@ fn a_slow_agent_is_shed_without_holding_up_the_others() {
         4096,
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    ws.secure(&slow.id, &identity, &wire::server_key(&server));
     let nonce = ws.challenge(WAIT);
     let hello = wire::hello(&identity, &slow.id, &nonce, &wire::fresh_incarnation());
     ws.send(&Frame::Hello(hello))

@@ -23,7 +23,7 @@
 //!
 //! After the handshake every frame is sealed ([`Transport`]): its bytes are cut into pieces,
 //! each a Noise transport message (ChaCha20-Poly1305, the message counter as nonce) whose
-//! plaintext starts with a flag byte (more pieces follow, or this is the last), written as
+//! plaintext ends with a flag byte (more pieces follow, or this is the last), written as
 //! `u16 length ‖ ciphertext`. A flipped bit, a replayed, reordered, dropped, split or injected
 //! message, or a message of another session fails to open, and the caller ends the session.
 
@@ -274,13 +274,13 @@ impl Transport {
         }
         let count = pieces(frame.len());
         let mut out = Vec::with_capacity(frame.len() + count * (2 + 1 + TAG));
-        let mut plain = Vec::with_capacity(MAX_PIECE_BYTES + 1);
+        let mut plain = Vec::with_capacity(frame.len().min(MAX_PIECE_BYTES) + 1);
         for i in 0..count {
             let piece = &frame[(i * MAX_PIECE_BYTES).min(frame.len())
                 ..((i + 1) * MAX_PIECE_BYTES).min(frame.len())];
             plain.clear();
-            plain.push(if i + 1 < count { MORE } else { LAST });
             plain.extend_from_slice(piece);
+            plain.push(if i + 1 < count { MORE } else { LAST });
             let at = out.len();
             out.resize(at + 2 + plain.len() + TAG, 0);
             let n = self.state.write_message(&plain, &mut out[at + 2..])?;
@@ -298,21 +298,26 @@ impl Transport {
                 max: MAX_SEALED_BYTES,
             });
         }
+        // Each piece is opened straight into the frame's buffer; its flag is its last byte.
         let mut frame = Vec::with_capacity(sealed.len());
-        let mut plain = vec![0u8; NOISE_MAX];
         let mut rest = sealed;
         loop {
             let (len, tail) = rest.split_at_checked(2).ok_or(E2eError::Open)?;
             let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
             let (message, tail) = tail.split_at_checked(len).ok_or(E2eError::Open)?;
+            let at = frame.len();
+            frame.resize(at + message.len(), 0);
             let n = self
                 .state
-                .read_message(message, &mut plain)
+                .read_message(message, &mut frame[at..])
                 .map_err(|_| E2eError::Open)?;
-            let (flag, piece) = plain[..n].split_first().ok_or(E2eError::Open)?;
-            frame.extend_from_slice(piece);
+            if n == 0 {
+                return Err(E2eError::Open);
+            }
+            frame.truncate(at + n);
+            let flag = frame.pop().ok_or(E2eError::Open)?;
             rest = tail;
-            match (*flag, rest.is_empty()) {
+            match (flag, rest.is_empty()) {
                 (LAST, true) => return Ok(frame),
                 (MORE, false) => {}
                 _ => return Err(E2eError::Open),

@@ -490,7 +490,7 @@ impl SimAgent {
                 other => return Err(self.failed("e2e", &format!("{other:?}"))),
             }
         };
-        if answer.first() == Some(&b'{') {
+        if answer.first() == Some(&b'{') && protocol::decode(&answer, Sender::Server).is_ok() {
             return Err(match protocol::decode(&answer, Sender::Server) {
                 Ok(Frame::Busy(b)) => {
                     self.stats.busy.fetch_add(1, Ordering::Relaxed);

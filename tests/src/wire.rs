@@ -251,10 +251,15 @@ impl WsClient {
         // A server that sheds us may close before this is read: its Busy is read anyway.
         let _ = self.send_frame(OP_BINARY, true, &first);
         match self.recv(timeout) {
-            Some(WsEvent::Data(bytes)) if bytes.first() == Some(&b'{') => Some(
-                protocol::decode(&bytes, Sender::Server)
-                    .unwrap_or_else(|e| panic!("undecodable clear frame ({e})")),
-            ),
+            Some(WsEvent::Data(bytes))
+                if bytes.first() == Some(&b'{')
+                    && protocol::decode(&bytes, Sender::Server).is_ok() =>
+            {
+                Some(
+                    protocol::decode(&bytes, Sender::Server)
+                        .unwrap_or_else(|e| panic!("undecodable clear frame ({e})")),
+                )
+            }
             Some(WsEvent::Data(_)) => None,
             other => panic!("expected the handshake's answer or a clear frame, got {other:?}"),
         }
@@ -291,7 +296,12 @@ impl WsClient {
                     (WsEvent::Data(bytes), Some(gate)) => match gate.open_frame(&bytes) {
                         Ok(frame) => WsEvent::Data(frame),
                         // A refusal of the handshake's last message comes in clear.
-                        Err(_) if bytes.first() == Some(&b'{') => WsEvent::Data(bytes),
+                        Err(_)
+                            if bytes.first() == Some(&b'{')
+                                && protocol::decode(&bytes, Sender::Server).is_ok() =>
+                        {
+                            WsEvent::Data(bytes)
+                        }
                         Err(e) => WsEvent::Dropped(format!("a frame that does not open: {e}")),
                     },
                     (event, _) => event,

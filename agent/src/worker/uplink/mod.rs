@@ -414,7 +414,7 @@ impl Uplink {
         let Some(gate) = self.gate.as_mut() else {
             return;
         };
-        if !gate.is_open() && bytes.first() == Some(&b'{') {
+        if !gate.is_open() && is_clear_refusal(bytes) {
             return self.on_clear_frame(ctx, bytes);
         }
         let cfg = &self.cfg;
@@ -433,7 +433,7 @@ impl Uplink {
             Ok(AgentStep::Frame(frame)) => frame,
             // The server refuses the handshake's last message (an agent it no longer knows)
             // before anything is sealed: its reason comes in clear.
-            Err(_) if bytes.first() == Some(&b'{') => return self.on_clear_frame(ctx, bytes),
+            Err(_) if is_clear_refusal(bytes) => return self.on_clear_frame(ctx, bytes),
             Err(e) => return self.violation(ctx, &e.to_string()),
         };
         let bytes = frame.as_slice();
@@ -828,4 +828,13 @@ impl Handler<Ping> for Uplink {
         }
         .into()
     }
+}
+
+/// A `Busy` or `Error` frame in clear (a handshake message is binary, but may start with `{`).
+fn is_clear_refusal(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&b'{')
+        && matches!(
+            protocol::decode(bytes, Sender::Server),
+            Ok(Frame::Busy(_) | Frame::Error(_))
+        )
 }

@@ -1212,6 +1212,32 @@ fn hostile_downstream(
     seen
 }
 
+/// An agent whose only upstream is relay-a (not yet running); relay-a is then replaced by a
+/// hostile downstream holding its TLS certificate and key, which answers the agent's end-to-end
+/// handshake with the server's command-signing key (`with_server_key`) or with relay-a's own.
+/// Returns the agent, relay-a's key and what the hostile side sees.
+fn agent_behind_hostile_relay(
+    tmp: &TestDir,
+    server: &Server,
+    with_server_key: bool,
+) -> (Agent, Identity, Arc<Mutex<AgentSide>>) {
+    let mut relay = Relay::start(server, &[server.upstream()], tmp.path(), "relay-a");
+    let agent = Agent::install_via(server, &[relay.upstream()], tmp.path(), "edge-1", &[], &[]);
+    let relay_key = Identity::load(&relay.dir.join("relay.key")).unwrap();
+    let read = |f: &str| std::fs::read_to_string(relay.dir.join(f)).unwrap();
+    let (cert, key) = (read("tls.pem"), read("tls.key"));
+    let signer = if with_server_key {
+        Identity::load(&server.dir.join("signing.key")).unwrap()
+    } else {
+        Identity::load(&relay.dir.join("relay.key")).unwrap()
+    };
+    let addr = relay.downstream;
+    relay.kill();
+    let agent_key = agent_identity(&agent.dir).public_key();
+    let seen = hostile_downstream(addr, cert, key, signer, agent_key);
+    (agent, relay_key, seen)
+}
+
 /// A RunJob whose one shell step appends `line` to `file`.
 fn run_job(job_id: &str, file: &Path, line: &str) -> CommandBody {
     CommandBody::RunJob {
@@ -1258,18 +1284,8 @@ fn sign(key: &Identity, agent_id: &str, id: &str, deadline_ms: u64, body: &Comma
 fn a_relay_cannot_mint_alter_or_replay_commands_for_its_agents() {
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
-    let mut relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
-    let mut agent =
-        Agent::install_via(&server, &[relay.upstream()], tmp.path(), "edge-1", &[], &[]);
-    let relay_key = Identity::load(&relay.dir.join("relay.key")).unwrap();
+    let (mut agent, relay_key, seen) = agent_behind_hostile_relay(&tmp, &server, true);
     let server_key = Identity::load(&server.dir.join("signing.key")).unwrap();
-    let read = |f: &str| std::fs::read_to_string(relay.dir.join(f)).unwrap();
-    let (cert, key) = (read("tls.pem"), read("tls.key"));
-    let addr = relay.downstream;
-    relay.kill();
-    let agent_key = agent_identity(&agent.dir).public_key();
-    let signer = Identity::load(&server.dir.join("signing.key")).unwrap();
-    let seen = hostile_downstream(addr, cert, key, signer, agent_key);
     agent.run();
 
     let pwned = tmp.path().join("pwned");
@@ -1517,16 +1533,7 @@ fn a_relay_cannot_starve_others_of_handshakes_or_reuse_a_channel() {
 fn a_relay_with_only_its_own_key_gets_no_session_from_an_agent() {
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
-    let mut relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-a");
-    let mut agent =
-        Agent::install_via(&server, &[relay.upstream()], tmp.path(), "edge-1", &[], &[]);
-    let relay_key = Identity::load(&relay.dir.join("relay.key")).unwrap();
-    let read = |f: &str| std::fs::read_to_string(relay.dir.join(f)).unwrap();
-    let (cert, key) = (read("tls.pem"), read("tls.key"));
-    let addr = relay.downstream;
-    relay.kill();
-    let agent_key = agent_identity(&agent.dir).public_key();
-    let seen = hostile_downstream(addr, cert, key, relay_key, agent_key);
+    let (mut agent, _, seen) = agent_behind_hostile_relay(&tmp, &server, false);
     agent.run();
     let agent_log = tmp.path().join("edge-1.log");
     eventually(

@@ -14,6 +14,7 @@
 
 mod bulk;
 mod cache;
+mod certificate;
 mod child_relay;
 mod downstream;
 mod install;

@@ -28,6 +28,7 @@ use tether_shared::tls;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bulk::{self, Bulk};
+use crate::certificate::Certificate;
 use crate::child_relay::ChildRelay;
 use crate::downstream::{AgentDown, DownConfig};
 use crate::state::{RelayState, CACHE_DIR, CA_FILE, KEY_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
@@ -81,6 +82,7 @@ struct Ports {
 
 /// What the admin endpoint reads.
 struct AdminState {
+    certificate: Arc<Certificate>,
     relay_id: String,
     name: String,
     version: String,
@@ -100,12 +102,24 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
         std::fs::read_to_string(&path).map_err(|source| RunError::Read { path, source })
     };
     let ca_pem = read(CA_FILE)?;
-    let server_tls =
-        tls::server_config(&read(TLS_CERT_FILE)?, &read(TLS_KEY_FILE)?).map_err(|source| {
-            RunError::Tls {
-                what: "relay certificate",
-                source,
-            }
+    let certificate = Arc::new(
+        Certificate::new(
+            dir.join(TLS_CERT_FILE),
+            read(TLS_CERT_FILE)?,
+            read(TLS_KEY_FILE)?,
+            ca_pem.clone(),
+        )
+        .map_err(|source| RunError::Tls {
+            what: "relay certificate",
+            source,
+        })?,
+    );
+    let server_tls = certificate
+        .served()
+        .server_config()
+        .map_err(|source| RunError::Tls {
+            what: "relay certificate",
+            source,
         })?;
     let client_tls = Arc::new(
         tls::client_config(&ca_pem).map_err(|source| RunError::Tls { what: "CA", source })?,
@@ -157,6 +171,7 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
         identity: Arc::new(Identity::load(&dir.join(KEY_FILE))?),
         server_key,
         running: running.clone(),
+        certificate: certificate.clone(),
         healthy_after: cfg.relay.upgrade_healthy_after,
         trial_timeout: cfg.relay.upgrade_trial_timeout,
     };
@@ -182,6 +197,7 @@ async fn serve(
     upgrader_cfg: UpgraderConfig,
 ) -> Result<(), RunError> {
     let Running { version, .. } = upgrader_cfg.running.clone();
+    let upgrader_certificate = upgrader_cfg.certificate.clone();
     let upstream = Upstream::new(upstream_cfg).start();
     let bulk = web::Data::new(bulk);
     let upgrader = Upgrader::new(upgrader_cfg, upstream.clone(), bulk.clone()).start();
@@ -222,6 +238,7 @@ async fn serve(
             source,
         })?;
     let admin_state = web::Data::new(AdminState {
+        certificate: upgrader_certificate,
         relay_id: state.relay_id.clone(),
         name: state.name.clone(),
         version,
@@ -316,6 +333,21 @@ async fn child_ws(
 }
 
 /// `GET /admin/health` (loopback only): the relay's actors, its upstream link and its cache.
+/// The served certificate's expiry, as the server's health shows its own.
+fn certificate_health(certificate: &Certificate) -> serde_json::Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    match certificate.not_after_unix_s() {
+        Some(not_after) => serde_json::json!({
+            "file": TLS_CERT_FILE,
+            "not_after_unix_s": not_after,
+            "days_left": (not_after - now).div_euclid(86_400),
+        }),
+        None => serde_json::Value::Null,
+    }
+}
+
 async fn health(state: web::Data<AdminState>) -> HttpResponse {
     let started = Instant::now();
     let observed =
@@ -341,5 +373,6 @@ async fn health(state: web::Data<AdminState>) -> HttpResponse {
         "sessions": sessions,
         "upstream": upstream,
         "cache": state.bulk.stats_json(),
+        "certificate": certificate_health(&state.certificate),
     }))
 }

@@ -226,6 +226,8 @@ pub struct UpgraderConfig {
     pub identity: Arc<Identity>,
     pub server_key: PublicKey,
     pub running: Running,
+    /// The served TLS certificate, which the server renews with a signed command.
+    pub certificate: Arc<crate::certificate::Certificate>,
     pub healthy_after: Duration,
     pub trial_timeout: Duration,
 }
@@ -327,6 +329,22 @@ impl Upgrader {
         }
     }
 
+    /// A certificate the server renewed (or re-sent at connect).
+    fn install_certificate(&self, pem: &str) {
+        use crate::certificate::Installed;
+        match self.cfg.certificate.install(pem) {
+            Ok(Installed::Renewed { not_after_unix_s }) => {
+                tracing::info!(relay_id = %self.cfg.relay_id, not_after_unix_s, "relay-certificate-renewed")
+            }
+            Ok(Installed::Same) => {
+                tracing::debug!(relay_id = %self.cfg.relay_id, "relay-certificate-current")
+            }
+            Err(e) => {
+                tracing::warn!(relay_id = %self.cfg.relay_id, error = %e, "relay-certificate-refused")
+            }
+        }
+    }
+
     fn on_command(&mut self, ctx: &mut Context<Self>, command: Command) {
         let signed = command_signing_bytes(
             &self.cfg.relay_id,
@@ -345,15 +363,20 @@ impl Upgrader {
             tracing::warn!(relay_id = %self.cfg.relay_id, id = %command.id, "relay-command-expired");
             return;
         }
-        let CommandBody::Upgrade {
-            version,
-            sha256,
-            size,
-            signature,
-        } = command.body
-        else {
-            tracing::warn!(relay_id = %self.cfg.relay_id, id = %command.id, "relay-command-unsupported");
-            return;
+        let (version, sha256, size, signature) = match command.body {
+            CommandBody::Upgrade {
+                version,
+                sha256,
+                size,
+                signature,
+            } => (version, sha256, size, signature),
+            CommandBody::RelayCertificate { certificate } => {
+                return self.install_certificate(&certificate)
+            }
+            _ => {
+                tracing::warn!(relay_id = %self.cfg.relay_id, id = %command.id, "relay-command-unsupported");
+                return;
+            }
         };
         if self.busy {
             tracing::info!(relay_id = %self.cfg.relay_id, version = %version, "relay-upgrade-busy");

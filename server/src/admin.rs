@@ -109,7 +109,10 @@ impl AdminState {
             journal,
             agents,
             relay_links: relays,
-            certificates: CertificateExpiry::of_data_dir(&self.data_dir),
+            certificates: CertificateExpiry::of_data_dir(
+                &self.data_dir,
+                self.shared.relay_certs.expiries(),
+            ),
             deployments: self.shared.deployments.health(),
             storage: crate::health::StorageHealth {
                 free_bytes: tether_shared::storage::free_bytes(&self.data_dir).ok(),

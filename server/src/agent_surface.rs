@@ -23,7 +23,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine as _;
 use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH};
 use tether_shared::identity::PublicKey;
-use tether_shared::tls::{self, Ca};
+use tether_shared::tls;
 
 use crate::api::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
@@ -49,8 +49,8 @@ pub struct AgentSurface {
     pub server_signing_certificate: String,
     /// Failed enrollment attempts per source.
     pub limiter: EnrollLimiter,
-    /// The relay CA: signs relays' TLS certificates at enrollment, and nothing else.
-    pub relay_ca: Arc<Ca>,
+    /// Relays' TLS certificates, from the relay CA (which signs nothing else).
+    pub relay_certs: Arc<crate::relay_certs::RelayCerts>,
     /// The server's own certificate (PEM) as served now: no relay is certified for a name it
     /// covers.
     pub server_cert_pem: Arc<std::sync::RwLock<String>>,
@@ -98,8 +98,8 @@ async fn enroll(
     let tls_certificate = match tls_key {
         Some(key) => Some(
             state
-                .relay_ca
-                .issue_cert_for_key(&request.hostnames, &key)
+                .relay_certs
+                .issue(&request.hostnames, &key)
                 .map_err(|e| ApiError::BadRequest(format!("relay certificate: {e}")))?,
         ),
         None => None,
@@ -107,13 +107,22 @@ async fn enroll(
     let hostnames = request.hostnames.clone();
     match state.registry.enroll(request).await {
         Ok(record) => {
-            if tls_certificate.is_some() {
-                tracing::info!(relay_id = %record.id, hostnames = ?hostnames, "relay-certificate-issued");
+            if let Some(issued) = &tls_certificate {
+                // Recorded so that it is renewed in time; a failure here only means the
+                // relay gets a new one at its first connect.
+                if let Err(e) = state
+                    .registry
+                    .set_relay_certificate(&record.id, issued.clone())
+                    .await
+                {
+                    tracing::warn!(relay_id = %record.id, error = %e, "relay-certificate-not-recorded");
+                }
+                tracing::info!(relay_id = %record.id, hostnames = ?hostnames, not_after_unix_s = issued.not_after_unix_s, "relay-certificate-issued");
             }
             Ok(HttpResponse::Ok().json(EnrollResponse {
                 agent_id: record.id,
                 server_signing_key: state.server_signing_key.clone(),
-                tls_certificate,
+                tls_certificate: tls_certificate.map(|i| i.pem),
                 server_signing_certificate: Some(state.server_signing_certificate.clone()),
             }))
         }

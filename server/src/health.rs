@@ -115,10 +115,10 @@ pub struct DeploymentsHealth {
 /// One certificate of the data directory and when it expires.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CertificateExpiry {
-    /// What it is: `server`, `ca`, `relay_ca`, `signing`.
-    pub name: &'static str,
-    /// Its file in the data directory.
-    pub file: &'static str,
+    /// What it is: `server`, `ca`, `relay_ca`, `signing`, or `relay:NAME` for a relay's.
+    pub name: String,
+    /// Its file (in the data directory; a relay's in the relay's).
+    pub file: String,
     /// Its `notAfter`, seconds since the Unix epoch.
     pub not_after_unix_s: i64,
     /// Whole days until then (negative once expired).
@@ -126,8 +126,21 @@ pub struct CertificateExpiry {
 }
 
 impl CertificateExpiry {
-    /// The certificates of `dir` that can be read (one that cannot is left out and logged).
-    pub fn of_data_dir(dir: &std::path::Path) -> Vec<CertificateExpiry> {
+    fn new(name: String, file: String, not_after_unix_s: i64, now: i64) -> CertificateExpiry {
+        CertificateExpiry {
+            name,
+            file,
+            not_after_unix_s,
+            days_left: (not_after_unix_s - now).div_euclid(86_400),
+        }
+    }
+
+    /// The certificates of `dir` that can be read (one that cannot is left out and logged),
+    /// and the relays' (`(relay name, notAfter)`), soonest first.
+    pub fn of_data_dir(
+        dir: &std::path::Path,
+        relays: Vec<(String, i64)>,
+    ) -> Vec<CertificateExpiry> {
         use crate::init;
         let now = i64::try_from(crate::registry::now_unix_ms() / 1000).unwrap_or(i64::MAX);
         let mut list: Vec<CertificateExpiry> = [
@@ -144,12 +157,12 @@ impl CertificateExpiry {
                     tether_shared::tls::certificate_not_after(&pem).map_err(|e| e.to_string())
                 });
             match read {
-                Ok(not_after_unix_s) => Some(CertificateExpiry {
-                    name,
-                    file,
+                Ok(not_after_unix_s) => Some(CertificateExpiry::new(
+                    name.to_owned(),
+                    file.to_owned(),
                     not_after_unix_s,
-                    days_left: (not_after_unix_s - now).div_euclid(86_400),
-                }),
+                    now,
+                )),
                 Err(e) => {
                     tracing::warn!(file, error = %e, "certificate-unreadable");
                     None
@@ -157,6 +170,9 @@ impl CertificateExpiry {
             }
         })
         .collect();
+        list.extend(relays.into_iter().map(|(name, not_after)| {
+            CertificateExpiry::new(format!("relay:{name}"), "tls.pem".into(), not_after, now)
+        }));
         list.sort_by_key(|c| c.not_after_unix_s);
         list
     }
@@ -209,6 +225,12 @@ impl ServerHealth {
             "counter",
             "Journal batches that failed to commit.",
             j.failures,
+        );
+        metric(
+            "tether_journal_compactions_total",
+            "counter",
+            "Compactions of the journal's store (live entries copied into a fresh database).",
+            j.compactions,
         );
         metric(
             "tether_journal_poisoned",
@@ -446,8 +468,8 @@ mod tests {
             deployments: DeploymentsHealth::default(),
             storage: StorageHealth::default(),
             certificates: vec![CertificateExpiry {
-                name: "server",
-                file: "server.pem",
+                name: "server".into(),
+                file: "server.pem".into(),
                 not_after_unix_s: 1_900_000_000,
                 days_left: 700,
             }],
@@ -464,6 +486,8 @@ mod tests {
                 last_commit_unix_ms: 0,
                 failures: 5,
                 poisoned: None,
+                compactions: 6,
+                compacting: false,
             },
             agents: BTreeMap::new(),
         };
@@ -474,6 +498,7 @@ mod tests {
             "tether_journal_syncs_total 14",
             "tether_journal_queued 3",
             "tether_journal_failures_total 5",
+            "tether_journal_compactions_total 6",
             "tether_journal_poisoned 0",
             "tether_sessions 2",
             "tether_actor_up{name=\"journal\",kind=\"Journal\"} 0",

@@ -37,6 +37,7 @@ mod init;
 mod plugins;
 mod ports;
 mod registry;
+mod relay_certs;
 mod run;
 mod session;
 mod upgrades;
@@ -208,6 +209,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         window: cfg.server.max_unacked,
         retention: deployments::Retention::from_config(&cfg.retention),
         prune_interval: cfg.retention.prune_interval,
+        relay_certificate_lifetime: cfg.server.relay_certificate_lifetime,
     };
     match run::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,7 +21,7 @@ use actix_web::{web, App};
 use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::{Identity, IdentityError};
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
-use tether_shared::tls::{self, Ca, ReloadableCert, TlsError};
+use tether_shared::tls::{self, ReloadableCert, TlsError};
 
 use crate::admin::{self, AdminState};
 use crate::admin_token::{AdminToken, AdminTokenError};
@@ -37,6 +37,7 @@ use crate::plugins::api::{self as plugins_api, PluginsAgentState, PluginsApiStat
 use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
+use crate::relay_certs::RelayCerts;
 use crate::session::relay_session::ServerStopping;
 use crate::session::routes::{ProbeApiState, SessionsState};
 use crate::session::session_registry::{CloseAllSessions, SessionRegistry};
@@ -93,6 +94,8 @@ pub struct RunOptions {
     /// How long finished deployments are kept, and how often they are pruned.
     pub retention: Retention,
     pub prune_interval: Duration,
+    /// How long a relay's certificate is valid (renewed with a third left).
+    pub relay_certificate_lifetime: Duration,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -253,6 +256,11 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         "journal-recovered"
     );
     let registry = Arc::new(Registry::load(journal.handle())?);
+    let relay_certs = Arc::new(RelayCerts::new(
+        relay_ca,
+        opts.relay_certificate_lifetime,
+        registry.clone(),
+    ));
     let users = Arc::new(Users::load(journal.handle())?);
     let plugins = Arc::new(Plugins::load(journal.handle(), dir)?);
     let artifacts = crate::artifacts::ArtifactStore::open(
@@ -274,7 +282,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let loaded = Loaded {
         token,
         tls,
-        relay_ca,
+        relay_certs,
         server_cert_pem,
         signing,
         server_signing_key,
@@ -296,8 +304,8 @@ struct Loaded {
     token: AdminToken,
     /// Presented by both listeners, replaced when `DIR/server.pem` changes.
     tls: Arc<ReloadableCert>,
-    /// The relay CA, which signs relays' certificates at enrollment.
-    relay_ca: Arc<Ca>,
+    /// Relays' certificates, from the relay CA: at enrollment and renewed over their links.
+    relay_certs: Arc<RelayCerts>,
     /// `DIR/server.pem`: no relay is certified for a name it covers.
     server_cert_pem: Arc<RwLock<String>>,
     /// `DIR/signing.key`: signs every command.
@@ -445,6 +453,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         max_handshakes: opts.max_handshakes,
         sources: session::source_slots::SourceSlots::new(opts.max_handshakes),
         relay_links: Default::default(),
+        relay_certs: loaded.relay_certs.clone(),
         next_conn: AtomicU64::new(0),
         window: opts.window,
         max_retained: MAX_RETAINED_COMMANDS,
@@ -552,7 +561,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         server_signing_key: loaded.server_signing_key,
         server_signing_certificate: loaded.server_signing_certificate,
         limiter: EnrollLimiter::default(),
-        relay_ca: loaded.relay_ca,
+        relay_certs: loaded.relay_certs.clone(),
         server_cert_pem: loaded.server_cert_pem.clone(),
     });
     let stop = stop_signal().map_err(RunError::Signal)?;

@@ -3,7 +3,8 @@
 //! a random moment, then has another child read the journal back and checks that every
 //! acknowledged append is there (with the right content) and every acknowledged truncation
 //! took effect, and that each producer's blob (appended in the same commits) holds exactly
-//! the bytes of the appends that survived. At least `TETHER_CRASH_ITERATIONS` (default 100) kills, bounded in time.
+//! the bytes of the appends that survived. The writer compacts its store every 256 KiB of growth,
+//! so kills also land while a compaction copies the store and swaps it in. At least `TETHER_CRASH_ITERATIONS` (default 100) kills, bounded in time.
 //!
 //! A second check runs a child under `strace` and proves from the system-call trace that no
 //! acknowledgement was printed before the `fdatasync` of sled's data file that covers its batch.
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rand::Rng;
-use tether_shared::journal::{Commit, Journal, JournalOptions, LogName, Op};
+use tether_shared::journal::{Commit, Journal, JournalOptions, LogName, Op, SledOptions};
 use tether_shared::protocol::Seq;
 
 const PRODUCERS: u64 = 8;
@@ -67,12 +68,30 @@ fn dir() -> Result<std::path::PathBuf> {
         .into())
 }
 
+/// Options that compact the store every few hundred KiB of growth, so that kills land in
+/// and around compactions too.
+fn compacting() -> JournalOptions {
+    JournalOptions {
+        sled: SledOptions {
+            compact_after_growth_bytes: 256 * 1024,
+            ..SledOptions::default()
+        },
+        ..JournalOptions::default()
+    }
+}
+
+/// The number of the journal's live sled generation (how many compactions it went through).
+fn generation(dir: &Path) -> Result<u64> {
+    let current = std::fs::read_to_string(dir.join("CURRENT"))?;
+    Ok(current.trim().trim_start_matches("sled.").parse()?)
+}
+
 /// Child: append (and truncate) through the `Journal` actor, printing each acknowledgement.
 fn child_write(appends_each: Option<u64>) -> Result<()> {
     let dir = dir()?;
     let system = actix::System::new();
     system.block_on(async move {
-        let (journal, recovered) = Journal::open(&dir, &JournalOptions::default())?;
+        let (journal, recovered) = Journal::open(&dir, &compacting())?;
         let addr = actix::Actor::start(journal);
         let mut tasks = Vec::new();
         for p in 0..PRODUCERS {
@@ -291,10 +310,16 @@ fn kill_loop() -> Result<()> {
         total_checked = verify(tmp.path(), &acked).with_context(|| format!("after kill {i}"))?;
     }
     let appends: usize = acked.appends.values().map(|s| s.len()).sum();
+    let compactions = generation(tmp.path())?;
     eprintln!(
-        "journal crash: {iterations} SIGKILLs in {:?}, {appends} acknowledged appends, {total_checked} checked present at the end",
+        "journal crash: {iterations} SIGKILLs in {:?}, {appends} acknowledged appends, {total_checked} checked present at the end, {compactions} compactions",
         started.elapsed()
     );
+    if compactions < u64::from(iterations / 10) {
+        bail!(
+            "only {compactions} compactions in {iterations} runs: kills did not meet compactions"
+        );
+    }
     if appends < iterations as usize {
         bail!("too few acknowledged appends ({appends}) for the test to mean anything");
     }

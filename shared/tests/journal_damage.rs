@@ -45,7 +45,7 @@ fn populate(dir: &Path) -> String {
 }
 
 fn damage(dir: &Path, case: &str) {
-    let db = dir.join("db");
+    let db = tether_shared::journal::generation::data_file(dir).unwrap();
     let len = std::fs::metadata(&db).unwrap().len();
     match case {
         "truncate-1" => std::fs::OpenOptions::new()
@@ -81,8 +81,13 @@ fn damage(dir: &Path, case: &str) {
             std::fs::write(&db, bytes).unwrap();
         }
         "delete-db" => std::fs::remove_file(&db).unwrap(),
-        "delete-conf" => std::fs::remove_file(dir.join("conf")).unwrap(),
-        "garbage-conf" => std::fs::write(dir.join("conf"), b"\x00\xffnot a config\n").unwrap(),
+        "delete-conf" => std::fs::remove_file(db.with_file_name("conf")).unwrap(),
+        "garbage-conf" => {
+            std::fs::write(db.with_file_name("conf"), b"\x00\xffnot a config\n").unwrap()
+        }
+        "delete-current" => std::fs::remove_file(dir.join("CURRENT")).unwrap(),
+        "garbage-current" => std::fs::write(dir.join("CURRENT"), b"../../etc\n").unwrap(),
+        "current-elsewhere" => std::fs::write(dir.join("CURRENT"), b"sled.7\n").unwrap(),
         "delete-marker" => std::fs::remove_file(dir.join("INCARNATION")).unwrap(),
         "other-marker" => std::fs::write(dir.join("INCARNATION"), b"0123456789abcdef").unwrap(),
         other => panic!("unknown case {other}"),
@@ -105,6 +110,9 @@ fn damaged_journals_fail_clearly_or_recover_a_verified_prefix() {
         "garbage-conf",
         "delete-marker",
         "other-marker",
+        "delete-current",
+        "garbage-current",
+        "current-elsewhere",
     ];
     let mut refused = Vec::new();
     for case in cases {
@@ -156,7 +164,13 @@ fn damaged_journals_fail_clearly_or_recover_a_verified_prefix() {
         }
     }
     // The cases that remove or swap what the journal is must be refused, whatever sled does.
-    for must in ["delete-db", "other-marker"] {
+    for must in [
+        "delete-db",
+        "other-marker",
+        "delete-current",
+        "garbage-current",
+        "current-elsewhere",
+    ] {
         assert!(
             refused.contains(&must),
             "{must} was not refused (refused: {refused:?})"

@@ -3,7 +3,10 @@
 //! `tether-server` with its default retention but a short prune interval and count (so that a
 //! 10-minute run reaches the steady state a months-long one would). Prints the server's RSS,
 //! its journal's bytes on disk and the p99 dispatch latency after warm-up and at the end, and
-//! their ratios. Target: end ≤ 1.2× warm-up for RSS and disk; p99 unchanged within noise.
+//! their ratios, and the highest of each seen in the first and second half of the run after
+//! warm-up (the journal compacts itself in steps, so its size is a sawtooth that two samples
+//! can catch at any height). Target: end ≤ 1.2× warm-up for RSS and disk; p99 unchanged
+//! within noise.
 //!
 //! `cargo bench -p tether-tests --bench soak` (`make bench`). `TETHER_BENCH_SOAK_SECS`
 //! (default 600), `TETHER_BENCH_SOAK_AGENTS` (default 200), `TETHER_BENCH_SOAK_OUTPUT_BYTES`
@@ -34,6 +37,22 @@ struct Sample {
     rss_kib: u64,
     journal_bytes: u64,
     p99_ms: u64,
+}
+
+/// The highest values seen in one part of the run.
+#[derive(Default)]
+struct Peak {
+    rss_kib: u64,
+    journal_bytes: u64,
+    p99_ms: u64,
+}
+
+impl Peak {
+    fn see(&mut self, journal_bytes: u64, rss_kib: u64, p99_ms: u64) {
+        self.journal_bytes = self.journal_bytes.max(journal_bytes);
+        self.rss_kib = self.rss_kib.max(rss_kib);
+        self.p99_ms = self.p99_ms.max(p99_ms);
+    }
 }
 
 fn sample(server: &Server, latencies: &mut Vec<u64>, deployments: usize) -> Sample {
@@ -110,6 +129,10 @@ fn main() {
     let (mut done, mut failed) = (0usize, 0usize);
     let mut latencies = Vec::new();
     let mut after_warm_up = None;
+    // The journal compacts itself in steps, so its size is a sawtooth: besides the two
+    // samples, the highest disk and RSS seen in each half of the run after warm-up.
+    let mut peaks = [Peak::default(), Peak::default()];
+    let pid = server.pid().unwrap_or(0);
     while started.elapsed() < run {
         match dispatch(&server, "soak", &ids) {
             Some((_, per)) => {
@@ -117,6 +140,15 @@ fn main() {
                 done += 1;
             }
             None => failed += 1,
+        }
+        let elapsed = started.elapsed();
+        if after_warm_up.is_some() {
+            let half = usize::from(elapsed >= warm_up + (run - warm_up) / 2);
+            peaks[half].see(
+                disk_bytes(&server.dir.join("journal")),
+                rss_kib(pid),
+                latencies.last().copied().unwrap_or(0),
+            );
         }
         if after_warm_up.is_none() && started.elapsed() >= warm_up && done > keep {
             after_warm_up = Some(sample(&server, &mut latencies, done));
@@ -155,6 +187,24 @@ fn main() {
         ratio(start.rss_kib, end.rss_kib),
         ratio(start.journal_bytes, end.journal_bytes),
         ratio(start.p99_ms, end.p99_ms)
+    );
+    println!(
+        "{:>14} {:>12} {:>10} {:>16} {:>14}",
+        "peak", "", "RSS KiB", "journal bytes", "job p99 ms"
+    );
+    for (label, p) in [("first half", &peaks[0]), ("second half", &peaks[1])] {
+        println!(
+            "{label:>14} {:>12} {:>10} {:>16} {:>14}",
+            "", p.rss_kib, p.journal_bytes, p.p99_ms
+        );
+    }
+    println!(
+        "{:>14} {:>12} {:>10.2} {:>16.2} {:>14.2}   (second half / first half after warm-up)",
+        "ratio",
+        "",
+        ratio(peaks[0].rss_kib, peaks[1].rss_kib),
+        ratio(peaks[0].journal_bytes, peaks[1].journal_bytes),
+        ratio(peaks[0].p99_ms, peaks[1].p99_ms)
     );
     println!("{done} deployments succeeded, {failed} failed");
     fleet.stop();

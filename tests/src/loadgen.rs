@@ -848,7 +848,7 @@ impl SimAgent {
                             }
                             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
                         }
-                        CommandBody::CancelJob { .. } => {}
+                        CommandBody::CancelJob { .. } | CommandBody::RelayCertificate { .. } => {}
                         // A simulated agent has no binary to swap.
                         CommandBody::Upgrade { version, .. } => {
                             self.enqueue(EventBody::UpgradeRefused {

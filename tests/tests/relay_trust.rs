@@ -492,7 +492,11 @@ fn altering_relay(server: &Server, mode: Arc<AtomicU8>) -> SocketAddr {
     .unwrap();
     let key = TlsKey::generate().unwrap();
     let cert = relay_ca
-        .issue_cert_for_key(&[RELAY_HOST.to_owned()], &key.public_key_raw())
+        .issue_cert_for_key(
+            &[RELAY_HOST.to_owned()],
+            &key.public_key_raw(),
+            std::time::Duration::from_secs(86_400),
+        )
         .unwrap();
     let config = tls::server_config(&cert, &key.key_pem()).unwrap();
     let listener = TcpListener::bind((RELAY_HOST, 0)).unwrap();

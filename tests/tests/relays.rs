@@ -467,3 +467,80 @@ fn enrollment_refuses_certificate_fields_for_the_wrong_role() {
         json!([])
     );
 }
+
+fn not_after(pem_path: &std::path::Path) -> i64 {
+    let pem = std::fs::read_to_string(pem_path).unwrap_or_default();
+    tether_shared::tls::certificate_not_after(&pem)
+        .unwrap_or_else(|e| panic!("{}: {e}", pem_path.display()))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Relay certificates are short-lived and renewed over the relay's link: with a 30-second
+/// lifetime set by config, the relay serves a new certificate (on disk and to new handshakes)
+/// before the first one expires, and an agent that enrolls and deploys through it after that
+/// expiry gets through. The renewal shows in the server's health and metrics and the relay's.
+#[test]
+fn a_relay_certificate_is_renewed_over_its_link_before_it_expires() {
+    let dir = TestDir::new();
+    let server = Server::start_with(
+        dir.path(),
+        &[
+            ("TETHER_SERVER__RELAY_CERTIFICATE_LIFETIME_S", "30"),
+            ("TETHER_SERVER__HEARTBEAT_INTERVAL_MS", "500"),
+        ],
+    );
+    let relay = Relay::start(&server, &[server.upstream()], dir.path(), "relay-a");
+    let cert_path = relay.dir.join("tls.pem");
+    let first = not_after(&cert_path);
+    assert!(
+        first - unix_now() <= 31,
+        "the certificate lasts the configured 30 s: {} s left",
+        first - unix_now()
+    );
+    let renewed = eventually("the relay's certificate renewed", WAIT, || {
+        let n = not_after(&cert_path);
+        (n > first).then_some(n)
+    });
+    assert!(
+        unix_now() < first,
+        "renewed before the first certificate expired"
+    );
+    let health = relay.health();
+    assert_eq!(
+        health["certificate"]["not_after_unix_s"], renewed,
+        "{health}"
+    );
+
+    eventually("the first certificate expired", WAIT, || {
+        (unix_now() > first + 1).then_some(())
+    });
+    // A new handshake with the relay gets the renewed certificate: enrollment and the
+    // agent's link both go through it.
+    let mut agent =
+        Agent::install_via(&server, &[relay.upstream()], dir.path(), "late-1", &[], &[]);
+    agent.run();
+    online_with_path(&server, &agent, &["relay-a"]);
+    deploy_and_check(&server, &agent, dir.path());
+
+    let listed = tether_tests::wire::health(&server);
+    let entry = listed["certificates"]
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == "relay:relay-a"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        entry["not_after_unix_s"].as_i64() >= Some(renewed),
+        "the server's health shows the relay's current certificate: {entry}"
+    );
+    let metrics = server.request("GET", "/metrics", None).body;
+    assert!(
+        metrics
+            .contains("tether_certificate_expiry_timestamp_seconds{certificate=\"relay:relay-a\"}"),
+        "{metrics}"
+    );
+}

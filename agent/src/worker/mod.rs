@@ -111,6 +111,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     let opts = JournalOptions {
         sled: SledOptions {
             cache_capacity_bytes: AGENT_CACHE_BYTES,
+            ..SledOptions::default()
         },
         ..JournalOptions::default()
     };

@@ -222,6 +222,28 @@ struct StoredAgent {
     /// of a token. Absent for agents and for relays enrolled before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     certified: Option<Certified>,
+    /// Relays: the certificate last issued, re-sent at every connect and renewed before it
+    /// expires. Absent for agents and for relays enrolled before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate: Option<IssuedCertificate>,
+}
+
+/// A relay's certificate as issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCertificate {
+    pub pem: String,
+    /// Its `notAfter`, seconds since the Unix epoch.
+    pub not_after_unix_s: i64,
+}
+
+/// What a relay's certificate is for, and the one it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayCertificate {
+    /// The raw P-256 public key it certifies.
+    pub tls_public_key: Vec<u8>,
+    pub hostnames: Vec<String>,
+    pub issued: Option<IssuedCertificate>,
 }
 
 /// What a relay's certificate is issued for.
@@ -617,8 +639,14 @@ impl Registry {
                         RegistryError::TagsChange
                     });
                 };
+                // A new key or new names: the old certificate is not theirs.
+                let certificate = existing
+                    .certificate
+                    .clone()
+                    .filter(|_| existing.certified == certified);
                 let mut stored = StoredAgent {
                     certified,
+                    certificate,
                     ..existing.clone()
                 };
                 stored.record.tags = req.tags;
@@ -650,6 +678,7 @@ impl Registry {
             },
             token_sha256: hash.clone(),
             certified,
+            certificate: None,
         };
         let left = self.commit_enrollment(&stored, token, &hash).await?;
         let record = stored.record;
@@ -771,6 +800,49 @@ impl Registry {
         write(&self.presence).remove(id);
         tracing::info!(agent_id = %id, name = %stored.record.name, role = %role, "agent-deleted");
         Ok(Some(stored.record))
+    }
+
+    /// Relay `id`'s certified key and names and its last certificate; `None` for an unknown
+    /// relay or one enrolled before they were recorded.
+    pub fn relay_certificate(&self, id: &str) -> Option<RelayCertificate> {
+        let agents = read(&self.agents);
+        let stored = agents.get(id).filter(|s| s.record.role == Role::Relay)?;
+        let certified = stored.certified.as_ref()?;
+        Some(RelayCertificate {
+            tls_public_key: base64::Engine::decode(
+                &base64::engine::general_purpose::STANDARD,
+                &certified.tls_public_key,
+            )
+            .ok()?,
+            hostnames: certified.hostnames.clone(),
+            issued: stored.certificate.clone(),
+        })
+    }
+
+    /// Records `issued` as relay `id`'s certificate (committed before it answers). `false` if
+    /// the relay is gone.
+    pub async fn set_relay_certificate(
+        &self,
+        id: &str,
+        issued: IssuedCertificate,
+    ) -> Result<bool, RegistryError> {
+        let _change = self.changes.lock().await;
+        let Some(mut stored) = read(&self.agents)
+            .get(id)
+            .filter(|s| s.record.role == Role::Relay)
+            .cloned()
+        else {
+            return Ok(false);
+        };
+        stored.certificate = Some(issued);
+        self.journal
+            .commit(vec![Op::PutMeta {
+                key: format!("{AGENT_PREFIX}{id}"),
+                value: encode(&stored),
+            }])
+            .await?;
+        write(&self.agents).insert(id.to_owned(), stored);
+        Ok(true)
     }
 
     /// The enrollment tokens that can still enroll, newest first.

@@ -56,6 +56,8 @@ pub struct SessionShared {
     pub sources: Arc<source_slots::SourceSlots>,
     /// Each relay's current link.
     pub relay_links: relay_session::RelayLinks,
+    /// Relays' certificates, renewed over their links.
+    pub relay_certs: Arc<crate::relay_certs::RelayCerts>,
     /// Connection ids handed out so far.
     pub next_conn: AtomicU64,
     /// Stream tuning: in flight per direction, retained per agent, retransmit timeout.

@@ -247,6 +247,19 @@ impl RelaySession {
         self.relay_id = Some(relay_id.clone());
         Self::send_frame(ctx, &self.welcome());
         self.push_upgrade(ctx, &relay_id);
+        self.push_certificate(ctx, &relay_id, true);
+    }
+
+    /// The channel `relay_id` is on: this link's own relay, or a child relay on one of its
+    /// channels.
+    fn relay_channel(&self, relay_id: &str) -> Option<u32> {
+        if self.relay_id.as_deref() == Some(relay_id) {
+            return Some(LINK_CHANNEL);
+        }
+        self.channels.iter().find_map(|(ch, c)| match &c.phase {
+            ChannelPhase::Relay { relay_id: r } if r == relay_id => Some(*ch),
+            _ => None,
+        })
     }
 
     /// Sends `relay_id` (this link's relay or a child relay on one of its channels) the
@@ -256,21 +269,46 @@ impl RelaySession {
         let Some(frame) = relay_upgrade_command(&self.shared, relay_id) else {
             return;
         };
-        let ch = if self.relay_id.as_deref() == Some(relay_id) {
-            Some(LINK_CHANNEL)
-        } else {
-            self.channels.iter().find_map(|(ch, c)| match &c.phase {
-                ChannelPhase::Relay { relay_id: r } if r == relay_id => Some(*ch),
-                _ => None,
-            })
-        };
-        match ch {
+        match self.relay_channel(relay_id) {
             Some(ch) => {
                 tracing::info!(relay_id = %relay_id, ch, "relay-upgrade-command-sent");
                 self.send_on(ctx, ch, &frame);
             }
             None => tracing::debug!(relay_id = %relay_id, "relay-upgrade-command-no-channel"),
         }
+    }
+
+    /// Sends `relay_id` its certificate: at connect (`always`) the current one, so a renewal
+    /// it missed reaches it; at each beat only one renewed just now.
+    fn push_certificate(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        always: bool,
+    ) {
+        let certs = self.shared.relay_certs.clone();
+        let relay = relay_id.to_owned();
+        ctx.spawn(
+            async move { certs.current(&relay).await.map(|c| (relay, c)) }
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok((relay_id, Some(current))) if always || current.renewed => {
+                        let body = CommandBody::RelayCertificate {
+                            certificate: current.pem,
+                        };
+                        let id = hex::encode(rand::random::<[u8; 12]>());
+                        let Some(frame) = relay_command(&act.shared, &relay_id, id, body) else {
+                            return;
+                        };
+                        if let Some(ch) = act.relay_channel(&relay_id) {
+                            tracing::info!(relay_id = %relay_id, ch, renewed = current.renewed, "relay-certificate-sent");
+                            act.send_on(ctx, ch, &frame);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "relay-certificate-renewal-failed"),
+                }),
+        );
     }
 
     /// An event a relay reports about itself (its upgrades): its state changes in the journal.
@@ -557,6 +595,7 @@ impl RelaySession {
         let welcome = self.welcome();
         self.send_on(ctx, ch, &welcome);
         self.push_upgrade(ctx, &relay_id);
+        self.push_certificate(ctx, &relay_id, true);
     }
 
     fn attach_agent(
@@ -721,6 +760,19 @@ impl RelaySession {
         }
         for ch in beating {
             self.put(ctx, ch, &beat);
+        }
+        // Renewals come due while a relay stays connected: checked at each beat.
+        let relays: Vec<String> = self
+            .relay_id
+            .iter()
+            .cloned()
+            .chain(self.channels.values().filter_map(|c| match &c.phase {
+                ChannelPhase::Relay { relay_id } => Some(relay_id.clone()),
+                _ => None,
+            }))
+            .collect();
+        for relay_id in relays {
+            self.push_certificate(ctx, &relay_id, false);
         }
         for (ch, reason) in stale {
             self.refuse_channel(ctx, ch, 1001, ErrorCode::Unauthorized, reason);
@@ -1028,7 +1080,7 @@ fn is_upgrade_event(body: &EventBody) -> bool {
     )
 }
 
-/// How long a relay's `Upgrade` command stays valid (it is re-sent at every connect anyway).
+/// How long a relay's command stays valid (it is re-sent at every connect anyway).
 const RELAY_COMMAND_TTL_MS: u64 = 60 * 60 * 1000;
 
 /// The signed `Upgrade` command for `relay_id`'s in-progress rollout, if it has one.
@@ -1057,6 +1109,17 @@ fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame
     } else {
         state.rollout_id.clone()
     };
+    relay_command(shared, relay_id, id, body)
+}
+
+/// A command for relay `relay_id` on its own channel, signed, valid for an hour (relays keep
+/// no journal: what they miss is sent again at their next connect).
+fn relay_command(
+    shared: &SessionShared,
+    relay_id: &str,
+    id: String,
+    body: CommandBody,
+) -> Option<Frame> {
     let deadline = now_ms() + RELAY_COMMAND_TTL_MS;
     let signed = command_signing_bytes(relay_id, &id, deadline, &body).ok()?;
     let mut command = Command::new(Seq(1), id, deadline, body).ok()?;

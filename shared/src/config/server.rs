@@ -70,6 +70,9 @@ pub struct RawServerSection {
     pub max_handshakes_in_flight: i64,
     /// Window of unacknowledged messages in flight per stream.
     pub max_unacked: i64,
+    /// How long a relay's certificate is valid; the server renews it over the relay's link
+    /// once less than a third of that is left.
+    pub relay_certificate_lifetime_s: i64,
 }
 
 impl Default for RawServerSection {
@@ -80,6 +83,7 @@ impl Default for RawServerSection {
             heartbeat_timeout_ms: 15_000,
             max_handshakes_in_flight: 1_024,
             max_unacked: 1_024,
+            relay_certificate_lifetime_s: 30 * 86_400,
         }
     }
 }
@@ -131,6 +135,16 @@ pub struct ServerSection {
     pub max_handshakes_in_flight: usize,
     /// Window of unacknowledged messages in flight per stream.
     pub max_unacked: u64,
+    /// How long a relay's certificate is valid (renewed with a third of it left).
+    #[serde(
+        rename = "relay_certificate_lifetime_s",
+        serialize_with = "serialize_secs"
+    )]
+    pub relay_certificate_lifetime: Duration,
+}
+
+fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_secs())
 }
 
 /// `[listen]`, validated.
@@ -182,6 +196,13 @@ impl RawConfig for RawServerConfig {
             65_536,
         );
         let unacked = p.count("server.max_unacked", s.max_unacked, 1, 1_000_000);
+        // At most 825 days, what TLS clients accept; at least long enough to be renewed.
+        let relay_lifetime = p.count(
+            "server.relay_certificate_lifetime_s",
+            s.relay_certificate_lifetime_s,
+            30,
+            825 * 86_400,
+        );
         let https = p.addr("listen.https", &self.listen.https);
         let wss = p.addr("listen.wss", &self.listen.wss);
         if let (Some(h), Some(w)) = (https, wss) {
@@ -211,6 +232,7 @@ impl RawConfig for RawServerConfig {
                     heartbeat_timeout: timeout?,
                     max_handshakes_in_flight: usize::try_from(handshakes?).ok()?,
                     max_unacked: unacked?,
+                    relay_certificate_lifetime: Duration::from_secs(relay_lifetime?),
                 },
                 listen: ServerListen {
                     https: https?,

@@ -17,6 +17,8 @@
 //! - [`writer`]: the group-commit thread.
 
 pub mod blobs;
+mod compaction;
+pub mod generation;
 pub mod record;
 pub mod store;
 pub mod writer;
@@ -40,7 +42,7 @@ use writer::{Request, WriterStats};
 /// Largest payload of one record.
 pub const MAX_RECORD_BYTES: usize = 1024 * 1024;
 /// File beside sled's that repeats the incarnation (see [`Journal::open`]).
-const MARKER_FILE: &str = "INCARNATION";
+pub(crate) const MARKER_FILE: &str = "INCARNATION";
 /// Meta key holding the journal's incarnation.
 const INCARNATION_KEY: &str = "incarnation";
 
@@ -167,6 +169,10 @@ pub struct JournalHealth {
     pub last_commit_unix_ms: u64,
     pub failures: u64,
     pub poisoned: Option<String>,
+    /// Compactions of the store since the process started.
+    pub compactions: u64,
+    /// A compaction is under way.
+    pub compacting: bool,
 }
 
 /// A cloneable handle on the journal, for code that is not an actor (and for the actor itself).
@@ -295,6 +301,8 @@ impl JournalHandle {
             last_commit_unix_ms: s.last_commit_unix_ms.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
             poisoned: s.poisoned(),
+            compactions: self.store.compactions(),
+            compacting: self.store.compacting(),
         }
     }
 

@@ -219,3 +219,177 @@ async fn bytes_past_a_blobs_committed_length_are_never_read_and_orphans_go_at_op
     .unwrap();
     assert_eq!(h.read_blob(&a, 0, 100).unwrap(), b"kept, more");
 }
+
+/// What the journal's directory holds, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn data_file_len(dir: &Path) -> u64 {
+    std::fs::metadata(generation::data_file(dir).unwrap())
+        .unwrap()
+        .len()
+}
+
+/// Churn: every round (its number is its record's seq) rewrites 100 entries of 2 KiB and removes the previous round's
+/// records, so the live data stays about 200 KiB while sled is handed megabytes.
+async fn churn(h: &JournalHandle, rounds: std::ops::RangeInclusive<u64>) {
+    let l = log("in/events/a");
+    for round in rounds {
+        let mut ops: Vec<Op> = (0..100)
+            .map(|i| Op::PutMeta {
+                key: format!("job/{i}"),
+                value: vec![(round % 251) as u8; 2048],
+            })
+            .collect();
+        ops.push(Op::Append {
+            log: l.clone(),
+            seq: Seq(round),
+            payload: round.to_be_bytes().to_vec(),
+        });
+        if round > 10 {
+            ops.push(Op::TruncateThrough {
+                log: l.clone(),
+                upto: Seq(round - 10),
+            });
+        }
+        h.commit(ops).await.unwrap();
+    }
+}
+
+#[actix::test]
+async fn churn_is_compacted_away_and_every_live_entry_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = JournalOptions {
+        sled: SledOptions {
+            compact_after_growth_bytes: 1024 * 1024,
+            ..SledOptions::default()
+        },
+        ..JournalOptions::default()
+    };
+    let (journal, _) = Journal::open(dir.path(), &opts).unwrap();
+    let h = journal.handle();
+    h.commit(vec![Op::AppendBlob {
+        name: log("joblog/j/0"),
+        bytes: b"a step's log".to_vec(),
+    }])
+    .await
+    .unwrap();
+    let mut largest = 0;
+    for i in 0..20 {
+        churn(&h, i * 25 + 1..=i * 25 + 25).await; // about 5 MB handed to sled each time
+        largest = largest.max(data_file_len(dir.path()));
+    }
+    // Compactions run on a thread of their own: wait for the last one to finish.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while h.observe().compacting {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a compaction never ended"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let compactions = h.observe().compactions;
+    assert!(compactions >= 3, "{compactions} compactions");
+    // Live data is about 200 KiB: the file never went far past the threshold (1 MiB of
+    // growth over the last compaction's size), where without compaction it passes 20 MB.
+    assert!(
+        largest < 8 * 1024 * 1024,
+        "data file reached {largest} bytes"
+    );
+    let live = entries(dir.path());
+    assert_eq!(
+        live.iter().filter(|n| n.starts_with("sled.")).count(),
+        1,
+        "old generations are removed: {live:?}"
+    );
+    assert!(!live.contains(&"db".to_owned()), "{live:?}");
+    drop(journal);
+    drop(h);
+
+    let (journal, rec) = reopen(dir.path()).await;
+    let h = journal.handle();
+    assert!(!rec.created);
+    assert_eq!(rec.logs["in/events/a"].last, Seq(500));
+    assert_eq!(rec.logs["in/events/a"].records, 10);
+    for i in 0..100 {
+        assert_eq!(
+            h.get_meta(&format!("job/{i}")).unwrap(),
+            Some(vec![(500 % 251) as u8; 2048])
+        );
+    }
+    assert_eq!(
+        h.read_blob(&log("joblog/j/0"), 0, 100).unwrap(),
+        b"a step's log"
+    );
+}
+
+#[actix::test]
+async fn a_compaction_cut_short_is_removed_at_open_and_the_live_generation_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        churn(&journal.handle(), 1..=3).await;
+    }
+    // A crash while a compaction wrote the next generation, and one during `CURRENT`'s
+    // replacement.
+    let next = dir.path().join("sled.1");
+    std::fs::create_dir_all(&next).unwrap();
+    std::fs::write(next.join("db"), b"half a database").unwrap();
+    std::fs::write(dir.path().join(".CURRENT.tmp-0123"), b"sled.1\n").unwrap();
+    let (journal, rec) = reopen(dir.path()).await;
+    assert_eq!(rec.logs["in/events/a"].last, Seq(3));
+    assert_eq!(
+        journal.handle().get_meta("job/0").unwrap(),
+        Some(vec![3; 2048])
+    );
+    assert_eq!(
+        entries(dir.path()),
+        ["CURRENT", "INCARNATION", "files", "sled.0"]
+    );
+}
+
+#[actix::test]
+async fn a_journal_from_before_generations_opens_in_place_and_moves_at_its_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let inc = {
+        let (journal, _) = Journal::open(dir.path(), &JournalOptions::default()).unwrap();
+        churn(&journal.handle(), 1..=3).await;
+        journal.handle().incarnation().to_owned()
+    };
+    // The layout of a journal written before generations: sled's files at the top.
+    for f in entries(&dir.path().join("sled.0")) {
+        std::fs::rename(dir.path().join("sled.0").join(&f), dir.path().join(&f)).unwrap();
+    }
+    std::fs::remove_dir(dir.path().join("sled.0")).unwrap();
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+
+    let store = loop {
+        match SledStore::open(dir.path(), &SledOptions::default()) {
+            Ok(s) => break s,
+            Err(JournalError::Locked { .. }) => tokio::task::yield_now().await,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(!dir.path().join("CURRENT").exists(), "opened in place");
+    let c = store.compact().unwrap();
+    assert!(c.entries > 100, "{c:?}");
+    assert_eq!(store.compactions(), 1);
+    assert_eq!(
+        entries(dir.path()),
+        ["CURRENT", "INCARNATION", "files", "sled.1"]
+    );
+    drop(store);
+    let (journal, rec) = reopen(dir.path()).await;
+    assert_eq!(rec.incarnation, inc);
+    assert_eq!(rec.logs["in/events/a"].last, Seq(3));
+    assert_eq!(
+        journal.handle().get_meta("job/99").unwrap(),
+        Some(vec![3; 2048])
+    );
+}

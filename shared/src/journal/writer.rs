@@ -243,6 +243,10 @@ fn flusher(store: &dyn Store, stats: &WriterStats, handoff: &Handoff) {
                     // A producer that gave up waiting is no reason to stop.
                     let _ = r.send(Ok(Committed { batch: number }));
                 }
+                if let Err(e) = store.maintain() {
+                    stats.poison_on(&e);
+                    tracing::error!(error = %e, "journal-maintenance-failed");
+                }
             }
             Err(e) => {
                 stats.poison_on(&e);

@@ -178,6 +178,9 @@ pub enum CommandBody {
         size: u64,
         signature: String,
     },
+    /// For a relay: a new certificate (PEM) from the relay CA for the TLS key and hostnames it
+    /// enrolled with, to serve from now on in place of one that expires sooner. Agents ignore it.
+    RelayCertificate { certificate: String },
 }
 
 /// How an upgrade the agent started ended.

@@ -140,10 +140,12 @@ impl Ca {
 
     /// Issues a server certificate for `hostnames` and a key the CA never sees: a relay sends
     /// the raw public half of its P-256 key (see [`TlsKey`]) at enrollment.
+    /// The certificate is valid for `lifetime` from now (relays': 30 days by default).
     pub fn issue_cert_for_key(
         &self,
         hostnames: &[String],
         public_key_raw: &[u8],
+        lifetime: std::time::Duration,
     ) -> Result<String, TlsError> {
         // An uncompressed P-256 point: 0x04 followed by two 32-byte coordinates.
         if public_key_raw.len() != 65 || public_key_raw[0] != 4 {
@@ -152,7 +154,9 @@ impl Ca {
             ));
         }
         let key = RemotePublicKey(public_key_raw.to_vec());
-        let cert = server_params(hostnames)?.signed_by(&key, &self.cert, &self.key)?;
+        let mut params = server_params(hostnames)?;
+        params.not_after = params.not_before + CLOCK_SKEW + lifetime;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(cert.pem())
     }
 }

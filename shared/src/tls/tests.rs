@@ -156,6 +156,7 @@ fn certificates_for_a_remote_key_chain_and_refuse_other_keys() {
         .issue_cert_for_key(
             &names(&["relay.internal", "10.0.0.7"]),
             &key.public_key_raw(),
+            std::time::Duration::from_secs(86_400),
         )
         .unwrap();
     let server = Arc::new(server_config(&cert, &key.key_pem()).unwrap());
@@ -168,7 +169,9 @@ fn certificates_for_a_remote_key_chain_and_refuse_other_keys() {
         .map(Arc::new)
         .and_then(|s| handshake_in_memory(client(ca.cert_pem()), s, "relay.internal"));
     assert!(mismatched.is_err());
-    assert!(ca.issue_cert_for_key(&names(&["x"]), &[4; 10]).is_err());
+    assert!(ca
+        .issue_cert_for_key(&names(&["x"]), &[4; 10], std::time::Duration::from_secs(60))
+        .is_err());
 }
 
 #[test]

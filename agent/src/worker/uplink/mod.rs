@@ -593,6 +593,8 @@ impl Uplink {
                     CommandBody::Probe { n, .. } => self
                         .event_op(EventBody::ProbeEcho { n: *n })
                         .map(|(s, op)| (s, Some(op))),
+                    // For relays; an agent has no certificate to renew.
+                    CommandBody::RelayCertificate { .. } => None,
                     CommandBody::EmitProbes { count } => {
                         self.probe_todo = self.probe_todo.saturating_add(*count);
                         ops.push(Op::PutMeta {

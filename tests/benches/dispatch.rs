@@ -81,7 +81,11 @@ fn main() {
         )
         .unwrap();
         let ids: Vec<String> = agents.iter().map(|a| a.agent_id.clone()).collect();
-        let fleet = Fleet::start(SimConfig::new(server.wss, "localhost", tls), agents).unwrap();
+        // Real fleets come from many hosts; one loopback address per 500 simulated agents
+        // keeps each under the server's per-source bounds.
+        let spread = u8::try_from(n.div_ceil(500)).unwrap_or(u8::MAX);
+        let cfg = SimConfig::new(server.wss, "localhost", tls).spread_over_loopback(spread);
+        let fleet = Fleet::start(cfg, agents).unwrap();
         eventually("simulated agents online", TIMEOUT, || {
             (fleet.stats().ready.load(Ordering::Relaxed) == n).then_some(())
         });

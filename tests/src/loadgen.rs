@@ -72,6 +72,10 @@ pub struct SimConfig {
     pub record_latency: bool,
     /// Output each simulated step prints (none by default).
     pub job_output: JobOutput,
+    /// Local addresses to dial from, agent `i` from `sources[i % len]` (none: the system's
+    /// choice). The server bounds what one source address may hold, so a fleet of thousands
+    /// spreads over several loopback addresses, as real agents come from many hosts.
+    pub sources: Vec<std::net::IpAddr>,
 }
 
 /// What a simulated agent prints for each step of a job it runs.
@@ -105,7 +109,16 @@ impl SimConfig {
             threads: 2,
             record_latency: false,
             job_output: JobOutput::default(),
+            sources: Vec::new(),
         }
+    }
+
+    /// Dial from 127.0.0.1 up to 127.0.0.`n` (the whole of 127/8 is loopback on Linux).
+    pub fn spread_over_loopback(mut self, n: u8) -> Self {
+        self.sources = (1..=n.max(1))
+            .map(|i| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)))
+            .collect();
+        self
     }
 
     fn url(&self) -> String {
@@ -1094,17 +1107,30 @@ impl Drop for Fleet {
 fn run_thread(cfg: &SimConfig, agents: Vec<SimAgent>, mut control: watch::Receiver<Control>) {
     let system = actix_rt::System::new();
     system.block_on(async move {
-        let connector = awc::Connector::new()
-            .rustls_0_23(cfg.tls.clone())
-            .timeout(HANDSHAKE_TIMEOUT)
-            .limit(0);
-        let client = awc::Client::builder()
-            .connector(connector)
-            .timeout(HANDSHAKE_TIMEOUT)
-            .finish();
+        let client = |source: Option<std::net::IpAddr>| {
+            let mut connector = awc::Connector::new()
+                .rustls_0_23(cfg.tls.clone())
+                .timeout(HANDSHAKE_TIMEOUT)
+                .limit(0);
+            if let Some(ip) = source {
+                connector = connector.local_address(ip);
+            }
+            awc::Client::builder()
+                .connector(connector)
+                .timeout(HANDSHAKE_TIMEOUT)
+                .finish()
+        };
+        let clients: Vec<awc::Client> = if cfg.sources.is_empty() {
+            vec![client(None)]
+        } else {
+            cfg.sources.iter().map(|ip| client(Some(*ip))).collect()
+        };
         let tasks: Vec<_> = agents
             .into_iter()
-            .map(|a| actix_rt::spawn(a.run(client.clone(), control.clone())))
+            .map(|a| {
+                let client = clients[a.index % clients.len()].clone();
+                actix_rt::spawn(a.run(client, control.clone()))
+            })
             .collect();
         while !control.borrow_and_update().stop {
             if control.changed().await.is_err() {

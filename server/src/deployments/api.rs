@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::stream::{self, StreamExt};
 use serde_json::json;
 use tether_shared::protocol::CommandBody;
 
@@ -76,6 +77,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(step_log)),
     );
 }
+
+/// Agents whose jobs one deployment queues at once.
+const DISPATCH_CONCURRENCY: usize = 256;
 
 /// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.
 pub async fn dispatch(sessions: &Addr<SessionRegistry>, agent_id: &str) -> Result<(), String> {
@@ -170,13 +174,21 @@ pub async fn start(
     new: NewDeployment,
 ) -> Result<(String, usize), ApiError> {
     let d = deployments.create(new, &registry.agents()).await?;
+    // Every agent's jobs are queued on its own link and committed there: many at once, so
+    // that their commits share the journal's batches instead of waiting one after another.
+    let results: Vec<(&String, Result<(), String>)> = stream::iter(&d.agents)
+        .map(|agent_id| async move { (agent_id, dispatch(sessions, agent_id).await) })
+        .buffer_unordered(DISPATCH_CONCURRENCY)
+        .collect()
+        .await;
     let mut failed = Vec::new();
-    for agent_id in &d.agents {
-        if let Err(e) = dispatch(sessions, agent_id).await {
+    for (agent_id, result) in results {
+        if let Err(e) = result {
             tracing::error!(deployment_id = %d.id, agent_id = %agent_id, error = %e, "job-dispatch-failed");
             failed.push(agent_id.clone());
         }
     }
+    failed.sort();
     if !failed.is_empty() {
         return Err(ApiError::Incomplete(format!(
             "deployment {} is stored, but the jobs of {} could not be queued yet; they are sent when the server restarts or the agent reconnects",

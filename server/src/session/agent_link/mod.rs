@@ -39,6 +39,9 @@ pub use upgrades::QueueUpgrade;
 const TICK: Duration = Duration::from_secs(1);
 /// Inbound events kept in the journal after processing (replay checks after a restart).
 const KEEP_INBOUND: u64 = 1024;
+/// Trimmed every this many events, so at most `KEEP_INBOUND + TRIM_EVERY` stay (fewer entries
+/// for the journal to carry and compact than trimming once per `KEEP_INBOUND`).
+const TRIM_EVERY: u64 = 128;
 /// Bytes of one agent's events in the journal's queue at most (see `AgentLink::uncommitted_bytes`).
 const MAX_UNCOMMITTED_BYTES: usize = 8 * 1024 * 1024;
 /// How long a queued command stays valid.
@@ -272,7 +275,7 @@ impl AgentLink {
                 let (effect, commands) = self.effect_ops(&frame);
                 ops.extend(effect);
                 self.since_trim += 1;
-                if self.since_trim >= KEEP_INBOUND {
+                if self.since_trim >= TRIM_EVERY {
                     ops.extend(self.keys.trim_inbound_ops(seq, KEEP_INBOUND));
                     self.since_trim = 0;
                 }

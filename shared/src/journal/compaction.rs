@@ -3,7 +3,8 @@
 //! compaction (and grown by at least `compact_after_growth_bytes`), every live entry is copied
 //! into a fresh database, the next [`generation`], which then replaces the old one atomically.
 //!
-//! The copy runs on a thread of its own while commits go on: every key an apply writes
+//! The copy runs on a thread of its own while commits go on, pausing after each batch as long
+//! as the batch took (so it never takes more than half a core from them): every key an apply writes
 //! meanwhile is noted, and once the copy is done the writers are held off just long enough to
 //! copy those keys again, sync the new database, publish it and swap it in. Reads are never
 //! held off: they use whichever generation is live when they start.
@@ -50,6 +51,8 @@ pub(crate) struct Generations {
     touched: Mutex<Option<HashSet<Vec<u8>>>>,
     /// A compaction thread is running.
     running: AtomicBool,
+    /// Held by a compaction throughout: one at a time, whoever starts it.
+    one_at_a_time: Mutex<()>,
     /// A compaction failed after publishing: nothing more may be acknowledged.
     fatal: Mutex<Option<String>>,
     compactions: AtomicU64,
@@ -76,6 +79,7 @@ impl Generations {
             writing: RwLock::new(()),
             touched: Mutex::new(None),
             running: AtomicBool::new(false),
+            one_at_a_time: Mutex::new(()),
             fatal: Mutex::new(None),
             compactions: AtomicU64::new(0),
             compact_at: AtomicU64::new(0),
@@ -180,6 +184,7 @@ impl Generations {
     /// store as it was; one after it is [`JournalError::Poisoned`] (a restart opens the new
     /// one, but whether this process may go on is not known).
     pub(crate) fn compact(&self) -> Result<Compacted, JournalError> {
+        let _one = lock(&self.one_at_a_time);
         let started = Instant::now();
         let old = {
             // From here on every apply reports its keys: none is under way while it starts.
@@ -200,7 +205,10 @@ impl Generations {
         };
         let after_bytes = fresh.file_bytes();
         // The old files stay open (by readers, and by `old`) until their last handle goes.
-        generation::remove_stale(&self.dir, layout)?;
+        // What cannot be removed now is removed at the next open.
+        if let Err(e) = generation::remove_stale(&self.dir, layout) {
+            tracing::warn!(path = %self.dir.display(), error = %e, "journal-old-generation-not-removed");
+        }
         self.compact_at
             .store(self.threshold(after_bytes), Ordering::Relaxed);
         self.compactions.fetch_add(1, Ordering::Relaxed);
@@ -226,6 +234,7 @@ impl Generations {
         let fresh = Generation::open(&self.dir, layout, &self.opts)?;
         let mut batch = sled::Batch::default();
         let (mut entries, mut in_batch) = (0u64, 0usize);
+        let mut working = Instant::now();
         for item in old.db.iter() {
             let (k, v) = item.map_err(|e| sled_err("cannot read for compaction", e))?;
             batch.insert(k, v);
@@ -237,6 +246,9 @@ impl Generations {
                     .apply_batch(std::mem::take(&mut batch))
                     .map_err(|e| sled_err("cannot write the compacted journal", e))?;
                 in_batch = 0;
+                // At most half a core: the copy is not urgent, the commits it runs beside are.
+                std::thread::sleep(working.elapsed());
+                working = Instant::now();
             }
         }
         fresh

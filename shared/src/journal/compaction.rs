@@ -4,9 +4,10 @@
 //! into a fresh database, the next [`generation`], which then replaces the old one atomically.
 //!
 //! The copy runs on a thread of its own while commits go on, pausing after each batch as long
-//! as the batch took (so it never takes more than half a core from them): every key an apply writes
-//! meanwhile is noted, and once the copy is done the writers are held off just long enough to
-//! copy those keys again, sync the new database, publish it and swap it in. Reads are never
+//! as the batch took (so it never takes more than half a core from them): every key an apply
+//! writes meanwhile is noted. Once the copy is done, the noted keys are copied again twice
+//! while commits go on (each pass notes fewer), then the writers are held off just long enough
+//! to copy the last few again, sync the new database, publish it and swap it in. Reads are never
 //! held off: they use whichever generation is live when they start.
 
 use std::collections::HashSet;
@@ -251,39 +252,19 @@ impl Generations {
                 working = Instant::now();
             }
         }
-        fresh
-            .db
-            .apply_batch(batch)
-            .map_err(|e| sled_err("cannot write the compacted journal", e))?;
-        fresh
-            .db
-            .flush()
-            .map_err(|e| sled_err("cannot flush the compacted journal", e))?;
-        generation::sync_tree(&path)?;
-
+        settle(&fresh, batch, &path)?;
+        // Keys written during the copy are copied again, twice without holding commits off
+        // (each pass is shorter than the last, and notes fewer keys), then once holding them.
+        for _ in 0..2 {
+            let touched = lock(&self.touched)
+                .replace(HashSet::new())
+                .unwrap_or_default();
+            settle(&fresh, recopy(old, touched)?, &path)?;
+        }
         let writers = self.writing.write().unwrap_or_else(|p| p.into_inner());
         let held = Instant::now();
         let touched = lock(&self.touched).take().unwrap_or_default();
-        let mut batch = sled::Batch::default();
-        for key in touched {
-            match old
-                .db
-                .get(&key)
-                .map_err(|e| sled_err("cannot read for compaction", e))?
-            {
-                Some(v) => batch.insert(key, v),
-                None => batch.remove(key),
-            }
-        }
-        fresh
-            .db
-            .apply_batch(batch)
-            .map_err(|e| sled_err("cannot write the compacted journal", e))?;
-        fresh
-            .db
-            .flush()
-            .map_err(|e| sled_err("cannot flush the compacted journal", e))?;
-        generation::sync_tree(&path)?;
+        settle(&fresh, recopy(old, touched)?, &path)?;
         generation::publish(&self.dir, layout).map_err(|e| JournalError::Poisoned {
             reason: format!("the journal's compaction could not be published: {e}"),
         })?;
@@ -418,4 +399,33 @@ impl Generation {
         *synced = present;
         Ok(())
     }
+}
+
+/// A batch that sets each of `keys` in the new generation as it is in `old` now.
+fn recopy(old: &Generation, keys: HashSet<Vec<u8>>) -> Result<sled::Batch, JournalError> {
+    let mut batch = sled::Batch::default();
+    for key in keys {
+        match old
+            .db
+            .get(&key)
+            .map_err(|e| sled_err("cannot read for compaction", e))?
+        {
+            Some(v) => batch.insert(key, v),
+            None => batch.remove(key),
+        }
+    }
+    Ok(batch)
+}
+
+/// Applies `batch` to the new generation and makes all of it durable.
+fn settle(fresh: &Generation, batch: sled::Batch, path: &Path) -> Result<(), JournalError> {
+    fresh
+        .db
+        .apply_batch(batch)
+        .map_err(|e| sled_err("cannot write the compacted journal", e))?;
+    fresh
+        .db
+        .flush()
+        .map_err(|e| sled_err("cannot flush the compacted journal", e))?;
+    generation::sync_tree(path)
 }

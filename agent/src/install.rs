@@ -186,6 +186,10 @@ fn enroll_into(
         .map_err(|e| InstallError::Usage(e.to_string()))?;
     let (upstream, answer) = post_enrollment(plan, &request)?;
 
+    tether_shared::trust::forget(data_dir).map_err(|source| InstallError::Io {
+        path: data_dir.join(tether_shared::trust::TRUST_FILE),
+        source,
+    })?;
     let ca_path = data_dir.join(CA_FILE);
     write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(|source| {
         InstallError::Io {

@@ -165,16 +165,19 @@ pub fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
 pub fn verify_staged(
     data_dir: &Path,
     staged: &Staged,
-    server_key: &PublicKey,
+    trusted: &[PublicKey],
 ) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    verify_package(
-        server_key,
-        &staged.version,
-        &staged.sha256,
-        &staged.signature,
-    )
-    .map_err(|e| e.to_string())?;
+    let mut verdict = Err("no trusted signing key".to_owned());
+    for key in trusted {
+        verdict = verify_package(key, &staged.version, &staged.sha256, &staged.signature)
+            .map(drop)
+            .map_err(|e| e.to_string());
+        if verdict.is_ok() {
+            break;
+        }
+    }
+    verdict?;
     let expected = dir(data_dir).join(program_name(&staged.version));
     if staged.program != expected {
         return Err(format!(
@@ -234,26 +237,26 @@ mod tests {
             program: program.clone(),
         };
         let key = server.public_key();
-        verify_staged(data, &staged, &key).unwrap();
+        verify_staged(data, &staged, &[key]).unwrap();
 
         let elsewhere = Staged {
             program: tmp.path().join("x"),
             ..staged.clone()
         };
-        assert!(verify_staged(data, &elsewhere, &key)
+        assert!(verify_staged(data, &elsewhere, &[key])
             .unwrap_err()
             .contains("is not"));
         let other_key = Identity::generate().public_key();
-        assert!(verify_staged(data, &staged, &other_key)
+        assert!(verify_staged(data, &staged, &[other_key])
             .unwrap_err()
             .contains("signature"));
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(verify_staged(data, &staged, &key)
+        assert!(verify_staged(data, &staged, &[key])
             .unwrap_err()
             .contains("not executable"));
         std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::write(&program, b"#!/bin/sh\nexit 1\n").unwrap();
-        assert!(verify_staged(data, &staged, &key)
+        assert!(verify_staged(data, &staged, &[key])
             .unwrap_err()
             .contains("expected"));
 

@@ -25,7 +25,7 @@ use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use rustls::ClientConfig;
+use tether_shared::trust::TlsSource;
 use serde_json::json;
 use tether_shared::agent_auth::{AGENT_HEADER, SIGNATURE_HEADER, TIME_HEADER};
 use tether_shared::enroll::{Upstream, ENROLL_PATH};
@@ -216,14 +216,14 @@ pub struct Upstreams {
     /// As configured (never empty).
     list: Vec<Upstream>,
     /// Trusts the relay's CA only.
-    tls: Arc<ClientConfig>,
+    tls: TlsSource,
     /// Index into `list` of the upstream that answered last: tried first.
     preferred: AtomicUsize,
 }
 
 impl Upstreams {
     /// `list` tried in order, over `tls`.
-    pub fn new(list: Vec<Upstream>, tls: Arc<ClientConfig>) -> Upstreams {
+    pub fn new(list: Vec<Upstream>, tls: TlsSource) -> Upstreams {
         Upstreams {
             list,
             tls,
@@ -291,7 +291,7 @@ impl Upstreams {
             headers: &headers,
             body: None,
         };
-        https::request_streaming(Some(self.tls.clone()), &req, &StreamLimits::default(), sink)
+        https::request_streaming(Some(self.tls.get()), &req, &StreamLimits::default(), sink)
     }
 }
 
@@ -319,7 +319,7 @@ impl Bulk {
     /// `max_cache_bytes` (the cache is scanned and recovered here).
     pub fn new(
         upstreams: Vec<Upstream>,
-        tls: Arc<ClientConfig>,
+        tls: TlsSource,
         cache_dir: PathBuf,
         max_cache_bytes: u64,
     ) -> io::Result<Bulk> {
@@ -473,7 +473,7 @@ impl Bulk {
                 headers: &headers,
                 body: Some(body),
             };
-            https::request(self.upstreams.tls.clone(), &req, &Limits::default())
+            https::request(self.upstreams.tls.get(), &req, &Limits::default())
         });
         let response = answer.map_err(|e| self.upstream_failed(e))?;
         Ok(Passback {

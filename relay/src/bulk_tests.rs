@@ -8,10 +8,12 @@ use actix_web::test::{self as web_test, TestRequest};
 use actix_web::App;
 use sha2::{Digest, Sha256};
 
-fn tls() -> Arc<ClientConfig> {
+fn tls() -> tether_shared::trust::TlsSource {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let ca = tether_shared::tls::Ca::generate("test CA").unwrap();
-    Arc::new(tether_shared::tls::client_config(ca.cert_pem()).unwrap())
+    tether_shared::trust::TlsSource::fixed(Arc::new(
+        tether_shared::tls::client_config(ca.cert_pem()).unwrap(),
+    ))
 }
 
 /// An address nothing listens on (bound, then released).

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tether_shared::tls::{self, ReloadableCert, TlsError};
+use tether_shared::trust::TlsSource;
 
 /// Why a certificate the server sent was not installed.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +37,8 @@ pub struct Certificate {
     /// `tls.pem`, `tls.key`.
     cert_path: PathBuf,
     key_pem: String,
-    /// The relay's trust bundle (`ca.pem`: the server CA and the relay CA).
-    trust_pem: String,
+    /// The relay's trust in force (`ca.pem`: the server CA and the relay CA).
+    trust: TlsSource,
     /// The certificate served now.
     current: Mutex<String>,
 }
@@ -56,13 +57,13 @@ impl Certificate {
         cert_path: PathBuf,
         cert_pem: String,
         key_pem: String,
-        trust_pem: String,
+        trust: TlsSource,
     ) -> Result<Certificate, TlsError> {
         Ok(Certificate {
             served: ReloadableCert::new(&cert_pem, &key_pem)?,
             cert_path,
             key_pem,
-            trust_pem,
+            trust,
             current: Mutex::new(cert_pem),
         })
     }
@@ -94,8 +95,7 @@ impl Certificate {
         // this relay's key (the server side signs with it).
         let server =
             Arc::new(tls::server_config(pem, &self.key_pem).map_err(CertificateError::Unreadable)?);
-        let client =
-            Arc::new(tls::client_config(&self.trust_pem).map_err(CertificateError::Unreadable)?);
+        let client = self.trust.get();
         for name in &want {
             tls::handshake_in_memory(client.clone(), server.clone(), name).map_err(|source| {
                 CertificateError::Verify {
@@ -155,6 +155,7 @@ mod tests {
             .unwrap();
         std::fs::write(&path, &first).unwrap();
         let trust = format!("{}{}", server_ca.cert_pem(), relay_ca.cert_pem());
+        let trust = TlsSource::fixed(Arc::new(tls::client_config(&trust).unwrap()));
         let cert = Certificate::new(path.clone(), first, key.key_pem(), trust).unwrap();
         Setup {
             _dir: dir,

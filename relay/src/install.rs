@@ -185,6 +185,8 @@ fn enroll_into(
     })?;
     let cert_path = data_dir.join(TLS_CERT_FILE);
     write_file_atomic(&cert_path, cert.as_bytes(), 0o644).map_err(io(&cert_path))?;
+    let trust_path = data_dir.join(tether_shared::trust::TRUST_FILE);
+    tether_shared::trust::forget(data_dir).map_err(io(&trust_path))?;
     let ca_path = data_dir.join(CA_FILE);
     write_file_atomic(&ca_path, plan.ca_pem.as_bytes(), 0o644).map_err(io(&ca_path))?;
     let state = RelayState {

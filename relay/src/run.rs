@@ -25,6 +25,7 @@ use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::{write_file_atomic, Identity};
 use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
 use tether_shared::tls;
+use tether_shared::trust::Pinned;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::bulk::{self, Bulk};
@@ -55,6 +56,9 @@ pub enum RunError {
     },
     #[error("relay key: {0}")]
     Key(#[from] tether_shared::identity::IdentityError),
+    /// `ca.pem`, the pinned signing key or `trust.json` is unusable.
+    #[error("trust: {0}")]
+    Trust(#[from] tether_shared::trust::TrustError),
     #[error("{}: {reason}", url)]
     Upstream { url: String, reason: String },
     #[error("cache {}: {source}", path.display())]
@@ -96,18 +100,18 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
     let state = RelayState::load(dir)?;
     // First of all: a pending upgrade's rollback, or the newer version to become.
     let running = crate::upgrade::startup(dir, &state.relay_id);
-    let server_key = tether_shared::identity::PublicKey::from_b64(&state.server_signing_key)?;
     let read = |name: &str| {
         let path = dir.join(name);
         std::fs::read_to_string(&path).map_err(|source| RunError::Read { path, source })
     };
-    let ca_pem = read(CA_FILE)?;
+    let trust = Arc::new(Pinned::load(dir, CA_FILE, &state.server_signing_key)?);
+    let client_tls = trust.tls_source();
     let certificate = Arc::new(
         Certificate::new(
             dir.join(TLS_CERT_FILE),
             read(TLS_CERT_FILE)?,
             read(TLS_KEY_FILE)?,
-            ca_pem.clone(),
+            client_tls.clone(),
         )
         .map_err(|source| RunError::Tls {
             what: "relay certificate",
@@ -121,9 +125,6 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
             what: "relay certificate",
             source,
         })?;
-    let client_tls = Arc::new(
-        tls::client_config(&ca_pem).map_err(|source| RunError::Tls { what: "CA", source })?,
-    );
     let identity = Identity::load(&dir.join(KEY_FILE))?;
     // Configured upstreams (config or env) override the ones install recorded.
     let upstreams = if cfg.relay.upstreams.is_empty() {
@@ -157,7 +158,7 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
             .iter()
             .map(|u| UpstreamUrl::parse(u).map_or_else(|_| u.clone(), |p| p.base_url()))
             .collect(),
-        tls: client_tls,
+        trust: trust.clone(),
         identity,
         relay_id: state.relay_id.clone(),
         version: running.version.clone(),
@@ -169,7 +170,7 @@ pub fn run(cfg: &RelayConfig, dir: &Path) -> Result<(), RunError> {
         dir: dir.to_owned(),
         relay_id: state.relay_id.clone(),
         identity: Arc::new(Identity::load(&dir.join(KEY_FILE))?),
-        server_key,
+        trust,
         running: running.clone(),
         certificate: certificate.clone(),
         healthy_after: cfg.relay.upgrade_healthy_after,

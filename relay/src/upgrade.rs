@@ -35,10 +35,11 @@ use actix_web::web;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether_shared::agent_auth::sign_request;
-use tether_shared::identity::{write_file_atomic, Identity, PublicKey};
+use tether_shared::identity::{write_file_atomic, Identity};
 use tether_shared::protocol::{
     command_signing_bytes, Command, CommandBody, EventBody, UpgradeOutcome,
 };
+use tether_shared::trust::{Applied, Pinned, TrustSet};
 use tether_shared::upgrade::{verify_component_package, verify_package, Component, Version};
 
 use crate::bulk::{Bulk, Forward};
@@ -224,7 +225,8 @@ pub struct UpgraderConfig {
     pub dir: PathBuf,
     pub relay_id: String,
     pub identity: Arc<Identity>,
-    pub server_key: PublicKey,
+    /// The server's signing keys and the CAs trusted upstream (replaced by `Trust` commands).
+    pub trust: Arc<Pinned>,
     pub running: Running,
     /// The served TLS certificate, which the server renews with a signed command.
     pub certificate: Arc<crate::certificate::Certificate>,
@@ -345,6 +347,28 @@ impl Upgrader {
         }
     }
 
+    /// New signing keys and CAs from the server (a rollover): in force for every later
+    /// command, dial and certificate check; reported either way.
+    fn apply_trust(&self, set: &TrustSet) {
+        let relay_id = &self.cfg.relay_id;
+        let event = match self.cfg.trust.apply(set) {
+            Ok(applied) => {
+                if applied == Applied::Changed {
+                    tracing::info!(relay_id = %relay_id, serial = set.serial, keys = set.signing_keys.len(), "trust-applied");
+                }
+                EventBody::TrustApplied { serial: set.serial }
+            }
+            Err(e) => {
+                tracing::warn!(relay_id = %relay_id, serial = set.serial, error = %e, "trust-refused");
+                EventBody::TrustRefused {
+                    serial: set.serial,
+                    reason: e.to_string(),
+                }
+            }
+        };
+        self.report(event);
+    }
+
     fn on_command(&mut self, ctx: &mut Context<Self>, command: Command) {
         let signed = command_signing_bytes(
             &self.cfg.relay_id,
@@ -354,7 +378,7 @@ impl Upgrader {
         );
         let verified = signed
             .ok()
-            .is_some_and(|b| self.cfg.server_key.verify(&b, &command.signature).is_ok());
+            .is_some_and(|b| self.cfg.trust.current().verify(&b, &command.signature));
         if !verified {
             tracing::warn!(relay_id = %self.cfg.relay_id, id = %command.id, "relay-command-bad-signature");
             return;
@@ -373,6 +397,7 @@ impl Upgrader {
             CommandBody::RelayCertificate { certificate } => {
                 return self.install_certificate(&certificate)
             }
+            CommandBody::Trust { set } => return self.apply_trust(&set),
             _ => {
                 tracing::warn!(relay_id = %self.cfg.relay_id, id = %command.id, "relay-command-unsupported");
                 return;
@@ -382,12 +407,15 @@ impl Upgrader {
             tracing::info!(relay_id = %self.cfg.relay_id, version = %version, "relay-upgrade-busy");
             return;
         }
-        let key = &self.cfg.server_key;
-        let parsed =
-            match verify_component_package(key, Component::Relay, &version, &sha256, &signature) {
+        let trusted = self.cfg.trust.current();
+        let parsed = match trusted.with_any_key(|key| {
+            verify_component_package(key, Component::Relay, &version, &sha256, &signature)
+        }) {
                 Ok(v) => v,
                 Err(e) => {
-                    let reason = if verify_package(key, &version, &sha256, &signature).is_ok() {
+                    let agent_package = trusted
+                        .with_any_key(|key| verify_package(key, &version, &sha256, &signature));
+                    let reason = if agent_package.is_ok() {
                         "an agent package, not a relay package".to_owned()
                     } else {
                         e.to_string()

@@ -14,7 +14,6 @@
 //! server its channel closed; the agent reconnects and resumes).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::io::{SinkWrite, WriteHandler};
@@ -49,7 +48,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct UpstreamConfig {
     /// `wss://host:port` base URLs, in order of preference.
     pub upstreams: Vec<String>,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The server's keys and the CAs trusted upstream, in force now (replaced by a rollover).
+    pub trust: std::sync::Arc<tether_shared::trust::Pinned>,
     pub identity: Identity,
     pub relay_id: String,
     /// The version reported upstream (the package's when running an upgrade).
@@ -169,7 +169,7 @@ impl Upstream {
         let base = self.cfg.upstreams[self.current % self.cfg.upstreams.len()].clone();
         let url = format!("{}{RELAY_WS_PATH}", base.trim_end_matches('/'));
         self.phase = Phase::Connecting;
-        let client = tether_shared::ws_dial::client(self.cfg.tls.clone(), HANDSHAKE_TIMEOUT);
+        let client = tether_shared::ws_dial::client(self.cfg.trust.current().tls.clone(), HANDSHAKE_TIMEOUT);
         let attempt = async move {
             let (_, framed) = client
                 .ws(url.as_str())
@@ -322,6 +322,7 @@ impl Upstream {
                     server_incarnation: String::new(),
                     last_command_seq: Seq::ZERO,
                     proof,
+                    trust_serial: self.cfg.trust.current().serial,
                 });
                 self.send_v1(&hello, false);
                 self.phase = Phase::AwaitWelcome;

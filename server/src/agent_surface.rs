@@ -43,10 +43,9 @@ const MAX_TRACKED_SOURCES: usize = 100_000;
 pub struct AgentSurface {
     /// Agents, relays and enrollment tokens.
     pub registry: Arc<Registry>,
-    /// Standard base64 of the server's command-signing public key, handed out at enrollment.
-    pub server_signing_key: String,
-    /// `DIR/signing.pem`: the server CA's certificate of that key, handed out with it.
-    pub server_signing_certificate: String,
+    /// The server's command-signing public key in force and its certificate (`signing.pem`),
+    /// handed out at enrollment.
+    pub trust: Arc<crate::trust::Trust>,
     /// Failed enrollment attempts per source.
     pub limiter: EnrollLimiter,
     /// Relays' TLS certificates, from the relay CA (which signs nothing else).
@@ -119,11 +118,12 @@ async fn enroll(
                 }
                 tracing::info!(relay_id = %record.id, hostnames = ?hostnames, not_after_unix_s = issued.not_after_unix_s, "relay-certificate-issued");
             }
+            let (server_signing_key, certificate) = state.trust.enrollment_key();
             Ok(HttpResponse::Ok().json(EnrollResponse {
                 agent_id: record.id,
-                server_signing_key: state.server_signing_key.clone(),
+                server_signing_key,
                 tls_certificate: tls_certificate.map(|i| i.pem),
-                server_signing_certificate: Some(state.server_signing_certificate.clone()),
+                server_signing_certificate: Some(certificate),
             }))
         }
         Err(RegistryError::InvalidToken) => {

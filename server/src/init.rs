@@ -173,7 +173,7 @@ pub fn initialize(opts: &InitOptions) -> Result<Initialized, InitError> {
 }
 
 /// The relay CA of `dir`, created (with a new `agent-ca.pem`) if the directory predates it.
-/// `agent-ca.pem` is rewritten whenever it is not `ca.pem` followed by `relay-ca.pem`.
+/// `crate::trust` keeps `agent-ca.pem` the trust set's bundle from then on.
 pub fn ensure_relay_ca(dir: &Path) -> Result<Ca, InitError> {
     let (cert, key) = (dir.join(RELAY_CA_CERT), dir.join(RELAY_CA_KEY));
     let read = |path: &Path| {
@@ -190,15 +190,6 @@ pub fn ensure_relay_ca(dir: &Path) -> Result<Ca, InitError> {
         write_relay_ca(dir, &ca)?;
         ca
     };
-    let bundle = agent_bundle(&read(&dir.join(CA_CERT))?, relay_ca.cert_pem());
-    if fs::read_to_string(dir.join(AGENT_CA)).ok().as_deref() != Some(bundle.as_str()) {
-        write_file_atomic(&dir.join(AGENT_CA), bundle.as_bytes(), 0o644).map_err(|source| {
-            InitError::Io {
-                path: dir.join(AGENT_CA),
-                source,
-            }
-        })?;
-    }
     Ok(relay_ca)
 }
 
@@ -250,7 +241,7 @@ fn write_relay_ca(dir: &Path, relay_ca: &Ca) -> Result<(), InitError> {
 }
 
 /// The agents' trust: the server's CA, then the relay CA.
-fn agent_bundle(server_ca_pem: &str, relay_ca_pem: &str) -> String {
+pub fn agent_bundle(server_ca_pem: &str, relay_ca_pem: &str) -> String {
     let mut bundle = server_ca_pem.trim_end().to_owned();
     bundle.push('\n');
     bundle.push_str(relay_ca_pem.trim_end());

@@ -40,6 +40,7 @@ mod registry;
 mod relay_certs;
 mod run;
 mod session;
+mod trust;
 mod upgrades;
 mod users;
 mod users_api;

@@ -7,9 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_shared::tls::{self, Ca, TlsError};
+use tether_shared::tls::{self, TlsError};
 
 use crate::registry::{now_unix_ms, IssuedCertificate, Registry, RegistryError};
+use crate::trust::Trust;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayCertError {
@@ -21,7 +22,8 @@ pub enum RelayCertError {
 
 /// Issues and renews relays' certificates.
 pub struct RelayCerts {
-    ca: Arc<Ca>,
+    /// Holds the relay CA in force (a rollover replaces it).
+    trust: Arc<Trust>,
     lifetime: Duration,
     registry: Arc<Registry>,
     /// One renewal at a time, so a relay is never issued two certificates for one due date.
@@ -41,9 +43,9 @@ fn now_s() -> i64 {
 }
 
 impl RelayCerts {
-    pub fn new(ca: Arc<Ca>, lifetime: Duration, registry: Arc<Registry>) -> RelayCerts {
+    pub fn new(trust: Arc<Trust>, lifetime: Duration, registry: Arc<Registry>) -> RelayCerts {
         RelayCerts {
-            ca,
+            trust,
             lifetime,
             registry,
             renewing: tokio::sync::Mutex::new(()),
@@ -52,7 +54,10 @@ impl RelayCerts {
 
     /// A certificate for `hostnames` and the raw P-256 key `key`, valid for the lifetime.
     pub fn issue(&self, hostnames: &[String], key: &[u8]) -> Result<IssuedCertificate, TlsError> {
-        let pem = self.ca.issue_cert_for_key(hostnames, key, self.lifetime)?;
+        let pem = self
+            .trust
+            .relay_ca()
+            .issue_cert_for_key(hostnames, key, self.lifetime)?;
         let not_after_unix_s = tls::certificate_not_after(&pem)?;
         Ok(IssuedCertificate {
             pem,
@@ -61,8 +66,14 @@ impl RelayCerts {
     }
 
     /// Whether `issued` must be replaced at `now_s`: a third of the lifetime or less is left,
-    /// or it lasts longer than the lifetime now configured (which was shortened since).
+    /// it lasts longer than the lifetime now configured (which was shortened since), or it is
+    /// not from the relay CA in force (a rollover switched CAs).
     fn due(&self, issued: &IssuedCertificate, now_s: i64) -> bool {
+        self.due_by_time(issued, now_s)
+            || !tls::issued_by(&issued.pem, self.trust.relay_ca().cert_pem())
+    }
+
+    fn due_by_time(&self, issued: &IssuedCertificate, now_s: i64) -> bool {
         let lifetime = i64::try_from(self.lifetime.as_secs()).unwrap_or(i64::MAX);
         let left = issued.not_after_unix_s.saturating_sub(now_s);
         left <= lifetime / 3 || left > lifetime.saturating_add(3_600)
@@ -112,43 +123,47 @@ impl RelayCerts {
 mod tests {
     use super::*;
 
-    fn certs(lifetime_s: u64) -> (RelayCerts, tempfile::TempDir) {
+    fn certs(lifetime_s: u64) -> (RelayCerts, Arc<Trust>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = tether_shared::journal::Journal::open(
-            dir.path(),
+            &dir.path().join("journal"),
             &tether_shared::journal::JournalOptions::default(),
         )
         .unwrap();
+        let data_dir = dir.path().join("server");
+        crate::init::initialize(&crate::init::InitOptions {
+            data_dir: data_dir.clone(),
+            hostnames: vec!["localhost".into()],
+            force: false,
+        })
+        .unwrap();
+        let trust = Arc::new(Trust::load(&data_dir).unwrap());
         let registry = Arc::new(Registry::load(journal.handle()).unwrap());
-        let certs = RelayCerts::new(
-            Arc::new(Ca::generate("relay CA").unwrap()),
-            Duration::from_secs(lifetime_s),
-            registry,
-        );
-        (certs, dir)
+        let certs = RelayCerts::new(trust.clone(), Duration::from_secs(lifetime_s), registry);
+        (certs, trust, dir)
     }
 
     #[test]
     fn a_certificate_is_due_with_a_third_of_its_life_left_or_when_it_outlives_the_policy() {
-        let (c, _dir) = certs(30 * 86_400);
+        let (c, _, _dir) = certs(30 * 86_400);
         let at = |not_after_unix_s| IssuedCertificate {
             pem: String::new(),
             not_after_unix_s,
         };
         let now = 1_000_000_000;
-        assert!(!c.due(&at(now + 30 * 86_400), now));
-        assert!(!c.due(&at(now + 10 * 86_400 + 1), now));
-        assert!(c.due(&at(now + 10 * 86_400), now));
-        assert!(c.due(&at(now - 1), now), "expired");
+        assert!(!c.due_by_time(&at(now + 30 * 86_400), now));
+        assert!(!c.due_by_time(&at(now + 10 * 86_400 + 1), now));
+        assert!(c.due_by_time(&at(now + 10 * 86_400), now));
+        assert!(c.due_by_time(&at(now - 1), now), "expired");
         assert!(
-            c.due(&at(now + 825 * 86_400), now),
+            c.due_by_time(&at(now + 825 * 86_400), now),
             "longer than the policy"
         );
     }
 
     #[test]
     fn issued_certificates_last_the_configured_lifetime() {
-        let (c, _dir) = certs(600);
+        let (c, _, _dir) = certs(600);
         let key = tls::TlsKey::generate().unwrap();
         let issued = c
             .issue(&["relay.internal".to_owned()], &key.public_key_raw())
@@ -157,5 +172,24 @@ mod tests {
         assert!((590..=601).contains(&left), "{left} s left");
         assert!(!c.due(&issued, now_s()));
         assert!(c.due(&issued, now_s() + 401));
+    }
+
+    #[actix_rt::test]
+    async fn a_certificate_from_the_relay_ca_a_rollover_replaced_is_due() {
+        let (c, trust, _dir) = certs(30 * 86_400);
+        let key = tls::TlsKey::generate().unwrap();
+        let issued = c
+            .issue(&["relay.internal".to_owned()], &key.public_key_raw())
+            .unwrap();
+        assert!(!c.due(&issued, now_s()));
+        trust.begin().await.unwrap();
+        // Still the relay CA in force while both are trusted.
+        assert!(!c.due(&issued, now_s()));
+        trust.switch().await.unwrap();
+        assert!(c.due(&issued, now_s()));
+        let again = c
+            .issue(&["relay.internal".to_owned()], &key.public_key_raw())
+            .unwrap();
+        assert!(!c.due(&again, now_s()));
     }
 }

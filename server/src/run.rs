@@ -19,7 +19,7 @@ use actix::Actor;
 use actix_rt::signal::unix::{signal, SignalKind};
 use actix_web::{web, App};
 use tether_shared::h1_tls::{self, Limits};
-use tether_shared::identity::{Identity, IdentityError};
+use tether_shared::identity::IdentityError;
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
 use tether_shared::tls::{self, ReloadableCert, TlsError};
 
@@ -38,6 +38,7 @@ use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
 use crate::relay_certs::RelayCerts;
+use crate::trust::Trust;
 use crate::session::relay_session::ServerStopping;
 use crate::session::routes::{ProbeApiState, SessionsState};
 use crate::session::session_registry::{CloseAllSessions, SessionRegistry};
@@ -133,12 +134,9 @@ pub enum RunError {
         /// What is wrong.
         source: TlsError,
     },
-    /// The command-signing certificate could not be read or made.
-    #[error("signing certificate: {0}")]
-    SigningCertificate(init::InitError),
-    /// The relay CA could not be loaded or created.
-    #[error("relay CA: {0}")]
-    RelayCa(init::InitError),
+    /// The signing key, the CAs or a key rollover's files are unusable.
+    #[error("trust: {0}")]
+    Trust(#[from] crate::trust::TrustError),
     /// The admin token file is unusable.
     #[error("admin token: {0}")]
     AdminToken(#[from] AdminTokenError),
@@ -240,13 +238,10 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let dir = opts.data_dir.as_path();
     check_initialized(dir)?;
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
+    // First: a key rollover's switch cut short is completed (the server certificate with it).
+    let trust = Arc::new(Trust::load(dir)?);
     let tls = load_tls(dir)?;
-    let relay_ca = Arc::new(init::ensure_relay_ca(dir).map_err(RunError::RelayCa)?);
     let server_cert_pem = Arc::new(RwLock::new(read_server_cert(dir)?.0));
-    let signing = Identity::load(&dir.join(init::SIGNING_KEY))?;
-    let server_signing_key = signing.public_key_b64();
-    let server_signing_certificate =
-        init::ensure_signing_cert(dir, &signing).map_err(RunError::SigningCertificate)?;
     // Blocking (sled recovery reads every entry): done before the runtime starts.
     let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &JournalOptions::default())?;
     tracing::info!(
@@ -257,7 +252,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     );
     let registry = Arc::new(Registry::load(journal.handle())?);
     let relay_certs = Arc::new(RelayCerts::new(
-        relay_ca,
+        trust.clone(),
         opts.relay_certificate_lifetime,
         registry.clone(),
     ));
@@ -284,9 +279,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         tls,
         relay_certs,
         server_cert_pem,
-        signing,
-        server_signing_key,
-        server_signing_certificate,
+        trust,
         journal,
         registry,
         deployments,
@@ -308,12 +301,8 @@ struct Loaded {
     relay_certs: Arc<RelayCerts>,
     /// `DIR/server.pem`: no relay is certified for a name it covers.
     server_cert_pem: Arc<RwLock<String>>,
-    /// `DIR/signing.key`: signs every command.
-    signing: Identity,
-    /// Public half of `DIR/signing.key`, base64: agents pin it at enrollment.
-    server_signing_key: String,
-    /// `DIR/signing.pem`: the server CA's certificate of that key.
-    server_signing_certificate: String,
+    /// The command-signing key, the relay CA and what agents and relays trust (rollover).
+    trust: Arc<Trust>,
     /// The opened journal, not yet started as an actor.
     journal: Journal,
     /// Agents, relays and enrollment tokens, loaded from the journal.
@@ -444,7 +433,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         registry: loaded.registry.clone(),
         deployments: loaded.deployments.clone(),
         upgrades: loaded.upgrades.clone(),
-        signing: loaded.signing,
+        trust: loaded.trust.clone(),
         incarnation: handle.incarnation().to_owned(),
         heartbeat_interval: opts.heartbeat_interval,
         heartbeat_timeout: opts.heartbeat_timeout,
@@ -556,10 +545,14 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         registry: loaded.registry.clone(),
         upgrades: loaded.upgrades,
     });
+    let trust_state = web::Data::new(crate::trust::api::TrustApiState {
+        token: api_state.token.clone(),
+        trust: loaded.trust.clone(),
+        registry: loaded.registry.clone(),
+    });
     let surface_state = web::Data::new(AgentSurface {
         registry: loaded.registry,
-        server_signing_key: loaded.server_signing_key,
-        server_signing_certificate: loaded.server_signing_certificate,
+        trust: loaded.trust.clone(),
         limiter: EnrollLimiter::default(),
         relay_certs: loaded.relay_certs.clone(),
         server_cert_pem: loaded.server_cert_pem.clone(),
@@ -603,6 +596,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
                 .app_data(upgrades_state.clone())
                 .app_data(agents_api_state.clone())
                 .app_data(web_state.clone())
+                .app_data(trust_state.clone())
                 .configure(admin::configure)
                 .configure(api::configure)
                 .configure(deployments_api::configure)
@@ -611,6 +605,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
                 .configure(upgrades_api::configure_api)
                 .configure(session::routes::configure_api)
                 .configure(agents_api::configure)
+                .configure(crate::trust::api::configure)
                 .configure(crate::users_api::configure)
                 .configure(crate::web::configure)
                 .default_service(web::to(not_found))

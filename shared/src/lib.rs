@@ -19,6 +19,7 @@
 //! - [`state_file`]: the JSON state file an install writes last (`agent.json`, `relay.json`).
 //! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
 //! - [`upgrade`]: agent upgrade packages: versions and the server's signature over them.
+//! - [`trust`]: the keys and CAs an agent or relay trusts, replaced by the server (rollover).
 
 pub mod agent_auth;
 pub mod backoff;
@@ -39,6 +40,7 @@ pub mod state_file;
 pub mod storage;
 pub mod stream;
 pub mod tls;
+pub mod trust;
 pub mod unpack;
 pub mod upgrade;
 pub mod utf8_stream;

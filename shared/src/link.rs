@@ -151,22 +151,31 @@ impl StreamReceiver {
     }
 }
 
-/// An agent's check of a received command: signed by the server's pinned key, for this agent.
+/// An agent's check of a received command: signed by one of the server's trusted keys (more
+/// than one during a rollover, `crate::trust`), for this agent.
 /// A relay in between can neither forge a command nor move one to another agent. Frames that
 /// are not commands pass.
 pub fn verify_command(
     frame: &Frame,
     agent_id: &str,
-    server_key: &crate::identity::PublicKey,
+    server_keys: &[crate::identity::PublicKey],
 ) -> Result<(), LinkError> {
     let Frame::Command(c) = frame else {
         return Ok(());
     };
     let signed = protocol::command_signing_bytes(agent_id, &c.id, c.deadline_ms, &c.body)
         .map_err(|e| LinkError::Refused(e.to_string()))?;
-    server_key
-        .verify(&signed, &c.signature)
-        .map_err(|_| LinkError::Refused(format!("command {} is not signed by the server", c.seq)))
+    if server_keys
+        .iter()
+        .any(|k| k.verify(&signed, &c.signature).is_ok())
+    {
+        Ok(())
+    } else {
+        Err(LinkError::Refused(format!(
+            "command {} is not signed by the server",
+            c.seq
+        )))
+    }
 }
 
 /// Read a big-endian u64 stored by [`StreamReceiver`] (watermarks) or its siblings.
@@ -367,27 +376,34 @@ mod tests {
         let key = server.public_key();
         let good = signed(&server, "a-1", 1);
         assert_eq!(
-            verify_command(&Frame::Command(good.clone()), "a-1", &key),
+            verify_command(&Frame::Command(good.clone()), "a-1", &[key]),
             Ok(())
         );
+        // During a rollover either trusted key will do.
+        let other = Identity::generate().public_key();
+        assert_eq!(
+            verify_command(&Frame::Command(good.clone()), "a-1", &[other, key]),
+            Ok(())
+        );
+        assert!(verify_command(&Frame::Command(good.clone()), "a-1", &[other]).is_err());
         // Meant for another agent (a relay replaying it elsewhere).
-        assert!(verify_command(&Frame::Command(good.clone()), "a-2", &key).is_err());
+        assert!(verify_command(&Frame::Command(good.clone()), "a-2", &[key]).is_err());
         // Altered on the way (body, deadline, id).
         let mut altered = good.clone();
         altered.body = CommandBody::Probe {
             n: 2,
             data: "x".into(),
         };
-        assert!(verify_command(&Frame::Command(altered), "a-1", &key).is_err());
+        assert!(verify_command(&Frame::Command(altered), "a-1", &[key]).is_err());
         let mut later = good.clone();
         later.deadline_ms += 1;
-        assert!(verify_command(&Frame::Command(later), "a-1", &key).is_err());
+        assert!(verify_command(&Frame::Command(later), "a-1", &[key]).is_err());
         // Signed by someone else, or not at all.
         let forged = signed(&Identity::generate(), "a-1", 1);
-        assert!(verify_command(&Frame::Command(forged), "a-1", &key).is_err());
+        assert!(verify_command(&Frame::Command(forged), "a-1", &[key]).is_err());
         let mut unsigned = good;
         unsigned.signature.clear();
-        assert!(verify_command(&Frame::Command(unsigned), "a-1", &key).is_err());
+        assert!(verify_command(&Frame::Command(unsigned), "a-1", &[key]).is_err());
     }
 
     #[actix::test]

@@ -90,6 +90,7 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                         server_incarnation,
                         last_command_seq: Seq(s),
                         proof,
+                        trust_serial: s % 3,
                     };
                     (Frame::Hello(h), Sender::Agent)
                 }
@@ -271,6 +272,7 @@ fn samples_match_their_golden_files() {
                 server_incarnation: "5e6d4c3b".into(),
                 last_command_seq: Seq(41),
                 proof: "cHJvb2Y=".into(),
+                trust_serial: 0,
             }),
         ),
         (

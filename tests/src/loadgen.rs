@@ -594,6 +594,7 @@ impl SimAgent {
                         proof: self
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.agent_id)),
+                        trust_serial: 0,
                     };
                     if let Err(e) =
                         send_frames(socket, &mut self.gate, &[Frame::Hello(hello)]).await
@@ -797,7 +798,7 @@ impl SimAgent {
         let (server_key, agent_id) = (&self.server_key, &self.agent_id);
         let room = self.ep.outbound.has_room(1);
         let check = |frame: &Frame| -> Result<(), LinkError> {
-            verify_command(frame, agent_id, server_key)?;
+            verify_command(frame, agent_id, std::slice::from_ref(server_key))?;
             if !room {
                 return Err(LinkError::Refused("event backlog full".into()));
             }
@@ -862,6 +863,13 @@ impl SimAgent {
                             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
                         }
                         CommandBody::CancelJob { .. } | CommandBody::RelayCertificate { .. } => {}
+                        // A simulated agent keeps the key it was made with.
+                        CommandBody::Trust { set } => {
+                            self.enqueue(EventBody::TrustRefused {
+                                serial: set.serial,
+                                reason: "a simulated agent keeps its keys".into(),
+                            })?;
+                        }
                         // A simulated agent has no binary to swap.
                         CommandBody::Upgrade { version, .. } => {
                             self.enqueue(EventBody::UpgradeRefused {

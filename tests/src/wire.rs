@@ -528,6 +528,7 @@ pub fn hello(identity: &Identity, agent_id: &str, nonce: &str, incarnation: &str
         server_incarnation: String::new(),
         last_command_seq: Seq::ZERO,
         proof: identity.sign(&hello_proof_bytes(nonce, agent_id)),
+        trust_serial: 0,
     }
 }
 

@@ -14,13 +14,13 @@
 //! refused the same way. The monitor binary itself is never replaced.
 
 use actix::prelude::*;
-use tether_shared::identity::PublicKey;
+use tether_shared::trust::Pinned;
 use tether_shared::protocol::UpgradeOutcome;
 use tether_shared::upgrade::Version;
 
 use super::worker_process::Stop;
 use super::{Monitor, WorkerCommand, WorkerExit};
-use crate::state::AgentState;
+use crate::state::{AgentState, CA_FILE};
 use crate::upgrade::{
     self, Active, Installed, Staged, UpgradeResult, ACTIVE_FILE, PACKAGE_VERSION_ENV, RESULT_FILE,
     STAGED_FILE, TRIAL_FILE,
@@ -113,13 +113,16 @@ impl Monitor {
                 return;
             }
         };
-        let key = AgentState::load(&self.opts.upgrade.data_dir)
+        let data_dir = &self.opts.upgrade.data_dir;
+        let keys = AgentState::load(data_dir)
             .map_err(|e| e.to_string())
-            .and_then(|s| PublicKey::from_b64(&s.server_signing_key).map_err(|e| e.to_string()));
-        let key = match key {
-            Ok(k) => k,
+            .and_then(|s| {
+                Pinned::load(data_dir, CA_FILE, &s.server_signing_key).map_err(|e| e.to_string())
+            });
+        let key = match keys {
+            Ok(pinned) => pinned.current(),
             Err(e) => {
-                let reason = format!("the pinned server key is unusable: {e}");
+                let reason = format!("the pinned server keys are unusable: {e}");
                 self.refuse_staged(ctx, &staged, &reason);
                 return;
             }
@@ -128,7 +131,7 @@ impl Monitor {
         let data_dir = self.opts.upgrade.data_dir.clone();
         let checked = staged.clone();
         let work = actix_rt::task::spawn_blocking(move || {
-            upgrade::verify_staged(&data_dir, &checked, &key)
+            upgrade::verify_staged(&data_dir, &checked, &key.keys)
         });
         ctx.spawn(work.into_actor(self).map(move |res, act, ctx| {
             act.verifying = false;

@@ -23,9 +23,10 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use tether_shared::config::AgentConfig;
-use tether_shared::identity::{Identity, PublicKey};
+use tether_shared::identity::Identity;
 use tether_shared::journal::{Journal, JournalOptions, SledOptions};
 use tether_shared::protocol::AgentStatus;
+use tether_shared::trust::Pinned;
 
 use crate::state::{AgentState, CA_FILE, KEY_FILE};
 use supervisor::{ObserveChildren, Supervisor, WorkerHealth};
@@ -52,10 +53,9 @@ pub enum WorkerError {
         path: PathBuf,
         source: tether_shared::identity::IdentityError,
     },
-    #[error("CA {}: {reason}", path.display())]
-    Ca { path: PathBuf, reason: String },
-    #[error("agent.json: the pinned server signing key is unusable: {0}")]
-    ServerKey(tether_shared::identity::IdentityError),
+    /// `ca.pem`, the pinned signing key or `trust.json` is unusable.
+    #[error("trust: {0}")]
+    Trust(#[from] tether_shared::trust::TrustError),
     #[error(transparent)]
     Journal(#[from] tether_shared::journal::JournalError),
     #[error("agent.json lists no upstream")]
@@ -94,17 +94,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         path: key_path,
         source,
     })?;
-    let ca_path = dir.join(CA_FILE);
-    let ca = std::fs::read_to_string(&ca_path).map_err(|e| WorkerError::Ca {
-        path: ca_path.clone(),
-        reason: e.to_string(),
-    })?;
-    let tls = tether_shared::tls::client_config(&ca).map_err(|e| WorkerError::Ca {
-        path: ca_path,
-        reason: e.to_string(),
-    })?;
-    let server_key =
-        PublicKey::from_b64(&state.server_signing_key).map_err(WorkerError::ServerKey)?;
+    let trust = Pinned::load(dir, CA_FILE, &state.server_signing_key)?;
     if state.upstreams.is_empty() {
         return Err(WorkerError::NoUpstream);
     }
@@ -127,8 +117,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         agent_id: state.agent_id.clone(),
         version: version.clone(),
         identity: Arc::new(identity),
-        server_key,
-        tls: Arc::new(tls),
+        trust: Arc::new(trust),
         upstreams: state.upstreams.iter().map(|u| ws_url(u)).collect(),
         journal,
         window: 256,

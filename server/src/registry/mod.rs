@@ -226,6 +226,26 @@ struct StoredAgent {
     /// expires. Absent for agents and for relays enrolled before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     certificate: Option<IssuedCertificate>,
+    /// The serial of the last trust set (signing keys and CAs, `crate::trust`) it confirmed
+    /// holding; 0 for the one it enrolled with.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    trust_serial: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Where one agent or relay stands in a trust rollover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustPosition {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    /// The last trust set it confirmed.
+    pub serial: u64,
+    /// Relays: the certificate it was last issued.
+    pub certificate: Option<String>,
 }
 
 /// A relay's certificate as issued.
@@ -679,6 +699,7 @@ impl Registry {
             token_sha256: hash.clone(),
             certified,
             certificate: None,
+            trust_serial: 0,
         };
         let left = self.commit_enrollment(&stored, token, &hash).await?;
         let record = stored.record;
@@ -744,28 +765,19 @@ impl Registry {
         if let Some(problem) = problem {
             return Err(RegistryError::Invalid(problem));
         }
-        let _change = self.changes.lock().await;
-        let Some(mut stored) = read(&self.agents)
-            .get(id)
-            .filter(|s| s.record.role == Role::Agent)
-            .cloned()
-        else {
+        let modified = self
+            .modify(id, Some(Role::Agent), |stored| {
+                if let Some(tags) = tags {
+                    stored.record.tags = tags;
+                }
+                if let Some(properties) = properties {
+                    stored.record.properties = properties;
+                }
+            })
+            .await?;
+        let Some(record) = modified else {
             return Ok(None);
         };
-        if let Some(tags) = tags {
-            stored.record.tags = tags;
-        }
-        if let Some(properties) = properties {
-            stored.record.properties = properties;
-        }
-        self.journal
-            .commit(vec![Op::PutMeta {
-                key: format!("{AGENT_PREFIX}{id}"),
-                value: encode(&stored),
-            }])
-            .await?;
-        let record = stored.record.clone();
-        write(&self.agents).insert(id.to_owned(), stored);
         tracing::info!(agent_id = %id, tags = record.tags.len(), properties = record.properties.len(), "agent-updated");
         Ok(Some(record))
     }
@@ -826,23 +838,74 @@ impl Registry {
         id: &str,
         issued: IssuedCertificate,
     ) -> Result<bool, RegistryError> {
+        let modified = self
+            .modify(id, Some(Role::Relay), |stored| stored.certificate = Some(issued))
+            .await?;
+        Ok(modified.is_some())
+    }
+
+    /// Records that agent or relay `id` holds trust set `serial`, as it said (its handshake or
+    /// its answer to a `Trust` command; a reinstalled one may hold an older set than before).
+    /// Committed before it answers; `false` if it is gone.
+    pub async fn set_trust_serial(&self, id: &str, serial: u64) -> Result<bool, RegistryError> {
+        match read(&self.agents).get(id).map(|s| s.trust_serial) {
+            None => return Ok(false),
+            Some(held) if held == serial => return Ok(true),
+            Some(_) => {}
+        }
+        let modified = self
+            .modify(id, None, |stored| stored.trust_serial = serial)
+            .await?;
+        Ok(modified.is_some())
+    }
+
+    /// The trust set agent or relay `id` confirmed last (0 if unknown).
+    pub fn trust_serial(&self, id: &str) -> u64 {
+        read(&self.agents).get(id).map_or(0, |s| s.trust_serial)
+    }
+
+    /// Every agent and relay, with the trust set it holds.
+    pub fn trust_positions(&self) -> Vec<TrustPosition> {
+        let mut list: Vec<TrustPosition> = read(&self.agents)
+            .values()
+            .map(|s| TrustPosition {
+                id: s.record.id.clone(),
+                name: s.record.name.clone(),
+                role: s.record.role,
+                serial: s.trust_serial,
+                certificate: s.certificate.as_ref().map(|c| c.pem.clone()),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    /// Changes the stored record of `id` (of `role`, if given) with `change`, commits it and
+    /// then serves it; answers the new record, or `None` if there is no such one.
+    async fn modify(
+        &self,
+        id: &str,
+        role: Option<Role>,
+        change: impl FnOnce(&mut StoredAgent),
+    ) -> Result<Option<AgentRecord>, RegistryError> {
         let _change = self.changes.lock().await;
         let Some(mut stored) = read(&self.agents)
             .get(id)
-            .filter(|s| s.record.role == Role::Relay)
+            .filter(|s| role.is_none_or(|r| s.record.role == r))
             .cloned()
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        stored.certificate = Some(issued);
+        change(&mut stored);
         self.journal
             .commit(vec![Op::PutMeta {
                 key: format!("{AGENT_PREFIX}{id}"),
                 value: encode(&stored),
             }])
             .await?;
+        let record = stored.record.clone();
         write(&self.agents).insert(id.to_owned(), stored);
-        Ok(true)
+        Ok(Some(record))
     }
 
     /// The enrollment tokens that can still enroll, newest first.

@@ -161,7 +161,8 @@ impl AgentSession {
         }
         self.last_heard = Instant::now();
         let shared = self.shared.clone();
-        let step = self.gate.on_message(&bytes, &shared.signing, |id| {
+        let signer = shared.trust.signer();
+        let step = self.gate.on_message(&bytes, &signer, |id| {
             enrolled_key(&shared, id, Role::Agent)
         });
         let bytes = match step {

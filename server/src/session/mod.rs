@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_shared::identity::Identity;
 use tether_shared::journal::JournalHandle;
 
 use crate::deployments::Deployments;
@@ -41,8 +40,8 @@ pub struct SessionShared {
     pub deployments: Arc<Deployments>,
     /// Upgrade packages and agents' upgrade states: upgrade events change them likewise.
     pub upgrades: Arc<Upgrades>,
-    /// The server's command-signing key.
-    pub signing: Identity,
+    /// The command-signing key in force, and what agents and relays should trust.
+    pub trust: Arc<crate::trust::Trust>,
     /// The journal's incarnation, announced in every Welcome.
     pub incarnation: String,
     pub heartbeat_interval: Duration,
@@ -64,6 +63,20 @@ pub struct SessionShared {
     pub window: u64,
     pub max_retained: usize,
     pub rto: Duration,
+}
+
+/// Records the trust set agent or relay `id` says it holds, unless already recorded (in the
+/// background: a lost record only means the set is offered again).
+pub fn record_trust_serial(shared: &SessionShared, id: &str, serial: u64) {
+    if shared.registry.trust_serial(id) == serial {
+        return;
+    }
+    let (registry, id) = (shared.registry.clone(), id.to_owned());
+    actix_rt::spawn(async move {
+        if let Err(e) = registry.set_trust_serial(&id, serial).await {
+            tracing::error!(agent_id = %id, serial, error = %e, "trust-serial-record-failed");
+        }
+    });
 }
 
 /// Milliseconds since the Unix epoch (the stream core takes time as an input).

@@ -32,7 +32,7 @@ use tether_shared::protocol::{
     Event, EventBody, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
 };
 use tether_shared::stream::ConnId;
-use tether_shared::upgrade::Component;
+use tether_shared::upgrade::{component_signing_bytes, Component};
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::handshake::{
@@ -40,7 +40,7 @@ use crate::session::handshake::{
 };
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
-use crate::session::{now_ms, SessionShared};
+use crate::session::{now_ms, record_trust_serial, SessionShared};
 
 /// Most channels one link may hold open.
 const MAX_CHANNELS: usize = 100_000;
@@ -231,7 +231,7 @@ impl RelaySession {
             Ok(v) => v,
             Err(reason) => return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &reason),
         };
-        let relay_id = hello.agent_id;
+        let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
         self.uncount();
         if let Some(old) = self
             .shared
@@ -248,6 +248,7 @@ impl RelaySession {
         Self::send_frame(ctx, &self.welcome());
         self.push_upgrade(ctx, &relay_id);
         self.push_certificate(ctx, &relay_id, true);
+        self.push_trust(ctx, &relay_id, Some(trust_serial));
     }
 
     /// The channel `relay_id` is on: this link's own relay, or a child relay on one of its
@@ -311,13 +312,49 @@ impl RelaySession {
         );
     }
 
-    /// An event a relay reports about itself (its upgrades): its state changes in the journal.
+    /// Sends `relay_id` the trust set in force if it holds an older one: `held` is what its
+    /// Hello said at connect (recorded), else what it last confirmed. At each beat until it
+    /// confirms, as relays keep no journal.
+    fn push_trust(&mut self, ctx: &mut ws::WebsocketContext<Self>, relay_id: &str, held: Option<u64>) {
+        if let Some(serial) = held {
+            record_trust_serial(&self.shared, relay_id, serial);
+        }
+        let held = held.unwrap_or_else(|| self.shared.registry.trust_serial(relay_id));
+        if held >= self.shared.trust.rotation().serial {
+            return;
+        }
+        let body = CommandBody::Trust {
+            set: self.shared.trust.set(),
+        };
+        let id = hex::encode(rand::random::<[u8; 12]>());
+        let Some(frame) = relay_command(&self.shared, relay_id, id, body) else {
+            return;
+        };
+        if let Some(ch) = self.relay_channel(relay_id) {
+            tracing::info!(relay_id = %relay_id, ch, held, "relay-trust-sent");
+            self.send_on(ctx, ch, &frame);
+        }
+    }
+
+    /// An event a relay reports about itself (its upgrades, its trust): its state changes in
+    /// the journal.
     fn on_relay_event(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
         relay_id: &str,
         event: &Event,
     ) {
+        match &event.body {
+            EventBody::TrustApplied { serial } => {
+                tracing::info!(relay_id = %relay_id, serial, "relay-trust-applied");
+                return record_trust_serial(&self.shared, relay_id, *serial);
+            }
+            EventBody::TrustRefused { serial, reason } => {
+                tracing::warn!(relay_id = %relay_id, serial, reason = %reason, "relay-trust-refused");
+                return;
+            }
+            _ => {}
+        }
         let Some(op) = self.shared.upgrades.on_relay_event(relay_id, &event.body) else {
             tracing::debug!(relay_id = %relay_id, seq = event.seq.0, "relay-event-ignored");
             return;
@@ -429,7 +466,8 @@ impl RelaySession {
             None => frame,
             Some(gate) => {
                 let shared = self.shared.clone();
-                let step = gate.on_message(&frame, &shared.signing, |id| {
+                let signer = shared.trust.signer();
+                let step = gate.on_message(&frame, &signer, |id| {
                     enrolled_key(&shared, id, Role::Agent)
                 });
                 match step {
@@ -576,7 +614,7 @@ impl RelaySession {
         hello: Hello,
         version: &str,
     ) {
-        let relay_id = hello.agent_id;
+        let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
         let Some(channel) = self.channels.get_mut(&ch) else {
             return;
         };
@@ -596,6 +634,7 @@ impl RelaySession {
         self.send_on(ctx, ch, &welcome);
         self.push_upgrade(ctx, &relay_id);
         self.push_certificate(ctx, &relay_id, true);
+        self.push_trust(ctx, &relay_id, Some(trust_serial));
     }
 
     fn attach_agent(
@@ -773,6 +812,7 @@ impl RelaySession {
             .collect();
         for relay_id in relays {
             self.push_certificate(ctx, &relay_id, false);
+            self.push_trust(ctx, &relay_id, None);
         }
         for (ch, reason) in stale {
             self.refuse_channel(ctx, ch, 1001, ErrorCode::Unauthorized, reason);
@@ -1096,11 +1136,16 @@ fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame
         tracing::warn!(relay_id = %relay_id, version = %state.version, "relay-upgrade-package-missing");
         return None;
     };
+    // Signed now, by the key in force (it may have changed since the upload).
+    let signature =
+        shared
+            .trust
+            .sign(&component_signing_bytes(Component::Relay, &p.version, &p.sha256));
     let body = CommandBody::Upgrade {
         version: p.version,
         sha256: p.sha256,
         size: p.size,
-        signature: p.signature,
+        signature,
     };
     // Every command of one rollout has the rollout's id: the relay re-reports a rollout it
     // rolled back instead of trying it again, but tries a new rollout of the same version.
@@ -1123,7 +1168,7 @@ fn relay_command(
     let deadline = now_ms() + RELAY_COMMAND_TTL_MS;
     let signed = command_signing_bytes(relay_id, &id, deadline, &body).ok()?;
     let mut command = Command::new(Seq(1), id, deadline, body).ok()?;
-    command.signature = shared.signing.sign(&signed);
+    command.signature = shared.trust.sign(&signed);
     Some(Frame::Command(command))
 }
 

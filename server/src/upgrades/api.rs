@@ -182,7 +182,7 @@ async fn upload(
     let (package, created) = state
         .upgrades
         .publish(component, version, tmp.keep(), sha256, size, |bytes| {
-            shared.signing.sign(bytes)
+            shared.trust.sign(bytes)
         })
         .await
         .map_err(|e| match e {

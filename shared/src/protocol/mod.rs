@@ -132,6 +132,14 @@ pub struct Hello {
     pub last_command_seq: Seq,
     /// Ed25519 signature (base64) by the agent's key over the nonce and the agent id.
     pub proof: String,
+    /// The serial of the trust set (signing keys and CAs, `crate::trust`) the agent holds;
+    /// 0, and absent, for the one it enrolled with.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub trust_serial: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The server's acceptance of a [`Hello`].
@@ -181,6 +189,10 @@ pub enum CommandBody {
     /// For a relay: a new certificate (PEM) from the relay CA for the TLS key and hostnames it
     /// enrolled with, to serve from now on in place of one that expires sooner. Agents ignore it.
     RelayCertificate { certificate: String },
+    /// The signing keys and CAs to trust from now on, in place of those in force (a key or
+    /// CA rollover, `tether_shared::trust`): applied only if `set.serial` is newer, and
+    /// answered with [`EventBody::TrustApplied`] or [`EventBody::TrustRefused`].
+    Trust { set: crate::trust::TrustSet },
 }
 
 /// How an upgrade the agent started ended.
@@ -313,6 +325,10 @@ pub enum EventBody {
         #[serde(default, skip_serializing_if = "String::is_empty")]
         reason: String,
     },
+    /// The trust set `serial` is in force (applied now, or already).
+    TrustApplied { serial: u64 },
+    /// The trust set `serial` was refused; the trust in force is unchanged.
+    TrustRefused { serial: u64, reason: String },
 }
 
 /// One message of the commands stream.

@@ -156,26 +156,12 @@ pub fn verify_signing_cert(
     ed25519_public: &[u8],
 ) -> Result<(), TlsError> {
     let cert = first_cert(cert_pem, "signing certificate")?;
-    let roots = parse_certs(trust_pem, "CA certificate")?;
-    let anchors = roots
-        .iter()
-        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Ca(format!("CA certificate: {e}")))?;
-    let end_entity = webpki::EndEntityCert::try_from(&cert)
-        .map_err(|e| TlsError::Ca(format!("signing certificate: {e}")))?;
-    let now = rustls::pki_types::UnixTime::now();
-    end_entity
-        .verify_for_usage(
-            provider().signature_verification_algorithms.all,
-            &anchors,
-            &[],
-            now,
-            webpki::KeyUsage::required(EKU_CODE_SIGNING),
-            None,
-            None,
-        )
-        .map_err(|e| TlsError::Ca(format!("signing certificate does not verify: {e}")))?;
+    verify_chain(
+        &cert,
+        trust_pem,
+        webpki::KeyUsage::required(EKU_CODE_SIGNING),
+        "signing certificate",
+    )?;
     // SubjectPublicKeyInfo of an Ed25519 key: the algorithm 1.3.101.112, then the 32 bytes.
     let mut expected = vec![
         0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
@@ -188,6 +174,49 @@ pub fn verify_signing_cert(
         ));
     }
     Ok(())
+}
+
+/// Whether the first certificate in `cert_pem`, a TLS server certificate, chains to a CA in
+/// `trust_pem` and is valid now (whatever its names).
+pub fn issued_by(cert_pem: &str, trust_pem: &str) -> bool {
+    first_cert(cert_pem, "certificate").is_ok_and(|cert| {
+        verify_chain(
+            &cert,
+            trust_pem,
+            webpki::KeyUsage::server_auth(),
+            "certificate",
+        )
+        .is_ok()
+    })
+}
+
+/// Checks that `cert` chains to a CA in `trust_pem` for `usage`, valid now.
+fn verify_chain(
+    cert: &CertificateDer<'_>,
+    trust_pem: &str,
+    usage: webpki::KeyUsage,
+    what: &str,
+) -> Result<(), TlsError> {
+    let roots = parse_certs(trust_pem, "CA certificate")?;
+    let anchors = roots
+        .iter()
+        .map(|c| webpki::anchor_from_trusted_cert(c).map(|a| a.to_owned()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Ca(format!("CA certificate: {e}")))?;
+    let end_entity =
+        webpki::EndEntityCert::try_from(cert).map_err(|e| TlsError::Ca(format!("{what}: {e}")))?;
+    end_entity
+        .verify_for_usage(
+            provider().signature_verification_algorithms.all,
+            &anchors,
+            &[],
+            rustls::pki_types::UnixTime::now(),
+            usage,
+            None,
+            None,
+        )
+        .map(drop)
+        .map_err(|e| TlsError::Ca(format!("{what} does not verify: {e}")))
 }
 
 /// The DNS names and IP addresses the first certificate in `cert_pem` holds.

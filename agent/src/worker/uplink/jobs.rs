@@ -467,7 +467,7 @@ impl Uplink {
             outputs: record.outputs_before(step),
             agent_id: self.cfg.agent_id.clone(),
             identity: self.cfg.identity.clone(),
-            tls: self.cfg.tls.clone(),
+            tls: self.cfg.trust.current().tls.clone(),
             upstream,
             plugin_dir: self.cfg.plugin_dir.clone(),
             artifact_cache: self.cfg.artifact_cache.clone(),

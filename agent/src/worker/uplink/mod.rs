@@ -4,7 +4,7 @@
 //! It dials out only (`wss://…/agent/v1/ws`, rustls trusting the installed CA alone), answers
 //! the server's challenge with a `Hello` signed by the agent's key, and on `Welcome` resumes
 //! both streams from the watermarks (the sans-IO [`Endpoint`], rebuilt from the journal when
-//! the actor starts). Commands are verified against the server's pinned signing key before
+//! the actor starts). Commands are verified against the server's trusted signing keys before
 //! anything about them is recorded; each accepted command is journaled together with its
 //! effect (the events it causes) before it is acked. Events are journaled before they are
 //! sent. On any failure it reconnects with jittered exponential backoff, trying the listed
@@ -12,6 +12,7 @@
 //!
 //! - [`jobs`]: the job runner (every transition journaled with its event).
 //! - [`upgrade`]: the upgrade driver (drain, download, stage, exit for the swap, report).
+//! - [`trust`]: the server's new signing keys and CAs (a rollover) put in force.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -25,7 +26,8 @@ use awc::ws;
 use awc::BoxedSocket;
 use futures_util::stream::{SplitSink, StreamExt};
 use tether_shared::e2e::{AgentGate, AgentStep, MAX_SEALED_BYTES};
-use tether_shared::identity::{Identity, PublicKey};
+use tether_shared::identity::Identity;
+use tether_shared::trust::Pinned;
 use tether_shared::journal::{JournalHandle, Op};
 use tether_shared::link::{
     decode_u64, verify_command, LinkError, Received, StreamKeys, StreamReceiver,
@@ -39,6 +41,7 @@ use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
 use crate::worker::supervisor::Ping;
 
 mod jobs;
+mod trust;
 mod upgrade;
 use tether_shared::backoff::Backoff;
 use upgrade::UpgradeDriver;
@@ -66,9 +69,9 @@ pub struct UplinkConfig {
     pub version: String,
     /// Shared with the step runners, which sign bulk downloads with it.
     pub identity: Arc<Identity>,
-    /// The server's command-signing key, pinned at install.
-    pub server_key: PublicKey,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// The server's signing keys and the CAs trusted upstream: pinned at install, replaced by
+    /// the server's `Trust` commands (a rollover).
+    pub trust: Arc<Pinned>,
     /// `wss://host:port/agent/v1/ws`, in order of preference.
     pub upstreams: Vec<String>,
     pub journal: JournalHandle,
@@ -209,7 +212,8 @@ impl Uplink {
         }
         let url = self.cfg.upstreams[self.upstream % self.cfg.upstreams.len()].clone();
         self.phase = Phase::Connecting;
-        let client = tether_shared::ws_dial::client(self.cfg.tls.clone(), HANDSHAKE_TIMEOUT);
+        let tls = self.cfg.trust.current().tls.clone();
+        let client = tether_shared::ws_dial::client(tls, HANDSHAKE_TIMEOUT);
         let attempt = async move {
             let (_, framed) = client
                 .ws(url.as_str())
@@ -418,12 +422,8 @@ impl Uplink {
             return self.on_clear_frame(ctx, bytes);
         }
         let cfg = &self.cfg;
-        let step = gate.on_message(
-            bytes,
-            std::slice::from_ref(&cfg.server_key),
-            &cfg.agent_id,
-            &cfg.identity,
-        );
+        let anchors = cfg.trust.current();
+        let step = gate.on_message(bytes, &anchors.keys, &cfg.agent_id, &cfg.identity);
         let frame = match step {
             Ok(AgentStep::Send(last)) => {
                 self.send_raw(last);
@@ -451,6 +451,7 @@ impl Uplink {
                             .cfg
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.cfg.agent_id)),
+                        trust_serial: self.cfg.trust.current().serial,
                     };
                     self.send(&Frame::Hello(hello));
                     self.phase = Phase::AwaitWelcome;
@@ -530,10 +531,10 @@ impl Uplink {
 
     fn on_stream_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
         let room = self.ep.outbound.has_room(1);
-        let server_key = &self.cfg.server_key;
+        let anchors = self.cfg.trust.current();
         let agent_id = &self.cfg.agent_id;
         let check = |frame: &Frame| -> Result<(), LinkError> {
-            verify_command(frame, agent_id, server_key)?;
+            verify_command(frame, agent_id, &anchors.keys)?;
             if !room {
                 return Err(LinkError::Refused("event backlog full".into()));
             }
@@ -585,6 +586,10 @@ impl Uplink {
                         job_to_drive = Some(job_id.clone());
                         None
                     }
+                    // Never too late: its serial, not its deadline, says whether it is current.
+                    CommandBody::Trust { set } => self
+                        .event_op(self.apply_trust(set))
+                        .map(|(s, op)| (s, Some(op))),
                     _ if expired => self
                         .event_op(EventBody::CommandExpired {
                             id: command.id.clone(),

@@ -95,7 +95,8 @@ impl Uplink {
             }
             Some(format!("an upgrade to {} is already underway", p.version))
         } else {
-            match verify_package(&self.cfg.server_key, version, sha256, signature) {
+            let anchors = self.cfg.trust.current();
+            match anchors.with_any_key(|key| verify_package(key, version, sha256, signature)) {
                 Err(e) => Some(e.to_string()),
                 Ok(v) => match Version::parse(&self.cfg.version) {
                     Ok(running) if v > running => None,
@@ -201,7 +202,7 @@ impl Uplink {
         let remote = Remote {
             agent_id: self.cfg.agent_id.clone(),
             identity: self.cfg.identity.clone(),
-            tls: self.cfg.tls.clone(),
+            tls: self.cfg.trust.current().tls.clone(),
             upstreams,
             cache_dir: self.cfg.data_dir.clone(),
         };

@@ -31,7 +31,7 @@ mod jobs;
 mod upgrades;
 
 use crate::session::probes::ProbeStats;
-use crate::session::{now_ms, SessionShared};
+use crate::session::{now_ms, record_trust_serial, SessionShared};
 pub use jobs::{DispatchJobs, QueueCommands};
 pub use upgrades::QueueUpgrade;
 
@@ -83,6 +83,9 @@ pub struct AgentLink {
     /// Events deferred since the budget was last free; a nack asks for them once it is.
     deferred: bool,
     deferred_events: u64,
+    /// The serial of the last `Trust` command queued by this link (not again until a newer
+    /// set; after a server restart at most once more, which the agent answers as a resend).
+    trust_queued: u64,
 }
 
 impl AgentLink {
@@ -117,6 +120,7 @@ impl AgentLink {
             uncommitted_bytes: 0,
             deferred: false,
             deferred_events: 0,
+            trust_queued: 0,
         })
     }
 
@@ -202,6 +206,15 @@ impl AgentLink {
                 }
                 self.probes.echoes.record(*n);
                 true
+            }
+            EventBody::TrustApplied { serial } => {
+                tracing::info!(agent_id = %self.agent_id, seq = event.seq.0, serial, "agent-trust-applied");
+                record_trust_serial(&self.shared, &self.agent_id, *serial);
+                false
+            }
+            EventBody::TrustRefused { serial, reason } => {
+                tracing::warn!(agent_id = %self.agent_id, seq = event.seq.0, serial, reason = %reason, "agent-trust-refused");
+                false
             }
             EventBody::CommandExpired { id } => {
                 tracing::warn!(agent_id = %self.agent_id, command_id = %id, seq = event.seq.0, "command-expired");
@@ -328,6 +341,8 @@ impl AgentLink {
             }
             Frame::Heartbeat(hb) => {
                 self.shared.registry.touch(&self.agent_id);
+                let held = self.shared.registry.trust_serial(&self.agent_id);
+                self.offer_trust(ctx, held);
                 if hb.status.is_some() {
                     self.status = hb.status;
                 }
@@ -358,6 +373,30 @@ impl AgentLink {
         }
     }
 
+    /// Queues a `Trust` command with the set in force if the agent holds an older one (`held`:
+    /// what it said in its Hello, or confirmed since) and none is queued for that set yet.
+    fn offer_trust(&mut self, ctx: &mut Context<Self>, held: u64) {
+        let serial = self.shared.trust.rotation().serial;
+        if self.trust_queued >= serial || held >= serial {
+            return;
+        }
+        let body = CommandBody::Trust {
+            set: self.shared.trust.set(),
+        };
+        match self.enqueue(vec![body]) {
+            Ok((last, ops)) => {
+                self.trust_queued = serial;
+                tracing::info!(agent_id = %self.agent_id, seq = last.0, serial, "agent-trust-queued");
+                self.commit_then(ctx, ops, move |act, _| {
+                    act.ep.outbound.mark_durable(last);
+                    act.pump();
+                });
+            }
+            // The backlog is full: offered again at the next beat.
+            Err(e) => tracing::warn!(agent_id = %self.agent_id, error = %e, "agent-trust-not-queued"),
+        }
+    }
+
     /// Number, sign and journal commands; they go out once durable.
     fn enqueue(&mut self, bodies: Vec<CommandBody>) -> Result<(Seq, Vec<Op>), LinkError> {
         if !self.ep.outbound.has_room(bodies.len()) {
@@ -384,7 +423,7 @@ impl AgentLink {
                 .map_err(|e| LinkError::Encode(e.to_string()))?;
             let mut command = Command::new(seq, id, deadline, body)
                 .map_err(|e| LinkError::Encode(e.to_string()))?;
-            command.signature = self.shared.signing.sign(&signed);
+            command.signature = self.shared.trust.sign(&signed);
             let bytes = Frame::Command(command)
                 .encode()
                 .map_err(|e| LinkError::Encode(e.to_string()))?;
@@ -514,6 +553,12 @@ impl Handler<Attach> for AgentLink {
                 act.pump();
                 // Jobs waiting for this agent (after a reset, or left from before a restart).
                 act.dispatch_jobs(ctx);
+                record_trust_serial(&act.shared, &act.agent_id, hello.trust_serial);
+                if hello.trust_serial < act.trust_queued {
+                    // It lost what was queued (a reinstall): queue it again.
+                    act.trust_queued = 0;
+                }
+                act.offer_trust(ctx, hello.trust_serial);
                 Ok(welcome)
             }),
         )

@@ -5,6 +5,7 @@
 
 use actix::prelude::*;
 use tether_shared::protocol::{CommandBody, Seq};
+use tether_shared::upgrade::component_signing_bytes;
 
 use super::{AgentLink, LinkError};
 use crate::registry::now_unix_ms;
@@ -22,11 +23,16 @@ impl Handler<QueueUpgrade> for AgentLink {
 
     fn handle(&mut self, msg: QueueUpgrade, _: &mut Self::Context) -> Self::Result {
         let p = msg.package;
+        // Signed now, by the key in force (it may have changed since the upload).
+        let signature =
+            self.shared
+                .trust
+                .sign(&component_signing_bytes(p.component, &p.version, &p.sha256));
         let body = CommandBody::Upgrade {
             version: p.version.clone(),
             sha256: p.sha256,
             size: p.size,
-            signature: p.signature,
+            signature,
         };
         let (last, mut ops) = match self.enqueue(vec![body]) {
             Ok(queued) => queued,

@@ -25,11 +25,11 @@ use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use tether_shared::trust::TlsSource;
 use serde_json::json;
 use tether_shared::agent_auth::{AGENT_HEADER, SIGNATURE_HEADER, TIME_HEADER};
 use tether_shared::enroll::{Upstream, ENROLL_PATH};
 use tether_shared::https::{self, HttpsError, Limits, Request, StreamLimits};
+use tether_shared::trust::TlsSource;
 use tokio::sync::OwnedMutexGuard;
 use tracing::Instrument;
 

@@ -411,18 +411,18 @@ impl Upgrader {
         let parsed = match trusted.with_any_key(|key| {
             verify_component_package(key, Component::Relay, &version, &sha256, &signature)
         }) {
-                Ok(v) => v,
-                Err(e) => {
-                    let agent_package = trusted
-                        .with_any_key(|key| verify_package(key, &version, &sha256, &signature));
-                    let reason = if agent_package.is_ok() {
-                        "an agent package, not a relay package".to_owned()
-                    } else {
-                        e.to_string()
-                    };
-                    return self.refuse(&version, reason);
-                }
-            };
+            Ok(v) => v,
+            Err(e) => {
+                let agent_package =
+                    trusted.with_any_key(|key| verify_package(key, &version, &sha256, &signature));
+                let reason = if agent_package.is_ok() {
+                    "an agent package, not a relay package".to_owned()
+                } else {
+                    e.to_string()
+                };
+                return self.refuse(&version, reason);
+            }
+        };
         let running = &self.cfg.running;
         if version == running.version {
             if !running.trial {

@@ -169,7 +169,8 @@ impl Upstream {
         let base = self.cfg.upstreams[self.current % self.cfg.upstreams.len()].clone();
         let url = format!("{}{RELAY_WS_PATH}", base.trim_end_matches('/'));
         self.phase = Phase::Connecting;
-        let client = tether_shared::ws_dial::client(self.cfg.trust.current().tls.clone(), HANDSHAKE_TIMEOUT);
+        let client =
+            tether_shared::ws_dial::client(self.cfg.trust.current().tls.clone(), HANDSHAKE_TIMEOUT);
         let attempt = async move {
             let (_, framed) = client
                 .ws(url.as_str())

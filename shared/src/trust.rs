@@ -121,7 +121,9 @@ impl Anchors {
 
     /// `signature` is some trusted key's over `message`.
     pub fn verify(&self, message: &[u8], signature: &str) -> bool {
-        self.keys.iter().any(|k| k.verify(message, signature).is_ok())
+        self.keys
+            .iter()
+            .any(|k| k.verify(message, signature).is_ok())
     }
 }
 
@@ -156,6 +158,25 @@ pub fn forget(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// `dir/trust.json`, or the enrollment's key alone (serial 0) without it.
+fn read_stored(dir: &Path, enrolled_key: &str) -> Result<Stored, TrustError> {
+    let path = dir.join(TRUST_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice::<Stored>(&bytes).map_err(|e| TrustError::File {
+            path,
+            reason: format!("not a valid trust file ({e}); reinstall"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Stored {
+            serial: 0,
+            signing_keys: vec![enrolled_key.trim().to_owned()],
+        }),
+        Err(e) => Err(TrustError::File {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
 /// What [`Pinned::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -176,23 +197,17 @@ pub struct Pinned {
 impl Pinned {
     /// Reads `dir/ca_file` and `dir/trust.json`; without the latter (no set applied yet) the
     /// key pinned at enrollment (`enrolled_key`, base64) is the only one trusted.
-    pub fn load(dir: &Path, ca_file: &'static str, enrolled_key: &str) -> Result<Pinned, TrustError> {
+    pub fn load(
+        dir: &Path,
+        ca_file: &'static str,
+        enrolled_key: &str,
+    ) -> Result<Pinned, TrustError> {
         let file_err = |path: PathBuf| move |reason: String| TrustError::File { path, reason };
         let ca_path = dir.join(ca_file);
         let ca_pem = std::fs::read_to_string(&ca_path)
             .map_err(|e| e.to_string())
             .map_err(file_err(ca_path.clone()))?;
-        let trust_path = dir.join(TRUST_FILE);
-        let stored = match std::fs::read(&trust_path) {
-            Ok(bytes) => serde_json::from_slice::<Stored>(&bytes)
-                .map_err(|e| format!("not a valid trust file ({e}); reinstall"))
-                .map_err(file_err(trust_path.clone()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Stored {
-                serial: 0,
-                signing_keys: vec![enrolled_key.trim().to_owned()],
-            },
-            Err(e) => return Err(file_err(trust_path)(e.to_string())),
-        };
+        let stored = read_stored(dir, enrolled_key)?;
         let anchors = Anchors::build(stored.serial, &stored.signing_keys, ca_pem)
             .map_err(file_err(dir.to_path_buf()))?;
         Ok(Pinned {
@@ -200,6 +215,22 @@ impl Pinned {
             ca_file,
             current: RwLock::new(Arc::new(anchors)),
         })
+    }
+
+    /// The signing keys trusted now, read from `dir` (the monitor's check of a staged package:
+    /// it needs no CA).
+    pub fn keys(dir: &Path, enrolled_key: &str) -> Result<Vec<PublicKey>, TrustError> {
+        let path = dir.join(TRUST_FILE);
+        read_stored(dir, enrolled_key)?
+            .signing_keys
+            .iter()
+            .map(|k| {
+                PublicKey::from_b64(k).map_err(|e| TrustError::File {
+                    path: path.clone(),
+                    reason: format!("signing key: {e}"),
+                })
+            })
+            .collect()
     }
 
     /// The trust in force now.

@@ -38,6 +38,14 @@ impl AdminApi {
         }
     }
 
+    /// Trust the CAs in `ca_pem_path` from now on (a key rollover changed the server's CA).
+    pub fn trust_ca_file(&mut self, ca_pem_path: &std::path::Path) {
+        let ca = std::fs::read_to_string(ca_pem_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", ca_pem_path.display()));
+        self.tls =
+            Arc::new(tether_shared::tls::client_config(&ca).unwrap_or_else(|e| panic!("{e}")));
+    }
+
     /// A client configuration trusting this server's CA only.
     pub fn tls(&self) -> Arc<rustls::ClientConfig> {
         self.tls.clone()

@@ -14,13 +14,13 @@
 //! refused the same way. The monitor binary itself is never replaced.
 
 use actix::prelude::*;
-use tether_shared::trust::Pinned;
 use tether_shared::protocol::UpgradeOutcome;
+use tether_shared::trust::Pinned;
 use tether_shared::upgrade::Version;
 
 use super::worker_process::Stop;
 use super::{Monitor, WorkerCommand, WorkerExit};
-use crate::state::{AgentState, CA_FILE};
+use crate::state::AgentState;
 use crate::upgrade::{
     self, Active, Installed, Staged, UpgradeResult, ACTIVE_FILE, PACKAGE_VERSION_ENV, RESULT_FILE,
     STAGED_FILE, TRIAL_FILE,
@@ -116,11 +116,9 @@ impl Monitor {
         let data_dir = &self.opts.upgrade.data_dir;
         let keys = AgentState::load(data_dir)
             .map_err(|e| e.to_string())
-            .and_then(|s| {
-                Pinned::load(data_dir, CA_FILE, &s.server_signing_key).map_err(|e| e.to_string())
-            });
+            .and_then(|s| Pinned::keys(data_dir, &s.server_signing_key).map_err(|e| e.to_string()));
         let key = match keys {
-            Ok(pinned) => pinned.current(),
+            Ok(keys) => keys,
             Err(e) => {
                 let reason = format!("the pinned server keys are unusable: {e}");
                 self.refuse_staged(ctx, &staged, &reason);
@@ -131,7 +129,7 @@ impl Monitor {
         let data_dir = self.opts.upgrade.data_dir.clone();
         let checked = staged.clone();
         let work = actix_rt::task::spawn_blocking(move || {
-            upgrade::verify_staged(&data_dir, &checked, &key.keys)
+            upgrade::verify_staged(&data_dir, &checked, &key)
         });
         ctx.spawn(work.into_actor(self).map(move |res, act, ctx| {
             act.verifying = false;

@@ -839,7 +839,9 @@ impl Registry {
         issued: IssuedCertificate,
     ) -> Result<bool, RegistryError> {
         let modified = self
-            .modify(id, Some(Role::Relay), |stored| stored.certificate = Some(issued))
+            .modify(id, Some(Role::Relay), |stored| {
+                stored.certificate = Some(issued)
+            })
             .await?;
         Ok(modified.is_some())
     }

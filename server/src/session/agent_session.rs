@@ -162,9 +162,9 @@ impl AgentSession {
         self.last_heard = Instant::now();
         let shared = self.shared.clone();
         let signer = shared.trust.signer();
-        let step = self.gate.on_message(&bytes, &signer, |id| {
-            enrolled_key(&shared, id, Role::Agent)
-        });
+        let step = self
+            .gate
+            .on_message(&bytes, &signer, |id| enrolled_key(&shared, id, Role::Agent));
         let bytes = match step {
             Ok(ServerStep::Reply(answer)) => return ctx.binary(answer),
             Ok(ServerStep::Established(agent_id)) => {

@@ -315,7 +315,12 @@ impl RelaySession {
     /// Sends `relay_id` the trust set in force if it holds an older one: `held` is what its
     /// Hello said at connect (recorded), else what it last confirmed. At each beat until it
     /// confirms, as relays keep no journal.
-    fn push_trust(&mut self, ctx: &mut ws::WebsocketContext<Self>, relay_id: &str, held: Option<u64>) {
+    fn push_trust(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        held: Option<u64>,
+    ) {
         if let Some(serial) = held {
             record_trust_serial(&self.shared, relay_id, serial);
         }
@@ -467,9 +472,8 @@ impl RelaySession {
             Some(gate) => {
                 let shared = self.shared.clone();
                 let signer = shared.trust.signer();
-                let step = gate.on_message(&frame, &signer, |id| {
-                    enrolled_key(&shared, id, Role::Agent)
-                });
+                let step =
+                    gate.on_message(&frame, &signer, |id| enrolled_key(&shared, id, Role::Agent));
                 match step {
                     Ok(ServerStep::Frame(frame)) => frame,
                     Ok(ServerStep::Reply(answer)) => {
@@ -1137,10 +1141,11 @@ fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame
         return None;
     };
     // Signed now, by the key in force (it may have changed since the upload).
-    let signature =
-        shared
-            .trust
-            .sign(&component_signing_bytes(Component::Relay, &p.version, &p.sha256));
+    let signature = shared.trust.sign(&component_signing_bytes(
+        Component::Relay,
+        &p.version,
+        &p.sha256,
+    ));
     let body = CommandBody::Upgrade {
         version: p.version,
         sha256: p.sha256,

@@ -252,7 +252,12 @@ impl Trust {
         let live = build(&self.dir, rotation)?;
         write_rotation(&self.dir, rotation)?;
         write_bundle(&self.dir, &live.set.ca_pem)?;
-        tracing::warn!(serial = rotation.serial, phase = phase_name(rotation.phase), keys = live.set.signing_keys.len(), "trust-rollover-step");
+        tracing::warn!(
+            serial = rotation.serial,
+            phase = phase_name(rotation.phase),
+            keys = live.set.signing_keys.len(),
+            "trust-rollover-step"
+        );
         *self.live.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(live);
         Ok(rotation)
     }
@@ -331,7 +336,11 @@ fn make_keys(dir: &Path) -> Result<(), TrustError> {
         (init::RELAY_CA_KEY, &relay_ca.key_pem(), true),
         (init::RELAY_CA_CERT, relay_ca.cert_pem(), false),
         (init::SIGNING_CERT, &signing_cert, false),
-        (init::SIGNING_PUB, &format!("{}\n", signing.public_key_b64()), false),
+        (
+            init::SIGNING_PUB,
+            &format!("{}\n", signing.public_key_b64()),
+            false,
+        ),
     ];
     for (name, contents, secret) in files {
         let path = dir.join(name);

@@ -27,7 +27,6 @@ use awc::BoxedSocket;
 use futures_util::stream::{SplitSink, StreamExt};
 use tether_shared::e2e::{AgentGate, AgentStep, MAX_SEALED_BYTES};
 use tether_shared::identity::Identity;
-use tether_shared::trust::Pinned;
 use tether_shared::journal::{JournalHandle, Op};
 use tether_shared::link::{
     decode_u64, verify_command, LinkError, Received, StreamKeys, StreamReceiver,
@@ -37,6 +36,7 @@ use tether_shared::protocol::{
     Sender, Seq, StreamId,
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
+use tether_shared::trust::Pinned;
 
 use crate::worker::supervisor::Ping;
 

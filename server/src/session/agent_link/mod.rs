@@ -393,7 +393,9 @@ impl AgentLink {
                 });
             }
             // The backlog is full: offered again at the next beat.
-            Err(e) => tracing::warn!(agent_id = %self.agent_id, error = %e, "agent-trust-not-queued"),
+            Err(e) => {
+                tracing::warn!(agent_id = %self.agent_id, error = %e, "agent-trust-not-queued")
+            }
         }
     }
 

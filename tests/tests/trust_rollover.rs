@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::relays::Relay;
+use tether_tests::tether_cli::Tether;
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -105,6 +106,9 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
     for f in ["signing.key", "signing.pub", "signing.pem"] {
         std::fs::copy(server.dir.join(f), saved.join(f)).unwrap();
     }
+    // An operator's CLI, logged in with the server CA of before the rollover.
+    let cli = Tether::new(&dir.path().join("cli"));
+    cli.login(&server);
     let p = progress(&server);
     assert_eq!(
         (p["serial"].as_u64(), p["phase"].as_str()),
@@ -137,6 +141,16 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
     // The test's client trusts both CAs from now on, as agents do.
     server.api.trust_ca_file(&server.dir.join("agent-ca.pem"));
     let next_key = read(&server.dir.join("next/signing.pub"));
+    // `tether trust` stores the CAs the server names: the old and the new.
+    let shown = cli.json(&["trust"]);
+    assert_eq!(shown["phase"], "overlap", "{shown}");
+    let stored: Value = serde_json::from_str(&read(&cli.login_file())).unwrap();
+    assert_eq!(
+        stored["ca_pem"]
+            .as_str()
+            .map(|p| p.matches("BEGIN CERTIFICATE").count()),
+        Some(2)
+    );
     all_confirmed(&server, 1);
     for d in agents.iter().map(|a| &a.dir).chain([&relay.dir]) {
         let t = trust_json(d);
@@ -149,7 +163,7 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
     }
 
     // 2. Switch: the new key signs, the new CAs certify.
-    let switched = step(&server, "switch");
+    let switched = cli.json(&["trust", "switch"]);
     assert_eq!(switched["phase"], "switched", "{switched}");
     assert_eq!(read(&server.dir.join("signing.pub")), next_key);
     let new_ca = read(&server.dir.join("ca.pem"));
@@ -180,6 +194,8 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
         },
     );
     all_confirmed(&server, 1);
+    // The CLI still reaches the server, whose certificate now comes from the new CA.
+    assert_eq!(cli.json(&["trust"])["phase"], "switched");
     ran_once_each(&server, &first, &first_marker, agents.len());
     // Commands signed by the new key run.
     let second_marker = dir.path().join("second.txt");
@@ -187,13 +203,22 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
     ran_once_each(&server, &second, &second_marker, agents.len());
 
     // 3. Finish: the new keys alone.
-    let finished = step(&server, "finish");
+    let finished = cli.json(&["trust", "finish"]);
     assert_eq!(
         (finished["serial"].as_u64(), finished["phase"].as_str()),
         (Some(2), Some("steady")),
         "{finished}"
     );
     assert!(!server.dir.join("previous").exists());
+    let stored: Value = serde_json::from_str(&read(&cli.login_file())).unwrap();
+    assert_eq!(
+        stored["ca_pem"].as_str().map(str::trim),
+        Some(new_ca.trim())
+    );
+    assert_eq!(
+        cli.json(&["agents"]).as_array().map(Vec::len),
+        Some(agents.len())
+    );
     all_confirmed(&server, 2);
     for d in agents.iter().map(|a| &a.dir).chain([&relay.dir]) {
         let t = trust_json(d);

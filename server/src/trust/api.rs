@@ -52,6 +52,9 @@ pub struct Progress {
     /// Relays whose certificate is not from the relay CA in force (at most 50), and how many.
     pub old_certificates: Vec<Behind>,
     pub old_certificate_count: usize,
+    /// The server CA(s) operators' clients should trust now (PEM): during a rollover the old
+    /// and the new, since the switch changes the certificate the server serves.
+    pub operator_ca_pem: String,
     /// The next step, if one is possible, and what it waits for.
     pub next: Option<&'static str>,
     pub waiting_for: Option<String>,
@@ -135,6 +138,7 @@ impl Progress {
             } else {
                 Vec::new()
             },
+            operator_ca_pem: trust.operator_ca_pem(),
             next,
             waiting_for,
         }

@@ -105,6 +105,9 @@ struct Live {
     signing_cert_pem: String,
     relay_ca: Arc<Ca>,
     set: TrustSet,
+    /// The server CA(s) operators' clients should trust now: the old and the new while both
+    /// may be served.
+    operator_ca_pem: String,
 }
 
 /// The server's trust material; share as `Arc<Trust>`.
@@ -170,6 +173,12 @@ impl Trust {
     /// The relay CA in force: it issues relays' certificates.
     pub fn relay_ca(&self) -> Arc<Ca> {
         self.live().relay_ca.clone()
+    }
+
+    /// The server CA(s) operators' clients should trust now (`ca.pem`, and during a rollover
+    /// the other set's too).
+    pub fn operator_ca_pem(&self) -> String {
+        self.live().operator_ca_pem.clone()
     }
 
     /// What agents and relays should trust now.
@@ -378,7 +387,9 @@ fn build(dir: &Path, rotation: Rotation) -> Result<Live, TrustError> {
     )
     .map_err(InitError::from)?;
     let mut signing_keys = vec![signing.public_key_b64()];
-    let mut ca_pem = init::agent_bundle(&read(&dir.join(init::CA_CERT))?, relay_ca.cert_pem());
+    let server_ca = read(&dir.join(init::CA_CERT))?;
+    let mut ca_pem = init::agent_bundle(&server_ca, relay_ca.cert_pem());
+    let mut operator_ca_pem = server_ca.trim_end().to_owned() + "\n";
     let other = match rotation.phase {
         Phase::Overlap => Some(dir.join(NEXT_DIR)),
         Phase::Switched | Phase::Switching => Some(dir.join(PREVIOUS_DIR)),
@@ -386,10 +397,13 @@ fn build(dir: &Path, rotation: Rotation) -> Result<Live, TrustError> {
     };
     if let Some(other) = other {
         signing_keys.push(read(&other.join(init::SIGNING_PUB))?.trim().to_owned());
+        let other_ca = read(&other.join(init::CA_CERT))?;
         ca_pem.push_str(&init::agent_bundle(
-            &read(&other.join(init::CA_CERT))?,
+            &other_ca,
             &read(&other.join(init::RELAY_CA_CERT))?,
         ));
+        operator_ca_pem.push_str(other_ca.trim_end());
+        operator_ca_pem.push('\n');
     }
     Ok(Live {
         rotation,
@@ -401,6 +415,7 @@ fn build(dir: &Path, rotation: Rotation) -> Result<Live, TrustError> {
             signing_keys,
             ca_pem,
         },
+        operator_ca_pem,
     })
 }
 

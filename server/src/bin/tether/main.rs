@@ -95,6 +95,12 @@ enum Command {
         #[command(subcommand)]
         command: Option<TokensCommand>,
     },
+    /// The server's signing key and CAs: where a rollover stands, and its steps (begin,
+    /// switch, finish). The stored login follows the server's CA.
+    Trust {
+        #[command(subcommand)]
+        command: Option<TrustCommand>,
+    },
     /// Plugin bundles.
     Plugins {
         #[command(subcommand)]
@@ -174,6 +180,28 @@ enum RelaysCommand {
     Delete {
         /// Name or id.
         relay: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TrustCommand {
+    /// The trust set in force, its phase, who holds it and what the next step waits for (the
+    /// default).
+    Status,
+    /// Make a new signing key, server CA and relay CA, trusted alongside the old ones; every
+    /// agent and relay is sent both.
+    Begin,
+    /// Sign and certify with the new keys (the old stay trusted). Waits until every agent and
+    /// relay holds both, unless --force (those behind then need a reinstall).
+    Switch {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Trust the new keys alone. Waits until every relay serves a certificate from the new
+    /// relay CA and every peer holds the set, unless --force.
+    Finish {
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -410,6 +438,21 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             None | Some(RelaysCommand::List) => relays::list(&connect()?, json),
             Some(RelaysCommand::Delete { relay }) => relays::delete(&connect()?, &relay, json),
         },
+        Command::Trust { command } => {
+            let store_ca = settings.ca.is_none();
+            match command {
+                None | Some(TrustCommand::Status) => trust::status(&connect()?, store_ca, json),
+                Some(TrustCommand::Begin) => {
+                    trust::step(&connect()?, "begin", false, store_ca, json)
+                }
+                Some(TrustCommand::Switch { force }) => {
+                    trust::step(&connect()?, "switch", force, store_ca, json)
+                }
+                Some(TrustCommand::Finish { force }) => {
+                    trust::step(&connect()?, "finish", force, store_ca, json)
+                }
+            }
+        }
         Command::Users { command } => match command {
             None | Some(UsersCommand::List) => users::list(&connect()?, json),
             Some(UsersCommand::Create { name }) => users::create(&connect()?, &name, json),

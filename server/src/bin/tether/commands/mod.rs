@@ -12,6 +12,7 @@ pub mod plugins;
 pub mod processes;
 pub mod relays;
 pub mod tokens;
+pub mod trust;
 pub mod upgrades;
 pub mod users;
 

@@ -118,6 +118,18 @@ impl AdminState {
                 free_bytes: tether_shared::storage::free_bytes(&self.data_dir).ok(),
                 failed: self.shared.journal.observe().poisoned,
             },
+            trust: self.trust_health(),
+        }
+    }
+
+    fn trust_health(&self) -> crate::health::TrustHealth {
+        let rotation = self.shared.trust.rotation();
+        let (peers, behind) = self.shared.registry.trust_behind(rotation.serial);
+        crate::health::TrustHealth {
+            serial: rotation.serial,
+            phase: crate::trust::phase_name(rotation.phase),
+            peers,
+            behind,
         }
     }
 }

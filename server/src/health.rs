@@ -91,6 +91,18 @@ pub struct ServerHealth {
     pub deployments: DeploymentsHealth,
     /// The data directory's disk: free space, and why writes stopped if they did.
     pub storage: StorageHealth,
+    /// The trust set (signing keys and CAs) in force, the rollover's step, and how many
+    /// agents and relays do not hold the set yet.
+    pub trust: TrustHealth,
+}
+
+/// Where a key rollover stands (`GET /api/v1/trust` has the details).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TrustHealth {
+    pub serial: u64,
+    pub phase: &'static str,
+    pub peers: usize,
+    pub behind: usize,
 }
 
 /// The data directory's disk.
@@ -310,6 +322,16 @@ impl ServerHealth {
         }
         let _ = write!(
             out,
+            "# HELP tether_trust_serial The trust set (signing keys and CAs) agents and relays should hold.\n\
+             # TYPE tether_trust_serial gauge\n\
+             tether_trust_serial {}\n\
+             # HELP tether_trust_peers_behind Agents and relays that do not hold the trust set yet.\n\
+             # TYPE tether_trust_peers_behind gauge\n\
+             tether_trust_peers_behind {}\n",
+            self.trust.serial, self.trust.behind
+        );
+        let _ = write!(
+            out,
             "# HELP tether_actor_up 1 if the actor answered its last observation without a fault.\n\
              # TYPE tether_actor_up gauge\n"
         );
@@ -467,6 +489,12 @@ mod tests {
             relay_links: BTreeMap::new(),
             deployments: DeploymentsHealth::default(),
             storage: StorageHealth::default(),
+            trust: TrustHealth {
+                serial: 2,
+                phase: "steady",
+                peers: 3,
+                behind: 1,
+            },
             certificates: vec![CertificateExpiry {
                 name: "server".into(),
                 file: "server.pem".into(),
@@ -493,6 +521,8 @@ mod tests {
         };
         let text = health.to_prometheus();
         for line in [
+            "tether_trust_serial 2",
+            "tether_trust_peers_behind 1",
             "tether_journal_batches_total 11",
             "tether_journal_commits_total 12",
             "tether_journal_syncs_total 14",

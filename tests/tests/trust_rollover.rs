@@ -220,6 +220,17 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
         Some(agents.len())
     );
     all_confirmed(&server, 2);
+    let health = tether_tests::wire::health(&server);
+    assert_eq!(
+        health["trust"],
+        json!({"serial": 2, "phase": "steady", "peers": 4, "behind": 0})
+    );
+    let metrics = server.request("GET", "/metrics", None).body;
+    assert!(
+        metrics.contains("tether_trust_serial 2\n")
+            && metrics.contains("tether_trust_peers_behind 0\n"),
+        "{metrics}"
+    );
     for d in agents.iter().map(|a| &a.dir).chain([&relay.dir]) {
         let t = trust_json(d);
         assert_eq!(t["serial"], 2, "{}: {t}", d.display());

@@ -866,6 +866,14 @@ impl Registry {
         read(&self.agents).get(id).map_or(0, |s| s.trust_serial)
     }
 
+    /// How many agents and relays there are, and how many hold a trust set older than
+    /// `serial`.
+    pub fn trust_behind(&self, serial: u64) -> (usize, usize) {
+        let agents = read(&self.agents);
+        let behind = agents.values().filter(|s| s.trust_serial < serial).count();
+        (agents.len(), behind)
+    }
+
     /// Every agent and relay, with the trust set it holds.
     pub fn trust_positions(&self) -> Vec<TrustPosition> {
         let mut list: Vec<TrustPosition> = read(&self.agents)

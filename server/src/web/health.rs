@@ -71,6 +71,11 @@ async fn health(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
                     }
                 } }
             }
+            p #trust {
+                "Trust set " strong data-field="trust-serial" { (h.trust.serial) }
+                " (" (h.trust.phase) "): " (h.trust.peers.saturating_sub(h.trust.behind)) " of " (h.trust.peers)
+                " agents and relays hold it. Key rollover: " code { "tether trust" } "."
+            }
             h2 { "Agents" }
             @if h.agents.is_empty() { p.muted { "No agent link yet." } } @else {
                 table #agent-health {

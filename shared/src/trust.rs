@@ -29,6 +29,22 @@ pub const MAX_SIGNING_KEYS: usize = 4;
 /// Bytes of a set's CA bundle at most (an overlap holds four certificates of about 700 bytes).
 pub const MAX_CA_BYTES: usize = 64 * 1024;
 
+/// The first release that understands `Trust` commands. An older agent cannot decode one
+/// (and would stop taking commands behind it), so the server sends it none: it stays behind
+/// in the rollover until it is upgraded. Older relays ignore them.
+pub const SINCE_VERSION: &str = "0.2.0";
+
+/// Whether an agent reporting `version` understands `Trust` commands.
+pub fn understood_by(version: &str) -> bool {
+    match (
+        crate::upgrade::Version::parse(version),
+        crate::upgrade::Version::parse(SINCE_VERSION),
+    ) {
+        (Ok(running), Ok(since)) => running >= since,
+        _ => false,
+    }
+}
+
 /// Why a trust set or the stored trust was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -336,6 +352,15 @@ mod tests {
         assert!(!again.current().verify(b"m", &old.sign(b"m")));
         assert!(again.current().verify(b"m", &new.sign(b"m")));
         assert_eq!(again.current().ca_pem, new_ca.cert_pem());
+    }
+
+    #[test]
+    fn only_agents_of_this_release_or_later_are_sent_trust_sets() {
+        assert!(understood_by(SINCE_VERSION));
+        assert!(understood_by(env!("CARGO_PKG_VERSION")));
+        assert!(understood_by("99.0.0"));
+        assert!(!understood_by("0.1.0"));
+        assert!(!understood_by("loadgen-0.2.0"));
     }
 
     #[test]

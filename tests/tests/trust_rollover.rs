@@ -311,3 +311,69 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
     let fourth = deploy(&server, &agent_refs, &fourth_marker, 0);
     ran_once_each(&server, &fourth, &fourth_marker, agents.len());
 }
+
+#[test]
+fn an_agent_of_an_older_release_is_sent_no_trust_set_keeps_working_and_holds_the_switch() {
+    use tether_tests::loadgen::{enroll, Fleet, SimConfig};
+    let dir = TestDir::new();
+    let server = Server::start_with(
+        dir.path(),
+        &[("TETHER_SERVER__HEARTBEAT_INTERVAL_MS", "500")],
+    );
+    let mut new = Agent::install(&server, dir.path(), "new-1", &[]);
+    new.run();
+    // A simulated agent reports a version ("loadgen-...") that is no release of 0.2.0 or
+    // later: the server must treat it as one that cannot read a `Trust` command.
+    let ca = read(&server.ca_path());
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let sim = enroll(
+        server.wss,
+        std::sync::Arc::new(tls.clone()),
+        "localhost",
+        &server.token(1),
+        "old-1",
+    )
+    .unwrap();
+    let old_id = sim.agent_id.clone();
+    let mut cfg = SimConfig::new(server.wss, "localhost", tls);
+    cfg.threads = 1;
+    let _fleet = Fleet::start(cfg, vec![sim]).unwrap();
+    for id in [&new.id, &old_id] {
+        eventually(&format!("{id} online"), WAIT, || {
+            server.agent(id).filter(|s| s["status"] == "online")
+        });
+    }
+    step(&server, "begin");
+    let p = eventually("the current agent confirms", WAIT, || {
+        let p = progress(&server);
+        (p["confirmed"] == 1).then_some(p)
+    });
+    assert_eq!(p["behind"][0]["id"], old_id.as_str(), "{p}");
+    assert_eq!(trust_json(&new.dir)["serial"], 1);
+    // The switch waits for it, and says so.
+    let refused = server.request("POST", "/api/v1/trust/switch", None);
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        refused.body.contains("have not confirmed"),
+        "{}",
+        refused.body
+    );
+    // Nothing was queued that it cannot read (it would refuse a `Trust` command, and its
+    // refusal would be logged): its commands still flow.
+    server.put_process(&json!({"name": "one", "steps": [
+        {"name": "say", "plugin": "shell", "step": "run", "properties": {"script": "echo hello"}}
+    ]}));
+    let id = server.deploy("one", json!({ "agents": [old_id] }), json!({}));
+    assert_eq!(server.wait_deployment(&id, WAIT)["status"], "succeeded");
+    let log = read(&dir.path().join("server.log"));
+    assert!(
+        !log.contains("agent-trust-refused"),
+        "a trust set was sent to it"
+    );
+    assert!(!log.contains(&format!("agent-trust-queued agent_id={old_id}")));
+    // The same line for the current agent shows that the check above can fail.
+    assert!(log.contains(&format!("agent-trust-queued agent_id={}", new.id)));
+    // Forced, the switch goes ahead (the operator's call: that agent must be reinstalled).
+    let forced = server.request("POST", "/api/v1/trust/switch?force=true", None);
+    assert_eq!(forced.status, 200, "{}", forced.body);
+}

@@ -86,6 +86,8 @@ pub struct AgentLink {
     /// The serial of the last `Trust` command queued by this link (not again until a newer
     /// set; after a server restart at most once more, which the agent answers as a resend).
     trust_queued: u64,
+    /// The attached agent's release understands `Trust` commands.
+    trust_capable: bool,
 }
 
 impl AgentLink {
@@ -121,6 +123,7 @@ impl AgentLink {
             deferred: false,
             deferred_events: 0,
             trust_queued: 0,
+            trust_capable: false,
         })
     }
 
@@ -377,7 +380,7 @@ impl AgentLink {
     /// what it said in its Hello, or confirmed since) and none is queued for that set yet.
     fn offer_trust(&mut self, ctx: &mut Context<Self>, held: u64) {
         let serial = self.shared.trust.rotation().serial;
-        if self.trust_queued >= serial || held >= serial {
+        if !self.trust_capable || self.trust_queued >= serial || held >= serial {
             return;
         }
         let body = CommandBody::Trust {
@@ -524,6 +527,7 @@ impl Handler<Attach> for AgentLink {
         };
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
+        self.trust_capable = tether_shared::trust::understood_by(&hello.version);
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
         if matches!(outcome, Handshake::PeerReset { .. }) {
             if let Ok(v) = serde_json::to_vec(&self.probes) {

@@ -25,7 +25,7 @@ use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH};
 use tether_shared::identity::PublicKey;
 use tether_shared::tls;
 
-use crate::api::parse_json;
+use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::{Registry, RegistryError};
 

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::admin_token::AdminToken;
-use crate::api::parse_json;
+use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::deployments::Deployments;
 use crate::registry::{AgentRecord, AgentStatus, Registry, RegistryError, Role};

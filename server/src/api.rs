@@ -14,7 +14,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::admin_token::AdminToken;
-use crate::api_error::{method_not_allowed, ApiError};
+use crate::api_error::{method_not_allowed, parse_json, ApiError};
 use crate::registry::{Registry, Role};
 use crate::upgrades::{UpgradeState, Upgrades};
 
@@ -74,11 +74,6 @@ struct TokenCreated<'a> {
     expires_unix_ms: u64,
     uses: u32,
     role: Role,
-}
-
-/// Parses a JSON body strictly, with the decoder's reason in the 400.
-pub fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))
 }
 
 /// `POST /api/v1/enrollment-tokens`.

@@ -72,6 +72,11 @@ impl From<crate::registry::RegistryError> for ApiError {
     }
 }
 
+/// Parses a JSON body strictly, with the decoder's reason in the 400.
+pub fn parse_json<T: for<'de> serde::Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))
+}
+
 /// The JSON body of every error response.
 #[derive(Debug, Serialize)]
 struct ErrorBody {

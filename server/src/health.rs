@@ -84,7 +84,7 @@ pub struct ServerHealth {
     /// Per connected agent, its actors.
     pub agents: BTreeMap<String, AgentHealth>,
     /// Per relay connected directly, what its link carries.
-    pub relay_links: BTreeMap<String, crate::session::relay_session::RelayLinkHealth>,
+    pub relay_links: BTreeMap<String, RelayLinkHealth>,
     /// When the server's certificates expire (server, CAs, command signing), soonest first.
     pub certificates: Vec<CertificateExpiry>,
     /// What agents sent that the server refused or cut, since it started.
@@ -94,6 +94,28 @@ pub struct ServerHealth {
     /// The trust set (signing keys and CAs) in force, the rollover's step, and how many
     /// agents and relays do not hold the set yet.
     pub trust: TrustHealth,
+}
+
+/// What a relay's link holds now (`session::relay_session`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RelayLinkHealth {
+    pub relay_id: Option<String>,
+    pub conn: u64,
+    pub agents: u64,
+    pub relays: u64,
+    pub handshaking: u64,
+    #[serde(flatten)]
+    pub stats: RelayLinkStats,
+}
+
+/// What a relay's link counts, for health.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RelayLinkStats {
+    pub channels_opened: u64,
+    pub channels_refused: u64,
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub unknown_channel_frames: u64,
 }
 
 /// Where a key rollover stands (`GET /api/v1/trust` has the details).

@@ -713,6 +713,27 @@ fn stop_signal() -> io::Result<impl Future<Output = ()> + Send + 'static> {
     })
 }
 
+impl From<crate::artifacts::OpenError> for RunError {
+    fn from(e: crate::artifacts::OpenError) -> Self {
+        match e {
+            crate::artifacts::OpenError::Io { path, source } => RunError::Read { path, source },
+            crate::artifacts::OpenError::Index(reason) => RunError::Read {
+                path: PathBuf::from("journal (artifact index)"),
+                source: std::io::Error::other(reason),
+            },
+        }
+    }
+}
+
+impl From<crate::upgrades::UpgradesError> for RunError {
+    fn from(e: crate::upgrades::UpgradesError) -> Self {
+        RunError::Read {
+            path: PathBuf::from("upgrades"),
+            source: std::io::Error::other(e.to_string()),
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {

@@ -287,15 +287,3 @@ impl ArtifactStore {
         Ok(true)
     }
 }
-
-impl From<OpenError> for crate::run::RunError {
-    fn from(e: OpenError) -> Self {
-        match e {
-            OpenError::Io { path, source } => crate::run::RunError::Read { path, source },
-            OpenError::Index(reason) => crate::run::RunError::Read {
-                path: PathBuf::from("journal (artifact index)"),
-                source: std::io::Error::other(reason),
-            },
-        }
-    }
-}

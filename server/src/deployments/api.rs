@@ -20,7 +20,7 @@ use super::model::StepState;
 use super::validate::NewProcess;
 use super::{view, Deployments, DeploymentsError, NewDeployment};
 use crate::admin_token::AdminToken;
-use crate::api::parse_json;
+use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::Registry;
 use crate::session::agent_link::{DispatchJobs, QueueCommands};

@@ -34,6 +34,7 @@ use tether_shared::protocol::{
 use tether_shared::stream::ConnId;
 use tether_shared::upgrade::{component_signing_bytes, Component};
 
+use crate::health::{RelayLinkHealth, RelayLinkStats};
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::handshake::{
     attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
@@ -79,16 +80,6 @@ enum ChannelPhase {
     Relay {
         relay_id: String,
     },
-}
-
-/// What this link counts, for health.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct RelayLinkStats {
-    pub channels_opened: u64,
-    pub channels_refused: u64,
-    pub frames_in: u64,
-    pub frames_out: u64,
-    pub unknown_channel_frames: u64,
 }
 
 pub struct RelaySession {
@@ -1067,18 +1058,6 @@ impl Handler<ServerStopping> for RelaySession {
     fn handle(&mut self, _: ServerStopping, ctx: &mut Self::Context) {
         self.refuse(ctx, 1001, ErrorCode::Overloaded, "server stopping");
     }
-}
-
-/// What a link holds now.
-#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct RelayLinkHealth {
-    pub relay_id: Option<String>,
-    pub conn: u64,
-    pub agents: u64,
-    pub relays: u64,
-    pub handshaking: u64,
-    #[serde(flatten)]
-    pub stats: RelayLinkStats,
 }
 
 /// Ask a link what it holds.

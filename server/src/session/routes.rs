@@ -21,7 +21,7 @@ use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
 use tether_shared::stream::ConnId;
 
 use crate::admin_token::AdminToken;
-use crate::api::parse_json;
+use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::session::agent_link::{ObserveLink, QueueProbes};
 use crate::session::agent_session::AgentSession;

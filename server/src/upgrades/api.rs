@@ -34,7 +34,7 @@ use tether_shared::upgrade::{is_sha256, Component, Version};
 
 use super::{AgentUpgrade, UpgradeState, Upgrades, UpgradesError};
 use crate::admin_token::AdminToken;
-use crate::api::parse_json;
+use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::artifacts::upload::{TempUpload, CHECKSUM_HEADER, WRITE_BATCH};
 use crate::deployments::{resolve_targets, Targets};

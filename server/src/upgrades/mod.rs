@@ -487,15 +487,6 @@ fn transition(body: &EventBody) -> Option<(&str, UpgradeState, &str)> {
     })
 }
 
-impl From<UpgradesError> for crate::run::RunError {
-    fn from(e: UpgradesError) -> Self {
-        crate::run::RunError::Read {
-            path: PathBuf::from("upgrades"),
-            source: std::io::Error::other(e.to_string()),
-        }
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {

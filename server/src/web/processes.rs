@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::layout::{self, csrf_field, enc, found, resource, utc};
 use super::session::CurrentUser;
 use super::{csrf, WebError, WebState};
-use crate::api::parse_json;
+use crate::api_error::parse_json;
 use crate::deployments::model::MASK;
 use crate::deployments::validate::NewProcess;
 

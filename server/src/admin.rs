@@ -31,6 +31,8 @@ pub struct AdminState {
     pub sessions: actix::Addr<SessionRegistry>,
     /// Each relay's current link.
     pub shared: std::sync::Arc<SessionShared>,
+    /// Output refused or cut, for health.
+    pub deployments: std::sync::Arc<crate::deployments::Deployments>,
     /// The data directory, whose certificates' expiry is reported.
     pub data_dir: std::path::PathBuf,
 }
@@ -113,7 +115,7 @@ impl AdminState {
                 &self.data_dir,
                 self.shared.relay_certs.expiries(),
             ),
-            deployments: self.shared.deployments.health(),
+            deployments: self.deployments.health(),
             storage: crate::health::StorageHealth {
                 free_bytes: tether_shared::storage::free_bytes(&self.data_dir).ok(),
                 failed: self.shared.journal.observe().poisoned,

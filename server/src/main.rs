@@ -39,12 +39,14 @@ mod ports;
 mod registry;
 mod relay_certs;
 mod run;
+mod scheduler;
 mod session;
 mod trust;
 mod upgrades;
 mod users;
 mod users_api;
 mod web;
+mod work;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

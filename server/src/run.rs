@@ -38,6 +38,7 @@ use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
 use crate::relay_certs::RelayCerts;
+use crate::scheduler::Scheduler;
 use crate::session::relay_session::ServerStopping;
 use crate::session::routes::{ProbeApiState, SessionsState};
 use crate::session::session_registry::{CloseAllSessions, SessionRegistry};
@@ -47,6 +48,7 @@ use crate::upgrades::api::{self as upgrades_api, UpgradesAgentState, UpgradesApi
 use crate::upgrades::Upgrades;
 use crate::users::{Users, UsersError};
 use crate::web::WebState;
+use crate::work::Work;
 
 /// The journal's directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
@@ -431,7 +433,10 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
     let shared = Arc::new(SessionShared {
         journal: handle.clone(),
         registry: loaded.registry.clone(),
-        deployments: loaded.deployments.clone(),
+        work: Arc::new(Work::new(
+            loaded.deployments.clone(),
+            loaded.upgrades.clone(),
+        )),
         upgrades: loaded.upgrades.clone(),
         trust: loaded.trust.clone(),
         incarnation: handle.incarnation().to_owned(),
@@ -449,23 +454,21 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         rto: RETRANSMIT_TIMEOUT,
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
+    let scheduler = Arc::new(Scheduler {
+        deployments: loaded.deployments.clone(),
+        upgrades: loaded.upgrades.clone(),
+        registry: loaded.registry.clone(),
+        sessions: session_registry.clone(),
+        trust: loaded.trust.clone(),
+    });
     // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
-    let waiting = loaded.deployments.agents_with_waiting_jobs();
-    if !waiting.is_empty() {
-        let sessions = session_registry.clone();
-        actix_rt::spawn(async move {
-            for agent_id in waiting {
-                if let Err(e) = deployments_api::dispatch(&sessions, &agent_id).await {
-                    tracing::error!(agent_id = %agent_id, error = %e, "job-dispatch-failed");
-                }
-            }
-        });
-    }
+    let waking = scheduler.clone();
+    actix_rt::spawn(async move { waking.dispatch_waiting().await });
     let deployments_state = web::Data::new(DeploymentsApiState {
         token: loaded.token.clone(),
         deployments: loaded.deployments.clone(),
         registry: loaded.registry.clone(),
-        sessions: session_registry.clone(),
+        scheduler: scheduler.clone(),
         retention: opts.retention,
     });
     actix_rt::spawn(recover_storage(handle.clone(), dir.to_path_buf()));
@@ -478,7 +481,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         token: loaded.token.clone(),
         upgrades: loaded.upgrades.clone(),
         registry: loaded.registry.clone(),
-        sessions: session_registry.clone(),
+        scheduler: scheduler.clone(),
         shared: shared.clone(),
     });
     let upgrades_agent_state = web::Data::new(UpgradesAgentState {
@@ -499,6 +502,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         journal: JournalWatch::new(loaded.journal.start(), handle),
         sessions: sessions.registry.clone(),
         shared: sessions.shared.clone(),
+        deployments: loaded.deployments.clone(),
         data_dir: dir.to_path_buf(),
     });
     // The web application, and the agent changes it shares with the REST API.
@@ -523,7 +527,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         login_limiter: Default::default(),
         registry: loaded.registry.clone(),
         deployments: loaded.deployments.clone(),
-        links: sessions.registry.clone(),
+        scheduler,
         agents: agent_admin,
         upgrades: loaded.upgrades.clone(),
         plugins: loaded.plugins.clone(),

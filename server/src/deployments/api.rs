@@ -6,15 +6,12 @@
 //!   `POST /api/v1/deployments/{id}/cancel` (202),
 //!   `GET /api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log` (text/plain).
 //!
-//! Commands go to agents through their `AgentLink` (`DispatchJobs`, `QueueCommands`).
+//! Starting and cancelling go through the scheduler (`crate::scheduler`).
 
 use std::sync::Arc;
 
-use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
-use futures_util::stream::{self, StreamExt};
 use serde_json::json;
-use tether_shared::protocol::CommandBody;
 
 use super::model::StepState;
 use super::validate::NewProcess;
@@ -23,8 +20,6 @@ use crate::admin_token::AdminToken;
 use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::Registry;
-use crate::session::agent_link::{DispatchJobs, QueueCommands};
-use crate::session::session_registry::{GetLink, SessionRegistry};
 
 /// What the deployments routes use.
 pub struct DeploymentsApiState {
@@ -32,8 +27,8 @@ pub struct DeploymentsApiState {
     pub deployments: Arc<Deployments>,
     /// Agent names and tags.
     pub registry: Arc<Registry>,
-    /// The agents' links, to queue commands.
-    pub sessions: Addr<SessionRegistry>,
+    /// Starts and cancels deployments.
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// The configured policy, for a prune that names none.
     pub retention: super::Retention,
 }
@@ -76,44 +71,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         resource("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log")
             .route(web::get().to(step_log)),
     );
-}
-
-/// Agents whose jobs one deployment queues at once.
-const DISPATCH_CONCURRENCY: usize = 256;
-
-/// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.
-pub async fn dispatch(sessions: &Addr<SessionRegistry>, agent_id: &str) -> Result<(), String> {
-    let link = sessions
-        .send(GetLink {
-            agent_id: agent_id.to_owned(),
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    link.send(DispatchJobs)
-        .await
-        .map_err(|e| e.to_string())?
-        .map(|_| ())
-        .map_err(|e| e.to_string())
-}
-
-async fn queue(
-    sessions: &Addr<SessionRegistry>,
-    agent_id: &str,
-    bodies: Vec<CommandBody>,
-) -> Result<(), String> {
-    let link = sessions
-        .send(GetLink {
-            agent_id: agent_id.to_owned(),
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    link.send(QueueCommands { bodies })
-        .await
-        .map_err(|e| e.to_string())?
-        .map(|_| ())
-        .map_err(|e| e.to_string())
 }
 
 async fn put_process(
@@ -161,42 +118,8 @@ async fn create_deployment(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let new: NewDeployment = parse_json(&body)?;
-    let (id, jobs) = start(&state.deployments, &state.registry, &state.sessions, new).await?;
+    let (id, jobs) = state.scheduler.start_deployment(new).await?;
     Ok(HttpResponse::Created().json(json!({"id": id, "jobs": jobs})))
-}
-
-/// Validates and stores deployment `new`, then has every target's link queue its job (for
-/// the REST API and the web application). Answers the id and the number of jobs.
-pub async fn start(
-    deployments: &Deployments,
-    registry: &Registry,
-    sessions: &Addr<SessionRegistry>,
-    new: NewDeployment,
-) -> Result<(String, usize), ApiError> {
-    let d = deployments.create(new, &registry.agents()).await?;
-    // Every agent's jobs are queued on its own link and committed there: many at once, so
-    // that their commits share the journal's batches instead of waiting one after another.
-    let results: Vec<(&String, Result<(), String>)> = stream::iter(&d.agents)
-        .map(|agent_id| async move { (agent_id, dispatch(sessions, agent_id).await) })
-        .buffer_unordered(DISPATCH_CONCURRENCY)
-        .collect()
-        .await;
-    let mut failed = Vec::new();
-    for (agent_id, result) in results {
-        if let Err(e) = result {
-            tracing::error!(deployment_id = %d.id, agent_id = %agent_id, error = %e, "job-dispatch-failed");
-            failed.push(agent_id.clone());
-        }
-    }
-    failed.sort();
-    if !failed.is_empty() {
-        return Err(ApiError::Incomplete(format!(
-            "deployment {} is stored, but the jobs of {} could not be queued yet; they are sent when the server restarts or the agent reconnects",
-            d.id,
-            failed.join(", ")
-        )));
-    }
-    Ok((d.id, d.agents.len()))
 }
 
 async fn list_deployments(
@@ -243,35 +166,8 @@ async fn cancel(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let id = path.into_inner();
-    let sent = cancel_deployment(&state.deployments, &state.sessions, &id).await?;
+    let sent = state.scheduler.cancel_deployment(&id).await?;
     Ok(HttpResponse::Accepted().json(json!({"id": id, "cancel_sent": sent})))
-}
-
-/// Cancels deployment `id` and queues a CancelJob to every agent running one of its jobs
-/// (for the REST API and the web application). Answers how many were queued.
-pub async fn cancel_deployment(
-    deployments: &Deployments,
-    sessions: &Addr<SessionRegistry>,
-    id: &str,
-) -> Result<usize, ApiError> {
-    let remote = deployments.cancel(id).await?;
-    let mut failed = Vec::new();
-    for (agent_id, job_id) in &remote {
-        let body = CommandBody::CancelJob {
-            job_id: job_id.clone(),
-        };
-        if let Err(e) = queue(sessions, agent_id, vec![body]).await {
-            tracing::error!(deployment_id = %id, agent_id = %agent_id, error = %e, "cancel-queue-failed");
-            failed.push(agent_id.clone());
-        }
-    }
-    if !failed.is_empty() {
-        return Err(ApiError::Incomplete(format!(
-            "the cancel could not be queued to {}; retry",
-            failed.join(", ")
-        )));
-    }
-    Ok(remote.len())
 }
 
 /// The body of `POST /api/v1/deployments/prune`: what to keep, the configured policy for

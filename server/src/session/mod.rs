@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use tether_shared::journal::JournalHandle;
 
-use crate::deployments::Deployments;
 use crate::registry::Registry;
 use crate::upgrades::Upgrades;
 
@@ -36,9 +35,10 @@ use crate::upgrades::Upgrades;
 pub struct SessionShared {
     pub journal: JournalHandle,
     pub registry: Arc<Registry>,
-    /// Processes, deployments and jobs: job events change them in the event's batch.
-    pub deployments: Arc<Deployments>,
-    /// Upgrade packages and agents' upgrade states: upgrade events change them likewise.
+    /// The work agents carry (jobs, upgrades): their events change it in the event's batch,
+    /// and it says what may be sent.
+    pub work: Arc<crate::work::Work>,
+    /// Relays' upgrade states (relays' own upgrades; agents' go through `work`).
     pub upgrades: Arc<Upgrades>,
     /// The command-signing key in force, and what agents and relays should trust.
     pub trust: Arc<crate::trust::Trust>,

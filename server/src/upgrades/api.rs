@@ -23,7 +23,6 @@
 
 use std::sync::Arc;
 
-use actix::Addr;
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
@@ -39,8 +38,7 @@ use crate::api_error::{method_not_allowed, ApiError};
 use crate::artifacts::upload::{TempUpload, CHECKSUM_HEADER, WRITE_BATCH};
 use crate::deployments::{resolve_targets, Targets};
 use crate::registry::{now_unix_ms, Registry};
-use crate::session::agent_link::QueueUpgrade;
-use crate::session::session_registry::{GetLink, SessionRegistry};
+use crate::scheduler::Queued;
 use crate::session::SessionShared;
 
 /// The agents' download path prefix.
@@ -52,8 +50,8 @@ pub struct UpgradesApiState {
     pub upgrades: Arc<Upgrades>,
     /// Agent names and tags, for the rollout's targets.
     pub registry: Arc<Registry>,
-    /// The agents' links, to queue `Upgrade` commands.
-    pub sessions: Addr<SessionRegistry>,
+    /// Queues agents' `Upgrade` commands.
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// Holds the command-signing key, which also signs packages.
     pub shared: Arc<SessionShared>,
 }
@@ -267,7 +265,7 @@ async fn rollout(
             .iter()
             .find(|a| a.id == id)
             .map_or_else(|| id.clone(), |a| a.name.clone());
-        match queue_upgrade(&state.upgrades, &state.sessions, &id, &package).await {
+        match state.scheduler.queue_upgrade(&id, &package).await {
             Ok(Queued::Underway(s)) => {
                 answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
             }
@@ -358,50 +356,6 @@ async fn rollout_relays(
                            "state": UpgradeState::Requested}));
     }
     Ok(HttpResponse::Accepted().json(json!({"version": package.version, "relays": answer})))
-}
-
-/// What [`queue_upgrade`] did.
-pub enum Queued {
-    /// The `Upgrade` command is journaled on the agent's link.
-    Queued,
-    /// An upgrade to this version is already underway or done (its state): left alone.
-    Underway(Option<UpgradeState>),
-}
-
-/// Queue an upgrade of `agent_id` to `package` on its link (journaled, so it reaches an offline
-/// agent when it returns), unless one to this version is underway or done. For the REST rollout
-/// and the web application alike.
-pub async fn queue_upgrade(
-    upgrades: &Upgrades,
-    sessions: &Addr<SessionRegistry>,
-    agent_id: &str,
-    package: &super::Package,
-) -> Result<Queued, String> {
-    let current = upgrades.agent(agent_id);
-    let settled = current.as_ref().is_some_and(|c| {
-        c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
-    });
-    if settled {
-        let state = current.map(|c| c.state);
-        tracing::info!(agent_id = %agent_id, version = %package.version, state = ?state, "upgrade-already-underway");
-        return Ok(Queued::Underway(state));
-    }
-    let link = sessions
-        .send(GetLink {
-            agent_id: agent_id.to_owned(),
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let seq = link
-        .send(QueueUpgrade {
-            package: package.clone(),
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    tracing::info!(agent_id = %agent_id, version = %package.version, seq = seq.0, "upgrade-queued");
-    Ok(Queued::Queued)
 }
 
 async fn download(

@@ -22,7 +22,7 @@ use super::session::CurrentUser;
 use super::{csrf, WebError, WebState};
 use crate::agents_api::AgentPatch;
 use crate::registry::{AgentStatus, Status};
-use crate::upgrades::api::{queue_upgrade, Queued};
+use crate::scheduler::Queued;
 use crate::upgrades::{AgentUpgrade, UpgradeState};
 
 /// Agents per page.
@@ -408,7 +408,9 @@ async fn upgrade(
         WebError::BadRequest(format!("no package for version {:?}", form.version))
     })?;
     let back = format!("/agents/{}?done=upgrade", enc(&agent.id));
-    let queued = queue_upgrade(&state.upgrades, &state.links, &agent.id, &package)
+    let queued = state
+        .scheduler
+        .queue_upgrade(&agent.id, &package)
         .await
         .map_err(WebError::Unavailable)?;
     if matches!(queued, Queued::Queued) {

@@ -3,7 +3,7 @@
 //! `GET /deployments/{id}` (per-agent, per-step status and live logs, refreshed by the page
 //! script from `GET /ui/deployments/{id}.json` and `GET /ui/deployments/{id}/log`), and
 //! `POST /deployments/{id}/cancel`. Starting and cancelling go through the same functions as
-//! the REST API (`deployments::api::start`, `cancel_deployment`); the JSON is the REST
+//! the REST API (`crate::scheduler`); the JSON is the REST
 //! API's `GET /api/v1/deployments/{id}` (secrets masked).
 
 use std::collections::BTreeMap;
@@ -184,8 +184,7 @@ async fn start(
         targets,
         properties,
     };
-    let (id, jobs) =
-        deployments_api::start(&state.deployments, &state.registry, &state.links, new).await?;
+    let (id, jobs) = state.scheduler.start_deployment(new).await?;
     tracing::info!(user = %user.name, deployment_id = %id, jobs, "web-deployment-started");
     Ok(layout::redirect(&format!(
         "/deployments/{}?done=started",
@@ -345,7 +344,7 @@ async fn cancel(
 ) -> Result<HttpResponse, WebError> {
     let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     let id = path.into_inner();
-    let sent = deployments_api::cancel_deployment(&state.deployments, &state.links, &id).await?;
+    let sent = state.scheduler.cancel_deployment(&id).await?;
     tracing::info!(user = %user.name, deployment_id = %id, sent, "web-deployment-cancelled");
     Ok(layout::redirect(&format!(
         "/deployments/{}?done=cancelled",

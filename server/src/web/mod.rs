@@ -40,7 +40,6 @@ pub mod users;
 
 use std::sync::Arc;
 
-use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse, ResponseError};
 
@@ -51,7 +50,6 @@ use crate::artifacts::ArtifactStore;
 use crate::deployments::Deployments;
 use crate::plugins::Plugins;
 use crate::registry::Registry;
-use crate::session::session_registry::SessionRegistry;
 use crate::upgrades::Upgrades;
 use crate::users::{Users, UsersError};
 
@@ -65,8 +63,8 @@ pub struct WebState {
     pub login_limiter: login::LoginLimiter,
     pub registry: Arc<Registry>,
     pub deployments: Arc<Deployments>,
-    /// Agents' links: to queue jobs, cancels and upgrades.
-    pub links: Addr<SessionRegistry>,
+    /// Starts and cancels deployments, queues upgrades (as the REST API does).
+    pub scheduler: Arc<crate::scheduler::Scheduler>,
     /// Agent changes (tags, properties, delete), shared with the REST API.
     pub agents: Arc<AgentAdmin>,
     pub upgrades: Arc<Upgrades>,

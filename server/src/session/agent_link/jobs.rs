@@ -1,7 +1,8 @@
-//! Commands of the job layer on an `AgentLink`: [`QueueCommands`] (any commands, e.g.
-//! CancelJob) and [`DispatchJobs`] (RunJob for the agent's queued jobs, as far as its
-//! concurrency limit allows). Both answer only once the commands are durable; a dispatched
-//! job's `dispatched` mark is committed in the same batch as its RunJob.
+//! Work on an `AgentLink`: [`DispatchJobs`] (what `crate::work` says is ready: RunJob for the
+//! agent's queued jobs, as far as its concurrency limit allows) and [`QueueCommands`] (any
+//! commands the scheduler asks for: CancelJob, Upgrade). Both answer only once the commands
+//! are durable; a dispatched job's `dispatched` mark is committed in the same batch as its
+//! RunJob.
 
 use actix::prelude::*;
 use tether_shared::journal::Op;
@@ -13,18 +14,18 @@ impl AgentLink {
     /// Takes the agent's jobs that may start now and numbers their RunJob commands: the last
     /// seq and the ops (commands + job marks) to commit, or `None` if nothing is waiting.
     pub(super) fn take_jobs(&mut self) -> Result<Option<(Seq, Vec<Op>)>, LinkError> {
-        let (ids, bodies, marks) = self.shared.deployments.take_ready(&self.agent_id);
-        if bodies.is_empty() {
+        let mut ready = self.shared.work.ready(&self.agent_id);
+        if ready.commands.is_empty() {
             return Ok(None);
         }
-        match self.enqueue(bodies) {
+        match self.enqueue(std::mem::take(&mut ready.commands)) {
             Ok((last, mut ops)) => {
-                ops.extend(marks);
-                tracing::info!(agent_id = %self.agent_id, jobs = ids.len(), seq = last.0, "jobs-dispatched");
+                ops.append(&mut ready.ops);
+                tracing::info!(agent_id = %self.agent_id, jobs = ready.job_ids.len(), seq = last.0, "jobs-dispatched");
                 Ok(Some((last, ops)))
             }
             Err(e) => {
-                self.shared.deployments.undo_dispatch(&ids);
+                self.shared.work.undo(&ready);
                 Err(e)
             }
         }
@@ -50,6 +51,10 @@ impl AgentLink {
 #[rtype(result = "Result<Seq, LinkError>")]
 pub struct QueueCommands {
     pub bodies: Vec<CommandBody>,
+    /// Committed in the commands' batch (the state they put something in).
+    pub ops: Vec<Op>,
+    /// Run once they are durable, before they are sent (the same state, in memory).
+    pub then: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Handler<QueueCommands> for AgentLink {
@@ -60,7 +65,10 @@ impl Handler<QueueCommands> for AgentLink {
             return Box::pin(fut::ready(Ok(self.ep.outbound.assigned())));
         }
         match self.enqueue(msg.bodies) {
-            Ok((last, ops)) => self.commit_queued(last, ops),
+            Ok((last, mut ops)) => {
+                ops.extend(msg.ops);
+                self.commit_queued(last, ops, msg.then)
+            }
             Err(e) => Box::pin(fut::ready(Err(e))),
         }
     }
@@ -77,12 +85,12 @@ impl Handler<DispatchJobs> for AgentLink {
 
     fn handle(&mut self, _: DispatchJobs, _: &mut Self::Context) -> Self::Result {
         match self.take_jobs() {
-            Ok(Some((last, ops))) => self.commit_queued(last, ops),
+            Ok(Some((last, ops))) => self.commit_queued(last, ops, None),
             // A dispatch of this agent's jobs may still be committing (after a handshake or a
             // finished job): an empty commit resolves after it, as commits apply in order.
             Ok(None) => {
                 let last = self.ep.outbound.assigned();
-                self.commit_queued(last, Vec::new())
+                self.commit_queued(last, Vec::new(), None)
             }
             Err(e) => Box::pin(fut::ready(Err(e))),
         }

@@ -7,10 +7,9 @@
 //! handshake (incarnations, watermarks) and resends what the agent lacks; frames from any
 //! connection but the current one are ignored.
 //!
-//! Job events change deployment state through `SessionShared::deployments`, in the event's
-//! batch; [`jobs`] queues RunJob/CancelJob commands (`DispatchJobs`, `QueueCommands`).
-//! Upgrade events change the agent's upgrade state (`SessionShared::upgrades`) the same way;
-//! [`upgrades`] queues `Upgrade` commands (`QueueUpgrade`).
+//! Job and upgrade events go to `SessionShared::work` ([`crate::work`]), whose ops join the
+//! event's batch; the link knows no deployment or upgrade. [`jobs`] sends the work that is
+//! ready (`DispatchJobs`) and queues any commands the scheduler asks for (`QueueCommands`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,12 +27,10 @@ use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError
 use crate::session::handshake::SessionHandle;
 
 mod jobs;
-mod upgrades;
 
 use crate::session::probes::ProbeStats;
 use crate::session::{now_ms, record_trust_serial, SessionShared};
 pub use jobs::{DispatchJobs, QueueCommands};
-pub use upgrades::QueueUpgrade;
 
 /// How often unacknowledged commands are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
@@ -223,27 +220,13 @@ impl AgentLink {
                 tracing::warn!(agent_id = %self.agent_id, command_id = %id, seq = event.seq.0, "command-expired");
                 false
             }
-            body @ (EventBody::UpgradeStarted { .. }
-            | EventBody::UpgradeStaged { .. }
-            | EventBody::UpgradeRefused { .. }
-            | EventBody::UpgradeFinished { .. }) => {
-                let ops = self
-                    .shared
-                    .upgrades
-                    .on_event(&self.agent_id, body)
-                    .into_iter()
-                    .collect();
-                return (ops, None);
-            }
-            body @ (EventBody::JobAccepted { .. }
-            | EventBody::StepStarted { .. }
-            | EventBody::StepOutput { .. }
-            | EventBody::StepFinished { .. }
-            | EventBody::JobFinished { .. }) => {
-                let effect = self.shared.deployments.on_event(&self.agent_id, body);
+            body => {
+                let Some(effect) = self.shared.work.on_event(&self.agent_id, body) else {
+                    return (Vec::new(), None);
+                };
                 let mut ops = effect.ops;
                 let mut last = None;
-                if effect.job_finished {
+                if effect.slot_freed {
                     match self.take_jobs() {
                         Ok(Some((seq, more))) => {
                             ops.extend(more);
@@ -448,15 +431,20 @@ impl AgentLink {
         Ok((last, ops))
     }
 
-    /// Commit queued commands; the answer (and so the REST answer) comes once they are durable.
+    /// Commit queued commands; the answer (and so the REST answer) comes once they are durable,
+    /// after `then`.
     fn commit_queued(
         &mut self,
         last: Seq,
         ops: Vec<Op>,
+        then: Option<Box<dyn FnOnce() + Send>>,
     ) -> ResponseActFuture<Self, Result<Seq, LinkError>> {
         let commit = self.shared.journal.commit(ops);
         Box::pin(commit.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
+                if let Some(then) = then {
+                    then();
+                }
                 act.ep.outbound.mark_durable(last);
                 act.pump();
                 Ok(last)
@@ -522,7 +510,7 @@ impl Handler<Attach> for AgentLink {
             self.probes = ProbeStats::default();
         }
         let reset_jobs = match outcome {
-            Handshake::PeerReset { .. } => self.shared.deployments.on_agent_reset(&self.agent_id),
+            Handshake::PeerReset { .. } => self.shared.work.on_reset(&self.agent_id),
             _ => Vec::new(),
         };
         self.session = Some((conn, msg.session));
@@ -693,7 +681,7 @@ impl Handler<QueueProbes> for AgentLink {
             return Box::pin(fut::ready(Ok(self.ep.outbound.assigned())));
         }
         match self.enqueue(bodies) {
-            Ok((last, ops)) => self.commit_queued(last, ops),
+            Ok((last, ops)) => self.commit_queued(last, ops, None),
             Err(e) => Box::pin(fut::ready(Err(e))),
         }
     }

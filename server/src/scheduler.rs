@@ -1,0 +1,188 @@
+//! The scheduler: the one owner of "which work goes to which agent when", for both the REST
+//! API and the web application. It starts and cancels deployments, queues upgrades and wakes
+//! agents' links to send what is ready; links take their work through `crate::work` and know
+//! nothing of deployments or upgrades. Every operation answers once what it queued is
+//! durable.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use futures_util::stream::{self, StreamExt};
+use tether_shared::protocol::CommandBody;
+use tether_shared::upgrade::component_signing_bytes;
+
+use crate::api_error::ApiError;
+use crate::deployments::{Deployments, NewDeployment};
+use crate::registry::{now_unix_ms, Registry};
+use crate::session::agent_link::{DispatchJobs, QueueCommands};
+use crate::session::session_registry::{GetLink, SessionRegistry};
+use crate::trust::Trust;
+use crate::upgrades::{AgentUpgrade, Package, UpgradeState, Upgrades};
+
+/// Agents whose jobs one deployment queues at once.
+const DISPATCH_CONCURRENCY: usize = 256;
+
+/// What [`Scheduler::queue_upgrade`] did.
+pub enum Queued {
+    /// The `Upgrade` command is journaled on the agent's link.
+    Queued,
+    /// An upgrade to this version is already underway or done (its state): left alone.
+    Underway(Option<UpgradeState>),
+}
+
+/// Share as `Arc<Scheduler>`.
+pub struct Scheduler {
+    pub deployments: Arc<Deployments>,
+    pub upgrades: Arc<Upgrades>,
+    pub registry: Arc<Registry>,
+    /// The agents' links.
+    pub sessions: Addr<SessionRegistry>,
+    /// Signs upgrade packages with the key in force.
+    pub trust: Arc<Trust>,
+}
+
+impl Scheduler {
+    /// Validates and stores deployment `new`, then has every target's link queue its job.
+    /// Answers the id and the number of jobs once every job that may start now is durable.
+    pub async fn start_deployment(&self, new: NewDeployment) -> Result<(String, usize), ApiError> {
+        let d = self
+            .deployments
+            .create(new, &self.registry.agents())
+            .await?;
+        // Every agent's jobs are queued on its own link and committed there: many at once, so
+        // that their commits share the journal's batches instead of waiting one after another.
+        let results: Vec<(&String, Result<(), String>)> = stream::iter(&d.agents)
+            .map(|agent_id| async move { (agent_id, self.dispatch(agent_id).await) })
+            .buffer_unordered(DISPATCH_CONCURRENCY)
+            .collect()
+            .await;
+        let mut failed = Vec::new();
+        for (agent_id, result) in results {
+            if let Err(e) = result {
+                tracing::error!(deployment_id = %d.id, agent_id = %agent_id, error = %e, "job-dispatch-failed");
+                failed.push(agent_id.clone());
+            }
+        }
+        failed.sort();
+        if !failed.is_empty() {
+            return Err(ApiError::Incomplete(format!(
+                "deployment {} is stored, but the jobs of {} could not be queued yet; they are sent when the server restarts or the agent reconnects",
+                d.id,
+                failed.join(", ")
+            )));
+        }
+        Ok((d.id, d.agents.len()))
+    }
+
+    /// Cancels deployment `id` and queues a CancelJob to every agent running one of its jobs.
+    /// Answers how many were queued.
+    pub async fn cancel_deployment(&self, id: &str) -> Result<usize, ApiError> {
+        let remote = self.deployments.cancel(id).await?;
+        let mut failed = Vec::new();
+        for (agent_id, job_id) in &remote {
+            let body = CommandBody::CancelJob {
+                job_id: job_id.clone(),
+            };
+            let queued = self.queue(agent_id, vec![body], Vec::new(), None).await;
+            if let Err(e) = queued {
+                tracing::error!(deployment_id = %id, agent_id = %agent_id, error = %e, "cancel-queue-failed");
+                failed.push(agent_id.clone());
+            }
+        }
+        if !failed.is_empty() {
+            return Err(ApiError::Incomplete(format!(
+                "the cancel could not be queued to {}; retry",
+                failed.join(", ")
+            )));
+        }
+        Ok(remote.len())
+    }
+
+    /// Queues an upgrade of `agent_id` to `package` on its link (journaled, so it reaches an
+    /// offline agent when it returns), unless one to this version is underway or done. The
+    /// command carries the package's signature by the key in force (it may have changed since
+    /// the upload); the agent's upgrade state becomes `requested` in the same batch.
+    pub async fn queue_upgrade(&self, agent_id: &str, package: &Package) -> Result<Queued, String> {
+        let current = self.upgrades.agent(agent_id);
+        let settled = current.as_ref().is_some_and(|c| {
+            c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
+        });
+        if settled {
+            let state = current.map(|c| c.state);
+            tracing::info!(agent_id = %agent_id, version = %package.version, state = ?state, "upgrade-already-underway");
+            return Ok(Queued::Underway(state));
+        }
+        let signature = self.trust.sign(&component_signing_bytes(
+            package.component,
+            &package.version,
+            &package.sha256,
+        ));
+        let body = CommandBody::Upgrade {
+            version: package.version.clone(),
+            sha256: package.sha256.clone(),
+            size: package.size,
+            signature,
+        };
+        let record = AgentUpgrade {
+            state: UpgradeState::Requested,
+            version: package.version.clone(),
+            reason: String::new(),
+            updated_unix_ms: now_unix_ms(),
+            rollout_id: String::new(),
+        };
+        let op = Upgrades::agent_op(agent_id, &record);
+        let (upgrades, id) = (self.upgrades.clone(), agent_id.to_owned());
+        let then: Box<dyn FnOnce() + Send> = Box::new(move || upgrades.set_agent(&id, record));
+        self.queue(agent_id, vec![body], vec![op], Some(then))
+            .await?;
+        tracing::info!(agent_id = %agent_id, version = %package.version, "upgrade-queued");
+        Ok(Queued::Queued)
+    }
+
+    /// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.
+    pub async fn dispatch(&self, agent_id: &str) -> Result<(), String> {
+        let link = self.link(agent_id).await?;
+        link.send(DispatchJobs)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Jobs journaled as queued but not yet sent (the server stopped first) go out now.
+    pub async fn dispatch_waiting(&self) {
+        for agent_id in self.deployments.agents_with_waiting_jobs() {
+            if let Err(e) = self.dispatch(&agent_id).await {
+                tracing::error!(agent_id = %agent_id, error = %e, "job-dispatch-failed");
+            }
+        }
+    }
+
+    async fn queue(
+        &self,
+        agent_id: &str,
+        bodies: Vec<CommandBody>,
+        ops: Vec<tether_shared::journal::Op>,
+        then: Option<Box<dyn FnOnce() + Send>>,
+    ) -> Result<(), String> {
+        let link = self.link(agent_id).await?;
+        link.send(QueueCommands { bodies, ops, then })
+            .await
+            .map_err(|e| e.to_string())?
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    async fn link(
+        &self,
+        agent_id: &str,
+    ) -> Result<Addr<crate::session::agent_link::AgentLink>, String> {
+        self.sessions
+            .send(GetLink {
+                agent_id: agent_id.to_owned(),
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+}

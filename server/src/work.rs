@@ -1,0 +1,96 @@
+//! What an agent's link asks of the work it carries, and nothing more: events in (their
+//! journal ops, and whether a job slot came free), ready work out (the commands that may be
+//! sent now and the ops that mark them sent). A link knows no deployment and no upgrade; the
+//! scheduler (`crate::scheduler`) offers everything else to the operators' surface.
+//!
+//! `RunJob` commands are made in exactly one place, [`Work::ready`], which a link calls when
+//! it may send: after its handshake, after one of its jobs ended, and when the scheduler
+//! wakes it (a new deployment, a restart with jobs waiting).
+
+use std::sync::Arc;
+
+use tether_shared::journal::Op;
+use tether_shared::protocol::{CommandBody, EventBody};
+
+use crate::deployments::Deployments;
+use crate::upgrades::Upgrades;
+
+/// The job and upgrade layers, as links see them; share as `Arc<Work>`.
+pub struct Work {
+    deployments: Arc<Deployments>,
+    upgrades: Arc<Upgrades>,
+}
+
+/// What an event changes.
+#[derive(Debug, Default)]
+pub struct EventEffect {
+    /// Committed in the event's batch.
+    pub ops: Vec<Op>,
+    /// One of the agent's jobs ended: another may be sent now.
+    pub slot_freed: bool,
+}
+
+/// Work an agent may be sent now.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// What it is (for [`Work::undo`] if the commands cannot be queued).
+    pub job_ids: Vec<String>,
+    pub commands: Vec<CommandBody>,
+    /// Marks it sent; committed with the commands.
+    pub ops: Vec<Op>,
+}
+
+impl Work {
+    pub fn new(deployments: Arc<Deployments>, upgrades: Arc<Upgrades>) -> Work {
+        Work {
+            deployments,
+            upgrades,
+        }
+    }
+
+    /// The effect of an event of `agent_id` about its jobs or its upgrade; `None` for any
+    /// other event (the link's own: probes, trust, expiries).
+    pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Option<EventEffect> {
+        match body {
+            EventBody::UpgradeStarted { .. }
+            | EventBody::UpgradeStaged { .. }
+            | EventBody::UpgradeRefused { .. }
+            | EventBody::UpgradeFinished { .. } => Some(EventEffect {
+                ops: self.upgrades.on_event(agent_id, body).into_iter().collect(),
+                slot_freed: false,
+            }),
+            EventBody::JobAccepted { .. }
+            | EventBody::StepStarted { .. }
+            | EventBody::StepOutput { .. }
+            | EventBody::StepFinished { .. }
+            | EventBody::JobFinished { .. } => {
+                let effect = self.deployments.on_event(agent_id, body);
+                Some(EventEffect {
+                    ops: effect.ops,
+                    slot_freed: effect.job_finished,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// `agent_id` lost its state (a new journal): what it was running has failed.
+    pub fn on_reset(&self, agent_id: &str) -> Vec<Op> {
+        self.deployments.on_agent_reset(agent_id)
+    }
+
+    /// The jobs `agent_id` may start now, marked sent.
+    pub fn ready(&self, agent_id: &str) -> Ready {
+        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id);
+        Ready {
+            job_ids,
+            commands,
+            ops,
+        }
+    }
+
+    /// The commands of `ready` could not be queued: its jobs wait again.
+    pub fn undo(&self, ready: &Ready) {
+        self.deployments.undo_dispatch(&ready.job_ids);
+    }
+}

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::close::CloseCode;
 use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, Mux, LINK_CHANNEL};
 use tether_shared::protocol::{self, ErrorCode, Frame, Sender};
@@ -57,12 +58,12 @@ impl ChildRelay {
         }
     }
 
-    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
         close_ws(ctx, code, reason);
     }
 
-    fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
-        tracing::warn!(peer = %self.peer, code, reason, "child-relay-refused");
+    fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        tracing::warn!(peer = %self.peer, code = %code, reason, "child-relay-refused");
         if let Some(bytes) = error_frame(ErrorCode::ProtocolViolation, reason) {
             match self.phase {
                 Phase::Mux { .. } => ctx.binary(mux::data(LINK_CHANNEL, &bytes)),
@@ -100,7 +101,7 @@ impl ChildRelay {
                     session: ctx.address(),
                     frame,
                 }),
-                Err(e) => self.refuse(ctx, 1008, &e.to_string()),
+                Err(e) => self.refuse(ctx, CloseCode::Refused, &e.to_string()),
             },
         }
     }
@@ -131,7 +132,7 @@ impl Actor for ChildRelay {
         if let (Some(ch), false) = (self.ch, self.quiet) {
             self.upstream.do_send(DownGone {
                 ch,
-                code: 1001,
+                code: CloseCode::GoingAway,
                 reason: "child relay disconnected".into(),
             });
         }
@@ -151,9 +152,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChildRelay {
             Ok(ws::Message::Ping(p)) => ctx.pong(&p),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
             Ok(ws::Message::Close(_)) => ctx.stop(),
-            Ok(ws::Message::Continuation(_)) => {
-                self.refuse(ctx, 1003, "fragmented messages are not accepted")
-            }
+            Ok(ws::Message::Continuation(_)) => self.refuse(
+                ctx,
+                CloseCode::Unsupported,
+                "fragmented messages are not accepted",
+            ),
             Err(e) => self.refuse(
                 ctx,
                 close_code_for(&e),
@@ -194,7 +197,7 @@ impl Handler<ChildFrame> for ChildRelay {
                                 tracing::info!(relay_id = %relay_id, peer = %self.peer, "child-relay-ready");
                                 self.phase = Phase::Mux { relay_id };
                             }
-                            None => self.refuse(ctx, 1008, "welcome without a hello"),
+                            None => self.refuse(ctx, CloseCode::Refused, "welcome without a hello"),
                         }
                     }
                 }
@@ -208,7 +211,7 @@ impl Handler<ChildFrame> for ChildRelay {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CloseChild {
-    pub code: u16,
+    pub code: CloseCode,
     pub reason: String,
 }
 

@@ -11,8 +11,9 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::close::{self, CloseCode};
 use tether_shared::frame_guard::close_code_for;
-use tether_shared::protocol::{Busy, ErrorCode, Frame};
+use tether_shared::protocol::ErrorCode;
 
 use crate::upstream::{error_frame, DownGone, Forward, OpenAgent, Upstream};
 
@@ -42,13 +43,13 @@ impl AgentDown {
         }
     }
 
-    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
         close_ws(ctx, code, reason);
     }
 
     /// A protocol problem on the agent's socket: tell it, close, and report the channel closed.
-    fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
-        tracing::warn!(peer = %self.peer, ch = ?self.ch, code, reason, "agent-refused");
+    fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
+        tracing::warn!(peer = %self.peer, ch = ?self.ch, code = %code, reason, "agent-refused");
         if let Some(bytes) = error_frame(ErrorCode::Malformed, reason) {
             ctx.binary(bytes);
         }
@@ -79,7 +80,7 @@ impl Actor for AgentDown {
         if let (Some(ch), false) = (self.ch, self.quiet) {
             self.upstream.do_send(DownGone {
                 ch,
-                code: 1001,
+                code: CloseCode::GoingAway,
                 reason: "agent disconnected from the relay".into(),
             });
         }
@@ -104,9 +105,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentDown {
             Ok(ws::Message::Ping(p)) => ctx.pong(&p),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
             Ok(ws::Message::Close(_)) => ctx.stop(),
-            Ok(ws::Message::Continuation(_)) => {
-                self.refuse(ctx, 1003, "fragmented messages are not accepted")
-            }
+            Ok(ws::Message::Continuation(_)) => self.refuse(
+                ctx,
+                CloseCode::Unsupported,
+                "fragmented messages are not accepted",
+            ),
             Err(e) => self.refuse(
                 ctx,
                 close_code_for(&e),
@@ -117,15 +120,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentDown {
 }
 
 /// Close a downstream socket with `code` and a reason (truncated to fit a close frame).
-pub fn close_ws<A>(ctx: &mut ws::WebsocketContext<A>, code: u16, reason: &str)
+pub fn close_ws<A>(ctx: &mut ws::WebsocketContext<A>, code: CloseCode, reason: &str)
 where
     A: Actor<Context = ws::WebsocketContext<A>>,
 {
-    let reason: String = reason.chars().take(100).collect();
-    ctx.close(Some(ws::CloseReason {
-        code: ws::CloseCode::from(code),
-        description: Some(reason),
-    }));
+    ctx.close(Some(code.frame(reason)));
     ctx.stop();
 }
 
@@ -135,11 +134,14 @@ pub fn refuse_busy<A>(ctx: &mut ws::WebsocketContext<A>)
 where
     A: Actor<Context = ws::WebsocketContext<A>>,
 {
-    let retry_after_ms = 500 + rand::random::<u64>() % 2_500;
-    if let Ok(bytes) = Frame::Busy(Busy { retry_after_ms }).encode() {
+    if let Ok(bytes) = close::busy(2_500).encode() {
         ctx.binary(bytes);
     }
-    close_ws(ctx, 1013, "relay has no upstream yet, retry later");
+    close_ws(
+        ctx,
+        CloseCode::Busy,
+        "relay has no upstream yet, retry later",
+    );
 }
 
 /// A frame from upstream for this agent.
@@ -159,7 +161,7 @@ impl Handler<ToDown> for AgentDown {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CloseDown {
-    pub code: u16,
+    pub code: CloseCode,
     pub reason: String,
 }
 

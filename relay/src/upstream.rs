@@ -23,6 +23,7 @@ use awc::ws;
 use awc::BoxedSocket;
 use futures_util::stream::{SplitSink, StreamExt};
 use tether_shared::backoff::Backoff;
+use tether_shared::close::CloseCode;
 use tether_shared::identity::Identity;
 use tether_shared::mux::{
     self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
@@ -239,7 +240,7 @@ impl Upstream {
         self.stats.disconnects += 1;
         let dropped = self.channels.len();
         for (_, down) in self.channels.drain() {
-            close_down(&down, 1012, "relay lost its upstream");
+            close_down(&down, CloseCode::Restart, "relay lost its upstream");
         }
         self.by_child.clear();
         tracing::info!(dropped_channels = dropped, "upstream-dropped");
@@ -380,7 +381,7 @@ impl Upstream {
                     // Full (a slow agent) or gone: shed it; it reconnects and resumes.
                     self.stats.shed_slow_agents += 1;
                     tracing::warn!(ch, "agent-shed-queue-full");
-                    self.close_channel(ch, 1013, "relay queue full for this agent");
+                    self.close_channel(ch, CloseCode::Busy, "relay queue full for this agent");
                 }
             }
             Down::ChildLink { session } => session.do_send(ChildFrame::Link(frame)),
@@ -399,7 +400,7 @@ impl Upstream {
     }
 
     /// Close our channel `ch` both ways.
-    fn close_channel(&mut self, ch: u32, code: u16, reason: &str) {
+    fn close_channel(&mut self, ch: u32, code: CloseCode, reason: &str) {
         if let Some(down) = self.channels.remove(&ch) {
             if let Down::ChildChannel { child, ch: c, .. } = &down {
                 self.by_child.remove(&(*child, *c));
@@ -420,7 +421,7 @@ impl Upstream {
     fn close_child_link_of(&mut self, ch: u32) {
         if let Some(Down::ChildChannel { session, .. }) = self.channels.get(&ch) {
             session.do_send(CloseChild {
-                code: 1013,
+                code: CloseCode::Busy,
                 reason: "relay queue full".into(),
             });
         }
@@ -495,7 +496,7 @@ fn silence_limit(interval: Duration) -> Duration {
     interval * 3 + Duration::from_secs(2)
 }
 
-fn close_down(down: &Down, code: u16, reason: &str) {
+fn close_down(down: &Down, code: CloseCode, reason: &str) {
     match down {
         Down::Agent(s) => s.do_send(CloseDown {
             code,
@@ -719,7 +720,7 @@ impl Handler<Forward> for Upstream {
 #[rtype(result = "()")]
 pub struct DownGone {
     pub ch: u32,
-    pub code: u16,
+    pub code: CloseCode,
     pub reason: String,
 }
 
@@ -827,7 +828,7 @@ impl Handler<ChildGone> for Upstream {
             self.write(
                 Mux::Close {
                     ch,
-                    code: 1001,
+                    code: CloseCode::GoingAway,
                     reason: "child relay gone".into(),
                 }
                 .encode(),

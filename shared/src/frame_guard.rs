@@ -14,17 +14,19 @@ use actix_web::error::PayloadError;
 use actix_web::web::Bytes;
 use futures_util::Stream;
 
+use crate::close::CloseCode;
+
 /// The WebSocket close code for an incoming frame that could not be read, from the error's
 /// text: 1009 for a frame over the size limit (this guard's refusal, or the codec's overflow),
 /// 1007 for a text frame that is not UTF-8, 1002 for anything else.
-pub fn close_code_for(error: &dyn std::fmt::Display) -> u16 {
+pub fn close_code_for(error: &dyn std::fmt::Display) -> CloseCode {
     let text = error.to_string();
     if text.contains("size limit") {
-        1009
+        CloseCode::TooBig
     } else if text.to_ascii_lowercase().contains("utf-8") {
-        1007
+        CloseCode::InvalidData
     } else {
-        1002
+        CloseCode::ProtocolError
     }
 }
 
@@ -173,15 +175,18 @@ mod tests {
     #[test]
     fn close_codes_follow_the_read_error() {
         let overflow = "Payload length is invalid or exceeds the size limit";
-        assert_eq!(close_code_for(&overflow), 1009);
+        assert_eq!(close_code_for(&overflow), CloseCode::TooBig);
         assert_eq!(
             close_code_for(&"frame header declares 2^62 bytes: reached size limit"),
-            1009
+            CloseCode::TooBig
         );
-        assert_eq!(close_code_for(&"invalid UTF-8 in a text frame"), 1007);
+        assert_eq!(
+            close_code_for(&"invalid UTF-8 in a text frame"),
+            CloseCode::InvalidData
+        );
         assert_eq!(
             close_code_for(&"Received an unmasked frame from client"),
-            1002
+            CloseCode::ProtocolError
         );
     }
 

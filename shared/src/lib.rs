@@ -7,6 +7,7 @@
 //! - [`journal`]: the durable, group-committed `Journal` actor over sled.
 //! - [`agent_auth`]: agent-signed HTTPS requests (bulk downloads through any relay).
 //! - [`backoff`]: retry delays with full jitter and sliding-window restart budgets.
+//! - [`close`]: WebSocket close codes by meaning, and close reasons cut to fit.
 //! - [`config`]: layered configuration loading and validation for the three binaries.
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
 //! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
@@ -23,6 +24,7 @@
 
 pub mod agent_auth;
 pub mod backoff;
+pub mod close;
 pub mod config;
 pub mod e2e;
 pub mod enroll;

@@ -30,10 +30,12 @@ pub enum LinkError {
 }
 
 impl LinkError {
-    pub fn close_code(&self) -> u16 {
+    pub fn close_code(&self) -> crate::close::CloseCode {
         match self {
             LinkError::Decode(e) => e.close_code(),
-            LinkError::Stream(_) | LinkError::Refused(_) | LinkError::Deferred => 1008,
+            LinkError::Stream(_) | LinkError::Refused(_) | LinkError::Deferred => {
+                crate::close::CloseCode::Refused
+            }
         }
     }
 }

@@ -20,6 +20,7 @@
 //! through any number of relays. Channel ids are chosen by the relay that opens them and never
 //! reused on one link. Decoding is total: any bytes give a frame or a [`MuxError`].
 
+use crate::close::CloseCode;
 use serde::{Deserialize, Serialize};
 
 use crate::e2e::MAX_SEALED_BYTES;
@@ -67,9 +68,19 @@ pub struct Open {
 /// One mux frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mux {
-    Open { ch: u32, open: Open },
-    Data { ch: u32, frame: Vec<u8> },
-    Close { ch: u32, code: u16, reason: String },
+    Open {
+        ch: u32,
+        open: Open,
+    },
+    Data {
+        ch: u32,
+        frame: Vec<u8>,
+    },
+    Close {
+        ch: u32,
+        code: CloseCode,
+        reason: String,
+    },
 }
 
 /// Why bytes are not a mux frame.
@@ -111,7 +122,7 @@ impl Mux {
                 let mut out = Vec::with_capacity(HEADER_BYTES + 2 + reason.len());
                 out.push(CLOSE);
                 out.extend_from_slice(&ch.to_be_bytes());
-                out.extend_from_slice(&code.to_be_bytes());
+                out.extend_from_slice(&code.as_u16().to_be_bytes());
                 out.extend_from_slice(reason.as_bytes());
                 out
             }
@@ -160,7 +171,7 @@ impl Mux {
                 if body.len() < 2 {
                     return Err(MuxError::BadClose("missing close code"));
                 }
-                let code = u16::from_be_bytes([body[0], body[1]]);
+                let code = CloseCode::from_u16(u16::from_be_bytes([body[0], body[1]]));
                 let reason = std::str::from_utf8(&body[2..])
                     .map_err(|_| MuxError::BadClose("reason is not UTF-8"))?
                     .to_owned();
@@ -221,7 +232,7 @@ mod tests {
             },
             Mux::Close {
                 ch: 9,
-                code: 4000,
+                code: CloseCode::Replaced,
                 reason: "replaced".into(),
             },
         ];
@@ -261,7 +272,7 @@ mod tests {
         let reason = "é".repeat(100);
         let bytes = Mux::Close {
             ch: 1,
-            code: 1000,
+            code: CloseCode::Normal,
             reason,
         }
         .encode();

@@ -190,7 +190,7 @@ async fn hostile_frames_are_refused_with_nothing_journaled_or_acked() {
             Err(e) => {
                 assert!(expected(&e), "{name}: unexpected error {e}");
                 assert!(
-                    e.close_code() >= 1002,
+                    e.close_code().as_u16() >= 1002,
                     "{name}: close code {}",
                     e.close_code()
                 );

@@ -179,7 +179,7 @@ impl FakeRelay {
                             return Some(LinkEvent::Frame(ch, f));
                         }
                         Mux::Close { ch, code, reason } => {
-                            return Some(LinkEvent::ChannelClosed(ch, code, reason))
+                            return Some(LinkEvent::ChannelClosed(ch, code.as_u16(), reason))
                         }
                         Mux::Open { .. } => panic!("the server opened a channel: {frame:?}"),
                     }
@@ -553,7 +553,7 @@ fn a_relay_cannot_impersonate_an_agent_or_speak_for_it_before_its_handshake() {
     // The relay closes that channel: fresh-1 is offline again.
     link.send(&Mux::Close {
         ch: 20,
-        code: 1000,
+        code: tether_shared::close::CloseCode::Normal,
         reason: "agent left".into(),
     });
     eventually("fresh-1 offline after its channel closed", WAIT, || {
@@ -654,7 +654,7 @@ fn a_relay_cannot_claim_a_path_it_does_not_carry() {
     link_a.open_challenged(11, ChannelKind::Agent, &[b_id, a_id]);
     link_a.send(&Mux::Close {
         ch: 11,
-        code: 1000,
+        code: tether_shared::close::CloseCode::Normal,
         reason: "control done".into(),
     });
 
@@ -698,7 +698,7 @@ fn a_relay_cannot_claim_a_path_it_does_not_carry() {
     // relay-a drops relay-b's channel: relay-b is offline, and so is the path through it.
     link_a.send(&Mux::Close {
         ch: 10,
-        code: 1000,
+        code: tether_shared::close::CloseCode::Normal,
         reason: "child left".into(),
     });
     eventually("relay-b offline", WAIT, || {

@@ -17,11 +17,12 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::close::{self, CloseCode};
 use tether_shared::e2e::{ServerGate, ServerStep};
 use tether_shared::enroll::Role;
 use tether_shared::frame_guard::close_code_for;
 use tether_shared::protocol::{
-    self, Busy, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender,
+    self, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender,
 };
 use tether_shared::stream::ConnId;
 
@@ -120,11 +121,11 @@ impl AgentSession {
     fn refuse(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
-        code: u16,
+        code: CloseCode,
         error: ErrorCode,
         reason: &str,
     ) {
-        tracing::warn!(conn = self.conn.0, peer = %self.peer, code, reason, "session-refused");
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, code = %code, reason, "session-refused");
         self.send_frame(
             ctx,
             &Frame::Error(ErrorFrame {
@@ -137,13 +138,9 @@ impl AgentSession {
     }
 
     /// Close the socket; `stopping` then tears the session down according to its phase.
-    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: u16, reason: &str) {
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: CloseCode, reason: &str) {
         self.closing = true;
-        let reason: String = reason.chars().take(100).collect();
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(code),
-            description: Some(reason),
-        }));
+        ctx.close(Some(code.frame(reason)));
         ctx.stop();
     }
 
@@ -176,7 +173,14 @@ impl AgentSession {
                 return self.send_frame(ctx, &challenge);
             }
             Ok(ServerStep::Frame(frame)) => frame,
-            Err(e) => return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &e.to_string()),
+            Err(e) => {
+                return self.refuse(
+                    ctx,
+                    CloseCode::Refused,
+                    ErrorCode::Unauthorized,
+                    &e.to_string(),
+                )
+            }
         };
         match &self.phase {
             Phase::Challenged => self.on_hello(ctx, &bytes),
@@ -187,7 +191,7 @@ impl AgentSession {
             Phase::Securing => {}
             Phase::Attaching { .. } => self.refuse(
                 ctx,
-                1008,
+                CloseCode::Refused,
                 ErrorCode::ProtocolViolation,
                 "frame before the welcome",
             ),
@@ -200,7 +204,12 @@ impl AgentSession {
             Ok(Frame::Hello(h)) => h,
             Ok(other) => {
                 let reason = format!("expected hello, got {}", other.kind());
-                return self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+                return self.refuse(
+                    ctx,
+                    CloseCode::Refused,
+                    ErrorCode::ProtocolViolation,
+                    &reason,
+                );
             }
             Err(e) => {
                 return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
@@ -211,7 +220,7 @@ impl AgentSession {
             .verify(&hello)
             .and_then(|()| hello_matches_gate(proved.as_deref(), &hello))
         {
-            return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &reason);
+            return self.refuse(ctx, CloseCode::Refused, ErrorCode::Unauthorized, &reason);
         }
         let agent_id = hello.agent_id.clone();
         self.phase = Phase::Attaching {
@@ -242,7 +251,7 @@ impl AgentSession {
                 }
                 Err(reason) => act.refuse(
                     ctx,
-                    1011,
+                    CloseCode::Internal,
                     ErrorCode::Internal,
                     &format!("attach failed: {reason}"),
                 ),
@@ -269,17 +278,21 @@ impl Actor for AgentSession {
         self.source_slot = source.unwrap_or(None);
         if in_flight > self.shared.max_handshakes || source_full {
             // Spread a reconnect storm: the agent retries after a jittered delay.
-            let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
-            self.send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
+            self.send_frame(ctx, &close::busy(close::BUSY_SPREAD_MS));
             tracing::debug!(conn = self.conn.0, in_flight, source_full, "handshake-shed");
-            return self.close(ctx, 1013, "busy, retry later");
+            return self.close(ctx, CloseCode::Busy, "busy, retry later");
         }
         ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
             if matches!(
                 act.phase,
                 Phase::Securing | Phase::Challenged | Phase::Attaching { .. }
             ) {
-                act.refuse(ctx, 1008, ErrorCode::Unauthorized, "handshake timeout");
+                act.refuse(
+                    ctx,
+                    CloseCode::Refused,
+                    ErrorCode::Unauthorized,
+                    "handshake timeout",
+                );
             }
         });
         ctx.run_interval(self.shared.heartbeat_interval, |act, ctx| {
@@ -287,7 +300,7 @@ impl Actor for AgentSession {
                 if let Phase::Ready { agent_id, .. } = &act.phase {
                     tracing::info!(agent_id = %agent_id, conn = act.conn.0, "heartbeat-timeout");
                 }
-                return act.close(ctx, 1001, "heartbeat timeout");
+                return act.close(ctx, CloseCode::GoingAway, "heartbeat timeout");
             }
             if matches!(act.phase, Phase::Ready { .. }) {
                 act.send_frame(
@@ -339,7 +352,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
             }
             Ok(ws::Message::Continuation(_)) => self.refuse(
                 ctx,
-                1003,
+                CloseCode::Unsupported,
                 ErrorCode::ProtocolViolation,
                 "fragmented messages are not accepted",
             ),
@@ -406,7 +419,7 @@ impl Handler<SendFrames> for AgentSession {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CloseSession {
-    pub code: u16,
+    pub code: CloseCode,
     pub error: ErrorCode,
     pub reason: String,
 }
@@ -432,6 +445,6 @@ impl Handler<Replaced> for AgentSession {
     fn handle(&mut self, _: Replaced, ctx: &mut Self::Context) {
         // Not Ready any more: stopping must not mark the agent offline or detach the new session.
         self.phase = Phase::Closing;
-        self.close(ctx, 4000, "replaced by a newer session");
+        self.close(ctx, CloseCode::Replaced, "replaced by a newer session");
     }
 }

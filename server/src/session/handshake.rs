@@ -5,6 +5,7 @@
 
 use actix::prelude::*;
 use base64::Engine as _;
+use tether_shared::close::CloseCode;
 use tether_shared::enroll::Role;
 use tether_shared::identity::PublicKey;
 use tether_shared::protocol::{hello_proof_bytes, ErrorCode, Hello, Welcome};
@@ -120,7 +121,7 @@ impl SessionHandle {
     }
 
     /// Refuse what the agent sent: an error frame, then close.
-    pub fn close(&self, code: u16, error: ErrorCode, reason: String) {
+    pub fn close(&self, code: CloseCode, error: ErrorCode, reason: String) {
         match self {
             SessionHandle::Direct(s) => s.do_send(CloseSession {
                 code,
@@ -145,7 +146,7 @@ impl SessionHandle {
             SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelClose {
                 ch: *ch,
                 conn: *conn,
-                code: 4000,
+                code: CloseCode::Replaced,
                 error: None,
                 reason: "replaced by a newer session".into(),
                 replaced: true,

@@ -23,13 +23,14 @@ use std::time::Instant;
 
 use actix::prelude::*;
 use actix_web_actors::ws;
+use tether_shared::close::{self, CloseCode};
 use tether_shared::e2e::{ServerGate, ServerStep};
 use tether_shared::enroll::Role;
 use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
-    self, command_signing_bytes, Busy, Challenge, Command, CommandBody, ErrorCode, ErrorFrame,
-    Event, EventBody, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
+    self, command_signing_bytes, Challenge, Command, CommandBody, ErrorCode, ErrorFrame, Event,
+    EventBody, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
 };
 use tether_shared::stream::ConnId;
 use tether_shared::upgrade::{component_signing_bytes, Component};
@@ -161,11 +162,11 @@ impl RelaySession {
     fn refuse(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
-        code: u16,
+        code: CloseCode,
         error: ErrorCode,
         reason: &str,
     ) {
-        tracing::warn!(conn = self.conn.0, peer = %self.peer, relay_id = ?self.relay_id, code, reason, "relay-link-refused");
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, relay_id = ?self.relay_id, code = %code, reason, "relay-link-refused");
         let frame = Frame::Error(ErrorFrame {
             code: error,
             message: reason.to_owned(),
@@ -177,11 +178,7 @@ impl RelaySession {
             None => Self::send_frame(ctx, &frame),
         }
         self.closing = true;
-        let reason: String = reason.chars().take(100).collect();
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(code),
-            description: Some(reason),
-        }));
+        ctx.close(Some(code.frame(reason)));
         ctx.stop();
     }
 
@@ -198,11 +195,16 @@ impl RelaySession {
             Ok(Mux::Data { ch, frame }) => self.on_data(ctx, ch, frame),
             Ok(Mux::Close { ch, code, reason }) => {
                 if let Some(channel) = self.channels.remove(&ch) {
-                    tracing::debug!(ch, code, reason = %reason, "channel-closed-by-relay");
+                    tracing::debug!(ch, code = %code, reason = %reason, "channel-closed-by-relay");
                     self.end_channel(channel);
                 }
             }
-            Err(e) => self.refuse(ctx, 1008, ErrorCode::Malformed, &e.to_string()),
+            Err(e) => self.refuse(
+                ctx,
+                CloseCode::Refused,
+                ErrorCode::Malformed,
+                &e.to_string(),
+            ),
         }
     }
 
@@ -212,7 +214,12 @@ impl RelaySession {
             Ok(Frame::Hello(h)) => h,
             Ok(other) => {
                 let reason = format!("expected hello, got {}", other.kind());
-                return self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+                return self.refuse(
+                    ctx,
+                    CloseCode::Refused,
+                    ErrorCode::ProtocolViolation,
+                    &reason,
+                );
             }
             Err(e) => {
                 return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
@@ -220,7 +227,9 @@ impl RelaySession {
         };
         let version = match verify_hello(&self.shared, &self.nonce, &hello, Role::Relay) {
             Ok(v) => v,
-            Err(reason) => return self.refuse(ctx, 1008, ErrorCode::Unauthorized, &reason),
+            Err(reason) => {
+                return self.refuse(ctx, CloseCode::Refused, ErrorCode::Unauthorized, &reason)
+            }
         };
         let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
         self.uncount();
@@ -379,7 +388,12 @@ impl RelaySession {
         if self.channels.contains_key(&ch) {
             // Channel ids are never reused on a link: a relay that does is broken or hostile.
             let reason = format!("channel {ch} opened twice");
-            return self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+            return self.refuse(
+                ctx,
+                CloseCode::Refused,
+                ErrorCode::ProtocolViolation,
+                &reason,
+            );
         }
         let refusal = if self.channels.len() >= MAX_CHANNELS {
             Some(format!("at most {MAX_CHANNELS} channels per link"))
@@ -389,7 +403,7 @@ impl RelaySession {
         if let Some(reason) = refusal {
             tracing::warn!(relay_id = ?self.relay_id, ch, path = ?open.path, reason = %reason, "channel-refused");
             self.stats.channels_refused += 1;
-            return self.close_channel_wire(ctx, ch, 1008, &reason);
+            return self.close_channel_wire(ctx, ch, CloseCode::Refused, &reason);
         }
         // One link may hold at most half of the server's handshakes, so that a relay (broken or
         // hostile) cannot starve everybody else's.
@@ -398,9 +412,8 @@ impl RelaySession {
         if in_flight > self.shared.max_handshakes || mine >= (self.shared.max_handshakes / 2).max(1)
         {
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
-            let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
-            self.send_on(ctx, ch, &Frame::Busy(Busy { retry_after_ms }));
-            return self.close_channel_wire(ctx, ch, 1013, "busy, retry later");
+            self.send_on(ctx, ch, &close::busy(close::BUSY_SPREAD_MS));
+            return self.close_channel_wire(ctx, ch, CloseCode::Busy, "busy, retry later");
         }
         self.stats.channels_opened += 1;
         self.handshaking += 1;
@@ -484,7 +497,7 @@ impl RelaySession {
                         return self.refuse_channel(
                             ctx,
                             ch,
-                            1008,
+                            CloseCode::Refused,
                             ErrorCode::Unauthorized,
                             &reason,
                         );
@@ -505,7 +518,7 @@ impl RelaySession {
             ChannelPhase::Attaching { .. } => self.refuse_channel(
                 ctx,
                 ch,
-                1008,
+                CloseCode::Refused,
                 ErrorCode::ProtocolViolation,
                 "frame before the welcome",
             ),
@@ -531,7 +544,12 @@ impl RelaySession {
             }
             Ok(other) => {
                 let reason = format!("unexpected {} frame on the link channel", other.kind());
-                self.refuse(ctx, 1008, ErrorCode::ProtocolViolation, &reason);
+                self.refuse(
+                    ctx,
+                    CloseCode::Refused,
+                    ErrorCode::ProtocolViolation,
+                    &reason,
+                );
             }
             Err(e) => self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string()),
         }
@@ -553,7 +571,13 @@ impl RelaySession {
             Ok(Frame::Error(_)) => {}
             Ok(other) => {
                 let reason = format!("unexpected {} frame on a relay channel", other.kind());
-                self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, &reason);
+                self.refuse_channel(
+                    ctx,
+                    ch,
+                    CloseCode::Refused,
+                    ErrorCode::ProtocolViolation,
+                    &reason,
+                );
             }
             Err(e) => self.refuse_channel(
                 ctx,
@@ -570,7 +594,13 @@ impl RelaySession {
             Ok(Frame::Hello(h)) => h,
             Ok(other) => {
                 let reason = format!("expected hello, got {}", other.kind());
-                return self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, &reason);
+                return self.refuse_channel(
+                    ctx,
+                    ch,
+                    CloseCode::Refused,
+                    ErrorCode::ProtocolViolation,
+                    &reason,
+                );
             }
             Err(e) => {
                 let (code, error) = (e.close_code(), e.to_error_frame().code);
@@ -593,7 +623,13 @@ impl RelaySession {
         let version = match verified {
             Ok(v) => v,
             Err(reason) => {
-                return self.refuse_channel(ctx, ch, 1008, ErrorCode::Unauthorized, &reason)
+                return self.refuse_channel(
+                    ctx,
+                    ch,
+                    CloseCode::Refused,
+                    ErrorCode::Unauthorized,
+                    &reason,
+                )
             }
         };
         match role {
@@ -614,7 +650,13 @@ impl RelaySession {
             return;
         };
         if channel.path.contains(&relay_id) {
-            return self.refuse_channel(ctx, ch, 1008, ErrorCode::ProtocolViolation, "relay loop");
+            return self.refuse_channel(
+                ctx,
+                ch,
+                CloseCode::Refused,
+                ErrorCode::ProtocolViolation,
+                "relay loop",
+            );
         }
         uncount(&self.shared, &mut self.handshaking, channel);
         channel.phase = ChannelPhase::Relay {
@@ -679,7 +721,7 @@ impl RelaySession {
                 Err(reason) => act.refuse_channel(
                     ctx,
                     ch,
-                    1011,
+                    CloseCode::Internal,
                     ErrorCode::Internal,
                     &format!("attach failed: {reason}"),
                 ),
@@ -692,11 +734,11 @@ impl RelaySession {
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
         ch: u32,
-        code: u16,
+        code: CloseCode,
         error: ErrorCode,
         reason: &str,
     ) {
-        tracing::warn!(relay_id = ?self.relay_id, ch, code, reason, "channel-refused");
+        tracing::warn!(relay_id = ?self.relay_id, ch, code = %code, reason, "channel-refused");
         self.send_on(
             ctx,
             ch,
@@ -716,7 +758,7 @@ impl RelaySession {
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
         ch: u32,
-        code: u16,
+        code: CloseCode,
         reason: &str,
     ) {
         ctx.binary(
@@ -764,7 +806,12 @@ impl RelaySession {
     fn beat(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
         if self.last_heard.elapsed() > self.shared.heartbeat_timeout {
             tracing::info!(relay_id = ?self.relay_id, conn = self.conn.0, "relay-heartbeat-timeout");
-            return self.refuse(ctx, 1001, ErrorCode::Unauthorized, "heartbeat timeout");
+            return self.refuse(
+                ctx,
+                CloseCode::GoingAway,
+                ErrorCode::Unauthorized,
+                "heartbeat timeout",
+            );
         }
         if self.relay_id.is_none() {
             return;
@@ -810,7 +857,13 @@ impl RelaySession {
             self.push_trust(ctx, &relay_id, None);
         }
         for (ch, reason) in stale {
-            self.refuse_channel(ctx, ch, 1001, ErrorCode::Unauthorized, reason);
+            self.refuse_channel(
+                ctx,
+                ch,
+                CloseCode::GoingAway,
+                ErrorCode::Unauthorized,
+                reason,
+            );
         }
     }
 
@@ -854,13 +907,9 @@ impl Actor for RelaySession {
         let source_full = source.is_err();
         self.source_slot = source.unwrap_or(None);
         if in_flight > self.shared.max_handshakes || source_full {
-            let retry_after_ms = 500 + rand::random::<u64>() % 4_500;
-            Self::send_frame(ctx, &Frame::Busy(Busy { retry_after_ms }));
+            Self::send_frame(ctx, &close::busy(close::BUSY_SPREAD_MS));
             self.closing = true;
-            ctx.close(Some(ws::CloseReason {
-                code: ws::CloseCode::from(1013),
-                description: Some("busy, retry later".into()),
-            }));
+            ctx.close(Some(CloseCode::Busy.frame("busy, retry later")));
             return ctx.stop();
         }
         Self::send_frame(
@@ -871,7 +920,12 @@ impl Actor for RelaySession {
         );
         ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
             if act.relay_id.is_none() && !act.closing {
-                act.refuse(ctx, 1008, ErrorCode::Unauthorized, "handshake timeout");
+                act.refuse(
+                    ctx,
+                    CloseCode::Refused,
+                    ErrorCode::Unauthorized,
+                    "handshake timeout",
+                );
             }
         });
         ctx.run_interval(self.shared.heartbeat_interval, |act, ctx| act.beat(ctx));
@@ -905,7 +959,7 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RelaySession {
             Ok(ws::Message::Close(_)) => ctx.stop(),
             Ok(ws::Message::Continuation(_)) => self.refuse(
                 ctx,
-                1003,
+                CloseCode::Unsupported,
                 ErrorCode::ProtocolViolation,
                 "fragmented messages are not accepted",
             ),
@@ -959,7 +1013,7 @@ impl Handler<ChannelFrames> for RelaySession {
 pub struct ChannelClose {
     pub ch: u32,
     pub conn: ConnId,
-    pub code: u16,
+    pub code: CloseCode,
     pub error: Option<ErrorCode>,
     pub reason: String,
     /// A newer session took over: the agent stays online.
@@ -1002,10 +1056,7 @@ impl Handler<LinkReplaced> for RelaySession {
             tracing::info!(relay_id = %relay_id, conn = self.conn.0, "relay-link-replaced");
         }
         self.closing = true;
-        ctx.close(Some(ws::CloseReason {
-            code: ws::CloseCode::from(4000),
-            description: Some("replaced by a newer link".into()),
-        }));
+        ctx.close(Some(CloseCode::Replaced.frame("replaced by a newer link")));
         ctx.stop();
     }
 }
@@ -1028,7 +1079,7 @@ impl Handler<RevokeRelay> for RelaySession {
         if self.relay_id.as_deref() == Some(msg.relay_id.as_str()) {
             let carried = self.channels.len();
             tracing::warn!(relay_id = %msg.relay_id, conn = self.conn.0, channels = carried, "relay-link-revoked");
-            self.refuse(ctx, 1008, ErrorCode::Unauthorized, REASON);
+            self.refuse(ctx, CloseCode::Refused, ErrorCode::Unauthorized, REASON);
             return carried + 1;
         }
         let doomed: Vec<u32> = self
@@ -1041,7 +1092,13 @@ impl Handler<RevokeRelay> for RelaySession {
             .map(|(ch, _)| *ch)
             .collect();
         for ch in &doomed {
-            self.refuse_channel(ctx, *ch, 1008, ErrorCode::Unauthorized, REASON);
+            self.refuse_channel(
+                ctx,
+                *ch,
+                CloseCode::Refused,
+                ErrorCode::Unauthorized,
+                REASON,
+            );
         }
         doomed.len()
     }
@@ -1056,7 +1113,12 @@ impl Handler<ServerStopping> for RelaySession {
     type Result = ();
 
     fn handle(&mut self, _: ServerStopping, ctx: &mut Self::Context) {
-        self.refuse(ctx, 1001, ErrorCode::Overloaded, "server stopping");
+        self.refuse(
+            ctx,
+            CloseCode::GoingAway,
+            ErrorCode::Overloaded,
+            "server stopping",
+        );
     }
 }
 

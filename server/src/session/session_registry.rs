@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
+use tether_shared::close::CloseCode;
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, LinkError};
@@ -179,7 +180,7 @@ impl Handler<DisconnectAgent> for SessionRegistry {
             return false;
         };
         session.close(
-            1008,
+            CloseCode::Refused,
             tether_shared::protocol::ErrorCode::Unauthorized,
             msg.reason,
         );
@@ -204,7 +205,7 @@ impl Handler<CloseAllSessions> for SessionRegistry {
         for entry in self.agents.values() {
             if let Some((_, session)) = &entry.session {
                 session.close(
-                    1001,
+                    CloseCode::GoingAway,
                     tether_shared::protocol::ErrorCode::Overloaded,
                     "server stopping".into(),
                 );

@@ -470,11 +470,12 @@ pub enum DecodeError {
 
 impl DecodeError {
     /// The WebSocket close code (RFC 6455) to close the connection with.
-    pub fn close_code(&self) -> u16 {
+    pub fn close_code(&self) -> crate::close::CloseCode {
+        use crate::close::CloseCode;
         match self {
-            DecodeError::TooLarge { .. } => 1009,
-            DecodeError::WrongDirection { .. } => 1008,
-            _ => 1002,
+            DecodeError::TooLarge { .. } => CloseCode::TooBig,
+            DecodeError::WrongDirection { .. } => CloseCode::Refused,
+            _ => CloseCode::ProtocolError,
         }
     }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde::Serialize;
+use tether_shared::close::CloseCode;
 use tether_shared::journal::{JournalError, Op};
 use tether_shared::link::{LinkError as FrameError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
@@ -168,7 +169,11 @@ impl AgentLink {
     fn fail(&mut self, ctx: &mut Context<Self>, error: &JournalError) {
         tracing::error!(agent_id = %self.agent_id, error = %error, "link-journal-failed");
         if let Some((_, s)) = self.session.take() {
-            s.close(1011, ErrorCode::Internal, "server journal failure".into());
+            s.close(
+                CloseCode::Internal,
+                ErrorCode::Internal,
+                "server journal failure".into(),
+            );
         }
         ctx.stop();
     }

@@ -296,16 +296,24 @@ async fn churn_is_compacted_away_and_every_live_entry_survives() {
     }
     let compactions = h.observe().compactions;
     assert!(compactions >= 3, "{compactions} compactions");
-    // Live data is about 200 KiB: the file never went far past the threshold (1 MiB of
-    // growth over the last compaction's size), where without compaction it passes 20 MB.
+    // Live data is about 200 KiB; without compaction the file passes 20 MB. Compactions are
+    // paced and run one at a time, so on a loaded machine the churn may run ahead of them for
+    // a while: the bound during the churn leaves room for that, and once they caught up the
+    // file is back near the threshold (1 MiB of growth over the last compaction's size).
     assert!(
-        largest < 8 * 1024 * 1024,
+        largest < 16 * 1024 * 1024,
         "data file reached {largest} bytes"
     );
+    let settled = data_file_len(dir.path());
+    assert!(
+        settled < 6 * 1024 * 1024,
+        "data file is {settled} bytes once compactions caught up"
+    );
+    // The last compaction's old generation is removed as it ends, unless sled's flusher was
+    // still writing into it then (a loaded machine): then by the next compaction or open.
     let live = entries(dir.path());
-    assert_eq!(
-        live.iter().filter(|n| n.starts_with("sled.")).count(),
-        1,
+    assert!(
+        live.iter().filter(|n| n.starts_with("sled.")).count() <= 2,
         "old generations are removed: {live:?}"
     );
     assert!(!live.contains(&"db".to_owned()), "{live:?}");
@@ -313,6 +321,12 @@ async fn churn_is_compacted_away_and_every_live_entry_survives() {
     drop(h);
 
     let (journal, rec) = reopen(dir.path()).await;
+    let live = entries(dir.path());
+    assert_eq!(
+        live.iter().filter(|n| n.starts_with("sled.")).count(),
+        1,
+        "old generations are removed at the latest when the journal opens: {live:?}"
+    );
     let h = journal.handle();
     assert!(!rec.created);
     assert_eq!(rec.logs["in/events/a"].last, Seq(500));

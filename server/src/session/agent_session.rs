@@ -27,6 +27,7 @@ use tether_shared::protocol::{
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
+use crate::session::handle::{Ask, ToSession};
 use crate::session::handshake::{
     attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
 };
@@ -227,7 +228,7 @@ impl AgentSession {
             agent_id: agent_id.clone(),
             held: Vec::new(),
         };
-        let handle = SessionHandle::Direct(ctx.address());
+        let handle = SessionHandle::direct(ctx.address().recipient());
         let attach = attach(self.registry.clone(), self.conn, hello, handle);
         ctx.wait(attach.into_actor(self).map(move |res, act, ctx| {
             // Still Attaching unless replaced meanwhile; on failure the phase stays Attaching so
@@ -383,68 +384,47 @@ impl AgentSession {
     }
 }
 
-/// Frames from the link to put on this session's socket.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SendFrames {
-    pub frames: Vec<Vec<u8>>,
-}
-
-impl Handler<SendFrames> for AgentSession {
+/// What the agent's link asks: frames to put on the socket, a refusal, or a replacement.
+impl Handler<ToSession> for AgentSession {
     type Result = ();
 
-    fn handle(&mut self, msg: SendFrames, ctx: &mut Self::Context) {
-        if self.closing {
-            return;
-        }
-        tracing::debug!(
-            conn = self.conn.0,
-            frames = msg.frames.len(),
-            phase = self.phase_name(),
-            "send-frames"
-        );
-        match &mut self.phase {
-            Phase::Ready { .. } => {
-                for f in msg.frames {
-                    self.send_bytes(ctx, &f);
+    fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
+        match msg.ask {
+            Ask::Frames(frames) => {
+                if self.closing {
+                    return;
+                }
+                tracing::debug!(
+                    conn = self.conn.0,
+                    frames = frames.len(),
+                    phase = self.phase_name(),
+                    "send-frames"
+                );
+                match &mut self.phase {
+                    Phase::Ready { .. } => {
+                        for f in frames {
+                            self.send_bytes(ctx, &f);
+                        }
+                    }
+                    Phase::Attaching { held, .. } => held.extend(frames),
+                    Phase::Securing | Phase::Challenged | Phase::Closing => {}
                 }
             }
-            Phase::Attaching { held, .. } => held.extend(msg.frames),
-            Phase::Securing | Phase::Challenged | Phase::Closing => {}
+            Ask::Refuse {
+                code,
+                error,
+                reason,
+            } => {
+                if !self.closing {
+                    self.refuse(ctx, code, error, &reason);
+                }
+            }
+            Ask::Replaced => {
+                // Not Ready any more: stopping must not mark the agent offline or detach the
+                // new session.
+                self.phase = Phase::Closing;
+                self.close(ctx, CloseCode::Replaced, "replaced by a newer session");
+            }
         }
-    }
-}
-
-/// The link refuses what the agent sent: close with this code.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct CloseSession {
-    pub code: CloseCode,
-    pub error: ErrorCode,
-    pub reason: String,
-}
-
-impl Handler<CloseSession> for AgentSession {
-    type Result = ();
-
-    fn handle(&mut self, msg: CloseSession, ctx: &mut Self::Context) {
-        if !self.closing {
-            self.refuse(ctx, msg.code, msg.error, &msg.reason);
-        }
-    }
-}
-
-/// A newer session of the same agent took over.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Replaced;
-
-impl Handler<Replaced> for AgentSession {
-    type Result = ();
-
-    fn handle(&mut self, _: Replaced, ctx: &mut Self::Context) {
-        // Not Ready any more: stopping must not mark the agent offline or detach the new session.
-        self.phase = Phase::Closing;
-        self.close(ctx, CloseCode::Replaced, "replaced by a newer session");
     }
 }

@@ -1,19 +1,17 @@
 //! What every agent session shares, whether the agent's WebSocket ends here ([`AgentSession`])
 //! or reaches us as a channel of a relay's link ([`RelaySession`]): the challenge nonce, the
-//! identity check of a `Hello`, attaching to the agent's link, and [`SessionHandle`], the one
-//! way the link talks back to a session of either kind.
+//! identity check of a `Hello`, and attaching to the agent's link (the link talks back through
+//! a [`SessionHandle`]).
 
 use actix::prelude::*;
 use base64::Engine as _;
-use tether_shared::close::CloseCode;
 use tether_shared::enroll::Role;
 use tether_shared::identity::PublicKey;
-use tether_shared::protocol::{hello_proof_bytes, ErrorCode, Hello, Welcome};
+use tether_shared::protocol::{hello_proof_bytes, Hello, Welcome};
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Attach};
-use crate::session::agent_session::{AgentSession, CloseSession, Replaced, SendFrames};
-use crate::session::relay_session::{ChannelClose, ChannelFrames, RelaySession};
+pub use crate::session::handle::SessionHandle;
 use crate::session::session_registry::{RegisterSession, SessionRegistry};
 use crate::session::SessionShared;
 
@@ -92,73 +90,4 @@ pub async fn attach(
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
     Ok((link, welcome))
-}
-
-/// How a link reaches the session of its agent.
-#[derive(Clone)]
-pub enum SessionHandle {
-    /// The agent's own WebSocket ends here.
-    Direct(Addr<AgentSession>),
-    /// The agent is channel `ch` of a relay's link.
-    Relayed {
-        relay: Addr<RelaySession>,
-        ch: u32,
-        conn: ConnId,
-    },
-}
-
-impl SessionHandle {
-    /// Frames for the agent.
-    pub fn send_frames(&self, frames: Vec<Vec<u8>>) {
-        match self {
-            SessionHandle::Direct(s) => s.do_send(SendFrames { frames }),
-            SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelFrames {
-                ch: *ch,
-                conn: *conn,
-                frames,
-            }),
-        }
-    }
-
-    /// Refuse what the agent sent: an error frame, then close.
-    pub fn close(&self, code: CloseCode, error: ErrorCode, reason: String) {
-        match self {
-            SessionHandle::Direct(s) => s.do_send(CloseSession {
-                code,
-                error,
-                reason,
-            }),
-            SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelClose {
-                ch: *ch,
-                conn: *conn,
-                code,
-                error: Some(error),
-                reason,
-                replaced: false,
-            }),
-        }
-    }
-
-    /// A newer session of the agent took over.
-    pub fn replaced(&self) {
-        match self {
-            SessionHandle::Direct(s) => s.do_send(Replaced),
-            SessionHandle::Relayed { relay, ch, conn } => relay.do_send(ChannelClose {
-                ch: *ch,
-                conn: *conn,
-                code: CloseCode::Replaced,
-                error: None,
-                reason: "replaced by a newer session".into(),
-                replaced: true,
-            }),
-        }
-    }
-
-    /// The session's actor still runs.
-    pub fn connected(&self) -> bool {
-        match self {
-            SessionHandle::Direct(s) => s.connected(),
-            SessionHandle::Relayed { relay, .. } => relay.connected(),
-        }
-    }
 }

@@ -37,6 +37,7 @@ use tether_shared::upgrade::{component_signing_bytes, Component};
 
 use crate::health::{RelayLinkHealth, RelayLinkStats};
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
+use crate::session::handle::{Ask, ToSession};
 use crate::session::handshake::{
     attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
 };
@@ -690,11 +691,7 @@ impl RelaySession {
             held: Vec::new(),
         };
         let conn = channel.conn;
-        let handle = SessionHandle::Relayed {
-            relay: ctx.address(),
-            ch,
-            conn,
-        };
+        let handle = SessionHandle::relayed(ctx.address().recipient(), ch, conn);
         let attach = attach(self.registry.clone(), conn, hello, handle);
         ctx.spawn(attach.into_actor(self).map(move |res, act, ctx| {
             let Some(channel) = act.channels.get_mut(&ch).filter(|c| c.conn == conn) else {
@@ -972,73 +969,79 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RelaySession {
     }
 }
 
-/// Frames from an agent's link for its channel.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ChannelFrames {
-    pub ch: u32,
-    pub conn: ConnId,
-    pub frames: Vec<Vec<u8>>,
-}
-
-impl Handler<ChannelFrames> for RelaySession {
+/// What an agent's link asks of its channel: frames, a refusal, or a replacement.
+impl Handler<ToSession> for RelaySession {
     type Result = ();
 
-    fn handle(&mut self, msg: ChannelFrames, ctx: &mut Self::Context) {
-        if self.closing {
-            return;
-        }
-        let Some(channel) = self
-            .channels
-            .get_mut(&msg.ch)
-            .filter(|c| c.conn == msg.conn)
-        else {
-            return;
-        };
-        match &mut channel.phase {
-            ChannelPhase::Agent { .. } => {
-                for f in msg.frames {
-                    self.put(ctx, msg.ch, &f);
-                }
-            }
-            ChannelPhase::Attaching { held, .. } => held.extend(msg.frames),
-            ChannelPhase::Securing | ChannelPhase::Challenged | ChannelPhase::Relay { .. } => {}
+    fn handle(&mut self, msg: ToSession, ctx: &mut Self::Context) {
+        let (ch, conn) = (msg.ch, msg.conn);
+        match msg.ask {
+            Ask::Frames(frames) => self.channel_frames(ctx, ch, conn, frames),
+            Ask::Refuse {
+                code,
+                error,
+                reason,
+            } => self.channel_close(ctx, ch, conn, code, Some(error), &reason),
+            Ask::Replaced => self.channel_close(
+                ctx,
+                ch,
+                conn,
+                CloseCode::Replaced,
+                None,
+                "replaced by a newer session",
+            ),
         }
     }
 }
 
-/// Close one channel: refused by its link (`error` set), or replaced by a newer session.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ChannelClose {
-    pub ch: u32,
-    pub conn: ConnId,
-    pub code: CloseCode,
-    pub error: Option<ErrorCode>,
-    pub reason: String,
-    /// A newer session took over: the agent stays online.
-    pub replaced: bool,
-}
+impl RelaySession {
+    /// Frames from an agent's link for its channel.
+    fn channel_frames(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        conn: ConnId,
+        frames: Vec<Vec<u8>>,
+    ) {
+        if self.closing {
+            return;
+        }
+        let Some(channel) = self.channels.get_mut(&ch).filter(|c| c.conn == conn) else {
+            return;
+        };
+        match &mut channel.phase {
+            ChannelPhase::Agent { .. } => {
+                for f in frames {
+                    self.put(ctx, ch, &f);
+                }
+            }
+            ChannelPhase::Attaching { held, .. } => held.extend(frames),
+            ChannelPhase::Securing | ChannelPhase::Challenged | ChannelPhase::Relay { .. } => {}
+        }
+    }
 
-impl Handler<ChannelClose> for RelaySession {
-    type Result = ();
-
-    fn handle(&mut self, msg: ChannelClose, ctx: &mut Self::Context) {
-        let current = self
-            .channels
-            .get(&msg.ch)
-            .is_some_and(|c| c.conn == msg.conn);
+    /// Close one channel: refused by its link (`error` set), or replaced by a newer session
+    /// (the agent stays online).
+    fn channel_close(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        conn: ConnId,
+        code: CloseCode,
+        error: Option<ErrorCode>,
+        reason: &str,
+    ) {
+        let current = self.channels.get(&ch).is_some_and(|c| c.conn == conn);
         if self.closing || !current {
             return;
         }
-        if msg.replaced {
-            if let Some(mut channel) = self.channels.remove(&msg.ch) {
+        let Some(error) = error else {
+            if let Some(mut channel) = self.channels.remove(&ch) {
                 uncount(&self.shared, &mut self.handshaking, &mut channel);
             }
-            return self.close_channel_wire(ctx, msg.ch, msg.code, &msg.reason);
-        }
-        let error = msg.error.unwrap_or(ErrorCode::Internal);
-        self.refuse_channel(ctx, msg.ch, msg.code, error, &msg.reason);
+            return self.close_channel_wire(ctx, ch, code, reason);
+        };
+        self.refuse_channel(ctx, ch, code, error, reason);
     }
 }
 

@@ -13,7 +13,7 @@ use tether_shared::close::CloseCode;
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, LinkError};
-use crate::session::handshake::SessionHandle;
+use crate::session::handle::SessionHandle;
 use crate::session::SessionShared;
 
 /// One agent's entry.

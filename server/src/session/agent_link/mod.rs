@@ -25,7 +25,7 @@ use tether_shared::protocol::{
 };
 use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError};
 
-use crate::session::handshake::SessionHandle;
+use crate::session::handle::SessionHandle;
 
 mod jobs;
 

@@ -336,9 +336,7 @@ async fn child_ws(
 /// `GET /admin/health` (loopback only): the relay's actors, its upstream link and its cache.
 /// The served certificate's expiry, as the server's health shows its own.
 fn certificate_health(certificate: &Certificate) -> serde_json::Value {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = tether_shared::clock::now_unix_s();
     match certificate.not_after_unix_s() {
         Some(not_after) => serde_json::json!({
             "file": TLS_CERT_FILE,

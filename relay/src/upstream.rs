@@ -517,11 +517,7 @@ fn close_down(down: &Down, code: CloseCode, reason: &str) {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use tether_shared::clock::now_unix_ms as now_ms;
 
 /// One-minute load average times 1000 (0 if unknown).
 fn load_milli() -> u32 {

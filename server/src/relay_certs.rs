@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tether_shared::tls::{self, TlsError};
 
-use crate::registry::{now_unix_ms, IssuedCertificate, Registry, RegistryError};
+use crate::registry::{IssuedCertificate, Registry, RegistryError};
 use crate::trust::Trust;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,9 +38,7 @@ pub struct Current {
     pub renewed: bool,
 }
 
-fn now_s() -> i64 {
-    i64::try_from(now_unix_ms() / 1000).unwrap_or(i64::MAX)
-}
+use tether_shared::clock::now_unix_s as now_s;
 
 impl RelayCerts {
     pub fn new(trust: Arc<Trust>, lifetime: Duration, registry: Arc<Registry>) -> RelayCerts {

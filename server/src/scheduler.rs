@@ -14,13 +14,24 @@ use tether_shared::upgrade::component_signing_bytes;
 use crate::api_error::ApiError;
 use crate::deployments::{Deployments, NewDeployment};
 use crate::registry::{now_unix_ms, Registry};
-use crate::session::agent_link::{DispatchJobs, QueueCommands};
+use crate::session::agent_link::{AgentLink, DispatchJobs, LinkError, QueueCommands};
 use crate::session::session_registry::{GetLink, SessionRegistry};
 use crate::trust::Trust;
 use crate::upgrades::{AgentUpgrade, Package, UpgradeState, Upgrades};
 
 /// Agents whose jobs one deployment queues at once.
 const DISPATCH_CONCURRENCY: usize = 256;
+
+/// Why work could not be queued to an agent's link.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The session registry or the agent's link stopped (the server is stopping).
+    #[error("the agent's link is gone: {0}")]
+    Mailbox(#[from] actix::MailboxError),
+    /// The link refused or could not commit (a full backlog, a journal failure).
+    #[error(transparent)]
+    Link(#[from] LinkError),
+}
 
 /// What [`Scheduler::queue_upgrade`] did.
 pub enum Queued {
@@ -51,7 +62,7 @@ impl Scheduler {
             .await?;
         // Every agent's jobs are queued on its own link and committed there: many at once, so
         // that their commits share the journal's batches instead of waiting one after another.
-        let results: Vec<(&String, Result<(), String>)> = stream::iter(&d.agents)
+        let results: Vec<(&String, Result<(), SchedulerError>)> = stream::iter(&d.agents)
             .map(|agent_id| async move { (agent_id, self.dispatch(agent_id).await) })
             .buffer_unordered(DISPATCH_CONCURRENCY)
             .collect()
@@ -102,7 +113,11 @@ impl Scheduler {
     /// offline agent when it returns), unless one to this version is underway or done. The
     /// command carries the package's signature by the key in force (it may have changed since
     /// the upload); the agent's upgrade state becomes `requested` in the same batch.
-    pub async fn queue_upgrade(&self, agent_id: &str, package: &Package) -> Result<Queued, String> {
+    pub async fn queue_upgrade(
+        &self,
+        agent_id: &str,
+        package: &Package,
+    ) -> Result<Queued, SchedulerError> {
         let current = self.upgrades.agent(agent_id);
         let settled = current.as_ref().is_some_and(|c| {
             c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)
@@ -140,13 +155,10 @@ impl Scheduler {
     }
 
     /// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.
-    pub async fn dispatch(&self, agent_id: &str) -> Result<(), String> {
+    pub async fn dispatch(&self, agent_id: &str) -> Result<(), SchedulerError> {
         let link = self.link(agent_id).await?;
-        link.send(DispatchJobs)
-            .await
-            .map_err(|e| e.to_string())?
-            .map(drop)
-            .map_err(|e| e.to_string())
+        link.send(DispatchJobs).await??;
+        Ok(())
     }
 
     /// Jobs journaled as queued but not yet sent (the server stopped first) go out now.
@@ -164,25 +176,14 @@ impl Scheduler {
         bodies: Vec<CommandBody>,
         ops: Vec<tether_shared::journal::Op>,
         then: Option<Box<dyn FnOnce() + Send>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SchedulerError> {
         let link = self.link(agent_id).await?;
-        link.send(QueueCommands { bodies, ops, then })
-            .await
-            .map_err(|e| e.to_string())?
-            .map(drop)
-            .map_err(|e| e.to_string())
+        link.send(QueueCommands { bodies, ops, then }).await??;
+        Ok(())
     }
 
-    async fn link(
-        &self,
-        agent_id: &str,
-    ) -> Result<Addr<crate::session::agent_link::AgentLink>, String> {
-        self.sessions
-            .send(GetLink {
-                agent_id: agent_id.to_owned(),
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+    async fn link(&self, agent_id: &str) -> Result<Addr<AgentLink>, SchedulerError> {
+        let agent_id = agent_id.to_owned();
+        Ok(self.sessions.send(GetLink { agent_id }).await??)
     }
 }

@@ -7,6 +7,7 @@
 //! - [`journal`]: the durable, group-committed `Journal` actor over sled.
 //! - [`agent_auth`]: agent-signed HTTPS requests (bulk downloads through any relay).
 //! - [`backoff`]: retry delays with full jitter and sliding-window restart budgets.
+//! - [`clock`]: the one wall clock (milliseconds and seconds since the Unix epoch).
 //! - [`close`]: WebSocket close codes by meaning, and close reasons cut to fit.
 //! - [`config`]: layered configuration loading and validation for the three binaries.
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
@@ -24,6 +25,7 @@
 
 pub mod agent_auth;
 pub mod backoff;
+pub mod clock;
 pub mod close;
 pub mod config;
 pub mod e2e;

@@ -22,7 +22,7 @@ pub mod worker_process;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use actix::{Actor, ActorContext, AsyncContext, Context, Handler, Message, SpawnHandle};
 use actix_rt::signal::unix::{signal, SignalKind};
@@ -472,10 +472,7 @@ impl Handler<BeatReceived> for Monitor {
             self.backoff.reset();
         }
         self.last_beat = Some(now);
-        self.health.last_beat_unix_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .ok()
-            .and_then(|d| u64::try_from(d.as_millis()).ok());
+        self.health.last_beat_unix_ms = Some(tether_shared::clock::now_unix_ms());
         if msg.health.is_some() {
             self.health.worker_health = msg.health;
         }

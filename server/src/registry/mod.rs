@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -1022,12 +1022,7 @@ pub fn properties_problem(properties: &BTreeMap<String, String>) -> Option<Strin
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
+pub use tether_shared::clock::now_unix_ms;
 
 /// `tte_` and 32 random bytes, base64url without padding. The prefix makes a leaked token easy
 /// to recognise (secret scanners), and keeps a token from starting with `-`, which a command

@@ -81,8 +81,4 @@ pub fn record_trust_serial(shared: &SessionShared, id: &str, serial: u64) {
 }
 
 /// Milliseconds since the Unix epoch (the stream core takes time as an input).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use tether_shared::clock::now_unix_ms as now_ms;

@@ -412,7 +412,7 @@ async fn upgrade(
         .scheduler
         .queue_upgrade(&agent.id, &package)
         .await
-        .map_err(WebError::Unavailable)?;
+        .map_err(|e| WebError::Unavailable(e.to_string()))?;
     if matches!(queued, Queued::Queued) {
         tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, "web-upgrade-queued");
     }

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Longest a sync waits for commits that are already being applied.
 const MAX_GATHER: Duration = Duration::from_millis(2);
@@ -73,11 +73,7 @@ impl WriterStats {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::now_unix_ms as unix_ms;
 
 /// Applied batches waiting for the flusher.
 #[derive(Default)]

@@ -144,9 +144,7 @@ fn ensure(fetch: &Fetch, sha256: &str) -> Result<PathBuf, String> {
 /// `GET /agent/v1/plugins/{sha256}`, signed; the body of a 200.
 fn download(fetch: &Fetch, sha256: &str) -> Result<Vec<u8>, String> {
     let path = format!("{PLUGINS_PATH}/{sha256}");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = tether_shared::clock::now_unix_ms();
     let signed = sign_request(&fetch.identity, &fetch.agent_id, "GET", &path, now_ms);
     let headers: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let request = https::Request {

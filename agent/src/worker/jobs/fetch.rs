@@ -255,9 +255,7 @@ pub(crate) fn download(
         .open(part)
         .map_err(|e| fatal(format!("{}: {e}", part.display())))?;
     let path = format!("{route}/{sha256}");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = tether_shared::clock::now_unix_ms();
     let signed = sign_request(&remote.identity, &remote.agent_id, "GET", &path, now_ms);
     let range = format!("bytes={have}-");
     let mut headers: Vec<(&str, &str)> = signed.iter().map(|(k, v)| (*k, v.as_str())).collect();

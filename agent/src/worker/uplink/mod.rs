@@ -148,11 +148,7 @@ pub struct Uplink {
     upgrade_stop: Arc<AtomicBool>,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use tether_shared::clock::now_unix_ms as now_ms;
 
 impl Uplink {
     /// Build from the journal (the truth after any restart).

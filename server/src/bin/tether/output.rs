@@ -3,7 +3,6 @@
 //! closed pipe (`tether agents | head -1`) is an error to stop on, not a panic.
 
 use std::io::{self, Write};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
@@ -112,11 +111,7 @@ pub fn cell(value: &Value) -> String {
 }
 
 /// Milliseconds since the Unix epoch, now.
-pub fn now_unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use tether_shared::clock::now_unix_ms;
 
 /// How long before `now_ms` the time `unix_ms` was: `12s ago`, `5m ago`, `3h ago`, `2d ago`;
 /// `-` for none.

@@ -29,6 +29,7 @@ mod agent_surface;
 mod agents_api;
 mod api;
 mod api_error;
+mod app;
 mod artifacts;
 mod body_deadline;
 mod deployments;

@@ -11,11 +11,9 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use actix::Actor;
 use actix_rt::signal::unix::{signal, SignalKind};
 use actix_web::{web, App};
 use tether_shared::h1_tls::{self, Limits};
@@ -23,32 +21,20 @@ use tether_shared::identity::IdentityError;
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
 use tether_shared::tls::{self, ReloadableCert, TlsError};
 
-use crate::admin::{self, AdminState};
 use crate::admin_token::{AdminToken, AdminTokenError};
-use crate::agent_surface::{self, AgentSurface, EnrollLimiter};
-use crate::agents_api::{self, AgentAdmin, AgentsApiState};
-use crate::api::{self, ApiState};
-use crate::api_error::{not_found, not_found_for_agents, ApiError};
-use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
+use crate::api_error::{not_found, not_found_for_agents};
+use crate::app::{self, Tuning};
 use crate::deployments::{Deployments, DeploymentsError, Retention};
-use crate::health::JournalWatch;
 use crate::init;
-use crate::plugins::api::{self as plugins_api, PluginsAgentState, PluginsApiState};
 use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
 use crate::relay_certs::RelayCerts;
-use crate::scheduler::Scheduler;
 use crate::session::relay_session::ServerStopping;
-use crate::session::routes::{ProbeApiState, SessionsState};
-use crate::session::session_registry::{CloseAllSessions, SessionRegistry};
-use crate::session::{self, SessionShared};
+use crate::session::session_registry::CloseAllSessions;
 use crate::trust::Trust;
-use crate::upgrades::api::{self as upgrades_api, UpgradesAgentState, UpgradesApiState};
 use crate::upgrades::Upgrades;
 use crate::users::{Users, UsersError};
-use crate::web::WebState;
-use crate::work::Work;
 
 /// The journal's directory inside the data directory.
 pub const JOURNAL_DIR: &str = "journal";
@@ -67,16 +53,6 @@ const MAX_TLS_HANDSHAKES_PER_WORKER: usize = 256;
 const MAX_CONNECTIONS_PER_WORKER: usize = 10_000;
 /// Pending connections the kernel queues before accept.
 const LISTEN_BACKLOG: u32 = 1_024;
-/// Largest JSON request body (REST); bulk transfers stream instead.
-const JSON_LIMIT_BYTES: usize = 1024 * 1024;
-/// Largest buffered request body of any other kind.
-const PAYLOAD_LIMIT_BYTES: usize = 1024 * 1024;
-/// Time an agent has to answer the challenge.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Commands held per agent before new ones are refused (the agent is not acknowledging).
-const MAX_RETAINED_COMMANDS: usize = 100_000;
-/// Unacknowledged commands are resent after this long without progress.
-const RETRANSMIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Seconds in-flight requests get to finish after a stop signal.
 const SHUTDOWN_TIMEOUT_S: u64 = 10;
 
@@ -276,7 +252,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         path: dir.join(ports::PORTS_FILE),
         source,
     })?;
-    let loaded = Loaded {
+    let loaded = app::Loaded {
         token,
         tls,
         relay_certs,
@@ -291,34 +267,6 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         users,
     };
     actix_rt::System::new().block_on(serve(dir, opts, loaded))
-}
-
-/// Everything `run` reads from the data directory before the actix system starts.
-struct Loaded {
-    /// Guards the REST API and the admin endpoints.
-    token: AdminToken,
-    /// Presented by both listeners, replaced when `DIR/server.pem` changes.
-    tls: Arc<ReloadableCert>,
-    /// Relays' certificates, from the relay CA: at enrollment and renewed over their links.
-    relay_certs: Arc<RelayCerts>,
-    /// `DIR/server.pem`: no relay is certified for a name it covers.
-    server_cert_pem: Arc<RwLock<String>>,
-    /// The command-signing key, the relay CA and what agents and relays trust (rollover).
-    trust: Arc<Trust>,
-    /// The opened journal, not yet started as an actor.
-    journal: Journal,
-    /// Agents, relays and enrollment tokens, loaded from the journal.
-    registry: Arc<Registry>,
-    /// Processes, deployments and jobs, loaded from the journal.
-    deployments: Arc<Deployments>,
-    /// Uploaded plugins: the index from the journal, bundles in `DIR/plugins`.
-    plugins: Arc<Plugins>,
-    /// The artifact store (content-addressed files and their index).
-    artifacts: web::Data<crate::artifacts::ArtifactStore>,
-    /// Upgrade packages (`DIR/upgrades`) and agents' upgrade states.
-    upgrades: Arc<Upgrades>,
-    /// The web application's users, loaded from the journal.
-    users: Arc<Users>,
 }
 
 /// Refuses a directory `init` has not (completely) filled.
@@ -427,158 +375,31 @@ fn listener_limits() -> Limits {
 /// Starts the actors and both listeners inside the actix system: HTTPS (`listen.https`: REST,
 /// admin) and the agent-facing one (`listen.wss`: `/agent/v1/...`). Returns once both stopped;
 /// a stop signal stops both, and either one failing stops the other.
-async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunError> {
+async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(), RunError> {
     let handle = loaded.journal.handle();
-    let (artifacts, artifacts_wss) = (loaded.artifacts.clone(), loaded.artifacts.clone());
-    let shared = Arc::new(SessionShared {
-        journal: handle.clone(),
-        registry: loaded.registry.clone(),
-        work: Arc::new(Work::new(
-            loaded.deployments.clone(),
-            loaded.upgrades.clone(),
-        )),
-        upgrades: loaded.upgrades.clone(),
-        trust: loaded.trust.clone(),
-        incarnation: handle.incarnation().to_owned(),
-        heartbeat_interval: opts.heartbeat_interval,
-        heartbeat_timeout: opts.heartbeat_timeout,
-        handshake_timeout: HANDSHAKE_TIMEOUT,
-        handshakes: AtomicUsize::new(0),
-        max_handshakes: opts.max_handshakes,
-        sources: session::source_slots::SourceSlots::new(opts.max_handshakes),
-        relay_links: Default::default(),
-        relay_certs: loaded.relay_certs.clone(),
-        next_conn: AtomicU64::new(0),
-        window: opts.window,
-        max_retained: MAX_RETAINED_COMMANDS,
-        rto: RETRANSMIT_TIMEOUT,
-    });
-    let session_registry = SessionRegistry::new(shared.clone()).start();
-    let scheduler = Arc::new(Scheduler {
-        deployments: loaded.deployments.clone(),
-        upgrades: loaded.upgrades.clone(),
-        registry: loaded.registry.clone(),
-        sessions: session_registry.clone(),
-        trust: loaded.trust.clone(),
-    });
-    // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
-    let waking = scheduler.clone();
-    actix_rt::spawn(async move { waking.dispatch_waiting().await });
-    let deployments_state = web::Data::new(DeploymentsApiState {
-        token: loaded.token.clone(),
-        deployments: loaded.deployments.clone(),
-        registry: loaded.registry.clone(),
-        scheduler: scheduler.clone(),
-        retention: opts.retention,
-    });
     actix_rt::spawn(recover_storage(handle.clone(), dir.to_path_buf()));
     actix_rt::spawn(prune_periodically(
         loaded.deployments.clone(),
         opts.retention,
         opts.prune_interval,
     ));
-    let upgrades_state = web::Data::new(UpgradesApiState {
-        token: loaded.token.clone(),
-        upgrades: loaded.upgrades.clone(),
-        registry: loaded.registry.clone(),
-        scheduler: scheduler.clone(),
-        shared: shared.clone(),
-    });
-    let upgrades_agent_state = web::Data::new(UpgradesAgentState {
-        upgrades: loaded.upgrades.clone(),
-        registry: loaded.registry.clone(),
-    });
-    let (closing_shared, closing_sessions) = (shared.clone(), session_registry.clone());
-    let sessions = web::Data::new(SessionsState {
-        shared,
-        registry: session_registry,
-    });
-    let probe_state = web::Data::new(ProbeApiState {
-        token: loaded.token.clone(),
-        sessions: sessions.clone(),
-    });
-    let admin_state = web::Data::new(AdminState {
-        token: loaded.token.clone(),
-        journal: JournalWatch::new(loaded.journal.start(), handle),
-        sessions: sessions.registry.clone(),
-        shared: sessions.shared.clone(),
-        deployments: loaded.deployments.clone(),
-        data_dir: dir.to_path_buf(),
-    });
-    // The web application, and the agent changes it shares with the REST API.
-    let agent_admin = Arc::new(AgentAdmin {
-        registry: loaded.registry.clone(),
-        deployments: loaded.deployments.clone(),
-        upgrades: loaded.upgrades.clone(),
-        sessions: sessions.registry.clone(),
-        shared: sessions.shared.clone(),
-    });
-    let agents_api_state = web::Data::new(AgentsApiState {
-        token: loaded.token.clone(),
-        admin: agent_admin.clone(),
-    });
-    loaded
-        .users
-        .ensure_initial_admin(&dir.join(init::ADMIN_PASSWORD))
-        .await?;
-    let web_state = web::Data::new(WebState {
-        users: loaded.users.clone(),
-        sessions: Default::default(),
-        login_limiter: Default::default(),
-        registry: loaded.registry.clone(),
-        deployments: loaded.deployments.clone(),
-        scheduler,
-        agents: agent_admin,
-        upgrades: loaded.upgrades.clone(),
-        plugins: loaded.plugins.clone(),
-        artifacts: loaded.artifacts.clone(),
-        admin: admin_state.clone(),
-    });
-    let plugins_state = web::Data::new(PluginsApiState {
-        token: loaded.token.clone(),
-        plugins: loaded.plugins.clone(),
-    });
-    let plugins_agent_state = web::Data::new(PluginsAgentState {
-        plugins: loaded.plugins.clone(),
-        registry: loaded.registry.clone(),
-        deployments: loaded.deployments.clone(),
-    });
-    let deployments_wss = web::Data::from(loaded.deployments.clone());
-    let api_state = web::Data::new(ApiState {
-        token: loaded.token,
-        registry: loaded.registry.clone(),
-        upgrades: loaded.upgrades,
-    });
-    let trust_state = web::Data::new(crate::trust::api::TrustApiState {
-        token: api_state.token.clone(),
-        trust: loaded.trust.clone(),
-        registry: loaded.registry.clone(),
-    });
-    let surface_state = web::Data::new(AgentSurface {
-        registry: loaded.registry,
-        trust: loaded.trust.clone(),
-        limiter: EnrollLimiter::default(),
-        relay_certs: loaded.relay_certs.clone(),
-        server_cert_pem: loaded.server_cert_pem.clone(),
-    });
+    let (tls, server_cert_pem) = (loaded.tls.clone(), loaded.server_cert_pem.clone());
+    let tuning = Tuning {
+        heartbeat_interval: opts.heartbeat_interval,
+        heartbeat_timeout: opts.heartbeat_timeout,
+        max_handshakes: opts.max_handshakes,
+        window: opts.window,
+        retention: opts.retention,
+    };
+    let built = app::build(dir, tuning, loaded).await?;
     let stop = stop_signal().map_err(RunError::Signal)?;
-    let server_tls = loaded.tls.server_config().map_err(|source| RunError::Tls {
+    let server_tls = tls.server_config().map_err(|source| RunError::Tls {
         cert: dir.join(init::SERVER_CERT),
         key: dir.join(init::SERVER_KEY),
         source,
     })?;
-    actix_rt::spawn(watch_certificate(
-        dir.to_path_buf(),
-        loaded.tls.clone(),
-        loaded.server_cert_pem.clone(),
-    ));
-    let json = web::JsonConfig::default()
-        .limit(JSON_LIMIT_BYTES)
-        .error_handler(|err, _| ApiError::BadRequest(err.to_string()).into());
-    let payload = web::PayloadConfig::new(PAYLOAD_LIMIT_BYTES);
-
-    let (json_https, payload_https) = (json.clone(), payload.clone());
-    let bearer = web::Data::new(api_state.token.clone());
+    actix_rt::spawn(watch_certificate(dir.to_path_buf(), tls, server_cert_pem));
+    let (operators, agents) = (built.operators, built.agents);
     let limits = listener_limits();
     let (https, https_addr) =
         h1_tls::bind(opts.listen_https, server_tls.clone(), &limits, move || {
@@ -589,29 +410,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
                 .wrap(actix_web::middleware::from_fn(
                     crate::body_deadline::body_deadline,
                 ))
-                .app_data(bearer.clone())
-                .app_data(admin_state.clone())
-                .app_data(api_state.clone())
-                .app_data(json_https.clone())
-                .app_data(payload_https.clone())
-                .app_data(probe_state.clone())
-                .app_data(deployments_state.clone())
-                .app_data(plugins_state.clone())
-                .app_data(upgrades_state.clone())
-                .app_data(agents_api_state.clone())
-                .app_data(web_state.clone())
-                .app_data(trust_state.clone())
-                .configure(admin::configure)
-                .configure(api::configure)
-                .configure(deployments_api::configure)
-                .configure(crate::artifacts::configure_api(artifacts.clone()))
-                .configure(plugins_api::configure_api)
-                .configure(upgrades_api::configure_api)
-                .configure(session::routes::configure_api)
-                .configure(agents_api::configure)
-                .configure(crate::trust::api::configure)
-                .configure(crate::users_api::configure)
-                .configure(crate::web::configure)
+                .configure(|cfg| operators.configure(cfg))
                 .default_service(web::to(not_found))
         })
         .map_err(|source| RunError::Bind {
@@ -624,18 +423,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
             .wrap(actix_web::middleware::from_fn(
                 crate::body_deadline::body_deadline,
             ))
-            .app_data(surface_state.clone())
-            .app_data(json.clone())
-            .app_data(payload.clone())
-            .app_data(sessions.clone())
-            .app_data(plugins_agent_state.clone())
-            .app_data(deployments_wss.clone())
-            .app_data(upgrades_agent_state.clone())
-            .configure(agent_surface::configure)
-            .configure(crate::artifacts::configure_agent(artifacts_wss.clone()))
-            .configure(plugins_api::configure_agent_surface)
-            .configure(upgrades_api::configure_agent_surface)
-            .configure(session::routes::configure_agent_surface)
+            .configure(|cfg| agents.configure(cfg))
             .default_service(web::to(not_found_for_agents))
     })
     .map_err(|source| RunError::Bind {
@@ -663,11 +451,11 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: Loaded) -> Result<(), RunE
         stop.await;
         // Sessions and relay links would hold the graceful stop until its timeout: close them
         // first (the peers resume from their journals), then let requests in flight finish.
-        let links = closing_shared.relay_links.all();
+        let links = built.shared.relay_links.all();
         for (_, link) in &links {
             link.do_send(ServerStopping);
         }
-        let sessions = closing_sessions.send(CloseAllSessions).await.unwrap_or(0);
+        let sessions = built.sessions.send(CloseAllSessions).await.unwrap_or(0);
         tracing::info!(sessions, relay_links = links.len(), "sessions-closed");
         tracing::info!(
             timeout_s = SHUTDOWN_TIMEOUT_S,

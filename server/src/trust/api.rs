@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::{phase_name, Phase, Trust, TrustError};
 use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, ApiError};
-use crate::registry::{Registry, Role};
+use crate::registry::{Registry, Role, TrustPosition};
 
 /// Peers listed by name at most in a progress report (the counts are complete).
 const LISTED: usize = 50;
@@ -35,6 +35,17 @@ pub struct Behind {
     pub role: Role,
     /// The trust set it holds.
     pub serial: u64,
+}
+
+impl From<&TrustPosition> for Behind {
+    fn from(p: &TrustPosition) -> Self {
+        Behind {
+            id: p.id.clone(),
+            name: p.name.clone(),
+            role: p.role,
+            serial: p.serial,
+        }
+    }
 }
 
 /// Where a rollover stands.
@@ -69,12 +80,7 @@ impl Progress {
         let behind_all: Vec<Behind> = positions
             .iter()
             .filter(|p| p.serial < set.serial)
-            .map(|p| Behind {
-                id: p.id.clone(),
-                name: p.name.clone(),
-                role: p.role,
-                serial: p.serial,
-            })
+            .map(Behind::from)
             .collect();
         let old: Vec<Behind> = positions
             .iter()
@@ -84,12 +90,7 @@ impl Progress {
                     .as_deref()
                     .is_some_and(|pem| tether_shared::tls::issued_by(pem, relay_ca.cert_pem()))
             })
-            .map(|p| Behind {
-                id: p.id.clone(),
-                name: p.name.clone(),
-                role: p.role,
-                serial: p.serial,
-            })
+            .map(Behind::from)
             .collect();
         let (next, waiting_for) = match rotation.phase {
             Phase::Steady => (Some("begin"), None),

@@ -16,14 +16,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use actix::io::{SinkWrite, WriteHandler};
+use actix::io::WriteHandler;
 use actix::prelude::*;
 use awc::error::WsProtocolError;
-use awc::ws;
-use awc::BoxedSocket;
-use futures_util::stream::{SplitSink, StreamExt};
-use tether_shared::backoff::Backoff;
 use tether_shared::close::CloseCode;
+use tether_shared::dialer::{busy_delay, Dialer, DialerConfig, Dials, Incoming, LinkState, Plan};
 use tether_shared::identity::Identity;
 use tether_shared::mux::{
     self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
@@ -36,14 +33,6 @@ use tether_shared::protocol::{
 use crate::child_relay::{ChildFrame, ChildRelay, CloseChild};
 use crate::downstream::{AgentDown, CloseDown, ToDown};
 use crate::upgrade::LinkNews;
-
-/// How long a dropped connection's last frames get to reach the wire before its socket closes.
-const CLOSE_LINGER: Duration = Duration::from_millis(50);
-
-type WsSink = SplitSink<actix_codec::Framed<BoxedSocket, ws::Codec>, ws::Message>;
-
-/// Time to connect and finish the handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything the link needs, fixed at start.
 pub struct UpstreamConfig {
@@ -60,13 +49,11 @@ pub struct UpstreamConfig {
     pub reconnect_max: Duration,
 }
 
+/// Our own handshake on an open link, before mux mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    Connecting,
+enum Step {
     AwaitChallenge,
     AwaitWelcome,
-    Ready,
 }
 
 /// Who is behind one of our channels.
@@ -100,18 +87,12 @@ pub struct UpstreamStats {
 
 pub struct Upstream {
     cfg: UpstreamConfig,
-    sink: Option<SinkWrite<ws::Message, WsSink>>,
-    stream: Option<SpawnHandle>,
-    conn: u64,
-    phase: Phase,
-    current: usize,
-    backoff: Backoff,
-    last_heard: Instant,
+    dial: Dialer,
+    step: Step,
     next_ch: u32,
     channels: HashMap<u32, Down>,
     /// (child link, child's channel) -> our channel.
     by_child: HashMap<(u64, u32), u32>,
-    connected_to: Option<String>,
     /// How often we beat: our configured interval, or the parent's if it asks for less.
     beat_every: Duration,
     /// How long the parent may stay silent: a few of its intervals.
@@ -126,28 +107,22 @@ pub struct Upstream {
     draining: bool,
 }
 
-/// What the link's stream yields: frames of connection `conn`, then its end.
-enum Incoming {
-    Frame(u64, Result<ws::Frame, WsProtocolError>),
-    Ended(u64),
-}
-
 impl Upstream {
     pub fn new(cfg: UpstreamConfig) -> Self {
         let interval = cfg.heartbeat_interval;
         Upstream {
-            backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
+            dial: Dialer::new(DialerConfig {
+                upstreams: cfg.upstreams.clone(),
+                path: RELAY_WS_PATH,
+                max_frame: MAX_MUX_BYTES,
+                reconnect_min: cfg.reconnect_min,
+                reconnect_max: cfg.reconnect_max,
+            }),
             cfg,
-            sink: None,
-            stream: None,
-            conn: 0,
-            phase: Phase::Idle,
-            current: 0,
-            last_heard: Instant::now(),
+            step: Step::AwaitChallenge,
             next_ch: 0,
             channels: HashMap::new(),
             by_child: HashMap::new(),
-            connected_to: None,
             beat_every: interval,
             silence_limit: silence_limit(interval),
             last_beat: Instant::now(),
@@ -158,117 +133,11 @@ impl Upstream {
         }
     }
 
-    fn connect(&mut self, ctx: &mut Context<Self>) {
-        if self.cfg.upstreams.is_empty() {
-            tracing::error!("no-upstream-configured");
-            return;
-        }
-        if self.draining {
-            self.phase = Phase::Idle;
-            return;
-        }
-        let base = self.cfg.upstreams[self.current % self.cfg.upstreams.len()].clone();
-        let url = format!("{}{RELAY_WS_PATH}", base.trim_end_matches('/'));
-        self.phase = Phase::Connecting;
-        let client =
-            tether_shared::ws_dial::client(self.cfg.trust.current().tls.clone(), HANDSHAKE_TIMEOUT);
-        let attempt = async move {
-            let (_, framed) = client
-                .ws(url.as_str())
-                .max_frame_size(MAX_MUX_BYTES)
-                .connect()
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(framed)
-        };
-        ctx.spawn(attempt.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(framed) => act.on_connected(ctx, base, framed),
-            Err(reason) => {
-                tracing::warn!(upstream = %base, reason = %reason, "upstream-connect-failed");
-                act.retry_later(ctx);
-            }
-        }));
-    }
-
-    fn on_connected(
-        &mut self,
-        ctx: &mut Context<Self>,
-        base: String,
-        framed: actix_codec::Framed<BoxedSocket, ws::Codec>,
-    ) {
-        self.conn += 1;
-        let conn = self.conn;
-        let (sink, stream) = framed.split();
-        self.sink = Some(SinkWrite::new(sink, ctx));
-        let frames =
-            stream
-                .map(move |item| Incoming::Frame(conn, item))
-                .chain(futures_util::stream::once(
-                    async move { Incoming::Ended(conn) },
-                ));
-        self.stream = Some(ctx.add_stream(frames));
-        self.phase = Phase::AwaitChallenge;
-        self.own_seq = 0;
-        self.last_heard = Instant::now();
-        tracing::info!(upstream = %base, conn, "upstream-connected");
-        self.connected_to = Some(base);
-        ctx.run_later(HANDSHAKE_TIMEOUT, move |act, ctx| {
-            if act.conn == conn && !matches!(act.phase, Phase::Ready | Phase::Idle) {
-                tracing::warn!(conn, "upstream-handshake-timeout");
-                act.drop_connection(ctx);
-            }
-        });
-    }
-
-    /// Forget the link: every downstream session goes too (they reconnect and resume).
-    fn drop_connection(&mut self, ctx: &mut Context<Self>) {
-        if self.sink.is_none() && matches!(self.phase, Phase::Idle | Phase::Connecting) {
-            return;
-        }
-        let was_ready = self.phase == Phase::Ready;
-        if let Some(mut sink) = self.sink.take() {
-            let _ = sink.write(ws::Message::Close(None));
-            // actix-codec's close shuts the socket without writing what is still buffered, so
-            // the close (and any error frame before it) gets a moment to be flushed first.
-            ctx.run_later(CLOSE_LINGER, move |_, _| sink.close());
-        }
-        if let Some(h) = self.stream.take() {
-            ctx.cancel_future(h);
-        }
-        self.phase = Phase::Idle;
-        self.connected_to = None;
-        self.stats.disconnects += 1;
-        let dropped = self.channels.len();
-        for (_, down) in self.channels.drain() {
-            close_down(&down, CloseCode::Restart, "relay lost its upstream");
-        }
-        self.by_child.clear();
-        tracing::info!(dropped_channels = dropped, "upstream-dropped");
-        if let Some(u) = &self.upgrader {
-            u.do_send(LinkNews::Down);
-        }
-        if was_ready {
-            self.current = 0;
-            self.backoff.reset();
-            let delay = self.backoff.next_delay(&mut rand::thread_rng());
-            ctx.run_later(delay, |act, ctx| act.connect(ctx));
-        } else {
-            self.retry_later(ctx);
-        }
-    }
-
-    fn retry_later(&mut self, ctx: &mut Context<Self>) {
-        self.phase = Phase::Idle;
-        self.current = self.current.wrapping_add(1);
-        let delay = self.backoff.next_delay(&mut rand::thread_rng());
-        ctx.run_later(delay, |act, ctx| act.connect(ctx));
-    }
-
     fn write(&mut self, bytes: Vec<u8>) {
-        if let Some(sink) = &mut self.sink {
+        let len = bytes.len() as u64;
+        if self.dial.send(bytes) {
             self.stats.frames_up += 1;
-            self.stats.bytes_up += bytes.len() as u64;
-            let _ = sink.write(ws::Message::Binary(bytes.into()));
+            self.stats.bytes_up += len;
         }
     }
 
@@ -281,12 +150,11 @@ impl Upstream {
     }
 
     fn on_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
-        self.last_heard = Instant::now();
         self.stats.frames_down += 1;
         self.stats.bytes_down += bytes.len() as u64;
-        match self.phase {
-            Phase::AwaitChallenge | Phase::AwaitWelcome => self.on_handshake(ctx, bytes),
-            Phase::Ready => match Mux::decode(bytes) {
+        match self.dial.state() {
+            LinkState::Handshaking => self.on_handshake(ctx, bytes),
+            LinkState::Ready => match Mux::decode(bytes) {
                 Ok(Mux::Data { ch, frame }) => self.on_data(ctx, ch, frame),
                 Ok(Mux::Close { ch, code, reason }) => {
                     if let Some(down) = self.channels.remove(&ch) {
@@ -296,23 +164,17 @@ impl Upstream {
                         close_down(&down, code, &reason);
                     }
                 }
-                Ok(Mux::Open { .. }) => {
-                    tracing::warn!("upstream-sent-open");
-                    self.drop_connection(ctx);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "upstream-sent-bad-frame");
-                    self.drop_connection(ctx);
-                }
+                Ok(Mux::Open { .. }) => self.violation(ctx, "the upstream opened a channel"),
+                Err(e) => self.violation(ctx, &e.to_string()),
             },
-            Phase::Idle | Phase::Connecting => {}
+            LinkState::Idle | LinkState::Connecting => {}
         }
     }
 
     /// Our own handshake, on the raw link before mux mode.
     fn on_handshake(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
-        match (self.phase, protocol::decode(bytes, Sender::Server)) {
-            (Phase::AwaitChallenge, Ok(Frame::Challenge(c))) => {
+        match (self.step, protocol::decode(bytes, Sender::Server)) {
+            (Step::AwaitChallenge, Ok(Frame::Challenge(c))) => {
                 let proof = self
                     .cfg
                     .identity
@@ -327,31 +189,32 @@ impl Upstream {
                     trust_serial: self.cfg.trust.current().serial,
                 });
                 self.send_v1(&hello, false);
-                self.phase = Phase::AwaitWelcome;
+                self.step = Step::AwaitWelcome;
             }
-            (Phase::AwaitWelcome, Ok(Frame::Welcome(w))) => {
+            (Step::AwaitWelcome, Ok(Frame::Welcome(w))) => {
                 let theirs = Duration::from_millis(w.heartbeat_interval_ms.clamp(100, 600_000));
                 self.beat_every = self.cfg.heartbeat_interval.min(theirs);
                 self.silence_limit = silence_limit(theirs.max(self.cfg.heartbeat_interval));
-                self.phase = Phase::Ready;
+                self.dial.set_ready();
                 self.stats.connects += 1;
-                self.backoff.reset();
-                tracing::info!(upstream = ?self.connected_to, "upstream-ready");
+                tracing::info!(upstream = ?self.dial.connected_to(), "upstream-ready");
                 if let Some(u) = &self.upgrader {
-                    u.do_send(LinkNews::Ready { conn: self.conn });
+                    u.do_send(LinkNews::Ready {
+                        conn: self.dial.conn().0,
+                    });
                 }
             }
             (_, Ok(Frame::Busy(b))) => {
                 tracing::info!(retry_after_ms = b.retry_after_ms, "upstream-busy");
-                self.drop_connection(ctx);
+                self.hang_up(ctx, Some(busy_delay(b.retry_after_ms)));
             }
             (_, Ok(Frame::Error(e))) => {
                 tracing::warn!(code = ?e.code, message = %e.message, "upstream-refused");
-                self.drop_connection(ctx);
+                self.hang_up(ctx, None);
             }
             (_, other) => {
-                tracing::warn!(frame = ?other.map(|f| f.kind()), "upstream-handshake-unexpected");
-                self.drop_connection(ctx);
+                let got = other.map(|f| f.kind());
+                self.violation(ctx, &format!("unexpected handshake frame {got:?}"));
             }
         }
     }
@@ -446,17 +309,17 @@ impl Upstream {
     }
 
     fn beat(&mut self, ctx: &mut Context<Self>) {
-        if self.phase == Phase::Idle || self.phase == Phase::Connecting {
+        if matches!(self.dial.state(), LinkState::Idle | LinkState::Connecting) {
             return;
         }
-        if self.last_heard.elapsed() > self.silence_limit {
+        if self.dial.silent_for() > self.silence_limit {
             tracing::warn!(
-                silent_ms = self.last_heard.elapsed().as_millis() as u64,
+                silent_ms = self.dial.silent_for().as_millis() as u64,
                 "upstream-silent"
             );
-            return self.drop_connection(ctx);
+            return self.hang_up(ctx, None);
         }
-        if self.phase != Phase::Ready || self.last_beat.elapsed() < self.beat_every {
+        if !self.dial.is_ready() || self.last_beat.elapsed() < self.beat_every {
             return;
         }
         self.last_beat = Instant::now();
@@ -527,12 +390,49 @@ fn load_milli() -> u32 {
         .map_or(0, |l| (l * 1000.0) as u32)
 }
 
+impl Dials for Upstream {
+    fn dialer(&mut self) -> &mut Dialer {
+        &mut self.dial
+    }
+
+    fn plan(&self) -> Plan {
+        if self.draining {
+            Plan::Hold
+        } else {
+            Plan::Dial(self.cfg.trust.current().tls.clone())
+        }
+    }
+
+    fn on_open(&mut self, _: &mut Context<Self>) {
+        self.step = Step::AwaitChallenge;
+        self.own_seq = 0;
+    }
+
+    fn on_message(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        self.on_frame(ctx, bytes);
+    }
+
+    /// Every downstream session goes with the link (they reconnect and resume).
+    fn on_close(&mut self, _: &mut Context<Self>) {
+        self.stats.disconnects += 1;
+        let dropped = self.channels.len();
+        for (_, down) in self.channels.drain() {
+            close_down(&down, CloseCode::Restart, "relay lost its upstream");
+        }
+        self.by_child.clear();
+        tracing::info!(dropped_channels = dropped, "upstream-dropped");
+        if let Some(u) = &self.upgrader {
+            u.do_send(LinkNews::Down);
+        }
+    }
+}
+
 impl Actor for Upstream {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(65_536);
-        self.connect(ctx);
+        self.dial(ctx);
         let tick = self.cfg.heartbeat_interval.min(Duration::from_millis(500));
         ctx.run_interval(tick, |act, ctx| act.beat(ctx));
     }
@@ -542,34 +442,7 @@ impl StreamHandler<Incoming> for Upstream {
     fn finished(&mut self, _: &mut Self::Context) {}
 
     fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
-        match msg {
-            Incoming::Frame(conn, _) | Incoming::Ended(conn)
-                if conn != self.conn || self.sink.is_none() => {}
-            Incoming::Ended(_) => {
-                tracing::info!(conn = self.conn, "upstream-closed");
-                self.drop_connection(ctx);
-            }
-            Incoming::Frame(_, Ok(frame)) => match frame {
-                ws::Frame::Binary(b) => self.on_frame(ctx, &b),
-                ws::Frame::Text(t) => self.on_frame(ctx, &t),
-                ws::Frame::Ping(p) => {
-                    self.last_heard = Instant::now();
-                    if let Some(sink) = &mut self.sink {
-                        let _ = sink.write(ws::Message::Pong(p));
-                    }
-                }
-                ws::Frame::Pong(_) => self.last_heard = Instant::now(),
-                ws::Frame::Close(reason) => {
-                    tracing::info!(reason = ?reason, "upstream-closed-link");
-                    self.drop_connection(ctx);
-                }
-                ws::Frame::Continuation(_) => self.drop_connection(ctx),
-            },
-            Incoming::Frame(_, Err(e)) => {
-                tracing::warn!(error = %e, "upstream-protocol-error");
-                self.drop_connection(ctx);
-            }
-        }
+        self.on_incoming(msg, ctx);
     }
 }
 
@@ -610,7 +483,7 @@ impl Handler<SendOwnEvent> for Upstream {
     type Result = ();
 
     fn handle(&mut self, msg: SendOwnEvent, _: &mut Self::Context) {
-        if self.phase != Phase::Ready {
+        if !self.dial.is_ready() {
             tracing::info!(event = ?msg.0, "relay-event-not-sent-link-down");
             return;
         }
@@ -637,9 +510,9 @@ impl Handler<Drain> for Upstream {
         self.draining = msg.on;
         if msg.on {
             tracing::info!(channels = self.channels.len(), "upstream-draining");
-            self.drop_connection(ctx);
-        } else if self.phase == Phase::Idle {
-            self.connect(ctx);
+            self.hang_up(ctx, None);
+        } else {
+            self.dial(ctx);
         }
     }
 }
@@ -660,7 +533,7 @@ impl Handler<OpenAgent> for Upstream {
     type Result = Result<u32, NotReady>;
 
     fn handle(&mut self, msg: OpenAgent, _: &mut Self::Context) -> Self::Result {
-        if self.phase != Phase::Ready {
+        if !self.dial.is_ready() {
             self.stats.refused_not_ready += 1;
             return Err(NotReady);
         }
@@ -681,7 +554,7 @@ impl Handler<OpenChildLink> for Upstream {
     type Result = Result<u32, NotReady>;
 
     fn handle(&mut self, msg: OpenChildLink, _: &mut Self::Context) -> Self::Result {
-        if self.phase != Phase::Ready {
+        if !self.dial.is_ready() {
             self.stats.refused_not_ready += 1;
             return Err(NotReady);
         }
@@ -754,7 +627,7 @@ impl Handler<FromChild> for Upstream {
     type Result = Result<(), String>;
 
     fn handle(&mut self, msg: FromChild, _: &mut Self::Context) -> Self::Result {
-        if self.phase != Phase::Ready {
+        if !self.dial.is_ready() {
             return Err("relay lost its upstream".into());
         }
         match msg.frame {
@@ -854,12 +727,8 @@ impl Handler<ObserveUpstream> for Upstream {
     fn handle(&mut self, _: ObserveUpstream, _: &mut Self::Context) -> Self::Result {
         let (agents, child_channels) = self.counts();
         MessageResult(UpstreamHealth {
-            state: match self.phase {
-                Phase::Ready => "connected",
-                Phase::Idle | Phase::Connecting => "reconnecting",
-                Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
-            },
-            upstream: self.connected_to.clone(),
+            state: self.dial.state().label(),
+            upstream: self.dial.connected_to().map(str::to_owned),
             agents,
             child_channels,
             stats: self.stats,

@@ -28,6 +28,7 @@ pub mod backoff;
 pub mod clock;
 pub mod close;
 pub mod config;
+pub mod dialer;
 pub mod e2e;
 pub mod enroll;
 pub mod frame_guard;

@@ -452,9 +452,9 @@ impl Uplink {
         // Bulk downloads go to the upstream in use (or tried next), by its https base.
         // (Upstreams are validated at install: an unparsable one only fails bundle fetches.)
         let upstream = self
-            .cfg
-            .upstreams
-            .get(self.upstream % self.cfg.upstreams.len().max(1))
+            .dial
+            .upstreams_in_use_order()
+            .next()
             .and_then(|u| Upstream::parse(u).ok())
             .unwrap_or(Upstream {
                 host: String::new(),

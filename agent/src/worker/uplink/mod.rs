@@ -18,13 +18,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::io::{SinkWrite, WriteHandler};
+use actix::io::WriteHandler;
 use actix::prelude::*;
-use actix_codec::Framed;
 use awc::error::WsProtocolError;
-use awc::ws;
-use awc::BoxedSocket;
-use futures_util::stream::{SplitSink, StreamExt};
+use tether_shared::dialer::{busy_delay, Dialer, DialerConfig, Dials, Incoming, Plan};
 use tether_shared::e2e::{AgentGate, AgentStep, MAX_SEALED_BYTES};
 use tether_shared::identity::Identity;
 use tether_shared::journal::{JournalHandle, Op};
@@ -35,7 +32,7 @@ use tether_shared::protocol::{
     self, hello_proof_bytes, AgentStatus, CommandBody, Event, EventBody, Frame, Heartbeat, Hello,
     Sender, Seq, StreamId,
 };
-use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake};
+use tether_shared::stream::{AckOutcome, Endpoint, Handshake};
 use tether_shared::trust::Pinned;
 
 use crate::worker::supervisor::Ping;
@@ -43,13 +40,7 @@ use crate::worker::supervisor::Ping;
 mod jobs;
 mod trust;
 mod upgrade;
-use tether_shared::backoff::Backoff;
 use upgrade::UpgradeDriver;
-
-/// How long a dropped connection's last frames get to reach the wire before its socket closes.
-const CLOSE_LINGER: Duration = Duration::from_millis(50);
-
-type WsSink = SplitSink<Framed<BoxedSocket, ws::Codec>, ws::Message>;
 
 /// Meta keys of the probe generator's durable state.
 const PROBE_NEXT: &str = "probe/next";
@@ -58,8 +49,6 @@ const PROBE_TODO: &str = "probe/todo";
 const PROBE_BATCH: u64 = 256;
 /// Inbound commands kept in the journal after processing (replay checks after a restart).
 const KEEP_INBOUND: u64 = 1024;
-/// Time the server has to send its challenge and welcome.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often unacknowledged events are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -98,21 +87,13 @@ pub struct UplinkConfig {
     pub job_retention: Duration,
 }
 
+/// Where the handshake on an open connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Idle,
-    Connecting,
+enum Step {
     /// The end-to-end handshake with the server runs (through any relays).
     Securing,
     AwaitChallenge,
     AwaitWelcome,
-    Ready,
-}
-
-/// A frame, or the end of the stream, from connection `ConnId`.
-enum Incoming {
-    Frame(ConnId, Result<ws::Frame, WsProtocolError>),
-    Ended(ConnId),
 }
 
 pub struct Uplink {
@@ -120,17 +101,10 @@ pub struct Uplink {
     keys: StreamKeys,
     receiver: StreamReceiver,
     ep: Endpoint<Vec<u8>>,
-    sink: Option<SinkWrite<ws::Message, WsSink>>,
-    stream: Option<SpawnHandle>,
-    conn: ConnId,
-    phase: Phase,
+    dial: Dialer,
+    step: Step,
     /// End-to-end protection of the current connection: the handshake, then sealed frames.
     gate: Option<AgentGate>,
-    /// Index into the upstream list of the current or next attempt.
-    upstream: usize,
-    /// Delay before the next attempt; grows with consecutive failures.
-    backoff: Backoff,
-    last_heard: Instant,
     /// When our last heartbeat went out, and how often the server wants one.
     last_beat_sent: Instant,
     heartbeat: Duration,
@@ -175,14 +149,15 @@ impl Uplink {
             receiver: keys.receiver(),
             keys,
             ep,
-            sink: None,
-            stream: None,
-            conn: ConnId(0),
-            phase: Phase::Idle,
+            dial: Dialer::new(DialerConfig {
+                upstreams: cfg.upstreams.clone(),
+                path: "",
+                max_frame: MAX_SEALED_BYTES,
+                reconnect_min: cfg.reconnect_min,
+                reconnect_max: cfg.reconnect_max,
+            }),
+            step: Step::Securing,
             gate: None,
-            upstream: 0,
-            backoff: Backoff::new(cfg.reconnect_min, cfg.reconnect_max),
-            last_heard: Instant::now(),
             last_beat_sent: Instant::now(),
             heartbeat: cfg.heartbeat_interval,
             probe_next,
@@ -194,119 +169,6 @@ impl Uplink {
             upgrade_stop: Arc::new(AtomicBool::new(false)),
             cfg,
         })
-    }
-
-    fn connect(&mut self, ctx: &mut Context<Self>) {
-        if self.cfg.journal.observe().poisoned.is_some() {
-            self.phase = Phase::Idle;
-            ctx.run_later(self.cfg.reconnect_max, |act, ctx| act.connect(ctx));
-            return;
-        }
-        if self.cfg.upstreams.is_empty() {
-            tracing::error!("no-upstream-configured");
-            return;
-        }
-        let url = self.cfg.upstreams[self.upstream % self.cfg.upstreams.len()].clone();
-        self.phase = Phase::Connecting;
-        let tls = self.cfg.trust.current().tls.clone();
-        let client = tether_shared::ws_dial::client(tls, HANDSHAKE_TIMEOUT);
-        let attempt = async move {
-            let (_, framed) = client
-                .ws(url.as_str())
-                .max_frame_size(MAX_SEALED_BYTES)
-                .connect()
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((url, framed))
-        };
-        ctx.spawn(attempt.into_actor(self).map(|res, act, ctx| match res {
-            Ok((url, framed)) => act.on_connected(ctx, &url, framed),
-            Err(reason) => {
-                tracing::warn!(upstream = act.upstream % act.cfg.upstreams.len().max(1), reason = %reason, "connect-failed");
-                act.retry_later(ctx, None);
-            }
-        }));
-    }
-
-    fn on_connected(
-        &mut self,
-        ctx: &mut Context<Self>,
-        url: &str,
-        framed: Framed<BoxedSocket, ws::Codec>,
-    ) {
-        self.conn = ConnId(self.conn.0 + 1);
-        let conn = self.conn;
-        let (sink, stream) = framed.split();
-        self.sink = Some(SinkWrite::new(sink, ctx));
-        let frames =
-            stream
-                .map(move |item| Incoming::Frame(conn, item))
-                .chain(futures_util::stream::once(
-                    async move { Incoming::Ended(conn) },
-                ));
-        self.stream = Some(ctx.add_stream(frames));
-        // The agent speaks first: the end-to-end handshake's first message, in clear.
-        match AgentGate::start() {
-            Ok((gate, first)) => {
-                self.gate = Some(gate);
-                self.send_raw(first);
-            }
-            Err(e) => tracing::error!(error = %e, "e2e-start-failed"),
-        }
-        self.phase = Phase::Securing;
-        self.last_heard = Instant::now();
-        tracing::info!(upstream = %url, conn = conn.0, "uplink-connected");
-        ctx.run_later(HANDSHAKE_TIMEOUT, move |act, ctx| {
-            if act.conn == conn && act.phase != Phase::Ready && act.phase != Phase::Idle {
-                tracing::warn!(conn = conn.0, "handshake-timeout");
-                act.drop_connection(ctx, None);
-            }
-        });
-    }
-
-    /// Forget the connection and try again later (`hint`: the server's Busy delay).
-    fn drop_connection(&mut self, ctx: &mut Context<Self>, hint: Option<Duration>) {
-        // Once per connection: a broken stream reports many errors, and each must not start
-        // its own reconnect (two live connections of one agent would race).
-        if self.sink.is_none() && matches!(self.phase, Phase::Idle | Phase::Connecting) {
-            return;
-        }
-        let was_ready = self.phase == Phase::Ready;
-        if let Some(mut sink) = self.sink.take() {
-            let _ = sink.write(ws::Message::Close(None));
-            // actix-codec's close shuts the socket without writing what is still buffered, so
-            // the close (and any error frame before it) gets a moment to be flushed first.
-            ctx.run_later(CLOSE_LINGER, move |_, _| sink.close());
-        }
-        if let Some(h) = self.stream.take() {
-            ctx.cancel_future(h);
-        }
-        self.ep.disconnect();
-        self.gate = None;
-        self.phase = Phase::Idle;
-        if was_ready {
-            // Back to the first (preferred) upstream after a session that worked.
-            self.upstream = 0;
-            self.backoff.reset();
-            let delay = self.backoff.next_delay(&mut rand::thread_rng());
-            ctx.run_later(delay, |act, ctx| act.connect(ctx));
-        } else {
-            self.retry_later(ctx, hint);
-        }
-    }
-
-    fn retry_later(&mut self, ctx: &mut Context<Self>, hint: Option<Duration>) {
-        self.phase = Phase::Idle;
-        self.upstream = self.upstream.wrapping_add(1);
-        let drawn = self.backoff.next_delay(&mut rand::thread_rng());
-        // The server's Busy delay is a floor: it spreads a reconnect storm.
-        let delay = hint.map_or(drawn, |d| d + drawn.min(self.cfg.reconnect_min));
-        tracing::debug!(
-            delay_ms = delay.as_millis() as u64,
-            attempt = self.backoff.attempt(),
-            "reconnect-scheduled"
-        );
-        ctx.run_later(delay, |act, ctx| act.connect(ctx));
     }
 
     fn send(&mut self, frame: &Frame) {
@@ -326,9 +188,7 @@ impl Uplink {
     }
 
     fn send_raw(&mut self, bytes: Vec<u8>) {
-        if let Some(sink) = &mut self.sink {
-            let _ = sink.write(ws::Message::Binary(bytes.into()));
-        }
+        self.dial.send(bytes);
     }
 
     /// Before the handshake is done, a relay or the server may only say it is busy or refuse
@@ -337,14 +197,11 @@ impl Uplink {
         match protocol::decode(bytes, Sender::Server) {
             Ok(Frame::Busy(b)) => {
                 tracing::info!(retry_after_ms = b.retry_after_ms, "server-busy");
-                self.drop_connection(
-                    ctx,
-                    Some(Duration::from_millis(b.retry_after_ms.min(60_000))),
-                );
+                self.hang_up(ctx, Some(busy_delay(b.retry_after_ms)));
             }
             Ok(Frame::Error(e)) => {
                 tracing::error!(code = ?e.code, message = %e.message, "server-refused-session");
-                self.drop_connection(ctx, None);
+                self.hang_up(ctx, None);
             }
             Ok(other) => self.violation(ctx, &format!("{} in clear", other.kind())),
             Err(e) => self.violation(ctx, &e.to_string()),
@@ -353,7 +210,7 @@ impl Uplink {
 
     /// Put on the wire everything the streams allow now.
     fn pump(&mut self) {
-        if self.phase != Phase::Ready {
+        if !self.dial.is_ready() {
             return;
         }
         for (_, bytes) in self.ep.outbound.poll_transmit(now_ms()) {
@@ -384,7 +241,7 @@ impl Uplink {
                 // starts over once the disk takes writes again (see `worker::run`).
                 Err(e) if act.cfg.journal.observe().poisoned.is_some() => {
                     tracing::error!(error = %e, "uplink-storage-failed-offline");
-                    act.drop_connection(ctx, None);
+                    act.hang_up(ctx, None);
                 }
                 Err(e) => {
                     // Nothing more can be acknowledged: die, and be rebuilt from the journal.
@@ -410,7 +267,6 @@ impl Uplink {
     }
 
     fn on_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
-        self.last_heard = Instant::now();
         let Some(gate) = self.gate.as_mut() else {
             return;
         };
@@ -423,7 +279,7 @@ impl Uplink {
         let frame = match step {
             Ok(AgentStep::Send(last)) => {
                 self.send_raw(last);
-                self.phase = Phase::AwaitChallenge;
+                self.step = Step::AwaitChallenge;
                 return;
             }
             Ok(AgentStep::Frame(frame)) => frame,
@@ -433,10 +289,13 @@ impl Uplink {
             Err(e) => return self.violation(ctx, &e.to_string()),
         };
         let bytes = frame.as_slice();
-        match self.phase {
-            Phase::AwaitChallenge => match protocol::decode(bytes, Sender::Server) {
+        if self.dial.is_ready() {
+            return self.on_stream_frame(ctx, bytes);
+        }
+        match self.step {
+            Step::AwaitChallenge => match protocol::decode(bytes, Sender::Server) {
                 Ok(Frame::Challenge(c)) => {
-                    let last_command_seq = self.ep.begin(self.conn);
+                    let last_command_seq = self.ep.begin(self.dial.conn());
                     let hello = Hello {
                         agent_id: self.cfg.agent_id.clone(),
                         version: self.cfg.version.clone(),
@@ -450,39 +309,35 @@ impl Uplink {
                         trust_serial: self.cfg.trust.current().serial,
                     };
                     self.send(&Frame::Hello(hello));
-                    self.phase = Phase::AwaitWelcome;
+                    self.step = Step::AwaitWelcome;
                 }
                 Ok(Frame::Busy(b)) => {
                     tracing::info!(retry_after_ms = b.retry_after_ms, "server-busy");
-                    self.drop_connection(
-                        ctx,
-                        Some(Duration::from_millis(b.retry_after_ms.min(60_000))),
-                    );
+                    self.hang_up(ctx, Some(busy_delay(b.retry_after_ms)));
                 }
                 Ok(other) => {
                     self.violation(ctx, &format!("expected challenge, got {}", other.kind()))
                 }
                 Err(e) => self.violation(ctx, &e.to_string()),
             },
-            Phase::AwaitWelcome => match protocol::decode(bytes, Sender::Server) {
+            Step::AwaitWelcome => match protocol::decode(bytes, Sender::Server) {
                 Ok(Frame::Welcome(w)) => self.on_welcome(ctx, w),
                 Ok(Frame::Error(e)) => {
                     tracing::error!(code = ?e.code, message = %e.message, "server-refused-hello");
-                    self.drop_connection(ctx, None);
+                    self.hang_up(ctx, None);
                 }
                 Ok(other) => {
                     self.violation(ctx, &format!("expected welcome, got {}", other.kind()))
                 }
                 Err(e) => self.violation(ctx, &e.to_string()),
             },
-            Phase::Ready => self.on_stream_frame(ctx, bytes),
-            Phase::Idle | Phase::Connecting | Phase::Securing => {}
+            Step::Securing => {}
         }
     }
 
     fn on_welcome(&mut self, ctx: &mut Context<Self>, w: tether_shared::protocol::Welcome) {
         let outcome = match self.ep.complete(
-            self.conn,
+            self.dial.conn(),
             &w.server_incarnation,
             true,
             w.last_event_seq,
@@ -491,7 +346,7 @@ impl Uplink {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(error = %e, "resync-refused");
-                return self.drop_connection(ctx, None);
+                return self.hang_up(ctx, None);
             }
         };
         if let Handshake::PeerReset {
@@ -508,21 +363,15 @@ impl Uplink {
         if !ops.is_empty() {
             self.commit_then(ctx, ops, |_, _| {});
         }
-        self.phase = Phase::Ready;
-        self.backoff.reset();
+        self.dial.set_ready();
         tracing::info!(
-            conn = self.conn.0,
+            conn = self.dial.conn().0,
             last_event_seq = w.last_event_seq.0,
             commands_held = self.ep.inbound.durable().0,
             "uplink-ready"
         );
         self.pump();
         self.generate(ctx);
-    }
-
-    fn violation(&mut self, ctx: &mut Context<Self>, reason: &str) {
-        tracing::warn!(reason, "server-protocol-violation");
-        self.drop_connection(ctx, None);
     }
 
     fn on_stream_frame(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
@@ -642,7 +491,7 @@ impl Uplink {
                     message: e.to_string(),
                     details: Default::default(),
                 }));
-                self.drop_connection(ctx, None);
+                self.hang_up(ctx, None);
             }
         }
     }
@@ -651,7 +500,7 @@ impl Uplink {
         match frame {
             Frame::Ack(a) if a.stream == StreamId::Events => {
                 if let AckOutcome::Advanced(upto) =
-                    self.ep.outbound.on_ack(self.conn, a.upto, now_ms())
+                    self.ep.outbound.on_ack(self.dial.conn(), a.upto, now_ms())
                 {
                     let ops = self.keys.acked_ops(upto);
                     self.commit_then(ctx, ops, |_, _| {});
@@ -662,7 +511,7 @@ impl Uplink {
                 }
             }
             Frame::Nack(n) if n.stream == StreamId::Events => {
-                if self.ep.outbound.on_nack(self.conn, n.from) {
+                if self.ep.outbound.on_nack(self.dial.conn(), n.from) {
                     self.pump();
                 }
             }
@@ -717,32 +566,62 @@ impl Uplink {
     }
 
     fn beat(&mut self, ctx: &mut Context<Self>) {
-        match self.phase {
-            Phase::Ready => {
-                if self.last_heard.elapsed() > self.heartbeat * 3 {
-                    tracing::warn!(
-                        silent_ms = self.last_heard.elapsed().as_millis() as u64,
-                        "server-silent"
-                    );
-                    return self.drop_connection(ctx, None);
-                }
-                // The timer ticks at most every second; beat at the interval the server named.
-                if self.last_beat_sent.elapsed() < self.heartbeat {
-                    return;
-                }
-                self.last_beat_sent = Instant::now();
-                let status = self.cfg.status.lock().ok().and_then(|s| s.clone());
-                self.send(&Frame::Heartbeat(Heartbeat {
-                    sent_ms: now_ms(),
-                    status,
-                }));
-            }
-            Phase::Idle
-            | Phase::Connecting
-            | Phase::Securing
-            | Phase::AwaitChallenge
-            | Phase::AwaitWelcome => {}
+        if !self.dial.is_ready() {
+            return;
         }
+        if self.dial.silent_for() > self.heartbeat * 3 {
+            tracing::warn!(
+                silent_ms = self.dial.silent_for().as_millis() as u64,
+                "server-silent"
+            );
+            return self.hang_up(ctx, None);
+        }
+        // The timer ticks at most every second; beat at the interval the server named.
+        if self.last_beat_sent.elapsed() < self.heartbeat {
+            return;
+        }
+        self.last_beat_sent = Instant::now();
+        let status = self.cfg.status.lock().ok().and_then(|s| s.clone());
+        self.send(&Frame::Heartbeat(Heartbeat {
+            sent_ms: now_ms(),
+            status,
+        }));
+    }
+}
+
+impl Dials for Uplink {
+    fn dialer(&mut self) -> &mut Dialer {
+        &mut self.dial
+    }
+
+    /// Not while the disk refuses writes: nothing could be acknowledged.
+    fn plan(&self) -> Plan {
+        if self.cfg.journal.observe().poisoned.is_some() {
+            Plan::Later(self.cfg.reconnect_max)
+        } else {
+            Plan::Dial(self.cfg.trust.current().tls.clone())
+        }
+    }
+
+    /// The agent speaks first: the end-to-end handshake's first message, in clear.
+    fn on_open(&mut self, _: &mut Context<Self>) {
+        self.step = Step::Securing;
+        match AgentGate::start() {
+            Ok((gate, first)) => {
+                self.gate = Some(gate);
+                self.send_raw(first);
+            }
+            Err(e) => tracing::error!(error = %e, "e2e-start-failed"),
+        }
+    }
+
+    fn on_message(&mut self, ctx: &mut Context<Self>, bytes: &[u8]) {
+        self.on_frame(ctx, bytes);
+    }
+
+    fn on_close(&mut self, _: &mut Context<Self>) {
+        self.ep.disconnect();
+        self.gate = None;
     }
 }
 
@@ -758,7 +637,7 @@ impl Actor for Uplink {
         self.clear_stale_result();
         self.resume_jobs(ctx);
         self.drive_upgrade(ctx);
-        self.connect(ctx);
+        self.dial(ctx);
         ctx.run_interval(TICK, |act, ctx| {
             act.ep.outbound.on_tick(now_ms());
             act.pump();
@@ -779,31 +658,7 @@ impl StreamHandler<Incoming> for Uplink {
     fn finished(&mut self, _: &mut Self::Context) {}
 
     fn handle(&mut self, msg: Incoming, ctx: &mut Self::Context) {
-        match msg {
-            Incoming::Frame(conn, _) | Incoming::Ended(conn)
-                if conn != self.conn || self.sink.is_none() => {}
-            Incoming::Ended(_) => {
-                tracing::info!(conn = self.conn.0, "uplink-closed");
-                self.drop_connection(ctx, None);
-            }
-            Incoming::Frame(_, Ok(frame)) => match frame {
-                ws::Frame::Binary(b) => self.on_frame(ctx, &b),
-                ws::Frame::Text(t) => self.on_frame(ctx, &t),
-                ws::Frame::Ping(p) => {
-                    self.last_heard = Instant::now();
-                    if let Some(sink) = &mut self.sink {
-                        let _ = sink.write(ws::Message::Pong(p));
-                    }
-                }
-                ws::Frame::Pong(_) => self.last_heard = Instant::now(),
-                ws::Frame::Close(reason) => {
-                    tracing::info!(reason = ?reason, "server-closed");
-                    self.drop_connection(ctx, None);
-                }
-                ws::Frame::Continuation(_) => self.violation(ctx, "fragmented message"),
-            },
-            Incoming::Frame(_, Err(e)) => self.violation(ctx, &e.to_string()),
-        }
+        self.on_incoming(msg, ctx);
     }
 }
 
@@ -824,12 +679,7 @@ impl Handler<Ping> for Uplink {
     type Result = String;
 
     fn handle(&mut self, _: Ping, _: &mut Self::Context) -> String {
-        match self.phase {
-            Phase::Ready => "connected",
-            Phase::Idle | Phase::Connecting => "reconnecting",
-            Phase::Securing | Phase::AwaitChallenge | Phase::AwaitWelcome => "handshaking",
-        }
-        .into()
+        self.dial.state().label().into()
     }
 }
 

@@ -194,9 +194,9 @@ impl Uplink {
 
     /// Download and stage on the blocking pool; then journal `UpgradeStaged`.
     fn start_download(&mut self, ctx: &mut Context<Self>, p: Pending) {
-        let n = self.cfg.upstreams.len().max(1);
-        let upstreams: Vec<Upstream> = (0..n)
-            .filter_map(|i| self.cfg.upstreams.get((self.upstream + i) % n))
+        let upstreams: Vec<Upstream> = self
+            .dial
+            .upstreams_in_use_order()
             .filter_map(|u| Upstream::parse(u).ok())
             .collect();
         let remote = Remote {

@@ -18,59 +18,32 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
-use tether_shared::e2e::{ServerGate, ServerStep};
-use tether_shared::enroll::Role;
 use tether_shared::frame_guard::close_code_for;
-use tether_shared::protocol::{
-    self, Challenge, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, Sender,
-};
+use tether_shared::protocol::{ErrorCode, ErrorFrame, Frame, Heartbeat};
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
+use crate::session::greeting::{Greeting, Refusal, Step};
 use crate::session::handle::{Ask, ToSession};
-use crate::session::handshake::{
-    attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
-};
+use crate::session::handshake::{attach, SessionHandle};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, SessionShared};
-
-/// How far along the session is.
-enum Phase {
-    /// The end-to-end handshake runs.
-    Securing,
-    /// Challenge sent; waiting for the agent's Hello.
-    Challenged,
-    /// Hello verified; waiting for the link's Welcome. Frames from the link wait here.
-    Attaching {
-        agent_id: String,
-        held: Vec<Vec<u8>>,
-    },
-    /// Streams running.
-    Ready {
-        agent_id: String,
-        link: Addr<AgentLink>,
-    },
-    /// Refused or replaced: nothing more is processed.
-    Closing,
-}
 
 pub struct AgentSession {
     shared: Arc<SessionShared>,
     registry: Addr<SessionRegistry>,
     conn: ConnId,
-    nonce: String,
-    /// End-to-end protection: the handshake, then every frame sealed.
-    gate: ServerGate,
-    phase: Phase,
+    /// The handshake, then the sealing of every frame.
+    greeting: Greeting,
+    /// The agent's link, once attached.
+    link: Option<Addr<AgentLink>>,
     last_heard: Instant,
     /// This session counts against the handshakes in flight until it is Ready or gone.
     counted: bool,
     /// Its place among its address's handshakes, until it is Ready or gone.
     source_slot: Option<SourceSlot>,
     peer: String,
-    /// The agent's software version, from its Hello.
-    version: String,
     /// A close was sent: nothing more is processed or sent.
     closing: bool,
 }
@@ -82,19 +55,16 @@ impl AgentSession {
         conn: ConnId,
         peer: String,
     ) -> Self {
-        let nonce = new_nonce();
         AgentSession {
             shared,
             registry,
             conn,
-            nonce,
-            gate: ServerGate::default(),
-            phase: Phase::Securing,
+            greeting: Greeting::agent(),
+            link: None,
             last_heard: Instant::now(),
             counted: false,
             source_slot: None,
             peer,
-            version: String::new(),
             closing: false,
         }
     }
@@ -109,33 +79,28 @@ impl AgentSession {
     /// An encoded frame on the socket: sealed once the end-to-end handshake is done (before
     /// it, only `Busy` and refusals go out, in clear).
     fn send_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
-        if !self.gate.is_open() {
-            return ctx.binary(bytes.to_vec());
-        }
-        match self.gate.seal(bytes) {
-            Ok(sealed) => ctx.binary(sealed),
-            Err(e) => tracing::error!(conn = self.conn.0, error = %e, "frame-seal-failed"),
+        if let Some(wire) = self.greeting.seal(bytes) {
+            ctx.binary(wire);
         }
     }
 
     /// Refuse the peer: an error frame with the reason, then a close with `code`.
-    fn refuse(
-        &mut self,
-        ctx: &mut ws::WebsocketContext<Self>,
-        code: CloseCode,
-        error: ErrorCode,
-        reason: &str,
-    ) {
-        tracing::warn!(conn = self.conn.0, peer = %self.peer, code = %code, reason, "session-refused");
+    fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
+        let Refusal {
+            close: code,
+            error,
+            reason,
+        } = refusal;
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, code = %code, reason = %reason, "session-refused");
         self.send_frame(
             ctx,
             &Frame::Error(ErrorFrame {
                 code: error,
-                message: reason.to_owned(),
+                message: reason.clone(),
                 details: Default::default(),
             }),
         );
-        self.close(ctx, code, reason);
+        self.close(ctx, code, &reason);
     }
 
     /// Close the socket; `stopping` then tears the session down according to its phase.
@@ -153,116 +118,71 @@ impl AgentSession {
         }
     }
 
-    fn on_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: Vec<u8>) {
+    fn on_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
         if self.closing {
             return;
         }
         self.last_heard = Instant::now();
-        let shared = self.shared.clone();
-        let signer = shared.trust.signer();
-        let step = self
-            .gate
-            .on_message(&bytes, &signer, |id| enrolled_key(&shared, id, Role::Agent));
-        let bytes = match step {
-            Ok(ServerStep::Reply(answer)) => return ctx.binary(answer),
-            Ok(ServerStep::Established(agent_id)) => {
-                tracing::debug!(conn = self.conn.0, agent_id = %agent_id, "session-sealed");
-                self.phase = Phase::Challenged;
-                let challenge = Frame::Challenge(Challenge {
-                    nonce: self.nonce.clone(),
-                });
-                return self.send_frame(ctx, &challenge);
+        let signer = self.shared.trust.signer();
+        match self
+            .greeting
+            .on_message(bytes, &signer, self.shared.registry.as_ref())
+        {
+            Step::Wire(answer) => ctx.binary(answer),
+            Step::Send(frame) => self.send_frame(ctx, &frame),
+            Step::Verified { hello, version } => self.attach(ctx, hello, version),
+            Step::ToLink(bytes) => {
+                if let Some(link) = &self.link {
+                    link.do_send(FromAgent {
+                        conn: self.conn,
+                        bytes,
+                    });
+                }
             }
-            Ok(ServerStep::Frame(frame)) => frame,
-            Err(e) => {
-                return self.refuse(
-                    ctx,
-                    CloseCode::Refused,
-                    ErrorCode::Unauthorized,
-                    &e.to_string(),
-                )
-            }
-        };
-        match &self.phase {
-            Phase::Challenged => self.on_hello(ctx, &bytes),
-            Phase::Ready { link, .. } => link.do_send(FromAgent {
-                conn: self.conn,
-                bytes,
-            }),
-            Phase::Securing => {}
-            Phase::Attaching { .. } => self.refuse(
-                ctx,
-                CloseCode::Refused,
-                ErrorCode::ProtocolViolation,
-                "frame before the welcome",
-            ),
-            Phase::Closing => {}
+            Step::Nothing => {}
+            Step::Refuse(refusal) => self.refuse(ctx, refusal),
         }
     }
 
-    fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
-        let hello = match protocol::decode(bytes, Sender::Agent) {
-            Ok(Frame::Hello(h)) => h,
-            Ok(other) => {
-                let reason = format!("expected hello, got {}", other.kind());
-                return self.refuse(
-                    ctx,
-                    CloseCode::Refused,
-                    ErrorCode::ProtocolViolation,
-                    &reason,
-                );
-            }
-            Err(e) => {
-                return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
-            }
-        };
-        let proved = self.gate.agent_id().map(str::to_owned);
-        if let Err(reason) = self
-            .verify(&hello)
-            .and_then(|()| hello_matches_gate(proved.as_deref(), &hello))
-        {
-            return self.refuse(ctx, CloseCode::Refused, ErrorCode::Unauthorized, &reason);
-        }
+    fn attach(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        hello: tether_shared::protocol::Hello,
+        version: String,
+    ) {
         let agent_id = hello.agent_id.clone();
-        self.phase = Phase::Attaching {
-            agent_id: agent_id.clone(),
-            held: Vec::new(),
-        };
         let handle = SessionHandle::direct(ctx.address().recipient());
         let attach = attach(self.registry.clone(), self.conn, hello, handle);
         ctx.wait(attach.into_actor(self).map(move |res, act, ctx| {
-            // Still Attaching unless replaced meanwhile; on failure the phase stays Attaching so
-            // that `stopping` unregisters the session.
-            let held = match &mut act.phase {
-                Phase::Attaching { held, .. } => std::mem::take(held),
-                _ => return,
-            };
+            // Still attaching unless replaced meanwhile; on failure it stays attaching so that
+            // `stopping` unregisters the session.
+            if !act.greeting.is_attaching() {
+                return;
+            }
             match res {
                 Ok((link, welcome)) => {
-                    tracing::debug!(conn = act.conn.0, held = held.len(), "sending-welcome");
                     act.send_frame(ctx, &Frame::Welcome(welcome));
+                    let held = act.greeting.attached().unwrap_or_default();
+                    tracing::debug!(conn = act.conn.0, held = held.len(), "sent-welcome");
                     for f in held {
                         act.send_bytes(ctx, &f);
                     }
                     act.uncount();
                     act.shared
                         .registry
-                        .set_online(&agent_id, &act.version, Vec::new());
-                    act.phase = Phase::Ready { agent_id, link };
+                        .set_online(&agent_id, &version, Vec::new());
+                    act.link = Some(link);
                 }
                 Err(reason) => act.refuse(
                     ctx,
-                    CloseCode::Internal,
-                    ErrorCode::Internal,
-                    &format!("attach failed: {reason}"),
+                    Refusal {
+                        close: CloseCode::Internal,
+                        error: ErrorCode::Internal,
+                        reason: format!("attach failed: {reason}"),
+                    },
                 ),
             }
         }));
-    }
-
-    fn verify(&mut self, hello: &Hello) -> Result<(), String> {
-        self.version = verify_hello(&self.shared, &self.nonce, hello, Role::Agent)?;
-        Ok(())
     }
 }
 
@@ -284,26 +204,25 @@ impl Actor for AgentSession {
             return self.close(ctx, CloseCode::Busy, "busy, retry later");
         }
         ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
-            if matches!(
-                act.phase,
-                Phase::Securing | Phase::Challenged | Phase::Attaching { .. }
-            ) {
+            if act.greeting.handshaking() && !act.closing {
                 act.refuse(
                     ctx,
-                    CloseCode::Refused,
-                    ErrorCode::Unauthorized,
-                    "handshake timeout",
+                    Refusal {
+                        close: CloseCode::Refused,
+                        error: ErrorCode::Unauthorized,
+                        reason: "handshake timeout".into(),
+                    },
                 );
             }
         });
         ctx.run_interval(self.shared.heartbeat_interval, |act, ctx| {
             if act.last_heard.elapsed() > act.shared.heartbeat_timeout {
-                if let Phase::Ready { agent_id, .. } = &act.phase {
+                if let (true, Some(agent_id)) = (act.greeting.is_ready(), act.greeting.peer()) {
                     tracing::info!(agent_id = %agent_id, conn = act.conn.0, "heartbeat-timeout");
                 }
                 return act.close(ctx, CloseCode::GoingAway, "heartbeat timeout");
             }
-            if matches!(act.phase, Phase::Ready { .. }) {
+            if act.greeting.is_ready() {
                 act.send_frame(
                     ctx,
                     &Frame::Heartbeat(Heartbeat {
@@ -317,21 +236,15 @@ impl Actor for AgentSession {
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
         self.uncount();
-        match std::mem::replace(&mut self.phase, Phase::Closing) {
-            Phase::Ready { agent_id, link } => {
-                link.do_send(Detach { conn: self.conn });
-                self.registry.do_send(SessionEnded {
-                    agent_id,
-                    conn: self.conn,
-                });
-            }
-            Phase::Attaching { agent_id, .. } => {
-                self.registry.do_send(SessionEnded {
-                    agent_id,
-                    conn: self.conn,
-                });
-            }
-            Phase::Securing | Phase::Challenged | Phase::Closing => {}
+        let registered = self.greeting.close();
+        if let Some(link) = self.link.take().filter(|_| registered) {
+            link.do_send(Detach { conn: self.conn });
+        }
+        if let (true, Some(agent_id)) = (registered, self.greeting.peer()) {
+            self.registry.do_send(SessionEnded {
+                agent_id: agent_id.to_owned(),
+                conn: self.conn,
+            });
         }
         Running::Stop
     }
@@ -340,46 +253,36 @@ impl Actor for AgentSession {
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         match msg {
-            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, bytes.to_vec()),
-            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes().to_vec()),
+            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, &bytes),
+            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes()),
             Ok(ws::Message::Ping(p)) => {
                 self.last_heard = Instant::now();
                 ctx.pong(&p);
             }
             Ok(ws::Message::Pong(_)) => self.last_heard = Instant::now(),
             Ok(ws::Message::Close(_)) => {
-                self.phase_closing_log();
+                if let (true, Some(agent_id)) = (self.greeting.is_ready(), self.greeting.peer()) {
+                    tracing::info!(agent_id = %agent_id, conn = self.conn.0, "agent-closed-session");
+                }
                 ctx.stop();
             }
             Ok(ws::Message::Continuation(_)) => self.refuse(
                 ctx,
-                CloseCode::Unsupported,
-                ErrorCode::ProtocolViolation,
-                "fragmented messages are not accepted",
+                Refusal {
+                    close: CloseCode::Unsupported,
+                    error: ErrorCode::ProtocolViolation,
+                    reason: "fragmented messages are not accepted".into(),
+                },
             ),
             Ok(ws::Message::Nop) => {}
             Err(e) => {
-                let reason = format!("websocket protocol error: {e}");
-                self.refuse(ctx, close_code_for(&e), ErrorCode::Malformed, &reason)
+                let refusal = Refusal {
+                    close: close_code_for(&e),
+                    error: ErrorCode::Malformed,
+                    reason: format!("websocket protocol error: {e}"),
+                };
+                self.refuse(ctx, refusal)
             }
-        }
-    }
-}
-
-impl AgentSession {
-    fn phase_name(&self) -> &'static str {
-        match self.phase {
-            Phase::Securing => "securing",
-            Phase::Challenged => "challenged",
-            Phase::Attaching { .. } => "attaching",
-            Phase::Ready { .. } => "ready",
-            Phase::Closing => "closing",
-        }
-    }
-
-    fn phase_closing_log(&self) {
-        if let Phase::Ready { agent_id, .. } = &self.phase {
-            tracing::info!(agent_id = %agent_id, conn = self.conn.0, "agent-closed-session");
         }
     }
 }
@@ -397,17 +300,11 @@ impl Handler<ToSession> for AgentSession {
                 tracing::debug!(
                     conn = self.conn.0,
                     frames = frames.len(),
-                    phase = self.phase_name(),
+                    phase = self.greeting.phase_name(),
                     "send-frames"
                 );
-                match &mut self.phase {
-                    Phase::Ready { .. } => {
-                        for f in frames {
-                            self.send_bytes(ctx, &f);
-                        }
-                    }
-                    Phase::Attaching { held, .. } => held.extend(frames),
-                    Phase::Securing | Phase::Challenged | Phase::Closing => {}
+                for wire in self.greeting.outgoing(frames) {
+                    ctx.binary(wire);
                 }
             }
             Ask::Refuse {
@@ -416,13 +313,20 @@ impl Handler<ToSession> for AgentSession {
                 reason,
             } => {
                 if !self.closing {
-                    self.refuse(ctx, code, error, &reason);
+                    self.refuse(
+                        ctx,
+                        Refusal {
+                            close: code,
+                            error,
+                            reason,
+                        },
+                    );
                 }
             }
             Ask::Replaced => {
                 // Not Ready any more: stopping must not mark the agent offline or detach the
                 // new session.
-                self.phase = Phase::Closing;
+                self.greeting.close();
                 self.close(ctx, CloseCode::Replaced, "replaced by a newer session");
             }
         }

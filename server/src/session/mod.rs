@@ -15,6 +15,7 @@
 
 pub mod agent_link;
 pub mod agent_session;
+pub mod greeting;
 pub mod handle;
 pub mod handshake;
 pub mod probes;

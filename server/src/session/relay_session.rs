@@ -24,23 +24,20 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
-use tether_shared::e2e::{ServerGate, ServerStep};
-use tether_shared::enroll::Role;
 use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
-    self, command_signing_bytes, Challenge, Command, CommandBody, ErrorCode, ErrorFrame, Event,
-    EventBody, Frame, Heartbeat, Hello, Sender, Seq, Welcome,
+    self, command_signing_bytes, Command, CommandBody, ErrorCode, ErrorFrame, Event, EventBody,
+    Frame, Heartbeat, Hello, Sender, Seq, Welcome,
 };
 use tether_shared::stream::ConnId;
 use tether_shared::upgrade::{component_signing_bytes, Component};
 
 use crate::health::{RelayLinkHealth, RelayLinkStats};
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
+use crate::session::greeting::{Greeting, Step};
 use crate::session::handle::{Ask, ToSession};
-use crate::session::handshake::{
-    attach, enrolled_key, hello_matches_gate, new_nonce, verify_hello, SessionHandle,
-};
+use crate::session::handshake::{attach, SessionHandle};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, record_trust_serial, SessionShared};
@@ -54,41 +51,33 @@ struct Channel {
     kind: ChannelKind,
     /// Relay ids between us and the peer, nearest the peer first.
     path: Vec<String>,
-    nonce: String,
-    /// An agent's channel is protected end to end; a child relay's is not.
-    gate: Option<ServerGate>,
-    phase: ChannelPhase,
+    /// The peer's handshake (an agent's channel is protected end to end; a child relay's is
+    /// not), then the sealing of every frame.
+    greeting: Greeting,
+    /// An agent's link, once attached.
+    link: Option<Addr<AgentLink>>,
     opened: Instant,
     last_heard: Instant,
     /// Counts against the handshakes in flight until Ready.
     counted: bool,
 }
 
-enum ChannelPhase {
-    /// An agent's end-to-end handshake runs.
-    Securing,
-    Challenged,
-    /// Hello verified; the agent's link is running the stream handshake.
-    Attaching {
-        agent_id: String,
-        held: Vec<Vec<u8>>,
-    },
-    /// An agent's streams run.
-    Agent {
-        agent_id: String,
-        link: Addr<AgentLink>,
-    },
-    /// A child relay, authenticated: its own channel carries only its heartbeats.
-    Relay {
-        relay_id: String,
-    },
+impl Channel {
+    /// The child relay on this channel, once it is authenticated.
+    fn relay_id(&self) -> Option<&str> {
+        match self.kind {
+            ChannelKind::Relay if self.greeting.is_ready() => self.greeting.peer(),
+            _ => None,
+        }
+    }
 }
 
 pub struct RelaySession {
     shared: Arc<SessionShared>,
     registry: Addr<SessionRegistry>,
     conn: ConnId,
-    nonce: String,
+    /// The relay's own handshake.
+    greeting: Greeting,
     peer: String,
     /// The relay's id once its Hello checked out.
     relay_id: Option<String>,
@@ -114,7 +103,7 @@ impl RelaySession {
             shared,
             registry,
             conn,
-            nonce: new_nonce(),
+            greeting: Greeting::relay(),
             peer,
             relay_id: None,
             last_heard: Instant::now(),
@@ -145,18 +134,14 @@ impl RelaySession {
     /// An encoded frame on channel `ch`, sealed if the channel is an agent's whose handshake
     /// is done (before it, only `Busy` and refusals go out, in clear).
     fn put(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, bytes: &[u8]) {
-        let gate = self
-            .channels
-            .get_mut(&ch)
-            .and_then(|c| c.gate.as_mut())
-            .filter(|g| g.is_open());
-        let wire = match gate.map(|g| g.seal(bytes)) {
-            None => mux::data(ch, bytes),
-            Some(Ok(sealed)) => mux::data(ch, &sealed),
-            Some(Err(e)) => return tracing::error!(ch, error = %e, "frame-seal-failed"),
+        let sealed = match self.channels.get_mut(&ch) {
+            Some(c) => c.greeting.seal(bytes),
+            None => Some(bytes.to_vec()),
         };
-        self.stats.frames_out += 1;
-        ctx.binary(wire);
+        if let Some(sealed) = sealed {
+            self.stats.frames_out += 1;
+            ctx.binary(mux::data(ch, &sealed));
+        }
     }
 
     /// Refuse the relay itself: an error frame, then close the link (and so every channel).
@@ -211,27 +196,20 @@ impl RelaySession {
 
     /// The relay's own Hello: an enrolled relay's signature over our nonce.
     fn on_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
-        let hello = match protocol::decode(bytes, Sender::Agent) {
-            Ok(Frame::Hello(h)) => h,
-            Ok(other) => {
-                let reason = format!("expected hello, got {}", other.kind());
-                return self.refuse(
-                    ctx,
-                    CloseCode::Refused,
-                    ErrorCode::ProtocolViolation,
-                    &reason,
-                );
-            }
-            Err(e) => {
-                return self.refuse(ctx, e.close_code(), e.to_error_frame().code, &e.to_string())
-            }
-        };
-        let version = match verify_hello(&self.shared, &self.nonce, &hello, Role::Relay) {
-            Ok(v) => v,
-            Err(reason) => {
-                return self.refuse(ctx, CloseCode::Refused, ErrorCode::Unauthorized, &reason)
-            }
-        };
+        let signer = self.shared.trust.signer();
+        let (hello, version) =
+            match self
+                .greeting
+                .on_message(bytes, &signer, self.shared.registry.as_ref())
+            {
+                Step::Verified { hello, version } => (hello, version),
+                Step::Refuse(r) => return self.refuse(ctx, r.close, r.error, &r.reason),
+                other => {
+                    // A relay has no end-to-end handshake: a Hello or a refusal, nothing else.
+                    tracing::error!(step = ?other, "relay-handshake-unexpected-step");
+                    return;
+                }
+            };
         let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
         self.uncount();
         if let Some(old) = self
@@ -258,8 +236,8 @@ impl RelaySession {
         if self.relay_id.as_deref() == Some(relay_id) {
             return Some(LINK_CHANNEL);
         }
-        self.channels.iter().find_map(|(ch, c)| match &c.phase {
-            ChannelPhase::Relay { relay_id: r } if r == relay_id => Some(*ch),
+        self.channels.iter().find_map(|(ch, c)| match c.relay_id() {
+            Some(r) if r == relay_id => Some(*ch),
             _ => None,
         })
     }
@@ -424,20 +402,17 @@ impl RelaySession {
             conn,
             kind: open.kind,
             path: open.path,
-            nonce: new_nonce(),
-            gate: agent.then(ServerGate::default),
-            phase: if agent {
-                ChannelPhase::Securing
+            greeting: if agent {
+                Greeting::agent()
             } else {
-                ChannelPhase::Challenged
+                Greeting::relay()
             },
+            link: None,
             opened: Instant::now(),
             last_heard: Instant::now(),
             counted: true,
         };
-        let challenge = Frame::Challenge(Challenge {
-            nonce: channel.nonce.clone(),
-        });
+        let challenge = channel.greeting.challenge();
         tracing::debug!(relay_id = ?self.relay_id, ch, conn = conn.0, peer = %open.peer, kind = ?channel.kind, "channel-opened");
         self.channels.insert(ch, channel);
         // An agent speaks first, with its end-to-end handshake; a child relay is challenged.
@@ -472,61 +447,33 @@ impl RelaySession {
             return;
         };
         channel.last_heard = Instant::now();
-        let frame = match channel.gate.as_mut() {
-            None => frame,
-            Some(gate) => {
-                let shared = self.shared.clone();
-                let signer = shared.trust.signer();
-                let step =
-                    gate.on_message(&frame, &signer, |id| enrolled_key(&shared, id, Role::Agent));
-                match step {
-                    Ok(ServerStep::Frame(frame)) => frame,
-                    Ok(ServerStep::Reply(answer)) => {
-                        self.stats.frames_out += 1;
-                        return ctx.binary(mux::data(ch, &answer));
-                    }
-                    Ok(ServerStep::Established(agent_id)) => {
-                        tracing::debug!(ch, agent_id = %agent_id, "channel-sealed");
-                        channel.phase = ChannelPhase::Challenged;
-                        let challenge = Frame::Challenge(Challenge {
-                            nonce: channel.nonce.clone(),
-                        });
-                        return self.send_on(ctx, ch, &challenge);
-                    }
-                    Err(e) => {
-                        let reason = e.to_string();
-                        return self.refuse_channel(
-                            ctx,
-                            ch,
-                            CloseCode::Refused,
-                            ErrorCode::Unauthorized,
-                            &reason,
-                        );
-                    }
+        let signer = self.shared.trust.signer();
+        let step = channel
+            .greeting
+            .on_message(&frame, &signer, self.shared.registry.as_ref());
+        match step {
+            Step::Wire(answer) => {
+                self.stats.frames_out += 1;
+                ctx.binary(mux::data(ch, &answer));
+            }
+            Step::Send(frame) => self.send_on(ctx, ch, &frame),
+            Step::Verified { hello, version } => match channel.kind {
+                ChannelKind::Relay => self.child_relay_ready(ctx, ch, hello, &version),
+                ChannelKind::Agent => self.attach_agent(ctx, ch, hello, version),
+            },
+            Step::ToLink(bytes) => match (&channel.link, channel.relay_id()) {
+                (Some(link), _) => link.do_send(FromAgent {
+                    conn: channel.conn,
+                    bytes,
+                }),
+                (None, Some(relay_id)) => {
+                    let relay_id = relay_id.to_owned();
+                    self.on_relay_frame(ctx, ch, &relay_id, &bytes);
                 }
-            }
-        };
-        let Some(channel) = self.channels.get(&ch) else {
-            return;
-        };
-        match &channel.phase {
-            ChannelPhase::Securing => {}
-            ChannelPhase::Challenged => self.on_channel_hello(ctx, ch, &frame),
-            ChannelPhase::Agent { link, .. } => link.do_send(FromAgent {
-                conn: channel.conn,
-                bytes: frame,
-            }),
-            ChannelPhase::Attaching { .. } => self.refuse_channel(
-                ctx,
-                ch,
-                CloseCode::Refused,
-                ErrorCode::ProtocolViolation,
-                "frame before the welcome",
-            ),
-            ChannelPhase::Relay { relay_id } => {
-                let relay_id = relay_id.clone();
-                self.on_relay_frame(ctx, ch, &relay_id, &frame);
-            }
+                (None, None) => {}
+            },
+            Step::Nothing => {}
+            Step::Refuse(r) => self.refuse_channel(ctx, ch, r.close, r.error, &r.reason),
         }
     }
 
@@ -590,55 +537,6 @@ impl RelaySession {
         }
     }
 
-    fn on_channel_hello(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, bytes: &[u8]) {
-        let hello = match protocol::decode(bytes, Sender::Agent) {
-            Ok(Frame::Hello(h)) => h,
-            Ok(other) => {
-                let reason = format!("expected hello, got {}", other.kind());
-                return self.refuse_channel(
-                    ctx,
-                    ch,
-                    CloseCode::Refused,
-                    ErrorCode::ProtocolViolation,
-                    &reason,
-                );
-            }
-            Err(e) => {
-                let (code, error) = (e.close_code(), e.to_error_frame().code);
-                return self.refuse_channel(ctx, ch, code, error, &e.to_string());
-            }
-        };
-        let Some(channel) = self.channels.get(&ch) else {
-            return;
-        };
-        let role = match channel.kind {
-            ChannelKind::Agent => Role::Agent,
-            ChannelKind::Relay => Role::Relay,
-        };
-        let verified = verify_hello(&self.shared, &channel.nonce, &hello, role).and_then(|v| {
-            match &channel.gate {
-                Some(gate) => hello_matches_gate(gate.agent_id(), &hello).map(|()| v),
-                None => Ok(v),
-            }
-        });
-        let version = match verified {
-            Ok(v) => v,
-            Err(reason) => {
-                return self.refuse_channel(
-                    ctx,
-                    ch,
-                    CloseCode::Refused,
-                    ErrorCode::Unauthorized,
-                    &reason,
-                )
-            }
-        };
-        match role {
-            Role::Relay => self.child_relay_ready(ctx, ch, hello, &version),
-            Role::Agent => self.attach_agent(ctx, ch, hello, version),
-        }
-    }
-
     fn child_relay_ready(
         &mut self,
         ctx: &mut ws::WebsocketContext<Self>,
@@ -651,6 +549,8 @@ impl RelaySession {
             return;
         };
         if channel.path.contains(&relay_id) {
+            // Never online through this channel: closing it must not mark the relay offline.
+            channel.greeting.close();
             return self.refuse_channel(
                 ctx,
                 ch,
@@ -660,9 +560,6 @@ impl RelaySession {
             );
         }
         uncount(&self.shared, &mut self.handshaking, channel);
-        channel.phase = ChannelPhase::Relay {
-            relay_id: relay_id.clone(),
-        };
         let path = channel.path.clone();
         self.shared
             .registry
@@ -682,14 +579,10 @@ impl RelaySession {
         hello: Hello,
         version: String,
     ) {
-        let Some(channel) = self.channels.get_mut(&ch) else {
+        let Some(channel) = self.channels.get(&ch) else {
             return;
         };
         let agent_id = hello.agent_id.clone();
-        channel.phase = ChannelPhase::Attaching {
-            agent_id: agent_id.clone(),
-            held: Vec::new(),
-        };
         let conn = channel.conn;
         let handle = SessionHandle::relayed(ctx.address().recipient(), ch, conn);
         let attach = attach(self.registry.clone(), conn, hello, handle);
@@ -697,20 +590,21 @@ impl RelaySession {
             let Some(channel) = act.channels.get_mut(&ch).filter(|c| c.conn == conn) else {
                 return;
             };
-            let held = match &mut channel.phase {
-                ChannelPhase::Attaching { held, .. } => std::mem::take(held),
-                _ => return,
-            };
+            if !channel.greeting.is_attaching() {
+                return;
+            }
             match res {
                 Ok((link, welcome)) => {
                     uncount(&act.shared, &mut act.handshaking, channel);
                     let path = channel.path.clone();
-                    channel.phase = ChannelPhase::Agent {
-                        agent_id: agent_id.clone(),
-                        link,
-                    };
+                    channel.link = Some(link);
                     act.shared.registry.set_online(&agent_id, &version, path);
                     act.send_on(ctx, ch, &Frame::Welcome(welcome));
+                    let held = act
+                        .channels
+                        .get_mut(&ch)
+                        .and_then(|c| c.greeting.attached())
+                        .unwrap_or_default();
                     for f in held {
                         act.put(ctx, ch, &f);
                     }
@@ -771,23 +665,26 @@ impl RelaySession {
     /// A channel is gone: its agent or child relay is offline unless it reconnected already.
     fn end_channel(&mut self, mut channel: Channel) {
         uncount(&self.shared, &mut self.handshaking, &mut channel);
-        match channel.phase {
-            ChannelPhase::Agent { agent_id, link } => {
-                link.do_send(Detach { conn: channel.conn });
+        if !channel.greeting.close() {
+            return;
+        }
+        let Some(peer) = channel.greeting.peer().map(str::to_owned) else {
+            return;
+        };
+        match channel.kind {
+            ChannelKind::Agent => {
+                if let Some(link) = channel.link {
+                    link.do_send(Detach { conn: channel.conn });
+                }
                 self.registry.do_send(SessionEnded {
-                    agent_id,
+                    agent_id: peer,
                     conn: channel.conn,
                 });
             }
-            ChannelPhase::Attaching { agent_id, .. } => self.registry.do_send(SessionEnded {
-                agent_id,
-                conn: channel.conn,
-            }),
-            ChannelPhase::Relay { relay_id } => {
-                self.shared.registry.set_offline(&relay_id);
-                tracing::info!(relay_id = %relay_id, "relay-offline");
+            ChannelKind::Relay => {
+                self.shared.registry.set_offline(&peer);
+                tracing::info!(relay_id = %peer, "relay-offline");
             }
-            ChannelPhase::Securing | ChannelPhase::Challenged => {}
         }
     }
 
@@ -824,10 +721,7 @@ impl RelaySession {
         let mut stale = Vec::new();
         let mut beating = Vec::new();
         for (ch, c) in &self.channels {
-            let ready = matches!(
-                c.phase,
-                ChannelPhase::Agent { .. } | ChannelPhase::Relay { .. }
-            );
+            let ready = c.greeting.is_ready();
             if ready && c.last_heard.elapsed() > self.shared.heartbeat_timeout {
                 stale.push((*ch, "heartbeat timeout"));
             } else if !ready && c.opened.elapsed() > self.shared.handshake_timeout {
@@ -844,10 +738,11 @@ impl RelaySession {
             .relay_id
             .iter()
             .cloned()
-            .chain(self.channels.values().filter_map(|c| match &c.phase {
-                ChannelPhase::Relay { relay_id } => Some(relay_id.clone()),
-                _ => None,
-            }))
+            .chain(
+                self.channels
+                    .values()
+                    .filter_map(|c| c.relay_id().map(str::to_owned)),
+            )
             .collect();
         for relay_id in relays {
             self.push_certificate(ctx, &relay_id, false);
@@ -873,12 +768,10 @@ impl RelaySession {
             ..Default::default()
         };
         for c in self.channels.values() {
-            match c.phase {
-                ChannelPhase::Agent { .. } => health.agents += 1,
-                ChannelPhase::Relay { .. } => health.relays += 1,
-                ChannelPhase::Securing
-                | ChannelPhase::Challenged
-                | ChannelPhase::Attaching { .. } => health.handshaking += 1,
+            match (c.greeting.is_ready(), c.kind) {
+                (true, ChannelKind::Agent) => health.agents += 1,
+                (true, ChannelKind::Relay) => health.relays += 1,
+                (false, _) => health.handshaking += 1,
             }
         }
         health
@@ -909,12 +802,7 @@ impl Actor for RelaySession {
             ctx.close(Some(CloseCode::Busy.frame("busy, retry later")));
             return ctx.stop();
         }
-        Self::send_frame(
-            ctx,
-            &Frame::Challenge(Challenge {
-                nonce: self.nonce.clone(),
-            }),
-        );
+        Self::send_frame(ctx, &self.greeting.challenge());
         ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
             if act.relay_id.is_none() && !act.closing {
                 act.refuse(
@@ -1009,14 +897,12 @@ impl RelaySession {
         let Some(channel) = self.channels.get_mut(&ch).filter(|c| c.conn == conn) else {
             return;
         };
-        match &mut channel.phase {
-            ChannelPhase::Agent { .. } => {
-                for f in frames {
-                    self.put(ctx, ch, &f);
-                }
-            }
-            ChannelPhase::Attaching { held, .. } => held.extend(frames),
-            ChannelPhase::Securing | ChannelPhase::Challenged | ChannelPhase::Relay { .. } => {}
+        if channel.kind != ChannelKind::Agent {
+            return;
+        }
+        for wire in channel.greeting.outgoing(frames) {
+            self.stats.frames_out += 1;
+            ctx.binary(mux::data(ch, &wire));
         }
     }
 
@@ -1089,8 +975,7 @@ impl Handler<RevokeRelay> for RelaySession {
             .channels
             .iter()
             .filter(|(_, c)| {
-                c.path.contains(&msg.relay_id)
-                    || matches!(&c.phase, ChannelPhase::Relay { relay_id } if *relay_id == msg.relay_id)
+                c.path.contains(&msg.relay_id) || c.relay_id() == Some(msg.relay_id.as_str())
             })
             .map(|(ch, _)| *ch)
             .collect();

@@ -1,7 +1,8 @@
 //! `tether-agent worker`: the process that does the agent's work, started and watched by the
 //! monitor (`tether-agent run`).
 //!
-//! It opens the journal, builds the [`uplink::Uplink`] under a [`supervisor::Supervisor`], and
+//! It opens the journal, builds the [`jobs::runner::StepRunner`] and the [`uplink::Uplink`]
+//! under a [`supervisor::Supervisor`] (each rebuilt on its own), and
 //! tells the monitor it is alive by writing `beat <health json>` lines to stdout. It reads
 //! nothing from stdin, but when stdin (a pipe held by the monitor) reaches EOF the monitor is
 //! gone, and the worker exits rather than run unsupervised. It opens no listening socket.
@@ -113,6 +114,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     let version = running_version();
     tracing::info!(agent_id = %state.agent_id, version = %version, "worker-version");
     let status = Arc::new(Mutex::new(None::<AgentStatus>));
+    let runner = jobs::runner::RunnerSlot::default();
     let uplink_cfg = Arc::new(UplinkConfig {
         agent_id: state.agent_id.clone(),
         version: version.clone(),
@@ -133,6 +135,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         data_dir: dir.to_owned(),
         upgrade_drain_timeout: cfg.agent.upgrade_drain_timeout,
         job_retention: cfg.agent.job_retention,
+        runner: runner.clone(),
     });
     let beat_every = (cfg.agent.worker_beat_timeout / 3).max(Duration::from_millis(50));
     let budget = cfg.agent.worker_restart_budget;
@@ -140,6 +143,12 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
 
     let system = System::new();
     system.block_on(async move {
+        // The runner first: the uplink adopts it as it starts.
+        let steps: supervisor::Factory = Box::new(move || {
+            let addr = jobs::runner::StepRunner::default().start();
+            runner.set(addr.clone());
+            Some(addr.recipient())
+        });
         let factory: supervisor::Factory =
             Box::new(move || match Uplink::recover(uplink_cfg.clone()) {
                 Ok(u) => Some(u.start().recipient()),
@@ -149,6 +158,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
                 }
             });
         let sup = Supervisor::new(Duration::from_millis(500), budget, window)
+            .child("steps", "StepRunner", steps)
             .child("uplink", "Uplink", factory)
             .start();
         watch_stdin();

@@ -11,4 +11,5 @@ pub mod capture;
 pub mod fetch;
 pub mod http;
 pub mod outputs;
+pub mod runner;
 pub mod step;

@@ -403,7 +403,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn spec(
+    pub(crate) fn spec(
         plugin: &str,
         step: &str,
         props: &[(&str, &str)],

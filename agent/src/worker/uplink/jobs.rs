@@ -4,19 +4,22 @@
 //! happens. A step's process starts only once its `StepStarted` is durable, so after any crash
 //! the record tells whether it may have run; `JobRecord::recover` settles it. Jobs run whether
 //! or not the uplink is connected: their events wait in the journal for the next session.
+//!
+//! Steps run in the [`StepRunner`], supervised apart from the uplink: a step outlives a crash of
+//! the uplink, whose next instance adopts the runner and is told which steps still run.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use actix::prelude::*;
 use tether_shared::enroll::Upstream;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 use tether_shared::protocol::{EventBody, JobStatus, Seq, StepSpec, StepStatus};
-use tokio::sync::oneshot;
 
 use super::Uplink;
 use crate::worker::jobs::book::{record_key, JobRecord, Next, INTERRUPTED, RECORD_PREFIX};
 use crate::worker::jobs::outputs;
-use crate::worker::jobs::step::{self, StepContext, StepResult};
+use crate::worker::jobs::runner::{Adopt, KillStep, RunStep, Settled, StepReport};
+use crate::worker::jobs::step::{StepContext, StepResult};
 
 /// Event slots kept free of output chunks, so that every step and job end finds room.
 const CONTROL_RESERVE: usize = 1_024;
@@ -33,8 +36,6 @@ pub(crate) struct Jobs {
     records: BTreeMap<String, JobRecord>,
     /// A commit for the job is in flight: its next transition waits.
     busy: HashSet<String>,
-    /// Running steps, by job: firing the sender kills the step.
-    running: HashMap<String, oneshot::Sender<()>>,
     /// A step waits for the event backlog to drain (acks resume it).
     held_for_backlog: bool,
     /// Output chunks were dropped for a full backlog, by (job, step): the next one says so.
@@ -48,7 +49,6 @@ impl Default for Jobs {
         Jobs {
             records: BTreeMap::new(),
             busy: HashSet::new(),
-            running: HashMap::new(),
             held_for_backlog: false,
             gaps: HashSet::new(),
             last_prune: std::time::Instant::now(),
@@ -84,80 +84,111 @@ impl Jobs {
 
     /// Steps running now, or whose start is being journaled (the drain waits for them).
     pub(crate) fn steps_running(&self) -> usize {
-        let recorded = self
-            .records
+        self.records
             .values()
             .filter(|r| r.finished.is_none())
             .flat_map(|r| r.progress.iter())
             .filter(|p| p.running)
-            .count();
-        recorded.max(self.running.len())
+            .count()
     }
 }
 
-/// A chunk of a running step's output.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct StepChunk {
-    job_id: String,
-    step: usize,
-    data: String,
-}
-
-impl Handler<StepChunk> for Uplink {
+impl Handler<StepReport> for Uplink {
     type Result = ();
 
-    fn handle(&mut self, msg: StepChunk, ctx: &mut Self::Context) {
-        // Output never takes the room that step and job ends need: past it, chunks are
-        // dropped and the next one that fits says so.
-        if !self.ep.outbound.has_room(CONTROL_RESERVE + 1) {
-            if self.jobs.gaps.insert((msg.job_id.clone(), msg.step)) {
-                tracing::warn!(job_id = %msg.job_id, step = msg.step, "output-dropped-backlog-full");
-            }
-            return;
+    fn handle(&mut self, msg: StepReport, ctx: &mut Self::Context) {
+        match msg {
+            StepReport::Chunk {
+                job_id,
+                step,
+                attempt,
+                data,
+            } => self.step_chunk(ctx, job_id, (step, attempt), data),
+            // It comes after every chunk the step sent, so its `StepFinished` is numbered after
+            // all of its output.
+            StepReport::Done {
+                job_id,
+                step,
+                attempt,
+                result,
+            } => self.step_done(ctx, &job_id, (step, attempt), result),
         }
-        let Some(record) = self.jobs.records.get_mut(&msg.job_id) else {
-            return;
-        };
-        let Some(p) = record.progress.get_mut(msg.step) else {
-            return;
-        };
-        let chunk = p.next_chunk;
-        p.next_chunk += 1;
-        let data = if self.jobs.gaps.remove(&(msg.job_id.clone(), msg.step)) {
-            format!("{GAP_MARKER}{}", msg.data)
-        } else {
-            msg.data
-        };
-        let event = EventBody::StepOutput {
-            job_id: msg.job_id.clone(),
-            step: msg.step as u32,
-            chunk,
-            data,
-        };
-        self.emit(ctx, &msg.job_id, vec![event], false, |_, _| {});
-    }
-}
-
-/// A step ended. It comes through the mailbox after every chunk the step sent, so its
-/// `StepFinished` is numbered after all of its output.
-#[derive(Message)]
-#[rtype(result = "()")]
-struct StepDone {
-    job_id: String,
-    step: usize,
-    result: StepResult,
-}
-
-impl Handler<StepDone> for Uplink {
-    type Result = ();
-
-    fn handle(&mut self, msg: StepDone, ctx: &mut Self::Context) {
-        self.step_done(ctx, &msg.job_id, msg.step, msg.result);
     }
 }
 
 impl Uplink {
+    /// A chunk of a running step's output.
+    fn step_chunk(
+        &mut self,
+        ctx: &mut Context<Self>,
+        job_id: String,
+        (step, attempt): (usize, u32),
+        data: String,
+    ) {
+        // Output never takes the room that step and job ends need: past it, chunks are
+        // dropped and the next one that fits says so.
+        if !self.ep.outbound.has_room(CONTROL_RESERVE + 1) {
+            if self.jobs.gaps.insert((job_id.clone(), step)) {
+                tracing::warn!(job_id = %job_id, step, "output-dropped-backlog-full");
+            }
+            return;
+        }
+        let Some(p) = self
+            .jobs
+            .records
+            .get_mut(&job_id)
+            .and_then(|r| r.progress.get_mut(step))
+            .filter(|p| p.running && p.attempt == attempt)
+        else {
+            return;
+        };
+        let chunk = p.next_chunk;
+        p.next_chunk += 1;
+        let data = if self.jobs.gaps.remove(&(job_id.clone(), step)) {
+            format!("{GAP_MARKER}{data}")
+        } else {
+            data
+        };
+        let event = EventBody::StepOutput {
+            job_id: job_id.clone(),
+            step: step as u32,
+            chunk,
+            data,
+        };
+        self.emit(ctx, &job_id, vec![event], false, |_, _| {});
+    }
+
+    /// Adopt the step runner if it is new (at start, and after the supervisor rebuilt it):
+    /// the steps it holds still run; every other step found running is settled as after a
+    /// restart.
+    pub(super) fn adopt_runner(&mut self, ctx: &mut Context<Self>) {
+        let Some((generation, runner)) = self.cfg.runner.get() else {
+            return;
+        };
+        if self.runner.as_ref().is_some_and(|(g, _)| *g == generation) {
+            return;
+        }
+        self.runner = Some((generation, runner.clone()));
+        let me = ctx.address().recipient();
+        ctx.wait(
+            runner
+                .send(Adopt(me))
+                .into_actor(self)
+                .map(move |held, act, ctx| {
+                    let held: HashSet<String> = match held {
+                        Ok(held) => held.into_iter().map(|(job, _)| job).collect(),
+                        // Gone already: its steps died with it; the next tick adopts the next.
+                        Err(_) => {
+                            act.runner = None;
+                            HashSet::new()
+                        }
+                    };
+                    tracing::info!(generation, steps_held = held.len(), "step-runner-adopted");
+                    act.resume_jobs(ctx, &held);
+                }),
+        );
+    }
+
     fn record_op(&self, job_id: &str) -> Option<Op> {
         let record = self.jobs.records.get(job_id)?;
         let value = serde_json::to_vec(record).ok()?;
@@ -226,14 +257,23 @@ impl Uplink {
         }
         record.cancel = true;
         ops.extend(self.record_op(job_id));
-        if let Some(kill) = self.jobs.running.remove(job_id) {
-            let _ = kill.send(());
+        if let Some((_, runner)) = &self.runner {
+            runner.do_send(KillStep {
+                job_id: job_id.to_owned(),
+            });
         }
     }
 
-    /// Settle jobs after a restart (interrupted steps), then drive every unfinished job.
-    pub(super) fn resume_jobs(&mut self, ctx: &mut Context<Self>) {
-        let ids: Vec<String> = self.jobs.records.keys().cloned().collect();
+    /// Settle the jobs whose step was running and is not among the runner's (`held`): it died
+    /// with the worker or the runner. Then drive every unfinished job.
+    fn resume_jobs(&mut self, ctx: &mut Context<Self>, held: &HashSet<String>) {
+        let ids: Vec<String> = self
+            .jobs
+            .records
+            .keys()
+            .filter(|id| !held.contains(*id) && !self.jobs.busy.contains(*id))
+            .cloned()
+            .collect();
         for id in ids {
             let interrupted = match self.jobs.records.get_mut(&id) {
                 Some(r) if r.finished.is_none() => r.recover(),
@@ -366,8 +406,8 @@ impl Uplink {
                 };
                 let j = job.clone();
                 // The process starts only once its start is durable.
-                self.emit(ctx, &job, vec![event], true, move |act, ctx| {
-                    act.run_step(ctx, &j, step)
+                self.emit(ctx, &job, vec![event], true, move |act, _| {
+                    act.run_step(&j, step, attempt)
                 });
             }
         }
@@ -442,7 +482,7 @@ impl Uplink {
         }
     }
 
-    fn run_step(&mut self, ctx: &mut Context<Self>, job_id: &str, step: usize) {
+    fn run_step(&mut self, job_id: &str, step: usize, attempt: u32) {
         let Some(record) = self.jobs.records.get(job_id) else {
             return;
         };
@@ -472,50 +512,45 @@ impl Uplink {
             plugin_dir: self.cfg.plugin_dir.clone(),
             artifact_cache: self.cfg.artifact_cache.clone(),
         };
-        let (kill, killed) = oneshot::channel();
-        self.jobs.running.insert(job_id.to_owned(), kill);
-        tracing::info!(job_id = %job_id, step, name = %spec.name, "step-started");
-        let addr = ctx.address();
-        let job = job_id.to_owned();
-        let for_chunks = job.clone();
-        let run = async move {
-            let chunk = move |data: String| {
-                addr.do_send(StepChunk {
-                    job_id: for_chunks.clone(),
-                    step,
-                    data,
-                })
-            };
-            step::run(&spec, &step_ctx, chunk, killed).await
+        let Some((_, runner)) = &self.runner else {
+            // No runner adopted yet: the step stays recorded as running, and is settled when
+            // one is (as after a restart).
+            return tracing::error!(job_id = %job_id, step, "step-not-started-no-runner");
         };
-        let done = ctx.address();
-        // Tied to the actor: if it dies, the step's process group is killed with the future.
-        // Its end goes through the mailbox, behind the step's last chunks.
-        ctx.spawn(
-            async move {
-                let result = run.await;
-                done.do_send(StepDone {
-                    job_id: job,
-                    step,
-                    result,
-                });
-            }
-            .into_actor(self),
-        );
+        runner.do_send(RunStep {
+            job_id: job_id.to_owned(),
+            step,
+            attempt,
+            spec,
+            ctx: step_ctx,
+        });
     }
 
     fn step_done(
         &mut self,
         ctx: &mut Context<Self>,
         job_id: &str,
-        step: usize,
+        (step, attempt): (usize, u32),
         result: StepResult,
     ) {
-        self.jobs.running.remove(job_id);
-        self.jobs.gaps.remove(&(job_id.to_owned(), step));
-        let Some(record) = self.jobs.records.get_mut(job_id) else {
+        let settled = Settled {
+            job_id: job_id.to_owned(),
+            step,
+            attempt,
+        };
+        let running = |r: &&mut JobRecord| {
+            r.progress
+                .get(step)
+                .is_some_and(|p| p.running && p.attempt == attempt)
+        };
+        let Some(record) = self.jobs.records.get_mut(job_id).filter(running) else {
+            // Its end is journaled already (sent again to a new uplink), or the job is gone.
+            if let Some((_, runner)) = &self.runner {
+                runner.do_send(settled);
+            }
             return;
         };
+        self.jobs.gaps.remove(&(job_id.to_owned(), step));
         let mut result = result;
         outputs::fit(&mut result);
         tracing::info!(job_id = %job_id, step, status = ?result.status, exit_code = ?result.exit_code, "step-finished");
@@ -543,6 +578,9 @@ impl Uplink {
         }
         let job = job_id.to_owned();
         self.emit(ctx, job_id, events, true, move |act, ctx| {
+            if let Some((_, runner)) = &act.runner {
+                runner.do_send(settled);
+            }
             act.advance(ctx, &job);
             // A drain may have been waiting for this step.
             act.drive_upgrade(ctx);

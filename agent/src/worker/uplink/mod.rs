@@ -35,6 +35,7 @@ use tether_shared::protocol::{
 use tether_shared::stream::{AckOutcome, Endpoint, Handshake};
 use tether_shared::trust::Pinned;
 
+use crate::worker::jobs::runner::{Generation, RunnerSlot};
 use crate::worker::supervisor::Ping;
 
 mod jobs;
@@ -85,6 +86,8 @@ pub struct UplinkConfig {
     pub upgrade_drain_timeout: Duration,
     /// How long a finished job's record and work directory stay once its end is acknowledged.
     pub job_retention: Duration,
+    /// Where the step runner is (rebuilt apart from the uplink by the supervisor).
+    pub runner: RunnerSlot,
 }
 
 /// Where the handshake on an open connection stands.
@@ -116,6 +119,8 @@ pub struct Uplink {
     since_trim: u64,
     /// The jobs this agent holds.
     jobs: jobs::Jobs,
+    /// The step runner adopted, and its generation.
+    runner: Option<Generation>,
     /// The upgrade underway, if any (journaled), and its progress.
     upgrade: UpgradeDriver,
     /// Raised when the actor stops: a package download in flight gives up.
@@ -165,6 +170,7 @@ impl Uplink {
             generating: false,
             since_trim: 0,
             jobs: jobs::Jobs::load(&cfg.journal)?,
+            runner: None,
             upgrade: UpgradeDriver::load(&cfg.journal)?,
             upgrade_stop: Arc::new(AtomicBool::new(false)),
             cfg,
@@ -635,11 +641,12 @@ impl Actor for Uplink {
             "uplink-started"
         );
         self.clear_stale_result();
-        self.resume_jobs(ctx);
+        self.adopt_runner(ctx);
         self.drive_upgrade(ctx);
         self.dial(ctx);
         ctx.run_interval(TICK, |act, ctx| {
             act.ep.outbound.on_tick(now_ms());
+            act.adopt_runner(ctx);
             act.pump();
             act.drive_upgrade(ctx);
             act.prune_jobs(ctx);

@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod capture;
 pub mod fetch;
 pub mod http;
+pub mod ledger;
 pub mod outputs;
 pub mod runner;
 pub mod step;

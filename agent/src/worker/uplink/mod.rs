@@ -420,15 +420,10 @@ impl Uplink {
                         steps,
                     } => {
                         let seq = if expired {
-                            self.expire_job(job_id.clone(), deployment_id.clone(), &mut ops)
+                            self.expire_job(job_id, deployment_id, &mut ops)
                         } else {
                             job_to_drive = Some(job_id.clone());
-                            self.accept_job(
-                                job_id.clone(),
-                                deployment_id.clone(),
-                                steps.clone(),
-                                &mut ops,
-                            )
+                            self.accept_job(job_id, deployment_id, steps.clone(), &mut ops)
                         };
                         seq.map(|s| (s, None))
                     }

@@ -613,9 +613,21 @@ impl Handler<DownGone> for Upstream {
     }
 }
 
-/// A mux frame from authenticated child relay link `child` (whose own id is `child_id`).
+/// Why a child relay's frame is refused (its link is then closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChildRefused {
+    #[error("channel {0} is already open")]
+    Reopened(u32),
+    #[error("the path must end with the relay that opens the channel")]
+    PathNotOurs,
+    #[error("too many relays on the path")]
+    PathTooLong,
+}
+
+/// A mux frame from authenticated child relay link `child` (whose own id is `child_id`). A
+/// frame that breaks the rules closes the child's link.
 #[derive(Message)]
-#[rtype(result = "Result<(), String>")]
+#[rtype(result = "()")]
 pub struct FromChild {
     pub child: u64,
     pub child_id: String,
@@ -624,22 +636,36 @@ pub struct FromChild {
 }
 
 impl Handler<FromChild> for Upstream {
-    type Result = Result<(), String>;
+    type Result = ();
 
-    fn handle(&mut self, msg: FromChild, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: FromChild, _: &mut Self::Context) {
+        let session = msg.session.clone();
+        if let Err(e) = self.from_child(msg) {
+            tracing::warn!(reason = %e, "child-relay-refused");
+            session.do_send(CloseChild {
+                code: CloseCode::Refused,
+                reason: e.to_string(),
+            });
+        }
+    }
+}
+
+impl Upstream {
+    fn from_child(&mut self, msg: FromChild) -> Result<(), ChildRefused> {
+        // Without a link, the child's link is being closed with every channel.
         if !self.dial.is_ready() {
-            return Err("relay lost its upstream".into());
+            return Ok(());
         }
         match msg.frame {
             Mux::Open { ch, mut open } => {
                 if self.by_child.contains_key(&(msg.child, ch)) {
-                    return Err(format!("channel {ch} is already open"));
+                    return Err(ChildRefused::Reopened(ch));
                 }
                 if open.path.last() != Some(&msg.child_id) {
-                    return Err("the path must end with the relay that opens the channel".into());
+                    return Err(ChildRefused::PathNotOurs);
                 }
                 if open.path.len() >= mux::MAX_PATH {
-                    return Err("too many relays on the path".into());
+                    return Err(ChildRefused::PathTooLong);
                 }
                 open.path.push(self.cfg.relay_id.clone());
                 let down = Down::ChildChannel {

@@ -44,7 +44,7 @@ impl AdminState {
         let (registry_actor, links) = observe_links(&self.sessions).await;
         let mut actors = vec![journal_actor, registry_actor];
         let mut relays = BTreeMap::new();
-        for (id, link) in self.shared.relay_links.all() {
+        for (id, link) in self.shared.presence.relay_links() {
             let answer = tokio::time::timeout(OBSERVE_TIMEOUT, link.send(ObserveRelayLink)).await;
             let (state, health) = match answer {
                 Ok(Ok(h)) => (ActorState::Running, Some(h)),

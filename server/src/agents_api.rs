@@ -108,7 +108,7 @@ impl AgentAdmin {
             .filter(|a| a.role == Role::Relay)
             .or_else(|| {
                 self.registry
-                    .relay_statuses()
+                    .relay_statuses(self.shared.presence.as_ref())
                     .into_iter()
                     .find(|r| r.name == id_or_name)
                     .and_then(|r| self.registry.agent(&r.id))
@@ -131,13 +131,15 @@ impl AgentAdmin {
             .await?
             .ok_or(AgentsError::RelayNotFound)?;
         let closed = revoke_relay(&self.shared, &deleted.id).await;
+        self.shared.presence.forget(&deleted.id);
         tracing::warn!(relay_id = %deleted.id, name = %deleted.name, closed, "relay-deleted");
         Ok((deleted, closed))
     }
 
     /// One agent's line as `GET /api/v1/agents` shows it, with its latest upgrade.
     pub fn status(&self, id: &str) -> Option<AgentStatus> {
-        self.registry.agent_status(id)
+        self.registry
+            .agent_status(id, self.shared.presence.as_ref())
     }
 
     /// The JSON of `status` with the agent's upgrade (as `GET /api/v1/agents` shows it).
@@ -213,6 +215,7 @@ impl AgentAdmin {
                 reason: "agent deleted".into(),
             })
             .await;
+        self.shared.presence.forget(&deleted.id);
         Ok((deleted, failed))
     }
 }

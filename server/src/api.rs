@@ -26,6 +26,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// Agents' upgrade states.
     pub upgrades: Arc<Upgrades>,
+    /// Who is connected now.
+    pub presence: Arc<crate::session::Peers>,
 }
 
 /// Mounts the `/api/v1` routes.
@@ -131,7 +133,7 @@ async fn list_agents(
     state.token.check(&req)?;
     let list: Vec<serde_json::Value> = state
         .registry
-        .agent_statuses()
+        .agent_statuses(state.presence.as_ref())
         .into_iter()
         .map(|a| {
             let upgrade = state.upgrades.agent(&a.id);
@@ -157,7 +159,7 @@ async fn list_relays(
     state.token.check(&req)?;
     let list: Vec<serde_json::Value> = state
         .registry
-        .relay_statuses()
+        .relay_statuses(state.presence.as_ref())
         .into_iter()
         .map(|r| {
             let upgrade = state.upgrades.relay(&r.id);

@@ -126,6 +126,7 @@ pub struct Built {
 /// Starts the journal, the session registry and the scheduler, and builds every area's state.
 pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, UsersError> {
     let handle = loaded.journal.handle();
+    let presence: Arc<crate::session::Peers> = Default::default();
     let shared = Arc::new(SessionShared {
         journal: handle.clone(),
         registry: loaded.registry.clone(),
@@ -142,7 +143,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         handshakes: AtomicUsize::new(0),
         max_handshakes: tuning.max_handshakes,
         sources: session::source_slots::SourceSlots::new(tuning.max_handshakes),
-        relay_links: Default::default(),
+        presence: presence.clone(),
         relay_certs: loaded.relay_certs.clone(),
         next_conn: AtomicU64::new(0),
         window: tuning.window,
@@ -238,6 +239,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         token: loaded.token,
         registry: loaded.registry.clone(),
         upgrades: loaded.upgrades,
+        presence,
     });
     let trust_state = web::Data::new(crate::trust::api::TrustApiState {
         token: api_state.token.clone(),

@@ -37,6 +37,7 @@ mod health;
 mod init;
 mod plugins;
 mod ports;
+mod presence;
 mod registry;
 mod relay_certs;
 mod run;

@@ -107,7 +107,7 @@ impl RelayCerts {
     /// Every relay's certificate expiry, for health: `(relay id, notAfter)`.
     pub fn expiries(&self) -> Vec<(String, i64)> {
         self.registry
-            .relay_statuses()
+            .relays()
             .into_iter()
             .filter_map(|r| {
                 let issued = self.registry.relay_certificate(&r.id)?.issued?;

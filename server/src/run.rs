@@ -451,7 +451,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
         stop.await;
         // Sessions and relay links would hold the graceful stop until its timeout: close them
         // first (the peers resume from their journals), then let requests in flight finish.
-        let links = built.shared.relay_links.all();
+        let links = built.shared.presence.relay_links();
         for (_, link) in &links {
             link.do_send(ServerStopping);
         }

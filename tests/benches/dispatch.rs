@@ -64,6 +64,8 @@ fn main() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(100_000);
     let mut history_ratio = None;
+    // Total ms of the measured dispatch, by fleet size (for the per-agent ratio).
+    let mut totals: Vec<(usize, u64)> = Vec::new();
     for &n in &sizes {
         let dir = TestDir::new();
         let server = Server::start(dir.path());
@@ -93,6 +95,7 @@ fn main() {
         // Warm-up (first contact journaling, links created), then the measured deployment.
         dispatch(&server, "trivial", &ids);
         let total = row("simulated", n, dispatch(&server, "trivial", &ids));
+        totals.extend(total.map(|t| (n, t)));
         if n == 1000 {
             sim_1000 = total;
             // History: the same dispatch once the server holds `history` finished jobs.
@@ -163,6 +166,30 @@ fn main() {
             "target 1000 simulated agents all done < 2000 ms: {t} ms ({})",
             verdict(t < 2000)
         );
+    }
+    // Linear dispatch: the largest fleet's cost per agent against 1,000 agents', in this run.
+    let per_agent = |n: usize| {
+        totals
+            .iter()
+            .find(|(m, _)| *m == n)
+            .map(|(_, t)| *t as f64 / n as f64)
+    };
+    if let Some(&(largest, t)) = totals.iter().max_by_key(|(n, _)| *n) {
+        if largest >= 10_000 {
+            println!(
+                "target {largest} simulated agents all done < 5000 ms: {t} ms ({})",
+                verdict(t < 5000)
+            );
+        }
+        if let (true, Some(small), Some(big)) =
+            (largest > 1000, per_agent(1000), per_agent(largest))
+        {
+            let r = big / small.max(f64::MIN_POSITIVE);
+            println!(
+                "target per-agent cost at {largest} <= 1.3x the cost at 1000: {big:.3} / {small:.3} ms = {r:.2}x ({})",
+                verdict(r <= 1.3)
+            );
+        }
     }
     if let Some(r) = history_ratio {
         println!(

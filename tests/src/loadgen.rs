@@ -800,7 +800,8 @@ impl SimAgent {
         let check = |frame: &Frame| -> Result<(), LinkError> {
             verify_command(frame, agent_id, std::slice::from_ref(server_key))?;
             if !room {
-                return Err(LinkError::Refused("event backlog full".into()));
+                // The event backlog is full.
+                return Err(LinkError::Deferred);
             }
             Ok(())
         };
@@ -905,7 +906,7 @@ impl SimAgent {
                 }
                 other => Err(format!("unexpected {} frame", other.kind())),
             },
-            Err(LinkError::Refused(r)) if r == "event backlog full" => Ok(()),
+            Err(LinkError::Deferred) => Ok(()),
             Err(e) => Err(e.to_string()),
         }
     }

@@ -1,5 +1,5 @@
-//! [`Registry`]: the enrolled agents and relays, the enrollment tokens, and (in memory only)
-//! who is connected right now.
+//! [`Registry`]: the enrolled agents and relays and the enrollment tokens. Who is connected
+//! right now is [`crate::presence`]; the views that join both take what was seen.
 //!
 //! Persistent state lives in the journal's meta entries as JSON: `agent/<id>` per enrolled
 //! agent or relay, `token/<sha256 hex of the token>` per enrollment token with its remaining
@@ -7,9 +7,6 @@
 //! or logged. Every change is committed to the journal (and so flushed and fdatasync'ed) before
 //! the in-memory maps change and before anyone is answered; changes are serialized by one async
 //! lock, so a token's use count is decremented atomically even under concurrent enrollments.
-//!
-//! Presence (`set_online`, `set_offline`, `touch`) is not persisted: after a restart every
-//! agent is offline until it reconnects.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{PoisonError, RwLock};
@@ -24,6 +21,8 @@ use tether_shared::config::Secret;
 use tether_shared::enroll::{name_problem, tags_problem};
 use tether_shared::identity::PublicKey;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
+
+use crate::presence::{Seen, Sightings};
 
 pub use tether_shared::enroll::{EnrollRequest, Role};
 
@@ -147,12 +146,7 @@ pub struct RelayStatus {
 /// A peer's self-reported status, as heartbeats carry it.
 pub type ReportedStatus = tether_shared::protocol::AgentStatus;
 
-fn agent_status_of(
-    record: AgentRecord,
-    presence: &HashMap<String, Presence>,
-    names: &HashMap<String, String>,
-) -> AgentStatus {
-    let p = presence.get(&record.id).cloned().unwrap_or_default();
+fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>) -> AgentStatus {
     AgentStatus {
         status: if p.online {
             Status::Online
@@ -306,18 +300,6 @@ impl StoredToken {
     }
 }
 
-/// What is known of a connection, in memory only.
-#[derive(Debug, Clone, Default)]
-struct Presence {
-    online: bool,
-    version: Option<String>,
-    /// Relay ids, nearest the peer first.
-    path: Vec<String>,
-    last_seen_unix_ms: Option<u64>,
-    /// The peer's last reported status (relays: from their heartbeats).
-    reported: Option<ReportedStatus>,
-}
-
 /// The registry; share it as `Arc<Registry>`.
 pub struct Registry {
     /// Where every change is committed first.
@@ -326,8 +308,6 @@ pub struct Registry {
     agents: RwLock<BTreeMap<String, StoredAgent>>,
     /// Live tokens by the sha256 (hex) of their text.
     tokens: RwLock<HashMap<String, StoredToken>>,
-    /// Connection state by agent id.
-    presence: RwLock<HashMap<String, Presence>>,
     /// Serializes changes: check, commit and apply happen as one step.
     changes: tokio::sync::Mutex<()>,
 }
@@ -370,7 +350,6 @@ impl Registry {
             journal,
             agents: RwLock::new(agents),
             tokens: RwLock::new(tokens),
-            presence: RwLock::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
         })
     }
@@ -396,6 +375,13 @@ impl Registry {
         self.records(Role::Agent)
     }
 
+    /// Every enrolled relay, by name.
+    pub fn relays(&self) -> Vec<AgentRecord> {
+        let mut list = self.records(Role::Relay);
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
     fn records(&self, role: Role) -> Vec<AgentRecord> {
         read(&self.agents)
             .values()
@@ -405,38 +391,30 @@ impl Registry {
     }
 
     /// The agents (not relays) with their connection state, by name.
-    pub fn agent_statuses(&self) -> Vec<AgentStatus> {
-        let presence = read(&self.presence);
+    pub fn agent_statuses(&self, seen: &dyn Sightings) -> Vec<AgentStatus> {
+        let mut presence = seen.all_seen();
         let names = self.relay_names();
         let mut list: Vec<AgentStatus> = self
             .agents()
             .into_iter()
-            .map(|record| agent_status_of(record, &presence, &names))
+            .map(|record| {
+                let p = presence.remove(&record.id).unwrap_or_default();
+                agent_status_of(record, p, &names)
+            })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
         list
     }
 
     /// One agent (not relay) with its connection state.
-    pub fn agent_status(&self, id: &str) -> Option<AgentStatus> {
+    pub fn agent_status(&self, id: &str, seen: &dyn Sightings) -> Option<AgentStatus> {
         let record = self.agent(id).filter(|r| r.role == Role::Agent)?;
-        let presence = read(&self.presence);
-        Some(agent_status_of(record, &presence, &self.relay_names()))
-    }
-
-    /// Records that `id` connected, running `version`, through `path` (relays, nearest first).
-    pub fn set_online(&self, id: &str, version: &str, path: Vec<String>) {
-        let mut presence = write(&self.presence);
-        let p = presence.entry(id.to_owned()).or_default();
-        p.online = true;
-        p.version = Some(version.to_owned());
-        p.path = path;
-        p.last_seen_unix_ms = Some(now_unix_ms());
+        Some(agent_status_of(record, seen.seen(id), &self.relay_names()))
     }
 
     /// The relays with their connection state, by name.
-    pub fn relay_statuses(&self) -> Vec<RelayStatus> {
-        let presence = read(&self.presence);
+    pub fn relay_statuses(&self, seen: &dyn Sightings) -> Vec<RelayStatus> {
+        let presence = seen.all_seen();
         let names = self.relay_names();
         let mut carried: HashMap<&str, u64> = HashMap::new();
         for (id, p) in presence.iter() {
@@ -481,39 +459,6 @@ impl Registry {
             .filter(|s| s.record.role == Role::Relay)
             .map(|s| (s.record.id.clone(), s.record.name.clone()))
             .collect()
-    }
-
-    /// The path of `id` if it is connected now (relay ids, nearest it first).
-    pub fn online_path(&self, id: &str) -> Option<Vec<String>> {
-        read(&self.presence)
-            .get(id)
-            .filter(|p| p.online)
-            .map(|p| p.path.clone())
-    }
-
-    /// Records that `id` was heard from now, with the status it reported.
-    pub fn touch_with(&self, id: &str, status: Option<ReportedStatus>) {
-        if let Some(p) = write(&self.presence).get_mut(id) {
-            p.last_seen_unix_ms = Some(now_unix_ms());
-            if status.is_some() {
-                p.reported = status;
-            }
-        }
-    }
-
-    /// Records that `id`'s session ended.
-    pub fn set_offline(&self, id: &str) {
-        let mut presence = write(&self.presence);
-        let p = presence.entry(id.to_owned()).or_default();
-        p.online = false;
-        p.last_seen_unix_ms = Some(now_unix_ms());
-    }
-
-    /// Records that `id` was heard from now.
-    pub fn touch(&self, id: &str) {
-        if let Some(p) = write(&self.presence).get_mut(id) {
-            p.last_seen_unix_ms = Some(now_unix_ms());
-        }
     }
 
     /// Creates a token allowing `uses` enrollments of `role` for `ttl`.
@@ -809,7 +754,6 @@ impl Registry {
             }])
             .await?;
         write(&self.agents).remove(id);
-        write(&self.presence).remove(id);
         tracing::info!(agent_id = %id, name = %stored.record.name, role = %role, "agent-deleted");
         Ok(Some(stored.record))
     }

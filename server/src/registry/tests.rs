@@ -127,7 +127,7 @@ async fn uses_are_counted_and_every_refusal_looks_the_same() {
     assert!(r.id.starts_with("r-"));
     assert_eq!(reg.agent(&r.id).map(|a| a.role), Some(Role::Relay));
     assert_eq!(reg.agents().len(), 2);
-    assert_eq!(reg.agent_statuses().len(), 2);
+    assert_eq!(reg.agent_statuses(&nobody()).len(), 2);
 }
 
 #[actix_rt::test]
@@ -206,19 +206,21 @@ async fn survives_a_reopen_and_presence_does_not() {
         let reg = open(dir.path());
         let t = reg.create_token(2, HOUR, Role::Agent).await.unwrap();
         let rec = reg.enroll(request(&t, "db-1", &key())).await.unwrap();
-        reg.set_online(&rec.id, "1.2.3", vec!["r-1".into()]);
-        let s = &reg.agent_statuses()[0];
+        let seen = nobody();
+        seen.set_online(&rec.id, "1.2.3", vec!["r-1".into()]);
+        let s = &reg.agent_statuses(&seen)[0];
         assert_eq!(s.status, Status::Online);
         assert_eq!(s.version.as_deref(), Some("1.2.3"));
         assert_eq!(s.path, vec!["r-1".to_owned()]);
-        reg.set_offline(&rec.id);
-        assert_eq!(reg.agent_statuses()[0].status, Status::Offline);
+        seen.set_offline(&rec.id);
+        assert_eq!(reg.agent_statuses(&seen)[0].status, Status::Offline);
         (t, rec)
     };
     // The journal's writer thread ends when its last handle is gone.
     let reg = open(dir.path());
     assert_eq!(reg.agent(&record.id), Some(record.clone()));
-    let s = &reg.agent_statuses()[0];
+    // Presence lives in memory only: a restarted server has seen nobody.
+    let s = &reg.agent_statuses(&nobody())[0];
     assert_eq!((s.status, s.version.clone()), (Status::Offline, None));
     reg.enroll(request(&token, "db-2", &key())).await.unwrap();
     let err = reg
@@ -288,7 +290,10 @@ async fn tags_and_properties_change_persist_and_delete_forgets() {
             .await
             .unwrap()
             .is_none());
-        assert_eq!(reg.agent_status(&a.id).unwrap().properties, props);
+        assert_eq!(
+            reg.agent_status(&a.id, &nobody()).unwrap().properties,
+            props
+        );
         a.id
     };
     let reg = open(dir.path());
@@ -345,4 +350,9 @@ async fn other_tags_need_a_live_token_and_spend_a_use() {
     assert_eq!(reg.tokens()[0].uses_left, 1);
     drop(reg);
     assert_eq!(open(dir.path()).agent(&a.id).unwrap().tags, ["db"]);
+}
+
+/// A presence that has seen nobody yet.
+fn nobody() -> crate::presence::Presence<()> {
+    crate::presence::Presence::default()
 }

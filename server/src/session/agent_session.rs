@@ -169,7 +169,7 @@ impl AgentSession {
                     }
                     act.uncount();
                     act.shared
-                        .registry
+                        .presence
                         .set_online(&agent_id, &version, Vec::new());
                     act.link = Some(link);
                 }

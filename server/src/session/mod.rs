@@ -29,9 +29,63 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_shared::journal::JournalHandle;
+use tether_shared::stream::ConnId;
 
+use crate::presence::Presence;
 use crate::registry::Registry;
 use crate::upgrades::Upgrades;
+
+/// What holds a peer's current connection.
+#[derive(Clone)]
+pub enum Holder {
+    /// An agent's session: its WebSocket here, or its channel on a relay's link.
+    Agent(handle::SessionHandle),
+    /// A relay's own link to us.
+    Relay(actix::Addr<relay_session::RelaySession>),
+}
+
+/// Who is connected now, on which connection.
+pub type Peers = Presence<Holder>;
+
+impl Presence<Holder> {
+    /// The agent's current session.
+    pub fn session(&self, agent_id: &str) -> Option<(ConnId, handle::SessionHandle)> {
+        match self.current(agent_id)? {
+            (conn, Holder::Agent(session)) => Some((conn, session)),
+            (_, Holder::Relay(_)) => None,
+        }
+    }
+
+    /// Every agent's current session.
+    pub fn sessions(&self) -> Vec<handle::SessionHandle> {
+        self.holders()
+            .into_iter()
+            .filter_map(|(_, h)| match h {
+                Holder::Agent(session) => Some(session),
+                Holder::Relay(_) => None,
+            })
+            .collect()
+    }
+
+    /// The relay's own link, if it is connected to us directly.
+    pub fn relay_link(&self, relay_id: &str) -> Option<actix::Addr<relay_session::RelaySession>> {
+        match self.current(relay_id)? {
+            (_, Holder::Relay(link)) => Some(link),
+            (_, Holder::Agent(_)) => None,
+        }
+    }
+
+    /// Every relay link, by relay id.
+    pub fn relay_links(&self) -> Vec<(String, actix::Addr<relay_session::RelaySession>)> {
+        self.holders()
+            .into_iter()
+            .filter_map(|(id, h)| match h {
+                Holder::Relay(link) => Some((id, link)),
+                Holder::Agent(_) => None,
+            })
+            .collect()
+    }
+}
 
 /// Everything sessions and links share, built once at start.
 pub struct SessionShared {
@@ -55,8 +109,8 @@ pub struct SessionShared {
     pub max_handshakes: usize,
     /// Handshakes in progress per source address (past half the most: `Busy` for it).
     pub sources: Arc<source_slots::SourceSlots>,
-    /// Each relay's current link.
-    pub relay_links: relay_session::RelayLinks,
+    /// Who is connected now, through which path, on which connection.
+    pub presence: Arc<Peers>,
     /// Relays' certificates, renewed over their links.
     pub relay_certs: Arc<crate::relay_certs::RelayCerts>,
     /// Connection ids handed out so far.

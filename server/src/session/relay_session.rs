@@ -40,7 +40,7 @@ use crate::session::handle::{Ask, ToSession};
 use crate::session::handshake::{attach, SessionHandle};
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
-use crate::session::{now_ms, record_trust_serial, SessionShared};
+use crate::session::{now_ms, record_trust_serial, Holder, SessionShared};
 
 /// Most channels one link may hold open.
 const MAX_CHANNELS: usize = 100_000;
@@ -212,15 +212,12 @@ impl RelaySession {
             };
         let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
         self.uncount();
-        if let Some(old) = self
-            .shared
-            .relay_links
-            .register(&relay_id, self.conn, ctx.address())
-        {
+        let claim = Holder::Relay(ctx.address());
+        if let Some(Holder::Relay(old)) = self.shared.presence.claim(&relay_id, self.conn, claim) {
             old.do_send(LinkReplaced);
         }
         self.shared
-            .registry
+            .presence
             .set_online(&relay_id, &version, Vec::new());
         tracing::info!(relay_id = %relay_id, conn = self.conn.0, peer = %self.peer, "relay-online");
         self.relay_id = Some(relay_id.clone());
@@ -428,7 +425,7 @@ impl RelaySession {
             return Some("the path must end with the relay that opens the channel".into());
         }
         for (i, relay) in path.iter().enumerate().take(path.len() - 1) {
-            match self.shared.registry.online_path(relay) {
+            match self.shared.presence.online_path(relay) {
                 Some(p) if p == path[i + 1..] => {}
                 _ => return Some(format!("relay {relay} is not connected through this path")),
             }
@@ -483,7 +480,7 @@ impl RelaySession {
             return;
         };
         match protocol::decode(frame, Sender::Agent) {
-            Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(&relay_id, hb.status),
+            Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(&relay_id, hb.status),
             Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
                 self.on_relay_event(ctx, &relay_id, &event)
             }
@@ -512,7 +509,7 @@ impl RelaySession {
         frame: &[u8],
     ) {
         match protocol::decode(frame, Sender::Agent) {
-            Ok(Frame::Heartbeat(hb)) => self.shared.registry.touch_with(relay_id, hb.status),
+            Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(relay_id, hb.status),
             Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
                 self.on_relay_event(ctx, relay_id, &event)
             }
@@ -562,7 +559,7 @@ impl RelaySession {
         uncount(&self.shared, &mut self.handshaking, channel);
         let path = channel.path.clone();
         self.shared
-            .registry
+            .presence
             .set_online(&relay_id, version, path.clone());
         tracing::info!(relay_id = %relay_id, ch, path = ?path, "relay-online");
         let welcome = self.welcome();
@@ -598,7 +595,7 @@ impl RelaySession {
                     uncount(&act.shared, &mut act.handshaking, channel);
                     let path = channel.path.clone();
                     channel.link = Some(link);
-                    act.shared.registry.set_online(&agent_id, &version, path);
+                    act.shared.presence.set_online(&agent_id, &version, path);
                     act.send_on(ctx, ch, &Frame::Welcome(welcome));
                     let held = act
                         .channels
@@ -682,7 +679,7 @@ impl RelaySession {
                 });
             }
             ChannelKind::Relay => {
-                self.shared.registry.set_offline(&peer);
+                self.shared.presence.set_offline(&peer);
                 tracing::info!(relay_id = %peer, "relay-offline");
             }
         }
@@ -822,8 +819,7 @@ impl Actor for RelaySession {
             self.end_channel(channel);
         }
         if let Some(relay_id) = &self.relay_id {
-            if self.shared.relay_links.unregister(relay_id, self.conn) {
-                self.shared.registry.set_offline(relay_id);
+            if self.shared.presence.release(relay_id, self.conn) {
                 tracing::info!(relay_id = %relay_id, conn = self.conn.0, "relay-offline");
             }
         }
@@ -1109,12 +1105,12 @@ fn relay_command(
 /// Tells `relay_id`, if it is connected (directly or through other relays), about its
 /// in-progress upgrade. `true` if a link was asked to.
 pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &str) -> bool {
-    let Some(path) = shared.registry.online_path(relay_id) else {
+    let Some(path) = shared.presence.online_path(relay_id) else {
         return false;
     };
     // The link that carries it is the one of the relay nearest the server on its path.
     let holder = path.last().map_or(relay_id, String::as_str);
-    match shared.relay_links.get(holder) {
+    match shared.presence.relay_link(holder) {
         Some(link) => {
             link.do_send(PushRelayUpgrade {
                 relay_id: relay_id.to_owned(),
@@ -1129,7 +1125,7 @@ pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &str) -> bool {
 /// links (a relay behind a relay); answers how many links and channels were closed.
 pub async fn revoke_relay(shared: &SessionShared, relay_id: &str) -> usize {
     let mut closed = 0;
-    for (_, link) in shared.relay_links.all() {
+    for (_, link) in shared.presence.relay_links() {
         let revoke = RevokeRelay {
             relay_id: relay_id.to_owned(),
         };
@@ -1137,61 +1133,4 @@ pub async fn revoke_relay(shared: &SessionShared, relay_id: &str) -> usize {
         closed += link.send(revoke).await.unwrap_or(0);
     }
     closed
-}
-
-/// Which link each relay has now: a newer link replaces an older one, as for agents.
-#[derive(Default)]
-pub struct RelayLinks {
-    links: std::sync::Mutex<HashMap<String, (ConnId, Addr<RelaySession>)>>,
-}
-
-impl RelayLinks {
-    /// `relay_id` is now on `link`; returns the link it replaces, if any.
-    pub fn register(
-        &self,
-        relay_id: &str,
-        conn: ConnId,
-        link: Addr<RelaySession>,
-    ) -> Option<Addr<RelaySession>> {
-        let mut links = self
-            .links
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        links
-            .insert(relay_id.to_owned(), (conn, link))
-            .filter(|(old, _)| *old != conn)
-            .map(|(_, addr)| addr)
-    }
-
-    /// The link `conn` of `relay_id` ended; true if it was the current one.
-    pub fn unregister(&self, relay_id: &str, conn: ConnId) -> bool {
-        let mut links = self
-            .links
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if links.get(relay_id).is_some_and(|(c, _)| *c == conn) {
-            links.remove(relay_id);
-            return true;
-        }
-        false
-    }
-
-    /// `relay_id`'s current link.
-    pub fn get(&self, relay_id: &str) -> Option<Addr<RelaySession>> {
-        self.links
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(relay_id)
-            .map(|(_, addr)| addr.clone())
-    }
-
-    /// Every current link.
-    pub fn all(&self) -> Vec<(String, Addr<RelaySession>)> {
-        self.links
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .map(|(id, (_, addr))| (id.clone(), addr.clone()))
-            .collect()
-    }
 }

@@ -1,9 +1,10 @@
-//! `SessionRegistry`: which agent has which `AgentLink`, and which session is current.
+//! `SessionRegistry`: which agent has which `AgentLink`.
 //!
 //! Links are created on first need (a connection, or a command queued for an offline agent)
-//! from the journal, and live as long as the server. A new session for an agent replaces the
-//! previous one, which is told to close: newest wins, deterministically, and the link ignores
-//! anything still arriving from the old connection (its frames carry the old `ConnId`).
+//! from the journal, and live as long as the server. Which session is current is presence's
+//! ([`crate::presence`]): a new session for an agent claims it there and the previous one is
+//! told to close — newest wins, deterministically — and the link ignores anything still
+//! arriving from the old connection (its frames carry the old `ConnId`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,12 +15,11 @@ use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, LinkError};
 use crate::session::handle::SessionHandle;
-use crate::session::SessionShared;
+use crate::session::{Holder, SessionShared};
 
 /// One agent's entry.
 struct Entry {
     link: Addr<AgentLink>,
-    session: Option<(ConnId, SessionHandle)>,
     /// Times the link died (a journal failure stops it) and was rebuilt from the journal.
     restarts: u64,
 }
@@ -50,14 +50,8 @@ impl SessionRegistry {
             if restarts > 0 {
                 tracing::warn!(agent_id = %agent_id, restarts, "link-rebuilt");
             }
-            self.agents.insert(
-                agent_id.to_owned(),
-                Entry {
-                    link,
-                    session: None,
-                    restarts,
-                },
-            );
+            self.agents
+                .insert(agent_id.to_owned(), Entry { link, restarts });
         }
         self.agents
             .get_mut(agent_id)
@@ -86,12 +80,14 @@ impl Handler<RegisterSession> for SessionRegistry {
     type Result = Result<Addr<AgentLink>, LinkError>;
 
     fn handle(&mut self, msg: RegisterSession, _: &mut Self::Context) -> Self::Result {
-        let entry = self.entry(&msg.agent_id)?;
-        if let Some((old_conn, old)) = entry.session.replace((msg.conn, msg.session)) {
-            tracing::info!(agent_id = %msg.agent_id, old_conn = old_conn.0, conn = msg.conn.0, "session-replaced");
+        let link = self.entry(&msg.agent_id)?.link.clone();
+        let claim = Holder::Agent(msg.session);
+        let presence = &self.shared.presence;
+        if let Some(Holder::Agent(old)) = presence.claim(&msg.agent_id, msg.conn, claim) {
+            tracing::info!(agent_id = %msg.agent_id, conn = msg.conn.0, "session-replaced");
             old.replaced();
         }
-        Ok(entry.link.clone())
+        Ok(link)
     }
 }
 
@@ -107,15 +103,14 @@ impl Handler<SessionEnded> for SessionRegistry {
     type Result = ();
 
     fn handle(&mut self, msg: SessionEnded, _: &mut Self::Context) {
-        if let Some(entry) = self.agents.get_mut(&msg.agent_id) {
-            if entry.session.as_ref().is_some_and(|(c, _)| *c == msg.conn) {
-                entry.session = None;
-                // Covers a session that died while attaching, before the link knew it.
-                entry.link.do_send(Detach { conn: msg.conn });
-                self.shared.registry.set_offline(&msg.agent_id);
-                tracing::info!(agent_id = %msg.agent_id, conn = msg.conn.0, "agent-offline");
-            }
+        if !self.shared.presence.release(&msg.agent_id, msg.conn) {
+            return;
         }
+        // Covers a session that died while attaching, before the link knew it.
+        if let Some(entry) = self.agents.get(&msg.agent_id) {
+            entry.link.do_send(Detach { conn: msg.conn });
+        }
+        tracing::info!(agent_id = %msg.agent_id, conn = msg.conn.0, "agent-offline");
     }
 }
 
@@ -172,11 +167,7 @@ impl Handler<DisconnectAgent> for SessionRegistry {
 
     fn handle(&mut self, msg: DisconnectAgent, _: &mut Self::Context) -> bool {
         // The entry keeps the session: its end (`SessionEnded`) detaches it from the link.
-        let Some((conn, session)) = self
-            .agents
-            .get(&msg.agent_id)
-            .and_then(|e| e.session.as_ref())
-        else {
+        let Some((conn, session)) = self.shared.presence.session(&msg.agent_id) else {
             return false;
         };
         session.close(
@@ -201,17 +192,14 @@ impl Handler<CloseAllSessions> for SessionRegistry {
     type Result = usize;
 
     fn handle(&mut self, _: CloseAllSessions, _: &mut Self::Context) -> usize {
-        let mut closed = 0;
-        for entry in self.agents.values() {
-            if let Some((_, session)) = &entry.session {
-                session.close(
-                    CloseCode::GoingAway,
-                    tether_shared::protocol::ErrorCode::Overloaded,
-                    "server stopping".into(),
-                );
-                closed += 1;
-            }
+        let sessions = self.shared.presence.sessions();
+        for session in &sessions {
+            session.close(
+                CloseCode::GoingAway,
+                tether_shared::protocol::ErrorCode::Overloaded,
+                "server stopping".into(),
+            );
         }
-        closed
+        sessions.len()
     }
 }

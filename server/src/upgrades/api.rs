@@ -298,7 +298,9 @@ async fn rollout_relays(
         .upgrades
         .component_package(Component::Relay, version)
         .ok_or(ApiError::NotFound)?;
-    let relays = state.registry.relay_statuses();
+    let relays = state
+        .registry
+        .relay_statuses(state.shared.presence.as_ref());
     let mut ids: Vec<(String, String)> = Vec::new();
     let mut unknown = Vec::new();
     for n in names {

@@ -79,7 +79,9 @@ async fn list(
 ) -> HttpResponse {
     let q = query.q.trim().to_lowercase();
     let status_filter = query.status.as_str();
-    let all = state.registry.agent_statuses();
+    let all = state
+        .registry
+        .agent_statuses(state.agents.shared.presence.as_ref());
     let total = all.len();
     let matching: Vec<(AgentStatus, &'static str)> = all
         .into_iter()
@@ -180,7 +182,11 @@ async fn statuses(
         .split(',')
         .filter(|id| !id.is_empty())
         .take(MAX_STATUS_IDS)
-        .filter_map(|id| state.registry.agent_status(id))
+        .filter_map(|id| {
+            state
+                .registry
+                .agent_status(id, state.agents.shared.presence.as_ref())
+        })
         .map(|a| {
             let status = shown_status(&a, state.upgrades.agent(&a.id).as_ref());
             json!({"id": a.id, "status": status, "version": a.version, "last_seen": a.last_seen_unix_ms})
@@ -201,7 +207,8 @@ async fn detail(
     state: web::Data<WebState>,
 ) -> Result<HttpResponse, WebError> {
     let record = found(state.agents.resolve(&path.into_inner()))?;
-    let a = found(state.registry.agent_status(&record.id))?;
+    let seen = state.agents.shared.presence.as_ref();
+    let a = found(state.registry.agent_status(&record.id, seen))?;
     let upgrade = state.upgrades.agent(&a.id);
     let status = shown_status(&a, upgrade.as_ref());
     let packages = state.upgrades.packages();

@@ -23,7 +23,9 @@ async fn list(
     query: web::Query<layout::Done>,
     state: web::Data<WebState>,
 ) -> HttpResponse {
-    let relays = state.registry.relay_statuses();
+    let relays = state
+        .registry
+        .relay_statuses(state.agents.shared.presence.as_ref());
     layout::page(
         "Relays",
         &user,

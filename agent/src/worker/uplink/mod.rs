@@ -387,7 +387,8 @@ impl Uplink {
         let check = |frame: &Frame| -> Result<(), LinkError> {
             verify_command(frame, agent_id, &anchors.keys)?;
             if !room {
-                return Err(LinkError::Refused("event backlog full".into()));
+                // The event backlog is full.
+                return Err(LinkError::Deferred);
             }
             Ok(())
         };
@@ -481,7 +482,7 @@ impl Uplink {
             }
             Ok(Received::Nothing) => self.pump(),
             Ok(Received::Other(frame)) => self.on_control(ctx, frame),
-            Err(LinkError::Refused(reason)) if reason == "event backlog full" => {
+            Err(LinkError::Deferred) => {
                 // Not recorded at all: the server resends it once our events are acked.
                 tracing::debug!("command-deferred");
             }

@@ -331,7 +331,7 @@ impl AgentLink {
                 }
             }
             Frame::Heartbeat(hb) => {
-                self.shared.registry.touch(&self.agent_id);
+                self.shared.presence.touch(&self.agent_id, None);
                 let held = self.shared.registry.trust_serial(&self.agent_id);
                 self.offer_trust(ctx, held);
                 if hb.status.is_some() {

@@ -640,7 +640,7 @@ impl Handler<FromChild> for Upstream {
 
     fn handle(&mut self, msg: FromChild, _: &mut Self::Context) {
         let session = msg.session.clone();
-        if let Err(e) = self.from_child(msg) {
+        if let Err(e) = self.carry_for_child(msg) {
             tracing::warn!(reason = %e, "child-relay-refused");
             session.do_send(CloseChild {
                 code: CloseCode::Refused,
@@ -651,7 +651,7 @@ impl Handler<FromChild> for Upstream {
 }
 
 impl Upstream {
-    fn from_child(&mut self, msg: FromChild) -> Result<(), ChildRefused> {
+    fn carry_for_child(&mut self, msg: FromChild) -> Result<(), ChildRefused> {
         // Without a link, the child's link is being closed with every channel.
         if !self.dial.is_ready() {
             return Ok(());

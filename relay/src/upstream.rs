@@ -640,12 +640,22 @@ impl Handler<FromChild> for Upstream {
 
     fn handle(&mut self, msg: FromChild, _: &mut Self::Context) {
         let session = msg.session.clone();
-        if let Err(e) = self.carry_for_child(msg) {
-            tracing::warn!(reason = %e, "child-relay-refused");
-            session.do_send(CloseChild {
+        let Err(e) = self.carry_for_child(msg) else {
+            return;
+        };
+        tracing::warn!(reason = %e, "child-relay-refused");
+        // Closing the child's own channel tells the server (the child is offline) and closes
+        // the child's link; its carried channels go with it.
+        let own = self.channels.iter().find_map(|(ch, d)| match d {
+            Down::ChildLink { session: s } if *s == session => Some(*ch),
+            _ => None,
+        });
+        match own {
+            Some(ch) => self.close_channel(ch, CloseCode::Refused, &e.to_string()),
+            None => session.do_send(CloseChild {
                 code: CloseCode::Refused,
                 reason: e.to_string(),
-            });
+            }),
         }
     }
 }

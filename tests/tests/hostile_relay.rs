@@ -1685,3 +1685,84 @@ fn frames_a_relay_alters_replays_reorders_or_injects_on_a_sealed_channel_are_ref
         (server.probes(&agent.id)["events"]["received"] == 2).then_some(())
     });
 }
+
+/// A relay carries a child relay's channels only under the same rules the server applies: a
+/// channel whose path does not end with the child, or one opened twice, closes the child's link
+/// (1008, with the reason), and nothing of it reaches the server.
+#[test]
+fn a_relay_closes_the_link_of_a_child_relay_that_breaks_the_channel_rules() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let parent = Relay::start(&server, &[server.upstream()], tmp.path(), "parent");
+    let (child, child_key) = {
+        let child = Relay::install(&server, &[parent.upstream()], tmp.path(), "child", &[]);
+        let key = Identity::load(&child.dir.join("relay.key")).unwrap();
+        (child, key)
+    };
+    eventually("the parent relay online", WAIT, || {
+        (relay_status(&server, "parent") == "online").then_some(())
+    });
+    let cases: [(&str, Vec<String>, &str); 2] = [
+        (
+            "a path ending with the parent, not the child",
+            vec![parent.id.clone()],
+            "the path must end with the relay that opens the channel",
+        ),
+        (
+            "the same channel opened twice",
+            vec![child.id.clone()],
+            "channel 7 is already open",
+        ),
+    ];
+    for (case, path, want) in cases {
+        let mut link =
+            WsClient::connect_to(parent.downstream, tls_config(&server), RELAY_WS_PATH).unwrap();
+        let nonce = link.challenge(WAIT);
+        link.send(&Frame::Hello(hello(&child_key, &child.id, &nonce, "")))
+            .unwrap();
+        match link.recv_frame("the child link's welcome", WAIT) {
+            Frame::Welcome(_) => {}
+            other => panic!("{case}: expected a welcome, got {other:?}"),
+        }
+        eventually("the child relay online", WAIT, || {
+            (relay_status(&server, "child") == "online").then_some(())
+        });
+        let opened_before = link_stats(&server, &parent.id)["channels_opened"].clone();
+        let open = Mux::Open {
+            ch: 7,
+            open: Open {
+                kind: ChannelKind::Agent,
+                path: path.clone(),
+                peer: "127.0.0.1:1".into(),
+            },
+        };
+        let times = if want.contains("already open") { 2 } else { 1 };
+        for _ in 0..times {
+            link.send_binary(&open.encode()).unwrap();
+        }
+        // Heartbeats may come first (mux data on the link channel); then the close.
+        let deadline = Instant::now() + WAIT;
+        let (code, reason) = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match link.recv(left) {
+                Some(WsEvent::Close(code, reason)) => break (code, reason),
+                Some(WsEvent::Dropped(reason)) => {
+                    panic!("{case}: dropped without a close: {reason}")
+                }
+                Some(_) => continue,
+                None => panic!("{case}: the child's link is still open after {WAIT:?}"),
+            }
+        };
+        assert_eq!(code, Some(1008), "{case}");
+        assert_eq!(reason, want, "{case}");
+        // Nothing reached the server for the refused channel: the parent's link opened no
+        // channel past the good one (the double open), and the parent stays online.
+        let opened_after = link_stats(&server, &parent.id)["channels_opened"].clone();
+        let expected = opened_before.as_u64().unwrap_or(0) + u64::from(times == 2);
+        assert_eq!(opened_after.as_u64().unwrap_or(0), expected, "{case}");
+        assert_eq!(relay_status(&server, "parent"), "online", "{case}");
+        eventually("the child relay offline", WAIT, || {
+            (relay_status(&server, "child") == "offline").then_some(())
+        });
+    }
+}

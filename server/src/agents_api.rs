@@ -29,7 +29,7 @@ use crate::admin_token::AdminToken;
 use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::deployments::Deployments;
-use crate::registry::{AgentRecord, AgentStatus, Registry, RegistryError, Role};
+use crate::registry::{AgentRecord, AgentView, Registry, RegistryError, Role};
 use crate::session::relay_session::revoke_relay;
 use crate::session::session_registry::{DisconnectAgent, SessionRegistry};
 use crate::session::SessionShared;
@@ -137,13 +137,13 @@ impl AgentAdmin {
     }
 
     /// One agent's line as `GET /api/v1/agents` shows it, with its latest upgrade.
-    pub fn status(&self, id: &str) -> Option<AgentStatus> {
+    pub fn status(&self, id: &str) -> Option<AgentView> {
         self.registry
             .agent_status(id, self.shared.presence.as_ref())
     }
 
     /// The JSON of `status` with the agent's upgrade (as `GET /api/v1/agents` shows it).
-    pub fn status_json(&self, status: &AgentStatus) -> Value {
+    pub fn status_json(&self, status: &AgentView) -> Value {
         let upgrade = self.upgrades.agent(&status.id);
         let mut v = serde_json::to_value(status).unwrap_or_default();
         if upgrade

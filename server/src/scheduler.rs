@@ -14,7 +14,7 @@ use tether_shared::upgrade::component_signing_bytes;
 use crate::api_error::ApiError;
 use crate::deployments::{Deployments, NewDeployment};
 use crate::registry::{now_unix_ms, Registry};
-use crate::session::agent_link::{AgentLink, DispatchJobs, LinkError, QueueCommands};
+use crate::session::agent_link::{AgentLink, AgentLinkError, DispatchJobs, QueueCommands};
 use crate::session::session_registry::{GetLink, SessionRegistry};
 use crate::trust::Trust;
 use crate::upgrades::{AgentUpgrade, Package, UpgradeState, Upgrades};
@@ -30,7 +30,7 @@ pub enum SchedulerError {
     Mailbox(#[from] actix::MailboxError),
     /// The link refused or could not commit (a full backlog, a journal failure).
     #[error(transparent)]
-    Link(#[from] LinkError),
+    Link(#[from] AgentLinkError),
 }
 
 /// What [`Scheduler::queue_upgrade`] did.

@@ -103,7 +103,7 @@ pub enum Status {
 
 /// One line of `GET /api/v1/agents`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AgentStatus {
+pub struct AgentView {
     /// The agent id.
     pub id: String,
     /// Its name.
@@ -146,8 +146,8 @@ pub struct RelayStatus {
 /// A peer's self-reported status, as heartbeats carry it.
 pub type ReportedStatus = tether_shared::protocol::AgentStatus;
 
-fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>) -> AgentStatus {
-    AgentStatus {
+fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>) -> AgentView {
+    AgentView {
         status: if p.online {
             Status::Online
         } else {
@@ -391,10 +391,10 @@ impl Registry {
     }
 
     /// The agents (not relays) with their connection state, by name.
-    pub fn agent_statuses(&self, seen: &dyn Sightings) -> Vec<AgentStatus> {
+    pub fn agent_statuses(&self, seen: &dyn Sightings) -> Vec<AgentView> {
         let mut presence = seen.all_seen();
         let names = self.relay_names();
-        let mut list: Vec<AgentStatus> = self
+        let mut list: Vec<AgentView> = self
             .agents()
             .into_iter()
             .map(|record| {
@@ -407,7 +407,7 @@ impl Registry {
     }
 
     /// One agent (not relay) with its connection state.
-    pub fn agent_status(&self, id: &str, seen: &dyn Sightings) -> Option<AgentStatus> {
+    pub fn agent_status(&self, id: &str, seen: &dyn Sightings) -> Option<AgentView> {
         let record = self.agent(id).filter(|r| r.role == Role::Agent)?;
         Some(agent_status_of(record, seen.seen(id), &self.relay_names()))
     }

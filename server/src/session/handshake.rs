@@ -6,9 +6,19 @@ use actix::prelude::*;
 use tether_shared::protocol::{Hello, Welcome};
 use tether_shared::stream::ConnId;
 
-use crate::session::agent_link::{AgentLink, Attach};
+use crate::session::agent_link::{AgentLink, AgentLinkError, Attach};
 pub use crate::session::handle::SessionHandle;
 use crate::session::session_registry::{RegisterSession, SessionRegistry};
+
+/// Why an agent's verified session could not attach to its link.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// The session registry or the link is gone (the server is stopping, or the link died).
+    #[error("{0}")]
+    Mailbox(#[from] MailboxError),
+    #[error(transparent)]
+    Link(#[from] AgentLinkError),
+}
 
 /// Register `handle` as the agent's session (replacing any older one) and run the stream
 /// handshake on its link. Resolves to the link and the `Welcome` to send.
@@ -17,24 +27,20 @@ pub async fn attach(
     conn: ConnId,
     hello: Hello,
     handle: SessionHandle,
-) -> Result<(Addr<AgentLink>, Welcome), String> {
+) -> Result<(Addr<AgentLink>, Welcome), AttachError> {
     let link = registry
         .send(RegisterSession {
             agent_id: hello.agent_id.clone(),
             conn,
             session: handle.clone(),
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .await??;
     let welcome = link
         .send(Attach {
             conn,
             hello,
             session: handle,
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .await??;
     Ok((link, welcome))
 }

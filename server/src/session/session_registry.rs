@@ -13,7 +13,7 @@ use actix::prelude::*;
 use tether_shared::close::CloseCode;
 use tether_shared::stream::ConnId;
 
-use crate::session::agent_link::{AgentLink, Detach, LinkError};
+use crate::session::agent_link::{AgentLink, AgentLinkError, Detach};
 use crate::session::handle::SessionHandle;
 use crate::session::{Holder, SessionShared};
 
@@ -37,7 +37,7 @@ impl SessionRegistry {
         }
     }
 
-    fn entry(&mut self, agent_id: &str) -> Result<&mut Entry, LinkError> {
+    fn entry(&mut self, agent_id: &str) -> Result<&mut Entry, AgentLinkError> {
         // A link that died (its journal failed) is rebuilt from the journal.
         let dead = self
             .agents
@@ -55,7 +55,7 @@ impl SessionRegistry {
         }
         self.agents
             .get_mut(agent_id)
-            .ok_or_else(|| LinkError::Internal("entry vanished".into()))
+            .ok_or_else(|| AgentLinkError::Internal("entry vanished".into()))
     }
 }
 
@@ -69,7 +69,7 @@ impl Actor for SessionRegistry {
 
 /// An authenticated session takes over its agent; answers the agent's link.
 #[derive(Message)]
-#[rtype(result = "Result<Addr<AgentLink>, LinkError>")]
+#[rtype(result = "Result<Addr<AgentLink>, AgentLinkError>")]
 pub struct RegisterSession {
     pub agent_id: String,
     pub conn: ConnId,
@@ -77,7 +77,7 @@ pub struct RegisterSession {
 }
 
 impl Handler<RegisterSession> for SessionRegistry {
-    type Result = Result<Addr<AgentLink>, LinkError>;
+    type Result = Result<Addr<AgentLink>, AgentLinkError>;
 
     fn handle(&mut self, msg: RegisterSession, _: &mut Self::Context) -> Self::Result {
         let link = self.entry(&msg.agent_id)?.link.clone();
@@ -116,13 +116,13 @@ impl Handler<SessionEnded> for SessionRegistry {
 
 /// The link of an agent (created if needed), e.g. to queue commands while it is offline.
 #[derive(Message)]
-#[rtype(result = "Result<Addr<AgentLink>, LinkError>")]
+#[rtype(result = "Result<Addr<AgentLink>, AgentLinkError>")]
 pub struct GetLink {
     pub agent_id: String,
 }
 
 impl Handler<GetLink> for SessionRegistry {
-    type Result = Result<Addr<AgentLink>, LinkError>;
+    type Result = Result<Addr<AgentLink>, AgentLinkError>;
 
     fn handle(&mut self, msg: GetLink, _: &mut Self::Context) -> Self::Result {
         Ok(self.entry(&msg.agent_id)?.link.clone())

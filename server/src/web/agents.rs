@@ -21,7 +21,7 @@ use super::layout::{self, ago, badge, csrf_field, enc, found, resource, utc};
 use super::session::CurrentUser;
 use super::{csrf, WebError, WebState};
 use crate::agents_api::AgentPatch;
-use crate::registry::{AgentStatus, Status};
+use crate::registry::{AgentView, Status};
 use crate::scheduler::Queued;
 use crate::upgrades::{AgentUpgrade, UpgradeState};
 
@@ -53,7 +53,7 @@ pub struct ListQuery {
 }
 
 /// The status shown: `upgrading` while an upgrade is underway, else online/offline.
-fn shown_status(a: &AgentStatus, upgrade: Option<&AgentUpgrade>) -> &'static str {
+fn shown_status(a: &AgentView, upgrade: Option<&AgentUpgrade>) -> &'static str {
     if upgrade.is_some_and(|u| u.state == UpgradeState::Upgrading) {
         return "upgrading";
     }
@@ -64,7 +64,7 @@ fn shown_status(a: &AgentStatus, upgrade: Option<&AgentUpgrade>) -> &'static str
 }
 
 /// Whether agent `a` matches the lowercase search text `q`.
-fn matches(a: &AgentStatus, q: &str) -> bool {
+fn matches(a: &AgentView, q: &str) -> bool {
     q.is_empty()
         || a.name.to_lowercase().contains(q)
         || a.id == q
@@ -83,7 +83,7 @@ async fn list(
         .registry
         .agent_statuses(state.agents.shared.presence.as_ref());
     let total = all.len();
-    let matching: Vec<(AgentStatus, &'static str)> = all
+    let matching: Vec<(AgentView, &'static str)> = all
         .into_iter()
         .filter(|a| matches(a, &q))
         .map(|a| {

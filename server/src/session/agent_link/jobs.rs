@@ -8,12 +8,12 @@ use actix::prelude::*;
 use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, Seq};
 
-use super::{AgentLink, LinkError};
+use super::{AgentLink, AgentLinkError};
 
 impl AgentLink {
     /// Takes the agent's jobs that may start now and numbers their RunJob commands: the last
     /// seq and the ops (commands + job marks) to commit, or `None` if nothing is waiting.
-    pub(super) fn take_jobs(&mut self) -> Result<Option<(Seq, Vec<Op>)>, LinkError> {
+    pub(super) fn take_jobs(&mut self) -> Result<Option<(Seq, Vec<Op>)>, AgentLinkError> {
         let mut ready = self.shared.work.ready(&self.agent_id);
         if ready.commands.is_empty() {
             return Ok(None);
@@ -48,7 +48,7 @@ impl AgentLink {
 
 /// Queue these commands; answered with the last seq once they are durable.
 #[derive(Message)]
-#[rtype(result = "Result<Seq, LinkError>")]
+#[rtype(result = "Result<Seq, AgentLinkError>")]
 pub struct QueueCommands {
     pub bodies: Vec<CommandBody>,
     /// Committed in the commands' batch (the state they put something in).
@@ -58,7 +58,7 @@ pub struct QueueCommands {
 }
 
 impl Handler<QueueCommands> for AgentLink {
-    type Result = ResponseActFuture<Self, Result<Seq, LinkError>>;
+    type Result = ResponseActFuture<Self, Result<Seq, AgentLinkError>>;
 
     fn handle(&mut self, msg: QueueCommands, _: &mut Self::Context) -> Self::Result {
         if msg.bodies.is_empty() {
@@ -77,11 +77,11 @@ impl Handler<QueueCommands> for AgentLink {
 /// Send RunJob for this agent's queued jobs, up to its limit of unfinished jobs; answered
 /// once they are durable (with the last seq assigned so far).
 #[derive(Message)]
-#[rtype(result = "Result<Seq, LinkError>")]
+#[rtype(result = "Result<Seq, AgentLinkError>")]
 pub struct DispatchJobs;
 
 impl Handler<DispatchJobs> for AgentLink {
-    type Result = ResponseActFuture<Self, Result<Seq, LinkError>>;
+    type Result = ResponseActFuture<Self, Result<Seq, AgentLinkError>>;
 
     fn handle(&mut self, _: DispatchJobs, _: &mut Self::Context) -> Self::Result {
         match self.take_jobs() {

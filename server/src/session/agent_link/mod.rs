@@ -47,7 +47,7 @@ const DEFAULT_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
 /// Why a link could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum LinkError {
+pub enum AgentLinkError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -90,7 +90,7 @@ pub struct AgentLink {
 
 impl AgentLink {
     /// Rebuild the link of `agent_id` from the journal.
-    pub fn recover(agent_id: &str, shared: Arc<SessionShared>) -> Result<Self, LinkError> {
+    pub fn recover(agent_id: &str, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
         let keys = StreamKeys::server_side(agent_id)?;
         let ep = keys.recover(
             &shared.journal,
@@ -391,7 +391,7 @@ impl AgentLink {
     }
 
     /// Number, sign and journal commands; they go out once durable.
-    fn enqueue(&mut self, bodies: Vec<CommandBody>) -> Result<(Seq, Vec<Op>), LinkError> {
+    fn enqueue(&mut self, bodies: Vec<CommandBody>) -> Result<(Seq, Vec<Op>), AgentLinkError> {
         if !self.ep.outbound.has_room(bodies.len()) {
             return Err(StreamError::Backlog {
                 in_flight: self.ep.outbound.unacked(),
@@ -413,13 +413,13 @@ impl AgentLink {
             }
             let id = hex::encode(rand::random::<[u8; 12]>());
             let signed = command_signing_bytes(&self.agent_id, &id, deadline, &body)
-                .map_err(|e| LinkError::Encode(e.to_string()))?;
+                .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
             let mut command = Command::new(seq, id, deadline, body)
-                .map_err(|e| LinkError::Encode(e.to_string()))?;
+                .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
             command.signature = self.shared.trust.sign(&signed);
             let bytes = Frame::Command(command)
                 .encode()
-                .map_err(|e| LinkError::Encode(e.to_string()))?;
+                .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
             ops.push(Op::Append {
                 log: self.keys.out_log.clone(),
                 seq,
@@ -443,7 +443,7 @@ impl AgentLink {
         last: Seq,
         ops: Vec<Op>,
         then: Option<Box<dyn FnOnce() + Send>>,
-    ) -> ResponseActFuture<Self, Result<Seq, LinkError>> {
+    ) -> ResponseActFuture<Self, Result<Seq, AgentLinkError>> {
         let commit = self.shared.journal.commit(ops);
         Box::pin(commit.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
@@ -476,7 +476,7 @@ impl Actor for AgentLink {
 
 /// A verified session of this agent starts: run the stream handshake.
 #[derive(Message)]
-#[rtype(result = "Result<Welcome, LinkError>")]
+#[rtype(result = "Result<Welcome, AgentLinkError>")]
 pub struct Attach {
     pub conn: ConnId,
     pub hello: Hello,
@@ -484,7 +484,7 @@ pub struct Attach {
 }
 
 impl Handler<Attach> for AgentLink {
-    type Result = ResponseActFuture<Self, Result<Welcome, LinkError>>;
+    type Result = ResponseActFuture<Self, Result<Welcome, AgentLinkError>>;
 
     fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
         let conn = msg.conn;
@@ -538,7 +538,7 @@ impl Handler<Attach> for AgentLink {
                 if let Some(commit) = commit {
                     commit.await?;
                 }
-                Ok::<(), LinkError>(())
+                Ok::<(), AgentLinkError>(())
             }
             .into_actor(self)
             .map(move |res, act, ctx| {
@@ -662,14 +662,14 @@ impl Handler<ObserveLink> for AgentLink {
 
 /// Queue `commands` numbered probe commands and ask the agent for `events` probe events.
 #[derive(Message)]
-#[rtype(result = "Result<Seq, LinkError>")]
+#[rtype(result = "Result<Seq, AgentLinkError>")]
 pub struct QueueProbes {
     pub commands: u64,
     pub events: u64,
 }
 
 impl Handler<QueueProbes> for AgentLink {
-    type Result = ResponseActFuture<Self, Result<Seq, LinkError>>;
+    type Result = ResponseActFuture<Self, Result<Seq, AgentLinkError>>;
 
     fn handle(&mut self, msg: QueueProbes, _: &mut Self::Context) -> Self::Result {
         let base = self.probes.commands_sent;

@@ -170,7 +170,7 @@ async fn observe_links(
                 Ok(Err(_)) => Err(ActorState::Stopped),
                 Err(_) => Err(ActorState::Timeout),
             };
-            (id, restarts, state)
+            (id.into_string(), restarts, state)
         });
     (actor, futures_util::future::join_all(observations).await)
 }

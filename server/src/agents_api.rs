@@ -130,7 +130,7 @@ impl AgentAdmin {
             .delete_relay(&relay.id)
             .await?
             .ok_or(AgentsError::RelayNotFound)?;
-        let closed = revoke_relay(&self.shared, &deleted.id).await;
+        let closed = revoke_relay(&self.shared, &deleted.id.as_str().into()).await;
         self.shared.presence.forget(&deleted.id);
         tracing::warn!(relay_id = %deleted.id, name = %deleted.name, closed, "relay-deleted");
         Ok((deleted, closed))
@@ -211,7 +211,7 @@ impl AgentAdmin {
         let _ = self
             .sessions
             .send(DisconnectAgent {
-                agent_id: deleted.id.clone(),
+                agent_id: deleted.id.as_str().into(),
                 reason: "agent deleted".into(),
             })
             .await;

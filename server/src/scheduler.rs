@@ -5,6 +5,7 @@
 //! durable.
 
 use std::sync::Arc;
+use tether_shared::ids::{AgentId, DeploymentId};
 
 use actix::Addr;
 use futures_util::stream::{self, StreamExt};
@@ -55,14 +56,17 @@ pub struct Scheduler {
 impl Scheduler {
     /// Validates and stores deployment `new`, then has every target's link queue its job.
     /// Answers the id and the number of jobs once every job that may start now is durable.
-    pub async fn start_deployment(&self, new: NewDeployment) -> Result<(String, usize), ApiError> {
+    pub async fn start_deployment(
+        &self,
+        new: NewDeployment,
+    ) -> Result<(DeploymentId, usize), ApiError> {
         let d = self
             .deployments
             .create(new, &self.registry.agents())
             .await?;
         // Every agent's jobs are queued on its own link and committed there: many at once, so
         // that their commits share the journal's batches instead of waiting one after another.
-        let results: Vec<(&String, Result<(), SchedulerError>)> = stream::iter(&d.agents)
+        let results: Vec<(&AgentId, Result<(), SchedulerError>)> = stream::iter(&d.agents)
             .map(|agent_id| async move { (agent_id, self.dispatch(agent_id).await) })
             .buffer_unordered(DISPATCH_CONCURRENCY)
             .collect()
@@ -71,7 +75,7 @@ impl Scheduler {
         for (agent_id, result) in results {
             if let Err(e) = result {
                 tracing::error!(deployment_id = %d.id, agent_id = %agent_id, error = %e, "job-dispatch-failed");
-                failed.push(agent_id.clone());
+                failed.push(agent_id.to_string());
             }
         }
         failed.sort();
@@ -92,7 +96,7 @@ impl Scheduler {
         let mut failed = Vec::new();
         for (agent_id, job_id) in &remote {
             let body = CommandBody::CancelJob {
-                job_id: job_id.clone(),
+                job_id: job_id.to_string(),
             };
             let queued = self.queue(agent_id, vec![body], Vec::new(), None).await;
             if let Err(e) = queued {
@@ -115,7 +119,7 @@ impl Scheduler {
     /// the upload); the agent's upgrade state becomes `requested` in the same batch.
     pub async fn queue_upgrade(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         package: &Package,
     ) -> Result<Queued, SchedulerError> {
         let current = self.upgrades.agent(agent_id);
@@ -155,7 +159,7 @@ impl Scheduler {
     }
 
     /// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.
-    pub async fn dispatch(&self, agent_id: &str) -> Result<(), SchedulerError> {
+    pub async fn dispatch(&self, agent_id: &AgentId) -> Result<(), SchedulerError> {
         let link = self.link(agent_id).await?;
         link.send(DispatchJobs).await??;
         Ok(())
@@ -172,7 +176,7 @@ impl Scheduler {
 
     async fn queue(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         bodies: Vec<CommandBody>,
         ops: Vec<tether_shared::journal::Op>,
         then: Option<Box<dyn FnOnce() + Send>>,
@@ -182,8 +186,8 @@ impl Scheduler {
         Ok(())
     }
 
-    async fn link(&self, agent_id: &str) -> Result<Addr<AgentLink>, SchedulerError> {
-        let agent_id = agent_id.to_owned();
+    async fn link(&self, agent_id: &AgentId) -> Result<Addr<AgentLink>, SchedulerError> {
+        let agent_id = agent_id.clone();
         Ok(self.sessions.send(GetLink { agent_id }).await??)
     }
 }

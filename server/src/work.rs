@@ -8,6 +8,7 @@
 //! wakes it (a new deployment, a restart with jobs waiting).
 
 use std::sync::Arc;
+use tether_shared::ids::AgentId;
 
 use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, EventBody};
@@ -34,7 +35,7 @@ pub struct EventEffect {
 #[derive(Debug, Default)]
 pub struct Ready {
     /// What it is (for [`Work::undo`] if the commands cannot be queued).
-    pub job_ids: Vec<String>,
+    pub job_ids: Vec<tether_shared::ids::JobId>,
     pub commands: Vec<CommandBody>,
     /// Marks it sent; committed with the commands.
     pub ops: Vec<Op>,
@@ -50,7 +51,7 @@ impl Work {
 
     /// The effect of an event of `agent_id` about its jobs or its upgrade; `None` for any
     /// other event (the link's own: probes, trust, expiries).
-    pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Option<EventEffect> {
+    pub fn on_event(&self, agent_id: &AgentId, body: &EventBody) -> Option<EventEffect> {
         match body {
             EventBody::UpgradeStarted { .. }
             | EventBody::UpgradeStaged { .. }
@@ -75,12 +76,12 @@ impl Work {
     }
 
     /// `agent_id` lost its state (a new journal): what it was running has failed.
-    pub fn on_reset(&self, agent_id: &str) -> Vec<Op> {
+    pub fn on_reset(&self, agent_id: &AgentId) -> Vec<Op> {
         self.deployments.on_agent_reset(agent_id)
     }
 
     /// The jobs `agent_id` may start now, marked sent.
-    pub fn ready(&self, agent_id: &str) -> Ready {
+    pub fn ready(&self, agent_id: &AgentId) -> Ready {
         let (job_ids, commands, ops) = self.deployments.take_ready(agent_id);
         Ready {
             job_ids,

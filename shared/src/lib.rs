@@ -35,6 +35,7 @@ pub mod frame_guard;
 pub mod h1_tls;
 pub mod https;
 pub mod identity;
+pub mod ids;
 pub mod journal;
 pub mod link;
 pub mod mask;

@@ -153,7 +153,7 @@ async fn get_deployment(
     let id = path.into_inner();
     let answer = state.deployments.with_state(|s| {
         s.deployments
-            .get(&id)
+            .get(id.as_str())
             .map(|d| view::deployment(s, d, &state.registry))
     });
     Ok(HttpResponse::Ok().json(answer.ok_or(ApiError::NotFound)?))
@@ -268,7 +268,7 @@ pub async fn log_reader(
         .map_or(agent, |a| a.id);
     let found = deployments.with_state(|s| {
         let d = s.deployments.get(id)?;
-        let job = s.jobs.get(&format!("{id}-{agent_id}"))?;
+        let job = s.jobs.get(format!("{id}-{agent_id}").as_str())?;
         let index = job
             .steps
             .iter()

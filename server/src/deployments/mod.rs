@@ -28,6 +28,7 @@ pub mod view;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tether_shared::ids::{AgentId, JobId};
 
 use rand::RngCore;
 use serde::Deserialize;
@@ -211,18 +212,18 @@ impl Deployments {
     }
 
     /// Jobs of `agent_id` to send now (marked dispatched): ids, RunJob commands, ops.
-    pub fn take_ready(&self, agent_id: &str) -> (Vec<String>, Vec<CommandBody>, Vec<Op>) {
+    pub fn take_ready(&self, agent_id: &str) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         self.write()
             .take_ready(agent_id, self.max_running_per_agent)
     }
 
     /// The commands for `job_ids` could not be queued.
-    pub fn undo_dispatch(&self, job_ids: &[String]) {
+    pub fn undo_dispatch(&self, job_ids: &[JobId]) {
         self.write().undo_dispatch(job_ids);
     }
 
     /// Agents that have jobs waiting to be sent (checked at start-up).
-    pub fn agents_with_waiting_jobs(&self) -> Vec<String> {
+    pub fn agents_with_waiting_jobs(&self) -> Vec<AgentId> {
         self.read().agents_with_waiting_jobs()
     }
 
@@ -295,18 +296,18 @@ impl Deployments {
             let s = self.read();
             loop {
                 let id = format!("d-{:016x}", rand::rngs::OsRng.next_u64());
-                if !s.deployments.contains_key(&id) {
+                if !s.deployments.contains_key(id.as_str()) {
                     break id;
                 }
             }
         };
         let deployment = Deployment {
-            id,
+            id: id.into(),
             process: new.process,
             process_version,
             properties: new.properties,
             steps,
-            agents: targets,
+            agents: targets.into_iter().map(AgentId::from).collect(),
             created_unix_ms: now_unix_ms(),
         };
         let jobs: Vec<Job> = deployment
@@ -330,7 +331,7 @@ impl Deployments {
     }
 
     /// Cancels a deployment: answers the (agent id, job id) of the jobs to send CancelJob to.
-    pub async fn cancel(&self, id: &str) -> Result<Vec<(String, String)>, DeploymentsError> {
+    pub async fn cancel(&self, id: &str) -> Result<Vec<(AgentId, JobId)>, DeploymentsError> {
         let _guard = self.changes.lock().await;
         if !self.read().deployments.contains_key(id) {
             return Err(DeploymentsError::NotFound);
@@ -372,7 +373,10 @@ impl Deployments {
                         && s.step == "fetch"
                         && s.properties.get("sha256").map(String::as_str) == Some(sha256))
             });
-            references && state.jobs.contains_key(&format!("{}-{agent_id}", d.id))
+            references
+                && state
+                    .jobs
+                    .contains_key(format!("{}-{agent_id}", d.id).as_str())
         })
     }
 

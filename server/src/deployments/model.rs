@@ -2,6 +2,7 @@
 //! status enums, and the rule that derives a deployment's status from its jobs.
 
 use std::collections::BTreeMap;
+use tether_shared::ids::{AgentId, DeploymentId, JobId};
 
 use serde::{Deserialize, Serialize};
 use tether_shared::protocol::{JobStatus, OnInterrupt, StepSpec, StepStatus};
@@ -42,7 +43,7 @@ pub struct Process {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Deployment {
-    pub id: String,
+    pub id: DeploymentId,
     pub process: String,
     pub process_version: u64,
     /// As given (secret ones are masked in answers).
@@ -51,7 +52,7 @@ pub struct Deployment {
     /// needs them; never answered).
     pub steps: Vec<StepSpec>,
     /// Target agent ids, in job order.
-    pub agents: Vec<String>,
+    pub agents: Vec<AgentId>,
     pub created_unix_ms: u64,
 }
 
@@ -169,9 +170,9 @@ pub struct JobStep {
 #[serde(deny_unknown_fields)]
 pub struct Job {
     /// `<deployment id>-<agent id>`.
-    pub job_id: String,
-    pub deployment_id: String,
-    pub agent_id: String,
+    pub job_id: JobId,
+    pub deployment_id: DeploymentId,
+    pub agent_id: AgentId,
     pub status: JobState,
     /// Its RunJob was queued to the agent (journaled with the command); a queued job that is
     /// not dispatched waits for a free slot of its agent.
@@ -184,11 +185,11 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn new(deployment: &Deployment, agent_id: &str) -> Job {
+    pub fn new(deployment: &Deployment, agent_id: &AgentId) -> Job {
         Job {
-            job_id: format!("{}-{agent_id}", deployment.id),
+            job_id: JobId::new(format!("{}-{agent_id}", deployment.id)),
             deployment_id: deployment.id.clone(),
-            agent_id: agent_id.to_owned(),
+            agent_id: agent_id.clone(),
             status: JobState::Queued,
             dispatched: false,
             finished_unix_ms: None,

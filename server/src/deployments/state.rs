@@ -3,6 +3,7 @@
 //! journal ops that make them durable (which the caller commits in the batch of the cause).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tether_shared::ids::{AgentId, DeploymentId, JobId};
 
 use tether_shared::journal::{LogName, Op};
 use tether_shared::protocol::{CommandBody, EventBody, Seq, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
@@ -26,15 +27,15 @@ const MAX_KEPT_OUTPUT: u64 = (MAX_STEP_OUTPUT + OUTPUT_TRUNCATED.len()) as u64;
 #[derive(Debug, Default)]
 pub struct State {
     pub processes: BTreeMap<String, Process>,
-    pub deployments: BTreeMap<String, Deployment>,
-    pub jobs: BTreeMap<String, Job>,
+    pub deployments: BTreeMap<DeploymentId, Deployment>,
+    pub jobs: BTreeMap<JobId, Job>,
     /// Output bytes stored so far, by the meta key of running steps (see
     /// [`OUTPUT_LEN_PREFIX`]).
     pub output_bytes: HashMap<String, u64>,
     /// Each agent's jobs that are not final (queued or running), so that dispatching to one
     /// agent looks at its own few jobs, never at every job ever created. Jobs that became
     /// final leave it lazily (see [`State::active_jobs`]).
-    active: BTreeMap<String, BTreeSet<String>>,
+    active: BTreeMap<AgentId, BTreeSet<JobId>>,
 }
 
 /// What an event changed.
@@ -117,7 +118,7 @@ impl State {
             | EventBody::JobFinished { job_id, .. } => job_id,
             _ => return Effect::default(),
         };
-        let Some(job) = self.jobs.get_mut(job_id) else {
+        let Some(job) = self.jobs.get_mut(job_id.as_str()) else {
             tracing::warn!(agent_id = %agent_id, job_id = %job_id, "event-for-unknown-job");
             return Effect::default();
         };
@@ -281,13 +282,13 @@ impl State {
 
     /// The ids of `agent_id`'s jobs that are not final, dropping from the index those that
     /// became final since.
-    fn active_jobs(&mut self, agent_id: &str) -> Vec<String> {
+    fn active_jobs(&mut self, agent_id: &str) -> Vec<JobId> {
         let Some(ids) = self.active.get_mut(agent_id) else {
             return Vec::new();
         };
         let jobs = &self.jobs;
         ids.retain(|id| jobs.get(id).is_some_and(|j| !j.status.is_final()));
-        let live: Vec<String> = ids.iter().cloned().collect();
+        let live: Vec<JobId> = ids.iter().cloned().collect();
         if live.is_empty() {
             self.active.remove(agent_id);
         }
@@ -305,7 +306,7 @@ impl State {
     }
 
     /// Agents that have jobs waiting to be sent.
-    pub fn agents_with_waiting_jobs(&self) -> Vec<String> {
+    pub fn agents_with_waiting_jobs(&self) -> Vec<AgentId> {
         self.active
             .keys()
             .filter(|a| {
@@ -321,7 +322,7 @@ impl State {
     pub fn reset_agent(&mut self, agent_id: &str) -> Vec<Op> {
         let mut ops = Vec::new();
         for id in self.active_jobs(agent_id) {
-            let Some(job) = self.jobs.get_mut(&id) else {
+            let Some(job) = self.jobs.get_mut(id.as_str()) else {
                 continue;
             };
             if job.dispatched {
@@ -338,7 +339,7 @@ impl State {
     pub fn fail_agent(&mut self, agent_id: &str, message: &str) -> Vec<Op> {
         let mut ops = Vec::new();
         for id in self.active_jobs(agent_id) {
-            if let Some(job) = self.jobs.get_mut(&id) {
+            if let Some(job) = self.jobs.get_mut(id.as_str()) {
                 job.finish(JobState::Failed, StepState::Interrupted, message);
                 tracing::warn!(agent_id = %agent_id, job_id = %job.job_id, "job-failed-agent-deleted");
                 ops.push(job_op(job));
@@ -360,12 +361,12 @@ impl State {
         &mut self,
         agent_id: &str,
         limit: usize,
-    ) -> (Vec<String>, Vec<CommandBody>, Vec<Op>) {
+    ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         let active = self.active_jobs(agent_id);
         let mut running = 0;
-        let mut ready: Vec<(u64, String)> = Vec::new();
+        let mut ready: Vec<(u64, JobId)> = Vec::new();
         for id in active {
-            let Some(j) = self.jobs.get(&id) else {
+            let Some(j) = self.jobs.get(id.as_str()) else {
                 continue;
             };
             if j.dispatched {
@@ -382,7 +383,7 @@ impl State {
         ready.sort();
         let (mut ids, mut bodies, mut ops) = (Vec::new(), Vec::new(), Vec::new());
         for (_, job_id) in ready.into_iter().take(free) {
-            let Some(job) = self.jobs.get_mut(&job_id) else {
+            let Some(job) = self.jobs.get_mut(job_id.as_str()) else {
                 continue;
             };
             let Some(d) = self.deployments.get(&job.deployment_id) else {
@@ -390,8 +391,8 @@ impl State {
             };
             job.dispatched = true;
             bodies.push(CommandBody::RunJob {
-                job_id: job_id.clone(),
-                deployment_id: d.id.clone(),
+                job_id: job_id.to_string(),
+                deployment_id: d.id.to_string(),
                 steps: d.steps.clone(),
             });
             ops.push(job_op(job));
@@ -401,9 +402,9 @@ impl State {
     }
 
     /// The commands of `take_ready` could not be queued: the jobs wait again.
-    pub fn undo_dispatch(&mut self, job_ids: &[String]) {
+    pub fn undo_dispatch(&mut self, job_ids: &[JobId]) {
         for id in job_ids {
-            if let Some(j) = self.jobs.get_mut(id) {
+            if let Some(j) = self.jobs.get_mut(id.as_str()) {
                 j.dispatched = false;
             }
         }
@@ -411,7 +412,7 @@ impl State {
 
     /// Cancels deployment `id`: jobs still queued on the server are cancelled here (ops); the
     /// dispatched, unfinished ones are answered as (agent id, job id) to send CancelJob to.
-    pub fn cancel(&mut self, id: &str) -> (Vec<Op>, Vec<(String, String)>) {
+    pub fn cancel(&mut self, id: &str) -> (Vec<Op>, Vec<(AgentId, JobId)>) {
         let (mut ops, mut remote) = (Vec::new(), Vec::new());
         let job_ids: Vec<String> = self
             .deployments
@@ -419,7 +420,7 @@ impl State {
             .map(|d| d.agents.iter().map(|a| format!("{id}-{a}")).collect())
             .unwrap_or_default();
         for job_id in job_ids {
-            let Some(job) = self.jobs.get_mut(&job_id) else {
+            let Some(job) = self.jobs.get_mut(job_id.as_str()) else {
                 continue;
             };
             if job.status.is_final() {
@@ -505,9 +506,9 @@ impl State {
         if let Some(d) = self.deployments.remove(id) {
             for a in &d.agents {
                 let job_id = format!("{}-{a}", d.id);
-                if let Some(job) = self.jobs.remove(&job_id) {
-                    if let Some(ids) = self.active.get_mut(&job.agent_id) {
-                        ids.remove(&job_id);
+                if let Some(job) = self.jobs.remove(job_id.as_str()) {
+                    if let Some(ids) = self.active.get_mut(job.agent_id.as_str()) {
+                        ids.remove(job_id.as_str());
                     }
                     for step in 0..job.steps.len() as u32 {
                         self.output_bytes.remove(&output_len_key(&job_id, step));
@@ -521,6 +522,6 @@ impl State {
     pub fn jobs_of<'a>(&'a self, d: &'a Deployment) -> impl Iterator<Item = &'a Job> + 'a {
         d.agents
             .iter()
-            .filter_map(move |a| self.jobs.get(&format!("{}-{a}", d.id)))
+            .filter_map(move |a| self.jobs.get(format!("{}-{a}", d.id).as_str()))
     }
 }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::collections::BTreeMap;
+use tether_shared::ids::{AgentId, JobId};
 
 use tether_shared::journal::Op;
 use tether_shared::protocol::{
@@ -43,12 +44,12 @@ fn state(agents: &[&str]) -> State {
             spec("a", &[], &[("script", "true")]),
             spec("b", &["script"], &[("script", "s3cr3t-script")]),
         ],
-        agents: agents.iter().map(|a| a.to_string()).collect(),
+        agents: agents.iter().map(|a| AgentId::from(*a)).collect(),
         created_unix_ms: 1,
     };
     let mut s = State::default();
     for a in agents {
-        let mut j = Job::new(&d, a);
+        let mut j = Job::new(&d, &AgentId::from(*a));
         j.dispatched = true;
         s.insert_job(j);
     }
@@ -57,7 +58,7 @@ fn state(agents: &[&str]) -> State {
 }
 
 fn job(s: &State, agent: &str) -> Job {
-    s.jobs[&format!("d-1-{agent}")].clone()
+    s.jobs[format!("d-1-{agent}").as_str()].clone()
 }
 
 fn accepted() -> EventBody {
@@ -296,13 +297,13 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     // Three more deployments for a1, not yet dispatched.
     for n in 2..=4 {
         let mut d = s.deployments["d-1"].clone();
-        d.id = format!("d-{n}");
+        d.id = format!("d-{n}").into();
         d.created_unix_ms = n;
-        s.insert_job(Job::new(&d, "a1"));
+        s.insert_job(Job::new(&d, &"a1".into()));
         s.deployments.insert(d.id.clone(), d);
     }
     let (ids, bodies, ops) = s.take_ready("a1", 2);
-    assert_eq!(ids, vec!["d-2-a1".to_owned()], "one slot left of 2");
+    assert_eq!(ids, vec![JobId::from("d-2-a1")], "one slot left of 2");
     assert!(matches!(&bodies[..], [CommandBody::RunJob { job_id, .. }] if job_id == "d-2-a1"));
     assert_eq!(ops.len(), 1);
     assert!(s.take_ready("a1", 2).0.is_empty());
@@ -315,10 +316,10 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     assert_eq!(s.jobs["d-3-a1"].status, JobState::Cancelled);
     let (ops, remote) = s.cancel("d-2");
     assert!(ops.is_empty());
-    assert_eq!(remote, vec![("a1".to_owned(), "d-2-a1".to_owned())]);
+    assert_eq!(remote, vec![("a1".into(), "d-2-a1".into())]);
     // When d-1 finishes, d-4 is next (d-3 was cancelled).
     s.apply_event("a1", &job_finished(JobStatus::Succeeded));
-    assert_eq!(s.take_ready("a1", 2).0, vec!["d-4-a1".to_owned()]);
+    assert_eq!(s.take_ready("a1", 2).0, vec![JobId::from("d-4-a1")]);
 }
 
 #[test]

@@ -59,7 +59,7 @@ pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
         .map(|j| {
             let name = registry.agent(&j.agent_id).map(|a| a.name);
             json!({
-                "agent": name.unwrap_or_else(|| j.agent_id.clone()),
+                "agent": name.unwrap_or_else(|| j.agent_id.to_string()),
                 "agent_id": j.agent_id,
                 "job_id": j.job_id,
                 "status": j.status,

@@ -242,7 +242,7 @@ impl Actor for AgentSession {
         }
         if let (true, Some(agent_id)) = (registered, self.greeting.peer()) {
             self.registry.do_send(SessionEnded {
-                agent_id: agent_id.to_owned(),
+                agent_id: agent_id.into(),
                 conn: self.conn,
             });
         }

@@ -3,6 +3,7 @@
 //! talks back through a [`SessionHandle`]. The handshake before it is [`super::greeting`].
 
 use actix::prelude::*;
+use tether_shared::ids::AgentId;
 use tether_shared::protocol::{Hello, Welcome};
 use tether_shared::stream::ConnId;
 
@@ -30,7 +31,7 @@ pub async fn attach(
 ) -> Result<(Addr<AgentLink>, Welcome), AttachError> {
     let link = registry
         .send(RegisterSession {
-            agent_id: hello.agent_id.clone(),
+            agent_id: AgentId::new(hello.agent_id.as_str()),
             conn,
             session: handle.clone(),
         })

@@ -25,6 +25,7 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
 use tether_shared::frame_guard::close_code_for;
+use tether_shared::ids::RelayId;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
     self, command_signing_bytes, Command, CommandBody, ErrorCode, ErrorFrame, Event, EventBody,
@@ -80,7 +81,7 @@ pub struct RelaySession {
     greeting: Greeting,
     peer: String,
     /// The relay's id once its Hello checked out.
-    relay_id: Option<String>,
+    relay_id: Option<RelayId>,
     last_heard: Instant,
     counted: bool,
     /// Its place among its address's handshakes, until the relay is authenticated.
@@ -220,7 +221,7 @@ impl RelaySession {
             .presence
             .set_online(&relay_id, &version, Vec::new());
         tracing::info!(relay_id = %relay_id, conn = self.conn.0, peer = %self.peer, "relay-online");
-        self.relay_id = Some(relay_id.clone());
+        self.relay_id = Some(relay_id.as_str().into());
         Self::send_frame(ctx, &self.welcome());
         self.push_upgrade(ctx, &relay_id);
         self.push_certificate(ctx, &relay_id, true);
@@ -674,7 +675,7 @@ impl RelaySession {
                     link.do_send(Detach { conn: channel.conn });
                 }
                 self.registry.do_send(SessionEnded {
-                    agent_id: peer,
+                    agent_id: peer.into(),
                     conn: channel.conn,
                 });
             }
@@ -731,14 +732,14 @@ impl RelaySession {
             self.put(ctx, ch, &beat);
         }
         // Renewals come due while a relay stays connected: checked at each beat.
-        let relays: Vec<String> = self
+        let relays: Vec<RelayId> = self
             .relay_id
             .iter()
             .cloned()
             .chain(
                 self.channels
                     .values()
-                    .filter_map(|c| c.relay_id().map(str::to_owned)),
+                    .filter_map(|c| c.relay_id().map(RelayId::from)),
             )
             .collect();
         for relay_id in relays {
@@ -759,7 +760,7 @@ impl RelaySession {
     /// Channels by phase, for health.
     fn observe(&self) -> RelayLinkHealth {
         let mut health = RelayLinkHealth {
-            relay_id: self.relay_id.clone(),
+            relay_id: self.relay_id.as_ref().map(RelayId::to_string),
             conn: self.conn.0,
             stats: self.stats,
             ..Default::default()
@@ -953,7 +954,7 @@ impl Handler<LinkReplaced> for RelaySession {
 #[derive(Message)]
 #[rtype(result = "usize")]
 pub struct RevokeRelay {
-    pub relay_id: String,
+    pub relay_id: RelayId,
 }
 
 impl Handler<RevokeRelay> for RelaySession {
@@ -971,7 +972,8 @@ impl Handler<RevokeRelay> for RelaySession {
             .channels
             .iter()
             .filter(|(_, c)| {
-                c.path.contains(&msg.relay_id) || c.relay_id() == Some(msg.relay_id.as_str())
+                c.path.iter().any(|r| msg.relay_id == r.as_str())
+                    || c.relay_id() == Some(msg.relay_id.as_str())
             })
             .map(|(ch, _)| *ch)
             .collect();
@@ -1024,7 +1026,7 @@ impl Handler<ObserveRelayLink> for RelaySession {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct PushRelayUpgrade {
-    pub relay_id: String,
+    pub relay_id: RelayId,
 }
 
 impl Handler<PushRelayUpgrade> for RelaySession {
@@ -1104,12 +1106,12 @@ fn relay_command(
 
 /// Tells `relay_id`, if it is connected (directly or through other relays), about its
 /// in-progress upgrade. `true` if a link was asked to.
-pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &str) -> bool {
+pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &RelayId) -> bool {
     let Some(path) = shared.presence.online_path(relay_id) else {
         return false;
     };
     // The link that carries it is the one of the relay nearest the server on its path.
-    let holder = path.last().map_or(relay_id, String::as_str);
+    let holder = path.last().map_or(relay_id.as_str(), String::as_str);
     match shared.presence.relay_link(holder) {
         Some(link) => {
             link.do_send(PushRelayUpgrade {
@@ -1123,7 +1125,7 @@ pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &str) -> bool {
 
 /// Closes relay `relay_id`'s link, or the channels carrying it or running through it on other
 /// links (a relay behind a relay); answers how many links and channels were closed.
-pub async fn revoke_relay(shared: &SessionShared, relay_id: &str) -> usize {
+pub async fn revoke_relay(shared: &SessionShared, relay_id: &RelayId) -> usize {
     let mut closed = 0;
     for (_, link) in shared.presence.relay_links() {
         let revoke = RevokeRelay {

@@ -121,7 +121,7 @@ async fn link_of(
         .sessions
         .registry
         .send(GetLink {
-            agent_id: id.to_owned(),
+            agent_id: id.into(),
         })
         .await
         .map_err(|_| ApiError::Unavailable)?

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use tether_shared::close::CloseCode;
+use tether_shared::ids::AgentId;
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, AgentLinkError, Detach};
@@ -26,7 +27,7 @@ struct Entry {
 
 pub struct SessionRegistry {
     shared: Arc<SessionShared>,
-    agents: HashMap<String, Entry>,
+    agents: HashMap<AgentId, Entry>,
 }
 
 impl SessionRegistry {
@@ -37,7 +38,7 @@ impl SessionRegistry {
         }
     }
 
-    fn entry(&mut self, agent_id: &str) -> Result<&mut Entry, AgentLinkError> {
+    fn entry(&mut self, agent_id: &AgentId) -> Result<&mut Entry, AgentLinkError> {
         // A link that died (its journal failed) is rebuilt from the journal.
         let dead = self
             .agents
@@ -51,7 +52,7 @@ impl SessionRegistry {
                 tracing::warn!(agent_id = %agent_id, restarts, "link-rebuilt");
             }
             self.agents
-                .insert(agent_id.to_owned(), Entry { link, restarts });
+                .insert(agent_id.clone(), Entry { link, restarts });
         }
         self.agents
             .get_mut(agent_id)
@@ -71,7 +72,7 @@ impl Actor for SessionRegistry {
 #[derive(Message)]
 #[rtype(result = "Result<Addr<AgentLink>, AgentLinkError>")]
 pub struct RegisterSession {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub conn: ConnId,
     pub session: SessionHandle,
 }
@@ -95,7 +96,7 @@ impl Handler<RegisterSession> for SessionRegistry {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct SessionEnded {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub conn: ConnId,
 }
 
@@ -118,7 +119,7 @@ impl Handler<SessionEnded> for SessionRegistry {
 #[derive(Message)]
 #[rtype(result = "Result<Addr<AgentLink>, AgentLinkError>")]
 pub struct GetLink {
-    pub agent_id: String,
+    pub agent_id: AgentId,
 }
 
 impl Handler<GetLink> for SessionRegistry {
@@ -136,7 +137,7 @@ pub struct ListLinks;
 
 /// Every agent's link, with how often it was rebuilt.
 pub struct ListedLinks {
-    pub links: Vec<(String, Addr<AgentLink>, u64)>,
+    pub links: Vec<(AgentId, Addr<AgentLink>, u64)>,
 }
 
 impl Handler<ListLinks> for SessionRegistry {
@@ -157,7 +158,7 @@ impl Handler<ListLinks> for SessionRegistry {
 #[derive(Message)]
 #[rtype(result = "bool")]
 pub struct DisconnectAgent {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     /// Said in the close frame.
     pub reason: String,
 }

@@ -265,7 +265,11 @@ async fn rollout(
             .iter()
             .find(|a| a.id == id)
             .map_or_else(|| id.clone(), |a| a.name.clone());
-        match state.scheduler.queue_upgrade(&id, &package).await {
+        match state
+            .scheduler
+            .queue_upgrade(&id.as_str().into(), &package)
+            .await
+        {
             Ok(Queued::Underway(s)) => {
                 answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
             }
@@ -352,7 +356,8 @@ async fn rollout_relays(
                 ApiError::Incomplete(format!("the upgrade could not be recorded for {name}; retry"))
             })?;
         state.upgrades.set_relay(&id, record);
-        let told = crate::session::relay_session::push_relay_upgrade(&state.shared, &id);
+        let told =
+            crate::session::relay_session::push_relay_upgrade(&state.shared, &id.as_str().into());
         tracing::info!(relay_id = %id, version = %package.version, connected = told, "relay-upgrade-queued");
         answer.push(json!({"id": id, "name": name, "queued": true,
                            "state": UpgradeState::Requested}));

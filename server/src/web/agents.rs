@@ -217,14 +217,19 @@ async fn detail(
         let mut jobs: Vec<(u64, String, String, String)> = s
             .jobs
             .values()
-            .filter(|j| j.agent_id == a.id)
+            .filter(|j| j.agent_id == a.id.as_str())
             .filter_map(|j| {
                 let d = s.deployments.get(&j.deployment_id)?;
                 let status = serde_json::to_value(j.status)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default();
-                Some((d.created_unix_ms, d.id.clone(), d.process.clone(), status))
+                Some((
+                    d.created_unix_ms,
+                    d.id.to_string(),
+                    d.process.clone(),
+                    status,
+                ))
             })
             .collect();
         jobs.sort_by_key(|j| std::cmp::Reverse(j.0));
@@ -417,7 +422,7 @@ async fn upgrade(
     let back = format!("/agents/{}?done=upgrade", enc(&agent.id));
     let queued = state
         .scheduler
-        .queue_upgrade(&agent.id, &package)
+        .queue_upgrade(&agent.id.as_str().into(), &package)
         .await
         .map_err(|e| WebError::Unavailable(e.to_string()))?;
     if matches!(queued, Queued::Queued) {

@@ -90,7 +90,7 @@ async fn list(
             .map(|d| {
                 (
                     d.created_unix_ms,
-                    d.id.clone(),
+                    d.id.to_string(),
                     d.process.clone(),
                     deployment_status(s.jobs_of(d)),
                     d.agents.len(),
@@ -206,7 +206,7 @@ async fn detail(
     let id = path.into_inner();
     let d = found(state.deployments.with_state(|s| {
         s.deployments
-            .get(&id)
+            .get(id.as_str())
             .map(|d| view::deployment(s, d, &state.registry))
     }))?;
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
@@ -285,7 +285,7 @@ async fn detail_json(
     let id = path.into_inner();
     let d = found(state.deployments.with_state(|s| {
         s.deployments
-            .get(&id)
+            .get(id.as_str())
             .map(|d| view::deployment(s, d, &state.registry))
     }))?;
     Ok(layout::json(&d))

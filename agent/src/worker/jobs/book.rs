@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tether_shared::ids::{DeploymentId, JobId};
 use tether_shared::protocol::{JobStatus, OnInterrupt, StepSpec, StepStatus};
 
 /// Journal meta key of a job's record.
@@ -42,8 +43,8 @@ pub struct StepProgress {
 /// A job as the agent keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
-    pub job_id: String,
-    pub deployment_id: String,
+    pub job_id: JobId,
+    pub deployment_id: DeploymentId,
     pub steps: Vec<StepSpec>,
     pub progress: Vec<StepProgress>,
     /// A `CancelJob` arrived.
@@ -78,7 +79,7 @@ pub enum Next {
 }
 
 impl JobRecord {
-    pub fn new(job_id: String, deployment_id: String, steps: Vec<StepSpec>) -> Self {
+    pub fn new(job_id: JobId, deployment_id: DeploymentId, steps: Vec<StepSpec>) -> Self {
         let progress = vec![StepProgress::default(); steps.len()];
         JobRecord {
             job_id,

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use tether_shared::ids::JobId;
 use tether_shared::journal::Op;
 use tether_shared::protocol::{EventBody, JobStatus, Seq, StepSpec, StepStatus};
 
@@ -45,7 +46,7 @@ pub enum Then {
 /// One batch for one job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
-    pub job_id: String,
+    pub job_id: JobId,
     pub events: Vec<EventBody>,
     /// The job's next transition waits until this one is durable ([`Ledger::durable`]).
     pub exclusive: bool,
@@ -63,13 +64,13 @@ pub struct Allowance {
 
 #[derive(Default)]
 pub struct Ledger {
-    records: BTreeMap<String, JobRecord>,
+    records: BTreeMap<JobId, JobRecord>,
     /// A commit for the job is in flight: its next transition waits.
-    busy: HashSet<String>,
+    busy: HashSet<JobId>,
     /// A step waits for the event backlog to drain (acks resume it).
     held_for_backlog: bool,
     /// Output chunks were dropped for a full backlog, by (job, step): the next one says so.
-    gaps: HashSet<(String, usize)>,
+    gaps: HashSet<(JobId, usize)>,
 }
 
 impl Ledger {
@@ -132,8 +133,8 @@ impl Ledger {
             tracing::info!(job_id = %job_id, "job-already-known");
             return None;
         }
-        let record = JobRecord::new(job_id.to_owned(), deployment_id.to_owned(), steps);
-        self.records.insert(job_id.to_owned(), record);
+        let record = JobRecord::new(job_id.into(), deployment_id.into(), steps);
+        self.records.insert(job_id.into(), record);
         tracing::info!(job_id = %job_id, "job-accepted");
         Some(EventBody::JobAccepted {
             job_id: job_id.to_owned(),
@@ -145,9 +146,9 @@ impl Ledger {
         if self.records.contains_key(job_id) {
             return None;
         }
-        let mut record = JobRecord::new(job_id.to_owned(), deployment_id.to_owned(), Vec::new());
+        let mut record = JobRecord::new(job_id.into(), deployment_id.into(), Vec::new());
         record.finished = Some(JobStatus::Expired);
-        self.records.insert(job_id.to_owned(), record);
+        self.records.insert(job_id.into(), record);
         Some(EventBody::JobFinished {
             job_id: job_id.to_owned(),
             status: JobStatus::Expired,
@@ -168,8 +169,8 @@ impl Ledger {
 
     /// Settle the unfinished jobs whose step was running and is not among the runner's
     /// (`held`): it died with the worker or the runner. Each job's batch then drives it.
-    pub fn recover(&mut self, held: &HashSet<String>) -> Vec<Transition> {
-        let ids: Vec<String> = self
+    pub fn recover(&mut self, held: &HashSet<JobId>) -> Vec<Transition> {
+        let ids: Vec<JobId> = self
             .records
             .iter()
             .filter(|(id, r)| r.finished.is_none() && !held.contains(*id))
@@ -178,7 +179,7 @@ impl Ledger {
             .collect();
         let mut out = Vec::new();
         for id in ids {
-            let Some(record) = self.records.get_mut(&id) else {
+            let Some(record) = self.records.get_mut(id.as_str()) else {
                 continue;
             };
             let events = record
@@ -187,7 +188,7 @@ impl Ledger {
                 .map(|i| {
                     tracing::warn!(job_id = %id, step = i, "step-interrupted");
                     EventBody::StepFinished {
-                        job_id: id.clone(),
+                        job_id: id.to_string(),
                         step: i as u32,
                         status: StepStatus::Interrupted,
                         exit_code: None,
@@ -202,9 +203,9 @@ impl Ledger {
     }
 
     fn exclusive(&mut self, job_id: &str, events: Vec<EventBody>, then: Then) -> Transition {
-        self.busy.insert(job_id.to_owned());
+        self.busy.insert(job_id.into());
         Transition {
-            job_id: job_id.to_owned(),
+            job_id: job_id.into(),
             events,
             exclusive: true,
             then,
@@ -280,7 +281,7 @@ impl Ledger {
     }
 
     /// Every unfinished job (to drive them all after an upgrade or a backlog hold ended).
-    pub fn unfinished(&self) -> Vec<String> {
+    pub fn unfinished(&self) -> Vec<JobId> {
         self.records
             .values()
             .filter(|r| r.finished.is_none())
@@ -298,7 +299,7 @@ impl Ledger {
         room: bool,
     ) -> Option<Transition> {
         if !room {
-            if self.gaps.insert((job_id.to_owned(), step)) {
+            if self.gaps.insert((job_id.into(), step)) {
                 tracing::warn!(job_id = %job_id, step, "output-dropped-backlog-full");
             }
             return None;
@@ -310,7 +311,7 @@ impl Ledger {
             .filter(|p| p.running && p.attempt == attempt)?;
         let chunk = p.next_chunk;
         p.next_chunk += 1;
-        let data = if self.gaps.remove(&(job_id.to_owned(), step)) {
+        let data = if self.gaps.remove(&(job_id.into(), step)) {
             format!("{GAP_MARKER}{data}")
         } else {
             data
@@ -322,7 +323,7 @@ impl Ledger {
             data,
         };
         Some(Transition {
-            job_id: job_id.to_owned(),
+            job_id: job_id.into(),
             events: vec![event],
             exclusive: false,
             then: Then::Nothing,
@@ -343,7 +344,7 @@ impl Ledger {
                 .is_some_and(|p| p.running && p.attempt == attempt)
         };
         let record = self.records.get_mut(job_id).filter(running)?;
-        self.gaps.remove(&(job_id.to_owned(), step));
+        self.gaps.remove(&(job_id.into(), step));
         outputs::fit(&mut result);
         tracing::info!(job_id = %job_id, step, status = ?result.status, exit_code = ?result.exit_code, "step-finished");
         record.end(step, result.status);
@@ -378,8 +379,8 @@ impl Ledger {
         now_ms: u64,
         retention_ms: u64,
         limit: usize,
-    ) -> Vec<String> {
-        let gone: Vec<String> = self
+    ) -> Vec<JobId> {
+        let gone: Vec<JobId> = self
             .records
             .values()
             .filter(|r| !self.busy.contains(&r.job_id))
@@ -388,7 +389,7 @@ impl Ledger {
             .take(limit)
             .collect();
         for id in &gone {
-            self.records.remove(id);
+            self.records.remove(id.as_str());
         }
         gone
     }
@@ -544,7 +545,7 @@ mod tests {
             l.advance(j, ALL).expect("start");
             l.durable(j);
         }
-        let held: HashSet<String> = ["held".to_string()].into();
+        let held: HashSet<JobId> = ["held".into()].into();
         let settled = l.recover(&held);
         let by_job = |id: &str| settled.iter().find(|t| t.job_id == id).cloned();
         assert_eq!(kinds(&by_job("fail").expect("fail")), vec!["step_finished"]);
@@ -591,7 +592,7 @@ mod tests {
             l.prune(7, 1_500, 1_000, 10).iter().all(|id| id != "j"),
             "retention"
         );
-        assert!(l.prune(7, 2_000, 1_000, 10).contains(&"j".to_string()));
+        assert!(l.prune(7, 2_000, 1_000, 10).contains(&"j".into()));
         assert!(l.record_op("j").is_none(), "gone");
     }
 }

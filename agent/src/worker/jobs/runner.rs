@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
+use tether_shared::ids::JobId;
 use tether_shared::protocol::StepSpec;
 use tokio::sync::oneshot;
 
@@ -25,13 +26,13 @@ use crate::worker::supervisor::Ping;
 #[rtype(result = "()")]
 pub enum StepReport {
     Chunk {
-        job_id: String,
+        job_id: JobId,
         step: usize,
         attempt: u32,
         data: String,
     },
     Done {
-        job_id: String,
+        job_id: JobId,
         step: usize,
         attempt: u32,
         result: StepResult,
@@ -43,7 +44,7 @@ pub enum StepReport {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct RunStep {
-    pub job_id: String,
+    pub job_id: JobId,
     pub step: usize,
     pub attempt: u32,
     pub spec: StepSpec,
@@ -54,14 +55,14 @@ pub struct RunStep {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct KillStep {
-    pub job_id: String,
+    pub job_id: JobId,
 }
 
 /// The uplink journaled the end of step `step` of `job_id`: forget it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Settled {
-    pub job_id: String,
+    pub job_id: JobId,
     pub step: usize,
     pub attempt: u32,
 }
@@ -69,7 +70,7 @@ pub struct Settled {
 /// Send reports here from now on. Answers with every (job, step) the runner holds, running or
 /// ended but not settled; the ends not settled are sent again.
 #[derive(Message)]
-#[rtype(result = "Vec<(String, usize)>")]
+#[rtype(result = "Vec<(JobId, usize)>")]
 pub struct Adopt(pub Recipient<StepReport>);
 
 /// Where the uplink finds the runner: set by the supervisor's factory each time it builds one,
@@ -107,7 +108,7 @@ struct Held {
 pub struct StepRunner {
     report_to: Option<Recipient<StepReport>>,
     /// By job.
-    held: HashMap<String, Held>,
+    held: HashMap<JobId, Held>,
     /// Chunks produced while no uplink could take them.
     chunks_lost: u64,
 }
@@ -379,7 +380,7 @@ mod tests {
         }
         assert_eq!(
             held,
-            vec![("j1".to_string(), 0)],
+            vec![("j1".into(), 0)],
             "the runner still holds the step"
         );
         let seen = wait_for(

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tether_shared::enroll::Upstream;
+use tether_shared::ids::JobId;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 use tether_shared::protocol::{EventBody, Seq, StepSpec};
 
@@ -112,7 +113,7 @@ impl Uplink {
                 .send(Adopt(me))
                 .into_actor(self)
                 .map(move |held, act, ctx| {
-                    let held: HashSet<String> = match held {
+                    let held: HashSet<JobId> = match held {
                         Ok(held) => held.into_iter().map(|(job, _)| job).collect(),
                         // Gone already: its steps died with it; the next tick adopts the next.
                         Err(_) => {
@@ -128,7 +129,7 @@ impl Uplink {
         );
     }
 
-    fn settle(&self, job_id: String, step: usize, attempt: u32) {
+    fn settle(&self, job_id: JobId, step: usize, attempt: u32) {
         if let Some((_, runner)) = &self.runner {
             runner.do_send(Settled {
                 job_id,
@@ -177,7 +178,7 @@ impl Uplink {
         ops.extend(self.jobs.ledger.record_op(job_id));
         if let Some((_, runner)) = &self.runner {
             runner.do_send(KillStep {
-                job_id: job_id.to_owned(),
+                job_id: job_id.into(),
             });
         }
     }
@@ -260,7 +261,10 @@ impl Uplink {
                 key: record_key(id),
             })
             .collect();
-        let dirs: Vec<_> = gone.iter().map(|id| self.cfg.work_dir.join(id)).collect();
+        let dirs: Vec<_> = gone
+            .iter()
+            .map(|id| self.cfg.work_dir.join(id.as_str()))
+            .collect();
         tracing::info!(jobs = gone.len(), "finished-jobs-pruned");
         // The directories go once the records are durably gone (a crash in between leaves a
         // directory without a record, never a record without its directory).
@@ -327,7 +331,7 @@ impl Uplink {
             return tracing::error!(job_id = %job_id, step, "step-not-started-no-runner");
         };
         runner.do_send(RunStep {
-            job_id: job_id.to_owned(),
+            job_id: job_id.into(),
             step,
             attempt,
             spec,

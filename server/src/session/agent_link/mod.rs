@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde::Serialize;
 use tether_shared::close::CloseCode;
+use tether_shared::ids::AgentId;
 use tether_shared::journal::{JournalError, Op};
 use tether_shared::link::{LinkError as FrameError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
@@ -59,7 +60,7 @@ pub enum AgentLinkError {
 }
 
 pub struct AgentLink {
-    agent_id: String,
+    agent_id: AgentId,
     shared: Arc<SessionShared>,
     keys: StreamKeys,
     receiver: StreamReceiver,
@@ -90,7 +91,7 @@ pub struct AgentLink {
 
 impl AgentLink {
     /// Rebuild the link of `agent_id` from the journal.
-    pub fn recover(agent_id: &str, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
+    pub fn recover(agent_id: &AgentId, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
         let keys = StreamKeys::server_side(agent_id)?;
         let ep = keys.recover(
             &shared.journal,
@@ -105,7 +106,7 @@ impl AgentLink {
             .and_then(|v| serde_json::from_slice(&v).ok())
             .unwrap_or_default();
         Ok(AgentLink {
-            agent_id: agent_id.to_owned(),
+            agent_id: agent_id.clone(),
             receiver: keys.receiver(),
             keys,
             ep,
@@ -636,7 +637,7 @@ impl Handler<ObserveLink> for AgentLink {
         let stats = self.ep.outbound.stats();
         let now = now_ms();
         MessageResult(LinkHealth {
-            agent_id: self.agent_id.clone(),
+            agent_id: self.agent_id.to_string(),
             connected: self.connected(),
             unacked_commands: self.ep.outbound.unacked(),
             oldest_unacked_ms: self

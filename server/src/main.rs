@@ -31,6 +31,7 @@ mod api;
 mod api_error;
 mod app;
 mod artifacts;
+mod background;
 mod body_deadline;
 mod deployments;
 mod health;
@@ -42,6 +43,7 @@ mod registry;
 mod relay_certs;
 mod run;
 mod scheduler;
+mod server_cert;
 mod session;
 mod trust;
 mod upgrades;
@@ -192,7 +194,7 @@ fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
                 "server certificate renewed for {} (valid {} days); a running server serves it within {} s",
                 done.hostnames.join(", "),
                 tether_shared::tls::SERVER_CERT_VALIDITY_DAYS,
-                run::CERT_CHECK_INTERVAL.as_secs()
+                server_cert::CERT_CHECK_INTERVAL.as_secs()
             );
             ExitCode::SUCCESS
         }

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use actix_rt::signal::unix::{signal, SignalKind};
@@ -19,17 +19,19 @@ use actix_web::{web, App};
 use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::IdentityError;
 use tether_shared::journal::{Journal, JournalError, JournalOptions};
-use tether_shared::tls::{self, ReloadableCert, TlsError};
+use tether_shared::tls::TlsError;
 
 use crate::admin_token::{AdminToken, AdminTokenError};
 use crate::api_error::{not_found, not_found_for_agents};
 use crate::app::{self, Tuning};
+use crate::background;
 use crate::deployments::{Deployments, DeploymentsError, Retention};
 use crate::init;
 use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
 use crate::relay_certs::RelayCerts;
+use crate::server_cert;
 use crate::session::relay_session::ServerStopping;
 use crate::session::session_registry::CloseAllSessions;
 use crate::trust::Trust;
@@ -112,6 +114,9 @@ pub enum RunError {
         /// What is wrong.
         source: TlsError,
     },
+    /// The server certificate or key is unusable.
+    #[error(transparent)]
+    Cert(#[from] crate::server_cert::CertError),
     /// The signing key, the CAs or a key rollover's files are unusable.
     #[error("trust: {0}")]
     Trust(#[from] crate::trust::TrustError),
@@ -167,50 +172,6 @@ pub enum RunError {
     },
 }
 
-/// How often a poisoned journal's disk is checked for space.
-const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Once a write failed (a full disk; the journal is poisoned and sled keeps its error), waits
-/// for the disk to take writes again, then starts the server over in place from what is
-/// durable: agents reconnect and resend what was not acknowledged.
-async fn recover_storage(journal: tether_shared::journal::JournalHandle, dir: PathBuf) {
-    let mut tick = tokio::time::interval(STORAGE_CHECK_INTERVAL);
-    let mut told = false;
-    loop {
-        tick.tick().await;
-        let Some(reason) = journal.observe().poisoned else {
-            continue;
-        };
-        if !told {
-            tracing::error!(reason = %reason, "storage-failed-waiting-for-space");
-            told = true;
-        }
-        let probe_dir = dir.clone();
-        match web::block(move || tether_shared::storage::takes_writes(&probe_dir)).await {
-            Ok(Ok(())) => {
-                tracing::warn!("storage-recovered-restarting");
-                let e = tether_shared::storage::restart_in_place();
-                tracing::error!(error = %e, "restart-failed");
-                return;
-            }
-            Ok(Err(why)) => tracing::debug!(why = %why, "storage-still-failed"),
-            Err(_) => {}
-        }
-    }
-}
-
-/// Prunes finished deployments under `policy` every `interval` (the first time at start).
-async fn prune_periodically(deployments: Arc<Deployments>, policy: Retention, interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if let Err(e) = deployments.prune(&policy).await {
-            tracing::warn!(error = %e, "deployments-prune-failed");
-        }
-    }
-}
-
 /// Runs the server until a stop signal; `Ok` after a clean shutdown.
 pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let dir = opts.data_dir.as_path();
@@ -218,8 +179,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     // First: a key rollover's switch cut short is completed (the server certificate with it).
     let trust = Arc::new(Trust::load(dir)?);
-    let tls = load_tls(dir)?;
-    let server_cert_pem = Arc::new(RwLock::new(read_server_cert(dir)?.0));
+    let tls = server_cert::load(dir)?;
+    let server_cert_pem = Arc::new(RwLock::new(server_cert::read(dir)?.0));
     // Blocking (sled recovery reads every entry): done before the runtime starts.
     let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &JournalOptions::default())?;
     tracing::info!(
@@ -287,71 +248,6 @@ fn check_initialized(dir: &Path) -> Result<(), RunError> {
     }
 }
 
-/// How often a running server looks at `DIR/server.pem` for a renewed certificate.
-pub const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-
-/// The certificate both listeners present: `DIR/server.pem` with `DIR/server.key`, replaced
-/// while they run when the files change ([`watch_certificate`]).
-fn load_tls(dir: &Path) -> Result<Arc<ReloadableCert>, RunError> {
-    let (cert_pem, key_pem) = read_server_cert(dir)?;
-    let (cert, key) = (dir.join(init::SERVER_CERT), dir.join(init::SERVER_KEY));
-    ReloadableCert::new(&cert_pem, &key_pem).map_err(|source| RunError::Tls { cert, key, source })
-}
-
-/// `DIR/server.pem` and `DIR/server.key`.
-fn read_server_cert(dir: &Path) -> Result<(String, String), RunError> {
-    let read = |path: &Path| {
-        std::fs::read_to_string(path).map_err(|source| RunError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
-    };
-    Ok((
-        read(&dir.join(init::SERVER_CERT))?,
-        read(&dir.join(init::SERVER_KEY))?,
-    ))
-}
-
-/// Every [`CERT_CHECK_INTERVAL`], reloads the certificate if `DIR/server.pem` changed (as
-/// `tether-server cert renew` leaves it): new handshakes get it, and the relay enrollment's
-/// check of the server's names follows. A pair that does not load is logged and the current
-/// one kept.
-async fn watch_certificate(dir: PathBuf, cert: Arc<ReloadableCert>, pem: Arc<RwLock<String>>) {
-    let stamp = |dir: &Path| {
-        std::fs::metadata(dir.join(init::SERVER_CERT))
-            .and_then(|m| m.modified())
-            .ok()
-    };
-    let mut seen = stamp(&dir);
-    let mut tick = tokio::time::interval(CERT_CHECK_INTERVAL);
-    loop {
-        tick.tick().await;
-        let now = stamp(&dir);
-        if now == seen {
-            continue;
-        }
-        let loaded = read_server_cert(&dir).and_then(|(cert_pem, key_pem)| {
-            cert.replace(&cert_pem, &key_pem)
-                .map(|()| cert_pem)
-                .map_err(|source| RunError::Tls {
-                    cert: dir.join(init::SERVER_CERT),
-                    key: dir.join(init::SERVER_KEY),
-                    source,
-                })
-        });
-        match loaded {
-            Ok(cert_pem) => {
-                let names = tls::certificate_names(&cert_pem).unwrap_or_default();
-                tracing::info!(hostnames = ?names, "server-certificate-reloaded");
-                *pem.write().unwrap_or_else(PoisonError::into_inner) = cert_pem;
-                seen = now;
-            }
-            // Retried at the next tick (a renewal may be half written).
-            Err(e) => tracing::warn!(error = %e, "server-certificate-not-reloaded"),
-        }
-    }
-}
-
 /// Applies the limits every listener shares (see the constants above); stop signals are handled
 /// by [`serve`] for both listeners at once.
 /// The limits of both listeners (HTTP/1.1 only: see `tether_shared::h1_tls`).
@@ -377,8 +273,11 @@ fn listener_limits() -> Limits {
 /// a stop signal stops both, and either one failing stops the other.
 async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(), RunError> {
     let handle = loaded.journal.handle();
-    actix_rt::spawn(recover_storage(handle.clone(), dir.to_path_buf()));
-    actix_rt::spawn(prune_periodically(
+    actix_rt::spawn(background::recover_storage(
+        handle.clone(),
+        dir.to_path_buf(),
+    ));
+    actix_rt::spawn(background::prune_periodically(
         loaded.deployments.clone(),
         opts.retention,
         opts.prune_interval,
@@ -398,7 +297,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
         key: dir.join(init::SERVER_KEY),
         source,
     })?;
-    actix_rt::spawn(watch_certificate(dir.to_path_buf(), tls, server_cert_pem));
+    actix_rt::spawn(server_cert::watch(dir.to_path_buf(), tls, server_cert_pem));
     let (operators, agents) = (built.operators, built.agents);
     let limits = listener_limits();
     let (https, https_addr) =
@@ -560,10 +459,10 @@ mod tests {
         })
         .unwrap();
         check_initialized(&dir).unwrap();
-        load_tls(&dir).unwrap();
+        server_cert::load(&dir).unwrap();
 
         std::fs::write(dir.join(init::SERVER_KEY), "not a key").unwrap();
-        let err = load_tls(&dir).unwrap_err();
+        let err = server_cert::load(&dir).unwrap_err();
         assert!(err.to_string().contains("server.key"), "{err}");
     }
 }

@@ -1,0 +1,58 @@
+//! The server's own background tasks: recovering from a full disk, and pruning finished
+//! deployments.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+
+use crate::deployments::{Deployments, Retention};
+
+/// How often a poisoned journal's disk is checked for space.
+const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Once a write failed (a full disk; the journal is poisoned and sled keeps its error), waits
+/// for the disk to take writes again, then starts the server over in place from what is
+/// durable: agents reconnect and resend what was not acknowledged.
+pub async fn recover_storage(journal: tether_shared::journal::JournalHandle, dir: PathBuf) {
+    let mut tick = tokio::time::interval(STORAGE_CHECK_INTERVAL);
+    let mut told = false;
+    loop {
+        tick.tick().await;
+        let Some(reason) = journal.observe().poisoned else {
+            continue;
+        };
+        if !told {
+            tracing::error!(reason = %reason, "storage-failed-waiting-for-space");
+            told = true;
+        }
+        let probe_dir = dir.clone();
+        match web::block(move || tether_shared::storage::takes_writes(&probe_dir)).await {
+            Ok(Ok(())) => {
+                tracing::warn!("storage-recovered-restarting");
+                let e = tether_shared::storage::restart_in_place();
+                tracing::error!(error = %e, "restart-failed");
+                return;
+            }
+            Ok(Err(why)) => tracing::debug!(why = %why, "storage-still-failed"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Prunes finished deployments under `policy` every `interval` (the first time at start).
+pub async fn prune_periodically(
+    deployments: Arc<Deployments>,
+    policy: Retention,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = deployments.prune(&policy).await {
+            tracing::warn!(error = %e, "deployments-prune-failed");
+        }
+    }
+}

@@ -1,47 +1,29 @@
 //! The admin HTTP surface: `GET /admin/health` (JSON, the operator contract's shape) and
 //! `GET /metrics` (Prometheus text), both behind the admin bearer token. [`configure`] mounts
-//! them; [`AdminState`] is what they read.
+//! them; [`crate::state::AppState`] is what they read.
 
 use std::collections::BTreeMap;
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 
-use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::health::{
-    ActorHealth, ActorState, AgentHealth, CertificateExpiry, JournalWatch, ServerHealth,
-    OBSERVE_TIMEOUT,
+    ActorHealth, ActorState, AgentHealth, CertificateExpiry, ServerHealth, OBSERVE_TIMEOUT,
 };
 use crate::session::agent_link::{LinkHealth, ObserveLink};
 use crate::session::relay_session::ObserveRelayLink;
 use crate::session::session_registry::{ListLinks, SessionRegistry};
-use crate::session::SessionShared;
+use crate::state::AppState;
 
 /// Prometheus text exposition format 0.0.4.
 pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Shared by every worker: who may ask, and what to observe.
-pub struct AdminState {
-    /// Required on every admin request.
-    pub token: AdminToken,
-    /// The journal's liveness and counters.
-    pub journal: JournalWatch,
-    /// Sessions and per-agent links.
-    pub sessions: actix::Addr<SessionRegistry>,
-    /// Each relay's current link.
-    pub shared: std::sync::Arc<SessionShared>,
-    /// Output refused or cut, for health.
-    pub deployments: std::sync::Arc<crate::deployments::Deployments>,
-    /// The data directory, whose certificates' expiry is reported.
-    pub data_dir: std::path::PathBuf,
-}
-
-impl AdminState {
+impl AppState {
     /// Observes every actor now.
     pub async fn observe(&self) -> ServerHealth {
         let (journal_actor, journal) = self.journal.observe(OBSERVE_TIMEOUT).await;
-        let (registry_actor, links) = observe_links(&self.sessions).await;
+        let (registry_actor, links) = observe_links(&self.session_registry).await;
         let mut actors = vec![journal_actor, registry_actor];
         let mut relays = BTreeMap::new();
         for (id, link) in self.shared.presence.relay_links() {
@@ -190,13 +172,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 }
 
 /// `GET /admin/health`.
-async fn health(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
+async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     Ok(HttpResponse::Ok().json(state.observe().await))
 }
 
 /// `GET /metrics`.
-async fn metrics(req: HttpRequest, state: web::Data<AdminState>) -> Result<HttpResponse, ApiError> {
+async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let text = state.observe().await.to_prometheus();
     Ok(HttpResponse::Ok()

@@ -3,32 +3,19 @@
 //! `GET /api/v1/enrollment-tokens` (live tokens by id: role, uses left, expiry; never the
 //! text), `DELETE /api/v1/enrollment-tokens/{id}` (revoked at once), `GET /api/v1/agents` (with each agent's latest
 //! `upgrade`, and `"status": "upgrading"` while one is underway) and `GET /api/v1/relays`.
-//! [`configure`] mounts the routes; [`ApiState`] is what they use. Bodies are parsed only
+//! [`configure`] mounts the routes; [`crate::state::AppState`] is what they read. Bodies are parsed only
 //! after the token check, strictly (unknown fields refused), so an unauthenticated caller
 //! learns nothing from a 400.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, parse_json, ApiError};
-use crate::registry::{Registry, Role};
-use crate::upgrades::{UpgradeState, Upgrades};
-
-/// Shared by every worker of the HTTPS listener.
-pub struct ApiState {
-    /// Required on every request.
-    pub token: AdminToken,
-    /// Agents and enrollment tokens.
-    pub registry: Arc<Registry>,
-    /// Agents' upgrade states.
-    pub upgrades: Arc<Upgrades>,
-    /// Who is connected now.
-    pub presence: Arc<crate::session::Peers>,
-}
+use crate::registry::Role;
+use crate::state::AppState;
+use crate::upgrades::UpgradeState;
 
 /// Mounts the `/api/v1` routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -82,7 +69,7 @@ struct TokenCreated<'a> {
 async fn create_token(
     req: HttpRequest,
     body: web::Bytes,
-    state: web::Data<ApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let new: NewToken = parse_json(&body)?;
@@ -102,7 +89,7 @@ async fn create_token(
 /// `GET /api/v1/enrollment-tokens`.
 async fn list_tokens(
     req: HttpRequest,
-    state: web::Data<ApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     Ok(HttpResponse::Ok().json(state.registry.tokens()))
@@ -112,7 +99,7 @@ async fn list_tokens(
 async fn revoke_token(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<ApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let revoked = state
@@ -128,7 +115,7 @@ async fn revoke_token(
 /// `GET /api/v1/agents`.
 async fn list_agents(
     req: HttpRequest,
-    state: web::Data<ApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let list: Vec<serde_json::Value> = state
@@ -154,7 +141,7 @@ async fn list_agents(
 /// `GET /api/v1/relays`.
 async fn list_relays(
     req: HttpRequest,
-    state: web::Data<ApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let list: Vec<serde_json::Value> = state

@@ -13,30 +13,31 @@ use actix_web::web;
 use tether_shared::journal::Journal;
 use tether_shared::tls::ReloadableCert;
 
-use crate::admin::{self, AdminState};
+use crate::admin;
 use crate::admin_token::AdminToken;
-use crate::agent_surface::{self, AgentSurface, EnrollLimiter};
-use crate::agents_api::{self, AgentAdmin, AgentsApiState};
-use crate::api::{self, ApiState};
+use crate::agent_admin::AgentAdmin;
+use crate::agent_surface;
+use crate::agents_api;
+use crate::api;
 use crate::api_error::ApiError;
 use crate::artifacts::ArtifactStore;
-use crate::deployments::api::{self as deployments_api, DeploymentsApiState};
+use crate::deployments::api as deployments_api;
 use crate::deployments::{Deployments, Retention};
+use crate::enroll_limiter::EnrollLimiter;
 use crate::health::JournalWatch;
 use crate::init;
-use crate::plugins::api::{self as plugins_api, PluginsAgentState, PluginsApiState};
+use crate::plugins::api as plugins_api;
 use crate::plugins::Plugins;
 use crate::registry::Registry;
 use crate::relay_certs::RelayCerts;
 use crate::scheduler::Scheduler;
-use crate::session::routes::{ProbeApiState, SessionsState};
 use crate::session::session_registry::SessionRegistry;
 use crate::session::{self, SessionShared};
+use crate::state::AppState;
 use crate::trust::Trust;
-use crate::upgrades::api::{self as upgrades_api, UpgradesAgentState, UpgradesApiState};
+use crate::upgrades::api as upgrades_api;
 use crate::upgrades::Upgrades;
 use crate::users::{Users, UsersError};
-use crate::web::WebState;
 use crate::work::Work;
 
 /// Largest JSON request body (REST); bulk transfers stream instead.
@@ -88,30 +89,19 @@ pub struct Tuning {
     pub retention: Retention,
 }
 
-/// The operators' listener: its states and routes.
+/// The operators' listener: its routes and what they read.
 #[derive(Clone)]
 pub struct Operators {
+    state: web::Data<AppState>,
     bearer: web::Data<AdminToken>,
-    admin: web::Data<AdminState>,
-    api: web::Data<ApiState>,
-    probe: web::Data<ProbeApiState>,
-    deployments: web::Data<DeploymentsApiState>,
-    plugins: web::Data<PluginsApiState>,
-    upgrades: web::Data<UpgradesApiState>,
-    agents: web::Data<AgentsApiState>,
-    web: web::Data<WebState>,
-    trust: web::Data<crate::trust::api::TrustApiState>,
     artifacts: web::Data<ArtifactStore>,
 }
 
-/// The agent-facing listener: its states and routes.
+/// The agent-facing listener: its routes and what they read.
 #[derive(Clone)]
 pub struct Agents {
-    surface: web::Data<AgentSurface>,
-    sessions: web::Data<SessionsState>,
-    plugins: web::Data<PluginsAgentState>,
+    state: web::Data<AppState>,
     deployments: web::Data<Deployments>,
-    upgrades: web::Data<UpgradesAgentState>,
     artifacts: web::Data<ArtifactStore>,
 }
 
@@ -123,7 +113,8 @@ pub struct Built {
     pub sessions: Addr<SessionRegistry>,
 }
 
-/// Starts the journal, the session registry and the scheduler, and builds every area's state.
+/// Starts the journal, the session registry and the scheduler, and builds the application
+/// state.
 pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, UsersError> {
     let handle = loaded.journal.handle();
     let presence: Arc<crate::session::Peers> = Default::default();
@@ -161,122 +152,54 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
     // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
     let waking = scheduler.clone();
     actix_rt::spawn(async move { waking.dispatch_waiting().await });
-    let deployments_state = web::Data::new(DeploymentsApiState {
-        token: loaded.token.clone(),
-        deployments: loaded.deployments.clone(),
-        registry: loaded.registry.clone(),
-        scheduler: scheduler.clone(),
-        retention: tuning.retention,
-    });
-    let upgrades_state = web::Data::new(UpgradesApiState {
-        token: loaded.token.clone(),
-        upgrades: loaded.upgrades.clone(),
-        registry: loaded.registry.clone(),
-        scheduler: scheduler.clone(),
-        shared: shared.clone(),
-    });
-    let upgrades_agent_state = web::Data::new(UpgradesAgentState {
-        upgrades: loaded.upgrades.clone(),
-        registry: loaded.registry.clone(),
-    });
-    let (closing_shared, closing_sessions) = (shared.clone(), session_registry.clone());
-    let sessions = web::Data::new(SessionsState {
-        shared,
-        registry: session_registry,
-    });
-    let probe_state = web::Data::new(ProbeApiState {
-        token: loaded.token.clone(),
-        sessions: sessions.clone(),
-    });
-    let admin_state = web::Data::new(AdminState {
-        token: loaded.token.clone(),
-        journal: JournalWatch::new(loaded.journal.start(), handle),
-        sessions: sessions.registry.clone(),
-        shared: sessions.shared.clone(),
-        deployments: loaded.deployments.clone(),
-        data_dir: dir.to_path_buf(),
-    });
-    // The web application, and the agent changes it shares with the REST API.
     let agent_admin = Arc::new(AgentAdmin {
         registry: loaded.registry.clone(),
         deployments: loaded.deployments.clone(),
         upgrades: loaded.upgrades.clone(),
-        sessions: sessions.registry.clone(),
-        shared: sessions.shared.clone(),
-    });
-    let agents_api_state = web::Data::new(AgentsApiState {
-        token: loaded.token.clone(),
-        admin: agent_admin.clone(),
+        sessions: session_registry.clone(),
+        shared: shared.clone(),
     });
     loaded
         .users
         .ensure_initial_admin(&dir.join(init::ADMIN_PASSWORD))
         .await?;
-    let web_state = web::Data::new(WebState {
-        users: loaded.users.clone(),
-        sessions: Default::default(),
-        login_limiter: Default::default(),
-        registry: loaded.registry.clone(),
-        deployments: loaded.deployments.clone(),
-        scheduler,
-        agents: agent_admin,
-        upgrades: loaded.upgrades.clone(),
-        plugins: loaded.plugins.clone(),
-        artifacts: loaded.artifacts.clone(),
-        admin: admin_state.clone(),
-    });
-    let plugins_state = web::Data::new(PluginsApiState {
-        token: loaded.token.clone(),
-        plugins: loaded.plugins.clone(),
-    });
-    let plugins_agent_state = web::Data::new(PluginsAgentState {
-        plugins: loaded.plugins.clone(),
-        registry: loaded.registry.clone(),
-        deployments: loaded.deployments.clone(),
-    });
-    let deployments_wss = web::Data::from(loaded.deployments.clone());
-    let api_state = web::Data::new(ApiState {
+    let bearer = web::Data::new(loaded.token.clone());
+    let state = web::Data::new(AppState {
         token: loaded.token,
-        registry: loaded.registry.clone(),
-        upgrades: loaded.upgrades,
-        presence,
-    });
-    let trust_state = web::Data::new(crate::trust::api::TrustApiState {
-        token: api_state.token.clone(),
-        trust: loaded.trust.clone(),
-        registry: loaded.registry.clone(),
-    });
-    let surface_state = web::Data::new(AgentSurface {
         registry: loaded.registry,
-        trust: loaded.trust.clone(),
-        limiter: EnrollLimiter::default(),
-        relay_certs: loaded.relay_certs.clone(),
-        server_cert_pem: loaded.server_cert_pem.clone(),
+        presence,
+        deployments: loaded.deployments.clone(),
+        retention: tuning.retention,
+        scheduler,
+        plugins: loaded.plugins,
+        upgrades: loaded.upgrades,
+        shared: shared.clone(),
+        session_registry: session_registry.clone(),
+        agent_admin,
+        users: loaded.users,
+        web_sessions: Default::default(),
+        login_limiter: Default::default(),
+        enroll_limiter: EnrollLimiter::default(),
+        trust: loaded.trust,
+        relay_certs: loaded.relay_certs,
+        server_cert_pem: loaded.server_cert_pem,
+        journal: JournalWatch::new(loaded.journal.start(), handle),
+        data_dir: dir.to_path_buf(),
+        artifacts: loaded.artifacts.clone(),
     });
     Ok(Built {
         operators: Operators {
-            bearer: web::Data::new(api_state.token.clone()),
-            admin: admin_state,
-            api: api_state,
-            probe: probe_state,
-            deployments: deployments_state,
-            plugins: plugins_state,
-            upgrades: upgrades_state,
-            agents: agents_api_state,
-            web: web_state,
-            trust: trust_state,
+            state: state.clone(),
+            bearer,
             artifacts: loaded.artifacts.clone(),
         },
         agents: Agents {
-            surface: surface_state,
-            sessions,
-            plugins: plugins_agent_state,
-            deployments: deployments_wss,
-            upgrades: upgrades_agent_state,
+            state,
+            deployments: web::Data::from(loaded.deployments),
             artifacts: loaded.artifacts,
         },
-        shared: closing_shared,
-        sessions: closing_sessions,
+        shared,
+        sessions: session_registry,
     })
 }
 
@@ -289,18 +212,10 @@ fn json_config() -> web::JsonConfig {
 impl Operators {
     /// Every route of the operators' listener, each area's from its own module.
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
-        cfg.app_data(self.bearer.clone())
-            .app_data(self.admin.clone())
-            .app_data(self.api.clone())
+        cfg.app_data(self.state.clone())
+            .app_data(self.bearer.clone())
             .app_data(json_config())
             .app_data(web::PayloadConfig::new(PAYLOAD_LIMIT_BYTES))
-            .app_data(self.probe.clone())
-            .app_data(self.deployments.clone())
-            .app_data(self.plugins.clone())
-            .app_data(self.upgrades.clone())
-            .app_data(self.agents.clone())
-            .app_data(self.web.clone())
-            .app_data(self.trust.clone())
             .configure(admin::configure)
             .configure(api::configure)
             .configure(deployments_api::configure)
@@ -318,13 +233,10 @@ impl Operators {
 impl Agents {
     /// Every route of the agent-facing listener.
     pub fn configure(&self, cfg: &mut web::ServiceConfig) {
-        cfg.app_data(self.surface.clone())
+        cfg.app_data(self.state.clone())
             .app_data(json_config())
             .app_data(web::PayloadConfig::new(PAYLOAD_LIMIT_BYTES))
-            .app_data(self.sessions.clone())
-            .app_data(self.plugins.clone())
             .app_data(self.deployments.clone())
-            .app_data(self.upgrades.clone())
             .configure(agent_surface::configure)
             .configure(crate::artifacts::configure_agent(self.artifacts.clone()))
             .configure(plugins_api::configure_agent_surface)

@@ -25,6 +25,7 @@
 
 mod admin;
 mod admin_token;
+mod agent_admin;
 mod agent_surface;
 mod agents_api;
 mod api;
@@ -34,6 +35,7 @@ mod artifacts;
 mod background;
 mod body_deadline;
 mod deployments;
+mod enroll_limiter;
 mod health;
 mod init;
 mod plugins;
@@ -45,6 +47,7 @@ mod run;
 mod scheduler;
 mod server_cert;
 mod session;
+mod state;
 mod trust;
 mod upgrades;
 mod users;

@@ -7,17 +7,16 @@
 //! - `DELETE /api/v1/users/{name}` → `{"name","deleted":true}`; its web sessions end. 404 if
 //!   unknown, 409 for the last user.
 //!
-//! The handlers use the web application's state ([`WebState`]: the users and the sessions)
-//! and the API's token ([`ApiState`]).
+//! The handlers read the application state ([`crate::state::AppState`]: the users, their
+//! sessions and the API token).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::ApiState;
 use crate::api_error::{method_not_allowed, ApiError};
+use crate::state::AppState;
 use crate::users::{hash_password, password_problem, UsersError};
-use crate::web::WebState;
 
 /// Mounts the `/api/v1/users` routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -59,8 +58,8 @@ struct NewUser {
 /// `GET /api/v1/users`.
 async fn list(
     req: HttpRequest,
-    api: web::Data<ApiState>,
-    state: web::Data<WebState>,
+    api: web::Data<AppState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     api.token.check(&req)?;
     Ok(HttpResponse::Ok().json(state.users.list()))
@@ -70,8 +69,8 @@ async fn list(
 async fn create(
     req: HttpRequest,
     body: web::Bytes,
-    api: web::Data<ApiState>,
-    state: web::Data<WebState>,
+    api: web::Data<AppState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     api.token.check(&req)?;
     let new: NewUser = serde_json::from_slice(&body).map_err(|e| {
@@ -110,13 +109,13 @@ async fn create(
 async fn delete(
     req: HttpRequest,
     path: web::Path<String>,
-    api: web::Data<ApiState>,
-    state: web::Data<WebState>,
+    api: web::Data<AppState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     api.token.check(&req)?;
     let name = path.into_inner();
     state.users.delete(&name, None).await?;
-    state.sessions.remove_user(&name);
+    state.web_sessions.remove_user(&name);
     tracing::info!(user = %name, "api-user-deleted");
     Ok(HttpResponse::Ok().json(json!({"name": name, "deleted": true})))
 }

@@ -8,30 +8,16 @@
 //!
 //! Starting and cancelling go through the scheduler (`crate::scheduler`).
 
-use std::sync::Arc;
-
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
 use super::model::StepState;
 use super::validate::NewProcess;
 use super::{view, Deployments, DeploymentsError, NewDeployment};
-use crate::admin_token::AdminToken;
 use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::Registry;
-
-/// What the deployments routes use.
-pub struct DeploymentsApiState {
-    pub token: AdminToken,
-    pub deployments: Arc<Deployments>,
-    /// Agent names and tags.
-    pub registry: Arc<Registry>,
-    /// Starts and cancels deployments.
-    pub scheduler: Arc<crate::scheduler::Scheduler>,
-    /// The configured policy, for a prune that names none.
-    pub retention: super::Retention,
-}
+use crate::state::AppState;
 
 impl From<DeploymentsError> for ApiError {
     fn from(e: DeploymentsError) -> Self {
@@ -76,7 +62,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn put_process(
     req: HttpRequest,
     body: web::Bytes,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let new: NewProcess = parse_json(&body)?;
@@ -86,7 +72,7 @@ async fn put_process(
 
 async fn list_processes(
     req: HttpRequest,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let list: Vec<_> = state
@@ -101,7 +87,7 @@ async fn list_processes(
 async fn get_process(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let p = state
@@ -114,7 +100,7 @@ async fn get_process(
 async fn create_deployment(
     req: HttpRequest,
     body: web::Bytes,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let new: NewDeployment = parse_json(&body)?;
@@ -124,7 +110,7 @@ async fn create_deployment(
 
 async fn list_deployments(
     req: HttpRequest,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let list = state.deployments.with_state(|s| {
@@ -147,7 +133,7 @@ async fn list_deployments(
 async fn get_deployment(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let id = path.into_inner();
@@ -162,7 +148,7 @@ async fn get_deployment(
 async fn cancel(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let id = path.into_inner();
@@ -184,7 +170,7 @@ struct PruneRequest {
 async fn prune(
     req: HttpRequest,
     body: web::Bytes,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let ask: PruneRequest = if body.is_empty() {
@@ -216,7 +202,7 @@ async fn step_log(
     req: HttpRequest,
     path: web::Path<(String, String, String)>,
     query: web::Query<LogQuery>,
-    state: web::Data<DeploymentsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let (id, agent, step) = path.into_inner();

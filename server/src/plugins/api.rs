@@ -11,8 +11,6 @@
 //! On the agent-facing listener, signed by an enrolled agent (`tether_shared::agent_auth`):
 //! - `GET /agent/v1/plugins/{sha256}`: the bundle (`application/gzip`); 401 unsigned.
 
-use std::sync::Arc;
-
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
@@ -21,28 +19,13 @@ use tether_shared::agent_auth::{claimed_agent, verify_request};
 use tether_shared::identity::PublicKey;
 use tether_shared::plugin::MAX_BUNDLE_BYTES;
 
-use super::{is_sha256, Plugins, PluginsError, Stored};
-use crate::admin_token::AdminToken;
+use super::{is_sha256, PluginsError, Stored};
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::{now_unix_ms, Registry};
+use crate::state::AppState;
 
 /// The agents' download path prefix.
 pub const AGENT_PLUGINS_PATH: &str = "/agent/v1/plugins";
-
-/// What the REST routes use.
-pub struct PluginsApiState {
-    pub token: AdminToken,
-    pub plugins: Arc<Plugins>,
-}
-
-/// What the agent-facing route uses.
-pub struct PluginsAgentState {
-    pub plugins: Arc<Plugins>,
-    /// Agents' public keys, to check signatures.
-    pub registry: Arc<Registry>,
-    /// Which bundles each agent's jobs use: an agent downloads only those.
-    pub deployments: Arc<crate::deployments::Deployments>,
-}
 
 /// Mounts `/api/v1/plugins` (HTTPS listener).
 pub fn configure_api(cfg: &mut web::ServiceConfig) {
@@ -77,7 +60,7 @@ fn too_large() -> HttpResponse {
 async fn upload(
     req: HttpRequest,
     mut payload: web::Payload,
-    state: web::Data<PluginsApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let declared = req
@@ -120,10 +103,7 @@ async fn upload(
     }
 }
 
-async fn list(
-    req: HttpRequest,
-    state: web::Data<PluginsApiState>,
-) -> Result<HttpResponse, ApiError> {
+async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let list: Vec<_> = state
         .plugins
@@ -169,7 +149,7 @@ pub(crate) fn authenticate(req: &HttpRequest, registry: &Registry) -> Result<Str
 async fn download(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<PluginsAgentState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let agent_id = match authenticate(&req, &state.registry) {
         Ok(id) => id,

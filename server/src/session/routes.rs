@@ -9,7 +9,6 @@
 //! end-to-end check of both journaled streams that operators can run too.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use actix::Addr;
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -20,26 +19,13 @@ use tether_shared::frame_guard::FrameGuard;
 use tether_shared::mux::{MAX_MUX_BYTES, RELAY_WS_PATH};
 use tether_shared::stream::ConnId;
 
-use crate::admin_token::AdminToken;
 use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::session::agent_link::{ObserveLink, QueueProbes};
 use crate::session::agent_session::AgentSession;
 use crate::session::relay_session::RelaySession;
-use crate::session::session_registry::{GetLink, SessionRegistry};
-use crate::session::SessionShared;
-
-/// What the session routes share.
-pub struct SessionsState {
-    pub shared: Arc<SessionShared>,
-    pub registry: Addr<SessionRegistry>,
-}
-
-/// The admin side: the token guards the probe routes.
-pub struct ProbeApiState {
-    pub token: AdminToken,
-    pub sessions: web::Data<SessionsState>,
-}
+use crate::session::session_registry::GetLink;
+use crate::state::AppState;
 
 /// Mounts `GET /agent/v1/ws` and `GET /relay/v1/ws` (agent-facing listener).
 pub fn configure_agent_surface(cfg: &mut web::ServiceConfig) {
@@ -58,11 +44,16 @@ pub fn configure_agent_surface(cfg: &mut web::ServiceConfig) {
 async fn relay_ws(
     req: HttpRequest,
     stream: web::Payload,
-    state: web::Data<SessionsState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let session = RelaySession::new(state.shared.clone(), state.registry.clone(), conn, peer);
+    let session = RelaySession::new(
+        state.shared.clone(),
+        state.session_registry.clone(),
+        conn,
+        peer,
+    );
     let guarded = FrameGuard::new(stream, MAX_MUX_BYTES as u64);
     ws::WsResponseBuilder::new(session, &req, guarded)
         .frame_size(MAX_MUX_BYTES)
@@ -82,11 +73,16 @@ pub fn configure_api(cfg: &mut web::ServiceConfig) {
 async fn agent_ws(
     req: HttpRequest,
     stream: web::Payload,
-    state: web::Data<SessionsState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let session = AgentSession::new(state.shared.clone(), state.registry.clone(), conn, peer);
+    let session = AgentSession::new(
+        state.shared.clone(),
+        state.session_registry.clone(),
+        conn,
+        peer,
+    );
     let guarded = FrameGuard::new(stream, MAX_SEALED_BYTES as u64);
     ws::WsResponseBuilder::new(session, &req, guarded)
         .frame_size(MAX_SEALED_BYTES)
@@ -107,19 +103,16 @@ const MAX_PROBES: u64 = 100_000;
 
 /// The link of the agent `id_or_name` (an id or a name, as every agent route takes).
 async fn link_of(
-    state: &ProbeApiState,
+    state: &AppState,
     id_or_name: &str,
 ) -> Result<Addr<crate::session::agent_link::AgentLink>, ApiError> {
     let agent = state
-        .sessions
-        .shared
         .registry
         .resolve_agent(id_or_name)
         .ok_or(ApiError::NotFound)?;
     let id = agent.id.as_str();
     state
-        .sessions
-        .registry
+        .session_registry
         .send(GetLink {
             agent_id: id.into(),
         })
@@ -135,7 +128,7 @@ async fn queue_probes(
     req: HttpRequest,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<ProbeApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let probe: ProbeRequest = parse_json(&body)?;
@@ -164,7 +157,7 @@ async fn queue_probes(
 async fn get_probes(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<ProbeApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let id = path.into_inner();

@@ -7,25 +7,16 @@
 //!   a finish waits until every relay serves a certificate from the new relay CA (else agents
 //!   would refuse the relays they dial) and every peer confirmed.
 
-use std::sync::Arc;
-
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
 use super::{phase_name, Phase, Trust, TrustError};
-use crate::admin_token::AdminToken;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::registry::{Registry, Role, TrustPosition};
+use crate::state::AppState;
 
 /// Peers listed by name at most in a progress report (the counts are complete).
 const LISTED: usize = 50;
-
-/// What the routes use.
-pub struct TrustApiState {
-    pub token: AdminToken,
-    pub trust: Arc<Trust>,
-    pub registry: Arc<Registry>,
-}
 
 /// One agent or relay that is behind.
 #[derive(Debug, Clone, Serialize)]
@@ -170,7 +161,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 
 async fn get_progress(
     req: HttpRequest,
-    state: web::Data<TrustApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     Ok(HttpResponse::Ok().json(Progress::of(&state.trust, &state.registry)))
@@ -179,7 +170,7 @@ async fn get_progress(
 async fn post_step(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<TrustApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let query = web::Query::<StepQuery>::from_query(req.query_string())

@@ -21,8 +21,6 @@
 //! signed by an enrolled agent or relay (`tether_shared::agent_auth`; 401 otherwise), 404 for content
 //! no published package has; `Range` honoured.
 
-use std::sync::Arc;
-
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
@@ -32,36 +30,16 @@ use sha2::{Digest, Sha256};
 use tether_shared::upgrade::{is_sha256, Component, Version};
 
 use super::{AgentUpgrade, UpgradeState, Upgrades, UpgradesError};
-use crate::admin_token::AdminToken;
 use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::artifacts::upload::{TempUpload, CHECKSUM_HEADER, WRITE_BATCH};
 use crate::deployments::{resolve_targets, Targets};
-use crate::registry::{now_unix_ms, Registry};
+use crate::registry::now_unix_ms;
 use crate::scheduler::Queued;
-use crate::session::SessionShared;
+use crate::state::AppState;
 
 /// The agents' download path prefix.
 pub const AGENT_UPGRADES_PATH: &str = "/agent/v1/upgrades";
-
-/// What the REST routes use.
-pub struct UpgradesApiState {
-    pub token: AdminToken,
-    pub upgrades: Arc<Upgrades>,
-    /// Agent names and tags, for the rollout's targets.
-    pub registry: Arc<Registry>,
-    /// Queues agents' `Upgrade` commands.
-    pub scheduler: Arc<crate::scheduler::Scheduler>,
-    /// Holds the command-signing key, which also signs packages.
-    pub shared: Arc<SessionShared>,
-}
-
-/// What the agent-facing route uses.
-pub struct UpgradesAgentState {
-    pub upgrades: Arc<Upgrades>,
-    /// Agents' public keys, to check signatures.
-    pub registry: Arc<Registry>,
-}
 
 /// Mounts the REST routes (HTTPS listener).
 pub fn configure_api(cfg: &mut web::ServiceConfig) {
@@ -102,7 +80,7 @@ async fn upload(
     req: HttpRequest,
     path: web::Path<String>,
     mut payload: web::Payload,
-    state: web::Data<UpgradesApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let version =
@@ -199,10 +177,7 @@ async fn upload(
     })
 }
 
-async fn list(
-    req: HttpRequest,
-    state: web::Data<UpgradesApiState>,
-) -> Result<HttpResponse, ApiError> {
+async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let list: Vec<_> = state
         .upgrades
@@ -236,7 +211,7 @@ async fn rollout(
     req: HttpRequest,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<UpgradesApiState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let version = path.into_inner();
@@ -294,7 +269,7 @@ async fn rollout(
 
 /// A rollout to relays: each one's state is recorded, and each connected one is told now.
 async fn rollout_relays(
-    state: &UpgradesApiState,
+    state: &AppState,
     version: &str,
     names: &[String],
 ) -> Result<HttpResponse, ApiError> {
@@ -368,7 +343,7 @@ async fn rollout_relays(
 async fn download(
     req: HttpRequest,
     path: web::Path<String>,
-    state: web::Data<UpgradesAgentState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let error = |status: actix_web::http::StatusCode, message: &str| {
         HttpResponse::build(status).json(json!({ "error": message }))

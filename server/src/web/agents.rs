@@ -19,10 +19,11 @@ use serde_json::json;
 
 use super::layout::{self, ago, badge, csrf_field, enc, found, resource, utc};
 use super::session::CurrentUser;
-use super::{csrf, WebError, WebState};
-use crate::agents_api::AgentPatch;
+use super::{csrf, WebError};
+use crate::agent_admin::AgentPatch;
 use crate::registry::{AgentView, Status};
 use crate::scheduler::Queued;
+use crate::state::AppState;
 use crate::upgrades::{AgentUpgrade, UpgradeState};
 
 /// Agents per page.
@@ -75,13 +76,13 @@ fn matches(a: &AgentView, q: &str) -> bool {
 async fn list(
     user: CurrentUser,
     query: web::Query<ListQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let q = query.q.trim().to_lowercase();
     let status_filter = query.status.as_str();
     let all = state
         .registry
-        .agent_statuses(state.agents.shared.presence.as_ref());
+        .agent_statuses(state.agent_admin.shared.presence.as_ref());
     let total = all.len();
     let matching: Vec<(AgentView, &'static str)> = all
         .into_iter()
@@ -175,7 +176,7 @@ struct StatusQuery {
 async fn statuses(
     _user: CurrentUser,
     query: web::Query<StatusQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let list: Vec<_> = query
         .ids
@@ -185,7 +186,7 @@ async fn statuses(
         .filter_map(|id| {
             state
                 .registry
-                .agent_status(id, state.agents.shared.presence.as_ref())
+                .agent_status(id, state.agent_admin.shared.presence.as_ref())
         })
         .map(|a| {
             let status = shown_status(&a, state.upgrades.agent(&a.id).as_ref());
@@ -204,15 +205,15 @@ async fn detail(
     user: CurrentUser,
     path: web::Path<String>,
     query: web::Query<DetailQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
-    let record = found(state.agents.resolve(&path.into_inner()))?;
-    let seen = state.agents.shared.presence.as_ref();
+    let record = found(state.agent_admin.resolve(&path.into_inner()))?;
+    let seen = state.agent_admin.shared.presence.as_ref();
     let a = found(state.registry.agent_status(&record.id, seen))?;
     let upgrade = state.upgrades.agent(&a.id);
     let status = shown_status(&a, upgrade.as_ref());
     let packages = state.upgrades.packages();
-    let unfinished = state.agents.unfinished_jobs(&a.id);
+    let unfinished = state.agent_admin.unfinished_jobs(&a.id);
     let jobs = state.deployments.with_state(|s| {
         let mut jobs: Vec<(u64, String, String, String)> = s
             .jobs
@@ -336,7 +337,7 @@ async fn set_tags(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: TagsForm = csrf::protected_form(&req, &user, &body)?;
     let tags: Vec<String> = form
@@ -349,7 +350,7 @@ async fn set_tags(
         tags: Some(tags),
         properties: None,
     };
-    let agent = state.agents.update(&path.into_inner(), patch).await?;
+    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
     tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-tags-set");
     Ok(layout::redirect(&format!(
         "/agents/{}?done=saved",
@@ -386,14 +387,14 @@ async fn set_properties(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: PropertiesForm = csrf::protected_form(&req, &user, &body)?;
     let patch = AgentPatch {
         tags: None,
         properties: Some(parse_properties(&form.properties)?),
     };
-    let agent = state.agents.update(&path.into_inner(), patch).await?;
+    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
     tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-properties-set");
     Ok(layout::redirect(&format!(
         "/agents/{}?done=saved",
@@ -412,10 +413,10 @@ async fn upgrade(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: UpgradeForm = csrf::protected_form(&req, &user, &body)?;
-    let agent = found(state.agents.resolve(&path.into_inner()))?;
+    let agent = found(state.agent_admin.resolve(&path.into_inner()))?;
     let package = state.upgrades.package(&form.version).ok_or_else(|| {
         WebError::BadRequest(format!("no package for version {:?}", form.version))
     })?;
@@ -442,12 +443,12 @@ async fn delete(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
     csrf::confirmed(form.confirm.as_deref(), "an agent")?;
     let force = form.force.as_deref() == Some("yes");
-    let (agent, failed) = state.agents.delete(&path.into_inner(), force).await?;
+    let (agent, failed) = state.agent_admin.delete(&path.into_inner(), force).await?;
     tracing::info!(user = %user.name, agent_id = %agent.id, name = %agent.name, failed_jobs = failed, "web-agent-deleted");
     Ok(layout::redirect("/agents?done=deleted"))
 }

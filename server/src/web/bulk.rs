@@ -2,12 +2,12 @@
 //! plugins upload`, `tether artifacts upload`) and the REST API, which stream large bodies
 //! with a checksum; a browser form would have to hold them in memory.
 
+use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 use maud::html;
 
 use super::layout::{self, resource, utc};
 use super::session::CurrentUser;
-use super::WebState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/plugins").route(web::get().to(plugins)))
@@ -22,7 +22,7 @@ fn size(bytes: u64) -> String {
     }
 }
 
-async fn plugins(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
+async fn plugins(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
     let list = state.plugins.list();
     layout::page(
         "Plugins",
@@ -48,7 +48,7 @@ async fn plugins(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse 
     )
 }
 
-async fn artifacts(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
+async fn artifacts(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
     let list = state.artifacts.list();
     let field = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_owned();
     layout::page(

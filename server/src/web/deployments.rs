@@ -14,10 +14,11 @@ use serde::Deserialize;
 
 use super::layout::{self, badge, csrf_field, enc, found, resource, utc};
 use super::session::CurrentUser;
-use super::{csrf, WebError, WebState};
+use super::{csrf, WebError};
 use crate::deployments::api as deployments_api;
 use crate::deployments::model::{deployment_status, DeploymentStatus};
 use crate::deployments::{view, NewDeployment, Targets};
+use crate::state::AppState;
 
 /// Deployments per page of the list.
 const PAGE_SIZE: usize = 50;
@@ -44,7 +45,7 @@ fn status_word(s: DeploymentStatus) -> String {
 }
 
 /// The form starting a deployment (of `process`, if given).
-pub fn start_form(user: &CurrentUser, state: &WebState, process: Option<&str>) -> Markup {
+pub fn start_form(user: &CurrentUser, state: &AppState, process: Option<&str>) -> Markup {
     let processes = state.deployments.processes();
     html! {
         form.card #start-deployment method="post" action="/deployments" {
@@ -81,7 +82,7 @@ struct ListQuery {
 async fn list(
     user: CurrentUser,
     query: web::Query<ListQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let rows = state.deployments.with_state(|s| {
         let mut rows: Vec<(u64, String, String, DeploymentStatus, usize)> = s
@@ -145,7 +146,7 @@ async fn start(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: StartForm = csrf::protected_form(&req, &user, &body)?;
     let names: Vec<String> = form
@@ -201,7 +202,7 @@ async fn detail(
     user: CurrentUser,
     path: web::Path<String>,
     query: web::Query<DetailQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let id = path.into_inner();
     let d = found(state.deployments.with_state(|s| {
@@ -280,7 +281,7 @@ async fn detail(
 async fn detail_json(
     _user: CurrentUser,
     path: web::Path<String>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let id = path.into_inner();
     let d = found(state.deployments.with_state(|s| {
@@ -305,7 +306,7 @@ async fn log(
     _user: CurrentUser,
     path: web::Path<String>,
     query: web::Query<LogQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let q = query.into_inner();
     let reader = deployments_api::log_reader(
@@ -340,7 +341,7 @@ async fn cancel(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     let id = path.into_inner();

@@ -2,13 +2,13 @@
 //! state, restarts and backlog; the journal's counters; per agent its streams and its own
 //! actors (from its heartbeats); per relay link what it carries.
 
+use crate::state::AppState;
 use actix_web::{web, HttpResponse};
 use maud::{html, Markup};
 use serde_json::Value;
 
 use super::layout::{self, badge, enc, resource};
 use super::session::CurrentUser;
-use super::WebState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health)));
@@ -39,8 +39,8 @@ fn fields(v: &Value) -> Markup {
     }
 }
 
-async fn health(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
-    let h = state.admin.observe().await;
+async fn health(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
+    let h = state.observe().await;
     let journal = serde_json::to_value(&h.journal).unwrap_or_default();
     layout::page(
         "Health",

@@ -2,118 +2,27 @@
 //!
 //! - `GET /login`, `POST /login` (user, password): argon2id check off the arbiter thread;
 //!   success sets the session cookie and redirects to `/agents`. Attempts are counted per
-//!   source address and per user name ([`LoginLimiter`]) *before* the password is checked (a
+//!   source address and per user name ([`super::login_limiter::LoginLimiter`]) *before* the password is checked (a
 //!   success takes its count back), so a burst of parallel attempts cannot run more checks
-//!   than the budget; past it: 429 until the window ends. At most [`CONCURRENT_CHECKS`]
+//!   than the budget; past it: 429 until the window ends. At most [`super::login_limiter::CONCURRENT_CHECKS`]
 //!   argon2id checks run at once (each holds about 19 MiB and a core); a login that waits
-//!   [`CHECK_WAIT`] for one gets 429 and retries, so memory stays flat under a burst.
+//!   [`super::login_limiter::CHECK_WAIT`] for one gets 429 and retries, so memory stays flat under a burst.
 //! - `POST /logout`: ends the session (CSRF-checked, so no other site can log you out).
 //! - `GET /account`, `POST /account/password`: change one's own password (the current one is
 //!   required); the user's other sessions end.
 
-use std::collections::HashMap;
-use std::hash::Hash;
-use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
 use serde::Deserialize;
 
 use super::layout::{self, csrf_field, resource};
+use super::login_limiter::CHECK_WAIT;
 use super::session::{self, CurrentUser};
-use super::{csrf, WebError, WebState};
+use super::{csrf, WebError};
+use crate::state::AppState;
 use crate::users::{hash_password, password_problem, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
-
-/// Failed logins one source address may make per window.
-pub const FAILURES_PER_SOURCE: u32 = 10;
-/// Failed logins for one user name per window (from anywhere).
-pub const FAILURES_PER_USER: u32 = 30;
-/// The counting window.
-pub const WINDOW: Duration = Duration::from_secs(60);
-/// Password checks running at once, server-wide.
-pub const CONCURRENT_CHECKS: usize = 2;
-/// How long a login waits for a check slot before it is told to retry (429).
-pub const CHECK_WAIT: Duration = Duration::from_secs(2);
-/// Keys tracked at most per table; past it, expired windows are dropped, then new keys go
-/// untracked rather than letting the table grow without bound.
-const MAX_TRACKED: usize = 100_000;
-
-/// Counts failures per key in fixed windows.
-#[derive(Debug)]
-pub struct Failures<K> {
-    max: u32,
-    window: Duration,
-    seen: Mutex<HashMap<K, (Instant, u32)>>,
-}
-
-impl<K: Hash + Eq + Clone> Failures<K> {
-    pub fn new(max: u32, window: Duration) -> Self {
-        Failures {
-            max,
-            window,
-            seen: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Counts an attempt of `key` now, unless it used up its budget: then the seconds until
-    /// it may try again. Check and count are one step, so parallel attempts cannot overrun.
-    pub fn attempt(&self, key: &K, now: Instant) -> Result<(), u64> {
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((started, failures)) = seen.get(key) {
-            let elapsed = now.saturating_duration_since(*started);
-            if *failures >= self.max && elapsed < self.window {
-                return Err(self.window.saturating_sub(elapsed).as_secs().max(1));
-            }
-        }
-        Self::count(&mut seen, key, now, self.window);
-        Ok(())
-    }
-
-    /// Takes back one attempt of `key` (it succeeded, or was never checked).
-    pub fn forgive(&self, key: &K) {
-        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, failures)) = seen.get_mut(key) {
-            *failures = failures.saturating_sub(1);
-        }
-    }
-
-    /// One more for `key` in its window (a new window if the last one ended); the table stays
-    /// within [`MAX_TRACKED`] keys.
-    fn count(seen: &mut HashMap<K, (Instant, u32)>, key: &K, now: Instant, window: Duration) {
-        if seen.len() >= MAX_TRACKED && !seen.contains_key(key) {
-            seen.retain(|_, (started, _)| now.saturating_duration_since(*started) < window);
-            if seen.len() >= MAX_TRACKED {
-                return;
-            }
-        }
-        let entry = seen.entry(key.clone()).or_insert((now, 0));
-        if now.saturating_duration_since(entry.0) >= window {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-    }
-}
-
-/// Login attempts per source address and per user name, and the password checks running.
-#[derive(Debug)]
-pub struct LoginLimiter {
-    pub sources: Failures<IpAddr>,
-    pub users: Failures<String>,
-    /// Slots for argon2id checks ([`CONCURRENT_CHECKS`]).
-    pub checks: tokio::sync::Semaphore,
-}
-
-impl Default for LoginLimiter {
-    fn default() -> Self {
-        LoginLimiter {
-            sources: Failures::new(FAILURES_PER_SOURCE, WINDOW),
-            users: Failures::new(FAILURES_PER_USER, WINDOW),
-            checks: tokio::sync::Semaphore::new(CONCURRENT_CHECKS),
-        }
-    }
-}
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -142,8 +51,8 @@ fn login_form(error: Option<&str>) -> maud::Markup {
     )
 }
 
-async fn login_page(req: HttpRequest, state: web::Data<WebState>) -> HttpResponse {
-    let logged_in = session::token_of(&req).and_then(|t| state.sessions.lookup(&t));
+async fn login_page(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
+    let logged_in = session::token_of(&req).and_then(|t| state.web_sessions.lookup(&t));
     if logged_in.is_some() {
         return layout::redirect("/agents");
     }
@@ -159,7 +68,7 @@ struct LoginForm {
 async fn login(
     req: HttpRequest,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     csrf::check_origin(&req)?;
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
@@ -206,7 +115,7 @@ async fn login(
     }
     forgive(true, true);
     state.users.record_login(&form.user).await;
-    let token = state.sessions.create(&form.user);
+    let token = state.web_sessions.create(&form.user);
     tracing::info!(source = ?source, user = %form.user, "web-login");
     let mut r = layout::redirect("/agents");
     r.add_cookie(&session::cookie(&token))
@@ -218,11 +127,11 @@ async fn logout(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     if let Some(token) = session::token_of(&req) {
-        state.sessions.remove(&token);
+        state.web_sessions.remove(&token);
     }
     tracing::info!(user = %user.name, "web-logout");
     let mut r = layout::redirect("/login");
@@ -234,7 +143,7 @@ async fn logout(
 async fn account(
     user: CurrentUser,
     query: web::Query<layout::Done>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let users = state.users.names();
     layout::page(
@@ -270,7 +179,7 @@ async fn change_password(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: PasswordForm = csrf::protected_form(&req, &user, &body)?;
     if form.new != form.confirm {
@@ -288,30 +197,7 @@ async fn change_password(
     .await??;
     state.users.set_password(&user.name, hash).await?;
     if let Some(token) = session::token_of(&req) {
-        state.sessions.remove_others(&user.name, &token);
+        state.web_sessions.remove_others(&user.name, &token);
     }
     Ok(layout::redirect("/account?done=password"))
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attempts_are_counted_before_and_forgiven_after() {
-        let f = Failures::new(2, Duration::from_secs(60));
-        let t0 = Instant::now();
-        assert_eq!(f.attempt(&"a", t0), Ok(()));
-        assert_eq!(f.attempt(&"a", t0), Ok(()));
-        // The budget is spent by attempts, before any of them is known to fail.
-        assert_eq!(f.attempt(&"a", t0 + Duration::from_secs(10)), Err(50));
-        assert_eq!(f.attempt(&"b", t0), Ok(()));
-        // A success takes its count back.
-        f.forgive(&"a");
-        assert_eq!(f.attempt(&"a", t0 + Duration::from_secs(10)), Ok(()));
-        assert!(f.attempt(&"a", t0 + Duration::from_secs(10)).is_err());
-        // A new window starts afresh.
-        assert_eq!(f.attempt(&"a", t0 + Duration::from_secs(61)), Ok(()));
-    }
 }

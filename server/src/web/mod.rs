@@ -32,47 +32,19 @@ pub mod deployments;
 pub mod health;
 pub mod layout;
 pub mod login;
+pub mod login_limiter;
 pub mod processes;
 pub mod relays;
 pub mod session;
 pub mod tokens;
 pub mod users;
 
-use std::sync::Arc;
-
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpResponse, ResponseError};
 
-use crate::admin::AdminState;
-use crate::agents_api::{AgentAdmin, AgentsError};
+use crate::agent_admin::AgentsError;
 use crate::api_error::ApiError;
-use crate::artifacts::ArtifactStore;
-use crate::deployments::Deployments;
-use crate::plugins::Plugins;
-use crate::registry::Registry;
-use crate::upgrades::Upgrades;
-use crate::users::{Users, UsersError};
-
-/// Shared by every worker of the HTTPS listener.
-pub struct WebState {
-    /// Who may log in.
-    pub users: Arc<Users>,
-    /// Logged-in sessions.
-    pub sessions: session::SessionStore,
-    /// Failed logins per source address and per user name.
-    pub login_limiter: login::LoginLimiter,
-    pub registry: Arc<Registry>,
-    pub deployments: Arc<Deployments>,
-    /// Starts and cancels deployments, queues upgrades (as the REST API does).
-    pub scheduler: Arc<crate::scheduler::Scheduler>,
-    /// Agent changes (tags, properties, delete), shared with the REST API.
-    pub agents: Arc<AgentAdmin>,
-    pub upgrades: Arc<Upgrades>,
-    pub plugins: Arc<Plugins>,
-    pub artifacts: web::Data<ArtifactStore>,
-    /// What `/admin/health` observes.
-    pub admin: web::Data<AdminState>,
-}
+use crate::users::UsersError;
 
 /// Mounts every page, form target, JSON endpoint and static file of the web application.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -179,5 +151,23 @@ impl From<UsersError> for WebError {
 impl From<actix_web::error::BlockingError> for WebError {
     fn from(_: actix_web::error::BlockingError) -> Self {
         WebError::Unavailable("the server is busy; retry".into())
+    }
+}
+
+/// The logged-in user of a request: no valid session → redirect to `/login`.
+impl actix_web::FromRequest for session::CurrentUser {
+    type Error = WebError;
+    type Future = std::future::Ready<Result<Self, Self::Error>>;
+
+    fn from_request(req: &actix_web::HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let user = req
+            .app_data::<web::Data<crate::state::AppState>>()
+            .and_then(|state| {
+                let token = session::token_of(req)?;
+                let user = state.web_sessions.lookup(&token)?;
+                // A deleted user's sessions are ended; this also covers a login racing the delete.
+                state.users.contains(&user.name).then_some(user)
+            });
+        std::future::ready(user.ok_or(WebError::LoginRequired))
     }
 }

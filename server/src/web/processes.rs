@@ -8,10 +8,11 @@ use serde::Deserialize;
 
 use super::layout::{self, csrf_field, enc, found, resource, utc};
 use super::session::CurrentUser;
-use super::{csrf, WebError, WebState};
+use super::{csrf, WebError};
 use crate::api_error::parse_json;
 use crate::deployments::model::MASK;
 use crate::deployments::validate::NewProcess;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -27,7 +28,7 @@ const EXAMPLE: &str = r#"{"name": "hello", "steps": [
    "properties": {"script": "echo hello $TETHER_PROP_WHO", "who": "${who}"}}
 ]}"#;
 
-fn list_page(user: &CurrentUser, state: &WebState, json: &str, error: Option<&str>) -> Markup {
+fn list_page(user: &CurrentUser, state: &AppState, json: &str, error: Option<&str>) -> Markup {
     let processes = state.deployments.processes();
     html! {
         @if processes.is_empty() { p.muted { "No process yet." } } @else {
@@ -54,7 +55,7 @@ fn list_page(user: &CurrentUser, state: &WebState, json: &str, error: Option<&st
     }
 }
 
-async fn list(user: CurrentUser, state: web::Data<WebState>) -> HttpResponse {
+async fn list(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
     let body = list_page(&user, &state, "", None);
     layout::page("Processes", &user, "/processes", body)
 }
@@ -69,7 +70,7 @@ async fn create(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: ProcessForm = csrf::protected_form(&req, &user, &body)?;
     let stored = match parse_json::<NewProcess>(form.json.as_bytes()) {
@@ -107,7 +108,7 @@ async fn detail(
     user: CurrentUser,
     path: web::Path<String>,
     query: web::Query<DetailQuery>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let p = found(state.deployments.process(&path.into_inner()))?;
     Ok(layout::page(

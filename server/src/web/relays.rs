@@ -10,8 +10,9 @@ use serde::Deserialize;
 
 use super::layout::{self, ago, badge, csrf_field, enc, resource};
 use super::session::CurrentUser;
-use super::{csrf, WebError, WebState};
+use super::{csrf, WebError};
 use crate::registry::Status;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/relays").route(web::get().to(list)))
@@ -21,11 +22,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn list(
     user: CurrentUser,
     query: web::Query<layout::Done>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let relays = state
         .registry
-        .relay_statuses(state.agents.shared.presence.as_ref());
+        .relay_statuses(state.agent_admin.shared.presence.as_ref());
     layout::page(
         "Relays",
         &user,
@@ -90,11 +91,11 @@ async fn delete(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
     csrf::confirmed(form.confirm.as_deref(), "a relay")?;
-    let (relay, closed) = state.agents.delete_relay(&path.into_inner()).await?;
+    let (relay, closed) = state.agent_admin.delete_relay(&path.into_inner()).await?;
     tracing::info!(user = %user.name, relay_id = %relay.id, name = %relay.name, closed, "web-relay-deleted");
     Ok(layout::redirect("/relays?done=relay-deleted"))
 }

@@ -6,18 +6,15 @@
 //! [`CurrentUser`] is the extractor every page takes: no valid session → redirect to `/login`.
 
 use std::collections::HashMap;
-use std::future::{ready, Ready};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix_web::cookie::{Cookie, SameSite};
-use actix_web::{web, FromRequest, HttpRequest};
+use actix_web::HttpRequest;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-
-use super::{WebError, WebState};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "tether_session";
@@ -145,21 +142,6 @@ pub fn removal_cookie() -> Cookie<'static> {
 /// The session cookie's value in `req`, if any.
 pub fn token_of(req: &HttpRequest) -> Option<String> {
     req.cookie(COOKIE).map(|c| c.value().to_owned())
-}
-
-impl FromRequest for CurrentUser {
-    type Error = WebError;
-    type Future = Ready<Result<Self, Self::Error>>;
-
-    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let user = req.app_data::<web::Data<WebState>>().and_then(|state| {
-            let token = token_of(req)?;
-            let user = state.sessions.lookup(&token)?;
-            // A deleted user's sessions are ended; this also covers a login racing the delete.
-            state.users.contains(&user.name).then_some(user)
-        });
-        ready(user.ok_or(WebError::LoginRequired))
-    }
 }
 
 fn digest(token: &str) -> [u8; 32] {

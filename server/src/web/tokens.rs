@@ -14,9 +14,10 @@ use serde::Deserialize;
 
 use super::layout::{self, csrf_field, enc, resource};
 use super::session::CurrentUser;
-use super::{csrf, WebError, WebState};
+use super::{csrf, WebError};
 use crate::api_error::ApiError;
 use crate::registry::{Role, TokenInfo};
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -30,7 +31,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn list(
     user: CurrentUser,
     query: web::Query<layout::Done>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     page(&user, &state.registry.tokens(), query.done.as_deref(), None)
 }
@@ -109,7 +110,7 @@ async fn create(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: NewTokenForm = csrf::protected_form(&req, &user, &body)?;
     let issued = state
@@ -138,7 +139,7 @@ async fn revoke(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     let id = path.into_inner();

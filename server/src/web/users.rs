@@ -15,7 +15,8 @@ use serde::Deserialize;
 
 use super::layout::{self, csrf_field, enc, resource};
 use super::session::CurrentUser;
-use super::{csrf, WebError, WebState};
+use super::{csrf, WebError};
+use crate::state::AppState;
 use crate::users::{hash_password, password_problem, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -30,7 +31,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn list(
     user: CurrentUser,
     query: web::Query<layout::Done>,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> HttpResponse {
     let users = state.users.list();
     let last = users.len() <= 1;
@@ -89,7 +90,7 @@ async fn create(
     req: HttpRequest,
     user: CurrentUser,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: NewUserForm = csrf::protected_form(&req, &user, &body)?;
     if let Some(problem) = tether_shared::enroll::name_problem("user name", &form.name) {
@@ -124,13 +125,13 @@ async fn delete(
     user: CurrentUser,
     path: web::Path<String>,
     body: web::Bytes,
-    state: web::Data<WebState>,
+    state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let form: DeleteForm = csrf::protected_form(&req, &user, &body)?;
     csrf::confirmed(form.confirm.as_deref(), "a user")?;
     let name = path.into_inner();
     state.users.delete(&name, Some(&user.name)).await?;
-    state.sessions.remove_user(&name);
+    state.web_sessions.remove_user(&name);
     tracing::info!(user = %user.name, deleted = %name, "web-user-deleted");
     Ok(layout::redirect("/users?done=user-deleted"))
 }

@@ -100,6 +100,19 @@ pub fn busy(spread_ms: u64) -> crate::protocol::Frame {
     })
 }
 
+impl crate::protocol::DecodeError {
+    /// The WebSocket close code (RFC 6455) to close the connection with (here, beside every
+    /// other close code, so that the protocol module does not depend on this one).
+    pub fn close_code(&self) -> CloseCode {
+        use crate::protocol::DecodeError;
+        match self {
+            DecodeError::TooLarge { .. } => CloseCode::TooBig,
+            DecodeError::WrongDirection { .. } => CloseCode::Refused,
+            _ => CloseCode::ProtocolError,
+        }
+    }
+}
+
 /// The usual spread of [`busy`]'s delay: 4.5 s.
 pub const BUSY_SPREAD_MS: u64 = 4_500;
 

@@ -469,16 +469,6 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// The WebSocket close code (RFC 6455) to close the connection with.
-    pub fn close_code(&self) -> crate::close::CloseCode {
-        use crate::close::CloseCode;
-        match self {
-            DecodeError::TooLarge { .. } => CloseCode::TooBig,
-            DecodeError::WrongDirection { .. } => CloseCode::Refused,
-            _ => CloseCode::ProtocolError,
-        }
-    }
-
     /// The error frame to send before closing.
     pub fn to_error_frame(&self) -> ErrorFrame {
         let code = match self {

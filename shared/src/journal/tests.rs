@@ -294,8 +294,11 @@ async fn churn_is_compacted_away_and_every_live_entry_survives() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    // How many compactions the churn triggers depends on how fast this machine runs it (they
+    // are paced, one at a time); the bounds below are what matters, and without any compaction
+    // the file would pass 20 MB.
     let compactions = h.observe().compactions;
-    assert!(compactions >= 3, "{compactions} compactions");
+    assert!(compactions >= 1, "{compactions} compactions");
     // Live data is about 200 KiB; without compaction the file passes 20 MB. Compactions are
     // paced and run one at a time, so on a loaded machine the churn may run ahead of them for
     // a while: the bound during the churn leaves room for that, and once they caught up the

@@ -406,16 +406,9 @@ mod tests {
     };
 
     fn spec(on_interrupt: OnInterrupt) -> StepSpec {
-        StepSpec {
-            name: "s".into(),
-            plugin: "shell".into(),
-            step: "run".into(),
-            properties: BTreeMap::new(),
-            secrets: Vec::new(),
-            on_interrupt,
-            timeout_ms: 1000,
-            bundle: None,
-        }
+        let mut spec = super::super::step::tests::spec("shell", "run", &[], &[], 1000);
+        spec.on_interrupt = on_interrupt;
+        spec
     }
 
     fn ok() -> StepResult {

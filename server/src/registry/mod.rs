@@ -392,13 +392,12 @@ impl Registry {
 
     /// The agents (not relays) with their connection state, by name.
     pub fn agent_statuses(&self, seen: &dyn Sightings) -> Vec<AgentView> {
-        let mut presence = seen.all_seen();
         let names = self.relay_names();
         let mut list: Vec<AgentView> = self
             .agents()
             .into_iter()
             .map(|record| {
-                let p = presence.remove(&record.id).unwrap_or_default();
+                let p = seen.seen(&record.id);
                 agent_status_of(record, p, &names)
             })
             .collect();

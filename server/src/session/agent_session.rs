@@ -80,7 +80,7 @@ impl AgentSession {
     /// it, only `Busy` and refusals go out, in clear).
     fn send_bytes(&mut self, ctx: &mut ws::WebsocketContext<Self>, bytes: &[u8]) {
         if let Some(wire) = self.greeting.seal(bytes) {
-            ctx.binary(wire);
+            ctx.binary(wire.into_owned());
         }
     }
 

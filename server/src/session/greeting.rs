@@ -10,6 +10,8 @@
 //! end-to-end handshake proved), signed over our nonce. Then an agent attaches to its link
 //! (frames for it are held until the link's `Welcome` went out) and a relay is ready.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use tether_shared::close::CloseCode;
 use tether_shared::e2e::{ServerGate, ServerStep};
@@ -273,7 +275,17 @@ impl Greeting {
     /// attaching, and dropped before or after).
     pub fn outgoing(&mut self, frames: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
         match &mut self.phase {
-            Phase::Ready => frames.iter().filter_map(|f| self.seal(f)).collect(),
+            // A frame that needs no sealing goes as it is, uncopied.
+            Phase::Ready => frames
+                .into_iter()
+                .filter_map(|f| {
+                    let sealed = match self.seal(&f)? {
+                        Cow::Owned(sealed) => Some(sealed),
+                        Cow::Borrowed(_) => None,
+                    };
+                    Some(sealed.unwrap_or(f))
+                })
+                .collect(),
             Phase::Attaching { held } => {
                 held.extend(frames);
                 Vec::new()
@@ -284,11 +296,12 @@ impl Greeting {
 
     /// An encoded frame as it goes on the wire: sealed once the end-to-end handshake is done
     /// (before it, and for relays, in clear).
-    pub fn seal(&mut self, bytes: &[u8]) -> Option<Vec<u8>> {
+    pub fn seal<'a>(&mut self, bytes: &'a [u8]) -> Option<Cow<'a, [u8]>> {
         match self.gate.as_mut().filter(|g| g.is_open()) {
-            None => Some(bytes.to_vec()),
+            None => Some(Cow::Borrowed(bytes)),
             Some(gate) => gate
                 .seal(bytes)
+                .map(Cow::Owned)
                 .map_err(|e| tracing::error!(error = %e, "frame-seal-failed"))
                 .ok(),
         }

@@ -137,12 +137,17 @@ impl RelaySession {
     fn put(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, bytes: &[u8]) {
         let sealed = match self.channels.get_mut(&ch) {
             Some(c) => c.greeting.seal(bytes),
-            None => Some(bytes.to_vec()),
+            None => Some(std::borrow::Cow::Borrowed(bytes)),
         };
         if let Some(sealed) = sealed {
-            self.stats.frames_out += 1;
-            ctx.binary(mux::data(ch, &sealed));
+            self.wire(ctx, ch, &sealed);
         }
+    }
+
+    /// Bytes on channel `ch` exactly as given (sealed already, or a handshake message).
+    fn wire(&mut self, ctx: &mut ws::WebsocketContext<Self>, ch: u32, bytes: &[u8]) {
+        self.stats.frames_out += 1;
+        ctx.binary(mux::data(ch, bytes));
     }
 
     /// Refuse the relay itself: an error frame, then close the link (and so every channel).
@@ -450,10 +455,7 @@ impl RelaySession {
             .greeting
             .on_message(&frame, &signer, self.shared.registry.as_ref());
         match step {
-            Step::Wire(answer) => {
-                self.stats.frames_out += 1;
-                ctx.binary(mux::data(ch, &answer));
-            }
+            Step::Wire(answer) => self.wire(ctx, ch, &answer),
             Step::Send(frame) => self.send_on(ctx, ch, &frame),
             Step::Verified { hello, version } => match channel.kind {
                 ChannelKind::Relay => self.child_relay_ready(ctx, ch, hello, &version),
@@ -898,8 +900,7 @@ impl RelaySession {
             return;
         }
         for wire in channel.greeting.outgoing(frames) {
-            self.stats.frames_out += 1;
-            ctx.binary(mux::data(ch, &wire));
+            self.wire(ctx, ch, &wire);
         }
     }
 

@@ -126,7 +126,10 @@ impl StepRunner {
             _ => {
                 if matches!(report, StepReport::Chunk { .. }) {
                     self.chunks_lost += 1;
-                    tracing::warn!(lost = self.chunks_lost, "step-output-lost-no-uplink");
+                    // Logged at 1, 2, 4, 8… lost chunks: a long gap does not flood the log.
+                    if self.chunks_lost.is_power_of_two() {
+                        tracing::warn!(lost = self.chunks_lost, "step-output-lost-no-uplink");
+                    }
                 }
             }
         }

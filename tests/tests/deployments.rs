@@ -126,6 +126,20 @@ fn a_process_of_all_four_built_ins_runs_on_the_agents_with_a_tag() {
         !d.to_string().contains("s3cr3t-pw"),
         "the secret is in the API answer"
     );
+    assert_eq!(d["counts"], json!({"succeeded": 2}), "{d}");
+    // The summary a poller reads: status and counts, no jobs, secrets masked all the same.
+    let r = server.request("GET", &format!("/api/v1/deployments/{id}?jobs=false"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let summary = r.json();
+    assert_eq!(summary["status"], "succeeded", "{summary}");
+    assert_eq!(summary["counts"], json!({"succeeded": 2}), "{summary}");
+    assert_eq!(summary["properties"]["db_password_secret"], "***", "{summary}");
+    assert!(summary.get("jobs").is_none(), "{summary}");
+    for bad in ["jobs=maybe", "jobs=false&evil=1"] {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}?{bad}"), None);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(r.body.contains("invalid query"), "{bad}: {}", r.body);
+    }
     assert!(!canary.exists(), "a property reached a shell as code");
     assert_eq!(
         std::fs::read(out.join("index.html")).unwrap(),

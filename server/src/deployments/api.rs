@@ -130,19 +130,34 @@ async fn list_deployments(
     Ok(HttpResponse::Ok().json(list))
 }
 
+/// The query of `GET /api/v1/deployments/{id}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeploymentQuery {
+    /// `false`: the status and job counts only.
+    #[serde(default = "yes")]
+    jobs: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 async fn get_deployment(
     req: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    let id = path.into_inner();
-    let answer = state.deployments.with_state(|s| {
-        s.deployments
-            .get(id.as_str())
-            .map(|d| view::deployment(s, d, &state.registry))
-    });
-    Ok(HttpResponse::Ok().json(answer.ok_or(ApiError::NotFound)?))
+    let query = web::Query::<DeploymentQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
+    let snapshot = state.deployments.snapshot(&path).ok_or(ApiError::NotFound)?;
+    let detail = if query.jobs {
+        view::Detail::Jobs
+    } else {
+        view::Detail::Summary
+    };
+    Ok(HttpResponse::Ok().json(view::deployment(&snapshot, &state.registry, detail)))
 }
 
 async fn cancel(
@@ -247,11 +262,7 @@ pub async fn log_reader(
     agent: String,
     step: &str,
 ) -> Result<view::LogReader, ApiError> {
-    let agent_id = registry
-        .agents()
-        .into_iter()
-        .find(|a| a.id == agent || a.name == agent)
-        .map_or(agent, |a| a.id);
+    let agent_id = registry.resolve_agent(&agent).map_or(agent, |a| a.id);
     let found = deployments.with_state(|s| {
         let d = s.deployments.get(id)?;
         let job = s.jobs.get(format!("{id}-{agent_id}").as_str())?;

@@ -409,6 +409,11 @@ impl Deployments {
         f(&self.read())
     }
 
+    /// Deployment `id` and its jobs, copied under the lock (see [`State::snapshot`]).
+    pub fn snapshot(&self, id: &str) -> Option<state::Snapshot> {
+        self.read().snapshot(id)
+    }
+
     pub fn journal(&self) -> &JournalHandle {
         &self.journal
     }

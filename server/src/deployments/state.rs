@@ -23,6 +23,13 @@ pub const OUTPUT_LEN_PREFIX: &str = "outlen/";
 /// keeps one marker of its own and drops the rest, whatever the agent sends.
 const MAX_KEPT_OUTPUT: u64 = (MAX_STEP_OUTPUT + OUTPUT_TRUNCATED.len()) as u64;
 
+/// A deployment and its jobs as they were at one instant (see [`State::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub deployment: Deployment,
+    pub jobs: Vec<Job>,
+}
+
 /// Everything, in memory.
 #[derive(Debug, Default)]
 pub struct State {
@@ -523,5 +530,15 @@ impl State {
         d.agents
             .iter()
             .filter_map(move |a| self.jobs.get(format!("{}-{a}", d.id).as_str()))
+    }
+
+    /// Deployment `id` and its jobs, copied: an answer is rendered from it after the lock is
+    /// let go, so a large deployment being read does not hold up the results being recorded.
+    pub fn snapshot(&self, id: &str) -> Option<Snapshot> {
+        let d = self.deployments.get(id)?;
+        Some(Snapshot {
+            jobs: self.jobs_of(d).cloned().collect(),
+            deployment: d.clone(),
+        })
     }
 }

@@ -386,8 +386,11 @@ fn secrets_are_masked_everywhere() {
         .outputs
         .insert("script".into(), "visible?".into());
     j.steps[0].message = "failed with hunter2".into();
-    let d = s.deployments["d-1"].clone();
-    let v = super::view::deployment(&s, &d, &registry);
+    let v = super::view::deployment(
+        &s.snapshot("d-1").unwrap(),
+        &registry,
+        super::view::Detail::Jobs,
+    );
     let text = v.to_string();
     for leak in ["hunter2", "s3cr3t", "abc", "visible?"] {
         assert!(!text.contains(leak), "{leak} leaked: {text}");

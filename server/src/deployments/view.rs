@@ -8,8 +8,8 @@ use tether_shared::mask::StreamMask;
 use tether_shared::protocol::Seq;
 use tether_shared::utf8_stream::Utf8Stream;
 
-use super::model::{deployment_status, is_secret_property, mask, Deployment, Process, MASK};
-use super::state::{step_log, State};
+use super::model::{deployment_status, is_secret_property, mask, Process, MASK};
+use super::state::{step_log, Snapshot};
 use crate::registry::Registry;
 
 /// Records (chunks of at most 16 KiB) read from a step log per page.
@@ -39,8 +39,20 @@ pub fn process(p: &Process) -> Value {
     })
 }
 
-/// `GET /api/v1/deployments/{id}`.
-pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
+/// How much of a deployment an answer shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// Every job with its steps.
+    Jobs,
+    /// The status and the count of jobs in each state (`?jobs=false`): what a poller waiting
+    /// for the end needs, at a cost that does not grow with the fleet.
+    Summary,
+}
+
+/// `GET /api/v1/deployments/{id}`: always the status and the job counts; the jobs too unless
+/// `detail` is [`Detail::Summary`].
+pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> Value {
+    let (d, jobs) = (&snapshot.deployment, &snapshot.jobs);
     let secrets = d.secret_values();
     let properties: serde_json::Map<String, Value> = d
         .properties
@@ -54,10 +66,27 @@ pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
             (k.clone(), Value::String(shown))
         })
         .collect();
-    let jobs: Vec<Value> = state
-        .jobs_of(d)
+    let mut counts = serde_json::Map::new();
+    for j in jobs {
+        let n = counts.entry(j.status.as_str()).or_insert(Value::from(0u64));
+        *n = Value::from(n.as_u64().unwrap_or(0) + 1);
+    }
+    let mut answer = json!({
+        "id": d.id,
+        "status": deployment_status(jobs),
+        "process": d.process,
+        "process_version": d.process_version,
+        "properties": properties,
+        "created_unix_ms": d.created_unix_ms,
+        "counts": counts,
+    });
+    if detail == Detail::Summary {
+        return answer;
+    }
+    let jobs: Vec<Value> = jobs
+        .iter()
         .map(|j| {
-            let name = registry.agent(&j.agent_id).map(|a| a.name);
+            let name = registry.agent_name(&j.agent_id);
             json!({
                 "agent": name.unwrap_or_else(|| j.agent_id.to_string()),
                 "agent_id": j.agent_id,
@@ -87,15 +116,8 @@ pub fn deployment(state: &State, d: &Deployment, registry: &Registry) -> Value {
             })
         })
         .collect();
-    json!({
-        "id": d.id,
-        "status": deployment_status(state.jobs_of(d)),
-        "process": d.process,
-        "process_version": d.process_version,
-        "properties": properties,
-        "created_unix_ms": d.created_unix_ms,
-        "jobs": jobs,
-    })
+    answer["jobs"] = Value::Array(jobs);
+    answer
 }
 
 /// A step's log read from storage a page at a time, secrets masked across pages: memory

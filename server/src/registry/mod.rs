@@ -359,6 +359,11 @@ impl Registry {
         read(&self.agents).get(id).map(|s| s.record.clone())
     }
 
+    /// The name of agent `id`, without copying the rest of its record.
+    pub fn agent_name(&self, id: &str) -> Option<String> {
+        read(&self.agents).get(id).map(|s| s.record.name.clone())
+    }
+
     /// The agent (not relay) whose id or name is `id_or_name`: every route that names an agent
     /// takes either.
     pub fn resolve_agent(&self, id_or_name: &str) -> Option<AgentRecord> {

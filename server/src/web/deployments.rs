@@ -205,11 +205,11 @@ async fn detail(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let id = path.into_inner();
-    let d = found(state.deployments.with_state(|s| {
-        s.deployments
-            .get(id.as_str())
-            .map(|d| view::deployment(s, d, &state.registry))
-    }))?;
+    let d = view::deployment(
+        &found(state.deployments.snapshot(&id))?,
+        &state.registry,
+        view::Detail::Jobs,
+    );
     let str_of = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_owned();
     let status = str_of(&d["status"]);
     let final_ = matches!(status.as_str(), "succeeded" | "failed" | "cancelled");
@@ -284,11 +284,11 @@ async fn detail_json(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, WebError> {
     let id = path.into_inner();
-    let d = found(state.deployments.with_state(|s| {
-        s.deployments
-            .get(id.as_str())
-            .map(|d| view::deployment(s, d, &state.registry))
-    }))?;
+    let d = view::deployment(
+        &found(state.deployments.snapshot(&id))?,
+        &state.registry,
+        view::Detail::Jobs,
+    );
     Ok(layout::json(&d))
 }
 

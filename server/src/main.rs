@@ -220,6 +220,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         retention: deployments::Retention::from_config(&cfg.retention),
         prune_interval: cfg.retention.prune_interval,
         relay_certificate_lifetime: cfg.server.relay_certificate_lifetime,
+        journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
     };
     match run::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

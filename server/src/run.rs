@@ -77,6 +77,8 @@ pub struct RunOptions {
     pub prune_interval: Duration,
     /// How long a relay's certificate is valid (renewed with a third left).
     pub relay_certificate_lifetime: Duration,
+    /// The journal's page cache.
+    pub journal_cache_bytes: u64,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -182,7 +184,14 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let tls = server_cert::load(dir)?;
     let server_cert_pem = Arc::new(RwLock::new(server_cert::read(dir)?.0));
     // Blocking (sled recovery reads every entry): done before the runtime starts.
-    let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &JournalOptions::default())?;
+    let journal_opts = JournalOptions {
+        sled: tether_shared::journal::SledOptions {
+            cache_capacity_bytes: opts.journal_cache_bytes,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?;
     tracing::info!(
         incarnation = %recovered.incarnation,
         created = recovered.created,

@@ -73,6 +73,8 @@ pub struct RawServerSection {
     /// How long a relay's certificate is valid; the server renews it over the relay's link
     /// once less than a third of that is left.
     pub relay_certificate_lifetime_s: i64,
+    /// The journal's page cache in MiB: what of the database stays in memory.
+    pub journal_cache_mib: i64,
 }
 
 impl Default for RawServerSection {
@@ -84,6 +86,7 @@ impl Default for RawServerSection {
             max_handshakes_in_flight: 1_024,
             max_unacked: 1_024,
             relay_certificate_lifetime_s: 30 * 86_400,
+            journal_cache_mib: 256,
         }
     }
 }
@@ -141,6 +144,8 @@ pub struct ServerSection {
         serialize_with = "serialize_secs"
     )]
     pub relay_certificate_lifetime: Duration,
+    /// The journal's page cache, in MiB.
+    pub journal_cache_mib: u64,
 }
 
 fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -203,6 +208,7 @@ impl RawConfig for RawServerConfig {
             30,
             825 * 86_400,
         );
+        let cache = p.count("server.journal_cache_mib", s.journal_cache_mib, 8, 1_048_576);
         let https = p.addr("listen.https", &self.listen.https);
         let wss = p.addr("listen.wss", &self.listen.wss);
         if let (Some(h), Some(w)) = (https, wss) {
@@ -233,6 +239,7 @@ impl RawConfig for RawServerConfig {
                     max_handshakes_in_flight: usize::try_from(handshakes?).ok()?,
                     max_unacked: unacked?,
                     relay_certificate_lifetime: Duration::from_secs(relay_lifetime?),
+                    journal_cache_mib: cache?,
                 },
                 listen: ServerListen {
                     https: https?,

@@ -185,6 +185,7 @@ fn every_problem_is_reported_at_once() {
         server: RawServerSection {
             heartbeat_interval_ms: 0,
             max_unacked: -1,
+            journal_cache_mib: 1,
             ..RawServerSection::default()
         },
         listen: RawServerListen {
@@ -197,19 +198,24 @@ fn every_problem_is_reported_at_once() {
         ..RawServerConfig::default()
     };
     let found = problems(raw.validate().unwrap_err());
-    assert_eq!(found.len(), 4, "{found:#?}");
+    assert_eq!(found.len(), 5, "{found:#?}");
     assert_eq!(
         found[0],
         "server.heartbeat_interval_ms: must be between 100 and 600000, got 0"
     );
-    for key in ["server.max_unacked", "listen.https", "log.level"] {
+    for key in [
+        "server.max_unacked",
+        "server.journal_cache_mib",
+        "listen.https",
+        "log.level",
+    ] {
         assert!(
             found.iter().any(|p| p.starts_with(key)),
             "{key} in {found:#?}"
         );
     }
     let shown = ConfigError::Invalid { problems: found }.to_string();
-    assert_eq!(shown.lines().count(), 5, "{shown}");
+    assert_eq!(shown.lines().count(), 6, "{shown}");
 }
 
 #[test]

@@ -34,11 +34,7 @@ fn trivial(server: &Server) {
 
 /// The measured dispatch, `repeat` times: the run with the median total (the machines are
 /// shared; one run's total moves with whatever else they do).
-fn median_dispatch(
-    server: &Server,
-    ids: &[String],
-    repeat: usize,
-) -> Option<(u64, Vec<u64>)> {
+fn median_dispatch(server: &Server, ids: &[String], repeat: usize) -> Option<(u64, Vec<u64>)> {
     let mut runs: Vec<(u64, Vec<u64>)> = (0..repeat.max(1))
         .map(|_| {
             quiet(server);
@@ -47,7 +43,11 @@ fn median_dispatch(
         .collect::<Option<_>>()?;
     runs.sort_by_key(|(total, _)| *total);
     let totals: Vec<u64> = runs.iter().map(|(t, _)| *t).collect();
-    eprintln!("{} agents, totals of {} runs: {totals:?} ms", ids.len(), runs.len());
+    eprintln!(
+        "{} agents, totals of {} runs: {totals:?} ms",
+        ids.len(),
+        runs.len()
+    );
     Some(runs.swap_remove(runs.len() / 2))
 }
 
@@ -61,7 +61,10 @@ fn quiet(server: &Server) {
         std::thread::sleep(Duration::from_millis(200));
     }
     if start.elapsed() > Duration::from_millis(200) {
-        eprintln!("waited {:?} for a journal compaction to end", start.elapsed());
+        eprintln!(
+            "waited {:?} for a journal compaction to end",
+            start.elapsed()
+        );
     }
 }
 

@@ -133,7 +133,10 @@ fn a_process_of_all_four_built_ins_runs_on_the_agents_with_a_tag() {
     let summary = r.json();
     assert_eq!(summary["status"], "succeeded", "{summary}");
     assert_eq!(summary["counts"], json!({"succeeded": 2}), "{summary}");
-    assert_eq!(summary["properties"]["db_password_secret"], "***", "{summary}");
+    assert_eq!(
+        summary["properties"]["db_password_secret"], "***",
+        "{summary}"
+    );
     assert!(summary.get("jobs").is_none(), "{summary}");
     for bad in ["jobs=maybe", "jobs=false&evil=1"] {
         let r = server.request("GET", &format!("/api/v1/deployments/{id}?{bad}"), None);

@@ -151,7 +151,10 @@ async fn get_deployment(
     state.token.check(&req)?;
     let query = web::Query::<DeploymentQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::BadRequest(format!("invalid query: {e}")))?;
-    let snapshot = state.deployments.snapshot(&path).ok_or(ApiError::NotFound)?;
+    let snapshot = state
+        .deployments
+        .snapshot(&path)
+        .ok_or(ApiError::NotFound)?;
     let detail = if query.jobs {
         view::Detail::Jobs
     } else {

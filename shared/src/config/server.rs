@@ -208,7 +208,12 @@ impl RawConfig for RawServerConfig {
             30,
             825 * 86_400,
         );
-        let cache = p.count("server.journal_cache_mib", s.journal_cache_mib, 8, 1_048_576);
+        let cache = p.count(
+            "server.journal_cache_mib",
+            s.journal_cache_mib,
+            8,
+            1_048_576,
+        );
         let https = p.addr("listen.https", &self.listen.https);
         let wss = p.addr("listen.wss", &self.listen.wss);
         if let (Some(h), Some(w)) = (https, wss) {

@@ -41,7 +41,7 @@ use crate::worker::supervisor::Ping;
 mod jobs;
 mod trust;
 mod upgrade;
-use upgrade::UpgradeDriver;
+use crate::worker::upgrade::driver::{Driver, Offer};
 
 /// Meta keys of the probe generator's durable state.
 const PROBE_NEXT: &str = "probe/next";
@@ -122,7 +122,7 @@ pub struct Uplink {
     /// The step runner adopted, and its generation.
     runner: Option<Generation>,
     /// The upgrade underway, if any (journaled), and its progress.
-    upgrade: UpgradeDriver,
+    upgrade: Driver,
     /// Raised when the actor stops: a package download in flight gives up.
     upgrade_stop: Arc<AtomicBool>,
 }
@@ -171,7 +171,7 @@ impl Uplink {
             since_trim: 0,
             jobs: jobs::Jobs::load(&cfg.journal)?,
             runner: None,
-            upgrade: UpgradeDriver::load(&cfg.journal)?,
+            upgrade: upgrade::load_driver(&cfg.journal)?,
             upgrade_stop: Arc::new(AtomicBool::new(false)),
             cfg,
         })
@@ -412,8 +412,14 @@ impl Uplink {
                         signature,
                     } => {
                         drive_upgrade = true;
-                        self.accept_upgrade((version, sha256, *size, signature), expired, &mut ops)
-                            .map(|s| (s, None))
+                        let offer = Offer {
+                            version,
+                            sha256,
+                            size: *size,
+                            signature,
+                            expired,
+                        };
+                        self.accept_upgrade(offer, &mut ops).map(|s| (s, None))
                     }
                     CommandBody::RunJob {
                         job_id,

@@ -1,71 +1,42 @@
-//! The uplink's upgrade driver (see `worker::upgrade` for the drain policy).
+//! The uplink carries out the upgrade's course (`worker::upgrade::driver` decides it; see
+//! `worker::upgrade` for the drain policy).
 //!
-//! An `Upgrade` command is checked when it arrives — the server's signature over the package's
-//! version and sha256, a version newer than the running one, no other upgrade underway — and
-//! either refused (`UpgradeRefused` in the command's batch, nothing else recorded) or accepted:
-//! the [`Pending`] record and `UpgradeStarted` join the command's batch. From then on no step
-//! starts. [`Uplink::drive_upgrade`] (after each step, on every tick) waits for running steps,
-//! downloads and stages the package on the blocking pool, journals `UpgradeStaged` with the
-//! record's new phase, waits (boundedly) for the server's ack of it, and stops the worker with
-//! the reserved exit code. A worker that starts with the record staged reports the monitor's
-//! verdict (`DATA/upgrade/result.json`) as `UpgradeFinished`, clears the record and lets the
-//! held jobs go on.
+//! An `Upgrade` command is checked when it arrives and either refused (`UpgradeRefused` in the
+//! command's batch, nothing else recorded) or accepted (the [`Pending`] record and
+//! `UpgradeStarted` join the command's batch); from then on no step starts.
+//! [`Uplink::drive_upgrade`] (after each step, on every tick, after acks) asks the driver what
+//! to do next: download and stage the package on the blocking pool, journal `UpgradeStaged`
+//! with the record's new phase, stop the worker with the reserved exit code once the server
+//! has it (or after a bounded wait). A worker that starts with the record staged reads the
+//! monitor's verdict (`DATA/upgrade/result.json`), reports it as `UpgradeFinished`, clears the
+//! record and lets the held jobs go on.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use actix::prelude::*;
 use tether_shared::enroll::Upstream;
-use tether_shared::journal::Op;
-use tether_shared::protocol::{EventBody, Seq, UpgradeOutcome};
-use tether_shared::upgrade::{verify_package, Version};
+use tether_shared::journal::{JournalError, JournalHandle, Op};
+use tether_shared::protocol::{EventBody, Seq};
+use tether_shared::upgrade::verify_package;
 
 use super::{now_ms, Uplink};
 use crate::upgrade::{
     self, UpgradeResult, ACTIVE_FILE, RESULT_FILE, STAGED_FILE, UPGRADE_EXIT_CODE,
 };
 use crate::worker::jobs::fetch::Remote;
-use crate::worker::upgrade::{download_and_stage, remove_partials, Pending, Phase, PENDING_KEY};
+use crate::worker::upgrade::driver::{Arrival, Driver, Next, Offer, Settled, Verdict};
+use crate::worker::upgrade::{download_and_stage, remove_partials, Pending, PENDING_KEY};
 
-/// Longest the worker waits for the server's ack of `UpgradeStaged` before it exits anyway
-/// (the event is journaled: the next worker delivers it).
-const STAGED_ACK_WAIT: Duration = Duration::from_secs(30);
-
-/// The upgrade's state in the uplink, beside the journaled record.
-#[derive(Default)]
-pub(crate) struct UpgradeDriver {
-    /// The journaled record, if an upgrade is underway.
-    pub(crate) pending: Option<Pending>,
-    /// A download, or a commit of a transition, is in flight.
-    busy: bool,
-    /// Staged: exit once this event is acked, or at the instant.
-    exit_after: Option<(Seq, Instant)>,
-    /// Whether "draining" was logged for the current wait.
-    logged_wait: bool,
-    /// The worker is stopping with the reserved exit code.
-    exiting: bool,
-}
-
-impl UpgradeDriver {
-    /// The record from the journal.
-    pub(crate) fn load(
-        journal: &tether_shared::journal::JournalHandle,
-    ) -> Result<Self, tether_shared::journal::JournalError> {
-        let pending = journal.get_meta(PENDING_KEY)?.and_then(|v| {
-            match serde_json::from_slice::<Pending>(&v) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::error!(error = %e, "upgrade-record-unreadable");
-                    None
-                }
-            }
-        });
-        Ok(UpgradeDriver {
-            pending,
-            ..UpgradeDriver::default()
-        })
-    }
+/// The driver of the record in the journal.
+pub(super) fn load_driver(journal: &JournalHandle) -> Result<Driver, JournalError> {
+    let pending = journal.get_meta(PENDING_KEY)?.and_then(|v| {
+        serde_json::from_slice::<Pending>(&v)
+            .map_err(|e| tracing::error!(error = %e, "upgrade-record-unreadable"))
+            .ok()
+    });
+    Ok(Driver::new(pending))
 }
 
 fn pending_op(p: &Pending) -> Op {
@@ -78,118 +49,75 @@ fn pending_op(p: &Pending) -> Op {
 impl Uplink {
     /// An `Upgrade` command: refused or accepted, with its event (and record) in `ops`.
     /// Returns the event's seq, or `None` for a repeat of the upgrade already underway.
-    pub(super) fn accept_upgrade(
-        &mut self,
-        package: (&str, &str, u64, &str),
-        expired: bool,
-        ops: &mut Vec<Op>,
-    ) -> Option<Seq> {
-        let (version, sha256, size, signature) = package;
+    pub(super) fn accept_upgrade(&mut self, offer: Offer<'_>, ops: &mut Vec<Op>) -> Option<Seq> {
         let agent_id = self.cfg.agent_id.clone();
-        let refusal = if expired {
-            Some("the command arrived after its deadline".to_owned())
-        } else if let Some(p) = &self.upgrade.pending {
-            if p.version == version && p.sha256 == sha256 {
-                tracing::info!(agent_id = %agent_id, version = %version, "upgrade-already-underway");
-                return None;
-            }
-            Some(format!("an upgrade to {} is already underway", p.version))
-        } else {
-            let anchors = self.cfg.trust.current();
-            match anchors.with_any_key(|key| verify_package(key, version, sha256, signature)) {
-                Err(e) => Some(e.to_string()),
-                Ok(v) => match Version::parse(&self.cfg.version) {
-                    Ok(running) if v > running => None,
-                    Ok(running) => Some(format!(
-                        "version {v} is not newer than the running version {running}"
-                    )),
-                    Err(e) => Some(format!("the running version is unknown: {e}")),
-                },
-            }
+        let anchors = self.cfg.trust.current();
+        let verify = || {
+            anchors
+                .with_any_key(|key| {
+                    verify_package(key, offer.version, offer.sha256, offer.signature)
+                })
+                .map_err(|e| e.to_string())
         };
-        if let Some(reason) = refusal {
-            tracing::warn!(agent_id = %agent_id, version = %version, reason = %reason, "upgrade-refused");
-            let (seq, op) = self.event_op(EventBody::UpgradeRefused {
-                version: version.to_owned(),
-                reason,
-            })?;
-            ops.push(op);
-            return Some(seq);
+        match self
+            .upgrade
+            .offer(offer, &self.cfg.version, now_ms(), verify)
+        {
+            Arrival::Repeat => {
+                tracing::info!(agent_id = %agent_id, version = %offer.version, "upgrade-already-underway");
+                None
+            }
+            Arrival::Refused { version, reason } => {
+                tracing::warn!(agent_id = %agent_id, version = %version, reason = %reason, "upgrade-refused");
+                let (seq, op) = self.event_op(EventBody::UpgradeRefused { version, reason })?;
+                ops.push(op);
+                Some(seq)
+            }
+            Arrival::Accepted(pending) => {
+                let (seq, op) = self.event_op(EventBody::UpgradeStarted {
+                    version: pending.version.clone(),
+                })?;
+                ops.push(pending_op(&pending));
+                ops.push(op);
+                tracing::info!(agent_id = %agent_id, version = %pending.version, sha256 = %pending.sha256, size = pending.size, running = %self.cfg.version, "upgrade-accepted");
+                Some(seq)
+            }
         }
-        let pending = Pending {
-            version: version.to_owned(),
-            sha256: sha256.to_owned(),
-            size,
-            signature: signature.to_owned(),
-            phase: Phase::Draining,
-            accepted_unix_ms: now_ms(),
-        };
-        let (seq, op) = self.event_op(EventBody::UpgradeStarted {
-            version: version.to_owned(),
-        })?;
-        ops.push(pending_op(&pending));
-        ops.push(op);
-        tracing::info!(agent_id = %agent_id, version = %version, sha256 = %sha256, size, running = %self.cfg.version, "upgrade-accepted");
-        self.upgrade = UpgradeDriver {
-            pending: Some(pending),
-            ..Default::default()
-        };
-        Some(seq)
     }
 
     /// Whether steps may start (no upgrade underway).
     pub(super) fn steps_allowed(&self) -> bool {
-        self.upgrade.pending.is_none()
+        self.upgrade.steps_allowed()
     }
 
     /// Moves the upgrade on as far as it can go now.
     pub(super) fn drive_upgrade(&mut self, ctx: &mut Context<Self>) {
-        let Some(p) = self.upgrade.pending.clone() else {
-            return;
-        };
-        if self.upgrade.busy || self.upgrade.exiting {
-            return;
-        }
-        let agent_id = self.cfg.agent_id.clone();
-        match p.phase {
-            Phase::Draining => {
-                let running = self.jobs.steps_running();
-                if running > 0 {
-                    let waited = now_ms().saturating_sub(p.accepted_unix_ms);
-                    let limit = u64::try_from(self.cfg.upgrade_drain_timeout.as_millis())
-                        .unwrap_or(u64::MAX);
-                    if waited > limit {
-                        let reason = format!(
-                            "{running} step(s) still running after the drain timeout of {} s; upgrade abandoned, nothing changed",
-                            limit / 1000
-                        );
-                        self.end_upgrade(
-                            ctx,
-                            EventBody::UpgradeRefused {
-                                version: p.version.clone(),
-                                reason,
-                            },
-                        );
-                    } else if !self.upgrade.logged_wait {
-                        self.upgrade.logged_wait = true;
-                        tracing::info!(agent_id = %agent_id, version = %p.version, running, "upgrade-draining");
-                    }
-                    return;
-                }
-                self.start_download(ctx, p);
+        let next = self.upgrade.next(
+            self.jobs.steps_running(),
+            self.ep.outbound.acked(),
+            Instant::now(),
+            now_ms(),
+            self.cfg.upgrade_drain_timeout,
+        );
+        let agent_id = &self.cfg.agent_id;
+        match next {
+            Next::Wait => {}
+            Next::Draining { running } => {
+                tracing::info!(agent_id = %agent_id, version = %self.upgrade_version(), running, "upgrade-draining");
             }
-            Phase::Staged => {
-                if let Some((seq, at)) = self.upgrade.exit_after {
-                    if self.ep.outbound.acked() >= seq || Instant::now() >= at {
-                        tracing::info!(agent_id = %agent_id, version = %p.version, acked = self.ep.outbound.acked() >= seq, "upgrade-exit-for-swap");
-                        self.upgrade.exiting = true;
-                        System::current().stop_with_code(UPGRADE_EXIT_CODE);
-                    }
-                    return;
-                }
-                self.settle_staged(ctx, &p);
+            Next::End(event) => self.end_upgrade(ctx, event),
+            Next::Download(p) => self.start_download(ctx, p),
+            Next::Settle(p) => self.settle_staged(ctx, &p),
+            Next::Exit { acked } => {
+                tracing::info!(agent_id = %agent_id, version = %self.upgrade_version(), acked, "upgrade-exit-for-swap");
+                System::current().stop_with_code(UPGRADE_EXIT_CODE);
             }
         }
+    }
+
+    /// The version of the upgrade underway, for the logs.
+    fn upgrade_version(&self) -> &str {
+        self.upgrade.pending().map_or("", |p| p.version.as_str())
     }
 
     /// Download and stage on the blocking pool; then journal `UpgradeStaged`.
@@ -208,120 +136,73 @@ impl Uplink {
         };
         let data_dir = self.cfg.data_dir.clone();
         let stop = Arc::clone(&self.upgrade_stop);
-        let pending = p.clone();
-        self.upgrade.busy = true;
         tracing::info!(agent_id = %self.cfg.agent_id, version = %p.version, size = p.size, "upgrade-downloading");
-        let work = tokio::task::spawn_blocking(move || {
-            download_and_stage(&remote, &pending, &data_dir, &stop)
-        });
+        let work =
+            tokio::task::spawn_blocking(move || download_and_stage(&remote, &p, &data_dir, &stop));
         ctx.spawn(work.into_actor(self).map(move |res, act, ctx| {
-            act.upgrade.busy = false;
-            let staged = match res {
-                Ok(r) => r,
-                Err(e) => Err(format!("the download task failed: {e}")),
-            };
+            let staged = res.unwrap_or_else(|e| Err(format!("the download task failed: {e}")));
             match staged {
                 Ok(staged) => {
                     tracing::info!(agent_id = %act.cfg.agent_id, version = %staged.version, program = %staged.program.display(), "upgrade-staged");
-                    let mut staged_rec = p.clone();
-                    staged_rec.phase = Phase::Staged;
-                    let mut ops = vec![pending_op(&staged_rec)];
-                    let Some((seq, op)) = act.event_op(EventBody::UpgradeStaged {
-                        version: p.version.clone(),
-                    }) else {
-                        tracing::error!(agent_id = %act.cfg.agent_id, "event-backlog-full");
+                    let Some((record, event)) = act.upgrade.staged() else {
                         return;
                     };
-                    ops.push(op);
-                    act.upgrade.pending = Some(staged_rec);
-                    act.upgrade.busy = true;
+                    let Some((seq, op)) = act.event_op(event) else {
+                        tracing::error!(agent_id = %act.cfg.agent_id, "event-backlog-full");
+                        act.upgrade.retry_later();
+                        return;
+                    };
+                    let ops = vec![pending_op(&record), op];
                     act.commit_then(ctx, ops, move |act, ctx| {
-                        act.upgrade.busy = false;
                         act.ep.outbound.mark_durable(seq);
-                        act.upgrade.exit_after = Some((seq, Instant::now() + STAGED_ACK_WAIT));
+                        act.upgrade.staged_durable(record, seq, Instant::now());
                         act.pump();
                         act.drive_upgrade(ctx);
                     });
                 }
                 Err(reason) => {
-                    tracing::warn!(agent_id = %act.cfg.agent_id, version = %p.version, reason = %reason, "upgrade-refused");
-                    act.end_upgrade(
-                        ctx,
-                        EventBody::UpgradeRefused {
-                            version: p.version.clone(),
-                            reason,
-                        },
-                    );
+                    tracing::warn!(agent_id = %act.cfg.agent_id, reason = %reason, "upgrade-refused");
+                    if let Some(event) = act.upgrade.failed(reason) {
+                        act.end_upgrade(ctx, event);
+                    }
                 }
             }
         }));
     }
 
-    /// Staged, in a worker that just started: report the monitor's verdict, or wait for it
-    /// (the new worker on trial), or ask for the swap again (the old worker, restarted by
-    /// something else than the monitor's swap, with the staged package still in place).
+    /// Staged, in a worker that just started: what the monitor left behind, for the driver.
     fn settle_staged(&mut self, ctx: &mut Context<Self>, p: &Pending) {
         let dir = upgrade::dir(&self.cfg.data_dir);
-        let result = match upgrade::read_json::<UpgradeResult>(&dir.join(RESULT_FILE)) {
-            Ok(r) => r,
-            Err(e) => {
+        let result = upgrade::read_json::<UpgradeResult>(&dir.join(RESULT_FILE))
+            .unwrap_or_else(|e| {
                 tracing::error!(agent_id = %self.cfg.agent_id, error = %e, "upgrade-result-unreadable");
                 let _ = upgrade::remove(&dir.join(RESULT_FILE));
                 None
-            }
+            });
+        let active = upgrade::read_json::<upgrade::Active>(&dir.join(ACTIVE_FILE))
+            .ok()
+            .flatten()
+            .and_then(|a| a.current.version);
+        let staged_there = upgrade::read_json::<upgrade::Staged>(&dir.join(STAGED_FILE))
+            .ok()
+            .flatten()
+            .is_some_and(|s| s == p.staged(&self.cfg.data_dir));
+        let verdict = Verdict {
+            result: result.map(|r| (r.version, r.outcome, r.reason)),
+            active,
+            staged_there,
         };
-        match result {
-            Some(r) if r.version == p.version => {
-                self.end_upgrade(
-                    ctx,
-                    EventBody::UpgradeFinished {
-                        version: r.version,
-                        outcome: r.outcome,
-                        reason: r.reason,
-                    },
-                );
-            }
-            Some(r) => {
-                tracing::warn!(agent_id = %self.cfg.agent_id, version = %r.version, pending = %p.version, "upgrade-result-stale");
+        match self.upgrade.settle(verdict, &self.cfg.version) {
+            Settled::End(event) => self.end_upgrade(ctx, event),
+            Settled::StaleResult => {
+                tracing::warn!(agent_id = %self.cfg.agent_id, pending = %p.version, "upgrade-result-stale");
                 let _ = upgrade::remove(&dir.join(RESULT_FILE));
             }
-            // The new version: on trial (the monitor will write its verdict), or recorded as
-            // active by a monitor that could not write the verdict.
-            None if self.cfg.version == p.version => {
-                let active = upgrade::read_json::<upgrade::Active>(&dir.join(ACTIVE_FILE));
-                if let Ok(Some(a)) = active {
-                    if a.current.version.as_deref() == Some(p.version.as_str()) {
-                        self.end_upgrade(
-                            ctx,
-                            EventBody::UpgradeFinished {
-                                version: p.version.clone(),
-                                outcome: UpgradeOutcome::Done,
-                                reason: String::new(),
-                            },
-                        );
-                    }
-                }
+            Settled::SwapAgain => {
+                tracing::warn!(agent_id = %self.cfg.agent_id, version = %p.version, "upgrade-swap-requested-again");
+                self.drive_upgrade(ctx);
             }
-            None => {
-                let staged_there = upgrade::read_json::<upgrade::Staged>(&dir.join(STAGED_FILE))
-                    .ok()
-                    .flatten()
-                    .is_some_and(|s| s == p.staged(&self.cfg.data_dir));
-                if staged_there {
-                    tracing::warn!(agent_id = %self.cfg.agent_id, version = %p.version, "upgrade-swap-requested-again");
-                    self.upgrade.exit_after = Some((Seq::ZERO, Instant::now()));
-                    self.drive_upgrade(ctx);
-                } else {
-                    self.end_upgrade(
-                        ctx,
-                        EventBody::UpgradeFinished {
-                            version: p.version.clone(),
-                            outcome: UpgradeOutcome::RolledBack,
-                            reason: "the staged package is gone and the monitor reported nothing; the previous version runs".into(),
-                        },
-                    );
-                }
-            }
+            Settled::OnTrial => {}
         }
     }
 
@@ -330,6 +211,7 @@ impl Uplink {
     fn end_upgrade(&mut self, ctx: &mut Context<Self>, event: EventBody) {
         let Some((seq, op)) = self.event_op(event) else {
             tracing::error!(agent_id = %self.cfg.agent_id, "event-backlog-full");
+            self.upgrade.retry_later();
             return;
         };
         let ops = vec![
@@ -338,11 +220,10 @@ impl Uplink {
                 key: PENDING_KEY.into(),
             },
         ];
-        self.upgrade.busy = true;
         self.commit_then(ctx, ops, move |act, ctx| {
             act.ep.outbound.mark_durable(seq);
             let dir = upgrade::dir(&act.cfg.data_dir);
-            if let Some(p) = act.upgrade.pending.take() {
+            if let Some(p) = act.upgrade.ended() {
                 // A package that is not running (refused, or rolled back) is not kept.
                 if act.cfg.version != p.version {
                     let _ = upgrade::remove(&p.staged(&act.cfg.data_dir).program);
@@ -351,7 +232,6 @@ impl Uplink {
             }
             remove_partials(&act.cfg.data_dir);
             let _ = upgrade::remove(&dir.join(RESULT_FILE));
-            act.upgrade = UpgradeDriver::default();
             act.pump();
             act.resume_held_jobs(ctx);
         });
@@ -359,7 +239,7 @@ impl Uplink {
 
     /// After a restart: a result left by the monitor with no upgrade underway is stale.
     pub(super) fn clear_stale_result(&self) {
-        if self.upgrade.pending.is_none() {
+        if self.upgrade.steps_allowed() {
             let path = upgrade::dir(&self.cfg.data_dir).join(RESULT_FILE);
             if path.exists() {
                 tracing::info!(agent_id = %self.cfg.agent_id, "upgrade-result-stale");

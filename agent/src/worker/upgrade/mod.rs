@@ -1,7 +1,8 @@
 //! The worker's half of an upgrade: the durable record of the upgrade in progress
 //! ([`Pending`], journal meta [`PENDING_KEY`]) and the blocking work of getting a package in
-//! place ([`download_and_stage`]). The uplink drives it (`worker/uplink/upgrade.rs`), because
-//! every transition is journaled together with the event that reports it.
+//! place ([`download_and_stage`]). Its course is decided by the sans-IO [`driver::Driver`]; the
+//! uplink carries the decisions out (`worker/uplink/upgrade.rs`), because every transition is
+//! journaled together with the event that reports it.
 //!
 //! Drain policy: from the moment an `Upgrade` is accepted, no step *starts* (jobs accepted
 //! meanwhile are journaled and acknowledged as usual, and wait); steps already running are let
@@ -19,6 +20,8 @@ use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+
+pub mod driver;
 
 use crate::upgrade::{self, Staged, STAGED_FILE};
 use crate::worker::jobs::fetch::{self, Failure, Remote};

@@ -8,7 +8,7 @@
 //! (default 100,000) finished jobs, and times the same dispatch again: the ratio shows whether
 //! dispatch cost grows with history.
 //!
-//! Each simulated size is measured `TETHER_BENCH_REPEAT` times (default 3) after a warm-up;
+//! Each simulated size is measured `TETHER_BENCH_REPEAT` times (default 5) after a warm-up;
 //! the run with the median total is shown.
 //!
 //! `cargo bench -p tether-tests --bench dispatch` (`make bench`). `TETHER_BENCH_DISPATCH`
@@ -106,7 +106,7 @@ fn main() {
     let repeat: usize = std::env::var("TETHER_BENCH_REPEAT")
         .ok()
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let mut history_ratio = None;
     // Total ms of the measured dispatch, by fleet size (for the per-agent ratio).
     let mut totals: Vec<(usize, u64)> = Vec::new();

@@ -9,7 +9,8 @@ export CARGO_TERM_COLOR ?= never
 .PHONY: setup build lint test bench run dist
 
 ## setup: check the toolchain and install the system tools the tests use (as root, via apt-get);
-## chromium and chromium-driver run the web application's browser tests (tests/tests/web.rs).
+## chromium and chromium-driver run the web application's browser tests (tests/tests/web.rs);
+## postgresql, the PostgreSQL store's tests (each starts a database of its own).
 setup:
 	@command -v $(CARGO) >/dev/null || { echo "error: cargo is not installed; install Rust (https://rustup.rs) and retry" >&2; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
@@ -22,6 +23,12 @@ setup:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null || { echo "error: apt-get install$$missing failed" >&2; exit 1; }; \
 	  else echo "error: missing$$missing; install them (apt-get install$$missing) and retry" >&2; exit 1; fi; \
 	fi
+	@# PostgreSQL's server programs (the cluster tests start their own, on a Unix socket).
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing: postgresql"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null || { echo "error: apt-get install postgresql failed" >&2; exit 1; }; \
+	  else echo "error: PostgreSQL is missing; install it (apt-get install postgresql) and retry" >&2; exit 1; fi; }
 
 build: setup
 	$(CARGO) build --workspace --locked

@@ -19,6 +19,8 @@
 pub mod blobs;
 mod compaction;
 pub mod generation;
+#[cfg(feature = "postgres")]
+pub mod pg;
 pub mod record;
 pub mod store;
 pub mod writer;
@@ -32,6 +34,8 @@ use actix::prelude::*;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+#[cfg(feature = "postgres")]
+pub use pg::{PgOptions, PgStore};
 pub use record::LogName;
 pub use store::{SledOptions, SledStore, Store};
 pub use writer::Committed;

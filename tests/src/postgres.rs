@@ -1,0 +1,214 @@
+//! A PostgreSQL of a test's own: Debian's `postgresql` programs (`make setup` installs them),
+//! a fresh cluster in a temporary directory, listening on a Unix socket there only, run as the
+//! `postgres` user when the tests run as root. It is stopped (immediately) and removed when
+//! dropped. Under `CI=true` a missing PostgreSQL fails the test; elsewhere it is skipped.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a failure to set up is a test failure
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The password of the `postgres` role in every test cluster.
+pub const PASSWORD: &str = "tether-test-pw";
+
+/// One running test cluster.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// Extra `postgres` settings (`-c name=value`) it runs with.
+    settings: Vec<String>,
+}
+
+/// The newest installed `/usr/lib/postgresql/<version>/bin`.
+fn bin_dir() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+impl Postgres {
+    /// A new cluster, started; `None` (skip) when PostgreSQL is not installed, outside CI.
+    pub fn start() -> Option<Postgres> {
+        Postgres::start_with(&[])
+    }
+
+    /// A new cluster started with extra settings, e.g. `["fsync=off"]`.
+    pub fn start_with(settings: &[&str]) -> Option<Postgres> {
+        let Some(bin) = bin_dir() else {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): run `make setup`"
+            );
+            eprintln!("skipped: PostgreSQL is not installed (run `make setup`)");
+            return None;
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("tether-pg")
+            .tempdir()
+            .expect("temporary directory");
+        let pg = Postgres {
+            dir,
+            bin,
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        if is_root() {
+            let chown = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(pg.dir.path())
+                .status()
+                .expect("chown");
+            assert!(chown.success(), "chown of the test cluster's directory");
+        }
+        let pwfile = pg.dir.path().join("pw");
+        std::fs::write(&pwfile, PASSWORD).expect("password file");
+        if is_root() {
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&pwfile)
+                .status();
+        }
+        let data = pg.data();
+        let out = pg.as_postgres(
+            "initdb",
+            &[
+                "-D",
+                path_str(&data),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                &format!("--pwfile={}", pwfile.display()),
+                "--no-sync",
+            ],
+        );
+        assert!(out.status.success(), "initdb: {}", text(&out));
+        pg.pg_ctl_start();
+        Some(pg)
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The directory of its Unix socket.
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The connection string of database `postgres` as the `postgres` role.
+    pub fn url(&self) -> String {
+        self.url_with_password(PASSWORD)
+    }
+
+    /// The same with another password (for refusals).
+    pub fn url_with_password(&self, password: &str) -> String {
+        format!(
+            "host={} user=postgres password={password} dbname=postgres",
+            self.socket_dir().display()
+        )
+    }
+
+    /// Runs `program` (from PostgreSQL's bin directory) as the `postgres` user.
+    fn as_postgres(&self, program: &str, args: &[&str]) -> Output {
+        let exe = self.bin.join(program);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()))
+    }
+
+    fn pg_ctl_start(&self) {
+        let mut options = format!("-c listen_addresses='' -k {}", self.socket_dir().display());
+        for s in &self.settings {
+            options.push_str(&format!(" -c {s}"));
+        }
+        let data = self.data();
+        let log = self.dir.path().join("postgres.log");
+        let out = self.as_postgres(
+            "pg_ctl",
+            &[
+                "-D",
+                path_str(&data),
+                "-l",
+                path_str(&log),
+                "-w",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            text(&out),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops it at once (`-m immediate`: no checkpoint, as a crash would).
+    pub fn stop_immediately(&self) {
+        let data = self.data();
+        let out = self.as_postgres(
+            "pg_ctl",
+            &["-D", path_str(&data), "-m", "immediate", "stop"],
+        );
+        assert!(out.status.success(), "pg_ctl stop: {}", text(&out));
+    }
+
+    /// Starts it again after [`Postgres::stop_immediately`].
+    pub fn restart(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// Runs SQL with `psql` as the superuser; its output.
+    pub fn psql(&self, sql: &str) -> String {
+        let exe = self.bin.join("psql");
+        let out = Command::new(exe)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+            .arg(self.url())
+            .output()
+            .expect("psql");
+        assert!(out.status.success(), "psql {sql}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self.as_postgres(
+            "pg_ctl",
+            &["-D", path_str(&data), "-m", "immediate", "stop"],
+        );
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 temporary path")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

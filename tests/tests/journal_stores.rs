@@ -1,0 +1,269 @@
+//! The journal's contract, held by both stores: the embedded sled store and the PostgreSQL
+//! store (a database of the test's own, see `tether_tests::postgres`). The same scenarios run
+//! through the same `Journal` against each: commits read back, truncation, meta, blobs across
+//! batches, a batch's last write winning, state and incarnation surviving a reopen, and (for
+//! PostgreSQL) the refusals at open and a database restarted under the journal.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tether_shared::journal::{
+    Journal, JournalError, JournalHandle, JournalOptions, LogName, Op, PgOptions, PgStore,
+    SledStore, Store,
+};
+use tether_shared::protocol::Seq;
+use tether_tests::postgres::Postgres;
+
+fn log(name: &str) -> LogName {
+    LogName::new(name).unwrap()
+}
+
+fn pg_options(url: String) -> PgOptions {
+    PgOptions {
+        url,
+        ca_file: None,
+        pool_size: 2,
+    }
+}
+
+/// Opens a journal over `store`; its handle and whether it was created.
+fn open(store: Arc<dyn Store>, dir: &Path) -> (JournalHandle, bool, String) {
+    let (journal, recovered) =
+        Journal::with_store(store, dir, &JournalOptions::default(), None).unwrap();
+    (
+        journal.handle(),
+        recovered.created,
+        recovered.incarnation.clone(),
+    )
+}
+
+fn appends(l: &LogName, seqs: std::ops::RangeInclusive<u64>) -> Vec<Op> {
+    seqs.map(|i| Op::Append {
+        log: l.clone(),
+        seq: Seq(i),
+        payload: vec![i as u8; 10],
+    })
+    .collect()
+}
+
+fn seqs(j: &JournalHandle, l: &LogName, after: u64, limit: usize) -> Vec<u64> {
+    j.read_log(l, Seq(after), limit)
+        .unwrap()
+        .iter()
+        .map(|r| r.seq.0)
+        .collect()
+}
+
+/// Every scenario against one store; `reopen` gives a fresh store over the same data.
+async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
+    let (j, created, incarnation) = open(reopen(), dir);
+    assert!(created, "a new store is a new journal");
+
+    // Records: read back in order, by range and limit; truncation; a repeated append replaces.
+    let l = log("out/events");
+    j.commit(appends(&l, 1..=5)).await.unwrap();
+    j.commit(vec![Op::TruncateThrough {
+        log: l.clone(),
+        upto: Seq(2),
+    }])
+    .await
+    .unwrap();
+    assert_eq!(seqs(&j, &l, 0, 100), [3, 4, 5]);
+    assert_eq!(seqs(&j, &l, 3, 1), [4]);
+    j.commit(appends(&l, 5..=5)).await.unwrap();
+    assert_eq!(
+        seqs(&j, &l, 0, 100),
+        [3, 4, 5],
+        "appends are idempotent by seq"
+    );
+    // Another log with a name that extends this one's is not part of it.
+    let other = log("out/events2");
+    j.commit(appends(&other, 1..=2)).await.unwrap();
+    assert_eq!(seqs(&j, &l, 0, 100), [3, 4, 5]);
+    assert_eq!(seqs(&j, &other, 0, 100), [1, 2]);
+
+    // Meta, and a batch's last write to a key winning.
+    j.commit(vec![
+        Op::PutMeta {
+            key: "k/a".into(),
+            value: b"1".to_vec(),
+        },
+        Op::PutMeta {
+            key: "k/b".into(),
+            value: b"2".to_vec(),
+        },
+        Op::DeleteMeta { key: "k/b".into() },
+        Op::PutMeta {
+            key: "k/c".into(),
+            value: b"x".to_vec(),
+        },
+        Op::PutMeta {
+            key: "k/c".into(),
+            value: b"3".to_vec(),
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(j.get_meta("k/a").unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(j.get_meta("k/b").unwrap(), None);
+    let scanned: Vec<(String, Vec<u8>)> = j.scan_meta("k/").unwrap();
+    assert_eq!(
+        scanned,
+        [("k/a".into(), b"1".to_vec()), ("k/c".into(), b"3".to_vec())]
+    );
+
+    // Blobs: appended across batches and within one, read by range, never past the
+    // committed length, gone on delete, and written again from zero.
+    let b = log("joblog/x/0");
+    j.commit(vec![Op::AppendBlob {
+        name: b.clone(),
+        bytes: b"hello ".to_vec(),
+    }])
+    .await
+    .unwrap();
+    j.commit(vec![
+        Op::AppendBlob {
+            name: b.clone(),
+            bytes: b"wide ".to_vec(),
+        },
+        Op::AppendBlob {
+            name: b.clone(),
+            bytes: b"world".to_vec(),
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(j.read_blob(&b, 0, 1000).unwrap(), b"hello wide world");
+    assert_eq!(j.read_blob(&b, 3, 6).unwrap(), b"lo wid");
+    assert_eq!(j.read_blob(&b, 16, 10).unwrap(), b"");
+    assert_eq!(j.read_blob(&log("joblog/none/0"), 0, 10).unwrap(), b"");
+    j.commit(vec![
+        Op::DeleteBlob { name: b.clone() },
+        Op::AppendBlob {
+            name: b.clone(),
+            bytes: b"again".to_vec(),
+        },
+    ])
+    .await
+    .unwrap();
+    assert_eq!(j.read_blob(&b, 0, 1000).unwrap(), b"again");
+    j.commit(vec![Op::DeleteBlob { name: b.clone() }])
+        .await
+        .unwrap();
+    assert_eq!(j.read_blob(&b, 0, 1000).unwrap(), b"");
+
+    // A record too large is refused before anything is written.
+    let huge = Op::Append {
+        log: l.clone(),
+        seq: Seq(9),
+        payload: vec![0; tether_shared::journal::MAX_RECORD_BYTES + 1],
+    };
+    assert!(matches!(
+        j.commit(vec![huge]).await,
+        Err(JournalError::TooLarge { .. })
+    ));
+    assert_eq!(seqs(&j, &l, 0, 100), [3, 4, 5]);
+    let health = j.observe();
+    assert!(health.batches >= 1 && health.commits >= 7, "{health:?}");
+    drop(j);
+
+    // Everything survives a reopen, the incarnation with it; recovery validated it all.
+    let (j, created, again) = open(reopen(), dir);
+    assert!(!created);
+    assert_eq!(again, incarnation);
+    assert_eq!(seqs(&j, &l, 0, 100), [3, 4, 5]);
+    assert_eq!(j.get_meta("k/c").unwrap().as_deref(), Some(&b"3"[..]));
+    assert_eq!(j.read_blob(&b, 0, 1000).unwrap(), b"");
+}
+
+#[actix::test]
+async fn the_sled_store_keeps_the_journals_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    // The last journal's writer thread lets go of sled's lock once it sees its handles gone.
+    let reopen = || -> Arc<dyn Store> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(&path, &Default::default()) {
+                Ok(store) => return Arc::new(store),
+                Err(JournalError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    contract(&reopen, &path).await;
+}
+
+#[actix::test]
+async fn the_postgres_store_keeps_the_journals_contract() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let url = pg.url();
+    let reopen =
+        || -> Arc<dyn Store> { Arc::new(PgStore::open(&pg_options(url.clone())).unwrap()) };
+    contract(&reopen, Path::new("postgres")).await;
+    // The schema is versioned.
+    assert_eq!(pg.psql("SELECT version FROM tether_schema"), "1");
+}
+
+fn refusal(opts: PgOptions) -> String {
+    match PgStore::open(&opts) {
+        Ok(_) => panic!("opened"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn a_database_that_cannot_keep_its_word_or_is_not_ours_is_refused_at_open() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let wrong = refusal(pg_options(pg.url_with_password("not-it")));
+    assert!(wrong.contains("password authentication failed"), "{wrong}");
+    let nowhere = refusal(pg_options("host=/nonexistent user=postgres".into()));
+    assert!(nowhere.contains("cannot connect"), "{nowhere}");
+    let garbage = refusal(pg_options("postgres://[::1".into()));
+    assert!(garbage.contains("invalid storage.url"), "{garbage}");
+
+    // A schema from a newer server: refused, and left as it was.
+    drop(PgStore::open(&pg_options(pg.url())).unwrap());
+    pg.psql("UPDATE tether_schema SET version = 99");
+    let newer = refusal(pg_options(pg.url()));
+    assert!(newer.contains("schema is version 99"), "{newer}");
+    assert_eq!(pg.psql("SELECT version FROM tether_schema"), "99");
+
+    // fsync off: acknowledged commits could be lost in a crash.
+    let Some(unsafe_pg) = Postgres::start_with(&["fsync=off"]) else {
+        return;
+    };
+    let fsync = refusal(pg_options(unsafe_pg.url()));
+    assert!(fsync.contains("fsync = off"), "{fsync}");
+    assert_eq!(
+        unsafe_pg.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'tether%'"),
+        "0",
+        "nothing created in a refused database"
+    );
+}
+
+#[actix::test]
+async fn the_postgres_store_reconnects_after_the_database_restarts() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let (j, _, _) = open(store, Path::new("postgres"));
+    let l = log("out/events");
+    j.commit(appends(&l, 1..=3)).await.unwrap();
+    pg.stop_immediately();
+    pg.restart();
+    // Reads and writes go on over new connections; what was acknowledged is there.
+    assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3]);
+    assert_eq!(j.get_meta("none").unwrap(), None);
+    j.commit(appends(&l, 4..=4)).await.unwrap();
+    assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3, 4]);
+}

@@ -16,9 +16,10 @@ use std::time::Duration;
 
 use actix_rt::signal::unix::{signal, SignalKind};
 use actix_web::{web, App};
+use tether_shared::config::{masked_url, Storage};
 use tether_shared::h1_tls::{self, Limits};
 use tether_shared::identity::IdentityError;
-use tether_shared::journal::{Journal, JournalError, JournalOptions};
+use tether_shared::journal::{Journal, JournalError, JournalOptions, PgOptions, PgStore};
 use tether_shared::tls::TlsError;
 
 use crate::admin_token::{AdminToken, AdminTokenError};
@@ -77,8 +78,10 @@ pub struct RunOptions {
     pub prune_interval: Duration,
     /// How long a relay's certificate is valid (renewed with a third left).
     pub relay_certificate_lifetime: Duration,
-    /// The journal's page cache.
+    /// The journal's page cache (sled).
     pub journal_cache_bytes: u64,
+    /// Where the journal lives.
+    pub storage: Storage,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -191,7 +194,22 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         },
         ..Default::default()
     };
-    let (journal, recovered) = Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?;
+    let (journal, recovered) = match &opts.storage {
+        Storage::Sled => Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?,
+        Storage::Postgres {
+            url,
+            ca_file,
+            pool_size,
+        } => {
+            let store = PgStore::open(&PgOptions {
+                url: url.expose().clone(),
+                ca_file: ca_file.clone(),
+                pool_size: *pool_size,
+            })?;
+            tracing::info!(url = %masked_url(url.expose()), "journal-on-postgres");
+            Journal::with_store(Arc::new(store), Path::new("postgres"), &journal_opts, None)?
+        }
+    };
     tracing::info!(
         incarnation = %recovered.incarnation,
         created = recovered.created,

@@ -32,8 +32,8 @@ pub use relay::{
 };
 pub use secret::Secret;
 pub use server::{
-    RawServerConfig, RawServerListen, RawServerSection, Retention, ServerConfig, ServerListen,
-    ServerSection,
+    masked_url, RawServerConfig, RawServerListen, RawServerSection, RawStorage, Retention,
+    ServerConfig, ServerListen, ServerSection, Storage,
 };
 
 /// Directory searched for `<role>.toml` when neither `--config-dir` nor `TETHER_CONFIG_DIR` is set.

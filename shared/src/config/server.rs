@@ -19,8 +19,91 @@ pub struct RawServerConfig {
     pub listen: RawServerListen,
     /// How long finished deployments are kept.
     pub retention: RawRetention,
+    /// Where the journal lives.
+    pub storage: RawStorage,
     /// Log filter.
     pub log: LogConfig,
+}
+
+/// `[storage]` as written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawStorage {
+    /// `sled` (embedded, in the data directory) or `postgres` (a database a cluster shares).
+    pub backend: String,
+    /// The database (libpq connection string or `postgres://` URL), for `postgres`.
+    pub url: String,
+    /// CA certificates (PEM) of the database's TLS certificate; set, TLS is required.
+    pub ca_file: PathBuf,
+    /// Connections for reads; the writer has one of its own.
+    pub pool_size: i64,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        Self {
+            backend: "sled".to_owned(),
+            url: String::new(),
+            ca_file: PathBuf::new(),
+            pool_size: 4,
+        }
+    }
+}
+
+/// `[storage]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum Storage {
+    /// The embedded store in `server.data_dir`.
+    Sled,
+    /// A PostgreSQL database.
+    Postgres {
+        /// Never printed whole: `Debug` shows `***`, `--check-config` the URL without its
+        /// password.
+        #[serde(serialize_with = "serialize_masked_url")]
+        url: super::Secret<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        ca_file: Option<PathBuf>,
+        pool_size: usize,
+    },
+}
+
+/// The connection string without its password (`--check-config` prints it).
+pub fn masked_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    if let Some((scheme, rest)) = url.split_once("://") {
+        // postgres://user:password@host/db
+        // The last '@' before the query: a password may hold an unencoded '@'.
+        let head = &rest[..rest.find('?').unwrap_or(rest.len())];
+        let (auth, tail) = match head.rfind('@') {
+            Some(at) => (&rest[..at], &rest[at..]),
+            None => ("", rest),
+        };
+        let auth = match auth.split_once(':') {
+            Some((user, _)) => format!("{user}:***"),
+            None => auth.to_owned(),
+        };
+        out.push_str(&format!("{scheme}://{auth}{tail}"));
+        return out;
+    }
+    // key=value pairs
+    for (i, pair) in url.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        match pair.split_once('=') {
+            Some((k, _)) if k.trim() == "password" => out.push_str("password=***"),
+            _ => out.push_str(pair),
+        }
+    }
+    out
+}
+
+fn serialize_masked_url<S: serde::Serializer>(
+    url: &super::Secret<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&masked_url(url.expose()))
 }
 
 /// `[retention]` as written.
@@ -119,6 +202,8 @@ pub struct ServerConfig {
     pub listen: ServerListen,
     /// How long finished deployments are kept.
     pub retention: Retention,
+    /// Where the journal lives.
+    pub storage: Storage,
     /// Log filter.
     pub log: LogConfig,
 }
@@ -233,6 +318,7 @@ impl RawConfig for RawServerConfig {
             10_000_000,
         );
         let prune_interval = p.count("retention.prune_interval_s", r.prune_interval_s, 1, 86_400);
+        let storage = storage(&mut p, &self.storage);
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -255,8 +341,38 @@ impl RawConfig for RawServerConfig {
                     keep_deployments: keep_deployments?,
                     prune_interval: Duration::from_secs(prune_interval?),
                 },
+                storage: storage?,
                 log: LogConfig { level: level? },
             })
         })
+    }
+}
+
+fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
+    let pool = p.count("storage.pool_size", raw.pool_size, 1, 64);
+    match raw.backend.as_str() {
+        "sled" => Some(Storage::Sled),
+        "postgres" => {
+            if raw.url.trim().is_empty() {
+                p.push(
+                    "storage.url",
+                    "must name the database when storage.backend is \"postgres\" (e.g. \"postgres://tether@db.example/tether\")",
+                );
+                return None;
+            }
+            let ca_file = (!raw.ca_file.as_os_str().is_empty()).then(|| raw.ca_file.clone());
+            Some(Storage::Postgres {
+                url: super::Secret::new(raw.url.clone()),
+                ca_file,
+                pool_size: usize::try_from(pool?).ok()?,
+            })
+        }
+        other => {
+            p.push(
+                "storage.backend",
+                format!("must be \"sled\" or \"postgres\", got {other:?}"),
+            );
+            None
+        }
     }
 }

@@ -285,3 +285,81 @@ fn secret_never_prints() {
     let parsed: Secret<String> = serde_json::from_str("\"s3cr3t\"").unwrap();
     assert_eq!(parsed.expose(), "s3cr3t");
 }
+
+#[test]
+fn storage_is_sled_unless_postgres_is_named_with_its_database() {
+    let with = |storage: RawStorage| {
+        RawServerConfig {
+            storage,
+            ..RawServerConfig::default()
+        }
+        .validate()
+    };
+    assert_eq!(with(RawStorage::default()).unwrap().storage, Storage::Sled);
+    let pg = with(RawStorage {
+        backend: "postgres".into(),
+        url: "postgres://tether:hunter2@db.example/tether".into(),
+        ..RawStorage::default()
+    })
+    .unwrap();
+    let Storage::Postgres {
+        url,
+        ca_file,
+        pool_size,
+    } = &pg.storage
+    else {
+        panic!("{:?}", pg.storage);
+    };
+    assert_eq!(
+        (url.expose().as_str(), ca_file, *pool_size),
+        ("postgres://tether:hunter2@db.example/tether", &None, 4)
+    );
+    // The password never prints: not in Debug, not in --check-config's output.
+    assert!(!format!("{pg:?}").contains("hunter2"));
+    let shown = toml::to_string(&pg).unwrap();
+    assert!(
+        shown.contains("postgres://tether:***@db.example/tether") && !shown.contains("hunter2"),
+        "{shown}"
+    );
+    for (bad, key) in [
+        (
+            RawStorage {
+                backend: "postgres".into(),
+                ..RawStorage::default()
+            },
+            "storage.url",
+        ),
+        (
+            RawStorage {
+                backend: "mysql".into(),
+                ..RawStorage::default()
+            },
+            "storage.backend",
+        ),
+        (
+            RawStorage {
+                pool_size: 0,
+                ..RawStorage::default()
+            },
+            "storage.pool_size",
+        ),
+    ] {
+        let found = problems(with(bad).unwrap_err());
+        assert!(found.iter().any(|p| p.starts_with(key)), "{key}: {found:?}");
+    }
+}
+
+#[test]
+fn a_database_url_prints_without_its_password() {
+    assert_eq!(
+        masked_url("host=/run/pg user=tether password=s3cret dbname=t"),
+        "host=/run/pg user=tether password=*** dbname=t"
+    );
+    assert_eq!(
+        masked_url("postgresql://u:p%40ss@h:5432/d?sslmode=require"),
+        "postgresql://u:***@h:5432/d?sslmode=require"
+    );
+    assert_eq!(masked_url("postgres://u:p@ss@h/d"), "postgres://u:***@h/d");
+    assert_eq!(masked_url("postgres://h/d"), "postgres://h/d");
+    assert_eq!(masked_url("postgres://u@h/d"), "postgres://u@h/d");
+}

@@ -119,6 +119,10 @@ resend what they still hold and fail the work that was in flight here. See docs/
 pub enum JournalError {
     #[error("the journal at {path} cannot be opened: {reason}. {WAY_OUT}")]
     Open { path: PathBuf, reason: String },
+    /// The PostgreSQL store's database cannot serve (unreachable, refused, unsafe settings,
+    /// a newer schema); nothing was written to it.
+    #[error("the journal's database cannot be used: {reason}")]
+    Database { reason: String },
     #[error("the journal at {path} is in use by another process: is another tether process running with this data directory?")]
     Locked { path: PathBuf },
     #[error("the journal at {path} is damaged: {key}: {reason}. {WAY_OUT}")]

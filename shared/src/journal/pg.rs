@@ -63,21 +63,30 @@ pub struct PgOptions {
 
 /// Why the database cannot serve as a journal, in words an operator can act on.
 fn refuse(reason: impl Into<String>) -> JournalError {
-    JournalError::Open {
-        path: PathBuf::from("postgres"),
+    JournalError::Database {
         reason: reason.into(),
     }
 }
 
+/// A client error with its causes ("error connecting to server: No such file or directory").
+fn described(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_owned();
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 fn db_err(context: &str, e: &tokio_postgres::Error) -> JournalError {
     // The server's own words (e.g. "password authentication failed"), not only "db error".
-    let reason = match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    };
     JournalError::Io {
         context: format!("postgres: {context}"),
-        reason,
+        reason: described(e),
     }
 }
 
@@ -208,11 +217,7 @@ impl PgStore {
         let init = async move {
             let connect = || async {
                 connector.connect().await.map_err(|e| {
-                    let reason = match e.as_db_error() {
-                        Some(db) => db.message().to_owned(),
-                        None => e.to_string(),
-                    };
-                    refuse(format!("cannot connect to the database: {reason}"))
+                    refuse(format!("cannot connect to the database: {}", described(&e)))
                 })
             };
             let mut writer = connect().await?;

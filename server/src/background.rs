@@ -12,10 +12,19 @@ use crate::deployments::{Deployments, Retention};
 /// How often a poisoned journal's disk is checked for space.
 const STORAGE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Once a write failed (a full disk; the journal is poisoned and sled keeps its error), waits
-/// for the disk to take writes again, then starts the server over in place from what is
-/// durable: agents reconnect and resend what was not acknowledged.
-pub async fn recover_storage(journal: tether_shared::journal::JournalHandle, dir: PathBuf) {
+/// Where the journal keeps its data, for [`recover_storage`]'s check.
+pub enum StorageProbe {
+    /// A disk: it takes writes again once there is space.
+    Disk(PathBuf),
+    /// A database: it answers again once it is back.
+    Database,
+}
+
+/// Once a write failed (a full disk, a database gone; the journal is poisoned, and a batch
+/// whose commit got no answer may or may not be durable), waits for the storage to take writes
+/// again, then starts the server over in place from what is durable: agents reconnect and
+/// resend what was not acknowledged.
+pub async fn recover_storage(journal: tether_shared::journal::JournalHandle, probe: StorageProbe) {
     let mut tick = tokio::time::interval(STORAGE_CHECK_INTERVAL);
     let mut told = false;
     loop {
@@ -24,11 +33,20 @@ pub async fn recover_storage(journal: tether_shared::journal::JournalHandle, dir
             continue;
         };
         if !told {
-            tracing::error!(reason = %reason, "storage-failed-waiting-for-space");
+            tracing::error!(reason = %reason, "storage-failed-waiting-for-it");
             told = true;
         }
-        let probe_dir = dir.clone();
-        match web::block(move || tether_shared::storage::takes_writes(&probe_dir)).await {
+        let check = match &probe {
+            StorageProbe::Disk(dir) => {
+                let dir = dir.clone();
+                web::block(move || tether_shared::storage::takes_writes(&dir)).await
+            }
+            StorageProbe::Database => {
+                let journal = journal.clone();
+                web::block(move || journal.probe_store().map_err(|e| e.to_string())).await
+            }
+        };
+        match check {
             Ok(Ok(())) => {
                 tracing::warn!("storage-recovered-restarting");
                 let e = tether_shared::storage::restart_in_place();

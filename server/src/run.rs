@@ -300,10 +300,11 @@ fn listener_limits() -> Limits {
 /// a stop signal stops both, and either one failing stops the other.
 async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(), RunError> {
     let handle = loaded.journal.handle();
-    actix_rt::spawn(background::recover_storage(
-        handle.clone(),
-        dir.to_path_buf(),
-    ));
+    let probe = match opts.storage {
+        Storage::Sled => background::StorageProbe::Disk(dir.to_path_buf()),
+        Storage::Postgres { .. } => background::StorageProbe::Database,
+    };
+    actix_rt::spawn(background::recover_storage(handle.clone(), probe));
     actix_rt::spawn(background::prune_periodically(
         loaded.deployments.clone(),
         opts.retention,

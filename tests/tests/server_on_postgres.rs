@@ -88,6 +88,111 @@ fn a_server_on_postgres_deploys_and_keeps_everything_across_a_kill() {
     assert!(dispatch(&server, "hello", &ids).is_some(), "after the kill");
 }
 
+#[test]
+fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_by_itself() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let env = on(&pg);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut server = Server::start_with(tmp.path(), &env);
+    // Once more, now on the ports it got: a restart in place keeps them.
+    server.kill();
+    server.run();
+    let pid = server.pid().unwrap();
+    let mut agent = Agent::install(&server, tmp.path(), "pg-agent", &[]);
+    agent.run();
+    eventually("agent online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let marker = tmp.path().join("marker");
+    let steps: Vec<serde_json::Value> = (1..=6)
+        .map(|i| {
+            json!({"name": format!("s{i}"), "plugin": "shell", "step": "run", "properties": {
+                "script": format!("echo s{i} >> {}; echo output of s{i}; sleep 0.3", marker.display())}})
+        })
+        .collect();
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(&json!({"name": "marks", "steps": steps})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "marks", "targets": {"agents": ["pg-agent"]}, "properties": {}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    // In the middle of the deployment: the database crashes and comes back.
+    eventually("the deployment under way", WAIT, || {
+        let text = std::fs::read_to_string(&marker).unwrap_or_default();
+        (text.lines().count() >= 2).then_some(())
+    });
+    pg.stop_immediately();
+    // The next commit fails: the journal stops (acknowledging nothing more) and says why.
+    eventually("the storage failure reported", WAIT, || {
+        storage_failed(&server).filter(|r| r.contains("postgres"))
+    });
+    pg.restart();
+    // The server starts over by itself from the database, and the agent resends what was not
+    // acknowledged.
+    eventually("storage recovered", WAIT, || {
+        health(&server).filter(|h| h["storage"]["failed"].is_null())
+    });
+    let log = std::fs::read_to_string(tmp.path().join("server.log")).unwrap();
+    assert!(log.contains("storage-recovered-restarting"), "{log}");
+    let d = eventually("the deployment finished", Duration::from_secs(120), || {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+    });
+    // Every step ran exactly once, and every step's output was recorded.
+    let text = std::fs::read_to_string(&marker).unwrap();
+    let expected: Vec<String> = (1..=6).map(|i| format!("s{i}")).collect();
+    assert_eq!(text.lines().collect::<Vec<_>>(), expected, "{d}");
+    for i in 1..=6 {
+        let log = server.request(
+            "GET",
+            &format!("/api/v1/deployments/{id}/jobs/pg-agent/steps/s{i}/log"),
+            None,
+        );
+        assert!(
+            log.body.contains(&format!("output of s{i}")),
+            "s{i}: {}",
+            log.body
+        );
+    }
+    // The same process came back by itself (re-executed in place), nobody restarted it.
+    assert_eq!(server.pid(), Some(pid));
+    assert!(tether_tests::fleet::alive(pid));
+}
+
+/// `/admin/health`, or `None` while the server is between two lives.
+fn health(server: &Server) -> Option<serde_json::Value> {
+    let auth = format!("Bearer {}", server.admin_token);
+    tether_tests::https_request_with_body(
+        server.https,
+        server.tls(),
+        "localhost",
+        "GET",
+        "/admin/health",
+        &[("Authorization", auth.as_str())],
+        None,
+    )
+    .ok()
+    .filter(|r| r.status == 200)
+    .map(|r| r.json())
+}
+
+/// Why the server's storage failed, if it did.
+fn storage_failed(server: &Server) -> Option<String> {
+    health(server)?["storage"]["failed"]
+        .as_str()
+        .map(str::to_owned)
+}
+
 /// `tether-server run` on `url` (the data directory initialised first): its exit code and
 /// what it printed.
 fn run_on(tmp: &TestDir, url: &str) -> (Option<i32>, String) {

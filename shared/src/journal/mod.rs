@@ -295,6 +295,11 @@ impl JournalHandle {
         &self.incarnation
     }
 
+    /// Whether the store answers (see [`Store::probe`]); blocking.
+    pub fn probe_store(&self) -> Result<(), JournalError> {
+        self.store.probe()
+    }
+
     pub fn observe(&self) -> JournalHealth {
         let s = &self.stats;
         JournalHealth {

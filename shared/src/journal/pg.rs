@@ -629,6 +629,19 @@ impl Store for PgStore {
     fn syncs(&self) -> u64 {
         self.syncs.load(Ordering::Relaxed)
     }
+
+    /// The writer's connection (made again if it was lost) answers a query.
+    fn probe(&self) -> Result<(), JournalError> {
+        self.run(|shared| async move {
+            let guard = shared.client(&shared.writer).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| db_err("probe", &e))?;
+            Ok(())
+        })
+    }
 }
 
 impl Drop for PgStore {

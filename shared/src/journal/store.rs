@@ -51,6 +51,11 @@ pub trait Store: Send + Sync + 'static {
     fn compacting(&self) -> bool {
         false
     }
+    /// Whether the storage answers again after a failure (a store on a disk leaves this to a
+    /// check of the disk).
+    fn probe(&self) -> Result<(), JournalError> {
+        Ok(())
+    }
 }
 
 /// Tuning for the sled store.

@@ -208,7 +208,10 @@ async fn the_postgres_store_keeps_the_journals_contract() {
         || -> Arc<dyn Store> { Arc::new(PgStore::open(&pg_options(url.clone())).unwrap()) };
     contract(&reopen, Path::new("postgres")).await;
     // The schema is versioned.
-    assert_eq!(pg.psql("SELECT version FROM tether_schema"), "1");
+    assert_eq!(
+        pg.psql("SELECT version FROM tether_schema"),
+        tether_shared::journal::pg::MIGRATIONS.len().to_string()
+    );
 }
 
 fn refusal(opts: PgOptions) -> String {
@@ -266,4 +269,60 @@ async fn the_postgres_store_reconnects_after_the_database_restarts() {
     assert_eq!(j.get_meta("none").unwrap(), None);
     j.commit(appends(&l, 4..=4)).await.unwrap();
     assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3, 4]);
+}
+
+#[actix::test]
+async fn a_node_that_lost_the_lease_can_never_commit_again() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let ttl = std::time::Duration::from_millis(1500);
+    let a = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let b = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let lease_a = a.acquire_lease("node-a", ttl).unwrap().unwrap();
+    assert_eq!(lease_a.epoch, 1);
+    let held = b.acquire_lease("node-b", ttl).unwrap().unwrap_err();
+    assert_eq!((held.holder.as_str(), held.epoch), ("node-a", 1));
+    assert!(held.expires_in_ms > 0, "{held:?}");
+
+    let (ja, _, _) = open(a.clone(), Path::new("postgres"));
+    let l = log("out/events");
+    ja.commit(appends(&l, 1..=2)).await.unwrap();
+    a.renew_lease().unwrap();
+
+    // Node a stops renewing (as if frozen); once its lease expires, b takes over.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let lease_b = loop {
+        match b.acquire_lease("node-b", ttl).unwrap() {
+            Ok(lease) => break lease,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await
+            }
+            Err(h) => panic!("no takeover: {h:?}"),
+        }
+    };
+    assert_eq!(lease_b.epoch, 2, "a takeover raises the epoch");
+
+    // a wakes up: its batch is refused inside its own transaction, and nothing of it is kept.
+    let refused = ja.commit(appends(&l, 3..=3)).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("no longer holds the lease"),
+        "{refused}"
+    );
+    assert!(a.renew_lease().is_err(), "a lost lease is not renewed");
+    assert!(
+        ja.commit(appends(&l, 4..=4)).await.is_err(),
+        "nothing more is committed"
+    );
+    let (jb, _, _) = open(b.clone(), Path::new("postgres"));
+    assert_eq!(seqs(&jb, &l, 0, 100), [1, 2], "a's late batch is not there");
+    jb.commit(appends(&l, 3..=3)).await.unwrap();
+    b.renew_lease().unwrap();
+    // a cannot take it back while b holds it.
+    let held = a.acquire_lease("node-a", ttl).unwrap().unwrap_err();
+    assert_eq!((held.holder.as_str(), held.epoch), ("node-b", 2));
+    assert_eq!(
+        a.lease_holder().unwrap().map(|h| h.holder),
+        Some("node-b".to_owned())
+    );
 }

@@ -38,6 +38,7 @@ mod deployments;
 mod enroll_limiter;
 mod health;
 mod init;
+mod lease;
 mod plugins;
 mod ports;
 mod presence;

@@ -28,6 +28,7 @@ use crate::app::{self, Tuning};
 use crate::background;
 use crate::deployments::{Deployments, DeploymentsError, Retention};
 use crate::init;
+use crate::lease;
 use crate::plugins::{Plugins, PluginsError};
 use crate::ports::{self, Ports};
 use crate::registry::{Registry, RegistryError};
@@ -194,20 +195,27 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         },
         ..Default::default()
     };
+    // On PostgreSQL: the lease this node holds, once it is the active one.
+    let mut active = None;
     let (journal, recovered) = match &opts.storage {
         Storage::Sled => Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?,
         Storage::Postgres {
             url,
             ca_file,
             pool_size,
+            node_name,
+            lease_ttl,
         } => {
-            let store = PgStore::open(&PgOptions {
+            let store = Arc::new(PgStore::open(&PgOptions {
                 url: url.expose().clone(),
                 ca_file: ca_file.clone(),
                 pool_size: *pool_size,
-            })?;
-            tracing::info!(url = %masked_url(url.expose()), "journal-on-postgres");
-            Journal::with_store(Arc::new(store), Path::new("postgres"), &journal_opts, None)?
+            })?);
+            tracing::info!(url = %masked_url(url.expose()), node = %node_name, "journal-on-postgres");
+            // A standby waits here, binding nothing, until the active node's lease runs out.
+            let lease = lease::become_active(&store, node_name, *lease_ttl)?;
+            active = Some((store.clone(), lease));
+            Journal::with_store(store, Path::new("postgres"), &journal_opts, None)?
         }
     };
     tracing::info!(
@@ -254,7 +262,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         upgrades,
         users,
     };
-    actix_rt::System::new().block_on(serve(dir, opts, loaded))
+    actix_rt::System::new().block_on(async move {
+        if let Some((store, lease)) = active {
+            actix_rt::spawn(lease::keep(store, lease));
+        }
+        serve(dir, opts, loaded).await
+    })
 }
 
 /// Refuses a directory `init` has not (completely) filled.

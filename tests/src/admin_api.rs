@@ -13,6 +13,7 @@ use crate::fleet::eventually;
 use crate::{https_request_with_body, HttpReply};
 
 /// Where the REST API is and how to call it.
+#[derive(Clone)]
 pub struct AdminApi {
     /// The HTTPS listener as the test process reaches it.
     pub https: SocketAddr,

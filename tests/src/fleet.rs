@@ -53,6 +53,12 @@ pub(crate) fn base_command(name: &str, config_dir: &Path, log: &Path) -> Command
     cmd
 }
 
+/// A loopback address with a port free now (for a process that binds it later).
+pub fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A running (or stopped) server.
 pub struct Server {
     pub dir: PathBuf,
@@ -120,8 +126,59 @@ impl Server {
         server
     }
 
+    /// Another node of this server's cluster (its storage a shared database): `dir/server` gets
+    /// a copy of this node's data directory without its ports and journal (what
+    /// `docs/cluster.md` says to copy), on ports of its own chosen now, with `env` on top of
+    /// this node's. Started, not waited for: a standby binds nothing until it is active (see
+    /// [`Server::wait_active`]).
+    pub fn another_node(&self, dir: &Path, env: &[(&str, &str)]) -> Server {
+        let data = dir.join("server");
+        std::fs::create_dir_all(&data).unwrap_or_else(|e| panic!("{e}"));
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(self.dir.join("."))
+            .arg(&data)
+            .status()
+            .unwrap_or_else(|e| panic!("cp: {e}"));
+        assert!(copied.success(), "copy of the data directory");
+        let _ = std::fs::remove_file(data.join("ports.json"));
+        let _ = std::fs::remove_dir_all(data.join("journal"));
+        let config_dir = dir.join("etc");
+        std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
+        let mut all = self.env.clone();
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut api = self.api.clone();
+        api.https = free_addr();
+        let mut node = Server {
+            dir: data,
+            config_dir,
+            child: None,
+            api,
+            wss: free_addr(),
+            env: all,
+        };
+        node.spawn();
+        node
+    }
+
+    /// Waits until this node is active (it wrote its ports), at most `timeout`.
+    pub fn wait_active(&mut self, timeout: Duration) {
+        let child = self.child.as_mut().unwrap_or_else(|| panic!("not started"));
+        let text = child.wait_for_file(&self.dir.join("ports.json"), timeout);
+        assert!(!text.is_empty(), "empty ports.json");
+    }
+
     /// Start the process (again), on the same ports once they are known.
     pub fn run(&mut self) {
+        self.spawn();
+        let child = self.child.as_mut().unwrap_or_else(|| panic!("not started"));
+        let ports = child.wait_for_ports(&self.dir);
+        self.api.https = ports.addr("https");
+        self.wss = ports.addr("wss");
+    }
+
+    /// Start the process without waiting for it to listen.
+    pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.dir.join("ports.json"));
         let log = self.dir.join("../server.log");
         let mut cmd = base_command("tether-server", &self.config_dir, &log);
@@ -131,11 +188,7 @@ impl Server {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let mut child = ChildGuard::spawn("tether-server", &mut cmd);
-        let ports = child.wait_for_ports(&self.dir);
-        self.api.https = ports.addr("https");
-        self.wss = ports.addr("wss");
-        self.child = Some(child);
+        self.child = Some(ChildGuard::spawn("tether-server", &mut cmd));
     }
 
     /// SIGKILL the server and reap it.

@@ -260,3 +260,198 @@ fn a_database_that_cannot_serve_stops_the_server_at_start_with_its_cause() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("storage.url"), "{}", stderr(&out));
 }
+
+/// The environment of a node named `name` of a cluster on `pg` with a lease of `ttl_ms`.
+fn node(pg: &Postgres, name: &str, ttl_ms: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> =
+        on(pg).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+    env.push(("TETHER_STORAGE__NODE_NAME".into(), name.into()));
+    env.push(("TETHER_STORAGE__LEASE_TTL_MS".into(), ttl_ms.into()));
+    env
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// A process of `steps` steps, each appending its name to `<marker_dir>/<job id>.marks` (one
+/// file per agent's job) and printing it.
+fn marking_process(server: &Server, name: &str, steps: usize, marker_dir: &std::path::Path) {
+    let steps: Vec<serde_json::Value> = (1..=steps)
+        .map(|i| {
+            json!({"name": format!("s{i}"), "plugin": "shell", "step": "run", "properties": {
+                "script": format!("echo s{i} >> {}/$TETHER_JOB_ID.marks; echo output of s{i}; sleep 0.4", marker_dir.display())}})
+        })
+        .collect();
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(&json!({"name": name, "steps": steps})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[test]
+fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_once() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let env_a = node(&pg, "node-a", "3000");
+    let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    // The standby waits for the lease, binding nothing.
+    eventually("node b waiting as a standby", WAIT, || {
+        let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap_or_default();
+        log.contains("standby-waiting-for-the-lease").then_some(())
+    });
+    assert!(!b.dir.join("ports.json").exists(), "a standby listens");
+    let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
+    let mut agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("fo-{i}"), &[], &[]))
+        .collect();
+    for agent in &mut agents {
+        agent.run();
+    }
+    for agent in &agents {
+        eventually("agent online", WAIT, || {
+            (a.agent_status(&agent.id) == "online").then_some(())
+        });
+    }
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, "marks", 8, &marks);
+    let r = a.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(
+            &json!({"process": "marks", "targets": {"agents": ["fo-1", "fo-2"]}, "properties": {}}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let lines = |marks: &std::path::Path| -> Vec<Vec<String>> {
+        let mut files: Vec<_> = std::fs::read_dir(marks)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .collect()
+    };
+    eventually("the deployment under way", WAIT, || {
+        lines(&marks).iter().any(|l| l.len() >= 2).then_some(())
+    });
+    a.kill();
+    // Node b takes over once a's lease ran out, and the agents move to it.
+    b.wait_active(Duration::from_secs(30));
+    let d = eventually(
+        "the deployment finished on node b",
+        Duration::from_secs(120),
+        || {
+            let r = b.request("GET", &format!("/api/v1/deployments/{id}"), None);
+            (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+        },
+    );
+    // Every step ran exactly once on each agent.
+    let expected: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
+    assert_eq!(lines(&marks), vec![expected.clone(), expected], "{d}");
+    for agent in ["fo-1", "fo-2"] {
+        for i in [1, 8] {
+            let log = b.request(
+                "GET",
+                &format!("/api/v1/deployments/{id}/jobs/{agent}/steps/s{i}/log"),
+                None,
+            );
+            assert!(
+                log.body.contains(&format!("output of s{i}")),
+                "{agent} s{i}: {}",
+                log.body
+            );
+        }
+    }
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    assert!(log.contains("lease-taken-active"), "{log}");
+}
+
+#[test]
+fn a_frozen_active_node_that_lost_its_lease_commits_nothing_and_steps_down() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let env_a = node(&pg, "node-a", "2000");
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let a_pid = a.pid().unwrap();
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    eventually("node b waiting as a standby", WAIT, || {
+        let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap_or_default();
+        log.contains("standby-waiting-for-the-lease").then_some(())
+    });
+    // Node a freezes past its lease: b takes over.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(a_pid).unwrap()),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    b.wait_active(Duration::from_secs(30));
+    // a wakes up and is asked to change something: it commits nothing and says why.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(a_pid).unwrap()),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    // (It may be refused, or the connection cut by the node stepping down at that moment.)
+    let late = json!({"name": "late", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+        "properties": {"script": "true"}}]})
+    .to_string();
+    let auth = format!("Bearer {}", a.admin_token);
+    let r = tether_tests::https_request_with_body(
+        a.https,
+        a.tls(),
+        "localhost",
+        "POST",
+        "/api/v1/processes",
+        &[
+            ("Authorization", auth.as_str()),
+            ("Content-Type", "application/json"),
+        ],
+        Some(late.as_bytes()),
+    );
+    if let Ok(r) = &r {
+        assert_ne!(r.status, 201, "a fenced node accepted a change: {}", r.body);
+    }
+    // Nothing of it reached the database (a process is the meta entry `process/<name>`).
+    let stored =
+        "SELECT count(*) FROM tether_journal WHERE key = convert_to('Mprocess/late', 'UTF8')";
+    assert_eq!(pg.psql(stored), "0");
+    // It steps down by itself: it starts over in place and waits as a standby.
+    eventually("node a stepped down", WAIT, || {
+        let log = std::fs::read_to_string(tmp.path().join("a/server.log")).unwrap_or_default();
+        (log.contains("lease-lost-stepping-down") && log.contains("standby-waiting-for-the-lease"))
+            .then_some(())
+    });
+    assert_eq!(a.pid(), Some(a_pid), "it started over in place");
+    // b serves: the same change is accepted there.
+    let r = b.request(
+        "POST",
+        "/api/v1/processes",
+        Some(
+            &json!({"name": "late", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": "true"}}]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(pg.psql(stored), "1", "the check sees a stored process");
+}

@@ -37,6 +37,10 @@ pub struct RawStorage {
     pub ca_file: PathBuf,
     /// Connections for reads; the writer has one of its own.
     pub pool_size: i64,
+    /// This node's name in the lease (empty: the host name).
+    pub node_name: String,
+    /// How long the active node's lease lasts unrenewed; a standby takes over once it ran out.
+    pub lease_ttl_ms: i64,
 }
 
 impl Default for RawStorage {
@@ -46,6 +50,8 @@ impl Default for RawStorage {
             url: String::new(),
             ca_file: PathBuf::new(),
             pool_size: 4,
+            node_name: String::new(),
+            lease_ttl_ms: 15_000,
         }
     }
 }
@@ -65,6 +71,10 @@ pub enum Storage {
         #[serde(skip_serializing_if = "Option::is_none")]
         ca_file: Option<PathBuf>,
         pool_size: usize,
+        /// This node's name in the lease.
+        node_name: String,
+        #[serde(rename = "lease_ttl_ms", serialize_with = "serialize_millis")]
+        lease_ttl: Duration,
     },
 }
 
@@ -350,6 +360,18 @@ impl RawConfig for RawServerConfig {
 
 fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
     let pool = p.count("storage.pool_size", raw.pool_size, 1, 64);
+    let lease_ttl = p.millis("storage.lease_ttl_ms", raw.lease_ttl_ms, 1_000, 600_000);
+    let node_name = if raw.node_name.trim().is_empty() {
+        host_name()
+    } else {
+        raw.node_name.trim().to_owned()
+    };
+    if node_name.len() > 255 || node_name.chars().any(char::is_control) {
+        p.push(
+            "storage.node_name",
+            "must be at most 255 characters, none of them control characters",
+        );
+    }
     match raw.backend.as_str() {
         "sled" => Some(Storage::Sled),
         "postgres" => {
@@ -365,6 +387,8 @@ fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
                 url: super::Secret::new(raw.url.clone()),
                 ca_file,
                 pool_size: usize::try_from(pool?).ok()?,
+                node_name,
+                lease_ttl: lease_ttl?,
             })
         }
         other => {
@@ -375,4 +399,13 @@ fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
             None
         }
     }
+}
+
+/// This machine's host name (`localhost` if it cannot be read).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
 }

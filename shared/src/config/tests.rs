@@ -306,14 +306,22 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
         url,
         ca_file,
         pool_size,
+        node_name,
+        lease_ttl,
     } = &pg.storage
     else {
         panic!("{:?}", pg.storage);
     };
     assert_eq!(
-        (url.expose().as_str(), ca_file, *pool_size),
-        ("postgres://tether:hunter2@db.example/tether", &None, 4)
+        (url.expose().as_str(), ca_file, *pool_size, *lease_ttl),
+        (
+            "postgres://tether:hunter2@db.example/tether",
+            &None,
+            4,
+            Duration::from_secs(15)
+        )
     );
+    assert!(!node_name.is_empty(), "the host name by default");
     // The password never prints: not in Debug, not in --check-config's output.
     assert!(!format!("{pg:?}").contains("hunter2"));
     let shown = toml::to_string(&pg).unwrap();
@@ -342,6 +350,13 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
                 ..RawStorage::default()
             },
             "storage.pool_size",
+        ),
+        (
+            RawStorage {
+                lease_ttl_ms: 10,
+                ..RawStorage::default()
+            },
+            "storage.lease_ttl_ms",
         ),
     ] {
         let found = problems(with(bad).unwrap_err());

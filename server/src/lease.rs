@@ -1,32 +1,172 @@
 //! One active server among the nodes of a cluster on PostgreSQL (see `docs/cluster.md`).
 //!
-//! Before it loads any state or binds any port, a node takes the lease ([`become_active`]): a
-//! standby waits, binding nothing (agents and operators reach the active node), until the
-//! active node's lease runs out by the database's clock. The active node renews it every third
+//! Before it loads any state, a node takes the lease ([`become_active`]): a standby waits
+//! until the active node's lease runs out by the database's clock. Meanwhile it does not listen
+//! for agents (they reach the active node, their next `--upstream`), and on the operators'
+//! port it answers only that it is a standby and which node is active ([`Standby`]):
+//! `/admin/health` with its role, anything else `503`. The active node renews it every third
 //! of its length ([`keep`]); every batch it commits checks the lease inside its transaction,
 //! so once another node took over, this one can commit (and so acknowledge) nothing more. A
 //! node that finds its lease gone steps down: it starts over in place, as a standby.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use actix_web::web;
-use tether_shared::journal::{JournalError, Lease, PgStore};
+use actix_web::{web, App, HttpRequest, HttpResponse};
+use serde_json::json;
+use tether_shared::h1_tls::{self, Limits};
+use tether_shared::journal::{JournalError, Lease, LeaseHolder, PgStore};
 
-/// Waits (blocking) until this node holds the lease; logs who holds it meanwhile.
-pub fn become_active(store: &PgStore, node: &str, ttl: Duration) -> Result<Lease, JournalError> {
+use crate::admin_token::AdminToken;
+
+/// What the operators' port of a standby answers from.
+#[derive(Clone)]
+struct Seen {
+    node: String,
+    active: Arc<Mutex<Option<LeaseHolder>>>,
+    token: AdminToken,
+}
+
+impl Seen {
+    fn active(&self) -> Option<LeaseHolder> {
+        self.active
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse {
+    if let Err(e) = seen.token.check(&req) {
+        return actix_web::ResponseError::error_response(&e);
+    }
+    let active = seen.active();
+    HttpResponse::Ok().json(json!({
+        "role": "standby",
+        "node": seen.node,
+        "active": active.map(|h| json!({
+            "node": h.holder,
+            "epoch": h.epoch,
+            "lease_expires_in_ms": h.expires_in_ms,
+        })),
+    }))
+}
+
+async fn standby_refusal(seen: web::Data<Seen>) -> HttpResponse {
+    let active = seen.active().map(|h| h.holder);
+    let error = match &active {
+        Some(node) => format!(
+            "this node ({}) is a standby; the active server is {node}",
+            seen.node
+        ),
+        None => format!(
+            "this node ({}) is a standby; no server is active yet",
+            seen.node
+        ),
+    };
+    HttpResponse::ServiceUnavailable()
+        .insert_header(("Retry-After", "5"))
+        .json(json!({"error": error, "role": "standby", "active": active}))
+}
+
+/// The operators' port of a node waiting for the lease, on a thread of its own.
+pub struct Standby {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    active: Arc<Mutex<Option<LeaseHolder>>>,
+}
+
+impl Standby {
+    /// Listens on `addr` (the operators' HTTPS port) until [`Standby::stop`].
+    pub fn serve(
+        addr: SocketAddr,
+        tls: rustls::ServerConfig,
+        limits: Limits,
+        node: &str,
+        token: AdminToken,
+    ) -> std::io::Result<Standby> {
+        let active = Arc::new(Mutex::new(None));
+        let seen = Seen {
+            node: node.to_owned(),
+            active: active.clone(),
+            token,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (bound, bound_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("standby".into())
+            .spawn(move || {
+                actix_rt::System::new().block_on(async move {
+                    let server = h1_tls::bind(addr, tls, &limits, move || {
+                        App::new()
+                            .app_data(web::Data::new(seen.clone()))
+                            .route("/admin/health", web::get().to(standby_health))
+                            .default_service(web::to(standby_refusal))
+                    });
+                    let server = match server {
+                        Ok((server, _)) => {
+                            let _ = bound.send(Ok(()));
+                            server
+                        }
+                        Err(e) => {
+                            let _ = bound.send(Err(e));
+                            return;
+                        }
+                    };
+                    let handle = server.handle();
+                    actix_rt::spawn(async move {
+                        let _ = stopped.await;
+                        handle.stop(false).await;
+                    });
+                    let _ = server.await;
+                })
+            })?;
+        bound_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the standby listener thread ended"))??;
+        Ok(Standby {
+            stop: Some(stop),
+            thread: Some(thread),
+            active,
+        })
+    }
+
+    fn saw(&self, holder: LeaseHolder) {
+        *self.active.lock().unwrap_or_else(PoisonError::into_inner) = Some(holder);
+    }
+
+    /// Stops listening (the active server binds the port next).
+    pub fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits (blocking) until this node holds the lease; logs who holds it meanwhile and tells
+/// `standby` (if any).
+pub fn become_active(
+    store: &PgStore,
+    node: &str,
+    ttl: Duration,
+    standby: Option<&Standby>,
+) -> Result<Lease, JournalError> {
     let mut seen: Option<(String, i64)> = None;
     loop {
         match store.acquire_lease(node, ttl)? {
-            Ok(lease) => {
-                tracing::info!(node = %node, epoch = lease.epoch, ttl_ms = ttl.as_millis() as u64, "lease-taken-active");
-                return Ok(lease);
-            }
+            Ok(lease) => return Ok(lease),
             Err(holder) => {
                 let now = (holder.holder.clone(), holder.epoch);
                 if seen.as_ref() != Some(&now) {
                     tracing::info!(node = %node, active = %holder.holder, epoch = holder.epoch, expires_in_ms = holder.expires_in_ms, "standby-waiting-for-the-lease");
                     seen = Some(now);
+                }
+                if let Some(standby) = standby {
+                    standby.saw(holder.clone());
                 }
                 // Look again when it would run out, and at least every third of a lease.
                 let until = u64::try_from(holder.expires_in_ms).unwrap_or(0);

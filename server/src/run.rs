@@ -212,8 +212,34 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                 pool_size: *pool_size,
             })?);
             tracing::info!(url = %masked_url(url.expose()), node = %node_name, "journal-on-postgres");
-            // A standby waits here, binding nothing, until the active node's lease runs out.
-            let lease = lease::become_active(&store, node_name, *lease_ttl)?;
+            // A standby waits here until the active node's lease runs out, answering on the
+            // operators' port only that it is a standby.
+            let lease = match store.acquire_lease(node_name, *lease_ttl)? {
+                Ok(lease) => lease,
+                Err(_) => {
+                    let server_tls = tls.server_config().map_err(|source| RunError::Tls {
+                        cert: dir.join(init::SERVER_CERT),
+                        key: dir.join(init::SERVER_KEY),
+                        source,
+                    })?;
+                    let standby = lease::Standby::serve(
+                        opts.listen_https,
+                        server_tls,
+                        listener_limits(),
+                        node_name,
+                        token.clone(),
+                    )
+                    .map_err(|source| RunError::Bind {
+                        listener: "https",
+                        addr: opts.listen_https,
+                        source,
+                    })?;
+                    let lease = lease::become_active(&store, node_name, *lease_ttl, Some(&standby));
+                    standby.stop();
+                    lease?
+                }
+            };
+            tracing::info!(node = %node_name, epoch = lease.epoch, "lease-taken-active");
             active = Some((store.clone(), lease));
             Journal::with_store(store, Path::new("postgres"), &journal_opts, None)?
         }

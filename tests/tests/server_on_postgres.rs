@@ -307,6 +307,38 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
         log.contains("standby-waiting-for-the-lease").then_some(())
     });
     assert!(!b.dir.join("ports.json").exists(), "a standby listens");
+    // On the operators' port it says what it is and which node is active; nothing else.
+    let h = eventually("the standby's health", WAIT, || health(&b));
+    assert_eq!(h["role"], "standby", "{h}");
+    assert_eq!(h["node"], "node-b", "{h}");
+    assert_eq!(h["active"]["node"], "node-a", "{h}");
+    let r = b.request("GET", "/api/v1/deployments", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body.contains("standby") && r.body.contains("node-a"),
+        "{}",
+        r.body
+    );
+    let denied = tether_tests::https_request_with_body(
+        b.https,
+        b.tls(),
+        "localhost",
+        "GET",
+        "/admin/health",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(
+        denied.status, 401,
+        "health without the token: {}",
+        denied.body
+    );
+    // Agents cannot reach it: it does not listen for them.
+    assert!(
+        std::net::TcpStream::connect(b.wss).is_err(),
+        "a standby took agents"
+    );
     let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
     let mut agents: Vec<Agent> = (1..=2)
         .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("fo-{i}"), &[], &[]))
@@ -382,6 +414,11 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     }
     let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
     assert!(log.contains("lease-taken-active"), "{log}");
+    let h = tether_tests::wire::health(&b);
+    assert!(
+        h["role"].is_null(),
+        "the active node's health is the full one: {h}"
+    );
 }
 
 #[test]

@@ -103,6 +103,7 @@ impl AppState {
                 failed: self.shared.journal.observe().poisoned,
             },
             trust: self.trust_health(),
+            cluster: self.cluster.clone(),
         }
     }
 

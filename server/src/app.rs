@@ -77,6 +77,8 @@ pub struct Loaded {
     pub upgrades: Arc<Upgrades>,
     /// The web application's users, loaded from the journal.
     pub users: Arc<Users>,
+    /// This node's place in a cluster on PostgreSQL (`None` on sled).
+    pub cluster: Option<crate::health::ClusterHealth>,
 }
 
 /// How agents' sessions behave (from the configuration).
@@ -186,6 +188,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         journal: JournalWatch::new(loaded.journal.start(), handle),
         data_dir: dir.to_path_buf(),
         artifacts: loaded.artifacts.clone(),
+        cluster: loaded.cluster,
     });
     Ok(Built {
         operators: Operators {

@@ -72,6 +72,20 @@ pub struct AgentHealth {
     pub actors: Vec<tether_shared::protocol::ActorHealth>,
 }
 
+/// This node's place in a cluster of servers on PostgreSQL. A standby answers
+/// `/admin/health` with this alone (`role: "standby"` and the active node).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterHealth {
+    /// `active` (here: a standby's answer is built by `lease`).
+    pub role: &'static str,
+    /// This node's name in the lease.
+    pub node: String,
+    /// The lease's epoch this node holds.
+    pub epoch: i64,
+    /// How long the lease lasts unrenewed.
+    pub lease_ttl_ms: u64,
+}
+
 /// The `/admin/health` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ServerHealth {
@@ -91,6 +105,9 @@ pub struct ServerHealth {
     pub deployments: DeploymentsHealth,
     /// The data directory's disk: free space, and why writes stopped if they did.
     pub storage: StorageHealth,
+    /// On PostgreSQL: this node's role, name and lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterHealth>,
     /// The trust set (signing keys and CAs) in force, the rollover's step, and how many
     /// agents and relays do not hold the set yet.
     pub trust: TrustHealth,
@@ -540,6 +557,7 @@ mod tests {
                 compacting: false,
             },
             agents: BTreeMap::new(),
+            cluster: None,
         };
         let text = health.to_prometheus();
         for line in [

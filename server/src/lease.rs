@@ -42,7 +42,7 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
         return actix_web::ResponseError::error_response(&e);
     }
     let active = seen.active();
-    HttpResponse::Ok().json(json!({
+    HttpResponse::Ok().json(json!({"cluster": {
         "role": "standby",
         "node": seen.node,
         "active": active.map(|h| json!({
@@ -50,7 +50,7 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
             "epoch": h.epoch,
             "lease_expires_in_ms": h.expires_in_ms,
         })),
-    }))
+    }}))
 }
 
 async fn standby_refusal(seen: web::Data<Seen>) -> HttpResponse {
@@ -67,7 +67,7 @@ async fn standby_refusal(seen: web::Data<Seen>) -> HttpResponse {
     };
     HttpResponse::ServiceUnavailable()
         .insert_header(("Retry-After", "5"))
-        .json(json!({"error": error, "role": "standby", "active": active}))
+        .json(json!({"error": error, "cluster": {"role": "standby", "active": active}}))
 }
 
 /// The operators' port of a node waiting for the lease, on a thread of its own.

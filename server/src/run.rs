@@ -287,6 +287,14 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         artifacts,
         upgrades,
         users,
+        cluster: active
+            .as_ref()
+            .map(|(_, lease)| crate::health::ClusterHealth {
+                role: "active",
+                node: lease.holder.clone(),
+                epoch: lease.epoch,
+                lease_ttl_ms: u64::try_from(lease.ttl.as_millis()).unwrap_or(u64::MAX),
+            }),
     };
     actix_rt::System::new().block_on(async move {
         if let Some((store, lease)) = active {

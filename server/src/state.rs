@@ -66,4 +66,6 @@ pub struct AppState {
     pub data_dir: PathBuf,
     /// The artifact store (content-addressed files and their index).
     pub artifacts: actix_web::web::Data<ArtifactStore>,
+    /// This node's place in a cluster on PostgreSQL (`None` on sled).
+    pub cluster: Option<crate::health::ClusterHealth>,
 }

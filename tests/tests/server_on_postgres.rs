@@ -309,9 +309,12 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     assert!(!b.dir.join("ports.json").exists(), "a standby listens");
     // On the operators' port it says what it is and which node is active; nothing else.
     let h = eventually("the standby's health", WAIT, || health(&b));
-    assert_eq!(h["role"], "standby", "{h}");
-    assert_eq!(h["node"], "node-b", "{h}");
-    assert_eq!(h["active"]["node"], "node-a", "{h}");
+    assert_eq!(h["cluster"]["role"], "standby", "{h}");
+    assert_eq!(h["cluster"]["node"], "node-b", "{h}");
+    assert_eq!(h["cluster"]["active"]["node"], "node-a", "{h}");
+    let active = tether_tests::wire::health(&a);
+    assert_eq!(active["cluster"]["role"], "active", "{active}");
+    assert_eq!(active["cluster"]["node"], "node-a", "{active}");
     let r = b.request("GET", "/api/v1/deployments", None);
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(
@@ -415,10 +418,13 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
     assert!(log.contains("lease-taken-active"), "{log}");
     let h = tether_tests::wire::health(&b);
+    assert_eq!(h["cluster"]["role"], "active", "{h}");
+    assert_eq!(h["cluster"]["node"], "node-b", "{h}");
     assert!(
-        h["role"].is_null(),
-        "the active node's health is the full one: {h}"
+        h["cluster"]["epoch"].as_i64() > Some(1),
+        "a takeover raises the epoch: {h}"
     );
+    assert!(h["journal"].is_object(), "the full health: {h}");
 }
 
 #[test]

@@ -76,6 +76,18 @@ impl AdminApi {
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
+        self.try_request(method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// [`AdminApi::request`] to a server that may be between two lives (restarting in place,
+    /// stepping down): the connection's failure is returned, not a panic.
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> std::io::Result<HttpReply> {
         let auth = format!("Bearer {}", self.admin_token);
         let bytes = body.map(|b| b.to_string().into_bytes());
         let mut headers = vec![("Authorization", auth.as_str())];
@@ -91,7 +103,14 @@ impl AdminApi {
             &headers,
             bytes.as_deref(),
         )
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// `/admin/health`, or `None` while the server is between two lives.
+    pub fn try_health(&self) -> Option<Value> {
+        self.try_request("GET", "/admin/health", None)
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| r.json())
     }
 
     /// A fresh enrollment token.

@@ -582,22 +582,11 @@ fn a_full_disk_refuses_new_work_loses_nothing_and_recovers_by_itself() {
 
     // Space returns: the server starts over by itself, and the deployment under way ends.
     disk.resize("400m");
-    let auth = format!("Bearer {}", server.admin_token);
     let health = eventually("storage recovered", WAIT, || {
         // The server restarts in place: a request may find it between two lives.
-        let r = tether_tests::https_request_with_body(
-            server.https,
-            server.tls(),
-            "localhost",
-            "GET",
-            "/admin/health",
-            &[("Authorization", auth.as_str())],
-            None,
-        )
-        .ok()
-        .filter(|r| r.status == 200)?;
-        let h = r.json();
-        h["storage"]["failed"].is_null().then_some(h)
+        server
+            .try_health()
+            .filter(|h| h["storage"]["failed"].is_null())
     });
     eprintln!("recovered: {}", health["storage"]);
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
@@ -734,17 +723,5 @@ fn one_source_cannot_take_every_tls_handshake_slot() {
     }
     // Once the idle ones are gone, the first address is served again.
     drop(idle);
-    eventually("127.0.0.1 served again", WAIT, || {
-        tether_tests::https_request_with_body(
-            server.https,
-            server.tls(),
-            "localhost",
-            "GET",
-            "/admin/health",
-            &[("Authorization", auth.as_str())],
-            None,
-        )
-        .ok()
-        .filter(|r| r.status == 200)
-    });
+    eventually("127.0.0.1 served again", WAIT, || server.try_health());
 }

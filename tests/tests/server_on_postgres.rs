@@ -16,10 +16,10 @@ use tether_tests::{run, stderr};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn on(pg: &Postgres) -> [(&'static str, String); 2] {
-    [
-        ("TETHER_STORAGE__BACKEND", "postgres".to_owned()),
-        ("TETHER_STORAGE__URL", pg.url()),
+fn on(pg: &Postgres) -> Vec<(String, String)> {
+    vec![
+        ("TETHER_STORAGE__BACKEND".into(), "postgres".into()),
+        ("TETHER_STORAGE__URL".into(), pg.url()),
     ]
 }
 
@@ -29,9 +29,7 @@ fn a_server_on_postgres_deploys_and_keeps_everything_across_a_kill() {
         return;
     };
     let tmp = TestDir::new();
-    let env = on(&pg);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut server = Server::start_with(tmp.path(), &env);
+    let mut server = Server::start_with(tmp.path(), &borrowed(&on(&pg)));
     let mut agent = Agent::install(&server, tmp.path(), "pg-agent", &["pg"]);
     agent.run();
     eventually("agent online", WAIT, || {
@@ -94,9 +92,7 @@ fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_b
         return;
     };
     let tmp = TestDir::new();
-    let env = on(&pg);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut server = Server::start_with(tmp.path(), &env);
+    let mut server = Server::start_with(tmp.path(), &borrowed(&on(&pg)));
     // Once more, now on the ports it got: a restart in place keeps them.
     server.kill();
     server.run();
@@ -140,7 +136,9 @@ fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_b
     // The server starts over by itself from the database, and the agent resends what was not
     // acknowledged.
     eventually("storage recovered", WAIT, || {
-        health(&server).filter(|h| h["storage"]["failed"].is_null())
+        server
+            .try_health()
+            .filter(|h| h["storage"]["failed"].is_null())
     });
     let log = std::fs::read_to_string(tmp.path().join("server.log")).unwrap();
     assert!(log.contains("storage-recovered-restarting"), "{log}");
@@ -169,26 +167,9 @@ fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_b
     assert!(tether_tests::fleet::alive(pid));
 }
 
-/// `/admin/health`, or `None` while the server is between two lives.
-fn health(server: &Server) -> Option<serde_json::Value> {
-    let auth = format!("Bearer {}", server.admin_token);
-    tether_tests::https_request_with_body(
-        server.https,
-        server.tls(),
-        "localhost",
-        "GET",
-        "/admin/health",
-        &[("Authorization", auth.as_str())],
-        None,
-    )
-    .ok()
-    .filter(|r| r.status == 200)
-    .map(|r| r.json())
-}
-
 /// Why the server's storage failed, if it did.
 fn storage_failed(server: &Server) -> Option<String> {
-    health(server)?["storage"]["failed"]
+    server.try_health()?["storage"]["failed"]
         .as_str()
         .map(str::to_owned)
 }
@@ -308,7 +289,7 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     });
     assert!(!b.dir.join("ports.json").exists(), "a standby listens");
     // On the operators' port it says what it is and which node is active; nothing else.
-    let h = eventually("the standby's health", WAIT, || health(&b));
+    let h = eventually("the standby's health", WAIT, || b.try_health());
     assert_eq!(h["cluster"]["role"], "standby", "{h}");
     assert_eq!(h["cluster"]["node"], "node-b", "{h}");
     assert_eq!(h["cluster"]["active"]["node"], "node-a", "{h}");
@@ -457,21 +438,8 @@ fn a_frozen_active_node_that_lost_its_lease_commits_nothing_and_steps_down() {
     .unwrap();
     // (It may be refused, or the connection cut by the node stepping down at that moment.)
     let late = json!({"name": "late", "steps": [{"name": "s", "plugin": "shell", "step": "run",
-        "properties": {"script": "true"}}]})
-    .to_string();
-    let auth = format!("Bearer {}", a.admin_token);
-    let r = tether_tests::https_request_with_body(
-        a.https,
-        a.tls(),
-        "localhost",
-        "POST",
-        "/api/v1/processes",
-        &[
-            ("Authorization", auth.as_str()),
-            ("Content-Type", "application/json"),
-        ],
-        Some(late.as_bytes()),
-    );
+        "properties": {"script": "true"}}]});
+    let r = a.try_request("POST", "/api/v1/processes", Some(&late));
     if let Ok(r) = &r {
         assert_ne!(r.status, 201, "a fenced node accepted a change: {}", r.body);
     }

@@ -17,6 +17,10 @@ pub struct Postgres {
     bin: PathBuf,
     /// Extra `postgres` settings (`-c name=value`) it runs with.
     settings: Vec<String>,
+    /// Its TCP port, if it listens on one.
+    port: Option<u16>,
+    /// Other directories it uses (TLS files), removed with it.
+    keep: Vec<tempfile::TempDir>,
 }
 
 /// The newest installed `/usr/lib/postgresql/<version>/bin`.
@@ -44,6 +48,48 @@ impl Postgres {
         Postgres::start_with(&[])
     }
 
+    /// A new cluster that also listens on a loopback TCP port with TLS, presenting `cert_pem`
+    /// (a chain) and `key_pem` (see [`Postgres::tcp_url`]).
+    pub fn start_tls(cert_pem: &Path, key_pem: &Path) -> Option<Postgres> {
+        let port = crate::fleet::free_addr().port();
+        let dir = tempfile::Builder::new()
+            .prefix("tether-pg-tls")
+            .tempdir()
+            .expect("temporary directory");
+        let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+        std::fs::copy(cert_pem, &cert).expect("certificate");
+        std::fs::copy(key_pem, &key).expect("key");
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("key mode");
+        if is_root() {
+            let chown = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(chown.success(), "chown of the TLS files");
+        }
+        let settings = [
+            "listen_addresses=127.0.0.1".to_owned(),
+            format!("port={port}"),
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", cert.display()),
+            format!("ssl_key_file={}", key.display()),
+        ];
+        let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+        let mut pg = Postgres::start_with(&refs)?;
+        pg.port = Some(port);
+        pg.keep.push(dir);
+        Some(pg)
+    }
+
+    /// The connection string over TCP to `host` (a name the certificate covers), when started
+    /// by [`Postgres::start_tls`].
+    pub fn tcp_url(&self, host: &str) -> String {
+        let port = self.port.expect("started with start_tls");
+        format!("host={host} port={port} user=postgres password={PASSWORD} dbname=postgres")
+    }
+
     /// A new cluster started with extra settings, e.g. `["fsync=off"]`.
     pub fn start_with(settings: &[&str]) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
@@ -62,6 +108,8 @@ impl Postgres {
             dir,
             bin,
             settings: settings.iter().map(|s| (*s).to_owned()).collect(),
+            port: None,
+            keep: Vec::new(),
         };
         if is_root() {
             let chown = Command::new("chown")
@@ -113,8 +161,10 @@ impl Postgres {
 
     /// The same with another password (for refusals).
     pub fn url_with_password(&self, password: &str) -> String {
+        // Its Unix socket is named after its port.
+        let port = self.port.map(|p| format!(" port={p}")).unwrap_or_default();
         format!(
-            "host={} user=postgres password={password} dbname=postgres",
+            "host={}{port} user=postgres password={password} dbname=postgres",
             self.socket_dir().display()
         )
     }

@@ -326,3 +326,54 @@ async fn a_node_that_lost_the_lease_can_never_commit_again() {
         Some("node-b".to_owned())
     );
 }
+
+/// A data directory `tether-server init` filled (for its CA and a certificate for localhost).
+fn initialised(dir: &Path) -> std::path::PathBuf {
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let data = dir.join("server");
+    let out = tether_tests::run(
+        "tether-server",
+        &etc,
+        ["init", "--data", data.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", tether_tests::stderr(&out));
+    data
+}
+
+#[actix::test]
+async fn tls_to_the_database_is_verified_against_the_configured_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = initialised(&tmp.path().join("ours"));
+    let theirs = initialised(&tmp.path().join("theirs"));
+    let Some(pg) = Postgres::start_tls(&ours.join("server.pem"), &ours.join("server.key")) else {
+        return;
+    };
+    let tls = |ca: &Path| PgOptions {
+        url: pg.tcp_url("localhost"),
+        ca_file: Some(ca.to_owned()),
+        pool_size: 1,
+    };
+    // The database's certificate is signed by the configured CA: connected, over TLS.
+    let store: Arc<dyn Store> = Arc::new(PgStore::open(&tls(&ours.join("ca.pem"))).unwrap());
+    let (j, _, _) = open(store, Path::new("postgres"));
+    let l = log("out/events");
+    j.commit(appends(&l, 1..=2)).await.unwrap();
+    assert_eq!(seqs(&j, &l, 0, 10), [1, 2]);
+    let encrypted: u64 = pg
+        .psql("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.application_name = 'tether-server'")
+        .parse()
+        .unwrap();
+    assert!(
+        encrypted >= 2,
+        "the writer and the reader use TLS ({encrypted})"
+    );
+    // Signed by another CA: refused before anything is sent.
+    let refused = refusal(tls(&theirs.join("ca.pem")));
+    assert!(refused.contains("cannot connect"), "{refused}");
+    assert!(refused.to_lowercase().contains("certificate"), "{refused}");
+    // A CA file that is not one: a clear error at open.
+    std::fs::write(tmp.path().join("junk.pem"), "not a certificate").unwrap();
+    let junk = refusal(tls(&tmp.path().join("junk.pem")));
+    assert!(junk.contains("storage.ca_file"), "{junk}");
+}

@@ -280,7 +280,14 @@ impl PgStore {
                 lease: std::sync::Mutex::new(None),
             })
         };
-        let shared = wait_on(&runtime, init)?;
+        let shared = match wait_on(&runtime, init) {
+            Ok(shared) => shared,
+            Err(e) => {
+                // Without waiting: `open` may be called on an async thread.
+                runtime.shutdown_background();
+                return Err(e);
+            }
+        };
         Ok(PgStore {
             runtime: Some(runtime),
             shared: Arc::new(shared),

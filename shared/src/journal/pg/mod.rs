@@ -17,47 +17,30 @@
 //!
 //! The client is async (tokio-postgres) on a runtime of its own; the store's blocking calls
 //! hand their work to it and wait, so they may be made from any thread, an actix one included.
+//!
+//! - [`connection`]: making, keeping and remaking connections (TLS by `ca_file`); errors.
+//! - [`schema`]: migrations and the settings checked at open.
+//! - [`lease`]: the lease that makes one node active, and fences the others.
+
+mod connection;
+mod lease;
+mod schema;
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::Mutex;
-use tokio_postgres::config::SslMode;
-use tokio_postgres::Client;
+use connection::{db_err, described, refuse, wait_on, Connector, Shared, Slot};
+use lease::fenced;
+pub use lease::{Lease, LeaseHolder};
+pub use schema::MIGRATIONS;
+use schema::{check_settings, migrate};
 
 use crate::journal::record::{self, LogName};
 use crate::journal::store::{Rows, Store};
 use crate::journal::{blobs, JournalError, Op};
-
-/// The schema, one step per version: version N is the first N steps applied.
-pub const MIGRATIONS: &[&str] = &[
-    "CREATE TABLE tether_journal (
-        key bytea PRIMARY KEY,
-        value bytea NOT NULL
-     );
-     CREATE TABLE tether_blobs (
-        name text NOT NULL,
-        at bigint NOT NULL,
-        bytes bytea NOT NULL,
-        PRIMARY KEY (name, at)
-     );",
-    // The lease: which node is active, with an epoch that every takeover raises.
-    "CREATE TABLE tether_lease (
-        id smallint PRIMARY KEY CHECK (id = 1),
-        holder text NOT NULL,
-        epoch bigint NOT NULL,
-        expires_at timestamptz NOT NULL
-     );",
-];
-
-/// Taken (per transaction) while the schema is checked and migrated.
-const MIGRATION_LOCK: i64 = 0x7465_7468_6572; // "tether"
-/// Longest a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the database is and how to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,175 +51,6 @@ pub struct PgOptions {
     pub ca_file: Option<PathBuf>,
     /// Connections for reads (the writer has one of its own).
     pub pool_size: usize,
-}
-
-/// Why the database cannot serve as a journal, in words an operator can act on.
-fn refuse(reason: impl Into<String>) -> JournalError {
-    JournalError::Database {
-        reason: reason.into(),
-    }
-}
-
-/// A client error with its causes ("error connecting to server: No such file or directory").
-fn described(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        return db.message().to_owned();
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
-}
-
-fn db_err(context: &str, e: &tokio_postgres::Error) -> JournalError {
-    // The server's own words (e.g. "password authentication failed"), not only "db error".
-    JournalError::Io {
-        context: format!("postgres: {context}"),
-        reason: described(e),
-    }
-}
-
-/// A connection recipe: the parsed configuration and the TLS connector, if any.
-#[derive(Clone)]
-struct Connector {
-    config: tokio_postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
-}
-
-impl Connector {
-    fn new(opts: &PgOptions) -> Result<Connector, JournalError> {
-        let mut config: tokio_postgres::Config = opts
-            .url
-            .parse()
-            .map_err(|e| refuse(format!("invalid storage.url: {e}")))?;
-        config.connect_timeout(CONNECT_TIMEOUT);
-        config.application_name("tether-server");
-        let tls = match &opts.ca_file {
-            None => None,
-            Some(path) => {
-                let pem = std::fs::read_to_string(path).map_err(|e| {
-                    refuse(format!(
-                        "cannot read storage.ca_file {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                let client = crate::tls::client_config(&pem)
-                    .map_err(|e| refuse(format!("storage.ca_file {}: {e}", path.display())))?;
-                config.ssl_mode(SslMode::Require);
-                Some(tokio_postgres_rustls::MakeRustlsConnect::new(client))
-            }
-        };
-        Ok(Connector { config, tls })
-    }
-
-    async fn connect(&self) -> Result<Client, tokio_postgres::Error> {
-        match &self.tls {
-            Some(tls) => {
-                let (client, conn) = self.config.connect(tls.clone()).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::warn!(error = %e, "postgres-connection-lost");
-                    }
-                });
-                Ok(client)
-            }
-            None => {
-                let (client, conn) = self.config.connect(tokio_postgres::NoTls).await?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::warn!(error = %e, "postgres-connection-lost");
-                    }
-                });
-                Ok(client)
-            }
-        }
-    }
-}
-
-/// A connection, made again once it is lost.
-struct Slot {
-    client: Mutex<Option<Client>>,
-}
-
-impl Slot {
-    fn new(client: Client) -> Slot {
-        Slot {
-            client: Mutex::new(Some(client)),
-        }
-    }
-}
-
-/// The state the runtime's tasks share.
-struct Shared {
-    connector: Connector,
-    writer: Slot,
-    readers: Vec<Slot>,
-    next_reader: AtomicUsize,
-    /// The lease this store holds, once [`PgStore::acquire_lease`] got it: every batch checks
-    /// it inside its transaction.
-    lease: std::sync::Mutex<Option<Lease>>,
-}
-
-/// The lease a node holds: while it is unexpired and its epoch current, the node is the only
-/// one whose batches commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    pub holder: String,
-    pub epoch: i64,
-    /// Its length, renewed by [`PgStore::renew_lease`].
-    pub ttl: Duration,
-}
-
-/// Who holds the lease now, as a node that does not sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseHolder {
-    pub holder: String,
-    pub epoch: i64,
-    /// Milliseconds until it expires by the database's clock (negative: expired).
-    pub expires_in_ms: i64,
-}
-
-fn ttl_ms(ttl: Duration) -> i64 {
-    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// Why a batch was not committed by a node that is no longer the active one.
-fn fenced(lease: &Lease) -> JournalError {
-    JournalError::Poisoned {
-        reason: format!(
-            "this node ({}) no longer holds the lease at epoch {}: another node is active, so nothing more is committed here",
-            lease.holder, lease.epoch
-        ),
-    }
-}
-
-impl Shared {
-    /// The slot's client, connected again if it was lost.
-    async fn client<'a>(
-        &self,
-        slot: &'a Slot,
-    ) -> Result<tokio::sync::MutexGuard<'a, Option<Client>>, JournalError> {
-        let mut guard = slot.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = None;
-            let client = self
-                .connector
-                .connect()
-                .await
-                .map_err(|e| db_err("cannot connect", &e))?;
-            tracing::info!("postgres-reconnected");
-            *guard = Some(client);
-        }
-        Ok(guard)
-    }
-
-    fn reader(&self) -> &Slot {
-        let i = self.next_reader.fetch_add(1, Ordering::Relaxed);
-        &self.readers[i % self.readers.len()]
-    }
 }
 
 /// The PostgreSQL store.
@@ -295,91 +109,6 @@ impl PgStore {
         })
     }
 
-    /// Takes the lease for `holder` if it is free, expired, or `holder`'s own (a restart):
-    /// the lease, with an epoch above every earlier one; `Err(current holder)` if another node
-    /// holds it. From then on every batch commits only while the lease is held.
-    pub fn acquire_lease(
-        &self,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<Result<Lease, LeaseHolder>, JournalError> {
-        let holder = holder.to_owned();
-        let got = self.run(move |shared| async move {
-            let guard = shared.client(&shared.writer).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            let row = client
-                .query_opt(
-                    "INSERT INTO tether_lease AS l (id, holder, epoch, expires_at)
-                     VALUES (1, $1, 1, now() + $2 * interval '1 millisecond')
-                     ON CONFLICT (id) DO UPDATE
-                       SET holder = excluded.holder, epoch = l.epoch + 1,
-                           expires_at = excluded.expires_at
-                       WHERE l.expires_at <= now() OR l.holder = excluded.holder
-                     RETURNING epoch",
-                    &[&holder, &(ttl_ms(ttl) as f64)],
-                )
-                .await
-                .map_err(|e| db_err("cannot take the lease", &e))?;
-            if let Some(row) = row {
-                let lease = Lease {
-                    holder,
-                    epoch: row.get(0),
-                    ttl,
-                };
-                *shared
-                    .lease
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(lease.clone());
-                return Ok(Ok(lease));
-            }
-            Ok(Err(current_holder(client).await?))
-        })?;
-        Ok(got)
-    }
-
-    /// Extends the lease this store holds by its length; an error once it is lost (another
-    /// node took it): the node must step down.
-    pub fn renew_lease(&self) -> Result<(), JournalError> {
-        self.run(|shared| async move {
-            let lease = shared
-                .lease
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-                .ok_or_else(|| JournalError::Poisoned {
-                    reason: "no lease to renew".into(),
-                })?;
-            let guard = shared.client(&shared.writer).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            let renewed = client
-                .execute(
-                    "UPDATE tether_lease SET expires_at = now() + $3 * interval '1 millisecond'
-                     WHERE id = 1 AND holder = $1 AND epoch = $2",
-                    &[&lease.holder, &lease.epoch, &(ttl_ms(lease.ttl) as f64)],
-                )
-                .await
-                .map_err(|e| db_err("cannot renew the lease", &e))?;
-            if renewed == 1 {
-                Ok(())
-            } else {
-                Err(fenced(&lease))
-            }
-        })
-    }
-
-    /// Who holds the lease now (`None`: nobody ever did).
-    pub fn lease_holder(&self) -> Result<Option<LeaseHolder>, JournalError> {
-        self.run(|shared| async move {
-            let guard = shared.client(shared.reader()).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            match current_holder(client).await {
-                Ok(h) => Ok(Some(h)),
-                Err(JournalError::Database { .. }) => Ok(None),
-                Err(e) => Err(e),
-            }
-        })
-    }
-
     /// Runs `work` on the store's runtime and waits for it, from any thread.
     fn run<T, F>(&self, work: impl FnOnce(Arc<Shared>) -> F) -> Result<T, JournalError>
     where
@@ -389,103 +118,6 @@ impl PgStore {
         let runtime = self.runtime.as_ref().ok_or(JournalError::Closed)?;
         wait_on(runtime, work(Arc::clone(&self.shared)))
     }
-}
-
-/// Runs `fut` on `runtime` and blocks the calling thread (any thread, an async one included:
-/// the work runs on the runtime's own threads) until it is done.
-fn wait_on<T: Send + 'static>(
-    runtime: &tokio::runtime::Runtime,
-    fut: impl Future<Output = Result<T, JournalError>> + Send + 'static,
-) -> Result<T, JournalError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    runtime.spawn(async move {
-        let _ = tx.send(fut.await);
-    });
-    rx.recv().map_err(|_| JournalError::Closed)?
-}
-
-/// The lease row as it is now.
-async fn current_holder(client: &Client) -> Result<LeaseHolder, JournalError> {
-    let row = client
-        .query_opt(
-            "SELECT holder, epoch,
-                    (extract(epoch FROM expires_at - now()) * 1000)::bigint
-             FROM tether_lease WHERE id = 1",
-            &[],
-        )
-        .await
-        .map_err(|e| db_err("cannot read the lease", &e))?
-        .ok_or_else(|| refuse("nobody holds the lease"))?;
-    Ok(LeaseHolder {
-        holder: row.get(0),
-        epoch: row.get(1),
-        expires_in_ms: row.get(2),
-    })
-}
-
-/// `fsync` and `synchronous_commit` must be on, or a commit the database acknowledged can be
-/// lost in a crash.
-async fn check_settings(client: &Client) -> Result<(), JournalError> {
-    for (setting, refused) in [("fsync", "off"), ("synchronous_commit", "off")] {
-        let row = client
-            .query_one(&format!("SHOW {setting}"), &[])
-            .await
-            .map_err(|e| db_err("cannot read the settings", &e))?;
-        let value: String = row.get(0);
-        if value == refused {
-            return Err(refuse(format!(
-                "the database runs with {setting} = {value}: it may lose commits it acknowledged, so tether refuses it (set {setting} = on)"
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Creates or migrates the schema; refuses a database migrated by a newer version.
-async fn migrate(client: &mut Client) -> Result<(), JournalError> {
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| db_err("cannot begin", &e))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await
-        .map_err(|e| db_err("cannot lock the schema", &e))?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS tether_schema (version integer NOT NULL)")
-        .await
-        .map_err(|e| db_err("cannot create tether_schema", &e))?;
-    let found: Option<i32> = tx
-        .query_opt("SELECT max(version) FROM tether_schema", &[])
-        .await
-        .map_err(|e| db_err("cannot read the schema version", &e))?
-        .and_then(|row| row.get(0));
-    let found = usize::try_from(found.unwrap_or(0)).unwrap_or(0);
-    let known = MIGRATIONS.len();
-    if found > known {
-        return Err(refuse(format!(
-            "the database schema is version {found}, newer than this server's ({known}): a newer tether-server migrated it; run that version"
-        )));
-    }
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(found) {
-        tx.batch_execute(step)
-            .await
-            .map_err(|e| db_err(&format!("migration {}", i + 1), &e))?;
-        tracing::info!(version = i + 1, "postgres-schema-migrated");
-    }
-    if found < known {
-        let version = i32::try_from(known).unwrap_or(i32::MAX);
-        tx.execute("DELETE FROM tether_schema", &[])
-            .await
-            .map_err(|e| db_err("cannot record the schema version", &e))?;
-        tx.execute(
-            "INSERT INTO tether_schema (version) VALUES ($1)",
-            &[&version],
-        )
-        .await
-        .map_err(|e| db_err("cannot record the schema version", &e))?;
-    }
-    tx.commit()
-        .await
-        .map_err(|e| db_err("cannot commit the schema", &e))
 }
 
 /// The first key past every key that starts with `prefix` (`None`: no bound).

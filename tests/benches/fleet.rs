@@ -30,6 +30,7 @@ use serde_json::Value;
 use tether_tests::fleet::{Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Fleet, SimConfig, Stats};
 use tether_tests::measure;
+use tether_tests::postgres::Postgres;
 
 /// Every phase is bounded: a missed bound is reported, never waited out.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -56,6 +57,8 @@ const TARGET_EVENTS_PER_S: f64 = 20_000.0;
 
 #[derive(Default)]
 struct Row {
+    /// The server's store: `sled` or `postgres`.
+    store: &'static str,
     agents: usize,
     enroll_s: Option<f64>,
     /// Until every agent had its Welcome / until the server listed all online.
@@ -480,6 +483,16 @@ fn main() {
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect();
+    // The server's stores to run each size on.
+    let stores: Vec<&'static str> = std::env::var("TETHER_BENCH_STORES")
+        .unwrap_or_else(|_| "sled,postgres".into())
+        .split(',')
+        .filter_map(|s| match s.trim() {
+            "sled" => Some("sled"),
+            "postgres" => Some("postgres"),
+            _ => None,
+        })
+        .collect();
     let nofile = raise_nofile();
     let server_bin = tether_tests::bin_dir().join("tether-server");
     if !server_bin.is_file() {
@@ -513,28 +526,43 @@ fn main() {
             println!("N={n}: skipped, needs about {need} open files, the limit is {nofile}");
             continue;
         }
-        let row =
-            match std::panic::catch_unwind(|| run_one(n, total_events, threads, beat, &server_env))
-            {
-                Ok(row) => row,
-                Err(e) => {
-                    let msg = e
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                        .unwrap_or_default();
-                    Row {
-                        agents: n,
-                        notes: vec![format!("run aborted: {msg}")],
-                        ..Row::default()
-                    }
-                }
+        for &store in &stores {
+            // Each PostgreSQL run on a database of its own, started for it.
+            let pg = match store {
+                "postgres" => match Postgres::start() {
+                    Some(pg) => Some(pg),
+                    None => continue,
+                },
+                _ => None,
             };
-        rows.push(row);
+            let mut env = server_env.clone();
+            if let Some(pg) = &pg {
+                env.push(("TETHER_STORAGE__BACKEND".into(), "postgres".into()));
+                env.push(("TETHER_STORAGE__URL".into(), pg.url()));
+            }
+            let row =
+                match std::panic::catch_unwind(|| run_one(n, total_events, threads, beat, &env)) {
+                    Ok(row) => row,
+                    Err(e) => {
+                        let msg = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                            .unwrap_or_default();
+                        Row {
+                            agents: n,
+                            notes: vec![format!("run aborted: {msg}")],
+                            ..Row::default()
+                        }
+                    }
+                };
+            rows.push(Row { store, ..row });
+        }
     }
     println!();
     println!(
-        "{:>6} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>7} {:>11} {:>11} {:>6} {:>8} {:>6} {:>6}",
+        "{:>8} {:>6} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>7} {:>11} {:>11} {:>6} {:>8} {:>6} {:>6}",
+        "store",
         "agents",
         "enroll s",
         "connect s",
@@ -555,7 +583,8 @@ fn main() {
     );
     for r in &rows {
         println!(
-            "{:>6} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>7} {:>11} {:>11} {:>6} {:>8} {:>6} {:>6}",
+            "{:>8} {:>6} {:>8} {:>9} {:>9} {:>8} {:>6} {:>9} {:>9} {:>9} {:>8} {:>7} {:>11} {:>11} {:>6} {:>8} {:>6} {:>6}",
+            r.store,
             r.agents,
             fmt_s(r.enroll_s),
             fmt_s(r.connect_s),
@@ -583,7 +612,8 @@ fn main() {
     );
     println!();
     println!(
-        "{:>6} {:>22} {:>22} {:>24} {:>24} {:>9}",
+        "{:>8} {:>6} {:>22} {:>22} {:>24} {:>24} {:>9}",
+        "store",
         "agents",
         "connect 50%/90%/all s",
         "storm 50%/90%/all s",
@@ -595,7 +625,8 @@ fn main() {
     let cpus = |c: &[f64; 3]| format!("{:.1}/{:.1}/{:.1}", c[0], c[1], c[2]);
     for r in &rows {
         println!(
-            "{:>6} {:>22} {:>22} {:>24} {:>24} {:>9.1}",
+            "{:>8} {:>6} {:>22} {:>22} {:>24} {:>24} {:>9.1}",
+            r.store,
             r.agents,
             marks(&r.connect_marks),
             marks(&r.storm_marks),
@@ -612,16 +643,19 @@ fn main() {
     for r in &rows {
         if r.storm_restart_s > 0.0 {
             println!(
-                "N={}: restart to listening took {:.2} s; server peak RSS {} KiB",
-                r.agents, r.storm_restart_s, r.rss_peak_kib
+                "{} N={}: restart to listening took {:.2} s; server peak RSS {} KiB",
+                r.store, r.agents, r.storm_restart_s, r.rss_peak_kib
             );
         }
         for note in &r.notes {
-            println!("N={}: {note}", r.agents);
+            println!("{} N={}: {note}", r.store, r.agents);
         }
     }
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    let largest = rows.iter().max_by_key(|r| r.agents);
+    let largest = rows
+        .iter()
+        .filter(|r| r.store == "sled")
+        .max_by_key(|r| r.agents);
     if let Some(r) = largest {
         let n = r.agents;
         match r.storm_s {
@@ -652,6 +686,20 @@ fn main() {
             "target ≥ {TARGET_EVENTS_PER_S:.0} durable events/s end to end ({n} agents): {eps:.0} ({})",
             verdict(ok && eps >= TARGET_EVENTS_PER_S)
         );
+    }
+    // The PostgreSQL store against sled, each size in this run.
+    for pg in rows.iter().filter(|r| r.store == "postgres") {
+        let sled = rows
+            .iter()
+            .find(|r| r.store == "sled" && r.agents == pg.agents);
+        if let (Some(p), Some(s)) = (pg.eps, sled.and_then(|s| s.eps)) {
+            println!(
+                "target postgres events/s end to end ({} agents) ≥ 0.5× sled: {p:.0} / {s:.0} = {:.2}× ({})",
+                pg.agents,
+                p / s,
+                verdict(p >= 0.5 * s)
+            );
+        }
     }
     println!("total {:.0} s", started.elapsed().as_secs_f64());
 }

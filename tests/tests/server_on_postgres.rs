@@ -12,6 +12,7 @@ use serde_json::json;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::measure::dispatch;
 use tether_tests::postgres::Postgres;
+use tether_tests::tether_cli::{server_url, Tether};
 use tether_tests::{run, stderr};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -317,6 +318,34 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
         denied.status, 401,
         "health without the token: {}",
         denied.body
+    );
+    // The CLI says the same, and a standby is healthy as a standby.
+    let cli = Tether::new(&tmp.path().join("cli"));
+    let ca = a.operator_ca_path();
+    let as_operator = |node: &Server| {
+        cli.run_with(
+            &[
+                ("TETHER_SERVER", server_url(node).as_str()),
+                ("TETHER_CA", ca.to_str().unwrap()),
+                ("TETHER_TOKEN", a.admin_token.as_str()),
+            ],
+            None,
+            &["health"],
+        )
+    };
+    let out = as_operator(&b);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = tether_tests::stdout(&out);
+    assert!(
+        text.contains("standby") && text.contains("node-b") && text.contains("node-a"),
+        "{text}"
+    );
+    let out = as_operator(&a);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        tether_tests::stdout(&out).contains("active node node-a"),
+        "{}",
+        tether_tests::stdout(&out)
     );
     // Agents cannot reach it: it does not listen for them.
     assert!(

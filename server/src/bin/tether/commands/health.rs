@@ -1,6 +1,7 @@
 //! `tether health`: `GET /admin/health` as tables (server actors, sessions, journal, agents,
 //! relay links), or verbatim with `--json`. Exits 1 when a server actor is not running or
-//! the journal is poisoned, so that scripts can watch it.
+//! the journal is poisoned, so that scripts can watch it. A standby (servers on PostgreSQL)
+//! shows its role and the active node, and exits 0.
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -17,6 +18,30 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     let health = client
         .get_json("/admin/health")
         .about(|| "health".to_owned())?;
+    // A standby (servers on PostgreSQL) reports only its role and the active node: it works
+    // as it should by waiting.
+    if health.pointer("/cluster/role").and_then(Value::as_str) == Some("standby") {
+        if json {
+            output::json(&health)?;
+        } else {
+            let cluster = &health["cluster"];
+            let active = match cluster.get("active").filter(|a| !a.is_null()) {
+                Some(a) => format!(
+                    "{} (epoch {}, its lease ends in {})",
+                    cell(&a["node"]),
+                    cell(&a["epoch"]),
+                    duration(u64_at(a, "lease_expires_in_ms").unwrap_or(0))
+                ),
+                None => "none yet".to_owned(),
+            };
+            output::fields(&[
+                ("role", "standby".to_owned()),
+                ("node", cell(&cluster["node"])),
+                ("active node", active),
+            ])?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let troubled: Vec<String> = items(&health, "actors")
         .iter()
         .filter(|a| str_at(a, "state") != "running")
@@ -59,7 +84,20 @@ fn print_tables(client: &Client, health: &Value) -> Result<(), CliError> {
     actors.print()?;
     output::line("")?;
     let journal = health.get("journal").unwrap_or(&Value::Null);
+    let cluster = health.get("cluster").filter(|c| !c.is_null());
+    let role = cluster.map_or_else(
+        || "single server (sled)".to_owned(),
+        |c| {
+            format!(
+                "{} node {} (epoch {})",
+                cell(&c["role"]),
+                cell(&c["node"]),
+                cell(&c["epoch"])
+            )
+        },
+    );
     output::fields(&[
+        ("role", role),
         ("sessions", cell(&health["sessions"])),
         (
             "journal",

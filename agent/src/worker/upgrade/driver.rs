@@ -384,15 +384,21 @@ mod tests {
         assert!(d.steps_allowed());
     }
 
-    #[test]
-    fn a_staged_upgrade_exits_once_acked_or_after_the_wait() {
-        let now = Instant::now();
+    /// An upgrade to 2.0.0 accepted by a 1.0.0 worker, its download under way.
+    fn downloading(now: Instant) -> Driver {
         let mut d = Driver::default();
         d.offer(offer("2.0.0"), "1.0.0", 0, ok("2.0.0"));
         assert!(matches!(
             d.next(0, Seq::ZERO, now, 0, DRAIN),
             Next::Download(_)
         ));
+        d
+    }
+
+    #[test]
+    fn a_staged_upgrade_exits_once_acked_or_after_the_wait() {
+        let now = Instant::now();
+        let mut d = downloading(now);
         let (rec, event) = d.staged().unwrap();
         assert_eq!(rec.phase, Phase::Staged);
         assert!(matches!(event, EventBody::UpgradeStaged { .. }));
@@ -407,9 +413,7 @@ mod tests {
         assert_eq!(d.next(0, Seq(7), now, 0, DRAIN), Next::Exit { acked: true });
         assert_eq!(d.next(0, Seq(7), now, 0, DRAIN), Next::Wait, "exits once");
 
-        let mut d = Driver::default();
-        d.offer(offer("2.0.0"), "1.0.0", 0, ok("2.0.0"));
-        d.next(0, Seq::ZERO, now, 0, DRAIN);
+        let mut d = downloading(now);
         let (rec, _) = d.staged().unwrap();
         d.staged_durable(rec, Seq(7), now);
         let later = now + STAGED_ACK_WAIT;
@@ -422,12 +426,7 @@ mod tests {
     #[test]
     fn a_decision_whose_event_found_no_room_is_taken_again() {
         let now = Instant::now();
-        let mut d = Driver::default();
-        d.offer(offer("2.0.0"), "1.0.0", 0, ok("2.0.0"));
-        assert!(matches!(
-            d.next(0, Seq::ZERO, now, 0, DRAIN),
-            Next::Download(_)
-        ));
+        let mut d = downloading(now);
         // Staged, but UpgradeStaged could not be numbered: the record stays draining.
         assert!(d.staged().is_some());
         d.retry_later();

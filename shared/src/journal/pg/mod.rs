@@ -219,6 +219,41 @@ async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, 
     Ok(plan)
 }
 
+/// The rows from key `from` on whose keys start with `prefix`, in key order, at most `limit`
+/// (`None`: all; SQL's `LIMIT NULL`).
+async fn rows_in(
+    client: &tokio_postgres::Client,
+    from: &[u8],
+    prefix: &[u8],
+    limit: Option<i64>,
+) -> Result<Rows, JournalError> {
+    // Both bounds where the prefix has an end, so the index scan stops there.
+    let rows =
+        match prefix_end(prefix) {
+            Some(end) => {
+                client
+                    .query(
+                        "SELECT key, value FROM tether_journal WHERE key >= $1 AND key < $2
+                     ORDER BY key LIMIT $3",
+                        &[&from, &end, &limit],
+                    )
+                    .await
+            }
+            None => client
+                .query(
+                    "SELECT key, value FROM tether_journal WHERE key >= $1 ORDER BY key LIMIT $2",
+                    &[&from, &limit],
+                )
+                .await,
+        }
+        .map_err(|e| db_err("cannot read", &e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+        .filter(|(k, _)| k.starts_with(prefix))
+        .collect())
+}
+
 /// The committed length of blob `name` (0 for none), read with `client`.
 async fn committed_len<C: tokio_postgres::GenericClient>(
     client: &C,
@@ -335,26 +370,11 @@ impl Store for PgStore {
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {
-        let start = prefix.to_vec();
+        let prefix = prefix.to_vec();
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            let rows = match prefix_end(&start) {
-                Some(end) => client
-                    .query(
-                        "SELECT key, value FROM tether_journal WHERE key >= $1 AND key < $2 ORDER BY key",
-                        &[&start, &end],
-                    )
-                    .await,
-                None => client
-                    .query(
-                        "SELECT key, value FROM tether_journal WHERE key >= $1 ORDER BY key",
-                        &[&start],
-                    )
-                    .await,
-            }
-            .map_err(|e| db_err("cannot scan", &e))?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            rows_in(client, &prefix, &prefix, None).await
         })
     }
 
@@ -364,26 +384,7 @@ impl Store for PgStore {
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            let rows = match prefix_end(&prefix) {
-                Some(end) => client
-                    .query(
-                        "SELECT key, value FROM tether_journal WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3",
-                        &[&from, &end, &limit],
-                    )
-                    .await,
-                None => client
-                    .query(
-                        "SELECT key, value FROM tether_journal WHERE key >= $1 ORDER BY key LIMIT $2",
-                        &[&from, &limit],
-                    )
-                    .await,
-            }
-            .map_err(|e| db_err("cannot read", &e))?;
-            Ok(rows
-                .into_iter()
-                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
-                .filter(|(k, _)| k.starts_with(&prefix))
-                .collect())
+            rows_in(client, &from, &prefix, Some(limit)).await
         })
     }
 

@@ -187,6 +187,7 @@ impl Upstream {
                     last_command_seq: Seq::ZERO,
                     proof,
                     trust_serial: self.cfg.trust.current().serial,
+                    ..Default::default()
                 });
                 self.send_v1(&hello, false);
                 self.step = Step::AwaitWelcome;

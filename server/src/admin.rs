@@ -73,6 +73,7 @@ impl AppState {
                             peer_resets: l.peer_resets,
                             abandoned_commands: l.abandoned_commands,
                             events_deferred: l.events_deferred,
+                            refused: l.refused,
                             actors: l.status.map(|s| s.actors).unwrap_or_default(),
                         },
                     );
@@ -87,7 +88,10 @@ impl AppState {
                 }),
             }
         }
+        let agents_refused = agents.values().filter(|a| a.refused.is_some()).count();
         ServerHealth {
+            agents_refused,
+            reconciliation: self.shared.work.reconciliations().summary(),
             actors,
             sessions,
             journal,

@@ -79,6 +79,8 @@ pub struct Loaded {
     pub users: Arc<Users>,
     /// This node's place in a cluster on PostgreSQL (`None` on sled).
     pub cluster: Option<crate::health::ClusterHealth>,
+    /// What agents reported after this server was restored behind them.
+    pub reconciliations: Arc<crate::reconcile::Reconciliations>,
 }
 
 /// How agents' sessions behave (from the configuration).
@@ -126,6 +128,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         work: Arc::new(Work::new(
             loaded.deployments.clone(),
             loaded.upgrades.clone(),
+            loaded.reconciliations,
         )),
         upgrades: loaded.upgrades.clone(),
         trust: loaded.trust.clone(),
@@ -227,6 +230,7 @@ impl Operators {
             .configure(upgrades_api::configure_api)
             .configure(session::routes::configure_api)
             .configure(agents_api::configure)
+            .configure(crate::reconcile_api::configure)
             .configure(crate::trust::api::configure)
             .configure(crate::users_api::configure)
             .configure(crate::web::configure);

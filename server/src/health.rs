@@ -68,6 +68,9 @@ pub struct AgentHealth {
     /// Events put off (and resent by the agent) because too much of its journal work was
     /// queued: an agent sending faster than the disk takes.
     pub events_deferred: u64,
+    /// Why its last handshake was refused (until one succeeds): `tether health` fails on it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
     /// The agent's actors, from its last heartbeat.
     pub actors: Vec<tether_shared::protocol::ActorHealth>,
 }
@@ -111,6 +114,11 @@ pub struct ServerHealth {
     /// The trust set (signing keys and CAs) in force, the rollover's step, and how many
     /// agents and relays do not hold the set yet.
     pub trust: TrustHealth,
+    /// What agents reported after this server was found behind them (restored from a
+    /// backup); details at `GET /api/v1/reconciliation`.
+    pub reconciliation: crate::reconcile::Summary,
+    /// Agents whose last handshake was refused.
+    pub agents_refused: usize,
 }
 
 /// What a relay's link holds now (`session::relay_session`).

@@ -42,6 +42,8 @@ mod lease;
 mod plugins;
 mod ports;
 mod presence;
+mod reconcile;
+mod reconcile_api;
 mod registry;
 mod relay_certs;
 mod run;

@@ -270,6 +270,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             .with_catalog(plugins.clone())
             .with_artifacts(artifacts.lookup()),
     );
+    let reconciliations = Arc::new(crate::reconcile::Reconciliations::load(journal.handle())?);
     ports::remove_stale(dir).map_err(|source| RunError::Ports {
         path: dir.join(ports::PORTS_FILE),
         source,
@@ -287,6 +288,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         artifacts,
         upgrades,
         users,
+        reconciliations,
         cluster: active
             .as_ref()
             .map(|(_, lease)| crate::health::ClusterHealth {

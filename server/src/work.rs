@@ -14,12 +14,14 @@ use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, EventBody};
 
 use crate::deployments::Deployments;
+use crate::reconcile::Reconciliations;
 use crate::upgrades::Upgrades;
 
 /// The job and upgrade layers, as links see them; share as `Arc<Work>`.
 pub struct Work {
     deployments: Arc<Deployments>,
     upgrades: Arc<Upgrades>,
+    reconciliations: Arc<Reconciliations>,
 }
 
 /// What an event changes.
@@ -42,11 +44,35 @@ pub struct Ready {
 }
 
 impl Work {
-    pub fn new(deployments: Arc<Deployments>, upgrades: Arc<Upgrades>) -> Work {
+    pub fn new(
+        deployments: Arc<Deployments>,
+        upgrades: Arc<Upgrades>,
+        reconciliations: Arc<Reconciliations>,
+    ) -> Work {
         Work {
             deployments,
             upgrades,
+            reconciliations,
         }
+    }
+
+    /// What agents' reports after a restore found.
+    pub fn reconciliations(&self) -> &Arc<Reconciliations> {
+        &self.reconciliations
+    }
+
+    /// The link of `agent_id` found this server behind the agent (restored from a backup):
+    /// the record's op joins the handshake's batch. `reports`: the agent was asked for its jobs.
+    pub fn on_behind(
+        &self,
+        agent_id: &AgentId,
+        events_lost: u64,
+        commands_lost: u64,
+        reports: bool,
+    ) -> Op {
+        let now = tether_shared::clock::now_unix_ms();
+        self.reconciliations
+            .detected(agent_id, events_lost, commands_lost, reports, now)
     }
 
     /// The effect of an event of `agent_id` about its jobs or its upgrade; `None` for any
@@ -69,6 +95,34 @@ impl Work {
                 Some(EventEffect {
                     ops: effect.ops,
                     slot_freed: effect.job_finished,
+                })
+            }
+            EventBody::JobReport(report) => {
+                let now = tether_shared::clock::now_unix_ms();
+                match self.deployments.on_report(agent_id, report) {
+                    Some(effect) => {
+                        let mut ops = effect.ops;
+                        if !ops.is_empty() {
+                            tracing::info!(agent_id = %agent_id, job_id = %report.job_id, "job-brought-up-to-date");
+                            ops.push(self.reconciliations.updated(agent_id, now));
+                        }
+                        Some(EventEffect {
+                            ops,
+                            slot_freed: effect.job_finished,
+                        })
+                    }
+                    None => Some(EventEffect {
+                        ops: self.reconciliations.orphan(agent_id, report, now),
+                        slot_freed: false,
+                    }),
+                }
+            }
+            EventBody::JobsReported { jobs, omitted } => {
+                let now = tether_shared::clock::now_unix_ms();
+                tracing::info!(agent_id = %agent_id, jobs, omitted, "agent-jobs-reported");
+                Some(EventEffect {
+                    ops: vec![self.reconciliations.reported(agent_id, *jobs, *omitted, now)],
+                    slot_freed: false,
                 })
             }
             _ => None,

@@ -305,6 +305,40 @@ impl StreamKeys {
         }
     }
 
+    /// Journal ops after [`crate::stream::Endpoint::rejoin`] found this end behind its peer:
+    /// the inbound watermark moves up to `inbound_durable` (the log of what this end lost is
+    /// gone); if the outbound half was renumbered, its log restarts after `outbound_acked` (the
+    /// edge appends what it enqueues again in the same batch, after these).
+    pub fn rejoin_ops<P>(
+        &self,
+        rejoined: &crate::stream::Rejoined<P>,
+        inbound_durable: Seq,
+        outbound_acked: Seq,
+    ) -> Vec<Op> {
+        let mut ops = Vec::new();
+        if rejoined.inbound_lost > 0 {
+            ops.push(Op::TruncateThrough {
+                log: self.in_log.clone(),
+                upto: Seq::MAX_VALID,
+            });
+            ops.push(Op::PutMeta {
+                key: self.in_watermark.clone(),
+                value: inbound_durable.0.to_be_bytes().to_vec(),
+            });
+        }
+        if rejoined.outbound_lost > 0 {
+            ops.push(Op::TruncateThrough {
+                log: self.out_log.clone(),
+                upto: Seq::MAX_VALID,
+            });
+            ops.push(Op::PutMeta {
+                key: self.out_acked.clone(),
+                value: outbound_acked.0.to_be_bytes().to_vec(),
+            });
+        }
+        ops
+    }
+
     /// Rebuild both halves of the relationship from the journal (after a restart).
     pub fn recover(
         &self,

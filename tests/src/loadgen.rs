@@ -595,6 +595,7 @@ impl SimAgent {
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.agent_id)),
                         trust_serial: 0,
+                        ..Default::default()
                     };
                     if let Err(e) =
                         send_frames(socket, &mut self.gate, &[Frame::Hello(hello)]).await
@@ -813,6 +814,10 @@ impl SimAgent {
                     match c.body {
                         CommandBody::Probe { n, .. } => {
                             self.enqueue(EventBody::ProbeEcho { n })?;
+                        }
+                        // Holds no job records: it has nothing to report.
+                        CommandBody::Reconcile {} => {
+                            self.enqueue(EventBody::JobsReported { jobs: 0, omitted: 0 })?;
                         }
                         CommandBody::EmitProbes { count } => {
                             self.requested = self.requested.saturating_add(count);

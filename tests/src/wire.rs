@@ -529,6 +529,7 @@ pub fn hello(identity: &Identity, agent_id: &str, nonce: &str, incarnation: &str
         last_command_seq: Seq::ZERO,
         proof: identity.sign(&hello_proof_bytes(nonce, agent_id)),
         trust_serial: 0,
+        ..Default::default()
     }
 }
 

@@ -33,7 +33,7 @@ use tether_shared::ids::{AgentId, JobId};
 use rand::RngCore;
 use serde::Deserialize;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
-use tether_shared::protocol::{CommandBody, EventBody};
+use tether_shared::protocol::{CommandBody, EventBody, JobReport};
 
 use crate::registry::{now_unix_ms, AgentRecord};
 use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
@@ -196,6 +196,11 @@ impl Deployments {
             self.output_truncated.fetch_add(1, Ordering::Relaxed);
         }
         effect
+    }
+
+    /// The effect of a job report `agent_id` sent; `None` for a job this server does not know.
+    pub fn on_report(&self, agent_id: &str, report: &JobReport) -> Option<Effect> {
+        self.write().apply_report(agent_id, report)
     }
 
     /// Output refused or cut since start.

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tether_shared::ids::{AgentId, DeploymentId, JobId};
 
 use tether_shared::journal::{LogName, Op};
-use tether_shared::protocol::{CommandBody, EventBody, Seq, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
+use tether_shared::protocol::{
+    CommandBody, EventBody, JobReport, Seq, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED,
+};
 
 use super::model::{
     Deployment, Job, JobState, Process, StepState, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX,
@@ -274,6 +276,48 @@ impl State {
             effect.ops.push(job_op(job));
         }
         effect
+    }
+
+    /// Where one of its jobs stands, as `agent_id` reports it: the events that would have
+    /// said so, applied in order (what is known already changes nothing). `None` if this
+    /// server does not know the job.
+    pub fn apply_report(&mut self, agent_id: &str, report: &JobReport) -> Option<Effect> {
+        if !self.jobs.contains_key(report.job_id.as_str()) {
+            return None;
+        }
+        let job_id = || report.job_id.clone();
+        let mut events = vec![EventBody::JobAccepted { job_id: job_id() }];
+        for (step, s) in (0u32..).zip(&report.steps) {
+            match s.status {
+                Some(status) => events.push(EventBody::StepFinished {
+                    job_id: job_id(),
+                    step,
+                    status,
+                    exit_code: s.exit_code,
+                    outputs: s.outputs.clone(),
+                    message: s.message.clone(),
+                }),
+                None if s.attempt > 0 => events.push(EventBody::StepStarted {
+                    job_id: job_id(),
+                    step,
+                    attempt: s.attempt,
+                }),
+                None => {}
+            }
+        }
+        if let Some(status) = report.status {
+            events.push(EventBody::JobFinished {
+                job_id: job_id(),
+                status,
+            });
+        }
+        let mut effect = Effect::default();
+        for event in &events {
+            let e = self.apply_event(agent_id, event);
+            effect.ops.extend(e.ops);
+            effect.job_finished |= e.job_finished;
+        }
+        Some(effect)
     }
 
     /// Adds `job` (a new one, or one loaded at start).

@@ -1,17 +1,98 @@
 //! `GET /health`: what `/admin/health` observes, for people: every server actor with its
-//! state, restarts and backlog; the journal's counters; per agent its streams and its own
-//! actors (from its heartbeats); per relay link what it carries.
+//! state, restarts and backlog; the journal's counters; the reconciliation with agents the
+//! server was found behind (restored from a backup), with their results for jobs it does not
+//! know; per agent its streams, a refused handshake and its own actors (from its
+//! heartbeats); per relay link what it carries. `POST /health/reconciliation/{agent}/dismiss`
+//! forgets one agent's reconciliation once reviewed.
 
 use crate::state::AppState;
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use maud::{html, Markup};
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::layout::{self, badge, enc, resource};
+use super::layout::{self, badge, csrf_field, enc, resource};
 use super::session::CurrentUser;
+use super::{csrf, WebError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/health").route(web::get().to(health)));
+    cfg.service(resource("/health").route(web::get().to(health)))
+        .service(
+            resource("/health/reconciliation/{agent}/dismiss").route(web::post().to(dismiss)),
+        );
+}
+
+/// The reconciliation section: one row per agent, then the orphan results.
+fn reconciliation(state: &AppState, user: &CurrentUser) -> Markup {
+    let list = state.shared.work.reconciliations().list();
+    let name = |id: &str| state.registry.agent_name(id).unwrap_or_else(|| id.to_owned());
+    html! {
+        @if !list.is_empty() {
+            h2 { "Reconciliation" }
+            p.error { "This server was found behind these agents: it was restored from a backup taken before their last exchanges (or its database failed over to a replica that was behind). Their streams were taken up again and their jobs reported; review, then dismiss." }
+            table #reconciliation {
+                thead { tr {
+                    th { "Agent" } th { "Detected" } th { "Events lost" } th { "Commands lost" }
+                    th { "Report" } th { "Jobs brought up to date" } th { "Orphan results" } th {}
+                } }
+                tbody { @for (r, _) in &list {
+                    tr data-agent=(r.agent_id) {
+                        td { (name(&r.agent_id)) }
+                        td { (layout::utc(r.detected_unix_ms)) }
+                        td { (r.events_lost) } td { (r.commands_lost) }
+                        td { (badge(&word(&r.phase))) " " (r.jobs_reported) " jobs"
+                            @if r.jobs_omitted > 0 { ", " (r.jobs_omitted) " omitted" } }
+                        td { (r.jobs_updated) }
+                        td { (r.orphan_results) @if r.orphans_not_kept > 0 { " (+" (r.orphans_not_kept) " not kept)" } }
+                        td { form method="post" action={ "/health/reconciliation/" (enc(&r.agent_id)) "/dismiss" } {
+                            (csrf_field(user))
+                            button type="submit" { "Dismiss" }
+                        } }
+                    }
+                } }
+            }
+            @if list.iter().any(|(_, o)| !o.is_empty()) {
+                h3 { "Results for jobs this server does not know" }
+                table #orphans {
+                    thead { tr { th { "Agent" } th { "Deployment" } th { "Job" } th { "Status" } th { "Steps" } } }
+                    tbody { @for (r, orphans) in &list { @for o in orphans {
+                        tr {
+                            td { (name(&r.agent_id)) } td { code { (o.deployment_id) } } td { code { (o.job_id) } }
+                            td { (o.status.map_or_else(|| "running".to_owned(), |s| word(&s))) }
+                            td { @for s in &o.steps {
+                                div { (s.name) " " (s.status.map_or_else(|| "not ended".to_owned(), |st| word(&st)))
+                                    @if let Some(code) = s.exit_code { " (exit " (code) ")" } }
+                            } }
+                        }
+                    } } }
+                }
+            }
+        }
+    }
+}
+
+async fn dismiss(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebError> {
+    #[derive(Deserialize)]
+    struct Form {}
+    let _: Form = csrf::protected_form(&req, &user, &body)?;
+    let agent = path.into_inner();
+    match state.shared.work.reconciliations().dismiss(&agent).await {
+        Ok(true) => {
+            tracing::info!(user = %user.name, agent_id = %agent, "web-reconciliation-dismissed");
+            Ok(layout::redirect("/health"))
+        }
+        Ok(false) => Err(WebError::NotFound),
+        Err(e) => {
+            tracing::error!(agent_id = %agent, error = %e, "reconciliation-dismiss-failed");
+            Err(crate::api_error::ApiError::Unavailable.into())
+        }
+    }
 }
 
 fn word<T: serde::Serialize>(v: &T) -> String {
@@ -76,12 +157,16 @@ async fn health(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
                 " (" (h.trust.phase) "): " (h.trust.peers.saturating_sub(h.trust.behind)) " of " (h.trust.peers)
                 " agents and relays hold it. Key rollover: " code { "tether trust" } "."
             }
+            (reconciliation(&state, &user))
             h2 { "Agents" }
+            @if h.agents_refused > 0 {
+                p.error #refused { (h.agents_refused) " agent(s) refused at their last handshake: see the Refused column." }
+            }
             @if h.agents.is_empty() { p.muted { "No agent link yet." } } @else {
                 table #agent-health {
                     thead { tr {
                         th { "Agent" } th { "Connected" } th { "Unacked commands" } th { "Oldest unacked" }
-                        th { "Events received" } th { "Retransmits" } th { "Last heard" } th { "Resets" } th { "Its actors" }
+                        th { "Events received" } th { "Retransmits" } th { "Last heard" } th { "Resets" } th { "Refused" } th { "Its actors" }
                     } }
                     tbody { @for (id, a) in &h.agents {
                         tr {
@@ -93,6 +178,7 @@ async fn health(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
                             td { (a.events_received) } td { (a.retransmits) }
                             td { @if let Some(ms) = a.last_heard_ms { (ms) " ms ago" } }
                             td { (a.peer_resets) }
+                            td.error { @if let Some(why) = &a.refused { (why) } }
                             td { @for actor in &a.actors {
                                 div { (actor.name) " " (badge(&actor.state))
                                     @if actor.restarts > 0 { " · " (actor.restarts) " restarts" } }

@@ -28,6 +28,9 @@ pub const MAX_STEP_OUTPUT: usize = 8 * 1024 * 1024;
 /// What a step's log ends with once its output went over [`MAX_STEP_OUTPUT`].
 pub const OUTPUT_TRUNCATED: &str = "\n[output truncated: over the step's limit]\n";
 
+/// Longest command id a peer may name (the server makes 24 hex digits).
+pub const MAX_COMMAND_ID: usize = 64;
+
 /// A position in one message stream. Streams start at 1; 0 means "nothing yet".
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
@@ -49,6 +52,10 @@ impl Seq {
         } else {
             Some(Seq(self.0 + 1))
         }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == 0
     }
 
     /// Big-endian bytes, so that sled orders keys by sequence.
@@ -117,7 +124,7 @@ pub struct Challenge {
 }
 
 /// The agent's answer to [`Challenge`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Hello {
     pub agent_id: String,
@@ -136,6 +143,17 @@ pub struct Hello {
     /// 0, and absent, for the one it enrolled with.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub trust_serial: u64,
+    /// Highest event the server acknowledged (in `server_incarnation`): a server holding
+    /// fewer lost them (it was restored from a backup taken before) and continues after it.
+    #[serde(default, skip_serializing_if = "Seq::is_zero")]
+    pub events_acked: Seq,
+    /// The id of the command at `last_command_seq`: a server that numbered another command so
+    /// was restored behind the agent (see [`CommandBody::Reconcile`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub last_command_id: String,
+    /// The agent answers [`CommandBody::Reconcile`] (older agents are sent none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reconciles: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -193,6 +211,10 @@ pub enum CommandBody {
     /// CA rollover, `tether_shared::trust`): applied only if `set.serial` is newer, and
     /// answered with [`EventBody::TrustApplied`] or [`EventBody::TrustRefused`].
     Trust { set: crate::trust::TrustSet },
+    /// The server lost part of its history with this agent (it was restored from a backup
+    /// taken before their last exchanges): report every job still held, one
+    /// [`EventBody::JobReport`] each, then [`EventBody::JobsReported`].
+    Reconcile {},
 }
 
 /// How an upgrade the agent started ended.
@@ -329,6 +351,42 @@ pub enum EventBody {
     TrustApplied { serial: u64 },
     /// The trust set `serial` was refused; the trust in force is unchanged.
     TrustRefused { serial: u64, reason: String },
+    /// Where a job the agent holds stands (answering [`CommandBody::Reconcile`], or a `RunJob`
+    /// for a job it already holds): what a server that lost its events needs to record it.
+    JobReport(JobReport),
+    /// The answer to [`CommandBody::Reconcile`] is complete: `jobs` reported, `omitted` not
+    /// (the event backlog had no room for them).
+    JobsReported { jobs: u32, omitted: u32 },
+}
+
+/// A job as the agent holds it, for [`EventBody::JobReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobReport {
+    pub job_id: String,
+    pub deployment_id: String,
+    /// Every step, in order.
+    pub steps: Vec<StepReport>,
+    /// `None` while the job runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<JobStatus>,
+}
+
+/// One step of a [`JobReport`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepReport {
+    pub name: String,
+    /// `None` if it has not ended (running: `attempt` > 0; not started: 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<StepStatus>,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outputs: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// One message of the commands stream.
@@ -654,6 +712,12 @@ pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
         "hello" => {
             let h: Hello = body("hello", raw)?;
             check_watermark(h.last_command_seq)?;
+            check_watermark(h.events_acked)?;
+            if h.last_command_id.len() > MAX_COMMAND_ID {
+                return Err(DecodeError::Malformed(format!(
+                    "hello: last_command_id is longer than {MAX_COMMAND_ID} bytes"
+                )));
+            }
             Frame::Hello(h)
         }
         "welcome" => {

@@ -294,6 +294,26 @@ impl<P: Clone> Outbound<P> {
         abandoned
     }
 
+    /// This end was restored behind its peer, which holds up to `peer_has` of a stream this
+    /// end no longer remembers all of: numbering continues after `peer_has`. Returns what was
+    /// retained (the peer never had those under these numbers), to enqueue again.
+    pub fn rebase(&mut self, peer_has: Seq) -> Vec<Retained<P>> {
+        let retained = self.retained.drain(..).collect();
+        self.assigned = peer_has;
+        self.durable = peer_has;
+        self.acked = peer_has;
+        self.sent = peer_has;
+        self.sent_max = peer_has;
+        retained
+    }
+
+    /// The retained message numbered `seq`, if any.
+    pub fn retained(&self, seq: Seq) -> Option<&P> {
+        let first = self.retained.front()?.seq;
+        let at = seq.0.checked_sub(first.0)?;
+        self.retained.get(usize::try_from(at).ok()?).map(|r| &r.payload)
+    }
+
     pub fn acked(&self) -> Seq {
         self.acked
     }
@@ -455,6 +475,14 @@ impl Inbound {
         Some(due)
     }
 
+    /// The peer's messages up to `upto` were acknowledged by a copy of this end that was lost
+    /// (this end was restored from a backup): take the stream up again after them.
+    pub fn skip_to(&mut self, upto: Seq) {
+        if upto > self.durable {
+            *self = Inbound::recover(upto, Vec::new(), self.window);
+        }
+    }
+
     /// Forget the stream (the peer lost its state and starts again at 1).
     pub fn reset(&mut self) {
         *self = Inbound::new(self.window);
@@ -481,6 +509,18 @@ pub enum Handshake<P> {
         previous: String,
         abandoned: Vec<Retained<P>>,
     },
+}
+
+/// What [`Endpoint::rejoin`] found: this end had been restored behind its peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejoined<P> {
+    /// Peer messages this end had acknowledged and no longer holds.
+    pub inbound_lost: u64,
+    /// Messages of ours the peer holds that this end no longer remembers sending.
+    pub outbound_lost: u64,
+    /// What this end still retained: numbered again after what the peer holds, the edge
+    /// enqueues it anew (it never reached the peer under those numbers).
+    pub resend: Vec<Retained<P>>,
 }
 
 /// Both directions of one peer relationship, plus the peer's incarnation.
@@ -552,6 +592,41 @@ impl<P: Clone> Endpoint<P> {
         self.peer_incarnation = Some(peer_incarnation.to_owned());
         self.conn = Some(conn);
         Ok(outcome)
+    }
+
+    /// Before [`Endpoint::complete`], on a resumed relationship: the peer says this end had
+    /// acknowledged its stream up to `peer_acked`, and that it holds ours up to `peer_has`,
+    /// the last of which `held_is_ours` recognises (or not). A peer ahead of this end on
+    /// either stream means this end was restored from a copy taken before their last
+    /// exchanges: the inbound half skips what was lost, the outbound half continues after
+    /// what the peer holds. `None` when this end is not behind (the usual case).
+    ///
+    /// A peer can only move its own relationship forward with this, never another's.
+    pub fn rejoin(
+        &mut self,
+        peer_acked: Seq,
+        peer_has: Seq,
+        held_is_ours: impl Fn(&P) -> bool,
+    ) -> Option<Rejoined<P>> {
+        let inbound_lost = peer_acked.0.saturating_sub(self.inbound.durable().0);
+        let out = &self.outbound;
+        let diverged = peer_has > out.assigned()
+            || (peer_has > out.acked() && out.retained(peer_has).is_some_and(|p| !held_is_ours(p)));
+        if inbound_lost == 0 && !diverged {
+            return None;
+        }
+        self.inbound.skip_to(peer_acked);
+        let (outbound_lost, resend) = if diverged {
+            let lost = peer_has.0 - out.acked().0;
+            (lost, self.outbound.rebase(peer_has))
+        } else {
+            (0, Vec::new())
+        };
+        Some(Rejoined {
+            inbound_lost,
+            outbound_lost,
+            resend,
+        })
     }
 
     /// The connection dropped.

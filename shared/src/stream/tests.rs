@@ -135,3 +135,69 @@ fn detects_a_peer_that_lost_its_state() {
     }
     assert_eq!(e.outbound.enqueue(8, 0), Ok(Seq(1)), "numbering restarts");
 }
+
+/// An endpoint that sent `sent` messages (payload = seq), of which the peer acked `acked`, and
+/// holds the peer's stream up to `held`.
+fn endpoint(sent: u32, acked: u64, held: u64) -> Endpoint<u32> {
+    let mut o = out();
+    for i in 1..=sent {
+        o.enqueue(i, 0).unwrap();
+    }
+    o.mark_durable(Seq(sent.into()));
+    o.connect(ConnId(1), Seq(acked), 0).unwrap();
+    let mut i = Inbound::new(8);
+    for seq in 1..=held {
+        i.on_data(Seq(seq), 0).unwrap();
+    }
+    i.mark_durable(Seq(held));
+    Endpoint::new(o, i, Some("peer".into()))
+}
+
+#[test]
+fn rejoin_finds_nothing_when_this_end_is_not_behind() {
+    let mut ep = endpoint(5, 3, 7);
+    assert_eq!(ep.rejoin(Seq(7), Seq(4), |p| *p == 4), None);
+    assert_eq!(ep.rejoin(Seq(6), Seq(5), |p| *p == 5), None, "an ack in flight");
+    assert_eq!(ep.rejoin(Seq(7), Seq(3), |_| false), None, "nothing held to compare");
+    ep.complete(ConnId(2), "peer", true, Seq(4), 0).unwrap();
+    assert_eq!(ep.outbound.acked(), Seq(4));
+}
+
+#[test]
+fn rejoin_skips_peer_messages_this_end_lost() {
+    let mut ep = endpoint(2, 2, 5);
+    let r = ep.rejoin(Seq(9), Seq(2), |_| true).unwrap();
+    assert_eq!((r.inbound_lost, r.outbound_lost), (4, 0));
+    assert!(r.resend.is_empty());
+    assert_eq!(ep.inbound.connect(), Seq(9), "announced: the peer resends from 10");
+    assert_eq!(ep.inbound.on_data(Seq(10), 0), Ok(DataOutcome::Accept));
+}
+
+#[test]
+fn rejoin_continues_after_what_the_peer_holds_and_resends_what_was_retained() {
+    // Restored with 1..=5 sent and 3 acked; after the restore 6 and 7 were numbered anew,
+    // but the peer holds 6 from before the restore (another message).
+    let mut ep = endpoint(7, 3, 0);
+    let r = ep.rejoin(Seq::ZERO, Seq(6), |p| *p == 99).unwrap();
+    assert_eq!(r.outbound_lost, 3);
+    let again: Vec<u32> = r.resend.iter().map(|r| r.payload).collect();
+    assert_eq!(again, vec![4, 5, 6, 7], "everything unacked goes again");
+    ep.complete(ConnId(2), "peer", true, Seq(6), 0).unwrap();
+    assert_eq!(ep.outbound.enqueue(4, 0).unwrap(), Seq(7), "numbered after the peer's");
+
+    // Ahead of anything this end numbered.
+    let mut ep = endpoint(2, 2, 0);
+    let r = ep.rejoin(Seq::ZERO, Seq(9), |_| true).unwrap();
+    assert_eq!((r.outbound_lost, r.resend.len()), (7, 0));
+    ep.complete(ConnId(2), "peer", true, Seq(9), 0).unwrap();
+}
+
+#[test]
+fn a_peer_behind_what_it_acked_is_still_refused_after_rejoin() {
+    let mut ep = endpoint(5, 4, 0);
+    assert_eq!(ep.rejoin(Seq::ZERO, Seq(2), |_| true), None);
+    assert!(matches!(
+        ep.complete(ConnId(2), "peer", true, Seq(2), 0),
+        Err(StreamError::PeerRegressed { .. })
+    ));
+}

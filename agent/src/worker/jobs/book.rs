@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use tether_shared::ids::{DeploymentId, JobId};
-use tether_shared::protocol::{JobStatus, OnInterrupt, StepSpec, StepStatus};
+use tether_shared::protocol::{
+    JobReport, JobStatus, OnInterrupt, StepReport, StepSpec, StepStatus,
+};
 
 /// Journal meta key of a job's record.
 pub fn record_key(job_id: &str) -> String {
@@ -38,6 +40,11 @@ pub struct StepProgress {
     /// Output properties it set (later steps see them).
     #[serde(default)]
     pub outputs: BTreeMap<String, String>,
+    /// How it ended, as its `StepFinished` said (for a report to a server that lost it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// A job as the agent keeps it.
@@ -157,6 +164,28 @@ impl JobRecord {
         if let Some(p) = self.progress.get_mut(step) {
             p.running = false;
             p.status = Some(status);
+        }
+    }
+
+    /// Where the job stands, for a server that lost its events (`EventBody::JobReport`).
+    pub fn report(&self) -> JobReport {
+        JobReport {
+            job_id: self.job_id.to_string(),
+            deployment_id: self.deployment_id.to_string(),
+            steps: self
+                .steps
+                .iter()
+                .zip(&self.progress)
+                .map(|(spec, p)| StepReport {
+                    name: spec.name.clone(),
+                    status: p.status,
+                    attempt: p.attempt,
+                    exit_code: p.exit_code,
+                    outputs: p.outputs.clone(),
+                    message: p.message.clone(),
+                })
+                .collect(),
+            status: self.finished,
         }
     }
 

@@ -122,23 +122,34 @@ impl Ledger {
     }
 
     /// A `RunJob` was accepted: `JobAccepted` joins the command's batch with the new record.
-    /// `None` for a job already known (a resent command).
+    /// For a job already known (sent again by a server restored behind this agent), where it
+    /// stands instead: it never runs twice.
     pub fn accept(
         &mut self,
         job_id: &str,
         deployment_id: &str,
         steps: Vec<StepSpec>,
-    ) -> Option<EventBody> {
-        if self.records.contains_key(job_id) {
+    ) -> EventBody {
+        if let Some(known) = self.records.get(job_id) {
             tracing::info!(job_id = %job_id, "job-already-known");
-            return None;
+            return EventBody::JobReport(known.report());
         }
         let record = JobRecord::new(job_id.into(), deployment_id.into(), steps);
         self.records.insert(job_id.into(), record);
         tracing::info!(job_id = %job_id, "job-accepted");
-        Some(EventBody::JobAccepted {
+        EventBody::JobAccepted {
             job_id: job_id.to_owned(),
-        })
+        }
+    }
+
+    /// Where every job held stands, oldest first (`CommandBody::Reconcile`).
+    pub fn reports(&self) -> Vec<EventBody> {
+        let mut records: Vec<&JobRecord> = self.records.values().collect();
+        records.sort_by_key(|r| (r.finished.is_none(), r.finished_unix_ms));
+        records
+            .into_iter()
+            .map(|r| EventBody::JobReport(r.report()))
+            .collect()
     }
 
     /// A job that arrived after its deadline: recorded as finished, reported expired.
@@ -350,6 +361,8 @@ impl Ledger {
         record.end(step, result.status);
         if let Some(p) = record.progress.get_mut(step) {
             p.outputs = result.outputs.clone();
+            p.exit_code = result.exit_code;
+            p.message = result.message.clone();
         }
         let mut events = vec![EventBody::StepFinished {
             job_id: job_id.to_owned(),
@@ -439,11 +452,18 @@ mod tests {
     fn a_job_runs_step_by_step_one_batch_at_a_time() {
         let mut l = Ledger::default();
         let steps = vec![spec(OnInterrupt::Fail), spec(OnInterrupt::Fail)];
-        assert!(l.accept("j", "d", steps.clone()).is_some());
-        assert!(
-            l.accept("j", "d", steps).is_none(),
-            "a resent RunJob is known"
-        );
+        assert!(matches!(
+            l.accept("j", "d", steps.clone()),
+            EventBody::JobAccepted { .. }
+        ));
+        match l.accept("j", "d", steps.clone()) {
+            EventBody::JobReport(r) => {
+                assert_eq!((r.job_id.as_str(), r.status), ("j", None));
+                assert_eq!(r.steps.len(), 2);
+                assert!(r.steps.iter().all(|s| s.status.is_none() && s.attempt == 0));
+            }
+            other => panic!("a resent RunJob is reported, not run again: {other:?}"),
+        }
         let start = l.advance("j", ALL).expect("start");
         assert_eq!(
             start.then,
@@ -492,6 +512,17 @@ mod tests {
         l.durable("j");
         assert!(l.advance("j", ALL).is_none(), "done");
         assert!(l.unfinished().is_empty());
+        // What a server that lost these events is told, as a reconcile and for a resent RunJob.
+        let reports = l.reports();
+        assert_eq!(reports, vec![l.accept("j", "d", steps)]);
+        let EventBody::JobReport(r) = &reports[0] else {
+            panic!("{reports:?}")
+        };
+        assert_eq!(r.status, Some(JobStatus::Succeeded));
+        assert!(r
+            .steps
+            .iter()
+            .all(|s| s.status == Some(StepStatus::Succeeded) && s.exit_code == Some(0)));
     }
 
     #[test]

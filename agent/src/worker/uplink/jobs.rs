@@ -139,8 +139,8 @@ impl Uplink {
         }
     }
 
-    /// A `RunJob` was accepted: its record and `JobAccepted` join the command's batch.
-    /// Returns the event's seq, or `None` for a job already known (a resent command).
+    /// A `RunJob` was accepted: its record and `JobAccepted` join the command's batch (for a
+    /// job already known, a `JobReport`). Returns the event's seq (`None`: no room).
     pub(super) fn accept_job(
         &mut self,
         job_id: &str,
@@ -148,11 +148,42 @@ impl Uplink {
         steps: Vec<StepSpec>,
         ops: &mut Vec<Op>,
     ) -> Option<Seq> {
-        let event = self.jobs.ledger.accept(job_id, deployment_id, steps)?;
+        let event = self.jobs.ledger.accept(job_id, deployment_id, steps);
         ops.extend(self.jobs.ledger.record_op(job_id));
         let (seq, op) = self.event_op(event)?;
         ops.push(op);
         Some(seq)
+    }
+
+    /// The server lost part of its history with this agent: a report of every job held, as
+    /// far as the event backlog has room, then `JobsReported`. Returns the last event's seq.
+    pub(super) fn report_jobs(&mut self, ops: &mut Vec<Op>) -> Option<Seq> {
+        let reports = self.jobs.ledger.reports();
+        let total = reports.len();
+        let mut sent: u32 = 0;
+        let mut last = None;
+        for report in reports {
+            // Room is kept for the closing event.
+            if !self.ep.outbound.has_room(2) {
+                break;
+            }
+            let Some((seq, op)) = self.event_op(report) else {
+                break;
+            };
+            ops.push(op);
+            last = Some(seq);
+            sent += 1;
+        }
+        let omitted = u32::try_from(total).unwrap_or(u32::MAX).saturating_sub(sent);
+        tracing::warn!(jobs = sent, omitted, "jobs-reported-to-a-server-behind");
+        if let Some((seq, op)) = self.event_op(EventBody::JobsReported {
+            jobs: sent,
+            omitted,
+        }) {
+            ops.push(op);
+            last = Some(seq);
+        }
+        last
     }
 
     /// A job that arrived after its deadline: recorded as finished, reported expired.

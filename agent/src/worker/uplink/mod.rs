@@ -177,6 +177,28 @@ impl Uplink {
         })
     }
 
+    /// The id of the command held at `seq` (the last one), so that a server restored behind
+    /// this agent tells its own command so numbered from this one.
+    fn last_command_id(&self, seq: Seq) -> String {
+        let Some(before) = seq.0.checked_sub(1) else {
+            return String::new();
+        };
+        match self.cfg.journal.read_log(self.receiver.log(), Seq(before), 1) {
+            Ok(entries) => entries
+                .into_iter()
+                .find(|e| e.seq == seq)
+                .and_then(|e| match protocol::decode(&e.payload, Sender::Server) {
+                    Ok(Frame::Command(c)) => Some(c.id),
+                    _ => None,
+                })
+                .unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "last-command-unreadable");
+                String::new()
+            }
+        }
+    }
+
     fn send(&mut self, frame: &Frame) {
         match frame.encode() {
             Ok(bytes) => self.send_bytes(bytes),
@@ -313,6 +335,13 @@ impl Uplink {
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.cfg.agent_id)),
                         trust_serial: self.cfg.trust.current().serial,
+                        events_acked: if self.ep.peer_incarnation.is_some() {
+                            self.ep.outbound.acked()
+                        } else {
+                            Seq::ZERO
+                        },
+                        last_command_id: self.last_command_id(last_command_seq),
+                        reconciles: true,
                     };
                     self.send(&Frame::Hello(hello));
                     self.step = Step::AwaitWelcome;
@@ -451,6 +480,7 @@ impl Uplink {
                     CommandBody::Probe { n, .. } => self
                         .event_op(EventBody::ProbeEcho { n: *n })
                         .map(|(s, op)| (s, Some(op))),
+                    CommandBody::Reconcile {} => self.report_jobs(&mut ops).map(|s| (s, None)),
                     // For relays; an agent has no certificate to renew.
                     CommandBody::RelayCertificate { .. } => None,
                     CommandBody::EmitProbes { count } => {

@@ -139,8 +139,25 @@ enum Command {
         step: String,
     },
     /// The server's health: actors, sessions, journal, agents. Exits 1 when a server actor
-    /// is not running or the journal is poisoned.
+    /// is not running, the journal is poisoned or an agent's handshake is refused.
     Health,
+    /// What agents reported after the server was found behind them (restored from a backup):
+    /// what was lost, and results for jobs the server does not know.
+    Reconciliation {
+        #[command(subcommand)]
+        command: Option<ReconciliationCommand>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReconciliationCommand {
+    /// Every agent's reconciliation, and the orphan results (the default).
+    List,
+    /// Forget an agent's reconciliation and its orphan results, once reviewed.
+    Dismiss {
+        /// Name or id.
+        agent: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -530,6 +547,12 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             deployments::logs(&connect()?, &id, &agent, &step, json)
         }
         Command::Health => health::show(&connect()?, json),
+        Command::Reconciliation { command } => match command {
+            None | Some(ReconciliationCommand::List) => reconciliation::list(&connect()?, json),
+            Some(ReconciliationCommand::Dismiss { agent }) => {
+                reconciliation::dismiss(&connect()?, &agent, json)
+            }
+        },
     }
 }
 

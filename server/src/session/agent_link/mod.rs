@@ -21,10 +21,10 @@ use tether_shared::ids::AgentId;
 use tether_shared::journal::{JournalError, Op};
 use tether_shared::link::{LinkError as FrameError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
-    command_signing_bytes, AgentStatus, Command, CommandBody, ErrorCode, EventBody, Frame, Hello,
-    Seq, StreamId, Welcome,
+    self, command_signing_bytes, AgentStatus, Command, CommandBody, ErrorCode, EventBody, Frame,
+    Hello, Sender, Seq, StreamId, Welcome,
 };
-use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, StreamError};
+use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, Rejoined, StreamError};
 
 use crate::session::handle::SessionHandle;
 
@@ -87,6 +87,17 @@ pub struct AgentLink {
     trust_queued: u64,
     /// The attached agent's release understands `Trust` commands.
     trust_capable: bool,
+    /// Why its last handshake was refused (cleared by one that succeeds): shown in health,
+    /// where `tether health` fails on it.
+    refused: Option<String>,
+}
+
+/// The id of an encoded command (as journaled in the outbound log).
+fn command_id(bytes: &[u8]) -> Option<String> {
+    match protocol::decode(bytes, Sender::Server) {
+        Ok(Frame::Command(c)) => Some(c.id),
+        _ => None,
+    }
 }
 
 impl AgentLink {
@@ -123,6 +134,7 @@ impl AgentLink {
             deferred_events: 0,
             trust_queued: 0,
             trust_capable: false,
+            refused: None,
         })
     }
 
@@ -404,29 +416,16 @@ impl AgentLink {
         let mut ops = Vec::with_capacity(bodies.len() + 1);
         let mut last = Seq::ZERO;
         for body in bodies {
-            let seq = self
-                .ep
-                .outbound
-                .next_seq()
-                .ok_or(StreamError::SeqExhausted)?;
             if let CommandBody::Probe { .. } = body {
                 self.probes.commands_sent += 1;
             }
             let id = hex::encode(rand::random::<[u8; 12]>());
             let signed = command_signing_bytes(&self.agent_id, &id, deadline, &body)
                 .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
-            let mut command = Command::new(seq, id, deadline, body)
+            let mut command = Command::new(Seq::ZERO, id, deadline, body)
                 .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
             command.signature = self.shared.trust.sign(&signed);
-            let bytes = Frame::Command(command)
-                .encode()
-                .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
-            ops.push(Op::Append {
-                log: self.keys.out_log.clone(),
-                seq,
-                payload: bytes.clone(),
-            });
-            last = self.ep.outbound.enqueue(bytes, now_ms())?;
+            last = self.number(command, &mut ops)?;
         }
         if let Ok(v) = serde_json::to_vec(&self.probes) {
             ops.push(Op::PutMeta {
@@ -435,6 +434,80 @@ impl AgentLink {
             });
         }
         Ok((last, ops))
+    }
+
+    /// Give a signed command the next number and journal it (its signature does not cover
+    /// the number, so a command enqueued again after a rejoin keeps it).
+    fn number(&mut self, mut command: Command, ops: &mut Vec<Op>) -> Result<Seq, AgentLinkError> {
+        command.seq = self
+            .ep
+            .outbound
+            .next_seq()
+            .ok_or(StreamError::SeqExhausted)?;
+        let bytes = Frame::Command(command.clone())
+            .encode()
+            .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
+        ops.push(Op::Append {
+            log: self.keys.out_log.clone(),
+            seq: command.seq,
+            payload: bytes.clone(),
+        });
+        Ok(self.ep.outbound.enqueue(bytes, now_ms())?)
+    }
+
+    /// This server was found behind the agent (restored from a backup taken before their last
+    /// exchanges; see `Endpoint::rejoin`). The streams continue after what the agent holds;
+    /// the commands still retained go again under new numbers, after a `Reconcile` asking the
+    /// agent for its jobs if it can answer one. Returns the ops for the handshake's batch and
+    /// the last seq enqueued.
+    fn on_behind(
+        &mut self,
+        rejoined: Rejoined<Vec<u8>>,
+        reconciles: bool,
+    ) -> (Vec<Op>, Option<Seq>) {
+        tracing::warn!(
+            agent_id = %self.agent_id,
+            events_lost = rejoined.inbound_lost,
+            commands_lost = rejoined.outbound_lost,
+            resent = rejoined.resend.len(),
+            "server-behind-agent"
+        );
+        let mut ops = self.keys.rejoin_ops(
+            &rejoined,
+            self.ep.inbound.durable(),
+            self.ep.outbound.acked(),
+        );
+        ops.push(self.shared.work.on_behind(
+            &self.agent_id,
+            rejoined.inbound_lost,
+            rejoined.outbound_lost,
+            reconciles,
+        ));
+        let mut last = None;
+        if reconciles && self.ep.outbound.has_room(rejoined.resend.len() + 1) {
+            match self.enqueue(vec![CommandBody::Reconcile {}]) {
+                Ok((seq, more)) => {
+                    ops.extend(more);
+                    last = Some(seq);
+                }
+                Err(e) => {
+                    tracing::error!(agent_id = %self.agent_id, error = %e, "reconcile-not-queued")
+                }
+            }
+        }
+        for retained in rejoined.resend {
+            let command = match protocol::decode(&retained.payload, Sender::Server) {
+                Ok(Frame::Command(c)) => c,
+                _ => continue,
+            };
+            match self.number(command, &mut ops) {
+                Ok(seq) => last = Some(seq),
+                Err(e) => {
+                    tracing::error!(agent_id = %self.agent_id, error = %e, "command-not-requeued")
+                }
+            }
+        }
+        (ops, last)
     }
 
     /// Commit queued commands; the answer (and so the REST answer) comes once they are durable,
@@ -492,6 +565,20 @@ impl Handler<Attach> for AgentLink {
         let hello = msg.hello;
         self.ep.begin(conn);
         let knows_us = hello.server_incarnation == self.shared.incarnation;
+        // Resuming with an agent that knows this incarnation (and holds every command it
+        // acknowledged, or it is refused below): is this server behind it?
+        let rejoined = if knows_us
+            && self.ep.peer_incarnation.as_deref() == Some(hello.incarnation.as_str())
+            && hello.last_command_seq >= self.ep.outbound.acked()
+        {
+            let held = hello.last_command_id.as_str();
+            self.ep
+                .rejoin(hello.events_acked, hello.last_command_seq, |bytes| {
+                    held.is_empty() || command_id(bytes).as_deref() == Some(held)
+                })
+        } else {
+            None
+        };
         let outcome = self.ep.complete(
             conn,
             &hello.incarnation,
@@ -500,8 +587,15 @@ impl Handler<Attach> for AgentLink {
             now_ms(),
         );
         let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => return Box::pin(fut::ready(Err(e.into()))),
+            Ok(o) => {
+                self.refused = None;
+                o
+            }
+            Err(e) => {
+                tracing::error!(agent_id = %self.agent_id, error = %e, "agent-refused");
+                self.refused = Some(e.to_string());
+                return Box::pin(fut::ready(Err(e.into())));
+            }
         };
         if let Handshake::PeerReset {
             previous,
@@ -532,6 +626,12 @@ impl Handler<Attach> for AgentLink {
             }
         }
         ops.extend(reset_jobs);
+        let mut requeued = None;
+        if let Some(rejoined) = rejoined {
+            let (more, last) = self.on_behind(rejoined, hello.reconciles);
+            ops.extend(more);
+            requeued = last;
+        }
         // Queued now, before any later commit of this link.
         let commit = (!ops.is_empty()).then(|| self.shared.journal.commit(ops));
         Box::pin(
@@ -544,6 +644,9 @@ impl Handler<Attach> for AgentLink {
             .into_actor(self)
             .map(move |res, act, ctx| {
                 res?;
+                if let Some(last) = requeued {
+                    act.ep.outbound.mark_durable(last);
+                }
                 let welcome = Welcome {
                     last_event_seq: act.ep.inbound.durable(),
                     server_incarnation: act.shared.incarnation.clone(),
@@ -624,6 +727,8 @@ pub struct LinkHealth {
     pub abandoned_commands: u64,
     /// Events put off because too much of this agent's journal work was queued.
     pub events_deferred: u64,
+    /// Why its last handshake was refused, until one succeeds.
+    pub refused: Option<String>,
 }
 
 #[derive(Message)]
@@ -657,6 +762,7 @@ impl Handler<ObserveLink> for AgentLink {
             peer_resets: self.peer_resets,
             abandoned_commands: self.abandoned_commands,
             events_deferred: self.deferred_events,
+            refused: self.refused.clone(),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! `tether health`: `GET /admin/health` as tables (server actors, sessions, journal, agents,
-//! relay links), or verbatim with `--json`. Exits 1 when a server actor is not running or
-//! the journal is poisoned, so that scripts can watch it. A standby (servers on PostgreSQL)
+//! relay links), or verbatim with `--json`. Exits 1 when a server actor is not running, the
+//! journal is poisoned or an agent's handshake is refused, so that scripts can watch it. A standby (servers on PostgreSQL)
 //! shows its role and the active node, and exits 0.
 
 use std::collections::HashMap;
@@ -52,7 +52,18 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         .and_then(|j| j.get("poisoned"))
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let healthy = troubled.is_empty() && poisoned.is_none();
+    let refused: Vec<String> = health
+        .get("agents")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter_map(|(id, a)| {
+            a.get("refused")
+                .and_then(Value::as_str)
+                .map(|why| format!("agent {id} refused: {why}"))
+        })
+        .collect();
+    let healthy = troubled.is_empty() && poisoned.is_none() && refused.is_empty();
     if json {
         output::json(&health)?;
     } else {
@@ -61,6 +72,7 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     if !healthy {
         let mut problems = troubled;
         problems.extend(poisoned.map(|p| format!("journal poisoned: {p}")));
+        problems.extend(refused);
         eprintln!("tether: unhealthy: {}", problems.join("; "));
         return Ok(ExitCode::from(1));
     }
@@ -116,6 +128,21 @@ fn print_tables(client: &Client, health: &Value) -> Result<(), CliError> {
             ),
         ),
     ])?;
+    let reconciliation = &health["reconciliation"];
+    if u64_at(reconciliation, "agents").is_some_and(|n| n > 0) {
+        output::fields(&[(
+            "reconciliation",
+            format!(
+                "behind {} agent(s) (restored from a backup?), {} still reporting: {} events and {} commands lost, {} jobs brought up to date, {} results for unknown jobs (tether reconciliation)",
+                cell(&reconciliation["agents"]),
+                cell(&reconciliation["reconciling"]),
+                cell(&reconciliation["events_lost"]),
+                cell(&reconciliation["commands_lost"]),
+                cell(&reconciliation["jobs_updated"]),
+                cell(&reconciliation["orphan_results"]),
+            ),
+        )])?;
+    }
     let agents = health.get("agents").and_then(Value::as_object);
     if let Some(agents) = agents.filter(|a| !a.is_empty()) {
         // Names for the ids health is keyed by; ids alone if the list is unavailable.

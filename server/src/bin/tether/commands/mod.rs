@@ -10,6 +10,7 @@ pub mod health;
 pub mod login;
 pub mod plugins;
 pub mod processes;
+pub mod reconciliation;
 pub mod relays;
 pub mod tokens;
 pub mod trust;

@@ -1,0 +1,241 @@
+//! A server restored from a backup taken before its agents' last exchanges (as `docs/install.md`
+//! §6 says to restore one) reconciles with them by itself: every agent, direct or behind a
+//! relay, comes back online without a manual step; work the agents finished after the backup is
+//! recorded (jobs the restored server knew are brought up to date, results for jobs it never
+//! knew are kept and shown as such); nothing runs twice; new work runs; the operator sees the
+//! reconciliation in `/admin/health`, the REST API, the CLI and the web page.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::measure::dispatch;
+use tether_tests::relays::Relay;
+use tether_tests::tether_cli::Tether;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(ok.success(), "cp -a {} {}", from.display(), to.display());
+}
+
+fn post(server: &Server, path: &str, body: &Value) -> Value {
+    let r = server.request("POST", path, Some(body));
+    assert_eq!(r.status, 201, "{path}: {}", r.body);
+    r.json()
+}
+
+fn deployment(server: &Server, id: &str) -> Value {
+    server
+        .request("GET", &format!("/api/v1/deployments/{id}"), None)
+        .json()
+}
+
+fn online(server: &Server, agents: &[&Agent]) {
+    for a in agents {
+        eventually(&format!("{} online", a.name), WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+}
+
+/// The job ids of deployment `d`.
+fn job_ids(d: &Value) -> Vec<String> {
+    d["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
+    let tmp = TestDir::new();
+    let mut server = Server::start(tmp.path());
+    // Once more, now on the ports it got: a restart in place keeps them.
+    server.kill();
+    server.run();
+    let mut relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay");
+    let mut direct = Agent::install(&server, tmp.path(), "direct", &[]);
+    let mut relayed = Agent::install_via(
+        &server,
+        &[relay.upstream()],
+        tmp.path(),
+        "relayed",
+        &[],
+        &[],
+    );
+    direct.run();
+    relayed.run();
+    online(&server, &[&direct, &relayed]);
+    let targets = vec![direct.id.clone(), relayed.id.clone()];
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let release = tmp.path().join("release");
+    // Every step appends a line to its job's marks file: each must appear exactly once.
+    post(
+        &server,
+        "/api/v1/processes",
+        &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
+            "properties": {"script": format!("echo say >> {}/$TETHER_JOB_ID.marks", marks.display())}}]}),
+    );
+    post(
+        &server,
+        "/api/v1/processes",
+        &json!({"name": "gated", "steps": [
+            {"name": "wait", "plugin": "shell", "step": "run", "properties": {"script": format!(
+                "echo wait >> {m}/$TETHER_JOB_ID.marks; while [ ! -f {r} ]; do sleep 0.1; done",
+                m = marks.display(), r = release.display())}},
+            {"name": "after", "plugin": "shell", "step": "run", "properties": {"script": format!(
+                "echo after >> {}/$TETHER_JOB_ID.marks", marks.display())}}]}),
+    );
+    assert!(dispatch(&server, "hello", &targets).is_some(), "before");
+
+    // A deployment under way when the backup is taken.
+    let gated = post(
+        &server,
+        "/api/v1/deployments",
+        &json!({"process": "gated", "targets": {"agents": targets}, "properties": {}}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gated_jobs = job_ids(&deployment(&server, &gated));
+    eventually("both gated jobs waiting", WAIT, || {
+        gated_jobs
+            .iter()
+            .all(|j| marks.join(format!("{j}.marks")).exists())
+            .then_some(())
+    });
+    server.kill();
+    let backup = tmp.path().join("backup");
+    copy_dir(&server.dir, &backup);
+    server.run();
+
+    // After the backup: the gated jobs finish, and a new deployment runs to the end.
+    std::fs::write(&release, "").unwrap();
+    eventually("the gated deployment finished", WAIT, || {
+        (deployment(&server, &gated)["status"] == "succeeded").then_some(())
+    });
+    let lost = post(
+        &server,
+        "/api/v1/deployments",
+        &json!({"process": "hello", "targets": {"agents": targets}, "properties": {}}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually("the deployment after the backup finished", WAIT, || {
+        (deployment(&server, &lost)["status"] == "succeeded").then_some(())
+    });
+    let lost_jobs = job_ids(&deployment(&server, &lost));
+
+    // The server's disk dies; it is restored from the backup.
+    server.kill();
+    copy_dir(&backup, &server.dir);
+    server.run();
+    assert_eq!(
+        deployment(&server, &gated)["status"],
+        "running",
+        "the backup's view"
+    );
+    assert_eq!(
+        server
+            .request("GET", &format!("/api/v1/deployments/{lost}"), None)
+            .status,
+        404,
+        "made after the backup"
+    );
+
+    // Every agent comes back by itself, and its report completes the record.
+    online(&server, &[&direct, &relayed]);
+    let reconciliation = eventually("both agents reported", WAIT, || {
+        let r = server
+            .request("GET", "/api/v1/reconciliation", None)
+            .json();
+        let agents = r["agents"].as_array()?;
+        (agents.len() == 2 && agents.iter().all(|a| a["phase"] == "reported")).then(|| r)
+    });
+    let d = eventually("the gated deployment brought up to date", WAIT, || {
+        let d = deployment(&server, &gated);
+        (d["status"] == "succeeded").then_some(d)
+    });
+    for job in d["jobs"].as_array().unwrap() {
+        for step in job["steps"].as_array().unwrap() {
+            assert_eq!(step["status"], "succeeded", "{d}");
+        }
+    }
+    let mut orphans: Vec<String> = Vec::new();
+    for a in reconciliation["agents"].as_array().unwrap() {
+        assert!(
+            a["events_lost"].as_u64().unwrap() > 0,
+            "the events after the backup were lost: {a}"
+        );
+        assert!(a["jobs_updated"].as_u64().unwrap() >= 1, "{a}");
+        for o in a["orphans"].as_array().unwrap() {
+            if o["deployment_id"] == lost.as_str() {
+                assert_eq!(o["status"], "succeeded", "{o}");
+                assert_eq!(o["steps"][0]["status"], "succeeded", "{o}");
+                orphans.push(o["job_id"].as_str().unwrap().to_owned());
+            }
+        }
+    }
+    orphans.sort();
+    let mut expected = lost_jobs.clone();
+    expected.sort();
+    assert_eq!(
+        orphans, expected,
+        "the lost deployment's results are kept: {reconciliation}"
+    );
+
+    // The operator sees it: health, the CLI and the web page.
+    let health = server.try_health().expect("health");
+    assert_eq!(health["agents_refused"], 0, "{health}");
+    assert_eq!(health["reconciliation"]["agents"], 2, "{health}");
+    assert!(health["reconciliation"]["orphan_results"].as_u64().unwrap() >= 2);
+    let cli = Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&["health"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("reconciliation"), "{text}");
+    let out = cli.run(&["reconciliation"]);
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("relayed") && text.contains(&lost), "{text}");
+
+    // Nothing ran twice; new work runs on both.
+    assert!(dispatch(&server, "hello", &targets).is_some(), "after the restore");
+    let entries: Vec<_> = std::fs::read_dir(&marks).unwrap().flatten().collect();
+    assert_eq!(entries.len(), 8, "four deployments' jobs on two agents");
+    for e in entries {
+        let lines = std::fs::read_to_string(e.path()).unwrap();
+        let mut sorted: Vec<&str> = lines.lines().collect();
+        let all = sorted.len();
+        sorted.dedup();
+        assert_eq!(all, sorted.len(), "{:?}: {lines}", e.path());
+    }
+
+    // Reviewed: dismissed, one agent at a time.
+    let r = server.request("DELETE", "/api/v1/reconciliation/direct", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = server.request("DELETE", "/api/v1/reconciliation/direct", None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = server
+        .request("GET", "/api/v1/reconciliation", None)
+        .json();
+    assert_eq!(r["agents"].as_array().unwrap().len(), 1, "{r}");
+    relay.kill();
+}

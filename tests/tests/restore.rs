@@ -239,3 +239,59 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     assert_eq!(r["agents"].as_array().unwrap().len(), 1, "{r}");
     relay.kill();
 }
+
+/// The restored server numbers new commands before the agent is back: the agent holds other
+/// commands under those numbers. Told apart by the command id in its Hello, they are sent again
+/// under new numbers (never skipped as "already held"), and run.
+#[test]
+fn commands_numbered_after_a_restore_are_not_mistaken_for_those_the_agent_holds() {
+    let tmp = TestDir::new();
+    let mut server = Server::start(tmp.path());
+    server.kill();
+    server.run();
+    let mut agent = Agent::install(&server, tmp.path(), "solo", &[]);
+    agent.run();
+    online(&server, &[&agent]);
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    post(
+        &server,
+        "/api/v1/processes",
+        &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
+            "properties": {"script": format!("echo say >> {}/$TETHER_JOB_ID.marks", marks.display())}}]}),
+    );
+    let targets = vec![agent.id.clone()];
+    server.kill();
+    let backup = tmp.path().join("backup");
+    copy_dir(&server.dir, &backup);
+    server.run();
+    assert!(dispatch(&server, "hello", &targets).is_some(), "after the backup");
+
+    // Restored while the agent is away; a deployment is queued for it before it is back.
+    agent.stop();
+    server.kill();
+    copy_dir(&backup, &server.dir);
+    server.run();
+    let queued = post(
+        &server,
+        "/api/v1/deployments",
+        &json!({"process": "hello", "targets": {"agents": targets}, "properties": {}}),
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    agent.run();
+    eventually("the deployment queued while the agent was away ran", WAIT, || {
+        (deployment(&server, &queued)["status"] == "succeeded").then_some(())
+    });
+    let job = &job_ids(&deployment(&server, &queued))[0];
+    let ran = std::fs::read_to_string(marks.join(format!("{job}.marks"))).unwrap();
+    assert_eq!(ran.lines().count(), 1, "{ran}");
+    let r = server
+        .request("GET", "/api/v1/reconciliation", None)
+        .json();
+    let a = &r["agents"][0];
+    assert_eq!(a["commands_lost"], 1, "{r}");
+    assert!(a["events_lost"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(a["orphan_results"], 1, "the deployment after the backup: {r}");
+}

@@ -126,7 +126,9 @@ impl Reconciliations {
                 Ok(r) => {
                     inner.records.insert(r.agent_id.clone(), r);
                 }
-                Err(e) => tracing::warn!(key = %key, error = %e, "reconciliation-record-unreadable"),
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "reconciliation-record-unreadable")
+                }
             }
         }
         for (key, value) in journal.scan_meta(ORPHAN_PREFIX)? {

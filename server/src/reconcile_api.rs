@@ -53,10 +53,7 @@ async fn dismiss(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let given = path.into_inner();
-    let id = state
-        .registry
-        .resolve_agent(&given)
-        .map_or(given, |a| a.id);
+    let id = state.registry.resolve_agent(&given).map_or(given, |a| a.id);
     match state.shared.work.reconciliations().dismiss(&id).await {
         Ok(true) => Ok(HttpResponse::Ok().json(json!({"agent_id": id, "dismissed": true}))),
         Ok(false) => Err(ApiError::NotFound),

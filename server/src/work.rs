@@ -121,7 +121,9 @@ impl Work {
                 let now = tether_shared::clock::now_unix_ms();
                 tracing::info!(agent_id = %agent_id, jobs, omitted, "agent-jobs-reported");
                 Some(EventEffect {
-                    ops: vec![self.reconciliations.reported(agent_id, *jobs, *omitted, now)],
+                    ops: vec![self
+                        .reconciliations
+                        .reported(agent_id, *jobs, *omitted, now)],
                     slot_freed: false,
                 })
             }

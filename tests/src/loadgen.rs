@@ -817,7 +817,10 @@ impl SimAgent {
                         }
                         // Holds no job records: it has nothing to report.
                         CommandBody::Reconcile {} => {
-                            self.enqueue(EventBody::JobsReported { jobs: 0, omitted: 0 })?;
+                            self.enqueue(EventBody::JobsReported {
+                                jobs: 0,
+                                omitted: 0,
+                            })?;
                         }
                         CommandBody::EmitProbes { count } => {
                             self.requested = self.requested.saturating_add(count);

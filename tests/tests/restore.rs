@@ -162,9 +162,7 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     // Every agent comes back by itself, and its report completes the record.
     online(&server, &[&direct, &relayed]);
     let reconciliation = eventually("both agents reported", WAIT, || {
-        let r = server
-            .request("GET", "/api/v1/reconciliation", None)
-            .json();
+        let r = server.request("GET", "/api/v1/reconciliation", None).json();
         let agents = r["agents"].as_array()?;
         (agents.len() == 2 && agents.iter().all(|a| a["phase"] == "reported")).then(|| r)
     });
@@ -217,7 +215,10 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     assert!(text.contains("relayed") && text.contains(&lost), "{text}");
 
     // Nothing ran twice; new work runs on both.
-    assert!(dispatch(&server, "hello", &targets).is_some(), "after the restore");
+    assert!(
+        dispatch(&server, "hello", &targets).is_some(),
+        "after the restore"
+    );
     let entries: Vec<_> = std::fs::read_dir(&marks).unwrap().flatten().collect();
     assert_eq!(entries.len(), 8, "four deployments' jobs on two agents");
     for e in entries {
@@ -233,9 +234,7 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     assert_eq!(r.status, 200, "{}", r.body);
     let r = server.request("DELETE", "/api/v1/reconciliation/direct", None);
     assert_eq!(r.status, 404, "{}", r.body);
-    let r = server
-        .request("GET", "/api/v1/reconciliation", None)
-        .json();
+    let r = server.request("GET", "/api/v1/reconciliation", None).json();
     assert_eq!(r["agents"].as_array().unwrap().len(), 1, "{r}");
     relay.kill();
 }
@@ -265,7 +264,10 @@ fn commands_numbered_after_a_restore_are_not_mistaken_for_those_the_agent_holds(
     let backup = tmp.path().join("backup");
     copy_dir(&server.dir, &backup);
     server.run();
-    assert!(dispatch(&server, "hello", &targets).is_some(), "after the backup");
+    assert!(
+        dispatch(&server, "hello", &targets).is_some(),
+        "after the backup"
+    );
 
     // Restored while the agent is away; a deployment is queued for it before it is back.
     agent.stop();
@@ -281,17 +283,152 @@ fn commands_numbered_after_a_restore_are_not_mistaken_for_those_the_agent_holds(
         .unwrap()
         .to_owned();
     agent.run();
-    eventually("the deployment queued while the agent was away ran", WAIT, || {
-        (deployment(&server, &queued)["status"] == "succeeded").then_some(())
-    });
+    eventually(
+        "the deployment queued while the agent was away ran",
+        WAIT,
+        || (deployment(&server, &queued)["status"] == "succeeded").then_some(()),
+    );
     let job = &job_ids(&deployment(&server, &queued))[0];
     let ran = std::fs::read_to_string(marks.join(format!("{job}.marks"))).unwrap();
     assert_eq!(ran.lines().count(), 1, "{ran}");
-    let r = server
-        .request("GET", "/api/v1/reconciliation", None)
-        .json();
+    let r = server.request("GET", "/api/v1/reconciliation", None).json();
     let a = &r["agents"][0];
     assert_eq!(a["commands_lost"], 1, "{r}");
     assert!(a["events_lost"].as_u64().unwrap() > 0, "{r}");
-    assert_eq!(a["orphan_results"], 1, "the deployment after the backup: {r}");
+    assert_eq!(
+        a["orphan_results"], 1,
+        "the deployment after the backup: {r}"
+    );
+
+    // The other way round, an agent restored behind the server (it lost commands it
+    // acknowledged) is refused, not resynchronised blindly: health names it and `tether
+    // health` fails until an operator acts.
+    agent.stop();
+    let agent_backup = tmp.path().join("agent-backup");
+    copy_dir(&agent.dir, &agent_backup);
+    agent.run();
+    assert!(
+        dispatch(&server, "hello", &targets).is_some(),
+        "after the agent's backup"
+    );
+    agent.stop();
+    copy_dir(&agent_backup, &agent.dir);
+    agent.run();
+    let health = eventually("the restored agent refused", WAIT, || {
+        let h = server.try_health()?;
+        (h["agents_refused"] == 1).then_some(h)
+    });
+    let why = health["agents"][agent.id.as_str()]["refused"]
+        .as_str()
+        .unwrap();
+    assert!(why.contains("lost acknowledged messages"), "{health}");
+    let cli = Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&["health"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "{out:?}"
+    );
+    agent.stop();
+}
+
+/// A peer holding an agent's key claims in its Hello that the server is behind it: malformed
+/// claims are refused with nothing journaled; a well-formed one moves only that agent's own
+/// streams forward (and is shown), never another agent's.
+#[test]
+fn a_hello_claiming_the_server_is_behind_moves_only_its_own_agents_streams() {
+    use tether_shared::protocol::{ErrorCode, Frame, Seq};
+    use tether_tests::wire::{
+        agent_identity, fresh_incarnation, hello, journal_commits, server_key, WsClient,
+    };
+    let short = Duration::from_secs(10);
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let victim = Agent::install(&server, tmp.path(), "claimer", &[]);
+    let mut other = Agent::install(&server, tmp.path(), "other", &[]);
+    let key = agent_identity(&victim.dir);
+    let session = |f: &dyn Fn(&str) -> tether_shared::protocol::Hello| {
+        let mut ws = WsClient::connect(&server).unwrap();
+        ws.secure(&victim.id, &key, &server_key(&server));
+        let nonce = ws.challenge(short);
+        ws.send(&Frame::Hello(f(&nonce))).unwrap();
+        ws
+    };
+    let incarnation = fresh_incarnation();
+    let commits = journal_commits(&server);
+    type MakeHello<'a> = Box<dyn Fn(&str) -> tether_shared::protocol::Hello + 'a>;
+    let cases: Vec<(&str, &str, MakeHello)> = vec![
+        (
+            "an oversized command id",
+            "last_command_id",
+            Box::new(|nonce| {
+                let mut h = hello(&key, &victim.id, nonce, &incarnation);
+                h.last_command_id = "f".repeat(65);
+                h
+            }),
+        ),
+        (
+            "events acknowledged past the last seq",
+            "out of range",
+            Box::new(|nonce| {
+                let mut h = hello(&key, &victim.id, nonce, &incarnation);
+                h.events_acked = Seq(u64::MAX);
+                h
+            }),
+        ),
+    ];
+    for (case, needle, make) in cases {
+        let closed = session(&*make).expect_close(short);
+        let e = closed
+            .error()
+            .unwrap_or_else(|| panic!("{case}: {closed:?}"));
+        assert_eq!(e.code, ErrorCode::Malformed, "{case}: {e:?}");
+        assert!(e.message.contains(needle), "{case}: {e:?}");
+    }
+    assert_eq!(
+        journal_commits(&server),
+        commits,
+        "malformed hellos were journaled"
+    );
+
+    // Well-formed: a first session makes this incarnation known, a second claims to be far ahead.
+    let mut ws = session(&|nonce| hello(&key, &victim.id, nonce, &incarnation));
+    let Frame::Welcome(w) = ws.recv_frame("welcome", short) else {
+        panic!("no welcome")
+    };
+    drop(ws);
+    let mut ws = session(&|nonce| {
+        let mut h = hello(&key, &victim.id, nonce, &incarnation);
+        h.server_incarnation = w.server_incarnation.clone();
+        h.events_acked = Seq(1_000_000);
+        h
+    });
+    let Frame::Welcome(w2) = ws.recv_frame("welcome", short) else {
+        panic!("no welcome")
+    };
+    assert_eq!(w2.last_event_seq, Seq(1_000_000), "its own stream moved");
+    drop(ws);
+    let r = server.request("GET", "/api/v1/reconciliation", None).json();
+    let agents = r["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 1, "{r}");
+    assert_eq!(agents[0]["agent_id"], victim.id.as_str(), "{r}");
+    assert_eq!(agents[0]["events_lost"], 1_000_000, "{r}");
+    assert_eq!(
+        agents[0]["phase"], "unsupported",
+        "it did not offer a report: {r}"
+    );
+
+    // Another agent is untouched: it comes online and runs work.
+    other.run();
+    online(&server, &[&other]);
+    post(
+        &server,
+        "/api/v1/processes",
+        &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
+            "properties": {"script": "echo hello"}}]}),
+    );
+    assert!(dispatch(&server, "hello", &[other.id.clone()]).is_some());
+    let r = server.request("GET", "/api/v1/reconciliation", None).json();
+    assert_eq!(r["agents"].as_array().unwrap().len(), 1, "{r}");
 }

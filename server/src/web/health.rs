@@ -17,15 +17,18 @@ use super::{csrf, WebError};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health)))
-        .service(
-            resource("/health/reconciliation/{agent}/dismiss").route(web::post().to(dismiss)),
-        );
+        .service(resource("/health/reconciliation/{agent}/dismiss").route(web::post().to(dismiss)));
 }
 
 /// The reconciliation section: one row per agent, then the orphan results.
 fn reconciliation(state: &AppState, user: &CurrentUser) -> Markup {
     let list = state.shared.work.reconciliations().list();
-    let name = |id: &str| state.registry.agent_name(id).unwrap_or_else(|| id.to_owned());
+    let name = |id: &str| {
+        state
+            .registry
+            .agent_name(id)
+            .unwrap_or_else(|| id.to_owned())
+    };
     html! {
         @if !list.is_empty() {
             h2 { "Reconciliation" }

@@ -311,7 +311,9 @@ impl<P: Clone> Outbound<P> {
     pub fn retained(&self, seq: Seq) -> Option<&P> {
         let first = self.retained.front()?.seq;
         let at = seq.0.checked_sub(first.0)?;
-        self.retained.get(usize::try_from(at).ok()?).map(|r| &r.payload)
+        self.retained
+            .get(usize::try_from(at).ok()?)
+            .map(|r| &r.payload)
     }
 
     pub fn acked(&self) -> Seq {

@@ -157,8 +157,16 @@ fn endpoint(sent: u32, acked: u64, held: u64) -> Endpoint<u32> {
 fn rejoin_finds_nothing_when_this_end_is_not_behind() {
     let mut ep = endpoint(5, 3, 7);
     assert_eq!(ep.rejoin(Seq(7), Seq(4), |p| *p == 4), None);
-    assert_eq!(ep.rejoin(Seq(6), Seq(5), |p| *p == 5), None, "an ack in flight");
-    assert_eq!(ep.rejoin(Seq(7), Seq(3), |_| false), None, "nothing held to compare");
+    assert_eq!(
+        ep.rejoin(Seq(6), Seq(5), |p| *p == 5),
+        None,
+        "an ack in flight"
+    );
+    assert_eq!(
+        ep.rejoin(Seq(7), Seq(3), |_| false),
+        None,
+        "nothing held to compare"
+    );
     ep.complete(ConnId(2), "peer", true, Seq(4), 0).unwrap();
     assert_eq!(ep.outbound.acked(), Seq(4));
 }
@@ -169,7 +177,11 @@ fn rejoin_skips_peer_messages_this_end_lost() {
     let r = ep.rejoin(Seq(9), Seq(2), |_| true).unwrap();
     assert_eq!((r.inbound_lost, r.outbound_lost), (4, 0));
     assert!(r.resend.is_empty());
-    assert_eq!(ep.inbound.connect(), Seq(9), "announced: the peer resends from 10");
+    assert_eq!(
+        ep.inbound.connect(),
+        Seq(9),
+        "announced: the peer resends from 10"
+    );
     assert_eq!(ep.inbound.on_data(Seq(10), 0), Ok(DataOutcome::Accept));
 }
 
@@ -183,7 +195,11 @@ fn rejoin_continues_after_what_the_peer_holds_and_resends_what_was_retained() {
     let again: Vec<u32> = r.resend.iter().map(|r| r.payload).collect();
     assert_eq!(again, vec![4, 5, 6, 7], "everything unacked goes again");
     ep.complete(ConnId(2), "peer", true, Seq(6), 0).unwrap();
-    assert_eq!(ep.outbound.enqueue(4, 0).unwrap(), Seq(7), "numbered after the peer's");
+    assert_eq!(
+        ep.outbound.enqueue(4, 0).unwrap(),
+        Seq(7),
+        "numbered after the peer's"
+    );
 
     // Ahead of anything this end numbered.
     let mut ep = endpoint(2, 2, 0);

@@ -124,12 +124,7 @@ impl Ledger {
     /// A `RunJob` was accepted: `JobAccepted` joins the command's batch with the new record.
     /// For a job already known (sent again by a server restored behind this agent), where it
     /// stands instead: it never runs twice.
-    pub fn accept(
-        &mut self,
-        job_id: &str,
-        deployment_id: &str,
-        steps: Vec<StepSpec>,
-    ) -> EventBody {
+    pub fn accept(&mut self, job_id: &str, deployment_id: &str, steps: Vec<StepSpec>) -> EventBody {
         if let Some(known) = self.records.get(job_id) {
             tracing::info!(job_id = %job_id, "job-already-known");
             return EventBody::JobReport(known.report());

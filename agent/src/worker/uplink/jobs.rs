@@ -174,7 +174,9 @@ impl Uplink {
             last = Some(seq);
             sent += 1;
         }
-        let omitted = u32::try_from(total).unwrap_or(u32::MAX).saturating_sub(sent);
+        let omitted = u32::try_from(total)
+            .unwrap_or(u32::MAX)
+            .saturating_sub(sent);
         tracing::warn!(jobs = sent, omitted, "jobs-reported-to-a-server-behind");
         if let Some((seq, op)) = self.event_op(EventBody::JobsReported {
             jobs: sent,

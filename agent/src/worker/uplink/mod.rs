@@ -183,7 +183,11 @@ impl Uplink {
         let Some(before) = seq.0.checked_sub(1) else {
             return String::new();
         };
-        match self.cfg.journal.read_log(self.receiver.log(), Seq(before), 1) {
+        match self
+            .cfg
+            .journal
+            .read_log(self.receiver.log(), Seq(before), 1)
+        {
             Ok(entries) => entries
                 .into_iter()
                 .find(|e| e.seq == seq)

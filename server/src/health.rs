@@ -377,6 +377,20 @@ impl ServerHealth {
              tether_trust_peers_behind {}\n",
             self.trust.serial, self.trust.behind
         );
+        let r = &self.reconciliation;
+        let _ = write!(
+            out,
+            "# HELP tether_agents_refused Agents whose last handshake was refused.\n\
+             # TYPE tether_agents_refused gauge\n\
+             tether_agents_refused {}\n\
+             # HELP tether_reconciliation_agents Agents this server was found behind (restored from a backup), until dismissed.\n\
+             # TYPE tether_reconciliation_agents gauge\n\
+             tether_reconciliation_agents {}\n\
+             # HELP tether_reconciliation_orphan_results Results agents reported for jobs this server does not know.\n\
+             # TYPE tether_reconciliation_orphan_results gauge\n\
+             tether_reconciliation_orphan_results {}\n",
+            self.agents_refused, r.agents, r.orphan_results
+        );
         let _ = write!(
             out,
             "# HELP tether_actor_up 1 if the actor answered its last observation without a fault.\n\

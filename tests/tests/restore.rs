@@ -50,6 +50,44 @@ fn online(server: &Server, agents: &[&Agent]) {
     }
 }
 
+/// A page of the web application, logged in as the initial admin (form login, its cookie).
+fn web_page(server: &Server, path: &str) -> String {
+    let password = std::fs::read_to_string(server.dir.join("admin.password")).unwrap();
+    let origin = format!("https://localhost:{}", server.https.port());
+    let body = format!("user=admin&password={}", password.trim());
+    let login = tether_tests::https_request_with_body(
+        server.https,
+        server.tls(),
+        "localhost",
+        "POST",
+        "/login",
+        &[
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Origin", origin.as_str()),
+        ],
+        Some(body.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(login.status, 303, "{}", login.body);
+    let cookie = login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    let r = tether_tests::https_request_with_body(
+        server.https,
+        server.tls(),
+        "localhost",
+        "GET",
+        path,
+        &[("Cookie", cookie.as_str())],
+        None,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
 /// The job ids of deployment `d`.
 fn job_ids(d: &Value) -> Vec<String> {
     d["jobs"]
@@ -203,6 +241,17 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     assert_eq!(health["agents_refused"], 0, "{health}");
     assert_eq!(health["reconciliation"]["agents"], 2, "{health}");
     assert!(health["reconciliation"]["orphan_results"].as_u64().unwrap() >= 2);
+    let metrics = server.request("GET", "/metrics", None).body;
+    assert!(
+        metrics.contains("tether_reconciliation_agents 2\n")
+            && metrics.contains("tether_agents_refused 0\n"),
+        "{metrics}"
+    );
+    let page = web_page(&server, "/health");
+    assert!(
+        page.contains("id=\"reconciliation\"") && page.contains(&lost),
+        "the web health page shows the reconciliation and the orphan results:\n{page}"
+    );
     let cli = Tether::new(&tmp.path().join("cli"));
     cli.login(&server);
     let out = cli.run(&["health"]);

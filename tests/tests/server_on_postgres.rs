@@ -485,3 +485,54 @@ fn a_frozen_active_node_that_lost_its_lease_commits_nothing_and_steps_down() {
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(pg.psql(stored), "1", "the check sees a stored process");
 }
+
+/// The database restored from a backup taken before the agent's last exchanges (or failed over
+/// to a replica that was behind): the server reconciles with the agent by itself, as on sled.
+#[test]
+fn a_database_restored_behind_the_agent_reconciles_by_itself() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let mut server = Server::start_with(tmp.path(), &borrowed(&on(&pg)));
+    let mut agent = Agent::install(&server, tmp.path(), "pg-agent", &[]);
+    agent.run();
+    eventually("agent online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(
+            &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
+            "properties": {"script": "echo hello"}}]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let ids = vec![agent.id.clone()];
+    assert!(dispatch(&server, "hello", &ids).is_some(), "before the backup");
+    server.kill();
+    pg.psql(
+        "CREATE TABLE backup_journal AS SELECT * FROM tether_journal; \
+         CREATE TABLE backup_blobs AS SELECT * FROM tether_blobs",
+    );
+    server.run();
+    assert!(dispatch(&server, "hello", &ids).is_some(), "after the backup");
+    server.kill();
+    pg.psql(
+        "BEGIN; TRUNCATE tether_journal, tether_blobs; \
+         INSERT INTO tether_journal SELECT * FROM backup_journal; \
+         INSERT INTO tether_blobs SELECT * FROM backup_blobs; COMMIT",
+    );
+    server.run();
+    let r = eventually("the agent's report in", WAIT, || {
+        let r = server.request("GET", "/api/v1/reconciliation", None).json();
+        (r["agents"][0]["phase"] == "reported").then_some(r)
+    });
+    let a = &r["agents"][0];
+    assert!(a["events_lost"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(a["orphan_results"], 1, "the deployment after the backup: {r}");
+    assert_eq!(a["orphans"][0]["status"], "succeeded", "{r}");
+    assert_eq!(server.agent_status(&agent.id), "online");
+    assert!(dispatch(&server, "hello", &ids).is_some(), "after the restore");
+}

@@ -580,9 +580,18 @@ mod tests {
             },
             agents: BTreeMap::new(),
             cluster: None,
+            reconciliation: crate::reconcile::Summary {
+                agents: 2,
+                orphan_results: 4,
+                ..Default::default()
+            },
+            agents_refused: 1,
         };
         let text = health.to_prometheus();
         for line in [
+            "tether_agents_refused 1",
+            "tether_reconciliation_agents 2",
+            "tether_reconciliation_orphan_results 4",
             "tether_trust_serial 2",
             "tether_trust_peers_behind 1",
             "tether_journal_batches_total 11",

@@ -91,6 +91,9 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                         last_command_seq: Seq(s),
                         proof,
                         trust_serial: s % 3,
+                        events_acked: Seq(s / 2),
+                        last_command_id: format!("{s:x}"),
+                        reconciles: s % 2 == 0,
                     };
                     (Frame::Hello(h), Sender::Agent)
                 }
@@ -273,6 +276,7 @@ fn samples_match_their_golden_files() {
                 last_command_seq: Seq(41),
                 proof: "cHJvb2Y=".into(),
                 trust_serial: 0,
+                ..Default::default()
             }),
         ),
         (

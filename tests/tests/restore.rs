@@ -202,7 +202,7 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     let reconciliation = eventually("both agents reported", WAIT, || {
         let r = server.request("GET", "/api/v1/reconciliation", None).json();
         let agents = r["agents"].as_array()?;
-        (agents.len() == 2 && agents.iter().all(|a| a["phase"] == "reported")).then(|| r)
+        (agents.len() == 2 && agents.iter().all(|a| a["phase"] == "reported")).then_some(r)
     });
     let d = eventually("the gated deployment brought up to date", WAIT, || {
         let d = deployment(&server, &gated);

@@ -510,14 +510,20 @@ fn a_database_restored_behind_the_agent_reconciles_by_itself() {
     );
     assert_eq!(r.status, 201, "{}", r.body);
     let ids = vec![agent.id.clone()];
-    assert!(dispatch(&server, "hello", &ids).is_some(), "before the backup");
+    assert!(
+        dispatch(&server, "hello", &ids).is_some(),
+        "before the backup"
+    );
     server.kill();
     pg.psql(
         "CREATE TABLE backup_journal AS SELECT * FROM tether_journal; \
          CREATE TABLE backup_blobs AS SELECT * FROM tether_blobs",
     );
     server.run();
-    assert!(dispatch(&server, "hello", &ids).is_some(), "after the backup");
+    assert!(
+        dispatch(&server, "hello", &ids).is_some(),
+        "after the backup"
+    );
     server.kill();
     pg.psql(
         "BEGIN; TRUNCATE tether_journal, tether_blobs; \
@@ -531,8 +537,14 @@ fn a_database_restored_behind_the_agent_reconciles_by_itself() {
     });
     let a = &r["agents"][0];
     assert!(a["events_lost"].as_u64().unwrap() > 0, "{r}");
-    assert_eq!(a["orphan_results"], 1, "the deployment after the backup: {r}");
+    assert_eq!(
+        a["orphan_results"], 1,
+        "the deployment after the backup: {r}"
+    );
     assert_eq!(a["orphans"][0]["status"], "succeeded", "{r}");
     assert_eq!(server.agent_status(&agent.id), "online");
-    assert!(dispatch(&server, "hello", &ids).is_some(), "after the restore");
+    assert!(
+        dispatch(&server, "hello", &ids).is_some(),
+        "after the restore"
+    );
 }

@@ -356,6 +356,7 @@ mod tests {
             last_command_seq: protocol::Seq::ZERO,
             proof: key.sign(&hello_proof_bytes(nonce, id)),
             trust_serial: 0,
+            ..Default::default()
         })
         .encode()
         .expect("encode")

@@ -225,6 +225,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         relay_certificate_lifetime: cfg.server.relay_certificate_lifetime,
         journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
         storage: cfg.storage.clone(),
+        files_dir: cfg.server.files_dir.clone(),
     };
     match run::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

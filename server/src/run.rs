@@ -83,6 +83,8 @@ pub struct RunOptions {
     pub journal_cache_bytes: u64,
     /// Where the journal lives.
     pub storage: Storage,
+    /// Where artifacts, plugin bundles and upgrade packages live (`None`: the data directory).
+    pub files_dir: Option<PathBuf>,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -257,14 +259,16 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         registry.clone(),
     ));
     let users = Arc::new(Users::load(journal.handle())?);
-    let plugins = Arc::new(Plugins::load(journal.handle(), dir)?);
+    // Content-addressed files: on a directory the nodes of a cluster share, or in `dir`.
+    let files = opts.files_dir.as_deref().unwrap_or(dir);
+    let plugins = Arc::new(Plugins::load(journal.handle(), files)?);
     let artifacts = crate::artifacts::ArtifactStore::open(
-        dir,
+        files,
         journal.handle(),
         registry.clone(),
         token.clone(),
     )?;
-    let upgrades = Arc::new(Upgrades::open(journal.handle(), dir)?);
+    let upgrades = Arc::new(Upgrades::open(journal.handle(), files)?);
     let deployments = Arc::new(
         Deployments::load(journal.handle())?
             .with_catalog(plugins.clone())

@@ -287,10 +287,18 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
         return;
     };
     let tmp = TestDir::new();
-    let env_a = node(&pg, "node-a", "3000");
-    let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    // Artifacts, plugins and upgrade packages on a directory both nodes share.
+    let files = tmp.path().join("shared-files");
+    let files_env = ("TETHER_SERVER__FILES_DIR", files.to_str().unwrap());
+    let node_a = node(&pg, "node-a", "3000");
+    let mut env_a = borrowed(&node_a);
+    env_a.push(files_env);
+    let mut a = Server::start_with(&tmp.path().join("a"), &env_a);
     let b_dir = tmp.path().join("b");
-    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    let mut b = a.another_node(
+        &b_dir,
+        &[("TETHER_STORAGE__NODE_NAME", "node-b"), files_env],
+    );
     // The standby waits for the lease, binding nothing.
     eventually("node b waiting as a standby", WAIT, || {
         let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap_or_default();
@@ -384,6 +392,10 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     );
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.json()["id"].as_str().unwrap().to_owned();
+    let artifact = b"an artifact uploaded to node a".repeat(100);
+    let up = a.request_raw("PUT", "/api/v1/artifacts/site/1.0", &[], &artifact);
+    assert_eq!(up.status, 201, "{}", up.body);
+    assert!(files.join("artifacts").is_dir(), "kept in the shared directory");
     eventually("the deployment under way", WAIT, || {
         marks_in(&marks).iter().any(|l| l.len() >= 2).then_some(())
     });
@@ -415,6 +427,10 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
             );
         }
     }
+    // The artifact uploaded to node a is served by node b.
+    let got = b.request("GET", "/api/v1/artifacts/site/1.0", None);
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.body.as_bytes(), artifact.as_slice());
     let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
     assert!(log.contains("lease-taken-active"), "{log}");
     let h = tether_tests::wire::health(&b);

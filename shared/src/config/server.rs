@@ -168,6 +168,9 @@ pub struct RawServerSection {
     pub relay_certificate_lifetime_s: i64,
     /// The journal's page cache in MiB: what of the database stays in memory.
     pub journal_cache_mib: i64,
+    /// Where artifacts, plugin bundles and upgrade packages are kept (content-addressed);
+    /// empty: the data directory. Servers of a cluster share one (a shared filesystem).
+    pub files_dir: PathBuf,
 }
 
 impl Default for RawServerSection {
@@ -180,6 +183,7 @@ impl Default for RawServerSection {
             max_unacked: 1_024,
             relay_certificate_lifetime_s: 30 * 86_400,
             journal_cache_mib: 256,
+            files_dir: PathBuf::new(),
         }
     }
 }
@@ -241,6 +245,9 @@ pub struct ServerSection {
     pub relay_certificate_lifetime: Duration,
     /// The journal's page cache, in MiB.
     pub journal_cache_mib: u64,
+    /// Artifacts, plugin bundles and upgrade packages (`None`: in the data directory).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub files_dir: Option<PathBuf>,
 }
 
 fn serialize_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -341,6 +348,7 @@ impl RawConfig for RawServerConfig {
                     max_unacked: unacked?,
                     relay_certificate_lifetime: Duration::from_secs(relay_lifetime?),
                     journal_cache_mib: cache?,
+                    files_dir: (!s.files_dir.as_os_str().is_empty()).then(|| s.files_dir.clone()),
                 },
                 listen: ServerListen {
                     https: https?,

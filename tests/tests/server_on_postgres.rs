@@ -395,7 +395,10 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     let artifact = b"an artifact uploaded to node a".repeat(100);
     let up = a.request_raw("PUT", "/api/v1/artifacts/site/1.0", &[], &artifact);
     assert_eq!(up.status, 201, "{}", up.body);
-    assert!(files.join("artifacts").is_dir(), "kept in the shared directory");
+    assert!(
+        files.join("artifacts").is_dir(),
+        "kept in the shared directory"
+    );
     eventually("the deployment under way", WAIT, || {
         marks_in(&marks).iter().any(|l| l.len() >= 2).then_some(())
     });

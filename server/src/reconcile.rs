@@ -9,10 +9,12 @@
 //! (`crate::deployments`), and one it does not know (its deployment was created after the
 //! backup) is kept here as an *orphan result*, shown until an operator dismisses it.
 //!
-//! Bounds: one record per agent, and at most [`MAX_ORPHANS_PER_AGENT`] orphan results per
-//! agent (past it they are counted, and the count is shown). Orphans keep each step's status,
-//! exit code and message, not its output properties: this server cannot know which values
-//! of a deployment it never saw are secret.
+//! Bounds: one record per agent, made only when its link found this server behind it (reports
+//! and orphans from an agent without one are ignored), and at most [`MAX_ORPHANS_PER_AGENT`]
+//! orphan results per agent (past it they are counted, and the count is shown), each cut to
+//! 64 steps and 256 characters of text. Orphans keep each step's status, exit code and
+//! message, not its output properties: this server cannot know which values of a deployment
+//! it never saw are secret.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -26,7 +28,10 @@ use tether_shared::protocol::{JobReport, JobStatus, StepStatus};
 const RECORD_PREFIX: &str = "reconcile/agent/";
 const ORPHAN_PREFIX: &str = "reconcile/orphan/";
 /// Orphan results kept per agent; more are counted.
-pub const MAX_ORPHANS_PER_AGENT: usize = 1000;
+pub const MAX_ORPHANS_PER_AGENT: usize = 200;
+/// Of each orphan result: steps kept, and characters kept of a step's name and message.
+const MAX_ORPHAN_STEPS: usize = 64;
+const MAX_ORPHAN_TEXT: usize = 256;
 
 /// Where an agent's reconciliation stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +115,11 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// At most [`MAX_ORPHAN_TEXT`] characters of a peer's text.
+fn cut(text: &str) -> String {
+    text.chars().take(MAX_ORPHAN_TEXT).collect()
+}
+
 fn record_key(agent_id: &str) -> String {
     format!("{RECORD_PREFIX}{agent_id}")
 }
@@ -150,10 +160,29 @@ impl Reconciliations {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Change `agent_id`'s record (made if missing) and return the op that stores it.
-    fn update(&self, agent_id: &AgentId, now_ms: u64, f: impl FnOnce(&mut Record)) -> Op {
+    /// Change `agent_id`'s record and return the op that stores it; `None` (nothing changed)
+    /// for an agent without one.
+    fn update(&self, agent_id: &AgentId, f: impl FnOnce(&mut Record)) -> Option<Op> {
         let mut inner = self.lock();
-        let record = inner
+        let record = inner.records.get_mut(agent_id.as_str())?;
+        f(record);
+        Some(Op::PutMeta {
+            key: record_key(agent_id),
+            value: json(record),
+        })
+    }
+
+    /// The link of `agent_id` found this server behind the agent (joins the handshake's batch).
+    pub fn detected(
+        &self,
+        agent_id: &AgentId,
+        events_lost: u64,
+        commands_lost: u64,
+        reports: bool,
+        now_ms: u64,
+    ) -> Op {
+        let mut inner = self.lock();
+        let r = inner
             .records
             .entry(agent_id.clone())
             .or_insert_with(|| Record {
@@ -168,23 +197,7 @@ impl Reconciliations {
                 orphan_results: 0,
                 orphans_not_kept: 0,
             });
-        f(record);
-        Op::PutMeta {
-            key: record_key(agent_id),
-            value: json(record),
-        }
-    }
-
-    /// The link of `agent_id` found this server behind the agent (joins the handshake's batch).
-    pub fn detected(
-        &self,
-        agent_id: &AgentId,
-        events_lost: u64,
-        commands_lost: u64,
-        reports: bool,
-        now_ms: u64,
-    ) -> Op {
-        self.update(agent_id, now_ms, |r| {
+        {
             r.detected_unix_ms = now_ms;
             r.events_lost = r.events_lost.saturating_add(events_lost);
             r.commands_lost = r.commands_lost.saturating_add(commands_lost);
@@ -193,46 +206,56 @@ impl Reconciliations {
             } else {
                 Phase::Unsupported
             };
-        })
+        }
+        Op::PutMeta {
+            key: record_key(agent_id),
+            value: json(r),
+        }
     }
 
     /// A reported job this server knew was brought up to date.
-    pub fn updated(&self, agent_id: &AgentId, now_ms: u64) -> Op {
-        self.update(agent_id, now_ms, |r| r.jobs_updated += 1)
+    pub fn updated(&self, agent_id: &AgentId) -> Option<Op> {
+        self.update(agent_id, |r| r.jobs_updated += 1)
     }
 
     /// The agent's report is complete.
-    pub fn reported(&self, agent_id: &AgentId, jobs: u32, omitted: u32, now_ms: u64) -> Op {
-        self.update(agent_id, now_ms, |r| {
+    pub fn reported(&self, agent_id: &AgentId, jobs: u32, omitted: u32) -> Option<Op> {
+        self.update(agent_id, |r| {
             r.phase = Phase::Reported;
             r.jobs_reported = r.jobs_reported.saturating_add(jobs.into());
             r.jobs_omitted = r.jobs_omitted.saturating_add(omitted.into());
         })
     }
 
-    /// A reported job this server does not know: kept (up to the bound) and counted.
+    /// A reported job this server does not know: kept (up to the bound) and counted. Nothing
+    /// from an agent this server was not found behind.
     pub fn orphan(&self, agent_id: &AgentId, report: &JobReport, now_ms: u64) -> Vec<Op> {
         let orphan = Orphan {
             agent_id: agent_id.clone(),
-            job_id: report.job_id.as_str().into(),
-            deployment_id: report.deployment_id.clone(),
+            job_id: cut(&report.job_id).into(),
+            deployment_id: cut(&report.deployment_id),
             status: report.status,
             steps: report
                 .steps
                 .iter()
+                .take(MAX_ORPHAN_STEPS)
                 .map(|s| OrphanStep {
-                    name: s.name.clone(),
+                    name: cut(&s.name),
                     status: s.status,
                     exit_code: s.exit_code,
-                    message: s.message.clone(),
+                    message: cut(&s.message),
                 })
                 .collect(),
             reported_unix_ms: now_ms,
         };
         let (kept, new) = {
             let mut inner = self.lock();
+            if !inner.records.contains_key(agent_id.as_str()) {
+                tracing::warn!(agent_id = %agent_id, job_id = %orphan.job_id, "job-report-ignored-not-reconciling");
+                return Vec::new();
+            }
             let of_agent = inner.orphans.entry(agent_id.clone()).or_default();
-            let new = !of_agent.contains_key(report.job_id.as_str());
+            let new = !of_agent.contains_key(orphan.job_id.as_str());
             let kept = !new || of_agent.len() < MAX_ORPHANS_PER_AGENT;
             if kept {
                 of_agent.insert(orphan.job_id.clone(), orphan.clone());
@@ -243,12 +266,12 @@ impl Reconciliations {
         let mut ops = Vec::new();
         if kept {
             ops.push(Op::PutMeta {
-                key: orphan_key(agent_id, &report.job_id),
+                key: orphan_key(agent_id, &orphan.job_id),
                 value: json(&orphan),
             });
         }
         if new {
-            ops.push(self.update(agent_id, now_ms, |r| {
+            ops.extend(self.update(agent_id, |r| {
                 if kept {
                     r.orphan_results += 1;
                 } else {
@@ -320,5 +343,82 @@ impl Reconciliations {
         inner.records.remove(agent_id);
         inner.orphans.remove(agent_id);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use tether_shared::journal::{Journal, JournalOptions};
+    use tether_shared::protocol::StepReport;
+
+    fn report(job: &str, steps: usize, message: &str) -> JobReport {
+        JobReport {
+            job_id: job.into(),
+            deployment_id: "d-1".into(),
+            steps: (0..steps)
+                .map(|i| StepReport {
+                    name: format!("s{i}"),
+                    status: Some(StepStatus::Succeeded),
+                    attempt: 1,
+                    exit_code: Some(0),
+                    outputs: [("secret".to_owned(), "value".to_owned())].into(),
+                    message: message.into(),
+                })
+                .collect(),
+            status: Some(JobStatus::Succeeded),
+        }
+    }
+
+    #[actix::test]
+    async fn orphans_are_kept_only_while_reconciling_bounded_and_survive_a_reload() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (journal, _) =
+            Journal::open(&tmp.path().join("j"), &JournalOptions::default()).unwrap();
+        let handle = journal.handle();
+        let r = Reconciliations::load(handle.clone()).unwrap();
+        let agent = AgentId::from("a-1");
+
+        // Nothing from an agent this server was not found behind.
+        assert!(r.orphan(&agent, &report("j-0", 1, ""), 1).is_empty());
+        assert!(r.reported(&agent, 3, 0).is_none());
+        assert!(r.list().is_empty());
+
+        let mut ops = vec![r.detected(&agent, 8, 1, true, 5)];
+        for i in 0..MAX_ORPHANS_PER_AGENT + 3 {
+            ops.extend(r.orphan(
+                &agent,
+                &report(&format!("j-{i}"), 100, &"x".repeat(1000)),
+                6,
+            ));
+        }
+        // The same job reported again is not counted twice.
+        ops.extend(r.orphan(&agent, &report("j-0", 1, ""), 7));
+        ops.extend(r.reported(&agent, 203, 2));
+        handle.commit(ops).await.unwrap();
+        let check = |r: &Reconciliations| {
+            let list = r.list();
+            let (record, orphans) = &list[0];
+            assert_eq!((record.events_lost, record.commands_lost), (8, 1));
+            assert_eq!(record.phase, Phase::Reported);
+            assert_eq!((record.jobs_reported, record.jobs_omitted), (203, 2));
+            assert_eq!(record.orphan_results, MAX_ORPHANS_PER_AGENT as u64);
+            assert_eq!(record.orphans_not_kept, 3);
+            assert_eq!(orphans.len(), MAX_ORPHANS_PER_AGENT);
+            let big = orphans.iter().find(|o| o.job_id.as_str() == "j-1").unwrap();
+            assert_eq!(big.steps.len(), MAX_ORPHAN_STEPS);
+            assert_eq!(big.steps[0].message.chars().count(), MAX_ORPHAN_TEXT);
+            let summary = r.summary();
+            assert_eq!(summary.orphan_results, MAX_ORPHANS_PER_AGENT as u64 + 3);
+            assert_eq!((summary.agents, summary.reconciling), (1, 0));
+        };
+        check(&r);
+        check(&Reconciliations::load(handle.clone()).unwrap());
+
+        assert!(r.dismiss("a-1").await.unwrap());
+        assert!(!r.dismiss("a-1").await.unwrap());
+        assert!(r.list().is_empty());
+        assert!(Reconciliations::load(handle).unwrap().list().is_empty());
     }
 }

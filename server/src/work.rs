@@ -104,7 +104,7 @@ impl Work {
                         let mut ops = effect.ops;
                         if !ops.is_empty() {
                             tracing::info!(agent_id = %agent_id, job_id = %report.job_id, "job-brought-up-to-date");
-                            ops.push(self.reconciliations.updated(agent_id, now));
+                            ops.extend(self.reconciliations.updated(agent_id));
                         }
                         Some(EventEffect {
                             ops,
@@ -118,12 +118,13 @@ impl Work {
                 }
             }
             EventBody::JobsReported { jobs, omitted } => {
-                let now = tether_shared::clock::now_unix_ms();
                 tracing::info!(agent_id = %agent_id, jobs, omitted, "agent-jobs-reported");
                 Some(EventEffect {
-                    ops: vec![self
+                    ops: self
                         .reconciliations
-                        .reported(agent_id, *jobs, *omitted, now)],
+                        .reported(agent_id, *jobs, *omitted)
+                        .into_iter()
+                        .collect(),
                     slot_freed: false,
                 })
             }

@@ -471,9 +471,11 @@ impl Drop for TestDir {
 
 /// A TCP forwarder on loopback that can be switched off (closing every connection through it)
 /// and on again on the same port: a stand-in for a path to an upstream that comes and goes.
+/// Given several targets, each connection goes to the first that accepts it (a TCP load
+/// balancer in front of the nodes of a cluster).
 pub struct Forwarder {
     pub addr: SocketAddr,
-    target: SocketAddr,
+    targets: Vec<SocketAddr>,
     on: Arc<std::sync::atomic::AtomicBool>,
     /// Connections accepted so far.
     pub accepted: Arc<std::sync::atomic::AtomicU64>,
@@ -482,6 +484,11 @@ pub struct Forwarder {
 
 impl Forwarder {
     pub fn start(target: SocketAddr, on: bool) -> Forwarder {
+        Self::start_to(vec![target], on)
+    }
+
+    /// Forwards each connection to the first of `targets` that accepts it.
+    pub fn start_to(targets: Vec<SocketAddr>, on: bool) -> Forwarder {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         listener
@@ -490,7 +497,7 @@ impl Forwarder {
         let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
         let fwd = Forwarder {
             addr,
-            target,
+            targets: targets.clone(),
             on: Arc::new(AtomicBool::new(on)),
             accepted: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
@@ -506,7 +513,10 @@ impl Forwarder {
                 }
                 match listener.accept() {
                     Ok((client, _)) if flag.load(Ordering::Relaxed) => {
-                        let Ok(server) = std::net::TcpStream::connect(target) else {
+                        let Some(server) = targets
+                            .iter()
+                            .find_map(|t| std::net::TcpStream::connect(t).ok())
+                        else {
                             continue;
                         };
                         accepted.fetch_add(1, Ordering::Relaxed);
@@ -543,7 +553,7 @@ impl Forwarder {
     }
 
     pub fn target(&self) -> SocketAddr {
-        self.target
+        self.targets[0]
     }
 
     pub fn accepted(&self) -> u64 {

@@ -115,7 +115,10 @@ async fn delete(
     api.token.check(&req)?;
     let name = path.into_inner();
     state.users.delete(&name, None).await?;
-    state.web_sessions.remove_user(&name);
+    // A deleted user's sessions are refused anyway (`CurrentUser` checks the user exists).
+    if let Err(e) = state.web_sessions.remove_user(&name).await {
+        tracing::warn!(user = %name, error = %e, "web-sessions-not-removed");
+    }
     tracing::info!(user = %name, "api-user-deleted");
     Ok(HttpResponse::Ok().json(json!({"name": name, "deleted": true})))
 }

@@ -75,6 +75,46 @@ impl AdminApi {
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// Logs in to the web application as `user` (form login, as a browser does): the session
+    /// cookie (`name=value`) to send with [`AdminApi::web_get`].
+    pub fn web_login(&self, user: &str, password: &str) -> String {
+        let origin = format!("https://{}:{}", self.server_name, self.https.port());
+        let body = format!("user={user}&password={password}");
+        let login = https_request_with_body(
+            self.https,
+            self.tls.clone(),
+            &self.server_name,
+            "POST",
+            "/login",
+            &[
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", origin.as_str()),
+            ],
+            Some(body.as_bytes()),
+        )
+        .unwrap_or_else(|e| panic!("POST /login: {e}"));
+        assert_eq!(login.status, 303, "login refused: {}", login.body);
+        login
+            .header("set-cookie")
+            .and_then(|c| c.split(';').next())
+            .unwrap_or_else(|| panic!("no session cookie: {:?}", login.headers))
+            .to_owned()
+    }
+
+    /// A page of the web application with the session `cookie` (from [`AdminApi::web_login`]).
+    pub fn web_get(&self, cookie: &str, path: &str) -> HttpReply {
+        https_request_with_body(
+            self.https,
+            self.tls.clone(),
+            &self.server_name,
+            "GET",
+            path,
+            &[("Cookie", cookie)],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> HttpReply {
         self.try_request(method, path, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}"))

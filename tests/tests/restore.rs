@@ -50,40 +50,11 @@ fn online(server: &Server, agents: &[&Agent]) {
     }
 }
 
-/// A page of the web application, logged in as the initial admin (form login, its cookie).
+/// A page of the web application, logged in as the initial admin.
 fn web_page(server: &Server, path: &str) -> String {
     let password = std::fs::read_to_string(server.dir.join("admin.password")).unwrap();
-    let origin = format!("https://localhost:{}", server.https.port());
-    let body = format!("user=admin&password={}", password.trim());
-    let login = tether_tests::https_request_with_body(
-        server.https,
-        server.tls(),
-        "localhost",
-        "POST",
-        "/login",
-        &[
-            ("Content-Type", "application/x-www-form-urlencoded"),
-            ("Origin", origin.as_str()),
-        ],
-        Some(body.as_bytes()),
-    )
-    .unwrap();
-    assert_eq!(login.status, 303, "{}", login.body);
-    let cookie = login
-        .header("set-cookie")
-        .and_then(|c| c.split(';').next())
-        .unwrap()
-        .to_owned();
-    let r = tether_tests::https_request_with_body(
-        server.https,
-        server.tls(),
-        "localhost",
-        "GET",
-        path,
-        &[("Cookie", cookie.as_str())],
-        None,
-    )
-    .unwrap();
+    let cookie = server.web_login("admin", password.trim());
+    let r = server.web_get(&cookie, path);
     assert_eq!(r.status, 200, "{}", r.body);
     r.body
 }

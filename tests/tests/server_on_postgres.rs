@@ -392,6 +392,10 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     );
     assert_eq!(r.status, 201, "{}", r.body);
     let id = r.json()["id"].as_str().unwrap().to_owned();
+    // An operator logged in to the web application on node a.
+    let password = std::fs::read_to_string(a.dir.join("admin.password")).unwrap();
+    let cookie = a.web_login("admin", password.trim());
+    assert_eq!(a.web_get(&cookie, "/health").status, 200);
     let artifact = b"an artifact uploaded to node a".repeat(100);
     let up = a.request_raw("PUT", "/api/v1/artifacts/site/1.0", &[], &artifact);
     assert_eq!(up.status, 201, "{}", up.body);
@@ -430,6 +434,13 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
             );
         }
     }
+    // The operator is still logged in on node b.
+    let page = b.web_get(&cookie, "/health");
+    assert_eq!(
+        page.status, 200,
+        "the session did not survive the takeover: {}",
+        page.body
+    );
     // The artifact uploaded to node a is served by node b.
     let got = b.request("GET", "/api/v1/artifacts/site/1.0", None);
     assert_eq!(got.status, 200, "{}", got.body);

@@ -115,7 +115,11 @@ async fn login(
     }
     forgive(true, true);
     state.users.record_login(&form.user).await;
-    let token = state.web_sessions.create(&form.user);
+    let token = state
+        .web_sessions
+        .create(&form.user)
+        .await
+        .map_err(|e| WebError::Unavailable(e.to_string()))?;
     tracing::info!(source = ?source, user = %form.user, "web-login");
     let mut r = layout::redirect("/agents");
     r.add_cookie(&session::cookie(&token))
@@ -131,7 +135,11 @@ async fn logout(
 ) -> Result<HttpResponse, WebError> {
     let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
     if let Some(token) = session::token_of(&req) {
-        state.web_sessions.remove(&token);
+        state
+            .web_sessions
+            .remove(&token)
+            .await
+            .map_err(|e| WebError::Unavailable(e.to_string()))?;
     }
     tracing::info!(user = %user.name, "web-logout");
     let mut r = layout::redirect("/login");
@@ -197,7 +205,11 @@ async fn change_password(
     .await??;
     state.users.set_password(&user.name, hash).await?;
     if let Some(token) = session::token_of(&req) {
-        state.web_sessions.remove_others(&user.name, &token);
+        state
+            .web_sessions
+            .remove_others(&user.name, &token)
+            .await
+            .map_err(|e| WebError::Unavailable(e.to_string()))?;
     }
     Ok(layout::redirect("/account?done=password"))
 }

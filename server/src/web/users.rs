@@ -131,7 +131,10 @@ async fn delete(
     csrf::confirmed(form.confirm.as_deref(), "a user")?;
     let name = path.into_inner();
     state.users.delete(&name, Some(&user.name)).await?;
-    state.web_sessions.remove_user(&name);
+    // A deleted user's sessions are refused anyway (`CurrentUser` checks the user exists).
+    if let Err(e) = state.web_sessions.remove_user(&name).await {
+        tracing::warn!(user = %name, error = %e, "web-sessions-not-removed");
+    }
     tracing::info!(user = %user.name, deleted = %name, "web-user-deleted");
     Ok(layout::redirect("/users?done=user-deleted"))
 }

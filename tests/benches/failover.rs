@@ -18,10 +18,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Forwarder, Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
-use tether_tests::measure::dispatch;
+use tether_tests::measure::{agents_online, dispatch};
 use tether_tests::postgres::Postgres;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -31,21 +30,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(default)
-}
-
-/// Agents the node lists online (`None` while it does not answer).
-fn online(server: &Server) -> Option<usize> {
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        server.request("GET", "/api/v1/agents", None)
-    }))
-    .ok()?;
-    let list: Value = serde_json::from_str(&r.body).ok()?;
-    Some(
-        list.as_array()?
-            .iter()
-            .filter(|a| a["status"] == "online")
-            .count(),
-    )
 }
 
 /// Seconds since `since` at which: `node` is active, it lists all `n` agents online, and a
@@ -65,7 +49,7 @@ fn recover(node: &mut Server, ids: &[String], since: Instant, restart: bool) -> 
     let active_s = since.elapsed().as_secs_f64();
     let n = ids.len();
     eventually("every agent online on the active node", TIMEOUT, || {
-        (online(node) == Some(n)).then_some(())
+        (agents_online(node) == Some(n)).then_some(())
     });
     let online_s = since.elapsed().as_secs_f64();
     assert!(
@@ -127,8 +111,7 @@ fn main() {
     eventually("simulated agents online", TIMEOUT, || {
         (fleet.stats().ready.load(Ordering::Relaxed) == n).then_some(())
     });
-    let r = a.request("POST", "/api/v1/processes", Some(&json!({"name": "trivial", "steps": [{"name": "hello", "plugin": "shell", "step": "run", "properties": {"script": "echo hello"}}]})));
-    assert_eq!(r.status, 201, "{}", r.body);
+    a.shell_process("trivial", "echo hello");
     assert!(dispatch(&a, "trivial", &ids).is_some(), "warm-up");
 
     // Baseline: the active node killed and started again in place.

@@ -184,29 +184,11 @@ fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> Option<Durat
     }
 }
 
-/// Agents the server lists as online (`GET /api/v1/agents`).
-fn server_online(server: &Server) -> Option<usize> {
-    let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        server.request("GET", "/api/v1/agents", None)
-    }))
-    .ok()?;
-    if r.status != 200 {
-        return None;
-    }
-    let list: Value = serde_json::from_str(&r.body).ok()?;
-    Some(
-        list.as_array()?
-            .iter()
-            .filter(|a| a["status"] == "online")
-            .count(),
-    )
-}
-
 /// Polls the server until it lists `n` agents online; time from `since`.
 fn confirm_online(server: &Server, n: usize, since: Instant) -> Option<f64> {
     let deadline = Instant::now() + SERVER_CONFIRM_TIMEOUT;
     loop {
-        if server_online(server) == Some(n) {
+        if measure::agents_online(server) == Some(n) {
             return Some(since.elapsed().as_secs_f64());
         }
         if Instant::now() >= deadline {

@@ -75,6 +75,19 @@ impl AdminApi {
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
+    /// Stores process `name`: one shell step, `say`, running `script`.
+    pub fn shell_process(&self, name: &str, script: &str) {
+        let r = self.request(
+            "POST",
+            "/api/v1/processes",
+            Some(
+                &serde_json::json!({"name": name, "steps": [{"name": "say", "plugin": "shell",
+                "step": "run", "properties": {"script": script}}]}),
+            ),
+        );
+        assert_eq!(r.status, 201, "process {name}: {}", r.body);
+    }
+
     /// Logs in to the web application as `user` (form login, as a browser does): the session
     /// cookie (`name=value`) to send with [`AdminApi::web_get`].
     pub fn web_login(&self, user: &str, password: &str) -> String {

@@ -69,6 +69,24 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Agents `server` lists online (`None` while it does not answer, or answers something else).
+pub fn agents_online(server: &crate::fleet::Server) -> Option<usize> {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        server.request("GET", "/api/v1/agents", None)
+    }))
+    .ok()?;
+    if r.status != 200 {
+        return None;
+    }
+    let list: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+    Some(
+        list.as_array()?
+            .iter()
+            .filter(|a| a["status"] == "online")
+            .count(),
+    )
+}
+
 /// Deploys `process` to `targets` and waits (at most two minutes) until every job is final:
 /// the total ms from the REST call, and per job the ms until the server recorded its end
 /// (sorted). `None` if the deployment was refused, failed or timed out (said on stderr).

@@ -94,11 +94,9 @@ fn a_server_restored_behind_its_fleet_reconciles_with_every_agent_by_itself() {
     std::fs::create_dir_all(&marks).unwrap();
     let release = tmp.path().join("release");
     // Every step appends a line to its job's marks file: each must appear exactly once.
-    post(
-        &server,
-        "/api/v1/processes",
-        &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
-            "properties": {"script": format!("echo say >> {}/$TETHER_JOB_ID.marks", marks.display())}}]}),
+    server.shell_process(
+        "hello",
+        &format!("echo say >> {}/$TETHER_JOB_ID.marks", marks.display()),
     );
     post(
         &server,
@@ -273,11 +271,9 @@ fn commands_numbered_after_a_restore_are_not_mistaken_for_those_the_agent_holds(
     online(&server, &[&agent]);
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    post(
-        &server,
-        "/api/v1/processes",
-        &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
-            "properties": {"script": format!("echo say >> {}/$TETHER_JOB_ID.marks", marks.display())}}]}),
+    server.shell_process(
+        "hello",
+        &format!("echo say >> {}/$TETHER_JOB_ID.marks", marks.display()),
     );
     let targets = vec![agent.id.clone()];
     server.kill();
@@ -442,12 +438,7 @@ fn a_hello_claiming_the_server_is_behind_moves_only_its_own_agents_streams() {
     // Another agent is untouched: it comes online and runs work.
     other.run();
     online(&server, &[&other]);
-    post(
-        &server,
-        "/api/v1/processes",
-        &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
-            "properties": {"script": "echo hello"}}]}),
-    );
+    server.shell_process("hello", "echo hello");
     assert!(dispatch(&server, "hello", &[other.id.clone()]).is_some());
     let r = server.request("GET", "/api/v1/reconciliation", None).json();
     assert_eq!(r["agents"].as_array().unwrap().len(), 1, "{r}");

@@ -530,15 +530,7 @@ fn a_database_restored_behind_the_agent_reconciles_by_itself() {
     eventually("agent online", WAIT, || {
         (server.agent_status(&agent.id) == "online").then_some(())
     });
-    let r = server.request(
-        "POST",
-        "/api/v1/processes",
-        Some(
-            &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
-            "properties": {"script": "echo hello"}}]}),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    server.shell_process("hello", "echo hello");
     let ids = vec![agent.id.clone()];
     assert!(
         dispatch(&server, "hello", &ids).is_some(),

@@ -435,6 +435,13 @@ fn a_hello_claiming_the_server_is_behind_moves_only_its_own_agents_streams() {
         "it did not offer a report: {r}"
     );
 
+    // Not seen since the server started: its path is unknown, not "direct".
+    let cli = Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&["agents"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let line = text.lines().find(|l| l.starts_with("other")).unwrap();
+    assert!(!line.contains("direct"), "{text}");
     // Another agent is untouched: it comes online and runs work.
     other.run();
     online(&server, &[&other]);

@@ -142,7 +142,7 @@ async fn list(
                             td { span data-field="status" { (badge(status)) } }
                             td data-field="version" { (a.version.as_deref().unwrap_or("")) }
                             td { @for t in &a.tags { span.tag { (t) } } }
-                            td { (path_text(&a.path)) }
+                            td { (path_text(a)) }
                             td data-field="last-seen" { (ago(a.last_seen_unix_ms)) }
                         }
                     }
@@ -159,10 +159,13 @@ async fn list(
     )
 }
 
-fn path_text(path: &[String]) -> Markup {
+/// The relays between the agent and the server; unknown for an agent not seen since the
+/// server started (its path is learnt at its handshake).
+fn path_text(a: &crate::registry::AgentView) -> Markup {
     html! {
-        @if path.is_empty() { span.muted { "direct" } }
-        @else { (path.join(" → ")) " → server" }
+        @if a.path.is_empty() && a.last_seen_unix_ms.is_none() { span.muted { "unknown (not seen since the server started)" } }
+        @else if a.path.is_empty() { span.muted { "direct" } }
+        @else { (a.path.join(" → ")) " → server" }
     }
 }
 
@@ -258,7 +261,7 @@ async fn detail(
                     @if a.properties.is_empty() { span.muted { "none" } }
                     table { @for (k, v) in &a.properties { tr { th { (k) } td { (v) } } } }
                 }
-                dt { "Path" } dd { (path_text(&a.path)) }
+                dt { "Path" } dd { (path_text(&a)) }
                 dt { "Last seen" } dd { (ago(a.last_seen_unix_ms)) }
                 dt { "Enrolled" } dd { (utc(record.enrolled_unix_ms)) }
                 dt { "Upgrade" } dd #upgrade-state {

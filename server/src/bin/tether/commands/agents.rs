@@ -36,16 +36,19 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The relays an agent's session runs through, nearest the agent first; `direct` if none.
+/// The relays an agent's session runs through, nearest the agent first; `direct` if none, `-`
+/// if it was not seen since the server started (its path is learnt at its handshake).
 fn path(agent: &Value) -> String {
     let relays: Vec<&str> = items(agent, "path")
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    if relays.is_empty() {
-        "direct".to_owned()
-    } else {
+    if !relays.is_empty() {
         relays.join(" > ")
+    } else if agent.get("last_seen").is_none_or(Value::is_null) {
+        "-".to_owned()
+    } else {
+        "direct".to_owned()
     }
 }
 

@@ -302,6 +302,86 @@ fn check_certificate(ca: &Ca, cert: &str, key: &str, hostnames: &[String]) -> Re
     Ok(())
 }
 
+/// What a joining node does not take from the node it copies: its own journal (on PostgreSQL
+/// every node shares the database), the ports it listened on, and uploads in progress.
+const NOT_JOINED: [&str; 2] = ["journal", "ports.json"];
+
+/// Why `join` refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error("{} is not a server data directory: {} is missing", dir.display(), missing)]
+    NotAServer { dir: PathBuf, missing: &'static str },
+    #[error("{} already holds a server's files (found {found}); nothing was changed", dir.display())]
+    NotEmpty { dir: PathBuf, found: String },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+/// Prepares `dir` as another node of the cluster `from` (a node's data directory, or a copy of
+/// it) belongs to: the same CA, certificates, keys and admin token, copied with their modes
+/// (secrets stay 0600, `dir` is made 0700), without `from`'s journal and ports. `dir` must be
+/// empty or missing. Returns how many files were copied.
+pub fn join(from: &Path, dir: &Path) -> Result<usize, JoinError> {
+    if let Some(missing) = FILES.into_iter().find(|f| !from.join(f).is_file()) {
+        return Err(JoinError::NotAServer {
+            dir: from.to_path_buf(),
+            missing,
+        });
+    }
+    if let Ok(mut entries) = fs::read_dir(dir) {
+        if let Some(found) = entries.next().and_then(Result::ok) {
+            return Err(JoinError::NotEmpty {
+                dir: dir.to_path_buf(),
+                found: found.file_name().to_string_lossy().into_owned(),
+            });
+        }
+    }
+    create_private_dir(dir).map_err(|e| match e {
+        InitError::Io { path, source } => JoinError::Io { path, source },
+        other => JoinError::Io {
+            path: dir.to_path_buf(),
+            source: io::Error::other(other.to_string()),
+        },
+    })?;
+    copy_tree(from, dir, true)
+}
+
+/// Copies `from` into `to` (which exists), files with their permissions; at the top level
+/// leaves out [`NOT_JOINED`]. Symbolic links and other special files are not followed.
+fn copy_tree(from: &Path, to: &Path, top: bool) -> Result<usize, JoinError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| JoinError::Io { path, source }
+    };
+    let mut copied = 0;
+    for entry in fs::read_dir(from).map_err(io_err(from))? {
+        let entry = entry.map_err(io_err(from))?;
+        let name = entry.file_name();
+        if top && NOT_JOINED.iter().any(|n| name == *n) {
+            continue;
+        }
+        let (src, dst) = (entry.path(), to.join(&name));
+        let meta = fs::symlink_metadata(&src).map_err(io_err(&src))?;
+        if meta.is_dir() {
+            DirBuilder::new()
+                .mode(meta.permissions().mode() & 0o700)
+                .create(&dst)
+                .map_err(io_err(&dst))?;
+            copied += copy_tree(&src, &dst, false)?;
+        } else if meta.is_file() {
+            fs::copy(&src, &dst).map_err(io_err(&dst))?;
+            // Never wider than the owner's: secrets keep 0600, nothing becomes readable to others.
+            fs::set_permissions(
+                &dst,
+                fs::Permissions::from_mode(meta.permissions().mode() & 0o700),
+            )
+            .map_err(io_err(&dst))?;
+            copied += 1;
+        }
+    }
+    Ok(copied)
+}
+
 /// Creates `dir` (and parents) and makes it 0700, also if it already existed.
 fn create_private_dir(dir: &Path) -> Result<(), InitError> {
     let io_err = |source| InitError::Io {
@@ -501,5 +581,46 @@ mod tests {
             Err(InitError::Tls(TlsError::Hostname(_)))
         ));
         assert!(!opts.data_dir.exists());
+    }
+
+    #[test]
+    fn join_copies_the_keys_with_their_modes_but_not_the_journal_or_ports() {
+        let tmp = tempfile::tempdir().unwrap();
+        let opts = opts(tmp.path());
+        initialize(&opts).unwrap();
+        let from = &opts.data_dir;
+        fs::create_dir_all(from.join("journal/db")).unwrap();
+        fs::write(from.join("journal/db/conf"), "x").unwrap();
+        fs::write(from.join("ports.json"), "{}").unwrap();
+        fs::create_dir_all(from.join("artifacts/sha256")).unwrap();
+        fs::write(from.join("artifacts/sha256/ab"), "blob").unwrap();
+
+        let node = tmp.path().join("node-b");
+        let copied = join(from, &node).unwrap();
+        assert!(copied >= FILES.len(), "{copied}");
+        assert_eq!(mode(&node), 0o700);
+        for f in FILES {
+            assert_eq!(
+                fs::read(node.join(f)).unwrap(),
+                fs::read(from.join(f)).unwrap(),
+                "{f}"
+            );
+        }
+        for secret in [CA_KEY, SERVER_KEY, SIGNING_KEY, ADMIN_TOKEN] {
+            assert_eq!(mode(&node.join(secret)), 0o600, "{secret}");
+        }
+        assert!(!node.join("journal").exists());
+        assert!(!node.join("ports.json").exists());
+        assert_eq!(fs::read(node.join("artifacts/sha256/ab")).unwrap(), b"blob");
+
+        // Never over a directory that holds anything, never from one that is not a server's.
+        assert!(matches!(join(from, &node), Err(JoinError::NotEmpty { .. })));
+        let empty = tmp.path().join("empty");
+        fs::create_dir_all(&empty).unwrap();
+        assert!(matches!(
+            join(&empty, &tmp.path().join("node-c")),
+            Err(JoinError::NotAServer { .. })
+        ));
+        assert!(!tmp.path().join("node-c").exists());
     }
 }

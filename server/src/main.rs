@@ -87,6 +87,10 @@ enum Command {
     Init(InitArgs),
     /// Serve: open the journal and listen until SIGINT or SIGTERM.
     Run(RunArgs),
+    /// Prepare this machine as another node of a cluster on PostgreSQL: copy the CA,
+    /// certificates, keys and admin token from FROM (a node's data directory, or a copy of it
+    /// made over a channel you trust), without its journal and ports.
+    Join(JoinArgs),
     /// The server's TLS certificate.
     Cert {
         #[command(subcommand)]
@@ -115,6 +119,16 @@ struct RenewArgs {
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Data directory made by `tether-server init` [default: server.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct JoinArgs {
+    /// The data directory of a node of the cluster (or a copy of it).
+    #[arg(long, value_name = "FROM")]
+    from: PathBuf,
+    /// This node's data directory, empty or missing [default: server.data_dir from config].
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
 }
@@ -157,12 +171,31 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Init(args)) => run_init(&cfg, args),
         Some(Command::Run(args)) => run_server(&cfg, args),
+        Some(Command::Join(args)) => run_join(&cfg, args),
         Some(Command::Cert {
             command: CertCommand::Renew(args),
         }) => run_cert_renew(&cfg, args),
         None => {
             eprintln!("{}", Cli::command().render_help());
             ExitCode::from(2)
+        }
+    }
+}
+
+fn run_join(cfg: &ServerConfig, args: JoinArgs) -> ExitCode {
+    let dir = config::data_dir(args.data.as_deref(), &cfg.server.data_dir);
+    match init::join(&args.from, &dir) {
+        Ok(files) => {
+            println!(
+                "{} joined: {files} files copied from {}. Configure [storage] (the cluster's database, this node's node_name) and server.files_dir, then start it: it waits as a standby.",
+                dir.display(),
+                args.from.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-server join: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -126,25 +126,23 @@ impl Server {
         server
     }
 
-    /// Another node of this server's cluster (its storage a shared database): `dir/server` gets
-    /// a copy of this node's data directory without its ports and journal (what
-    /// `docs/cluster.md` says to copy), on ports of its own chosen now, with `env` on top of
+    /// Another node of this server's cluster (its storage a shared database): `dir/server` made
+    /// by `tether-server join` from this node's data directory (as `docs/cluster.md` says), on ports of its own chosen now, with `env` on top of
     /// this node's. Started, not waited for: a standby binds nothing until it is active (see
     /// [`Server::wait_active`]).
     pub fn another_node(&self, dir: &Path, env: &[(&str, &str)]) -> Server {
         let data = dir.join("server");
-        std::fs::create_dir_all(&data).unwrap_or_else(|e| panic!("{e}"));
-        let copied = Command::new("cp")
-            .arg("-a")
-            .arg(self.dir.join("."))
-            .arg(&data)
-            .status()
-            .unwrap_or_else(|e| panic!("cp: {e}"));
-        assert!(copied.success(), "copy of the data directory");
-        let _ = std::fs::remove_file(data.join("ports.json"));
-        let _ = std::fs::remove_dir_all(data.join("journal"));
         let config_dir = dir.join("etc");
         std::fs::create_dir_all(&config_dir).unwrap_or_else(|e| panic!("{e}"));
+        let joined = crate::command("tether-server", &config_dir)
+            .arg("join")
+            .arg("--from")
+            .arg(&self.dir)
+            .arg("--data")
+            .arg(&data)
+            .output()
+            .unwrap_or_else(|e| panic!("tether-server join: {e}"));
+        assert!(joined.status.success(), "tether-server join: {joined:?}");
         let mut all = self.env.clone();
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut api = self.api.clone();

@@ -62,7 +62,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use tether_shared::config::{self, LoadOptions, ServerConfig, Startup};
+use tether_shared::config::{self, LoadOptions, ServerConfig, Startup, Storage};
 
 /// The Tether server: holds the plan of what to deploy where.
 #[derive(Debug, Parser)]
@@ -144,6 +144,11 @@ struct InitArgs {
     /// Replace the CA, keys and admin token of an already initialized directory.
     #[arg(long)]
     force: bool,
+    /// Start a cluster on this PostgreSQL database (URL or libpq string): its settings are
+    /// checked and its schema created before anything is written [default: storage.url from
+    /// config, when storage.backend is "postgres"].
+    #[arg(long, value_name = "URL")]
+    storage: Option<String>,
 }
 
 /// mimalloc: measurably faster than glibc malloc on the journal hot path (see `make bench`).
@@ -211,11 +216,44 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
         hostnames,
         force: args.force,
     };
+    // The database first: a refused one leaves the data directory untouched.
+    let database = match (&args.storage, &cfg.storage) {
+        (Some(url), Storage::Postgres { ca_file, .. }) => Some((url.clone(), ca_file.clone())),
+        (Some(url), Storage::Sled) => Some((url.clone(), None)),
+        (None, Storage::Postgres { url, ca_file, .. }) => {
+            Some((url.expose().clone(), ca_file.clone()))
+        }
+        (None, Storage::Sled) => None,
+    };
+    if let Some((url, ca_file)) = &database {
+        let opened = tether_shared::journal::PgStore::open(&tether_shared::journal::PgOptions {
+            url: url.clone(),
+            ca_file: ca_file.clone(),
+            pool_size: 1,
+        });
+        if let Err(e) = opened {
+            eprintln!(
+                "tether-server init: the database {}: {e}",
+                config::masked_url(url)
+            );
+            return ExitCode::from(1);
+        }
+        println!(
+            "database {}: settings checked, schema ready",
+            config::masked_url(url)
+        );
+    }
     match init::initialize(&opts) {
         Ok(done) => {
             println!("admin token: {}", done.admin_token.expose());
             // The web application's first user; change the password after the first login.
             println!("admin password: {}", done.admin_password.expose());
+            if let (Some((url, _)), Some(_)) = (&database, &args.storage) {
+                println!(
+                    "add to server.toml (with the password), then start it; other nodes: tether-server join\n[storage]\nbackend = \"postgres\"\nurl = \"{}\"",
+                    config::masked_url(url)
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

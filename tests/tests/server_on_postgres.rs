@@ -194,6 +194,55 @@ fn a_database_that_cannot_serve_stops_the_server_at_start_with_its_cause() {
         return;
     };
     let tmp = TestDir::new();
+    // `init --storage` checks the database before it writes anything.
+    let etc = tmp.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let fresh = tmp.path().join("refused");
+    let out = run(
+        "tether-server",
+        &etc,
+        [
+            "init",
+            "--data",
+            fresh.to_str().unwrap(),
+            "--storage",
+            &pg.url_with_password("wrong"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("password authentication failed")
+            && !stderr(&out).contains("password=wrong"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!fresh.exists(), "a refused database left a data directory");
+    let ready = tmp.path().join("ready");
+    let out = run(
+        "tether-server",
+        &etc,
+        [
+            "init",
+            "--data",
+            ready.to_str().unwrap(),
+            "--storage",
+            &pg.url(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = tether_tests::stdout(&out);
+    assert!(
+        text.contains("schema ready") && text.contains("backend = \"postgres\""),
+        "{text}"
+    );
+    assert!(ready.join("ca.pem").exists());
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM tether_schema"),
+        "1",
+        "the schema was created"
+    );
+    pg.psql("DROP TABLE tether_schema, tether_journal, tether_blobs, tether_lease");
+
     let (code, text) = run_on(&tmp, &pg.url_with_password("wrong"));
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("password authentication failed"), "{text}");

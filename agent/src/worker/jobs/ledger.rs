@@ -24,6 +24,9 @@ use super::step::StepResult;
 
 /// The first chunk after some were dropped says so.
 pub const GAP_MARKER: &str = "[output lost: the agent's event backlog was full]\n";
+/// A step whose last output was dropped (no later chunk carried the marker) says so in the
+/// message of its end, which the operator sees with its status.
+pub const OUTPUT_LOST: &str = "the end of its output was lost: the agent's event backlog was full";
 
 /// What to do once a transition's batch is durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -350,7 +353,13 @@ impl Ledger {
                 .is_some_and(|p| p.running && p.attempt == attempt)
         };
         let record = self.records.get_mut(job_id).filter(running)?;
-        self.gaps.remove(&(job_id.into(), step));
+        if self.gaps.remove(&(job_id.into(), step)) {
+            result.message = if result.message.is_empty() {
+                OUTPUT_LOST.to_owned()
+            } else {
+                format!("{}; {OUTPUT_LOST}", result.message)
+            };
+        }
         outputs::fit(&mut result);
         tracing::info!(job_id = %job_id, step, status = ?result.status, exit_code = ?result.exit_code, "step-finished");
         record.end(step, result.status);
@@ -552,6 +561,13 @@ mod tests {
             l.chunk("j", (0, 2), "stale".into(), true).is_none(),
             "a chunk of another attempt"
         );
+        // Output dropped with no later chunk to say so: the step's end says it.
+        assert!(l.chunk("j", (0, 1), "lost too".into(), false).is_none());
+        let end = l.step_done("j", (0, 1), ok()).expect("end");
+        match &end.events[0] {
+            EventBody::StepFinished { message, .. } => assert_eq!(message, OUTPUT_LOST),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

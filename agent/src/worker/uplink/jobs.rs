@@ -26,7 +26,7 @@ use crate::worker::jobs::runner::{Adopt, KillStep, RunStep, Settled, StepReport}
 use crate::worker::jobs::step::StepContext;
 
 /// Event slots kept free of output chunks, so that every step and job end finds room.
-const CONTROL_RESERVE: usize = 1_024;
+pub(super) const CONTROL_RESERVE: usize = 1_024;
 /// A step starts only with this much room left (its end, a skip or two, the job's end).
 const START_RESERVE: usize = CONTROL_RESERVE + 64;
 /// How often finished jobs are looked at for pruning, and most pruned at once.
@@ -163,8 +163,8 @@ impl Uplink {
         let mut sent: u32 = 0;
         let mut last = None;
         for report in reports {
-            // Room is kept for the closing event.
-            if !self.ep.outbound.has_room(2) {
+            // Room is kept for the closing event, and for step and job ends.
+            if !self.ep.outbound.has_room(CONTROL_RESERVE + 2) {
                 break;
             }
             let Some((seq, op)) = self.event_op(report) else {

@@ -573,7 +573,10 @@ impl Uplink {
         let mut ops = Vec::new();
         let mut last = None;
         let mut made = 0;
-        while made < PROBE_BATCH.min(self.probe_todo) && self.ep.outbound.has_room(1) {
+        // Probes never take the room kept for step and job ends.
+        while made < PROBE_BATCH.min(self.probe_todo)
+            && self.ep.outbound.has_room(jobs::CONTROL_RESERVE + 1)
+        {
             let n = self.probe_next + made;
             match self.event_op(EventBody::Probe {
                 n,

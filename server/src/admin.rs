@@ -89,6 +89,7 @@ impl AppState {
             }
         }
         let agents_refused = agents.values().filter(|a| a.refused.is_some()).count();
+        let journal_now = self.shared.journal.observe();
         ServerHealth {
             agents_refused,
             reconciliation: self.shared.work.reconciliations().summary(),
@@ -104,7 +105,8 @@ impl AppState {
             deployments: self.deployments.health(),
             storage: crate::health::StorageHealth {
                 free_bytes: tether_shared::storage::free_bytes(&self.data_dir).ok(),
-                failed: self.shared.journal.observe().poisoned,
+                failed: journal_now.poisoned,
+                waiting: journal_now.waiting,
             },
             trust: self.trust_health(),
             cluster: self.cluster.clone(),

@@ -160,6 +160,10 @@ pub struct StorageHealth {
     /// Set once a write failed (a full disk): nothing is acknowledged until the disk takes
     /// writes again, when the server starts over by itself from what is durable.
     pub failed: Option<String>,
+    /// Set while a database that went away is being waited for: the batch it did not take is
+    /// tried again (nothing is acknowledged meanwhile) until it does, without a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// Step output the server did not keep as sent, since it started.
@@ -296,6 +300,12 @@ impl ServerHealth {
             "gauge",
             "1 if the journal stopped accepting writes after a failed sync.",
             u64::from(j.poisoned.is_some()),
+        );
+        metric(
+            "tether_journal_waiting",
+            "gauge",
+            "1 while the journal waits for a database that went away to take a batch again.",
+            u64::from(j.waiting.is_some()),
         );
         metric(
             "tether_storage_free_bytes",
@@ -575,6 +585,7 @@ mod tests {
                 last_commit_unix_ms: 0,
                 failures: 5,
                 poisoned: None,
+                waiting: None,
                 compactions: 6,
                 compacting: false,
             },

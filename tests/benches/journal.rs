@@ -3,12 +3,14 @@
 //! in the same run at the batch size the journal reached:
 //! - sled: insert + flush + fdatasync of sled's data file;
 //! - PostgreSQL (a database this bench starts, see `tether_tests::postgres`): one
-//!   `INSERT … SELECT unnest(…)` of the batch and `COMMIT`, `synchronous_commit` on.
+//!   `INSERT … SELECT unnest(…)` of the batch and `COMMIT`, `synchronous_commit` on, of the
+//!   rows the journal writes (its keys and encoded records).
 //!
 //! Then the PostgreSQL journal against the sled journal at 256 producers.
 //!
 //! `cargo bench -p tether-tests --bench journal` (`make bench`). `TETHER_BENCH_SECONDS` sets the
-//! duration of each measurement (default 3); `TETHER_BENCH_PRODUCERS` one producer count.
+//! duration of each measurement (default 3); `TETHER_BENCH_PRODUCERS` one producer count;
+//! `TETHER_BENCH_STORES` the stores to measure (`sled`, `postgres`, or both, the default).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tether_shared::journal::{
-    Commit, Journal, JournalOptions, LogName, Observe, Op, PgOptions, PgStore,
+    record, Commit, Journal, JournalOptions, LogName, Observe, Op, PgOptions, PgStore,
 };
 use tether_shared::protocol::Seq;
 use tether_tests::postgres::Postgres;
@@ -47,7 +49,9 @@ fn journal_run(backend: Backend<'_>, producers: u64, secs: f64) -> Result<Journa
     let pg_url = match backend {
         Backend::Postgres(pg) => {
             // Each run starts from an empty database.
-            pg.psql("DROP TABLE IF EXISTS tether_journal, tether_blobs, tether_schema");
+            pg.psql(
+                "DROP TABLE IF EXISTS tether_journal, tether_blobs, tether_schema, tether_lease",
+            );
             Some(pg.url())
         }
         Backend::Sled => None,
@@ -141,8 +145,10 @@ fn raw_sled_run(batch: usize, secs: f64) -> Result<f64> {
 }
 
 /// Raw PostgreSQL: `batch` rows in one `INSERT … SELECT unnest(…)` and `COMMIT`; repeated for
-/// `secs`, on a table like the journal's.
-fn raw_pg_run(pg: &Postgres, batch: usize, secs: f64) -> Result<f64> {
+/// `secs`, on a table like the journal's. The rows are the journal's own for the same run (its
+/// keys and encoded records, `producers` logs appended in turn), so the ratio is the journal's
+/// overhead over what the database costs for the same data.
+fn raw_pg_run(pg: &Postgres, batch: usize, producers: u64, secs: f64) -> Result<f64> {
     pg.psql("DROP TABLE IF EXISTS raw_bench; CREATE TABLE raw_bench (key bytea PRIMARY KEY, value bytea NOT NULL)");
     let url = pg.url();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -151,17 +157,21 @@ fn raw_pg_run(pg: &Postgres, batch: usize, secs: f64) -> Result<f64> {
     rt.block_on(async move {
         let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        let value = vec![0xA5u8; VALUE_BYTES];
+        let payload = vec![0xA5u8; VALUE_BYTES];
+        let logs: Vec<LogName> = (0..producers.max(1))
+            .map(|p| LogName::new(format!("bench/{p}")))
+            .collect::<Result<_, _>>()?;
         let started = Instant::now();
         let mut n = 0u64;
         while started.elapsed().as_secs_f64() < secs {
-            let keys: Vec<Vec<u8>> = (0..batch)
-                .map(|_| {
-                    n += 1;
-                    n.to_be_bytes().to_vec()
-                })
-                .collect();
-            let values = vec![value.clone(); batch];
+            let (mut keys, mut values) = (Vec::with_capacity(batch), Vec::with_capacity(batch));
+            for _ in 0..batch {
+                let log = &logs[(n % logs.len() as u64) as usize];
+                let seq = Seq(n / logs.len() as u64 + 1);
+                keys.push(record::record_key(log, seq));
+                values.push(record::encode_record(log, seq, &payload));
+                n += 1;
+            }
             let tx = client.transaction().await?;
             tx.execute(
                 "INSERT INTO raw_bench (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])",
@@ -187,6 +197,7 @@ fn main() -> Result<()> {
     let only: Option<u64> = std::env::var("TETHER_BENCH_PRODUCERS")
         .ok()
         .and_then(|v| v.parse().ok());
+    let stores = std::env::var("TETHER_BENCH_STORES").ok();
     let pg = Postgres::start();
     // (store, producers) -> (journal ops/s, raw ops/s)
     let mut results: Vec<(&str, u64, f64, f64)> = Vec::new();
@@ -198,12 +209,13 @@ fn main() -> Result<()> {
         if let Some(pg) = &pg {
             backends.push(("postgres", Backend::Postgres(pg)));
         }
+        backends.retain(|(name, _)| stores.as_ref().is_none_or(|s| s.contains(name)));
         for (name, backend) in backends {
             let j = journal_run(backend, producers, secs)?;
             let batch = j.avg_batch.round().max(1.0) as usize;
             let raw = match backend {
                 Backend::Sled => raw_sled_run(batch, secs)?,
-                Backend::Postgres(pg) => raw_pg_run(pg, batch, secs)?,
+                Backend::Postgres(pg) => raw_pg_run(pg, batch, producers, secs)?,
             };
             println!(
                 "{name:>10} {producers:>9} {:>14.0} {:>10.1} {:>8} {:>14.0} {:>6.0}%",

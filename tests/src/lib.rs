@@ -21,6 +21,7 @@ pub mod fleet;
 pub mod loadgen;
 pub mod measure;
 pub mod netns;
+pub mod pg_proxy;
 pub mod postgres;
 pub mod relays;
 pub mod tether_cli;

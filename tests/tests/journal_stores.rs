@@ -271,6 +271,82 @@ async fn the_postgres_store_reconnects_after_the_database_restarts() {
     assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3, 4]);
 }
 
+/// A batch of every kind of write: records `round`1 to `round`3 (and, if `rewrite`, the last
+/// one of the round before written again), a truncation through `round`2 minus 10, meta and a
+/// blob appended to.
+fn mixed_batch(l: &LogName, b: &LogName, round: u64, rewrite: bool) -> Vec<Op> {
+    let base = round * 10;
+    let mut ops = appends(l, base + 1..=base + 3);
+    if rewrite {
+        ops.extend(appends(l, base - 7..=base - 7));
+    }
+    ops.extend([
+        Op::TruncateThrough {
+            log: l.clone(),
+            upto: Seq(base - 8),
+        },
+        Op::PutMeta {
+            key: "round".into(),
+            value: round.to_string().into_bytes(),
+        },
+        Op::AppendBlob {
+            name: b.clone(),
+            bytes: format!("[{round}]").into_bytes(),
+        },
+    ]);
+    ops
+}
+
+#[actix::test]
+async fn an_ambiguous_commit_is_settled_by_trying_the_same_batch_again() {
+    use tether_tests::pg_proxy::{Cut, PgProxy};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let proxy = PgProxy::start(pg.socket_dir());
+    let store = Arc::new(PgStore::open(&pg_options(proxy.url(&pg.url()))).unwrap());
+    let (j, _, _) = open(store.clone(), Path::new("postgres"));
+    let (l, b) = (log("out/events"), log("joblog/d/0"));
+    j.commit(appends(&l, 1..=10)).await.unwrap();
+    // Cut before the database sees COMMIT (nothing committed), then after it answered (all
+    // committed, the answer lost), then not at all: every batch is answered once it is
+    // durable, and written once.
+    let mut blob = String::new();
+    for (round, cut, rewrite) in [
+        (1, Cut::BeforeCommit, false),
+        (2, Cut::AfterCommit, false),
+        (3, Cut::Nothing, true),
+        (4, Cut::AfterCommit, true),
+    ] {
+        let cuts = proxy.cuts();
+        proxy.arm(cut);
+        j.commit(mixed_batch(&l, &b, round, rewrite)).await.unwrap();
+        let expected_cuts = cuts + u64::from(cut != Cut::Nothing);
+        assert_eq!(
+            proxy.cuts(),
+            expected_cuts,
+            "round {round}: the cut happened"
+        );
+        blob.push_str(&format!("[{round}]"));
+        assert_eq!(j.observe().waiting, None, "round {round}");
+        assert_eq!(j.observe().poisoned, None, "round {round}");
+    }
+    assert_eq!(
+        proxy.swallowed(),
+        2,
+        "the database answered both cut COMMITs"
+    );
+    // What the database holds, read past the proxy by a store of its own: each batch once.
+    let direct: Arc<dyn Store> = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let (d, _, _) = open(direct, Path::new("postgres"));
+    assert_eq!(seqs(&d, &l, 0, 100), [33, 41, 42, 43]);
+    assert_eq!(d.get_meta("round").unwrap().as_deref(), Some(&b"4"[..]));
+    assert_eq!(d.read_blob(&b, 0, 1000).unwrap(), blob.as_bytes());
+    for r in d.read_log(&l, Seq(0), 100).unwrap() {
+        assert_eq!(r.payload, vec![r.seq.0 as u8; 10], "seq {}", r.seq.0);
+    }
+}
+
 #[actix::test]
 async fn a_node_that_lost_the_lease_can_never_commit_again() {
     let Some(pg) = Postgres::start() else {

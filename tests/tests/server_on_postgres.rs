@@ -88,7 +88,7 @@ fn a_server_on_postgres_deploys_and_keeps_everything_across_a_kill() {
 }
 
 #[test]
-fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_by_itself() {
+fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_goes_on_without_a_restart() {
     let Some(pg) = Postgres::start() else {
         return;
     };
@@ -117,21 +117,40 @@ fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_b
     eventually("the deployment under way", WAIT, || {
         marks_in(&marks).iter().any(|l| l.len() >= 2).then_some(())
     });
+    let log_path = tmp.path().join("server.log");
+    let started = |log: &str| log.matches("server-listening").count();
+    let starts = started(&std::fs::read_to_string(&log_path).unwrap());
+    let cli = Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
     pg.stop_immediately();
-    // The next commit fails: the journal stops (acknowledging nothing more) and says why.
-    eventually("the storage failure reported", WAIT, || {
-        storage_failed(&server).filter(|r| r.contains("postgres"))
+    // The next commit gets no answer: the journal acknowledges nothing while it waits for the
+    // database, and says so (the CLI's health check fails meanwhile).
+    eventually("the wait for the database reported", WAIT, || {
+        storage_waiting(&server).filter(|r| r.contains("postgres"))
     });
+    let health = cli.run(&["health"]);
+    let stderr = String::from_utf8_lossy(&health.stderr);
+    assert_eq!(health.status.code(), Some(1), "{health:?}");
+    assert!(stderr.contains("waiting for its database"), "{stderr}");
     pg.restart();
-    // The server starts over by itself from the database, and the agent resends what was not
-    // acknowledged.
+    // The batch it kept trying is committed once the database is back: the server goes on,
+    // without a restart, and the agent resends what was not acknowledged.
     eventually("storage recovered", WAIT, || {
         server
             .try_health()
-            .filter(|h| h["storage"]["failed"].is_null())
+            .filter(|h| h["storage"]["waiting"].is_null() && h["storage"]["failed"].is_null())
     });
-    let log = std::fs::read_to_string(tmp.path().join("server.log")).unwrap();
-    assert!(log.contains("storage-recovered-restarting"), "{log}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("postgres-batch-committed-after-retry"),
+        "{log}"
+    );
+    assert!(!log.contains("storage-recovered-restarting"), "{log}");
+    assert_eq!(
+        started(&log),
+        starts,
+        "the server did not start over: {log}"
+    );
     let d = eventually("the deployment finished", Duration::from_secs(120), || {
         let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
         (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
@@ -151,14 +170,14 @@ fn the_database_stopped_mid_deployment_loses_nothing_and_the_server_comes_back_b
             log.body
         );
     }
-    // The same process came back by itself (re-executed in place), nobody restarted it.
+    // The same process, never restarted.
     assert_eq!(server.pid(), Some(pid));
     assert!(tether_tests::fleet::alive(pid));
 }
 
-/// Why the server's storage failed, if it did.
-fn storage_failed(server: &Server) -> Option<String> {
-    server.try_health()?["storage"]["failed"]
+/// Why the server waits for its storage, if it does.
+fn storage_waiting(server: &Server) -> Option<String> {
+    server.try_health()?["storage"]["waiting"]
         .as_str()
         .map(str::to_owned)
 }

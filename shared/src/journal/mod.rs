@@ -177,6 +177,10 @@ pub struct JournalHealth {
     pub last_commit_unix_ms: u64,
     pub failures: u64,
     pub poisoned: Option<String>,
+    /// Why the journal is waiting for its storage (a database gone away) to take a batch it
+    /// keeps trying; nothing more is acknowledged meanwhile.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Compactions of the store since the process started.
     pub compactions: u64,
     /// A compaction is under way.
@@ -314,6 +318,7 @@ impl JournalHandle {
             last_commit_unix_ms: s.last_commit_unix_ms.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
             poisoned: s.poisoned(),
+            waiting: self.store.waiting(),
             compactions: self.store.compactions(),
             compacting: self.store.compacting(),
         }

@@ -57,7 +57,8 @@ pub(crate) fn log_prefix(log: &LogName) -> Vec<u8> {
     k
 }
 
-pub(crate) fn record_key(log: &LogName, seq: Seq) -> Vec<u8> {
+/// The store's key for record `seq` of `log` (public for benchmarks that write the same rows).
+pub fn record_key(log: &LogName, seq: Seq) -> Vec<u8> {
     let mut k = log_prefix(log);
     k.extend_from_slice(&seq.to_be_bytes());
     k
@@ -78,7 +79,8 @@ fn record_crc(log: &[u8], seq: Seq, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-pub(crate) fn encode_record(log: &LogName, seq: Seq, payload: &[u8]) -> Vec<u8> {
+/// The store's value for a record: format, seq, CRC, payload.
+pub fn encode_record(log: &LogName, seq: Seq, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(RECORD_HEADER + payload.len());
     v.push(FORMAT);
     v.extend_from_slice(&seq.to_be_bytes());

@@ -25,6 +25,12 @@ pub trait Store: Send + Sync + 'static {
     fn apply(&self, ops: &[Op]) -> Result<(), JournalError>;
     /// Make everything applied before this call durable.
     fn sync(&self) -> Result<(), JournalError>;
+    /// Whether [`Store::apply`] returns only once its batch is durable (a database's `COMMIT`):
+    /// then [`Store::sync`] has nothing to do, and the writer answers each batch as soon as it
+    /// is applied instead of gathering batches for one sync.
+    fn durable_on_apply(&self) -> bool {
+        false
+    }
     /// Apply and sync.
     fn commit(&self, ops: &[Op]) -> Result<(), JournalError> {
         self.apply(ops)?;
@@ -50,6 +56,11 @@ pub trait Store: Send + Sync + 'static {
     /// Whether a compaction is under way now.
     fn compacting(&self) -> bool {
         false
+    }
+    /// Why the store is waiting for its storage to take a batch it keeps trying (a database
+    /// gone away), while it is.
+    fn waiting(&self) -> Option<String> {
+        None
     }
     /// Whether the storage answers again after a failure (a store on a disk leaves this to a
     /// check of the disk).

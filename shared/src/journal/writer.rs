@@ -199,8 +199,12 @@ fn flusher(store: &dyn Store, stats: &WriterStats, handoff: &Handoff) {
                 return;
             }
             // Group commit: if more commits are already on their way through the applier,
-            // let them ride this sync too (wait for one more hand-over, bounded in time).
-            if applied.applying || stats.queued.load(Ordering::Relaxed) > 0 {
+            // let them ride this sync too (wait for one more hand-over, bounded in time). A
+            // store whose apply is already durable has no sync to share: its batches are
+            // answered at once.
+            if !store.durable_on_apply()
+                && (applied.applying || stats.queued.load(Ordering::Relaxed) > 0)
+            {
                 let seen = applied.generation;
                 let deadline = Instant::now() + MAX_GATHER;
                 while applied.generation == seen && !applied.closed {

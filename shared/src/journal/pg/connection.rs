@@ -1,13 +1,14 @@
 //! Connections to the database: how one is made (TLS or not), kept and made again, and the
 //! errors the client's failures become.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use super::lease::Lease;
 use super::PgOptions;
@@ -102,15 +103,57 @@ impl Connector {
     }
 }
 
+/// A connection and the statements prepared on it (each once: a prepared statement is parsed
+/// and planned once per connection, not once per batch).
+pub(super) struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    pub(super) fn new(client: Client) -> Conn {
+        Conn {
+            client,
+            prepared: HashMap::new(),
+        }
+    }
+
+    /// `sql`, prepared on this connection the first time it is asked for.
+    pub(super) async fn prepared(
+        &mut self,
+        sql: &'static str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
+impl std::ops::Deref for Conn {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
 /// A connection, made again once it is lost.
 pub(super) struct Slot {
-    client: Mutex<Option<Client>>,
+    conn: Mutex<Option<Conn>>,
 }
 
 impl Slot {
     pub(super) fn new(client: Client) -> Slot {
         Slot {
-            client: Mutex::new(Some(client)),
+            conn: Mutex::new(Some(Conn::new(client))),
         }
     }
 }
@@ -124,6 +167,8 @@ pub(super) struct Shared {
     /// The lease this store holds, once [`super::PgStore::acquire_lease`] got it: every batch checks
     /// it inside its transaction.
     pub(super) lease: std::sync::Mutex<Option<Lease>>,
+    /// Why the writer is waiting for the database to take a batch again, while it is.
+    pub(super) waiting: std::sync::Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -131,9 +176,9 @@ impl Shared {
     pub(super) async fn client<'a>(
         &self,
         slot: &'a Slot,
-    ) -> Result<tokio::sync::MutexGuard<'a, Option<Client>>, JournalError> {
-        let mut guard = slot.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
+    ) -> Result<tokio::sync::MutexGuard<'a, Option<Conn>>, JournalError> {
+        let mut guard = slot.conn.lock().await;
+        if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = None;
             let client = self
                 .connector
@@ -141,7 +186,7 @@ impl Shared {
                 .await
                 .map_err(|e| db_err("cannot connect", &e))?;
             tracing::info!("postgres-reconnected");
-            *guard = Some(client);
+            *guard = Some(Conn::new(client));
         }
         Ok(guard)
     }

@@ -6,10 +6,12 @@
 //! (name, at, bytes)`, one per append, never read past the length committed under its key.
 //!
 //! [`Store::apply`] is one transaction per batch: the batch's keys are reduced to their last
-//! write (as sled's batches are), then written with one upsert and one delete; blob appends and
-//! deletions run in their order. It returns only once `COMMIT` does, with `synchronous_commit`
-//! on (checked at open, as `fsync` is): [`Store::sync`] has nothing left to do. A batch whose
-//! `COMMIT` got no answer is ambiguous; the journal then acknowledges nothing more.
+//! write (as sled's batches are), then written with one insert of the records, one upsert of
+//! the rest and one delete; blob appends and deletions run in their order. Statements are
+//! prepared once per connection. It returns only once `COMMIT` does, with `synchronous_commit`
+//! on (checked at open, as `fsync` is): [`Store::sync`] has nothing left to do. When the
+//! database goes away mid-batch (a `COMMIT` that got no answer included), the same planned
+//! writes are tried again on a new connection until they commit: see [`apply`].
 //!
 //! The schema is created and migrated at open ([`MIGRATIONS`], numbered in `tether_schema`),
 //! under an advisory lock so that two nodes starting at once migrate once. A database migrated
@@ -31,6 +33,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use connection::{db_err, described, refuse, wait_on, Connector, Shared, Slot};
 use lease::fenced;
@@ -92,6 +95,7 @@ impl PgStore {
                 readers,
                 next_reader: AtomicUsize::new(0),
                 lease: std::sync::Mutex::new(None),
+                waiting: std::sync::Mutex::new(None),
             })
         };
         let shared = match wait_on(&runtime, init) {
@@ -147,9 +151,16 @@ enum BlobOp {
 /// One batch, reduced to what the transaction writes.
 #[derive(Default)]
 struct Plan {
-    /// Each key's last write in the batch (`None`: removed).
-    keys: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Records appended (key, value): new keys, almost always, so they are inserted plainly;
+    /// an insert that meets one already there (a try made again) is made again as an upsert.
+    records: (Vec<Vec<u8>>, Vec<Vec<u8>>),
+    /// Other keys written (meta, blob lengths), each with its last value in the batch.
+    put: (Vec<Vec<u8>>, Vec<Vec<u8>>),
+    /// Keys removed.
+    gone: Vec<Vec<u8>>,
     blobs: Vec<BlobOp>,
+    /// A plain insert of `records` met a key already there: they are upserted.
+    overwrite_records: bool,
 }
 
 fn to_i64(n: u64) -> i64 {
@@ -158,14 +169,16 @@ fn to_i64(n: u64) -> i64 {
 
 /// Reads what a batch depends on (keys to truncate, blob lengths) inside its transaction and
 /// reduces it to a [`Plan`], as the sled store builds its batch.
-async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, JournalError> {
+async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, Failure> {
     let mut plan = Plan::default();
+    // Each key's last write in the batch (`None`: removed), and whether it is a record's.
+    let mut keys: BTreeMap<Vec<u8>, (Option<Vec<u8>>, bool)> = BTreeMap::new();
     let mut lengths: std::collections::HashMap<&LogName, u64> = Default::default();
     for op in ops {
         match op {
             Op::Append { log, seq, payload } => {
                 let value = record::encode_record(log, *seq, payload);
-                plan.keys.insert(record::record_key(log, *seq), Some(value));
+                keys.insert(record::record_key(log, *seq), (Some(value), true));
             }
             Op::TruncateThrough { log, upto } => {
                 let start = record::log_prefix(log);
@@ -176,17 +189,17 @@ async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, 
                         &[&start, &end],
                     )
                     .await
-                    .map_err(|e| db_err("cannot scan for truncation", &e))?;
+                    .map_err(|e| Failure::of("cannot scan for truncation", &e))?;
                 for row in rows {
-                    plan.keys.insert(row.get(0), None);
+                    keys.insert(row.get(0), (None, false));
                 }
             }
             Op::PutMeta { key, value } => {
                 let v = record::encode_meta(key, value);
-                plan.keys.insert(record::meta_key(key), Some(v));
+                keys.insert(record::meta_key(key), (Some(v), false));
             }
             Op::DeleteMeta { key } => {
-                plan.keys.insert(record::meta_key(key), None);
+                keys.insert(record::meta_key(key), (None, false));
             }
             Op::AppendBlob { name, bytes } => {
                 let at = match lengths.get(name) {
@@ -196,9 +209,12 @@ async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, 
                 let len = at + bytes.len() as u64;
                 lengths.insert(name, len);
                 let key = blobs::length_key(name);
-                plan.keys.insert(
+                keys.insert(
                     record::meta_key(&key),
-                    Some(record::encode_meta(&key, &blobs::encode_length(len))),
+                    (
+                        Some(record::encode_meta(&key, &blobs::encode_length(len))),
+                        false,
+                    ),
                 );
                 plan.blobs.push(BlobOp::Append {
                     name: name.as_str().to_owned(),
@@ -208,12 +224,25 @@ async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, 
             }
             Op::DeleteBlob { name } => {
                 lengths.insert(name, 0);
-                plan.keys
-                    .insert(record::meta_key(&blobs::length_key(name)), None);
+                keys.insert(record::meta_key(&blobs::length_key(name)), (None, false));
                 plan.blobs.push(BlobOp::Delete {
                     name: name.as_str().to_owned(),
                 });
             }
+        }
+    }
+    for (k, (v, is_record)) in keys {
+        let into = if is_record {
+            &mut plan.records
+        } else {
+            &mut plan.put
+        };
+        match v {
+            Some(v) => {
+                into.0.push(k);
+                into.1.push(v);
+            }
+            None => plan.gone.push(k),
         }
     }
     Ok(plan)
@@ -258,33 +287,190 @@ async fn rows_in(
 async fn committed_len<C: tokio_postgres::GenericClient>(
     client: &C,
     name: &LogName,
-) -> Result<u64, JournalError> {
+) -> Result<u64, Failure> {
     let key = blobs::length_key(name);
     let k = record::meta_key(&key);
     let row = client
         .query_opt("SELECT value FROM tether_journal WHERE key = $1", &[&k])
         .await
-        .map_err(|e| db_err("cannot read a blob's length", &e))?;
+        .map_err(|e| Failure::of("cannot read a blob's length", &e))?;
     let Some(row) = row else {
         return Ok(0);
     };
     let v: Vec<u8> = row.get(0);
-    let corrupt = |reason| JournalError::Corrupt {
-        path: PathBuf::from("postgres"),
-        key: key.clone(),
-        reason,
+    let corrupt = |reason| {
+        Failure::refused(JournalError::Corrupt {
+            path: PathBuf::from("postgres"),
+            key: key.clone(),
+            reason,
+        })
     };
     let raw = record::decode_meta(&k, &v).map_err(corrupt)?;
     blobs::decode_length(raw).map_err(corrupt)
 }
 
-async fn apply(shared: Arc<Shared>, ops: Vec<Op>) -> Result<(), JournalError> {
-    let mut guard = shared.client(&shared.writer).await?;
-    let client = guard.as_mut().ok_or(JournalError::Closed)?;
-    let tx = client
+/// The first pause before a batch the database did not take is tried again; it doubles up to
+/// [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// A try of a batch that failed, and what is done next.
+struct Failure {
+    error: JournalError,
+    next: Next,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// The database, or the way to it, went away (no fault of the batch): tried again once
+    /// it is back.
+    Wait,
+    /// Tried again at once (the plan was changed to get past what failed).
+    Again,
+    /// Refused: the batch fails.
+    Fail,
+}
+
+impl Failure {
+    fn of(context: &str, e: &tokio_postgres::Error) -> Failure {
+        Failure {
+            error: db_err(context, e),
+            next: if transient(e) { Next::Wait } else { Next::Fail },
+        }
+    }
+
+    fn refused(error: JournalError) -> Failure {
+        Failure {
+            error,
+            next: Next::Fail,
+        }
+    }
+}
+
+/// Whether `e` says the database or the connection went away (it shut down, crashed, or cannot
+/// take connections yet; the socket broke), rather than that the statement was refused.
+fn transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        // No SQLSTATE: the client's own failure, an I/O one (a broken socket).
+        None => {
+            e.as_db_error().is_none()
+                && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        }
+        Some(code) => {
+            let code = code.code();
+            code.starts_with("08")
+                || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+        }
+    }
+}
+
+/// Commits `ops` as one transaction, trying again (on a new connection, with the same plan)
+/// each time the database goes away, until it takes the batch or refuses it.
+///
+/// The plan is made once, by the first try that gets that far, and every later try writes
+/// exactly the same rows: upserts of the same values, deletions of the same keys, blob bytes at
+/// the same offsets. So a try whose `COMMIT` got no answer (the batch may or may not be
+/// durable) is resolved by the next one, which leaves the database the same either way; and a
+/// batch is answered (and so acknowledged) only once a `COMMIT` of it returned. Meanwhile no
+/// other batch runs (the writer is serial) and no other node commits (the lease, checked by
+/// every try), so the plan's reads stay true.
+async fn apply(shared: &Shared, ops: &[Op]) -> Result<(), JournalError> {
+    let mut plan: Option<Plan> = None;
+    let mut pause = RETRY_MIN;
+    let mut tries = 0u32;
+    let mut waited = false;
+    loop {
+        tries += 1;
+        match try_batch(shared, ops, &mut plan).await {
+            Ok(()) => {
+                if waited {
+                    tracing::info!(tries, "postgres-batch-committed-after-retry");
+                    set_waiting(shared, None);
+                }
+                return Ok(());
+            }
+            Err(Failure {
+                next: Next::Again, ..
+            }) => {}
+            Err(f) if f.next == Next::Wait => {
+                if !waited {
+                    tracing::error!(error = %f.error, "postgres-batch-failed-retrying");
+                    waited = true;
+                }
+                set_waiting(
+                    shared,
+                    Some(format!("{} (tried {tries} times, trying again)", f.error)),
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_MAX);
+            }
+            Err(f) => {
+                set_waiting(shared, None);
+                return Err(f.error);
+            }
+        }
+    }
+}
+
+fn set_waiting(shared: &Shared, why: Option<String>) {
+    *shared
+        .waiting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+}
+
+const CHECK_LEASE: &str = "SELECT 1 FROM tether_lease WHERE id = 1 AND holder = $1 AND epoch = $2
+     AND expires_at > now() FOR SHARE";
+const APPEND_BLOB: &str = "INSERT INTO tether_blobs (name, at, bytes) VALUES ($1, $2, $3)
+     ON CONFLICT (name, at) DO UPDATE SET bytes = excluded.bytes";
+const DELETE_BLOB: &str = "DELETE FROM tether_blobs WHERE name = $1";
+const DELETE_KEYS: &str = "DELETE FROM tether_journal WHERE key = ANY($1)";
+const PUT_KEYS: &str =
+    "INSERT INTO tether_journal (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+     ON CONFLICT (key) DO UPDATE SET value = excluded.value";
+/// New keys only: cheaper than an upsert, which probes the index before it inserts.
+const INSERT_KEYS: &str =
+    "INSERT INTO tether_journal (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])";
+/// SQLSTATE `unique_violation`.
+const UNIQUE_VIOLATION: &str = "23505";
+
+/// Statements the writer prepares on its connection.
+const WRITER_STATEMENTS: [&str; 6] = [
+    CHECK_LEASE,
+    APPEND_BLOB,
+    DELETE_BLOB,
+    DELETE_KEYS,
+    PUT_KEYS,
+    INSERT_KEYS,
+];
+
+/// One try of a batch: its transaction, with the plan made in it if `plan` has none yet.
+async fn try_batch(shared: &Shared, ops: &[Op], plan: &mut Option<Plan>) -> Result<(), Failure> {
+    let mut guard = shared
+        .client(&shared.writer)
+        .await
+        .map_err(|error| Failure {
+            error,
+            next: Next::Wait,
+        })?;
+    let conn = guard
+        .as_mut()
+        .ok_or(Failure::refused(JournalError::Closed))?;
+    let mut prepared = Vec::with_capacity(WRITER_STATEMENTS.len());
+    for sql in WRITER_STATEMENTS {
+        let statement = conn.prepared(sql).await;
+        prepared.push(statement.map_err(|e| Failure::of("cannot prepare", &e))?);
+    }
+    let [check_lease, append_blob, delete_blob, delete_keys, put_keys, insert_keys] =
+        <[_; WRITER_STATEMENTS.len()]>::try_from(prepared)
+            .map_err(|_| Failure::refused(JournalError::Closed))?;
+    let tx = conn
         .transaction()
         .await
-        .map_err(|e| db_err("cannot begin", &e))?;
+        .map_err(|e| Failure::of("cannot begin", &e))?;
     // Fencing: the lease row is read (and locked against a takeover) inside the transaction,
     // so a node that lost it can never commit again.
     let lease = shared
@@ -294,79 +480,96 @@ async fn apply(shared: Arc<Shared>, ops: Vec<Op>) -> Result<(), JournalError> {
         .clone();
     if let Some(lease) = &lease {
         let held = tx
-            .query_opt(
-                "SELECT 1 FROM tether_lease WHERE id = 1 AND holder = $1 AND epoch = $2
-                 AND expires_at > now() FOR SHARE",
-                &[&lease.holder, &lease.epoch],
-            )
+            .query_opt(&check_lease, &[&lease.holder, &lease.epoch])
             .await
-            .map_err(|e| db_err("cannot check the lease", &e))?;
+            .map_err(|e| Failure::of("cannot check the lease", &e))?;
         if held.is_none() {
-            return Err(fenced(lease));
+            return Err(Failure::refused(fenced(lease)));
         }
     }
-    let plan = plan(&tx, &ops).await?;
+    let plan = match plan {
+        Some(plan) => plan,
+        None => plan.insert(self::plan(&tx, ops).await?),
+    };
     for blob in &plan.blobs {
         match blob {
             BlobOp::Append { name, at, bytes } => tx
-                .execute(
-                    "INSERT INTO tether_blobs (name, at, bytes) VALUES ($1, $2, $3)
-                     ON CONFLICT (name, at) DO UPDATE SET bytes = excluded.bytes",
-                    &[name, at, bytes],
-                )
+                .execute(&append_blob, &[name, at, bytes])
                 .await
-                .map_err(|e| db_err("cannot append to a blob", &e))?,
+                .map_err(|e| Failure::of("cannot append to a blob", &e))?,
             BlobOp::Delete { name } => tx
-                .execute("DELETE FROM tether_blobs WHERE name = $1", &[name])
+                .execute(&delete_blob, &[name])
                 .await
-                .map_err(|e| db_err("cannot delete a blob", &e))?,
+                .map_err(|e| Failure::of("cannot delete a blob", &e))?,
         };
     }
-    let (mut put_keys, mut put_values, mut gone) = (Vec::new(), Vec::new(), Vec::new());
-    for (k, v) in plan.keys {
-        match v {
-            Some(v) => {
-                put_keys.push(k);
-                put_values.push(v);
-            }
-            None => gone.push(k),
-        }
-    }
-    if !gone.is_empty() {
-        tx.execute("DELETE FROM tether_journal WHERE key = ANY($1)", &[&gone])
+    if !plan.gone.is_empty() {
+        tx.execute(&delete_keys, &[&plan.gone])
             .await
-            .map_err(|e| db_err("cannot delete", &e))?;
+            .map_err(|e| Failure::of("cannot delete", &e))?;
     }
-    if !put_keys.is_empty() {
-        tx.execute(
-            "INSERT INTO tether_journal (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            &[&put_keys, &put_values],
-        )
-        .await
-        .map_err(|e| db_err("cannot write", &e))?;
+    if !plan.put.0.is_empty() {
+        tx.execute(&put_keys, &[&plan.put.0, &plan.put.1])
+            .await
+            .map_err(|e| Failure::of("cannot write", &e))?;
+    }
+    if !plan.records.0.is_empty() {
+        let (keys, values) = &plan.records;
+        let written = match plan.overwrite_records {
+            true => tx.execute(&put_keys, &[keys, values]).await,
+            false => tx.execute(&insert_keys, &[keys, values]).await,
+        };
+        if let Err(e) = written {
+            if e.code().map(|c| c.code()) == Some(UNIQUE_VIOLATION) && !plan.overwrite_records {
+                plan.overwrite_records = true;
+                return Err(Failure {
+                    error: db_err("records already there", &e),
+                    next: Next::Again,
+                });
+            }
+            return Err(Failure::of("cannot append", &e));
+        }
     }
     tx.commit().await.map_err(|e| {
-        // No answer to COMMIT: the batch may or may not be durable.
-        let mut err = db_err("commit", &e);
-        if let JournalError::Io { reason, .. } = &mut err {
+        // No answer to COMMIT: the batch may or may not be durable; the next try settles it.
+        let mut f = Failure::of("commit", &e);
+        if let JournalError::Io { reason, .. } = &mut f.error {
             reason.push_str(" (the commit's outcome is unknown)");
         }
-        err
+        f
     })
 }
 
 impl Store for PgStore {
     fn apply(&self, ops: &[Op]) -> Result<(), JournalError> {
-        let ops = ops.to_vec();
-        self.run(move |shared| apply(shared, ops))?;
+        let runtime = self.runtime.as_ref().ok_or(JournalError::Closed)?;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // On an async thread, which may not block on a runtime: the work is handed over.
+            let ops = ops.to_vec();
+            self.run(move |shared| async move { apply(&shared, &ops).await })?;
+        } else {
+            // The writer's own thread: the batch is borrowed, not copied.
+            runtime.block_on(apply(&self.shared, ops))?;
+        }
         self.syncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    fn waiting(&self) -> Option<String> {
+        self.shared
+            .waiting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Every applied batch was committed with `synchronous_commit` on: nothing is left to do.
     fn sync(&self) -> Result<(), JournalError> {
         Ok(())
+    }
+
+    fn durable_on_apply(&self) -> bool {
+        true
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {
@@ -407,7 +610,7 @@ impl Store for PgStore {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             // Bytes are written in the transaction that commits the length they end at.
-            let committed = committed_len(client, &name).await?;
+            let committed = committed_len(&**client, &name).await.map_err(|f| f.error)?;
             let end = committed.min(offset.saturating_add(max as u64));
             if offset >= end {
                 return Ok(Vec::new());

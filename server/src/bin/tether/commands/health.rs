@@ -1,6 +1,7 @@
 //! `tether health`: `GET /admin/health` as tables (server actors, sessions, journal, agents,
 //! relay links), or verbatim with `--json`. Exits 1 when a server actor is not running, the
-//! journal is poisoned or an agent's handshake is refused, so that scripts can watch it. A standby (servers on PostgreSQL)
+//! journal is poisoned or waiting for its database, or an agent's handshake is refused, so that
+//! scripts can watch it. A standby (servers on PostgreSQL)
 //! shows its role and the active node, and exits 0.
 
 use std::collections::HashMap;
@@ -47,11 +48,15 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         .filter(|a| str_at(a, "state") != "running")
         .map(|a| format!("{} {}", str_at(a, "name"), str_at(a, "state")))
         .collect();
-    let poisoned = health
-        .get("journal")
-        .and_then(|j| j.get("poisoned"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let journal_says = |field: &str| {
+        health
+            .get("journal")
+            .and_then(|j| j.get(field))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let poisoned = journal_says("poisoned");
+    let waiting = journal_says("waiting");
     let refused: Vec<String> = health
         .get("agents")
         .and_then(Value::as_object)
@@ -63,7 +68,8 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
                 .map(|why| format!("agent {id} refused: {why}"))
         })
         .collect();
-    let healthy = troubled.is_empty() && poisoned.is_none() && refused.is_empty();
+    let healthy =
+        troubled.is_empty() && poisoned.is_none() && waiting.is_none() && refused.is_empty();
     if json {
         output::json(&health)?;
     } else {
@@ -72,6 +78,7 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     if !healthy {
         let mut problems = troubled;
         problems.extend(poisoned.map(|p| format!("journal poisoned: {p}")));
+        problems.extend(waiting.map(|w| format!("journal waiting for its database: {w}")));
         problems.extend(refused);
         eprintln!("tether: unhealthy: {}", problems.join("; "));
         return Ok(ExitCode::from(1));

@@ -8,6 +8,7 @@
 //!   signal.
 //! - [`registry`]: `Registry`, enrolled agents and relays, enrollment tokens, presence.
 //! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
+//! - [`authz`]: the users' roles and the table of what each may do.
 //! - [`agents_api`]: changing and deleting agents (`/api/v1/agents/{id}`), shared with the web
 //!   application.
 //! - [`web`]: the web application for people at `/` on the HTTPS listener.
@@ -32,6 +33,7 @@ mod api;
 mod api_error;
 mod app;
 mod artifacts;
+mod authz;
 mod background;
 mod body_deadline;
 mod deployments;

@@ -12,9 +12,10 @@
 //! page; the file is only read while no user exists.
 //!
 //! Users are created and deleted on the web application's users page, over REST
-//! (`/api/v1/users`) and with `tether users`; there is one role (every user may do
-//! everything). The last user cannot be deleted, nor a user by itself; a successful login
-//! stores `last_login_unix_ms`.
+//! (`/api/v1/users`) and with `tether users`. Each has a [`Role`] (see [`crate::authz`]); users
+//! stored before roles existed could do everything, and are admins. The last admin cannot be
+//! deleted or given a lesser role, nor may a user delete itself or change its own role; a
+//! successful login stores `last_login_unix_ms`.
 //!
 //! Hashing costs tens of milliseconds of CPU on purpose: callers on an actix arbiter run
 //! [`hash_password`] and [`Users::verify`] through `web::block`.
@@ -35,7 +36,13 @@ use tether_shared::enroll::name_problem;
 use tether_shared::identity::write_private_file;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 
+use crate::authz::Role;
 use crate::registry::now_unix_ms;
+
+/// How many of `users` are admins.
+fn admins(users: &BTreeMap<String, StoredUser>) -> usize {
+    users.values().filter(|u| u.role == Role::Admin).count()
+}
 
 /// Meta key prefix of users (followed by the user name).
 pub const USER_PREFIX: &str = "user/";
@@ -60,12 +67,20 @@ pub struct StoredUser {
     /// The last successful web login (absent until the first one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_login_unix_ms: Option<u64>,
+    /// What the user may do; users stored before roles existed could do everything.
+    #[serde(default = "role_before_roles")]
+    pub role: Role,
+}
+
+fn role_before_roles() -> Role {
+    Role::Admin
 }
 
 /// What lists of users show: never the password hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserInfo {
     pub name: String,
+    pub role: Role,
     pub created_unix_ms: u64,
     pub password_changed_unix_ms: u64,
     pub last_login_unix_ms: Option<u64>,
@@ -75,6 +90,7 @@ impl From<&StoredUser> for UserInfo {
     fn from(u: &StoredUser) -> Self {
         UserInfo {
             name: u.name.clone(),
+            role: u.role,
             created_unix_ms: u.created_unix_ms,
             password_changed_unix_ms: u.password_changed_unix_ms,
             last_login_unix_ms: u.last_login_unix_ms,
@@ -174,6 +190,41 @@ impl Users {
         read(&self.users).contains_key(name)
     }
 
+    /// The role of user `name`, if it exists.
+    pub fn role_of(&self, name: &str) -> Option<Role> {
+        read(&self.users).get(name).map(|u| u.role)
+    }
+
+    /// Gives user `name` the role `role`. Refused for `acting` itself (a person cannot raise
+    /// or drop their own role) and for the last admin.
+    pub async fn set_role(
+        &self,
+        name: &str,
+        role: Role,
+        acting: Option<&str>,
+    ) -> Result<(), UsersError> {
+        let _change = self.changes.lock().await;
+        let mut user = {
+            let users = read(&self.users);
+            let user = users.get(name).cloned().ok_or(UsersError::NotFound)?;
+            if acting == Some(name) {
+                return Err(UsersError::Conflict(
+                    "you cannot change your own role; another admin can".into(),
+                ));
+            }
+            if user.role == Role::Admin && role != Role::Admin && admins(&users) <= 1 {
+                return Err(UsersError::Conflict(
+                    "the last admin keeps the admin role".into(),
+                ));
+            }
+            user
+        };
+        user.role = role;
+        self.store(user).await?;
+        tracing::info!(user = %name, role = %role, "user-role-changed");
+        Ok(())
+    }
+
     /// Every user (no password hashes), sorted by name.
     pub fn list(&self) -> Vec<UserInfo> {
         read(&self.users).values().map(UserInfo::from).collect()
@@ -196,6 +247,11 @@ impl Users {
             if users.len() <= 1 {
                 return Err(UsersError::Conflict(
                     "the last user cannot be deleted".into(),
+                ));
+            }
+            if users.get(name).is_some_and(|u| u.role == Role::Admin) && admins(&users) <= 1 {
+                return Err(UsersError::Conflict(
+                    "the last admin cannot be deleted".into(),
                 ));
             }
         }
@@ -236,7 +292,12 @@ impl Users {
     }
 
     /// Creates user `name` with the PHC string `password_hash` (from [`hash_password`]).
-    pub async fn create(&self, name: &str, password_hash: String) -> Result<(), UsersError> {
+    pub async fn create(
+        &self,
+        name: &str,
+        password_hash: String,
+        role: Role,
+    ) -> Result<(), UsersError> {
         if let Some(problem) = name_problem("user name", name) {
             return Err(UsersError::Invalid(problem));
         }
@@ -251,9 +312,10 @@ impl Users {
             created_unix_ms: now,
             password_changed_unix_ms: now,
             last_login_unix_ms: None,
+            role,
         };
         self.store(user).await?;
-        tracing::info!(user = %name, "user-created");
+        tracing::info!(user = %name, role = %role, "user-created");
         Ok(())
     }
 
@@ -310,7 +372,7 @@ impl Users {
             )));
         }
         let hash = hash_password(&password)?;
-        self.create(INITIAL_ADMIN, hash).await?;
+        self.create(INITIAL_ADMIN, hash, Role::Admin).await?;
         tracing::info!(user = INITIAL_ADMIN, path = %password_file.display(), "initial-admin-created");
         Ok(true)
     }
@@ -448,12 +510,15 @@ mod tests {
             users.ensure_initial_admin(&file).await.unwrap();
             let hash = hash_password("ops-password-1234").unwrap();
             assert!(matches!(
-                users.create("bad name", hash.clone()).await,
+                users.create("bad name", hash.clone(), Role::Admin).await,
                 Err(UsersError::Invalid(_))
             ));
-            users.create("ops-1", hash.clone()).await.unwrap();
+            users
+                .create("ops-1", hash.clone(), Role::Admin)
+                .await
+                .unwrap();
             assert!(matches!(
-                users.create("ops-1", hash).await,
+                users.create("ops-1", hash, Role::Viewer).await,
                 Err(UsersError::Exists(_))
             ));
             users.record_login("ops-1").await;
@@ -479,6 +544,60 @@ mod tests {
         assert!(users.list()[0].last_login_unix_ms.is_some());
         users.verify("ops-1", "ops-password-1234").unwrap();
         assert!(!users.ensure_initial_admin(&file).await.unwrap());
+    }
+
+    #[actix_rt::test]
+    async fn roles_are_kept_and_the_last_admin_stays_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("admin.password");
+        std::fs::write(&file, "first-password-123\n").unwrap();
+        {
+            let users = open(&tmp.path().join("j"));
+            users.ensure_initial_admin(&file).await.unwrap();
+            assert_eq!(users.role_of(INITIAL_ADMIN), Some(Role::Admin));
+            let hash = hash_password("ops-password-1234").unwrap();
+            users.create("viewer-1", hash, Role::Viewer).await.unwrap();
+            // The only admin can be neither demoted nor deleted; nobody changes their own role.
+            for (acting, role) in [(None, Role::Deployer), (Some("viewer-1"), Role::Viewer)] {
+                assert!(matches!(
+                    users.set_role(INITIAL_ADMIN, role, acting).await,
+                    Err(UsersError::Conflict(_))
+                ));
+            }
+            assert!(matches!(
+                users.delete(INITIAL_ADMIN, Some("viewer-1")).await,
+                Err(UsersError::Conflict(_))
+            ));
+            assert!(matches!(
+                users
+                    .set_role("viewer-1", Role::Admin, Some("viewer-1"))
+                    .await,
+                Err(UsersError::Conflict(_))
+            ));
+            users
+                .set_role("viewer-1", Role::Deployer, Some(INITIAL_ADMIN))
+                .await
+                .unwrap();
+            assert!(matches!(
+                users.set_role("nobody", Role::Admin, None).await,
+                Err(UsersError::NotFound)
+            ));
+            // A user stored before roles existed could do everything: it is an admin.
+            let old = serde_json::json!({"name": "old-timer", "password_hash": "x",
+                "created_unix_ms": 1, "password_changed_unix_ms": 1});
+            users
+                .journal
+                .commit(vec![Op::PutMeta {
+                    key: format!("{USER_PREFIX}old-timer"),
+                    value: old.to_string().into_bytes(),
+                }])
+                .await
+                .unwrap();
+        }
+        let users = open(&tmp.path().join("j"));
+        assert_eq!(users.role_of("viewer-1"), Some(Role::Deployer));
+        assert_eq!(users.role_of("old-timer"), Some(Role::Admin));
+        assert_eq!(users.role_of(INITIAL_ADMIN), Some(Role::Admin));
     }
 
     #[actix_rt::test]

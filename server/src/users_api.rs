@@ -1,11 +1,13 @@
 //! The web application's users over the REST API (HTTPS listener, admin bearer token):
 //! - `GET /api/v1/users` → `[{"name","created_unix_ms","password_changed_unix_ms",
 //!   "last_login_unix_ms"}]`, sorted by name; never a password or its hash.
-//! - `POST /api/v1/users` with `{"name","password"}` → 201 and the user as listed; 400 with the
-//!   rule broken (name: the agent name rules; password: at least 12 characters), 409 if the
-//!   user exists.
+//! - `POST /api/v1/users` with `{"name","password","role"}` → 201 and the user as listed; 400
+//!   with the rule broken (name: the agent name rules; password: at least 12 characters; role:
+//!   `viewer` (the default), `deployer` or `admin`), 409 if the user exists.
+//! - `PATCH /api/v1/users/{name}` with `{"role"}` → the user as listed; 404 if unknown, 409 for
+//!   the last admin.
 //! - `DELETE /api/v1/users/{name}` → `{"name","deleted":true}`; its web sessions end. 404 if
-//!   unknown, 409 for the last user.
+//!   unknown, 409 for the last user or the last admin.
 //!
 //! The handlers read the application state ([`crate::state::AppState`]: the users, their
 //! sessions and the API token).
@@ -15,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api_error::{method_not_allowed, ApiError};
+use crate::authz::Role;
 use crate::state::AppState;
 use crate::users::{hash_password, password_problem, UsersError};
 
@@ -29,6 +32,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(
         web::resource("/api/v1/users/{name}")
             .route(web::delete().to(delete))
+            .route(web::patch().to(change))
             .default_service(web::to(method_not_allowed)),
     );
 }
@@ -53,6 +57,25 @@ impl From<UsersError> for ApiError {
 struct NewUser {
     name: String,
     password: String,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+/// The body of `PATCH /api/v1/users/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChange {
+    role: String,
+}
+
+/// The user `name` as listed.
+fn listed(state: &AppState, name: &str) -> Result<crate::users::UserInfo, ApiError> {
+    state
+        .users
+        .list()
+        .into_iter()
+        .find(|u| u.name == name)
+        .ok_or(ApiError::NotFound)
 }
 
 /// `GET /api/v1/users`.
@@ -76,7 +99,7 @@ async fn create(
     let new: NewUser = serde_json::from_slice(&body).map_err(|e| {
         // serde's message may quote the offending value, which could be the password.
         ApiError::BadRequest(format!(
-            "invalid JSON (line {}, column {}): expected {{\"name\": \"...\", \"password\": \"...\"}}",
+            "invalid JSON (line {}, column {}): expected {{\"name\": \"...\", \"password\": \"...\", \"role\": \"viewer|deployer|admin\"}}",
             e.line(),
             e.column()
         ))
@@ -87,6 +110,10 @@ async fn create(
     if let Some(problem) = password_problem(&new.password) {
         return Err(ApiError::BadRequest(problem));
     }
+    let role = match &new.role {
+        None => Role::Viewer,
+        Some(name) => Role::parse(name).map_err(ApiError::BadRequest)?,
+    };
     if state.users.contains(&new.name) {
         return Err(UsersError::Exists(new.name).into());
     }
@@ -94,15 +121,29 @@ async fn create(
     let hash = web::block(move || hash_password(&password))
         .await
         .map_err(|_| ApiError::Unavailable)??;
-    state.users.create(&new.name, hash).await?;
-    tracing::info!(user = %new.name, "api-user-created");
-    let created = state
-        .users
-        .list()
-        .into_iter()
-        .find(|u| u.name == new.name)
-        .ok_or(ApiError::Unavailable)?;
-    Ok(HttpResponse::Created().json(created))
+    state.users.create(&new.name, hash, role).await?;
+    tracing::info!(user = %new.name, role = %role, "api-user-created");
+    Ok(HttpResponse::Created().json(listed(&state, &new.name)?))
+}
+
+/// `PATCH /api/v1/users/{name}`.
+async fn change(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let name = path.into_inner();
+    let change: UserChange = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid JSON: {e}; expected {{\"role\": \"viewer|deployer|admin\"}}"
+        ))
+    })?;
+    let role = Role::parse(&change.role).map_err(ApiError::BadRequest)?;
+    state.users.set_role(&name, role, None).await?;
+    tracing::info!(user = %name, role = %role, "api-user-role-changed");
+    Ok(HttpResponse::Ok().json(listed(&state, &name)?))
 }
 
 /// `DELETE /api/v1/users/{name}`.

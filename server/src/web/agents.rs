@@ -283,7 +283,7 @@ async fn detail(
                              td { (badge(status)) } td { (utc(*created)) } }
                     } } }
             }
-            div.grid2 {
+            @if user.may_post(&format!("{base}/tags")) { div.grid2 {
                 form.card #edit-tags method="post" action={ (base) "/tags" } {
                     (csrf_field(&user))
                     h2 { "Tags" }
@@ -324,7 +324,7 @@ async fn detail(
                     label { input type="checkbox" name="confirm" value="yes" required; " I am sure" }
                     button.danger #delete-button type="submit" { "Delete agent" }
                 }
-            }
+            } }
         },
     ))
 }

@@ -113,6 +113,7 @@ mod tests {
         CurrentUser {
             name: "admin".into(),
             csrf: "tok".into(),
+            role: crate::authz::Role::Admin,
         }
     }
 

@@ -47,6 +47,9 @@ fn status_word(s: DeploymentStatus) -> String {
 /// The form starting a deployment (of `process`, if given).
 pub fn start_form(user: &CurrentUser, state: &AppState, process: Option<&str>) -> Markup {
     let processes = state.deployments.processes();
+    if !user.may_post("/deployments") {
+        return html! {};
+    }
     html! {
         form.card #start-deployment method="post" action="/deployments" {
             (csrf_field(user))
@@ -234,7 +237,7 @@ async fn detail(
                         }
                     }
                 }
-                @if !final_ {
+                @if !final_ && user.may_post(&format!("/deployments/{id_enc}/cancel")) {
                     form.card #cancel data-while-running method="post" action={ "/deployments/" (id_enc) "/cancel" } {
                         (csrf_field(&user))
                         p { "Cancelling kills each agent's running step; the steps after it end cancelled." }

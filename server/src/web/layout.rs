@@ -142,10 +142,13 @@ pub fn page(title: &str, user: &CurrentUser, active: &str, body: Markup) -> Http
                     nav {
                         a.brand href="/agents" { "Tether" }
                         @for (path, label) in NAV {
-                            a class=[(path == active).then_some("active")] href=(path) { (label) }
+                            @if user.role.may(&actix_web::http::Method::GET, path) {
+                                a class=[(path == active).then_some("active")] href=(path) { (label) }
+                            }
                         }
                         span.spacer {}
                         a href="/account" { (user.name) }
+                        span.muted data-field="role" { (user.role) }
                         form.inline method="post" action="/logout" {
                             (csrf_field(user))
                             button.link type="submit" { "Log out" }
@@ -205,6 +208,7 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("deleted") => "Deleted.",
         Some("user-created") => "User created.",
         Some("user-deleted") => "User deleted; their sessions were logged out.",
+        Some("role-changed") => "Role changed.",
         Some("token-revoked") => "Token revoked: it enrolls nobody from now on.",
         Some("relay-deleted") => {
             "Relay deleted: its key no longer authenticates and its connections were closed."
@@ -345,6 +349,7 @@ mod tests {
         let user = CurrentUser {
             name: "<b>x</b>".into(),
             csrf: "\"><script>".into(),
+            role: crate::authz::Role::Admin,
         };
         let body = page("<i>t</i>", &user, "/agents", html! {}).into_body();
         let bytes = actix_web::body::to_bytes(body);

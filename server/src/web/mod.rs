@@ -18,7 +18,7 @@
 //! - [`deployments`]: `/deployments` (list, start), `/deployments/{id}` (live status and logs,
 //!   cancel) and its JSON under `/ui/`.
 //! - [`health`]: `/health`, the `/admin/health` observation as a page.
-//! - [`users`]: `/users` (list, create, delete; one role: every user may do everything).
+//! - [`users`]: `/users` (list, create, delete, change role; admins only, see [`crate::authz`]).
 //!
 //! Every response of these routes carries a strict Content-Security-Policy (`default-src
 //! 'self'`: no inline script or style runs), `X-Content-Type-Options: nosniff`,
@@ -154,20 +154,38 @@ impl From<actix_web::error::BlockingError> for WebError {
     }
 }
 
-/// The logged-in user of a request: no valid session → redirect to `/login`.
+/// The logged-in user of a request: no valid session → redirect to `/login`; a user whose
+/// role may not make this request ([`crate::authz::required`]) → 403, before the handler runs.
+/// Every page and form takes it, so this is where the web application enforces roles.
 impl actix_web::FromRequest for session::CurrentUser {
     type Error = WebError;
     type Future = std::future::Ready<Result<Self, Self::Error>>;
 
     fn from_request(req: &actix_web::HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let user = req
-            .app_data::<web::Data<crate::state::AppState>>()
-            .and_then(|state| {
-                let token = session::token_of(req)?;
-                let user = state.web_sessions.lookup(&token)?;
-                // A deleted user's sessions are ended; this also covers a login racing the delete.
-                state.users.contains(&user.name).then_some(user)
-            });
-        std::future::ready(user.ok_or(WebError::LoginRequired))
+        std::future::ready(current_user(req))
     }
+}
+
+fn current_user(req: &actix_web::HttpRequest) -> Result<session::CurrentUser, WebError> {
+    let state = req
+        .app_data::<web::Data<crate::state::AppState>>()
+        .ok_or(WebError::LoginRequired)?;
+    let token = session::token_of(req).ok_or(WebError::LoginRequired)?;
+    let mut user = state
+        .web_sessions
+        .lookup(&token)
+        .ok_or(WebError::LoginRequired)?;
+    // A deleted user's sessions are ended; this also covers a login racing the delete.
+    user.role = state
+        .users
+        .role_of(&user.name)
+        .ok_or(WebError::LoginRequired)?;
+    if !user.role.may(req.method(), req.path()) {
+        tracing::warn!(user = %user.name, role = %user.role, method = %req.method(), path = %req.path(), "web-request-refused-by-role");
+        return Err(WebError::Forbidden(format!(
+            "your role ({}) may not do this; an admin can change it on the users page",
+            user.role
+        )));
+    }
+    Ok(user)
 }

@@ -44,14 +44,14 @@ fn list_page(user: &CurrentUser, state: &AppState, json: &str, error: Option<&st
                 } }
             }
         }
-        form.card #new-process method="post" action="/processes" {
+        @if user.may_post("/processes") { form.card #new-process method="post" action="/processes" {
             (csrf_field(user))
             h2 { "Create or replace a process" }
             @if let Some(e) = error { p.error role="alert" { (e) } }
             label for="process-json" { "The process as JSON (as for " code { "POST /api/v1/processes" } ")" }
             textarea #process-json name="json" rows="12" placeholder=(EXAMPLE) { (json) }
             button type="submit" { "Save process" }
-        }
+        } }
     }
 }
 

@@ -66,13 +66,13 @@ async fn list(
                                     }
                                 }
                             }
-                            td {
+                            td { @if user.may_post("/relays/x/delete") {
                                 form.inline.delete-relay method="post" action={ "/relays/" (enc(&r.id)) "/delete" } {
                                     (csrf_field(&user))
                                     label { input type="checkbox" name="confirm" value="yes" required; " I am sure" }
                                     button.danger type="submit" title="Revoke: its connections close and its agents fail over" { "Delete" }
                                 }
-                            }
+                            } }
                         }
                     } }
                 }

@@ -21,6 +21,8 @@ use sha2::{Digest, Sha256};
 use tether_shared::clock::now_unix_ms;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 
+use crate::authz::Role;
+
 /// The session cookie's name.
 pub const COOKIE: &str = "tether_session";
 /// A session ends this long after its last request.
@@ -68,6 +70,16 @@ pub struct CurrentUser {
     pub name: String,
     /// The session's CSRF token, for the forms of the page.
     pub csrf: String,
+    /// What the user may do (read from the users at each request, so a change of role
+    /// applies at once).
+    pub role: Role,
+}
+
+impl CurrentUser {
+    /// Whether the user may post to `path` (pages show only the forms the user may use).
+    pub fn may_post(&self, path: &str) -> bool {
+        self.role.may(&actix_web::http::Method::POST, path)
+    }
 }
 
 fn key_of(digest: &[u8; 32]) -> String {
@@ -186,6 +198,8 @@ impl SessionStore {
         let user = CurrentUser {
             name: session.user.clone(),
             csrf: session.csrf.clone(),
+            // Set from the users by the extractor.
+            role: Role::Viewer,
         };
         if now.saturating_sub(session.touched_unix_ms) >= TOUCH_EVERY.as_millis() as u64 {
             session.touched_unix_ms = now;

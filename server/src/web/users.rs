@@ -5,9 +5,10 @@
 //! - `POST /users` (name, password, confirm): creates a user. The name follows the agent name
 //!   rules, the password needs [`MIN_PASSWORD_LEN`] characters and is typed twice.
 //! - `POST /users/{name}/delete` (confirm=yes): deletes a user and ends its sessions. Nobody
-//!   deletes themselves, and the last user stays.
+//!   deletes themselves, and the last user (and the last admin) stays.
+//! - `POST /users/{name}/role` (role): gives another user a role; the last admin keeps theirs.
 //!
-//! There is one role: every user may do everything, including managing the other users.
+//! Only admins see this page (see [`crate::authz`]).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use super::layout::{self, csrf_field, enc, resource};
 use super::session::CurrentUser;
 use super::{csrf, WebError};
+use crate::authz::Role;
 use crate::state::AppState;
 use crate::users::{hash_password, password_problem, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 
@@ -25,7 +27,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(list))
             .route(web::post().to(create)),
     )
-    .service(resource("/users/{name}/delete").route(web::post().to(delete)));
+    .service(resource("/users/{name}/delete").route(web::post().to(delete)))
+    .service(resource("/users/{name}/role").route(web::post().to(change_role)));
 }
 
 async fn list(
@@ -41,13 +44,24 @@ async fn list(
         "/users",
         html! {
             (layout::notice(query.done.as_deref()))
-            p.muted { "Every user may do everything, including managing the other users." }
+            p.muted { "Viewers read; deployers also change processes, deployments, artifacts and plugins; admins do everything, including managing users." }
             table #users {
-                thead { tr { th { "Name" } th { "Created" } th { "Password changed" } th { "Last login" } th {} } }
+                thead { tr { th { "Name" } th { "Role" } th { "Created" } th { "Password changed" } th { "Last login" } th {} } }
                 tbody {
                     @for u in &users {
                         tr data-user=(u.name) {
                             td data-field="name" { (u.name) @if u.name == user.name { " (you)" } }
+                            td data-field="role" {
+                                @if u.name == user.name {
+                                    (u.role)
+                                } @else {
+                                    form.inline.change-role method="post" action={ "/users/" (enc(&u.name)) "/role" } {
+                                        (csrf_field(&user))
+                                        (role_select(u.role))
+                                        button type="submit" { "Set" }
+                                    }
+                                }
+                            }
                             td { (layout::ago(Some(u.created_unix_ms))) }
                             td { (layout::ago(Some(u.password_changed_unix_ms))) }
                             td data-field="last-login" { (layout::ago(u.last_login_unix_ms)) }
@@ -73,10 +87,29 @@ async fn list(
                 input #new-password type="password" name="password" autocomplete="new-password" required minlength=(MIN_PASSWORD_LEN);
                 label for="new-confirm" { "Password again" }
                 input #new-confirm type="password" name="confirm" autocomplete="new-password" required;
+                label { "Role " (role_select(Role::Viewer)) }
                 button #create-user type="submit" { "Create user" }
             }
         },
     )
+}
+
+/// A `<select name="role">` with `selected` chosen.
+fn role_select(selected: Role) -> maud::Markup {
+    html! {
+        select name="role" {
+            @for r in Role::ALL {
+                option value=(r.name()) selected[r == selected] { (r.name()) }
+            }
+        }
+    }
+}
+
+/// The role a form names (a form without one asks for a viewer).
+fn form_role(role: Option<&str>) -> Result<Role, WebError> {
+    role.map_or(Ok(Role::Viewer), |r| {
+        Role::parse(r).map_err(WebError::BadRequest)
+    })
 }
 
 #[derive(Deserialize)]
@@ -84,6 +117,27 @@ struct NewUserForm {
     name: String,
     password: String,
     confirm: String,
+    role: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RoleForm {
+    role: Option<String>,
+}
+
+async fn change_role(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebError> {
+    let form: RoleForm = csrf::protected_form(&req, &user, &body)?;
+    let role = form_role(form.role.as_deref())?;
+    let name = path.into_inner();
+    state.users.set_role(&name, role, Some(&user.name)).await?;
+    tracing::info!(user = %user.name, changed = %name, role = %role, "web-user-role-changed");
+    Ok(layout::redirect("/users?done=role-changed"))
 }
 
 async fn create(
@@ -108,10 +162,11 @@ async fn create(
             form.name
         )));
     }
+    let role = form_role(form.role.as_deref())?;
     let password = form.password;
     let hash = web::block(move || hash_password(&password)).await??;
-    state.users.create(&form.name, hash).await?;
-    tracing::info!(user = %user.name, created = %form.name, "web-user-created");
+    state.users.create(&form.name, hash, role).await?;
+    tracing::info!(user = %user.name, created = %form.name, role = %role, "web-user-created");
     Ok(layout::redirect("/users?done=user-created"))
 }
 

@@ -129,6 +129,11 @@ impl Client {
         parse_json(&self.send("POST", path, body)?)
     }
 
+    /// `PATCH path` with a JSON body, a JSON answer.
+    pub fn patch_json(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        parse_json(&self.send("PATCH", path, Some(body))?)
+    }
+
     /// `DELETE path`, a JSON answer.
     pub fn delete_json(&self, path: &str) -> Result<Value, ClientError> {
         parse_json(&self.send("DELETE", path, None)?)

@@ -230,6 +230,17 @@ enum UsersCommand {
     Create {
         /// The user name (A-Z a-z 0-9 . _ -).
         name: String,
+        /// What the user may do: viewer (reads), deployer (also processes, deployments,
+        /// artifacts, plugins) or admin (everything).
+        #[arg(long, default_value = "viewer")]
+        role: String,
+    },
+    /// Give a user another role (viewer, deployer or admin; the last admin stays one).
+    Role {
+        /// The user name.
+        name: String,
+        /// viewer, deployer or admin.
+        role: String,
     },
     /// Delete a user and end its web sessions (not the last user).
     Delete {
@@ -472,7 +483,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         }
         Command::Users { command } => match command {
             None | Some(UsersCommand::List) => users::list(&connect()?, json),
-            Some(UsersCommand::Create { name }) => users::create(&connect()?, &name, json),
+            Some(UsersCommand::Create { name, role }) => {
+                users::create(&connect()?, &name, &role, json)
+            }
+            Some(UsersCommand::Role { name, role }) => users::role(&connect()?, &name, &role, json),
             Some(UsersCommand::Delete { name }) => users::delete(&connect()?, &name, json),
         },
         Command::Tokens { command } => match command {

@@ -1,5 +1,6 @@
-//! `tether users [list]`, `tether users create NAME`, `tether users delete NAME`: the web
-//! application's users, through `GET`, `POST /api/v1/users` and `DELETE /api/v1/users/NAME`.
+//! `tether users [list]`, `tether users create NAME [--role R]`, `tether users role NAME R`,
+//! `tether users delete NAME`: the web application's users and their roles, through `GET`,
+//! `POST /api/v1/users`, `PATCH` and `DELETE /api/v1/users/NAME`.
 //! The password of a new user is read from standard input (its first line), never from the
 //! command line, where other users could see it in the process list.
 
@@ -24,10 +25,11 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     let now = now_unix_ms();
-    let mut table = Table::new(&["NAME", "CREATED", "PASSWORD CHANGED", "LAST LOGIN"]);
+    let mut table = Table::new(&["NAME", "ROLE", "CREATED", "PASSWORD CHANGED", "LAST LOGIN"]);
     for u in users.as_array().into_iter().flatten() {
         table.row(vec![
             cell(&u["name"]),
+            cell(&u["role"]),
             ago(u64_at(u, "created_unix_ms"), now),
             ago(u64_at(u, "password_changed_unix_ms"), now),
             ago(u64_at(u, "last_login_unix_ms"), now),
@@ -37,17 +39,33 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Creates user `name` with the password on standard input.
-pub fn create(client: &Client, name: &str, json: bool) -> Result<ExitCode, CliError> {
+/// Creates user `name` with `role` and the password on standard input.
+pub fn create(client: &Client, name: &str, role: &str, json: bool) -> Result<ExitCode, CliError> {
     let password = read_password(name)?;
-    let body = json!({"name": name, "password": password.expose()});
+    let body = json!({"name": name, "password": password.expose(), "role": role});
     let answer = client
         .post_json("/api/v1/users", Some(&body))
         .about(|| format!("creating user {name}"))?;
     if json {
         output::json(&answer)?;
     } else {
-        output::line(&format!("user {name} created"))?;
+        output::line(&format!("user {name} created ({role})"))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Gives user `name` the role `role`.
+pub fn role(client: &Client, name: &str, role: &str, json: bool) -> Result<ExitCode, CliError> {
+    let answer = client
+        .patch_json(
+            &format!("/api/v1/users/{}", segment(name)),
+            &json!({ "role": role }),
+        )
+        .about(|| format!("user {name}"))?;
+    if json {
+        output::json(&answer)?;
+    } else {
+        output::line(&format!("user {name} is now {role}"))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -546,13 +546,27 @@ fn users_are_managed_over_rest_and_from_the_cli() {
         assert_eq!(r.status, status, "{body}: {}", r.body);
         assert!(!r.body.contains(password), "{}", r.body);
     }
+    for (body, status) in [
+        (
+            json!({"name": "ops-2", "password": password, "role": "root"}),
+            400,
+        ),
+        (
+            json!({"name": "ops-2", "password": password, "role": 1}),
+            400,
+        ),
+    ] {
+        let r = server.request("POST", "/api/v1/users", Some(&body));
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+    }
     let r = server.request(
         "POST",
         "/api/v1/users",
-        Some(&json!({"name": "ops-2", "password": password})),
+        Some(&json!({"name": "ops-2", "password": password, "role": "admin"})),
     );
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.json()["name"], "ops-2");
+    assert_eq!(r.json()["role"], "admin");
     assert!(!r.body.contains(password), "{}", r.body);
 
     // CLI: list (--json is the REST answer), create from standard input, 409 → exit 1.
@@ -568,6 +582,33 @@ fn users_are_managed_over_rest_and_from_the_cli() {
     assert_eq!(code(&out), Some(0), "{}", stderr(&out));
     let created: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(created["name"], "ops-3");
+    assert_eq!(
+        created["role"], "viewer",
+        "a new user is a viewer by default"
+    );
+    // Roles: given from the CLI (PATCH over REST), shown in the list; bad ones refused.
+    let out = cli.run(&["users", "role", "ops-3", "deployer"]);
+    assert_eq!(code(&out), Some(0), "{}", stderr(&out));
+    let out = cli.run(&["users", "list"]);
+    let row = stdout(&out)
+        .lines()
+        .find(|l| l.starts_with("ops-3"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(row.contains("deployer"), "{}", stdout(&out));
+    let out = cli.run(&["users", "role", "ops-3", "root"]);
+    assert_eq!(code(&out), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("viewer, deployer or admin"),
+        "{}",
+        stderr(&out)
+    );
+    let r = server.request(
+        "PATCH",
+        "/api/v1/users/nobody",
+        Some(&json!({"role": "admin"})),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
     assert!(created["created_unix_ms"].as_u64().unwrap() > 0);
     let out = cli.run_with(
         &[],

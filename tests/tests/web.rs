@@ -318,11 +318,14 @@ fn operators_surface_in_a_browser() {
         .unwrap();
     s.type_text(&s.find("#new-confirm").unwrap(), ops_password)
         .unwrap();
+    // A new user is a viewer unless another role is chosen; ops-1 manages users, so: admin.
+    click(&s, "#new-user select[name=role] option[value=admin]");
     click(&s, "#create-user");
     s.wait_text(".notice", WAIT, |t| t == "User created.")
         .unwrap();
     s.wait_for("tr[data-user='ops-1'] form", WAIT).unwrap();
     assert_eq!(names(), ["admin", "ops-1"]);
+    assert_eq!(get_user(&server, "ops-1")["role"], "admin");
     assert!(!s.source().unwrap().contains(ops_password));
     screenshot(&s, "users");
 
@@ -381,12 +384,12 @@ fn operators_surface_in_a_browser() {
     let r = server.request(
         "POST",
         "/api/v1/users",
-        Some(&json!({"name": "ops-2", "password": ops_password})),
+        Some(&json!({"name": "ops-2", "password": ops_password, "role": "deployer"})),
     );
     assert_eq!(r.status, 201, "{}", r.body);
     s.goto(&format!("{base}/users")).unwrap();
-    click(&s, "tr[data-user='ops-2'] input[name=confirm]");
-    click(&s, "tr[data-user='ops-2'] button");
+    click(&s, "tr[data-user='ops-2'] form.delete-user input[name=confirm]");
+    click(&s, "tr[data-user='ops-2'] form.delete-user button");
     s.wait_text(".notice", WAIT, |t| t.starts_with("User deleted"))
         .unwrap();
     assert_eq!(names(), ["admin", "ops-1"]);

@@ -1,14 +1,21 @@
-//! [`AdminToken`]: the bearer token guarding the REST API and the admin endpoints, loaded from
-//! `DIR/admin.token`. Requests are checked in constant time and the token never prints.
+//! [`AdminToken`]: the bearer check of the REST API and the admin endpoints. It accepts the
+//! admin token, loaded from `DIR/admin.token` (it may do everything), and once the users are
+//! loaded ([`AdminToken::with_api_tokens`]) the users' API tokens, each for what its role may do
+//! ([`crate::authz`]): the one place REST requests are authorized, in [`bearer_before_body`]
+//! before the body is read (handlers check again). Tokens are compared in constant time and
+//! never print.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use actix_web::http::header;
 use actix_web::HttpRequest;
 use tether_shared::config::Secret;
 
 use crate::api_error::ApiError;
+use crate::api_tokens::ApiTokens;
+use crate::users::Users;
 
 /// Why the token file could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +38,11 @@ pub enum AdminTokenError {
 
 /// The admin bearer token.
 #[derive(Debug, Clone)]
-pub struct AdminToken(Secret<String>);
+pub struct AdminToken {
+    admin: Secret<String>,
+    /// The users' API tokens, and the users (whose role bounds their tokens').
+    users: Option<(Arc<ApiTokens>, Arc<Users>)>,
+}
 
 impl AdminToken {
     /// Reads the token from `path`, ignoring surrounding whitespace (an editor's newline).
@@ -48,18 +59,41 @@ impl AdminToken {
     /// A token from its text; `None` if empty or not printable ASCII without spaces.
     pub fn new(token: &str) -> Option<Self> {
         let usable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
-        usable.then(|| AdminToken(Secret::new(token.to_owned())))
+        usable.then(|| AdminToken {
+            admin: Secret::new(token.to_owned()),
+            users: None,
+        })
     }
 
-    /// Accepts `req` only if it carries `Authorization: Bearer <this token>`.
+    /// The same check, also accepting the users' API tokens.
+    pub fn with_api_tokens(self, tokens: Arc<ApiTokens>, users: Arc<Users>) -> Self {
+        AdminToken {
+            users: Some((tokens, users)),
+            ..self
+        }
+    }
+
+    /// Accepts `req` only if it carries `Authorization: Bearer <token>` with the admin token,
+    /// or an API token whose role may make this request (403 if it may not).
     pub fn check(&self, req: &HttpRequest) -> Result<(), ApiError> {
         let presented = req
             .headers()
             .get(header::AUTHORIZATION)
-            .and_then(|value| bearer(value.as_bytes()));
-        match presented {
-            Some(token) if constant_time_eq(token, self.0.expose().as_bytes()) => Ok(()),
-            _ => Err(ApiError::Unauthorized),
+            .and_then(|value| bearer(value.as_bytes()))
+            .ok_or(ApiError::Unauthorized)?;
+        if constant_time_eq(presented, self.admin.expose().as_bytes()) {
+            return Ok(());
+        }
+        let (tokens, users) = self.users.as_ref().ok_or(ApiError::Unauthorized)?;
+        let role = tokens
+            .role_of(presented, users)
+            .ok_or(ApiError::Unauthorized)?;
+        if role.may(req.method(), req.path()) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "this token's role ({role}) may not do this"
+            )))
         }
     }
 }
@@ -75,7 +109,7 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 
 /// Compares without an early exit, so the time taken does not tell how many leading bytes of a
 /// guess were right. The length is not secret (every token is 32 bytes in base64url).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -146,7 +180,7 @@ mod tests {
         let path = dir.path().join("admin.token");
         std::fs::write(&path, format!("{TOKEN}\n")).unwrap();
         let token = AdminToken::load(&path).unwrap();
-        assert_eq!(token.0.expose(), TOKEN);
+        assert_eq!(token.admin.expose(), TOKEN);
         assert!(!format!("{token:?}").contains(TOKEN));
 
         std::fs::write(&path, " \n").unwrap();

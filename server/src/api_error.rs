@@ -12,6 +12,9 @@ pub enum ApiError {
     /// No `Authorization: Bearer` header, or a token that does not match.
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    /// A valid credential whose role may not make this request; the message says whose.
+    #[error("{0}")]
+    Forbidden(String),
     /// No route matches the path.
     #[error("not found")]
     NotFound,
@@ -88,6 +91,7 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound | ApiError::WrongPort(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -77,6 +77,8 @@ pub struct Loaded {
     pub upgrades: Arc<Upgrades>,
     /// The web application's users, loaded from the journal.
     pub users: Arc<Users>,
+    /// The users' API tokens.
+    pub api_tokens: Arc<crate::api_tokens::ApiTokens>,
     /// This node's place in a cluster on PostgreSQL (`None` on sled).
     pub cluster: Option<crate::health::ClusterHealth>,
     /// What agents reported after this server was restored behind them.
@@ -182,6 +184,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         session_registry: session_registry.clone(),
         agent_admin,
         users: loaded.users,
+        api_tokens: loaded.api_tokens,
         web_sessions: crate::web::session::SessionStore::load(handle.clone())?,
         login_limiter: Default::default(),
         enroll_limiter: EnrollLimiter::default(),
@@ -233,6 +236,7 @@ impl Operators {
             .configure(crate::reconcile_api::configure)
             .configure(crate::trust::api::configure)
             .configure(crate::users_api::configure)
+            .configure(crate::api_tokens_api::configure)
             .configure(crate::web::configure);
     }
 }

@@ -1,7 +1,8 @@
 //! Who may do what: the roles of the people who use the server, and the one table that says
 //! which role each request needs ([`required`]). The web application checks it in the
-//! extractor every page and form takes ([`crate::web::session::CurrentUser`]), before the
-//! handler runs; the pages ask [`Role::may`] to hide what the user may not do.
+//! extractor every page and form takes ([`crate::web::session::CurrentUser`]), the REST API in
+//! its bearer check ([`crate::admin_token::AdminToken::check`], for the users' API tokens),
+//! both before the handler runs; the pages ask [`Role::may`] to hide what the user may not do.
 //!
 //! - `viewer`: reads everything but users and enrollment tokens; changes only its own password.
 //! - `deployer`: also processes, deployments (start, cancel), artifacts and plugins.
@@ -63,11 +64,12 @@ fn under(path: &str, prefix: &str) -> bool {
 }
 
 /// Read only by admins: who may log in, and the tokens that let machines in.
-const ADMIN_READS: [&str; 4] = [
+const ADMIN_READS: [&str; 5] = [
     "/users",
     "/tokens",
     "/api/v1/users",
     "/api/v1/enrollment-tokens",
+    "/api/v1/api-tokens",
 ];
 
 /// Changed by deployers: the work, and what it needs.

@@ -9,6 +9,7 @@
 //! - [`registry`]: `Registry`, enrolled agents and relays, enrollment tokens, presence.
 //! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
 //! - [`authz`]: the users' roles and the table of what each may do.
+//! - [`api_tokens`], [`api_tokens_api`]: the users' API tokens, and their REST routes.
 //! - [`agents_api`]: changing and deleting agents (`/api/v1/agents/{id}`), shared with the web
 //!   application.
 //! - [`web`]: the web application for people at `/` on the HTTPS listener.
@@ -31,6 +32,8 @@ mod agent_surface;
 mod agents_api;
 mod api;
 mod api_error;
+mod api_tokens;
+mod api_tokens_api;
 mod app;
 mod artifacts;
 mod authz;

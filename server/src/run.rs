@@ -149,6 +149,9 @@ pub enum RunError {
     /// The web application's users could not be loaded or the first one created.
     #[error("users: {0}")]
     Users(#[from] UsersError),
+    /// The users' API tokens could not be loaded.
+    #[error("API tokens: {0}")]
+    ApiTokens(#[from] crate::api_tokens::ApiTokensError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr} (listen.{listener}): {source}")]
     Bind {
@@ -259,6 +262,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         registry.clone(),
     ));
     let users = Arc::new(Users::load(journal.handle())?);
+    let api_tokens = Arc::new(crate::api_tokens::ApiTokens::load(journal.handle())?);
+    let token = token.with_api_tokens(api_tokens.clone(), users.clone());
     // Content-addressed files: on a directory the nodes of a cluster share, or in `dir`.
     let files = opts.files_dir.as_deref().unwrap_or(dir);
     let plugins = Arc::new(Plugins::load(journal.handle(), files)?);
@@ -292,6 +297,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         artifacts,
         upgrades,
         users,
+        api_tokens,
         reconciliations,
         cluster: active
             .as_ref()

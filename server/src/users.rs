@@ -195,6 +195,13 @@ impl Users {
         read(&self.users).get(name).map(|u| u.role)
     }
 
+    /// The role of user `name` and when it was created, if it exists.
+    pub fn role_since(&self, name: &str) -> Option<(Role, u64)> {
+        read(&self.users)
+            .get(name)
+            .map(|u| (u.role, u.created_unix_ms))
+    }
+
     /// Gives user `name` the role `role`. Refused for `acting` itself (a person cannot raise
     /// or drop their own role) and for the last admin.
     pub async fn set_role(

@@ -332,3 +332,31 @@ impl Ports {
             .unwrap_or_else(|| panic!("ports.json has no address for {name}: {}", self.0))
     }
 }
+
+/// Every file under `dir` (recursively) whose bytes contain `needle`: for checks that a secret
+/// was never written to disk.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => pending.push(path),
+                Ok(t) if t.is_file() => {
+                    let holds = std::fs::read(&path)
+                        .map(|bytes| bytes.windows(needle.len().max(1)).any(|w| w == needle))
+                        .unwrap_or(false);
+                    if holds {
+                        found.push(path);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    found
+}

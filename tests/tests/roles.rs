@@ -244,3 +244,198 @@ fn each_role_does_what_the_table_says_and_a_refusal_changes_nothing() {
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(r.body.contains("last admin"), "{}", r.body);
 }
+
+/// A REST request with `token` as the bearer.
+fn with_token(
+    server: &Server,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
+    let bearer = format!("Bearer {token}");
+    let body = body.map(Value::to_string);
+    let mut headers = vec![("Authorization", bearer.as_str())];
+    if body.is_some() {
+        headers.push(("Content-Type", "application/json"));
+    }
+    let r = https_request_with_body(
+        server.https,
+        server.tls(),
+        "localhost",
+        method,
+        path,
+        &headers,
+        body.as_deref().map(str::as_bytes),
+    )
+    .unwrap();
+    (r.status, r.body)
+}
+
+/// A token made over REST by the admin: (id, token).
+fn make_token(server: &Server, body: Value) -> (String, String) {
+    let r = server.request("POST", "/api/v1/api-tokens", Some(&body));
+    assert_eq!(r.status, 201, "{body}: {}", r.body);
+    let v = r.json();
+    (
+        v["id"].as_str().unwrap().to_owned(),
+        v["token"].as_str().unwrap().to_owned(),
+    )
+}
+
+fn process(name: &str) -> Value {
+    json!({"name": name, "steps": [{"name": "s", "plugin": "shell", "step": "run",
+        "properties": {"script": "true"}}]})
+}
+
+#[test]
+fn api_tokens_act_with_their_role_and_end_when_revoked_expired_or_their_user_goes() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    create_user(&server, "viewer-1", "viewer");
+    create_user(&server, "deployer-1", "deployer");
+    // Refused: a role above the user's, an unknown user or role, a bad name or lifetime.
+    for body in [
+        json!({"user": "viewer-1", "name": "t", "role": "deployer"}),
+        json!({"user": "nobody", "name": "t"}),
+        json!({"user": "viewer-1", "name": "t", "role": "root"}),
+        json!({"user": "viewer-1", "name": "bad name"}),
+        json!({"user": "viewer-1", "name": "t", "expires_in_s": 0}),
+    ] {
+        let r = server.request("POST", "/api/v1/api-tokens", Some(&body));
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+    }
+    assert_eq!(names(&server, "/api/v1/api-tokens", "id").len(), 0);
+    let (_, viewer) = make_token(&server, json!({"user": "viewer-1", "name": "ci-read"}));
+    let (deployer_id, deployer) = make_token(&server, json!({"user": "deployer-1", "name": "ci"}));
+    let (_, lowered) = make_token(
+        &server,
+        json!({"user": "deployer-1", "name": "ro", "role": "viewer"}),
+    );
+    let enrollment_tokens = || names(&server, "/api/v1/enrollment-tokens", "id").len();
+    let enrollment_before = enrollment_tokens();
+    // (token, its role, the name it gives its process)
+    for (token, role, who) in [
+        (&viewer, "viewer", "v"),
+        (&deployer, "deployer", "d"),
+        (&lowered, "viewer", "l"),
+    ] {
+        let matrix: [(&str, &str, Option<Value>, &str); 7] = [
+            ("GET", "/api/v1/agents", None, "viewer"),
+            ("GET", "/admin/health", None, "viewer"),
+            ("GET", "/api/v1/users", None, "admin"),
+            ("GET", "/api/v1/api-tokens", None, "admin"),
+            (
+                "POST",
+                "/api/v1/processes",
+                Some(process(&format!("by-{who}"))),
+                "deployer",
+            ),
+            ("DELETE", "/api/v1/relays/no-such-relay", None, "admin"),
+            (
+                "POST",
+                "/api/v1/enrollment-tokens",
+                Some(json!({"uses": 1, "ttl_s": 60, "role": "agent"})),
+                "admin",
+            ),
+        ];
+        for (method, path, body, least) in matrix {
+            let (status, answer) = with_token(&server, token, method, path, body.as_ref());
+            let allowed = rank(role) >= rank(least);
+            assert_ne!(status, 401, "{who} {method} {path}: {answer}");
+            assert_eq!(
+                status != 403,
+                allowed,
+                "{who} ({role}) {method} {path}: {status} {answer}"
+            );
+            if !allowed {
+                assert!(
+                    answer.contains(&format!("this token's role ({role})")),
+                    "{answer}"
+                );
+            }
+        }
+    }
+    let processes = names(&server, "/api/v1/processes", "name");
+    assert_eq!(processes, ["by-d"], "only the deployer token made one");
+    assert_eq!(enrollment_tokens(), enrollment_before, "no token made one");
+
+    // Never shown again, nor stored: not in the list, not in any file of the data directory
+    // (where the search does find the admin token's file).
+    assert!(!tether_tests::files_containing(dir.path(), server.admin_token.as_bytes()).is_empty());
+    let listed = server.request("GET", "/api/v1/api-tokens", None).body;
+    for token in [&viewer, &deployer, &lowered] {
+        let secret = token.rsplit('_').next().unwrap();
+        assert!(!listed.contains(secret), "{listed}");
+        assert!(
+            tether_tests::files_containing(dir.path(), secret.as_bytes()).is_empty(),
+            "a secret on disk"
+        );
+    }
+    assert!(!listed.contains("sha256"), "{listed}");
+
+    // The CLI with a token: what its role allows, a clear refusal for the rest.
+    let cli = tether_tests::tether_cli::Tether::new(&dir.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run_with(&[("TETHER_TOKEN", viewer.as_str())], None, &["processes"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli.run_with(&[("TETHER_TOKEN", viewer.as_str())], None, &["users"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+    let out = cli.json(&["api-tokens"]);
+    assert_eq!(out.as_array().map(Vec::len), Some(3), "{out}");
+
+    // A user's role bounds their tokens: lowered, the deployer token deploys nothing more.
+    let r = server.request(
+        "PATCH",
+        "/api/v1/users/deployer-1",
+        Some(&json!({"role": "viewer"})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (status, _) = with_token(
+        &server,
+        &deployer,
+        "POST",
+        "/api/v1/processes",
+        Some(&process("late")),
+    );
+    assert_eq!(status, 403);
+    // Revoked: unknown from then on.
+    let out = cli.run(&["api-tokens", "revoke", &deployer_id]);
+    assert!(out.status.success(), "{out:?}");
+    let (status, _) = with_token(&server, &deployer, "GET", "/api/v1/agents", None);
+    assert_eq!(status, 401);
+    // Expired: refused once its time is up.
+    let (_, short) = make_token(
+        &server,
+        json!({"user": "viewer-1", "name": "short", "expires_in_s": 1}),
+    );
+    let (status, _) = with_token(&server, &short, "GET", "/api/v1/agents", None);
+    assert_eq!(status, 200);
+    tether_tests::fleet::eventually(
+        "the token expired",
+        std::time::Duration::from_secs(10),
+        || (with_token(&server, &short, "GET", "/api/v1/agents", None).0 == 401).then_some(()),
+    );
+    // The user deleted: their tokens end, and stay ended for a new user of that name.
+    let r = server.request("DELETE", "/api/v1/users/viewer-1", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        with_token(&server, &viewer, "GET", "/api/v1/agents", None).0,
+        401
+    );
+    create_user(&server, "viewer-1", "admin");
+    assert_eq!(
+        with_token(&server, &viewer, "GET", "/api/v1/agents", None).0,
+        401
+    );
+    // A forged token: a known id with another secret.
+    let forged = format!("{}_{}", viewer.rsplit_once('_').unwrap().0, "A".repeat(43));
+    assert_eq!(
+        with_token(&server, &forged, "GET", "/api/v1/agents", None).0,
+        401
+    );
+}

@@ -388,7 +388,10 @@ fn operators_surface_in_a_browser() {
     );
     assert_eq!(r.status, 201, "{}", r.body);
     s.goto(&format!("{base}/users")).unwrap();
-    click(&s, "tr[data-user='ops-2'] form.delete-user input[name=confirm]");
+    click(
+        &s,
+        "tr[data-user='ops-2'] form.delete-user input[name=confirm]",
+    );
     click(&s, "tr[data-user='ops-2'] form.delete-user button");
     s.wait_text(".notice", WAIT, |t| t.starts_with("User deleted"))
         .unwrap();

@@ -119,6 +119,7 @@ impl From<ApiError> for WebError {
             ApiError::BadRequest(m) => WebError::BadRequest(m),
             ApiError::Conflict(m) => WebError::Conflict(m),
             ApiError::TooManyRequests { retry_after_s } => WebError::TooManyRequests(retry_after_s),
+            ApiError::Forbidden(m) => WebError::Forbidden(m),
             ApiError::Unauthorized | ApiError::InvalidEnrollmentToken => {
                 WebError::Forbidden(e.to_string())
             }

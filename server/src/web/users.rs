@@ -190,6 +190,9 @@ async fn delete(
     if let Err(e) = state.web_sessions.remove_user(&name).await {
         tracing::warn!(user = %name, error = %e, "web-sessions-not-removed");
     }
+    if let Err(e) = state.api_tokens.remove_user(&name).await {
+        tracing::warn!(user = %name, error = %e, "api-tokens-not-removed");
+    }
     tracing::info!(user = %user.name, deleted = %name, "web-user-deleted");
     Ok(layout::redirect("/users?done=user-deleted"))
 }

@@ -95,6 +95,12 @@ enum Command {
         #[command(subcommand)]
         command: Option<TokensCommand>,
     },
+    /// The users' API tokens (for scripts and `tether login`), each with a role no higher than
+    /// its user's.
+    ApiTokens {
+        #[command(subcommand)]
+        command: Option<ApiTokensCommand>,
+    },
     /// The server's signing key and CAs: where a rollover stands, and its steps (begin,
     /// switch, finish). The stored login follows the server's CA.
     Trust {
@@ -270,6 +276,30 @@ enum TokensCommand {
         /// What it enrolls.
         #[arg(long, value_enum, default_value_t = Role::Agent)]
         role: Role,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApiTokensCommand {
+    /// Every API token: id, name, user, role, expiry; never the token itself (the default).
+    List,
+    /// Make a token for a user and print it (the only time it is shown).
+    Create {
+        /// The user it acts for.
+        user: String,
+        /// A name to know it by (A-Z a-z 0-9 . _ -).
+        name: String,
+        /// viewer, deployer or admin; no higher than the user's (default: the user's).
+        #[arg(long)]
+        role: Option<String>,
+        /// Seconds it stays valid (default: until revoked).
+        #[arg(long = "expires-in", value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..))]
+        expires_in_s: Option<u64>,
+    },
+    /// Revoke a token by its id.
+    Revoke {
+        /// The id `tether api-tokens list` shows.
+        id: String,
     },
 }
 
@@ -499,6 +529,23 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 };
                 tokens::create(&connect()?, uses, ttl_s, role, json)
             }
+        },
+        Command::ApiTokens { command } => match command {
+            None | Some(ApiTokensCommand::List) => api_tokens::list(&connect()?, json),
+            Some(ApiTokensCommand::Create {
+                user,
+                name,
+                role,
+                expires_in_s,
+            }) => api_tokens::create(
+                &connect()?,
+                &user,
+                &name,
+                role.as_deref(),
+                expires_in_s,
+                json,
+            ),
+            Some(ApiTokensCommand::Revoke { id }) => api_tokens::revoke(&connect()?, &id, json),
         },
         Command::Plugins { command } => match command {
             Some(PluginsCommand::Upload { file }) => plugins::upload(&connect()?, &file, json),

@@ -3,6 +3,7 @@
 //! summary without it, and returns the exit code.
 
 pub mod agents;
+pub mod api_tokens;
 pub mod artifacts;
 pub mod deploy;
 pub mod deployments;

@@ -88,7 +88,7 @@ const DEPLOYER_CHANGES: [&str; 8] = [
 const ADMIN_CHANGES: [&str; 1] = ["/api/v1/deployments/prune"];
 
 /// Changed by anyone logged in: their own session and password.
-const OWN_CHANGES: [&str; 2] = ["/logout", "/account/password"];
+const OWN_CHANGES: [&str; 3] = ["/logout", "/account/password", "/account/api-tokens"];
 
 /// The least role that may make `method` requests to `path`.
 pub fn required(method: &Method, path: &str) -> Role {

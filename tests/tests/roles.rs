@@ -439,3 +439,89 @@ fn api_tokens_act_with_their_role_and_end_when_revoked_expired_or_their_user_goe
         401
     );
 }
+
+#[test]
+fn a_user_makes_and_revokes_their_own_api_tokens_on_the_account_page() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    create_user(&server, "viewer-1", "viewer");
+    create_user(&server, "deployer-1", "deployer");
+    let (others, _) = make_token(&server, json!({"user": "deployer-1", "name": "theirs"}));
+    let cookie = server.web_login("viewer-1", PASSWORD);
+    let page = server.web_get(&cookie, "/account");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("id=\"api-tokens\""), "{}", page.body);
+    assert!(
+        !page.body.contains("value=\"deployer\""),
+        "no role above the user's is offered"
+    );
+    let csrf = csrf_of(&page.body);
+    // Above the user's role: refused, nothing made.
+    let (status, body) = act(
+        &server,
+        &cookie,
+        &csrf,
+        "POST",
+        "/account/api-tokens",
+        "name=up&role=admin&days=",
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(names(&server, "/api/v1/api-tokens", "id"), [others.clone()]);
+    // Made: shown once on the answer, and it works.
+    let (status, body) = act(
+        &server,
+        &cookie,
+        &csrf,
+        "POST",
+        "/account/api-tokens",
+        "name=laptop&role=viewer&days=30",
+    );
+    assert_eq!(status, 200, "{body}");
+    let start = body
+        .find("<pre id=\"new-api-token\">")
+        .expect("the token shown")
+        + "<pre id=\"new-api-token\">".len();
+    let token = body[start..].split('<').next().unwrap().to_owned();
+    assert!(token.starts_with("tether_"), "{token}");
+    assert_eq!(
+        with_token(&server, &token, "GET", "/api/v1/agents", None).0,
+        200
+    );
+    let again = server.web_get(&cookie, "/account").body;
+    assert!(!again.contains(&token), "shown only once");
+    assert!(again.contains("laptop"), "{again}");
+    // Nobody revokes another's token from their page; their own goes at once.
+    let (status, _) = act(
+        &server,
+        &cookie,
+        &csrf,
+        "POST",
+        &format!("/account/api-tokens/{others}/revoke"),
+        "",
+    );
+    assert_eq!(status, 404);
+    let mine: Vec<String> = server
+        .request("GET", "/api/v1/api-tokens", None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["user"] == "viewer-1")
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(mine.len(), 1);
+    let (status, _) = act(
+        &server,
+        &cookie,
+        &csrf,
+        "POST",
+        &format!("/account/api-tokens/{}/revoke", mine[0]),
+        "",
+    );
+    assert_eq!(status, 303);
+    assert_eq!(
+        with_token(&server, &token, "GET", "/api/v1/agents", None).0,
+        401
+    );
+    assert_eq!(names(&server, "/api/v1/api-tokens", "id"), [others]);
+}

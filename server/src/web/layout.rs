@@ -209,6 +209,7 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("user-created") => "User created.",
         Some("user-deleted") => "User deleted; their sessions were logged out.",
         Some("role-changed") => "Role changed.",
+        Some("api-token-revoked") => "API token revoked.",
         Some("token-revoked") => "Token revoked: it enrolls nobody from now on.",
         Some("relay-deleted") => {
             "Relay deleted: its key no longer authenticates and its connections were closed."

@@ -9,7 +9,8 @@
 //!   [`super::login_limiter::CHECK_WAIT`] for one gets 429 and retries, so memory stays flat under a burst.
 //! - `POST /logout`: ends the session (CSRF-checked, so no other site can log you out).
 //! - `GET /account`, `POST /account/password`: change one's own password (the current one is
-//!   required); the user's other sessions end.
+//!   required); the user's other sessions end. The page also holds the user's API tokens
+//!   ([`super::api_tokens`]).
 
 use std::time::Instant;
 
@@ -153,16 +154,26 @@ async fn account(
     query: web::Query<layout::Done>,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    account_page(&user, &state, query.done.as_deref(), None)
+}
+
+/// The account page; `made`: an API token just made, shown this once.
+pub fn account_page(
+    user: &CurrentUser,
+    state: &AppState,
+    done: Option<&str>,
+    made: Option<&str>,
+) -> HttpResponse {
     let users = state.users.names();
     layout::page(
         "Account",
-        &user,
+        user,
         "/account",
         html! {
-            (layout::notice(query.done.as_deref()))
+            (layout::notice(done))
             p { "Logged in as " strong { (user.name) } ". Users: " (users.join(", ")) "." }
             form.card method="post" action="/account/password" {
-                (csrf_field(&user))
+                (csrf_field(user))
                 h2 { "Change password" }
                 label for="current" { "Current password" }
                 input #current type="password" name="current" autocomplete="current-password" required;
@@ -172,6 +183,7 @@ async fn account(
                 input #confirm type="password" name="confirm" autocomplete="new-password" required;
                 button type="submit" { "Change password" }
             }
+            (super::api_tokens::section(user, state, made))
         },
     )
 }

@@ -9,6 +9,7 @@
 //!   check.
 //! - [`layout`]: the page frame, the security headers, the static files, formatting helpers.
 //! - [`login`]: `/login`, `/logout`, `/account` (password change); failed logins rate-limited.
+//! - [`api_tokens`]: the account page's API tokens (make, show once, revoke).
 //! - [`agents`]: `/agents` (paged, searchable), `/agents/{id}` (tags, properties, upgrade,
 //!   delete).
 //! - [`relays`]: the relays page, `/relays` (and delete: revoke a relay).
@@ -26,6 +27,7 @@
 //! every POST checks the origin, the session and its CSRF token before it reads anything else.
 
 pub mod agents;
+pub mod api_tokens;
 pub mod bulk;
 pub mod csrf;
 pub mod deployments;
@@ -50,6 +52,7 @@ use crate::users::UsersError;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     layout::configure(cfg);
     login::configure(cfg);
+    api_tokens::configure(cfg);
     agents::configure(cfg);
     relays::configure(cfg);
     tokens::configure(cfg);

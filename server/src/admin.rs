@@ -93,6 +93,18 @@ impl AppState {
         ServerHealth {
             agents_refused,
             reconciliation: self.shared.work.reconciliations().summary(),
+            audit: crate::health::AuditHealth {
+                head: self.audit.head(),
+                keep: self.audit.keep(),
+                failures: self
+                    .audit
+                    .failures
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                unrecorded: self
+                    .audit
+                    .unrecorded
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            },
             actors,
             sessions,
             journal,

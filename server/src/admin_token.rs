@@ -73,6 +73,17 @@ impl AdminToken {
         }
     }
 
+    /// Who presents `presented`, as the audit log names them: `admin token`, or
+    /// `user NAME (API token ID)`; `None` for an unknown token.
+    pub fn holder(&self, presented: &[u8]) -> Option<String> {
+        if constant_time_eq(presented, self.admin.expose().as_bytes()) {
+            return Some("admin token".into());
+        }
+        let (tokens, users) = self.users.as_ref()?;
+        let (user, id, _) = tokens.holder_of(presented, users)?;
+        Some(format!("user {user} (API token {id})"))
+    }
+
     /// Accepts `req` only if it carries `Authorization: Bearer <token>` with the admin token,
     /// or an API token whose role may make this request (403 if it may not).
     pub fn check(&self, req: &HttpRequest) -> Result<(), ApiError> {
@@ -99,7 +110,7 @@ impl AdminToken {
 }
 
 /// The credentials of an `Authorization: Bearer <token>` value (scheme case-insensitive).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
+pub(crate) fn bearer(value: &[u8]) -> Option<&[u8]> {
     const SCHEME: &[u8] = b"bearer ";
     let (scheme, rest) = value.split_at_checked(SCHEME.len())?;
     scheme

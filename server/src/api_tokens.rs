@@ -274,6 +274,11 @@ impl ApiTokens {
     /// The role a request presenting `presented` acts with: the lesser of the token's and its
     /// user's; `None` for anything but a live token of an existing user.
     pub fn role_of(&self, presented: &[u8], users: &Users) -> Option<Role> {
+        self.holder_of(presented, users).map(|(_, _, role)| role)
+    }
+
+    /// The user, token id and role of a live token `presented`.
+    pub fn holder_of(&self, presented: &[u8], users: &Users) -> Option<(String, String, Role)> {
         let text = std::str::from_utf8(presented).ok()?;
         let (id, secret) = text.strip_prefix(TEXT_PREFIX)?.split_once('_')?;
         let token = self
@@ -294,6 +299,6 @@ impl ApiTokens {
         }
         // A token older than its user belonged to an earlier user of that name.
         let (user_role, since) = users.role_since(&token.user)?;
-        (token.created_unix_ms >= since).then(|| token.role.min(user_role))
+        (token.created_unix_ms >= since).then(|| (token.user, token.id, token.role.min(user_role)))
     }
 }

@@ -79,6 +79,8 @@ pub struct Loaded {
     pub users: Arc<Users>,
     /// The users' API tokens.
     pub api_tokens: Arc<crate::api_tokens::ApiTokens>,
+    /// The audit log.
+    pub audit: Arc<crate::audit::Audit>,
     /// This node's place in a cluster on PostgreSQL (`None` on sled).
     pub cluster: Option<crate::health::ClusterHealth>,
     /// What agents reported after this server was restored behind them.
@@ -185,6 +187,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         agent_admin,
         users: loaded.users,
         api_tokens: loaded.api_tokens,
+        audit: loaded.audit,
         web_sessions: crate::web::session::SessionStore::load(handle.clone())?,
         login_limiter: Default::default(),
         enroll_limiter: EnrollLimiter::default(),
@@ -237,6 +240,7 @@ impl Operators {
             .configure(crate::trust::api::configure)
             .configure(crate::users_api::configure)
             .configure(crate::api_tokens_api::configure)
+            .configure(crate::audit_api::configure)
             .configure(crate::web::configure);
     }
 }

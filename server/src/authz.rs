@@ -4,7 +4,8 @@
 //! its bearer check ([`crate::admin_token::AdminToken::check`], for the users' API tokens),
 //! both before the handler runs; the pages ask [`Role::may`] to hide what the user may not do.
 //!
-//! - `viewer`: reads everything but users and enrollment tokens; changes only its own password.
+//! - `viewer`: reads everything but users, tokens and the audit log; changes only its own
+//!   password and API tokens.
 //! - `deployer`: also processes, deployments (start, cancel), artifacts and plugins.
 //! - `admin`: everything (users, tokens, agents, relays, upgrades, trust, maintenance).
 
@@ -64,12 +65,14 @@ fn under(path: &str, prefix: &str) -> bool {
 }
 
 /// Read only by admins: who may log in, and the tokens that let machines in.
-const ADMIN_READS: [&str; 5] = [
+const ADMIN_READS: [&str; 7] = [
     "/users",
     "/tokens",
+    "/audit",
     "/api/v1/users",
     "/api/v1/enrollment-tokens",
     "/api/v1/api-tokens",
+    "/api/v1/audit",
 ];
 
 /// Changed by deployers: the work, and what it needs.

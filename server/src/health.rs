@@ -117,6 +117,9 @@ pub struct ServerHealth {
     /// What agents reported after this server was found behind them (restored from a
     /// backup); details at `GET /api/v1/reconciliation`.
     pub reconciliation: crate::reconcile::Summary,
+    /// The audit log: its newest entry, how many it keeps, entries lost (a failed journal) and
+    /// unauthenticated refusals past the recorded rate.
+    pub audit: AuditHealth,
     /// Agents whose last handshake was refused.
     pub agents_refused: usize,
 }
@@ -164,6 +167,15 @@ pub struct StorageHealth {
     /// tried again (nothing is acknowledged meanwhile) until it does, without a restart.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+}
+
+/// The audit log's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct AuditHealth {
+    pub head: u64,
+    pub keep: u64,
+    pub failures: u64,
+    pub unrecorded: u64,
 }
 
 /// Step output the server did not keep as sent, since it started.
@@ -300,6 +312,18 @@ impl ServerHealth {
             "gauge",
             "1 if the journal stopped accepting writes after a failed sync.",
             u64::from(j.poisoned.is_some()),
+        );
+        metric(
+            "tether_audit_failures_total",
+            "counter",
+            "Audit entries that could not be recorded (the journal failed).",
+            self.audit.failures,
+        );
+        metric(
+            "tether_audit_unrecorded_total",
+            "counter",
+            "Unauthenticated refusals (401) not recorded, past 20 a second.",
+            self.audit.unrecorded,
         );
         metric(
             "tether_journal_waiting",
@@ -549,6 +573,7 @@ mod tests {
     #[test]
     fn prometheus_text_has_every_counter_once() {
         let health = ServerHealth {
+            audit: AuditHealth::default(),
             actors: vec![ActorHealth {
                 name: "journal".into(),
                 kind: "Journal",

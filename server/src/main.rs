@@ -10,6 +10,7 @@
 //! - [`api`]: the REST API under `/api/v1` on the HTTPS listener.
 //! - [`authz`]: the users' roles and the table of what each may do.
 //! - [`api_tokens`], [`api_tokens_api`]: the users' API tokens, and their REST routes.
+//! - [`audit`], [`audit_api`]: the audit log of every change requested, and its REST routes.
 //! - [`agents_api`]: changing and deleting agents (`/api/v1/agents/{id}`), shared with the web
 //!   application.
 //! - [`web`]: the web application for people at `/` on the HTTPS listener.
@@ -36,6 +37,8 @@ mod api_tokens;
 mod api_tokens_api;
 mod app;
 mod artifacts;
+mod audit;
+mod audit_api;
 mod authz;
 mod background;
 mod body_deadline;
@@ -298,6 +301,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         window: cfg.server.max_unacked,
         retention: deployments::Retention::from_config(&cfg.retention),
         prune_interval: cfg.retention.prune_interval,
+        audit_keep: cfg.retention.keep_audit_entries,
         relay_certificate_lifetime: cfg.server.relay_certificate_lifetime,
         journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
         storage: cfg.storage.clone(),

@@ -77,6 +77,8 @@ pub struct RunOptions {
     /// How long finished deployments are kept, and how often they are pruned.
     pub retention: Retention,
     pub prune_interval: Duration,
+    /// Entries the audit log keeps.
+    pub audit_keep: u64,
     /// How long a relay's certificate is valid (renewed with a third left).
     pub relay_certificate_lifetime: Duration,
     /// The journal's page cache (sled).
@@ -264,6 +266,10 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let users = Arc::new(Users::load(journal.handle())?);
     let api_tokens = Arc::new(crate::api_tokens::ApiTokens::load(journal.handle())?);
     let token = token.with_api_tokens(api_tokens.clone(), users.clone());
+    let audit = Arc::new(crate::audit::Audit::load(
+        journal.handle(),
+        opts.audit_keep,
+    )?);
     // Content-addressed files: on a directory the nodes of a cluster share, or in `dir`.
     let files = opts.files_dir.as_deref().unwrap_or(dir);
     let plugins = Arc::new(Plugins::load(journal.handle(), files)?);
@@ -298,6 +304,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         upgrades,
         users,
         api_tokens,
+        audit,
         reconciliations,
         cluster: active
             .as_ref()
@@ -396,6 +403,7 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
                 .wrap(actix_web::middleware::from_fn(
                     crate::body_deadline::body_deadline,
                 ))
+                .wrap(actix_web::middleware::from_fn(crate::audit::record_changes))
                 .configure(|cfg| operators.configure(cfg))
                 .default_service(web::to(not_found))
         })

@@ -50,6 +50,8 @@ pub struct AppState {
     pub agent_admin: Arc<AgentAdmin>,
     /// The web application's users, their login sessions, and failed logins.
     pub users: Arc<Users>,
+    /// Every change requested on the operators' listener.
+    pub audit: Arc<crate::audit::Audit>,
     /// The users' API tokens (also checked by `token`).
     pub api_tokens: Arc<crate::api_tokens::ApiTokens>,
     pub web_sessions: SessionStore,

@@ -466,7 +466,10 @@ fn a_user_makes_and_revokes_their_own_api_tokens_on_the_account_page() {
         "name=up&role=admin&days=",
     );
     assert_eq!(status, 400, "{body}");
-    assert_eq!(names(&server, "/api/v1/api-tokens", "id"), std::slice::from_ref(&others));
+    assert_eq!(
+        names(&server, "/api/v1/api-tokens", "id"),
+        std::slice::from_ref(&others)
+    );
     // Made: shown once on the answer, and it works.
     let (status, body) = act(
         &server,

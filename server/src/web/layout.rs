@@ -107,7 +107,7 @@ pub fn redirect(to: &str) -> HttpResponse {
 }
 
 /// The navigation entries: path and label.
-const NAV: [(&str, &str); 9] = [
+const NAV: [(&str, &str); 10] = [
     ("/agents", "Agents"),
     ("/relays", "Relays"),
     ("/tokens", "Tokens"),
@@ -117,6 +117,7 @@ const NAV: [(&str, &str); 9] = [
     ("/artifacts", "Artifacts"),
     ("/health", "Health"),
     ("/users", "Users"),
+    ("/audit", "Audit"),
 ];
 
 fn head(title: &str) -> Markup {

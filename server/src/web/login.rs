@@ -74,6 +74,14 @@ async fn login(
     csrf::check_origin(&req)?;
     let form: LoginForm = serde_urlencoded::from_bytes(&body)
         .map_err(|_| WebError::BadRequest("the form needs a user and a password".into()))?;
+    // The audit log names an existing user tried; anything else typed there (a password typed
+    // into the wrong field) stays out of it.
+    let tried = if state.users.contains(&form.user) {
+        format!("user {} (logging in)", form.user)
+    } else {
+        "anonymous (logging in as an unknown user)".to_owned()
+    };
+    crate::audit::name_actor(&req, tried);
     let now = Instant::now();
     let source = req.peer_addr().map(|a| a.ip());
     let user_key = form.user.chars().take(64).collect::<String>();
@@ -122,6 +130,7 @@ async fn login(
         .await
         .map_err(|e| WebError::Unavailable(e.to_string()))?;
     tracing::info!(source = ?source, user = %form.user, "web-login");
+    crate::audit::name_actor(&req, format!("user {}", form.user));
     let mut r = layout::redirect("/agents");
     r.add_cookie(&session::cookie(&token))
         .map_err(|e| WebError::Unavailable(e.to_string()))?;

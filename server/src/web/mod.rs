@@ -10,6 +10,7 @@
 //! - [`layout`]: the page frame, the security headers, the static files, formatting helpers.
 //! - [`login`]: `/login`, `/logout`, `/account` (password change); failed logins rate-limited.
 //! - [`api_tokens`]: the account page's API tokens (make, show once, revoke).
+//! - [`audit`]: `/audit`, the audit log (admins).
 //! - [`agents`]: `/agents` (paged, searchable), `/agents/{id}` (tags, properties, upgrade,
 //!   delete).
 //! - [`relays`]: the relays page, `/relays` (and delete: revoke a relay).
@@ -28,6 +29,7 @@
 
 pub mod agents;
 pub mod api_tokens;
+pub mod audit;
 pub mod bulk;
 pub mod csrf;
 pub mod deployments;
@@ -53,6 +55,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     layout::configure(cfg);
     login::configure(cfg);
     api_tokens::configure(cfg);
+    audit::configure(cfg);
     agents::configure(cfg);
     relays::configure(cfg);
     tokens::configure(cfg);

@@ -127,6 +127,8 @@ pub struct RawRetention {
     pub keep_deployments: i64,
     /// How often the server prunes by itself.
     pub prune_interval_s: i64,
+    /// Entries the audit log keeps; the oldest are dropped as new ones come.
+    pub keep_audit_entries: i64,
 }
 
 impl Default for RawRetention {
@@ -135,6 +137,7 @@ impl Default for RawRetention {
             keep_days: 90,
             keep_deployments: 10_000,
             prune_interval_s: 3_600,
+            keep_audit_entries: 100_000,
         }
     }
 }
@@ -147,6 +150,7 @@ pub struct Retention {
     pub keep_deployments: u64,
     #[serde(rename = "prune_interval_s", serialize_with = "super::serialize_secs")]
     pub prune_interval: Duration,
+    pub keep_audit_entries: u64,
 }
 
 /// `[server]` as written.
@@ -335,6 +339,12 @@ impl RawConfig for RawServerConfig {
             10_000_000,
         );
         let prune_interval = p.count("retention.prune_interval_s", r.prune_interval_s, 1, 86_400);
+        let keep_audit_entries = p.count(
+            "retention.keep_audit_entries",
+            r.keep_audit_entries,
+            1,
+            100_000_000,
+        );
         let storage = storage(&mut p, &self.storage);
         let level = p.log_level("log.level", &self.log.level);
 
@@ -358,6 +368,7 @@ impl RawConfig for RawServerConfig {
                     keep_days: keep_days?,
                     keep_deployments: keep_deployments?,
                     prune_interval: Duration::from_secs(prune_interval?),
+                    keep_audit_entries: keep_audit_entries?,
                 },
                 storage: storage?,
                 log: LogConfig { level: level? },

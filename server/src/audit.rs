@@ -1,0 +1,281 @@
+//! The audit log: every request that changes (or tries to change) something on the operators'
+//! listener, recorded durably with who, when, from where, what, and the result.
+//!
+//! [`record_changes`] wraps the whole HTTPS application, so no route can be left out: every
+//! request but `GET`/`HEAD`/`OPTIONS` (a login and a logout included, and requests refused by
+//! the bearer check or a role) becomes an [`AuditEntry`], committed to the journal before the
+//! answer goes out. What it holds never includes a secret: the method and the path (never the
+//! query string or the body), the actor as the server knows it (`admin token`, `user NAME`,
+//! `user NAME (API token ID)`), the source address and the status. A handler may name the actor
+//! where the request alone does not ([`name_actor`]: a login names the user it logged in, a
+//! failed one an existing user it tried, or nobody).
+//!
+//! Requests refused for want of credentials (401) are recorded up to 20 a second; the rest are
+//! only counted (`audit.unrecorded` in `/admin/health`), so that nobody can make the server
+//! write at will.
+//!
+//! Entries are records of the journal log `audit`, numbered from 1; the newest number is kept
+//! in meta `audit/head`. The oldest are dropped past [`Audit::keep`] entries (the retention
+//! policy, `server.audit_keep`). Numbers are taken and commits queued under one lock, so
+//! entries commit in their order and a reader paging by number never skips one.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpMessage};
+use serde::{Deserialize, Serialize};
+use tether_shared::journal::{JournalError, JournalHandle, LogName, Op};
+use tether_shared::protocol::Seq;
+
+use crate::registry::now_unix_ms;
+use crate::state::AppState;
+
+/// The journal log of the entries.
+const LOG: &str = "audit";
+/// Meta key of the newest entry's number.
+const HEAD: &str = "audit/head";
+/// Longest path kept in an entry.
+const MAX_PATH: usize = 256;
+/// Requests refused for want of credentials (401) recorded per second at most: anyone can
+/// send them, and each entry is a durable write. The others are counted
+/// ([`Audit::unrecorded`]).
+const MAX_UNAUTHENTICATED_PER_S: u32 = 20;
+
+/// One recorded request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    pub at_unix_ms: u64,
+    /// Who: `admin token`, `user NAME`, `user NAME (API token ID)`, `anonymous`.
+    pub actor: String,
+    /// The peer's address.
+    pub source: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// `ok` (2xx, 3xx), `refused` (401, 403), `failed` (anything else).
+    pub outcome: String,
+}
+
+/// The actor a handler names for its request (see [`name_actor`]).
+#[derive(Debug, Clone)]
+struct NamedActor(String);
+
+/// Names the actor of `req` in its audit entry (a login, which has no session yet).
+pub fn name_actor(req: &actix_web::HttpRequest, actor: String) {
+    req.extensions_mut().insert(NamedActor(actor));
+}
+
+/// The audit log; share as `Arc<Audit>`.
+pub struct Audit {
+    journal: JournalHandle,
+    log: LogName,
+    /// The newest entry's number, taken and queued under this lock.
+    head: Mutex<u64>,
+    keep: u64,
+    /// Entries that could not be committed (the journal failed).
+    pub failures: AtomicU64,
+    /// 401 answers not recorded, past [`MAX_UNAUTHENTICATED_PER_S`].
+    pub unrecorded: AtomicU64,
+    /// The second (Unix) and how many 401 answers were recorded in it.
+    unauthenticated: Mutex<(u64, u32)>,
+}
+
+impl std::fmt::Debug for Audit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("keep", &self.keep)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Audit {
+    /// The log as the journal holds it; the oldest entries past `keep` are dropped as new
+    /// ones come.
+    pub fn load(journal: JournalHandle, keep: u64) -> Result<Audit, JournalError> {
+        let head = journal
+            .get_meta(HEAD)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        Ok(Audit {
+            journal,
+            log: LogName::new(LOG).map_err(|e| JournalError::Io {
+                context: "audit log name".into(),
+                reason: e.to_string(),
+            })?,
+            head: Mutex::new(head),
+            keep: keep.max(1),
+            failures: AtomicU64::new(0),
+            unrecorded: AtomicU64::new(0),
+            unauthenticated: Mutex::new((0, 0)),
+        })
+    }
+
+    /// How many entries are kept.
+    pub fn keep(&self) -> u64 {
+        self.keep
+    }
+
+    /// Records `entry` (its number is set here); returns once it is durable.
+    pub async fn record(&self, mut entry: AuditEntry) -> Result<(), JournalError> {
+        let committed = {
+            let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+            let seq = *head + 1;
+            entry.seq = seq;
+            let payload = serde_json::to_vec(&entry).map_err(|e| JournalError::Io {
+                context: "audit entry".into(),
+                reason: e.to_string(),
+            })?;
+            let mut ops = vec![
+                Op::Append {
+                    log: self.log.clone(),
+                    seq: Seq(seq),
+                    payload,
+                },
+                Op::PutMeta {
+                    key: HEAD.into(),
+                    value: seq.to_be_bytes().to_vec(),
+                },
+            ];
+            if seq > self.keep {
+                ops.push(Op::TruncateThrough {
+                    log: self.log.clone(),
+                    upto: Seq(seq - self.keep),
+                });
+            }
+            // Queued now, under the lock: commit order is number order.
+            let committed = self.journal.commit(ops);
+            *head = seq;
+            committed
+        };
+        committed.await.map(|_| ())
+    }
+
+    /// Up to `limit` entries after number `after`, oldest first, that `keep` accepts; scans at
+    /// most `scan` entries. Returns them and the number to continue after.
+    pub fn read(
+        &self,
+        after: u64,
+        limit: usize,
+        scan: usize,
+        keep: impl Fn(&AuditEntry) -> bool,
+    ) -> Result<(Vec<AuditEntry>, u64), JournalError> {
+        let records = self.journal.read_log(&self.log, Seq(after), scan)?;
+        let mut next = after;
+        let mut out = Vec::new();
+        for r in records {
+            if out.len() >= limit {
+                break;
+            }
+            next = r.seq.0;
+            match serde_json::from_slice::<AuditEntry>(&r.payload) {
+                Ok(e) if keep(&e) => out.push(e),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(seq = r.seq.0, error = %e, "audit-entry-unreadable"),
+            }
+        }
+        Ok((out, next))
+    }
+
+    /// Whether a 401 answer may be recorded now (see [`MAX_UNAUTHENTICATED_PER_S`]).
+    fn admit_unauthenticated(&self) -> bool {
+        let second = now_unix_ms() / 1000;
+        let mut seen = self
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if seen.0 != second {
+            *seen = (second, 0);
+        }
+        seen.1 += 1;
+        let admitted = seen.1 <= MAX_UNAUTHENTICATED_PER_S;
+        if !admitted {
+            self.unrecorded.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    /// The newest entry's number.
+    pub fn head(&self) -> u64 {
+        *self.head.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Who makes `req`, as far as its credentials say (before any handler runs).
+fn actor_of(req: &ServiceRequest, state: &AppState) -> String {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| crate::admin_token::bearer(v.as_bytes()));
+    if let Some(presented) = bearer {
+        return match state.token.holder(presented) {
+            Some(holder) => holder,
+            None => "unknown bearer token".into(),
+        };
+    }
+    let session_user = crate::web::session::token_of(req.request())
+        .and_then(|t| state.web_sessions.lookup(&t))
+        .map(|u| format!("user {}", u.name));
+    session_user.unwrap_or_else(|| "anonymous".into())
+}
+
+fn outcome(status: u16) -> &'static str {
+    match status {
+        200..=399 => "ok",
+        401 | 403 => "refused",
+        _ => "failed",
+    }
+}
+
+/// Middleware of the operators' listener: records every request that may change something
+/// (see the module's documentation), durably, before its answer goes out.
+pub async fn record_changes(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let (Some(state), false) = (state, reads) else {
+        return next.call(req).await;
+    };
+    let actor = actor_of(&req, &state);
+    let source = req
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let method = req.method().to_string();
+    let path: String = req.path().chars().take(MAX_PATH).collect();
+    let result = next.call(req).await;
+    let (status, actor) = match &result {
+        Ok(res) => (
+            res.status().as_u16(),
+            res.request()
+                .extensions()
+                .get::<NamedActor>()
+                .map_or(actor, |n| n.0.clone()),
+        ),
+        Err(e) => (e.as_response_error().status_code().as_u16(), actor),
+    };
+    if status == 401 && !state.audit.admit_unauthenticated() {
+        return result;
+    }
+    let entry = AuditEntry {
+        seq: 0,
+        at_unix_ms: now_unix_ms(),
+        actor,
+        source,
+        method,
+        path,
+        status,
+        outcome: outcome(status).into(),
+    };
+    if let Err(e) = state.audit.record(entry).await {
+        state.audit.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %e, "audit-entry-not-recorded");
+    }
+    result
+}

@@ -174,6 +174,17 @@ fn every_change_is_recorded_with_who_where_what_and_the_result_and_no_secret() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(exported, all);
+    // The CLI: the same export; a table filtered by actor.
+    let out = cli.run(&["audit", "--export"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), export.body);
+    let out = cli.run(&["audit", "--actor", "API token"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains("DELETE /api/v1/relays/no-such-relay"),
+        "{table}"
+    );
+    assert!(!table.contains("/login"), "{table}");
     // Never a secret: no password, API token, enrollment token or typed-in password.
     for secret in [
         PASSWORD,

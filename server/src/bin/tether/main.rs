@@ -153,6 +153,25 @@ enum Command {
         #[command(subcommand)]
         command: Option<ReconciliationCommand>,
     },
+    /// The audit log: every change requested of the server (who, from where, what, result),
+    /// oldest first.
+    Audit {
+        /// Entries numbered after this one.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (1..1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Only entries whose actor contains this text (`user ops-1`, `admin token`).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only entries whose path contains this text.
+        #[arg(long)]
+        path: Option<String>,
+        /// JSON lines, up to 10,000 entries (for a SIEM).
+        #[arg(long)]
+        export: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -608,6 +627,23 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             deployments::logs(&connect()?, &id, &agent, &step, json)
         }
         Command::Health => health::show(&connect()?, json),
+        Command::Audit {
+            after,
+            limit,
+            actor,
+            path,
+            export,
+        } => audit::show(
+            &connect()?,
+            &audit::AuditFilter {
+                after,
+                limit,
+                actor: actor.as_deref(),
+                path: path.as_deref(),
+            },
+            export,
+            json,
+        ),
         Command::Reconciliation { command } => match command {
             None | Some(ReconciliationCommand::List) => reconciliation::list(&connect()?, json),
             Some(ReconciliationCommand::Dismiss { agent }) => {

@@ -5,6 +5,7 @@
 pub mod agents;
 pub mod api_tokens;
 pub mod artifacts;
+pub mod audit;
 pub mod deploy;
 pub mod deployments;
 pub mod health;

@@ -16,7 +16,7 @@
 //!
 //! Entries are records of the journal log `audit`, numbered from 1; the newest number is kept
 //! in meta `audit/head`. The oldest are dropped past [`Audit::keep`] entries (the retention
-//! policy, `server.audit_keep`). Numbers are taken and commits queued under one lock, so
+//! policy, `retention.keep_audit_entries`; 0 switches the log off). Numbers are taken and commits queued under one lock, so
 //! entries commit in their order and a reader paging by number never skips one.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -108,7 +108,7 @@ impl Audit {
                 reason: e.to_string(),
             })?,
             head: Mutex::new(head),
-            keep: keep.max(1),
+            keep,
             failures: AtomicU64::new(0),
             unrecorded: AtomicU64::new(0),
             unauthenticated: Mutex::new((0, 0)),
@@ -120,8 +120,12 @@ impl Audit {
         self.keep
     }
 
-    /// Records `entry` (its number is set here); returns once it is durable.
+    /// Records `entry` (its number is set here); returns once it is durable. With `keep` 0
+    /// (the audit log switched off), records nothing.
     pub async fn record(&self, mut entry: AuditEntry) -> Result<(), JournalError> {
+        if self.keep == 0 {
+            return Ok(());
+        }
         let committed = {
             let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
             let seq = *head + 1;

@@ -127,7 +127,7 @@ pub struct RawRetention {
     pub keep_deployments: i64,
     /// How often the server prunes by itself.
     pub prune_interval_s: i64,
-    /// Entries the audit log keeps; the oldest are dropped as new ones come.
+    /// Entries the audit log keeps; the oldest are dropped as new ones come. 0: no audit log.
     pub keep_audit_entries: i64,
 }
 
@@ -342,7 +342,7 @@ impl RawConfig for RawServerConfig {
         let keep_audit_entries = p.count(
             "retention.keep_audit_entries",
             r.keep_audit_entries,
-            1,
+            0,
             100_000_000,
         );
         let storage = storage(&mut p, &self.storage);

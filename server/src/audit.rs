@@ -3,8 +3,12 @@
 //!
 //! [`record_changes`] wraps the whole HTTPS application, so no route can be left out: every
 //! request but `GET`/`HEAD`/`OPTIONS` (a login and a logout included, and requests refused by
-//! the bearer check or a role) becomes an [`AuditEntry`], committed to the journal before the
-//! answer goes out. What it holds never includes a secret: the method and the path (never the
+//! the bearer check or a role) becomes an [`AuditEntry`]. A request with valid credentials is
+//! queued as `pending` before it runs, so the changes it commits (queued after it, in the same
+//! or a later batch) are never durable before its entry, at no sync of its own; its answer
+//! waits for the entry, and its outcome overwrites it with the next commit (a crash in between
+//! leaves it `pending`). Any other request (a login, an enrollment, a refusal) is recorded
+//! with its outcome, durably, before its answer goes out. What it holds never includes a secret: the method and the path (never the
 //! query string or the body), the actor as the server knows it (`admin token`, `user NAME`,
 //! `user NAME (API token ID)`), the source address and the status. A handler may name the actor
 //! where the request alone does not ([`name_actor`]: a login names the user it logged in, a
@@ -40,6 +44,9 @@ const LOG: &str = "audit";
 const HEAD: &str = "audit/head";
 /// Longest path kept in an entry.
 const MAX_PATH: usize = 256;
+/// The outcome of an entry whose request has not answered yet (or whose server stopped
+/// before its outcome was committed).
+const PENDING: &str = "pending";
 /// Requests refused for want of credentials (401) recorded per second at most: anyone can
 /// send them, and each entry is a durable write. The others are counted
 /// ([`Audit::unrecorded`]).
@@ -120,43 +127,73 @@ impl Audit {
         self.keep
     }
 
-    /// Records `entry` (its number is set here); returns once it is durable. With `keep` 0
-    /// (the audit log switched off), records nothing.
-    pub async fn record(&self, mut entry: AuditEntry) -> Result<(), JournalError> {
+    /// Numbers `entry` and queues its commit (in number order); the commit's future. `None`
+    /// with the log switched off (`keep` 0).
+    fn queue(
+        &self,
+        entry: &mut AuditEntry,
+    ) -> Result<Option<impl std::future::Future<Output = Result<(), JournalError>>>, JournalError>
+    {
         if self.keep == 0 {
+            return Ok(None);
+        }
+        let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
+        let seq = *head + 1;
+        entry.seq = seq;
+        let mut ops = vec![
+            self.append(entry)?,
+            Op::PutMeta {
+                key: HEAD.into(),
+                value: seq.to_be_bytes().to_vec(),
+            },
+        ];
+        if seq > self.keep {
+            ops.push(Op::TruncateThrough {
+                log: self.log.clone(),
+                upto: Seq(seq - self.keep),
+            });
+        }
+        // Queued now, under the lock: commit order is number order.
+        let committed = self.journal.commit(ops);
+        *head = seq;
+        Ok(Some(async move { committed.await.map(|_| ()) }))
+    }
+
+    fn append(&self, entry: &AuditEntry) -> Result<Op, JournalError> {
+        let payload = serde_json::to_vec(entry).map_err(|e| JournalError::Io {
+            context: "audit entry".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Op::Append {
+            log: self.log.clone(),
+            seq: Seq(entry.seq),
+            payload,
+        })
+    }
+
+    /// Records `entry` (its number is set here); returns once it is durable.
+    pub async fn record(&self, mut entry: AuditEntry) -> Result<(), JournalError> {
+        match self.queue(&mut entry)? {
+            Some(committed) => committed.await,
+            None => Ok(()),
+        }
+    }
+
+    /// Writes the outcome of an entry [`Self::queue`]d as pending over it: queued now (so any
+    /// later commit makes it durable too), not waited for.
+    fn finish(&self, entry: &AuditEntry) -> Result<(), JournalError> {
+        if self.keep == 0 || entry.seq == 0 {
             return Ok(());
         }
-        let committed = {
-            let mut head = self.head.lock().unwrap_or_else(PoisonError::into_inner);
-            let seq = *head + 1;
-            entry.seq = seq;
-            let payload = serde_json::to_vec(&entry).map_err(|e| JournalError::Io {
-                context: "audit entry".into(),
-                reason: e.to_string(),
-            })?;
-            let mut ops = vec![
-                Op::Append {
-                    log: self.log.clone(),
-                    seq: Seq(seq),
-                    payload,
-                },
-                Op::PutMeta {
-                    key: HEAD.into(),
-                    value: seq.to_be_bytes().to_vec(),
-                },
-            ];
-            if seq > self.keep {
-                ops.push(Op::TruncateThrough {
-                    log: self.log.clone(),
-                    upto: Seq(seq - self.keep),
-                });
-            }
-            // Queued now, under the lock: commit order is number order.
-            let committed = self.journal.commit(ops);
-            *head = seq;
-            committed
-        };
-        committed.await.map(|_| ())
+        let committed = self.journal.commit(vec![self.append(entry)?]);
+        drop(committed);
+        Ok(())
+    }
+
+    /// Waits until every entry queued so far is committed (readers call it first, so that an
+    /// outcome written just before is read).
+    pub async fn settle(&self) -> Result<(), JournalError> {
+        self.journal.commit(Vec::new()).await.map(|_| ())
     }
 
     /// Up to `limit` entries after number `after`, oldest first, that `keep` accepts; scans at
@@ -185,6 +222,11 @@ impl Audit {
         Ok((out, next))
     }
 
+    fn failed(&self, e: &JournalError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(error = %e, "audit-entry-not-recorded");
+    }
+
     /// Whether a 401 answer may be recorded now (see [`MAX_UNAUTHENTICATED_PER_S`]).
     fn admit_unauthenticated(&self) -> bool {
         let second = now_unix_ms() / 1000;
@@ -209,22 +251,26 @@ impl Audit {
     }
 }
 
-/// Who makes `req`, as far as its credentials say (before any handler runs).
-fn actor_of(req: &ServiceRequest, state: &AppState) -> String {
+/// Who makes `req`, as far as its credentials say (before any handler runs), and whether they
+/// are valid ones.
+fn actor_of(req: &ServiceRequest, state: &AppState) -> (String, bool) {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| crate::admin_token::bearer(v.as_bytes()));
     if let Some(presented) = bearer {
         return match state.token.holder(presented) {
-            Some(holder) => holder,
-            None => "unknown bearer token".into(),
+            Some(holder) => (holder, true),
+            None => ("unknown bearer token".into(), false),
         };
     }
     let session_user = crate::web::session::token_of(req.request())
         .and_then(|t| state.web_sessions.lookup(&t))
         .map(|u| format!("user {}", u.name));
-    session_user.unwrap_or_else(|| "anonymous".into())
+    match session_user {
+        Some(user) => (user, true),
+        None => ("anonymous".into(), false),
+    }
 }
 
 fn outcome(status: u16) -> &'static str {
@@ -236,7 +282,7 @@ fn outcome(status: u16) -> &'static str {
 }
 
 /// Middleware of the operators' listener: records every request that may change something
-/// (see the module's documentation), durably, before its answer goes out.
+/// (see the module's documentation) before its answer goes out.
 pub async fn record_changes(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -246,40 +292,63 @@ pub async fn record_changes(
     let (Some(state), false) = (state, reads) else {
         return next.call(req).await;
     };
-    let actor = actor_of(&req, &state);
-    let source = req
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    let method = req.method().to_string();
-    let path: String = req.path().chars().take(MAX_PATH).collect();
+    let (actor, identified) = actor_of(&req, &state);
+    let mut entry = AuditEntry {
+        seq: 0,
+        at_unix_ms: now_unix_ms(),
+        actor,
+        source: req
+            .peer_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default(),
+        method: req.method().to_string(),
+        path: req.path().chars().take(MAX_PATH).collect(),
+        status: 0,
+        outcome: PENDING.into(),
+    };
+    // A request with valid credentials is recorded as pending before it runs: the changes it
+    // commits are queued after its entry, so they cannot be durable before it is, and waiting
+    // for it costs no sync of its own.
+    let pending = if identified {
+        match state.audit.queue(&mut entry) {
+            Ok(p) => p,
+            Err(e) => {
+                state.audit.failed(&e);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let result = next.call(req).await;
-    let (status, actor) = match &result {
+    let (status, named) = match &result {
         Ok(res) => (
             res.status().as_u16(),
             res.request()
                 .extensions()
                 .get::<NamedActor>()
-                .map_or(actor, |n| n.0.clone()),
+                .map(|n| n.0.clone()),
         ),
-        Err(e) => (e.as_response_error().status_code().as_u16(), actor),
+        Err(e) => (e.as_response_error().status_code().as_u16(), None),
     };
+    entry.status = status;
+    entry.outcome = outcome(status).into();
+    if let Some(pending) = pending {
+        // Its outcome rides the next commit: a crash before it leaves the entry pending.
+        match pending.await.and_then(|()| state.audit.finish(&entry)) {
+            Ok(()) => {}
+            Err(e) => state.audit.failed(&e),
+        }
+        return result;
+    }
     if status == 401 && !state.audit.admit_unauthenticated() {
         return result;
     }
-    let entry = AuditEntry {
-        seq: 0,
-        at_unix_ms: now_unix_ms(),
-        actor,
-        source,
-        method,
-        path,
-        status,
-        outcome: outcome(status).into(),
-    };
+    if let Some(actor) = named {
+        entry.actor = actor;
+    }
     if let Err(e) = state.audit.record(entry).await {
-        state.audit.failures.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(error = %e, "audit-entry-not-recorded");
+        state.audit.failed(&e);
     }
     result
 }

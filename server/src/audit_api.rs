@@ -2,7 +2,8 @@
 //! - `GET /api/v1/audit?after=N&limit=N&actor=TEXT&path=TEXT&outcome=ok|refused|failed` →
 //!   `{"entries": [...], "next": N, "head": N}`: up to `limit` (1..1000, default 100) entries
 //!   numbered after `after` (default 0), oldest first, whose actor and path contain the texts
-//!   given; `next` is where to continue (`after=next`), `head` the newest number.
+//!   given; `next` is where to continue (`after=next`), `head` the newest number. An entry
+//!   whose request is still running reads `"outcome": "pending"`, `"status": 0`.
 //! - `GET /api/v1/audit/export?after=N` → the same entries as JSON lines
 //!   (`application/x-ndjson`), up to 10,000 a request, for a SIEM; the header `Tether-Next`
 //!   says where to continue.
@@ -73,6 +74,14 @@ impl AuditQuery {
     }
 }
 
+/// Outcomes queued before this read are committed first.
+pub async fn settle(state: &AppState) -> Result<(), ApiError> {
+    state.audit.settle().await.map_err(|e| {
+        tracing::error!(error = %e, "audit-settle-failed");
+        ApiError::Unavailable
+    })
+}
+
 fn query_of(req: &HttpRequest) -> Result<AuditQuery, ApiError> {
     web::Query::<AuditQuery>::from_query(req.query_string())
         .map(web::Query::into_inner)
@@ -82,6 +91,7 @@ fn query_of(req: &HttpRequest) -> Result<AuditQuery, ApiError> {
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let query = query_of(&req)?;
+    settle(&state).await?;
     let (entries, next) = query.page(&state)?;
     Ok(HttpResponse::Ok().json(json!({
         "entries": entries,
@@ -93,6 +103,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
 async fn export(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let query = query_of(&req)?;
+    settle(&state).await?;
     let (entries, next) = state
         .audit
         .read(query.after, MAX_EXPORT, MAX_EXPORT, |e| query.accepts(e))

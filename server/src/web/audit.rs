@@ -30,6 +30,9 @@ async fn page(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let q = query.into_inner();
+    if let Err(e) = crate::audit_api::settle(&state).await {
+        tracing::warn!(error = %e, "audit-page-unsettled");
+    }
     let before = q.before.unwrap_or(u64::MAX).min(state.audit.head() + 1);
     let after = before.saturating_sub(PAGE + 1);
     let filters = AuditQuery {
@@ -39,6 +42,7 @@ async fn page(
         path: q.path.clone().filter(|s| !s.is_empty()),
         outcome: None,
     };
+
     let found = filters.page(&state);
     let mut entries = found.map(|(e, _)| e).unwrap_or_default();
     entries.retain(|e| e.seq < before);

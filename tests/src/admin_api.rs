@@ -63,16 +63,44 @@ impl AdminApi {
         let auth = format!("Bearer {}", self.admin_token);
         let mut all = vec![("Authorization", auth.as_str())];
         all.extend_from_slice(headers);
+        self.request_with(method, path, &all, Some(body))
+    }
+
+    /// A request with exactly `headers` (no credentials unless they hold some).
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> HttpReply {
         https_request_with_body(
             self.https,
             self.tls.clone(),
             &self.server_name,
             method,
             path,
-            &all,
-            Some(body),
+            headers,
+            body,
         )
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// A request with `token` as the bearer and `body`, if any, as JSON.
+    pub fn request_as(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> HttpReply {
+        let auth = format!("Bearer {token}");
+        let body = body.map(serde_json::Value::to_string);
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        self.request_with(method, path, &headers, body.as_deref().map(str::as_bytes))
     }
 
     /// Stores process `name`: one shell step, `say`, running `script`.

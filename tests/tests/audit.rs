@@ -8,24 +8,8 @@
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{Server, TestDir};
-use tether_tests::https_request_with_body;
 
 const PASSWORD: &str = "audit-test-password";
-
-fn bearer_get(server: &Server, token: &str, path: &str) -> (u16, String) {
-    let auth = format!("Bearer {token}");
-    let r = https_request_with_body(
-        server.https,
-        server.tls(),
-        "localhost",
-        "GET",
-        path,
-        &[("Authorization", auth.as_str())],
-        None,
-    )
-    .unwrap();
-    (r.status, r.body)
-}
 
 fn entries(server: &Server, query: &str) -> Vec<Value> {
     let r = server.request("GET", &format!("/api/v1/audit{query}"), None);
@@ -57,19 +41,11 @@ fn every_change_is_recorded_with_who_where_what_and_the_result_and_no_secret() {
     // A failed login (wrong password of a real user; then a "user name" that is a password).
     for user in ["admin", "s3cret-typed-in-the-name"] {
         let body = format!("user={user}&password=wrong-password-xyz");
-        let r = https_request_with_body(
-            server.https,
-            server.tls(),
-            "localhost",
-            "POST",
-            "/login",
-            &[
-                ("Content-Type", "application/x-www-form-urlencoded"),
-                ("Origin", origin.as_str()),
-            ],
-            Some(body.as_bytes()),
-        )
-        .unwrap();
+        let form = [
+            ("Content-Type", "application/x-www-form-urlencoded"),
+            ("Origin", origin.as_str()),
+        ];
+        let r = server.request_with("POST", "/login", &form, Some(body.as_bytes()));
         assert_eq!(r.status, 401);
     }
     let r = server.request(
@@ -87,25 +63,12 @@ fn every_change_is_recorded_with_who_where_what_and_the_result_and_no_secret() {
     assert_eq!(r.status, 201, "{}", r.body);
     let token = r.json()["token"].as_str().unwrap().to_owned();
     let token_id = r.json()["id"].as_str().unwrap().to_owned();
-    let process = json!({"name": "p1", "steps": [{"name": "s", "plugin": "shell", "step": "run", "properties": {"script": "true"}}]}).to_string();
-    let auth = format!("Bearer {token}");
+    let process = json!({"name": "p1", "steps": [{"name": "s", "plugin": "shell", "step": "run", "properties": {"script": "true"}}]});
     for (method, path, body, status) in [
-        ("POST", "/api/v1/processes", Some(process.as_str()), 201),
+        ("POST", "/api/v1/processes", Some(&process), 201),
         ("DELETE", "/api/v1/relays/no-such-relay", None, 403),
     ] {
-        let r = https_request_with_body(
-            server.https,
-            server.tls(),
-            "localhost",
-            method,
-            path,
-            &[
-                ("Authorization", auth.as_str()),
-                ("Content-Type", "application/json"),
-            ],
-            body.map(str::as_bytes),
-        )
-        .unwrap();
+        let r = server.request_as(&token, method, path, body);
         assert_eq!(r.status, status, "{method} {path}: {}", r.body);
     }
     let cli = tether_tests::tether_cli::Tether::new(&dir.path().join("cli"));
@@ -196,7 +159,12 @@ fn every_change_is_recorded_with_who_where_what_and_the_result_and_no_secret() {
         assert!(!export.body.contains(secret), "{secret} in the audit log");
     }
     // Admins only: the deployer's token may not read it; its page is an admin's.
-    assert_eq!(bearer_get(&server, &token, "/api/v1/audit").0, 403);
+    assert_eq!(
+        server
+            .request_as(&token, "GET", "/api/v1/audit", None)
+            .status,
+        403
+    );
     let ops_cookie = server.web_login("ops-1", PASSWORD);
     assert_eq!(server.web_get(&ops_cookie, "/audit").status, 403);
     let admin_password =
@@ -245,16 +213,7 @@ fn every_change_is_recorded_with_who_where_what_and_the_result_and_no_secret() {
     let before = unrecorded(&server);
     let started = std::time::Instant::now();
     for _ in 0..100 {
-        let r = https_request_with_body(
-            server.https,
-            server.tls(),
-            "localhost",
-            "POST",
-            "/api/v1/processes",
-            &[],
-            Some(b"{}"),
-        )
-        .unwrap();
+        let r = server.request_with("POST", "/api/v1/processes", &[], Some(b"{}"));
         assert_eq!(r.status, 401);
     }
     let seconds = started.elapsed().as_secs() + 2;

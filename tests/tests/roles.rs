@@ -7,7 +7,6 @@
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{Server, TestDir};
-use tether_tests::https_request_with_body;
 
 const PASSWORD: &str = "role-matrix-password";
 
@@ -84,16 +83,12 @@ fn act(
         ("Content-Type", "application/x-www-form-urlencoded"),
         ("Origin", origin.as_str()),
     ];
-    let r = https_request_with_body(
-        server.https,
-        server.tls(),
-        "localhost",
+    let r = server.request_with(
         method,
         path,
         &headers,
         (method == "POST").then_some(body.as_bytes()),
-    )
-    .unwrap();
+    );
     (r.status, r.body)
 }
 
@@ -253,22 +248,7 @@ fn with_token(
     path: &str,
     body: Option<&Value>,
 ) -> (u16, String) {
-    let bearer = format!("Bearer {token}");
-    let body = body.map(Value::to_string);
-    let mut headers = vec![("Authorization", bearer.as_str())];
-    if body.is_some() {
-        headers.push(("Content-Type", "application/json"));
-    }
-    let r = https_request_with_body(
-        server.https,
-        server.tls(),
-        "localhost",
-        method,
-        path,
-        &headers,
-        body.as_deref().map(str::as_bytes),
-    )
-    .unwrap();
+    let r = server.request_as(token, method, path, body);
     (r.status, r.body)
 }
 

@@ -136,7 +136,9 @@ pub async fn bearer_before_body(
     actix_web::Error,
 > {
     let path = req.path();
-    let guarded = path.starts_with("/api/") || path.starts_with("/admin/") || path == "/metrics";
+    let guarded = (path.starts_with("/api/") && path != crate::api_tokens_api::LOGIN_PATH)
+        || path.starts_with("/admin/")
+        || path == "/metrics";
     if guarded {
         if let Some(token) = req.app_data::<actix_web::web::Data<AdminToken>>() {
             if let Err(e) = token.check(req.request()) {

@@ -5,6 +5,10 @@
 //!   listed plus `"token"`, shown this once; 400 with the rule broken (an unknown user, a role
 //!   above the user's, a lifetime out of range), 409 past the bounds on tokens.
 //! - `DELETE /api/v1/api-tokens/{id}` → `{"id","revoked":true}`; 404 if unknown.
+//! - `POST /api/v1/login` with `{"user","password","name"?}`, no bearer (`tether login --user`):
+//!   a token for that user with the user's role, valid [`LOGIN_TTL_S`], as `POST
+//!   /api/v1/api-tokens` answers; 401 for a wrong user or password, 429 past the same limits
+//!   as the web login.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -14,9 +18,18 @@ use crate::api_error::{method_not_allowed, ApiError};
 use crate::api_tokens::ApiTokensError;
 use crate::authz::Role;
 use crate::state::AppState;
+use crate::web::login::PasswordRefusal;
+
+/// How long a token made by a password login lasts: 30 days.
+pub const LOGIN_TTL_S: u64 = 30 * 24 * 3600;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
+        web::resource(LOGIN_PATH)
+            .route(web::post().to(login))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/api/v1/api-tokens")
             .route(web::get().to(list))
             .route(web::post().to(create))
@@ -41,6 +54,60 @@ impl From<ApiTokensError> for ApiError {
             }
         }
     }
+}
+
+/// The one REST route that takes no bearer token.
+pub const LOGIN_PATH: &str = "/api/v1/login";
+
+/// The body of `POST /api/v1/login`. Not `Debug`: it holds the password.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordLogin {
+    user: String,
+    password: String,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn login(
+    req: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let form: PasswordLogin = serde_json::from_slice(&body).map_err(|e| {
+        // serde's message may quote the offending value, which could be the password.
+        ApiError::BadRequest(format!(
+            "invalid JSON (line {}, column {}): expected {{\"user\", \"password\", \"name\"?}}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    let source = req.peer_addr().map(|a| a.ip());
+    if state.users.contains(&form.user) {
+        crate::audit::name_actor(&req, format!("user {} (logging in)", form.user));
+    }
+    match crate::web::login::check_password(&state, source, &form.user, form.password).await {
+        Ok(()) => {}
+        Err(PasswordRefusal::TooMany(retry_after_s)) => {
+            return Err(ApiError::TooManyRequests { retry_after_s })
+        }
+        Err(PasswordRefusal::Wrong) => {
+            tracing::warn!(source = ?source, "api-login-failed");
+            return Err(ApiError::Unauthorized);
+        }
+        Err(PasswordRefusal::Unavailable) => return Err(ApiError::Unavailable),
+    }
+    let name = form.name.unwrap_or_else(|| "cli".to_owned());
+    let (info, token) = state
+        .api_tokens
+        .create(&state.users, &form.user, &name, None, Some(LOGIN_TTL_S))
+        .await?;
+    state.users.record_login(&form.user).await;
+    crate::audit::name_actor(&req, format!("user {}", form.user));
+    tracing::info!(source = ?source, user = %form.user, token = %info.id, "api-login");
+    let mut answer = serde_json::to_value(&info).map_err(|_| ApiError::Unavailable)?;
+    answer["token"] = json!(token.expose());
+    Ok(HttpResponse::Created().json(answer))
 }
 
 #[derive(Deserialize)]

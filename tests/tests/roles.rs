@@ -508,3 +508,65 @@ fn a_user_makes_and_revokes_their_own_api_tokens_on_the_account_page() {
     );
     assert_eq!(names(&server, "/api/v1/api-tokens", "id"), [others]);
 }
+
+#[test]
+fn tether_login_with_a_user_and_password_gets_a_token_with_the_users_role() {
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    create_user(&server, "deployer-1", "deployer");
+    let cli = tether_tests::tether_cli::Tether::new(&dir.path().join("cli"));
+    let url = tether_tests::tether_cli::server_url(&server);
+    let ca = server.ca_path();
+    let login = |user: &str, password: &str| {
+        cli.run_with(
+            &[],
+            Some(&format!("{password}\n")),
+            &[
+                "login",
+                "--server",
+                &url,
+                "--ca",
+                ca.to_str().unwrap(),
+                "--user",
+                user,
+            ],
+        )
+    };
+    // Wrong password, unknown user: refused alike, nothing stored.
+    for (user, password) in [("deployer-1", "not-the-password"), ("nobody", PASSWORD)] {
+        let out = login(user, password);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("401"),
+            "{out:?}"
+        );
+    }
+    assert_eq!(names(&server, "/api/v1/api-tokens", "id").len(), 0);
+    let out = login("deployer-1", PASSWORD);
+    assert!(out.status.success(), "{out:?}");
+    // A token of the user's role, expiring, stored by the CLI (never the password).
+    let tokens = server.request("GET", "/api/v1/api-tokens", None).json();
+    assert_eq!(tokens[0]["user"], "deployer-1", "{tokens}");
+    assert_eq!(tokens[0]["role"], "deployer", "{tokens}");
+    assert!(tokens[0]["expires_unix_ms"].as_u64().is_some(), "{tokens}");
+    assert!(
+        tether_tests::files_containing(&dir.path().join("cli"), PASSWORD.as_bytes()).is_empty()
+    );
+    let out = cli.run(&["processes"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = cli.run(&["users"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+    // The password login route takes no bearer, and bad bodies are refused.
+    let r = server.request_with(
+        "POST",
+        "/api/v1/login",
+        &[("Content-Type", "application/json")],
+        Some(b"{\"user\": 1}"),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(!r.body.contains(PASSWORD));
+}

@@ -66,6 +66,69 @@ struct LoginForm {
     password: String,
 }
 
+/// Why a password was not accepted.
+pub enum PasswordRefusal {
+    /// Too many failures from this source or for this user: retry after so many seconds.
+    TooMany(u64),
+    /// Wrong user name or password (one answer for both).
+    Wrong,
+    /// The check could not run.
+    Unavailable,
+}
+
+/// Checks `password` for `user`, counted against the limits of the source and the user
+/// *before* the check (a burst of parallel attempts gets no more checks than the budget; a
+/// success takes its count back), with at most [`super::login_limiter::CONCURRENT_CHECKS`]
+/// argon2id checks at once (waiting [`CHECK_WAIT`] at most). The web login and the CLI's
+/// password login (`POST /api/v1/login`) both go through it.
+pub async fn check_password(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    user: &str,
+    password: String,
+) -> Result<(), PasswordRefusal> {
+    let now = Instant::now();
+    let user_key = user.chars().take(64).collect::<String>();
+    let limiter = &state.login_limiter;
+    let forgive = |source_counted: bool, user_counted: bool| {
+        if let (true, Some(ip)) = (source_counted, source) {
+            limiter.sources.forgive(&ip);
+        }
+        if user_counted {
+            limiter.users.forgive(&user_key);
+        }
+    };
+    if let Some(Err(retry)) = source.map(|ip| limiter.sources.attempt(&ip, now)) {
+        tracing::warn!(source = ?source, "login-limited");
+        return Err(PasswordRefusal::TooMany(retry));
+    }
+    if let Err(retry) = limiter.users.attempt(&user_key, now) {
+        forgive(true, false);
+        tracing::warn!(source = ?source, user = %user_key.escape_debug(), "login-limited");
+        return Err(PasswordRefusal::TooMany(retry));
+    }
+    let Ok(Ok(permit)) = tokio::time::timeout(CHECK_WAIT, limiter.checks.acquire()).await else {
+        forgive(true, true);
+        tracing::warn!(source = ?source, "login-busy");
+        return Err(PasswordRefusal::TooMany(1));
+    };
+    let users = state.users.clone();
+    let name = user.to_owned();
+    let checked = web::block(move || users.verify(&name, &password)).await;
+    drop(permit);
+    match checked {
+        Ok(Ok(())) => {
+            forgive(true, true);
+            Ok(())
+        }
+        Ok(Err(_)) => Err(PasswordRefusal::Wrong),
+        Err(_) => {
+            forgive(true, true);
+            Err(PasswordRefusal::Unavailable)
+        }
+    }
+}
+
 async fn login(
     req: HttpRequest,
     body: web::Bytes,
@@ -82,47 +145,23 @@ async fn login(
         "anonymous (logging in as an unknown user)".to_owned()
     };
     crate::audit::name_actor(&req, tried);
-    let now = Instant::now();
     let source = req.peer_addr().map(|a| a.ip());
     let user_key = form.user.chars().take(64).collect::<String>();
-    let limiter = &state.login_limiter;
-    // Counted before the check: a burst of parallel attempts gets no more checks than the
-    // budget. What turns out not to be a failure is taken back below.
-    let forgive = |source_counted: bool, user_counted: bool| {
-        if let (true, Some(ip)) = (source_counted, source) {
-            limiter.sources.forgive(&ip);
+    match check_password(&state, source, &form.user, form.password).await {
+        Ok(()) => {}
+        Err(PasswordRefusal::TooMany(retry)) => return Err(WebError::TooManyRequests(retry)),
+        Err(PasswordRefusal::Unavailable) => {
+            return Err(WebError::Unavailable("the server is busy; retry".into()))
         }
-        if user_counted {
-            limiter.users.forgive(&user_key);
+        Err(PasswordRefusal::Wrong) => {
+            tracing::warn!(source = ?source, user = %user_key.escape_debug(), "web-login-failed");
+            let mut r = HttpResponse::Unauthorized();
+            layout::secure_headers(&mut r);
+            return Ok(r
+                .content_type("text/html; charset=utf-8")
+                .body(login_form(Some("Wrong user name or password.")).into_string()));
         }
-    };
-    if let Some(Err(retry)) = source.map(|ip| limiter.sources.attempt(&ip, now)) {
-        tracing::warn!(source = ?source, "web-login-limited");
-        return Err(WebError::TooManyRequests(retry));
     }
-    if let Err(retry) = limiter.users.attempt(&user_key, now) {
-        forgive(true, false);
-        tracing::warn!(source = ?source, user = %user_key.escape_debug(), "web-login-limited");
-        return Err(WebError::TooManyRequests(retry));
-    }
-    let Ok(Ok(permit)) = tokio::time::timeout(CHECK_WAIT, limiter.checks.acquire()).await else {
-        forgive(true, true);
-        tracing::warn!(source = ?source, "web-login-busy");
-        return Err(WebError::TooManyRequests(1));
-    };
-    let users = state.users.clone();
-    let (name, password) = (form.user.clone(), form.password);
-    let checked = web::block(move || users.verify(&name, &password)).await;
-    drop(permit);
-    if checked?.is_err() {
-        tracing::warn!(source = ?source, user = %user_key.escape_debug(), "web-login-failed");
-        let mut r = HttpResponse::Unauthorized();
-        layout::secure_headers(&mut r);
-        return Ok(r
-            .content_type("text/html; charset=utf-8")
-            .body(login_form(Some("Wrong user name or password.")).into_string()));
-    }
-    forgive(true, true);
     state.users.record_login(&form.user).await;
     let token = state
         .web_sessions

@@ -189,8 +189,12 @@ enum ReconciliationCommand {
 struct LoginArgs {
     /// The admin token (DATA/admin.token on the server); prefer TETHER_TOKEN or standard
     /// input, which other users cannot see in the process list.
-    #[arg(long, value_name = "TOKEN")]
+    #[arg(long, value_name = "TOKEN", conflicts_with = "user")]
     token: Option<String>,
+    /// Log in as this web user instead (the password on standard input): the server makes an
+    /// API token for you, with your role, valid 30 days, and it is stored.
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -502,7 +506,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     };
     use commands::*;
     match command {
-        Command::Login(args) => login::login(&settings, args.token, json),
+        Command::Login(args) => login::login(&settings, args.token, args.user, json),
         Command::Logout => login::logout(json),
         Command::Agents { command } => match command {
             None | Some(AgentsCommand::List) => agents::list(&connect()?, json),

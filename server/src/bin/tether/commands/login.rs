@@ -14,10 +14,13 @@ use crate::output;
 use crate::server_url::ServerUrl;
 
 /// Checks the token against the server (`GET /api/v1/agents` must answer 200), then stores
-/// server, CA and token. The token: `token_flag`, else `TETHER_TOKEN`, else standard input.
+/// server, CA and token. The token: `token_flag`, else `TETHER_TOKEN`, else standard input;
+/// with `user`, one the server makes for that user from the password on standard input
+/// (`POST /api/v1/login`).
 pub fn login(
     settings: &Overrides,
     token_flag: Option<String>,
+    user: Option<String>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
     let server = settings.server.as_deref().ok_or_else(|| {
@@ -34,9 +37,10 @@ pub fn login(
         )
     })?;
     let ca_pem = config::read_ca(ca_path)?;
-    let token = match token_flag.or_else(|| settings.token.clone()) {
-        Some(token) => token,
-        None => read_token()?,
+    let token = match (user, token_flag.or_else(|| settings.token.clone())) {
+        (Some(user), _) => password_login(&server, &ca_pem, ca_path, &user)?,
+        (None, Some(token)) => token,
+        (None, None) => read_token()?,
     };
     config::check_token(&token)?;
     let connection = Connection {
@@ -71,23 +75,75 @@ pub fn login(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The token from standard input (first line), with a prompt when it is a terminal.
-fn read_token() -> Result<String, CliError> {
+/// An API token for `user`, made by the server from the password on standard input.
+fn password_login(
+    server: &ServerUrl,
+    ca_pem: &str,
+    ca_path: &std::path::Path,
+    user: &str,
+) -> Result<String, CliError> {
+    let password = read_line(&format!("password for {user}: "), "the password")?;
+    // The login route takes no bearer token; the client sends a placeholder.
+    let connection = Connection {
+        server: server.clone(),
+        ca_pem: ca_pem.to_owned(),
+        token: Secret::new("-".to_owned()),
+    };
+    let client = Client::new(&connection).map_err(|e| match e {
+        ClientError::Ca(e) => CliError::Usage(format!("--ca {}: {e}", ca_path.display())),
+        other => other.into(),
+    })?;
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let name: String = format!("cli-{host}")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(64)
+        .collect();
+    let answer = client
+        .post_json(
+            "/api/v1/login",
+            Some(&json!({"user": user, "password": password.expose(), "name": name})),
+        )
+        .about(|| format!("logging in to {server} as {user}"))?;
+    answer["token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| CliError::Failed("the server's answer holds no token".to_owned()))
+}
+
+/// The first line of standard input, with `prompt` when it is a terminal.
+fn read_line(prompt: &str, what: &str) -> Result<Secret<String>, CliError> {
     let stdin = io::stdin();
     if stdin.is_terminal() {
-        eprint!("admin token: ");
+        eprint!("{prompt}");
         let _ = io::stderr().flush();
     }
     let mut line = String::new();
     stdin
         .lock()
         .read_line(&mut line)
-        .map_err(|e| CliError::Failed(format!("reading the token from standard input: {e}")))?;
-    let token = line.trim().to_owned();
-    if token.is_empty() {
-        return Err(CliError::Usage(
+        .map_err(|e| CliError::Failed(format!("reading {what} from standard input: {e}")))?;
+    let line = line.trim_end_matches(['\r', '\n']).to_owned();
+    if line.is_empty() {
+        return Err(CliError::Usage(format!("no {what} on standard input")));
+    }
+    Ok(Secret::new(line))
+}
+
+/// The token from standard input (first line), with a prompt when it is a terminal.
+fn read_token() -> Result<String, CliError> {
+    let no_token = || {
+        CliError::Usage(
             "no token: give --token, set TETHER_TOKEN, or write it on standard input".to_owned(),
-        ));
+        )
+    };
+    let token = read_line("admin token: ", "the token").map_err(|e| match e {
+        CliError::Usage(_) => no_token(),
+        other => other,
+    })?;
+    let token = token.expose().trim().to_owned();
+    if token.is_empty() {
+        return Err(no_token());
     }
     Ok(token)
 }

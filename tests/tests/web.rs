@@ -488,9 +488,14 @@ fn agents_can_be_patched_and_deleted_over_rest() {
 /// Logs `s` in as admin at `base` (a page asked for first redirects to the login) and waits
 /// for the agents page.
 fn log_in(s: &Session<'_>, base: &str, password: &str) {
+    log_in_as(s, base, "admin", password);
+}
+
+/// The same as `user`.
+fn log_in_as(s: &Session<'_>, base: &str, user: &str, password: &str) {
     s.goto(&format!("{base}/agents")).unwrap();
     assert!(s.url().unwrap().ends_with("/login"), "{}", s.url().unwrap());
-    s.type_text(&s.wait_for("#user", WAIT).unwrap(), "admin")
+    s.type_text(&s.wait_for("#user", WAIT).unwrap(), user)
         .unwrap();
     s.type_text(&s.find("#password").unwrap(), password.trim())
         .unwrap();
@@ -583,4 +588,85 @@ fn enrollment_tokens_and_relays_are_revoked_from_the_browser() {
         (relay.health()["upstream"]["state"] != "connected").then_some(())
     });
     drop(s);
+}
+
+#[test]
+fn roles_shape_the_pages_in_a_browser() {
+    let dir = TestDir::new();
+    let Some(driver) = driver_or_skip(&dir.path().join("chromedriver.log")) else {
+        return;
+    };
+    let server = Server::start(dir.path());
+    let password = "role-browser-password";
+    for (name, role) in [("viewer-1", "viewer"), ("deployer-1", "deployer")] {
+        let r = server.request(
+            "POST",
+            "/api/v1/users",
+            Some(&json!({"name": name, "password": password, "role": role})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let profile = dir.path().join("chromium-profile");
+    let s = match driver.session(&profile) {
+        Ok(s) => s,
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("headless Chromium does not start: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: headless Chromium does not start: {why}");
+            return;
+        }
+    };
+    let base = format!("https://localhost:{}", server.https.port());
+
+    // A viewer: no Users, Tokens or Audit in the navigation, no form to make a process, and
+    // the pages refused if asked for anyway.
+    log_in_as(&s, &base, "viewer-1", password);
+    assert_eq!(
+        s.text(&s.find("nav [data-field=role]").unwrap()).unwrap(),
+        "viewer"
+    );
+    for hidden in ["/users", "/tokens", "/audit"] {
+        assert!(
+            s.find(&format!("nav a[href='{hidden}']")).is_err(),
+            "{hidden} in the nav"
+        );
+    }
+    s.find("nav a[href='/deployments']").unwrap();
+    s.goto(&format!("{base}/processes")).unwrap();
+    s.wait_text("h1", WAIT, |t| t == "Processes").unwrap();
+    assert!(
+        s.find("#new-process").is_err(),
+        "a viewer sees no process form"
+    );
+    s.goto(&format!("{base}/users")).unwrap();
+    s.wait_text("body", WAIT, |t| {
+        t.contains("your role (viewer) may not do this")
+    })
+    .unwrap();
+    screenshot(&s, "viewer-refused");
+
+    // A deployer: the process form; and a token made on the account page, shown once.
+    s.goto(&format!("{base}/agents")).unwrap();
+    click(&s, "nav form button");
+    s.wait_text("h1", WAIT, |t| t == "Log in").unwrap();
+    log_in_as(&s, &base, "deployer-1", password);
+    s.goto(&format!("{base}/processes")).unwrap();
+    s.wait_for("#new-process", WAIT).unwrap();
+    assert!(s.find("nav a[href='/users']").is_err());
+    s.goto(&format!("{base}/account")).unwrap();
+    s.type_text(
+        &s.wait_for("#new-api-token-form input[name=name]", WAIT)
+            .unwrap(),
+        "laptop",
+    )
+    .unwrap();
+    click(&s, "#new-api-token-form button");
+    let shown = s
+        .text(&s.wait_for("#new-api-token", WAIT).unwrap())
+        .unwrap();
+    assert!(shown.starts_with("tether_"), "{shown}");
+    let r = server.request_as(shown.trim(), "GET", "/api/v1/processes", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    screenshot(&s, "account-token");
 }

@@ -7,8 +7,8 @@
 //! - `DELETE /api/v1/api-tokens/{id}` → `{"id","revoked":true}`; 404 if unknown.
 //! - `POST /api/v1/login` with `{"user","password","name"?}`, no bearer (`tether login --user`):
 //!   a token for that user with the user's role, valid [`LOGIN_TTL_S`], as `POST
-//!   /api/v1/api-tokens` answers; 401 for a wrong user or password, 429 past the same limits
-//!   as the web login.
+//!   /api/v1/api-tokens` answers (it replaces the user's token of the same name); 401 for a
+//!   wrong user or password, 429 past the same limits as the web login.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -98,6 +98,12 @@ async fn login(
         Err(PasswordRefusal::Unavailable) => return Err(ApiError::Unavailable),
     }
     let name = form.name.unwrap_or_else(|| "cli".to_owned());
+    // Logging in again from the same place replaces that place's token.
+    for old in state.api_tokens.list(Some(&form.user)) {
+        if old.name == name {
+            state.api_tokens.revoke(&old.id, Some(&form.user)).await?;
+        }
+    }
     let (info, token) = state
         .api_tokens
         .create(&state.users, &form.user, &name, None, Some(LOGIN_TTL_S))

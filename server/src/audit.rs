@@ -14,8 +14,8 @@
 //! where the request alone does not ([`name_actor`]: a login names the user it logged in, a
 //! failed one an existing user it tried, or nobody).
 //!
-//! Requests refused for want of credentials (401) are recorded up to 20 a second; the rest are
-//! only counted (`audit.unrecorded` in `/admin/health`), so that nobody can make the server
+//! Requests without valid credentials that did not succeed (a 401, a wrong password, a 429)
+//! are recorded up to 20 a second; the rest are only counted (`audit.unrecorded` in `/admin/health`), so that nobody can make the server
 //! write at will.
 //!
 //! Entries are records of the journal log `audit`, numbered from 1; the newest number is kept
@@ -47,9 +47,9 @@ const MAX_PATH: usize = 256;
 /// The outcome of an entry whose request has not answered yet (or whose server stopped
 /// before its outcome was committed).
 const PENDING: &str = "pending";
-/// Requests refused for want of credentials (401) recorded per second at most: anyone can
-/// send them, and each entry is a durable write. The others are counted
-/// ([`Audit::unrecorded`]).
+/// Requests without valid credentials that did not succeed (a 401, a wrong password, a
+/// 429) recorded per second at most: anyone can send them, and each entry is a durable write.
+/// The others are counted ([`Audit::unrecorded`]).
 const MAX_UNAUTHENTICATED_PER_S: u32 = 20;
 
 /// One recorded request.
@@ -341,7 +341,10 @@ pub async fn record_changes(
         }
         return result;
     }
-    if status == 401 && !state.audit.admit_unauthenticated() {
+    // Without valid credentials, only what succeeded (a login, an enrollment: each limited
+    // by its own rules) is always recorded; refusals and failures anyone can cause, at most
+    // so many a second.
+    if outcome(status) != "ok" && !state.audit.admit_unauthenticated() {
         return result;
     }
     if let Some(actor) = named {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
-use tether_tests::webdriver::{driver_or_skip, Session};
+use tether_tests::webdriver::{driver_or_skip, Driver, Session};
 use tether_tests::{https_request_with_body, HttpReply};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -87,6 +87,21 @@ fn raw(
     .unwrap()
 }
 
+/// A browser session on `driver`; `None` (the test skips) if Chromium does not start outside
+/// CI, a panic under `CI=true`.
+fn session_or_skip<'a>(driver: &'a Driver, profile: &std::path::Path) -> Option<Session<'a>> {
+    match driver.session(profile) {
+        Ok(s) => Some(s),
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("headless Chromium does not start: {why}")
+        }
+        Err(why) => {
+            eprintln!("SKIPPED: headless Chromium does not start: {why}");
+            None
+        }
+    }
+}
+
 fn agent_json(server: &Server, id: &str) -> Value {
     let r = server.request("GET", &format!("/api/v1/agents/{id}"), None);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -105,15 +120,8 @@ fn operators_surface_in_a_browser() {
     agent.run();
 
     let profile = dir.path().join("chromium-profile");
-    let s = match driver.session(&profile) {
-        Ok(s) => s,
-        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("headless Chromium does not start: {why}")
-        }
-        Err(why) => {
-            eprintln!("SKIPPED: headless Chromium does not start: {why}");
-            return;
-        }
+    let Some(s) = session_or_skip(&driver, &profile) else {
+        return;
     };
     let base = format!("https://localhost:{}", server.https.port());
 
@@ -514,15 +522,8 @@ fn enrollment_tokens_and_relays_are_revoked_from_the_browser() {
     let relay =
         tether_tests::relays::Relay::start(&server, &[server.upstream()], dir.path(), "relay-w");
     let profile = dir.path().join("chromium-profile");
-    let s = match driver.session(&profile) {
-        Ok(s) => s,
-        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("headless Chromium does not start: {why}")
-        }
-        Err(why) => {
-            eprintln!("SKIPPED: headless Chromium does not start: {why}");
-            return;
-        }
+    let Some(s) = session_or_skip(&driver, &profile) else {
+        return;
     };
     let base = format!("https://localhost:{}", server.https.port());
     log_in(&s, &base, &password);
@@ -607,15 +608,8 @@ fn roles_shape_the_pages_in_a_browser() {
         assert_eq!(r.status, 201, "{}", r.body);
     }
     let profile = dir.path().join("chromium-profile");
-    let s = match driver.session(&profile) {
-        Ok(s) => s,
-        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("headless Chromium does not start: {why}")
-        }
-        Err(why) => {
-            eprintln!("SKIPPED: headless Chromium does not start: {why}");
-            return;
-        }
+    let Some(s) = session_or_skip(&driver, &profile) else {
+        return;
     };
     let base = format!("https://localhost:{}", server.https.port());
 

@@ -614,6 +614,16 @@ fn a_database_restored_behind_the_agent_reconciles_by_itself() {
         dispatch(&server, "hello", &ids).is_some(),
         "after the backup"
     );
+    // One round trip through the agent before the kill: it answers a probe sent after the
+    // acknowledgements of that job's events, so it holds them (they are what the restored
+    // database lost).
+    let probes = format!("/api/v1/agents/{}/probes", agent.id);
+    let r = server.request("POST", &probes, Some(&json!({"commands": 1, "events": 0})));
+    assert_eq!(r.status, 202, "{}", r.body);
+    eventually("the probe echoed", WAIT, || {
+        let r = server.request("GET", &probes, None);
+        (r.status == 200 && r.json()["probes"]["echoes"]["received"] == 1).then_some(())
+    });
     server.kill();
     pg.psql(
         "BEGIN; TRUNCATE tether_journal, tether_blobs; \

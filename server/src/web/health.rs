@@ -47,7 +47,7 @@ fn reconciliation(state: &AppState, user: &CurrentUser) -> Markup {
                             @if r.jobs_omitted > 0 { ", " (r.jobs_omitted) " omitted" } }
                         td { (r.jobs_updated) }
                         td { (r.orphan_results) @if r.orphans_not_kept > 0 { " (+" (r.orphans_not_kept) " not kept)" } }
-                        td { @if user.may_post("/health/reconciliation/x/dismiss") { form method="post" action={ "/health/reconciliation/" (enc(&r.agent_id)) "/dismiss" } {
+                        td { @if user.may_post(&format!("/health/reconciliation/{}/dismiss", enc(&r.agent_id))) { form method="post" action={ "/health/reconciliation/" (enc(&r.agent_id)) "/dismiss" } {
                             (csrf_field(user))
                             button type="submit" { "Dismiss" }
                         } } }

@@ -66,7 +66,7 @@ async fn list(
                                     }
                                 }
                             }
-                            td { @if user.may_post("/relays/x/delete") {
+                            td { @if user.may_post(&format!("/relays/{}/delete", enc(&r.id))) {
                                 form.inline.delete-relay method="post" action={ "/relays/" (enc(&r.id)) "/delete" } {
                                     (csrf_field(&user))
                                     label { input type="checkbox" name="confirm" value="yes" required; " I am sure" }

@@ -345,7 +345,9 @@ fn api_tokens_act_with_their_role_and_end_when_revoked_expired_or_their_user_goe
     assert!(!tether_tests::files_containing(dir.path(), server.admin_token.as_bytes()).is_empty());
     let listed = server.request("GET", "/api/v1/api-tokens", None).body;
     for token in [&viewer, &deployer, &lowered] {
-        let secret = token.rsplit('_').next().unwrap();
+        // tether_<id>_<secret>: the secret is base64url, which may hold '_' itself.
+        let secret = token.splitn(3, '_').nth(2).unwrap();
+        assert_eq!(secret.len(), 43, "{token}");
         assert!(!listed.contains(secret), "{listed}");
         assert!(
             tether_tests::files_containing(dir.path(), secret.as_bytes()).is_empty(),
@@ -413,7 +415,8 @@ fn api_tokens_act_with_their_role_and_end_when_revoked_expired_or_their_user_goe
         401
     );
     // A forged token: a known id with another secret.
-    let forged = format!("{}_{}", viewer.rsplit_once('_').unwrap().0, "A".repeat(43));
+    let id = viewer.splitn(3, '_').nth(1).unwrap();
+    let forged = format!("tether_{id}_{}", "A".repeat(43));
     assert_eq!(
         with_token(&server, &forged, "GET", "/api/v1/agents", None).0,
         401

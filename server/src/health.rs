@@ -185,6 +185,10 @@ pub struct DeploymentsHealth {
     pub output_refused: u64,
     /// Steps whose output went over the cap and was cut with a marker.
     pub output_truncated: u64,
+    /// The key ring sealing secrets at rest: its keys (the last seals), and the processes and
+    /// deployments whose secrets are not sealed with that one yet (after a rotation).
+    pub secrets_keys: Vec<String>,
+    pub secrets_stale: u64,
 }
 
 /// One certificate of the data directory and when it expires.

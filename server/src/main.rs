@@ -56,6 +56,7 @@ mod registry;
 mod relay_certs;
 mod run;
 mod scheduler;
+mod secrets;
 mod server_cert;
 mod session;
 mod state;
@@ -70,6 +71,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
+use secrets::KeySource;
 use tether_shared::config::{self, LoadOptions, ServerConfig, Startup, Storage};
 
 /// The Tether server: holds the plan of what to deploy where.
@@ -103,6 +105,23 @@ enum Command {
     Cert {
         #[command(subcommand)]
         command: CertCommand,
+    },
+    /// The key ring sealing secrets at rest (secrets.key_file; see docs/security.md).
+    Secrets {
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Add a new key to the ring: it seals from the server's next start, which seals again
+    /// with it every stored secret (health: deployments.secrets_stale counts what is left).
+    Rotate,
+    /// Remove key ID from the ring, once no stored secret is sealed with it.
+    Retire {
+        /// The key's id (first word of its line).
+        id: String,
     },
 }
 
@@ -139,6 +158,11 @@ struct JoinArgs {
     /// This node's data directory, empty or missing [default: server.data_dir from config].
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// The cluster's key ring for secrets at rest (a copy of the first node's
+    /// secrets.key_file), copied to this node's secrets.key_file; not needed with
+    /// secrets.key_command or when that file is already in place.
+    #[arg(long, value_name = "FILE")]
+    secrets_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -182,9 +206,12 @@ fn main() -> ExitCode {
     cfg.log.init_tracing();
 
     match cli.command {
-        Some(Command::Init(args)) => run_init(&cfg, args),
-        Some(Command::Run(args)) => run_server(&cfg, args),
-        Some(Command::Join(args)) => run_join(&cfg, args),
+        Some(Command::Init(args)) => run_init(&cfg, args, &key_source(&cfg, &cli.config_dir)),
+        Some(Command::Run(args)) => run_server(&cfg, args, key_source(&cfg, &cli.config_dir)),
+        Some(Command::Join(args)) => run_join(&cfg, args, &key_source(&cfg, &cli.config_dir)),
+        Some(Command::Secrets { command }) => {
+            run_secrets(command, &key_source(&cfg, &cli.config_dir))
+        }
         Some(Command::Cert {
             command: CertCommand::Renew(args),
         }) => run_cert_renew(&cfg, args),
@@ -195,8 +222,69 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_join(cfg: &ServerConfig, args: JoinArgs) -> ExitCode {
+/// Where the key ring sealing secrets at rest comes from: `[secrets]`, by default
+/// `secrets.key` in the config directory (outside the data directory).
+fn key_source(cfg: &ServerConfig, config_dir: &std::path::Path) -> KeySource {
+    match (&cfg.secrets.key_command, &cfg.secrets.key_file) {
+        (Some(command), _) => KeySource::Command(command.clone()),
+        (None, Some(file)) => KeySource::File(file.clone()),
+        (None, None) => KeySource::File(config_dir.join(secrets::KEY_FILE)),
+    }
+}
+
+fn run_secrets(command: SecretsCommand, source: &KeySource) -> ExitCode {
+    let KeySource::File(path) = source else {
+        eprintln!(
+            "tether-server secrets: the key ring comes from secrets.key_command: rotate it there"
+        );
+        return ExitCode::from(2);
+    };
+    let done = match command {
+        SecretsCommand::Rotate => secrets::rotate(path).map(|id| {
+            format!(
+                "key {id} added to {}: it seals from the next start of each node (copy the file to every node first)",
+                path.display()
+            )
+        }),
+        SecretsCommand::Retire { id } => secrets::retire(path, &id)
+            .map(|()| format!("key {id} removed from {}", path.display())),
+    };
+    match done {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-server secrets: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_join(cfg: &ServerConfig, args: JoinArgs, keys: &KeySource) -> ExitCode {
     let dir = config::data_dir(args.data.as_deref(), &cfg.server.data_dir);
+    if let KeySource::File(path) = keys {
+        let copied = match &args.secrets_key {
+            Some(from) => std::fs::read(from)
+                .and_then(|bytes| tether_shared::identity::write_private_file(path, &bytes)),
+            None if path.is_file() => Ok(()),
+            None => {
+                eprintln!(
+                    "tether-server join: {} is missing: give the cluster's key ring for secrets with --secrets-key FILE (a copy of the first node's)",
+                    path.display()
+                );
+                return ExitCode::from(1);
+            }
+        };
+        if let Err(e) = copied.map_err(|e| e.to_string()).and_then(|()| {
+            secrets::KeyRing::load(keys)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        }) {
+            eprintln!("tether-server join: secrets key ring: {e}");
+            return ExitCode::from(1);
+        }
+    }
     match init::join(&args.from, &dir) {
         Ok(files) => {
             println!(
@@ -213,7 +301,7 @@ fn run_join(cfg: &ServerConfig, args: JoinArgs) -> ExitCode {
     }
 }
 
-fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
+fn run_init(cfg: &ServerConfig, args: InitArgs, keys: &KeySource) -> ExitCode {
     let hostnames = if args.hostnames.is_empty() {
         init::DEFAULT_HOSTNAMES.map(String::from).to_vec()
     } else {
@@ -253,6 +341,20 @@ fn run_init(cfg: &ServerConfig, args: InitArgs) -> ExitCode {
     }
     match init::initialize(&opts) {
         Ok(done) => {
+            match secrets::KeyRing::load(keys) {
+                Ok(_) => {
+                    if let KeySource::File(path) = keys {
+                        println!(
+                            "secrets key ring: {} (back it up apart from the data directory)",
+                            path.display()
+                        );
+                    }
+                }
+                Err(e) => {
+                    eprintln!("tether-server init: {e}");
+                    return ExitCode::from(1);
+                }
+            }
             println!("admin token: {}", done.admin_token.expose());
             // The web application's first user; change the password after the first login.
             println!("admin password: {}", done.admin_password.expose());
@@ -290,7 +392,7 @@ fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
     }
 }
 
-fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
+fn run_server(cfg: &ServerConfig, args: RunArgs, secrets: KeySource) -> ExitCode {
     let opts = run::RunOptions {
         data_dir: config::data_dir(args.data.as_deref(), &cfg.server.data_dir),
         listen_https: cfg.listen.https,
@@ -306,6 +408,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs) -> ExitCode {
         journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
         storage: cfg.storage.clone(),
         files_dir: cfg.server.files_dir.clone(),
+        secrets,
     };
     match run::run(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -87,6 +87,8 @@ pub struct RunOptions {
     pub storage: Storage,
     /// Where artifacts, plugin bundles and upgrade packages live (`None`: the data directory).
     pub files_dir: Option<PathBuf>,
+    /// The key ring sealing secrets at rest (outside the data directory).
+    pub secrets: crate::secrets::KeySource,
 }
 
 /// Why the server could not start, or stopped abnormally.
@@ -142,6 +144,9 @@ pub enum RunError {
     /// The registry could not be loaded from the journal.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
+    /// The key ring for secrets at rest is missing or unusable.
+    #[error("secrets: {0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
     /// Processes, deployments and jobs could not be loaded from the journal.
     #[error("deployments: {0}")]
     Deployments(#[from] DeploymentsError),
@@ -194,6 +199,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let trust = Arc::new(Trust::load(dir)?);
     let tls = server_cert::load(dir)?;
     let server_cert_pem = Arc::new(RwLock::new(server_cert::read(dir)?.0));
+    let keys = Arc::new(crate::secrets::KeyRing::load(&opts.secrets)?);
+    tracing::info!(keys = keys.ids().len(), sealing = %keys.ids().last().copied().unwrap_or_default(), "secrets-key-ring-loaded");
     // Blocking (sled recovery reads every entry): done before the runtime starts.
     let journal_opts = JournalOptions {
         sled: tether_shared::journal::SledOptions {
@@ -281,7 +288,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     )?;
     let upgrades = Arc::new(Upgrades::open(journal.handle(), files)?);
     let deployments = Arc::new(
-        Deployments::load(journal.handle())?
+        Deployments::load(journal.handle(), keys)?
             .with_catalog(plugins.clone())
             .with_artifacts(artifacts.lookup()),
     );
@@ -371,6 +378,12 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
         Storage::Postgres { .. } => background::StorageProbe::Database,
     };
     actix_rt::spawn(background::recover_storage(handle.clone(), probe));
+    let resealing = loaded.deployments.clone();
+    actix_rt::spawn(async move {
+        if let Err(e) = resealing.reseal().await {
+            tracing::error!(error = %e, "secrets-reseal-failed");
+        }
+    });
     actix_rt::spawn(background::prune_periodically(
         loaded.deployments.clone(),
         opts.retention,

@@ -13,7 +13,7 @@ use tether_shared::ids::AgentId;
 use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, EventBody};
 
-use crate::deployments::Deployments;
+use crate::deployments::{Deployments, Sealing};
 use crate::reconcile::Reconciliations;
 use crate::upgrades::Upgrades;
 
@@ -137,9 +137,9 @@ impl Work {
         self.deployments.on_agent_reset(agent_id)
     }
 
-    /// The jobs `agent_id` may start now, marked sent.
-    pub fn ready(&self, agent_id: &AgentId) -> Ready {
-        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id);
+    /// The jobs `agent_id` may start now, marked sent, their secrets sealed for the agent.
+    pub fn ready(&self, agent_id: &AgentId, sealing: Sealing<'_>) -> Ready {
+        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id, sealing);
         Ready {
             job_ids,
             commands,

@@ -42,6 +42,7 @@ pub mod mask;
 pub mod mux;
 pub mod plugin;
 pub mod protocol;
+pub mod sealing;
 pub mod state_file;
 pub mod storage;
 pub mod stream;

@@ -94,6 +94,7 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                         events_acked: Seq(s / 2),
                         last_command_id: format!("{s:x}"),
                         reconciles: s % 2 == 0,
+                        sealing_key: format!("k{s}"),
                     };
                     (Frame::Hello(h), Sender::Agent)
                 }

@@ -140,6 +140,8 @@ impl Server {
             .arg(&self.dir)
             .arg("--data")
             .arg(&data)
+            .arg("--secrets-key")
+            .arg(self.config_dir.join("secrets.key"))
             .output()
             .unwrap_or_else(|e| panic!("tether-server join: {e}"));
         assert!(joined.status.success(), "tether-server join: {joined:?}");

@@ -44,6 +44,7 @@ fn run_job(
             on_interrupt: OnInterrupt::Fail,
             timeout_ms: 10_000,
             bundle: None,
+            sealed: None,
         }],
     };
     signed(agent_id, signer, deadline_ms, body)

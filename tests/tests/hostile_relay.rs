@@ -1262,6 +1262,7 @@ fn run_job(job_id: &str, file: &Path, line: &str) -> CommandBody {
             on_interrupt: OnInterrupt::Fail,
             timeout_ms: 10_000,
             bundle: None,
+            sealed: None,
         }],
     }
 }

@@ -27,6 +27,7 @@ use tether_shared::config::AgentConfig;
 use tether_shared::identity::Identity;
 use tether_shared::journal::{Journal, JournalOptions, SledOptions};
 use tether_shared::protocol::AgentStatus;
+use tether_shared::sealing::SealingKey;
 use tether_shared::trust::Pinned;
 
 use crate::state::{AgentState, CA_FILE, KEY_FILE};
@@ -59,6 +60,11 @@ pub enum WorkerError {
     Trust(#[from] tether_shared::trust::TrustError),
     #[error(transparent)]
     Journal(#[from] tether_shared::journal::JournalError),
+    #[error("agent sealing key {}: {source}", path.display())]
+    Sealing {
+        path: PathBuf,
+        source: tether_shared::sealing::SealingError,
+    },
     #[error("agent.json lists no upstream")]
     NoUpstream,
 }
@@ -95,6 +101,13 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         path: key_path,
         source,
     })?;
+    let sealing_path = dir.join(tether_shared::sealing::SEALING_KEY_FILE);
+    let sealing =
+        SealingKey::load_or_create(&sealing_path).map_err(|source| WorkerError::Sealing {
+            path: sealing_path,
+            source,
+        })?;
+    jobs::step::remove_scripts(&dir.join(WORK_DIR));
     let trust = Pinned::load(dir, CA_FILE, &state.server_signing_key)?;
     if state.upstreams.is_empty() {
         return Err(WorkerError::NoUpstream);
@@ -119,6 +132,8 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         agent_id: state.agent_id.clone(),
         version: version.clone(),
         identity: Arc::new(identity),
+        sealing_key: sealing.public_b64(),
+        sealing: Arc::new(sealing),
         trust: Arc::new(trust),
         upstreams: state.upstreams.iter().map(|u| ws_url(u)).collect(),
         journal,

@@ -28,7 +28,9 @@ impl From<DeploymentsError> for ApiError {
                 tracing::error!(error = %e, "deployments-change-failed-disk-full");
                 ApiError::StorageFull
             }
-            DeploymentsError::Journal(_) | DeploymentsError::Corrupt { .. } => {
+            DeploymentsError::Journal(_)
+            | DeploymentsError::Corrupt { .. }
+            | DeploymentsError::Secrets(_) => {
                 tracing::error!(error = %e, "deployments-change-failed");
                 ApiError::Unavailable
             }

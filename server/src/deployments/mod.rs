@@ -27,7 +27,7 @@ pub mod view;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tether_shared::ids::{AgentId, JobId};
 
 use rand::RngCore;
@@ -36,9 +36,10 @@ use tether_shared::journal::{JournalError, JournalHandle, Op};
 use tether_shared::protocol::{CommandBody, EventBody, JobReport};
 
 use crate::registry::{now_unix_ms, AgentRecord};
+use crate::secrets::KeyRing;
 use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
-pub use state::Retention;
 use state::{deployment_op, job_op, process_op, Effect, State};
+pub use state::{Retention, Sealing};
 use validate::{BuiltInsOnly, Catalog, NewProcess};
 
 /// Unfinished jobs an agent runs at once, by default.
@@ -65,6 +66,9 @@ pub enum DeploymentsError {
     /// A stored entry could not be decoded at load.
     #[error("deployments entry {key}: {reason}")]
     Corrupt { key: String, reason: String },
+    /// A stored secret does not open with the key ring.
+    #[error("{0}: restore the key ring it was sealed with (secrets.key_file or key_command)")]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 /// The body of `POST /api/v1/deployments`.
@@ -90,6 +94,12 @@ pub struct Targets {
 /// Processes, deployments and jobs; share as `Arc<Deployments>`.
 pub struct Deployments {
     journal: JournalHandle,
+    /// Seals secret values before they are stored, opens them at load.
+    keys: Arc<KeyRing>,
+    /// Processes and deployments stored with secrets that are not sealed with the key that
+    /// seals now (an older key, or a release before sealing): [`Deployments::reseal`] rewrites
+    /// them.
+    stale: std::sync::Mutex<Vec<String>>,
     state: RwLock<State>,
     /// Serializes REST changes (check, commit, apply as one step).
     changes: tokio::sync::Mutex<()>,
@@ -123,15 +133,28 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, De
 }
 
 impl Deployments {
-    /// Reads every process, deployment and job from the journal's meta entries.
-    pub fn load(journal: JournalHandle) -> Result<Deployments, DeploymentsError> {
+    /// Reads every process, deployment and job from the journal's meta entries, opening
+    /// their secrets with `keys`.
+    pub fn load(
+        journal: JournalHandle,
+        keys: Arc<KeyRing>,
+    ) -> Result<Deployments, DeploymentsError> {
         let mut state = State::default();
+        let mut stale = Vec::new();
+        let mut open = |key: &str, context: &str, v: &str| {
+            if !keys.is_current(v) && !stale.iter().any(|k| k == key) {
+                stale.push(key.to_owned());
+            }
+            keys.open(context, v)
+        };
         for (key, value) in journal.scan_meta(PROCESS_PREFIX)? {
-            let p: Process = decode(&key, &value)?;
+            let mut p: Process = decode(&key, &value)?;
+            p.map_secrets(|context, v| open(&key, context, v))?;
             state.processes.insert(p.name.clone(), p);
         }
         for (key, value) in journal.scan_meta(DEPLOYMENT_PREFIX)? {
-            let d: Deployment = decode(&key, &value)?;
+            let mut d: Deployment = decode(&key, &value)?;
+            d.map_secrets(|context, v| open(&key, context, v))?;
             state.deployments.insert(d.id.clone(), d);
         }
         for (key, value) in journal.scan_meta(JOB_PREFIX)? {
@@ -154,6 +177,8 @@ impl Deployments {
         );
         Ok(Deployments {
             journal,
+            keys,
+            stale: std::sync::Mutex::new(stale),
             state: RwLock::new(state),
             changes: tokio::sync::Mutex::new(()),
             max_running_per_agent: DEFAULT_MAX_RUNNING_PER_AGENT,
@@ -208,6 +233,8 @@ impl Deployments {
         crate::health::DeploymentsHealth {
             output_refused: self.output_refused.load(Ordering::Relaxed),
             output_truncated: self.output_truncated.load(Ordering::Relaxed),
+            secrets_keys: self.keys.ids().into_iter().map(String::from).collect(),
+            secrets_stale: self.stale_secrets() as u64,
         }
     }
 
@@ -216,10 +243,61 @@ impl Deployments {
         self.write().reset_agent(agent_id)
     }
 
-    /// Jobs of `agent_id` to send now (marked dispatched): ids, RunJob commands, ops.
-    pub fn take_ready(&self, agent_id: &str) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
+    /// Jobs of `agent_id` to send now (marked dispatched): ids, RunJob commands (secrets
+    /// sealed for the agent), ops.
+    pub fn take_ready(
+        &self,
+        agent_id: &str,
+        sealing: Sealing<'_>,
+    ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         self.write()
-            .take_ready(agent_id, self.max_running_per_agent)
+            .take_ready(agent_id, self.max_running_per_agent, sealing)
+    }
+
+    /// Stored processes and deployments whose secrets are not sealed with the current key.
+    pub fn stale_secrets(&self) -> usize {
+        self.stale
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Seals again, with the key that seals now, what [`Deployments::load`] found sealed
+    /// otherwise (after a key rotation, or stored in clear by an older release); a batch
+    /// at a time, each entry as it is now in memory.
+    pub async fn reseal(&self) -> Result<usize, DeploymentsError> {
+        let mut done = 0;
+        loop {
+            let batch: Vec<String> = {
+                let stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+                stale.iter().take(PRUNE_BATCH).cloned().collect()
+            };
+            if batch.is_empty() {
+                return Ok(done);
+            }
+            let _guard = self.changes.lock().await;
+            let ops: Vec<Op> = {
+                let s = self.read();
+                batch
+                    .iter()
+                    .filter_map(|key| {
+                        if let Some(name) = key.strip_prefix(PROCESS_PREFIX) {
+                            s.processes.get(name).map(|p| process_op(p, &self.keys))
+                        } else {
+                            let id = key.strip_prefix(DEPLOYMENT_PREFIX)?;
+                            s.deployments.get(id).map(|d| deployment_op(d, &self.keys))
+                        }
+                    })
+                    .collect()
+            };
+            self.journal.commit(ops).await?;
+            done += batch.len();
+            self.stale
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|k| !batch.contains(k));
+            tracing::info!(entries = batch.len(), "secrets-resealed");
+        }
     }
 
     /// The commands for `job_ids` could not be queued.
@@ -244,7 +322,9 @@ impl Deployments {
             steps,
             updated_unix_ms: now_unix_ms(),
         };
-        self.journal.commit(vec![process_op(&process)]).await?;
+        self.journal
+            .commit(vec![process_op(&process, &self.keys)])
+            .await?;
         self.write()
             .processes
             .insert(process.name.clone(), process.clone());
@@ -320,7 +400,7 @@ impl Deployments {
             .iter()
             .map(|a| Job::new(&deployment, a))
             .collect();
-        let mut ops = vec![deployment_op(&deployment)];
+        let mut ops = vec![deployment_op(&deployment, &self.keys)];
         ops.extend(jobs.iter().map(job_op));
         self.journal.commit(ops).await?;
         {

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use tether_shared::ids::{AgentId, DeploymentId, JobId};
 
 use serde::{Deserialize, Serialize};
+
+use crate::secrets::SecretsError;
 use tether_shared::protocol::{JobStatus, OnInterrupt, StepSpec, StepStatus};
 
 /// Meta key prefixes.
@@ -72,6 +74,58 @@ impl Deployment {
             }))
             .collect();
         tether_shared::mask::ordered(&values)
+    }
+}
+
+/// What a stored secret value (in a process or a deployment) is bound to, and how it is kept:
+/// sealing every secret of a record with `f(context, value)`, or opening them.
+fn map_step_secrets<'a>(
+    prefix: &str,
+    steps: impl Iterator<Item = (&'a [String], &'a mut BTreeMap<String, String>)>,
+    f: &mut impl FnMut(&str, &str) -> Result<String, SecretsError>,
+) -> Result<(), SecretsError> {
+    for (i, (secrets, properties)) in steps.enumerate() {
+        for name in secrets {
+            if let Some(v) = properties.get_mut(name) {
+                *v = f(&format!("{prefix}/steps/{i}/{name}"), v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Deployment {
+    /// Applies `f(context, value)` to every secret value (see [`crate::secrets`]).
+    pub fn map_secrets(
+        &mut self,
+        mut f: impl FnMut(&str, &str) -> Result<String, SecretsError>,
+    ) -> Result<(), SecretsError> {
+        let prefix = format!("{DEPLOYMENT_PREFIX}{}", self.id);
+        for (k, v) in self.properties.iter_mut() {
+            if is_secret_property(k) {
+                *v = f(&format!("{prefix}/properties/{k}"), v)?;
+            }
+        }
+        let steps = self
+            .steps
+            .iter_mut()
+            .map(|s| (s.secrets.as_slice(), &mut s.properties));
+        map_step_secrets(&prefix, steps, &mut f)
+    }
+}
+
+impl Process {
+    /// Applies `f(context, value)` to every secret value (see [`crate::secrets`]).
+    pub fn map_secrets(
+        &mut self,
+        mut f: impl FnMut(&str, &str) -> Result<String, SecretsError>,
+    ) -> Result<(), SecretsError> {
+        let prefix = format!("{PROCESS_PREFIX}{}", self.name);
+        let steps = self
+            .steps
+            .iter_mut()
+            .map(|s| (s.secrets.as_slice(), &mut s.properties));
+        map_step_secrets(&prefix, steps, &mut f)
     }
 }
 

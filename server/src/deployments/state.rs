@@ -2,12 +2,13 @@
 //! and turns agent events, agent resets, dispatches and cancels into state changes plus the
 //! journal ops that make them durable (which the caller commits in the batch of the cause).
 
+use crate::secrets::KeyRing;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tether_shared::ids::{AgentId, DeploymentId, JobId};
 
 use tether_shared::journal::{LogName, Op};
 use tether_shared::protocol::{
-    CommandBody, EventBody, JobReport, Seq, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED,
+    CommandBody, EventBody, JobReport, Seq, StepSpec, MAX_STEP_OUTPUT, OUTPUT_TRUNCATED,
 };
 
 use super::model::{
@@ -101,18 +102,63 @@ pub fn job_op(job: &Job) -> Op {
     }
 }
 
-pub fn deployment_op(d: &Deployment) -> Op {
+/// A deployment as stored: its secret values sealed with `keys`.
+pub fn deployment_op(d: &Deployment, keys: &KeyRing) -> Op {
+    let mut stored = d.clone();
+    let _ = stored.map_secrets(|context, v| Ok(keys.seal(context, v)));
     Op::PutMeta {
         key: format!("{DEPLOYMENT_PREFIX}{}", d.id),
-        value: json(d),
+        value: json(&stored),
     }
 }
 
-pub fn process_op(p: &Process) -> Op {
+/// A process as stored: its secret values sealed with `keys`.
+pub fn process_op(p: &Process, keys: &KeyRing) -> Op {
+    let mut stored = p.clone();
+    let _ = stored.map_secrets(|context, v| Ok(keys.seal(context, v)));
     Op::PutMeta {
         key: format!("{PROCESS_PREFIX}{}", p.name),
-        value: json(p),
+        value: json(&stored),
     }
+}
+
+/// What a link knows of its agent's sealing key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealing<'a> {
+    /// The agent has not attached since this server started: jobs with secrets wait for it.
+    Unknown,
+    /// Its release sends none: jobs with secrets fail.
+    Unable,
+    /// Job secrets are sealed for this key.
+    For(&'a str),
+}
+
+/// `steps` as job `job_id` sends them to an agent (see [`Sealing`]); `Ok(None)`: not yet.
+fn seal_steps(
+    steps: &[StepSpec],
+    sealing: Sealing<'_>,
+    job_id: &str,
+) -> Result<Option<Vec<StepSpec>>, String> {
+    let mut sealed = steps.to_vec();
+    for (i, step) in sealed.iter_mut().enumerate() {
+        if !step.secrets.iter().any(|n| step.properties.contains_key(n)) {
+            continue;
+        }
+        let key = match sealing {
+            Sealing::Unknown => return Ok(None),
+            Sealing::Unable => {
+                return Err(
+                    "the agent's release cannot receive secrets sealed for it: upgrade the \
+                     agent, then deploy again"
+                        .into(),
+                )
+            }
+            Sealing::For(key) => key,
+        };
+        tether_shared::sealing::seal_step(step, key, job_id, i)
+            .map_err(|e| format!("the job's secrets could not be sealed for the agent: {e}"))?;
+    }
+    Ok(Some(sealed))
 }
 
 impl State {
@@ -408,10 +454,13 @@ impl State {
     /// Marks up to the free slots of `agent_id` of its undispatched queued jobs dispatched
     /// (oldest deployment first) and answers their RunJob commands and ops. Looks at the
     /// agent's unfinished jobs only: the cost does not grow with history or fleet size.
+    ///
+    /// Secret values are sealed for the agent (`tether_shared::sealing`, see [`Sealing`]).
     pub fn take_ready(
         &mut self,
         agent_id: &str,
         limit: usize,
+        sealing: Sealing<'_>,
     ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         let active = self.active_jobs(agent_id);
         let mut running = 0;
@@ -440,11 +489,22 @@ impl State {
             let Some(d) = self.deployments.get(&job.deployment_id) else {
                 continue;
             };
+            let steps = match seal_steps(&d.steps, sealing, &job_id) {
+                Ok(Some(steps)) => steps,
+                // Later jobs wait too: an agent runs its jobs in the order they were made.
+                Ok(None) => break,
+                Err(message) => {
+                    tracing::warn!(agent_id = %agent_id, job_id = %job_id, reason = %message, "job-failed-secrets-not-sealed");
+                    job.finish(JobState::Failed, StepState::Interrupted, &message);
+                    ops.push(job_op(job));
+                    continue;
+                }
+            };
             job.dispatched = true;
             bodies.push(CommandBody::RunJob {
                 job_id: job_id.to_string(),
                 deployment_id: d.id.to_string(),
-                steps: d.steps.clone(),
+                steps,
             });
             ops.push(job_op(job));
             ids.push(job_id);

@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use tether_shared::ids::{AgentId, JobId};
+use tether_shared::sealing::{self, SealingKey};
 
 use tether_shared::journal::Op;
 use tether_shared::protocol::{
@@ -11,9 +13,10 @@ use tether_shared::protocol::{
 };
 
 use super::model::{
-    deployment_status, mask, Deployment, DeploymentStatus, Job, JobState, StepState,
+    deployment_status, mask, Deployment, DeploymentStatus, Job, JobState, Process, ProcessStep,
+    StepState,
 };
-use super::state::{State, RESET_MESSAGE};
+use super::state::{deployment_op, process_op, Sealing, State, RESET_MESSAGE};
 use super::{resolve_targets, Targets};
 use crate::registry::{AgentRecord, Role};
 
@@ -30,7 +33,19 @@ fn spec(name: &str, secrets: &[&str], props: &[(&str, &str)]) -> StepSpec {
         on_interrupt: OnInterrupt::Fail,
         timeout_ms: 1000,
         bundle: None,
+        sealed: None,
     }
+}
+
+/// An agent's sealing key and its public half (one for the whole test binary).
+fn agent_key() -> (&'static SealingKey, &'static str) {
+    static KEY: std::sync::OnceLock<(SealingKey, String)> = std::sync::OnceLock::new();
+    let (key, public) = KEY.get_or_init(|| {
+        let key = SealingKey::generate();
+        let public = key.public_b64();
+        (key, public)
+    });
+    (key, public.as_str())
 }
 
 /// A state with deployment `d-1` of two steps on `agents`, all jobs dispatched.
@@ -302,13 +317,16 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
         s.insert_job(Job::new(&d, &"a1".into()));
         s.deployments.insert(d.id.clone(), d);
     }
-    let (ids, bodies, ops) = s.take_ready("a1", 2);
+    let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1));
     assert_eq!(ids, vec![JobId::from("d-2-a1")], "one slot left of 2");
     assert!(matches!(&bodies[..], [CommandBody::RunJob { job_id, .. }] if job_id == "d-2-a1"));
     assert_eq!(ops.len(), 1);
-    assert!(s.take_ready("a1", 2).0.is_empty());
+    assert!(s
+        .take_ready("a1", 2, Sealing::For(agent_key().1))
+        .0
+        .is_empty());
     s.undo_dispatch(&ids);
-    assert_eq!(s.take_ready("a1", 2).0, ids);
+    assert_eq!(s.take_ready("a1", 2, Sealing::For(agent_key().1)).0, ids);
 
     let (ops, remote) = s.cancel("d-3");
     assert_eq!(ops.len(), 1);
@@ -319,7 +337,10 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     assert_eq!(remote, vec![("a1".into(), "d-2-a1".into())]);
     // When d-1 finishes, d-4 is next (d-3 was cancelled).
     s.apply_event("a1", &job_finished(JobStatus::Succeeded));
-    assert_eq!(s.take_ready("a1", 2).0, vec![JobId::from("d-4-a1")]);
+    assert_eq!(
+        s.take_ready("a1", 2, Sealing::For(agent_key().1)).0,
+        vec![JobId::from("d-4-a1")]
+    );
 }
 
 #[test]
@@ -453,7 +474,7 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
         j.dispatched = false;
     }
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a1", "a2"]);
-    let (ids, bodies, _) = s.take_ready("a1", 4);
+    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1));
     assert_eq!((ids.len(), bodies.len()), (1, 1));
     assert_eq!(s.running("a1"), 1);
     assert_eq!(s.unfinished("a1").count(), 1);
@@ -463,9 +484,136 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
     assert_eq!(s.running("a1"), 0);
     assert_eq!(s.unfinished("a1").count(), 0);
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a2"]);
-    assert!(s.take_ready("a1", 4).0.is_empty());
+    assert!(s
+        .take_ready("a1", 4, Sealing::For(agent_key().1))
+        .0
+        .is_empty());
     // Deleting an agent fails its unfinished jobs and only those.
     assert_eq!(s.fail_agent("a2", "deleted").len(), 1);
     assert_eq!(s.unfinished("a2").count(), 0);
     assert!(s.fail_agent("a2", "deleted").is_empty());
+}
+
+/// A state whose one job (d-1 on a1, with secrets) is queued, not dispatched.
+fn queued() -> State {
+    let mut s = state(&["a1"]);
+    s.jobs.get_mut("d-1-a1").unwrap().dispatched = false;
+    s
+}
+
+#[test]
+fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one() {
+    let (key, public) = agent_key();
+    let mut s = queued();
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(public));
+    assert_eq!((ids.len(), ops.len()), (1, 1));
+    let wire = serde_json::to_string(&bodies).unwrap();
+    assert!(!wire.contains("s3cr3t-script"), "{wire}");
+    let [CommandBody::RunJob { steps, job_id, .. }] = &bodies[..] else {
+        panic!("{bodies:?}");
+    };
+    assert!(steps[0].sealed.is_none(), "no secret, nothing sealed");
+    assert!(!steps[1].properties.contains_key("script"));
+    let opened = sealing::open_step(&steps[1], key, job_id, 1).unwrap();
+    assert_eq!(opened.properties["script"], "s3cr3t-script");
+    assert!(opened.sealed.is_none());
+    assert!(
+        sealing::open_step(&steps[1], key, job_id, 0).is_err(),
+        "bound to its step"
+    );
+    assert!(sealing::open_step(&steps[1], &SealingKey::generate(), job_id, 1).is_err());
+
+    // Not attached since start: the job waits, unchanged.
+    let mut s = queued();
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown);
+    assert!(ids.is_empty() && bodies.is_empty() && ops.is_empty());
+    assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
+    assert_eq!(s.take_ready("a1", 4, Sealing::For(public)).0.len(), 1);
+
+    // A release that sends no key: the job fails, saying why; nothing is sent.
+    let mut s = queued();
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unable);
+    assert!(ids.is_empty() && bodies.is_empty());
+    assert_eq!(ops.len(), 1);
+    assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);
+    assert!(s.jobs["d-1-a1"].message.contains("upgrade the agent"));
+}
+
+fn meta_text(op: &Op) -> String {
+    match op {
+        Op::PutMeta { value, .. } => String::from_utf8(value.clone()).unwrap(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn stored_secrets_are_sealed_and_open_at_load_and_a_rotation_seals_them_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_path = dir.path().join("secrets.key");
+    let source = crate::secrets::KeySource::File(keys_path.clone());
+    let first = Arc::new(crate::secrets::KeyRing::load(&source).unwrap());
+    let s = state(&["a1"]);
+    let d = s.deployments["d-1"].clone();
+    let p = Process {
+        name: "p".into(),
+        version: 1,
+        steps: vec![ProcessStep {
+            name: "b".into(),
+            plugin: "shell".into(),
+            step: "run".into(),
+            properties: BTreeMap::from([("script".to_owned(), "proc-s3cr3t".to_owned())]),
+            secrets: vec!["script".into()],
+            on_interrupt: OnInterrupt::Fail,
+            timeout_s: 10,
+        }],
+        updated_unix_ms: 1,
+    };
+    let ops = vec![deployment_op(&d, &first), process_op(&p, &first)];
+    for op in &ops {
+        let text = meta_text(op);
+        for secret in ["hunter2", "s3cr3t-script", "proc-s3cr3t"] {
+            assert!(!text.contains(secret), "{secret} stored in clear: {text}");
+        }
+        assert!(text.contains("tether-sealed:v1:"), "{text}");
+    }
+    let (journal, _) = tether_shared::journal::Journal::open(
+        &dir.path().join("journal"),
+        &tether_shared::journal::JournalOptions::default(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(journal.handle().commit(ops)).unwrap();
+
+    let loaded = super::Deployments::load(journal.handle(), first.clone()).unwrap();
+    assert_eq!(loaded.process("p").unwrap(), p);
+    assert_eq!(loaded.snapshot("d-1").unwrap().deployment, d);
+    assert_eq!(loaded.stale_secrets(), 0);
+
+    // Rotated: both still open, both are stale and sealed again with the new key.
+    let new_id = crate::secrets::rotate(&keys_path).unwrap();
+    let second = Arc::new(crate::secrets::KeyRing::load(&source).unwrap());
+    let loaded = super::Deployments::load(journal.handle(), second.clone()).unwrap();
+    assert_eq!(loaded.stale_secrets(), 2);
+    assert_eq!(rt.block_on(loaded.reseal()).unwrap(), 2);
+    assert_eq!(loaded.stale_secrets(), 0);
+    // The old key retired: everything still opens.
+    crate::secrets::retire(&keys_path, first.ids()[0]).unwrap();
+    let third = Arc::new(crate::secrets::KeyRing::load(&source).unwrap());
+    assert_eq!(third.ids(), vec![new_id.as_str()]);
+    let loaded = super::Deployments::load(journal.handle(), third).unwrap();
+    assert_eq!(loaded.process("p").unwrap(), p);
+    assert_eq!(loaded.snapshot("d-1").unwrap().deployment, d);
+    assert_eq!(loaded.stale_secrets(), 0);
+    // A ring without the key they were sealed with: refused, saying which key is missing.
+    let stranger = Arc::new(crate::secrets::KeyRing::generate());
+    let e = super::Deployments::load(journal.handle(), stranger)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&new_id) && e.contains("restore the key ring"),
+        "{e}"
+    );
 }

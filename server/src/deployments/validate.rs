@@ -373,6 +373,7 @@ pub fn resolve_steps_in(
             on_interrupt: s.on_interrupt,
             timeout_ms: s.timeout_s.saturating_mul(1000),
             bundle,
+            sealed: None,
         });
     }
     problems.extend(resolve_built_in_values(&mut steps, artifacts));
@@ -485,6 +486,7 @@ mod built_in_value_tests {
             on_interrupt: OnInterrupt::Rerun,
             timeout_ms: 1000,
             bundle: None,
+            sealed: None,
         }
     }
 

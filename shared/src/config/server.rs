@@ -21,8 +21,30 @@ pub struct RawServerConfig {
     pub retention: RawRetention,
     /// Where the journal lives.
     pub storage: RawStorage,
+    /// The key ring sealing secrets at rest.
+    pub secrets: RawSecrets,
     /// Log filter.
     pub log: LogConfig,
+}
+
+/// `[secrets]` as written: where the key ring sealing secrets at rest comes from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawSecrets {
+    /// The key ring file (empty: `secrets.key` in the config directory), outside the data
+    /// directory; created with one key if missing.
+    pub key_file: PathBuf,
+    /// A shell command printing the key ring (a KMS or vault hook); replaces `key_file`.
+    pub key_command: String,
+}
+
+/// `[secrets]`, validated: at most one of the two.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Secrets {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_command: Option<String>,
 }
 
 /// `[storage]` as written.
@@ -222,6 +244,8 @@ pub struct ServerConfig {
     pub retention: Retention,
     /// Where the journal lives.
     pub storage: Storage,
+    /// The key ring sealing secrets at rest.
+    pub secrets: Secrets,
     /// Log filter.
     pub log: LogConfig,
 }
@@ -346,6 +370,16 @@ impl RawConfig for RawServerConfig {
             100_000_000,
         );
         let storage = storage(&mut p, &self.storage);
+        let key_file =
+            (!self.secrets.key_file.as_os_str().is_empty()).then(|| self.secrets.key_file.clone());
+        let key_command =
+            (!self.secrets.key_command.trim().is_empty()).then(|| self.secrets.key_command.clone());
+        if key_file.is_some() && key_command.is_some() {
+            p.push(
+                "secrets.key_command",
+                "set secrets.key_file or secrets.key_command, not both",
+            );
+        }
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -371,6 +405,10 @@ impl RawConfig for RawServerConfig {
                     keep_audit_entries: keep_audit_entries?,
                 },
                 storage: storage?,
+                secrets: Secrets {
+                    key_file,
+                    key_command,
+                },
                 log: LogConfig { level: level? },
             })
         })

@@ -98,23 +98,7 @@ impl Identity {
 
     /// Reads a key saved by [`Identity::save`]; refuses a file others may read.
     pub fn load(path: &Path) -> Result<Self, IdentityError> {
-        let io_err = |source: io::Error| match source.kind() {
-            io::ErrorKind::NotFound => IdentityError::Missing {
-                path: path.to_path_buf(),
-            },
-            _ => IdentityError::Io {
-                path: path.to_path_buf(),
-                source,
-            },
-        };
-        let mode = fs::metadata(path).map_err(io_err)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(IdentityError::Permissions {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let pem = fs::read_to_string(path).map_err(io_err)?;
+        let pem = read_private_file(path)?;
         let key = SigningKey::from_pkcs8_pem(&pem).map_err(|e| IdentityError::Garbled {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -184,6 +168,27 @@ impl std::fmt::Display for PublicKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_b64())
     }
+}
+
+/// Reads a private file (text), refusing one readable by group or others.
+pub fn read_private_file(path: &Path) -> Result<String, IdentityError> {
+    let io_err = |source: io::Error| match source.kind() {
+        io::ErrorKind::NotFound => IdentityError::Missing {
+            path: path.to_path_buf(),
+        },
+        _ => IdentityError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let mode = fs::metadata(path).map_err(io_err)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    fs::read_to_string(path).map_err(io_err)
 }
 
 /// Writes `contents` to `path` with mode 0600, atomically (see [`write_file_atomic`]).

@@ -154,6 +154,10 @@ pub struct Hello {
     /// The agent answers [`CommandBody::Reconcile`] (older agents are sent none).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reconciles: bool,
+    /// The agent's X25519 key (standard base64) that job secrets are sealed for
+    /// (`crate::sealing`); older agents send none and are sent no secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sealing_key: String,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -257,6 +261,10 @@ pub struct StepSpec {
     /// to run from it. `None` for the built-in steps, which the agent runs itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle: Option<BundleRef>,
+    /// The values of the `secrets` properties, sealed for the agent (`crate::sealing`); they
+    /// are then absent from `properties`. The agent opens them in memory to run the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
 }
 
 /// Where an uploaded plugin's step comes from.

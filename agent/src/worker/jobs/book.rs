@@ -231,6 +231,7 @@ mod tests {
             on_interrupt,
             timeout_ms: 1000,
             bundle: None,
+            sealed: None,
         }
     }
 

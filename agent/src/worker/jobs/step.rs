@@ -1,8 +1,11 @@
 //! Running one step: a child process (or a built-in file operation) with its own timeout,
 //! environment, working directory, captured and masked output, and cancellation.
 //!
-//! - `shell/run`: the script goes to a 0600 file in the job's work directory and runs as
-//!   `<interpreter> <file>`; step properties reach it as environment variables
+//! - Secret property values arrive sealed for this agent (`tether_shared::sealing`): they are
+//!   opened in memory when the step starts and never written anywhere by the agent.
+//! - `shell/run`: the script goes to a 0600 file in the job's work directory, runs as
+//!   `<interpreter> <file>` and is removed when the step ends (a script may hold a secret
+//!   substituted into it; [`remove_scripts`] sweeps what a killed worker left); step properties reach it as environment variables
 //!   `TETHER_PROP_<NAME>` (data, never spliced into the script); outputs of earlier steps as
 //!   `TETHER_OUTPUT_<NAME>`. The environment is cleared first (the agent's own variables never
 //!   leak in). The child leads its own process group, and a timeout or a cancel kills the whole
@@ -26,6 +29,7 @@ use tether_shared::enroll::Upstream;
 use tether_shared::identity::Identity;
 use tether_shared::plugin::env_name;
 use tether_shared::protocol::{StepSpec, StepStatus};
+use tether_shared::sealing::{self, SealingKey};
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
@@ -86,6 +90,8 @@ pub struct StepContext {
     pub plugin_dir: PathBuf,
     /// Where `artifact/fetch` caches verified downloads by sha256 (`DATA/cache/artifacts`).
     pub artifact_cache: PathBuf,
+    /// Opens the step's sealed secrets.
+    pub sealing: Arc<SealingKey>,
 }
 
 /// The secret values of a step (what must never appear in any output).
@@ -104,6 +110,16 @@ pub async fn run(
     chunk: impl Fn(String),
     cancel: oneshot::Receiver<()>,
 ) -> StepResult {
+    let opened = match sealing::open_step(spec, &ctx.sealing, &ctx.job_id, ctx.index) {
+        Ok(s) => s,
+        Err(e) => {
+            return StepResult::failed(format!(
+                "cannot open the step's secrets ({e}): they were sealed for another key of this \
+                 agent; deploy again"
+            ))
+        }
+    };
+    let spec = &opened;
     if let Err(e) = std::fs::create_dir_all(&ctx.work_dir) {
         return StepResult::failed(format!(
             "cannot create the work directory {}: {e}",
@@ -156,7 +172,33 @@ async fn shell(
     }
     let mut cmd = child_command(interpreter, spec, ctx, &["script", "interpreter"]);
     cmd.arg(&script_path);
-    run_child(cmd, interpreter, spec, chunk, cancel).await
+    let result = run_child(cmd, interpreter, spec, chunk, cancel).await;
+    if let Err(e) = std::fs::remove_file(&script_path) {
+        tracing::warn!(job_id = %ctx.job_id, step = ctx.index, error = %e, "script-not-removed");
+    }
+    result
+}
+
+/// Removes the step scripts a killed worker left in the job work directories under `work`
+/// (every step writes its script again when it runs).
+pub fn remove_scripts(work: &Path) {
+    let Ok(jobs) = std::fs::read_dir(work) else {
+        return;
+    };
+    for job in jobs.flatten() {
+        let Ok(files) = std::fs::read_dir(job.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("step-") && name.ends_with(".script") {
+                if let Err(e) = std::fs::remove_file(f.path()) {
+                    tracing::warn!(file = %f.path().display(), error = %e, "script-not-removed");
+                }
+            }
+        }
+    }
 }
 
 /// A step's child process, not yet started: `program` in the job's work directory with a
@@ -400,6 +442,7 @@ pub(crate) mod tests {
             upstream: Upstream::parse("wss://127.0.0.1:9").unwrap(),
             plugin_dir: dir.join("plugins"),
             artifact_cache: dir.join("cache/artifacts"),
+            sealing: Arc::new(SealingKey::generate()),
         }
     }
 
@@ -422,6 +465,7 @@ pub(crate) mod tests {
             on_interrupt: OnInterrupt::Fail,
             timeout_ms,
             bundle: None,
+            sealed: None,
         }
     }
 
@@ -458,6 +502,66 @@ pub(crate) mod tests {
         assert!(log.contains(&format!("got:{evil}")), "{log}");
         assert!(!log.contains("hunter2") && log.contains("pw=***"), "{log}");
         assert_eq!(r.outputs.get("answer").map(String::as_str), Some("42"));
+    }
+
+    #[actix_rt::test]
+    async fn sealed_secrets_are_opened_in_memory_masked_and_the_script_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let mut s = spec(
+            "shell",
+            "run",
+            &[
+                (
+                    "script",
+                    "echo \"pw=$TETHER_PROP_PASSWORD\"; echo 'inline=hunter2'",
+                ),
+                ("password", "hunter2"),
+            ],
+            &["password", "script"],
+            10_000,
+        );
+        sealing::seal_step(&mut s, &ctx.sealing.public_b64(), &ctx.job_id, ctx.index).unwrap();
+        assert!(s.properties.is_empty() && s.sealed.is_some());
+        let log = Arc::new(Mutex::new(String::new()));
+        let l = log.clone();
+        let (_tx, rx) = oneshot::channel();
+        let r = run(&s, &ctx, move |c| l.lock().unwrap().push_str(&c), rx).await;
+        let log = log.lock().unwrap().clone();
+        assert_eq!(r.status, StepStatus::Succeeded, "{r:?} {log}");
+        assert!(
+            log.contains("pw=***") && log.contains("inline=***"),
+            "{log}"
+        );
+        assert!(!log.contains("hunter2"), "{log}");
+        let left: Vec<_> = std::fs::read_dir(&ctx.work_dir)
+            .unwrap()
+            .flatten()
+            .collect();
+        assert!(left.is_empty(), "the script stayed: {left:?}");
+
+        // Sealed for another key (the agent lost its own): the step fails, saying why.
+        let other = context(dir.path());
+        let (_tx, rx) = oneshot::channel();
+        let r = run(&s, &other, |_| {}, rx).await;
+        assert_eq!(r.status, StepStatus::Failed);
+        assert!(
+            r.message.contains("cannot open the step's secrets"),
+            "{}",
+            r.message
+        );
+    }
+
+    #[test]
+    fn scripts_a_killed_worker_left_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("d-1-a1");
+        std::fs::create_dir_all(&job).unwrap();
+        std::fs::write(job.join("step-0.script"), "echo hunter2").unwrap();
+        std::fs::write(job.join("kept.txt"), "mine").unwrap();
+        remove_scripts(dir.path());
+        assert!(!job.join("step-0.script").exists());
+        assert!(job.join("kept.txt").exists());
     }
 
     #[actix_rt::test]

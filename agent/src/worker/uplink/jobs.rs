@@ -357,6 +357,7 @@ impl Uplink {
             upstream,
             plugin_dir: self.cfg.plugin_dir.clone(),
             artifact_cache: self.cfg.artifact_cache.clone(),
+            sealing: self.cfg.sealing.clone(),
         };
         let Some((_, runner)) = &self.runner else {
             // No runner adopted yet: the step stays recorded as running, and is settled when

@@ -59,6 +59,10 @@ pub struct UplinkConfig {
     pub version: String,
     /// Shared with the step runners, which sign bulk downloads with it.
     pub identity: Arc<Identity>,
+    /// Opens job secrets sealed for this agent; its public half goes in every `Hello`.
+    pub sealing: Arc<tether_shared::sealing::SealingKey>,
+    /// That public half, standard base64.
+    pub sealing_key: String,
     /// The server's signing keys and the CAs trusted upstream: pinned at install, replaced by
     /// the server's `Trust` commands (a rollover).
     pub trust: Arc<Pinned>,
@@ -346,6 +350,7 @@ impl Uplink {
                         },
                         last_command_id: self.last_command_id(last_command_seq),
                         reconciles: true,
+                        sealing_key: self.cfg.sealing_key.clone(),
                     };
                     self.send(&Frame::Hello(hello));
                     self.step = Step::AwaitWelcome;

@@ -9,20 +9,27 @@ use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, Seq};
 
 use super::{AgentLink, AgentLinkError};
+use crate::deployments::Sealing;
 
 impl AgentLink {
     /// Takes the agent's jobs that may start now and numbers their RunJob commands: the last
     /// seq and the ops (commands + job marks) to commit, or `None` if nothing is waiting.
-    pub(super) fn take_jobs(&mut self) -> Result<Option<(Seq, Vec<Op>)>, AgentLinkError> {
-        let mut ready = self.shared.work.ready(&self.agent_id);
+    /// (Jobs that could not be sent, failed instead, have only ops: `None` as the seq.)
+    pub(super) fn take_jobs(&mut self) -> Result<Option<(Option<Seq>, Vec<Op>)>, AgentLinkError> {
+        let sealing = match &self.sealing_key {
+            None => Sealing::Unknown,
+            Some(None) => Sealing::Unable,
+            Some(Some(key)) => Sealing::For(key),
+        };
+        let mut ready = self.shared.work.ready(&self.agent_id, sealing);
         if ready.commands.is_empty() {
-            return Ok(None);
+            return Ok((!ready.ops.is_empty()).then(|| (None, ready.ops)));
         }
         match self.enqueue(std::mem::take(&mut ready.commands)) {
             Ok((last, mut ops)) => {
                 ops.append(&mut ready.ops);
                 tracing::info!(agent_id = %self.agent_id, jobs = ready.job_ids.len(), seq = last.0, "jobs-dispatched");
-                Ok(Some((last, ops)))
+                Ok(Some((Some(last), ops)))
             }
             Err(e) => {
                 self.shared.work.undo(&ready);
@@ -35,8 +42,10 @@ impl AgentLink {
     pub(super) fn dispatch_jobs(&mut self, ctx: &mut Context<Self>) {
         match self.take_jobs() {
             Ok(Some((last, ops))) => self.commit_then(ctx, ops, move |act, _| {
-                act.ep.outbound.mark_durable(last);
-                act.pump();
+                if let Some(last) = last {
+                    act.ep.outbound.mark_durable(last);
+                    act.pump();
+                }
             }),
             Ok(None) => {}
             Err(e) => {
@@ -85,7 +94,10 @@ impl Handler<DispatchJobs> for AgentLink {
 
     fn handle(&mut self, _: DispatchJobs, _: &mut Self::Context) -> Self::Result {
         match self.take_jobs() {
-            Ok(Some((last, ops))) => self.commit_queued(last, ops, None),
+            Ok(Some((last, ops))) => {
+                let last = last.unwrap_or_else(|| self.ep.outbound.assigned());
+                self.commit_queued(last, ops, None)
+            }
             // A dispatch of this agent's jobs may still be committing (after a handshake or a
             // finished job): an empty commit resolves after it, as commits apply in order.
             Ok(None) => {

@@ -90,6 +90,9 @@ pub struct AgentLink {
     /// Why its last handshake was refused (cleared by one that succeeds): shown in health,
     /// where `tether health` fails on it.
     refused: Option<String>,
+    /// The key the agent's job secrets are sealed for, from its last `Hello`: `None` before
+    /// its first handshake since start, `Some(None)` from a release without one.
+    sealing_key: Option<Option<String>>,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -135,6 +138,7 @@ impl AgentLink {
             trust_queued: 0,
             trust_capable: false,
             refused: None,
+            sealing_key: None,
         })
     }
 
@@ -248,7 +252,7 @@ impl AgentLink {
                     match self.take_jobs() {
                         Ok(Some((seq, more))) => {
                             ops.extend(more);
-                            last = Some(seq);
+                            last = seq;
                         }
                         Ok(None) => {}
                         Err(e) => {
@@ -616,6 +620,7 @@ impl Handler<Attach> for AgentLink {
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
+        self.sealing_key = Some((!hello.sealing_key.is_empty()).then(|| hello.sealing_key.clone()));
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
         if matches!(outcome, Handshake::PeerReset { .. }) {
             if let Ok(v) = serde_json::to_vec(&self.probes) {

@@ -228,6 +228,16 @@ impl Postgres {
         self.pg_ctl_start();
     }
 
+    /// `pg_dump` of the database, as an operator's backup would be (plain SQL).
+    pub fn dump(&self) -> Vec<u8> {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .arg(self.url())
+            .output()
+            .expect("pg_dump");
+        assert!(out.status.success(), "pg_dump: {}", text(&out));
+        out.stdout
+    }
+
     /// Runs SQL with `psql` as the superuser; its output.
     pub fn psql(&self, sql: &str) -> String {
         let exe = self.bin.join("psql");

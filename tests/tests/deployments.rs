@@ -369,3 +369,134 @@ fn cancel_stops_the_running_step_and_its_whole_process_group() {
     });
     assert!(!after.exists(), "a step after the cancel ran");
 }
+
+/// Health's view of the key ring: its key ids and the stored entries not sealed with the last.
+fn secrets_health(server: &Server) -> (Vec<String>, u64) {
+    let h = server.request("GET", "/admin/health", None).json();
+    let keys = h["deployments"]["secrets_keys"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no secrets_keys: {h}"))
+        .iter()
+        .map(|k| k.as_str().unwrap().to_owned())
+        .collect();
+    (keys, h["deployments"]["secrets_stale"].as_u64().unwrap())
+}
+
+#[test]
+fn a_secret_is_in_no_file_of_any_data_directory_and_survives_a_key_rotation() {
+    let tmp = TestDir::new();
+    let mut server = Server::start(tmp.path());
+    let relay =
+        tether_tests::relays::Relay::start(&server, &[server.upstream()], tmp.path(), "relay-s");
+    let mut direct = Agent::install(&server, tmp.path(), "direct-1", &["s"]);
+    let mut edge = Agent::install_via(
+        &server,
+        &[relay.upstream()],
+        tmp.path(),
+        "edge-1",
+        &["s"],
+        &[],
+    );
+    for a in [&mut direct, &mut edge] {
+        a.run();
+    }
+    for a in [&direct, &edge] {
+        eventually("online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    let nonce: u64 = rand::random();
+    let (secret, literal, visible) = (
+        format!("dplY-s3cr3t-{nonce:x}"),
+        format!("proc-l1teral-{nonce:x}"),
+        format!("v1sible-{nonce:x}"),
+    );
+    // A secret substituted into a script (which makes the script secret), passed as a declared
+    // secret property, and one written literally into the process.
+    create_process(
+        &server,
+        json!({"name": "guarded", "steps": [
+            {"name": "use", "plugin": "shell", "step": "run", "properties": {
+                "script": "test \"$TETHER_PROP_PASSWORD\" = '${db_secret}' && printf %s \"$TETHER_PROP_TOKEN\" | sha256sum && echo \"matched $TETHER_PROP_NOTE\"",
+                "password": "${db_secret}", "token": literal, "note": "${note}"},
+             "secrets": ["password", "token"]}
+        ]}),
+    );
+    let token_sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(literal.as_bytes()));
+    let deploy_once = |server: &Server| {
+        let id = deploy(
+            server,
+            json!({"process": "guarded", "targets": {"tags": ["s"]},
+                   "properties": {"db_secret": secret, "note": visible}}),
+        );
+        let d = final_deployment(server, &id, WAIT);
+        assert_eq!(d["status"], "succeeded", "{d}");
+        for agent in ["direct-1", "edge-1"] {
+            let text = log(server, &id, agent, "use");
+            assert!(
+                text.contains(&format!("matched {visible}")),
+                "{agent}: {text}"
+            );
+            assert!(
+                text.contains(&token_sha),
+                "{agent} got another token: {text}"
+            );
+        }
+        id
+    };
+    deploy_once(&server);
+
+    let leaks = |what: &str| {
+        let mut found = Vec::new();
+        for needle in [&secret, &literal] {
+            found.extend(tether_tests::files_containing(
+                tmp.path(),
+                needle.as_bytes(),
+            ));
+        }
+        assert!(found.is_empty(), "{what}: a secret is in {found:?}");
+    };
+    // The check can see what is stored: the visible property is in both journals.
+    let holding = tether_tests::files_containing(tmp.path(), visible.as_bytes());
+    for dir in [&server.dir, &direct.dir, &edge.dir] {
+        assert!(
+            holding.iter().any(|f| f.starts_with(dir.join("journal"))),
+            "{} does not hold the visible property: {holding:?}",
+            dir.display()
+        );
+    }
+    leaks("after a deployment");
+
+    // Rotation: a new key seals from the next start, everything stored is sealed again
+    // with it, and the old key can go; the stored process still deploys.
+    let (keys, stale) = secrets_health(&server);
+    assert_eq!((keys.len(), stale), (1, 0));
+    server.kill();
+    let etc = tmp.path().join("etc");
+    let out = tether_tests::run("tether-server", &etc, ["secrets", "rotate"]);
+    assert!(out.status.success(), "{out:?}");
+    server.run();
+    let new_keys = eventually("stored secrets sealed again", WAIT, || {
+        let (keys, stale) = secrets_health(&server);
+        (keys.len() == 2 && stale == 0).then_some(keys)
+    });
+    assert_eq!(new_keys[0], keys[0]);
+    server.kill();
+    let out = tether_tests::run("tether-server", &etc, ["secrets", "retire", &keys[0]]);
+    assert!(out.status.success(), "{out:?}");
+    let out = tether_tests::run("tether-server", &etc, ["secrets", "retire", &new_keys[1]]);
+    assert!(!out.status.success(), "the sealing key was retired");
+    assert!(
+        tether_tests::stderr(&out).contains("rotate first"),
+        "{out:?}"
+    );
+    server.run();
+    assert_eq!(secrets_health(&server), (vec![new_keys[1].clone()], 0));
+    for a in [&direct, &edge] {
+        eventually("online again", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    deploy_once(&server);
+    leaks("after a rotation and a second deployment");
+}

@@ -648,3 +648,70 @@ fn a_database_restored_behind_the_agent_reconciles_by_itself() {
         "after the restore"
     );
 }
+
+#[test]
+fn a_secret_is_absent_from_a_dump_of_the_database_and_from_every_directory() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let server = Server::start_with(tmp.path(), &borrowed(&on(&pg)));
+    let mut agent = Agent::install(&server, tmp.path(), "pg-secret", &[]);
+    agent.run();
+    eventually("agent online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let nonce: u64 = rand::random();
+    let (secret, visible) = (
+        format!("pgS3cr3t-{nonce:x}"),
+        format!("pgV1sible-{nonce:x}"),
+    );
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(&json!({"name": "guarded", "steps": [{"name": "use", "plugin": "shell",
+            "step": "run", "properties": {
+                "script": "test \"$TETHER_PROP_PASSWORD\" = '${api_secret}' && echo \"ok $TETHER_PROP_NOTE\"",
+                "password": "${api_secret}", "note": "${note}"}, "secrets": ["password"]}]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(
+            &json!({"process": "guarded", "targets": {"agents": ["pg-secret"]},
+            "properties": {"api_secret": secret, "note": visible}}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let d = eventually("deployment done", WAIT, || {
+        let d = server
+            .request("GET", &format!("/api/v1/deployments/{id}"), None)
+            .json();
+        (d["status"] != "queued" && d["status"] != "running").then_some(d)
+    });
+    assert_eq!(d["status"], "succeeded", "{d}");
+    let log = server.request(
+        "GET",
+        &format!("/api/v1/deployments/{id}/jobs/pg-secret/steps/use/log"),
+        None,
+    );
+    assert!(log.body.contains(&format!("ok {visible}")), "{}", log.body);
+
+    let dump = pg.dump();
+    // As text, or as bytea (COPY writes it in hex).
+    let holds = |needle: &str| {
+        [needle.to_owned(), hex::encode(needle)]
+            .iter()
+            .any(|n| dump.windows(n.len()).any(|w| w == n.as_bytes()))
+    };
+    assert!(holds(&visible), "the dump holds the deployment");
+    assert!(
+        holds("tether-sealed:v1:"),
+        "the dump holds the sealed secret"
+    );
+    assert!(!holds(&secret), "the secret is in the database dump");
+    let found = tether_tests::files_containing(tmp.path(), secret.as_bytes());
+    assert!(found.is_empty(), "the secret is in {found:?}");
+}

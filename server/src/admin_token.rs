@@ -40,6 +40,8 @@ pub enum AdminTokenError {
 #[derive(Debug, Clone)]
 pub struct AdminToken {
     admin: Secret<String>,
+    /// When `admin.token` was last written (how the token list dates it).
+    pub written_unix_ms: u64,
     /// The users' API tokens, and the users (whose role bounds their tokens').
     users: Option<(Arc<ApiTokens>, Arc<Users>)>,
 }
@@ -51,8 +53,17 @@ impl AdminToken {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::new(text.trim()).ok_or_else(|| AdminTokenError::Unusable {
+        let written_unix_ms = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        let token = Self::new(text.trim()).ok_or_else(|| AdminTokenError::Unusable {
             path: path.to_path_buf(),
+        })?;
+        Ok(AdminToken {
+            written_unix_ms,
+            ..token
         })
     }
 
@@ -61,6 +72,7 @@ impl AdminToken {
         let usable = !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic());
         usable.then(|| AdminToken {
             admin: Secret::new(token.to_owned()),
+            written_unix_ms: 0,
             users: None,
         })
     }
@@ -76,12 +88,38 @@ impl AdminToken {
     /// Who presents `presented`, as the audit log names them: `admin token`, or
     /// `user NAME (API token ID)`; `None` for an unknown token.
     pub fn holder(&self, presented: &[u8]) -> Option<String> {
-        if constant_time_eq(presented, self.admin.expose().as_bytes()) {
+        if self.is_live_admin(presented) {
             return Some("admin token".into());
         }
         let (tokens, users) = self.users.as_ref()?;
         let (user, id, _) = tokens.holder_of(presented, users)?;
         Some(format!("user {user} (API token {id})"))
+    }
+
+    /// Whether `presented` is the admin token, not revoked.
+    fn is_live_admin(&self, presented: &[u8]) -> bool {
+        let admin = self.admin.expose().as_bytes();
+        constant_time_eq(presented, admin)
+            && !self
+                .users
+                .as_ref()
+                .is_some_and(|(tokens, _)| tokens.admin_token_revoked(admin))
+    }
+
+    /// Revokes the admin token (see [`ApiTokens::revoke_admin_token`]).
+    pub async fn revoke(&self) -> Result<(), ApiError> {
+        let (tokens, _) = self.users.as_ref().ok_or(ApiError::Unavailable)?;
+        tokens
+            .revoke_admin_token(self.admin.expose().as_bytes())
+            .await
+            .map_err(ApiError::from)
+    }
+
+    /// The admin token as the token list shows it; `None` once revoked.
+    pub fn listed(&self) -> Option<crate::api_tokens::ApiTokenInfo> {
+        let (tokens, _) = self.users.as_ref()?;
+        (!tokens.admin_token_revoked(self.admin.expose().as_bytes()))
+            .then(|| ApiTokens::admin_token_info(self.written_unix_ms))
     }
 
     /// Accepts `req` only if it carries `Authorization: Bearer <token>` with the admin token,
@@ -92,7 +130,7 @@ impl AdminToken {
             .get(header::AUTHORIZATION)
             .and_then(|value| bearer(value.as_bytes()))
             .ok_or(ApiError::Unauthorized)?;
-        if constant_time_eq(presented, self.admin.expose().as_bytes()) {
+        if self.is_live_admin(presented) {
             return Ok(());
         }
         let (tokens, users) = self.users.as_ref().ok_or(ApiError::Unauthorized)?;

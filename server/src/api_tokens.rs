@@ -28,6 +28,11 @@ use crate::users::Users;
 
 /// Meta key prefix of API tokens (followed by the id).
 pub const TOKEN_PREFIX: &str = "apitoken/";
+/// The id the admin token (`DATA/admin.token`, made by `init`) is listed and revoked by.
+pub const ADMIN_TOKEN_ID: &str = "admin-token";
+/// Meta key: SHA-256 (hex) of the admin token that was revoked. Writing a new token to
+/// `admin.token` (and restarting) is the way back.
+const ADMIN_REVOKED_KEY: &str = "admintoken/revoked";
 /// What every token starts with.
 const TEXT_PREFIX: &str = "tether_";
 /// Tokens per user, and in all: bounds on what the stored set (kept in memory) may grow to.
@@ -101,6 +106,8 @@ pub struct ApiTokens {
     tokens: RwLock<BTreeMap<String, StoredApiToken>>,
     /// Serializes changes: check, commit and apply as one step.
     changes: tokio::sync::Mutex<()>,
+    /// SHA-256 (hex) of the revoked admin token, if it was.
+    admin_revoked: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for ApiTokens {
@@ -133,11 +140,57 @@ impl ApiTokens {
             }
             tokens.insert(token.id.clone(), token);
         }
+        let admin_revoked = journal
+            .get_meta(ADMIN_REVOKED_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned());
         Ok(ApiTokens {
             journal,
             tokens: RwLock::new(tokens),
             changes: tokio::sync::Mutex::new(()),
+            admin_revoked: RwLock::new(admin_revoked),
         })
+    }
+
+    /// Whether `admin_token` (the text of `admin.token`) was revoked.
+    pub fn admin_token_revoked(&self, admin_token: &[u8]) -> bool {
+        let hash = sha256_hex(admin_token);
+        self.admin_revoked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            .is_some_and(|r| crate::admin_token::constant_time_eq(r.as_bytes(), hash.as_bytes()))
+    }
+
+    /// Revokes the admin token `admin_token` (durably, before it answers): refused from then
+    /// on, on every node, until `admin.token` holds another one.
+    pub async fn revoke_admin_token(&self, admin_token: &[u8]) -> Result<(), ApiTokensError> {
+        let _change = self.changes.lock().await;
+        let hash = sha256_hex(admin_token);
+        self.journal
+            .commit(vec![Op::PutMeta {
+                key: ADMIN_REVOKED_KEY.into(),
+                value: hash.clone().into_bytes(),
+            }])
+            .await?;
+        *self
+            .admin_revoked
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(hash);
+        tracing::warn!("admin-token-revoked");
+        Ok(())
+    }
+
+    /// How the admin token is listed among the tokens (made at `created_unix_ms`).
+    pub fn admin_token_info(created_unix_ms: u64) -> ApiTokenInfo {
+        ApiTokenInfo {
+            id: ADMIN_TOKEN_ID.into(),
+            name: "admin.token (from init)".into(),
+            user: String::new(),
+            role: Role::Admin,
+            created_unix_ms,
+            expires_unix_ms: None,
+            expired: false,
+        }
     }
 
     /// Every token (of `user`, if given), by id.

@@ -4,7 +4,11 @@
 //! - `POST /api/v1/api-tokens` with `{"user","name","role"?,"expires_in_s"?}` → 201, the token as
 //!   listed plus `"token"`, shown this once; 400 with the rule broken (an unknown user, a role
 //!   above the user's, a lifetime out of range), 409 past the bounds on tokens.
-//! - `DELETE /api/v1/api-tokens/{id}` → `{"id","revoked":true}`; 404 if unknown.
+//!   The admin token of `DATA/admin.token` is listed first, as `admin-token` (user ""), until
+//!   it is revoked.
+//! - `DELETE /api/v1/api-tokens/{id}` → `{"id","revoked":true}`; 404 if unknown. `admin-token`
+//!   revokes the admin token on every node (a new one written to `admin.token`, and a restart,
+//!   is the way back).
 //! - `POST /api/v1/login` with `{"user","password","name"?}`, no bearer (`tether login --user`):
 //!   a token for that user with the user's role, valid [`LOGIN_TTL_S`], as `POST
 //!   /api/v1/api-tokens` answers (it replaces the user's token of the same name); 401 for a
@@ -15,7 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::api_error::{method_not_allowed, ApiError};
-use crate::api_tokens::ApiTokensError;
+use crate::api_tokens::{ApiTokensError, ADMIN_TOKEN_ID};
 use crate::authz::Role;
 use crate::state::AppState;
 use crate::web::login::PasswordRefusal;
@@ -129,7 +133,9 @@ struct NewToken {
 
 async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    Ok(HttpResponse::Ok().json(state.api_tokens.list(None)))
+    let mut tokens: Vec<_> = state.token.listed().into_iter().collect();
+    tokens.extend(state.api_tokens.list(None));
+    Ok(HttpResponse::Ok().json(tokens))
 }
 
 async fn create(
@@ -165,6 +171,13 @@ async fn revoke(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let id = path.into_inner();
-    state.api_tokens.revoke(&id, None).await?;
+    if id == ADMIN_TOKEN_ID {
+        if state.token.listed().is_none() {
+            return Err(ApiError::NotFound);
+        }
+        state.token.revoke().await?;
+    } else {
+        state.api_tokens.revoke(&id, None).await?;
+    }
     Ok(HttpResponse::Ok().json(json!({"id": id, "revoked": true})))
 }

@@ -61,6 +61,18 @@ fn names(server: &Server, path: &str, field: &str) -> Vec<String> {
         .collect()
 }
 
+/// The ids of the users' API tokens (the admin token, listed first, left out).
+fn user_tokens(server: &Server) -> Vec<String> {
+    let mut ids = names(server, "/api/v1/api-tokens", "id");
+    assert_eq!(
+        ids.first().map(String::as_str),
+        Some("admin-token"),
+        "{ids:?}"
+    );
+    ids.remove(0);
+    ids
+}
+
 fn create_user(server: &Server, name: &str, role: &str) {
     let body = json!({"name": name, "password": PASSWORD, "role": role});
     let r = server.request("POST", "/api/v1/users", Some(&body));
@@ -285,7 +297,7 @@ fn api_tokens_act_with_their_role_and_end_when_revoked_expired_or_their_user_goe
         let r = server.request("POST", "/api/v1/api-tokens", Some(&body));
         assert_eq!(r.status, 400, "{body}: {}", r.body);
     }
-    assert_eq!(names(&server, "/api/v1/api-tokens", "id").len(), 0);
+    assert_eq!(user_tokens(&server).len(), 0);
     let (_, viewer) = make_token(&server, json!({"user": "viewer-1", "name": "ci-read"}));
     let (deployer_id, deployer) = make_token(&server, json!({"user": "deployer-1", "name": "ci"}));
     let (_, lowered) = make_token(
@@ -368,7 +380,12 @@ fn api_tokens_act_with_their_role_and_end_when_revoked_expired_or_their_user_goe
         "{out:?}"
     );
     let out = cli.json(&["api-tokens"]);
-    assert_eq!(out.as_array().map(Vec::len), Some(3), "{out}");
+    assert_eq!(
+        out.as_array().map(Vec::len),
+        Some(4),
+        "the admin token and 3: {out}"
+    );
+    assert_eq!(out[0]["id"], "admin-token", "{out}");
 
     // A user's role bounds their tokens: lowered, the deployer token deploys nothing more.
     let r = server.request(
@@ -449,10 +466,7 @@ fn a_user_makes_and_revokes_their_own_api_tokens_on_the_account_page() {
         "name=up&role=admin&days=",
     );
     assert_eq!(status, 400, "{body}");
-    assert_eq!(
-        names(&server, "/api/v1/api-tokens", "id"),
-        std::slice::from_ref(&others)
-    );
+    assert_eq!(user_tokens(&server), std::slice::from_ref(&others));
     // Made: shown once on the answer, and it works.
     let (status, body) = act(
         &server,
@@ -509,7 +523,7 @@ fn a_user_makes_and_revokes_their_own_api_tokens_on_the_account_page() {
         with_token(&server, &token, "GET", "/api/v1/agents", None).0,
         401
     );
-    assert_eq!(names(&server, "/api/v1/api-tokens", "id"), [others]);
+    assert_eq!(user_tokens(&server), [others]);
 }
 
 #[test]
@@ -544,14 +558,15 @@ fn tether_login_with_a_user_and_password_gets_a_token_with_the_users_role() {
             "{out:?}"
         );
     }
-    assert_eq!(names(&server, "/api/v1/api-tokens", "id").len(), 0);
+    assert_eq!(user_tokens(&server).len(), 0);
     let out = login("deployer-1", PASSWORD);
     assert!(out.status.success(), "{out:?}");
     // A token of the user's role, expiring, stored by the CLI (never the password).
     let tokens = server.request("GET", "/api/v1/api-tokens", None).json();
-    assert_eq!(tokens[0]["user"], "deployer-1", "{tokens}");
-    assert_eq!(tokens[0]["role"], "deployer", "{tokens}");
-    assert!(tokens[0]["expires_unix_ms"].as_u64().is_some(), "{tokens}");
+    let tokens = &tokens[1];
+    assert_eq!(tokens["user"], "deployer-1", "{tokens}");
+    assert_eq!(tokens["role"], "deployer", "{tokens}");
+    assert!(tokens["expires_unix_ms"].as_u64().is_some(), "{tokens}");
     assert!(
         tether_tests::files_containing(&dir.path().join("cli"), PASSWORD.as_bytes()).is_empty()
     );
@@ -572,4 +587,77 @@ fn tether_login_with_a_user_and_password_gets_a_token_with_the_users_role() {
     );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(!r.body.contains(PASSWORD));
+}
+
+#[test]
+fn the_admin_token_from_init_is_listed_and_revoked_like_the_others() {
+    let dir = TestDir::new();
+    let mut server = Server::start(dir.path());
+    let listed = server.request("GET", "/api/v1/api-tokens", None).json();
+    assert_eq!(listed[0]["id"], "admin-token", "{listed}");
+    assert_eq!(listed[0]["role"], "admin", "{listed}");
+    assert!(
+        listed[0]["created_unix_ms"].as_u64().unwrap() > 0,
+        "{listed}"
+    );
+    // Someone's own admin token first, then the shared one goes.
+    let (_, own) = make_token(&server, json!({"user": "admin", "name": "mine"}));
+    let (status, body) = with_token(
+        &server,
+        &own,
+        "DELETE",
+        "/api/v1/api-tokens/admin-token",
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let shared = server.admin_token.clone();
+    assert_eq!(
+        with_token(&server, &shared, "GET", "/api/v1/agents", None).0,
+        401
+    );
+    assert_eq!(
+        with_token(&server, &shared, "GET", "/admin/health", None).0,
+        401
+    );
+    assert_eq!(
+        with_token(&server, &own, "GET", "/api/v1/agents", None).0,
+        200
+    );
+    let ids: Vec<String> = server
+        .request_as(&own, "GET", "/api/v1/api-tokens", None)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!ids.contains(&"admin-token".to_owned()), "{ids:?}");
+    let (status, _) = with_token(
+        &server,
+        &own,
+        "DELETE",
+        "/api/v1/api-tokens/admin-token",
+        None,
+    );
+    assert_eq!(status, 404, "revoked once");
+    // Durable: still refused after a restart.
+    server.kill();
+    server.run();
+    assert_eq!(
+        with_token(&server, &shared, "GET", "/api/v1/agents", None).0,
+        401
+    );
+    // The way back: a new token in admin.token, and a restart.
+    server.kill();
+    let fresh = format!("fresh-admin-{:x}", rand::random::<u64>());
+    std::fs::write(server.dir.join("admin.token"), &fresh).unwrap();
+    server.run();
+    assert_eq!(
+        with_token(&server, &fresh, "GET", "/api/v1/agents", None).0,
+        200
+    );
+    assert_eq!(
+        with_token(&server, &shared, "GET", "/api/v1/agents", None).0,
+        401
+    );
 }

@@ -11,11 +11,15 @@ use tether_shared::protocol::{CommandBody, Seq};
 use super::{AgentLink, AgentLinkError};
 use crate::deployments::Sealing;
 
+/// Jobs taken: the last seq of their commands (none if every one failed instead of being
+/// sent), and the ops to commit.
+pub(super) type Taken = (Option<Seq>, Vec<Op>);
+
 impl AgentLink {
     /// Takes the agent's jobs that may start now and numbers their RunJob commands: the last
     /// seq and the ops (commands + job marks) to commit, or `None` if nothing is waiting.
     /// (Jobs that could not be sent, failed instead, have only ops: `None` as the seq.)
-    pub(super) fn take_jobs(&mut self) -> Result<Option<(Option<Seq>, Vec<Op>)>, AgentLinkError> {
+    pub(super) fn take_jobs(&mut self) -> Result<Option<Taken>, AgentLinkError> {
         let sealing = match &self.sealing_key {
             None => Sealing::Unknown,
             Some(None) => Sealing::Unable,
@@ -23,7 +27,7 @@ impl AgentLink {
         };
         let mut ready = self.shared.work.ready(&self.agent_id, sealing);
         if ready.commands.is_empty() {
-            return Ok((!ready.ops.is_empty()).then(|| (None, ready.ops)));
+            return Ok((!ready.ops.is_empty()).then_some((None, ready.ops)));
         }
         match self.enqueue(std::mem::take(&mut ready.commands)) {
             Ok((last, mut ops)) => {

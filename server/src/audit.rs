@@ -245,6 +245,38 @@ impl Audit {
         admitted
     }
 
+    /// Drops the entries made before `cutoff_unix_ms` (the age policy,
+    /// `retention.keep_audit_days`), reading at most `scan` entries from the oldest; answers
+    /// how many went. Entries are numbered in time order, so they go from the oldest up.
+    pub async fn prune_before(
+        &self,
+        cutoff_unix_ms: u64,
+        scan: usize,
+    ) -> Result<u64, JournalError> {
+        let records = self.journal.read_log(&self.log, Seq::ZERO, scan)?;
+        let (first, mut last_old) = (records.first().map(|r| r.seq.0), None);
+        for r in &records {
+            match serde_json::from_slice::<AuditEntry>(&r.payload) {
+                Ok(e) if e.at_unix_ms < cutoff_unix_ms => last_old = Some(r.seq),
+                Ok(_) => break,
+                // Unreadable: goes with its older neighbours.
+                Err(_) => last_old = Some(r.seq),
+            }
+        }
+        let (Some(first), Some(upto)) = (first, last_old) else {
+            return Ok(0);
+        };
+        self.journal
+            .commit(vec![Op::TruncateThrough {
+                log: self.log.clone(),
+                upto,
+            }])
+            .await?;
+        let dropped = upto.0 + 1 - first;
+        tracing::info!(dropped, upto = upto.0, "audit-entries-pruned");
+        Ok(dropped)
+    }
+
     /// The newest entry's number.
     pub fn head(&self) -> u64 {
         *self.head.lock().unwrap_or_else(PoisonError::into_inner)
@@ -354,4 +386,54 @@ pub async fn record_changes(
         state.audit.failed(&e);
     }
     result
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    fn entry(at_unix_ms: u64) -> AuditEntry {
+        AuditEntry {
+            seq: 0,
+            at_unix_ms,
+            actor: "admin token".into(),
+            source: "127.0.0.1".into(),
+            method: "POST".into(),
+            path: "/api/v1/processes".into(),
+            status: 201,
+            outcome: "ok".into(),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn entries_older_than_the_cutoff_go_from_the_oldest_up_and_no_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = tether_shared::journal::Journal::open(
+            dir.path(),
+            &tether_shared::journal::JournalOptions::default(),
+        )
+        .unwrap();
+        let audit = Audit::load(journal.handle(), 1_000).unwrap();
+        for at in [10, 20, 30, 40, 50] {
+            audit.record(entry(at)).await.unwrap();
+        }
+        assert_eq!(
+            audit.prune_before(5, 100).await.unwrap(),
+            0,
+            "none that old"
+        );
+        assert_eq!(audit.prune_before(35, 100).await.unwrap(), 3);
+        let (kept, _) = audit.read(0, 100, 100, |_| true).unwrap();
+        assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+        // A bounded scan drops what it saw, the rest at the next round.
+        for at in [60, 70, 80] {
+            audit.record(entry(at)).await.unwrap();
+        }
+        assert_eq!(audit.prune_before(75, 2).await.unwrap(), 2);
+        assert_eq!(audit.prune_before(75, 2).await.unwrap(), 2);
+        let (kept, _) = audit.read(0, 100, 100, |_| true).unwrap();
+        assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), [8]);
+        assert_eq!(audit.head(), 8, "numbering goes on");
+    }
 }

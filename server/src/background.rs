@@ -59,18 +59,31 @@ pub async fn recover_storage(journal: tether_shared::journal::JournalHandle, pro
     }
 }
 
-/// Prunes finished deployments under `policy` every `interval` (the first time at start).
+/// Prunes finished deployments under `policy`, and audit entries older than
+/// `audit_keep_days` (0: none), every `interval` (the first time at start).
 pub async fn prune_periodically(
     deployments: Arc<Deployments>,
     policy: Retention,
+    audit: Arc<crate::audit::Audit>,
+    audit_keep_days: u64,
     interval: Duration,
 ) {
+    const DAY_MS: u64 = 86_400_000;
+    /// Audit entries looked at per round (a backlog goes over several rounds).
+    const AUDIT_SCAN: usize = 10_000;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if let Err(e) = deployments.prune(&policy).await {
             tracing::warn!(error = %e, "deployments-prune-failed");
+        }
+        if audit_keep_days > 0 {
+            let cutoff = crate::registry::now_unix_ms()
+                .saturating_sub(audit_keep_days.saturating_mul(DAY_MS));
+            if let Err(e) = audit.prune_before(cutoff, AUDIT_SCAN).await {
+                tracing::warn!(error = %e, "audit-prune-failed");
+            }
         }
     }
 }

@@ -404,6 +404,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs, secrets: KeySource) -> ExitCode
         retention: deployments::Retention::from_config(&cfg.retention),
         prune_interval: cfg.retention.prune_interval,
         audit_keep: cfg.retention.keep_audit_entries,
+        audit_keep_days: cfg.retention.keep_audit_days,
         relay_certificate_lifetime: cfg.server.relay_certificate_lifetime,
         journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
         storage: cfg.storage.clone(),

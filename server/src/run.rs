@@ -79,6 +79,8 @@ pub struct RunOptions {
     pub prune_interval: Duration,
     /// Entries the audit log keeps.
     pub audit_keep: u64,
+    /// Days audit entries are kept (0: whatever their age).
+    pub audit_keep_days: u64,
     /// How long a relay's certificate is valid (renewed with a third left).
     pub relay_certificate_lifetime: Duration,
     /// The journal's page cache (sled).
@@ -387,6 +389,8 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
     actix_rt::spawn(background::prune_periodically(
         loaded.deployments.clone(),
         opts.retention,
+        loaded.audit.clone(),
+        opts.audit_keep_days,
         opts.prune_interval,
     ));
     let (tls, server_cert_pem) = (loaded.tls.clone(), loaded.server_cert_pem.clone());

@@ -5,7 +5,10 @@
 //!   same with the admin token;
 //! - `POST /api/v1/deployments` (to the 10 agents) with the API token on a server that records
 //!   every change in its audit log, against the admin token on a server whose audit log is off
-//!   (`retention.keep_audit_entries = 0`): the cost of roles and audit together.
+//!   (`retention.keep_audit_entries = 0`): the cost of roles and audit together;
+//! - the same audited API-token `POST` of a process with a secret property (sealed at rest
+//!   with the key ring, and for each of the 10 agents with HPKE) against the same without one:
+//!   the cost of secrets at rest.
 //!
 //! Measured in alternating rounds; the median round of each is shown. Target: each ratio at
 //! least 0.9. `cargo bench -p tether-tests --bench authz` (`make bench`);
@@ -62,6 +65,8 @@ fn subject(env: &[(&str, &str)]) -> Subject {
         (fleet.stats().ready.load(Ordering::Relaxed) == AGENTS).then_some(())
     });
     let r = server.request("POST", "/api/v1/processes", Some(&json!({"name": "trivial", "steps": [{"name": "hello", "plugin": "shell", "step": "run", "properties": {"script": "echo hello"}}]})));
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = server.request("POST", "/api/v1/processes", Some(&json!({"name": "guarded", "steps": [{"name": "hello", "plugin": "shell", "step": "run", "properties": {"script": "echo hello", "password": "${db_secret}"}, "secrets": ["password"]}]})));
     assert_eq!(r.status, 201, "{}", r.body);
     let r = server.request(
         "POST",
@@ -139,8 +144,9 @@ fn main() {
     let audited = subject(&[]);
     let unaudited = subject(&[("TETHER_RETENTION__KEEP_AUDIT_ENTRIES", "0")]);
     let deployment = |ids: &[String]| json!({"process": "trivial", "targets": {"agents": ids}, "properties": {}});
-    let (mut get_admin, mut get_api, mut post_base, mut post_api) =
-        (vec![], vec![], vec![], vec![]);
+    let secret_deployment = |ids: &[String]| json!({"process": "guarded", "targets": {"agents": ids}, "properties": {"db_secret": "hunter2-bench"}});
+    let (mut get_admin, mut get_api, mut post_base, mut post_api, mut post_secret) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..rounds {
         let s = &audited;
         get_admin.push(rate(
@@ -176,15 +182,24 @@ fn main() {
             Some(deployment(&s.ids)),
             posts,
         ));
+        post_secret.push(rate(
+            &s.server,
+            &s.api_token,
+            "POST",
+            "/api/v1/deployments",
+            Some(secret_deployment(&s.ids)),
+            posts,
+        ));
     }
     let recorded = audited.server.request("GET", "/api/v1/audit", None).json()["head"]
         .as_u64()
         .unwrap_or(0);
-    let (ga, gt, pb, pa) = (
+    let (ga, gt, pb, pa, ps) = (
         median(get_admin),
         median(get_api),
         median(post_base),
         median(post_api),
+        median(post_secret),
     );
     println!("{:<58} {:>10}", "measurement", "req/s");
     println!(
@@ -203,6 +218,10 @@ fn main() {
         "{:<58} {:>10.0}",
         "POST /api/v1/deployments, deployer API token, audit on", pa
     );
+    println!(
+        "{:<58} {:>10.0}",
+        "  the same with a secret property (sealed at rest, x10 HPKE)", ps
+    );
     println!("audit entries recorded on the audited server: {recorded}");
     let verdict = |r: f64| if r >= 0.9 { "met" } else { "MISSED" };
     println!(
@@ -214,5 +233,10 @@ fn main() {
         "target: audited API-token deployments >= 0.9x unaudited admin: {:.2}x ({})",
         pa / pb,
         verdict(pa / pb)
+    );
+    println!(
+        "target: deployments with a secret >= 0.9x without: {:.2}x ({})",
+        ps / pa,
+        verdict(ps / pa)
     );
 }

@@ -595,6 +595,7 @@ impl SimAgent {
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.agent_id)),
                         trust_serial: 0,
+                        sealing_key: sim_sealing_key(),
                         ..Default::default()
                     };
                     if let Err(e) =
@@ -1158,4 +1159,12 @@ fn run_thread(cfg: &SimConfig, agents: Vec<SimAgent>, mut control: watch::Receiv
         let all = futures_util::future::join_all(tasks);
         let _ = tokio::time::timeout(Duration::from_secs(5), all).await;
     });
+}
+
+/// The sealing key every simulated agent announces (they run nothing, so none opens a secret;
+/// jobs with secrets are sealed for it as for a real agent).
+fn sim_sealing_key() -> String {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| tether_shared::sealing::SealingKey::generate().public_b64())
+        .clone()
 }

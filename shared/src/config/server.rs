@@ -151,6 +151,8 @@ pub struct RawRetention {
     pub prune_interval_s: i64,
     /// Entries the audit log keeps; the oldest are dropped as new ones come. 0: no audit log.
     pub keep_audit_entries: i64,
+    /// Audit entries older than this many days are dropped at each prune; 0: whatever their age.
+    pub keep_audit_days: i64,
 }
 
 impl Default for RawRetention {
@@ -160,6 +162,7 @@ impl Default for RawRetention {
             keep_deployments: 10_000,
             prune_interval_s: 3_600,
             keep_audit_entries: 100_000,
+            keep_audit_days: 0,
         }
     }
 }
@@ -173,6 +176,8 @@ pub struct Retention {
     #[serde(rename = "prune_interval_s", serialize_with = "super::serialize_secs")]
     pub prune_interval: Duration,
     pub keep_audit_entries: u64,
+    /// 0: no age limit.
+    pub keep_audit_days: u64,
 }
 
 /// `[server]` as written.
@@ -369,6 +374,7 @@ impl RawConfig for RawServerConfig {
             0,
             100_000_000,
         );
+        let keep_audit_days = p.count("retention.keep_audit_days", r.keep_audit_days, 0, 36_500);
         let storage = storage(&mut p, &self.storage);
         let key_file =
             (!self.secrets.key_file.as_os_str().is_empty()).then(|| self.secrets.key_file.clone());
@@ -403,6 +409,7 @@ impl RawConfig for RawServerConfig {
                     keep_deployments: keep_deployments?,
                     prune_interval: Duration::from_secs(prune_interval?),
                     keep_audit_entries: keep_audit_entries?,
+                    keep_audit_days: keep_audit_days?,
                 },
                 storage: storage?,
                 secrets: Secrets {

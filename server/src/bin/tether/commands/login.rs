@@ -112,7 +112,7 @@ fn password_login(
 }
 
 /// The first line of standard input, with `prompt` when it is a terminal.
-fn read_line(prompt: &str, what: &str) -> Result<Secret<String>, CliError> {
+pub(crate) fn read_line(prompt: &str, what: &str) -> Result<Secret<String>, CliError> {
     let stdin = io::stdin();
     if stdin.is_terminal() {
         eprint!("{prompt}");

@@ -4,7 +4,6 @@
 //! The password of a new user is read from standard input (its first line), never from the
 //! command line, where other users could see it in the process list.
 
-use std::io::{self, BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 
 use serde_json::json;
@@ -83,24 +82,10 @@ pub fn delete(client: &Client, name: &str, json: bool) -> Result<ExitCode, CliEr
     Ok(ExitCode::SUCCESS)
 }
 
-/// The password from standard input (first line, without its line ending), with a prompt when
-/// it is a terminal.
+/// The password from standard input (first line), with a prompt when it is a terminal.
 fn read_password(name: &str) -> Result<Secret<String>, CliError> {
-    let stdin = io::stdin();
-    if stdin.is_terminal() {
-        eprint!("password for {name} (at least 12 characters): ");
-        let _ = io::stderr().flush();
-    }
-    let mut line = String::new();
-    stdin
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| CliError::Failed(format!("reading the password from standard input: {e}")))?;
-    let password = line.trim_end_matches(['\n', '\r']).to_owned();
-    if password.is_empty() {
-        return Err(CliError::Usage(
-            "no password: write it on standard input".to_owned(),
-        ));
-    }
-    Ok(Secret::new(password))
+    super::login::read_line(
+        &format!("password for {name} (at least 12 characters): "),
+        "password",
+    )
 }

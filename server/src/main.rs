@@ -344,7 +344,7 @@ fn run_init(cfg: &ServerConfig, args: InitArgs, keys: &KeySource) -> ExitCode {
             match secrets::KeyRing::load(keys) {
                 Ok(_) => {
                     if let KeySource::File(path) = keys {
-                        println!(
+                        eprintln!(
                             "secrets key ring: {} (back it up apart from the data directory)",
                             path.display()
                         );

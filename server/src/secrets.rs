@@ -98,6 +98,12 @@ impl KeyRing {
             KeySource::File(path) => match read_private_file(path) {
                 Ok(text) => KeyRing::parse(&text, &path.display().to_string()),
                 Err(IdentityError::Missing { .. }) => {
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir).map_err(|source| SecretsError::Write {
+                            path: dir.to_owned(),
+                            source,
+                        })?;
+                    }
                     let text = format!(
                         "# Tether's key ring for secrets at rest: keep it apart from the data \
                          directory and its backups.\n{}\n",

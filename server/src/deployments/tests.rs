@@ -530,6 +530,13 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
     assert_eq!(s.take_ready("a1", 4, Sealing::For(public)).0.len(), 1);
 
+    // A hostile or broken agent's key that is no X25519 key: the job fails, nothing is sent.
+    let mut s = queued();
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For("not a key!"));
+    assert!(ids.is_empty() && bodies.is_empty());
+    assert_eq!(ops.len(), 1);
+    assert!(s.jobs["d-1-a1"].message.contains("could not be sealed"));
+
     // A release that sends no key: the job fails, saying why; nothing is sent.
     let mut s = queued();
     let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unable);

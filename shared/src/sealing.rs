@@ -3,22 +3,26 @@
 //! Each agent keeps an X25519 key of its own for this, apart from its Ed25519 signing key (the
 //! dalek authors advise against using a signing key for encryption): `DIR/sealing.key`, mode
 //! 0600, made at its first start. Its public half travels in the agent's `Hello`, inside the
-//! end-to-end session that authenticates the agent. When the server dispatches a job, it seals
-//! each step's secret property values for that key with HPKE (RFC 9180, base mode,
-//! `DHKEM(X25519, HKDF-SHA256)`, `HKDF-SHA256`, `ChaCha20-Poly1305`, the `hpke` crate), the
-//! job id and step index as associated data. The RunJob command is journaled on both ends in
-//! that form; the agent opens a step's secrets in memory when the step starts and drops them
-//! when it ends.
+//! end-to-end session that authenticates the agent. For each agent session the server sets up
+//! an HPKE context for that key (RFC 9180, base mode, `DHKEM(X25519, HKDF-SHA256)`,
+//! `HKDF-SHA256`, the export-only AEAD, the `hpke` crate) and exports from it a 256-bit key
+//! ([`Sealer`]); each step's secret property values are sealed with that key by
+//! XChaCha20-Poly1305 (a random 192-bit nonce each), the job id and step index as associated
+//! data. So the X25519 work is done once per agent session, not once per job. The RunJob
+//! command is journaled on both ends in that form; the agent opens a step's secrets in memory
+//! when the step starts and drops them when it ends.
 //!
-//! Sealed text: standard base64 of the 32-byte encapsulated key followed by the ciphertext of
-//! the values' JSON object.
+//! Sealed text: standard base64 of the 32-byte encapsulated key, the 24-byte nonce and the
+//! ciphertext of the values' JSON object.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use hpke::aead::ChaCha20Poly1305;
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use hpke::aead::ExportOnlyAead;
 use hpke::kdf::HkdfSha256;
 use hpke::kem::X25519HkdfSha256;
 use hpke::{Deserializable, Kem, OpModeR, OpModeS, Serializable};
@@ -31,8 +35,12 @@ pub const SEALING_KEY_FILE: &str = "sealing.key";
 
 /// HPKE `info`: binds every sealed value to this use.
 const INFO: &[u8] = b"tether job secrets v1";
+/// What the exported key is for (HPKE exporter context).
+const EXPORT_CONTEXT: &[u8] = b"step secrets key";
 /// Bytes of an encapsulated X25519 key.
 const ENCAPPED: usize = 32;
+/// Bytes of an XChaCha20 nonce.
+const NONCE: usize = 24;
 /// Largest sealed text accepted (a step's secrets travel in one frame anyway).
 pub const MAX_SEALED_CHARS: usize = 1 << 20;
 
@@ -127,55 +135,114 @@ impl SealingKey {
         if bytes.len() < ENCAPPED {
             return Err(open("too short".into()));
         }
-        let (encapped, ciphertext) = bytes.split_at(ENCAPPED);
+        if bytes.len() < ENCAPPED + NONCE {
+            return Err(open("too short".into()));
+        }
+        let (encapped, rest) = bytes.split_at(ENCAPPED);
+        let (nonce, ciphertext) = rest.split_at(NONCE);
         let encapped = <KemX as Kem>::EncappedKey::from_bytes(encapped)
             .map_err(|e| open(format!("encapsulated key ({e})")))?;
-        let plain = hpke::single_shot_open::<ChaCha20Poly1305, HkdfSha256, KemX>(
+        let context = hpke::setup_receiver::<ExportOnlyAead, HkdfSha256, KemX>(
             &OpModeR::Base,
             &self.private,
             &encapped,
             INFO,
-            ciphertext,
-            aad,
         )
         .map_err(|e| open(e.to_string()))?;
+        let cipher = exported_cipher(|out| context.export(EXPORT_CONTEXT, out))
+            .map_err(|e| open(e.to_string()))?;
+        let payload = Payload {
+            msg: ciphertext,
+            aad,
+        };
+        let plain = cipher
+            .decrypt(XNonce::from_slice(nonce), payload)
+            .map_err(|_| open("changed, or sealed for another key or step".into()))?;
         serde_json::from_slice(&plain).map_err(|e| open(format!("not a property map ({e})")))
     }
 }
 
-/// Seals `values` for the agent whose sealing key is `public_b64`; only that key opens it, and
-/// only with the same `aad`.
+/// The cipher of the key an HPKE context exports.
+fn exported_cipher(
+    export: impl FnOnce(&mut [u8]) -> Result<(), hpke::HpkeError>,
+) -> Result<XChaCha20Poly1305, hpke::HpkeError> {
+    let mut key = [0u8; 32];
+    export(&mut key)?;
+    let cipher = XChaCha20Poly1305::new(&key.into());
+    key.iter_mut().for_each(|b| *b = 0);
+    Ok(cipher)
+}
+
+/// Seals values for one agent: an HPKE context set up once for its key (keep one per agent
+/// session), each value sealed with the key exported from it.
+pub struct Sealer {
+    encapped: Vec<u8>,
+    cipher: XChaCha20Poly1305,
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sealer").finish_non_exhaustive()
+    }
+}
+
+impl Sealer {
+    /// A sealer for the agent whose sealing key is `public_b64`.
+    pub fn new(public_b64: &str) -> Result<Sealer, SealingError> {
+        let bytes = STANDARD
+            .decode(public_b64.trim())
+            .map_err(|e| SealingError::PublicKey(format!("not base64 ({e})")))?;
+        let public = <KemX as Kem>::PublicKey::from_bytes(&bytes)
+            .map_err(|e| SealingError::PublicKey(e.to_string()))?;
+        let (encapped, context) = hpke::setup_sender::<ExportOnlyAead, HkdfSha256, KemX, _>(
+            &OpModeS::Base,
+            &public,
+            INFO,
+            &mut rand::rngs::OsRng,
+        )
+        .map_err(|e| SealingError::Seal(e.to_string()))?;
+        let cipher = exported_cipher(|out| context.export(EXPORT_CONTEXT, out))
+            .map_err(|e| SealingError::Seal(e.to_string()))?;
+        Ok(Sealer {
+            encapped: encapped.to_bytes().to_vec(),
+            cipher,
+        })
+    }
+
+    /// `values` sealed; only the agent's key opens them, and only with the same `aad`.
+    pub fn seal(
+        &self,
+        values: &BTreeMap<String, String>,
+        aad: &[u8],
+    ) -> Result<String, SealingError> {
+        let plain = serde_json::to_vec(values).map_err(|e| SealingError::Seal(e.to_string()))?;
+        let nonce = XChaCha20Poly1305::generate_nonce(&mut rand::rngs::OsRng);
+        let payload = Payload { msg: &plain, aad };
+        let ciphertext = self
+            .cipher
+            .encrypt(&nonce, payload)
+            .map_err(|e| SealingError::Seal(e.to_string()))?;
+        let mut out = self.encapped.clone();
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ciphertext);
+        Ok(STANDARD.encode(out))
+    }
+}
+
+/// Seals `values` for the agent whose sealing key is `public_b64` (a [`Sealer`] of its own).
 pub fn seal(
     public_b64: &str,
     values: &BTreeMap<String, String>,
     aad: &[u8],
 ) -> Result<String, SealingError> {
-    let bytes = STANDARD
-        .decode(public_b64.trim())
-        .map_err(|e| SealingError::PublicKey(format!("not base64 ({e})")))?;
-    let public = <KemX as Kem>::PublicKey::from_bytes(&bytes)
-        .map_err(|e| SealingError::PublicKey(e.to_string()))?;
-    let plain = serde_json::to_vec(values).map_err(|e| SealingError::Seal(e.to_string()))?;
-    let (encapped, ciphertext) = hpke::single_shot_seal::<ChaCha20Poly1305, HkdfSha256, KemX, _>(
-        &OpModeS::Base,
-        &public,
-        INFO,
-        &plain,
-        aad,
-        &mut rand::rngs::OsRng,
-    )
-    .map_err(|e| SealingError::Seal(e.to_string()))?;
-    let mut out = encapped.to_bytes().to_vec();
-    out.extend_from_slice(&ciphertext);
-    Ok(STANDARD.encode(out))
+    Sealer::new(public_b64)?.seal(values, aad)
 }
 
 /// Moves the secret property values of step `index` of job `job_id` out of its `properties`
-/// into `sealed`, for the agent whose sealing key is `public_b64`. A step without secret
-/// values is left as it is.
+/// into `sealed`, with the agent's `sealer`. A step without secret values is left as it is.
 pub fn seal_step(
     spec: &mut StepSpec,
-    public_b64: &str,
+    sealer: &Sealer,
     job_id: &str,
     index: usize,
 ) -> Result<(), SealingError> {
@@ -187,7 +254,7 @@ pub fn seal_step(
     if values.is_empty() {
         return Ok(());
     }
-    spec.sealed = Some(seal(public_b64, &values, &step_aad(job_id, index))?);
+    spec.sealed = Some(sealer.seal(&values, &step_aad(job_id, index))?);
     spec.properties.retain(|name, _| !values.contains_key(name));
     Ok(())
 }
@@ -236,7 +303,7 @@ mod tests {
         assert!(other.open(&sealed, &step_aad("j", 0)).is_err());
         // A flipped bit anywhere.
         let mut bytes = STANDARD.decode(&sealed).unwrap();
-        for i in [0, ENCAPPED, bytes.len() - 1] {
+        for i in [0, ENCAPPED, ENCAPPED + NONCE, bytes.len() - 1] {
             bytes[i] ^= 1;
             assert!(key
                 .open(&STANDARD.encode(&bytes), &step_aad("j", 0))
@@ -247,6 +314,15 @@ mod tests {
             assert!(key.open(bad, &step_aad("j", 0)).is_err(), "{bad:.10}");
         }
         assert!(seal("not base64!", &values(), b"").is_err());
+        // One sealer, many values: each opens alone, none repeats a nonce.
+        let sealer = Sealer::new(&key.public_b64()).unwrap();
+        let (a, b) = (
+            sealer.seal(&values(), b"a").unwrap(),
+            sealer.seal(&values(), b"a").unwrap(),
+        );
+        assert_ne!(a, b);
+        assert_eq!(key.open(&a, b"a").unwrap(), values());
+        assert_eq!(key.open(&b, b"a").unwrap(), values());
     }
 
     #[test]

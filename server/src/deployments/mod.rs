@@ -39,7 +39,7 @@ use crate::registry::{now_unix_ms, AgentRecord};
 use crate::secrets::KeyRing;
 use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
 use state::{deployment_op, job_op, process_op, Effect, State};
-pub use state::{Retention, Sealing};
+pub use state::{Retention, Sealing, NO_SEALING_KEY};
 use validate::{BuiltInsOnly, Catalog, NewProcess};
 
 /// Unfinished jobs an agent runs at once, by default.

@@ -122,15 +122,19 @@ pub fn process_op(p: &Process, keys: &KeyRing) -> Op {
     }
 }
 
+/// Why a job with secrets fails on an agent whose release sends no sealing key.
+pub const NO_SEALING_KEY: &str =
+    "the agent's release cannot receive secrets sealed for it: upgrade the agent, then deploy again";
+
 /// What a link knows of its agent's sealing key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum Sealing<'a> {
     /// The agent has not attached since this server started: jobs with secrets wait for it.
     Unknown,
-    /// Its release sends none: jobs with secrets fail.
-    Unable,
-    /// Job secrets are sealed for this key.
-    For(&'a str),
+    /// Secrets cannot be sealed for it (why): jobs with secrets fail.
+    Unable(&'a str),
+    /// Job secrets are sealed with this agent's sealer.
+    For(&'a tether_shared::sealing::Sealer),
 }
 
 /// `steps` as job `job_id` sends them to an agent (see [`Sealing`]); `Ok(None)`: not yet.
@@ -144,18 +148,12 @@ fn seal_steps(
         if !step.secrets.iter().any(|n| step.properties.contains_key(n)) {
             continue;
         }
-        let key = match sealing {
+        let sealer = match sealing {
             Sealing::Unknown => return Ok(None),
-            Sealing::Unable => {
-                return Err(
-                    "the agent's release cannot receive secrets sealed for it: upgrade the \
-                     agent, then deploy again"
-                        .into(),
-                )
-            }
-            Sealing::For(key) => key,
+            Sealing::Unable(why) => return Err(why.to_owned()),
+            Sealing::For(sealer) => sealer,
         };
-        tether_shared::sealing::seal_step(step, key, job_id, i)
+        tether_shared::sealing::seal_step(step, sealer, job_id, i)
             .map_err(|e| format!("the job's secrets could not be sealed for the agent: {e}"))?;
     }
     Ok(Some(sealed))

@@ -37,15 +37,15 @@ fn spec(name: &str, secrets: &[&str], props: &[(&str, &str)]) -> StepSpec {
     }
 }
 
-/// An agent's sealing key and its public half (one for the whole test binary).
-fn agent_key() -> (&'static SealingKey, &'static str) {
-    static KEY: std::sync::OnceLock<(SealingKey, String)> = std::sync::OnceLock::new();
-    let (key, public) = KEY.get_or_init(|| {
+/// An agent's sealing key and a sealer for it (one for the whole test binary).
+fn agent_key() -> (&'static SealingKey, &'static sealing::Sealer) {
+    static KEY: std::sync::OnceLock<(SealingKey, sealing::Sealer)> = std::sync::OnceLock::new();
+    let (key, sealer) = KEY.get_or_init(|| {
         let key = SealingKey::generate();
-        let public = key.public_b64();
-        (key, public)
+        let sealer = sealing::Sealer::new(&key.public_b64()).unwrap();
+        (key, sealer)
     });
-    (key, public.as_str())
+    (key, sealer)
 }
 
 /// A state with deployment `d-1` of two steps on `agents`, all jobs dispatched.
@@ -503,9 +503,9 @@ fn queued() -> State {
 
 #[test]
 fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one() {
-    let (key, public) = agent_key();
+    let (key, sealer) = agent_key();
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(public));
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(sealer));
     assert_eq!((ids.len(), ops.len()), (1, 1));
     let wire = serde_json::to_string(&bodies).unwrap();
     assert!(!wire.contains("s3cr3t-script"), "{wire}");
@@ -528,18 +528,14 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
     let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown);
     assert!(ids.is_empty() && bodies.is_empty() && ops.is_empty());
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
-    assert_eq!(s.take_ready("a1", 4, Sealing::For(public)).0.len(), 1);
+    assert_eq!(s.take_ready("a1", 4, Sealing::For(sealer)).0.len(), 1);
 
-    // A hostile or broken agent's key that is no X25519 key: the job fails, nothing is sent.
-    let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For("not a key!"));
-    assert!(ids.is_empty() && bodies.is_empty());
-    assert_eq!(ops.len(), 1);
-    assert!(s.jobs["d-1-a1"].message.contains("could not be sealed"));
+    // A hostile or broken agent's key that is no X25519 key: no sealer, and a reason.
+    assert!(sealing::Sealer::new("not a key!").is_err());
 
     // A release that sends no key: the job fails, saying why; nothing is sent.
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unable);
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unable(super::NO_SEALING_KEY));
     assert!(ids.is_empty() && bodies.is_empty());
     assert_eq!(ops.len(), 1);
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);

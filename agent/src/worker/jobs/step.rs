@@ -521,7 +521,8 @@ pub(crate) mod tests {
             &["password", "script"],
             10_000,
         );
-        sealing::seal_step(&mut s, &ctx.sealing.public_b64(), &ctx.job_id, ctx.index).unwrap();
+        let sealer = sealing::Sealer::new(&ctx.sealing.public_b64()).unwrap();
+        sealing::seal_step(&mut s, &sealer, &ctx.job_id, ctx.index).unwrap();
         assert!(s.properties.is_empty() && s.sealed.is_some());
         let log = Arc::new(Mutex::new(String::new()));
         let l = log.clone();

@@ -20,10 +20,10 @@ impl AgentLink {
     /// seq and the ops (commands + job marks) to commit, or `None` if nothing is waiting.
     /// (Jobs that could not be sent, failed instead, have only ops: `None` as the seq.)
     pub(super) fn take_jobs(&mut self) -> Result<Option<Taken>, AgentLinkError> {
-        let sealing = match &self.sealing_key {
+        let sealing = match &self.sealing {
             None => Sealing::Unknown,
-            Some(None) => Sealing::Unable,
-            Some(Some(key)) => Sealing::For(key),
+            Some(Err(why)) => Sealing::Unable(why),
+            Some(Ok(sealer)) => Sealing::For(sealer),
         };
         let mut ready = self.shared.work.ready(&self.agent_id, sealing);
         if ready.commands.is_empty() {

@@ -90,9 +90,9 @@ pub struct AgentLink {
     /// Why its last handshake was refused (cleared by one that succeeds): shown in health,
     /// where `tether health` fails on it.
     refused: Option<String>,
-    /// The key the agent's job secrets are sealed for, from its last `Hello`: `None` before
-    /// its first handshake since start, `Some(None)` from a release without one.
-    sealing_key: Option<Option<String>>,
+    /// What seals the agent's job secrets, set up for the key of its last `Hello`: `None`
+    /// before its first handshake since start, `Some(Err(why))` if it cannot be.
+    sealing: Option<Result<Arc<tether_shared::sealing::Sealer>, String>>,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -138,7 +138,7 @@ impl AgentLink {
             trust_queued: 0,
             trust_capable: false,
             refused: None,
-            sealing_key: None,
+            sealing: None,
         })
     }
 
@@ -620,7 +620,16 @@ impl Handler<Attach> for AgentLink {
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
-        self.sealing_key = Some((!hello.sealing_key.is_empty()).then(|| hello.sealing_key.clone()));
+        self.sealing = Some(if hello.sealing_key.is_empty() {
+            Err(crate::deployments::NO_SEALING_KEY.to_owned())
+        } else {
+            tether_shared::sealing::Sealer::new(&hello.sealing_key)
+                .map(Arc::new)
+                .map_err(|e| {
+                    tracing::warn!(agent_id = %self.agent_id, error = %e, "agent-sealing-key-unusable");
+                    format!("the agent's sealing key is unusable ({e})")
+                })
+        });
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
         if matches!(outcome, Handshake::PeerReset { .. }) {
             if let Ok(v) = serde_json::to_vec(&self.probes) {

@@ -7,7 +7,8 @@
 //!   every change in its audit log, against the admin token on a server whose audit log is off
 //!   (`retention.keep_audit_entries = 0`): the cost of roles and audit together;
 //! - the same audited API-token `POST` of a process with a secret property (sealed at rest
-//!   with the key ring, and for each of the 10 agents with HPKE) against the same without one:
+//!   with the key ring, and for each of the 10 agents with its session's HPKE-exported key)
+//!   against the same without one:
 //!   the cost of secrets at rest.
 //!
 //! Measured in alternating rounds; the median round of each is shown. Target: each ratio at
@@ -220,7 +221,7 @@ fn main() {
     );
     println!(
         "{:<58} {:>10.0}",
-        "  the same with a secret property (sealed at rest, x10 HPKE)", ps
+        "  the same with a secret property (sealed at rest, per agent)", ps
     );
     println!("audit entries recorded on the audited server: {recorded}");
     let verdict = |r: f64| if r >= 0.9 { "met" } else { "MISSED" };

@@ -1099,3 +1099,74 @@ fn a_handshake_flood_is_shed_with_busy() {
     });
     real_agent_comes_online(&server, &mut agent);
 }
+
+/// An agent whose `Hello` announces a sealing key that is no X25519 key (or a peer lying about
+/// it) gets no job secret: its job with secrets fails with the reason, no `RunJob` reaches its
+/// socket, and a job without secrets still does.
+#[test]
+fn an_unusable_sealing_key_gets_no_secret_and_the_job_fails_saying_why() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let agent = Agent::install(&server, tmp.path(), "bad-seal", &[]);
+    let key = agent_identity(&agent.dir);
+    let (mut ws, nonce) = challenged(&server, &agent.id, &key);
+    let mut h = hello(&key, &agent.id, &nonce, &fresh_incarnation());
+    h.sealing_key = "not an X25519 key!".into();
+    ws.send(&Frame::Hello(h)).unwrap();
+    assert!(
+        matches!(ws.recv_frame("the welcome", WAIT), Frame::Welcome(_)),
+        "the handshake itself is not refused"
+    );
+    for (name, secret) in [("guarded", true), ("plain", false)] {
+        let mut step = json!({"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": "echo hi"}});
+        if secret {
+            step["properties"]["password"] = json!("${db_secret}");
+            step["secrets"] = json!(["password"]);
+        }
+        let r = server.request(
+            "POST",
+            "/api/v1/processes",
+            Some(&json!({"name": name, "steps": [step]})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let deploy = |process: &str| {
+        let r = server.request(
+            "POST",
+            "/api/v1/deployments",
+            Some(
+                &json!({"process": process, "targets": {"agents": ["bad-seal"]},
+                "properties": {"db_secret": "s3cr3t-for-nobody"}}),
+            ),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_owned()
+    };
+    let id = deploy("guarded");
+    let d = eventually("the job failed", WAIT, || {
+        let d = server
+            .request("GET", &format!("/api/v1/deployments/{id}"), None)
+            .json();
+        (d["status"] == "failed").then_some(d)
+    });
+    let message = d["jobs"][0]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("sealing key is unusable"),
+        "{message}: {d}"
+    );
+    // Nothing of it reached the agent's socket; the next job, without secrets, does.
+    let plain = deploy("plain");
+    let run_job = loop {
+        match ws.recv_frame("a command", WAIT) {
+            Frame::Command(CommandFrame {
+                body: CommandBody::RunJob { job_id, steps, .. },
+                ..
+            }) => break (job_id, steps),
+            Frame::Heartbeat(_) => {}
+            other => panic!("expected the plain job's RunJob, got {other:?}"),
+        }
+    };
+    assert!(run_job.0.starts_with(&plain), "{run_job:?}");
+    assert!(!format!("{run_job:?}").contains("s3cr3t"), "{run_job:?}");
+}

@@ -22,6 +22,10 @@ use serde_json::Value;
 pub struct AgentPatch {
     pub tags: Option<Vec<String>>,
     pub properties: Option<BTreeMap<String, String>>,
+    /// `true`: no new job starts there; `false`: back to work.
+    pub maintenance: Option<bool>,
+    /// Why (with `maintenance: true`).
+    pub maintenance_reason: Option<String>,
 }
 
 /// Why a change to an agent was refused.
@@ -143,14 +147,24 @@ impl AgentAdmin {
         id_or_name: &str,
         patch: AgentPatch,
     ) -> Result<AgentRecord, AgentsError> {
-        if patch.tags.is_none() && patch.properties.is_none() {
+        if patch.tags.is_none() && patch.properties.is_none() && patch.maintenance.is_none() {
             return Err(AgentsError::Invalid(
-                "nothing to change: give \"tags\" and/or \"properties\"".into(),
+                "nothing to change: give \"tags\", \"properties\" and/or \"maintenance\"".into(),
             ));
         }
+        let maintenance = match (patch.maintenance, patch.maintenance_reason) {
+            (Some(true), reason) => Some(Some(reason.unwrap_or_default())),
+            (Some(false), None) => Some(None),
+            (_, Some(_)) => {
+                return Err(AgentsError::Invalid(
+                    "\"maintenance_reason\" goes with \"maintenance\": true".into(),
+                ))
+            }
+            (None, None) => None,
+        };
         let agent = self.resolve(id_or_name).ok_or(AgentsError::NotFound)?;
         self.registry
-            .update_agent(&agent.id, patch.tags, patch.properties)
+            .update_agent(&agent.id, patch.tags, patch.properties, maintenance)
             .await?
             .ok_or(AgentsError::NotFound)
     }

@@ -138,8 +138,9 @@ impl Work {
     }
 
     /// The jobs `agent_id` may start now, marked sent, their secrets sealed for the agent.
-    pub fn ready(&self, agent_id: &AgentId, sealing: Sealing<'_>) -> Ready {
-        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id, sealing);
+    /// None while the agent is in `maintenance` (see `Deployments::take_ready`).
+    pub fn ready(&self, agent_id: &AgentId, sealing: Sealing<'_>, maintenance: bool) -> Ready {
+        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id, sealing, maintenance);
         Ready {
             job_ids,
             commands,

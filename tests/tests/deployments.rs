@@ -500,3 +500,111 @@ fn a_secret_is_in_no_file_of_any_data_directory_and_survives_a_key_rotation() {
     deploy_once(&server);
     leaks("after a rotation and a second deployment");
 }
+
+#[test]
+fn an_agent_in_maintenance_starts_nothing_new_until_it_ends_and_skipping_deployments_pass_it_by() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut kept = Agent::install(&server, tmp.path(), "m-1", &["m"]);
+    let mut other = Agent::install(&server, tmp.path(), "m-2", &["m"]);
+    for a in [&mut kept, &mut other] {
+        a.run();
+    }
+    for a in [&kept, &other] {
+        eventually("online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    create_process(
+        &server,
+        json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell", "step": "run",
+            "properties": {"script": "echo hello from $TETHER_JOB_ID"}}]}),
+    );
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&[
+        "agents",
+        "maintenance",
+        "m-1",
+        "on",
+        "--reason",
+        "kernel upgrade",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let agents = server.request("GET", "/api/v1/agents", None).json();
+    let m1 = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "m-1")
+        .unwrap();
+    assert_eq!(m1["maintenance"]["reason"], "kernel upgrade", "{m1}");
+    let listed = tether_tests::stdout(&cli.run(&["agents"]));
+    assert!(listed.contains("online (maintenance)"), "{listed}");
+    let job_of = |d: &Value, agent: &str| {
+        d["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["agent"] == agent)
+            .cloned()
+            .unwrap()
+    };
+
+    // Made to wait: m-2's job runs to its end while m-1's stays queued.
+    let waiting = deploy(
+        &server,
+        json!({"process": "hello", "targets": {"tags": ["m"]}}),
+    );
+    let d = eventually("m-2's job done", WAIT, || {
+        let d = deployment(&server, &waiting);
+        (job_of(&d, "m-2")["status"] == "succeeded").then_some(d)
+    });
+    assert_eq!(job_of(&d, "m-1")["status"], "queued", "{d}");
+    // Made to skip: m-1's job ends cancelled, saying why; m-2's runs.
+    let skipping = deploy(
+        &server,
+        json!({"process": "hello", "targets": {"tags": ["m"]}, "skip_maintenance": true}),
+    );
+    let d = final_deployment(&server, &skipping, WAIT);
+    let skipped = job_of(&d, "m-1");
+    assert_eq!(skipped["status"], "cancelled", "{d}");
+    assert_eq!(
+        skipped["message"], "skipped: the agent is in maintenance",
+        "{d}"
+    );
+    assert_eq!(job_of(&d, "m-2")["status"], "succeeded", "{d}");
+    // The waiting job is still waiting, after a later one passed it by.
+    assert_eq!(
+        job_of(&deployment(&server, &waiting), "m-1")["status"],
+        "queued"
+    );
+
+    // Out of maintenance: the waiting job starts and ends.
+    let r = server.request(
+        "PATCH",
+        "/api/v1/agents/m-1",
+        Some(&json!({"maintenance": false})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["maintenance"].is_null(), "{}", r.body);
+    let d = final_deployment(&server, &waiting, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    // Refused: a reason without maintenance, a reason with control characters; nothing changes.
+    for body in [
+        json!({"maintenance_reason": "x"}),
+        json!({"maintenance": true, "maintenance_reason": "a\u{7}b"}),
+    ] {
+        let r = server.request("PATCH", "/api/v1/agents/m-1", Some(&body));
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+    }
+    let agents = server.request("GET", "/api/v1/agents", None).json();
+    assert!(
+        agents
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["maintenance"].is_null()),
+        "{agents}"
+    );
+}

@@ -12,7 +12,7 @@ const PASSWORD: &str = "role-matrix-password";
 
 /// The least role of each action: (method, path, form fields after the CSRF token, least role).
 /// `{who}` is replaced by the acting user's name, so each leaves its own traces.
-const ACTIONS: [(&str, &str, &str, &str); 11] = [
+const ACTIONS: [(&str, &str, &str, &str); 12] = [
     ("GET", "/agents", "", "viewer"),
     ("GET", "/deployments", "", "viewer"),
     ("GET", "/users", "", "admin"),
@@ -33,6 +33,7 @@ const ACTIONS: [(&str, &str, &str, &str); 11] = [
     ("POST", "/users/victim/delete", "confirm=yes", "admin"),
     ("POST", "/tokens", "uses=1&ttl_s=3600&role=agent", "admin"),
     ("POST", "/agents/no-such-agent/tags", "tags=x", "admin"),
+    ("POST", "/agents/no-such-agent/maintenance", "on=yes&reason=x", "admin"),
     ("POST", "/health/reconciliation/no-such-agent/dismiss", "", "admin"),
 ];
 

@@ -79,6 +79,9 @@ pub struct NewDeployment {
     pub targets: Targets,
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Skip agents in maintenance instead of waiting for them.
+    #[serde(default)]
+    pub skip_maintenance: bool,
 }
 
 /// Which agents a deployment runs on: exactly one of the two.
@@ -249,9 +252,13 @@ impl Deployments {
         &self,
         agent_id: &str,
         sealing: Sealing<'_>,
+        maintenance: bool,
     ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
-        self.write()
-            .take_ready(agent_id, self.max_running_per_agent, sealing)
+        let mut s = self.write();
+        if maintenance {
+            return (Vec::new(), Vec::new(), s.skip_for_maintenance(agent_id));
+        }
+        s.take_ready(agent_id, self.max_running_per_agent, sealing)
     }
 
     /// Stored processes and deployments whose secrets are not sealed with the current key.
@@ -394,6 +401,7 @@ impl Deployments {
             steps,
             agents: targets.into_iter().map(AgentId::from).collect(),
             created_unix_ms: now_unix_ms(),
+            skip_maintenance: new.skip_maintenance,
         };
         let jobs: Vec<Job> = deployment
             .agents

@@ -56,6 +56,10 @@ pub struct Deployment {
     /// Target agent ids, in job order.
     pub agents: Vec<AgentId>,
     pub created_unix_ms: u64,
+    /// Jobs for an agent in maintenance are skipped (cancelled, saying so) rather than left
+    /// waiting for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_maintenance: bool,
 }
 
 impl Deployment {

@@ -15,6 +15,8 @@ use super::model::{
     Deployment, Job, JobState, Process, StepState, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX,
 };
 
+/// The message of jobs skipped because their agent was in maintenance.
+pub const MAINTENANCE_MESSAGE: &str = "skipped: the agent is in maintenance";
 /// The message of jobs failed because their agent came back without its journal.
 pub const RESET_MESSAGE: &str = "agent lost its state (new incarnation)";
 
@@ -508,6 +510,27 @@ impl State {
             ids.push(job_id);
         }
         (ids, bodies, ops)
+    }
+
+    /// `agent_id` is in maintenance: its queued jobs of deployments made with
+    /// `skip_maintenance` end `cancelled`, saying so (ops); the others wait.
+    pub fn skip_for_maintenance(&mut self, agent_id: &str) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for id in self.active_jobs(agent_id) {
+            let Some(job) = self.jobs.get_mut(id.as_str()) else {
+                continue;
+            };
+            let skip = self
+                .deployments
+                .get(&job.deployment_id)
+                .is_some_and(|d| d.skip_maintenance);
+            if skip && !job.dispatched && job.status == JobState::Queued {
+                job.finish(JobState::Cancelled, StepState::Skipped, MAINTENANCE_MESSAGE);
+                tracing::info!(agent_id = %agent_id, job_id = %job.job_id, "job-skipped-maintenance");
+                ops.push(job_op(job));
+            }
+        }
+        ops
     }
 
     /// The commands of `take_ready` could not be queued: the jobs wait again.

@@ -61,6 +61,7 @@ fn state(agents: &[&str]) -> State {
         ],
         agents: agents.iter().map(|a| AgentId::from(*a)).collect(),
         created_unix_ms: 1,
+        skip_maintenance: false,
     };
     let mut s = State::default();
     for a in agents {
@@ -430,6 +431,7 @@ fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
         properties: Default::default(),
         role: Role::Agent,
         enrolled_unix_ms: 0,
+        maintenance: None,
     }
 }
 
@@ -619,4 +621,23 @@ fn stored_secrets_are_sealed_and_open_at_load_and_a_rotation_seals_them_again() 
         e.contains(&new_id) && e.contains("restore the key ring"),
         "{e}"
     );
+}
+
+#[test]
+fn an_agent_in_maintenance_gets_nothing_and_only_skippable_jobs_end() {
+    let mut s = queued();
+    assert!(s.skip_for_maintenance("a1").is_empty(), "made to wait");
+    assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
+    s.deployments.get_mut("d-1").unwrap().skip_maintenance = true;
+    let ops = s.skip_for_maintenance("a1");
+    assert_eq!(ops.len(), 1);
+    let job = &s.jobs["d-1-a1"];
+    assert_eq!(job.status, JobState::Cancelled);
+    assert_eq!(job.message, super::state::MAINTENANCE_MESSAGE);
+    assert!(job.steps.iter().all(|st| st.status == StepState::Skipped));
+    // A job already sent runs on.
+    let mut s = state(&["a1"]);
+    s.deployments.get_mut("d-1").unwrap().skip_maintenance = true;
+    assert!(s.skip_for_maintenance("a1").is_empty());
+    assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
 }

@@ -58,7 +58,23 @@ pub struct AgentRecord {
     pub role: Role,
     /// When it enrolled.
     pub enrolled_unix_ms: u64,
+    /// Set by an operator: no new job starts there (see [`Maintenance`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<Maintenance>,
 }
+
+/// An agent in maintenance: its queued jobs wait (or, for deployments made with
+/// `skip_maintenance`, are skipped); running ones go on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    pub since_unix_ms: u64,
+    /// The operator's words (may be empty).
+    pub reason: String,
+}
+
+/// Longest maintenance reason.
+pub const MAX_MAINTENANCE_REASON: usize = 200;
 
 /// A token just created: the only time its text exists outside the caller's hands.
 #[derive(Debug, Clone)]
@@ -122,6 +138,8 @@ pub struct AgentView {
     /// Named `last_seen` as in the operator contract.
     #[serde(rename = "last_seen")]
     pub last_seen_unix_ms: Option<u64>,
+    /// Set while it is in maintenance.
+    pub maintenance: Option<Maintenance>,
 }
 
 /// One line of `GET /api/v1/relays`.
@@ -160,6 +178,7 @@ fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>
         name: record.name,
         tags: record.tags,
         properties: record.properties,
+        maintenance: record.maintenance,
     }
 }
 
@@ -357,6 +376,13 @@ impl Registry {
     /// The enrolled agent or relay with this id.
     pub fn agent(&self, id: &str) -> Option<AgentRecord> {
         read(&self.agents).get(id).map(|s| s.record.clone())
+    }
+
+    /// Whether agent `id` is in maintenance (no new job starts there).
+    pub fn in_maintenance(&self, id: &str) -> bool {
+        read(&self.agents)
+            .get(id)
+            .is_some_and(|s| s.record.maintenance.is_some())
     }
 
     /// The name of agent `id`, without copying the rest of its record.
@@ -644,6 +670,7 @@ impl Registry {
                 properties: BTreeMap::new(),
                 role: req.role,
                 enrolled_unix_ms: now_ms,
+                maintenance: None,
             },
             token_sha256: hash.clone(),
             certified,
@@ -706,11 +733,13 @@ impl Registry {
         id: &str,
         tags: Option<Vec<String>>,
         properties: Option<BTreeMap<String, String>>,
+        maintenance: Option<Option<String>>,
     ) -> Result<Option<AgentRecord>, RegistryError> {
         let problem = tags
             .as_deref()
             .and_then(tags_problem)
-            .or_else(|| properties.as_ref().and_then(properties_problem));
+            .or_else(|| properties.as_ref().and_then(properties_problem))
+            .or_else(|| maintenance.as_ref()?.as_deref().and_then(reason_problem));
         if let Some(problem) = problem {
             return Err(RegistryError::Invalid(problem));
         }
@@ -722,12 +751,28 @@ impl Registry {
                 if let Some(properties) = properties {
                     stored.record.properties = properties;
                 }
+                match maintenance {
+                    // Already in maintenance: the reason changes, not the time it began.
+                    Some(Some(reason)) => {
+                        let since = stored
+                            .record
+                            .maintenance
+                            .as_ref()
+                            .map_or_else(now_unix_ms, |m| m.since_unix_ms);
+                        stored.record.maintenance = Some(Maintenance {
+                            since_unix_ms: since,
+                            reason,
+                        });
+                    }
+                    Some(None) => stored.record.maintenance = None,
+                    None => {}
+                }
             })
             .await?;
         let Some(record) = modified else {
             return Ok(None);
         };
-        tracing::info!(agent_id = %id, tags = record.tags.len(), properties = record.properties.len(), "agent-updated");
+        tracing::info!(agent_id = %id, tags = record.tags.len(), properties = record.properties.len(), maintenance = record.maintenance.is_some(), "agent-updated");
         Ok(Some(record))
     }
 
@@ -944,6 +989,19 @@ pub const MAX_PROPERTY_VALUE_LEN: usize = 1024;
 /// Why `properties` are not acceptable, if they are not: at most [`MAX_PROPERTIES`], each key a
 /// valid name, each value at most [`MAX_PROPERTY_VALUE_LEN`] bytes without control characters
 /// (no CR/LF to forge log lines or headers; the web application escapes everything else).
+/// What is wrong with a maintenance reason, if anything.
+fn reason_problem(reason: &str) -> Option<String> {
+    if reason.chars().count() > MAX_MAINTENANCE_REASON {
+        return Some(format!(
+            "a maintenance reason is at most {MAX_MAINTENANCE_REASON} characters"
+        ));
+    }
+    reason
+        .chars()
+        .any(char::is_control)
+        .then(|| "a maintenance reason holds no control characters".to_owned())
+}
+
 pub fn properties_problem(properties: &BTreeMap<String, String>) -> Option<String> {
     if properties.len() > MAX_PROPERTIES {
         return Some(format!(

@@ -260,7 +260,7 @@ async fn tags_and_properties_change_persist_and_delete_forgets() {
         assert!(a.properties.is_empty());
         let props = BTreeMap::from([("rack".to_owned(), "<b2> & \"x\"".to_owned())]);
         let updated = reg
-            .update_agent(&a.id, Some(vec!["db".into()]), Some(props.clone()))
+            .update_agent(&a.id, Some(vec!["db".into()]), Some(props.clone()), None)
             .await
             .unwrap()
             .unwrap();
@@ -282,11 +282,14 @@ async fn tags_and_properties_change_persist_and_delete_forgets() {
                 )])),
             ),
         ] {
-            let err = reg.update_agent(&a.id, tags, properties).await.unwrap_err();
+            let err = reg
+                .update_agent(&a.id, tags, properties, None)
+                .await
+                .unwrap_err();
             assert!(matches!(err, RegistryError::Invalid(_)), "{err}");
         }
         assert!(reg
-            .update_agent("a-nobody", None, None)
+            .update_agent("a-nobody", None, None, None)
             .await
             .unwrap()
             .is_none());

@@ -38,6 +38,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/ui/agents/status.json").route(web::get().to(statuses)))
         .service(resource("/agents/{id}").route(web::get().to(detail)))
         .service(resource("/agents/{id}/tags").route(web::post().to(set_tags)))
+        .service(resource("/agents/{id}/maintenance").route(web::post().to(set_maintenance)))
         .service(resource("/agents/{id}/properties").route(web::post().to(set_properties)))
         .service(resource("/agents/{id}/upgrade").route(web::post().to(upgrade)))
         .service(resource("/agents/{id}/delete").route(web::post().to(delete)));
@@ -139,7 +140,8 @@ async fn list(
                     @for (a, status) in shown {
                         tr data-id=(a.id) {
                             td { a href={ "/agents/" (enc(&a.id)) } { (a.name) } }
-                            td { span data-field="status" { (badge(status)) } }
+                            td { span data-field="status" { (badge(status)) }
+                                 @if a.maintenance.is_some() { " " span.maintenance { (badge("maintenance")) } } }
                             td data-field="version" { (a.version.as_deref().unwrap_or("")) }
                             td { @for t in &a.tags { span.tag { (t) } } }
                             td { (path_text(a)) }
@@ -262,6 +264,16 @@ async fn detail(
                     table { @for (k, v) in &a.properties { tr { th { (k) } td { (v) } } } }
                 }
                 dt { "Path" } dd { (path_text(&a)) }
+                dt { "Maintenance" } dd #maintenance {
+                    @match &a.maintenance {
+                        None => span.muted { "no" },
+                        Some(m) => {
+                            (badge("maintenance")) " since " (utc(m.since_unix_ms))
+                            @if !m.reason.is_empty() { " · " (m.reason) }
+                            " · no new job starts here"
+                        }
+                    }
+                }
                 dt { "Last seen" } dd { (ago(a.last_seen_unix_ms)) }
                 dt { "Enrolled" } dd { (utc(record.enrolled_unix_ms)) }
                 dt { "Upgrade" } dd #upgrade-state {
@@ -297,6 +309,20 @@ async fn detail(
                     label for="properties-input" { "One name=value per line" }
                     textarea #properties-input name="properties" { (properties_text) }
                     button type="submit" { "Save properties" }
+                }
+                form.card #maintenance-form method="post" action={ (base) "/maintenance" } {
+                    (csrf_field(&user))
+                    h2 { "Maintenance" }
+                    @if a.maintenance.is_some() {
+                        p { "No new job starts here; its queued jobs wait (or are skipped, for deployments made to skip agents in maintenance)." }
+                        input type="hidden" name="on" value="no";
+                        button #maintenance-button type="submit" { "End maintenance" }
+                    } @else {
+                        label for="maintenance-reason" { "Reason (optional)" }
+                        input #maintenance-reason type="text" name="reason" maxlength="200";
+                        input type="hidden" name="on" value="yes";
+                        button #maintenance-button type="submit" { "Start maintenance" }
+                    }
                 }
                 form.card #upgrade method="post" action={ (base) "/upgrade" } {
                     (csrf_field(&user))
@@ -351,10 +377,42 @@ async fn set_tags(
         .collect();
     let patch = AgentPatch {
         tags: Some(tags),
-        properties: None,
+        ..AgentPatch::default()
     };
     let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
     tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-tags-set");
+    Ok(layout::redirect(&format!(
+        "/agents/{}?done=saved",
+        enc(&agent.id)
+    )))
+}
+
+#[derive(Deserialize)]
+struct MaintenanceForm {
+    on: String,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn set_maintenance(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebError> {
+    let form: MaintenanceForm = csrf::protected_form(&req, &user, &body)?;
+    let on = form.on == "yes";
+    let patch = AgentPatch {
+        maintenance: Some(on),
+        maintenance_reason: on.then_some(form.reason),
+        ..AgentPatch::default()
+    };
+    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
+    if let Err(e) = state.scheduler.dispatch(&agent.id.as_str().into()).await {
+        tracing::warn!(agent_id = %agent.id, error = %e, "job-dispatch-failed");
+    }
+    tracing::info!(user = %user.name, agent_id = %agent.id, maintenance = on, "web-agent-maintenance-set");
     Ok(layout::redirect(&format!(
         "/agents/{}?done=saved",
         enc(&agent.id)
@@ -394,8 +452,8 @@ async fn set_properties(
 ) -> Result<HttpResponse, WebError> {
     let form: PropertiesForm = csrf::protected_form(&req, &user, &body)?;
     let patch = AgentPatch {
-        tags: None,
         properties: Some(parse_properties(&form.properties)?),
+        ..AgentPatch::default()
     };
     let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
     tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-properties-set");

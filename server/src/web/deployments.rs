@@ -71,6 +71,7 @@ pub fn start_form(user: &CurrentUser, state: &AppState, process: Option<&str>) -
                 input #targets type="text" name="targets" placeholder="web-1 web-2  (or: tags)" required;
                 label for="deploy-properties" { "Properties, one name=value per line (names ending in _secret are masked)" }
                 textarea #deploy-properties name="properties" rows="4" {}
+                label { input #skip-maintenance type="checkbox" name="skip_maintenance" value="yes"; " skip agents in maintenance (otherwise their jobs wait)" }
                 button #start-button type="submit" { "Start deployment" }
             }
         }
@@ -143,6 +144,9 @@ struct StartForm {
     targets: String,
     #[serde(default)]
     properties: String,
+    /// A checkbox: present when ticked.
+    #[serde(default)]
+    skip_maintenance: Option<String>,
 }
 
 async fn start(
@@ -187,6 +191,7 @@ async fn start(
         process: form.process,
         targets,
         properties,
+        skip_maintenance: form.skip_maintenance.is_some(),
     };
     let (id, jobs) = state.scheduler.start_deployment(new).await?;
     tracing::info!(user = %user.name, deployment_id = %id, jobs, "web-deployment-started");

@@ -215,6 +215,23 @@ enum AgentsCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Put an agent in maintenance (`on`): no new job starts there, its queued jobs wait (or
+    /// are skipped, for deployments made with --skip-maintenance); `off` ends it.
+    Maintenance {
+        /// Name or id.
+        agent: String,
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Why (shown with it), with `on`.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
 }
 
 #[derive(Debug, Subcommand)]
@@ -430,6 +447,9 @@ struct DeployArgs {
     /// Print the deployment id and return at once.
     #[arg(long)]
     no_wait: bool,
+    /// Skip agents in maintenance (their jobs end cancelled) instead of waiting for them.
+    #[arg(long)]
+    skip_maintenance: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -514,6 +534,11 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             Some(AgentsCommand::Delete { agent, force }) => {
                 agents::delete(&connect()?, &agent, force, json)
             }
+            Some(AgentsCommand::Maintenance {
+                agent,
+                state,
+                reason,
+            }) => agents::maintenance(&connect()?, &agent, state == OnOff::On, reason, json),
         },
         Command::Relays { command } => match command {
             None | Some(RelaysCommand::List) => relays::list(&connect()?, json),
@@ -615,6 +640,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 agents: args.agents,
                 tags: args.tags,
                 properties: args.properties.into_iter().collect(),
+                skip_maintenance: args.skip_maintenance,
             };
             deploy::deploy(&connect()?, &request, !args.no_wait, json)
         }

@@ -25,7 +25,8 @@ impl AgentLink {
             Some(Err(why)) => Sealing::Unable(why),
             Some(Ok(sealer)) => Sealing::For(sealer),
         };
-        let mut ready = self.shared.work.ready(&self.agent_id, sealing);
+        let maintenance = self.shared.registry.in_maintenance(&self.agent_id);
+        let mut ready = self.shared.work.ready(&self.agent_id, sealing, maintenance);
         if ready.commands.is_empty() {
             return Ok((!ready.ops.is_empty()).then_some((None, ready.ops)));
         }

@@ -1,6 +1,7 @@
 //! `tether agents [list]` and `tether agents show NAME|ID`: `GET /api/v1/agents`, and for one
 //! agent its entry there with what `/admin/health` says about it; `tether agents delete
-//! NAME|ID [--force]`: `DELETE /api/v1/agents/{id}`.
+//! NAME|ID [--force]`: `DELETE /api/v1/agents/{id}`; `tether agents maintenance NAME|ID on|off
+//! [--reason TEXT]`: `PATCH /api/v1/agents/{id}`.
 
 use std::process::ExitCode;
 
@@ -25,7 +26,7 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     for a in agents.as_array().into_iter().flatten() {
         table.row(vec![
             cell(&a["name"]),
-            cell(&a["status"]),
+            status(a),
             cell(&a["version"]),
             cell(&a["tags"]),
             path(a),
@@ -34,6 +35,14 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     }
     table.print()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Its status, and `(maintenance)` while it is in maintenance.
+fn status(agent: &Value) -> String {
+    match agent.get("maintenance").filter(|m| !m.is_null()) {
+        Some(_) => format!("{} (maintenance)", cell(&agent["status"])),
+        None => cell(&agent["status"]),
+    }
 }
 
 /// The relays an agent's session runs through, nearest the agent first; `direct` if none, `-`
@@ -87,7 +96,18 @@ pub fn show(client: &Client, wanted: &str, json: bool) -> Result<ExitCode, CliEr
     let mut lines = vec![
         ("name", cell(&agent["name"])),
         ("id", cell(&agent["id"])),
-        ("status", cell(&agent["status"])),
+        ("status", status(&agent)),
+        (
+            "maintenance",
+            match agent.get("maintenance").filter(|m| !m.is_null()) {
+                Some(m) => format!(
+                    "since {} {}",
+                    ago(u64_at(m, "since_unix_ms"), now),
+                    str_at(m, "reason")
+                ),
+                None => "no".to_owned(),
+            },
+        ),
         ("version", cell(&agent["version"])),
         ("tags", cell(&agent["tags"])),
         ("path", path(&agent)),
@@ -132,6 +152,39 @@ pub fn delete(client: &Client, agent: &str, force: bool, json: bool) -> Result<E
         output::line(&format!(
             "agent {agent} deleted: its key no longer authenticates; {} unfinished job(s) failed",
             cell(&answer["failed_jobs"])
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Puts agent `agent` in maintenance (`on`, with `reason`) or ends it.
+pub fn maintenance(
+    client: &Client,
+    agent: &str,
+    on: bool,
+    reason: Option<String>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let mut body = serde_json::json!({"maintenance": on});
+    if let Some(reason) = reason {
+        if !on {
+            return Err(CliError::Usage("--reason goes with `on`".to_owned()));
+        }
+        body["maintenance_reason"] = reason.into();
+    }
+    let path = format!("/api/v1/agents/{}", crate::client::segment(agent));
+    let answer = client
+        .patch_json(&path, &body)
+        .about(|| format!("agent {agent}"))?;
+    if json {
+        output::json(&answer)?;
+    } else if on {
+        output::line(&format!(
+            "agent {agent} in maintenance: no new job starts there"
+        ))?;
+    } else {
+        output::line(&format!(
+            "agent {agent} out of maintenance: its waiting jobs start"
         ))?;
     }
     Ok(ExitCode::SUCCESS)

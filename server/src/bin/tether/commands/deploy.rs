@@ -22,6 +22,8 @@ pub struct Request {
     /// Every agent with all of these tags, when `agents` is empty.
     pub tags: Vec<String>,
     pub properties: BTreeMap<String, String>,
+    /// Skip agents in maintenance instead of waiting for them.
+    pub skip_maintenance: bool,
 }
 
 impl Request {
@@ -32,7 +34,12 @@ impl Request {
         } else {
             json!({"agents": self.agents})
         };
-        json!({"process": self.process, "targets": targets, "properties": self.properties})
+        let mut body =
+            json!({"process": self.process, "targets": targets, "properties": self.properties});
+        if self.skip_maintenance {
+            body["skip_maintenance"] = true.into();
+        }
+        body
     }
 }
 
@@ -104,6 +111,7 @@ mod tests {
             agents: vec!["web-1".into()],
             tags: vec![],
             properties: [("who".to_owned(), "me".to_owned())].into(),
+            skip_maintenance: false,
         };
         assert_eq!(
             request.body(),
@@ -112,5 +120,7 @@ mod tests {
         request.agents.clear();
         request.tags = vec!["web".into(), "eu".into()];
         assert_eq!(request.body()["targets"], json!({"tags": ["web", "eu"]}));
+        request.skip_maintenance = true;
+        assert_eq!(request.body()["skip_maintenance"], true);
     }
 }

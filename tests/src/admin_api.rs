@@ -142,6 +142,27 @@ impl AdminApi {
             .to_owned()
     }
 
+    /// A form `fields` (URL-encoded, without the token) posted as a browser of the session
+    /// `cookie` would, with the page's `csrf` token, from the server's own origin.
+    pub fn web_post(&self, cookie: &str, csrf: &str, path: &str, fields: &str) -> HttpReply {
+        let origin = format!("https://{}:{}", self.server_name, self.https.port());
+        let body = format!("csrf={csrf}&{fields}");
+        https_request_with_body(
+            self.https,
+            self.tls.clone(),
+            &self.server_name,
+            "POST",
+            path,
+            &[
+                ("Cookie", cookie),
+                ("Content-Type", "application/x-www-form-urlencoded"),
+                ("Origin", origin.as_str()),
+            ],
+            Some(body.as_bytes()),
+        )
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"))
+    }
+
     /// A page of the web application with the session `cookie` (from [`AdminApi::web_login`]).
     pub fn web_get(&self, cookie: &str, path: &str) -> HttpReply {
         https_request_with_body(

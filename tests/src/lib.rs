@@ -360,3 +360,17 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     found
 }
+
+/// The CSRF token of a web page (from its first form's hidden field).
+pub fn csrf_of(page: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = page
+        .find(marker)
+        .unwrap_or_else(|| panic!("no csrf field in the page"))
+        + marker.len();
+    page[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}

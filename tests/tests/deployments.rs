@@ -580,14 +580,34 @@ fn an_agent_in_maintenance_starts_nothing_new_until_it_ends_and_skipping_deploym
         "queued"
     );
 
-    // Out of maintenance: the waiting job starts and ends.
+    // The web application shows it, and its form ends it: the waiting job starts and ends.
     let r = server.request(
-        "PATCH",
-        "/api/v1/agents/m-1",
-        Some(&json!({"maintenance": false})),
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops", "password": "maintenance-password", "role": "admin"})),
     );
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.json()["maintenance"].is_null(), "{}", r.body);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cookie = server.web_login("ops", "maintenance-password");
+    let list = server.web_get(&cookie, "/agents").body;
+    assert!(list.contains("data-status=\"maintenance\""), "{list}");
+    let page = server
+        .web_get(&cookie, &format!("/agents/{}", kept.id))
+        .body;
+    assert!(
+        page.contains("kernel upgrade") && page.contains("End maintenance"),
+        "{page}"
+    );
+    let r = server.web_post(
+        &cookie,
+        &tether_tests::csrf_of(&page),
+        &format!("/agents/{}/maintenance", kept.id),
+        "on=no",
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let page = server
+        .web_get(&cookie, &format!("/agents/{}", kept.id))
+        .body;
+    assert!(page.contains("Start maintenance"), "{page}");
     let d = final_deployment(&server, &waiting, WAIT);
     assert_eq!(d["status"], "succeeded", "{d}");
     // Refused: a reason without maintenance, a reason with control characters; nothing changes.

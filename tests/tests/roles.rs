@@ -46,12 +46,6 @@ fn rank(role: &str) -> u8 {
     }
 }
 
-fn csrf_of(source: &str) -> String {
-    let marker = "name=\"csrf\" value=\"";
-    let start = source.find(marker).expect("a csrf field") + marker.len();
-    source[start..].split('"').next().unwrap().to_owned()
-}
-
 fn names(server: &Server, path: &str, field: &str) -> Vec<String> {
     let r = server.request("GET", path, None);
     assert_eq!(r.status, 200, "{path}: {}", r.body);
@@ -89,19 +83,10 @@ fn act(
     path: &str,
     fields: &str,
 ) -> (u16, String) {
-    let origin = format!("https://localhost:{}", server.https.port());
-    let body = format!("csrf={csrf}&{fields}");
-    let headers = [
-        ("Cookie", cookie),
-        ("Content-Type", "application/x-www-form-urlencoded"),
-        ("Origin", origin.as_str()),
-    ];
-    let r = server.request_with(
-        method,
-        path,
-        &headers,
-        (method == "POST").then_some(body.as_bytes()),
-    );
+    let r = match method {
+        "POST" => server.web_post(cookie, csrf, path, fields),
+        _ => server.web_get(cookie, path),
+    };
     (r.status, r.body)
 }
 
@@ -138,7 +123,7 @@ fn each_role_does_what_the_table_says_and_a_refusal_changes_nothing() {
             "{}",
             page.body
         );
-        let csrf = csrf_of(&page.body);
+        let csrf = tether_tests::csrf_of(&page.body);
         for (method, path, fields, least) in ACTIONS {
             let fields = fields.replace("{who}", user);
             let (status, body) = act(&server, &cookie, &csrf, method, path, &fields);
@@ -211,7 +196,7 @@ fn each_role_does_what_the_table_says_and_a_refusal_changes_nothing() {
 
     // An admin's change of role applies to the next request of a live session.
     let cookie = server.web_login("viewer-1", PASSWORD);
-    let csrf = csrf_of(&server.web_get(&cookie, "/agents").body);
+    let csrf = tether_tests::csrf_of(&server.web_get(&cookie, "/agents").body);
     let fields = ACTIONS[4].2.replace("{who}", "promoted");
     let (status, _) = act(&server, &cookie, &csrf, "POST", "/processes", &fields);
     assert_eq!(status, 403);
@@ -228,7 +213,7 @@ fn each_role_does_what_the_table_says_and_a_refusal_changes_nothing() {
     // Nobody raises their own role, and the last admins stay: demoting both is refused at the
     // second.
     let admin_cookie = server.web_login("admin-2", PASSWORD);
-    let admin_csrf = csrf_of(&server.web_get(&admin_cookie, "/users").body);
+    let admin_csrf = tether_tests::csrf_of(&server.web_get(&admin_cookie, "/users").body);
     let (status, body) = act(
         &server,
         &admin_cookie,
@@ -456,7 +441,7 @@ fn a_user_makes_and_revokes_their_own_api_tokens_on_the_account_page() {
         !page.body.contains("value=\"deployer\""),
         "no role above the user's is offered"
     );
-    let csrf = csrf_of(&page.body);
+    let csrf = tether_tests::csrf_of(&page.body);
     // Above the user's role: refused, nothing made.
     let (status, body) = act(
         &server,

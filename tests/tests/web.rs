@@ -43,13 +43,6 @@ fn click(s: &Session<'_>, css: &str) {
         .unwrap_or_else(|err| panic!("click {css}: {err}"));
 }
 
-/// The page's CSRF token (from the first form's hidden field).
-fn csrf_of(source: &str) -> String {
-    let marker = "name=\"csrf\" value=\"";
-    let start = source.find(marker).expect("a csrf field") + marker.len();
-    source[start..].split('"').next().unwrap().to_owned()
-}
-
 /// No script ran: no dialog open, and the page source holds the payload only escaped.
 fn assert_inert(s: &Session<'_>, what: &str) {
     assert_eq!(
@@ -222,7 +215,7 @@ fn operators_surface_in_a_browser() {
         let got = page.header(name).unwrap_or_default();
         assert!(got.starts_with(value), "{name}: {got:?}");
     }
-    let token = csrf_of(&page.body);
+    let token = tether_tests::csrf_of(&page.body);
     let tags = format!("{agent_page}/tags");
     let form = [
         ("Cookie", cookie.as_str()),
@@ -292,7 +285,8 @@ fn operators_surface_in_a_browser() {
     // Users: creating one without the CSRF token is refused and creates nothing; from the
     // form it works (the password typed twice).
     let ops_password = "ops-1-password-long";
-    let users_token = csrf_of(&raw(&server, "GET", "/users", &[("Cookie", &cookie)], None).body);
+    let users_token =
+        tether_tests::csrf_of(&raw(&server, "GET", "/users", &[("Cookie", &cookie)], None).body);
     assert_eq!(users_token, token, "one CSRF token per session");
     let r = raw(
         &server,
@@ -366,7 +360,7 @@ fn operators_surface_in_a_browser() {
     .unwrap();
     assert!(s.find("tr[data-user='ops-1'] form").is_err());
     let ops_cookie = format!("tether_session={}", s.cookie("tether_session").unwrap());
-    let ops_token = csrf_of(&s.source().unwrap());
+    let ops_token = tether_tests::csrf_of(&s.source().unwrap());
     // Deleting oneself is refused even when posted by hand; ticking nothing deletes nothing.
     for (path, body) in [
         (

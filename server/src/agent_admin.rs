@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use crate::api_error::ApiError;
 use crate::deployments::Deployments;
-use crate::registry::{AgentRecord, AgentView, Registry, RegistryError, Role};
+use crate::registry::{AgentChanges, AgentRecord, AgentView, Registry, RegistryError, Role};
 use crate::session::relay_session::revoke_relay;
 use crate::session::session_registry::{DisconnectAgent, SessionRegistry};
 use crate::session::SessionShared;
@@ -26,6 +26,8 @@ pub struct AgentPatch {
     pub maintenance: Option<bool>,
     /// Why (with `maintenance: true`).
     pub maintenance_reason: Option<String>,
+    /// Jobs it runs at once; 0: the server's default.
+    pub max_running_jobs: Option<u32>,
 }
 
 /// Why a change to an agent was refused.
@@ -147,9 +149,13 @@ impl AgentAdmin {
         id_or_name: &str,
         patch: AgentPatch,
     ) -> Result<AgentRecord, AgentsError> {
-        if patch.tags.is_none() && patch.properties.is_none() && patch.maintenance.is_none() {
+        if patch.tags.is_none()
+            && patch.properties.is_none()
+            && patch.maintenance.is_none()
+            && patch.max_running_jobs.is_none()
+        {
             return Err(AgentsError::Invalid(
-                "nothing to change: give \"tags\", \"properties\" and/or \"maintenance\"".into(),
+                "nothing to change: give \"tags\", \"properties\", \"maintenance\" and/or \"max_running_jobs\"".into(),
             ));
         }
         let maintenance = match (patch.maintenance, patch.maintenance_reason) {
@@ -163,8 +169,14 @@ impl AgentAdmin {
             (None, None) => None,
         };
         let agent = self.resolve(id_or_name).ok_or(AgentsError::NotFound)?;
+        let changes = AgentChanges {
+            tags: patch.tags,
+            properties: patch.properties,
+            maintenance,
+            max_running_jobs: patch.max_running_jobs,
+        };
         self.registry
-            .update_agent(&agent.id, patch.tags, patch.properties, maintenance)
+            .update_agent(&agent.id, changes)
             .await?
             .ok_or(AgentsError::NotFound)
     }

@@ -67,10 +67,11 @@ async fn patch_agent(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let patch: AgentPatch = parse_json(&body)?;
-    let maintenance_changed = patch.maintenance.is_some();
+    let maintenance_changed = patch.maintenance.is_some() || patch.max_running_jobs.is_some();
     let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
     if maintenance_changed {
-        // Out of it: its waiting jobs go now; into it: skippable ones are skipped now.
+        // Out of maintenance or a higher limit: its waiting jobs go now; into maintenance:
+        // skippable ones are skipped now.
         if let Err(e) = state.scheduler.dispatch(&agent.id.as_str().into()).await {
             tracing::warn!(agent_id = %agent.id, error = %e, "job-dispatch-failed");
         }

@@ -409,6 +409,7 @@ fn run_server(cfg: &ServerConfig, args: RunArgs, secrets: KeySource) -> ExitCode
         journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
         storage: cfg.storage.clone(),
         files_dir: cfg.server.files_dir.clone(),
+        max_running_jobs_per_agent: cfg.server.max_running_jobs_per_agent,
         secrets,
     };
     match run::run(&opts) {

@@ -89,6 +89,8 @@ pub struct RunOptions {
     pub storage: Storage,
     /// Where artifacts, plugin bundles and upgrade packages live (`None`: the data directory).
     pub files_dir: Option<PathBuf>,
+    /// Jobs an agent runs at once unless its own setting says otherwise.
+    pub max_running_jobs_per_agent: usize,
     /// The key ring sealing secrets at rest (outside the data directory).
     pub secrets: crate::secrets::KeySource,
 }
@@ -292,7 +294,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let deployments = Arc::new(
         Deployments::load(journal.handle(), keys)?
             .with_catalog(plugins.clone())
-            .with_artifacts(artifacts.lookup()),
+            .with_artifacts(artifacts.lookup())
+            .with_max_running_per_agent(opts.max_running_jobs_per_agent),
     );
     let reconciliations = Arc::new(crate::reconcile::Reconciliations::load(journal.handle())?);
     ports::remove_stale(dir).map_err(|source| RunError::Ports {

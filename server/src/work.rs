@@ -13,7 +13,7 @@ use tether_shared::ids::AgentId;
 use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, EventBody};
 
-use crate::deployments::{Deployments, Sealing};
+use crate::deployments::{AgentTerms, Deployments};
 use crate::reconcile::Reconciliations;
 use crate::upgrades::Upgrades;
 
@@ -138,9 +138,9 @@ impl Work {
     }
 
     /// The jobs `agent_id` may start now, marked sent, their secrets sealed for the agent.
-    /// None while the agent is in `maintenance` (see `Deployments::take_ready`).
-    pub fn ready(&self, agent_id: &AgentId, sealing: Sealing<'_>, maintenance: bool) -> Ready {
-        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id, sealing, maintenance);
+    /// None while the agent is in maintenance (see `Deployments::take_ready`).
+    pub fn ready(&self, agent_id: &AgentId, terms: AgentTerms<'_>) -> Ready {
+        let (job_ids, commands, ops) = self.deployments.take_ready(agent_id, terms);
         Ready {
             job_ids,
             commands,

@@ -628,3 +628,87 @@ fn an_agent_in_maintenance_starts_nothing_new_until_it_ends_and_skipping_deploym
         "{agents}"
     );
 }
+
+/// The order of `start ID` / `end ID` lines the steps wrote.
+fn marks(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn an_agents_own_concurrency_limit_runs_its_jobs_one_after_the_other() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut agent = Agent::install(&server, tmp.path(), "single-1", &[]);
+    agent.run();
+    eventually("online", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    let log = tmp.path().join("marks");
+    // Each job holds its slot a second (its work), between its two marks.
+    create_process(
+        &server,
+        json!({"name": "slow", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": format!(
+                "echo \"start $TETHER_JOB_ID\" >> {0}; sleep 1; echo \"end $TETHER_JOB_ID\" >> {0}",
+                log.display())}}]}),
+    );
+    let run_two = || {
+        let _ = std::fs::remove_file(&log);
+        let ids: Vec<String> = (0..2)
+            .map(|_| {
+                deploy(
+                    &server,
+                    json!({"process": "slow", "targets": {"agents": ["single-1"]}}),
+                )
+            })
+            .collect();
+        for id in &ids {
+            let d = final_deployment(&server, id, WAIT);
+            assert_eq!(d["status"], "succeeded", "{d}");
+        }
+        let m = marks(&log);
+        assert_eq!(m.len(), 4, "{m:?}");
+        m
+    };
+    // The server's default (4): both run at once, their marks interleave.
+    let both = run_two();
+    assert!(both[1].starts_with("start"), "ran together: {both:?}");
+    // Its own limit of 1: one after the other.
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&["agents", "concurrency", "single-1", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let shown = tether_tests::stdout(&cli.run(&["agents", "show", "single-1"]));
+    assert!(
+        shown.contains("jobs at once") && shown.contains('1'),
+        "{shown}"
+    );
+    let one = run_two();
+    assert!(
+        one[0].starts_with("start") && one[1].starts_with("end") && one[2].starts_with("start"),
+        "one at a time: {one:?}"
+    );
+    assert_eq!(
+        one[0].replace("start", ""),
+        one[1].replace("end", ""),
+        "{one:?}"
+    );
+    // Out of range: refused, nothing changes; 0 goes back to the default.
+    let r = server.request(
+        "PATCH",
+        "/api/v1/agents/single-1",
+        Some(&json!({"max_running_jobs": 100_000})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = server.request(
+        "PATCH",
+        "/api/v1/agents/single-1",
+        Some(&json!({"max_running_jobs": 0})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["max_running_jobs"].is_null(), "{}", r.body);
+}

@@ -39,7 +39,7 @@ use crate::registry::{now_unix_ms, AgentRecord};
 use crate::secrets::KeyRing;
 use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
 use state::{deployment_op, job_op, process_op, Effect, State};
-pub use state::{Retention, Sealing, NO_SEALING_KEY};
+pub use state::{AgentTerms, Retention, Sealing, NO_SEALING_KEY};
 use validate::{BuiltInsOnly, Catalog, NewProcess};
 
 /// Unfinished jobs an agent runs at once, by default.
@@ -201,6 +201,12 @@ impl Deployments {
         self
     }
 
+    /// Jobs an agent runs at once unless its own setting says otherwise.
+    pub fn with_max_running_per_agent(mut self, n: usize) -> Self {
+        self.max_running_per_agent = n.max(1);
+        self
+    }
+
     pub fn with_catalog(mut self, catalog: std::sync::Arc<dyn Catalog>) -> Self {
         self.catalog = catalog;
         self
@@ -251,14 +257,14 @@ impl Deployments {
     pub fn take_ready(
         &self,
         agent_id: &str,
-        sealing: Sealing<'_>,
-        maintenance: bool,
+        terms: AgentTerms<'_>,
     ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         let mut s = self.write();
-        if maintenance {
+        if terms.maintenance {
             return (Vec::new(), Vec::new(), s.skip_for_maintenance(agent_id));
         }
-        s.take_ready(agent_id, self.max_running_per_agent, sealing)
+        let limit = terms.max_running.unwrap_or(self.max_running_per_agent);
+        s.take_ready(agent_id, limit, terms.sealing)
     }
 
     /// Stored processes and deployments whose secrets are not sealed with the current key.

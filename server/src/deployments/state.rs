@@ -128,6 +128,16 @@ pub fn process_op(p: &Process, keys: &KeyRing) -> Op {
 pub const NO_SEALING_KEY: &str =
     "the agent's release cannot receive secrets sealed for it: upgrade the agent, then deploy again";
 
+/// What dispatch to one agent may do now, as its link knows it.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentTerms<'a> {
+    pub sealing: Sealing<'a>,
+    /// In maintenance: nothing starts (see `State::skip_for_maintenance`).
+    pub maintenance: bool,
+    /// Its own limit of jobs at once (`None`: the server's).
+    pub max_running: Option<usize>,
+}
+
 /// What a link knows of its agent's sealing key.
 #[derive(Debug, Clone, Copy)]
 pub enum Sealing<'a> {

@@ -432,6 +432,7 @@ fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
         role: Role::Agent,
         enrolled_unix_ms: 0,
         maintenance: None,
+        max_running_jobs: None,
     }
 }
 

@@ -61,6 +61,21 @@ pub struct AgentRecord {
     /// Set by an operator: no new job starts there (see [`Maintenance`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub maintenance: Option<Maintenance>,
+    /// Jobs it runs at once, set by an operator; `None`: the server's
+    /// `server.max_running_jobs_per_agent`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running_jobs: Option<u32>,
+}
+
+/// What an operator changes of an agent; `None` leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct AgentChanges {
+    pub tags: Option<Vec<String>>,
+    pub properties: Option<BTreeMap<String, String>>,
+    /// `Some(Some(reason))` starts (or re-words) maintenance, `Some(None)` ends it.
+    pub maintenance: Option<Option<String>>,
+    /// `Some(0)` goes back to the server's default.
+    pub max_running_jobs: Option<u32>,
 }
 
 /// An agent in maintenance: its queued jobs wait (or, for deployments made with
@@ -140,6 +155,8 @@ pub struct AgentView {
     pub last_seen_unix_ms: Option<u64>,
     /// Set while it is in maintenance.
     pub maintenance: Option<Maintenance>,
+    /// Its own limit of jobs at once, if an operator set one.
+    pub max_running_jobs: Option<u32>,
 }
 
 /// One line of `GET /api/v1/relays`.
@@ -179,6 +196,7 @@ fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>
         tags: record.tags,
         properties: record.properties,
         maintenance: record.maintenance,
+        max_running_jobs: record.max_running_jobs,
     }
 }
 
@@ -378,11 +396,15 @@ impl Registry {
         read(&self.agents).get(id).map(|s| s.record.clone())
     }
 
-    /// Whether agent `id` is in maintenance (no new job starts there).
-    pub fn in_maintenance(&self, id: &str) -> bool {
-        read(&self.agents)
-            .get(id)
-            .is_some_and(|s| s.record.maintenance.is_some())
+    /// Whether agent `id` is in maintenance (no new job starts there), and its own limit of
+    /// jobs at once, if set.
+    pub fn dispatch_terms(&self, id: &str) -> (bool, Option<usize>) {
+        read(&self.agents).get(id).map_or((false, None), |s| {
+            (
+                s.record.maintenance.is_some(),
+                s.record.max_running_jobs.map(|n| n as usize),
+            )
+        })
     }
 
     /// The name of agent `id`, without copying the rest of its record.
@@ -671,6 +693,7 @@ impl Registry {
                 role: req.role,
                 enrolled_unix_ms: now_ms,
                 maintenance: None,
+                max_running_jobs: None,
             },
             token_sha256: hash.clone(),
             certified,
@@ -731,15 +754,29 @@ impl Registry {
     pub async fn update_agent(
         &self,
         id: &str,
-        tags: Option<Vec<String>>,
-        properties: Option<BTreeMap<String, String>>,
-        maintenance: Option<Option<String>>,
+        changes: AgentChanges,
     ) -> Result<Option<AgentRecord>, RegistryError> {
+        let AgentChanges {
+            tags,
+            properties,
+            maintenance,
+            max_running_jobs,
+        } = changes;
         let problem = tags
             .as_deref()
             .and_then(tags_problem)
             .or_else(|| properties.as_ref().and_then(properties_problem))
-            .or_else(|| maintenance.as_ref()?.as_deref().and_then(reason_problem));
+            .or_else(|| maintenance.as_ref()?.as_deref().and_then(reason_problem))
+            .or_else(|| {
+                max_running_jobs
+                    .filter(|n| u64::from(*n) > tether_shared::config::MAX_RUNNING_JOBS_PER_AGENT)
+                    .map(|n| {
+                        format!(
+                            "max_running_jobs is 0 (the server's default) to {}, got {n}",
+                            tether_shared::config::MAX_RUNNING_JOBS_PER_AGENT
+                        )
+                    })
+            });
         if let Some(problem) = problem {
             return Err(RegistryError::Invalid(problem));
         }
@@ -766,6 +803,9 @@ impl Registry {
                     }
                     Some(None) => stored.record.maintenance = None,
                     None => {}
+                }
+                if let Some(n) = max_running_jobs {
+                    stored.record.max_running_jobs = (n > 0).then_some(n);
                 }
             })
             .await?;

@@ -260,7 +260,14 @@ async fn tags_and_properties_change_persist_and_delete_forgets() {
         assert!(a.properties.is_empty());
         let props = BTreeMap::from([("rack".to_owned(), "<b2> & \"x\"".to_owned())]);
         let updated = reg
-            .update_agent(&a.id, Some(vec!["db".into()]), Some(props.clone()), None)
+            .update_agent(
+                &a.id,
+                AgentChanges {
+                    tags: Some(vec!["db".into()]),
+                    properties: Some(props.clone()),
+                    ..AgentChanges::default()
+                },
+            )
             .await
             .unwrap()
             .unwrap();
@@ -283,13 +290,20 @@ async fn tags_and_properties_change_persist_and_delete_forgets() {
             ),
         ] {
             let err = reg
-                .update_agent(&a.id, tags, properties, None)
+                .update_agent(
+                    &a.id,
+                    AgentChanges {
+                        tags,
+                        properties,
+                        ..AgentChanges::default()
+                    },
+                )
                 .await
                 .unwrap_err();
             assert!(matches!(err, RegistryError::Invalid(_)), "{err}");
         }
         assert!(reg
-            .update_agent("a-nobody", None, None, None)
+            .update_agent("a-nobody", AgentChanges::default())
             .await
             .unwrap()
             .is_none());

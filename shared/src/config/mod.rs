@@ -33,7 +33,7 @@ pub use relay::{
 pub use secret::Secret;
 pub use server::{
     masked_url, RawServerConfig, RawServerListen, RawServerSection, RawStorage, Retention,
-    ServerConfig, ServerListen, ServerSection, Storage,
+    ServerConfig, ServerListen, ServerSection, Storage, MAX_RUNNING_JOBS_PER_AGENT,
 };
 
 /// Directory searched for `<role>.toml` when neither `--config-dir` nor `TETHER_CONFIG_DIR` is set.

@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use super::checks::Problems;
 use super::{serialize_millis, ConfigError, LogConfig, RawConfig};
 
+/// Most jobs an agent may be allowed to run at once (its commands window must hold them).
+pub const MAX_RUNNING_JOBS_PER_AGENT: u64 = 256;
+
 /// `server.toml` as written: every key optional, defaults filled in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -194,6 +197,8 @@ pub struct RawServerSection {
     pub max_handshakes_in_flight: i64,
     /// Window of unacknowledged messages in flight per stream.
     pub max_unacked: i64,
+    /// Jobs an agent runs at once unless its own setting says otherwise; more wait queued.
+    pub max_running_jobs_per_agent: i64,
     /// How long a relay's certificate is valid; the server renews it over the relay's link
     /// once less than a third of that is left.
     pub relay_certificate_lifetime_s: i64,
@@ -212,6 +217,7 @@ impl Default for RawServerSection {
             heartbeat_timeout_ms: 15_000,
             max_handshakes_in_flight: 1_024,
             max_unacked: 1_024,
+            max_running_jobs_per_agent: 4,
             relay_certificate_lifetime_s: 30 * 86_400,
             journal_cache_mib: 256,
             files_dir: PathBuf::new(),
@@ -270,6 +276,8 @@ pub struct ServerSection {
     pub max_handshakes_in_flight: usize,
     /// Window of unacknowledged messages in flight per stream.
     pub max_unacked: u64,
+    /// Jobs an agent runs at once by default.
+    pub max_running_jobs_per_agent: usize,
     /// How long a relay's certificate is valid (renewed with a third of it left).
     #[serde(
         rename = "relay_certificate_lifetime_s",
@@ -336,6 +344,12 @@ impl RawConfig for RawServerConfig {
             65_536,
         );
         let unacked = p.count("server.max_unacked", s.max_unacked, 1, 1_000_000);
+        let running = p.count(
+            "server.max_running_jobs_per_agent",
+            s.max_running_jobs_per_agent,
+            1,
+            MAX_RUNNING_JOBS_PER_AGENT,
+        );
         // At most 825 days, what TLS clients accept; at least long enough to be renewed.
         let relay_lifetime = p.count(
             "server.relay_certificate_lifetime_s",
@@ -396,6 +410,7 @@ impl RawConfig for RawServerConfig {
                     heartbeat_timeout: timeout?,
                     max_handshakes_in_flight: usize::try_from(handshakes?).ok()?,
                     max_unacked: unacked?,
+                    max_running_jobs_per_agent: usize::try_from(running?).ok()?,
                     relay_certificate_lifetime: Duration::from_secs(relay_lifetime?),
                     journal_cache_mib: cache?,
                     files_dir: (!s.files_dir.as_os_str().is_empty()).then(|| s.files_dir.clone()),

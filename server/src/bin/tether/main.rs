@@ -226,6 +226,13 @@ enum AgentsCommand {
         #[arg(long, value_name = "TEXT")]
         reason: Option<String>,
     },
+    /// How many jobs an agent runs at once (1..256); 0 goes back to the server's
+    /// `server.max_running_jobs_per_agent`.
+    Concurrency {
+        /// Name or id.
+        agent: String,
+        jobs: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -539,6 +546,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 state,
                 reason,
             }) => agents::maintenance(&connect()?, &agent, state == OnOff::On, reason, json),
+            Some(AgentsCommand::Concurrency { agent, jobs }) => {
+                agents::concurrency(&connect()?, &agent, jobs, json)
+            }
         },
         Command::Relays { command } => match command {
             None | Some(RelaysCommand::List) => relays::list(&connect()?, json),

@@ -9,7 +9,7 @@ use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, Seq};
 
 use super::{AgentLink, AgentLinkError};
-use crate::deployments::Sealing;
+use crate::deployments::{AgentTerms, Sealing};
 
 /// Jobs taken: the last seq of their commands (none if every one failed instead of being
 /// sent), and the ops to commit.
@@ -25,8 +25,13 @@ impl AgentLink {
             Some(Err(why)) => Sealing::Unable(why),
             Some(Ok(sealer)) => Sealing::For(sealer),
         };
-        let maintenance = self.shared.registry.in_maintenance(&self.agent_id);
-        let mut ready = self.shared.work.ready(&self.agent_id, sealing, maintenance);
+        let (maintenance, max_running) = self.shared.registry.dispatch_terms(&self.agent_id);
+        let terms = AgentTerms {
+            sealing,
+            maintenance,
+            max_running,
+        };
+        let mut ready = self.shared.work.ready(&self.agent_id, terms);
         if ready.commands.is_empty() {
             return Ok((!ready.ops.is_empty()).then_some((None, ready.ops)));
         }

@@ -1,7 +1,7 @@
 //! `tether agents [list]` and `tether agents show NAME|ID`: `GET /api/v1/agents`, and for one
 //! agent its entry there with what `/admin/health` says about it; `tether agents delete
 //! NAME|ID [--force]`: `DELETE /api/v1/agents/{id}`; `tether agents maintenance NAME|ID on|off
-//! [--reason TEXT]`: `PATCH /api/v1/agents/{id}`.
+//! [--reason TEXT]` and `tether agents concurrency NAME|ID N`: `PATCH /api/v1/agents/{id}`.
 
 use std::process::ExitCode;
 
@@ -111,6 +111,13 @@ pub fn show(client: &Client, wanted: &str, json: bool) -> Result<ExitCode, CliEr
         ("version", cell(&agent["version"])),
         ("tags", cell(&agent["tags"])),
         ("path", path(&agent)),
+        (
+            "jobs at once",
+            match u64_at(&agent, "max_running_jobs") {
+                Some(n) => n.to_string(),
+                None => "the server's default".to_owned(),
+            },
+        ),
         ("last seen", ago(u64_at(&agent, "last_seen"), now)),
     ];
     if !own.is_null() {
@@ -153,6 +160,29 @@ pub fn delete(client: &Client, agent: &str, force: bool, json: bool) -> Result<E
             "agent {agent} deleted: its key no longer authenticates; {} unfinished job(s) failed",
             cell(&answer["failed_jobs"])
         ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Sets how many jobs agent `agent` runs at once (0: the server's default).
+pub fn concurrency(
+    client: &Client,
+    agent: &str,
+    jobs: u32,
+    json: bool,
+) -> Result<ExitCode, CliError> {
+    let path = format!("/api/v1/agents/{}", crate::client::segment(agent));
+    let answer = client
+        .patch_json(&path, &serde_json::json!({"max_running_jobs": jobs}))
+        .about(|| format!("agent {agent}"))?;
+    if json {
+        output::json(&answer)?;
+    } else if jobs == 0 {
+        output::line(&format!(
+            "agent {agent} runs as many jobs at once as the server's default"
+        ))?;
+    } else {
+        output::line(&format!("agent {agent} runs at most {jobs} job(s) at once"))?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -59,6 +59,24 @@ async fn get_agent(
     Ok(HttpResponse::Ok().json(state.agent_admin.status_json(&status)))
 }
 
+/// Applies `patch` to agent `id_or_name` (REST and web alike). When its maintenance or its
+/// limit of jobs changed, its link dispatches what may start now: out of maintenance or with a
+/// higher limit its waiting jobs go, into maintenance the skippable ones are skipped.
+pub async fn apply_patch(
+    state: &AppState,
+    id_or_name: &str,
+    patch: AgentPatch,
+) -> Result<crate::registry::AgentRecord, crate::agent_admin::AgentsError> {
+    let terms_changed = patch.maintenance.is_some() || patch.max_running_jobs.is_some();
+    let agent = state.agent_admin.update(id_or_name, patch).await?;
+    if terms_changed {
+        if let Err(e) = state.scheduler.dispatch(&agent.id.as_str().into()).await {
+            tracing::warn!(agent_id = %agent.id, error = %e, "job-dispatch-failed");
+        }
+    }
+    Ok(agent)
+}
+
 async fn patch_agent(
     req: HttpRequest,
     path: web::Path<String>,
@@ -67,15 +85,7 @@ async fn patch_agent(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let patch: AgentPatch = parse_json(&body)?;
-    let maintenance_changed = patch.maintenance.is_some() || patch.max_running_jobs.is_some();
-    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
-    if maintenance_changed {
-        // Out of maintenance or a higher limit: its waiting jobs go now; into maintenance:
-        // skippable ones are skipped now.
-        if let Err(e) = state.scheduler.dispatch(&agent.id.as_str().into()).await {
-            tracing::warn!(agent_id = %agent.id, error = %e, "job-dispatch-failed");
-        }
-    }
+    let agent = apply_patch(&state, &path.into_inner(), patch).await?;
     let status = state
         .agent_admin
         .status(&agent.id)

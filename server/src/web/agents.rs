@@ -379,8 +379,20 @@ async fn set_tags(
         tags: Some(tags),
         ..AgentPatch::default()
     };
-    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
-    tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-tags-set");
+    patched(&state, &user, &path.into_inner(), patch, "tags").await
+}
+
+/// Applies `patch` (`what` it changes) to agent `id` for `user` (as the REST API does), and
+/// goes back to its page.
+async fn patched(
+    state: &AppState,
+    user: &CurrentUser,
+    id: &str,
+    patch: AgentPatch,
+    what: &str,
+) -> Result<HttpResponse, WebError> {
+    let agent = crate::agents_api::apply_patch(state, id, patch).await?;
+    tracing::info!(user = %user.name, agent_id = %agent.id, change = what, "web-agent-changed");
     Ok(layout::redirect(&format!(
         "/agents/{}?done=saved",
         enc(&agent.id)
@@ -408,15 +420,7 @@ async fn set_maintenance(
         maintenance_reason: on.then_some(form.reason),
         ..AgentPatch::default()
     };
-    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
-    if let Err(e) = state.scheduler.dispatch(&agent.id.as_str().into()).await {
-        tracing::warn!(agent_id = %agent.id, error = %e, "job-dispatch-failed");
-    }
-    tracing::info!(user = %user.name, agent_id = %agent.id, maintenance = on, "web-agent-maintenance-set");
-    Ok(layout::redirect(&format!(
-        "/agents/{}?done=saved",
-        enc(&agent.id)
-    )))
+    patched(&state, &user, &path.into_inner(), patch, "maintenance").await
 }
 
 #[derive(Deserialize)]
@@ -455,12 +459,7 @@ async fn set_properties(
         properties: Some(parse_properties(&form.properties)?),
         ..AgentPatch::default()
     };
-    let agent = state.agent_admin.update(&path.into_inner(), patch).await?;
-    tracing::info!(user = %user.name, agent_id = %agent.id, "web-agent-properties-set");
-    Ok(layout::redirect(&format!(
-        "/agents/{}?done=saved",
-        enc(&agent.id)
-    )))
+    patched(&state, &user, &path.into_inner(), patch, "properties").await
 }
 
 #[derive(Deserialize)]

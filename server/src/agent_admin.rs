@@ -123,6 +123,21 @@ impl AgentAdmin {
         Ok((deleted, closed))
     }
 
+    /// Puts relay `id_or_name` in maintenance (`Some(reason)`) or ends it (`None`).
+    pub async fn set_relay_maintenance(
+        &self,
+        id_or_name: &str,
+        maintenance: Option<String>,
+    ) -> Result<AgentRecord, AgentsError> {
+        let relay = self
+            .resolve_relay(id_or_name)
+            .ok_or(AgentsError::RelayNotFound)?;
+        self.registry
+            .set_relay_maintenance(&relay.id, maintenance)
+            .await?
+            .ok_or(AgentsError::RelayNotFound)
+    }
+
     /// One agent's line as `GET /api/v1/agents` shows it, with its latest upgrade.
     pub fn status(&self, id: &str) -> Option<AgentView> {
         self.registry

@@ -37,6 +37,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource("/api/v1/relays/{id}")
+            .route(web::patch().to(patch_relay))
             .route(web::delete().to(delete_relay))
             .default_service(web::to(method_not_allowed)),
     );
@@ -75,6 +76,42 @@ pub async fn apply_patch(
         }
     }
     Ok(agent)
+}
+
+/// The body of `PATCH /api/v1/relays/{id}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayPatch {
+    maintenance: bool,
+    #[serde(default)]
+    maintenance_reason: Option<String>,
+}
+
+async fn patch_relay(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let patch: RelayPatch = parse_json(&body)?;
+    if !patch.maintenance && patch.maintenance_reason.is_some() {
+        return Err(ApiError::BadRequest(
+            "\"maintenance_reason\" goes with \"maintenance\": true".into(),
+        ));
+    }
+    let reason = patch
+        .maintenance
+        .then(|| patch.maintenance_reason.unwrap_or_default());
+    let relay = state
+        .agent_admin
+        .set_relay_maintenance(&path.into_inner(), reason)
+        .await?;
+    // Out of it, the agents behind it start their waiting jobs; into it, skippable ones end.
+    state.scheduler.dispatch_waiting().await;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": relay.id, "name": relay.name, "maintenance": relay.maintenance,
+    })))
 }
 
 async fn patch_agent(

@@ -544,3 +544,94 @@ fn a_relay_certificate_is_renewed_over_its_link_before_it_expires() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_relay_in_maintenance_starts_no_new_job_on_the_agents_behind_it() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-m");
+    let mut behind = Agent::install_via(
+        &server,
+        &[relay.upstream()],
+        tmp.path(),
+        "behind-1",
+        &["r"],
+        &[],
+    );
+    let mut direct = Agent::install(&server, tmp.path(), "direct-1", &["r"]);
+    behind.run();
+    direct.run();
+    for a in [&behind, &direct] {
+        eventually("online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(
+            &json!({"name": "hello", "steps": [{"name": "say", "plugin": "shell",
+            "step": "run", "properties": {"script": "echo hello"}}]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&[
+        "relays",
+        "maintenance",
+        "relay-m",
+        "on",
+        "--reason",
+        "firewall change",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let listed = tether_tests::stdout(&cli.run(&["relays"]));
+    assert!(listed.contains("(maintenance)"), "{listed}");
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "hello", "targets": {"tags": ["r"]}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let job = |d: &Value, agent: &str| {
+        d["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["agent"] == agent)
+            .map(|j| j["status"].as_str().unwrap_or_default().to_owned())
+            .unwrap()
+    };
+    let get = || {
+        server
+            .request("GET", &format!("/api/v1/deployments/{id}"), None)
+            .json()
+    };
+    // The direct agent's job runs to its end; the one behind the relay waits.
+    let d = eventually("the direct agent's job done", WAIT, || {
+        let d = get();
+        (job(&d, "direct-1") == "succeeded").then_some(d)
+    });
+    assert_eq!(job(&d, "behind-1"), "queued", "{d}");
+    // Refused: a reason without maintenance; an unknown relay.
+    let r = server.request(
+        "PATCH",
+        "/api/v1/relays/relay-m",
+        Some(&json!({"maintenance": false, "maintenance_reason": "x"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = server.request(
+        "PATCH",
+        "/api/v1/relays/no-such-relay",
+        Some(&json!({"maintenance": true})),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    // Out of maintenance: the waiting job runs.
+    let out = cli.run(&["relays", "maintenance", "relay-m", "off"]);
+    assert!(out.status.success(), "{out:?}");
+    eventually("the job behind the relay done", WAIT, || {
+        (job(&get(), "behind-1") == "succeeded").then_some(())
+    });
+}

@@ -176,6 +176,8 @@ pub struct RelayStatus {
     /// Its last heartbeat's status: version, load, and its actors' health.
     #[serde(rename = "health")]
     pub reported: Option<ReportedStatus>,
+    /// Set while it is in maintenance: no new job starts on an agent behind it.
+    pub maintenance: Option<Maintenance>,
 }
 
 /// A peer's self-reported status, as heartbeats carry it.
@@ -396,15 +398,50 @@ impl Registry {
         read(&self.agents).get(id).map(|s| s.record.clone())
     }
 
-    /// Whether agent `id` is in maintenance (no new job starts there), and its own limit of
-    /// jobs at once, if set.
-    pub fn dispatch_terms(&self, id: &str) -> (bool, Option<usize>) {
-        read(&self.agents).get(id).map_or((false, None), |s| {
+    /// Whether agent `id`, or a relay of `path` (its session's), is in maintenance (no new job
+    /// starts there), and its own limit of jobs at once, if set.
+    pub fn dispatch_terms(&self, id: &str, path: &[String]) -> (bool, Option<usize>) {
+        let agents = read(&self.agents);
+        let relay_held = path.iter().any(|r| {
+            agents
+                .get(r)
+                .is_some_and(|s| s.record.maintenance.is_some())
+        });
+        agents.get(id).map_or((relay_held, None), |s| {
             (
-                s.record.maintenance.is_some(),
+                relay_held || s.record.maintenance.is_some(),
                 s.record.max_running_jobs.map(|n| n as usize),
             )
         })
+    }
+
+    /// Puts relay `id` in maintenance (`Some(reason)`) or ends it (`None`): no new job starts
+    /// on the agents behind it. `None` if no relay has that id.
+    pub async fn set_relay_maintenance(
+        &self,
+        id: &str,
+        maintenance: Option<String>,
+    ) -> Result<Option<AgentRecord>, RegistryError> {
+        if let Some(problem) = maintenance.as_deref().and_then(reason_problem) {
+            return Err(RegistryError::Invalid(problem));
+        }
+        let on = maintenance.is_some();
+        let modified = self
+            .modify(id, Some(Role::Relay), |stored| {
+                stored.record.maintenance = maintenance.map(|reason| Maintenance {
+                    since_unix_ms: stored
+                        .record
+                        .maintenance
+                        .as_ref()
+                        .map_or_else(now_unix_ms, |m| m.since_unix_ms),
+                    reason,
+                });
+            })
+            .await?;
+        if modified.is_some() {
+            tracing::info!(relay_id = %id, maintenance = on, "relay-maintenance-set");
+        }
+        Ok(modified)
     }
 
     /// The name of agent `id`, without copying the rest of its record.
@@ -496,6 +533,7 @@ impl Registry {
                     agents: carried.get(record.id.as_str()).copied().unwrap_or(0),
                     // A relay's last heartbeat says nothing once it is gone.
                     reported: if p.online { p.reported } else { None },
+                    maintenance: record.maintenance,
                     id: record.id,
                     name: record.name,
                 }

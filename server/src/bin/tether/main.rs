@@ -251,6 +251,17 @@ enum RelaysCommand {
         /// Name or id.
         relay: String,
     },
+    /// Put a relay in maintenance (`on`): no new job starts on the agents behind it; `off`
+    /// ends it.
+    Maintenance {
+        /// Name or id.
+        relay: String,
+        #[arg(value_enum)]
+        state: OnOff,
+        /// Why (shown with it), with `on`.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -545,7 +556,14 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 agent,
                 state,
                 reason,
-            }) => agents::maintenance(&connect()?, &agent, state == OnOff::On, reason, json),
+            }) => agents::maintenance_of(
+                &connect()?,
+                agents::Peer::Agent,
+                &agent,
+                state == OnOff::On,
+                reason,
+                json,
+            ),
             Some(AgentsCommand::Concurrency { agent, jobs }) => {
                 agents::concurrency(&connect()?, &agent, jobs, json)
             }
@@ -553,6 +571,18 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
         Command::Relays { command } => match command {
             None | Some(RelaysCommand::List) => relays::list(&connect()?, json),
             Some(RelaysCommand::Delete { relay }) => relays::delete(&connect()?, &relay, json),
+            Some(RelaysCommand::Maintenance {
+                relay,
+                state,
+                reason,
+            }) => agents::maintenance_of(
+                &connect()?,
+                agents::Peer::Relay,
+                &relay,
+                state == OnOff::On,
+                reason,
+                json,
+            ),
         },
         Command::Trust { command } => {
             let store_ca = settings.ca.is_none();

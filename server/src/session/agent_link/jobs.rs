@@ -25,7 +25,12 @@ impl AgentLink {
             Some(Err(why)) => Sealing::Unable(why),
             Some(Ok(sealer)) => Sealing::For(sealer),
         };
-        let (maintenance, max_running) = self.shared.registry.dispatch_terms(&self.agent_id);
+        let path = self
+            .shared
+            .presence
+            .online_path(&self.agent_id)
+            .unwrap_or_default();
+        let (maintenance, max_running) = self.shared.registry.dispatch_terms(&self.agent_id, &path);
         let terms = AgentTerms {
             sealing,
             maintenance,

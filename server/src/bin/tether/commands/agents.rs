@@ -37,8 +37,8 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Its status, and `(maintenance)` while it is in maintenance.
-fn status(agent: &Value) -> String {
+/// Its status, and `(maintenance)` while it (an agent or a relay) is in maintenance.
+pub fn status(agent: &Value) -> String {
     match agent.get("maintenance").filter(|m| !m.is_null()) {
         Some(_) => format!("{} (maintenance)", cell(&agent["status"])),
         None => cell(&agent["status"]),
@@ -187,14 +187,26 @@ pub fn concurrency(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Puts agent `agent` in maintenance (`on`, with `reason`) or ends it.
-pub fn maintenance(
+/// An agent, or a relay (the agents behind it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Agent,
+    Relay,
+}
+
+/// Puts agent (or relay) `agent` in maintenance (`on`, with `reason`) or ends it.
+pub fn maintenance_of(
     client: &Client,
+    peer: Peer,
     agent: &str,
     on: bool,
     reason: Option<String>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
+    let (collection, what, place) = match peer {
+        Peer::Agent => ("agents", "agent", "there"),
+        Peer::Relay => ("relays", "relay", "on the agents behind it"),
+    };
     let mut body = serde_json::json!({"maintenance": on});
     if let Some(reason) = reason {
         if !on {
@@ -202,19 +214,19 @@ pub fn maintenance(
         }
         body["maintenance_reason"] = reason.into();
     }
-    let path = format!("/api/v1/agents/{}", crate::client::segment(agent));
+    let path = format!("/api/v1/{collection}/{}", crate::client::segment(agent));
     let answer = client
         .patch_json(&path, &body)
-        .about(|| format!("agent {agent}"))?;
+        .about(|| format!("{what} {agent}"))?;
     if json {
         output::json(&answer)?;
     } else if on {
         output::line(&format!(
-            "agent {agent} in maintenance: no new job starts there"
+            "{what} {agent} in maintenance: no new job starts {place}"
         ))?;
     } else {
         output::line(&format!(
-            "agent {agent} out of maintenance: its waiting jobs start"
+            "{what} {agent} out of maintenance: waiting jobs start"
         ))?;
     }
     Ok(ExitCode::SUCCESS)

@@ -33,7 +33,7 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         let parents: Vec<&str> = items(r, "path").iter().filter_map(Value::as_str).collect();
         table.row(vec![
             cell(&r["name"]),
-            cell(&r["status"]),
+            super::agents::status(r),
             cell(&r["version"]),
             if parents.is_empty() {
                 "direct".to_owned()

@@ -30,6 +30,22 @@ pub struct AgentPatch {
     pub max_running_jobs: Option<u32>,
 }
 
+/// `"maintenance"` and `"maintenance_reason"` of a patch (agent or relay) as a change:
+/// `Some(Some(reason))` starts it, `Some(None)` ends it, `None` leaves it.
+pub fn maintenance_change(
+    on: Option<bool>,
+    reason: Option<String>,
+) -> Result<Option<Option<String>>, AgentsError> {
+    match (on, reason) {
+        (Some(true), reason) => Ok(Some(Some(reason.unwrap_or_default()))),
+        (Some(false), None) => Ok(Some(None)),
+        (_, Some(_)) => Err(AgentsError::Invalid(
+            "\"maintenance_reason\" goes with \"maintenance\": true".into(),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Why a change to an agent was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentsError {
@@ -173,16 +189,7 @@ impl AgentAdmin {
                 "nothing to change: give \"tags\", \"properties\", \"maintenance\" and/or \"max_running_jobs\"".into(),
             ));
         }
-        let maintenance = match (patch.maintenance, patch.maintenance_reason) {
-            (Some(true), reason) => Some(Some(reason.unwrap_or_default())),
-            (Some(false), None) => Some(None),
-            (_, Some(_)) => {
-                return Err(AgentsError::Invalid(
-                    "\"maintenance_reason\" goes with \"maintenance\": true".into(),
-                ))
-            }
-            (None, None) => None,
-        };
+        let maintenance = maintenance_change(patch.maintenance, patch.maintenance_reason)?;
         let agent = self.resolve(id_or_name).ok_or(AgentsError::NotFound)?;
         let changes = AgentChanges {
             tags: patch.tags,

@@ -95,14 +95,9 @@ async fn patch_relay(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let patch: RelayPatch = parse_json(&body)?;
-    if !patch.maintenance && patch.maintenance_reason.is_some() {
-        return Err(ApiError::BadRequest(
-            "\"maintenance_reason\" goes with \"maintenance\": true".into(),
-        ));
-    }
-    let reason = patch
-        .maintenance
-        .then(|| patch.maintenance_reason.unwrap_or_default());
+    let reason =
+        crate::agent_admin::maintenance_change(Some(patch.maintenance), patch.maintenance_reason)?
+            .flatten();
     let relay = state
         .agent_admin
         .set_relay_maintenance(&path.into_inner(), reason)

@@ -428,14 +428,7 @@ impl Registry {
         let on = maintenance.is_some();
         let modified = self
             .modify(id, Some(Role::Relay), |stored| {
-                stored.record.maintenance = maintenance.map(|reason| Maintenance {
-                    since_unix_ms: stored
-                        .record
-                        .maintenance
-                        .as_ref()
-                        .map_or_else(now_unix_ms, |m| m.since_unix_ms),
-                    reason,
-                });
+                set_maintenance(&mut stored.record, maintenance)
             })
             .await?;
         if modified.is_some() {
@@ -826,21 +819,8 @@ impl Registry {
                 if let Some(properties) = properties {
                     stored.record.properties = properties;
                 }
-                match maintenance {
-                    // Already in maintenance: the reason changes, not the time it began.
-                    Some(Some(reason)) => {
-                        let since = stored
-                            .record
-                            .maintenance
-                            .as_ref()
-                            .map_or_else(now_unix_ms, |m| m.since_unix_ms);
-                        stored.record.maintenance = Some(Maintenance {
-                            since_unix_ms: since,
-                            reason,
-                        });
-                    }
-                    Some(None) => stored.record.maintenance = None,
-                    None => {}
+                if let Some(maintenance) = maintenance {
+                    set_maintenance(&mut stored.record, maintenance);
                 }
                 if let Some(n) = max_running_jobs {
                     stored.record.max_running_jobs = (n > 0).then_some(n);
@@ -1067,6 +1047,19 @@ pub const MAX_PROPERTY_VALUE_LEN: usize = 1024;
 /// Why `properties` are not acceptable, if they are not: at most [`MAX_PROPERTIES`], each key a
 /// valid name, each value at most [`MAX_PROPERTY_VALUE_LEN`] bytes without control characters
 /// (no CR/LF to forge log lines or headers; the web application escapes everything else).
+/// Starts (`Some(reason)`) or ends maintenance of an agent or relay. Already in maintenance:
+/// the reason changes, not the time it began.
+fn set_maintenance(record: &mut AgentRecord, maintenance: Option<String>) {
+    let since = record
+        .maintenance
+        .as_ref()
+        .map_or_else(now_unix_ms, |m| m.since_unix_ms);
+    record.maintenance = maintenance.map(|reason| Maintenance {
+        since_unix_ms: since,
+        reason,
+    });
+}
+
 /// What is wrong with a maintenance reason, if anything.
 fn reason_problem(reason: &str) -> Option<String> {
     if reason.chars().count() > MAX_MAINTENANCE_REASON {

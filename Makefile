@@ -59,11 +59,12 @@ dist: setup
 	tar -C dist -czf dist/$(DIST_NAME).tar.gz $(DIST_NAME)
 	@echo "dist/$(DIST_NAME).tar.gz: bin/ (four binaries), config/ (defaults, systemd units), docs/"
 
-## run: a local server with a demo data dir in $(RUN_DIR) (created on first run).
+## run: a local server with a demo data dir in $(RUN_DIR) (created on first run); its config
+## dir (and the secrets key ring) is $(RUN_DIR)/etc, so nothing is written to /etc.
 run: build
 	@mkdir -p $(RUN_DIR)
-	@[ -f $(RUN_DIR)/server/admin.token ] || ./target/debug/tether-server init --data $(RUN_DIR)/server
+	@[ -f $(RUN_DIR)/server/admin.token ] || TETHER_CONFIG_DIR=$(RUN_DIR)/etc ./target/debug/tether-server init --data $(RUN_DIR)/server
 	@echo "admin token: $$(cat $(RUN_DIR)/server/admin.token)   (also in $(RUN_DIR)/server/admin.token)"
 	@echo "web application: https://localhost:8443/  (user admin, password in $(RUN_DIR)/server/admin.password; change it)"
 	@echo "try: curl --cacert $(RUN_DIR)/server/ca.pem -H \"Authorization: Bearer \$$(cat $(RUN_DIR)/server/admin.token)\" https://localhost:8443/admin/health"
-	TETHER_LISTEN__HTTPS=127.0.0.1:8443 ./target/debug/tether-server run --data $(RUN_DIR)/server
+	TETHER_CONFIG_DIR=$(RUN_DIR)/etc TETHER_LISTEN__HTTPS=127.0.0.1:8443 ./target/debug/tether-server run --data $(RUN_DIR)/server

@@ -336,6 +336,7 @@ impl Upstream {
                 restarts: 0,
                 last_beat_ms: 0,
             }],
+            facts: None,
         };
         let frame = Frame::Heartbeat(Heartbeat {
             sent_ms: now_ms(),

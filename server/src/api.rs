@@ -12,6 +12,7 @@ use std::time::Duration;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
+use crate::agent_filter::Filter as AgentFilter;
 use crate::api_error::{method_not_allowed, parse_json, ApiError};
 use crate::registry::Role;
 use crate::state::AppState;
@@ -112,16 +113,33 @@ async fn revoke_token(
     Ok(HttpResponse::Ok().json(body))
 }
 
-/// `GET /api/v1/agents`.
+/// The `where` conditions of a query string (repeatable: every one must hold); any other
+/// parameter is refused, so a mistyped one does not silently select every agent.
+fn where_filter(query: &str) -> Result<AgentFilter, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+        .map_err(|e| ApiError::BadRequest(format!("bad query: {e}")))?;
+    if let Some((other, _)) = pairs.iter().find(|(k, _)| k != "where") {
+        let shown: String = other.chars().take(64).collect();
+        return Err(ApiError::BadRequest(format!(
+            "unknown query parameter {shown:?}: only where=FIELD=VALUE (repeatable)"
+        )));
+    }
+    let conditions: Vec<&str> = pairs.iter().map(|(_, v)| v.as_str()).collect();
+    AgentFilter::parse(&conditions).map_err(ApiError::BadRequest)
+}
+
+/// `GET /api/v1/agents`, or the agents meeting `?where=` conditions (`crate::agent_filter`).
 async fn list_agents(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
+    let filter = where_filter(req.query_string())?;
     let list: Vec<serde_json::Value> = state
         .registry
         .agent_statuses(state.presence.as_ref())
         .into_iter()
+        .filter(|a| filter.matches(a))
         .map(|a| {
             let upgrade = state.upgrades.agent(&a.id);
             let mut v = serde_json::to_value(&a).unwrap_or_default();

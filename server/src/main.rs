@@ -29,6 +29,7 @@
 mod admin;
 mod admin_token;
 mod agent_admin;
+mod agent_filter;
 mod agent_surface;
 mod agents_api;
 mod api;

@@ -13,6 +13,7 @@
 //! - [`tls`]: rustls server and client configurations, CA and certificate generation.
 //! - [`identity`]: Ed25519 key pairs for agents, relays and the server's signing key.
 //! - [`enroll`]: the enrollment request and answer, roles, name rules, upstream URLs.
+//! - [`facts`]: what an agent reports of its machine (OS, architecture, memory, ...).
 //! - [`plugin`]: plugin manifests (`plugin.toml`) and bundle inspection (tar.gz), every problem at once.
 //! - [`frame_guard`]: refuses an oversized WebSocket frame by its header, before buffering it
 //!   (the server's and the relay's WebSocket listeners).
@@ -31,6 +32,7 @@ pub mod config;
 pub mod dialer;
 pub mod e2e;
 pub mod enroll;
+pub mod facts;
 pub mod frame_guard;
 pub mod h1_tls;
 pub mod https;

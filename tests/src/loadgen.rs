@@ -596,6 +596,7 @@ impl SimAgent {
                             .sign(&hello_proof_bytes(&c.nonce, &self.agent_id)),
                         trust_serial: 0,
                         sealing_key: sim_sealing_key(),
+                        facts: sim_facts(&self.agent_id),
                         ..Default::default()
                     };
                     if let Err(e) =
@@ -972,6 +973,7 @@ impl SimAgent {
                     restarts: 0,
                     last_beat_ms: 0,
                 }],
+                facts: None,
             }),
         })
     }
@@ -1163,6 +1165,31 @@ fn run_thread(cfg: &SimConfig, agents: Vec<SimAgent>, mut control: watch::Receiv
 
 /// The sealing key every simulated agent announces (they run nothing, so none opens a secret;
 /// jobs with secrets are sealed for it as for a real agent).
+/// Facts as a real agent reports them; half the simulated fleet is `aarch64`, a third
+/// `rocky`, so that filters on them select part of it.
+fn sim_facts(agent_id: &str) -> tether_shared::facts::Facts {
+    let n = agent_id
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+    let pick = |options: &[&str], k: u32| options[(k as usize) % options.len()].to_owned();
+    tether_shared::facts::Facts::from([
+        ("os".to_owned(), "linux".to_owned()),
+        ("arch".to_owned(), pick(&["x86_64", "aarch64"], n)),
+        (
+            "distribution".to_owned(),
+            pick(&["debian", "ubuntu", "rocky"], n / 2),
+        ),
+        ("distribution_version".to_owned(), "12".to_owned()),
+        ("kernel".to_owned(), "6.1.0-28-amd64".to_owned()),
+        ("hostname".to_owned(), format!("sim-{agent_id}")),
+        ("cpus".to_owned(), (1 << (n % 5)).to_string()),
+        ("memory_mb".to_owned(), "16000".to_owned()),
+        ("disk_free_mb".to_owned(), "120000".to_owned()),
+        ("boot_unix_s".to_owned(), "1700000000".to_owned()),
+        ("user".to_owned(), "tether".to_owned()),
+    ])
+}
+
 fn sim_sealing_key() -> String {
     static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     KEY.get_or_init(|| tether_shared::sealing::SealingKey::generate().public_b64())

@@ -195,6 +195,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
                         running_jobs: 0,
                         load_milli: load_milli(),
                         actors: actors.clone(),
+                        facts: None,
                     });
                 }
                 let line = serde_json::to_string(&WorkerHealth { actors }).unwrap_or_default();

@@ -433,6 +433,8 @@ fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
         enrolled_unix_ms: 0,
         maintenance: None,
         max_running_jobs: None,
+        facts: Default::default(),
+        facts_unix_ms: 0,
     }
 }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether_shared::config::Secret;
 use tether_shared::enroll::{name_problem, tags_problem};
+use tether_shared::facts::Facts;
 use tether_shared::identity::PublicKey;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 
@@ -65,6 +66,13 @@ pub struct AgentRecord {
     /// `server.max_running_jobs_per_agent`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_running_jobs: Option<u32>,
+    /// What the agent last reported of its machine (`tether_shared::facts`); empty until it
+    /// connects with a release that reports them.
+    #[serde(default, skip_serializing_if = "Facts::is_empty")]
+    pub facts: Facts,
+    /// When `facts` were last stored (0: never).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub facts_unix_ms: u64,
 }
 
 /// What an operator changes of an agent; `None` leaves a field as it is.
@@ -157,6 +165,10 @@ pub struct AgentView {
     pub maintenance: Option<Maintenance>,
     /// Its own limit of jobs at once, if an operator set one.
     pub max_running_jobs: Option<u32>,
+    /// What it reported of its machine (`tether_shared::facts`).
+    pub facts: Facts,
+    /// When those facts were reported (absent: never).
+    pub facts_unix_ms: Option<u64>,
 }
 
 /// One line of `GET /api/v1/relays`.
@@ -199,6 +211,8 @@ fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>
         properties: record.properties,
         maintenance: record.maintenance,
         max_running_jobs: record.max_running_jobs,
+        facts: record.facts,
+        facts_unix_ms: (record.facts_unix_ms > 0).then_some(record.facts_unix_ms),
     }
 }
 
@@ -725,6 +739,8 @@ impl Registry {
                 enrolled_unix_ms: now_ms,
                 maintenance: None,
                 max_running_jobs: None,
+                facts: Facts::new(),
+                facts_unix_ms: 0,
             },
             token_sha256: hash.clone(),
             certified,
@@ -908,6 +924,23 @@ impl Registry {
         }
         let modified = self
             .modify(id, None, |stored| stored.trust_serial = serial)
+            .await?;
+        Ok(modified.is_some())
+    }
+
+    /// Stores the facts agent `id` reported, unless they are those stored; `false` if no
+    /// agent has that id. The caller bounds how often (see `session::record_facts`).
+    pub async fn set_facts(&self, id: &str, facts: Facts) -> Result<bool, RegistryError> {
+        match read(&self.agents).get(id) {
+            None => return Ok(false),
+            Some(s) if s.record.facts == facts => return Ok(true),
+            Some(_) => {}
+        }
+        let modified = self
+            .modify(id, Some(Role::Agent), |stored| {
+                stored.record.facts = facts;
+                stored.record.facts_unix_ms = tether_shared::clock::now_unix_ms();
+            })
             .await?;
         Ok(modified.is_some())
     }

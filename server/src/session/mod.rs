@@ -135,5 +135,20 @@ pub fn record_trust_serial(shared: &SessionShared, id: &str, serial: u64) {
     });
 }
 
+/// Least time between two stores of one agent's facts from its heartbeats: an agent that
+/// sends facts in every heartbeat costs no more writes than one that follows `facts::REFRESH`.
+pub const FACTS_MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Records the facts agent `id` reported (in the background: a lost record is replaced by the
+/// next report).
+pub fn record_facts(shared: &SessionShared, id: &str, facts: tether_shared::facts::Facts) {
+    let (registry, id) = (shared.registry.clone(), id.to_owned());
+    actix_rt::spawn(async move {
+        if let Err(e) = registry.set_facts(&id, facts).await {
+            tracing::error!(agent_id = %id, error = %e, "facts-record-failed");
+        }
+    });
+}
+
 /// Milliseconds since the Unix epoch (the stream core takes time as an input).
 pub use tether_shared::clock::now_unix_ms as now_ms;

@@ -21,6 +21,7 @@ use super::layout::{self, ago, badge, csrf_field, enc, found, resource, utc};
 use super::session::CurrentUser;
 use super::{csrf, WebError};
 use crate::agent_admin::AgentPatch;
+use crate::agent_filter::Filter;
 use crate::registry::{AgentView, Status};
 use crate::scheduler::Queued;
 use crate::state::AppState;
@@ -50,6 +51,9 @@ pub struct ListQuery {
     q: String,
     #[serde(default)]
     status: String,
+    /// Conditions on facts and fields (`crate::agent_filter`), separated by spaces.
+    #[serde(default, rename = "where")]
+    conditions: String,
     page: Option<usize>,
     done: Option<String>,
 }
@@ -81,13 +85,18 @@ async fn list(
 ) -> HttpResponse {
     let q = query.q.trim().to_lowercase();
     let status_filter = query.status.as_str();
+    let conditions: Vec<&str> = query.conditions.split_whitespace().collect();
+    let (filter, filter_problem) = match Filter::parse(&conditions) {
+        Ok(f) => (f, None),
+        Err(e) => (Filter::default(), Some(e)),
+    };
     let all = state
         .registry
         .agent_statuses(state.agent_admin.shared.presence.as_ref());
     let total = all.len();
     let matching: Vec<(AgentView, &'static str)> = all
         .into_iter()
-        .filter(|a| matches(a, &q))
+        .filter(|a| matches(a, &q) && filter.matches(a))
         .map(|a| {
             let shown = shown_status(&a, state.upgrades.agent(&a.id).as_ref());
             (a, shown)
@@ -99,9 +108,10 @@ async fn list(
     let shown = matching.iter().skip((page - 1) * PAGE_SIZE).take(PAGE_SIZE);
     let page_link = |p: usize| {
         format!(
-            "/agents?q={}&status={}&page={p}",
+            "/agents?q={}&status={}&where={}&page={p}",
             enc(&query.q),
-            enc(&query.status)
+            enc(&query.status),
+            enc(&query.conditions)
         )
     };
     layout::page(
@@ -116,6 +126,10 @@ async fn list(
                     input #q type="search" name="q" value=(query.q);
                 }
                 div {
+                    label for="where" { "Facts (e.g. os=linux arch=x86_64 cpus>=4)" }
+                    input #where type="search" name="where" value=(query.conditions);
+                }
+                div {
                     label for="status" { "Status" }
                     select #status name="status" {
                         @for s in ["", "online", "offline", "upgrading"] {
@@ -127,13 +141,14 @@ async fn list(
                 }
                 button type="submit" { "Search" }
             }
+            @if let Some(problem) = &filter_problem { p.error #filter-problem { (problem) } }
             p.muted #summary {
                 (matching.len()) " of " (total) " agents"
                 @if matching.len() > PAGE_SIZE { " · page " (page) " of " (pages) }
             }
             table #agents {
                 thead { tr {
-                    th { "Name" } th { "Status" } th { "Version" } th { "Tags" }
+                    th { "Name" } th { "Status" } th { "Version" } th { "System" } th { "Tags" }
                     th { "Path" } th { "Last seen" }
                 } }
                 tbody data-agents data-poll="/ui/agents/status.json" {
@@ -143,6 +158,7 @@ async fn list(
                             td { span data-field="status" { (badge(status)) }
                                  @if a.maintenance.is_some() { " " span.maintenance { (badge("maintenance")) } } }
                             td data-field="version" { (a.version.as_deref().unwrap_or("")) }
+                            td.system { (system_text(a)) }
                             td { @for t in &a.tags { span.tag { (t) } } }
                             td { (path_text(a)) }
                             td data-field="last-seen" { (ago(a.last_seen_unix_ms)) }
@@ -159,6 +175,20 @@ async fn list(
             }
         },
     )
+}
+
+/// Its distribution and architecture, as its facts say (`debian 12 · x86_64`).
+fn system_text(a: &AgentView) -> String {
+    ["distribution", "distribution_version"]
+        .iter()
+        .filter_map(|k| a.facts.get(*k).map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ")
+        + a.facts
+            .get(tether_shared::facts::ARCH)
+            .map(|arch| format!(" · {arch}"))
+            .unwrap_or_default()
+            .as_str()
 }
 
 /// The relays between the agent and the server; unknown for an agent not seen since the
@@ -264,6 +294,18 @@ async fn detail(
                     table { @for (k, v) in &a.properties { tr { th { (k) } td { (v) } } } }
                 }
                 dt { "Path" } dd { (path_text(&a)) }
+                dt { "Facts" } dd #facts {
+                    @if a.facts.is_empty() { span.muted { "none reported yet" } }
+                    @else {
+                        table { @for (k, v) in &a.facts { tr { th { (k) } td {
+                            @match (k.as_str(), v.parse::<u64>()) {
+                                ("boot_unix_s", Ok(s)) => { "up since " (utc(s.saturating_mul(1000))) " (" (ago(Some(s.saturating_mul(1000)))) ")" },
+                                _ => (v),
+                            }
+                        } } } }
+                        span.muted { "reported " (ago(a.facts_unix_ms)) " · usable in steps as ${agent.NAME}" }
+                    }
+                }
                 dt { "Maintenance" } dd #maintenance {
                     @match &a.maintenance {
                         None => span.muted { "no" },

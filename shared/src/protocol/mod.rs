@@ -158,6 +158,9 @@ pub struct Hello {
     /// (`crate::sealing`); older agents send none and are sent no secret.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sealing_key: String,
+    /// What the agent's machine is (`crate::facts`); older agents send none.
+    #[serde(default, skip_serializing_if = "crate::facts::Facts::is_empty")]
+    pub facts: crate::facts::Facts,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -459,6 +462,9 @@ pub struct AgentStatus {
     /// One-minute load average times 1000 (integers keep the encoding exact).
     pub load_milli: u32,
     pub actors: Vec<ActorHealth>,
+    /// The agent's facts again (`crate::facts`), every [`crate::facts::REFRESH`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<crate::facts::Facts>,
 }
 
 /// Liveness, both ways; the agent's carries its status.
@@ -697,6 +703,14 @@ fn check_crc<B: Serialize>(
     Ok(())
 }
 
+/// Facts that break the rules of `crate::facts::problem` make the frame malformed.
+fn check_facts(kind: &'static str, facts: &crate::facts::Facts) -> Result<(), DecodeError> {
+    match crate::facts::problem(facts) {
+        Some(reason) => Err(DecodeError::BadBody { kind, reason }),
+        None => Ok(()),
+    }
+}
+
 /// Decode one frame sent by `sender`. Never panics, whatever the bytes.
 pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
     if bytes.len() > MAX_FRAME_BYTES {
@@ -726,6 +740,7 @@ pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
                     "hello: last_command_id is longer than {MAX_COMMAND_ID} bytes"
                 )));
             }
+            check_facts("hello", &h.facts)?;
             Frame::Hello(h)
         }
         "welcome" => {
@@ -756,7 +771,13 @@ pub fn decode(bytes: &[u8], sender: Sender) -> Result<Frame, DecodeError> {
             check_seq(n.from)?;
             Frame::Nack(n)
         }
-        "heartbeat" => Frame::Heartbeat(body("heartbeat", raw)?),
+        "heartbeat" => {
+            let h: Heartbeat = body("heartbeat", raw)?;
+            if let Some(facts) = h.status.as_ref().and_then(|s| s.facts.as_ref()) {
+                check_facts("heartbeat", facts)?;
+            }
+            Frame::Heartbeat(h)
+        }
         "error" => Frame::Error(body("error", raw)?),
         other => return Err(DecodeError::UnknownKind(truncate(other, 64))),
     };

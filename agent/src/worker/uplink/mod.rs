@@ -115,6 +115,8 @@ pub struct Uplink {
     /// When our last heartbeat went out, and how often the server wants one.
     last_beat_sent: Instant,
     heartbeat: Duration,
+    /// When our facts last went out (in the `Hello`, then every `facts::REFRESH`).
+    facts_sent: Instant,
     /// Probe events still to emit and the next number.
     probe_next: u64,
     probe_todo: u64,
@@ -168,6 +170,7 @@ impl Uplink {
             step: Step::Securing,
             gate: None,
             last_beat_sent: Instant::now(),
+            facts_sent: Instant::now(),
             heartbeat: cfg.heartbeat_interval,
             probe_next,
             probe_todo,
@@ -351,7 +354,9 @@ impl Uplink {
                         last_command_id: self.last_command_id(last_command_seq),
                         reconciles: true,
                         sealing_key: self.cfg.sealing_key.clone(),
+                        facts: tether_shared::facts::collect(&self.cfg.data_dir),
                     };
+                    self.facts_sent = Instant::now();
                     self.send(&Frame::Hello(hello));
                     self.step = Step::AwaitWelcome;
                 }
@@ -631,7 +636,13 @@ impl Uplink {
             return;
         }
         self.last_beat_sent = Instant::now();
-        let status = self.cfg.status.lock().ok().and_then(|s| s.clone());
+        let mut status = self.cfg.status.lock().ok().and_then(|s| s.clone());
+        if let Some(s) = status.as_mut() {
+            if self.facts_sent.elapsed() >= tether_shared::facts::REFRESH {
+                self.facts_sent = Instant::now();
+                s.facts = Some(tether_shared::facts::collect(&self.cfg.data_dir));
+            }
+        }
         self.send(&Frame::Heartbeat(Heartbeat {
             sent_ms: now_ms(),
             status,

@@ -79,6 +79,11 @@ enum Command {
     Agents {
         #[command(subcommand)]
         command: Option<AgentsCommand>,
+        /// Only agents meeting FIELD=VALUE (repeatable, all must hold): a fact (os, arch,
+        /// cpus, memory_mb, ...), name, status, version, tag, maintenance or property.KEY;
+        /// also !=, <, <=, >, >= and * wildcards.
+        #[arg(long = "where", value_name = "CONDITION", global = true)]
+        conditions: Vec<String>,
     },
     /// Enrolled relays.
     Relays {
@@ -199,7 +204,8 @@ struct LoginArgs {
 
 #[derive(Debug, Subcommand)]
 enum AgentsCommand {
-    /// Every agent: name, status, version, tags, relay path, last seen (the default).
+    /// Every agent (or those meeting --where): name, status, version, system, tags, relay
+    /// path, last seen (the default).
     List,
     /// One agent, by name or id.
     Show {
@@ -546,8 +552,11 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
     match command {
         Command::Login(args) => login::login(&settings, args.token, args.user, json),
         Command::Logout => login::logout(json),
-        Command::Agents { command } => match command {
-            None | Some(AgentsCommand::List) => agents::list(&connect()?, json),
+        Command::Agents {
+            command,
+            conditions,
+        } => match command {
+            None | Some(AgentsCommand::List) => agents::list(&connect()?, &conditions, json),
             Some(AgentsCommand::Show { agent }) => agents::show(&connect()?, &agent, json),
             Some(AgentsCommand::Delete { agent, force }) => {
                 agents::delete(&connect()?, &agent, force, json)

@@ -93,6 +93,8 @@ pub struct AgentLink {
     /// What seals the agent's job secrets, set up for the key of its last `Hello`: `None`
     /// before its first handshake since start, `Some(Err(why))` if it cannot be.
     sealing: Option<Result<Arc<tether_shared::sealing::Sealer>, String>>,
+    /// When the agent's facts were last handed to the registry.
+    facts_stored: Option<Instant>,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -104,6 +106,19 @@ fn command_id(bytes: &[u8]) -> Option<String> {
 }
 
 impl AgentLink {
+    /// Hands the agent's facts to the registry: at a handshake (`now`), or from a heartbeat
+    /// at most every `FACTS_MIN_INTERVAL`.
+    fn store_facts(&mut self, facts: tether_shared::facts::Facts, now: bool) {
+        let due = now
+            || self
+                .facts_stored
+                .is_none_or(|t| t.elapsed() >= super::FACTS_MIN_INTERVAL);
+        if due {
+            self.facts_stored = Some(Instant::now());
+            super::record_facts(&self.shared, &self.agent_id, facts);
+        }
+    }
+
     /// Rebuild the link of `agent_id` from the journal.
     pub fn recover(agent_id: &AgentId, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
         let keys = StreamKeys::server_side(agent_id)?;
@@ -139,6 +154,7 @@ impl AgentLink {
             trust_capable: false,
             refused: None,
             sealing: None,
+            facts_stored: None,
         })
     }
 
@@ -351,8 +367,11 @@ impl AgentLink {
                 self.shared.presence.touch(&self.agent_id, None);
                 let held = self.shared.registry.trust_serial(&self.agent_id);
                 self.offer_trust(ctx, held);
-                if hb.status.is_some() {
-                    self.status = hb.status;
+                if let Some(mut status) = hb.status {
+                    if let Some(facts) = status.facts.take() {
+                        self.store_facts(facts, false);
+                    }
+                    self.status = Some(status);
                 }
             }
             Frame::Error(e) => {
@@ -620,6 +639,9 @@ impl Handler<Attach> for AgentLink {
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
+        if !hello.facts.is_empty() {
+            self.store_facts(hello.facts.clone(), true);
+        }
         self.sealing = Some(if hello.sealing_key.is_empty() {
             Err(crate::deployments::NO_SEALING_KEY.to_owned())
         } else {

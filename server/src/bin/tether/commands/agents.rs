@@ -12,22 +12,36 @@ use crate::client::Client;
 use crate::error::{About, CliError};
 use crate::output::{self, ago, cell, now_unix_ms, Table};
 
-/// Every agent.
-pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
-    let agents = client
-        .get_json("/api/v1/agents")
-        .about(|| "agents".to_owned())?;
+/// Every agent, or those meeting `conditions` (`--where`, checked by the server).
+pub fn list(client: &Client, conditions: &[String], json: bool) -> Result<ExitCode, CliError> {
+    let pairs: Vec<(&str, &str)> = conditions.iter().map(|c| ("where", c.as_str())).collect();
+    let query =
+        serde_urlencoded::to_string(pairs).map_err(|e| CliError::Failed(format!("query: {e}")))?;
+    let url = match query.is_empty() {
+        true => "/api/v1/agents".to_owned(),
+        false => format!("/api/v1/agents?{query}"),
+    };
+    let agents = client.get_json(&url).about(|| "agents".to_owned())?;
     if json {
         output::json(&agents)?;
         return Ok(ExitCode::SUCCESS);
     }
     let now = now_unix_ms();
-    let mut table = Table::new(&["NAME", "STATUS", "VERSION", "TAGS", "PATH", "LAST SEEN"]);
+    let mut table = Table::new(&[
+        "NAME",
+        "STATUS",
+        "VERSION",
+        "SYSTEM",
+        "TAGS",
+        "PATH",
+        "LAST SEEN",
+    ]);
     for a in agents.as_array().into_iter().flatten() {
         table.row(vec![
             cell(&a["name"]),
             status(a),
             cell(&a["version"]),
+            system(a),
             cell(&a["tags"]),
             path(a),
             ago(u64_at(a, "last_seen"), now),
@@ -35,6 +49,19 @@ pub fn list(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     }
     table.print()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Its distribution and architecture from its facts (`debian 12 x86_64`), `-` if none.
+fn system(agent: &Value) -> String {
+    let facts = &agent["facts"];
+    let parts: Vec<&str> = ["distribution", "distribution_version", "arch"]
+        .iter()
+        .filter_map(|k| facts.get(*k)?.as_str())
+        .collect();
+    match parts.is_empty() {
+        true => "-".to_owned(),
+        false => parts.join(" "),
+    }
 }
 
 /// Its status, and `(maintenance)` while it (an agent or a relay) is in maintenance.
@@ -126,6 +153,14 @@ pub fn show(client: &Client, wanted: &str, json: bool) -> Result<ExitCode, CliEr
         lines.push(("events received", cell(&own["events_received"])));
     }
     output::fields(&lines)?;
+    if let Some(facts) = agent["facts"].as_object().filter(|f| !f.is_empty()) {
+        output::line("")?;
+        let mut table = Table::new(&["FACT", "VALUE"]);
+        for (k, v) in facts {
+            table.row(vec![k.clone(), cell(v)]);
+        }
+        table.print()?;
+    }
     let actors = items(&own, "actors");
     if !actors.is_empty() {
         output::line("")?;

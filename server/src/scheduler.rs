@@ -40,6 +40,8 @@ pub enum Queued {
     Queued,
     /// An upgrade to this version is already underway or done (its state): left alone.
     Underway(Option<UpgradeState>),
+    /// Not sent (why): the package is built for another architecture than the agent's.
+    Refused(String),
 }
 
 /// Share as `Arc<Scheduler>`.
@@ -122,6 +124,15 @@ impl Scheduler {
         agent_id: &AgentId,
         package: &Package,
     ) -> Result<Queued, SchedulerError> {
+        let facts = self
+            .registry
+            .agent(agent_id)
+            .map(|a| a.facts)
+            .unwrap_or_default();
+        if let Some(problem) = package.arch_problem(&facts) {
+            tracing::warn!(agent_id = %agent_id, version = %package.version, reason = %problem, "upgrade-refused-architecture");
+            return Ok(Queued::Refused(problem));
+        }
         let current = self.upgrades.agent(agent_id);
         let settled = current.as_ref().is_some_and(|c| {
             c.version == package.version && (c.state.in_progress() || c.state == UpgradeState::Done)

@@ -128,10 +128,16 @@ pub fn process_op(p: &Process, keys: &KeyRing) -> Op {
 pub const NO_SEALING_KEY: &str =
     "the agent's release cannot receive secrets sealed for it: upgrade the agent, then deploy again";
 
+/// The target agent's values for `${agent.NAME}` (its name, id and facts), asked for only
+/// when a step holds such a placeholder.
+pub type AgentValues<'a> = &'a dyn Fn() -> BTreeMap<String, String>;
+
 /// What dispatch to one agent may do now, as its link knows it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct AgentTerms<'a> {
     pub sealing: Sealing<'a>,
+    /// Its values for `${agent.NAME}` placeholders.
+    pub agent: AgentValues<'a>,
     /// In maintenance: nothing starts (see `State::skip_for_maintenance`).
     pub maintenance: bool,
     /// Its own limit of jobs at once (`None`: the server's).
@@ -149,13 +155,16 @@ pub enum Sealing<'a> {
     For(&'a tether_shared::sealing::Sealer),
 }
 
-/// `steps` as job `job_id` sends them to an agent (see [`Sealing`]); `Ok(None)`: not yet.
-fn seal_steps(
+/// `steps` as job `job_id` sends them to an agent: its `${agent.NAME}` placeholders filled in
+/// and secrets sealed (see [`Sealing`]); `Ok(None)`: not yet.
+fn steps_for_agent(
     steps: &[StepSpec],
     sealing: Sealing<'_>,
+    agent: AgentValues<'_>,
     job_id: &str,
 ) -> Result<Option<Vec<StepSpec>>, String> {
     let mut sealed = steps.to_vec();
+    fill_agent_values(&mut sealed, agent)?;
     for (i, step) in sealed.iter_mut().enumerate() {
         if !step.secrets.iter().any(|n| step.properties.contains_key(n)) {
             continue;
@@ -169,6 +178,33 @@ fn seal_steps(
             .map_err(|e| format!("the job's secrets could not be sealed for the agent: {e}"))?;
     }
     Ok(Some(sealed))
+}
+
+/// Replaces the `${agent.NAME}` placeholders of `steps` with the agent's values; `Err` names
+/// one it does not have, or says the steps grew past what a job may carry.
+fn fill_agent_values(steps: &mut [StepSpec], agent: AgentValues<'_>) -> Result<(), String> {
+    let marker = format!("${{{}", super::validate::AGENT_PLACEHOLDER);
+    let mut values = None;
+    for step in steps.iter_mut() {
+        for (k, v) in step.properties.iter_mut() {
+            if !v.contains(&marker) {
+                continue;
+            }
+            let values = values.get_or_insert_with(agent);
+            *v = super::validate::substitute_agent(v, values)
+                .map_err(|e| format!("step {:?} property {k:?}: {e}", step.name))?;
+        }
+    }
+    if values.is_some() {
+        let size = serde_json::to_vec(&steps).map_or(usize::MAX, |v| v.len());
+        if size > super::validate::MAX_STEPS_BYTES {
+            return Err(format!(
+                "with the agent's values filled in, the steps take {size} bytes, more than the {} one job may carry",
+                super::validate::MAX_STEPS_BYTES
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl State {
@@ -471,6 +507,7 @@ impl State {
         agent_id: &str,
         limit: usize,
         sealing: Sealing<'_>,
+        agent: AgentValues<'_>,
     ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         let active = self.active_jobs(agent_id);
         let mut running = 0;
@@ -499,12 +536,12 @@ impl State {
             let Some(d) = self.deployments.get(&job.deployment_id) else {
                 continue;
             };
-            let steps = match seal_steps(&d.steps, sealing, &job_id) {
+            let steps = match steps_for_agent(&d.steps, sealing, agent, &job_id) {
                 Ok(Some(steps)) => steps,
                 // Later jobs wait too: an agent runs its jobs in the order they were made.
                 Ok(None) => break,
                 Err(message) => {
-                    tracing::warn!(agent_id = %agent_id, job_id = %job_id, reason = %message, "job-failed-secrets-not-sealed");
+                    tracing::warn!(agent_id = %agent_id, job_id = %job_id, reason = %message, "job-failed-not-sendable");
                     job.finish(JobState::Failed, StepState::Interrupted, &message);
                     ops.push(job_op(job));
                     continue;

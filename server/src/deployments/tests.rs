@@ -318,16 +318,20 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
         s.insert_job(Job::new(&d, &"a1".into()));
         s.deployments.insert(d.id.clone(), d);
     }
-    let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1));
+    let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values);
     assert_eq!(ids, vec![JobId::from("d-2-a1")], "one slot left of 2");
     assert!(matches!(&bodies[..], [CommandBody::RunJob { job_id, .. }] if job_id == "d-2-a1"));
     assert_eq!(ops.len(), 1);
     assert!(s
-        .take_ready("a1", 2, Sealing::For(agent_key().1))
+        .take_ready("a1", 2, Sealing::For(agent_key().1), &no_values)
         .0
         .is_empty());
     s.undo_dispatch(&ids);
-    assert_eq!(s.take_ready("a1", 2, Sealing::For(agent_key().1)).0, ids);
+    assert_eq!(
+        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values)
+            .0,
+        ids
+    );
 
     let (ops, remote) = s.cancel("d-3");
     assert_eq!(ops.len(), 1);
@@ -339,7 +343,8 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     // When d-1 finishes, d-4 is next (d-3 was cancelled).
     s.apply_event("a1", &job_finished(JobStatus::Succeeded));
     assert_eq!(
-        s.take_ready("a1", 2, Sealing::For(agent_key().1)).0,
+        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values)
+            .0,
         vec![JobId::from("d-4-a1")]
     );
 }
@@ -479,7 +484,7 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
         j.dispatched = false;
     }
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a1", "a2"]);
-    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1));
+    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values);
     assert_eq!((ids.len(), bodies.len()), (1, 1));
     assert_eq!(s.running("a1"), 1);
     assert_eq!(s.unfinished("a1").count(), 1);
@@ -490,7 +495,7 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
     assert_eq!(s.unfinished("a1").count(), 0);
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a2"]);
     assert!(s
-        .take_ready("a1", 4, Sealing::For(agent_key().1))
+        .take_ready("a1", 4, Sealing::For(agent_key().1), &no_values)
         .0
         .is_empty());
     // Deleting an agent fails its unfinished jobs and only those.
@@ -510,7 +515,7 @@ fn queued() -> State {
 fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one() {
     let (key, sealer) = agent_key();
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(sealer));
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(sealer), &no_values);
     assert_eq!((ids.len(), ops.len()), (1, 1));
     let wire = serde_json::to_string(&bodies).unwrap();
     assert!(!wire.contains("s3cr3t-script"), "{wire}");
@@ -530,21 +535,90 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
 
     // Not attached since start: the job waits, unchanged.
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown);
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown, &no_values);
     assert!(ids.is_empty() && bodies.is_empty() && ops.is_empty());
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
-    assert_eq!(s.take_ready("a1", 4, Sealing::For(sealer)).0.len(), 1);
+    assert_eq!(
+        s.take_ready("a1", 4, Sealing::For(sealer), &no_values)
+            .0
+            .len(),
+        1
+    );
 
     // A hostile or broken agent's key that is no X25519 key: no sealer, and a reason.
     assert!(sealing::Sealer::new("not a key!").is_err());
 
     // A release that sends no key: the job fails, saying why; nothing is sent.
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unable(super::NO_SEALING_KEY));
+    let (ids, bodies, ops) =
+        s.take_ready("a1", 4, Sealing::Unable(super::NO_SEALING_KEY), &no_values);
     assert!(ids.is_empty() && bodies.is_empty());
     assert_eq!(ops.len(), 1);
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);
     assert!(s.jobs["d-1-a1"].message.contains("upgrade the agent"));
+}
+
+/// An agent with no values for `${agent.NAME}`.
+fn no_values() -> BTreeMap<String, String> {
+    BTreeMap::new()
+}
+
+#[test]
+fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alone() {
+    let mut s = queued();
+    let d = s.deployments.get_mut("d-1").unwrap();
+    d.steps[0].properties.insert(
+        "script".into(),
+        "echo ${agent.os}/${agent.name} ${x}".into(),
+    );
+    let values = || {
+        BTreeMap::from([
+            ("os".into(), "linux".into()),
+            ("name".into(), "web-1".into()),
+        ])
+    };
+    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values);
+    assert_eq!(ids.len(), 1);
+    let [CommandBody::RunJob { steps, .. }] = &bodies[..] else {
+        panic!("{bodies:?}");
+    };
+    assert_eq!(steps[0].properties["script"], "echo linux/web-1 ${x}");
+    // The deployment keeps the placeholders: each agent gets its own values.
+    assert!(s.deployments["d-1"].steps[0].properties["script"].contains("${agent.os}"));
+
+    // An agent without the fact: its job fails saying which; nothing is sent.
+    let mut s = queued();
+    s.deployments.get_mut("d-1").unwrap().steps[0]
+        .properties
+        .insert("script".into(), "echo ${agent.gpu}".into());
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values);
+    assert!(ids.is_empty() && bodies.is_empty());
+    assert_eq!(ops.len(), 1);
+    assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);
+    assert!(
+        s.jobs["d-1-a1"].message.contains("no fact \"gpu\""),
+        "{}",
+        s.jobs["d-1-a1"].message
+    );
+
+    // Values that would blow the job past its frame: refused, not sent.
+    let mut s = queued();
+    s.deployments.get_mut("d-1").unwrap().steps[0]
+        .properties
+        .insert("script".into(), "${agent.big}".repeat(4000));
+    let big = || BTreeMap::from([("big".into(), "x".repeat(256))]);
+    let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &big);
+    assert!(ids.is_empty());
+    assert!(s.jobs["d-1-a1"].message.contains("more than"));
+}
+
+#[test]
+fn deployment_properties_may_not_take_the_agents_names() {
+    let problems = super::validate::validate_properties(&BTreeMap::from([(
+        "agent.os".to_owned(),
+        "x".to_owned(),
+    )]));
+    assert!(problems[0].contains("target agent"), "{problems:?}");
 }
 
 fn meta_text(op: &Op) -> String {

@@ -256,11 +256,50 @@ fn placeholders(value: &str) -> Result<Vec<&str>, String> {
     Ok(found)
 }
 
+/// Placeholders `${agent.NAME}` are the target agent's: its `name`, `id` or one of its facts
+/// (`tether_shared::facts`), filled in for each agent when its job is sent
+/// ([`substitute_agent`]); deployment properties may not be named so.
+pub const AGENT_PLACEHOLDER: &str = "agent.";
+
 /// `value` with every `${name}` replaced by its property, literally (the replacement is not
-/// scanned again). `Err` names the first unknown property.
+/// scanned again); `${agent.NAME}` is left for [`substitute_agent`]. `Err` names the first
+/// unknown property.
 fn substitute(value: &str, props: &BTreeMap<String, String>) -> Result<(String, bool), String> {
-    let mut out = String::with_capacity(value.len());
     let mut secret = false;
+    let out = replace_placeholders(value, |name| {
+        if name.starts_with(AGENT_PLACEHOLDER) {
+            return Ok(None);
+        }
+        let v = props
+            .get(name)
+            .ok_or_else(|| format!("unknown property ${{{name}}}"))?;
+        secret |= is_secret_property(name);
+        Ok(Some(v.as_str()))
+    })?;
+    Ok((out, secret))
+}
+
+/// `value` with every `${agent.NAME}` replaced by the agent's `NAME` in `agent` (its name, id
+/// and facts). `Err` names the first the agent does not have.
+pub fn substitute_agent(value: &str, agent: &BTreeMap<String, String>) -> Result<String, String> {
+    replace_placeholders(value, |name| match name.strip_prefix(AGENT_PLACEHOLDER) {
+        None => Ok(None),
+        Some(key) => agent.get(key).map(|v| Some(v.as_str())).ok_or_else(|| {
+            format!(
+                "the agent has no fact {key:?} for ${{{name}}} (it has {})",
+                agent.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        }),
+    })
+}
+
+/// `value` with each `${name}` replaced by what `lookup` answers for it (`None`: kept as it
+/// is), literally: a replacement is not scanned again.
+fn replace_placeholders<'v>(
+    value: &str,
+    mut lookup: impl FnMut(&str) -> Result<Option<&'v str>, String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
@@ -269,22 +308,27 @@ fn substitute(value: &str, props: &BTreeMap<String, String>) -> Result<(String, 
             return Err("unterminated \"${\"".to_owned());
         };
         let name = &after[..end];
-        let v = props
-            .get(name)
-            .ok_or_else(|| format!("unknown property ${{{name}}}"))?;
-        secret |= is_secret_property(name);
-        out.push_str(v);
+        match lookup(name)? {
+            Some(v) => out.push_str(v),
+            None => out.push_str(&rest[start..start + 2 + end + 1]),
+        }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok((out, secret))
+    Ok(out)
 }
 
 /// Checks deployment properties: names as placeholders allow, bounded count.
 pub fn validate_properties(props: &BTreeMap<String, String>) -> Vec<String> {
     let mut problems: Vec<String> = props
         .keys()
-        .filter_map(|k| name_problem("property name", k))
+        .filter_map(|k| {
+            name_problem("property name", k).or_else(|| {
+                k.starts_with(AGENT_PLACEHOLDER).then(|| {
+                    format!("property name {k:?}: names starting with \"{AGENT_PLACEHOLDER}\" are the target agent's (${{agent.os}}, ...)")
+                })
+            })
+        })
         .collect();
     if props.len() > MAX_PROPERTIES {
         problems.push(format!(

@@ -429,6 +429,16 @@ impl Registry {
         })
     }
 
+    /// Agent `id`'s values for `${agent.NAME}` in steps: its facts, `name` and `id`.
+    pub fn placeholder_values(&self, id: &str) -> BTreeMap<String, String> {
+        read(&self.agents).get(id).map_or_else(BTreeMap::new, |s| {
+            let mut values = s.record.facts.clone();
+            values.insert("name".to_owned(), s.record.name.clone());
+            values.insert("id".to_owned(), s.record.id.clone());
+            values
+        })
+    }
+
     /// Puts relay `id` in maintenance (`Some(reason)`) or ends it (`None`): no new job starts
     /// on the agents behind it. `None` if no relay has that id.
     pub async fn set_relay_maintenance(

@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tether_shared::upgrade::{is_sha256, Component, Version};
+use tether_shared::upgrade::{elf_arch, is_sha256, Component, Version, ELF_HEADER_BYTES};
 
 use super::{AgentUpgrade, UpgradeState, Upgrades, UpgradesError};
 use crate::api_error::parse_json;
@@ -127,6 +127,7 @@ async fn upload(
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    let mut head = Vec::with_capacity(ELF_HEADER_BYTES);
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("upload interrupted: {e}")))?;
         size = size.saturating_add(chunk.len() as u64);
@@ -134,6 +135,8 @@ async fn upload(
             tracing::warn!(version = %version, max, "upgrade-upload-too-large");
             return Ok(too_large(max));
         }
+        let want = ELF_HEADER_BYTES.saturating_sub(head.len()).min(chunk.len());
+        head.extend_from_slice(&chunk[..want]);
         hasher.update(&chunk);
         batch.extend_from_slice(&chunk);
         if batch.len() >= WRITE_BATCH {
@@ -157,9 +160,15 @@ async fn upload(
     let shared = state.shared.clone();
     let (package, created) = state
         .upgrades
-        .publish(component, version, tmp.keep(), sha256, size, |bytes| {
-            shared.trust.sign(bytes)
-        })
+        .publish(
+            component,
+            version,
+            tmp.keep(),
+            sha256,
+            size,
+            elf_arch(&head).map(str::to_owned),
+            |bytes| shared.trust.sign(bytes),
+        )
         .await
         .map_err(|e| match e {
             UpgradesError::Conflict(reason) => ApiError::Conflict(reason),
@@ -169,7 +178,7 @@ async fn upload(
         tracing::info!(component = %component, version = %package.version, sha256 = %package.sha256, size = package.size, "upgrade-published");
     }
     let body = json!({"component": package.component, "version": package.version,
-                      "sha256": package.sha256, "size": package.size});
+                      "sha256": package.sha256, "size": package.size, "arch": package.arch});
     Ok(if created {
         HttpResponse::Created().json(body)
     } else {
@@ -185,7 +194,7 @@ async fn list(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
         .into_iter()
         .map(|p| {
             json!({"component": p.component, "version": p.version, "sha256": p.sha256, "size": p.size,
-                   "uploaded_unix_ms": p.uploaded_unix_ms})
+                   "arch": p.arch, "uploaded_unix_ms": p.uploaded_unix_ms})
         })
         .collect();
     Ok(HttpResponse::Ok().json(list))
@@ -245,6 +254,9 @@ async fn rollout(
             .queue_upgrade(&id.as_str().into(), &package)
             .await
         {
+            Ok(Queued::Refused(reason)) => {
+                answer.push(json!({"id": id, "name": name, "queued": false, "refused": reason}));
+            }
             Ok(Queued::Underway(s)) => {
                 answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
             }

@@ -67,6 +67,27 @@ pub struct Package {
     /// Which binary it replaces (absent: an agent package).
     #[serde(default, skip_serializing_if = "Component::is_agent")]
     pub component: Component,
+    /// The CPU architecture of the binary (`x86_64`, `aarch64`, ...: an agent's `arch` fact)
+    /// read from its ELF header at upload; absent if it is no ELF file of a known machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+}
+
+impl Package {
+    /// Why this package cannot go to a machine whose facts are `facts`: it was built for
+    /// another architecture. `None` if it fits, or if either architecture is unknown.
+    pub fn arch_problem(&self, facts: &tether_shared::facts::Facts) -> Option<String> {
+        let (built, runs) = (
+            self.arch.as_deref()?,
+            facts.get(tether_shared::facts::ARCH)?,
+        );
+        (built != runs).then(|| {
+            format!(
+                "package {} is built for {built}, the machine runs on {runs}: upload one for {runs} under another version",
+                self.version
+            )
+        })
+    }
 }
 
 impl Package {
@@ -404,6 +425,7 @@ impl Upgrades {
         tmp: PathBuf,
         sha256: String,
         size: u64,
+        arch: Option<String>,
         sign: impl FnOnce(&[u8]) -> String,
     ) -> Result<(Package, bool), UpgradesError> {
         let _guard = self.publish.lock().await;
@@ -442,6 +464,7 @@ impl Upgrades {
             signature,
             uploaded_unix_ms: now_unix_ms(),
             component,
+            arch,
         };
         let value = serde_json::to_vec(&package).map_err(std::io::Error::other)?;
         self.journal

@@ -528,8 +528,12 @@ async fn upgrade(
         .queue_upgrade(&agent.id.as_str().into(), &package)
         .await
         .map_err(|e| WebError::Unavailable(e.to_string()))?;
-    if matches!(queued, Queued::Queued) {
-        tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, "web-upgrade-queued");
+    match queued {
+        Queued::Queued => {
+            tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, "web-upgrade-queued");
+        }
+        Queued::Refused(reason) => return Err(WebError::BadRequest(reason)),
+        Queued::Underway(_) => {}
     }
     Ok(layout::redirect(&back))
 }

@@ -31,8 +31,11 @@ impl AgentLink {
             .online_path(&self.agent_id)
             .unwrap_or_default();
         let (maintenance, max_running) = self.shared.registry.dispatch_terms(&self.agent_id, &path);
+        let registry = &self.shared.registry;
+        let values = || registry.placeholder_values(&self.agent_id);
         let terms = AgentTerms {
             sealing,
+            agent: &values,
             maintenance,
             max_running,
         };

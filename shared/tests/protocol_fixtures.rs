@@ -95,6 +95,11 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                         last_command_id: format!("{s:x}"),
                         reconciles: s % 2 == 0,
                         sealing_key: format!("k{s}"),
+                        facts: [("os".to_owned(), format!("os{}", s % 5))]
+                            .into_iter()
+                            .filter(|_| s % 3 == 0)
+                            .collect(),
+                        runs_as: s % 2 == 1,
                     };
                     (Frame::Hello(h), Sender::Agent)
                 }
@@ -169,6 +174,8 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                 let status = status.map(
                     |(version, running_jobs, load_milli, name, restarts, last_beat_ms)| {
                         AgentStatus {
+                            facts: (restarts % 2 == 0)
+                                .then(|| [("cpus".to_owned(), restarts.to_string())].into()),
                             version,
                             running_jobs,
                             load_milli,
@@ -349,6 +356,7 @@ fn samples_match_their_golden_files() {
             Frame::Heartbeat(Heartbeat {
                 sent_ms: 1_790_000_000_123,
                 status: Some(AgentStatus {
+                    facts: None,
                     version: "0.1.0".into(),
                     running_jobs: 1,
                     load_milli: 250,

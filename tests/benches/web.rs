@@ -1,6 +1,8 @@
-//! Web pages with 5,000 agents registered: the agents page (page 1 of 50, 100 rows) and a
-//! search, against the REST API's JSON list of the same 5,000 agents as the baseline, all
-//! measured in the same run on the same server.
+//! Web pages with 5,000 agents registered and connected (simulated, each reporting its facts):
+//! the agents page (page 1 of 50, 100 rows), a search and filters on facts (`where=`), against
+//! the unfiltered page and the REST API's JSON list of the same 5,000 agents as the baselines,
+//! all measured in the same run on the same server; and `tether agents --where` against
+//! `tether agents`. Ratios are of medians.
 //!
 //! - Raw HTTPS (a new TLS connection per request, as a browser's first visit): time to the
 //!   first body byte and to the last, best and median of 20.
@@ -16,9 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_shared::https::{request_streaming, Request, StreamLimits};
+use tether_tests::fleet::eventually;
 use tether_tests::fleet::{Server, TestDir};
 use tether_tests::https_request_with_body;
-use tether_tests::loadgen::enroll_many;
+use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
 use tether_tests::webdriver::Driver;
 
 const RUNS: usize = 20;
@@ -63,7 +66,8 @@ fn stats(mut samples: Vec<f64>) -> (f64, f64) {
     (samples[0], samples[samples.len() / 2])
 }
 
-fn measure(label: &str, server: &Server, path: &str, headers: &[(&str, &str)]) {
+/// Prints best / median of time to first byte and to the last; answers the median TTFB (ms).
+fn measure(label: &str, server: &Server, path: &str, headers: &[(&str, &str)]) -> f64 {
     timed_get(server, path, headers); // warm-up
     let runs: Vec<_> = (0..RUNS)
         .map(|_| timed_get(server, path, headers))
@@ -74,6 +78,21 @@ fn measure(label: &str, server: &Server, path: &str, headers: &[(&str, &str)]) {
         "  {label:<44} first byte {ttfb_best:>7.1} / {ttfb_med:>7.1} ms   whole {total_best:>7.1} / {total_med:>7.1} ms   {:>9} bytes",
         runs[0].2
     );
+    ttfb_med
+}
+
+/// Median wall time (ms) of `tether ARGS` (a new process and TLS connection each).
+fn cli_median(cli: &tether_tests::tether_cli::Tether, args: &[&str]) -> f64 {
+    let _ = cli.run(args);
+    let runs: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let t = Instant::now();
+            let out = cli.run(args);
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            ms(t.elapsed())
+        })
+        .collect();
+    stats(runs).1
 }
 
 fn main() {
@@ -87,9 +106,31 @@ fn main() {
     let tls = Arc::new(tether_shared::tls::client_config(&ca).unwrap());
     let token = server.token(u32::try_from(agents).unwrap());
     let started = Instant::now();
-    enroll_many(server.wss, tls, "localhost", &token, "agent", agents, 32).unwrap();
+    let enrolled = enroll_many(server.wss, tls, "localhost", &token, "agent", agents, 32).unwrap();
     println!(
         "web: {agents} agents enrolled in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    // Connected, so that each reports its facts (as a real agent does at its handshake); one
+    // loopback address per 500 keeps each under the server's per-source bounds.
+    let started = Instant::now();
+    let spread = u8::try_from(agents.div_ceil(500)).unwrap_or(u8::MAX);
+    let client = tether_shared::tls::client_config(&ca).unwrap();
+    let fleet = Fleet::start(
+        SimConfig::new(server.wss, "localhost", client).spread_over_loopback(spread),
+        enrolled,
+    )
+    .unwrap();
+    eventually(
+        "every agent's facts stored",
+        Duration::from_secs(600),
+        || {
+            let r = server.request("GET", "/api/v1/agents?where=os%3Dlinux", None);
+            (r.json().as_array().map_or(0, Vec::len) == agents).then_some(())
+        },
+    );
+    println!(
+        "web: {agents} agents connected, facts stored, in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 
@@ -120,8 +161,8 @@ fn main() {
 
     println!("web: raw HTTPS, new TLS connection per request, best / median of {RUNS}:");
     let page = [("Cookie", cookie.as_str())];
-    measure(
-        "GET /agents (page 1 of 50, 100 rows)",
+    let unfiltered = measure(
+        "baseline: GET /agents (page 1 of 50)",
         &server,
         "/agents",
         &page,
@@ -139,14 +180,60 @@ fn main() {
         "/agents?q=agent-1",
         &page,
     );
-    measure(
+    let filtered = measure(
+        "GET /agents?where=arch=aarch64 (facts)",
+        &server,
+        "/agents?where=arch%3Daarch64",
+        &page,
+    );
+    let filtered2 = measure(
+        "GET /agents?where=os=linux cpus>=4 distribution=deb*",
+        &server,
+        "/agents?where=os%3Dlinux+cpus%3E%3D4+distribution%3Ddeb*",
+        &page,
+    );
+    let bearer = [("Authorization", auth.as_str())];
+    let json_all = measure(
         "baseline: GET /api/v1/agents (JSON, all)",
         &server,
         "/api/v1/agents",
-        &[("Authorization", auth.as_str())],
+        &bearer,
+    );
+    let json_filtered = measure(
+        "GET /api/v1/agents?where=arch=aarch64",
+        &server,
+        "/api/v1/agents?where=arch%3Daarch64",
+        &bearer,
+    );
+    let cli = tether_tests::tether_cli::Tether::new(&dir.path().join("cli"));
+    cli.login(&server);
+    let cli_all = cli_median(&cli, &["agents"]);
+    let cli_where = cli_median(
+        &cli,
+        &["agents", "--where", "arch=aarch64", "--where", "cpus>=4"],
+    );
+    println!("  tether agents (all)                           {cli_all:>7.1} ms median");
+    println!("  tether agents --where arch=aarch64 cpus>=4    {cli_where:>7.1} ms median");
+    println!("web: ratios of medians (target <= 1.5 for filters against the unfiltered page):");
+    println!(
+        "  page where=arch / unfiltered page            {:.2}x",
+        filtered / unfiltered
+    );
+    println!(
+        "  page three conditions / unfiltered page      {:.2}x",
+        filtered2 / unfiltered
+    );
+    println!(
+        "  JSON where=arch / JSON all                   {:.2}x",
+        json_filtered / json_all
+    );
+    println!(
+        "  tether agents --where / tether agents        {:.2}x",
+        cli_where / cli_all
     );
 
     browser(&server, &origin, password.trim(), &dir);
+    fleet.stop();
 }
 
 /// The agents page in headless Chromium: Navigation Timing, best / median of [`RUNS`].

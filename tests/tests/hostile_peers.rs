@@ -1170,3 +1170,102 @@ fn an_unusable_sealing_key_gets_no_secret_and_the_job_fails_saying_why() {
     assert!(run_job.0.starts_with(&plain), "{run_job:?}");
     assert!(!format!("{run_job:?}").contains("s3cr3t"), "{run_job:?}");
 }
+
+/// Facts out of bounds in a `Hello` (too many, a bad name, a control character, too long) close
+/// the connection as malformed before anything is stored; and an agent that does not announce
+/// `runs_as` (an older release, or a peer lying about it) is never sent a job that names a
+/// user: the job fails saying why, and a job without one still reaches it.
+#[test]
+fn hostile_facts_store_nothing_and_a_run_as_job_never_reaches_an_agent_that_cannot_switch() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let agent = Agent::install(&server, tmp.path(), "facts-peer", &[]);
+    let key = agent_identity(&agent.dir);
+    let many: tether_shared::facts::Facts =
+        (0..40).map(|i| (format!("f{i}"), "x".into())).collect();
+    let cases: Vec<(&str, tether_shared::facts::Facts)> = vec![
+        ("40 facts", many),
+        (
+            "a name with a dot",
+            [("os.name".to_owned(), "linux".to_owned())].into(),
+        ),
+        (
+            "a newline",
+            [("os".to_owned(), "linux\nEVIL=1".to_owned())].into(),
+        ),
+        ("257 bytes", [("os".to_owned(), "x".repeat(257))].into()),
+    ];
+    for (case, facts) in cases {
+        let (mut ws, nonce) = challenged(&server, &agent.id, &key);
+        let mut h = hello(&key, &agent.id, &nonce, &fresh_incarnation());
+        h.facts = facts;
+        ws.send(&Frame::Hello(h)).unwrap();
+        let closed = ws.expect_close(WAIT);
+        assert_closed(
+            case,
+            &closed,
+            1002,
+            Some((ErrorCode::Malformed, "fact")),
+            false,
+        );
+        let listed = server.agent(&agent.id).unwrap();
+        assert_eq!(listed["facts"], json!({}), "{case}: {listed}");
+        assert_eq!(listed["status"], "offline", "{case}: {listed}");
+    }
+
+    let (mut ws, nonce) = challenged(&server, &agent.id, &key);
+    let mut h = hello(&key, &agent.id, &nonce, &fresh_incarnation());
+    h.facts = [("os".to_owned(), "linux".to_owned())].into();
+    assert!(!h.runs_as);
+    ws.send(&Frame::Hello(h)).unwrap();
+    assert!(matches!(
+        ws.recv_frame("the welcome", WAIT),
+        Frame::Welcome(_)
+    ));
+    eventually("its facts stored", WAIT, || {
+        (server.agent(&agent.id)?["facts"]["os"] == "linux").then_some(())
+    });
+    for (name, run_as) in [("as-deploy", Some("deploy")), ("as-itself", None)] {
+        let mut step = json!({"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": "id -un"}});
+        if let Some(user) = run_as {
+            step["properties"]["run_as"] = json!(user);
+        }
+        let r = server.request(
+            "POST",
+            "/api/v1/processes",
+            Some(&json!({"name": name, "steps": [step]})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let deploy = |process: &str| {
+        let r = server.request(
+            "POST",
+            "/api/v1/deployments",
+            Some(&json!({"process": process, "targets": {"agents": ["facts-peer"]}})),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()["id"].as_str().unwrap().to_owned()
+    };
+    let id = deploy("as-deploy");
+    let d = eventually("the job failed", WAIT, || {
+        let d = server
+            .request("GET", &format!("/api/v1/deployments/{id}"), None)
+            .json();
+        (d["status"] == "failed").then_some(d)
+    });
+    let message = d["jobs"][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("cannot run steps as another user"), "{d}");
+    let plain = deploy("as-itself");
+    let job_id = loop {
+        match ws.recv_frame("a command", WAIT) {
+            Frame::Command(CommandFrame {
+                body: CommandBody::RunJob { job_id, .. },
+                ..
+            }) => break job_id,
+            Frame::Heartbeat(_) => {}
+            other => panic!("expected the plain job's RunJob, got {other:?}"),
+        }
+    };
+    assert!(job_id.starts_with(&plain), "{job_id} is not of {plain}");
+}

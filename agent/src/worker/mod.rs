@@ -128,8 +128,14 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     tracing::info!(agent_id = %state.agent_id, version = %version, "worker-version");
     let status = Arc::new(Mutex::new(None::<AgentStatus>));
     let runner = jobs::runner::RunnerSlot::default();
+    let run_as = Arc::new(jobs::run_as::Policy {
+        users: cfg.agent.run_as_users.clone(),
+        dir: cfg.agent.run_as_dir.join(&state.agent_id),
+    });
+    jobs::step::remove_scripts(&run_as.dir);
     let uplink_cfg = Arc::new(UplinkConfig {
         agent_id: state.agent_id.clone(),
+        run_as,
         version: version.clone(),
         identity: Arc::new(identity),
         sealing_key: sealing.public_b64(),

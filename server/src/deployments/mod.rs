@@ -264,7 +264,7 @@ impl Deployments {
             return (Vec::new(), Vec::new(), s.skip_for_maintenance(agent_id));
         }
         let limit = terms.max_running.unwrap_or(self.max_running_per_agent);
-        s.take_ready(agent_id, limit, terms.sealing, terms.agent)
+        s.take_ready(agent_id, limit, terms.sealing, terms.agent, terms.runs_as)
     }
 
     /// Stored processes and deployments whose secrets are not sealed with the current key.

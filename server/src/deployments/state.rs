@@ -132,12 +132,17 @@ pub const NO_SEALING_KEY: &str =
 /// when a step holds such a placeholder.
 pub type AgentValues<'a> = &'a dyn Fn() -> BTreeMap<String, String>;
 
+/// Why a job whose steps name a user (`run_as`) fails on an agent that does not honour it.
+pub const RUNS_AS_MESSAGE: &str = "the agent's release cannot run steps as another user (run_as); upgrade the agent, or deploy to another";
+
 /// What dispatch to one agent may do now, as its link knows it.
 #[derive(Clone, Copy)]
 pub struct AgentTerms<'a> {
     pub sealing: Sealing<'a>,
     /// Its values for `${agent.NAME}` placeholders.
     pub agent: AgentValues<'a>,
+    /// Its release honours `run_as` (it said so in its `Hello`).
+    pub runs_as: bool,
     /// In maintenance: nothing starts (see `State::skip_for_maintenance`).
     pub maintenance: bool,
     /// Its own limit of jobs at once (`None`: the server's).
@@ -161,8 +166,12 @@ fn steps_for_agent(
     steps: &[StepSpec],
     sealing: Sealing<'_>,
     agent: AgentValues<'_>,
+    runs_as: bool,
     job_id: &str,
 ) -> Result<Option<Vec<StepSpec>>, String> {
+    if !runs_as && super::validate::names_a_user(steps) {
+        return Err(RUNS_AS_MESSAGE.to_owned());
+    }
     let mut sealed = steps.to_vec();
     fill_agent_values(&mut sealed, agent)?;
     for (i, step) in sealed.iter_mut().enumerate() {
@@ -508,6 +517,7 @@ impl State {
         limit: usize,
         sealing: Sealing<'_>,
         agent: AgentValues<'_>,
+        runs_as: bool,
     ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         let active = self.active_jobs(agent_id);
         let mut running = 0;
@@ -536,7 +546,7 @@ impl State {
             let Some(d) = self.deployments.get(&job.deployment_id) else {
                 continue;
             };
-            let steps = match steps_for_agent(&d.steps, sealing, agent, &job_id) {
+            let steps = match steps_for_agent(&d.steps, sealing, agent, runs_as, &job_id) {
                 Ok(Some(steps)) => steps,
                 // Later jobs wait too: an agent runs its jobs in the order they were made.
                 Ok(None) => break,

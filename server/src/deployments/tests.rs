@@ -318,17 +318,17 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
         s.insert_job(Job::new(&d, &"a1".into()));
         s.deployments.insert(d.id.clone(), d);
     }
-    let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values);
+    let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true);
     assert_eq!(ids, vec![JobId::from("d-2-a1")], "one slot left of 2");
     assert!(matches!(&bodies[..], [CommandBody::RunJob { job_id, .. }] if job_id == "d-2-a1"));
     assert_eq!(ops.len(), 1);
     assert!(s
-        .take_ready("a1", 2, Sealing::For(agent_key().1), &no_values)
+        .take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true)
         .0
         .is_empty());
     s.undo_dispatch(&ids);
     assert_eq!(
-        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values)
+        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true)
             .0,
         ids
     );
@@ -343,7 +343,7 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     // When d-1 finishes, d-4 is next (d-3 was cancelled).
     s.apply_event("a1", &job_finished(JobStatus::Succeeded));
     assert_eq!(
-        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values)
+        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true)
             .0,
         vec![JobId::from("d-4-a1")]
     );
@@ -484,7 +484,7 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
         j.dispatched = false;
     }
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a1", "a2"]);
-    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values);
+    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true);
     assert_eq!((ids.len(), bodies.len()), (1, 1));
     assert_eq!(s.running("a1"), 1);
     assert_eq!(s.unfinished("a1").count(), 1);
@@ -495,7 +495,7 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
     assert_eq!(s.unfinished("a1").count(), 0);
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a2"]);
     assert!(s
-        .take_ready("a1", 4, Sealing::For(agent_key().1), &no_values)
+        .take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true)
         .0
         .is_empty());
     // Deleting an agent fails its unfinished jobs and only those.
@@ -515,7 +515,7 @@ fn queued() -> State {
 fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one() {
     let (key, sealer) = agent_key();
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(sealer), &no_values);
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(sealer), &no_values, true);
     assert_eq!((ids.len(), ops.len()), (1, 1));
     let wire = serde_json::to_string(&bodies).unwrap();
     assert!(!wire.contains("s3cr3t-script"), "{wire}");
@@ -535,11 +535,11 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
 
     // Not attached since start: the job waits, unchanged.
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown, &no_values);
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown, &no_values, true);
     assert!(ids.is_empty() && bodies.is_empty() && ops.is_empty());
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
     assert_eq!(
-        s.take_ready("a1", 4, Sealing::For(sealer), &no_values)
+        s.take_ready("a1", 4, Sealing::For(sealer), &no_values, true)
             .0
             .len(),
         1
@@ -550,8 +550,13 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
 
     // A release that sends no key: the job fails, saying why; nothing is sent.
     let mut s = queued();
-    let (ids, bodies, ops) =
-        s.take_ready("a1", 4, Sealing::Unable(super::NO_SEALING_KEY), &no_values);
+    let (ids, bodies, ops) = s.take_ready(
+        "a1",
+        4,
+        Sealing::Unable(super::NO_SEALING_KEY),
+        &no_values,
+        true,
+    );
     assert!(ids.is_empty() && bodies.is_empty());
     assert_eq!(ops.len(), 1);
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);
@@ -577,7 +582,7 @@ fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alon
             ("name".into(), "web-1".into()),
         ])
     };
-    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values);
+    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values, true);
     assert_eq!(ids.len(), 1);
     let [CommandBody::RunJob { steps, .. }] = &bodies[..] else {
         panic!("{bodies:?}");
@@ -591,7 +596,7 @@ fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alon
     s.deployments.get_mut("d-1").unwrap().steps[0]
         .properties
         .insert("script".into(), "echo ${agent.gpu}".into());
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values);
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values, true);
     assert!(ids.is_empty() && bodies.is_empty());
     assert_eq!(ops.len(), 1);
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);
@@ -607,9 +612,27 @@ fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alon
         .properties
         .insert("script".into(), "${agent.big}".repeat(4000));
     let big = || BTreeMap::from([("big".into(), "x".repeat(256))]);
-    let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &big);
+    let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &big, true);
     assert!(ids.is_empty());
     assert!(s.jobs["d-1-a1"].message.contains("more than"));
+}
+
+#[test]
+fn a_job_naming_a_user_fails_on_an_agent_that_cannot_switch_and_runs_on_one_that_can() {
+    let mut s = queued();
+    s.deployments.get_mut("d-1").unwrap().steps[0]
+        .properties
+        .insert("run_as".into(), "deploy".into());
+    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, false);
+    assert!(ids.is_empty() && bodies.is_empty());
+    assert_eq!(ops.len(), 1);
+    assert_eq!(s.jobs["d-1-a1"].message, super::state::RUNS_AS_MESSAGE);
+    let mut s = queued();
+    s.deployments.get_mut("d-1").unwrap().steps[0]
+        .properties
+        .insert("run_as".into(), "deploy".into());
+    let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true);
+    assert_eq!(ids.len(), 1);
 }
 
 #[test]

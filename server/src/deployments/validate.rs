@@ -188,7 +188,22 @@ pub fn validate_process_in(
             }
         }
         let declared = |p: &str| def.properties.iter().any(|d| d.name == p);
-        let known = |p: &str| def.open || declared(p);
+        let runs_as = entry.as_ref().is_some_and(|e| e.bundle_sha256.is_some())
+            || matches!(
+                (s.plugin.as_str(), s.step.as_str()),
+                ("shell", "run") | ("file", _)
+            );
+        let known = |p: &str| def.open || declared(p) || (p == RUN_AS && runs_as);
+        if let Some(user) = s.properties.get(RUN_AS) {
+            if !runs_as {
+                problems.push(format!(
+                    "{at}: {RUN_AS} applies to shell, file and plugin steps, not {}/{}",
+                    s.plugin, s.step
+                ));
+            } else if let Some(p) = run_as_problem(user) {
+                problems.push(format!("{at}: {RUN_AS}: {p}"));
+            }
+        }
         for (p, value) in &s.properties {
             if !known(p) {
                 problems.push(format!("{at}: unknown property {p:?}"));
@@ -235,6 +250,37 @@ pub fn validate_process_in(
     } else {
         Err(problems.join("; "))
     }
+}
+
+/// The step property naming the user a step runs as (`user[:group]`, honoured by agents that
+/// announce `runs_as`; the agent's `run_as_users` decides whom it accepts).
+pub const RUN_AS: &str = "run_as";
+
+/// What is wrong with a `run_as` value, if anything: `user` or `user:group`, each 1 to 32 of
+/// a-z, 0-9, `_`, `-` and `.` (or a `${placeholder}`, checked when it is filled in by the agent).
+fn run_as_problem(value: &str) -> Option<String> {
+    if value.contains("${") {
+        return None;
+    }
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.len() <= 32
+            && n.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+            })
+    };
+    let ok = match value.split_once(':') {
+        Some((u, g)) => name_ok(u) && name_ok(g),
+        None => name_ok(value),
+    };
+    (!ok).then(|| format!("{value:?} is not user or user:group (a-z, 0-9, _, - and .)"))
+}
+
+/// Whether `steps` name a user to run as (only agents that announce `runs_as` may get them).
+pub fn names_a_user(steps: &[StepSpec]) -> bool {
+    steps
+        .iter()
+        .any(|s| s.properties.get(RUN_AS).is_some_and(|v| !v.is_empty()))
 }
 
 /// The `${name}` placeholders of `value`, in order; an unterminated or invalid one is an error.

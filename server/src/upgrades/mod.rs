@@ -581,6 +581,7 @@ mod tests {
                     file,
                     sha.clone(),
                     3,
+                    None,
                     |b| server.sign(b),
                 )
                 .await

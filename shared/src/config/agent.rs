@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use super::checks::Problems;
 use super::{serialize_millis, ConfigError, LogConfig, RawConfig};
 
+/// Most users `agent.run_as_users` may list.
+pub const MAX_RUN_AS_USERS: usize = 64;
+
 /// `agent.toml` as written: every key optional, defaults filled in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -46,6 +49,10 @@ pub struct RawAgentSection {
     pub upgrade_trial_timeout_ms: i64,
     /// How long a finished job's record and work directory stay once the server has its end.
     pub job_retention_ms: i64,
+    /// Users steps may run as (`run_as` step property) besides the agent's own.
+    pub run_as_users: Vec<String>,
+    /// Where the directories of steps run as another user go (`<job>-<user>`, theirs).
+    pub run_as_dir: PathBuf,
 }
 
 impl Default for RawAgentSection {
@@ -63,6 +70,8 @@ impl Default for RawAgentSection {
             upgrade_healthy_after_ms: 10_000,
             upgrade_trial_timeout_ms: 60_000,
             job_retention_ms: 86_400_000,
+            run_as_users: Vec::new(),
+            run_as_dir: PathBuf::from("/var/lib/tether/agent-steps"),
         }
     }
 }
@@ -124,11 +133,15 @@ pub struct AgentSection {
     /// How long a finished job's record and work directory stay once the server has its end.
     #[serde(rename = "job_retention_ms", serialize_with = "serialize_millis")]
     pub job_retention: Duration,
+    /// Users steps may run as besides the agent's own.
+    pub run_as_users: Vec<String>,
+    /// Parent of the directories of steps run as another user.
+    pub run_as_dir: PathBuf,
 }
 
 impl RawConfig for RawAgentConfig {
     const ROLE: &'static str = "agent";
-    const LIST_KEYS: &'static [&'static str] = &["agent.upstreams"];
+    const LIST_KEYS: &'static [&'static str] = &["agent.upstreams", "agent.run_as_users"];
     type Valid = AgentConfig;
 
     fn validate(self) -> Result<AgentConfig, ConfigError> {
@@ -227,6 +240,32 @@ impl RawConfig for RawAgentConfig {
             0,
             30 * 86_400_000,
         );
+        let run_as_dir = p.dir("agent.run_as_dir", &a.run_as_dir);
+        if !a.run_as_dir.as_os_str().is_empty() && !a.run_as_dir.is_absolute() {
+            p.push("agent.run_as_dir", "must be an absolute path");
+        }
+        if a.run_as_users.len() > MAX_RUN_AS_USERS {
+            p.push(
+                "agent.run_as_users",
+                format!(
+                    "at most {MAX_RUN_AS_USERS} users, got {}",
+                    a.run_as_users.len()
+                ),
+            );
+        }
+        for (i, u) in a.run_as_users.iter().enumerate() {
+            let ok = !u.is_empty()
+                && u.len() <= 32
+                && u.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
+                });
+            if !ok {
+                p.push(
+                    &format!("agent.run_as_users[{i}]"),
+                    format!("{u:?} is not a user name (1 to 32 of a-z, 0-9, _, - and .)"),
+                );
+            }
+        }
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -244,6 +283,8 @@ impl RawConfig for RawAgentConfig {
                     upgrade_healthy_after: healthy?,
                     upgrade_trial_timeout: trial?,
                     job_retention: retention?,
+                    run_as_users: a.run_as_users.clone(),
+                    run_as_dir: run_as_dir?,
                 },
                 log: LogConfig { level: level? },
             })

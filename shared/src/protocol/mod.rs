@@ -161,6 +161,10 @@ pub struct Hello {
     /// What the agent's machine is (`crate::facts`); older agents send none.
     #[serde(default, skip_serializing_if = "crate::facts::Facts::is_empty")]
     pub facts: crate::facts::Facts,
+    /// The agent honours the `run_as` step property (older agents are sent no job whose
+    /// steps name a user: they would run them as themselves).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub runs_as: bool,
 }
 
 fn is_zero(n: &u64) -> bool {

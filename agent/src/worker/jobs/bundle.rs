@@ -49,6 +49,7 @@ pub async fn run(
     spec: &StepSpec,
     bundle: &BundleRef,
     ctx: &StepContext,
+    user: Option<&super::run_as::RunAs>,
     chunk: impl Fn(String),
     mut cancel: oneshot::Receiver<()>,
 ) -> StepResult {
@@ -77,6 +78,14 @@ pub async fn run(
             }
         }
     };
+    // A step run as another user runs its own copy: the cache is the agent's alone.
+    let dir = match user {
+        None => dir,
+        Some(u) => match super::run_as::copy_bundle(u, &dir) {
+            Ok(copy) => copy,
+            Err(m) => return StepResult::failed(m),
+        },
+    };
     let argv = match resolve_command(&bundle.command, &dir) {
         Ok(a) => a,
         Err(m) => return StepResult::failed(m),
@@ -84,7 +93,7 @@ pub async fn run(
     let Some((program, args)) = argv.split_first() else {
         return StepResult::failed("the plugin step has an empty command".into());
     };
-    let mut cmd = child_command(program, spec, ctx, &[]);
+    let mut cmd = child_command(program, spec, ctx, user, &[]);
     cmd.args(args).env("TETHER_PLUGIN_DIR", &dir);
     run_child(cmd, program, spec, chunk, cancel).await
 }

@@ -12,5 +12,6 @@ pub mod fetch;
 pub mod http;
 pub mod ledger;
 pub mod outputs;
+pub mod run_as;
 pub mod runner;
 pub mod step;

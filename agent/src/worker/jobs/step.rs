@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 
 use super::bundle;
 use super::capture::Capture;
+use super::run_as::{self, RunAs};
 
 /// Longest a partial chunk waits before it is sent.
 pub const CHUNK_WAIT: Duration = Duration::from_millis(200);
@@ -92,6 +93,8 @@ pub struct StepContext {
     pub artifact_cache: PathBuf,
     /// Opens the step's sealed secrets.
     pub sealing: Arc<SealingKey>,
+    /// Whom steps may run as (`run_as`).
+    pub run_as: Arc<run_as::Policy>,
 }
 
 /// The secret values of a step (what must never appear in any output).
@@ -120,6 +123,29 @@ pub async fn run(
         }
     };
     let spec = &opened;
+    // Whom it runs as is settled before anything runs: a refusal runs nothing.
+    let user = match run_as::resolve(spec, &ctx.run_as, &ctx.job_id) {
+        Ok(u) => u,
+        Err(message) => return StepResult::failed(message),
+    };
+    if let Some(user) = &user {
+        let runs_as = spec.bundle.is_some()
+            || matches!(
+                (spec.plugin.as_str(), spec.step.as_str()),
+                ("shell", "run") | ("file", "write" | "delete" | "copy")
+            );
+        if !runs_as {
+            return StepResult::failed(format!(
+                "run_as applies to shell, file and plugin steps, not {}/{}",
+                spec.plugin, spec.step
+            ));
+        }
+        if let Err(message) = run_as::prepare(user) {
+            return StepResult::failed(message);
+        }
+        tracing::info!(job_id = %ctx.job_id, step = ctx.index, user = %user.user, "step-runs-as");
+    }
+    let user = user.as_ref();
     if let Err(e) = std::fs::create_dir_all(&ctx.work_dir) {
         return StepResult::failed(format!(
             "cannot create the work directory {}: {e}",
@@ -127,12 +153,16 @@ pub async fn run(
         ));
     }
     if let Some(b) = &spec.bundle {
-        return bundle::run(spec, b, ctx, chunk, cancel).await;
+        return bundle::run(spec, b, ctx, user, chunk, cancel).await;
     }
     match (spec.plugin.as_str(), spec.step.as_str()) {
-        ("shell", "run") => shell(spec, ctx, chunk, cancel).await,
+        ("shell", "run") => shell(spec, ctx, user, chunk, cancel).await,
         ("artifact", "fetch") => super::fetch::run(spec, ctx, cancel).await,
         ("http", "request") => super::http::run(spec, cancel).await,
+        ("file", op @ ("write" | "delete" | "copy")) if user.is_some() => {
+            let user = user.cloned().unwrap_or_default();
+            file_op_as(spec, op, ctx, user, chunk, cancel).await
+        }
         ("file", op @ ("write" | "delete" | "copy")) => {
             let (spec, op) = (spec.clone(), op.to_owned());
             match tokio::task::spawn_blocking(move || file_op(&spec, &op)).await {
@@ -155,6 +185,7 @@ fn prop<'a>(spec: &'a StepSpec, name: &str) -> Result<&'a str, String> {
 async fn shell(
     spec: &StepSpec,
     ctx: &StepContext,
+    user: Option<&RunAs>,
     chunk: impl Fn(String),
     cancel: oneshot::Receiver<()>,
 ) -> StepResult {
@@ -166,11 +197,18 @@ async fn shell(
         .properties
         .get("interpreter")
         .map_or("/bin/sh", String::as_str);
-    let script_path = ctx.work_dir.join(format!("step-{}.script", ctx.index));
+    let dir = user.map_or(&ctx.work_dir, |u| &u.dir);
+    let script_path = dir.join(format!("step-{}.script", ctx.index));
     if let Err(e) = tether_shared::identity::write_private_file(&script_path, script.as_bytes()) {
         return StepResult::failed(format!("cannot write the script: {e}"));
     }
-    let mut cmd = child_command(interpreter, spec, ctx, &["script", "interpreter"]);
+    if let Some(u) = user {
+        if let Err(message) = run_as::give(u, &script_path) {
+            let _ = std::fs::remove_file(&script_path);
+            return StepResult::failed(message);
+        }
+    }
+    let mut cmd = child_command(interpreter, spec, ctx, user, &["script", "interpreter"]);
     cmd.arg(&script_path);
     let result = run_child(cmd, interpreter, spec, chunk, cancel).await;
     if let Err(e) = std::fs::remove_file(&script_path) {
@@ -210,21 +248,12 @@ pub(crate) fn child_command(
     program: &str,
     spec: &StepSpec,
     ctx: &StepContext,
+    user: Option<&RunAs>,
     skip: &[&str],
 ) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.current_dir(&ctx.work_dir)
-        .env_clear()
-        .env("PATH", SAFE_PATH)
-        .env("HOME", &ctx.work_dir)
-        .env("LANG", "C.UTF-8")
-        .env("TETHER_JOB_ID", &ctx.job_id)
-        .env("TETHER_STEP", &spec.name)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+    let mut cmd = bare_command(program, user, &ctx.work_dir);
+    cmd.env("TETHER_JOB_ID", &ctx.job_id)
+        .env("TETHER_STEP", &spec.name);
     for (k, v) in &spec.properties {
         if !skip.contains(&k.as_str()) {
             cmd.env(env_name("TETHER_PROP_", k), v);
@@ -234,6 +263,102 @@ pub(crate) fn child_command(
         cmd.env(env_name("TETHER_OUTPUT_", k), v);
     }
     cmd
+}
+
+/// `program` with a cleared environment (a fixed PATH, LANG), no stdin, piped output, leading
+/// its own process group: as the agent in `work_dir` (HOME too), or as `user` (its uid, gid,
+/// HOME, USER and LOGNAME) in the user's step directory.
+fn bare_command(program: &str, user: Option<&RunAs>, work_dir: &Path) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.env_clear()
+        .env("PATH", SAFE_PATH)
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    match user {
+        None => {
+            cmd.current_dir(work_dir).env("HOME", work_dir);
+        }
+        Some(u) => {
+            cmd.current_dir(&u.dir)
+                .env("HOME", &u.home)
+                .env("USER", &u.user)
+                .env("LOGNAME", &u.user)
+                .uid(u.uid)
+                .gid(u.gid);
+        }
+    }
+    cmd
+}
+
+/// A file step run as `user`: a fixed `/bin/sh` script (`run_as::file_script`) with the
+/// checked paths as arguments, so the kernel decides what the user may write, delete or read.
+async fn file_op_as(
+    spec: &StepSpec,
+    op: &str,
+    ctx: &StepContext,
+    user: RunAs,
+    chunk: impl Fn(String),
+    cancel: oneshot::Receiver<()>,
+) -> StepResult {
+    let Some(script) = run_as::file_script(op) else {
+        return StepResult::failed(format!("unknown file step {op}"));
+    };
+    let args = match file_args_as(spec, op, ctx, &user) {
+        Ok(a) => a,
+        Err(m) => return StepResult::failed(m),
+    };
+    let mut cmd = bare_command("/bin/sh", Some(&user), &ctx.work_dir);
+    cmd.arg("-c").arg(script).arg("sh").args(&args);
+    let result = run_child(cmd, "/bin/sh", spec, chunk, cancel).await;
+    if op == "write" {
+        let _ = std::fs::remove_file(user.dir.join(format!("step-{}.content", ctx.index)));
+    }
+    result
+}
+
+/// The arguments of [`file_op_as`]'s script; a write's content goes to a file of the user's.
+fn file_args_as(
+    spec: &StepSpec,
+    op: &str,
+    ctx: &StepContext,
+    user: &RunAs,
+) -> Result<Vec<String>, String> {
+    let path = |k: &str| -> Result<String, String> {
+        Ok(checked_path(prop(spec, k)?)?.to_string_lossy().into_owned())
+    };
+    match op {
+        "write" => {
+            let mode = file_mode(spec)?;
+            let content = user.dir.join(format!("step-{}.content", ctx.index));
+            tether_shared::identity::write_private_file(
+                &content,
+                prop(spec, "content")?.as_bytes(),
+            )
+            .map_err(|e| format!("cannot stage the content: {e}"))?;
+            run_as::give(user, &content)?;
+            Ok(vec![
+                path("path")?,
+                format!("{mode:o}"),
+                content.to_string_lossy().into_owned(),
+            ])
+        }
+        "delete" => Ok(vec![path("path")?]),
+        "copy" => Ok(vec![path("from")?, path("to")?]),
+        other => Err(format!("unknown file step {other}")),
+    }
+}
+
+/// A write's `mode` property (octal, default 0644).
+fn file_mode(spec: &StepSpec) -> Result<u32, String> {
+    match spec.properties.get("mode") {
+        Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+            .map_err(|_| format!("mode {m:?} is not octal")),
+        None => Ok(0o644),
+    }
 }
 
 /// Starts `cmd` (from [`child_command`]) and runs it to its end: output captured in masked
@@ -378,11 +503,7 @@ fn file_op(spec: &StepSpec, op: &str) -> Result<(), String> {
     match op {
         "write" => {
             let path = checked_path(prop(spec, "path")?)?;
-            let mode = match spec.properties.get("mode") {
-                Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                    .map_err(|_| format!("mode {m:?} is not octal"))?,
-                None => 0o644,
-            };
+            let mode = file_mode(spec)?;
             tether_shared::identity::write_file_atomic(
                 &path,
                 prop(spec, "content")?.as_bytes(),
@@ -443,6 +564,10 @@ pub(crate) mod tests {
             plugin_dir: dir.join("plugins"),
             artifact_cache: dir.join("cache/artifacts"),
             sealing: Arc::new(SealingKey::generate()),
+            run_as: Arc::new(run_as::Policy {
+                users: vec!["nobody".into()],
+                dir: dir.join("steps"),
+            }),
         }
     }
 
@@ -477,6 +602,100 @@ pub(crate) mod tests {
         let r = run(spec, &ctx, move |c| l.lock().unwrap().push_str(&c), rx).await;
         let text = log.lock().unwrap().clone();
         (r, text)
+    }
+
+    #[actix_rt::test]
+    async fn steps_run_as_an_allowed_user_with_its_rights_and_a_refused_one_runs_nothing() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if !nix::unistd::Uid::effective().is_root() {
+            return; // switching users takes root (the e2e tests run as root)
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // nobody must be able to reach its step directory (a tempdir is 0700).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+        let canary = dir.path().join("refused-canary");
+        let touch = format!("touch {}", canary.display());
+        let shell = |user: &str| {
+            spec(
+                "shell",
+                "run",
+                &[("script", &touch), ("run_as", user)],
+                &[],
+                10_000,
+            )
+        };
+
+        let (r, log) = go(
+            &spec(
+                "shell",
+                "run",
+                &[("script", "id -un; pwd; echo $HOME"), ("run_as", "nobody")],
+                &[],
+                10_000,
+            ),
+            dir.path(),
+        )
+        .await;
+        assert_eq!(r.status, StepStatus::Succeeded, "{r:?} {log}");
+        assert!(log.starts_with("nobody\n"), "{log}");
+        assert!(log.contains("j1-nobody"), "its own directory: {log}");
+        assert!(
+            log.contains(&nobody.dir.to_string_lossy().into_owned()),
+            "its HOME: {log}"
+        );
+
+        // A user not listed, and a user that does not exist: nothing runs.
+        for user in ["daemon", "no-such-user-x"] {
+            let (r, _) = go(&shell(user), dir.path()).await;
+            assert_eq!(r.status, StepStatus::Failed, "{user}");
+            assert!(r.message.starts_with("run_as:"), "{}", r.message);
+            assert!(!canary.exists(), "{user} ran something");
+        }
+
+        // A file write as nobody: where nobody may write, the file is nobody's; where it may
+        // not (a root directory), the kernel refuses and nothing is written.
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::os::unix::fs::chown(&open, Some(nobody.uid.as_raw()), None).unwrap();
+        let target = open.join("made.txt");
+        let write = |path: &Path| {
+            spec(
+                "file",
+                "write",
+                &[
+                    ("path", path.to_str().unwrap()),
+                    ("content", "hi\n"),
+                    ("mode", "0640"),
+                    ("run_as", "nobody"),
+                ],
+                &[],
+                10_000,
+            )
+        };
+        let (r, log) = go(&write(&target), dir.path()).await;
+        assert_eq!(r.status, StepStatus::Succeeded, "{r:?} {log}");
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(meta.uid(), nobody.uid.as_raw());
+        assert_eq!(meta.mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "hi\n");
+        let closed = dir.path().join("closed.txt");
+        let (r, _) = go(&write(&closed), dir.path()).await;
+        assert_eq!(r.status, StepStatus::Failed);
+        assert!(!closed.exists());
+        // http steps cannot run as a user.
+        let (r, _) = go(
+            &spec(
+                "http",
+                "request",
+                &[("url", "https://127.0.0.1:9/"), ("run_as", "nobody")],
+                &[],
+                1000,
+            ),
+            dir.path(),
+        )
+        .await;
+        assert!(r.message.contains("run_as applies to"), "{}", r.message);
     }
 
     #[actix_rt::test]

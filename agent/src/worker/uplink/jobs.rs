@@ -298,11 +298,16 @@ impl Uplink {
             .iter()
             .map(|id| self.cfg.work_dir.join(id.as_str()))
             .collect();
+        let run_as_dir = self.cfg.run_as.dir.clone();
+        let gone_ids: Vec<String> = gone.iter().map(|id| id.to_string()).collect();
         tracing::info!(jobs = gone.len(), "finished-jobs-pruned");
         // The directories go once the records are durably gone (a crash in between leaves a
         // directory without a record, never a record without its directory).
         self.commit_then(ctx, ops, move |_, _| {
             std::thread::spawn(move || {
+                for id in &gone_ids {
+                    crate::worker::jobs::run_as::remove_job_dirs(&run_as_dir, id);
+                }
                 for dir in dirs {
                     if let Err(e) = std::fs::remove_dir_all(&dir) {
                         if e.kind() != std::io::ErrorKind::NotFound {
@@ -358,6 +363,7 @@ impl Uplink {
             plugin_dir: self.cfg.plugin_dir.clone(),
             artifact_cache: self.cfg.artifact_cache.clone(),
             sealing: self.cfg.sealing.clone(),
+            run_as: self.cfg.run_as.clone(),
         };
         let Some((_, runner)) = &self.runner else {
             // No runner adopted yet: the step stays recorded as running, and is settled when

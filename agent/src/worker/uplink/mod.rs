@@ -56,6 +56,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// Everything the uplink needs that does not change while the worker runs.
 pub struct UplinkConfig {
     pub agent_id: String,
+    /// Whom steps may run as (`run_as`), and where their directories go.
+    pub run_as: Arc<crate::worker::jobs::run_as::Policy>,
     pub version: String,
     /// Shared with the step runners, which sign bulk downloads with it.
     pub identity: Arc<Identity>,
@@ -355,6 +357,7 @@ impl Uplink {
                         reconciles: true,
                         sealing_key: self.cfg.sealing_key.clone(),
                         facts: tether_shared::facts::collect(&self.cfg.data_dir),
+                        runs_as: true,
                     };
                     self.facts_sent = Instant::now();
                     self.send(&Frame::Hello(hello));

@@ -36,6 +36,7 @@ impl AgentLink {
         let terms = AgentTerms {
             sealing,
             agent: &values,
+            runs_as: self.runs_as,
             maintenance,
             max_running,
         };

@@ -95,6 +95,8 @@ pub struct AgentLink {
     sealing: Option<Result<Arc<tether_shared::sealing::Sealer>, String>>,
     /// When the agent's facts were last handed to the registry.
     facts_stored: Option<Instant>,
+    /// Its release honours `run_as` (its last `Hello` said so).
+    runs_as: bool,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -155,6 +157,7 @@ impl AgentLink {
             refused: None,
             sealing: None,
             facts_stored: None,
+            runs_as: false,
         })
     }
 
@@ -639,6 +642,7 @@ impl Handler<Attach> for AgentLink {
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
+        self.runs_as = hello.runs_as;
         if !hello.facts.is_empty() {
             self.store_facts(hello.facts.clone(), true);
         }

@@ -13,8 +13,13 @@ use tether_tests::{bin, workspace_root};
 fn systemd_units_verify_and_run_real_commands() {
     let dir = TestDir::new();
     let units = workspace_root().join("config/systemd");
-    for name in ["tether-server", "tether-agent", "tether-relay"] {
-        let text = std::fs::read_to_string(units.join(format!("{name}.service"))).unwrap();
+    for (unit, name) in [
+        ("tether-server", "tether-server"),
+        ("tether-agent", "tether-agent"),
+        ("tether-agent-unprivileged", "tether-agent"),
+        ("tether-relay", "tether-relay"),
+    ] {
+        let text = std::fs::read_to_string(units.join(format!("{unit}.service"))).unwrap();
         let exec = text
             .lines()
             .find_map(|l| l.strip_prefix("ExecStart="))
@@ -45,7 +50,7 @@ fn systemd_units_verify_and_run_real_commands() {
             &format!("/usr/local/bin/{name}"),
             bin(name).to_str().unwrap(),
         );
-        let path = dir.path().join(format!("{name}.service"));
+        let path = dir.path().join(format!("{unit}.service"));
         std::fs::write(&path, local).unwrap();
         let out = Command::new("systemd-analyze")
             .args(["verify", "--man=no"])
@@ -54,8 +59,8 @@ fn systemd_units_verify_and_run_real_commands() {
             .unwrap();
         let complaints = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
-            out.status.success() && !complaints.contains(&format!("{name}.service:")),
-            "{name}: {complaints}"
+            out.status.success() && !complaints.contains(&format!("{unit}.service:")),
+            "{unit}: {complaints}"
         );
     }
 }

@@ -50,6 +50,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_RETAINED_COMMANDS: usize = 100_000;
 /// Unacknowledged commands are resent after this long without progress.
 const RETRANSMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often rolling deployments are swept for a batch that ended by other means than an event.
+const ROLLING_SWEEP: Duration = Duration::from_secs(5);
 
 /// Everything `run` reads from the data directory before the actix system starts.
 pub struct Loaded {
@@ -157,10 +159,12 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         registry: loaded.registry.clone(),
         sessions: session_registry.clone(),
         trust: loaded.trust.clone(),
+        presence: shared.presence.clone(),
     });
     // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
     let waking = scheduler.clone();
     actix_rt::spawn(async move { waking.dispatch_waiting().await });
+    actix_rt::spawn(scheduler.clone().roll(ROLLING_SWEEP));
     let agent_admin = Arc::new(AgentAdmin {
         registry: loaded.registry.clone(),
         deployments: loaded.deployments.clone(),

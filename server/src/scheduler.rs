@@ -5,6 +5,7 @@
 //! durable.
 
 use std::sync::Arc;
+use std::time::Duration;
 use tether_shared::ids::{AgentId, DeploymentId};
 
 use actix::Addr;
@@ -53,6 +54,8 @@ pub struct Scheduler {
     pub sessions: Addr<SessionRegistry>,
     /// Signs upgrade packages with the key in force.
     pub trust: Arc<Trust>,
+    /// Who is connected (pools pick available agents first).
+    pub presence: Arc<crate::session::Peers>,
 }
 
 impl Scheduler {
@@ -62,9 +65,17 @@ impl Scheduler {
         &self,
         new: NewDeployment,
     ) -> Result<(DeploymentId, usize), ApiError> {
+        let registry = &self.registry;
+        let presence = &self.presence;
+        let available = |a: &crate::registry::AgentRecord| {
+            presence.online_path(&a.id).is_some_and(|path| {
+                let (maintenance, _) = registry.dispatch_terms(&a.id, &path);
+                !maintenance
+            })
+        };
         let d = self
             .deployments
-            .create(new, &self.registry.agents())
+            .create(new, &registry.agents(), &available)
             .await?;
         // Every agent's jobs are queued on its own link and committed there: many at once, so
         // that their commits share the journal's batches instead of waiting one after another.
@@ -174,6 +185,27 @@ impl Scheduler {
         let link = self.link(agent_id).await?;
         link.send(DispatchJobs).await??;
         Ok(())
+    }
+
+    /// Rolling deployments: each batch starts when the one before it ended (the agents the
+    /// deployments layer wakes take their jobs), and a sweep every `sweep` catches a batch
+    /// ended by anything else (a cancel, a deleted agent, a restart).
+    pub async fn roll(self: Arc<Self>, sweep: Duration) {
+        let sweeping = self.clone();
+        actix_rt::spawn(async move {
+            let mut tick = actix_rt::time::interval(sweep);
+            loop {
+                tick.tick().await;
+                sweeping.deployments.sweep_rolling();
+            }
+        });
+        loop {
+            for agent_id in self.deployments.woken().await {
+                if let Err(e) = self.dispatch(&agent_id).await {
+                    tracing::warn!(agent_id = %agent_id, error = %e, "batch-dispatch-failed");
+                }
+            }
+        }
     }
 
     /// Jobs journaled as queued but not yet sent (the server stopped first) go out now.

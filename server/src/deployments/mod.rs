@@ -25,7 +25,7 @@ pub mod state;
 pub mod validate;
 pub mod view;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tether_shared::ids::{AgentId, JobId};
@@ -82,16 +82,90 @@ pub struct NewDeployment {
     /// Skip agents in maintenance instead of waiting for them.
     #[serde(default)]
     pub skip_maintenance: bool,
+    /// A rolling deployment: this many agents at a time (exclusive with `batch_percent`).
+    #[serde(default)]
+    pub batch_size: Option<u32>,
+    /// A rolling deployment: this share of the targets at a time, rounded up (1 to 100).
+    #[serde(default)]
+    pub batch_percent: Option<u32>,
+    /// Of a rolling deployment: a failed job cancels the later batches (default true).
+    #[serde(default)]
+    pub stop_on_failure: Option<bool>,
+}
+
+/// The batch size of a rolling deployment to `targets` agents, or why the request is wrong.
+fn batch_size(new: &NewDeployment, targets: usize) -> Result<Option<u32>, String> {
+    let size = match (new.batch_size, new.batch_percent) {
+        (Some(_), Some(_)) => {
+            return Err("give batch_size or batch_percent, not both".to_owned());
+        }
+        (Some(0), None) => return Err("batch_size must be at least 1".to_owned()),
+        (Some(n), None) => n,
+        (None, Some(p)) if (1..=100).contains(&p) => {
+            u32::try_from((targets * p as usize).div_ceil(100).max(1)).unwrap_or(u32::MAX)
+        }
+        (None, Some(p)) => return Err(format!("batch_percent must be 1 to 100, got {p}")),
+        (None, None) => {
+            if new.stop_on_failure.is_some() {
+                return Err(
+                    "stop_on_failure applies to rolling deployments (batch_size or batch_percent)"
+                        .to_owned(),
+                );
+            }
+            return Ok(None);
+        }
+    };
+    Ok(Some(size))
 }
 
 /// Which agents a deployment runs on: exactly one of the two.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Targets {
     /// Agent names (ids are accepted too).
     pub agents: Option<Vec<String>>,
     /// Every agent having all of these tags.
     pub tags: Option<Vec<String>>,
+    /// With `tags`: any this many of those agents (a pool), available ones first.
+    #[serde(default)]
+    pub count: Option<u32>,
+}
+
+/// `count` of `ids` (the agents a tag selects): those `available` (connected, not in
+/// maintenance) first, then the others, each group in name order. `None`: all of them.
+fn pick_pool(
+    ids: Vec<String>,
+    count: Option<u32>,
+    agents: &[AgentRecord],
+    available: &dyn Fn(&AgentRecord) -> bool,
+) -> Result<Vec<String>, String> {
+    let Some(count) = count else {
+        return Ok(ids);
+    };
+    if count == 0 {
+        return Err("targets.count must be at least 1".to_owned());
+    }
+    if ids.len() < count as usize {
+        return Err(format!(
+            "targets.count is {count}, but only {} agents have those tags",
+            ids.len()
+        ));
+    }
+    let by_id: std::collections::HashMap<&str, &AgentRecord> =
+        agents.iter().map(|a| (a.id.as_str(), a)).collect();
+    let mut ranked: Vec<(bool, &str, String)> = ids
+        .into_iter()
+        .map(|id| match by_id.get(id.as_str()) {
+            Some(a) => (!available(a), a.name.as_str(), id),
+            None => (true, "", id),
+        })
+        .collect();
+    ranked.sort();
+    Ok(ranked
+        .into_iter()
+        .take(count as usize)
+        .map(|(_, _, id)| id)
+        .collect())
 }
 
 /// Processes, deployments and jobs; share as `Arc<Deployments>`.
@@ -115,6 +189,10 @@ pub struct Deployments {
     /// Output chunks refused (step not running) and steps cut at the cap, since start.
     output_refused: AtomicU64,
     output_truncated: AtomicU64,
+    /// Agents whose links should take their jobs again: a batch of a rolling deployment
+    /// opened, or a failure stopped one (see [`Deployments::woken`]).
+    wake: std::sync::Mutex<BTreeSet<AgentId>>,
+    woken: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Deployments {
@@ -189,6 +267,8 @@ impl Deployments {
             artifacts: None,
             output_refused: AtomicU64::new(0),
             output_truncated: AtomicU64::new(0),
+            wake: Default::default(),
+            woken: tokio::sync::Notify::new(),
         })
     }
 
@@ -222,7 +302,17 @@ impl Deployments {
 
     /// The effect of an event `agent_id` sent (ops to commit in the event's batch).
     pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Effect {
-        let effect = self.write().apply_event(agent_id, body);
+        let effect = {
+            let mut s = self.write();
+            let effect = s.apply_event(agent_id, body);
+            if let (true, EventBody::JobFinished { job_id, .. }) = (effect.job_finished, body) {
+                let deployment = s.jobs.get(job_id.as_str()).map(|j| j.deployment_id.clone());
+                if let Some(d) = deployment {
+                    self.wake_up(s.batch_wakeups(&d));
+                }
+            }
+            effect
+        };
         if effect.output_refused {
             self.output_refused.fetch_add(1, Ordering::Relaxed);
         }
@@ -235,6 +325,45 @@ impl Deployments {
     /// The effect of a job report `agent_id` sent; `None` for a job this server does not know.
     pub fn on_report(&self, agent_id: &str, report: &JobReport) -> Option<Effect> {
         self.write().apply_report(agent_id, report)
+    }
+
+    /// Hands `agents` to whoever waits on [`Deployments::woken`].
+    fn wake_up(&self, agents: Vec<AgentId>) {
+        if agents.is_empty() {
+            return;
+        }
+        self.wake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(agents);
+        self.woken.notify_one();
+    }
+
+    /// Waits until some agent's links should take their jobs again (a rolling deployment's
+    /// batch opened or stopped), and answers them.
+    pub async fn woken(&self) -> Vec<AgentId> {
+        loop {
+            let agents: Vec<AgentId> =
+                std::mem::take(&mut *self.wake.lock().unwrap_or_else(PoisonError::into_inner))
+                    .into_iter()
+                    .collect();
+            if !agents.is_empty() {
+                return agents;
+            }
+            self.woken.notified().await;
+        }
+    }
+
+    /// Looks at every rolling deployment not yet ended and wakes the agents whose jobs may
+    /// start or must stop (whatever ended their batch: an event, a cancel, a deleted agent, a
+    /// restart). Answers how many rolling deployments there are.
+    pub fn sweep_rolling(&self) -> usize {
+        let s = self.read();
+        let rolling = s.rolling();
+        for d in &rolling {
+            self.wake_up(s.batch_wakeups(d));
+        }
+        rolling.len()
     }
 
     /// Output refused or cut since start.
@@ -359,15 +488,22 @@ impl Deployments {
         &self,
         new: NewDeployment,
         agents: &[AgentRecord],
+        available: &dyn Fn(&AgentRecord) -> bool,
     ) -> Result<Deployment, DeploymentsError> {
         let mut problems = validate::validate_properties(&new.properties);
-        let targets = match resolve_targets(&new.targets, agents) {
+        let targets = match resolve_targets(&new.targets, agents)
+            .and_then(|t| pick_pool(t, new.targets.count, agents, available))
+        {
             Ok(t) => t,
             Err(e) => {
                 problems.push(e);
                 Vec::new()
             }
         };
+        let batch_size = batch_size(&new, targets.len()).unwrap_or_else(|e| {
+            problems.push(e);
+            None
+        });
         let steps = match self.process(&new.process) {
             None => {
                 problems.push(format!("unknown process {:?}", new.process));
@@ -408,11 +544,14 @@ impl Deployments {
             agents: targets.into_iter().map(AgentId::from).collect(),
             created_unix_ms: now_unix_ms(),
             skip_maintenance: new.skip_maintenance,
+            batch_size,
+            stop_on_failure: batch_size.is_some() && new.stop_on_failure.unwrap_or(true),
         };
         let jobs: Vec<Job> = deployment
             .agents
             .iter()
-            .map(|a| Job::new(&deployment, a))
+            .enumerate()
+            .map(|(i, a)| Job::new(&deployment, a, i))
             .collect();
         let mut ops = vec![deployment_op(&deployment, &self.keys)];
         ops.extend(jobs.iter().map(job_op));
@@ -521,6 +660,9 @@ impl Deployments {
 /// The agent ids a deployment targets: named agents (names or ids; every one must exist), or
 /// every agent having all the given tags (at least one must).
 pub fn resolve_targets(targets: &Targets, agents: &[AgentRecord]) -> Result<Vec<String>, String> {
+    if targets.count.is_some() && targets.tags.is_none() {
+        return Err("targets.count goes with targets.tags (any N agents having them)".to_owned());
+    }
     let ids: Vec<String> = match (&targets.agents, &targets.tags) {
         (Some(names), None) => {
             if names.len() > MAX_TARGETS {

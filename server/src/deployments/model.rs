@@ -60,6 +60,23 @@ pub struct Deployment {
     /// waiting for it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub skip_maintenance: bool,
+    /// A rolling deployment: jobs run this many agents at a time, a batch starting once every
+    /// job of the batch before it ended (`None`: every job at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
+    /// Of a rolling deployment: a failed (or expired) job cancels the jobs of later batches.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop_on_failure: bool,
+}
+
+impl Deployment {
+    /// The batch (0-based) the job of the `index`-th target belongs to.
+    pub fn batch_of(&self, index: usize) -> u32 {
+        match self.batch_size {
+            Some(size) if size > 0 => u32::try_from(index / size as usize).unwrap_or(u32::MAX),
+            _ => 0,
+        }
+    }
 }
 
 impl Deployment {
@@ -252,11 +269,20 @@ pub struct Job {
     /// When the server recorded its final state (Unix ms); `None` while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_unix_ms: Option<u64>,
+    /// Its batch in a rolling deployment (0 for the first, and for every job of others).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub batch: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Job {
-    pub fn new(deployment: &Deployment, agent_id: &AgentId) -> Job {
+    /// The job of `agent_id`, the `index`-th target of `deployment`.
+    pub fn new(deployment: &Deployment, agent_id: &AgentId, index: usize) -> Job {
         Job {
+            batch: deployment.batch_of(index),
             job_id: JobId::new(format!("{}-{agent_id}", deployment.id)),
             deployment_id: deployment.id.clone(),
             agent_id: agent_id.clone(),

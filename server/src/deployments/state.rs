@@ -50,6 +50,26 @@ pub struct State {
     active: BTreeMap<AgentId, BTreeSet<JobId>>,
 }
 
+/// Where a rolling deployment stands (see `State::gate`).
+struct Gate {
+    open: u32,
+    failed: Option<u32>,
+}
+
+/// What becomes of a queued job of a rolling deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchTurn {
+    /// Its batch is open: it may start.
+    Goes,
+    /// An earlier batch has not ended.
+    Waits,
+    /// An earlier batch failed and the deployment stops on failure: it is cancelled.
+    Stopped,
+}
+
+/// Why a job of a rolling deployment ends cancelled without running.
+pub const STOPPED_MESSAGE: &str = "not run: a job of an earlier batch failed (stop_on_failure)";
+
 /// What an event changed.
 #[derive(Debug, Default)]
 pub struct Effect {
@@ -457,6 +477,79 @@ impl State {
             .filter(|j| !j.status.is_final())
     }
 
+    /// Where rolling deployment `d` stands: the first batch with an unfinished job (`open`;
+    /// `u32::MAX` once all ended) and the first with a failed one; `None` if it is not rolling.
+    /// Looks at `d`'s jobs only.
+    fn gate(&self, d: &Deployment) -> Option<Gate> {
+        d.batch_size?;
+        let mut gate = Gate {
+            open: u32::MAX,
+            failed: None,
+        };
+        for a in &d.agents {
+            let Some(j) = self.jobs.get(format!("{}-{a}", d.id).as_str()) else {
+                continue;
+            };
+            if !j.status.is_final() {
+                gate.open = gate.open.min(j.batch);
+            } else if matches!(j.status, JobState::Failed | JobState::Expired) {
+                gate.failed = Some(gate.failed.map_or(j.batch, |f| f.min(j.batch)));
+            }
+        }
+        Some(gate)
+    }
+
+    /// What becomes of queued job `job` of rolling deployment `d` at `gate`.
+    fn batch_turn(d: &Deployment, gate: &Gate, job: &Job) -> BatchTurn {
+        if d.stop_on_failure && gate.failed.is_some_and(|f| job.batch > f) {
+            BatchTurn::Stopped
+        } else if job.batch > gate.open {
+            BatchTurn::Waits
+        } else {
+            BatchTurn::Goes
+        }
+    }
+
+    /// The agents with a queued job of rolling deployment `id` that may start now, or that a
+    /// failure stopped: their links should take their jobs (see `take_ready`).
+    pub fn batch_wakeups(&self, id: &str) -> Vec<AgentId> {
+        let Some(d) = self.deployments.get(id) else {
+            return Vec::new();
+        };
+        let Some(gate) = self.gate(d) else {
+            return Vec::new();
+        };
+        d.agents
+            .iter()
+            .filter(|a| {
+                self.jobs
+                    .get(format!("{}-{a}", d.id).as_str())
+                    .is_some_and(|j| {
+                        j.status == JobState::Queued
+                            && !j.dispatched
+                            && Self::batch_turn(d, &gate, j) != BatchTurn::Waits
+                    })
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Rolling deployments not yet ended.
+    pub fn rolling(&self) -> Vec<DeploymentId> {
+        self.deployments
+            .values()
+            .filter(|d| d.batch_size.is_some())
+            .filter(|d| {
+                d.agents.iter().any(|a| {
+                    self.jobs
+                        .get(format!("{}-{a}", d.id).as_str())
+                        .is_some_and(|j| !j.status.is_final())
+                })
+            })
+            .map(|d| d.id.clone())
+            .collect()
+    }
+
     /// Agents that have jobs waiting to be sent.
     pub fn agents_with_waiting_jobs(&self) -> Vec<AgentId> {
         self.active
@@ -539,7 +632,28 @@ impl State {
         let free = limit.saturating_sub(running);
         ready.sort();
         let (mut ids, mut bodies, mut ops) = (Vec::new(), Vec::new(), Vec::new());
-        for (_, job_id) in ready.into_iter().take(free) {
+        // Rolling deployments: jobs of a batch not yet open wait, those a failure stopped end.
+        let mut turns = Vec::with_capacity(ready.len());
+        for (created, job_id) in ready {
+            let turn = self
+                .jobs
+                .get(job_id.as_str())
+                .and_then(|j| Some((j, self.deployments.get(&j.deployment_id)?)))
+                .and_then(|(j, d)| Some(Self::batch_turn(d, &self.gate(d)?, j)))
+                .unwrap_or(BatchTurn::Goes);
+            match turn {
+                BatchTurn::Goes => turns.push((created, job_id)),
+                BatchTurn::Waits => {}
+                BatchTurn::Stopped => {
+                    if let Some(job) = self.jobs.get_mut(job_id.as_str()) {
+                        job.finish(JobState::Cancelled, StepState::Skipped, STOPPED_MESSAGE);
+                        tracing::info!(agent_id = %agent_id, job_id = %job_id, "job-stopped-earlier-batch-failed");
+                        ops.push(job_op(job));
+                    }
+                }
+            }
+        }
+        for (_, job_id) in turns.into_iter().take(free) {
             let Some(job) = self.jobs.get_mut(job_id.as_str()) else {
                 continue;
             };

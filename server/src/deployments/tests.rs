@@ -62,10 +62,12 @@ fn state(agents: &[&str]) -> State {
         agents: agents.iter().map(|a| AgentId::from(*a)).collect(),
         created_unix_ms: 1,
         skip_maintenance: false,
+        batch_size: None,
+        stop_on_failure: false,
     };
     let mut s = State::default();
-    for a in agents {
-        let mut j = Job::new(&d, &AgentId::from(*a));
+    for (i, a) in agents.iter().enumerate() {
+        let mut j = Job::new(&d, &AgentId::from(*a), i);
         j.dispatched = true;
         s.insert_job(j);
     }
@@ -315,7 +317,7 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
         let mut d = s.deployments["d-1"].clone();
         d.id = format!("d-{n}").into();
         d.created_unix_ms = n;
-        s.insert_job(Job::new(&d, &"a1".into()));
+        s.insert_job(Job::new(&d, &"a1".into(), 0));
         s.deployments.insert(d.id.clone(), d);
     }
     let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true);
@@ -452,6 +454,7 @@ fn targets_resolve_by_name_or_all_tags() {
     let t = |agents: Option<&[&str]>, tags: Option<&[&str]>| Targets {
         agents: agents.map(|v| v.iter().map(|s| s.to_string()).collect()),
         tags: tags.map(|v| v.iter().map(|s| s.to_string()).collect()),
+        count: None,
     };
     assert_eq!(
         resolve_targets(&t(Some(&["web-2", "a-1", "web-1"]), None), &agents).unwrap(),
@@ -633,6 +636,143 @@ fn a_job_naming_a_user_fails_on_an_agent_that_cannot_switch_and_runs_on_one_that
         .insert("run_as".into(), "deploy".into());
     let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true);
     assert_eq!(ids.len(), 1);
+}
+
+/// A rolling deployment of `agents` in batches of `size`, every job queued, not dispatched.
+fn rolling(agents: &[&str], size: u32, stop_on_failure: bool) -> State {
+    let mut s = state(agents);
+    let d = s.deployments.get_mut("d-1").unwrap();
+    d.batch_size = Some(size);
+    d.stop_on_failure = stop_on_failure;
+    let d = d.clone();
+    for (i, a) in agents.iter().enumerate() {
+        s.insert_job(Job::new(&d, &AgentId::from(*a), i));
+    }
+    s
+}
+
+fn end_job(s: &mut State, agent: &str, status: JobStatus) {
+    let id = format!("d-1-{agent}");
+    s.apply_event(agent, &EventBody::JobAccepted { job_id: id.clone() });
+    let step_status = match status {
+        JobStatus::Succeeded => StepStatus::Succeeded,
+        _ => StepStatus::Failed,
+    };
+    for step in 0..2 {
+        let mut e = finished(step, step_status, 0);
+        if let EventBody::StepFinished { job_id, .. } = &mut e {
+            *job_id = id.clone();
+        }
+        s.apply_event(agent, &e);
+    }
+    let effect = s.apply_event(
+        agent,
+        &EventBody::JobFinished {
+            job_id: id.clone(),
+            status,
+        },
+    );
+    assert!(effect.job_finished);
+    let ended = serde_json::to_value(job(s, agent).status).unwrap();
+    assert_eq!(ended, serde_json::to_value(status).unwrap(), "{id}");
+}
+
+fn take(s: &mut State, agent: &str) -> usize {
+    s.take_ready(agent, 4, Sealing::For(agent_key().1), &no_values, true)
+        .0
+        .len()
+}
+
+#[test]
+fn a_rolling_deployment_starts_a_batch_when_the_one_before_ended_and_stops_on_failure() {
+    let agents = ["a1", "a2", "a3", "a4", "a5"];
+    let mut s = rolling(&agents, 2, true);
+    assert_eq!(
+        agents.map(|a| job(&s, a).batch),
+        [0, 0, 1, 1, 2],
+        "batches of 2, the last one short"
+    );
+    assert_eq!(
+        s.batch_wakeups("d-1"),
+        vec![AgentId::from("a1"), AgentId::from("a2")]
+    );
+    assert_eq!(take(&mut s, "a3"), 0, "batch 2 waits");
+    assert_eq!(take(&mut s, "a1"), 1);
+    assert_eq!(take(&mut s, "a2"), 1);
+    end_job(&mut s, "a1", JobStatus::Succeeded);
+    assert_eq!(take(&mut s, "a3"), 0, "a2 still runs");
+    end_job(&mut s, "a2", JobStatus::Succeeded);
+    assert_eq!(
+        s.batch_wakeups("d-1"),
+        vec![AgentId::from("a3"), AgentId::from("a4")]
+    );
+    assert_eq!(take(&mut s, "a3"), 1);
+    assert_eq!(take(&mut s, "a5"), 0);
+    // A failure in batch 2: batch 3 is cancelled, saying why, even while a4 still runs.
+    end_job(&mut s, "a3", JobStatus::Failed);
+    assert_eq!(
+        s.batch_wakeups("d-1"),
+        vec![AgentId::from("a4"), AgentId::from("a5")]
+    );
+    assert_eq!(take(&mut s, "a5"), 0);
+    assert_eq!(job(&s, "a5").status, JobState::Cancelled);
+    assert_eq!(job(&s, "a5").message, super::state::STOPPED_MESSAGE);
+    assert_eq!(take(&mut s, "a4"), 1, "its own batch goes on");
+    end_job(&mut s, "a4", JobStatus::Succeeded);
+    assert!(s.rolling().is_empty(), "every job ended");
+
+    // Without stop_on_failure, later batches go on after a failure.
+    let mut s = rolling(&agents[..3], 1, false);
+    assert_eq!(take(&mut s, "a1"), 1);
+    end_job(&mut s, "a1", JobStatus::Failed);
+    assert_eq!(take(&mut s, "a2"), 1);
+    assert_eq!(
+        s.rolling(),
+        vec![tether_shared::ids::DeploymentId::from("d-1")]
+    );
+}
+
+#[test]
+fn a_pool_takes_any_n_of_the_tagged_agents_available_ones_first() {
+    let agents = [
+        agent("a-1", "web-1", &["web"]),
+        agent("a-2", "web-2", &["web"]),
+        agent("a-3", "web-3", &["web"]),
+        agent("a-4", "db-1", &["db"]),
+    ];
+    let ids = resolve_targets(
+        &Targets {
+            tags: Some(vec!["web".into()]),
+            count: Some(2),
+            ..Targets::default()
+        },
+        &agents,
+    )
+    .unwrap();
+    let available = |a: &AgentRecord| a.id == "a-3";
+    assert_eq!(
+        super::pick_pool(ids.clone(), Some(2), &agents, &available).unwrap(),
+        vec!["a-3", "a-1"]
+    );
+    assert_eq!(
+        super::pick_pool(ids.clone(), None, &agents, &available)
+            .unwrap()
+            .len(),
+        3
+    );
+    let e = super::pick_pool(ids.clone(), Some(4), &agents, &available).unwrap_err();
+    assert!(e.contains("only 3 agents"), "{e}");
+    assert!(super::pick_pool(ids, Some(0), &agents, &available).is_err());
+    let e = resolve_targets(
+        &Targets {
+            agents: Some(vec!["web-1".into()]),
+            count: Some(1),
+            ..Targets::default()
+        },
+        &agents,
+    )
+    .unwrap_err();
+    assert!(e.contains("goes with targets.tags"), "{e}");
 }
 
 #[test]

@@ -8,7 +8,9 @@ use tether_shared::mask::StreamMask;
 use tether_shared::protocol::Seq;
 use tether_shared::utf8_stream::Utf8Stream;
 
-use super::model::{deployment_status, is_secret_property, mask, Process, MASK};
+use std::collections::BTreeMap;
+
+use super::model::{deployment_status, is_secret_property, mask, Job, Process, MASK};
 use super::state::{step_log, Snapshot};
 use crate::registry::Registry;
 
@@ -80,6 +82,9 @@ pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> V
         "created_unix_ms": d.created_unix_ms,
         "counts": counts,
     });
+    if let Some(size) = d.batch_size {
+        answer["rolling"] = rolling(jobs, size, d.stop_on_failure);
+    }
     if detail == Detail::Summary {
         return answer;
     }
@@ -94,6 +99,7 @@ pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> V
                 "status": j.status,
                 "message": mask(&j.message, &secrets),
                 "finished_unix_ms": j.finished_unix_ms,
+                "batch": j.batch,
                 "steps": j.steps.iter().enumerate().map(|(i, s)| {
                     let declared = d.steps.get(i).map(|spec| spec.secrets.as_slice()).unwrap_or_default();
                     let outputs: serde_json::Map<String, Value> = s.outputs.iter().map(|(k, v)| {
@@ -118,6 +124,28 @@ pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> V
         .collect();
     answer["jobs"] = Value::Array(jobs);
     answer
+}
+
+/// A rolling deployment's batches: size, whether a failure stops it, and each batch with its
+/// status (derived from its jobs, as a deployment's) and job counts.
+fn rolling(jobs: &[Job], size: u32, stop_on_failure: bool) -> Value {
+    let mut batches: BTreeMap<u32, Vec<&Job>> = BTreeMap::new();
+    for j in jobs {
+        batches.entry(j.batch).or_default().push(j);
+    }
+    let list: Vec<Value> = batches
+        .iter()
+        .map(|(b, jobs)| {
+            let done = jobs.iter().filter(|j| j.status.is_final()).count();
+            json!({
+                "batch": b,
+                "status": deployment_status(jobs.iter().copied()),
+                "jobs": jobs.len(),
+                "ended": done,
+            })
+        })
+        .collect();
+    json!({"batch_size": size, "stop_on_failure": stop_on_failure, "batches": list})
 }
 
 /// A step's log read from storage a page at a time, secrets masked across pages: memory

@@ -238,7 +238,11 @@ async fn rollout(
         }
         return rollout_relays(&state, &version, &relays).await;
     }
-    let targets = Targets { agents, tags };
+    let targets = Targets {
+        agents,
+        tags,
+        count: None,
+    };
     let package = state.upgrades.package(&version).ok_or(ApiError::NotFound)?;
     let agents = state.registry.agents();
     let ids = resolve_targets(&targets, &agents).map_err(ApiError::BadRequest)?;

@@ -67,8 +67,14 @@ pub fn start_form(user: &CurrentUser, state: &AppState, process: Option<&str>) -
                 select #target-kind name="target_kind" {
                     option value="agents" { "agents named" }
                     option value="tags" { "every agent with all these tags" }
+                    option value="pool" { "any N agents with all these tags (a pool)" }
                 }
                 input #targets type="text" name="targets" placeholder="web-1 web-2  (or: tags)" required;
+                label for="count" { "N, for a pool" }
+                input #count type="number" name="count" min="1";
+                label for="batch-percent" { "Rolling: this % of the agents at a time (empty: all at once)" }
+                input #batch-percent type="number" name="batch_percent" min="1" max="100";
+                label { input #keep-going type="checkbox" name="keep_going" value="yes"; " rolling: go on after a failed job (otherwise later batches are cancelled)" }
                 label for="deploy-properties" { "Properties, one name=value per line (names ending in _secret are masked)" }
                 textarea #deploy-properties name="properties" rows="4" {}
                 label { input #skip-maintenance type="checkbox" name="skip_maintenance" value="yes"; " skip agents in maintenance (otherwise their jobs wait)" }
@@ -147,6 +153,26 @@ struct StartForm {
     /// A checkbox: present when ticked.
     #[serde(default)]
     skip_maintenance: Option<String>,
+    /// For a pool: how many agents (empty: none given).
+    #[serde(default)]
+    count: String,
+    /// For a rolling deployment: the share of agents at a time (empty: all at once).
+    #[serde(default)]
+    batch_percent: String,
+    /// A checkbox: a rolling deployment goes on after a failed job.
+    #[serde(default)]
+    keep_going: Option<String>,
+}
+
+/// An optional whole number of a form (empty: `None`).
+fn form_number(field: &str, text: &str) -> Result<Option<u32>, WebError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| WebError::BadRequest(format!("{field} must be a whole number, got {text:?}")))
 }
 
 async fn start(
@@ -162,14 +188,23 @@ async fn start(
         .filter(|t| !t.is_empty())
         .map(str::to_owned)
         .collect();
+    let count = form_number("N", &form.count)?;
+    let batch_percent = form_number("the rolling share", &form.batch_percent)?;
     let targets = match form.target_kind.as_str() {
         "agents" => Targets {
             agents: Some(names),
-            tags: None,
+            ..Targets::default()
         },
         "tags" => Targets {
-            agents: None,
             tags: Some(names),
+            ..Targets::default()
+        },
+        "pool" => Targets {
+            tags: Some(names),
+            count: Some(count.ok_or_else(|| {
+                WebError::BadRequest("a pool needs N, the number of agents".into())
+            })?),
+            ..Targets::default()
         },
         _ => {
             return Err(WebError::BadRequest(
@@ -192,6 +227,9 @@ async fn start(
         targets,
         properties,
         skip_maintenance: form.skip_maintenance.is_some(),
+        batch_size: None,
+        batch_percent,
+        stop_on_failure: batch_percent.map(|_| form.keep_going.is_none()),
     };
     let (id, jobs) = state.scheduler.start_deployment(new).await?;
     tracing::info!(user = %user.name, deployment_id = %id, jobs, "web-deployment-started");
@@ -241,6 +279,19 @@ async fn detail(
                             @for (k, v) in props { div { code { (k) } " = " (str_of(v)) } }
                         }
                     }
+                    @if let Some(rolling) = d["rolling"].as_object() {
+                        dt { "Rolling" } dd #rolling {
+                            (rolling["batch_size"].as_u64().unwrap_or(0)) " agents at a time"
+                            @if rolling["stop_on_failure"] == true { ", stops on the first failure" }
+                            table.batches { tbody { @for b in rolling["batches"].as_array().cloned().unwrap_or_default() {
+                                tr data-batch=(b["batch"].as_u64().unwrap_or(0)) {
+                                    th { "batch " (b["batch"].as_u64().unwrap_or(0) + 1) }
+                                    td { (badge(&str_of(&b["status"]))) }
+                                    td { (b["ended"].as_u64().unwrap_or(0)) " of " (b["jobs"].as_u64().unwrap_or(0)) " ended" }
+                                }
+                            } } }
+                        }
+                    }
                 }
                 @if !final_ && user.may_post(&format!("/deployments/{id_enc}/cancel")) {
                     form.card #cancel data-while-running method="post" action={ "/deployments/" (id_enc) "/cancel" } {
@@ -254,6 +305,7 @@ async fn detail(
                         h2 {
                             a href={ "/agents/" (enc(&str_of(&job["agent_id"]))) } { (str_of(&job["agent"])) } " "
                             span data-field="job-status" { (badge(&str_of(&job["status"]))) }
+                            @if d["rolling"].is_object() { " " span.muted { "batch " (job["batch"].as_u64().unwrap_or(0) + 1) } }
                         }
                         p.muted data-field="job-message" { (str_of(&job["message"])) }
                         table.steps {

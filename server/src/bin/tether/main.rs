@@ -474,6 +474,18 @@ struct DeployArgs {
     /// Skip agents in maintenance (their jobs end cancelled) instead of waiting for them.
     #[arg(long)]
     skip_maintenance: bool,
+    /// With --tag: any N of those agents (a pool), connected ones not in maintenance first.
+    #[arg(long, value_name = "N", requires = "tags")]
+    count: Option<u32>,
+    /// Rolling: N agents at a time, each batch once the one before it ended.
+    #[arg(long, value_name = "N", conflicts_with = "batch_percent")]
+    batch_size: Option<u32>,
+    /// Rolling: this share (1 to 100) of the agents at a time, rounded up.
+    #[arg(long, value_name = "PERCENT")]
+    batch_percent: Option<u32>,
+    /// Rolling: go on with later batches after a failed job (they are cancelled otherwise).
+    #[arg(long)]
+    keep_going: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -690,6 +702,10 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 tags: args.tags,
                 properties: args.properties.into_iter().collect(),
                 skip_maintenance: args.skip_maintenance,
+                count: args.count,
+                batch_size: args.batch_size,
+                batch_percent: args.batch_percent,
+                keep_going: args.keep_going,
             };
             deploy::deploy(&connect()?, &request, !args.no_wait, json)
         }

@@ -24,20 +24,39 @@ pub struct Request {
     pub properties: BTreeMap<String, String>,
     /// Skip agents in maintenance instead of waiting for them.
     pub skip_maintenance: bool,
+    /// With `tags`: any this many of those agents.
+    pub count: Option<u32>,
+    /// Rolling: agents at a time, or their share (percent).
+    pub batch_size: Option<u32>,
+    pub batch_percent: Option<u32>,
+    /// Rolling: later batches go on after a failed job.
+    pub keep_going: bool,
 }
 
 impl Request {
     /// The `POST /api/v1/deployments` body.
     fn body(&self) -> Value {
-        let targets = if self.agents.is_empty() {
+        let mut targets = if self.agents.is_empty() {
             json!({"tags": self.tags})
         } else {
             json!({"agents": self.agents})
         };
+        if let Some(n) = self.count {
+            targets["count"] = n.into();
+        }
         let mut body =
             json!({"process": self.process, "targets": targets, "properties": self.properties});
         if self.skip_maintenance {
             body["skip_maintenance"] = true.into();
+        }
+        if let Some(n) = self.batch_size {
+            body["batch_size"] = n.into();
+        }
+        if let Some(p) = self.batch_percent {
+            body["batch_percent"] = p.into();
+        }
+        if self.keep_going {
+            body["stop_on_failure"] = false.into();
         }
         body
     }
@@ -112,6 +131,10 @@ mod tests {
             tags: vec![],
             properties: [("who".to_owned(), "me".to_owned())].into(),
             skip_maintenance: false,
+            count: None,
+            batch_size: None,
+            batch_percent: None,
+            keep_going: false,
         };
         assert_eq!(
             request.body(),
@@ -122,5 +145,12 @@ mod tests {
         assert_eq!(request.body()["targets"], json!({"tags": ["web", "eu"]}));
         request.skip_maintenance = true;
         assert_eq!(request.body()["skip_maintenance"], true);
+        request.count = Some(2);
+        request.batch_percent = Some(10);
+        request.keep_going = true;
+        let body = request.body();
+        assert_eq!(body["targets"]["count"], 2);
+        assert_eq!(body["batch_percent"], 10);
+        assert_eq!(body["stop_on_failure"], false);
     }
 }

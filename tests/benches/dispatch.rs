@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde_json::json;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
-use tether_tests::measure::{dispatch, percentile, rss_kib};
+use tether_tests::measure::{dispatch, dispatch_with, percentile, rss_kib};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -108,6 +108,8 @@ fn main() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(5);
     let mut history_ratio = None;
+    // Rolling deployment to 1,000 (10% batches) and the unbatched one, total ms.
+    let mut rolling_ratio: Option<(u64, u64)> = None;
     // Total ms of the measured dispatch, by fleet size (for the per-agent ratio).
     let mut totals: Vec<(usize, u64)> = Vec::new();
     for &n in &sizes {
@@ -142,6 +144,21 @@ fn main() {
         totals.extend(total.map(|t| (n, t)));
         if n == 1000 {
             sim_1000 = total;
+            // Rolling: the same deployment in batches of 10%, each once the one before ended.
+            dispatch_with(&server, "trivial", &ids, json!({"batch_percent": 10}));
+            let mut rolled: Vec<(u64, Vec<u64>)> = (0..repeat.max(1))
+                .filter_map(|_| {
+                    quiet(&server);
+                    dispatch_with(&server, "trivial", &ids, json!({"batch_percent": 10}))
+                })
+                .collect();
+            rolled.sort_by_key(|(t, _)| *t);
+            let rolling_total = (!rolled.is_empty()).then(|| rolled.swap_remove(rolled.len() / 2));
+            if let (Some(unbatched), Some(batched)) =
+                (total, row("rolling, 10% batches", n, rolling_total))
+            {
+                rolling_ratio = Some((batched, unbatched));
+            }
             // History: the same dispatch once the server holds `history` finished jobs.
             if history > 0 {
                 let rounds = history.div_ceil(n);
@@ -210,6 +227,12 @@ fn main() {
         m + w
     );
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
+    if let Some((batched, unbatched)) = rolling_ratio {
+        println!(
+            "rolling deployment to 1000 simulated agents in 10 batches of 10%: {batched} ms, {:.2}x the unbatched {unbatched} ms (report)",
+            batched as f64 / unbatched.max(1) as f64
+        );
+    }
     if let Some(t) = sim_1000 {
         println!(
             "target 1000 simulated agents all done < 2000 ms: {t} ms ({})",

@@ -95,15 +95,25 @@ pub fn dispatch(
     process: &str,
     targets: &[String],
 ) -> Option<(u64, Vec<u64>)> {
+    dispatch_with(server, process, targets, serde_json::json!({}))
+}
+
+/// [`dispatch`] with more fields in the request (`{"batch_percent": 10}` for a rolling one).
+pub fn dispatch_with(
+    server: &crate::fleet::Server,
+    process: &str,
+    targets: &[String],
+    extra: serde_json::Value,
+) -> Option<(u64, Vec<u64>)> {
     use serde_json::{json, Value};
     use std::time::{Duration, Instant};
     let start = now_ms();
     let t0 = Instant::now();
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": process, "targets": {"agents": targets}, "properties": {}})),
-    );
+    let mut body = json!({"process": process, "targets": {"agents": targets}, "properties": {}});
+    if let (Some(b), Some(more)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(more.clone());
+    }
+    let r = server.request("POST", "/api/v1/deployments", Some(&body));
     if r.status != 201 {
         eprintln!("deployment refused: {} {}", r.status, r.body);
         return None;

@@ -197,6 +197,9 @@ impl Scheduler {
             loop {
                 tick.tick().await;
                 sweeping.deployments.sweep_rolling();
+                if let Err(e) = sweeping.deployments.expire_overdue().await {
+                    tracing::error!(error = %e, "deadline-expiry-failed");
+                }
             }
         });
         loop {

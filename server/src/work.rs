@@ -39,6 +39,8 @@ pub struct Ready {
     /// What it is (for [`Work::undo`] if the commands cannot be queued).
     pub job_ids: Vec<tether_shared::ids::JobId>,
     pub commands: Vec<CommandBody>,
+    /// Each command's deadline (Unix ms): its deployment's, if it has one.
+    pub deadlines: Vec<Option<u64>>,
     /// Marks it sent; committed with the commands.
     pub ops: Vec<Op>,
 }
@@ -141,9 +143,14 @@ impl Work {
     /// None while the agent is in maintenance (see `Deployments::take_ready`).
     pub fn ready(&self, agent_id: &AgentId, terms: AgentTerms<'_>) -> Ready {
         let (job_ids, commands, ops) = self.deployments.take_ready(agent_id, terms);
+        let deadlines = job_ids
+            .iter()
+            .map(|id| self.deployments.deadline_of(id))
+            .collect();
         Ready {
             job_ids,
             commands,
+            deadlines,
             ops,
         }
     }

@@ -214,3 +214,54 @@ fn batches_run_one_after_another_a_failure_stops_the_rest_and_a_pool_takes_n() {
         a.stop();
     }
 }
+
+/// A deployment with a deadline: the job of an agent that never came online expires on the
+/// server once it passes (found by the server's sweep, not by the agent), saying why.
+#[test]
+fn a_job_not_started_by_the_deployments_deadline_expires() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let _away = Agent::install(&server, tmp.path(), "away-1", &["away"]);
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(
+            &json!({"name": "noop", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": "true"}}]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "noop", "targets": {"tags": ["away"]}, "deadline_s": 10})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let d = server
+        .request("GET", &format!("/api/v1/deployments/{id}"), None)
+        .json();
+    assert_eq!(d["status"], "queued", "{d}");
+    let deadline = d["deadline_unix_ms"].as_u64().unwrap();
+    assert!(
+        deadline > d["created_unix_ms"].as_u64().unwrap() + 9_000,
+        "{d}"
+    );
+    let d = final_deployment(&server, &id);
+    assert_eq!(d["status"], "failed", "expired counts as failed: {d}");
+    assert_eq!(d["jobs"][0]["status"], "expired", "{d}");
+    assert!(
+        d["jobs"][0]["finished_unix_ms"].as_u64().unwrap() >= deadline,
+        "{d}"
+    );
+    assert_eq!(
+        d["jobs"][0]["message"], "not started before the deployment's deadline",
+        "{d}"
+    );
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "noop", "targets": {"tags": ["away"]}, "deadline_s": 5})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+}

@@ -91,7 +91,18 @@ pub struct NewDeployment {
     /// Of a rolling deployment: a failed job cancels the later batches (default true).
     #[serde(default)]
     pub stop_on_failure: Option<bool>,
+    /// Seconds from now by which each job must have started, or it expires (10 s to 30 days;
+    /// default: 24 h after its RunJob is sent).
+    #[serde(default)]
+    pub deadline_s: Option<u64>,
 }
+
+/// Shortest deployment deadline.
+pub const MIN_DEADLINE_S: u64 = 10;
+/// Longest deployment deadline.
+pub const MAX_DEADLINE_S: u64 = 30 * 86_400;
+/// Why a job ends `expired` on the server.
+pub const EXPIRED_MESSAGE: &str = "not started before the deployment's deadline";
 
 /// The batch size of a rolling deployment to `targets` agents, or why the request is wrong.
 fn batch_size(new: &NewDeployment, targets: usize) -> Result<Option<u32>, String> {
@@ -354,6 +365,26 @@ impl Deployments {
         }
     }
 
+    /// The deadline (Unix ms) of job `id`'s deployment, if it has one.
+    pub fn deadline_of(&self, id: &JobId) -> Option<u64> {
+        let s = self.read();
+        let job = s.jobs.get(id.as_str())?;
+        s.deployments.get(&job.deployment_id)?.deadline_unix_ms
+    }
+
+    /// Jobs still queued on the server past their deployment's deadline end `expired`
+    /// (committed); answers how many.
+    pub async fn expire_overdue(&self) -> Result<usize, DeploymentsError> {
+        let _guard = self.changes.lock().await;
+        let now = now_unix_ms();
+        let ops = self.write().expire_overdue(now);
+        if !ops.is_empty() {
+            self.journal.commit(ops.clone()).await?;
+            tracing::info!(jobs = ops.len(), "jobs-expired-deadline");
+        }
+        Ok(ops.len())
+    }
+
     /// Looks at every rolling deployment not yet ended and wakes the agents whose jobs may
     /// start or must stop (whatever ended their batch: an event, a cancel, a deleted agent, a
     /// restart). Answers how many rolling deployments there are.
@@ -504,6 +535,14 @@ impl Deployments {
             problems.push(e);
             None
         });
+        if let Some(s) = new
+            .deadline_s
+            .filter(|s| !(MIN_DEADLINE_S..=MAX_DEADLINE_S).contains(s))
+        {
+            problems.push(format!(
+                "deadline_s must be {MIN_DEADLINE_S} to {MAX_DEADLINE_S}, got {s}"
+            ));
+        }
         let steps = match self.process(&new.process) {
             None => {
                 problems.push(format!("unknown process {:?}", new.process));
@@ -546,6 +585,9 @@ impl Deployments {
             skip_maintenance: new.skip_maintenance,
             batch_size,
             stop_on_failure: batch_size.is_some() && new.stop_on_failure.unwrap_or(true),
+            deadline_unix_ms: new
+                .deadline_s
+                .map(|s| now_unix_ms().saturating_add(s.saturating_mul(1000))),
         };
         let jobs: Vec<Job> = deployment
             .agents

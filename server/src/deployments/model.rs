@@ -67,6 +67,10 @@ pub struct Deployment {
     /// Of a rolling deployment: a failed (or expired) job cancels the jobs of later batches.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stop_on_failure: bool,
+    /// A job not started by then (Unix ms) expires: on the server if still queued there, on
+    /// the agent if its RunJob arrives later. `None`: 24 h after it is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<u64>,
 }
 
 impl Deployment {

@@ -67,6 +67,9 @@ enum BatchTurn {
     Stopped,
 }
 
+/// Longest wait past a deployment's deadline before a job sent but never accepted expires.
+const DEADLINE_GRACE_MS: u64 = 60_000;
+
 /// Why a job of a rolling deployment ends cancelled without running.
 pub const STOPPED_MESSAGE: &str = "not run: a job of an earlier batch failed (stop_on_failure)";
 
@@ -532,6 +535,45 @@ impl State {
             })
             .cloned()
             .collect()
+    }
+
+    /// Ends `expired` every job its agent never accepted once its deployment's deadline is
+    /// before `now`: at the deadline for a job not yet sent, one grace period later (the
+    /// deployment's span, at most a minute) for one sent, so that an agent that got it just in
+    /// time has its acceptance heard first. An agent that gets it later finds it expired too
+    /// (the command carries the same deadline). Answers their ops.
+    pub fn expire_overdue(&mut self, now: u64) -> Vec<Op> {
+        let overdue: Vec<(String, u64)> = self
+            .deployments
+            .values()
+            .filter_map(|d| {
+                let deadline = d.deadline_unix_ms.filter(|t| *t < now)?;
+                let grace = deadline
+                    .saturating_sub(d.created_unix_ms)
+                    .min(DEADLINE_GRACE_MS);
+                Some(
+                    d.agents
+                        .iter()
+                        .map(move |a| (format!("{}-{a}", d.id), deadline + grace)),
+                )
+            })
+            .flatten()
+            .collect();
+        let mut ops = Vec::new();
+        for (id, sent_until) in overdue {
+            if let Some(job) = self.jobs.get_mut(id.as_str()) {
+                if job.status == JobState::Queued && (!job.dispatched || sent_until < now) {
+                    job.finish(
+                        JobState::Expired,
+                        StepState::Skipped,
+                        super::EXPIRED_MESSAGE,
+                    );
+                    tracing::info!(agent_id = %job.agent_id, job_id = %job.job_id, "job-expired-deadline");
+                    ops.push(job_op(job));
+                }
+            }
+        }
+        ops
     }
 
     /// Rolling deployments not yet ended.

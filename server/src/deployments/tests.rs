@@ -64,6 +64,7 @@ fn state(agents: &[&str]) -> State {
         skip_maintenance: false,
         batch_size: None,
         stop_on_failure: false,
+        deadline_unix_ms: None,
     };
     let mut s = State::default();
     for (i, a) in agents.iter().enumerate() {
@@ -773,6 +774,43 @@ fn a_pool_takes_any_n_of_the_tagged_agents_available_ones_first() {
     )
     .unwrap_err();
     assert!(e.contains("goes with targets.tags"), "{e}");
+}
+
+#[test]
+fn jobs_still_queued_past_the_deadline_expire_and_sent_ones_do_not() {
+    let mut s = state(&["a1", "a2", "a3"]);
+    // Created at 1, deadline 1,001: the grace is the span, 1,000 ms.
+    s.deployments.get_mut("d-1").unwrap().deadline_unix_ms = Some(1_001);
+    s.jobs.get_mut("d-1-a2").unwrap().dispatched = false;
+    s.apply_event(
+        "a3",
+        &EventBody::JobAccepted {
+            job_id: "d-1-a3".into(),
+        },
+    );
+    assert!(s.expire_overdue(1_000).is_empty(), "not yet");
+    let ops = s.expire_overdue(1_002);
+    assert_eq!(ops.len(), 1, "the one never sent, at the deadline");
+    assert_eq!(job(&s, "a2").status, JobState::Expired);
+    assert_eq!(job(&s, "a2").message, super::EXPIRED_MESSAGE);
+    assert_eq!(
+        job(&s, "a1").status,
+        JobState::Queued,
+        "sent: its acceptance may be on its way"
+    );
+    assert_eq!(
+        s.expire_overdue(2_002).len(),
+        1,
+        "sent, never accepted: after the grace"
+    );
+    assert_eq!(job(&s, "a1").status, JobState::Expired);
+    assert_eq!(
+        job(&s, "a3").status,
+        JobState::Running,
+        "accepted: the agent decides"
+    );
+    let again = s.expire_overdue(9_000);
+    assert!(again.is_empty(), "once: {again:?}");
 }
 
 #[test]

@@ -80,6 +80,7 @@ pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> V
         "process_version": d.process_version,
         "properties": properties,
         "created_unix_ms": d.created_unix_ms,
+        "deadline_unix_ms": d.deadline_unix_ms,
         "counts": counts,
     });
     if let Some(size) = d.batch_size {

@@ -230,6 +230,7 @@ async fn start(
         batch_size: None,
         batch_percent,
         stop_on_failure: batch_percent.map(|_| form.keep_going.is_none()),
+        deadline_s: None,
     };
     let (id, jobs) = state.scheduler.start_deployment(new).await?;
     tracing::info!(user = %user.name, deployment_id = %id, jobs, "web-deployment-started");

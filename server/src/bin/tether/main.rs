@@ -486,6 +486,10 @@ struct DeployArgs {
     /// Rolling: go on with later batches after a failed job (they are cancelled otherwise).
     #[arg(long)]
     keep_going: bool,
+    /// Seconds from now by which each job must have started, or it expires (10 to 2592000;
+    /// default 24 h after it is sent).
+    #[arg(long, value_name = "SECONDS")]
+    deadline: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -706,6 +710,7 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
                 batch_size: args.batch_size,
                 batch_percent: args.batch_percent,
                 keep_going: args.keep_going,
+                deadline_s: args.deadline,
             };
             deploy::deploy(&connect()?, &request, !args.no_wait, json)
         }

@@ -44,7 +44,7 @@ impl AgentLink {
         if ready.commands.is_empty() {
             return Ok((!ready.ops.is_empty()).then_some((None, ready.ops)));
         }
-        match self.enqueue(std::mem::take(&mut ready.commands)) {
+        match self.enqueue_until(std::mem::take(&mut ready.commands), &ready.deadlines) {
             Ok((last, mut ops)) => {
                 ops.append(&mut ready.ops);
                 tracing::info!(agent_id = %self.agent_id, jobs = ready.job_ids.len(), seq = last.0, "jobs-dispatched");

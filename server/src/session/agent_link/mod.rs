@@ -431,6 +431,16 @@ impl AgentLink {
 
     /// Number, sign and journal commands; they go out once durable.
     fn enqueue(&mut self, bodies: Vec<CommandBody>) -> Result<(Seq, Vec<Op>), AgentLinkError> {
+        self.enqueue_until(bodies, &[])
+    }
+
+    /// [`Self::enqueue`], command `i` valid until `deadlines[i]` (Unix ms) if given, else for
+    /// the default (24 h from now).
+    fn enqueue_until(
+        &mut self,
+        bodies: Vec<CommandBody>,
+        deadlines: &[Option<u64>],
+    ) -> Result<(Seq, Vec<Op>), AgentLinkError> {
         if !self.ep.outbound.has_room(bodies.len()) {
             return Err(StreamError::Backlog {
                 in_flight: self.ep.outbound.unacked(),
@@ -438,10 +448,15 @@ impl AgentLink {
             }
             .into());
         }
-        let deadline = now_ms() + DEFAULT_DEADLINE.as_millis() as u64;
+        let default_deadline = now_ms() + DEFAULT_DEADLINE.as_millis() as u64;
         let mut ops = Vec::with_capacity(bodies.len() + 1);
         let mut last = Seq::ZERO;
-        for body in bodies {
+        for (i, body) in bodies.into_iter().enumerate() {
+            let deadline = deadlines
+                .get(i)
+                .copied()
+                .flatten()
+                .unwrap_or(default_deadline);
             if let CommandBody::Probe { .. } = body {
                 self.probes.commands_sent += 1;
             }

@@ -31,6 +31,8 @@ pub struct Request {
     pub batch_percent: Option<u32>,
     /// Rolling: later batches go on after a failed job.
     pub keep_going: bool,
+    /// Seconds by which each job must have started.
+    pub deadline_s: Option<u64>,
 }
 
 impl Request {
@@ -57,6 +59,9 @@ impl Request {
         }
         if self.keep_going {
             body["stop_on_failure"] = false.into();
+        }
+        if let Some(s) = self.deadline_s {
+            body["deadline_s"] = s.into();
         }
         body
     }
@@ -135,6 +140,7 @@ mod tests {
             batch_size: None,
             batch_percent: None,
             keep_going: false,
+            deadline_s: None,
         };
         assert_eq!(
             request.body(),

@@ -203,11 +203,18 @@ impl Scheduler {
             }
         });
         loop {
-            for agent_id in self.deployments.woken().await {
-                if let Err(e) = self.dispatch(&agent_id).await {
-                    tracing::warn!(agent_id = %agent_id, error = %e, "batch-dispatch-failed");
-                }
-            }
+            let woken = self.deployments.woken().await;
+            // Many links at once, so that their commits share the journal's batches.
+            stream::iter(&woken)
+                .for_each_concurrent(DISPATCH_CONCURRENCY, |agent_id| {
+                    let this = &self;
+                    async move {
+                        if let Err(e) = this.dispatch(agent_id).await {
+                            tracing::warn!(agent_id = %agent_id, error = %e, "batch-dispatch-failed");
+                        }
+                    }
+                })
+                .await;
         }
     }
 

@@ -1216,6 +1216,7 @@ fn hostile_facts_store_nothing_and_a_run_as_job_never_reaches_an_agent_that_cann
     let (mut ws, nonce) = challenged(&server, &agent.id, &key);
     let mut h = hello(&key, &agent.id, &nonce, &fresh_incarnation());
     h.facts = [("os".to_owned(), "linux".to_owned())].into();
+    h.version = "0.0.1".into();
     assert!(!h.runs_as);
     ws.send(&Frame::Hello(h)).unwrap();
     assert!(matches!(
@@ -1225,6 +1226,11 @@ fn hostile_facts_store_nothing_and_a_run_as_job_never_reaches_an_agent_that_cann
     eventually("its facts stored", WAIT, || {
         (server.agent(&agent.id)?["facts"]["os"] == "linux").then_some(())
     });
+    // An older release than the server's is told to upgrade.
+    assert_eq!(
+        server.agent(&agent.id).unwrap()["upgrade_recommended"],
+        true
+    );
     for (name, run_as) in [("as-deploy", Some("deploy")), ("as-itself", None)] {
         let mut step = json!({"name": "s", "plugin": "shell", "step": "run",
             "properties": {"script": "id -un"}});

@@ -169,6 +169,21 @@ pub struct AgentView {
     pub facts: Facts,
     /// When those facts were reported (absent: never).
     pub facts_unix_ms: Option<u64>,
+    /// It runs an older release than this server's: upgrade it (`tether upgrades`).
+    pub upgrade_recommended: bool,
+}
+
+/// Whether an agent reporting `version` runs an older release than this server. Versions
+/// that are not `MAJOR.MINOR.PATCH` (a development build) are never called older.
+pub fn older_than_server(version: &str) -> bool {
+    use tether_shared::upgrade::Version;
+    match (
+        Version::parse(version),
+        Version::parse(env!("CARGO_PKG_VERSION")),
+    ) {
+        (Ok(agent), Ok(server)) => agent < server,
+        _ => false,
+    }
 }
 
 /// One line of `GET /api/v1/relays`.
@@ -197,6 +212,7 @@ pub type ReportedStatus = tether_shared::protocol::AgentStatus;
 
 fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>) -> AgentView {
     AgentView {
+        upgrade_recommended: p.version.as_deref().is_some_and(older_than_server),
         status: if p.online {
             Status::Online
         } else {

@@ -373,3 +373,14 @@ async fn other_tags_need_a_live_token_and_spend_a_use() {
 fn nobody() -> crate::presence::Presence<()> {
     crate::presence::Presence::default()
 }
+
+#[test]
+fn agents_older_than_the_server_are_told_to_upgrade() {
+    assert!(super::older_than_server("0.0.1"));
+    assert!(!super::older_than_server(env!("CARGO_PKG_VERSION")));
+    assert!(!super::older_than_server("99.0.0"));
+    assert!(
+        !super::older_than_server("loadgen-0.2.0"),
+        "not a release version"
+    );
+}

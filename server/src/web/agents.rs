@@ -157,7 +157,8 @@ async fn list(
                             td { a href={ "/agents/" (enc(&a.id)) } { (a.name) } }
                             td { span data-field="status" { (badge(status)) }
                                  @if a.maintenance.is_some() { " " span.maintenance { (badge("maintenance")) } } }
-                            td data-field="version" { (a.version.as_deref().unwrap_or("")) }
+                            td { span data-field="version" { (a.version.as_deref().unwrap_or("")) }
+                                 @if a.upgrade_recommended { " " span.upgrade-recommended title="older than the server" { (badge("upgrade recommended")) } } }
                             td.system { (system_text(a)) }
                             td { @for t in &a.tags { span.tag { (t) } } }
                             td { (path_text(a)) }
@@ -287,7 +288,8 @@ async fn detail(
             dl.props #agent {
                 dt { "Id" } dd { code { (a.id) } }
                 dt { "Status" } dd #status { (badge(status)) }
-                dt { "Version" } dd #version { (a.version.as_deref().unwrap_or("unknown (never connected)")) }
+                dt { "Version" } dd #version { (a.version.as_deref().unwrap_or("unknown (never connected)"))
+                    @if a.upgrade_recommended { " · " (badge("upgrade recommended")) " older than the server's " (env!("CARGO_PKG_VERSION")) } }
                 dt { "Tags" } dd #tags { @for t in &a.tags { span.tag { (t) } } }
                 dt { "Properties" } dd #properties {
                     @if a.properties.is_empty() { span.muted { "none" } }

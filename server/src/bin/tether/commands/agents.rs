@@ -40,7 +40,7 @@ pub fn list(client: &Client, conditions: &[String], json: bool) -> Result<ExitCo
         table.row(vec![
             cell(&a["name"]),
             status(a),
-            cell(&a["version"]),
+            version(a),
             system(a),
             cell(&a["tags"]),
             path(a),
@@ -49,6 +49,14 @@ pub fn list(client: &Client, conditions: &[String], json: bool) -> Result<ExitCo
     }
     table.print()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Its version, and `(upgrade recommended)` when it is older than the server's.
+fn version(agent: &Value) -> String {
+    match agent["upgrade_recommended"].as_bool() {
+        Some(true) => format!("{} (upgrade recommended)", cell(&agent["version"])),
+        _ => cell(&agent["version"]),
+    }
 }
 
 /// Its distribution and architecture from its facts (`debian 12 x86_64`), `-` if none.
@@ -135,7 +143,7 @@ pub fn show(client: &Client, wanted: &str, json: bool) -> Result<ExitCode, CliEr
                 None => "no".to_owned(),
             },
         ),
-        ("version", cell(&agent["version"])),
+        ("version", version(&agent)),
         ("tags", cell(&agent["tags"])),
         ("path", path(&agent)),
         (

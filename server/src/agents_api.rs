@@ -87,6 +87,20 @@ struct RelayPatch {
     maintenance_reason: Option<String>,
 }
 
+/// Puts relay `id` (id or name) in maintenance or takes it out (REST and web application).
+pub async fn relay_maintenance(
+    state: &AppState,
+    id: &str,
+    on: bool,
+    reason: Option<String>,
+) -> Result<crate::registry::AgentRecord, ApiError> {
+    let reason = crate::agent_admin::maintenance_change(Some(on), reason)?.flatten();
+    let relay = state.agent_admin.set_relay_maintenance(id, reason).await?;
+    // Out of it, the agents behind it start their waiting jobs; into it, skippable ones end.
+    state.scheduler.dispatch_waiting().await;
+    Ok(relay)
+}
+
 async fn patch_relay(
     req: HttpRequest,
     path: web::Path<String>,
@@ -95,15 +109,13 @@ async fn patch_relay(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let patch: RelayPatch = parse_json(&body)?;
-    let reason =
-        crate::agent_admin::maintenance_change(Some(patch.maintenance), patch.maintenance_reason)?
-            .flatten();
-    let relay = state
-        .agent_admin
-        .set_relay_maintenance(&path.into_inner(), reason)
-        .await?;
-    // Out of it, the agents behind it start their waiting jobs; into it, skippable ones end.
-    state.scheduler.dispatch_waiting().await;
+    let relay = relay_maintenance(
+        &state,
+        &path.into_inner(),
+        patch.maintenance,
+        patch.maintenance_reason,
+    )
+    .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": relay.id, "name": relay.name, "maintenance": relay.maintenance,
     })))

@@ -212,7 +212,23 @@ fn a_relay_refuses_an_older_version_with_nothing_written() {
     let tmp = TestDir::new();
     let (server, relay, agent) = fleet(&tmp, false);
     server.upload_package("0.0.1", "relay", b"#!/bin/sh\nexit 3\n");
-    rollout(&server, "0.0.1", &relay);
+    // Rolled out from the web application's relays page.
+    let r = server.request(
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops", "password": "relay-upgrade-pw-1", "role": "admin"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cookie = server.web_login("ops", "relay-upgrade-pw-1");
+    let page = server.web_get(&cookie, "/relays").body;
+    assert!(page.contains("<option value=\"0.0.1\">"), "{page}");
+    let r = server.web_post(
+        &cookie,
+        &tether_tests::csrf_of(&page),
+        &format!("/relays/{}/upgrade", relay.id),
+        "version=0.0.1",
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
     let r = wait_upgrade(&server, &relay, "0.0.1", "refused");
     let reason = r["upgrade"]["reason"].as_str().unwrap();
     assert!(reason.contains("not newer"), "{r}");

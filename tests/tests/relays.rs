@@ -628,9 +628,28 @@ fn a_relay_in_maintenance_starts_no_new_job_on_the_agents_behind_it() {
         Some(&json!({"maintenance": true})),
     );
     assert_eq!(r.status, 404, "{}", r.body);
-    // Out of maintenance: the waiting job runs.
-    let out = cli.run(&["relays", "maintenance", "relay-m", "off"]);
-    assert!(out.status.success(), "{out:?}");
+    // The web application shows it, and its form ends it: the waiting job runs.
+    let r = server.request(
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops", "password": "relay-maint-password", "role": "admin"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cookie = server.web_login("ops", "relay-maint-password");
+    let page = server.web_get(&cookie, "/relays").body;
+    assert!(
+        page.contains("firewall change") && page.contains("End maintenance"),
+        "{page}"
+    );
+    let r = server.web_post(
+        &cookie,
+        &tether_tests::csrf_of(&page),
+        &format!("/relays/{}/maintenance", relay.id),
+        "on=no",
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let listed = tether_tests::stdout(&cli.run(&["relays"]));
+    assert!(!listed.contains("(maintenance)"), "{listed}");
     eventually("the job behind the relay done", WAIT, || {
         (job(&get(), "behind-1") == "succeeded").then_some(())
     });

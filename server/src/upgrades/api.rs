@@ -289,6 +289,17 @@ async fn rollout_relays(
     version: &str,
     names: &[String],
 ) -> Result<HttpResponse, ApiError> {
+    let (version, answer) = queue_relay_upgrades(state, version, names).await?;
+    Ok(HttpResponse::Accepted().json(json!({"version": version, "relays": answer})))
+}
+
+/// Queues relay package `version` to relays `names` (names or ids; REST and the web
+/// application): answers the version and, per relay, whether it was queued and its state.
+pub async fn queue_relay_upgrades(
+    state: &AppState,
+    version: &str,
+    names: &[String],
+) -> Result<(String, Vec<serde_json::Value>), ApiError> {
     let package = state
         .upgrades
         .component_package(Component::Relay, version)
@@ -353,7 +364,7 @@ async fn rollout_relays(
         answer.push(json!({"id": id, "name": name, "queued": true,
                            "state": UpgradeState::Requested}));
     }
-    Ok(HttpResponse::Accepted().json(json!({"version": package.version, "relays": answer})))
+    Ok((package.version, answer))
 }
 
 async fn download(

@@ -145,6 +145,27 @@ fn operators_surface_in_a_browser() {
     s.wait_text("#summary", WAIT, |t| t.starts_with("1 of 1"))
         .unwrap();
     screenshot(&s, "agents");
+    // Filtered by its facts from the search form; a condition that holds for none shows none.
+    s.goto(&format!("{base}/agents")).unwrap();
+    set_value(
+        &s,
+        "#where",
+        &format!("os=linux arch={}", std::env::consts::ARCH),
+    );
+    click(&s, "form.searchbar button");
+    s.wait_text("#summary", WAIT, |t| t.starts_with("1 of 1"))
+        .unwrap();
+    s.goto(&format!("{base}/agents?where=cpus%3E100000"))
+        .unwrap();
+    s.wait_text("#summary", WAIT, |t| t.starts_with("0 of 1"))
+        .unwrap();
+    // The health page names the agent's link and refreshes itself.
+    s.goto(&format!("{base}/health")).unwrap();
+    s.wait_text("#actors", WAIT, |t| t.contains("web-1"))
+        .unwrap();
+    s.wait_for("#health-live[data-refreshed]", WAIT).unwrap();
+    s.wait_text("#actors", WAIT, |t| t.contains("web-1"))
+        .unwrap();
 
     // A process from the JSON form; a deployment from the start form; its log appears.
     s.goto(&format!("{base}/processes")).unwrap();

@@ -131,13 +131,14 @@ async fn health(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
         &user,
         "/health",
         html! {
-            p.muted { (h.sessions) " sessions connected · observed now; reload to observe again" }
+            div #health-live data-live="5000" {
+            p.muted { (h.sessions) " sessions connected · observed " (layout::utc(crate::registry::now_unix_ms())) " · refreshed every 5 s" }
             h2 { "Server actors" }
             table #actors {
                 thead { tr { th { "Name" } th { "Kind" } th { "State" } th { "Restarts" } th { "Backlog" } th { "Last beat" } } }
                 tbody { @for a in &h.actors {
                     tr {
-                        td { (a.name) } td { (a.kind) } td { (badge(&word(&a.state))) }
+                        td { (actor_name(&state, &a.name, a.kind)) } td { (a.kind) } td { (badge(&word(&a.state))) }
                         td { (a.restarts) } td { (a.backlog) } td { (a.last_beat_ms) " ms" }
                     }
                 } }
@@ -197,6 +198,20 @@ async fn health(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
                     (fields(&serde_json::to_value(link).unwrap_or_default()))
                 }
             }
+            }
         },
     )
+}
+
+/// An actor's name for people: an agent's or relay's actors show its name, their id beside.
+fn actor_name(state: &AppState, name: &str, kind: &str) -> Markup {
+    let peer = matches!(kind, "AgentLink" | "RelaySession")
+        .then(|| state.registry.agent_name(name))
+        .flatten();
+    html! {
+        @match peer {
+            Some(n) => { (n) " " code.muted { (name) } },
+            None => (name),
+        }
+    }
 }

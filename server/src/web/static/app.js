@@ -121,8 +121,30 @@
     setTimeout(tick, 3000);
   }
 
+  // --- sections that refresh themselves (the health page): fetched again, swapped in whole,
+  // except while someone is typing in one of their forms ---------------------------------------
+  function liveRefresh(el) {
+    var every = parseInt(el.getAttribute("data-live"), 10) || 5000;
+    function tick() {
+      var focus = document.activeElement;
+      if (focus && focus.form && el.contains(focus)) { setTimeout(tick, every); return; }
+      fetch(location.href, { credentials: "same-origin", headers: { "Accept": "text/html" } })
+        .then(function (r) { return r.ok ? r.text() : Promise.reject(r.status); })
+        .then(function (html) {
+          var fresh = new DOMParser().parseFromString(html, "text/html").getElementById(el.id);
+          if (fresh) {
+            el.innerHTML = fresh.innerHTML;
+            el.setAttribute("data-refreshed", String(Date.now()));
+          }
+        }, function () {})
+        .then(function () { setTimeout(tick, every); });
+    }
+    setTimeout(tick, every);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
     all("[data-deployment][data-poll]").forEach(pollDeployment);
     all("tbody[data-agents][data-poll]").forEach(pollAgents);
+    all("[data-live][id]").forEach(liveRefresh);
   });
 })();

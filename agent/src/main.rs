@@ -91,6 +91,13 @@ fn main() -> ExitCode {
         Startup::Run(cfg) => cfg,
         Startup::Exit(code) => return code,
     };
+    // The egress proxy (config, else HTTPS_PROXY) for every dial of this process.
+    if let Err(e) =
+        tether_shared::proxy::install_from(cfg.agent.proxy.expose(), &cfg.agent.no_proxy)
+    {
+        eprintln!("tether-agent: configuration error: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Some(Command::Run(args)) => run_monitor(&cfg, cli.config.as_deref(), &cli.config_dir, args),
         Some(Command::Install(args)) => run_install(&cfg, &args),

@@ -76,6 +76,13 @@ fn main() -> ExitCode {
         Startup::Run(cfg) => cfg,
         Startup::Exit(code) => return code,
     };
+    // The egress proxy (config, else HTTPS_PROXY) for every dial of this process.
+    if let Err(e) =
+        tether_shared::proxy::install_from(cfg.relay.proxy.expose(), &cfg.relay.no_proxy)
+    {
+        eprintln!("tether-relay: configuration error: {e}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Some(Command::Install(args)) => {
             cfg.log.init_tracing();

@@ -171,8 +171,9 @@ impl HttpsError {
     }
 }
 
-/// Opens the TCP connection of `req` (its fixed address, or the host resolved), within
-/// `timeout`; returns `host:port` for messages, and the stream.
+/// Opens the TCP connection of `req` (its fixed address, or the host resolved; or a tunnel
+/// through the process's proxy, `crate::proxy`), within `timeout`; returns `host:port` for
+/// messages, and the stream.
 pub(crate) fn dial(
     req: &Request<'_>,
     timeout: Duration,
@@ -182,9 +183,13 @@ pub(crate) fn dial(
     } else {
         format!("{}:{}", req.host, req.port)
     };
-    let dialled = match req.addr {
-        Some(addr) => TcpStream::connect_timeout(&addr, timeout),
-        None => connect(req.host, req.port, timeout),
+    let dialled = match (crate::proxy::for_host(req.host), req.addr) {
+        // Through the process's proxy, which resolves the name itself.
+        (Some(proxy), _) => proxy
+            .tunnel_blocking(req.host, req.port, timeout)
+            .map_err(io::Error::from),
+        (None, Some(addr)) => TcpStream::connect_timeout(&addr, timeout),
+        (None, None) => connect(req.host, req.port, timeout),
     };
     let tcp = dialled.map_err(|source| HttpsError::Connect {
         target: target.clone(),

@@ -19,6 +19,7 @@
 //!   (the server's and the relay's WebSocket listeners).
 //! - [`mux`]: the relay link's framing (many agents' channels over one WebSocket).
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
+//! - [`proxy`]: egress through an HTTP proxy (CONNECT) for the upstream WebSocket and downloads.
 //! - [`state_file`]: the JSON state file an install writes last (`agent.json`, `relay.json`).
 //! - [`unpack`]: safe extraction of `.tar.gz` and `.zip` archives (artifacts, bundles).
 //! - [`upgrade`]: agent upgrade packages: versions and the server's signature over them.
@@ -44,6 +45,7 @@ pub mod mask;
 pub mod mux;
 pub mod plugin;
 pub mod protocol;
+pub mod proxy;
 pub mod sealing;
 pub mod state_file;
 pub mod storage;

@@ -1,5 +1,6 @@
 //! The WebSocket client that agents and relays dial their upstream with: rustls, a connect
-//! deadline, and `TCP_NODELAY`.
+//! deadline, `TCP_NODELAY`, and a tunnel through the process's proxy if it has one
+//! (`crate::proxy`).
 //!
 //! awc leaves Nagle's algorithm on. An agent's frames are small and come in bursts (a step's
 //! end, then the job's end), so the second one waited for the server's delayed ACK: a steady
@@ -33,6 +34,17 @@ impl Service<ConnectInfo<Uri>> for NoDelay {
     }
 
     fn call(&self, req: ConnectInfo<Uri>) -> Self::Future {
+        if let Some(proxy) = crate::proxy::for_host(req.hostname()) {
+            // A tunnel through the process's proxy; TLS then runs inside it, end to end.
+            let (host, port, uri) = (req.hostname().to_owned(), req.port(), req.request().clone());
+            return Box::pin(async move {
+                let tcp = proxy
+                    .tunnel(&host, port)
+                    .await
+                    .map_err(|e| ConnectError::Io(e.into()))?;
+                Ok(Connection::new(uri, tcp))
+            });
+        }
         let connecting = self.inner.call(req);
         Box::pin(async move {
             let connection = connecting.await?;

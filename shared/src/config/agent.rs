@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::checks::Problems;
-use super::{serialize_millis, ConfigError, LogConfig, RawConfig};
+use super::{serialize_millis, ConfigError, LogConfig, RawConfig, Secret};
 
 /// Most users `agent.run_as_users` may list.
 pub const MAX_RUN_AS_USERS: usize = 64;
@@ -53,6 +53,11 @@ pub struct RawAgentSection {
     pub run_as_users: Vec<String>,
     /// Where the directories of steps run as another user go (`<job>-<user>`, theirs).
     pub run_as_dir: PathBuf,
+    /// The HTTP proxy to reach upstreams and downloads through
+    /// (`http://[user:password@]host:port`; empty: `HTTPS_PROXY`, else none).
+    pub proxy: String,
+    /// Hosts reached directly, never through the proxy.
+    pub no_proxy: Vec<String>,
 }
 
 impl Default for RawAgentSection {
@@ -72,6 +77,8 @@ impl Default for RawAgentSection {
             job_retention_ms: 86_400_000,
             run_as_users: Vec::new(),
             run_as_dir: PathBuf::from("/var/lib/tether/agent-steps"),
+            proxy: String::new(),
+            no_proxy: Vec::new(),
         }
     }
 }
@@ -137,11 +144,16 @@ pub struct AgentSection {
     pub run_as_users: Vec<String>,
     /// Parent of the directories of steps run as another user.
     pub run_as_dir: PathBuf,
+    /// The egress proxy as written (masked when shown).
+    pub proxy: Secret<String>,
+    /// Hosts reached directly.
+    pub no_proxy: Vec<String>,
 }
 
 impl RawConfig for RawAgentConfig {
     const ROLE: &'static str = "agent";
-    const LIST_KEYS: &'static [&'static str] = &["agent.upstreams", "agent.run_as_users"];
+    const LIST_KEYS: &'static [&'static str] =
+        &["agent.upstreams", "agent.run_as_users", "agent.no_proxy"];
     type Valid = AgentConfig;
 
     fn validate(self) -> Result<AgentConfig, ConfigError> {
@@ -266,6 +278,7 @@ impl RawConfig for RawAgentConfig {
                 );
             }
         }
+        p.proxy("agent.proxy", &a.proxy, &a.no_proxy);
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -285,6 +298,8 @@ impl RawConfig for RawAgentConfig {
                     job_retention: retention?,
                     run_as_users: a.run_as_users.clone(),
                     run_as_dir: run_as_dir?,
+                    proxy: Secret::new(a.proxy.clone()),
+                    no_proxy: a.no_proxy.clone(),
                 },
                 log: LogConfig { level: level? },
             })

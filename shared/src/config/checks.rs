@@ -56,6 +56,15 @@ impl Problems {
         Some(value.to_path_buf())
     }
 
+    /// An egress proxy URL (empty: none configured), see `crate::proxy`.
+    pub(super) fn proxy(&mut self, key: &str, url: &str, no_proxy: &[String]) {
+        if !url.is_empty() {
+            if let Err(e) = crate::proxy::Proxy::parse(url, no_proxy) {
+                self.push(key, e);
+            }
+        }
+    }
+
     /// An upstream URL: `https://` or `wss://` with a host.
     pub(super) fn upstream(&mut self, key: &str, value: &str) -> Option<String> {
         match upstream_problem(value) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::checks::Problems;
-use super::{serialize_millis, ConfigError, LogConfig, RawConfig};
+use super::{serialize_millis, ConfigError, LogConfig, RawConfig, Secret};
 
 /// `relay.toml` as written: every key optional, defaults filled in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -41,6 +41,11 @@ pub struct RawRelaySection {
     pub upgrade_trial_timeout_ms: i64,
     /// Bytes the artifact and plugin cache may hold before least recently used files go.
     pub cache_max_bytes: i64,
+    /// The HTTP proxy to reach the upstream through (`http://[user:password@]host:port`;
+    /// empty: `HTTPS_PROXY`, else none).
+    pub proxy: String,
+    /// Hosts reached directly, never through the proxy.
+    pub no_proxy: Vec<String>,
 }
 
 impl Default for RawRelaySection {
@@ -53,6 +58,8 @@ impl Default for RawRelaySection {
             upgrade_healthy_after_ms: 10_000,
             upgrade_trial_timeout_ms: 120_000,
             cache_max_bytes: 10 * 1024 * 1024 * 1024,
+            proxy: String::new(),
+            no_proxy: Vec::new(),
         }
     }
 }
@@ -113,6 +120,10 @@ pub struct RelaySection {
     pub upgrade_trial_timeout: Duration,
     /// The cache's size bound.
     pub cache_max_bytes: u64,
+    /// The egress proxy as written (masked when shown).
+    pub proxy: Secret<String>,
+    /// Hosts reached directly.
+    pub no_proxy: Vec<String>,
 }
 
 /// `[listen]`, validated.
@@ -126,7 +137,7 @@ pub struct RelayListen {
 
 impl RawConfig for RawRelayConfig {
     const ROLE: &'static str = "relay";
-    const LIST_KEYS: &'static [&'static str] = &["relay.upstreams"];
+    const LIST_KEYS: &'static [&'static str] = &["relay.upstreams", "relay.no_proxy"];
     type Valid = RelayConfig;
 
     fn validate(self) -> Result<RelayConfig, ConfigError> {
@@ -198,6 +209,7 @@ impl RawConfig for RawRelayConfig {
                 );
             }
         }
+        p.proxy("relay.proxy", &self.relay.proxy, &self.relay.no_proxy);
         let level = p.log_level("log.level", &self.log.level);
 
         p.finish(|| {
@@ -210,6 +222,8 @@ impl RawConfig for RawRelayConfig {
                     upgrade_healthy_after: healthy_after?,
                     upgrade_trial_timeout: trial_timeout?,
                     cache_max_bytes: cache_max_bytes?,
+                    proxy: Secret::new(self.relay.proxy.clone()),
+                    no_proxy: self.relay.no_proxy.clone(),
                 },
                 listen: RelayListen {
                     downstream: downstream?,

@@ -179,7 +179,8 @@ fn run_monitor(
 
 /// `tether-agent worker`: exits with the code the worker's system stopped with.
 fn run_worker(cfg: &AgentConfig, args: WorkerArgs) -> ExitCode {
-    cfg.log.init_tracing();
+    // Its recent lines are kept too, for an operator to read from afar.
+    cfg.log.init_tracing_to(worker::log_ring::Tee);
     let data_dir = config::data_dir(args.data.as_deref(), &cfg.agent.data_dir);
     match worker::run(cfg, &data_dir) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),

@@ -16,6 +16,10 @@
 //!   it carries: its agents and child relays fail over to their next upstream), and any
 //!   channel elsewhere that names it in its path closes too. `closed` counts links and
 //!   channels closed.
+//! - `POST /api/v1/agents/{id}/operations` with `{"op": "ping"|"restart"|"log"|"diagnostics",
+//!   "wait_s": 0..60}` (default 10) → the operation once answered (200), or still `pending`
+//!   (202) past `wait_s`; `GET /api/v1/agents/{id}/operations[/{op_id}]` → the recent ones, or
+//!   one (`crate::operations`). 409 for an agent whose release takes none.
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
@@ -36,11 +40,119 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(method_not_allowed)),
     )
     .service(
+        web::resource("/api/v1/agents/{id}/operations")
+            .route(web::post().to(post_operation))
+            .route(web::get().to(list_operations))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/api/v1/agents/{id}/operations/{op_id}")
+            .route(web::get().to(get_operation))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
         web::resource("/api/v1/relays/{id}")
             .route(web::patch().to(patch_relay))
             .route(web::delete().to(delete_relay))
             .default_service(web::to(method_not_allowed)),
     );
+}
+
+/// The body of `POST /api/v1/agents/{id}/operations`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewOperation {
+    op: String,
+    /// Seconds to wait for the answer (at most [`MAX_OPERATION_WAIT_S`]).
+    #[serde(default = "default_wait")]
+    wait_s: u64,
+}
+
+/// Longest an operation request waits for its answer.
+const MAX_OPERATION_WAIT_S: u64 = 60;
+
+fn default_wait() -> u64 {
+    10
+}
+
+/// Starts operation `op` on agent `id_or_name` and waits at most `wait` for its answer (REST
+/// and web alike).
+pub async fn start_operation(
+    state: &AppState,
+    id_or_name: &str,
+    op: &str,
+    wait: std::time::Duration,
+) -> Result<crate::operations::OperationRecord, ApiError> {
+    let op = crate::operations::parse_op(op).map_err(ApiError::BadRequest)?;
+    let agent = state
+        .agent_admin
+        .resolve(id_or_name)
+        .ok_or(ApiError::NotFound)?;
+    let op_id = state
+        .scheduler
+        .operate(&agent.id.as_str().into(), op)
+        .await?;
+    let operations = state.scheduler.sessions_work.operations();
+    operations
+        .wait(&agent.id, &op_id, wait)
+        .await
+        .ok_or_else(|| ApiError::Incomplete("the operation was forgotten; ask again".into()))
+}
+
+async fn post_operation(
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let new: NewOperation = parse_json(&body)?;
+    if new.wait_s > MAX_OPERATION_WAIT_S {
+        return Err(ApiError::BadRequest(format!(
+            "wait_s is 0 to {MAX_OPERATION_WAIT_S}, got {}",
+            new.wait_s
+        )));
+    }
+    let record = start_operation(
+        &state,
+        &path.into_inner(),
+        &new.op,
+        std::time::Duration::from_secs(new.wait_s),
+    )
+    .await?;
+    Ok(match record.state {
+        "pending" => HttpResponse::Accepted().json(record),
+        _ => HttpResponse::Ok().json(record),
+    })
+}
+
+async fn list_operations(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let agent = state
+        .agent_admin
+        .resolve(&path.into_inner())
+        .ok_or(ApiError::NotFound)?;
+    let operations = state.scheduler.sessions_work.operations();
+    Ok(HttpResponse::Ok().json(operations.recent(&agent.id, crate::operations::KEEP)))
+}
+
+async fn get_operation(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let (id, op_id) = path.into_inner();
+    let agent = state.agent_admin.resolve(&id).ok_or(ApiError::NotFound)?;
+    let operations = state.scheduler.sessions_work.operations();
+    let record = operations
+        .get(&agent.id, &op_id)
+        .ok_or(ApiError::NotFound)?;
+    Ok(HttpResponse::Ok().json(record))
 }
 
 async fn get_agent(

@@ -160,6 +160,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         sessions: session_registry.clone(),
         trust: loaded.trust.clone(),
         presence: shared.presence.clone(),
+        sessions_work: shared.work.clone(),
     });
     // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
     let waking = scheduler.clone();

@@ -48,6 +48,7 @@ mod enroll_limiter;
 mod health;
 mod init;
 mod lease;
+mod operations;
 mod plugins;
 mod ports;
 mod presence;

@@ -10,7 +10,7 @@ use tether_shared::ids::{AgentId, DeploymentId};
 
 use actix::Addr;
 use futures_util::stream::{self, StreamExt};
-use tether_shared::protocol::CommandBody;
+use tether_shared::protocol::{CommandBody, Operation};
 use tether_shared::upgrade::component_signing_bytes;
 
 use crate::api_error::ApiError;
@@ -56,6 +56,8 @@ pub struct Scheduler {
     pub trust: Arc<Trust>,
     /// Who is connected (pools pick available agents first).
     pub presence: Arc<crate::session::Peers>,
+    /// The links' work: remote operations' answers arrive there.
+    pub sessions_work: Arc<crate::work::Work>,
 }
 
 impl Scheduler {
@@ -235,8 +237,47 @@ impl Scheduler {
         then: Option<Box<dyn FnOnce() + Send>>,
     ) -> Result<(), SchedulerError> {
         let link = self.link(agent_id).await?;
-        link.send(QueueCommands { bodies, ops, then }).await??;
+        link.send(QueueCommands {
+            bodies,
+            ops,
+            then,
+            deadline: None,
+        })
+        .await??;
         Ok(())
+    }
+
+    /// Asks agent `agent_id` for remote operation `op` (see `crate::operations`): answers its
+    /// id once the command is journaled on the link. Refused for an agent whose release takes
+    /// none; an agent not seen since start gets it if it comes back within the deadline.
+    pub async fn operate(&self, agent_id: &AgentId, op: Operation) -> Result<String, ApiError> {
+        let operations = self.sessions_work.operations();
+        if operations.capable(agent_id) == Some(false) {
+            return Err(ApiError::Conflict(
+                "the agent's release takes no remote operations; upgrade it".into(),
+            ));
+        }
+        let op_id = operations.begin(agent_id, op);
+        let deadline =
+            tether_shared::clock::now_unix_ms() + crate::operations::DEADLINE.as_millis() as u64;
+        let link = self
+            .link(agent_id)
+            .await
+            .map_err(|e| ApiError::Incomplete(format!("the operation could not be queued: {e}")))?;
+        link.send(QueueCommands {
+            bodies: vec![CommandBody::Operate {
+                op_id: op_id.clone(),
+                op,
+            }],
+            ops: Vec::new(),
+            then: None,
+            deadline: Some(deadline),
+        })
+        .await
+        .map_err(|e| ApiError::Incomplete(format!("the operation could not be queued: {e}")))?
+        .map_err(|e| ApiError::Incomplete(format!("the operation could not be queued: {e}")))?;
+        tracing::info!(agent_id = %agent_id, op_id = %op_id, op = ?op, "operation-queued");
+        Ok(op_id)
     }
 
     async fn link(&self, agent_id: &AgentId) -> Result<Addr<AgentLink>, SchedulerError> {

@@ -14,6 +14,7 @@ use tether_shared::journal::Op;
 use tether_shared::protocol::{CommandBody, EventBody};
 
 use crate::deployments::{AgentTerms, Deployments};
+use crate::operations::Operations;
 use crate::reconcile::Reconciliations;
 use crate::upgrades::Upgrades;
 
@@ -22,6 +23,7 @@ pub struct Work {
     deployments: Arc<Deployments>,
     upgrades: Arc<Upgrades>,
     reconciliations: Arc<Reconciliations>,
+    operations: Arc<Operations>,
 }
 
 /// What an event changes.
@@ -55,7 +57,13 @@ impl Work {
             deployments,
             upgrades,
             reconciliations,
+            operations: Arc::default(),
         }
+    }
+
+    /// Remote operations and their answers.
+    pub fn operations(&self) -> &Arc<Operations> {
+        &self.operations
     }
 
     /// What agents' reports after a restore found.
@@ -118,6 +126,16 @@ impl Work {
                         slot_freed: false,
                     }),
                 }
+            }
+            EventBody::OperationResult {
+                op_id,
+                ok,
+                data,
+                message,
+            } => {
+                self.operations
+                    .complete(agent_id, op_id, *ok, data, message);
+                Some(EventEffect::default())
             }
             EventBody::JobsReported { jobs, omitted } => {
                 tracing::info!(agent_id = %agent_id, jobs, omitted, "agent-jobs-reported");

@@ -873,7 +873,9 @@ impl SimAgent {
                             }
                             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
                         }
-                        CommandBody::CancelJob { .. } | CommandBody::RelayCertificate { .. } => {}
+                        CommandBody::CancelJob { .. }
+                        | CommandBody::RelayCertificate { .. }
+                        | CommandBody::Operate { .. } => {}
                         // A simulated agent keeps the key it was made with.
                         CommandBody::Trust { set } => {
                             self.enqueue(EventBody::TrustRefused {

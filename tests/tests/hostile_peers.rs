@@ -1274,4 +1274,12 @@ fn hostile_facts_store_nothing_and_a_run_as_job_never_reaches_an_agent_that_cann
         }
     };
     assert!(job_id.starts_with(&plain), "{job_id} is not of {plain}");
+    // Nor a remote operation: its release (it said nothing of them) is not asked any.
+    let r = server.request(
+        "POST",
+        &format!("/api/v1/agents/{}/operations", agent.id),
+        Some(&json!({"op": "restart"})),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("takes no remote operations"), "{}", r.body);
 }

@@ -38,6 +38,7 @@ pub use worker_process::{WorkerCommand, WorkerExit};
 use crate::upgrade::Installed;
 /// Exit code by which a worker says "an upgrade is staged, swap me in".
 pub use crate::upgrade::UPGRADE_EXIT_CODE;
+use crate::worker::uplink::operations::RESTART_EXIT_CODE;
 use upgrade::Trial;
 
 /// First restart delay ceiling; doubles per restart (full jitter).
@@ -500,6 +501,13 @@ impl Handler<WorkerExited> for Monitor {
                 if code == UPGRADE_EXIT_CODE {
                     tracing::info!(pid, code, "worker-requested-upgrade");
                     upgrade_requested = true;
+                }
+                if code == RESTART_EXIT_CODE && !self.stopping && self.trial.is_none() {
+                    // An operator asked for it: a new worker now, outside the restart budget.
+                    tracing::info!(pid, code, "worker-restart-requested");
+                    self.health.restarts += 1;
+                    self.start_worker(ctx);
+                    return;
                 }
             }
             WorkerExit::Signal(signal) => {

@@ -13,6 +13,7 @@
 //! - [`upgrade`]: the upgrade record and the package download (drain policy documented there).
 
 pub mod jobs;
+pub mod log_ring;
 pub mod supervisor;
 pub mod upgrade;
 pub mod uplink;
@@ -135,6 +136,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
     jobs::step::remove_scripts(&run_as.dir);
     let uplink_cfg = Arc::new(UplinkConfig {
         agent_id: state.agent_id.clone(),
+        diagnostics_config: serde_json::to_string(cfg).unwrap_or_default(),
         run_as,
         version: version.clone(),
         identity: Arc::new(identity),

@@ -42,7 +42,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/agents/{id}/maintenance").route(web::post().to(set_maintenance)))
         .service(resource("/agents/{id}/properties").route(web::post().to(set_properties)))
         .service(resource("/agents/{id}/upgrade").route(web::post().to(upgrade)))
-        .service(resource("/agents/{id}/delete").route(web::post().to(delete)));
+        .service(resource("/agents/{id}/delete").route(web::post().to(delete)))
+        .service(resource("/agents/{id}/operations").route(web::post().to(operate)))
+        .service(resource("/agents/{id}/operations/{op_id}").route(web::get().to(operation)));
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -331,6 +333,24 @@ async fn detail(
                     }
                 }
             }
+            h2 { "Operations" }
+            @if user.may_post(&format!("{base}/operations")) {
+                form.inline #operations method="post" action={ (base) "/operations" } {
+                    (csrf_field(&user))
+                    button name="op" value="ping" type="submit" title="A round trip to the agent, through its relays" { "Test connection" }
+                    button name="op" value="log" type="submit" { "Recent log" }
+                    button name="op" value="diagnostics" type="submit" { "Diagnostics" }
+                    button.danger name="op" value="restart" type="submit" title="The monitor starts a new worker; running steps are interrupted" { "Restart worker" }
+                }
+            }
+            @let recent = state.scheduler.sessions_work.operations().recent(&a.id, 5);
+            @if !recent.is_empty() {
+                table #recent-operations { tbody { @for r in &recent {
+                    tr { td { a href={ (base) "/operations/" (enc(&r.id)) } { (word(&r.op)) } }
+                         td { (badge(r.state)) } td { (utc(r.requested_unix_ms)) }
+                         td { @if let Some(ms) = r.round_trip_ms { (ms) " ms" } } }
+                } } }
+            }
             h2 { "Recent jobs" }
             @if jobs.is_empty() { p.muted { "No jobs yet." } } @else {
                 table { thead { tr { th { "Deployment" } th { "Process" } th { "Job" } th { "Created" } } }
@@ -538,6 +558,79 @@ async fn upgrade(
         Queued::Underway(_) => {}
     }
     Ok(layout::redirect(&back))
+}
+
+/// An enum's name as JSON gives it (`restart_worker`).
+fn word<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[derive(Deserialize)]
+struct OperateForm {
+    op: String,
+}
+
+/// Starts a remote operation and shows it (answered within a few seconds, or pending).
+async fn operate(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebError> {
+    let form: OperateForm = csrf::protected_form(&req, &user, &body)?;
+    let record = crate::agents_api::start_operation(
+        &state,
+        &path.into_inner(),
+        &form.op,
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    tracing::info!(user = %user.name, agent_id = %record.agent_id, op_id = %record.id, "web-operation");
+    Ok(layout::redirect(&format!(
+        "/agents/{}/operations/{}",
+        enc(&record.agent_id),
+        enc(&record.id)
+    )))
+}
+
+/// One operation: its state and its answer, refreshed while it is pending.
+async fn operation(
+    user: CurrentUser,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebError> {
+    let (id, op_id) = path.into_inner();
+    let agent = found(state.agent_admin.resolve(&id))?;
+    let r = found(
+        state
+            .scheduler
+            .sessions_work
+            .operations()
+            .get(&agent.id, &op_id),
+    )?;
+    let back = format!("/agents/{}", enc(&agent.id));
+    Ok(layout::page(
+        &format!("{} on {}", word(&r.op), agent.name),
+        &user,
+        "/agents",
+        html! {
+            div #operation data-live=[(r.state == "pending").then_some("2000")] {
+                dl.props {
+                    dt { "Agent" } dd { a href=(back) { (agent.name) } }
+                    dt { "State" } dd #operation-state { (badge(r.state)) }
+                    dt { "Asked" } dd { (utc(r.requested_unix_ms)) }
+                    @if let Some(ms) = r.round_trip_ms { dt { "Round trip" } dd #round-trip { (ms) " ms" } }
+                    @if !r.message.is_empty() { dt { "Message" } dd { (r.message) } }
+                }
+                @if r.state == "pending" { p.muted { "Waiting for the agent (it gets it if it comes back within 5 minutes)…" } }
+                @if !r.data.is_empty() { pre.log #operation-data { (r.data) } }
+            }
+        },
+    ))
 }
 
 #[derive(Deserialize)]

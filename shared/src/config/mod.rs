@@ -268,12 +268,21 @@ impl LogConfig {
     /// Installs the process's `tracing` subscriber: to stderr, filtered by `level`. A second
     /// call (a subscriber is already installed) is a no-op.
     pub fn init_tracing(&self) {
+        self.init_tracing_to(std::io::stderr);
+    }
+
+    /// [`LogConfig::init_tracing`] with log lines written by `writer` (which should write to
+    /// stderr too: `tether-agent worker` also keeps its recent lines for remote reading).
+    pub fn init_tracing_to<W>(&self, writer: W)
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
         let filter = tracing_subscriber::EnvFilter::builder().parse_lossy(&self.level);
         // Err only means a subscriber is already installed, which is what we want anyway.
         use std::io::IsTerminal;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .with_ansi(std::io::stderr().is_terminal())
             .try_init();
     }

@@ -165,6 +165,9 @@ pub struct Hello {
     /// steps name a user: they would run them as themselves).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub runs_as: bool,
+    /// The agent answers [`CommandBody::Operate`] (older agents are sent none).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub operations: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -226,7 +229,27 @@ pub enum CommandBody {
     /// taken before their last exchanges): report every job still held, one
     /// [`EventBody::JobReport`] each, then [`EventBody::JobsReported`].
     Reconcile {},
+    /// An operator's remote operation (`op_id` is the server's name for it): answered with one
+    /// [`EventBody::OperationResult`]. Sent only to agents whose `Hello` says `operations`.
+    Operate { op_id: String, op: Operation },
 }
+
+/// What an operator asks of an agent from afar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    /// Answer at once (the round trip is the server's to time).
+    Ping,
+    /// Restart the worker process (the monitor stays and starts a new one at once).
+    RestartWorker,
+    /// The worker's recent log lines.
+    Log,
+    /// A diagnostics bundle: versions, facts, configuration (secrets masked), journal figures.
+    Diagnostics,
+}
+
+/// Longest text an [`EventBody::OperationResult`] carries (the agent cuts it to fit).
+pub const MAX_OPERATION_RESULT: usize = 96 * 1024;
 
 /// How an upgrade the agent started ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -372,6 +395,16 @@ pub enum EventBody {
     /// The answer to [`CommandBody::Reconcile`] is complete: `jobs` reported, `omitted` not
     /// (the event backlog had no room for them).
     JobsReported { jobs: u32, omitted: u32 },
+    /// The answer to [`CommandBody::Operate`] `op_id`: `data` (text, at most
+    /// [`MAX_OPERATION_RESULT`] bytes) or, when `ok` is false, why not in `message`.
+    OperationResult {
+        op_id: String,
+        ok: bool,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        data: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        message: String,
+    },
 }
 
 /// A job as the agent holds it, for [`EventBody::JobReport`].

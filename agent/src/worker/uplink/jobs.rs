@@ -35,7 +35,7 @@ const PRUNE_BATCH: usize = 256;
 
 /// Every job the agent holds.
 pub(crate) struct Jobs {
-    ledger: Ledger,
+    pub(super) ledger: Ledger,
     /// When finished jobs were last looked at for pruning.
     last_prune: Instant,
 }

@@ -39,6 +39,7 @@ use crate::worker::jobs::runner::{Generation, RunnerSlot};
 use crate::worker::supervisor::Ping;
 
 mod jobs;
+pub mod operations;
 mod trust;
 mod upgrade;
 use crate::worker::upgrade::driver::{Driver, Offer};
@@ -56,6 +57,9 @@ const TICK: Duration = Duration::from_secs(1);
 /// Everything the uplink needs that does not change while the worker runs.
 pub struct UplinkConfig {
     pub agent_id: String,
+    /// The agent's configuration as `--check-config` shows it (secrets masked), for
+    /// diagnostics bundles.
+    pub diagnostics_config: String,
     /// Whom steps may run as (`run_as`), and where their directories go.
     pub run_as: Arc<crate::worker::jobs::run_as::Policy>,
     pub version: String,
@@ -358,6 +362,7 @@ impl Uplink {
                         sealing_key: self.cfg.sealing_key.clone(),
                         facts: tether_shared::facts::collect(&self.cfg.data_dir),
                         runs_as: true,
+                        operations: true,
                     };
                     self.facts_sent = Instant::now();
                     self.send(&Frame::Hello(hello));
@@ -450,6 +455,7 @@ impl Uplink {
                 let expired = now_ms() > command.deadline_ms;
                 let mut job_to_drive = None;
                 let mut drive_upgrade = false;
+                let mut restart_worker = false;
                 let effect = match &command.body {
                     CommandBody::Upgrade {
                         version,
@@ -498,6 +504,11 @@ impl Uplink {
                         .event_op(EventBody::ProbeEcho { n: *n })
                         .map(|(s, op)| (s, Some(op))),
                     CommandBody::Reconcile {} => self.report_jobs(&mut ops).map(|s| (s, None)),
+                    CommandBody::Operate { op_id, op } => {
+                        let (answer, restart) = self.operate(op_id, *op);
+                        restart_worker = restart;
+                        self.event_op(answer).map(|(s, op)| (s, Some(op)))
+                    }
                     // For relays; an agent has no certificate to renew.
                     CommandBody::RelayCertificate { .. } => None,
                     CommandBody::EmitProbes { count } => {
@@ -530,6 +541,11 @@ impl Uplink {
                     }
                     if drive_upgrade {
                         act.drive_upgrade(ctx);
+                    }
+                    if restart_worker {
+                        // The answer is durable: it goes out after the restart at the latest.
+                        tracing::warn!("worker-restart-requested");
+                        System::current().stop_with_code(operations::RESTART_EXIT_CODE);
                     }
                 });
             }

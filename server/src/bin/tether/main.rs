@@ -239,6 +239,26 @@ enum AgentsCommand {
         agent: String,
         jobs: u32,
     },
+    /// Test the connection: a round trip to the agent through its relays.
+    Ping {
+        /// Name or id.
+        agent: String,
+    },
+    /// Restart the agent's worker (its monitor stays and starts a new one at once).
+    Restart {
+        /// Name or id.
+        agent: String,
+    },
+    /// The agent's recent log lines (its worker's, kept in memory).
+    Log {
+        /// Name or id.
+        agent: String,
+    },
+    /// A diagnostics bundle: versions, facts, configuration (secrets masked), journal.
+    Diagnostics {
+        /// Name or id.
+        agent: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -591,6 +611,16 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             ),
             Some(AgentsCommand::Concurrency { agent, jobs }) => {
                 agents::concurrency(&connect()?, &agent, jobs, json)
+            }
+            Some(AgentsCommand::Ping { agent }) => {
+                agents::operate(&connect()?, &agent, "ping", json)
+            }
+            Some(AgentsCommand::Restart { agent }) => {
+                agents::operate(&connect()?, &agent, "restart", json)
+            }
+            Some(AgentsCommand::Log { agent }) => agents::operate(&connect()?, &agent, "log", json),
+            Some(AgentsCommand::Diagnostics { agent }) => {
+                agents::operate(&connect()?, &agent, "diagnostics", json)
             }
         },
         Command::Relays { command } => match command {

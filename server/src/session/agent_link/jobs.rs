@@ -83,6 +83,8 @@ pub struct QueueCommands {
     pub ops: Vec<Op>,
     /// Run once they are durable, before they are sent (the same state, in memory).
     pub then: Option<Box<dyn FnOnce() + Send>>,
+    /// Valid until then (Unix ms); `None`: the default (24 h).
+    pub deadline: Option<u64>,
 }
 
 impl Handler<QueueCommands> for AgentLink {
@@ -92,7 +94,8 @@ impl Handler<QueueCommands> for AgentLink {
         if msg.bodies.is_empty() {
             return Box::pin(fut::ready(Ok(self.ep.outbound.assigned())));
         }
-        match self.enqueue(msg.bodies) {
+        let deadlines = vec![msg.deadline; msg.bodies.len()];
+        match self.enqueue_until(msg.bodies, &deadlines) {
             Ok((last, mut ops)) => {
                 ops.extend(msg.ops);
                 self.commit_queued(last, ops, msg.then)

@@ -658,6 +658,10 @@ impl Handler<Attach> for AgentLink {
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
         self.runs_as = hello.runs_as;
+        self.shared
+            .work
+            .operations()
+            .set_capable(&self.agent_id, hello.operations);
         if !hello.facts.is_empty() {
             self.store_facts(hello.facts.clone(), true);
         }

@@ -230,6 +230,49 @@ pub fn concurrency(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Seconds a remote operation waits for the agent's answer.
+const OPERATION_WAIT_S: u64 = 30;
+
+/// Remote operation `op` (`ping`, `restart`, `log`, `diagnostics`) on `agent`: its answer,
+/// or an error if the agent did not answer in time or could not.
+pub fn operate(client: &Client, agent: &str, op: &str, json: bool) -> Result<ExitCode, CliError> {
+    let path = format!(
+        "/api/v1/agents/{}/operations",
+        crate::client::segment(agent)
+    );
+    let answer = client
+        .post_json(
+            &path,
+            Some(&serde_json::json!({"op": op, "wait_s": OPERATION_WAIT_S})),
+        )
+        .about(|| format!("agent {agent}"))?;
+    if json {
+        output::json(&answer)?;
+    }
+    let rtt = u64_at(&answer, "round_trip_ms").unwrap_or(0);
+    match str_at(&answer, "state") {
+        "pending" => Err(CliError::Failed(format!(
+            "no answer from {agent} within {OPERATION_WAIT_S} s: it gets the {op} if it comes back within 5 minutes (GET {path}/{})",
+            str_at(&answer, "id")
+        ))),
+        "failed" => Err(CliError::Failed(format!(
+            "{agent}: {op} failed: {}",
+            str_at(&answer, "message")
+        ))),
+        _ if json => Ok(ExitCode::SUCCESS),
+        _ => {
+            match op {
+                "ping" => output::line(&format!("{agent} answered in {rtt} ms"))?,
+                "restart" => output::line(&format!(
+                    "{agent}'s worker restarts (the request was answered in {rtt} ms)"
+                ))?,
+                _ => output::line(str_at(&answer, "data").trim_end())?,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
 /// An agent, or a relay (the agents behind it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Peer {

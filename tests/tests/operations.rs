@@ -1,0 +1,151 @@
+//! Remote operations end to end, to a real agent behind a real relay: test the connection, read
+//! its recent log and a diagnostics bundle, restart its worker (the monitor stays, the restart
+//! happens once), from the CLI, the REST API and the web application; bad requests refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::relays::Relay;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn operate(server: &Server, agent: &str, op: &str) -> Value {
+    let r = server.request(
+        "POST",
+        &format!("/api/v1/agents/{agent}/operations"),
+        Some(&json!({"op": op, "wait_s": 30})),
+    );
+    assert_eq!(r.status, 200, "{op}: {}", r.body);
+    let v = r.json();
+    assert_eq!(v["state"], "done", "{v}");
+    v
+}
+
+#[test]
+fn an_operator_pings_reads_and_restarts_an_agent_behind_a_relay() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let relay = Relay::start(&server, &[server.upstream()], tmp.path(), "relay-o");
+    let mut agent = Agent::install_via(
+        &server,
+        &[relay.upstream()],
+        tmp.path(),
+        "op-1",
+        &[],
+        // A proxy that is never used (NO_PROXY: every host): it shows, masked, in diagnostics.
+        &[
+            ("TETHER_AGENT__PROXY", "http://ops:hunter2@127.0.0.1:1"),
+            ("NO_PROXY", "*"),
+        ],
+    );
+    agent.run();
+    eventually("online through the relay", WAIT, || {
+        let a = server.agent(&agent.id)?;
+        (a["status"] == "online" && !a["path"].as_array()?.is_empty()).then_some(())
+    });
+
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&["agents", "ping", "op-1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        tether_tests::stdout(&out).contains("op-1 answered in"),
+        "{out:?}"
+    );
+
+    let log = operate(&server, "op-1", "log");
+    let text = log["data"].as_str().unwrap();
+    assert!(text.contains("uplink-ready"), "{text}");
+    let out = cli.run(&["agents", "log", "op-1"]);
+    assert!(
+        tether_tests::stdout(&out).contains("worker-version"),
+        "{out:?}"
+    );
+
+    let d = operate(&server, "op-1", "diagnostics");
+    let bundle: Value = serde_json::from_str(d["data"].as_str().unwrap()).unwrap();
+    assert_eq!(bundle["agent_id"], agent.id.as_str(), "{bundle}");
+    assert_eq!(bundle["facts"]["os"], std::env::consts::OS, "{bundle}");
+    assert!(bundle["journal"]["commits"].as_u64().is_some(), "{bundle}");
+    let text = d["data"].as_str().unwrap();
+    assert!(!text.contains("hunter2"), "a secret in diagnostics: {text}");
+    assert_eq!(bundle["config"]["agent"]["proxy"], "***", "{bundle}");
+
+    // A restart: the monitor stays, a new worker starts, once, and it comes back online.
+    let (monitor, worker) = (agent.monitor_pid().unwrap(), agent.worker_pid().unwrap());
+    let out = cli.run(&["agents", "restart", "op-1"]);
+    assert!(out.status.success(), "{out:?}");
+    let new_worker = eventually("a new worker", WAIT, || {
+        agent.worker_pid().filter(|p| *p != worker)
+    });
+    assert_eq!(agent.monitor_pid(), Some(monitor), "the monitor stayed");
+    eventually("online again", WAIT, || {
+        (server.agent_status(&agent.id) == "online").then_some(())
+    });
+    operate(&server, "op-1", "ping");
+    assert_eq!(
+        agent.worker_pid(),
+        Some(new_worker),
+        "the restart was not repeated after it"
+    );
+    let listed = server
+        .request("GET", "/api/v1/agents/op-1/operations", None)
+        .json();
+    let ops: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ops.iter().filter(|o| **o == "restart_worker").count(),
+        1,
+        "{listed}"
+    );
+
+    // The web application: the agent page's buttons, the answer on its own page.
+    let r = server.request(
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops", "password": "operations-pw-1", "role": "admin"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cookie = server.web_login("ops", "operations-pw-1");
+    let page = server
+        .web_get(&cookie, &format!("/agents/{}", agent.id))
+        .body;
+    assert!(page.contains("Test connection"), "{page}");
+    let r = server.web_post(
+        &cookie,
+        &tether_tests::csrf_of(&page),
+        &format!("/agents/{}/operations", agent.id),
+        "op=ping",
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let at = r.header("location").unwrap().to_owned();
+    let shown = eventually("the answer shown", WAIT, || {
+        let p = server.web_get(&cookie, &at).body;
+        p.contains("round-trip").then_some(p)
+    });
+    assert!(shown.contains("agent_unix_ms"), "{shown}");
+
+    // Bad requests change nothing.
+    for (body, status) in [
+        (json!({"op": "format-disk"}), 400),
+        (json!({"op": "ping", "wait_s": 61}), 400),
+        (json!({"op": "ping", "extra": 1}), 400),
+    ] {
+        let r = server.request("POST", "/api/v1/agents/op-1/operations", Some(&body));
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+    }
+    let r = server.request(
+        "POST",
+        "/api/v1/agents/no-such-agent/operations",
+        Some(&json!({"op": "ping"})),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    agent.stop();
+}

@@ -38,7 +38,7 @@ pub enum SchedulerError {
 /// What [`Scheduler::queue_upgrade`] did.
 pub enum Queued {
     /// The `Upgrade` command is journaled on the agent's link.
-    Queued,
+    Sent,
     /// An upgrade to this version is already underway or done (its state): left alone.
     Underway(Option<UpgradeState>),
     /// Not sent (why): the package is built for another architecture than the agent's.
@@ -179,7 +179,7 @@ impl Scheduler {
         self.queue(agent_id, vec![body], vec![op], Some(then))
             .await?;
         tracing::info!(agent_id = %agent_id, version = %package.version, "upgrade-queued");
-        Ok(Queued::Queued)
+        Ok(Queued::Sent)
     }
 
     /// Has `agent_id`'s link queue the jobs that may start now; resolves once they are durable.

@@ -103,7 +103,7 @@ pub fn collect(data_dir: &Path) -> Facts {
     put(
         "disk_free_mb",
         nix::sys::statvfs::statvfs(data_dir).ok().map(|s| {
-            (s.blocks_available() as u64 * s.fragment_size() as u64 / (1 << 20)).to_string()
+            (s.blocks_available().saturating_mul(s.fragment_size()) / (1 << 20)).to_string()
         }),
     );
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();

@@ -198,10 +198,56 @@ pub fn verify_component_package(
     Ok(parsed)
 }
 
+/// Bytes of a package's head that [`elf_arch`] reads.
+pub const ELF_HEADER_BYTES: usize = 20;
+
+/// The CPU architecture an ELF binary is built for, named as Rust's `std::env::consts::ARCH`
+/// (what agents report as their `arch` fact), from the first [`ELF_HEADER_BYTES`] bytes;
+/// `None` for anything that is not an ELF file of a known machine.
+pub fn elf_arch(head: &[u8]) -> Option<&'static str> {
+    let head = head.get(..ELF_HEADER_BYTES)?;
+    if head[..4] != *b"\x7fELF" {
+        return None;
+    }
+    // e_machine, in the byte order EI_DATA names (1: little-endian, 2: big-endian).
+    let machine = match head[5] {
+        1 => u16::from_le_bytes([head[18], head[19]]),
+        2 => u16::from_be_bytes([head[18], head[19]]),
+        _ => return None,
+    };
+    let is_64 = head[4] == 2;
+    Some(match (machine, is_64) {
+        (0x3E, _) => "x86_64",
+        (0x03, _) => "x86",
+        (0xB7, _) => "aarch64",
+        (0x28, _) => "arm",
+        (0xF3, true) => "riscv64",
+        (0x15, true) => "powerpc64",
+        (0x16, true) => "s390x",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 mod tests {
     use super::*;
+
+    #[test]
+    fn elf_heads_name_their_architecture() {
+        let mut head = [0u8; ELF_HEADER_BYTES];
+        head[..4].copy_from_slice(b"\x7fELF");
+        head[4] = 2;
+        head[5] = 1;
+        head[18] = 0xB7;
+        assert_eq!(elf_arch(&head), Some("aarch64"));
+        head[18] = 0x3E;
+        assert_eq!(elf_arch(&head), Some("x86_64"));
+        assert_eq!(elf_arch(&head[..10]), None, "too short");
+        assert_eq!(elf_arch(b"#!/bin/sh\necho hello there\n"), None);
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert_eq!(elf_arch(&me), Some(std::env::consts::ARCH));
+    }
     use crate::identity::Identity;
 
     #[test]
@@ -287,34 +333,4 @@ mod tests {
             Err(PackageError::Version(_))
         ));
     }
-}
-
-/// Bytes of a package's head that [`elf_arch`] reads.
-pub const ELF_HEADER_BYTES: usize = 20;
-
-/// The CPU architecture an ELF binary is built for, named as Rust's `std::env::consts::ARCH`
-/// (what agents report as their `arch` fact), from the first [`ELF_HEADER_BYTES`] bytes;
-/// `None` for anything that is not an ELF file of a known machine.
-pub fn elf_arch(head: &[u8]) -> Option<&'static str> {
-    let head = head.get(..ELF_HEADER_BYTES)?;
-    if head[..4] != *b"\x7fELF" {
-        return None;
-    }
-    // e_machine, in the byte order EI_DATA names (1: little-endian, 2: big-endian).
-    let machine = match head[5] {
-        1 => u16::from_le_bytes([head[18], head[19]]),
-        2 => u16::from_be_bytes([head[18], head[19]]),
-        _ => return None,
-    };
-    let is_64 = head[4] == 2;
-    Some(match (machine, is_64) {
-        (0x3E, _) => "x86_64",
-        (0x03, _) => "x86",
-        (0xB7, _) => "aarch64",
-        (0x28, _) => "arm",
-        (0xF3, true) => "riscv64",
-        (0x15, true) => "powerpc64",
-        (0x16, true) => "s390x",
-        _ => return None,
-    })
 }

@@ -100,6 +100,7 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                             .filter(|_| s % 3 == 0)
                             .collect(),
                         runs_as: s % 2 == 1,
+                        operations: s % 4 == 1,
                     };
                     (Frame::Hello(h), Sender::Agent)
                 }

@@ -29,7 +29,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tether_shared::upgrade::{elf_arch, is_sha256, Component, Version, ELF_HEADER_BYTES};
 
-use super::{AgentUpgrade, UpgradeState, Upgrades, UpgradesError};
+use super::{AgentUpgrade, UpgradeState, Upgrades, UpgradesError, Upload};
 use crate::api_error::parse_json;
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::artifacts::upload::{TempUpload, CHECKSUM_HEADER, WRITE_BATCH};
@@ -163,10 +163,12 @@ async fn upload(
         .publish(
             component,
             version,
-            tmp.keep(),
-            sha256,
-            size,
-            elf_arch(&head).map(str::to_owned),
+            Upload {
+                tmp: tmp.keep(),
+                sha256,
+                size,
+                arch: elf_arch(&head).map(str::to_owned),
+            },
             |bytes| shared.trust.sign(bytes),
         )
         .await
@@ -264,7 +266,7 @@ async fn rollout(
             Ok(Queued::Underway(s)) => {
                 answer.push(json!({"id": id, "name": name, "queued": false, "state": s}));
             }
-            Ok(Queued::Queued) => {
+            Ok(Queued::Sent) => {
                 answer.push(json!({"id": id, "name": name, "queued": true,
                                    "state": UpgradeState::Requested}));
             }

@@ -52,6 +52,18 @@ pub const DEFAULT_MAX_BYTES: u64 = 1024 * 1024 * 1024;
 /// Overrides [`DEFAULT_MAX_BYTES`].
 pub const MAX_BYTES_ENV: &str = "TETHER_UPGRADE_MAX_BYTES";
 
+/// A complete upload, not yet published.
+#[derive(Debug)]
+pub struct Upload {
+    /// Where it was written.
+    pub tmp: PathBuf,
+    /// Its sha256 (lowercase hex) and size.
+    pub sha256: String,
+    pub size: u64,
+    /// The architecture its ELF header names, if any.
+    pub arch: Option<String>,
+}
+
 /// One stored package.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -415,19 +427,22 @@ impl Upgrades {
         Some(op)
     }
 
-    /// Publishes the complete upload at `tmp` (`sha256`, `size`) as `version`, signed with
-    /// `sign`. `Ok((package, true))`: newly published; `Ok((package, false))`: the same
-    /// content was there already under this version.
+    /// Publishes the complete `upload` as `version`, signed with `sign`. `Ok((package,
+    /// true))`: newly published; `Ok((package, false))`: the same content was there already
+    /// under this version.
     pub async fn publish(
         &self,
         component: Component,
         version: Version,
-        tmp: PathBuf,
-        sha256: String,
-        size: u64,
-        arch: Option<String>,
+        upload: Upload,
         sign: impl FnOnce(&[u8]) -> String,
     ) -> Result<(Package, bool), UpgradesError> {
+        let Upload {
+            tmp,
+            sha256,
+            size,
+            arch,
+        } = upload;
         let _guard = self.publish.lock().await;
         if let Some(existing) = read(&self.packages).get(&(component, version)).cloned() {
             let _ = std::fs::remove_file(&tmp);
@@ -578,10 +593,12 @@ mod tests {
                 .publish(
                     component,
                     Version::parse("2.0.0").unwrap(),
-                    file,
-                    sha.clone(),
-                    3,
-                    None,
+                    Upload {
+                        tmp: file,
+                        sha256: sha.clone(),
+                        size: 3,
+                        arch: None,
+                    },
                     |b| server.sign(b),
                 )
                 .await

@@ -551,7 +551,7 @@ async fn upgrade(
         .await
         .map_err(|e| WebError::Unavailable(e.to_string()))?;
     match queued {
-        Queued::Queued => {
+        Queued::Sent => {
             tracing::info!(user = %user.name, agent_id = %agent.id, version = %package.version, "web-upgrade-queued");
         }
         Queued::Refused(reason) => return Err(WebError::BadRequest(reason)),

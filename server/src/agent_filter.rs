@@ -229,6 +229,7 @@ mod tests {
             .collect(),
             facts_unix_ms: Some(1),
             upgrade_recommended: false,
+            stale: false,
         }
     }
 

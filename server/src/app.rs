@@ -97,6 +97,11 @@ pub struct Tuning {
     pub max_handshakes: usize,
     pub window: u64,
     pub retention: Retention,
+    /// Agents offline longer than these are marked stale, removed (0: never).
+    pub mark_stale_after: Duration,
+    pub remove_stale_after: Duration,
+    /// How often stale agents are looked for.
+    pub stale_check: Duration,
 }
 
 /// The operators' listener: its routes and what they read.
@@ -173,6 +178,22 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         sessions: session_registry.clone(),
         shared: shared.clone(),
     });
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let policy = &loaded.registry.stale;
+        policy
+            .mark_after_ms
+            .store(tuning.mark_stale_after.as_millis() as u64, Relaxed);
+        policy
+            .remove_after_ms
+            .store(tuning.remove_stale_after.as_millis() as u64, Relaxed);
+    }
+    if !tuning.remove_stale_after.is_zero() {
+        actix_rt::spawn(crate::background::remove_stale_periodically(
+            agent_admin.clone(),
+            tuning.stale_check,
+        ));
+    }
     loaded
         .users
         .ensure_initial_admin(&dir.join(init::ADMIN_PASSWORD))

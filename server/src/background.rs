@@ -87,3 +87,28 @@ pub async fn prune_periodically(
         }
     }
 }
+
+/// Removes the agents offline for longer than `retention.remove_stale_after_s`, every
+/// `interval`: as `DELETE /api/v1/agents/{id}?force=true` does (their unfinished jobs fail,
+/// their key stops authenticating).
+pub async fn remove_stale_periodically(
+    admin: Arc<crate::agent_admin::AgentAdmin>,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let stale = admin
+            .registry
+            .stale_to_remove(admin.shared.presence.as_ref());
+        for id in stale {
+            match admin.delete(&id, true).await {
+                Ok((agent, failed_jobs)) => {
+                    tracing::warn!(agent_id = %agent.id, name = %agent.name, failed_jobs, "stale-agent-removed");
+                }
+                Err(e) => tracing::error!(agent_id = %id, error = %e, "stale-agent-remove-failed"),
+            }
+        }
+    }
+}

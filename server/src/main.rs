@@ -407,6 +407,8 @@ fn run_server(cfg: &ServerConfig, args: RunArgs, secrets: KeySource) -> ExitCode
         prune_interval: cfg.retention.prune_interval,
         audit_keep: cfg.retention.keep_audit_entries,
         audit_keep_days: cfg.retention.keep_audit_days,
+        mark_stale_after: std::time::Duration::from_secs(cfg.retention.mark_stale_after_s),
+        remove_stale_after: std::time::Duration::from_secs(cfg.retention.remove_stale_after_s),
         relay_certificate_lifetime: cfg.server.relay_certificate_lifetime,
         journal_cache_bytes: cfg.server.journal_cache_mib.saturating_mul(1024 * 1024),
         storage: cfg.storage.clone(),

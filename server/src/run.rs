@@ -81,6 +81,9 @@ pub struct RunOptions {
     pub audit_keep: u64,
     /// Days audit entries are kept (0: whatever their age).
     pub audit_keep_days: u64,
+    /// Agents offline longer than these are marked stale, removed (0: never).
+    pub mark_stale_after: Duration,
+    pub remove_stale_after: Duration,
     /// How long a relay's certificate is valid (renewed with a third left).
     pub relay_certificate_lifetime: Duration,
     /// The journal's page cache (sled).
@@ -403,6 +406,9 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
         max_handshakes: opts.max_handshakes,
         window: opts.window,
         retention: opts.retention,
+        mark_stale_after: opts.mark_stale_after,
+        remove_stale_after: opts.remove_stale_after,
+        stale_check: opts.prune_interval,
     };
     let built = app::build(dir, tuning, loaded).await?;
     let stop = stop_signal().map_err(RunError::Signal)?;

@@ -149,3 +149,64 @@ fn an_operator_pings_reads_and_restarts_an_agent_behind_a_relay() {
     assert_eq!(r.status, 404, "{}", r.body);
     agent.stop();
 }
+
+/// Agents offline for long: marked stale, then removed (their queued jobs failed), while an
+/// agent that stays connected is left alone.
+#[test]
+fn agents_offline_for_long_are_marked_stale_then_removed() {
+    let tmp = TestDir::new();
+    let server = Server::start_with(
+        tmp.path(),
+        &[
+            ("TETHER_RETENTION__MARK_STALE_AFTER_S", "2"),
+            ("TETHER_RETENTION__REMOVE_STALE_AFTER_S", "5"),
+            ("TETHER_RETENTION__PRUNE_INTERVAL_S", "1"),
+        ],
+    );
+    let mut gone = Agent::install(&server, tmp.path(), "gone-1", &["s"]);
+    let mut kept = Agent::install(&server, tmp.path(), "kept-1", &["s"]);
+    gone.run();
+    kept.run();
+    for a in [&gone, &kept] {
+        eventually("online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    gone.stop();
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(
+            &json!({"name": "noop", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": "true"}}]}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "noop", "targets": {"agents": ["gone-1"]}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    eventually("marked stale", WAIT, || {
+        (server.agent(&gone.id)?["stale"] == true).then_some(())
+    });
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let listed = tether_tests::stdout(&cli.run(&["agents"]));
+    assert!(listed.contains("offline (stale)"), "{listed}");
+    eventually("removed", WAIT, || {
+        server.agent(&gone.id).is_none().then_some(())
+    });
+    let d = server
+        .request("GET", &format!("/api/v1/deployments/{id}"), None)
+        .json();
+    assert_eq!(d["jobs"][0]["status"], "failed", "{d}");
+    let k = server.agent(&kept.id).unwrap();
+    assert_eq!(
+        (k["status"].as_str(), k["stale"].as_bool()),
+        (Some("online"), Some(false))
+    );
+    kept.stop();
+}

@@ -73,6 +73,57 @@ pub struct AgentRecord {
     /// When `facts` were last stored (0: never).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub facts_unix_ms: u64,
+    /// When it last connected, stored at most every [`SEEN_EVERY_MS`] (0: not since this was
+    /// recorded). What a restarted server knows of an agent that never came back.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub last_seen_unix_ms: u64,
+}
+
+/// Least time between two stores of an agent's last connection.
+pub const SEEN_EVERY_MS: u64 = 10 * 60 * 1000;
+
+/// When agents offline for long are marked stale and removed (`retention.*_stale_after_s`).
+#[derive(Debug, Default)]
+pub struct StalePolicy {
+    /// Offline longer than this: shown stale (0: never).
+    pub mark_after_ms: std::sync::atomic::AtomicU64,
+    /// Offline longer than this: removed (0: never).
+    pub remove_after_ms: std::sync::atomic::AtomicU64,
+    /// When this server started: no agent counts as offline for longer than it has run.
+    pub started_unix_ms: std::sync::atomic::AtomicU64,
+}
+
+impl StalePolicy {
+    fn get(v: &std::sync::atomic::AtomicU64) -> u64 {
+        v.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How long an agent with `record` and what was `seen` of it has been offline (`None`:
+    /// online now). Counted from the latest of its last connection (stored), its last
+    /// disconnection (seen by this server), its enrollment and this server's start.
+    pub fn offline_for(&self, record: &AgentRecord, seen: &Seen, now: u64) -> Option<u64> {
+        if seen.online {
+            return None;
+        }
+        let since = [
+            record.last_seen_unix_ms,
+            seen.last_seen_unix_ms.unwrap_or(0),
+            Self::get(&self.started_unix_ms),
+            record.enrolled_unix_ms,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+        Some(now.saturating_sub(since))
+    }
+
+    /// Whether it is past `threshold_ms` (0: never).
+    fn past(&self, record: &AgentRecord, seen: &Seen, now: u64, threshold_ms: u64) -> bool {
+        threshold_ms > 0
+            && self
+                .offline_for(record, seen, now)
+                .is_some_and(|d| d > threshold_ms)
+    }
 }
 
 /// What an operator changes of an agent; `None` leaves a field as it is.
@@ -171,6 +222,8 @@ pub struct AgentView {
     pub facts_unix_ms: Option<u64>,
     /// It runs an older release than this server's: upgrade it (`tether upgrades`).
     pub upgrade_recommended: bool,
+    /// Offline for longer than `retention.mark_stale_after_s`.
+    pub stale: bool,
 }
 
 /// Whether an agent reporting `version` runs an older release than this server. Versions
@@ -210,8 +263,15 @@ pub struct RelayStatus {
 /// A peer's self-reported status, as heartbeats carry it.
 pub type ReportedStatus = tether_shared::protocol::AgentStatus;
 
-fn agent_status_of(record: AgentRecord, p: Seen, names: &HashMap<String, String>) -> AgentView {
+fn agent_status_of(
+    record: AgentRecord,
+    p: Seen,
+    names: &HashMap<String, String>,
+    stale: &StalePolicy,
+) -> AgentView {
+    let now = tether_shared::clock::now_unix_ms();
     AgentView {
+        stale: stale.past(&record, &p, now, StalePolicy::get(&stale.mark_after_ms)),
         upgrade_recommended: p.version.as_deref().is_some_and(older_than_server),
         status: if p.online {
             Status::Online
@@ -379,6 +439,8 @@ pub struct Registry {
     tokens: RwLock<HashMap<String, StoredToken>>,
     /// Serializes changes: check, commit and apply happen as one step.
     changes: tokio::sync::Mutex<()>,
+    /// When agents offline for long are marked stale and removed.
+    pub stale: StalePolicy,
 }
 
 impl std::fmt::Debug for Registry {
@@ -420,6 +482,10 @@ impl Registry {
             agents: RwLock::new(agents),
             tokens: RwLock::new(tokens),
             changes: tokio::sync::Mutex::new(()),
+            stale: StalePolicy {
+                started_unix_ms: tether_shared::clock::now_unix_ms().into(),
+                ..StalePolicy::default()
+            },
         })
     }
 
@@ -521,7 +587,7 @@ impl Registry {
             .into_iter()
             .map(|record| {
                 let p = seen.seen(&record.id);
-                agent_status_of(record, p, &names)
+                agent_status_of(record, p, &names, &self.stale)
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
@@ -531,7 +597,12 @@ impl Registry {
     /// One agent (not relay) with its connection state.
     pub fn agent_status(&self, id: &str, seen: &dyn Sightings) -> Option<AgentView> {
         let record = self.agent(id).filter(|r| r.role == Role::Agent)?;
-        Some(agent_status_of(record, seen.seen(id), &self.relay_names()))
+        Some(agent_status_of(
+            record,
+            seen.seen(id),
+            &self.relay_names(),
+            &self.stale,
+        ))
     }
 
     /// The relays with their connection state, by name.
@@ -767,6 +838,7 @@ impl Registry {
                 max_running_jobs: None,
                 facts: Facts::new(),
                 facts_unix_ms: 0,
+                last_seen_unix_ms: 0,
             },
             token_sha256: hash.clone(),
             certified,
@@ -952,6 +1024,40 @@ impl Registry {
             .modify(id, None, |stored| stored.trust_serial = serial)
             .await?;
         Ok(modified.is_some())
+    }
+
+    /// Records that agent `id` connected now, unless that was recorded less than
+    /// [`SEEN_EVERY_MS`] ago.
+    pub async fn set_seen(&self, id: &str) -> Result<(), RegistryError> {
+        let now = tether_shared::clock::now_unix_ms();
+        let due = read(&self.agents)
+            .get(id)
+            .is_some_and(|s| now.saturating_sub(s.record.last_seen_unix_ms) >= SEEN_EVERY_MS);
+        if due {
+            self.modify(id, Some(Role::Agent), |stored| {
+                stored.record.last_seen_unix_ms = now;
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Agents offline for longer than `retention.remove_stale_after_s`, by id.
+    pub fn stale_to_remove(&self, seen: &dyn Sightings) -> Vec<String> {
+        let threshold = StalePolicy::get(&self.stale.remove_after_ms);
+        if threshold == 0 {
+            return Vec::new();
+        }
+        let now = tether_shared::clock::now_unix_ms();
+        read(&self.agents)
+            .values()
+            .filter(|s| s.record.role == Role::Agent)
+            .filter(|s| {
+                self.stale
+                    .past(&s.record, &seen.seen(&s.record.id), now, threshold)
+            })
+            .map(|s| s.record.id.clone())
+            .collect()
     }
 
     /// Stores the facts agent `id` reported, unless they are those stored; `false` if no

@@ -158,7 +158,8 @@ async fn list(
                         tr data-id=(a.id) {
                             td { a href={ "/agents/" (enc(&a.id)) } { (a.name) } }
                             td { span data-field="status" { (badge(status)) }
-                                 @if a.maintenance.is_some() { " " span.maintenance { (badge("maintenance")) } } }
+                                 @if a.maintenance.is_some() { " " span.maintenance { (badge("maintenance")) } }
+                                 @if a.stale { " " span.stale title="offline for longer than retention.mark_stale_after_s" { (badge("stale")) } } }
                             td { span data-field="version" { (a.version.as_deref().unwrap_or("")) }
                                  @if a.upgrade_recommended { " " span.upgrade-recommended title="older than the server" { (badge("upgrade recommended")) } } }
                             td.system { (system_text(a)) }

@@ -156,6 +156,11 @@ pub struct RawRetention {
     pub keep_audit_entries: i64,
     /// Audit entries older than this many days are dropped at each prune; 0: whatever their age.
     pub keep_audit_days: i64,
+    /// Agents offline for longer than this (seconds) are shown stale; 0: never.
+    pub mark_stale_after_s: i64,
+    /// Agents offline for longer than this (seconds) are removed at a prune (their unfinished
+    /// jobs failed); 0: never. At least `mark_stale_after_s` when both are set.
+    pub remove_stale_after_s: i64,
 }
 
 impl Default for RawRetention {
@@ -166,6 +171,8 @@ impl Default for RawRetention {
             prune_interval_s: 3_600,
             keep_audit_entries: 100_000,
             keep_audit_days: 0,
+            mark_stale_after_s: 0,
+            remove_stale_after_s: 0,
         }
     }
 }
@@ -181,6 +188,10 @@ pub struct Retention {
     pub keep_audit_entries: u64,
     /// 0: no age limit.
     pub keep_audit_days: u64,
+    /// 0: never.
+    pub mark_stale_after_s: u64,
+    /// 0: never.
+    pub remove_stale_after_s: u64,
 }
 
 /// `[server]` as written.
@@ -389,6 +400,27 @@ impl RawConfig for RawServerConfig {
             100_000_000,
         );
         let keep_audit_days = p.count("retention.keep_audit_days", r.keep_audit_days, 0, 36_500);
+        const TEN_YEARS_S: u64 = 10 * 365 * 86_400;
+        let mark_stale = p.count(
+            "retention.mark_stale_after_s",
+            r.mark_stale_after_s,
+            0,
+            TEN_YEARS_S,
+        );
+        let remove_stale = p.count(
+            "retention.remove_stale_after_s",
+            r.remove_stale_after_s,
+            0,
+            TEN_YEARS_S,
+        );
+        if let (Some(m), Some(r)) = (mark_stale, remove_stale) {
+            if m > 0 && r > 0 && r < m {
+                p.push(
+                    "retention.remove_stale_after_s",
+                    format!("must be at least retention.mark_stale_after_s ({m}), got {r}"),
+                );
+            }
+        }
         let storage = storage(&mut p, &self.storage);
         let key_file =
             (!self.secrets.key_file.as_os_str().is_empty()).then(|| self.secrets.key_file.clone());
@@ -425,6 +457,8 @@ impl RawConfig for RawServerConfig {
                     prune_interval: Duration::from_secs(prune_interval?),
                     keep_audit_entries: keep_audit_entries?,
                     keep_audit_days: keep_audit_days?,
+                    mark_stale_after_s: mark_stale?,
+                    remove_stale_after_s: remove_stale?,
                 },
                 storage: storage?,
                 secrets: Secrets {

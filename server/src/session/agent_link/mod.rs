@@ -658,6 +658,7 @@ impl Handler<Attach> for AgentLink {
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
         self.runs_as = hello.runs_as;
+        super::record_seen(&self.shared, &self.agent_id);
         self.shared
             .work
             .operations()

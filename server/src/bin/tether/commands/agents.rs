@@ -72,12 +72,17 @@ fn system(agent: &Value) -> String {
     }
 }
 
-/// Its status, and `(maintenance)` while it (an agent or a relay) is in maintenance.
+/// Its status, `(maintenance)` while it (an agent or a relay) is in maintenance, `(stale)`
+/// while it has been offline for longer than the server's `retention.mark_stale_after_s`.
 pub fn status(agent: &Value) -> String {
-    match agent.get("maintenance").filter(|m| !m.is_null()) {
-        Some(_) => format!("{} (maintenance)", cell(&agent["status"])),
-        None => cell(&agent["status"]),
+    let mut text = cell(&agent["status"]);
+    if agent.get("maintenance").is_some_and(|m| !m.is_null()) {
+        text.push_str(" (maintenance)");
     }
+    if agent["stale"] == true {
+        text.push_str(" (stale)");
+    }
+    text
 }
 
 /// The relays an agent's session runs through, nearest the agent first; `direct` if none, `-`

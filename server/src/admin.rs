@@ -1,5 +1,7 @@
 //! The admin HTTP surface: `GET /admin/health` (JSON, the operator contract's shape) and
-//! `GET /metrics` (Prometheus text), both behind the admin bearer token. [`configure`] mounts
+//! `GET /metrics` (Prometheus text: the health's figures, `process_*` and `tether_build_info`
+//! (`crate::process_metrics`), the fleet and the work (`crate::fleet_metrics`)), both behind
+//! the admin bearer token. [`configure`] mounts
 //! them; [`crate::state::AppState`] is what they read.
 
 use std::collections::BTreeMap;
@@ -199,7 +201,17 @@ async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
 /// `GET /metrics`.
 async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    let text = state.observe().await.to_prometheus();
+    let mut text = state.observe().await.to_prometheus();
+    text.push_str(&crate::process_metrics::render(
+        &crate::process_metrics::read(),
+        crate::process_metrics::ticks_per_second(),
+        crate::process_metrics::boot_unix_s(),
+    ));
+    let agents = state
+        .registry
+        .agent_statuses(state.shared.presence.as_ref());
+    text.push_str(&crate::fleet_metrics::agents(&agents));
+    text.push_str(&state.deployments.with_state(crate::fleet_metrics::work));
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE))
         .body(text))

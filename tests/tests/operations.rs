@@ -72,7 +72,10 @@ fn an_operator_pings_reads_and_restarts_an_agent_behind_a_relay() {
     assert!(bundle["journal"]["commits"].as_u64().is_some(), "{bundle}");
     let text = d["data"].as_str().unwrap();
     assert!(!text.contains("hunter2"), "a secret in diagnostics: {text}");
-    assert_eq!(bundle["config"]["agent"]["proxy"], "***", "{bundle}");
+    assert_eq!(
+        bundle["config"]["agent"]["proxy"], "http://ops:***@127.0.0.1:1",
+        "{bundle}"
+    );
 
     // A restart: the monitor stays, a new worker starts, once, and it comes back online.
     let (monitor, worker) = (agent.monitor_pid().unwrap(), agent.worker_pid().unwrap());

@@ -443,7 +443,6 @@ fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
         max_running_jobs: None,
         facts: Default::default(),
         facts_unix_ms: 0,
-        last_seen_unix_ms: 0,
     }
 }
 

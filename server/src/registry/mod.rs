@@ -73,11 +73,11 @@ pub struct AgentRecord {
     /// When `facts` were last stored (0: never).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub facts_unix_ms: u64,
-    /// When it last connected, stored at most every [`SEEN_EVERY_MS`] (0: not since this was
-    /// recorded). What a restarted server knows of an agent that never came back.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub last_seen_unix_ms: u64,
 }
+
+/// Meta key prefix of agents' last connection (Unix ms, big-endian), stored apart from their
+/// record so that storing it never races an operator's change of the record.
+pub const SEEN_PREFIX: &str = "seen/";
 
 /// Least time between two stores of an agent's last connection.
 pub const SEEN_EVERY_MS: u64 = 10 * 60 * 1000;
@@ -101,12 +101,18 @@ impl StalePolicy {
     /// How long an agent with `record` and what was `seen` of it has been offline (`None`:
     /// online now). Counted from the latest of its last connection (stored), its last
     /// disconnection (seen by this server), its enrollment and this server's start.
-    pub fn offline_for(&self, record: &AgentRecord, seen: &Seen, now: u64) -> Option<u64> {
+    pub fn offline_for(
+        &self,
+        record: &AgentRecord,
+        stored_seen: u64,
+        seen: &Seen,
+        now: u64,
+    ) -> Option<u64> {
         if seen.online {
             return None;
         }
         let since = [
-            record.last_seen_unix_ms,
+            stored_seen,
             seen.last_seen_unix_ms.unwrap_or(0),
             Self::get(&self.started_unix_ms),
             record.enrolled_unix_ms,
@@ -118,10 +124,17 @@ impl StalePolicy {
     }
 
     /// Whether it is past `threshold_ms` (0: never).
-    fn past(&self, record: &AgentRecord, seen: &Seen, now: u64, threshold_ms: u64) -> bool {
+    fn past(
+        &self,
+        record: &AgentRecord,
+        stored_seen: u64,
+        seen: &Seen,
+        now: u64,
+        threshold_ms: u64,
+    ) -> bool {
         threshold_ms > 0
             && self
-                .offline_for(record, seen, now)
+                .offline_for(record, stored_seen, seen, now)
                 .is_some_and(|d| d > threshold_ms)
     }
 }
@@ -268,10 +281,12 @@ fn agent_status_of(
     p: Seen,
     names: &HashMap<String, String>,
     stale: &StalePolicy,
+    stored_seen: u64,
 ) -> AgentView {
     let now = tether_shared::clock::now_unix_ms();
+    let mark = StalePolicy::get(&stale.mark_after_ms);
     AgentView {
-        stale: stale.past(&record, &p, now, StalePolicy::get(&stale.mark_after_ms)),
+        stale: stale.past(&record, stored_seen, &p, now, mark),
         upgrade_recommended: p.version.as_deref().is_some_and(older_than_server),
         status: if p.online {
             Status::Online
@@ -441,6 +456,8 @@ pub struct Registry {
     changes: tokio::sync::Mutex<()>,
     /// When agents offline for long are marked stale and removed.
     pub stale: StalePolicy,
+    /// Agents' last connection as stored (`SEEN_PREFIX`), by id.
+    seen: RwLock<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -466,6 +483,15 @@ impl Registry {
             }
             agents.insert(stored.record.id.clone(), stored);
         }
+        let mut seen = HashMap::new();
+        for (key, value) in journal.scan_meta(SEEN_PREFIX)? {
+            if let (Some(id), Ok(bytes)) = (
+                key.strip_prefix(SEEN_PREFIX),
+                <[u8; 8]>::try_from(value.as_slice()),
+            ) {
+                seen.insert(id.to_owned(), u64::from_be_bytes(bytes));
+            }
+        }
         let mut tokens = HashMap::new();
         for (key, value) in journal.scan_meta(TOKEN_PREFIX)? {
             let token: StoredToken = decode(&key, &value)?;
@@ -486,6 +512,7 @@ impl Registry {
                 started_unix_ms: tether_shared::clock::now_unix_ms().into(),
                 ..StalePolicy::default()
             },
+            seen: RwLock::new(seen),
         })
     }
 
@@ -587,7 +614,8 @@ impl Registry {
             .into_iter()
             .map(|record| {
                 let p = seen.seen(&record.id);
-                agent_status_of(record, p, &names, &self.stale)
+                let stored_seen = self.stored_seen(&record.id);
+                agent_status_of(record, p, &names, &self.stale, stored_seen)
             })
             .collect();
         list.sort_by(|a, b| a.name.cmp(&b.name));
@@ -597,11 +625,13 @@ impl Registry {
     /// One agent (not relay) with its connection state.
     pub fn agent_status(&self, id: &str, seen: &dyn Sightings) -> Option<AgentView> {
         let record = self.agent(id).filter(|r| r.role == Role::Agent)?;
+        let stored_seen = self.stored_seen(id);
         Some(agent_status_of(
             record,
             seen.seen(id),
             &self.relay_names(),
             &self.stale,
+            stored_seen,
         ))
     }
 
@@ -838,7 +868,6 @@ impl Registry {
                 max_running_jobs: None,
                 facts: Facts::new(),
                 facts_unix_ms: 0,
-                last_seen_unix_ms: 0,
             },
             token_sha256: hash.clone(),
             certified,
@@ -970,11 +999,17 @@ impl Registry {
             return Ok(None);
         };
         self.journal
-            .commit(vec![Op::DeleteMeta {
-                key: format!("{AGENT_PREFIX}{id}"),
-            }])
+            .commit(vec![
+                Op::DeleteMeta {
+                    key: format!("{AGENT_PREFIX}{id}"),
+                },
+                Op::DeleteMeta {
+                    key: format!("{SEEN_PREFIX}{id}"),
+                },
+            ])
             .await?;
         write(&self.agents).remove(id);
+        write(&self.seen).remove(id);
         tracing::info!(agent_id = %id, name = %stored.record.name, role = %role, "agent-deleted");
         Ok(Some(stored.record))
     }
@@ -1026,20 +1061,25 @@ impl Registry {
         Ok(modified.is_some())
     }
 
-    /// Records that agent `id` connected now, unless that was recorded less than
-    /// [`SEEN_EVERY_MS`] ago.
-    pub async fn set_seen(&self, id: &str) -> Result<(), RegistryError> {
-        let now = tether_shared::clock::now_unix_ms();
-        let due = read(&self.agents)
-            .get(id)
-            .is_some_and(|s| now.saturating_sub(s.record.last_seen_unix_ms) >= SEEN_EVERY_MS);
-        if due {
-            self.modify(id, Some(Role::Agent), |stored| {
-                stored.record.last_seen_unix_ms = now;
-            })
-            .await?;
-        }
-        Ok(())
+    /// The op storing that agent `id` connects at `now`, unless that was stored less than
+    /// [`SEEN_EVERY_MS`] ago: it joins the handshake's commit; [`Registry::note_seen`] once
+    /// it is durable.
+    pub fn seen_op(&self, id: &str, now: u64) -> Option<Op> {
+        let due = now.saturating_sub(self.stored_seen(id)) >= SEEN_EVERY_MS;
+        due.then(|| Op::PutMeta {
+            key: format!("{SEEN_PREFIX}{id}"),
+            value: now.to_be_bytes().to_vec(),
+        })
+    }
+
+    /// The op of [`Registry::seen_op`] is durable.
+    pub fn note_seen(&self, id: &str, now: u64) {
+        write(&self.seen).insert(id.to_owned(), now);
+    }
+
+    /// When agent `id`'s last connection was stored (0: never).
+    fn stored_seen(&self, id: &str) -> u64 {
+        read(&self.seen).get(id).copied().unwrap_or(0)
     }
 
     /// Agents offline for longer than `retention.remove_stale_after_s`, by id.
@@ -1053,8 +1093,14 @@ impl Registry {
             .values()
             .filter(|s| s.record.role == Role::Agent)
             .filter(|s| {
-                self.stale
-                    .past(&s.record, &seen.seen(&s.record.id), now, threshold)
+                let id = &s.record.id;
+                self.stale.past(
+                    &s.record,
+                    self.stored_seen(id),
+                    &seen.seen(id),
+                    now,
+                    threshold,
+                )
             })
             .map(|s| s.record.id.clone())
             .collect()

@@ -139,16 +139,6 @@ pub fn record_trust_serial(shared: &SessionShared, id: &str, serial: u64) {
 /// sends facts in every heartbeat costs no more writes than one that follows `facts::REFRESH`.
 pub const FACTS_MIN_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Records that agent `id` connected (in the background, at most every `SEEN_EVERY_MS`).
-pub fn record_seen(shared: &SessionShared, id: &str) {
-    let (registry, id) = (shared.registry.clone(), id.to_owned());
-    actix_rt::spawn(async move {
-        if let Err(e) = registry.set_seen(&id).await {
-            tracing::error!(agent_id = %id, error = %e, "last-seen-record-failed");
-        }
-    });
-}
-
 /// Records the facts agent `id` reported (in the background: a lost record is replaced by the
 /// next report).
 pub fn record_facts(shared: &SessionShared, id: &str, facts: tether_shared::facts::Facts) {

@@ -96,6 +96,7 @@ async fn list(
         .registry
         .agent_statuses(state.agent_admin.shared.presence.as_ref());
     let total = all.len();
+    let overview = fleet_overview(&all);
     let matching: Vec<(AgentView, &'static str)> = all
         .into_iter()
         .filter(|a| matches(a, &q) && filter.matches(a))
@@ -144,6 +145,7 @@ async fn list(
                 button type="submit" { "Search" }
             }
             @if let Some(problem) = &filter_problem { p.error #filter-problem { (problem) } }
+            (overview)
             p.muted #summary {
                 (matching.len()) " of " (total) " agents"
                 @if matching.len() > PAGE_SIZE { " · page " (page) " of " (pages) }
@@ -179,6 +181,32 @@ async fn list(
             }
         },
     )
+}
+
+/// The whole fleet at a glance: agents by status, maintenance, staleness and version.
+fn fleet_overview(all: &[AgentView]) -> Markup {
+    let count = |f: &dyn Fn(&AgentView) -> bool| all.iter().filter(|a| f(a)).count();
+    let online = count(&|a| a.status == Status::Online);
+    let mut versions: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in all {
+        *versions
+            .entry(a.version.as_deref().unwrap_or("never connected"))
+            .or_default() += 1;
+    }
+    html! {
+        p #fleet {
+            strong { "Fleet: " }
+            span data-count="online" { (online) " online" } " · "
+            span data-count="offline" { (all.len() - online) " offline" } " · "
+            (count(&|a| a.maintenance.is_some())) " in maintenance · "
+            (count(&|a| a.stale)) " stale · "
+            (count(&|a| a.upgrade_recommended)) " to upgrade · versions: "
+            @for (i, (v, n)) in versions.iter().enumerate() {
+                @if i > 0 { ", " }
+                code { (v) } " ×" (n)
+            }
+        }
+    }
 }
 
 /// Its distribution and architecture, as its facts say (`debian 12 · x86_64`).

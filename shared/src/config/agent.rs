@@ -144,7 +144,8 @@ pub struct AgentSection {
     pub run_as_users: Vec<String>,
     /// Parent of the directories of steps run as another user.
     pub run_as_dir: PathBuf,
-    /// The egress proxy as written (masked when shown).
+    /// The egress proxy as written (its password masked when shown).
+    #[serde(serialize_with = "super::server::serialize_masked_url")]
     pub proxy: Secret<String>,
     /// Hosts reached directly.
     pub no_proxy: Vec<String>,

@@ -120,7 +120,8 @@ pub struct RelaySection {
     pub upgrade_trial_timeout: Duration,
     /// The cache's size bound.
     pub cache_max_bytes: u64,
-    /// The egress proxy as written (masked when shown).
+    /// The egress proxy as written (its password masked when shown).
+    #[serde(serialize_with = "super::server::serialize_masked_url")]
     pub proxy: Secret<String>,
     /// Hosts reached directly.
     pub no_proxy: Vec<String>,

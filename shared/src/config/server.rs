@@ -134,7 +134,7 @@ pub fn masked_url(url: &str) -> String {
     out
 }
 
-fn serialize_masked_url<S: serde::Serializer>(
+pub(super) fn serialize_masked_url<S: serde::Serializer>(
     url: &super::Secret<String>,
     s: S,
 ) -> Result<S::Ok, S::Error> {

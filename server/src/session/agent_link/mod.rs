@@ -658,7 +658,6 @@ impl Handler<Attach> for AgentLink {
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
         self.runs_as = hello.runs_as;
-        super::record_seen(&self.shared, &self.agent_id);
         self.shared
             .work
             .operations()
@@ -686,6 +685,11 @@ impl Handler<Attach> for AgentLink {
             }
         }
         ops.extend(reset_jobs);
+        // Its last connection, stored with the handshake (at most every few minutes).
+        let seen_at = now_ms();
+        let seen_op = self.shared.registry.seen_op(&self.agent_id, seen_at);
+        let seen_stored = seen_op.is_some();
+        ops.extend(seen_op);
         let mut requeued = None;
         if let Some(rejoined) = rejoined {
             let (more, last) = self.on_behind(rejoined, hello.reconciles);
@@ -704,6 +708,9 @@ impl Handler<Attach> for AgentLink {
             .into_actor(self)
             .map(move |res, act, ctx| {
                 res?;
+                if seen_stored {
+                    act.shared.registry.note_seen(&act.agent_id, seen_at);
+                }
                 if let Some(last) = requeued {
                     act.ep.outbound.mark_durable(last);
                 }

@@ -244,6 +244,16 @@ impl AdminApi {
             .unwrap_or_default()
     }
 
+    /// `POST /api/v1/deployments` with `body`, expecting 201: the deployment's id.
+    pub fn start_deployment(&self, body: &Value) -> String {
+        let r = self.request("POST", "/api/v1/deployments", Some(body));
+        assert_eq!(r.status, 201, "deployment: {}", r.body);
+        r.json()["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("deployment: {}", r.body))
+            .to_owned()
+    }
+
     /// `POST /api/v1/processes` with `body`, expecting 201.
     pub fn put_process(&self, body: &Value) {
         let r = self.request("POST", "/api/v1/processes", Some(body));
@@ -253,13 +263,9 @@ impl AdminApi {
     /// `POST /api/v1/deployments` of `process` to `targets` (`{"agents":[...]}` or
     /// `{"tags":[...]}`) with `properties`, expecting 201; answers the deployment id.
     pub fn deploy(&self, process: &str, targets: Value, properties: Value) -> String {
-        let body = json!({"process": process, "targets": targets, "properties": properties});
-        let r = self.request("POST", "/api/v1/deployments", Some(&body));
-        assert_eq!(r.status, 201, "deploy: {}", r.body);
-        r.json()["id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("deploy: {}", r.body))
-            .to_owned()
+        self.start_deployment(
+            &json!({"process": process, "targets": targets, "properties": properties}),
+        )
     }
 
     /// `GET /api/v1/deployments/{id}`, expecting 200.

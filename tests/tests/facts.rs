@@ -36,13 +36,7 @@ fn final_job(server: &Server, id: &str) -> Value {
 }
 
 fn deploy(server: &Server, process: &str) -> String {
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": process, "targets": {"tags": ["f"]}})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.json()["id"].as_str().unwrap().to_owned()
+    server.start_deployment(&json!({"process": process, "targets": {"tags": ["f"]}}))
 }
 
 #[test]

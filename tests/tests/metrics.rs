@@ -29,22 +29,8 @@ fn metrics_cover_the_fleet_the_work_and_the_process_and_the_dashboard_queries_on
     eventually("online", WAIT, || {
         (server.agent_status(&agent.id) == "online").then_some(())
     });
-    let r = server.request(
-        "POST",
-        "/api/v1/processes",
-        Some(
-            &json!({"name": "noop", "steps": [{"name": "s", "plugin": "shell", "step": "run",
-            "properties": {"script": "true"}}]}),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": "noop", "targets": {"agents": ["m-1"]}})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
+    server.shell_process("noop", "true");
+    let id = server.start_deployment(&json!({"process": "noop", "targets": {"agents": ["m-1"]}}));
     eventually("the deployment done", WAIT, || {
         let d = server
             .request("GET", &format!("/api/v1/deployments/{id}?jobs=false"), None)

@@ -176,22 +176,9 @@ fn agents_offline_for_long_are_marked_stale_then_removed() {
         });
     }
     gone.stop();
-    let r = server.request(
-        "POST",
-        "/api/v1/processes",
-        Some(
-            &json!({"name": "noop", "steps": [{"name": "s", "plugin": "shell", "step": "run",
-            "properties": {"script": "true"}}]}),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": "noop", "targets": {"agents": ["gone-1"]}})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
+    server.shell_process("noop", "true");
+    let id =
+        server.start_deployment(&json!({"process": "noop", "targets": {"agents": ["gone-1"]}}));
     eventually("marked stale", WAIT, || {
         (server.agent(&gone.id)?["stale"] == true).then_some(())
     });

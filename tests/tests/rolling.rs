@@ -25,9 +25,7 @@ fn final_deployment(server: &Server, id: &str) -> Value {
 }
 
 fn deploy(server: &Server, body: Value) -> Value {
-    let r = server.request("POST", "/api/v1/deployments", Some(&body));
-    assert_eq!(r.status, 201, "{}", r.body);
-    final_deployment(server, r.json()["id"].as_str().unwrap())
+    final_deployment(server, &server.start_deployment(&body))
 }
 
 fn job<'a>(d: &'a Value, agent: &str) -> &'a Value {
@@ -222,22 +220,10 @@ fn a_job_not_started_by_the_deployments_deadline_expires() {
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
     let _away = Agent::install(&server, tmp.path(), "away-1", &["away"]);
-    let r = server.request(
-        "POST",
-        "/api/v1/processes",
-        Some(
-            &json!({"name": "noop", "steps": [{"name": "s", "plugin": "shell", "step": "run",
-            "properties": {"script": "true"}}]}),
-        ),
+    server.shell_process("noop", "true");
+    let id = server.start_deployment(
+        &json!({"process": "noop", "targets": {"tags": ["away"]}, "deadline_s": 10}),
     );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": "noop", "targets": {"tags": ["away"]}, "deadline_s": 10})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
     let d = server
         .request("GET", &format!("/api/v1/deployments/{id}"), None)
         .json();

@@ -74,13 +74,8 @@ fn process(server: &Server, name: &str, steps: Value) {
 }
 
 fn deploy(server: &Server, process: &str) -> Value {
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(&json!({"process": process, "targets": {"agents": ["ra-1"]}})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    final_deployment(server, r.json()["id"].as_str().unwrap())
+    let id = server.start_deployment(&json!({"process": process, "targets": {"agents": ["ra-1"]}}));
+    final_deployment(server, &id)
 }
 
 #[test]

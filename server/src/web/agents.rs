@@ -492,11 +492,13 @@ async fn patched(
     )))
 }
 
+/// The maintenance form of an agent's or a relay's page.
 #[derive(Deserialize)]
-struct MaintenanceForm {
-    on: String,
+pub(super) struct MaintenanceForm {
+    /// `yes` starts it, anything else ends it.
+    pub on: String,
     #[serde(default)]
-    reason: String,
+    pub reason: String,
 }
 
 async fn set_maintenance(

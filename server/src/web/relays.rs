@@ -10,6 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use maud::html;
 use serde::Deserialize;
 
+use super::agents::MaintenanceForm;
 use super::layout::{self, ago, badge, csrf_field, enc, resource};
 use super::session::CurrentUser;
 use super::{csrf, WebError};
@@ -116,13 +117,6 @@ async fn list(
             }
         },
     )
-}
-
-#[derive(Deserialize)]
-struct MaintenanceForm {
-    on: String,
-    #[serde(default)]
-    reason: String,
 }
 
 async fn set_maintenance(

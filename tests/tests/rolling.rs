@@ -98,6 +98,23 @@ fn batches_run_one_after_another_a_failure_stops_the_rest_and_a_pool_takes_n() {
         );
     }
 
+    // The server's own step times say the same.
+    let step_times = |n: &str, what: &str| job(&d, n)["steps"][0][what].as_u64().unwrap();
+    let ended = names[..2]
+        .iter()
+        .map(|n| step_times(n, "finished_unix_ms"))
+        .max()
+        .unwrap();
+    let started = names[2..4]
+        .iter()
+        .map(|n| step_times(n, "started_unix_ms"))
+        .min()
+        .unwrap();
+    assert!(
+        started >= ended,
+        "batch 2 started at {started}, batch 1 ended at {ended}"
+    );
+
     // One at a time, failing on r-2: r-3.. are cancelled, saying why, and never ran.
     for n in names {
         let _ = std::fs::remove_file(times.join(format!("{n}.start")));
@@ -202,6 +219,13 @@ fn batches_run_one_after_another_a_failure_stops_the_rest_and_a_pool_takes_n() {
     assert_eq!(r.status, 201, "{}", r.body);
     let cookie = server.web_login("viewer", "rolling-password-1");
     let page = server.web_get(&cookie, &format!("/deployments/{id}")).body;
+    // The timeline: one bar per step run, three here.
+    assert!(page.contains("id=\"timeline\""), "{page}");
+    assert_eq!(
+        page.matches("<rect class=\"step succeeded\"").count(),
+        3,
+        "{page}"
+    );
     assert!(
         page.contains("id=\"rolling\"")
             && page.contains("1 agents at a time")

@@ -254,6 +254,12 @@ pub struct JobStep {
     pub message: String,
     /// Times it started (a rerun after an interruption counts again).
     pub attempt: u32,
+    /// When the server heard it start (its last attempt) and end, Unix ms: the deployment
+    /// timeline. Absent for steps recorded before they were kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_unix_ms: Option<u64>,
 }
 
 /// One agent's run of a deployment.
@@ -304,6 +310,8 @@ impl Job {
                     outputs: BTreeMap::new(),
                     message: String::new(),
                     attempt: 0,
+                    started_unix_ms: None,
+                    finished_unix_ms: None,
                 })
                 .collect(),
         }
@@ -316,9 +324,13 @@ impl Job {
         if !message.is_empty() {
             self.message = message.to_owned();
         }
+        let now = self.finished_unix_ms;
         for s in &mut self.steps {
             match s.status {
-                StepState::Running => s.status = running_to,
+                StepState::Running => {
+                    s.status = running_to;
+                    s.finished_unix_ms = now;
+                }
                 StepState::Pending => s.status = StepState::Skipped,
                 _ => {}
             }

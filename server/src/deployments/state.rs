@@ -282,6 +282,8 @@ impl State {
                         s.attempt = *attempt;
                         s.exit_code = None;
                         s.message.clear();
+                        s.started_unix_ms = Some(crate::registry::now_unix_ms());
+                        s.finished_unix_ms = None;
                     }
                     newer
                 }
@@ -348,6 +350,9 @@ impl State {
                         || s.exit_code != *exit_code
                         || s.outputs != *outputs
                         || s.message != *message;
+                    if s.status != new {
+                        s.finished_unix_ms = Some(crate::registry::now_unix_ms());
+                    }
                     s.status = new;
                     s.exit_code = *exit_code;
                     s.outputs = outputs.clone();

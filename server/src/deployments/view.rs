@@ -118,6 +118,8 @@ pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> V
                         "outputs": outputs,
                         "message": mask(&s.message, &secrets),
                         "attempt": s.attempt,
+                        "started_unix_ms": s.started_unix_ms,
+                        "finished_unix_ms": s.finished_unix_ms,
                     })
                 }).collect::<Vec<_>>(),
             })

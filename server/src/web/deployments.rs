@@ -301,6 +301,7 @@ async fn detail(
                         button.danger #cancel-button type="submit" { "Cancel deployment" }
                     }
                 }
+                (timeline(&jobs))
                 @for (j, job) in jobs.iter().enumerate() {
                     section.card.job data-job=(j) {
                         h2 {
@@ -337,6 +338,90 @@ async fn detail(
             }
         },
     ))
+}
+
+/// Agents drawn on a deployment's timeline at most.
+const TIMELINE_ROWS: usize = 200;
+
+/// One step's bar: heard started and ended (Unix ms), its status and name.
+struct Bar {
+    start: u64,
+    end: u64,
+    status: String,
+    name: String,
+}
+
+/// The deployment's timeline: one row per agent (the first [`TIMELINE_ROWS`]), one bar per
+/// step from when the server heard it start to when it heard it end (or now), coloured by its
+/// status; an SVG with attributes only (the pages allow no inline style).
+fn timeline(jobs: &[serde_json::Value]) -> maud::Markup {
+    let span_of = |s: &serde_json::Value| {
+        let start = s["started_unix_ms"].as_u64()?;
+        Some((start, s["finished_unix_ms"].as_u64()))
+    };
+    let now = crate::registry::now_unix_ms();
+    let bars: Vec<(usize, String, Vec<Bar>)> = jobs
+        .iter()
+        .take(TIMELINE_ROWS)
+        .enumerate()
+        .map(|(row, job)| {
+            let steps = job["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| {
+                    let (start, end) = span_of(s)?;
+                    let status = s["status"].as_str().unwrap_or_default().to_owned();
+                    let name = s["name"].as_str().unwrap_or_default().to_owned();
+                    let end = end.unwrap_or(now).max(start);
+                    Some(Bar {
+                        start,
+                        end,
+                        status,
+                        name,
+                    })
+                })
+                .collect();
+            (
+                row,
+                job["agent"].as_str().unwrap_or_default().to_owned(),
+                steps,
+            )
+        })
+        .collect();
+    let (t0, t1) = bars
+        .iter()
+        .flat_map(|(_, _, steps)| steps.iter().map(|b| (b.start, b.end)))
+        .fold((u64::MAX, 0), |(lo, hi), (a, b)| (lo.min(a), hi.max(b)));
+    if t0 == u64::MAX {
+        return maud::html! {};
+    }
+    let span = t1.saturating_sub(t0).max(1) as f64;
+    const LABEL: f64 = 160.0;
+    const WIDTH: f64 = 800.0;
+    const ROW: usize = 18;
+    let x = |t: u64| LABEL + (t.saturating_sub(t0) as f64 / span) * (WIDTH - LABEL);
+    let height = bars.len() * ROW + 20;
+    maud::html! {
+        h2 { "Timeline" }
+        p.muted { "From the first step's start to the last step's end: "
+            (format!("{:.1}", span / 1000.0)) " s"
+            @if jobs.len() > TIMELINE_ROWS { " · the first " (TIMELINE_ROWS) " of " (jobs.len()) " agents" } }
+        svg.timeline #timeline xmlns="http://www.w3.org/2000/svg" viewBox={ "0 0 " (WIDTH) " " (height) } role="img" aria-label="deployment timeline" {
+            @for (row, agent, steps) in &bars {
+                @let y = row * ROW + 4;
+                text x="0" y=(y + 12) { (agent) }
+                @for b in steps {
+                    rect class={ "step " (b.status) } x=(format!("{:.1}", x(b.start))) y=(y)
+                        width=(format!("{:.1}", (x(b.end) - x(b.start)).max(1.0))) height=(ROW - 4) {
+                        title { (agent) " · " (b.name) " · " (b.status) " · " ((b.end - b.start)) " ms" }
+                    }
+                }
+            }
+            text x=(LABEL) y=(height - 4) { "0 s" }
+            text x=(WIDTH - 40.0) y=(height - 4) { (format!("{:.1} s", span / 1000.0)) }
+        }
+    }
 }
 
 async fn detail_json(

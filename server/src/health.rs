@@ -429,6 +429,31 @@ impl ServerHealth {
              tether_reconciliation_orphan_results {}\n",
             self.agents_refused, r.agents, r.orphan_results
         );
+        // Commit latency, from the call to durable, as a Prometheus histogram.
+        let _ = write!(
+            out,
+            "# HELP tether_journal_commit_seconds Journal commits, from the call to durable.\n\
+             # TYPE tether_journal_commit_seconds histogram\n"
+        );
+        let buckets = &j.commit_latency_buckets;
+        for (le, count) in tether_shared::journal::COMMIT_BUCKETS_US
+            .iter()
+            .zip(buckets)
+        {
+            let _ = writeln!(
+                out,
+                "tether_journal_commit_seconds_bucket{{le=\"{}\"}} {count}",
+                *le as f64 / 1e6
+            );
+        }
+        let total = buckets.last().copied().unwrap_or(0);
+        let _ = write!(
+            out,
+            "tether_journal_commit_seconds_bucket{{le=\"+Inf\"}} {total}\n\
+             tether_journal_commit_seconds_sum {}\n\
+             tether_journal_commit_seconds_count {total}\n",
+            j.commit_latency_sum_us as f64 / 1e6
+        );
         let _ = write!(
             out,
             "# HELP tether_actor_up 1 if the actor answered its last observation without a fault.\n\
@@ -617,6 +642,8 @@ mod tests {
                 waiting: None,
                 compactions: 6,
                 compacting: false,
+                commit_latency_buckets: vec![1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4],
+                commit_latency_sum_us: 2_000_000,
             },
             agents: BTreeMap::new(),
             cluster: None,
@@ -643,6 +670,11 @@ mod tests {
             "tether_journal_poisoned 0",
             "tether_sessions 2",
             "tether_actor_up{name=\"journal\",kind=\"Journal\"} 0",
+            "tether_journal_commit_seconds_bucket{le=\"0.0005\"} 1",
+            "tether_journal_commit_seconds_bucket{le=\"1\"} 3",
+            "tether_journal_commit_seconds_bucket{le=\"+Inf\"} 4",
+            "tether_journal_commit_seconds_sum 2",
+            "tether_journal_commit_seconds_count 4",
         ] {
             assert_eq!(
                 text.lines().filter(|l| *l == line).count(),

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use pg::{Lease, LeaseHolder, PgOptions, PgStore};
 pub use record::LogName;
 pub use store::{SledOptions, SledStore, Store};
-pub use writer::Committed;
+pub use writer::{Committed, COMMIT_BUCKETS_US};
 
 use crate::protocol::Seq;
 use writer::{Request, WriterStats};
@@ -185,6 +185,10 @@ pub struct JournalHealth {
     pub compactions: u64,
     /// A compaction is under way.
     pub compacting: bool,
+    /// Commit latency, from the call to durable: cumulative counts per bucket of
+    /// [`COMMIT_BUCKETS_US`] then +Inf, and their sum in µs.
+    pub commit_latency_buckets: Vec<u64>,
+    pub commit_latency_sum_us: u64,
 }
 
 /// A cloneable handle on the journal, for code that is not an actor (and for the actor itself).
@@ -207,8 +211,16 @@ impl JournalHandle {
         &self,
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<Committed, JournalError>> + 'static {
+        let started = std::time::Instant::now();
+        let stats = self.stats.clone();
         let queued = self.enqueue(ops);
-        async move { queued?.await.map_err(|_| JournalError::Closed)? }
+        async move {
+            let done = queued?.await.map_err(|_| JournalError::Closed)?;
+            if done.is_ok() {
+                stats.commit_latency.record(started.elapsed());
+            }
+            done
+        }
     }
 
     fn enqueue(
@@ -321,6 +333,8 @@ impl JournalHandle {
             waiting: self.store.waiting(),
             compactions: self.store.compactions(),
             compacting: self.store.compacting(),
+            commit_latency_buckets: s.commit_latency.snapshot().0,
+            commit_latency_sum_us: s.commit_latency.snapshot().1,
         }
     }
 

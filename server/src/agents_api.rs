@@ -84,16 +84,13 @@ pub async fn start_operation(
     wait: std::time::Duration,
 ) -> Result<crate::operations::OperationRecord, ApiError> {
     let op = crate::operations::parse_op(op).map_err(ApiError::BadRequest)?;
-    let agent = state
-        .agent_admin
-        .resolve(id_or_name)
-        .ok_or(ApiError::NotFound)?;
+    let agent = agent_of(state, id_or_name)?;
     let op_id = state
         .scheduler
         .operate(&agent.id.as_str().into(), op)
         .await?;
-    let operations = state.scheduler.sessions_work.operations();
-    operations
+    state
+        .operations()
         .wait(&agent.id, &op_id, wait)
         .await
         .ok_or_else(|| ApiError::Incomplete("the operation was forgotten; ask again".into()))
@@ -132,11 +129,8 @@ async fn list_operations(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    let agent = state
-        .agent_admin
-        .resolve(&path.into_inner())
-        .ok_or(ApiError::NotFound)?;
-    let operations = state.scheduler.sessions_work.operations();
+    let agent = agent_of(&state, &path.into_inner())?;
+    let operations = state.operations();
     Ok(HttpResponse::Ok().json(operations.recent(&agent.id, crate::operations::KEEP)))
 }
 
@@ -147,12 +141,20 @@ async fn get_operation(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let (id, op_id) = path.into_inner();
-    let agent = state.agent_admin.resolve(&id).ok_or(ApiError::NotFound)?;
-    let operations = state.scheduler.sessions_work.operations();
+    let agent = agent_of(&state, &id)?;
+    let operations = state.operations();
     let record = operations
         .get(&agent.id, &op_id)
         .ok_or(ApiError::NotFound)?;
     Ok(HttpResponse::Ok().json(record))
+}
+
+/// The agent named `id_or_name` (id or name), or 404.
+fn agent_of(state: &AppState, id_or_name: &str) -> Result<crate::registry::AgentRecord, ApiError> {
+    state
+        .agent_admin
+        .resolve(id_or_name)
+        .ok_or(ApiError::NotFound)
 }
 
 async fn get_agent(
@@ -161,10 +163,7 @@ async fn get_agent(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
-    let agent = state
-        .agent_admin
-        .resolve(&path.into_inner())
-        .ok_or(ApiError::NotFound)?;
+    let agent = agent_of(&state, &path.into_inner())?;
     let status = state
         .agent_admin
         .status(&agent.id)

@@ -73,3 +73,10 @@ pub struct AppState {
     /// This node's place in a cluster on PostgreSQL (`None` on sled).
     pub cluster: Option<crate::health::ClusterHealth>,
 }
+
+impl AppState {
+    /// Remote operations on agents and their answers (`crate::operations`).
+    pub fn operations(&self) -> &Arc<crate::operations::Operations> {
+        self.shared.work.operations()
+    }
+}

@@ -1237,21 +1237,10 @@ fn hostile_facts_store_nothing_and_a_run_as_job_never_reaches_an_agent_that_cann
         if let Some(user) = run_as {
             step["properties"]["run_as"] = json!(user);
         }
-        let r = server.request(
-            "POST",
-            "/api/v1/processes",
-            Some(&json!({"name": name, "steps": [step]})),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
+        server.put_process(&json!({"name": name, "steps": [step]}));
     }
     let deploy = |process: &str| {
-        let r = server.request(
-            "POST",
-            "/api/v1/deployments",
-            Some(&json!({"process": process, "targets": {"agents": ["facts-peer"]}})),
-        );
-        assert_eq!(r.status, 201, "{}", r.body);
-        r.json()["id"].as_str().unwrap().to_owned()
+        server.start_deployment(&json!({"process": process, "targets": {"agents": ["facts-peer"]}}))
     };
     let id = deploy("as-deploy");
     let d = eventually("the job failed", WAIT, || {

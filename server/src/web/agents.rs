@@ -372,7 +372,7 @@ async fn detail(
                     button.danger name="op" value="restart" type="submit" title="The monitor starts a new worker; running steps are interrupted" { "Restart worker" }
                 }
             }
-            @let recent = state.scheduler.sessions_work.operations().recent(&a.id, 5);
+            @let recent = state.operations().recent(&a.id, 5);
             @if !recent.is_empty() {
                 table #recent-operations { tbody { @for r in &recent {
                     tr { td { a href={ (base) "/operations/" (enc(&r.id)) } { (word(&r.op)) } }
@@ -636,13 +636,7 @@ async fn operation(
 ) -> Result<HttpResponse, WebError> {
     let (id, op_id) = path.into_inner();
     let agent = found(state.agent_admin.resolve(&id))?;
-    let r = found(
-        state
-            .scheduler
-            .sessions_work
-            .operations()
-            .get(&agent.id, &op_id),
-    )?;
+    let r = found(state.operations().get(&agent.id, &op_id))?;
     let back = format!("/agents/{}", enc(&agent.id));
     Ok(layout::page(
         &format!("{} on {}", word(&r.op), agent.name),

@@ -1,6 +1,6 @@
 //! The admin HTTP surface: `GET /admin/health` (JSON, the operator contract's shape) and
 //! `GET /metrics` (Prometheus text: the health's figures, `process_*` and `tether_build_info`
-//! (`crate::process_metrics`), the fleet and the work (`crate::fleet_metrics`)), both behind
+//! (`tether_shared::metrics::process`), the fleet and the work (`crate::fleet_metrics`)), both behind
 //! the admin bearer token. [`configure`] mounts
 //! them; [`crate::state::AppState`] is what they read.
 
@@ -202,11 +202,7 @@ async fn health(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
 async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let mut text = state.observe().await.to_prometheus();
-    text.push_str(&crate::process_metrics::render(
-        &crate::process_metrics::read(),
-        crate::process_metrics::ticks_per_second(),
-        crate::process_metrics::boot_unix_s(),
-    ));
+    text.push_str(&tether_shared::metrics::process::families());
     let agents = state
         .registry
         .agent_statuses(state.shared.presence.as_ref());

@@ -4,7 +4,7 @@
 //! cluster: every node answers for the whole fleet it sees).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use tether_shared::metrics;
 
 use crate::deployments::model::deployment_status;
 use crate::registry::{AgentView, Status};
@@ -58,10 +58,7 @@ pub fn agents(list: &[AgentView]) -> String {
             behind,
         ),
     ] {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        );
+        metrics::single(&mut out, name, "gauge", help, value);
     }
     out
 }
@@ -120,12 +117,8 @@ fn labelled(
     label: &str,
     values: impl Iterator<Item = (String, u64)>,
 ) {
-    let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
+    metrics::header(out, name, "gauge", help);
     for (k, v) in values {
-        let k = k
-            .replace('\\', "\\\\")
-            .replace('"', "\\\"")
-            .replace('\n', "\\n");
-        let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {v}");
+        metrics::sample(out, name, &[(label, &k)], v);
     }
 }

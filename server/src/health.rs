@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr, Handler, MailboxError};
 use serde::Serialize;
 use tether_shared::journal::{JournalHandle, JournalHealth, Observe};
+use tether_shared::metrics::escape as label;
 
 /// How long an actor has to answer an observation before it shows as `timeout`.
 pub const OBSERVE_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -429,30 +430,11 @@ impl ServerHealth {
              tether_reconciliation_orphan_results {}\n",
             self.agents_refused, r.agents, r.orphan_results
         );
-        // Commit latency, from the call to durable, as a Prometheus histogram.
-        let _ = write!(
-            out,
-            "# HELP tether_journal_commit_seconds Journal commits, from the call to durable.\n\
-             # TYPE tether_journal_commit_seconds histogram\n"
-        );
-        let buckets = &j.commit_latency_buckets;
-        for (le, count) in tether_shared::journal::COMMIT_BUCKETS_US
-            .iter()
-            .zip(buckets)
-        {
-            let _ = writeln!(
-                out,
-                "tether_journal_commit_seconds_bucket{{le=\"{}\"}} {count}",
-                *le as f64 / 1e6
-            );
-        }
-        let total = buckets.last().copied().unwrap_or(0);
-        let _ = write!(
-            out,
-            "tether_journal_commit_seconds_bucket{{le=\"+Inf\"}} {total}\n\
-             tether_journal_commit_seconds_sum {}\n\
-             tether_journal_commit_seconds_count {total}\n",
-            j.commit_latency_sum_us as f64 / 1e6
+        tether_shared::metrics::histogram(
+            &mut out,
+            "tether_journal_commit_seconds",
+            "Journal commits, from the call to durable.",
+            &j.commit_latency,
         );
         let _ = write!(
             out,
@@ -474,14 +456,6 @@ impl ServerHealth {
 
 /// A per-agent gauge: name, help text, and how to read it.
 type AgentGauge = (&'static str, &'static str, fn(&AgentHealth) -> u64);
-
-/// Escapes a Prometheus label value.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
 
 /// Watches one journal: its actor's address for liveness, its handle for the counters.
 pub struct JournalWatch<A: Actor = tether_shared::journal::Journal> {
@@ -642,8 +616,11 @@ mod tests {
                 waiting: None,
                 compactions: 6,
                 compacting: false,
-                commit_latency_buckets: vec![1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4],
-                commit_latency_sum_us: 2_000_000,
+                commit_latency: tether_shared::metrics::HistogramSnapshot {
+                    bounds_us: tether_shared::metrics::FAST_BUCKETS_US.to_vec(),
+                    cumulative: vec![1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4],
+                    sum_us: 2_000_000,
+                },
             },
             agents: BTreeMap::new(),
             cluster: None,

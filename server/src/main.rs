@@ -53,7 +53,6 @@ mod operations;
 mod plugins;
 mod ports;
 mod presence;
-mod process_metrics;
 mod reconcile;
 mod reconcile_api;
 mod registry;

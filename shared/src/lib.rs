@@ -17,6 +17,7 @@
 //! - [`plugin`]: plugin manifests (`plugin.toml`) and bundle inspection (tar.gz), every problem at once.
 //! - [`frame_guard`]: refuses an oversized WebSocket frame by its header, before buffering it
 //!   (the server's and the relay's WebSocket listeners).
+//! - [`metrics`]: Prometheus text: histograms, bounded counters, the `process_*` families.
 //! - [`mux`]: the relay link's framing (many agents' channels over one WebSocket).
 //! - [`https`]: a minimal blocking HTTPS client for one-shot requests (install, tests).
 //! - [`proxy`]: egress through an HTTP proxy (CONNECT) for the upstream WebSocket and downloads.
@@ -42,6 +43,7 @@ pub mod ids;
 pub mod journal;
 pub mod link;
 pub mod mask;
+pub mod metrics;
 pub mod mux;
 pub mod plugin;
 pub mod protocol;

@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use pg::{Lease, LeaseHolder, PgOptions, PgStore};
 pub use record::LogName;
 pub use store::{SledOptions, SledStore, Store};
-pub use writer::{Committed, COMMIT_BUCKETS_US};
+pub use writer::Committed;
 
 use crate::protocol::Seq;
 use writer::{Request, WriterStats};
@@ -185,10 +185,8 @@ pub struct JournalHealth {
     pub compactions: u64,
     /// A compaction is under way.
     pub compacting: bool,
-    /// Commit latency, from the call to durable: cumulative counts per bucket of
-    /// [`COMMIT_BUCKETS_US`] then +Inf, and their sum in µs.
-    pub commit_latency_buckets: Vec<u64>,
-    pub commit_latency_sum_us: u64,
+    /// Commit latency, from the call to durable.
+    pub commit_latency: crate::metrics::HistogramSnapshot,
 }
 
 /// A cloneable handle on the journal, for code that is not an actor (and for the actor itself).
@@ -333,8 +331,7 @@ impl JournalHandle {
             waiting: self.store.waiting(),
             compactions: self.store.compactions(),
             compacting: self.store.compacting(),
-            commit_latency_buckets: s.commit_latency.snapshot().0,
-            commit_latency_sum_us: s.commit_latency.snapshot().1,
+            commit_latency: s.commit_latency.snapshot(),
         }
     }
 

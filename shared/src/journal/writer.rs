@@ -46,47 +46,8 @@ pub(crate) struct WriterStats {
     pub last_commit_unix_ms: AtomicU64,
     pub failures: AtomicU64,
     pub poisoned: Mutex<Option<String>>,
-    /// How long commits took, from the call to durable (see `COMMIT_BUCKETS_US`).
-    pub commit_latency: LatencyHistogram,
-}
-
-/// Upper bounds (µs) of the commit latency buckets (and +Inf past the last).
-pub const COMMIT_BUCKETS_US: [u64; 11] = [
-    500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000,
-];
-
-/// A Prometheus-style histogram over [`COMMIT_BUCKETS_US`], lock-free.
-#[derive(Debug, Default)]
-pub(crate) struct LatencyHistogram {
-    /// Per bucket (not cumulative), the last one for +Inf.
-    counts: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
-    sum_us: AtomicU64,
-}
-
-impl LatencyHistogram {
-    pub(crate) fn record(&self, took: std::time::Duration) {
-        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        let i = COMMIT_BUCKETS_US
-            .iter()
-            .position(|le| us <= *le)
-            .unwrap_or(COMMIT_BUCKETS_US.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us.fetch_add(us, Ordering::Relaxed);
-    }
-
-    /// Cumulative counts per bucket (the last: every observation) and the sum in µs.
-    pub(crate) fn snapshot(&self) -> (Vec<u64>, u64) {
-        let mut total = 0;
-        let cumulative = self
-            .counts
-            .iter()
-            .map(|c| {
-                total += c.load(Ordering::Relaxed);
-                total
-            })
-            .collect();
-        (cumulative, self.sum_us.load(Ordering::Relaxed))
-    }
+    /// How long commits took, from the call to durable.
+    pub commit_latency: crate::metrics::Histogram,
 }
 
 impl WriterStats {

@@ -69,6 +69,11 @@ fn parse_limits(limits: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// This process's families, read now.
+pub fn families() -> String {
+    render(&read(), ticks_per_second(), boot_unix_s())
+}
+
 /// The Prometheus text of `f`, with `ticks_per_s` clock ticks a second and the system booted
 /// at `boot_unix_s`.
 pub fn render(f: &ProcessFigures, ticks_per_s: u64, boot_unix_s: u64) -> String {
@@ -120,7 +125,7 @@ pub fn render(f: &ProcessFigures, ticks_per_s: u64, boot_unix_s: u64) -> String 
     );
     let _ = write!(
         out,
-        "# HELP tether_build_info The server's release (always 1; the version is the label).\n\
+        "# HELP tether_build_info This program's release (always 1; the version is the label).\n\
          # TYPE tether_build_info gauge\n\
          tether_build_info{{version=\"{}\"}} 1\n",
         env!("CARGO_PKG_VERSION")

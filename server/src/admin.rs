@@ -208,6 +208,7 @@ async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRes
         .agent_statuses(state.shared.presence.as_ref());
     text.push_str(&crate::fleet_metrics::agents(&agents));
     text.push_str(&state.deployments.with_state(crate::fleet_metrics::work));
+    state.shared.handshake_counts.render(&mut text);
     Ok(HttpResponse::Ok()
         .insert_header((header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE))
         .body(text))

@@ -156,6 +156,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         window: tuning.window,
         max_retained: MAX_RETAINED_COMMANDS,
         rto: RETRANSMIT_TIMEOUT,
+        handshake_counts: Default::default(),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {

@@ -1,7 +1,8 @@
 //! Prometheus families of the fleet and the work, for dashboards: agents by status, version,
-//! maintenance, staleness and version skew; jobs and deployments held by state. Computed at
-//! each scrape from one snapshot of each (no counter to keep consistent across nodes of a
-//! cluster: every node answers for the whole fleet it sees).
+//! maintenance, staleness and version skew; jobs and deployments held by state, computed at
+//! each scrape from one snapshot of each (every node of a cluster answers for the whole fleet
+//! it sees). Counters of what ended and latencies are this process's own, since it started
+//! (see `crate::deployments::progress`).
 
 use std::collections::BTreeMap;
 use tether_shared::metrics;
@@ -63,7 +64,8 @@ pub fn agents(list: &[AgentView]) -> String {
     out
 }
 
-/// Jobs and deployments the server holds, by state.
+/// Jobs and deployments the server holds, by state; those that ended, by result; dispatch and
+/// step latencies.
 pub fn work(state: &crate::deployments::state::State) -> String {
     let mut jobs: BTreeMap<String, u64> = [
         "queued",
@@ -107,6 +109,7 @@ pub fn work(state: &crate::deployments::state::State) -> String {
         "status",
         deployments.into_iter(),
     );
+    state.metrics.render(&mut out);
     out
 }
 

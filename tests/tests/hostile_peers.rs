@@ -603,9 +603,28 @@ fn hellos_that_do_not_prove_a_registered_agent_are_refused() {
         .then_some(())
     });
 
+    // Each refusal is counted once, by its kind, in /metrics.
+    let metrics = server.request("GET", "/metrics", None).body;
+    for (reason, n) in [
+        ("unknown_peer", 1),
+        ("bad_proof", 7),
+        ("wrong_role", 1),
+        ("malformed", 1),
+    ] {
+        let series = format!("tether_refusals_total{{peer=\"agent\",reason=\"{reason}\"}} {n}");
+        assert!(metrics.lines().any(|l| l == series), "{series}\n{metrics}");
+    }
+
     // The proofs above were built right: A's key with A's id gets through.
     let (ws, _) = welcomed(&server, &agent_a.id, &key_a, &fresh_incarnation());
     drop(ws);
+    let metrics = server.request("GET", "/metrics", None).body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tether_handshakes_total{peer=\"agent\",outcome=\"verified\"} 1"),
+        "{metrics}"
+    );
     wait_offline(&server, "control handshake", &agent_a.id);
     assert_eq!(server.agent_status(&agent_b.id), "offline");
 

@@ -69,6 +69,31 @@ fn metrics_cover_the_fleet_the_work_and_the_process_and_the_dashboard_queries_on
     assert!(sample(&text, "process_open_fds").unwrap() > 0.0);
     assert!(sample(&text, "process_start_time_seconds").unwrap() > 1.6e9);
     assert!(sample(&text, "tether_journal_commit_seconds_count").unwrap() > 0.0);
+    // What ended, by result, and how long it took: one job of one step.
+    for (series, value) in [
+        ("tether_jobs_ended_total{result=\"succeeded\"}", 1.0),
+        ("tether_jobs_ended_total{result=\"failed\"}", 0.0),
+        ("tether_deployments_ended_total{result=\"succeeded\"}", 1.0),
+        ("tether_dispatch_first_event_seconds_count", 1.0),
+        ("tether_step_duration_seconds_count", 1.0),
+    ] {
+        assert_eq!(sample(&text, series), Some(value), "{series}\n{text}");
+    }
+    assert!(
+        sample(
+            &text,
+            "tether_dispatch_first_event_seconds_bucket{le=\"+Inf\"}"
+        ) == Some(1.0)
+            && sample(&text, "tether_dispatch_first_event_seconds_sum").unwrap() > 0.0
+    );
+    assert!(
+        sample(
+            &text,
+            "tether_handshakes_total{peer=\"agent\",outcome=\"verified\"}"
+        )
+        .unwrap()
+            >= 1.0
+    );
     // Every line is a comment or a sample: a scraper reads it all.
     for l in text.lines().filter(|l| !l.starts_with('#')) {
         let value = l.rsplit(' ').next().unwrap();

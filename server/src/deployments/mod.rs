@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod model;
+pub mod progress;
 pub mod state;
 pub mod validate;
 pub mod view;
@@ -316,7 +317,7 @@ impl Deployments {
         let effect = {
             let mut s = self.write();
             let effect = s.apply_event(agent_id, body);
-            if let (true, EventBody::JobFinished { job_id, .. }) = (effect.job_finished, body) {
+            if let (true, EventBody::JobFinished { job_id, .. }) = (effect.batch_moved, body) {
                 let deployment = s.jobs.get(job_id.as_str()).map(|j| j.deployment_id.clone());
                 if let Some(d) = deployment {
                     self.wake_up(s.batch_wakeups(&d));

@@ -12,8 +12,10 @@ use tether_shared::protocol::{
 };
 
 use super::model::{
-    Deployment, Job, JobState, Process, StepState, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX,
+    deployment_status, Deployment, Job, JobState, Process, StepState, DEPLOYMENT_PREFIX,
+    JOB_PREFIX, PROCESS_PREFIX,
 };
+use super::progress::{Ended, ProgressBook, WorkMetrics};
 
 /// The message of jobs skipped because their agent was in maintenance.
 pub const MAINTENANCE_MESSAGE: &str = "skipped: the agent is in maintenance";
@@ -48,6 +50,10 @@ pub struct State {
     /// agent looks at its own few jobs, never at every job ever created. Jobs that became
     /// final leave it lazily (see [`State::active_jobs`]).
     active: BTreeMap<AgentId, BTreeSet<JobId>>,
+    /// Each deployment's unfinished jobs, by batch.
+    progress: ProgressBook,
+    /// Counters and latencies of the work, for `/metrics`.
+    pub metrics: std::sync::Arc<WorkMetrics>,
 }
 
 /// Where a rolling deployment stands (see `State::gate`).
@@ -84,6 +90,9 @@ pub struct Effect {
     pub output_refused: bool,
     /// Output went over the step's cap and was cut.
     pub output_truncated: bool,
+    /// A rolling deployment's gate moved (a batch ended, or failed): its queued jobs may
+    /// start, or stop (see `State::batch_wakeups`).
+    pub batch_moved: bool,
 }
 
 /// How long finished deployments are kept.
@@ -243,6 +252,12 @@ impl State {
     /// Applies an event `agent_id` sent. Events of unknown jobs, of another agent's jobs, or
     /// that repeat what is known change nothing (a repeated output chunk rewrites the same key).
     pub fn apply_event(&mut self, agent_id: &str, body: &EventBody) -> Effect {
+        self.apply(agent_id, body, true)
+    }
+
+    /// [`State::apply_event`]; `live`: the event happens now (not rebuilt from a report), so
+    /// its timing is observed.
+    fn apply(&mut self, agent_id: &str, body: &EventBody, live: bool) -> Effect {
         let job_id = match body {
             EventBody::JobAccepted { job_id }
             | EventBody::StepStarted { job_id, .. }
@@ -261,6 +276,7 @@ impl State {
         }
         let mut effect = Effect::default();
         let step_ok = |job: &Job, step: u32| (step as usize) < job.steps.len();
+        let was_queued = job.status == JobState::Queued;
         let changed = match body {
             EventBody::JobAccepted { .. } => {
                 let start = job.status == JobState::Queued;
@@ -351,7 +367,11 @@ impl State {
                         || s.outputs != *outputs
                         || s.message != *message;
                     if s.status != new {
-                        s.finished_unix_ms = Some(crate::registry::now_unix_ms());
+                        let now = crate::registry::now_unix_ms();
+                        s.finished_unix_ms = Some(now);
+                        if let (true, Some(started)) = (live, s.started_unix_ms) {
+                            self.metrics.step_ended(started, now);
+                        }
                     }
                     s.status = new;
                     s.exit_code = *exit_code;
@@ -401,10 +421,42 @@ impl State {
             }
             _ => false,
         };
+        if live && was_queued && job.status != JobState::Queued {
+            self.metrics.job_accepted(job_id.as_str());
+        }
         if changed {
             effect.ops.push(job_op(job));
         }
+        if effect.job_finished {
+            effect.batch_moved = self.note_end(job_id.as_str()).gate;
+        }
         effect
+    }
+
+    /// Job `id` became final: counts it and its deployment's progress.
+    fn note_end(&mut self, id: &str) -> Ended {
+        let Some(job) = self.jobs.get(id) else {
+            return Ended::default();
+        };
+        self.metrics.job_ended(job);
+        let Some(p) = self.progress.get_mut(&job.deployment_id) else {
+            return Ended::default();
+        };
+        let ended = p.end(job);
+        if ended.deployment {
+            if let Some(d) = self.deployments.get(&job.deployment_id) {
+                self.metrics
+                    .deployment_ended(deployment_status(self.jobs_of(d)));
+            }
+        }
+        ended
+    }
+
+    /// [`State::note_end`] for each of `ids`.
+    fn note_ends(&mut self, ids: Vec<JobId>) {
+        for id in ids {
+            self.note_end(id.as_str());
+        }
     }
 
     /// Where one of its jobs stands, as `agent_id` reports it: the events that would have
@@ -442,9 +494,10 @@ impl State {
         }
         let mut effect = Effect::default();
         for event in &events {
-            let e = self.apply_event(agent_id, event);
+            let e = self.apply(agent_id, event, false);
             effect.ops.extend(e.ops);
             effect.job_finished |= e.job_finished;
+            effect.batch_moved |= e.batch_moved;
         }
         Some(effect)
     }
@@ -457,7 +510,17 @@ impl State {
                 .or_default()
                 .insert(job.job_id.clone());
         }
-        self.jobs.insert(job.job_id.clone(), job);
+        let deployment = job.deployment_id.clone();
+        let progress = self.progress.entry(deployment.clone()).or_default();
+        progress.add(&job);
+        if self.jobs.insert(job.job_id.clone(), job).is_some() {
+            // A job replaced (loaded again): its deployment is counted afresh.
+            let mut fresh = super::progress::Progress::default();
+            for j in self.jobs.values().filter(|j| j.deployment_id == deployment) {
+                fresh.add(j);
+            }
+            self.progress.insert(deployment, fresh);
+        }
     }
 
     /// The ids of `agent_id`'s jobs that are not final, dropping from the index those that
@@ -487,24 +550,14 @@ impl State {
 
     /// Where rolling deployment `d` stands: the first batch with an unfinished job (`open`;
     /// `u32::MAX` once all ended) and the first with a failed one; `None` if it is not rolling.
-    /// Looks at `d`'s jobs only.
+    /// Counted as jobs end (see [`super::progress::Progress`]): costs nothing per job.
     fn gate(&self, d: &Deployment) -> Option<Gate> {
         d.batch_size?;
-        let mut gate = Gate {
-            open: u32::MAX,
-            failed: None,
-        };
-        for a in &d.agents {
-            let Some(j) = self.jobs.get(format!("{}-{a}", d.id).as_str()) else {
-                continue;
-            };
-            if !j.status.is_final() {
-                gate.open = gate.open.min(j.batch);
-            } else if matches!(j.status, JobState::Failed | JobState::Expired) {
-                gate.failed = Some(gate.failed.map_or(j.batch, |f| f.min(j.batch)));
-            }
-        }
-        Some(gate)
+        let p = self.progress.get(&d.id)?;
+        Some(Gate {
+            open: p.open(),
+            failed: p.failed,
+        })
     }
 
     /// What becomes of queued job `job` of rolling deployment `d` at `gate`.
@@ -564,7 +617,7 @@ impl State {
             })
             .flatten()
             .collect();
-        let mut ops = Vec::new();
+        let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for (id, sent_until) in overdue {
             if let Some(job) = self.jobs.get_mut(id.as_str()) {
                 if job.status == JobState::Queued && (!job.dispatched || sent_until < now) {
@@ -575,9 +628,11 @@ impl State {
                     );
                     tracing::info!(agent_id = %job.agent_id, job_id = %job.job_id, "job-expired-deadline");
                     ops.push(job_op(job));
+                    ended.push(job.job_id.clone());
                 }
             }
         }
+        self.note_ends(ended);
         ops
     }
 
@@ -586,13 +641,7 @@ impl State {
         self.deployments
             .values()
             .filter(|d| d.batch_size.is_some())
-            .filter(|d| {
-                d.agents.iter().any(|a| {
-                    self.jobs
-                        .get(format!("{}-{a}", d.id).as_str())
-                        .is_some_and(|j| !j.status.is_final())
-                })
-            })
+            .filter(|d| self.progress.get(&d.id).is_some_and(|p| p.unfinished > 0))
             .map(|d| d.id.clone())
             .collect()
     }
@@ -612,7 +661,7 @@ impl State {
     /// The agent came back without its state: its jobs in flight there failed. Jobs still
     /// queued on the server are untouched (the agent never had them).
     pub fn reset_agent(&mut self, agent_id: &str) -> Vec<Op> {
-        let mut ops = Vec::new();
+        let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for id in self.active_jobs(agent_id) {
             let Some(job) = self.jobs.get_mut(id.as_str()) else {
                 continue;
@@ -621,22 +670,26 @@ impl State {
                 job.finish(JobState::Failed, StepState::Interrupted, RESET_MESSAGE);
                 tracing::warn!(agent_id = %agent_id, job_id = %job.job_id, "job-failed-agent-reset");
                 ops.push(job_op(job));
+                ended.push(id);
             }
         }
+        self.note_ends(ended);
         ops
     }
 
     /// Fails every unfinished job of `agent_id` (queued or running) with `message` (the agent
     /// is being deleted): answers their ops.
     pub fn fail_agent(&mut self, agent_id: &str, message: &str) -> Vec<Op> {
-        let mut ops = Vec::new();
+        let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for id in self.active_jobs(agent_id) {
             if let Some(job) = self.jobs.get_mut(id.as_str()) {
                 job.finish(JobState::Failed, StepState::Interrupted, message);
                 tracing::warn!(agent_id = %agent_id, job_id = %job.job_id, "job-failed-agent-deleted");
                 ops.push(job_op(job));
+                ended.push(id);
             }
         }
+        self.note_ends(ended);
         ops
     }
 
@@ -678,7 +731,8 @@ impl State {
         }
         let free = limit.saturating_sub(running);
         ready.sort();
-        let (mut ids, mut bodies, mut ops) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ids, mut bodies, mut ops, mut ended) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // Rolling deployments: jobs of a batch not yet open wait, those a failure stopped end.
         let mut turns = Vec::with_capacity(ready.len());
         for (created, job_id) in ready {
@@ -696,6 +750,7 @@ impl State {
                         job.finish(JobState::Cancelled, StepState::Skipped, STOPPED_MESSAGE);
                         tracing::info!(agent_id = %agent_id, job_id = %job_id, "job-stopped-earlier-batch-failed");
                         ops.push(job_op(job));
+                        ended.push(job_id);
                     }
                 }
             }
@@ -715,10 +770,12 @@ impl State {
                     tracing::warn!(agent_id = %agent_id, job_id = %job_id, reason = %message, "job-failed-not-sendable");
                     job.finish(JobState::Failed, StepState::Interrupted, &message);
                     ops.push(job_op(job));
+                    ended.push(job_id);
                     continue;
                 }
             };
             job.dispatched = true;
+            self.metrics.job_dispatched(&job_id);
             bodies.push(CommandBody::RunJob {
                 job_id: job_id.to_string(),
                 deployment_id: d.id.to_string(),
@@ -727,13 +784,14 @@ impl State {
             ops.push(job_op(job));
             ids.push(job_id);
         }
+        self.note_ends(ended);
         (ids, bodies, ops)
     }
 
     /// `agent_id` is in maintenance: its queued jobs of deployments made with
     /// `skip_maintenance` end `cancelled`, saying so (ops); the others wait.
     pub fn skip_for_maintenance(&mut self, agent_id: &str) -> Vec<Op> {
-        let mut ops = Vec::new();
+        let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for id in self.active_jobs(agent_id) {
             let Some(job) = self.jobs.get_mut(id.as_str()) else {
                 continue;
@@ -746,8 +804,10 @@ impl State {
                 job.finish(JobState::Cancelled, StepState::Skipped, MAINTENANCE_MESSAGE);
                 tracing::info!(agent_id = %agent_id, job_id = %job.job_id, "job-skipped-maintenance");
                 ops.push(job_op(job));
+                ended.push(id);
             }
         }
+        self.note_ends(ended);
         ops
     }
 
@@ -756,6 +816,7 @@ impl State {
         for id in job_ids {
             if let Some(j) = self.jobs.get_mut(id.as_str()) {
                 j.dispatched = false;
+                self.metrics.job_undispatched(id.as_str());
             }
         }
     }
@@ -763,7 +824,7 @@ impl State {
     /// Cancels deployment `id`: jobs still queued on the server are cancelled here (ops); the
     /// dispatched, unfinished ones are answered as (agent id, job id) to send CancelJob to.
     pub fn cancel(&mut self, id: &str) -> (Vec<Op>, Vec<(AgentId, JobId)>) {
-        let (mut ops, mut remote) = (Vec::new(), Vec::new());
+        let (mut ops, mut remote, mut ended) = (Vec::new(), Vec::new(), Vec::new());
         let job_ids: Vec<String> = self
             .deployments
             .get(id)
@@ -785,8 +846,10 @@ impl State {
                     "cancelled before it was sent",
                 );
                 ops.push(job_op(job));
+                ended.push(job.job_id.clone());
             }
         }
+        self.note_ends(ended);
         (ops, remote)
     }
 
@@ -853,6 +916,7 @@ impl State {
 
     /// Drops deployment `id` and its jobs from memory (after [`State::prune_ops`] committed).
     pub fn forget(&mut self, id: &str) {
+        self.progress.remove(id);
         if let Some(d) = self.deployments.remove(id) {
             for a in &d.agents {
                 let job_id = format!("{}-{a}", d.id);

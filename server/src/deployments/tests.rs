@@ -919,3 +919,56 @@ fn an_agent_in_maintenance_gets_nothing_and_only_skippable_jobs_end() {
     assert!(s.skip_for_maintenance("a1").is_empty());
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
 }
+
+#[test]
+fn ends_are_counted_once_by_result_and_the_gate_moves_only_at_a_batch_boundary() {
+    let agents = ["a1", "a2", "a3"];
+    let mut s = rolling(&agents, 2, false);
+    assert_eq!(take(&mut s, "a1"), 1);
+    assert_eq!(take(&mut s, "a2"), 1);
+    // a1 ends: batch 0 still runs a2, so nothing new may start.
+    let id = "d-1-a1".to_owned();
+    s.apply_event("a1", &EventBody::JobAccepted { job_id: id.clone() });
+    let e = s.apply_event(
+        "a1",
+        &EventBody::JobFinished {
+            job_id: id.clone(),
+            status: JobStatus::Failed,
+        },
+    );
+    assert!(
+        e.job_finished && e.batch_moved,
+        "a first failure moves the gate"
+    );
+    // The same end again changes nothing and is not counted twice.
+    let again = s.apply_event(
+        "a1",
+        &EventBody::JobFinished {
+            job_id: id,
+            status: JobStatus::Failed,
+        },
+    );
+    assert!(!again.job_finished && !again.batch_moved);
+    assert_eq!(s.metrics.jobs_ended("failed"), 1);
+    assert_eq!(s.metrics.first_events(), 1, "dispatched, then accepted");
+    end_job(&mut s, "a2", JobStatus::Succeeded);
+    assert_eq!(s.batch_wakeups("d-1"), vec![AgentId::from("a3")]);
+    assert_eq!(s.metrics.deployments_ended("failed"), 0, "a3 is left");
+    // The last job is cancelled before it was sent: the deployment ends, counted once.
+    let (ops, remote) = s.cancel("d-1");
+    assert_eq!((ops.len(), remote.len()), (1, 0));
+    assert_eq!(s.metrics.jobs_ended("succeeded"), 1);
+    assert_eq!(s.metrics.jobs_ended("cancelled"), 1);
+    assert_eq!(s.metrics.deployments_ended("failed"), 1);
+    assert!(s.rolling().is_empty());
+    let mut text = String::new();
+    s.metrics.render(&mut text);
+    for line in [
+        "tether_jobs_ended_total{result=\"failed\"} 1",
+        "tether_jobs_ended_total{result=\"expired\"} 0",
+        "tether_deployments_ended_total{result=\"failed\"} 1",
+        "tether_dispatch_first_event_seconds_count 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+    }
+}

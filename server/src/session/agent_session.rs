@@ -26,6 +26,7 @@ use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::greeting::{Greeting, Refusal, Step};
 use crate::session::handle::{Ask, ToSession};
 use crate::session::handshake::{attach, SessionHandle};
+use crate::session::handshake_counts;
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, SessionShared};
@@ -90,7 +91,11 @@ impl AgentSession {
             close: code,
             error,
             reason,
+            why,
         } = refusal;
+        self.shared
+            .handshake_counts
+            .refused(handshake_counts::PeerKind::Agent, why);
         tracing::warn!(conn = self.conn.0, peer = %self.peer, code = %code, reason = %reason, "session-refused");
         self.send_frame(
             ctx,
@@ -130,7 +135,12 @@ impl AgentSession {
         {
             Step::Wire(answer) => ctx.binary(answer),
             Step::Send(frame) => self.send_frame(ctx, &frame),
-            Step::Verified { hello, version } => self.attach(ctx, hello, version),
+            Step::Verified { hello, version } => {
+                self.shared
+                    .handshake_counts
+                    .verified(handshake_counts::PeerKind::Agent);
+                self.attach(ctx, hello, version)
+            }
             Step::ToLink(bytes) => {
                 if let Some(link) = &self.link {
                     link.do_send(FromAgent {
@@ -175,11 +185,11 @@ impl AgentSession {
                 }
                 Err(reason) => act.refuse(
                     ctx,
-                    Refusal {
-                        close: CloseCode::Internal,
-                        error: ErrorCode::Internal,
-                        reason: format!("attach failed: {reason}"),
-                    },
+                    Refusal::new(
+                        CloseCode::Internal,
+                        ErrorCode::Internal,
+                        format!("attach failed: {reason}"),
+                    ),
                 ),
             }
         }));
@@ -201,17 +211,21 @@ impl Actor for AgentSession {
             // Spread a reconnect storm: the agent retries after a jittered delay.
             self.send_frame(ctx, &close::busy(close::BUSY_SPREAD_MS));
             tracing::debug!(conn = self.conn.0, in_flight, source_full, "handshake-shed");
+            self.shared
+                .handshake_counts
+                .shed(handshake_counts::PeerKind::Agent);
             return self.close(ctx, CloseCode::Busy, "busy, retry later");
         }
         ctx.run_later(self.shared.handshake_timeout, |act, ctx| {
             if act.greeting.handshaking() && !act.closing {
                 act.refuse(
                     ctx,
-                    Refusal {
-                        close: CloseCode::Refused,
-                        error: ErrorCode::Unauthorized,
-                        reason: "handshake timeout".into(),
-                    },
+                    Refusal::new(
+                        CloseCode::Refused,
+                        ErrorCode::Unauthorized,
+                        "handshake timeout",
+                    )
+                    .because("handshake_timeout"),
                 );
             }
         });
@@ -268,19 +282,19 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
             }
             Ok(ws::Message::Continuation(_)) => self.refuse(
                 ctx,
-                Refusal {
-                    close: CloseCode::Unsupported,
-                    error: ErrorCode::ProtocolViolation,
-                    reason: "fragmented messages are not accepted".into(),
-                },
+                Refusal::new(
+                    CloseCode::Unsupported,
+                    ErrorCode::ProtocolViolation,
+                    "fragmented messages are not accepted",
+                ),
             ),
             Ok(ws::Message::Nop) => {}
             Err(e) => {
-                let refusal = Refusal {
-                    close: close_code_for(&e),
-                    error: ErrorCode::Malformed,
-                    reason: format!("websocket protocol error: {e}"),
-                };
+                let refusal = Refusal::new(
+                    close_code_for(&e),
+                    ErrorCode::Malformed,
+                    format!("websocket protocol error: {e}"),
+                );
                 self.refuse(ctx, refusal)
             }
         }
@@ -313,14 +327,7 @@ impl Handler<ToSession> for AgentSession {
                 reason,
             } => {
                 if !self.closing {
-                    self.refuse(
-                        ctx,
-                        Refusal {
-                            close: code,
-                            error,
-                            reason,
-                        },
-                    );
+                    self.refuse(ctx, Refusal::new(code, error, reason));
                 }
             }
             Ask::Replaced => {

@@ -37,6 +37,19 @@ pub enum HelloError {
     NotTheProvedAgent,
 }
 
+impl HelloError {
+    /// The refusal's word in `/metrics`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            HelloError::Unknown(_) => "unknown_peer",
+            HelloError::WrongRole(_) => "wrong_role",
+            HelloError::UnusableKey => "unusable_key",
+            HelloError::BadProof => "bad_proof",
+            HelloError::NotTheProvedAgent => "not_the_proved_agent",
+        }
+    }
+}
+
 fn article(role: Role) -> &'static str {
     match role {
         Role::Agent => "an",
@@ -56,15 +69,25 @@ pub struct Refusal {
     pub close: CloseCode,
     pub error: ErrorCode,
     pub reason: String,
+    /// Its kind in `/metrics` (a fixed word, never the reason's text).
+    pub why: &'static str,
 }
 
 impl Refusal {
-    fn new(close: CloseCode, error: ErrorCode, reason: impl Into<String>) -> Self {
+    /// A refusal counted by its error code.
+    pub fn new(close: CloseCode, error: ErrorCode, reason: impl Into<String>) -> Self {
         Refusal {
             close,
             error,
             reason: reason.into(),
+            why: super::handshake_counts::error_label(error),
         }
+    }
+
+    /// Counted as `why` instead.
+    pub fn because(mut self, why: &'static str) -> Self {
+        self.why = why;
+        self
     }
 }
 
@@ -194,10 +217,13 @@ impl Greeting {
                         &opened
                     }
                     Err(e) => {
-                        return self.refuse(
-                            CloseCode::Refused,
-                            ErrorCode::Unauthorized,
-                            e.to_string(),
+                        return Step::Refuse(
+                            Refusal::new(
+                                CloseCode::Refused,
+                                ErrorCode::Unauthorized,
+                                e.to_string(),
+                            )
+                            .because("end_to_end_handshake"),
                         )
                     }
                 }
@@ -225,7 +251,10 @@ impl Greeting {
             Err(e) => return self.refuse(e.close_code(), e.to_error_frame().code, e.to_string()),
         };
         if let Err(e) = self.verify(&hello, peers) {
-            return self.refuse(CloseCode::Refused, ErrorCode::Unauthorized, e.to_string());
+            return Step::Refuse(
+                Refusal::new(CloseCode::Refused, ErrorCode::Unauthorized, e.to_string())
+                    .because(e.label()),
+            );
         }
         self.peer = Some(hello.agent_id.clone());
         self.phase = match self.role {

@@ -18,6 +18,7 @@ pub mod agent_session;
 pub mod greeting;
 pub mod handle;
 pub mod handshake;
+pub mod handshake_counts;
 pub mod probes;
 pub mod relay_session;
 pub mod routes;
@@ -119,6 +120,8 @@ pub struct SessionShared {
     pub window: u64,
     pub max_retained: usize,
     pub rto: Duration,
+    /// Handshakes and refusals by reason, for `/metrics`.
+    pub handshake_counts: Arc<handshake_counts::HandshakeCounts>,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

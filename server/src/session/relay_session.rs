@@ -36,9 +36,10 @@ use tether_shared::upgrade::{component_signing_bytes, Component};
 
 use crate::health::{RelayLinkHealth, RelayLinkStats};
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
-use crate::session::greeting::{Greeting, Step};
+use crate::session::greeting::{Greeting, Refusal, Step};
 use crate::session::handle::{Ask, ToSession};
 use crate::session::handshake::{attach, SessionHandle};
+use crate::session::handshake_counts::PeerKind;
 use crate::session::session_registry::{SessionEnded, SessionRegistry};
 use crate::session::source_slots::SourceSlot;
 use crate::session::{now_ms, record_trust_serial, Holder, SessionShared};
@@ -158,6 +159,19 @@ impl RelaySession {
         error: ErrorCode,
         reason: &str,
     ) {
+        self.refuse_as(ctx, Refusal::new(code, error, reason));
+    }
+
+    /// [`RelaySession::refuse`], counted by the refusal's own kind.
+    fn refuse_as(&mut self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
+        let Refusal {
+            close: code,
+            error,
+            reason,
+            why,
+        } = refusal;
+        let reason = reason.as_str();
+        self.shared.handshake_counts.refused(PeerKind::Relay, why);
         tracing::warn!(conn = self.conn.0, peer = %self.peer, relay_id = ?self.relay_id, code = %code, reason, "relay-link-refused");
         let frame = Frame::Error(ErrorFrame {
             code: error,
@@ -208,8 +222,11 @@ impl RelaySession {
                 .greeting
                 .on_message(bytes, &signer, self.shared.registry.as_ref())
             {
-                Step::Verified { hello, version } => (hello, version),
-                Step::Refuse(r) => return self.refuse(ctx, r.close, r.error, &r.reason),
+                Step::Verified { hello, version } => {
+                    self.shared.handshake_counts.verified(PeerKind::Relay);
+                    (hello, version)
+                }
+                Step::Refuse(r) => return self.refuse_as(ctx, r),
                 other => {
                     // A relay has no end-to-end handshake: a Hello or a refusal, nothing else.
                     tracing::error!(step = ?other, "relay-handshake-unexpected-step");
@@ -394,6 +411,7 @@ impl RelaySession {
         if in_flight > self.shared.max_handshakes || mine >= (self.shared.max_handshakes / 2).max(1)
         {
             self.shared.handshakes.fetch_sub(1, Ordering::Relaxed);
+            self.shared.handshake_counts.shed(PeerKind::from(open.kind));
             self.send_on(ctx, ch, &close::busy(close::BUSY_SPREAD_MS));
             return self.close_channel_wire(ctx, ch, CloseCode::Busy, "busy, retry later");
         }
@@ -457,10 +475,14 @@ impl RelaySession {
         match step {
             Step::Wire(answer) => self.wire(ctx, ch, &answer),
             Step::Send(frame) => self.send_on(ctx, ch, &frame),
-            Step::Verified { hello, version } => match channel.kind {
-                ChannelKind::Relay => self.child_relay_ready(ctx, ch, hello, &version),
-                ChannelKind::Agent => self.attach_agent(ctx, ch, hello, version),
-            },
+            Step::Verified { hello, version } => {
+                let kind = channel.kind;
+                self.shared.handshake_counts.verified(PeerKind::from(kind));
+                match kind {
+                    ChannelKind::Relay => self.child_relay_ready(ctx, ch, hello, &version),
+                    ChannelKind::Agent => self.attach_agent(ctx, ch, hello, version),
+                }
+            }
             Step::ToLink(bytes) => match (&channel.link, channel.relay_id()) {
                 (Some(link), _) => link.do_send(FromAgent {
                     conn: channel.conn,
@@ -473,7 +495,7 @@ impl RelaySession {
                 (None, None) => {}
             },
             Step::Nothing => {}
-            Step::Refuse(r) => self.refuse_channel(ctx, ch, r.close, r.error, &r.reason),
+            Step::Refuse(r) => self.refuse_channel_as(ctx, ch, r),
         }
     }
 
@@ -629,6 +651,28 @@ impl RelaySession {
         error: ErrorCode,
         reason: &str,
     ) {
+        self.refuse_channel_as(ctx, ch, Refusal::new(code, error, reason));
+    }
+
+    /// [`RelaySession::refuse_channel`], counted by the refusal's own kind.
+    fn refuse_channel_as(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        refusal: Refusal,
+    ) {
+        let Refusal {
+            close: code,
+            error,
+            reason,
+            why,
+        } = refusal;
+        let reason = reason.as_str();
+        let peer = self
+            .channels
+            .get(&ch)
+            .map_or(PeerKind::Agent, |c| PeerKind::from(c.kind));
+        self.shared.handshake_counts.refused(peer, why);
         tracing::warn!(relay_id = ?self.relay_id, ch, code = %code, reason, "channel-refused");
         self.send_on(
             ctx,
@@ -797,6 +841,7 @@ impl Actor for RelaySession {
         let source_full = source.is_err();
         self.source_slot = source.unwrap_or(None);
         if in_flight > self.shared.max_handshakes || source_full {
+            self.shared.handshake_counts.shed(PeerKind::Relay);
             Self::send_frame(ctx, &close::busy(close::BUSY_SPREAD_MS));
             self.closing = true;
             ctx.close(Some(CloseCode::Busy.frame("busy, retry later")));

@@ -18,6 +18,7 @@ mod certificate;
 mod child_relay;
 mod downstream;
 mod install;
+mod metrics;
 mod run;
 mod state;
 mod upgrade;

@@ -3,7 +3,7 @@
 //!   server's relay CA signed at install): the same agent-facing surface as the server's 7919, so a
 //!   relay and a server are interchangeable upstreams: `GET /agent/v1/ws` (agents),
 //!   `GET /relay/v1/ws` (child relays), `POST /agent/v1/enroll` and the bulk downloads;
-//! - admin (`listen.admin`, loopback only, plain HTTP): `GET /admin/health`.
+//! - admin (`listen.admin`, loopback only, plain HTTP): `GET /admin/health`, `GET /metrics`.
 //!
 //! Both bound addresses go to `DIR/ports.json` (`{"downstream":..,"admin":..}`) once listening.
 
@@ -34,7 +34,7 @@ use crate::child_relay::ChildRelay;
 use crate::downstream::{AgentDown, DownConfig};
 use crate::state::{RelayState, CACHE_DIR, CA_FILE, KEY_FILE, TLS_CERT_FILE, TLS_KEY_FILE};
 use crate::upgrade::{Running, Upgrader, UpgraderConfig};
-use crate::upstream::{ObserveUpstream, SetUpgrader, Upstream, UpstreamConfig};
+use crate::upstream::{ObserveUpstream, SetUpgrader, Upstream, UpstreamConfig, UpstreamHealth};
 
 /// File name of the bound addresses inside the data directory.
 pub const PORTS_FILE: &str = "ports.json";
@@ -251,6 +251,7 @@ async fn serve(
         App::new()
             .app_data(admin_state.clone())
             .route("/admin/health", web::get().to(health))
+            .route("/metrics", web::get().to(metrics))
     })
     .workers(1)
     .shutdown_timeout(1)
@@ -347,14 +348,33 @@ fn certificate_health(certificate: &Certificate) -> serde_json::Value {
     }
 }
 
+/// `GET /metrics`: Prometheus text (see [`crate::metrics`]).
+async fn metrics(state: web::Data<AdminState>) -> HttpResponse {
+    let upstream = observe_upstream(&state).await.ok();
+    let text = crate::metrics::render(
+        upstream.as_ref(),
+        &state.bulk.stats_json(),
+        state.certificate.not_after_unix_s(),
+    );
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text)
+}
+
+/// The upstream actor's figures, or why it did not give them (`stopped`, `timeout`).
+async fn observe_upstream(state: &AdminState) -> Result<UpstreamHealth, &'static str> {
+    match tokio::time::timeout(Duration::from_secs(2), state.upstream.send(ObserveUpstream)).await {
+        Ok(Ok(h)) => Ok(h),
+        Ok(Err(_)) => Err("stopped"),
+        Err(_) => Err("timeout"),
+    }
+}
+
 async fn health(state: web::Data<AdminState>) -> HttpResponse {
     let started = Instant::now();
-    let observed =
-        tokio::time::timeout(Duration::from_secs(2), state.upstream.send(ObserveUpstream)).await;
-    let (actor_state, upstream) = match observed {
-        Ok(Ok(h)) => ("running", Some(h)),
-        Ok(Err(_)) => ("stopped", None),
-        Err(_) => ("timeout", None),
+    let (actor_state, upstream) = match observe_upstream(&state).await {
+        Ok(h) => ("running", Some(h)),
+        Err(why) => (why, None),
     };
     let sessions = upstream.as_ref().map_or(0, |u| u.agents);
     HttpResponse::Ok().json(serde_json::json!({

@@ -214,12 +214,24 @@ impl Relay {
 
     /// `GET /admin/health` on the loopback admin listener (plain HTTP).
     pub fn health(&self) -> Value {
-        let request = "GET /admin/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        let body = self.admin_get("/admin/health");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("relay health {body}: {e}"))
+    }
+
+    /// `GET /metrics` on the loopback admin listener: Prometheus text.
+    pub fn metrics(&self) -> String {
+        self.admin_get("/metrics")
+    }
+
+    /// The body of `GET path` on the loopback admin listener.
+    fn admin_get(&self, path: &str) -> String {
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
         let raw = crate::raw_exchange(self.admin, request.as_bytes(), START_TIMEOUT)
-            .unwrap_or_else(|e| panic!("relay health: {e}"));
+            .unwrap_or_else(|e| panic!("relay {path}: {e}"));
         let text = String::from_utf8_lossy(&raw);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("relay health {text}: {e}"))
+        assert!(text.starts_with("HTTP/1.1 200"), "relay {path}: {text}");
+        text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned()
     }
 }
 

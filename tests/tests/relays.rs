@@ -83,6 +83,29 @@ fn an_agent_deploys_through_one_relay() {
     assert_eq!(health["upstream"]["state"], "connected", "{health}");
     assert_eq!(health["upstream"]["agents"], 1, "{health}");
     assert_eq!(health["actors"][0]["state"], "running", "{health}");
+    // The same figures for Prometheus, on the same loopback listener.
+    let metrics = relay.metrics();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing\n{metrics}"))
+    };
+    assert_eq!(
+        value("tether_relay_upstream_state{state=\"connected\"}"),
+        1.0
+    );
+    assert_eq!(value("tether_relay_agents"), 1.0);
+    assert!(
+        value("tether_relay_upstream_frames_up_total") >= 300.0,
+        "the probes went up"
+    );
+    assert!(value("tether_relay_upstream_bytes_down_total") > 0.0);
+    assert!(value("tether_relay_upstream_connects_total") >= 1.0);
+    assert!(value("process_resident_memory_bytes") > 1e6);
+    assert!(value("tether_relay_certificate_expiry_timestamp_seconds") > 1.6e9);
+    assert!(metrics.contains("tether_build_info{version="), "{metrics}");
     assert!(
         relay.admin.ip().is_loopback(),
         "admin must be on loopback: {}",

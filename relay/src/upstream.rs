@@ -337,6 +337,7 @@ impl Upstream {
                 last_beat_ms: 0,
             }],
             facts: None,
+            figures: None,
         };
         let frame = Frame::Heartbeat(Heartbeat {
             sent_ms: now_ms(),

@@ -76,6 +76,8 @@ impl AppState {
                             abandoned_commands: l.abandoned_commands,
                             events_deferred: l.events_deferred,
                             refused: l.refused,
+                            load_milli: l.status.as_ref().map(|s| s.load_milli),
+                            figures: l.status.as_ref().and_then(|s| s.figures.clone()),
                             actors: l.status.map(|s| s.actors).unwrap_or_default(),
                         },
                     );

@@ -11,6 +11,7 @@ use actix::{Actor, Addr, Handler, MailboxError};
 use serde::Serialize;
 use tether_shared::journal::{JournalHandle, JournalHealth, Observe};
 use tether_shared::metrics::escape as label;
+use tether_shared::protocol::AgentFigures;
 
 /// How long an actor has to answer an observation before it shows as `timeout`.
 pub const OBSERVE_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -74,6 +75,12 @@ pub struct AgentHealth {
     pub refused: Option<String>,
     /// The agent's actors, from its last heartbeat.
     pub actors: Vec<tether_shared::protocol::ActorHealth>,
+    /// Its worker's own figures, from its last heartbeat (releases that send them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub figures: Option<tether_shared::protocol::AgentFigures>,
+    /// Its one-minute load average times 1000, from its last heartbeat.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_milli: Option<u32>,
 }
 
 /// This node's place in a cluster of servers on PostgreSQL. A standby answers
@@ -259,6 +266,23 @@ impl CertificateExpiry {
 }
 
 impl ServerHealth {
+    /// A family with one sample per agent that has a value.
+    fn per_agent<V: std::fmt::Display>(
+        &self,
+        out: &mut String,
+        name: &str,
+        kind: &str,
+        help: &str,
+        value: impl Fn(&AgentHealth) -> Option<V>,
+    ) {
+        tether_shared::metrics::header(out, name, kind, help);
+        for (agent, health) in &self.agents {
+            if let Some(v) = value(health) {
+                tether_shared::metrics::sample(out, name, &[("agent", agent)], v);
+            }
+        }
+    }
+
     /// Prometheus text exposition (format 0.0.4) of the counters and states.
     pub fn to_prometheus(&self) -> String {
         let j = &self.journal;
@@ -370,30 +394,78 @@ impl ServerHealth {
             (
                 "tether_agent_unacked_commands",
                 "Commands journaled for the agent and not yet acknowledged.",
-                |a| a.unacked_commands,
+                |a| Some(a.unacked_commands),
             ),
             (
                 "tether_agent_oldest_unacked_ms",
                 "Age of the oldest unacknowledged command, in milliseconds.",
-                |a| a.oldest_unacked_ms.unwrap_or(0),
+                |a| Some(a.oldest_unacked_ms.unwrap_or(0)),
             ),
             (
                 "tether_agent_connected",
                 "1 if a session of the agent is attached.",
-                |a| u64::from(a.connected),
+                |a| Some(u64::from(a.connected)),
+            ),
+        ];
+        let figure = |a: &AgentHealth, f: fn(&AgentFigures) -> u64| a.figures.as_ref().map(f);
+        // What the agents say of themselves in their heartbeats (releases that send it).
+        let reported: [ReportedFigure; 7] = [
+            (
+                "tether_agent_resident_memory_bytes",
+                "gauge",
+                "The agent worker's resident memory, as it reported it last.",
+                |f| f.resident_bytes,
+            ),
+            (
+                "tether_agent_cpu_milliseconds_total",
+                "counter",
+                "The agent worker's CPU time since it started, as it reported it last.",
+                |f| f.cpu_ms,
+            ),
+            (
+                "tether_agent_open_fds",
+                "gauge",
+                "The agent worker's open file descriptors, as it reported them last.",
+                |f| f.open_fds,
+            ),
+            (
+                "tether_agent_uptime_seconds",
+                "gauge",
+                "Seconds since the agent worker started, as it reported them last.",
+                |f| f.uptime_s,
+            ),
+            (
+                "tether_agent_steps_running",
+                "gauge",
+                "Steps the agent runs now, as it reported them last.",
+                |f| f.steps_running,
+            ),
+            (
+                "tether_agent_events_unacked",
+                "gauge",
+                "Events the agent journaled and the server had not acknowledged, as it reported them last.",
+                |f| f.events_unacked,
+            ),
+            (
+                "tether_agent_journal_failures_total",
+                "counter",
+                "Journal batches that failed on the agent since its worker started.",
+                |f| f.journal_failures,
             ),
         ];
         for (name, help, value) in per_agent {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n");
-            for (agent, health) in &self.agents {
-                let _ = writeln!(
-                    out,
-                    "{name}{{agent=\"{}\"}} {}",
-                    label(agent),
-                    value(health)
-                );
-            }
+            self.per_agent(&mut out, name, "gauge", help, value);
         }
+        for (name, kind, help, value) in reported {
+            self.per_agent(&mut out, name, kind, help, |a| figure(a, value));
+        }
+        self.per_agent(
+            &mut out,
+            "tether_agent_load1",
+            "gauge",
+            "The agent's machine's one-minute load average, as it reported it last.",
+            |a| a.load_milli.map(|l| l as f64 / 1000.0),
+        );
         let _ = write!(
             out,
             "# HELP tether_certificate_expiry_timestamp_seconds When a certificate of the server's data directory expires.\n\
@@ -454,8 +526,16 @@ impl ServerHealth {
     }
 }
 
+/// A figure agents report of themselves: name, kind, help text, and how to read it.
+type ReportedFigure = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&AgentFigures) -> u64,
+);
+
 /// A per-agent gauge: name, help text, and how to read it.
-type AgentGauge = (&'static str, &'static str, fn(&AgentHealth) -> u64);
+type AgentGauge = (&'static str, &'static str, fn(&AgentHealth) -> Option<u64>);
 
 /// Watches one journal: its actor's address for liveness, its handle for the counters.
 pub struct JournalWatch<A: Actor = tether_shared::journal::Journal> {
@@ -622,7 +702,52 @@ mod tests {
                     sum_us: 2_000_000,
                 },
             },
-            agents: BTreeMap::new(),
+            agents: BTreeMap::from([
+                (
+                    "a-1".to_owned(),
+                    AgentHealth {
+                        id: "a-1".into(),
+                        connected: true,
+                        unacked_commands: 2,
+                        oldest_unacked_ms: None,
+                        events_received: 0,
+                        retransmits: 0,
+                        ignored_acks: 0,
+                        last_heard_ms: None,
+                        peer_resets: 0,
+                        abandoned_commands: 0,
+                        events_deferred: 0,
+                        refused: None,
+                        actors: Vec::new(),
+                        figures: Some(AgentFigures {
+                            resident_bytes: 4096,
+                            cpu_ms: 1500,
+                            ..AgentFigures::default()
+                        }),
+                        load_milli: Some(1250),
+                    },
+                ),
+                (
+                    "a-\"old\"".to_owned(),
+                    AgentHealth {
+                        id: "a-old".into(),
+                        connected: false,
+                        unacked_commands: 0,
+                        oldest_unacked_ms: None,
+                        events_received: 0,
+                        retransmits: 0,
+                        ignored_acks: 0,
+                        last_heard_ms: None,
+                        peer_resets: 0,
+                        abandoned_commands: 0,
+                        events_deferred: 0,
+                        refused: None,
+                        actors: Vec::new(),
+                        figures: None,
+                        load_milli: None,
+                    },
+                ),
+            ]),
             cluster: None,
             reconciliation: crate::reconcile::Summary {
                 agents: 2,
@@ -652,6 +777,11 @@ mod tests {
             "tether_journal_commit_seconds_bucket{le=\"+Inf\"} 4",
             "tether_journal_commit_seconds_sum 2",
             "tether_journal_commit_seconds_count 4",
+            "tether_agent_unacked_commands{agent=\"a-1\"} 2",
+            "tether_agent_connected{agent=\"a-\\\"old\\\"\"} 0",
+            "tether_agent_resident_memory_bytes{agent=\"a-1\"} 4096",
+            "tether_agent_cpu_milliseconds_total{agent=\"a-1\"} 1500",
+            "tether_agent_load1{agent=\"a-1\"} 1.25",
         ] {
             assert_eq!(
                 text.lines().filter(|l| *l == line).count(),
@@ -660,5 +790,7 @@ mod tests {
             );
         }
         assert!(text.ends_with('\n'));
+        // An agent that reports no figures (an older release) has no such series.
+        assert!(!text.contains("tether_agent_resident_memory_bytes{agent=\"a-\\\"old"));
     }
 }

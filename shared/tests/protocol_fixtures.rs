@@ -177,6 +177,12 @@ fn arb_frame() -> impl Strategy<Value = (Frame, Sender)> {
                         AgentStatus {
                             facts: (restarts % 2 == 0)
                                 .then(|| [("cpus".to_owned(), restarts.to_string())].into()),
+                            figures: (restarts % 3 == 0).then(|| AgentFigures {
+                                resident_bytes: last_beat_ms,
+                                cpu_ms: u64::from(restarts),
+                                events_unacked: last_beat_ms / 2,
+                                ..AgentFigures::default()
+                            }),
                             version,
                             running_jobs,
                             load_milli,
@@ -358,6 +364,7 @@ fn samples_match_their_golden_files() {
                 sent_ms: 1_790_000_000_123,
                 status: Some(AgentStatus {
                     facts: None,
+                    figures: None,
                     version: "0.1.0".into(),
                     running_jobs: 1,
                     load_milli: 250,

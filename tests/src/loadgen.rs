@@ -976,6 +976,7 @@ impl SimAgent {
                     last_beat_ms: 0,
                 }],
                 facts: None,
+                figures: None,
             }),
         })
     }

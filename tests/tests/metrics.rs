@@ -24,7 +24,7 @@ fn metrics_cover_the_fleet_the_work_and_the_process_and_the_dashboard_queries_on
     let tmp = TestDir::new();
     let server = Server::start(tmp.path());
     let mut agent = Agent::install(&server, tmp.path(), "m-1", &["m"]);
-    let _never = Agent::install(&server, tmp.path(), "m-2", &["m"]);
+    let never = Agent::install(&server, tmp.path(), "m-2", &["m"]);
     agent.run();
     eventually("online", WAIT, || {
         (server.agent_status(&agent.id) == "online").then_some(())
@@ -69,6 +69,26 @@ fn metrics_cover_the_fleet_the_work_and_the_process_and_the_dashboard_queries_on
     assert!(sample(&text, "process_open_fds").unwrap() > 0.0);
     assert!(sample(&text, "process_start_time_seconds").unwrap() > 1.6e9);
     assert!(sample(&text, "tether_journal_commit_seconds_count").unwrap() > 0.0);
+    // The agent's own figures, carried in its heartbeats.
+    let reported =
+        |text: &str, name: &str| sample(text, &format!("{name}{{agent=\"{}\"}}", agent.id));
+    let text = eventually("the agent's figures in /metrics", WAIT, || {
+        let text = server.request("GET", "/metrics", None).body;
+        reported(&text, "tether_agent_resident_memory_bytes").map(|_| text)
+    });
+    assert!(
+        reported(&text, "tether_agent_resident_memory_bytes").unwrap() > 1e6,
+        "{text}"
+    );
+    assert!(reported(&text, "tether_agent_open_fds").unwrap() > 0.0);
+    assert!(reported(&text, "tether_agent_cpu_milliseconds_total").unwrap() > 0.0);
+    assert!(reported(&text, "tether_agent_load1").is_some());
+    assert_eq!(reported(&text, "tether_agent_steps_running"), Some(0.0));
+    assert!(reported(&text, "tether_agent_journal_failures_total") == Some(0.0));
+    assert!(
+        !text.contains(&format!("{{agent=\"{}\"}}", never.id)),
+        "an agent that never connected reports nothing"
+    );
     // What ended, by result, and how long it took: one job of one step.
     for (series, value) in [
         ("tether_jobs_ended_total{result=\"succeeded\"}", 1.0),

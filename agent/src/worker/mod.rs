@@ -200,10 +200,12 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
                 if let Ok(mut s) = status.lock() {
                     *s = Some(AgentStatus {
                         version: version.clone(),
+                        // Filled by the uplink as each heartbeat goes out, with its figures.
                         running_jobs: 0,
                         load_milli: load_milli(),
                         actors: actors.clone(),
                         facts: None,
+                        figures: None,
                     });
                 }
                 let line = serde_json::to_string(&WorkerHealth { actors }).unwrap_or_default();

@@ -69,6 +69,14 @@ fn parse_limits(limits: &str) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
+/// Seconds since this process started, by `f` (read now).
+pub fn uptime_s(f: &ProcessFigures) -> u64 {
+    let started = boot_unix_s() + f.start_ticks / ticks_per_second();
+    u64::try_from(crate::clock::now_unix_s())
+        .unwrap_or(0)
+        .saturating_sub(started)
+}
+
 /// This process's families, read now.
 pub fn families() -> String {
     render(&read(), ticks_per_second(), boot_unix_s())

@@ -502,6 +502,29 @@ pub struct AgentStatus {
     /// The agent's facts again (`crate::facts`), every [`crate::facts::REFRESH`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub facts: Option<crate::facts::Facts>,
+    /// The worker's own figures, in every heartbeat (for the server's `/metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<AgentFigures>,
+}
+
+/// What an agent's worker says of itself: its process, its jobs, its journal. Numbers only,
+/// so a heartbeat stays small whatever the agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFigures {
+    pub resident_bytes: u64,
+    /// User plus system CPU time of the worker, in milliseconds.
+    pub cpu_ms: u64,
+    pub open_fds: u64,
+    pub uptime_s: u64,
+    /// Jobs held and not finished, steps running now.
+    pub jobs_unfinished: u64,
+    pub steps_running: u64,
+    /// Events journaled and not yet acknowledged by the server.
+    pub events_unacked: u64,
+    /// The journal's commits and failed batches since the worker started.
+    pub journal_commits: u64,
+    pub journal_failures: u64,
 }
 
 /// Liveness, both ways; the agent's carries its status.

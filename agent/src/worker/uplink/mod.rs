@@ -661,6 +661,9 @@ impl Uplink {
                 self.facts_sent = Instant::now();
                 s.facts = Some(tether_shared::facts::collect(&self.cfg.data_dir));
             }
+            let figures = self.figures();
+            s.running_jobs = u32::try_from(figures.steps_running).unwrap_or(u32::MAX);
+            s.figures = Some(figures);
         }
         self.send(&Frame::Heartbeat(Heartbeat {
             sent_ms: now_ms(),

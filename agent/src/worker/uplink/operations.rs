@@ -4,7 +4,7 @@
 //! worker exits with [`RESTART_EXIT_CODE`] once the answer is durable.
 
 use serde_json::json;
-use tether_shared::protocol::{EventBody, Operation, MAX_OPERATION_RESULT};
+use tether_shared::protocol::{AgentFigures, EventBody, Operation, MAX_OPERATION_RESULT};
 
 use super::{now_ms, Uplink};
 
@@ -36,6 +36,24 @@ impl Uplink {
             message: String::new(),
         };
         (body, restart)
+    }
+
+    /// The worker's own figures for its heartbeat.
+    pub(super) fn figures(&self) -> AgentFigures {
+        use tether_shared::metrics::process;
+        let p = process::read();
+        let journal = self.cfg.journal.observe();
+        AgentFigures {
+            resident_bytes: p.resident_bytes,
+            cpu_ms: p.cpu_ticks.saturating_mul(1000) / process::ticks_per_second(),
+            open_fds: p.open_fds,
+            uptime_s: process::uptime_s(&p),
+            jobs_unfinished: self.jobs.ledger.unfinished().len() as u64,
+            steps_running: self.jobs.ledger.steps_running() as u64,
+            events_unacked: self.ep.outbound.unacked() as u64,
+            journal_commits: journal.commits,
+            journal_failures: journal.failures,
+        }
     }
 
     /// Versions, facts, the configuration (secrets masked), journal figures and the jobs held.

@@ -89,6 +89,15 @@ pub fn render(
             "Channels of child relays' own links.",
             u.child_channels,
         );
+        if let Some(rtt) = u.rtt_us {
+            metrics::single(
+                &mut out,
+                "tether_relay_upstream_rtt_seconds",
+                "gauge",
+                "Round trip of the last WebSocket ping to the parent (the server or the next relay).",
+                rtt as f64 / 1e6,
+            );
+        }
         let stats = serde_json::to_value(u.stats).unwrap_or_default();
         for (field, help) in UPSTREAM_COUNTERS {
             if let Some(v) = stats.get(field).and_then(serde_json::Value::as_u64) {
@@ -138,6 +147,7 @@ mod tests {
             upstream: Some("server:7919".into()),
             agents: 3,
             child_channels: 1,
+            rtt_us: Some(1500),
             stats: UpstreamStats {
                 connects: 2,
                 frames_up: 40,
@@ -150,6 +160,7 @@ mod tests {
             "tether_relay_upstream_state{state=\"connected\"} 1",
             "tether_relay_upstream_state{state=\"reconnecting\"} 0",
             "tether_relay_agents 3",
+            "tether_relay_upstream_rtt_seconds 0.0015",
             "tether_relay_upstream_connects_total 2",
             "tether_relay_upstream_frames_up_total 40",
             "tether_relay_upstream_refused_not_ready_total 0",

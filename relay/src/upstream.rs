@@ -26,8 +26,8 @@ use tether_shared::mux::{
     self, ChannelKind, Mux, Open, LINK_CHANNEL, MAX_MUX_BYTES, RELAY_WS_PATH,
 };
 use tether_shared::protocol::{
-    self, hello_proof_bytes, ActorHealth, AgentStatus, ErrorCode, Event, EventBody, Frame,
-    Heartbeat, Hello, Sender, Seq,
+    self, hello_proof_bytes, ActorHealth, AgentFigures, AgentStatus, ErrorCode, Event, EventBody,
+    Frame, Heartbeat, Hello, Sender, Seq,
 };
 
 use crate::child_relay::{ChildFrame, ChildRelay, CloseChild};
@@ -337,8 +337,13 @@ impl Upstream {
                 last_beat_ms: 0,
             }],
             facts: None,
-            figures: None,
+            figures: Some(AgentFigures {
+                uplink_rtt_us: self.dial.rtt_us(),
+                ..tether_shared::metrics::process::heartbeat_figures()
+            }),
         };
+        // Times this hop for the next beat (the server composes a test connection's hops).
+        self.dial.ping();
         let frame = Frame::Heartbeat(Heartbeat {
             sent_ms: now_ms(),
             status: Some(status),
@@ -752,6 +757,8 @@ pub struct UpstreamHealth {
     pub upstream: Option<String>,
     pub agents: usize,
     pub child_channels: usize,
+    /// Round trip of the last WebSocket ping to the parent, µs.
+    pub rtt_us: Option<u64>,
     #[serde(flatten)]
     pub stats: UpstreamStats,
 }
@@ -770,6 +777,7 @@ impl Handler<ObserveUpstream> for Upstream {
             upstream: self.dial.connected_to().map(str::to_owned),
             agents,
             child_channels,
+            rtt_us: self.dial.rtt_us(),
             stats: self.stats,
         })
     }

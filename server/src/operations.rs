@@ -38,6 +38,48 @@ pub struct OperationRecord {
     pub data: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// A ping's path, from the server out to the agent, hop by hop.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hops: Vec<Hop>,
+}
+
+/// One link a test connection crossed, and its round trip as the link's own WebSocket ping
+/// measured it last (each relay and agent pings its parent at every heartbeat).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hop {
+    /// `server`, or a relay id.
+    pub from: String,
+    /// A relay id, or the agent's.
+    pub to: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+}
+
+/// The hops from the server to `agent_id` through `path` (relay ids, nearest the agent first):
+/// each relay's link is timed by that relay (`relay_rtt_us`, from its heartbeats), the last
+/// one by the agent (`agent_rtt_us`, in its answer).
+pub fn hops(
+    agent_id: &str,
+    path: &[String],
+    relay_rtt_us: impl Fn(&str) -> Option<u64>,
+    agent_rtt_us: Option<u64>,
+) -> Vec<Hop> {
+    let ms = |us: Option<u64>| us.map(|us| us as f64 / 1000.0);
+    let mut out = Vec::with_capacity(path.len() + 1);
+    let mut from = "server".to_owned();
+    for relay in path.iter().rev() {
+        out.push(Hop {
+            from: std::mem::replace(&mut from, relay.clone()),
+            to: relay.clone(),
+            rtt_ms: ms(relay_rtt_us(relay)),
+        });
+    }
+    out.push(Hop {
+        from,
+        to: agent_id.to_owned(),
+        rtt_ms: ms(agent_rtt_us),
+    });
+    out
 }
 
 #[derive(Default)]
@@ -93,6 +135,7 @@ impl Operations {
                 round_trip_ms: None,
                 data: String::new(),
                 message: String::new(),
+                hops: Vec::new(),
             },
         );
         id
@@ -100,7 +143,16 @@ impl Operations {
 
     /// The answer `agent_id` sent for operation `op_id`; ignored unless that agent was asked
     /// it and has not answered yet (a hostile agent cannot answer for another, nor twice).
-    pub fn complete(&self, agent_id: &str, op_id: &str, ok: bool, data: &str, message: &str) {
+    /// `hops` tells a ping's path (asked only for an answered ping).
+    pub fn complete(
+        &self,
+        agent_id: &str,
+        op_id: &str,
+        ok: bool,
+        data: &str,
+        message: &str,
+        hops: impl FnOnce(&str) -> Vec<Hop>,
+    ) {
         let mut inner = self.lock();
         let Some(r) = inner
             .records
@@ -116,6 +168,9 @@ impl Operations {
         r.round_trip_ms = Some(now.saturating_sub(r.requested_unix_ms));
         r.data = cut(data);
         r.message = cut(message);
+        if ok && r.op == Operation::Ping {
+            r.hops = hops(&r.data);
+        }
         tracing::info!(agent_id = %agent_id, op_id = %op_id, op = ?r.op, ok, round_trip_ms = r.round_trip_ms, "operation-answered");
         drop(inner);
         self.answered.notify_waiters();
@@ -192,11 +247,50 @@ pub fn parse_op(name: &str) -> Result<Operation, String> {
 mod tests {
     use super::*;
 
+    fn no_hops(_: &str) -> Vec<Hop> {
+        Vec::new()
+    }
+
+    fn hop() -> Hop {
+        Hop {
+            from: "server".into(),
+            to: "a1".into(),
+            rtt_ms: None,
+        }
+    }
+
+    #[test]
+    fn hops_run_from_the_server_out_each_timed_by_its_far_end() {
+        let path = vec!["r-near".to_owned(), "r-far".to_owned()];
+        let rtt = |r: &str| (r == "r-far").then_some(1_234);
+        let hops = hops("a1", &path, rtt, Some(20_500));
+        let view: Vec<(&str, &str, Option<f64>)> = hops
+            .iter()
+            .map(|h| (h.from.as_str(), h.to.as_str(), h.rtt_ms))
+            .collect();
+        assert_eq!(
+            view,
+            vec![
+                ("server", "r-far", Some(1.234)),
+                ("r-far", "r-near", None),
+                ("r-near", "a1", Some(20.5)),
+            ]
+        );
+        assert_eq!(
+            super::hops("a1", &[], |_| None, Some(800))[0],
+            Hop {
+                from: "server".into(),
+                to: "a1".into(),
+                rtt_ms: Some(0.8)
+            }
+        );
+    }
+
     #[actix_rt::test]
     async fn answers_are_taken_from_the_agent_asked_once_and_kept_bounded() {
         let ops = Operations::default();
         let id = ops.begin("a1", Operation::Ping);
-        ops.complete("a2", &id, true, "forged", "");
+        ops.complete("a2", &id, true, "forged", "", no_hops);
         assert_eq!(
             ops.get("a1", &id).unwrap().state,
             "pending",
@@ -204,10 +298,11 @@ mod tests {
         );
         assert!(ops.get("a2", &id).is_none());
         let waiting = ops.wait("a1", &id, Duration::from_secs(5));
-        ops.complete("a1", &id, true, "pong", "");
+        ops.complete("a1", &id, true, "pong", "", |_| vec![hop()]);
         let r = waiting.await.unwrap();
         assert_eq!((r.state, r.data.as_str()), ("done", "pong"));
-        ops.complete("a1", &id, false, "again", "");
+        assert_eq!(r.hops, vec![hop()]);
+        ops.complete("a1", &id, false, "again", "", no_hops);
         assert_eq!(ops.get("a1", &id).unwrap().data, "pong", "once");
         let slow = ops.begin("a1", Operation::Log);
         let r = ops

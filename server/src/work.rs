@@ -15,6 +15,7 @@ use tether_shared::protocol::{CommandBody, EventBody};
 
 use crate::deployments::{AgentTerms, Deployments};
 use crate::operations::Operations;
+use crate::presence::Sightings;
 use crate::reconcile::Reconciliations;
 use crate::upgrades::Upgrades;
 
@@ -24,6 +25,8 @@ pub struct Work {
     upgrades: Arc<Upgrades>,
     reconciliations: Arc<Reconciliations>,
     operations: Arc<Operations>,
+    /// Who is connected through which relays, and what relays report of their links.
+    presence: Arc<dyn Sightings + Send + Sync>,
 }
 
 /// What an event changes.
@@ -52,13 +55,28 @@ impl Work {
         deployments: Arc<Deployments>,
         upgrades: Arc<Upgrades>,
         reconciliations: Arc<Reconciliations>,
+        presence: Arc<dyn Sightings + Send + Sync>,
     ) -> Work {
         Work {
             deployments,
             upgrades,
             reconciliations,
             operations: Arc::default(),
+            presence,
         }
+    }
+
+    /// A ping's hops to `agent_id`, from its path now, its relays' heartbeats and its answer.
+    fn hops(&self, agent_id: &str, answer: &str) -> Vec<crate::operations::Hop> {
+        let agent_rtt = serde_json::from_str::<serde_json::Value>(answer)
+            .ok()
+            .and_then(|v| v["uplink_rtt_us"].as_u64());
+        let relay_rtt = |relay: &str| {
+            let status = self.presence.seen(relay).reported?;
+            status.figures?.uplink_rtt_us
+        };
+        let path = self.presence.seen(agent_id).path;
+        crate::operations::hops(agent_id, &path, relay_rtt, agent_rtt)
     }
 
     /// Remote operations and their answers.
@@ -134,7 +152,9 @@ impl Work {
                 message,
             } => {
                 self.operations
-                    .complete(agent_id, op_id, *ok, data, message);
+                    .complete(agent_id, op_id, *ok, data, message, |answer| {
+                        self.hops(agent_id, answer)
+                    });
                 Some(EventEffect::default())
             }
             EventBody::JobsReported { jobs, omitted } => {

@@ -103,6 +103,11 @@ pub struct Dialer {
     stream: Option<SpawnHandle>,
     last_heard: Instant,
     connected_to: Option<String>,
+    /// The WebSocket ping in flight (its payload and when it went), and the round trip of the
+    /// last one answered on this connection.
+    ping: Option<(u64, Instant)>,
+    next_ping: u64,
+    rtt: Option<Duration>,
 }
 
 impl Dialer {
@@ -120,6 +125,37 @@ impl Dialer {
             stream: None,
             last_heard: Instant::now(),
             connected_to: None,
+            ping: None,
+            next_ping: 0,
+            rtt: None,
+        }
+    }
+
+    /// Sends a WebSocket ping to measure the link's round trip (see [`Dialer::rtt`]); a ping
+    /// still unanswered is replaced. The parent's WebSocket layer answers it, so this times
+    /// this hop alone.
+    pub fn ping(&mut self) {
+        self.next_ping = self.next_ping.wrapping_add(1);
+        let payload = self.next_ping;
+        if self.write(ws::Message::Ping(payload.to_be_bytes().to_vec().into())) {
+            self.ping = Some((payload, Instant::now()));
+        }
+    }
+
+    /// The round trip of the last ping answered on the current connection, in µs.
+    pub fn rtt_us(&self) -> Option<u64> {
+        self.rtt
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    }
+
+    /// A pong arrived: the round trip, if it answers the ping in flight.
+    fn pong(&mut self, payload: &[u8]) {
+        let sent = self
+            .ping
+            .filter(|(n, _)| n.to_be_bytes().as_slice() == payload);
+        if let Some((_, at)) = sent {
+            self.rtt = Some(at.elapsed());
+            self.ping = None;
         }
     }
 
@@ -261,6 +297,8 @@ pub trait Dials:
         }
         d.state = LinkState::Idle;
         d.connected_to = None;
+        d.ping = None;
+        d.rtt = None;
         self.on_close(ctx);
         retry_later(self, ctx, busy, was_ready);
     }
@@ -289,7 +327,7 @@ pub trait Dials:
                     ws::Frame::Ping(p) => {
                         d.write(ws::Message::Pong(p));
                     }
-                    ws::Frame::Pong(_) => {}
+                    ws::Frame::Pong(p) => d.pong(&p),
                     ws::Frame::Close(reason) => {
                         tracing::info!(reason = ?reason, "upstream-closed-link");
                         self.hang_up(ctx, None);

@@ -56,6 +56,41 @@ fn an_operator_pings_reads_and_restarts_an_agent_behind_a_relay() {
         "{out:?}"
     );
 
+    // Per hop: the server to the relay (timed by the relay), the relay to the agent (timed by
+    // the agent), once each has pinged its parent at a heartbeat.
+    let relay_id = relay.id.clone();
+    let hops = eventually("both hops timed", WAIT, || {
+        let hops = operate(&server, "op-1", "ping")["hops"].clone();
+        hops.as_array()?
+            .iter()
+            .all(|h| h["rtt_ms"].as_f64().is_some())
+            .then_some(hops)
+    });
+    let view: Vec<(&str, &str)> = hops
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h["from"].as_str().unwrap(), h["to"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            ("server", relay_id.as_str()),
+            (relay_id.as_str(), agent.id.as_str())
+        ],
+        "{hops}"
+    );
+    for h in hops.as_array().unwrap() {
+        let ms = h["rtt_ms"].as_f64().unwrap();
+        assert!(ms > 0.0 && ms < 10_000.0, "{hops}");
+    }
+    let out = cli.run(&["agents", "ping", "op-1"]);
+    let printed = tether_tests::stdout(&out);
+    assert!(
+        printed.contains(&format!("  server -> {relay_id}: ")) && printed.contains(" ms\n"),
+        "{printed}"
+    );
+
     let log = operate(&server, "op-1", "log");
     let text = log["data"].as_str().unwrap();
     assert!(text.contains("uplink-ready"), "{text}");
@@ -134,6 +169,10 @@ fn an_operator_pings_reads_and_restarts_an_agent_behind_a_relay() {
         p.contains("round-trip").then_some(p)
     });
     assert!(shown.contains("agent_unix_ms"), "{shown}");
+    assert!(
+        shown.contains("<table id=\"hops\">") && shown.contains(&format!("<td>{}</td>", relay.id)),
+        "{shown}"
+    );
 
     // Bad requests change nothing.
     for (body, status) in [

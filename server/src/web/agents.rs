@@ -651,6 +651,21 @@ async fn operation(
                     @if let Some(ms) = r.round_trip_ms { dt { "Round trip" } dd #round-trip { (ms) " ms" } }
                     @if !r.message.is_empty() { dt { "Message" } dd { (r.message) } }
                 }
+                @if !r.hops.is_empty() {
+                    h2 { "Hops" }
+                    p.muted { "Each link's round trip, as its far end last timed it (every heartbeat)." }
+                    table #hops {
+                        thead { tr { th { "From" } th { "To" } th { "Round trip" } } }
+                        tbody {
+                            @for h in &r.hops {
+                                tr {
+                                    td { (h.from) } td { (h.to) }
+                                    td { @match h.rtt_ms { Some(ms) => { (format!("{ms:.1}")) " ms" }, None => { "not measured yet" } } }
+                                }
+                            }
+                        }
+                    }
+                }
                 @if r.state == "pending" { p.muted { "Waiting for the agent (it gets it if it comes back within 5 minutes)…" } }
                 @if !r.data.is_empty() { pre.log #operation-data { (r.data) } }
             }

@@ -525,6 +525,9 @@ pub struct AgentFigures {
     /// The journal's commits and failed batches since the worker started.
     pub journal_commits: u64,
     pub journal_failures: u64,
+    /// Round trip of the last WebSocket ping to its parent (the next relay, or the server), µs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uplink_rtt_us: Option<u64>,
 }
 
 /// Liveness, both ways; the agent's carries its status.

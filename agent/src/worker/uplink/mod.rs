@@ -655,6 +655,8 @@ impl Uplink {
             return;
         }
         self.last_beat_sent = Instant::now();
+        // Times this hop for the next beat's figures and the test connection.
+        self.dial.ping();
         let mut status = self.cfg.status.lock().ok().and_then(|s| s.clone());
         if let Some(s) = status.as_mut() {
             if self.facts_sent.elapsed() >= tether_shared::facts::REFRESH {

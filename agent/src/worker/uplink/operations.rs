@@ -18,7 +18,10 @@ impl Uplink {
     pub(super) fn operate(&self, op_id: &str, op: Operation) -> (EventBody, bool) {
         tracing::info!(op_id = %op_id, op = ?op, "remote-operation");
         let (data, restart) = match op {
-            Operation::Ping => (json!({"agent_unix_ms": now_ms()}).to_string(), false),
+            Operation::Ping => (
+                json!({"agent_unix_ms": now_ms(), "uplink_rtt_us": self.dial.rtt_us()}).to_string(),
+                false,
+            ),
             Operation::RestartWorker => (
                 json!({"restarting": true, "agent_unix_ms": now_ms()}).to_string(),
                 true,
@@ -40,19 +43,15 @@ impl Uplink {
 
     /// The worker's own figures for its heartbeat.
     pub(super) fn figures(&self) -> AgentFigures {
-        use tether_shared::metrics::process;
-        let p = process::read();
         let journal = self.cfg.journal.observe();
         AgentFigures {
-            resident_bytes: p.resident_bytes,
-            cpu_ms: p.cpu_ticks.saturating_mul(1000) / process::ticks_per_second(),
-            open_fds: p.open_fds,
-            uptime_s: process::uptime_s(&p),
             jobs_unfinished: self.jobs.ledger.unfinished().len() as u64,
             steps_running: self.jobs.ledger.steps_running() as u64,
             events_unacked: self.ep.outbound.unacked() as u64,
             journal_commits: journal.commits,
             journal_failures: journal.failures,
+            uplink_rtt_us: self.dial.rtt_us(),
+            ..tether_shared::metrics::process::heartbeat_figures()
         }
     }
 

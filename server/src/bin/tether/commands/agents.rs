@@ -267,7 +267,19 @@ pub fn operate(client: &Client, agent: &str, op: &str, json: bool) -> Result<Exi
         _ if json => Ok(ExitCode::SUCCESS),
         _ => {
             match op {
-                "ping" => output::line(&format!("{agent} answered in {rtt} ms"))?,
+                "ping" => {
+                    output::line(&format!("{agent} answered in {rtt} ms"))?;
+                    for hop in answer["hops"].as_array().into_iter().flatten() {
+                        let took = hop["rtt_ms"]
+                            .as_f64()
+                            .map_or("not measured yet".to_owned(), |ms| format!("{ms:.1} ms"));
+                        output::line(&format!(
+                            "  {} -> {}: {took}",
+                            str_at(hop, "from"),
+                            str_at(hop, "to")
+                        ))?;
+                    }
+                }
                 "restart" => output::line(&format!(
                     "{agent}'s worker restarts (the request was answered in {rtt} ms)"
                 ))?,

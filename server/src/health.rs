@@ -653,6 +653,33 @@ mod tests {
         assert_eq!(health.incarnation, handle.incarnation());
     }
 
+    /// An agent's health with 2 unacked commands if `connected`, else none.
+    fn agent_health(
+        id: &str,
+        connected: bool,
+        figures: Option<AgentFigures>,
+        load_milli: Option<u32>,
+    ) -> (String, AgentHealth) {
+        let health = AgentHealth {
+            id: id.into(),
+            connected,
+            unacked_commands: if connected { 2 } else { 0 },
+            oldest_unacked_ms: None,
+            events_received: 0,
+            retransmits: 0,
+            ignored_acks: 0,
+            last_heard_ms: None,
+            peer_resets: 0,
+            abandoned_commands: 0,
+            events_deferred: 0,
+            refused: None,
+            actors: Vec::new(),
+            figures,
+            load_milli,
+        };
+        (id.to_owned(), health)
+    }
+
     #[test]
     fn prometheus_text_has_every_counter_once() {
         let health = ServerHealth {
@@ -703,50 +730,17 @@ mod tests {
                 },
             },
             agents: BTreeMap::from([
-                (
-                    "a-1".to_owned(),
-                    AgentHealth {
-                        id: "a-1".into(),
-                        connected: true,
-                        unacked_commands: 2,
-                        oldest_unacked_ms: None,
-                        events_received: 0,
-                        retransmits: 0,
-                        ignored_acks: 0,
-                        last_heard_ms: None,
-                        peer_resets: 0,
-                        abandoned_commands: 0,
-                        events_deferred: 0,
-                        refused: None,
-                        actors: Vec::new(),
-                        figures: Some(AgentFigures {
-                            resident_bytes: 4096,
-                            cpu_ms: 1500,
-                            ..AgentFigures::default()
-                        }),
-                        load_milli: Some(1250),
-                    },
+                agent_health(
+                    "a-1",
+                    true,
+                    Some(AgentFigures {
+                        resident_bytes: 4096,
+                        cpu_ms: 1500,
+                        ..AgentFigures::default()
+                    }),
+                    Some(1250),
                 ),
-                (
-                    "a-\"old\"".to_owned(),
-                    AgentHealth {
-                        id: "a-old".into(),
-                        connected: false,
-                        unacked_commands: 0,
-                        oldest_unacked_ms: None,
-                        events_received: 0,
-                        retransmits: 0,
-                        ignored_acks: 0,
-                        last_heard_ms: None,
-                        peer_resets: 0,
-                        abandoned_commands: 0,
-                        events_deferred: 0,
-                        refused: None,
-                        actors: Vec::new(),
-                        figures: None,
-                        load_milli: None,
-                    },
-                ),
+                agent_health("a-\"old\"", false, None, None),
             ]),
             cluster: None,
             reconciliation: crate::reconcile::Summary {

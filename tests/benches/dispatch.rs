@@ -4,6 +4,8 @@
 //! real agent processes; one real agent's round trip (20 deployments one after another); and
 //! an idle real agent's memory (monitor plus worker RSS).
 //!
+//! At 1,000 agents and more, the same deployment in batches of 10% (rolling) is timed too.
+//!
 //! With 1,000 agents it then runs deployments until the server holds `TETHER_BENCH_HISTORY`
 //! (default 100,000) finished jobs, and times the same dispatch again: the ratio shows whether
 //! dispatch cost grows with history.
@@ -108,8 +110,8 @@ fn main() {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(5);
     let mut history_ratio = None;
-    // Rolling deployment to 1,000 (10% batches) and the unbatched one, total ms.
-    let mut rolling_ratio: Option<(u64, u64)> = None;
+    // Rolling deployments (10% batches) and the unbatched one, total ms, by size (1,000 and up).
+    let mut rolling_ratio: Vec<(usize, u64, u64)> = Vec::new();
     // Total ms of the measured dispatch, by fleet size (for the per-agent ratio).
     let mut totals: Vec<(usize, u64)> = Vec::new();
     for &n in &sizes {
@@ -144,6 +146,8 @@ fn main() {
         totals.extend(total.map(|t| (n, t)));
         if n == 1000 {
             sim_1000 = total;
+        }
+        if n >= 1000 {
             // Rolling: the same deployment in batches of 10%, each once the one before ended.
             dispatch_with(&server, "trivial", &ids, json!({"batch_percent": 10}));
             let mut rolled: Vec<(u64, Vec<u64>)> = (0..repeat.max(1))
@@ -157,8 +161,10 @@ fn main() {
             if let (Some(unbatched), Some(batched)) =
                 (total, row("rolling, 10% batches", n, rolling_total))
             {
-                rolling_ratio = Some((batched, unbatched));
+                rolling_ratio.push((n, batched, unbatched));
             }
+        }
+        if n == 1000 {
             // History: the same dispatch once the server holds `history` finished jobs.
             if history > 0 {
                 let rounds = history.div_ceil(n);
@@ -227,9 +233,9 @@ fn main() {
         m + w
     );
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    if let Some((batched, unbatched)) = rolling_ratio {
+    for (n, batched, unbatched) in rolling_ratio {
         println!(
-            "rolling deployment to 1000 simulated agents in 10 batches of 10%: {batched} ms, {:.2}x the unbatched {unbatched} ms (report)",
+            "rolling deployment to {n} simulated agents in 10 batches of 10%: {batched} ms, {:.2}x the unbatched {unbatched} ms (report)",
             batched as f64 / unbatched.max(1) as f64
         );
     }

@@ -19,7 +19,7 @@ use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
 use tether_shared::frame_guard::close_code_for;
-use tether_shared::protocol::{ErrorCode, ErrorFrame, Frame, Heartbeat};
+use tether_shared::protocol::{ErrorCode, Frame, Heartbeat};
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
@@ -87,25 +87,12 @@ impl AgentSession {
 
     /// Refuse the peer: an error frame with the reason, then a close with `code`.
     fn refuse(&mut self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
-        let Refusal {
-            close: code,
-            error,
-            reason,
-            why,
-        } = refusal;
         self.shared
             .handshake_counts
-            .refused(handshake_counts::PeerKind::Agent, why);
-        tracing::warn!(conn = self.conn.0, peer = %self.peer, code = %code, reason = %reason, "session-refused");
-        self.send_frame(
-            ctx,
-            &Frame::Error(ErrorFrame {
-                code: error,
-                message: reason.clone(),
-                details: Default::default(),
-            }),
-        );
-        self.close(ctx, code, &reason);
+            .refused(handshake_counts::PeerKind::Agent, refusal.why);
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, code = %refusal.close, reason = %refusal.reason, "session-refused");
+        self.send_frame(ctx, &refusal.error_frame());
+        self.close(ctx, refusal.close, &refusal.reason);
     }
 
     /// Close the socket; `stopping` then tears the session down according to its phase.

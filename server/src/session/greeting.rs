@@ -89,6 +89,15 @@ impl Refusal {
         self.why = why;
         self
     }
+
+    /// The error frame that tells the peer, before the close.
+    pub fn error_frame(&self) -> Frame {
+        Frame::Error(protocol::ErrorFrame {
+            code: self.error,
+            message: self.reason.clone(),
+            details: Default::default(),
+        })
+    }
 }
 
 /// What the owner does with one message of the peer.

@@ -28,8 +28,8 @@ use tether_shared::frame_guard::close_code_for;
 use tether_shared::ids::RelayId;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
-    self, command_signing_bytes, Command, CommandBody, ErrorCode, ErrorFrame, Event, EventBody,
-    Frame, Heartbeat, Hello, Sender, Seq, Welcome,
+    self, command_signing_bytes, Command, CommandBody, ErrorCode, Event, EventBody, Frame,
+    Heartbeat, Hello, Sender, Seq, Welcome,
 };
 use tether_shared::stream::ConnId;
 use tether_shared::upgrade::{component_signing_bytes, Component};
@@ -164,27 +164,18 @@ impl RelaySession {
 
     /// [`RelaySession::refuse`], counted by the refusal's own kind.
     fn refuse_as(&mut self, ctx: &mut ws::WebsocketContext<Self>, refusal: Refusal) {
-        let Refusal {
-            close: code,
-            error,
-            reason,
-            why,
-        } = refusal;
-        let reason = reason.as_str();
-        self.shared.handshake_counts.refused(PeerKind::Relay, why);
-        tracing::warn!(conn = self.conn.0, peer = %self.peer, relay_id = ?self.relay_id, code = %code, reason, "relay-link-refused");
-        let frame = Frame::Error(ErrorFrame {
-            code: error,
-            message: reason.to_owned(),
-            details: Default::default(),
-        });
+        self.shared
+            .handshake_counts
+            .refused(PeerKind::Relay, refusal.why);
+        tracing::warn!(conn = self.conn.0, peer = %self.peer, relay_id = ?self.relay_id, code = %refusal.close, reason = %refusal.reason, "relay-link-refused");
+        let frame = refusal.error_frame();
         match &self.relay_id {
             // In mux mode the link's own frames travel on channel 0.
             Some(_) => self.send_on(ctx, LINK_CHANNEL, &frame),
             None => Self::send_frame(ctx, &frame),
         }
         self.closing = true;
-        ctx.close(Some(code.frame(reason)));
+        ctx.close(Some(refusal.close.frame(&refusal.reason)));
         ctx.stop();
     }
 
@@ -661,29 +652,14 @@ impl RelaySession {
         ch: u32,
         refusal: Refusal,
     ) {
-        let Refusal {
-            close: code,
-            error,
-            reason,
-            why,
-        } = refusal;
-        let reason = reason.as_str();
         let peer = self
             .channels
             .get(&ch)
             .map_or(PeerKind::Agent, |c| PeerKind::from(c.kind));
-        self.shared.handshake_counts.refused(peer, why);
-        tracing::warn!(relay_id = ?self.relay_id, ch, code = %code, reason, "channel-refused");
-        self.send_on(
-            ctx,
-            ch,
-            &Frame::Error(ErrorFrame {
-                code: error,
-                message: reason.to_owned(),
-                details: Default::default(),
-            }),
-        );
-        self.close_channel_wire(ctx, ch, code, reason);
+        self.shared.handshake_counts.refused(peer, refusal.why);
+        tracing::warn!(relay_id = ?self.relay_id, ch, code = %refusal.close, reason = %refusal.reason, "channel-refused");
+        self.send_on(ctx, ch, &refusal.error_frame());
+        self.close_channel_wire(ctx, ch, refusal.close, &refusal.reason);
         if let Some(channel) = self.channels.remove(&ch) {
             self.end_channel(channel);
         }

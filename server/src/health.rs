@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr, Handler, MailboxError};
 use serde::Serialize;
 use tether_shared::journal::{JournalHandle, JournalHealth, Observe};
-use tether_shared::metrics::escape as label;
+use tether_shared::metrics::{header, sample};
 use tether_shared::protocol::AgentFigures;
 
 /// How long an actor has to answer an observation before it shows as `timeout`.
@@ -288,11 +288,7 @@ impl ServerHealth {
         let j = &self.journal;
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            // Writing to a String cannot fail.
-            let _ = write!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-            );
+            tether_shared::metrics::single(&mut out, name, kind, help, value);
         };
         metric(
             "tether_journal_batches_total",
@@ -466,16 +462,19 @@ impl ServerHealth {
             "The agent's machine's one-minute load average, as it reported it last.",
             |a| a.load_milli.map(|l| l as f64 / 1000.0),
         );
-        let _ = write!(
-            out,
-            "# HELP tether_certificate_expiry_timestamp_seconds When a certificate of the server's data directory expires.\n\
-             # TYPE tether_certificate_expiry_timestamp_seconds gauge\n"
+        let name = "tether_certificate_expiry_timestamp_seconds";
+        header(
+            &mut out,
+            name,
+            "gauge",
+            "When a certificate of the server's data directory expires.",
         );
         for c in &self.certificates {
-            let _ = writeln!(
-                out,
-                "tether_certificate_expiry_timestamp_seconds{{certificate=\"{}\"}} {}",
-                c.name, c.not_after_unix_s
+            sample(
+                &mut out,
+                name,
+                &[("certificate", &c.name)],
+                c.not_after_unix_s,
             );
         }
         let _ = write!(
@@ -508,18 +507,18 @@ impl ServerHealth {
             "Journal commits, from the call to durable.",
             &j.commit_latency,
         );
-        let _ = write!(
-            out,
-            "# HELP tether_actor_up 1 if the actor answered its last observation without a fault.\n\
-             # TYPE tether_actor_up gauge\n"
+        header(
+            &mut out,
+            "tether_actor_up",
+            "gauge",
+            "1 if the actor answered its last observation without a fault.",
         );
         for actor in &self.actors {
-            let _ = writeln!(
-                out,
-                "tether_actor_up{{name=\"{}\",kind=\"{}\"}} {}",
-                label(&actor.name),
-                label(actor.kind),
-                u8::from(actor.state == ActorState::Running)
+            sample(
+                &mut out,
+                "tether_actor_up",
+                &[("name", &actor.name), ("kind", actor.kind)],
+                u8::from(actor.state == ActorState::Running),
             );
         }
         out

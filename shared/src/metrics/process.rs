@@ -2,8 +2,6 @@
 //! start time), read from `/proc/self` on Linux, and `tether_build_info`. Parsing is separate
 //! from reading, so it is tested on fixed text.
 
-use std::fmt::Write;
-
 /// What `/proc/self` says of this process.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ProcessFigures {
@@ -100,10 +98,7 @@ pub fn render(f: &ProcessFigures, ticks_per_s: u64, boot_unix_s: u64) -> String 
     let ticks = ticks_per_s.max(1);
     let mut out = String::new();
     let mut family = |name: &str, kind: &str, help: &str, value: String| {
-        let _ = write!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        );
+        super::single(&mut out, name, kind, help, value);
     };
     family(
         "process_cpu_seconds_total",
@@ -143,12 +138,17 @@ pub fn render(f: &ProcessFigures, ticks_per_s: u64, boot_unix_s: u64) -> String 
         "Start time of the process since unix epoch in seconds.",
         (boot_unix_s + f.start_ticks / ticks).to_string(),
     );
-    let _ = write!(
-        out,
-        "# HELP tether_build_info This program's release (always 1; the version is the label).\n\
-         # TYPE tether_build_info gauge\n\
-         tether_build_info{{version=\"{}\"}} 1\n",
-        env!("CARGO_PKG_VERSION")
+    super::header(
+        &mut out,
+        "tether_build_info",
+        "gauge",
+        "This program's release (always 1; the version is the label).",
+    );
+    super::sample(
+        &mut out,
+        "tether_build_info",
+        &[("version", env!("CARGO_PKG_VERSION"))],
+        1,
     );
     out
 }

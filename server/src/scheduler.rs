@@ -1,5 +1,5 @@
 //! The scheduler: the one owner of "which work goes to which agent when", for both the REST
-//! API and the web application. It starts and cancels deployments, queues upgrades and wakes
+//! API and the web application. It starts, retries and cancels deployments, queues upgrades and wakes
 //! agents' links to send what is ready; links take their work through `crate::work` and know
 //! nothing of deployments or upgrades. Every operation answers once what it queued is
 //! durable.
@@ -14,6 +14,7 @@ use tether_shared::protocol::{CommandBody, Operation};
 use tether_shared::upgrade::component_signing_bytes;
 
 use crate::api_error::ApiError;
+use crate::deployments::model::Deployment;
 use crate::deployments::{Deployments, NewDeployment};
 use crate::registry::{now_unix_ms, Registry};
 use crate::session::agent_link::{AgentLink, AgentLinkError, DispatchJobs, QueueCommands};
@@ -79,6 +80,23 @@ impl Scheduler {
             .deployments
             .create(new, &registry.agents(), &available)
             .await?;
+        self.queue_jobs(&d).await
+    }
+
+    /// Runs deployment `id` again for the agents whose jobs did not succeed (see
+    /// [`Deployments::retry`]): answers as [`Scheduler::start_deployment`] does.
+    pub async fn retry_deployment(&self, id: &str) -> Result<(DeploymentId, usize), ApiError> {
+        let registry = &self.registry;
+        let d = self
+            .deployments
+            .retry(id, &|agent| registry.agent(agent).is_some())
+            .await?;
+        self.queue_jobs(&d).await
+    }
+
+    /// Has the link of every agent of stored deployment `d` queue its job: answers once every
+    /// job that may start now is durable.
+    async fn queue_jobs(&self, d: &Deployment) -> Result<(DeploymentId, usize), ApiError> {
         // Every agent's jobs are queued on its own link and committed there: many at once, so
         // that their commits share the journal's batches instead of waiting one after another.
         let results: Vec<(&AgentId, Result<(), SchedulerError>)> = stream::iter(&d.agents)
@@ -101,7 +119,7 @@ impl Scheduler {
                 failed.join(", ")
             )));
         }
-        Ok((d.id, d.agents.len()))
+        Ok((d.id.clone(), d.agents.len()))
     }
 
     /// Cancels deployment `id` and queues a CancelJob to every agent running one of its jobs.

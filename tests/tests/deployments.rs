@@ -712,3 +712,139 @@ fn an_agents_own_concurrency_limit_runs_its_jobs_one_after_the_other() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.json()["max_running_jobs"].is_null(), "{}", r.body);
 }
+
+#[test]
+fn a_retry_runs_the_same_steps_again_only_where_jobs_did_not_succeed() {
+    let tmp = TestDir::new();
+    let server = Server::start(tmp.path());
+    let mut fine = Agent::install(&server, tmp.path(), "retry-fine", &[]);
+    let mut flaky = Agent::install(&server, tmp.path(), "retry-flaky", &[]);
+    for a in [&mut fine, &mut flaky] {
+        a.run();
+    }
+    for a in [&fine, &flaky] {
+        eventually("online", WAIT, || {
+            (server.agent_status(&a.id) == "online").then_some(())
+        });
+    }
+    let (runs, go, fixed) = (
+        tmp.path().join("runs"),
+        tmp.path().join("go"),
+        tmp.path().join("fixed"),
+    );
+    // Every job notes its id; the flaky agent's waits for `go`, then fails until `fixed` exists.
+    create_process(
+        &server,
+        json!({"name": "flaky", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": format!(
+                "echo \"$TETHER_JOB_ID\" >> {runs}\ncase \"$TETHER_JOB_ID\" in *-{flaky})\n  i=0; while [ ! -f {go} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n  test -f {fixed};;\nesac",
+                runs = runs.display(), go = go.display(), fixed = fixed.display(), flaky = flaky.id)}}]}),
+    );
+    let first = deploy(
+        &server,
+        json!({"process": "flaky", "targets": {"agents": ["retry-fine", "retry-flaky"]}}),
+    );
+    let job_of = |d: &Value, agent: &str| -> Value {
+        d["jobs"]
+            .as_array()
+            .and_then(|jobs| jobs.iter().find(|j| j["agent"] == agent).cloned())
+            .unwrap_or_else(|| panic!("no job of {agent}: {d}"))
+    };
+    let count = || {
+        server
+            .request("GET", "/api/v1/deployments", None)
+            .json()
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    eventually("the flaky job running, the other done", WAIT, || {
+        let d = deployment(&server, &first);
+        (job_of(&d, "retry-fine")["status"] == "succeeded"
+            && job_of(&d, "retry-flaky")["status"] == "running")
+            .then_some(())
+    });
+    // Refused while a job runs; nothing is created.
+    let r = server.request("POST", &format!("/api/v1/deployments/{first}/retry"), None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.body.contains("still running"), "{}", r.body);
+    assert_eq!(count(), 1);
+    std::fs::write(&go, "").unwrap();
+    let d = final_deployment(&server, &first, WAIT);
+    assert_eq!(d["status"], "failed", "{d}");
+
+    // The process changes meanwhile; the retry still runs the steps as they ran.
+    create_process(
+        &server,
+        json!({"name": "flaky", "steps": [{"name": "s", "plugin": "shell", "step": "run",
+            "properties": {"script": "exit 7"}}]}),
+    );
+    std::fs::write(&fixed, "").unwrap();
+    let r = server.request("POST", &format!("/api/v1/deployments/{first}/retry"), None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    let answer = r.json();
+    assert_eq!((answer["jobs"].as_u64(), &answer["retry_of"]), (Some(1), &json!(first)));
+    let second = answer["id"].as_str().unwrap().to_owned();
+    let d = final_deployment(&server, &second, WAIT);
+    assert_eq!(d["status"], "succeeded", "{d}");
+    assert_eq!((&d["retry_of"], &d["process_version"]), (&json!(first), &json!(1)));
+    assert_eq!(d["jobs"].as_array().map(Vec::len), Some(1), "{d}");
+    assert_eq!(job_of(&d, "retry-flaky")["status"], "succeeded");
+    // The agent whose job succeeded ran once; the other twice, once per deployment.
+    let mut ran = marks(&runs);
+    ran.sort();
+    let mut expected = vec![
+        format!("{first}-{}", fine.id),
+        format!("{first}-{}", flaky.id),
+        format!("{second}-{}", flaky.id),
+    ];
+    expected.sort();
+    assert_eq!(ran, expected);
+
+    // Nothing to retry, or no such deployment: refused, nothing created.
+    let r = server.request("POST", &format!("/api/v1/deployments/{second}/retry"), None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    let r = server.request("POST", "/api/v1/deployments/d-0000000000000000/retry", None);
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(count(), 2);
+
+    // The CLI: version 2 fails everywhere, and so does its retry (its own steps, both agents).
+    let third = deploy(
+        &server,
+        json!({"process": "flaky", "targets": {"agents": ["retry-fine", "retry-flaky"]}}),
+    );
+    assert_eq!(final_deployment(&server, &third, WAIT)["status"], "failed");
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    cli.login(&server);
+    let out = cli.run(&["deployments", "retry", &third, "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let shown = tether_tests::stdout(&out);
+    assert!(shown.contains("2 job(s)") && shown.contains("failed"), "{shown}");
+
+    // The web application: a failed deployment's page offers the retry, a succeeded one's
+    // does not; the form starts one and shows it.
+    let r = server.request(
+        "POST",
+        "/api/v1/users",
+        Some(&json!({"name": "ops", "password": "retry-password", "role": "deployer"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let cookie = server.web_login("ops", "retry-password");
+    let page = server.web_get(&cookie, &format!("/deployments/{second}")).body;
+    assert!(!page.contains("id=\"retry\""), "{page}");
+    assert!(page.contains("id=\"retry-of\""), "{page}");
+    let page = server.web_get(&cookie, &format!("/deployments/{third}")).body;
+    assert!(page.contains("id=\"retry\""), "{page}");
+    let before = count();
+    let r = server.web_post(
+        &cookie,
+        &tether_tests::csrf_of(&page),
+        &format!("/deployments/{third}/retry"),
+        "",
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let location = r.header("location").unwrap_or_default().to_owned();
+    assert!(location.ends_with("?done=retried"), "{location}");
+    assert_eq!(count(), before + 1);
+    let page = server.web_get(&cookie, &location).body;
+    assert!(page.contains("Retry started") && page.contains(&third), "{page}");
+}

@@ -4,9 +4,11 @@
 //! - `POST /api/v1/deployments` (201 once every RunJob that may start now is journaled),
 //!   `GET /api/v1/deployments`, `GET /api/v1/deployments/{id}`,
 //!   `POST /api/v1/deployments/{id}/cancel` (202),
+//!   `POST /api/v1/deployments/{id}/retry` (201, a new deployment for the agents whose jobs
+//!   did not succeed; 409 while it runs or if every job succeeded),
 //!   `GET /api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log` (text/plain).
 //!
-//! Starting and cancelling go through the scheduler (`crate::scheduler`).
+//! Starting, retrying and cancelling go through the scheduler (`crate::scheduler`).
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
@@ -24,6 +26,7 @@ impl From<DeploymentsError> for ApiError {
         match e {
             DeploymentsError::Invalid(reason) => ApiError::BadRequest(reason),
             DeploymentsError::NotFound => ApiError::NotFound,
+            DeploymentsError::Conflict(reason) => ApiError::Conflict(reason),
             DeploymentsError::Journal(ref j) if j.is_disk_full() => {
                 tracing::error!(error = %e, "deployments-change-failed-disk-full");
                 ApiError::StorageFull
@@ -55,6 +58,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(resource("/api/v1/deployments/prune").route(web::post().to(prune)))
     .service(resource("/api/v1/deployments/{id}").route(web::get().to(get_deployment)))
     .service(resource("/api/v1/deployments/{id}/cancel").route(web::post().to(cancel)))
+    .service(resource("/api/v1/deployments/{id}/retry").route(web::post().to(retry)))
     .service(
         resource("/api/v1/deployments/{id}/jobs/{agent}/steps/{step}/log")
             .route(web::get().to(step_log)),
@@ -174,6 +178,17 @@ async fn cancel(
     let id = path.into_inner();
     let sent = state.scheduler.cancel_deployment(&id).await?;
     Ok(HttpResponse::Accepted().json(json!({"id": id, "cancel_sent": sent})))
+}
+
+async fn retry(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.token.check(&req)?;
+    let id = path.into_inner();
+    let (new_id, jobs) = state.scheduler.retry_deployment(&id).await?;
+    Ok(HttpResponse::Created().json(json!({"id": new_id, "jobs": jobs, "retry_of": id})))
 }
 
 /// The body of `POST /api/v1/deployments/prune`: what to keep, the configured policy for

@@ -29,7 +29,7 @@ pub mod view;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use tether_shared::ids::{AgentId, JobId};
+use tether_shared::ids::{AgentId, DeploymentId, JobId};
 
 use rand::RngCore;
 use serde::Deserialize;
@@ -38,7 +38,7 @@ use tether_shared::protocol::{CommandBody, EventBody, JobReport};
 
 use crate::registry::{now_unix_ms, AgentRecord};
 use crate::secrets::KeyRing;
-use model::{Deployment, Job, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
+use model::{Deployment, Job, JobState, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
 use state::{deployment_op, job_op, process_op, Effect, State};
 pub use state::{AgentTerms, Retention, Sealing, NO_SEALING_KEY};
 use validate::{BuiltInsOnly, Catalog, NewProcess};
@@ -70,6 +70,9 @@ pub enum DeploymentsError {
     /// A stored secret does not open with the key ring.
     #[error("{0}: restore the key ring it was sealed with (secrets.key_file or key_command)")]
     Secrets(#[from] crate::secrets::SecretsError),
+    /// Not now, in the state it is in (the message says why).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// The body of `POST /api/v1/deployments`.
@@ -566,17 +569,8 @@ impl Deployments {
             return Err(DeploymentsError::Invalid(problems.join("; ")));
         };
         let _guard = self.changes.lock().await;
-        let id = {
-            let s = self.read();
-            loop {
-                let id = format!("d-{:016x}", rand::rngs::OsRng.next_u64());
-                if !s.deployments.contains_key(id.as_str()) {
-                    break id;
-                }
-            }
-        };
         let deployment = Deployment {
-            id: id.into(),
+            id: self.new_id(),
             process: new.process,
             process_version,
             properties: new.properties,
@@ -589,7 +583,74 @@ impl Deployments {
             deadline_unix_ms: new
                 .deadline_s
                 .map(|s| now_unix_ms().saturating_add(s.saturating_mul(1000))),
+            retry_of: None,
         };
+        self.store(deployment).await
+    }
+
+    /// Runs deployment `id` again for the agents whose jobs did not succeed (failed, expired,
+    /// cancelled): a new deployment of the same resolved steps and properties (as they ran,
+    /// even if the process changed since), the same rolling terms, and a deadline as far from
+    /// now as the first one's was from its start. Agents deleted since (`exists` says no) are
+    /// left out. Refused while any job of it is unfinished, and when every job succeeded.
+    pub async fn retry(
+        &self,
+        id: &str,
+        exists: &dyn Fn(&AgentId) -> bool,
+    ) -> Result<Deployment, DeploymentsError> {
+        let _guard = self.changes.lock().await;
+        let (original, jobs) = {
+            let s = self.read();
+            let d = s.deployments.get(id).ok_or(DeploymentsError::NotFound)?;
+            let jobs: Vec<(AgentId, JobState)> = s
+                .jobs_of(d)
+                .map(|j| (j.agent_id.clone(), j.status))
+                .collect();
+            (d.clone(), jobs)
+        };
+        if jobs.iter().any(|(_, state)| !state.is_final()) {
+            return Err(DeploymentsError::Conflict(format!(
+                "deployment {id} is still running: wait for it to end, or cancel it, before retrying"
+            )));
+        }
+        let agents: Vec<AgentId> = jobs
+            .into_iter()
+            .filter(|(agent, state)| *state != JobState::Succeeded && exists(agent))
+            .map(|(agent, _)| agent)
+            .collect();
+        if agents.is_empty() {
+            return Err(DeploymentsError::Conflict(format!(
+                "deployment {id} has no job to retry: every job succeeded, or its agents were deleted"
+            )));
+        }
+        let now = now_unix_ms();
+        let deployment = Deployment {
+            id: self.new_id(),
+            agents,
+            created_unix_ms: now,
+            deadline_unix_ms: original
+                .deadline_unix_ms
+                .map(|d| now.saturating_add(d.saturating_sub(original.created_unix_ms))),
+            retry_of: Some(original.id.clone()),
+            ..original
+        };
+        self.store(deployment).await
+    }
+
+    /// A deployment id no deployment has (the caller holds `changes`).
+    fn new_id(&self) -> DeploymentId {
+        let s = self.read();
+        loop {
+            let id = format!("d-{:016x}", rand::rngs::OsRng.next_u64());
+            if !s.deployments.contains_key(id.as_str()) {
+                return id.into();
+            }
+        }
+    }
+
+    /// Commits `deployment` and its jobs in one batch, then keeps them (the caller holds
+    /// `changes`).
+    async fn store(&self, deployment: Deployment) -> Result<Deployment, DeploymentsError> {
         let jobs: Vec<Job> = deployment
             .agents
             .iter()
@@ -607,7 +668,7 @@ impl Deployments {
             s.deployments
                 .insert(deployment.id.clone(), deployment.clone());
         }
-        tracing::info!(deployment_id = %deployment.id, process = %deployment.process, jobs = deployment.agents.len(), "deployment-created");
+        tracing::info!(deployment_id = %deployment.id, process = %deployment.process, jobs = deployment.agents.len(), retry_of = ?deployment.retry_of, "deployment-created");
         Ok(deployment)
     }
 

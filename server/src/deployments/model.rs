@@ -71,6 +71,9 @@ pub struct Deployment {
     /// the agent if its RunJob arrives later. `None`: 24 h after it is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_unix_ms: Option<u64>,
+    /// The deployment this one runs again for the agents whose jobs did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_of: Option<DeploymentId>,
 }
 
 impl Deployment {

@@ -65,6 +65,7 @@ fn state(agents: &[&str]) -> State {
         batch_size: None,
         stop_on_failure: false,
         deadline_unix_ms: None,
+        retry_of: None,
     };
     let mut s = State::default();
     for (i, a) in agents.iter().enumerate() {

@@ -83,6 +83,9 @@ pub fn deployment(snapshot: &Snapshot, registry: &Registry, detail: Detail) -> V
         "deadline_unix_ms": d.deadline_unix_ms,
         "counts": counts,
     });
+    if let Some(original) = &d.retry_of {
+        answer["retry_of"] = json!(original);
+    }
     if let Some(size) = d.batch_size {
         answer["rolling"] = rolling(jobs, size, d.stop_on_failure);
     }

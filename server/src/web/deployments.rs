@@ -2,7 +2,8 @@
 //! `POST /deployments` (start: process, targets by agent names or tags, properties),
 //! `GET /deployments/{id}` (per-agent, per-step status and live logs, refreshed by the page
 //! script from `GET /ui/deployments/{id}.json` and `GET /ui/deployments/{id}/log`), and
-//! `POST /deployments/{id}/cancel`. Starting and cancelling go through the same functions as
+//! `POST /deployments/{id}/cancel` and `POST /deployments/{id}/retry` (the agents whose jobs did
+//! not succeed run it again, as a new deployment). Starting, retrying and cancelling go through the same functions as
 //! the REST API (`crate::scheduler`); the JSON is the REST
 //! API's `GET /api/v1/deployments/{id}` (secrets masked).
 
@@ -33,6 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(resource("/deployments/{id}").route(web::get().to(detail)))
     .service(resource("/deployments/{id}/cancel").route(web::post().to(cancel)))
+    .service(resource("/deployments/{id}/retry").route(web::post().to(retry)))
     .service(resource("/ui/deployments/{id}.json").route(web::get().to(detail_json)))
     .service(resource("/ui/deployments/{id}/log").route(web::get().to(log)));
 }
@@ -275,6 +277,9 @@ async fn detail(
                     dt { "Process" } dd { a href={ "/processes/" (enc(&str_of(&d["process"]))) } { (str_of(&d["process"])) }
                         " v" (d["process_version"].as_u64().unwrap_or(0)) }
                     dt { "Created" } dd { (utc(d["created_unix_ms"].as_u64().unwrap_or(0))) }
+                    @if let Some(original) = d["retry_of"].as_str() {
+                        dt { "Retry of" } dd #retry-of { a href={ "/deployments/" (enc(original)) } { (original) } }
+                    }
                     dt { "Properties" } dd {
                         @if let Some(props) = d["properties"].as_object() {
                             @for (k, v) in props { div { code { (k) } " = " (str_of(v)) } }
@@ -299,6 +304,13 @@ async fn detail(
                         (csrf_field(&user))
                         p { "Cancelling kills each agent's running step; the steps after it end cancelled." }
                         button.danger #cancel-button type="submit" { "Cancel deployment" }
+                    }
+                }
+                @if status != "succeeded" && user.may_post(&format!("/deployments/{id_enc}/retry")) {
+                    form.card #retry data-when-retryable hidden[!final_] method="post" action={ "/deployments/" (id_enc) "/retry" } {
+                        (csrf_field(&user))
+                        p { "Retrying runs the same steps again, as they ran here, on the agents whose jobs did not succeed: a new deployment." }
+                        button #retry-button type="submit" { "Retry the jobs that did not succeed" }
                     }
                 }
                 (timeline(&jobs))
@@ -480,6 +492,23 @@ async fn log(
         }
     }
     Ok(r)
+}
+
+async fn retry(
+    req: HttpRequest,
+    user: CurrentUser,
+    path: web::Path<String>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, WebError> {
+    let _: layout::Empty = csrf::protected_form(&req, &user, &body)?;
+    let id = path.into_inner();
+    let (new_id, jobs) = state.scheduler.retry_deployment(&id).await?;
+    tracing::info!(user = %user.name, deployment_id = %new_id, retry_of = %id, jobs, "web-deployment-retried");
+    Ok(layout::redirect(&format!(
+        "/deployments/{}?done=retried",
+        enc(new_id.as_str())
+    )))
 }
 
 async fn cancel(

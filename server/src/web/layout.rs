@@ -218,6 +218,7 @@ pub fn notice(done: Option<&str>) -> Markup {
         Some("upgrade") => "Upgrade queued.",
         Some("started") => "Deployment started.",
         Some("cancelled") => "Cancel sent.",
+        Some("retried") => "Retry started: the agents whose jobs did not succeed run it again.",
         Some("password") => "Password changed; your other sessions were logged out.",
         _ => return html! {},
     };

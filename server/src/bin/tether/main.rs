@@ -135,7 +135,7 @@ enum Command {
     /// Run a process on agents and, unless --no-wait, wait for it, streaming its logs.
     #[command(after_help = DEPLOY_EXIT_CODES)]
     Deploy(DeployArgs),
-    /// Deployments: list, show, cancel, wait.
+    /// Deployments: list, show, cancel, retry, wait.
     Deployments {
         #[command(subcommand)]
         command: Option<DeploymentsCommand>,
@@ -526,6 +526,15 @@ enum DeploymentsCommand {
         /// The deployment id.
         id: String,
     },
+    /// Run a finished deployment again on the agents whose jobs did not succeed (the same
+    /// steps, as they ran): prints the new deployment's id.
+    Retry {
+        /// The deployment id.
+        id: String,
+        /// Follow the new deployment to its end; exit codes as for `tether deploy`.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Wait for a deployment, streaming its logs; exit codes as for `tether deploy`.
     Wait {
         /// The deployment id.
@@ -748,6 +757,9 @@ fn run(cli: Cli) -> Result<ExitCode, CliError> {
             None | Some(DeploymentsCommand::List) => deployments::list(&connect()?, json),
             Some(DeploymentsCommand::Show { id }) => deployments::show(&connect()?, &id, json),
             Some(DeploymentsCommand::Cancel { id }) => deployments::cancel(&connect()?, &id, json),
+            Some(DeploymentsCommand::Retry { id, wait }) => {
+                deploy::retry(&connect()?, &id, wait, json)
+            }
             Some(DeploymentsCommand::Wait { id }) => deploy::wait(&connect()?, &id, json),
             Some(DeploymentsCommand::Prune { older_than, keep }) => {
                 deployments::prune(&connect()?, older_than, keep, json)

@@ -86,6 +86,9 @@
     });
     var final = DEPLOYMENT_FINAL.indexOf(d.status) >= 0;
     all("[data-while-running]", root).forEach(function (el) { el.hidden = final; });
+    all("[data-when-retryable]", root).forEach(function (el) {
+      el.hidden = !final || d.status === "succeeded";
+    });
     return final;
   }
 

@@ -1,5 +1,5 @@
 //! `tether deploy` (`POST /api/v1/deployments`, then by default waiting while streaming the
-//! logs) and `tether deployments wait ID`. Exit codes: 0 succeeded, 1 failed, 3 cancelled.
+//! logs), `tether deployments retry ID` and `tether deployments wait ID`. Exit codes: 0 succeeded, 1 failed, 3 cancelled.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value};
 
 use super::{str_at, u64_at};
-use crate::client::Client;
+use crate::client::{segment, Client};
 use crate::error::{About, CliError};
 use crate::follow::follow;
 use crate::output;
@@ -77,7 +77,25 @@ pub fn deploy(
     let answer = client
         .post_json("/api/v1/deployments", Some(&request.body()))
         .about(|| format!("deploying {}", request.process))?;
-    let id = str_at(&answer, "id").to_owned();
+    started(client, &answer, wait, json)
+}
+
+/// Runs deployment `id` again for the agents whose jobs did not succeed (a new deployment);
+/// with `wait`, follows the new one to its end.
+pub fn retry(client: &Client, id: &str, wait: bool, json: bool) -> Result<ExitCode, CliError> {
+    let answer = client
+        .post_json(
+            &format!("/api/v1/deployments/{}/retry", segment(id)),
+            None,
+        )
+        .about(|| format!("retrying deployment {id}"))?;
+    started(client, &answer, wait, json)
+}
+
+/// A deployment the server just started (its answer): prints its id (or, with `json`, the
+/// answer); with `wait`, follows it to its end.
+fn started(client: &Client, answer: &Value, wait: bool, json: bool) -> Result<ExitCode, CliError> {
+    let id = str_at(answer, "id").to_owned();
     if id.is_empty() {
         return Err(CliError::Failed(format!(
             "the server's answer holds no deployment id: {answer}"
@@ -85,14 +103,14 @@ pub fn deploy(
     }
     if !wait {
         if json {
-            output::json(&answer)?;
+            output::json(answer)?;
         } else {
             output::line(&id)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     if !json {
-        let jobs = u64_at(&answer, "jobs").unwrap_or(0);
+        let jobs = u64_at(answer, "jobs").unwrap_or(0);
         output::line(&format!("deployment {id}: {jobs} job(s)"))?;
     }
     follow_to_end(client, &id, json)

@@ -6,7 +6,7 @@
 //!
 //! - `viewer`: reads everything but users, tokens and the audit log; changes only its own
 //!   password and API tokens.
-//! - `deployer`: also processes, deployments (start, cancel), artifacts and plugins.
+//! - `deployer`: also processes, deployments (start, cancel, retry), artifacts and plugins.
 //! - `admin`: everything (users, tokens, agents, relays, upgrades, trust, maintenance).
 
 use actix_web::http::Method;

@@ -15,7 +15,7 @@ use tether_shared::upgrade::component_signing_bytes;
 
 use crate::api_error::ApiError;
 use crate::deployments::model::Deployment;
-use crate::deployments::{Deployments, NewDeployment};
+use crate::deployments::{pick_pool, resolve_targets, Deployments, NewDeployment, Targets};
 use crate::registry::{now_unix_ms, Registry};
 use crate::session::agent_link::{AgentLink, AgentLinkError, DispatchJobs, QueueCommands};
 use crate::session::session_registry::{GetLink, SessionRegistry};
@@ -68,19 +68,28 @@ impl Scheduler {
         &self,
         new: NewDeployment,
     ) -> Result<(DeploymentId, usize), ApiError> {
-        let registry = &self.registry;
-        let presence = &self.presence;
-        let available = |a: &crate::registry::AgentRecord| {
-            presence.online_path(&a.id).is_some_and(|path| {
-                let (maintenance, _) = registry.dispatch_terms(&a.id, &path);
+        let targets = self.resolve(&new.targets);
+        let d = self.deployments.create(new, targets).await?;
+        self.queue_jobs(&d).await
+    }
+
+    /// The agent ids `targets` name, by the registry's indexes; a pool (`count`) takes the
+    /// available agents (connected, not in maintenance) first.
+    fn resolve(&self, targets: &Targets) -> Result<Vec<String>, String> {
+        let (registry, presence) = (&self.registry, &self.presence);
+        let ids = registry.with_index(|index| resolve_targets(targets, index))?;
+        let available = |id: &str| {
+            presence.online_path(id).is_some_and(|path| {
+                let (maintenance, _) = registry.dispatch_terms(id, &path);
                 !maintenance
             })
         };
-        let d = self
-            .deployments
-            .create(new, &registry.agents(), &available)
-            .await?;
-        self.queue_jobs(&d).await
+        pick_pool(
+            ids,
+            targets.count,
+            &|id| registry.agent_name(id),
+            &available,
+        )
     }
 
     /// Runs deployment `id` again for the agents whose jobs did not succeed (see

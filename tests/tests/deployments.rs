@@ -782,11 +782,17 @@ fn a_retry_runs_the_same_steps_again_only_where_jobs_did_not_succeed() {
     let r = server.request("POST", &format!("/api/v1/deployments/{first}/retry"), None);
     assert_eq!(r.status, 201, "{}", r.body);
     let answer = r.json();
-    assert_eq!((answer["jobs"].as_u64(), &answer["retry_of"]), (Some(1), &json!(first)));
+    assert_eq!(
+        (answer["jobs"].as_u64(), &answer["retry_of"]),
+        (Some(1), &json!(first))
+    );
     let second = answer["id"].as_str().unwrap().to_owned();
     let d = final_deployment(&server, &second, WAIT);
     assert_eq!(d["status"], "succeeded", "{d}");
-    assert_eq!((&d["retry_of"], &d["process_version"]), (&json!(first), &json!(1)));
+    assert_eq!(
+        (&d["retry_of"], &d["process_version"]),
+        (&json!(first), &json!(1))
+    );
     assert_eq!(d["jobs"].as_array().map(Vec::len), Some(1), "{d}");
     assert_eq!(job_of(&d, "retry-flaky")["status"], "succeeded");
     // The agent whose job succeeded ran once; the other twice, once per deployment.
@@ -818,7 +824,10 @@ fn a_retry_runs_the_same_steps_again_only_where_jobs_did_not_succeed() {
     let out = cli.run(&["deployments", "retry", &third, "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let shown = tether_tests::stdout(&out);
-    assert!(shown.contains("2 job(s)") && shown.contains("failed"), "{shown}");
+    assert!(
+        shown.contains("2 job(s)") && shown.contains("failed"),
+        "{shown}"
+    );
 
     // The web application: a failed deployment's page offers the retry, a succeeded one's
     // does not; the form starts one and shows it.
@@ -829,10 +838,14 @@ fn a_retry_runs_the_same_steps_again_only_where_jobs_did_not_succeed() {
     );
     assert_eq!(r.status, 201, "{}", r.body);
     let cookie = server.web_login("ops", "retry-password");
-    let page = server.web_get(&cookie, &format!("/deployments/{second}")).body;
+    let page = server
+        .web_get(&cookie, &format!("/deployments/{second}"))
+        .body;
     assert!(!page.contains("id=\"retry\""), "{page}");
     assert!(page.contains("id=\"retry-of\""), "{page}");
-    let page = server.web_get(&cookie, &format!("/deployments/{third}")).body;
+    let page = server
+        .web_get(&cookie, &format!("/deployments/{third}"))
+        .body;
     assert!(page.contains("id=\"retry\""), "{page}");
     let before = count();
     let r = server.web_post(
@@ -846,5 +859,8 @@ fn a_retry_runs_the_same_steps_again_only_where_jobs_did_not_succeed() {
     assert!(location.ends_with("?done=retried"), "{location}");
     assert_eq!(count(), before + 1);
     let page = server.web_get(&cookie, &location).body;
-    assert!(page.contains("Retry started") && page.contains(&third), "{page}");
+    assert!(
+        page.contains("Retry started") && page.contains(&third),
+        "{page}"
+    );
 }

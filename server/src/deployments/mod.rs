@@ -36,7 +36,7 @@ use serde::Deserialize;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 use tether_shared::protocol::{CommandBody, EventBody, JobReport};
 
-use crate::registry::{now_unix_ms, AgentRecord};
+use crate::registry::{now_unix_ms, AgentIndex};
 use crate::secrets::KeyRing;
 use model::{Deployment, Job, JobState, Process, DEPLOYMENT_PREFIX, JOB_PREFIX, PROCESS_PREFIX};
 use state::{deployment_op, job_op, process_op, Effect, State};
@@ -147,12 +147,13 @@ pub struct Targets {
 }
 
 /// `count` of `ids` (the agents a tag selects): those `available` (connected, not in
-/// maintenance) first, then the others, each group in name order. `None`: all of them.
-fn pick_pool(
+/// maintenance) first, then the others, each group in name order (`name_of`). `None`: all of
+/// them.
+pub fn pick_pool(
     ids: Vec<String>,
     count: Option<u32>,
-    agents: &[AgentRecord],
-    available: &dyn Fn(&AgentRecord) -> bool,
+    name_of: &dyn Fn(&str) -> Option<String>,
+    available: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<String>, String> {
     let Some(count) = count else {
         return Ok(ids);
@@ -166,13 +167,11 @@ fn pick_pool(
             ids.len()
         ));
     }
-    let by_id: std::collections::HashMap<&str, &AgentRecord> =
-        agents.iter().map(|a| (a.id.as_str(), a)).collect();
-    let mut ranked: Vec<(bool, &str, String)> = ids
+    let mut ranked: Vec<(bool, String, String)> = ids
         .into_iter()
-        .map(|id| match by_id.get(id.as_str()) {
-            Some(a) => (!available(a), a.name.as_str(), id),
-            None => (true, "", id),
+        .map(|id| match name_of(&id) {
+            Some(name) => (!available(&id), name, id),
+            None => (true, String::new(), id),
         })
         .collect();
     ranked.sort();
@@ -518,17 +517,16 @@ impl Deployments {
     }
 
     /// Validates and stores a deployment with one queued job per target agent (committed
-    /// before it returns); the caller then has the agents' links dispatch them.
+    /// before it returns); the caller then has the agents' links dispatch them. `targets` are
+    /// `new.targets` resolved (see [`resolve_targets`] and [`pick_pool`]), or why they are
+    /// wrong.
     pub async fn create(
         &self,
         new: NewDeployment,
-        agents: &[AgentRecord],
-        available: &dyn Fn(&AgentRecord) -> bool,
+        targets: Result<Vec<String>, String>,
     ) -> Result<Deployment, DeploymentsError> {
         let mut problems = validate::validate_properties(&new.properties);
-        let targets = match resolve_targets(&new.targets, agents)
-            .and_then(|t| pick_pool(t, new.targets.count, agents, available))
-        {
+        let targets = match targets {
             Ok(t) => t,
             Err(e) => {
                 problems.push(e);
@@ -762,8 +760,8 @@ impl Deployments {
 }
 
 /// The agent ids a deployment targets: named agents (names or ids; every one must exist), or
-/// every agent having all the given tags (at least one must).
-pub fn resolve_targets(targets: &Targets, agents: &[AgentRecord]) -> Result<Vec<String>, String> {
+/// every agent having all the given tags (at least one must), looked up in `index`.
+pub fn resolve_targets(targets: &Targets, index: &AgentIndex) -> Result<Vec<String>, String> {
     if targets.count.is_some() && targets.tags.is_none() {
         return Err("targets.count goes with targets.tags (any N agents having them)".to_owned());
     }
@@ -775,21 +773,12 @@ pub fn resolve_targets(targets: &Targets, agents: &[AgentRecord]) -> Result<Vec<
                     names.len()
                 ));
             }
-            // Indexes: one pass over the agents, one lookup per name.
-            let by_key: std::collections::HashMap<&str, &str> = agents
-                .iter()
-                .flat_map(|a| {
-                    [
-                        (a.id.as_str(), a.id.as_str()),
-                        (a.name.as_str(), a.id.as_str()),
-                    ]
-                })
-                .collect();
+            // One lookup per name.
             let mut seen = std::collections::HashSet::new();
             let (mut ids, mut unknown, mut unknown_count) = (Vec::new(), Vec::new(), 0usize);
             for n in names {
-                match by_key.get(n.as_str()) {
-                    Some(id) if seen.insert(*id) => ids.push((*id).to_owned()),
+                match index.id_of(n) {
+                    Some(id) if seen.insert(id) => ids.push(id.to_owned()),
                     Some(_) => {}
                     None => {
                         unknown_count += 1;
@@ -814,11 +803,7 @@ pub fn resolve_targets(targets: &Targets, agents: &[AgentRecord]) -> Result<Vec<
         (None, Some(tags)) if tags.is_empty() => {
             return Err("targets.tags must name at least one tag".to_owned())
         }
-        (None, Some(tags)) => agents
-            .iter()
-            .filter(|a| tags.iter().all(|t| a.tags.contains(t)))
-            .map(|a| a.id.clone())
-            .collect(),
+        (None, Some(tags)) => index.tagged(tags),
         _ => return Err("targets must hold exactly one of \"agents\" or \"tags\"".to_owned()),
     };
     if ids.is_empty() {

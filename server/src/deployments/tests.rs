@@ -18,6 +18,7 @@ use super::model::{
 };
 use super::state::{deployment_op, process_op, Sealing, State, RESET_MESSAGE};
 use super::{resolve_targets, Targets};
+use crate::registry::AgentIndex;
 use crate::registry::{AgentRecord, Role};
 
 fn spec(name: &str, secrets: &[&str], props: &[(&str, &str)]) -> StepSpec {
@@ -459,25 +460,36 @@ fn targets_resolve_by_name_or_all_tags() {
         count: None,
     };
     assert_eq!(
-        resolve_targets(&t(Some(&["web-2", "a-1", "web-1"]), None), &agents).unwrap(),
+        resolve_targets(
+            &t(Some(&["web-2", "a-1", "web-1"]), None),
+            &AgentIndex::of(&agents)
+        )
+        .unwrap(),
         vec!["a-2", "a-1"]
     );
-    let err = resolve_targets(&t(Some(&["web-1", "db-9"]), None), &agents).unwrap_err();
+    let err =
+        resolve_targets(&t(Some(&["web-1", "db-9"]), None), &AgentIndex::of(&agents)).unwrap_err();
     assert!(err.contains("\"db-9\""), "{err}");
     assert_eq!(
-        resolve_targets(&t(None, Some(&["web", "eu"])), &agents).unwrap(),
+        resolve_targets(&t(None, Some(&["web", "eu"])), &AgentIndex::of(&agents)).unwrap(),
         vec!["a-1"]
     );
-    assert!(resolve_targets(&t(None, Some(&["db"])), &agents)
-        .unwrap_err()
-        .contains("no agent"));
-    assert!(resolve_targets(&t(None, Some(&[])), &agents).is_err());
-    assert!(resolve_targets(&t(Some(&["web-1"]), Some(&["web"])), &agents).is_err());
-    assert!(resolve_targets(&t(Some(&[]), None), &agents).is_err());
+    assert!(
+        resolve_targets(&t(None, Some(&["db"])), &AgentIndex::of(&agents))
+            .unwrap_err()
+            .contains("no agent")
+    );
+    assert!(resolve_targets(&t(None, Some(&[])), &AgentIndex::of(&agents)).is_err());
+    assert!(resolve_targets(
+        &t(Some(&["web-1"]), Some(&["web"])),
+        &AgentIndex::of(&agents)
+    )
+    .is_err());
+    assert!(resolve_targets(&t(Some(&[]), None), &AgentIndex::of(&agents)).is_err());
     // Many unknown names: a short answer that counts the rest.
     let many: Vec<String> = (0..10_000).map(|i| format!("nobody-{i}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let err = resolve_targets(&t(Some(&many), None), &agents).unwrap_err();
+    let err = resolve_targets(&t(Some(&many), None), &AgentIndex::of(&agents)).unwrap_err();
     assert!(err.len() < 1_000 && err.ends_with("and 9990 more"), "{err}");
 }
 
@@ -748,30 +760,32 @@ fn a_pool_takes_any_n_of_the_tagged_agents_available_ones_first() {
             count: Some(2),
             ..Targets::default()
         },
-        &agents,
+        &AgentIndex::of(&agents),
     )
     .unwrap();
-    let available = |a: &AgentRecord| a.id == "a-3";
+    let available = |id: &str| id == "a-3";
+    let index = AgentIndex::of(&agents);
+    let name_of = |id: &str| index.name_of(id).map(str::to_owned);
     assert_eq!(
-        super::pick_pool(ids.clone(), Some(2), &agents, &available).unwrap(),
+        super::pick_pool(ids.clone(), Some(2), &name_of, &available).unwrap(),
         vec!["a-3", "a-1"]
     );
     assert_eq!(
-        super::pick_pool(ids.clone(), None, &agents, &available)
+        super::pick_pool(ids.clone(), None, &name_of, &available)
             .unwrap()
             .len(),
         3
     );
-    let e = super::pick_pool(ids.clone(), Some(4), &agents, &available).unwrap_err();
+    let e = super::pick_pool(ids.clone(), Some(4), &name_of, &available).unwrap_err();
     assert!(e.contains("only 3 agents"), "{e}");
-    assert!(super::pick_pool(ids, Some(0), &agents, &available).is_err());
+    assert!(super::pick_pool(ids, Some(0), &name_of, &available).is_err());
     let e = resolve_targets(
         &Targets {
             agents: Some(vec!["web-1".into()]),
             count: Some(1),
             ..Targets::default()
         },
-        &agents,
+        &AgentIndex::of(&agents),
     )
     .unwrap_err();
     assert!(e.contains("goes with targets.tags"), "{e}");

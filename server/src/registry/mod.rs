@@ -25,6 +25,10 @@ use tether_shared::journal::{JournalError, JournalHandle, Op};
 
 use crate::presence::{Seen, Sightings};
 
+mod index;
+pub use index::AgentIndex;
+use index::Enrolled;
+
 pub use tether_shared::enroll::{EnrollRequest, Role};
 
 /// Meta key prefix of enrolled agents and relays.
@@ -449,7 +453,7 @@ pub struct Registry {
     /// Where every change is committed first.
     journal: JournalHandle,
     /// Enrolled agents and relays by id.
-    agents: RwLock<BTreeMap<String, StoredAgent>>,
+    agents: RwLock<Enrolled>,
     /// Live tokens by the sha256 (hex) of their text.
     tokens: RwLock<HashMap<String, StoredToken>>,
     /// Serializes changes: check, commit and apply happen as one step.
@@ -472,7 +476,7 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Reads every agent and token from the journal's meta entries.
     pub fn load(journal: JournalHandle) -> Result<Registry, RegistryError> {
-        let mut agents = BTreeMap::new();
+        let mut agents = Enrolled::default();
         for (key, value) in journal.scan_meta(AGENT_PREFIX)? {
             let stored: StoredAgent = decode(&key, &value)?;
             if key.strip_prefix(AGENT_PREFIX) != Some(stored.record.id.as_str()) {
@@ -481,7 +485,7 @@ impl Registry {
                     reason: format!("holds agent id {:?}", stored.record.id),
                 });
             }
-            agents.insert(stored.record.id.clone(), stored);
+            agents.insert(stored);
         }
         let mut seen = HashMap::new();
         for (key, value) in journal.scan_meta(SEEN_PREFIX)? {
@@ -579,11 +583,13 @@ impl Registry {
     /// takes either.
     pub fn resolve_agent(&self, id_or_name: &str) -> Option<AgentRecord> {
         let agents = read(&self.agents);
-        agents
-            .get(id_or_name)
-            .or_else(|| agents.values().find(|s| s.record.name == id_or_name))
-            .filter(|s| s.record.role == Role::Agent)
-            .map(|s| s.record.clone())
+        let id = agents.index.id_of(id_or_name)?;
+        agents.get(id).map(|s| s.record.clone())
+    }
+
+    /// Reads the agents' index (names, tags) with `f`; `f` must not call the registry.
+    pub fn with_index<T>(&self, f: impl FnOnce(&AgentIndex) -> T) -> T {
+        f(&read(&self.agents).index)
     }
 
     /// Every enrolled agent (not relays), by id.
@@ -919,7 +925,7 @@ impl Registry {
                 t.uses_left = left;
             }
         }
-        write(&self.agents).insert(id.clone(), stored.clone());
+        write(&self.agents).insert(stored.clone());
         Ok(left)
     }
 
@@ -1176,7 +1182,7 @@ impl Registry {
             }])
             .await?;
         let record = stored.record.clone();
-        write(&self.agents).insert(id.to_owned(), stored);
+        write(&self.agents).insert(stored);
         Ok(Some(record))
     }
 

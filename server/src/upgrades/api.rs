@@ -246,15 +246,14 @@ async fn rollout(
         count: None,
     };
     let package = state.upgrades.package(&version).ok_or(ApiError::NotFound)?;
-    let agents = state.registry.agents();
-    let ids = resolve_targets(&targets, &agents).map_err(ApiError::BadRequest)?;
+    let ids = state
+        .registry
+        .with_index(|index| resolve_targets(&targets, index))
+        .map_err(ApiError::BadRequest)?;
     let mut answer = Vec::new();
     let mut failed = Vec::new();
     for id in ids {
-        let name = agents
-            .iter()
-            .find(|a| a.id == id)
-            .map_or_else(|| id.clone(), |a| a.name.clone());
+        let name = state.registry.agent_name(&id).unwrap_or_else(|| id.clone());
         match state
             .scheduler
             .queue_upgrade(&id.as_str().into(), &package)

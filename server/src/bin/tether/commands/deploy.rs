@@ -84,10 +84,7 @@ pub fn deploy(
 /// with `wait`, follows the new one to its end.
 pub fn retry(client: &Client, id: &str, wait: bool, json: bool) -> Result<ExitCode, CliError> {
     let answer = client
-        .post_json(
-            &format!("/api/v1/deployments/{}/retry", segment(id)),
-            None,
-        )
+        .post_json(&format!("/api/v1/deployments/{}/retry", segment(id)), None)
         .about(|| format!("retrying deployment {id}"))?;
     started(client, &answer, wait, json)
 }

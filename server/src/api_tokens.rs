@@ -18,6 +18,7 @@ use base64::Engine;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tether_shared::config::Secret;
 use tether_shared::enroll::name_problem;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
@@ -158,7 +159,7 @@ impl ApiTokens {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .as_deref()
-            .is_some_and(|r| crate::admin_token::constant_time_eq(r.as_bytes(), hash.as_bytes()))
+            .is_some_and(|r| bool::from(r.as_bytes().ct_eq(hash.as_bytes())))
     }
 
     /// Revokes the admin token `admin_token` (durably, before it answers): refused from then
@@ -341,9 +342,10 @@ impl ApiTokens {
             .get(id)
             .cloned()?;
         let presented_hash = sha256_hex(secret.as_bytes());
-        if !crate::admin_token::constant_time_eq(
-            presented_hash.as_bytes(),
-            token.secret_sha256.as_bytes(),
+        if !bool::from(
+            presented_hash
+                .as_bytes()
+                .ct_eq(token.secret_sha256.as_bytes()),
         ) {
             return None;
         }

@@ -60,8 +60,7 @@ impl From<ApiTokensError> for ApiError {
     }
 }
 
-/// The one REST route that takes no bearer token.
-pub const LOGIN_PATH: &str = "/api/v1/login";
+use crate::admin_token::LOGIN_PATH;
 
 /// The body of `POST /api/v1/login`. Not `Debug`: it holds the password.
 #[derive(Deserialize)]

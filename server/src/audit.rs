@@ -36,7 +36,6 @@ use tether_shared::journal::{JournalError, JournalHandle, LogName, Op};
 use tether_shared::protocol::Seq;
 
 use crate::registry::now_unix_ms;
-use crate::state::AppState;
 
 /// The journal log of the entries.
 const LOG: &str = "audit";
@@ -283,22 +282,32 @@ impl Audit {
     }
 }
 
+/// What the middleware needs of the application (its state, found in the request's app data):
+/// who credentials name, and the log.
+pub trait Recorder: 'static {
+    /// Who holds bearer token `presented` (`None`: no live token).
+    fn bearer_holder(&self, presented: &[u8]) -> Option<String>;
+    /// The user of web session token `token` (`None`: no live session).
+    fn session_user(&self, token: &str) -> Option<String>;
+    fn audit(&self) -> &Audit;
+}
+
 /// Who makes `req`, as far as its credentials say (before any handler runs), and whether they
 /// are valid ones.
-fn actor_of(req: &ServiceRequest, state: &AppState) -> (String, bool) {
+fn actor_of(req: &ServiceRequest, state: &impl Recorder) -> (String, bool) {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| crate::admin_token::bearer(v.as_bytes()));
     if let Some(presented) = bearer {
-        return match state.token.holder(presented) {
+        return match state.bearer_holder(presented) {
             Some(holder) => (holder, true),
             None => ("unknown bearer token".into(), false),
         };
     }
     let session_user = crate::web::session::token_of(req.request())
-        .and_then(|t| state.web_sessions.lookup(&t))
-        .map(|u| format!("user {}", u.name));
+        .and_then(|t| state.session_user(&t))
+        .map(|name| format!("user {name}"));
     match session_user {
         Some(user) => (user, true),
         None => ("anonymous".into(), false),
@@ -315,16 +324,17 @@ fn outcome(status: u16) -> &'static str {
 
 /// Middleware of the operators' listener: records every request that may change something
 /// (see the module's documentation) before its answer goes out.
-pub async fn record_changes(
+pub async fn record_changes<R: Recorder>(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let reads = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let state = req.app_data::<web::Data<R>>().cloned();
     let (Some(state), false) = (state, reads) else {
         return next.call(req).await;
     };
-    let (actor, identified) = actor_of(&req, &state);
+    let (actor, identified) = actor_of(&req, state.as_ref());
+    let audit = state.audit();
     let mut entry = AuditEntry {
         seq: 0,
         at_unix_ms: now_unix_ms(),
@@ -342,10 +352,10 @@ pub async fn record_changes(
     // commits are queued after its entry, so they cannot be durable before it is, and waiting
     // for it costs no sync of its own.
     let pending = if identified {
-        match state.audit.queue(&mut entry) {
+        match audit.queue(&mut entry) {
             Ok(p) => p,
             Err(e) => {
-                state.audit.failed(&e);
+                audit.failed(&e);
                 None
             }
         }
@@ -367,23 +377,23 @@ pub async fn record_changes(
     entry.outcome = outcome(status).into();
     if let Some(pending) = pending {
         // Its outcome rides the next commit: a crash before it leaves the entry pending.
-        match pending.await.and_then(|()| state.audit.finish(&entry)) {
+        match pending.await.and_then(|()| audit.finish(&entry)) {
             Ok(()) => {}
-            Err(e) => state.audit.failed(&e),
+            Err(e) => audit.failed(&e),
         }
         return result;
     }
     // Without valid credentials, only what succeeded (a login, an enrollment: each limited
     // by its own rules) is always recorded; refusals and failures anyone can cause, at most
     // so many a second.
-    if outcome(status) != "ok" && !state.audit.admit_unauthenticated() {
+    if outcome(status) != "ok" && !audit.admit_unauthenticated() {
         return result;
     }
     if let Some(actor) = named {
         entry.actor = actor;
     }
-    if let Err(e) = state.audit.record(entry).await {
-        state.audit.failed(&e);
+    if let Err(e) = audit.record(entry).await {
+        audit.failed(&e);
     }
     result
 }

@@ -429,7 +429,9 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
                 .wrap(actix_web::middleware::from_fn(
                     crate::body_deadline::body_deadline,
                 ))
-                .wrap(actix_web::middleware::from_fn(crate::audit::record_changes))
+                .wrap(actix_web::middleware::from_fn(
+                    crate::audit::record_changes::<crate::state::AppState>,
+                ))
                 .configure(|cfg| operators.configure(cfg))
                 .default_service(web::to(not_found))
         })

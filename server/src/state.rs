@@ -74,6 +74,20 @@ pub struct AppState {
     pub cluster: Option<crate::health::ClusterHealth>,
 }
 
+impl crate::audit::Recorder for AppState {
+    fn bearer_holder(&self, presented: &[u8]) -> Option<String> {
+        self.token.holder(presented)
+    }
+
+    fn session_user(&self, token: &str) -> Option<String> {
+        self.web_sessions.lookup(token).map(|u| u.name)
+    }
+
+    fn audit(&self) -> &crate::audit::Audit {
+        &self.audit
+    }
+}
+
 impl AppState {
     /// Remote operations on agents and their answers (`crate::operations`).
     pub fn operations(&self) -> &Arc<crate::operations::Operations> {

@@ -13,6 +13,7 @@
 use actix_web::http::header;
 use actix_web::HttpRequest;
 use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
 
 use super::session::CurrentUser;
 use super::WebError;
@@ -58,7 +59,7 @@ pub fn check_token(
     presented: Option<&str>,
 ) -> Result<(), WebError> {
     match presented {
-        Some(token) if constant_time_eq(token.as_bytes(), user.csrf.as_bytes()) => Ok(()),
+        Some(token) if bool::from(token.as_bytes().ct_eq(user.csrf.as_bytes())) => Ok(()),
         _ => {
             tracing::warn!(peer = ?req.peer_addr(), path = %req.path(), user = %user.name, "web-csrf-refused");
             Err(WebError::Forbidden(
@@ -96,11 +97,6 @@ pub fn protected_form<T: DeserializeOwned>(
     check_token(req, user, presented)?;
     serde_urlencoded::from_bytes(body)
         .map_err(|e| WebError::BadRequest(format!("invalid form: {e}")))
-}
-
-/// Compares without an early exit on the first differing byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

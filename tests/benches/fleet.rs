@@ -122,21 +122,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// Raise the soft file limit to the hard one (the server inherits it); returns the new limit.
-fn raise_nofile() -> u64 {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) => {
-            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-                hard
-            } else {
-                soft
-            }
-        }
-        Err(_) => 1024,
-    }
-}
-
 fn rss_kib(pid: u32) -> (u64, u64) {
     (measure::rss_kib(pid), measure::peak_rss_kib(pid))
 }
@@ -475,7 +460,7 @@ fn main() {
             _ => None,
         })
         .collect();
-    let nofile = raise_nofile();
+    let nofile = measure::raise_nofile();
     let server_bin = tether_tests::bin_dir().join("tether-server");
     if !server_bin.is_file() {
         eprintln!(

@@ -146,3 +146,18 @@ pub fn dispatch_with(
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Raise the soft file limit to the hard one (the server inherits it); returns the new limit.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tether_shared::ids::AgentId;
 
 use actix::Addr;
 use serde::Deserialize;
@@ -204,7 +205,7 @@ impl AgentAdmin {
     }
 
     /// Unfinished jobs of agent `id` (queued or running).
-    pub fn unfinished_jobs(&self, id: &str) -> usize {
+    pub fn unfinished_jobs(&self, id: &AgentId) -> usize {
         self.deployments.with_state(|s| s.unfinished(id).count())
     }
 

@@ -96,7 +96,7 @@ async fn enroll(
             }
             let (server_signing_key, certificate) = state.trust.enrollment_key();
             Ok(HttpResponse::Ok().json(EnrollResponse {
-                agent_id: record.id,
+                agent_id: record.id.to_string(),
                 server_signing_key,
                 tls_certificate: tls_certificate.map(|i| i.pem),
                 server_signing_certificate: Some(certificate),

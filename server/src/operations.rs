@@ -10,6 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
+use tether_shared::ids::AgentId;
 
 use serde::Serialize;
 use tether_shared::clock::now_unix_ms;
@@ -24,7 +25,7 @@ pub const DEADLINE: Duration = Duration::from_secs(300);
 #[derive(Debug, Clone, Serialize)]
 pub struct OperationRecord {
     pub id: String,
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub op: Operation,
     pub requested_unix_ms: u64,
     /// `pending` until answered, then `done` or `failed`.
@@ -103,18 +104,18 @@ impl Operations {
     }
 
     /// Agent `agent_id` attached, saying whether it takes operations.
-    pub fn set_capable(&self, agent_id: &str, capable: bool) {
-        self.lock().capable.insert(agent_id.to_owned(), capable);
+    pub fn set_capable(&self, agent_id: &AgentId, capable: bool) {
+        self.lock().capable.insert(agent_id.to_string(), capable);
     }
 
     /// `Some(false)` for an agent whose release takes no operations, `None` if it was not
     /// seen since this server started.
-    pub fn capable(&self, agent_id: &str) -> Option<bool> {
-        self.lock().capable.get(agent_id).copied()
+    pub fn capable(&self, agent_id: &AgentId) -> Option<bool> {
+        self.lock().capable.get(agent_id.as_str()).copied()
     }
 
     /// Records a new pending operation and answers its id.
-    pub fn begin(&self, agent_id: &str, op: Operation) -> String {
+    pub fn begin(&self, agent_id: &AgentId, op: Operation) -> String {
         let id = format!("op-{}", hex::encode(rand::random::<[u8; 8]>()));
         let mut inner = self.lock();
         while inner.order.len() >= KEEP {
@@ -177,18 +178,18 @@ impl Operations {
     }
 
     /// Operation `op_id` of `agent_id`, as it stands.
-    pub fn get(&self, agent_id: &str, op_id: &str) -> Option<OperationRecord> {
+    pub fn get(&self, agent_id: &AgentId, op_id: &str) -> Option<OperationRecord> {
         self.lock()
             .records
             .get(op_id)
-            .filter(|r| r.agent_id == agent_id)
+            .filter(|r| r.agent_id == *agent_id)
             .cloned()
     }
 
     /// Waits at most `wait` for operation `op_id` to be answered; answers it as it stands.
     pub async fn wait(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         op_id: &str,
         wait: Duration,
     ) -> Option<OperationRecord> {
@@ -206,14 +207,14 @@ impl Operations {
     }
 
     /// The newest operations on `agent_id`, newest first, at most `n`.
-    pub fn recent(&self, agent_id: &str, n: usize) -> Vec<OperationRecord> {
+    pub fn recent(&self, agent_id: &AgentId, n: usize) -> Vec<OperationRecord> {
         let inner = self.lock();
         inner
             .order
             .iter()
             .rev()
             .filter_map(|id| inner.records.get(id))
-            .filter(|r| r.agent_id == agent_id)
+            .filter(|r| r.agent_id == *agent_id)
             .take(n)
             .cloned()
             .collect()
@@ -263,7 +264,7 @@ mod tests {
     fn hops_run_from_the_server_out_each_timed_by_its_far_end() {
         let path = vec!["r-near".to_owned(), "r-far".to_owned()];
         let rtt = |r: &str| (r == "r-far").then_some(1_234);
-        let hops = hops("a1", &path, rtt, Some(20_500));
+        let hops = hops(&AgentId::from("a1"), &path, rtt, Some(20_500));
         let view: Vec<(&str, &str, Option<f64>)> = hops
             .iter()
             .map(|h| (h.from.as_str(), h.to.as_str(), h.rtt_ms))
@@ -277,7 +278,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            super::hops("a1", &[], |_| None, Some(800))[0],
+            super::hops(&AgentId::from("a1"), &[], |_| None, Some(800))[0],
             Hop {
                 from: "server".into(),
                 to: "a1".into(),
@@ -289,32 +290,40 @@ mod tests {
     #[actix_rt::test]
     async fn answers_are_taken_from_the_agent_asked_once_and_kept_bounded() {
         let ops = Operations::default();
-        let id = ops.begin("a1", Operation::Ping);
+        let id = ops.begin(&AgentId::from("a1"), Operation::Ping);
         ops.complete("a2", &id, true, "forged", "", no_hops);
         assert_eq!(
-            ops.get("a1", &id).unwrap().state,
+            ops.get(&AgentId::from("a1"), &id).unwrap().state,
             "pending",
             "another agent"
         );
-        assert!(ops.get("a2", &id).is_none());
-        let waiting = ops.wait("a1", &id, Duration::from_secs(5));
+        assert!(ops.get(&AgentId::from("a2"), &id).is_none());
+        let a1 = AgentId::from("a1");
+        let waiting = ops.wait(&a1, &id, Duration::from_secs(5));
         ops.complete("a1", &id, true, "pong", "", |_| vec![hop()]);
         let r = waiting.await.unwrap();
         assert_eq!((r.state, r.data.as_str()), ("done", "pong"));
         assert_eq!(r.hops, vec![hop()]);
         ops.complete("a1", &id, false, "again", "", no_hops);
-        assert_eq!(ops.get("a1", &id).unwrap().data, "pong", "once");
-        let slow = ops.begin("a1", Operation::Log);
+        assert_eq!(
+            ops.get(&AgentId::from("a1"), &id).unwrap().data,
+            "pong",
+            "once"
+        );
+        let slow = ops.begin(&AgentId::from("a1"), Operation::Log);
         let r = ops
-            .wait("a1", &slow, Duration::from_millis(20))
+            .wait(&AgentId::from("a1"), &slow, Duration::from_millis(20))
             .await
             .unwrap();
         assert_eq!(r.state, "pending");
         for _ in 0..KEEP {
-            ops.begin("a1", Operation::Ping);
+            ops.begin(&AgentId::from("a1"), Operation::Ping);
         }
-        assert!(ops.get("a1", &id).is_none(), "the oldest forgotten");
-        assert_eq!(ops.recent("a1", 5).len(), 5);
+        assert!(
+            ops.get(&AgentId::from("a1"), &id).is_none(),
+            "the oldest forgotten"
+        );
+        assert_eq!(ops.recent(&AgentId::from("a1"), 5).len(), 5);
         assert!(parse_op("rm -rf").is_err());
     }
 }

@@ -120,11 +120,11 @@ fn cut(text: &str) -> String {
     text.chars().take(MAX_ORPHAN_TEXT).collect()
 }
 
-fn record_key(agent_id: &str) -> String {
+fn record_key(agent_id: &AgentId) -> String {
     format!("{RECORD_PREFIX}{agent_id}")
 }
 
-fn orphan_key(agent_id: &str, job_id: &str) -> String {
+fn orphan_key(agent_id: &AgentId, job_id: &str) -> String {
     format!("{ORPHAN_PREFIX}{agent_id}/{job_id}")
 }
 
@@ -317,7 +317,7 @@ impl Reconciliations {
 
     /// An operator reviewed `agent_id`'s reconciliation: its record and orphans are deleted.
     /// `false` if there was none.
-    pub async fn dismiss(&self, agent_id: &str) -> Result<bool, JournalError> {
+    pub async fn dismiss(&self, agent_id: &AgentId) -> Result<bool, JournalError> {
         let ops: Vec<Op> = {
             let inner = self.lock();
             if !inner.records.contains_key(agent_id) {
@@ -416,8 +416,8 @@ mod tests {
         check(&r);
         check(&Reconciliations::load(handle.clone()).unwrap());
 
-        assert!(r.dismiss("a-1").await.unwrap());
-        assert!(!r.dismiss("a-1").await.unwrap());
+        assert!(r.dismiss(&AgentId::from("a-1")).await.unwrap());
+        assert!(!r.dismiss(&AgentId::from("a-1")).await.unwrap());
         assert!(r.list().is_empty());
         assert!(Reconciliations::load(handle).unwrap().list().is_empty());
     }

@@ -7,6 +7,7 @@
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
+use tether_shared::ids::AgentId;
 
 use crate::api_error::{method_not_allowed, ApiError};
 use crate::reconcile::{Orphan, Record};
@@ -53,7 +54,10 @@ async fn dismiss(
 ) -> Result<HttpResponse, ApiError> {
     state.token.check(&req)?;
     let given = path.into_inner();
-    let id = state.registry.resolve_agent(&given).map_or(given, |a| a.id);
+    let id = state
+        .registry
+        .resolve_agent(&given)
+        .map_or_else(|| AgentId::from(given), |a| a.id);
     match state.shared.work.reconciliations().dismiss(&id).await {
         Ok(true) => Ok(HttpResponse::Ok().json(json!({"agent_id": id, "dismissed": true}))),
         Ok(false) => Err(ApiError::NotFound),

@@ -75,10 +75,10 @@ impl Scheduler {
 
     /// The agent ids `targets` name, by the registry's indexes; a pool (`count`) takes the
     /// available agents (connected, not in maintenance) first.
-    fn resolve(&self, targets: &Targets) -> Result<Vec<String>, String> {
+    fn resolve(&self, targets: &Targets) -> Result<Vec<AgentId>, String> {
         let (registry, presence) = (&self.registry, &self.presence);
         let ids = registry.with_index(|index| resolve_targets(targets, index))?;
-        let available = |id: &str| {
+        let available = |id: &AgentId| {
             presence.online_path(id).is_some_and(|path| {
                 let (maintenance, _) = registry.dispatch_terms(id, &path);
                 !maintenance
@@ -87,7 +87,7 @@ impl Scheduler {
         pick_pool(
             ids,
             targets.count,
-            &|id| registry.agent_name(id),
+            &|id: &AgentId| registry.agent_name(id),
             &available,
         )
     }

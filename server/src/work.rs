@@ -67,7 +67,7 @@ impl Work {
     }
 
     /// A ping's hops to `agent_id`, from its path now, its relays' heartbeats and its answer.
-    fn hops(&self, agent_id: &str, answer: &str) -> Vec<crate::operations::Hop> {
+    fn hops(&self, agent_id: &AgentId, answer: &str) -> Vec<crate::operations::Hop> {
         let agent_rtt = serde_json::from_str::<serde_json::Value>(answer)
             .ok()
             .and_then(|v| v["uplink_rtt_us"].as_u64());

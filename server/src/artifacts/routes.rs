@@ -18,6 +18,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use tether_shared::agent_auth::{claimed_agent, verify_request};
 use tether_shared::identity::PublicKey;
+use tether_shared::ids::AgentId;
 
 use super::upload::put_artifact;
 use super::{is_sha256_hex, ArtifactError, ArtifactStore};
@@ -79,7 +80,7 @@ async fn agent_download(
     store: web::Data<ArtifactStore>,
     deployments: web::Data<Deployments>,
 ) -> Result<HttpResponse, ArtifactError> {
-    let agent_id = check_agent(&req, &store)?;
+    let agent_id = AgentId::from(check_agent(&req, &store)?);
     let sha256 = path.into_inner();
     if !is_sha256_hex(&sha256) || !store.has_blob(&sha256) {
         return Err(ApiError::NotFound.into());

@@ -282,7 +282,9 @@ pub async fn log_reader(
     agent: String,
     step: &str,
 ) -> Result<view::LogReader, ApiError> {
-    let agent_id = registry.resolve_agent(&agent).map_or(agent, |a| a.id);
+    let agent_id = registry
+        .resolve_agent(&agent)
+        .map_or(agent, |a| a.id.into_string());
     let found = deployments.with_state(|s| {
         let d = s.deployments.get(id)?;
         let job = s.jobs.get(format!("{id}-{agent_id}").as_str())?;

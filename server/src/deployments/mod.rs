@@ -150,11 +150,11 @@ pub struct Targets {
 /// maintenance) first, then the others, each group in name order (`name_of`). `None`: all of
 /// them.
 pub fn pick_pool(
-    ids: Vec<String>,
+    ids: Vec<AgentId>,
     count: Option<u32>,
-    name_of: &dyn Fn(&str) -> Option<String>,
-    available: &dyn Fn(&str) -> bool,
-) -> Result<Vec<String>, String> {
+    name_of: &dyn Fn(&AgentId) -> Option<String>,
+    available: &dyn Fn(&AgentId) -> bool,
+) -> Result<Vec<AgentId>, String> {
     let Some(count) = count else {
         return Ok(ids);
     };
@@ -167,7 +167,7 @@ pub fn pick_pool(
             ids.len()
         ));
     }
-    let mut ranked: Vec<(bool, String, String)> = ids
+    let mut ranked: Vec<(bool, String, AgentId)> = ids
         .into_iter()
         .map(|id| match name_of(&id) {
             Some(name) => (!available(&id), name, id),
@@ -315,7 +315,7 @@ impl Deployments {
     }
 
     /// The effect of an event `agent_id` sent (ops to commit in the event's batch).
-    pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Effect {
+    pub fn on_event(&self, agent_id: &AgentId, body: &EventBody) -> Effect {
         let effect = {
             let mut s = self.write();
             let effect = s.apply_event(agent_id, body);
@@ -337,7 +337,7 @@ impl Deployments {
     }
 
     /// The effect of a job report `agent_id` sent; `None` for a job this server does not know.
-    pub fn on_report(&self, agent_id: &str, report: &JobReport) -> Option<Effect> {
+    pub fn on_report(&self, agent_id: &AgentId, report: &JobReport) -> Option<Effect> {
         self.write().apply_report(agent_id, report)
     }
 
@@ -411,7 +411,7 @@ impl Deployments {
     }
 
     /// `agent_id` came back without its state: ops failing its jobs in flight.
-    pub fn on_agent_reset(&self, agent_id: &str) -> Vec<Op> {
+    pub fn on_agent_reset(&self, agent_id: &AgentId) -> Vec<Op> {
         self.write().reset_agent(agent_id)
     }
 
@@ -419,7 +419,7 @@ impl Deployments {
     /// sealed for the agent), ops.
     pub fn take_ready(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         terms: AgentTerms<'_>,
     ) -> (Vec<JobId>, Vec<CommandBody>, Vec<Op>) {
         let mut s = self.write();
@@ -523,7 +523,7 @@ impl Deployments {
     pub async fn create(
         &self,
         new: NewDeployment,
-        targets: Result<Vec<String>, String>,
+        targets: Result<Vec<AgentId>, String>,
     ) -> Result<Deployment, DeploymentsError> {
         let mut problems = validate::validate_properties(&new.properties);
         let targets = match targets {
@@ -573,7 +573,7 @@ impl Deployments {
             process_version,
             properties: new.properties,
             steps,
-            agents: targets.into_iter().map(AgentId::from).collect(),
+            agents: targets,
             created_unix_ms: now_unix_ms(),
             skip_maintenance: new.skip_maintenance,
             batch_size,
@@ -689,7 +689,7 @@ impl Deployments {
     /// before it answers how many (an agent being deleted). The agent is not told: it is gone.
     pub async fn fail_agent_jobs(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         message: &str,
     ) -> Result<usize, DeploymentsError> {
         let _guard = self.changes.lock().await;
@@ -704,7 +704,7 @@ impl Deployments {
     /// Whether a deployment sent `agent_id` a step that fetches the blob `sha256`: an artifact
     /// (`artifact/fetch`) or an uploaded plugin's bundle. Agents download only what their own
     /// jobs reference, so one agent's key does not open every artifact and bundle.
-    pub fn sends_blob(&self, agent_id: &str, sha256: &str) -> bool {
+    pub fn sends_blob(&self, agent_id: &AgentId, sha256: &str) -> bool {
         let state = self.read();
         state.deployments.values().any(|d| {
             let references = d.steps.iter().any(|s| {
@@ -761,11 +761,11 @@ impl Deployments {
 
 /// The agent ids a deployment targets: named agents (names or ids; every one must exist), or
 /// every agent having all the given tags (at least one must), looked up in `index`.
-pub fn resolve_targets(targets: &Targets, index: &AgentIndex) -> Result<Vec<String>, String> {
+pub fn resolve_targets(targets: &Targets, index: &AgentIndex) -> Result<Vec<AgentId>, String> {
     if targets.count.is_some() && targets.tags.is_none() {
         return Err("targets.count goes with targets.tags (any N agents having them)".to_owned());
     }
-    let ids: Vec<String> = match (&targets.agents, &targets.tags) {
+    let ids: Vec<AgentId> = match (&targets.agents, &targets.tags) {
         (Some(names), None) => {
             if names.len() > MAX_TARGETS {
                 return Err(format!(
@@ -778,7 +778,7 @@ pub fn resolve_targets(targets: &Targets, index: &AgentIndex) -> Result<Vec<Stri
             let (mut ids, mut unknown, mut unknown_count) = (Vec::new(), Vec::new(), 0usize);
             for n in names {
                 match index.id_of(n) {
-                    Some(id) if seen.insert(id) => ids.push(id.to_owned()),
+                    Some(id) if seen.insert(id) => ids.push(id.clone()),
                     Some(_) => {}
                     None => {
                         unknown_count += 1;

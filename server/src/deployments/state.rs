@@ -251,13 +251,13 @@ fn fill_agent_values(steps: &mut [StepSpec], agent: AgentValues<'_>) -> Result<(
 impl State {
     /// Applies an event `agent_id` sent. Events of unknown jobs, of another agent's jobs, or
     /// that repeat what is known change nothing (a repeated output chunk rewrites the same key).
-    pub fn apply_event(&mut self, agent_id: &str, body: &EventBody) -> Effect {
+    pub fn apply_event(&mut self, agent_id: &AgentId, body: &EventBody) -> Effect {
         self.apply(agent_id, body, true)
     }
 
     /// [`State::apply_event`]; `live`: the event happens now (not rebuilt from a report), so
     /// its timing is observed.
-    fn apply(&mut self, agent_id: &str, body: &EventBody, live: bool) -> Effect {
+    fn apply(&mut self, agent_id: &AgentId, body: &EventBody, live: bool) -> Effect {
         let job_id = match body {
             EventBody::JobAccepted { job_id }
             | EventBody::StepStarted { job_id, .. }
@@ -270,7 +270,7 @@ impl State {
             tracing::warn!(agent_id = %agent_id, job_id = %job_id, "event-for-unknown-job");
             return Effect::default();
         };
-        if job.agent_id != agent_id {
+        if job.agent_id != *agent_id {
             tracing::warn!(agent_id = %agent_id, job_id = %job_id, owner = %job.agent_id, "event-for-another-agents-job");
             return Effect::default();
         }
@@ -462,7 +462,7 @@ impl State {
     /// Where one of its jobs stands, as `agent_id` reports it: the events that would have
     /// said so, applied in order (what is known already changes nothing). `None` if this
     /// server does not know the job.
-    pub fn apply_report(&mut self, agent_id: &str, report: &JobReport) -> Option<Effect> {
+    pub fn apply_report(&mut self, agent_id: &AgentId, report: &JobReport) -> Option<Effect> {
         if !self.jobs.contains_key(report.job_id.as_str()) {
             return None;
         }
@@ -525,7 +525,7 @@ impl State {
 
     /// The ids of `agent_id`'s jobs that are not final, dropping from the index those that
     /// became final since.
-    fn active_jobs(&mut self, agent_id: &str) -> Vec<JobId> {
+    fn active_jobs(&mut self, agent_id: &AgentId) -> Vec<JobId> {
         let Some(ids) = self.active.get_mut(agent_id) else {
             return Vec::new();
         };
@@ -539,7 +539,7 @@ impl State {
     }
 
     /// Jobs of `agent_id` that are not final (queued or running).
-    pub fn unfinished(&self, agent_id: &str) -> impl Iterator<Item = &Job> + '_ {
+    pub fn unfinished(&self, agent_id: &AgentId) -> impl Iterator<Item = &Job> + '_ {
         self.active
             .get(agent_id)
             .into_iter()
@@ -660,7 +660,7 @@ impl State {
 
     /// The agent came back without its state: its jobs in flight there failed. Jobs still
     /// queued on the server are untouched (the agent never had them).
-    pub fn reset_agent(&mut self, agent_id: &str) -> Vec<Op> {
+    pub fn reset_agent(&mut self, agent_id: &AgentId) -> Vec<Op> {
         let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for id in self.active_jobs(agent_id) {
             let Some(job) = self.jobs.get_mut(id.as_str()) else {
@@ -679,7 +679,7 @@ impl State {
 
     /// Fails every unfinished job of `agent_id` (queued or running) with `message` (the agent
     /// is being deleted): answers their ops.
-    pub fn fail_agent(&mut self, agent_id: &str, message: &str) -> Vec<Op> {
+    pub fn fail_agent(&mut self, agent_id: &AgentId, message: &str) -> Vec<Op> {
         let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for id in self.active_jobs(agent_id) {
             if let Some(job) = self.jobs.get_mut(id.as_str()) {
@@ -695,7 +695,7 @@ impl State {
 
     /// Jobs of `agent_id` dispatched and not final.
     #[cfg(test)]
-    pub fn running(&self, agent_id: &str) -> usize {
+    pub fn running(&self, agent_id: &AgentId) -> usize {
         self.unfinished(agent_id).filter(|j| j.dispatched).count()
     }
 
@@ -706,7 +706,7 @@ impl State {
     /// Secret values are sealed for the agent (`tether_shared::sealing`, see [`Sealing`]).
     pub fn take_ready(
         &mut self,
-        agent_id: &str,
+        agent_id: &AgentId,
         limit: usize,
         sealing: Sealing<'_>,
         agent: AgentValues<'_>,
@@ -790,7 +790,7 @@ impl State {
 
     /// `agent_id` is in maintenance: its queued jobs of deployments made with
     /// `skip_maintenance` end `cancelled`, saying so (ops); the others wait.
-    pub fn skip_for_maintenance(&mut self, agent_id: &str) -> Vec<Op> {
+    pub fn skip_for_maintenance(&mut self, agent_id: &AgentId) -> Vec<Op> {
         let (mut ops, mut ended) = (Vec::new(), Vec::new());
         for id in self.active_jobs(agent_id) {
             let Some(job) = self.jobs.get_mut(id.as_str()) else {

@@ -125,14 +125,14 @@ fn a_job_runs_to_success_and_duplicates_change_nothing() {
         job_finished(JobStatus::Succeeded),
     ];
     for (i, e) in events.iter().enumerate() {
-        let effect = s.apply_event("a1", e);
+        let effect = s.apply_event(&AgentId::from("a1"), e);
         assert_eq!(effect.ops.len(), 1, "event {i} must change the job");
         assert_eq!(effect.job_finished, i == 5);
         if i == 1 {
             assert_eq!(deployment_status(s.jobs_of(&d)), DeploymentStatus::Running);
         }
         // The same event again (a redelivery) changes nothing.
-        let again = s.apply_event("a1", e);
+        let again = s.apply_event(&AgentId::from("a1"), e);
         assert!(
             again.ops.is_empty() && !again.job_finished,
             "event {i} twice"
@@ -164,11 +164,11 @@ fn output(step: u32, chunk: u32, data: &str) -> EventBody {
 fn output_is_kept_for_a_running_step_only() {
     let mut s = state(&["a1"]);
     // Not started yet: refused.
-    let e = s.apply_event("a1", &output(1, 0, "early\n"));
+    let e = s.apply_event(&AgentId::from("a1"), &output(1, 0, "early\n"));
     assert!(e.ops.is_empty() && e.output_refused);
-    s.apply_event("a1", &accepted());
-    s.apply_event("a1", &started(1, 1));
-    let e = s.apply_event("a1", &output(1, 0, "line 0\n"));
+    s.apply_event(&AgentId::from("a1"), &accepted());
+    s.apply_event(&AgentId::from("a1"), &started(1, 1));
+    let e = s.apply_event(&AgentId::from("a1"), &output(1, 0, "line 0\n"));
     assert!(!e.output_refused);
     match &e.ops[..] {
         [Op::AppendBlob { name, bytes }, Op::PutMeta { key, value }] => {
@@ -180,15 +180,15 @@ fn output_is_kept_for_a_running_step_only() {
         other => panic!("{other:?}"),
     }
     // A step index out of range is refused.
-    let e = s.apply_event("a1", &output(9, 0, "x"));
+    let e = s.apply_event(&AgentId::from("a1"), &output(9, 0, "x"));
     assert!(e.ops.is_empty() && e.output_refused);
     // Once the step ended, its counter goes and later output is refused.
-    let e = s.apply_event("a1", &finished(1, StepStatus::Succeeded, 0));
+    let e = s.apply_event(&AgentId::from("a1"), &finished(1, StepStatus::Succeeded, 0));
     assert!(e
         .ops
         .iter()
         .any(|op| matches!(op, Op::DeleteMeta { key } if key == "outlen/d-1-a1/1")));
-    let e = s.apply_event("a1", &output(1, 1, "late\n"));
+    let e = s.apply_event(&AgentId::from("a1"), &output(1, 1, "late\n"));
     assert!(e.ops.is_empty() && e.output_refused);
 }
 
@@ -196,13 +196,13 @@ fn output_is_kept_for_a_running_step_only() {
 fn output_past_the_cap_is_cut_once_with_the_marker() {
     use tether_shared::protocol::{MAX_STEP_OUTPUT, OUTPUT_TRUNCATED};
     let mut s = state(&["a1"]);
-    s.apply_event("a1", &accepted());
-    s.apply_event("a1", &started(0, 1));
+    s.apply_event(&AgentId::from("a1"), &accepted());
+    s.apply_event(&AgentId::from("a1"), &started(0, 1));
     let block = "x".repeat(200 * 1024);
     let mut kept = 0usize;
     let mut markers = 0;
     for chunk in 0..70 {
-        let e = s.apply_event("a1", &output(0, chunk, &block));
+        let e = s.apply_event(&AgentId::from("a1"), &output(0, chunk, &block));
         assert!(!e.output_refused);
         for op in e.ops {
             if let Op::AppendBlob { bytes, .. } = op {
@@ -218,12 +218,12 @@ fn output_past_the_cap_is_cut_once_with_the_marker() {
 #[test]
 fn a_job_reported_succeeded_with_a_step_that_is_not_fails() {
     let mut s = state(&["a1"]);
-    s.apply_event("a1", &accepted());
-    s.apply_event("a1", &started(0, 1));
-    s.apply_event("a1", &finished(0, StepStatus::Succeeded, 0));
-    s.apply_event("a1", &started(1, 1));
+    s.apply_event(&AgentId::from("a1"), &accepted());
+    s.apply_event(&AgentId::from("a1"), &started(0, 1));
+    s.apply_event(&AgentId::from("a1"), &finished(0, StepStatus::Succeeded, 0));
+    s.apply_event(&AgentId::from("a1"), &started(1, 1));
     // Step 1's end never came: the agent still says the job succeeded.
-    let e = s.apply_event("a1", &job_finished(JobStatus::Succeeded));
+    let e = s.apply_event(&AgentId::from("a1"), &job_finished(JobStatus::Succeeded));
     assert!(e.job_finished);
     let j = job(&s, "a1");
     assert_eq!(j.status, JobState::Failed);
@@ -241,7 +241,7 @@ fn failure_skips_the_rest_and_fails_the_deployment() {
         finished(0, StepStatus::Failed, 3),
         job_finished(JobStatus::Failed),
     ] {
-        s.apply_event("a1", &e);
+        s.apply_event(&AgentId::from("a1"), &e);
     }
     let j = job(&s, "a1");
     assert_eq!(j.steps[0].exit_code, Some(3));
@@ -252,7 +252,7 @@ fn failure_skips_the_rest_and_fails_the_deployment() {
         job_id: "d-1-a2".into(),
         status: JobStatus::Succeeded,
     };
-    s.apply_event("a2", &a2);
+    s.apply_event(&AgentId::from("a2"), &a2);
     assert_eq!(deployment_status(s.jobs_of(&d)), DeploymentStatus::Failed);
 }
 
@@ -265,22 +265,30 @@ fn events_of_unknown_jobs_or_from_another_agent_are_ignored() {
         started(0, 1),
         job_finished(JobStatus::Succeeded),
     ] {
-        let effect = s.apply_event("a2", &e);
+        let effect = s.apply_event(&AgentId::from("a2"), &e);
         assert!(effect.ops.is_empty() && !effect.job_finished);
     }
     assert_eq!(job(&s, "a1").status, JobState::Queued);
     let unknown = EventBody::JobAccepted {
         job_id: "d-9-a1".into(),
     };
-    assert!(s.apply_event("a1", &unknown).ops.is_empty());
+    assert!(s.apply_event(&AgentId::from("a1"), &unknown).ops.is_empty());
 }
 
 #[test]
 fn a_rerun_counts_its_attempt() {
     let mut s = state(&["a1"]);
-    s.apply_event("a1", &started(0, 1));
-    s.apply_event("a1", &finished(0, StepStatus::Interrupted, -1));
-    assert_eq!(s.apply_event("a1", &started(0, 2)).ops.len(), 1);
+    s.apply_event(&AgentId::from("a1"), &started(0, 1));
+    s.apply_event(
+        &AgentId::from("a1"),
+        &finished(0, StepStatus::Interrupted, -1),
+    );
+    assert_eq!(
+        s.apply_event(&AgentId::from("a1"), &started(0, 2))
+            .ops
+            .len(),
+        1
+    );
     let j = job(&s, "a1");
     assert_eq!(
         (j.steps[0].status, j.steps[0].attempt),
@@ -288,15 +296,18 @@ fn a_rerun_counts_its_attempt() {
     );
     assert_eq!(j.steps[0].exit_code, None);
     // A late duplicate of the first start does not go back.
-    assert!(s.apply_event("a1", &started(0, 1)).ops.is_empty());
+    assert!(s
+        .apply_event(&AgentId::from("a1"), &started(0, 1))
+        .ops
+        .is_empty());
 }
 
 #[test]
 fn an_agent_reset_fails_its_jobs_in_flight_only() {
     let mut s = state(&["a1", "a2"]);
-    s.apply_event("a1", &accepted());
-    s.apply_event("a1", &started(0, 1));
-    let ops = s.reset_agent("a1");
+    s.apply_event(&AgentId::from("a1"), &accepted());
+    s.apply_event(&AgentId::from("a1"), &started(0, 1));
+    let ops = s.reset_agent(&AgentId::from("a1"));
     assert_eq!(ops.len(), 1);
     let j = job(&s, "a1");
     assert_eq!(j.status, JobState::Failed);
@@ -305,9 +316,9 @@ fn an_agent_reset_fails_its_jobs_in_flight_only() {
     assert_eq!(j.steps[1].status, StepState::Skipped);
     assert_eq!(job(&s, "a2").status, JobState::Queued);
     // Final jobs are not touched again; late events of the old incarnation change nothing.
-    assert!(s.reset_agent("a1").is_empty());
+    assert!(s.reset_agent(&AgentId::from("a1")).is_empty());
     assert!(s
-        .apply_event("a1", &finished(0, StepStatus::Succeeded, 0))
+        .apply_event(&AgentId::from("a1"), &finished(0, StepStatus::Succeeded, 0))
         .ops
         .is_empty());
 }
@@ -323,18 +334,36 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
         s.insert_job(Job::new(&d, &"a1".into(), 0));
         s.deployments.insert(d.id.clone(), d);
     }
-    let (ids, bodies, ops) = s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true);
+    let (ids, bodies, ops) = s.take_ready(
+        &AgentId::from("a1"),
+        2,
+        Sealing::For(agent_key().1),
+        &no_values,
+        true,
+    );
     assert_eq!(ids, vec![JobId::from("d-2-a1")], "one slot left of 2");
     assert!(matches!(&bodies[..], [CommandBody::RunJob { job_id, .. }] if job_id == "d-2-a1"));
     assert_eq!(ops.len(), 1);
     assert!(s
-        .take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true)
+        .take_ready(
+            &AgentId::from("a1"),
+            2,
+            Sealing::For(agent_key().1),
+            &no_values,
+            true
+        )
         .0
         .is_empty());
     s.undo_dispatch(&ids);
     assert_eq!(
-        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true)
-            .0,
+        s.take_ready(
+            &AgentId::from("a1"),
+            2,
+            Sealing::For(agent_key().1),
+            &no_values,
+            true
+        )
+        .0,
         ids
     );
 
@@ -346,10 +375,16 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     assert!(ops.is_empty());
     assert_eq!(remote, vec![("a1".into(), "d-2-a1".into())]);
     // When d-1 finishes, d-4 is next (d-3 was cancelled).
-    s.apply_event("a1", &job_finished(JobStatus::Succeeded));
+    s.apply_event(&AgentId::from("a1"), &job_finished(JobStatus::Succeeded));
     assert_eq!(
-        s.take_ready("a1", 2, Sealing::For(agent_key().1), &no_values, true)
-            .0,
+        s.take_ready(
+            &AgentId::from("a1"),
+            2,
+            Sealing::For(agent_key().1),
+            &no_values,
+            true
+        )
+        .0,
         vec![JobId::from("d-4-a1")]
     );
 }
@@ -451,8 +486,8 @@ fn agent(id: &str, name: &str, tags: &[&str]) -> AgentRecord {
 #[test]
 fn targets_resolve_by_name_or_all_tags() {
     let agents = [
-        agent("a-1", "web-1", &["web", "eu"]),
-        agent("a-2", "web-2", &["web"]),
+        agent(&AgentId::from("a-1"), "web-1", &["web", "eu"]),
+        agent(&AgentId::from("a-2"), "web-2", &["web"]),
     ];
     let t = |agents: Option<&[&str]>, tags: Option<&[&str]>| Targets {
         agents: agents.map(|v| v.iter().map(|s| s.to_string()).collect()),
@@ -501,24 +536,36 @@ fn dispatch_looks_at_the_agents_unfinished_jobs_only() {
         j.dispatched = false;
     }
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a1", "a2"]);
-    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true);
+    let (ids, bodies, _) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(agent_key().1),
+        &no_values,
+        true,
+    );
     assert_eq!((ids.len(), bodies.len()), (1, 1));
-    assert_eq!(s.running("a1"), 1);
-    assert_eq!(s.unfinished("a1").count(), 1);
+    assert_eq!(s.running(&AgentId::from("a1")), 1);
+    assert_eq!(s.unfinished(&AgentId::from("a1")).count(), 1);
     // Its end takes it out of the agent's unfinished jobs; a2's stays.
-    s.apply_event("a1", &accepted());
-    s.apply_event("a1", &job_finished(JobStatus::Failed));
-    assert_eq!(s.running("a1"), 0);
-    assert_eq!(s.unfinished("a1").count(), 0);
+    s.apply_event(&AgentId::from("a1"), &accepted());
+    s.apply_event(&AgentId::from("a1"), &job_finished(JobStatus::Failed));
+    assert_eq!(s.running(&AgentId::from("a1")), 0);
+    assert_eq!(s.unfinished(&AgentId::from("a1")).count(), 0);
     assert_eq!(s.agents_with_waiting_jobs(), vec!["a2"]);
     assert!(s
-        .take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true)
+        .take_ready(
+            &AgentId::from("a1"),
+            4,
+            Sealing::For(agent_key().1),
+            &no_values,
+            true
+        )
         .0
         .is_empty());
     // Deleting an agent fails its unfinished jobs and only those.
-    assert_eq!(s.fail_agent("a2", "deleted").len(), 1);
-    assert_eq!(s.unfinished("a2").count(), 0);
-    assert!(s.fail_agent("a2", "deleted").is_empty());
+    assert_eq!(s.fail_agent(&AgentId::from("a2"), "deleted").len(), 1);
+    assert_eq!(s.unfinished(&AgentId::from("a2")).count(), 0);
+    assert!(s.fail_agent(&AgentId::from("a2"), "deleted").is_empty());
 }
 
 /// A state whose one job (d-1 on a1, with secrets) is queued, not dispatched.
@@ -532,7 +579,13 @@ fn queued() -> State {
 fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one() {
     let (key, sealer) = agent_key();
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(sealer), &no_values, true);
+    let (ids, bodies, ops) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(sealer),
+        &no_values,
+        true,
+    );
     assert_eq!((ids.len(), ops.len()), (1, 1));
     let wire = serde_json::to_string(&bodies).unwrap();
     assert!(!wire.contains("s3cr3t-script"), "{wire}");
@@ -552,13 +605,20 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
 
     // Not attached since start: the job waits, unchanged.
     let mut s = queued();
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::Unknown, &no_values, true);
+    let (ids, bodies, ops) =
+        s.take_ready(&AgentId::from("a1"), 4, Sealing::Unknown, &no_values, true);
     assert!(ids.is_empty() && bodies.is_empty() && ops.is_empty());
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
     assert_eq!(
-        s.take_ready("a1", 4, Sealing::For(sealer), &no_values, true)
-            .0
-            .len(),
+        s.take_ready(
+            &AgentId::from("a1"),
+            4,
+            Sealing::For(sealer),
+            &no_values,
+            true
+        )
+        .0
+        .len(),
         1
     );
 
@@ -568,7 +628,7 @@ fn job_secrets_are_sealed_for_the_agent_or_wait_for_its_key_or_fail_without_one(
     // A release that sends no key: the job fails, saying why; nothing is sent.
     let mut s = queued();
     let (ids, bodies, ops) = s.take_ready(
-        "a1",
+        &AgentId::from("a1"),
         4,
         Sealing::Unable(super::NO_SEALING_KEY),
         &no_values,
@@ -599,7 +659,13 @@ fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alon
             ("name".into(), "web-1".into()),
         ])
     };
-    let (ids, bodies, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values, true);
+    let (ids, bodies, _) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(agent_key().1),
+        &values,
+        true,
+    );
     assert_eq!(ids.len(), 1);
     let [CommandBody::RunJob { steps, .. }] = &bodies[..] else {
         panic!("{bodies:?}");
@@ -613,7 +679,13 @@ fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alon
     s.deployments.get_mut("d-1").unwrap().steps[0]
         .properties
         .insert("script".into(), "echo ${agent.gpu}".into());
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &values, true);
+    let (ids, bodies, ops) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(agent_key().1),
+        &values,
+        true,
+    );
     assert!(ids.is_empty() && bodies.is_empty());
     assert_eq!(ops.len(), 1);
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Failed);
@@ -629,7 +701,13 @@ fn agent_placeholders_are_filled_per_agent_and_a_missing_fact_fails_the_job_alon
         .properties
         .insert("script".into(), "${agent.big}".repeat(4000));
     let big = || BTreeMap::from([("big".into(), "x".repeat(256))]);
-    let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &big, true);
+    let (ids, _, _) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(agent_key().1),
+        &big,
+        true,
+    );
     assert!(ids.is_empty());
     assert!(s.jobs["d-1-a1"].message.contains("more than"));
 }
@@ -640,7 +718,13 @@ fn a_job_naming_a_user_fails_on_an_agent_that_cannot_switch_and_runs_on_one_that
     s.deployments.get_mut("d-1").unwrap().steps[0]
         .properties
         .insert("run_as".into(), "deploy".into());
-    let (ids, bodies, ops) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, false);
+    let (ids, bodies, ops) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(agent_key().1),
+        &no_values,
+        false,
+    );
     assert!(ids.is_empty() && bodies.is_empty());
     assert_eq!(ops.len(), 1);
     assert_eq!(s.jobs["d-1-a1"].message, super::state::RUNS_AS_MESSAGE);
@@ -648,7 +732,13 @@ fn a_job_naming_a_user_fails_on_an_agent_that_cannot_switch_and_runs_on_one_that
     s.deployments.get_mut("d-1").unwrap().steps[0]
         .properties
         .insert("run_as".into(), "deploy".into());
-    let (ids, _, _) = s.take_ready("a1", 4, Sealing::For(agent_key().1), &no_values, true);
+    let (ids, _, _) = s.take_ready(
+        &AgentId::from("a1"),
+        4,
+        Sealing::For(agent_key().1),
+        &no_values,
+        true,
+    );
     assert_eq!(ids.len(), 1);
 }
 
@@ -667,6 +757,7 @@ fn rolling(agents: &[&str], size: u32, stop_on_failure: bool) -> State {
 
 fn end_job(s: &mut State, agent: &str, status: JobStatus) {
     let id = format!("d-1-{agent}");
+    let agent = &AgentId::from(agent);
     s.apply_event(agent, &EventBody::JobAccepted { job_id: id.clone() });
     let step_status = match status {
         JobStatus::Succeeded => StepStatus::Succeeded,
@@ -692,9 +783,15 @@ fn end_job(s: &mut State, agent: &str, status: JobStatus) {
 }
 
 fn take(s: &mut State, agent: &str) -> usize {
-    s.take_ready(agent, 4, Sealing::For(agent_key().1), &no_values, true)
-        .0
-        .len()
+    s.take_ready(
+        &AgentId::from(agent),
+        4,
+        Sealing::For(agent_key().1),
+        &no_values,
+        true,
+    )
+    .0
+    .len()
 }
 
 #[test]
@@ -749,10 +846,10 @@ fn a_rolling_deployment_starts_a_batch_when_the_one_before_ended_and_stops_on_fa
 #[test]
 fn a_pool_takes_any_n_of_the_tagged_agents_available_ones_first() {
     let agents = [
-        agent("a-1", "web-1", &["web"]),
-        agent("a-2", "web-2", &["web"]),
-        agent("a-3", "web-3", &["web"]),
-        agent("a-4", "db-1", &["db"]),
+        agent(&AgentId::from("a-1"), "web-1", &["web"]),
+        agent(&AgentId::from("a-2"), "web-2", &["web"]),
+        agent(&AgentId::from("a-3"), "web-3", &["web"]),
+        agent(&AgentId::from("a-4"), "db-1", &["db"]),
     ];
     let ids = resolve_targets(
         &Targets {
@@ -763,9 +860,9 @@ fn a_pool_takes_any_n_of_the_tagged_agents_available_ones_first() {
         &AgentIndex::of(&agents),
     )
     .unwrap();
-    let available = |id: &str| id == "a-3";
+    let available = |id: &AgentId| id.as_str() == "a-3";
     let index = AgentIndex::of(&agents);
-    let name_of = |id: &str| index.name_of(id).map(str::to_owned);
+    let name_of = |id: &AgentId| index.name_of(id).map(str::to_owned);
     assert_eq!(
         super::pick_pool(ids.clone(), Some(2), &name_of, &available).unwrap(),
         vec!["a-3", "a-1"]
@@ -798,7 +895,7 @@ fn jobs_still_queued_past_the_deadline_expire_and_sent_ones_do_not() {
     s.deployments.get_mut("d-1").unwrap().deadline_unix_ms = Some(1_001);
     s.jobs.get_mut("d-1-a2").unwrap().dispatched = false;
     s.apply_event(
-        "a3",
+        &AgentId::from("a3"),
         &EventBody::JobAccepted {
             job_id: "d-1-a3".into(),
         },
@@ -919,10 +1016,13 @@ fn stored_secrets_are_sealed_and_open_at_load_and_a_rotation_seals_them_again() 
 #[test]
 fn an_agent_in_maintenance_gets_nothing_and_only_skippable_jobs_end() {
     let mut s = queued();
-    assert!(s.skip_for_maintenance("a1").is_empty(), "made to wait");
+    assert!(
+        s.skip_for_maintenance(&AgentId::from("a1")).is_empty(),
+        "made to wait"
+    );
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
     s.deployments.get_mut("d-1").unwrap().skip_maintenance = true;
-    let ops = s.skip_for_maintenance("a1");
+    let ops = s.skip_for_maintenance(&AgentId::from("a1"));
     assert_eq!(ops.len(), 1);
     let job = &s.jobs["d-1-a1"];
     assert_eq!(job.status, JobState::Cancelled);
@@ -931,7 +1031,7 @@ fn an_agent_in_maintenance_gets_nothing_and_only_skippable_jobs_end() {
     // A job already sent runs on.
     let mut s = state(&["a1"]);
     s.deployments.get_mut("d-1").unwrap().skip_maintenance = true;
-    assert!(s.skip_for_maintenance("a1").is_empty());
+    assert!(s.skip_for_maintenance(&AgentId::from("a1")).is_empty());
     assert_eq!(s.jobs["d-1-a1"].status, JobState::Queued);
 }
 
@@ -943,9 +1043,12 @@ fn ends_are_counted_once_by_result_and_the_gate_moves_only_at_a_batch_boundary()
     assert_eq!(take(&mut s, "a2"), 1);
     // a1 ends: batch 0 still runs a2, so nothing new may start.
     let id = "d-1-a1".to_owned();
-    s.apply_event("a1", &EventBody::JobAccepted { job_id: id.clone() });
+    s.apply_event(
+        &AgentId::from("a1"),
+        &EventBody::JobAccepted { job_id: id.clone() },
+    );
     let e = s.apply_event(
-        "a1",
+        &AgentId::from("a1"),
         &EventBody::JobFinished {
             job_id: id.clone(),
             status: JobStatus::Failed,
@@ -957,7 +1060,7 @@ fn ends_are_counted_once_by_result_and_the_gate_moves_only_at_a_batch_boundary()
     );
     // The same end again changes nothing and is not counted twice.
     let again = s.apply_event(
-        "a1",
+        &AgentId::from("a1"),
         &EventBody::JobFinished {
             job_id: id,
             status: JobStatus::Failed,

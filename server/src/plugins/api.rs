@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tether_shared::agent_auth::{claimed_agent, verify_request};
 use tether_shared::identity::PublicKey;
+use tether_shared::ids::AgentId;
 use tether_shared::plugin::MAX_BUNDLE_BYTES;
 
 use super::{is_sha256, PluginsError, Stored};
@@ -167,7 +168,10 @@ async fn download(
     if !is_sha256(&sha256) {
         return error(actix_web::http::StatusCode::NOT_FOUND, "not found".into());
     }
-    if !state.deployments.sends_blob(&agent_id, &sha256) {
+    if !state
+        .deployments
+        .sends_blob(&AgentId::from(agent_id.as_str()), &sha256)
+    {
         tracing::warn!(agent_id = %agent_id, sha256 = %sha256, "plugin-download-not-referenced");
         return error(actix_web::http::StatusCode::NOT_FOUND, "not found".into());
     }

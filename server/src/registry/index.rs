@@ -7,17 +7,18 @@ use std::ops::Deref;
 
 use super::{AgentRecord, StoredAgent};
 use tether_shared::enroll::Role;
+use tether_shared::ids::AgentId;
 
 /// Enrolled agents and relays by id, and the agents' index: every change goes through
 /// [`Enrolled::insert`] and [`Enrolled::remove`], which keep both together.
 #[derive(Debug, Default)]
 pub(super) struct Enrolled {
-    by_id: BTreeMap<String, StoredAgent>,
+    by_id: BTreeMap<AgentId, StoredAgent>,
     pub(super) index: AgentIndex,
 }
 
 impl Deref for Enrolled {
-    type Target = BTreeMap<String, StoredAgent>;
+    type Target = BTreeMap<AgentId, StoredAgent>;
 
     fn deref(&self) -> &Self::Target {
         &self.by_id
@@ -27,7 +28,7 @@ impl Deref for Enrolled {
 impl Enrolled {
     /// Keeps `stored` (in place of the record with its id).
     pub(super) fn insert(&mut self, stored: StoredAgent) {
-        if let Some(old) = self.by_id.get(&stored.record.id) {
+        if let Some(old) = self.by_id.get(stored.record.id.as_str()) {
             self.index.remove(&old.record);
         }
         self.index.add(&stored.record);
@@ -46,11 +47,11 @@ impl Enrolled {
 #[derive(Debug, Default)]
 pub struct AgentIndex {
     /// Name by id: every indexed agent is here.
-    names: HashMap<String, String>,
+    names: HashMap<AgentId, String>,
     /// Id by name.
-    ids: HashMap<String, String>,
+    ids: HashMap<String, AgentId>,
     /// Ids by tag, in id order.
-    tagged: HashMap<String, BTreeSet<String>>,
+    tagged: HashMap<String, BTreeSet<AgentId>>,
 }
 
 impl AgentIndex {
@@ -81,7 +82,7 @@ impl AgentIndex {
 
     /// Forgets `record`, as it was indexed.
     pub fn remove(&mut self, record: &AgentRecord) {
-        if self.names.remove(&record.id).is_none() {
+        if self.names.remove(record.id.as_str()).is_none() {
             return;
         }
         if self.ids.get(&record.name) == Some(&record.id) {
@@ -89,7 +90,7 @@ impl AgentIndex {
         }
         for tag in &record.tags {
             if let Some(set) = self.tagged.get_mut(tag) {
-                set.remove(&record.id);
+                set.remove(record.id.as_str());
                 if set.is_empty() {
                     self.tagged.remove(tag);
                 }
@@ -98,10 +99,10 @@ impl AgentIndex {
     }
 
     /// The id of the agent whose id or name is `key` (an id first).
-    pub fn id_of(&self, key: &str) -> Option<&str> {
+    pub fn id_of(&self, key: &str) -> Option<&AgentId> {
         match self.names.get_key_value(key) {
-            Some((id, _)) => Some(id.as_str()),
-            None => self.ids.get(key).map(String::as_str),
+            Some((id, _)) => Some(id),
+            None => self.ids.get(key),
         }
     }
 
@@ -113,7 +114,7 @@ impl AgentIndex {
 
     /// The ids of the agents having every tag of `tags`, in id order (none for no tags): the
     /// smallest tag's agents, each checked against the others.
-    pub fn tagged(&self, tags: &[String]) -> Vec<String> {
+    pub fn tagged(&self, tags: &[String]) -> Vec<AgentId> {
         let mut sets = Vec::with_capacity(tags.len());
         for tag in tags {
             match self.tagged.get(tag) {
@@ -139,7 +140,7 @@ mod tests {
 
     fn record(id: &str, name: &str, tags: &[&str], role: Role) -> AgentRecord {
         AgentRecord {
-            id: id.into(),
+            id: AgentId::from(id),
             name: name.into(),
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
             role,
@@ -159,13 +160,16 @@ mod tests {
         let web2 = record("a-2", "web-2", &["web"], Role::Agent);
         let relay = record("r-1", "relay-1", &["web"], Role::Relay);
         let mut index = AgentIndex::of(&[web1.clone(), web2.clone(), relay]);
-        assert_eq!(index.id_of("web-1"), Some("a-1"));
-        assert_eq!(index.id_of("a-2"), Some("a-2"));
+        assert_eq!(index.id_of("web-1").map(AgentId::as_str), Some("a-1"));
+        assert_eq!(index.id_of("a-2").map(AgentId::as_str), Some("a-2"));
         assert_eq!(index.id_of("relay-1"), None);
         assert_eq!(index.name_of("a-2"), Some("web-2"));
         let tags = |t: &[&str]| t.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
-        assert_eq!(index.tagged(&tags(&["web"])), ["a-1", "a-2"]);
-        assert_eq!(index.tagged(&tags(&["eu", "web"])), ["a-1"]);
+        assert_eq!(
+            index.tagged(&tags(&["web"])),
+            [AgentId::from("a-1"), AgentId::from("a-2")]
+        );
+        assert_eq!(index.tagged(&tags(&["eu", "web"])), [AgentId::from("a-1")]);
         assert!(index.tagged(&tags(&["web", "db"])).is_empty());
         assert!(index.tagged(&[]).is_empty());
         // Renamed and retagged: the old entries go.
@@ -173,9 +177,9 @@ mod tests {
         index.remove(&web1);
         index.add(&moved);
         assert_eq!(index.id_of("web-1"), None);
-        assert_eq!(index.id_of("web-9"), Some("a-1"));
-        assert_eq!(index.tagged(&tags(&["web"])), ["a-2"]);
-        assert_eq!(index.tagged(&tags(&["db"])), ["a-1"]);
+        assert_eq!(index.id_of("web-9").map(AgentId::as_str), Some("a-1"));
+        assert_eq!(index.tagged(&tags(&["web"])), [AgentId::from("a-2")]);
+        assert_eq!(index.tagged(&tags(&["db"])), [AgentId::from("a-1")]);
         index.remove(&web2);
         assert!(index.tagged(&tags(&["web"])).is_empty());
         assert_eq!(index.id_of("a-2"), None);

@@ -12,22 +12,26 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use tether_shared::config::Secret;
 use tether_shared::enroll::{name_problem, tags_problem};
 use tether_shared::facts::Facts;
 use tether_shared::identity::PublicKey;
+use tether_shared::ids::AgentId;
 use tether_shared::journal::{JournalError, JournalHandle, Op};
 
 use crate::presence::{Seen, Sightings};
 
+mod enrollment;
 mod index;
+mod tokens;
+mod views;
+use enrollment::Certified;
 pub use index::AgentIndex;
 use index::Enrolled;
+pub use tokens::TokenInfo;
+use tokens::{token_sha256, StoredToken};
+pub use views::{AgentView, Status, TrustPosition};
 
 pub use tether_shared::enroll::{EnrollRequest, Role};
 
@@ -47,7 +51,7 @@ const MAX_TOKEN_LEN: usize = 512;
 #[serde(deny_unknown_fields)]
 pub struct AgentRecord {
     /// Server-assigned id: `a-` (agents) or `r-` (relays) and 16 hex digits.
-    pub id: String,
+    pub id: AgentId,
     /// The operator's name for the machine; unique among all enrolled peers.
     pub name: String,
     /// Standard base64 of its Ed25519 public key: the handshake proof is checked against it.
@@ -167,153 +171,8 @@ pub struct Maintenance {
 /// Longest maintenance reason.
 pub const MAX_MAINTENANCE_REASON: usize = 200;
 
-/// A token just created: the only time its text exists outside the caller's hands.
-#[derive(Debug, Clone)]
-pub struct IssuedToken {
-    /// The token's id (see [`TokenInfo::id`]): what lists show and revocation takes.
-    pub id: String,
-    /// The token to give to `install`; never stored, never logged.
-    pub token: Secret<String>,
-    /// When it stops being accepted.
-    pub expires_unix_ms: u64,
-    /// How many enrollments it allows.
-    pub uses: u32,
-    /// What it enrolls.
-    pub role: Role,
-}
-
-/// A live enrollment token as lists show it: never its text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TokenInfo {
-    /// The first 16 hex digits of the token's sha256: names it without revealing it.
-    pub id: String,
-    /// What it enrolls.
-    pub role: Role,
-    /// Enrollments it still allows.
-    pub uses_left: u32,
-    /// When it stops being accepted.
-    pub expires_unix_ms: u64,
-    /// When it was created (absent for tokens from before this was recorded).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub created_unix_ms: Option<u64>,
-}
-
-/// Whether an agent is connected now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    /// A session is open.
-    Online,
-    /// No session (never connected, disconnected, or the server restarted since).
-    Offline,
-}
-
-/// One line of `GET /api/v1/agents`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct AgentView {
-    /// The agent id.
-    pub id: String,
-    /// Its name.
-    pub name: String,
-    /// Connected or not.
-    pub status: Status,
-    /// The version it reported at its last connect; `None` until it first connects.
-    pub version: Option<String>,
-    /// Its tags.
-    pub tags: Vec<String>,
-    /// Its properties (operator-set key/value notes).
-    pub properties: BTreeMap<String, String>,
-    /// Relays its session runs through, nearest the agent first; empty when direct.
-    pub path: Vec<String>,
-    /// When it was last heard from (since this server started), Unix ms; `None` if not yet.
-    /// Named `last_seen` as in the operator contract.
-    #[serde(rename = "last_seen")]
-    pub last_seen_unix_ms: Option<u64>,
-    /// Set while it is in maintenance.
-    pub maintenance: Option<Maintenance>,
-    /// Its own limit of jobs at once, if an operator set one.
-    pub max_running_jobs: Option<u32>,
-    /// What it reported of its machine (`tether_shared::facts`).
-    pub facts: Facts,
-    /// When those facts were reported (absent: never).
-    pub facts_unix_ms: Option<u64>,
-    /// It runs an older release than this server's: upgrade it (`tether upgrades`).
-    pub upgrade_recommended: bool,
-    /// Offline for longer than `retention.mark_stale_after_s`.
-    pub stale: bool,
-}
-
-/// Whether an agent reporting `version` runs an older release than this server. Versions
-/// that are not `MAJOR.MINOR.PATCH` (a development build) are never called older.
-pub fn older_than_server(version: &str) -> bool {
-    use tether_shared::upgrade::Version;
-    match (
-        Version::parse(version),
-        Version::parse(env!("CARGO_PKG_VERSION")),
-    ) {
-        (Ok(agent), Ok(server)) => agent < server,
-        _ => false,
-    }
-}
-
-/// One line of `GET /api/v1/relays`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RelayStatus {
-    pub id: String,
-    pub name: String,
-    pub status: Status,
-    /// The version it reported at its last connect.
-    pub version: Option<String>,
-    /// Relays between it and the server, nearest it first; empty when it connects directly.
-    pub path: Vec<String>,
-    #[serde(rename = "last_seen")]
-    pub last_seen_unix_ms: Option<u64>,
-    /// Agents online through it now (directly or through its child relays).
-    pub agents: u64,
-    /// Its last heartbeat's status: version, load, and its actors' health.
-    #[serde(rename = "health")]
-    pub reported: Option<ReportedStatus>,
-    /// Set while it is in maintenance: no new job starts on an agent behind it.
-    pub maintenance: Option<Maintenance>,
-}
-
 /// A peer's self-reported status, as heartbeats carry it.
 pub type ReportedStatus = tether_shared::protocol::AgentStatus;
-
-fn agent_status_of(
-    record: AgentRecord,
-    p: Seen,
-    names: &HashMap<String, String>,
-    stale: &StalePolicy,
-    stored_seen: u64,
-) -> AgentView {
-    let now = tether_shared::clock::now_unix_ms();
-    let mark = StalePolicy::get(&stale.mark_after_ms);
-    AgentView {
-        stale: stale.past(&record, stored_seen, &p, now, mark),
-        upgrade_recommended: p.version.as_deref().is_some_and(older_than_server),
-        status: if p.online {
-            Status::Online
-        } else {
-            Status::Offline
-        },
-        version: p.version,
-        path: p.path.iter().map(|id| name_of(names, id)).collect(),
-        last_seen_unix_ms: p.last_seen_unix_ms,
-        id: record.id,
-        name: record.name,
-        tags: record.tags,
-        properties: record.properties,
-        maintenance: record.maintenance,
-        max_running_jobs: record.max_running_jobs,
-        facts: record.facts,
-        facts_unix_ms: (record.facts_unix_ms > 0).then_some(record.facts_unix_ms),
-    }
-}
-
-fn name_of(names: &HashMap<String, String>, id: &str) -> String {
-    names.get(id).cloned().unwrap_or_else(|| id.to_owned())
-}
 
 /// Why a registry operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -378,18 +237,6 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-/// Where one agent or relay stands in a trust rollover.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustPosition {
-    pub id: String,
-    pub name: String,
-    pub role: Role,
-    /// The last trust set it confirmed.
-    pub serial: u64,
-    /// Relays: the certificate it was last issued.
-    pub certificate: Option<String>,
-}
-
 /// A relay's certificate as issued.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -406,46 +253,6 @@ pub struct RelayCertificate {
     pub tls_public_key: Vec<u8>,
     pub hostnames: Vec<String>,
     pub issued: Option<IssuedCertificate>,
-}
-
-/// What a relay's certificate is issued for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Certified {
-    /// Standard base64 of the raw P-256 public key.
-    tls_public_key: String,
-    /// The certificate's names, in the order asked.
-    hostnames: Vec<String>,
-}
-
-impl Certified {
-    fn of(req: &EnrollRequest) -> Option<Certified> {
-        req.tls_public_key.as_ref().map(|key| Certified {
-            tls_public_key: key.clone(),
-            hostnames: req.hostnames.clone(),
-        })
-    }
-}
-
-/// A stored enrollment token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StoredToken {
-    /// Enrollments it still allows (at least 1; the last use deletes the token).
-    uses_left: u32,
-    /// When it stops being accepted.
-    expires_unix_ms: u64,
-    /// What it enrolls.
-    role: Role,
-    /// When it was created (0 for tokens stored before this was recorded).
-    #[serde(default)]
-    created_unix_ms: u64,
-}
-
-impl StoredToken {
-    fn accepts(&self, role: Role, now_ms: u64) -> bool {
-        self.role == role && self.uses_left > 0 && now_ms < self.expires_unix_ms
-    }
 }
 
 /// The registry; share it as `Arc<Registry>`.
@@ -531,7 +338,7 @@ impl Registry {
         let agents = read(&self.agents);
         let relay_held = path.iter().any(|r| {
             agents
-                .get(r)
+                .get(r.as_str())
                 .is_some_and(|s| s.record.maintenance.is_some())
         });
         agents.get(id).map_or((relay_held, None), |s| {
@@ -547,7 +354,7 @@ impl Registry {
         read(&self.agents).get(id).map_or_else(BTreeMap::new, |s| {
             let mut values = s.record.facts.clone();
             values.insert("name".to_owned(), s.record.name.clone());
-            values.insert("id".to_owned(), s.record.id.clone());
+            values.insert("id".to_owned(), s.record.id.to_string());
             values
         })
     }
@@ -610,323 +417,6 @@ impl Registry {
             .filter(|s| s.record.role == role)
             .map(|s| s.record.clone())
             .collect()
-    }
-
-    /// The agents (not relays) with their connection state, by name.
-    pub fn agent_statuses(&self, seen: &dyn Sightings) -> Vec<AgentView> {
-        let names = self.relay_names();
-        let mut list: Vec<AgentView> = self
-            .agents()
-            .into_iter()
-            .map(|record| {
-                let p = seen.seen(&record.id);
-                let stored_seen = self.stored_seen(&record.id);
-                agent_status_of(record, p, &names, &self.stale, stored_seen)
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
-    }
-
-    /// One agent (not relay) with its connection state.
-    pub fn agent_status(&self, id: &str, seen: &dyn Sightings) -> Option<AgentView> {
-        let record = self.agent(id).filter(|r| r.role == Role::Agent)?;
-        let stored_seen = self.stored_seen(id);
-        Some(agent_status_of(
-            record,
-            seen.seen(id),
-            &self.relay_names(),
-            &self.stale,
-            stored_seen,
-        ))
-    }
-
-    /// The relays with their connection state, by name.
-    pub fn relay_statuses(&self, seen: &dyn Sightings) -> Vec<RelayStatus> {
-        let presence = seen.all_seen();
-        let names = self.relay_names();
-        let mut carried: HashMap<&str, u64> = HashMap::new();
-        for (id, p) in presence.iter() {
-            let is_agent = read(&self.agents)
-                .get(id)
-                .is_some_and(|s| s.record.role == Role::Agent);
-            if p.online && is_agent {
-                for relay in &p.path {
-                    *carried.entry(relay.as_str()).or_default() += 1;
-                }
-            }
-        }
-        let mut list: Vec<RelayStatus> = self
-            .records(Role::Relay)
-            .into_iter()
-            .map(|record| {
-                let p = presence.get(&record.id).cloned().unwrap_or_default();
-                RelayStatus {
-                    status: if p.online {
-                        Status::Online
-                    } else {
-                        Status::Offline
-                    },
-                    version: p.version,
-                    path: p.path.iter().map(|id| name_of(&names, id)).collect(),
-                    last_seen_unix_ms: p.last_seen_unix_ms,
-                    agents: carried.get(record.id.as_str()).copied().unwrap_or(0),
-                    // A relay's last heartbeat says nothing once it is gone.
-                    reported: if p.online { p.reported } else { None },
-                    maintenance: record.maintenance,
-                    id: record.id,
-                    name: record.name,
-                }
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
-    }
-
-    fn relay_names(&self) -> HashMap<String, String> {
-        read(&self.agents)
-            .values()
-            .filter(|s| s.record.role == Role::Relay)
-            .map(|s| (s.record.id.clone(), s.record.name.clone()))
-            .collect()
-    }
-
-    /// Creates a token allowing `uses` enrollments of `role` for `ttl`.
-    pub async fn create_token(
-        &self,
-        uses: u32,
-        ttl: Duration,
-        role: Role,
-    ) -> Result<IssuedToken, RegistryError> {
-        self.create_token_at(uses, ttl, role, now_unix_ms()).await
-    }
-
-    async fn create_token_at(
-        &self,
-        uses: u32,
-        ttl: Duration,
-        role: Role,
-        now_ms: u64,
-    ) -> Result<IssuedToken, RegistryError> {
-        if !(1..=MAX_TOKEN_USES).contains(&uses) {
-            return Err(RegistryError::Invalid(format!(
-                "uses must be between 1 and {MAX_TOKEN_USES}, got {uses}"
-            )));
-        }
-        if ttl < Duration::from_secs(1) || ttl > MAX_TOKEN_TTL {
-            return Err(RegistryError::Invalid(format!(
-                "ttl_s must be between 1 and {} (30 days), got {}",
-                MAX_TOKEN_TTL.as_secs(),
-                ttl.as_secs()
-            )));
-        }
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let token = new_token();
-        let hash = token_sha256(&token);
-        let id = token_id(&hash);
-        let stored = StoredToken {
-            uses_left: uses,
-            expires_unix_ms: now_ms.saturating_add(ttl_ms),
-            role,
-            created_unix_ms: now_ms,
-        };
-
-        let _change = self.changes.lock().await;
-        // Expired tokens go in the same batch: they could never be used again.
-        let expired: Vec<String> = read(&self.tokens)
-            .iter()
-            .filter(|(_, t)| t.expires_unix_ms <= now_ms)
-            .map(|(h, _)| h.clone())
-            .collect();
-        let mut ops: Vec<Op> = expired
-            .iter()
-            .map(|h| Op::DeleteMeta {
-                key: format!("{TOKEN_PREFIX}{h}"),
-            })
-            .collect();
-        ops.push(Op::PutMeta {
-            key: format!("{TOKEN_PREFIX}{hash}"),
-            value: encode(&stored),
-        });
-        self.journal.commit(ops).await?;
-        {
-            let mut tokens = write(&self.tokens);
-            for h in &expired {
-                tokens.remove(h);
-            }
-            tokens.insert(hash, stored);
-        }
-        tracing::info!(
-            token_id = %id,
-            uses,
-            ttl_s = ttl.as_secs(),
-            role = %role,
-            purged = expired.len(),
-            "enrollment-token-created"
-        );
-        Ok(IssuedToken {
-            id,
-            token: Secret::new(token),
-            expires_unix_ms: stored.expires_unix_ms,
-            uses,
-            role,
-        })
-    }
-
-    /// Enrolls the peer `req` describes, consuming one use of its token; an identical retry
-    /// (same name, key and role, with a valid token or the token it enrolled with) returns the
-    /// existing record and consumes nothing.
-    pub async fn enroll(&self, req: EnrollRequest) -> Result<AgentRecord, RegistryError> {
-        self.enroll_at(req, now_unix_ms()).await
-    }
-
-    async fn enroll_at(
-        &self,
-        req: EnrollRequest,
-        now_ms: u64,
-    ) -> Result<AgentRecord, RegistryError> {
-        if let Some(problem) = name_problem("name", &req.name).or_else(|| tags_problem(&req.tags)) {
-            return Err(RegistryError::Invalid(problem));
-        }
-        let public_key = PublicKey::from_b64(&req.public_key)
-            .map_err(|e| RegistryError::Invalid(e.to_string()))?
-            .to_b64();
-        // Hashing first means the lookup never compares the secret itself.
-        let hash = if req.token.len() <= MAX_TOKEN_LEN {
-            Some(token_sha256(&req.token))
-        } else {
-            None
-        };
-
-        let _change = self.changes.lock().await;
-        let token = hash
-            .as_ref()
-            .and_then(|h| read(&self.tokens).get(h).copied())
-            .filter(|t| t.accepts(req.role, now_ms));
-        let (same_name, same_key) = {
-            let agents = read(&self.agents);
-            let same_name = agents.values().find(|s| s.record.name == req.name).cloned();
-            let same_key = agents
-                .values()
-                .any(|s| s.record.public_key == public_key && s.record.name != req.name);
-            (same_name, same_key)
-        };
-        let certified = Certified::of(&req);
-        if let Some(existing) = &same_name {
-            let identical =
-                existing.record.public_key == public_key && existing.record.role == req.role;
-            let entitled =
-                token.is_some() || hash.as_deref() == Some(existing.token_sha256.as_str());
-            if identical && entitled {
-                if existing.certified == certified && existing.record.tags == req.tags {
-                    // A retry: nothing new is asked, so nothing is spent. A relay is certified
-                    // again only for the key and names it already holds a certificate for.
-                    tracing::info!(agent_id = %existing.record.id, name = %req.name, "agent-re-enrolled");
-                    return Ok(existing.record.clone());
-                }
-                // Other tags (which choose the work an agent gets), or for a relay another key
-                // or other names: the operator's say-so, a live token, is needed, and one use
-                // of it is spent. The key holder alone cannot change them.
-                let (Some(token), Some(hash)) = (token, hash) else {
-                    return Err(if existing.certified != certified {
-                        RegistryError::CertificateChange
-                    } else {
-                        RegistryError::TagsChange
-                    });
-                };
-                // A new key or new names: the old certificate is not theirs.
-                let certificate = existing
-                    .certificate
-                    .clone()
-                    .filter(|_| existing.certified == certified);
-                let mut stored = StoredAgent {
-                    certified,
-                    certificate,
-                    ..existing.clone()
-                };
-                stored.record.tags = req.tags;
-                let left = self.commit_enrollment(&stored, token, &hash).await?;
-                tracing::info!(agent_id = %stored.record.id, name = %req.name, tags = ?stored.record.tags, uses_left = left, "agent-re-enrolled-changed");
-                return Ok(stored.record);
-            }
-        }
-        let (Some(token), Some(hash)) = (token, hash) else {
-            return Err(RegistryError::InvalidToken);
-        };
-        if same_name.is_some() {
-            return Err(RegistryError::NameTaken);
-        }
-        if same_key {
-            return Err(RegistryError::KeyTaken);
-        }
-
-        let id = self.new_id(req.role);
-        let stored = StoredAgent {
-            record: AgentRecord {
-                id: id.clone(),
-                name: req.name,
-                public_key,
-                tags: req.tags,
-                properties: BTreeMap::new(),
-                role: req.role,
-                enrolled_unix_ms: now_ms,
-                maintenance: None,
-                max_running_jobs: None,
-                facts: Facts::new(),
-                facts_unix_ms: 0,
-            },
-            token_sha256: hash.clone(),
-            certified,
-            certificate: None,
-            trust_serial: 0,
-        };
-        let left = self.commit_enrollment(&stored, token, &hash).await?;
-        let record = stored.record;
-        tracing::info!(agent_id = %id, name = %record.name, role = %record.role, uses_left = left, "agent-enrolled");
-        Ok(record)
-    }
-
-    /// Commits `stored` with one use less of the token `hash`, then applies both; returns the
-    /// uses left. The caller holds the change lock.
-    async fn commit_enrollment(
-        &self,
-        stored: &StoredAgent,
-        token: StoredToken,
-        hash: &str,
-    ) -> Result<u32, RegistryError> {
-        let token_key = format!("{TOKEN_PREFIX}{hash}");
-        let left = token.uses_left.saturating_sub(1);
-        let token_op = if left == 0 {
-            Op::DeleteMeta { key: token_key }
-        } else {
-            Op::PutMeta {
-                key: token_key,
-                value: encode(&StoredToken {
-                    uses_left: left,
-                    ..token
-                }),
-            }
-        };
-        let id = &stored.record.id;
-        self.journal
-            .commit(vec![
-                Op::PutMeta {
-                    key: format!("{AGENT_PREFIX}{id}"),
-                    value: encode(stored),
-                },
-                token_op,
-            ])
-            .await?;
-        {
-            let mut tokens = write(&self.tokens);
-            if left == 0 {
-                tokens.remove(hash);
-            } else if let Some(t) = tokens.get_mut(hash) {
-                t.uses_left = left;
-            }
-        }
-        write(&self.agents).insert(stored.clone());
-        Ok(left)
     }
 
     /// Replaces the tags and/or the properties of agent `id` (validated; committed before it
@@ -1089,7 +579,7 @@ impl Registry {
     }
 
     /// Agents offline for longer than `retention.remove_stale_after_s`, by id.
-    pub fn stale_to_remove(&self, seen: &dyn Sightings) -> Vec<String> {
+    pub fn stale_to_remove(&self, seen: &dyn Sightings) -> Vec<AgentId> {
         let threshold = StalePolicy::get(&self.stale.remove_after_ms);
         if threshold == 0 {
             return Vec::new();
@@ -1142,22 +632,6 @@ impl Registry {
         (agents.len(), behind)
     }
 
-    /// Every agent and relay, with the trust set it holds.
-    pub fn trust_positions(&self) -> Vec<TrustPosition> {
-        let mut list: Vec<TrustPosition> = read(&self.agents)
-            .values()
-            .map(|s| TrustPosition {
-                id: s.record.id.clone(),
-                name: s.record.name.clone(),
-                role: s.record.role,
-                serial: s.trust_serial,
-                certificate: s.certificate.as_ref().map(|c| c.pem.clone()),
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        list
-    }
-
     /// Changes the stored record of `id` (of `role`, if given) with `change`, commits it and
     /// then serves it; answers the new record, or `None` if there is no such one.
     async fn modify(
@@ -1186,60 +660,6 @@ impl Registry {
         Ok(Some(record))
     }
 
-    /// The enrollment tokens that can still enroll, newest first.
-    pub fn tokens(&self) -> Vec<TokenInfo> {
-        let now_ms = now_unix_ms();
-        let mut list: Vec<TokenInfo> = read(&self.tokens)
-            .iter()
-            .filter(|(_, t)| t.expires_unix_ms > now_ms && t.uses_left > 0)
-            .map(|(hash, t)| TokenInfo {
-                id: token_id(hash),
-                role: t.role,
-                uses_left: t.uses_left,
-                expires_unix_ms: t.expires_unix_ms,
-                created_unix_ms: (t.created_unix_ms > 0).then_some(t.created_unix_ms),
-            })
-            .collect();
-        list.sort_by(|a, b| {
-            b.created_unix_ms
-                .cmp(&a.created_unix_ms)
-                .then_with(|| a.id.cmp(&b.id))
-        });
-        list
-    }
-
-    /// Revokes the token whose id is `id` (committed before it answers): it enrolls nobody
-    /// from then on. Peers it already enrolled keep their identities. `None` if no token has
-    /// that id.
-    pub async fn revoke_token(&self, id: &str) -> Result<Option<TokenInfo>, RegistryError> {
-        if id.len() != TOKEN_ID_LEN || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Ok(None);
-        }
-        let _change = self.changes.lock().await;
-        let Some((hash, token)) = read(&self.tokens)
-            .iter()
-            .find(|(hash, _)| token_id(hash).eq_ignore_ascii_case(id))
-            .map(|(h, t)| (h.clone(), *t))
-        else {
-            return Ok(None);
-        };
-        self.journal
-            .commit(vec![Op::DeleteMeta {
-                key: format!("{TOKEN_PREFIX}{hash}"),
-            }])
-            .await?;
-        write(&self.tokens).remove(&hash);
-        let id = token_id(&hash);
-        tracing::info!(token_id = %id, role = %token.role, uses_left = token.uses_left, "enrollment-token-revoked");
-        Ok(Some(TokenInfo {
-            id,
-            role: token.role,
-            uses_left: token.uses_left,
-            expires_unix_ms: token.expires_unix_ms,
-            created_unix_ms: (token.created_unix_ms > 0).then_some(token.created_unix_ms),
-        }))
-    }
-
     /// A fresh id for `role`, unused so far.
     fn new_id(&self, role: Role) -> String {
         let prefix = match role {
@@ -1249,7 +669,7 @@ impl Registry {
         let agents = read(&self.agents);
         loop {
             let id = format!("{prefix}{:016x}", rand::rngs::OsRng.next_u64());
-            if !agents.contains_key(&id) {
+            if !agents.contains_key(id.as_str()) {
                 return id;
             }
         }
@@ -1317,29 +737,6 @@ pub fn properties_problem(properties: &BTreeMap<String, String>) -> Option<Strin
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub use tether_shared::clock::now_unix_ms;
-
-/// `tte_` and 32 random bytes, base64url without padding. The prefix makes a leaked token easy
-/// to recognise (secret scanners), and keeps a token from starting with `-`, which a command
-/// line would take for an option.
-fn new_token() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("tte_{}", URL_SAFE_NO_PAD.encode(bytes))
-}
-
-/// Hex digits of a token's sha256 that make its id.
-const TOKEN_ID_LEN: usize = 16;
-
-/// A token's id: the first [`TOKEN_ID_LEN`] hex digits of its sha256. 64 bits name it among
-/// the live tokens; they say nothing of the token's 256 random bits.
-fn token_id(hash: &str) -> String {
-    hash.get(..TOKEN_ID_LEN).unwrap_or(hash).to_owned()
-}
-
-/// The key a token is stored and looked up under.
-fn token_sha256(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain structs cannot fail; an empty value would fail at load, loudly.

@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use super::tokens::IssuedToken;
 use super::*;
 use tether_shared::identity::Identity;
 use tether_shared::journal::{Journal, JournalOptions};
@@ -376,11 +377,11 @@ fn nobody() -> crate::presence::Presence<()> {
 
 #[test]
 fn agents_older_than_the_server_are_told_to_upgrade() {
-    assert!(super::older_than_server("0.0.1"));
-    assert!(!super::older_than_server(env!("CARGO_PKG_VERSION")));
-    assert!(!super::older_than_server("99.0.0"));
+    assert!(super::views::older_than_server("0.0.1"));
+    assert!(!super::views::older_than_server(env!("CARGO_PKG_VERSION")));
+    assert!(!super::views::older_than_server("99.0.0"));
     assert!(
-        !super::older_than_server("loadgen-0.2.0"),
+        !super::views::older_than_server("loadgen-0.2.0"),
         "not a release version"
     );
 }

@@ -28,6 +28,7 @@ pub mod source_slots;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
+use tether_shared::ids::AgentId;
 
 use tether_shared::journal::JournalHandle;
 use tether_shared::stream::ConnId;
@@ -50,7 +51,7 @@ pub type Peers = Presence<Holder>;
 
 impl Presence<Holder> {
     /// The agent's current session.
-    pub fn session(&self, agent_id: &str) -> Option<(ConnId, handle::SessionHandle)> {
+    pub fn session(&self, agent_id: &AgentId) -> Option<(ConnId, handle::SessionHandle)> {
         match self.current(agent_id)? {
             (conn, Holder::Agent(session)) => Some((conn, session)),
             (_, Holder::Relay(_)) => None,

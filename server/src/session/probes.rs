@@ -6,6 +6,7 @@
 //! batch as the event it counts — so it is exactly what the journal holds, after any crash.
 
 use serde::{Deserialize, Serialize};
+use tether_shared::ids::AgentId;
 
 /// Arrivals of one numbered series.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,7 +50,7 @@ pub struct ProbeStats {
 }
 
 impl ProbeStats {
-    pub fn meta_key(agent_id: &str) -> String {
+    pub fn meta_key(agent_id: &AgentId) -> String {
         format!("probe/{agent_id}")
     }
 }

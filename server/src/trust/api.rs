@@ -31,7 +31,7 @@ pub struct Behind {
 impl From<&TrustPosition> for Behind {
     fn from(p: &TrustPosition) -> Self {
         Behind {
-            id: p.id.clone(),
+            id: p.id.to_string(),
             name: p.name.clone(),
             role: p.role,
             serial: p.serial,

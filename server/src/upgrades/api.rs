@@ -253,7 +253,10 @@ async fn rollout(
     let mut answer = Vec::new();
     let mut failed = Vec::new();
     for id in ids {
-        let name = state.registry.agent_name(&id).unwrap_or_else(|| id.clone());
+        let name = state
+            .registry
+            .agent_name(&id)
+            .unwrap_or_else(|| id.to_string());
         match state
             .scheduler
             .queue_upgrade(&id.as_str().into(), &package)
@@ -311,9 +314,9 @@ pub async fn queue_relay_upgrades(
     let mut ids: Vec<(String, String)> = Vec::new();
     let mut unknown = Vec::new();
     for n in names {
-        match relays.iter().find(|r| &r.name == n || &r.id == n) {
-            Some(r) if !ids.iter().any(|(id, _)| id == &r.id) => {
-                ids.push((r.id.clone(), r.name.clone()))
+        match relays.iter().find(|r| &r.name == n || r.id.as_str() == n) {
+            Some(r) if !ids.iter().any(|(id, _)| id == r.id.as_str()) => {
+                ids.push((r.id.to_string(), r.name.clone()))
             }
             Some(_) => {}
             None => unknown.push(format!("{n:?}")),

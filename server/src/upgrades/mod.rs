@@ -33,6 +33,7 @@ pub mod api;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{PoisonError, RwLock};
+use tether_shared::ids::AgentId;
 
 use serde::{Deserialize, Serialize};
 use tether_shared::journal::{JournalError, JournalHandle, Op};
@@ -299,12 +300,12 @@ impl Upgrades {
     }
 
     /// `agent_id`'s latest upgrade.
-    pub fn agent(&self, agent_id: &str) -> Option<AgentUpgrade> {
-        read(&self.agents).get(agent_id).cloned()
+    pub fn agent(&self, agent_id: &AgentId) -> Option<AgentUpgrade> {
+        read(&self.agents).get(agent_id.as_str()).cloned()
     }
 
     /// The op recording `upgrade` as `agent_id`'s state (commit it, then [`Self::set_agent`]).
-    pub fn agent_op(agent_id: &str, upgrade: &AgentUpgrade) -> Op {
+    pub fn agent_op(agent_id: &AgentId, upgrade: &AgentUpgrade) -> Op {
         Op::PutMeta {
             key: format!("{AGENT_PREFIX}{agent_id}"),
             value: serde_json::to_vec(upgrade).unwrap_or_default(),
@@ -312,8 +313,8 @@ impl Upgrades {
     }
 
     /// Records `upgrade` in memory (once its op is durable).
-    pub fn set_agent(&self, agent_id: &str, upgrade: AgentUpgrade) {
-        write(&self.agents).insert(agent_id.to_owned(), upgrade);
+    pub fn set_agent(&self, agent_id: &AgentId, upgrade: AgentUpgrade) {
+        write(&self.agents).insert(agent_id.to_string(), upgrade);
     }
 
     /// `relay_id`'s latest upgrade.
@@ -379,7 +380,7 @@ impl Upgrades {
     /// An upgrade event from `agent_id`: the state change, as the op to commit in the event's
     /// batch (memory changes now, as for job events). `None` for other events, and for events
     /// about another version than the agent's current record.
-    pub fn on_event(&self, agent_id: &str, body: &EventBody) -> Option<Op> {
+    pub fn on_event(&self, agent_id: &AgentId, body: &EventBody) -> Option<Op> {
         let (version, state, reason) = match body {
             EventBody::UpgradeStarted { version } => {
                 (version, UpgradeState::Upgrading, "draining running steps")
@@ -403,7 +404,10 @@ impl Upgrades {
             _ => return None,
         };
         let mut agents = write(&self.agents);
-        if let Some(current) = agents.get(agent_id).filter(|c| &c.version != version) {
+        if let Some(current) = agents
+            .get(agent_id.as_str())
+            .filter(|c| &c.version != version)
+        {
             tracing::warn!(agent_id = %agent_id, version = %version, current = %current.version, "upgrade-event-for-another-version");
             return None;
         }
@@ -423,7 +427,7 @@ impl Upgrades {
             rollout_id: String::new(),
         };
         let op = Self::agent_op(agent_id, &upgrade);
-        agents.insert(agent_id.to_owned(), upgrade);
+        agents.insert(agent_id.to_string(), upgrade);
         Some(op)
     }
 
@@ -546,34 +550,40 @@ mod tests {
             rollout_id: String::new(),
         };
         handle
-            .commit(vec![Upgrades::agent_op("a-1", &requested)])
+            .commit(vec![Upgrades::agent_op(&AgentId::from("a-1"), &requested)])
             .await
             .unwrap();
-        up.set_agent("a-1", requested);
+        up.set_agent(&AgentId::from("a-1"), requested);
         let started = EventBody::UpgradeStarted {
             version: "2.0.0".into(),
         };
-        let op = up.on_event("a-1", &started).unwrap();
-        assert_eq!(up.agent("a-1").unwrap().state, UpgradeState::Upgrading);
+        let op = up.on_event(&AgentId::from("a-1"), &started).unwrap();
+        assert_eq!(
+            up.agent(&AgentId::from("a-1")).unwrap().state,
+            UpgradeState::Upgrading
+        );
         let stale = EventBody::UpgradeRefused {
             version: "1.9.0".into(),
             reason: "x".into(),
         };
-        assert!(up.on_event("a-1", &stale).is_none());
+        assert!(up.on_event(&AgentId::from("a-1"), &stale).is_none());
         let finished = EventBody::UpgradeFinished {
             version: "2.0.0".into(),
             outcome: UpgradeOutcome::RolledBack,
             reason: "exited with code 3".into(),
         };
-        let op2 = up.on_event("a-1", &finished).unwrap();
+        let op2 = up.on_event(&AgentId::from("a-1"), &finished).unwrap();
         handle.commit(vec![op, op2]).await.unwrap();
         let again = Upgrades::open(handle, tmp.path()).unwrap();
         drop(journal);
-        let u = again.agent("a-1").unwrap();
+        let u = again.agent(&AgentId::from("a-1")).unwrap();
         assert_eq!(u.state, UpgradeState::RolledBack);
         assert_eq!(u.reason, "exited with code 3");
         assert!(up
-            .on_event("a-1", &EventBody::JobAccepted { job_id: "j".into() })
+            .on_event(
+                &AgentId::from("a-1"),
+                &EventBody::JobAccepted { job_id: "j".into() }
+            )
             .is_none());
     }
 
@@ -661,6 +671,6 @@ mod tests {
         assert_eq!(r.state, UpgradeState::Done);
         assert_eq!(r.rollout_id, "rollout-1");
         assert_eq!(again.all_packages().len(), 2);
-        assert!(again.agent("r-1").is_none());
+        assert!(again.agent(&AgentId::from("r-1")).is_none());
     }
 }

@@ -10,6 +10,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use maud::{html, Markup};
 use serde::Deserialize;
 use serde_json::Value;
+use tether_shared::ids::AgentId;
 
 use super::layout::{self, badge, csrf_field, enc, resource};
 use super::session::CurrentUser;
@@ -84,7 +85,7 @@ async fn dismiss(
     #[derive(Deserialize)]
     struct Form {}
     let _: Form = csrf::protected_form(&req, &user, &body)?;
-    let agent = path.into_inner();
+    let agent = AgentId::from(path.into_inner());
     match state.shared.work.reconciliations().dismiss(&agent).await {
         Ok(true) => {
             tracing::info!(user = %user.name, agent_id = %agent, "web-reconciliation-dismissed");

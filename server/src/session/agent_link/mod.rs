@@ -776,7 +776,7 @@ impl Handler<Detach> for AgentLink {
 /// A snapshot of the link for health, metrics and the probe check.
 #[derive(Debug, Clone, Serialize)]
 pub struct LinkHealth {
-    pub agent_id: String,
+    pub agent_id: AgentId,
     pub connected: bool,
     /// Commands not yet acknowledged by the agent, and the age of the oldest.
     pub unacked_commands: usize,
@@ -809,7 +809,7 @@ impl Handler<ObserveLink> for AgentLink {
         let stats = self.ep.outbound.stats();
         let now = now_ms();
         MessageResult(LinkHealth {
-            agent_id: self.agent_id.to_string(),
+            agent_id: self.agent_id.clone(),
             connected: self.connected(),
             unacked_commands: self.ep.outbound.unacked(),
             oldest_unacked_ms: self

@@ -1,0 +1,303 @@
+//! The relays a relay's link carries (itself and child relays on its channels): the commands
+//! the server pushes to them (an upgrade, a certificate, the trust set) and the events they
+//! answer with.
+
+use super::*;
+
+/// Ask a link to send relay `relay_id` (itself or a child on one of its channels) its
+/// in-progress upgrade command.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PushRelayUpgrade {
+    pub relay_id: RelayId,
+}
+
+impl Handler<PushRelayUpgrade> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, msg: PushRelayUpgrade, ctx: &mut Self::Context) {
+        if !self.closing {
+            self.push_upgrade(ctx, &msg.relay_id);
+        }
+    }
+}
+
+/// The only events a relay sends about itself: its upgrades' (anything else on its own channel
+/// is a protocol violation).
+pub(super) fn is_upgrade_event(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::UpgradeStarted { .. }
+            | EventBody::UpgradeStaged { .. }
+            | EventBody::UpgradeRefused { .. }
+            | EventBody::UpgradeFinished { .. }
+    )
+}
+
+/// How long a relay's command stays valid (it is re-sent at every connect anyway).
+const RELAY_COMMAND_TTL_MS: u64 = 60 * 60 * 1000;
+
+/// The signed `Upgrade` command for `relay_id`'s in-progress rollout, if it has one.
+fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame> {
+    let state = shared.upgrades.relay(relay_id)?;
+    if !state.state.in_progress() {
+        return None;
+    }
+    let Some(p) = shared
+        .upgrades
+        .component_package(Component::Relay, &state.version)
+    else {
+        tracing::warn!(relay_id = %relay_id, version = %state.version, "relay-upgrade-package-missing");
+        return None;
+    };
+    // Signed now, by the key in force (it may have changed since the upload).
+    let signature = shared.trust.sign(&component_signing_bytes(
+        Component::Relay,
+        &p.version,
+        &p.sha256,
+    ));
+    let body = CommandBody::Upgrade {
+        version: p.version,
+        sha256: p.sha256,
+        size: p.size,
+        signature,
+    };
+    // Every command of one rollout has the rollout's id: the relay re-reports a rollout it
+    // rolled back instead of trying it again, but tries a new rollout of the same version.
+    let id = if state.rollout_id.is_empty() {
+        hex::encode(rand::random::<[u8; 12]>())
+    } else {
+        state.rollout_id.clone()
+    };
+    relay_command(shared, relay_id, id, body)
+}
+
+/// A command for relay `relay_id` on its own channel, signed, valid for an hour (relays keep
+/// no journal: what they miss is sent again at their next connect).
+fn relay_command(
+    shared: &SessionShared,
+    relay_id: &str,
+    id: String,
+    body: CommandBody,
+) -> Option<Frame> {
+    let deadline = now_ms() + RELAY_COMMAND_TTL_MS;
+    let signed = command_signing_bytes(relay_id, &id, deadline, &body).ok()?;
+    let mut command = Command::new(Seq(1), id, deadline, body).ok()?;
+    command.signature = shared.trust.sign(&signed);
+    Some(Frame::Command(command))
+}
+
+/// Tells `relay_id`, if it is connected (directly or through other relays), about its
+/// in-progress upgrade. `true` if a link was asked to.
+pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &RelayId) -> bool {
+    let Some(path) = shared.presence.online_path(relay_id) else {
+        return false;
+    };
+    // The link that carries it is the one of the relay nearest the server on its path.
+    let holder = path.last().map_or(relay_id.as_str(), String::as_str);
+    match shared.presence.relay_link(holder) {
+        Some(link) => {
+            link.do_send(PushRelayUpgrade {
+                relay_id: relay_id.to_owned(),
+            });
+            true
+        }
+        None => false,
+    }
+}
+
+impl RelaySession {
+    /// The channel `relay_id` is on: this link's own relay, or a child relay on one of its
+    /// channels.
+    pub(super) fn relay_channel(&self, relay_id: &str) -> Option<u32> {
+        if self.relay_id.as_deref() == Some(relay_id) {
+            return Some(LINK_CHANNEL);
+        }
+        self.channels.iter().find_map(|(ch, c)| match c.relay_id() {
+            Some(r) if r == relay_id => Some(*ch),
+            _ => None,
+        })
+    }
+
+    /// Sends `relay_id` (this link's relay or a child relay on one of its channels) the
+    /// `Upgrade` command of its rollout, if one is in progress: relays keep no journal, so this
+    /// runs at every (re)connect and at rollout.
+    pub(super) fn push_upgrade(&mut self, ctx: &mut ws::WebsocketContext<Self>, relay_id: &str) {
+        let Some(frame) = relay_upgrade_command(&self.shared, relay_id) else {
+            return;
+        };
+        match self.relay_channel(relay_id) {
+            Some(ch) => {
+                tracing::info!(relay_id = %relay_id, ch, "relay-upgrade-command-sent");
+                self.send_on(ctx, ch, &frame);
+            }
+            None => tracing::debug!(relay_id = %relay_id, "relay-upgrade-command-no-channel"),
+        }
+    }
+
+    /// Sends `relay_id` its certificate: at connect (`always`) the current one, so a renewal
+    /// it missed reaches it; at each beat only one renewed just now.
+    pub(super) fn push_certificate(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        always: bool,
+    ) {
+        let certs = self.shared.relay_certs.clone();
+        let relay = relay_id.to_owned();
+        ctx.spawn(
+            async move { certs.current(&relay).await.map(|c| (relay, c)) }
+                .into_actor(self)
+                .map(move |result, act, ctx| match result {
+                    Ok((relay_id, Some(current))) if always || current.renewed => {
+                        let body = CommandBody::RelayCertificate {
+                            certificate: current.pem,
+                        };
+                        let id = hex::encode(rand::random::<[u8; 12]>());
+                        let Some(frame) = relay_command(&act.shared, &relay_id, id, body) else {
+                            return;
+                        };
+                        if let Some(ch) = act.relay_channel(&relay_id) {
+                            tracing::info!(relay_id = %relay_id, ch, renewed = current.renewed, "relay-certificate-sent");
+                            act.send_on(ctx, ch, &frame);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "relay-certificate-renewal-failed"),
+                }),
+        );
+    }
+
+    /// Sends `relay_id` the trust set in force if it holds an older one: `held` is what its
+    /// Hello said at connect (recorded), else what it last confirmed. At each beat until it
+    /// confirms, as relays keep no journal.
+    pub(super) fn push_trust(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        held: Option<u64>,
+    ) {
+        if let Some(serial) = held {
+            record_trust_serial(&self.shared, relay_id, serial);
+        }
+        let held = held.unwrap_or_else(|| self.shared.registry.trust_serial(relay_id));
+        if held >= self.shared.trust.rotation().serial {
+            return;
+        }
+        let body = CommandBody::Trust {
+            set: self.shared.trust.set(),
+        };
+        let id = hex::encode(rand::random::<[u8; 12]>());
+        let Some(frame) = relay_command(&self.shared, relay_id, id, body) else {
+            return;
+        };
+        if let Some(ch) = self.relay_channel(relay_id) {
+            tracing::info!(relay_id = %relay_id, ch, held, "relay-trust-sent");
+            self.send_on(ctx, ch, &frame);
+        }
+    }
+
+    /// An event a relay reports about itself (its upgrades, its trust): its state changes in
+    /// the journal.
+    pub(super) fn on_relay_event(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        event: &Event,
+    ) {
+        match &event.body {
+            EventBody::TrustApplied { serial } => {
+                tracing::info!(relay_id = %relay_id, serial, "relay-trust-applied");
+                return record_trust_serial(&self.shared, relay_id, *serial);
+            }
+            EventBody::TrustRefused { serial, reason } => {
+                tracing::warn!(relay_id = %relay_id, serial, reason = %reason, "relay-trust-refused");
+                return;
+            }
+            _ => {}
+        }
+        let Some(op) = self.shared.upgrades.on_relay_event(relay_id, &event.body) else {
+            tracing::debug!(relay_id = %relay_id, seq = event.seq.0, "relay-event-ignored");
+            return;
+        };
+        let journal = self.shared.journal.clone();
+        let relay_id = relay_id.to_owned();
+        ctx.spawn(
+            async move {
+                if let Err(e) = journal.commit(vec![op]).await {
+                    tracing::error!(relay_id = %relay_id, error = %e, "relay-upgrade-state-commit-failed");
+                }
+            }
+            .into_actor(self),
+        );
+    }
+
+    /// A child relay's own channel, after its welcome: heartbeats only.
+    pub(super) fn on_relay_frame(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        relay_id: &str,
+        frame: &[u8],
+    ) {
+        match protocol::decode(frame, Sender::Agent) {
+            Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(relay_id, hb.status),
+            Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
+                self.on_relay_event(ctx, relay_id, &event)
+            }
+            Ok(Frame::Error(_)) => {}
+            Ok(other) => {
+                let reason = format!("unexpected {} frame on a relay channel", other.kind());
+                self.refuse_channel(
+                    ctx,
+                    ch,
+                    CloseCode::Refused,
+                    ErrorCode::ProtocolViolation,
+                    &reason,
+                );
+            }
+            Err(e) => self.refuse_channel(
+                ctx,
+                ch,
+                e.close_code(),
+                e.to_error_frame().code,
+                &e.to_string(),
+            ),
+        }
+    }
+
+    pub(super) fn child_relay_ready(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        ch: u32,
+        hello: Hello,
+        version: &str,
+    ) {
+        let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
+        let Some(channel) = self.channels.get_mut(&ch) else {
+            return;
+        };
+        if channel.path.contains(&relay_id) {
+            // Never online through this channel: closing it must not mark the relay offline.
+            channel.greeting.close();
+            return self.refuse_channel(
+                ctx,
+                ch,
+                CloseCode::Refused,
+                ErrorCode::ProtocolViolation,
+                "relay loop",
+            );
+        }
+        uncount(&self.shared, &mut self.handshaking, channel);
+        let path = channel.path.clone();
+        self.shared
+            .presence
+            .set_online(&relay_id, version, path.clone());
+        tracing::info!(relay_id = %relay_id, ch, path = ?path, "relay-online");
+        let welcome = self.welcome();
+        self.send_on(ctx, ch, &welcome);
+        self.push_upgrade(ctx, &relay_id);
+        self.push_certificate(ctx, &relay_id, true);
+        self.push_trust(ctx, &relay_id, Some(trust_serial));
+    }
+}

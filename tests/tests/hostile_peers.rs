@@ -852,6 +852,38 @@ fn protocol_violations_after_the_welcome_close_the_session() {
         false,
     );
 
+    // (f) A heartbeat whose worker figures are not numbers, are negative, or carry a field no
+    // release sends: malformed, the session closed, nothing recorded (the figures stay absent).
+    let heartbeat = |figures: serde_json::Value| {
+        serde_json::to_vec(&json!({"v": 1, "kind": "heartbeat", "body": {"sent_ms": 1,
+            "status": {"version": "0.2.0", "running_jobs": 0, "load_milli": 0, "actors": [],
+                "figures": figures}}}))
+        .unwrap()
+    };
+    let figures = |resident: serde_json::Value| {
+        json!({"resident_bytes": resident, "cpu_ms": 1, "open_fds": 1, "uptime_s": 1,
+            "jobs_unfinished": 0, "steps_running": 0, "events_unacked": 0,
+            "journal_commits": 0, "journal_failures": 0})
+    };
+    let mut extra = figures(json!(1));
+    extra["fork_bomb"] = json!(1);
+    for (case, garbled) in [
+        ("heartbeat figures that are text", figures(json!("lots"))),
+        ("heartbeat figures that are negative", figures(json!(-1))),
+        ("heartbeat figures past u64", figures(json!(1e30))),
+        ("heartbeat figures with an unknown field", extra),
+    ] {
+        violate(
+            case,
+            heartbeat(garbled),
+            1002,
+            Some((ErrorCode::Malformed, "malformed heartbeat body")),
+            false,
+        );
+        let h = health(&server);
+        assert!(h["agents"][&agent.id]["figures"].is_null(), "{case}: {h}");
+    }
+
     // (e) A second hello after the welcome (validly signed, even).
     {
         let (mut ws, nonce) = challenged(&server, &agent.id, &key);
@@ -943,6 +975,46 @@ fn protocol_violations_after_the_welcome_close_the_session() {
         assert_eq!(journal_commits(&server), before + 1, "event 1 commits once");
         drop(ws);
         wait_offline(&server, "after the bogus ack", &agent.id);
+    }
+
+    // (g) The largest figures a heartbeat can carry: kept as they are, shown by the health and
+    // written by `/metrics` without overflow; the session stays up.
+    {
+        let (mut ws, _) = welcomed(&server, &agent.id, &key, &incarnation);
+        let mut max = figures(json!(u64::MAX));
+        for field in [
+            "cpu_ms",
+            "open_fds",
+            "uptime_s",
+            "events_unacked",
+            "uplink_rtt_us",
+        ] {
+            max[field] = json!(u64::MAX);
+        }
+        ws.send_binary(&heartbeat(max)).unwrap();
+        let h = eventually("the largest figures shown", WAIT, || {
+            let h = health(&server);
+            (h["agents"][&agent.id]["figures"]["resident_bytes"] == json!(u64::MAX)).then_some(h)
+        });
+        assert_eq!(
+            h["agents"][&agent.id]["figures"]["uplink_rtt_us"],
+            json!(u64::MAX),
+            "{h}"
+        );
+        let metrics = server.request("GET", "/metrics", None);
+        assert_eq!(metrics.status, 200, "{}", metrics.body);
+        let resident = metrics
+            .body
+            .lines()
+            .find(|l| l.contains("resident") && l.contains(&agent.id))
+            .unwrap_or_else(|| panic!("no resident series for the agent: {}", metrics.body));
+        assert!(resident.ends_with(&format!(" {}", u64::MAX)), "{resident}");
+        assert!(
+            ws.answers_ping(WAIT),
+            "the session died after the largest figures"
+        );
+        drop(ws);
+        wait_offline(&server, "after the largest figures", &agent.id);
     }
 
     real_agent_comes_online(&server, &mut agent);

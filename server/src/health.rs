@@ -95,6 +95,8 @@ pub struct ClusterHealth {
     pub epoch: i64,
     /// How long the lease lasts unrenewed.
     pub lease_ttl_ms: u64,
+    /// Every node as it last noted itself (role, release, how long ago), this one included.
+    pub nodes: crate::lease::Nodes,
 }
 
 /// The `/admin/health` body.

@@ -16,15 +16,78 @@ use std::time::Duration;
 use actix_web::{web, App, HttpRequest, HttpResponse};
 use serde_json::json;
 use tether_shared::h1_tls::{self, Limits};
-use tether_shared::journal::{JournalError, Lease, LeaseHolder, PgStore};
+use tether_shared::journal::{JournalError, Lease, LeaseHolder, NodeSeen, PgStore};
 
 use crate::admin_token::AdminToken;
+
+/// This release, as nodes note it.
+const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Every node of the cluster as each last noted itself, refreshed at each turn of this node's
+/// lease loop (so `/admin/health` answers without waiting for the database).
+#[derive(Debug, Clone, Default)]
+pub struct Nodes {
+    list: Arc<Mutex<Vec<NodeSeen>>>,
+    /// A refresh is under way (a database that hangs holds at most one thread).
+    busy: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Nodes {
+    /// Notes this node (`role`) and reads every node's line; a database that does not answer
+    /// leaves the last list (and is the lease loop's and the batches' concern).
+    fn refresh(&self, store: &PgStore, node: &str, role: &str) {
+        let listed = store
+            .note_node(node, role, VERSION)
+            .and_then(|()| store.nodes());
+        match listed {
+            Ok(list) => *self.list.lock().unwrap_or_else(PoisonError::into_inner) = list,
+            Err(e) => tracing::warn!(node = %node, error = %e, "cluster-nodes-not-refreshed"),
+        }
+    }
+
+    pub fn list(&self) -> Vec<NodeSeen> {
+        self.list
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Refreshes on a blocking thread, apart from the caller (the lease's renewal does not
+    /// wait for it); skipped while the last one is still under way.
+    fn refresh_apart(&self, store: Arc<PgStore>, node: String, role: &'static str) {
+        use std::sync::atomic::Ordering;
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let nodes = self.clone();
+        actix_rt::spawn(async move {
+            let busy = nodes.busy.clone();
+            let _ = web::block(move || nodes.refresh(&store, &node, role)).await;
+            busy.store(false, Ordering::Release);
+        });
+    }
+}
+
+impl PartialEq for Nodes {
+    fn eq(&self, other: &Self) -> bool {
+        self.list() == other.list()
+    }
+}
+
+impl Eq for Nodes {}
+
+impl serde::Serialize for Nodes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.list().serialize(s)
+    }
+}
 
 /// What the operators' port of a standby answers from.
 #[derive(Clone)]
 struct Seen {
     node: String,
     active: Arc<Mutex<Option<LeaseHolder>>>,
+    nodes: Nodes,
     token: AdminToken,
 }
 
@@ -50,6 +113,7 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
             "epoch": h.epoch,
             "lease_expires_in_ms": h.expires_in_ms,
         })),
+        "nodes": seen.nodes,
     }}))
 }
 
@@ -75,6 +139,7 @@ pub struct Standby {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     active: Arc<Mutex<Option<LeaseHolder>>>,
+    nodes: Nodes,
 }
 
 impl Standby {
@@ -87,9 +152,11 @@ impl Standby {
         token: AdminToken,
     ) -> std::io::Result<Standby> {
         let active = Arc::new(Mutex::new(None));
+        let nodes = Nodes::default();
         let seen = Seen {
             node: node.to_owned(),
             active: active.clone(),
+            nodes: nodes.clone(),
             token,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -129,6 +196,7 @@ impl Standby {
             stop: Some(stop),
             thread: Some(thread),
             active,
+            nodes,
         })
     }
 
@@ -156,6 +224,8 @@ pub fn become_active(
     standby: Option<&Standby>,
 ) -> Result<Lease, JournalError> {
     let mut seen: Option<(String, i64)> = None;
+    // When this standby last noted itself in the node list.
+    let mut noted: Option<std::time::Instant> = None;
     loop {
         match store.acquire_lease(node, ttl)? {
             Ok(lease) => return Ok(lease),
@@ -167,6 +237,10 @@ pub fn become_active(
                 }
                 if let Some(standby) = standby {
                     standby.saw(holder.clone());
+                    if noted.is_none_or(|at| at.elapsed() >= ttl / 3) {
+                        standby.nodes.refresh(store, node, "standby");
+                        noted = Some(std::time::Instant::now());
+                    }
                 }
                 // Look again when it would run out, and at least every third of a lease.
                 let until = u64::try_from(holder.expires_in_ms).unwrap_or(0);
@@ -181,14 +255,15 @@ pub fn become_active(
 /// lost, steps down (starts over in place, as a standby). A database that does not answer is
 /// tried again at the next turn: meanwhile the batches' own check keeps this node from
 /// committing past the lease's end.
-pub async fn keep(store: Arc<PgStore>, lease: Lease) {
+/// Each turn also notes this node in the cluster's node list and reads it into `nodes`.
+pub async fn keep(store: Arc<PgStore>, lease: Lease, nodes: Nodes) {
     let mut tick = tokio::time::interval(lease.ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let s = store.clone();
         match web::block(move || s.renew_lease()).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => nodes.refresh_apart(store.clone(), lease.holder.clone(), "active"),
             Ok(Err(JournalError::Poisoned { reason })) => {
                 tracing::error!(node = %lease.holder, epoch = lease.epoch, reason = %reason, "lease-lost-stepping-down");
                 let e = tether_shared::storage::restart_in_place();

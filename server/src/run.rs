@@ -305,6 +305,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         path: dir.join(ports::PORTS_FILE),
         source,
     })?;
+    // The cluster's nodes, refreshed by the lease loop (`lease::keep`).
+    let nodes = lease::Nodes::default();
     let loaded = app::Loaded {
         token,
         tls,
@@ -328,11 +330,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                 node: lease.holder.clone(),
                 epoch: lease.epoch,
                 lease_ttl_ms: u64::try_from(lease.ttl.as_millis()).unwrap_or(u64::MAX),
+                nodes: nodes.clone(),
             }),
     };
     actix_rt::System::new().block_on(async move {
         if let Some((store, lease)) = active {
-            actix_rt::spawn(lease::keep(store, lease));
+            actix_rt::spawn(lease::keep(store, lease, nodes));
         }
         serve(dir, opts, loaded).await
     })

@@ -50,7 +50,7 @@ fn journal_run(backend: Backend<'_>, producers: u64, secs: f64) -> Result<Journa
         Backend::Postgres(pg) => {
             // Each run starts from an empty database.
             pg.psql(
-                "DROP TABLE IF EXISTS tether_journal, tether_blobs, tether_schema, tether_lease",
+                "DROP TABLE IF EXISTS tether_journal, tether_blobs, tether_schema, tether_lease, tether_nodes",
             );
             Some(pg.url())
         }

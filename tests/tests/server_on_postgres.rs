@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::measure::dispatch;
 use tether_tests::postgres::Postgres;
@@ -260,7 +260,7 @@ fn a_database_that_cannot_serve_stops_the_server_at_start_with_its_cause() {
         "1",
         "the schema was created"
     );
-    pg.psql("DROP TABLE tether_schema, tether_journal, tether_blobs, tether_lease");
+    pg.psql("DROP TABLE tether_schema, tether_journal, tether_blobs, tether_lease, tether_nodes");
 
     let (code, text) = run_on(&tmp, &pg.url_with_password("wrong"));
     assert_eq!(code, Some(1), "{text}");
@@ -381,6 +381,33 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     let active = tether_tests::wire::health(&a);
     assert_eq!(active["cluster"]["role"], "active", "{active}");
     assert_eq!(active["cluster"]["node"], "node-a", "{active}");
+    // Both nodes list both, each with its role and release, heard from within a lease.
+    let listed = |h: &Value| -> Vec<(String, String)> {
+        h["cluster"]["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| {
+                n["version"] == env!("CARGO_PKG_VERSION") && n["seen_ms_ago"].as_i64() < Some(3_000)
+            })
+            .map(|n| {
+                (
+                    n["node"].as_str().unwrap_or("").to_owned(),
+                    n["role"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let both = vec![
+        ("node-a".to_owned(), "active".to_owned()),
+        ("node-b".to_owned(), "standby".to_owned()),
+    ];
+    eventually("the nodes listed by the active node", WAIT, || {
+        (listed(&tether_tests::wire::health(&a)) == both).then_some(())
+    });
+    eventually("the nodes listed by the standby", WAIT, || {
+        b.try_health().filter(|h| listed(h) == both)
+    });
     let r = b.request("GET", "/api/v1/deployments", None);
     assert_eq!(r.status, 503, "{}", r.body);
     assert!(
@@ -426,10 +453,10 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     );
     let out = as_operator(&a);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = tether_tests::stdout(&out);
     assert!(
-        tether_tests::stdout(&out).contains("active node node-a"),
-        "{}",
-        tether_tests::stdout(&out)
+        text.contains("active node node-a") && text.contains("node-b standby"),
+        "{text}"
     );
     // Agents cannot reach it: it does not listen for them.
     assert!(
@@ -463,7 +490,13 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     // An operator logged in to the web application on node a.
     let password = std::fs::read_to_string(a.dir.join("admin.password")).unwrap();
     let cookie = a.web_login("admin", password.trim());
-    assert_eq!(a.web_get(&cookie, "/health").status, 200);
+    let page = a.web_get(&cookie, "/health");
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("data-node=\"node-a\"") && page.body.contains("data-node=\"node-b\""),
+        "the web health page lists the nodes: {}",
+        page.body
+    );
     let artifact = b"an artifact uploaded to node a".repeat(100);
     let up = a.request_raw("PUT", "/api/v1/artifacts/site/1.0", &[], &artifact);
     assert_eq!(up.status, 201, "{}", up.body);
@@ -522,6 +555,16 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
         h["cluster"]["epoch"].as_i64() > Some(1),
         "a takeover raises the epoch: {h}"
     );
+    // Node b lists itself active; node a, silent since its kill, is no longer current.
+    let h = eventually("node b listed active", WAIT, || {
+        let h = tether_tests::wire::health(&b);
+        (listed(&h) == vec![("node-b".to_owned(), "active".to_owned())]).then_some(h)
+    });
+    let a_line = h["cluster"]["nodes"]
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node"] == "node-a").cloned())
+        .unwrap_or_else(|| panic!("node a is still listed (for a day): {h}"));
+    assert!(a_line["seen_ms_ago"].as_i64() >= Some(3_000), "{a_line}");
     assert!(h["journal"].is_object(), "the full health: {h}");
 }
 

@@ -35,7 +35,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
 #[cfg(feature = "postgres")]
-pub use pg::{Lease, LeaseHolder, PgOptions, PgStore};
+pub use pg::{Lease, LeaseHolder, NodeSeen, PgOptions, PgStore};
 pub use record::LogName;
 pub use store::{SledOptions, SledStore, Store};
 pub use writer::Committed;

@@ -23,9 +23,11 @@
 //! - [`connection`]: making, keeping and remaking connections (TLS by `ca_file`); errors.
 //! - [`schema`]: migrations and the settings checked at open.
 //! - [`lease`]: the lease that makes one node active, and fences the others.
+//! - [`nodes`]: the nodes as each last noted itself (role, release, when).
 
 mod connection;
 mod lease;
+mod nodes;
 mod schema;
 
 use std::collections::BTreeMap;
@@ -38,6 +40,7 @@ use std::time::Duration;
 use connection::{db_err, described, refuse, wait_on, Connector, Shared, Slot};
 use lease::fenced;
 pub use lease::{Lease, LeaseHolder};
+pub use nodes::NodeSeen;
 pub use schema::MIGRATIONS;
 use schema::{check_settings, migrate};
 

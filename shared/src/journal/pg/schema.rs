@@ -25,6 +25,13 @@ pub const MIGRATIONS: &[&str] = &[
         epoch bigint NOT NULL,
         expires_at timestamptz NOT NULL
      );",
+    // The nodes as each last noted itself (see `nodes`).
+    "CREATE TABLE IF NOT EXISTS tether_nodes (
+        name text PRIMARY KEY,
+        role text NOT NULL,
+        version text NOT NULL,
+        seen_at timestamptz NOT NULL
+     );",
 ];
 
 /// Taken (per transaction) while the schema is checked and migrated.

@@ -14,6 +14,27 @@ use crate::client::Client;
 use crate::error::{About, CliError};
 use crate::output::{self, ago, cell, duration, now_unix_ms, Table};
 
+/// A cluster's nodes on one line: `name role version (seen 1s ago)`, comma-separated.
+fn nodes(cluster: &Value) -> String {
+    let list: Vec<String> = items(cluster, "nodes")
+        .iter()
+        .map(|n| {
+            format!(
+                "{} {} {} (seen {} ago)",
+                str_at(n, "node"),
+                str_at(n, "role"),
+                str_at(n, "version"),
+                duration(u64_at(n, "seen_ms_ago").unwrap_or(0))
+            )
+        })
+        .collect();
+    if list.is_empty() {
+        "not listed yet".to_owned()
+    } else {
+        list.join(", ")
+    }
+}
+
 /// Prints the server's health.
 pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
     let health = client
@@ -39,6 +60,7 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
                 ("role", "standby".to_owned()),
                 ("node", cell(&cluster["node"])),
                 ("active node", active),
+                ("nodes", nodes(cluster)),
             ])?;
         }
         return Ok(ExitCode::SUCCESS);
@@ -115,6 +137,9 @@ fn print_tables(client: &Client, health: &Value) -> Result<(), CliError> {
             )
         },
     );
+    if let Some(c) = cluster {
+        output::fields(&[("nodes", nodes(c))])?;
+    }
     output::fields(&[
         ("role", role),
         ("sessions", cell(&health["sessions"])),

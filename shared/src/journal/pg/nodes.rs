@@ -1,0 +1,82 @@
+//! The nodes of a cluster as each last said it was running (`tether_nodes`): its role and
+//! release, and how long ago by the database's clock. Every node notes itself at each turn of
+//! its lease loop (renewing, or waiting as a standby); every node reads the list for its
+//! `/admin/health`. Nodes not heard from for a day are forgotten, so renamed nodes do not pile
+//! up.
+
+use super::connection::db_err;
+use super::PgStore;
+use crate::journal::JournalError;
+
+/// One node as it last noted itself.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeSeen {
+    pub node: String,
+    /// `active` or `standby`.
+    pub role: String,
+    /// The release it runs.
+    pub version: String,
+    /// Milliseconds since it last noted itself, by the database's clock.
+    pub seen_ms_ago: i64,
+}
+
+/// How long a node not heard from stays listed.
+const FORGET_AFTER: &str = "1 day";
+
+impl PgStore {
+    /// Notes that `node` runs now, as `role`, release `version`; forgets nodes not heard from
+    /// for a day.
+    pub fn note_node(&self, node: &str, role: &str, version: &str) -> Result<(), JournalError> {
+        let (node, role, version) = (node.to_owned(), role.to_owned(), version.to_owned());
+        self.run(move |shared| async move {
+            let guard = shared.client(shared.reader()).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            client
+                .execute(
+                    "INSERT INTO tether_nodes (name, role, version, seen_at)
+                     VALUES ($1, $2, $3, now())
+                     ON CONFLICT (name) DO UPDATE
+                       SET role = excluded.role, version = excluded.version, seen_at = now()",
+                    &[&node, &role, &version],
+                )
+                .await
+                .map_err(|e| db_err("cannot note this node", &e))?;
+            client
+                .execute(
+                    &format!(
+                        "DELETE FROM tether_nodes WHERE seen_at < now() - interval '{FORGET_AFTER}'"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(|e| db_err("cannot forget old nodes", &e))?;
+            Ok(())
+        })
+    }
+
+    /// Every node heard from in the last day, by name.
+    pub fn nodes(&self) -> Result<Vec<NodeSeen>, JournalError> {
+        self.run(|shared| async move {
+            let guard = shared.client(shared.reader()).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            let rows = client
+                .query(
+                    "SELECT name, role, version,
+                            (extract(epoch FROM now() - seen_at) * 1000)::bigint
+                     FROM tether_nodes ORDER BY name",
+                    &[],
+                )
+                .await
+                .map_err(|e| db_err("cannot list the nodes", &e))?;
+            Ok(rows
+                .iter()
+                .map(|row| NodeSeen {
+                    node: row.get(0),
+                    role: row.get(1),
+                    version: row.get(2),
+                    seen_ms_ago: row.get(3),
+                })
+                .collect())
+        })
+    }
+}

@@ -250,7 +250,7 @@ impl Deployments {
         for (key, value) in journal.scan_meta(DEPLOYMENT_PREFIX)? {
             let mut d: Deployment = decode(&key, &value)?;
             d.map_secrets(|context, v| open(&key, context, v))?;
-            state.deployments.insert(d.id.clone(), d);
+            state.insert_deployment(d);
         }
         for (key, value) in journal.scan_meta(JOB_PREFIX)? {
             let j: Job = decode(&key, &value)?;
@@ -663,8 +663,7 @@ impl Deployments {
             for j in jobs {
                 s.insert_job(j);
             }
-            s.deployments
-                .insert(deployment.id.clone(), deployment.clone());
+            s.insert_deployment(deployment.clone());
         }
         tracing::info!(deployment_id = %deployment.id, process = %deployment.process, jobs = deployment.agents.len(), retry_of = ?deployment.retry_of, "deployment-created");
         Ok(deployment)
@@ -705,19 +704,7 @@ impl Deployments {
     /// (`artifact/fetch`) or an uploaded plugin's bundle. Agents download only what their own
     /// jobs reference, so one agent's key does not open every artifact and bundle.
     pub fn sends_blob(&self, agent_id: &AgentId, sha256: &str) -> bool {
-        let state = self.read();
-        state.deployments.values().any(|d| {
-            let references = d.steps.iter().any(|s| {
-                s.bundle.as_ref().is_some_and(|b| b.sha256 == sha256)
-                    || (s.plugin == "artifact"
-                        && s.step == "fetch"
-                        && s.properties.get("sha256").map(String::as_str) == Some(sha256))
-            });
-            references
-                && state
-                    .jobs
-                    .contains_key(format!("{}-{agent_id}", d.id).as_str())
-        })
+        self.read().sends_blob(agent_id, sha256)
     }
 
     /// Prunes final deployments under `policy` (their jobs and logs with them), committed in

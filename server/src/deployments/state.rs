@@ -52,8 +52,29 @@ pub struct State {
     active: BTreeMap<AgentId, BTreeSet<JobId>>,
     /// Each deployment's unfinished jobs, by batch.
     progress: ProgressBook,
+    /// The deployments whose steps fetch each blob (an artifact's or a plugin bundle's
+    /// sha256): an agent's download is checked against these alone, whatever the history.
+    blobs: HashMap<String, BTreeSet<DeploymentId>>,
     /// Counters and latencies of the work, for `/metrics`.
     pub metrics: std::sync::Arc<WorkMetrics>,
+}
+
+/// The blobs (sha256) deployment `d`'s steps fetch: artifacts (`artifact/fetch`) and uploaded
+/// plugins' bundles.
+fn blobs_of(d: &Deployment) -> BTreeSet<String> {
+    d.steps
+        .iter()
+        .flat_map(|s| {
+            let artifact = (s.plugin == "artifact" && s.step == "fetch")
+                .then(|| s.properties.get("sha256").cloned())
+                .flatten();
+            s.bundle
+                .as_ref()
+                .map(|b| b.sha256.clone())
+                .into_iter()
+                .chain(artifact)
+        })
+        .collect()
 }
 
 /// Where a rolling deployment stands (see `State::gate`).
@@ -914,10 +935,34 @@ impl State {
         ops
     }
 
+    /// Keeps deployment `d` (its jobs are inserted apart, with [`State::insert_job`]).
+    pub fn insert_deployment(&mut self, d: Deployment) {
+        for sha256 in blobs_of(&d) {
+            self.blobs.entry(sha256).or_default().insert(d.id.clone());
+        }
+        self.deployments.insert(d.id.clone(), d);
+    }
+
+    /// Whether a deployment with a job for `agent_id` has a step that fetches blob `sha256`.
+    pub fn sends_blob(&self, agent_id: &str, sha256: &str) -> bool {
+        self.blobs.get(sha256).is_some_and(|ids| {
+            ids.iter()
+                .any(|d| self.jobs.contains_key(format!("{d}-{agent_id}").as_str()))
+        })
+    }
+
     /// Drops deployment `id` and its jobs from memory (after [`State::prune_ops`] committed).
     pub fn forget(&mut self, id: &str) {
         self.progress.remove(id);
         if let Some(d) = self.deployments.remove(id) {
+            for sha256 in blobs_of(&d) {
+                if let Some(ids) = self.blobs.get_mut(&sha256) {
+                    ids.remove(&d.id);
+                    if ids.is_empty() {
+                        self.blobs.remove(&sha256);
+                    }
+                }
+            }
             for a in &d.agents {
                 let job_id = format!("{}-{a}", d.id);
                 if let Some(job) = self.jobs.remove(job_id.as_str()) {

@@ -1090,3 +1090,34 @@ fn ends_are_counted_once_by_result_and_the_gate_moves_only_at_a_batch_boundary()
         assert!(text.lines().any(|l| l == line), "{line}\n{text}");
     }
 }
+
+#[test]
+fn a_blob_is_sent_to_the_agents_of_the_deployments_that_fetch_it_and_to_no_one_once_pruned() {
+    let mut s = State::default();
+    let mut fetch = spec("get", &[], &[("sha256", "ab12"), ("name", "site")]);
+    fetch.plugin = "artifact".into();
+    fetch.step = "fetch".into();
+    let d = Deployment {
+        id: "d-9".into(),
+        process: "p".into(),
+        process_version: 1,
+        properties: BTreeMap::new(),
+        steps: vec![fetch, spec("run", &[], &[("sha256", "cd34")])],
+        agents: vec![AgentId::from("a1")],
+        created_unix_ms: 1,
+        skip_maintenance: false,
+        batch_size: None,
+        stop_on_failure: false,
+        deadline_unix_ms: None,
+        retry_of: None,
+    };
+    s.insert_job(Job::new(&d, &AgentId::from("a1"), 0));
+    s.insert_deployment(d);
+    assert!(s.sends_blob("a1", "ab12"));
+    // Another agent, a property of a step that fetches nothing, an unknown blob.
+    assert!(!s.sends_blob("a2", "ab12"));
+    assert!(!s.sends_blob("a1", "cd34"));
+    assert!(!s.sends_blob("a1", "ef56"));
+    s.forget("d-9");
+    assert!(!s.sends_blob("a1", "ab12"));
+}

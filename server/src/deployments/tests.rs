@@ -74,7 +74,7 @@ fn state(agents: &[&str]) -> State {
         j.dispatched = true;
         s.insert_job(j);
     }
-    s.deployments.insert(d.id.clone(), d);
+    s.insert_deployment(d);
     s
 }
 

@@ -22,6 +22,9 @@ pub struct NodeSeen {
 
 /// How long a node not heard from stays listed.
 const FORGET_AFTER: &str = "1 day";
+/// Most nodes listed: the newest heard from (the table is the database's, so its size is not
+/// this node's to trust).
+const MAX_NODES: i64 = 64;
 
 impl PgStore {
     /// Notes that `node` runs now, as `role`, release `version`; forgets nodes not heard from
@@ -54,17 +57,19 @@ impl PgStore {
         })
     }
 
-    /// Every node heard from in the last day, by name.
+    /// The nodes heard from in the last day (at most [`MAX_NODES`], the newest), by name.
     pub fn nodes(&self) -> Result<Vec<NodeSeen>, JournalError> {
         self.run(|shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             let rows = client
                 .query(
-                    "SELECT name, role, version,
-                            (extract(epoch FROM now() - seen_at) * 1000)::bigint
-                     FROM tether_nodes ORDER BY name",
-                    &[],
+                    "SELECT name, role, version, ago FROM (
+                       SELECT name, role, version,
+                              (extract(epoch FROM now() - seen_at) * 1000)::bigint AS ago
+                       FROM tether_nodes ORDER BY seen_at DESC LIMIT $1
+                     ) newest ORDER BY name",
+                    &[&MAX_NODES],
                 )
                 .await
                 .map_err(|e| db_err("cannot list the nodes", &e))?;

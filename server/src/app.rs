@@ -85,6 +85,8 @@ pub struct Loaded {
     pub audit: Arc<crate::audit::Audit>,
     /// This node's place in a cluster on PostgreSQL (`None` on sled).
     pub cluster: Option<crate::health::ClusterHealth>,
+    /// On PostgreSQL: this node's way out to a standby.
+    pub drain: Option<crate::drain::Drain>,
     /// What agents reported after this server was restored behind them.
     pub reconciliations: Arc<crate::reconcile::Reconciliations>,
 }
@@ -226,6 +228,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         data_dir: dir.to_path_buf(),
         artifacts: loaded.artifacts.clone(),
         cluster: loaded.cluster,
+        drain: loaded.drain,
     });
     Ok(Built {
         operators: Operators {
@@ -257,6 +260,7 @@ impl Operators {
             .app_data(json_config())
             .app_data(web::PayloadConfig::new(PAYLOAD_LIMIT_BYTES))
             .configure(admin::configure)
+            .configure(crate::drain::configure)
             .configure(api::configure)
             .configure(deployments_api::configure)
             .configure(crate::artifacts::configure_api(self.artifacts.clone()))

@@ -127,6 +127,7 @@ mod tests {
             (&get, "/tokens", Role::Admin),
             (&get, "/api/v1/enrollment-tokens", Role::Admin),
             (&post, "/logout", Role::Viewer),
+            (&post, "/admin/drain", Role::Admin),
             (&post, "/account/password", Role::Viewer),
             (&post, "/deployments", Role::Deployer),
             (&post, "/deployments/d1/cancel", Role::Deployer),

@@ -25,24 +25,41 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Every node of the cluster as each last noted itself, refreshed at each turn of this node's
 /// lease loop (so `/admin/health` answers without waiting for the database).
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Nodes {
     list: Arc<Mutex<Vec<NodeSeen>>>,
     /// A refresh is under way (a database that hangs holds at most one thread).
     busy: Arc<std::sync::atomic::AtomicBool>,
+    /// Counts the agents and relays connected to this node (none on a standby).
+    sessions: Arc<std::sync::OnceLock<SessionCount>>,
+}
+
+/// Counts this node's sessions when it notes itself.
+type SessionCount = Box<dyn Fn() -> u64 + Send + Sync>;
+
+impl std::fmt::Debug for Nodes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nodes").field("list", &self.list()).finish()
+    }
 }
 
 impl Nodes {
-    /// Notes this node (`role`) and reads every node's line; a database that does not answer
-    /// leaves the last list (and is the lease loop's and the batches' concern).
+    /// Notes this node (`role`, and its sessions) and reads every node's line; a database that
+    /// does not answer leaves the last list (and is the lease loop's and the batches' concern).
     fn refresh(&self, store: &PgStore, node: &str, role: &str) {
+        let sessions = self.sessions.get().map_or(0, |count| count());
         let listed = store
-            .note_node(node, role, VERSION)
+            .note_node(node, role, VERSION, sessions)
             .and_then(|()| store.nodes());
         match listed {
             Ok(list) => *self.list.lock().unwrap_or_else(PoisonError::into_inner) = list,
             Err(e) => tracing::warn!(node = %node, error = %e, "cluster-nodes-not-refreshed"),
         }
+    }
+
+    /// From now on this node notes `count()` as its sessions (set once, when it serves).
+    pub fn count_sessions_with(&self, count: impl Fn() -> u64 + Send + Sync + 'static) {
+        let _ = self.sessions.set(Box::new(count));
     }
 
     pub fn list(&self) -> Vec<NodeSeen> {
@@ -255,15 +272,21 @@ pub fn become_active(
 /// lost, steps down (starts over in place, as a standby). A database that does not answer is
 /// tried again at the next turn: meanwhile the batches' own check keeps this node from
 /// committing past the lease's end.
-/// Each turn also notes this node in the cluster's node list and reads it into `nodes`.
-pub async fn keep(store: Arc<PgStore>, lease: Lease, nodes: Nodes) {
+/// Each turn also notes this node in the cluster's node list and reads it into `nodes`. Once
+/// `drain` is handing the lease over (or did), losing it is expected: the loop ends quietly
+/// and the node's way out is the stop task's.
+pub async fn keep(store: Arc<PgStore>, lease: Lease, nodes: Nodes, drain: crate::drain::Drain) {
     let mut tick = tokio::time::interval(lease.ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        if drain.is_leaving() {
+            continue;
+        }
         let s = store.clone();
         match web::block(move || s.renew_lease()).await {
             Ok(Ok(())) => nodes.refresh_apart(store.clone(), lease.holder.clone(), "active"),
+            Ok(Err(JournalError::Poisoned { .. })) if drain.is_leaving() => {}
             Ok(Err(JournalError::Poisoned { reason })) => {
                 tracing::error!(node = %lease.holder, epoch = lease.epoch, reason = %reason, "lease-lost-stepping-down");
                 let e = tether_shared::storage::restart_in_place();

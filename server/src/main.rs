@@ -21,6 +21,7 @@
 //! - [`upgrades`]: signed agent upgrade packages, rollouts, agents' upgrade states.
 //! - [`agent_surface`]: the agent-facing routes under `/agent/v1` on the WSS listener.
 //! - [`admin`]: the `/admin/health` and `/metrics` handlers.
+//! - [`drain`]: handing an active node's agents and lease to a standby (`POST /admin/drain`).
 //! - [`admin_token`]: the admin bearer token and its constant-time check.
 //! - [`api_error`]: `ApiError`, the JSON error responses of the HTTPS surface.
 //! - [`health`]: actor observation (`JournalWatch`) and the health report, JSON and Prometheus.
@@ -44,6 +45,7 @@ mod authz;
 mod background;
 mod body_deadline;
 mod deployments;
+mod drain;
 mod enroll_limiter;
 mod fleet_metrics;
 mod health;
@@ -104,6 +106,10 @@ enum Command {
     /// certificates, keys and admin token from FROM (a node's data directory, or a copy of it
     /// made over a channel you trust), without its journal and ports.
     Join(JoinArgs),
+    /// On a cluster on PostgreSQL: hand this node's agents and its lease to a standby before
+    /// maintenance (the standby takes over within a second); this node then waits as a
+    /// standby. Asks the node running with the data directory.
+    Drain(DrainArgs),
     /// The server's TLS certificate.
     Cert {
         #[command(subcommand)]
@@ -144,6 +150,13 @@ struct RenewArgs {
     /// A name or IP address to add to the certificate; repeatable.
     #[arg(long = "hostname", value_name = "NAME")]
     hostnames: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct DrainArgs {
+    /// Data directory of the running node [default: server.data_dir from config].
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -212,6 +225,7 @@ fn main() -> ExitCode {
         Some(Command::Init(args)) => run_init(&cfg, args, &key_source(&cfg, &cli.config_dir)),
         Some(Command::Run(args)) => run_server(&cfg, args, key_source(&cfg, &cli.config_dir)),
         Some(Command::Join(args)) => run_join(&cfg, args, &key_source(&cfg, &cli.config_dir)),
+        Some(Command::Drain(args)) => run_drain(&cfg, args),
         Some(Command::Secrets { command }) => {
             run_secrets(command, &key_source(&cfg, &cli.config_dir))
         }
@@ -390,6 +404,20 @@ fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tether-server cert renew: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_drain(cfg: &ServerConfig, args: DrainArgs) -> ExitCode {
+    let dir = config::data_dir(args.data.as_deref(), &cfg.server.data_dir);
+    match drain::request_drain(&dir) {
+        Ok((heir, epoch)) => {
+            println!("drained: {heir} is active (epoch {epoch}); this node waits as a standby");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tether-server drain: {e}");
             ExitCode::from(1)
         }
     }

@@ -111,6 +111,11 @@ impl<H: Clone> Presence<H> {
             .collect()
     }
 
+    /// How many peers are connected now (directly or through relays).
+    pub fn online_count(&self) -> usize {
+        self.read().values().filter(|e| e.seen.online).count()
+    }
+
     /// `id` connected, running `version`, through `path` (relays, nearest first).
     pub fn set_online(&self, id: &str, version: &str, path: Vec<String>) {
         let mut peers = self.write();

@@ -187,6 +187,9 @@ pub enum RunError {
     /// The SIGINT/SIGTERM handlers could not be installed.
     #[error("cannot install the SIGINT/SIGTERM handlers: {0}")]
     Signal(io::Error),
+    /// After a drain, the process could not start over (as a standby).
+    #[error("drained, but cannot start over as a standby: {0}")]
+    Restart(io::Error),
     /// A listener stopped with an error.
     #[error("the {listener} listener failed: {source}")]
     Serve {
@@ -216,8 +219,9 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         },
         ..Default::default()
     };
-    // On PostgreSQL: the lease this node holds, once it is the active one.
+    // On PostgreSQL: the lease this node holds, once it is the active one, and its way out.
     let mut active = None;
+    let mut drain = None;
     let (journal, recovered) = match &opts.storage {
         Storage::Sled => Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?,
         Storage::Postgres {
@@ -261,6 +265,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                 }
             };
             tracing::info!(node = %node_name, epoch = lease.epoch, "lease-taken-active");
+            drain = Some(crate::drain::Drain::new(store.clone()));
             active = Some((store.clone(), lease));
             Journal::with_store(store, Path::new("postgres"), &journal_opts, None)?
         }
@@ -332,13 +337,22 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                 lease_ttl_ms: u64::try_from(lease.ttl.as_millis()).unwrap_or(u64::MAX),
                 nodes: nodes.clone(),
             }),
+        drain: drain.as_ref().map(|(d, _)| d.clone()),
     };
+    let (drain, drains) = drain.unzip();
+    let kept = drain.clone();
     actix_rt::System::new().block_on(async move {
-        if let Some((store, lease)) = active {
-            actix_rt::spawn(lease::keep(store, lease, nodes));
+        if let (Some((store, lease)), Some(drain)) = (active, kept) {
+            actix_rt::spawn(lease::keep(store, lease, nodes.clone(), drain));
         }
-        serve(dir, opts, loaded).await
-    })
+        serve(dir, opts, loaded, drains, nodes).await
+    })?;
+    if drain.is_some_and(|d| d.drained()) {
+        // Another node took over: this one starts over, and waits as a standby.
+        tracing::info!("drained-starting-over-as-a-standby");
+        return Err(RunError::Restart(tether_shared::storage::restart_in_place()));
+    }
+    Ok(())
 }
 
 /// Refuses a directory `init` has not (completely) filled.
@@ -382,7 +396,13 @@ fn listener_limits() -> Limits {
 /// Starts the actors and both listeners inside the actix system: HTTPS (`listen.https`: REST,
 /// admin) and the agent-facing one (`listen.wss`: `/agent/v1/...`). Returns once both stopped;
 /// a stop signal stops both, and either one failing stops the other.
-async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(), RunError> {
+async fn serve(
+    dir: &Path,
+    opts: &RunOptions,
+    loaded: app::Loaded,
+    drains: Option<tokio::sync::mpsc::Receiver<crate::drain::Request>>,
+    nodes: lease::Nodes,
+) -> Result<(), RunError> {
     let handle = loaded.journal.handle();
     let probe = match opts.storage {
         Storage::Sled => background::StorageProbe::Disk(dir.to_path_buf()),
@@ -413,7 +433,10 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
         remove_stale_after: opts.remove_stale_after,
         stale_check: opts.prune_interval,
     };
+    let drain = loaded.drain.clone();
     let built = app::build(dir, tuning, loaded).await?;
+    let presence = built.shared.presence.clone();
+    nodes.count_sessions_with(move || presence.online_count() as u64);
     let stop = stop_signal().map_err(RunError::Signal)?;
     let server_tls = tls.server_config().map_err(|source| RunError::Tls {
         cert: dir.join(init::SERVER_CERT),
@@ -473,15 +496,54 @@ async fn serve(dir: &Path, opts: &RunOptions, loaded: app::Loaded) -> Result<(),
 
     let (https_stop, wss_stop) = (https_handle.clone(), wss_handle.clone());
     actix_rt::spawn(async move {
-        stop.await;
-        // Sessions and relay links would hold the graceful stop until its timeout: close them
-        // first (the peers resume from their journals), then let requests in flight finish.
-        let links = built.shared.presence.relay_links();
-        for (_, link) in &links {
-            link.do_send(ServerStopping);
+        let mut drains = drains;
+        tokio::pin!(stop);
+        loop {
+            // A stop signal, or a drain (`POST /admin/drain`).
+            let drain_request = tokio::select! {
+                _ = &mut stop => None,
+                Some(request) = async {
+                    match drains.as_mut() {
+                        Some(d) => d.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => Some(request),
+            };
+            // No new agent comes in meanwhile (they go to their next upstream).
+            wss_stop.pause().await;
+            // Sessions and relay links would hold the graceful stop until its timeout: close
+            // them first (the peers resume from their journals), then let requests in flight
+            // finish.
+            let links = built.shared.presence.relay_links();
+            for (_, link) in &links {
+                link.do_send(ServerStopping);
+            }
+            let sessions = built.sessions.send(CloseAllSessions).await.unwrap_or(0);
+            tracing::info!(sessions, relay_links = links.len(), "sessions-closed");
+            // On a cluster, a standby takes over at once rather than once the lease runs out.
+            let handed = match &drain {
+                Some(drain) => drain.hand_over(drain_request.is_some()).await,
+                None => Ok(None),
+            };
+            let Some(reply) = drain_request else {
+                break;
+            };
+            match handed {
+                Ok(Some(heir)) => {
+                    let _ = reply.send(Ok(heir));
+                    break;
+                }
+                not => {
+                    // Nobody took over: this node goes on serving.
+                    wss_stop.resume().await;
+                    let why = match not {
+                        Err(e) => format!("the lease could not be handed over: {e}"),
+                        _ => "no standby took the lease: this node stays active".to_owned(),
+                    };
+                    let _ = reply.send(Err(why));
+                }
+            }
         }
-        let sessions = built.sessions.send(CloseAllSessions).await.unwrap_or(0);
-        tracing::info!(sessions, relay_links = links.len(), "sessions-closed");
         tracing::info!(
             timeout_s = SHUTDOWN_TIMEOUT_S,
             "waiting-for-requests-in-flight"

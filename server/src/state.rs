@@ -72,6 +72,8 @@ pub struct AppState {
     pub artifacts: actix_web::web::Data<ArtifactStore>,
     /// This node's place in a cluster on PostgreSQL (`None` on sled).
     pub cluster: Option<crate::health::ClusterHealth>,
+    /// On PostgreSQL: this node's way out to a standby (`POST /admin/drain`).
+    pub drain: Option<crate::drain::Drain>,
 }
 
 impl crate::audit::Recorder for AppState {

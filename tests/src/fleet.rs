@@ -145,7 +145,13 @@ impl Server {
             .output()
             .unwrap_or_else(|e| panic!("tether-server join: {e}"));
         assert!(joined.status.success(), "tether-server join: {joined:?}");
-        let mut all = self.env.clone();
+        // Its ports are its own, whatever this node's environment fixed.
+        let mut all: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| !k.starts_with("TETHER_LISTEN__"))
+            .cloned()
+            .collect();
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let mut api = self.api.clone();
         api.https = free_addr();
@@ -195,6 +201,14 @@ impl Server {
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.signal("KILL");
+            c.wait_exit(START_TIMEOUT);
+        }
+    }
+
+    /// SIGTERM the server (a graceful stop) and wait for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.signal("TERM");
             c.wait_exit(START_TIMEOUT);
         }
     }

@@ -403,6 +403,65 @@ async fn a_node_that_lost_the_lease_can_never_commit_again() {
     );
 }
 
+#[actix::test]
+async fn the_lease_is_handed_to_a_standby_at_once_and_the_giver_commits_nothing_more() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    // A lease far longer than the test: any takeover seen here is the hand-over's.
+    let ttl = std::time::Duration::from_secs(600);
+    let a = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let b = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let lease_a = a.acquire_lease("node-a", ttl).unwrap().unwrap();
+    a.note_node("node-a", "active", "1", 3).unwrap();
+    let (ja, _, _) = open(a.clone(), Path::new("postgres"));
+    let l = log("out/events");
+    ja.commit(appends(&l, 1..=1)).await.unwrap();
+
+    // No standby heard from: nothing to hand to, the lease stays and a goes on committing.
+    assert_eq!(a.hand_over_lease().unwrap(), None);
+    ja.commit(appends(&l, 2..=2)).await.unwrap();
+    a.renew_lease().unwrap();
+
+    // b waits as a standby and notes itself so; a hands the lease to it.
+    assert!(b.acquire_lease("node-b", ttl).unwrap().is_err());
+    b.note_node("node-b", "standby", "1", 0).unwrap();
+    let listed = a.nodes().unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|n| (n.node.as_str(), n.sessions))
+            .collect::<Vec<_>>(),
+        [("node-a", 3), ("node-b", 0)]
+    );
+    let heir = a.hand_over_lease().unwrap().expect("an heir");
+    assert_eq!(
+        (heir.holder.as_str(), heir.epoch),
+        ("node-b", lease_a.epoch + 1)
+    );
+    // a commits nothing more, renews nothing, and cannot take the lease back.
+    let refused = ja.commit(appends(&l, 3..=3)).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("no longer holds the lease"),
+        "{refused}"
+    );
+    assert!(a.renew_lease().is_err());
+    assert!(a.acquire_lease("node-a", ttl).unwrap().is_err());
+    assert!(
+        a.hand_over_lease().is_err(),
+        "a lease no longer held is not handed over"
+    );
+    // b takes it at its next look, long before the lease could have run out.
+    let lease_b = b
+        .acquire_lease("node-b", ttl)
+        .unwrap()
+        .expect("b takes over at once");
+    assert!(lease_b.epoch > heir.epoch, "{lease_b:?}");
+    let (jb, _, _) = open(b.clone(), Path::new("postgres"));
+    assert_eq!(seqs(&jb, &l, 0, 100), [1, 2], "a's late batch is not there");
+    jb.commit(appends(&l, 3..=3)).await.unwrap();
+}
+
 /// A data directory `tether-server init` filled (for its CA and a certificate for localhost).
 fn initialised(dir: &Path) -> std::path::PathBuf {
     let etc = dir.join("etc");

@@ -568,6 +568,177 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     assert!(h["journal"].is_object(), "the full health: {h}");
 }
 
+/// `tether-server drain --data DIR` against the node running on `dir`.
+fn drain(server: &Server, tmp: &std::path::Path) -> std::process::Output {
+    let data = server.dir.to_str().unwrap();
+    run("tether-server", tmp, ["drain", "--data", data])
+}
+
+/// A node's line in `health`'s node list.
+fn node_line(health: &Value, name: &str) -> Option<Value> {
+    health["cluster"]["nodes"]
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node"] == name).cloned())
+}
+
+/// Deploys the marking process to both agents from `server` and waits until it is under way.
+fn deploy_marks(server: &Server, marks: &std::path::Path) -> String {
+    for f in std::fs::read_dir(marks).unwrap().flatten() {
+        std::fs::remove_file(f.path()).unwrap();
+    }
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(
+            &json!({"process": "marks", "targets": {"agents": ["dr-1", "dr-2"]}, "properties": {}}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    eventually("the deployment under way", WAIT, || {
+        marks_in(marks).iter().any(|l| l.len() >= 2).then_some(())
+    });
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits for deployment `id` to succeed on `server`, and checks that every step ran exactly
+/// once on each agent.
+fn every_step_once(server: &Server, id: &str, marks: &std::path::Path) {
+    let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+    });
+    let expected: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
+    assert_eq!(marks_in(marks), vec![expected.clone(), expected], "{d}");
+}
+
+#[test]
+fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_loses_nothing() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    // A long lease: a takeover by its running out would come after 30 s, so a node active
+    // within 15 s got the lease handed over.
+    let handed_over_within = Duration::from_secs(15);
+    let mut env_a = node(&pg, "node-a", "30000");
+    // Fixed ports: node a starts over in place (as a standby, then active again) on them.
+    for listener in ["HTTPS", "WSS"] {
+        let addr = tether_tests::fleet::free_addr().to_string();
+        env_a.push((format!("TETHER_LISTEN__{listener}"), addr));
+    }
+    let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    // Alone, a node is not drained: nothing would take over. It says so, and goes on serving.
+    let out = drain(&a, tmp.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no standby"), "{}", stderr(&out));
+    assert_eq!(a.request("GET", "/api/v1/deployments", None).status, 200);
+    // Without the admin token nothing is drained (only admins may: see `authz`).
+    let anonymous = tether_tests::https_request_with_body(
+        a.https,
+        a.tls(),
+        "localhost",
+        "POST",
+        "/admin/drain",
+        &[],
+        None,
+    )
+    .unwrap();
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    let refused = a.request_as("not-a-token", "POST", "/admin/drain", None);
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    // A node of the embedded journal is refused the same way, with its reason.
+    let sled = Server::start(&tmp.path().join("sled"));
+    let out = drain(&sled, tmp.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("embedded journal"),
+        "{}",
+        stderr(&out)
+    );
+    drop(sled);
+
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
+    let mut agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("dr-{i}"), &[], &[]))
+        .collect();
+    for agent in &mut agents {
+        agent.run();
+    }
+    // Node a lists node b as a standby, and itself with its two agents.
+    eventually(
+        "node a's list: b standby, a serving two agents",
+        WAIT,
+        || {
+            let h = tether_tests::wire::health(&a);
+            let b_line = node_line(&h, "node-b")?;
+            let a_line = node_line(&h, "node-a")?;
+            (b_line["role"] == "standby" && a_line["sessions"] == 2).then_some(())
+        },
+    );
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, "marks", 8, &marks);
+
+    // Drained mid-deployment: node b is active at once, the agents move to it, and the
+    // deployment finishes there with every step run once.
+    let id = deploy_marks(&a, &marks);
+    let drained_at = std::time::Instant::now();
+    let out = drain(&a, tmp.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        tether_tests::stdout(&out).contains("node-b is active"),
+        "{}",
+        tether_tests::stdout(&out)
+    );
+    b.wait_active(handed_over_within.saturating_sub(drained_at.elapsed()));
+    every_step_once(&b, &id, &marks);
+    // Node a started over in place and waits as a standby; b lists it so, and itself with the
+    // agents.
+    let a_pid = a.pid();
+    eventually("node a a standby again", WAIT, || {
+        let log = std::fs::read_to_string(tmp.path().join("a/server.log")).unwrap_or_default();
+        let (_, after) = log.split_once("drained-starting-over-as-a-standby")?;
+        after
+            .contains("standby-waiting-for-the-lease")
+            .then_some(())
+    });
+    assert_eq!(a.pid(), a_pid, "it started over in place");
+    let r = a.request("GET", "/api/v1/deployments", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    eventually(
+        "node b's list: a standby, b serving two agents",
+        WAIT,
+        || {
+            let h = tether_tests::wire::health(&b);
+            let a_line = node_line(&h, "node-a")?;
+            let b_line = node_line(&h, "node-b")?;
+            (a_line["role"] == "standby" && b_line["role"] == "active" && b_line["sessions"] == 2)
+                .then_some(())
+        },
+    );
+
+    // A rolling restart: node b stopped (SIGTERM) mid-deployment hands over to a on its way
+    // out; then b comes back as a standby.
+    let id = deploy_marks(&b, &marks);
+    let stopped_at = std::time::Instant::now();
+    b.stop();
+    a.wait_active(handed_over_within.saturating_sub(stopped_at.elapsed()));
+    every_step_once(&a, &id, &marks);
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    assert!(log.contains("lease-handed-over"), "{log}");
+    b.spawn();
+    eventually("node b back as a standby", WAIT, || {
+        b.try_health().filter(|h| {
+            h["cluster"]["role"] == "standby" && h["cluster"]["active"]["node"] == "node-a"
+        })
+    });
+    for agent in &agents {
+        assert_eq!(a.agent_status(&agent.id), "online");
+    }
+}
+
 #[test]
 fn a_frozen_active_node_that_lost_its_lease_commits_nothing_and_steps_down() {
     let Some(pg) = Postgres::start() else {

@@ -135,6 +135,56 @@ impl PgStore {
         })
     }
 
+    /// Hands the lease this store holds to the standby heard from most recently (within one
+    /// lease), in one statement: the row names that node, with the next epoch and a whole
+    /// lease, so it takes over at its next look (it finds its own name there) instead of
+    /// waiting for the lease to run out. From then on nothing more commits here (every batch
+    /// checks the holder and epoch) and this node cannot take the lease back while the heir's
+    /// runs. `Ok(None)`: no standby was heard from, and the lease stays here.
+    pub fn hand_over_lease(&self) -> Result<Option<LeaseHolder>, JournalError> {
+        self.run(|shared| async move {
+            let lease = shared
+                .lease
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+                .ok_or_else(|| refuse("this node holds no lease to hand over"))?;
+            let guard = shared.client(&shared.writer).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            let ttl = ttl_ms(lease.ttl) as f64;
+            let row = client
+                .query_opt(
+                    "WITH heir AS (
+                       SELECT name FROM tether_nodes
+                       WHERE role = 'standby' AND name <> $1
+                         AND seen_at > now() - $3 * interval '1 millisecond'
+                       ORDER BY seen_at DESC LIMIT 1)
+                     UPDATE tether_lease SET holder = heir.name, epoch = epoch + 1,
+                       expires_at = now() + $3 * interval '1 millisecond'
+                     FROM heir
+                     WHERE id = 1 AND holder = $1 AND epoch = $2 AND expires_at > now()
+                     RETURNING tether_lease.holder, tether_lease.epoch",
+                    &[&lease.holder, &lease.epoch, &ttl],
+                )
+                .await
+                .map_err(|e| db_err("cannot hand the lease over", &e))?;
+            if let Some(row) = row {
+                return Ok(Some(LeaseHolder {
+                    holder: row.get(0),
+                    epoch: row.get(1),
+                    expires_in_ms: ttl_ms(lease.ttl),
+                }));
+            }
+            // No heir, or the lease was no longer this node's to give.
+            let now = current_holder(client).await?;
+            if now.holder == lease.holder && now.epoch == lease.epoch && now.expires_in_ms > 0 {
+                Ok(None)
+            } else {
+                Err(fenced(&lease))
+            }
+        })
+    }
+
     /// Who holds the lease now (`None`: nobody ever did).
     pub fn lease_holder(&self) -> Result<Option<LeaseHolder>, JournalError> {
         self.run(|shared| async move {

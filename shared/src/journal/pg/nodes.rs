@@ -1,5 +1,6 @@
-//! The nodes of a cluster as each last said it was running (`tether_nodes`): its role and
-//! release, and how long ago by the database's clock. Every node notes itself at each turn of
+//! The nodes of a cluster as each last said it was running (`tether_nodes`): its role, its
+//! release and the sessions (agents and relays) it serves, and how long ago by the database's
+//! clock. Every node notes itself at each turn of
 //! its lease loop (renewing, or waiting as a standby); every node reads the list for its
 //! `/admin/health`. Nodes not heard from for a day are forgotten, so renamed nodes do not pile
 //! up.
@@ -16,6 +17,8 @@ pub struct NodeSeen {
     pub role: String,
     /// The release it runs.
     pub version: String,
+    /// Agents and relays connected to it.
+    pub sessions: i64,
     /// Milliseconds since it last noted itself, by the database's clock.
     pub seen_ms_ago: i64,
 }
@@ -27,20 +30,28 @@ const FORGET_AFTER: &str = "1 day";
 const MAX_NODES: i64 = 64;
 
 impl PgStore {
-    /// Notes that `node` runs now, as `role`, release `version`; forgets nodes not heard from
-    /// for a day.
-    pub fn note_node(&self, node: &str, role: &str, version: &str) -> Result<(), JournalError> {
+    /// Notes that `node` runs now, as `role`, release `version`, serving `sessions` agents and
+    /// relays; forgets nodes not heard from for a day.
+    pub fn note_node(
+        &self,
+        node: &str,
+        role: &str,
+        version: &str,
+        sessions: u64,
+    ) -> Result<(), JournalError> {
         let (node, role, version) = (node.to_owned(), role.to_owned(), version.to_owned());
+        let sessions = i64::try_from(sessions).unwrap_or(i64::MAX);
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             client
                 .execute(
-                    "INSERT INTO tether_nodes (name, role, version, seen_at)
-                     VALUES ($1, $2, $3, now())
+                    "INSERT INTO tether_nodes (name, role, version, sessions, seen_at)
+                     VALUES ($1, $2, $3, $4, now())
                      ON CONFLICT (name) DO UPDATE
-                       SET role = excluded.role, version = excluded.version, seen_at = now()",
-                    &[&node, &role, &version],
+                       SET role = excluded.role, version = excluded.version,
+                           sessions = excluded.sessions, seen_at = now()",
+                    &[&node, &role, &version, &sessions],
                 )
                 .await
                 .map_err(|e| db_err("cannot note this node", &e))?;
@@ -64,8 +75,8 @@ impl PgStore {
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             let rows = client
                 .query(
-                    "SELECT name, role, version, ago FROM (
-                       SELECT name, role, version,
+                    "SELECT name, role, version, sessions, ago FROM (
+                       SELECT name, role, version, sessions,
                               (extract(epoch FROM now() - seen_at) * 1000)::bigint AS ago
                        FROM tether_nodes ORDER BY seen_at DESC LIMIT $1
                      ) newest ORDER BY name",
@@ -79,7 +90,8 @@ impl PgStore {
                     node: row.get(0),
                     role: row.get(1),
                     version: row.get(2),
-                    seen_ms_ago: row.get(3),
+                    sessions: row.get(3),
+                    seen_ms_ago: row.get(4),
                 })
                 .collect())
         })

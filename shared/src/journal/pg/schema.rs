@@ -32,6 +32,8 @@ pub const MIGRATIONS: &[&str] = &[
         version text NOT NULL,
         seen_at timestamptz NOT NULL
      );",
+    // How many agents and relays each node serves, as it last noted.
+    "ALTER TABLE tether_nodes ADD COLUMN IF NOT EXISTS sessions bigint NOT NULL DEFAULT 0;",
 ];
 
 /// Taken (per transaction) while the schema is checked and migrated.

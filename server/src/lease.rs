@@ -271,32 +271,57 @@ pub fn become_active(
 /// Renews the lease every third of its length, for as long as the server runs; once it is
 /// lost, steps down (starts over in place, as a standby). A database that does not answer is
 /// tried again at the next turn: meanwhile the batches' own check keeps this node from
-/// committing past the lease's end.
+/// committing past the lease's end. A node that could not renew its lease before it would
+/// have run out (the database unreachable, or silent) steps down as well, by its own clock:
+/// another node may take over from then on, and this one must not keep its agents waiting on
+/// commits it can no longer make.
 /// Each turn also notes this node in the cluster's node list and reads it into `nodes`. Once
 /// `drain` is handing the lease over (or did), losing it is expected: the loop ends quietly
 /// and the node's way out is the stop task's.
 pub async fn keep(store: Arc<PgStore>, lease: Lease, nodes: Nodes, drain: crate::drain::Drain) {
     let mut tick = tokio::time::interval(lease.ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // By this node's clock, the lease runs at least until then.
+    let mut held_until = lease.taken + lease.ttl;
     loop {
         tick.tick().await;
         if drain.is_leaving() {
             continue;
         }
         let s = store.clone();
-        match web::block(move || s.renew_lease()).await {
-            Ok(Ok(())) => nodes.refresh_apart(store.clone(), lease.holder.clone(), "active"),
-            Ok(Err(JournalError::Poisoned { .. })) if drain.is_leaving() => {}
-            Ok(Err(JournalError::Poisoned { reason })) => {
+        let sent = std::time::Instant::now();
+        // A renewal that hangs (a network that drops everything) is waited for only until
+        // the lease would run out.
+        let left = held_until.saturating_duration_since(sent);
+        let renewal = tokio::time::timeout(left, web::block(move || s.renew_lease())).await;
+        match renewal {
+            Ok(Ok(Ok(()))) => {
+                held_until = sent + lease.ttl;
+                nodes.refresh_apart(store.clone(), lease.holder.clone(), "active");
+            }
+            Ok(Ok(Err(JournalError::Poisoned { .. }))) if drain.is_leaving() => {}
+            Ok(Ok(Err(JournalError::Poisoned { reason }))) => {
                 tracing::error!(node = %lease.holder, epoch = lease.epoch, reason = %reason, "lease-lost-stepping-down");
-                let e = tether_shared::storage::restart_in_place();
-                tracing::error!(error = %e, "restart-failed");
+                step_down();
                 return;
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 tracing::warn!(node = %lease.holder, epoch = lease.epoch, error = %e, "lease-renewal-failed")
             }
-            Err(_) => {}
+            Ok(Err(_)) | Err(_) => {}
+        }
+        if std::time::Instant::now() >= held_until && !drain.is_leaving() {
+            tracing::error!(node = %lease.holder, epoch = lease.epoch, ttl_ms = lease.ttl.as_millis() as u64, "lease-unrenewed-stepping-down");
+            step_down();
+            return;
         }
     }
+}
+
+/// Starts this process over in place: it closes every session and listener, and waits as a
+/// standby (or, with the database out of reach, exits with the cause after its connection
+/// timeout, for its service manager to start it again).
+fn step_down() {
+    let e = tether_shared::storage::restart_in_place();
+    tracing::error!(error = %e, "restart-failed");
 }

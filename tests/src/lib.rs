@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tether_shared::https;
 
 pub mod admin_api;
+pub mod blackhole;
 pub mod enrollment;
 pub mod fake_upstream;
 pub mod fixtures;

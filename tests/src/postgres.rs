@@ -83,8 +83,35 @@ impl Postgres {
         Some(pg)
     }
 
+    /// A new cluster that also listens, without TLS, on loopback TCP at 127.0.0.1 and
+    /// 127.0.0.2 on one port (see [`Postgres::tcp_url`]): two ways to it, so that one can be cut
+    /// (`blackhole`) while the other stays.
+    pub fn start_tcp() -> Option<Postgres> {
+        let port = crate::fleet::free_addr().port();
+        let settings = [
+            "listen_addresses='127.0.0.1,127.0.0.2'".to_owned(),
+            format!("port={port}"),
+        ];
+        let refs: Vec<&str> = settings.iter().map(String::as_str).collect();
+        let mut pg = Postgres::start_with(&refs)?;
+        pg.port = Some(port);
+        // initdb lets in 127.0.0.1 alone.
+        let hba = pg.data().join("pg_hba.conf");
+        let mut rules = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+        rules.push_str("host all all 127.0.0.0/8 scram-sha-256\n");
+        std::fs::write(&hba, rules).expect("pg_hba.conf");
+        pg.psql("SELECT pg_reload_conf()");
+        Some(pg)
+    }
+
+    /// The address of its TCP listener at `ip` (started by [`Postgres::start_tcp`]).
+    pub fn tcp_addr(&self, ip: &str) -> std::net::SocketAddr {
+        let port = self.port.expect("started with start_tcp");
+        std::net::SocketAddr::new(ip.parse().expect("an IP address"), port)
+    }
+
     /// The connection string over TCP to `host` (a name the certificate covers), when started
-    /// by [`Postgres::start_tls`].
+    /// by [`Postgres::start_tls`] (or to an address, by [`Postgres::start_tcp`]).
     pub fn tcp_url(&self, host: &str) -> String {
         let port = self.port.expect("started with start_tls");
         format!("host={host} port={port} user=postgres password={PASSWORD} dbname=postgres")

@@ -740,6 +740,79 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
 }
 
 #[test]
+fn an_active_node_cut_off_from_the_database_keeps_no_agent_and_the_standby_finishes_its_work() {
+    if !tether_tests::blackhole::Blackhole::available() {
+        return;
+    }
+    let Some(pg) = Postgres::start_tcp() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    // Node a reaches the database at 127.0.0.2 (the way that is cut), node b at 127.0.0.1.
+    let mut env_a = node(&pg, "node-a", "4000");
+    for (k, v) in &mut env_a {
+        if k == "TETHER_STORAGE__URL" {
+            *v = pg.tcp_url("127.0.0.2");
+        }
+    }
+    let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let b_dir = tmp.path().join("b");
+    let url_b = pg.tcp_url("127.0.0.1");
+    let mut b = a.another_node(
+        &b_dir,
+        &[
+            ("TETHER_STORAGE__NODE_NAME", "node-b"),
+            ("TETHER_STORAGE__URL", &url_b),
+        ],
+    );
+    let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
+    let mut agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("dr-{i}"), &[], &[]))
+        .collect();
+    for agent in &mut agents {
+        agent.run();
+    }
+    for agent in &agents {
+        eventually("agent online on node a", WAIT, || {
+            (a.agent_status(&agent.id) == "online").then_some(())
+        });
+    }
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, "marks", 8, &marks);
+    let id = deploy_marks(&a, &marks);
+    let a_pid = a.pid();
+    // The network between node a and the database fails silently mid-deployment.
+    let cut = tether_tests::blackhole::Blackhole::cut(pg.tcp_addr("127.0.0.2"));
+    // Node a lets its agents go once its lease would have run out unrenewed; node b takes
+    // over, the agents move to it and the deployment finishes there, every step run once.
+    b.wait_active(WAIT);
+    every_step_once(&b, &id, &marks);
+    for agent in &agents {
+        assert_eq!(b.agent_status(&agent.id), "online");
+    }
+    let log = std::fs::read_to_string(tmp.path().join("a/server.log")).unwrap();
+    assert!(log.contains("lease-unrenewed-stepping-down"), "{log}");
+    assert_eq!(a.pid(), a_pid, "it started over in place");
+    assert!(
+        std::net::TcpStream::connect(a.wss).is_err(),
+        "node a takes agents while cut off"
+    );
+    // Once the database is back within reach, node a waits as a standby (started again as
+    // its service manager would, `Restart=always`, if it gave up waiting for the database).
+    drop(cut);
+    eventually("node a a standby", WAIT, || {
+        if a.child.as_mut().and_then(|c| c.try_exit()).is_some() {
+            a.spawn();
+        }
+        b.try_health().and_then(|h| {
+            let line = node_line(&h, "node-a")?;
+            (line["role"] == "standby" && line["seen_ms_ago"].as_i64() < Some(4_000)).then_some(())
+        })
+    });
+}
+
+#[test]
 fn a_frozen_active_node_that_lost_its_lease_commits_nothing_and_steps_down() {
     let Some(pg) = Postgres::start() else {
         return;
@@ -778,11 +851,14 @@ fn a_frozen_active_node_that_lost_its_lease_commits_nothing_and_steps_down() {
     let stored =
         "SELECT count(*) FROM tether_journal WHERE key = convert_to('Mprocess/late', 'UTF8')";
     assert_eq!(pg.psql(stored), "0");
-    // It steps down by itself: it starts over in place and waits as a standby.
+    // It steps down by itself (told by the database that it lost the lease, or seeing by its
+    // own clock that it could not renew it in time): it starts over in place and waits as a
+    // standby.
     eventually("node a stepped down", WAIT, || {
         let log = std::fs::read_to_string(tmp.path().join("a/server.log")).unwrap_or_default();
-        (log.contains("lease-lost-stepping-down") && log.contains("standby-waiting-for-the-lease"))
-            .then_some(())
+        let stepped_down = log.contains("lease-lost-stepping-down")
+            || log.contains("lease-unrenewed-stepping-down");
+        (stepped_down && log.contains("standby-waiting-for-the-lease")).then_some(())
     });
     assert_eq!(a.pid(), Some(a_pid), "it started over in place");
     // b serves: the same change is accepted there.

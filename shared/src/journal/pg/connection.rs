@@ -16,6 +16,11 @@ use crate::journal::JournalError;
 
 /// Longest a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a transaction of ours may sit idle (between its statements) before the database
+/// ends its session and releases its locks. Ours send each statement as the last one returns,
+/// so only a node gone silent mid-transaction reaches it; its batch is then tried again on a
+/// new connection, fenced as ever.
+pub(super) const IDLE_IN_TRANSACTION: Duration = Duration::from_secs(5);
 
 /// Why the database cannot serve as a journal, in words an operator can act on.
 pub(super) fn refuse(reason: impl Into<String>) -> JournalError {
@@ -61,6 +66,18 @@ impl Connector {
             .map_err(|e| refuse(format!("invalid storage.url: {e}")))?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("tether-server");
+        // A node that vanishes mid-transaction (a network that drops everything, a frozen
+        // process) would otherwise hold its row locks, the lease's among them, until the
+        // database noticed the dead peer (hours): the takeover would wait on it.
+        let idle = format!(
+            "-c idle_in_transaction_session_timeout={}",
+            IDLE_IN_TRANSACTION.as_millis()
+        );
+        let options = match config.get_options() {
+            Some(given) => format!("{given} {idle}"),
+            None => idle,
+        };
+        config.options(&options);
         let tls = match &opts.ca_file {
             None => None,
             Some(path) => {

@@ -18,6 +18,9 @@ pub struct Lease {
     pub epoch: i64,
     /// Its length, renewed by [`PgStore::renew_lease`].
     pub ttl: Duration,
+    /// When the statement that took it was sent: by this node's clock, the lease runs at
+    /// least until `taken + ttl` (the database set its expiry later than that).
+    pub taken: std::time::Instant,
 }
 
 /// Who holds the lease now, as a node that does not sees it.
@@ -72,6 +75,7 @@ impl PgStore {
         ttl: Duration,
     ) -> Result<Result<Lease, LeaseHolder>, JournalError> {
         let holder = holder.to_owned();
+        let taken = std::time::Instant::now();
         let got = self.run(move |shared| async move {
             let guard = shared.client(&shared.writer).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
@@ -93,6 +97,7 @@ impl PgStore {
                     holder,
                     epoch: row.get(0),
                     ttl,
+                    taken,
                 };
                 *shared
                     .lease

@@ -10,6 +10,10 @@
 //! after the takeover, over the baseline's, shows what moving to another node costs beyond the
 //! lease wait.
 //!
+//! Then a planned handover, timed the same way from the request: the first node started again
+//! as a standby, the active one drained (`POST /admin/drain`, what `tether-server drain`
+//! sends). Its times over the failover's show what the hand-over saves (the lease wait).
+//!
 //! `cargo bench -p tether-tests --bench failover` (`make bench`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench glue may unwrap
@@ -124,6 +128,25 @@ fn main() {
     a.kill();
     let failover = recover(&mut b, &ids, killed, false);
 
+    // Planned: node a back as a standby, node b drained to it.
+    a.spawn();
+    eventually("node a listed as a standby", TIMEOUT, || {
+        let h = tether_tests::wire::health(&b);
+        h["cluster"]["nodes"]
+            .as_array()?
+            .iter()
+            .any(|n| {
+                n["node"] == "node-a"
+                    && n["role"] == "standby"
+                    && n["seen_ms_ago"].as_i64() < Some(ttl_ms as i64)
+            })
+            .then_some(())
+    });
+    let drained = Instant::now();
+    let r = b.request("POST", "/admin/drain", None);
+    assert_eq!(r.status, 200, "drain: {}", r.body);
+    let handover = recover(&mut a, &ids, drained, false);
+
     let ttl_s = ttl_ms as f64 / 1000.0;
     println!("\nfailover with {n} simulated agents, lease TTL {ttl_s:.1} s (seconds from SIGKILL of the active node)");
     println!(
@@ -133,6 +156,7 @@ fn main() {
     for (label, r) in [
         ("restart in place (baseline)", &restart),
         ("failover to the standby", &failover),
+        ("drain to the standby", &handover),
     ] {
         println!(
             "{label:<34} {:>8.2} {:>12.2} {:>14.2}",
@@ -144,6 +168,12 @@ fn main() {
     println!(
         "after the takeover: {after_takeover:.2} s, {:.2}x the restart's {baseline_after:.2} s",
         after_takeover / baseline_after.max(0.001)
+    );
+    println!(
+        "drain over failover: active {:.2}x, all online {:.2}x, deployment ok {:.2}x",
+        handover.active_s / failover.active_s.max(0.001),
+        handover.online_s / failover.online_s.max(0.001),
+        handover.deployed_s / failover.deployed_s.max(0.001)
     );
     let target = ttl_s + 10.0;
     println!(

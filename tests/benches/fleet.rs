@@ -87,6 +87,10 @@ struct Row {
     cpu_loadgen: [f64; 3],
     /// Server CPU while the sessions idle, percent of one core.
     idle_cpu_pct: f64,
+    /// On PostgreSQL, over the events phase: the server's transactions (journal syncs) and the
+    /// database's WAL bytes.
+    db_transactions: Option<u64>,
+    db_wal_bytes: Option<u64>,
     notes: Vec<String>,
 }
 
@@ -120,6 +124,19 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.trim().replace('_', "").parse().ok())
         .unwrap_or(default)
+}
+
+/// The server's committed transactions (its journal's syncs: one per batch on PostgreSQL) and
+/// the database's WAL position in bytes.
+fn db_counters(server: &Server, pg: &Postgres) -> (u64, u64) {
+    let syncs = tether_tests::wire::health(server)["journal"]["syncs"]
+        .as_u64()
+        .unwrap_or(0);
+    let wal = pg
+        .psql("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint")
+        .parse()
+        .unwrap_or(0);
+    (syncs, wal)
 }
 
 fn rss_kib(pid: u32) -> (u64, u64) {
@@ -239,6 +256,7 @@ fn run_one(
     threads: usize,
     beat: Option<Duration>,
     server_env: &[(String, String)],
+    pg: Option<&Postgres>,
 ) -> Row {
     let mut row = Row {
         agents: n,
@@ -340,8 +358,14 @@ fn run_one(
     let base = acked();
     let total = each * n as u64;
     let (srv0, gen0) = (measure::cpu_s(Some(pid)), measure::cpu_s(None));
+    let db0 = pg.map(|pg| db_counters(&server, pg));
     fleet.set_events(each, BASELINE_EVENTS);
     let done = wait_until(EVENTS_TIMEOUT, || acked() >= base + total);
+    if let (Some(pg), Some((tx0, wal0))) = (pg, db0) {
+        let (tx1, wal1) = db_counters(&server, pg);
+        row.db_transactions = Some(tx1.saturating_sub(tx0));
+        row.db_wal_bytes = Some(wal1.saturating_sub(wal0));
+    }
     cpu(&mut row.cpu_server, 1, Some(pid), srv0);
     cpu(&mut row.cpu_loadgen, 1, None, gen0);
     match done {
@@ -507,22 +531,23 @@ fn main() {
                 env.push(("TETHER_STORAGE__BACKEND".into(), "postgres".into()));
                 env.push(("TETHER_STORAGE__URL".into(), pg.url()));
             }
-            let row =
-                match std::panic::catch_unwind(|| run_one(n, total_events, threads, beat, &env)) {
-                    Ok(row) => row,
-                    Err(e) => {
-                        let msg = e
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                            .unwrap_or_default();
-                        Row {
-                            agents: n,
-                            notes: vec![format!("run aborted: {msg}")],
-                            ..Row::default()
-                        }
+            let row = match std::panic::catch_unwind(AssertUnwindSafe(|| {
+                run_one(n, total_events, threads, beat, &env, pg.as_ref())
+            })) {
+                Ok(row) => row,
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                        .unwrap_or_default();
+                    Row {
+                        agents: n,
+                        notes: vec![format!("run aborted: {msg}")],
+                        ..Row::default()
                     }
-                };
+                }
+            };
             rows.push(Row { store, ..row });
         }
     }
@@ -612,6 +637,21 @@ fn main() {
             println!(
                 "{} N={}: restart to listening took {:.2} s; server peak RSS {} KiB",
                 r.store, r.agents, r.storm_restart_s, r.rss_peak_kib
+            );
+        }
+        if let (Some(tx), Some(wal)) = (r.db_transactions, r.db_wal_bytes) {
+            let events = r.events_acked.max(1) as f64;
+            let secs = r
+                .eps
+                .map_or(EVENTS_TIMEOUT.as_secs_f64(), |eps| events / eps);
+            println!(
+                "{} N={}: events phase: {tx} database transactions ({:.0}/s, {:.1} events each), {:.0} bytes of WAL per event ({:.1} MB/s)",
+                r.store,
+                r.agents,
+                tx as f64 / secs,
+                events / tx.max(1) as f64,
+                wal as f64 / events,
+                wal as f64 / secs / 1e6
             );
         }
         for note in &r.notes {

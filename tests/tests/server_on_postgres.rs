@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::measure::dispatch;
 use tether_tests::postgres::Postgres;
+use tether_tests::relays::Relay;
 use tether_tests::tether_cli::{server_url, Tether};
 use tether_tests::{run, stderr};
 
@@ -660,21 +661,24 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     let b_dir = tmp.path().join("b");
     let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
     let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
-    let mut agents: Vec<Agent> = (1..=2)
-        .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("dr-{i}"), &[], &[]))
-        .collect();
+    // One agent reaches the nodes directly, the other through a relay that lists both.
+    let relay = Relay::start(&a, &upstreams, tmp.path(), "relay-1");
+    let mut agents = vec![
+        Agent::install_via(&a, &upstreams, tmp.path(), "dr-1", &[], &[]),
+        Agent::install_via(&a, &[relay.upstream()], tmp.path(), "dr-2", &[], &[]),
+    ];
     for agent in &mut agents {
         agent.run();
     }
-    // Node a lists node b as a standby, and itself with its two agents.
+    // Node a lists node b as a standby, and itself with its sessions (two agents, a relay).
     eventually(
-        "node a's list: b standby, a serving two agents",
+        "node a's list: b standby, a serving three peers",
         WAIT,
         || {
             let h = tether_tests::wire::health(&a);
             let b_line = node_line(&h, "node-b")?;
             let a_line = node_line(&h, "node-a")?;
-            (b_line["role"] == "standby" && a_line["sessions"] == 2).then_some(())
+            (b_line["role"] == "standby" && a_line["sessions"] == 3).then_some(())
         },
     );
     let marks = tmp.path().join("marks");
@@ -708,13 +712,13 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     let r = a.request("GET", "/api/v1/deployments", None);
     assert_eq!(r.status, 503, "{}", r.body);
     eventually(
-        "node b's list: a standby, b serving two agents",
+        "node b's list: a standby, b serving three peers",
         WAIT,
         || {
             let h = tether_tests::wire::health(&b);
             let a_line = node_line(&h, "node-a")?;
             let b_line = node_line(&h, "node-b")?;
-            (a_line["role"] == "standby" && b_line["role"] == "active" && b_line["sessions"] == 2)
+            (a_line["role"] == "standby" && b_line["role"] == "active" && b_line["sessions"] == 3)
                 .then_some(())
         },
     );
@@ -737,6 +741,8 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     for agent in &agents {
         assert_eq!(a.agent_status(&agent.id), "online");
     }
+    let via = a.agent(&agents[1].id).unwrap();
+    assert_eq!(via["path"], json!(["relay-1"]), "{via}");
 }
 
 #[test]

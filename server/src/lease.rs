@@ -290,10 +290,13 @@ pub async fn keep(store: Arc<PgStore>, lease: Lease, nodes: Nodes, drain: crate:
         }
         let s = store.clone();
         let sent = std::time::Instant::now();
-        // A renewal that hangs (a network that drops everything) is waited for only until
-        // the lease would run out.
-        let left = held_until.saturating_duration_since(sent);
-        let renewal = tokio::time::timeout(left, web::block(move || s.renew_lease())).await;
+        // A renewal that hangs (a network that drops everything) is waited for only until the
+        // lease would run out, yet always a third of a lease: a renewal that succeeds late (a
+        // start that loaded a long history) still proves that nobody took the lease over.
+        let wait = held_until
+            .saturating_duration_since(sent)
+            .max(lease.ttl / 3);
+        let renewal = tokio::time::timeout(wait, web::block(move || s.renew_lease())).await;
         match renewal {
             Ok(Ok(Ok(()))) => {
                 held_until = sent + lease.ttl;

@@ -32,6 +32,8 @@ pub struct Nodes {
     busy: Arc<std::sync::atomic::AtomicBool>,
     /// Counts the agents and relays connected to this node (none on a standby).
     sessions: Arc<std::sync::OnceLock<SessionCount>>,
+    /// This node's operators' address, as it advertises it (empty: none).
+    url: Arc<str>,
 }
 
 /// Counts this node's sessions when it notes itself.
@@ -44,13 +46,28 @@ impl std::fmt::Debug for Nodes {
 }
 
 impl Nodes {
-    /// Notes this node (`role`, and its sessions) and reads every node's line; a database that
-    /// does not answer leaves the last list (and is the lease loop's and the batches' concern).
+    /// The list of a node that advertises `url` as its operators' address (`storage.node_url`).
+    pub fn advertising(url: Option<&str>) -> Nodes {
+        Nodes {
+            url: url.unwrap_or_default().into(),
+            ..Nodes::default()
+        }
+    }
+
+    /// Notes this node (`role`, its sessions, its address) and reads every node's line; a
+    /// database that does not answer leaves the last list (and is the lease loop's and the
+    /// batches' concern).
     fn refresh(&self, store: &PgStore, node: &str, role: &str) {
         let sessions = self.sessions.get().map_or(0, |count| count());
-        let listed = store
-            .note_node(node, role, VERSION, sessions)
-            .and_then(|()| store.nodes());
+        let seen = NodeSeen {
+            node: node.to_owned(),
+            role: role.to_owned(),
+            version: VERSION.to_owned(),
+            sessions: i64::try_from(sessions).unwrap_or(i64::MAX),
+            url: self.url.to_string(),
+            seen_ms_ago: 0,
+        };
+        let listed = store.note_node(&seen).and_then(|()| store.nodes());
         match listed {
             Ok(list) => *self.list.lock().unwrap_or_else(PoisonError::into_inner) = list,
             Err(e) => tracing::warn!(node = %node, error = %e, "cluster-nodes-not-refreshed"),
@@ -134,8 +151,27 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
     }}))
 }
 
-async fn standby_refusal(seen: web::Data<Seen>) -> HttpResponse {
+/// Every request but `/admin/health`: `307` to the active node's address when it advertises
+/// one (`storage.node_url`: same path and query; the client decides whether to follow and to
+/// send its credentials there), `503` naming it otherwise.
+async fn standby_refusal(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse {
     let active = seen.active().map(|h| h.holder);
+    let url = active.as_ref().and_then(|holder| {
+        seen.nodes
+            .list()
+            .into_iter()
+            .find(|n| &n.node == holder && !n.url.is_empty())
+            .map(|n| n.url)
+    });
+    if let (Some(node), Some(url)) = (&active, &url) {
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        return HttpResponse::TemporaryRedirect()
+            .insert_header((actix_web::http::header::LOCATION, format!("{url}{path}")))
+            .json(json!({
+                "error": format!("this node ({}) is a standby; the active server is {node}, at {url}", seen.node),
+                "cluster": {"role": "standby", "active": node, "url": url},
+            }));
+    }
     let error = match &active {
         Some(node) => format!(
             "this node ({}) is a standby; the active server is {node}",
@@ -166,10 +202,11 @@ impl Standby {
         tls: rustls::ServerConfig,
         limits: Limits,
         node: &str,
+        url: Option<&str>,
         token: AdminToken,
     ) -> std::io::Result<Standby> {
         let active = Arc::new(Mutex::new(None));
-        let nodes = Nodes::default();
+        let nodes = Nodes::advertising(url);
         let seen = Seen {
             node: node.to_owned(),
             active: active.clone(),

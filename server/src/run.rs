@@ -229,6 +229,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             ca_file,
             pool_size,
             node_name,
+            node_url,
             lease_ttl,
         } => {
             let store = Arc::new(PgStore::open(&PgOptions {
@@ -252,6 +253,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                         server_tls,
                         listener_limits(),
                         node_name,
+                        node_url.as_deref(),
                         token.clone(),
                     )
                     .map_err(|source| RunError::Bind {
@@ -311,7 +313,10 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         source,
     })?;
     // The cluster's nodes, refreshed by the lease loop (`lease::keep`).
-    let nodes = lease::Nodes::default();
+    let nodes = lease::Nodes::advertising(match &opts.storage {
+        Storage::Postgres { node_url, .. } => node_url.as_deref(),
+        Storage::Sled => None,
+    });
     let loaded = app::Loaded {
         token,
         tls,

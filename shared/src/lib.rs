@@ -49,6 +49,7 @@ pub mod plugin;
 pub mod protocol;
 pub mod proxy;
 pub mod sealing;
+pub mod server_url;
 pub mod state_file;
 pub mod storage;
 pub mod stream;

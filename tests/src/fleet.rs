@@ -145,11 +145,11 @@ impl Server {
             .output()
             .unwrap_or_else(|e| panic!("tether-server join: {e}"));
         assert!(joined.status.success(), "tether-server join: {joined:?}");
-        // Its ports are its own, whatever this node's environment fixed.
+        // Its ports and its address are its own, whatever this node's environment fixed.
         let mut all: Vec<(String, String)> = self
             .env
             .iter()
-            .filter(|(k, _)| !k.starts_with("TETHER_LISTEN__"))
+            .filter(|(k, _)| !k.starts_with("TETHER_LISTEN__") && k != "TETHER_STORAGE__NODE_URL")
             .cloned()
             .collect();
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tether_shared::journal::{
-    Journal, JournalError, JournalHandle, JournalOptions, LogName, Op, PgOptions, PgStore,
-    SledStore, Store,
+    Journal, JournalError, JournalHandle, JournalOptions, LogName, NodeSeen, Op, PgOptions,
+    PgStore, SledStore, Store,
 };
 use tether_shared::protocol::Seq;
 use tether_tests::postgres::Postgres;
@@ -413,7 +413,15 @@ async fn the_lease_is_handed_to_a_standby_at_once_and_the_giver_commits_nothing_
     let a = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
     let b = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
     let lease_a = a.acquire_lease("node-a", ttl).unwrap().unwrap();
-    a.note_node("node-a", "active", "1", 3).unwrap();
+    let seen = |node: &str, role: &str, sessions: i64| NodeSeen {
+        node: node.into(),
+        role: role.into(),
+        version: "1".into(),
+        sessions,
+        url: format!("https://{node}:8443"),
+        seen_ms_ago: 0,
+    };
+    a.note_node(&seen("node-a", "active", 3)).unwrap();
     let (ja, _, _) = open(a.clone(), Path::new("postgres"));
     let l = log("out/events");
     ja.commit(appends(&l, 1..=1)).await.unwrap();
@@ -425,14 +433,17 @@ async fn the_lease_is_handed_to_a_standby_at_once_and_the_giver_commits_nothing_
 
     // b waits as a standby and notes itself so; a hands the lease to it.
     assert!(b.acquire_lease("node-b", ttl).unwrap().is_err());
-    b.note_node("node-b", "standby", "1", 0).unwrap();
+    b.note_node(&seen("node-b", "standby", 0)).unwrap();
     let listed = a.nodes().unwrap();
     assert_eq!(
         listed
             .iter()
-            .map(|n| (n.node.as_str(), n.sessions))
+            .map(|n| (n.node.as_str(), n.sessions, n.url.as_str()))
             .collect::<Vec<_>>(),
-        [("node-a", 3), ("node-b", 0)]
+        [
+            ("node-a", 3, "https://node-a:8443"),
+            ("node-b", 0, "https://node-b:8443")
+        ]
     );
     let heir = a.hand_over_lease().unwrap().expect("an heir");
     assert_eq!(

@@ -623,10 +623,13 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     let handed_over_within = Duration::from_secs(15);
     let mut env_a = node(&pg, "node-a", "30000");
     // Fixed ports: node a starts over in place (as a standby, then active again) on them.
-    for listener in ["HTTPS", "WSS"] {
-        let addr = tether_tests::fleet::free_addr().to_string();
-        env_a.push((format!("TETHER_LISTEN__{listener}"), addr));
-    }
+    let a_https = tether_tests::fleet::free_addr();
+    env_a.push(("TETHER_LISTEN__HTTPS".into(), a_https.to_string()));
+    let a_wss = tether_tests::fleet::free_addr();
+    env_a.push(("TETHER_LISTEN__WSS".into(), a_wss.to_string()));
+    // Node a advertises its operators' address; node b does not.
+    let a_url = format!("https://localhost:{}", a_https.port());
+    env_a.push(("TETHER_STORAGE__NODE_URL".into(), a_url.clone()));
     let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
     // Alone, a node is not drained: nothing would take over. It says so, and goes on serving.
     let out = drain(&a, tmp.path());
@@ -743,6 +746,36 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     }
     let via = a.agent(&agents[1].id).unwrap();
     assert_eq!(via["path"], json!(["relay-1"]), "{via}");
+    // The standby sends operators to the active node, which advertises its address: REST
+    // clients get a redirect with the same path and query, and the CLI follows it.
+    let r = b.request("GET", "/api/v1/deployments?limit=5", None);
+    assert_eq!(r.status, 307, "{}", r.body);
+    assert!(r.body.contains("node-a"), "{}", r.body);
+    let location = r
+        .headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("location"))
+        .map(|(_, v)| v.clone());
+    assert_eq!(
+        location.as_deref(),
+        Some(format!("{a_url}/api/v1/deployments?limit=5").as_str())
+    );
+    let cli = Tether::new(&tmp.path().join("cli"));
+    let ca = a.operator_ca_path();
+    let listed = cli.run_with(
+        &[
+            ("TETHER_SERVER", server_url(&b).as_str()),
+            ("TETHER_CA", ca.to_str().unwrap()),
+            ("TETHER_TOKEN", a.admin_token.as_str()),
+        ],
+        None,
+        &["deployments", "list", "--json"],
+    );
+    assert_eq!(listed.status.code(), Some(0), "{}", stderr(&listed));
+    let through_b: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    let from_a = a.request("GET", "/api/v1/deployments", None).json();
+    assert_eq!(through_b, from_a, "the same answer through the standby");
+    // A node advertising no address still answers 503 naming the active node (above).
 }
 
 #[test]

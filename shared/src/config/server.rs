@@ -64,6 +64,9 @@ pub struct RawStorage {
     pub pool_size: i64,
     /// This node's name in the lease (empty: the host name).
     pub node_name: String,
+    /// This node's operators' address as operators reach it (`https://host[:port]`); a
+    /// standby sends operators there when this node is active. Empty: not advertised.
+    pub node_url: String,
     /// How long the active node's lease lasts unrenewed; a standby takes over once it ran out.
     pub lease_ttl_ms: i64,
 }
@@ -76,6 +79,7 @@ impl Default for RawStorage {
             ca_file: PathBuf::new(),
             pool_size: 4,
             node_name: String::new(),
+            node_url: String::new(),
             lease_ttl_ms: 15_000,
         }
     }
@@ -98,6 +102,9 @@ pub enum Storage {
         pool_size: usize,
         /// This node's name in the lease.
         node_name: String,
+        /// This node's operators' address, advertised to the others (`None`: not advertised).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node_url: Option<String>,
         #[serde(rename = "lease_ttl_ms", serialize_with = "serialize_millis")]
         lease_ttl: Duration,
     },
@@ -485,6 +492,19 @@ fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
             "must be at most 255 characters, none of them control characters",
         );
     }
+    let node_url = match raw.node_url.trim() {
+        "" => None,
+        given => match crate::server_url::ServerUrl::parse(given) {
+            Ok(url) => Some(url.to_string()),
+            Err(e) => {
+                p.push(
+                    "storage.node_url",
+                    format!("must be this node's operators' address, https://host[:port]: {e}"),
+                );
+                None
+            }
+        },
+    };
     match raw.backend.as_str() {
         "sled" => Some(Storage::Sled),
         "postgres" => {
@@ -501,6 +521,7 @@ fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
                 ca_file,
                 pool_size: usize::try_from(pool?).ok()?,
                 node_name,
+                node_url,
                 lease_ttl: lease_ttl?,
             })
         }

@@ -307,6 +307,7 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
         ca_file,
         pool_size,
         node_name,
+        node_url,
         lease_ttl,
     } = &pg.storage
     else {
@@ -322,6 +323,28 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
         )
     );
     assert!(!node_name.is_empty(), "the host name by default");
+    assert_eq!(node_url, &None, "not advertised by default");
+    let advertised = with(RawStorage {
+        backend: "postgres".into(),
+        url: "postgres://db.example/tether".into(),
+        node_url: "https://server-a.example:9443/".into(),
+        ..RawStorage::default()
+    })
+    .unwrap();
+    assert!(
+        matches!(&advertised.storage, Storage::Postgres { node_url: Some(u), .. } if u == "https://server-a.example:9443"),
+        "{:?}",
+        advertised.storage
+    );
+    let refused = with(RawStorage {
+        backend: "postgres".into(),
+        url: "postgres://db.example/tether".into(),
+        node_url: "http://server-a/api".into(),
+        ..RawStorage::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("storage.node_url"), "{refused}");
     // The password never prints: not in Debug, not in --check-config's output.
     assert!(!format!("{pg:?}").contains("hunter2"));
     let shown = toml::to_string(&pg).unwrap();

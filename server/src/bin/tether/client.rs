@@ -12,7 +12,7 @@ use tether_shared::https::{self, HttpsError, Limits, Request, Response, StreamLi
 use tether_shared::tls::TlsError;
 
 use crate::config::Connection;
-use crate::server_url::ServerUrl;
+use tether_shared::server_url::ServerUrl;
 
 /// Bounds of an ordinary request (lists, logs up to the server's 8 MiB per step, masked).
 const LIMITS: Limits = Limits {
@@ -116,6 +116,21 @@ impl Client {
             &self.request(method, path, &headers, body.as_deref()),
             &LIMITS,
         )?;
+        // A standby of a cluster sends the request on to the active node: followed once, and
+        // only to a server the same pinned CA vouches for (the token goes nowhere else).
+        let response = match redirected(&response) {
+            Some((server, path)) => https::request(
+                self.tls.clone(),
+                &Request {
+                    host: &server.host,
+                    port: server.port,
+                    path: &path,
+                    ..self.request(method, &path, &headers, body.as_deref())
+                },
+                &LIMITS,
+            )?,
+            None => response,
+        };
         success(response)
     }
 
@@ -169,6 +184,18 @@ impl Client {
         )?;
         parse_json(&success(response)?)
     }
+}
+
+/// Where a `307`/`308` answer sends its request: the server and the path (with its query).
+fn redirected(response: &Response) -> Option<(ServerUrl, String)> {
+    if !matches!(response.status, 307 | 308) {
+        return None;
+    }
+    let rest = response.header("location")?.strip_prefix("https://")?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let server = ServerUrl::parse(&format!("https://{authority}")).ok()?;
+    let path = if path.is_empty() { "/" } else { path };
+    Some((server, path.to_owned()))
 }
 
 /// `response` if its status is 2xx, else the error it carries.

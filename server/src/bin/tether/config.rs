@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tether_shared::config::Secret;
 
-use crate::server_url::ServerUrl;
+use tether_shared::server_url::ServerUrl;
 
 /// The login file's name in `$XDG_CONFIG_HOME/tether/`.
 pub const FILE_NAME: &str = "cli.json";

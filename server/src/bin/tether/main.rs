@@ -8,7 +8,6 @@
 //! - [`commands`]: one module per command group, each turning server answers into output.
 //! - [`config`]: the login file (`$XDG_CONFIG_HOME/tether/cli.json`, 0600) and the effective
 //!   connection.
-//! - [`server_url`]: `ServerUrl`, the `https://host:port` the client dials.
 //! - [`client`]: `Client`, authenticated JSON and text requests, and streamed uploads.
 //! - [`upload`]: hashing a file and uploading it with a progress bar.
 //! - [`follow`]: waiting for a deployment while streaming its step logs.
@@ -24,7 +23,6 @@ mod config;
 mod error;
 mod follow;
 mod output;
-mod server_url;
 mod upload;
 
 use std::path::PathBuf;

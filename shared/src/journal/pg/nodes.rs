@@ -19,6 +19,9 @@ pub struct NodeSeen {
     pub version: String,
     /// Agents and relays connected to it.
     pub sessions: i64,
+    /// Its operators' address (`storage.node_url`), if it advertises one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub url: String,
     /// Milliseconds since it last noted itself, by the database's clock.
     pub seen_ms_ago: i64,
 }
@@ -30,28 +33,29 @@ const FORGET_AFTER: &str = "1 day";
 const MAX_NODES: i64 = 64;
 
 impl PgStore {
-    /// Notes that `node` runs now, as `role`, release `version`, serving `sessions` agents and
-    /// relays; forgets nodes not heard from for a day.
-    pub fn note_node(
-        &self,
-        node: &str,
-        role: &str,
-        version: &str,
-        sessions: u64,
-    ) -> Result<(), JournalError> {
-        let (node, role, version) = (node.to_owned(), role.to_owned(), version.to_owned());
-        let sessions = i64::try_from(sessions).unwrap_or(i64::MAX);
+    /// Notes that `seen.node` runs now, as `seen.role`, release `seen.version`, serving
+    /// `seen.sessions` agents and relays, at `seen.url`; forgets nodes not heard from for a
+    /// day (`seen.seen_ms_ago` is not read).
+    pub fn note_node(&self, seen: &NodeSeen) -> Result<(), JournalError> {
+        let NodeSeen {
+            node,
+            role,
+            version,
+            sessions,
+            url,
+            ..
+        } = seen.clone();
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             client
                 .execute(
-                    "INSERT INTO tether_nodes (name, role, version, sessions, seen_at)
-                     VALUES ($1, $2, $3, $4, now())
+                    "INSERT INTO tether_nodes (name, role, version, sessions, url, seen_at)
+                     VALUES ($1, $2, $3, $4, $5, now())
                      ON CONFLICT (name) DO UPDATE
                        SET role = excluded.role, version = excluded.version,
-                           sessions = excluded.sessions, seen_at = now()",
-                    &[&node, &role, &version, &sessions],
+                           sessions = excluded.sessions, url = excluded.url, seen_at = now()",
+                    &[&node, &role, &version, &sessions, &url],
                 )
                 .await
                 .map_err(|e| db_err("cannot note this node", &e))?;
@@ -75,8 +79,8 @@ impl PgStore {
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             let rows = client
                 .query(
-                    "SELECT name, role, version, sessions, ago FROM (
-                       SELECT name, role, version, sessions,
+                    "SELECT name, role, version, sessions, url, ago FROM (
+                       SELECT name, role, version, sessions, url,
                               (extract(epoch FROM now() - seen_at) * 1000)::bigint AS ago
                        FROM tether_nodes ORDER BY seen_at DESC LIMIT $1
                      ) newest ORDER BY name",
@@ -91,7 +95,8 @@ impl PgStore {
                     role: row.get(1),
                     version: row.get(2),
                     sessions: row.get(3),
-                    seen_ms_ago: row.get(4),
+                    url: row.get(4),
+                    seen_ms_ago: row.get(5),
                 })
                 .collect())
         })

@@ -32,8 +32,10 @@ pub const MIGRATIONS: &[&str] = &[
         version text NOT NULL,
         seen_at timestamptz NOT NULL
      );",
-    // How many agents and relays each node serves, as it last noted.
-    "ALTER TABLE tether_nodes ADD COLUMN IF NOT EXISTS sessions bigint NOT NULL DEFAULT 0;",
+    // How many agents and relays each node serves, and its operators' address, as it last
+    // noted them.
+    "ALTER TABLE tether_nodes ADD COLUMN IF NOT EXISTS sessions bigint NOT NULL DEFAULT 0;
+     ALTER TABLE tether_nodes ADD COLUMN IF NOT EXISTS url text NOT NULL DEFAULT '';",
 ];
 
 /// Taken (per transaction) while the schema is checked and migrated.

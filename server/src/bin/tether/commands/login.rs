@@ -11,7 +11,7 @@ use crate::client::{Client, ClientError};
 use crate::config::{self, ConfigError, Connection, Overrides, StoredLogin};
 use crate::error::{About, CliError};
 use crate::output;
-use crate::server_url::ServerUrl;
+use tether_shared::server_url::ServerUrl;
 
 /// Checks the token against the server (`GET /api/v1/agents` must answer 200), then stores
 /// server, CA and token. The token: `token_flag`, else `TETHER_TOKEN`, else standard input;

@@ -1,6 +1,7 @@
-//! [`ServerUrl`]: the server's HTTPS base URL, `https://host[:port][/]` (port 8443 by
-//! default; IPv6 addresses in brackets). Paths, queries and credentials in it are refused:
-//! the CLI adds the paths itself.
+//! [`ServerUrl`]: a server's HTTPS base URL, `https://host[:port][/]` (port 8443 by default;
+//! IPv6 addresses in brackets), as the CLI dials it and as a cluster's nodes advertise their
+//! operators' port (`storage.node_url`). Paths, queries and credentials in it are refused: the
+//! paths are added by whoever uses it.
 
 use std::fmt;
 

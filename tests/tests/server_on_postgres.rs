@@ -465,17 +465,8 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
         "a standby took agents"
     );
     let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
-    let mut agents: Vec<Agent> = (1..=2)
-        .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("fo-{i}"), &[], &[]))
-        .collect();
-    for agent in &mut agents {
-        agent.run();
-    }
-    for agent in &agents {
-        eventually("agent online", WAIT, || {
-            (a.agent_status(&agent.id) == "online").then_some(())
-        });
-    }
+    // Kept running to the end (dropped, they stop).
+    let _agents = two_agents_online(&a, &upstreams, tmp.path(), "fo");
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", 8, &marks);
@@ -567,6 +558,28 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
         .unwrap_or_else(|| panic!("node a is still listed (for a day): {h}"));
     assert!(a_line["seen_ms_ago"].as_i64() >= Some(3_000), "{a_line}");
     assert!(h["journal"].is_object(), "the full health: {h}");
+}
+
+/// Agents `<prefix>-1` and `<prefix>-2` installed with `upstreams`, running, online on
+/// `server`.
+fn two_agents_online(
+    server: &Server,
+    upstreams: &[String],
+    root: &std::path::Path,
+    prefix: &str,
+) -> Vec<Agent> {
+    let mut agents: Vec<Agent> = (1..=2)
+        .map(|i| Agent::install_via(server, upstreams, root, &format!("{prefix}-{i}"), &[], &[]))
+        .collect();
+    for agent in &mut agents {
+        agent.run();
+    }
+    for agent in &agents {
+        eventually("agent online", WAIT, || {
+            (server.agent_status(&agent.id) == "online").then_some(())
+        });
+    }
+    agents
 }
 
 /// `tether-server drain --data DIR` against the node running on `dir`.
@@ -805,17 +818,7 @@ fn an_active_node_cut_off_from_the_database_keeps_no_agent_and_the_standby_finis
         ],
     );
     let upstreams = [a.upstream(), format!("wss://localhost:{}", b.wss.port())];
-    let mut agents: Vec<Agent> = (1..=2)
-        .map(|i| Agent::install_via(&a, &upstreams, tmp.path(), &format!("dr-{i}"), &[], &[]))
-        .collect();
-    for agent in &mut agents {
-        agent.run();
-    }
-    for agent in &agents {
-        eventually("agent online on node a", WAIT, || {
-            (a.agent_status(&agent.id) == "online").then_some(())
-        });
-    }
+    let agents = two_agents_online(&a, &upstreams, tmp.path(), "dr");
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", 8, &marks);

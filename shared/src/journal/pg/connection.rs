@@ -189,6 +189,14 @@ pub(super) struct Shared {
 }
 
 impl Shared {
+    /// The lease this store holds, if it took one.
+    pub(super) fn held_lease(&self) -> Option<Lease> {
+        self.lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The slot's client, connected again if it was lost.
     pub(super) async fn client<'a>(
         &self,

@@ -114,14 +114,9 @@ impl PgStore {
     /// node took it): the node must step down.
     pub fn renew_lease(&self) -> Result<(), JournalError> {
         self.run(|shared| async move {
-            let lease = shared
-                .lease
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-                .ok_or_else(|| JournalError::Poisoned {
-                    reason: "no lease to renew".into(),
-                })?;
+            let lease = shared.held_lease().ok_or_else(|| JournalError::Poisoned {
+                reason: "no lease to renew".into(),
+            })?;
             let guard = shared.client(&shared.writer).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             let renewed = client
@@ -149,10 +144,7 @@ impl PgStore {
     pub fn hand_over_lease(&self) -> Result<Option<LeaseHolder>, JournalError> {
         self.run(|shared| async move {
             let lease = shared
-                .lease
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
+                .held_lease()
                 .ok_or_else(|| refuse("this node holds no lease to hand over"))?;
             let guard = shared.client(&shared.writer).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;

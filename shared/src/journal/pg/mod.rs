@@ -476,11 +476,7 @@ async fn try_batch(shared: &Shared, ops: &[Op], plan: &mut Option<Plan>) -> Resu
         .map_err(|e| Failure::of("cannot begin", &e))?;
     // Fencing: the lease row is read (and locked against a takeover) inside the transaction,
     // so a node that lost it can never commit again.
-    let lease = shared
-        .lease
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .clone();
+    let lease = shared.held_lease();
     if let Some(lease) = &lease {
         let held = tx
             .query_opt(&check_lease, &[&lease.holder, &lease.epoch])

@@ -494,6 +494,10 @@ fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
     }
     let node_url = match raw.node_url.trim() {
         "" => None,
+        long if long.len() > 255 => {
+            p.push("storage.node_url", "must be at most 255 characters");
+            None
+        }
         given => match crate::server_url::ServerUrl::parse(given) {
             Ok(url) => Some(url.to_string()),
             Err(e) => {

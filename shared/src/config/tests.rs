@@ -345,6 +345,15 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
     .unwrap_err()
     .to_string();
     assert!(refused.contains("storage.node_url"), "{refused}");
+    let long = with(RawStorage {
+        backend: "postgres".into(),
+        url: "postgres://db.example/tether".into(),
+        node_url: format!("https://{}.example", "a".repeat(300)),
+        ..RawStorage::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(long.contains("at most 255"), "{long}");
     // The password never prints: not in Debug, not in --check-config's output.
     assert!(!format!("{pg:?}").contains("hunter2"));
     let shown = toml::to_string(&pg).unwrap();

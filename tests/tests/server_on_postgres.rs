@@ -788,6 +788,24 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     let through_b: Value = serde_json::from_slice(&listed.stdout).unwrap();
     let from_a = a.request("GET", "/api/v1/deployments", None).json();
     assert_eq!(through_b, from_a, "the same answer through the standby");
+    // Its address is in the node list, and on the CLI's `nodes:` line.
+    let h = tether_tests::wire::health(&a);
+    assert_eq!(
+        node_line(&h, "node-a").unwrap()["url"],
+        a_url.as_str(),
+        "{h}"
+    );
+    let health = cli.run_with(
+        &[
+            ("TETHER_SERVER", server_url(&a).as_str()),
+            ("TETHER_CA", ca.to_str().unwrap()),
+            ("TETHER_TOKEN", a.admin_token.as_str()),
+        ],
+        None,
+        &["health"],
+    );
+    let text = tether_tests::stdout(&health);
+    assert!(text.contains(&format!("at {a_url}")), "{text}");
     // A node advertising no address still answers 503 naming the active node (above).
 }
 

@@ -148,11 +148,12 @@ async fn health(user: CurrentUser, state: web::Data<AppState>) -> HttpResponse {
                 h2 { "Cluster" }
                 p { "This node: " strong { (cluster.node) } " (" (cluster.role) ", lease epoch " (cluster.epoch) ")" }
                 table #nodes {
-                    thead { tr { th { "Node" } th { "Role" } th { "Release" } th { "Sessions" } th { "Last heard" } } }
+                    thead { tr { th { "Node" } th { "Role" } th { "Release" } th { "Sessions" } th { "Address" } th { "Last heard" } } }
                     tbody { @for n in cluster.nodes.list() {
                         tr data-node=(n.node) {
                             td { (n.node) } td { (n.role) } td { (n.version) }
                             td data-field="sessions" { (n.sessions) }
+                            td data-field="url" { (n.url) }
                             td { (n.seen_ms_ago.max(0) / 1000) " s ago" }
                         }
                     } }

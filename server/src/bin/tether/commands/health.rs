@@ -14,18 +14,22 @@ use crate::client::Client;
 use crate::error::{About, CliError};
 use crate::output::{self, ago, cell, duration, now_unix_ms, Table};
 
-/// A cluster's nodes on one line: `name role version, N sessions (seen 1s ago)`,
+/// A cluster's nodes on one line: `name role version, N sessions[, at URL] (seen 1s ago)`,
 /// comma-separated.
 fn nodes(cluster: &Value) -> String {
     let list: Vec<String> = items(cluster, "nodes")
         .iter()
         .map(|n| {
             format!(
-                "{} {} {}, {} sessions (seen {} ago)",
+                "{} {} {}, {} sessions{} (seen {} ago)",
                 str_at(n, "node"),
                 str_at(n, "role"),
                 str_at(n, "version"),
                 u64_at(n, "sessions").unwrap_or(0),
+                match str_at(n, "url") {
+                    "" => String::new(),
+                    url => format!(", at {url}"),
+                },
                 duration(u64_at(n, "seen_ms_ago").unwrap_or(0))
             )
         })

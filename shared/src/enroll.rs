@@ -240,43 +240,9 @@ impl Upstream {
             return Err(format!("upstream {url:?} must not contain whitespace"));
         }
         let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-        if authority.contains('@') {
-            return Err(format!("upstream {url:?} must not contain credentials"));
-        }
-        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-            let (host, after) = v6
-                .split_once(']')
-                .ok_or_else(|| format!("upstream {url:?}: unclosed [ in the address"))?;
-            match after {
-                "" => (host, None),
-                p => (
-                    host,
-                    Some(p.strip_prefix(':').ok_or_else(|| {
-                        format!("upstream {url:?}: expected :port after the address")
-                    })?),
-                ),
-            }
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("upstream {url:?} must name a host"));
-        }
-        let port = match port {
-            None => 443,
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("upstream {url:?}: port {p:?} is not 1..=65535"))?,
-        };
-        Ok(Upstream {
-            host: host.to_owned(),
-            port,
-        })
+        let (host, port) = crate::authority::parse(authority, 443)
+            .map_err(|e| format!("upstream {url:?}: {e}"))?;
+        Ok(Upstream { host, port })
     }
 
     /// `host:port` (IPv6 in brackets), as in URLs.

@@ -27,6 +27,7 @@
 //! - [`trust`]: the keys and CAs an agent or relay trusts, replaced by the server (rollover).
 
 pub mod agent_auth;
+pub mod authority;
 pub mod backoff;
 pub mod clock;
 pub mod close;

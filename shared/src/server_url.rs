@@ -30,38 +30,9 @@ impl ServerUrl {
                 "{text:?} must be just https://host[:port], without a path, query or credentials"
             ));
         }
-        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| format!("{text:?}: unclosed [ in the host"))?;
-            match after {
-                "" => (host, None),
-                _ => match after.strip_prefix(':') {
-                    Some(port) => (host, Some(port)),
-                    None => return Err(format!("{text:?}: unexpected text after ]")),
-                },
-            }
-        } else {
-            match rest.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (rest, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(format!("{text:?} has no host"));
-        }
-        let port = match port {
-            None => DEFAULT_PORT,
-            Some(p) => p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("{text:?}: {p:?} is not a port number"))?,
-        };
-        Ok(ServerUrl {
-            host: host.to_owned(),
-            port,
-        })
+        let (host, port) =
+            crate::authority::parse(rest, DEFAULT_PORT).map_err(|e| format!("{text:?}: {e}"))?;
+        Ok(ServerUrl { host, port })
     }
 }
 

@@ -49,37 +49,8 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     }
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(end);
-    if authority.contains('@') {
-        return Err(format!("url {url:?} must not contain credentials"));
-    }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("url {url:?}: unclosed ["))?;
-        (h, after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
-        }
-    };
-    if host.is_empty() {
-        return Err(format!("url {url:?} names no host"));
-    }
-    let port = match port {
-        None => {
-            if tls {
-                443
-            } else {
-                80
-            }
-        }
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("url {url:?}: bad port {p:?}"))?,
-    };
+    let (host, port) = tether_shared::authority::parse(authority, if tls { 443 } else { 80 })
+        .map_err(|e| format!("url {url:?}: {e}"))?;
     let path = tail.split('#').next().unwrap_or_default();
     let path = if path.is_empty() {
         "/".to_owned()
@@ -90,7 +61,7 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     };
     Ok(Target {
         tls,
-        host: host.to_owned(),
+        host,
         port,
         path,
     })

@@ -470,15 +470,7 @@ fn the_standby_takes_over_when_the_active_node_is_killed_and_every_step_runs_onc
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", 8, &marks);
-    let r = a.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(
-            &json!({"process": "marks", "targets": {"agents": ["fo-1", "fo-2"]}, "properties": {}}),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let id = start_marks(&a, "fo");
     // An operator logged in to the web application on node a.
     let password = std::fs::read_to_string(a.dir.join("admin.password")).unwrap();
     let cookie = a.web_login("admin", password.trim());
@@ -595,23 +587,28 @@ fn node_line(health: &Value, name: &str) -> Option<Value> {
         .and_then(|l| l.iter().find(|n| n["node"] == name).cloned())
 }
 
+/// Starts the marking process on agents `<prefix>-1` and `<prefix>-2` from `server`; its id.
+fn start_marks(server: &Server, prefix: &str) -> String {
+    let targets = [format!("{prefix}-1"), format!("{prefix}-2")];
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "marks", "targets": {"agents": targets}, "properties": {}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
 /// Deploys the marking process to both agents from `server` and waits until it is under way.
 fn deploy_marks(server: &Server, marks: &std::path::Path) -> String {
     for f in std::fs::read_dir(marks).unwrap().flatten() {
         std::fs::remove_file(f.path()).unwrap();
     }
-    let r = server.request(
-        "POST",
-        "/api/v1/deployments",
-        Some(
-            &json!({"process": "marks", "targets": {"agents": ["dr-1", "dr-2"]}, "properties": {}}),
-        ),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
+    let id = start_marks(server, "dr");
     eventually("the deployment under way", WAIT, || {
         marks_in(marks).iter().any(|l| l.len() >= 2).then_some(())
     });
-    r.json()["id"].as_str().unwrap().to_owned()
+    id
 }
 
 /// Waits for deployment `id` to succeed on `server`, and checks that every step ran exactly
@@ -644,6 +641,19 @@ fn a_drained_or_stopped_active_node_hands_over_at_once_and_a_rolling_restart_los
     let a_url = format!("https://localhost:{}", a_https.port());
     env_a.push(("TETHER_STORAGE__NODE_URL".into(), a_url.clone()));
     let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    // A directory no server runs with: the command says so and does nothing.
+    let nowhere = tmp.path().join("not-a-server");
+    let out = run(
+        "tether-server",
+        tmp.path(),
+        ["drain", "--data", nowhere.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ports.json") && stderr(&out).contains("is the server running"),
+        "{}",
+        stderr(&out)
+    );
     // Alone, a node is not drained: nothing would take over. It says so, and goes on serving.
     let out = drain(&a, tmp.path());
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));

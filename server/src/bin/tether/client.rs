@@ -240,6 +240,38 @@ mod tests {
     }
 
     #[test]
+    fn only_a_temporary_or_permanent_redirect_to_https_is_followed() {
+        let answer = |status: &str, location: &str| {
+            let raw =
+                format!("HTTP/1.1 {status}\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n");
+            https::parse_response(raw.as_bytes()).unwrap()
+        };
+        let (server, path) = redirected(&answer(
+            "307 Temporary Redirect",
+            "https://node-a.example:9443/api/v1/deployments?limit=5",
+        ))
+        .unwrap();
+        assert_eq!(
+            (server.host.as_str(), server.port),
+            ("node-a.example", 9443)
+        );
+        assert_eq!(path, "/api/v1/deployments?limit=5");
+        let (_, path) = redirected(&answer("308 Permanent Redirect", "https://[::1]")).unwrap();
+        assert_eq!(path, "/");
+        for (status, location) in [
+            ("302 Found", "https://node-a.example/x"),
+            ("307 Temporary Redirect", "http://node-a.example/x"),
+            ("307 Temporary Redirect", "https://user@node-a.example/x"),
+            ("307 Temporary Redirect", "/relative"),
+        ] {
+            assert!(
+                redirected(&answer(status, location)).is_none(),
+                "{status} {location}"
+            );
+        }
+    }
+
+    #[test]
     fn refusals_carry_the_servers_reason() {
         let response = |raw: &[u8]| https::parse_response(raw).unwrap();
         let err = success(response(

@@ -49,6 +49,11 @@ impl Backoff {
         Duration::from_millis(rng.gen_range(0..=ceiling_ms))
     }
 
+    /// Ceiling of the first delay.
+    pub fn min(&self) -> Duration {
+        self.min
+    }
+
     /// Delays handed out since the last reset.
     pub fn attempt(&self) -> u32 {
         self.attempt

@@ -383,8 +383,33 @@ fn opened<A: Dials>(
     act.on_open(ctx);
 }
 
-/// Schedule the next attempt: the first upstream again after a session that worked, the next
-/// one after a failure.
+/// Where and when the next attempt goes (sans-IO): the first upstream again after a session that
+/// worked, the next one after a failure. Within a round over the list the next upstream is
+/// tried after at most the first delay (a standby node or a relay that is down should not make
+/// the others wait); the backoff grows once per round in which every upstream failed, so a
+/// fleet whose every upstream is away still backs off, and a one-upstream list behaves as a
+/// plain backoff.
+fn next_attempt<R: rand::Rng + ?Sized>(
+    current: &mut usize,
+    upstreams: usize,
+    backoff: &mut Backoff,
+    was_ready: bool,
+    rng: &mut R,
+) -> Duration {
+    if was_ready {
+        *current = 0;
+        backoff.reset();
+        return backoff.next_delay(rng);
+    }
+    *current = current.wrapping_add(1);
+    if *current % upstreams.max(1) == 0 {
+        return backoff.next_delay(rng);
+    }
+    let first = u64::try_from(backoff.min().as_millis()).unwrap_or(u64::MAX);
+    Duration::from_millis(rng.gen_range(0..=first))
+}
+
+/// Schedule the next attempt (see [`next_attempt`]).
 fn retry_later<A: Dials>(
     act: &mut A,
     ctx: &mut Context<A>,
@@ -392,13 +417,13 @@ fn retry_later<A: Dials>(
     was_ready: bool,
 ) {
     let d = act.dialer();
-    if was_ready {
-        d.current = 0;
-        d.backoff.reset();
-    } else {
-        d.current = d.current.wrapping_add(1);
-    }
-    let drawn = d.backoff.next_delay(&mut rand::thread_rng());
+    let drawn = next_attempt(
+        &mut d.current,
+        d.upstreams.len(),
+        &mut d.backoff,
+        was_ready,
+        &mut rand::thread_rng(),
+    );
     // A Busy delay is a floor: it spreads a reconnect storm.
     let delay = busy.map_or(drawn, |b| b + drawn.min(d.reconnect_min));
     tracing::debug!(
@@ -407,4 +432,50 @@ fn retry_later<A: Dials>(
         "reconnect-scheduled"
     );
     ctx.run_later(delay, |act, ctx| act.dial(ctx));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_grows_once_per_round_in_which_every_upstream_failed() {
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
+        let mut backoff = Backoff::new(min, max);
+        let mut rng = rand::thread_rng();
+        let mut current = 0;
+        for round in 0..4u32 {
+            // Two more upstreams to try in this round: each after at most the first delay.
+            for next in 1..3 {
+                assert!(next_attempt(&mut current, 3, &mut backoff, false, &mut rng) <= min);
+                assert_eq!(current % 3, next);
+            }
+            // The round is over: back to the first, after the round's backoff.
+            let ceiling = backoff.ceiling();
+            assert_eq!(ceiling, min * 2u32.pow(round));
+            assert!(next_attempt(&mut current, 3, &mut backoff, false, &mut rng) <= ceiling);
+            assert_eq!(current % 3, 0);
+        }
+        // A session that worked starts over from the first upstream and the first delay.
+        current = 2;
+        assert!(next_attempt(&mut current, 3, &mut backoff, true, &mut rng) <= min);
+        assert_eq!((current, backoff.ceiling()), (0, min * 2));
+    }
+
+    #[test]
+    fn one_upstream_backs_off_on_every_failure() {
+        let (min, max) = (Duration::from_millis(200), Duration::from_secs(30));
+        let mut backoff = Backoff::new(min, max);
+        let mut current = 0;
+        for failure in 0..5u32 {
+            assert_eq!(backoff.ceiling(), (min * 2u32.pow(failure)).min(max));
+            next_attempt(
+                &mut current,
+                1,
+                &mut backoff,
+                false,
+                &mut rand::thread_rng(),
+            );
+        }
+    }
 }

@@ -402,7 +402,7 @@ fn next_attempt<R: rand::Rng + ?Sized>(
         return backoff.next_delay(rng);
     }
     *current = current.wrapping_add(1);
-    if *current % upstreams.max(1) == 0 {
+    if current.is_multiple_of(upstreams.max(1)) {
         return backoff.next_delay(rng);
     }
     let first = u64::try_from(backoff.min().as_millis()).unwrap_or(u64::MAX);

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tether_shared::journal::{
-    Journal, JournalError, JournalHandle, JournalOptions, LogName, NodeSeen, Op, PgOptions,
-    PgStore, SledStore, Store,
+    Fence, Fenced, Journal, JournalError, JournalHandle, JournalOptions, LogName, NodeSeen, Op,
+    PgOptions, PgStore, SledStore, Store,
 };
 use tether_shared::protocol::Seq;
 use tether_tests::postgres::Postgres;
@@ -471,6 +471,192 @@ async fn the_lease_is_handed_to_a_standby_at_once_and_the_giver_commits_nothing_
     let (jb, _, _) = open(b.clone(), Path::new("postgres"));
     assert_eq!(seqs(&jb, &l, 0, 100), [1, 2], "a's late batch is not there");
     jb.commit(appends(&l, 3..=3)).await.unwrap();
+}
+
+fn put(key: String) -> Op {
+    Op::PutMeta {
+        key,
+        value: b"x".to_vec(),
+    }
+}
+
+fn fenced(range: std::ops::Range<usize>, fence: &Fence) -> Fenced {
+    Fenced {
+        range,
+        fence: fence.clone(),
+    }
+}
+
+#[actix::test]
+async fn a_commit_under_a_claim_taken_since_writes_nothing_and_the_rest_of_its_batch_commits() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let a = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let b = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let first = a.claim("agent-1", "node-a").unwrap();
+    let other = a.claim("agent-2", "node-a").unwrap();
+    assert_eq!((first.epoch, other.epoch), (1, 1));
+    let newer = b.claim("agent-1", "node-b").unwrap();
+    assert_eq!(newer.epoch, 2, "a newer claim raises the epoch");
+    assert_eq!(
+        a.claim_holder("agent-1").unwrap(),
+        Some(("node-b".to_owned(), 2))
+    );
+    let never = Fence {
+        claim: "agent-3".into(),
+        epoch: 1,
+    };
+    let (ja, _, _) = open(a.clone(), Path::new("postgres"));
+
+    // One batch of four requests: under the claim taken since, under one still held, under
+    // one never made, and under none.
+    let ops: Vec<Op> = ["stale", "held", "never", "plain"]
+        .iter()
+        .map(|k| put(format!("claims/{k}")))
+        .collect();
+    let out = a
+        .apply_fenced(
+            &ops,
+            &[
+                fenced(0..1, &first),
+                fenced(1..2, &other),
+                fenced(2..3, &never),
+            ],
+        )
+        .unwrap();
+    assert_eq!(out, [true, false, true]);
+    let keys = |j: &JournalHandle| -> Vec<String> {
+        j.scan_meta("claims/")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    assert_eq!(keys(&ja), ["claims/held", "claims/plain"]);
+
+    // Through the journal: the stale commit fails as fenced and writes nothing; b's commits
+    // under the newer claim go through.
+    let refused = ja
+        .commit_under(vec![put("claims/late".into())], Some(first.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, JournalError::Fenced { claim, epoch } if claim == "agent-1" && *epoch == 1),
+        "{refused}"
+    );
+    let (jb, _, _) = open(b.clone(), Path::new("postgres"));
+    jb.commit_under(vec![put("claims/newer".into())], Some(newer))
+        .await
+        .unwrap();
+    assert_eq!(
+        keys(&jb),
+        ["claims/held", "claims/newer", "claims/plain"],
+        "the fenced commit left nothing"
+    );
+}
+
+#[test]
+fn an_agent_claimed_by_two_nodes_in_turn_never_commits_under_an_older_claim() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let stores: Vec<Arc<PgStore>> = (0..2)
+        .map(|_| Arc::new(PgStore::open(&pg_options(pg.url())).unwrap()))
+        .collect();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let key_epoch = |k: &str| -> u64 { k.split('/').nth(1).unwrap().parse().unwrap() };
+    let nodes: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(i, store)| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let (journal, _, _) = rt.block_on(async {
+                    let (j, _) = Journal::with_store(
+                        store.clone(),
+                        Path::new("postgres"),
+                        &JournalOptions::default(),
+                        None,
+                    )
+                    .unwrap();
+                    (j.handle(), (), ())
+                });
+                let node = format!("node-{i}");
+                // (epoch claimed, rows under an older epoch right after the claim)
+                let mut claims = Vec::new();
+                let (mut written, mut refused, mut plain) = (0u32, 0u32, 0u32);
+                let mut n = 0u32;
+                while std::time::Instant::now() < until {
+                    let fence = store.claim("agent-flap", &node).unwrap();
+                    let below = journal
+                        .scan_meta("flap/")
+                        .unwrap()
+                        .iter()
+                        .filter(|(k, _)| key_epoch(k) < fence.epoch)
+                        .count();
+                    claims.push((fence.epoch, below));
+                    // Three commits under the claim and one under none, queued at once so that
+                    // they share batches with each other and race the other node's claims.
+                    let mut commits = Vec::new();
+                    for _ in 0..3 {
+                        n += 1;
+                        let key = format!("flap/{:020}/{node}/{n}", fence.epoch);
+                        commits.push((
+                            true,
+                            journal.commit_under(vec![put(key)], Some(fence.clone())),
+                        ));
+                    }
+                    n += 1;
+                    commits.push((
+                        false,
+                        journal.commit_under(vec![put(format!("plain/{node}/{n}"))], None),
+                    ));
+                    for (under_claim, commit) in commits {
+                        match (under_claim, rt.block_on(commit)) {
+                            (true, Ok(_)) => written += 1,
+                            (true, Err(JournalError::Fenced { .. })) => refused += 1,
+                            (false, Ok(_)) => plain += 1,
+                            (_, Err(e)) => panic!("{e}"),
+                        }
+                    }
+                }
+                (journal, claims, written, refused, plain)
+            })
+        })
+        .collect();
+    let results: Vec<_> = nodes.into_iter().map(|t| t.join().unwrap()).collect();
+    let journal = &results[0].0;
+    let rows = journal.scan_meta("flap/").unwrap();
+    let mut claimed = 0;
+    for (_, claims, written, _, plain) in &results {
+        assert!(*written > 0 && *plain > 0, "every node got commits through");
+        claimed += claims.len();
+        for (epoch, below) in claims {
+            let now = rows.iter().filter(|(k, _)| key_epoch(k) < *epoch).count();
+            assert_eq!(
+                now, *below,
+                "a commit under an epoch older than {epoch} landed after it was claimed"
+            );
+        }
+    }
+    let refused: u32 = results.iter().map(|r| r.3).sum();
+    assert!(
+        refused > 0,
+        "some commits raced a newer claim ({claimed} claims)"
+    );
+    let plain: u32 = results.iter().map(|r| r.4).sum();
+    assert_eq!(journal.scan_meta("plain/").unwrap().len(), plain as usize);
+    let written: u32 = results.iter().map(|r| r.2).sum();
+    assert_eq!(
+        rows.len(),
+        written as usize,
+        "every commit answered as written is there"
+    );
 }
 
 /// A data directory `tether-server init` filled (for its CA and a certificate for localhost).

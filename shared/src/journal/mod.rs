@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot};
 #[cfg(feature = "postgres")]
 pub use pg::{Lease, LeaseHolder, NodeSeen, PgOptions, PgStore};
 pub use record::LogName;
-pub use store::{SledOptions, SledStore, Store};
+pub use store::{Fence, Fenced, SledOptions, SledStore, Store};
 pub use writer::Committed;
 
 use crate::protocol::Seq;
@@ -143,6 +143,10 @@ pub enum JournalError {
     TooLarge { len: usize, max: usize },
     #[error("the journal writer has stopped")]
     Closed,
+    /// The commit was made under a claim that another node (or a newer session) has taken
+    /// since: nothing of it was written.
+    #[error("{claim} was claimed again since epoch {epoch} (a newer session, on this node or another): nothing of this commit was written")]
+    Fenced { claim: String, epoch: u64 },
 }
 
 impl JournalError {
@@ -209,9 +213,20 @@ impl JournalHandle {
         &self,
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<Committed, JournalError>> + 'static {
+        self.commit_under(ops, None)
+    }
+
+    /// Commit `ops` atomically, only while `fence` holds (see [`Fence`]): a commit under a
+    /// claim taken since fails with [`JournalError::Fenced`] and writes nothing, while the
+    /// other commits of its batch go through. Queued in call order, as [`Self::commit`].
+    pub fn commit_under(
+        &self,
+        ops: Vec<Op>,
+        fence: Option<Fence>,
+    ) -> impl std::future::Future<Output = Result<Committed, JournalError>> + 'static {
         let started = std::time::Instant::now();
         let stats = self.stats.clone();
-        let queued = self.enqueue(ops);
+        let queued = self.enqueue(ops, fence);
         async move {
             let done = queued?.await.map_err(|_| JournalError::Closed)?;
             if done.is_ok() {
@@ -224,6 +239,7 @@ impl JournalHandle {
     fn enqueue(
         &self,
         ops: Vec<Op>,
+        fence: Option<Fence>,
     ) -> Result<oneshot::Receiver<Result<Committed, JournalError>>, JournalError> {
         for op in &ops {
             if let Op::Append { payload, .. } | Op::AppendBlob { bytes: payload, .. } = op {
@@ -237,7 +253,7 @@ impl JournalHandle {
         }
         let (reply, rx) = oneshot::channel();
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Request { ops, reply }).is_err() {
+        if self.tx.send(Request { ops, fence, reply }).is_err() {
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(JournalError::Closed);
         }

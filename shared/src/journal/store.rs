@@ -19,10 +19,34 @@ use crate::journal::{JournalError, Op};
 /// Key-value pairs as read from a store, in key order.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// The claim a commit is made under: it is written only while `claim` (an agent's or a relay's
+/// id) is still held at `epoch`. On a cluster every node that verifies a peer's handshake claims
+/// it with a new epoch (see the PostgreSQL store's `claim`), so a node whose claim was taken
+/// elsewhere commits nothing more for that peer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub claim: String,
+    pub epoch: u64,
+}
+
+/// The ops of one fenced request inside a batch: `ops[range]`, written only under `fence`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub range: std::ops::Range<usize>,
+    pub fence: Fence,
+}
+
 /// Durable key-value storage with atomic batches.
 pub trait Store: Send + Sync + 'static {
     /// Apply `ops` atomically (visible to reads, not yet durable).
     fn apply(&self, ops: &[Op]) -> Result<(), JournalError>;
+    /// Apply `ops` atomically, except each [`Fenced`] range whose fence no longer holds: that
+    /// request's ops are left out and the rest still apply. Returns, for each of `fenced`,
+    /// whether it was left out. A store of one machine has no claims to check (its one process
+    /// holds every peer), so by default every fence holds.
+    fn apply_fenced(&self, ops: &[Op], fenced: &[Fenced]) -> Result<Vec<bool>, JournalError> {
+        self.apply(ops).map(|()| vec![false; fenced.len()])
+    }
     /// Make everything applied before this call durable.
     fn sync(&self) -> Result<(), JournalError>;
     /// Whether [`Store::apply`] returns only once its batch is durable (a database's `COMMIT`):

@@ -17,7 +17,7 @@ const MAX_GATHER: Duration = Duration::from_millis(2);
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::journal::store::Store;
+use crate::journal::store::{Fence, Fenced, Store};
 use crate::journal::{JournalError, Op};
 
 type Reply = oneshot::Sender<Result<Committed, JournalError>>;
@@ -25,6 +25,8 @@ type Reply = oneshot::Sender<Result<Committed, JournalError>>;
 /// A batch of operations waiting for its commit.
 pub(crate) struct Request {
     pub ops: Vec<Op>,
+    /// Written only while this claim holds (see [`Fence`]).
+    pub fence: Option<Fence>,
     pub reply: Reply,
 }
 
@@ -141,10 +143,21 @@ fn applier(
 ) {
     let mut ops: Vec<Op> = Vec::new();
     let mut replies: Vec<Reply> = Vec::with_capacity(max_batch);
+    // The fenced requests of the batch, and for each request its index among them.
+    let mut fenced: Vec<Fenced> = Vec::new();
+    let mut fence_of: Vec<Option<usize>> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(mut r) = next.take() {
+            let start = ops.len();
             ops.append(&mut r.ops);
+            fence_of.push(r.fence.map(|fence| {
+                fenced.push(Fenced {
+                    range: start..ops.len(),
+                    fence,
+                });
+                fenced.len() - 1
+            }));
             replies.push(r.reply);
             if replies.len() < max_batch {
                 next = rx.try_recv().ok();
@@ -160,14 +173,29 @@ fn applier(
             .applying = true;
         let result = match stats.poisoned() {
             Some(reason) => Err(JournalError::Poisoned { reason }),
-            None => store.apply(&ops),
+            None if fenced.is_empty() => store.apply(&ops).map(|()| Vec::new()),
+            None => store.apply_fenced(&ops, &fenced),
         };
         let mut applied = handoff.applied.lock().unwrap_or_else(|p| p.into_inner());
         applied.applying = false;
         applied.generation += 1;
         match result {
-            Ok(()) => {
-                applied.replies.append(&mut replies);
+            Ok(left_out) => {
+                // A request whose claim was taken wrote nothing: it is answered at once; the
+                // others wait for the sync as usual.
+                for (reply, fence) in replies.drain(..).zip(fence_of.iter()) {
+                    let out = fence.filter(|&i| left_out.get(i).copied().unwrap_or(false));
+                    match out.and_then(|i| fenced.get(i)) {
+                        Some(Fenced { fence, .. }) => {
+                            tracing::info!(claim = %fence.claim, epoch = fence.epoch, "journal-commit-fenced");
+                            let _ = reply.send(Err(JournalError::Fenced {
+                                claim: fence.claim.clone(),
+                                epoch: fence.epoch,
+                            }));
+                        }
+                        None => applied.replies.push(reply),
+                    }
+                }
                 applied.ops += ops.len() as u64;
             }
             Err(e) => {
@@ -181,6 +209,8 @@ fn applier(
         drop(applied);
         handoff.ready.notify_one();
         ops.clear();
+        fenced.clear();
+        fence_of.clear();
     }
     let mut applied = handoff.applied.lock().unwrap_or_else(|p| p.into_inner());
     applied.closed = true;

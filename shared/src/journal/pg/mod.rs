@@ -23,8 +23,10 @@
 //! - [`connection`]: making, keeping and remaking connections (TLS by `ca_file`); errors.
 //! - [`schema`]: migrations and the settings checked at open.
 //! - [`lease`]: the lease that makes one node active, and fences the others.
+//! - [`claims`]: which node serves each agent and relay, and the fences of their commits.
 //! - [`nodes`]: the nodes as each last noted itself (role, release, when).
 
+mod claims;
 mod connection;
 mod lease;
 mod nodes;
@@ -38,14 +40,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connection::{db_err, described, refuse, wait_on, Connector, Shared, Slot};
-use lease::fenced;
 pub use lease::{Lease, LeaseHolder};
 pub use nodes::NodeSeen;
 pub use schema::MIGRATIONS;
 use schema::{check_settings, migrate};
 
 use crate::journal::record::{self, LogName};
-use crate::journal::store::{Rows, Store};
+use crate::journal::store::{Fenced, Rows, Store};
 use crate::journal::{blobs, JournalError, Op};
 
 /// Where the database is and how to reach it.
@@ -172,7 +173,10 @@ fn to_i64(n: u64) -> i64 {
 
 /// Reads what a batch depends on (keys to truncate, blob lengths) inside its transaction and
 /// reduces it to a [`Plan`], as the sled store builds its batch.
-async fn plan(tx: &tokio_postgres::Transaction<'_>, ops: &[Op]) -> Result<Plan, Failure> {
+async fn plan<'a>(
+    tx: &tokio_postgres::Transaction<'_>,
+    ops: impl IntoIterator<Item = &'a Op>,
+) -> Result<Plan, Failure> {
     let mut plan = Plan::default();
     // Each key's last write in the batch (`None`: removed), and whether it is a record's.
     let mut keys: BTreeMap<Vec<u8>, (Option<Vec<u8>>, bool)> = BTreeMap::new();
@@ -380,20 +384,23 @@ fn transient(e: &tokio_postgres::Error) -> bool {
 /// batch is answered (and so acknowledged) only once a `COMMIT` of it returned. Meanwhile no
 /// other batch runs (the writer is serial) and no other node commits (the lease, checked by
 /// every try), so the plan's reads stay true.
-async fn apply(shared: &Shared, ops: &[Op]) -> Result<(), JournalError> {
-    let mut plan: Option<Plan> = None;
+///
+/// Requests fenced by a claim ([`Fenced`]) are checked in each try: those whose claim moved on
+/// are left out of the plan, and the returned flags say which.
+async fn apply(shared: &Shared, ops: &[Op], fenced: &[Fenced]) -> Result<Vec<bool>, JournalError> {
+    let mut plan: Option<(Plan, Vec<bool>)> = None;
     let mut pause = RETRY_MIN;
     let mut tries = 0u32;
     let mut waited = false;
     loop {
         tries += 1;
-        match try_batch(shared, ops, &mut plan).await {
-            Ok(()) => {
+        match try_batch(shared, ops, fenced, &mut plan).await {
+            Ok(out) => {
                 if waited {
                     tracing::info!(tries, "postgres-batch-committed-after-retry");
                     set_waiting(shared, None);
                 }
-                return Ok(());
+                return Ok(out);
             }
             Err(Failure {
                 next: Next::Again, ..
@@ -441,8 +448,9 @@ const INSERT_KEYS: &str =
 const UNIQUE_VIOLATION: &str = "23505";
 
 /// Statements the writer prepares on its connection.
-const WRITER_STATEMENTS: [&str; 6] = [
+const WRITER_STATEMENTS: [&str; 7] = [
     CHECK_LEASE,
+    claims::CHECK_CLAIMS,
     APPEND_BLOB,
     DELETE_BLOB,
     DELETE_KEYS,
@@ -451,7 +459,12 @@ const WRITER_STATEMENTS: [&str; 6] = [
 ];
 
 /// One try of a batch: its transaction, with the plan made in it if `plan` has none yet.
-async fn try_batch(shared: &Shared, ops: &[Op], plan: &mut Option<Plan>) -> Result<(), Failure> {
+async fn try_batch(
+    shared: &Shared,
+    ops: &[Op],
+    fenced: &[Fenced],
+    plan: &mut Option<(Plan, Vec<bool>)>,
+) -> Result<Vec<bool>, Failure> {
     let mut guard = shared
         .client(&shared.writer)
         .await
@@ -467,7 +480,7 @@ async fn try_batch(shared: &Shared, ops: &[Op], plan: &mut Option<Plan>) -> Resu
         let statement = conn.prepared(sql).await;
         prepared.push(statement.map_err(|e| Failure::of("cannot prepare", &e))?);
     }
-    let [check_lease, append_blob, delete_blob, delete_keys, put_keys, insert_keys] =
+    let [check_lease, check_claims, append_blob, delete_blob, delete_keys, put_keys, insert_keys] =
         <[_; WRITER_STATEMENTS.len()]>::try_from(prepared)
             .map_err(|_| Failure::refused(JournalError::Closed))?;
     let tx = conn
@@ -483,13 +496,33 @@ async fn try_batch(shared: &Shared, ops: &[Op], plan: &mut Option<Plan>) -> Resu
             .await
             .map_err(|e| Failure::of("cannot check the lease", &e))?;
         if held.is_none() {
-            return Err(Failure::refused(fenced(lease)));
+            return Err(Failure::refused(lease::fenced(lease)));
         }
     }
-    let plan = match plan {
-        Some(plan) => plan,
-        None => plan.insert(self::plan(&tx, ops).await?),
+    let out = match fenced.is_empty() {
+        true => Vec::new(),
+        false => claims::left_out(&tx, &check_claims, fenced).await?,
     };
+    let (plan, planned_out) = match plan {
+        Some(plan) => plan,
+        None if out.iter().any(|o| *o) => {
+            let kept = claims::kept(ops, fenced, &out);
+            plan.insert((self::plan(&tx, kept).await?, out.clone()))
+        }
+        None => plan.insert((self::plan(&tx, ops).await?, out.clone())),
+    };
+    // A try made again (the last one's outcome unknown) writes what the first planned; if a
+    // claim it writes under moved on meanwhile, its requests cannot be told apart any more.
+    if out
+        .iter()
+        .zip(planned_out.iter())
+        .any(|(now, then)| *now && !*then)
+    {
+        return Err(Failure::refused(JournalError::Database {
+            reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
+        }));
+    }
+    let out = planned_out.clone();
     for blob in &plan.blobs {
         match blob {
             BlobOp::Append { name, at, bytes } => tx
@@ -536,22 +569,27 @@ async fn try_batch(shared: &Shared, ops: &[Op], plan: &mut Option<Plan>) -> Resu
             reason.push_str(" (the commit's outcome is unknown)");
         }
         f
-    })
+    })?;
+    Ok(out)
 }
 
 impl Store for PgStore {
     fn apply(&self, ops: &[Op]) -> Result<(), JournalError> {
+        self.apply_fenced(ops, &[]).map(|_| ())
+    }
+
+    fn apply_fenced(&self, ops: &[Op], fenced: &[Fenced]) -> Result<Vec<bool>, JournalError> {
         let runtime = self.runtime.as_ref().ok_or(JournalError::Closed)?;
-        if tokio::runtime::Handle::try_current().is_ok() {
+        let out = if tokio::runtime::Handle::try_current().is_ok() {
             // On an async thread, which may not block on a runtime: the work is handed over.
-            let ops = ops.to_vec();
-            self.run(move |shared| async move { apply(&shared, &ops).await })?;
+            let (ops, fenced) = (ops.to_vec(), fenced.to_vec());
+            self.run(move |shared| async move { apply(&shared, &ops, &fenced).await })?
         } else {
             // The writer's own thread: the batch is borrowed, not copied.
-            runtime.block_on(apply(&self.shared, ops))?;
-        }
+            runtime.block_on(apply(&self.shared, ops, fenced))?
+        };
         self.syncs.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(out)
     }
 
     fn waiting(&self) -> Option<String> {

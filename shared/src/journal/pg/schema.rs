@@ -36,6 +36,13 @@ pub const MIGRATIONS: &[&str] = &[
     // noted them.
     "ALTER TABLE tether_nodes ADD COLUMN IF NOT EXISTS sessions bigint NOT NULL DEFAULT 0;
      ALTER TABLE tether_nodes ADD COLUMN IF NOT EXISTS url text NOT NULL DEFAULT '';",
+    // Which node serves each agent and relay, at which epoch (see `claims`).
+    "CREATE TABLE IF NOT EXISTS tether_claims (
+        claim text PRIMARY KEY,
+        node text NOT NULL,
+        epoch bigint NOT NULL,
+        claimed_at timestamptz NOT NULL
+     );",
 ];
 
 /// Taken (per transaction) while the schema is checked and migrated.

@@ -554,6 +554,25 @@ async fn a_commit_under_a_claim_taken_since_writes_nothing_and_the_rest_of_its_b
         ["claims/held", "claims/newer", "claims/plain"],
         "the fenced commit left nothing"
     );
+
+    // A node that holds a claim at the epoch it names keeps it (a new session of the same agent
+    // on the same node); one that lost it raises it again.
+    let kept = a.claiming("agent-2", "node-a", Some(1)).await.unwrap();
+    assert_eq!(kept.epoch, 1);
+    let back = a.claiming("agent-1", "node-a", Some(1)).await.unwrap();
+    assert_eq!(back.epoch, 3);
+    assert_eq!(
+        b.claim_holder("agent-1").unwrap(),
+        Some(("node-a".to_owned(), 3))
+    );
+    // A storm of claims asked at once, one of them twice: all answered, in few statements.
+    let storm: Vec<_> = (0..3000)
+        .map(|i| a.claiming(&format!("storm-{}", i.min(2998)), "node-a", None))
+        .collect();
+    let fences = futures_util::future::join_all(storm).await;
+    let epochs: Vec<u64> = fences.into_iter().map(|f| f.unwrap().epoch).collect();
+    assert!(epochs[..2999].iter().all(|e| *e == 1), "one claim each");
+    assert_eq!(epochs[2999], 2, "the claim asked twice was raised twice");
 }
 
 #[test]

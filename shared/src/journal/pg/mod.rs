@@ -66,6 +66,8 @@ pub struct PgStore {
     runtime: Option<tokio::runtime::Runtime>,
     shared: Arc<Shared>,
     syncs: AtomicU64,
+    /// Claims asked of the batcher (see [`claims`]).
+    claims: tokio::sync::mpsc::UnboundedSender<claims::ClaimRequest>,
 }
 
 impl PgStore {
@@ -110,10 +112,14 @@ impl PgStore {
                 return Err(e);
             }
         };
+        let shared = Arc::new(shared);
+        let (claims, asked) = tokio::sync::mpsc::unbounded_channel();
+        runtime.spawn(claims::batcher(shared.clone(), asked));
         Ok(PgStore {
             runtime: Some(runtime),
-            shared: Arc::new(shared),
+            shared,
             syncs: AtomicU64::new(0),
+            claims,
         })
     }
 

@@ -87,6 +87,8 @@ pub struct Loaded {
     pub cluster: Option<crate::health::ClusterHealth>,
     /// On PostgreSQL: this node's way out to a standby.
     pub drain: Option<crate::drain::Drain>,
+    /// On PostgreSQL: this node's claims on the agents it serves.
+    pub claims: Option<crate::claims::Claims>,
     /// What agents reported after this server was restored behind them.
     pub reconciliations: Arc<crate::reconcile::Reconciliations>,
 }
@@ -160,6 +162,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         max_retained: MAX_RETAINED_COMMANDS,
         rto: RETRANSMIT_TIMEOUT,
         handshake_counts: Default::default(),
+        claims: loaded.claims.clone(),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {

@@ -44,6 +44,7 @@ mod audit_api;
 mod authz;
 mod background;
 mod body_deadline;
+mod claims;
 mod deployments;
 mod drain;
 mod enroll_limiter;

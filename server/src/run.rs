@@ -222,6 +222,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     // On PostgreSQL: the lease this node holds, once it is the active one, and its way out.
     let mut active = None;
     let mut drain = None;
+    let mut claims = None;
     let (journal, recovered) = match &opts.storage {
         Storage::Sled => Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?,
         Storage::Postgres {
@@ -268,6 +269,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             };
             tracing::info!(node = %node_name, epoch = lease.epoch, "lease-taken-active");
             drain = Some(crate::drain::Drain::new(store.clone()));
+            claims = Some(crate::claims::Claims::new(store.clone(), node_name));
             active = Some((store.clone(), lease));
             Journal::with_store(store, Path::new("postgres"), &journal_opts, None)?
         }
@@ -343,6 +345,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                 nodes: nodes.clone(),
             }),
         drain: drain.as_ref().map(|(d, _)| d.clone()),
+        claims,
     };
     let (drain, drains) = drain.unzip();
     let kept = drain.clone();

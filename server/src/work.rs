@@ -197,4 +197,12 @@ impl Work {
     pub fn undo(&self, ready: &Ready) {
         self.deployments.undo_dispatch(&ready.job_ids);
     }
+
+    /// Another node served `agent_id` meanwhile: its jobs are read again from the journal.
+    pub fn reload_agent(
+        &self,
+        agent_id: &AgentId,
+    ) -> Result<usize, crate::deployments::DeploymentsError> {
+        self.deployments.reload_jobs_of(agent_id)
+    }
 }

@@ -1075,3 +1075,63 @@ fn a_secret_is_absent_from_a_dump_of_the_database_and_from_every_directory() {
     let found = tether_tests::files_containing(tmp.path(), secret.as_bytes());
     assert!(found.is_empty(), "the secret is in {found:?}");
 }
+
+#[test]
+fn a_node_whose_claim_on_an_agent_was_taken_commits_nothing_more_for_it_and_its_work_finishes_once()
+{
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let env = node(&pg, "node-a", "5000");
+    let server = Server::start_with(tmp.path(), &borrowed(&env));
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&server, "marks", 8, &marks);
+    let agents = two_agents_online(&server, &[server.upstream()], tmp.path(), "cl");
+    // Each verified handshake claimed its agent for this node.
+    let claims = |agent: &str| {
+        pg.psql(&format!(
+            "SELECT node || ' ' || epoch FROM tether_claims WHERE claim = '{agent}'"
+        ))
+    };
+    eventually("both agents claimed", WAIT, || {
+        (claims(&agents[0].id) == "node-a 1" && claims(&agents[1].id) == "node-a 1").then_some(())
+    });
+
+    let id = start_marks(&server, "cl");
+    eventually("the deployment under way", WAIT, || {
+        marks_in(&marks).iter().any(|l| l.len() >= 2).then_some(())
+    });
+    // Another node takes cl-1, as a newer session of it elsewhere would.
+    pg.psql(&format!(
+        "UPDATE tether_claims SET node = 'node-b', epoch = epoch + 1 WHERE claim = '{}'",
+        agents[0].id
+    ));
+    let log_path = tmp.path().join("server.log");
+    // Its next event is not committed here: the session is closed, the agent comes back, is
+    // claimed again, and the job goes on from what the database holds.
+    eventually("node-a gives cl-1 up", WAIT, || {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        log.contains("agent-claimed-elsewhere").then_some(())
+    });
+    eventually("node-a claims cl-1 again", WAIT, || {
+        (claims(&agents[0].id) == "node-a 3").then_some(())
+    });
+    let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+    });
+    let expected: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
+    assert_eq!(marks_in(&marks), vec![expected.clone(), expected], "{d}");
+    assert_eq!(
+        claims(&agents[1].id),
+        "node-a 1",
+        "the other agent kept its claim"
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("link-reloaded-after-a-claim-elsewhere") || log.contains("link-rebuilt"),
+        "the link was read again from the database"
+    );
+}

@@ -481,6 +481,31 @@ impl Deployments {
         self.write().undo_dispatch(job_ids);
     }
 
+    /// Reads `agent_id`'s jobs again from the journal, as another node (or a commit fenced by
+    /// its claim) left them; answers how many.
+    pub fn reload_jobs_of(&self, agent_id: &AgentId) -> Result<usize, DeploymentsError> {
+        let ids: Vec<JobId> = self
+            .read()
+            .jobs
+            .values()
+            .filter(|j| &j.agent_id == agent_id)
+            .map(|j| j.job_id.clone())
+            .collect();
+        let mut fresh = Vec::with_capacity(ids.len());
+        for id in ids {
+            let key = format!("{JOB_PREFIX}{id}");
+            if let Some(value) = self.journal.get_meta(&key)? {
+                fresh.push(decode::<Job>(&key, &value)?);
+            }
+        }
+        let n = fresh.len();
+        let mut state = self.write();
+        for job in fresh {
+            state.insert_job(job);
+        }
+        Ok(n)
+    }
+
     /// Agents that have jobs waiting to be sent (checked at start-up).
     pub fn agents_with_waiting_jobs(&self) -> Vec<AgentId> {
         self.read().agents_with_waiting_jobs()

@@ -123,6 +123,8 @@ pub struct SessionShared {
     pub rto: Duration,
     /// Handshakes and refusals by reason, for `/metrics`.
     pub handshake_counts: Arc<handshake_counts::HandshakeCounts>,
+    /// On a cluster: the claims that fence each link's commits (see `crate::claims`).
+    pub claims: Option<crate::claims::Claims>,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

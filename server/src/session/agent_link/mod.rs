@@ -18,7 +18,7 @@ use actix::prelude::*;
 use serde::Serialize;
 use tether_shared::close::CloseCode;
 use tether_shared::ids::AgentId;
-use tether_shared::journal::{JournalError, Op};
+use tether_shared::journal::{Fence, JournalError, Op};
 use tether_shared::link::{LinkError as FrameError, Received, StreamKeys, StreamReceiver};
 use tether_shared::protocol::{
     self, command_signing_bytes, AgentStatus, Command, CommandBody, ErrorCode, EventBody, Frame,
@@ -97,6 +97,9 @@ pub struct AgentLink {
     facts_stored: Option<Instant>,
     /// Its release honours `run_as` (its last `Hello` said so).
     runs_as: bool,
+    /// On a cluster: this node's claim on the agent, the fence of every commit of the link
+    /// (`None` before its first handshake here, and on sled).
+    fence: Option<Fence>,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -158,7 +161,30 @@ impl AgentLink {
             sealing: None,
             facts_stored: None,
             runs_as: false,
+            fence: None,
         })
+    }
+
+    /// Commits `ops` under the link's claim on the agent, queued now (call order is commit
+    /// order).
+    fn commit(
+        &self,
+        ops: Vec<Op>,
+    ) -> impl std::future::Future<Output = Result<tether_shared::journal::Committed, JournalError>>
+    {
+        self.shared.journal.commit_under(ops, self.fence.clone())
+    }
+
+    /// Another node served the agent since this link last did: what this node holds of it
+    /// (its streams, its jobs) is read again from the journal, where that node left it.
+    fn reload(&mut self) -> Result<(), AgentLinkError> {
+        tracing::warn!(agent_id = %self.agent_id, "link-reloaded-after-a-claim-elsewhere");
+        self.shared
+            .work
+            .reload_agent(&self.agent_id)
+            .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
+        *self = AgentLink::recover(&self.agent_id, self.shared.clone())?;
+        Ok(())
     }
 
     fn current(&self, conn: ConnId) -> bool {
@@ -202,14 +228,25 @@ impl AgentLink {
     }
 
     /// A commit failed: nothing more is acknowledged; the link is rebuilt from the journal.
+    /// A commit fenced by a newer claim (the agent's newer session on another node) wrote
+    /// nothing: what this node holds of the agent's jobs is read again, and the session is told
+    /// to go and come back.
     fn fail(&mut self, ctx: &mut Context<Self>, error: &JournalError) {
-        tracing::error!(agent_id = %self.agent_id, error = %error, "link-journal-failed");
+        let (code, reason) = if let JournalError::Fenced { epoch, .. } = error {
+            tracing::warn!(agent_id = %self.agent_id, epoch, "agent-claimed-elsewhere");
+            if let Err(e) = self.shared.work.reload_agent(&self.agent_id) {
+                tracing::error!(agent_id = %self.agent_id, error = %e, "agent-jobs-not-reloaded");
+            }
+            (
+                CloseCode::Restart,
+                "a newer session of this agent took it over",
+            )
+        } else {
+            tracing::error!(agent_id = %self.agent_id, error = %error, "link-journal-failed");
+            (CloseCode::Internal, "server journal failure")
+        };
         if let Some((_, s)) = self.session.take() {
-            s.close(
-                CloseCode::Internal,
-                ErrorCode::Internal,
-                "server journal failure".into(),
-            );
+            s.close(code, ErrorCode::Internal, reason.into());
         }
         ctx.stop();
     }
@@ -222,7 +259,7 @@ impl AgentLink {
     ) {
         // Queued now (not when the future is first polled): commit order is call order, which
         // is what makes "a later commit is durable, so every earlier one is" true.
-        let commit = self.shared.journal.commit(ops);
+        let commit = self.commit(ops);
         ctx.spawn(commit.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => then(act, ctx),
             Err(e) => act.fail(ctx, &e),
@@ -559,7 +596,7 @@ impl AgentLink {
         ops: Vec<Op>,
         then: Option<Box<dyn FnOnce() + Send>>,
     ) -> ResponseActFuture<Self, Result<Seq, AgentLinkError>> {
-        let commit = self.shared.journal.commit(ops);
+        let commit = self.commit(ops);
         Box::pin(commit.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
                 if let Some(then) = then {
@@ -601,7 +638,41 @@ pub struct Attach {
 impl Handler<Attach> for AgentLink {
     type Result = ResponseActFuture<Self, Result<Welcome, AgentLinkError>>;
 
+    /// On a cluster the agent is claimed first (see `crate::claims`): nothing of the
+    /// handshake is committed before this node holds it.
     fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
+        let Some(claims) = &self.shared.claims else {
+            return self.attach(msg);
+        };
+        let claiming = claims.claim(&self.agent_id, self.fence.as_ref());
+        Box::pin(
+            claiming
+                .into_actor(self)
+                .then(move |claimed, act, _| -> Self::Result {
+                    let fence = match claimed {
+                        Ok(fence) => fence,
+                        Err(e) => {
+                            tracing::warn!(agent_id = %act.agent_id, error = %e, "agent-not-claimed");
+                            return Box::pin(fut::ready(Err(e.into())));
+                        }
+                    };
+                    let moved = act.fence.as_ref().is_some_and(|held| held.epoch != fence.epoch);
+                    if moved {
+                        if let Err(e) = act.reload() {
+                            return Box::pin(fut::ready(Err(e)));
+                        }
+                    }
+                    tracing::debug!(agent_id = %act.agent_id, epoch = fence.epoch, "agent-claimed");
+                    act.fence = Some(fence);
+                    act.attach(msg)
+                }),
+        )
+    }
+}
+
+impl AgentLink {
+    /// The stream handshake of a verified session (claimed, on a cluster).
+    fn attach(&mut self, msg: Attach) -> ResponseActFuture<Self, Result<Welcome, AgentLinkError>> {
         let conn = msg.conn;
         let hello = msg.hello;
         self.ep.begin(conn);
@@ -697,7 +768,7 @@ impl Handler<Attach> for AgentLink {
             requeued = last;
         }
         // Queued now, before any later commit of this link.
-        let commit = (!ops.is_empty()).then(|| self.shared.journal.commit(ops));
+        let commit = (!ops.is_empty()).then(|| self.commit(ops));
         Box::pin(
             async move {
                 if let Some(commit) = commit {

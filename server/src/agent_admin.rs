@@ -246,6 +246,12 @@ impl AgentAdmin {
             })
             .await;
         self.shared.presence.forget(&deleted.id);
+        if let Some(claims) = &self.shared.claims {
+            if let Err(e) = claims.forget(&deleted.id).await {
+                // Left behind: a row, and no way back in for the deleted agent anyway.
+                tracing::warn!(agent_id = %deleted.id, error = %e, "agent-claim-not-forgotten");
+            }
+        }
         Ok((deleted, failed))
     }
 }

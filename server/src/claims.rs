@@ -38,4 +38,13 @@ impl Claims {
         self.store
             .claiming(agent_id.as_str(), &self.node, held.map(|f| f.epoch))
     }
+
+    /// Forgets the claim of deleted agent `agent_id` (one row per agent ever served would
+    /// otherwise stay).
+    pub fn forget(
+        &self,
+        agent_id: &AgentId,
+    ) -> impl Future<Output = Result<(), JournalError>> + Send + 'static {
+        self.store.forget_claim(agent_id.as_str())
+    }
 }

@@ -1134,4 +1134,13 @@ fn a_node_whose_claim_on_an_agent_was_taken_commits_nothing_more_for_it_and_its_
         log.contains("link-reloaded-after-a-claim-elsewhere") || log.contains("link-rebuilt"),
         "the link was read again from the database"
     );
+    // A deleted agent's claim goes with it.
+    let r = server.request("DELETE", &format!("/api/v1/agents/{}", agents[1].id), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        claims(&agents[1].id),
+        "",
+        "the deleted agent's claim is gone"
+    );
+    assert_eq!(claims(&agents[0].id), "node-a 3");
 }

@@ -147,6 +147,35 @@ impl PgStore {
         self.run(move |_| claiming)
     }
 
+    /// Forgets `claim` (a deleted agent's, which no handshake will claim again): commits under
+    /// any epoch of it write nothing from now on.
+    pub fn forget_claim(
+        &self,
+        claim: &str,
+    ) -> impl Future<Output = Result<(), JournalError>> + Send + 'static {
+        let claim = claim.to_owned();
+        let (tx, rx) = oneshot::channel();
+        let shared = self.shared.clone();
+        let spawned = self.runtime.as_ref().map(|rt| {
+            rt.spawn(async move {
+                let done = async {
+                    let guard = shared.client(shared.reader()).await?;
+                    let client = guard.as_ref().ok_or(JournalError::Closed)?;
+                    client
+                        .execute("DELETE FROM tether_claims WHERE claim = $1", &[&claim])
+                        .await
+                        .map_err(|e| db_err("cannot forget a claim", &e))?;
+                    Ok(())
+                };
+                let _ = tx.send(done.await);
+            })
+        });
+        async move {
+            spawned.ok_or(JournalError::Closed)?;
+            rx.await.map_err(|_| JournalError::Closed)?
+        }
+    }
+
     /// The node that holds `claim` now, and the epoch it holds it at.
     pub fn claim_holder(&self, claim: &str) -> Result<Option<(String, u64)>, JournalError> {
         let claim = claim.to_owned();

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::CloseCode;
-use tether_shared::frame_guard::close_code_for;
 use tether_shared::mux::{self, Mux, LINK_CHANNEL};
 use tether_shared::protocol::{self, ErrorCode, Frame, Sender};
+use tether_shared::ws_inbound::{inbound, Inbound};
 
 use crate::downstream::{close_ws, refuse_busy};
 use crate::upstream::{
@@ -146,22 +146,12 @@ impl Actor for ChildRelay {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for ChildRelay {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match msg {
-            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, &bytes),
-            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes()),
-            Ok(ws::Message::Ping(p)) => ctx.pong(&p),
-            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Close(_)) => ctx.stop(),
-            Ok(ws::Message::Continuation(_)) => self.refuse(
-                ctx,
-                CloseCode::Unsupported,
-                "fragmented messages are not accepted",
-            ),
-            Err(e) => self.refuse(
-                ctx,
-                close_code_for(&e),
-                &format!("websocket protocol error: {e}"),
-            ),
+        match inbound(&msg) {
+            Inbound::Bytes(bytes) => self.on_bytes(ctx, bytes),
+            Inbound::Ping(p) => ctx.pong(p),
+            Inbound::Pong | Inbound::Nothing => {}
+            Inbound::Closed => ctx.stop(),
+            Inbound::Refuse { code, reason, .. } => self.refuse(ctx, code, &reason),
         }
     }
 }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
-use tether_shared::frame_guard::close_code_for;
 use tether_shared::protocol::ErrorCode;
+use tether_shared::ws_inbound::{inbound, Inbound};
 
 use crate::upstream::{error_frame, DownGone, Forward, OpenAgent, Upstream};
 
@@ -93,28 +93,15 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentDown {
         let Some(ch) = self.ch else {
             return;
         };
-        match msg {
-            Ok(ws::Message::Binary(bytes)) => self.upstream.do_send(Forward {
+        match inbound(&msg) {
+            Inbound::Bytes(bytes) => self.upstream.do_send(Forward {
                 ch,
                 frame: bytes.to_vec(),
             }),
-            Ok(ws::Message::Text(text)) => self.upstream.do_send(Forward {
-                ch,
-                frame: text.as_bytes().to_vec(),
-            }),
-            Ok(ws::Message::Ping(p)) => ctx.pong(&p),
-            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Close(_)) => ctx.stop(),
-            Ok(ws::Message::Continuation(_)) => self.refuse(
-                ctx,
-                CloseCode::Unsupported,
-                "fragmented messages are not accepted",
-            ),
-            Err(e) => self.refuse(
-                ctx,
-                close_code_for(&e),
-                &format!("websocket protocol error: {e}"),
-            ),
+            Inbound::Ping(p) => ctx.pong(p),
+            Inbound::Pong | Inbound::Nothing => {}
+            Inbound::Closed => ctx.stop(),
+            Inbound::Refuse { code, reason, .. } => self.refuse(ctx, code, &reason),
         }
     }
 }

@@ -60,3 +60,4 @@ pub mod unpack;
 pub mod upgrade;
 pub mod utf8_stream;
 pub mod ws_dial;
+pub mod ws_inbound;

@@ -18,9 +18,9 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
-use tether_shared::frame_guard::close_code_for;
 use tether_shared::protocol::{ErrorCode, Frame, Heartbeat};
 use tether_shared::stream::ConnId;
+use tether_shared::ws_inbound::{inbound, Inbound};
 
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
 use crate::session::greeting::{Greeting, Refusal, Step};
@@ -253,37 +253,25 @@ impl Actor for AgentSession {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for AgentSession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match msg {
-            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, &bytes),
-            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes()),
-            Ok(ws::Message::Ping(p)) => {
+        match inbound(&msg) {
+            Inbound::Bytes(bytes) => self.on_bytes(ctx, bytes),
+            Inbound::Ping(p) => {
                 self.last_heard = Instant::now();
-                ctx.pong(&p);
+                ctx.pong(p);
             }
-            Ok(ws::Message::Pong(_)) => self.last_heard = Instant::now(),
-            Ok(ws::Message::Close(_)) => {
+            Inbound::Pong => self.last_heard = Instant::now(),
+            Inbound::Closed => {
                 if let (true, Some(agent_id)) = (self.greeting.is_ready(), self.greeting.peer()) {
                     tracing::info!(agent_id = %agent_id, conn = self.conn.0, "agent-closed-session");
                 }
                 ctx.stop();
             }
-            Ok(ws::Message::Continuation(_)) => self.refuse(
-                ctx,
-                Refusal::new(
-                    CloseCode::Unsupported,
-                    ErrorCode::ProtocolViolation,
-                    "fragmented messages are not accepted",
-                ),
-            ),
-            Ok(ws::Message::Nop) => {}
-            Err(e) => {
-                let refusal = Refusal::new(
-                    close_code_for(&e),
-                    ErrorCode::Malformed,
-                    format!("websocket protocol error: {e}"),
-                );
-                self.refuse(ctx, refusal)
-            }
+            Inbound::Refuse {
+                code,
+                error,
+                reason,
+            } => self.refuse(ctx, Refusal::new(code, error, reason)),
+            Inbound::Nothing => {}
         }
     }
 }

@@ -28,7 +28,6 @@ use std::time::Instant;
 use actix::prelude::*;
 use actix_web_actors::ws;
 use tether_shared::close::{self, CloseCode};
-use tether_shared::frame_guard::close_code_for;
 use tether_shared::ids::RelayId;
 use tether_shared::mux::{self, ChannelKind, Mux, Open, LINK_CHANNEL};
 use tether_shared::protocol::{
@@ -37,6 +36,7 @@ use tether_shared::protocol::{
 };
 use tether_shared::stream::ConnId;
 use tether_shared::upgrade::{component_signing_bytes, Component};
+use tether_shared::ws_inbound::{inbound, Inbound};
 
 use crate::health::{RelayLinkHealth, RelayLinkStats};
 use crate::session::agent_link::{AgentLink, Detach, FromAgent};
@@ -663,26 +663,20 @@ impl Actor for RelaySession {
 
 impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for RelaySession {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
-        match msg {
-            Ok(ws::Message::Binary(bytes)) => self.on_bytes(ctx, &bytes),
-            Ok(ws::Message::Text(text)) => self.on_bytes(ctx, text.as_bytes()),
-            Ok(ws::Message::Ping(p)) => {
+        match inbound(&msg) {
+            Inbound::Bytes(bytes) => self.on_bytes(ctx, bytes),
+            Inbound::Ping(p) => {
                 self.last_heard = Instant::now();
-                ctx.pong(&p);
+                ctx.pong(p);
             }
-            Ok(ws::Message::Pong(_)) => self.last_heard = Instant::now(),
-            Ok(ws::Message::Close(_)) => ctx.stop(),
-            Ok(ws::Message::Continuation(_)) => self.refuse(
-                ctx,
-                CloseCode::Unsupported,
-                ErrorCode::ProtocolViolation,
-                "fragmented messages are not accepted",
-            ),
-            Ok(ws::Message::Nop) => {}
-            Err(e) => {
-                let reason = format!("websocket protocol error: {e}");
-                self.refuse(ctx, close_code_for(&e), ErrorCode::Malformed, &reason)
-            }
+            Inbound::Pong => self.last_heard = Instant::now(),
+            Inbound::Closed => ctx.stop(),
+            Inbound::Refuse {
+                code,
+                error,
+                reason,
+            } => self.refuse(ctx, code, error, &reason),
+            Inbound::Nothing => {}
         }
     }
 }

@@ -1144,3 +1144,69 @@ fn a_node_whose_claim_on_an_agent_was_taken_commits_nothing_more_for_it_and_its_
     );
     assert_eq!(claims(&agents[0].id), "node-a 3");
 }
+
+#[test]
+fn an_agent_whose_claim_flaps_many_times_a_second_loses_and_doubles_nothing() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let server = Server::start_with(tmp.path(), &borrowed(&node(&pg, "node-a", "5000")));
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&server, "marks", 8, &marks);
+    let agents = two_agents_online(&server, &[server.upstream()], tmp.path(), "fl");
+    let flapper = agents[0].id.clone();
+    let probes = format!("/api/v1/agents/{flapper}/probes");
+    let (mut commands, mut events) = (0u64, 0u64);
+    let mut queue = |c: u64, e: u64| {
+        let r = server.request("POST", &probes, Some(&json!({"commands": c, "events": e})));
+        // A queue the node refused (the agent claimed away mid-commit) wrote nothing.
+        if r.status == 202 {
+            commands += c;
+            events += e;
+        }
+    };
+    queue(500, 500);
+    let id = start_marks(&server, "fl");
+    // Another node claims the agent over and over, as a session flapping between two nodes
+    // would make it, while its job and its probes run.
+    let bump = format!(
+        "UPDATE tether_claims SET node = 'node-b', epoch = epoch + 1 WHERE claim = '{flapper}'"
+    );
+    let started = std::time::Instant::now();
+    let mut bumps = 0;
+    while started.elapsed() < Duration::from_secs(6) {
+        pg.psql(&bump);
+        bumps += 1;
+        if bumps % 10 == 0 {
+            queue(100, 100);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let log_path = tmp.path().join("server.log");
+    let given_up = std::fs::read_to_string(&log_path)
+        .unwrap()
+        .matches("agent-claimed-elsewhere")
+        .count();
+    eprintln!("{bumps} claims taken away; node-a gave the agent up {given_up} times");
+    assert!(given_up >= 3, "the flapping reached the agent's commits");
+
+    let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+    });
+    let expected: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
+    assert_eq!(marks_in(&marks), vec![expected.clone(), expected], "{d}");
+    let p = eventually("every probe arrived", Duration::from_secs(120), || {
+        let p = server.probes(&flapper);
+        (p["echoes"]["received"].as_u64() >= Some(commands)
+            && p["events"]["received"].as_u64() >= Some(events))
+        .then_some(p)
+    });
+    for (series, n) in [("echoes", commands), ("events", events)] {
+        assert_eq!(p[series]["received"], n, "{series}: {p}");
+        assert_eq!(p[series]["duplicates"], 0, "{series} delivered twice: {p}");
+        assert_eq!(p[series]["gaps"], 0, "{series} skipped: {p}");
+    }
+}

@@ -329,6 +329,12 @@ impl ServerHealth {
             j.failures,
         );
         metric(
+            "tether_journal_fenced_total",
+            "counter",
+            "Commits refused because the agent they were for was claimed since by a newer session (on another node).",
+            j.fenced,
+        );
+        metric(
             "tether_journal_compactions_total",
             "counter",
             "Compactions of the journal's store (live entries copied into a fresh database).",
@@ -720,6 +726,7 @@ mod tests {
                 max_batch_commits: 2,
                 last_commit_unix_ms: 0,
                 failures: 5,
+                fenced: 7,
                 poisoned: None,
                 waiting: None,
                 compactions: 6,
@@ -763,6 +770,7 @@ mod tests {
             "tether_journal_syncs_total 14",
             "tether_journal_queued 3",
             "tether_journal_failures_total 5",
+            "tether_journal_fenced_total 7",
             "tether_journal_compactions_total 6",
             "tether_journal_poisoned 0",
             "tether_sessions 2",

@@ -1191,6 +1191,16 @@ fn an_agent_whose_claim_flaps_many_times_a_second_loses_and_doubles_nothing() {
         .count();
     eprintln!("{bumps} claims taken away; node-a gave the agent up {given_up} times");
     assert!(given_up >= 3, "the flapping reached the agent's commits");
+    let metrics = server.request("GET", "/metrics", None).body;
+    let fenced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tether_journal_fenced_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        fenced >= given_up as u64,
+        "fenced commits counted: {fenced}"
+    );
 
     let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
         let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);

@@ -180,6 +180,9 @@ pub struct JournalHealth {
     pub max_batch_commits: u64,
     pub last_commit_unix_ms: u64,
     pub failures: u64,
+    /// Commits refused because the claim they were made under was taken since (another
+    /// node, or a newer session, serves that agent now).
+    pub fenced: u64,
     pub poisoned: Option<String>,
     /// Why the journal is waiting for its storage (a database gone away) to take a batch it
     /// keeps trying; nothing more is acknowledged meanwhile.
@@ -343,6 +346,7 @@ impl JournalHandle {
             max_batch_commits: s.max_batch_requests.load(Ordering::Relaxed),
             last_commit_unix_ms: s.last_commit_unix_ms.load(Ordering::Relaxed),
             failures: s.failures.load(Ordering::Relaxed),
+            fenced: s.fenced.load(Ordering::Relaxed),
             poisoned: s.poisoned(),
             waiting: self.store.waiting(),
             compactions: self.store.compactions(),

@@ -47,6 +47,8 @@ pub(crate) struct WriterStats {
     pub max_batch_requests: AtomicU64,
     pub last_commit_unix_ms: AtomicU64,
     pub failures: AtomicU64,
+    /// Commits left out because their claim moved on.
+    pub fenced: AtomicU64,
     pub poisoned: Mutex<Option<String>>,
     /// How long commits took, from the call to durable.
     pub commit_latency: crate::metrics::Histogram,
@@ -188,6 +190,7 @@ fn applier(
                     match out.and_then(|i| fenced.get(i)) {
                         Some(Fenced { fence, .. }) => {
                             tracing::info!(claim = %fence.claim, epoch = fence.epoch, "journal-commit-fenced");
+                            stats.fenced.fetch_add(1, Ordering::Relaxed);
                             let _ = reply.send(Err(JournalError::Fenced {
                                 claim: fence.claim.clone(),
                                 epoch: fence.epoch,

@@ -35,6 +35,8 @@ struct State {
     cuts: AtomicU64,
     /// Answers of the database to a `COMMIT` that were swallowed.
     swallowed: AtomicU64,
+    /// New connections are closed at once while set (the database looks unreachable).
+    held: AtomicBool,
 }
 
 /// The running proxy; it stops accepting when dropped (connections it carries end with their
@@ -62,6 +64,10 @@ impl PgProxy {
                     return;
                 }
                 let Ok(client) = client else { continue };
+                if s.held.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let Ok(server) = UnixStream::connect(&target) else {
                     continue;
                 };
@@ -96,6 +102,11 @@ impl PgProxy {
     /// Cuts the connection that carries the next `COMMIT`, as `cut` says.
     pub fn arm(&self, cut: Cut) {
         self.state.armed.store(cut as u8, Ordering::SeqCst);
+    }
+
+    /// While `held`, new connections are closed at once (those open go on).
+    pub fn hold(&self, held: bool) {
+        self.state.held.store(held, Ordering::SeqCst);
     }
 
     /// Connections cut at a `COMMIT` so far.

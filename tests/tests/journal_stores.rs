@@ -575,6 +575,46 @@ async fn a_commit_under_a_claim_taken_since_writes_nothing_and_the_rest_of_its_b
     assert_eq!(epochs[2999], 2, "the claim asked twice was raised twice");
 }
 
+#[actix::test]
+async fn a_fenced_commit_whose_answer_was_lost_is_settled_by_asking_the_database() {
+    use tether_tests::pg_proxy::{Cut, PgProxy};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let proxy = PgProxy::start(pg.socket_dir());
+    let store = Arc::new(PgStore::open(&pg_options(proxy.url(&pg.url()))).unwrap());
+    let direct = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let (j, _, _) = open(store.clone(), Path::new("postgres"));
+    // The COMMIT of a fenced batch gets no answer, and before the batch is tried again the
+    // claim moves on: the database is asked how the first try ended. Committed (the answer was
+    // lost): it was written while the claim held, and is answered so. Not committed: it is not
+    // written now, and the other commits of its batch are.
+    for (cut, written) in [(Cut::AfterCommit, true), (Cut::BeforeCommit, false)] {
+        let agent = format!("agent-{cut:?}");
+        let fence = direct.claim(&agent, "node-a").unwrap();
+        let cuts = proxy.cuts();
+        proxy.hold(true);
+        proxy.arm(cut);
+        let fenced = j.commit_under(vec![put(format!("lost/{agent}"))], Some(fence));
+        let plain = j.commit(vec![put(format!("plain/{agent}"))]);
+        while proxy.cuts() == cuts {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(direct.claim(&agent, "node-b").unwrap().epoch, 2);
+        proxy.hold(false);
+        let settled = tokio::time::timeout(std::time::Duration::from_secs(30), fenced).await;
+        match (written, settled.expect("settled")) {
+            (true, Ok(_)) | (false, Err(JournalError::Fenced { .. })) => {}
+            (_, other) => panic!("{cut:?}: {other:?}"),
+        }
+        plain.await.unwrap();
+        let (d, _, _) = open(direct.clone(), Path::new("postgres"));
+        let there = |k: &str| d.get_meta(k).unwrap().is_some();
+        assert_eq!(there(&format!("lost/{agent}")), written, "{cut:?}");
+        assert!(there(&format!("plain/{agent}")), "{cut:?}");
+    }
+}
+
 #[test]
 fn an_agent_claimed_by_two_nodes_in_turn_never_commits_under_an_older_claim() {
     let Some(pg) = Postgres::start() else {

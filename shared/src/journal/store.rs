@@ -19,10 +19,10 @@ use crate::journal::{JournalError, Op};
 /// Key-value pairs as read from a store, in key order.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// The claim a commit is made under: it is written only while `claim` (an agent's or a relay's
-/// id) is still held at `epoch`. On a cluster every node that verifies a peer's handshake claims
-/// it with a new epoch (see the PostgreSQL store's `claim`), so a node whose claim was taken
-/// elsewhere commits nothing more for that peer.
+/// The claim a commit is made under: it is written only while `claim` (the id of the agent it is
+/// for) is still held at `epoch`. On a cluster every node that verifies an agent's handshake
+/// claims it (see the PostgreSQL store's `claiming`), so a node whose claim was taken elsewhere
+/// commits nothing more for that agent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Fence {
     pub claim: String,

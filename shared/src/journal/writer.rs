@@ -186,7 +186,8 @@ fn applier(
                 // A request whose claim was taken wrote nothing: it is answered at once; the
                 // others wait for the sync as usual.
                 for (reply, fence) in replies.drain(..).zip(fence_of.iter()) {
-                    let out = fence.filter(|&i| left_out.get(i).copied().unwrap_or(false));
+                    // A flag the store did not give counts as left out: never a success by default.
+                    let out = fence.filter(|&i| left_out.get(i).copied().unwrap_or(true));
                     match out.and_then(|i| fenced.get(i)) {
                         Some(Fenced { fence, .. }) => {
                             tracing::info!(claim = %fence.claim, epoch = fence.epoch, "journal-commit-fenced");

@@ -1,4 +1,4 @@
-//! Claims: which node serves each agent and relay now (`tether_claims`). A node that verifies a
+//! Claims: which node serves each agent now (`tether_claims`). A node that verifies a
 //! peer's handshake claims the peer ([`PgStore::claiming`]: a new epoch unless it holds it
 //! already); every commit it then
 //! makes for that peer carries the epoch as its [`Fence`], and is checked in the transaction that
@@ -18,9 +18,10 @@ use super::{Failure, PgStore};
 use crate::journal::store::{Fence, Fenced};
 use crate::journal::JournalError;
 
-/// Reads (and locks against a newer claim) the epochs of the claims a batch is fenced by.
+/// Reads (and locks against a newer claim) the epochs of the claims a batch is fenced by. Rows
+/// are locked in claim order, as the claims' upsert takes them, so the two never deadlock.
 pub(super) const CHECK_CLAIMS: &str =
-    "SELECT claim, epoch FROM tether_claims WHERE claim = ANY($1) FOR SHARE";
+    "SELECT claim, epoch FROM tether_claims WHERE claim = ANY($1) ORDER BY claim FOR SHARE";
 
 /// Most claims made in one statement.
 const MAX_CLAIMS_PER_STATEMENT: usize = 1024;
@@ -97,6 +98,7 @@ async fn claim_all(
             "INSERT INTO tether_claims AS t (claim, node, epoch, claimed_at)
              SELECT claim, node, held + 1, now()
                FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(claim, node, held)
+               ORDER BY claim
              ON CONFLICT (claim) DO UPDATE
                SET node = excluded.node, epoch = t.epoch + 1, claimed_at = now()
                WHERE t.node <> excluded.node OR t.epoch <> excluded.epoch - 1
@@ -115,7 +117,7 @@ async fn claim_all(
 }
 
 impl PgStore {
-    /// Claims `claim` (an agent's or a relay's id) for `node`, and returns the epoch it is held
+    /// Claims `claim` (an agent's id) for `node`, and returns the epoch it is held
     /// at: commits under an older epoch of it, from any node, write nothing from now on. If
     /// `node` holds it at `held` already, that is confirmed and kept; otherwise the epoch is
     /// raised (a claim never made starts at 1). Durable when it resolves

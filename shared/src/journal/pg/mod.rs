@@ -394,13 +394,13 @@ fn transient(e: &tokio_postgres::Error) -> bool {
 /// Requests fenced by a claim ([`Fenced`]) are checked in each try: those whose claim moved on
 /// are left out of the plan, and the returned flags say which.
 async fn apply(shared: &Shared, ops: &[Op], fenced: &[Fenced]) -> Result<Vec<bool>, JournalError> {
-    let mut plan: Option<(Plan, Vec<bool>)> = None;
+    let mut attempt = Attempt::default();
     let mut pause = RETRY_MIN;
     let mut tries = 0u32;
     let mut waited = false;
     loop {
         tries += 1;
-        match try_batch(shared, ops, fenced, &mut plan).await {
+        match try_batch(shared, ops, fenced, &mut attempt).await {
             Ok(out) => {
                 if waited {
                     tracing::info!(tries, "postgres-batch-committed-after-retry");
@@ -465,11 +465,34 @@ const WRITER_STATEMENTS: [&str; 7] = [
 ];
 
 /// One try of a batch: its transaction, with the plan made in it if `plan` has none yet.
+/// What the tries of one batch carry from one to the next.
+#[derive(Default)]
+struct Attempt {
+    /// The plan, made by the first try that got that far, and which fenced requests it leaves
+    /// out.
+    plan: Option<(Plan, Vec<bool>)>,
+    /// The transaction id of a fenced try whose `COMMIT` got no answer: whether it took effect
+    /// is asked of the database if a later try finds a claim moved on.
+    unanswered: Option<String>,
+}
+
+/// Where a try whose `COMMIT` got no answer stands (`pg_xact_status`).
+async fn outcome(
+    tx: &tokio_postgres::Transaction<'_>,
+    xid: &str,
+) -> Result<Option<String>, Failure> {
+    let row = tx
+        .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
+        .await
+        .map_err(|e| Failure::of("cannot ask how a commit ended", &e))?;
+    Ok(row.get(0))
+}
+
 async fn try_batch(
     shared: &Shared,
     ops: &[Op],
     fenced: &[Fenced],
-    plan: &mut Option<(Plan, Vec<bool>)>,
+    attempt: &mut Attempt,
 ) -> Result<Vec<bool>, Failure> {
     let mut guard = shared
         .client(&shared.writer)
@@ -509,26 +532,60 @@ async fn try_batch(
         true => Vec::new(),
         false => claims::left_out(&tx, &check_claims, fenced).await?,
     };
-    let (plan, planned_out) = match plan {
-        Some(plan) => plan,
-        None if out.iter().any(|o| *o) => {
-            let kept = claims::kept(ops, fenced, &out);
-            plan.insert((self::plan(&tx, kept).await?, out.clone()))
+    // A try made again writes what the first one planned, so that a try whose COMMIT got no
+    // answer is settled either way. But if a claim the plan writes under moved on meanwhile, it
+    // may not be written now: the plan is made again without it, once it is known that no
+    // earlier try took effect (a try that failed before its COMMIT was rolled back).
+    let moved = attempt.plan.as_ref().is_some_and(|(_, then)| {
+        out.iter()
+            .zip(then.iter())
+            .any(|(now, then)| *now && !*then)
+    });
+    if moved {
+        if let Some(xid) = &attempt.unanswered {
+            match outcome(&tx, xid).await?.as_deref() {
+                Some("committed") => {
+                    let (_, then) = attempt.plan.take().unwrap_or_default();
+                    return Ok(then);
+                }
+                Some("aborted") => {}
+                Some(_) => {
+                    return Err(Failure {
+                        error: JournalError::Database {
+                            reason: "an earlier try of this batch is still in progress".into(),
+                        },
+                        next: Next::Wait,
+                    })
+                }
+                None => {
+                    return Err(Failure::refused(JournalError::Database {
+                        reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
+                    }))
+                }
+            }
         }
-        None => plan.insert((self::plan(&tx, ops).await?, out.clone())),
-    };
-    // A try made again (the last one's outcome unknown) writes what the first planned; if a
-    // claim it writes under moved on meanwhile, its requests cannot be told apart any more.
-    if out
-        .iter()
-        .zip(planned_out.iter())
-        .any(|(now, then)| *now && !*then)
-    {
-        return Err(Failure::refused(JournalError::Database {
-            reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
-        }));
+        attempt.plan = None;
+        attempt.unanswered = None;
     }
+    let (plan, planned_out) = match &mut attempt.plan {
+        Some(plan) => plan,
+        none if out.iter().any(|o| *o) => {
+            let kept = claims::kept(ops, fenced, &out);
+            none.insert((self::plan(&tx, kept).await?, out.clone()))
+        }
+        none => none.insert((self::plan(&tx, ops).await?, out.clone())),
+    };
     let out = planned_out.clone();
+    // Its id, asked only where a claim could move on before a try made again.
+    let xid: Option<String> = match fenced.is_empty() {
+        true => None,
+        false => Some(
+            tx.query_one("SELECT pg_current_xact_id()::text", &[])
+                .await
+                .map_err(|e| Failure::of("cannot read the transaction id", &e))?
+                .get(0),
+        ),
+    };
     for blob in &plan.blobs {
         match blob {
             BlobOp::Append { name, at, bytes } => tx
@@ -570,6 +627,7 @@ async fn try_batch(
     }
     tx.commit().await.map_err(|e| {
         // No answer to COMMIT: the batch may or may not be durable; the next try settles it.
+        attempt.unanswered = xid;
         let mut f = Failure::of("commit", &e);
         if let JournalError::Io { reason, .. } = &mut f.error {
             reason.push_str(" (the commit's outcome is unknown)");

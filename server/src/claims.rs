@@ -39,6 +39,14 @@ impl Claims {
             .claiming(agent_id.as_str(), &self.node, held.map(|f| f.epoch))
     }
 
+    /// The epoch `agent_id` is claimed at now (0: never claimed); blocking.
+    pub fn epoch_now(&self, agent_id: &AgentId) -> Result<u64, JournalError> {
+        Ok(self
+            .store
+            .claim_holder(agent_id.as_str())?
+            .map_or(0, |(_, epoch)| epoch))
+    }
+
     /// Forgets the claim of deleted agent `agent_id` (one row per agent ever served would
     /// otherwise stay).
     pub fn forget(

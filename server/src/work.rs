@@ -27,6 +27,9 @@ pub struct Work {
     operations: Arc<Operations>,
     /// Who is connected through which relays, and what relays report of their links.
     presence: Arc<dyn Sightings + Send + Sync>,
+    /// Agents whose jobs are to be read again before their next handshake (see
+    /// [`Work::mark_stale`]); at most one entry per agent.
+    stale: std::sync::Mutex<std::collections::HashSet<AgentId>>,
 }
 
 /// What an event changes.
@@ -63,6 +66,7 @@ impl Work {
             reconciliations,
             operations: Arc::default(),
             presence,
+            stale: Default::default(),
         }
     }
 
@@ -202,7 +206,25 @@ impl Work {
     pub fn reload_agent(
         &self,
         agent_id: &AgentId,
-    ) -> Result<usize, crate::deployments::DeploymentsError> {
-        self.deployments.reload_jobs_of(agent_id)
+    ) -> impl std::future::Future<Output = Result<usize, crate::deployments::DeploymentsError>>
+    {
+        self.deployments.clone().reload_jobs_of(agent_id.clone())
+    }
+
+    /// A commit for `agent_id` was fenced: what this node holds of its jobs may be ahead of the
+    /// journal until they are read again, which its next handshake here waits for.
+    pub fn mark_stale(&self, agent_id: &AgentId) {
+        self.stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(agent_id.clone());
+    }
+
+    /// Whether `agent_id`'s jobs must be read again (and forgets it).
+    pub fn take_stale(&self, agent_id: &AgentId) -> bool {
+        self.stale
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(agent_id)
     }
 }

@@ -482,22 +482,33 @@ impl Deployments {
     }
 
     /// Reads `agent_id`'s jobs again from the journal, as another node (or a commit fenced by
-    /// its claim) left them; answers how many.
-    pub fn reload_jobs_of(&self, agent_id: &AgentId) -> Result<usize, DeploymentsError> {
+    /// its claim) left them; answers how many. Not while a change to deployments is under way
+    /// (it changes memory before its commit lands); the reads run off the async threads.
+    pub async fn reload_jobs_of(
+        self: Arc<Self>,
+        agent_id: AgentId,
+    ) -> Result<usize, DeploymentsError> {
+        let _changes = self.changes.lock().await;
         let ids: Vec<JobId> = self
             .read()
             .jobs
             .values()
-            .filter(|j| &j.agent_id == agent_id)
+            .filter(|j| j.agent_id == agent_id)
             .map(|j| j.job_id.clone())
             .collect();
-        let mut fresh = Vec::with_capacity(ids.len());
-        for id in ids {
-            let key = format!("{JOB_PREFIX}{id}");
-            if let Some(value) = self.journal.get_meta(&key)? {
-                fresh.push(decode::<Job>(&key, &value)?);
+        let journal = self.journal.clone();
+        let fresh = tokio::task::spawn_blocking(move || {
+            let mut fresh = Vec::with_capacity(ids.len());
+            for id in ids {
+                let key = format!("{JOB_PREFIX}{id}");
+                if let Some(value) = journal.get_meta(&key)? {
+                    fresh.push(decode::<Job>(&key, &value)?);
+                }
             }
-        }
+            Ok::<_, DeploymentsError>(fresh)
+        })
+        .await
+        .map_err(|_| DeploymentsError::Journal(JournalError::Closed))??;
         let n = fresh.len();
         let mut state = self.write();
         for job in fresh {

@@ -100,6 +100,10 @@ pub struct AgentLink {
     /// On a cluster: this node's claim on the agent, the fence of every commit of the link
     /// (`None` before its first handshake here, and on sled).
     fence: Option<Fence>,
+    /// On a cluster: the agent's claim epoch when the link read its state (0: never claimed).
+    /// A claim that then lands past the next epoch means another node served the agent in
+    /// between, and the state is read again.
+    loaded_epoch: u64,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -126,6 +130,11 @@ impl AgentLink {
 
     /// Rebuild the link of `agent_id` from the journal.
     pub fn recover(agent_id: &AgentId, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
+        // Before the state it stands for.
+        let loaded_epoch = match &shared.claims {
+            Some(claims) => claims.epoch_now(agent_id)?,
+            None => 0,
+        };
         let keys = StreamKeys::server_side(agent_id)?;
         let ep = keys.recover(
             &shared.journal,
@@ -162,6 +171,7 @@ impl AgentLink {
             facts_stored: None,
             runs_as: false,
             fence: None,
+            loaded_epoch,
         })
     }
 
@@ -175,16 +185,13 @@ impl AgentLink {
         self.shared.journal.commit_under(ops, self.fence.clone())
     }
 
-    /// Another node served the agent since this link last did: what this node holds of it
-    /// (its streams, its jobs) is read again from the journal, where that node left it.
-    fn reload(&mut self) -> Result<(), AgentLinkError> {
-        tracing::warn!(agent_id = %self.agent_id, "link-reloaded-after-a-claim-elsewhere");
-        self.shared
-            .work
-            .reload_agent(&self.agent_id)
-            .map_err(|e| AgentLinkError::Internal(e.to_string()))?;
-        *self = AgentLink::recover(&self.agent_id, self.shared.clone())?;
-        Ok(())
+    /// Whether the claim just made (`fence`) says another node served the agent since this
+    /// link read or last claimed it.
+    fn claimed_past(&self, fence: &Fence) -> bool {
+        match &self.fence {
+            Some(held) => held.epoch != fence.epoch,
+            None => fence.epoch != self.loaded_epoch + 1,
+        }
     }
 
     fn current(&self, conn: ConnId) -> bool {
@@ -233,10 +240,22 @@ impl AgentLink {
     /// to go and come back.
     fn fail(&mut self, ctx: &mut Context<Self>, error: &JournalError) {
         let (code, reason) = if let JournalError::Fenced { epoch, .. } = error {
-            tracing::warn!(agent_id = %self.agent_id, epoch, "agent-claimed-elsewhere");
-            if let Err(e) = self.shared.work.reload_agent(&self.agent_id) {
-                tracing::error!(agent_id = %self.agent_id, error = %e, "agent-jobs-not-reloaded");
+            if self.fence.as_ref().is_some_and(|f| f.epoch > *epoch) {
+                // Made before this link claimed the agent again (and read it again): that
+                // claim already dealt with it.
+                tracing::debug!(agent_id = %self.agent_id, epoch, "fenced-commit-of-an-older-claim");
+                return;
             }
+            tracing::warn!(agent_id = %self.agent_id, epoch, "agent-claimed-elsewhere");
+            // Its jobs are read again now, and its next handshake here waits until they are.
+            self.shared.work.mark_stale(&self.agent_id);
+            let reload = self.shared.work.reload_agent(&self.agent_id);
+            let agent_id = self.agent_id.clone();
+            actix::spawn(async move {
+                if let Err(e) = reload.await {
+                    tracing::error!(agent_id = %agent_id, error = %e, "agent-jobs-not-reloaded");
+                }
+            });
             (
                 CloseCode::Restart,
                 "a newer session of this agent took it over",
@@ -635,38 +654,54 @@ pub struct Attach {
     pub session: SessionHandle,
 }
 
+type Attached = ResponseActFuture<AgentLink, Result<Welcome, AgentLinkError>>;
+
 impl Handler<Attach> for AgentLink {
-    type Result = ResponseActFuture<Self, Result<Welcome, AgentLinkError>>;
+    /// Atomic: nothing else reaches the link until the handshake is committed (or refused).
+    type Result = AtomicResponse<Self, Result<Welcome, AgentLinkError>>;
 
     /// On a cluster the agent is claimed first (see `crate::claims`): nothing of the
-    /// handshake is committed before this node holds it.
+    /// handshake is committed before this node holds it. If another node served the agent
+    /// since this link read it, or a commit of this node was fenced, what this node holds of
+    /// the agent (its jobs, then its streams) is read again from the journal first.
     fn handle(&mut self, msg: Attach, _: &mut Self::Context) -> Self::Result {
         let Some(claims) = &self.shared.claims else {
-            return self.attach(msg);
+            return AtomicResponse::new(self.attach(msg));
         };
         let claiming = claims.claim(&self.agent_id, self.fence.as_ref());
-        Box::pin(
-            claiming
-                .into_actor(self)
-                .then(move |claimed, act, _| -> Self::Result {
-                    let fence = match claimed {
-                        Ok(fence) => fence,
-                        Err(e) => {
-                            tracing::warn!(agent_id = %act.agent_id, error = %e, "agent-not-claimed");
-                            return Box::pin(fut::ready(Err(e.into())));
-                        }
-                    };
-                    let moved = act.fence.as_ref().is_some_and(|held| held.epoch != fence.epoch);
+        AtomicResponse::new(Box::pin(claiming.into_actor(self).then(
+            move |claimed, act, _| -> Attached {
+                let fence = match claimed {
+                    Ok(fence) => fence,
+                    Err(e) => {
+                        tracing::warn!(agent_id = %act.agent_id, error = %e, "agent-not-claimed");
+                        return Box::pin(fut::ready(Err(e.into())));
+                    }
+                };
+                let moved = act.claimed_past(&fence);
+                let stale = act.shared.work.take_stale(&act.agent_id);
+                if !moved && !stale {
+                    act.fence = Some(fence);
+                    return act.attach(msg);
+                }
+                tracing::warn!(agent_id = %act.agent_id, epoch = fence.epoch, moved, "link-reloaded-after-a-claim-elsewhere");
+                let reload = act.shared.work.reload_agent(&act.agent_id);
+                Box::pin(reload.into_actor(act).then(move |reloaded, act, _| -> Attached {
+                    if let Err(e) = reloaded {
+                        act.shared.work.mark_stale(&act.agent_id);
+                        return Box::pin(fut::ready(Err(AgentLinkError::Internal(e.to_string()))));
+                    }
                     if moved {
-                        if let Err(e) = act.reload() {
-                            return Box::pin(fut::ready(Err(e)));
+                        match AgentLink::recover(&act.agent_id, act.shared.clone()) {
+                            Ok(fresh) => *act = fresh,
+                            Err(e) => return Box::pin(fut::ready(Err(e))),
                         }
                     }
-                    tracing::debug!(agent_id = %act.agent_id, epoch = fence.epoch, "agent-claimed");
                     act.fence = Some(fence);
                     act.attach(msg)
-                }),
-        )
+                }))
+            },
+        )))
     }
 }
 
@@ -778,6 +813,9 @@ impl AgentLink {
             }
             .into_actor(self)
             .map(move |res, act, ctx| {
+                if let Err(AgentLinkError::Journal(e)) = &res {
+                    act.fail(ctx, e);
+                }
                 res?;
                 if seen_stored {
                     act.shared.registry.note_seen(&act.agent_id, seen_at);

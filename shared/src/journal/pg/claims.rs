@@ -18,10 +18,20 @@ use super::{Failure, PgStore};
 use crate::journal::store::{Fence, Fenced};
 use crate::journal::JournalError;
 
-/// Reads (and locks against a newer claim) the epochs of the claims a batch is fenced by. Rows
-/// are locked in claim order, as the claims' upsert takes them, so the two never deadlock.
-pub(super) const CHECK_CLAIMS: &str =
-    "SELECT claim, epoch FROM tether_claims WHERE claim = ANY($1) ORDER BY claim FOR SHARE";
+/// Reads (and locks against a newer claim) the epochs of the claims a batch is fenced by, with
+/// the transaction's id (see [`Checked::xid`]). Rows are locked in claim order, as the claims'
+/// upsert takes them, so the two never deadlock.
+pub(super) const CHECK_CLAIMS: &str = "SELECT claim, epoch, pg_current_xact_id()::text
+     FROM tether_claims WHERE claim = ANY($1) ORDER BY claim FOR SHARE";
+
+/// What the check of a batch's claims found.
+pub(super) struct Checked {
+    /// For each fenced request, whether its claim moved on (it is left out).
+    pub out: Vec<bool>,
+    /// The checking transaction's id (`None` if no claim was found): should its `COMMIT` get
+    /// no answer, the database is asked how it ended.
+    pub xid: Option<String>,
+}
 
 /// Most claims made in one statement.
 const MAX_CLAIMS_PER_STATEMENT: usize = 1024;
@@ -205,7 +215,7 @@ pub(super) async fn left_out(
     tx: &Transaction<'_>,
     check: &Statement,
     fenced: &[Fenced],
-) -> Result<Vec<bool>, Failure> {
+) -> Result<Checked, Failure> {
     let mut claims: Vec<&str> = fenced.iter().map(|f| f.fence.claim.as_str()).collect();
     claims.sort_unstable();
     claims.dedup();
@@ -213,14 +223,16 @@ pub(super) async fn left_out(
         .query(check, &[&claims])
         .await
         .map_err(|e| Failure::of("cannot check the claims", &e))?;
+    let xid = rows.first().map(|r| r.get(2));
     let held: HashMap<String, i64> = rows.into_iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(fenced
+    let out = fenced
         .iter()
         .map(|f| {
             let now = held.get(&f.fence.claim).copied();
             now.and_then(|e| u64::try_from(e).ok()) != Some(f.fence.epoch)
         })
-        .collect())
+        .collect();
+    Ok(Checked { out, xid })
 }
 
 /// The ops of the batch that are written: those of no fenced request left out.

@@ -528,9 +528,12 @@ async fn try_batch(
             return Err(Failure::refused(lease::fenced(lease)));
         }
     }
-    let out = match fenced.is_empty() {
-        true => Vec::new(),
-        false => claims::left_out(&tx, &check_claims, fenced).await?,
+    let (out, checked_xid) = match fenced.is_empty() {
+        true => (Vec::new(), None),
+        false => {
+            let checked = claims::left_out(&tx, &check_claims, fenced).await?;
+            (checked.out, checked.xid)
+        }
     };
     // A try made again writes what the first one planned, so that a try whose COMMIT got no
     // answer is settled either way. But if a claim the plan writes under moved on meanwhile, it
@@ -576,10 +579,12 @@ async fn try_batch(
         none => none.insert((self::plan(&tx, ops).await?, out.clone())),
     };
     let out = planned_out.clone();
-    // Its id, asked only where a claim could move on before a try made again.
-    let xid: Option<String> = match fenced.is_empty() {
-        true => None,
-        false => Some(
+    // Its id, needed only where a claim could move on before a try made again: read with the
+    // claims, or (none of them found) on its own.
+    let xid: Option<String> = match (fenced.is_empty(), checked_xid) {
+        (true, _) => None,
+        (false, Some(xid)) => Some(xid),
+        (false, None) => Some(
             tx.query_one("SELECT pg_current_xact_id()::text", &[])
                 .await
                 .map_err(|e| Failure::of("cannot read the transaction id", &e))?

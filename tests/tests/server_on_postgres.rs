@@ -1118,12 +1118,7 @@ fn a_node_whose_claim_on_an_agent_was_taken_commits_nothing_more_for_it_and_its_
     eventually("node-a claims cl-1 again", WAIT, || {
         (claims(&agents[0].id) == "node-a 3").then_some(())
     });
-    let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
-        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
-        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
-    });
-    let expected: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
-    assert_eq!(marks_in(&marks), vec![expected.clone(), expected], "{d}");
+    every_step_once(&server, &id, &marks);
     assert_eq!(
         claims(&agents[1].id),
         "node-a 1",
@@ -1202,12 +1197,7 @@ fn an_agent_whose_claim_flaps_many_times_a_second_loses_and_doubles_nothing() {
         "fenced commits counted: {fenced}"
     );
 
-    let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
-        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
-        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
-    });
-    let expected: Vec<String> = (1..=8).map(|i| format!("s{i}")).collect();
-    assert_eq!(marks_in(&marks), vec![expected.clone(), expected], "{d}");
+    every_step_once(&server, &id, &marks);
     let p = eventually("every probe arrived", Duration::from_secs(120), || {
         let p = server.probes(&flapper);
         (p["echoes"]["received"].as_u64() >= Some(commands)

@@ -47,6 +47,12 @@ async fn enroll(
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    if state.shared.member {
+        // The registry is the active node's: the agent enrolls there (its next upstream).
+        return Err(ApiError::Incomplete(
+            "this node is a member of the cluster: enroll at the active node".into(),
+        ));
+    }
     let source = req.peer_addr().map(|a| a.ip());
     if let Some(ip) = source {
         state.enroll_limiter.check(ip, Instant::now())?;

@@ -89,8 +89,22 @@ pub struct Loaded {
     pub drain: Option<crate::drain::Drain>,
     /// On PostgreSQL: this node's claims on the agents it serves.
     pub claims: Option<crate::claims::Claims>,
+    /// How this node serves agents alongside the cluster's other nodes.
+    pub serving: Serving,
     /// What agents reported after this server was restored behind them.
     pub reconciliations: Arc<crate::reconcile::Reconciliations>,
+}
+
+/// How a node serves agents alongside the cluster's other nodes (see `crate::mail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    /// Every agent connects here (on sled, or the active node of an active/passive cluster).
+    Alone,
+    /// The active node of a cluster whose other nodes serve agents too: it takes their events
+    /// from the inbox.
+    Active,
+    /// A member: it serves agents, and leaves their work to the active node.
+    Member,
 }
 
 /// How agents' sessions behave (from the configuration).
@@ -163,6 +177,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         rto: RETRANSMIT_TIMEOUT,
         handshake_counts: Default::default(),
         claims: loaded.claims.clone(),
+        member: loaded.serving == Serving::Member,
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {
@@ -174,10 +189,37 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         presence: shared.presence.clone(),
         sessions_work: shared.work.clone(),
     });
-    // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
-    let waking = scheduler.clone();
-    actix_rt::spawn(async move { waking.dispatch_waiting().await });
-    actix_rt::spawn(scheduler.clone().roll(ROLLING_SWEEP));
+    match loaded.serving {
+        Serving::Member => {
+            loaded.registry.follow_the_active_node();
+            // Jobs, deployments and agents are the active node's: this one only numbers the
+            // commands it leaves for the agents served here.
+            let mail = crate::mail::deliver_forever(
+                handle.clone(),
+                session_registry.clone(),
+                crate::mail::MAILBOX_PREFIX,
+            );
+            actix_rt::spawn(mail);
+            actix_rt::spawn(crate::mail::follow_registry(
+                loaded.registry.clone(),
+                session_registry.clone(),
+            ));
+        }
+        serving => {
+            if serving == Serving::Active {
+                let inbox = crate::mail::deliver_forever(
+                    handle.clone(),
+                    session_registry.clone(),
+                    crate::mail::INBOX_PREFIX,
+                );
+                actix_rt::spawn(inbox);
+            }
+            // Jobs journaled as queued but not yet sent (the server stopped first) go out now.
+            let waking = scheduler.clone();
+            actix_rt::spawn(async move { waking.dispatch_waiting().await });
+            actix_rt::spawn(scheduler.clone().roll(ROLLING_SWEEP));
+        }
+    }
     let agent_admin = Arc::new(AgentAdmin {
         registry: loaded.registry.clone(),
         deployments: loaded.deployments.clone(),
@@ -195,16 +237,18 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             .remove_after_ms
             .store(tuning.remove_stale_after.as_millis() as u64, Relaxed);
     }
-    if !tuning.remove_stale_after.is_zero() {
+    if !tuning.remove_stale_after.is_zero() && loaded.serving != Serving::Member {
         actix_rt::spawn(crate::background::remove_stale_periodically(
             agent_admin.clone(),
             tuning.stale_check,
         ));
     }
-    loaded
-        .users
-        .ensure_initial_admin(&dir.join(init::ADMIN_PASSWORD))
-        .await?;
+    if loaded.serving != Serving::Member {
+        loaded
+            .users
+            .ensure_initial_admin(&dir.join(init::ADMIN_PASSWORD))
+            .await?;
+    }
     let bearer = web::Data::new(loaded.token.clone());
     let state = web::Data::new(AppState {
         token: loaded.token,

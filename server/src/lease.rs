@@ -120,6 +120,8 @@ impl serde::Serialize for Nodes {
 #[derive(Clone)]
 struct Seen {
     node: String,
+    /// `standby`, or `member` (it serves agents meanwhile).
+    role: &'static str,
     active: Arc<Mutex<Option<LeaseHolder>>>,
     nodes: Nodes,
     token: AdminToken,
@@ -140,7 +142,7 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
     }
     let active = seen.active();
     HttpResponse::Ok().json(json!({"cluster": {
-        "role": "standby",
+        "role": seen.role,
         "node": seen.node,
         "active": active.map(|h| json!({
             "node": h.holder,
@@ -168,23 +170,23 @@ async fn standby_refusal(req: HttpRequest, seen: web::Data<Seen>) -> HttpRespons
         return HttpResponse::TemporaryRedirect()
             .insert_header((actix_web::http::header::LOCATION, format!("{url}{path}")))
             .json(json!({
-                "error": format!("this node ({}) is a standby; the active server is {node}, at {url}", seen.node),
-                "cluster": {"role": "standby", "active": node, "url": url},
+                "error": format!("this node ({}) is a {}; the active server is {node}, at {url}", seen.node, seen.role),
+                "cluster": {"role": seen.role, "active": node, "url": url},
             }));
     }
     let error = match &active {
         Some(node) => format!(
-            "this node ({}) is a standby; the active server is {node}",
-            seen.node
+            "this node ({}) is a {}; the active server is {node}",
+            seen.node, seen.role
         ),
         None => format!(
-            "this node ({}) is a standby; no server is active yet",
-            seen.node
+            "this node ({}) is a {}; no server is active yet",
+            seen.node, seen.role
         ),
     };
     HttpResponse::ServiceUnavailable()
         .insert_header(("Retry-After", "5"))
-        .json(json!({"error": error, "cluster": {"role": "standby", "active": active}}))
+        .json(json!({"error": error, "cluster": {"role": seen.role, "active": active}}))
 }
 
 /// The operators' port of a node waiting for the lease, on a thread of its own.
@@ -193,6 +195,9 @@ pub struct Standby {
     thread: Option<std::thread::JoinHandle<()>>,
     active: Arc<Mutex<Option<LeaseHolder>>>,
     nodes: Nodes,
+    role: &'static str,
+    /// Where it listens.
+    pub addr: SocketAddr,
 }
 
 impl Standby {
@@ -204,10 +209,12 @@ impl Standby {
         node: &str,
         url: Option<&str>,
         token: AdminToken,
+        role: &'static str,
     ) -> std::io::Result<Standby> {
         let active = Arc::new(Mutex::new(None));
         let nodes = Nodes::advertising(url);
         let seen = Seen {
+            role,
             node: node.to_owned(),
             active: active.clone(),
             nodes: nodes.clone(),
@@ -226,8 +233,8 @@ impl Standby {
                             .default_service(web::to(standby_refusal))
                     });
                     let server = match server {
-                        Ok((server, _)) => {
-                            let _ = bound.send(Ok(()));
+                        Ok((server, addr)) => {
+                            let _ = bound.send(Ok(addr));
                             server
                         }
                         Err(e) => {
@@ -243,7 +250,7 @@ impl Standby {
                     let _ = server.await;
                 })
             })?;
-        bound_rx
+        let addr = bound_rx
             .recv()
             .map_err(|_| std::io::Error::other("the standby listener thread ended"))??;
         Ok(Standby {
@@ -251,7 +258,37 @@ impl Standby {
             thread: Some(thread),
             active,
             nodes,
+            role,
+            addr,
         })
+    }
+
+    /// The cluster's nodes as this one last read them (and its own session count, once set).
+    pub fn nodes(&self) -> Nodes {
+        self.nodes.clone()
+    }
+
+    /// A member's wait for the lease, on a thread of its own: the answer comes once this node
+    /// holds the lease (then it starts over as the active node), or the database refused.
+    pub fn wait_as_member(
+        self,
+        store: Arc<PgStore>,
+        node: &str,
+        ttl: Duration,
+    ) -> tokio::sync::oneshot::Receiver<Result<Lease, JournalError>> {
+        let (taken, answer) = tokio::sync::oneshot::channel();
+        let node = node.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("member-lease".into())
+            .spawn(move || {
+                let lease = become_active(&store, &node, ttl, Some(&self));
+                self.stop();
+                let _ = taken.send(lease);
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "member-cannot-wait-for-the-lease");
+        }
+        answer
     }
 
     fn saw(&self, holder: LeaseHolder) {
@@ -292,7 +329,7 @@ pub fn become_active(
                 if let Some(standby) = standby {
                     standby.saw(holder.clone());
                     if noted.is_none_or(|at| at.elapsed() >= ttl / 3) {
-                        standby.nodes.refresh(store, node, "standby");
+                        standby.nodes.refresh(store, node, standby.role);
                         noted = Some(std::time::Instant::now());
                     }
                 }

@@ -52,6 +52,7 @@ mod fleet_metrics;
 mod health;
 mod init;
 mod lease;
+mod mail;
 mod operations;
 mod plugins;
 mod ports;

@@ -223,6 +223,10 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let mut active = None;
     let mut drain = None;
     let mut claims = None;
+    let mut serving = app::Serving::Alone;
+    // A member: its operators' port (which sends operators to the active node), and the lease
+    // once it takes it.
+    let mut member: Option<(lease::Nodes, SocketAddr, MemberLease)> = None;
     let (journal, recovered) = match &opts.storage {
         Storage::Sled => Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?,
         Storage::Postgres {
@@ -232,6 +236,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             node_name,
             node_url,
             lease_ttl,
+            every_node_serves_agents,
         } => {
             let store = Arc::new(PgStore::open(&PgOptions {
                 url: url.expose().clone(),
@@ -240,15 +245,19 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             })?);
             tracing::info!(url = %masked_url(url.expose()), node = %node_name, "journal-on-postgres");
             // A standby waits here until the active node's lease runs out, answering on the
-            // operators' port only that it is a standby.
+            // operators' port only that it is a standby; a member serves agents meanwhile.
             let lease = match store.acquire_lease(node_name, *lease_ttl)? {
-                Ok(lease) => lease,
+                Ok(lease) => Some(lease),
                 Err(_) => {
                     let server_tls = tls.server_config().map_err(|source| RunError::Tls {
                         cert: dir.join(init::SERVER_CERT),
                         key: dir.join(init::SERVER_KEY),
                         source,
                     })?;
+                    let role = match every_node_serves_agents {
+                        true => "member",
+                        false => "standby",
+                    };
                     let standby = lease::Standby::serve(
                         opts.listen_https,
                         server_tls,
@@ -256,21 +265,42 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                         node_name,
                         node_url.as_deref(),
                         token.clone(),
+                        role,
                     )
                     .map_err(|source| RunError::Bind {
                         listener: "https",
                         addr: opts.listen_https,
                         source,
                     })?;
-                    let lease = lease::become_active(&store, node_name, *lease_ttl, Some(&standby));
-                    standby.stop();
-                    lease?
+                    if *every_node_serves_agents {
+                        store.serve_as_member();
+                        let (nodes, addr) = (standby.nodes(), standby.addr);
+                        let taken = standby.wait_as_member(store.clone(), node_name, *lease_ttl);
+                        member = Some((nodes, addr, taken));
+                        None
+                    } else {
+                        let lease =
+                            lease::become_active(&store, node_name, *lease_ttl, Some(&standby));
+                        standby.stop();
+                        Some(lease?)
+                    }
                 }
             };
-            tracing::info!(node = %node_name, epoch = lease.epoch, "lease-taken-active");
-            drain = Some(crate::drain::Drain::new(store.clone()));
             claims = Some(crate::claims::Claims::new(store.clone(), node_name));
-            active = Some((store.clone(), lease));
+            match lease {
+                Some(lease) => {
+                    tracing::info!(node = %node_name, epoch = lease.epoch, "lease-taken-active");
+                    drain = Some(crate::drain::Drain::new(store.clone()));
+                    active = Some((store.clone(), lease));
+                    if *every_node_serves_agents {
+                        serving = app::Serving::Active;
+                    }
+                }
+                None => {
+                    tracing::info!(node = %node_name, "serving-agents-as-a-member");
+                    serving = app::Serving::Member;
+                }
+            }
             Journal::with_store(store, Path::new("postgres"), &journal_opts, None)?
         }
     };
@@ -315,10 +345,13 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         source,
     })?;
     // The cluster's nodes, refreshed by the lease loop (`lease::keep`).
-    let nodes = lease::Nodes::advertising(match &opts.storage {
-        Storage::Postgres { node_url, .. } => node_url.as_deref(),
-        Storage::Sled => None,
-    });
+    let nodes = match &member {
+        Some((nodes, _, _)) => nodes.clone(),
+        None => lease::Nodes::advertising(match &opts.storage {
+            Storage::Postgres { node_url, .. } => node_url.as_deref(),
+            Storage::Sled => None,
+        }),
+    };
     let loaded = app::Loaded {
         token,
         tls,
@@ -346,15 +379,21 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             }),
         drain: drain.as_ref().map(|(d, _)| d.clone()),
         claims,
+        serving,
     };
     let (drain, drains) = drain.unzip();
     let kept = drain.clone();
-    actix_rt::System::new().block_on(async move {
+    let took_lease = actix_rt::System::new().block_on(async move {
         if let (Some((store, lease)), Some(drain)) = (active, kept) {
             actix_rt::spawn(lease::keep(store, lease, nodes.clone(), drain));
         }
-        serve(dir, opts, loaded, drains, nodes).await
+        serve(dir, opts, loaded, drains, nodes, member).await
     })?;
+    if took_lease {
+        // This member holds the lease now: it starts over as the active node.
+        tracing::info!("lease-taken-starting-over-as-the-active-node");
+        return Err(RunError::Restart(tether_shared::storage::restart_in_place()));
+    }
     if drain.is_some_and(|d| d.drained()) {
         // Another node took over: this one starts over, and waits as a standby.
         tracing::info!("drained-starting-over-as-a-standby");
@@ -401,35 +440,45 @@ fn listener_limits() -> Limits {
     }
 }
 
+/// A member's wait for the lease (see [`lease::Standby::wait_as_member`]).
+type MemberLease =
+    tokio::sync::oneshot::Receiver<Result<tether_shared::journal::Lease, JournalError>>;
+
 /// Starts the actors and both listeners inside the actix system: HTTPS (`listen.https`: REST,
 /// admin) and the agent-facing one (`listen.wss`: `/agent/v1/...`). Returns once both stopped;
-/// a stop signal stops both, and either one failing stops the other.
+/// a stop signal stops both, and either one failing stops the other. A member serves only the
+/// agent-facing one (its operators' port is its standby's), until a stop signal or the lease:
+/// `Ok(true)` once it holds it.
 async fn serve(
     dir: &Path,
     opts: &RunOptions,
     loaded: app::Loaded,
     drains: Option<tokio::sync::mpsc::Receiver<crate::drain::Request>>,
     nodes: lease::Nodes,
-) -> Result<(), RunError> {
+    member: Option<(lease::Nodes, SocketAddr, MemberLease)>,
+) -> Result<bool, RunError> {
     let handle = loaded.journal.handle();
     let probe = match opts.storage {
         Storage::Sled => background::StorageProbe::Disk(dir.to_path_buf()),
         Storage::Postgres { .. } => background::StorageProbe::Database,
     };
     actix_rt::spawn(background::recover_storage(handle.clone(), probe));
-    let resealing = loaded.deployments.clone();
-    actix_rt::spawn(async move {
-        if let Err(e) = resealing.reseal().await {
-            tracing::error!(error = %e, "secrets-reseal-failed");
-        }
-    });
-    actix_rt::spawn(background::prune_periodically(
-        loaded.deployments.clone(),
-        opts.retention,
-        loaded.audit.clone(),
-        opts.audit_keep_days,
-        opts.prune_interval,
-    ));
+    if member.is_none() {
+        // The active node's chores (a member writes only for the agents it serves).
+        let resealing = loaded.deployments.clone();
+        actix_rt::spawn(async move {
+            if let Err(e) = resealing.reseal().await {
+                tracing::error!(error = %e, "secrets-reseal-failed");
+            }
+        });
+        actix_rt::spawn(background::prune_periodically(
+            loaded.deployments.clone(),
+            opts.retention,
+            loaded.audit.clone(),
+            opts.audit_keep_days,
+            opts.prune_interval,
+        ));
+    }
     let (tls, server_cert_pem) = (loaded.tls.clone(), loaded.server_cert_pem.clone());
     let tuning = Tuning {
         heartbeat_interval: opts.heartbeat_interval,
@@ -454,26 +503,37 @@ async fn serve(
     actix_rt::spawn(server_cert::watch(dir.to_path_buf(), tls, server_cert_pem));
     let (operators, agents) = (built.operators, built.agents);
     let limits = listener_limits();
-    let (https, https_addr) =
-        h1_tls::bind(opts.listen_https, server_tls.clone(), &limits, move || {
-            App::new()
-                .wrap(actix_web::middleware::from_fn(
-                    crate::admin_token::bearer_before_body,
-                ))
-                .wrap(actix_web::middleware::from_fn(
-                    crate::body_deadline::body_deadline,
-                ))
-                .wrap(actix_web::middleware::from_fn(
-                    crate::audit::record_changes::<crate::state::AppState>,
-                ))
-                .configure(|cfg| operators.configure(cfg))
-                .default_service(web::to(not_found))
-        })
-        .map_err(|source| RunError::Bind {
-            listener: "https",
-            addr: opts.listen_https,
-            source,
-        })?;
+    // A member's operators' port is its standby's, bound already.
+    let (member_https, took_lease) = match member {
+        Some((_, addr, taken)) => (Some(addr), Some(taken)),
+        None => (None, None),
+    };
+    let (https, https_addr) = match member_https {
+        Some(addr) => (None, addr),
+        None => {
+            let (https, addr) =
+                h1_tls::bind(opts.listen_https, server_tls.clone(), &limits, move || {
+                    App::new()
+                        .wrap(actix_web::middleware::from_fn(
+                            crate::admin_token::bearer_before_body,
+                        ))
+                        .wrap(actix_web::middleware::from_fn(
+                            crate::body_deadline::body_deadline,
+                        ))
+                        .wrap(actix_web::middleware::from_fn(
+                            crate::audit::record_changes::<crate::state::AppState>,
+                        ))
+                        .configure(|cfg| operators.configure(cfg))
+                        .default_service(web::to(not_found))
+                })
+                .map_err(|source| RunError::Bind {
+                    listener: "https",
+                    addr: opts.listen_https,
+                    source,
+                })?;
+            (Some(https), addr)
+        }
+    };
     let (wss, wss_addr) = h1_tls::bind(opts.listen_wss, server_tls, &limits, move || {
         App::new()
             .wrap(actix_web::middleware::from_fn(
@@ -491,10 +551,13 @@ async fn serve(
         https: https_addr,
         wss: wss_addr,
     };
-    let (https_handle, wss_handle) = (https.handle(), wss.handle());
+    let (https_handle, wss_handle) = (https.as_ref().map(|h| h.handle()), wss.handle());
     let ports_path = dir.join(ports::PORTS_FILE);
     if let Err(source) = ports.write(dir) {
-        tokio::join!(https_handle.stop(false), wss_handle.stop(false));
+        if let Some(h) = &https_handle {
+            h.stop(false).await;
+        }
+        wss_handle.stop(false).await;
         return Err(RunError::Ports {
             path: ports_path,
             source,
@@ -503,13 +566,39 @@ async fn serve(
     tracing::info!(https = %ports.https, wss = %ports.wss, ports = %ports_path.display(), "server-listening");
 
     let (https_stop, wss_stop) = (https_handle.clone(), wss_handle.clone());
+    // How a member's wait for the lease ended: it took it, or lost the database.
+    let waited: Arc<std::sync::Mutex<Option<Result<(), JournalError>>>> = Arc::default();
+    let taking = waited.clone();
     actix_rt::spawn(async move {
         let mut drains = drains;
         tokio::pin!(stop);
+        // A member stops serving once it holds the lease, and starts over as the active node.
+        let took = async move {
+            match took_lease {
+                Some(taken) => match taken.await {
+                    Ok(done) => {
+                        match &done {
+                            Ok(lease) => {
+                                tracing::info!(epoch = lease.epoch, "member-took-the-lease")
+                            }
+                            Err(e) => tracing::error!(error = %e, "member-lost-the-database"),
+                        }
+                        *taking
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                            Some(done.map(|_| ()));
+                    }
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(took);
         loop {
-            // A stop signal, or a drain (`POST /admin/drain`).
+            // A stop signal, the lease (a member), or a drain (`POST /admin/drain`).
             let drain_request = tokio::select! {
                 _ = &mut stop => None,
+                _ = &mut took => None,
                 Some(request) = async {
                     match drains.as_mut() {
                         Some(d) => d.recv().await,
@@ -556,17 +645,25 @@ async fn serve(
             timeout_s = SHUTDOWN_TIMEOUT_S,
             "waiting-for-requests-in-flight"
         );
-        tokio::join!(https_stop.stop(true), wss_stop.stop(true));
+        if let Some(h) = &https_stop {
+            h.stop(true).await;
+        }
+        wss_stop.stop(true).await;
     });
     let (https_served, wss_served) = tokio::join!(
         async {
+            let Some(https) = https else {
+                return Ok(());
+            };
             let served = https.await;
             wss_handle.stop(true).await;
             served
         },
         async {
             let served = wss.await;
-            https_handle.stop(true).await;
+            if let Some(h) = &https_handle {
+                h.stop(true).await;
+            }
             served
         },
     );
@@ -583,7 +680,15 @@ async fn serve(
         source: e,
     })?;
     tracing::info!("server-stopped");
-    Ok(())
+    let waited = waited
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    match waited {
+        Some(Ok(())) => Ok(true),
+        Some(Err(e)) => Err(RunError::Journal(e)),
+        None => Ok(false),
+    }
 }
 
 /// Installs the SIGINT and SIGTERM handlers now; the future resolves at the first of them,

@@ -269,6 +269,9 @@ pub struct Registry {
     pub stale: StalePolicy,
     /// Agents' last connection as stored (`SEEN_PREFIX`), by id.
     seen: RwLock<HashMap<String, u64>>,
+    /// On a member node: another node enrolls agents, so one not known here is looked for in
+    /// the journal (see [`Registry::enrolled_since`]).
+    follows: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -324,7 +327,52 @@ impl Registry {
                 ..StalePolicy::default()
             },
             seen: RwLock::new(seen),
+            follows: Default::default(),
         })
+    }
+
+    /// From now on agents are enrolled by another node (this one is a member): one not known
+    /// here is looked for in the journal before it is refused.
+    pub fn follow_the_active_node(&self) {
+        self.follows
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// On a member: agent `id`, enrolled by the active node since this node last read the
+    /// registry, read now (and kept); `None` elsewhere, or if it is not in the journal either.
+    pub fn enrolled_since(&self, id: &str) -> Option<AgentRecord> {
+        if !self.follows.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let key = format!("{AGENT_PREFIX}{id}");
+        let value = self.journal.get_meta(&key).ok()??;
+        let stored: StoredAgent = decode(&key, &value).ok()?;
+        if stored.record.id.as_str() != id {
+            return None;
+        }
+        let record = stored.record.clone();
+        write(&self.agents).insert(stored);
+        Some(record)
+    }
+
+    /// Reads every agent and relay again (on a member node: the active node enrolls, changes
+    /// and deletes them); answers the ids that are gone since.
+    pub fn reload_agents(&self) -> Result<Vec<AgentId>, RegistryError> {
+        let mut agents = Enrolled::default();
+        for (key, value) in self.journal.scan_meta(AGENT_PREFIX)? {
+            let stored: StoredAgent = decode(&key, &value)?;
+            if key.strip_prefix(AGENT_PREFIX) == Some(stored.record.id.as_str()) {
+                agents.insert(stored);
+            }
+        }
+        let mut held = write(&self.agents);
+        let gone = held
+            .keys()
+            .filter(|id| !agents.contains_key(id.as_str()))
+            .cloned()
+            .collect();
+        *held = agents;
+        Ok(gone)
     }
 
     /// The enrolled agent or relay with this id.

@@ -359,7 +359,9 @@ impl Greeting {
 
 impl Enrolled for crate::registry::Registry {
     fn enrolled(&self, id: &str) -> Option<(Role, String)> {
-        self.agent(id).map(|r| (r.role, r.public_key))
+        self.agent(id)
+            .or_else(|| self.enrolled_since(id))
+            .map(|r| (r.role, r.public_key))
     }
 }
 

@@ -125,6 +125,9 @@ pub struct SessionShared {
     pub handshake_counts: Arc<handshake_counts::HandshakeCounts>,
     /// On a cluster: the claims that fence each link's commits (see `crate::claims`).
     pub claims: Option<crate::claims::Claims>,
+    /// On a cluster whose nodes all serve agents: this node is a member, not the active node
+    /// (see `crate::mail`).
+    pub member: bool,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

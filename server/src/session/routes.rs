@@ -46,6 +46,12 @@ async fn relay_ws(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if state.shared.member {
+        // Relays link to the active node (their next upstream) until members carry them.
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(serde_json::json!({"error": "this node is a member of the cluster: relays link to the active node"})));
+    }
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = RelaySession::new(

@@ -130,6 +130,39 @@ impl Handler<GetLink> for SessionRegistry {
     }
 }
 
+/// Inbox or mailbox entries of an agent (see `crate::mail`), for its link: inbox entries make
+/// the link if need be (the active node works for every agent), mailbox entries go only to a
+/// link this node has (a member numbers commands only for the agents it serves).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deliver {
+    pub agent_id: AgentId,
+    pub entries: Vec<(String, Vec<u8>)>,
+    pub inbox: bool,
+}
+
+impl Handler<Deliver> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
+        use crate::session::agent_link::{FromInbox, FromMailbox};
+        if msg.inbox {
+            match self.entry(&msg.agent_id) {
+                Ok(entry) => entry.link.do_send(FromInbox {
+                    entries: msg.entries,
+                }),
+                Err(e) => {
+                    tracing::error!(agent_id = %msg.agent_id, error = %e, "inbox-not-delivered")
+                }
+            }
+        } else if let Some(entry) = self.agents.get(&msg.agent_id) {
+            entry.link.do_send(FromMailbox {
+                entries: msg.entries,
+            });
+        }
+    }
+}
+
 /// Every link, for health and metrics.
 #[derive(Message)]
 #[rtype(result = "ListedLinks")]

@@ -69,6 +69,9 @@ pub struct RawStorage {
     pub node_url: String,
     /// How long the active node's lease lasts unrenewed; a standby takes over once it ran out.
     pub lease_ttl_ms: i64,
+    /// Nodes that do not hold the lease serve agents too (as members; see `docs/cluster.md`)
+    /// rather than only wait as standbys.
+    pub every_node_serves_agents: bool,
 }
 
 impl Default for RawStorage {
@@ -81,6 +84,7 @@ impl Default for RawStorage {
             node_name: String::new(),
             node_url: String::new(),
             lease_ttl_ms: 15_000,
+            every_node_serves_agents: false,
         }
     }
 }
@@ -107,6 +111,8 @@ pub enum Storage {
         node_url: Option<String>,
         #[serde(rename = "lease_ttl_ms", serialize_with = "serialize_millis")]
         lease_ttl: Duration,
+        /// Nodes without the lease serve agents as members (not only wait as standbys).
+        every_node_serves_agents: bool,
     },
 }
 
@@ -527,6 +533,7 @@ fn storage(p: &mut Problems, raw: &RawStorage) -> Option<Storage> {
                 node_name,
                 node_url,
                 lease_ttl: lease_ttl?,
+                every_node_serves_agents: raw.every_node_serves_agents,
             })
         }
         other => {

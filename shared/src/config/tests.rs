@@ -309,6 +309,7 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
         node_name,
         node_url,
         lease_ttl,
+        every_node_serves_agents,
     } = &pg.storage
     else {
         panic!("{:?}", pg.storage);
@@ -323,6 +324,7 @@ fn storage_is_sled_unless_postgres_is_named_with_its_database() {
         )
     );
     assert!(!node_name.is_empty(), "the host name by default");
+    assert!(!every_node_serves_agents, "standbys only wait, by default");
     assert_eq!(node_url, &None, "not advertised by default");
     let advertised = with(RawStorage {
         backend: "postgres".into(),

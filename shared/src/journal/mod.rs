@@ -147,6 +147,9 @@ pub enum JournalError {
     /// since: nothing of it was written.
     #[error("{claim} was claimed again since epoch {epoch} (a newer session, on this node or another): nothing of this commit was written")]
     Fenced { claim: String, epoch: u64 },
+    /// A member node of a cluster writes only under its claims on the agents it serves.
+    #[error("this node is a member of the cluster, not the active node: it writes only for the agents it serves")]
+    NotActive,
 }
 
 impl JournalError {
@@ -314,6 +317,14 @@ impl JournalHandle {
     /// Every meta entry whose key starts with `prefix`, validated, in key order.
     pub fn scan_meta(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
         let rows = self.store.scan(&record::meta_key(prefix))?;
+        self.meta_rows(&rows)
+    }
+
+    /// Meta rows as read from the store, validated, their keys without the meta prefix.
+    fn meta_rows(
+        &self,
+        rows: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
         rows.iter()
             .map(|(k, v)| {
                 let payload =
@@ -322,6 +333,20 @@ impl JournalHandle {
                 Ok((key, payload.to_vec()))
             })
             .collect()
+    }
+
+    /// At most `limit` meta entries whose key starts with `prefix`, from key `from` on
+    /// (inclusive), validated, in key order.
+    pub fn scan_meta_from(
+        &self,
+        from: &str,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+        let rows =
+            self.store
+                .scan_from(&record::meta_key(from), &record::meta_key(prefix), limit)?;
+        self.meta_rows(&rows)
     }
 
     pub fn incarnation(&self) -> &str {

@@ -55,6 +55,11 @@ pub trait Store: Send + Sync + 'static {
     fn durable_on_apply(&self) -> bool {
         false
     }
+    /// Whether this store writes only under claims: a commit without a [`Fence`] is refused
+    /// (a cluster's member node, which may write only for the agents it serves).
+    fn fenced_only(&self) -> bool {
+        false
+    }
     /// Apply and sync.
     fn commit(&self, ops: &[Op]) -> Result<(), JournalError> {
         self.apply(ops)?;

@@ -151,6 +151,13 @@ fn applier(
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(mut r) = next.take() {
+            if r.fence.is_none() && store.fenced_only() {
+                // A member node's commit outside its claims: refused, never written.
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+                let _ = r.reply.send(Err(JournalError::NotActive));
+                next = rx.try_recv().ok();
+                continue;
+            }
             let start = ops.len();
             ops.append(&mut r.ops);
             fence_of.push(r.fence.map(|fence| {
@@ -164,6 +171,9 @@ fn applier(
             if replies.len() < max_batch {
                 next = rx.try_recv().ok();
             }
+        }
+        if replies.is_empty() {
+            continue;
         }
         stats
             .queued

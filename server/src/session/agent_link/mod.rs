@@ -29,10 +29,12 @@ use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, Rejoined, S
 use crate::session::handle::SessionHandle;
 
 mod jobs;
+mod mail;
 
 use crate::session::probes::ProbeStats;
 use crate::session::{now_ms, record_trust_serial, SessionShared};
 pub use jobs::{DispatchJobs, QueueCommands};
+pub use mail::{FromInbox, FromMailbox};
 
 /// How often unacknowledged commands are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
@@ -104,6 +106,13 @@ pub struct AgentLink {
     /// A claim that then lands past the next epoch means another node served the agent in
     /// between, and the state is read again.
     loaded_epoch: u64,
+    /// The last inbox and mailbox entries taken (see `crate::mail`): a look that finds them
+    /// again (their deletion not yet committed) skips them.
+    inbox_done: Option<String>,
+    mail_done: Option<String>,
+    /// Commits of the inbox's effects or of mail may still be on their way: a handshake here
+    /// waits for them before it reads the inbox and the mailbox.
+    remote_writes: bool,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -172,6 +181,9 @@ impl AgentLink {
             runs_as: false,
             fence: None,
             loaded_epoch,
+            inbox_done: None,
+            mail_done: None,
+            remote_writes: false,
         })
     }
 
@@ -182,7 +194,13 @@ impl AgentLink {
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<tether_shared::journal::Committed, JournalError>>
     {
-        self.shared.journal.commit_under(ops, self.fence.clone())
+        // The active node's work for an agent it does not serve is not the claim's: only the
+        // stream's records are, and they are written by the node that serves it.
+        let fence = match self.remote() {
+            true => None,
+            false => self.fence.clone(),
+        };
+        self.shared.journal.commit_under(ops, fence)
     }
 
     /// Whether the claim just made (`fence`) says another node served the agent since this
@@ -368,7 +386,23 @@ impl AgentLink {
                 frame,
                 mut ops,
             }) => {
-                let (effect, commands) = self.effect_ops(&frame);
+                let (effect, commands) = match self.shared.member {
+                    // Its effect is the active node's: the event waits for it in the inbox.
+                    true => match frame.encode() {
+                        Ok(bytes) => (
+                            vec![Op::PutMeta {
+                                key: crate::mail::event_key(&self.agent_id, seq.0),
+                                value: bytes,
+                            }],
+                            None,
+                        ),
+                        Err(e) => {
+                            tracing::error!(agent_id = %self.agent_id, seq = seq.0, error = %e, "event-not-inboxed");
+                            return;
+                        }
+                    },
+                    false => self.effect_ops(&frame),
+                };
                 ops.extend(effect);
                 self.since_trim += 1;
                 if self.since_trim >= TRIM_EVERY {
@@ -421,6 +455,10 @@ impl AgentLink {
                 if self.ep.outbound.on_nack(conn, nack.from) {
                     self.pump();
                 }
+            }
+            Frame::Heartbeat(_) if self.shared.member => {
+                // Trust and facts are the active node's.
+                self.shared.presence.touch(&self.agent_id, None);
             }
             Frame::Heartbeat(hb) => {
                 self.shared.presence.touch(&self.agent_id, None);
@@ -536,6 +574,9 @@ impl AgentLink {
     /// Give a signed command the next number and journal it (its signature does not cover
     /// the number, so a command enqueued again after a rejoin keeps it).
     fn number(&mut self, mut command: Command, ops: &mut Vec<Op>) -> Result<Seq, AgentLinkError> {
+        if self.remote() {
+            return self.post(&command, ops);
+        }
         command.seq = self
             .ep
             .outbound
@@ -550,6 +591,19 @@ impl AgentLink {
             payload: bytes.clone(),
         });
         Ok(self.ep.outbound.enqueue(bytes, now_ms())?)
+    }
+
+    /// What seals job secrets for an agent whose `Hello` gave `key`, or why nothing can.
+    fn sealer(&self, key: &str) -> Result<Arc<tether_shared::sealing::Sealer>, String> {
+        if key.is_empty() {
+            return Err(crate::deployments::NO_SEALING_KEY.to_owned());
+        }
+        tether_shared::sealing::Sealer::new(key)
+            .map(Arc::new)
+            .map_err(|e| {
+                tracing::warn!(agent_id = %self.agent_id, error = %e, "agent-sealing-key-unusable");
+                format!("the agent's sealing key is unusable ({e})")
+            })
     }
 
     /// This server was found behind the agent (restored from a backup taken before their last
@@ -669,6 +723,18 @@ impl Handler<Attach> for AgentLink {
             return AtomicResponse::new(self.attach(msg));
         };
         let claiming = claims.claim(&self.agent_id, self.fence.as_ref());
+        // What this node wrote for the agent while another served it lands first: the
+        // handshake reads the inbox and the mailbox.
+        let flush =
+            std::mem::take(&mut self.remote_writes).then(|| self.shared.journal.commit(Vec::new()));
+        let claiming = async move {
+            if let Some(flush) = flush {
+                if let Err(e) = flush.await {
+                    tracing::warn!(error = %e, "remote-writes-not-flushed");
+                }
+            }
+            claiming.await
+        };
         AtomicResponse::new(Box::pin(claiming.into_actor(self).then(
             move |claimed, act, _| -> Attached {
                 let fence = match claimed {
@@ -693,7 +759,11 @@ impl Handler<Attach> for AgentLink {
                     }
                     if moved {
                         match AgentLink::recover(&act.agent_id, act.shared.clone()) {
-                            Ok(fresh) => *act = fresh,
+                            Ok(mut fresh) => {
+                                fresh.inbox_done = act.inbox_done.take();
+                                fresh.mail_done = act.mail_done.take();
+                                *act = fresh;
+                            }
                             Err(e) => return Box::pin(fut::ready(Err(e))),
                         }
                     }
@@ -710,6 +780,7 @@ impl AgentLink {
     fn attach(&mut self, msg: Attach) -> ResponseActFuture<Self, Result<Welcome, AgentLinkError>> {
         let conn = msg.conn;
         let hello = msg.hello;
+        let member = self.shared.member;
         self.ep.begin(conn);
         let knows_us = hello.server_incarnation == self.shared.incarnation;
         // Resuming with an agent that knows this incarnation (and holds every command it
@@ -726,6 +797,13 @@ impl AgentLink {
         } else {
             None
         };
+        if member && rejoined.is_some() {
+            // Settling a server restored behind the agent is the active node's work.
+            let why = "this server is behind the agent: it settles with the active node";
+            tracing::warn!(agent_id = %self.agent_id, "member-refused-a-rejoin");
+            self.refused = Some(why.to_owned());
+            return Box::pin(fut::ready(Err(AgentLinkError::Internal(why.to_owned()))));
+        }
         let outcome = self.ep.complete(
             conn,
             &hello.incarnation,
@@ -756,9 +834,10 @@ impl AgentLink {
             // Probe series are numbered per agent incarnation.
             self.probes = ProbeStats::default();
         }
-        let reset_jobs = match outcome {
-            Handshake::PeerReset { .. } => self.shared.work.on_reset(&self.agent_id),
-            _ => Vec::new(),
+        let reset = matches!(outcome, Handshake::PeerReset { .. });
+        let reset_jobs = match reset && !member {
+            true => self.shared.work.on_reset(&self.agent_id),
+            false => Vec::new(),
         };
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
@@ -768,21 +847,24 @@ impl AgentLink {
             .work
             .operations()
             .set_capable(&self.agent_id, hello.operations);
-        if !hello.facts.is_empty() {
+        if !hello.facts.is_empty() && !member {
             self.store_facts(hello.facts.clone(), true);
         }
-        self.sealing = Some(if hello.sealing_key.is_empty() {
-            Err(crate::deployments::NO_SEALING_KEY.to_owned())
-        } else {
-            tether_shared::sealing::Sealer::new(&hello.sealing_key)
-                .map(Arc::new)
-                .map_err(|e| {
-                    tracing::warn!(agent_id = %self.agent_id, error = %e, "agent-sealing-key-unusable");
-                    format!("the agent's sealing key is unusable ({e})")
-                })
-        });
+        self.sealing = Some(self.sealer(&hello.sealing_key));
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
-        if matches!(outcome, Handshake::PeerReset { .. }) {
+        if member {
+            // The active node learns what the agent takes, and whether it lost its state.
+            match serde_json::to_vec(&crate::mail::Greeting::of(&hello, reset)) {
+                Ok(v) => ops.push(Op::PutMeta {
+                    key: crate::mail::greeting_key(&self.agent_id, self.ep.inbound.durable().0),
+                    value: v,
+                }),
+                Err(e) => {
+                    tracing::error!(agent_id = %self.agent_id, error = %e, "greeting-not-inboxed")
+                }
+            }
+        }
+        if reset && !member {
             if let Ok(v) = serde_json::to_vec(&self.probes) {
                 ops.push(Op::PutMeta {
                     key: ProbeStats::meta_key(&self.agent_id),
@@ -793,7 +875,10 @@ impl AgentLink {
         ops.extend(reset_jobs);
         // Its last connection, stored with the handshake (at most every few minutes).
         let seen_at = now_ms();
-        let seen_op = self.shared.registry.seen_op(&self.agent_id, seen_at);
+        let seen_op = match member {
+            true => None,
+            false => self.shared.registry.seen_op(&self.agent_id, seen_at),
+        };
         let seen_stored = seen_op.is_some();
         ops.extend(seen_op);
         let mut requeued = None;
@@ -801,6 +886,19 @@ impl AgentLink {
             let (more, last) = self.on_behind(rejoined, hello.reconciles);
             ops.extend(more);
             requeued = last;
+        }
+        if self.shared.claims.is_some() {
+            // What waited for the agent while no node, or another, served it: the commands of
+            // the mailbox go first, then what the inbox's events still have to do.
+            let (more, last) = self.take_mail(self.mail_now());
+            ops.extend(more);
+            requeued = last.or(requeued);
+            if !member {
+                let entries = self.inbox_now();
+                let (more, last) = self.take_inbox(entries);
+                ops.extend(more);
+                requeued = last.or(requeued);
+            }
         }
         // Queued now, before any later commit of this link.
         let commit = (!ops.is_empty()).then(|| self.commit(ops));
@@ -830,6 +928,10 @@ impl AgentLink {
                 };
                 tracing::info!(agent_id = %act.agent_id, conn = conn.0, last_event_seq = welcome.last_event_seq.0, last_command_seq = hello.last_command_seq.0, "agent-attached");
                 act.pump();
+                if act.shared.member {
+                    // Jobs, trust and the agent's record are the active node's.
+                    return Ok(welcome);
+                }
                 // Jobs waiting for this agent (after a reset, or left from before a restart).
                 act.dispatch_jobs(ctx);
                 record_trust_serial(&act.shared, &act.agent_id, hello.trust_serial);

@@ -68,6 +68,8 @@ pub struct PgStore {
     syncs: AtomicU64,
     /// Claims asked of the batcher (see [`claims`]).
     claims: tokio::sync::mpsc::UnboundedSender<claims::ClaimRequest>,
+    /// A member node's store: it commits only under claims (see [`PgStore::serve_as_member`]).
+    member: std::sync::atomic::AtomicBool,
 }
 
 impl PgStore {
@@ -120,7 +122,15 @@ impl PgStore {
             shared,
             syncs: AtomicU64::new(0),
             claims,
+            member: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// From now on (a node that does not hold the lease, serving agents as a member of the
+    /// cluster) this store commits only under claims: whatever else a journal asks of it is
+    /// refused with [`JournalError::NotActive`], and nothing of it is written.
+    pub fn serve_as_member(&self) {
+        self.member.store(true, Ordering::Relaxed);
     }
 
     /// Runs `work` on the store's runtime and waits for it, from any thread.
@@ -676,6 +686,10 @@ impl Store for PgStore {
 
     fn durable_on_apply(&self) -> bool {
         true
+    }
+
+    fn fenced_only(&self) -> bool {
+        self.member.load(Ordering::Relaxed)
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {

@@ -1,0 +1,296 @@
+//! How the agents a member node serves reach the active node's work, and back, through the
+//! database (see `docs/cluster.md`, "Every node serves agents").
+//!
+//! On a cluster whose nodes all serve agents, one node holds the lease (the *active* node: it
+//! owns deployments, jobs, upgrades, the registry, everything operators change) and the others
+//! are *members*: they verify agents' handshakes, claim them, and carry their two streams,
+//! committing only under those claims. Between the two:
+//!
+//! - the **inbox** (`inbox/<agent>/<seq>.e`, the event's frame; `inbox/<agent>/<seq>.h`, what
+//!   a handshake said): a member commits each event it accepts here, with the event itself,
+//!   under its claim, before it acks it. The active node's link of that agent turns each entry
+//!   into its effect and deletes it in the same commit, so every event takes effect exactly
+//!   once, in order, whichever node carried it.
+//! - the **mailbox** (`mailbox/<agent>/<n>`, a signed command not yet numbered): the active
+//!   node's link of an agent it does not serve puts commands here (with the state they put
+//!   something in, in one commit); the node that serves the agent numbers them into its
+//!   command stream and deletes them in one commit under its claim, so every command is sent
+//!   exactly once, whichever node serves the agent then, or later.
+//!
+//! Both sides look for entries every [`POLL`]; keys are read in order, and the links drop
+//! entries they already took (see `AgentLink::take_inbox`, `AgentLink::take_mail`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actix::prelude::*;
+use serde::{Deserialize, Serialize};
+use tether_shared::ids::AgentId;
+use tether_shared::journal::JournalHandle;
+use tether_shared::protocol::Hello;
+
+use crate::session::session_registry::{Deliver, SessionRegistry};
+
+/// Where events a member accepted wait for the active node.
+pub const INBOX_PREFIX: &str = "inbox/";
+/// Where commands wait for the node that serves their agent.
+pub const MAILBOX_PREFIX: &str = "mailbox/";
+/// How often each side looks for entries.
+pub const POLL: Duration = Duration::from_millis(100);
+/// Entries read per look.
+const PAGE: usize = 1024;
+
+/// The key of event `seq` of `agent` in the inbox.
+pub fn event_key(agent: &AgentId, seq: u64) -> String {
+    format!("{INBOX_PREFIX}{agent}/{seq:020}.e")
+}
+
+/// The key of a handshake of `agent` in the inbox, after event `seq` (its last durable one).
+pub fn greeting_key(agent: &AgentId, seq: u64) -> String {
+    format!("{INBOX_PREFIX}{agent}/{seq:020}.h")
+}
+
+/// Every key of `agent` in the inbox or the mailbox starts with this.
+pub fn agent_prefix(prefix: &str, agent: &AgentId) -> String {
+    format!("{prefix}{agent}/")
+}
+
+/// A fresh mailbox key for `agent`: after every key this process gave before, and (clocks
+/// permitting) every key an earlier active node gave.
+pub fn mail_key(agent: &AgentId) -> String {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros(),
+    )
+    .unwrap_or(u64::MAX);
+    let n = LAST
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
+            Some(now.max(last + 1))
+        })
+        .map_or(now, |last| now.max(last + 1));
+    format!("{MAILBOX_PREFIX}{agent}/{n:020}")
+}
+
+/// The agent an inbox or mailbox key belongs to.
+pub fn agent_of(key: &str) -> Option<AgentId> {
+    let rest = key
+        .strip_prefix(INBOX_PREFIX)
+        .or_else(|| key.strip_prefix(MAILBOX_PREFIX))?;
+    let (agent, _) = rest.split_once('/')?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    (!agent.is_empty() && agent.chars().all(plain)).then(|| AgentId::new(agent))
+}
+
+/// What an inbox entry holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inboxed {
+    /// An event frame, as the agent sent it.
+    Event(Vec<u8>),
+    /// A handshake.
+    Greeting(Greeting),
+}
+
+impl Inboxed {
+    /// The entry `key` holds `value`; `None` for a key of no known kind, or a greeting that
+    /// does not decode.
+    pub fn read(key: &str, value: Vec<u8>) -> Option<Inboxed> {
+        if key.ends_with(".e") {
+            Some(Inboxed::Event(value))
+        } else if key.ends_with(".h") {
+            serde_json::from_slice(&value).ok().map(Inboxed::Greeting)
+        } else {
+            None
+        }
+    }
+}
+
+/// What the active node needs of an agent's handshake on a member: what the agent is able to
+/// take, and whether it came back without its state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Greeting {
+    pub version: String,
+    pub sealing_key: String,
+    pub runs_as: bool,
+    pub operations: bool,
+    pub trust_serial: u64,
+    /// The agent lost its state (a new journal): what it was running has failed.
+    pub reset: bool,
+}
+
+impl Greeting {
+    pub fn of(hello: &Hello, reset: bool) -> Greeting {
+        Greeting {
+            version: hello.version.clone(),
+            sealing_key: hello.sealing_key.clone(),
+            runs_as: hello.runs_as,
+            operations: hello.operations,
+            trust_serial: hello.trust_serial,
+            reset,
+        }
+    }
+}
+
+/// Inbox or mailbox entries: keys and values.
+pub type Entries = Vec<(String, Vec<u8>)>;
+
+/// Entries of `rows` by agent, in key order (rows of an unknown agent are dropped).
+fn by_agent(rows: Entries) -> Vec<(AgentId, Entries)> {
+    let mut out: Vec<(AgentId, Entries)> = Vec::new();
+    for (key, value) in rows {
+        let Some(agent) = agent_of(&key) else {
+            continue;
+        };
+        match out.last_mut() {
+            Some((last, entries)) if *last == agent => entries.push((key, value)),
+            _ => out.push((agent, vec![(key, value)])),
+        }
+    }
+    out
+}
+
+/// Hands every entry under `prefix` to its agent's link, every [`POLL`], for as long as the
+/// system runs: on the active node the inbox (every link is made if need be), on a member the
+/// mailbox (only to the links of agents it serves).
+pub async fn deliver_forever(
+    journal: JournalHandle,
+    sessions: Addr<SessionRegistry>,
+    prefix: &'static str,
+) {
+    let mut tick = actix_rt::time::interval(POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Where the next look starts: past the last page, while pages come full.
+    let mut from = prefix.to_owned();
+    loop {
+        tick.tick().await;
+        let (j, start) = (journal.clone(), from.clone());
+        let page = actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE)).await;
+        let rows = match page {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                tracing::warn!(prefix, error = %e, "mail-not-read");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        from = match rows.len() >= PAGE {
+            true => rows
+                .last()
+                .map_or_else(|| prefix.to_owned(), |(k, _)| format!("{k}\u{0}")),
+            false => prefix.to_owned(),
+        };
+        for (agent_id, entries) in by_agent(rows) {
+            sessions.do_send(Deliver {
+                agent_id,
+                entries,
+                inbox: prefix == INBOX_PREFIX,
+            });
+        }
+    }
+}
+
+/// How often a member reads the registry again.
+pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
+
+/// On a member: reads the agents the active node enrolls, changes and deletes every
+/// [`REGISTRY_REFRESH`], and ends the sessions of those deleted.
+pub async fn follow_registry(
+    registry: std::sync::Arc<crate::registry::Registry>,
+    sessions: Addr<SessionRegistry>,
+) {
+    let mut tick = actix_rt::time::interval(REGISTRY_REFRESH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let r = registry.clone();
+        match actix_web::web::block(move || r.reload_agents()).await {
+            Ok(Ok(gone)) => {
+                for agent_id in gone {
+                    tracing::info!(agent_id = %agent_id, "member-agent-deleted-disconnecting");
+                    sessions.do_send(crate::session::session_registry::DisconnectAgent {
+                        agent_id,
+                        reason: "the agent was deleted".into(),
+                    });
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "member-registry-not-refreshed"),
+            Err(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    fn agent(hex: &str) -> AgentId {
+        AgentId::new(format!("a-{hex}"))
+    }
+
+    #[test]
+    fn keys_sort_by_agent_then_seq_and_name_their_agent() {
+        let (a, b) = (agent("0a"), agent("0a1"));
+        let keys = [
+            event_key(&a, 9),
+            greeting_key(&a, 9),
+            event_key(&a, 10),
+            event_key(&b, 1),
+        ];
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(
+            sorted, keys,
+            "one agent's entries in seq order, a greeting after its seq"
+        );
+        assert!(!keys[3].starts_with(&agent_prefix(INBOX_PREFIX, &a)));
+        assert_eq!(agent_of(&keys[2]), Some(a.clone()));
+        assert_eq!(agent_of(&mail_key(&b)), Some(b));
+        assert_eq!(agent_of("inbox/not an id/1.e"), None);
+        assert_eq!(agent_of("other/a-0a/1.e"), None);
+    }
+
+    #[test]
+    fn mail_keys_only_grow() {
+        let a = agent("0b");
+        let keys: Vec<String> = (0..1000).map(|_| mail_key(&a)).collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn entries_are_read_by_kind_and_grouped_by_agent() {
+        let a = agent("0c");
+        let greeting = Greeting {
+            version: "0.2.0".into(),
+            sealing_key: "k".into(),
+            runs_as: true,
+            operations: false,
+            trust_serial: 3,
+            reset: true,
+        };
+        let value = serde_json::to_vec(&greeting).unwrap();
+        assert_eq!(
+            Inboxed::read(&greeting_key(&a, 1), value),
+            Some(Inboxed::Greeting(greeting))
+        );
+        assert_eq!(
+            Inboxed::read(&event_key(&a, 2), b"x".to_vec()),
+            Some(Inboxed::Event(b"x".to_vec()))
+        );
+        assert_eq!(Inboxed::read(&greeting_key(&a, 1), b"{".to_vec()), None);
+        assert_eq!(Inboxed::read("inbox/a-0c/1.q", Vec::new()), None);
+        let b = agent("0d");
+        let rows = vec![
+            (event_key(&a, 1), vec![1]),
+            (event_key(&a, 2), vec![2]),
+            ("inbox/bad/1.e".to_owned(), vec![]),
+            (event_key(&b, 1), vec![3]),
+        ];
+        let grouped = by_agent(rows);
+        assert_eq!(grouped.len(), 2);
+        assert_eq!(grouped[0].1.len(), 2);
+        assert_eq!(grouped[1].0, b);
+    }
+}

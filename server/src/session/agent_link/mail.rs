@@ -1,0 +1,230 @@
+//! An `AgentLink`'s side of the inbox and the mailbox (see `crate::mail`).
+//!
+//! - On a member node, the link puts every event it accepts in the inbox (with the event, under
+//!   its claim) instead of working out its effect, and numbers the commands of the mailbox into
+//!   the agent's command stream ([`FromMailbox`], and at each handshake).
+//! - On the active node, the link of an agent this node does not serve now ([`AgentLink::remote`])
+//!   takes the inbox's entries ([`FromInbox`]: their effects, in one commit with their
+//!   deletion) and puts the commands it makes in the mailbox.
+
+use actix::prelude::*;
+use tether_shared::journal::Op;
+use tether_shared::protocol::{self, Command, Frame, Sender, Seq};
+
+use super::AgentLink;
+use crate::mail::{self, Greeting, Inboxed};
+use crate::session::probes::ProbeStats;
+use crate::session::record_trust_serial;
+
+impl AgentLink {
+    /// On the active node of a cluster: this node does not serve the agent now (no session
+    /// here), so the commands it makes go to the mailbox, for whichever node serves it.
+    pub(super) fn remote(&self) -> bool {
+        self.shared.claims.is_some() && !self.shared.member && self.session.is_none()
+    }
+
+    /// Puts a signed command in the mailbox (see [`Self::remote`]).
+    pub(super) fn post(
+        &mut self,
+        command: &Command,
+        ops: &mut Vec<Op>,
+    ) -> Result<Seq, super::AgentLinkError> {
+        // As JSON, not yet numbered (a frame's seq starts at 1).
+        let bytes = serde_json::to_vec(command)
+            .map_err(|e| super::AgentLinkError::Encode(e.to_string()))?;
+        ops.push(Op::PutMeta {
+            key: mail::mail_key(&self.agent_id),
+            value: bytes,
+        });
+        self.remote_writes = true;
+        Ok(Seq::ZERO)
+    }
+
+    /// The ops that number the mailbox's commands of `entries` into the command stream and
+    /// delete them, and the last seq (entries taken before are skipped).
+    pub(super) fn take_mail(&mut self, entries: Vec<(String, Vec<u8>)>) -> (Vec<Op>, Option<Seq>) {
+        let mut ops = Vec::new();
+        let mut last = None;
+        for (key, bytes) in entries {
+            if self.mail_done.as_ref().is_some_and(|done| key <= *done) {
+                continue;
+            }
+            if !self.ep.outbound.has_room(1) {
+                // The agent is not acknowledging: the rest waits for a later look.
+                break;
+            }
+            self.mail_done = Some(key.clone());
+            match serde_json::from_slice::<Command>(&bytes) {
+                Ok(command) => match self.number(command, &mut ops) {
+                    Ok(seq) => last = Some(seq),
+                    Err(e) => {
+                        tracing::error!(agent_id = %self.agent_id, key = %key, error = %e, "mail-not-numbered-dropped")
+                    }
+                },
+                _ => {
+                    tracing::error!(agent_id = %self.agent_id, key = %key, "mail-unreadable-dropped")
+                }
+            }
+            ops.push(Op::DeleteMeta { key });
+        }
+        (ops, last)
+    }
+
+    /// The mailbox's commands for this agent now, read from the journal.
+    pub(super) fn mail_now(&self) -> Vec<(String, Vec<u8>)> {
+        let prefix = mail::agent_prefix(mail::MAILBOX_PREFIX, &self.agent_id);
+        self.read_entries(&prefix)
+    }
+
+    /// The inbox's entries for this agent now, read from the journal.
+    pub(super) fn inbox_now(&self) -> Vec<(String, Vec<u8>)> {
+        let prefix = mail::agent_prefix(mail::INBOX_PREFIX, &self.agent_id);
+        self.read_entries(&prefix)
+    }
+
+    fn read_entries(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        match self.shared.journal.scan_meta(prefix) {
+            Ok(entries) => entries,
+            Err(e) => {
+                // Taken at the next look.
+                tracing::warn!(agent_id = %self.agent_id, error = %e, "mail-not-read");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The effects of the inbox's `entries` (events a member accepted, handshakes it ran), with
+    /// their deletion, and the last seq of the commands they queued (in the command stream, if
+    /// this node serves the agent now); entries taken before are skipped.
+    pub(super) fn take_inbox(&mut self, entries: Vec<(String, Vec<u8>)>) -> (Vec<Op>, Option<Seq>) {
+        let mut ops = Vec::new();
+        let mut last = None;
+        for (key, value) in entries {
+            if self.inbox_done.as_ref().is_some_and(|done| key <= *done) {
+                continue;
+            }
+            self.inbox_done = Some(key.clone());
+            self.remote_writes = true;
+            match Inboxed::read(&key, value) {
+                Some(Inboxed::Event(bytes)) => match protocol::decode(&bytes, Sender::Agent) {
+                    Ok(frame @ Frame::Event(_)) => {
+                        let (more, queued) = self.effect_ops(&frame);
+                        ops.extend(more);
+                        last = queued.or(last);
+                    }
+                    _ => {
+                        tracing::error!(agent_id = %self.agent_id, key = %key, "inbox-event-unreadable-dropped")
+                    }
+                },
+                Some(Inboxed::Greeting(greeting)) => {
+                    let (more, queued) = self.greeted(&greeting);
+                    ops.extend(more);
+                    last = queued.or(last);
+                }
+                None => {
+                    tracing::error!(agent_id = %self.agent_id, key = %key, "inbox-entry-unreadable-dropped")
+                }
+            }
+            ops.push(Op::DeleteMeta { key });
+        }
+        (ops, last)
+    }
+
+    /// What a handshake on a member changes here: what the agent takes (its sealing key, its
+    /// release's abilities), its jobs failed if it lost its state, and its waiting jobs sent.
+    fn greeted(&mut self, greeting: &Greeting) -> (Vec<Op>, Option<Seq>) {
+        tracing::info!(agent_id = %self.agent_id, reset = greeting.reset, "agent-attached-elsewhere");
+        self.trust_capable = tether_shared::trust::understood_by(&greeting.version);
+        self.runs_as = greeting.runs_as;
+        self.shared
+            .work
+            .operations()
+            .set_capable(&self.agent_id, greeting.operations);
+        self.sealing = Some(self.sealer(&greeting.sealing_key));
+        record_trust_serial(&self.shared, &self.agent_id, greeting.trust_serial);
+        let mut ops = Vec::new();
+        if greeting.reset {
+            self.peer_resets += 1;
+            self.probes = ProbeStats::default();
+            if let Ok(v) = serde_json::to_vec(&self.probes) {
+                ops.push(Op::PutMeta {
+                    key: ProbeStats::meta_key(&self.agent_id),
+                    value: v,
+                });
+            }
+            ops.extend(self.shared.work.on_reset(&self.agent_id));
+        }
+        let mut last = None;
+        match self.take_jobs() {
+            Ok(Some((queued, more))) => {
+                ops.extend(more);
+                last = queued;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::error!(agent_id = %self.agent_id, error = %e, "job-dispatch-failed"),
+        }
+        (ops, last)
+    }
+}
+
+/// Inbox entries of this link's agent (on the active node).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromInbox {
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+impl Handler<FromInbox> for AgentLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromInbox, ctx: &mut Self::Context) {
+        let trust_serial =
+            msg.entries
+                .iter()
+                .rev()
+                .find_map(|(k, v)| match Inboxed::read(k, v.clone()) {
+                    Some(Inboxed::Greeting(g)) => Some(g.trust_serial),
+                    _ => None,
+                });
+        let (ops, last) = self.take_inbox(msg.entries);
+        if ops.is_empty() {
+            return;
+        }
+        self.commit_then(ctx, ops, move |act, _| {
+            if let Some(last) = last.filter(|s| *s > Seq::ZERO) {
+                act.ep.outbound.mark_durable(last);
+                act.pump();
+            }
+        });
+        if let Some(held) = trust_serial {
+            self.offer_trust(ctx, held);
+        }
+    }
+}
+
+/// Mailbox entries of this link's agent (on the node that serves it).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FromMailbox {
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+impl Handler<FromMailbox> for AgentLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromMailbox, ctx: &mut Self::Context) {
+        if self.session.is_none() || self.fence.is_none() {
+            return;
+        }
+        let (ops, last) = self.take_mail(msg.entries);
+        if ops.is_empty() {
+            return;
+        }
+        self.commit_then(ctx, ops, move |act, _| {
+            if let Some(last) = last {
+                act.ep.outbound.mark_durable(last);
+            }
+            act.pump();
+        });
+    }
+}

@@ -1,0 +1,209 @@
+//! A cluster whose nodes all serve agents (`storage.every_node_serves_agents`): the node that
+//! holds the lease is active (deployments, operators), the others are members that serve
+//! agents too, carrying their events to the active node and its commands back through the
+//! database (see `docs/cluster.md`). Real servers and agents on a PostgreSQL the test starts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::postgres::Postgres;
+
+const WAIT: Duration = Duration::from_secs(60);
+const STEPS: usize = 6;
+
+/// The environment of node `name` of a cluster on `pg` where every node serves agents.
+fn node(pg: &Postgres, name: &str) -> Vec<(String, String)> {
+    [
+        ("TETHER_STORAGE__BACKEND", "postgres".to_owned()),
+        ("TETHER_STORAGE__URL", pg.url()),
+        ("TETHER_STORAGE__NODE_NAME", name.to_owned()),
+        ("TETHER_STORAGE__LEASE_TTL_MS", "3000".to_owned()),
+        (
+            "TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS",
+            "true".to_owned(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+/// Which node holds the claim on `agent`, and at which epoch (`""`: nobody).
+fn claim(pg: &Postgres, agent: &str) -> String {
+    pg.psql(&format!(
+        "SELECT node || ' ' || epoch FROM tether_claims WHERE claim = '{agent}'"
+    ))
+}
+
+/// A process of [`STEPS`] steps, each appending its name to `<marks>/<job id>.marks`.
+fn marking_process(server: &Server, marks: &Path) {
+    let steps: Vec<Value> = (1..=STEPS)
+        .map(|i| {
+            json!({"name": format!("s{i}"), "plugin": "shell", "step": "run", "properties": {
+                "script": format!("echo s{i} >> {}/$TETHER_JOB_ID.marks; echo output of s{i}; sleep 0.3", marks.display())}})
+        })
+        .collect();
+    let r = server.request(
+        "POST",
+        "/api/v1/processes",
+        Some(&json!({"name": "marks", "steps": steps})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// Each job's marks, files in name order.
+fn marks_in(dir: &Path) -> Vec<Vec<String>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .map(str::to_owned)
+                .collect()
+        })
+        .collect()
+}
+
+/// Deploys the marking process to `agents` from `server`: the deployment's id.
+fn deploy(server: &Server, agents: &[&Agent]) -> String {
+    let targets: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+    let r = server.request(
+        "POST",
+        "/api/v1/deployments",
+        Some(&json!({"process": "marks", "targets": {"agents": targets}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// Waits for deployment `id` to succeed on `server`; then every step ran exactly once on each
+/// of its `jobs` agents.
+fn every_step_once(server: &Server, id: &str, marks: &Path, jobs: usize) {
+    let d = eventually("the deployment succeeded", Duration::from_secs(120), || {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+    });
+    let expected: Vec<String> = (1..=STEPS).map(|i| format!("s{i}")).collect();
+    assert_eq!(marks_in(marks), vec![expected; jobs], "{d}");
+}
+
+fn clear(marks: &Path) {
+    for f in std::fs::read_dir(marks).unwrap().flatten() {
+        std::fs::remove_file(f.path()).unwrap();
+    }
+}
+
+#[test]
+fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them_over_when_killed()
+{
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let env_a = node(&pg, "node-a");
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    // The member listens for agents at once; operators are sent to the active node.
+    b.wait_active(WAIT);
+    let h = eventually("the member's health", WAIT, || b.try_health());
+    assert_eq!(h["cluster"]["role"], "member", "{h}");
+    assert_eq!(h["cluster"]["active"]["node"], "node-a", "{h}");
+    let r = b.request("GET", "/api/v1/deployments", None);
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body.contains("member") && r.body.contains("node-a"),
+        "{}",
+        r.body
+    );
+
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, &marks);
+    // on-b reaches node b first (node a only if b is gone); on-a only node a. Enrolling is
+    // the active node's: on-b's install goes on to node a.
+    let b_first = [b.upstream(), a.upstream()];
+    let mut on_b = Agent::install_via(&a, &b_first, tmp.path(), "on-b", &[], &[]);
+    let mut on_a = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-a", &[], &[]);
+    on_b.run();
+    on_a.run();
+    eventually("on-b claimed by node b", WAIT, || {
+        (claim(&pg, &on_b.id) == "node-b 1").then_some(())
+    });
+    eventually("on-a online on node a", WAIT, || {
+        (a.agent_status(&on_a.id) == "online").then_some(())
+    });
+
+    // Started on node a, for an agent node b serves: its jobs travel through the database.
+    let id = deploy(&a, &[&on_b, &on_a]);
+    every_step_once(&a, &id, &marks, 2);
+    for i in [1, STEPS] {
+        let log = a.request(
+            "GET",
+            &format!("/api/v1/deployments/{id}/jobs/on-b/steps/s{i}/log"),
+            None,
+        );
+        assert!(
+            log.body.contains(&format!("output of s{i}")),
+            "s{i}: {}",
+            log.body
+        );
+    }
+    // Probes queued on node a reach on-b through node b, and come back, each exactly once.
+    let probes = format!("/api/v1/agents/{}/probes", on_b.id);
+    let r = a.request(
+        "POST",
+        &probes,
+        Some(&json!({"commands": 300, "events": 300})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let p = eventually("every probe arrived", WAIT, || {
+        let p = a.probes(&on_b.id);
+        (p["echoes"]["received"].as_u64() >= Some(300)
+            && p["events"]["received"].as_u64() >= Some(300))
+        .then_some(p)
+    });
+    for series in ["echoes", "events"] {
+        assert_eq!(p[series]["received"], 300, "{series}: {p}");
+        assert_eq!(p[series]["duplicates"], 0, "{series} delivered twice: {p}");
+        assert_eq!(p[series]["gaps"], 0, "{series} skipped: {p}");
+    }
+    // Nothing waits in the inbox or the mailbox once it is all done.
+    eventually("inbox and mailbox empty", WAIT, || {
+        let left: u64 = pg
+            .psql("SELECT count(*) FROM tether_journal WHERE substring(key from 1 for 7) = 'Minbox/'::bytea OR substring(key from 1 for 9) = 'Mmailbox/'::bytea")
+            .parse()
+            .unwrap_or(1);
+        (left == 0).then_some(())
+    });
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    assert!(log.contains("serving-agents-as-a-member"), "{log}");
+
+    // Node b killed in the middle of a deployment: on-b goes on with node a, and every step
+    // still runs once.
+    clear(&marks);
+    let id = deploy(&a, &[&on_b, &on_a]);
+    eventually("the deployment under way on on-b", WAIT, || {
+        marks_in(&marks).iter().any(|l| l.len() >= 2).then_some(())
+    });
+    b.kill();
+    eventually("on-b claimed by node a", WAIT, || {
+        claim(&pg, &on_b.id).starts_with("node-a ").then_some(())
+    });
+    every_step_once(&a, &id, &marks, 2);
+}

@@ -178,6 +178,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         handshake_counts: Default::default(),
         claims: loaded.claims.clone(),
         member: loaded.serving == Serving::Member,
+        has_members: loaded.serving == Serving::Active,
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {

@@ -285,7 +285,7 @@ mod tests {
         let rows = vec![
             (event_key(&a, 1), vec![1]),
             (event_key(&a, 2), vec![2]),
-            ("inbox/bad/1.e".to_owned(), vec![]),
+            ("inbox/not an id/1.e".to_owned(), vec![]),
             (event_key(&b, 1), vec![3]),
         ];
         let grouped = by_agent(rows);

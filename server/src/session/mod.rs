@@ -128,6 +128,9 @@ pub struct SessionShared {
     /// On a cluster whose nodes all serve agents: this node is a member, not the active node
     /// (see `crate::mail`).
     pub member: bool,
+    /// This node is the active node of a cluster whose other nodes serve agents too: the
+    /// commands of an agent it does not serve go to the mailbox.
+    pub has_members: bool,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

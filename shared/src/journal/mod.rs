@@ -335,6 +335,11 @@ impl JournalHandle {
             .collect()
     }
 
+    /// How many meta entries' keys start with `prefix`, counted up to `limit`.
+    pub fn count_meta(&self, prefix: &str, limit: usize) -> Result<usize, JournalError> {
+        self.store.count(&record::meta_key(prefix), limit)
+    }
+
     /// At most `limit` meta entries whose key starts with `prefix`, from key `from` on
     /// (inclusive), validated, in key order.
     pub fn scan_meta_from(

@@ -69,6 +69,10 @@ pub trait Store: Send + Sync + 'static {
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError>;
     /// Records of one log with a key from `from` (inclusive), at most `limit` of them.
     fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError>;
+    /// How many keys start with `prefix`, counted up to `limit`.
+    fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {
+        Ok(self.scan_from(prefix, prefix, limit)?.len())
+    }
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError>;
     /// Up to `max` bytes of blob `name` from `offset`, never past its committed length.
     fn read_blob(&self, name: &LogName, offset: u64, max: usize) -> Result<Vec<u8>, JournalError>;

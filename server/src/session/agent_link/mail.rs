@@ -12,6 +12,9 @@ use tether_shared::journal::Op;
 use tether_shared::protocol::{self, Command, Frame, Sender, Seq};
 
 use super::AgentLink;
+
+/// Commands posted between two counts of an agent's mailbox.
+const MAIL_RECOUNT: usize = 1024;
 use crate::mail::{self, Greeting, Inboxed};
 use crate::session::probes::ProbeStats;
 use crate::session::record_trust_serial;
@@ -20,15 +23,35 @@ impl AgentLink {
     /// On the active node of a cluster: this node does not serve the agent now (no session
     /// here), so the commands it makes go to the mailbox, for whichever node serves it.
     pub(super) fn remote(&self) -> bool {
-        self.shared.claims.is_some() && !self.shared.member && self.session.is_none()
+        self.shared.has_members && self.session.is_none()
     }
 
-    /// Puts a signed command in the mailbox (see [`Self::remote`]).
+    /// Whether this node carries anything through the inbox and the mailbox.
+    pub(super) fn mails(&self) -> bool {
+        self.shared.has_members || self.shared.member
+    }
+
+    /// Puts a signed command in the mailbox (see [`Self::remote`]): refused while the agent's
+    /// mailbox holds as many commands as its stream may (its node is not taking them).
     pub(super) fn post(
         &mut self,
         command: &Command,
         ops: &mut Vec<Op>,
     ) -> Result<Seq, super::AgentLinkError> {
+        let limit = self.shared.max_retained;
+        if self.mail_posted >= MAIL_RECOUNT {
+            // Counted again now and then: what the serving node took is gone.
+            let prefix = mail::agent_prefix(mail::MAILBOX_PREFIX, &self.agent_id);
+            self.mail_posted = self.shared.journal.count_meta(&prefix, limit)?;
+        }
+        if self.mail_posted >= limit {
+            return Err(tether_shared::stream::StreamError::Backlog {
+                in_flight: self.mail_posted,
+                limit,
+            }
+            .into());
+        }
+        self.mail_posted += 1;
         // As JSON, not yet numbered (a frame's seq starts at 1).
         let bytes = serde_json::to_vec(command)
             .map_err(|e| super::AgentLinkError::Encode(e.to_string()))?;

@@ -113,6 +113,8 @@ pub struct AgentLink {
     /// Commits of the inbox's effects or of mail may still be on their way: a handshake here
     /// waits for them before it reads the inbox and the mailbox.
     remote_writes: bool,
+    /// Commands put in the mailbox since it was last counted (see `AgentLink::post`).
+    mail_posted: usize,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -184,6 +186,7 @@ impl AgentLink {
             inbox_done: None,
             mail_done: None,
             remote_writes: false,
+            mail_posted: 0,
         })
     }
 
@@ -887,7 +890,7 @@ impl AgentLink {
             ops.extend(more);
             requeued = last;
         }
-        if self.shared.claims.is_some() {
+        if self.mails() {
             // What waited for the agent while no node, or another, served it: the commands of
             // the mailbox go first, then what the inbox's events still have to do.
             let (more, last) = self.take_mail(self.mail_now());

@@ -711,6 +711,25 @@ impl Store for PgStore {
         })
     }
 
+    fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {
+        let from = prefix.to_vec();
+        let end = prefix_end(prefix);
+        let limit = to_i64(limit as u64);
+        self.run(move |shared| async move {
+            let guard = shared.client(shared.reader()).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM (SELECT 1 FROM tether_journal
+                      WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2) LIMIT $3) AS k",
+                    &[&from, &end, &limit],
+                )
+                .await
+                .map_err(|e| db_err("cannot count", &e))?;
+            Ok(usize::try_from(row.get::<_, i64>(0)).unwrap_or(usize::MAX))
+        })
+    }
+
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError> {
         let key = key.to_vec();
         self.run(move |shared| async move {

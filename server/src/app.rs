@@ -91,6 +91,9 @@ pub struct Loaded {
     pub claims: Option<crate::claims::Claims>,
     /// How this node serves agents alongside the cluster's other nodes.
     pub serving: Serving,
+    /// On a cluster whose nodes all serve agents: the database's hints that inbox or mailbox
+    /// entries were written (see `crate::mail`).
+    pub hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
     /// What agents reported after this server was restored behind them.
     pub reconciliations: Arc<crate::reconcile::Reconciliations>,
 }
@@ -199,6 +202,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
                 handle.clone(),
                 session_registry.clone(),
                 crate::mail::MAILBOX_PREFIX,
+                loaded.hints,
             );
             actix_rt::spawn(mail);
             actix_rt::spawn(crate::mail::follow_registry(
@@ -212,6 +216,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
                     handle.clone(),
                     session_registry.clone(),
                     crate::mail::INBOX_PREFIX,
+                    loaded.hints,
                 );
                 actix_rt::spawn(inbox);
             }

@@ -17,8 +17,10 @@
 //!   command stream and deletes them in one commit under its claim, so every command is sent
 //!   exactly once, whichever node serves the agent then, or later.
 //!
-//! Both sides look for entries every [`POLL`]; keys are read in order, and the links drop
-//! entries they already took (see `AgentLink::take_inbox`, `AgentLink::take_mail`).
+//! Both sides look for entries as soon as a hint says some were written (a notification the
+//! writing transaction sends, delivered once it committed: see `PgStore::hints`), and at least
+//! every [`POLL`] (a hint may be missed). Keys are read in order, and the links drop entries
+//! they already took (see `AgentLink::take_inbox`, `AgentLink::take_mail`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,8 +37,8 @@ use crate::session::session_registry::{Deliver, SessionRegistry};
 pub const INBOX_PREFIX: &str = "inbox/";
 /// Where commands wait for the node that serves their agent.
 pub const MAILBOX_PREFIX: &str = "mailbox/";
-/// How often each side looks for entries.
-pub const POLL: Duration = Duration::from_millis(100);
+/// How often each side looks for entries without a hint.
+pub const POLL: Duration = Duration::from_millis(250);
 /// Entries read per look.
 const PAGE: usize = 1024;
 
@@ -151,20 +153,42 @@ fn by_agent(rows: Entries) -> Vec<(AgentId, Entries)> {
     out
 }
 
-/// Hands every entry under `prefix` to its agent's link, every [`POLL`], for as long as the
-/// system runs: on the active node the inbox (every link is made if need be), on a member the
-/// mailbox (only to the links of agents it serves).
+/// Hands every entry under `prefix` to its agent's link, at each of `hints` that names the
+/// prefix and at least every [`POLL`], for as long as the system runs: on the active node the
+/// inbox (every link is made if need be), on a member the mailbox (only to the links of
+/// agents it serves).
 pub async fn deliver_forever(
     journal: JournalHandle,
     sessions: Addr<SessionRegistry>,
     prefix: &'static str,
+    mut hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
 ) {
     let mut tick = actix_rt::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Where the next look starts: past the last page, while pages come full.
     let mut from = prefix.to_owned();
     loop {
-        tick.tick().await;
+        let hinted = async {
+            match hints.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            hint = hinted => match hint {
+                Some(hint) if hint == prefix => {}
+                Some(_) => continue,
+                None => {
+                    hints = None;
+                    continue;
+                }
+            },
+        }
+        // Hints that came meanwhile are answered by this one look.
+        if let Some(h) = hints.as_mut() {
+            while h.try_recv().is_ok() {}
+        }
         let (j, start) = (journal.clone(), from.clone());
         let page = actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE)).await;
         let rows = match page {

@@ -224,6 +224,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let mut drain = None;
     let mut claims = None;
     let mut serving = app::Serving::Alone;
+    let mut hints = None;
     // A member: its operators' port (which sends operators to the active node), and the lease
     // once it takes it.
     let mut member: Option<(lease::Nodes, SocketAddr, MemberLease)> = None;
@@ -287,6 +288,11 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                 }
             };
             claims = Some(crate::claims::Claims::new(store.clone(), node_name));
+            if *every_node_serves_agents {
+                // Each side learns at once that the other wrote for it.
+                store.hint_writes_under(&[crate::mail::INBOX_PREFIX, crate::mail::MAILBOX_PREFIX]);
+                hints = Some(store.hints());
+            }
             match lease {
                 Some(lease) => {
                     tracing::info!(node = %node_name, epoch = lease.epoch, "lease-taken-active");
@@ -380,6 +386,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         drain: drain.as_ref().map(|(d, _)| d.clone()),
         claims,
         serving,
+        hints,
     };
     let (drain, drains) = drain.unzip();
     let kept = drain.clone();

@@ -768,3 +768,71 @@ async fn tls_to_the_database_is_verified_against_the_configured_ca() {
     let junk = refusal(tls(&tmp.path().join("junk.pem")));
     assert!(junk.contains("storage.ca_file"), "{junk}");
 }
+
+#[actix::test]
+async fn a_member_commits_only_under_its_claims_and_hints_reach_every_node_after_the_commit() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let active = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let member = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    for store in [&active, &member] {
+        store.hint_writes_under(&["inbox/", "mailbox/"]);
+    }
+    let mut heard = active.hints();
+    member.serve_as_member();
+    let (jm, _, _) = open(member.clone(), Path::new("postgres"));
+    let (ja, _, _) = open(active.clone(), Path::new("postgres"));
+
+    // Outside a claim a member writes nothing, whatever it is.
+    let refused = jm
+        .commit(vec![put("inbox/a-1/1.e".into())])
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, JournalError::NotActive), "{refused}");
+    assert!(
+        jm.commit(Vec::new()).await.is_err(),
+        "not even an empty commit"
+    );
+    assert_eq!(ja.get_meta("inbox/a-1/1.e").unwrap(), None);
+    // Under its claim it does; the other node hears of it only once it is committed.
+    let fence = member.claim("a-1", "node-b").unwrap();
+    // Nothing heard yet (the listener's connection is up once a first hint can arrive).
+    let listening = std::time::Instant::now();
+    while listening.elapsed() < std::time::Duration::from_secs(2) {
+        ja.commit(vec![put("job/x".into())]).await.unwrap();
+        if let Ok(Some(h)) =
+            tokio::time::timeout(std::time::Duration::from_millis(50), heard.recv()).await
+        {
+            panic!("a batch under no hinted prefix was hinted: {h}");
+        }
+    }
+    jm.commit_under(vec![put("inbox/a-1/1.e".into())], Some(fence.clone()))
+        .await
+        .unwrap();
+    let hint = tokio::time::timeout(std::time::Duration::from_secs(10), heard.recv())
+        .await
+        .expect("no hint within 10 s")
+        .unwrap();
+    assert_eq!(hint, "inbox/");
+    assert!(
+        ja.get_meta("inbox/a-1/1.e").unwrap().is_some(),
+        "hinted before its commit"
+    );
+    assert_eq!(ja.count_meta("inbox/", 10).unwrap(), 1);
+    // Once another node claims the agent, the member's claim writes nothing more, and nothing
+    // is hinted.
+    active.claim("a-1", "node-a").unwrap();
+    let fenced = jm
+        .commit_under(vec![put("inbox/a-1/2.e".into())], Some(fence))
+        .await
+        .unwrap_err();
+    assert!(matches!(fenced, JournalError::Fenced { .. }), "{fenced}");
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), heard.recv())
+            .await
+            .is_err(),
+        "a fenced commit was hinted"
+    );
+    assert_eq!(ja.count_meta("inbox/", 10).unwrap(), 1);
+}

@@ -54,8 +54,8 @@ pub(super) fn db_err(context: &str, e: &tokio_postgres::Error) -> JournalError {
 /// A connection recipe: the parsed configuration and the TLS connector, if any.
 #[derive(Clone)]
 pub(super) struct Connector {
-    config: tokio_postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    pub(super) config: tokio_postgres::Config,
+    pub(super) tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
 }
 
 impl Connector {
@@ -186,6 +186,8 @@ pub(super) struct Shared {
     pub(super) lease: std::sync::Mutex<Option<Lease>>,
     /// Why the writer is waiting for the database to take a batch again, while it is.
     pub(super) waiting: std::sync::Mutex<Option<String>>,
+    /// Meta key prefixes whose writes are hinted (see `super::hints`).
+    pub(super) hinted: std::sync::RwLock<Vec<String>>,
 }
 
 impl Shared {

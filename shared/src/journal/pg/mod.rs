@@ -28,6 +28,7 @@
 
 mod claims;
 mod connection;
+mod hints;
 mod lease;
 mod nodes;
 mod schema;
@@ -104,6 +105,7 @@ impl PgStore {
                 next_reader: AtomicUsize::new(0),
                 lease: std::sync::Mutex::new(None),
                 waiting: std::sync::Mutex::new(None),
+                hinted: Default::default(),
             })
         };
         let shared = match wait_on(&runtime, init) {
@@ -131,6 +133,28 @@ impl PgStore {
     /// refused with [`JournalError::NotActive`], and nothing of it is written.
     pub fn serve_as_member(&self) {
         self.member.store(true, Ordering::Relaxed);
+    }
+
+    /// From now on every batch that writes meta keys under one of `prefixes` sends a hint (see
+    /// [`hints`]): the prefix, on channel `tether_journal`, once the batch committed.
+    pub fn hint_writes_under(&self, prefixes: &[&str]) {
+        *self
+            .shared
+            .hinted
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            prefixes.iter().map(|p| (*p).to_owned()).collect();
+    }
+
+    /// The hints of every node's batches (see [`Self::hint_writes_under`]), as they come, for
+    /// as long as the receiver is kept; listened for on a connection of their own, made again
+    /// whenever it is lost (hints sent meanwhile are missed: they are only hints).
+    pub fn hints(&self) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(runtime) = &self.runtime {
+            runtime.spawn(hints::listen(self.shared.connector.clone(), tx));
+        }
+        rx
     }
 
     /// Runs `work` on the store's runtime and waits for it, from any thread.
@@ -464,7 +488,8 @@ const INSERT_KEYS: &str =
 const UNIQUE_VIOLATION: &str = "23505";
 
 /// Statements the writer prepares on its connection.
-const WRITER_STATEMENTS: [&str; 7] = [
+const WRITER_STATEMENTS: [&str; 8] = [
+    hints::NOTIFY,
     CHECK_LEASE,
     claims::CHECK_CLAIMS,
     APPEND_BLOB,
@@ -519,7 +544,7 @@ async fn try_batch(
         let statement = conn.prepared(sql).await;
         prepared.push(statement.map_err(|e| Failure::of("cannot prepare", &e))?);
     }
-    let [check_lease, check_claims, append_blob, delete_blob, delete_keys, put_keys, insert_keys] =
+    let [notify, check_lease, check_claims, append_blob, delete_blob, delete_keys, put_keys, insert_keys] =
         <[_; WRITER_STATEMENTS.len()]>::try_from(prepared)
             .map_err(|_| Failure::refused(JournalError::Closed))?;
     let tx = conn
@@ -622,6 +647,19 @@ async fn try_batch(
         tx.execute(&put_keys, &[&plan.put.0, &plan.put.1])
             .await
             .map_err(|e| Failure::of("cannot write", &e))?;
+        let hinted = hints::of(
+            &shared
+                .hinted
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            &plan.put.0,
+        );
+        if !hinted.is_empty() {
+            // Delivered by the database once (and only if) this transaction commits.
+            tx.execute(&notify, &[&hinted])
+                .await
+                .map_err(|e| Failure::of("cannot hint", &e))?;
+        }
     }
     if !plan.records.0.is_empty() {
         let (keys, values) = &plan.records;

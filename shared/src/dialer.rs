@@ -80,6 +80,9 @@ pub enum Plan {
 pub struct DialerConfig {
     /// Base URLs, in order of preference.
     pub upstreams: Vec<String>,
+    /// Whose dialer it is (an agent's or a relay's id): where in the list it starts (see
+    /// [`placement`]), so that a fleet spreads over the nodes it lists.
+    pub owner: String,
     /// Appended to each base URL (empty when the URLs are complete).
     pub path: &'static str,
     /// Largest WebSocket frame accepted.
@@ -93,7 +96,10 @@ pub struct Dialer {
     path: &'static str,
     max_frame: usize,
     reconnect_min: Duration,
-    /// Index into the upstream list of the current or next attempt.
+    /// Where this dialer starts in the upstream list (see [`placement`]).
+    start: usize,
+    /// Attempts since the start of the list: the current or next one is
+    /// `upstreams[(start + current) % len]`.
     current: usize,
     /// Delay before the next attempt; grows with consecutive failures.
     backoff: Backoff,
@@ -113,6 +119,7 @@ pub struct Dialer {
 impl Dialer {
     pub fn new(cfg: DialerConfig) -> Self {
         Dialer {
+            start: placement(&cfg.owner, cfg.upstreams.len()),
             upstreams: cfg.upstreams,
             path: cfg.path,
             max_frame: cfg.max_frame,
@@ -180,7 +187,7 @@ impl Dialer {
     /// The upstreams, starting with the one in use (or tried next).
     pub fn upstreams_in_use_order(&self) -> impl Iterator<Item = &str> {
         let n = self.upstreams.len();
-        (0..n).map(move |i| self.upstreams[(self.current + i) % n].as_str())
+        (0..n).map(move |i| self.upstreams[(self.start + self.current + i) % n].as_str())
     }
 
     /// How long since anything arrived on the connection.
@@ -253,7 +260,7 @@ pub trait Dials:
             Plan::Hold => return,
         };
         let d = self.dialer();
-        let index = d.current % d.upstreams.len();
+        let index = (d.start + d.current) % d.upstreams.len();
         let url = d.url(index);
         let max_frame = d.max_frame;
         d.state = LinkState::Connecting;
@@ -383,6 +390,17 @@ fn opened<A: Dials>(
     act.on_open(ctx);
 }
 
+/// Where in a list of `upstreams` the dialer of `owner` starts (and starts again after a
+/// session that worked): a stable hash of its id, so that agents and relays listing the same
+/// nodes spread over them rather than all choosing the first, and each keeps to the same one.
+pub fn placement(owner: &str, upstreams: usize) -> usize {
+    // FNV-1a: stable across releases and platforms (unlike the standard library's hasher).
+    let hash = owner.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    usize::try_from(hash % u64::try_from(upstreams.max(1)).unwrap_or(1)).unwrap_or(0)
+}
+
 /// Where and when the next attempt goes (sans-IO): the first upstream again after a session that
 /// worked, the next one after a failure. Within a round over the list the next upstream is
 /// tried after at most the first delay (a standby node or a relay that is down should not make
@@ -437,6 +455,25 @@ fn retry_later<A: Dials>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fleet_spreads_over_the_upstreams_it_lists_and_each_keeps_to_its_own() {
+        let mut per_node = [0usize; 3];
+        for i in 0..3000 {
+            let owner = format!("a-{i:016x}");
+            let at = placement(&owner, 3);
+            assert_eq!(at, placement(&owner, 3), "stable");
+            per_node[at] += 1;
+        }
+        assert!(
+            per_node.iter().all(|n| (800..=1200).contains(n)),
+            "{per_node:?}"
+        );
+        assert_eq!(placement("a-1", 1), 0);
+        assert_eq!(placement("a-1", 0), 0, "no upstream: no division by zero");
+        // Known values: the placement of an id never changes between releases.
+        assert_eq!(placement("", 7), (0xcbf2_9ce4_8422_2325_u64 % 7) as usize);
+    }
 
     #[test]
     fn the_backoff_grows_once_per_round_in_which_every_upstream_failed() {

@@ -102,6 +102,19 @@ fn every_step_once(server: &Server, id: &str, marks: &Path, jobs: usize) {
     assert_eq!(marks_in(marks), vec![expected; jobs], "{d}");
 }
 
+/// Lists `first` then `then` as `agent`'s upstreams, in the order that makes it start with
+/// `first` (agents start where a hash of their id says: see `tether_shared::dialer::placement`).
+fn prefer(agent: &Agent, first: &str, then: &str) {
+    let path = agent.dir.join("agent.json");
+    let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let upstreams = match tether_shared::dialer::placement(&agent.id, 2) {
+        0 => [first, then],
+        _ => [then, first],
+    };
+    state["upstreams"] = json!(upstreams);
+    std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
+}
+
 fn clear(marks: &Path) {
     for f in std::fs::read_dir(marks).unwrap().flatten() {
         std::fs::remove_file(f.path()).unwrap();
@@ -137,8 +150,9 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
     marking_process(&a, &marks);
     // on-b reaches node b first (node a only if b is gone); on-a only node a. Enrolling is
     // the active node's: on-b's install goes on to node a.
-    let b_first = [b.upstream(), a.upstream()];
-    let mut on_b = Agent::install_via(&a, &b_first, tmp.path(), "on-b", &[], &[]);
+    let both = [b.upstream(), a.upstream()];
+    let mut on_b = Agent::install_via(&a, &both, tmp.path(), "on-b", &[], &[]);
+    prefer(&on_b, &b.upstream(), &a.upstream());
     let mut on_a = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-a", &[], &[]);
     on_b.run();
     on_a.run();

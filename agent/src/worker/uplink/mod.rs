@@ -168,6 +168,7 @@ impl Uplink {
             ep,
             dial: Dialer::new(DialerConfig {
                 upstreams: cfg.upstreams.clone(),
+                owner: cfg.agent_id.clone(),
                 path: "",
                 max_frame: MAX_SEALED_BYTES,
                 reconnect_min: cfg.reconnect_min,

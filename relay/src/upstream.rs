@@ -113,7 +113,7 @@ impl Upstream {
         Upstream {
             dial: Dialer::new(DialerConfig {
                 upstreams: cfg.upstreams.clone(),
-                owner: cfg.relay_id.clone(),
+                spread_as: None,
                 path: RELAY_WS_PATH,
                 max_frame: MAX_MUX_BYTES,
                 reconnect_min: cfg.reconnect_min,

@@ -228,6 +228,7 @@ mod tests {
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
             facts_unix_ms: Some(1),
+            node: None,
             upgrade_recommended: false,
             stale: false,
         }

@@ -39,6 +39,11 @@ impl Claims {
             .claiming(agent_id.as_str(), &self.node, held.map(|f| f.epoch))
     }
 
+    /// This node's name in its claims.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// The epoch `agent_id` is claimed at now (0: never claimed); blocking.
     pub fn epoch_now(&self, agent_id: &AgentId) -> Result<u64, JournalError> {
         Ok(self

@@ -32,12 +32,15 @@ pub struct Nodes {
     busy: Arc<std::sync::atomic::AtomicBool>,
     /// Counts the agents and relays connected to this node (none on a standby).
     sessions: Arc<std::sync::OnceLock<SessionCount>>,
+    /// Told the list each time it is read (see [`Nodes::when_listed`]).
+    listed: Arc<std::sync::OnceLock<ListedHook>>,
     /// This node's operators' address, as it advertises it (empty: none).
     url: Arc<str>,
 }
 
 /// Counts this node's sessions when it notes itself.
 type SessionCount = Box<dyn Fn() -> u64 + Send + Sync>;
+type ListedHook = Box<dyn Fn(&[NodeSeen]) + Send + Sync>;
 
 impl std::fmt::Debug for Nodes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,7 +72,12 @@ impl Nodes {
         };
         let listed = store.note_node(&seen).and_then(|()| store.nodes());
         match listed {
-            Ok(list) => *self.list.lock().unwrap_or_else(PoisonError::into_inner) = list,
+            Ok(list) => {
+                if let Some(hook) = self.listed.get() {
+                    hook(&list);
+                }
+                *self.list.lock().unwrap_or_else(PoisonError::into_inner) = list;
+            }
             Err(e) => tracing::warn!(node = %node, error = %e, "cluster-nodes-not-refreshed"),
         }
     }
@@ -77,6 +85,11 @@ impl Nodes {
     /// From now on this node notes `count()` as its sessions (set once, when it serves).
     pub fn count_sessions_with(&self, count: impl Fn() -> u64 + Send + Sync + 'static) {
         let _ = self.sessions.set(Box::new(count));
+    }
+
+    /// From now on `hook` is told the list each time it is read (set once, when it serves).
+    pub fn when_listed(&self, hook: impl Fn(&[NodeSeen]) + Send + Sync + 'static) {
+        let _ = self.listed.set(Box::new(hook));
     }
 
     pub fn list(&self) -> Vec<NodeSeen> {
@@ -198,6 +211,8 @@ pub struct Standby {
     role: &'static str,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// When the database last answered its look at the lease.
+    heard: Arc<Mutex<std::time::Instant>>,
 }
 
 impl Standby {
@@ -260,6 +275,7 @@ impl Standby {
             nodes,
             role,
             addr,
+            heard: Arc::new(Mutex::new(std::time::Instant::now())),
         })
     }
 
@@ -269,13 +285,18 @@ impl Standby {
     }
 
     /// A member's wait for the lease, on a thread of its own: the answer comes once this node
-    /// holds the lease (then it starts over as the active node), or the database refused.
+    /// holds the lease (then it starts over as the active node), or the database refused; and
+    /// when the database last answered it (see [`cut_off`]).
     pub fn wait_as_member(
         self,
         store: Arc<PgStore>,
         node: &str,
         ttl: Duration,
-    ) -> tokio::sync::oneshot::Receiver<Result<Lease, JournalError>> {
+    ) -> (
+        tokio::sync::oneshot::Receiver<Result<Lease, JournalError>>,
+        Arc<Mutex<std::time::Instant>>,
+    ) {
+        let heard = self.heard.clone();
         let (taken, answer) = tokio::sync::oneshot::channel();
         let node = node.to_owned();
         let spawned = std::thread::Builder::new()
@@ -288,7 +309,7 @@ impl Standby {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "member-cannot-wait-for-the-lease");
         }
-        answer
+        (answer, heard)
     }
 
     fn saw(&self, holder: LeaseHolder) {
@@ -308,6 +329,28 @@ impl Standby {
 
 /// Waits (blocking) until this node holds the lease; logs who holds it meanwhile and tells
 /// `standby` (if any).
+/// Resolves once the database has not answered a member's look at the lease (see
+/// [`Standby::wait_as_member`]) for a whole lease: the member is cut off from it, and commits
+/// (so acknowledges) nothing for the agents it serves, which should go to another node.
+pub async fn cut_off(heard: Arc<Mutex<std::time::Instant>>, ttl: Duration) -> JournalError {
+    let mut tick = tokio::time::interval(Duration::from_millis(250).min(ttl / 4));
+    loop {
+        tick.tick().await;
+        let silent = heard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        if silent > ttl {
+            return JournalError::Database {
+                reason: format!(
+                    "no answer from the database for {} ms: this member lets its agents go",
+                    silent.as_millis()
+                ),
+            };
+        }
+    }
+}
+
 pub fn become_active(
     store: &PgStore,
     node: &str,
@@ -327,6 +370,8 @@ pub fn become_active(
                     seen = Some(now);
                 }
                 if let Some(standby) = standby {
+                    *standby.heard.lock().unwrap_or_else(PoisonError::into_inner) =
+                        std::time::Instant::now();
                     standby.saw(holder.clone());
                     if noted.is_none_or(|at| at.elapsed() >= ttl / 3) {
                         standby.nodes.refresh(store, node, standby.role);

@@ -52,6 +52,12 @@ pub fn greeting_key(agent: &AgentId, seq: u64) -> String {
     format!("{INBOX_PREFIX}{agent}/{seq:020}.h")
 }
 
+/// The key of the end of a session of `agent` on a member, after event `seq` (sorted before a
+/// later handshake's at the same seq).
+pub fn departure_key(agent: &AgentId, seq: u64) -> String {
+    format!("{INBOX_PREFIX}{agent}/{seq:020}.d")
+}
+
 /// Every key of `agent` in the inbox or the mailbox starts with this.
 pub fn agent_prefix(prefix: &str, agent: &AgentId) -> String {
     format!("{prefix}{agent}/")
@@ -93,6 +99,8 @@ pub enum Inboxed {
     Event(Vec<u8>),
     /// A handshake.
     Greeting(Greeting),
+    /// The end of a session on member node (named).
+    Departure(String),
 }
 
 impl Inboxed {
@@ -103,6 +111,8 @@ impl Inboxed {
             Some(Inboxed::Event(value))
         } else if key.ends_with(".h") {
             serde_json::from_slice(&value).ok().map(Inboxed::Greeting)
+        } else if key.ends_with(".d") {
+            String::from_utf8(value).ok().map(Inboxed::Departure)
         } else {
             None
         }
@@ -120,11 +130,15 @@ pub struct Greeting {
     pub trust_serial: u64,
     /// The agent lost its state (a new journal): what it was running has failed.
     pub reset: bool,
+    /// The member node that serves it.
+    #[serde(default)]
+    pub node: String,
 }
 
 impl Greeting {
-    pub fn of(hello: &Hello, reset: bool) -> Greeting {
+    pub fn of(hello: &Hello, reset: bool, node: &str) -> Greeting {
         Greeting {
+            node: node.to_owned(),
             version: hello.version.clone(),
             sealing_key: hello.sealing_key.clone(),
             runs_as: hello.runs_as,
@@ -258,6 +272,7 @@ mod tests {
     fn keys_sort_by_agent_then_seq_and_name_their_agent() {
         let (a, b) = (agent("0a"), agent("0a1"));
         let keys = [
+            departure_key(&a, 9),
             event_key(&a, 9),
             greeting_key(&a, 9),
             event_key(&a, 10),
@@ -269,8 +284,12 @@ mod tests {
             sorted, keys,
             "one agent's entries in seq order, a greeting after its seq"
         );
-        assert!(!keys[3].starts_with(&agent_prefix(INBOX_PREFIX, &a)));
-        assert_eq!(agent_of(&keys[2]), Some(a.clone()));
+        assert!(!keys[4].starts_with(&agent_prefix(INBOX_PREFIX, &a)));
+        assert_eq!(agent_of(&keys[3]), Some(a.clone()));
+        assert_eq!(
+            Inboxed::read(&keys[0], b"node-b".to_vec()),
+            Some(Inboxed::Departure("node-b".into()))
+        );
         assert_eq!(agent_of(&mail_key(&b)), Some(b));
         assert_eq!(agent_of("inbox/not an id/1.e"), None);
         assert_eq!(agent_of("other/a-0a/1.e"), None);
@@ -293,6 +312,7 @@ mod tests {
             operations: false,
             trust_serial: 3,
             reset: true,
+            node: "node-b".into(),
         };
         let value = serde_json::to_vec(&greeting).unwrap();
         assert_eq!(

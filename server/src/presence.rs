@@ -26,6 +26,8 @@ pub struct Seen {
     pub last_seen_unix_ms: Option<u64>,
     /// The peer's last reported status (relays: from their heartbeats).
     pub reported: Option<ReportedStatus>,
+    /// On a cluster's active node: the member node that serves it (`None`: this node).
+    pub node: Option<String>,
 }
 
 /// What the registry's views read of presence.
@@ -111,9 +113,12 @@ impl<H: Clone> Presence<H> {
             .collect()
     }
 
-    /// How many peers are connected now (directly or through relays).
+    /// How many peers are connected to this node now (directly or through relays).
     pub fn online_count(&self) -> usize {
-        self.read().values().filter(|e| e.seen.online).count()
+        self.read()
+            .values()
+            .filter(|e| e.seen.online && e.seen.node.is_none())
+            .count()
     }
 
     /// `id` connected, running `version`, through `path` (relays, nearest first).
@@ -124,6 +129,43 @@ impl<H: Clone> Presence<H> {
         seen.version = Some(version.to_owned());
         seen.path = path;
         seen.last_seen_unix_ms = Some(now_unix_ms());
+        seen.node = None;
+    }
+
+    /// `id` connected to member node `node`, running `version` (unless it is connected here).
+    pub fn set_elsewhere(&self, id: &str, version: &str, node: &str) {
+        let mut peers = self.write();
+        let entry = peers.entry(id.to_owned()).or_default();
+        if entry.current.is_some() {
+            return;
+        }
+        let seen = &mut entry.seen;
+        seen.online = true;
+        seen.version = Some(version.to_owned());
+        seen.path = Vec::new();
+        seen.last_seen_unix_ms = Some(now_unix_ms());
+        seen.node = Some(node.to_owned());
+    }
+
+    /// `id`'s session on member node `node` ended (a later one, elsewhere, changes nothing).
+    pub fn left_elsewhere(&self, id: &str, node: &str) {
+        if let Some(e) = self.write().get_mut(id) {
+            if e.current.is_none() && e.seen.node.as_deref() == Some(node) {
+                e.seen.online = false;
+                e.seen.last_seen_unix_ms = Some(now_unix_ms());
+            }
+        }
+    }
+
+    /// The peers served by a member node that is not in `live` are offline (it died, or lost
+    /// the database: they reconnect elsewhere).
+    pub fn keep_members(&self, live: &[String]) {
+        for e in self.write().values_mut() {
+            let gone = e.seen.node.as_ref().is_some_and(|n| !live.contains(n));
+            if gone && e.current.is_none() && e.seen.online {
+                e.seen.online = false;
+            }
+        }
     }
 
     /// `id` is offline (a child relay's channel closed: it has no claim of its own here).
@@ -201,6 +243,30 @@ mod tests {
         assert!(!p.seen("a").online);
         assert!(p.current("a").is_none());
         assert!(p.online_path("a").is_none());
+    }
+
+    #[test]
+    fn a_peer_served_by_a_member_is_online_until_it_leaves_it_or_the_member_goes() {
+        let p = Presence::<&str>::default();
+        p.set_elsewhere("a", "1.0", "node-b");
+        assert!(p.seen("a").online);
+        assert_eq!(p.seen("a").node.as_deref(), Some("node-b"));
+        // It moved to node c before node b's note that it left arrived: still online.
+        p.set_elsewhere("a", "1.0", "node-c");
+        p.left_elsewhere("a", "node-b");
+        assert!(p.seen("a").online);
+        p.keep_members(&["node-c".into()]);
+        assert!(p.seen("a").online);
+        p.keep_members(&["node-b".into()]);
+        assert!(!p.seen("a").online, "node c is gone");
+        // Connected here, it is this node's, whatever a member says.
+        p.claim("a", ConnId(1), "one");
+        p.set_online("a", "1.0", Vec::new());
+        p.set_elsewhere("a", "1.0", "node-b");
+        p.left_elsewhere("a", "node-b");
+        p.keep_members(&[]);
+        assert!(p.seen("a").online);
+        assert_eq!(p.seen("a").node, None);
     }
 
     #[test]

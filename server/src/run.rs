@@ -276,7 +276,17 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                     if *every_node_serves_agents {
                         store.serve_as_member();
                         let (nodes, addr) = (standby.nodes(), standby.addr);
-                        let taken = standby.wait_as_member(store.clone(), node_name, *lease_ttl);
+                        let (taken, heard) =
+                            standby.wait_as_member(store.clone(), node_name, *lease_ttl);
+                        let ttl = *lease_ttl;
+                        // Its agents leave once it is cut off from the database (it could
+                        // acknowledge nothing for them).
+                        let taken: MemberLease = Box::pin(async move {
+                            tokio::select! {
+                                taken = taken => taken.unwrap_or(Err(JournalError::Closed)),
+                                e = lease::cut_off(heard, ttl) => Err(e),
+                            }
+                        });
                         member = Some((nodes, addr, taken));
                         None
                     } else {
@@ -448,8 +458,9 @@ fn listener_limits() -> Limits {
 }
 
 /// A member's wait for the lease (see [`lease::Standby::wait_as_member`]).
-type MemberLease =
-    tokio::sync::oneshot::Receiver<Result<tether_shared::journal::Lease, JournalError>>;
+type MemberLease = std::pin::Pin<
+    Box<dyn Future<Output = Result<tether_shared::journal::Lease, JournalError>> + Send>,
+>;
 
 /// Starts the actors and both listeners inside the actix system: HTTPS (`listen.https`: REST,
 /// admin) and the agent-facing one (`listen.wss`: `/agent/v1/...`). Returns once both stopped;
@@ -501,6 +512,18 @@ async fn serve(
     let built = app::build(dir, tuning, loaded).await?;
     let presence = built.shared.presence.clone();
     nodes.count_sessions_with(move || presence.online_count() as u64);
+    if let Storage::Postgres { lease_ttl, .. } = &opts.storage {
+        // Agents served by a member that stopped noting itself are offline here.
+        let (presence, ttl) = (built.shared.presence.clone(), *lease_ttl);
+        nodes.when_listed(move |list| {
+            let live: Vec<String> = list
+                .iter()
+                .filter(|n| u128::try_from(n.seen_ms_ago).unwrap_or(0) < ttl.as_millis())
+                .map(|n| n.node.clone())
+                .collect();
+            presence.keep_members(&live);
+        });
+    }
     let stop = stop_signal().map_err(RunError::Signal)?;
     let server_tls = tls.server_config().map_err(|source| RunError::Tls {
         cert: dir.join(init::SERVER_CERT),
@@ -582,21 +605,17 @@ async fn serve(
         // A member stops serving once it holds the lease, and starts over as the active node.
         let took = async move {
             match took_lease {
-                Some(taken) => match taken.await {
-                    Ok(done) => {
-                        match &done {
-                            Ok(lease) => {
-                                tracing::info!(epoch = lease.epoch, "member-took-the-lease")
-                            }
-                            Err(e) => tracing::error!(error = %e, "member-lost-the-database"),
-                        }
-                        *taking
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                            Some(done.map(|_| ()));
+                Some(taken) => {
+                    let done = taken.await;
+                    match &done {
+                        Ok(lease) => tracing::info!(epoch = lease.epoch, "member-took-the-lease"),
+                        Err(e) => tracing::error!(error = %e, "member-lost-the-database"),
                     }
-                    Err(_) => std::future::pending().await,
-                },
+                    *taking
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(done.map(|_| ()));
+                }
                 None => std::future::pending().await,
             }
         };

@@ -80,9 +80,9 @@ pub enum Plan {
 pub struct DialerConfig {
     /// Base URLs, in order of preference.
     pub upstreams: Vec<String>,
-    /// Whose dialer it is (an agent's or a relay's id): where in the list it starts (see
-    /// [`placement`]), so that a fleet spreads over the nodes it lists.
-    pub owner: String,
+    /// Spread over the list as this id (an agent's): where in the list it starts (see
+    /// [`placement`]), so that a fleet spreads over the nodes it lists. `None`: the first.
+    pub spread_as: Option<String>,
     /// Appended to each base URL (empty when the URLs are complete).
     pub path: &'static str,
     /// Largest WebSocket frame accepted.
@@ -119,7 +119,10 @@ pub struct Dialer {
 impl Dialer {
     pub fn new(cfg: DialerConfig) -> Self {
         Dialer {
-            start: placement(&cfg.owner, cfg.upstreams.len()),
+            start: cfg
+                .spread_as
+                .as_deref()
+                .map_or(0, |id| placement(id, cfg.upstreams.len())),
             upstreams: cfg.upstreams,
             path: cfg.path,
             max_frame: cfg.max_frame,

@@ -102,16 +102,11 @@ fn every_step_once(server: &Server, id: &str, marks: &Path, jobs: usize) {
     assert_eq!(marks_in(marks), vec![expected; jobs], "{d}");
 }
 
-/// Lists `first` then `then` as `agent`'s upstreams, in the order that makes it start with
-/// `first` (agents start where a hash of their id says: see `tether_shared::dialer::placement`).
+/// Lists `first` then `then` as `agent`'s upstreams (it enrolled with the active node).
 fn prefer(agent: &Agent, first: &str, then: &str) {
     let path = agent.dir.join("agent.json");
     let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let upstreams = match tether_shared::dialer::placement(&agent.id, 2) {
-        0 => [first, then],
-        _ => [then, first],
-    };
-    state["upstreams"] = json!(upstreams);
+    state["upstreams"] = json!([first, then]);
     std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
 }
 
@@ -162,6 +157,14 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
     eventually("on-a online on node a", WAIT, || {
         (a.agent_status(&on_a.id) == "online").then_some(())
     });
+    // The active node shows on-b online, served by node b.
+    let seen = eventually("on-b online on node a, by node b", WAIT, || {
+        let v = a
+            .request("GET", &format!("/api/v1/agents/{}", on_b.id), None)
+            .json();
+        (v["status"] == "online" && v["node"] == "node-b").then_some(v)
+    });
+    assert_eq!(seen["version"], env!("CARGO_PKG_VERSION"), "{seen}");
 
     // Started on node a, for an agent node b serves: its jobs travel through the database.
     let id = deploy(&a, &[&on_b, &on_a]);
@@ -220,4 +223,145 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
         claim(&pg, &on_b.id).starts_with("node-a ").then_some(())
     });
     every_step_once(&a, &id, &marks, 2);
+    let v = a
+        .request("GET", &format!("/api/v1/agents/{}", on_b.id), None)
+        .json();
+    assert_eq!(v["status"], "online", "{v}");
+    assert!(v.get("node").is_none(), "served by node a now: {v}");
+}
+
+/// Queues `commands` probe commands and `events` probe events for `agent` on `server`
+/// (answered 202 once they are journaled; another status queued nothing).
+fn queue_probes(server: &Server, agent: &str, commands: u64, events: u64) -> bool {
+    let r = server.request(
+        "POST",
+        &format!("/api/v1/agents/{agent}/probes"),
+        Some(&json!({"commands": commands, "events": events})),
+    );
+    r.status == 202
+}
+
+/// Every probe of `agent` arrived on `server`, exactly once, in order.
+fn every_probe_once(server: &Server, agent: &str, commands: u64, events: u64) {
+    let p = eventually("every probe arrived", Duration::from_secs(120), || {
+        let p = server.probes(agent);
+        (p["echoes"]["received"].as_u64() >= Some(commands)
+            && p["events"]["received"].as_u64() >= Some(events))
+        .then_some(p)
+    });
+    for (series, n) in [("echoes", commands), ("events", events)] {
+        assert_eq!(p[series]["received"], n, "{series}: {p}");
+        assert_eq!(p[series]["duplicates"], 0, "{series} delivered twice: {p}");
+        assert_eq!(p[series]["gaps"], 0, "{series} skipped: {p}");
+    }
+}
+
+#[test]
+fn an_agent_whose_claim_flaps_between_a_member_and_the_active_node_loses_and_doubles_nothing() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    b.wait_active(WAIT);
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, &marks);
+    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "flap", &[], &[]);
+    prefer(&agent, &b.upstream(), &a.upstream());
+    agent.run();
+    eventually("flap claimed by node b", WAIT, || {
+        (claim(&pg, &agent.id) == "node-b 1").then_some(())
+    });
+    let (mut commands, mut events) = (0u64, 0u64);
+    let mut queue = |c: u64, e: u64| {
+        if queue_probes(&a, &agent.id, c, e) {
+            commands += c;
+            events += e;
+        }
+    };
+    queue(300, 300);
+    let id = deploy(&a, &[&agent]);
+    // The claim is taken away over and over, now by node a, now by node b, as sessions
+    // flapping between the two would: node b's commits under the older claim are refused,
+    // its session closed, and the agent comes back to claim it again.
+    let started = std::time::Instant::now();
+    let mut bumps = 0;
+    while started.elapsed() < Duration::from_secs(5) {
+        let to = ["node-a", "node-b"][bumps % 2];
+        pg.psql(&format!(
+            "UPDATE tether_claims SET node = '{to}', epoch = epoch + 1 WHERE claim = '{}'",
+            agent.id
+        ));
+        bumps += 1;
+        if bumps % 10 == 0 {
+            queue(50, 50);
+        }
+        std::thread::sleep(Duration::from_millis(40));
+    }
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    let given_up = log.matches("agent-claimed-elsewhere").count();
+    eprintln!("{bumps} claims taken away; node b gave the agent up {given_up} times");
+    assert!(given_up >= 3, "the flapping reached node b's commits");
+    every_step_once(&a, &id, &marks, 1);
+    every_probe_once(&a, &agent.id, commands, events);
+    drop(b.child.take());
+}
+
+#[test]
+fn a_member_cut_off_from_the_database_acknowledges_nothing_and_its_agents_finish_elsewhere() {
+    if !tether_tests::blackhole::Blackhole::available() {
+        return;
+    }
+    let Some(pg) = Postgres::start_tcp() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let mut env_a = node(&pg, "node-a");
+    for (k, v) in &mut env_a {
+        if k == "TETHER_STORAGE__URL" {
+            *v = pg.tcp_url("127.0.0.1");
+        }
+    }
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    // Node b reaches the database at 127.0.0.2: the way that is cut.
+    let b_dir = tmp.path().join("b");
+    let url_b = pg.tcp_url("127.0.0.2");
+    let mut b = a.another_node(
+        &b_dir,
+        &[
+            ("TETHER_STORAGE__NODE_NAME", "node-b"),
+            ("TETHER_STORAGE__URL", &url_b),
+        ],
+    );
+    b.wait_active(WAIT);
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, &marks);
+    let both = [b.upstream(), a.upstream()];
+    let mut agent = Agent::install_via(&a, &both, tmp.path(), "cut", &[], &[]);
+    prefer(&agent, &b.upstream(), &a.upstream());
+    agent.run();
+    eventually("cut claimed by node b", WAIT, || {
+        (claim(&pg, &agent.id) == "node-b 1").then_some(())
+    });
+    let id = deploy(&a, &[&agent]);
+    eventually("the deployment under way", WAIT, || {
+        marks_in(&marks).iter().any(|l| l.len() >= 2).then_some(())
+    });
+    assert!(queue_probes(&a, &agent.id, 200, 200));
+    // The network between node b and the database fails silently mid-deployment: node b can
+    // commit, so acknowledge, nothing; once the database has been silent for a lease it lets
+    // the agent go, which finishes with node a, every step run once, every probe once.
+    let cut = tether_tests::blackhole::Blackhole::cut(pg.tcp_addr("127.0.0.2"));
+    eventually("cut claimed by node a", Duration::from_secs(90), || {
+        claim(&pg, &agent.id).starts_with("node-a ").then_some(())
+    });
+    every_step_once(&a, &id, &marks, 1);
+    every_probe_once(&a, &agent.id, 200, 200);
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    assert!(log.contains("member-lost-the-database"), "{log}");
+    drop(cut);
 }

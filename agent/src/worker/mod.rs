@@ -150,6 +150,7 @@ pub fn run(cfg: &AgentConfig, dir: &Path) -> Result<i32, WorkerError> {
         rto: Duration::from_secs(10),
         reconnect_min: cfg.agent.reconnect_min,
         reconnect_max: cfg.agent.reconnect_max,
+        spread: cfg.agent.spread_over_upstreams,
         heartbeat_interval: cfg.agent.heartbeat_interval,
         status: status.clone(),
         work_dir: dir.join(WORK_DIR),

@@ -53,6 +53,10 @@ pub struct AgentView {
     pub upgrade_recommended: bool,
     /// Offline for longer than `retention.mark_stale_after_s`.
     pub stale: bool,
+    /// On a cluster where every node serves agents: the member node that serves it (absent:
+    /// the active node, or none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// Whether an agent reporting `version` runs an older release than this server. Versions
@@ -106,6 +110,7 @@ fn agent_status_of(
         } else {
             Status::Offline
         },
+        node: p.node.clone().filter(|_| p.online),
         version: p.version,
         path: p.path.iter().map(|id| name_of(names, id)).collect(),
         last_seen_unix_ms: p.last_seen_unix_ms,

@@ -51,6 +51,9 @@ pub struct RawAgentSection {
     pub job_retention_ms: i64,
     /// Users steps may run as (`run_as` step property) besides the agent's own.
     pub run_as_users: Vec<String>,
+    /// Start where a hash of the agent's id says in the upstream list, not with the first: a
+    /// fleet listing every node of a cluster spreads over them.
+    pub spread_over_upstreams: bool,
     /// Where the directories of steps run as another user go (`<job>-<user>`, theirs).
     pub run_as_dir: PathBuf,
     /// The HTTP proxy to reach upstreams and downloads through
@@ -76,6 +79,7 @@ impl Default for RawAgentSection {
             upgrade_trial_timeout_ms: 60_000,
             job_retention_ms: 86_400_000,
             run_as_users: Vec::new(),
+            spread_over_upstreams: false,
             run_as_dir: PathBuf::from("/var/lib/tether/agent-steps"),
             proxy: String::new(),
             no_proxy: Vec::new(),
@@ -141,6 +145,9 @@ pub struct AgentSection {
     #[serde(rename = "job_retention_ms", serialize_with = "serialize_millis")]
     pub job_retention: Duration,
     /// Users steps may run as besides the agent's own.
+    /// Start where a hash of the agent's id says in the upstream list (see
+    /// `crate::dialer::placement`), not with the first.
+    pub spread_over_upstreams: bool,
     pub run_as_users: Vec<String>,
     /// Parent of the directories of steps run as another user.
     pub run_as_dir: PathBuf,
@@ -298,6 +305,7 @@ impl RawConfig for RawAgentConfig {
                     upgrade_trial_timeout: trial?,
                     job_retention: retention?,
                     run_as_users: a.run_as_users.clone(),
+                    spread_over_upstreams: a.spread_over_upstreams,
                     run_as_dir: run_as_dir?,
                     proxy: Secret::new(a.proxy.clone()),
                     no_proxy: a.no_proxy.clone(),

@@ -80,6 +80,8 @@ pub struct UplinkConfig {
     pub rto: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// Spread over the upstreams (see `tether_shared::dialer::placement`).
+    pub spread: bool,
     /// Heartbeat interval until the server's Welcome names one.
     pub heartbeat_interval: Duration,
     /// The worker's status (actor health), sent in every heartbeat.
@@ -168,7 +170,7 @@ impl Uplink {
             ep,
             dial: Dialer::new(DialerConfig {
                 upstreams: cfg.upstreams.clone(),
-                owner: cfg.agent_id.clone(),
+                spread_as: cfg.spread.then(|| cfg.agent_id.clone()),
                 path: "",
                 max_frame: MAX_SEALED_BYTES,
                 reconnect_min: cfg.reconnect_min,

@@ -139,6 +139,10 @@ impl AgentLink {
                         tracing::error!(agent_id = %self.agent_id, key = %key, "inbox-event-unreadable-dropped")
                     }
                 },
+                Some(Inboxed::Departure(node)) => {
+                    tracing::info!(agent_id = %self.agent_id, node = %node, "agent-left-elsewhere");
+                    self.shared.presence.left_elsewhere(&self.agent_id, &node);
+                }
                 Some(Inboxed::Greeting(greeting)) => {
                     let (more, queued) = self.greeted(&greeting);
                     ops.extend(more);
@@ -156,7 +160,10 @@ impl AgentLink {
     /// What a handshake on a member changes here: what the agent takes (its sealing key, its
     /// release's abilities), its jobs failed if it lost its state, and its waiting jobs sent.
     fn greeted(&mut self, greeting: &Greeting) -> (Vec<Op>, Option<Seq>) {
-        tracing::info!(agent_id = %self.agent_id, reset = greeting.reset, "agent-attached-elsewhere");
+        tracing::info!(agent_id = %self.agent_id, node = %greeting.node, reset = greeting.reset, "agent-attached-elsewhere");
+        self.shared
+            .presence
+            .set_elsewhere(&self.agent_id, &greeting.version, &greeting.node);
         self.trust_capable = tether_shared::trust::understood_by(&greeting.version);
         self.runs_as = greeting.runs_as;
         self.shared

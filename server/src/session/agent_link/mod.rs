@@ -857,7 +857,8 @@ impl AgentLink {
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
         if member {
             // The active node learns what the agent takes, and whether it lost its state.
-            match serde_json::to_vec(&crate::mail::Greeting::of(&hello, reset)) {
+            let node = self.shared.claims.as_ref().map_or("", |c| c.node());
+            match serde_json::to_vec(&crate::mail::Greeting::of(&hello, reset, node)) {
                 Ok(v) => ops.push(Op::PutMeta {
                     key: crate::mail::greeting_key(&self.agent_id, self.ep.inbound.durable().0),
                     value: v,
@@ -979,10 +980,29 @@ pub struct Detach {
 impl Handler<Detach> for AgentLink {
     type Result = ();
 
-    fn handle(&mut self, msg: Detach, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Detach, ctx: &mut Self::Context) {
         if self.current(msg.conn) {
             self.session = None;
             self.ep.disconnect();
+            if let (true, Some(claims)) = (self.shared.member, &self.shared.claims) {
+                // The active node learns that the agent left (unless another node claimed
+                // it since: then this writes nothing).
+                let key = crate::mail::departure_key(&self.agent_id, self.ep.inbound.durable().0);
+                let ops = vec![Op::PutMeta {
+                    key,
+                    value: claims.node().as_bytes().to_vec(),
+                }];
+                let commit = self.commit(ops);
+                let agent_id = self.agent_id.clone();
+                ctx.spawn(
+                    async move {
+                        if let Err(e) = commit.await {
+                            tracing::debug!(agent_id = %agent_id, error = %e, "departure-not-noted");
+                        }
+                    }
+                    .into_actor(self),
+                );
+            }
         }
     }
 }

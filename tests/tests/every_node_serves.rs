@@ -104,9 +104,15 @@ fn every_step_once(server: &Server, id: &str, marks: &Path, jobs: usize) {
 
 /// Lists `first` then `then` as `agent`'s upstreams (it enrolled with the active node).
 fn prefer(agent: &Agent, first: &str, then: &str) {
+    set_upstreams(agent, &[first.to_owned(), then.to_owned()]);
+}
+
+/// Lists `upstreams` as `agent`'s (it enrolled with the active node, which members leave
+/// enrollment to).
+fn set_upstreams(agent: &Agent, upstreams: &[String]) {
     let path = agent.dir.join("agent.json");
     let mut state: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    state["upstreams"] = json!([first, then]);
+    state["upstreams"] = json!(upstreams);
     std::fs::write(&path, serde_json::to_vec_pretty(&state).unwrap()).unwrap();
 }
 
@@ -364,4 +370,157 @@ fn a_member_cut_off_from_the_database_acknowledges_nothing_and_its_agents_finish
     let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
     assert!(log.contains("member-lost-the-database"), "{log}");
     drop(cut);
+}
+
+/// The node of `nodes` that is active now (its health says so).
+fn active_of<'a>(nodes: &[&'a Server]) -> Option<&'a Server> {
+    nodes.iter().copied().find(|n| {
+        n.try_health()
+            .is_some_and(|h| h["cluster"]["role"] == "active")
+    })
+}
+
+/// Waits for deployment `id` to succeed on whichever of `nodes` is active (it may change
+/// meanwhile); then every step ran exactly once on each of its `jobs` agents.
+fn every_step_once_on_any(nodes: &[&Server], id: &str, marks: &Path, jobs: usize) {
+    let d = eventually("the deployment succeeded", Duration::from_secs(180), || {
+        let server = active_of(nodes)?;
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}"), None);
+        (r.status == 200 && r.json()["status"] == "succeeded").then(|| r.json())
+    });
+    let expected: Vec<String> = (1..=STEPS).map(|i| format!("s{i}")).collect();
+    let got = marks_in(marks);
+    assert_eq!(got.len(), jobs, "{d}");
+    assert!(
+        got.iter().all(|m| *m == expected),
+        "a step ran twice or not at all: {got:?}"
+    );
+}
+
+#[test]
+fn three_nodes_serve_a_fleet_and_lose_nothing_when_one_is_killed_or_each_restarted_in_turn() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let mut b = a.another_node(
+        &tmp.path().join("b"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
+    );
+    let mut c = a.another_node(
+        &tmp.path().join("c"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-c")],
+    );
+    b.wait_active(WAIT);
+    c.wait_active(WAIT);
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, &marks);
+    // Direct agents list the two members only, spread over them by their ids; a relay (which
+    // members leave to the active node) carries a few more.
+    let members = [b.upstream(), c.upstream()];
+    let spread = [("TETHER_AGENT__SPREAD_OVER_UPSTREAMS", "true")];
+    let relay =
+        tether_tests::relays::Relay::start(&a, &[a.upstream(), b.upstream()], tmp.path(), "relay");
+    let mut agents: Vec<Agent> = (1..=16)
+        .map(|i| {
+            let name = format!("d{i:02}");
+            let mut agent =
+                Agent::install_via(&a, &[a.upstream()], tmp.path(), &name, &[], &spread);
+            set_upstreams(&agent, &members);
+            agent.run();
+            agent
+        })
+        .collect();
+    for i in 1..=4 {
+        let mut agent = Agent::install_via(
+            &a,
+            &[relay.upstream()],
+            tmp.path(),
+            &format!("r{i}"),
+            &[],
+            &[],
+        );
+        agent.run();
+        agents.push(agent);
+    }
+    let served_by = |agent: &Agent| {
+        claim(&pg, &agent.id)
+            .split(' ')
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    };
+    eventually("every agent claimed", WAIT, || {
+        agents
+            .iter()
+            .all(|ag| !served_by(ag).is_empty())
+            .then_some(())
+    });
+    let by: Vec<String> = agents.iter().map(served_by).collect();
+    for (agent, node) in agents.iter().zip(&by) {
+        let expected: &[&str] = match agent.name.starts_with('r') {
+            true => &["node-a"],
+            false => &["node-b", "node-c"],
+        };
+        assert!(
+            expected.contains(&node.as_str()),
+            "{} served by {node}",
+            agent.name
+        );
+    }
+    let on = |n: &str| by.iter().filter(|b| *b == n).count();
+    eprintln!(
+        "served by node b: {}, node c: {}, node a: {}",
+        on("node-b"),
+        on("node-c"),
+        on("node-a")
+    );
+    assert!(
+        on("node-b") >= 2 && on("node-c") >= 2,
+        "the agents spread over the members: {by:?}"
+    );
+    let all: Vec<&Agent> = agents.iter().collect();
+
+    // A deployment to all of them, started on the active node; node c killed in its middle.
+    let id = deploy(&a, &all);
+    eventually("the deployment under way", WAIT, || {
+        marks_in(&marks)
+            .iter()
+            .filter(|l| l.len() >= 2)
+            .count()
+            .ge(&4)
+            .then_some(())
+    });
+    c.kill();
+    every_step_once_on_any(&[&a, &b], &id, &marks, all.len());
+    eventually("node c's agents on node b", WAIT, || {
+        agents
+            .iter()
+            .filter(|ag| ag.name.starts_with('d'))
+            .all(|ag| served_by(ag) == "node-b")
+            .then_some(())
+    });
+
+    // A rolling restart of the three, one at a time, while a deployment runs.
+    c.spawn();
+    c.wait_active(WAIT);
+    clear(&marks);
+    let id = deploy(&a, &all);
+    for (i, node) in [&mut b, &mut c, &mut a].into_iter().enumerate() {
+        eventually("the deployment under way", WAIT, || {
+            marks_in(&marks)
+                .iter()
+                .map(Vec::len)
+                .sum::<usize>()
+                .ge(&(4 * (i + 1)))
+                .then_some(())
+        });
+        node.stop();
+        node.spawn();
+        node.wait_active(WAIT);
+    }
+    every_step_once_on_any(&[&a, &b, &c], &id, &marks, all.len());
+    drop(relay);
 }

@@ -1,0 +1,228 @@
+//! Cluster: two server nodes on one PostgreSQL (the bench starts it) with
+//! `every_node_serves_agents`: node a active, node b a member. `TETHER_BENCH_CLUSTER` (default
+//! 5,000) simulated agents (`loadgen`, real protocol and TLS), half connected to node a, half
+//! to node b (through a forwarder that falls back to node a, as a load balancer would).
+//!
+//! Measured, in one run:
+//! - **Command latency**: a one-step deployment started on node a, from the REST call until
+//!   node a records each job's result, for agents node a serves (same node: the baseline) and
+//!   for agents node b serves (cross node: the commands go through the mailbox, the events
+//!   through the inbox). p50/p99 of each, and the cross-node p99 over the same-node p99.
+//!   Target: cross-node p99 ≤ same-node p99 + 10 ms.
+//! - **Events**: durable agent→server events/s with the fleet on two nodes, and then on one
+//!   node (node a alone, after node b was killed), and the servers' CPU seconds per 1,000
+//!   events in each case.
+//! - **Resettle**: node b killed; time until every one of its agents is served by node a
+//!   (claimed, and its session ready). Target < 30 s.
+//!
+//! `cargo bench -p tether-tests --bench cluster` (`make bench`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // bench glue may unwrap
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_tests::fleet::{eventually, Forwarder, Server, TestDir};
+use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+use tether_tests::measure::{cpu_s, dispatch, percentile};
+use tether_tests::postgres::Postgres;
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+/// Agents of each side whose command latency is measured, and the deployments timed.
+const SAMPLE: usize = 100;
+const ROUNDS: usize = 5;
+/// Probe events each agent sends in an events phase.
+const EVENTS_EACH: u64 = 40;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+/// How many agents `node` holds the claim of.
+fn claimed_by(pg: &Postgres, node: &str) -> usize {
+    pg.psql(&format!(
+        "SELECT count(*) FROM tether_claims WHERE node = '{node}'"
+    ))
+    .parse()
+    .unwrap_or(0)
+}
+
+/// The per-agent latencies (ms) of `ROUNDS` one-step deployments to `ids` started on `node`.
+fn latencies(node: &Server, ids: &[String]) -> Vec<u64> {
+    let mut all = Vec::new();
+    for _ in 0..ROUNDS {
+        let (_, each) = dispatch(node, "trivial", ids).expect("a timed deployment");
+        all.extend(each);
+    }
+    all.sort_unstable();
+    all
+}
+
+/// Events/s for `fleets` sending [`EVENTS_EACH`] each, and the CPU seconds `pids` spent.
+fn events(fleets: &[&Fleet], pids: &[u32]) -> (f64, f64, u64) {
+    let acked = || -> u64 {
+        fleets
+            .iter()
+            .map(|f| f.stats().events_acked.load(Ordering::Relaxed))
+            .sum()
+    };
+    let total: u64 = fleets.iter().map(|f| f.ids().len() as u64).sum::<u64>() * EVENTS_EACH;
+    let base = acked();
+    let cpu0: f64 = pids.iter().map(|p| cpu_s(Some(*p))).sum();
+    let started = Instant::now();
+    for f in fleets {
+        f.set_events(EVENTS_EACH, 0);
+    }
+    eventually("every event acknowledged", TIMEOUT, || {
+        (acked() >= base + total).then_some(())
+    });
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu: f64 = pids.iter().map(|p| cpu_s(Some(*p))).sum::<f64>() - cpu0;
+    (total as f64 / elapsed, cpu, total)
+}
+
+fn main() {
+    let n = usize::try_from(env_u64("TETHER_BENCH_CLUSTER", 5_000)).unwrap();
+    let Some(pg) = Postgres::start() else {
+        eprintln!("cluster bench: PostgreSQL is not installed (make setup)");
+        std::process::exit(1);
+    };
+    let dir = TestDir::new();
+    let url = pg.url();
+    let env = |node: &'static str| {
+        vec![
+            ("TETHER_STORAGE__BACKEND", "postgres"),
+            ("TETHER_STORAGE__URL", url.as_str()),
+            ("TETHER_STORAGE__NODE_NAME", node),
+            ("TETHER_STORAGE__LEASE_TTL_MS", "5000"),
+            ("TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS", "true"),
+            ("TETHER_LOG__LEVEL", "warn"),
+        ]
+    };
+    let a = Server::start_with(&dir.path().join("a"), &env("node-a"));
+    let mut b = a.another_node(
+        &dir.path().join("b"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
+    );
+    b.wait_active(TIMEOUT);
+    let to_b = Forwarder::start_to(vec![b.wss, a.wss], true);
+
+    let ca = std::fs::read_to_string(a.ca_path()).unwrap();
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let token = a.token(u32::try_from(n).unwrap());
+    let mut agents = enroll_many(
+        a.wss,
+        Arc::new(tls.clone()),
+        "localhost",
+        &token,
+        "sim",
+        n,
+        32,
+    )
+    .unwrap();
+    let on_b_agents = agents.split_off(n / 2);
+    let (same, cross): (Vec<String>, Vec<String>) = (
+        agents
+            .iter()
+            .take(SAMPLE)
+            .map(|e| e.agent_id.clone())
+            .collect(),
+        on_b_agents
+            .iter()
+            .take(SAMPLE)
+            .map(|e| e.agent_id.clone())
+            .collect(),
+    );
+    let half_b = on_b_agents.len();
+    let fleet_a = Fleet::start(SimConfig::new(a.wss, "localhost", tls.clone()), agents).unwrap();
+    let fleet_b = Fleet::start(
+        SimConfig::new(to_b.addr, "localhost", tls.clone()),
+        on_b_agents,
+    )
+    .unwrap();
+    eventually("every agent served by its node", TIMEOUT, || {
+        (fleet_a.stats().ready.load(Ordering::Relaxed) == n - half_b
+            && fleet_b.stats().ready.load(Ordering::Relaxed) == half_b
+            && claimed_by(&pg, "node-b") == half_b)
+            .then_some(())
+    });
+    a.shell_process("trivial", "echo hello");
+    assert!(dispatch(&a, "trivial", &same).is_some(), "warm-up");
+    assert!(dispatch(&a, "trivial", &cross).is_some(), "warm-up");
+
+    // Command latency: same node, cross node, alternately.
+    let (mut same_ms, mut cross_ms) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        same_ms.extend(latencies(&a, &same));
+        cross_ms.extend(latencies(&a, &cross));
+    }
+    same_ms.sort_unstable();
+    cross_ms.sort_unstable();
+
+    // Events with the fleet on two nodes.
+    let (pid_a, pid_b) = (a.pid().unwrap(), b.pid().unwrap());
+    let (two_eps, two_cpu, two_total) = events(&[&fleet_a, &fleet_b], &[pid_a, pid_b]);
+    let cpu_a0 = cpu_s(Some(pid_a));
+
+    // Resettle: node b killed; its agents go to node a.
+    let killed = Instant::now();
+    b.kill();
+    eventually("node b's agents served by node a", TIMEOUT, || {
+        (claimed_by(&pg, "node-a") == n && fleet_b.stats().ready.load(Ordering::Relaxed) == half_b)
+            .then_some(())
+    });
+    let resettle_s = killed.elapsed().as_secs_f64();
+    let resettle_cpu = cpu_s(Some(pid_a)) - cpu_a0;
+
+    // Events with the fleet on one node.
+    let (one_eps, one_cpu, one_total) = events(&[&fleet_a, &fleet_b], &[pid_a]);
+
+    let p = |v: &[u64], q: f64| percentile(v, q);
+    println!("\ncluster: {n} simulated agents, node a active, node b a member (2 cores, shared with PostgreSQL and the load generator)");
+    println!(
+        "command latency, one-step deployment of {SAMPLE} agents from node a ({} jobs each):",
+        same_ms.len()
+    );
+    println!(
+        "  same node (served by a):   p50 {:>5} ms  p99 {:>5} ms",
+        p(&same_ms, 50.0),
+        p(&same_ms, 99.0)
+    );
+    println!(
+        "  cross node (served by b):  p50 {:>5} ms  p99 {:>5} ms",
+        p(&cross_ms, 50.0),
+        p(&cross_ms, 99.0)
+    );
+    let (s99, c99) = (p(&same_ms, 99.0), p(&cross_ms, 99.0));
+    println!(
+        "  cross/same: p50 {:.2}x, p99 {:.2}x; target p99 ≤ same p99 + 10 ms = {} ms: {}",
+        p(&cross_ms, 50.0) as f64 / p(&same_ms, 50.0).max(1) as f64,
+        c99 as f64 / s99.max(1) as f64,
+        s99 + 10,
+        if c99 <= s99 + 10 { "met" } else { "MISSED" }
+    );
+    println!("events ({EVENTS_EACH} per agent):");
+    println!(
+        "  two nodes: {two_eps:>8.0} events/s, {:.2} CPU s per 1,000 events (both servers)",
+        1000.0 * two_cpu / two_total as f64
+    );
+    println!(
+        "  one node:  {one_eps:>8.0} events/s, {:.2} CPU s per 1,000 events",
+        1000.0 * one_cpu / one_total as f64
+    );
+    println!(
+        "  two/one: {:.2}x events/s, {:.2}x CPU per event",
+        two_eps / one_eps.max(1.0),
+        (two_cpu / two_total as f64) / (one_cpu / one_total as f64).max(f64::MIN_POSITIVE)
+    );
+    println!(
+        "resettle: {half_b} agents of node b served by node a {resettle_s:.1} s after its SIGKILL ({resettle_cpu:.1} CPU s on node a); target < 30 s: {}",
+        if resettle_s < 30.0 { "met" } else { "MISSED" }
+    );
+    drop(fleet_a);
+    drop(fleet_b);
+}

@@ -94,6 +94,9 @@ pub struct Loaded {
     /// On a cluster whose nodes all serve agents: the database's hints that inbox or mailbox
     /// entries were written (see `crate::mail`).
     pub hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    /// On a member: the active node's lease epoch, each time another node takes over (its
+    /// agents greet the new one: see `crate::mail::greet_each_active_node`).
+    pub active_epochs: Option<tokio::sync::watch::Receiver<i64>>,
     /// What agents reported after this server was restored behind them.
     pub reconciliations: Arc<crate::reconcile::Reconciliations>,
 }
@@ -182,6 +185,10 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         claims: loaded.claims.clone(),
         member: loaded.serving == Serving::Member,
         has_members: loaded.serving == Serving::Active,
+        mail_epoch: loaded
+            .cluster
+            .as_ref()
+            .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0)),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {
@@ -209,6 +216,12 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
                 loaded.registry.clone(),
                 session_registry.clone(),
             ));
+            if let Some(epochs) = loaded.active_epochs {
+                actix_rt::spawn(crate::mail::greet_each_active_node(
+                    epochs,
+                    session_registry.clone(),
+                ));
+            }
         }
         serving => {
             if serving == Serving::Active {

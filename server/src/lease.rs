@@ -213,6 +213,11 @@ pub struct Standby {
     pub addr: SocketAddr,
     /// When the database last answered its look at the lease.
     heard: Arc<Mutex<std::time::Instant>>,
+    /// Set when the node stops: a member's wait for the lease ends (see
+    /// [`Standby::wait_as_member`]).
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// The active node's lease epoch, as last seen.
+    epochs: tokio::sync::watch::Sender<i64>,
 }
 
 impl Standby {
@@ -276,6 +281,8 @@ impl Standby {
             role,
             addr,
             heard: Arc::new(Mutex::new(std::time::Instant::now())),
+            stopping: Arc::default(),
+            epochs: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -287,16 +294,10 @@ impl Standby {
     /// A member's wait for the lease, on a thread of its own: the answer comes once this node
     /// holds the lease (then it starts over as the active node), or the database refused; and
     /// when the database last answered it (see [`cut_off`]).
-    pub fn wait_as_member(
-        self,
-        store: Arc<PgStore>,
-        node: &str,
-        ttl: Duration,
-    ) -> (
-        tokio::sync::oneshot::Receiver<Result<Lease, JournalError>>,
-        Arc<Mutex<std::time::Instant>>,
-    ) {
+    pub fn wait_as_member(self, store: Arc<PgStore>, node: &str, ttl: Duration) -> MemberWait {
         let heard = self.heard.clone();
+        let stopping = self.stopping.clone();
+        let epochs = self.epochs.subscribe();
         let (taken, answer) = tokio::sync::oneshot::channel();
         let node = node.to_owned();
         let spawned = std::thread::Builder::new()
@@ -309,10 +310,20 @@ impl Standby {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "member-cannot-wait-for-the-lease");
         }
-        (answer, heard)
+        MemberWait {
+            taken: answer,
+            heard,
+            stopping,
+            epochs,
+        }
     }
 
     fn saw(&self, holder: LeaseHolder) {
+        self.epochs.send_if_modified(|seen| {
+            let changed = *seen != holder.epoch;
+            *seen = holder.epoch;
+            changed
+        });
         *self.active.lock().unwrap_or_else(PoisonError::into_inner) = Some(holder);
     }
 
@@ -329,6 +340,18 @@ impl Standby {
 
 /// Waits (blocking) until this node holds the lease; logs who holds it meanwhile and tells
 /// `standby` (if any).
+/// A member's wait for the lease, as [`Standby::wait_as_member`] started it.
+pub struct MemberWait {
+    /// Answered once this node holds the lease, or the database refused.
+    pub taken: tokio::sync::oneshot::Receiver<Result<Lease, JournalError>>,
+    /// When the database last answered (see [`cut_off`]).
+    pub heard: Arc<Mutex<std::time::Instant>>,
+    /// Set it to end the wait (the node stops).
+    pub stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// The active node's lease epoch, each time another node takes over.
+    pub epochs: tokio::sync::watch::Receiver<i64>,
+}
+
 /// Resolves once the database has not answered a member's look at the lease (see
 /// [`Standby::wait_as_member`]) for a whole lease: the member is cut off from it, and commits
 /// (so acknowledges) nothing for the agents it serves, which should go to another node.
@@ -361,7 +384,20 @@ pub fn become_active(
     // When this standby last noted itself in the node list.
     let mut noted: Option<std::time::Instant> = None;
     loop {
-        match store.acquire_lease(node, ttl)? {
+        if standby.is_some_and(|s| s.stopping.load(std::sync::atomic::Ordering::Acquire)) {
+            return Err(JournalError::Closed);
+        }
+        let looked = match store.acquire_lease(node, ttl) {
+            // A member keeps serving through a passing failure: it lets its agents go only
+            // once the database has been silent for a lease (see `cut_off`).
+            Err(e) if standby.is_some_and(|s| s.role == "member") => {
+                tracing::warn!(node = %node, error = %e, "member-cannot-look-at-the-lease");
+                std::thread::sleep((ttl / 3).min(Duration::from_secs(1)));
+                continue;
+            }
+            looked => looked?,
+        };
+        match looked {
             Ok(lease) => return Ok(lease),
             Err(holder) => {
                 let now = (holder.holder.clone(), holder.epoch);

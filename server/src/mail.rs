@@ -42,20 +42,24 @@ pub const POLL: Duration = Duration::from_millis(250);
 /// Entries read per look.
 const PAGE: usize = 1024;
 
-/// The key of event `seq` of `agent` in the inbox.
-pub fn event_key(agent: &AgentId, seq: u64) -> String {
-    format!("{INBOX_PREFIX}{agent}/{seq:020}.e")
+/// What an inbox row is, by the last letter of its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Event,
+    Greeting,
+    Departure,
 }
 
-/// The key of a handshake of `agent` in the inbox, after event `seq` (its last durable one).
-pub fn greeting_key(agent: &AgentId, seq: u64) -> String {
-    format!("{INBOX_PREFIX}{agent}/{seq:020}.h")
-}
-
-/// The key of the end of a session of `agent` on a member, after event `seq` (sorted before a
-/// later handshake's at the same seq).
-pub fn departure_key(agent: &AgentId, seq: u64) -> String {
-    format!("{INBOX_PREFIX}{agent}/{seq:020}.d")
+/// The key of the `n`th inbox row a member wrote for `agent` under its claim at `epoch`: one
+/// agent's rows sort in the order they were written, whichever member wrote them (a later
+/// claim has a higher epoch, and an older claim can write nothing once it exists).
+pub fn inbox_key(agent: &AgentId, epoch: u64, n: u64, kind: Kind) -> String {
+    let letter = match kind {
+        Kind::Event => 'e',
+        Kind::Greeting => 'h',
+        Kind::Departure => 'd',
+    };
+    format!("{INBOX_PREFIX}{agent}/{epoch:020}/{n:020}.{letter}")
 }
 
 /// Every key of `agent` in the inbox or the mailbox starts with this.
@@ -63,23 +67,22 @@ pub fn agent_prefix(prefix: &str, agent: &AgentId) -> String {
     format!("{prefix}{agent}/")
 }
 
-/// A fresh mailbox key for `agent`: after every key this process gave before, and (clocks
-/// permitting) every key an earlier active node gave.
-pub fn mail_key(agent: &AgentId) -> String {
-    static LAST: AtomicU64 = AtomicU64::new(0);
-    let now = u64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros(),
-    )
-    .unwrap_or(u64::MAX);
-    let n = LAST
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |last| {
-            Some(now.max(last + 1))
-        })
-        .map_or(now, |last| now.max(last + 1));
-    format!("{MAILBOX_PREFIX}{agent}/{n:020}")
+/// A fresh mailbox key for `agent`, made by the active node at lease `epoch`: after every key
+/// this process gave before, and every key an earlier active node gave (a takeover raises the
+/// epoch).
+pub fn mail_key(agent: &AgentId, epoch: u64) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{MAILBOX_PREFIX}{agent}/{epoch:020}/{n:020}")
+}
+
+/// A mailbox row: a signed command not yet numbered, for the agent's incarnation it was made
+/// for (empty: any). The node that serves the agent drops it if the agent has lost its state
+/// since (the active node fails the work such a command carried).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Mail {
+    pub incarnation: String,
+    pub command: tether_shared::protocol::Command,
 }
 
 /// The agent an inbox or mailbox key belongs to.
@@ -128,6 +131,9 @@ pub struct Greeting {
     pub runs_as: bool,
     pub operations: bool,
     pub trust_serial: u64,
+    /// The agent's incarnation (its journal's).
+    #[serde(default)]
+    pub incarnation: String,
     /// The agent lost its state (a new journal): what it was running has failed.
     pub reset: bool,
     /// The member node that serves it.
@@ -144,6 +150,7 @@ impl Greeting {
             runs_as: hello.runs_as,
             operations: hello.operations,
             trust_serial: hello.trust_serial,
+            incarnation: hello.incarnation.clone(),
             reset,
         }
     }
@@ -229,6 +236,21 @@ pub async fn deliver_forever(
     }
 }
 
+/// On a member: each time another node becomes active, every agent served here greets it
+/// (what the last active node knew of them from their handshakes is not in its successor's
+/// memory).
+pub async fn greet_each_active_node(
+    mut epochs: tokio::sync::watch::Receiver<i64>,
+    sessions: Addr<SessionRegistry>,
+) {
+    epochs.mark_unchanged();
+    while epochs.changed().await.is_ok() {
+        let epoch = *epochs.borrow_and_update();
+        tracing::info!(epoch, "member-greets-a-new-active-node");
+        sessions.do_send(crate::session::session_registry::GreetAgain);
+    }
+}
+
 /// How often a member reads the registry again.
 pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
 
@@ -269,28 +291,31 @@ mod tests {
     }
 
     #[test]
-    fn keys_sort_by_agent_then_seq_and_name_their_agent() {
+    fn keys_sort_by_agent_then_in_the_order_written_and_name_their_agent() {
         let (a, b) = (agent("0a"), agent("0a1"));
         let keys = [
-            departure_key(&a, 9),
-            event_key(&a, 9),
-            greeting_key(&a, 9),
-            event_key(&a, 10),
-            event_key(&b, 1),
+            inbox_key(&a, 2, 9, Kind::Event),
+            inbox_key(&a, 2, 10, Kind::Departure),
+            // A later claim (another member, or the same after a rebuild) starts its count
+            // again: its rows still come after.
+            inbox_key(&a, 3, 0, Kind::Greeting),
+            inbox_key(&a, 3, 1, Kind::Event),
+            inbox_key(&b, 1, 0, Kind::Event),
         ];
         let mut sorted = keys.clone();
         sorted.sort();
-        assert_eq!(
-            sorted, keys,
-            "one agent's entries in seq order, a greeting after its seq"
-        );
+        assert_eq!(sorted, keys, "one agent's rows in the order written");
         assert!(!keys[4].starts_with(&agent_prefix(INBOX_PREFIX, &a)));
         assert_eq!(agent_of(&keys[3]), Some(a.clone()));
         assert_eq!(
-            Inboxed::read(&keys[0], b"node-b".to_vec()),
+            Inboxed::read(&keys[1], b"node-b".to_vec()),
             Some(Inboxed::Departure("node-b".into()))
         );
-        assert_eq!(agent_of(&mail_key(&b)), Some(b));
+        assert_eq!(agent_of(&mail_key(&b, 1)), Some(b.clone()));
+        assert!(
+            mail_key(&b, 1) < mail_key(&b, 2),
+            "a later active node's come after"
+        );
         assert_eq!(agent_of("inbox/not an id/1.e"), None);
         assert_eq!(agent_of("other/a-0a/1.e"), None);
     }
@@ -298,7 +323,7 @@ mod tests {
     #[test]
     fn mail_keys_only_grow() {
         let a = agent("0b");
-        let keys: Vec<String> = (0..1000).map(|_| mail_key(&a)).collect();
+        let keys: Vec<String> = (0..1000).map(|_| mail_key(&a, 7)).collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
     }
 
@@ -311,26 +336,30 @@ mod tests {
             runs_as: true,
             operations: false,
             trust_serial: 3,
+            incarnation: "i".into(),
             reset: true,
             node: "node-b".into(),
         };
         let value = serde_json::to_vec(&greeting).unwrap();
         assert_eq!(
-            Inboxed::read(&greeting_key(&a, 1), value),
+            Inboxed::read(&inbox_key(&a, 1, 1, Kind::Greeting), value),
             Some(Inboxed::Greeting(greeting))
         );
         assert_eq!(
-            Inboxed::read(&event_key(&a, 2), b"x".to_vec()),
+            Inboxed::read(&inbox_key(&a, 1, 2, Kind::Event), b"x".to_vec()),
             Some(Inboxed::Event(b"x".to_vec()))
         );
-        assert_eq!(Inboxed::read(&greeting_key(&a, 1), b"{".to_vec()), None);
+        assert_eq!(
+            Inboxed::read(&inbox_key(&a, 1, 1, Kind::Greeting), b"{".to_vec()),
+            None
+        );
         assert_eq!(Inboxed::read("inbox/a-0c/1.q", Vec::new()), None);
         let b = agent("0d");
         let rows = vec![
-            (event_key(&a, 1), vec![1]),
-            (event_key(&a, 2), vec![2]),
+            (inbox_key(&a, 1, 1, Kind::Event), vec![1]),
+            (inbox_key(&a, 1, 2, Kind::Event), vec![2]),
             ("inbox/not an id/1.e".to_owned(), vec![]),
-            (event_key(&b, 1), vec![3]),
+            (inbox_key(&b, 1, 1, Kind::Event), vec![3]),
         ];
         let grouped = by_agent(rows);
         assert_eq!(grouped.len(), 2);

@@ -228,6 +228,8 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     // A member: its operators' port (which sends operators to the active node), and the lease
     // once it takes it.
     let mut member: Option<(lease::Nodes, SocketAddr, MemberLease)> = None;
+    let mut member_stopping: Option<Arc<std::sync::atomic::AtomicBool>> = None;
+    let mut active_epochs = None;
     let (journal, recovered) = match &opts.storage {
         Storage::Sled => Journal::open(&dir.join(JOURNAL_DIR), &journal_opts)?,
         Storage::Postgres {
@@ -276,8 +278,14 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                     if *every_node_serves_agents {
                         store.serve_as_member();
                         let (nodes, addr) = (standby.nodes(), standby.addr);
-                        let (taken, heard) =
-                            standby.wait_as_member(store.clone(), node_name, *lease_ttl);
+                        let lease::MemberWait {
+                            taken,
+                            heard,
+                            stopping,
+                            epochs,
+                        } = standby.wait_as_member(store.clone(), node_name, *lease_ttl);
+                        active_epochs = Some(epochs);
+                        member_stopping = Some(stopping);
                         let ttl = *lease_ttl;
                         // Its agents leave once it is cut off from the database (it could
                         // acknowledge nothing for them).
@@ -397,6 +405,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         claims,
         serving,
         hints,
+        active_epochs,
     };
     let (drain, drains) = drain.unzip();
     let kept = drain.clone();
@@ -405,7 +414,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             actix_rt::spawn(lease::keep(store, lease, nodes.clone(), drain));
         }
         serve(dir, opts, loaded, drains, nodes, member).await
-    })?;
+    });
+    if let Some(stopping) = member_stopping {
+        // Whatever ended it, a member that stopped serving takes no lease in this process.
+        stopping.store(true, std::sync::atomic::Ordering::Release);
+    }
+    let took_lease = took_lease?;
     if took_lease {
         // This member holds the lease now: it starts over as the active node.
         tracing::info!("lease-taken-starting-over-as-the-active-node");

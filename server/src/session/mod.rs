@@ -131,6 +131,8 @@ pub struct SessionShared {
     /// This node is the active node of a cluster whose other nodes serve agents too: the
     /// commands of an agent it does not serve go to the mailbox.
     pub has_members: bool,
+    /// The lease epoch of this active node: its mailbox rows sort after every earlier one's.
+    pub mail_epoch: u64,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

@@ -163,6 +163,22 @@ impl Handler<Deliver> for SessionRegistry {
     }
 }
 
+/// On a member: every link with a session greets the active node again (see
+/// `crate::mail::greet_each_active_node`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GreetAgain;
+
+impl Handler<GreetAgain> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _: GreetAgain, _: &mut Self::Context) {
+        for entry in self.agents.values() {
+            entry.link.do_send(crate::session::agent_link::GreetAgain);
+        }
+    }
+}
+
 /// Every link, for health and metrics.
 #[derive(Message)]
 #[rtype(result = "ListedLinks")]

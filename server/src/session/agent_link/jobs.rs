@@ -20,6 +20,12 @@ impl AgentLink {
     /// seq and the ops (commands + job marks) to commit, or `None` if nothing is waiting.
     /// (Jobs that could not be sent, failed instead, have only ops: `None` as the seq.)
     pub(super) fn take_jobs(&mut self) -> Result<Option<Taken>, AgentLinkError> {
+        if self.remote() && self.remote_incarnation.is_none() {
+            // Served elsewhere (or nowhere) and not heard of since this node started: what it
+            // can take (its key for secrets, `run_as`) is not known yet. Its greeting, when it
+            // (re)connects, dispatches its jobs.
+            return Ok(None);
+        }
         let sealing = match &self.sealing {
             None => Sealing::Unknown,
             Some(Err(why)) => Sealing::Unable(why),

@@ -26,6 +26,18 @@ impl AgentLink {
         self.shared.has_members && self.session.is_none()
     }
 
+    /// The key of the next inbox row this member writes for the agent (under its claim).
+    pub(super) fn inbox_key(&mut self, kind: mail::Kind) -> String {
+        let epoch = self.fence.as_ref().map_or(0, |f| f.epoch);
+        if epoch != self.inbox_epoch {
+            self.inbox_epoch = epoch;
+            self.inbox_next = 0;
+        }
+        let n = self.inbox_next;
+        self.inbox_next += 1;
+        mail::inbox_key(&self.agent_id, epoch, n, kind)
+    }
+
     /// Whether this node carries anything through the inbox and the mailbox.
     pub(super) fn mails(&self) -> bool {
         self.shared.has_members || self.shared.member
@@ -52,11 +64,20 @@ impl AgentLink {
             .into());
         }
         self.mail_posted += 1;
-        // As JSON, not yet numbered (a frame's seq starts at 1).
-        let bytes = serde_json::to_vec(command)
-            .map_err(|e| super::AgentLinkError::Encode(e.to_string()))?;
+        // As JSON, not yet numbered (a frame's seq starts at 1), for the incarnation the agent
+        // was last known to have.
+        let incarnation = self
+            .remote_incarnation
+            .clone()
+            .or_else(|| self.ep.peer_incarnation.clone())
+            .unwrap_or_default();
+        let bytes = serde_json::to_vec(&mail::Mail {
+            incarnation,
+            command: command.clone(),
+        })
+        .map_err(|e| super::AgentLinkError::Encode(e.to_string()))?;
         ops.push(Op::PutMeta {
-            key: mail::mail_key(&self.agent_id),
+            key: mail::mail_key(&self.agent_id, self.shared.mail_epoch),
             value: bytes,
         });
         self.remote_writes = true;
@@ -77,8 +98,15 @@ impl AgentLink {
                 break;
             }
             self.mail_done = Some(key.clone());
-            match serde_json::from_slice::<Command>(&bytes) {
-                Ok(command) => match self.number(command, &mut ops) {
+            match serde_json::from_slice::<mail::Mail>(&bytes) {
+                Ok(m)
+                    if !m.incarnation.is_empty()
+                        && self.ep.peer_incarnation.as_deref() != Some(m.incarnation.as_str()) =>
+                {
+                    // Made for an incarnation the agent lost: its work was failed with it.
+                    tracing::warn!(agent_id = %self.agent_id, key = %key, incarnation = %m.incarnation, "mail-for-a-lost-incarnation-dropped");
+                }
+                Ok(mail::Mail { command, .. }) => match self.number(command, &mut ops) {
                     Ok(seq) => last = Some(seq),
                     Err(e) => {
                         tracing::error!(agent_id = %self.agent_id, key = %key, error = %e, "mail-not-numbered-dropped")
@@ -161,17 +189,21 @@ impl AgentLink {
     /// release's abilities), its jobs failed if it lost its state, and its waiting jobs sent.
     fn greeted(&mut self, greeting: &Greeting) -> (Vec<Op>, Option<Seq>) {
         tracing::info!(agent_id = %self.agent_id, node = %greeting.node, reset = greeting.reset, "agent-attached-elsewhere");
-        self.shared
-            .presence
-            .set_elsewhere(&self.agent_id, &greeting.version, &greeting.node);
-        self.trust_capable = tether_shared::trust::understood_by(&greeting.version);
-        self.runs_as = greeting.runs_as;
-        self.shared
-            .work
-            .operations()
-            .set_capable(&self.agent_id, greeting.operations);
-        self.sealing = Some(self.sealer(&greeting.sealing_key));
-        record_trust_serial(&self.shared, &self.agent_id, greeting.trust_serial);
+        if self.session.is_none() {
+            // (A handshake here since knows better.)
+            self.remote_incarnation = Some(greeting.incarnation.clone());
+            self.shared
+                .presence
+                .set_elsewhere(&self.agent_id, &greeting.version, &greeting.node);
+            self.trust_capable = tether_shared::trust::understood_by(&greeting.version);
+            self.runs_as = greeting.runs_as;
+            self.shared
+                .work
+                .operations()
+                .set_capable(&self.agent_id, greeting.operations);
+            self.sealing = Some(self.sealer(&greeting.sealing_key));
+            record_trust_serial(&self.shared, &self.agent_id, greeting.trust_serial);
+        }
         let mut ops = Vec::new();
         if greeting.reset {
             self.peer_resets += 1;
@@ -194,6 +226,29 @@ impl AgentLink {
             Err(e) => tracing::error!(agent_id = %self.agent_id, error = %e, "job-dispatch-failed"),
         }
         (ops, last)
+    }
+}
+
+/// On a member: greet the active node again (it is a new one), if the agent is served here.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GreetAgain;
+
+impl Handler<GreetAgain> for AgentLink {
+    type Result = ();
+
+    fn handle(&mut self, _: GreetAgain, ctx: &mut Self::Context) {
+        let Some(greeting) = self.greeting.clone() else {
+            return;
+        };
+        if !self.shared.member || self.session.is_none() || self.fence.is_none() {
+            return;
+        }
+        let Ok(value) = serde_json::to_vec(&greeting) else {
+            return;
+        };
+        let key = self.inbox_key(mail::Kind::Greeting);
+        self.commit_then(ctx, vec![Op::PutMeta { key, value }], |_, _| {});
     }
 }
 

@@ -34,7 +34,7 @@ mod mail;
 use crate::session::probes::ProbeStats;
 use crate::session::{now_ms, record_trust_serial, SessionShared};
 pub use jobs::{DispatchJobs, QueueCommands};
-pub use mail::{FromInbox, FromMailbox};
+pub use mail::{FromInbox, FromMailbox, GreetAgain};
 
 /// How often unacknowledged commands are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
@@ -115,6 +115,15 @@ pub struct AgentLink {
     remote_writes: bool,
     /// Commands put in the mailbox since it was last counted (see `AgentLink::post`).
     mail_posted: usize,
+    /// On a member: the claim epoch its inbox rows are written under, and the next row's
+    /// number under it.
+    inbox_epoch: u64,
+    inbox_next: u64,
+    /// On the active node: the agent's incarnation as its last handshake on a member said.
+    remote_incarnation: Option<String>,
+    /// On a member: what the agent's last handshake here told the active node (told again to
+    /// a new active node).
+    greeting: Option<crate::mail::Greeting>,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -187,6 +196,10 @@ impl AgentLink {
             mail_done: None,
             remote_writes: false,
             mail_posted: 0,
+            inbox_epoch: 0,
+            inbox_next: 0,
+            remote_incarnation: None,
+            greeting: None,
         })
     }
 
@@ -394,7 +407,7 @@ impl AgentLink {
                     true => match frame.encode() {
                         Ok(bytes) => (
                             vec![Op::PutMeta {
-                                key: crate::mail::event_key(&self.agent_id, seq.0),
+                                key: self.inbox_key(crate::mail::Kind::Event),
                                 value: bytes,
                             }],
                             None,
@@ -538,7 +551,8 @@ impl AgentLink {
         bodies: Vec<CommandBody>,
         deadlines: &[Option<u64>],
     ) -> Result<(Seq, Vec<Op>), AgentLinkError> {
-        if !self.ep.outbound.has_room(bodies.len()) {
+        // For an agent this node does not serve, the mailbox has a bound of its own.
+        if !self.remote() && !self.ep.outbound.has_room(bodies.len()) {
             return Err(StreamError::Backlog {
                 in_flight: self.ep.outbound.unacked(),
                 limit: self.shared.max_retained,
@@ -858,9 +872,14 @@ impl AgentLink {
         if member {
             // The active node learns what the agent takes, and whether it lost its state.
             let node = self.shared.claims.as_ref().map_or("", |c| c.node());
-            match serde_json::to_vec(&crate::mail::Greeting::of(&hello, reset, node)) {
+            let greeting = crate::mail::Greeting::of(&hello, reset, node);
+            self.greeting = Some(crate::mail::Greeting {
+                reset: false,
+                ..greeting.clone()
+            });
+            match serde_json::to_vec(&greeting) {
                 Ok(v) => ops.push(Op::PutMeta {
-                    key: crate::mail::greeting_key(&self.agent_id, self.ep.inbound.durable().0),
+                    key: self.inbox_key(crate::mail::Kind::Greeting),
                     value: v,
                 }),
                 Err(e) => {
@@ -984,13 +1003,14 @@ impl Handler<Detach> for AgentLink {
         if self.current(msg.conn) {
             self.session = None;
             self.ep.disconnect();
-            if let (true, Some(claims)) = (self.shared.member, &self.shared.claims) {
+            let node = self.shared.claims.as_ref().map(|c| c.node().to_owned());
+            if let (true, Some(node)) = (self.shared.member, node) {
                 // The active node learns that the agent left (unless another node claimed
                 // it since: then this writes nothing).
-                let key = crate::mail::departure_key(&self.agent_id, self.ep.inbound.durable().0);
+                let key = self.inbox_key(crate::mail::Kind::Departure);
                 let ops = vec![Op::PutMeta {
                     key,
-                    value: claims.node().as_bytes().to_vec(),
+                    value: node.into_bytes(),
                 }];
                 let commit = self.commit(ops);
                 let agent_id = self.agent_id.clone();

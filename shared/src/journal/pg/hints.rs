@@ -16,9 +16,11 @@ use crate::journal::record::META_PREFIX;
 
 /// The channel every hint goes on.
 pub const CHANNEL: &str = "tether_journal";
-/// Sends the hints of a batch, inside its transaction.
-pub(super) const NOTIFY: &str =
-    "SELECT pg_notify('tether_journal', h) FROM unnest($1::text[]) AS h";
+/// Sends the hints of a batch, inside its transaction; none while the database's queue of
+/// notifications is half full (a listener that stopped reading fills it, and a full queue
+/// would fail the commit): hints are only hints.
+pub(super) const NOTIFY: &str = "SELECT pg_notify('tether_journal', h) FROM unnest($1::text[]) AS h
+     WHERE pg_notification_queue_usage() < 0.5";
 /// How long a listener waits before it connects again.
 const RECONNECT: Duration = Duration::from_secs(1);
 

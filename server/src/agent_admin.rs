@@ -251,6 +251,9 @@ impl AgentAdmin {
                 // Left behind: a row, and no way back in for the deleted agent anyway.
                 tracing::warn!(agent_id = %deleted.id, error = %e, "agent-claim-not-forgotten");
             }
+            // What waited for it in the inbox and the mailbox goes with it.
+            let id: tether_shared::ids::AgentId = deleted.id.as_str().into();
+            crate::mail::purge(&self.shared.journal, &id).await;
         }
         Ok((deleted, failed))
     }

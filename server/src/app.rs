@@ -189,6 +189,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             .cluster
             .as_ref()
             .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0)),
+        active_takes_members: crate::mail::active_takes_members(&handle).into(),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {
@@ -215,6 +216,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             actix_rt::spawn(crate::mail::follow_registry(
                 loaded.registry.clone(),
                 session_registry.clone(),
+                shared.clone(),
             ));
             if let Some(epochs) = loaded.active_epochs {
                 actix_rt::spawn(crate::mail::greet_each_active_node(
@@ -224,6 +226,16 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             }
         }
         serving => {
+            if loaded.claims.is_some() {
+                // Members serve agents only while the active node reads what they carry.
+                let says =
+                    crate::mail::say_whether_members_are_taken(&handle, serving == Serving::Active);
+                actix_rt::spawn(async move {
+                    if let Err(e) = says.await {
+                        tracing::warn!(error = %e, "members-mode-not-noted");
+                    }
+                });
+            }
             if serving == Serving::Active {
                 let inbox = crate::mail::deliver_forever(
                     handle.clone(),

@@ -236,6 +236,41 @@ pub async fn deliver_forever(
     }
 }
 
+/// Deletes every inbox and mailbox row of `agent` (deleted, or unknown to the active node).
+pub async fn purge(journal: &JournalHandle, agent: &AgentId) {
+    let (j, a) = (journal.clone(), agent.clone());
+    let rows = actix_web::web::block(move || {
+        let mut keys = Vec::new();
+        for prefix in [INBOX_PREFIX, MAILBOX_PREFIX] {
+            keys.extend(
+                j.scan_meta(&agent_prefix(prefix, &a))?
+                    .into_iter()
+                    .map(|(k, _)| k),
+            );
+        }
+        Ok::<_, tether_shared::journal::JournalError>(keys)
+    })
+    .await;
+    let keys = match rows {
+        Ok(Ok(keys)) => keys,
+        Ok(Err(e)) => {
+            tracing::warn!(agent_id = %agent, error = %e, "mail-not-purged");
+            return;
+        }
+        Err(_) => return,
+    };
+    if keys.is_empty() {
+        return;
+    }
+    let ops = keys
+        .into_iter()
+        .map(|key| tether_shared::journal::Op::DeleteMeta { key })
+        .collect();
+    if let Err(e) = journal.commit(ops).await {
+        tracing::warn!(agent_id = %agent, error = %e, "mail-not-purged");
+    }
+}
+
 /// On a member: each time another node becomes active, every agent served here greets it
 /// (what the last active node knew of them from their handshakes is not in its successor's
 /// memory).
@@ -251,6 +286,27 @@ pub async fn greet_each_active_node(
     }
 }
 
+/// The meta key where the active node says whether it takes what members carry (`1`) or not.
+pub const ACTIVE_TAKES_MEMBERS: &str = "cluster/active_takes_members";
+
+/// Whether the active node said it takes what members carry; blocking.
+pub fn active_takes_members(journal: &JournalHandle) -> bool {
+    matches!(journal.get_meta(ACTIVE_TAKES_MEMBERS), Ok(Some(v)) if v == b"1")
+}
+
+/// The active node says whether it takes what members carry.
+pub fn say_whether_members_are_taken(
+    journal: &JournalHandle,
+    taken: bool,
+) -> impl std::future::Future<
+    Output = Result<tether_shared::journal::Committed, tether_shared::journal::JournalError>,
+> {
+    journal.commit(vec![tether_shared::journal::Op::PutMeta {
+        key: ACTIVE_TAKES_MEMBERS.to_owned(),
+        value: if taken { b"1".to_vec() } else { b"0".to_vec() },
+    }])
+}
+
 /// How often a member reads the registry again.
 pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
 
@@ -259,11 +315,19 @@ pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
 pub async fn follow_registry(
     registry: std::sync::Arc<crate::registry::Registry>,
     sessions: Addr<SessionRegistry>,
+    shared: std::sync::Arc<crate::session::SessionShared>,
 ) {
     let mut tick = actix_rt::time::interval(REGISTRY_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        let j = shared.journal.clone();
+        if let Ok(taken) = actix_web::web::block(move || active_takes_members(&j)).await {
+            let was = shared.active_takes_members.swap(taken, Ordering::Relaxed);
+            if was != taken {
+                tracing::warn!(taken, "active-node-takes-members-changed");
+            }
+        }
         let r = registry.clone();
         match actix_web::web::block(move || r.reload_agents()).await {
             Ok(Ok(gone)) => {

@@ -272,7 +272,14 @@ pub struct Registry {
     /// On a member node: another node enrolls agents, so one not known here is looked for in
     /// the journal (see [`Registry::enrolled_since`]).
     follows: std::sync::atomic::AtomicBool,
+    /// Lookups of unknown agents in the current second (see [`MAX_LOOKUPS_PER_S`]).
+    lookups: std::sync::Mutex<(Option<std::time::Instant>, u32)>,
 }
+
+/// On a member: unknown agents looked up in the journal per second at most (their handshakes
+/// are not verified yet, so anyone may send them); the others wait for the next reading of
+/// the whole registry (every 2 s).
+const MAX_LOOKUPS_PER_S: u32 = 50;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -328,6 +335,7 @@ impl Registry {
             },
             seen: RwLock::new(seen),
             follows: Default::default(),
+            lookups: Default::default(),
         })
     }
 
@@ -344,6 +352,20 @@ impl Registry {
         if !self.follows.load(std::sync::atomic::Ordering::Relaxed) {
             return None;
         }
+        {
+            let mut lookups = self.lookups.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = std::time::Instant::now();
+            if lookups
+                .0
+                .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+            {
+                *lookups = (Some(now), 0);
+            }
+            if lookups.1 >= MAX_LOOKUPS_PER_S {
+                return None;
+            }
+            lookups.1 += 1;
+        }
         let key = format!("{AGENT_PREFIX}{id}");
         let value = self.journal.get_meta(&key).ok()??;
         let stored: StoredAgent = decode(&key, &value).ok()?;
@@ -358,6 +380,9 @@ impl Registry {
     /// Reads every agent and relay again (on a member node: the active node enrolls, changes
     /// and deletes them); answers the ids that are gone since.
     pub fn reload_agents(&self) -> Result<Vec<AgentId>, RegistryError> {
+        // Those known before the read: one looked up meanwhile (`enrolled_since`) is kept.
+        let before: std::collections::HashSet<AgentId> =
+            read(&self.agents).keys().cloned().collect();
         let mut agents = Enrolled::default();
         for (key, value) in self.journal.scan_meta(AGENT_PREFIX)? {
             let stored: StoredAgent = decode(&key, &value)?;
@@ -368,9 +393,19 @@ impl Registry {
         let mut held = write(&self.agents);
         let gone = held
             .keys()
-            .filter(|id| !agents.contains_key(id.as_str()))
+            .filter(|id| before.contains(*id) && !agents.contains_key(id.as_str()))
             .cloned()
             .collect();
+        let since: Vec<AgentId> = held
+            .keys()
+            .filter(|id| !before.contains(*id) && !agents.contains_key(id.as_str()))
+            .cloned()
+            .collect();
+        for id in since {
+            if let Some(stored) = held.remove(&id) {
+                agents.insert(stored);
+            }
+        }
         *held = agents;
         Ok(gone)
     }

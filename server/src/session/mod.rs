@@ -133,6 +133,9 @@ pub struct SessionShared {
     pub has_members: bool,
     /// The lease epoch of this active node: its mailbox rows sort after every earlier one's.
     pub mail_epoch: u64,
+    /// On a member: the active node takes the events members carry (it says so in the
+    /// journal, see `crate::mail::ACTIVE_TAKES_MEMBERS`); a member serves agents only then.
+    pub active_takes_members: std::sync::atomic::AtomicBool,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

@@ -81,6 +81,12 @@ async fn agent_ws(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
+    if state.shared.member && !state.shared.active_takes_members.load(Ordering::Relaxed) {
+        // The active node would not read what this member carries (see `crate::mail`).
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(serde_json::json!({"error": "this node is a member of the cluster, but the active node does not have every_node_serves_agents on: connect to the active node"})));
+    }
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = AgentSession::new(

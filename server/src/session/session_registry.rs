@@ -146,7 +146,12 @@ impl Handler<Deliver> for SessionRegistry {
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
         use crate::session::agent_link::{FromInbox, FromMailbox};
-        if msg.inbox {
+        if msg.inbox && self.shared.registry.agent(&msg.agent_id).is_none() {
+            // An agent deleted (or never enrolled): nothing of it takes effect, and its rows go.
+            tracing::warn!(agent_id = %msg.agent_id, rows = msg.entries.len(), "inbox-of-an-unknown-agent-purged");
+            let journal = self.shared.journal.clone();
+            actix::spawn(async move { crate::mail::purge(&journal, &msg.agent_id).await });
+        } else if msg.inbox {
             match self.entry(&msg.agent_id) {
                 Ok(entry) => entry.link.do_send(FromInbox {
                     entries: msg.entries,

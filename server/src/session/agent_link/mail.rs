@@ -15,6 +15,10 @@ use super::AgentLink;
 
 /// Commands posted between two counts of an agent's mailbox.
 const MAIL_RECOUNT: usize = 1024;
+/// Inbox rows of one agent a member leaves waiting for the active node at most.
+const MAX_INBOX_ROWS: usize = 10_000;
+/// Inbox rows written between two counts.
+const INBOX_RECOUNT: usize = 512;
 use crate::mail::{self, Greeting, Inboxed};
 use crate::session::probes::ProbeStats;
 use crate::session::record_trust_serial;
@@ -26,8 +30,42 @@ impl AgentLink {
         self.shared.has_members && self.session.is_none()
     }
 
+    /// On a member: whether the agent's inbox holds as many rows as the active node may leave
+    /// waiting ([`MAX_INBOX_ROWS`]: it is slow, or away): its next events are put off (the
+    /// agent keeps them and sends them again), so that no agent's events pile up without
+    /// bound. Counted again every [`INBOX_RECOUNT`] rows written.
+    pub(super) fn inbox_full(&self) -> bool {
+        self.shared.member && self.inbox_rows >= MAX_INBOX_ROWS
+    }
+
+    /// On a member, at each heartbeat: once its inbox is taken again, a put-off agent is asked
+    /// for its events.
+    pub(super) fn inbox_drained(&mut self) {
+        if self.inbox_rows < MAX_INBOX_ROWS {
+            return;
+        }
+        self.recount_inbox();
+        if self.inbox_rows < MAX_INBOX_ROWS / 2 {
+            self.deferred = false;
+            self.ep.inbound.ask_resend();
+            self.pump();
+        }
+    }
+
+    fn recount_inbox(&mut self) {
+        let prefix = mail::agent_prefix(mail::INBOX_PREFIX, &self.agent_id);
+        match self.shared.journal.count_meta(&prefix, MAX_INBOX_ROWS) {
+            Ok(rows) => self.inbox_rows = rows,
+            Err(e) => tracing::warn!(agent_id = %self.agent_id, error = %e, "inbox-not-counted"),
+        }
+    }
+
     /// The key of the next inbox row this member writes for the agent (under its claim).
     pub(super) fn inbox_key(&mut self, kind: mail::Kind) -> String {
+        self.inbox_rows += 1;
+        if self.inbox_rows.is_multiple_of(INBOX_RECOUNT) {
+            self.recount_inbox();
+        }
         let epoch = self.fence.as_ref().map_or(0, |f| f.epoch);
         if epoch != self.inbox_epoch {
             self.inbox_epoch = epoch;

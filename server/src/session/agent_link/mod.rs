@@ -124,6 +124,9 @@ pub struct AgentLink {
     /// On a member: what the agent's last handshake here told the active node (told again to
     /// a new active node).
     greeting: Option<crate::mail::Greeting>,
+    /// On a member: the agent's inbox rows the active node had not taken when last counted,
+    /// plus those written since (see `AgentLink::inbox_full`).
+    inbox_rows: usize,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -200,6 +203,7 @@ impl AgentLink {
             inbox_next: 0,
             remote_incarnation: None,
             greeting: None,
+            inbox_rows: 0,
         })
     }
 
@@ -388,7 +392,7 @@ impl AgentLink {
     }
 
     fn on_frame(&mut self, ctx: &mut Context<Self>, conn: ConnId, bytes: &[u8]) {
-        let over_budget = self.uncommitted_bytes >= MAX_UNCOMMITTED_BYTES;
+        let over_budget = self.uncommitted_bytes >= MAX_UNCOMMITTED_BYTES || self.inbox_full();
         let size = bytes.len();
         match self.receiver.on_bytes(&mut self.ep.inbound, bytes, |_| {
             if over_budget {
@@ -475,6 +479,7 @@ impl AgentLink {
             Frame::Heartbeat(_) if self.shared.member => {
                 // Trust and facts are the active node's.
                 self.shared.presence.touch(&self.agent_id, None);
+                self.inbox_drained();
             }
             Frame::Heartbeat(hb) => {
                 self.shared.presence.touch(&self.agent_id, None);

@@ -44,12 +44,13 @@ impl Claims {
         &self.node
     }
 
-    /// The epoch `agent_id` is claimed at now (0: never claimed); blocking.
-    pub fn epoch_now(&self, agent_id: &AgentId) -> Result<u64, JournalError> {
+    /// The epoch `agent_id` is claimed at now (0: never claimed), and whether another node
+    /// holds that claim; blocking.
+    pub fn held_now(&self, agent_id: &AgentId) -> Result<(u64, bool), JournalError> {
         Ok(self
             .store
             .claim_holder(agent_id.as_str())?
-            .map_or(0, |(_, epoch)| epoch))
+            .map_or((0, false), |(node, epoch)| (epoch, *node != *self.node)))
     }
 
     /// Forgets the claim of deleted agent `agent_id` (one row per agent ever served would

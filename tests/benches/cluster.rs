@@ -144,11 +144,20 @@ fn main() {
         on_b_agents,
     )
     .unwrap();
+    let started = Instant::now();
     eventually("every agent served by its node", TIMEOUT, || {
-        (fleet_a.stats().ready.load(Ordering::Relaxed) == n - half_b
-            && fleet_b.stats().ready.load(Ordering::Relaxed) == half_b
-            && claimed_by(&pg, "node-b") == half_b)
-            .then_some(())
+        let (ready_a, ready_b, on_b) = (
+            fleet_a.stats().ready.load(Ordering::Relaxed),
+            fleet_b.stats().ready.load(Ordering::Relaxed),
+            claimed_by(&pg, "node-b"),
+        );
+        if started.elapsed().as_secs() % 10 == 0 {
+            eprintln!(
+                "ready on a {ready_a}/{}, on b {ready_b}/{half_b}, claimed by b {on_b}",
+                n - half_b
+            );
+        }
+        (ready_a == n - half_b && ready_b == half_b && on_b == half_b).then_some(())
     });
     a.shell_process("trivial", "echo hello");
     assert!(dispatch(&a, "trivial", &same).is_some(), "warm-up");

@@ -20,6 +20,7 @@ pub mod fake_upstream;
 pub mod fixtures;
 pub mod fleet;
 pub mod loadgen;
+pub mod marks;
 pub mod measure;
 pub mod netns;
 pub mod pg_proxy;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::marks::{marking_process, marks_in};
 use tether_tests::postgres::Postgres;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -41,42 +42,6 @@ fn claim(pg: &Postgres, agent: &str) -> String {
     pg.psql(&format!(
         "SELECT node || ' ' || epoch FROM tether_claims WHERE claim = '{agent}'"
     ))
-}
-
-/// A process of [`STEPS`] steps, each appending its name to `<marks>/<job id>.marks`.
-fn marking_process(server: &Server, marks: &Path) {
-    let steps: Vec<Value> = (1..=STEPS)
-        .map(|i| {
-            json!({"name": format!("s{i}"), "plugin": "shell", "step": "run", "properties": {
-                "script": format!("echo s{i} >> {}/$TETHER_JOB_ID.marks; echo output of s{i}; sleep 0.3", marks.display())}})
-        })
-        .collect();
-    let r = server.request(
-        "POST",
-        "/api/v1/processes",
-        Some(&json!({"name": "marks", "steps": steps})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
-}
-
-/// Each job's marks, files in name order.
-fn marks_in(dir: &Path) -> Vec<Vec<String>> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_owned)
-                .collect()
-        })
-        .collect()
 }
 
 /// Deploys the marking process to `agents` from `server`: the deployment's id.
@@ -145,10 +110,31 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
         "{}",
         r.body
     );
+    // `tether health` says what it is, and a member that serves is healthy.
+    let cli = tether_tests::tether_cli::Tether::new(&tmp.path().join("cli"));
+    let ca = a.operator_ca_path();
+    let out = cli.run_with(
+        &[
+            (
+                "TETHER_SERVER",
+                tether_tests::tether_cli::server_url(&b).as_str(),
+            ),
+            ("TETHER_CA", ca.to_str().unwrap()),
+            ("TETHER_TOKEN", a.admin_token.as_str()),
+        ],
+        None,
+        &["health"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
+    let text = tether_tests::stdout(&out);
+    assert!(
+        text.contains("member") && text.contains("node-b") && text.contains("node-a"),
+        "{text}"
+    );
 
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    marking_process(&a, &marks);
+    marking_process(&a, "marks", STEPS, &marks);
     // on-b reaches node b first (node a only if b is gone); on-a only node a. Enrolling is
     // the active node's: on-b's install goes on to node a.
     let both = [b.upstream(), a.upstream()];
@@ -274,7 +260,7 @@ fn an_agent_whose_claim_flaps_between_a_member_and_the_active_node_loses_and_dou
     b.wait_active(WAIT);
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    marking_process(&a, &marks);
+    marking_process(&a, "marks", STEPS, &marks);
     let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "flap", &[], &[]);
     prefer(&agent, &b.upstream(), &a.upstream());
     agent.run();
@@ -345,7 +331,7 @@ fn a_member_cut_off_from_the_database_acknowledges_nothing_and_its_agents_finish
     b.wait_active(WAIT);
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    marking_process(&a, &marks);
+    marking_process(&a, "marks", STEPS, &marks);
     let both = [b.upstream(), a.upstream()];
     let mut agent = Agent::install_via(&a, &both, tmp.path(), "cut", &[], &[]);
     prefer(&agent, &b.upstream(), &a.upstream());
@@ -416,7 +402,7 @@ fn three_nodes_serve_a_fleet_and_lose_nothing_when_one_is_killed_or_each_restart
     c.wait_active(WAIT);
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
-    marking_process(&a, &marks);
+    marking_process(&a, "marks", STEPS, &marks);
     // Direct agents list the two members only, spread over them by their ids; a relay (which
     // members leave to the active node) carries a few more.
     let members = [b.upstream(), c.upstream()];

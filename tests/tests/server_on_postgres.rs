@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::marks::{marking_process, marks_in};
 use tether_tests::measure::dispatch;
 use tether_tests::postgres::Postgres;
 use tether_tests::relays::Relay;
@@ -311,43 +312,6 @@ fn node(pg: &Postgres, name: &str, ttl_ms: &str) -> Vec<(String, String)> {
 
 fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}
-
-/// The lines of each job's marks file in `dir`, files in name order.
-fn marks_in(dir: &std::path::Path) -> Vec<Vec<String>> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|f| {
-            std::fs::read_to_string(f)
-                .unwrap_or_default()
-                .lines()
-                .map(str::to_owned)
-                .collect()
-        })
-        .collect()
-}
-
-/// A process of `steps` steps, each appending its name to `<marker_dir>/<job id>.marks` (one
-/// file per agent's job) and printing it.
-fn marking_process(server: &Server, name: &str, steps: usize, marker_dir: &std::path::Path) {
-    let steps: Vec<serde_json::Value> = (1..=steps)
-        .map(|i| {
-            json!({"name": format!("s{i}"), "plugin": "shell", "step": "run", "properties": {
-                "script": format!("echo s{i} >> {}/$TETHER_JOB_ID.marks; echo output of s{i}; sleep 0.4", marker_dir.display())}})
-        })
-        .collect();
-    let r = server.request(
-        "POST",
-        "/api/v1/processes",
-        Some(&json!({"name": name, "steps": steps})),
-    );
-    assert_eq!(r.status, 201, "{}", r.body);
 }
 
 #[test]

@@ -106,6 +106,8 @@ pub struct AgentLink {
     /// A claim that then lands past the next epoch means another node served the agent in
     /// between, and the state is read again.
     loaded_epoch: u64,
+    /// On a cluster whose nodes all serve agents: another node held the claim then.
+    loaded_elsewhere: bool,
     /// The last inbox and mailbox entries taken (see `crate::mail`): a look that finds them
     /// again (their deletion not yet committed) skips them.
     inbox_done: Option<String>,
@@ -154,10 +156,14 @@ impl AgentLink {
     /// Rebuild the link of `agent_id` from the journal.
     pub fn recover(agent_id: &AgentId, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
         // Before the state it stands for.
-        let loaded_epoch = match &shared.claims {
-            Some(claims) => claims.epoch_now(agent_id)?,
-            None => 0,
+        let (loaded_epoch, loaded_elsewhere) = match &shared.claims {
+            Some(claims) => claims.held_now(agent_id)?,
+            None => (0, false),
         };
+        // Where every node serves agents, the node that held it may have written its streams
+        // since (where one node serves, the lease fenced the previous one off before this one
+        // loaded anything).
+        let loaded_elsewhere = loaded_elsewhere && (shared.has_members || shared.member);
         let keys = StreamKeys::server_side(agent_id)?;
         let ep = keys.recover(
             &shared.journal,
@@ -195,6 +201,7 @@ impl AgentLink {
             runs_as: false,
             fence: None,
             loaded_epoch,
+            loaded_elsewhere,
             inbox_done: None,
             mail_done: None,
             remote_writes: false,
@@ -228,7 +235,7 @@ impl AgentLink {
     fn claimed_past(&self, fence: &Fence) -> bool {
         match &self.fence {
             Some(held) => held.epoch != fence.epoch,
-            None => fence.epoch != self.loaded_epoch + 1,
+            None => self.loaded_elsewhere || fence.epoch != self.loaded_epoch + 1,
         }
     }
 

@@ -47,8 +47,9 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
         .get_json("/admin/health")
         .about(|| "health".to_owned())?;
     // A standby (servers on PostgreSQL) reports only its role and the active node: it works
-    // as it should by waiting.
-    if health.pointer("/cluster/role").and_then(Value::as_str) == Some("standby") {
+    // as it should by waiting. So does a member (it serves agents, and waits for the lease).
+    let role = health.pointer("/cluster/role").and_then(Value::as_str);
+    if let Some(role @ ("standby" | "member")) = role {
         if json {
             output::json(&health)?;
         } else {
@@ -63,7 +64,7 @@ pub fn show(client: &Client, json: bool) -> Result<ExitCode, CliError> {
                 None => "none yet".to_owned(),
             };
             output::fields(&[
-                ("role", "standby".to_owned()),
+                ("role", role.to_owned()),
                 ("node", cell(&cluster["node"])),
                 ("active node", active),
                 ("nodes", nodes(cluster)),

@@ -151,7 +151,7 @@ fn main() {
             fleet_b.stats().ready.load(Ordering::Relaxed),
             claimed_by(&pg, "node-b"),
         );
-        if started.elapsed().as_secs() % 10 == 0 {
+        if started.elapsed().as_secs().is_multiple_of(10) {
             eprintln!(
                 "ready on a {ready_a}/{}, on b {ready_b}/{half_b}, claimed by b {on_b}",
                 n - half_b

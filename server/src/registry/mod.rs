@@ -279,7 +279,7 @@ pub struct Registry {
 /// On a member: unknown agents looked up in the journal per second at most (their handshakes
 /// are not verified yet, so anyone may send them); the others wait for the next reading of
 /// the whole registry (every 2 s).
-const MAX_LOOKUPS_PER_S: u32 = 50;
+const MAX_LOOKUPS_PER_S: u32 = 500;
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

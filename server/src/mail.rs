@@ -39,8 +39,11 @@ pub const INBOX_PREFIX: &str = "inbox/";
 pub const MAILBOX_PREFIX: &str = "mailbox/";
 /// How often each side looks for entries without a hint.
 pub const POLL: Duration = Duration::from_millis(250);
-/// Entries read per look.
-const PAGE: usize = 1024;
+/// Entries read per look at most.
+pub const PAGE: usize = 1024;
+/// Bytes of entries read per look at most (past the first entry): an event is up to a frame
+/// (256 KiB), and an agent may leave thousands in the inbox.
+pub const PAGE_BYTES: usize = 4 << 20;
 
 /// What an inbox row is, by the last letter of its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,6 +177,23 @@ fn by_agent(rows: Entries) -> Vec<(AgentId, Entries)> {
     out
 }
 
+/// Where the look after one that read `rows` under `prefix` starts. Past the last agent of a
+/// full page (the rest of its entries wait for the next round), so that an agent with many
+/// entries takes one page per round and never holds the others up; from the start after a
+/// page that was not full.
+fn next_look(prefix: &str, rows: &Entries) -> String {
+    match rows.last().and_then(|(k, _)| agent_of(k)) {
+        // Every key of the agent starts with `<prefix><agent>/`, and '0' follows '/'.
+        Some(agent) if fills_a_page(rows) => format!("{prefix}{agent}0"),
+        _ => prefix.to_owned(),
+    }
+}
+
+/// Whether a look that read `rows` may have left entries unread (see [`PAGE`], [`PAGE_BYTES`]).
+pub fn fills_a_page(rows: &Entries) -> bool {
+    rows.len() >= PAGE || rows.iter().map(|(_, v)| v.len()).sum::<usize>() >= PAGE_BYTES
+}
+
 /// Hands every entry under `prefix` to its agent's link, at each of `hints` that names the
 /// prefix and at least every [`POLL`], for as long as the system runs: on the active node the
 /// inbox (every link is made if need be), on a member the mailbox (only to the links of
@@ -186,7 +206,7 @@ pub async fn deliver_forever(
 ) {
     let mut tick = actix_rt::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Where the next look starts: past the last page, while pages come full.
+    // Where the next look starts: past the last page's agents, while pages come full.
     let mut from = prefix.to_owned();
     loop {
         let hinted = async {
@@ -211,7 +231,8 @@ pub async fn deliver_forever(
             while h.try_recv().is_ok() {}
         }
         let (j, start) = (journal.clone(), from.clone());
-        let page = actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE)).await;
+        let page =
+            actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE, PAGE_BYTES)).await;
         let rows = match page {
             Ok(Ok(rows)) => rows,
             Ok(Err(e)) => {
@@ -220,12 +241,7 @@ pub async fn deliver_forever(
             }
             Err(_) => continue,
         };
-        from = match rows.len() >= PAGE {
-            true => rows
-                .last()
-                .map_or_else(|| prefix.to_owned(), |(k, _)| format!("{k}\u{0}")),
-            false => prefix.to_owned(),
-        };
+        from = next_look(prefix, &rows);
         for (agent_id, entries) in by_agent(rows) {
             sessions.do_send(Deliver {
                 agent_id,
@@ -382,6 +398,30 @@ mod tests {
         );
         assert_eq!(agent_of("inbox/not an id/1.e"), None);
         assert_eq!(agent_of("other/a-0a/1.e"), None);
+    }
+
+    #[test]
+    fn a_full_page_sends_the_next_look_past_its_last_agent() {
+        let (a, b, c) = (agent("0e"), agent("0e1"), agent("0f"));
+        let row =
+            |who: &AgentId, n: u64, size: usize| (inbox_key(who, 1, n, Kind::Event), vec![0; size]);
+        // Not full: the next look starts over.
+        let few = vec![row(&a, 1, 10), row(&b, 1, 10)];
+        assert!(!fills_a_page(&few));
+        assert_eq!(next_look(INBOX_PREFIX, &few), INBOX_PREFIX);
+        // Full by bytes: past b's keys (its rest waits for the next round), and before c's.
+        let heavy = vec![row(&a, 1, PAGE_BYTES / 2), row(&b, 1, PAGE_BYTES / 2)];
+        assert!(fills_a_page(&heavy));
+        let next = next_look(INBOX_PREFIX, &heavy);
+        assert!(next.as_str() > inbox_key(&b, u64::MAX, u64::MAX, Kind::Event).as_str());
+        assert!(next.as_str() < inbox_key(&c, 0, 0, Kind::Event).as_str());
+        assert!(next.as_str() > inbox_key(&a, u64::MAX, u64::MAX, Kind::Event).as_str());
+        // Full by rows: one agent's page; the next look goes on to the others.
+        let many: Entries = (0..PAGE as u64).map(|n| row(&a, n, 1)).collect();
+        assert!(fills_a_page(&many));
+        let next = next_look(INBOX_PREFIX, &many);
+        assert!(next.as_str() < inbox_key(&b, 0, 0, Kind::Event).as_str());
+        assert!(next.as_str() > inbox_key(&a, u64::MAX, u64::MAX, Kind::Event).as_str());
     }
 
     #[test]

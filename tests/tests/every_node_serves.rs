@@ -248,6 +248,74 @@ fn every_probe_once(server: &Server, agent: &str, commands: u64, events: u64) {
     }
 }
 
+/// Sends `signal` to process `pid`.
+fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        signal,
+    )
+    .unwrap();
+}
+
+/// How many inbox rows wait for `agent`.
+fn inbox_rows(pg: &Postgres, agent: &str) -> u64 {
+    pg.psql(&format!(
+        "SELECT count(*) FROM tether_journal WHERE substring(key from 1 for {}) = 'Minbox/{agent}/'::bytea",
+        "Minbox//".len() + agent.len()
+    ))
+    .parse()
+    .unwrap_or(0)
+}
+
+#[test]
+fn thousands_of_events_left_in_the_inbox_take_effect_in_pages_and_before_the_agents_next_ones() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    // A lease long enough for node a to be frozen without node b taking it.
+    let mut env_a = node(&pg, "node-a");
+    for (k, v) in &mut env_a {
+        if k == "TETHER_STORAGE__LEASE_TTL_MS" {
+            *v = "60000".into();
+        }
+    }
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let a_dir = tmp.path().join("a");
+    let mut b = a.another_node(
+        &tmp.path().join("b"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
+    );
+    b.wait_active(WAIT);
+    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "backlog", &[], &[]);
+    prefer(&agent, &b.upstream(), &a.upstream());
+    agent.run();
+    eventually("backlog claimed by node b", WAIT, || {
+        (claim(&pg, &agent.id) == "node-b 1").then_some(())
+    });
+    // Probe events asked for, then node a frozen: node b accepts them into the inbox, where
+    // they wait (several pages of them).
+    const EVENTS: u64 = 5000;
+    assert!(queue_probes(&a, &agent.id, 0, EVENTS));
+    let a_pid = a.pid().unwrap();
+    signal(a_pid, nix::sys::signal::Signal::SIGSTOP);
+    eventually("three pages of events in the inbox", WAIT, || {
+        (inbox_rows(&pg, &agent.id) >= 3 * 1024).then_some(())
+    });
+    // Node b goes, node a wakes up, and the agent comes to node a: what the inbox holds takes
+    // effect first (the agent's next events are put off meanwhile), each event once.
+    b.kill();
+    signal(a_pid, nix::sys::signal::Signal::SIGCONT);
+    eventually("backlog claimed by node a", WAIT, || {
+        claim(&pg, &agent.id).starts_with("node-a ").then_some(())
+    });
+    every_probe_once(&a, &agent.id, 0, EVENTS);
+    assert_eq!(inbox_rows(&pg, &agent.id), 0);
+    let log = std::fs::read_to_string(a_dir.join("server.log")).unwrap();
+    assert!(log.contains("inbox-behind-events-put-off"), "{log}");
+    assert!(log.contains("inbox-caught-up"), "{log}");
+}
+
 #[test]
 fn an_agent_whose_claim_flaps_between_a_member_and_the_active_node_loses_and_doubles_nothing() {
     let Some(pg) = Postgres::start() else {

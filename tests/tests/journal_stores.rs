@@ -113,6 +113,35 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
         scanned,
         [("k/a".into(), b"1".to_vec()), ("k/c".into(), b"3".to_vec())]
     );
+    // Pages: bounded by rows and by the bytes of their values; the first row always comes,
+    // whatever its size, and a page goes on from where it is told.
+    j.commit(
+        (0..6u8)
+            .map(|i| Op::PutMeta {
+                key: format!("p/{i}"),
+                value: vec![i; 100 * (usize::from(i) + 1)],
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let page = |from: &str, rows: usize, bytes: usize| -> Vec<String> {
+        j.scan_meta_from(from, "p/", rows, bytes)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect()
+    };
+    assert_eq!(page("p/", 100, usize::MAX).len(), 6);
+    assert_eq!(page("p/", 2, usize::MAX), ["p/0", "p/1"]);
+    // (Each value as stored has a 5-byte header.) 105 + 205 < 311: a third row is read, and
+    // it is the last.
+    assert_eq!(page("p/", 100, 311), ["p/0", "p/1", "p/2"]);
+    assert_eq!(page("p/", 100, 310), ["p/0", "p/1"]);
+    assert_eq!(page("p/3", 100, 1), ["p/3"]);
+    assert_eq!(page("p/4", 100, 505), ["p/4"]);
+    assert_eq!(page("p/4", 100, 506), ["p/4", "p/5"]);
+    assert!(page("p/6", 100, 1).is_empty());
 
     // Blobs: appended across batches and within one, read by range, never past the
     // committed length, gone on delete, and written again from zero.

@@ -277,9 +277,9 @@ impl JournalHandle {
             return Ok(Vec::new());
         };
         let prefix = record::log_prefix(log);
-        let rows = self
-            .store
-            .scan_from(&record::record_key(log, from), &prefix, limit)?;
+        let rows =
+            self.store
+                .scan_from(&record::record_key(log, from), &prefix, limit, usize::MAX)?;
         rows.iter()
             .map(|(k, v)| {
                 record::decode_record(k, v)
@@ -340,17 +340,22 @@ impl JournalHandle {
         self.store.count(&record::meta_key(prefix), limit)
     }
 
-    /// At most `limit` meta entries whose key starts with `prefix`, from key `from` on
-    /// (inclusive), validated, in key order.
+    /// A page of the meta entries whose key starts with `prefix`, from key `from` on
+    /// (inclusive), validated, in key order: at most `limit` entries, and none past the first
+    /// that brings the values read to `max_bytes` (see [`Store::scan_from`]).
     pub fn scan_meta_from(
         &self,
         from: &str,
         prefix: &str,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
-        let rows =
-            self.store
-                .scan_from(&record::meta_key(from), &record::meta_key(prefix), limit)?;
+        let rows = self.store.scan_from(
+            &record::meta_key(from),
+            &record::meta_key(prefix),
+            limit,
+            max_bytes,
+        )?;
         self.meta_rows(&rows)
     }
 

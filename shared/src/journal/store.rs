@@ -67,11 +67,19 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Every `(key, value)` whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError>;
-    /// Records of one log with a key from `from` (inclusive), at most `limit` of them.
-    fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError>;
+    /// Rows whose key starts with `prefix`, from key `from` (inclusive), in key order: at most
+    /// `limit` of them, and none past the first whose values, with those before it, reach
+    /// `max_bytes` (the first row is always read, whatever its size).
+    fn scan_from(
+        &self,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Rows, JournalError>;
     /// How many keys start with `prefix`, counted up to `limit`.
     fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {
-        Ok(self.scan_from(prefix, prefix, limit)?.len())
+        Ok(self.scan_from(prefix, prefix, limit, usize::MAX)?.len())
     }
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError>;
     /// Up to `max` bytes of blob `name` from `offset`, never past its committed length.
@@ -340,13 +348,21 @@ impl Store for SledStore {
             .map_err(|e| sled_err("cannot scan", e))
     }
 
-    fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError> {
+    fn scan_from(
+        &self,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Rows, JournalError> {
         let mut out = Vec::new();
+        let mut bytes = 0usize;
         for item in self.gen().db.range(from.to_vec()..) {
             let (k, v) = item.map_err(|e| sled_err("cannot read", e))?;
-            if !k.starts_with(prefix) || out.len() >= limit {
+            if !k.starts_with(prefix) || out.len() >= limit || bytes >= max_bytes {
                 break;
             }
+            bytes = bytes.saturating_add(v.len());
             out.push((k.to_vec(), v.to_vec()));
         }
         Ok(out)

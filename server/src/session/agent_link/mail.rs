@@ -34,13 +34,28 @@ impl AgentLink {
     /// waiting ([`MAX_INBOX_ROWS`]: it is slow, or away): its next events are put off (the
     /// agent keeps them and sends them again), so that no agent's events pile up without
     /// bound. Counted again every [`INBOX_RECOUNT`] rows written.
+    ///
+    /// On the active node, the same while the inbox still holds events a member accepted
+    /// before the agent came here (more than its handshake read: [`Self::inbox_now`]), so that
+    /// they take effect before the agent's next ones.
     pub(super) fn inbox_full(&self) -> bool {
-        self.shared.member && self.inbox_rows >= MAX_INBOX_ROWS
+        (self.shared.member && self.inbox_rows >= MAX_INBOX_ROWS) || self.inbox_behind
     }
 
-    /// On a member, at each heartbeat: once its inbox is taken again, a put-off agent is asked
-    /// for its events.
+    /// At each heartbeat: once its inbox is taken again, a put-off agent is asked for its
+    /// events.
     pub(super) fn inbox_drained(&mut self) {
+        if self.inbox_behind {
+            let prefix = mail::agent_prefix(mail::INBOX_PREFIX, &self.agent_id);
+            if let Ok(0) = self.shared.journal.count_meta(&prefix, 1) {
+                tracing::info!(agent_id = %self.agent_id, "inbox-caught-up");
+                self.inbox_behind = false;
+                self.deferred = false;
+                self.ep.inbound.ask_resend();
+                self.pump();
+            }
+            return;
+        }
         if self.inbox_rows < MAX_INBOX_ROWS {
             return;
         }
@@ -165,21 +180,37 @@ impl AgentLink {
         self.read_entries(&prefix)
     }
 
-    /// The inbox's entries for this agent now, read from the journal.
-    pub(super) fn inbox_now(&self) -> Vec<(String, Vec<u8>)> {
+    /// The inbox's first entries for this agent now (a page, [`mail::PAGE`]: an agent may
+    /// have left many, each up to a frame), read from the journal. If there are more, the
+    /// agent's events are put off until the active node's looks took the rest
+    /// ([`Self::inbox_full`]).
+    pub(super) fn inbox_now(&mut self) -> Vec<(String, Vec<u8>)> {
         let prefix = mail::agent_prefix(mail::INBOX_PREFIX, &self.agent_id);
-        self.read_entries(&prefix)
+        let page =
+            self.shared
+                .journal
+                .scan_meta_from(&prefix, &prefix, mail::PAGE, mail::PAGE_BYTES);
+        let entries = self.entries_read(page);
+        self.inbox_behind = mail::fills_a_page(&entries);
+        if self.inbox_behind {
+            tracing::info!(agent_id = %self.agent_id, "inbox-behind-events-put-off");
+        }
+        entries
     }
 
     fn read_entries(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        match self.shared.journal.scan_meta(prefix) {
-            Ok(entries) => entries,
-            Err(e) => {
-                // Taken at the next look.
-                tracing::warn!(agent_id = %self.agent_id, error = %e, "mail-not-read");
-                Vec::new()
-            }
-        }
+        self.entries_read(self.shared.journal.scan_meta(prefix))
+    }
+
+    fn entries_read(
+        &self,
+        read: Result<Vec<(String, Vec<u8>)>, tether_shared::journal::JournalError>,
+    ) -> Vec<(String, Vec<u8>)> {
+        read.unwrap_or_else(|e| {
+            // Taken at the next look.
+            tracing::warn!(agent_id = %self.agent_id, error = %e, "mail-not-read");
+            Vec::new()
+        })
     }
 
     /// The effects of the inbox's `entries` (events a member accepted, handshakes it ran), with
@@ -318,6 +349,7 @@ impl Handler<FromInbox> for AgentLink {
                 act.ep.outbound.mark_durable(last);
                 act.pump();
             }
+            act.inbox_drained();
         });
         if let Some(held) = trust_serial {
             self.offer_trust(ctx, held);

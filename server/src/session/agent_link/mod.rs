@@ -129,6 +129,9 @@ pub struct AgentLink {
     /// On a member: the agent's inbox rows the active node had not taken when last counted,
     /// plus those written since (see `AgentLink::inbox_full`).
     inbox_rows: usize,
+    /// On the active node: the inbox held more than the handshake read (see
+    /// `AgentLink::inbox_full`).
+    inbox_behind: bool,
 }
 
 /// The id of an encoded command (as journaled in the outbound log).
@@ -211,6 +214,7 @@ impl AgentLink {
             remote_incarnation: None,
             greeting: None,
             inbox_rows: 0,
+            inbox_behind: false,
         })
     }
 
@@ -490,6 +494,7 @@ impl AgentLink {
             }
             Frame::Heartbeat(hb) => {
                 self.shared.presence.touch(&self.agent_id, None);
+                self.inbox_drained();
                 let held = self.shared.registry.trust_serial(&self.agent_id);
                 self.offer_trust(ctx, held);
                 if let Some(mut status) = hb.status {

@@ -295,39 +295,62 @@ async fn plan<'a>(
     Ok(plan)
 }
 
-/// The rows from key `from` on whose keys start with `prefix`, in key order, at most `limit`
-/// (`None`: all; SQL's `LIMIT NULL`).
+/// The rows from key `from` on whose keys start with `prefix`, in key order: one `page` of
+/// them, or all.
 async fn rows_in(
     client: &tokio_postgres::Client,
     from: &[u8],
     prefix: &[u8],
-    limit: Option<i64>,
+    page: Option<Page>,
 ) -> Result<Rows, JournalError> {
     // Both bounds where the prefix has an end, so the index scan stops there.
-    let rows =
-        match prefix_end(prefix) {
-            Some(end) => {
-                client
-                    .query(
-                        "SELECT key, value FROM tether_journal WHERE key >= $1 AND key < $2
-                     ORDER BY key LIMIT $3",
-                        &[&from, &end, &limit],
-                    )
-                    .await
-            }
-            None => client
+    let end = prefix_end(prefix);
+    let upper = match end {
+        Some(_) => "AND key < $2",
+        None => "AND $2::bytea IS NULL",
+    };
+    let rows = match page {
+        // A page: the values' running total says where the byte budget ends (the first row
+        // always fits), so no value past it leaves the database.
+        Some(page) => {
+            client
                 .query(
-                    "SELECT key, value FROM tether_journal WHERE key >= $1 ORDER BY key LIMIT $2",
-                    &[&from, &limit],
+                    &format!(
+                        "SELECT key, value FROM (
+                           SELECT key, value,
+                                  sum(octet_length(value)) OVER (ORDER BY key)
+                                    - octet_length(value) AS before
+                           FROM tether_journal WHERE key >= $1 {upper} ORDER BY key LIMIT $3
+                         ) AS page WHERE before < $4 ORDER BY key"
+                    ),
+                    &[&from, &end, &page.rows, &page.bytes],
                 )
-                .await,
+                .await
         }
-        .map_err(|e| db_err("cannot read", &e))?;
+        None => {
+            client
+                .query(
+                    &format!(
+                        "SELECT key, value FROM tether_journal WHERE key >= $1 {upper} ORDER BY key"
+                    ),
+                    &[&from, &end],
+                )
+                .await
+        }
+    }
+    .map_err(|e| db_err("cannot read", &e))?;
     Ok(rows
         .into_iter()
         .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
         .filter(|(k, _)| k.starts_with(prefix))
         .collect())
+}
+
+/// How much one read may bring back: rows, and bytes of values (see `Store::scan_from`).
+#[derive(Debug, Clone, Copy)]
+struct Page {
+    rows: i64,
+    bytes: i64,
 }
 
 /// The committed length of blob `name` (0 for none), read with `client`.
@@ -739,13 +762,22 @@ impl Store for PgStore {
         })
     }
 
-    fn scan_from(&self, from: &[u8], prefix: &[u8], limit: usize) -> Result<Rows, JournalError> {
+    fn scan_from(
+        &self,
+        from: &[u8],
+        prefix: &[u8],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Rows, JournalError> {
         let (from, prefix) = (from.to_vec(), prefix.to_vec());
-        let limit = to_i64(limit as u64);
+        let page = Page {
+            rows: to_i64(limit as u64),
+            bytes: to_i64(max_bytes as u64),
+        };
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            rows_in(client, &from, &prefix, Some(limit)).await
+            rows_in(client, &from, &prefix, Some(page)).await
         })
     }
 

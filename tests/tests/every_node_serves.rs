@@ -578,3 +578,56 @@ fn three_nodes_serve_a_fleet_and_lose_nothing_when_one_is_killed_or_each_restart
     every_step_once_on_any(&[&a, &b, &c], &id, &marks, all.len());
     drop(relay);
 }
+
+#[test]
+fn a_member_refuses_relays_and_refuses_agents_while_the_active_node_does_not_take_members() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    // Node a does not take what members carry (its flag is off); node b has it on.
+    let mut env_a = node(&pg, "node-a");
+    for (k, v) in &mut env_a {
+        if k == "TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS" {
+            *v = "false".into();
+        }
+    }
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(
+        &b_dir,
+        &[
+            ("TETHER_STORAGE__NODE_NAME", "node-b"),
+            ("TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS", "true"),
+        ],
+    );
+    b.wait_active(WAIT);
+    let tls = tether_tests::wire::tls_config(&a);
+    let refused = |path: &str| -> String {
+        match tether_tests::wire::WsClient::connect_to(b.wss, tls.clone(), path) {
+            Ok(_) => panic!("node b upgraded {path}"),
+            Err(e) => e.to_string(),
+        }
+    };
+    // On the real socket: the relay link and the agents' endpoint both answer 503, and say
+    // where to go instead.
+    let relay = refused(tether_shared::mux::RELAY_WS_PATH);
+    assert!(relay.contains("503"), "{relay}");
+    let agent_ws = refused(tether_shared::enroll::WS_PATH);
+    assert!(agent_ws.contains("503"), "{agent_ws}");
+    // A real agent listing node b first ends up on node a, and node b claimed nothing.
+    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "first-b", &[], &[]);
+    prefer(&agent, &b.upstream(), &a.upstream());
+    agent.run();
+    eventually("first-b online on node a", WAIT, || {
+        (a.agent_status(&agent.id) == "online").then_some(())
+    });
+    let claimed_by_b = pg.psql("SELECT count(*) FROM tether_claims WHERE node = 'node-b'");
+    assert_eq!(claimed_by_b, "0");
+    let inboxed = pg.psql(
+        "SELECT count(*) FROM tether_journal WHERE substring(key from 1 for 7) = 'Minbox/'::bytea",
+    );
+    assert_eq!(inboxed, "0");
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    assert!(!log.contains(&agent.id), "node b served first-b: {log}");
+}

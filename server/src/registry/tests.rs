@@ -385,3 +385,29 @@ fn agents_older_than_the_server_are_told_to_upgrade() {
         "not a release version"
     );
 }
+
+#[actix_rt::test]
+async fn a_member_looks_up_agents_enrolled_since_its_last_read_at_a_bounded_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let active = open(dir.path());
+    // Loaded before the enrollments, as a member that has not read the registry since.
+    let member = Registry::load(active.journal.clone()).unwrap();
+    let t = active.create_token(2, HOUR, Role::Agent).await.unwrap();
+    let first = active.enroll(request(&t, "web-1", &key())).await.unwrap();
+    let second = active.enroll(request(&t, "web-2", &key())).await.unwrap();
+    assert_eq!(member.agent(&first.id), None);
+    // Only a node that follows another looks in the journal.
+    assert_eq!(member.enrolled_since(&first.id), None);
+    member.follow_the_active_node();
+    let started = std::time::Instant::now();
+    assert_eq!(member.enrolled_since(&first.id), Some(first.clone()));
+    assert_eq!(member.agent(&first.id), Some(first), "kept once read");
+    // Invented ids spend the second's lookups: the next one is not made.
+    for i in 1..MAX_LOOKUPS_PER_S {
+        assert_eq!(member.enrolled_since(&format!("a-{i:032x}")), None);
+    }
+    let capped = member.enrolled_since(&second.id);
+    if started.elapsed() < Duration::from_millis(900) {
+        assert_eq!(capped, None, "a lookup past the second's budget");
+    }
+}

@@ -76,6 +76,9 @@ pub struct SimConfig {
     /// choice). The server bounds what one source address may hold, so a fleet of thousands
     /// spreads over several loopback addresses, as real agents come from many hosts.
     pub sources: Vec<std::net::IpAddr>,
+    /// Another upstream (a node of the same cluster): after an attempt that failed, an agent
+    /// tries the other one, as a real agent goes down its list of upstreams.
+    pub fallback: Option<SocketAddr>,
 }
 
 /// What a simulated agent prints for each step of a job it runs.
@@ -110,6 +113,7 @@ impl SimConfig {
             record_latency: false,
             job_output: JobOutput::default(),
             sources: Vec::new(),
+            fallback: None,
         }
     }
 
@@ -121,8 +125,8 @@ impl SimConfig {
         self
     }
 
-    fn url(&self) -> String {
-        format!("wss://{}:{}{WS_PATH}", self.host, self.wss.port())
+    fn url(&self, to: SocketAddr) -> String {
+        format!("wss://{}:{}{WS_PATH}", self.host, to.port())
     }
 }
 
@@ -364,6 +368,8 @@ pub struct SimAgent {
     sent_at: std::collections::VecDeque<(u64, Instant)>,
     /// The current connection's end-to-end protection, once its handshake is done.
     gate: Option<AgentGate>,
+    /// Whether it dials [`SimConfig::fallback`] now.
+    on_fallback: bool,
 }
 
 impl SimAgent {
@@ -395,6 +401,7 @@ impl SimAgent {
             requested: 0,
             sent_at: std::collections::VecDeque::new(),
             gate: None,
+            on_fallback: false,
         })
     }
 
@@ -422,7 +429,10 @@ impl SimAgent {
                             .next_delay(&mut rand::thread_rng())
                             .min(self.cfg.reconnect_min)
                 }
-                Ended::Failed => backoff.next_delay(&mut rand::thread_rng()),
+                Ended::Failed => {
+                    self.on_fallback = self.cfg.fallback.is_some() && !self.on_fallback;
+                    backoff.next_delay(&mut rand::thread_rng())
+                }
             };
             let sleep = tokio::time::sleep(delay);
             tokio::pin!(sleep);
@@ -446,9 +456,13 @@ impl SimAgent {
         control: &mut watch::Receiver<Control>,
     ) -> Ended {
         self.stats.attempts.fetch_add(1, Ordering::Relaxed);
+        let to = match (self.on_fallback, self.cfg.fallback) {
+            (true, Some(fallback)) => fallback,
+            _ => self.cfg.wss,
+        };
         let connect = client
-            .ws(self.cfg.url())
-            .address(self.cfg.wss)
+            .ws(self.cfg.url(to))
+            .address(to)
             .max_frame_size(MAX_SEALED_BYTES)
             .connect();
         let mut socket = match tokio::time::timeout(HANDSHAKE_TIMEOUT, connect).await {

@@ -270,6 +270,8 @@ pub struct Stats {
     pub commands: AtomicU64,
     /// Jobs answered (every step reported succeeded).
     pub jobs: AtomicU64,
+    /// How many times each job (`<agent id> <job id>`) was run.
+    pub job_runs: Mutex<BTreeMap<String, u32>>,
     /// Handshakes where the server had lost its state (streams restarted at 1).
     pub resets: AtomicU64,
     /// Send-to-ack times of events in microseconds, when the config records them.
@@ -886,6 +888,13 @@ impl SimAgent {
                                 self.enqueue(output(last, chunk))?;
                             }
                             self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+                            *self
+                                .stats
+                                .job_runs
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .entry(format!("{} {job_id}", self.agent_id))
+                                .or_default() += 1;
                         }
                         CommandBody::CancelJob { .. }
                         | CommandBody::RelayCertificate { .. }

@@ -631,3 +631,130 @@ fn a_member_refuses_relays_and_refuses_agents_while_the_active_node_does_not_tak
     let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
     assert!(!log.contains(&agent.id), "node b served first-b: {log}");
 }
+
+/// Runs of every job simulated agents ran, `<agent> <job>` to how many times.
+fn job_runs(fleets: &[&tether_tests::loadgen::Fleet]) -> std::collections::BTreeMap<String, u32> {
+    let mut all = std::collections::BTreeMap::new();
+    for f in fleets {
+        all.extend(f.stats().job_runs.lock().unwrap().clone());
+    }
+    all
+}
+
+/// Waits for deployment `id` on `server` to succeed.
+fn succeeded(server: &Server, id: &str) {
+    eventually("the deployment succeeded", Duration::from_secs(180), || {
+        let r = server.request("GET", &format!("/api/v1/deployments/{id}?jobs=false"), None);
+        assert_ne!(r.json()["status"], "failed", "{}", r.body);
+        (r.json()["status"] == "succeeded").then_some(())
+    });
+}
+
+#[test]
+fn deployments_to_a_hundred_agents_on_two_members_started_on_the_node_that_serves_none_run_each_job_once_through_a_kill(
+) {
+    use std::sync::atomic::Ordering;
+    use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    const AGENTS: usize = 100;
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let mut b = a.another_node(
+        &tmp.path().join("b"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
+    );
+    let mut c = a.another_node(
+        &tmp.path().join("c"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-c")],
+    );
+    b.wait_active(WAIT);
+    c.wait_active(WAIT);
+    // A hundred simulated agents (the real protocol, TLS and end-to-end sealing), half on
+    // node b and half on node c, each listing the other member as its next upstream.
+    let ca = std::fs::read_to_string(a.ca_path()).unwrap();
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let token = a.token(u32::try_from(AGENTS).unwrap());
+    let mut on_b = enroll_many(
+        a.wss,
+        std::sync::Arc::new(tls.clone()),
+        "localhost",
+        &token,
+        "sim",
+        AGENTS,
+        8,
+    )
+    .unwrap();
+    let on_c = on_b.split_off(AGENTS / 2);
+    let ids: Vec<String> = on_b
+        .iter()
+        .chain(on_c.iter())
+        .map(|e| e.agent_id.clone())
+        .collect();
+    let probed: Vec<String> = ids.iter().step_by(10).cloned().collect();
+    let sim = |to, then| {
+        let mut cfg = SimConfig::new(to, "localhost", tls.clone());
+        cfg.fallback = Some(then);
+        cfg
+    };
+    let fleet_b = Fleet::start(sim(b.wss, c.wss), on_b).unwrap();
+    let fleet_c = Fleet::start(sim(c.wss, b.wss), on_c).unwrap();
+    let claimed = |by: &str| -> usize {
+        pg.psql(&format!(
+            "SELECT count(*) FROM tether_claims WHERE node = '{by}'"
+        ))
+        .parse()
+        .unwrap_or(0)
+    };
+    eventually("each member serving its fifty", WAIT, || {
+        (claimed("node-b") == AGENTS / 2
+            && claimed("node-c") == AGENTS / 2
+            && fleet_b.stats().ready.load(Ordering::Relaxed) == AGENTS / 2
+            && fleet_c.stats().ready.load(Ordering::Relaxed) == AGENTS / 2)
+            .then_some(())
+    });
+    a.shell_process("trivial", "echo hello");
+    // Started on node a, which serves none of them.
+    let (_, each) = tether_tests::measure::dispatch(&a, "trivial", &ids).expect("deployment");
+    assert_eq!(each.len(), AGENTS);
+    assert_eq!(claimed("node-a"), 0, "node a served none of them");
+    // More deployments and probes, and node b killed while they run: its agents go to node
+    // c, and every job still runs once, every probe arrives once.
+    for agent in &probed {
+        assert!(queue_probes(&a, agent, 50, 50));
+    }
+    let started: Vec<String> = (0..3)
+        .map(|_| {
+            let r = a.request(
+                "POST",
+                "/api/v1/deployments",
+                Some(&json!({"process": "trivial", "targets": {"agents": ids}})),
+            );
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.json()["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    b.kill();
+    eprintln!(
+        "node b killed with {} of {} jobs run",
+        job_runs(&[&fleet_b, &fleet_c]).len(),
+        4 * AGENTS
+    );
+    for id in &started {
+        succeeded(&a, id);
+    }
+    eventually("node c serving all of them", WAIT, || {
+        (claimed("node-c") == AGENTS).then_some(())
+    });
+    let runs = job_runs(&[&fleet_b, &fleet_c]);
+    assert_eq!(runs.len(), 4 * AGENTS, "every job ran");
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    for agent in &probed {
+        every_probe_once(&a, agent, 50, 50);
+    }
+    drop(fleet_b);
+    drop(fleet_c);
+    drop(c.child.take());
+}

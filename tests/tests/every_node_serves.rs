@@ -157,6 +157,19 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
         (v["status"] == "online" && v["node"] == "node-b").then_some(v)
     });
     assert_eq!(seen["version"], env!("CARGO_PKG_VERSION"), "{seen}");
+    // So does the web application, on the agent's page and in the list.
+    let password = std::fs::read_to_string(a.dir.join("admin.password")).unwrap();
+    let cookie = a.web_login("admin", password.trim());
+    for page in [format!("/agents/{}", on_b.id), "/agents".to_owned()] {
+        let html = a.web_get(&cookie, &page);
+        assert_eq!(html.status, 200, "{page}: {}", html.body);
+        assert!(
+            html.body
+                .contains("served by node <strong class=\"node\">node-b</strong>"),
+            "{page}: {}",
+            html.body
+        );
+    }
 
     // Started on node a, for an agent node b serves: its jobs travel through the database.
     let id = deploy(&a, &[&on_b, &on_a]);

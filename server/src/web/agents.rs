@@ -223,13 +223,15 @@ fn system_text(a: &AgentView) -> String {
             .as_str()
 }
 
-/// The relays between the agent and the server; unknown for an agent not seen since the
-/// server started (its path is learnt at its handshake).
+/// The relays between the agent and the server, and the node of the cluster that serves it
+/// if not this one; unknown for an agent not seen since the server started (its path is
+/// learnt at its handshake).
 fn path_text(a: &crate::registry::AgentView) -> Markup {
     html! {
-        @if a.path.is_empty() && a.last_seen_unix_ms.is_none() { span.muted { "unknown (not seen since the server started)" } }
+        @if a.path.is_empty() && a.last_seen_unix_ms.is_none() && a.node.is_none() { span.muted { "unknown (not seen since the server started)" } }
         @else if a.path.is_empty() { span.muted { "direct" } }
         @else { (a.path.join(" → ")) " → server" }
+        @if let Some(node) = &a.node { " · served by node " strong.node { (node) } }
     }
 }
 

@@ -29,6 +29,11 @@ pub type Outcome = Result<LeaseHolder, String>;
 /// A drain asked for, with where its answer goes.
 pub type Request = oneshot::Sender<Outcome>;
 
+/// A drain asked of a member (on its operators' port, `lease::Standby`): it stops taking
+/// agents and closes its sessions (they go to their next upstream); the answer is how many
+/// it closed. It holds no lease to hand over, and stays up, drained, until it is stopped.
+pub type MemberRequest = oneshot::Sender<usize>;
+
 /// This node's way out, shared by the drain endpoint, the stop task and the lease loop.
 #[derive(Clone)]
 pub struct Drain {
@@ -96,7 +101,7 @@ impl Drain {
 
 /// Longest a drain request waits for the stop task's answer (closing sessions and one
 /// database statement).
-const DRAIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DRAIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `POST /admin/drain`: moves this node's agents and its lease to a standby. `200` with the
 /// node that took over; `409` when this node is not one of a cluster, or no standby was heard
@@ -179,9 +184,9 @@ pub enum DrainCliError {
 }
 
 /// What `tether-server drain` asks of the node running on `dir`: `POST /admin/drain` on its
-/// operators' port (from `ports.json`), with its admin token, trusting its CA. Returns the
-/// node that took over and its epoch.
-pub fn request_drain(dir: &std::path::Path) -> Result<(String, i64), DrainCliError> {
+/// operators' port (from `ports.json`), with its admin token, trusting its CA. Returns what it
+/// did: the node that took over (an active node), or the sessions it closed (a member).
+pub fn request_drain(dir: &std::path::Path) -> Result<Drained, DrainCliError> {
     use tether_shared::https::{self, Limits, Request};
     let read = |name: &str| {
         let path = dir.join(name);
@@ -238,8 +243,20 @@ pub fn request_drain(dir: &std::path::Path) -> Result<(String, i64), DrainCliErr
             ),
         });
     }
-    Ok((
-        body["handed_to"].as_str().unwrap_or_default().to_owned(),
-        body["epoch"].as_i64().unwrap_or_default(),
-    ))
+    Ok(match body["sessions_closed"].as_u64() {
+        Some(sessions) => Drained::Member { sessions },
+        None => Drained::Active {
+            heir: body["handed_to"].as_str().unwrap_or_default().to_owned(),
+            epoch: body["epoch"].as_i64().unwrap_or_default(),
+        },
+    })
+}
+
+/// What a drain did, as `tether-server drain` tells it.
+#[derive(Debug)]
+pub enum Drained {
+    /// The active node handed its lease to `heir`, at `epoch`.
+    Active { heir: String, epoch: i64 },
+    /// A member closed its `sessions` and takes no more agents.
+    Member { sessions: u64 },
 }

@@ -138,6 +138,10 @@ struct Seen {
     active: Arc<Mutex<Option<LeaseHolder>>>,
     nodes: Nodes,
     token: AdminToken,
+    /// A member's way to its stop task (`POST /admin/drain`); `None` on a standby.
+    drains: Option<tokio::sync::mpsc::Sender<crate::drain::MemberRequest>>,
+    /// A member was drained: it takes no more agents.
+    drained: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Seen {
@@ -157,6 +161,7 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
     HttpResponse::Ok().json(json!({"cluster": {
         "role": seen.role,
         "node": seen.node,
+        "drained": seen.drained.load(std::sync::atomic::Ordering::Relaxed),
         "active": active.map(|h| json!({
             "node": h.holder,
             "epoch": h.epoch,
@@ -164,6 +169,36 @@ async fn standby_health(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse
         })),
         "nodes": seen.nodes,
     }}))
+}
+
+/// `POST /admin/drain` on a member (`tether-server drain`): it stops taking agents and closes
+/// the sessions it serves (they go to their next upstream), then answers how many it closed;
+/// on a standby, a refusal like any other request.
+async fn member_drain(req: HttpRequest, seen: web::Data<Seen>) -> HttpResponse {
+    let Some(drains) = &seen.drains else {
+        return standby_refusal(req, seen).await;
+    };
+    if let Err(e) = seen.token.check(&req) {
+        return actix_web::ResponseError::error_response(&e);
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if drains.try_send(reply).is_err() {
+        return HttpResponse::Conflict().json(json!({"error": "a drain is already under way"}));
+    }
+    match tokio::time::timeout(crate::drain::DRAIN_ANSWER_TIMEOUT, answer).await {
+        Ok(Ok(sessions)) => {
+            seen.drained
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            HttpResponse::Ok().json(json!({
+                "node": seen.node,
+                "role": seen.role,
+                "sessions_closed": sessions,
+            }))
+        }
+        Ok(Err(_)) => HttpResponse::Conflict().json(json!({"error": "the server is stopping"})),
+        Err(_) => HttpResponse::Conflict()
+            .json(json!({"error": "the drain did not finish in time: see the server's log"})),
+    }
 }
 
 /// Every request but `/admin/health`: `307` to the active node's address when it advertises
@@ -221,7 +256,8 @@ pub struct Standby {
 }
 
 impl Standby {
-    /// Listens on `addr` (the operators' HTTPS port) until [`Standby::stop`].
+    /// Listens on `addr` (the operators' HTTPS port) until [`Standby::stop`]: as a member if
+    /// it is given where drains go (`POST /admin/drain`), as a standby otherwise.
     pub fn serve(
         addr: SocketAddr,
         tls: rustls::ServerConfig,
@@ -229,8 +265,13 @@ impl Standby {
         node: &str,
         url: Option<&str>,
         token: AdminToken,
-        role: &'static str,
+        drains: Option<tokio::sync::mpsc::Sender<crate::drain::MemberRequest>>,
     ) -> std::io::Result<Standby> {
+        // A member (it serves agents meanwhile) is the node that can be drained.
+        let role = match drains {
+            Some(_) => "member",
+            None => "standby",
+        };
         let active = Arc::new(Mutex::new(None));
         let nodes = Nodes::advertising(url);
         let seen = Seen {
@@ -239,6 +280,8 @@ impl Standby {
             active: active.clone(),
             nodes: nodes.clone(),
             token,
+            drains,
+            drained: Arc::default(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (bound, bound_rx) = std::sync::mpsc::sync_channel(1);
@@ -250,6 +293,7 @@ impl Standby {
                         App::new()
                             .app_data(web::Data::new(seen.clone()))
                             .route("/admin/health", web::get().to(standby_health))
+                            .route("/admin/drain", web::post().to(member_drain))
                             .default_service(web::to(standby_refusal))
                     });
                     let server = match server {

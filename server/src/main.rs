@@ -414,8 +414,12 @@ fn run_cert_renew(cfg: &ServerConfig, args: RenewArgs) -> ExitCode {
 fn run_drain(cfg: &ServerConfig, args: DrainArgs) -> ExitCode {
     let dir = config::data_dir(args.data.as_deref(), &cfg.server.data_dir);
     match drain::request_drain(&dir) {
-        Ok((heir, epoch)) => {
+        Ok(drain::Drained::Active { heir, epoch }) => {
             println!("drained: {heir} is active (epoch {epoch}); this node waits as a standby");
+            ExitCode::SUCCESS
+        }
+        Ok(drain::Drained::Member { sessions }) => {
+            println!("drained: {sessions} sessions closed (their agents went to their next upstream); this member takes no more agents until it is restarted");
             ExitCode::SUCCESS
         }
         Err(e) => {

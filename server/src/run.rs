@@ -227,7 +227,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let mut hints = None;
     // A member: its operators' port (which sends operators to the active node), and the lease
     // once it takes it.
-    let mut member: Option<(lease::Nodes, SocketAddr, MemberLease)> = None;
+    let mut member: Option<Member> = None;
     let mut member_stopping: Option<Arc<std::sync::atomic::AtomicBool>> = None;
     let mut active_epochs = None;
     let (journal, recovered) = match &opts.storage {
@@ -257,9 +257,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                         key: dir.join(init::SERVER_KEY),
                         source,
                     })?;
-                    let role = match every_node_serves_agents {
-                        true => "member",
-                        false => "standby",
+                    let (member_drains, drained) = match every_node_serves_agents {
+                        true => {
+                            let (ask, asked) = tokio::sync::mpsc::channel(1);
+                            (Some(ask), Some(asked))
+                        }
+                        false => (None, None),
                     };
                     let standby = lease::Standby::serve(
                         opts.listen_https,
@@ -268,7 +271,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                         node_name,
                         node_url.as_deref(),
                         token.clone(),
-                        role,
+                        member_drains,
                     )
                     .map_err(|source| RunError::Bind {
                         listener: "https",
@@ -295,7 +298,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                                 e = lease::cut_off(heard, ttl) => Err(e),
                             }
                         });
-                        member = Some((nodes, addr, taken));
+                        member = Some(Member {
+                            nodes,
+                            addr,
+                            taken,
+                            drains: drained,
+                        });
                         None
                     } else {
                         let lease =
@@ -370,7 +378,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     })?;
     // The cluster's nodes, refreshed by the lease loop (`lease::keep`).
     let nodes = match &member {
-        Some((nodes, _, _)) => nodes.clone(),
+        Some(m) => m.nodes.clone(),
         None => lease::Nodes::advertising(match &opts.storage {
             Storage::Postgres { node_url, .. } => node_url.as_deref(),
             Storage::Sled => None,
@@ -472,6 +480,15 @@ fn listener_limits() -> Limits {
 }
 
 /// A member's wait for the lease (see [`lease::Standby::wait_as_member`]).
+/// What a member node brings to [`serve`]: its operators' port (its standby's, bound
+/// already), its wait for the lease, and the drains asked of it there.
+struct Member {
+    nodes: lease::Nodes,
+    addr: SocketAddr,
+    taken: MemberLease,
+    drains: Option<tokio::sync::mpsc::Receiver<crate::drain::MemberRequest>>,
+}
+
 type MemberLease = std::pin::Pin<
     Box<dyn Future<Output = Result<tether_shared::journal::Lease, JournalError>> + Send>,
 >;
@@ -487,7 +504,7 @@ async fn serve(
     loaded: app::Loaded,
     drains: Option<tokio::sync::mpsc::Receiver<crate::drain::Request>>,
     nodes: lease::Nodes,
-    member: Option<(lease::Nodes, SocketAddr, MemberLease)>,
+    member: Option<Member>,
 ) -> Result<bool, RunError> {
     let handle = loaded.journal.handle();
     let probe = match opts.storage {
@@ -548,9 +565,14 @@ async fn serve(
     let (operators, agents) = (built.operators, built.agents);
     let limits = listener_limits();
     // A member's operators' port is its standby's, bound already.
-    let (member_https, took_lease) = match member {
-        Some((_, addr, taken)) => (Some(addr), Some(taken)),
-        None => (None, None),
+    let (member_https, took_lease, mut member_drains) = match member {
+        Some(Member {
+            addr,
+            taken,
+            drains,
+            ..
+        }) => (Some(addr), Some(taken), drains),
+        None => (None, None, None),
     };
     let (https, https_addr) = match member_https {
         Some(addr) => (None, addr),
@@ -645,6 +667,20 @@ async fn serve(
                         None => std::future::pending().await,
                     }
                 } => Some(request),
+                Some(reply) = async {
+                    match member_drains.as_mut() {
+                        Some(d) => d.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // A member drained: no agent comes in any more, those it serves go to
+                    // their next upstream, and it stays up (it holds no lease to hand over).
+                    wss_stop.pause().await;
+                    let sessions = built.sessions.send(CloseAllSessions).await.unwrap_or(0);
+                    tracing::info!(sessions, "member-drained");
+                    let _ = reply.send(sessions);
+                    continue;
+                }
             };
             // No new agent comes in meanwhile (they go to their next upstream).
             wss_stop.pause().await;

@@ -771,3 +771,54 @@ fn deployments_to_a_hundred_agents_on_two_members_started_on_the_node_that_serve
     drop(fleet_c);
     drop(c.child.take());
 }
+
+#[test]
+fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finishes_once() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let b_dir = tmp.path().join("b");
+    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+    b.wait_active(WAIT);
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, "marks", STEPS, &marks);
+    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "drained", &[], &[]);
+    prefer(&agent, &b.upstream(), &a.upstream());
+    agent.run();
+    eventually("drained claimed by node b", WAIT, || {
+        (claim(&pg, &agent.id) == "node-b 1").then_some(())
+    });
+    // Not without the admin token.
+    let refused = b.request_as("not-a-token", "POST", "/admin/drain", None);
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let id = deploy(&a, &[&agent]);
+    eventually("the deployment under way", WAIT, || {
+        marks_in(&marks).iter().any(|l| !l.is_empty()).then_some(())
+    });
+    let out = tether_tests::run(
+        "tether-server",
+        tmp.path(),
+        ["drain", "--data", b.dir.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
+    let said = tether_tests::stdout(&out);
+    assert!(said.contains("1 sessions closed"), "{said}");
+    // The agent goes on with node a, which it lists next, and finishes there, every step once;
+    // node b stays up, says it is drained, and serves nobody.
+    eventually("drained claimed by node a", WAIT, || {
+        claim(&pg, &agent.id).starts_with("node-a ").then_some(())
+    });
+    every_step_once(&a, &id, &marks, 1);
+    let h = b.try_health().unwrap();
+    assert_eq!(h["cluster"]["role"], "member", "{h}");
+    assert_eq!(h["cluster"]["drained"], true, "{h}");
+    clear(&marks);
+    let again = deploy(&a, &[&agent]);
+    every_step_once(&a, &again, &marks, 1);
+    assert!(claim(&pg, &agent.id).starts_with("node-a "));
+    let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+    assert!(log.contains("member-drained"), "{log}");
+}

@@ -494,6 +494,8 @@ pub struct Forwarder {
     /// Connections accepted so far.
     pub accepted: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Cuts asked for (see [`Forwarder::cut`]).
+    cuts: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Forwarder {
@@ -503,6 +505,16 @@ impl Forwarder {
 
     /// Forwards each connection to the first of `targets` that accepts it.
     pub fn start_to(targets: Vec<SocketAddr>, on: bool) -> Forwarder {
+        Self::start_with(targets, on, false)
+    }
+
+    /// Forwards each connection to the next of `targets` in turn (the one after that if it
+    /// refuses): a peer that reconnects lands on another node each time.
+    pub fn alternating(targets: Vec<SocketAddr>) -> Forwarder {
+        Self::start_with(targets, true, true)
+    }
+
+    fn start_with(targets: Vec<SocketAddr>, on: bool, alternate: bool) -> Forwarder {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
         listener
@@ -515,20 +527,32 @@ impl Forwarder {
             on: Arc::new(AtomicBool::new(on)),
             accepted: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
+            cuts: Arc::new(AtomicU64::new(0)),
         };
         let (flag, accepted, stop) = (fwd.on.clone(), fwd.accepted.clone(), fwd.stop.clone());
+        let cuts = fwd.cuts.clone();
         std::thread::spawn(move || {
             let mut live: Vec<std::net::TcpStream> = Vec::new();
+            let mut cut = 0;
             while !stop.load(Ordering::Relaxed) {
-                if !flag.load(Ordering::Relaxed) {
+                let asked = cuts.load(Ordering::Relaxed);
+                if !flag.load(Ordering::Relaxed) || asked != cut {
+                    cut = asked;
                     for s in live.drain(..) {
                         let _ = s.shutdown(std::net::Shutdown::Both);
                     }
                 }
                 match listener.accept() {
                     Ok((client, _)) if flag.load(Ordering::Relaxed) => {
+                        let first = match alternate {
+                            true => accepted.load(Ordering::Relaxed) as usize % targets.len(),
+                            false => 0,
+                        };
                         let Some(server) = targets
                             .iter()
+                            .cycle()
+                            .skip(first)
+                            .take(targets.len())
                             .find_map(|t| std::net::TcpStream::connect(t).ok())
                         else {
                             continue;
@@ -564,6 +588,11 @@ impl Forwarder {
 
     pub fn set(&self, on: bool) {
         self.on.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Cuts every connection through it now (it keeps accepting new ones).
+    pub fn cut(&self) {
+        self.cuts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn target(&self) -> SocketAddr {

@@ -822,3 +822,94 @@ fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finis
     let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
     assert!(log.contains("member-drained"), "{log}");
 }
+
+#[test]
+fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times_a_second_lose_and_double_nothing(
+) {
+    use std::sync::atomic::Ordering;
+    use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    const AGENTS: usize = 8;
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let mut b = a.another_node(
+        &tmp.path().join("b"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
+    );
+    b.wait_active(WAIT);
+    // Each connection lands on the other node than the last one, and every connection is cut
+    // every 100 ms: the agents' sessions flap between node a and node b several times a
+    // second, each new session taking the claim from the node of the last one.
+    let flapper = tether_tests::fleet::Forwarder::alternating(vec![b.wss, a.wss]);
+    let ca = std::fs::read_to_string(a.ca_path()).unwrap();
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let token = a.token(u32::try_from(AGENTS).unwrap());
+    let enrolled = enroll_many(
+        a.wss,
+        std::sync::Arc::new(tls.clone()),
+        "localhost",
+        &token,
+        "flap",
+        AGENTS,
+        4,
+    )
+    .unwrap();
+    let ids: Vec<String> = enrolled.iter().map(|e| e.agent_id.clone()).collect();
+    let mut cfg = SimConfig::new(flapper.addr, "localhost", tls);
+    cfg.reconnect_min = Duration::from_millis(10);
+    cfg.reconnect_max = Duration::from_millis(100);
+    let fleet = Fleet::start(cfg, enrolled).unwrap();
+    eventually("every agent served", WAIT, || {
+        (fleet.stats().ready.load(Ordering::Relaxed) == AGENTS).then_some(())
+    });
+    a.shell_process("trivial", "echo hello");
+    let (mut deployments, mut probes) = (Vec::new(), 0u64);
+    let started = std::time::Instant::now();
+    let mut round = 0u64;
+    while started.elapsed() < Duration::from_secs(6) {
+        if round.is_multiple_of(5) {
+            // Work keeps coming while the sessions flap (it may be refused while the
+            // active node's own session of an agent is being replaced: then it is not counted).
+            let r = a.request(
+                "POST",
+                "/api/v1/deployments",
+                Some(&json!({"process": "trivial", "targets": {"agents": ids}})),
+            );
+            if r.status == 201 {
+                deployments.push(r.json()["id"].as_str().unwrap().to_owned());
+            }
+            if ids.iter().all(|id| queue_probes(&a, id, 20, 20)) {
+                probes += 20;
+            }
+        }
+        flapper.cut();
+        round += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let welcomes = fleet.stats().welcomes.load(Ordering::Relaxed);
+    let epochs: u64 = pg
+        .psql("SELECT coalesce(sum(epoch), 0) FROM tether_claims")
+        .parse()
+        .unwrap();
+    eprintln!(
+        "{welcomes} sessions in {round} cuts; {epochs} claims taken; {} deployments",
+        deployments.len()
+    );
+    assert!(
+        epochs >= 10 * AGENTS as u64,
+        "the claims moved between the nodes: {epochs}"
+    );
+    assert!(!deployments.is_empty());
+    for id in &deployments {
+        succeeded(&a, id);
+    }
+    let runs = job_runs(&[&fleet]);
+    assert_eq!(runs.len(), deployments.len() * AGENTS, "every job ran");
+    let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
+    for id in &ids {
+        every_probe_once(&a, id, probes, probes);
+    }
+}

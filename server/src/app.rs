@@ -190,6 +190,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             .as_ref()
             .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0)),
         active_takes_members: crate::mail::active_takes_members(&handle).into(),
+        drained: Default::default(),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {

@@ -177,21 +177,16 @@ fn by_agent(rows: Entries) -> Vec<(AgentId, Entries)> {
     out
 }
 
-/// Where the look after one that read `rows` under `prefix` starts. Past the last agent of a
-/// full page (the rest of its entries wait for the next round), so that an agent with many
+/// Where the look after one that read `rows` under `prefix` starts (`full`: the page reached
+/// its bound). Past the last agent of a full page (the rest of its entries wait for the next round), so that an agent with many
 /// entries takes one page per round and never holds the others up; from the start after a
 /// page that was not full.
-fn next_look(prefix: &str, rows: &Entries) -> String {
+fn next_look(prefix: &str, rows: &Entries, full: bool) -> String {
     match rows.last().and_then(|(k, _)| agent_of(k)) {
         // Every key of the agent starts with `<prefix><agent>/`, and '0' follows '/'.
-        Some(agent) if fills_a_page(rows) => format!("{prefix}{agent}0"),
+        Some(agent) if full => format!("{prefix}{agent}0"),
         _ => prefix.to_owned(),
     }
-}
-
-/// Whether a look that read `rows` may have left entries unread (see [`PAGE`], [`PAGE_BYTES`]).
-pub fn fills_a_page(rows: &Entries) -> bool {
-    rows.len() >= PAGE || rows.iter().map(|(_, v)| v.len()).sum::<usize>() >= PAGE_BYTES
 }
 
 /// Hands every entry under `prefix` to its agent's link, at each of `hints` that names the
@@ -233,15 +228,15 @@ pub async fn deliver_forever(
         let (j, start) = (journal.clone(), from.clone());
         let page =
             actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE, PAGE_BYTES)).await;
-        let rows = match page {
-            Ok(Ok(rows)) => rows,
+        let (rows, full) = match page {
+            Ok(Ok(page)) => (page.entries, page.full),
             Ok(Err(e)) => {
                 tracing::warn!(prefix, error = %e, "mail-not-read");
                 continue;
             }
             Err(_) => continue,
         };
-        from = next_look(prefix, &rows);
+        from = next_look(prefix, &rows, full);
         for (agent_id, entries) in by_agent(rows) {
             sessions.do_send(Deliver {
                 agent_id,
@@ -407,19 +402,15 @@ mod tests {
             |who: &AgentId, n: u64, size: usize| (inbox_key(who, 1, n, Kind::Event), vec![0; size]);
         // Not full: the next look starts over.
         let few = vec![row(&a, 1, 10), row(&b, 1, 10)];
-        assert!(!fills_a_page(&few));
-        assert_eq!(next_look(INBOX_PREFIX, &few), INBOX_PREFIX);
-        // Full by bytes: past b's keys (its rest waits for the next round), and before c's.
-        let heavy = vec![row(&a, 1, PAGE_BYTES / 2), row(&b, 1, PAGE_BYTES / 2)];
-        assert!(fills_a_page(&heavy));
-        let next = next_look(INBOX_PREFIX, &heavy);
+        assert_eq!(next_look(INBOX_PREFIX, &few, false), INBOX_PREFIX);
+        // Full: past b's keys (its rest waits for the next round), and before c's.
+        let next = next_look(INBOX_PREFIX, &few, true);
         assert!(next.as_str() > inbox_key(&b, u64::MAX, u64::MAX, Kind::Event).as_str());
         assert!(next.as_str() < inbox_key(&c, 0, 0, Kind::Event).as_str());
         assert!(next.as_str() > inbox_key(&a, u64::MAX, u64::MAX, Kind::Event).as_str());
-        // Full by rows: one agent's page; the next look goes on to the others.
+        // One agent's full page: the next look goes on to the others.
         let many: Entries = (0..PAGE as u64).map(|n| row(&a, n, 1)).collect();
-        assert!(fills_a_page(&many));
-        let next = next_look(INBOX_PREFIX, &many);
+        let next = next_look(INBOX_PREFIX, &many, true);
         assert!(next.as_str() < inbox_key(&b, 0, 0, Kind::Event).as_str());
         assert!(next.as_str() > inbox_key(&a, u64::MAX, u64::MAX, Kind::Event).as_str());
     }

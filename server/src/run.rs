@@ -673,9 +673,13 @@ async fn serve(
                         None => std::future::pending().await,
                     }
                 } => {
-                    // A member drained: no agent comes in any more, those it serves go to
-                    // their next upstream, and it stays up (it holds no lease to hand over).
-                    wss_stop.pause().await;
+                    // A member drained: agents are refused from now on (at once, so they go
+                    // to their next upstream), those it serves are sent there, and it stays up
+                    // (it holds no lease to hand over).
+                    built
+                        .shared
+                        .drained
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
                     let sessions = built.sessions.send(CloseAllSessions).await.unwrap_or(0);
                     tracing::info!(sessions, "member-drained");
                     let _ = reply.send(sessions);

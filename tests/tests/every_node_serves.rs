@@ -307,17 +307,27 @@ fn thousands_of_events_left_in_the_inbox_take_effect_in_pages_and_before_the_age
         (claim(&pg, &agent.id) == "node-b 1").then_some(())
     });
     // Probe events asked for, then node a frozen: node b accepts them into the inbox, where
-    // they wait (several pages of them).
-    const EVENTS: u64 = 5000;
+    // they wait (many pages of them, under the 10,000 a member leaves waiting).
+    const EVENTS: u64 = 9000;
     assert!(queue_probes(&a, &agent.id, 0, EVENTS));
     let a_pid = a.pid().unwrap();
     signal(a_pid, nix::sys::signal::Signal::SIGSTOP);
-    eventually("three pages of events in the inbox", WAIT, || {
-        (inbox_rows(&pg, &agent.id) >= 3 * 1024).then_some(())
+    eventually("eight pages of events in the inbox", WAIT, || {
+        (inbox_rows(&pg, &agent.id) >= 8 * 1024).then_some(())
     });
-    // Node b goes, node a wakes up, and the agent comes to node a: what the inbox holds takes
-    // effect first (the agent's next events are put off meanwhile), each event once.
+    // Node b goes; the agent connects to node a (its kernel takes the connection while the
+    // process is frozen), and node a wakes up: its handshake finds most of the inbox still
+    // there, whose events take effect first (the agent's next events are put off meanwhile),
+    // each once.
     b.kill();
+    let to_a = format!(":{:04X} st=01", a.wss.port());
+    eventually("the agent connected to node a", WAIT, || {
+        let worker = agent.worker_pid()?;
+        tether_tests::wire::tcp_connections(worker)
+            .iter()
+            .any(|c| c.ends_with(&to_a))
+            .then_some(())
+    });
     signal(a_pid, nix::sys::signal::Signal::SIGCONT);
     eventually("backlog claimed by node a", WAIT, || {
         claim(&pg, &agent.id).starts_with("node-a ").then_some(())
@@ -815,6 +825,16 @@ fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finis
     let h = b.try_health().unwrap();
     assert_eq!(h["cluster"]["role"], "member", "{h}");
     assert_eq!(h["cluster"]["drained"], true, "{h}");
+    // Agents that list it are refused at once (and go on to their next upstream).
+    let refused = tether_tests::wire::WsClient::connect_to(
+        b.wss,
+        tether_tests::wire::tls_config(&a),
+        tether_shared::enroll::WS_PATH,
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(refused.contains("503"), "{refused}");
     clear(&marks);
     let again = deploy(&a, &[&agent]);
     every_step_once(&a, &again, &marks, 1);
@@ -865,7 +885,8 @@ fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times
         (fleet.stats().ready.load(Ordering::Relaxed) == AGENTS).then_some(())
     });
     a.shell_process("trivial", "echo hello");
-    let (mut deployments, mut probes) = (Vec::new(), 0u64);
+    let mut deployments = Vec::new();
+    let mut probes: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
     let started = std::time::Instant::now();
     let mut round = 0u64;
     while started.elapsed() < Duration::from_secs(6) {
@@ -880,8 +901,10 @@ fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times
             if r.status == 201 {
                 deployments.push(r.json()["id"].as_str().unwrap().to_owned());
             }
-            if ids.iter().all(|id| queue_probes(&a, id, 20, 20)) {
-                probes += 20;
+            for id in &ids {
+                if queue_probes(&a, id, 20, 20) {
+                    *probes.entry(id.clone()).or_default() += 20;
+                }
             }
         }
         flapper.cut();
@@ -909,7 +932,8 @@ fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times
     assert_eq!(runs.len(), deployments.len() * AGENTS, "every job ran");
     let twice: Vec<_> = runs.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "jobs run more than once: {twice:?}");
-    for id in &ids {
-        every_probe_once(&a, id, probes, probes);
+    assert!(!probes.is_empty());
+    for (id, n) in &probes {
+        every_probe_once(&a, id, *n, *n);
     }
 }

@@ -128,9 +128,13 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
     let page = |from: &str, rows: usize, bytes: usize| -> Vec<String> {
         j.scan_meta_from(from, "p/", rows, bytes)
             .unwrap()
+            .entries
             .into_iter()
             .map(|(k, _)| k)
             .collect()
+    };
+    let full = |from: &str, rows: usize, bytes: usize| -> bool {
+        j.scan_meta_from(from, "p/", rows, bytes).unwrap().full
     };
     assert_eq!(page("p/", 100, usize::MAX).len(), 6);
     assert_eq!(page("p/", 2, usize::MAX), ["p/0", "p/1"]);
@@ -139,6 +143,18 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
     assert_eq!(page("p/", 100, 311), ["p/0", "p/1", "p/2"]);
     assert_eq!(page("p/", 100, 310), ["p/0", "p/1"]);
     assert_eq!(page("p/3", 100, 1), ["p/3"]);
+    assert_eq!(
+        page("p/3", 100, 0),
+        ["p/3"],
+        "the first row, whatever the budget"
+    );
+    // Full: bounded by rows or by bytes as stored (each value's header counted), so more may
+    // follow; not full: it read to the end.
+    assert!(full("p/", 2, usize::MAX));
+    assert!(full("p/", 100, 311));
+    assert!(full("p/", 100, 310), "105 + 205 stored bytes reach 310");
+    assert!(!full("p/", 100, 1_000_000));
+    assert!(!full("p/5", 100, 606), "the last row alone, within budget");
     assert_eq!(page("p/4", 100, 505), ["p/4"]);
     assert_eq!(page("p/4", 100, 506), ["p/4", "p/5"]);
     assert!(page("p/6", 100, 1).is_empty());

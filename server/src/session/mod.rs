@@ -136,6 +136,8 @@ pub struct SessionShared {
     /// On a member: the active node takes the events members carry (it says so in the
     /// journal, see `crate::mail::ACTIVE_TAKES_MEMBERS`); a member serves agents only then.
     pub active_takes_members: std::sync::atomic::AtomicBool,
+    /// A member was drained (`tether-server drain`): it takes no more agents.
+    pub drained: std::sync::atomic::AtomicBool,
 }
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the

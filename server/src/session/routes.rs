@@ -87,6 +87,11 @@ async fn agent_ws(
             .insert_header(("Retry-After", "1"))
             .json(serde_json::json!({"error": "this node is a member of the cluster, but the active node does not have every_node_serves_agents on: connect to the active node"})));
     }
+    if state.shared.drained.load(Ordering::Relaxed) {
+        return Ok(HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "5"))
+            .json(serde_json::json!({"error": "this node was drained: connect to another node"})));
+    }
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let session = AgentSession::new(

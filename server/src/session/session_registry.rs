@@ -81,6 +81,16 @@ impl Handler<RegisterSession> for SessionRegistry {
     type Result = Result<Addr<AgentLink>, AgentLinkError>;
 
     fn handle(&mut self, msg: RegisterSession, _: &mut Self::Context) -> Self::Result {
+        if self
+            .shared
+            .drained
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Its upgrade came in just before the drain.
+            return Err(AgentLinkError::Internal(
+                "this node was drained: connect to another node".into(),
+            ));
+        }
         let link = self.entry(&msg.agent_id)?.link.clone();
         let claim = Holder::Agent(msg.session);
         let presence = &self.shared.presence;

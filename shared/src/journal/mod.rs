@@ -84,6 +84,15 @@ pub enum Op {
     },
 }
 
+/// A page of meta entries (see [`JournalHandle::scan_meta_from`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaPage {
+    /// Keys (without the meta prefix) and values, in key order.
+    pub entries: Vec<(String, Vec<u8>)>,
+    /// The page reached its bound: entries may follow.
+    pub full: bool,
+}
+
 /// A record read back from a log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -342,21 +351,25 @@ impl JournalHandle {
 
     /// A page of the meta entries whose key starts with `prefix`, from key `from` on
     /// (inclusive), validated, in key order: at most `limit` entries, and none past the first
-    /// that brings the values read to `max_bytes` (see [`Store::scan_from`]).
+    /// that brings the values read (as stored) to `max_bytes` (see [`Store::scan_from`]).
     pub fn scan_meta_from(
         &self,
         from: &str,
         prefix: &str,
         limit: usize,
         max_bytes: usize,
-    ) -> Result<Vec<(String, Vec<u8>)>, JournalError> {
+    ) -> Result<MetaPage, JournalError> {
         let rows = self.store.scan_from(
             &record::meta_key(from),
             &record::meta_key(prefix),
             limit,
             max_bytes,
         )?;
-        self.meta_rows(&rows)
+        let stored: usize = rows.iter().map(|(_, v)| v.len()).sum();
+        Ok(MetaPage {
+            full: rows.len() >= limit || stored >= max_bytes,
+            entries: self.meta_rows(&rows)?,
+        })
     }
 
     pub fn incarnation(&self) -> &str {

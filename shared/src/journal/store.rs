@@ -359,7 +359,10 @@ impl Store for SledStore {
         let mut bytes = 0usize;
         for item in self.gen().db.range(from.to_vec()..) {
             let (k, v) = item.map_err(|e| sled_err("cannot read", e))?;
-            if !k.starts_with(prefix) || out.len() >= limit || bytes >= max_bytes {
+            if !k.starts_with(prefix)
+                || out.len() >= limit
+                || (bytes >= max_bytes && !out.is_empty())
+            {
                 break;
             }
             bytes = bytes.saturating_add(v.len());

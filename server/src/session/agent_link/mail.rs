@@ -190,27 +190,29 @@ impl AgentLink {
             self.shared
                 .journal
                 .scan_meta_from(&prefix, &prefix, mail::PAGE, mail::PAGE_BYTES);
-        let entries = self.entries_read(page);
-        self.inbox_behind = mail::fills_a_page(&entries);
-        if self.inbox_behind {
+        // Not read (the database is away): as if more were waiting, until a look finds none.
+        let (entries, more) = match page {
+            Ok(page) => (page.entries, page.full),
+            Err(e) => (self.not_read(&e), true),
+        };
+        self.inbox_behind = more;
+        if more {
             tracing::info!(agent_id = %self.agent_id, "inbox-behind-events-put-off");
         }
         entries
     }
 
     fn read_entries(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
-        self.entries_read(self.shared.journal.scan_meta(prefix))
+        self.shared
+            .journal
+            .scan_meta(prefix)
+            .unwrap_or_else(|e| self.not_read(&e))
     }
 
-    fn entries_read(
-        &self,
-        read: Result<Vec<(String, Vec<u8>)>, tether_shared::journal::JournalError>,
-    ) -> Vec<(String, Vec<u8>)> {
-        read.unwrap_or_else(|e| {
-            // Taken at the next look.
-            tracing::warn!(agent_id = %self.agent_id, error = %e, "mail-not-read");
-            Vec::new()
-        })
+    /// Nothing, after a read that failed: what it would have found is taken at a later look.
+    fn not_read(&self, e: &tether_shared::journal::JournalError) -> Vec<(String, Vec<u8>)> {
+        tracing::warn!(agent_id = %self.agent_id, error = %e, "mail-not-read");
+        Vec::new()
     }
 
     /// The effects of the inbox's `entries` (events a member accepted, handshakes it ran), with

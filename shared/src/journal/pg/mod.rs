@@ -321,7 +321,7 @@ async fn rows_in(
                                   sum(octet_length(value)) OVER (ORDER BY key)
                                     - octet_length(value) AS before
                            FROM tether_journal WHERE key >= $1 {upper} ORDER BY key LIMIT $3
-                         ) AS page WHERE before < $4 ORDER BY key"
+                         ) AS page WHERE before = 0 OR before < $4 ORDER BY key"
                     ),
                     &[&from, &end, &page.rows, &page.bytes],
                 )

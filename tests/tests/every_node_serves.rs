@@ -87,6 +87,45 @@ fn clear(marks: &Path) {
     }
 }
 
+/// Node a (active, with `env_a`) and member b on one PostgreSQL, the marking process on node
+/// a, and one agent enrolled at node a and served by node b (it lists node a next).
+struct OneAgentOnB {
+    a: Server,
+    b: Server,
+    b_dir: std::path::PathBuf,
+    marks: std::path::PathBuf,
+    agent: Agent,
+    /// Last: removed once the processes are gone.
+    tmp: TestDir,
+}
+
+impl OneAgentOnB {
+    fn start(pg: &Postgres, env_a: &[(String, String)], name: &str) -> OneAgentOnB {
+        let tmp = TestDir::new();
+        let a = Server::start_with(&tmp.path().join("a"), &borrowed(env_a));
+        let b_dir = tmp.path().join("b");
+        let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
+        b.wait_active(WAIT);
+        let marks = tmp.path().join("marks");
+        std::fs::create_dir_all(&marks).unwrap();
+        marking_process(&a, "marks", STEPS, &marks);
+        let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), name, &[], &[]);
+        prefer(&agent, &b.upstream(), &a.upstream());
+        agent.run();
+        eventually("the agent claimed by node b", WAIT, || {
+            (claim(pg, &agent.id) == "node-b 1").then_some(())
+        });
+        OneAgentOnB {
+            a,
+            b,
+            b_dir,
+            marks,
+            agent,
+            tmp,
+        }
+    }
+}
+
 #[test]
 fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them_over_when_killed()
 {
@@ -285,7 +324,6 @@ fn thousands_of_events_left_in_the_inbox_take_effect_in_pages_and_before_the_age
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let tmp = TestDir::new();
     // A lease long enough for node a to be frozen without node b taking it.
     let mut env_a = node(&pg, "node-a");
     for (k, v) in &mut env_a {
@@ -293,19 +331,15 @@ fn thousands_of_events_left_in_the_inbox_take_effect_in_pages_and_before_the_age
             *v = "60000".into();
         }
     }
-    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    // (The directory first: it goes last, once the processes are gone.)
+    let OneAgentOnB {
+        tmp,
+        a,
+        mut b,
+        agent,
+        ..
+    } = OneAgentOnB::start(&pg, &env_a, "backlog");
     let a_dir = tmp.path().join("a");
-    let mut b = a.another_node(
-        &tmp.path().join("b"),
-        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
-    );
-    b.wait_active(WAIT);
-    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "backlog", &[], &[]);
-    prefer(&agent, &b.upstream(), &a.upstream());
-    agent.run();
-    eventually("backlog claimed by node b", WAIT, || {
-        (claim(&pg, &agent.id) == "node-b 1").then_some(())
-    });
     // Probe events asked for, then node a frozen: node b accepts them into the inbox, where
     // they wait (many pages of them, under the 10,000 a member leaves waiting).
     const EVENTS: u64 = 9000;
@@ -344,20 +378,14 @@ fn an_agent_whose_claim_flaps_between_a_member_and_the_active_node_loses_and_dou
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let tmp = TestDir::new();
-    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
-    let b_dir = tmp.path().join("b");
-    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
-    b.wait_active(WAIT);
-    let marks = tmp.path().join("marks");
-    std::fs::create_dir_all(&marks).unwrap();
-    marking_process(&a, "marks", STEPS, &marks);
-    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "flap", &[], &[]);
-    prefer(&agent, &b.upstream(), &a.upstream());
-    agent.run();
-    eventually("flap claimed by node b", WAIT, || {
-        (claim(&pg, &agent.id) == "node-b 1").then_some(())
-    });
+    let OneAgentOnB {
+        tmp: _tmp,
+        a,
+        mut b,
+        b_dir,
+        marks,
+        agent,
+    } = OneAgentOnB::start(&pg, &node(&pg, "node-a"), "flap");
     let (mut commands, mut events) = (0u64, 0u64);
     let mut queue = |c: u64, e: u64| {
         if queue_probes(&a, &agent.id, c, e) {
@@ -787,20 +815,14 @@ fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finis
     let Some(pg) = Postgres::start() else {
         return;
     };
-    let tmp = TestDir::new();
-    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
-    let b_dir = tmp.path().join("b");
-    let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
-    b.wait_active(WAIT);
-    let marks = tmp.path().join("marks");
-    std::fs::create_dir_all(&marks).unwrap();
-    marking_process(&a, "marks", STEPS, &marks);
-    let mut agent = Agent::install_via(&a, &[a.upstream()], tmp.path(), "drained", &[], &[]);
-    prefer(&agent, &b.upstream(), &a.upstream());
-    agent.run();
-    eventually("drained claimed by node b", WAIT, || {
-        (claim(&pg, &agent.id) == "node-b 1").then_some(())
-    });
+    let OneAgentOnB {
+        tmp,
+        a,
+        b,
+        b_dir,
+        marks,
+        agent,
+    } = OneAgentOnB::start(&pg, &node(&pg, "node-a"), "drained");
     // Not without the admin token.
     let refused = b.request_as("not-a-token", "POST", "/admin/drain", None);
     assert_eq!(refused.status, 401, "{}", refused.body);

@@ -21,11 +21,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // bench glue may unwrap
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_tests::fleet::{eventually, Server, TestDir};
-use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
 use tether_tests::measure::{cpu_s, dispatch, percentile};
 use tether_tests::postgres::Postgres;
 
@@ -118,19 +117,7 @@ fn main() {
     );
     b.wait_active(TIMEOUT);
 
-    let ca = std::fs::read_to_string(a.ca_path()).unwrap();
-    let tls = tether_shared::tls::client_config(&ca).unwrap();
-    let token = a.token(u32::try_from(n).unwrap());
-    let mut agents = enroll_many(
-        a.wss,
-        Arc::new(tls.clone()),
-        "localhost",
-        &token,
-        "sim",
-        n,
-        32,
-    )
-    .unwrap();
+    let (tls, mut agents) = enroll_at(&a, "sim", n).unwrap();
     let on_b_agents = agents.split_off(n / 2);
     let (same, cross): (Vec<String>, Vec<String>) = (
         agents

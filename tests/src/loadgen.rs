@@ -189,6 +189,28 @@ pub fn enroll(
 
 type EnrollResult = Result<Enrolled, String>;
 
+/// Enrolls `count` simulated agents named `{prefix}-{i}` at `server` (a token of its own, 16
+/// at a time): them, and a TLS configuration that trusts the server's CA, for [`SimConfig::new`].
+pub fn enroll_at(
+    server: &crate::fleet::Server,
+    prefix: &str,
+    count: usize,
+) -> Result<(rustls::ClientConfig, Vec<Enrolled>), String> {
+    let ca = std::fs::read_to_string(server.ca_path()).map_err(|e| e.to_string())?;
+    let tls = tether_shared::tls::client_config(&ca).map_err(|e| e.to_string())?;
+    let token = server.token(u32::try_from(count).map_err(|e| e.to_string())?);
+    let enrolled = enroll_many(
+        server.wss,
+        Arc::new(tls.clone()),
+        "localhost",
+        &token,
+        prefix,
+        count,
+        16,
+    )?;
+    Ok((tls, enrolled))
+}
+
 /// Enrolls `count` agents named `{prefix}-{i}`, `parallel` at a time. Returns them in order.
 pub fn enroll_many(
     wss: SocketAddr,

@@ -705,7 +705,7 @@ fn succeeded(server: &Server, id: &str) {
 fn deployments_to_a_hundred_agents_on_two_members_started_on_the_node_that_serves_none_run_each_job_once_through_a_kill(
 ) {
     use std::sync::atomic::Ordering;
-    use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+    use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
     let Some(pg) = Postgres::start() else {
         return;
     };
@@ -724,19 +724,7 @@ fn deployments_to_a_hundred_agents_on_two_members_started_on_the_node_that_serve
     c.wait_active(WAIT);
     // A hundred simulated agents (the real protocol, TLS and end-to-end sealing), half on
     // node b and half on node c, each listing the other member as its next upstream.
-    let ca = std::fs::read_to_string(a.ca_path()).unwrap();
-    let tls = tether_shared::tls::client_config(&ca).unwrap();
-    let token = a.token(u32::try_from(AGENTS).unwrap());
-    let mut on_b = enroll_many(
-        a.wss,
-        std::sync::Arc::new(tls.clone()),
-        "localhost",
-        &token,
-        "sim",
-        AGENTS,
-        8,
-    )
-    .unwrap();
+    let (tls, mut on_b) = enroll_at(&a, "sim", AGENTS).unwrap();
     let on_c = on_b.split_off(AGENTS / 2);
     let ids: Vec<String> = on_b
         .iter()
@@ -869,7 +857,7 @@ fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finis
 fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times_a_second_lose_and_double_nothing(
 ) {
     use std::sync::atomic::Ordering;
-    use tether_tests::loadgen::{enroll_many, Fleet, SimConfig};
+    use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
     let Some(pg) = Postgres::start() else {
         return;
     };
@@ -885,19 +873,7 @@ fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times
     // every 100 ms: the agents' sessions flap between node a and node b several times a
     // second, each new session taking the claim from the node of the last one.
     let flapper = tether_tests::fleet::Forwarder::alternating(vec![b.wss, a.wss]);
-    let ca = std::fs::read_to_string(a.ca_path()).unwrap();
-    let tls = tether_shared::tls::client_config(&ca).unwrap();
-    let token = a.token(u32::try_from(AGENTS).unwrap());
-    let enrolled = enroll_many(
-        a.wss,
-        std::sync::Arc::new(tls.clone()),
-        "localhost",
-        &token,
-        "flap",
-        AGENTS,
-        4,
-    )
-    .unwrap();
+    let (tls, enrolled) = enroll_at(&a, "flap", AGENTS).unwrap();
     let ids: Vec<String> = enrolled.iter().map(|e| e.agent_id.clone()).collect();
     let mut cfg = SimConfig::new(flapper.addr, "localhost", tls);
     cfg.reconnect_min = Duration::from_millis(10);

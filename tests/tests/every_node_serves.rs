@@ -6,10 +6,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests may unwrap
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
+use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
 use tether_tests::marks::{marking_process, marks_in};
 use tether_tests::postgres::Postgres;
 
@@ -87,6 +89,13 @@ fn clear(marks: &Path) {
     }
 }
 
+/// Another node of `a`'s cluster named `name`, in `dir`, started and listening (a member).
+fn member_of(a: &Server, dir: &Path, name: &str) -> Server {
+    let mut node = a.another_node(dir, &[("TETHER_STORAGE__NODE_NAME", name)]);
+    node.wait_active(WAIT);
+    node
+}
+
 /// Node a (active, with `env_a`) and member b on one PostgreSQL, the marking process on node
 /// a, and one agent enrolled at node a and served by node b (it lists node a next).
 struct OneAgentOnB {
@@ -104,8 +113,7 @@ impl OneAgentOnB {
         let tmp = TestDir::new();
         let a = Server::start_with(&tmp.path().join("a"), &borrowed(env_a));
         let b_dir = tmp.path().join("b");
-        let mut b = a.another_node(&b_dir, &[("TETHER_STORAGE__NODE_NAME", "node-b")]);
-        b.wait_active(WAIT);
+        let b = member_of(&a, &b_dir, "node-b");
         let marks = tmp.path().join("marks");
         std::fs::create_dir_all(&marks).unwrap();
         marking_process(&a, "marks", STEPS, &marks);
@@ -704,24 +712,14 @@ fn succeeded(server: &Server, id: &str) {
 #[test]
 fn deployments_to_a_hundred_agents_on_two_members_started_on_the_node_that_serves_none_run_each_job_once_through_a_kill(
 ) {
-    use std::sync::atomic::Ordering;
-    use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
     let Some(pg) = Postgres::start() else {
         return;
     };
     const AGENTS: usize = 100;
     let tmp = TestDir::new();
     let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
-    let mut b = a.another_node(
-        &tmp.path().join("b"),
-        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
-    );
-    let mut c = a.another_node(
-        &tmp.path().join("c"),
-        &[("TETHER_STORAGE__NODE_NAME", "node-c")],
-    );
-    b.wait_active(WAIT);
-    c.wait_active(WAIT);
+    let mut b = member_of(&a, &tmp.path().join("b"), "node-b");
+    let mut c = member_of(&a, &tmp.path().join("c"), "node-c");
     // A hundred simulated agents (the real protocol, TLS and end-to-end sealing), half on
     // node b and half on node c, each listing the other member as its next upstream.
     let (tls, mut on_b) = enroll_at(&a, "sim", AGENTS).unwrap();
@@ -856,19 +854,13 @@ fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finis
 #[test]
 fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times_a_second_lose_and_double_nothing(
 ) {
-    use std::sync::atomic::Ordering;
-    use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
     let Some(pg) = Postgres::start() else {
         return;
     };
     const AGENTS: usize = 8;
     let tmp = TestDir::new();
     let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
-    let mut b = a.another_node(
-        &tmp.path().join("b"),
-        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
-    );
-    b.wait_active(WAIT);
+    let b = member_of(&a, &tmp.path().join("b"), "node-b");
     // Each connection lands on the other node than the last one, and every connection is cut
     // every 100 ms: the agents' sessions flap between node a and node b several times a
     // second, each new session taking the claim from the node of the last one.

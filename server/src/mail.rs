@@ -51,6 +51,7 @@ pub enum Kind {
     Event,
     Greeting,
     Departure,
+    Facts,
 }
 
 /// The key of the `n`th inbox row a member wrote for `agent` under its claim at `epoch`: one
@@ -61,6 +62,7 @@ pub fn inbox_key(agent: &AgentId, epoch: u64, n: u64, kind: Kind) -> String {
         Kind::Event => 'e',
         Kind::Greeting => 'h',
         Kind::Departure => 'd',
+        Kind::Facts => 'f',
     };
     format!("{INBOX_PREFIX}{agent}/{epoch:020}/{n:020}.{letter}")
 }
@@ -107,6 +109,8 @@ pub enum Inboxed {
     Greeting(Greeting),
     /// The end of a session on member node (named).
     Departure(String),
+    /// What the agent said of its machine in a heartbeat.
+    Facts(tether_shared::facts::Facts),
 }
 
 impl Inboxed {
@@ -119,6 +123,8 @@ impl Inboxed {
             serde_json::from_slice(&value).ok().map(Inboxed::Greeting)
         } else if key.ends_with(".d") {
             String::from_utf8(value).ok().map(Inboxed::Departure)
+        } else if key.ends_with(".f") {
+            serde_json::from_slice(&value).ok().map(Inboxed::Facts)
         } else {
             None
         }
@@ -142,6 +148,9 @@ pub struct Greeting {
     /// The member node that serves it.
     #[serde(default)]
     pub node: String,
+    /// What the agent said of its machine in its handshake.
+    #[serde(default, skip_serializing_if = "tether_shared::facts::Facts::is_empty")]
+    pub facts: tether_shared::facts::Facts,
 }
 
 impl Greeting {
@@ -155,6 +164,7 @@ impl Greeting {
             trust_serial: hello.trust_serial,
             incarnation: hello.incarnation.clone(),
             reset,
+            facts: hello.facts.clone(),
         }
     }
 }
@@ -434,6 +444,7 @@ mod tests {
             incarnation: "i".into(),
             reset: true,
             node: "node-b".into(),
+            facts: [("arch".to_owned(), "x86_64".to_owned())].into(),
         };
         let value = serde_json::to_vec(&greeting).unwrap();
         assert_eq!(
@@ -449,6 +460,15 @@ mod tests {
             None
         );
         assert_eq!(Inboxed::read("inbox/a-0c/1.q", Vec::new()), None);
+        assert_eq!(
+            Inboxed::read(
+                &inbox_key(&a, 1, 3, Kind::Facts),
+                br#"{"os":"linux"}"#.to_vec()
+            ),
+            Some(Inboxed::Facts(
+                [("os".to_owned(), "linux".to_owned())].into()
+            ))
+        );
         let b = agent("0d");
         let rows = vec![
             (inbox_key(&a, 1, 1, Kind::Event), vec![1]),

@@ -204,6 +204,14 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
         (v["status"] == "online" && v["node"] == "node-b").then_some(v)
     });
     assert_eq!(seen["version"], env!("CARGO_PKG_VERSION"), "{seen}");
+    // What it said of its machine reached node a too (it never connected there).
+    let facts = eventually("on-b's facts, through node b", WAIT, || {
+        let v = a
+            .request("GET", &format!("/api/v1/agents/{}", on_b.id), None)
+            .json();
+        v["facts"].get("arch").map(|_| v["facts"].clone())
+    });
+    assert_eq!(facts["arch"], std::env::consts::ARCH, "{facts}");
     // So does the web application, on the agent's page and in the list.
     let password = std::fs::read_to_string(a.dir.join("admin.password")).unwrap();
     let cookie = a.web_login("admin", password.trim());

@@ -91,6 +91,27 @@ impl AgentLink {
         mail::inbox_key(&self.agent_id, epoch, n, kind)
     }
 
+    /// On a member, at a heartbeat that carries the agent's facts: they go to the active node
+    /// through the inbox, at most every `FACTS_MIN_INTERVAL` (as the active node stores them).
+    pub(super) fn inbox_facts(
+        &mut self,
+        ctx: &mut Context<Self>,
+        facts: tether_shared::facts::Facts,
+    ) {
+        let due = self
+            .facts_stored
+            .is_none_or(|t| t.elapsed() >= crate::session::FACTS_MIN_INTERVAL);
+        if !due || self.fence.is_none() || self.inbox_full() {
+            return;
+        }
+        let Ok(value) = serde_json::to_vec(&facts) else {
+            return;
+        };
+        self.facts_stored = Some(std::time::Instant::now());
+        let key = self.inbox_key(mail::Kind::Facts);
+        self.commit_then(ctx, vec![Op::PutMeta { key, value }], |_, _| {});
+    }
+
     /// Whether this node carries anything through the inbox and the mailbox.
     pub(super) fn mails(&self) -> bool {
         self.shared.has_members || self.shared.member
@@ -238,6 +259,7 @@ impl AgentLink {
                         tracing::error!(agent_id = %self.agent_id, key = %key, "inbox-event-unreadable-dropped")
                     }
                 },
+                Some(Inboxed::Facts(facts)) => self.store_facts(facts, true),
                 Some(Inboxed::Departure(node)) => {
                     tracing::info!(agent_id = %self.agent_id, node = %node, "agent-left-elsewhere");
                     self.shared.presence.left_elsewhere(&self.agent_id, &node);
@@ -274,6 +296,9 @@ impl AgentLink {
                 .set_capable(&self.agent_id, greeting.operations);
             self.sealing = Some(self.sealer(&greeting.sealing_key));
             record_trust_serial(&self.shared, &self.agent_id, greeting.trust_serial);
+            if !greeting.facts.is_empty() {
+                self.store_facts(greeting.facts.clone(), true);
+            }
         }
         let mut ops = Vec::new();
         if greeting.reset {

@@ -487,10 +487,13 @@ impl AgentLink {
                     self.pump();
                 }
             }
-            Frame::Heartbeat(_) if self.shared.member => {
-                // Trust and facts are the active node's.
+            Frame::Heartbeat(hb) if self.shared.member => {
+                // Trust is the active node's; facts go to it through the inbox.
                 self.shared.presence.touch(&self.agent_id, None);
                 self.inbox_drained();
+                if let Some(facts) = hb.status.and_then(|s| s.facts) {
+                    self.inbox_facts(ctx, facts);
+                }
             }
             Frame::Heartbeat(hb) => {
                 self.shared.presence.touch(&self.agent_id, None);

@@ -120,11 +120,18 @@ impl Inboxed {
         if key.ends_with(".e") {
             Some(Inboxed::Event(value))
         } else if key.ends_with(".h") {
-            serde_json::from_slice(&value).ok().map(Inboxed::Greeting)
+            serde_json::from_slice::<Greeting>(&value)
+                .ok()
+                .filter(|g| tether_shared::facts::problem(&g.facts).is_none())
+                .map(Inboxed::Greeting)
         } else if key.ends_with(".d") {
             String::from_utf8(value).ok().map(Inboxed::Departure)
         } else if key.ends_with(".f") {
-            serde_json::from_slice(&value).ok().map(Inboxed::Facts)
+            // Checked as an agent's own report is.
+            serde_json::from_slice(&value)
+                .ok()
+                .filter(|f| tether_shared::facts::problem(f).is_none())
+                .map(Inboxed::Facts)
         } else {
             None
         }

@@ -201,7 +201,8 @@ fn main() {
     let p = |v: &[u64], q: f64| percentile(v, q);
     println!("\ncluster: {n} simulated agents, node a active, node b a member (2 cores, shared with PostgreSQL and the load generator)");
     println!(
-        "command latency, one-step deployment of {SAMPLE} agents from node a ({} jobs each):",
+        "command latency, one-step deployment of {} agents from node a ({} jobs each):",
+        same.len(),
         same_ms.len()
     );
     println!(

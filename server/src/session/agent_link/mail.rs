@@ -98,15 +98,19 @@ impl AgentLink {
         ctx: &mut Context<Self>,
         facts: tether_shared::facts::Facts,
     ) {
+        let Ok(value) = serde_json::to_vec(&facts) else {
+            return;
+        };
+        if let Some(greeting) = self.greeting.as_mut() {
+            // What a new active node is told again (`GreetAgain`) is the newest.
+            greeting.facts = facts;
+        }
         let due = self
             .facts_stored
             .is_none_or(|t| t.elapsed() >= crate::session::FACTS_MIN_INTERVAL);
         if !due || self.fence.is_none() || self.inbox_full() {
             return;
         }
-        let Ok(value) = serde_json::to_vec(&facts) else {
-            return;
-        };
         self.facts_stored = Some(std::time::Instant::now());
         let key = self.inbox_key(mail::Kind::Facts);
         self.commit_then(ctx, vec![Op::PutMeta { key, value }], |_, _| {});
@@ -211,10 +215,14 @@ impl AgentLink {
             self.shared
                 .journal
                 .scan_meta_from(&prefix, &prefix, mail::PAGE, mail::PAGE_BYTES);
-        // Not read (the database is away): as if more were waiting, until a look finds none.
+        // Not read (the database is away): as if more were waiting, until a look finds none
+        // (but a damaged row would never go: the agent is not held up for it).
         let (entries, more) = match page {
             Ok(page) => (page.entries, page.full),
-            Err(e) => (self.not_read(&e), true),
+            Err(e) => (
+                self.not_read(&e),
+                !matches!(e, tether_shared::journal::JournalError::Corrupt { .. }),
+            ),
         };
         self.inbox_behind = more;
         if more {
@@ -242,6 +250,8 @@ impl AgentLink {
     pub(super) fn take_inbox(&mut self, entries: Vec<(String, Vec<u8>)>) -> (Vec<Op>, Option<Seq>) {
         let mut ops = Vec::new();
         let mut last = None;
+        // The last facts of these entries (older ones are superseded).
+        let mut facts = None;
         for (key, value) in entries {
             if self.inbox_done.as_ref().is_some_and(|done| key <= *done) {
                 continue;
@@ -259,7 +269,7 @@ impl AgentLink {
                         tracing::error!(agent_id = %self.agent_id, key = %key, "inbox-event-unreadable-dropped")
                     }
                 },
-                Some(Inboxed::Facts(facts)) => self.store_facts(facts, true),
+                Some(Inboxed::Facts(reported)) => facts = Some(reported),
                 Some(Inboxed::Departure(node)) => {
                     tracing::info!(agent_id = %self.agent_id, node = %node, "agent-left-elsewhere");
                     self.shared.presence.left_elsewhere(&self.agent_id, &node);
@@ -274,6 +284,10 @@ impl AgentLink {
                 }
             }
             ops.push(Op::DeleteMeta { key });
+        }
+        // A handshake here since knows better.
+        if let Some(facts) = facts.filter(|_| self.session.is_none()) {
+            self.store_facts(facts, true);
         }
         (ops, last)
     }

@@ -939,3 +939,38 @@ fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times
         every_probe_once(&a, id, *n, *n);
     }
 }
+
+#[test]
+fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_first_enrolls_on_a_retry() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let b = member_of(&a, &tmp.path().join("b"), "node-b");
+    // One address for the cluster, as a TCP load balancer gives: the first connection goes to
+    // the member (which leaves enrollment to the active node), the next to node a.
+    let lb = tether_tests::fleet::Forwarder::alternating(vec![b.wss, a.wss]);
+    let upstream = format!("wss://localhost:{}", lb.addr.port());
+    let mut agent = Agent::install_via(&a, &[upstream], tmp.path(), "via-lb", &[], &[]);
+    let log = std::fs::read_to_string(tmp.path().join("via-lb-install.log")).unwrap();
+    assert!(
+        log.contains("enroll-upstreams-unavailable-trying-again"),
+        "{log}"
+    );
+    assert!(lb.accepted() >= 2, "{}", lb.accepted());
+    // Enrolled once; it comes online through the same address (either node serves it).
+    agent.run();
+    eventually("via-lb online", WAIT, || {
+        (a.agent_status(&agent.id) == "online").then_some(())
+    });
+    let r = a.request("GET", "/api/v1/agents", None);
+    let named = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["name"] == "via-lb")
+        .count();
+    assert_eq!(named, 1, "{}", r.body);
+}

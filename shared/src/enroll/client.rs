@@ -111,16 +111,69 @@ pub fn read_token(token: Option<&str>, token_file: Option<&Path>) -> Result<Stri
 
 /// Sends `request` to each upstream of `plan` in order; returns the base URL that answered and
 /// its answer. An answer whose signing key the server's CA (in `plan`'s `--ca`) does not
-/// certify was altered on the way: that upstream is skipped like an unreachable one.
+/// certify was altered on the way: that upstream is skipped like an unreachable one. While an
+/// upstream answers `503` (a cluster's node that leaves enrollment to the active one), the
+/// round is made again after its `Retry-After` (at most 5 s), up to [`ENROLL_ROUNDS`] times: the
+/// server answers the same request again with the same agent.
 pub fn post_enrollment(
     plan: &Plan,
     request: &EnrollRequest,
 ) -> Result<(String, EnrollResponse), EnrollError> {
-    let (upstreams, tls) = (&plan.upstreams, &plan.tls);
     // Serializing a struct of strings cannot fail.
     let body = serde_json::to_vec(request).unwrap_or_default();
-    let mut failures = Vec::new();
     let mut maybe_delivered = false;
+    let mut round = 1;
+    loop {
+        let (outcome, unavailable) = post_round(plan, &body, &mut maybe_delivered);
+        let failures = match outcome {
+            Round::Done(done) => return done,
+            Round::Failed(failures) => failures,
+        };
+        match unavailable {
+            // A node of a cluster that leaves enrollment to another (a member or a standby,
+            // maybe behind a load balancer that sends the next try elsewhere): once more.
+            Some(pause) if round < ENROLL_ROUNDS => {
+                tracing::info!(
+                    round,
+                    pause_ms = pause.as_millis() as u64,
+                    "enroll-upstreams-unavailable-trying-again"
+                );
+                std::thread::sleep(pause);
+                round += 1;
+            }
+            _ => {
+                return Err(EnrollError::Unreachable {
+                    failures,
+                    maybe_delivered,
+                })
+            }
+        }
+    }
+}
+
+/// Rounds over the upstreams at most, while one of them answers `503` (see
+/// [`post_enrollment`]).
+const ENROLL_ROUNDS: u32 = 10;
+/// Longest pause between two rounds, whatever a `Retry-After` says.
+const MAX_ROUND_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How one round over the upstreams ended.
+enum Round {
+    /// Enrolled, or refused for good.
+    Done(Result<(String, EnrollResponse), EnrollError>),
+    /// No upstream enrolled it: why, each.
+    Failed(Vec<String>),
+}
+
+/// One try at each upstream in turn; with the pause a `503` asked for, if one answered so.
+fn post_round(
+    plan: &Plan,
+    body: &[u8],
+    maybe_delivered: &mut bool,
+) -> (Round, Option<std::time::Duration>) {
+    let (upstreams, tls) = (&plan.upstreams, &plan.tls);
+    let mut failures = Vec::new();
+    let mut unavailable = None;
     for upstream in upstreams {
         let base = upstream.base_url();
         let reply = https::request(
@@ -132,7 +185,7 @@ pub fn post_enrollment(
                 port: upstream.port,
                 path: ENROLL_PATH,
                 headers: &[("Content-Type", "application/json")],
-                body: Some(&body),
+                body: Some(body),
             },
             &Limits::default(),
         );
@@ -147,45 +200,63 @@ pub fn post_enrollment(
                         | https::HttpsError::Connect { .. }
                         | https::HttpsError::Tls { .. }
                 );
-                maybe_delivered |= !unsent;
+                *maybe_delivered |= !unsent;
                 failures.push(format!("{base}: {e}"));
                 continue;
             }
         };
         match reply.status {
             200 => {
-                let answer = parse_answer(&reply.body).map_err(|reason| EnrollError::Refused {
-                    upstream: base.clone(),
-                    status: reply.status,
-                    reason,
-                })?;
+                let answer = match parse_answer(&reply.body) {
+                    Ok(answer) => answer,
+                    Err(reason) => {
+                        return (
+                            Round::Done(Err(EnrollError::Refused {
+                                upstream: base.clone(),
+                                status: reply.status,
+                                reason,
+                            })),
+                            None,
+                        )
+                    }
+                };
                 match check_signing_key(&answer, &plan.ca_pem) {
-                    Ok(()) => return Ok((base, answer)),
+                    Ok(()) => return (Round::Done(Ok((base, answer))), None),
                     Err(reason) => {
                         tracing::error!(upstream = %base, reason = %reason, "enroll-answer-refused");
-                        maybe_delivered = true;
+                        *maybe_delivered = true;
                         failures.push(format!("{base}: {reason}"));
                     }
                 }
             }
             400..=499 => {
-                return Err(EnrollError::Refused {
-                    upstream: base,
-                    status: reply.status,
-                    reason: reply.reason(),
-                })
+                return (
+                    Round::Done(Err(EnrollError::Refused {
+                        upstream: base,
+                        status: reply.status,
+                        reason: reply.reason(),
+                    })),
+                    None,
+                )
             }
             status => {
                 tracing::warn!(upstream = %base, status, "enroll-upstream-failed");
-                maybe_delivered = true;
+                if status == 503 {
+                    let asked = reply
+                        .header("retry-after")
+                        .and_then(|s| s.trim().parse::<u64>().ok())
+                        .map_or(
+                            std::time::Duration::from_secs(1),
+                            std::time::Duration::from_secs,
+                        );
+                    unavailable = Some(asked.min(MAX_ROUND_PAUSE));
+                }
+                *maybe_delivered = true;
                 failures.push(format!("{base}: HTTP {status}: {}", reply.reason()));
             }
         }
     }
-    Err(EnrollError::Unreachable {
-        failures,
-        maybe_delivered,
-    })
+    (Round::Failed(failures), unavailable)
 }
 
 /// Checks that the server's CA, among the CAs in `ca_pem`, certifies the signing key of

@@ -257,7 +257,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                         key: dir.join(init::SERVER_KEY),
                         source,
                     })?;
-                    let (member_drains, drained) = match every_node_serves_agents {
+                    let (member_drains, drains_asked) = match every_node_serves_agents {
                         true => {
                             let (ask, asked) = tokio::sync::mpsc::channel(1);
                             (Some(ask), Some(asked))
@@ -302,7 +302,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
                             nodes,
                             addr,
                             taken,
-                            drains: drained,
+                            drains: drains_asked,
                         });
                         None
                     } else {

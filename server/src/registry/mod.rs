@@ -685,21 +685,49 @@ impl Registry {
             .collect()
     }
 
-    /// Stores the facts agent `id` reported, unless they are those stored; `false` if no
-    /// agent has that id. The caller bounds how often (see `session::record_facts`).
-    pub async fn set_facts(&self, id: &str, facts: Facts) -> Result<bool, RegistryError> {
-        match read(&self.agents).get(id) {
-            None => return Ok(false),
-            Some(s) if s.record.facts == facts => return Ok(true),
-            Some(_) => {}
+    /// Stores the facts several agents reported, in one commit (those unchanged, or of no
+    /// agent, are left out); answers how many changed. The caller bounds how often (see
+    /// `session::record_facts`). A fleet connecting at once costs a few
+    /// commits rather than one per agent, each waiting for the last.
+    pub async fn set_facts_of(
+        &self,
+        reported: Vec<(String, Facts)>,
+    ) -> Result<usize, RegistryError> {
+        let _change = self.changes.lock().await;
+        let now = tether_shared::clock::now_unix_ms();
+        let changed: Vec<StoredAgent> = {
+            let agents = read(&self.agents);
+            reported
+                .into_iter()
+                .filter_map(|(id, facts)| {
+                    let stored = agents.get(id.as_str())?;
+                    if stored.record.role != Role::Agent || stored.record.facts == facts {
+                        return None;
+                    }
+                    let mut stored = stored.clone();
+                    stored.record.facts = facts;
+                    stored.record.facts_unix_ms = now;
+                    Some(stored)
+                })
+                .collect()
+        };
+        if changed.is_empty() {
+            return Ok(0);
         }
-        let modified = self
-            .modify(id, Some(Role::Agent), |stored| {
-                stored.record.facts = facts;
-                stored.record.facts_unix_ms = tether_shared::clock::now_unix_ms();
+        let ops = changed
+            .iter()
+            .map(|stored| Op::PutMeta {
+                key: format!("{AGENT_PREFIX}{}", stored.record.id),
+                value: encode(stored),
             })
-            .await?;
-        Ok(modified.is_some())
+            .collect();
+        self.journal.commit(ops).await?;
+        let n = changed.len();
+        let mut agents = write(&self.agents);
+        for stored in changed {
+            agents.insert(stored);
+        }
+        Ok(n)
     }
 
     /// The trust set agent or relay `id` confirmed last (0 if unknown).

@@ -138,7 +138,18 @@ pub struct SessionShared {
     pub active_takes_members: std::sync::atomic::AtomicBool,
     /// A member was drained (`tether-server drain`): it takes no more agents.
     pub drained: std::sync::atomic::AtomicBool,
+    /// Facts reported and not yet stored, by agent, and whether a flush is under way (see
+    /// [`record_facts`]).
+    pub facts_pending: FactsPending,
 }
+
+/// See [`SessionShared::facts_pending`].
+pub type FactsPending = Arc<
+    std::sync::Mutex<(
+        std::collections::HashMap<String, tether_shared::facts::Facts>,
+        bool,
+    )>,
+>;
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the
 /// background: a lost record only means the set is offered again).
@@ -161,10 +172,36 @@ pub const FACTS_MIN_INTERVAL: Duration = Duration::from_secs(60);
 /// Records the facts agent `id` reported (in the background: a lost record is replaced by the
 /// next report).
 pub fn record_facts(shared: &SessionShared, id: &str, facts: tether_shared::facts::Facts) {
-    let (registry, id) = (shared.registry.clone(), id.to_owned());
+    let start = {
+        let mut pending = shared
+            .facts_pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The newest of each agent's, one entry per agent.
+        pending.0.insert(id.to_owned(), facts);
+        !std::mem::replace(&mut pending.1, true)
+    };
+    if !start {
+        // The flush under way takes them with its next commit.
+        return;
+    }
+    let (registry, pending) = (shared.registry.clone(), shared.facts_pending.clone());
     actix_rt::spawn(async move {
-        if let Err(e) = registry.set_facts(&id, facts).await {
-            tracing::error!(agent_id = %id, error = %e, "facts-record-failed");
+        loop {
+            let batch: Vec<_> = {
+                let mut p = pending
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if p.0.is_empty() {
+                    p.1 = false;
+                    return;
+                }
+                std::mem::take(&mut p.0).into_iter().collect()
+            };
+            let agents = batch.len();
+            if let Err(e) = registry.set_facts_of(batch).await {
+                tracing::error!(agents, error = %e, "facts-record-failed");
+            }
         }
     });
 }

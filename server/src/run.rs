@@ -419,7 +419,12 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let kept = drain.clone();
     let took_lease = actix_rt::System::new().block_on(async move {
         if let (Some((store, lease)), Some(drain)) = (active, kept) {
-            actix_rt::spawn(lease::keep(store, lease, nodes.clone(), drain));
+            // On a thread of its own: however busy agents keep the others (handshakes read the
+            // database on their actors' threads), the lease is renewed in time.
+            let keeper = actix_rt::Arbiter::new();
+            if !keeper.spawn(lease::keep(store, lease, nodes.clone(), drain)) {
+                tracing::error!("lease-keeper-not-started");
+            }
         }
         serve(dir, opts, loaded, drains, nodes, member).await
     });

@@ -99,18 +99,13 @@ fn main() {
         std::process::exit(1);
     };
     let dir = TestDir::new();
-    let url = pg.url();
-    let env = |node: &'static str| {
-        vec![
-            ("TETHER_STORAGE__BACKEND", "postgres"),
-            ("TETHER_STORAGE__URL", url.as_str()),
-            ("TETHER_STORAGE__NODE_NAME", node),
-            ("TETHER_STORAGE__LEASE_TTL_MS", "5000"),
-            ("TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS", "true"),
-            ("TETHER_LOG__LEVEL", "warn"),
-        ]
-    };
-    let a = Server::start_with(&dir.path().join("a"), &env("node-a"));
+    let mut env = pg.node_env("node-a", 5000);
+    env.push((
+        "TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS".into(),
+        "true".into(),
+    ));
+    env.push(("TETHER_LOG__LEVEL".into(), "warn".into()));
+    let a = Server::start_with(&dir.path().join("a"), &tether_tests::borrowed(&env));
     let mut b = a.another_node(
         &dir.path().join("b"),
         &[("TETHER_STORAGE__NODE_NAME", "node-b")],

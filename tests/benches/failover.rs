@@ -75,18 +75,9 @@ fn main() {
         std::process::exit(1);
     };
     let dir = TestDir::new();
-    let ttl = ttl_ms.to_string();
-    let url = pg.url();
-    let env = |node: &'static str| {
-        vec![
-            ("TETHER_STORAGE__BACKEND", "postgres"),
-            ("TETHER_STORAGE__URL", url.as_str()),
-            ("TETHER_STORAGE__NODE_NAME", node),
-            ("TETHER_STORAGE__LEASE_TTL_MS", ttl.as_str()),
-            ("TETHER_LOG__LEVEL", "warn"),
-        ]
-    };
-    let mut a = Server::start_with(&dir.path().join("a"), &env("node-a"));
+    let mut env = pg.node_env("node-a", ttl_ms);
+    env.push(("TETHER_LOG__LEVEL".into(), "warn".into()));
+    let mut a = Server::start_with(&dir.path().join("a"), &tether_tests::borrowed(&env));
     // In place once, so that its restarts keep the ports the forwarder targets.
     a.kill();
     a.run();

@@ -43,6 +43,20 @@ fn is_root() -> bool {
 }
 
 impl Postgres {
+    /// The environment of node `name` of a cluster on this database, with a lease of
+    /// `ttl_ms`.
+    pub fn node_env(&self, name: &str, ttl_ms: u64) -> Vec<(String, String)> {
+        [
+            ("TETHER_STORAGE__BACKEND", "postgres".to_owned()),
+            ("TETHER_STORAGE__URL", self.url()),
+            ("TETHER_STORAGE__NODE_NAME", name.to_owned()),
+            ("TETHER_STORAGE__LEASE_TTL_MS", ttl_ms.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
     /// A new cluster, started; `None` (skip) when PostgreSQL is not installed, outside CI.
     pub fn start() -> Option<Postgres> {
         Postgres::start_with(&[])

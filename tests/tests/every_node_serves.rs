@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tether_tests::borrowed;
 use tether_tests::fleet::{eventually, Agent, Server, TestDir};
 use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
 use tether_tests::marks::{marking_process, marks_in};
@@ -20,23 +21,12 @@ const STEPS: usize = 6;
 
 /// The environment of node `name` of a cluster on `pg` where every node serves agents.
 fn node(pg: &Postgres, name: &str) -> Vec<(String, String)> {
-    [
-        ("TETHER_STORAGE__BACKEND", "postgres".to_owned()),
-        ("TETHER_STORAGE__URL", pg.url()),
-        ("TETHER_STORAGE__NODE_NAME", name.to_owned()),
-        ("TETHER_STORAGE__LEASE_TTL_MS", "3000".to_owned()),
-        (
-            "TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS",
-            "true".to_owned(),
-        ),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
-}
-
-fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    let mut env = pg.node_env(name, 3000);
+    env.push((
+        "TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS".into(),
+        "true".into(),
+    ));
+    env
 }
 
 /// Which node holds the claim on `agent`, and at which epoch (`""`: nobody).

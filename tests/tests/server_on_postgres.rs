@@ -15,7 +15,7 @@ use tether_tests::measure::dispatch;
 use tether_tests::postgres::Postgres;
 use tether_tests::relays::Relay;
 use tether_tests::tether_cli::{server_url, Tether};
-use tether_tests::{run, stderr};
+use tether_tests::{borrowed, run, stderr};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -303,15 +303,7 @@ fn a_database_that_cannot_serve_stops_the_server_at_start_with_its_cause() {
 
 /// The environment of a node named `name` of a cluster on `pg` with a lease of `ttl_ms`.
 fn node(pg: &Postgres, name: &str, ttl_ms: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> =
-        on(pg).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    env.push(("TETHER_STORAGE__NODE_NAME".into(), name.into()));
-    env.push(("TETHER_STORAGE__LEASE_TTL_MS".into(), ttl_ms.into()));
-    env
-}
-
-fn borrowed(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    pg.node_env(name, ttl_ms.parse().unwrap())
 }
 
 #[test]

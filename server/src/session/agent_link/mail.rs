@@ -373,6 +373,14 @@ impl Handler<FromInbox> for AgentLink {
     type Result = ();
 
     fn handle(&mut self, msg: FromInbox, ctx: &mut Self::Context) {
+        if self.uncommitted_bytes > 0 {
+            // Events the agent sent here are still being committed, their effects already in
+            // this link's memory. If the claim moved on meanwhile, their commit is refused and
+            // the member that has the agent now accepts them again, into the inbox: taking
+            // those here before the refusal rebuilds the link would count them twice. The rows
+            // stay, and come again at the next look.
+            return;
+        }
         let trust_serial =
             msg.entries
                 .iter()

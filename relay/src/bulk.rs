@@ -240,11 +240,23 @@ impl Upstreams {
     /// (an HTTP answer of any status, or a failure after the request reached it).
     pub fn attempt<T>(
         &self,
+        call: impl FnMut(&Upstream) -> Result<T, HttpsError>,
+    ) -> Result<T, HttpsError> {
+        self.attempt_unless(call, |_| false)
+    }
+
+    /// [`Self::attempt`], going on past an upstream whose answer is `elsewhere` (a cluster's
+    /// node that leaves the request to another) while another is left; the last such answer
+    /// if no upstream took it.
+    pub fn attempt_unless<T>(
+        &self,
         mut call: impl FnMut(&Upstream) -> Result<T, HttpsError>,
+        elsewhere: impl Fn(&T) -> bool,
     ) -> Result<T, HttpsError> {
         let n = self.list.len();
         let start = self.preferred.load(Ordering::Relaxed);
         let mut last = None;
+        let mut passed = None;
         for i in 0..n {
             let at = (start + i) % n;
             let Some(upstream) = self.list.get(at) else {
@@ -255,6 +267,10 @@ impl Upstreams {
                     tracing::warn!(upstream = %upstream.authority(), error = %e, "upstream-unreachable");
                     last = Some(e);
                 }
+                Ok(answer) if elsewhere(&answer) && i + 1 < n => {
+                    tracing::info!(upstream = %upstream.authority(), "upstream-sent-elsewhere");
+                    passed = Some(answer);
+                }
                 Ok(answer) => {
                     if at != start {
                         tracing::info!(upstream = %upstream.authority(), "upstream-switched");
@@ -264,6 +280,9 @@ impl Upstreams {
                 }
                 Err(e) => return Err(e),
             }
+        }
+        if let Some(answer) = passed {
+            return Ok(answer);
         }
         Err(last.unwrap_or_else(|| HttpsError::Connect {
             target: "-".into(),
@@ -463,18 +482,23 @@ impl Bulk {
         if let Some(ct) = &content_type {
             headers.push(("Content-Type", ct.as_str()));
         }
-        let answer = self.upstreams.attempt(|upstream| {
-            let req = Request {
-                method: "POST",
-                host: &upstream.host,
-                addr: None,
-                port: upstream.port,
-                path: ENROLL_PATH,
-                headers: &headers,
-                body: Some(body),
-            };
-            https::request(self.upstreams.tls.get(), &req, &Limits::default())
-        });
+        // A cluster's member or standby leaves enrollment to the active node (503): the next
+        // upstream is asked.
+        let answer = self.upstreams.attempt_unless(
+            |upstream| {
+                let req = Request {
+                    method: "POST",
+                    host: &upstream.host,
+                    addr: None,
+                    port: upstream.port,
+                    path: ENROLL_PATH,
+                    headers: &headers,
+                    body: Some(body),
+                };
+                https::request(self.upstreams.tls.get(), &req, &Limits::default())
+            },
+            |response| response.status == 503,
+        );
         let response = answer.map_err(|e| self.upstream_failed(e))?;
         Ok(Passback {
             status: response.status,

@@ -158,11 +158,15 @@ pub struct Greeting {
     /// What the agent said of its machine in its handshake.
     #[serde(default, skip_serializing_if = "tether_shared::facts::Facts::is_empty")]
     pub facts: tether_shared::facts::Facts,
+    /// The relays it came through, nearest it first (none: it dialled the member itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path: Vec<String>,
 }
 
 impl Greeting {
-    pub fn of(hello: &Hello, reset: bool, node: &str) -> Greeting {
+    pub fn of(hello: &Hello, reset: bool, node: &str, path: &[String]) -> Greeting {
         Greeting {
+            path: path.to_vec(),
             node: node.to_owned(),
             version: hello.version.clone(),
             sealing_key: hello.sealing_key.clone(),
@@ -172,6 +176,22 @@ impl Greeting {
             incarnation: hello.incarnation.clone(),
             reset,
             facts: hello.facts.clone(),
+        }
+    }
+
+    /// A relay's handshake on member `node`: what it runs, the trust set it holds, its path.
+    pub fn of_relay(hello: &Hello, version: &str, node: &str, path: &[String]) -> Greeting {
+        Greeting {
+            version: version.to_owned(),
+            sealing_key: String::new(),
+            runs_as: false,
+            operations: false,
+            trust_serial: hello.trust_serial,
+            incarnation: String::new(),
+            reset: false,
+            node: node.to_owned(),
+            facts: Default::default(),
+            path: path.to_vec(),
         }
     }
 }
@@ -361,6 +381,12 @@ pub async fn follow_registry(
             Ok(Ok(gone)) => {
                 for agent_id in gone {
                     tracing::info!(agent_id = %agent_id, "member-agent-deleted-disconnecting");
+                    // A relay: its link, or the channels that carry it or run through it.
+                    let relay = agent_id.as_str().into();
+                    let closed = crate::session::relay_session::revoke_relay(&shared, &relay).await;
+                    if closed > 0 {
+                        tracing::warn!(relay_id = %relay, closed, "member-relay-deleted-disconnected");
+                    }
                     sessions.do_send(crate::session::session_registry::DisconnectAgent {
                         agent_id,
                         reason: "the agent was deleted".into(),
@@ -452,6 +478,7 @@ mod tests {
             reset: true,
             node: "node-b".into(),
             facts: [("arch".to_owned(), "x86_64".to_owned())].into(),
+            path: vec!["r-1".into()],
         };
         let value = serde_json::to_vec(&greeting).unwrap();
         assert_eq!(

@@ -132,8 +132,9 @@ impl<H: Clone> Presence<H> {
         seen.node = None;
     }
 
-    /// `id` connected to member node `node`, running `version` (unless it is connected here).
-    pub fn set_elsewhere(&self, id: &str, version: &str, node: &str) {
+    /// `id` connected to member node `node`, running `version`, through `path` (relays,
+    /// nearest it first), unless it is connected here.
+    pub fn set_elsewhere(&self, id: &str, version: &str, node: &str, path: &[String]) {
         let mut peers = self.write();
         let entry = peers.entry(id.to_owned()).or_default();
         if entry.current.is_some() {
@@ -142,7 +143,7 @@ impl<H: Clone> Presence<H> {
         let seen = &mut entry.seen;
         seen.online = true;
         seen.version = Some(version.to_owned());
-        seen.path = Vec::new();
+        seen.path = path.to_vec();
         seen.last_seen_unix_ms = Some(now_unix_ms());
         seen.node = Some(node.to_owned());
     }
@@ -248,11 +249,11 @@ mod tests {
     #[test]
     fn a_peer_served_by_a_member_is_online_until_it_leaves_it_or_the_member_goes() {
         let p = Presence::<&str>::default();
-        p.set_elsewhere("a", "1.0", "node-b");
+        p.set_elsewhere("a", "1.0", "node-b", &[]);
         assert!(p.seen("a").online);
         assert_eq!(p.seen("a").node.as_deref(), Some("node-b"));
         // It moved to node c before node b's note that it left arrived: still online.
-        p.set_elsewhere("a", "1.0", "node-c");
+        p.set_elsewhere("a", "1.0", "node-c", &[]);
         p.left_elsewhere("a", "node-b");
         assert!(p.seen("a").online);
         p.keep_members(&["node-c".into()]);
@@ -262,7 +263,7 @@ mod tests {
         // Connected here, it is this node's, whatever a member says.
         p.claim("a", ConnId(1), "one");
         p.set_online("a", "1.0", Vec::new());
-        p.set_elsewhere("a", "1.0", "node-b");
+        p.set_elsewhere("a", "1.0", "node-b", &[]);
         p.left_elsewhere("a", "node-b");
         p.keep_members(&[]);
         assert!(p.seen("a").online);

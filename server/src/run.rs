@@ -685,9 +685,13 @@ async fn serve(
                         .shared
                         .drained
                         .store(true, std::sync::atomic::Ordering::Relaxed);
+                    let links = built.shared.presence.relay_links();
+                    for (_, link) in &links {
+                        link.do_send(ServerStopping);
+                    }
                     let sessions = built.sessions.send(CloseAllSessions).await.unwrap_or(0);
-                    tracing::info!(sessions, "member-drained");
-                    let _ = reply.send(sessions);
+                    tracing::info!(sessions, relay_links = links.len(), "member-drained");
+                    let _ = reply.send(sessions + links.len());
                     continue;
                 }
             };

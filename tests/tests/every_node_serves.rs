@@ -964,3 +964,183 @@ fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_first_en
         .count();
     assert_eq!(named, 1, "{}", r.body);
 }
+
+/// Rows in `id`'s mailbox (commands for it not yet taken by the node that serves it).
+fn mailbox_rows(pg: &Postgres, id: &str) -> String {
+    pg.psql(&format!(
+        "SELECT count(*) FROM tether_journal WHERE position('Mmailbox/{id}/'::bytea in key) = 1"
+    ))
+}
+
+#[test]
+fn relays_linked_to_a_member_carry_their_agents_there_are_tended_by_the_active_node_and_move_when_it_dies(
+) {
+    use tether_tests::relays::{relay_entry, Relay};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let b_dir = tmp.path().join("b");
+    let mut b = member_of(&a, &b_dir, "node-b");
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, "marks", STEPS, &marks);
+    // Both relays list the member first. They enroll at the active node (the member leaves
+    // enrollment to it, and they go round), link to the member, and forward their agents'
+    // enrollments on to the active node the same way.
+    let both = [b.upstream(), a.upstream()];
+    let r1 = Relay::start(&a, &both, tmp.path(), "relay-1");
+    let r2 = Relay::start(&a, &both, tmp.path(), "relay-2");
+    eventually("both relays claimed by node b", WAIT, || {
+        [&r1, &r2]
+            .iter()
+            .all(|r| claim(&pg, &r.id).starts_with("node-b "))
+            .then_some(())
+    });
+    let mut agents: Vec<Agent> = [("x1", &r1), ("x2", &r1), ("y1", &r2)]
+        .into_iter()
+        .map(|(name, relay)| {
+            let mut agent = Agent::install_via(&a, &[relay.upstream()], tmp.path(), name, &[], &[]);
+            agent.run();
+            agent
+        })
+        .collect();
+    eventually("the relays' agents claimed by node b", WAIT, || {
+        agents
+            .iter()
+            .all(|ag| claim(&pg, &ag.id).starts_with("node-b "))
+            .then_some(())
+    });
+    // The active node knows where they are: online, served by node b, through their relay.
+    eventually("the relays online on node a", WAIT, || {
+        ["relay-1", "relay-2"]
+            .iter()
+            .all(|r| relay_entry(&a, r).is_some_and(|e| e["status"] == "online"))
+            .then_some(())
+    });
+    let view = eventually("x1's path on node a", WAIT, || {
+        let v = a
+            .request("GET", &format!("/api/v1/agents/{}", agents[0].id), None)
+            .json();
+        (v["status"] == "online" && v["path"].as_array().is_some_and(|p| !p.is_empty()))
+            .then_some(v)
+    });
+    assert_eq!(view["node"], "node-b", "{view}");
+    let path = view["path"].to_string();
+    assert!(
+        path.contains(&r1.id) || path.contains("relay-1"),
+        "x1 came through relay 1: {view}"
+    );
+    // What the active node sends a relay at each connect (its certificate) went through its
+    // mailbox, and node b took it and sent it on.
+    eventually("the relays' mail taken and sent", WAIT, || {
+        let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+        let sent = |id: &str| {
+            log.lines()
+                .any(|l| l.contains("relay-command-from-mailbox-sent") && l.contains(id))
+        };
+        (sent(&r1.id)
+            && sent(&r2.id)
+            && mailbox_rows(&pg, &r1.id) == "0"
+            && mailbox_rows(&pg, &r2.id) == "0")
+            .then_some(())
+    });
+
+    // A deployment started on the active node runs once on each agent behind the relays.
+    let all: Vec<&Agent> = agents.iter().collect();
+    let id = deploy(&a, &all);
+    every_step_once(&a, &id, &marks, all.len());
+
+    // Relay 2 deleted on the active node: node b closes its link at its next read of the
+    // registry, and its agent is offline everywhere (relay 2 is refused by both nodes now).
+    let r = a.request("DELETE", "/api/v1/relays/relay-2", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    eventually("relay 2's link closed by node b", WAIT, || {
+        let log = std::fs::read_to_string(b_dir.join("server.log")).unwrap();
+        log.lines()
+            .any(|l| l.contains("member-relay-deleted-disconnected") && l.contains(&r2.id))
+            .then_some(())
+    });
+    eventually("relay 2's agent offline on node a", WAIT, || {
+        (a.agent_status(&agents[2].id) != "online").then_some(())
+    });
+    let y1 = agents.pop().unwrap();
+
+    // Node b killed in the middle of a deployment: relay 1 links to node a, and its agents
+    // finish there, each step once.
+    clear(&marks);
+    let rest: Vec<&Agent> = agents.iter().collect();
+    let id = deploy(&a, &rest);
+    eventually("the deployment under way", WAIT, || {
+        (!marks_in(&marks).is_empty()).then_some(())
+    });
+    b.kill();
+    every_step_once(&a, &id, &marks, rest.len());
+    for ag in &agents {
+        assert!(
+            claim(&pg, &ag.id).starts_with("node-a "),
+            "{} now served by node a",
+            ag.name
+        );
+    }
+    assert_eq!(relay_entry(&a, "relay-1").unwrap()["status"], "online");
+    drop((y1, r1, r2));
+}
+
+#[test]
+fn a_relay_on_a_member_is_upgraded_by_a_rollout_started_on_the_active_node() {
+    use tether_tests::relays::{relay_entry, Relay};
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    // Upgrade packages on a directory both nodes share, as a cluster's `files_dir`.
+    let files = tmp.path().join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let mut env_a = node(&pg, "node-a");
+    env_a.push((
+        "TETHER_SERVER__FILES_DIR".into(),
+        files.display().to_string(),
+    ));
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
+    let b = member_of(&a, &tmp.path().join("b"), "node-b");
+    let mut relay = Relay::install(
+        &a,
+        &[b.upstream(), a.upstream()],
+        tmp.path(),
+        "edge",
+        &[("TETHER_RELAY__UPGRADE_HEALTHY_AFTER_MS", "2000")],
+    );
+    // Fixed ports, which the re-executed binary listens on again.
+    relay.run();
+    relay.kill();
+    relay.run();
+    eventually("the relay claimed by node b", WAIT, || {
+        claim(&pg, &relay.id).starts_with("node-b ").then_some(())
+    });
+    let binary = std::fs::read(tether_tests::bin("tether-relay")).unwrap();
+    a.upload_package("99.0.0", "relay", &binary);
+    let r = a.request(
+        "POST",
+        "/api/v1/upgrades/99.0.0/rollout",
+        Some(&json!({"targets": {"relays": ["edge"]}})),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["relays"][0]["queued"], true, "{}", r.body);
+    // The command went through node b; the relay's reports came back through it, and the
+    // active node recorded each.
+    let entry = eventually("the relay upgraded", Duration::from_secs(120), || {
+        let e = relay_entry(&a, "edge")?;
+        let state = e["upgrade"]["state"].as_str().unwrap_or("").to_owned();
+        assert!(
+            matches!(state.as_str(), "requested" | "upgrading" | "done"),
+            "{e}"
+        );
+        (state == "done" && e["version"] == "99.0.0").then_some(e)
+    });
+    assert_eq!(entry["status"], "online", "{entry}");
+    assert_eq!(relay.health()["version"], "99.0.0");
+    assert!(claim(&pg, &relay.id).starts_with("node-b "));
+    drop(b);
+}

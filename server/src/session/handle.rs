@@ -38,6 +38,8 @@ pub struct SessionHandle {
     to: Recipient<ToSession>,
     ch: u32,
     conn: ConnId,
+    /// The relays the agent came through, nearest it first (none: direct).
+    path: Vec<String>,
 }
 
 impl SessionHandle {
@@ -47,12 +49,29 @@ impl SessionHandle {
             to: session,
             ch: 0,
             conn: ConnId(0),
+            path: Vec::new(),
         }
     }
 
-    /// The agent is channel `ch` (opened as `conn`) of the relay link `link`.
-    pub fn relayed(link: Recipient<ToSession>, ch: u32, conn: ConnId) -> SessionHandle {
-        SessionHandle { to: link, ch, conn }
+    /// The agent is channel `ch` (opened as `conn`) of the relay link `link`, through `path`
+    /// (relays, nearest the agent first).
+    pub fn relayed(
+        link: Recipient<ToSession>,
+        ch: u32,
+        conn: ConnId,
+        path: Vec<String>,
+    ) -> SessionHandle {
+        SessionHandle {
+            to: link,
+            ch,
+            conn,
+            path,
+        }
+    }
+
+    /// The relays the agent came through, nearest it first.
+    pub fn path(&self) -> &[String] {
+        &self.path
     }
 
     fn ask(&self, ask: Ask) {

@@ -143,6 +143,17 @@ pub struct SessionShared {
     pub facts_pending: FactsPending,
 }
 
+impl SessionShared {
+    /// The member node that serves peer `id`, if a member does (on the active node of a
+    /// cluster whose nodes all serve agents).
+    pub fn served_elsewhere(&self, id: &str) -> Option<String> {
+        use crate::presence::Sightings;
+        let seen = self.presence.seen(id);
+        seen.node
+            .filter(|_| seen.online && self.presence.current(id).is_none())
+    }
+}
+
 /// See [`SessionShared::facts_pending`].
 pub type FactsPending = Arc<
     std::sync::Mutex<(

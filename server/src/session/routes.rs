@@ -46,11 +46,8 @@ async fn relay_ws(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if state.shared.member {
-        // Relays link to the active node (their next upstream) until members carry them.
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(serde_json::json!({"error": "this node is a member of the cluster: relays link to the active node"})));
+    if let Some(refused) = member_refusal(&state) {
+        return Ok(refused);
     }
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -64,6 +61,27 @@ async fn relay_ws(
     ws::WsResponseBuilder::new(session, &req, guarded)
         .frame_size(MAX_MUX_BYTES)
         .start()
+}
+
+/// Why this node takes no agent or relay now, as the answer to its upgrade: a member whose
+/// active node would not read what it carries (see `crate::mail`), or a drained node. Either
+/// way the peer goes to its next upstream.
+fn member_refusal(state: &AppState) -> Option<HttpResponse> {
+    if state.shared.member && !state.shared.active_takes_members.load(Ordering::Relaxed) {
+        return Some(HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(serde_json::json!({"error": "this node is a member of the cluster, but the active node does not have every_node_serves_agents on: connect to the active node"})));
+    }
+    if state.shared.drained.load(Ordering::Relaxed) {
+        return Some(
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "5"))
+                .json(
+                    serde_json::json!({"error": "this node was drained: connect to another node"}),
+                ),
+        );
+    }
+    None
 }
 
 /// Mounts the probe routes (HTTPS listener).
@@ -81,16 +99,8 @@ async fn agent_ws(
     stream: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, actix_web::Error> {
-    if state.shared.member && !state.shared.active_takes_members.load(Ordering::Relaxed) {
-        // The active node would not read what this member carries (see `crate::mail`).
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "1"))
-            .json(serde_json::json!({"error": "this node is a member of the cluster, but the active node does not have every_node_serves_agents on: connect to the active node"})));
-    }
-    if state.shared.drained.load(Ordering::Relaxed) {
-        return Ok(HttpResponse::ServiceUnavailable()
-            .insert_header(("Retry-After", "5"))
-            .json(serde_json::json!({"error": "this node was drained: connect to another node"})));
+    if let Some(refused) = member_refusal(&state) {
+        return Ok(refused);
     }
     let conn = ConnId(state.shared.next_conn.fetch_add(1, Ordering::Relaxed) + 1);
     let peer = req.peer_addr().map(|a| a.to_string()).unwrap_or_default();

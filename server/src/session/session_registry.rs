@@ -11,11 +11,13 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use tether_shared::close::CloseCode;
+use tether_shared::enroll::Role;
 use tether_shared::ids::AgentId;
 use tether_shared::stream::ConnId;
 
 use crate::session::agent_link::{AgentLink, AgentLinkError, Detach};
 use crate::session::handle::SessionHandle;
+use crate::session::relay_session::{FromRelayInbox, GreetRelaysAgain, RelayMail, RemoteRelays};
 use crate::session::{Holder, SessionShared};
 
 /// One agent's entry.
@@ -28,11 +30,16 @@ struct Entry {
 pub struct SessionRegistry {
     shared: Arc<SessionShared>,
     agents: HashMap<AgentId, Entry>,
+    /// On the active node of a cluster whose nodes all serve agents: the relays members carry.
+    relays: Option<Addr<RemoteRelays>>,
 }
 
 impl SessionRegistry {
     pub fn new(shared: Arc<SessionShared>) -> Self {
         SessionRegistry {
+            relays: shared
+                .has_members
+                .then(|| RemoteRelays::new(shared.clone()).start()),
             shared,
             agents: HashMap::new(),
         }
@@ -156,11 +163,14 @@ impl Handler<Deliver> for SessionRegistry {
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) {
         use crate::session::agent_link::{FromInbox, FromMailbox};
-        if msg.inbox && self.shared.registry.agent(&msg.agent_id).is_none() {
+        let role = self.shared.registry.agent(&msg.agent_id).map(|a| a.role);
+        if msg.inbox && role.is_none() {
             // An agent deleted (or never enrolled): nothing of it takes effect, and its rows go.
             tracing::warn!(agent_id = %msg.agent_id, rows = msg.entries.len(), "inbox-of-an-unknown-agent-purged");
             let journal = self.shared.journal.clone();
             actix::spawn(async move { crate::mail::purge(&journal, &msg.agent_id).await });
+        } else if role == Some(Role::Relay) {
+            self.deliver_to_relay(msg);
         } else if msg.inbox {
             match self.entry(&msg.agent_id) {
                 Ok(entry) => entry.link.do_send(FromInbox {
@@ -172,6 +182,34 @@ impl Handler<Deliver> for SessionRegistry {
             }
         } else if let Some(entry) = self.agents.get(&msg.agent_id) {
             entry.link.do_send(FromMailbox {
+                entries: msg.entries,
+            });
+        }
+    }
+}
+
+impl SessionRegistry {
+    /// Relay rows: on the active node its inbox's, on a member its mailbox's (for the link
+    /// that carries it here, if one does).
+    fn deliver_to_relay(&self, msg: Deliver) {
+        let relay_id = msg.agent_id.to_string();
+        if msg.inbox {
+            if let Some(relays) = &self.relays {
+                relays.do_send(FromRelayInbox {
+                    relay_id,
+                    entries: msg.entries,
+                });
+            }
+            return;
+        }
+        let Some(path) = self.shared.presence.online_path(&relay_id) else {
+            return;
+        };
+        // The link of the relay nearest this node on its path.
+        let holder = path.last().map_or(relay_id.as_str(), String::as_str);
+        if let Some(link) = self.shared.presence.relay_link(holder) {
+            link.do_send(RelayMail {
+                relay_id,
                 entries: msg.entries,
             });
         }
@@ -190,6 +228,9 @@ impl Handler<GreetAgain> for SessionRegistry {
     fn handle(&mut self, _: GreetAgain, _: &mut Self::Context) {
         for entry in self.agents.values() {
             entry.link.do_send(crate::session::agent_link::GreetAgain);
+        }
+        for (_, link) in self.shared.presence.relay_links() {
+            link.do_send(GreetRelaysAgain);
         }
     }
 }

@@ -299,9 +299,12 @@ impl AgentLink {
         if self.session.is_none() {
             // (A handshake here since knows better.)
             self.remote_incarnation = Some(greeting.incarnation.clone());
-            self.shared
-                .presence
-                .set_elsewhere(&self.agent_id, &greeting.version, &greeting.node);
+            self.shared.presence.set_elsewhere(
+                &self.agent_id,
+                &greeting.version,
+                &greeting.node,
+                &greeting.path,
+            );
             self.trust_capable = tether_shared::trust::understood_by(&greeting.version);
             self.runs_as = greeting.runs_as;
             self.shared

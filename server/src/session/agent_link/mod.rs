@@ -876,6 +876,7 @@ impl AgentLink {
             true => self.shared.work.on_reset(&self.agent_id),
             false => Vec::new(),
         };
+        let path = msg.session.path().to_vec();
         self.session = Some((conn, msg.session));
         self.last_heard = Some(Instant::now());
         self.trust_capable = tether_shared::trust::understood_by(&hello.version);
@@ -892,7 +893,7 @@ impl AgentLink {
         if member {
             // The active node learns what the agent takes, and whether it lost its state.
             let node = self.shared.claims.as_ref().map_or("", |c| c.node());
-            let greeting = crate::mail::Greeting::of(&hello, reset, node);
+            let greeting = crate::mail::Greeting::of(&hello, reset, node, &path);
             self.greeting = Some(crate::mail::Greeting {
                 reset: false,
                 ..greeting.clone()

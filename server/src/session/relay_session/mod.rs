@@ -16,9 +16,13 @@
 //! it must be connected to us through exactly the rest of that path. A relay cannot claim an
 //! agent came through a relay it is not connected to.
 
+mod member;
 mod relays;
-use relays::is_upgrade_event;
+mod remote;
+pub use member::{GreetRelaysAgain, RelayMail};
+use relays::is_relay_event;
 pub use relays::push_relay_upgrade;
+pub use remote::{FromRelayInbox, RemoteRelays};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -96,6 +100,8 @@ pub struct RelaySession {
     /// Channels of this link still handshaking (counted against the server's handshakes).
     handshaking: usize,
     stats: RelayLinkStats,
+    /// On a member: the relays this link carries, claimed (see `member`).
+    claimed: HashMap<String, member::Claimed>,
 }
 
 impl RelaySession {
@@ -119,6 +125,7 @@ impl RelaySession {
             channels: HashMap::new(),
             handshaking: 0,
             stats: RelayLinkStats::default(),
+            claimed: HashMap::new(),
         }
     }
 
@@ -228,7 +235,7 @@ impl RelaySession {
                     return;
                 }
             };
-        let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
+        let (relay_id, trust_serial) = (hello.agent_id.clone(), hello.trust_serial);
         self.uncount();
         let claim = Holder::Relay(ctx.address());
         if let Some(Holder::Relay(old)) = self.shared.presence.claim(&relay_id, self.conn, claim) {
@@ -240,9 +247,7 @@ impl RelaySession {
         tracing::info!(relay_id = %relay_id, conn = self.conn.0, peer = %self.peer, "relay-online");
         self.relay_id = Some(relay_id.as_str().into());
         Self::send_frame(ctx, &self.welcome());
-        self.push_upgrade(ctx, &relay_id);
-        self.push_certificate(ctx, &relay_id, true);
-        self.push_trust(ctx, &relay_id, Some(trust_serial));
+        self.tend_on_connect(ctx, &hello, &version, &[], trust_serial);
     }
 
     fn welcome(&self) -> Frame {
@@ -376,8 +381,8 @@ impl RelaySession {
         };
         match protocol::decode(frame, Sender::Agent) {
             Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(&relay_id, hb.status),
-            Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
-                self.on_relay_event(ctx, &relay_id, &event)
+            Ok(Frame::Event(event)) if is_relay_event(&event.body) => {
+                self.on_relay_event(ctx, &relay_id, &event, frame)
             }
             Ok(Frame::Error(e)) => {
                 tracing::warn!(relay_id = %relay_id, code = ?e.code, message = %e.message, "relay-reported-error")
@@ -407,7 +412,8 @@ impl RelaySession {
         };
         let agent_id = hello.agent_id.clone();
         let conn = channel.conn;
-        let handle = SessionHandle::relayed(ctx.address().recipient(), ch, conn);
+        let handle =
+            SessionHandle::relayed(ctx.address().recipient(), ch, conn, channel.path.clone());
         let attach = attach(self.registry.clone(), conn, hello, handle);
         ctx.spawn(attach.into_actor(self).map(move |res, act, ctx| {
             let Some(channel) = act.channels.get_mut(&ch).filter(|c| c.conn == conn) else {
@@ -513,6 +519,7 @@ impl RelaySession {
             }
             ChannelKind::Relay => {
                 self.shared.presence.set_offline(&peer);
+                self.member_depart(&peer);
                 tracing::info!(relay_id = %peer, "relay-offline");
             }
         }
@@ -574,9 +581,11 @@ impl RelaySession {
                     .filter_map(|c| c.relay_id().map(RelayId::from)),
             )
             .collect();
-        for relay_id in relays {
-            self.push_certificate(ctx, &relay_id, false);
-            self.push_trust(ctx, &relay_id, None);
+        // On a member, the active node sends them through the mailbox.
+        let member = self.shared.member;
+        for relay_id in relays.iter().filter(|_| !member) {
+            self.push_certificate(ctx, relay_id, false);
+            self.push_trust(ctx, relay_id, None);
         }
         for (ch, reason) in stale {
             self.refuse_channel(
@@ -652,10 +661,11 @@ impl Actor for RelaySession {
         for (_, channel) in std::mem::take(&mut self.channels) {
             self.end_channel(channel);
         }
-        if let Some(relay_id) = &self.relay_id {
-            if self.shared.presence.release(relay_id, self.conn) {
+        if let Some(relay_id) = self.relay_id.clone() {
+            if self.shared.presence.release(&relay_id, self.conn) {
                 tracing::info!(relay_id = %relay_id, conn = self.conn.0, "relay-offline");
             }
+            self.member_depart(&relay_id);
         }
         Running::Stop
     }

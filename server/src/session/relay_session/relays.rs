@@ -3,6 +3,7 @@
 //! answer with.
 
 use super::*;
+use tether_shared::journal::Op;
 
 /// Ask a link to send relay `relay_id` (itself or a child on one of its channels) its
 /// in-progress upgrade command.
@@ -22,15 +23,17 @@ impl Handler<PushRelayUpgrade> for RelaySession {
     }
 }
 
-/// The only events a relay sends about itself: its upgrades' (anything else on its own channel
-/// is a protocol violation).
-pub(super) fn is_upgrade_event(body: &EventBody) -> bool {
+/// The only events a relay sends about itself: its upgrades' and the trust set's (anything
+/// else on its own channel is a protocol violation).
+pub(super) fn is_relay_event(body: &EventBody) -> bool {
     matches!(
         body,
         EventBody::UpgradeStarted { .. }
             | EventBody::UpgradeStaged { .. }
             | EventBody::UpgradeRefused { .. }
             | EventBody::UpgradeFinished { .. }
+            | EventBody::TrustApplied { .. }
+            | EventBody::TrustRefused { .. }
     )
 }
 
@@ -38,7 +41,7 @@ pub(super) fn is_upgrade_event(body: &EventBody) -> bool {
 const RELAY_COMMAND_TTL_MS: u64 = 60 * 60 * 1000;
 
 /// The signed `Upgrade` command for `relay_id`'s in-progress rollout, if it has one.
-fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame> {
+pub(super) fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame> {
     let state = shared.upgrades.relay(relay_id)?;
     if !state.state.in_progress() {
         return None;
@@ -74,7 +77,7 @@ fn relay_upgrade_command(shared: &SessionShared, relay_id: &str) -> Option<Frame
 
 /// A command for relay `relay_id` on its own channel, signed, valid for an hour (relays keep
 /// no journal: what they miss is sent again at their next connect).
-fn relay_command(
+pub(super) fn relay_command(
     shared: &SessionShared,
     relay_id: &str,
     id: String,
@@ -87,9 +90,72 @@ fn relay_command(
     Some(Frame::Command(command))
 }
 
+/// Relay `relay_id`'s certificate `pem`, as a command for it.
+pub(super) fn certificate_command(
+    shared: &SessionShared,
+    relay_id: &str,
+    pem: String,
+) -> Option<Frame> {
+    let body = CommandBody::RelayCertificate { certificate: pem };
+    relay_command(
+        shared,
+        relay_id,
+        hex::encode(rand::random::<[u8; 12]>()),
+        body,
+    )
+}
+
+/// The trust set in force, as a command for relay `relay_id`.
+pub(super) fn trust_command(shared: &SessionShared, relay_id: &str) -> Option<Frame> {
+    let body = CommandBody::Trust {
+        set: shared.trust.set(),
+    };
+    relay_command(
+        shared,
+        relay_id,
+        hex::encode(rand::random::<[u8; 12]>()),
+        body,
+    )
+}
+
+/// What an event relay `relay_id` reported about itself changes: the trust set it holds
+/// (recorded at once), or its upgrade's state (the op to commit).
+pub(super) fn relay_event_effect(
+    shared: &SessionShared,
+    relay_id: &str,
+    event: &Event,
+) -> Option<Op> {
+    match &event.body {
+        EventBody::TrustApplied { serial } => {
+            tracing::info!(relay_id = %relay_id, serial, "relay-trust-applied");
+            record_trust_serial(shared, relay_id, *serial);
+            return None;
+        }
+        EventBody::TrustRefused { serial, reason } => {
+            tracing::warn!(relay_id = %relay_id, serial, reason = %reason, "relay-trust-refused");
+            return None;
+        }
+        _ => {}
+    }
+    let op = shared.upgrades.on_relay_event(relay_id, &event.body);
+    if op.is_none() {
+        tracing::debug!(relay_id = %relay_id, seq = event.seq.0, "relay-event-ignored");
+    }
+    op
+}
+
 /// Tells `relay_id`, if it is connected (directly or through other relays), about its
 /// in-progress upgrade. `true` if a link was asked to.
 pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &RelayId) -> bool {
+    if let Some(node) = shared.served_elsewhere(relay_id) {
+        // A member serves it: the command goes through its mailbox.
+        if let Some(frame) = relay_upgrade_command(shared, relay_id) {
+            let mailed = super::remote::mail(shared, relay_id, vec![frame]);
+            actix_rt::spawn(mailed);
+        }
+        tracing::debug!(relay_id = %relay_id, node = %node, "relay-upgrade-command-mailed");
+        return true;
+    }
     let Some(path) = shared.presence.online_path(relay_id) else {
         return false;
     };
@@ -150,11 +216,9 @@ impl RelaySession {
                 .into_actor(self)
                 .map(move |result, act, ctx| match result {
                     Ok((relay_id, Some(current))) if always || current.renewed => {
-                        let body = CommandBody::RelayCertificate {
-                            certificate: current.pem,
-                        };
-                        let id = hex::encode(rand::random::<[u8; 12]>());
-                        let Some(frame) = relay_command(&act.shared, &relay_id, id, body) else {
+                        let Some(frame) =
+                            certificate_command(&act.shared, &relay_id, current.pem)
+                        else {
                             return;
                         };
                         if let Some(ch) = act.relay_channel(&relay_id) {
@@ -184,11 +248,7 @@ impl RelaySession {
         if held >= self.shared.trust.rotation().serial {
             return;
         }
-        let body = CommandBody::Trust {
-            set: self.shared.trust.set(),
-        };
-        let id = hex::encode(rand::random::<[u8; 12]>());
-        let Some(frame) = relay_command(&self.shared, relay_id, id, body) else {
+        let Some(frame) = trust_command(&self.shared, relay_id) else {
             return;
         };
         if let Some(ch) = self.relay_channel(relay_id) {
@@ -204,20 +264,13 @@ impl RelaySession {
         ctx: &mut ws::WebsocketContext<Self>,
         relay_id: &str,
         event: &Event,
+        frame: &[u8],
     ) {
-        match &event.body {
-            EventBody::TrustApplied { serial } => {
-                tracing::info!(relay_id = %relay_id, serial, "relay-trust-applied");
-                return record_trust_serial(&self.shared, relay_id, *serial);
-            }
-            EventBody::TrustRefused { serial, reason } => {
-                tracing::warn!(relay_id = %relay_id, serial, reason = %reason, "relay-trust-refused");
-                return;
-            }
-            _ => {}
+        if self.shared.member {
+            // The active node keeps the relays' state.
+            return self.member_event(ctx, relay_id, frame);
         }
-        let Some(op) = self.shared.upgrades.on_relay_event(relay_id, &event.body) else {
-            tracing::debug!(relay_id = %relay_id, seq = event.seq.0, "relay-event-ignored");
+        let Some(op) = relay_event_effect(&self.shared, relay_id, event) else {
             return;
         };
         let journal = self.shared.journal.clone();
@@ -242,8 +295,8 @@ impl RelaySession {
     ) {
         match protocol::decode(frame, Sender::Agent) {
             Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(relay_id, hb.status),
-            Ok(Frame::Event(event)) if is_upgrade_event(&event.body) => {
-                self.on_relay_event(ctx, relay_id, &event)
+            Ok(Frame::Event(event)) if is_relay_event(&event.body) => {
+                self.on_relay_event(ctx, relay_id, &event, frame)
             }
             Ok(Frame::Error(_)) => {}
             Ok(other) => {
@@ -273,7 +326,7 @@ impl RelaySession {
         hello: Hello,
         version: &str,
     ) {
-        let (relay_id, trust_serial) = (hello.agent_id, hello.trust_serial);
+        let (relay_id, trust_serial) = (hello.agent_id.clone(), hello.trust_serial);
         let Some(channel) = self.channels.get_mut(&ch) else {
             return;
         };
@@ -296,8 +349,26 @@ impl RelaySession {
         tracing::info!(relay_id = %relay_id, ch, path = ?path, "relay-online");
         let welcome = self.welcome();
         self.send_on(ctx, ch, &welcome);
-        self.push_upgrade(ctx, &relay_id);
-        self.push_certificate(ctx, &relay_id, true);
-        self.push_trust(ctx, &relay_id, Some(trust_serial));
+        self.tend_on_connect(ctx, &hello, version, &path, trust_serial);
+    }
+
+    /// Relay `hello.agent_id` (this link's, or a child's) just connected: it gets its upgrade,
+    /// its certificate and the trust set from here, or on a member from the active node
+    /// (through its mailbox).
+    pub(super) fn tend_on_connect(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        hello: &Hello,
+        version: &str,
+        path: &[String],
+        trust_serial: u64,
+    ) {
+        if self.shared.member {
+            return self.member_greet(ctx, hello, version, path);
+        }
+        let relay_id = &hello.agent_id;
+        self.push_upgrade(ctx, relay_id);
+        self.push_certificate(ctx, relay_id, true);
+        self.push_trust(ctx, relay_id, Some(trust_serial));
     }
 }

@@ -1,0 +1,277 @@
+//! A relay's link on a member node of a cluster (see `crate::mail`).
+//!
+//! A member carries a relay's channels as the active node does: each agent behind it is an
+//! agent this member serves. What the relays themselves say and are told goes through the
+//! database, under each relay's claim (the newest connection wins, as for an agent):
+//!
+//! - its handshake (what it runs, the trust set it holds, its path), the events it reports
+//!   about itself (its upgrades, its trust) and the end of its connection go to the active node
+//!   in the relay's **inbox**, where it takes effect as if the relay had said it there;
+//! - what the active node sends it (its upgrade, its certificate, the trust set) comes in the
+//!   relay's **mailbox**: this link deletes each row under the relay's claim, then sends it
+//!   (relays keep no journal: the active node sends all of it again at their next connect).
+
+use std::collections::HashSet;
+
+use tether_shared::ids::AgentId;
+use tether_shared::journal::{Fence, JournalError, Op};
+
+use super::*;
+use crate::mail::{self, Kind};
+
+/// Inbox rows one relay may write per minute at most: a relay says little of itself (a
+/// handshake, a few events per upgrade or trust rotation); past it, what it says is dropped
+/// (and logged), so that a relay cannot fill the database.
+const MAX_ROWS_PER_MINUTE: u32 = 60;
+
+/// A relay this link carries (its own, or a child's on a channel), claimed by this member.
+#[derive(Default)]
+pub(super) struct Claimed {
+    fence: Option<Fence>,
+    /// What its handshake said (told again to a new active node).
+    greeting: Vec<u8>,
+    /// Inbox rows written under the claim (the next row's number).
+    written: u64,
+    /// Rows written this minute, and when the minute started.
+    minute: Option<(Instant, u32)>,
+    /// Mailbox rows being taken.
+    taking: HashSet<String>,
+}
+
+impl RelaySession {
+    /// On a member: relay `relay_id` (this link's, or a child relay's on a channel) proved
+    /// itself. It is claimed for this node, and its handshake goes to the active node, which
+    /// answers in its mailbox.
+    pub(super) fn member_greet(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        hello: &Hello,
+        version: &str,
+        path: &[String],
+    ) {
+        let Some(claims) = self.shared.claims.clone() else {
+            return;
+        };
+        let relay_id = hello.agent_id.clone();
+        let greeting = mail::Greeting::of_relay(hello, version, claims.node(), path);
+        let greeting = match serde_json::to_vec(&greeting) {
+            Ok(g) => g,
+            Err(e) => {
+                return tracing::error!(relay_id = %relay_id, error = %e, "greeting-not-encoded")
+            }
+        };
+        self.claimed.insert(
+            relay_id.clone(),
+            Claimed {
+                greeting,
+                ..Default::default()
+            },
+        );
+        let claim = claims.claim(&AgentId::new(relay_id.as_str()), None);
+        ctx.spawn(claim.into_actor(self).map(move |res, act, ctx| {
+            let Some(claimed) = act.claimed.get_mut(&relay_id) else {
+                // It left meanwhile.
+                return;
+            };
+            match res {
+                Ok(fence) => {
+                    tracing::info!(relay_id = %relay_id, epoch = fence.epoch, "relay-claimed");
+                    claimed.fence = Some(fence);
+                    let greeting = claimed.greeting.clone();
+                    act.inbox_row(ctx, &relay_id, Kind::Greeting, greeting);
+                }
+                Err(e) => act.claim_lost(ctx, &relay_id, &e),
+            }
+        }));
+    }
+
+    /// On a member: a new active node is told every relay's handshake again.
+    pub(super) fn member_greet_again(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let again: Vec<(String, Vec<u8>)> = self
+            .claimed
+            .iter()
+            .filter(|(_, c)| c.fence.is_some())
+            .map(|(id, c)| (id.clone(), c.greeting.clone()))
+            .collect();
+        for (relay_id, greeting) in again {
+            self.inbox_row(ctx, &relay_id, Kind::Greeting, greeting);
+        }
+    }
+
+    /// On a member: an event relay `relay_id` reported about itself (`frame`, as it sent it)
+    /// goes to the active node.
+    pub(super) fn member_event(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        frame: &[u8],
+    ) {
+        self.inbox_row(ctx, relay_id, Kind::Event, frame.to_vec());
+    }
+
+    /// On a member: relay `relay_id` is no longer carried here; the active node learns it
+    /// (unless a newer connection claimed it meanwhile: then nothing is written).
+    pub(super) fn member_depart(&mut self, relay_id: &str) {
+        let Some(claimed) = self.claimed.remove(relay_id) else {
+            return;
+        };
+        let (Some(fence), Some(claims)) = (claimed.fence, self.shared.claims.as_ref()) else {
+            return;
+        };
+        let key = mail::inbox_key(
+            &AgentId::new(relay_id),
+            fence.epoch,
+            claimed.written,
+            Kind::Departure,
+        );
+        let op = Op::PutMeta {
+            key,
+            value: claims.node().as_bytes().to_vec(),
+        };
+        let commit = self.shared.journal.commit_under(vec![op], Some(fence));
+        let relay_id = relay_id.to_owned();
+        // Not tied to this link: it may be stopping.
+        actix_rt::spawn(async move {
+            match commit.await {
+                Ok(_) | Err(JournalError::Fenced { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(relay_id = %relay_id, error = %e, "relay-departure-not-noted")
+                }
+            }
+        });
+    }
+
+    /// A row for the active node in relay `relay_id`'s inbox, under its claim.
+    fn inbox_row(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        kind: Kind,
+        value: Vec<u8>,
+    ) {
+        let Some(claimed) = self.claimed.get_mut(relay_id) else {
+            return;
+        };
+        let Some(fence) = claimed.fence.clone() else {
+            // Said before its claim was made: relays report again what matters.
+            return tracing::debug!(relay_id = %relay_id, "relay-said-before-its-claim-dropped");
+        };
+        let minute = match claimed.minute {
+            Some((start, n)) if start.elapsed() < std::time::Duration::from_secs(60) => (start, n),
+            _ => (Instant::now(), 0),
+        };
+        if minute.1 >= MAX_ROWS_PER_MINUTE {
+            return tracing::warn!(relay_id = %relay_id, ?kind, "relay-says-too-much-dropped");
+        }
+        claimed.minute = Some((minute.0, minute.1 + 1));
+        let key = mail::inbox_key(&AgentId::new(relay_id), fence.epoch, claimed.written, kind);
+        claimed.written += 1;
+        let commit = self
+            .shared
+            .journal
+            .commit_under(vec![Op::PutMeta { key, value }], Some(fence));
+        let relay_id = relay_id.to_owned();
+        ctx.spawn(commit.into_actor(self).map(move |res, act, ctx| {
+            if let Err(e) = res {
+                act.claim_lost(ctx, &relay_id, &e);
+            }
+        }));
+    }
+
+    /// Relay `relay_id`'s claim could not be made or kept (a newer connection claimed it, or
+    /// the database failed): this member carries it no more.
+    fn claim_lost(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        e: &JournalError,
+    ) {
+        tracing::warn!(relay_id = %relay_id, error = %e, "relay-claim-lost-closing");
+        self.claimed.remove(relay_id);
+        let reason = "this node no longer serves this relay";
+        if self.relay_id.as_deref() == Some(relay_id) {
+            return self.refuse(ctx, CloseCode::GoingAway, ErrorCode::Overloaded, reason);
+        }
+        if let Some(ch) = self.relay_channel(relay_id) {
+            self.refuse_channel(ctx, ch, CloseCode::GoingAway, ErrorCode::Overloaded, reason);
+        }
+    }
+}
+
+/// On a member: rows of relay `relay_id`'s mailbox (commands from the active node), for the
+/// link that carries it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RelayMail {
+    pub relay_id: String,
+    pub entries: Vec<(String, Vec<u8>)>,
+}
+
+impl Handler<RelayMail> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, msg: RelayMail, ctx: &mut Self::Context) {
+        let relay_id = msg.relay_id;
+        let Some(claimed) = self.claimed.get_mut(&relay_id) else {
+            return;
+        };
+        let Some(fence) = claimed.fence.clone() else {
+            return;
+        };
+        let mut keys = Vec::new();
+        let mut commands = Vec::new();
+        for (key, value) in msg.entries {
+            if !claimed.taking.insert(key.clone()) {
+                continue;
+            }
+            match serde_json::from_slice::<mail::Mail>(&value) {
+                Ok(m) => commands.push(m.command),
+                Err(e) => {
+                    tracing::error!(relay_id = %relay_id, key = %key, error = %e, "mail-unreadable-dropped")
+                }
+            }
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let ops = keys
+            .iter()
+            .map(|key| Op::DeleteMeta { key: key.clone() })
+            .collect();
+        // Taken under the claim first: only the node that serves the relay sends them.
+        let commit = self.shared.journal.commit_under(ops, Some(fence));
+        ctx.spawn(commit.into_actor(self).map(move |res, act, ctx| {
+            if let Some(claimed) = act.claimed.get_mut(&relay_id) {
+                for key in &keys {
+                    claimed.taking.remove(key);
+                }
+            }
+            if let Err(e) = res {
+                return act.claim_lost(ctx, &relay_id, &e);
+            }
+            let Some(ch) = act.relay_channel(&relay_id) else {
+                return;
+            };
+            for command in commands {
+                tracing::info!(relay_id = %relay_id, ch, id = %command.id, "relay-command-from-mailbox-sent");
+                act.send_on(ctx, ch, &Frame::Command(command));
+            }
+        }));
+    }
+}
+
+/// On a member: every relay this link carries greets the new active node.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GreetRelaysAgain;
+
+impl Handler<GreetRelaysAgain> for RelaySession {
+    type Result = ();
+
+    fn handle(&mut self, _: GreetRelaysAgain, ctx: &mut Self::Context) {
+        if !self.closing {
+            self.member_greet_again(ctx);
+        }
+    }
+}

@@ -359,7 +359,8 @@ pub fn say_whether_members_are_taken(
 pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
 
 /// On a member: reads the agents the active node enrolls, changes and deletes every
-/// [`REGISTRY_REFRESH`], and ends the sessions of those deleted.
+/// [`REGISTRY_REFRESH`], and ends the sessions of those deleted (and the links of relays
+/// deleted); reads the upgrade packages again too (agents and relays download them here).
 pub async fn follow_registry(
     registry: std::sync::Arc<crate::registry::Registry>,
     sessions: Addr<SessionRegistry>,
@@ -395,6 +396,10 @@ pub async fn follow_registry(
             }
             Ok(Err(e)) => tracing::warn!(error = %e, "member-registry-not-refreshed"),
             Err(_) => {}
+        }
+        let upgrades = shared.upgrades.clone();
+        if let Ok(Err(e)) = actix_web::web::block(move || upgrades.reload_packages()).await {
+            tracing::warn!(error = %e, "member-packages-not-refreshed");
         }
     }
 }

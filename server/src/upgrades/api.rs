@@ -390,7 +390,17 @@ async fn download(
         }
     };
     let sha256 = path.into_inner();
-    if !is_sha256(&sha256) || !state.upgrades.has_blob(&sha256) {
+    if !is_sha256(&sha256) {
+        return error(actix_web::http::StatusCode::NOT_FOUND, "not found");
+    }
+    if !state.upgrades.has_blob(&sha256) && state.shared.member {
+        // The active node may have uploaded it since this member last read the packages.
+        let upgrades = state.upgrades.clone();
+        if let Ok(Err(e)) = web::block(move || upgrades.reload_packages_for_unknown()).await {
+            tracing::warn!(error = %e, "member-packages-not-refreshed");
+        }
+    }
+    if !state.upgrades.has_blob(&sha256) {
         return error(actix_web::http::StatusCode::NOT_FOUND, "not found");
     }
     let file = state.upgrades.blob_path(&sha256);

@@ -183,6 +183,9 @@ pub struct Upgrades {
     relays: RwLock<HashMap<String, AgentUpgrade>>,
     /// Serializes publications (check, rename, commit as one step).
     publish: tokio::sync::Mutex<()>,
+    /// When the packages were last read again for an unknown download (see
+    /// [`Upgrades::reload_packages_for_unknown`]).
+    reloaded: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Upgrades {
@@ -222,15 +225,7 @@ impl Upgrades {
         for entry in std::fs::read_dir(&tmp)?.flatten() {
             let _ = std::fs::remove_file(entry.path());
         }
-        let mut packages = BTreeMap::new();
-        for (key, value) in journal.scan_meta(PACKAGE_PREFIX)? {
-            let p: Package = decode(&key, &value)?;
-            let v = Version::parse(&p.version).map_err(|e| UpgradesError::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
-            packages.insert((p.component, v), p);
-        }
+        let packages = read_packages(&journal)?;
         let mut agents = HashMap::new();
         for (key, value) in journal.scan_meta(AGENT_PREFIX)? {
             let u: AgentUpgrade = decode(&key, &value)?;
@@ -259,6 +254,7 @@ impl Upgrades {
             tmp,
             max_bytes,
             packages: RwLock::new(packages),
+            reloaded: std::sync::Mutex::new(None),
             agents: RwLock::new(agents),
             relays: RwLock::new(relays),
             publish: tokio::sync::Mutex::new(()),
@@ -290,6 +286,30 @@ impl Upgrades {
     }
 
     /// Whether a published package has this content (only those are served to agents).
+    /// Reads the packages again (on a member node: the active node uploads them); blocking.
+    pub fn reload_packages(&self) -> Result<(), UpgradesError> {
+        let packages = read_packages(&self.journal)?;
+        *write(&self.packages) = packages;
+        Ok(())
+    }
+
+    /// [`Self::reload_packages`] for a download of a package not known here, unless one such
+    /// read was done less than a second ago (peers cannot make this node read more often);
+    /// blocking.
+    pub fn reload_packages_for_unknown(&self) -> Result<(), UpgradesError> {
+        {
+            let mut last = self
+                .reloaded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(1)) {
+                return Ok(());
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        self.reload_packages()
+    }
+
     pub fn has_blob(&self, sha256: &str) -> bool {
         read(&self.packages).values().any(|p| p.sha256 == sha256)
     }
@@ -527,6 +547,22 @@ fn transition(body: &EventBody) -> Option<(&str, UpgradeState, &str)> {
         },
         _ => return None,
     })
+}
+
+/// Every package the journal records, by component and version.
+fn read_packages(
+    journal: &JournalHandle,
+) -> Result<BTreeMap<(Component, Version), Package>, UpgradesError> {
+    let mut packages = BTreeMap::new();
+    for (key, value) in journal.scan_meta(PACKAGE_PREFIX)? {
+        let p: Package = decode(&key, &value)?;
+        let v = Version::parse(&p.version).map_err(|e| UpgradesError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        packages.insert((p.component, v), p);
+    }
+    Ok(packages)
 }
 
 #[cfg(test)]

@@ -1089,7 +1089,7 @@ fn relays_linked_to_a_member_carry_their_agents_there_are_tended_by_the_active_n
 }
 
 #[test]
-fn a_relay_on_a_member_is_upgraded_by_a_rollout_started_on_the_active_node() {
+fn a_relay_on_a_member_gets_its_renewed_certificate_and_its_upgrade_from_the_active_node() {
     use tether_tests::relays::{relay_entry, Relay};
     let Some(pg) = Postgres::start() else {
         return;
@@ -1102,6 +1102,11 @@ fn a_relay_on_a_member_is_upgraded_by_a_rollout_started_on_the_active_node() {
     env_a.push((
         "TETHER_SERVER__FILES_DIR".into(),
         files.display().to_string(),
+    ));
+    // Relay certificates of 30 s: renewed once 10 s are left.
+    env_a.push((
+        "TETHER_SERVER__RELAY_CERTIFICATE_LIFETIME_S".into(),
+        "30".into(),
     ));
     let a = Server::start_with(&tmp.path().join("a"), &borrowed(&env_a));
     let b = member_of(&a, &tmp.path().join("b"), "node-b");
@@ -1119,6 +1124,25 @@ fn a_relay_on_a_member_is_upgraded_by_a_rollout_started_on_the_active_node() {
     eventually("the relay claimed by node b", WAIT, || {
         claim(&pg, &relay.id).starts_with("node-b ").then_some(())
     });
+    // The active node renews the certificate of a relay a member serves, and it reaches the
+    // relay through its mailbox before the first one expires.
+    let not_after = || {
+        let pem = std::fs::read_to_string(relay.dir.join("tls.pem")).unwrap_or_default();
+        tether_shared::tls::certificate_not_after(&pem).unwrap()
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let first = not_after();
+    eventually("the relay's certificate renewed", WAIT, || {
+        (not_after() > first).then_some(())
+    });
+    assert!(now() < first, "renewed before the first one expired");
+    assert!(claim(&pg, &relay.id).starts_with("node-b "));
+
     let binary = std::fs::read(tether_tests::bin("tether-relay")).unwrap();
     a.upload_package("99.0.0", "relay", &binary);
     let r = a.request(

@@ -1768,3 +1768,86 @@ fn a_relay_closes_the_link_of_a_child_relay_that_breaks_the_channel_rules() {
         });
     }
 }
+
+/// A relay linked to a member of a cluster (`storage.every_node_serves_agents`) says what it
+/// says of itself through the database: a flood of reports costs at most 60 rows a minute,
+/// and the link and the relay stay served.
+#[test]
+fn a_relay_flooding_a_member_with_reports_about_itself_writes_a_bounded_number_of_rows() {
+    use tether_tests::postgres::Postgres;
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let dir = TestDir::new();
+    let mut env = pg.node_env("node-a", 3000);
+    env.push((
+        "TETHER_STORAGE__EVERY_NODE_SERVES_AGENTS".into(),
+        "true".into(),
+    ));
+    let a = Server::start_with(&dir.path().join("a"), &tether_tests::borrowed(&env));
+    let mut b = a.another_node(
+        &dir.path().join("b"),
+        &[("TETHER_STORAGE__NODE_NAME", "node-b")],
+    );
+    b.wait_active(ONLINE);
+    // Every row written to the journal from now on, noted by the database itself.
+    pg.psql(
+        "CREATE TABLE test_inserts (key bytea);
+         CREATE FUNCTION test_note() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN INSERT INTO test_inserts VALUES (NEW.key); RETURN NEW; END $$;
+         CREATE TRIGGER test_note AFTER INSERT ON tether_journal
+           FOR EACH ROW EXECUTE FUNCTION test_note();",
+    );
+    let (relay, key) = install_relay(&a, dir.path(), "flood");
+    let mut link = FakeRelay::connect(&b, &relay.id, &key);
+    eventually(
+        "the relay online on node a, served by node b",
+        ONLINE,
+        || (relay_status(&a, "flood") == "online").then_some(()),
+    );
+    let inbox_rows = || {
+        pg.psql(&format!(
+            "SELECT count(*) FROM test_inserts WHERE position('Minbox/{}/'::bytea in key) = 1",
+            relay.id
+        ))
+        .parse::<u64>()
+        .unwrap()
+    };
+    assert_eq!(inbox_rows(), 1, "its handshake");
+    // 500 reports of an upgrade nobody asked for, on its own channel, at once.
+    for seq in 1..=500u64 {
+        let event = Event::new(
+            Seq(seq),
+            EventBody::UpgradeStarted {
+                version: "9.9.9".into(),
+            },
+        )
+        .unwrap();
+        link.data(LINK_CHANNEL, &Frame::Event(event));
+    }
+    eventually("node b noticed the flood", ONLINE, || {
+        std::fs::read_to_string(dir.path().join("b/server.log"))
+            .unwrap()
+            .contains("relay-says-too-much-dropping-for-a-minute")
+            .then_some(())
+    });
+    eventually("node a took every row it was given", ONLINE, || {
+        let waiting = pg.psql(&format!(
+            "SELECT count(*) FROM tether_journal WHERE position('Minbox/{}/'::bytea in key) = 1",
+            relay.id
+        ));
+        (waiting == "0").then_some(())
+    });
+    let written = inbox_rows();
+    assert!(
+        written <= 60,
+        "at most 60 rows a minute for one relay, {written} written"
+    );
+    assert!(written > 1, "the first reports went through");
+    // The link was not closed over it (its end would have marked the relay offline).
+    assert_eq!(relay_status(&a, "flood"), "online");
+    // Nothing of it took effect: no upgrade was asked of it.
+    let entry = relay_entry(&a, "flood").unwrap();
+    assert!(entry["upgrade"].is_null(), "{entry}");
+    drop(link);
+}

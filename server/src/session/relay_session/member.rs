@@ -161,7 +161,12 @@ impl RelaySession {
             _ => (Instant::now(), 0),
         };
         if minute.1 >= MAX_ROWS_PER_MINUTE {
-            return tracing::warn!(relay_id = %relay_id, ?kind, "relay-says-too-much-dropped");
+            if minute.1 == MAX_ROWS_PER_MINUTE {
+                // Once a minute, not once a row.
+                claimed.minute = Some((minute.0, minute.1 + 1));
+                tracing::warn!(relay_id = %relay_id, ?kind, max = MAX_ROWS_PER_MINUTE, "relay-says-too-much-dropping-for-a-minute");
+            }
+            return;
         }
         claimed.minute = Some((minute.0, minute.1 + 1));
         let key = mail::inbox_key(&AgentId::new(relay_id), fence.epoch, claimed.written, kind);

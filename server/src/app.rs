@@ -191,7 +191,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0)),
         active_takes_members: crate::mail::active_takes_members(&handle).into(),
         drained: Default::default(),
-        facts_pending: Default::default(),
+        reports_pending: Default::default(),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {

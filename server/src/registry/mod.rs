@@ -247,6 +247,15 @@ pub struct IssuedCertificate {
 }
 
 /// What a relay's certificate is for, and the one it holds.
+/// What an agent or relay reported of itself, to be stored (see [`Registry::set_reported`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reported {
+    /// Its machine's facts (agents only).
+    pub facts: Option<Facts>,
+    /// The trust set it holds.
+    pub trust_serial: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayCertificate {
     /// The raw P-256 public key it certifies.
@@ -625,21 +634,6 @@ impl Registry {
         Ok(modified.is_some())
     }
 
-    /// Records that agent or relay `id` holds trust set `serial`, as it said (its handshake or
-    /// its answer to a `Trust` command; a reinstalled one may hold an older set than before).
-    /// Committed before it answers; `false` if it is gone.
-    pub async fn set_trust_serial(&self, id: &str, serial: u64) -> Result<bool, RegistryError> {
-        match read(&self.agents).get(id).map(|s| s.trust_serial) {
-            None => return Ok(false),
-            Some(held) if held == serial => return Ok(true),
-            Some(_) => {}
-        }
-        let modified = self
-            .modify(id, None, |stored| stored.trust_serial = serial)
-            .await?;
-        Ok(modified.is_some())
-    }
-
     /// The op storing that agent `id` connects at `now`, unless that was stored less than
     /// [`SEEN_EVERY_MS`] ago: it joins the handshake's commit; [`Registry::note_seen`] once
     /// it is durable.
@@ -685,13 +679,14 @@ impl Registry {
             .collect()
     }
 
-    /// Stores the facts several agents reported, in one commit (those unchanged, or of no
-    /// agent, are left out); answers how many changed. The caller bounds how often (see
-    /// `session::record_facts`). A fleet connecting at once costs a few
-    /// commits rather than one per agent, each waiting for the last.
-    pub async fn set_facts_of(
+    /// Stores what several agents and relays reported of themselves (their machine's facts,
+    /// the trust set they hold), in one commit (what is unchanged, or of no one enrolled, is
+    /// left out); answers how many records changed. The caller bounds how often (see
+    /// `session::record_reports`). A fleet connecting at once costs a few commits rather than
+    /// one per agent, each waiting for the last.
+    pub async fn set_reported(
         &self,
-        reported: Vec<(String, Facts)>,
+        reported: Vec<(String, Reported)>,
     ) -> Result<usize, RegistryError> {
         let _change = self.changes.lock().await;
         let now = tether_shared::clock::now_unix_ms();
@@ -699,15 +694,22 @@ impl Registry {
             let agents = read(&self.agents);
             reported
                 .into_iter()
-                .filter_map(|(id, facts)| {
-                    let stored = agents.get(id.as_str())?;
-                    if stored.record.role != Role::Agent || stored.record.facts == facts {
-                        return None;
+                .filter_map(|(id, reported)| {
+                    let mut stored = agents.get(id.as_str())?.clone();
+                    let mut changed = false;
+                    if let Some(facts) = reported.facts {
+                        if stored.record.role == Role::Agent && stored.record.facts != facts {
+                            stored.record.facts = facts;
+                            stored.record.facts_unix_ms = now;
+                            changed = true;
+                        }
                     }
-                    let mut stored = stored.clone();
-                    stored.record.facts = facts;
-                    stored.record.facts_unix_ms = now;
-                    Some(stored)
+                    if let Some(serial) = reported.trust_serial {
+                        // A reinstalled one may hold an older set than before.
+                        changed |= stored.trust_serial != serial;
+                        stored.trust_serial = serial;
+                    }
+                    changed.then_some(stored)
                 })
                 .collect()
         };

@@ -411,3 +411,48 @@ async fn a_member_looks_up_agents_enrolled_since_its_last_read_at_a_bounded_rate
         assert_eq!(capped, None, "a lookup past the second's budget");
     }
 }
+
+#[actix_rt::test]
+async fn what_agents_report_of_themselves_is_stored_together_and_only_when_it_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = {
+        let reg = open(dir.path());
+        let t = reg.create_token(2, HOUR, Role::Agent).await.unwrap();
+        let one = reg.enroll(request(&t, "db-1", &key())).await.unwrap();
+        let two = reg.enroll(request(&t, "db-2", &key())).await.unwrap();
+        let facts: Facts = [("os".to_owned(), "linux".to_owned())].into();
+        let batch = vec![
+            (
+                one.id.to_string(),
+                Reported {
+                    facts: Some(facts.clone()),
+                    trust_serial: Some(3),
+                },
+            ),
+            (
+                two.id.to_string(),
+                Reported {
+                    facts: None,
+                    trust_serial: Some(2),
+                },
+            ),
+            ("a-nobody".to_owned(), Reported::default()),
+        ];
+        assert_eq!(reg.set_reported(batch.clone()).await.unwrap(), 2);
+        // The same again changes nothing, and commits nothing.
+        assert_eq!(reg.set_reported(batch).await.unwrap(), 0);
+        // A reinstalled agent may hold an older set than before.
+        let older = Reported {
+            facts: None,
+            trust_serial: Some(1),
+        };
+        let n = reg.set_reported(vec![(two.id.to_string(), older)]);
+        assert_eq!(n.await.unwrap(), 1);
+        (one, two)
+    };
+    let reg = open(dir.path());
+    assert_eq!(reg.trust_serial(&one.id), 3);
+    assert_eq!(reg.trust_serial(&two.id), 1);
+    assert_eq!(reg.agent(&one.id).unwrap().facts["os"], "linux");
+    assert!(reg.agent(&two.id).unwrap().facts.is_empty());
+}

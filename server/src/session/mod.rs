@@ -138,9 +138,9 @@ pub struct SessionShared {
     pub active_takes_members: std::sync::atomic::AtomicBool,
     /// A member was drained (`tether-server drain`): it takes no more agents.
     pub drained: std::sync::atomic::AtomicBool,
-    /// Facts reported and not yet stored, by agent, and whether a flush is under way (see
-    /// [`record_facts`]).
-    pub facts_pending: FactsPending,
+    /// What agents and relays reported of themselves and is not yet stored, by id, and
+    /// whether a flush is under way (see [`record_facts`], [`record_trust_serial`]).
+    pub reports_pending: ReportsPending,
 }
 
 impl SessionShared {
@@ -154,49 +154,54 @@ impl SessionShared {
     }
 }
 
-/// See [`SessionShared::facts_pending`].
-pub type FactsPending = Arc<
+/// See [`SessionShared::reports_pending`].
+pub type ReportsPending = Arc<
     std::sync::Mutex<(
-        std::collections::HashMap<String, tether_shared::facts::Facts>,
+        std::collections::HashMap<String, crate::registry::Reported>,
         bool,
     )>,
 >;
 
 /// Records the trust set agent or relay `id` says it holds, unless already recorded (in the
-/// background: a lost record only means the set is offered again).
+/// background, batched with others: a lost record only means the set is offered again).
 pub fn record_trust_serial(shared: &SessionShared, id: &str, serial: u64) {
     if shared.registry.trust_serial(id) == serial {
         return;
     }
-    let (registry, id) = (shared.registry.clone(), id.to_owned());
-    actix_rt::spawn(async move {
-        if let Err(e) = registry.set_trust_serial(&id, serial).await {
-            tracing::error!(agent_id = %id, serial, error = %e, "trust-serial-record-failed");
-        }
-    });
+    record_report(shared, id, |r| r.trust_serial = Some(serial));
 }
 
 /// Least time between two stores of one agent's facts from its heartbeats: an agent that
 /// sends facts in every heartbeat costs no more writes than one that follows `facts::REFRESH`.
 pub const FACTS_MIN_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Records the facts agent `id` reported (in the background: a lost record is replaced by the
-/// next report).
+/// Records the facts agent `id` reported (in the background, batched with others: a lost
+/// record is replaced by the next report).
 pub fn record_facts(shared: &SessionShared, id: &str, facts: tether_shared::facts::Facts) {
+    record_report(shared, id, |r| r.facts = Some(facts));
+}
+
+/// Notes what `id` reported of itself (`note` sets it): the newest of each, one entry per
+/// agent or relay, stored in one commit with everything reported meanwhile (a fleet
+/// connecting at once costs a few commits, not one per agent).
+fn record_report(
+    shared: &SessionShared,
+    id: &str,
+    note: impl FnOnce(&mut crate::registry::Reported),
+) {
     let start = {
         let mut pending = shared
-            .facts_pending
+            .reports_pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The newest of each agent's, one entry per agent.
-        pending.0.insert(id.to_owned(), facts);
+        note(pending.0.entry(id.to_owned()).or_default());
         !std::mem::replace(&mut pending.1, true)
     };
     if !start {
         // The flush under way takes them with its next commit.
         return;
     }
-    let (registry, pending) = (shared.registry.clone(), shared.facts_pending.clone());
+    let (registry, pending) = (shared.registry.clone(), shared.reports_pending.clone());
     actix_rt::spawn(async move {
         loop {
             let batch: Vec<_> = {
@@ -209,9 +214,9 @@ pub fn record_facts(shared: &SessionShared, id: &str, facts: tether_shared::fact
                 }
                 std::mem::take(&mut p.0).into_iter().collect()
             };
-            let agents = batch.len();
-            if let Err(e) = registry.set_facts_of(batch).await {
-                tracing::error!(agents, error = %e, "facts-record-failed");
+            let peers = batch.len();
+            if let Err(e) = registry.set_reported(batch).await {
+                tracing::error!(peers, error = %e, "reports-record-failed");
             }
         }
     });

@@ -272,10 +272,14 @@ impl Upstreams {
                     passed = Some(answer);
                 }
                 Ok(answer) => {
-                    if at != start {
-                        tracing::info!(upstream = %upstream.authority(), "upstream-switched");
+                    // An upstream reached by passing others that left the request to another
+                    // (enrollment) is not preferred for the rest: they serve it all.
+                    if passed.is_none() && !elsewhere(&answer) {
+                        if at != start {
+                            tracing::info!(upstream = %upstream.authority(), "upstream-switched");
+                        }
+                        self.preferred.store(at, Ordering::Relaxed);
                     }
-                    self.preferred.store(at, Ordering::Relaxed);
                     return Ok(answer);
                 }
                 Err(e) => return Err(e),

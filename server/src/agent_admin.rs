@@ -136,6 +136,7 @@ impl AgentAdmin {
             .ok_or(AgentsError::RelayNotFound)?;
         let closed = revoke_relay(&self.shared, &deleted.id.as_str().into()).await;
         self.shared.presence.forget(&deleted.id);
+        self.forget_claim(&deleted.id).await;
         tracing::warn!(relay_id = %deleted.id, name = %deleted.name, closed, "relay-deleted");
         Ok((deleted, closed))
     }
@@ -246,15 +247,21 @@ impl AgentAdmin {
             })
             .await;
         self.shared.presence.forget(&deleted.id);
-        if let Some(claims) = &self.shared.claims {
-            if let Err(e) = claims.forget(&deleted.id).await {
-                // Left behind: a row, and no way back in for the deleted agent anyway.
-                tracing::warn!(agent_id = %deleted.id, error = %e, "agent-claim-not-forgotten");
-            }
-            // What waited for it in the inbox and the mailbox goes with it.
-            let id: tether_shared::ids::AgentId = deleted.id.as_str().into();
-            crate::mail::purge(&self.shared.journal, &id).await;
-        }
+        self.forget_claim(&deleted.id).await;
         Ok((deleted, failed))
+    }
+
+    /// On a cluster: the claim on deleted agent or relay `id`, and what waited for it in its
+    /// inbox and mailbox, go with it.
+    async fn forget_claim(&self, id: &str) {
+        let Some(claims) = &self.shared.claims else {
+            return;
+        };
+        let id: tether_shared::ids::AgentId = id.into();
+        if let Err(e) = claims.forget(&id).await {
+            // Left behind: a row, and no way back in for the deleted one anyway.
+            tracing::warn!(agent_id = %id, error = %e, "agent-claim-not-forgotten");
+        }
+        crate::mail::purge(&self.shared.journal, &id).await;
     }
 }

@@ -192,6 +192,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         active_takes_members: crate::mail::active_takes_members(&handle).into(),
         drained: Default::default(),
         reports_pending: Default::default(),
+        relay_claims: Default::default(),
     });
     let session_registry = SessionRegistry::new(shared.clone()).start();
     let scheduler = Arc::new(Scheduler {

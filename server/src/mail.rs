@@ -100,6 +100,12 @@ pub fn agent_of(key: &str) -> Option<AgentId> {
     (!agent.is_empty() && agent.chars().all(plain)).then(|| AgentId::new(agent))
 }
 
+/// The claim epoch an inbox key was written under.
+pub fn epoch_of(key: &str) -> Option<u64> {
+    let rest = key.strip_prefix(INBOX_PREFIX)?;
+    rest.split('/').nth(1)?.parse().ok()
+}
+
 /// What an inbox entry holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inboxed {
@@ -382,11 +388,14 @@ pub async fn follow_registry(
             Ok(Ok(gone)) => {
                 for agent_id in gone {
                     tracing::info!(agent_id = %agent_id, "member-agent-deleted-disconnecting");
-                    // A relay: its link, or the channels that carry it or run through it.
-                    let relay = agent_id.as_str().into();
-                    let closed = crate::session::relay_session::revoke_relay(&shared, &relay).await;
-                    if closed > 0 {
-                        tracing::warn!(relay_id = %relay, closed, "member-relay-deleted-disconnected");
+                    if agent_id.as_str().starts_with("r-") {
+                        // A relay: its link, or the channels that carry it or run through it.
+                        let relay = agent_id.as_str().into();
+                        let closed =
+                            crate::session::relay_session::revoke_relay(&shared, &relay).await;
+                        if closed > 0 {
+                            tracing::warn!(relay_id = %relay, closed, "member-relay-deleted-disconnected");
+                        }
                     }
                     sessions.do_send(crate::session::session_registry::DisconnectAgent {
                         agent_id,
@@ -430,6 +439,8 @@ mod tests {
         assert_eq!(sorted, keys, "one agent's rows in the order written");
         assert!(!keys[4].starts_with(&agent_prefix(INBOX_PREFIX, &a)));
         assert_eq!(agent_of(&keys[3]), Some(a.clone()));
+        assert_eq!(epoch_of(&keys[3]), Some(3));
+        assert_eq!(epoch_of(&mail_key(&b, 1)), None);
         assert_eq!(
             Inboxed::read(&keys[1], b"node-b".to_vec()),
             Some(Inboxed::Departure("node-b".into()))

@@ -148,6 +148,15 @@ impl<H: Clone> Presence<H> {
         seen.node = Some(node.to_owned());
     }
 
+    /// `id` connected to member node `node` after its connection here (which is stale: its
+    /// end changes nothing from now on).
+    pub fn moved_elsewhere(&self, id: &str, version: &str, node: &str, path: &[String]) {
+        if let Some(e) = self.write().get_mut(id) {
+            e.current = None;
+        }
+        self.set_elsewhere(id, version, node, path);
+    }
+
     /// `id`'s session on member node `node` ended (a later one, elsewhere, changes nothing).
     pub fn left_elsewhere(&self, id: &str, node: &str) {
         if let Some(e) = self.write().get_mut(id) {
@@ -169,12 +178,15 @@ impl<H: Clone> Presence<H> {
         }
     }
 
-    /// `id` is offline (a child relay's channel closed: it has no claim of its own here).
+    /// `id` is offline (a child relay's channel closed: it has no claim of its own here),
+    /// unless a member node serves it now.
     pub fn set_offline(&self, id: &str) {
         let mut peers = self.write();
         let seen = &mut peers.entry(id.to_owned()).or_default().seen;
-        seen.online = false;
-        seen.last_seen_unix_ms = Some(now_unix_ms());
+        if seen.node.is_none() {
+            seen.online = false;
+            seen.last_seen_unix_ms = Some(now_unix_ms());
+        }
     }
 
     /// `id` was heard from now, with the status it reported (if any).

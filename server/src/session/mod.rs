@@ -141,6 +141,8 @@ pub struct SessionShared {
     /// What agents and relays reported of themselves and is not yet stored, by id, and
     /// whether a flush is under way (see [`record_facts`], [`record_trust_serial`]).
     pub reports_pending: ReportsPending,
+    /// The relays this node claimed (see `relay_session::RelayClaims`).
+    pub relay_claims: relay_session::RelayClaims,
 }
 
 impl SessionShared {

@@ -12,6 +12,8 @@
 //!   (relays keep no journal: the active node sends all of it again at their next connect).
 
 use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use tether_shared::ids::AgentId;
 use tether_shared::journal::{Fence, JournalError, Op};
@@ -19,10 +21,68 @@ use tether_shared::journal::{Fence, JournalError, Op};
 use super::*;
 use crate::mail::{self, Kind};
 
-/// Inbox rows one relay may write per minute at most: a relay says little of itself (a
-/// handshake, a few events per upgrade or trust rotation); past it, what it says is dropped
-/// (and logged), so that a relay cannot fill the database.
+/// Inbox rows of events one relay may write per minute at most, whatever its connections: a
+/// relay says little of itself (a few events per upgrade or trust rotation); past it, what it
+/// says is dropped (and logged once), so that a relay cannot fill the database. Its
+/// handshakes and departures may take as many again (a relay that connects more often than
+/// once a second is broken, or hostile).
 const MAX_ROWS_PER_MINUTE: u32 = 60;
+/// Reports a relay may make before its claim is made (kept, then written).
+const MAX_EARLY: usize = 8;
+/// Mailbox rows taken lately, remembered so that a look that read them before they were
+/// deleted does not send them again.
+const MAX_DONE: usize = 1024;
+
+/// What this node keeps of the relays it claims, whichever link carries them.
+#[derive(Default)]
+pub struct RelayClaims {
+    /// On the active node of a cluster whose nodes all serve agents: the epoch of this node's
+    /// claim on each relay at its last connection here.
+    epochs: Mutex<HashMap<String, u64>>,
+    /// On a member: inbox rows written for each relay this minute (since when, how many,
+    /// whether the drop was logged).
+    rows: Mutex<HashMap<String, (Instant, u32, bool)>>,
+}
+
+impl RelayClaims {
+    /// This node claimed relay `id` at `epoch` (it connected here).
+    pub fn claimed_here(&self, id: &str, epoch: u64) {
+        let mut epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        epochs.insert(id.to_owned(), epoch);
+    }
+
+    /// The epoch of this node's claim on relay `id` at its last connection here.
+    pub fn epoch_here(&self, id: &str) -> Option<u64> {
+        let epochs = self.epochs.lock().unwrap_or_else(PoisonError::into_inner);
+        epochs.get(id).copied()
+    }
+
+    /// Whether relay `id` may write one more inbox row of `kind` this minute.
+    fn row_allowed(&self, id: &str, kind: Kind) -> bool {
+        let limit = match kind {
+            Kind::Greeting | Kind::Departure => 2 * MAX_ROWS_PER_MINUTE,
+            Kind::Event | Kind::Facts => MAX_ROWS_PER_MINUTE,
+        };
+        let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
+        if rows.len() > 10_000 {
+            rows.retain(|_, (since, _, _)| since.elapsed() < Duration::from_secs(60));
+        }
+        let now = Instant::now();
+        let entry = rows.entry(id.to_owned()).or_insert((now, 0, false));
+        if entry.0.elapsed() >= Duration::from_secs(60) {
+            *entry = (now, 0, false);
+        }
+        if entry.1 >= limit {
+            if !entry.2 {
+                entry.2 = true;
+                tracing::warn!(relay_id = %id, ?kind, max = MAX_ROWS_PER_MINUTE, "relay-says-too-much-dropping-for-a-minute");
+            }
+            return false;
+        }
+        entry.1 += 1;
+        true
+    }
+}
 
 /// A relay this link carries (its own, or a child's on a channel), claimed by this member.
 #[derive(Default)]
@@ -32,10 +92,11 @@ pub(super) struct Claimed {
     greeting: Vec<u8>,
     /// Inbox rows written under the claim (the next row's number).
     written: u64,
-    /// Rows written this minute, and when the minute started.
-    minute: Option<(Instant, u32)>,
-    /// Mailbox rows being taken.
+    /// What it reported before its claim was made.
+    early: Vec<(Kind, Vec<u8>)>,
+    /// Mailbox rows being taken, and taken lately.
     taking: HashSet<String>,
+    done: HashSet<String>,
 }
 
 impl RelaySession {
@@ -78,7 +139,11 @@ impl RelaySession {
                     tracing::info!(relay_id = %relay_id, epoch = fence.epoch, "relay-claimed");
                     claimed.fence = Some(fence);
                     let greeting = claimed.greeting.clone();
+                    let early = std::mem::take(&mut claimed.early);
                     act.inbox_row(ctx, &relay_id, Kind::Greeting, greeting);
+                    for (kind, value) in early {
+                        act.inbox_row(ctx, &relay_id, kind, value);
+                    }
                 }
                 Err(e) => act.claim_lost(ctx, &relay_id, &e),
             }
@@ -153,22 +218,15 @@ impl RelaySession {
             return;
         };
         let Some(fence) = claimed.fence.clone() else {
-            // Said before its claim was made: relays report again what matters.
-            return tracing::debug!(relay_id = %relay_id, "relay-said-before-its-claim-dropped");
-        };
-        let minute = match claimed.minute {
-            Some((start, n)) if start.elapsed() < std::time::Duration::from_secs(60) => (start, n),
-            _ => (Instant::now(), 0),
-        };
-        if minute.1 >= MAX_ROWS_PER_MINUTE {
-            if minute.1 == MAX_ROWS_PER_MINUTE {
-                // Once a minute, not once a row.
-                claimed.minute = Some((minute.0, minute.1 + 1));
-                tracing::warn!(relay_id = %relay_id, ?kind, max = MAX_ROWS_PER_MINUTE, "relay-says-too-much-dropping-for-a-minute");
+            // Said before its claim was made: written once it is.
+            if claimed.early.len() < MAX_EARLY {
+                claimed.early.push((kind, value));
             }
             return;
+        };
+        if !self.shared.relay_claims.row_allowed(relay_id, kind) {
+            return;
         }
-        claimed.minute = Some((minute.0, minute.1 + 1));
         let key = mail::inbox_key(&AgentId::new(relay_id), fence.epoch, claimed.written, kind);
         claimed.written += 1;
         let commit = self
@@ -226,7 +284,7 @@ impl Handler<RelayMail> for RelaySession {
         let mut keys = Vec::new();
         let mut commands = Vec::new();
         for (key, value) in msg.entries {
-            if !claimed.taking.insert(key.clone()) {
+            if claimed.done.contains(&key) || !claimed.taking.insert(key.clone()) {
                 continue;
             }
             match serde_json::from_slice::<mail::Mail>(&value) {
@@ -248,8 +306,14 @@ impl Handler<RelayMail> for RelaySession {
         let commit = self.shared.journal.commit_under(ops, Some(fence));
         ctx.spawn(commit.into_actor(self).map(move |res, act, ctx| {
             if let Some(claimed) = act.claimed.get_mut(&relay_id) {
+                if claimed.done.len() + keys.len() > MAX_DONE {
+                    claimed.done.clear();
+                }
                 for key in &keys {
                     claimed.taking.remove(key);
+                    if res.is_ok() {
+                        claimed.done.insert(key.clone());
+                    }
                 }
             }
             if let Err(e) = res {

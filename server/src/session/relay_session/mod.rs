@@ -19,7 +19,7 @@
 mod member;
 mod relays;
 mod remote;
-pub use member::{GreetRelaysAgain, RelayMail};
+pub use member::{GreetRelaysAgain, RelayClaims, RelayMail};
 use relays::is_relay_event;
 pub use relays::push_relay_upgrade;
 pub use remote::{FromRelayInbox, RemoteRelays};
@@ -791,17 +791,26 @@ impl Handler<LinkReplaced> for RelaySession {
 #[rtype(result = "usize")]
 pub struct RevokeRelay {
     pub relay_id: RelayId,
+    /// Not revoked: a member serves it now (its connection here is stale).
+    pub moved: bool,
 }
 
 impl Handler<RevokeRelay> for RelaySession {
     type Result = usize;
 
     fn handle(&mut self, msg: RevokeRelay, ctx: &mut Self::Context) -> usize {
-        const REASON: &str = "relay revoked";
+        let (code, error, reason) = match msg.moved {
+            false => (CloseCode::Refused, ErrorCode::Unauthorized, "relay revoked"),
+            true => (
+                CloseCode::Replaced,
+                ErrorCode::Overloaded,
+                "the relay is served by another node now",
+            ),
+        };
         if self.relay_id.as_deref() == Some(msg.relay_id.as_str()) {
             let carried = self.channels.len();
-            tracing::warn!(relay_id = %msg.relay_id, conn = self.conn.0, channels = carried, "relay-link-revoked");
-            self.refuse(ctx, CloseCode::Refused, ErrorCode::Unauthorized, REASON);
+            tracing::warn!(relay_id = %msg.relay_id, conn = self.conn.0, channels = carried, moved = msg.moved, "relay-link-revoked");
+            self.refuse(ctx, code, error, reason);
             return carried + 1;
         }
         let doomed: Vec<u32> = self
@@ -814,13 +823,7 @@ impl Handler<RevokeRelay> for RelaySession {
             .map(|(ch, _)| *ch)
             .collect();
         for ch in &doomed {
-            self.refuse_channel(
-                ctx,
-                *ch,
-                CloseCode::Refused,
-                ErrorCode::Unauthorized,
-                REASON,
-            );
+            self.refuse_channel(ctx, *ch, code, error, reason);
         }
         doomed.len()
     }
@@ -864,6 +867,7 @@ pub async fn revoke_relay(shared: &SessionShared, relay_id: &RelayId) -> usize {
     for (_, link) in shared.presence.relay_links() {
         let revoke = RevokeRelay {
             relay_id: relay_id.to_owned(),
+            moved: false,
         };
         // A link that stopped meanwhile has nothing left to close.
         closed += link.send(revoke).await.unwrap_or(0);

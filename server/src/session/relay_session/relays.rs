@@ -132,6 +132,7 @@ pub(super) fn relay_event_effect(
             return None;
         }
         EventBody::TrustRefused { serial, reason } => {
+            let reason: String = reason.chars().take(200).collect();
             tracing::warn!(relay_id = %relay_id, serial, reason = %reason, "relay-trust-refused");
             return None;
         }
@@ -151,7 +152,9 @@ pub fn push_relay_upgrade(shared: &SessionShared, relay_id: &RelayId) -> bool {
         // A member serves it: the command goes through its mailbox.
         if let Some(frame) = relay_upgrade_command(shared, relay_id) {
             let mailed = super::remote::mail(shared, relay_id, vec![frame]);
-            actix_rt::spawn(mailed);
+            actix_rt::spawn(async move {
+                mailed.await;
+            });
         }
         tracing::debug!(relay_id = %relay_id, node = %node, "relay-upgrade-command-mailed");
         return true;
@@ -343,6 +346,16 @@ impl RelaySession {
         }
         uncount(&self.shared, &mut self.handshaking, channel);
         let path = channel.path.clone();
+        if let Some(older) = self.relay_channel(&relay_id).filter(|c| *c != ch) {
+            // Ready on another channel of this link already: the newest wins.
+            self.refuse_channel(
+                ctx,
+                older,
+                CloseCode::Replaced,
+                ErrorCode::Overloaded,
+                "replaced by a newer channel",
+            );
+        }
         self.shared
             .presence
             .set_online(&relay_id, version, path.clone());
@@ -363,10 +376,38 @@ impl RelaySession {
         path: &[String],
         trust_serial: u64,
     ) {
+        let relay_id = &hello.agent_id;
         if self.shared.member {
+            if self.shared.drained.load(Ordering::Relaxed) {
+                // Drained while its handshake was under way: it goes to its next upstream.
+                let reason = "this node was drained: connect to another node";
+                return match self.relay_channel(relay_id) {
+                    Some(LINK_CHANNEL) | None => {
+                        self.refuse(ctx, CloseCode::GoingAway, ErrorCode::Overloaded, reason)
+                    }
+                    Some(ch) => self.refuse_channel(
+                        ctx,
+                        ch,
+                        CloseCode::GoingAway,
+                        ErrorCode::Overloaded,
+                        reason,
+                    ),
+                };
+            }
             return self.member_greet(ctx, hello, version, path);
         }
-        let relay_id = &hello.agent_id;
+        if let (true, Some(claims)) = (self.shared.has_members, self.shared.claims.clone()) {
+            // Claimed here too, so that what a member that served it before still writes for
+            // it is refused, and so that its handshakes there are told apart in time.
+            let (shared, relay) = (self.shared.clone(), relay_id.clone());
+            let claim = claims.claim(&tether_shared::ids::AgentId::new(relay_id.as_str()), None);
+            actix_rt::spawn(async move {
+                match claim.await {
+                    Ok(fence) => shared.relay_claims.claimed_here(&relay, fence.epoch),
+                    Err(e) => tracing::warn!(relay_id = %relay, error = %e, "relay-not-claimed"),
+                }
+            });
+        }
         self.push_upgrade(ctx, relay_id);
         self.push_certificate(ctx, relay_id, true);
         self.push_trust(ctx, relay_id, Some(trust_serial));

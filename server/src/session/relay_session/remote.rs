@@ -33,8 +33,18 @@ pub struct RemoteRelays {
     shared: Arc<SessionShared>,
     /// Relays whose inbox rows are being taken (a look meanwhile reads them again).
     taking: HashSet<String>,
-    /// The trust set serial last sent to each relay (sent again only once it changes).
-    trust_sent: HashMap<String, u64>,
+    /// What each relay a member serves was last sent: the trust set's serial, its
+    /// certificate (sent again only once they change).
+    sent: HashMap<String, Sent>,
+    /// A tend is under way (the next one waits for it).
+    tending: bool,
+}
+
+/// What was last sent to a relay a member serves.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Sent {
+    trust_serial: u64,
+    certificate: String,
 }
 
 impl RemoteRelays {
@@ -42,43 +52,65 @@ impl RemoteRelays {
         RemoteRelays {
             shared,
             taking: HashSet::new(),
-            trust_sent: HashMap::new(),
+            sent: HashMap::new(),
+            tending: false,
         }
     }
 
-    /// Certificates renewed and trust sets changed since, for relays members serve.
+    /// Certificates renewed and trust sets changed since, for relays members serve: one relay
+    /// after the other, once the last tend is over.
     fn tend(&mut self, ctx: &mut Context<Self>) {
-        let serial = self.shared.trust.rotation().serial;
-        for relay in self.shared.registry.relays() {
-            let id = relay.id.to_string();
-            if self.taking.contains(&id) || self.shared.served_elsewhere(&id).is_none() {
-                continue;
-            }
-            let mut frames = Vec::new();
-            let sent = self.trust_sent.get(&id).copied().unwrap_or(0);
-            if self.shared.registry.trust_serial(&id) < serial && sent < serial {
-                frames.extend(trust_command(&self.shared, &id));
-                self.trust_sent.insert(id.clone(), serial);
-            }
-            let (shared, certs) = (self.shared.clone(), self.shared.relay_certs.clone());
-            let renewed = async move {
-                match certs.current(&id).await {
-                    Ok(Some(c)) if c.renewed => {
-                        frames.extend(certificate_command(&shared, &id, c.pem));
+        if self.tending {
+            return;
+        }
+        let serving: Vec<(String, Sent)> = self
+            .shared
+            .registry
+            .relays()
+            .into_iter()
+            .map(|r| r.id.to_string())
+            .filter(|id| !self.taking.contains(id) && self.shared.served_elsewhere(id).is_some())
+            .map(|id| {
+                let sent = self.sent.get(&id).cloned().unwrap_or_default();
+                (id, sent)
+            })
+            .collect();
+        self.sent
+            .retain(|id, _| self.shared.served_elsewhere(id).is_some());
+        self.tending = true;
+        let shared = self.shared.clone();
+        let work = async move {
+            let mut now_sent = Vec::new();
+            for (id, sent) in serving {
+                let mut frames = Vec::new();
+                let mut next = sent.clone();
+                let serial = shared.trust.rotation().serial;
+                if shared.registry.trust_serial(&id) < serial && sent.trust_serial < serial {
+                    frames.extend(trust_command(&shared, &id));
+                    next.trust_serial = serial;
+                }
+                match shared.relay_certs.current(&id).await {
+                    Ok(Some(c)) if c.pem != sent.certificate => {
+                        frames.extend(certificate_command(&shared, &id, c.pem.clone()));
+                        next.certificate = c.pem;
                     }
                     Ok(_) => {}
                     Err(e) => {
                         tracing::error!(relay_id = %id, error = %e, "relay-certificate-renewal-failed")
                     }
                 }
-                if !frames.is_empty() {
-                    mail(&shared, &id, frames).await;
+                if !frames.is_empty() && mail(&shared, &id, frames).await {
+                    now_sent.push((id, next));
                 }
-            };
-            ctx.spawn(renewed.into_actor(self));
-        }
-        self.trust_sent
-            .retain(|id, _| self.shared.served_elsewhere(id).is_some());
+            }
+            now_sent
+        };
+        ctx.spawn(work.into_actor(self).map(|now_sent, act, _| {
+            act.tending = false;
+            for (id, sent) in now_sent {
+                act.sent.insert(id, sent);
+            }
+        }));
     }
 }
 
@@ -107,34 +139,44 @@ impl Handler<FromRelayInbox> for RemoteRelays {
         }
         let relay_id = msg.relay_id.clone();
         let work = take(self.shared.clone(), msg.relay_id, msg.entries);
-        ctx.spawn(work.into_actor(self).map(move |trust_sent, act, _| {
+        ctx.spawn(work.into_actor(self).map(move |sent, act, _| {
             act.taking.remove(&relay_id);
-            if let Some(serial) = trust_sent {
-                act.trust_sent.insert(relay_id, serial);
+            if let Some(sent) = sent {
+                act.sent.insert(relay_id, sent);
             }
         }));
     }
 }
 
 /// Takes relay `relay_id`'s inbox `entries`: their effects, the commands a handshake gets, and
-/// their deletion, in one commit. Answers the trust set serial sent, if one was.
-async fn take(shared: Arc<SessionShared>, relay_id: String, entries: Entries) -> Option<u64> {
+/// their deletion, in one commit. Answers what was sent, after a handshake.
+async fn take(shared: Arc<SessionShared>, relay_id: String, entries: Entries) -> Option<Sent> {
     let mut ops = Vec::new();
     let mut greeted = None;
+    // Its upgrade's state before (memory changes with each event ahead of the commit).
+    let upgrade_before = shared.upgrades.relay(&relay_id);
+    let mut upgrade_changed = false;
     for (key, value) in entries {
         ops.push(Op::DeleteMeta { key: key.clone() });
         match Inboxed::read(&key, value) {
             Some(Inboxed::Greeting(g)) => {
+                let epoch = mail::epoch_of(&key).unwrap_or(0);
+                if !newer_than_here(&shared, &relay_id, epoch) {
+                    tracing::info!(relay_id = %relay_id, node = %g.node, epoch, "relay-greeting-older-than-its-connection-here-dropped");
+                    continue;
+                }
                 tracing::info!(relay_id = %relay_id, node = %g.node, path = ?g.path, "relay-online-elsewhere");
                 shared
                     .presence
-                    .set_elsewhere(&relay_id, &g.version, &g.node, &g.path);
+                    .moved_elsewhere(&relay_id, &g.version, &g.node, &g.path);
                 record_trust_serial(&shared, &relay_id, g.trust_serial);
                 greeted = Some(g);
             }
             Some(Inboxed::Event(frame)) => match protocol::decode(&frame, Sender::Agent) {
                 Ok(Frame::Event(event)) if super::is_relay_event(&event.body) => {
-                    ops.extend(relay_event_effect(&shared, &relay_id, &event));
+                    let op = relay_event_effect(&shared, &relay_id, &event);
+                    upgrade_changed |= op.is_some();
+                    ops.extend(op);
                 }
                 _ => {
                     tracing::warn!(relay_id = %relay_id, key = %key, "relay-inbox-event-unreadable-dropped")
@@ -149,33 +191,70 @@ async fn take(shared: Arc<SessionShared>, relay_id: String, entries: Entries) ->
             }
         }
     }
-    let mut trust_sent = None;
-    if let Some(greeting) = greeted {
+    let mut sent = None;
+    // Unless it left again meanwhile (its commands would wait for nobody).
+    if let Some(greeting) = greeted.filter(|_| shared.served_elsewhere(&relay_id).is_some()) {
         // What it gets at every connect, in place of what still waited for it.
         let mut frames: Vec<Frame> = relay_upgrade_command(&shared, &relay_id)
             .into_iter()
             .collect();
+        let mut now_sent = Sent::default();
         match shared.relay_certs.current(&relay_id).await {
-            Ok(Some(c)) => frames.extend(certificate_command(&shared, &relay_id, c.pem)),
+            Ok(Some(c)) => {
+                frames.extend(certificate_command(&shared, &relay_id, c.pem.clone()));
+                now_sent.certificate = c.pem;
+            }
             Ok(None) => {}
             Err(e) => {
                 tracing::error!(relay_id = %relay_id, error = %e, "relay-certificate-renewal-failed")
             }
         }
         let serial = shared.trust.rotation().serial;
+        now_sent.trust_serial = greeting.trust_serial;
         if greeting.trust_serial < serial {
             frames.extend(trust_command(&shared, &relay_id));
-            trust_sent = Some(serial);
+            now_sent.trust_serial = serial;
         }
         ops.extend(waiting_mail(&shared, &relay_id).await);
         ops.extend(mail_ops(&relay_id, shared.mail_epoch, frames));
+        sent = Some(now_sent);
     }
     if let Err(e) = shared.journal.commit(ops).await {
-        // The rows stay, and are read again at the next look.
+        // The rows stay, and are read again at the next look: what their events changed in
+        // memory is undone, so that they change it again then.
         tracing::warn!(relay_id = %relay_id, error = %e, "relay-inbox-not-taken");
+        if let (true, Some(before)) = (upgrade_changed, upgrade_before) {
+            shared.upgrades.set_relay(&relay_id, before);
+        }
         return None;
     }
-    trust_sent
+    sent
+}
+
+/// Whether a handshake of relay `relay_id` a member noted under claim `epoch` is newer than
+/// its connection here, if it has one; if so, that connection is stale (the relay, or the
+/// relay that carries it, left without a word) and is closed.
+fn newer_than_here(shared: &SessionShared, relay_id: &str, epoch: u64) -> bool {
+    use crate::presence::Sightings;
+    let seen = shared.presence.seen(relay_id);
+    if !seen.online || seen.node.is_some() {
+        return true;
+    }
+    match shared.relay_claims.epoch_here(relay_id) {
+        Some(here) if here < epoch => {
+            tracing::info!(relay_id = %relay_id, here, epoch, "relay-moved-to-a-member-closing-here");
+            let relay: tether_shared::ids::RelayId = relay_id.into();
+            for (_, link) in shared.presence.relay_links() {
+                link.do_send(super::RevokeRelay {
+                    relay_id: relay.clone(),
+                    moved: true,
+                });
+            }
+            true
+        }
+        // Connected here since (or its claim here is not made yet): the row is older.
+        _ => false,
+    }
 }
 
 /// The deletion of every row waiting in relay `relay_id`'s mailbox.
@@ -220,18 +299,23 @@ fn mail_ops(relay_id: &str, epoch: u64, frames: Vec<Frame>) -> Vec<Op> {
         .collect()
 }
 
-/// Puts `frames` (commands) in relay `relay_id`'s mailbox, for the member that serves it.
+/// Puts `frames` (commands) in relay `relay_id`'s mailbox, for the member that serves it;
+/// `true` once they are there.
 pub(super) fn mail(
     shared: &SessionShared,
     relay_id: &str,
     frames: Vec<Frame>,
-) -> impl Future<Output = ()> + 'static {
+) -> impl Future<Output = bool> + 'static {
     let ops = mail_ops(relay_id, shared.mail_epoch, frames);
     let commit = shared.journal.commit(ops);
     let relay_id = relay_id.to_owned();
     async move {
-        if let Err(e) = commit.await {
-            tracing::warn!(relay_id = %relay_id, error = %e, "relay-commands-not-mailed");
+        match commit.await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(relay_id = %relay_id, error = %e, "relay-commands-not-mailed");
+                false
+            }
         }
     }
 }

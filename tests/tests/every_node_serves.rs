@@ -1016,12 +1016,19 @@ fn relays_linked_to_a_member_carry_their_agents_there_are_tended_by_the_active_n
             .then_some(())
     });
     // The active node knows where they are: online, served by node b, through their relay.
-    eventually("the relays online on node a", WAIT, || {
-        ["relay-1", "relay-2"]
-            .iter()
-            .all(|r| relay_entry(&a, r).is_some_and(|e| e["status"] == "online"))
-            .then_some(())
-    });
+    eventually(
+        "the relays online on node a, served by node b",
+        WAIT,
+        || {
+            ["relay-1", "relay-2"]
+                .iter()
+                .all(|r| {
+                    relay_entry(&a, r)
+                        .is_some_and(|e| e["status"] == "online" && e["node"] == "node-b")
+                })
+                .then_some(())
+        },
+    );
     let view = eventually("x1's path on node a", WAIT, || {
         let v = a
             .request("GET", &format!("/api/v1/agents/{}", agents[0].id), None)
@@ -1169,5 +1176,28 @@ fn a_relay_on_a_member_gets_its_renewed_certificate_and_its_upgrade_from_the_act
     assert_eq!(entry["status"], "online", "{entry}");
     assert_eq!(relay.health()["version"], "99.0.0");
     assert!(claim(&pg, &relay.id).starts_with("node-b "));
+
+    // Node b drained: it closes the relay's link (counted), the relay links to node a, which
+    // claims it in turn, and node a's list shows it connected there.
+    let out = tether_tests::run(
+        "tether-server",
+        tmp.path(),
+        ["drain", "--data", b.dir.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
+    let said = tether_tests::stdout(&out);
+    assert!(said.contains("1 sessions closed"), "{said}");
+    eventually("the relay claimed by node a", WAIT, || {
+        claim(&pg, &relay.id).starts_with("node-a ").then_some(())
+    });
+    eventually("the relay online on node a itself", WAIT, || {
+        let agents = a.request("GET", "/api/v1/relays", None).json();
+        let e = agents
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == "edge")?
+            .clone();
+        (e["status"] == "online" && e["node"].is_null()).then_some(())
+    });
     drop(b);
 }

@@ -91,6 +91,9 @@ pub struct RelayStatus {
     pub reported: Option<ReportedStatus>,
     /// Set while it is in maintenance: no new job starts on an agent behind it.
     pub maintenance: Option<Maintenance>,
+    /// On a cluster's active node: the member node that serves it now (absent: this node).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn agent_status_of(
@@ -207,6 +210,7 @@ impl Registry {
                     // A relay's last heartbeat says nothing once it is gone.
                     reported: if p.online { p.reported } else { None },
                     maintenance: record.maintenance,
+                    node: p.node.clone().filter(|_| p.online),
                     id: record.id,
                     name: record.name,
                 }

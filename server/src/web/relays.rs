@@ -59,7 +59,10 @@ async fn list(
                             td { (r.name) br; code.muted { (r.id) } }
                             td { (badge(match r.status { Status::Online => "online", Status::Offline => "offline" })) }
                             td { (r.version.as_deref().unwrap_or("")) }
-                            td { @if r.path.is_empty() { span.muted { "direct" } } @else { (r.path.join(" → ")) " → server" } }
+                            td {
+                                @if r.path.is_empty() { span.muted { "direct" } } @else { (r.path.join(" → ")) " → server" }
+                                @if let Some(node) = &r.node { " · served by node " strong.node { (node) } }
+                            }
                             td { (r.agents) }
                             td { (ago(r.last_seen_unix_ms)) }
                             td.maintenance {

@@ -497,15 +497,21 @@ impl Deployments {
             .map(|j| j.job_id.clone())
             .collect();
         let journal = self.journal.clone();
-        let fresh = tokio::task::spawn_blocking(move || {
+        let (fresh, lengths) = tokio::task::spawn_blocking(move || {
             let mut fresh = Vec::with_capacity(ids.len());
+            // With each job, how much of its steps' output is stored (a refused commit may
+            // have counted more in memory).
+            let mut lengths = Vec::new();
             for id in ids {
                 let key = format!("{JOB_PREFIX}{id}");
                 if let Some(value) = journal.get_meta(&key)? {
                     fresh.push(decode::<Job>(&key, &value)?);
                 }
+                let prefix = format!("{}{id}/", state::OUTPUT_LEN_PREFIX);
+                let stored = journal.scan_meta(&prefix)?;
+                lengths.push((prefix, stored));
             }
-            Ok::<_, DeploymentsError>(fresh)
+            Ok::<_, DeploymentsError>((fresh, lengths))
         })
         .await
         .map_err(|_| DeploymentsError::Journal(JournalError::Closed))??;
@@ -513,6 +519,14 @@ impl Deployments {
         let mut state = self.write();
         for job in fresh {
             state.insert_job(job);
+        }
+        for (prefix, stored) in lengths {
+            state.output_bytes.retain(|k, _| !k.starts_with(&prefix));
+            for (key, value) in stored {
+                if let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) {
+                    state.output_bytes.insert(key, u64::from_be_bytes(bytes));
+                }
+            }
         }
         Ok(n)
     }
@@ -618,6 +632,7 @@ impl Deployments {
                 .deadline_s
                 .map(|s| now_unix_ms().saturating_add(s.saturating_mul(1000))),
             retry_of: None,
+            cancelled: false,
         };
         self.store(deployment).await
     }
@@ -666,6 +681,7 @@ impl Deployments {
                 .deadline_unix_ms
                 .map(|d| now.saturating_add(d.saturating_sub(original.created_unix_ms))),
             retry_of: Some(original.id.clone()),
+            cancelled: false,
             ..original
         };
         self.store(deployment).await
@@ -711,8 +727,13 @@ impl Deployments {
         if !self.read().deployments.contains_key(id) {
             return Err(DeploymentsError::NotFound);
         }
-        // Applied in memory first so that no link dispatches a job being cancelled here.
-        let (ops, remote) = self.write().cancel(id);
+        // Applied in memory first so that no link dispatches a job being cancelled here; the
+        // deployment says so too, so that a job whose sending is refused after this (a claim
+        // moved on) and is queued again never goes out.
+        let (mut ops, remote) = self.write().cancel(id);
+        if let Some(d) = self.read().deployments.get(id) {
+            ops.push(deployment_op(d, &self.keys));
+        }
         if !ops.is_empty() {
             self.journal.commit(ops).await?;
         }

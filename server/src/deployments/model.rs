@@ -74,6 +74,10 @@ pub struct Deployment {
     /// The deployment this one runs again for the agents whose jobs did not succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_of: Option<DeploymentId>,
+    /// An operator cancelled it: no job of it is sent from then on (one whose sending was
+    /// refused meanwhile, and is queued again, ends cancelled instead).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
 }
 
 impl Deployment {

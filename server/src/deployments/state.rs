@@ -783,6 +783,17 @@ impl State {
             let Some(d) = self.deployments.get(&job.deployment_id) else {
                 continue;
             };
+            if d.cancelled {
+                job.finish(
+                    JobState::Cancelled,
+                    StepState::Cancelled,
+                    "cancelled before it was sent",
+                );
+                tracing::info!(agent_id = %agent_id, job_id = %job_id, "job-of-a-cancelled-deployment-not-sent");
+                ops.push(job_op(job));
+                ended.push(job_id);
+                continue;
+            }
             let steps = match steps_for_agent(&d.steps, sealing, agent, runs_as, &job_id) {
                 Ok(Some(steps)) => steps,
                 // Later jobs wait too: an agent runs its jobs in the order they were made.
@@ -846,6 +857,10 @@ impl State {
     /// dispatched, unfinished ones are answered as (agent id, job id) to send CancelJob to.
     pub fn cancel(&mut self, id: &str) -> (Vec<Op>, Vec<(AgentId, JobId)>) {
         let (mut ops, mut remote, mut ended) = (Vec::new(), Vec::new(), Vec::new());
+        if let Some(d) = self.deployments.get_mut(id) {
+            // No job of it goes out from now on (see `take_ready`).
+            d.cancelled = true;
+        }
         let job_ids: Vec<String> = self
             .deployments
             .get(id)

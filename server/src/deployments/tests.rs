@@ -67,6 +67,7 @@ fn state(agents: &[&str]) -> State {
         stop_on_failure: false,
         deadline_unix_ms: None,
         retry_of: None,
+        cancelled: false,
     };
     let mut s = State::default();
     for (i, a) in agents.iter().enumerate() {
@@ -374,6 +375,23 @@ fn dispatch_respects_the_limit_and_cancel_splits_local_and_remote() {
     let (ops, remote) = s.cancel("d-2");
     assert!(ops.is_empty());
     assert_eq!(remote, vec![("a1".into(), "d-2-a1".into())]);
+    // Its RunJob was refused after all (a claim moved on) and the job is queued again, as the
+    // journal has it: it ends cancelled rather than going out.
+    s.undo_dispatch(&[JobId::from("d-2-a1")]);
+    let (ids, bodies, ops) = s.take_ready(
+        &AgentId::from("a1"),
+        2,
+        Sealing::For(agent_key().1),
+        &no_values,
+        true,
+    );
+    assert!(!ids.contains(&JobId::from("d-2-a1")), "{ids:?}");
+    assert!(bodies
+        .iter()
+        .all(|b| !matches!(b, CommandBody::RunJob { job_id, .. } if job_id == "d-2-a1")));
+    assert_eq!(s.jobs["d-2-a1"].status, JobState::Cancelled);
+    assert!(!ops.is_empty());
+    s.undo_dispatch(&ids);
     // When d-1 finishes, d-4 is next (d-3 was cancelled).
     s.apply_event(&AgentId::from("a1"), &job_finished(JobStatus::Succeeded));
     assert_eq!(
@@ -1110,6 +1128,7 @@ fn a_blob_is_sent_to_the_agents_of_the_deployments_that_fetch_it_and_to_no_one_o
         stop_on_failure: false,
         deadline_unix_ms: None,
         retry_of: None,
+        cancelled: false,
     };
     s.insert_job(Job::new(&d, &AgentId::from("a1"), 0));
     s.insert_deployment(d);

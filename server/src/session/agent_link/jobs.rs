@@ -121,6 +121,11 @@ impl Handler<DispatchJobs> for AgentLink {
     type Result = ResponseActFuture<Self, Result<Seq, AgentLinkError>>;
 
     fn handle(&mut self, _: DispatchJobs, _: &mut Self::Context) -> Self::Result {
+        if self.shared.work.is_stale(&self.agent_id) {
+            // Its jobs are being read again (a commit was refused): they go at the next
+            // dispatch after that (its next handshake, or what a member says of it).
+            return Box::pin(fut::ready(Ok(self.ep.outbound.assigned())));
+        }
         match self.take_jobs() {
             Ok(Some((last, ops))) => {
                 let last = last.unwrap_or_else(|| self.ep.outbound.assigned());

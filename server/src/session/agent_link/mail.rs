@@ -384,6 +384,17 @@ impl Handler<FromInbox> for AgentLink {
             // stay, and come again at the next look.
             return;
         }
+        if self.remote() && self.fenced_commits_pending() {
+            // It served the agent until just now, and a commit of then may yet be refused,
+            // which rebuilds this link from the journal: what it would take now (a member's
+            // note of the agent's handshake, say) would be lost with it. The rows stay.
+            return;
+        }
+        if self.shared.work.is_stale(&self.agent_id) {
+            // A commit of this agent was refused: its jobs are being read again, and what the
+            // rows do to them waits until they are (the rows come again at the next look).
+            return;
+        }
         let trust_serial =
             msg.entries
                 .iter()

@@ -81,6 +81,8 @@ pub struct AgentLink {
     /// its next events are deferred (the agent resends them), so one agent's flood never
     /// queues unbounded work in the journal every agent shares.
     uncommitted_bytes: usize,
+    /// Commits under this link's claim not yet answered (one refused rebuilds the link).
+    fenced_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Events deferred since the budget was last free; a nack asks for them once it is.
     deferred: bool,
     deferred_events: u64,
@@ -194,6 +196,7 @@ impl AgentLink {
             peer_resets: 0,
             abandoned_commands: 0,
             uncommitted_bytes: 0,
+            fenced_in_flight: Default::default(),
             deferred: false,
             deferred_events: 0,
             trust_queued: 0,
@@ -231,7 +234,28 @@ impl AgentLink {
             true => None,
             false => self.fence.clone(),
         };
-        self.shared.journal.commit_under(ops, fence)
+        let counted = fence.as_ref().map(|_| {
+            self.fenced_in_flight
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.fenced_in_flight.clone()
+        });
+        // Queued now, at the call (see `commit_then`).
+        let commit = self.shared.journal.commit_under(ops, fence);
+        async move {
+            let done = commit.await;
+            if let Some(counted) = counted {
+                counted.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            done
+        }
+    }
+
+    /// Whether commits made under this link's claim (while it served the agent) are still
+    /// unanswered: one may yet be refused, which rebuilds the link from the journal.
+    pub(super) fn fenced_commits_pending(&self) -> bool {
+        self.fenced_in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
     }
 
     /// Whether the claim just made (`fence`) says another node served the agent since this
@@ -296,15 +320,11 @@ impl AgentLink {
                 return;
             }
             tracing::warn!(agent_id = %self.agent_id, epoch, "agent-claimed-elsewhere");
-            // Its jobs are read again now, and its next handshake here waits until they are.
-            self.shared.work.mark_stale(&self.agent_id);
-            let reload = self.shared.work.reload_agent(&self.agent_id);
-            let agent_id = self.agent_id.clone();
-            actix::spawn(async move {
-                if let Err(e) = reload.await {
-                    tracing::error!(agent_id = %agent_id, error = %e, "agent-jobs-not-reloaded");
-                }
-            });
+            // Its jobs are read again now, and nothing acts on them until then: its next
+            // handshake here, what the inbox says of it, its next dispatch.
+            self.shared
+                .work
+                .refresh_in_background(&self.shared.journal, &self.agent_id);
             (
                 CloseCode::Restart,
                 "a newer session of this agent took it over",
@@ -791,7 +811,9 @@ impl Handler<Attach> for AgentLink {
                 let reload = act.shared.work.reload_agent(&act.agent_id);
                 Box::pin(reload.into_actor(act).then(move |reloaded, act, _| -> Attached {
                     if let Err(e) = reloaded {
-                        act.shared.work.mark_stale(&act.agent_id);
+                        act.shared
+                            .work
+                            .refresh_in_background(&act.shared.journal, &act.agent_id);
                         return Box::pin(fut::ready(Err(AgentLinkError::Internal(e.to_string()))));
                     }
                     if moved {

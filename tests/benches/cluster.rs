@@ -229,12 +229,12 @@ fn main() {
     );
     println!("events ({EVENTS_EACH} per agent):");
     println!(
-        "  two nodes: {two_eps:>8.0} events/s, {:.2} CPU s per 1,000 events (both servers)",
-        1000.0 * two_cpu / two_total as f64
+        "  two nodes: {two_eps:>8.0} events/s, {:.1} CPU ms per 1,000 events (both servers)",
+        1e6 * two_cpu / two_total as f64
     );
     println!(
-        "  one node:  {one_eps:>8.0} events/s, {:.2} CPU s per 1,000 events",
-        1000.0 * one_cpu / one_total as f64
+        "  one node:  {one_eps:>8.0} events/s, {:.1} CPU ms per 1,000 events",
+        1e6 * one_cpu / one_total as f64
     );
     println!(
         "  two/one: {:.2}x events/s, {:.2}x CPU per event",

@@ -79,6 +79,19 @@ fn clear(marks: &Path) {
     }
 }
 
+/// `tether-server drain` of member `node` (run in `cwd`), which served one session (an agent or
+/// a relay's link).
+fn drain_one(node: &Server, cwd: &Path) {
+    let out = tether_tests::run(
+        "tether-server",
+        cwd,
+        ["drain", "--data", node.dir.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
+    let said = tether_tests::stdout(&out);
+    assert!(said.contains("1 sessions closed"), "{said}");
+}
+
 /// Another node of `a`'s cluster named `name`, in `dir`, started and listening (a member).
 fn member_of(a: &Server, dir: &Path, name: &str) -> Server {
     let mut node = a.another_node(dir, &[("TETHER_STORAGE__NODE_NAME", name)]);
@@ -817,14 +830,7 @@ fn a_drained_member_sends_its_agents_on_and_takes_no_more_while_their_work_finis
     eventually("the deployment under way", WAIT, || {
         marks_in(&marks).iter().any(|l| !l.is_empty()).then_some(())
     });
-    let out = tether_tests::run(
-        "tether-server",
-        tmp.path(),
-        ["drain", "--data", b.dir.to_str().unwrap()],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
-    let said = tether_tests::stdout(&out);
-    assert!(said.contains("1 sessions closed"), "{said}");
+    drain_one(&b, tmp.path());
     // The agent goes on with node a, which it lists next, and finishes there, every step once;
     // node b stays up, says it is drained, and serves nobody.
     eventually("drained claimed by node a", WAIT, || {
@@ -1179,14 +1185,7 @@ fn a_relay_on_a_member_gets_its_renewed_certificate_and_its_upgrade_from_the_act
 
     // Node b drained: it closes the relay's link (counted), the relay links to node a, which
     // claims it in turn, and node a's list shows it connected there.
-    let out = tether_tests::run(
-        "tether-server",
-        tmp.path(),
-        ["drain", "--data", b.dir.to_str().unwrap()],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", tether_tests::stderr(&out));
-    let said = tether_tests::stdout(&out);
-    assert!(said.contains("1 sessions closed"), "{said}");
+    drain_one(&b, tmp.path());
     eventually("the relay claimed by node a", WAIT, || {
         claim(&pg, &relay.id).starts_with("node-a ").then_some(())
     });

@@ -220,35 +220,6 @@ impl Work {
             .insert(agent_id.clone());
     }
 
-    /// A commit for `agent_id` was refused: its jobs are read again from the journal once
-    /// every commit queued before has landed, again every second until that works; until
-    /// then they are stale ([`Self::is_stale`]).
-    pub fn refresh_in_background(
-        self: &Arc<Self>,
-        journal: &tether_shared::journal::JournalHandle,
-        agent_id: &AgentId,
-    ) {
-        self.mark_stale(agent_id);
-        // Queued now: it lands after every commit queued before.
-        let landed = journal.commit(Vec::new());
-        let (work, agent_id) = (self.clone(), agent_id.clone());
-        actix::spawn(async move {
-            let _ = landed.await;
-            loop {
-                match work.reload_agent(&agent_id).await {
-                    Ok(_) => {
-                        work.take_stale(&agent_id);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::error!(agent_id = %agent_id, error = %e, "agent-jobs-not-reloaded-trying-again");
-                        actix_rt::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
-        });
-    }
-
     /// Whether `agent_id`'s jobs are to be read again: until they are, nothing may act on
     /// them (what this node holds may be ahead of the journal).
     pub fn is_stale(&self, agent_id: &AgentId) -> bool {

@@ -504,12 +504,16 @@ impl Deployments {
             let mut lengths = Vec::new();
             for id in ids {
                 let key = format!("{JOB_PREFIX}{id}");
-                if let Some(value) = journal.get_meta(&key)? {
-                    fresh.push(decode::<Job>(&key, &value)?);
+                let Some(value) = journal.get_meta(&key)? else {
+                    continue;
+                };
+                let job = decode::<Job>(&key, &value)?;
+                if !job.status.is_final() {
+                    // A finished job's steps keep no length.
+                    let prefix = format!("{}{id}/", state::OUTPUT_LEN_PREFIX);
+                    lengths.extend(journal.scan_meta(&prefix)?);
                 }
-                let prefix = format!("{}{id}/", state::OUTPUT_LEN_PREFIX);
-                let stored = journal.scan_meta(&prefix)?;
-                lengths.push((prefix, stored));
+                fresh.push(job);
             }
             Ok::<_, DeploymentsError>((fresh, lengths))
         })
@@ -517,15 +521,22 @@ impl Deployments {
         .map_err(|_| DeploymentsError::Journal(JournalError::Closed))??;
         let n = fresh.len();
         let mut state = self.write();
+        // The lengths of these jobs' steps are the stored ones, and only those.
+        let reread: std::collections::HashSet<String> =
+            fresh.iter().map(|j| j.job_id.to_string()).collect();
+        state.output_bytes.retain(|key, _| {
+            let job = key
+                .strip_prefix(state::OUTPUT_LEN_PREFIX)
+                .and_then(|rest| rest.rsplit_once('/'))
+                .map(|(job, _)| job);
+            !job.is_some_and(|j| reread.contains(j))
+        });
         for job in fresh {
             state.insert_job(job);
         }
-        for (prefix, stored) in lengths {
-            state.output_bytes.retain(|k, _| !k.starts_with(&prefix));
-            for (key, value) in stored {
-                if let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) {
-                    state.output_bytes.insert(key, u64::from_be_bytes(bytes));
-                }
+        for (key, value) in lengths {
+            if let Ok(bytes) = <[u8; 8]>::try_from(value.as_slice()) {
+                state.output_bytes.insert(key, u64::from_be_bytes(bytes));
             }
         }
         Ok(n)

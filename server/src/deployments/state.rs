@@ -757,6 +757,26 @@ impl State {
         // Rolling deployments: jobs of a batch not yet open wait, those a failure stopped end.
         let mut turns = Vec::with_capacity(ready.len());
         for (created, job_id) in ready {
+            let cancelled = self
+                .jobs
+                .get(job_id.as_str())
+                .and_then(|j| self.deployments.get(&j.deployment_id))
+                .is_some_and(|d| d.cancelled);
+            if cancelled {
+                // Queued again after its sending was refused (a claim moved on), and cancelled
+                // meanwhile: it never goes out, and takes no slot.
+                if let Some(job) = self.jobs.get_mut(job_id.as_str()) {
+                    job.finish(
+                        JobState::Cancelled,
+                        StepState::Cancelled,
+                        "cancelled before it was sent",
+                    );
+                    tracing::info!(agent_id = %agent_id, job_id = %job_id, "job-of-a-cancelled-deployment-not-sent");
+                    ops.push(job_op(job));
+                    ended.push(job_id);
+                }
+                continue;
+            }
             let turn = self
                 .jobs
                 .get(job_id.as_str())
@@ -783,17 +803,6 @@ impl State {
             let Some(d) = self.deployments.get(&job.deployment_id) else {
                 continue;
             };
-            if d.cancelled {
-                job.finish(
-                    JobState::Cancelled,
-                    StepState::Cancelled,
-                    "cancelled before it was sent",
-                );
-                tracing::info!(agent_id = %agent_id, job_id = %job_id, "job-of-a-cancelled-deployment-not-sent");
-                ops.push(job_op(job));
-                ended.push(job_id);
-                continue;
-            }
             let steps = match steps_for_agent(&d.steps, sealing, agent, runs_as, &job_id) {
                 Ok(Some(steps)) => steps,
                 // Later jobs wait too: an agent runs its jobs in the order they were made.

@@ -120,10 +120,11 @@ pub struct DispatchJobs;
 impl Handler<DispatchJobs> for AgentLink {
     type Result = ResponseActFuture<Self, Result<Seq, AgentLinkError>>;
 
-    fn handle(&mut self, _: DispatchJobs, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, _: DispatchJobs, ctx: &mut Self::Context) -> Self::Result {
         if self.shared.work.is_stale(&self.agent_id) {
-            // Its jobs are being read again (a commit was refused): they go at the next
-            // dispatch after that (its next handshake, or what a member says of it).
+            // A commit of this agent was refused: its jobs are read again first, and what may
+            // start is dispatched then.
+            self.refresh_jobs(ctx);
             return Box::pin(fut::ready(Ok(self.ep.outbound.assigned())));
         }
         match self.take_jobs() {

@@ -391,9 +391,9 @@ impl Handler<FromInbox> for AgentLink {
             return;
         }
         if self.shared.work.is_stale(&self.agent_id) {
-            // A commit of this agent was refused: its jobs are being read again, and what the
+            // A commit of this agent was refused: its jobs are read again first, and what the
             // rows do to them waits until they are (the rows come again at the next look).
-            return;
+            return self.refresh_jobs(ctx);
         }
         let trust_serial =
             msg.entries

@@ -83,6 +83,8 @@ pub struct AgentLink {
     uncommitted_bytes: usize,
     /// Commits under this link's claim not yet answered (one refused rebuilds the link).
     fenced_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When this link last tried to read the agent's stale jobs again (`refresh_jobs`).
+    refresh_tried: Option<Instant>,
     /// Events deferred since the budget was last free; a nack asks for them once it is.
     deferred: bool,
     deferred_events: u64,
@@ -197,6 +199,7 @@ impl AgentLink {
             abandoned_commands: 0,
             uncommitted_bytes: 0,
             fenced_in_flight: Default::default(),
+            refresh_tried: None,
             deferred: false,
             deferred_events: 0,
             trust_queued: 0,
@@ -248,6 +251,37 @@ impl AgentLink {
             }
             done
         }
+    }
+
+    /// The agent's jobs are stale here (a commit of it was refused, see `fail`): they are read
+    /// again, once every commit queued before has landed, with nothing else of this link
+    /// running meanwhile (what arrives waits); then what may start is dispatched. If the read
+    /// fails they stay stale, and the next need tries again (at most once a second).
+    pub(super) fn refresh_jobs(&mut self, ctx: &mut Context<Self>) {
+        if self
+            .refresh_tried
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.refresh_tried = Some(Instant::now());
+        // Queued now: it lands after every commit queued before.
+        let landed = self.shared.journal.commit(Vec::new());
+        let reload = self.shared.work.reload_agent(&self.agent_id);
+        let read = async move {
+            let _ = landed.await;
+            reload.await
+        };
+        ctx.wait(read.into_actor(self).map(|res, act, ctx| match res {
+            Ok(_) => {
+                act.shared.work.take_stale(&act.agent_id);
+                tracing::info!(agent_id = %act.agent_id, "agent-jobs-read-again");
+                act.dispatch_jobs(ctx);
+            }
+            Err(e) => {
+                tracing::error!(agent_id = %act.agent_id, error = %e, "agent-jobs-not-reloaded")
+            }
+        }));
     }
 
     /// Whether commits made under this link's claim (while it served the agent) are still
@@ -320,11 +354,10 @@ impl AgentLink {
                 return;
             }
             tracing::warn!(agent_id = %self.agent_id, epoch, "agent-claimed-elsewhere");
-            // Its jobs are read again now, and nothing acts on them until then: its next
-            // handshake here, what the inbox says of it, its next dispatch.
-            self.shared
-                .work
-                .refresh_in_background(&self.shared.journal, &self.agent_id);
+            // Its jobs are read again before anything acts on them: at its next handshake here,
+            // or by the rebuilt link before it takes what the inbox says of it or dispatches
+            // (see `refresh_jobs`).
+            self.shared.work.mark_stale(&self.agent_id);
             (
                 CloseCode::Restart,
                 "a newer session of this agent took it over",
@@ -811,9 +844,7 @@ impl Handler<Attach> for AgentLink {
                 let reload = act.shared.work.reload_agent(&act.agent_id);
                 Box::pin(reload.into_actor(act).then(move |reloaded, act, _| -> Attached {
                     if let Err(e) = reloaded {
-                        act.shared
-                            .work
-                            .refresh_in_background(&act.shared.journal, &act.agent_id);
+                        act.shared.work.mark_stale(&act.agent_id);
                         return Box::pin(fut::ready(Err(AgentLinkError::Internal(e.to_string()))));
                     }
                     if moved {

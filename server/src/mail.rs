@@ -111,7 +111,7 @@ pub fn epoch_of(key: &str) -> Option<u64> {
 pub enum Inboxed {
     /// An event frame, as the agent sent it.
     Event(Vec<u8>),
-    /// A handshake.
+    /// A handshake (of an agent or a relay).
     Greeting(Greeting),
     /// The end of a session on member node (named).
     Departure(String),

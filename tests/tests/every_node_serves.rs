@@ -1035,6 +1035,10 @@ fn relays_linked_to_a_member_carry_their_agents_there_are_tended_by_the_active_n
                 .then_some(())
         },
     );
+    // With the health their heartbeats report on node b.
+    eventually("relay 1's health on node a", WAIT, || {
+        relay_entry(&a, "relay-1").filter(|e| e["health"].is_object())
+    });
     let view = eventually("x1's path on node a", WAIT, || {
         let v = a
             .request("GET", &format!("/api/v1/agents/{}", agents[0].id), None)

@@ -97,7 +97,12 @@ pub(super) struct Claimed {
     /// Mailbox rows being taken, and taken lately.
     taking: HashSet<String>,
     done: HashSet<String>,
+    /// When its status (from its heartbeats) last went to the active node.
+    status_sent: Option<Instant>,
 }
+
+/// Least time between two of a relay's statuses sent to the active node.
+const STATUS_EVERY: Duration = Duration::from_secs(60);
 
 impl RelaySession {
     /// On a member: relay `relay_id` (this link's, or a child relay's on a channel) proved
@@ -172,6 +177,30 @@ impl RelaySession {
         frame: &[u8],
     ) {
         self.inbox_row(ctx, relay_id, Kind::Event, frame.to_vec());
+    }
+
+    /// On a member: the status relay `relay_id` reported in a heartbeat (its load, its actors'
+    /// health) goes to the active node, at most every [`STATUS_EVERY`], for its relay list.
+    pub(super) fn member_status(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        status: &tether_shared::protocol::AgentStatus,
+    ) {
+        let Some(claimed) = self.claimed.get_mut(relay_id) else {
+            return;
+        };
+        if claimed.fence.is_none()
+            || claimed
+                .status_sent
+                .is_some_and(|t| t.elapsed() < STATUS_EVERY)
+        {
+            return;
+        }
+        claimed.status_sent = Some(Instant::now());
+        if let Ok(value) = serde_json::to_vec(status) {
+            self.inbox_row(ctx, relay_id, Kind::Facts, value);
+        }
     }
 
     /// On a member: relay `relay_id` is no longer carried here; the active node learns it

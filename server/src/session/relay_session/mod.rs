@@ -380,7 +380,7 @@ impl RelaySession {
             return;
         };
         match protocol::decode(frame, Sender::Agent) {
-            Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(&relay_id, hb.status),
+            Ok(Frame::Heartbeat(hb)) => self.on_relay_heartbeat(ctx, &relay_id, hb),
             Ok(Frame::Event(event)) if is_relay_event(&event.body) => {
                 self.on_relay_event(ctx, &relay_id, &event, frame)
             }

@@ -297,7 +297,7 @@ impl RelaySession {
         frame: &[u8],
     ) {
         match protocol::decode(frame, Sender::Agent) {
-            Ok(Frame::Heartbeat(hb)) => self.shared.presence.touch(relay_id, hb.status),
+            Ok(Frame::Heartbeat(hb)) => self.on_relay_heartbeat(ctx, relay_id, hb),
             Ok(Frame::Event(event)) if is_relay_event(&event.body) => {
                 self.on_relay_event(ctx, relay_id, &event, frame)
             }
@@ -320,6 +320,21 @@ impl RelaySession {
                 &e.to_string(),
             ),
         }
+    }
+
+    /// A relay's heartbeat (this link's, or a child's): it was heard from, with its status.
+    pub(super) fn on_relay_heartbeat(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        hb: Heartbeat,
+    ) {
+        if self.shared.member {
+            if let Some(status) = &hb.status {
+                self.member_status(ctx, relay_id, status);
+            }
+        }
+        self.shared.presence.touch(relay_id, hb.status);
     }
 
     pub(super) fn child_relay_ready(

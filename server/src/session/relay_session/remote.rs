@@ -158,6 +158,16 @@ async fn take(shared: Arc<SessionShared>, relay_id: String, entries: Entries) ->
     let mut upgrade_changed = false;
     for (key, value) in entries {
         ops.push(Op::DeleteMeta { key: key.clone() });
+        if key.ends_with(".f") {
+            // Its status, from its heartbeats (a relay reports no facts).
+            match serde_json::from_slice::<protocol::AgentStatus>(&value) {
+                Ok(status) => shared.presence.touch(&relay_id, Some(status)),
+                Err(_) => {
+                    tracing::warn!(relay_id = %relay_id, key = %key, "relay-status-unreadable-dropped")
+                }
+            }
+            continue;
+        }
         match Inboxed::read(&key, value) {
             Some(Inboxed::Greeting(g)) => {
                 let epoch = mail::epoch_of(&key).unwrap_or(0);

@@ -170,6 +170,12 @@ pub fn record_trust_serial(shared: &SessionShared, id: &str, serial: u64) {
     if shared.registry.trust_serial(id) == serial {
         return;
     }
+    let current = shared.trust.rotation().serial;
+    if serial > current {
+        // No such set was ever sent: claiming it would hide that it needs the one in force.
+        tracing::warn!(agent_id = %id, serial, current, "trust-serial-beyond-the-current-set-ignored");
+        return;
+    }
     record_report(shared, id, |r| r.trust_serial = Some(serial));
 }
 

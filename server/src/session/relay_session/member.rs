@@ -21,11 +21,11 @@ use tether_shared::journal::{Fence, JournalError, Op};
 use super::*;
 use crate::mail::{self, Kind};
 
-/// Inbox rows of events one relay may write per minute at most, whatever its connections: a
+/// Inbox rows of reports one relay may write per minute at most, whatever its connections: a
 /// relay says little of itself (a few events per upgrade or trust rotation); past it, what it
-/// says is dropped (and logged once), so that a relay cannot fill the database. Its
-/// handshakes and departures may take as many again (a relay that connects more often than
-/// once a second is broken, or hostile).
+/// says is dropped (and logged once), so that a relay cannot fill the database. It may connect
+/// as many times a minute (a relay that connects more often than once a second is broken, or
+/// hostile, and is refused).
 const MAX_ROWS_PER_MINUTE: u32 = 60;
 /// Reports a relay may make before its claim is made (kept, then written).
 const MAX_EARLY: usize = 8;
@@ -39,9 +39,8 @@ pub struct RelayClaims {
     /// On the active node of a cluster whose nodes all serve agents: the epoch of this node's
     /// claim on each relay at its last connection here.
     epochs: Mutex<HashMap<String, u64>>,
-    /// On a member: inbox rows written for each relay this minute (since when, how many,
-    /// whether the drop was logged).
-    rows: Mutex<HashMap<String, (Instant, u32, bool)>>,
+    /// Inbox rows written (and claims made) for each relay this minute.
+    rows: Mutex<HashMap<String, Minute>>,
 }
 
 impl RelayClaims {
@@ -57,36 +56,59 @@ impl RelayClaims {
         epochs.get(id).copied()
     }
 
-    /// Whether relay `id` may write one more inbox row of `kind` this minute.
-    fn row_allowed(&self, id: &str, kind: Kind) -> bool {
-        let limit = match kind {
-            Kind::Greeting | Kind::Departure => 2 * MAX_ROWS_PER_MINUTE,
-            Kind::Event | Kind::Facts => MAX_ROWS_PER_MINUTE,
-        };
+    /// Whether relay `id` may write one more inbox row of `kind` this minute. Its reports
+    /// (events, status) and its connections (claims, handshakes, departures: three per
+    /// connection) are counted apart.
+    pub(super) fn row_allowed(&self, id: &str, kind: Kind) -> bool {
         let mut rows = self.rows.lock().unwrap_or_else(PoisonError::into_inner);
         if rows.len() > 10_000 {
-            rows.retain(|_, (since, _, _)| since.elapsed() < Duration::from_secs(60));
+            rows.retain(|_, m| m.since.elapsed() < Duration::from_secs(60));
         }
-        let now = Instant::now();
-        let entry = rows.entry(id.to_owned()).or_insert((now, 0, false));
-        if entry.0.elapsed() >= Duration::from_secs(60) {
-            *entry = (now, 0, false);
+        let entry = rows.entry(id.to_owned()).or_insert_with(Minute::new);
+        if entry.since.elapsed() >= Duration::from_secs(60) {
+            *entry = Minute::new();
         }
-        if entry.1 >= limit {
-            if !entry.2 {
-                entry.2 = true;
+        let (count, limit) = match kind {
+            Kind::Greeting | Kind::Departure => (&mut entry.connections, 3 * MAX_ROWS_PER_MINUTE),
+            Kind::Event | Kind::Facts => (&mut entry.reports, MAX_ROWS_PER_MINUTE),
+        };
+        if *count >= limit {
+            if !entry.logged {
+                entry.logged = true;
                 tracing::warn!(relay_id = %id, ?kind, max = MAX_ROWS_PER_MINUTE, "relay-says-too-much-dropping-for-a-minute");
             }
             return false;
         }
-        entry.1 += 1;
+        *count += 1;
         true
+    }
+}
+
+/// What one relay wrote in the current minute.
+struct Minute {
+    since: Instant,
+    reports: u32,
+    connections: u32,
+    /// A drop was logged this minute.
+    logged: bool,
+}
+
+impl Minute {
+    fn new() -> Minute {
+        Minute {
+            since: Instant::now(),
+            reports: 0,
+            connections: 0,
+            logged: false,
+        }
     }
 }
 
 /// A relay this link carries (its own, or a child's on a channel), claimed by this member.
 #[derive(Default)]
 pub(super) struct Claimed {
+    /// Which connection of the relay this is (the answer to an older one's claim is not its).
+    generation: u64,
     fence: Option<Fence>,
     /// What its handshake said (told again to a new active node).
     greeting: Vec<u8>,
@@ -119,6 +141,24 @@ impl RelaySession {
             return;
         };
         let relay_id = hello.agent_id.clone();
+        if !self
+            .shared
+            .relay_claims
+            .row_allowed(&relay_id, Kind::Greeting)
+        {
+            // It connects more than once a second: broken, or hostile.
+            let reason = "this relay connects too often: retry later";
+            return match self.relay_channel(&relay_id) {
+                Some(LINK_CHANNEL) | None => {
+                    self.refuse(ctx, CloseCode::Busy, ErrorCode::Overloaded, reason)
+                }
+                Some(ch) => {
+                    self.refuse_channel(ctx, ch, CloseCode::Busy, ErrorCode::Overloaded, reason)
+                }
+            };
+        }
+        static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1;
         let greeting = mail::Greeting::of_relay(hello, version, claims.node(), path);
         let greeting = match serde_json::to_vec(&greeting) {
             Ok(g) => g,
@@ -129,14 +169,19 @@ impl RelaySession {
         self.claimed.insert(
             relay_id.clone(),
             Claimed {
+                generation,
                 greeting,
                 ..Default::default()
             },
         );
         let claim = claims.claim(&AgentId::new(relay_id.as_str()), None);
         ctx.spawn(claim.into_actor(self).map(move |res, act, ctx| {
-            let Some(claimed) = act.claimed.get_mut(&relay_id) else {
-                // It left meanwhile.
+            let Some(claimed) = act
+                .claimed
+                .get_mut(&relay_id)
+                .filter(|c| c.generation == generation)
+            else {
+                // It left meanwhile (and may have come back on another channel).
                 return;
             };
             match res {
@@ -212,6 +257,13 @@ impl RelaySession {
         let (Some(fence), Some(claims)) = (claimed.fence, self.shared.claims.as_ref()) else {
             return;
         };
+        if !self
+            .shared
+            .relay_claims
+            .row_allowed(relay_id, Kind::Departure)
+        {
+            return;
+        }
         let key = mail::inbox_key(
             &AgentId::new(relay_id),
             fence.epoch,

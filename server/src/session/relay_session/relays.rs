@@ -411,7 +411,12 @@ impl RelaySession {
             }
             return self.member_greet(ctx, hello, version, path);
         }
-        if let (true, Some(claims)) = (self.shared.has_members, self.shared.claims.clone()) {
+        let claiming = self.shared.has_members
+            && self
+                .shared
+                .relay_claims
+                .row_allowed(relay_id, crate::mail::Kind::Greeting);
+        if let (true, Some(claims)) = (claiming, self.shared.claims.clone()) {
             // Claimed here too, so that what a member that served it before still writes for
             // it is refused, and so that its handshakes there are told apart in time.
             let (shared, relay) = (self.shared.clone(), relay_id.clone());

@@ -148,14 +148,7 @@ impl RelaySession {
         {
             // It connects more than once a second: broken, or hostile.
             let reason = "this relay connects too often: retry later";
-            return match self.relay_channel(&relay_id) {
-                Some(LINK_CHANNEL) | None => {
-                    self.refuse(ctx, CloseCode::Busy, ErrorCode::Overloaded, reason)
-                }
-                Some(ch) => {
-                    self.refuse_channel(ctx, ch, CloseCode::Busy, ErrorCode::Overloaded, reason)
-                }
-            };
+            return self.refuse_relay(ctx, &relay_id, CloseCode::Busy, reason);
         }
         static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let generation = GENERATIONS.fetch_add(1, Ordering::Relaxed) + 1;
@@ -333,12 +326,7 @@ impl RelaySession {
         tracing::warn!(relay_id = %relay_id, error = %e, "relay-claim-lost-closing");
         self.claimed.remove(relay_id);
         let reason = "this node no longer serves this relay";
-        if self.relay_id.as_deref() == Some(relay_id) {
-            return self.refuse(ctx, CloseCode::GoingAway, ErrorCode::Overloaded, reason);
-        }
-        if let Some(ch) = self.relay_channel(relay_id) {
-            self.refuse_channel(ctx, ch, CloseCode::GoingAway, ErrorCode::Overloaded, reason);
-        }
+        self.refuse_relay(ctx, relay_id, CloseCode::GoingAway, reason);
     }
 }
 

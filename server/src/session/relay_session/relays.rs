@@ -188,6 +188,22 @@ impl RelaySession {
         })
     }
 
+    /// Closes relay `relay_id`'s connection: this link if it is the link's own relay, else its
+    /// channel (the link and its other channels stay).
+    pub(super) fn refuse_relay(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        relay_id: &str,
+        code: CloseCode,
+        reason: &str,
+    ) {
+        match self.relay_channel(relay_id) {
+            Some(LINK_CHANNEL) => self.refuse(ctx, code, ErrorCode::Overloaded, reason),
+            Some(ch) => self.refuse_channel(ctx, ch, code, ErrorCode::Overloaded, reason),
+            None => {}
+        }
+    }
+
     /// Sends `relay_id` (this link's relay or a child relay on one of its channels) the
     /// `Upgrade` command of its rollout, if one is in progress: relays keep no journal, so this
     /// runs at every (re)connect and at rollout.
@@ -396,18 +412,7 @@ impl RelaySession {
             if self.shared.drained.load(Ordering::Relaxed) {
                 // Drained while its handshake was under way: it goes to its next upstream.
                 let reason = "this node was drained: connect to another node";
-                return match self.relay_channel(relay_id) {
-                    Some(LINK_CHANNEL) | None => {
-                        self.refuse(ctx, CloseCode::GoingAway, ErrorCode::Overloaded, reason)
-                    }
-                    Some(ch) => self.refuse_channel(
-                        ctx,
-                        ch,
-                        CloseCode::GoingAway,
-                        ErrorCode::Overloaded,
-                        reason,
-                    ),
-                };
+                return self.refuse_relay(ctx, relay_id, CloseCode::GoingAway, reason);
             }
             return self.member_greet(ctx, hello, version, path);
         }

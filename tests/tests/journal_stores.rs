@@ -78,6 +78,39 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
         [3, 4, 5],
         "appends are idempotent by seq"
     );
+    // In one batch, a truncation removes what the batch appended before it (and what was
+    // there), not what it appends after it; several truncations of several logs at once.
+    let t = log("out/truncated");
+    j.commit(appends(&t, 1..=3)).await.unwrap();
+    let mut batch = appends(&t, 4..=6);
+    batch.push(Op::TruncateThrough {
+        log: t.clone(),
+        upto: Seq(5),
+    });
+    batch.extend(appends(&t, 5..=5));
+    batch.push(Op::TruncateThrough {
+        log: l.clone(),
+        upto: Seq(3),
+    });
+    j.commit(batch).await.unwrap();
+    assert_eq!(seqs(&j, &t, 0, 100), [5, 6]);
+    assert_eq!(seqs(&j, &l, 0, 100), [4, 5]);
+    j.commit(vec![
+        Op::TruncateThrough {
+            log: t.clone(),
+            upto: Seq::MAX_VALID,
+        },
+        Op::TruncateThrough {
+            log: l.clone(),
+            upto: Seq(2),
+        },
+    ])
+    .await
+    .unwrap();
+    assert!(seqs(&j, &t, 0, 100).is_empty());
+    assert_eq!(seqs(&j, &l, 0, 100), [4, 5]);
+    j.commit(appends(&l, 3..=3)).await.unwrap();
+    assert_eq!(seqs(&j, &l, 0, 100), [3, 4, 5]);
     // Another log with a name that extends this one's is not part of it.
     let other = log("out/events2");
     j.commit(appends(&other, 1..=2)).await.unwrap();

@@ -230,14 +230,24 @@ impl SledStore {
         let mut appends = blobs::Appends::default();
         let mut lengths: std::collections::HashMap<&LogName, u64> = Default::default();
         let mut deleted = Vec::new();
+        // Records this batch appended so far: a truncation later in it removes them too.
+        let mut appended = std::collections::BTreeSet::new();
         for op in ops {
             match op {
                 Op::Append { log, seq, payload } => {
                     let key = record::record_key(log, *seq);
                     touch(&key);
+                    appended.insert(key.clone());
                     batch.insert(key, record::encode_record(log, *seq, payload));
                 }
                 Op::TruncateThrough { log, upto } => {
+                    let (start, end) = (record::log_prefix(log), record::record_key(log, *upto));
+                    let earlier: Vec<Vec<u8>> = appended.range(start..=end).cloned().collect();
+                    for key in earlier {
+                        appended.remove(&key);
+                        touch(&key);
+                        batch.remove(key);
+                    }
                     for key in keys_through(db, log, *upto)? {
                         touch(&key);
                         batch.remove(key);

@@ -202,6 +202,8 @@ struct Plan {
     put: (Vec<Vec<u8>>, Vec<Vec<u8>>),
     /// Keys removed.
     gone: Vec<Vec<u8>>,
+    /// Ranges of keys removed (first, last), before any other write of the batch.
+    truncated: (Vec<Vec<u8>>, Vec<Vec<u8>>),
     blobs: Vec<BlobOp>,
     /// A plain insert of `records` met a key already there: they are upserted.
     overwrite_records: bool,
@@ -211,7 +213,7 @@ fn to_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-/// Reads what a batch depends on (keys to truncate, blob lengths) inside its transaction and
+/// Reads what a batch depends on (blob lengths) inside its transaction and
 /// reduces it to a [`Plan`], as the sled store builds its batch.
 async fn plan<'a>(
     tx: &tokio_postgres::Transaction<'_>,
@@ -228,18 +230,19 @@ async fn plan<'a>(
                 keys.insert(record::record_key(log, *seq), (Some(value), true));
             }
             Op::TruncateThrough { log, upto } => {
+                // The rows in the database go in one statement for every range, before the
+                // batch's other writes; what this batch wrote there before goes here.
                 let start = record::log_prefix(log);
                 let end = record::record_key(log, *upto);
-                let rows = tx
-                    .query(
-                        "SELECT key FROM tether_journal WHERE key >= $1 AND key <= $2",
-                        &[&start, &end],
-                    )
-                    .await
-                    .map_err(|e| Failure::of("cannot scan for truncation", &e))?;
-                for row in rows {
-                    keys.insert(row.get(0), (None, false));
+                let earlier: Vec<Vec<u8>> = keys
+                    .range(start.clone()..=end.clone())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in earlier {
+                    keys.remove(&k);
                 }
+                plan.truncated.0.push(start);
+                plan.truncated.1.push(end);
             }
             Op::PutMeta { key, value } => {
                 let v = record::encode_meta(key, value);
@@ -501,6 +504,11 @@ const APPEND_BLOB: &str = "INSERT INTO tether_blobs (name, at, bytes) VALUES ($1
      ON CONFLICT (name, at) DO UPDATE SET bytes = excluded.bytes";
 const DELETE_BLOB: &str = "DELETE FROM tether_blobs WHERE name = $1";
 const DELETE_KEYS: &str = "DELETE FROM tether_journal WHERE key = ANY($1)";
+/// Every key within any of the ranges (first, last): each range is an index scan.
+const DELETE_RANGES: &str = "DELETE FROM tether_journal WHERE key = ANY(ARRAY(
+       SELECT j.key FROM unnest($1::bytea[], $2::bytea[]) AS r(first, last)
+       CROSS JOIN LATERAL (SELECT key FROM tether_journal
+                           WHERE key >= r.first AND key <= r.last) AS j))";
 const PUT_KEYS: &str =
     "INSERT INTO tether_journal (key, value) SELECT * FROM unnest($1::bytea[], $2::bytea[])
      ON CONFLICT (key) DO UPDATE SET value = excluded.value";
@@ -511,13 +519,14 @@ const INSERT_KEYS: &str =
 const UNIQUE_VIOLATION: &str = "23505";
 
 /// Statements the writer prepares on its connection.
-const WRITER_STATEMENTS: [&str; 8] = [
+const WRITER_STATEMENTS: [&str; 9] = [
     hints::NOTIFY,
     CHECK_LEASE,
     claims::CHECK_CLAIMS,
     APPEND_BLOB,
     DELETE_BLOB,
     DELETE_KEYS,
+    DELETE_RANGES,
     PUT_KEYS,
     INSERT_KEYS,
 ];
@@ -567,7 +576,7 @@ async fn try_batch(
         let statement = conn.prepared(sql).await;
         prepared.push(statement.map_err(|e| Failure::of("cannot prepare", &e))?);
     }
-    let [notify, check_lease, check_claims, append_blob, delete_blob, delete_keys, put_keys, insert_keys] =
+    let [notify, check_lease, check_claims, append_blob, delete_blob, delete_keys, delete_ranges, put_keys, insert_keys] =
         <[_; WRITER_STATEMENTS.len()]>::try_from(prepared)
             .map_err(|_| Failure::refused(JournalError::Closed))?;
     let tx = conn
@@ -660,6 +669,12 @@ async fn try_batch(
                 .await
                 .map_err(|e| Failure::of("cannot delete a blob", &e))?,
         };
+    }
+    if !plan.truncated.0.is_empty() {
+        let (first, last) = &plan.truncated;
+        tx.execute(&delete_ranges, &[first, last])
+            .await
+            .map_err(|e| Failure::of("cannot truncate", &e))?;
     }
     if !plan.gone.is_empty() {
         tx.execute(&delete_keys, &[&plan.gone])

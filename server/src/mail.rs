@@ -17,8 +17,8 @@
 //!   command stream and deletes them in one commit under its claim, so every command is sent
 //!   exactly once, whichever node serves the agent then, or later.
 //!
-//! Both sides look for entries as soon as a hint says some were written (a notification the
-//! writing transaction sends, delivered once it committed: see `PgStore::hints`), and at least
+//! Both sides look for entries as soon as a hint says some were written (a notification sent
+//! once the writing transaction committed: see `PgStore::hints`), and at least
 //! every [`POLL`] (a hint may be missed). Keys are read in order, and the links drop entries
 //! they already took (see `AgentLink::take_inbox`, `AgentLink::take_mail`).
 

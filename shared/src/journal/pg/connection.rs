@@ -188,6 +188,8 @@ pub(super) struct Shared {
     pub(super) waiting: std::sync::Mutex<Option<String>>,
     /// Meta key prefixes whose writes are hinted (see `super::hints`).
     pub(super) hinted: std::sync::RwLock<Vec<String>>,
+    /// Hints of committed batches, for `super::hints::send`.
+    pub(super) outbox: std::sync::Arc<super::hints::Outbox>,
 }
 
 impl Shared {

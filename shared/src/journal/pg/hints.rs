@@ -1,10 +1,17 @@
 //! Hints: a notification (`LISTEN`/`NOTIFY` on [`CHANNEL`]) that a batch wrote meta keys under
 //! one of the prefixes the store hints for (see [`super::PgStore::hint_writes_under`]). The
-//! notification is sent by the transaction that wrote the keys, so PostgreSQL delivers it only
-//! once that transaction committed, and the payload is only the prefix: a listener reads the
-//! keys themselves. It is only a hint: a listener whose connection was down meanwhile missed
-//! it, and finds the keys at its next bounded look.
+//! notification is sent once the transaction that wrote the keys committed ([`send`], on a
+//! connection of its own), so a listener that reads after it finds them; the payload is only
+//! the prefix: a listener reads the keys themselves. It is only a hint: one sent while the
+//! sender's or a listener's connection was down is missed, and the keys are found at the next
+//! bounded look.
+//!
+//! Not sent inside the transaction: PostgreSQL serializes the commits of every transaction that
+//! notifies (a lock held until its commit is durable), which would make the nodes' commits wait
+//! for each other's disk writes.
 
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -16,10 +23,9 @@ use crate::journal::record::META_PREFIX;
 
 /// The channel every hint goes on.
 pub const CHANNEL: &str = "tether_journal";
-/// Sends the hints of a batch, inside its transaction; none while the database's queue of
-/// notifications is half full (a listener that stopped reading fills it, and a full queue
-/// would fail the commit): hints are only hints.
-pub(super) const NOTIFY: &str = "SELECT pg_notify('tether_journal', h) FROM unnest($1::text[]) AS h
+/// Sends hints; none while the database's queue of notifications is half full (a listener that
+/// stopped reading fills it): hints are only hints.
+const NOTIFY: &str = "SELECT pg_notify('tether_journal', h) FROM unnest($1::text[]) AS h
      WHERE pg_notification_queue_usage() < 0.5";
 /// How long a listener waits before it connects again.
 const RECONNECT: Duration = Duration::from_secs(1);
@@ -37,6 +43,78 @@ pub(super) fn of(prefixes: &[String], keys: &[Vec<u8>]) -> Vec<String> {
         })
         .cloned()
         .collect()
+}
+
+/// Hints of committed batches not sent yet: each prefix once, however many batches wrote
+/// under it meanwhile.
+#[derive(Default)]
+pub(super) struct Outbox {
+    due: std::sync::Mutex<BTreeSet<String>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Outbox {
+    /// The hints of a batch that just committed.
+    pub(super) fn post(&self, hints: Vec<String>) {
+        if hints.is_empty() {
+            return;
+        }
+        self.due
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(hints);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .due
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_iter()
+        .collect()
+    }
+}
+
+/// Sends the hints posted to `outbox` as they come, on a connection of its own (made again
+/// when lost, at most every [`RECONNECT`]; hints posted meanwhile are dropped).
+pub(super) async fn send(connector: Connector, outbox: Arc<Outbox>) {
+    let mut conn: Option<(tokio_postgres::Client, tokio_postgres::Statement)> = None;
+    let mut tried: Option<tokio::time::Instant> = None;
+    loop {
+        outbox.wake.notified().await;
+        let due = outbox.take();
+        if due.is_empty() {
+            continue;
+        }
+        if conn.as_ref().is_none_or(|(c, _)| c.is_closed())
+            && tried.is_none_or(|t| t.elapsed() >= RECONNECT)
+        {
+            tried = Some(tokio::time::Instant::now());
+            conn = match connector.connect().await {
+                Ok(client) => match client.prepare(NOTIFY).await {
+                    Ok(statement) => Some((client, statement)),
+                    Err(e) => {
+                        tracing::warn!(error = %described(&e), "postgres-hints-not-sent");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %described(&e), "postgres-hints-not-sent");
+                    None
+                }
+            };
+        }
+        let Some((client, statement)) = &conn else {
+            continue;
+        };
+        if let Err(e) = client.execute(statement, &[&due]).await {
+            tracing::warn!(error = %described(&e), "postgres-hints-not-sent");
+            conn = None;
+        }
+    }
 }
 
 /// Forwards the payloads of the notifications `conn` receives to `to`, until it ends.
@@ -118,5 +196,15 @@ mod tests {
         assert_eq!(of(&prefixes, &keys), vec!["inbox/".to_owned()]);
         assert!(of(&prefixes, &[meta("job/x")]).is_empty());
         assert!(of(&[], &keys).is_empty());
+    }
+
+    #[test]
+    fn hints_waiting_to_be_sent_name_each_prefix_once() {
+        let outbox = Outbox::default();
+        outbox.post(vec!["mailbox/".to_owned()]);
+        outbox.post(Vec::new());
+        outbox.post(vec!["inbox/".to_owned(), "mailbox/".to_owned()]);
+        assert_eq!(outbox.take(), ["inbox/", "mailbox/"]);
+        assert!(outbox.take().is_empty(), "each sent once");
     }
 }

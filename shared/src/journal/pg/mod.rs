@@ -6,9 +6,11 @@
 //! (name, at, bytes)`, one per append, never read past the length committed under its key.
 //!
 //! [`Store::apply`] is one transaction per batch: the batch's keys are reduced to their last
-//! write (as sled's batches are), then written with one insert of the records, one upsert of
-//! the rest and one delete; blob appends and deletions run in their order. Statements are
-//! prepared once per connection. It returns only once `COMMIT` does, with `synchronous_commit`
+//! write (as sled's batches are), then written with one delete of the ranges truncated, one
+//! insert of the records, one upsert of the rest and one delete; blob appends and deletions run
+//! in their order. Statements are prepared once per connection, and sent in two flights (the
+//! checks of the lease and the claims; then every write), each pipelined: the database runs
+//! them in order, and a transaction waits for two round trips, not one per statement. It returns only once `COMMIT` does, with `synchronous_commit`
 //! on (checked at open, as `fsync` is): [`Store::sync`] has nothing left to do. When the
 //! database goes away mid-batch (a `COMMIT` that got no answer included), the same planned
 //! writes are tried again on a new connection until they commit: see [`apply`].
@@ -106,6 +108,7 @@ impl PgStore {
                 lease: std::sync::Mutex::new(None),
                 waiting: std::sync::Mutex::new(None),
                 hinted: Default::default(),
+                outbox: Default::default(),
             })
         };
         let shared = match wait_on(&runtime, init) {
@@ -119,6 +122,7 @@ impl PgStore {
         let shared = Arc::new(shared);
         let (claims, asked) = tokio::sync::mpsc::unbounded_channel();
         runtime.spawn(claims::batcher(shared.clone(), asked));
+        runtime.spawn(hints::send(shared.connector.clone(), shared.outbox.clone()));
         Ok(PgStore {
             runtime: Some(runtime),
             shared,
@@ -519,8 +523,7 @@ const INSERT_KEYS: &str =
 const UNIQUE_VIOLATION: &str = "23505";
 
 /// Statements the writer prepares on its connection.
-const WRITER_STATEMENTS: [&str; 9] = [
-    hints::NOTIFY,
+const WRITER_STATEMENTS: [&str; 8] = [
     CHECK_LEASE,
     claims::CHECK_CLAIMS,
     APPEND_BLOB,
@@ -576,7 +579,7 @@ async fn try_batch(
         let statement = conn.prepared(sql).await;
         prepared.push(statement.map_err(|e| Failure::of("cannot prepare", &e))?);
     }
-    let [notify, check_lease, check_claims, append_blob, delete_blob, delete_keys, delete_ranges, put_keys, insert_keys] =
+    let [check_lease, check_claims, append_blob, delete_blob, delete_keys, delete_ranges, put_keys, insert_keys] =
         <[_; WRITER_STATEMENTS.len()]>::try_from(prepared)
             .map_err(|_| Failure::refused(JournalError::Closed))?;
     let tx = conn
@@ -584,24 +587,32 @@ async fn try_batch(
         .await
         .map_err(|e| Failure::of("cannot begin", &e))?;
     // Fencing: the lease row is read (and locked against a takeover) inside the transaction,
-    // so a node that lost it can never commit again.
+    // so a node that lost it can never commit again; the claims of the fenced requests alike.
+    // Both in one flight.
     let lease = shared.held_lease();
-    if let Some(lease) = &lease {
-        let held = tx
-            .query_opt(&check_lease, &[&lease.holder, &lease.epoch])
-            .await
-            .map_err(|e| Failure::of("cannot check the lease", &e))?;
-        if held.is_none() {
-            return Err(Failure::refused(lease::fenced(lease)));
-        }
-    }
-    let (out, checked_xid) = match fenced.is_empty() {
-        true => (Vec::new(), None),
-        false => {
-            let checked = claims::left_out(&tx, &check_claims, fenced).await?;
-            (checked.out, checked.xid)
+    let held = async {
+        match &lease {
+            Some(lease) => tx
+                .query_opt(&check_lease, &[&lease.holder, &lease.epoch])
+                .await
+                .map(|row| row.is_some())
+                .map_err(|e| Failure::of("cannot check the lease", &e)),
+            None => Ok(true),
         }
     };
+    let checked = async {
+        match fenced.is_empty() {
+            true => Ok((Vec::new(), None)),
+            false => claims::left_out(&tx, &check_claims, fenced)
+                .await
+                .map(|checked| (checked.out, checked.xid)),
+        }
+    };
+    let (held, checked) = futures_util::future::join(held, checked).await;
+    if let (false, Some(lease)) = (held?, &lease) {
+        return Err(Failure::refused(lease::fenced(lease)));
+    }
+    let (out, checked_xid) = checked?;
     // A try made again writes what the first one planned, so that a try whose COMMIT got no
     // answer is settled either way. But if a claim the plan writes under moved on meanwhile, it
     // may not be written now: the plan is made again without it, once it is known that no
@@ -658,64 +669,78 @@ async fn try_batch(
                 .get(0),
         ),
     };
+    // Every write in one flight, in the plan's order: the blobs' in the batch's, and the
+    // truncations before the keys written (one may be written again after its range went).
+    let mut writes: Vec<InFlight<'_>> = Vec::new();
     for blob in &plan.blobs {
-        match blob {
-            BlobOp::Append { name, at, bytes } => tx
-                .execute(&append_blob, &[name, at, bytes])
-                .await
-                .map_err(|e| Failure::of("cannot append to a blob", &e))?,
-            BlobOp::Delete { name } => tx
-                .execute(&delete_blob, &[name])
-                .await
-                .map_err(|e| Failure::of("cannot delete a blob", &e))?,
-        };
+        writes.push(match blob {
+            BlobOp::Append { name, at, bytes } => Box::pin(async {
+                tx.execute(&append_blob, &[name, at, bytes])
+                    .await
+                    .map_err(|e| Failure::of("cannot append to a blob", &e))
+            }),
+            BlobOp::Delete { name } => Box::pin(async {
+                tx.execute(&delete_blob, &[name])
+                    .await
+                    .map_err(|e| Failure::of("cannot delete a blob", &e))
+            }),
+        });
     }
-    if !plan.truncated.0.is_empty() {
-        let (first, last) = &plan.truncated;
-        tx.execute(&delete_ranges, &[first, last])
-            .await
-            .map_err(|e| Failure::of("cannot truncate", &e))?;
+    let (first, last) = &plan.truncated;
+    if !first.is_empty() {
+        writes.push(Box::pin(async {
+            tx.execute(&delete_ranges, &[first, last])
+                .await
+                .map_err(|e| Failure::of("cannot truncate", &e))
+        }));
     }
     if !plan.gone.is_empty() {
-        tx.execute(&delete_keys, &[&plan.gone])
-            .await
-            .map_err(|e| Failure::of("cannot delete", &e))?;
+        writes.push(Box::pin(async {
+            tx.execute(&delete_keys, &[&plan.gone])
+                .await
+                .map_err(|e| Failure::of("cannot delete", &e))
+        }));
     }
     if !plan.put.0.is_empty() {
-        tx.execute(&put_keys, &[&plan.put.0, &plan.put.1])
-            .await
-            .map_err(|e| Failure::of("cannot write", &e))?;
-        let hinted = hints::of(
-            &shared
-                .hinted
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-            &plan.put.0,
-        );
-        if !hinted.is_empty() {
-            // Delivered by the database once (and only if) this transaction commits.
-            tx.execute(&notify, &[&hinted])
+        writes.push(Box::pin(async {
+            tx.execute(&put_keys, &[&plan.put.0, &plan.put.1])
                 .await
-                .map_err(|e| Failure::of("cannot hint", &e))?;
-        }
+                .map_err(|e| Failure::of("cannot write", &e))
+        }));
     }
-    if !plan.records.0.is_empty() {
-        let (keys, values) = &plan.records;
-        let written = match plan.overwrite_records {
-            true => tx.execute(&put_keys, &[keys, values]).await,
-            false => tx.execute(&insert_keys, &[keys, values]).await,
-        };
-        if let Err(e) = written {
-            if e.code().map(|c| c.code()) == Some(UNIQUE_VIOLATION) && !plan.overwrite_records {
-                plan.overwrite_records = true;
-                return Err(Failure {
+    let overwrite = plan.overwrite_records;
+    let (keys, values) = &plan.records;
+    if !keys.is_empty() {
+        let (tx, put_keys, insert_keys) = (&tx, &put_keys, &insert_keys);
+        writes.push(Box::pin(async move {
+            let written = match overwrite {
+                true => tx.execute(put_keys, &[keys, values]).await,
+                false => tx.execute(insert_keys, &[keys, values]).await,
+            };
+            written.map_err(|e| match e.code().map(|c| c.code()) {
+                // A try made again after its COMMIT got no answer: the next one upserts.
+                Some(UNIQUE_VIOLATION) if !overwrite => Failure {
                     error: db_err("records already there", &e),
                     next: Next::Again,
-                });
-            }
-            return Err(Failure::of("cannot append", &e));
-        }
+                },
+                _ => Failure::of("cannot append", &e),
+            })
+        }));
     }
+    let written = in_flight(writes).await;
+    if let Err(f) = written {
+        if f.next == Next::Again {
+            plan.overwrite_records = true;
+        }
+        return Err(f);
+    }
+    let hinted = hints::of(
+        &shared
+            .hinted
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+        &plan.put.0,
+    );
     tx.commit().await.map_err(|e| {
         // No answer to COMMIT: the batch may or may not be durable; the next try settles it.
         attempt.unanswered = xid;
@@ -725,7 +750,43 @@ async fn try_batch(
         }
         f
     })?;
+    // Once it is durable: a listener that reads after the hint finds what it wrote.
+    shared.outbox.post(hinted);
     Ok(out)
+}
+
+/// A statement of a flight (see [`in_flight`]).
+type InFlight<'a> = std::pin::Pin<Box<dyn Future<Output = Result<u64, Failure>> + Send + 'a>>;
+
+/// Runs `statements` on one connection as one flight: each is sent right after the one before
+/// it, without waiting for its answer (the database runs them in that order; the client
+/// pipelines what is asked of it concurrently), then every answer is awaited. The first
+/// failure, in that order, is the flight's (the database ignores the statements after a
+/// failed one, until the transaction ends).
+async fn in_flight(statements: Vec<InFlight<'_>>) -> Result<(), Failure> {
+    use std::task::Poll;
+    let mut pending: Vec<futures_util::future::MaybeDone<InFlight<'_>>> = statements
+        .into_iter()
+        .map(futures_util::future::maybe_done)
+        .collect();
+    std::future::poll_fn(|cx| {
+        // In order: the first poll of each sends it.
+        let mut done = true;
+        for statement in pending.iter_mut() {
+            done &= std::pin::Pin::new(statement).poll(cx).is_ready();
+        }
+        match done {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        }
+    })
+    .await;
+    for statement in pending.iter_mut() {
+        if let Some(Err(f)) = std::pin::Pin::new(statement).take_output() {
+            return Err(f);
+        }
+    }
+    Ok(())
 }
 
 impl Store for PgStore {

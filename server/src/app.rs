@@ -209,11 +209,14 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             loaded.registry.follow_the_active_node();
             // Jobs, deployments and agents are the active node's: this one only numbers the
             // commands it leaves for the agents served here.
+            let presence = shared.presence.clone();
             let mail = crate::mail::deliver_forever(
                 handle.clone(),
                 session_registry.clone(),
                 crate::mail::MAILBOX_PREFIX,
                 loaded.hints,
+                // What the agents other nodes serve are mailed is not read here.
+                move |agent| presence.current(agent.as_str()).is_some(),
             );
             actix_rt::spawn(mail);
             actix_rt::spawn(crate::mail::follow_registry(
@@ -245,6 +248,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
                     session_registry.clone(),
                     crate::mail::INBOX_PREFIX,
                     loaded.hints,
+                    |_| true,
                 );
                 actix_rt::spawn(inbox);
             }

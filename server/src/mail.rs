@@ -22,12 +22,14 @@
 //! every [`POLL`] (a hint may be missed). Keys are read in order, and the links drop entries
 //! they already took (see `AgentLink::take_inbox`, `AgentLink::take_mail`).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tether_shared::ids::AgentId;
+use tether_shared::journal::pg::Hint;
 use tether_shared::journal::JournalHandle;
 use tether_shared::protocol::Hello;
 
@@ -44,6 +46,8 @@ pub const PAGE: usize = 1024;
 /// Bytes of entries read per look at most (past the first entry): an event is up to a frame
 /// (256 KiB), and an agent may leave thousands in the inbox.
 pub const PAGE_BYTES: usize = 4 << 20;
+/// Entries of one agent read at most by a look at the agents a hint names.
+pub const PAGE_OF_ONE: usize = 64;
 
 /// What an inbox row is, by the last letter of its key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,19 +236,41 @@ fn next_look(prefix: &str, rows: &Entries, full: bool) -> String {
     }
 }
 
-/// Hands every entry under `prefix` to its agent's link, at each of `hints` that names the
-/// prefix and at least every [`POLL`], for as long as the system runs: on the active node the
-/// inbox (every link is made if need be), on a member the mailbox (only to the links of
-/// agents it serves).
+/// What the next look reads: every entry, or those of some agents only.
+enum Look {
+    All,
+    Of(BTreeSet<AgentId>),
+}
+
+impl Look {
+    /// Also what `hint` (under the prefix looked at) names.
+    fn and(self, hint: Hint) -> Look {
+        match (self, hint.names) {
+            (Look::Of(mut agents), Some(names)) => {
+                agents.extend(names.into_iter().map(AgentId::new));
+                Look::Of(agents)
+            }
+            _ => Look::All,
+        }
+    }
+}
+
+/// Hands every entry under `prefix` to its agent's link, for as long as the system runs: on
+/// the active node the inbox (every link is made if need be), on a member the mailbox (only to
+/// the links of agents it serves). At least every [`POLL`] it looks at every entry (a page at a
+/// time); at each of `hints` that names the prefix, only at the entries of the agents the hint
+/// names and `serves` (a member reads nothing of the agents other nodes serve).
 pub async fn deliver_forever(
     journal: JournalHandle,
     sessions: Addr<SessionRegistry>,
     prefix: &'static str,
     mut hints: Option<tokio::sync::mpsc::UnboundedReceiver<String>>,
+    serves: impl Fn(&AgentId) -> bool,
 ) {
     let mut tick = actix_rt::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Where the next look starts: past the last page's agents, while pages come full.
+    // Where the next look at every entry starts: past the last page's agents, while pages come
+    // full.
     let mut from = prefix.to_owned();
     loop {
         let hinted = async {
@@ -253,24 +279,50 @@ pub async fn deliver_forever(
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = tick.tick() => {}
-            hint = hinted => match hint {
-                Some(hint) if hint == prefix => {}
+        let mut look = tokio::select! {
+            _ = tick.tick() => Look::All,
+            hint = hinted => match hint.map(|h| Hint::parse(&h)) {
+                Some(hint) if hint.prefix == prefix => Look::Of(BTreeSet::new()).and(hint),
                 Some(_) => continue,
                 None => {
                     hints = None;
                     continue;
                 }
             },
-        }
+        };
         // Hints that came meanwhile are answered by this one look.
         if let Some(h) = hints.as_mut() {
-            while h.try_recv().is_ok() {}
+            while let Ok(more) = h.try_recv() {
+                let more = Hint::parse(&more);
+                if more.prefix == prefix {
+                    look = look.and(more);
+                }
+            }
         }
-        let (j, start) = (journal.clone(), from.clone());
-        let page =
-            actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE, PAGE_BYTES)).await;
+        let j = journal.clone();
+        let all = matches!(look, Look::All);
+        let page = match look {
+            Look::All => {
+                let start = from.clone();
+                actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE, PAGE_BYTES))
+                    .await
+            }
+            Look::Of(agents) => {
+                let prefixes: Vec<String> = agents
+                    .iter()
+                    .filter(|a| serves(a))
+                    .map(|a| agent_prefix(prefix, a))
+                    .collect();
+                if prefixes.is_empty() {
+                    continue;
+                }
+                // Their first entries each (what is left waits for a later look).
+                actix_web::web::block(move || {
+                    j.scan_meta_prefixes(&prefixes, PAGE_OF_ONE, PAGE_BYTES)
+                })
+                .await
+            }
+        };
         let (rows, full) = match page {
             Ok(Ok(page)) => (page.entries, page.full),
             Ok(Err(e)) => {
@@ -279,7 +331,9 @@ pub async fn deliver_forever(
             }
             Err(_) => continue,
         };
-        from = next_look(prefix, &rows, full);
+        if all {
+            from = next_look(prefix, &rows, full);
+        }
         for (agent_id, entries) in by_agent(rows) {
             sessions.do_send(Deliver {
                 agent_id,

@@ -294,6 +294,9 @@ pub struct Stats {
     pub jobs: AtomicU64,
     /// How many times each job (`<agent id> <job id>`) was run.
     pub job_runs: Mutex<BTreeMap<String, u32>>,
+    /// When the server acknowledged each job's `JobFinished` (`<agent id> <job id>`, Unix
+    /// ms): from then on its result is durable (the first time, if it ran more than once).
+    pub job_acked_unix_ms: Mutex<BTreeMap<String, u64>>,
     /// Handshakes where the server had lost its state (streams restarted at 1).
     pub resets: AtomicU64,
     /// Send-to-ack times of events in microseconds, when the config records them.
@@ -390,6 +393,8 @@ pub struct SimAgent {
     requested: u64,
     /// First-send times of unacknowledged events (only when recording latency).
     sent_at: std::collections::VecDeque<(u64, Instant)>,
+    /// The seqs of `JobFinished` events not acknowledged yet, and their jobs.
+    finishing: std::collections::VecDeque<(Seq, String)>,
     /// The current connection's end-to-end protection, once its handshake is done.
     gate: Option<AgentGate>,
     /// Whether it dials [`SimConfig::fallback`] now.
@@ -424,6 +429,7 @@ impl SimAgent {
             generated: 0,
             requested: 0,
             sent_at: std::collections::VecDeque::new(),
+            finishing: std::collections::VecDeque::new(),
             gate: None,
             on_fallback: false,
         })
@@ -673,6 +679,8 @@ impl SimAgent {
         ) {
             Ok(Handshake::PeerReset { .. }) => {
                 self.stats.resets.fetch_add(1, Ordering::Relaxed);
+                // Numbered in a stream the server no longer has.
+                self.finishing.clear();
             }
             Ok(Handshake::FirstContact | Handshake::Resumed) => {}
             Err(e) => return Err(self.failed("resync", &e.to_string())),
@@ -702,12 +710,22 @@ impl SimAgent {
             .extend(samples);
     }
 
-    fn count_acked(&self, before: Seq) {
+    fn count_acked(&mut self, before: Seq) {
         let after = self.ep.outbound.acked();
         if after > before {
             self.stats
                 .events_acked
                 .fetch_add(after.0 - before.0, Ordering::Relaxed);
+        }
+        while self.finishing.front().is_some_and(|(seq, _)| *seq <= after) {
+            if let Some((_, job)) = self.finishing.pop_front() {
+                self.stats
+                    .job_acked_unix_ms
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(job)
+                    .or_insert_with(now_ms);
+            }
         }
     }
 
@@ -901,10 +919,12 @@ impl SimAgent {
                                     message: String::new(),
                                 })?;
                             }
-                            self.enqueue(EventBody::JobFinished {
+                            let finished = self.enqueue(EventBody::JobFinished {
                                 job_id: job_id.clone(),
                                 status: JobStatus::Succeeded,
                             })?;
+                            self.finishing
+                                .push_back((finished, format!("{} {job_id}", self.agent_id)));
                             let last = (steps.len() as u32).saturating_sub(1);
                             for chunk in out.chunks..out.chunks + out.after_finish {
                                 self.enqueue(output(last, chunk))?;
@@ -968,8 +988,8 @@ impl SimAgent {
         }
     }
 
-    /// Number an event and hold it (durable at once: there is no journal).
-    fn enqueue(&mut self, body: EventBody) -> Result<(), String> {
+    /// Number an event and hold it (durable at once: there is no journal); its seq.
+    fn enqueue(&mut self, body: EventBody) -> Result<Seq, String> {
         let seq = self
             .ep
             .outbound
@@ -982,7 +1002,7 @@ impl SimAgent {
             .enqueue(bytes, now_ms())
             .map_err(|e| e.to_string())?;
         self.ep.outbound.mark_durable(seq);
-        Ok(())
+        Ok(seq)
     }
 
     /// Generate probe events up to what the control (and the server) asked for, as far as the

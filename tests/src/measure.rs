@@ -105,6 +105,35 @@ pub fn dispatch_with(
     targets: &[String],
     extra: serde_json::Value,
 ) -> Option<(u64, Vec<u64>)> {
+    let done = deploy(server, process, targets, extra)?;
+    let mut per: Vec<u64> = done
+        .jobs
+        .iter()
+        .map(|(_, finished)| finished.saturating_sub(done.start_unix_ms))
+        .collect();
+    per.sort_unstable();
+    Some((done.total_ms, per))
+}
+
+/// A deployment that succeeded (see [`deploy`]).
+pub struct Deployed {
+    /// When the REST call was made (Unix ms).
+    pub start_unix_ms: u64,
+    /// Ms from the REST call until the deployment was seen to have succeeded.
+    pub total_ms: u64,
+    /// Each job (`<agent id> <job id>`, as `loadgen::Stats::job_runs` names it) and when the
+    /// server recorded its end (Unix ms, the server's clock).
+    pub jobs: Vec<(String, u64)>,
+}
+
+/// Deploys `process` to `targets` and waits (at most two minutes) until it succeeded; `None`
+/// if it was refused, failed or timed out (said on stderr).
+pub fn deploy(
+    server: &crate::fleet::Server,
+    process: &str,
+    targets: &[String],
+    extra: serde_json::Value,
+) -> Option<Deployed> {
     use serde_json::{json, Value};
     use std::time::{Duration, Instant};
     let start = now_ms();
@@ -126,18 +155,23 @@ pub fn dispatch_with(
             .request("GET", &format!("/api/v1/deployments/{id}?jobs=false"), None)
             .json();
         if d["status"] == "succeeded" {
-            let total = t0.elapsed().as_millis() as u64;
+            let total_ms = t0.elapsed().as_millis() as u64;
             let d: Value = server
                 .request("GET", &format!("/api/v1/deployments/{id}"), None)
                 .json();
-            let mut per: Vec<u64> = d["jobs"]
+            let jobs = d["jobs"]
                 .as_array()?
                 .iter()
-                .filter_map(|j| j["finished_unix_ms"].as_u64())
-                .map(|t| t.saturating_sub(start))
+                .filter_map(|j| {
+                    let key = format!("{} {}", j["agent_id"].as_str()?, j["job_id"].as_str()?);
+                    Some((key, j["finished_unix_ms"].as_u64()?))
+                })
                 .collect();
-            per.sort_unstable();
-            return Some((total, per));
+            return Some(Deployed {
+                start_unix_ms: start,
+                total_ms,
+                jobs,
+            });
         }
         if d["status"] == "failed" || Instant::now() > deadline {
             eprintln!("deployment {id} ended {}: {d}", d["status"]);

@@ -191,6 +191,55 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
     assert_eq!(page("p/4", 100, 505), ["p/4"]);
     assert_eq!(page("p/4", 100, 506), ["p/4", "p/5"]);
     assert!(page("p/6", 100, 1).is_empty());
+    // Several prefixes in one read: in key order, bounded per prefix by rows, over all of them
+    // by bytes (each value stored with a 5-byte header: 15 bytes here).
+    j.commit(
+        ["q/a/1", "q/a/2", "q/a/3", "q/ab/1", "q/b/1", "q/c/1"]
+            .iter()
+            .map(|k| Op::PutMeta {
+                key: (*k).to_owned(),
+                value: vec![7; 10],
+            })
+            .collect(),
+    )
+    .await
+    .unwrap();
+    let under = |prefixes: &[&str], rows: usize, bytes: usize| -> (Vec<String>, bool) {
+        let prefixes: Vec<String> = prefixes.iter().map(|p| (*p).to_owned()).collect();
+        let page = j.scan_meta_prefixes(&prefixes, rows, bytes).unwrap();
+        (
+            page.entries.into_iter().map(|(k, _)| k).collect(),
+            page.full,
+        )
+    };
+    assert_eq!(
+        under(&["q/c/", "q/a/"], 10, usize::MAX),
+        (
+            vec![
+                "q/a/1".into(),
+                "q/a/2".into(),
+                "q/a/3".into(),
+                "q/c/1".into()
+            ],
+            false
+        ),
+        "q/ab/ is not under q/a/"
+    );
+    assert_eq!(
+        under(&["q/c/", "q/a/"], 2, usize::MAX),
+        (vec!["q/a/1".into(), "q/a/2".into(), "q/c/1".into()], true)
+    );
+    assert_eq!(
+        under(&["q/a/", "q/b/"], 10, 31),
+        (vec!["q/a/1".into(), "q/a/2".into(), "q/a/3".into()], true)
+    );
+    assert_eq!(
+        under(&["q/b/"], 10, 0).0,
+        ["q/b/1"],
+        "the first row, whatever the budget"
+    );
+    assert_eq!(under(&["q/none/"], 10, 100), (Vec::new(), false));
+    assert_eq!(under(&[], 10, 100), (Vec::new(), false));
 
     // Blobs: appended across batches and within one, read by range, never past the
     // committed length, gone on delete, and written again from zero.
@@ -892,7 +941,10 @@ async fn a_member_commits_only_under_its_claims_and_hints_reach_every_node_after
         .await
         .expect("no hint within 10 s")
         .unwrap();
-    assert_eq!(hint, "inbox/");
+    // It names the agent written for, so that a node reads only its rows.
+    let hint = tether_shared::journal::pg::Hint::parse(&hint);
+    assert_eq!(hint.prefix, "inbox/");
+    assert_eq!(hint.names, Some(["a-1".to_owned()].into()));
     assert!(
         ja.get_meta("inbox/a-1/1.e").unwrap().is_some(),
         "hinted before its commit"

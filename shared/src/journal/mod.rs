@@ -372,6 +372,30 @@ impl JournalHandle {
         })
     }
 
+    /// The meta entries under each of `prefixes` (none of which starts another), validated,
+    /// in key order: at most `limit` under each, and none past the first that brings the values
+    /// read (as stored) to `max_bytes` (see [`Store::scan_prefixes`]). `full`: some prefix may
+    /// hold more.
+    pub fn scan_meta_prefixes(
+        &self,
+        prefixes: &[String],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<MetaPage, JournalError> {
+        let keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
+        let rows = self.store.scan_prefixes(&keys, limit, max_bytes)?;
+        let stored: usize = rows.iter().map(|(_, v)| v.len()).sum();
+        let most_under_one = keys
+            .iter()
+            .map(|k| rows.iter().filter(|(r, _)| r.starts_with(k)).count())
+            .max()
+            .unwrap_or(0);
+        Ok(MetaPage {
+            full: most_under_one >= limit || stored >= max_bytes,
+            entries: self.meta_rows(&rows)?,
+        })
+    }
+
     pub fn incarnation(&self) -> &str {
         &self.incarnation
     }

@@ -77,6 +77,17 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Rows, JournalError>;
+    /// Rows whose key starts with one of `prefixes` (none of which starts another), in key
+    /// order: at most `limit` under each, and none past the first whose values, with those
+    /// before it, reach `max_bytes` (the first row is always read, whatever its size).
+    fn scan_prefixes(
+        &self,
+        prefixes: &[Vec<u8>],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Rows, JournalError> {
+        scan_prefixes_in_turn(self, prefixes, limit, max_bytes)
+    }
     /// How many keys start with `prefix`, counted up to `limit`.
     fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {
         Ok(self.scan_from(prefix, prefix, limit, usize::MAX)?.len())
@@ -289,6 +300,31 @@ impl SledStore {
         self.files.sync_appends(appends)?;
         Ok((batch, deleted, keys))
     }
+}
+
+/// [`Store::scan_prefixes`] as one [`Store::scan_from`] per prefix, in key order.
+pub(crate) fn scan_prefixes_in_turn<S: Store + ?Sized>(
+    store: &S,
+    prefixes: &[Vec<u8>],
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Rows, JournalError> {
+    let mut sorted = prefixes.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    let mut out: Rows = Vec::new();
+    let mut bytes = 0usize;
+    for prefix in sorted {
+        if bytes >= max_bytes && !out.is_empty() {
+            break;
+        }
+        let rows = store.scan_from(&prefix, &prefix, limit, max_bytes - bytes)?;
+        bytes = rows
+            .iter()
+            .fold(bytes, |sum, (_, v)| sum.saturating_add(v.len()));
+        out.extend(rows);
+    }
+    Ok(out)
 }
 
 fn keys_through(

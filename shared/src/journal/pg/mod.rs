@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connection::{db_err, described, refuse, wait_on, Connector, Shared, Slot};
+pub use hints::Hint;
 pub use lease::{Lease, LeaseHolder};
 pub use nodes::NodeSeen;
 pub use schema::MIGRATIONS;
@@ -854,6 +855,56 @@ impl Store for PgStore {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
             rows_in(client, &from, &prefix, Some(page)).await
+        })
+    }
+
+    fn scan_prefixes(
+        &self,
+        prefixes: &[Vec<u8>],
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Rows, JournalError> {
+        let mut firsts = prefixes.to_vec();
+        firsts.sort();
+        firsts.dedup();
+        // Where each prefix ends, the bound of its index scan (a prefix of bytes 0xFF only has
+        // none: never one of ours, read in turn if need be).
+        let Some(ends) = firsts
+            .iter()
+            .map(|p| prefix_end(p))
+            .collect::<Option<Vec<Vec<u8>>>>()
+        else {
+            return crate::journal::store::scan_prefixes_in_turn(self, prefixes, limit, max_bytes);
+        };
+        let page = Page {
+            rows: to_i64(limit as u64),
+            bytes: to_i64(max_bytes as u64),
+        };
+        self.run(move |shared| async move {
+            let guard = shared.client(shared.reader()).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            // Each prefix an index scan of its first rows; the values' running total over all
+            // of them says where the byte budget ends (the first row always fits).
+            let rows = client
+                .query(
+                    "SELECT key, value FROM (
+                       SELECT key, value,
+                              sum(octet_length(value)) OVER (ORDER BY key)
+                                - octet_length(value) AS before
+                       FROM unnest($1::bytea[], $2::bytea[]) AS r(first, after)
+                       CROSS JOIN LATERAL (
+                         SELECT key, value FROM tether_journal
+                         WHERE key >= r.first AND key < r.after
+                         ORDER BY key LIMIT $3) AS j
+                     ) AS page WHERE before = 0 OR before < $4 ORDER BY key",
+                    &[&firsts, &ends, &page.rows, &page.bytes],
+                )
+                .await
+                .map_err(|e| db_err("cannot read", &e))?;
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+                .collect())
         })
     }
 

@@ -302,6 +302,14 @@ impl SledStore {
     }
 }
 
+/// `prefixes` in order, each once.
+pub(crate) fn distinct(prefixes: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut sorted = prefixes.to_vec();
+    sorted.sort();
+    sorted.dedup();
+    sorted
+}
+
 /// [`Store::scan_prefixes`] as one [`Store::scan_from`] per prefix, in key order.
 pub(crate) fn scan_prefixes_in_turn<S: Store + ?Sized>(
     store: &S,
@@ -309,12 +317,9 @@ pub(crate) fn scan_prefixes_in_turn<S: Store + ?Sized>(
     limit: usize,
     max_bytes: usize,
 ) -> Result<Rows, JournalError> {
-    let mut sorted = prefixes.to_vec();
-    sorted.sort();
-    sorted.dedup();
     let mut out: Rows = Vec::new();
     let mut bytes = 0usize;
-    for prefix in sorted {
+    for prefix in distinct(prefixes) {
         if bytes >= max_bytes && !out.is_empty() {
             break;
         }

@@ -361,6 +361,15 @@ struct Page {
     bytes: i64,
 }
 
+impl Page {
+    fn new(rows: usize, bytes: usize) -> Page {
+        Page {
+            rows: to_i64(rows as u64),
+            bytes: to_i64(bytes as u64),
+        }
+    }
+}
+
 /// The committed length of blob `name` (0 for none), read with `client`.
 async fn committed_len<C: tokio_postgres::GenericClient>(
     client: &C,
@@ -847,10 +856,7 @@ impl Store for PgStore {
         max_bytes: usize,
     ) -> Result<Rows, JournalError> {
         let (from, prefix) = (from.to_vec(), prefix.to_vec());
-        let page = Page {
-            rows: to_i64(limit as u64),
-            bytes: to_i64(max_bytes as u64),
-        };
+        let page = Page::new(limit, max_bytes);
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;
@@ -864,9 +870,7 @@ impl Store for PgStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Rows, JournalError> {
-        let mut firsts = prefixes.to_vec();
-        firsts.sort();
-        firsts.dedup();
+        let firsts = crate::journal::store::distinct(prefixes);
         // Where each prefix ends, the bound of its index scan (a prefix of bytes 0xFF only has
         // none: never one of ours, read in turn if need be).
         let Some(ends) = firsts
@@ -876,10 +880,7 @@ impl Store for PgStore {
         else {
             return crate::journal::store::scan_prefixes_in_turn(self, prefixes, limit, max_bytes);
         };
-        let page = Page {
-            rows: to_i64(limit as u64),
-            bytes: to_i64(max_bytes as u64),
-        };
+        let page = Page::new(limit, max_bytes);
         self.run(move |shared| async move {
             let guard = shared.client(shared.reader()).await?;
             let client = guard.as_ref().ok_or(JournalError::Closed)?;

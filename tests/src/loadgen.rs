@@ -79,6 +79,9 @@ pub struct SimConfig {
     /// Another upstream (a node of the same cluster): after an attempt that failed, an agent
     /// tries the other one, as a real agent goes down its list of upstreams.
     pub fallback: Option<SocketAddr>,
+    /// The trust set it says it holds in its handshake (a real agent holds the one it was
+    /// installed with, or confirmed since; a hostile one may say anything).
+    pub trust_serial: u64,
 }
 
 /// What a simulated agent prints for each step of a job it runs.
@@ -114,6 +117,7 @@ impl SimConfig {
             job_output: JobOutput::default(),
             sources: Vec::new(),
             fallback: None,
+            trust_serial: 0,
         }
     }
 
@@ -638,7 +642,7 @@ impl SimAgent {
                         proof: self
                             .identity
                             .sign(&hello_proof_bytes(&c.nonce, &self.agent_id)),
-                        trust_serial: 0,
+                        trust_serial: self.cfg.trust_serial,
                         sealing_key: sim_sealing_key(),
                         facts: sim_facts(&self.agent_id),
                         ..Default::default()

@@ -377,3 +377,43 @@ fn an_agent_of_an_older_release_is_sent_no_trust_set_keeps_working_and_holds_the
     let forced = server.request("POST", "/api/v1/trust/switch?force=true", None);
     assert_eq!(forced.status, 200, "{}", forced.body);
 }
+
+#[test]
+fn an_agent_that_claims_a_trust_set_never_sent_is_still_behind_and_holds_the_switch() {
+    use tether_tests::loadgen::{enroll, Fleet, SimConfig};
+    let dir = TestDir::new();
+    let server = Server::start(dir.path());
+    let ca = read(&server.ca_path());
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let sim = enroll(
+        server.wss,
+        std::sync::Arc::new(tls.clone()),
+        "localhost",
+        &server.token(1),
+        "liar-1",
+    )
+    .unwrap();
+    let liar = sim.agent_id.clone();
+    let mut cfg = SimConfig::new(server.wss, "localhost", tls);
+    cfg.threads = 1;
+    // Far past any set the server made: as if it had confirmed the next rollovers already.
+    cfg.trust_serial = 999;
+    let _fleet = Fleet::start(cfg, vec![sim]).unwrap();
+    eventually("the agent online", WAIT, || {
+        server.agent(&liar).filter(|s| s["status"] == "online")
+    });
+    step(&server, "begin");
+    // Its claim was not taken: it is behind the set in force, and the switch waits for it.
+    let p = progress(&server);
+    assert!(p["serial"].as_u64().is_some_and(|s| s < 999), "{p}");
+    assert_eq!(p["confirmed"], 0, "{p}");
+    assert_eq!(p["behind"][0]["id"], liar.as_str(), "{p}");
+    let refused = server.request("POST", "/api/v1/trust/switch", None);
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        read(&dir.path().join("server.log")).contains(&format!(
+            "trust-serial-beyond-the-current-set-ignored agent_id={liar}"
+        )),
+        "the claim was not noticed"
+    );
+}

@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use connection::{db_err, described, refuse, wait_on, Connector, Shared, Slot};
+use connection::{db_err, described, refuse, wait_on, Conn, Connector, Shared, Slot};
 pub use hints::Hint;
 pub use lease::{Lease, LeaseHolder};
 pub use nodes::NodeSeen;
@@ -303,48 +303,65 @@ async fn plan<'a>(
     Ok(plan)
 }
 
+/// A page of rows from a key on, under a prefix with an end (`$2`): the values' running total
+/// says where the byte budget ends (the first row always fits), so no value past it leaves the
+/// database.
+const SCAN_PAGE: &str = "SELECT key, value FROM (
+       SELECT key, value,
+              sum(octet_length(value)) OVER (ORDER BY key) - octet_length(value) AS before
+       FROM tether_journal WHERE key >= $1 AND key < $2 ORDER BY key LIMIT $3
+     ) AS page WHERE before = 0 OR before < $4 ORDER BY key";
+/// [`SCAN_PAGE`] under a prefix with no end (bytes 0xFF only).
+const SCAN_PAGE_OPEN: &str = "SELECT key, value FROM (
+       SELECT key, value,
+              sum(octet_length(value)) OVER (ORDER BY key) - octet_length(value) AS before
+       FROM tether_journal WHERE key >= $1 AND $2::bytea IS NULL ORDER BY key LIMIT $3
+     ) AS page WHERE before = 0 OR before < $4 ORDER BY key";
+/// Every row from a key on, under a prefix with an end (`$2`).
+const SCAN_ALL: &str =
+    "SELECT key, value FROM tether_journal WHERE key >= $1 AND key < $2 ORDER BY key";
+/// [`SCAN_ALL`] under a prefix with no end.
+const SCAN_ALL_OPEN: &str =
+    "SELECT key, value FROM tether_journal WHERE key >= $1 AND $2::bytea IS NULL ORDER BY key";
+/// The first rows under each of several prefixes (`$1`, each ending before `$2`), each an
+/// index scan; the values' running total over all of them says where the byte budget ends.
+const SCAN_PREFIXES: &str = "SELECT key, value FROM (
+       SELECT key, value,
+              sum(octet_length(value)) OVER (ORDER BY key) - octet_length(value) AS before
+       FROM unnest($1::bytea[], $2::bytea[]) AS r(first, after)
+       CROSS JOIN LATERAL (
+         SELECT key, value FROM tether_journal
+         WHERE key >= r.first AND key < r.after
+         ORDER BY key LIMIT $3) AS j
+     ) AS page WHERE before = 0 OR before < $4 ORDER BY key";
+const GET_KEY: &str = "SELECT value FROM tether_journal WHERE key = $1";
+
 /// The rows from key `from` on whose keys start with `prefix`, in key order: one `page` of
-/// them, or all.
+/// them, or all. Both bounds are given where the prefix has an end, so the index scan stops
+/// there.
 async fn rows_in(
-    client: &tokio_postgres::Client,
+    conn: &mut Conn,
     from: &[u8],
     prefix: &[u8],
     page: Option<Page>,
 ) -> Result<Rows, JournalError> {
-    // Both bounds where the prefix has an end, so the index scan stops there.
     let end = prefix_end(prefix);
-    let upper = match end {
-        Some(_) => "AND key < $2",
-        None => "AND $2::bytea IS NULL",
+    let sql = match (page.is_some(), end.is_some()) {
+        (true, true) => SCAN_PAGE,
+        (true, false) => SCAN_PAGE_OPEN,
+        (false, true) => SCAN_ALL,
+        (false, false) => SCAN_ALL_OPEN,
     };
+    let statement = conn
+        .prepared(sql)
+        .await
+        .map_err(|e| db_err("cannot read", &e))?;
     let rows = match page {
-        // A page: the values' running total says where the byte budget ends (the first row
-        // always fits), so no value past it leaves the database.
         Some(page) => {
-            client
-                .query(
-                    &format!(
-                        "SELECT key, value FROM (
-                           SELECT key, value,
-                                  sum(octet_length(value)) OVER (ORDER BY key)
-                                    - octet_length(value) AS before
-                           FROM tether_journal WHERE key >= $1 {upper} ORDER BY key LIMIT $3
-                         ) AS page WHERE before = 0 OR before < $4 ORDER BY key"
-                    ),
-                    &[&from, &end, &page.rows, &page.bytes],
-                )
+            conn.query(&statement, &[&from, &end, &page.rows, &page.bytes])
                 .await
         }
-        None => {
-            client
-                .query(
-                    &format!(
-                        "SELECT key, value FROM tether_journal WHERE key >= $1 {upper} ORDER BY key"
-                    ),
-                    &[&from, &end],
-                )
-                .await
-        }
+        None => conn.query(&statement, &[&from, &end]).await,
     }
     .map_err(|e| db_err("cannot read", &e))?;
     Ok(rows
@@ -842,9 +859,9 @@ impl Store for PgStore {
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {
         let prefix = prefix.to_vec();
         self.run(move |shared| async move {
-            let guard = shared.client(shared.reader()).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            rows_in(client, &prefix, &prefix, None).await
+            let mut guard = shared.client(shared.reader()).await?;
+            let conn = guard.as_mut().ok_or(JournalError::Closed)?;
+            rows_in(conn, &prefix, &prefix, None).await
         })
     }
 
@@ -858,9 +875,9 @@ impl Store for PgStore {
         let (from, prefix) = (from.to_vec(), prefix.to_vec());
         let page = Page::new(limit, max_bytes);
         self.run(move |shared| async move {
-            let guard = shared.client(shared.reader()).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            rows_in(client, &from, &prefix, Some(page)).await
+            let mut guard = shared.client(shared.reader()).await?;
+            let conn = guard.as_mut().ok_or(JournalError::Closed)?;
+            rows_in(conn, &from, &prefix, Some(page)).await
         })
     }
 
@@ -882,24 +899,14 @@ impl Store for PgStore {
         };
         let page = Page::new(limit, max_bytes);
         self.run(move |shared| async move {
-            let guard = shared.client(shared.reader()).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            // Each prefix an index scan of its first rows; the values' running total over all
-            // of them says where the byte budget ends (the first row always fits).
-            let rows = client
-                .query(
-                    "SELECT key, value FROM (
-                       SELECT key, value,
-                              sum(octet_length(value)) OVER (ORDER BY key)
-                                - octet_length(value) AS before
-                       FROM unnest($1::bytea[], $2::bytea[]) AS r(first, after)
-                       CROSS JOIN LATERAL (
-                         SELECT key, value FROM tether_journal
-                         WHERE key >= r.first AND key < r.after
-                         ORDER BY key LIMIT $3) AS j
-                     ) AS page WHERE before = 0 OR before < $4 ORDER BY key",
-                    &[&firsts, &ends, &page.rows, &page.bytes],
-                )
+            let mut guard = shared.client(shared.reader()).await?;
+            let conn = guard.as_mut().ok_or(JournalError::Closed)?;
+            let statement = conn
+                .prepared(SCAN_PREFIXES)
+                .await
+                .map_err(|e| db_err("cannot read", &e))?;
+            let rows = conn
+                .query(&statement, &[&firsts, &ends, &page.rows, &page.bytes])
                 .await
                 .map_err(|e| db_err("cannot read", &e))?;
             Ok(rows
@@ -931,10 +938,14 @@ impl Store for PgStore {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError> {
         let key = key.to_vec();
         self.run(move |shared| async move {
-            let guard = shared.client(shared.reader()).await?;
-            let client = guard.as_ref().ok_or(JournalError::Closed)?;
-            let row = client
-                .query_opt("SELECT value FROM tether_journal WHERE key = $1", &[&key])
+            let mut guard = shared.client(shared.reader()).await?;
+            let conn = guard.as_mut().ok_or(JournalError::Closed)?;
+            let statement = conn
+                .prepared(GET_KEY)
+                .await
+                .map_err(|e| db_err("cannot read", &e))?;
+            let row = conn
+                .query_opt(&statement, &[&key])
                 .await
                 .map_err(|e| db_err("cannot read", &e))?;
             Ok(row.map(|r| r.get(0)))

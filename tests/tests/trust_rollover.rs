@@ -31,6 +31,31 @@ fn step(server: &Server, name: &str) -> Value {
     r.json()
 }
 
+/// A simulated agent named `name` (its release, "loadgen-…", reads no `Trust` command), saying
+/// it holds trust set `trust_serial`: its id, and the fleet that runs it.
+fn simulated_agent(
+    server: &Server,
+    name: &str,
+    trust_serial: u64,
+) -> (String, tether_tests::loadgen::Fleet) {
+    use tether_tests::loadgen::{enroll, Fleet, SimConfig};
+    let ca = read(&server.ca_path());
+    let tls = tether_shared::tls::client_config(&ca).unwrap();
+    let sim = enroll(
+        server.wss,
+        std::sync::Arc::new(tls.clone()),
+        "localhost",
+        &server.token(1),
+        name,
+    )
+    .unwrap();
+    let id = sim.agent_id.clone();
+    let mut cfg = SimConfig::new(server.wss, "localhost", tls);
+    cfg.threads = 1;
+    cfg.trust_serial = trust_serial;
+    (id, Fleet::start(cfg, vec![sim]).unwrap())
+}
+
 fn progress(server: &Server) -> Value {
     let r = server.request("GET", "/api/v1/trust", None);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -314,7 +339,6 @@ fn a_key_and_ca_rollover_moves_a_fleet_behind_a_relay_to_new_keys_with_nothing_l
 
 #[test]
 fn an_agent_of_an_older_release_is_sent_no_trust_set_keeps_working_and_holds_the_switch() {
-    use tether_tests::loadgen::{enroll, Fleet, SimConfig};
     let dir = TestDir::new();
     let server = Server::start_with(
         dir.path(),
@@ -324,20 +348,7 @@ fn an_agent_of_an_older_release_is_sent_no_trust_set_keeps_working_and_holds_the
     new.run();
     // A simulated agent reports a version ("loadgen-...") that is no release of 0.2.0 or
     // later: the server must treat it as one that cannot read a `Trust` command.
-    let ca = read(&server.ca_path());
-    let tls = tether_shared::tls::client_config(&ca).unwrap();
-    let sim = enroll(
-        server.wss,
-        std::sync::Arc::new(tls.clone()),
-        "localhost",
-        &server.token(1),
-        "old-1",
-    )
-    .unwrap();
-    let old_id = sim.agent_id.clone();
-    let mut cfg = SimConfig::new(server.wss, "localhost", tls);
-    cfg.threads = 1;
-    let _fleet = Fleet::start(cfg, vec![sim]).unwrap();
+    let (old_id, _fleet) = simulated_agent(&server, "old-1", 0);
     for id in [&new.id, &old_id] {
         eventually(&format!("{id} online"), WAIT, || {
             server.agent(id).filter(|s| s["status"] == "online")
@@ -380,25 +391,10 @@ fn an_agent_of_an_older_release_is_sent_no_trust_set_keeps_working_and_holds_the
 
 #[test]
 fn an_agent_that_claims_a_trust_set_never_sent_is_still_behind_and_holds_the_switch() {
-    use tether_tests::loadgen::{enroll, Fleet, SimConfig};
     let dir = TestDir::new();
     let server = Server::start(dir.path());
-    let ca = read(&server.ca_path());
-    let tls = tether_shared::tls::client_config(&ca).unwrap();
-    let sim = enroll(
-        server.wss,
-        std::sync::Arc::new(tls.clone()),
-        "localhost",
-        &server.token(1),
-        "liar-1",
-    )
-    .unwrap();
-    let liar = sim.agent_id.clone();
-    let mut cfg = SimConfig::new(server.wss, "localhost", tls);
-    cfg.threads = 1;
     // Far past any set the server made: as if it had confirmed the next rollovers already.
-    cfg.trust_serial = 999;
-    let _fleet = Fleet::start(cfg, vec![sim]).unwrap();
+    let (liar, _fleet) = simulated_agent(&server, "liar-1", 999);
     eventually("the agent online", WAIT, || {
         server.agent(&liar).filter(|s| s["status"] == "online")
     });

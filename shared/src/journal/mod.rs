@@ -382,14 +382,19 @@ impl JournalHandle {
         limit: usize,
         max_bytes: usize,
     ) -> Result<MetaPage, JournalError> {
-        let keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
+        let mut keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
         let rows = self.store.scan_prefixes(&keys, limit, max_bytes)?;
         let stored: usize = rows.iter().map(|(_, v)| v.len()).sum();
-        let most_under_one = keys
-            .iter()
-            .map(|k| rows.iter().filter(|(r, _)| r.starts_with(k)).count())
-            .max()
-            .unwrap_or(0);
+        // Rows come in key order, so each prefix's are one run.
+        keys.sort();
+        let mut under = vec![0usize; keys.len()];
+        for (row, _) in &rows {
+            let i = keys.partition_point(|k| k.as_slice() <= row.as_slice());
+            if let Some(n) = i.checked_sub(1).and_then(|i| under.get_mut(i)) {
+                *n += 1;
+            }
+        }
+        let most_under_one = under.into_iter().max().unwrap_or(0);
         Ok(MetaPage {
             full: most_under_one >= limit || stored >= max_bytes,
             entries: self.meta_rows(&rows)?,

@@ -147,6 +147,16 @@ impl Conn {
         self.prepared.insert(sql, s.clone());
         Ok(s)
     }
+
+    /// The rows `sql` (prepared as by [`Conn::prepared`]) reads with `params`.
+    pub(super) async fn read(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+        let statement = self.prepared(sql).await?;
+        self.client.query(&statement, params).await
+    }
 }
 
 impl std::ops::Deref for Conn {

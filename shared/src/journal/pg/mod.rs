@@ -10,8 +10,9 @@
 //! insert of the records, one upsert of the rest and one delete; blob appends and deletions run
 //! in their order. Statements are prepared once per connection, and sent in two flights (the
 //! checks of the lease and the claims; then every write), each pipelined: the database runs
-//! them in order, and a transaction waits for two round trips, not one per statement. It returns only once `COMMIT` does, with `synchronous_commit`
-//! on (checked at open, as `fsync` is): [`Store::sync`] has nothing left to do. When the
+//! them in order, and a transaction waits for two round trips, not one per statement. It
+//! returns only once `COMMIT` does, with `synchronous_commit` on (checked at open, as `fsync`
+//! is): [`Store::sync`] has nothing left to do. When the
 //! database goes away mid-batch (a `COMMIT` that got no answer included), the same planned
 //! writes are tried again on a new connection until they commit: see [`apply`].
 //!
@@ -352,16 +353,12 @@ async fn rows_in(
         (false, true) => SCAN_ALL,
         (false, false) => SCAN_ALL_OPEN,
     };
-    let statement = conn
-        .prepared(sql)
-        .await
-        .map_err(|e| db_err("cannot read", &e))?;
     let rows = match page {
         Some(page) => {
-            conn.query(&statement, &[&from, &end, &page.rows, &page.bytes])
+            conn.read(sql, &[&from, &end, &page.rows, &page.bytes])
                 .await
         }
-        None => conn.query(&statement, &[&from, &end]).await,
+        None => conn.read(sql, &[&from, &end]).await,
     }
     .map_err(|e| db_err("cannot read", &e))?;
     Ok(rows
@@ -901,12 +898,8 @@ impl Store for PgStore {
         self.run(move |shared| async move {
             let mut guard = shared.client(shared.reader()).await?;
             let conn = guard.as_mut().ok_or(JournalError::Closed)?;
-            let statement = conn
-                .prepared(SCAN_PREFIXES)
-                .await
-                .map_err(|e| db_err("cannot read", &e))?;
             let rows = conn
-                .query(&statement, &[&firsts, &ends, &page.rows, &page.bytes])
+                .read(SCAN_PREFIXES, &[&firsts, &ends, &page.rows, &page.bytes])
                 .await
                 .map_err(|e| db_err("cannot read", &e))?;
             Ok(rows
@@ -940,15 +933,11 @@ impl Store for PgStore {
         self.run(move |shared| async move {
             let mut guard = shared.client(shared.reader()).await?;
             let conn = guard.as_mut().ok_or(JournalError::Closed)?;
-            let statement = conn
-                .prepared(GET_KEY)
+            let rows = conn
+                .read(GET_KEY, &[&key])
                 .await
                 .map_err(|e| db_err("cannot read", &e))?;
-            let row = conn
-                .query_opt(&statement, &[&key])
-                .await
-                .map_err(|e| db_err("cannot read", &e))?;
-            Ok(row.map(|r| r.get(0)))
+            Ok(rows.first().map(|r| r.get(0)))
         })
     }
 

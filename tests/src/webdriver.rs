@@ -239,6 +239,22 @@ impl Session<'_> {
         }
     }
 
+    /// Waits up to `timeout` until the page's address satisfies `ok`: a navigation a click
+    /// started has happened (a later `goto` would otherwise race it).
+    pub fn wait_url(&self, timeout: Duration, ok: impl Fn(&str) -> bool) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let url = self.url()?;
+            if ok(&url) {
+                return Ok(url);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("address still {url:?} after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits up to `timeout` until the text of `css` satisfies `ok`; answers the text.
     pub fn wait_text(
         &self,

@@ -153,6 +153,8 @@ fn operators_surface_in_a_browser() {
         &format!("os=linux arch={}", std::env::consts::ARCH),
     );
     click(&s, "form.searchbar button");
+    // The unfiltered page says "1 of 1" too: wait for the search's own page first.
+    s.wait_url(WAIT, |u| u.contains("where=os")).unwrap();
     s.wait_text("#summary", WAIT, |t| t.starts_with("1 of 1"))
         .unwrap();
     s.goto(&format!("{base}/agents?where=cpus%3E100000"))

@@ -4,13 +4,14 @@
 //! half connected to node a, half to node b (which list node a as their next upstream).
 //!
 //! Measured, in one run:
-//! - **Command latency**: a one-step deployment started on node a, from the REST call until
-//!   node a records each job's result, for agents node a serves (same node: the baseline) and
-//!   for agents node b serves (cross node: the commands go through the mailbox, the events
-//!   through the inbox). p50/p99 of each, and the cross-node p99 over the same-node p99.
-//!   Target: cross-node p99 ≤ same-node p99 + 10 ms. Each is measured two ways: until node a
-//!   recorded the result, and until it had it *and* it was durable (the agent's report
-//!   acknowledged): on the same node, node a records the result in memory before its commit.
+//! - **Command latency**: a one-step deployment started on node a, for agents node a serves
+//!   (same node: the baseline) and for agents node b serves (cross node: the commands go
+//!   through the mailbox, the events through the inbox). p50/p99 of each, and the cross-node
+//!   p99 over the same-node p99. Target: cross-node p99 ≤ same-node p99 + 10 ms. Measured from
+//!   the REST call three ways: until the agent has the job's command (delivered: the command's
+//!   way only); until node a recorded the job's result (the round trip); and until node a had
+//!   the result *and* it was durable (the agent's report acknowledged): on the same node, node
+//!   a records the result in memory before its commit.
 //! - **Events**: durable agent→server events/s with the fleet on two nodes, and then on one
 //!   node (node a alone, after node b was killed), and the servers' CPU seconds per 1,000
 //!   events in each case.
@@ -25,8 +26,11 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use tether_tests::fleet::{eventually, Server, TestDir};
-use tether_tests::loadgen::{enroll_at, Fleet, SimConfig};
+
+use tether_tests::loadgen::{enroll_at, Fleet, SimConfig, Stats};
 use tether_tests::measure::{cpu_s, deploy, dispatch, percentile};
 use tether_tests::postgres::Postgres;
 
@@ -56,6 +60,8 @@ fn claimed_by(pg: &Postgres, node: &str) -> usize {
 /// Per-job latencies (ms from the REST call) of one deployment.
 #[derive(Default)]
 struct Latencies {
+    /// Until the agent had the job's `RunJob` (committed to its stream first, on any node).
+    delivered: Vec<u64>,
     /// Until node a recorded the job's end (in its memory; not durable yet on the same node).
     recorded: Vec<u64>,
     /// Until node a recorded it *and* it was durable (the agent's report of it acknowledged,
@@ -65,6 +71,7 @@ struct Latencies {
 
 impl Latencies {
     fn sort(&mut self) {
+        self.delivered.sort_unstable();
         self.recorded.sort_unstable();
         self.durable.sort_unstable();
     }
@@ -79,16 +86,17 @@ fn latencies(node: &Server, ids: &[String], fleets: &[&Fleet]) -> Latencies {
         for (job, finished) in done.jobs {
             // Acknowledged once committed: on the node that serves the agent, maybe a moment
             // after node a recorded the end.
-            let acked = eventually("the job's end acknowledged", TIMEOUT, || {
-                fleets.iter().find_map(|f| {
-                    f.stats()
-                        .job_acked_unix_ms
-                        .lock()
-                        .unwrap()
-                        .get(&job)
-                        .copied()
+            let at = |what, times: fn(&Stats) -> &Mutex<BTreeMap<String, u64>>| {
+                eventually(what, TIMEOUT, || {
+                    fleets
+                        .iter()
+                        .find_map(|f| times(f.stats()).lock().unwrap().get(&job).copied())
                 })
-            });
+            };
+            let received = at("the job's command received", |s| &s.job_received_unix_ms);
+            let acked = at("the job's end acknowledged", |s| &s.job_acked_unix_ms);
+            all.delivered
+                .push(received.saturating_sub(done.start_unix_ms));
             all.recorded
                 .push(finished.saturating_sub(done.start_unix_ms));
             all.durable
@@ -203,6 +211,7 @@ fn main() {
         let fleets = [&fleet_a, &fleet_b];
         for (into, ids) in [(&mut same_ms, &same), (&mut cross_ms, &cross)] {
             let got = latencies(&a, ids, &fleets);
+            into.delivered.extend(got.delivered);
             into.recorded.extend(got.recorded);
             into.durable.extend(got.durable);
         }
@@ -250,6 +259,11 @@ fn main() {
         same_ms.recorded.len()
     );
     for (what, same_ms, cross_ms) in [
+        (
+            "until the agent had the job's command (delivered)",
+            &same_ms.delivered,
+            &cross_ms.delivered,
+        ),
         (
             "until node a recorded the result and it was durable (the agent's report acknowledged)",
             &same_ms.durable,

@@ -298,6 +298,9 @@ pub struct Stats {
     pub jobs: AtomicU64,
     /// How many times each job (`<agent id> <job id>`) was run.
     pub job_runs: Mutex<BTreeMap<String, u32>>,
+    /// When each job's `RunJob` first arrived (`<agent id> <job id>`, Unix ms): the command
+    /// was delivered.
+    pub job_received_unix_ms: Mutex<BTreeMap<String, u64>>,
     /// When the server acknowledged each job's `JobFinished` (`<agent id> <job id>`, Unix
     /// ms): from then on its result is durable (the first time, if it ran more than once).
     pub job_acked_unix_ms: Mutex<BTreeMap<String, u64>>,
@@ -891,6 +894,12 @@ impl SimAgent {
                         // A simulated agent "runs" every step at once, successfully: the
                         // dispatch benchmark measures the server and the streams, not sh.
                         CommandBody::RunJob { job_id, steps, .. } => {
+                            self.stats
+                                .job_received_unix_ms
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .entry(format!("{} {job_id}", self.agent_id))
+                                .or_insert_with(now_ms);
                             self.enqueue(EventBody::JobAccepted {
                                 job_id: job_id.clone(),
                             })?;

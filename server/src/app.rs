@@ -233,6 +233,14 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         }
         serving => {
             if loaded.claims.is_some() {
+                // The other nodes take this node's trust material (a rollover's step) from the
+                // database.
+                let trust = loaded.trust.clone();
+                actix_rt::spawn(async move {
+                    if let Err(e) = trust.publish().await {
+                        tracing::error!(error = %e, "trust-not-published");
+                    }
+                });
                 // Members serve agents only while the active node reads what they carry.
                 let says =
                     crate::mail::say_whether_members_are_taken(&handle, serving == Serving::Active);

@@ -427,7 +427,8 @@ pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
 
 /// On a member: reads the agents the active node enrolls, changes and deletes every
 /// [`REGISTRY_REFRESH`], and ends the sessions of those deleted (and the links of relays
-/// deleted); reads the upgrade packages again too (agents and relays download them here).
+/// deleted); reads the upgrade packages again too (agents and relays download them here), and
+/// takes a key rollover's step the active node took (`crate::trust::cluster`).
 pub async fn follow_registry(
     registry: std::sync::Arc<crate::registry::Registry>,
     sessions: Addr<SessionRegistry>,
@@ -470,6 +471,11 @@ pub async fn follow_registry(
         let upgrades = shared.upgrades.clone();
         if let Ok(Err(e)) = actix_web::web::block(move || upgrades.reload_packages()).await {
             tracing::warn!(error = %e, "member-packages-not-refreshed");
+        }
+        // A key rollover's step the active node took: signed and served here too.
+        let trust = shared.trust.clone();
+        if let Ok(Err(e)) = actix_web::web::block(move || trust.adopt()).await {
+            tracing::error!(error = %e, "member-trust-not-refreshed");
         }
     }
 }

@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use actix_rt::signal::unix::{signal, SignalKind};
@@ -207,7 +207,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     // First: a key rollover's switch cut short is completed (the server certificate with it).
     let trust = Arc::new(Trust::load(dir)?);
-    let tls = server_cert::load(dir)?;
+    let mut tls = server_cert::load(dir)?;
     let server_cert_pem = Arc::new(RwLock::new(server_cert::read(dir)?.0));
     let keys = Arc::new(crate::secrets::KeyRing::load(&opts.secrets)?);
     tracing::info!(keys = keys.ids().len(), sealing = %keys.ids().last().copied().unwrap_or_default(), "secrets-key-ring-loaded");
@@ -336,6 +336,18 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             Journal::with_store(store, Path::new("postgres"), &journal_opts, None)?
         }
     };
+    if let Storage::Postgres { .. } = &opts.storage {
+        // A rollover's steps the active node took while this one was away (or waiting) are
+        // taken here before anything is signed or served.
+        trust.share_through(journal.handle(), keys.clone());
+        if let Some(rotation) = trust.adopt()? {
+            tracing::info!(serial = rotation.serial, "trust-caught-up-at-start");
+            tls = server_cert::load(dir)?;
+            *server_cert_pem
+                .write()
+                .unwrap_or_else(PoisonError::into_inner) = server_cert::read(dir)?.0;
+        }
+    }
     tracing::info!(
         incarnation = %recovered.incarnation,
         created = recovered.created,

@@ -176,6 +176,16 @@ async fn post_step(
     let query = web::Query::<StepQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let step = path.into_inner();
+    // On a cluster, the other nodes have the step in force before the next is taken (the
+    // share after the last step may have failed).
+    match state.trust.publish().await {
+        Ok(()) => {}
+        Err(TrustError::Step(reason)) => return Err(ApiError::Conflict(reason)),
+        Err(e) => {
+            tracing::error!(step = %step, error = %e, "trust-step-not-shared");
+            return Err(ApiError::Unavailable);
+        }
+    }
     let before = Progress::of(&state.trust, &state.registry);
     let ready = before.next == Some(step.as_str()) && before.waiting_for.is_none();
     let taken = match step.as_str() {

@@ -19,12 +19,15 @@
 //!
 //! `DIR/rotation.json` names the step; every file is written atomically, and a switch cut
 //! short by a crash is completed at the next start.
+//!
+//! On a cluster, the other nodes take each step from the database ([`cluster`]).
 
 pub mod api;
+pub mod cluster;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tether_shared::identity::{write_file_atomic, write_private_file, Identity};
@@ -85,6 +88,9 @@ pub enum TrustError {
     /// The step asked for does not follow the current one.
     #[error("{0}")]
     Step(String),
+    /// The database (where a cluster's nodes share the material) failed.
+    #[error("the trust material in the database: {0}")]
+    Journal(#[from] tether_shared::journal::JournalError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrustError + '_ {
@@ -116,6 +122,13 @@ pub struct Trust {
     live: RwLock<Arc<Live>>,
     /// One step at a time.
     stepping: tokio::sync::Mutex<()>,
+    /// On a cluster: where the nodes share the material, and what seals its private keys.
+    sharing: OnceLock<Sharing>,
+}
+
+struct Sharing {
+    journal: tether_shared::journal::JournalHandle,
+    keys: Arc<crate::secrets::KeyRing>,
 }
 
 impl Trust {
@@ -144,7 +157,116 @@ impl Trust {
             dir: dir.to_path_buf(),
             live: RwLock::new(Arc::new(live)),
             stepping: tokio::sync::Mutex::new(()),
+            sharing: OnceLock::new(),
         })
+    }
+
+    /// On a cluster: the nodes share the material through `journal`, its private keys sealed
+    /// with `keys` (see [`cluster`]).
+    pub fn share_through(
+        &self,
+        journal: tether_shared::journal::JournalHandle,
+        keys: Arc<crate::secrets::KeyRing>,
+    ) {
+        let _ = self.sharing.set(Sharing { journal, keys });
+    }
+
+    /// The material the active node published, if any (blocking).
+    fn published(&self, sharing: &Sharing) -> Result<Option<cluster::Published>, TrustError> {
+        let Some(bytes) = sharing.journal.get_meta(cluster::PUBLISHED)? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| TrustError::File {
+                path: self.dir.join(ROTATION_FILE),
+                reason: format!("the trust material in the database is unreadable: {e}"),
+            })
+    }
+
+    /// On a node that is not the active one (or is about to be): takes the step the active node
+    /// published, if it is later than this node's, into this node's directory, and serves it.
+    /// Answers the rotation taken, if one was (blocking: it reads the database). A step under
+    /// way here makes it wait for a later call.
+    pub fn adopt(&self) -> Result<Option<Rotation>, TrustError> {
+        let Some(sharing) = self.sharing.get() else {
+            return Ok(None);
+        };
+        let Some(published) = self.published(sharing)? else {
+            return Ok(None);
+        };
+        let Ok(_one) = self.stepping.try_lock() else {
+            return Ok(None);
+        };
+        if cluster::order(published.rotation) <= cluster::order(self.rotation()) {
+            return Ok(None);
+        }
+        let ca_changed = published.write(&self.dir, &sharing.keys)?;
+        self.step(published.rotation)?;
+        tracing::warn!(
+            serial = published.rotation.serial,
+            phase = phase_name(published.rotation.phase),
+            ca_changed,
+            "trust-step-taken-from-the-active-node"
+        );
+        Ok(Some(published.rotation))
+    }
+
+    /// On the active node of a cluster: publishes this node's step for the others, unless the
+    /// database holds it already. Refused if the database holds a later one (this node missed
+    /// it: [`Self::adopt`] first).
+    pub async fn publish(&self) -> Result<(), TrustError> {
+        let Some(sharing) = self.sharing.get() else {
+            return Ok(());
+        };
+        let _one = self.stepping.lock().await;
+        self.publish_locked(sharing).await
+    }
+
+    async fn publish_locked(&self, sharing: &Sharing) -> Result<(), TrustError> {
+        let rotation = self.rotation();
+        let there = self.published(sharing)?.map(|p| p.rotation);
+        match there.map(cluster::order) {
+            Some(o) if o == cluster::order(rotation) => return Ok(()),
+            Some(o) if o > cluster::order(rotation) => {
+                return Err(TrustError::Step(format!(
+                    "the database holds a later step of the rollover (serial {}, {}) than this node (serial {}, {})",
+                    there.map_or(0, |r| r.serial),
+                    there.map_or("", |r| phase_name(r.phase)),
+                    rotation.serial,
+                    phase_name(rotation.phase)
+                )))
+            }
+            _ => {}
+        }
+        let published = cluster::Published::read(&self.dir, rotation, &sharing.keys)?;
+        let value = serde_json::to_vec(&published).map_err(|e| TrustError::File {
+            path: self.dir.join(ROTATION_FILE),
+            reason: e.to_string(),
+        })?;
+        sharing
+            .journal
+            .commit(vec![tether_shared::journal::Op::PutMeta {
+                key: cluster::PUBLISHED.to_owned(),
+                value,
+            }])
+            .await?;
+        tracing::info!(
+            serial = rotation.serial,
+            phase = phase_name(rotation.phase),
+            "trust-published-for-the-other-nodes"
+        );
+        Ok(())
+    }
+
+    /// After a step here: the other nodes take it from the database. Not fatal: the step is
+    /// taken; it is published again before the next one, and at the next start.
+    async fn share_step(&self) {
+        if let Some(sharing) = self.sharing.get() {
+            if let Err(e) = self.publish_locked(sharing).await {
+                tracing::error!(error = %e, "trust-step-not-shared-with-the-other-nodes-yet");
+            }
+        }
     }
 
     fn live(&self) -> Arc<Live> {
@@ -204,10 +326,12 @@ impl Trust {
         remove_dir(&next)?;
         fs::create_dir(&next).map_err(io_err(&next))?;
         make_keys(&next)?;
-        self.step(Rotation {
+        let rotation = self.step(Rotation {
             serial: current.serial + 1,
             phase: Phase::Overlap,
-        })
+        })?;
+        self.share_step().await;
+        Ok(rotation)
     }
 
     /// Step 2: the new keys sign and certify; the old stay trusted.
@@ -232,10 +356,12 @@ impl Trust {
         };
         write_rotation(&self.dir, switching)?;
         complete_switch(&self.dir)?;
-        self.step(Rotation {
+        let rotation = self.step(Rotation {
             serial: current.serial,
             phase: Phase::Switched,
-        })
+        })?;
+        self.share_step().await;
+        Ok(rotation)
     }
 
     /// Step 3: the new keys alone are trusted (serial + 1).
@@ -253,6 +379,7 @@ impl Trust {
             phase: Phase::Steady,
         })?;
         remove_dir(&self.dir.join(PREVIOUS_DIR))?;
+        self.share_step().await;
         Ok(rotation)
     }
 

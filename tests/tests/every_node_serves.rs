@@ -1204,3 +1204,143 @@ fn a_relay_on_a_member_gets_its_renewed_certificate_and_its_upgrade_from_the_act
     });
     drop(b);
 }
+
+/// `POST /api/v1/trust/<step>` on `server`: its answer.
+fn trust_step(server: &Server, step: &str) -> Value {
+    let r = server.request("POST", &format!("/api/v1/trust/{step}"), None);
+    assert_eq!(r.status, 200, "{step}: {}", r.body);
+    r.json()
+}
+
+/// Waits until every agent holds trust set `serial` and nothing holds the next step back.
+fn trust_confirmed(server: &Server, serial: u64) {
+    let last = std::cell::RefCell::new(Value::Null);
+    let confirmed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        eventually(&format!("every agent on trust set {serial}"), WAIT, || {
+            let p = server.request("GET", "/api/v1/trust", None).json();
+            *last.borrow_mut() = p.clone();
+            (p["serial"] == serial && p["confirmed"] == p["peers"] && p["waiting_for"].is_null())
+                .then_some(())
+        })
+    }));
+    assert!(confirmed.is_ok(), "{}", last.borrow());
+}
+
+fn file(dir: &Path, name: &str) -> String {
+    std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+}
+
+/// How often `agent` refused a server's handshake for its key.
+fn key_refusals(tmp: &Path, agent: &Agent) -> usize {
+    file(tmp, &format!("{}.log", agent.name))
+        .matches("not signed by a key this agent trusts")
+        .count()
+}
+
+#[test]
+fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_takeover_after_it()
+{
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let mut a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let mut b = member_of(&a, &tmp.path().join("b"), "node-b");
+    let marks = tmp.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    marking_process(&a, "marks", STEPS, &marks);
+    let mut on_b = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-b", &[], &[]);
+    prefer(&on_b, &b.upstream(), &a.upstream());
+    let mut on_a = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-a", &[], &[]);
+    prefer(&on_a, &a.upstream(), &b.upstream());
+    on_b.run();
+    on_a.run();
+    eventually("on-b claimed by node b", WAIT, || {
+        (claim(&pg, &on_b.id) == "node-b 1").then_some(())
+    });
+    eventually("on-a online on node a", WAIT, || {
+        (a.agent_status(&on_a.id) == "online").then_some(())
+    });
+    let old_ca = file(&a.dir, "ca.pem");
+
+    // Begin on the active node: the member holds the new keys too, and its agent the set.
+    assert_eq!(trust_step(&a, "begin")["phase"], "overlap");
+    let next_key = file(&a.dir, "next/signing.pub");
+    // The test's clients trust both CAs from now on, as agents do.
+    a.api.trust_ca_file(&a.dir.join("agent-ca.pem"));
+    b.api.trust_ca_file(&a.dir.join("agent-ca.pem"));
+    eventually("node b holds the new keys", WAIT, || {
+        (file(&b.dir, "next/signing.pub") == next_key
+            && file(&b.dir, "rotation.json").contains("overlap")
+            && file(&b.dir, "agent-ca.pem") == file(&a.dir, "agent-ca.pem"))
+        .then_some(())
+    });
+    trust_confirmed(&a, 1);
+
+    // Switch: node b signs with the new key and serves a certificate from the new CA.
+    assert_eq!(trust_step(&a, "switch")["phase"], "switched");
+    let new_ca = file(&a.dir, "ca.pem");
+    assert_ne!(new_ca, old_ca);
+    // (The rotation is written last.)
+    eventually("node b switched", WAIT, || {
+        file(&b.dir, "rotation.json")
+            .contains("switched")
+            .then_some(())
+    });
+    assert_eq!(file(&b.dir, "signing.pub"), next_key);
+    assert_eq!(file(&b.dir, "ca.pem"), new_ca);
+    assert!(
+        tether_shared::tls::issued_by(&file(&b.dir, "server.pem"), &new_ca),
+        "node b's own certificate, from the new CA"
+    );
+    assert!(!b.dir.join("next").exists());
+    trust_confirmed(&a, 1);
+
+    // Finish: the old keys are trusted nowhere.
+    assert_eq!(trust_step(&a, "finish")["phase"], "steady");
+    trust_confirmed(&a, 2);
+    eventually("node b finished", WAIT, || {
+        (file(&b.dir, "rotation.json").contains("steady") && !b.dir.join("previous").exists())
+            .then_some(())
+    });
+    // The secrets ring seals the private keys the database holds.
+    let dump = pg.dump();
+    // As text, or as bytea (COPY writes it in hex).
+    let holds = |needle: &str| {
+        [needle.to_owned(), hex::encode(needle)]
+            .iter()
+            .any(|n| dump.windows(n.len()).any(|w| w == n.as_bytes()))
+    };
+    assert!(
+        holds(next_key.trim()) && holds("tether-sealed:v1:"),
+        "the dump holds the published material, sealed"
+    );
+    for secret in ["signing.key", "ca.key", "relay-ca.key"] {
+        let pem = file(&a.dir, secret);
+        let body = pem.lines().nth(1).unwrap();
+        assert!(!holds(body), "{secret} in the clear in the database");
+    }
+
+    // on-b's next session with node b is on the new key alone; work flows both ways.
+    let refused = key_refusals(tmp.path(), &on_b);
+    on_b.kill_worker().expect("on-b's worker");
+    let id = deploy(&a, &[&on_b, &on_a]);
+    every_step_once(&a, &id, &marks, 2);
+    assert_eq!(claim(&pg, &on_b.id), "node-b 1", "on-b stayed with node b");
+    assert_eq!(key_refusals(tmp.path(), &on_b), refused);
+
+    // Node a dies: node b takes over, signing with the new key, and the fleet follows it.
+    a.kill();
+    let b_health = eventually("node b active", WAIT, || {
+        b.try_health().filter(|h| h["cluster"]["role"] == "active")
+    });
+    assert_eq!(b_health["trust"]["serial"], 2, "{b_health}");
+    eventually("both agents online on node b", WAIT, || {
+        (b.agent_status(&on_a.id) == "online" && b.agent_status(&on_b.id) == "online").then_some(())
+    });
+    clear(&marks);
+    let id = deploy(&b, &[&on_b, &on_a]);
+    every_step_once(&b, &id, &marks, 2);
+    assert_eq!(key_refusals(tmp.path(), &on_b), refused);
+    assert_eq!(key_refusals(tmp.path(), &on_a), 0);
+}

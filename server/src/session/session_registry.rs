@@ -235,6 +235,22 @@ impl Handler<GreetAgain> for SessionRegistry {
     }
 }
 
+/// On the active node, after a step of a key rollover: every agent's link offers the set in
+/// force to its agent if it holds an older one.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OfferTrustToAll;
+
+impl Handler<OfferTrustToAll> for SessionRegistry {
+    type Result = ();
+
+    fn handle(&mut self, _: OfferTrustToAll, _: &mut Self::Context) {
+        for entry in self.agents.values() {
+            entry.link.do_send(crate::session::agent_link::OfferTrust);
+        }
+    }
+}
+
 /// Every link, for health and metrics.
 #[derive(Message)]
 #[rtype(result = "ListedLinks")]

@@ -203,6 +203,10 @@ async fn post_step(
     match taken {
         Ok(rotation) => {
             tracing::warn!(step = %step, serial = rotation.serial, forced = query.force && !ready, "trust-step-taken");
+            // Agents served here have it at their next beat; those a member serves, now.
+            state
+                .session_registry
+                .do_send(crate::session::session_registry::OfferTrustToAll);
             Ok(HttpResponse::Ok().json(Progress::of(&state.trust, &state.registry)))
         }
         Err(TrustError::Step(reason)) => Err(ApiError::Conflict(reason)),

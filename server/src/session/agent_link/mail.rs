@@ -414,9 +414,30 @@ impl Handler<FromInbox> for AgentLink {
             }
             act.inbox_drained();
         });
-        if let Some(held) = trust_serial {
-            self.offer_trust(ctx, held);
+        // What it confirmed since, through the inbox, if no handshake said it (an agent a
+        // member serves beats there, not here: this is where it is offered a newer set again).
+        let held =
+            trust_serial.unwrap_or_else(|| self.shared.registry.trust_serial(&self.agent_id));
+        self.offer_trust(ctx, held);
+    }
+}
+
+/// On the active node, after a step of a key rollover: the set in force, to the agent if it
+/// holds an older one (one this node serves would be offered it at its next beat; one a member
+/// serves, at its next inbox entry).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct OfferTrust;
+
+impl Handler<OfferTrust> for AgentLink {
+    type Result = ();
+
+    fn handle(&mut self, _: OfferTrust, ctx: &mut Self::Context) {
+        if self.shared.member {
+            return;
         }
+        let held = self.shared.registry.trust_serial(&self.agent_id);
+        self.offer_trust(ctx, held);
     }
 }
 

@@ -34,7 +34,7 @@ mod mail;
 use crate::session::probes::ProbeStats;
 use crate::session::{now_ms, record_trust_serial, SessionShared};
 pub use jobs::{DispatchJobs, QueueCommands};
-pub use mail::{FromInbox, FromMailbox, GreetAgain};
+pub use mail::{FromInbox, FromMailbox, GreetAgain, OfferTrust};
 
 /// How often unacknowledged commands are checked for a retransmit.
 const TICK: Duration = Duration::from_secs(1);
@@ -588,7 +588,7 @@ impl AgentLink {
 
     /// Queues a `Trust` command with the set in force if the agent holds an older one (`held`:
     /// what it said in its Hello, or confirmed since) and none is queued for that set yet.
-    fn offer_trust(&mut self, ctx: &mut Context<Self>, held: u64) {
+    pub(super) fn offer_trust(&mut self, ctx: &mut Context<Self>, held: u64) {
         let serial = self.shared.trust.rotation().serial;
         if !self.trust_capable || self.trust_queued >= serial || held >= serial {
             return;

@@ -99,6 +99,32 @@ fn member_of(a: &Server, dir: &Path, name: &str) -> Server {
     node
 }
 
+/// Agents "on-b", served by member `b` (it lists node `a` next), and "on-a", served by `a` (it
+/// lists `on_a_upstreams`), both enrolled at `a` (enrolling is the active node's) and running
+/// in `root`.
+fn one_agent_on_each(
+    pg: &Postgres,
+    a: &Server,
+    b: &Server,
+    root: &Path,
+    on_a_upstreams: &[String],
+) -> (Agent, Agent) {
+    // Enrolling is the active node's: on-b's install goes on to node a.
+    let mut on_b = Agent::install_via(a, &[b.upstream(), a.upstream()], root, "on-b", &[], &[]);
+    prefer(&on_b, &b.upstream(), &a.upstream());
+    let mut on_a = Agent::install_via(a, &[a.upstream()], root, "on-a", &[], &[]);
+    set_upstreams(&on_a, on_a_upstreams);
+    on_b.run();
+    on_a.run();
+    eventually("on-b claimed by node b", WAIT, || {
+        (claim(pg, &on_b.id) == "node-b 1").then_some(())
+    });
+    eventually("on-a online on node a", WAIT, || {
+        (a.agent_status(&on_a.id) == "online").then_some(())
+    });
+    (on_b, on_a)
+}
+
 /// Node a (active, with `env_a`) and member b on one PostgreSQL, the marking process on node
 /// a, and one agent enrolled at node a and served by node b (it lists node a next).
 struct OneAgentOnB {
@@ -185,20 +211,8 @@ fn a_member_node_serves_agents_whose_work_the_active_node_started_and_hands_them
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", STEPS, &marks);
-    // on-b reaches node b first (node a only if b is gone); on-a only node a. Enrolling is
-    // the active node's: on-b's install goes on to node a.
-    let both = [b.upstream(), a.upstream()];
-    let mut on_b = Agent::install_via(&a, &both, tmp.path(), "on-b", &[], &[]);
-    prefer(&on_b, &b.upstream(), &a.upstream());
-    let mut on_a = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-a", &[], &[]);
-    on_b.run();
-    on_a.run();
-    eventually("on-b claimed by node b", WAIT, || {
-        (claim(&pg, &on_b.id) == "node-b 1").then_some(())
-    });
-    eventually("on-a online on node a", WAIT, || {
-        (a.agent_status(&on_a.id) == "online").then_some(())
-    });
+    // on-b reaches node b first (node a only if b is gone); on-a only node a.
+    let (on_b, on_a) = one_agent_on_each(&pg, &a, &b, tmp.path(), &[a.upstream()]);
     // The active node shows on-b online, served by node b.
     let seen = eventually("on-b online on node a, by node b", WAIT, || {
         let v = a
@@ -1249,18 +1263,7 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", STEPS, &marks);
-    let mut on_b = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-b", &[], &[]);
-    prefer(&on_b, &b.upstream(), &a.upstream());
-    let mut on_a = Agent::install_via(&a, &[a.upstream()], tmp.path(), "on-a", &[], &[]);
-    prefer(&on_a, &a.upstream(), &b.upstream());
-    on_b.run();
-    on_a.run();
-    eventually("on-b claimed by node b", WAIT, || {
-        (claim(&pg, &on_b.id) == "node-b 1").then_some(())
-    });
-    eventually("on-a online on node a", WAIT, || {
-        (a.agent_status(&on_a.id) == "online").then_some(())
-    });
+    let (on_b, on_a) = one_agent_on_each(&pg, &a, &b, tmp.path(), &[a.upstream(), b.upstream()]);
     let old_ca = file(&a.dir, "ca.pem");
 
     // Begin on the active node: the member holds the new keys too, and its agent the set.

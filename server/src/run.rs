@@ -207,7 +207,7 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
     let token = AdminToken::load(&dir.join(init::ADMIN_TOKEN))?;
     // First: a key rollover's switch cut short is completed (the server certificate with it).
     let trust = Arc::new(Trust::load(dir)?);
-    let mut tls = server_cert::load(dir)?;
+    let tls = server_cert::load(dir)?;
     let server_cert_pem = Arc::new(RwLock::new(server_cert::read(dir)?.0));
     let keys = Arc::new(crate::secrets::KeyRing::load(&opts.secrets)?);
     tracing::info!(keys = keys.ids().len(), sealing = %keys.ids().last().copied().unwrap_or_default(), "secrets-key-ring-loaded");
@@ -340,12 +340,24 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
         // A rollover's steps the active node took while this one was away (or waiting) are
         // taken here before anything is signed or served.
         trust.share_through(journal.handle(), keys.clone());
-        if let Some(rotation) = trust.adopt()? {
-            tracing::info!(serial = rotation.serial, "trust-caught-up-at-start");
-            tls = server_cert::load(dir)?;
-            *server_cert_pem
-                .write()
-                .unwrap_or_else(PoisonError::into_inner) = server_cert::read(dir)?.0;
+        match trust.adopt() {
+            Ok(Some(rotation)) => {
+                tracing::info!(serial = rotation.serial, "trust-caught-up-at-start");
+                // Both listeners (a member's operators' port is bound already) serve it.
+                let (cert_pem, key_pem) = server_cert::read(dir)?;
+                tls.replace(&cert_pem, &key_pem)
+                    .map_err(|source| server_cert::CertError::Tls {
+                        cert: dir.join(init::SERVER_CERT),
+                        key: dir.join(init::SERVER_KEY),
+                        source,
+                    })?;
+                *server_cert_pem
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = cert_pem;
+            }
+            Ok(None) => {}
+            // It serves with the keys it has (logged again at each look, on a member).
+            Err(e) => tracing::error!(error = %e, "trust-not-taken-from-the-database"),
         }
     }
     tracing::info!(

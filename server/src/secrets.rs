@@ -249,6 +249,11 @@ impl KeyRing {
         String::from_utf8(clear).map_err(|_| bad())
     }
 
+    /// Whether `stored` is a sealed value at all (not text stored before sealing).
+    pub fn is_sealed(stored: &str) -> bool {
+        stored.starts_with(PREFIX)
+    }
+
     /// Whether `stored` is sealed with the key that seals now (else it is sealed again).
     pub fn is_current(&self, stored: &str) -> bool {
         stored

@@ -1265,6 +1265,9 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
     marking_process(&a, "marks", STEPS, &marks);
     let (on_b, on_a) = one_agent_on_each(&pg, &a, &b, tmp.path(), &[a.upstream(), b.upstream()]);
     let old_ca = file(&a.dir, "ca.pem");
+    // Node c is down for the whole rollover.
+    let mut c = member_of(&a, &tmp.path().join("c"), "node-c");
+    c.kill();
 
     // Begin on the active node: the member holds the new keys too, and its agent the set.
     assert_eq!(trust_step(&a, "begin")["phase"], "overlap");
@@ -1315,14 +1318,31 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
             .any(|n| dump.windows(n.len()).any(|w| w == n.as_bytes()))
     };
     assert!(
-        holds(next_key.trim()) && holds("tether-sealed:v1:"),
+        holds("tether-sealed:v1:"),
         "the dump holds the published material, sealed"
     );
+    assert!(!holds(next_key.trim()), "sealed whole, public keys too");
     for secret in ["signing.key", "ca.key", "relay-ca.key"] {
         let pem = file(&a.dir, secret);
         let body = pem.lines().nth(1).unwrap();
         assert!(!holds(body), "{secret} in the clear in the database");
     }
+
+    // Node c, back, takes the step before it serves: its operators' port too is certified by
+    // the new CA alone.
+    c.run();
+    let c_log = file(&tmp.path().join("c"), "server.log");
+    assert!(c_log.contains("trust-caught-up-at-start"), "{c_log}");
+    assert!(file(&c.dir, "rotation.json").contains("steady"));
+    assert_eq!(file(&c.dir, "signing.pub"), next_key);
+    assert!(tether_shared::tls::issued_by(
+        &file(&c.dir, "server.pem"),
+        &new_ca
+    ));
+    c.api.trust_ca_file(&c.dir.join("ca.pem"));
+    let h = eventually("node c's health, over the new CA", WAIT, || c.try_health());
+    assert_eq!(h["cluster"]["role"], "member", "{h}");
+    c.kill();
 
     // on-b's next session with node b is on the new key alone; work flows both ways.
     let refused = key_refusals(tmp.path(), &on_b);

@@ -38,6 +38,8 @@ use crate::init::{self, InitError};
 
 /// `DIR/rotation.json`: the serial of the trust set and the rollover's step.
 pub const ROTATION_FILE: &str = "rotation.json";
+/// How long a step waits for the database to take it, on a cluster.
+const SHARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The new keys while a rollover overlaps.
 pub const NEXT_DIR: &str = "next";
 /// The old public halves after the switch, until the finish.
@@ -136,6 +138,8 @@ impl Trust {
     /// directory that predates them), completes a switch cut short, and writes `agent-ca.pem`
     /// if it is not the trust set's bundle.
     pub fn load(dir: &Path) -> Result<Trust, TrustError> {
+        // A cluster's step taken from the database, cut short.
+        cluster::complete_adoption(dir)?;
         init::ensure_relay_ca(dir)?;
         let mut rotation = read_rotation(dir)?;
         match rotation.phase {
@@ -171,101 +175,117 @@ impl Trust {
         let _ = self.sharing.set(Sharing { journal, keys });
     }
 
-    /// The material the active node published, if any (blocking).
-    fn published(&self, sharing: &Sharing) -> Result<Option<cluster::Published>, TrustError> {
-        let Some(bytes) = sharing.journal.get_meta(cluster::PUBLISHED)? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| TrustError::File {
-                path: self.dir.join(ROTATION_FILE),
-                reason: format!("the trust material in the database is unreadable: {e}"),
-            })
-    }
-
-    /// On a node that is not the active one (or is about to be): takes the step the active node
-    /// published, if it is later than this node's, into this node's directory, and serves it.
-    /// Answers the rotation taken, if one was (blocking: it reads the database). A step under
+    /// Takes the step the active node published, if it is later than this node's, into this
+    /// node's directory, and serves it (a node that is not the active one, or is about to be).
+    /// Answers the rotation taken, if one was. Blocking: it reads the database. A step under
     /// way here makes it wait for a later call.
     pub fn adopt(&self) -> Result<Option<Rotation>, TrustError> {
         let Some(sharing) = self.sharing.get() else {
             return Ok(None);
         };
-        let Some(published) = self.published(sharing)? else {
+        let Some(stored) = sharing.journal.get_meta(cluster::PUBLISHED)? else {
             return Ok(None);
         };
+        let published = cluster::Published::open(&stored, &sharing.keys)?;
         let Ok(_one) = self.stepping.try_lock() else {
             return Ok(None);
         };
         if cluster::order(published.rotation) <= cluster::order(self.rotation()) {
             return Ok(None);
         }
-        let ca_changed = published.write(&self.dir, &sharing.keys)?;
+        published.adopt_into(&self.dir)?;
         self.step(published.rotation)?;
         tracing::warn!(
             serial = published.rotation.serial,
             phase = phase_name(published.rotation.phase),
-            ca_changed,
             "trust-step-taken-from-the-active-node"
         );
         Ok(Some(published.rotation))
     }
 
-    /// On the active node of a cluster: publishes this node's step for the others, unless the
-    /// database holds it already. Refused if the database holds a later one (this node missed
-    /// it: [`Self::adopt`] first).
+    /// On the active node of a cluster: makes sure the database holds this node's step for the
+    /// others (at start, and before each step: a share that failed is made again). Refused if
+    /// it holds a later step (this node missed it: it takes it at its next start), or one this
+    /// node's key ring does not open (another cluster's, or the ring differs). A record that
+    /// is not a sealed one at all is replaced.
     pub async fn publish(&self) -> Result<(), TrustError> {
         let Some(sharing) = self.sharing.get() else {
             return Ok(());
         };
         let _one = self.stepping.lock().await;
-        self.publish_locked(sharing).await
+        let journal = sharing.journal.clone();
+        let stored = actix_web::web::block(move || journal.get_meta(cluster::PUBLISHED))
+            .await
+            .map_err(|e| TrustError::Step(e.to_string()))??;
+        let rotation = self.rotation();
+        if let Some(stored) = stored {
+            let text = String::from_utf8_lossy(&stored);
+            if crate::secrets::KeyRing::is_sealed(&text) {
+                let there = cluster::Published::open(&stored, &sharing.keys)
+                    .map_err(|e| TrustError::Step(e.to_string()))?
+                    .rotation;
+                let (theirs, ours) = (cluster::order(there), cluster::order(rotation));
+                if theirs > ours {
+                    return Err(TrustError::Step(format!(
+                        "the database holds a later step of the key rollover (serial {}, {}) than this node (serial {}, {}): restart this node to take it",
+                        there.serial,
+                        phase_name(there.phase),
+                        rotation.serial,
+                        phase_name(rotation.phase)
+                    )));
+                }
+                // Sealed again with the ring's newest key once it changed.
+                if theirs == ours && sharing.keys.is_current(&text) {
+                    return Ok(());
+                }
+            } else {
+                tracing::warn!("trust-record-unreadable-replaced");
+            }
+        }
+        self.share(sharing, &cluster::Published::read(&self.dir, rotation)?)
+            .await
     }
 
-    async fn publish_locked(&self, sharing: &Sharing) -> Result<(), TrustError> {
-        let rotation = self.rotation();
-        let there = self.published(sharing)?.map(|p| p.rotation);
-        match there.map(cluster::order) {
-            Some(o) if o == cluster::order(rotation) => return Ok(()),
-            Some(o) if o > cluster::order(rotation) => {
-                return Err(TrustError::Step(format!(
-                    "the database holds a later step of the rollover (serial {}, {}) than this node (serial {}, {})",
-                    there.map_or(0, |r| r.serial),
-                    there.map_or("", |r| phase_name(r.phase)),
-                    rotation.serial,
-                    phase_name(rotation.phase)
-                )))
-            }
-            _ => {}
-        }
-        let published = cluster::Published::read(&self.dir, rotation, &sharing.keys)?;
-        let value = serde_json::to_vec(&published).map_err(|e| TrustError::File {
-            path: self.dir.join(ROTATION_FILE),
-            reason: e.to_string(),
-        })?;
-        sharing
+    /// Writes `record` (the step about to be taken here) for the other nodes; within
+    /// [`SHARE_TIMEOUT`].
+    async fn share(
+        &self,
+        sharing: &Sharing,
+        record: &cluster::Published,
+    ) -> Result<(), TrustError> {
+        let value = record.seal(&sharing.keys)?;
+        let commit = sharing
             .journal
             .commit(vec![tether_shared::journal::Op::PutMeta {
                 key: cluster::PUBLISHED.to_owned(),
                 value,
-            }])
-            .await?;
+            }]);
+        match tokio::time::timeout(SHARE_TIMEOUT, commit).await {
+            Ok(done) => {
+                done?;
+            }
+            Err(_) => {
+                return Err(TrustError::Step(format!(
+                    "the database did not take the step within {SHARE_TIMEOUT:?}; nothing was taken (try again)"
+                )))
+            }
+        }
         tracing::info!(
-            serial = rotation.serial,
-            phase = phase_name(rotation.phase),
+            serial = record.rotation.serial,
+            phase = phase_name(record.rotation.phase),
             "trust-published-for-the-other-nodes"
         );
         Ok(())
     }
 
-    /// After a step here: the other nodes take it from the database. Not fatal: the step is
-    /// taken; it is published again before the next one, and at the next start.
-    async fn share_step(&self) {
-        if let Some(sharing) = self.sharing.get() {
-            if let Err(e) = self.publish_locked(sharing).await {
-                tracing::error!(error = %e, "trust-step-not-shared-with-the-other-nodes-yet");
-            }
+    /// On a cluster: `record` (the step about to be taken) for the other nodes, first.
+    async fn share_first(
+        &self,
+        record: impl FnOnce() -> Result<cluster::Published, TrustError>,
+    ) -> Result<(), TrustError> {
+        match self.sharing.get() {
+            Some(sharing) => self.share(sharing, &record()?).await,
+            None => Ok(()),
         }
     }
 
@@ -326,12 +346,18 @@ impl Trust {
         remove_dir(&next)?;
         fs::create_dir(&next).map_err(io_err(&next))?;
         make_keys(&next)?;
-        let rotation = self.step(Rotation {
+        let rotation = Rotation {
             serial: current.serial + 1,
             phase: Phase::Overlap,
-        })?;
-        self.share_step().await;
-        Ok(rotation)
+        };
+        if let Err(e) = self
+            .share_first(|| cluster::Published::read(&self.dir, rotation))
+            .await
+        {
+            remove_dir(&next)?;
+            return Err(e);
+        }
+        self.step(rotation)
     }
 
     /// Step 2: the new keys sign and certify; the old stay trusted.
@@ -344,6 +370,12 @@ impl Trust {
                 phase_name(current.phase)
             )));
         }
+        let switched = Rotation {
+            serial: current.serial,
+            phase: Phase::Switched,
+        };
+        self.share_first(|| cluster::Published::switched(&self.dir, switched))
+            .await?;
         let previous = self.dir.join(PREVIOUS_DIR);
         remove_dir(&previous)?;
         fs::create_dir(&previous).map_err(io_err(&previous))?;
@@ -356,12 +388,7 @@ impl Trust {
         };
         write_rotation(&self.dir, switching)?;
         complete_switch(&self.dir)?;
-        let rotation = self.step(Rotation {
-            serial: current.serial,
-            phase: Phase::Switched,
-        })?;
-        self.share_step().await;
-        Ok(rotation)
+        self.step(switched)
     }
 
     /// Step 3: the new keys alone are trusted (serial + 1).
@@ -374,12 +401,14 @@ impl Trust {
                 phase_name(current.phase)
             )));
         }
-        let rotation = self.step(Rotation {
+        let steady = Rotation {
             serial: current.serial + 1,
             phase: Phase::Steady,
-        })?;
+        };
+        self.share_first(|| cluster::Published::read(&self.dir, steady))
+            .await?;
+        let rotation = self.step(steady)?;
         remove_dir(&self.dir.join(PREVIOUS_DIR))?;
-        self.share_step().await;
         Ok(rotation)
     }
 

@@ -433,7 +433,13 @@ impl Handler<OfferTrust> for AgentLink {
     type Result = ();
 
     fn handle(&mut self, _: OfferTrust, ctx: &mut Self::Context) {
-        if self.shared.member {
+        // Not to an agent connected nowhere: it is offered the set at its next handshake.
+        let online = self
+            .shared
+            .presence
+            .online_path(self.agent_id.as_str())
+            .is_some();
+        if self.shared.member || !online {
             return;
         }
         let held = self.shared.registry.trust_serial(&self.agent_id);

@@ -1244,6 +1244,24 @@ fn file(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name)).unwrap_or_default()
 }
 
+/// Writes `payload` at meta key `key` in the cluster's database, framed as the journal stores
+/// it: as anyone who can write to the database, but holds no key ring, could.
+fn forge_meta(pg: &Postgres, key: &str, payload: &[u8]) {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(key.as_bytes());
+    crc.update(payload);
+    let mut value = vec![1u8];
+    value.extend(crc.finalize().to_be_bytes());
+    value.extend(payload);
+    let stored_key = [b"M".as_slice(), key.as_bytes()].concat();
+    pg.psql(&format!(
+        "INSERT INTO tether_journal (key, value) VALUES ('\\x{}', '\\x{}') \
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+        hex::encode(stored_key),
+        hex::encode(value)
+    ));
+}
+
 /// How often `agent` refused a server's handshake for its key.
 fn key_refusals(tmp: &Path, agent: &Agent) -> usize {
     file(tmp, &format!("{}.log", agent.name))
@@ -1344,6 +1362,17 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
     assert_eq!(h["cluster"]["role"], "member", "{h}");
     c.kill();
 
+    // A record of a later step written in the clear (whoever can write to the database, but
+    // holds no ring) is taken by no node.
+    let forged = json!({"rotation": {"serial": 9, "phase": "steady"}, "files": {}, "other": {}});
+    forge_meta(&pg, "trust/published", forged.to_string().as_bytes());
+    let b_log = || file(&tmp.path().join("b"), "server.log");
+    eventually("node b refuses the forged record", WAIT, || {
+        b_log().contains("not sealed").then_some(())
+    });
+    assert!(file(&b.dir, "rotation.json").contains("steady"));
+    assert_eq!(file(&b.dir, "signing.pub"), next_key);
+
     // on-b's next session with node b is on the new key alone; work flows both ways.
     let refused = key_refusals(tmp.path(), &on_b);
     on_b.kill_worker().expect("on-b's worker");
@@ -1358,6 +1387,12 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
         b.try_health().filter(|h| h["cluster"]["role"] == "active")
     });
     assert_eq!(b_health["trust"]["serial"], 2, "{b_health}");
+    // It replaced the forged record with its own.
+    eventually("the forged record replaced", WAIT, || {
+        b_log()
+            .contains("trust-record-unreadable-replaced")
+            .then_some(())
+    });
     eventually("both agents online on node b", WAIT, || {
         (b.agent_status(&on_a.id) == "online" && b.agent_status(&on_b.id) == "online").then_some(())
     });

@@ -32,6 +32,9 @@ pub const PUBLISHED: &str = "trust/published";
 pub const STAGING: &str = "adopting";
 /// A checked record, being put in place (completed at start if left there).
 pub const STAGED: &str = "adopted";
+/// A record put in place, being removed (renamed first, so that a removal cut short never
+/// leaves a partial [`STAGED`]).
+const DONE: &str = "adopted.done";
 
 /// What the active node's directory holds for one step of a rollover (in the clear: stored
 /// only sealed whole, [`Published::seal`]).
@@ -204,9 +207,15 @@ fn copy_into(from: &Path, to: &Path) -> Result<(), TrustError> {
 /// removed.
 pub fn complete_adoption(dir: &Path) -> Result<(), TrustError> {
     remove_dir(&dir.join(STAGING))?;
+    remove_dir(&dir.join(DONE))?;
     let staged = dir.join(STAGED);
     if !staged.exists() {
         return Ok(());
+    }
+    if !staged.join(ROTATION_FILE).exists() {
+        // Never made by `adopt_into` (its rotation is written before the rename): not ours.
+        tracing::warn!(dir = %staged.display(), "trust-staged-record-incomplete-dropped");
+        return remove_dir(&staged);
     }
     let rotation = super::read_rotation(&staged)?;
     for sub in [NEXT_DIR, PREVIOUS_DIR] {
@@ -226,7 +235,9 @@ pub fn complete_adoption(dir: &Path) -> Result<(), TrustError> {
         init::renew_server_cert(dir, &[])?;
     }
     write_rotation(dir, rotation)?;
-    remove_dir(&staged)
+    let done = dir.join(DONE);
+    fs::rename(&staged, &done).map_err(io_err(&done))?;
+    remove_dir(&done)
 }
 
 #[cfg(test)]
@@ -405,6 +416,16 @@ mod tests {
             &text(&a, init::CA_CERT)
         ));
         assert!(!b.join(STAGED).exists());
+        // A removal cut short leaves only what is already put in place; a staged record
+        // without its rotation was not written by an adoption.
+        let before = material(&b);
+        published.stage(&b.join(DONE)).unwrap();
+        published.stage(&b.join(STAGED)).unwrap();
+        fs::remove_file(b.join(STAGED).join(ROTATION_FILE)).unwrap();
+        fs::remove_dir_all(b.join(STAGED).join(PREVIOUS_DIR)).unwrap();
+        assert_eq!(Trust::load(&b).unwrap().set(), active.set());
+        assert_eq!(material(&b), before);
+        assert!(!b.join(DONE).exists() && !b.join(STAGED).exists());
     }
 
     #[test]

@@ -38,8 +38,8 @@ use crate::init::{self, InitError};
 
 /// `DIR/rotation.json`: the serial of the trust set and the rollover's step.
 pub const ROTATION_FILE: &str = "rotation.json";
-/// How long a step waits for the database to take it, on a cluster.
-const SHARE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a step waits for the database to say which step it holds, on a cluster.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The new keys while a rollover overlaps.
 pub const NEXT_DIR: &str = "next";
 /// The old public halves after the switch, until the finish.
@@ -190,6 +190,11 @@ impl Trust {
         let Ok(_one) = self.stepping.try_lock() else {
             return Ok(None);
         };
+        self.take(&published)
+    }
+
+    /// Takes `published` if it is a later step than this node's (under `stepping`).
+    fn take(&self, published: &cluster::Published) -> Result<Option<Rotation>, TrustError> {
         if cluster::order(published.rotation) <= cluster::order(self.rotation()) {
             return Ok(None);
         }
@@ -204,50 +209,52 @@ impl Trust {
     }
 
     /// On the active node of a cluster: makes sure the database holds this node's step for the
-    /// others (at start, and before each step: a share that failed is made again). Refused if
-    /// it holds a later step (this node missed it: it takes it at its next start), or one this
-    /// node's key ring does not open (another cluster's, or the ring differs). A record that
-    /// is not a sealed one at all is replaced.
+    /// others (at start, and before each step: a share that failed is made again). A later
+    /// step there (this node died between writing it and taking it, or missed it) is taken
+    /// here first. Refused if the database does not answer within [`READ_TIMEOUT`], or holds a
+    /// record this node's key ring does not open (another cluster's, or the ring differs). A
+    /// record that is not a sealed one at all is replaced.
     pub async fn publish(&self) -> Result<(), TrustError> {
         let Some(sharing) = self.sharing.get() else {
             return Ok(());
         };
         let _one = self.stepping.lock().await;
         let journal = sharing.journal.clone();
-        let stored = actix_web::web::block(move || journal.get_meta(cluster::PUBLISHED))
-            .await
-            .map_err(|e| TrustError::Step(e.to_string()))??;
-        let rotation = self.rotation();
+        let read = actix_web::web::block(move || journal.get_meta(cluster::PUBLISHED));
+        let stored = match tokio::time::timeout(READ_TIMEOUT, read).await {
+            Ok(Ok(stored)) => stored?,
+            Ok(Err(e)) => return Err(TrustError::Step(e.to_string())),
+            Err(_) => {
+                return Err(TrustError::Step(format!(
+                    "the database did not answer within {READ_TIMEOUT:?}; try again"
+                )))
+            }
+        };
         if let Some(stored) = stored {
             let text = String::from_utf8_lossy(&stored);
             if crate::secrets::KeyRing::is_sealed(&text) {
-                let there = cluster::Published::open(&stored, &sharing.keys)
-                    .map_err(|e| TrustError::Step(e.to_string()))?
-                    .rotation;
-                let (theirs, ours) = (cluster::order(there), cluster::order(rotation));
-                if theirs > ours {
-                    return Err(TrustError::Step(format!(
-                        "the database holds a later step of the key rollover (serial {}, {}) than this node (serial {}, {}): restart this node to take it",
-                        there.serial,
-                        phase_name(there.phase),
-                        rotation.serial,
-                        phase_name(rotation.phase)
-                    )));
-                }
+                let published = cluster::Published::open(&stored, &sharing.keys)
+                    .map_err(|e| TrustError::Step(e.to_string()))?;
+                self.take(&published)?;
                 // Sealed again with the ring's newest key once it changed.
-                if theirs == ours && sharing.keys.is_current(&text) {
+                let same = cluster::order(published.rotation) == cluster::order(self.rotation());
+                if same && sharing.keys.is_current(&text) {
                     return Ok(());
                 }
             } else {
                 tracing::warn!("trust-record-unreadable-replaced");
             }
         }
-        self.share(sharing, &cluster::Published::read(&self.dir, rotation)?)
-            .await
+        self.share(
+            sharing,
+            &cluster::Published::read(&self.dir, self.rotation())?,
+        )
+        .await
     }
 
-    /// Writes `record` (the step about to be taken here) for the other nodes; within
-    /// [`SHARE_TIMEOUT`].
+    /// Writes `record` (the step about to be taken here) for the other nodes. Waits for the
+    /// database however long it takes: a commit once asked for may land later, so giving up on
+    /// it would leave the database with a step this node does not know it took.
     async fn share(
         &self,
         sharing: &Sharing,
@@ -260,16 +267,7 @@ impl Trust {
                 key: cluster::PUBLISHED.to_owned(),
                 value,
             }]);
-        match tokio::time::timeout(SHARE_TIMEOUT, commit).await {
-            Ok(done) => {
-                done?;
-            }
-            Err(_) => {
-                return Err(TrustError::Step(format!(
-                    "the database did not take the step within {SHARE_TIMEOUT:?}; nothing was taken (try again)"
-                )))
-            }
-        }
+        commit.await?;
         tracing::info!(
             serial = record.rotation.serial,
             phase = phase_name(record.rotation.phase),

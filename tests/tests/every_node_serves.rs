@@ -1282,6 +1282,16 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", STEPS, &marks);
     let (on_b, on_a) = one_agent_on_each(&pg, &a, &b, tmp.path(), &[a.upstream(), b.upstream()]);
+    // A relay linked to the member: its certificate comes from the active node's relay CA.
+    let relay = tether_tests::relays::Relay::start(
+        &a,
+        &[b.upstream(), a.upstream()],
+        tmp.path(),
+        "relay-b",
+    );
+    eventually("the relay claimed by node b", WAIT, || {
+        claim(&pg, &relay.id).starts_with("node-b ").then_some(())
+    });
     let old_ca = file(&a.dir, "ca.pem");
     // Node c is down for the whole rollover.
     let mut c = member_of(&a, &tmp.path().join("c"), "node-c");
@@ -1320,7 +1330,12 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
     assert!(!b.dir.join("next").exists());
     trust_confirmed(&a, 1);
 
-    // Finish: the old keys are trusted nowhere.
+    // Finish (refused until the relay serves a certificate from the new relay CA): the old
+    // keys are trusted nowhere.
+    let new_relay_ca = file(&a.dir, "relay-ca.pem");
+    eventually("the relay certified by the new relay CA", WAIT, || {
+        tether_shared::tls::issued_by(&file(&relay.dir, "tls.pem"), &new_relay_ca).then_some(())
+    });
     assert_eq!(trust_step(&a, "finish")["phase"], "steady");
     trust_confirmed(&a, 2);
     eventually("node b finished", WAIT, || {

@@ -47,17 +47,47 @@ async fn enroll(
     body: web::Bytes,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    if state.shared.member {
+    let source = req.peer_addr().map(|a| a.ip());
+    if !state.shared.member {
+        return enroll_from(&state, source, &body).await;
+    }
+    if !state
+        .shared
+        .active_takes_members
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
         // The registry is the active node's: the agent enrolls there (its next upstream).
         return Err(ApiError::Incomplete(
             "this node is a member of the cluster: enroll at the active node".into(),
         ));
     }
-    let source = req.peer_addr().map(|a| a.ip());
+    // The caller's failures count here too, before anything is written for it.
     if let Some(ip) = source {
         state.enroll_limiter.check(ip, Instant::now())?;
     }
-    let request: EnrollRequest = parse_json(&body)?;
+    let answered = state
+        .forwarded_enrollments
+        .forward(&state, source, &body)
+        .await?;
+    let refused = answered.status().is_client_error()
+        && answered.status() != actix_web::http::StatusCode::TOO_MANY_REQUESTS;
+    if let Some(ip) = source.filter(|_| refused) {
+        state.enroll_limiter.record_failure(ip, Instant::now());
+    }
+    Ok(answered)
+}
+
+/// An enrollment from `source` (the caller's address, as the active node or a member saw
+/// it): checked, and the agent or relay enrolled.
+pub async fn enroll_from(
+    state: &AppState,
+    source: Option<std::net::IpAddr>,
+    body: &[u8],
+) -> Result<HttpResponse, ApiError> {
+    if let Some(ip) = source {
+        state.enroll_limiter.check(ip, Instant::now())?;
+    }
+    let request: EnrollRequest = parse_json(body)?;
     let name = request.name.clone();
     let public_key = PublicKey::from_b64(&request.public_key)
         .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;

@@ -314,6 +314,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         web_sessions: crate::web::session::SessionStore::load(handle.clone())?,
         login_limiter: Default::default(),
         enroll_limiter: EnrollLimiter::default(),
+        forwarded_enrollments: Default::default(),
         trust: loaded.trust,
         relay_certs: loaded.relay_certs,
         server_cert_pem: loaded.server_cert_pem,
@@ -323,6 +324,10 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
         cluster: loaded.cluster,
         drain: loaded.drain,
     });
+    if shared.has_members {
+        // Members forward the enrollments they get, through the database.
+        actix_rt::spawn(crate::member_enroll::answer_forever(state.clone()));
+    }
     Ok(Built {
         operators: Operators {
             state: state.clone(),

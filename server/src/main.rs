@@ -53,6 +53,7 @@ mod health;
 mod init;
 mod lease;
 mod mail;
+mod member_enroll;
 mod operations;
 mod plugins;
 mod ports;

@@ -58,6 +58,8 @@ pub struct AppState {
     pub login_limiter: LoginLimiter,
     /// Failed enrollments per source.
     pub enroll_limiter: EnrollLimiter,
+    /// On a member: the enrollments it forwards to the active node.
+    pub forwarded_enrollments: crate::member_enroll::Forwarder,
     /// The signing key and the CAs in force, and a rollover's progress.
     pub trust: Arc<Trust>,
     /// Relays' certificates, from the relay CA.

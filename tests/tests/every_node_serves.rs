@@ -954,38 +954,71 @@ fn agents_whose_connections_flap_between_a_member_and_the_active_node_many_times
 }
 
 #[test]
-fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_first_enrolls_on_a_retry() {
+fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_enrolls_there_at_once() {
     let Some(pg) = Postgres::start() else {
         return;
     };
     let tmp = TestDir::new();
     let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
     let b = member_of(&a, &tmp.path().join("b"), "node-b");
+    let b_log = || file(&tmp.path().join("b"), "server.log");
+    let agents = || -> Vec<Value> {
+        a.request("GET", "/api/v1/agents", None)
+            .json()
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    // On the member's real socket: a token that does not exist, and a body that is not an
+    // enrollment, are refused with the active node's answer; nothing is enrolled, nothing
+    // is left in the database.
+    let tls = tether_tests::wire::tls_config(&a);
+    let forged =
+        tether_tests::loadgen::enroll(b.wss, tls.clone(), "localhost", "tte_nope", "forged")
+            .err()
+            .expect("a forged token enrolled");
+    assert!(forged.contains("401"), "{forged}");
+    let garbage = tether_tests::https_request_with_body(
+        b.wss,
+        tls.clone(),
+        "localhost",
+        "POST",
+        tether_shared::enroll::ENROLL_PATH,
+        &[("Content-Type", "application/json")],
+        Some(b"{\"token\": 7}"),
+    )
+    .unwrap();
+    assert_eq!(garbage.status, 400, "{}", garbage.body);
+    assert!(agents().is_empty());
+    assert!(b_log().contains("enrollment-forwarded-to-the-active-node"));
+    let rows = || {
+        pg.psql(
+            "SELECT count(*) FROM tether_journal WHERE substring(key from 1 for 7) = 'Menroll'::bytea",
+        )
+    };
+    eventually("no request or answer left", WAIT, || {
+        (rows() == "0").then_some(())
+    });
+
     // One address for the cluster, as a TCP load balancer gives: the first connection goes to
-    // the member (which leaves enrollment to the active node), the next to node a.
+    // the member, which has the active node enroll the agent, at once.
     let lb = tether_tests::fleet::Forwarder::alternating(vec![b.wss, a.wss]);
     let upstream = format!("wss://localhost:{}", lb.addr.port());
     let mut agent = Agent::install_via(&a, &[upstream], tmp.path(), "via-lb", &[], &[]);
-    let log = std::fs::read_to_string(tmp.path().join("via-lb-install.log")).unwrap();
+    let log = file(tmp.path(), "via-lb-install.log");
     assert!(
-        log.contains("enroll-upstreams-unavailable-trying-again"),
+        !log.contains("enroll-upstreams-unavailable-trying-again"),
         "{log}"
     );
-    assert!(lb.accepted() >= 2, "{}", lb.accepted());
+    assert_eq!(lb.accepted(), 1, "enrolled on its first connection");
     // Enrolled once; it comes online through the same address (either node serves it).
     agent.run();
     eventually("via-lb online", WAIT, || {
         (a.agent_status(&agent.id) == "online").then_some(())
     });
-    let r = a.request("GET", "/api/v1/agents", None);
-    let named = r
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|v| v["name"] == "via-lb")
-        .count();
-    assert_eq!(named, 1, "{}", r.body);
+    let named = agents().iter().filter(|v| v["name"] == "via-lb").count();
+    assert_eq!(named, 1);
+    assert_eq!(rows(), "0");
 }
 
 /// Rows in `id`'s mailbox (commands for it not yet taken by the node that serves it).

@@ -14,9 +14,11 @@
 //! a name the server's own certificate covers, and the certificate comes from the relay CA,
 //! which operators' clients never trust. An agent's request is signed by its key too.
 
+use std::net::IpAddr;
 use std::sync::PoisonError;
 use std::time::Instant;
 
+use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine as _;
 use tether_shared::enroll::{EnrollRequest, EnrollResponse, Role, ENROLL_PATH};
@@ -51,44 +53,40 @@ async fn enroll(
     if !state.shared.member {
         return enroll_from(&state, source, &body).await;
     }
-    if !state
-        .shared
-        .active_takes_members
-        .load(std::sync::atomic::Ordering::Relaxed)
-    {
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    if !state.shared.active_takes_enrollments.load(relaxed) || state.shared.drained.load(relaxed) {
         // The registry is the active node's: the agent enrolls there (its next upstream).
         return Err(ApiError::Incomplete(
             "this node is a member of the cluster: enroll at the active node".into(),
         ));
     }
-    // The caller's failures count here too, before anything is written for it.
-    if let Some(ip) = source {
-        state.enroll_limiter.check(ip, Instant::now())?;
-    }
+    // What can be checked here is, before anything is written for the caller (its failures
+    // count here as they would at the active node).
+    check(&state, source, &body)?;
     let answered = state
         .forwarded_enrollments
         .forward(&state, source, &body)
         .await?;
-    let refused = answered.status().is_client_error()
-        && answered.status() != actix_web::http::StatusCode::TOO_MANY_REQUESTS;
-    if let Some(ip) = source.filter(|_| refused) {
+    if let Some(ip) = source.filter(|_| answered.status() == StatusCode::UNAUTHORIZED) {
         state.enroll_limiter.record_failure(ip, Instant::now());
     }
     Ok(answered)
 }
 
-/// An enrollment from `source` (the caller's address, as the active node or a member saw
-/// it): checked, and the agent or relay enrolled.
-pub async fn enroll_from(
-    state: &AppState,
-    source: Option<std::net::IpAddr>,
-    body: &[u8],
-) -> Result<HttpResponse, ApiError> {
+/// What an enrollment request says, checked (see [`check`]).
+struct Checked {
+    request: EnrollRequest,
+    tls_key: Option<Vec<u8>>,
+}
+
+/// The checks an enrollment from `source` passes before its token is looked at: the caller's
+/// failure budget, the request's shape, a relay's names and TLS key, and the proofs that it
+/// holds its keys (a proof that fails counts against the caller).
+fn check(state: &AppState, source: Option<IpAddr>, body: &[u8]) -> Result<Checked, ApiError> {
     if let Some(ip) = source {
         state.enroll_limiter.check(ip, Instant::now())?;
     }
     let request: EnrollRequest = parse_json(body)?;
-    let name = request.name.clone();
     let public_key = PublicKey::from_b64(&request.public_key)
         .map_err(|e| ApiError::BadRequest(format!("public_key: {e}")))?;
     let server_cert_pem = state
@@ -101,9 +99,21 @@ pub async fn enroll_from(
         if let Some(ip) = source {
             state.enroll_limiter.record_failure(ip, Instant::now());
         }
-        tracing::warn!(source = ?source, name = %name.escape_debug(), reason = %e, "enrollment-proof-refused");
+        tracing::warn!(source = ?source, name = %request.name.escape_debug(), reason = %e, "enrollment-proof-refused");
         return Err(ApiError::BadRequest(e.to_string()));
     }
+    Ok(Checked { request, tls_key })
+}
+
+/// An enrollment from `source` (the caller's address, as the active node or a member saw
+/// it): checked, and the agent or relay enrolled.
+pub async fn enroll_from(
+    state: &AppState,
+    source: Option<IpAddr>,
+    body: &[u8],
+) -> Result<HttpResponse, ApiError> {
+    let Checked { request, tls_key } = check(state, source, body)?;
+    let name = request.name.clone();
     // A relay's certificate is made before anything is enrolled or any token spent, so a bad
     // key or hostname changes nothing; it is handed out only if the enrollment succeeds.
     let tls_certificate = match tls_key {

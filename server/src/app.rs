@@ -190,6 +190,11 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             .as_ref()
             .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0)),
         active_takes_members: crate::mail::active_takes_members(&handle).into(),
+        active_takes_enrollments: crate::mail::active_takes(
+            &handle,
+            crate::mail::ACTIVE_TAKES_ENROLLMENTS,
+        )
+        .into(),
         drained: Default::default(),
         reports_pending: Default::default(),
         relay_claims: Default::default(),

@@ -404,22 +404,38 @@ pub async fn greet_each_active_node(
 /// The meta key where the active node says whether it takes what members carry (`1`) or not.
 pub const ACTIVE_TAKES_MEMBERS: &str = "cluster/active_takes_members";
 
+/// The meta key where the active node says whether it answers the enrollments members
+/// forward (`1`; `crate::member_enroll`).
+pub const ACTIVE_TAKES_ENROLLMENTS: &str = "cluster/active_takes_enrollments";
+
 /// Whether the active node said it takes what members carry; blocking.
 pub fn active_takes_members(journal: &JournalHandle) -> bool {
-    matches!(journal.get_meta(ACTIVE_TAKES_MEMBERS), Ok(Some(v)) if v == b"1")
+    active_takes(journal, ACTIVE_TAKES_MEMBERS)
 }
 
-/// The active node says whether it takes what members carry.
+/// Whether the active node said `1` at `key`; blocking.
+pub fn active_takes(journal: &JournalHandle, key: &str) -> bool {
+    matches!(journal.get_meta(key), Ok(Some(v)) if v == b"1")
+}
+
+/// The active node says whether it takes what members carry, and the enrollments they
+/// forward.
 pub fn say_whether_members_are_taken(
     journal: &JournalHandle,
     taken: bool,
 ) -> impl std::future::Future<
     Output = Result<tether_shared::journal::Committed, tether_shared::journal::JournalError>,
 > {
-    journal.commit(vec![tether_shared::journal::Op::PutMeta {
-        key: ACTIVE_TAKES_MEMBERS.to_owned(),
-        value: if taken { b"1".to_vec() } else { b"0".to_vec() },
-    }])
+    let value = if taken { b"1".to_vec() } else { b"0".to_vec() };
+    journal.commit(
+        [ACTIVE_TAKES_MEMBERS, ACTIVE_TAKES_ENROLLMENTS]
+            .into_iter()
+            .map(|key| tether_shared::journal::Op::PutMeta {
+                key: key.to_owned(),
+                value: value.clone(),
+            })
+            .collect(),
+    )
 }
 
 /// How often a member reads the registry again.
@@ -439,11 +455,20 @@ pub async fn follow_registry(
     loop {
         tick.tick().await;
         let j = shared.journal.clone();
-        if let Ok(taken) = actix_web::web::block(move || active_takes_members(&j)).await {
+        let says = actix_web::web::block(move || {
+            (
+                active_takes_members(&j),
+                active_takes(&j, ACTIVE_TAKES_ENROLLMENTS),
+            )
+        });
+        if let Ok((taken, enrollments)) = says.await {
             let was = shared.active_takes_members.swap(taken, Ordering::Relaxed);
             if was != taken {
                 tracing::warn!(taken, "active-node-takes-members-changed");
             }
+            shared
+                .active_takes_enrollments
+                .store(enrollments, Ordering::Relaxed);
         }
         let r = registry.clone();
         match actix_web::web::block(move || r.reload_agents()).await {

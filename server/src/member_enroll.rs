@@ -1,27 +1,30 @@
 //! Enrollments that reach a member node, taken by the active node through the database (see
-//! `docs/cluster.md`, "Every node serves agents: members").
+//! `docs/cluster.md`, "Enrollment at a member").
 //!
 //! The registry is the active node's: a member cannot enroll anyone. So that an agent or a
 //! relay that dials a member (behind a load balancer, say) enrolls on its first try, the member
-//! writes the request as it came ([`Forwarded`]: the body and the caller's address) to
+//! checks what it can (the caller's failure budget, the request's shape, the proofs that the
+//! caller holds its keys), then writes the request as it came ([`Forwarded`]: the body and the
+//! caller's address), **sealed with the secrets key ring** (it holds the enrollment token), to
 //! `enroll/<node>/<id>`, under a claim of its own (`enroll@<node>`: a member writes only under
 //! claims). The active node looks there every [`ACTIVE_LOOK`], runs each request exactly as if
 //! it had come to it (the same checks, the same failure budget per caller's address), and in
-//! one commit writes the answer ([`Answer`]) to `enrolled/<node>/<id>` and deletes the request.
-//! The member, which looks for its answer every [`ANSWER_LOOK`], hands it to the caller and
-//! deletes it.
+//! one commit per look writes the answers ([`Answer`]) to `enrolled/<node>/<id>` and deletes
+//! the requests. The member, which looks for its answer every [`ANSWER_LOOK`], hands it to the
+//! caller and deletes it.
 //!
 //! Bounds: a member forwards at most [`MAX_WAITING`] enrollments at a time (past that it
-//! answers `503`, as it did before it forwarded any), after its own failure budget per
-//! caller's address; it waits [`ANSWER_WAIT`] for an answer (then `503`: the caller tries again,
-//! and the active node answers a repeated request with the same agent). The active node takes
-//! at most [`PAGE`] requests per look, and removes answers nobody fetched after
-//! [`ANSWER_KEPT`].
+//! answers `503`), and gives up on one after [`ANSWER_WAIT`] (`503`; it deletes its request:
+//! the caller tries again, and the active node answers a repeated request with the same
+//! agent). The active node takes at most [`PAGE`] requests per look, going round all of them
+//! (a busy member's do not hold another's up), drops requests older than [`KEPT`] by its
+//! clock without running them (nobody waits for their answer), removes answers nobody fetched
+//! after [`KEPT`], and after a failure waits up to [`BACKOFF_MAX`] before it looks again.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{web, HttpResponse, ResponseError};
@@ -38,35 +41,40 @@ pub const REQUESTS: &str = "enroll/";
 pub const ANSWERS: &str = "enrolled/";
 /// Enrollments one member forwards at a time at most.
 const MAX_WAITING: usize = 32;
-/// How long a member waits for an answer.
+/// How long a member waits for an answer (forwarding included).
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// How often a member looks for its answer.
-const ANSWER_LOOK: Duration = Duration::from_millis(50);
+const ANSWER_LOOK: Duration = Duration::from_millis(100);
 /// How often the active node looks for requests.
 const ACTIVE_LOOK: Duration = Duration::from_millis(100);
+/// The longest the active node waits after a failure before it looks again.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Requests the active node takes per look at most.
 const PAGE: usize = 64;
-/// Bytes of requests read per look at most (a request is at most 16 KiB).
-const PAGE_BYTES: usize = 1 << 20;
-/// How long an answer nobody fetched is kept.
-const ANSWER_KEPT: Duration = Duration::from_secs(60);
+/// Bytes of requests read per look at most (a request is at most 16 KiB, sealed).
+const PAGE_BYTES: usize = 2 << 20;
+/// How long a request or an answer is kept (by the active node's clock).
+const KEPT: Duration = Duration::from_secs(60);
+/// What the request's seal is bound to.
+const CONTEXT: &str = "enroll/forwarded";
 
 /// A request a member forwards: the body as it came, and the caller's address (for the
-/// active node's failure budget).
+/// active node's failure budget). Stored sealed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Forwarded {
     pub source: Option<IpAddr>,
     pub body: String,
 }
 
-/// The active node's answer to a forwarded request, as it would have answered it.
+/// The active node's answer to a forwarded request, as it would have answered it, and when
+/// (Unix ms, its clock).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Answer {
     pub status: u16,
     pub body: String,
     pub retry_after: Option<String>,
+    #[serde(default)]
+    pub answered_unix_ms: u64,
 }
 
 impl Answer {
@@ -87,14 +95,18 @@ impl Answer {
             .get(header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let body = actix_web::body::to_bytes(response.into_body())
+        // Every answer of an enrollment is small and sized.
+        let body = actix_web::body::to_bytes_limited(response.into_body(), 64 * 1024)
             .await
+            .ok()
+            .and_then(Result::ok)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         Answer {
             status,
             body,
             retry_after,
+            answered_unix_ms: now_unix_ms(),
         }
     }
 }
@@ -105,7 +117,7 @@ fn answer_key(key: &str) -> Option<String> {
         .map(|rest| format!("{ANSWERS}{rest}"))
 }
 
-/// When the request of `key` was made (Unix ms), from its key.
+/// When the request of `key` was made (Unix ms, by its member's clock), from its key.
 fn made_unix_ms(key: &str) -> Option<u64> {
     let id = key.rsplit('/').next()?;
     id.split('-').next()?.parse().ok()
@@ -135,69 +147,106 @@ impl Default for Forwarder {
     }
 }
 
+fn busy() -> ApiError {
+    ApiError::Incomplete(
+        "this member of the cluster could not have the active node enroll you: try again".into(),
+    )
+}
+
 impl Forwarder {
-    /// Forwards `body` (from `source`) to the active node and answers what it answered.
+    /// Forwards `body` (from `source`, checked already) to the active node and answers what
+    /// it answered, within [`ANSWER_WAIT`].
     pub async fn forward(
         &self,
         state: &AppState,
         source: Option<IpAddr>,
         body: &[u8],
     ) -> Result<HttpResponse, ApiError> {
-        let busy = || {
-            ApiError::Incomplete(
-                "this member of the cluster could not reach the active node to enroll: try again"
-                    .into(),
-            )
-        };
         let Ok(_turn) = self.waiting.clone().try_acquire_owned() else {
             return Err(busy());
         };
         let body = std::str::from_utf8(body)
             .map_err(|_| ApiError::BadRequest("the request is not JSON".into()))?;
-        let claims = state.shared.claims.as_ref().ok_or_else(busy)?;
-        let node = claims.node().to_owned();
+        let node = state
+            .shared
+            .claims
+            .as_ref()
+            .ok_or_else(busy)?
+            .node()
+            .to_owned();
         let key = format!(
             "{REQUESTS}{node}/{:013}-{:x}-{:016x}",
             now_unix_ms(),
             self.next.fetch_add(1, Ordering::Relaxed),
             rand::random::<u64>()
         );
-        let answer_key = answer_key(&key).ok_or_else(busy)?;
-        let value = serde_json::to_vec(&Forwarded {
+        let json = serde_json::to_string(&Forwarded {
             source,
             body: body.to_owned(),
         })
         .map_err(|_| busy())?;
+        let sealed = state.deployments.secrets().seal(CONTEXT, &json);
+        let waited = tokio::time::timeout(
+            ANSWER_WAIT,
+            self.wait_for_answer(state, &node, &key, sealed.into_bytes()),
+        )
+        .await;
+        match waited {
+            Ok(answered) => answered,
+            Err(_) => {
+                tracing::warn!(key = %key, "enrollment-not-answered-in-time");
+                // Nobody waits for it any more (the active node drops it in time too).
+                self.spawn_commit(state, node, vec![Op::DeleteMeta { key }]);
+                Err(busy())
+            }
+        }
+    }
+
+    async fn wait_for_answer(
+        &self,
+        state: &AppState,
+        node: &str,
+        key: &str,
+        sealed: Vec<u8>,
+    ) -> Result<HttpResponse, ApiError> {
         let put = vec![Op::PutMeta {
-            key: key.clone(),
-            value,
+            key: key.to_owned(),
+            value: sealed,
         }];
-        self.commit(state, &node, put).await.map_err(|e| {
+        self.commit(state, node, put).await.map_err(|e| {
             tracing::warn!(error = %e, "enrollment-not-forwarded");
             busy()
         })?;
-        tracing::info!(key = %key, source = ?source, "enrollment-forwarded-to-the-active-node");
-        let deadline = Instant::now() + ANSWER_WAIT;
+        tracing::info!(key = %key, "enrollment-forwarded-to-the-active-node");
+        let answer_key = answer_key(key).ok_or_else(busy)?;
         let mut look = tokio::time::interval(ANSWER_LOOK);
         loop {
             look.tick().await;
             let (j, k) = (state.shared.journal.clone(), answer_key.clone());
             if let Ok(Ok(Some(stored))) = web::block(move || j.get_meta(&k)).await {
-                let gone = vec![Op::DeleteMeta {
-                    key: answer_key.clone(),
-                }];
-                if let Err(e) = self.commit(state, &node, gone).await {
-                    // Removed by the active node after a while.
-                    tracing::warn!(key = %answer_key, error = %e, "enrollment-answer-not-removed");
-                }
+                self.spawn_commit(
+                    state,
+                    node.to_owned(),
+                    vec![Op::DeleteMeta { key: answer_key }],
+                );
                 let answer: Answer = serde_json::from_slice(&stored).map_err(|_| busy())?;
                 return Ok(answer.response());
             }
-            if Instant::now() >= deadline {
-                tracing::warn!(key = %key, "enrollment-not-answered-in-time");
-                return Err(busy());
-            }
         }
+    }
+
+    /// Commits `ops` under this member's claim in the background (a failure leaves rows the
+    /// active node removes in time).
+    fn spawn_commit(&self, state: &AppState, node: String, ops: Vec<Op>) {
+        let journal = state.shared.journal.clone();
+        let Some(fence) = self.fence.try_lock().ok().and_then(|f| f.clone()) else {
+            return;
+        };
+        actix_rt::spawn(async move {
+            if let Err(e) = journal.commit_under(ops, Some(fence)).await {
+                tracing::warn!(node = %node, error = %e, "enrollment-rows-not-removed");
+            }
+        });
     }
 
     /// Commits `ops` under this member's claim, made (again) if need be.
@@ -207,16 +256,18 @@ impl Forwarder {
             .claims
             .as_ref()
             .ok_or(JournalError::NotActive)?;
-        let mut fence = self.fence.lock().await;
         for _ in 0..2 {
-            let held = match fence.clone() {
-                Some(f) => f,
-                None => {
-                    let made = claims
-                        .claim(&AgentId::new(format!("enroll@{node}")), None)
-                        .await?;
-                    *fence = Some(made.clone());
-                    made
+            let held = {
+                let mut fence = self.fence.lock().await;
+                match fence.clone() {
+                    Some(f) => f,
+                    None => {
+                        let made = claims
+                            .claim(&AgentId::new(format!("enroll@{node}")), None)
+                            .await?;
+                        *fence = Some(made.clone());
+                        made
+                    }
                 }
             };
             match state
@@ -225,7 +276,7 @@ impl Forwarder {
                 .commit_under(ops.clone(), Some(held))
                 .await
             {
-                Err(JournalError::Fenced { .. }) => *fence = None,
+                Err(JournalError::Fenced { .. }) => *self.fence.lock().await = None,
                 done => return done.map(drop),
             }
         }
@@ -235,67 +286,87 @@ impl Forwarder {
 
 /// The active node's side: answers the requests members forward, for as long as it runs.
 pub async fn answer_forever(state: web::Data<AppState>) {
-    let mut look = tokio::time::interval(ACTIVE_LOOK);
-    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut from = REQUESTS.to_owned();
+    let mut pause = ACTIVE_LOOK;
     loop {
-        look.tick().await;
-        let j = state.shared.journal.clone();
-        let page = web::block(move || j.scan_meta_from(REQUESTS, REQUESTS, PAGE, PAGE_BYTES)).await;
-        let rows = match page {
-            Ok(Ok(page)) => page.entries,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "forwarded-enrollments-not-read");
-                continue;
+        tokio::time::sleep(pause).await;
+        pause = match answer_page(&state, &mut from).await {
+            Ok(()) => ACTIVE_LOOK,
+            Err(e) => {
+                tracing::warn!(error = %e, "forwarded-enrollments-not-answered");
+                (pause * 2).min(BACKOFF_MAX)
             }
-            Err(_) => continue,
         };
-        for (key, value) in rows {
-            let answer = match serde_json::from_slice::<Forwarded>(&value) {
-                Ok(f) => {
-                    let taken =
-                        crate::agent_surface::enroll_from(&state, f.source, f.body.as_bytes());
-                    Answer::of(taken.await.unwrap_or_else(|e| e.error_response())).await
-                }
-                Err(_) => {
-                    Answer::of(
-                        ApiError::BadRequest("a forwarded enrollment that does not read".into())
-                            .error_response(),
-                    )
-                    .await
-                }
-            };
-            let mut ops = vec![Op::DeleteMeta { key: key.clone() }];
-            if let (Some(to), Ok(value)) = (answer_key(&key), serde_json::to_vec(&answer)) {
-                ops.push(Op::PutMeta { key: to, value });
-            }
-            if let Err(e) = state.shared.journal.commit(ops).await {
-                tracing::warn!(key = %key, error = %e, "forwarded-enrollment-not-answered");
-            }
-        }
-        remove_old_answers(&state).await;
     }
 }
 
-/// Answers nobody fetched within [`ANSWER_KEPT`] (their member gave up, or died).
-async fn remove_old_answers(state: &AppState) {
-    let j = state.shared.journal.clone();
-    let Ok(Ok(page)) =
-        web::block(move || j.scan_meta_from(ANSWERS, ANSWERS, PAGE, PAGE_BYTES)).await
-    else {
-        return;
+/// Answers one page of requests from `from` on (where the next page starts is left there),
+/// and removes old answers.
+async fn answer_page(state: &AppState, from: &mut String) -> Result<(), JournalError> {
+    let (j, start) = (state.shared.journal.clone(), from.clone());
+    let page = web::block(move || j.scan_meta_from(&start, REQUESTS, PAGE, PAGE_BYTES))
+        .await
+        .map_err(|_| JournalError::Closed)??;
+    *from = match page.entries.last() {
+        // Right after the last key read (the key with a NUL added is the next one).
+        Some((last, _)) if page.full => format!("{last}\0"),
+        _ => REQUESTS.to_owned(),
     };
-    let cutoff = now_unix_ms().saturating_sub(ANSWER_KEPT.as_millis() as u64);
+    let cutoff = now_unix_ms().saturating_sub(KEPT.as_millis() as u64);
+    let keys = state.deployments.secrets();
+    let mut ops = Vec::new();
+    for (key, value) in page.entries {
+        ops.push(Op::DeleteMeta { key: key.clone() });
+        if made_unix_ms(&key).is_none_or(|ms| ms < cutoff) {
+            // Nobody waits for its answer any more.
+            continue;
+        }
+        let forwarded = std::str::from_utf8(&value)
+            .ok()
+            .filter(|t| crate::secrets::KeyRing::is_sealed(t))
+            .and_then(|t| keys.open(CONTEXT, t).ok())
+            .and_then(|json| serde_json::from_str::<Forwarded>(&json).ok());
+        let answer = match forwarded {
+            Some(f) => {
+                let taken = crate::agent_surface::enroll_from(state, f.source, f.body.as_bytes());
+                Answer::of(taken.await.unwrap_or_else(|e| e.error_response())).await
+            }
+            None => {
+                Answer::of(
+                    ApiError::BadRequest("a forwarded enrollment that does not open".into())
+                        .error_response(),
+                )
+                .await
+            }
+        };
+        if let (Some(to), Ok(value)) = (answer_key(&key), serde_json::to_vec(&answer)) {
+            ops.push(Op::PutMeta { key: to, value });
+        }
+    }
+    if !ops.is_empty() {
+        state.shared.journal.commit(ops).await?;
+    }
+    remove_old_answers(state, cutoff).await
+}
+
+/// Answers nobody fetched (their member gave up, or died) answered before `cutoff`.
+async fn remove_old_answers(state: &AppState, cutoff: u64) -> Result<(), JournalError> {
+    let j = state.shared.journal.clone();
+    let page = web::block(move || j.scan_meta_from(ANSWERS, ANSWERS, PAGE, PAGE_BYTES))
+        .await
+        .map_err(|_| JournalError::Closed)??;
     let old: Vec<Op> = page
         .entries
         .into_iter()
-        .filter(|(k, _)| made_unix_ms(k).is_none_or(|ms| ms < cutoff))
+        .filter(|(_, v)| {
+            serde_json::from_slice::<Answer>(v).map_or(true, |a| a.answered_unix_ms < cutoff)
+        })
         .map(|(key, _)| Op::DeleteMeta { key })
         .collect();
     if !old.is_empty() {
-        if let Err(e) = state.shared.journal.commit(old).await {
-            tracing::warn!(error = %e, "old-enrollment-answers-not-removed");
-        }
+        state.shared.journal.commit(old).await?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use tether_tests::postgres::Postgres;
 
 const WAIT: Duration = Duration::from_secs(60);
 const STEPS: usize = 6;
+/// Refused enrollments a caller may make per minute (the server's `EnrollLimiter`).
+const ENROLL_FAILURES_PER_WINDOW: u32 = 20;
 
 /// The environment of node `name` of a cluster on `pg` where every node serves agents.
 fn node(pg: &Postgres, name: &str) -> Vec<(String, String)> {
@@ -991,14 +993,44 @@ fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_enrolls_
     assert_eq!(garbage.status, 400, "{}", garbage.body);
     assert!(agents().is_empty());
     assert!(b_log().contains("enrollment-forwarded-to-the-active-node"));
+    // (Of node b: the planted request's answer below stays a minute.)
     let rows = || {
         pg.psql(
-            "SELECT count(*) FROM tether_journal WHERE substring(key from 1 for 7) = 'Menroll'::bytea",
+            "SELECT count(*) FROM tether_journal WHERE substring(key from 1 for 7) = 'Menroll'::bytea \
+             AND position('node-x'::bytea in key) = 0",
         )
     };
     eventually("no request or answer left", WAIT, || {
         (rows() == "0").then_some(())
     });
+    // A request not sealed with the cluster's ring (written by whoever can write to the
+    // database) is answered 400 and removed; it enrolls nobody.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let id = format!("node-x/{now_ms:013}-0-1");
+    let body = json!({"token": "tte_nope", "name": "planted"}).to_string();
+    forge_meta(
+        &pg,
+        &format!("enroll/{id}"),
+        json!({"source": null, "body": body}).to_string().as_bytes(),
+    );
+    let count = |key: String| {
+        pg.psql(&format!(
+            "SELECT count(*) FROM tether_journal WHERE key = convert_to('M{key}', 'UTF8')"
+        ))
+    };
+    eventually("the planted request answered 400 and removed", WAIT, || {
+        (count(format!("enroll/{id}")) == "0" && count(format!("enrolled/{id}")) == "1")
+            .then_some(())
+    });
+    let answer = pg.psql(&format!(
+        "SELECT convert_from(substring(value from 6), 'UTF8') FROM tether_journal \
+         WHERE key = convert_to('Menrolled/{id}', 'UTF8')"
+    ));
+    assert!(answer.contains("\"status\":400"), "{answer}");
+    assert!(agents().is_empty());
 
     // One address for the cluster, as a TCP load balancer gives: the first connection goes to
     // the member, which has the active node enroll the agent, at once.
@@ -1019,6 +1051,20 @@ fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_enrolls_
     let named = agents().iter().filter(|v| v["name"] == "via-lb").count();
     assert_eq!(named, 1);
     assert_eq!(rows(), "0");
+
+    // The caller's address reaches the active node: refusals through the member count against
+    // it there, as if it had called the active node itself.
+    for i in 1..ENROLL_FAILURES_PER_WINDOW {
+        let e =
+            tether_tests::loadgen::enroll(b.wss, tls.clone(), "localhost", "tte_nope", "forged")
+                .err()
+                .expect("a forged token enrolled");
+        assert!(e.contains("401"), "try {i}: {e}");
+    }
+    let direct = tether_tests::loadgen::enroll(a.wss, tls, "localhost", "tte_nope", "forged")
+        .err()
+        .expect("a forged token enrolled");
+    assert!(direct.contains("429"), "{direct}");
 }
 
 /// Rows in `id`'s mailbox (commands for it not yet taken by the node that serves it).
@@ -1042,9 +1088,8 @@ fn relays_linked_to_a_member_carry_their_agents_there_are_tended_by_the_active_n
     let marks = tmp.path().join("marks");
     std::fs::create_dir_all(&marks).unwrap();
     marking_process(&a, "marks", STEPS, &marks);
-    // Both relays list the member first. They enroll at the active node (the member leaves
-    // enrollment to it, and they go round), link to the member, and forward their agents'
-    // enrollments on to the active node the same way.
+    // Both relays list the member first. They enroll through it (the active node takes their
+    // requests from the database), link to it, and forward their agents' enrollments to it.
     let both = [b.upstream(), a.upstream()];
     let r1 = Relay::start(&a, &both, tmp.path(), "relay-1");
     let r2 = Relay::start(&a, &both, tmp.path(), "relay-2");

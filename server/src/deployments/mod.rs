@@ -228,6 +228,11 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> Result<T, De
 }
 
 impl Deployments {
+    /// The key ring that seals secrets at rest.
+    pub fn secrets(&self) -> Arc<KeyRing> {
+        self.keys.clone()
+    }
+
     /// Reads every process, deployment and job from the journal's meta entries, opening
     /// their secrets with `keys`.
     pub fn load(

@@ -136,6 +136,9 @@ pub struct SessionShared {
     /// On a member: the active node takes the events members carry (it says so in the
     /// journal, see `crate::mail::ACTIVE_TAKES_MEMBERS`); a member serves agents only then.
     pub active_takes_members: std::sync::atomic::AtomicBool,
+    /// On a member: the active node answers the enrollments members forward (see
+    /// `crate::member_enroll`; an active node of an earlier release does not).
+    pub active_takes_enrollments: std::sync::atomic::AtomicBool,
     /// A member was drained (`tether-server drain`): it takes no more agents.
     pub drained: std::sync::atomic::AtomicBool,
     /// What agents and relays reported of themselves and is not yet stored, by id, and

@@ -17,9 +17,10 @@
 //! answers `503`), and gives up on one after [`ANSWER_WAIT`] (`503`; it deletes its request:
 //! the caller tries again, and the active node answers a repeated request with the same
 //! agent). The active node takes at most [`PAGE`] requests per look, going round all of them
-//! (a busy member's do not hold another's up), drops requests older than [`KEPT`] by its
-//! clock without running them (nobody waits for their answer), removes answers nobody fetched
-//! after [`KEPT`], and after a failure waits up to [`BACKOFF_MAX`] before it looks again.
+//! (a busy member's do not hold another's up), drops requests older than [`KEPT`] (by the
+//! time their member stamped on them) without running them (nobody waits for their answer),
+//! removes answers nobody fetched [`KEPT`] after it wrote them, and after a failure waits up to
+//! [`BACKOFF_MAX`] before it looks again.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -56,12 +56,18 @@ const PAGE: usize = 64;
 const PAGE_BYTES: usize = 2 << 20;
 /// How long a request or an answer is kept (by the active node's clock).
 const KEPT: Duration = Duration::from_secs(60);
-/// What the request's seal is bound to.
-const CONTEXT: &str = "enroll/forwarded";
+/// How long the active node spends on one page before it commits what it answered.
+const PAGE_BUDGET: Duration = Duration::from_secs(2);
 
-/// A request a member forwards: the body as it came, and the caller's address (for the
-/// active node's failure budget). Stored sealed.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// What a request's seal is bound to: its place (a sealed request copied elsewhere does not
+/// open).
+fn context(key: &str) -> String {
+    format!("enroll/forwarded:{key}")
+}
+
+/// A request a member forwards: the body as it came (the token in it), and the caller's
+/// address (for the active node's failure budget). Stored sealed; never printed.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct Forwarded {
     pub source: Option<IpAddr>,
     pub body: String,
@@ -110,6 +116,11 @@ impl Answer {
             answered_unix_ms: now_unix_ms(),
         }
     }
+}
+
+/// Whether `e` refused a commit under `fence`.
+fn fenced_by(e: &JournalError, fence: &Fence) -> bool {
+    matches!(e, JournalError::Fenced { claim, epoch } if *claim == fence.claim && *epoch == fence.epoch)
 }
 
 /// The answer key of request key `key`.
@@ -186,7 +197,7 @@ impl Forwarder {
             body: body.to_owned(),
         })
         .map_err(|_| busy())?;
-        let sealed = state.deployments.secrets().seal(CONTEXT, &json);
+        let sealed = state.deployments.secrets().seal(&context(&key), &json);
         let waited = tokio::time::timeout(
             ANSWER_WAIT,
             self.wait_for_answer(state, &node, &key, sealed.into_bytes()),
@@ -257,6 +268,7 @@ impl Forwarder {
             .claims
             .as_ref()
             .ok_or(JournalError::NotActive)?;
+        let mut last = JournalError::NotActive;
         for _ in 0..2 {
             let held = {
                 let mut fence = self.fence.lock().await;
@@ -277,11 +289,18 @@ impl Forwarder {
                 .commit_under(ops.clone(), Some(held))
                 .await
             {
-                Err(JournalError::Fenced { .. }) => *self.fence.lock().await = None,
+                Err(e @ JournalError::Fenced { .. }) => {
+                    // Claimed again at the next try (unless another try did already).
+                    let mut fence = self.fence.lock().await;
+                    if fence.as_ref().is_some_and(|f| fenced_by(&e, f)) {
+                        *fence = None;
+                    }
+                    last = e;
+                }
                 done => return done.map(drop),
             }
         }
-        Err(JournalError::NotActive)
+        Err(last)
     }
 }
 
@@ -316,30 +335,51 @@ async fn answer_page(state: &AppState, from: &mut String) -> Result<(), JournalE
     let cutoff = now_unix_ms().saturating_sub(KEPT.as_millis() as u64);
     let keys = state.deployments.secrets();
     let mut ops = Vec::new();
+    let started = std::time::Instant::now();
     for (key, value) in page.entries {
+        if started.elapsed() >= PAGE_BUDGET {
+            // What is answered goes now; the next look starts here (its callers still wait).
+            *from = key;
+            break;
+        }
         ops.push(Op::DeleteMeta { key: key.clone() });
         if made_unix_ms(&key).is_none_or(|ms| ms < cutoff) {
             // Nobody waits for its answer any more.
             continue;
         }
-        let forwarded = std::str::from_utf8(&value)
-            .ok()
-            .filter(|t| crate::secrets::KeyRing::is_sealed(t))
-            .and_then(|t| keys.open(CONTEXT, t).ok())
-            .and_then(|json| serde_json::from_str::<Forwarded>(&json).ok());
-        let answer = match forwarded {
-            Some(f) => {
-                let taken = crate::agent_surface::enroll_from(state, f.source, f.body.as_bytes());
-                Answer::of(taken.await.unwrap_or_else(|e| e.error_response())).await
+        let refused = match std::str::from_utf8(&value) {
+            Ok(t) if crate::secrets::KeyRing::is_sealed(t) => {
+                match keys
+                    .open(&context(&key), t)
+                    .map_err(|e| e.to_string())
+                    .and_then(|json| {
+                        serde_json::from_str::<Forwarded>(&json).map_err(|e| e.to_string())
+                    }) {
+                    Ok(f) => {
+                        let taken =
+                            crate::agent_surface::enroll_from(state, f.source, f.body.as_bytes());
+                        Ok(taken.await.unwrap_or_else(|e| e.error_response()))
+                    }
+                    // Sealed by a member, but not with a key this node has (the rings differ):
+                    // the caller may try again elsewhere.
+                    Err(reason) => {
+                        tracing::warn!(key = %key, reason = %reason, "forwarded-enrollment-does-not-open");
+                        Err(ApiError::Incomplete(
+                            "the active node could not open a forwarded enrollment: try again"
+                                .into(),
+                        ))
+                    }
+                }
             }
-            None => {
-                Answer::of(
-                    ApiError::BadRequest("a forwarded enrollment that does not open".into())
-                        .error_response(),
-                )
-                .await
+            // Not written by a member.
+            _ => {
+                tracing::warn!(key = %key, "forwarded-enrollment-not-sealed-refused");
+                Err(ApiError::BadRequest(
+                    "a forwarded enrollment that is not sealed".into(),
+                ))
             }
         };
+        let answer = Answer::of(refused.unwrap_or_else(|e| e.error_response())).await;
         if let (Some(to), Ok(value)) = (answer_key(&key), serde_json::to_vec(&answer)) {
             ops.push(Op::PutMeta { key: to, value });
         }

@@ -474,6 +474,57 @@ async fn an_ambiguous_commit_is_settled_by_trying_the_same_batch_again() {
     }
 }
 
+/// Each batch is two flights, its writes and its `COMMIT` sent together: a write the database
+/// refuses must take the whole batch with it (the `COMMIT` after it rolls back), and leave the
+/// connection ready for the next batch.
+#[actix::test]
+async fn a_write_the_database_refuses_takes_its_whole_batch_and_the_next_batch_commits() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let store = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let (j, _, _) = open(store.clone(), Path::new("postgres"));
+    let l = log("out/events");
+    j.commit(appends(&l, 1..=3)).await.unwrap();
+    // (Through the store itself: a journal whose store failed a write takes no more.)
+    // The database refuses any value of meta key `refused` (meta keys start with `M`).
+    pg.psql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+           IF NEW.key = convert_to('Mrefused', 'UTF8') THEN RAISE EXCEPTION 'refused by the test'; END IF;
+           RETURN NEW; END $$;
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON tether_journal
+           FOR EACH ROW EXECUTE FUNCTION refuse();",
+    );
+    let mut refused = appends(&l, 4..=6);
+    refused.extend([
+        Op::TruncateThrough {
+            log: l.clone(),
+            upto: Seq(2),
+        },
+        Op::PutMeta {
+            key: "kept-only-with-its-batch".into(),
+            value: b"x".to_vec(),
+        },
+        Op::PutMeta {
+            key: "refused".into(),
+            value: b"x".to_vec(),
+        },
+    ]);
+    let err = store.apply(&refused).unwrap_err();
+    assert!(err.to_string().contains("refused by the test"), "{err}");
+    assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3], "nothing of the batch");
+    assert_eq!(j.get_meta("kept-only-with-its-batch").unwrap(), None);
+    // The same connection takes the next batch.
+    store.apply(&appends(&l, 4..=5)).unwrap();
+    assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3, 4, 5]);
+    assert_eq!(store.waiting(), None);
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"),
+        "0",
+        "no transaction left open"
+    );
+}
+
 #[actix::test]
 async fn a_node_that_lost_the_lease_can_never_commit_again() {
     let Some(pg) = Postgres::start() else {

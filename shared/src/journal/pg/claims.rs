@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Statement, Transaction};
+use tokio_postgres::Statement;
 
 use super::connection::{db_err, Shared};
 use super::{Failure, PgStore};
@@ -212,7 +212,7 @@ impl PgStore {
 /// For each of `fenced`, whether its claim has moved past its epoch (or was never made), read
 /// in `tx` with `check` ([`CHECK_CLAIMS`]) and locked until `tx` ends.
 pub(super) async fn left_out(
-    tx: &Transaction<'_>,
+    tx: &tokio_postgres::Client,
     check: &Statement,
     fenced: &[Fenced],
 ) -> Result<Checked, Failure> {

@@ -8,9 +8,10 @@
 //! [`Store::apply`] is one transaction per batch: the batch's keys are reduced to their last
 //! write (as sled's batches are), then written with one delete of the ranges truncated, one
 //! insert of the records, one upsert of the rest and one delete; blob appends and deletions run
-//! in their order. Statements are prepared once per connection, and sent in two flights (the
-//! checks of the lease and the claims; then every write), each pipelined: the database runs
-//! them in order, and a transaction waits for two round trips, not one per statement. It
+//! in their order. Statements are prepared once per connection, and sent in two flights
+//! (`BEGIN` with the checks of the lease and the claims; then every write with the `COMMIT`),
+//! each pipelined: the database runs them in order, and a transaction waits for two round
+//! trips, not one per statement. It
 //! returns only once `COMMIT` does, with `synchronous_commit` on (checked at open, as `fsync`
 //! is): [`Store::sync`] has nothing left to do. When the
 //! database goes away mid-batch (a `COMMIT` that got no answer included), the same planned
@@ -222,7 +223,7 @@ fn to_i64(n: u64) -> i64 {
 /// Reads what a batch depends on (blob lengths) inside its transaction and
 /// reduces it to a [`Plan`], as the sled store builds its batch.
 async fn plan<'a>(
-    tx: &tokio_postgres::Transaction<'_>,
+    tx: &tokio_postgres::Client,
     ops: impl IntoIterator<Item = &'a Op>,
 ) -> Result<Plan, Failure> {
     let mut plan = Plan::default();
@@ -419,6 +420,9 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 struct Failure {
     error: JournalError,
     next: Next,
+    /// The database answered the statement with this error (it ran, and failed): inside a
+    /// transaction, which is then aborted. Otherwise it got no answer, or was never sent.
+    answered: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -437,6 +441,7 @@ impl Failure {
         Failure {
             error: db_err(context, e),
             next: if transient(e) { Next::Wait } else { Next::Fail },
+            answered: e.as_db_error().is_some(),
         }
     }
 
@@ -444,6 +449,7 @@ impl Failure {
         Failure {
             error,
             next: Next::Fail,
+            answered: false,
         }
     }
 }
@@ -571,17 +577,16 @@ struct Attempt {
 }
 
 /// Where a try whose `COMMIT` got no answer stands (`pg_xact_status`).
-async fn outcome(
-    tx: &tokio_postgres::Transaction<'_>,
-    xid: &str,
-) -> Result<Option<String>, Failure> {
-    let row = tx
+async fn outcome(client: &tokio_postgres::Client, xid: &str) -> Result<Option<String>, Failure> {
+    let row = client
         .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
         .await
         .map_err(|e| Failure::of("cannot ask how a commit ended", &e))?;
     Ok(row.get(0))
 }
 
+/// One try of a batch on the writer's connection: [`transaction`]; a transaction it left open
+/// (it failed before its `COMMIT`) is rolled back, so that the connection serves the next try.
 async fn try_batch(
     shared: &Shared,
     ops: &[Op],
@@ -594,10 +599,33 @@ async fn try_batch(
         .map_err(|error| Failure {
             error,
             next: Next::Wait,
+            answered: false,
         })?;
     let conn = guard
         .as_mut()
         .ok_or(Failure::refused(JournalError::Closed))?;
+    let tried = transaction(shared, conn, ops, fenced, attempt).await;
+    if tried.is_err() && !conn.is_closed() {
+        // Outside a transaction (its COMMIT ended it), only a warning.
+        if let Err(e) = conn.batch_execute("ROLLBACK").await {
+            tracing::warn!(error = %described(&e), "postgres-rollback-failed");
+        }
+    }
+    tried
+}
+
+/// The transaction of one try, in two flights: `BEGIN` with the checks of the lease and the
+/// claims; then every write with the `COMMIT`. The database runs each flight's statements in
+/// order without waiting for the client between them: a statement that fails aborts the
+/// transaction, and the `COMMIT` after it then rolls it back (nothing is written). A write the
+/// client could not even send (its first poll failed) keeps the `COMMIT` from being sent.
+async fn transaction(
+    shared: &Shared,
+    conn: &mut Conn,
+    ops: &[Op],
+    fenced: &[Fenced],
+    attempt: &mut Attempt,
+) -> Result<Vec<bool>, Failure> {
     let mut prepared = Vec::with_capacity(WRITER_STATEMENTS.len());
     for sql in WRITER_STATEMENTS {
         let statement = conn.prepared(sql).await;
@@ -606,13 +634,15 @@ async fn try_batch(
     let [check_lease, check_claims, append_blob, delete_blob, delete_keys, delete_ranges, put_keys, insert_keys] =
         <[_; WRITER_STATEMENTS.len()]>::try_from(prepared)
             .map_err(|_| Failure::refused(JournalError::Closed))?;
-    let tx = conn
-        .transaction()
-        .await
-        .map_err(|e| Failure::of("cannot begin", &e))?;
+    let tx: &tokio_postgres::Client = conn;
+    let begin = async {
+        tx.batch_execute("BEGIN")
+            .await
+            .map_err(|e| Failure::of("cannot begin", &e))
+    };
     // Fencing: the lease row is read (and locked against a takeover) inside the transaction,
     // so a node that lost it can never commit again; the claims of the fenced requests alike.
-    // Both in one flight.
+    // Both in the flight of the `BEGIN`.
     let lease = shared.held_lease();
     let held = async {
         match &lease {
@@ -627,12 +657,14 @@ async fn try_batch(
     let checked = async {
         match fenced.is_empty() {
             true => Ok((Vec::new(), None)),
-            false => claims::left_out(&tx, &check_claims, fenced)
+            false => claims::left_out(tx, &check_claims, fenced)
                 .await
                 .map(|checked| (checked.out, checked.xid)),
         }
     };
-    let (held, checked) = futures_util::future::join(held, checked).await;
+    // Polled in this order, so sent in it.
+    let (begun, held, checked) = futures_util::future::join3(begin, held, checked).await;
+    begun?;
     if let (false, Some(lease)) = (held?, &lease) {
         return Err(Failure::refused(lease::fenced(lease)));
     }
@@ -648,7 +680,7 @@ async fn try_batch(
     });
     if moved {
         if let Some(xid) = &attempt.unanswered {
-            match outcome(&tx, xid).await?.as_deref() {
+            match outcome(tx, xid).await?.as_deref() {
                 Some("committed") => {
                     let (_, then) = attempt.plan.take().unwrap_or_default();
                     return Ok(then);
@@ -660,6 +692,7 @@ async fn try_batch(
                             reason: "an earlier try of this batch is still in progress".into(),
                         },
                         next: Next::Wait,
+                        answered: false,
                     })
                 }
                 None => {
@@ -676,9 +709,9 @@ async fn try_batch(
         Some(plan) => plan,
         none if out.iter().any(|o| *o) => {
             let kept = claims::kept(ops, fenced, &out);
-            none.insert((self::plan(&tx, kept).await?, out.clone()))
+            none.insert((self::plan(tx, kept).await?, out.clone()))
         }
-        none => none.insert((self::plan(&tx, ops).await?, out.clone())),
+        none => none.insert((self::plan(tx, ops).await?, out.clone())),
     };
     let out = planned_out.clone();
     // Its id, needed only where a claim could move on before a try made again: read with the
@@ -735,7 +768,7 @@ async fn try_batch(
     let overwrite = plan.overwrite_records;
     let (keys, values) = &plan.records;
     if !keys.is_empty() {
-        let (tx, put_keys, insert_keys) = (&tx, &put_keys, &insert_keys);
+        let (put_keys, insert_keys) = (&put_keys, &insert_keys);
         writes.push(Box::pin(async move {
             let written = match overwrite {
                 true => tx.execute(put_keys, &[keys, values]).await,
@@ -746,17 +779,11 @@ async fn try_batch(
                 Some(UNIQUE_VIOLATION) if !overwrite => Failure {
                     error: db_err("records already there", &e),
                     next: Next::Again,
+                    answered: true,
                 },
                 _ => Failure::of("cannot append", &e),
             })
         }));
-    }
-    let written = in_flight(writes).await;
-    if let Err(f) = written {
-        if f.next == Next::Again {
-            plan.overwrite_records = true;
-        }
-        return Err(f);
     }
     let hinted = hints::of(
         &shared
@@ -765,52 +792,93 @@ async fn try_batch(
             .unwrap_or_else(std::sync::PoisonError::into_inner),
         &plan.put.0,
     );
-    tx.commit().await.map_err(|e| {
-        // No answer to COMMIT: the batch may or may not be durable; the next try settles it.
-        attempt.unanswered = xid;
-        let mut f = Failure::of("commit", &e);
-        if let JournalError::Io { reason, .. } = &mut f.error {
-            reason.push_str(" (the commit's outcome is unknown)");
+    let commit = async {
+        tx.batch_execute("COMMIT")
+            .await
+            .map_err(|e| Failure::of("commit", &e))
+    };
+    let (written, committed) = match in_flight_then(writes, commit).await {
+        Ok(answers) => answers,
+        // A write was not sent, nor the COMMIT: the transaction is open (rolled back by the
+        // caller).
+        Err(f) => return Err(f),
+    };
+    match (written, committed) {
+        (Ok(()), Ok(())) => {}
+        // A write the database refused aborted the transaction: its COMMIT rolled it back.
+        (Err(f), _) if f.answered => {
+            if f.next == Next::Again {
+                plan.overwrite_records = true;
+            }
+            return Err(f);
         }
-        f
-    })?;
+        // No answer to a write or to COMMIT (the connection went away): the batch may or may
+        // not be durable; the next try settles it.
+        (written, committed) => {
+            attempt.unanswered = xid;
+            let mut f = match (written, committed) {
+                (_, Err(f)) | (Err(f), _) => f,
+                (Ok(()), Ok(())) => Failure::refused(JournalError::Closed),
+            };
+            if let JournalError::Io { reason, .. } = &mut f.error {
+                reason.push_str(" (the commit's outcome is unknown)");
+            }
+            return Err(f);
+        }
+    }
     // Once it is durable: a listener that reads after the hint finds what it wrote.
     shared.outbox.post(hinted);
     Ok(out)
 }
 
-/// A statement of a flight (see [`in_flight`]).
+/// A statement of a flight (see [`in_flight_then`]).
 type InFlight<'a> = std::pin::Pin<Box<dyn Future<Output = Result<u64, Failure>> + Send + 'a>>;
 
-/// Runs `statements` on one connection as one flight: each is sent right after the one before
-/// it, without waiting for its answer (the database runs them in that order; the client
-/// pipelines what is asked of it concurrently), then every answer is awaited. The first
-/// failure, in that order, is the flight's (the database ignores the statements after a
-/// failed one, until the transaction ends).
-async fn in_flight(statements: Vec<InFlight<'_>>) -> Result<(), Failure> {
+/// Runs `statements` on one connection as one flight, then `last` in it, sent only if every
+/// statement was: each is sent right after the one before it, without waiting for its answer
+/// (the database runs them in that order; the client pipelines what is asked of it
+/// concurrently), then every answer is awaited. Returns the statements' answer (the first
+/// failure, in order: the database ignores the statements after a failed one, until the
+/// transaction ends) and `last`'s. Fails, sending
+/// nothing more, if a statement could not be sent (its first poll failed: the client's own
+/// failure, such as a value it cannot encode).
+async fn in_flight_then(
+    statements: Vec<InFlight<'_>>,
+    last: impl Future<Output = Result<(), Failure>>,
+) -> Result<(Result<(), Failure>, Result<(), Failure>), Failure> {
     use std::task::Poll;
     let mut pending: Vec<futures_util::future::MaybeDone<InFlight<'_>>> = statements
         .into_iter()
         .map(futures_util::future::maybe_done)
         .collect();
+    // The first poll of each sends it.
     std::future::poll_fn(|cx| {
-        // In order: the first poll of each sends it.
-        let mut done = true;
         for statement in pending.iter_mut() {
-            done &= std::pin::Pin::new(statement).poll(cx).is_ready();
+            let _ = std::pin::Pin::new(statement).poll(cx);
         }
-        match done {
-            true => Poll::Ready(()),
-            false => Poll::Pending,
-        }
+        Poll::Ready(())
     })
     .await;
     for statement in pending.iter_mut() {
-        if let Some(Err(f)) = std::pin::Pin::new(statement).take_output() {
-            return Err(f);
+        if let futures_util::future::MaybeDone::Done(Err(f)) = statement {
+            if !f.answered {
+                return Err(std::mem::replace(f, Failure::refused(JournalError::Closed)));
+            }
         }
     }
-    Ok(())
+    let rest = async {
+        let mut first: Result<(), Failure> = Ok(());
+        for statement in pending.iter_mut() {
+            std::pin::Pin::new(&mut *statement).await;
+            if let Some(Err(f)) = std::pin::Pin::new(statement).take_output() {
+                if first.is_ok() {
+                    first = Err(f);
+                }
+            }
+        }
+        first
+    };
+    Ok(futures_util::future::join(rest, last).await)
 }
 
 impl Store for PgStore {

@@ -323,11 +323,12 @@ pub async fn deliver_forever(
             Look::Of(agents) => {
                 let prefixes: Vec<String> =
                     agents.iter().map(|a| agent_prefix(prefix, a)).collect();
-                // Their first entries each (what is left waits for a later look).
-                actix_web::web::block(move || {
-                    j.scan_meta_prefixes(&prefixes, PAGE_OF_ONE, PAGE_BYTES)
-                })
-                .await
+                // Their first entries each (what is left waits for a later look), read without
+                // a hand-over to another thread: this is the way of a command to its agent.
+                Ok(
+                    j.scan_meta_prefixes_async(&prefixes, PAGE_OF_ONE, PAGE_BYTES)
+                        .await,
+                )
             }
         };
         let (rows, full) = match page {

@@ -204,16 +204,24 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
     )
     .await
     .unwrap();
-    let under = |prefixes: &[&str], rows: usize, bytes: usize| -> (Vec<String>, bool) {
+    // Blocking, and not: the same page.
+    let under = |prefixes: &[&str], rows: usize, bytes: usize| {
         let prefixes: Vec<String> = prefixes.iter().map(|p| (*p).to_owned()).collect();
         let page = j.scan_meta_prefixes(&prefixes, rows, bytes).unwrap();
-        (
-            page.entries.into_iter().map(|(k, _)| k).collect(),
-            page.full,
-        )
+        let later = j.scan_meta_prefixes_async(&prefixes, rows, bytes);
+        async move {
+            assert_eq!(later.await.unwrap(), page);
+            (
+                page.entries
+                    .into_iter()
+                    .map(|(k, _)| k)
+                    .collect::<Vec<String>>(),
+                page.full,
+            )
+        }
     };
     assert_eq!(
-        under(&["q/c/", "q/a/"], 10, usize::MAX),
+        under(&["q/c/", "q/a/"], 10, usize::MAX).await,
         (
             vec![
                 "q/a/1".into(),
@@ -226,20 +234,20 @@ async fn contract(reopen: &dyn Fn() -> Arc<dyn Store>, dir: &Path) {
         "q/ab/ is not under q/a/"
     );
     assert_eq!(
-        under(&["q/c/", "q/a/"], 2, usize::MAX),
+        under(&["q/c/", "q/a/"], 2, usize::MAX).await,
         (vec!["q/a/1".into(), "q/a/2".into(), "q/c/1".into()], true)
     );
     assert_eq!(
-        under(&["q/a/", "q/b/"], 10, 31),
+        under(&["q/a/", "q/b/"], 10, 31).await,
         (vec!["q/a/1".into(), "q/a/2".into(), "q/a/3".into()], true)
     );
     assert_eq!(
-        under(&["q/b/"], 10, 0).0,
+        under(&["q/b/"], 10, 0).await.0,
         ["q/b/1"],
         "the first row, whatever the budget"
     );
-    assert_eq!(under(&["q/none/"], 10, 100), (Vec::new(), false));
-    assert_eq!(under(&[], 10, 100), (Vec::new(), false));
+    assert_eq!(under(&["q/none/"], 10, 100).await, (Vec::new(), false));
+    assert_eq!(under(&[], 10, 100).await, (Vec::new(), false));
 
     // Blobs: appended across batches and within one, read by range, never past the
     // committed length, gone on delete, and written again from zero.

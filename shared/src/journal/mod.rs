@@ -382,8 +382,44 @@ impl JournalHandle {
         limit: usize,
         max_bytes: usize,
     ) -> Result<MetaPage, JournalError> {
-        let mut keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
+        let keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
         let rows = self.store.scan_prefixes(&keys, limit, max_bytes)?;
+        self.meta_page(keys, rows, limit, max_bytes)
+    }
+
+    /// [`Self::scan_meta_prefixes`] without blocking the caller: on a database, the read runs
+    /// on the store's own threads (see [`Store::scan_prefixes_then`]).
+    pub fn scan_meta_prefixes_async(
+        &self,
+        prefixes: &[String],
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl std::future::Future<Output = Result<MetaPage, JournalError>> + 'static {
+        let keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
+        let (tx, rx) = oneshot::channel();
+        self.store.scan_prefixes_then(
+            keys.clone(),
+            limit,
+            max_bytes,
+            Box::new(move |rows| {
+                let _ = tx.send(rows);
+            }),
+        );
+        let this = self.clone();
+        async move {
+            let rows = rx.await.map_err(|_| JournalError::Closed)??;
+            this.meta_page(keys, rows, limit, max_bytes)
+        }
+    }
+
+    /// The page that `rows`, read under `keys` (see [`Self::scan_meta_prefixes`]), make.
+    fn meta_page(
+        &self,
+        mut keys: Vec<Vec<u8>>,
+        rows: store::Rows,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<MetaPage, JournalError> {
         let stored: usize = rows.iter().map(|(_, v)| v.len()).sum();
         // Rows come in key order, so each prefix's are one run.
         keys.sort();

@@ -88,6 +88,18 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Rows, JournalError> {
         scan_prefixes_in_turn(self, prefixes, limit, max_bytes)
     }
+    /// [`Store::scan_prefixes`], its answer given to `reply`: by a store whose reads wait on
+    /// the network (a database), on a thread of its own, so that the caller (an async one)
+    /// neither blocks nor hands the wait to another thread; by default, at once.
+    fn scan_prefixes_then(
+        &self,
+        prefixes: Vec<Vec<u8>>,
+        limit: usize,
+        max_bytes: usize,
+        reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
+    ) {
+        reply(self.scan_prefixes(&prefixes, limit, max_bytes))
+    }
     /// How many keys start with `prefix`, counted up to `limit`.
     fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {
         Ok(self.scan_from(prefix, prefix, limit, usize::MAX)?.len())

@@ -385,6 +385,40 @@ impl Page {
     }
 }
 
+/// Keys, in a statement's parameter.
+type Keys = Vec<Vec<u8>>;
+
+/// The key ranges [first, end) of `prefixes` (each once), the bounds of their index scans
+/// (`None`: a prefix of bytes 0xFF only has no end: never one of ours, read in turn if need
+/// be).
+fn ranges(prefixes: &[Vec<u8>]) -> Option<(Keys, Keys)> {
+    let firsts = crate::journal::store::distinct(prefixes);
+    let ends = firsts
+        .iter()
+        .map(|p| prefix_end(p))
+        .collect::<Option<Vec<Vec<u8>>>>()?;
+    Some((firsts, ends))
+}
+
+/// [`Store::scan_prefixes`] of the ranges [`ranges`] gave.
+async fn scan_ranges(
+    shared: &Shared,
+    firsts: Keys,
+    ends: Keys,
+    page: Page,
+) -> Result<Rows, JournalError> {
+    let mut guard = shared.client(shared.reader()).await?;
+    let conn = guard.as_mut().ok_or(JournalError::Closed)?;
+    let rows = conn
+        .read(SCAN_PREFIXES, &[&firsts, &ends, &page.rows, &page.bytes])
+        .await
+        .map_err(|e| db_err("cannot read", &e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
+        .collect())
+}
+
 /// The committed length of blob `name` (0 for none), read with `client`.
 async fn committed_len<C: tokio_postgres::GenericClient>(
     client: &C,
@@ -952,29 +986,31 @@ impl Store for PgStore {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Rows, JournalError> {
-        let firsts = crate::journal::store::distinct(prefixes);
-        // Where each prefix ends, the bound of its index scan (a prefix of bytes 0xFF only has
-        // none: never one of ours, read in turn if need be).
-        let Some(ends) = firsts
-            .iter()
-            .map(|p| prefix_end(p))
-            .collect::<Option<Vec<Vec<u8>>>>()
-        else {
-            return crate::journal::store::scan_prefixes_in_turn(self, prefixes, limit, max_bytes);
-        };
-        let page = Page::new(limit, max_bytes);
-        self.run(move |shared| async move {
-            let mut guard = shared.client(shared.reader()).await?;
-            let conn = guard.as_mut().ok_or(JournalError::Closed)?;
-            let rows = conn
-                .read(SCAN_PREFIXES, &[&firsts, &ends, &page.rows, &page.bytes])
-                .await
-                .map_err(|e| db_err("cannot read", &e))?;
-            Ok(rows
-                .into_iter()
-                .map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1)))
-                .collect())
-        })
+        match ranges(prefixes) {
+            Some((firsts, ends)) => {
+                let page = Page::new(limit, max_bytes);
+                self.run(
+                    move |shared| async move { scan_ranges(&shared, firsts, ends, page).await },
+                )
+            }
+            None => crate::journal::store::scan_prefixes_in_turn(self, prefixes, limit, max_bytes),
+        }
+    }
+
+    fn scan_prefixes_then(
+        &self,
+        prefixes: Vec<Vec<u8>>,
+        limit: usize,
+        max_bytes: usize,
+        reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
+    ) {
+        match (&self.runtime, ranges(&prefixes)) {
+            (Some(runtime), Some((firsts, ends))) => {
+                let (shared, page) = (self.shared.clone(), Page::new(limit, max_bytes));
+                runtime.spawn(async move { reply(scan_ranges(&shared, firsts, ends, page).await) });
+            }
+            _ => reply(self.scan_prefixes(&prefixes, limit, max_bytes)),
+        }
     }
 
     fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {

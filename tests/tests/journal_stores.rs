@@ -495,14 +495,16 @@ async fn a_write_the_database_refuses_takes_its_whole_batch_and_the_next_batch_c
     let l = log("out/events");
     j.commit(appends(&l, 1..=3)).await.unwrap();
     // (Through the store itself: a journal whose store failed a write takes no more.)
-    // The database refuses any value of meta key `refused` (meta keys start with `M`).
-    pg.psql(
+    // The database refuses record 6 of the log: records are the batch's last write, after
+    // the truncation and the meta keys, which it must take back with it.
+    let refused_key = hex::encode(tether_shared::journal::record::record_key(&l, Seq(6)));
+    pg.psql(&format!(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-           IF NEW.key = convert_to('Mrefused', 'UTF8') THEN RAISE EXCEPTION 'refused by the test'; END IF;
+           IF NEW.key = decode('{refused_key}', 'hex') THEN RAISE EXCEPTION 'refused by the test'; END IF;
            RETURN NEW; END $$;
          CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON tether_journal
-           FOR EACH ROW EXECUTE FUNCTION refuse();",
-    );
+           FOR EACH ROW EXECUTE FUNCTION refuse();"
+    ));
     let mut refused = appends(&l, 4..=6);
     refused.extend([
         Op::TruncateThrough {
@@ -513,24 +515,26 @@ async fn a_write_the_database_refuses_takes_its_whole_batch_and_the_next_batch_c
             key: "kept-only-with-its-batch".into(),
             value: b"x".to_vec(),
         },
-        Op::PutMeta {
-            key: "refused".into(),
-            value: b"x".to_vec(),
-        },
     ]);
-    let err = store.apply(&refused).unwrap_err();
-    assert!(err.to_string().contains("refused by the test"), "{err}");
+    let err = store.apply(&refused).unwrap_err().to_string();
+    assert!(err.contains("refused by the test"), "{err}");
+    assert!(
+        !err.contains("outcome is unknown"),
+        "answered, so known: {err}"
+    );
     assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3], "nothing of the batch");
     assert_eq!(j.get_meta("kept-only-with-its-batch").unwrap(), None);
     // The same connection takes the next batch.
     store.apply(&appends(&l, 4..=5)).unwrap();
     assert_eq!(seqs(&j, &l, 0, 100), [1, 2, 3, 4, 5]);
+    assert_eq!(j.get_meta("kept-only-with-its-batch").unwrap(), None);
     assert_eq!(store.waiting(), None);
-    assert_eq!(
-        pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"),
-        "0",
-        "no transaction left open"
-    );
+    assert_eq!(idle_in_transaction(&pg), "0", "no transaction left open");
+}
+
+/// How many sessions hold a transaction open, waiting for their client.
+fn idle_in_transaction(pg: &Postgres) -> String {
+    pg.psql("SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'")
 }
 
 #[actix::test]
@@ -570,6 +574,11 @@ async fn a_node_that_lost_the_lease_can_never_commit_again() {
     assert!(
         refused.to_string().contains("no longer holds the lease"),
         "{refused}"
+    );
+    assert_eq!(
+        idle_in_transaction(&pg),
+        "0",
+        "the refused try's transaction was ended (it holds the lease's row)"
     );
     assert!(a.renew_lease().is_err(), "a lost lease is not renewed");
     assert!(
@@ -641,6 +650,11 @@ async fn the_lease_is_handed_to_a_standby_at_once_and_the_giver_commits_nothing_
     assert!(
         refused.to_string().contains("no longer holds the lease"),
         "{refused}"
+    );
+    assert_eq!(
+        idle_in_transaction(&pg),
+        "0",
+        "the refused try's transaction was ended (it holds the lease's row)"
     );
     assert!(a.renew_lease().is_err());
     assert!(a.acquire_lease("node-a", ttl).unwrap().is_err());
@@ -798,6 +812,8 @@ async fn a_fenced_commit_whose_answer_was_lost_is_settled_by_asking_the_database
         let there = |k: &str| d.get_meta(k).unwrap().is_some();
         assert_eq!(there(&format!("lost/{agent}")), written, "{cut:?}");
         assert!(there(&format!("plain/{agent}")), "{cut:?}");
+        // Settled by asking: the try that asked wrote nothing, and ended its transaction.
+        assert_eq!(idle_in_transaction(&pg), "0", "{cut:?}");
     }
 }
 

@@ -503,7 +503,8 @@ fn transient(e: &tokio_postgres::Error) -> bool {
         Some(code) => {
             let code = code.code();
             code.starts_with("08")
-                || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+                // (25P03: a session idle in a transaction too long was ended.)
+                || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "25P03")
         }
     }
 }
@@ -605,9 +606,9 @@ struct Attempt {
     /// The plan, made by the first try that got that far, and which fenced requests it leaves
     /// out.
     plan: Option<(Plan, Vec<bool>)>,
-    /// The transaction id of a fenced try whose `COMMIT` got no answer: whether it took effect
-    /// is asked of the database if a later try finds a claim moved on.
-    unanswered: Option<String>,
+    /// The transaction ids of the fenced tries whose `COMMIT` got no answer: whether one took
+    /// effect is asked of the database if a later try finds a claim moved on.
+    unanswered: Vec<String>,
 }
 
 /// Where a try whose `COMMIT` got no answer stands (`pg_xact_status`).
@@ -713,31 +714,34 @@ async fn transaction(
             .any(|(now, then)| *now && !*then)
     });
     if moved {
-        if let Some(xid) = &attempt.unanswered {
-            match outcome(tx, xid).await?.as_deref() {
-                Some("committed") => {
-                    let (_, then) = attempt.plan.take().unwrap_or_default();
-                    return Ok(then);
-                }
-                Some("aborted") => {}
-                Some(_) => {
-                    return Err(Failure {
-                        error: JournalError::Database {
-                            reason: "an earlier try of this batch is still in progress".into(),
-                        },
-                        next: Next::Wait,
-                        answered: false,
-                    })
-                }
-                None => {
-                    return Err(Failure::refused(JournalError::Database {
-                        reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
-                    }))
-                }
-            }
+        let mut outcomes = Vec::with_capacity(attempt.unanswered.len());
+        for xid in &attempt.unanswered {
+            outcomes.push(outcome(tx, xid).await?);
+        }
+        if outcomes.iter().any(|o| o.as_deref() == Some("committed")) {
+            // Nothing of this try is written: its transaction ends here.
+            tx.batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| Failure::of("cannot roll back", &e))?;
+            let (_, then) = attempt.plan.take().unwrap_or_default();
+            return Ok(then);
+        }
+        if outcomes.iter().any(Option::is_none) {
+            return Err(Failure::refused(JournalError::Database {
+                reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
+            }));
+        }
+        if outcomes.iter().any(|o| o.as_deref() != Some("aborted")) {
+            return Err(Failure {
+                error: JournalError::Database {
+                    reason: "an earlier try of this batch is still in progress".into(),
+                },
+                next: Next::Wait,
+                answered: false,
+            });
         }
         attempt.plan = None;
-        attempt.unanswered = None;
+        attempt.unanswered.clear();
     }
     let (plan, planned_out) = match &mut attempt.plan {
         Some(plan) => plan,
@@ -849,7 +853,7 @@ async fn transaction(
         // No answer to a write or to COMMIT (the connection went away): the batch may or may
         // not be durable; the next try settles it.
         (written, committed) => {
-            attempt.unanswered = xid;
+            attempt.unanswered.extend(xid);
             let mut f = match (written, committed) {
                 (_, Err(f)) | (Err(f), _) => f,
                 (Ok(()), Ok(())) => Failure::refused(JournalError::Closed),

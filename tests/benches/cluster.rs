@@ -37,7 +37,9 @@ use tether_tests::postgres::Postgres;
 const TIMEOUT: Duration = Duration::from_secs(300);
 /// Agents of each side whose command latency is measured, and the deployments timed.
 const SAMPLE: usize = 100;
-const ROUNDS: usize = 5;
+/// Deployments timed on each side, one side then the other (a slow moment of the machine
+/// falls on both alike).
+const ROUNDS: usize = 10;
 /// Probe events each agent sends in an events phase.
 const EVENTS_EACH: u64 = 40;
 
@@ -77,33 +79,29 @@ impl Latencies {
     }
 }
 
-/// The per-agent latencies of `ROUNDS` one-step deployments to `ids` (agents of `fleets`)
-/// started on `node`.
-fn latencies(node: &Server, ids: &[String], fleets: &[&Fleet]) -> Latencies {
-    let mut all = Latencies::default();
-    for _ in 0..ROUNDS {
-        let done = deploy(node, "trivial", ids, serde_json::json!({})).expect("a timed deployment");
-        for (job, finished) in done.jobs {
-            // Acknowledged once committed: on the node that serves the agent, maybe a moment
-            // after node a recorded the end.
-            let at = |what, times: fn(&Stats) -> &Mutex<BTreeMap<String, u64>>| {
-                eventually(what, TIMEOUT, || {
-                    fleets
-                        .iter()
-                        .find_map(|f| times(f.stats()).lock().unwrap().get(&job).copied())
-                })
-            };
-            let received = at("the job's command received", |s| &s.job_received_unix_ms);
-            let acked = at("the job's end acknowledged", |s| &s.job_acked_unix_ms);
-            all.delivered
-                .push(received.saturating_sub(done.start_unix_ms));
-            all.recorded
-                .push(finished.saturating_sub(done.start_unix_ms));
-            all.durable
-                .push(finished.max(acked).saturating_sub(done.start_unix_ms));
-        }
+/// The per-agent latencies of a one-step deployment to `ids` (agents of `fleets`) started on
+/// `node`, added to `all`.
+fn latencies(node: &Server, ids: &[String], fleets: &[&Fleet], all: &mut Latencies) {
+    let done = deploy(node, "trivial", ids, serde_json::json!({})).expect("a timed deployment");
+    for (job, finished) in done.jobs {
+        // Acknowledged once committed: on the node that serves the agent, maybe a moment
+        // after node a recorded the end.
+        let at = |what, times: fn(&Stats) -> &Mutex<BTreeMap<String, u64>>| {
+            eventually(what, TIMEOUT, || {
+                fleets
+                    .iter()
+                    .find_map(|f| times(f.stats()).lock().unwrap().get(&job).copied())
+            })
+        };
+        let received = at("the job's command received", |s| &s.job_received_unix_ms);
+        let acked = at("the job's end acknowledged", |s| &s.job_acked_unix_ms);
+        all.delivered
+            .push(received.saturating_sub(done.start_unix_ms));
+        all.recorded
+            .push(finished.saturating_sub(done.start_unix_ms));
+        all.durable
+            .push(finished.max(acked).saturating_sub(done.start_unix_ms));
     }
-    all
 }
 
 /// Events/s for `fleets` sending [`EVENTS_EACH`] each (the `round`th time: the load generator
@@ -207,14 +205,10 @@ fn main() {
 
     // Command latency: same node, cross node, alternately.
     let (mut same_ms, mut cross_ms) = (Latencies::default(), Latencies::default());
-    for _ in 0..2 {
+    for _ in 0..ROUNDS {
         let fleets = [&fleet_a, &fleet_b];
-        for (into, ids) in [(&mut same_ms, &same), (&mut cross_ms, &cross)] {
-            let got = latencies(&a, ids, &fleets);
-            into.delivered.extend(got.delivered);
-            into.recorded.extend(got.recorded);
-            into.durable.extend(got.durable);
-        }
+        latencies(&a, &same, &fleets, &mut same_ms);
+        latencies(&a, &cross, &fleets, &mut cross_ms);
     }
     same_ms.sort();
     cross_ms.sort();

@@ -190,9 +190,9 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             .as_ref()
             .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0)),
         active_takes_members: crate::mail::active_takes_members(&handle).into(),
-        active_takes_enrollments: crate::mail::active_takes(
+        active_takes_enrollments: crate::mail::active_takes_enrollments(
             &handle,
-            crate::mail::ACTIVE_TAKES_ENROLLMENTS,
+            loaded.active_epochs.as_ref().map_or(0, |e| *e.borrow()),
         )
         .into(),
         drained: Default::default(),
@@ -228,6 +228,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
                 loaded.registry.clone(),
                 session_registry.clone(),
                 shared.clone(),
+                loaded.active_epochs.clone(),
             ));
             if let Some(epochs) = loaded.active_epochs {
                 actix_rt::spawn(crate::mail::greet_each_active_node(
@@ -247,8 +248,15 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
                     }
                 });
                 // Members serve agents only while the active node reads what they carry.
-                let says =
-                    crate::mail::say_whether_members_are_taken(&handle, serving == Serving::Active);
+                let epoch = loaded
+                    .cluster
+                    .as_ref()
+                    .map_or(0, |c| u64::try_from(c.epoch).unwrap_or(0));
+                let says = crate::mail::say_whether_members_are_taken(
+                    &handle,
+                    serving == Serving::Active,
+                    epoch,
+                );
                 actix_rt::spawn(async move {
                     if let Err(e) = says.await {
                         tracing::warn!(error = %e, "members-mode-not-noted");

@@ -406,7 +406,9 @@ pub async fn greet_each_active_node(
 pub const ACTIVE_TAKES_MEMBERS: &str = "cluster/active_takes_members";
 
 /// The meta key where the active node says whether it answers the enrollments members
-/// forward (`1`; `crate::member_enroll`).
+/// forward (`crate::member_enroll`): its lease epoch if it does (`0` if not), so that what an
+/// earlier active node said is not taken for what the one now active does (one of a release
+/// that does not know the key writes nothing there).
 pub const ACTIVE_TAKES_ENROLLMENTS: &str = "cluster/active_takes_enrollments";
 
 /// Whether the active node said it takes what members carry; blocking.
@@ -419,24 +421,34 @@ pub fn active_takes(journal: &JournalHandle, key: &str) -> bool {
     matches!(journal.get_meta(key), Ok(Some(v)) if v == b"1")
 }
 
-/// The active node says whether it takes what members carry, and the enrollments they
-/// forward.
+/// Whether the active node at lease `epoch` said it answers the enrollments members forward
+/// (see [`ACTIVE_TAKES_ENROLLMENTS`]); blocking.
+pub fn active_takes_enrollments(journal: &JournalHandle, epoch: i64) -> bool {
+    matches!(journal.get_meta(ACTIVE_TAKES_ENROLLMENTS), Ok(Some(v)) if epoch > 0 && v == epoch.to_string().as_bytes())
+}
+
+/// The active node, at lease `epoch`, says whether it takes what members carry, and the
+/// enrollments they forward.
 pub fn say_whether_members_are_taken(
     journal: &JournalHandle,
     taken: bool,
+    epoch: u64,
 ) -> impl std::future::Future<
     Output = Result<tether_shared::journal::Committed, tether_shared::journal::JournalError>,
 > {
-    let value = if taken { b"1".to_vec() } else { b"0".to_vec() };
-    journal.commit(
-        [ACTIVE_TAKES_MEMBERS, ACTIVE_TAKES_ENROLLMENTS]
-            .into_iter()
-            .map(|key| tether_shared::journal::Op::PutMeta {
-                key: key.to_owned(),
-                value: value.clone(),
-            })
-            .collect(),
-    )
+    let put = |key: &str, value: &[u8]| tether_shared::journal::Op::PutMeta {
+        key: key.to_owned(),
+        value: value.to_vec(),
+    };
+    let enrollments = if taken {
+        epoch.to_string()
+    } else {
+        "0".to_owned()
+    };
+    journal.commit(vec![
+        put(ACTIVE_TAKES_MEMBERS, if taken { b"1" } else { b"0" }),
+        put(ACTIVE_TAKES_ENROLLMENTS, enrollments.as_bytes()),
+    ])
 }
 
 /// How often a member reads the registry again.
@@ -445,21 +457,39 @@ pub const REGISTRY_REFRESH: Duration = Duration::from_secs(2);
 /// On a member: reads the agents the active node enrolls, changes and deletes every
 /// [`REGISTRY_REFRESH`], and ends the sessions of those deleted (and the links of relays
 /// deleted); reads the upgrade packages again too (agents and relays download them here), and
-/// takes a key rollover's step the active node took (`crate::trust::cluster`).
+/// takes a key rollover's step the active node took (`crate::trust::cluster`). Reads what the
+/// active node says it takes too, then and as soon as another node becomes active
+/// (`active_epochs`).
 pub async fn follow_registry(
     registry: std::sync::Arc<crate::registry::Registry>,
     sessions: Addr<SessionRegistry>,
     shared: std::sync::Arc<crate::session::SessionShared>,
+    mut active_epochs: Option<tokio::sync::watch::Receiver<i64>>,
 ) {
     let mut tick = actix_rt::time::interval(REGISTRY_REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        // And at once when another node becomes active (what it says is read again).
+        let taken_over = async {
+            match active_epochs.as_mut() {
+                Some(e) => {
+                    if e.changed().await.is_err() {
+                        std::future::pending::<()>().await
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = taken_over => {}
+        }
         let j = shared.journal.clone();
+        let epoch = active_epochs.as_ref().map_or(0, |e| *e.borrow());
         let says = actix_web::web::block(move || {
             (
                 active_takes_members(&j),
-                active_takes(&j, ACTIVE_TAKES_ENROLLMENTS),
+                active_takes_enrollments(&j, epoch),
             )
         });
         if let Ok((taken, enrollments)) = says.await {
@@ -623,5 +653,35 @@ mod tests {
         assert_eq!(grouped.len(), 2);
         assert_eq!(grouped[0].1.len(), 2);
         assert_eq!(grouped[1].0, b);
+    }
+
+    #[actix::test]
+    async fn members_forward_enrollments_only_to_the_active_node_that_said_it_takes_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (journal, _) = tether_shared::journal::Journal::open(
+            &tmp.path().join("j"),
+            &tether_shared::journal::JournalOptions::default(),
+        )
+        .unwrap();
+        let j = journal.handle();
+        assert!(!active_takes_enrollments(&j, 7), "nothing said yet");
+        say_whether_members_are_taken(&j, true, 7).await.unwrap();
+        assert!(active_takes_members(&j));
+        assert!(active_takes_enrollments(&j, 7));
+        // Another node took over since, and said nothing (a release that does not know the
+        // key): what the one before said is not taken for its word.
+        assert!(!active_takes_enrollments(&j, 8));
+        assert!(!active_takes_enrollments(&j, 0), "no active node known");
+        say_whether_members_are_taken(&j, false, 8).await.unwrap();
+        assert!(!active_takes_members(&j));
+        assert!(!active_takes_enrollments(&j, 8));
+        // What a release before this one wrote ("1") holds only at that epoch.
+        j.commit(vec![tether_shared::journal::Op::PutMeta {
+            key: ACTIVE_TAKES_ENROLLMENTS.into(),
+            value: b"1".to_vec(),
+        }])
+        .await
+        .unwrap();
+        assert!(!active_takes_enrollments(&j, 9));
     }
 }

@@ -69,6 +69,9 @@ struct Latencies {
     /// Until node a recorded it *and* it was durable (the agent's report of it acknowledged,
     /// which a node does only once it is committed): the later of the two.
     durable: Vec<u64>,
+    /// Of each deployment, its slowest `delivered`: the p99 of a few deployments is that of
+    /// their slowest, so this says whether one slow moment made it.
+    slowest_delivered: Vec<u64>,
 }
 
 impl Latencies {
@@ -76,6 +79,7 @@ impl Latencies {
         self.delivered.sort_unstable();
         self.recorded.sort_unstable();
         self.durable.sort_unstable();
+        self.slowest_delivered.sort_unstable();
     }
 }
 
@@ -83,6 +87,7 @@ impl Latencies {
 /// `node`, added to `all`.
 fn latencies(node: &Server, ids: &[String], fleets: &[&Fleet], all: &mut Latencies) {
     let done = deploy(node, "trivial", ids, serde_json::json!({})).expect("a timed deployment");
+    let before = all.delivered.len();
     for (job, finished) in done.jobs {
         // Acknowledged once committed: on the node that serves the agent, maybe a moment
         // after node a recorded the end.
@@ -102,6 +107,8 @@ fn latencies(node: &Server, ids: &[String], fleets: &[&Fleet], all: &mut Latenci
         all.durable
             .push(finished.max(acked).saturating_sub(done.start_unix_ms));
     }
+    let slowest = all.delivered[before..].iter().copied().max().unwrap_or(0);
+    all.slowest_delivered.push(slowest);
 }
 
 /// Events/s for `fleets` sending [`EVENTS_EACH`] each (the `round`th time: the load generator
@@ -289,6 +296,13 @@ fn main() {
             if c99 <= s99 + 10 { "met" } else { "MISSED" }
         );
     }
+    println!(
+        "  the slowest command of each deployment (delivered), median / worst of {ROUNDS}: same node {} / {} ms, cross node {} / {} ms",
+        p(&same_ms.slowest_delivered, 0.5),
+        same_ms.slowest_delivered.last().copied().unwrap_or(0),
+        p(&cross_ms.slowest_delivered, 0.5),
+        cross_ms.slowest_delivered.last().copied().unwrap_or(0),
+    );
     println!("events ({EVENTS_EACH} per agent):");
     println!(
         "  two nodes: {two_eps:>8.0} events/s, {:.1} CPU ms per 1,000 events (both servers)",

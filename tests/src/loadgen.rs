@@ -82,6 +82,9 @@ pub struct SimConfig {
     /// The trust set it says it holds in its handshake (a real agent holds the one it was
     /// installed with, or confirmed since; a hostile one may say anything).
     pub trust_serial: u64,
+    /// Facts every heartbeat carries (a real agent's carry them every 5 minutes); none by
+    /// default.
+    pub heartbeat_facts: Option<tether_shared::facts::Facts>,
 }
 
 /// What a simulated agent prints for each step of a job it runs.
@@ -118,6 +121,7 @@ impl SimConfig {
             sources: Vec::new(),
             fallback: None,
             trust_serial: 0,
+            heartbeat_facts: None,
         }
     }
 
@@ -1053,7 +1057,7 @@ impl SimAgent {
                     restarts: 0,
                     last_beat_ms: 0,
                 }],
-                facts: None,
+                facts: self.cfg.heartbeat_facts.clone(),
                 figures: None,
             }),
         })

@@ -1495,3 +1495,52 @@ fn a_key_rollover_on_the_active_node_reaches_every_node_and_its_fleet_follows_a_
     assert_eq!(key_refusals(tmp.path(), &on_b), refused);
     assert_eq!(key_refusals(tmp.path(), &on_a), 0);
 }
+
+/// What an agent says of its machine in a heartbeat (its facts, which change: disk free,
+/// memory), not only in its handshake, reaches the active node from a member, through the
+/// inbox: the active node's agent list shows it.
+#[test]
+fn facts_an_agent_reports_in_a_heartbeat_to_a_member_reach_the_active_node() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let tmp = TestDir::new();
+    let a = Server::start_with(&tmp.path().join("a"), &borrowed(&node(&pg, "node-a")));
+    let b = member_of(&a, &tmp.path().join("b"), "node-b");
+    let (tls, agents) = enroll_at(&a, "sim", 2).unwrap();
+    let ids: Vec<String> = agents.iter().map(|e| e.agent_id.clone()).collect();
+    let mut cfg = SimConfig::new(b.wss, "localhost", tls);
+    cfg.heartbeat = Duration::from_millis(300);
+    // Other than what their handshakes said (`sim-<id>` as the hostname).
+    cfg.heartbeat_facts = Some(
+        [
+            ("os", "linux"),
+            ("arch", "x86_64"),
+            ("hostname", "renamed-in-a-heartbeat"),
+            ("disk_free_mb", "1234"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
+    let fleet = Fleet::start(cfg, agents).unwrap();
+    eventually("both served by node b", WAIT, || {
+        let on_b: usize = pg
+            .psql("SELECT count(*) FROM tether_claims WHERE node = 'node-b'")
+            .parse()
+            .unwrap_or(0);
+        (on_b == 2 && fleet.stats().ready.load(Ordering::Relaxed) == 2).then_some(())
+    });
+    for id in &ids {
+        let facts = eventually("the heartbeat's facts on the active node", WAIT, || {
+            let agent = a.agent(id)?;
+            (agent["facts"]["hostname"] == "renamed-in-a-heartbeat").then(|| agent["facts"].clone())
+        });
+        assert_eq!(facts["disk_free_mb"], "1234", "{facts}");
+        assert_eq!(
+            a.agent(id).unwrap()["node"],
+            "node-b",
+            "served by the member"
+        );
+    }
+}

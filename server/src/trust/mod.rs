@@ -214,7 +214,7 @@ impl Trust {
     /// here first. Refused if the database does not answer within [`READ_TIMEOUT`], or holds a
     /// record this node's key ring does not open (another cluster's, or the ring differs). A
     /// record that is not a sealed one at all is replaced.
-    pub async fn publish(&self) -> Result<(), TrustError> {
+    pub async fn publish(self: &Arc<Self>) -> Result<(), TrustError> {
         let Some(sharing) = self.sharing.get() else {
             return Ok(());
         };
@@ -235,7 +235,12 @@ impl Trust {
             if crate::secrets::KeyRing::is_sealed(&text) {
                 let published = cluster::Published::open(&stored, &sharing.keys)
                     .map_err(|e| TrustError::Step(e.to_string()))?;
-                self.take(&published)?;
+                // (Files written and synced: not on this thread.)
+                let me = self.clone();
+                let published =
+                    actix_web::web::block(move || me.take(&published).map(|_| published))
+                        .await
+                        .map_err(|e| TrustError::Step(e.to_string()))??;
                 // Sealed again with the ring's newest key once it changed.
                 let same = cluster::order(published.rotation) == cluster::order(self.rotation());
                 if same && sharing.keys.is_current(&text) {

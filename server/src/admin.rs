@@ -118,7 +118,12 @@ impl AppState {
                 &self.data_dir,
                 self.shared.relay_certs.expiries(),
             ),
-            deployments: self.deployments.health(),
+            deployments: {
+                // The cluster's trust record holds sealed secrets too.
+                let mut h = self.deployments.health();
+                h.secrets_stale += self.shared.trust.stale_secrets();
+                h
+            },
             storage: crate::health::StorageHealth {
                 free_bytes: tether_shared::storage::free_bytes(&self.data_dir).ok(),
                 failed: journal_now.poisoned,

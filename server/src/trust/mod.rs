@@ -126,6 +126,10 @@ pub struct Trust {
     stepping: tokio::sync::Mutex<()>,
     /// On a cluster: where the nodes share the material, and what seals its private keys.
     sharing: OnceLock<Sharing>,
+    /// On the active node of a cluster: the record in the database was found sealed with a
+    /// key of the ring other than the one that seals now, and not sealed again yet (counted
+    /// with the stale secrets: the older key may not be retired while it is).
+    record_stale: std::sync::atomic::AtomicBool,
 }
 
 struct Sharing {
@@ -162,6 +166,7 @@ impl Trust {
             live: RwLock::new(Arc::new(live)),
             stepping: tokio::sync::Mutex::new(()),
             sharing: OnceLock::new(),
+            record_stale: Default::default(),
         })
     }
 
@@ -208,6 +213,12 @@ impl Trust {
         Ok(Some(published.rotation))
     }
 
+    /// How many secrets the cluster's trust record holds that are not sealed with the ring's
+    /// newest key (0 or 1): found so by [`Trust::publish`], which seals it again.
+    pub fn stale_secrets(&self) -> u64 {
+        u64::from(self.record_stale.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// On the active node of a cluster: makes sure the database holds this node's step for the
     /// others (at start, and before each step: a share that failed is made again). A later
     /// step there (this node died between writing it and taking it, or missed it) is taken
@@ -242,8 +253,11 @@ impl Trust {
                         .await
                         .map_err(|e| TrustError::Step(e.to_string()))??;
                 // Sealed again with the ring's newest key once it changed.
+                let current = sharing.keys.is_current(&text);
+                self.record_stale
+                    .store(!current, std::sync::atomic::Ordering::Relaxed);
                 let same = cluster::order(published.rotation) == cluster::order(self.rotation());
-                if same && sharing.keys.is_current(&text) {
+                if same && current {
                     return Ok(());
                 }
             } else {
@@ -273,6 +287,8 @@ impl Trust {
                 value,
             }]);
         commit.await?;
+        self.record_stale
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             serial = record.rotation.serial,
             phase = phase_name(record.rotation.phase),

@@ -436,4 +436,93 @@ mod tests {
         assert!(r(1, Phase::Switched) < r(2, Phase::Steady));
         assert_eq!(r(1, Phase::Switching), r(1, Phase::Switched));
     }
+
+    use std::sync::Arc;
+    use tether_shared::journal::store::Rows;
+    use tether_shared::journal::JournalError;
+
+    /// A store over sled whose writes can be made to fail (the database refusing them).
+    struct Refusing {
+        sled: tether_shared::journal::SledStore,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    impl tether_shared::journal::Store for Refusing {
+        fn apply(&self, ops: &[tether_shared::journal::Op]) -> Result<(), JournalError> {
+            if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(JournalError::Database {
+                    reason: "refused by the test".into(),
+                });
+            }
+            self.sled.apply(ops)
+        }
+        fn sync(&self) -> Result<(), JournalError> {
+            self.sled.sync()
+        }
+        fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {
+            self.sled.scan(prefix)
+        }
+        fn scan_from(
+            &self,
+            from: &[u8],
+            prefix: &[u8],
+            limit: usize,
+            max_bytes: usize,
+        ) -> Result<Rows, JournalError> {
+            self.sled.scan_from(from, prefix, limit, max_bytes)
+        }
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, JournalError> {
+            self.sled.get(key)
+        }
+        fn read_blob(
+            &self,
+            name: &tether_shared::journal::LogName,
+            offset: u64,
+            max: usize,
+        ) -> Result<Vec<u8>, JournalError> {
+            self.sled.read_blob(name, offset, max)
+        }
+        fn syncs(&self) -> u64 {
+            self.sled.syncs()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_record_sealed_with_an_older_key_counts_as_a_stale_secret_until_sealed_again() {
+        use tether_shared::journal::{Journal, JournalOptions, SledOptions, SledStore};
+        let (tmp, a, _) = two_nodes();
+        let store = Arc::new(Refusing {
+            sled: SledStore::open(&tmp.path().join("j"), &SledOptions::default()).unwrap(),
+            refuse: Default::default(),
+        });
+        let (journal, _) = Journal::with_store(
+            store.clone(),
+            &tmp.path().join("j"),
+            &JournalOptions::default(),
+            None,
+        )
+        .unwrap();
+        let old = crate::secrets::new_key_line();
+        let ring = |lines: &[&str]| Arc::new(KeyRing::parse(&lines.join("\n"), "test").unwrap());
+        let first = Arc::new(Trust::load(&a).unwrap());
+        first.share_through(journal.handle(), ring(&[&old]));
+        first.publish().await.unwrap();
+        assert_eq!(first.stale_secrets(), 0);
+        // A rotation: the ring seals with a new key. The record cannot be sealed again yet.
+        let rotated = Arc::new(Trust::load(&a).unwrap());
+        rotated.share_through(
+            journal.handle(),
+            ring(&[&old, &crate::secrets::new_key_line()]),
+        );
+        store
+            .refuse
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(rotated.publish().await.is_err());
+        assert_eq!(rotated.stale_secrets(), 1, "the old key still opens it");
+        store
+            .refuse
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        rotated.publish().await.unwrap();
+        assert_eq!(rotated.stale_secrets(), 0, "sealed again with the new key");
+    }
 }

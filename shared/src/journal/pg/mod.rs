@@ -713,35 +713,56 @@ async fn transaction(
             .zip(then.iter())
             .any(|(now, then)| *now && !*then)
     });
+    // Earlier tries whose COMMIT got no answer are asked about first: one that committed
+    // settles the batch, and those rolled back are forgotten, so that what is remembered stays
+    // what is still unknown however often the database goes away.
+    if !attempt.unanswered.is_empty() {
+        let asked = std::mem::take(&mut attempt.unanswered);
+        let mut unknown = Vec::with_capacity(asked.len());
+        for xid in &asked {
+            match outcome(tx, xid).await {
+                Ok(Some(o)) if o == "committed" => {
+                    // Nothing of this try is written: its transaction ends here.
+                    tx.batch_execute("ROLLBACK")
+                        .await
+                        .map_err(|e| Failure::of("cannot roll back", &e))?;
+                    let (_, then) = attempt.plan.take().unwrap_or_default();
+                    return Ok(then);
+                }
+                Ok(Some(o)) if o == "aborted" => {}
+                Ok(o) => unknown.push((xid.clone(), o.is_some())),
+                Err(f) => {
+                    // Asked again at the next try.
+                    attempt.unanswered = asked;
+                    return Err(f);
+                }
+            }
+        }
+        if moved {
+            if unknown
+                .iter()
+                .any(|(_, known_to_the_database)| !known_to_the_database)
+            {
+                return Err(Failure::refused(JournalError::Database {
+                    reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
+                }));
+            }
+            if !unknown.is_empty() {
+                attempt.unanswered = unknown.into_iter().map(|(x, _)| x).collect();
+                return Err(Failure {
+                    error: JournalError::Database {
+                        reason: "an earlier try of this batch is still in progress".into(),
+                    },
+                    next: Next::Wait,
+                    answered: false,
+                });
+            }
+        }
+        attempt.unanswered = unknown.into_iter().map(|(x, _)| x).collect();
+    }
     if moved {
-        let mut outcomes = Vec::with_capacity(attempt.unanswered.len());
-        for xid in &attempt.unanswered {
-            outcomes.push(outcome(tx, xid).await?);
-        }
-        if outcomes.iter().any(|o| o.as_deref() == Some("committed")) {
-            // Nothing of this try is written: its transaction ends here.
-            tx.batch_execute("ROLLBACK")
-                .await
-                .map_err(|e| Failure::of("cannot roll back", &e))?;
-            let (_, then) = attempt.plan.take().unwrap_or_default();
-            return Ok(then);
-        }
-        if outcomes.iter().any(Option::is_none) {
-            return Err(Failure::refused(JournalError::Database {
-                reason: "the database went away during a commit, and a claim the batch was written under was taken meanwhile: the batch may or may not have been written".into(),
-            }));
-        }
-        if outcomes.iter().any(|o| o.as_deref() != Some("aborted")) {
-            return Err(Failure {
-                error: JournalError::Database {
-                    reason: "an earlier try of this batch is still in progress".into(),
-                },
-                next: Next::Wait,
-                answered: false,
-            });
-        }
+        // No earlier try took effect: the plan is made again without the claims moved on.
         attempt.plan = None;
-        attempt.unanswered.clear();
     }
     let (plan, planned_out) = match &mut attempt.plan {
         Some(plan) => plan,

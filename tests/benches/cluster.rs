@@ -11,7 +11,10 @@
 //!   the REST call three ways: until the agent has the job's command (delivered: the command's
 //!   way only); until node a recorded the job's result (the round trip); and until node a had
 //!   the result *and* it was durable (the agent's report acknowledged): on the same node, node
-//!   a records the result in memory before its commit.
+//!   a records the result in memory before its commit. Twice: with deployments of 100 agents
+//!   each (a burst: 100 commands at once, and then their events, on two cores shared by both
+//!   nodes, PostgreSQL and the load generator), and with deployments of one agent, one at a
+//!   time (a command's own latency, nothing queued with it).
 //! - **Events**: durable agent→server events/s with the fleet on two nodes, and then on one
 //!   node (node a alone, after node b was killed), and the servers' CPU seconds per 1,000
 //!   events in each case.
@@ -40,6 +43,9 @@ const SAMPLE: usize = 100;
 /// Deployments timed on each side, one side then the other (a slow moment of the machine
 /// falls on both alike).
 const ROUNDS: usize = 10;
+/// One-agent deployments timed on each side, one side then the other: the latency of a
+/// command alone, without the 99 others of a deployment queued with it.
+const SINGLES: usize = 200;
 /// Probe events each agent sends in an events phase.
 const EVENTS_EACH: u64 = 40;
 
@@ -109,6 +115,48 @@ fn latencies(node: &Server, ids: &[String], fleets: &[&Fleet], all: &mut Latenci
     }
     let slowest = all.delivered[before..].iter().copied().max().unwrap_or(0);
     all.slowest_delivered.push(slowest);
+}
+
+/// The three latencies of `same_ms` and `cross_ms` (sorted), and whether the target is met.
+fn report(same_ms: &Latencies, cross_ms: &Latencies) {
+    let p = |v: &[u64], q: f64| percentile(v, q);
+    for (what, same_ms, cross_ms) in [
+        (
+            "until the agent had the job's command (delivered)",
+            &same_ms.delivered,
+            &cross_ms.delivered,
+        ),
+        (
+            "until node a recorded the result and it was durable (the agent's report acknowledged)",
+            &same_ms.durable,
+            &cross_ms.durable,
+        ),
+        (
+            "until node a recorded the result (on the same node, before it is durable)",
+            &same_ms.recorded,
+            &cross_ms.recorded,
+        ),
+    ] {
+        println!("  {what}:");
+        println!(
+            "    same node (served by a):   p50 {:>5} ms  p99 {:>5} ms",
+            p(same_ms, 0.5),
+            p(same_ms, 0.99)
+        );
+        println!(
+            "    cross node (served by b):  p50 {:>5} ms  p99 {:>5} ms",
+            p(cross_ms, 0.5),
+            p(cross_ms, 0.99)
+        );
+        let (s99, c99) = (p(same_ms, 0.99), p(cross_ms, 0.99));
+        println!(
+            "    cross/same: p50 {:.2}x, p99 {:.2}x; target p99 ≤ same p99 + 10 ms = {} ms: {}",
+            p(cross_ms, 0.5) as f64 / p(same_ms, 0.5).max(1) as f64,
+            c99 as f64 / s99.max(1) as f64,
+            s99 + 10,
+            if c99 <= s99 + 10 { "met" } else { "MISSED" }
+        );
+    }
 }
 
 /// Events/s for `fleets` sending [`EVENTS_EACH`] each (the `round`th time: the load generator
@@ -219,6 +267,14 @@ fn main() {
     }
     same_ms.sort();
     cross_ms.sort();
+    let (mut same_one, mut cross_one) = (Latencies::default(), Latencies::default());
+    for i in 0..SINGLES {
+        let fleets = [&fleet_a, &fleet_b];
+        latencies(&a, &same[i % same.len()..][..1], &fleets, &mut same_one);
+        latencies(&a, &cross[i % cross.len()..][..1], &fleets, &mut cross_one);
+    }
+    same_one.sort();
+    cross_one.sort();
 
     eprintln!("latency measured");
     // Events with the fleet on two nodes.
@@ -259,43 +315,7 @@ fn main() {
         same.len(),
         same_ms.recorded.len()
     );
-    for (what, same_ms, cross_ms) in [
-        (
-            "until the agent had the job's command (delivered)",
-            &same_ms.delivered,
-            &cross_ms.delivered,
-        ),
-        (
-            "until node a recorded the result and it was durable (the agent's report acknowledged)",
-            &same_ms.durable,
-            &cross_ms.durable,
-        ),
-        (
-            "until node a recorded the result (on the same node, before it is durable)",
-            &same_ms.recorded,
-            &cross_ms.recorded,
-        ),
-    ] {
-        println!("  {what}:");
-        println!(
-            "    same node (served by a):   p50 {:>5} ms  p99 {:>5} ms",
-            p(same_ms, 0.5),
-            p(same_ms, 0.99)
-        );
-        println!(
-            "    cross node (served by b):  p50 {:>5} ms  p99 {:>5} ms",
-            p(cross_ms, 0.5),
-            p(cross_ms, 0.99)
-        );
-        let (s99, c99) = (p(same_ms, 0.99), p(cross_ms, 0.99));
-        println!(
-            "    cross/same: p50 {:.2}x, p99 {:.2}x; target p99 ≤ same p99 + 10 ms = {} ms: {}",
-            p(cross_ms, 0.5) as f64 / p(same_ms, 0.5).max(1) as f64,
-            c99 as f64 / s99.max(1) as f64,
-            s99 + 10,
-            if c99 <= s99 + 10 { "met" } else { "MISSED" }
-        );
-    }
+    report(&same_ms, &cross_ms);
     println!(
         "  the slowest command of each deployment (delivered), median / worst of {ROUNDS}: same node {} / {} ms, cross node {} / {} ms",
         p(&same_ms.slowest_delivered, 0.5),
@@ -303,6 +323,10 @@ fn main() {
         p(&cross_ms.slowest_delivered, 0.5),
         cross_ms.slowest_delivered.last().copied().unwrap_or(0),
     );
+    println!(
+        "command latency, one-step deployment of one agent from node a, one at a time ({SINGLES} each):"
+    );
+    report(&same_one, &cross_one);
     println!("events ({EVENTS_EACH} per agent):");
     println!(
         "  two nodes: {two_eps:>8.0} events/s, {:.1} CPU ms per 1,000 events (both servers)",

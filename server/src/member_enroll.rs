@@ -17,10 +17,11 @@
 //! answers `503`), and gives up on one after [`ANSWER_WAIT`] (`503`; it deletes its request:
 //! the caller tries again, and the active node answers a repeated request with the same
 //! agent). The active node takes at most [`PAGE`] requests per look, going round all of them
-//! (a busy member's do not hold another's up), drops requests older than [`KEPT`] (by the
-//! time their member stamped on them) without running them (nobody waits for their answer),
-//! removes answers nobody fetched [`KEPT`] after it wrote them, and after a failure waits up to
-//! [`BACKOFF_MAX`] before it looks again.
+//! (a busy member's do not hold another's up), drops without running them (nobody waits for
+//! their answer) the requests of a member not heard from for [`KEPT`] (by the database's clock,
+//! in `tether_nodes`: the nodes' clocks may differ) and those stamped more than [`ORPHANED`]
+//! before by their member's clock, removes answers nobody fetched [`KEPT`] after it wrote them,
+//! and after a failure waits up to [`BACKOFF_MAX`] before it looks again.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,8 +55,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const PAGE: usize = 64;
 /// Bytes of requests read per look at most (a request is at most 16 KiB, sealed).
 const PAGE_BYTES: usize = 2 << 20;
-/// How long a request or an answer is kept (by the active node's clock).
+/// How long an answer is kept (by the active node's clock), and the requests of a member not
+/// heard from (by the database's).
 const KEPT: Duration = Duration::from_secs(60);
+/// Requests stamped longer ago than this by their member's clock are dropped whatever the
+/// member's state: far more than any member waits, and than the clocks of a cluster differ.
+const ORPHANED: Duration = Duration::from_secs(3600);
 /// How long the active node spends on one page before it commits what it answered.
 const PAGE_BUDGET: Duration = Duration::from_secs(2);
 
@@ -133,6 +138,26 @@ fn answer_key(key: &str) -> Option<String> {
 fn made_unix_ms(key: &str) -> Option<u64> {
     let id = key.rsplit('/').next()?;
     id.split('-').next()?.parse().ok()
+}
+
+/// Whether the request of `key` is left unanswered (see the module's doc): its member (named in
+/// the key) is listed in `nodes` as not heard from for [`KEPT`], or its stamp is older than
+/// [`ORPHANED`] at `now_unix_ms` (a stamp ahead of that clock is not: the member's clock is).
+/// A member not listed may have started since the list was read: its requests are answered.
+fn orphaned(key: &str, nodes: &[tether_shared::journal::pg::NodeSeen], now_unix_ms: u64) -> bool {
+    let Some(made) = made_unix_ms(key) else {
+        return true;
+    };
+    if now_unix_ms.saturating_sub(made) > ORPHANED.as_millis() as u64 {
+        return true;
+    }
+    let node = key
+        .strip_prefix(REQUESTS)
+        .and_then(|rest| rest.split('/').next());
+    nodes.iter().any(|n| {
+        Some(n.node.as_str()) == node
+            && u128::try_from(n.seen_ms_ago).unwrap_or(0) >= KEPT.as_millis()
+    })
 }
 
 fn now_unix_ms() -> u64 {
@@ -332,7 +357,13 @@ async fn answer_page(state: &AppState, from: &mut String) -> Result<(), JournalE
         Some((last, _)) if page.full => format!("{last}\0"),
         _ => REQUESTS.to_owned(),
     };
-    let cutoff = now_unix_ms().saturating_sub(KEPT.as_millis() as u64);
+    let now = now_unix_ms();
+    let cutoff = now.saturating_sub(KEPT.as_millis() as u64);
+    let nodes = state
+        .cluster
+        .as_ref()
+        .map(|c| c.nodes.list())
+        .unwrap_or_default();
     let keys = state.deployments.secrets();
     let mut ops = Vec::new();
     let started = std::time::Instant::now();
@@ -343,8 +374,9 @@ async fn answer_page(state: &AppState, from: &mut String) -> Result<(), JournalE
             break;
         }
         ops.push(Op::DeleteMeta { key: key.clone() });
-        if made_unix_ms(&key).is_none_or(|ms| ms < cutoff) {
+        if orphaned(&key, &nodes, now) {
             // Nobody waits for its answer any more.
+            tracing::info!(key = %key, "forwarded-enrollment-orphaned-dropped");
             continue;
         }
         let refused = match std::str::from_utf8(&value) {
@@ -428,5 +460,37 @@ mod tests {
         );
         assert_eq!(answer_key("inbox/a-1/1"), None);
         assert_eq!(made_unix_ms("enrolled/node-b/garbage"), None);
+    }
+
+    fn seen(node: &str, seen_ms_ago: i64) -> tether_shared::journal::pg::NodeSeen {
+        tether_shared::journal::pg::NodeSeen {
+            node: node.into(),
+            role: "member".into(),
+            version: String::new(),
+            sessions: 0,
+            url: String::new(),
+            seen_ms_ago,
+        }
+    }
+
+    #[test]
+    fn a_request_is_dropped_when_its_member_went_silent_not_by_the_clocks_of_the_nodes() {
+        let made = 1_733_570_000_000;
+        let key = format!("enroll/node-b/{made}-3-00000000000000ff");
+        let nodes = [seen("node-a", 0), seen("node-b", 400)];
+        // Its member is alive: answered, however far behind the active node its clock runs
+        // (five minutes here) or ahead of it.
+        assert!(!orphaned(&key, &nodes, made + 5 * 60_000));
+        assert!(!orphaned(&key, &nodes, made - 5 * 60_000));
+        // Its member was not heard from for a minute (by the database's clock): dropped.
+        let silent = [seen("node-a", 0), seen("node-b", 61_000)];
+        assert!(orphaned(&key, &silent, made + 1_000));
+        // Another node's silence is not its member's.
+        assert!(!orphaned(&key, &[seen("node-c", 61_000)], made + 1_000));
+        // A member not listed yet (started since the list was read): answered.
+        assert!(!orphaned(&key, &[], made + 1_000));
+        // Stamped more than an hour before, by any clock: dropped.
+        assert!(orphaned(&key, &nodes, made + 3_600_001));
+        assert!(orphaned("enroll/node-b/garbage", &nodes, made));
     }
 }

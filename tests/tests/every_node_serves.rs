@@ -1032,6 +1032,49 @@ fn an_agent_installed_through_a_load_balancer_that_sends_it_to_a_member_enrolls_
     assert!(answer.contains("\"status\":400"), "{answer}");
     assert!(agents().is_empty());
 
+    // Requests are aged by their member's life (in `tether_nodes`, by the database's clock),
+    // not by the stamp of a clock that may differ from the active node's: one stamped five
+    // minutes ago by node b, which is alive, is answered; one of a member not heard from for
+    // two minutes is dropped unanswered (nobody waits for it).
+    pg.psql(
+        "INSERT INTO tether_nodes (name, role, version, seen_at) \
+         VALUES ('node-z', 'member', '0.2.0', now() - interval '2 minutes')",
+    );
+    eventually("node-z listed as silent by node a", WAIT, || {
+        let health = a.request("GET", "/admin/health", None).json();
+        let nodes = health["cluster"]["nodes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        nodes
+            .iter()
+            .any(|n| n["node"] == "node-z" && n["seen_ms_ago"].as_i64() >= Some(60_000))
+            .then_some(())
+    });
+    let skewed = format!("node-b/{:013}-0-2", now_ms - 5 * 60_000);
+    let silent = format!("node-z/{now_ms:013}-0-3");
+    for id in [&skewed, &silent] {
+        forge_meta(
+            &pg,
+            &format!("enroll/{id}"),
+            json!({"source": null, "body": body}).to_string().as_bytes(),
+        );
+    }
+    eventually("both requests taken", WAIT, || {
+        (count(format!("enroll/{skewed}")) == "0" && count(format!("enroll/{silent}")) == "0")
+            .then_some(())
+    });
+    assert_eq!(count(format!("enrolled/{skewed}")), "1", "answered");
+    assert_eq!(count(format!("enrolled/{silent}")), "0", "dropped");
+    assert!(
+        file(&tmp.path().join("a"), "server.log").contains("forwarded-enrollment-orphaned-dropped")
+    );
+    pg.psql("DELETE FROM tether_nodes WHERE name = 'node-z'");
+    // (Its answer would stay a minute.)
+    pg.psql(&format!(
+        "DELETE FROM tether_journal WHERE key = convert_to('Menrolled/{skewed}', 'UTF8')"
+    ));
+
     // One address for the cluster, as a TCP load balancer gives: the first connection goes to
     // the member, which has the active node enroll the agent, at once.
     let lb = tether_tests::fleet::Forwarder::alternating(vec![b.wss, a.wss]);

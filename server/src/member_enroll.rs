@@ -18,9 +18,9 @@
 //! the caller tries again, and the active node answers a repeated request with the same
 //! agent). The active node takes at most [`PAGE`] requests per look, going round all of them
 //! (a busy member's do not hold another's up), drops without running them (nobody waits for
-//! their answer) the requests of a member not heard from for [`KEPT`] (by the database's clock,
-//! in `tether_nodes`: the nodes' clocks may differ) and those stamped more than [`ORPHANED`]
-//! before by their member's clock, removes answers nobody fetched [`KEPT`] after it wrote them,
+//! their answer) the requests of a member not heard from for [`KEPT`] or a lease, whichever is
+//! longer (by the database's clock, in `tether_nodes`: the nodes' clocks may differ by up to
+//! [`ORPHANED`]) and those stamped more than [`ORPHANED`] before by their member's clock, removes answers nobody fetched [`KEPT`] after it wrote them,
 //! and after a failure waits up to [`BACKOFF_MAX`] before it looks again.
 
 use std::net::IpAddr;
@@ -141,22 +141,31 @@ fn made_unix_ms(key: &str) -> Option<u64> {
 }
 
 /// Whether the request of `key` is left unanswered (see the module's doc): its member (named in
-/// the key) is listed in `nodes` as not heard from for [`KEPT`], or its stamp is older than
-/// [`ORPHANED`] at `now_unix_ms` (a stamp ahead of that clock is not: the member's clock is).
-/// A member not listed may have started since the list was read: its requests are answered.
-fn orphaned(key: &str, nodes: &[tether_shared::journal::pg::NodeSeen], now_unix_ms: u64) -> bool {
+/// the key) is listed in `nodes` as not heard from for `silent` (a member notes itself every
+/// third of a lease, and the list is read as often: `silent` is at least a lease), or its stamp
+/// is older than [`ORPHANED`] at `now_unix_ms` (a stamp ahead of that clock is not: the
+/// member's clock is). A member not listed may have started since the list was read: its
+/// requests are answered.
+fn orphaned(
+    key: &str,
+    nodes: &[tether_shared::journal::pg::NodeSeen],
+    silent: Duration,
+    now_unix_ms: u64,
+) -> bool {
     let Some(made) = made_unix_ms(key) else {
         return true;
     };
     if now_unix_ms.saturating_sub(made) > ORPHANED.as_millis() as u64 {
         return true;
     }
+    // A node's name may hold a `/`; the request's id after it does not.
     let node = key
         .strip_prefix(REQUESTS)
-        .and_then(|rest| rest.split('/').next());
+        .and_then(|rest| rest.rsplit_once('/'))
+        .map(|(node, _)| node);
     nodes.iter().any(|n| {
         Some(n.node.as_str()) == node
-            && u128::try_from(n.seen_ms_ago).unwrap_or(0) >= KEPT.as_millis()
+            && u128::try_from(n.seen_ms_ago).unwrap_or(0) >= silent.as_millis()
     })
 }
 
@@ -359,11 +368,11 @@ async fn answer_page(state: &AppState, from: &mut String) -> Result<(), JournalE
     };
     let now = now_unix_ms();
     let cutoff = now.saturating_sub(KEPT.as_millis() as u64);
-    let nodes = state
+    let (nodes, lease) = state
         .cluster
         .as_ref()
-        .map(|c| c.nodes.list())
-        .unwrap_or_default();
+        .map_or((Vec::new(), 0), |c| (c.nodes.list(), c.lease_ttl_ms));
+    let silent = KEPT.max(Duration::from_millis(lease));
     let keys = state.deployments.secrets();
     let mut ops = Vec::new();
     let started = std::time::Instant::now();
@@ -374,7 +383,7 @@ async fn answer_page(state: &AppState, from: &mut String) -> Result<(), JournalE
             break;
         }
         ops.push(Op::DeleteMeta { key: key.clone() });
-        if orphaned(&key, &nodes, now) {
+        if orphaned(&key, &nodes, silent, now) {
             // Nobody waits for its answer any more.
             tracing::info!(key = %key, "forwarded-enrollment-orphaned-dropped");
             continue;
@@ -480,17 +489,40 @@ mod tests {
         let nodes = [seen("node-a", 0), seen("node-b", 400)];
         // Its member is alive: answered, however far behind the active node its clock runs
         // (five minutes here) or ahead of it.
-        assert!(!orphaned(&key, &nodes, made + 5 * 60_000));
-        assert!(!orphaned(&key, &nodes, made - 5 * 60_000));
+        assert!(!orphaned(&key, &nodes, KEPT, made + 5 * 60_000));
+        assert!(!orphaned(&key, &nodes, KEPT, made - 5 * 60_000));
         // Its member was not heard from for a minute (by the database's clock): dropped.
         let silent = [seen("node-a", 0), seen("node-b", 61_000)];
-        assert!(orphaned(&key, &silent, made + 1_000));
+        assert!(orphaned(&key, &silent, KEPT, made + 1_000));
         // Another node's silence is not its member's.
-        assert!(!orphaned(&key, &[seen("node-c", 61_000)], made + 1_000));
+        assert!(!orphaned(
+            &key,
+            &[seen("node-c", 61_000)],
+            KEPT,
+            made + 1_000
+        ));
         // A member not listed yet (started since the list was read): answered.
-        assert!(!orphaned(&key, &[], made + 1_000));
+        assert!(!orphaned(&key, &[], KEPT, made + 1_000));
         // Stamped more than an hour before, by any clock: dropped.
-        assert!(orphaned(&key, &nodes, made + 3_600_001));
-        assert!(orphaned("enroll/node-b/garbage", &nodes, made));
+        assert!(orphaned(&key, &nodes, KEPT, made + 3_600_001));
+        assert!(orphaned("enroll/node-b/garbage", &nodes, KEPT, made));
+        // With a lease of ten minutes, a member notes itself every 200 s: not silent at 61 s.
+        let ten_minutes = Duration::from_secs(600);
+        assert!(!orphaned(&key, &silent, ten_minutes, made + 1_000));
+        assert!(orphaned(
+            &key,
+            &[seen("node-b", 600_000)],
+            ten_minutes,
+            made
+        ));
+        // A node named with a `/`.
+        let slashed = format!("enroll/dc1/node-b/{made}-3-00000000000000ff");
+        assert!(orphaned(
+            &slashed,
+            &[seen("dc1/node-b", 61_000)],
+            KEPT,
+            made
+        ));
+        assert!(!orphaned(&slashed, &[seen("dc1", 61_000)], KEPT, made));
     }
 }

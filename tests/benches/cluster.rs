@@ -185,6 +185,10 @@ fn events(fleets: &[&Fleet], pids: &[u32], round: u64) -> (f64, f64, u64) {
 
 fn main() {
     let n = usize::try_from(env_u64("TETHER_BENCH_CLUSTER", 400)).unwrap();
+    if n < 4 {
+        eprintln!("cluster bench: TETHER_BENCH_CLUSTER={n}: at least 4 agents (two on each node)");
+        std::process::exit(1);
+    }
     let nofile = tether_tests::measure::raise_nofile();
     // Each agent: its socket here, and one in a server (and the servers' own, here too).
     if 2 * n as u64 + 1_000 > nofile {

@@ -9,8 +9,7 @@
 //!
 //! Not sent inside the transaction: PostgreSQL serializes the commits of every transaction that
 //! notifies (a lock held until its commit is durable), which would make the nodes' commits wait
-//! for each other's disk writes. The hints' own transactions do not wait for the disk (see
-//! [`prepared`]).
+//! for each other's disk writes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -189,7 +188,7 @@ pub(super) async fn send(connector: Connector, outbox: Arc<Outbox>) {
         {
             tried = Some(tokio::time::Instant::now());
             conn = match connector.connect().await {
-                Ok(client) => match prepared(&client).await {
+                Ok(client) => match client.prepare(NOTIFY).await {
                     Ok(statement) => Some((client, statement)),
                     Err(e) => {
                         tracing::warn!(error = %described(&e), "postgres-hints-not-sent");
@@ -210,18 +209,6 @@ pub(super) async fn send(connector: Connector, outbox: Arc<Outbox>) {
             conn = None;
         }
     }
-}
-
-/// The statement that sends hints, on `client`, whose commits do not wait for the disk: a
-/// transaction that notifies is given an id, so with `synchronous_commit` on, each hint would
-/// wait for a disk write of its own before any listener hears it (the writes the hint tells of
-/// were durable before it was sent, and a hint lost with the database is found by the next
-/// look anyway).
-async fn prepared(
-    client: &tokio_postgres::Client,
-) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
-    client.batch_execute("SET synchronous_commit = off").await?;
-    client.prepare(NOTIFY).await
 }
 
 /// Forwards the payloads of the notifications `conn` receives to `to`, until it ends.

@@ -53,8 +53,22 @@ pub(crate) fn base_command(name: &str, config_dir: &Path, log: &Path) -> Command
     cmd
 }
 
-/// A loopback address with a port free now (for a process that binds it later).
+/// A loopback address with a port free now (for a process that binds it later), below the
+/// range the kernel picks local ports of outgoing connections from: a port from that range
+/// (what binding port 0 gives) may be taken by any connection made before the process binds it
+/// (a standby binds its agents' port only once it is active, seconds later).
 pub fn free_addr() -> SocketAddr {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let below = 10_000..ephemeral_from.max(10_001);
+    for _ in 0..1000 {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), below.clone());
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return l.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
     l.local_addr().unwrap_or_else(|e| panic!("{e}"))
 }

@@ -20,8 +20,9 @@
 //! (a busy member's do not hold another's up), drops without running them (nobody waits for
 //! their answer) the requests of a member not heard from for [`KEPT`] or a lease, whichever is
 //! longer (by the database's clock, in `tether_nodes`: the nodes' clocks may differ by up to
-//! [`ORPHANED`]) and those stamped more than [`ORPHANED`] before by their member's clock, removes answers nobody fetched [`KEPT`] after it wrote them,
-//! and after a failure waits up to [`BACKOFF_MAX`] before it looks again.
+//! [`ORPHANED`]) and those stamped more than [`ORPHANED`] before by their member's clock,
+//! removes answers nobody fetched [`KEPT`] after it wrote them, and after a failure waits up
+//! to [`BACKOFF_MAX`] before it looks again.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -195,6 +195,11 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             loaded.active_epochs.as_ref().map_or(0, |e| *e.borrow()),
         )
         .into(),
+        active_appends: crate::mail::active_appends(
+            &handle,
+            loaded.active_epochs.as_ref().map_or(0, |e| *e.borrow()),
+        )
+        .into(),
         drained: Default::default(),
         reports_pending: Default::default(),
         relay_claims: Default::default(),

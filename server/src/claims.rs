@@ -39,6 +39,15 @@ impl Claims {
             .claiming(agent_id.as_str(), &self.node, held.map(|f| f.epoch))
     }
 
+    /// Raises `claim` (whoever held it) for this node: commits under any earlier epoch of it
+    /// write nothing from now on (see `crate::mail::out_claim`).
+    pub fn raise(
+        &self,
+        claim: &str,
+    ) -> impl Future<Output = Result<Fence, JournalError>> + Send + 'static {
+        self.store.claiming(claim, &self.node, None)
+    }
+
     /// This node's name in its claims.
     pub fn node(&self) -> &str {
         &self.node
@@ -53,12 +62,17 @@ impl Claims {
             .map_or((0, false), |(node, epoch)| (epoch, *node != *self.node)))
     }
 
-    /// Forgets the claim of deleted agent `agent_id` (one row per agent ever served would
-    /// otherwise stay).
+    /// Forgets the claims of deleted agent `agent_id`, on it and on its stream (one row per
+    /// agent ever served would otherwise stay).
     pub fn forget(
         &self,
         agent_id: &AgentId,
     ) -> impl Future<Output = Result<(), JournalError>> + Send + 'static {
-        self.store.forget_claim(agent_id.as_str())
+        let agent = self.store.forget_claim(agent_id.as_str());
+        let stream = self.store.forget_claim(&crate::mail::out_claim(agent_id));
+        async move {
+            agent.await?;
+            stream.await
+        }
     }
 }

@@ -22,7 +22,7 @@
 //! every [`POLL`] (a hint may be missed). Keys are read in order, and the links drop entries
 //! they already took (see `AgentLink::take_inbox`, `AgentLink::take_mail`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -30,8 +30,10 @@ use actix::prelude::*;
 use serde::{Deserialize, Serialize};
 use tether_shared::ids::AgentId;
 use tether_shared::journal::pg::Hint;
-use tether_shared::journal::JournalHandle;
+use tether_shared::journal::{JournalHandle, LogName, Record};
+use tether_shared::link::StreamKeys;
 use tether_shared::protocol::Hello;
+use tether_shared::protocol::Seq;
 
 use crate::session::session_registry::{Deliver, SessionRegistry};
 
@@ -74,6 +76,35 @@ pub fn inbox_key(agent: &AgentId, epoch: u64, n: u64, kind: Kind) -> String {
 /// Every key of `agent` in the inbox or the mailbox starts with this.
 pub fn agent_prefix(prefix: &str, agent: &AgentId) -> String {
     format!("{prefix}{agent}/")
+}
+
+/// The mailbox row that rings for `agent` (its value: the seq of the last command the active
+/// node wrote into the agent's stream itself, 8 bytes big-endian): written with every such
+/// command, so that the node that serves the agent hears of it (a hint) or finds it (a look at
+/// every row), and reads the stream's new records. Only ever overwritten, never numbered.
+pub fn bell_key(agent: &AgentId) -> String {
+    format!("{MAILBOX_PREFIX}{agent}/{BELL}")
+}
+
+/// The last segment of a [`bell_key`].
+const BELL: &str = "bell";
+
+/// Whether `key` is a mailbox bell (see [`bell_key`]).
+pub fn is_bell(key: &str) -> bool {
+    key.starts_with(MAILBOX_PREFIX) && key.rsplit('/').next() == Some(BELL)
+}
+
+/// The seq a bell says (see [`bell_key`]).
+pub fn bell_seq(value: &[u8]) -> Option<tether_shared::protocol::Seq> {
+    let bytes: [u8; 8] = value.try_into().ok()?;
+    Some(tether_shared::protocol::Seq(u64::from_be_bytes(bytes)))
+}
+
+/// The claim a member raises at each handshake of `agent` when the active node writes the
+/// agent's commands into its stream (see [`Greeting::appends`]): the active node's writes
+/// made for an earlier session then write nothing.
+pub fn out_claim(agent: &AgentId) -> String {
+    format!("out@{agent}")
 }
 
 /// A fresh mailbox key for `agent`, made by the active node at lease `epoch`: after every key
@@ -171,6 +202,16 @@ pub struct Greeting {
     /// The relays it came through, nearest it first (none: it dialled the member itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub path: Vec<String>,
+    /// The member takes no more mail for this session once this greeting is committed: the
+    /// active node writes the agent's commands into its stream itself, under the member's
+    /// claim on the agent (at [`Greeting::claim_epoch`]) and on the session's stream (the
+    /// claim [`out_claim`], at this epoch). `None`: the member numbers the mailbox's
+    /// commands (an active node of an earlier release does not say it writes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appends: Option<u64>,
+    /// The member's claim epoch on the agent, with [`Greeting::appends`].
+    #[serde(default)]
+    pub claim_epoch: u64,
 }
 
 impl Greeting {
@@ -186,6 +227,8 @@ impl Greeting {
             incarnation: hello.incarnation.clone(),
             reset,
             facts: hello.facts.clone(),
+            appends: None,
+            claim_epoch: 0,
         }
     }
 
@@ -202,6 +245,8 @@ impl Greeting {
             node: node.to_owned(),
             facts: Default::default(),
             path: path.to_vec(),
+            appends: None,
+            claim_epoch: 0,
         }
     }
 }
@@ -233,6 +278,43 @@ fn next_look(prefix: &str, rows: &Entries, full: bool) -> String {
         // Every key of the agent starts with `<prefix><agent>/`, and '0' follows '/'.
         Some(agent) if full => format!("{prefix}{agent}0"),
         _ => prefix.to_owned(),
+    }
+}
+
+/// The records read with mailbox rows, by the agent whose command stream they are of.
+fn records_by_agent(records: Vec<(LogName, Record)>) -> HashMap<AgentId, Vec<Record>> {
+    let mut out: HashMap<AgentId, Vec<Record>> = HashMap::new();
+    for (log, record) in records {
+        if let Some(agent) = log.as_str().strip_prefix("out/commands/") {
+            out.entry(AgentId::new(agent)).or_default().push(record);
+        }
+    }
+    out
+}
+
+/// Bells most remembered (see [`Bells`]): past that, all are forgotten (each then rings once
+/// more).
+const BELLS_REMEMBERED: usize = 100_000;
+
+/// What each bell said at the last look (see [`bell_key`]): the bounded look at every row
+/// hands on only a bell that changed since (a hint missed), not the same bell every time.
+#[derive(Default)]
+struct Bells(HashMap<String, Vec<u8>>);
+
+impl Bells {
+    /// Whether `key` is a bell that says `value` still; remembers what it says now.
+    fn unchanged(&mut self, key: &str, value: &[u8]) -> bool {
+        if !is_bell(key) {
+            return false;
+        }
+        if self.0.get(key).is_some_and(|v| v == value) {
+            return true;
+        }
+        if self.0.len() >= BELLS_REMEMBERED {
+            self.0.clear();
+        }
+        self.0.insert(key.to_owned(), value.to_vec());
+        false
     }
 }
 
@@ -273,6 +355,7 @@ pub async fn deliver_forever(
     // Where the next look at every entry starts: past the last page's agents, while pages come
     // full.
     let mut from = prefix.to_owned();
+    let mut bells = Bells::default();
     loop {
         let hinted = async {
             match hints.as_mut() {
@@ -319,20 +402,40 @@ pub async fn deliver_forever(
                 let start = from.clone();
                 actix_web::web::block(move || j.scan_meta_from(&start, prefix, PAGE, PAGE_BYTES))
                     .await
+                    .map(|page| page.map(|p| (p, Vec::new())))
             }
             Look::Of(agents) => {
                 let prefixes: Vec<String> =
                     agents.iter().map(|a| agent_prefix(prefix, a)).collect();
-                // Their first entries each (what is left waits for a later look), read without
-                // a hand-over to another thread: this is the way of a command to its agent.
+                // With the mailbox's rows, the first records of the agents' command streams
+                // (what the active node writes there itself rings their bell).
+                let logs: Vec<(LogName, Seq)> = match prefix == MAILBOX_PREFIX {
+                    true => agents
+                        .iter()
+                        .filter(|a| !a.as_str().starts_with("r-"))
+                        .filter_map(|a| StreamKeys::server_side(a).ok())
+                        .map(|k| (k.out_log, Seq::ZERO))
+                        .collect(),
+                    false => Vec::new(),
+                };
+                // Their first entries each (what is left waits for a later look), read in one
+                // statement without a hand-over to another thread: this is the way of a
+                // command to its agent.
                 Ok(
-                    j.scan_meta_prefixes_async(&prefixes, PAGE_OF_ONE, PAGE_BYTES)
-                        .await,
+                    j.read_meta_and_logs_async(&prefixes, &logs, PAGE_OF_ONE, PAGE_BYTES)
+                        .await
+                        .map(|read| {
+                            let page = tether_shared::journal::MetaPage {
+                                entries: read.meta,
+                                full: false,
+                            };
+                            (page, read.records)
+                        }),
                 )
             }
         };
-        let (rows, full) = match page {
-            Ok(Ok(page)) => (page.entries, page.full),
+        let (rows, full, records) = match page {
+            Ok(Ok((page, records))) => (page.entries, page.full, records),
             Ok(Err(e)) => {
                 tracing::warn!(prefix, error = %e, "mail-not-read");
                 continue;
@@ -342,8 +445,21 @@ pub async fn deliver_forever(
         if all {
             from = next_look(prefix, &rows, full);
         }
-        for (agent_id, entries) in by_agent(rows) {
+        let mut records = records_by_agent(records);
+        for (agent_id, mut entries) in by_agent(rows) {
+            if all {
+                // A bell that says what it said at the last look: nothing new.
+                entries.retain(|(key, value)| !bells.unchanged(key, value));
+                if entries.is_empty() {
+                    continue;
+                }
+            } else {
+                for (key, value) in &entries {
+                    bells.unchanged(key, value);
+                }
+            }
             sessions.do_send(Deliver {
+                records: records.remove(&agent_id).unwrap_or_default(),
                 agent_id,
                 entries,
                 inbox: prefix == INBOX_PREFIX,
@@ -411,6 +527,17 @@ pub const ACTIVE_TAKES_MEMBERS: &str = "cluster/active_takes_members";
 /// that does not know the key writes nothing there).
 pub const ACTIVE_TAKES_ENROLLMENTS: &str = "cluster/active_takes_enrollments";
 
+/// The meta key where the active node says whether it writes the commands of the agents
+/// members serve into their streams itself (see [`Greeting::appends`]): its lease epoch if it
+/// does, as [`ACTIVE_TAKES_ENROLLMENTS`].
+pub const ACTIVE_APPENDS: &str = "cluster/active_appends";
+
+/// Whether the active node at lease `epoch` said it writes the commands of the agents members
+/// serve into their streams (see [`ACTIVE_APPENDS`]); blocking.
+pub fn active_appends(journal: &JournalHandle, epoch: i64) -> bool {
+    said_at_epoch(journal, ACTIVE_APPENDS, epoch)
+}
+
 /// Whether the active node said it takes what members carry; blocking.
 pub fn active_takes_members(journal: &JournalHandle) -> bool {
     active_takes(journal, ACTIVE_TAKES_MEMBERS)
@@ -424,11 +551,16 @@ pub fn active_takes(journal: &JournalHandle, key: &str) -> bool {
 /// Whether the active node at lease `epoch` said it answers the enrollments members forward
 /// (see [`ACTIVE_TAKES_ENROLLMENTS`]); blocking.
 pub fn active_takes_enrollments(journal: &JournalHandle, epoch: i64) -> bool {
-    matches!(journal.get_meta(ACTIVE_TAKES_ENROLLMENTS), Ok(Some(v)) if epoch > 0 && v == epoch.to_string().as_bytes())
+    said_at_epoch(journal, ACTIVE_TAKES_ENROLLMENTS, epoch)
 }
 
-/// The active node, at lease `epoch`, says whether it takes what members carry, and the
-/// enrollments they forward.
+/// Whether the active node at lease `epoch` said yes at `key` (its epoch); blocking.
+fn said_at_epoch(journal: &JournalHandle, key: &str, epoch: i64) -> bool {
+    matches!(journal.get_meta(key), Ok(Some(v)) if epoch > 0 && v == epoch.to_string().as_bytes())
+}
+
+/// The active node, at lease `epoch`, says whether it takes what members carry, the
+/// enrollments they forward, and whether it writes the commands of their agents itself.
 pub fn say_whether_members_are_taken(
     journal: &JournalHandle,
     taken: bool,
@@ -448,6 +580,7 @@ pub fn say_whether_members_are_taken(
     journal.commit(vec![
         put(ACTIVE_TAKES_MEMBERS, if taken { b"1" } else { b"0" }),
         put(ACTIVE_TAKES_ENROLLMENTS, enrollments.as_bytes()),
+        put(ACTIVE_APPENDS, enrollments.as_bytes()),
     ])
 }
 
@@ -490,9 +623,11 @@ pub async fn follow_registry(
             (
                 active_takes_members(&j),
                 active_takes_enrollments(&j, epoch),
+                active_appends(&j, epoch),
             )
         });
-        if let Ok((taken, enrollments)) = says.await {
+        if let Ok((taken, enrollments, appends)) = says.await {
+            shared.active_appends.store(appends, Ordering::Relaxed);
             let was = shared.active_takes_members.swap(taken, Ordering::Relaxed);
             if was != taken {
                 tracing::warn!(taken, "active-node-takes-members-changed");
@@ -598,6 +733,41 @@ mod tests {
     }
 
     #[test]
+    fn a_bell_is_no_mail_and_rings_once_per_value_at_the_looks_at_every_row() {
+        let a = agent("0d");
+        let bell = bell_key(&a);
+        assert!(is_bell(&bell));
+        assert!(!is_bell(&mail_key(&a, 1)));
+        assert!(!is_bell(&inbox_key(&a, 1, 1, Kind::Event)));
+        assert_eq!(agent_of(&bell), Some(a.clone()));
+        assert!(
+            bell > mail_key(&a, u64::MAX),
+            "after every mail of the agent"
+        );
+        assert_eq!(bell_seq(&7u64.to_be_bytes()), Some(Seq(7)));
+        assert_eq!(bell_seq(b"seven"), None);
+        let mut bells = Bells::default();
+        let seven = 7u64.to_be_bytes();
+        assert!(
+            !bells.unchanged(&bell, &seven),
+            "a bell rings the first time"
+        );
+        assert!(
+            bells.unchanged(&bell, &seven),
+            "not again for the same command"
+        );
+        assert!(
+            !bells.unchanged(&bell, &8u64.to_be_bytes()),
+            "again for a newer one"
+        );
+        assert!(
+            !bells.unchanged(&mail_key(&a, 1), &seven),
+            "mail is always handed on"
+        );
+        assert_eq!(out_claim(&a), "out@a-0d");
+    }
+
+    #[test]
     fn mail_keys_only_grow() {
         let a = agent("0b");
         let keys: Vec<String> = (0..1000).map(|_| mail_key(&a, 7)).collect();
@@ -618,8 +788,16 @@ mod tests {
             node: "node-b".into(),
             facts: [("arch".to_owned(), "x86_64".to_owned())].into(),
             path: vec!["r-1".into()],
+            appends: Some(4),
+            claim_epoch: 2,
         };
         let value = serde_json::to_vec(&greeting).unwrap();
+        // A member of an earlier release says nothing of the stream: the mailbox, then.
+        let older = br#"{"version":"0.1.0","sealing_key":"","runs_as":false,"operations":false,"trust_serial":0,"reset":false}"#;
+        match Inboxed::read(&inbox_key(&a, 1, 1, Kind::Greeting), older.to_vec()) {
+            Some(Inboxed::Greeting(g)) => assert_eq!((g.appends, g.claim_epoch), (None, 0)),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             Inboxed::read(&inbox_key(&a, 1, 1, Kind::Greeting), value),
             Some(Inboxed::Greeting(greeting))

@@ -59,7 +59,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// How many agents `node` holds the claim of.
 fn claimed_by(pg: &Postgres, node: &str) -> usize {
     pg.psql(&format!(
-        "SELECT count(*) FROM tether_claims WHERE node = '{node}'"
+        "SELECT count(*) FROM tether_claims WHERE node = '{node}' AND claim NOT LIKE '%@%'"
     ))
     .parse()
     .unwrap_or(0)
@@ -248,7 +248,7 @@ fn main() {
     });
     // The cross-node sample: agents node b serves.
     let served_by_b: std::collections::HashSet<String> = pg
-        .psql("SELECT claim FROM tether_claims WHERE node = 'node-b'")
+        .psql("SELECT claim FROM tether_claims WHERE node = 'node-b' AND claim NOT LIKE '%@%'")
         .lines()
         .map(str::to_owned)
         .collect();

@@ -703,10 +703,7 @@ async fn a_commit_under_a_claim_taken_since_writes_nothing_and_the_rest_of_its_b
         a.claim_holder("agent-1").unwrap(),
         Some(("node-b".to_owned(), 2))
     );
-    let never = Fence {
-        claim: "agent-3".into(),
-        epoch: 1,
-    };
+    let never = Fence::of("agent-3", 1);
     let (ja, _, _) = open(a.clone(), Path::new("postgres"));
 
     // One batch of four requests: under the claim taken since, under one still held, under

@@ -139,6 +139,10 @@ pub struct SessionShared {
     /// On a member: the active node answers the enrollments members forward (see
     /// `crate::member_enroll`; an active node of an earlier release does not).
     pub active_takes_enrollments: std::sync::atomic::AtomicBool,
+    /// On a member: the active node writes the commands of the agents members serve into
+    /// their streams itself (see `crate::mail::ACTIVE_APPENDS`; one of an earlier release
+    /// puts them in the mailbox, for the member to number).
+    pub active_appends: std::sync::atomic::AtomicBool,
     /// A member was drained (`tether-server drain`): it takes no more agents.
     pub drained: std::sync::atomic::AtomicBool,
     /// What agents and relays reported of themselves and is not yet stored, by id, and

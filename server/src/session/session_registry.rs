@@ -155,6 +155,8 @@ impl Handler<GetLink> for SessionRegistry {
 pub struct Deliver {
     pub agent_id: AgentId,
     pub entries: Vec<(String, Vec<u8>)>,
+    /// With mailbox entries: the records of the agent's command stream read with them.
+    pub records: Vec<tether_shared::journal::Record>,
     pub inbox: bool,
 }
 
@@ -183,6 +185,7 @@ impl Handler<Deliver> for SessionRegistry {
         } else if let Some(entry) = self.agents.get(&msg.agent_id) {
             entry.link.do_send(FromMailbox {
                 entries: msg.entries,
+                records: msg.records,
             });
         }
     }

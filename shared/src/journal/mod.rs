@@ -93,6 +93,14 @@ pub struct MetaPage {
     pub full: bool,
 }
 
+/// What [`JournalHandle::read_meta_and_logs_async`] read: meta entries (keys without the meta
+/// prefix) and records with their log, each in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetaAndLogs {
+    pub meta: Vec<(String, Vec<u8>)>,
+    pub records: Vec<(LogName, Record)>,
+}
+
 /// A record read back from a log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -299,6 +307,68 @@ impl JournalHandle {
                     .map_err(|reason| self.corrupt(k, reason))
             })
             .collect()
+    }
+
+    /// The seq of the last record `log` holds (`None`: it holds none).
+    pub fn last_seq(&self, log: &LogName) -> Result<Option<Seq>, JournalError> {
+        match self.store.last_under(&record::log_prefix(log))? {
+            Some((k, v)) => record::decode_record(&k, &v)
+                .map(|(seq, _)| Some(seq))
+                .map_err(|reason| self.corrupt(&k, reason)),
+            None => Ok(None),
+        }
+    }
+
+    /// Without blocking the caller (see [`Self::scan_meta_prefixes_async`]), in one read: the
+    /// meta entries under each of `prefixes` (at most `limit` under each), and the records of
+    /// each of `logs` after its seq (at most `limit` of each), validated, none past the first
+    /// that brings the values read to `max_bytes`.
+    pub fn read_meta_and_logs_async(
+        &self,
+        prefixes: &[String],
+        logs: &[(LogName, Seq)],
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl std::future::Future<Output = Result<MetaAndLogs, JournalError>> + 'static {
+        let mut ranges: Vec<(Vec<u8>, Vec<u8>)> = prefixes
+            .iter()
+            .map(|p| (record::meta_key(p), record::meta_key(p)))
+            .collect();
+        ranges.extend(logs.iter().filter_map(|(log, after)| {
+            let from = after.next()?;
+            Some((record::record_key(log, from), record::log_prefix(log)))
+        }));
+        ranges.sort();
+        ranges.dedup();
+        let (tx, rx) = oneshot::channel();
+        self.store.scan_ranges_then(
+            ranges,
+            limit,
+            max_bytes,
+            Box::new(move |rows| {
+                let _ = tx.send(rows);
+            }),
+        );
+        let this = self.clone();
+        async move {
+            let rows = rx.await.map_err(|_| JournalError::Closed)??;
+            let mut out = MetaAndLogs::default();
+            for (k, v) in rows {
+                if k.first() == Some(&record::META_PREFIX) {
+                    out.meta.extend(this.meta_rows(&[(k, v)])?);
+                    continue;
+                }
+                let (log, seq, payload) = match record::parse_record_key(&k)
+                    .and_then(|(log, _)| Ok((log.to_vec(), record::decode_record(&k, &v)?)))
+                {
+                    Ok((log, (seq, payload))) => (log, seq, payload.to_vec()),
+                    Err(reason) => return Err(this.corrupt(&k, reason)),
+                };
+                let log = LogName::new(String::from_utf8_lossy(&log).into_owned())?;
+                out.records.push((log, Record { seq, payload }));
+            }
+            Ok(out)
+        }
     }
 
     /// Up to `max` bytes of blob `name` from byte `offset` (nothing past its committed

@@ -16,8 +16,10 @@ use crate::journal::blobs::{self, BlobFiles};
 use crate::journal::record::{self, LogName};
 use crate::journal::{JournalError, Op};
 
+/// A key-value pair as read from a store.
+pub type Row = (Vec<u8>, Vec<u8>);
 /// Key-value pairs as read from a store, in key order.
-pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+pub type Rows = Vec<Row>;
 
 /// The claim a commit is made under: it is written only while `claim` (the id of the agent it is
 /// for) is still held at `epoch`. On a cluster every node that verifies an agent's handshake
@@ -27,6 +29,27 @@ pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 pub struct Fence {
     pub claim: String,
     pub epoch: u64,
+    /// A second claim that must hold too, at its epoch (the active node's commands written
+    /// straight into the stream of an agent a member serves: under the member's claim on the
+    /// agent and on that session's stream).
+    pub also: Option<(String, u64)>,
+}
+
+impl Fence {
+    /// The fence of one claim.
+    pub fn of(claim: impl Into<String>, epoch: u64) -> Fence {
+        Fence {
+            claim: claim.into(),
+            epoch,
+            also: None,
+        }
+    }
+
+    /// Every claim this fence checks, with the epoch it must be held at.
+    pub fn claims(&self) -> impl Iterator<Item = (&str, u64)> {
+        std::iter::once((self.claim.as_str(), self.epoch))
+            .chain(self.also.iter().map(|(c, e)| (c.as_str(), *e)))
+    }
 }
 
 /// The ops of one fenced request inside a batch: `ops[range]`, written only under `fence`.
@@ -99,6 +122,23 @@ pub trait Store: Send + Sync + 'static {
         reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
     ) {
         reply(self.scan_prefixes(&prefixes, limit, max_bytes))
+    }
+    /// [`Store::scan_prefixes`] of ranges that each start at a key of their own: the rows of
+    /// each `(from, prefix)` of `ranges` (none overlapping another) from `from` on whose keys
+    /// start with `prefix`, with the same bounds, given to `reply` (see
+    /// [`Store::scan_prefixes_then`]).
+    fn scan_ranges_then(
+        &self,
+        ranges: Vec<(Vec<u8>, Vec<u8>)>,
+        limit: usize,
+        max_bytes: usize,
+        reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
+    ) {
+        reply(scan_ranges_in_turn(self, &ranges, limit, max_bytes))
+    }
+    /// The last row, in key order, whose key starts with `prefix`.
+    fn last_under(&self, prefix: &[u8]) -> Result<Option<Row>, JournalError> {
+        Ok(self.scan(prefix)?.pop())
     }
     /// How many keys start with `prefix`, counted up to `limit`.
     fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {
@@ -329,13 +369,29 @@ pub(crate) fn scan_prefixes_in_turn<S: Store + ?Sized>(
     limit: usize,
     max_bytes: usize,
 ) -> Result<Rows, JournalError> {
+    let ranges: Vec<(Vec<u8>, Vec<u8>)> = distinct(prefixes)
+        .into_iter()
+        .map(|p| (p.clone(), p))
+        .collect();
+    scan_ranges_in_turn(store, &ranges, limit, max_bytes)
+}
+
+/// [`Store::scan_ranges_then`]'s rows, as one [`Store::scan_from`] per range, in key order.
+pub(crate) fn scan_ranges_in_turn<S: Store + ?Sized>(
+    store: &S,
+    ranges: &[(Vec<u8>, Vec<u8>)],
+    limit: usize,
+    max_bytes: usize,
+) -> Result<Rows, JournalError> {
+    let mut ranges = ranges.to_vec();
+    ranges.sort();
     let mut out: Rows = Vec::new();
     let mut bytes = 0usize;
-    for prefix in distinct(prefixes) {
+    for (from, prefix) in ranges {
         if bytes >= max_bytes && !out.is_empty() {
             break;
         }
-        let rows = store.scan_from(&prefix, &prefix, limit, max_bytes - bytes)?;
+        let rows = store.scan_from(&from, &prefix, limit, max_bytes - bytes)?;
         bytes = rows
             .iter()
             .fold(bytes, |sum, (_, v)| sum.saturating_add(v.len()));
@@ -400,6 +456,14 @@ impl Store for SledStore {
 
     fn compacting(&self) -> bool {
         self.gens.compacting()
+    }
+
+    fn last_under(&self, prefix: &[u8]) -> Result<Option<Row>, JournalError> {
+        match self.gen().db.scan_prefix(prefix).next_back() {
+            Some(Ok((k, v))) => Ok(Some((k.to_vec(), v.to_vec()))),
+            Some(Err(e)) => Err(sled_err("cannot read", e)),
+            None => Ok(None),
+        }
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Rows, JournalError> {

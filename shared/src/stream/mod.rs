@@ -160,6 +160,27 @@ impl<P: Clone> Outbound<P> {
         Ok(seq)
     }
 
+    /// Takes `payload`, numbered `seq` and made durable by another writer of this stream's
+    /// journal (the active node of a cluster, for an agent a member serves): only the message
+    /// right after the last one held, once every one before it is durable, while it fits.
+    /// Returns whether it was taken.
+    pub fn adopt(&mut self, seq: Seq, payload: P, now_ms: u64) -> bool {
+        if self.assigned.next() != Some(seq)
+            || self.durable != self.assigned
+            || self.retained.len() >= self.max_retained
+        {
+            return false;
+        }
+        self.assigned = seq;
+        self.durable = seq;
+        self.retained.push_back(Retained {
+            seq,
+            payload,
+            enqueued_ms: now_ms,
+        });
+        true
+    }
+
     /// The local journal now holds every message up to `upto`.
     pub fn mark_durable(&mut self, upto: Seq) {
         self.durable = self.durable.max(upto.min(self.assigned));

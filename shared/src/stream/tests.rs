@@ -217,3 +217,28 @@ fn a_peer_behind_what_it_acked_is_still_refused_after_rejoin() {
         Err(StreamError::PeerRegressed { .. })
     ));
 }
+
+#[test]
+fn adopts_only_the_next_durable_message_that_fits() {
+    let mut o = Outbound::new(4, 3, 1000);
+    assert!(!o.adopt(Seq(2), 2, 0), "a gap is not taken");
+    assert!(o.adopt(Seq(1), 1, 0));
+    assert!(!o.adopt(Seq(1), 1, 0), "nor a message held already");
+    o.enqueue(2, 0).unwrap();
+    assert!(
+        !o.adopt(Seq(3), 3, 0),
+        "not after a message of its own that is not durable yet"
+    );
+    o.mark_durable(Seq(2));
+    assert!(o.adopt(Seq(3), 3, 0));
+    assert!(
+        !o.adopt(Seq(4), 4, 0),
+        "not past what the stream may retain"
+    );
+    o.connect(ConnId(1), Seq::ZERO, 0).unwrap();
+    let sent: Vec<_> = o.poll_transmit(0).into_iter().map(|(s, _)| s.0).collect();
+    assert_eq!(sent, vec![1, 2, 3], "adopted messages go out as durable");
+    assert_eq!(o.on_ack(ConnId(1), Seq(3), 1), AckOutcome::Advanced(Seq(3)));
+    assert!(o.adopt(Seq(4), 4, 1), "room again once acknowledged");
+    assert_eq!(o.next_seq(), Some(Seq(5)));
+}

@@ -171,6 +171,11 @@ impl AgentLink {
             if self.mail_done.as_ref().is_some_and(|done| key <= *done) {
                 continue;
             }
+            if mail::is_bell(&key) {
+                // What it rang for is in the stream already (read at the handshake).
+                ops.push(Op::DeleteMeta { key });
+                continue;
+            }
             if !self.ep.outbound.has_room(1) {
                 // The agent is not acknowledging: the rest waits for a later look.
                 break;
@@ -295,8 +300,12 @@ impl AgentLink {
     /// What a handshake on a member changes here: what the agent takes (its sealing key, its
     /// release's abilities), its jobs failed if it lost its state, and its waiting jobs sent.
     fn greeted(&mut self, greeting: &Greeting) -> (Vec<Op>, Option<Seq>) {
-        tracing::info!(agent_id = %self.agent_id, node = %greeting.node, reset = greeting.reset, "agent-attached-elsewhere");
+        tracing::info!(agent_id = %self.agent_id, node = %greeting.node, reset = greeting.reset, appends = ?greeting.appends, "agent-attached-elsewhere");
         if self.session.is_none() {
+            // A new session: what this node wrote into the stream was for the one before.
+            // Until the stream's end is read again (`go_direct`), commands go to the mailbox.
+            self.direct = None;
+            self.direct_wanted = super::direct::fence_of(&self.agent_id, greeting);
             // (A handshake here since knows better.)
             self.remote_incarnation = Some(greeting.incarnation.clone());
             self.shared.presence.set_elsewhere(
@@ -351,17 +360,7 @@ impl Handler<GreetAgain> for AgentLink {
     type Result = ();
 
     fn handle(&mut self, _: GreetAgain, ctx: &mut Self::Context) {
-        let Some(greeting) = self.greeting.clone() else {
-            return;
-        };
-        if !self.shared.member || self.session.is_none() || self.fence.is_none() {
-            return;
-        }
-        let Ok(value) = serde_json::to_vec(&greeting) else {
-            return;
-        };
-        let key = self.inbox_key(mail::Kind::Greeting);
-        self.commit_then(ctx, vec![Op::PutMeta { key, value }], |_, _| {});
+        self.greet_again(ctx);
     }
 }
 
@@ -395,6 +394,12 @@ impl Handler<FromInbox> for AgentLink {
             // rows do to them waits until they are (the rows come again at the next look).
             return self.refresh_jobs(ctx);
         }
+        let greets = msg.entries.iter().any(|(k, _)| k.ends_with(".h"));
+        if greets && self.direct_commits_pending() {
+            // A new session of the agent: what this node wrote into the stream for the one
+            // before may yet be refused (which rebuilds this link). The rows stay.
+            return;
+        }
         let trust_serial =
             msg.entries
                 .iter()
@@ -414,6 +419,9 @@ impl Handler<FromInbox> for AgentLink {
             }
             act.inbox_drained();
         });
+        if let Some(fence) = self.direct_wanted.take().filter(|_| self.remote()) {
+            self.go_direct(ctx, fence);
+        }
         // What it confirmed since, through the inbox, if no handshake said it (an agent a
         // member serves beats there, not here: this is where it is offered a newer set again).
         let held =
@@ -447,11 +455,13 @@ impl Handler<OfferTrust> for AgentLink {
     }
 }
 
-/// Mailbox entries of this link's agent (on the node that serves it).
+/// Mailbox entries of this link's agent (on the node that serves it), and the records of its
+/// command stream read with them (see `super::direct`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct FromMailbox {
     pub entries: Vec<(String, Vec<u8>)>,
+    pub records: Vec<tether_shared::journal::Record>,
 }
 
 impl Handler<FromMailbox> for AgentLink {
@@ -460,6 +470,9 @@ impl Handler<FromMailbox> for AgentLink {
     fn handle(&mut self, msg: FromMailbox, ctx: &mut Self::Context) {
         if self.session.is_none() || self.fence.is_none() {
             return;
+        }
+        if self.direct_out {
+            return self.followed(ctx, msg.entries, msg.records);
         }
         let (ops, last) = self.take_mail(msg.entries);
         if ops.is_empty() {

@@ -28,6 +28,7 @@ use tether_shared::stream::{AckOutcome, ConnId, Endpoint, Handshake, Rejoined, S
 
 use crate::session::handle::SessionHandle;
 
+mod direct;
 mod jobs;
 mod mail;
 
@@ -136,7 +137,38 @@ pub struct AgentLink {
     /// On the active node: the inbox held more than the handshake read (see
     /// `AgentLink::inbox_full`).
     inbox_behind: bool,
+    /// On the active node: the stream of the agent a member serves, which this node writes
+    /// into (see [`direct`]), and its commits not yet answered.
+    direct: Option<direct::Direct>,
+    direct_in_flight: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// On the active node: a greeting just taken says the member takes no more mail (see
+    /// `AgentLink::go_direct`).
+    direct_wanted: Option<Fence>,
+    /// On a member: the claim on this session's stream, when the active node writes it
+    /// (see [`direct`]); whether its greeting is committed (no more mail is taken then); and
+    /// whether a session here ever had it so (the stream is read again at the next handshake).
+    out_fence: Option<Fence>,
+    direct_out: bool,
+    was_direct: bool,
+    /// On a member: a read of the stream's records is under way, and another is wanted after
+    /// it; a record did not fit (or a read failed): read again later.
+    following: bool,
+    follow_again: bool,
+    tail_behind: bool,
+    /// On a member: since when mail waits in the mailbox of an agent whose stream the active
+    /// node writes (see `AgentLink::stray_mail`).
+    stray_since: Option<Instant>,
+    /// On the active node: a commit into the stream of an agent a member serves was refused
+    /// (what it took from the inbox is still there).
+    direct_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Which reading of the journal this link's state is (a handshake that finds the agent
+    /// was served elsewhere reads it again in place): a refused commit of an earlier one was
+    /// dealt with by that reading.
+    built: u64,
 }
+
+/// Numbers the readings of links' state (see `AgentLink::built`).
+static BUILT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// The id of an encoded command (as journaled in the outbound log).
 fn command_id(bytes: &[u8]) -> Option<String> {
@@ -221,6 +253,18 @@ impl AgentLink {
             greeting: None,
             inbox_rows: 0,
             inbox_behind: false,
+            direct: None,
+            direct_in_flight: Default::default(),
+            direct_wanted: None,
+            out_fence: None,
+            direct_out: false,
+            was_direct: false,
+            following: false,
+            follow_again: false,
+            tail_behind: false,
+            stray_since: None,
+            direct_refused: Default::default(),
+            built: BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -231,23 +275,30 @@ impl AgentLink {
         ops: Vec<Op>,
     ) -> impl std::future::Future<Output = Result<tether_shared::journal::Committed, JournalError>>
     {
-        // The active node's work for an agent it does not serve is not the claim's: only the
-        // stream's records are, and they are written by the node that serves it.
-        let fence = match self.remote() {
-            true => None,
-            false => self.fence.clone(),
+        // The active node's work for an agent it does not serve is not the claim's, unless it
+        // writes the agent's stream (see `direct`): then all of it is under the member's
+        // claims, so that once one of them moved on, nothing more of it lands.
+        let (fence, in_flight) = match self.remote() {
+            true => (
+                self.direct.as_ref().map(|d| d.fence.clone()),
+                &self.direct_in_flight,
+            ),
+            false => (self.fence.clone(), &self.fenced_in_flight),
         };
         let counted = fence.as_ref().map(|_| {
-            self.fenced_in_flight
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.fenced_in_flight.clone()
+            in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            in_flight.clone()
         });
+        let refused = (self.remote() && fence.is_some()).then(|| self.direct_refused.clone());
         // Queued now, at the call (see `commit_then`).
         let commit = self.shared.journal.commit_under(ops, fence);
         async move {
             let done = commit.await;
             if let Some(counted) = counted {
                 counted.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let (Some(refused), Err(JournalError::Fenced { .. })) = (refused, &done) {
+                refused.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             done
         }
@@ -346,8 +397,12 @@ impl AgentLink {
     /// nothing: what this node holds of the agent's jobs is read again, and the session is told
     /// to go and come back.
     fn fail(&mut self, ctx: &mut Context<Self>, error: &JournalError) {
-        let (code, reason) = if let JournalError::Fenced { epoch, .. } = error {
-            if self.fence.as_ref().is_some_and(|f| f.epoch > *epoch) {
+        let (code, reason) = if let JournalError::Fenced { claim, epoch } = error {
+            if self
+                .fence
+                .as_ref()
+                .is_some_and(|f| f.claim == *claim && f.epoch > *epoch)
+            {
                 // Made before this link claimed the agent again (and read it again): that
                 // claim already dealt with it.
                 tracing::debug!(agent_id = %self.agent_id, epoch, "fenced-commit-of-an-older-claim");
@@ -372,6 +427,16 @@ impl AgentLink {
         ctx.stop();
     }
 
+    /// A commit made when the link's state was reading `built` failed: [`Self::fail`], unless
+    /// the state was read again since (the reading came after the commit was answered).
+    fn failed(&mut self, ctx: &mut Context<Self>, error: &JournalError, built: u64) {
+        if built != self.built {
+            tracing::debug!(agent_id = %self.agent_id, error = %error, "failed-commit-of-a-link-read-again-since");
+            return;
+        }
+        self.fail(ctx, error);
+    }
+
     fn commit_then(
         &mut self,
         ctx: &mut Context<Self>,
@@ -381,9 +446,10 @@ impl AgentLink {
         // Queued now (not when the future is first polled): commit order is call order, which
         // is what makes "a later commit is durable, so every earlier one is" true.
         let commit = self.commit(ops);
+        let built = self.built;
         ctx.spawn(commit.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => then(act, ctx),
-            Err(e) => act.fail(ctx, &e),
+            Err(e) => act.failed(ctx, &e, built),
         }));
     }
 
@@ -527,6 +593,10 @@ impl AgentLink {
                     AckOutcome::Advanced(upto) => {
                         let ops = self.keys.acked_ops(upto);
                         self.commit_then(ctx, ops, |_, _| {});
+                        if self.tail_behind {
+                            // Room again for what the active node wrote.
+                            self.follow(ctx);
+                        }
                         self.pump();
                     }
                     AckOutcome::Duplicate => {}
@@ -665,7 +735,10 @@ impl AgentLink {
     /// the number, so a command enqueued again after a rejoin keeps it).
     fn number(&mut self, mut command: Command, ops: &mut Vec<Op>) -> Result<Seq, AgentLinkError> {
         if self.remote() {
-            return self.post(&command, ops);
+            return match self.direct.is_some() {
+                true => self.append_direct(command, ops),
+                false => self.post(&command, ops),
+            };
         }
         command.seq = self
             .ep
@@ -760,6 +833,7 @@ impl AgentLink {
         then: Option<Box<dyn FnOnce() + Send>>,
     ) -> ResponseActFuture<Self, Result<Seq, AgentLinkError>> {
         let commit = self.commit(ops);
+        let built = self.built;
         Box::pin(commit.into_actor(self).map(move |res, act, ctx| match res {
             Ok(_) => {
                 if let Some(then) = then {
@@ -770,7 +844,7 @@ impl AgentLink {
                 Ok(last)
             }
             Err(e) => {
-                act.fail(ctx, &e);
+                act.failed(ctx, &e, built);
                 Err(e.into())
             }
         }))
@@ -813,21 +887,56 @@ impl Handler<Attach> for AgentLink {
             return AtomicResponse::new(self.attach(msg));
         };
         let claiming = claims.claim(&self.agent_id, self.fence.as_ref());
+        // On a member whose active node writes agents' streams: the claim on this session's
+        // stream is raised with the claim on the agent (the active node's writes for an
+        // earlier session write nothing from then on), and what it wrote before is read after
+        // both (see `direct`); so too where it wrote before, before this node numbers mail.
+        let appends = self.shared.member
+            && self
+                .shared
+                .active_appends
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let raising = appends.then(|| claims.raise(&crate::mail::out_claim(&self.agent_id)));
+        let tail = (appends || self.was_direct).then(|| {
+            direct::read_tail(
+                self.shared.journal.clone(),
+                self.keys.out_log.clone(),
+                self.ep.outbound.assigned(),
+                self.shared.max_retained,
+            )
+        });
         // What this node wrote for the agent while another served it lands first: the
         // handshake reads the inbox and the mailbox.
         let flush =
             std::mem::take(&mut self.remote_writes).then(|| self.shared.journal.commit(Vec::new()));
+        let agent_id = self.agent_id.clone();
         let claiming = async move {
             if let Some(flush) = flush {
                 if let Err(e) = flush.await {
                     tracing::warn!(error = %e, "remote-writes-not-flushed");
                 }
             }
-            claiming.await
+            let claimed = claiming.await?;
+            let out = match raising {
+                Some(raising) => match raising.await {
+                    Ok(out) => Some(out),
+                    Err(e) => {
+                        // This session takes the mail itself.
+                        tracing::warn!(agent_id = %agent_id, error = %e, "stream-claim-not-raised");
+                        None
+                    }
+                },
+                None => None,
+            };
+            let records = match tail {
+                Some(tail) => tail.await?,
+                None => Vec::new(),
+            };
+            Ok::<_, JournalError>((claimed, out, records))
         };
         AtomicResponse::new(Box::pin(claiming.into_actor(self).then(
             move |claimed, act, _| -> Attached {
-                let fence = match claimed {
+                let (fence, out, records) = match claimed {
                     Ok(fence) => fence,
                     Err(e) => {
                         tracing::warn!(agent_id = %act.agent_id, error = %e, "agent-not-claimed");
@@ -838,6 +947,8 @@ impl Handler<Attach> for AgentLink {
                 let stale = act.shared.work.take_stale(&act.agent_id);
                 if !moved && !stale {
                     act.fence = Some(fence);
+                    act.take_records(records);
+                    act.out_fence = out;
                     return act.attach(msg);
                 }
                 tracing::warn!(agent_id = %act.agent_id, epoch = fence.epoch, moved, "link-reloaded-after-a-claim-elsewhere");
@@ -850,14 +961,23 @@ impl Handler<Attach> for AgentLink {
                     if moved {
                         match AgentLink::recover(&act.agent_id, act.shared.clone()) {
                             Ok(mut fresh) => {
-                                fresh.inbox_done = act.inbox_done.take();
-                                fresh.mail_done = act.mail_done.take();
+                                // (Unless a commit of what it took was refused: then it
+                                // is there still, to be taken again.)
+                                let refused = act
+                                    .direct_refused
+                                    .load(std::sync::atomic::Ordering::Relaxed);
+                                if !refused {
+                                    fresh.inbox_done = act.inbox_done.take();
+                                    fresh.mail_done = act.mail_done.take();
+                                }
                                 *act = fresh;
                             }
                             Err(e) => return Box::pin(fut::ready(Err(e))),
                         }
                     }
                     act.fence = Some(fence);
+                    act.take_records(records);
+                    act.out_fence = out;
                     act.attach(msg)
                 }))
             },
@@ -944,9 +1064,13 @@ impl AgentLink {
         self.sealing = Some(self.sealer(&hello.sealing_key));
         let mut ops = self.keys.handshake_ops(&outcome, &hello.incarnation);
         if member {
-            // The active node learns what the agent takes, and whether it lost its state.
+            // The active node learns what the agent takes, whether it lost its state, and
+            // whether it writes the agent's stream from now on (see `direct`).
+            self.direct_out = false;
             let node = self.shared.claims.as_ref().map_or("", |c| c.node());
-            let greeting = crate::mail::Greeting::of(&hello, reset, node, &path);
+            let mut greeting = crate::mail::Greeting::of(&hello, reset, node, &path);
+            greeting.appends = self.out_fence.as_ref().map(|f| f.epoch);
+            greeting.claim_epoch = self.fence.as_ref().map_or(0, |f| f.epoch);
             self.greeting = Some(crate::mail::Greeting {
                 reset: false,
                 ..greeting.clone()
@@ -1026,6 +1150,9 @@ impl AgentLink {
                 tracing::info!(agent_id = %act.agent_id, conn = conn.0, last_event_seq = welcome.last_event_seq.0, last_command_seq = hello.last_command_seq.0, "agent-attached");
                 act.pump();
                 if act.shared.member {
+                    // From now on the active node writes the stream, if it said so.
+                    act.direct_out = act.out_fence.is_some();
+                    act.was_direct |= act.direct_out;
                     // Jobs, trust and the agent's record are the active node's.
                     return Ok(welcome);
                 }

@@ -78,10 +78,10 @@ pub(super) async fn batcher(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver
         let raised = claim_all(&shared, &round).await;
         for r in round {
             let answer = match &raised {
-                Ok(raised) => Ok(Fence {
-                    epoch: raised.get(&r.claim).copied().unwrap_or(r.held),
-                    claim: r.claim,
-                }),
+                Ok(raised) => Ok(Fence::of(
+                    r.claim.clone(),
+                    raised.get(&r.claim).copied().unwrap_or(r.held),
+                )),
                 Err(e) => Err(e.clone()),
             };
             let _ = r.reply.send(answer);
@@ -216,7 +216,10 @@ pub(super) async fn left_out(
     check: &Statement,
     fenced: &[Fenced],
 ) -> Result<Checked, Failure> {
-    let mut claims: Vec<&str> = fenced.iter().map(|f| f.fence.claim.as_str()).collect();
+    let mut claims: Vec<&str> = fenced
+        .iter()
+        .flat_map(|f| f.fence.claims().map(|(c, _)| c))
+        .collect();
     claims.sort_unstable();
     claims.dedup();
     let rows = tx
@@ -228,8 +231,10 @@ pub(super) async fn left_out(
     let out = fenced
         .iter()
         .map(|f| {
-            let now = held.get(&f.fence.claim).copied();
-            now.and_then(|e| u64::try_from(e).ok()) != Some(f.fence.epoch)
+            f.fence.claims().any(|(claim, epoch)| {
+                let now = held.get(claim).copied();
+                now.and_then(|e| u64::try_from(e).ok()) != Some(epoch)
+            })
         })
         .collect();
     Ok(Checked { out, xid })

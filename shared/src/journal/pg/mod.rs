@@ -52,7 +52,7 @@ pub use schema::MIGRATIONS;
 use schema::{check_settings, migrate};
 
 use crate::journal::record::{self, LogName};
-use crate::journal::store::{Fenced, Rows, Store};
+use crate::journal::store::{Fenced, Row, Rows, Store};
 use crate::journal::{blobs, JournalError, Op};
 
 /// Where the database is and how to reach it.
@@ -1036,6 +1036,49 @@ impl Store for PgStore {
             }
             _ => reply(self.scan_prefixes(&prefixes, limit, max_bytes)),
         }
+    }
+
+    fn scan_ranges_then(
+        &self,
+        ranges: Vec<(Vec<u8>, Vec<u8>)>,
+        limit: usize,
+        max_bytes: usize,
+        reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
+    ) {
+        let mut ranges = ranges;
+        ranges.sort();
+        let ends = ranges
+            .iter()
+            .map(|(_, prefix)| prefix_end(prefix))
+            .collect::<Option<Vec<Vec<u8>>>>();
+        match (&self.runtime, ends) {
+            (Some(runtime), Some(ends)) => {
+                let firsts: Keys = ranges.into_iter().map(|(from, _)| from).collect();
+                let (shared, page) = (self.shared.clone(), Page::new(limit, max_bytes));
+                runtime.spawn(async move { reply(scan_ranges(&shared, firsts, ends, page).await) });
+            }
+            _ => reply(crate::journal::store::scan_ranges_in_turn(
+                self, &ranges, limit, max_bytes,
+            )),
+        }
+    }
+
+    fn last_under(&self, prefix: &[u8]) -> Result<Option<Row>, JournalError> {
+        let (from, end) = (prefix.to_vec(), prefix_end(prefix));
+        self.run(move |shared| async move {
+            let guard = shared.client(shared.reader()).await?;
+            let client = guard.as_ref().ok_or(JournalError::Closed)?;
+            let row = client
+                .query_opt(
+                    "SELECT key, value FROM tether_journal
+                      WHERE key >= $1 AND ($2::bytea IS NULL OR key < $2)
+                      ORDER BY key DESC LIMIT 1",
+                    &[&from, &end],
+                )
+                .await
+                .map_err(|e| db_err("cannot read", &e))?;
+            Ok(row.map(|r| (r.get::<_, Vec<u8>>(0), r.get::<_, Vec<u8>>(1))))
+        })
     }
 
     fn count(&self, prefix: &[u8], limit: usize) -> Result<usize, JournalError> {

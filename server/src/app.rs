@@ -199,6 +199,7 @@ pub async fn build(dir: &Path, tuning: Tuning, loaded: Loaded) -> Result<Built, 
             &handle,
             loaded.active_epochs.as_ref().map_or(0, |e| *e.borrow()),
         )
+        .unwrap_or(false)
         .into(),
         drained: Default::default(),
         reports_pending: Default::default(),

@@ -78,26 +78,41 @@ pub fn agent_prefix(prefix: &str, agent: &AgentId) -> String {
     format!("{prefix}{agent}/")
 }
 
-/// The mailbox row that rings for `agent` (its value: the seq of the last command the active
-/// node wrote into the agent's stream itself, 8 bytes big-endian): written with every such
-/// command, so that the node that serves the agent hears of it (a hint) or finds it (a look at
-/// every row), and reads the stream's new records. Only ever overwritten, never numbered.
+/// The row that rings for `agent` (its value: the seq of the last command the active node
+/// wrote into the agent's stream itself, 8 bytes big-endian): written with every such command,
+/// so that the node that serves the agent hears of it (a hint) or finds it (a look at every
+/// bell, [`BELL_LOOK`]), and reads the stream's new records. Only ever overwritten; deleted at
+/// the agent's handshakes.
 pub fn bell_key(agent: &AgentId) -> String {
-    format!("{MAILBOX_PREFIX}{agent}/{BELL}")
+    format!("{BELL_PREFIX}{agent}/last")
 }
 
-/// The last segment of a [`bell_key`].
-const BELL: &str = "bell";
+/// Where bells ring (see [`bell_key`]): apart from the mailbox, so that a look at every mail
+/// does not read a bell per agent.
+pub const BELL_PREFIX: &str = "bell/";
+/// How often a member looks at every bell (a page at a time, [`BELL_PAGE`]) for one whose
+/// hint it missed.
+pub const BELL_LOOK: Duration = Duration::from_secs(1);
+/// Bells read per look at most (a bell is a few dozen bytes).
+pub const BELL_PAGE: usize = 4096;
 
-/// Whether `key` is a mailbox bell (see [`bell_key`]).
+/// Whether `key` is a bell (see [`bell_key`]).
 pub fn is_bell(key: &str) -> bool {
-    key.starts_with(MAILBOX_PREFIX) && key.rsplit('/').next() == Some(BELL)
+    key.starts_with(BELL_PREFIX)
 }
 
-/// The seq a bell says (see [`bell_key`]).
-pub fn bell_seq(value: &[u8]) -> Option<tether_shared::protocol::Seq> {
-    let bytes: [u8; 8] = value.try_into().ok()?;
-    Some(tether_shared::protocol::Seq(u64::from_be_bytes(bytes)))
+/// What a bell says (see [`bell_key`]): the epoch of the claim on the session's stream (so
+/// that a new session's bell never says what an older one's did), then the command's seq.
+pub fn bell_value(epoch: u64, seq: Seq) -> Vec<u8> {
+    let mut v = epoch.to_be_bytes().to_vec();
+    v.extend_from_slice(&seq.0.to_be_bytes());
+    v
+}
+
+/// The seq a bell says (see [`bell_value`]).
+pub fn bell_seq(value: &[u8]) -> Option<Seq> {
+    let bytes: [u8; 8] = value.get(8..)?.try_into().ok()?;
+    Some(Seq(u64::from_be_bytes(bytes)))
 }
 
 /// The claim a member raises at each handshake of `agent` when the active node writes the
@@ -129,7 +144,8 @@ pub struct Mail {
 pub fn agent_of(key: &str) -> Option<AgentId> {
     let rest = key
         .strip_prefix(INBOX_PREFIX)
-        .or_else(|| key.strip_prefix(MAILBOX_PREFIX))?;
+        .or_else(|| key.strip_prefix(MAILBOX_PREFIX))
+        .or_else(|| key.strip_prefix(BELL_PREFIX))?;
     let (agent, _) = rest.split_once('/')?;
     let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     (!agent.is_empty() && agent.chars().all(plain)).then(|| AgentId::new(agent))
@@ -318,9 +334,11 @@ impl Bells {
     }
 }
 
-/// What the next look reads: every entry, or those of some agents only.
+/// What the next look reads: every entry, every bell, or the entries (and bells) of some
+/// agents only.
 enum Look {
     All,
+    Bells,
     Of(BTreeSet<AgentId>),
 }
 
@@ -332,6 +350,8 @@ impl Look {
                 agents.extend(names.into_iter().map(AgentId::new));
                 Look::Of(agents)
             }
+            // (The look at every bell waits for its next turn.)
+            (Look::Bells, Some(names)) => Look::Of(names.into_iter().map(AgentId::new).collect()),
             _ => Look::All,
         }
     }
@@ -352,9 +372,15 @@ pub async fn deliver_forever(
 ) {
     let mut tick = actix_rt::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Where the next look at every entry starts: past the last page's agents, while pages come
-    // full.
+    let mut bell_tick = actix_rt::time::interval(BELL_LOOK);
+    bell_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // On a member, bells ring with the mailbox (see `bell_key`).
+    let rings = prefix == MAILBOX_PREFIX;
+    let ours = |hint: &Hint| hint.prefix == prefix || (rings && hint.prefix == BELL_PREFIX);
+    // Where the next look at every entry (and every bell) starts: past the last page's agents,
+    // while pages come full.
     let mut from = prefix.to_owned();
+    let mut bells_from = BELL_PREFIX.to_owned();
     let mut bells = Bells::default();
     loop {
         let hinted = async {
@@ -363,10 +389,17 @@ pub async fn deliver_forever(
                 None => std::future::pending().await,
             }
         };
+        let bell_look = async {
+            match rings {
+                true => bell_tick.tick().await,
+                false => std::future::pending().await,
+            }
+        };
         let mut look = tokio::select! {
             _ = tick.tick() => Look::All,
+            _ = bell_look => Look::Bells,
             hint = hinted => match hint.map(|h| Hint::parse(&h)) {
-                Some(hint) if hint.prefix == prefix => Look::Of(BTreeSet::new()).and(hint),
+                Some(hint) if ours(&hint) => Look::Of(BTreeSet::new()).and(hint),
                 Some(_) => continue,
                 None => {
                     hints = None;
@@ -378,7 +411,7 @@ pub async fn deliver_forever(
         if let Some(h) = hints.as_mut() {
             while let Ok(more) = h.try_recv() {
                 let more = Hint::parse(&more);
-                if more.prefix == prefix {
+                if ours(&more) {
                     look = look.and(more);
                 }
             }
@@ -396,7 +429,8 @@ pub async fn deliver_forever(
             all => all,
         };
         let j = journal.clone();
-        let all = matches!(look, Look::All);
+        let (all, bell_look) = (matches!(look, Look::All), matches!(look, Look::Bells));
+        let read_at = std::time::Instant::now();
         let page = match look {
             Look::All => {
                 let start = from.clone();
@@ -404,9 +438,20 @@ pub async fn deliver_forever(
                     .await
                     .map(|page| page.map(|p| (p, Vec::new())))
             }
+            Look::Bells => {
+                let start = bells_from.clone();
+                actix_web::web::block(move || {
+                    j.scan_meta_from(&start, BELL_PREFIX, BELL_PAGE, PAGE_BYTES)
+                })
+                .await
+                .map(|page| page.map(|p| (p, Vec::new())))
+            }
             Look::Of(agents) => {
-                let prefixes: Vec<String> =
+                let mut prefixes: Vec<String> =
                     agents.iter().map(|a| agent_prefix(prefix, a)).collect();
+                if rings {
+                    prefixes.extend(agents.iter().map(|a| agent_prefix(BELL_PREFIX, a)));
+                }
                 // With the mailbox's rows, the first records of the agents' command streams
                 // (what the active node writes there itself rings their bell).
                 let logs: Vec<(LogName, Seq)> = match prefix == MAILBOX_PREFIX {
@@ -418,20 +463,21 @@ pub async fn deliver_forever(
                         .collect(),
                     false => Vec::new(),
                 };
-                // Their first entries each (what is left waits for a later look), read in one
-                // statement without a hand-over to another thread: this is the way of a
-                // command to its agent.
-                Ok(
-                    j.read_meta_and_logs_async(&prefixes, &logs, PAGE_OF_ONE, PAGE_BYTES)
-                        .await
-                        .map(|read| {
-                            let page = tether_shared::journal::MetaPage {
-                                entries: read.meta,
-                                full: false,
-                            };
-                            (page, read.records)
-                        }),
-                )
+                // Their first entries each (what is left waits for a later look), and their
+                // streams' first records, read at once (each within its own bound) without a
+                // hand-over to another thread: this is the way of a command to its agent.
+                let rows = j.scan_meta_prefixes_async(&prefixes, PAGE_OF_ONE, PAGE_BYTES);
+                let records = async {
+                    match logs.is_empty() {
+                        true => Ok(Default::default()),
+                        false => {
+                            j.read_meta_and_logs_async(&[], &logs, PAGE_OF_ONE, PAGE_BYTES)
+                                .await
+                        }
+                    }
+                };
+                let (rows, records) = futures_util::future::join(rows, records).await;
+                Ok(rows.and_then(|page| Ok((page, records?.records))))
             }
         };
         let (rows, full, records) = match page {
@@ -445,9 +491,12 @@ pub async fn deliver_forever(
         if all {
             from = next_look(prefix, &rows, full);
         }
+        if bell_look {
+            bells_from = next_look(BELL_PREFIX, &rows, full);
+        }
         let mut records = records_by_agent(records);
         for (agent_id, mut entries) in by_agent(rows) {
-            if all {
+            if all || bell_look {
                 // A bell that says what it said at the last look: nothing new.
                 entries.retain(|(key, value)| !bells.unchanged(key, value));
                 if entries.is_empty() {
@@ -460,6 +509,7 @@ pub async fn deliver_forever(
             }
             sessions.do_send(Deliver {
                 records: records.remove(&agent_id).unwrap_or_default(),
+                read_at,
                 agent_id,
                 entries,
                 inbox: prefix == INBOX_PREFIX,
@@ -473,7 +523,7 @@ pub async fn purge(journal: &JournalHandle, agent: &AgentId) {
     let (j, a) = (journal.clone(), agent.clone());
     let rows = actix_web::web::block(move || {
         let mut keys = Vec::new();
-        for prefix in [INBOX_PREFIX, MAILBOX_PREFIX] {
+        for prefix in [INBOX_PREFIX, MAILBOX_PREFIX, BELL_PREFIX] {
             keys.extend(
                 j.scan_meta(&agent_prefix(prefix, &a))?
                     .into_iter()
@@ -534,8 +584,12 @@ pub const ACTIVE_APPENDS: &str = "cluster/active_appends";
 
 /// Whether the active node at lease `epoch` said it writes the commands of the agents members
 /// serve into their streams (see [`ACTIVE_APPENDS`]); blocking.
-pub fn active_appends(journal: &JournalHandle, epoch: i64) -> bool {
-    said_at_epoch(journal, ACTIVE_APPENDS, epoch)
+/// (`None`: it could not be read.)
+pub fn active_appends(journal: &JournalHandle, epoch: i64) -> Option<bool> {
+    match journal.get_meta(ACTIVE_APPENDS) {
+        Ok(v) => Some(v.is_some_and(|v| epoch > 0 && v == epoch.to_string().as_bytes())),
+        Err(_) => None,
+    }
 }
 
 /// Whether the active node said it takes what members carry; blocking.
@@ -627,7 +681,9 @@ pub async fn follow_registry(
             )
         });
         if let Ok((taken, enrollments, appends)) = says.await {
-            shared.active_appends.store(appends, Ordering::Relaxed);
+            if let Some(appends) = appends {
+                shared.active_appends.store(appends, Ordering::Relaxed);
+            }
             let was = shared.active_takes_members.swap(taken, Ordering::Relaxed);
             if was != taken {
                 tracing::warn!(taken, "active-node-takes-members-changed");
@@ -741,13 +797,13 @@ mod tests {
         assert!(!is_bell(&inbox_key(&a, 1, 1, Kind::Event)));
         assert_eq!(agent_of(&bell), Some(a.clone()));
         assert!(
-            bell > mail_key(&a, u64::MAX),
-            "after every mail of the agent"
+            !bell.starts_with(MAILBOX_PREFIX),
+            "a look at every mail reads no bell (nor takes one for mail)"
         );
-        assert_eq!(bell_seq(&7u64.to_be_bytes()), Some(Seq(7)));
+        assert_eq!(bell_seq(&bell_value(3, Seq(7))), Some(Seq(7)));
         assert_eq!(bell_seq(b"seven"), None);
         let mut bells = Bells::default();
-        let seven = 7u64.to_be_bytes();
+        let seven = bell_value(3, Seq(7));
         assert!(
             !bells.unchanged(&bell, &seven),
             "a bell rings the first time"
@@ -757,8 +813,12 @@ mod tests {
             "not again for the same command"
         );
         assert!(
-            !bells.unchanged(&bell, &8u64.to_be_bytes()),
+            !bells.unchanged(&bell, &bell_value(3, Seq(8))),
             "again for a newer one"
+        );
+        assert!(
+            !bells.unchanged(&bell, &bell_value(4, Seq(7))),
+            "and for the same seq of a newer session"
         );
         assert!(
             !bells.unchanged(&mail_key(&a, 1), &seven),

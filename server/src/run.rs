@@ -316,7 +316,11 @@ pub fn run(opts: &RunOptions) -> Result<(), RunError> {
             claims = Some(crate::claims::Claims::new(store.clone(), node_name));
             if *every_node_serves_agents {
                 // Each side learns at once that the other wrote for it.
-                store.hint_writes_under(&[crate::mail::INBOX_PREFIX, crate::mail::MAILBOX_PREFIX]);
+                store.hint_writes_under(&[
+                    crate::mail::INBOX_PREFIX,
+                    crate::mail::MAILBOX_PREFIX,
+                    crate::mail::BELL_PREFIX,
+                ]);
                 hints = Some(store.hints());
             }
             match lease {

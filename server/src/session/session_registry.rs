@@ -155,8 +155,10 @@ impl Handler<GetLink> for SessionRegistry {
 pub struct Deliver {
     pub agent_id: AgentId,
     pub entries: Vec<(String, Vec<u8>)>,
-    /// With mailbox entries: the records of the agent's command stream read with them.
+    /// With mailbox entries: the records of the agent's command stream read with them, and
+    /// when that read began.
     pub records: Vec<tether_shared::journal::Record>,
+    pub read_at: std::time::Instant,
     pub inbox: bool,
 }
 
@@ -177,6 +179,7 @@ impl Handler<Deliver> for SessionRegistry {
             match self.entry(&msg.agent_id) {
                 Ok(entry) => entry.link.do_send(FromInbox {
                     entries: msg.entries,
+                    read_at: msg.read_at,
                 }),
                 Err(e) => {
                     tracing::error!(agent_id = %msg.agent_id, error = %e, "inbox-not-delivered")
@@ -186,6 +189,7 @@ impl Handler<Deliver> for SessionRegistry {
             entry.link.do_send(FromMailbox {
                 entries: msg.entries,
                 records: msg.records,
+                read_at: msg.read_at,
             });
         }
     }

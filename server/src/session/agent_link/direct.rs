@@ -17,17 +17,17 @@
 //! - The member hears the bell (a hint, with the stream's records read in the same look; or
 //!   the bounded look at every mailbox row), reads the records after the last it holds, and
 //!   sends them. It still trims the stream as the agent acknowledges.
-//! - Mail that stays in the mailbox of an agent whose stream the active node writes (its link
-//!   was rebuilt without a new greeting) makes the member greet it again; if the active node
-//!   no longer writes streams (a node of an earlier release took over), the member ends the
-//!   session instead, and the next handshake numbers the mail as before.
+//! - Mail that stays in the mailbox of an agent whose stream the active node writes (it went
+//!   there before the active node took the greeting, and the active node is slow or stopped;
+//!   its link was read again; another node took over) makes the member take the stream back,
+//!   as at a handshake: it raises the claim on the stream again, numbers the mail, and greets
+//!   the active node again (`AgentLink::retake`).
 
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tether_shared::close::CloseCode;
 use tether_shared::journal::{Fence, JournalError, JournalHandle, LogName, Op, Record};
-use tether_shared::protocol::{Command, ErrorCode, Frame, Seq};
+use tether_shared::protocol::{Command, Frame, Seq};
 
 use super::{AgentLink, AgentLinkError};
 use crate::mail::{self, Greeting};
@@ -131,7 +131,7 @@ impl AgentLink {
         });
         ops.push(Op::PutMeta {
             key: mail::bell_key(&self.agent_id),
-            value: command.seq.0.to_be_bytes().to_vec(),
+            value: mail::bell_value(direct.fence.epoch, command.seq),
         });
         self.remote_writes = true;
         Ok(Seq::ZERO)
@@ -151,8 +151,12 @@ impl AgentLink {
         let read = async move {
             let _ = landed.await;
             actix_web::web::block(move || -> Result<_, JournalError> {
-                let acked = acked_in(&journal, &acked_key)?;
+                // The last record first: the member's acks remove records from the front and
+                // raise the mark after them, so the mark read second covers any record gone
+                // meanwhile (and nothing is appended meanwhile: this node alone appends, and
+                // waits for this).
                 let last = journal.last_seq(&log)?;
+                let acked = acked_in(&journal, &acked_key)?;
                 let mail = journal.scan_meta(&prefix)?;
                 Ok((acked, last, mail))
             })
@@ -181,10 +185,8 @@ impl AgentLink {
                 acked,
             });
             let mut ops = Vec::new();
+            let mut converted = true;
             for (key, bytes) in waiting {
-                if mail::is_bell(&key) {
-                    continue;
-                }
                 match serde_json::from_slice::<mail::Mail>(&bytes) {
                     Ok(m)
                         if !m.incarnation.is_empty()
@@ -194,8 +196,10 @@ impl AgentLink {
                     }
                     Ok(mail::Mail { command, .. }) => {
                         if let Err(e) = act.append_direct(command, &mut ops) {
-                            // Left in the mailbox: the member greets again when it finds it.
+                            // Left in the mailbox, and so is every later command, in order:
+                            // the member greets again when it finds them.
                             tracing::error!(agent_id = %act.agent_id, key = %key, error = %e, "mail-not-numbered");
+                            converted = false;
                             break;
                         }
                     }
@@ -207,6 +211,9 @@ impl AgentLink {
             }
             if !ops.is_empty() {
                 act.commit_then(ctx, ops, |_, _| {});
+            }
+            if !converted {
+                act.direct = None;
             }
         }));
     }
@@ -256,9 +263,12 @@ impl AgentLink {
             self.ep.outbound.assigned(),
             self.shared.max_retained,
         );
-        ctx.spawn(read.into_actor(self).map(|read, act, ctx| {
+        let session = self.handshakes;
+        ctx.spawn(read.into_actor(self).map(move |read, act, ctx| {
             act.following = false;
             match read {
+                // Read before a handshake since (which may have started the stream over).
+                Ok(_) if act.handshakes != session => act.follow_again = true,
                 Ok(records) => act.adopt(records),
                 Err(e) => {
                     tracing::warn!(agent_id = %act.agent_id, error = %e, "agent-stream-not-read");
@@ -278,6 +288,7 @@ impl AgentLink {
         ctx: &mut Context<Self>,
         entries: Vec<(String, Vec<u8>)>,
         records: Vec<Record>,
+        read_at: Instant,
     ) {
         let mut rung = None;
         let mut stray = false;
@@ -287,7 +298,12 @@ impl AgentLink {
                 false => stray = true,
             }
         }
-        self.adopt(records);
+        match self.handshake_done.is_some_and(|at| read_at < at) {
+            // Read before this session's handshake (which may have started the stream over):
+            // read again.
+            true => self.tail_behind = true,
+            false => self.adopt(records),
+        }
         if self.tail_behind || rung.is_some_and(|seq| seq > self.ep.outbound.assigned()) {
             self.follow(ctx);
         }
@@ -295,38 +311,79 @@ impl AgentLink {
     }
 
     /// On a member whose active node writes the agent's stream, each look at the mailbox: mail
-    /// that waits there past [`STRAY_MAIL_GRACE`] means the active node writes into the mailbox
-    /// again (its link was rebuilt, or another node took over). The member greets it again (the
-    /// active node then takes the mail itself); if the active node no longer writes streams,
-    /// the session ends, and the agent's next handshake takes the mail.
+    /// that waits there past [`STRAY_MAIL_GRACE`] went there after the session's note (the
+    /// active node had not taken the note yet, and is slow or stopped; its link was read again;
+    /// or another node took over). The member takes the stream back ([`Self::retake`]).
     fn stray_mail(&mut self, ctx: &mut Context<Self>, stray: bool) {
         if !stray {
             self.stray_since = None;
             return;
         }
         let since = *self.stray_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < STRAY_MAIL_GRACE {
+        if since.elapsed() < STRAY_MAIL_GRACE || self.inbox_full() {
             return;
         }
         self.stray_since = None;
-        if self
-            .shared
-            .active_appends
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            tracing::warn!(agent_id = %self.agent_id, "mail-waits-greeting-the-active-node-again");
-            self.greet_again(ctx);
+        tracing::warn!(agent_id = %self.agent_id, "mail-waits-stream-taken-back");
+        self.retake(ctx);
+    }
+
+    /// On a member: as at a handshake, without one. The claim on the session's stream is raised
+    /// (what the active node would write for it from then on writes nothing), what it wrote
+    /// before is read, the mail waiting is numbered into the stream, and the active node is
+    /// greeted again, in that commit, with the new claim (if it writes streams: it then takes
+    /// the stream from there; if not, this member numbers the mail from now on). Nothing else
+    /// of the link runs meanwhile.
+    pub(super) fn retake(&mut self, ctx: &mut Context<Self>) {
+        let Some(claims) = self.shared.claims.clone() else {
+            return;
+        };
+        if self.session.is_none() || self.fence.is_none() {
             return;
         }
-        tracing::warn!(agent_id = %self.agent_id, "active-node-writes-no-streams-session-closed");
-        // (Its end then goes as any session's: `Detach`.)
-        if let Some((_, s)) = &self.session {
-            s.close(
-                CloseCode::Restart,
-                ErrorCode::Internal,
-                "the active node changed: connect again".into(),
-            );
-        }
+        let raising = claims.raise(&mail::out_claim(&self.agent_id));
+        let (journal, log) = (self.shared.journal.clone(), self.keys.out_log.clone());
+        let (after, most) = (self.ep.outbound.assigned(), self.shared.max_retained);
+        let read = async move {
+            let out = raising.await?;
+            let records = read_tail(journal, log, after, most).await?;
+            Ok::<_, JournalError>((out, records))
+        };
+        ctx.wait(read.into_actor(self).map(|read, act, ctx| {
+            let (out, records) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::warn!(agent_id = %act.agent_id, error = %e, "stream-not-taken-back");
+                    return;
+                }
+            };
+            if act.session.is_none() {
+                return;
+            }
+            act.take_records(records);
+            act.out_fence = Some(out).filter(|_| act.appends());
+            let Some(mut greeting) = act.greeting.clone() else {
+                return;
+            };
+            greeting.appends = act.out_fence.as_ref().map(|f| f.epoch);
+            let Ok(value) = serde_json::to_vec(&greeting) else {
+                return;
+            };
+            act.greeting = Some(greeting);
+            let (mut ops, last) = act.take_mail(act.mail_now());
+            ops.push(Op::PutMeta {
+                key: act.inbox_key(mail::Kind::Greeting),
+                value,
+            });
+            // From this commit on, mail is the active node's to take (if it writes streams).
+            act.direct_out = act.out_fence.is_some();
+            act.commit_then(ctx, ops, move |act, _| {
+                if let Some(last) = last {
+                    act.ep.outbound.mark_durable(last);
+                }
+                act.pump();
+            });
+        }));
     }
 
     /// On a member: the agent's last greeting, in the inbox again.

@@ -171,11 +171,6 @@ impl AgentLink {
             if self.mail_done.as_ref().is_some_and(|done| key <= *done) {
                 continue;
             }
-            if mail::is_bell(&key) {
-                // What it rang for is in the stream already (read at the handshake).
-                ops.push(Op::DeleteMeta { key });
-                continue;
-            }
             if !self.ep.outbound.has_room(1) {
                 // The agent is not acknowledging: the rest waits for a later look.
                 break;
@@ -304,8 +299,12 @@ impl AgentLink {
         if self.session.is_none() {
             // A new session: what this node wrote into the stream was for the one before.
             // Until the stream's end is read again (`go_direct`), commands go to the mailbox.
-            self.direct = None;
-            self.direct_wanted = super::direct::fence_of(&self.agent_id, greeting);
+            // (The same session greeting again keeps it: mail waits that it takes first.)
+            let fence = super::direct::fence_of(&self.agent_id, greeting);
+            if self.direct.as_ref().map(|d| &d.fence) != fence.as_ref() {
+                self.direct = None;
+            }
+            self.direct_wanted = fence;
             // (A handshake here since knows better.)
             self.remote_incarnation = Some(greeting.incarnation.clone());
             self.shared.presence.set_elsewhere(
@@ -369,12 +368,19 @@ impl Handler<GreetAgain> for AgentLink {
 #[rtype(result = "()")]
 pub struct FromInbox {
     pub entries: Vec<(String, Vec<u8>)>,
+    /// When the read of the entries began.
+    pub read_at: std::time::Instant,
 }
 
 impl Handler<FromInbox> for AgentLink {
     type Result = ();
 
     fn handle(&mut self, msg: FromInbox, ctx: &mut Self::Context) {
+        if msg.read_at < self.loaded_at {
+            // Read before this link read the agent's state: what it holds may have been taken
+            // (and its deletion committed) since. What is still there comes at the next look.
+            return;
+        }
         if self.uncommitted_bytes > 0 {
             // Events the agent sent here are still being committed, their effects already in
             // this link's memory. If the claim moved on meanwhile, their commit is refused and
@@ -394,21 +400,27 @@ impl Handler<FromInbox> for AgentLink {
             // rows do to them waits until they are (the rows come again at the next look).
             return self.refresh_jobs(ctx);
         }
-        let greets = msg.entries.iter().any(|(k, _)| k.ends_with(".h"));
-        if greets && self.direct_commits_pending() {
-            // A new session of the agent: what this node wrote into the stream for the one
-            // before may yet be refused (which rebuilds this link). The rows stay.
-            return;
+        let mut entries = msg.entries;
+        if self.remote() && self.direct.is_some() {
+            // A note of a new session of the agent ends what this node writes into the stream
+            // for the one before: what comes before it is taken (and committed) under that
+            // session's claims first; the note, once every commit under them is answered (one
+            // refused rebuilds this link). The rows stay until then.
+            match entries.iter().position(|(k, _)| k.ends_with(".h")) {
+                Some(0) if self.direct_commits_pending() => return,
+                Some(0) | None => {}
+                Some(first) => entries.truncate(first),
+            }
         }
         let trust_serial =
-            msg.entries
+            entries
                 .iter()
                 .rev()
                 .find_map(|(k, v)| match Inboxed::read(k, v.clone()) {
                     Some(Inboxed::Greeting(g)) => Some(g.trust_serial),
                     _ => None,
                 });
-        let (ops, last) = self.take_inbox(msg.entries);
+        let (ops, last) = self.take_inbox(entries);
         if ops.is_empty() {
             return;
         }
@@ -419,14 +431,15 @@ impl Handler<FromInbox> for AgentLink {
             }
             act.inbox_drained();
         });
-        if let Some(fence) = self.direct_wanted.take().filter(|_| self.remote()) {
-            self.go_direct(ctx, fence);
-        }
         // What it confirmed since, through the inbox, if no handshake said it (an agent a
         // member serves beats there, not here: this is where it is offered a newer set again).
         let held =
             trust_serial.unwrap_or_else(|| self.shared.registry.trust_serial(&self.agent_id));
         self.offer_trust(ctx, held);
+        // Last: every command made above is committed before the stream's end is read.
+        if let Some(fence) = self.direct_wanted.take().filter(|_| self.remote()) {
+            self.go_direct(ctx, fence);
+        }
     }
 }
 
@@ -462,6 +475,8 @@ impl Handler<OfferTrust> for AgentLink {
 pub struct FromMailbox {
     pub entries: Vec<(String, Vec<u8>)>,
     pub records: Vec<tether_shared::journal::Record>,
+    /// When the read of the entries and records began.
+    pub read_at: std::time::Instant,
 }
 
 impl Handler<FromMailbox> for AgentLink {
@@ -472,7 +487,7 @@ impl Handler<FromMailbox> for AgentLink {
             return;
         }
         if self.direct_out {
-            return self.followed(ctx, msg.entries, msg.records);
+            return self.followed(ctx, msg.entries, msg.records, msg.read_at);
         }
         let (ops, last) = self.take_mail(msg.entries);
         if ops.is_empty() {

@@ -145,11 +145,9 @@ pub struct AgentLink {
     /// `AgentLink::go_direct`).
     direct_wanted: Option<Fence>,
     /// On a member: the claim on this session's stream, when the active node writes it
-    /// (see [`direct`]); whether its greeting is committed (no more mail is taken then); and
-    /// whether a session here ever had it so (the stream is read again at the next handshake).
+    /// (see [`direct`]); and whether its greeting is committed (no more mail is taken then).
     out_fence: Option<Fence>,
     direct_out: bool,
-    was_direct: bool,
     /// On a member: a read of the stream's records is under way, and another is wanted after
     /// it; a record did not fit (or a read failed): read again later.
     following: bool,
@@ -158,9 +156,15 @@ pub struct AgentLink {
     /// On a member: since when mail waits in the mailbox of an agent whose stream the active
     /// node writes (see `AgentLink::stray_mail`).
     stray_since: Option<Instant>,
-    /// On the active node: a commit into the stream of an agent a member serves was refused
-    /// (what it took from the inbox is still there).
-    direct_refused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// On a member: handshakes begun, and when the last one was committed (a read of the
+    /// stream made before may hold what a reset removed since).
+    handshakes: u64,
+    handshake_done: Option<Instant>,
+    /// On the active node: this link made commits under a member's claims (see [`direct`]):
+    /// one may have been refused, and what it took from the inbox still be there.
+    direct_used: std::cell::Cell<bool>,
+    /// When this link read the agent's state (see `FromInbox`).
+    loaded_at: Instant,
     /// Which reading of the journal this link's state is (a handshake that finds the agent
     /// was served elsewhere reads it again in place): a refused commit of an earlier one was
     /// dealt with by that reading.
@@ -194,6 +198,7 @@ impl AgentLink {
 
     /// Rebuild the link of `agent_id` from the journal.
     pub fn recover(agent_id: &AgentId, shared: Arc<SessionShared>) -> Result<Self, AgentLinkError> {
+        let loaded_at = Instant::now();
         // Before the state it stands for.
         let (loaded_epoch, loaded_elsewhere) = match &shared.claims {
             Some(claims) => claims.held_now(agent_id)?,
@@ -258,12 +263,14 @@ impl AgentLink {
             direct_wanted: None,
             out_fence: None,
             direct_out: false,
-            was_direct: false,
             following: false,
             follow_again: false,
             tail_behind: false,
             stray_since: None,
-            direct_refused: Default::default(),
+            handshakes: 0,
+            handshake_done: None,
+            direct_used: Default::default(),
+            loaded_at,
             built: BUILT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
@@ -289,16 +296,15 @@ impl AgentLink {
             in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             in_flight.clone()
         });
-        let refused = (self.remote() && fence.is_some()).then(|| self.direct_refused.clone());
+        if self.remote() && fence.is_some() {
+            self.direct_used.set(true);
+        }
         // Queued now, at the call (see `commit_then`).
         let commit = self.shared.journal.commit_under(ops, fence);
         async move {
             let done = commit.await;
             if let Some(counted) = counted {
                 counted.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            if let (Some(refused), Err(JournalError::Fenced { .. })) = (refused, &done) {
-                refused.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             done
         }
@@ -425,6 +431,14 @@ impl AgentLink {
             s.close(code, ErrorCode::Internal, reason.into());
         }
         ctx.stop();
+    }
+
+    /// On a member: whether the active node says it writes the streams of the agents members
+    /// serve (see [`direct`]).
+    fn appends(&self) -> bool {
+        self.shared
+            .active_appends
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A commit made when the link's state was reading `built` failed: [`Self::fail`], unless
@@ -856,9 +870,13 @@ impl Actor for AgentLink {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
-        ctx.run_interval(TICK, |act, _| {
+        ctx.run_interval(TICK, |act, ctx| {
             act.ep.outbound.on_tick(now_ms());
             act.pump();
+            if act.direct_out && act.tail_behind && act.session.is_some() {
+                // A read of the stream that failed, or a record that did not fit.
+                act.follow(ctx);
+            }
         });
     }
 }
@@ -887,17 +905,14 @@ impl Handler<Attach> for AgentLink {
             return AtomicResponse::new(self.attach(msg));
         };
         let claiming = claims.claim(&self.agent_id, self.fence.as_ref());
-        // On a member whose active node writes agents' streams: the claim on this session's
-        // stream is raised with the claim on the agent (the active node's writes for an
-        // earlier session write nothing from then on), and what it wrote before is read after
-        // both (see `direct`); so too where it wrote before, before this node numbers mail.
-        let appends = self.shared.member
-            && self
-                .shared
-                .active_appends
-                .load(std::sync::atomic::Ordering::Relaxed);
-        let raising = appends.then(|| claims.raise(&crate::mail::out_claim(&self.agent_id)));
-        let tail = (appends || self.was_direct).then(|| {
+        // On a member: the claim on this session's stream is raised with the claim on the
+        // agent, so that whatever the active node wrote for an earlier session writes nothing
+        // from then on, and what it wrote before is read after both (see `direct`): before
+        // this session takes any mail, and whether the active node writes its stream or not.
+        let member = self.shared.member;
+        self.handshakes += 1;
+        let raising = member.then(|| claims.raise(&crate::mail::out_claim(&self.agent_id)));
+        let tail = member.then(|| {
             direct::read_tail(
                 self.shared.journal.clone(),
                 self.keys.out_log.clone(),
@@ -918,14 +933,9 @@ impl Handler<Attach> for AgentLink {
             }
             let claimed = claiming.await?;
             let out = match raising {
-                Some(raising) => match raising.await {
-                    Ok(out) => Some(out),
-                    Err(e) => {
-                        // This session takes the mail itself.
-                        tracing::warn!(agent_id = %agent_id, error = %e, "stream-claim-not-raised");
-                        None
-                    }
-                },
+                Some(raising) => Some(raising.await.inspect_err(|e| {
+                    tracing::warn!(agent_id = %agent_id, error = %e, "stream-claim-not-raised");
+                })?),
                 None => None,
             };
             let records = match tail {
@@ -948,7 +958,7 @@ impl Handler<Attach> for AgentLink {
                 if !moved && !stale {
                     act.fence = Some(fence);
                     act.take_records(records);
-                    act.out_fence = out;
+                    act.out_fence = out.filter(|_| act.appends());
                     return act.attach(msg);
                 }
                 tracing::warn!(agent_id = %act.agent_id, epoch = fence.epoch, moved, "link-reloaded-after-a-claim-elsewhere");
@@ -961,12 +971,10 @@ impl Handler<Attach> for AgentLink {
                     if moved {
                         match AgentLink::recover(&act.agent_id, act.shared.clone()) {
                             Ok(mut fresh) => {
-                                // (Unless a commit of what it took was refused: then it
-                                // is there still, to be taken again.)
-                                let refused = act
-                                    .direct_refused
-                                    .load(std::sync::atomic::Ordering::Relaxed);
-                                if !refused {
+                                // (Unless it committed under a member's claims: one such
+                                // commit may have been refused, and what it took be there
+                                // still, to be taken again. Every commit has landed now.)
+                                if !act.direct_used.get() {
                                     fresh.inbox_done = act.inbox_done.take();
                                     fresh.mail_done = act.mail_done.take();
                                 }
@@ -977,7 +985,7 @@ impl Handler<Attach> for AgentLink {
                     }
                     act.fence = Some(fence);
                     act.take_records(records);
-                    act.out_fence = out;
+                    act.out_fence = out.filter(|_| act.appends());
                     act.attach(msg)
                 }))
             },
@@ -1109,6 +1117,11 @@ impl AgentLink {
             requeued = last;
         }
         if self.mails() {
+            // What the active node wrote into the stream for an earlier session is in it now
+            // (read after this session's claims): its bell has nothing more to say.
+            ops.push(Op::DeleteMeta {
+                key: crate::mail::bell_key(&self.agent_id),
+            });
             // What waited for the agent while no node, or another, served it: the commands of
             // the mailbox go first, then what the inbox's events still have to do.
             let (more, last) = self.take_mail(self.mail_now());
@@ -1152,7 +1165,7 @@ impl AgentLink {
                 if act.shared.member {
                     // From now on the active node writes the stream, if it said so.
                     act.direct_out = act.out_fence.is_some();
-                    act.was_direct |= act.direct_out;
+                    act.handshake_done = Some(Instant::now());
                     // Jobs, trust and the agent's record are the active node's.
                     return Ok(welcome);
                 }

@@ -1038,3 +1038,83 @@ async fn a_member_commits_only_under_its_claims_and_hints_reach_every_node_after
     );
     assert_eq!(ja.count_meta("inbox/", 10).unwrap(), 1);
 }
+
+/// The active node's writes into the stream of an agent a member serves: fenced by two claims
+/// (on the agent, and on the session's stream), refused once either moved; and the member's
+/// read of mailbox rows with the stream's records, in one look.
+#[actix::test]
+async fn a_commit_under_two_claims_lands_only_while_both_hold_and_a_look_reads_rows_with_records() {
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let a = Arc::new(PgStore::open(&pg_options(pg.url())).unwrap());
+    let agent = a.claim("agent-1", "node-b").unwrap();
+    let stream = a.claim("out@agent-1", "node-b").unwrap();
+    let both = Fence {
+        also: Some((agent.claim.clone(), agent.epoch)),
+        ..stream.clone()
+    };
+    let (j, _, _) = open(a.clone(), Path::new("postgres"));
+    let l = log("out/commands/agent-1");
+    let mut ops = appends(&l, 1..=3);
+    ops.push(put("bell/agent-1/last".into()));
+    j.commit_under(ops, Some(both.clone())).await.unwrap();
+    assert_eq!(j.last_seq(&l).unwrap(), Some(Seq(3)));
+    assert_eq!(j.last_seq(&log("out/commands/none")).unwrap(), None);
+
+    // One look: the rows under a prefix, and the records after a seq.
+    j.commit(vec![put("mailbox/agent-1/1".into())])
+        .await
+        .unwrap();
+    let read = j
+        .read_meta_and_logs_async(
+            &["mailbox/agent-1/".into(), "bell/agent-1/".into()],
+            &[(l.clone(), Seq(1)), (log("out/commands/none"), Seq::ZERO)],
+            64,
+            1 << 20,
+        )
+        .await
+        .unwrap();
+    let keys: Vec<&str> = read.meta.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["bell/agent-1/last", "mailbox/agent-1/1"]);
+    let records: Vec<(String, u64)> = read
+        .records
+        .iter()
+        .map(|(l, r)| (l.to_string(), r.seq.0))
+        .collect();
+    assert_eq!(
+        records,
+        [
+            ("out/commands/agent-1".to_owned(), 2),
+            ("out/commands/agent-1".to_owned(), 3)
+        ]
+    );
+
+    // A new session on the same node raises the stream's claim only: refused.
+    let newer_stream = a.claiming("out@agent-1", "node-b", None).await.unwrap();
+    assert_eq!(newer_stream.epoch, stream.epoch + 1);
+    let refused = j
+        .commit_under(appends(&l, 4..=4), Some(both.clone()))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, JournalError::Fenced { .. }), "{refused}");
+    // Under the new stream claim it lands; then another node takes the agent: refused again.
+    let renewed = Fence {
+        epoch: newer_stream.epoch,
+        ..both.clone()
+    };
+    j.commit_under(appends(&l, 4..=4), Some(renewed.clone()))
+        .await
+        .unwrap();
+    a.claim("agent-1", "node-c").unwrap();
+    let refused = j
+        .commit_under(appends(&l, 5..=5), Some(renewed))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, JournalError::Fenced { .. }), "{refused}");
+    assert_eq!(
+        seqs(&j, &l, 0, 10),
+        [1, 2, 3, 4],
+        "nothing refused was written"
+    );
+}

@@ -340,18 +340,10 @@ impl JournalHandle {
         }));
         ranges.sort();
         ranges.dedup();
-        let (tx, rx) = oneshot::channel();
-        self.store.scan_ranges_then(
-            ranges,
-            limit,
-            max_bytes,
-            Box::new(move |rows| {
-                let _ = tx.send(rows);
-            }),
-        );
+        let rows = self.ranges_async(ranges, limit, max_bytes);
         let this = self.clone();
         async move {
-            let rows = rx.await.map_err(|_| JournalError::Closed)??;
+            let rows = rows.await?;
             let mut out = MetaAndLogs::default();
             for (k, v) in rows {
                 if k.first() == Some(&record::META_PREFIX) {
@@ -466,20 +458,32 @@ impl JournalHandle {
         max_bytes: usize,
     ) -> impl std::future::Future<Output = Result<MetaPage, JournalError>> + 'static {
         let keys: Vec<Vec<u8>> = prefixes.iter().map(|p| record::meta_key(p)).collect();
+        let ranges = store::distinct(&keys)
+            .into_iter()
+            .map(|k| (k.clone(), k))
+            .collect();
+        let rows = self.ranges_async(ranges, limit, max_bytes);
+        let this = self.clone();
+        async move { this.meta_page(keys, rows.await?, limit, max_bytes) }
+    }
+
+    /// The rows of `ranges` (see [`Store::scan_ranges_then`]), without blocking the caller.
+    fn ranges_async(
+        &self,
+        ranges: Vec<(Vec<u8>, Vec<u8>)>,
+        limit: usize,
+        max_bytes: usize,
+    ) -> impl std::future::Future<Output = Result<store::Rows, JournalError>> + 'static {
         let (tx, rx) = oneshot::channel();
-        self.store.scan_prefixes_then(
-            keys.clone(),
+        self.store.scan_ranges_then(
+            ranges,
             limit,
             max_bytes,
             Box::new(move |rows| {
                 let _ = tx.send(rows);
             }),
         );
-        let this = self.clone();
-        async move {
-            let rows = rx.await.map_err(|_| JournalError::Closed)??;
-            this.meta_page(keys, rows, limit, max_bytes)
-        }
+        async move { rx.await.map_err(|_| JournalError::Closed)? }
     }
 
     /// The page that `rows`, read under `keys` (see [`Self::scan_meta_prefixes`]), make.

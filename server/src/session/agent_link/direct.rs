@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tether_shared::journal::{Fence, JournalError, JournalHandle, LogName, Op, Record};
-use tether_shared::protocol::{Command, Frame, Seq};
+use tether_shared::protocol::{Command, Seq};
 
 use super::{AgentLink, AgentLinkError};
 use crate::mail::{self, Greeting};
@@ -121,17 +121,11 @@ impl AgentLink {
             .next
             .next()
             .ok_or(tether_shared::stream::StreamError::SeqExhausted)?;
-        let bytes = Frame::Command(command.clone())
-            .encode()
-            .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
-        ops.push(Op::Append {
-            log: self.keys.out_log.clone(),
-            seq: command.seq,
-            payload: bytes,
-        });
+        let epoch = direct.fence.epoch;
+        self.append_op(&command, ops)?;
         ops.push(Op::PutMeta {
             key: mail::bell_key(&self.agent_id),
-            value: mail::bell_value(direct.fence.epoch, command.seq),
+            value: mail::bell_value(epoch, command.seq),
         });
         self.remote_writes = true;
         Ok(Seq::ZERO)

@@ -759,6 +759,13 @@ impl AgentLink {
             .outbound
             .next_seq()
             .ok_or(StreamError::SeqExhausted)?;
+        let bytes = self.append_op(&command, ops)?;
+        Ok(self.ep.outbound.enqueue(bytes, now_ms())?)
+    }
+
+    /// Appends `command` (numbered) to the agent's command stream in `ops`; returns it as
+    /// sent.
+    fn append_op(&self, command: &Command, ops: &mut Vec<Op>) -> Result<Vec<u8>, AgentLinkError> {
         let bytes = Frame::Command(command.clone())
             .encode()
             .map_err(|e| AgentLinkError::Encode(e.to_string()))?;
@@ -767,7 +774,7 @@ impl AgentLink {
             seq: command.seq,
             payload: bytes.clone(),
         });
-        Ok(self.ep.outbound.enqueue(bytes, now_ms())?)
+        Ok(bytes)
     }
 
     /// What seals job secrets for an agent whose `Hello` gave `key`, or why nothing can.

@@ -5,8 +5,9 @@
 //!
 //! Measured, in one run:
 //! - **Command latency**: a one-step deployment started on node a, for agents node a serves
-//!   (same node: the baseline) and for agents node b serves (cross node: the commands go
-//!   through the mailbox, the events through the inbox). p50/p99 of each, and the cross-node
+//!   (same node: the baseline) and for agents node b serves (cross node: node a writes the
+//!   commands into their streams, node b reads and sends them; the events go through the
+//!   inbox). p50/p99 of each, and the cross-node
 //!   p99 over the same-node p99. Target: cross-node p99 ≤ same-node p99 + 10 ms. Measured from
 //!   the REST call three ways: until the agent has the job's command (delivered: the command's
 //!   way only); until node a recorded the job's result (the round trip); and until node a had

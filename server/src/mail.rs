@@ -350,8 +350,6 @@ impl Look {
                 agents.extend(names.into_iter().map(AgentId::new));
                 Look::Of(agents)
             }
-            // (The look at every bell waits for its next turn.)
-            (Look::Bells, Some(names)) => Look::Of(names.into_iter().map(AgentId::new).collect()),
             _ => Look::All,
         }
     }
@@ -407,8 +405,9 @@ pub async fn deliver_forever(
                 }
             },
         };
-        // Hints that came meanwhile are answered by this one look.
-        if let Some(h) = hints.as_mut() {
+        // Hints that came meanwhile are answered by this one look (a look at every bell leaves
+        // them for the next, so that hints never keep it from its turn).
+        if let Some(h) = hints.as_mut().filter(|_| !matches!(look, Look::Bells)) {
             while let Ok(more) = h.try_recv() {
                 let more = Hint::parse(&more);
                 if ours(&more) {

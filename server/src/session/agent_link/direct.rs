@@ -100,22 +100,10 @@ impl AgentLink {
         mut command: Command,
         ops: &mut Vec<Op>,
     ) -> Result<Seq, AgentLinkError> {
-        let limit = self.shared.max_retained as u64;
+        self.direct_room(1)?;
         let Some(direct) = self.direct.as_mut() else {
             return Err(AgentLinkError::Internal("no stream to write".into()));
         };
-        if direct.next.0.saturating_sub(direct.acked.0) > limit {
-            // Read again now and then: what the agent acknowledged since is gone.
-            direct.acked = acked_in(&self.shared.journal, &self.keys.out_acked)?;
-            if direct.next.0.saturating_sub(direct.acked.0) > limit {
-                return Err(tether_shared::stream::StreamError::Backlog {
-                    in_flight: usize::try_from(direct.next.0 - direct.acked.0)
-                        .unwrap_or(usize::MAX),
-                    limit: self.shared.max_retained,
-                }
-                .into());
-            }
-        }
         command.seq = direct.next;
         direct.next = direct
             .next
@@ -129,6 +117,42 @@ impl AgentLink {
         });
         self.remote_writes = true;
         Ok(Seq::ZERO)
+    }
+
+    /// On the active node: whether `n` more commands fit in the stream it writes (see
+    /// [`Direct`]), past the agent's acknowledgement (read again when they seem not to).
+    pub(super) fn direct_room(&mut self, n: usize) -> Result<(), AgentLinkError> {
+        let limit = self.shared.max_retained as u64;
+        let Some(direct) = self.direct.as_mut() else {
+            return Ok(());
+        };
+        let past = |d: &Direct| (d.next.0 + n as u64).saturating_sub(d.acked.0 + 1);
+        if past(direct) > limit {
+            // Read again now and then: what the agent acknowledged since is gone.
+            direct.acked = acked_in(&self.shared.journal, &self.keys.out_acked)?;
+            if past(direct) > limit {
+                return Err(tether_shared::stream::StreamError::Backlog {
+                    in_flight: usize::try_from(past(direct)).unwrap_or(usize::MAX),
+                    limit: self.shared.max_retained,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The next seq of the stream this node writes, to go back to if the commands numbered
+    /// after it are not committed (see [`Self::rewind_direct`]).
+    pub(super) fn direct_next(&self) -> Option<Seq> {
+        self.direct.as_ref().map(|d| d.next)
+    }
+
+    /// Numbers handed out since `next` (see [`Self::direct_next`]) are free again: their
+    /// commands were dropped before any commit.
+    pub(super) fn rewind_direct(&mut self, next: Option<Seq>) {
+        if let (Some(direct), Some(next)) = (self.direct.as_mut(), next) {
+            direct.next = next;
+        }
     }
 
     /// On the active node, after it took a member's greeting that says the member takes no
@@ -257,12 +281,17 @@ impl AgentLink {
             self.ep.outbound.assigned(),
             self.shared.max_retained,
         );
-        let session = self.handshakes;
+        let (session, started) = (self.handshakes, Instant::now());
         ctx.spawn(read.into_actor(self).map(move |read, act, ctx| {
             act.following = false;
             match read {
                 // Read before a handshake since (which may have started the stream over).
-                Ok(_) if act.handshakes != session => act.follow_again = true,
+                Ok(_)
+                    if act.handshakes != session
+                        || act.handshake_done.is_some_and(|at| started < at) =>
+                {
+                    act.follow_again = true
+                }
                 Ok(records) => act.adopt(records),
                 Err(e) => {
                     tracing::warn!(agent_id = %act.agent_id, error = %e, "agent-stream-not-read");
@@ -355,6 +384,11 @@ impl AgentLink {
                 return;
             }
             act.take_records(records);
+            if act.tail_behind {
+                // Not all of what the active node wrote is held yet: no mail is numbered
+                // after it (taken back again at the next look that finds mail waiting).
+                return;
+            }
             act.out_fence = Some(out).filter(|_| act.appends());
             let Some(mut greeting) = act.greeting.clone() else {
                 return;

@@ -167,6 +167,11 @@ impl AgentLink {
     pub(super) fn take_mail(&mut self, entries: Vec<(String, Vec<u8>)>) -> (Vec<Op>, Option<Seq>) {
         let mut ops = Vec::new();
         let mut last = None;
+        if self.tail_behind {
+            // What the active node wrote into the stream is not all held yet (it is read
+            // again): mail numbered now would take its numbers. It waits for a later look.
+            return (ops, last);
+        }
         for (key, bytes) in entries {
             if self.mail_done.as_ref().is_some_and(|done| key <= *done) {
                 continue;
@@ -406,10 +411,17 @@ impl Handler<FromInbox> for AgentLink {
             // for the one before: what comes before it is taken (and committed) under that
             // session's claims first; the note, once every commit under them is answered (one
             // refused rebuilds this link). The rows stay until then.
-            match entries.iter().position(|(k, _)| k.ends_with(".h")) {
-                Some(0) if self.direct_commits_pending() => return,
-                Some(0) | None => {}
-                Some(first) => entries.truncate(first),
+            // (At most one note per page, at its head.)
+            let notes: Vec<usize> = entries
+                .iter()
+                .enumerate()
+                .filter(|(_, (k, _))| k.ends_with(".h"))
+                .map(|(i, _)| i)
+                .collect();
+            match notes.as_slice() {
+                [0, ..] if self.direct_commits_pending() => return,
+                [0, next, ..] | [next, ..] if *next > 0 => entries.truncate(*next),
+                _ => {}
             }
         }
         let trust_serial =

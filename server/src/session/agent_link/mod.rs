@@ -716,6 +716,24 @@ impl AgentLink {
             }
             .into());
         }
+        if self.remote() {
+            self.direct_room(bodies.len())?;
+        }
+        // If any command fails, none is committed: the numbers given are free again.
+        let direct_next = self.direct_next();
+        let numbered = self.number_all(bodies, deadlines);
+        if numbered.is_err() {
+            self.rewind_direct(direct_next);
+        }
+        numbered
+    }
+
+    /// [`Self::enqueue_until`]'s commands, numbered.
+    fn number_all(
+        &mut self,
+        bodies: Vec<CommandBody>,
+        deadlines: &[Option<u64>],
+    ) -> Result<(Seq, Vec<Op>), AgentLinkError> {
         let default_deadline = now_ms() + DEFAULT_DEADLINE.as_millis() as u64;
         let mut ops = Vec::with_capacity(bodies.len() + 1);
         let mut last = Seq::ZERO;
@@ -880,7 +898,7 @@ impl Actor for AgentLink {
         ctx.run_interval(TICK, |act, ctx| {
             act.ep.outbound.on_tick(now_ms());
             act.pump();
-            if act.direct_out && act.tail_behind && act.session.is_some() {
+            if act.tail_behind && act.session.is_some() {
                 // A read of the stream that failed, or a record that did not fit.
                 act.follow(ctx);
             }
@@ -985,6 +1003,7 @@ impl Handler<Attach> for AgentLink {
                                     fresh.inbox_done = act.inbox_done.take();
                                     fresh.mail_done = act.mail_done.take();
                                 }
+                                fresh.handshakes = act.handshakes;
                                 *act = fresh;
                             }
                             Err(e) => return Box::pin(fut::ready(Err(e))),

@@ -450,7 +450,7 @@ impl JournalHandle {
     }
 
     /// [`Self::scan_meta_prefixes`] without blocking the caller: on a database, the read runs
-    /// on the store's own threads (see [`Store::scan_prefixes_then`]).
+    /// on the store's own threads (see [`Store::scan_ranges_then`]).
     pub fn scan_meta_prefixes_async(
         &self,
         prefixes: &[String],

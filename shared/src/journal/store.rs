@@ -111,22 +111,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Rows, JournalError> {
         scan_prefixes_in_turn(self, prefixes, limit, max_bytes)
     }
-    /// [`Store::scan_prefixes`], its answer given to `reply`: by a store whose reads wait on
-    /// the network (a database), on a thread of its own, so that the caller (an async one)
-    /// neither blocks nor hands the wait to another thread; by default, at once.
-    fn scan_prefixes_then(
-        &self,
-        prefixes: Vec<Vec<u8>>,
-        limit: usize,
-        max_bytes: usize,
-        reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
-    ) {
-        reply(self.scan_prefixes(&prefixes, limit, max_bytes))
-    }
-    /// [`Store::scan_prefixes`] of ranges that each start at a key of their own: the rows of
-    /// each `(from, prefix)` of `ranges` (none overlapping another) from `from` on whose keys
-    /// start with `prefix`, with the same bounds, given to `reply` (see
-    /// [`Store::scan_prefixes_then`]).
+    /// [`Store::scan_prefixes`] of ranges that each start at a key of their own (a prefix is
+    /// the range from itself): the rows of each `(from, prefix)` of `ranges` (none overlapping
+    /// another) from `from` on whose keys start with `prefix`, with the same bounds, given to
+    /// `reply`: by a store whose reads wait on the network (a database), on a thread of its
+    /// own, so that the caller (an async one) neither blocks nor hands the wait to another
+    /// thread; by default, at once.
     fn scan_ranges_then(
         &self,
         ranges: Vec<(Vec<u8>, Vec<u8>)>,

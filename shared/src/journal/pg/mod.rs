@@ -1022,22 +1022,6 @@ impl Store for PgStore {
         }
     }
 
-    fn scan_prefixes_then(
-        &self,
-        prefixes: Vec<Vec<u8>>,
-        limit: usize,
-        max_bytes: usize,
-        reply: Box<dyn FnOnce(Result<Rows, JournalError>) + Send>,
-    ) {
-        match (&self.runtime, ranges(&prefixes)) {
-            (Some(runtime), Some((firsts, ends))) => {
-                let (shared, page) = (self.shared.clone(), Page::new(limit, max_bytes));
-                runtime.spawn(async move { reply(scan_ranges(&shared, firsts, ends, page).await) });
-            }
-            _ => reply(self.scan_prefixes(&prefixes, limit, max_bytes)),
-        }
-    }
-
     fn scan_ranges_then(
         &self,
         ranges: Vec<(Vec<u8>, Vec<u8>)>,
